@@ -1,0 +1,826 @@
+//! The image spec: TOML on disk → raw serde structs → a validated, immutable [`Spec`].
+//!
+//! Every option is defined once, in the raw structs below (their doc comments are the
+//! reference; `docs/spec.md` is tested against them). Errors a user can make are
+//! reported as `file:line:col: message` with a hint saying what to do.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+/// The default spec `devos-build image build` uses when none is given.
+pub const DEFAULT_SPEC: &str = "images/devos-debian.toml";
+
+/// An error in a spec or layer file, located at the offending text.
+#[derive(Debug, thiserror::Error)]
+pub struct SpecError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a value came from, so validation errors can point at it.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error_at(&self, offset: usize, message: impl Into<String>, hint: Option<&str>) -> SpecError {
+        let (line, col) = line_col(self.text, offset);
+        SpecError {
+            file: self.file.to_path_buf(),
+            line,
+            col,
+            message: message.into(),
+            hint: hint.map(str::to_owned),
+        }
+    }
+
+    fn error<T>(&self, value: &Spanned<T>, message: impl Into<String>, hint: &str) -> SpecError {
+        self.error_at(value.span().start, message, Some(hint))
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, SpecError> {
+        toml::from_str(self.text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let message = e.message().trim().to_owned();
+            let hint = parse_hint(&message);
+            self.error_at(offset, message, hint)
+        })
+    }
+}
+
+fn parse_hint(message: &str) -> Option<&'static str> {
+    if message.starts_with("unknown field") {
+        Some("remove the key or fix its spelling; the valid keys are listed above and in docs/spec.md")
+    } else if message.starts_with("invalid type") {
+        Some("see docs/spec.md for the type each key takes")
+    } else if message.starts_with("missing field") {
+        Some("add the key; docs/spec.md lists the required keys of each table")
+    } else if message.contains("duplicate key") {
+        Some("each key may appear once per table")
+    } else {
+        None
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, col)
+}
+
+// ---------------------------------------------------------------------------------
+// Raw structs: exactly what the TOML may contain.
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawSpec {
+    image: RawImage,
+    base: RawBase,
+    #[serde(default)]
+    packages: RawPackages,
+    #[serde(default)]
+    system: RawSystem,
+    #[serde(default)]
+    users: Vec<RawUser>,
+    #[serde(default)]
+    disk: RawDisk,
+    #[serde(default)]
+    output: RawOutput,
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    tests: Vec<RawTest>,
+}
+
+/// `[image]`: what the image is called and which version of it this spec describes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawImage {
+    /// Lower-case letters, digits and dashes; names the image in the registry and os-release `IMAGE_ID`.
+    name: Spanned<String>,
+    /// Semantic version (`MAJOR.MINOR.PATCH[-PRE]`); the build appends `+<build id>`.
+    version: Spanned<String>,
+    /// One line for humans.
+    #[serde(default)]
+    description: String,
+}
+
+/// `[base]`: the distribution the root filesystem is bootstrapped from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawBase {
+    /// `debian`, `ubuntu` or `nixos`.
+    distro: Spanned<String>,
+    /// Release codename, e.g. `bookworm` or `noble`. Default: the distro's current stable.
+    suite: Option<Spanned<String>>,
+    /// Package mirror URL. Default: the host's apt sources when they carry the suite,
+    /// otherwise the distro's official mirror.
+    mirror: Option<Spanned<String>>,
+    /// Archive components. Default: `["main"]`.
+    components: Option<Vec<Spanned<String>>>,
+}
+
+/// `[packages]`: what is installed on top of the base.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawPackages {
+    /// Package names, installed with their dependencies.
+    #[serde(default)]
+    include: Vec<Spanned<String>>,
+    /// Layer files (relative to the spec), each adding packages.
+    #[serde(default)]
+    layers: Vec<Spanned<String>>,
+}
+
+/// `[system]`: machine identity and boot settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawSystem {
+    /// Static hostname. Default: the image name.
+    hostname: Option<Spanned<String>>,
+    /// Extra kernel command line, after the root= and ro the builder sets.
+    #[serde(default)]
+    kernel_cmdline: Option<Spanned<String>>,
+    /// A zoneinfo name such as `UTC` or `Europe/Berlin`. Default: `UTC`.
+    timezone: Option<Spanned<String>>,
+}
+
+/// `[[users]]`: a login user, created with a home on the writable data partition.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawUser {
+    name: Spanned<String>,
+    /// Supplementary groups; they must exist in the image.
+    #[serde(default)]
+    groups: Vec<Spanned<String>>,
+    /// OpenSSH public keys written to `~/.ssh/authorized_keys`.
+    #[serde(default)]
+    ssh_authorized_keys: Vec<Spanned<String>>,
+}
+
+/// `[disk]`: the disk image's size and root filesystem.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDisk {
+    /// Total size, e.g. `2G` or `1536M`. The read-only root is sized to its contents;
+    /// the writable data partition (`/var`) takes the rest.
+    size: Option<Spanned<String>>,
+    /// `ext4` or `erofs`.
+    root_fs: Option<Spanned<String>>,
+}
+
+/// `[output]`: artifact formats.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawOutput {
+    /// Any of `raw`, `qcow2`, `vmdk`, `vhd`. The raw image is always kept: it is what
+    /// is tested and published.
+    formats: Option<Vec<Spanned<String>>>,
+}
+
+/// `[agent]`: the DevOS agent baked into the image.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawAgent {
+    /// Install and enable `devos-agent`. Default: true.
+    enable: Option<bool>,
+    /// Written to `/etc/devos/agent.toml`; same keys as that file.
+    config: Option<Spanned<toml::Table>>,
+}
+
+/// `[[tests]]`: a command the boot test runs inside the booted image.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTest {
+    name: Spanned<String>,
+    /// A shell command line, run by `/bin/sh -c` as root.
+    run: Spanned<String>,
+    /// The exit status that counts as a pass. Default: 0.
+    expect_exit: Option<Spanned<i64>>,
+}
+
+/// A layer file: a reusable set of packages.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLayer {
+    #[serde(default)]
+    description: String,
+    packages: RawLayerPackages,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLayerPackages {
+    include: Vec<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------------
+// Validated types.
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distro {
+    Debian,
+    Ubuntu,
+    Nixos,
+}
+
+impl Distro {
+    const NAMES: &[(&str, Distro)] = &[
+        ("debian", Distro::Debian),
+        ("ubuntu", Distro::Ubuntu),
+        ("nixos", Distro::Nixos),
+    ];
+
+    pub fn default_suite(self) -> &'static str {
+        match self {
+            Distro::Debian => "bookworm",
+            Distro::Ubuntu => "noble",
+            Distro::Nixos => "24.11",
+        }
+    }
+
+    /// The distro's official mirror, used when neither the spec nor the host names one.
+    pub fn default_mirror(self) -> &'static str {
+        match self {
+            Distro::Debian => "http://deb.debian.org/debian",
+            Distro::Ubuntu => "http://archive.ubuntu.com/ubuntu",
+            Distro::Nixos => "https://cache.nixos.org",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootFs {
+    Ext4,
+    Erofs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Qcow2,
+    Vmdk,
+    Vhd,
+}
+
+impl Format {
+    const NAMES: &[(&str, Format)] = &[
+        ("raw", Format::Raw),
+        ("qcow2", Format::Qcow2),
+        ("vmdk", Format::Vmdk),
+        ("vhd", Format::Vhd),
+    ];
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vhd => "vhd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Layer {
+    /// The path as written in the spec, relative to the spec's directory.
+    pub name: String,
+    pub description: String,
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct User {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Test {
+    pub name: String,
+    pub run: String,
+    pub expect_exit: u8,
+}
+
+/// A loaded, validated image spec. Immutable once built.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Spec {
+    /// The spec file, as given.
+    #[serde(skip)]
+    pub path: PathBuf,
+    pub name: String,
+    pub version: semver::Version,
+    pub description: String,
+    pub distro: Distro,
+    pub suite: String,
+    /// `None`: use the host's apt sources if they carry the suite, else the default mirror.
+    pub mirror: Option<String>,
+    pub components: Vec<String>,
+    /// Packages named directly in the spec (layers' packages are in `layers`).
+    pub packages: Vec<String>,
+    pub layers: Vec<Layer>,
+    pub hostname: String,
+    pub kernel_cmdline: String,
+    pub timezone: String,
+    pub users: Vec<User>,
+    pub disk_size: u64,
+    pub root_fs: RootFs,
+    pub formats: Vec<Format>,
+    pub agent_enabled: bool,
+    /// The full agent configuration written to `/etc/devos/agent.toml`.
+    pub agent_config: devos_agent::config::AgentConfig,
+    pub tests: Vec<Test>,
+}
+
+impl Spec {
+    /// Every package to install, spec and layers together, sorted and unique.
+    pub fn all_packages(&self) -> Vec<String> {
+        let set: BTreeSet<&String> = self
+            .packages
+            .iter()
+            .chain(self.layers.iter().flat_map(|l| &l.packages))
+            .collect();
+        set.into_iter().cloned().collect()
+    }
+}
+
+const MIN_DISK: u64 = 512 << 20;
+
+/// Load and validate a spec file and the layers it includes.
+pub fn load(path: &Path) -> Result<Spec, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+        file: path.to_path_buf(),
+        line: 0,
+        col: 0,
+        message: format!("cannot read the spec: {e}"),
+        hint: Some(format!(
+            "pass the path of an image spec, e.g. `{DEFAULT_SPEC}`; the specs shipped are in images/"
+        )),
+    })?;
+    parse(path, &text)
+}
+
+/// Validate spec text; `path` locates errors and anchors relative layer paths.
+pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
+    let src = Source { file: path, text };
+    let raw: RawSpec = src.parse()?;
+
+    let name = raw.image.name.get_ref().clone();
+    if !is_image_name(&name) {
+        return Err(src.error(
+            &raw.image.name,
+            format!("invalid image name `{name}`"),
+            "use lower-case letters, digits and dashes, starting with a letter (e.g. `devos-debian`)",
+        ));
+    }
+    let version = parse_version(&src, &raw.image.version)?;
+
+    let distro = pick(&src, &raw.base.distro, Distro::NAMES, "distro")?;
+    let suite = match &raw.base.suite {
+        Some(s) if !is_word(s.get_ref()) => {
+            return Err(src.error(
+                s,
+                format!("invalid suite `{}`", s.get_ref()),
+                "use a release codename such as `bookworm` or `noble`",
+            ));
+        }
+        Some(s) => s.get_ref().clone(),
+        None => distro.default_suite().to_owned(),
+    };
+    let mirror = match &raw.base.mirror {
+        Some(m) if !(m.get_ref().contains("://")) => {
+            return Err(src.error(
+                m,
+                format!("invalid mirror `{}`", m.get_ref()),
+                "give a URL such as `http://deb.debian.org/debian`, or remove the key to use the host's apt sources",
+            ));
+        }
+        Some(m) => Some(m.get_ref().trim_end_matches('/').to_owned()),
+        None => None,
+    };
+    let components = match &raw.base.components {
+        None => vec!["main".to_owned()],
+        Some(list) => {
+            for c in list {
+                if !is_word(c.get_ref()) {
+                    return Err(src.error(
+                        c,
+                        format!("invalid component `{}`", c.get_ref()),
+                        "components are archive areas such as `main`, `contrib` or `universe`",
+                    ));
+                }
+            }
+            list.iter().map(|c| c.get_ref().clone()).collect()
+        }
+    };
+
+    let packages = package_names(&src, &raw.packages.include)?;
+    let mut layers = Vec::new();
+    for layer in &raw.packages.layers {
+        layers.push(load_layer(&src, layer)?);
+    }
+
+    let hostname = match &raw.system.hostname {
+        Some(h) if !is_hostname(h.get_ref()) => {
+            return Err(src.error(
+                h,
+                format!("invalid hostname `{}`", h.get_ref()),
+                "use letters, digits and dashes, at most 63 characters",
+            ));
+        }
+        Some(h) => h.get_ref().clone(),
+        None => name.clone(),
+    };
+    let kernel_cmdline = match &raw.system.kernel_cmdline {
+        Some(c) if c.get_ref().contains(['\n', '\r']) => {
+            return Err(src.error(
+                c,
+                "the kernel command line must be one line",
+                "join the arguments with spaces",
+            ));
+        }
+        Some(c) => c.get_ref().trim().to_owned(),
+        None => String::new(),
+    };
+    let timezone = match &raw.system.timezone {
+        Some(t) if !is_timezone(t.get_ref()) => {
+            return Err(src.error(
+                t,
+                format!("invalid timezone `{}`", t.get_ref()),
+                "use a zoneinfo name such as `UTC` or `Europe/Berlin`",
+            ));
+        }
+        Some(t) => t.get_ref().clone(),
+        None => "UTC".to_owned(),
+    };
+
+    let mut users = Vec::new();
+    let mut seen = BTreeSet::new();
+    for u in &raw.users {
+        let uname = u.name.get_ref();
+        if !is_user_name(uname) {
+            return Err(src.error(
+                &u.name,
+                format!("invalid user name `{uname}`"),
+                "use lower-case letters, digits, `_` and `-`, starting with a letter, at most 32 characters",
+            ));
+        }
+        if uname == "root" || !seen.insert(uname.clone()) {
+            return Err(src.error(
+                &u.name,
+                format!("user `{uname}` is defined twice or is a system user"),
+                "give each [[users]] entry its own name; root exists already",
+            ));
+        }
+        for g in &u.groups {
+            if !is_user_name(g.get_ref()) {
+                return Err(src.error(
+                    g,
+                    format!("invalid group name `{}`", g.get_ref()),
+                    "name an existing group such as `sudo` or `adm`",
+                ));
+            }
+        }
+        for k in &u.ssh_authorized_keys {
+            if !is_ssh_key(k.get_ref()) {
+                return Err(src.error(
+                    k,
+                    "not an OpenSSH public key",
+                    "paste one line of a `.pub` file, e.g. `ssh-ed25519 AAAA... user@host`",
+                ));
+            }
+        }
+        users.push(User {
+            name: uname.clone(),
+            groups: u.groups.iter().map(|g| g.get_ref().clone()).collect(),
+            ssh_authorized_keys: u
+                .ssh_authorized_keys
+                .iter()
+                .map(|k| k.get_ref().trim().to_owned())
+                .collect(),
+        });
+    }
+
+    let disk_size = match &raw.disk.size {
+        None => 2 << 30,
+        Some(s) => match parse_size(s.get_ref()) {
+            Some(n) if n >= MIN_DISK => n,
+            Some(_) => {
+                return Err(src.error(
+                    s,
+                    format!("disk size `{}` is too small", s.get_ref()),
+                    "an image needs at least 512M",
+                ));
+            }
+            None => {
+                return Err(src.error(
+                    s,
+                    format!("invalid disk size `{}`", s.get_ref()),
+                    "write a number with a unit: `2G`, `1536M` (binary units; `GiB`/`MiB` also work)",
+                ));
+            }
+        },
+    };
+    let root_fs = match &raw.disk.root_fs {
+        None => RootFs::Ext4,
+        Some(f) => pick(
+            &src,
+            f,
+            &[("ext4", RootFs::Ext4), ("erofs", RootFs::Erofs)],
+            "root-fs",
+        )?,
+    };
+
+    let mut formats = BTreeSet::from([Format::Raw]);
+    if let Some(list) = &raw.output.formats {
+        for f in list {
+            formats.insert(pick(&src, f, Format::NAMES, "format")?);
+        }
+    } else {
+        formats.insert(Format::Qcow2);
+    }
+
+    let agent_config = match &raw.agent.config {
+        None => devos_agent::config::AgentConfig::default(),
+        Some(table) => devos_agent::config::AgentConfig::from_table(table.get_ref().clone())
+            .map_err(|e| {
+                src.error(
+                    table,
+                    format!("[agent.config]: {e}"),
+                    "the keys are those of /etc/devos/agent.toml, documented in docs/spec.md",
+                )
+            })?,
+    };
+
+    let mut tests = Vec::new();
+    let mut seen = BTreeSet::new();
+    for t in &raw.tests {
+        let tname = t.name.get_ref();
+        if tname.trim().is_empty() || !seen.insert(tname.clone()) {
+            return Err(src.error(
+                &t.name,
+                format!("test name `{tname}` is empty or used twice"),
+                "give each [[tests]] entry a unique, non-empty name",
+            ));
+        }
+        if t.run.get_ref().trim().is_empty() {
+            return Err(src.error(
+                &t.run,
+                "empty test command",
+                "`run` is a shell command line, e.g. `systemctl is-active devos-agent`",
+            ));
+        }
+        let expect_exit = match &t.expect_exit {
+            None => 0,
+            Some(code) => u8::try_from(*code.get_ref()).map_err(|_| {
+                src.error(
+                    code,
+                    format!("exit status {} is out of range", code.get_ref()),
+                    "an exit status is between 0 and 255",
+                )
+            })?,
+        };
+        tests.push(Test {
+            name: tname.clone(),
+            run: t.run.get_ref().clone(),
+            expect_exit,
+        });
+    }
+
+    Ok(Spec {
+        path: path.to_path_buf(),
+        name,
+        version,
+        description: raw.image.description,
+        distro,
+        suite,
+        mirror,
+        components,
+        packages,
+        layers,
+        hostname,
+        kernel_cmdline,
+        timezone,
+        users,
+        disk_size,
+        root_fs,
+        formats: formats.into_iter().collect(),
+        agent_enabled: raw.agent.enable.unwrap_or(true),
+        agent_config,
+        tests,
+    })
+}
+
+fn parse_version(src: &Source, v: &Spanned<String>) -> Result<semver::Version, SpecError> {
+    match semver::Version::parse(v.get_ref()) {
+        Ok(version) if !version.build.is_empty() => Err(src.error(
+            v,
+            format!("version `{}` has build metadata", v.get_ref()),
+            "drop the `+...` part: the build appends `+<build id>` itself",
+        )),
+        Ok(version) => Ok(version),
+        Err(e) => Err(src.error(
+            v,
+            format!("invalid version `{}`: {e}", v.get_ref()),
+            "use a semantic version such as `1.2.0` or `1.2.0-rc.1`",
+        )),
+    }
+}
+
+fn pick<T: Copy>(
+    src: &Source,
+    value: &Spanned<String>,
+    names: &[(&str, T)],
+    what: &str,
+) -> Result<T, SpecError> {
+    names
+        .iter()
+        .find(|(n, _)| *n == value.get_ref())
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let valid: Vec<_> = names.iter().map(|(n, _)| format!("`{n}`")).collect();
+            src.error(
+                value,
+                format!("unknown {what} `{}`", value.get_ref()),
+                &format!("use one of {}", valid.join(", ")),
+            )
+        })
+}
+
+fn package_names(src: &Source, names: &[Spanned<String>]) -> Result<Vec<String>, SpecError> {
+    names
+        .iter()
+        .map(|p| {
+            if is_package_name(p.get_ref()) {
+                Ok(p.get_ref().clone())
+            } else {
+                Err(src.error(
+                    p,
+                    format!("invalid package name `{}`", p.get_ref()),
+                    "Debian package names are lower-case letters, digits and `+-.`, e.g. `build-essential`",
+                ))
+            }
+        })
+        .collect()
+}
+
+fn load_layer(src: &Source, layer: &Spanned<String>) -> Result<Layer, SpecError> {
+    let rel = layer.get_ref();
+    let base = src.file.parent().unwrap_or(Path::new("."));
+    let path = base.join(rel);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        let available = list_layers(&base.join("layers"));
+        src.error(
+            layer,
+            format!("cannot read layer `{rel}` ({}): {e}", path.display()),
+            &format!(
+                "layer paths are relative to the spec; available layers: {}",
+                if available.is_empty() {
+                    "none found".to_owned()
+                } else {
+                    available.join(", ")
+                }
+            ),
+        )
+    })?;
+    let lsrc = Source {
+        file: &path,
+        text: &text,
+    };
+    let raw: RawLayer = lsrc.parse()?;
+    Ok(Layer {
+        name: rel.clone(),
+        description: raw.description,
+        packages: package_names(&lsrc, &raw.packages.include)?,
+    })
+}
+
+fn list_layers(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.ends_with(".toml").then(|| format!("layers/{name}"))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Parse `2G`, `1536M`, `2GiB`, `512MiB`, `1T` (binary units) into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let num: u64 = num.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        _ => return None,
+    };
+    num.checked_mul(1u64 << shift)
+}
+
+fn is_image_name(s: &str) -> bool {
+    s.len() <= 64
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn is_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn is_package_name(s: &str) -> bool {
+    s.len() >= 2
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+}
+
+fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn is_timezone(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('/')
+        && !s.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_-+".contains(c))
+}
+
+fn is_user_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
+}
+
+fn is_ssh_key(s: &str) -> bool {
+    let mut parts = s.split_whitespace();
+    let kind = parts.next().unwrap_or("");
+    let body = parts.next().unwrap_or("");
+    (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+        && body.len() > 16
+        && !s.contains('\n')
+}
+
+/// The spec's canonical form: every resolved value as JSON with sorted keys
+/// (serde_json's map is ordered). Comments, key order and formatting of the file
+/// do not change it.
+pub fn canonical(spec: &Spec) -> String {
+    serde_json::to_value(spec)
+        .map(|v| v.to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;
