@@ -105,8 +105,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err = AgentConfig::from_table(toml::from_str("log-levle = 'info'").unwrap())
-            .unwrap_err();
+        let err =
+            AgentConfig::from_table(toml::from_str("log-levle = 'info'").unwrap()).unwrap_err();
         assert!(err.contains("log-levle"), "{err}");
     }
 

@@ -25,8 +25,12 @@ fn unquote(v: &str) -> String {
 pub fn image_version(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    field(&text, "IMAGE_VERSION")
-        .ok_or_else(|| format!("{} has no IMAGE_VERSION: this is not a DevOS image", path.display()))
+    field(&text, "IMAGE_VERSION").ok_or_else(|| {
+        format!(
+            "{} has no IMAGE_VERSION: this is not a DevOS image",
+            path.display()
+        )
+    })
 }
 
 #[cfg(test)]

@@ -45,7 +45,11 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     if let Ok(conn) = conn.value {
         match Agent1Proxy::new(&conn).await {
             Ok(agent) => {
-                emit(timed("agent-ping", agent.ping()).await.result(|p| p.clone()))?;
+                emit(
+                    timed("agent-ping", agent.ping())
+                        .await
+                        .result(|p| p.clone()),
+                )?;
                 emit(
                     timed("agent-version", agent.version())
                         .await
@@ -105,7 +109,11 @@ async fn timed<T>(check: &'static str, fut: impl std::future::Future<Output = T>
 async fn open_report(path: &Path) -> anyhow::Result<std::fs::File> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match std::fs::OpenOptions::new().append(true).create(true).open(path) {
+        match std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+        {
             Ok(f) => return Ok(f),
             Err(e) if Instant::now() >= deadline => {
                 anyhow::bail!("cannot open the report channel {}: {e}", path.display())

@@ -75,7 +75,9 @@ impl Source<'_> {
 
 fn parse_hint(message: &str) -> Option<&'static str> {
     if message.starts_with("unknown field") {
-        Some("remove the key or fix its spelling; the valid keys are listed above and in docs/spec.md")
+        Some(
+            "remove the key or fix its spelling; the valid keys are listed above and in docs/spec.md",
+        )
     } else if message.starts_with("invalid type") {
         Some("see docs/spec.md for the type each key takes")
     } else if message.starts_with("missing field") {

@@ -62,7 +62,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::SelfTest { report } => {
             let ok = rt.block_on(devos_agent::selftest::run(&report))?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -1,0 +1,161 @@
+//! The agent's Debian package: built from this workspace (cargo + the files in
+//! `agent/dist/`) with dpkg-deb, or taken prebuilt from `--agent-deb`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cmd, digest};
+
+/// Files of the package: (source relative to the repository, destination in the
+/// image, mode). The one place that says where each dist file is installed.
+pub const FILES: &[(&str, &str, u32)] = &[
+    ("target/release/devos-agent", "usr/bin/devos-agent", 0o755),
+    (
+        "agent/dist/devos-agent.service",
+        "usr/lib/systemd/system/devos-agent.service",
+        0o644,
+    ),
+    (
+        "agent/dist/devos-selftest.service",
+        "usr/lib/systemd/system/devos-selftest.service",
+        0o644,
+    ),
+    (
+        "agent/dist/org.devos.Agent1.conf",
+        "usr/share/dbus-1/system.d/org.devos.Agent1.conf",
+        0o644,
+    ),
+    (
+        "agent/dist/org.devos.Agent1.service",
+        "usr/share/dbus-1/system-services/org.devos.Agent1.service",
+        0o644,
+    ),
+    ("agent/dist/agent.toml", "etc/devos/agent.toml", 0o644),
+];
+
+/// A built agent package.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgentPackage {
+    pub path: PathBuf,
+    pub version: String,
+    pub sha256: String,
+}
+
+impl AgentPackage {
+    /// Describe an existing .deb (given with `--agent-deb`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let version = cmd::stdout(Command::new("dpkg-deb").arg("-f").arg(path).arg("Version"))
+            .with_context(|| format!("while reading the agent package {}", path.display()))?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            path: path.to_path_buf(),
+            version,
+            sha256: digest::file_sha256(path)?,
+        })
+    }
+}
+
+/// The DevOS source tree a spec belongs to: the nearest ancestor of the spec that has
+/// `agent/Cargo.toml`.
+pub fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
+    let start = fs::canonicalize(spec_path).ok()?;
+    start
+        .ancestors()
+        .skip(1)
+        .find(|dir| dir.join("agent/Cargo.toml").is_file())
+        .map(Path::to_path_buf)
+}
+
+/// Build `devos-agent` in release mode and package it into `out_dir`.
+pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<AgentPackage> {
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo.current_dir(source).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "devos-agent",
+        "--bin",
+        "devos-agent",
+    ]);
+    cmd::run(&mut cargo).context("while building devos-agent")?;
+
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| source.join("target"));
+    let version = env!("CARGO_PKG_VERSION");
+    let stage = out_dir.join("agent-pkg");
+    if stage.exists() {
+        fs::remove_dir_all(&stage)?;
+    }
+    let mut installed_bytes = 0;
+    for (src, dest, mode) in FILES {
+        let from = match src.strip_prefix("target/") {
+            Some(rest) => target.join(rest),
+            None => source.join(src),
+        };
+        let to = stage.join(dest);
+        fs::create_dir_all(to.parent().unwrap_or(&stage))?;
+        fs::copy(&from, &to).with_context(|| format!("while copying {}", from.display()))?;
+        set_mode(&to, *mode)?;
+        installed_bytes += fs::metadata(&to)?.len();
+    }
+    let doc = stage.join("usr/share/doc/devos-agent");
+    fs::create_dir_all(&doc)?;
+    fs::write(
+        doc.join("copyright"),
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
+         Upstream-Name: devos\nFiles: *\nLicense: Apache-2.0\n",
+    )?;
+    let debian = stage.join("DEBIAN");
+    fs::create_dir_all(&debian)?;
+    fs::write(debian.join("control"), control(version, installed_bytes))?;
+    fs::write(debian.join("conffiles"), "/etc/devos/agent.toml\n")?;
+    digest::clamp_mtimes(&stage, source_date_epoch)?;
+
+    let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
+    cmd::run(
+        Command::new("dpkg-deb")
+            .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+            .args(["--root-owner-group", "-Zxz", "--build"])
+            .arg(&stage)
+            .arg(&deb),
+    )
+    .context("while packaging devos-agent")?;
+    fs::remove_dir_all(&stage)?;
+    if !deb.is_file() {
+        bail!("dpkg-deb reported success but wrote no {}", deb.display());
+    }
+    Ok(AgentPackage {
+        sha256: digest::file_sha256(&deb)?,
+        path: deb,
+        version: version.to_owned(),
+    })
+}
+
+fn control(version: &str, installed_bytes: u64) -> String {
+    format!(
+        "Package: devos-agent\n\
+         Version: {version}\n\
+         Architecture: amd64\n\
+         Maintainer: DevOS developers <devos@localhost>\n\
+         Depends: dbus, libc6 (>= 2.34)\n\
+         Section: admin\n\
+         Priority: optional\n\
+         Installed-Size: {}\n\
+         Homepage: https://github.com/devos-project/devos\n\
+         Description: DevOS developer agent (D-Bus system service)\n \
+         devos-agent takes natural-language requests from local users over D-Bus\n \
+         (org.devos.Agent1), plans them, asks for approval and runs them sandboxed.\n",
+        installed_bytes.div_ceil(1024)
+    )
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}

@@ -1,0 +1,330 @@
+//! `image test` and `image boot`: boot the exact artifact under QEMU + OVMF through a
+//! throw-away overlay; for a test, switch the guest's self-test on and collect its
+//! report, failing with the console's last lines on a panic, a crash or a timeout.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::build::{self, Manifest};
+use crate::qemu::{self, AccelChoice, Vm};
+
+/// What to boot: an image file, an output directory, or a spec (its newest build).
+pub struct Target {
+    pub disk: PathBuf,
+    pub manifest: Option<Manifest>,
+}
+
+pub fn resolve_target(arg: &Path) -> Result<Target> {
+    if arg.is_dir() {
+        let manifest = Manifest::load(arg)?;
+        let disk = manifest.raw(arg).with_context(|| {
+            format!(
+                "{} lists no raw artifact",
+                arg.join("manifest.json").display()
+            )
+        })?;
+        return Ok(Target {
+            disk,
+            manifest: Some(manifest),
+        });
+    }
+    if arg.extension().is_some_and(|e| e == "toml") {
+        let spec = crate::spec::load(arg)?;
+        let dir = build::images_root(&spec.path).join(&spec.name);
+        let newest = newest_build(&dir).with_context(|| {
+            format!(
+                "no build of `{}` found in {}\n  hint: run `devos-build image build {}` first (or `image build --test`)",
+                spec.name,
+                dir.display(),
+                arg.display()
+            )
+        })?;
+        return resolve_target(&newest);
+    }
+    if arg.is_file() {
+        let manifest = arg.parent().and_then(|d| Manifest::load(d).ok());
+        return Ok(Target {
+            disk: arg.to_path_buf(),
+            manifest,
+        });
+    }
+    bail!(
+        "`{}` is neither an image file, an image output directory nor a spec\n  hint: pass e.g. `images/devos-debian.toml` or `target/images/devos-debian/VERSION/`",
+        arg.display()
+    )
+}
+
+fn newest_build(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("manifest.json").is_file())
+        .max_by_key(|p| {
+            fs::metadata(p.join("manifest.json"))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+}
+
+pub struct TestOptions {
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub timeout: Duration,
+    /// Keep the overlay and logs (their directory is printed).
+    pub keep: bool,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self {
+            memory_mib: 1024,
+            cpus: 2,
+            timeout: Duration::from_secs(180),
+            keep: false,
+        }
+    }
+}
+
+/// One check reported by the guest (see `devos_agent::selftest`) or made by the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Check {
+    pub check: String,
+    pub ok: bool,
+    pub detail: String,
+    #[serde(default)]
+    pub ms: u128,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TestReport {
+    pub disk: PathBuf,
+    pub version: Option<String>,
+    pub accel: AccelChoice,
+    pub passed: bool,
+    pub checks: Vec<Check>,
+    /// Seconds from QEMU start until the guest's report was complete.
+    pub seconds: f64,
+    pub failure: Option<String>,
+    pub console_tail: Vec<String>,
+    /// Where the console log and overlay were kept (`--keep`).
+    pub kept: Option<PathBuf>,
+}
+
+/// Boot the target with the self-test switched on and collect its report.
+pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
+    qemu::require_qemu()?;
+    let fw = qemu::firmware()?;
+    let dir = tempfile::Builder::new().prefix("devos-test-").tempdir()?;
+    let accel = qemu::choose_accel(dir.path());
+    tracing::info!("accelerator: {:?} ({})", accel.accel, accel.reason);
+
+    let overlay = dir.path().join("overlay.qcow2");
+    qemu::overlay(&target.disk, qemu::disk_format(&target.disk), &overlay)?;
+    let vars = dir.path().join("vars.fd");
+    qemu::vars_copy(&fw, &vars)?;
+    let console = dir.path().join("console.log");
+    let report = dir.path().join("selftest.jsonl");
+    let vm = Vm {
+        disk: &overlay,
+        disk_format: "qcow2",
+        vars: &vars,
+        accel: accel.accel,
+        memory_mib: opts.memory_mib,
+        cpus: opts.cpus,
+        console_log: Some(&console),
+        selftest_report: Some(&report),
+        ssh_port: None,
+    };
+    let stderr = fs::File::create(dir.path().join("qemu.stderr"))?;
+    let mut child = crate::cmd::spawn(vm.command(&fw).stdout(Stdio::null()).stderr(stderr), false)?;
+    let start = Instant::now();
+    let outcome = watch(&mut child, &console, &report, opts.timeout);
+    let _ = child.kill();
+    let _ = child.wait();
+    let seconds = start.elapsed().as_secs_f64();
+
+    let mut checks = read_report(&report);
+    checks.retain(|c| !c.check.is_empty());
+    let expected = target.manifest.as_ref().map(|m| m.version.clone());
+    if let (Some(want), Some(got)) = (
+        &expected,
+        checks.iter().find(|c| c.check == "agent-version"),
+    ) {
+        checks.push(Check {
+            check: "version-matches-build".into(),
+            ok: got.ok && &got.detail == want,
+            detail: format!("agent reports {}, build is {want}", got.detail),
+            ms: 0,
+        });
+    }
+    let mut failure = outcome.err();
+    if failure.is_none() {
+        if let Some(bad) = checks.iter().find(|c| !c.ok) {
+            failure = Some(format!("check `{}` failed: {}", bad.check, bad.detail));
+        } else if !checks.iter().any(|c| c.check == "agent-ping") {
+            failure = Some("the guest reported no agent-ping result".into());
+        }
+    }
+    let qemu_err = fs::read_to_string(dir.path().join("qemu.stderr")).unwrap_or_default();
+    if let Some(f) = &mut failure
+        && !qemu_err.trim().is_empty()
+    {
+        f.push_str(&format!("\n  QEMU said: {}", qemu_err.trim()));
+    }
+    let console_tail = tail_lines(&console, 30);
+    let kept = if opts.keep { Some(dir.keep()) } else { None };
+    Ok(TestReport {
+        disk: target.disk.clone(),
+        version: expected,
+        accel,
+        passed: failure.is_none(),
+        checks,
+        seconds,
+        failure,
+        console_tail,
+        kept,
+    })
+}
+
+/// Wait for the guest's final report line, a kernel panic, QEMU exiting, or the timeout.
+fn watch(
+    child: &mut Child,
+    console: &Path,
+    report: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if read_report_done(report) {
+            return Ok(());
+        }
+        let text = fs::read_to_string(console).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("Kernel panic")) {
+            return Err(format!("kernel panic: {}", line.trim()));
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                // The report may have landed just before the guest powered off.
+                if read_report_done(report) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "the VM stopped ({status}) before the self-test reported"
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("cannot watch QEMU: {e}")),
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "timed out after {}s waiting for the guest's self-test (the boot hung or the agent never answered)",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn read_report_done(report: &Path) -> bool {
+    fs::read_to_string(report)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.get("done").is_some())
+        })
+}
+
+fn read_report(report: &Path) -> Vec<Check> {
+    fs::read_to_string(report)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.replace(|c: char| c.is_control() && c != '\t', ""))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+impl TestReport {
+    /// The human summary printed after a test.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "boot test of {} ({}): {} in {:.1}s under {:?} ({})\n",
+            self.disk.display(),
+            self.version.as_deref().unwrap_or("unknown version"),
+            if self.passed { "PASSED" } else { "FAILED" },
+            self.seconds,
+            self.accel.accel,
+            self.accel.reason
+        );
+        for c in &self.checks {
+            s.push_str(&format!(
+                "  [{}] {}: {}\n",
+                if c.ok { " ok " } else { "FAIL" },
+                c.check,
+                c.detail
+            ));
+        }
+        if let Some(f) = &self.failure {
+            s.push_str(&format!("failure: {f}\nlast console lines:\n"));
+            for l in &self.console_tail {
+                s.push_str(&format!("  | {l}\n"));
+            }
+        }
+        if let Some(k) = &self.kept {
+            s.push_str(&format!("kept overlay and logs in {}\n", k.display()));
+        }
+        s
+    }
+}
+
+/// An interactive boot: the serial console on this terminal (Ctrl-A X quits).
+pub fn boot(target: &Target, memory_mib: u32, cpus: u32, ssh_port: Option<u16>) -> Result<()> {
+    qemu::require_qemu()?;
+    let fw = qemu::firmware()?;
+    let dir = tempfile::Builder::new().prefix("devos-boot-").tempdir()?;
+    let accel = qemu::choose_accel(dir.path());
+    eprintln!(
+        "booting {} under {:?} ({}); quit with Ctrl-A X",
+        target.disk.display(),
+        accel.accel,
+        accel.reason
+    );
+    if let Some(port) = ssh_port {
+        eprintln!("ssh: ssh -p {port} USER@127.0.0.1");
+    }
+    let overlay = dir.path().join("overlay.qcow2");
+    qemu::overlay(&target.disk, qemu::disk_format(&target.disk), &overlay)?;
+    let vars = dir.path().join("vars.fd");
+    qemu::vars_copy(&fw, &vars)?;
+    let vm = Vm {
+        disk: &overlay,
+        disk_format: "qcow2",
+        vars: &vars,
+        accel: accel.accel,
+        memory_mib,
+        cpus,
+        console_log: None,
+        selftest_report: None,
+        ssh_port,
+    };
+    let status = crate::cmd::spawn(&mut vm.command(&fw), true)?.wait()?;
+    if !status.success() {
+        bail!("QEMU exited with {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! The `customize` stage: turn a bootstrapped tree into a DevOS image tree — the agent
+//! package and its config, os-release identity, users, hostname, fstab, enabled
+//! units, an empty machine-id — ready to be split into partitions.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd;
+use crate::identity::Identity;
+use crate::spec::{RootFs, Spec};
+
+/// Units enabled in every image: (unit, the target whose .wants gets it).
+const ENABLED_UNITS: &[(&str, &str)] = &[
+    ("systemd-networkd.service", "multi-user.target"),
+    ("systemd-networkd.socket", "sockets.target"),
+];
+
+/// Units the agent package brings, enabled when `[agent] enable` is true.
+const AGENT_UNITS: &[(&str, &str)] = &[
+    ("devos-agent.service", "multi-user.target"),
+    ("devos-selftest.service", "multi-user.target"),
+];
+
+pub fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Path) -> Result<()> {
+    check_bootable(spec, root)?;
+    if spec.agent_enabled {
+        install_agent(spec, root, agent_deb)?;
+    }
+    write_os_release(spec, id, root)?;
+    write_identity(spec, root)?;
+    write_fstab(spec, id, root)?;
+    write_network(root)?;
+    create_users(spec, root)?;
+    // /home lives on the writable data partition.
+    replace_with_symlink(&root.join("home"), "var/home")?;
+    fs::create_dir_all(root.join("var/home"))?;
+    remove_build_leftovers(root)?;
+    Ok(())
+}
+
+fn check_bootable(spec: &Spec, root: &Path) -> Result<()> {
+    let needs = [
+        ("boot/vmlinuz-*", "a kernel", "linux-image-cloud-amd64"),
+        (
+            "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+            "the systemd-boot EFI binary",
+            "systemd-boot-efi",
+        ),
+        ("usr/bin/dbus-daemon", "the D-Bus daemon", "dbus"),
+        ("usr/lib/systemd/systemd", "systemd", "systemd-sysv"),
+    ];
+    for (path, what, package) in needs {
+        if crate::disk::find_one(root, path).is_none() {
+            bail!(
+                "the root filesystem has no {what} ({path})\n  hint: add `{package}` to `[packages] include` in {}",
+                spec.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn install_agent(spec: &Spec, root: &Path, agent_deb: &Path) -> Result<()> {
+    // dpkg --root runs the (trigger-only) maintainer scripts chrooted into the tree.
+    cmd::run(
+        Command::new("dpkg")
+            .arg(format!("--root={}", root.display()))
+            .args(["--force-unsafe-io", "-i"])
+            .arg(agent_deb),
+    )
+    .context("while installing the agent package into the image")?;
+    fs::write(
+        root.join("etc/devos/agent.toml"),
+        spec.agent_config.to_file(),
+    )?;
+    for (unit, target) in AGENT_UNITS {
+        enable(root, unit, target)?;
+    }
+    symlink(
+        "/usr/lib/systemd/system/devos-agent.service",
+        root.join("etc/systemd/system/dbus-org.devos.Agent1.service"),
+    )?;
+    Ok(())
+}
+
+fn enable(root: &Path, unit: &str, target: &str) -> Result<()> {
+    let wants = root.join(format!("etc/systemd/system/{target}.wants"));
+    fs::create_dir_all(&wants)?;
+    let link = wants.join(unit);
+    if link.symlink_metadata().is_err() {
+        symlink(format!("/usr/lib/systemd/system/{unit}"), link)?;
+    }
+    Ok(())
+}
+
+/// Add `IMAGE_ID` and `IMAGE_VERSION` to os-release (the file /etc/os-release links to).
+fn write_os_release(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
+    let path = root.join("usr/lib/os-release");
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("while reading {}", path.display()))?;
+    let mut out: String = text
+        .lines()
+        .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    out.push_str(&format!(
+        "IMAGE_ID={}\nIMAGE_VERSION={}\n",
+        spec.name, id.version
+    ));
+    fs::write(&path, out)?;
+    Ok(())
+}
+
+fn write_identity(spec: &Spec, root: &Path) -> Result<()> {
+    fs::write(root.join("etc/hostname"), format!("{}\n", spec.hostname))?;
+    fs::write(
+        root.join("etc/hosts"),
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
+            spec.hostname
+        ),
+    )?;
+    let zone = root.join("usr/share/zoneinfo").join(&spec.timezone);
+    if spec.timezone != "UTC" && !zone.exists() {
+        bail!(
+            "timezone `{}` is not in the image (no {})\n  hint: add `tzdata` to `[packages] include` in {}, or check the zone name",
+            spec.timezone,
+            zone.display(),
+            spec.path.display()
+        );
+    }
+    replace_with_symlink(
+        &root.join("etc/localtime"),
+        &format!("/usr/share/zoneinfo/{}", spec.timezone),
+    )?;
+    fs::write(root.join("etc/timezone"), format!("{}\n", spec.timezone))?;
+    // Empty: systemd makes a transient id at boot; every machine gets its own.
+    fs::write(root.join("etc/machine-id"), "")?;
+    let _ = fs::remove_file(root.join("var/lib/dbus/machine-id"));
+    Ok(())
+}
+
+fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
+    let root_type = match spec.root_fs {
+        RootFs::Ext4 => "ext4",
+        RootFs::Erofs => "erofs",
+    };
+    fs::write(
+        root.join("etc/fstab"),
+        format!(
+            "# DevOS: the root filesystem is read-only; /var is the writable data partition.\n\
+             PARTUUID={}\t/\t{root_type}\tro,noatime\t0\t0\n\
+             PARTUUID={}\t/var\text4\tdefaults,noatime\t0\t2\n\
+             tmpfs\t/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n",
+            id.root_partuuid, id.var_partuuid
+        ),
+    )?;
+    Ok(())
+}
+
+fn write_network(root: &Path) -> Result<()> {
+    let dir = root.join("etc/systemd/network");
+    fs::create_dir_all(&dir)?;
+    fs::write(
+        dir.join("80-devos-dhcp.network"),
+        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
+    )?;
+    for (unit, target) in ENABLED_UNITS {
+        enable(root, unit, target)?;
+    }
+    if root.join("usr/lib/systemd/systemd-resolved").exists() {
+        replace_with_symlink(
+            &root.join("etc/resolv.conf"),
+            "../run/systemd/resolve/stub-resolv.conf",
+        )?;
+    }
+    Ok(())
+}
+
+/// Users are written straight into passwd/group/shadow (not with useradd) so no
+/// build-time date ends up in the image.
+fn create_users(spec: &Spec, root: &Path) -> Result<()> {
+    if spec.users.is_empty() {
+        return Ok(());
+    }
+    let etc = root.join("etc");
+    let mut passwd = fs::read_to_string(etc.join("passwd"))?;
+    let mut group = fs::read_to_string(etc.join("group"))?;
+    let mut shadow = fs::read_to_string(etc.join("shadow"))?;
+    let mut gshadow = fs::read_to_string(etc.join("gshadow")).unwrap_or_default();
+    let used: Vec<u32> = passwd
+        .lines()
+        .chain(group.lines())
+        .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+        .collect();
+    let mut next = 1000;
+    for user in &spec.users {
+        while used.contains(&next) {
+            next += 1;
+        }
+        let uid = next;
+        next += 1;
+        for g in &user.groups {
+            group = add_member(&group, g, &user.name).with_context(|| {
+                format!(
+                    "user `{}`: group `{g}` does not exist in the image\n  hint: remove it from `groups` in {} or install the package that creates it",
+                    user.name,
+                    spec.path.display()
+                )
+            })?;
+            gshadow = add_member(&gshadow, g, &user.name).unwrap_or(gshadow);
+        }
+        passwd.push_str(&format!(
+            "{0}:x:{uid}:{uid}::/home/{0}:/bin/bash\n",
+            user.name
+        ));
+        group.push_str(&format!("{}:x:{uid}:\n", user.name));
+        shadow.push_str(&format!("{}:*::0:99999:7:::\n", user.name));
+        gshadow.push_str(&format!("{}:!::\n", user.name));
+
+        let home = root.join("var/home").join(&user.name);
+        let ssh = home.join(".ssh");
+        fs::create_dir_all(&ssh)?;
+        let mut keys = fs::File::create(ssh.join("authorized_keys"))?;
+        for k in &user.ssh_authorized_keys {
+            writeln!(keys, "{k}")?;
+        }
+        fs::set_permissions(&home, fs::Permissions::from_mode(0o750))?;
+        fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700))?;
+        fs::set_permissions(
+            ssh.join("authorized_keys"),
+            fs::Permissions::from_mode(0o600),
+        )?;
+        for p in [&home, &ssh, &ssh.join("authorized_keys")] {
+            std::os::unix::fs::chown(p, Some(uid), Some(uid))?;
+        }
+    }
+    fs::write(etc.join("passwd"), passwd)?;
+    fs::write(etc.join("group"), group)?;
+    fs::write(etc.join("shadow"), shadow)?;
+    fs::write(etc.join("gshadow"), gshadow)?;
+    Ok(())
+}
+
+/// Add `user` to `name` in a group(5)-style file; `None` if the group is missing.
+fn add_member(file: &str, name: &str, user: &str) -> Option<String> {
+    let mut found = false;
+    let out = file
+        .lines()
+        .map(|l| {
+            let mut f: Vec<&str> = l.split(':').collect();
+            if f.first() == Some(&name) && f.len() == 4 {
+                found = true;
+                let members = if f[3].is_empty() {
+                    user.to_owned()
+                } else {
+                    format!("{},{user}", f[3])
+                };
+                f[3] = "";
+                return format!("{}{members}\n", f.join(":"));
+            }
+            format!("{l}\n")
+        })
+        .collect();
+    found.then_some(out)
+}
+
+fn replace_with_symlink(path: &Path, target: &str) -> Result<()> {
+    match path.symlink_metadata() {
+        Ok(m) if m.is_dir() => fs::remove_dir(path)
+            .with_context(|| format!("while replacing {} with a symlink", path.display()))?,
+        Ok(_) => fs::remove_file(path)?,
+        Err(_) => {}
+    }
+    symlink(target, path)?;
+    Ok(())
+}
+
+/// Logs and caches with build-time timestamps that no image should carry.
+fn remove_build_leftovers(root: &Path) -> Result<()> {
+    for file in [
+        "var/log/dpkg.log",
+        "var/log/alternatives.log",
+        "var/log/bootstrap.log",
+        "var/cache/ldconfig/aux-cache",
+        "var/lib/dpkg/status-old",
+        "var/lib/dpkg/diversions-old",
+    ] {
+        let _ = fs::remove_file(root.join(file));
+    }
+    for dir in ["var/log/apt", "var/cache/apt/archives"] {
+        if let Ok(entries) = fs::read_dir(root.join(dir)) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_member_appends_to_existing_members() {
+        let group = "sudo:x:27:\nadm:x:4:syslog\n";
+        let g = add_member(group, "sudo", "dev").unwrap();
+        assert!(g.contains("sudo:x:27:dev\n"), "{g}");
+        let g = add_member(&g, "adm", "dev").unwrap();
+        assert!(g.contains("adm:x:4:syslog,dev\n"), "{g}");
+        assert!(add_member(group, "wheel", "dev").is_none());
+    }
+}

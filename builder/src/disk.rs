@@ -1,0 +1,428 @@
+//! The `disk` stage: a GPT disk image made from the customized tree without loop
+//! devices or mounts — an ESP (FAT, mkfs.vfat + mtools) with systemd-boot, the kernel
+//! and initrd; a read-only root (mkfs.ext4 -d or mkfs.erofs); a writable ext4 data
+//! partition for /var. Partitions are built as files and copied in at their offsets.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd;
+use crate::identity::Identity;
+use crate::spec::{RootFs, Spec};
+
+const MIB: u64 = 1 << 20;
+/// GPT partition type GUIDs (Discoverable Partitions Specification).
+const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+const TYPE_VAR: &str = "4D21B016-B534-45C2-A9FB-5C16E091FD2D";
+/// GPT attribute bit 60: the partition is read-only.
+const ATTR_READ_ONLY: &str = "GUID:60";
+/// The writable partition never gets less than this.
+const MIN_VAR: u64 = 256 * MIB;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Partition {
+    pub label: String,
+    pub filesystem: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Find the single path matching `pattern` (a `*` is allowed in the last component).
+pub fn find_one(root: &Path, pattern: &str) -> Option<PathBuf> {
+    let full = root.join(pattern);
+    let name = full.file_name()?.to_str()?.to_owned();
+    let Some((prefix, suffix)) = name.split_once('*') else {
+        return full.exists().then_some(full);
+    };
+    let mut found: Vec<PathBuf> = fs::read_dir(full.parent()?)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(prefix) && n.ends_with(suffix) && n.len() >= prefix.len() + suffix.len()
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Build the disk image `raw` from the customized tree `root`. `work` holds the
+/// partition images while they are made. The tree's /var is moved out (it becomes
+/// the data partition) and left empty as the mount point.
+pub fn build(
+    spec: &Spec,
+    id: &Identity,
+    root: &Path,
+    work: &Path,
+    raw: &Path,
+) -> Result<Vec<Partition>> {
+    let kernel = find_one(root, "boot/vmlinuz-*").context("no kernel in /boot")?;
+    let kver = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .unwrap_or_default()
+        .to_owned();
+    let initrd = root.join(format!("boot/initrd.img-{kver}"));
+    if !initrd.is_file() {
+        bail!(
+            "the kernel {kver} has no initrd ({})\n  hint: add `initramfs-tools` (or `dracut`) to `[packages] include` in {}",
+            initrd.display(),
+            spec.path.display()
+        );
+    }
+
+    let var_tree = work.join("var-tree");
+    fs::rename(root.join("var"), &var_tree)?;
+    fs::create_dir(root.join("var"))?;
+    fs::set_permissions(root.join("var"), fs::Permissions::from_mode(0o755))?;
+
+    let esp = work.join("esp.img");
+    let esp_size = make_esp(spec, id, root, &kernel, &initrd, &esp)?;
+    let root_img = work.join("root.img");
+    let root_size = make_root(spec, id, root, &root_img)?;
+
+    // Layout: 1 MiB for the GPT, ESP, root, var, 1 MiB for the backup GPT.
+    let fixed = MIB + esp_size + root_size + MIB;
+    let var_needed = (tree_size(&var_tree)?.bytes * 2).max(MIN_VAR);
+    if spec.disk_size < fixed + var_needed {
+        bail!(
+            "disk size {} MiB in {} is too small: the ESP and root need {} MiB and /var at least {} MiB\n  hint: set `[disk] size = \"{}M\"` or more",
+            spec.disk_size / MIB,
+            spec.path.display(),
+            (fixed) / MIB,
+            var_needed / MIB,
+            (fixed + var_needed).div_ceil(MIB)
+        );
+    }
+    let var_size = (spec.disk_size - fixed) / MIB * MIB;
+    let var_img = work.join("var.img");
+    mkfs_ext4(
+        &var_tree,
+        &var_img,
+        var_size,
+        "devos-var",
+        &id.var_fs_uuid,
+        id,
+        true,
+    )?;
+
+    let parts = vec![
+        (
+            esp,
+            Partition {
+                label: "esp".into(),
+                filesystem: "vfat".into(),
+                offset: MIB,
+                size: esp_size,
+            },
+            TYPE_ESP,
+            &id.esp_partuuid,
+            "",
+        ),
+        (
+            root_img,
+            Partition {
+                label: "devos-root".into(),
+                filesystem: root_fs_name(spec.root_fs).into(),
+                offset: MIB + esp_size,
+                size: root_size,
+            },
+            TYPE_ROOT_X86_64,
+            &id.root_partuuid,
+            ATTR_READ_ONLY,
+        ),
+        (
+            var_img,
+            Partition {
+                label: "devos-var".into(),
+                filesystem: "ext4".into(),
+                offset: MIB + esp_size + root_size,
+                size: var_size,
+            },
+            TYPE_VAR,
+            &id.var_partuuid,
+            "",
+        ),
+    ];
+
+    let total = fixed + var_size;
+    let file = fs::File::create(raw)?;
+    file.set_len(total)?;
+    drop(file);
+    let mut script = format!(
+        "label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\nsector-size: 512\n\n",
+        id.disk_guid
+    );
+    for (_, p, ty, uuid, attrs) in &parts {
+        script.push_str(&format!(
+            "start={}, size={}, type={ty}, uuid={uuid}, name=\"{}\"{}\n",
+            p.offset / 512,
+            p.size / 512,
+            p.label,
+            if attrs.is_empty() {
+                String::new()
+            } else {
+                format!(", attrs=\"{attrs}\"")
+            }
+        ));
+    }
+    cmd::run_with_input(
+        Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+            .arg(raw),
+        Some(script.as_bytes()),
+    )
+    .context("while writing the partition table")?;
+
+    let mut disk = fs::OpenOptions::new().write(true).open(raw)?;
+    for (img, p, ..) in &parts {
+        copy_sparse(img, &mut disk, p.offset, p.size)?;
+        fs::remove_file(img)?;
+    }
+    disk.sync_all()?;
+    Ok(parts.into_iter().map(|(_, p, ..)| p).collect())
+}
+
+fn root_fs_name(fs: RootFs) -> &'static str {
+    match fs {
+        RootFs::Ext4 => "ext4",
+        RootFs::Erofs => "erofs",
+    }
+}
+
+/// The kernel command line: where root is, read-only, then the spec's own arguments.
+pub fn kernel_cmdline(spec: &Spec, id: &Identity) -> String {
+    let mut line = format!(
+        "root=PARTUUID={} ro rootfstype={}",
+        id.root_partuuid,
+        root_fs_name(spec.root_fs)
+    );
+    if !spec.kernel_cmdline.is_empty() {
+        line.push(' ');
+        line.push_str(&spec.kernel_cmdline);
+    }
+    line
+}
+
+fn make_esp(
+    spec: &Spec,
+    id: &Identity,
+    root: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    esp: &Path,
+) -> Result<u64> {
+    let efi = root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    let content = [kernel, initrd, &efi]
+        .iter()
+        .map(|p| fs::metadata(p).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?;
+    // FAT32 needs at least ~33 MiB; leave room for a second kernel on updates.
+    let size = (content * 2 + 16 * MIB).max(64 * MIB).div_ceil(MIB) * MIB;
+    cmd::run(
+        Command::new("mkfs.vfat")
+            .args([
+                "-F",
+                "32",
+                "-n",
+                "ESP",
+                "-i",
+                &id.esp_serial,
+                "--invariant",
+                "-C",
+            ])
+            .arg(esp)
+            .arg((size / 1024).to_string()),
+    )
+    .context("while making the ESP")?;
+
+    let staging = esp.with_extension("d");
+    fs::create_dir_all(staging.join("loader/entries"))?;
+    fs::write(
+        staging.join("loader/loader.conf"),
+        "default devos.conf\ntimeout 0\neditor no\nconsole-mode keep\n",
+    )?;
+    fs::write(
+        staging.join("loader/entries/devos.conf"),
+        format!(
+            "title {} {}\nversion {}\nlinux /devos/vmlinuz\ninitrd /devos/initrd.img\noptions {}\n",
+            spec.name,
+            id.version,
+            id.version,
+            kernel_cmdline(spec, id)
+        ),
+    )?;
+    let mut mmd = Command::new("mmd");
+    mmd.env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(esp).args([
+        "::/EFI",
+        "::/EFI/BOOT",
+        "::/loader",
+        "::/loader/entries",
+        "::/devos",
+    ]);
+    cmd::run(&mut mmd).context("while filling the ESP")?;
+    let copies: [(&Path, &str); 5] = [
+        (&efi, "::/EFI/BOOT/BOOTX64.EFI"),
+        (kernel, "::/devos/vmlinuz"),
+        (initrd, "::/devos/initrd.img"),
+        (&staging.join("loader/loader.conf"), "::/loader/loader.conf"),
+        (
+            &staging.join("loader/entries/devos.conf"),
+            "::/loader/entries/devos.conf",
+        ),
+    ];
+    for (src, dest) in copies {
+        let mut c = Command::new("mcopy");
+        c.env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(esp)
+            .arg(src)
+            .arg(dest);
+        cmd::run(&mut c).context("while filling the ESP")?;
+    }
+    fs::remove_dir_all(&staging)?;
+    Ok(size)
+}
+
+fn make_root(spec: &Spec, id: &Identity, root: &Path, img: &Path) -> Result<u64> {
+    match spec.root_fs {
+        RootFs::Ext4 => {
+            let t = tree_size(root)?;
+            // Block-rounded content, inode tables and ext4 metadata, with headroom;
+            // the root is read-only, so it is sized to what it holds.
+            let size = ((t.bytes + t.entries * 256) * 115 / 100 + 48 * MIB).div_ceil(MIB) * MIB;
+            mkfs_ext4(root, img, size, "devos-root", &id.root_fs_uuid, id, false)?;
+            Ok(size)
+        }
+        RootFs::Erofs => {
+            cmd::run(
+                Command::new("mkfs.erofs")
+                    .args(["-zlz4hc", "-L", "devos-root", "-U", &id.root_fs_uuid])
+                    .arg(format!("-T{}", id.source_date_epoch))
+                    .arg("--all-root")
+                    .arg(img)
+                    .arg(root),
+            )
+            .context("while making the erofs root")?;
+            let len = fs::metadata(img)?.len().div_ceil(MIB) * MIB;
+            fs::OpenOptions::new().write(true).open(img)?.set_len(len)?;
+            Ok(len)
+        }
+    }
+}
+
+fn mkfs_ext4(
+    tree: &Path,
+    img: &Path,
+    size: u64,
+    label: &str,
+    uuid: &str,
+    id: &Identity,
+    journal: bool,
+) -> Result<()> {
+    fs::File::create(img)?.set_len(size)?;
+    let t = tree_size(tree)?;
+    let inodes = (t.entries * 5 / 4 + 4096).max(size / 16384);
+    let mut c = Command::new("mkfs.ext4");
+    c.env("E2FSPROGS_FAKE_TIME", id.source_date_epoch.to_string())
+        .args(["-q", "-F", "-b", "4096", "-m", "0", "-L", label, "-U", uuid])
+        .arg("-N")
+        .arg(inodes.to_string())
+        .arg("-E")
+        .arg(format!(
+            "root_owner=0:0,hash_seed={uuid},lazy_itable_init=1,nodiscard"
+        ))
+        .arg("-O")
+        .arg(if journal {
+            "has_journal"
+        } else {
+            "^has_journal"
+        })
+        .arg("-d")
+        .arg(tree)
+        .arg(img);
+    cmd::run(&mut c).with_context(|| format!("while making the {label} filesystem"))?;
+    Ok(())
+}
+
+pub struct TreeSize {
+    /// Bytes in 4 KiB blocks the files and directories take.
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+pub fn tree_size(root: &Path) -> std::io::Result<TreeSize> {
+    let mut t = TreeSize {
+        bytes: 0,
+        entries: 0,
+    };
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            t.entries += 1;
+            let len = if meta.is_symlink() && meta.len() < 60 {
+                0
+            } else {
+                meta.len()
+            };
+            t.bytes += len.div_ceil(4096) * 4096;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Copy `img` into `disk` at `offset`, skipping all-zero blocks so the disk stays sparse.
+fn copy_sparse(img: &Path, disk: &mut fs::File, offset: u64, limit: u64) -> Result<()> {
+    let mut src = fs::File::open(img)?;
+    let len = src.metadata()?.len();
+    if len > limit {
+        bail!(
+            "internal error: {} ({len} bytes) does not fit its partition ({limit} bytes)",
+            img.display()
+        );
+    }
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut pos = 0u64;
+    loop {
+        let n = read_full(&mut src, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let mut block = 0;
+        while block < n {
+            let end = (block + 65536).min(n);
+            if buf[block..end].iter().any(|&b| b != 0) {
+                disk.seek(SeekFrom::Start(offset + pos + block as u64))?;
+                disk.write_all(&buf[block..end])?;
+            }
+            block = end;
+        }
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+fn read_full(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,281 @@
+//! The `rootfs` stage: bootstrap the base tree with mmdebstrap, and the package
+//! sources it uses (the spec's mirror, the host's apt sources, or the distro default).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd;
+use crate::spec::{Distro, Spec};
+
+/// Where packages come from for one build.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sources {
+    /// Why these sources: `spec`, `host` or `default`.
+    pub origin: &'static str,
+    /// deb822 text handed to mmdebstrap as the chroot's sources list.
+    pub deb822: String,
+    /// (mirror URI, a suite it must carry), for the reachability check.
+    pub checks: Vec<(String, String)>,
+}
+
+/// Pick the sources for a spec: its `mirror`, else the host's apt sources when the
+/// host runs the same distro and suite, else the distro's official mirror.
+pub fn sources(spec: &Spec) -> Sources {
+    if let Some(mirror) = &spec.mirror {
+        return mirror_sources(spec, mirror, "spec");
+    }
+    if let Some(host) = host_sources(spec) {
+        return host;
+    }
+    mirror_sources(spec, spec.distro.default_mirror(), "default")
+}
+
+fn mirror_sources(spec: &Spec, mirror: &str, origin: &'static str) -> Sources {
+    let suites = match spec.distro {
+        Distro::Debian if is_debian_stable(&spec.suite) => {
+            format!("{0} {0}-updates", spec.suite)
+        }
+        Distro::Ubuntu => format!("{0} {0}-updates {0}-security", spec.suite),
+        _ => spec.suite.clone(),
+    };
+    let mut deb822 = format!(
+        "Types: deb\nURIs: {mirror}\nSuites: {suites}\nComponents: {}\n",
+        spec.components.join(" ")
+    );
+    if let Some(keyring) = keyring(spec.distro) {
+        let _ = writeln!(deb822, "Signed-By: {keyring}");
+    }
+    Sources {
+        origin,
+        deb822,
+        checks: vec![(mirror.to_owned(), spec.suite.clone())],
+    }
+}
+
+fn is_debian_stable(suite: &str) -> bool {
+    matches!(suite, "bookworm" | "trixie" | "bullseye")
+}
+
+fn keyring(distro: Distro) -> Option<&'static str> {
+    match distro {
+        Distro::Debian => Some("/usr/share/keyrings/debian-archive-keyring.gpg"),
+        Distro::Ubuntu => Some("/usr/share/keyrings/ubuntu-archive-keyring.gpg"),
+        Distro::Nixos => None,
+    }
+}
+
+/// The host's deb822 apt sources, rewritten to the spec's components, when the host
+/// runs the spec's distro and suite.
+fn host_sources(spec: &Spec) -> Option<Sources> {
+    let os_release = std::fs::read_to_string("/etc/os-release").ok()?;
+    let id = devos_agent::os_release::field(&os_release, "ID")?;
+    let codename = devos_agent::os_release::field(&os_release, "VERSION_CODENAME")?;
+    let wanted = match spec.distro {
+        Distro::Debian => "debian",
+        Distro::Ubuntu => "ubuntu",
+        Distro::Nixos => return None,
+    };
+    if id != wanted || codename != spec.suite {
+        return None;
+    }
+    let mut stanzas = Vec::new();
+    let mut dir: Vec<PathBuf> = std::fs::read_dir("/etc/apt/sources.list.d")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sources"))
+        .collect();
+    dir.sort();
+    for path in dir {
+        let text = std::fs::read_to_string(&path).ok()?;
+        stanzas.extend(parse_deb822(&text));
+    }
+    let mut deb822 = String::new();
+    let mut checks = Vec::new();
+    for s in stanzas.iter().filter(|s| {
+        s.types.split_whitespace().any(|t| t == "deb")
+            && s.suites
+                .split_whitespace()
+                .any(|x| x == spec.suite || x.starts_with(&format!("{}-", spec.suite)))
+    }) {
+        let _ = write!(
+            deb822,
+            "Types: deb\nURIs: {}\nSuites: {}\nComponents: {}\n",
+            s.uris,
+            s.suites,
+            spec.components.join(" ")
+        );
+        if let Some(k) = &s.signed_by {
+            let _ = writeln!(deb822, "Signed-By: {k}");
+        }
+        deb822.push('\n');
+        let suite = s.suites.split_whitespace().next().unwrap_or(&spec.suite);
+        checks.extend(
+            s.uris
+                .split_whitespace()
+                .map(|u| (u.to_owned(), suite.to_owned())),
+        );
+    }
+    (!checks.is_empty()).then_some(Sources {
+        origin: "host",
+        deb822,
+        checks,
+    })
+}
+
+struct Stanza {
+    types: String,
+    uris: String,
+    suites: String,
+    signed_by: Option<String>,
+}
+
+fn parse_deb822(text: &str) -> Vec<Stanza> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let get = |key: &str| {
+                block.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    (k.trim().eq_ignore_ascii_case(key)).then(|| v.trim().to_owned())
+                })
+            };
+            let enabled = get("Enabled").is_none_or(|v| v != "no");
+            enabled.then_some(())?;
+            Some(Stanza {
+                types: get("Types")?,
+                uris: get("URIs")?,
+                suites: get("Suites")?,
+                signed_by: get("Signed-By").filter(|v| !v.is_empty()),
+            })
+        })
+        .collect()
+}
+
+/// Fail fast, naming the mirror, when a package mirror cannot be reached.
+pub fn check_reachable(spec: &Spec, sources: &Sources) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(8)))
+        .build()
+        .into();
+    for (uri, suite) in &sources.checks {
+        if !uri.starts_with("http") {
+            continue;
+        }
+        let url = format!("{}/dists/{suite}/Release", uri.trim_end_matches('/'));
+        if let Err(e) = agent.head(&url).call() {
+            let key_hint = match sources.origin {
+                "spec" => format!("fix `[base] mirror` in {}", spec.path.display()),
+                "host" => "check the host's apt sources (/etc/apt/sources.list.d)".to_owned(),
+                _ => format!(
+                    "set `[base] mirror` in {} to a {:?} mirror this machine can reach (a local mirror or apt proxy)",
+                    spec.path.display(),
+                    spec.distro
+                ),
+            };
+            bail!(
+                "cannot reach the package mirror {uri} for {:?} {} (HEAD {url}: {e})\n  hint: {key_hint}",
+                spec.distro,
+                spec.suite
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Bootstrap `target` (which must not exist) with mmdebstrap. Downloaded packages
+/// are kept in `package_cache` and reused by later builds.
+pub fn bootstrap(
+    spec: &Spec,
+    sources: &Sources,
+    target: &Path,
+    package_cache: &Path,
+    source_date_epoch: u64,
+) -> Result<()> {
+    if spec.distro == Distro::Nixos {
+        bail!(
+            "{}: NixOS images are built from nixos/ with `nix build`, which needs nixpkgs; \
+             this builder bootstraps Debian and Ubuntu only so far\n  hint: use `distro = \"debian\"` or `\"ubuntu\"`",
+            spec.path.display()
+        );
+    }
+    std::fs::create_dir_all(package_cache)?;
+    let work = target.with_extension("sources");
+    std::fs::write(&work, &sources.deb822)?;
+    let cache = package_cache.display().to_string();
+    let mut mm = Command::new("mmdebstrap");
+    mm.env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+        .arg("--variant=minbase")
+        .arg(format!("--include={}", spec.all_packages().join(",")))
+        .arg(format!("--components={}", spec.components.join(",")))
+        .arg("--aptopt=Acquire::Languages \"none\"")
+        .args(DPKG_EXCLUDES.iter().map(|p| format!("--dpkgopt={p}")))
+        // Keep every downloaded .deb: copy the cache in before apt runs, and the
+        // (possibly larger) cache back out before mmdebstrap cleans it.
+        .arg("--skip=essential/unlink")
+        .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+        .arg(format!(
+            "--setup-hook=find '{cache}' -maxdepth 1 -name '*.deb' -exec cp -t \"$1\"/var/cache/apt/archives/ {{}} +"
+        ))
+        .arg(format!(
+            "--customize-hook=find \"$1\"/var/cache/apt/archives -maxdepth 1 -name '*.deb' -exec cp -nt '{cache}' {{}} +"
+        ));
+    if let Some(k) = keyring(spec.distro) {
+        mm.arg(format!("--keyring={k}"));
+    }
+    mm.arg(&spec.suite).arg(target).arg(&work);
+    let result = cmd::run(&mut mm).with_context(|| {
+        format!(
+            "while bootstrapping {:?} {} with mmdebstrap",
+            spec.distro, spec.suite
+        )
+    });
+    let _ = std::fs::remove_file(&work);
+    result?;
+    Ok(())
+}
+
+/// Documentation and translations are not part of an image (copyright files are).
+const DPKG_EXCLUDES: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/info/*",
+];
+
+/// Installed packages and their versions, from the tree's dpkg database.
+pub fn installed_packages(root: &Path) -> Result<Vec<(String, String)>> {
+    let out = cmd::stdout(
+        Command::new("dpkg-query")
+            .arg(format!(
+                "--admindir={}",
+                root.join("var/lib/dpkg").display()
+            ))
+            .args(["-W", "-f", "${Package}\t${Version}\n"]),
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let (p, v) = l.split_once('\t')?;
+            Some((p.to_owned(), v.to_owned()))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deb822_stanzas() {
+        let text = "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://x\nSuites: sid\nComponents: main\nEnabled: no\n";
+        let s = parse_deb822(text);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].uris, "http://deb.debian.org/debian");
+        assert_eq!(s[0].suites, "bookworm bookworm-updates");
+    }
+}
