@@ -194,20 +194,14 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let staged = work.path().join("out");
     fs::create_dir(&staged)?;
 
-    let agent = t.run("agent", |_| agent_package(&spec, opts, &staged))?;
-    let (sources, id) = t.run("resolve", |ui| {
+    // Mirrors are checked before the agent is compiled, so a bad mirror fails in seconds.
+    let (sources, agent, id) = t.run("resolve", |ui| {
         let sources = rootfs::sources(&spec);
         rootfs::check_reachable(&spec, &sources)?;
-        let id = identity::resolve(
-            &spec,
-            agent.as_ref().map_or("none", |a| &a.sha256),
-            &sources.deb822,
-        );
-        ui.info(&format!(
-            "    {} {} (package sources: {})",
-            spec.name, id.version, sources.origin
-        ));
-        Ok((sources, id))
+        let agent = agent_package(&spec, opts, &staged)?;
+        let id = identity::resolve(&spec, agent.as_ref().map_or("none", |a| &a.sha256), &sources.deb822);
+        ui.info(&format!("    {} {} (package sources: {})", spec.name, id.version, sources.origin));
+        Ok((sources, agent, id))
     })?;
 
     let final_dir = opts.out.clone().unwrap_or_else(|| images.join(&id.version));
