@@ -159,3 +159,123 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dist(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../agent/dist")
+            .join(name);
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// `key=value` lines of one section of a systemd unit.
+    fn section(unit: &str, name: &str) -> Vec<(String, String)> {
+        let header = format!("[{name}]");
+        unit.lines()
+            .skip_while(|l| l.trim() != header)
+            .skip(1)
+            .take_while(|l| !l.starts_with('['))
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            })
+            .collect()
+    }
+
+    fn value<'a>(kv: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn agent_unit_is_a_hardened_dbus_service() {
+        let unit = dist("devos-agent.service");
+        let service = section(&unit, "Service");
+        assert_eq!(value(&service, "Type"), Some("dbus"));
+        assert_eq!(value(&service, "BusName"), Some(devos_agent::BUS_NAME));
+        let exec = value(&service, "ExecStart").unwrap();
+        let binary = FILES
+            .iter()
+            .find(|(s, ..)| s.ends_with("devos-agent"))
+            .unwrap()
+            .1;
+        assert!(exec.starts_with(&format!("/{binary} ")), "{exec}");
+        assert!(exec.contains(devos_agent::config::DEFAULT_PATH), "{exec}");
+        for (key, want) in [
+            ("NoNewPrivileges", "yes"),
+            ("ProtectSystem", "strict"),
+            ("PrivateTmp", "yes"),
+            ("PrivateNetwork", "yes"),
+            ("RestrictAddressFamilies", "AF_UNIX"),
+            ("CapabilityBoundingSet", ""),
+            ("SystemCallArchitectures", "native"),
+        ] {
+            assert_eq!(value(&service, key), Some(want), "{key}");
+        }
+        let install = section(&unit, "Install");
+        assert_eq!(value(&install, "WantedBy"), Some("multi-user.target"));
+        assert_eq!(
+            value(&install, "Alias"),
+            Some("dbus-org.devos.Agent1.service")
+        );
+    }
+
+    #[test]
+    fn activation_file_points_at_the_unit_alias() {
+        let act = dist("org.devos.Agent1.service");
+        let kv = section(&act, "D-BUS Service");
+        assert_eq!(value(&kv, "Name"), Some(devos_agent::BUS_NAME));
+        assert_eq!(
+            value(&kv, "SystemdService"),
+            Some("dbus-org.devos.Agent1.service")
+        );
+    }
+
+    #[test]
+    fn selftest_unit_runs_only_with_the_credential() {
+        let unit = dist("devos-selftest.service");
+        let u = section(&unit, "Unit");
+        assert_eq!(value(&u, "ConditionCredential"), Some("devos.selftest"));
+        assert_eq!(value(&u, "SuccessAction"), Some("poweroff-force"));
+        let s = section(&unit, "Service");
+        assert!(
+            value(&s, "ExecStart")
+                .unwrap()
+                .contains("/dev/virtio-ports/org.devos.selftest")
+        );
+    }
+
+    #[test]
+    fn bus_policy_lets_only_root_own_the_name() {
+        let policy = dist("org.devos.Agent1.conf");
+        let own: Vec<&str> = policy.lines().filter(|l| l.contains("own=")).collect();
+        assert_eq!(own, ["    <allow own=\"org.devos.Agent1\"/>"]);
+        let root = policy.find("<policy user=\"root\">").unwrap();
+        let default = policy.find("<policy context=\"default\">").unwrap();
+        let own_at = policy.find("allow own=").unwrap();
+        assert!(
+            root < own_at && own_at < default,
+            "ownership must be granted in the root policy only"
+        );
+        assert!(
+            policy[default..].contains(
+                "send_destination=\"org.devos.Agent1\" send_interface=\"org.devos.Agent1\""
+            )
+        );
+        assert!(
+            !policy.contains("deny"),
+            "no deny rules are needed: the system bus denies by default"
+        );
+    }
+
+    #[test]
+    fn every_packaged_dist_file_exists() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for (src, ..) in FILES.iter().filter(|(s, ..)| s.starts_with("agent/")) {
+            assert!(root.join(src).is_file(), "{src}");
+        }
+    }
+}

@@ -197,10 +197,17 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     // Mirrors are checked before the agent is compiled, so a bad mirror fails in seconds.
     let (sources, agent, id) = t.run("resolve", |ui| {
         let sources = rootfs::sources(&spec);
-        rootfs::check_reachable(&spec, &sources)?;
+        rootfs::preflight(&spec, &sources)?;
         let agent = agent_package(&spec, opts, &staged)?;
-        let id = identity::resolve(&spec, agent.as_ref().map_or("none", |a| &a.sha256), &sources.deb822);
-        ui.info(&format!("    {} {} (package sources: {})", spec.name, id.version, sources.origin));
+        let id = identity::resolve(
+            &spec,
+            agent.as_ref().map_or("none", |a| &a.sha256),
+            &sources.deb822,
+        );
+        ui.info(&format!(
+            "    {} {} (package sources: {})",
+            spec.name, id.version, sources.origin
+        ));
         Ok((sources, agent, id))
     })?;
 

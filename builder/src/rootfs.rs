@@ -46,8 +46,8 @@ fn mirror_sources(spec: &Spec, mirror: &str, origin: &'static str) -> Sources {
         "Types: deb\nURIs: {mirror}\nSuites: {suites}\nComponents: {}\n",
         spec.components.join(" ")
     );
-    if let Some(keyring) = keyring(spec.distro) {
-        let _ = writeln!(deb822, "Signed-By: {keyring}");
+    if let Some(keyring) = keyring(spec) {
+        let _ = writeln!(deb822, "Signed-By: {}", keyring.display());
     }
     Sources {
         origin,
@@ -60,10 +60,14 @@ fn is_debian_stable(suite: &str) -> bool {
     matches!(suite, "bookworm" | "trixie" | "bullseye")
 }
 
-fn keyring(distro: Distro) -> Option<&'static str> {
-    match distro {
-        Distro::Debian => Some("/usr/share/keyrings/debian-archive-keyring.gpg"),
-        Distro::Ubuntu => Some("/usr/share/keyrings/ubuntu-archive-keyring.gpg"),
+/// The keyring that verifies the archive: the spec's, else the distro's default.
+fn keyring(spec: &Spec) -> Option<PathBuf> {
+    if let Some(k) = &spec.keyring {
+        return Some(k.clone());
+    }
+    match spec.distro {
+        Distro::Debian => Some("/usr/share/keyrings/debian-archive-keyring.gpg".into()),
+        Distro::Ubuntu => Some("/usr/share/keyrings/ubuntu-archive-keyring.gpg".into()),
         Distro::Nixos => None,
     }
 }
@@ -155,8 +159,9 @@ fn parse_deb822(text: &str) -> Vec<Stanza> {
         .collect()
 }
 
-/// Fail fast, naming the mirror, when a package mirror cannot be reached.
-pub fn check_reachable(spec: &Spec, sources: &Sources) -> Result<()> {
+/// Fail fast, before anything is built, when the archive keyring is missing or a
+/// package mirror cannot be reached (naming the mirror).
+pub fn preflight(spec: &Spec, sources: &Sources) -> Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(8)))
         .build()
@@ -182,6 +187,18 @@ pub fn check_reachable(spec: &Spec, sources: &Sources) -> Result<()> {
                 spec.suite
             );
         }
+    }
+    if let Some(k) = keyring(spec).filter(|k| !k.is_file()) {
+        let package = match spec.distro {
+            Distro::Ubuntu => "ubuntu-keyring",
+            _ => "debian-archive-keyring",
+        };
+        bail!(
+            "the archive keyring {} for {:?} is missing on this host\n  hint: install `{package}`, or set `[base] keyring` in {} to a keyring file that signs the mirror",
+            k.display(),
+            spec.distro,
+            spec.path.display()
+        );
     }
     Ok(())
 }
@@ -223,8 +240,8 @@ pub fn bootstrap(
         .arg(format!(
             "--customize-hook=find \"$1\"/var/cache/apt/archives -maxdepth 1 -name '*.deb' -exec cp -nt '{cache}' {{}} +"
         ));
-    if let Some(k) = keyring(spec.distro) {
-        mm.arg(format!("--keyring={k}"));
+    if let Some(k) = keyring(spec) {
+        mm.arg(format!("--keyring={}", k.display()));
     }
     mm.arg(&spec.suite).arg(target).arg(&work);
     let result = cmd::run(&mut mm).with_context(|| {

@@ -150,6 +150,9 @@ struct RawBase {
     mirror: Option<Spanned<String>>,
     /// Archive components. Default: `["main"]`.
     components: Option<Vec<Spanned<String>>>,
+    /// OpenPGP keyring that signs the archive. Default: the distro's keyring package
+    /// (`debian-archive-keyring`, `ubuntu-keyring`) on the build host.
+    keyring: Option<Spanned<String>>,
 }
 
 /// `[packages]`: what is installed on top of the base.
@@ -353,6 +356,8 @@ pub struct Spec {
     /// `None`: use the host's apt sources if they carry the suite, else the default mirror.
     pub mirror: Option<String>,
     pub components: Vec<String>,
+    /// `None`: the distro's default keyring on the build host.
+    pub keyring: Option<PathBuf>,
     /// Packages named directly in the spec (layers' packages are in `layers`).
     pub packages: Vec<String>,
     pub layers: Vec<Layer>,
@@ -449,6 +454,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
             }
             list.iter().map(|c| c.get_ref().clone()).collect()
         }
+    };
+
+    let keyring = match &raw.base.keyring {
+        Some(k) if !k.get_ref().starts_with('/') => {
+            return Err(src.error(
+                k,
+                format!("keyring `{}` is not an absolute path", k.get_ref()),
+                "give the full path of a .gpg keyring file, e.g. `/usr/share/keyrings/ubuntu-archive-keyring.gpg`",
+            ));
+        }
+        Some(k) => Some(PathBuf::from(k.get_ref())),
+        None => None,
     };
 
     let packages = package_names(&src, &raw.packages.include)?;
@@ -633,6 +650,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         suite,
         mirror,
         components,
+        keyring,
         packages,
         layers,
         hostname,

@@ -1,1 +1,185 @@
+//! Shared fixtures for DevOS's slow and cross-crate tests: a private system bus with
+//! the agent's real bus policy, commands with a deadline, and the repository root.
+//!
+//! Fixtures never skip: if a tool is missing the test fails and says what to install.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The repository root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Fail loudly unless `program` is on PATH.
+pub fn require(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()));
+    assert!(
+        found,
+        "`{program}` is required by this test and is missing: run tests/setup-host (or apt-get install {package})"
+    );
+}
+
+/// Fail loudly unless the tests run as root (image builds and bus policy checks need it).
+pub fn require_root() {
+    assert!(
+        current_uid() == 0,
+        "this test must run as root (it builds images and switches users): run the test command from README.md as root"
+    );
+}
+
+fn current_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
+}
+
+/// Run a command to completion, killing it after `limit`.
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let line = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {line}"))?;
+    let out_thread = drain(child.stdout.take());
+    let err_thread = drain(child.stderr.take());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err_thread.join().unwrap_or_default();
+            bail!(
+                "{line} did not finish within {}s; its stderr:\n{}",
+                limit.as_secs(),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok(Output {
+        status,
+        stdout: out_thread.join().unwrap_or_default(),
+        stderr: err_thread.join().unwrap_or_default(),
+    })
+}
+
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// A private dbus-daemon configured like Debian's system bus (deny by default) plus
+/// the agent's bus policy from `agent/dist/`. Killed on drop.
+pub struct SystemBus {
+    child: Child,
+    pub address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl SystemBus {
+    pub fn start() -> Result<Self> {
+        require("dbus-daemon", "dbus-daemon");
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("system_bus_socket");
+        let policy = repo_root().join("agent/dist/org.devos.Agent1.conf");
+        let config = dir.path().join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"#,
+                socket = socket.display(),
+                policy = policy.display()
+            ),
+        )?;
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--nofork", "--nopidfile", "--print-address=1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start dbus-daemon")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("dbus-daemon has no stdout")?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        let address = line.trim().to_owned();
+        if address.is_empty() {
+            let _ = child.kill();
+            bail!(
+                "dbus-daemon printed no address (bad config {}?)",
+                config.display()
+            );
+        }
+        Ok(Self {
+            child,
+            address,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for SystemBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait until `check` passes or `limit` runs out.
+pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

@@ -11,6 +11,7 @@ distro = "debian"
 suite = "bookworm"
 mirror = "http://mirror.example/debian/"
 components = ["main", "contrib"]
+keyring = "/usr/share/keyrings/test.gpg"
 
 [packages]
 include = ["systemd-sysv", "dbus"]
@@ -85,6 +86,10 @@ fn every_field_is_read() {
     assert_eq!(s.suite, "bookworm");
     assert_eq!(s.mirror.as_deref(), Some("http://mirror.example/debian"));
     assert_eq!(s.components, ["main", "contrib"]);
+    assert_eq!(
+        s.keyring.as_deref(),
+        Some(Path::new("/usr/share/keyrings/test.gpg"))
+    );
     assert_eq!(s.packages, ["systemd-sysv", "dbus"]);
     assert_eq!(s.layers[0].name, "layers/one.toml");
     assert_eq!(s.layers[0].packages, ["git", "dbus"]);
@@ -97,16 +102,23 @@ fn every_field_is_read() {
     assert_eq!(s.users[0].ssh_authorized_keys.len(), 1);
     assert_eq!(s.disk_size, 3 << 30);
     assert_eq!(s.root_fs, RootFs::Erofs);
-    assert_eq!(s.formats, [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vhd]);
+    assert_eq!(
+        s.formats,
+        [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vhd]
+    );
     assert!(!s.agent_enabled);
-    assert_eq!(s.agent_config.log_level, devos_agent::config::LogLevel::Debug);
+    assert_eq!(
+        s.agent_config.log_level,
+        devos_agent::config::LogLevel::Debug
+    );
     assert_eq!(s.tests.len(), 2);
     assert_eq!(s.tests[1].expect_exit, 3);
 }
 
 #[test]
 fn defaults_fill_a_minimal_spec() {
-    let (_dir, path) = fixture("[image]\nname = \"m\"\nversion = \"0.1.0\"\n[base]\ndistro = \"ubuntu\"\n");
+    let (_dir, path) =
+        fixture("[image]\nname = \"m\"\nversion = \"0.1.0\"\n[base]\ndistro = \"ubuntu\"\n");
     let s = load(&path).unwrap();
     assert_eq!(s.suite, "noble");
     assert_eq!(s.mirror, None);
@@ -131,33 +143,158 @@ fn shipped_specs_load() {
             "[image]\nname = \"l\"\nversion = \"0.1.0\"\n[base]\ndistro = \"debian\"\n[packages]\nlayers = [\"layers/{}\"]\n",
             path.file_name().unwrap().to_string_lossy()
         );
-        parse(&images.join("probe.toml"), &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        parse(&images.join("probe.toml"), &text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }
 
 /// (what is broken, the spec text, line, column, words the message must contain)
 fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
     vec![
-        ("unknown key", with("description = \"every field\"", "descripton = \"x\""), 5, 1, "unknown field `descripton`"),
-        ("unknown table", format!("{FULL}\n[extra]\nx = 1\n"), 49, 2, "unknown field `extra`"),
-        ("wrong type", with("hostname = \"box-1\"", "hostname = 7"), 18, 12, "invalid type"),
-        ("bad version", with("\"1.2.3-rc.1\"", "\"1.2\""), 4, 11, "invalid version `1.2`"),
-        ("version with build metadata", with("\"1.2.3-rc.1\"", "\"1.2.3+x\""), 4, 11, "build metadata"),
-        ("unknown distro", with("distro = \"debian\"", "distro = \"fedora\""), 8, 10, "unknown distro `fedora`"),
-        ("missing layer", with("layers/one.toml", "layers/nope.toml"), 15, 11, "cannot read layer `layers/nope.toml`"),
-        ("bad package", with("\"dbus\"]", "\"Dbus\"]"), 14, 28, "invalid package name `Dbus`"),
-        ("bad name", with("name = \"devos-test\"", "name = \"Devos Test\""), 3, 8, "invalid image name"),
-        ("bad size", with("\"3G\"", "\"3 lots\""), 28, 8, "invalid disk size"),
-        ("tiny disk", with("\"3G\"", "\"100M\""), 28, 8, "too small"),
-        ("bad root-fs", with("\"erofs\"", "\"btrfs\""), 29, 11, "unknown root-fs `btrfs`"),
-        ("bad format", with("\"vhd\"", "\"iso\""), 32, 29, "unknown format `iso`"),
-        ("bad ssh key", with("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDevOsTestKey dev@host", "hunter2"), 25, 24, "not an OpenSSH public key"),
-        ("bad exit", with("expect-exit = 3", "expect-exit = 300"), 47, 15, "out of range"),
-        ("duplicate test", with("name = \"exit-3\"", "name = \"true\""), 45, 8, "used twice"),
-        ("bad agent config", with("log-level = \"debug\"", "log-levels = \"debug\""), 37, 1, "[agent.config]"),
-        ("bad timezone", with("Europe/Berlin", "../etc/passwd"), 20, 12, "invalid timezone"),
-        ("bad mirror", with("http://mirror.example/debian/", "mirror.example"), 10, 10, "invalid mirror"),
-        ("missing table", "[image]\nname = \"x\"\nversion = \"1.0.0\"\n".to_owned(), 1, 1, "missing field `base`"),
+        (
+            "unknown key",
+            with("description = \"every field\"", "descripton = \"x\""),
+            5,
+            1,
+            "unknown field `descripton`",
+        ),
+        (
+            "unknown table",
+            format!("{FULL}\n[extra]\nx = 1\n"),
+            50,
+            2,
+            "unknown field `extra`",
+        ),
+        (
+            "wrong type",
+            with("hostname = \"box-1\"", "hostname = 7"),
+            19,
+            12,
+            "invalid type",
+        ),
+        (
+            "bad version",
+            with("\"1.2.3-rc.1\"", "\"1.2\""),
+            4,
+            11,
+            "invalid version `1.2`",
+        ),
+        (
+            "version with build metadata",
+            with("\"1.2.3-rc.1\"", "\"1.2.3+x\""),
+            4,
+            11,
+            "build metadata",
+        ),
+        (
+            "unknown distro",
+            with("distro = \"debian\"", "distro = \"fedora\""),
+            8,
+            10,
+            "unknown distro `fedora`",
+        ),
+        (
+            "missing layer",
+            with("layers/one.toml", "layers/nope.toml"),
+            16,
+            11,
+            "cannot read layer `layers/nope.toml`",
+        ),
+        (
+            "bad package",
+            with("\"dbus\"]", "\"Dbus\"]"),
+            15,
+            28,
+            "invalid package name `Dbus`",
+        ),
+        (
+            "bad name",
+            with("name = \"devos-test\"", "name = \"Devos Test\""),
+            3,
+            8,
+            "invalid image name",
+        ),
+        (
+            "bad size",
+            with("\"3G\"", "\"3 lots\""),
+            29,
+            8,
+            "invalid disk size",
+        ),
+        ("tiny disk", with("\"3G\"", "\"100M\""), 29, 8, "too small"),
+        (
+            "bad root-fs",
+            with("\"erofs\"", "\"btrfs\""),
+            30,
+            11,
+            "unknown root-fs `btrfs`",
+        ),
+        (
+            "bad format",
+            with("\"vhd\"", "\"iso\""),
+            33,
+            29,
+            "unknown format `iso`",
+        ),
+        (
+            "bad ssh key",
+            with(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDevOsTestKey dev@host",
+                "hunter2",
+            ),
+            26,
+            24,
+            "not an OpenSSH public key",
+        ),
+        (
+            "bad exit",
+            with("expect-exit = 3", "expect-exit = 300"),
+            48,
+            15,
+            "out of range",
+        ),
+        (
+            "duplicate test",
+            with("name = \"exit-3\"", "name = \"true\""),
+            46,
+            8,
+            "used twice",
+        ),
+        (
+            "bad agent config",
+            with("log-level = \"debug\"", "log-levels = \"debug\""),
+            38,
+            1,
+            "[agent.config]",
+        ),
+        (
+            "bad timezone",
+            with("Europe/Berlin", "../etc/passwd"),
+            21,
+            12,
+            "invalid timezone",
+        ),
+        (
+            "relative keyring",
+            with("/usr/share/keyrings/test.gpg", "test.gpg"),
+            12,
+            11,
+            "not an absolute path",
+        ),
+        (
+            "bad mirror",
+            with("http://mirror.example/debian/", "mirror.example"),
+            10,
+            10,
+            "invalid mirror",
+        ),
+        (
+            "missing table",
+            "[image]\nname = \"x\"\nversion = \"1.0.0\"\n".to_owned(),
+            1,
+            1,
+            "missing field `base`",
+        ),
         ("not toml", "[image\n".to_owned(), 1, 7, ""),
     ]
 }
@@ -169,7 +306,10 @@ fn every_error_class_is_located_and_hinted() {
         let shown = e.to_string();
         assert!(shown.contains(words), "{what}: {shown}");
         assert_eq!((e.line, e.col), (line, col), "{what}: {shown}");
-        assert!(shown.starts_with(&format!("{}:{line}:{col}: ", e.file.display())), "{what}: {shown}");
+        assert!(
+            shown.starts_with(&format!("{}:{line}:{col}: ", e.file.display())),
+            "{what}: {shown}"
+        );
         if what != "not toml" {
             assert!(e.hint.is_some(), "{what} has no hint: {shown}");
         }
@@ -179,7 +319,11 @@ fn every_error_class_is_located_and_hinted() {
 #[test]
 fn errors_in_a_layer_name_the_layer_file() {
     let (dir, path) = fixture(FULL);
-    std::fs::write(dir.path().join("layers/one.toml"), "[packages]\ninclude = [\"ok\"]\nextra = 1\n").unwrap();
+    std::fs::write(
+        dir.path().join("layers/one.toml"),
+        "[packages]\ninclude = [\"ok\"]\nextra = 1\n",
+    )
+    .unwrap();
     let e = load(&path).unwrap_err();
     assert!(e.file.ends_with("layers/one.toml"), "{e}");
     assert_eq!(e.line, 3);
@@ -187,8 +331,13 @@ fn errors_in_a_layer_name_the_layer_file() {
 
 #[test]
 fn missing_spec_file_says_what_to_pass() {
-    let e = load(Path::new("/nonexistent/spec.toml")).unwrap_err().to_string();
-    assert!(e.contains("cannot read the spec") && e.contains("images/devos-debian.toml"), "{e}");
+    let e = load(Path::new("/nonexistent/spec.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot read the spec") && e.contains("images/devos-debian.toml"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -201,7 +350,10 @@ fn arbitrary_input_never_panics() {
         }
     }
     let bytes = FULL.as_bytes();
-    for (i, garbage) in (0..bytes.len()).step_by(7).zip([b'"', b'[', b'=', b'\n', 0xff, b'\\'].iter().cycle()) {
+    for (i, garbage) in (0..bytes.len())
+        .step_by(7)
+        .zip([b'"', b'[', b'=', b'\n', 0xff, b'\\'].iter().cycle())
+    {
         let mut b = bytes.to_vec();
         b[i] = *garbage;
         let _ = parse(path, &String::from_utf8_lossy(&b));

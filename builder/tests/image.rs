@@ -1,0 +1,271 @@
+//! End to end, as a user runs it: the agent package, a failing mirror, a bad spec,
+//! and the default image built and boot-tested with the `devos-build` binary.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use devos_build::agent_pkg;
+use devos_tests::{repo_root, require, require_root, run_with_timeout};
+
+const BIN: &str = env!("CARGO_BIN_EXE_devos-build");
+
+#[test]
+fn agent_package_has_the_files_and_metadata() {
+    require("dpkg-deb", "dpkg");
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = agent_pkg::build(&repo_root(), dir.path(), 0).unwrap();
+    let listing = String::from_utf8(
+        Command::new("dpkg-deb")
+            .arg("-c")
+            .arg(&pkg.path)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for (_, dest, mode) in agent_pkg::FILES {
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with(&format!("./{dest}")))
+            .unwrap_or_else(|| panic!("{dest} is not in the package:\n{listing}"));
+        let perms = if *mode == 0o755 {
+            "-rwxr-xr-x"
+        } else {
+            "-rw-r--r--"
+        };
+        assert!(line.starts_with(perms), "{line}");
+        assert!(line.contains("root/root"), "{line}");
+    }
+    let field = |name: &str| {
+        let out = Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&pkg.path)
+            .arg(name)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(field("Package"), "devos-agent");
+    assert_eq!(field("Architecture"), "amd64");
+    assert!(field("Depends").contains("dbus"));
+    let conffiles = Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(&pkg.path)
+        .arg("conffiles")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&conffiles.stdout).trim(),
+        "/etc/devos/agent.toml"
+    );
+
+    // The package is reproducible: the same sources give the same bytes.
+    let again = tempfile::tempdir().unwrap();
+    assert_eq!(
+        agent_pkg::build(&repo_root(), again.path(), 0)
+            .unwrap()
+            .sha256,
+        pkg.sha256
+    );
+}
+
+#[test]
+fn unreachable_mirror_fails_early_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = repo_root().join("images");
+    std::fs::create_dir(dir.path().join("layers")).unwrap();
+    for layer in ["build-tools.toml", "python.toml"] {
+        std::fs::copy(
+            images.join("layers").join(layer),
+            dir.path().join("layers").join(layer),
+        )
+        .unwrap();
+    }
+    let spec = std::fs::read_to_string(images.join("devos-ubuntu.toml"))
+        .unwrap()
+        .replace(
+            "http://archive.ubuntu.com/ubuntu",
+            "http://127.0.0.1:9/ubuntu",
+        );
+    let path = dir.path().join("devos-ubuntu.toml");
+    std::fs::write(&path, spec).unwrap();
+    let out = run_with_timeout(
+        Command::new(BIN)
+            .args(["image", "build"])
+            .arg(&path)
+            .arg("--out")
+            .arg(dir.path().join("out")),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot reach the package mirror http://127.0.0.1:9/ubuntu"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint: fix `[base] mirror`"), "{stderr}");
+    assert!(
+        !dir.path().join("out").exists(),
+        "nothing may be left under the output name"
+    );
+}
+
+#[test]
+fn missing_archive_keyring_fails_early_and_says_what_to_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spec.toml");
+    std::fs::write(
+        &path,
+        "[image]\nname = \"k\"\nversion = \"0.1.0\"\n[base]\ndistro = \"ubuntu\"\nmirror = \"file:///srv/mirror\"\nkeyring = \"/nonexistent/ubuntu.gpg\"\n",
+    )
+    .unwrap();
+    let out = run_with_timeout(
+        Command::new(BIN).args(["image", "build"]).arg(&path),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the archive keyring /nonexistent/ubuntu.gpg for Ubuntu is missing"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("install `ubuntu-keyring`"), "{stderr}");
+}
+
+#[test]
+fn bad_spec_is_reported_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[image]\nname = \"x\"\nversion = \"one\"\n[base]\ndistro = \"debian\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["image", "build"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("{}:3:11: invalid version `one`", path.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint:"), "{stderr}");
+}
+
+fn sha256(path: &Path) -> String {
+    devos_build::digest::file_sha256(path).unwrap()
+}
+
+/// The README's main command: build the default image and boot-test it.
+#[test]
+fn default_image_builds_and_boots_until_the_agent_answers() {
+    require_root();
+    for (tool, package) in [
+        ("mmdebstrap", "mmdebstrap"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+        ("mkfs.vfat", "dosfstools"),
+        ("mcopy", "mtools"),
+        ("sfdisk", "fdisk"),
+    ] {
+        require(tool, package);
+    }
+    let out = run_with_timeout(
+        Command::new(BIN)
+            .current_dir(repo_root())
+            .args(["image", "build", "--test", "--json"]),
+        Duration::from_secs(20 * 60),
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "build --test failed:\n{stderr}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let test = &report["test"];
+    assert_eq!(test["passed"], true, "{test:#}");
+    let checks: Vec<&str> = test["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    for want in ["agent-ping", "agent-version", "version-matches-build"] {
+        assert!(checks.contains(&want), "{checks:?}");
+    }
+
+    let manifest = &report["manifest"];
+    let dir = Path::new(report["dir"].as_str().unwrap());
+    let version = manifest["version"].as_str().unwrap();
+    assert!(
+        dir.ends_with(format!("target/images/devos-debian/{version}")),
+        "{}",
+        dir.display()
+    );
+    let (semver, build) = version.split_once('+').unwrap();
+    assert_eq!(semver, "0.1.0");
+    assert_eq!(build, &manifest["build_id"].as_str().unwrap()[..12]);
+    let packages = manifest["packages"].as_array().unwrap();
+    assert!(packages.iter().any(|p| p["name"] == "devos-agent"));
+    assert!(
+        packages
+            .iter()
+            .any(|p| p["name"] == "linux-image-cloud-amd64")
+    );
+    let labels: Vec<&str> = manifest["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["esp", "devos-root", "devos-var"]);
+
+    // Every artifact is where the manifest says, with the hash SHA256SUMS records,
+    // unchanged by the boot test.
+    let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    let artifacts = manifest["artifacts"].as_array().unwrap();
+    let formats: Vec<&str> = artifacts
+        .iter()
+        .map(|a| a["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(formats, ["raw", "qcow2"]);
+    for a in artifacts {
+        let file = dir.join(a["file"].as_str().unwrap());
+        let hash = sha256(&file);
+        assert_eq!(hash, a["sha256"].as_str().unwrap(), "{}", file.display());
+        assert!(sums.contains(&format!("{hash}  {}", a["file"].as_str().unwrap())));
+    }
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(dir.join(format!("devos-debian-{version}.qcow2")))
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 2u64 << 30);
+
+    // Same inputs: nothing is rebuilt.
+    let again = run_with_timeout(
+        Command::new(BIN)
+            .current_dir(repo_root())
+            .args(["image", "build", "--json"]),
+        Duration::from_secs(10 * 60),
+    )
+    .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["fresh"], false);
+    assert_eq!(again["manifest"]["version"], version);
+}
