@@ -65,6 +65,11 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         }
     }
 
+    if let Ok(conn) = zbus::Connection::system().await {
+        emit(boot_time(&conn).await)?;
+    }
+    emit(critical_chain().await)?;
+
     let done = serde_json::to_string(&Done {
         done: true,
         ok: all_ok,
@@ -120,5 +125,109 @@ async fn open_report(path: &Path) -> anyhow::Result<std::fs::File> {
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
+    }
+}
+
+/// Where the boot's time went, as `systemd-analyze time` splits it, up to now (the
+/// agent has answered): firmware, loader, kernel, initrd, userspace.
+async fn boot_time(conn: &zbus::Connection) -> CheckResult {
+    let start = Instant::now();
+    let result = async {
+        let manager = zbus::Proxy::new(
+            conn,
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+        )
+        .await?;
+        let mut t = Vec::new();
+        for name in [
+            "FirmwareTimestampMonotonic",
+            "LoaderTimestampMonotonic",
+            "InitRDTimestampMonotonic",
+            "UserspaceTimestampMonotonic",
+        ] {
+            t.push(manager.get_property::<u64>(name).await?);
+        }
+        Ok::<_, zbus::Error>(t)
+    }
+    .await;
+    let now_us = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0, |s| (s * 1e6) as u64);
+    let (ok, detail) = match result {
+        Ok(t) => (true, boot_split(t[0], t[1], t[2], t[3], now_us)),
+        Err(e) => (false, e.to_string()),
+    };
+    CheckResult {
+        check: "boot-time".into(),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+/// `firmware=… loader=… kernel=… initrd=… userspace=… total=…` in seconds. Firmware
+/// and loader timestamps count backwards from the kernel's start.
+pub fn boot_split(firmware: u64, loader: u64, initrd: u64, userspace: u64, now: u64) -> String {
+    let s = |us: u64| format!("{:.1}s", us as f64 / 1e6);
+    let kernel_end = if initrd > 0 { initrd } else { userspace };
+    format!(
+        "firmware={} loader={} kernel={} initrd={} userspace={} total={}",
+        s(firmware.saturating_sub(loader)),
+        s(loader),
+        s(kernel_end),
+        s(if initrd > 0 {
+            userspace.saturating_sub(initrd)
+        } else {
+            0
+        }),
+        s(now.saturating_sub(userspace)),
+        s(now + firmware),
+    )
+}
+
+/// What the agent waited for: `systemd-analyze critical-chain` for its unit. Always
+/// passes; it is there to explain slow boots.
+async fn critical_chain() -> CheckResult {
+    let start = Instant::now();
+    let out = tokio::process::Command::new("systemd-analyze")
+        .args(["critical-chain", "--no-pager", "devos-agent.service"])
+        .output()
+        .await;
+    let detail = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains('@') || l.contains('+'))
+            .map(|l| {
+                l.trim_start_matches(|c: char| !c.is_alphanumeric())
+                    .to_owned()
+            })
+            .collect::<Vec<_>>()
+            .join(" <- "),
+        Ok(o) => format!(
+            "systemd-analyze: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("systemd-analyze: {e}"),
+    };
+    CheckResult {
+        check: "critical-chain".into(),
+        ok: true,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn boot_split_reads_like_systemd_analyze() {
+        let line = super::boot_split(7_000_000, 2_000_000, 3_000_000, 8_000_000, 20_000_000);
+        assert_eq!(
+            line,
+            "firmware=5.0s loader=2.0s kernel=3.0s initrd=5.0s userspace=12.0s total=27.0s"
+        );
     }
 }

@@ -15,15 +15,7 @@ use crate::ui::Ui;
 use crate::{convert, customize, digest, disk, rootfs};
 
 /// The stages, in order; these names appear in logs, timings and the manifest.
-pub const STAGES: &[&str] = &[
-    "load",
-    "agent",
-    "resolve",
-    "rootfs",
-    "customize",
-    "disk",
-    "convert",
-];
+pub const STAGES: &[&str] = &["load", "resolve", "rootfs", "customize", "disk", "convert"];
 
 pub struct BuildOptions {
     pub spec: PathBuf,

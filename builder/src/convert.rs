@@ -1,5 +1,5 @@
 //! The `convert` stage: the raw disk into the other formats the spec asks for, with
-//! qemu-img. VMDK is streamOptimized (what vSphere and AWS import take); VHD is fixed
+//! qemu-img. qcow2 is compressed with zstd. VMDK is streamOptimized (what vSphere and AWS import take); VHD is fixed
 //! and keeps the raw size, which is whole MiB as Azure requires.
 
 use std::path::Path;
@@ -15,7 +15,17 @@ pub fn convert(raw: &Path, format: Format, out: &Path) -> Result<()> {
     c.args(["convert", "-f", "raw"]);
     match format {
         Format::Raw => return Ok(()),
-        Format::Qcow2 => c.args(["-O", "qcow2", "-c", "-o", "compression_type=zlib"]),
+        // zstd: ten times faster than zlib and smaller; readable by QEMU 5.1 and later.
+        Format::Qcow2 => c.args([
+            "-O",
+            "qcow2",
+            "-c",
+            "-W",
+            "-m",
+            "4",
+            "-o",
+            "compression_type=zstd",
+        ]),
         Format::Vmdk => c.args(["-O", "vmdk", "-o", "subformat=streamOptimized"]),
         Format::Vhd => c.args(["-O", "vpc", "-o", "subformat=fixed,force_size=on"]),
     };

@@ -20,6 +20,18 @@ const ENABLED_UNITS: &[(&str, &str)] = &[
     ("systemd-networkd.socket", "sockets.target"),
 ];
 
+/// Units that make no sense in an immutable image (package maintenance, scrubbing a
+/// read-only root) and only cost boot time: masked.
+const MASKED_UNITS: &[&str] = &[
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "apt-daily.service",
+    "apt-daily-upgrade.service",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+];
+
 /// Units the agent package brings, enabled when `[agent] enable` is true.
 const AGENT_UNITS: &[(&str, &str)] = &[
     ("devos-agent.service", "multi-user.target"),
@@ -35,11 +47,41 @@ pub fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Path) -> R
     write_identity(spec, root)?;
     write_fstab(spec, id, root)?;
     write_network(root)?;
+    mask_units(root)?;
     create_users(spec, root)?;
-    // /home lives on the writable data partition.
+    // /home lives on the writable data partition; tmpfiles must not try to make it a
+    // directory on the read-only root.
     replace_with_symlink(&root.join("home"), "var/home")?;
     fs::create_dir_all(root.join("var/home"))?;
+    fs::write(
+        root.join("etc/tmpfiles.d/home.conf"),
+        "# DevOS: /home is a symlink to /var/home (the writable data partition).\nd /var/home 0755 - - -\n",
+    )?;
     remove_build_leftovers(root)?;
+    mark_updated(root)?;
+    Ok(())
+}
+
+/// Mark /etc and /var as up to date with /usr. Units with `ConditionNeedsUpdate=`
+/// (ldconfig, hwdb and journal catalog rebuilds) would otherwise run on every boot,
+/// because a read-only root can never record that they ran.
+fn mark_updated(root: &Path) -> Result<()> {
+    let usr = fs::metadata(root.join("usr"))?.modified()?;
+    let nsec = usr
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    for dir in ["etc", "var"] {
+        let path = root.join(dir).join(".updated");
+        fs::write(
+            &path,
+            format!("# This file was created by devos-build.\nTIMESTAMP_NSEC={nsec}\n"),
+        )?;
+        fs::File::options()
+            .write(true)
+            .open(&path)?
+            .set_modified(usr)?;
+    }
     Ok(())
 }
 
@@ -173,11 +215,19 @@ fn write_network(root: &Path) -> Result<()> {
     for (unit, target) in ENABLED_UNITS {
         enable(root, unit, target)?;
     }
+
     if root.join("usr/lib/systemd/systemd-resolved").exists() {
         replace_with_symlink(
             &root.join("etc/resolv.conf"),
             "../run/systemd/resolve/stub-resolv.conf",
         )?;
+    }
+    Ok(())
+}
+
+fn mask_units(root: &Path) -> Result<()> {
+    for unit in MASKED_UNITS {
+        replace_with_symlink(&root.join("etc/systemd/system").join(unit), "/dev/null")?;
     }
     Ok(())
 }

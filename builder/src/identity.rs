@@ -33,6 +33,25 @@ pub struct Identity {
 /// The builder's own version: a new builder may build differently.
 pub const BUILDER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The source of every stage that shapes the image's bytes. Hashing the source (not
+/// the binary) means any change to what is built changes the build id, while the same
+/// source compiled anywhere gives the same id.
+const STAGE_SOURCES: &[&str] = &[
+    include_str!("rootfs.rs"),
+    include_str!("customize.rs"),
+    include_str!("disk.rs"),
+    include_str!("convert.rs"),
+];
+
+fn builder_digest() -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(BUILDER_VERSION);
+    for source in STAGE_SOURCES {
+        hasher.update(sha256_hex(source.as_bytes()));
+    }
+    hex::encode(hasher.finalize())
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
@@ -54,7 +73,7 @@ pub fn resolve(spec: &Spec, agent_sha256: &str, sources_deb822: &str) -> Identit
         },
         Input {
             name: "builder".into(),
-            sha256: sha256_hex(BUILDER_VERSION.as_bytes()),
+            sha256: builder_digest(),
         },
     ];
     let mut hasher = Sha256::new();

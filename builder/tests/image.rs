@@ -1,6 +1,9 @@
 //! End to end, as a user runs it: the agent package, a failing mirror, a bad spec,
 //! and the default image built and boot-tested with the `devos-build` binary.
 
+// Test helpers fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -158,10 +161,6 @@ fn bad_spec_is_reported_with_its_location() {
     assert!(stderr.contains("hint:"), "{stderr}");
 }
 
-fn sha256(path: &Path) -> String {
-    devos_build::digest::file_sha256(path).unwrap()
-}
-
 /// The README's main command: build the default image and boot-test it.
 #[test]
 fn default_image_builds_and_boots_until_the_agent_answers() {
@@ -239,7 +238,7 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     assert_eq!(formats, ["raw", "qcow2"]);
     for a in artifacts {
         let file = dir.join(a["file"].as_str().unwrap());
-        let hash = sha256(&file);
+        let hash = devos_build::digest::file_sha256(&file).unwrap();
         assert_eq!(hash, a["sha256"].as_str().unwrap(), "{}", file.display());
         assert!(sums.contains(&format!("{hash}  {}", a["file"].as_str().unwrap())));
     }

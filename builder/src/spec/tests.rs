@@ -386,7 +386,11 @@ fn sizes() {
 /// The keys a table accepts, read from the parser's own "unknown field" error.
 fn accepted_keys(text_with_bogus_key: &str) -> Vec<String> {
     let e = parse(Path::new("keys.toml"), text_with_bogus_key).unwrap_err();
-    let list = e.message.split("expected one of ").nth(1).or_else(|| e.message.split("expected ").nth(1));
+    let list = e
+        .message
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| e.message.split("expected ").nth(1));
     list.unwrap_or_else(|| panic!("{e}"))
         .split(", ")
         .flat_map(|k| k.split(" or "))
@@ -396,29 +400,46 @@ fn accepted_keys(text_with_bogus_key: &str) -> Vec<String> {
 
 #[test]
 fn every_key_is_documented_in_docs_spec_md() {
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/spec.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/spec.md"))
+            .unwrap();
     let head = "[image]\nname = \"d\"\nversion = \"0.1.0\"\n[base]\ndistro = \"debian\"\n";
     let tables = [
         ("image", "[image]\nbogus = 1\n".to_owned()),
-        ("base", "[image]\nname = \"d\"\nversion = \"0.1.0\"\n[base]\nbogus = 1\n".to_owned()),
+        (
+            "base",
+            "[image]\nname = \"d\"\nversion = \"0.1.0\"\n[base]\nbogus = 1\n".to_owned(),
+        ),
         ("packages", format!("{head}[packages]\nbogus = 1\n")),
         ("system", format!("{head}[system]\nbogus = 1\n")),
-        ("users", format!("{head}[[users]]\nname = \"u\"\nbogus = 1\n")),
+        (
+            "users",
+            format!("{head}[[users]]\nname = \"u\"\nbogus = 1\n"),
+        ),
         ("disk", format!("{head}[disk]\nbogus = 1\n")),
         ("output", format!("{head}[output]\nbogus = 1\n")),
         ("agent", format!("{head}[agent]\nbogus = 1\n")),
         ("agent.config", format!("{head}[agent.config]\nbogus = 1\n")),
-        ("tests", format!("{head}[[tests]]\nname = \"t\"\nrun = \"true\"\nbogus = 1\n")),
+        (
+            "tests",
+            format!("{head}[[tests]]\nname = \"t\"\nrun = \"true\"\nbogus = 1\n"),
+        ),
     ];
     let mut checked = 0;
     for (table, text) in tables {
         for key in accepted_keys(&text) {
-            assert!(doc.contains(&format!("`{table}.{key}`")), "docs/spec.md does not document `{table}.{key}`");
+            assert!(
+                doc.contains(&format!("`{table}.{key}`")),
+                "docs/spec.md does not document `{table}.{key}`"
+            );
             checked += 1;
         }
     }
     for key in accepted_keys(&format!("bogus = 1\n{head}")) {
-        assert!(doc.contains(&format!("## `[{key}]`")) || doc.contains(&format!("## `[[{key}]]`")), "no section for [{key}]");
+        assert!(
+            doc.contains(&format!("## `[{key}]`")) || doc.contains(&format!("## `[[{key}]]`")),
+            "no section for [{key}]"
+        );
     }
     assert!(checked > 20);
 }
