@@ -65,9 +65,11 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         }
     }
 
+    // Taken now: the agent has answered.
     if let Ok(conn) = zbus::Connection::system().await {
         emit(boot_time(&conn).await)?;
     }
+    emit(system_state().await)?;
     emit(critical_chain().await)?;
 
     let done = serde_json::to_string(&Done {
@@ -188,6 +190,46 @@ pub fn boot_split(firmware: u64, loader: u64, initrd: u64, userspace: u64, now: 
     )
 }
 
+/// Wait (bounded) for the boot to finish, then fail if any unit failed, naming them.
+async fn system_state() -> CheckResult {
+    let start = Instant::now();
+    let state = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new("systemctl")
+            .args(["is-system-running", "--wait"])
+            .output(),
+    )
+    .await;
+    let (ok, detail) = match state {
+        Err(_) => (false, "the boot did not finish within 90s".to_owned()),
+        Ok(Err(e)) => (false, format!("systemctl: {e}")),
+        Ok(Ok(o)) => {
+            let state = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            if state == "running" {
+                (true, state)
+            } else {
+                let failed = tokio::process::Command::new("systemctl")
+                    .args(["--failed", "--plain", "--no-legend", "--no-pager"])
+                    .output()
+                    .await
+                    .map(|f| {
+                        String::from_utf8_lossy(&f.stdout)
+                            .trim()
+                            .replace('\n', "; ")
+                    })
+                    .unwrap_or_default();
+                (false, format!("{state}; failed units: {failed}"))
+            }
+        }
+    };
+    CheckResult {
+        check: "system-state".into(),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
 /// What the agent waited for: `systemd-analyze critical-chain` for its unit. Always
 /// passes; it is there to explain slow boots.
 async fn critical_chain() -> CheckResult {
@@ -199,7 +241,12 @@ async fn critical_chain() -> CheckResult {
     let detail = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
             .lines()
-            .filter(|l| l.contains('@') || l.contains('+'))
+            .filter(|l| {
+                l.contains(".service")
+                    || l.contains(".target")
+                    || l.contains(".socket")
+                    || l.contains(".mount")
+            })
             .map(|l| {
                 l.trim_start_matches(|c: char| !c.is_alphanumeric())
                     .to_owned()
