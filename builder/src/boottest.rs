@@ -110,6 +110,8 @@ pub struct TestReport {
     pub checks: Vec<Check>,
     /// Seconds from QEMU start until the guest's report was complete.
     pub seconds: f64,
+    /// Seconds from QEMU start until the host saw the agent answer `Ping`.
+    pub agent_answered_seconds: Option<f64>,
     pub failure: Option<String>,
     pub console_tail: Vec<String>,
     /// Where the console log and overlay were kept (`--keep`).
@@ -142,9 +144,16 @@ pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         ssh_port: None,
     };
     let stderr = fs::File::create(dir.path().join("qemu.stderr"))?;
-    let mut child = crate::cmd::spawn(vm.command(&fw).stdout(Stdio::null()).stderr(stderr), false)?;
     let start = Instant::now();
-    let outcome = watch(&mut child, &console, &report, opts.timeout);
+    let mut child = crate::cmd::spawn(vm.command(&fw).stdout(Stdio::null()).stderr(stderr), false)?;
+    let mut agent_answered_seconds = None;
+    let outcome = watch(&mut child, &console, &report, opts.timeout, |checks| {
+        if agent_answered_seconds.is_none()
+            && checks.iter().any(|c| c.check == "agent-ping" && c.ok)
+        {
+            agent_answered_seconds = Some(start.elapsed().as_secs_f64());
+        }
+    });
     let _ = child.kill();
     let _ = child.wait();
     let seconds = start.elapsed().as_secs_f64();
@@ -186,6 +195,7 @@ pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         passed: failure.is_none(),
         checks,
         seconds,
+        agent_answered_seconds,
         failure,
         console_tail,
         kept,
@@ -198,9 +208,11 @@ fn watch(
     console: &Path,
     report: &Path,
     timeout: Duration,
+    mut progress: impl FnMut(&[Check]),
 ) -> Result<(), String> {
     let start = Instant::now();
     loop {
+        progress(&read_report(report));
         if read_report_done(report) {
             return Ok(());
         }
@@ -271,6 +283,9 @@ impl TestReport {
             self.accel.accel,
             self.accel.reason
         );
+        if let Some(t) = self.agent_answered_seconds {
+            s.push_str(&format!("  agent answered {t:.1}s after QEMU started\n"));
+        }
         for c in &self.checks {
             s.push_str(&format!(
                 "  [{}] {}: {}\n",

@@ -123,16 +123,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Doctor { json } => {
             let report = crate::doctor::check();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.human());
-            }
-            Ok(if report.tools.iter().all(|t| t.found.is_some()) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            let ok = report.tools.iter().all(|t| t.found.is_some());
+            output(json, &report, || report.human(), ok)
         }
         Command::Image(ImageCommand::Build {
             spec,
@@ -162,48 +154,39 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 None
             };
-            if json {
-                let value = serde_json::json!({
-                    "dir": built.dir,
-                    "fresh": built.fresh,
-                    "manifest": built.manifest,
-                    "test": report,
-                });
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                println!("{} {}", built.manifest.name, built.manifest.version);
-                println!("  output: {}", built.dir.display());
+            let value = serde_json::json!({
+                "dir": built.dir,
+                "fresh": built.fresh,
+                "manifest": built.manifest,
+                "test": report,
+            });
+            let human = || {
+                let mut s = format!("{} {}\n", built.manifest.name, built.manifest.version);
+                s.push_str(&format!("  output: {}\n", built.dir.display()));
                 for a in &built.manifest.artifacts {
-                    println!(
-                        "  {:<48} {:>6} MiB ({} MiB used)",
+                    s.push_str(&format!(
+                        "  {:<48} {:>6} MiB ({} MiB used)\n",
                         a.file,
                         a.size >> 20,
                         a.used_bytes >> 20
-                    );
+                    ));
                 }
                 if let Some(r) = &report {
-                    print!("{}", r.summary());
+                    s.push_str(&r.summary());
                 }
-            }
-            Ok(if report.is_none_or(|r| r.passed) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+                s
+            };
+            output(
+                json,
+                &value,
+                human,
+                report.as_ref().is_none_or(|r| r.passed),
+            )
         }
         Command::Image(ImageCommand::Test { target, vm, json }) => {
             let target = boottest::resolve_target(&target)?;
             let report = boottest::test(&target, &vm.options())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.summary());
-            }
-            Ok(if report.passed {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            output(json, &report, || report.summary(), report.passed)
         }
         Command::Image(ImageCommand::Boot {
             target,
@@ -216,6 +199,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Results to stdout: JSON with `--json`, else the human text; the exit code says
+/// whether what was checked is good.
+fn output(
+    json: bool,
+    value: &impl serde::Serialize,
+    human: impl FnOnce() -> String,
+    ok: bool,
+) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", human());
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Logs go to stderr. On a terminal only warnings show (the spinner says what runs);

@@ -139,6 +139,32 @@ fn missing_archive_keyring_fails_early_and_says_what_to_install() {
 }
 
 #[test]
+fn doctor_lists_tools_with_their_packages() {
+    let out = Command::new(BIN)
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tools = report["tools"].as_array().unwrap();
+    let mmdebstrap = tools.iter().find(|t| t["tool"] == "mmdebstrap").unwrap();
+    assert_eq!(mmdebstrap["package"], "mmdebstrap");
+    // Exit status and the install hint agree with what is missing.
+    let missing: Vec<&serde_json::Value> = tools.iter().filter(|t| t["found"].is_null()).collect();
+    assert_eq!(out.status.success(), missing.is_empty());
+    match report["install"].as_str() {
+        Some(cmd) => {
+            assert!(cmd.starts_with("sudo apt-get install"));
+            for t in missing.iter().filter(|t| t["package"] != "(rustup)") {
+                assert!(cmd.contains(t["package"].as_str().unwrap()), "{cmd}");
+            }
+        }
+        None => assert!(missing.iter().all(|t| t["package"] == "(rustup)")),
+    }
+    let human = Command::new(BIN).arg("doctor").output().unwrap();
+    assert!(String::from_utf8_lossy(&human.stdout).contains("mmdebstrap"));
+}
+
+#[test]
 fn bad_spec_is_reported_with_its_location() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
