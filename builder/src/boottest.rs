@@ -158,8 +158,7 @@ pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     let _ = child.wait();
     let seconds = start.elapsed().as_secs_f64();
 
-    let mut checks = read_report(&report);
-    checks.retain(|c| !c.check.is_empty());
+    let (mut checks, _) = read_report(&report);
     let expected = target.manifest.as_ref().map(|m| m.version.clone());
     if let (Some(want), Some(got)) = (
         &expected,
@@ -212,8 +211,9 @@ fn watch(
 ) -> Result<(), String> {
     let start = Instant::now();
     loop {
-        progress(&read_report(report));
-        if read_report_done(report) {
+        let (checks, done) = read_report(report);
+        progress(&checks);
+        if done {
             return Ok(());
         }
         let text = fs::read_to_string(console).unwrap_or_default();
@@ -223,7 +223,7 @@ fn watch(
         match child.try_wait() {
             Ok(Some(status)) => {
                 // The report may have landed just before the guest powered off.
-                if read_report_done(report) {
+                if read_report(report).1 {
                     return Ok(());
                 }
                 return Err(format!(
@@ -243,21 +243,19 @@ fn watch(
     }
 }
 
-fn read_report_done(report: &Path) -> bool {
-    fs::read_to_string(report)
-        .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.get("done").is_some())
-        })
-}
-
-fn read_report(report: &Path) -> Vec<Check> {
-    fs::read_to_string(report)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+/// The guest's results so far, and whether its final line (`{"done": ...}`) arrived.
+fn read_report(report: &Path) -> (Vec<Check>, bool) {
+    let text = fs::read_to_string(report).unwrap_or_default();
+    let mut checks = Vec::new();
+    let mut done = false;
+    for line in text.lines() {
+        if let Ok(check) = serde_json::from_str::<Check>(line) {
+            checks.push(check);
+        } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            done |= v.get("done").is_some();
+        }
+    }
+    (checks, done)
 }
 
 fn tail_lines(path: &Path, n: usize) -> Vec<String> {

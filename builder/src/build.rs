@@ -179,10 +179,14 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         .and_then(|o| o.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| images_root(&spec.path).join(&spec.name));
     fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
+    remove_stale_work_dirs(&images);
     let work = tempfile::Builder::new()
-        .prefix(".build-")
+        .prefix(WORK_PREFIX)
         .tempdir_in(&images)
         .with_context(|| format!("cannot create a work directory in {}", images.display()))?;
+    // Held for the whole build: it tells later builds this work directory is alive.
+    let lock = fs::File::create(work.path().join(WORK_LOCK))?;
+    lock.lock()?;
     let staged = work.path().join("out");
     fs::create_dir(&staged)?;
 
@@ -302,6 +306,26 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     })
 }
 
+const WORK_PREFIX: &str = ".build-";
+const WORK_LOCK: &str = "lock";
+
+/// Remove work directories left by builds that were killed (their lock is free).
+/// Directories of builds still running are locked and left alone.
+pub fn remove_stale_work_dirs(images: &Path) {
+    let Ok(entries) = fs::read_dir(images) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let stale = entry.file_name().to_string_lossy().starts_with(WORK_PREFIX)
+            && fs::File::open(dir.join(WORK_LOCK)).is_ok_and(|f| f.try_lock().is_ok());
+        if stale {
+            tracing::info!("removing {} left by a killed build", dir.display());
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 fn agent_package(spec: &Spec, opts: &BuildOptions, staged: &Path) -> Result<Option<AgentPackage>> {
     if !spec.agent_enabled {
         return Ok(None);
@@ -375,4 +399,27 @@ fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
             .with_context(|| format!("cannot move the output to {}", final_dir.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_work_dirs_go_and_live_ones_stay() {
+        let images = tempfile::tempdir().unwrap();
+        let live = images.path().join(".build-live");
+        let dead = images.path().join(".build-dead");
+        let done = images.path().join("0.1.0+abc");
+        for d in [&live, &dead, &done] {
+            fs::create_dir(d).unwrap();
+            fs::write(d.join(WORK_LOCK), "").unwrap();
+        }
+        let held = fs::File::open(live.join(WORK_LOCK)).unwrap();
+        held.lock().unwrap();
+        remove_stale_work_dirs(images.path());
+        assert!(live.exists(), "a running build's directory must stay");
+        assert!(!dead.exists(), "a killed build's directory must go");
+        assert!(done.exists(), "finished versions are never touched");
+    }
 }
