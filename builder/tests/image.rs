@@ -294,3 +294,37 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     assert_eq!(again["fresh"], false);
     assert_eq!(again["manifest"]["version"], version);
 }
+
+/// The accelerator choice is made by a real probe and always explained.
+#[test]
+fn kvm_probe_picks_an_accelerator_and_says_why() {
+    require("qemu-system-x86_64", "qemu-system-x86");
+    let dir = tempfile::tempdir().unwrap();
+    let choice = devos_build::qemu::choose_accel(dir.path());
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    match choice.accel {
+        devos_build::qemu::Accel::Kvm => {
+            assert!(usable);
+            assert!(
+                choice.reason.starts_with("KVM probe passed"),
+                "{}",
+                choice.reason
+            );
+        }
+        devos_build::qemu::Accel::Tcg if usable => {
+            // This is the path on machines whose /dev/kvm dies with "KVM internal error".
+            assert!(
+                choice.reason.starts_with("KVM is broken: "),
+                "{}",
+                choice.reason
+            );
+        }
+        devos_build::qemu::Accel::Tcg => {
+            assert!(choice.reason.contains("/dev/kvm"), "{}", choice.reason);
+        }
+    }
+}
