@@ -73,6 +73,17 @@ fn agent_package_has_the_files_and_metadata() {
     );
 }
 
+/// Run `devos-build image build ARGS`, which must fail within a minute; its stderr.
+fn failed_build(args: &[&std::ffi::OsStr]) -> String {
+    let out = run_with_timeout(
+        Command::new(BIN).args(["image", "build"]).args(args),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert!(!out.status.success(), "the build should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn unreachable_mirror_fails_early_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -93,24 +104,15 @@ fn unreachable_mirror_fails_early_and_names_it() {
         );
     let path = dir.path().join("devos-ubuntu.toml");
     std::fs::write(&path, spec).unwrap();
-    let out = run_with_timeout(
-        Command::new(BIN)
-            .args(["image", "build"])
-            .arg(&path)
-            .arg("--out")
-            .arg(dir.path().join("out")),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let out_dir = dir.path().join("out");
+    let stderr = failed_build(&[path.as_os_str(), "--out".as_ref(), out_dir.as_os_str()]);
     assert!(
         stderr.contains("cannot reach the package mirror http://127.0.0.1:9/ubuntu"),
         "{stderr}"
     );
     assert!(stderr.contains("hint: fix `[base] mirror`"), "{stderr}");
     assert!(
-        !dir.path().join("out").exists(),
+        !out_dir.exists(),
         "nothing may be left under the output name"
     );
 }
@@ -124,13 +126,7 @@ fn missing_archive_keyring_fails_early_and_says_what_to_install() {
         "[image]\nname = \"k\"\nversion = \"0.1.0\"\n[base]\ndistro = \"ubuntu\"\nmirror = \"file:///srv/mirror\"\nkeyring = \"/nonexistent/ubuntu.gpg\"\n",
     )
     .unwrap();
-    let out = run_with_timeout(
-        Command::new(BIN).args(["image", "build"]).arg(&path),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = failed_build(&[path.as_os_str()]);
     assert!(
         stderr.contains("the archive keyring /nonexistent/ubuntu.gpg for Ubuntu is missing"),
         "{stderr}"
@@ -173,13 +169,7 @@ fn bad_spec_is_reported_with_its_location() {
         "[image]\nname = \"x\"\nversion = \"one\"\n[base]\ndistro = \"debian\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["image", "build"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = failed_build(&[path.as_os_str()]);
     assert!(
         stderr.contains(&format!("{}:3:11: invalid version `one`", path.display())),
         "{stderr}"
