@@ -120,32 +120,23 @@ pub struct TestReport {
 
 /// Boot the target with the self-test switched on and collect its report.
 pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
-    qemu::require_qemu()?;
-    let fw = qemu::firmware()?;
-    let dir = tempfile::Builder::new().prefix("devos-test-").tempdir()?;
-    let accel = qemu::choose_accel(dir.path());
-    tracing::info!("accelerator: {:?} ({})", accel.accel, accel.reason);
-
-    let overlay = dir.path().join("overlay.qcow2");
-    qemu::overlay(&target.disk, qemu::disk_format(&target.disk), &overlay)?;
-    let vars = dir.path().join("vars.fd");
-    qemu::vars_copy(&fw, &vars)?;
+    let scratch = Scratch::prepare(target, "devos-test-")?;
+    let dir = &scratch.dir;
     let console = dir.path().join("console.log");
     let report = dir.path().join("selftest.jsonl");
-    let vm = Vm {
-        disk: &overlay,
-        disk_format: "qcow2",
-        vars: &vars,
-        accel: accel.accel,
-        memory_mib: opts.memory_mib,
-        cpus: opts.cpus,
-        console_log: Some(&console),
-        selftest_report: Some(&report),
-        ssh_port: None,
-    };
+    let vm = scratch.vm(
+        opts.memory_mib,
+        opts.cpus,
+        Some(&console),
+        Some(&report),
+        None,
+    );
     let stderr = fs::File::create(dir.path().join("qemu.stderr"))?;
     let start = Instant::now();
-    let mut child = crate::cmd::spawn(vm.command(&fw).stdout(Stdio::null()).stderr(stderr), false)?;
+    let mut child = crate::cmd::spawn(
+        vm.command(&scratch.fw).stdout(Stdio::null()).stderr(stderr),
+        false,
+    )?;
     let mut agent_answered_seconds = None;
     let outcome = watch(&mut child, &console, &report, opts.timeout, |checks| {
         if agent_answered_seconds.is_none()
@@ -186,6 +177,7 @@ pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         f.push_str(&format!("\n  QEMU said: {}", qemu_err.trim()));
     }
     let console_tail = tail_lines(&console, 30);
+    let Scratch { dir, accel, .. } = scratch;
     let kept = if opts.keep { Some(dir.keep()) } else { None };
     Ok(TestReport {
         disk: target.disk.clone(),
@@ -307,37 +299,71 @@ impl TestReport {
 
 /// An interactive boot: the serial console on this terminal (Ctrl-A X quits).
 pub fn boot(target: &Target, memory_mib: u32, cpus: u32, ssh_port: Option<u16>) -> Result<()> {
-    qemu::require_qemu()?;
-    let fw = qemu::firmware()?;
-    let dir = tempfile::Builder::new().prefix("devos-boot-").tempdir()?;
-    let accel = qemu::choose_accel(dir.path());
+    let scratch = Scratch::prepare(target, "devos-boot-")?;
     eprintln!(
         "booting {} under {:?} ({}); quit with Ctrl-A X",
         target.disk.display(),
-        accel.accel,
-        accel.reason
+        scratch.accel.accel,
+        scratch.accel.reason
     );
     if let Some(port) = ssh_port {
         eprintln!("ssh: ssh -p {port} USER@127.0.0.1");
     }
-    let overlay = dir.path().join("overlay.qcow2");
-    qemu::overlay(&target.disk, qemu::disk_format(&target.disk), &overlay)?;
-    let vars = dir.path().join("vars.fd");
-    qemu::vars_copy(&fw, &vars)?;
-    let vm = Vm {
-        disk: &overlay,
-        disk_format: "qcow2",
-        vars: &vars,
-        accel: accel.accel,
-        memory_mib,
-        cpus,
-        console_log: None,
-        selftest_report: None,
-        ssh_port,
-    };
-    let status = crate::cmd::spawn(&mut vm.command(&fw), true)?.wait()?;
+    let vm = scratch.vm(memory_mib, cpus, None, None, ssh_port);
+    let status = crate::cmd::spawn(&mut vm.command(&scratch.fw), true)?.wait()?;
     if !status.success() {
         bail!("QEMU exited with {status}");
     }
     Ok(())
+}
+
+/// What every VM run needs: firmware, the accelerator choice, and a scratch directory
+/// with a copy-on-write overlay over the target and a private UEFI variable store.
+struct Scratch {
+    dir: tempfile::TempDir,
+    fw: qemu::Firmware,
+    accel: AccelChoice,
+    overlay: PathBuf,
+    vars: PathBuf,
+}
+
+impl Scratch {
+    fn prepare(target: &Target, prefix: &str) -> Result<Self> {
+        qemu::require_qemu()?;
+        let fw = qemu::firmware()?;
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let accel = qemu::choose_accel(dir.path());
+        tracing::info!("accelerator: {:?} ({})", accel.accel, accel.reason);
+        let overlay = dir.path().join("overlay.qcow2");
+        qemu::overlay(&target.disk, qemu::disk_format(&target.disk), &overlay)?;
+        let vars = dir.path().join("vars.fd");
+        qemu::vars_copy(&fw, &vars)?;
+        Ok(Self {
+            dir,
+            fw,
+            accel,
+            overlay,
+            vars,
+        })
+    }
+
+    fn vm<'a>(
+        &'a self,
+        memory_mib: u32,
+        cpus: u32,
+        console_log: Option<&'a Path>,
+        selftest_report: Option<&'a Path>,
+        ssh_port: Option<u16>,
+    ) -> Vm<'a> {
+        Vm {
+            disk: &self.overlay,
+            vars: &self.vars,
+            accel: self.accel.accel,
+            memory_mib,
+            cpus,
+            console_log,
+            selftest_report,
+            ssh_port,
+        }
+    }
 }

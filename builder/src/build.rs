@@ -344,11 +344,9 @@ fn agent_package(spec: &Spec, opts: &BuildOptions, staged: &Path) -> Result<Opti
                     spec.path.display()
                 );
             };
-            let epoch = std::env::var("SOURCE_DATE_EPOCH")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            agent_pkg::build(&source, staged, epoch)?
+            // Unset, the package's files carry epoch 0, so the same sources give
+            // the same .deb and so the same build id.
+            agent_pkg::build(&source, staged, identity::source_date_epoch().unwrap_or(0))?
         }
     };
     Ok(Some(pkg))

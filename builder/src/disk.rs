@@ -92,7 +92,8 @@ pub fn build(
 
     // Layout: 1 MiB for the GPT, ESP, root, var, 1 MiB for the backup GPT.
     let fixed = MIB + esp_size + root_size + MIB;
-    let var_needed = (tree_size(&var_tree)?.bytes * 2).max(MIN_VAR);
+    let var_content = tree_size(&var_tree)?;
+    let var_needed = (var_content.bytes * 2).max(MIN_VAR);
     if spec.disk_size < fixed + var_needed {
         bail!(
             "disk size {} MiB in {} is too small: the ESP and root need {} MiB and /var at least {} MiB\n  hint: set `[disk] size = \"{}M\"` or more",
@@ -107,6 +108,7 @@ pub fn build(
     let var_img = work.join("var.img");
     mkfs_ext4(
         &var_tree,
+        &var_content,
         &var_img,
         var_size,
         "devos-var",
@@ -300,7 +302,16 @@ fn make_root(spec: &Spec, id: &Identity, root: &Path, img: &Path) -> Result<u64>
             // Block-rounded content, inode tables and ext4 metadata, with headroom;
             // the root is read-only, so it is sized to what it holds.
             let size = ((t.bytes + t.entries * 256) * 115 / 100 + 48 * MIB).div_ceil(MIB) * MIB;
-            mkfs_ext4(root, img, size, "devos-root", &id.root_fs_uuid, id, false)?;
+            mkfs_ext4(
+                root,
+                &t,
+                img,
+                size,
+                "devos-root",
+                &id.root_fs_uuid,
+                id,
+                false,
+            )?;
             Ok(size)
         }
         RootFs::Erofs => {
@@ -320,8 +331,10 @@ fn make_root(spec: &Spec, id: &Identity, root: &Path, img: &Path) -> Result<u64>
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn mkfs_ext4(
     tree: &Path,
+    content: &TreeSize,
     img: &Path,
     size: u64,
     label: &str,
@@ -330,8 +343,7 @@ fn mkfs_ext4(
     journal: bool,
 ) -> Result<()> {
     fs::File::create(img)?.set_len(size)?;
-    let t = tree_size(tree)?;
-    let inodes = (t.entries * 5 / 4 + 4096).max(size / 16384);
+    let inodes = (content.entries * 5 / 4 + 4096).max(size / 16384);
     let mut c = Command::new("mkfs.ext4");
     c.env("E2FSPROGS_FAKE_TIME", id.source_date_epoch.to_string())
         .args(["-q", "-F", "-b", "4096", "-m", "0", "-L", label, "-U", uuid])

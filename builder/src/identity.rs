@@ -82,10 +82,7 @@ pub fn resolve(spec: &Spec, agent_sha256: &str, sources_deb822: &str) -> Identit
     }
     let build_id = hex::encode(hasher.finalize());
     let version = format!("{}+{}", spec.version, &build_id[..12]);
-    let source_date_epoch = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(now);
+    let source_date_epoch = source_date_epoch().unwrap_or_else(now);
     Identity {
         disk_guid: derived_uuid(&build_id, "disk"),
         esp_partuuid: derived_uuid(&build_id, "esp-partition"),
@@ -99,6 +96,11 @@ pub fn resolve(spec: &Spec, agent_sha256: &str, sources_deb822: &str) -> Identit
         inputs,
         source_date_epoch,
     }
+}
+
+/// `SOURCE_DATE_EPOCH` from the environment, if set to a number.
+pub fn source_date_epoch() -> Option<u64> {
+    std::env::var("SOURCE_DATE_EPOCH").ok()?.parse().ok()
 }
 
 fn now() -> u64 {

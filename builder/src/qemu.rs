@@ -168,10 +168,9 @@ pub fn firmware() -> Result<Firmware> {
         .context("no UEFI firmware (OVMF) found\n  hint: install it with `apt-get install ovmf`")
 }
 
-/// A VM to start.
+/// A VM to start. Its disk is always a qcow2 overlay (see [`overlay`]).
 pub struct Vm<'a> {
     pub disk: &'a Path,
-    pub disk_format: &'a str,
     pub vars: &'a Path,
     pub accel: Accel,
     pub memory_mib: u32,
@@ -222,9 +221,8 @@ impl Vm<'_> {
         ))
         .arg("-drive")
         .arg(format!(
-            "file={},format={},if=virtio,cache=unsafe,discard=unmap",
-            self.disk.display(),
-            self.disk_format
+            "file={},format=qcow2,if=virtio,cache=unsafe,discard=unmap",
+            self.disk.display()
         ))
         .args(["-device", "virtio-rng-pci"]);
         match self.console_log {
