@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
 
 use crate::{cmd, digest};
 
@@ -88,6 +89,40 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
         .map(PathBuf::from)
         .unwrap_or_else(|| source.join("target"));
     let version = env!("CARGO_PKG_VERSION");
+    let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
+
+    // dpkg-deb's xz takes seconds: reuse the package made from the same files.
+    let mut key = Sha256::new();
+    key.update(format!("{version}\n{source_date_epoch}\n"));
+    key.update(control(version, 0));
+    for (src, dest, mode) in FILES {
+        let from = match src.strip_prefix("target/") {
+            Some(rest) => target.join(rest),
+            None => source.join(src),
+        };
+        let sha = digest::file_sha256(&from)
+            .with_context(|| format!("cannot read {}", from.display()))?;
+        key.update(format!("{dest} {mode:o} {sha}\n"));
+    }
+    let cached = crate::cache::dir()
+        .join("agent")
+        .join(format!("{}.deb", hex::encode(key.finalize())));
+    let recorded = cached.with_extension("deb.sha256");
+    if let (Ok(want), Ok(_)) = (fs::read_to_string(&recorded), fs::copy(&cached, &deb)) {
+        let sha256 = digest::file_sha256(&deb)?;
+        if sha256 == want.trim() {
+            return Ok(AgentPackage {
+                sha256,
+                path: deb,
+                version: version.to_owned(),
+            });
+        }
+        tracing::warn!(
+            "cached agent package {} is corrupt; building it again",
+            cached.display()
+        );
+    }
+
     let stage = out_dir.join("agent-pkg");
     if stage.exists() {
         fs::remove_dir_all(&stage)?;
@@ -117,7 +152,6 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
     fs::write(debian.join("conffiles"), "/etc/devos/agent.toml\n")?;
     digest::clamp_mtimes(&stage, source_date_epoch)?;
 
-    let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
     cmd::run(
         Command::new("dpkg-deb")
             .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
@@ -130,8 +164,17 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
     if !deb.is_file() {
         bail!("dpkg-deb reported success but wrote no {}", deb.display());
     }
+    let sha256 = digest::file_sha256(&deb)?;
+    if let Some(dir) = cached.parent()
+        && fs::create_dir_all(dir).is_ok()
+    {
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        if fs::copy(&deb, &tmp).is_ok() && fs::rename(&tmp, &cached).is_ok() {
+            let _ = fs::write(&recorded, &sha256);
+        }
+    }
     Ok(AgentPackage {
-        sha256: digest::file_sha256(&deb)?,
+        sha256,
         path: deb,
         version: version.to_owned(),
     })

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -12,16 +13,23 @@ use crate::disk::Partition;
 use crate::identity;
 use crate::spec::{self, Format, Spec};
 use crate::ui::Ui;
-use crate::{convert, customize, digest, disk, rootfs};
+use crate::digest::FileEntry;
+use crate::identity::Identity;
+use crate::{apt, cache, cmd, convert, customize, digest, disk, registry, rootfs};
 
 /// The stages, in order; these names appear in logs, timings and the manifest.
 pub const STAGES: &[&str] = &["load", "resolve", "rootfs", "customize", "disk", "convert"];
 
+#[derive(Clone)]
 pub struct BuildOptions {
     pub spec: PathBuf,
     pub out: Option<PathBuf>,
     pub agent_deb: Option<PathBuf>,
     pub force: bool,
+    /// Neither use nor fill the stage cache (downloaded packages are still reused).
+    pub no_cache: bool,
+    /// `None`: the default registry.
+    pub registry: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -65,6 +73,14 @@ pub struct Manifest {
     pub partitions: Vec<PartitionInfo>,
     pub artifacts: Vec<Artifact>,
     pub stages: Vec<StageTiming>,
+    /// Cache keys of the stage outputs this version was built from.
+    pub cache_keys: CacheKeys,
+}
+
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct CacheKeys {
+    pub base: String,
+    pub tree: String,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -121,6 +137,8 @@ pub struct Built {
     pub manifest: Manifest,
     /// False when an identical build already existed and nothing was built.
     pub fresh: bool,
+    /// The image's file list (empty when nothing was built).
+    pub files: Vec<FileEntry>,
 }
 
 /// Where output goes when `--out` is not given: `target/images` of the source tree
@@ -129,21 +147,6 @@ pub fn images_root(spec_path: &Path) -> PathBuf {
     agent_pkg::find_source_tree(spec_path)
         .unwrap_or_else(|| PathBuf::from("."))
         .join("target/images")
-}
-
-/// The persistent cache (downloaded packages): `$DEVOS_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/devos`, else `~/.cache/devos`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("DEVOS_CACHE_DIR") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("devos");
-    }
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
-        .join(".cache/devos")
 }
 
 struct Timer<'a> {
@@ -166,6 +169,178 @@ impl Timer<'_> {
     }
 }
 
+/// What the `resolve` stage found: everything that determines the image, and so its
+/// build id, without building anything.
+pub struct Resolved {
+    pub spec: Spec,
+    pub sources: rootfs::Sources,
+    pub index: apt::Index,
+    pub resolution: apt::Resolution,
+    pub agent: Option<AgentPackage>,
+    pub id: Identity,
+}
+
+/// `image plan`: the build id and what went into it.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub version: String,
+    pub build_id: String,
+    pub source_date_epoch: u64,
+    pub inputs: Vec<identity::Input>,
+    pub package_sources: String,
+    pub archive: String,
+    pub packages: Vec<Package>,
+    pub agent: Option<String>,
+    /// Where the build would go, and whether it is already there.
+    pub out: PathBuf,
+    pub up_to_date: bool,
+    /// Which stage outputs the cache already holds.
+    pub cached: Vec<String>,
+}
+
+impl Plan {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{} {}
+  build id           {}
+  source-date-epoch  {}
+",
+            self.name, self.version, self.build_id, self.source_date_epoch
+        );
+        s.push_str("  inputs:
+");
+        for i in &self.inputs {
+            s.push_str(&format!("    {:<18} {}
+", i.name, i.sha256));
+        }
+        s.push_str(&format!(
+            "  package sources    {}
+  archive            {}
+  packages           {}
+",
+            self.package_sources,
+            self.archive,
+            self.packages.len()
+        ));
+        for p in &self.packages {
+            s.push_str(&format!("    {} {}
+", p.name, p.version));
+        }
+        if let Some(a) = &self.agent {
+            s.push_str(&format!("  agent package      {a}
+"));
+        }
+        s.push_str(&format!(
+            "  output             {}{}
+",
+            self.out.display(),
+            if self.up_to_date { " (up to date)" } else { "" }
+        ));
+        s.push_str(&format!(
+            "  cached stages      {}
+",
+            if self.cached.is_empty() {
+                "none".to_owned()
+            } else {
+                self.cached.join(", ")
+            }
+        ));
+        s
+    }
+}
+
+/// The host tools whose versions shape the image's bytes (an input to the build id).
+const HOST_TOOLS: &[&str] = &[
+    "mmdebstrap",
+    "e2fsprogs",
+    "erofs-utils",
+    "dosfstools",
+    "mtools",
+    "fdisk",
+    "qemu-utils",
+];
+
+fn host_tools() -> Result<String> {
+    Ok(cmd::stdout(
+        Command::new("dpkg-query")
+            .args(["--show", "--showformat=${Package}=${Version}\n"])
+            .args(HOST_TOOLS),
+    )
+    .context("a host tool the builder needs is not installed\n  hint: run `devos-build doctor`, or `tests/setup-host`")?)
+}
+
+/// The `resolve` stage: package sources and lists, the exact package set, the agent
+/// package (written to `staged`) and the identity computed from all of them.
+pub fn resolve(spec: Spec, opts: &BuildOptions, staged: &Path, ui: &Ui) -> Result<Resolved> {
+    rootfs::preflight(&spec)?;
+    let sources = rootfs::sources(&spec);
+    let index = apt::Index::open(&cache::dir(), &sources)?;
+    index.refresh(&spec, &sources)?;
+    let resolution = index.resolve(&spec, &sources)?;
+    let agent = agent_package(&spec, opts, staged)?;
+    let tools = host_tools()?;
+    let id = identity::resolve(&identity::Inputs {
+        spec: &spec,
+        agent_sha256: agent.as_ref().map(|a| a.sha256.as_str()),
+        sources_deb822: &sources.deb822,
+        packages: &resolution.packages,
+        archive_date: resolution.archive_date,
+        host_tools: &tools,
+    });
+    ui.info(&format!(
+        "    {} {} ({} packages from {} sources)",
+        spec.name,
+        id.version,
+        resolution.packages.len(),
+        sources.origin
+    ));
+    Ok(Resolved {
+        spec,
+        sources,
+        index,
+        resolution,
+        agent,
+        id,
+    })
+}
+
+/// The output directory of a version: `--out`, else `target/images/NAME/VERSION`.
+fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
+    opts.out
+        .clone()
+        .unwrap_or_else(|| images_root(&spec.path).join(&spec.name).join(version))
+}
+
+/// `image plan`: resolve without building.
+pub fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
+    let spec = spec::load(&opts.spec)?;
+    let scratch = tempfile::tempdir()?;
+    let r = resolve(spec, opts, scratch.path(), ui)?;
+    let out = final_dir(opts, &r.spec, &r.id.version);
+    let up_to_date = Manifest::load(&out).is_ok_and(|m| m.build_id == r.id.build_id);
+    let cache = cache::Cache::new(cache::dir(), !opts.no_cache);
+    let cached = [("base", &r.id.base_key), ("tree", &r.id.tree_key)]
+        .into_iter()
+        .filter(|(kind, key)| cache.contains(kind, key))
+        .map(|(kind, _)| kind.to_owned())
+        .collect();
+    Ok(Plan {
+        name: r.spec.name.clone(),
+        version: r.id.version.clone(),
+        build_id: r.id.build_id.clone(),
+        source_date_epoch: r.id.source_date_epoch,
+        inputs: r.id.inputs.clone(),
+        package_sources: r.sources.origin.to_owned(),
+        archive: r.resolution.archive.clone(),
+        packages: r.resolution.packages.clone(),
+        agent: r.agent.as_ref().map(|a| a.sha256.clone()),
+        out,
+        up_to_date,
+        cached,
+    })
+}
+
 pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let mut t = Timer {
         ui,
@@ -180,34 +355,18 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         .unwrap_or_else(|| images_root(&spec.path).join(&spec.name));
     fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
     remove_stale_work_dirs(&images);
-    let work = tempfile::Builder::new()
-        .prefix(WORK_PREFIX)
-        .tempdir_in(&images)
-        .with_context(|| format!("cannot create a work directory in {}", images.display()))?;
-    // Held for the whole build: it tells later builds this work directory is alive.
-    let lock = fs::File::create(work.path().join(WORK_LOCK))?;
-    lock.lock()?;
+    let work = WorkDir::new(&images)?;
     let staged = work.path().join("out");
     fs::create_dir(&staged)?;
 
     // Mirrors are checked before the agent is compiled, so a bad mirror fails in seconds.
-    let (sources, agent, id) = t.run("resolve", |ui| {
-        let sources = rootfs::sources(&spec);
-        rootfs::preflight(&spec, &sources)?;
-        let agent = agent_package(&spec, opts, &staged)?;
-        let id = identity::resolve(
-            &spec,
-            agent.as_ref().map_or("none", |a| &a.sha256),
-            &sources.deb822,
-        );
-        ui.info(&format!(
-            "    {} {} (package sources: {})",
-            spec.name, id.version, sources.origin
-        ));
-        Ok((sources, agent, id))
-    })?;
+    let r = t.run("resolve", |ui| resolve(spec, opts, &staged, ui))?;
+    let (spec, id) = (&r.spec, &r.id);
+    let final_dir = final_dir(opts, spec, &id.version);
 
-    let final_dir = opts.out.clone().unwrap_or_else(|| images.join(&id.version));
+    // One build of a version at a time; a second one waits, then finds it up to date.
+    let _version_lock = lock_version(&images, &id.version, t.ui)?;
+    let registry_path = opts.registry.clone().unwrap_or_else(registry::default_path);
     if final_dir.join("manifest.json").is_file() && !opts.force {
         let manifest = Manifest::load(&final_dir)?;
         if manifest.build_id == id.build_id {
@@ -216,61 +375,113 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
                 id.version,
                 final_dir.display()
             ));
+            // A build killed after its output was complete but before it was recorded.
+            let mut reg = registry::Registry::open(&registry_path)?;
+            if reg.find(&format!("{}@{}", spec.name, id.version)).is_err() {
+                reg.record_build(&final_dir, &spec.path, &manifest, &[])?;
+            }
             return Ok(Built {
                 dir: final_dir,
                 manifest,
                 fresh: false,
+                files: Vec::new(),
             });
         }
     }
 
-    let tree = work.path().join("tree");
-    t.run("rootfs", |_| {
-        rootfs::bootstrap(
-            &spec,
-            &sources,
-            &tree,
-            &cache_dir()
-                .join("packages")
-                .join(format!("{:?}-{}", spec.distro, spec.suite).to_lowercase()),
-            id.source_date_epoch,
-        )
+    let cache = cache::Cache::new(cache::dir(), !opts.no_cache);
+    // The tree and the partition images are scratch: in memory when there is room.
+    let scratch_parent = scratch_root(spec.disk_size).unwrap_or_else(|| images.clone());
+    remove_stale_work_dirs(&scratch_parent);
+    let scratch = WorkDir::new(&scratch_parent)?;
+    let tree = scratch.path().join("tree");
+    let from_cache = cache.restore("tree", &id.tree_key, &tree)?;
+    if from_cache {
+        t.ui.info("    rootfs and customize: finished tree restored from the cache");
+    } else {
+        t.run("rootfs", |ui| {
+            if cache.restore("base", &id.base_key, &tree)? {
+                ui.info("    base tree restored from the cache");
+                return Ok(());
+            }
+            rootfs::bootstrap(
+                spec,
+                &r.sources,
+                &r.index.lists(),
+                &tree,
+                &cache::dir()
+                    .join("packages")
+                    .join(format!("{:?}-{}", spec.distro, spec.suite).to_lowercase()),
+                id.source_date_epoch,
+            )?;
+            check_package_set(&tree, &r.resolution.packages, ui)?;
+            cache.store(
+                "base",
+                &id.base_key,
+                &tree,
+                &format!("{:?} {} base", spec.distro, spec.suite),
+            )
+        })?;
+        t.run("customize", |_| {
+            let deb = r.agent.as_ref().map(|a| a.path.as_path());
+            customize::customize(spec, id, &tree, deb.unwrap_or(Path::new("")))
+        })?;
+    }
+    // Storing the finished tree and listing its files both only read it: in parallel.
+    let (files, packages) = std::thread::scope(|s| -> Result<_> {
+        let store = (!from_cache).then(|| {
+            s.spawn(|| {
+                let about = format!("{} {}", spec.name, id.version);
+                cache.store("tree", &id.tree_key, &tree, &about)
+            })
+        });
+        let files = digest::file_index(&tree)?;
+        let packages: Vec<Package> = rootfs::installed_packages(&tree)?
+            .into_iter()
+            .map(|(name, version)| Package { name, version })
+            .collect();
+        if let Some(store) = store {
+            store
+                .join()
+                .map_err(|_| anyhow::anyhow!("storing the tree in the cache panicked"))??;
+        }
+        Ok((files, packages))
     })?;
-    t.run("customize", |_| {
-        let deb = agent.as_ref().map(|a| a.path.as_path());
-        customize::customize(&spec, &id, &tree, deb.unwrap_or(Path::new("")))
-    })?;
-    let packages = rootfs::installed_packages(&tree)?
-        .into_iter()
-        .map(|(name, version)| Package { name, version })
-        .collect();
 
     let raw_name = format!("{}-{}.raw", spec.name, id.version);
-    let raw = staged.join(&raw_name);
+    // Assembled in scratch; copied to the output beside the conversions below.
+    let raw = scratch.path().join(&raw_name);
     let partitions = t.run("disk", |_| {
-        disk::build(&spec, &id, &tree, work.path(), &raw)
+        disk::build(spec, id, &tree, scratch.path(), &raw)
     })?;
     // The tree is no longer needed; free the space before converting.
     fs::remove_dir_all(&tree).ok();
 
-    t.run("convert", |_| {
-        for format in &spec.formats {
-            let out = staged.join(format!(
-                "{}-{}.{}",
-                spec.name,
-                id.version,
-                format.extension()
-            ));
-            convert::convert(&raw, *format, &out)?;
-        }
-        Ok(())
+    // Hashing the raw image (mostly zeros, but 2 GiB of them) runs beside the
+    // conversions, which read the same file.
+    let artifacts = t.run("convert", |_| {
+        std::thread::scope(|s| -> Result<Vec<Artifact>> {
+            let file = |format: &Format| {
+                format!("{}-{}.{}", spec.name, id.version, format.extension())
+            };
+            let raw_hash = s.spawn(|| copy_raw(&raw, &staged.join(&raw_name)));
+            for format in spec.formats.iter().filter(|f| **f != Format::Raw) {
+                convert::convert(&raw, *format, &staged.join(file(format)))?;
+            }
+            let raw_artifact = raw_hash
+                .join()
+                .map_err(|_| anyhow::anyhow!("hashing the raw image panicked"))??;
+            let mut artifacts = Vec::new();
+            for format in &spec.formats {
+                artifacts.push(if *format == Format::Raw {
+                    raw_artifact.clone()
+                } else {
+                    artifact(&staged, &file(format), *format)?
+                });
+            }
+            Ok(artifacts)
+        })
     })?;
-
-    let mut artifacts = Vec::new();
-    for format in &spec.formats {
-        let file = format!("{}-{}.{}", spec.name, id.version, format.extension());
-        artifacts.push(artifact(&staged, &file, *format)?);
-    }
     let manifest = Manifest {
         name: spec.name.clone(),
         version: id.version.clone(),
@@ -280,10 +491,10 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         suite: spec.suite.clone(),
         builder_version: identity::BUILDER_VERSION.to_owned(),
         source_date_epoch: id.source_date_epoch,
-        kernel_cmdline: disk::kernel_cmdline(&spec, &id),
+        kernel_cmdline: disk::kernel_cmdline(spec, id),
         inputs: id.inputs.clone(),
-        package_sources: sources.origin.to_owned(),
-        agent: agent.as_ref().map(|a| AgentInfo {
+        package_sources: r.sources.origin.to_owned(),
+        agent: r.agent.as_ref().map(|a| AgentInfo {
             file: a
                 .path
                 .file_name()
@@ -296,14 +507,124 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         partitions: partitions.into_iter().map(Into::into).collect(),
         artifacts,
         stages: t.timings,
+        cache_keys: CacheKeys {
+            base: id.base_key.clone(),
+            tree: id.tree_key.clone(),
+        },
     };
     write_outputs(&staged, &manifest)?;
     publish_dir(&staged, &final_dir)?;
+    // Recorded only once the output is complete under its final name; a build killed
+    // between the two is recorded by the next one (see above).
+    registry::Registry::open(&registry_path)?.record_build(
+        &final_dir,
+        &spec.path,
+        &manifest,
+        &files,
+    )?;
     Ok(Built {
         dir: final_dir,
         manifest,
         fresh: true,
+        files,
     })
+}
+
+/// mmdebstrap installs from the same package lists the set was resolved from; say so
+/// if it still installed something else (the build id then under-describes the image).
+fn check_package_set(tree: &Path, resolved: &[Package], ui: &Ui) -> Result<()> {
+    let installed: std::collections::BTreeSet<(String, String)> =
+        rootfs::installed_packages(tree)?.into_iter().collect();
+    let expected: std::collections::BTreeSet<(String, String)> = resolved
+        .iter()
+        .map(|p| (p.name.clone(), p.version.clone()))
+        .collect();
+    let extra: Vec<String> = installed
+        .difference(&expected)
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    let missing: Vec<String> = expected
+        .difference(&installed)
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    if !extra.is_empty() || !missing.is_empty() {
+        ui.info(&format!(
+            "warning: mmdebstrap installed a different package set than was resolved (extra: {}; missing: {})",
+            extra.join(", "),
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// A tmpfs with room for twice the disk (the tree plus the partition images made
+/// from it), if there is one: building there is several times faster than on disk.
+fn scratch_root(disk_size: u64) -> Option<PathBuf> {
+    let dir = Path::new("/dev/shm");
+    let out = cmd::stdout(
+        Command::new("df")
+            .args(["--output=fstype,avail", "-B1"])
+            .arg(dir),
+    )
+    .ok()?;
+    let line = out.lines().nth(1)?;
+    let mut words = line.split_whitespace();
+    let (fstype, avail) = (words.next()?, words.next()?.parse::<u64>().ok()?);
+    if fstype != "tmpfs" || avail < disk_size.saturating_mul(2) {
+        return None;
+    }
+    let root = dir.join("devos-build");
+    fs::create_dir_all(&root).ok()?;
+    Some(root)
+}
+
+/// Hold an exclusive lock on `images/.VERSION.lock` for the rest of the build.
+fn lock_version(images: &Path, version: &str, ui: &Ui) -> Result<fs::File> {
+    let path = images.join(format!(".{version}.lock"));
+    let file = fs::File::create(&path)
+        .with_context(|| format!("cannot create the lock {}", path.display()))?;
+    if file.try_lock().is_err() {
+        ui.info(&format!(
+            "    waiting for another build of {version} to finish ({})",
+            path.display()
+        ));
+        file.lock()?;
+    }
+    Ok(file)
+}
+
+/// A temporary directory next to where its result goes, locked while its owner runs,
+/// so that [`remove_stale_work_dirs`] can tell a killed build's leftovers from a
+/// running build's work.
+pub struct WorkDir {
+    dir: tempfile::TempDir,
+    _lock: fs::File,
+}
+
+impl WorkDir {
+    pub fn new(parent: &Path) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(WORK_PREFIX)
+            .tempdir_in(parent)
+            .with_context(|| format!("cannot create a work directory in {}", parent.display()))?;
+        let lock = fs::File::create(dir.path().join(WORK_LOCK))?;
+        lock.lock()?;
+        Ok(Self { dir, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Rename the directory to `dest` in one step. If `dest` already exists (another
+    /// build made the same thing), keep that one and drop this.
+    pub fn persist(self, dest: &Path) {
+        let _ = fs::remove_file(self.dir.path().join(WORK_LOCK));
+        let path = self.dir.keep();
+        if fs::rename(&path, dest).is_err() {
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
 }
 
 const WORK_PREFIX: &str = ".build-";
@@ -350,6 +671,26 @@ fn agent_package(spec: &Spec, opts: &BuildOptions, staged: &Path) -> Result<Opti
         }
     };
     Ok(Some(pkg))
+}
+
+/// Copy the raw image to the output (sparse), hashing it on the way.
+fn copy_raw(raw: &Path, out: &Path) -> Result<Artifact> {
+    use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    let mut hasher = sha2::Sha256::new();
+    let mut file = fs::File::create(out)?;
+    let len = digest::copy_sparse(raw, &mut file, 0, Some(&mut hasher))?;
+    file.set_len(len)?;
+    Ok(Artifact {
+        file: out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        format: "raw".to_owned(),
+        sha256: hex::encode(hasher.finalize()),
+        size: len,
+        used_bytes: file.metadata()?.blocks() * 512,
+    })
 }
 
 fn artifact(dir: &Path, file: &str, format: Format) -> Result<Artifact> {

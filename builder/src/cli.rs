@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::boottest::{self, TestOptions};
 use crate::build::{self, BuildOptions};
+use crate::cache::{self, Cache};
+use crate::registry::{self, Registry, TestRun};
 use crate::spec::DEFAULT_SPEC;
+use crate::{inventory, repro};
 use crate::ui::Ui;
 
 /// Build, boot-test and publish immutable DevOS images from declarative specs.
@@ -20,6 +23,9 @@ pub struct Cli {
     /// Log every external command and more (also: DEVOS_LOG=debug).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// The image registry (SQLite). Default: ~/.local/share/devos/registry.db.
+    #[arg(long, global = true, env = "DEVOS_REGISTRY", value_name = "FILE")]
+    pub registry: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -29,6 +35,9 @@ pub enum Command {
     /// Build, test and inspect images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Inspect and prune the build cache (stage outputs, packages, package lists).
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Check the host tools the builder needs and say how to install missing ones.
     Doctor {
         /// Machine-readable output on stdout.
@@ -53,12 +62,67 @@ pub enum ImageCommand {
         /// Rebuild even if this exact version was already built.
         #[arg(long)]
         force: bool,
+        /// Build every stage from scratch: neither use nor fill the stage cache.
+        #[arg(long)]
+        no_cache: bool,
+        /// Build twice from scratch and fail unless the two are bit-for-bit identical.
+        #[arg(long)]
+        check_reproducible: bool,
         /// Boot-test the image after building it; fail if the test fails.
         #[arg(long)]
         test: bool,
         #[command(flatten)]
         vm: VmArgs,
         /// Print the manifest (and test report) as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the build id and every input that went into it, without building.
+    Plan {
+        /// The image spec.
+        #[arg(default_value = DEFAULT_SPEC)]
+        spec: PathBuf,
+        /// Use this prebuilt agent package instead of building devos-agent from source.
+        #[arg(long, value_name = "DEB")]
+        agent_deb: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images and versions in the registry, newest first.
+    List {
+        /// Only this image.
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one version: artifacts, stage timings, boot-test runs.
+    Show {
+        /// NAME (its newest version), NAME@VERSION, or NAME@ a unique prefix of one.
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two versions: packages added, removed and changed, files, sizes.
+    Diff {
+        from: String,
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute the sha256 of a version's artifacts and compare with the registry.
+    Verify {
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete old versions' artifacts and the cache entries only they used. The
+    /// newest version that passed a boot test is always kept.
+    Gc {
+        /// Versions to keep per image, newest first.
+        #[arg(long, default_value_t = 3)]
+        keep: usize,
+        /// Only this image.
+        name: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -87,6 +151,25 @@ pub enum ImageCommand {
         /// Guest CPUs.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Where the cache is, its size, and every stage entry.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove stage entries (all but the --keep most recently used of each stage).
+    Prune {
+        #[arg(long, default_value_t = 0)]
+        keep: usize,
+        /// Also remove downloaded packages and package lists.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -120,37 +203,68 @@ impl VmArgs {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let mut ui = Ui::new();
     init_logging(cli.verbose, &ui);
+    let registry_path = cli.registry.clone().unwrap_or_else(registry::default_path);
+    let open = || Registry::open(&registry_path);
     match cli.command {
         Command::Doctor { json } => {
             let report = crate::doctor::check();
             let ok = report.tools.iter().all(|t| t.found.is_some());
             output(json, &report, || report.human(), ok)
         }
+        Command::Cache(CacheCommand::Status { json }) => {
+            let status = Cache::new(cache::dir(), true).status()?;
+            output(json, &status, || status.human(), true)
+        }
+        Command::Cache(CacheCommand::Prune { keep, all, json }) => {
+            let pruned = Cache::new(cache::dir(), true).prune(keep, all)?;
+            output(
+                json,
+                &pruned,
+                || {
+                    format!(
+                        "removed {} stage entries{}, freed {}\n",
+                        pruned.entries,
+                        if all { " and the package caches" } else { "" },
+                        cache::mib(pruned.bytes)
+                    )
+                },
+                true,
+            )
+        }
         Command::Image(ImageCommand::Build {
             spec,
             out,
             agent_deb,
             force,
+            no_cache,
+            check_reproducible,
             test,
             vm,
             json,
         }) => {
-            let built = build::build(
-                &BuildOptions {
-                    spec,
-                    out,
-                    agent_deb,
-                    force,
-                },
-                &mut ui,
-            )?;
+            let opts = BuildOptions {
+                spec,
+                out,
+                agent_deb,
+                force,
+                no_cache,
+                registry: Some(registry_path.clone()),
+            };
+            let (built, repro) = if check_reproducible {
+                let (built, report) = repro::check(&opts, &mut ui)?;
+                (built, Some(report))
+            } else {
+                (build::build(&opts, &mut ui)?, None)
+            };
             let report = if test {
                 let target = boottest::Target {
                     disk: built.manifest.raw(&built.dir).unwrap_or_default(),
                     manifest: Some(built.manifest.clone()),
                 };
                 ui.info("==> boot test");
-                Some(boottest::test(&target, &vm.options())?)
+                let report = boottest::test(&target, &vm.options())?;
+                record_test(&registry_path, &target, &report)?;
+                Some(report)
             } else {
                 None
             };
@@ -158,6 +272,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 "dir": built.dir,
                 "fresh": built.fresh,
                 "manifest": built.manifest,
+                "reproducible": repro,
                 "test": report,
             });
             let human = || {
@@ -171,21 +286,60 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         a.used_bytes >> 20
                     ));
                 }
+                if let Some(r) = &repro {
+                    s.push_str(&r.human());
+                }
                 if let Some(r) = &report {
                     s.push_str(&r.summary());
                 }
                 s
             };
-            output(
-                json,
-                &value,
-                human,
-                report.as_ref().is_none_or(|r| r.passed),
-            )
+            let ok = report.as_ref().is_none_or(|r| r.passed)
+                && repro.as_ref().is_none_or(|r| r.identical);
+            output(json, &value, human, ok)
+        }
+        Command::Image(ImageCommand::Plan {
+            spec,
+            agent_deb,
+            json,
+        }) => {
+            let plan = build::plan(
+                &BuildOptions {
+                    spec,
+                    out: None,
+                    agent_deb,
+                    force: false,
+                    no_cache: false,
+                    registry: None,
+                },
+                &mut ui,
+            )?;
+            output(json, &plan, || plan.human(), true)
+        }
+        Command::Image(ImageCommand::List { name, json }) => {
+            let versions = inventory::list(&open()?, name.as_deref())?;
+            output(json, &versions, || inventory::list_human(&versions), true)
+        }
+        Command::Image(ImageCommand::Show { reference, json }) => {
+            let show = inventory::show(&open()?, &reference)?;
+            output(json, &show, || show.human(), true)
+        }
+        Command::Image(ImageCommand::Diff { from, to, json }) => {
+            let diff = inventory::diff(&open()?, &from, &to)?;
+            output(json, &diff, || diff.human(), true)
+        }
+        Command::Image(ImageCommand::Verify { reference, json }) => {
+            let v = inventory::verify(&open()?, &reference)?;
+            output(json, &v, || v.human(), v.ok)
+        }
+        Command::Image(ImageCommand::Gc { keep, name, json }) => {
+            let gc = inventory::gc(&mut open()?, name.as_deref(), keep)?;
+            output(json, &gc, || gc.human(), true)
         }
         Command::Image(ImageCommand::Test { target, vm, json }) => {
             let target = boottest::resolve_target(&target)?;
             let report = boottest::test(&target, &vm.options())?;
+            record_test(&registry_path, &target, &report)?;
             output(json, &report, || report.summary(), report.passed)
         }
         Command::Image(ImageCommand::Boot {
@@ -199,6 +353,30 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Store a boot-test run with its version (images without a manifest are not in the
+/// registry and are not recorded).
+fn record_test(
+    registry_path: &std::path::Path,
+    target: &boottest::Target,
+    report: &boottest::TestReport,
+) -> Result<()> {
+    let Some(m) = &target.manifest else {
+        return Ok(());
+    };
+    let run = TestRun {
+        started_at: registry::now(),
+        passed: report.passed,
+        accelerator: format!("{:?}", report.accel.accel).to_lowercase(),
+        seconds: report.seconds,
+    };
+    Registry::open(registry_path)?.record_test(
+        &m.name,
+        &m.version,
+        &run,
+        &serde_json::to_value(report)?,
+    )
 }
 
 /// Results to stdout: JSON with `--json`, else the human text; the exit code says

@@ -58,15 +58,20 @@ pub fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Path) -> R
         "# DevOS: /home is a symlink to /var/home (the writable data partition).\nd /var/home 0755 - - -\n",
     )?;
     remove_build_leftovers(root)?;
-    mark_updated(root)?;
+    mark_updated(root, id.source_date_epoch)?;
+    // Last: every file time in the image is at most SOURCE_DATE_EPOCH.
+    crate::digest::clamp_mtimes(root, id.source_date_epoch)?;
     Ok(())
 }
 
 /// Mark /etc and /var as up to date with /usr. Units with `ConditionNeedsUpdate=`
 /// (ldconfig, hwdb and journal catalog rebuilds) would otherwise run on every boot,
 /// because a read-only root can never record that they ran.
-fn mark_updated(root: &Path) -> Result<()> {
-    let usr = fs::metadata(root.join("usr"))?.modified()?;
+fn mark_updated(root: &Path, source_date_epoch: u64) -> Result<()> {
+    // /usr's time as it will be once every time is clamped.
+    let usr = fs::metadata(root.join("usr"))?
+        .modified()?
+        .min(std::time::UNIX_EPOCH + std::time::Duration::from_secs(source_date_epoch));
     let nsec = usr
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

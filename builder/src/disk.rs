@@ -4,7 +4,6 @@
 //! partition for /var. Partitions are built as files and copied in at their offsets.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -190,7 +189,6 @@ pub fn build(
         copy_sparse(img, &mut disk, p.offset, p.size)?;
         fs::remove_file(img)?;
     }
-    disk.sync_all()?;
     Ok(parts.into_iter().map(|(_, p, ..)| p).collect())
 }
 
@@ -345,7 +343,9 @@ fn mkfs_ext4(
     fs::File::create(img)?.set_len(size)?;
     let inodes = (content.entries * 5 / 4 + 4096).max(size / 16384);
     let mut c = Command::new("mkfs.ext4");
-    c.env("E2FSPROGS_FAKE_TIME", id.source_date_epoch.to_string())
+    // mke2fs -d adds directory entries in strcoll order: make that the same everywhere.
+    c.env("LC_ALL", "C")
+        .env("E2FSPROGS_FAKE_TIME", id.source_date_epoch.to_string())
         .args(["-q", "-F", "-b", "4096", "-m", "0", "-L", label, "-U", uuid])
         .arg("-N")
         .arg(inodes.to_string())
@@ -363,7 +363,65 @@ fn mkfs_ext4(
         .arg(tree)
         .arg(img);
     cmd::run(&mut c).with_context(|| format!("while making the {label} filesystem"))?;
+    set_change_times(tree, img, id.source_date_epoch)
+        .with_context(|| format!("while fixing the inode times of the {label} filesystem"))
+}
+
+/// mke2fs -d copies each file's ctime, which is when the build wrote it and cannot be
+/// set from user space. Set every inode's ctime to SOURCE_DATE_EPOCH with debugfs.
+fn set_change_times(tree: &Path, img: &Path, epoch: u64) -> Result<()> {
+    let stamp = debugfs_time(epoch);
+    let mut script = String::new();
+    let mut bad = None;
+    crate::digest::walk(tree, &mut |path, _| {
+        let rel = path.strip_prefix(tree).unwrap_or(path).to_string_lossy();
+        if rel.contains(['"', '\n']) {
+            bad = Some(rel.into_owned());
+        } else {
+            script.push_str(&format!("sif \"/{rel}\" ctime {stamp}\n"));
+        }
+        Ok(())
+    })?;
+    if let Some(name) = bad {
+        bail!("the file name {name:?} cannot be given to debugfs (it has a quote or newline); rename it in the image");
+    }
+    let file = img.with_extension("debugfs");
+    fs::write(&file, script)?;
+    let out = cmd::run(Command::new("debugfs").arg("-w").arg("-f").arg(&file).arg(img));
+    fs::remove_file(&file).ok();
+    let out = out?;
+    // debugfs reports per-command errors on stderr but still exits 0.
+    let errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("debugfs "))
+        .map(str::to_owned)
+        .collect();
+    if !errors.is_empty() {
+        bail!("debugfs failed: {}", errors.join("; "));
+    }
     Ok(())
+}
+
+/// A Unix time as debugfs's `YYYYMMDDHHMMSS` (UTC).
+pub fn debugfs_time(epoch: u64) -> String {
+    let days = i64::try_from(epoch / 86_400).unwrap_or(0);
+    let rem = epoch % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 pub struct TreeSize {
@@ -397,44 +455,25 @@ pub fn tree_size(root: &Path) -> std::io::Result<TreeSize> {
     Ok(t)
 }
 
-/// Copy `img` into `disk` at `offset`, skipping all-zero blocks so the disk stays sparse.
+/// Copy a partition image into the disk at its offset, checking that it fits.
 fn copy_sparse(img: &Path, disk: &mut fs::File, offset: u64, limit: u64) -> Result<()> {
-    let mut src = fs::File::open(img)?;
-    let len = src.metadata()?.len();
+    let len = fs::metadata(img)?.len();
     if len > limit {
         bail!(
             "internal error: {} ({len} bytes) does not fit its partition ({limit} bytes)",
             img.display()
         );
     }
-    let mut buf = vec![0u8; 4 * MIB as usize];
-    let mut pos = 0u64;
-    loop {
-        let n = read_full(&mut src, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        let mut block = 0;
-        while block < n {
-            let end = (block + 65536).min(n);
-            if buf[block..end].iter().any(|&b| b != 0) {
-                disk.seek(SeekFrom::Start(offset + pos + block as u64))?;
-                disk.write_all(&buf[block..end])?;
-            }
-            block = end;
-        }
-        pos += n as u64;
-    }
+    crate::digest::copy_sparse(img, disk, offset, None)?;
     Ok(())
 }
 
-fn read_full(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debugfs_times() {
+        assert_eq!(super::debugfs_time(0), "19700101000000");
+        assert_eq!(super::debugfs_time(1_700_000_000), "20231114221320");
+        assert_eq!(super::debugfs_time(951_782_400), "20000229000000");
     }
-    Ok(n)
 }

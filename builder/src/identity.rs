@@ -4,6 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::build::Package;
 use crate::spec::Spec;
 
 /// One named input to the build id, as shown by `--json` and the manifest.
@@ -28,6 +29,10 @@ pub struct Identity {
     pub var_fs_uuid: String,
     /// FAT volume id of the ESP.
     pub esp_serial: String,
+    /// Cache key of the base tree (before the agent and configuration).
+    pub base_key: String,
+    /// Cache key of the finished tree.
+    pub tree_key: String,
 }
 
 /// The builder's own version: a new builder may build differently.
@@ -37,16 +42,20 @@ pub const BUILDER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// the binary) means any change to what is built changes the build id, while the same
 /// source compiled anywhere gives the same id.
 const STAGE_SOURCES: &[&str] = &[
+    include_str!("apt.rs"),
     include_str!("rootfs.rs"),
     include_str!("customize.rs"),
     include_str!("disk.rs"),
     include_str!("convert.rs"),
 ];
 
-fn builder_digest() -> String {
+/// Only the stages up to the base tree (its cache key).
+const BASE_SOURCES: &[&str] = &[include_str!("apt.rs"), include_str!("rootfs.rs")];
+
+fn sources_digest(sources: &[&str]) -> String {
     let mut hasher = Sha256::new();
     hasher.update(BUILDER_VERSION);
-    for source in STAGE_SOURCES {
+    for source in sources {
         hasher.update(sha256_hex(source.as_bytes()));
     }
     hex::encode(hasher.finalize())
@@ -56,24 +65,47 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// Everything that determines an image, gathered by the `resolve` stage.
+pub struct Inputs<'a> {
+    pub spec: &'a Spec,
+    pub agent_sha256: Option<&'a str>,
+    pub sources_deb822: &'a str,
+    pub packages: &'a [Package],
+    /// The archive's date, used when neither the spec nor the environment set one.
+    pub archive_date: u64,
+    /// `name=version` of the host tools that write the image (mmdebstrap, mkfs, ...).
+    pub host_tools: &'a str,
+}
+
 /// Compute the identity of a build from its inputs.
-pub fn resolve(spec: &Spec, agent_sha256: &str, sources_deb822: &str) -> Identity {
+pub fn resolve(i: &Inputs) -> Identity {
+    let spec = i.spec;
+    let source_date_epoch = spec
+        .source_date_epoch
+        .or_else(source_date_epoch)
+        .unwrap_or(i.archive_date);
+    let packages: String = i
+        .packages
+        .iter()
+        .map(|p| format!("{}={}\n", p.name, p.version))
+        .collect();
+    let input = |name: &str, data: &str| Input {
+        name: name.into(),
+        sha256: sha256_hex(data.as_bytes()),
+    };
     let inputs = vec![
-        Input {
-            name: "spec".into(),
-            sha256: sha256_hex(crate::spec::canonical(spec).as_bytes()),
-        },
+        input("spec", &crate::spec::canonical(spec)),
+        input("packages", &packages),
         Input {
             name: "agent-package".into(),
-            sha256: agent_sha256.to_owned(),
+            sha256: i.agent_sha256.unwrap_or("none").to_owned(),
         },
-        Input {
-            name: "package-sources".into(),
-            sha256: sha256_hex(sources_deb822.as_bytes()),
-        },
+        input("package-sources", i.sources_deb822),
+        input("source-date-epoch", &source_date_epoch.to_string()),
+        input("host-tools", i.host_tools),
         Input {
             name: "builder".into(),
-            sha256: builder_digest(),
+            sha256: sources_digest(STAGE_SOURCES),
         },
     ];
     let mut hasher = Sha256::new();
@@ -82,7 +114,17 @@ pub fn resolve(spec: &Spec, agent_sha256: &str, sources_deb822: &str) -> Identit
     }
     let build_id = hex::encode(hasher.finalize());
     let version = format!("{}+{}", spec.version, &build_id[..12]);
-    let source_date_epoch = source_date_epoch().unwrap_or_else(now);
+    let base_key = sha256_hex(
+        format!(
+            "base\n{:?}\n{}\n{}\n{packages}{source_date_epoch}\n{}\n{}",
+            spec.distro,
+            spec.suite,
+            i.sources_deb822,
+            i.host_tools,
+            sources_digest(BASE_SOURCES)
+        )
+        .as_bytes(),
+    );
     Identity {
         disk_guid: derived_uuid(&build_id, "disk"),
         esp_partuuid: derived_uuid(&build_id, "esp-partition"),
@@ -91,6 +133,8 @@ pub fn resolve(spec: &Spec, agent_sha256: &str, sources_deb822: &str) -> Identit
         root_fs_uuid: derived_uuid(&build_id, "root-fs"),
         var_fs_uuid: derived_uuid(&build_id, "var-fs"),
         esp_serial: sha256_hex(format!("{build_id}:esp-serial").as_bytes())[..8].to_uppercase(),
+        tree_key: sha256_hex(format!("tree\n{build_id}").as_bytes()),
+        base_key,
         build_id,
         version,
         inputs,
@@ -101,12 +145,6 @@ pub fn resolve(spec: &Spec, agent_sha256: &str, sources_deb822: &str) -> Identit
 /// `SOURCE_DATE_EPOCH` from the environment, if set to a number.
 pub fn source_date_epoch() -> Option<u64> {
     std::env::var("SOURCE_DATE_EPOCH").ok()?.parse().ok()
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// A random-looking (version 4 layout) UUID that is a pure function of the build id

@@ -4,8 +4,10 @@
 //! below is one stage or one concern. The binary is a thin wrapper over [`cli::run`].
 
 pub mod agent_pkg;
+pub mod apt;
 pub mod boottest;
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod cmd;
 pub mod convert;
@@ -14,7 +16,10 @@ pub mod digest;
 pub mod disk;
 pub mod doctor;
 pub mod identity;
+pub mod inventory;
 pub mod qemu;
+pub mod registry;
+pub mod repro;
 pub mod rootfs;
 pub mod spec;
 pub mod ui;

@@ -4,7 +4,6 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -18,8 +17,8 @@ pub struct Sources {
     pub origin: &'static str,
     /// deb822 text handed to mmdebstrap as the chroot's sources list.
     pub deb822: String,
-    /// (mirror URI, a suite it must carry), for the reachability check.
-    pub checks: Vec<(String, String)>,
+    /// Every (mirror URI, suite) pair, in the order of the sources.
+    pub repos: Vec<(String, String)>,
 }
 
 /// Pick the sources for a spec: its `mirror`, else the host's apt sources when the
@@ -42,6 +41,10 @@ fn mirror_sources(spec: &Spec, mirror: &str, origin: &'static str) -> Sources {
         Distro::Ubuntu => format!("{0} {0}-updates {0}-security", spec.suite),
         _ => spec.suite.clone(),
     };
+    let repos = suites
+        .split_whitespace()
+        .map(|s| (mirror.to_owned(), s.to_owned()))
+        .collect();
     let mut deb822 = format!(
         "Types: deb\nURIs: {mirror}\nSuites: {suites}\nComponents: {}\n",
         spec.components.join(" ")
@@ -52,7 +55,7 @@ fn mirror_sources(spec: &Spec, mirror: &str, origin: &'static str) -> Sources {
     Sources {
         origin,
         deb822,
-        checks: vec![(mirror.to_owned(), spec.suite.clone())],
+        repos,
     }
 }
 
@@ -99,7 +102,7 @@ fn host_sources(spec: &Spec) -> Option<Sources> {
         stanzas.extend(parse_deb822(&text));
     }
     let mut deb822 = String::new();
-    let mut checks = Vec::new();
+    let mut repos = Vec::new();
     for s in stanzas.iter().filter(|s| {
         s.types.split_whitespace().any(|t| t == "deb")
             && s.suites
@@ -113,21 +116,27 @@ fn host_sources(spec: &Spec) -> Option<Sources> {
             s.suites,
             spec.components.join(" ")
         );
-        if let Some(k) = &s.signed_by {
+        // apt here trusts only what a stanza names: default to the distro's keyring.
+        let signed_by = s
+            .signed_by
+            .clone()
+            .or_else(|| keyring(spec).map(|k| k.display().to_string()));
+        if let Some(k) = signed_by {
             let _ = writeln!(deb822, "Signed-By: {k}");
         }
         deb822.push('\n');
-        let suite = s.suites.split_whitespace().next().unwrap_or(&spec.suite);
-        checks.extend(
-            s.uris
-                .split_whitespace()
-                .map(|u| (u.to_owned(), suite.to_owned())),
-        );
+        for uri in s.uris.split_whitespace() {
+            repos.extend(
+                s.suites
+                    .split_whitespace()
+                    .map(|suite| (uri.to_owned(), suite.to_owned())),
+            );
+        }
     }
-    (!checks.is_empty()).then_some(Sources {
+    (!repos.is_empty()).then_some(Sources {
         origin: "host",
         deb822,
-        checks,
+        repos,
     })
 }
 
@@ -159,35 +168,9 @@ fn parse_deb822(text: &str) -> Vec<Stanza> {
         .collect()
 }
 
-/// Fail fast, before anything is built, when the archive keyring is missing or a
-/// package mirror cannot be reached (naming the mirror).
-pub fn preflight(spec: &Spec, sources: &Sources) -> Result<()> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(8)))
-        .build()
-        .into();
-    for (uri, suite) in &sources.checks {
-        if !uri.starts_with("http") {
-            continue;
-        }
-        let url = format!("{}/dists/{suite}/Release", uri.trim_end_matches('/'));
-        if let Err(e) = agent.head(&url).call() {
-            let key_hint = match sources.origin {
-                "spec" => format!("fix `[base] mirror` in {}", spec.path.display()),
-                "host" => "check the host's apt sources (/etc/apt/sources.list.d)".to_owned(),
-                _ => format!(
-                    "set `[base] mirror` in {} to a {:?} mirror this machine can reach (a local mirror or apt proxy)",
-                    spec.path.display(),
-                    spec.distro
-                ),
-            };
-            bail!(
-                "cannot reach the package mirror {uri} for {:?} {} (HEAD {url}: {e})\n  hint: {key_hint}",
-                spec.distro,
-                spec.suite
-            );
-        }
-    }
+/// Fail fast, before anything is downloaded or built, when the archive keyring is
+/// missing (an unreachable mirror fails next, in [`crate::apt::Index::refresh`]).
+pub fn preflight(spec: &Spec) -> Result<()> {
     if let Some(k) = keyring(spec).filter(|k| !k.is_file()) {
         let package = match spec.distro {
             Distro::Ubuntu => "ubuntu-keyring",
@@ -203,11 +186,13 @@ pub fn preflight(spec: &Spec, sources: &Sources) -> Result<()> {
     Ok(())
 }
 
-/// Bootstrap `target` (which must not exist) with mmdebstrap. Downloaded packages
-/// are kept in `package_cache` and reused by later builds.
+/// Bootstrap `target` (which must not exist) with mmdebstrap, from the package
+/// lists in `lists` (the ones the package set was resolved from, so apt picks the
+/// same versions). Downloaded packages are kept in `package_cache` for later builds.
 pub fn bootstrap(
     spec: &Spec,
     sources: &Sources,
+    lists: &Path,
     target: &Path,
     package_cache: &Path,
     source_date_epoch: u64,
@@ -239,6 +224,11 @@ pub fn bootstrap(
             INITRD_MODULES.join(" ")
         ))
         .arg("--skip=essential/unlink")
+        .arg("--skip=update")
+        .arg(format!(
+            "--setup-hook=mkdir -p \"$1\"/var/lib/apt/lists && find '{}' -maxdepth 1 -type f -name '*_*' -exec cp -t \"$1\"/var/lib/apt/lists/ {{}} +",
+            lists.display()
+        ))
         .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
         .arg(format!(
             "--setup-hook=find '{cache}' -maxdepth 1 -name '*.deb' -exec cp -t \"$1\"/var/cache/apt/archives/ {{}} +"

@@ -135,6 +135,8 @@ struct RawImage {
     /// One line for humans.
     #[serde(default)]
     description: String,
+    /// Unix time every file in the image is clamped to; default: the archive's date.
+    source_date_epoch: Option<Spanned<i64>>,
 }
 
 /// `[base]`: the distribution the root filesystem is bootstrapped from.
@@ -351,6 +353,9 @@ pub struct Spec {
     pub name: String,
     pub version: semver::Version,
     pub description: String,
+    /// `None`: derived from the package archive's `InRelease` date (or the
+    /// `SOURCE_DATE_EPOCH` environment variable, when set).
+    pub source_date_epoch: Option<u64>,
     pub distro: Distro,
     pub suite: String,
     /// `None`: use the host's apt sources if they carry the suite, else the default mirror.
@@ -417,6 +422,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     }
     let version = parse_version(&src, &raw.image.version)?;
 
+    let source_date_epoch = match &raw.image.source_date_epoch {
+        Some(t) if *t.get_ref() < 0 || *t.get_ref() > 253_402_300_799 => {
+            return Err(src.error(
+                t,
+                format!("invalid source-date-epoch {}", t.get_ref()),
+                "give a Unix time in seconds, e.g. `source-date-epoch = 1700000000`, or remove the key to use the archive's date",
+            ));
+        }
+        Some(t) => u64::try_from(*t.get_ref()).ok(),
+        None => None,
+    };
     let distro = pick(&src, &raw.base.distro, Distro::NAMES, "distro")?;
     let suite = match &raw.base.suite {
         Some(s) if !is_word(s.get_ref()) => {
@@ -646,6 +662,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         name,
         version,
         description: raw.image.description,
+        source_date_epoch,
         distro,
         suite,
         mirror,
@@ -836,10 +853,14 @@ fn is_ssh_key(s: &str) -> bool {
 /// The spec's canonical form: every resolved value as JSON with sorted keys
 /// (serde_json's map is ordered). Comments, key order and formatting of the file
 /// do not change it.
+/// `[[tests]]` are left out: they do not change the image (the boot test reads them
+/// from the spec), so editing a test never rebuilds anything.
 pub fn canonical(spec: &Spec) -> String {
-    serde_json::to_value(spec)
-        .map(|v| v.to_string())
-        .unwrap_or_default()
+    let mut v = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.remove("tests");
+    }
+    v.to_string()
 }
 
 #[cfg(test)]
