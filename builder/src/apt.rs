@@ -51,7 +51,10 @@ impl Index {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
-        fs::write(dir.join("etc/sources.list.d/devos.sources"), &sources.deb822)?;
+        fs::write(
+            dir.join("etc/sources.list.d/devos.sources"),
+            &sources.deb822,
+        )?;
         if !dir.join("status").exists() {
             fs::write(dir.join("status"), "")?;
         }
@@ -154,8 +157,15 @@ impl Index {
             return Ok(r);
         }
         let mut c = self.apt("apt-get");
-        c.args(["-q", "--simulate", "install", "?essential", "?priority(required)", "apt"])
-            .args(&request);
+        c.args([
+            "-q",
+            "--simulate",
+            "install",
+            "?essential",
+            "?priority(required)",
+            "apt",
+        ])
+        .args(&request);
         let out = cmd::run(&mut c).with_context(|| {
             format!(
                 "apt cannot install the packages of {} from {:?} {}\n  hint: check the names in `[packages] include` and the layers",
@@ -243,37 +253,37 @@ fn fetch_in_releases(spec: &Spec, sources: &Sources) -> Result<String> {
         .timeout_global(Some(Duration::from_secs(8)))
         .build()
         .into();
-    let results: Vec<(String, Result<String, String>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = sources
-            .repos
-            .iter()
-            .map(|(uri, suite)| {
-                let agent = agent.clone();
-                let url = format!("{}/dists/{suite}/InRelease", uri.trim_end_matches('/'));
-                s.spawn(move || {
-                    let body = agent
-                        .get(&url)
-                        .call()
-                        .map_err(|e| e.to_string())
-                        .and_then(|mut r| {
-                            r.body_mut()
-                                .with_config()
-                                .limit(16 << 20)
-                                .read_to_string()
-                                .map_err(|e| e.to_string())
-                        });
-                    (url, body)
+    let results: Vec<(String, Result<String, String>)> =
+        std::thread::scope(|s| {
+            let handles: Vec<_> =
+                sources
+                    .repos
+                    .iter()
+                    .map(|(uri, suite)| {
+                        let agent = agent.clone();
+                        let url = format!("{}/dists/{suite}/InRelease", uri.trim_end_matches('/'));
+                        s.spawn(move || {
+                            let body = agent.get(&url).call().map_err(|e| e.to_string()).and_then(
+                                |mut r| {
+                                    r.body_mut()
+                                        .with_config()
+                                        .limit(16 << 20)
+                                        .read_to_string()
+                                        .map_err(|e| e.to_string())
+                                },
+                            );
+                            (url, body)
+                        })
+                    })
+                    .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| (String::new(), Err("fetch thread panicked".into())))
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| (String::new(), Err("fetch thread panicked".into())))
-            })
-            .collect()
-    });
+                .collect()
+        });
     let mut all = String::new();
     for ((uri, _), (url, body)) in sources.repos.iter().zip(results) {
         match body {
@@ -285,9 +295,7 @@ fn fetch_in_releases(spec: &Spec, sources: &Sources) -> Result<String> {
             Err(e) => {
                 let hint = match sources.origin {
                     "spec" => format!("fix `[base] mirror` in {}", spec.path.display()),
-                    "host" => {
-                        "check the host's apt sources (/etc/apt/sources.list.d)".to_owned()
-                    }
+                    "host" => "check the host's apt sources (/etc/apt/sources.list.d)".to_owned(),
                     _ => format!(
                         "set `[base] mirror` in {} to a {:?} mirror this machine can reach (a local mirror or apt proxy)",
                         spec.path.display(),

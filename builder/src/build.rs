@@ -9,12 +9,12 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::agent_pkg::{self, AgentPackage};
+use crate::digest::FileEntry;
 use crate::disk::Partition;
 use crate::identity;
+use crate::identity::Identity;
 use crate::spec::{self, Format, Spec};
 use crate::ui::Ui;
-use crate::digest::FileEntry;
-use crate::identity::Identity;
 use crate::{apt, cache, cmd, convert, customize, digest, disk, registry, rootfs};
 
 /// The stages, in order; these names appear in logs, timings and the manifest.
@@ -208,11 +208,16 @@ impl Plan {
 ",
             self.name, self.version, self.build_id, self.source_date_epoch
         );
-        s.push_str("  inputs:
-");
+        s.push_str(
+            "  inputs:
+",
+        );
         for i in &self.inputs {
-            s.push_str(&format!("    {:<18} {}
-", i.name, i.sha256));
+            s.push_str(&format!(
+                "    {:<18} {}
+",
+                i.name, i.sha256
+            ));
         }
         s.push_str(&format!(
             "  package sources    {}
@@ -224,12 +229,17 @@ impl Plan {
             self.packages.len()
         ));
         for p in &self.packages {
-            s.push_str(&format!("    {} {}
-", p.name, p.version));
+            s.push_str(&format!(
+                "    {} {}
+",
+                p.name, p.version
+            ));
         }
         if let Some(a) = &self.agent {
-            s.push_str(&format!("  agent package      {a}
-"));
+            s.push_str(&format!(
+                "  agent package      {a}
+"
+            ));
         }
         s.push_str(&format!(
             "  output             {}{}
@@ -262,12 +272,12 @@ const HOST_TOOLS: &[&str] = &[
 ];
 
 fn host_tools() -> Result<String> {
-    Ok(cmd::stdout(
+    cmd::stdout(
         Command::new("dpkg-query")
             .args(["--show", "--showformat=${Package}=${Version}\n"])
             .args(HOST_TOOLS),
     )
-    .context("a host tool the builder needs is not installed\n  hint: run `devos-build doctor`, or `tests/setup-host`")?)
+    .context("a host tool the builder needs is not installed\n  hint: run `devos-build doctor`, or `tests/setup-host`")
 }
 
 /// The `resolve` stage: package sources and lists, the exact package set, the agent
@@ -461,9 +471,8 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     // conversions, which read the same file.
     let artifacts = t.run("convert", |_| {
         std::thread::scope(|s| -> Result<Vec<Artifact>> {
-            let file = |format: &Format| {
-                format!("{}-{}.{}", spec.name, id.version, format.extension())
-            };
+            let file =
+                |format: &Format| format!("{}-{}.{}", spec.name, id.version, format.extension());
             let raw_hash = s.spawn(|| copy_raw(&raw, &staged.join(&raw_name)));
             for format in spec.formats.iter().filter(|f| **f != Format::Raw) {
                 convert::convert(&raw, *format, &staged.join(file(format)))?;
@@ -516,12 +525,8 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     publish_dir(&staged, &final_dir)?;
     // Recorded only once the output is complete under its final name; a build killed
     // between the two is recorded by the next one (see above).
-    registry::Registry::open(&registry_path)?.record_build(
-        &final_dir,
-        &spec.path,
-        &manifest,
-        &files,
-    )?;
+    registry::Registry::open(&registry_path)?
+        .record_build(&final_dir, &spec.path, &manifest, &files)?;
     Ok(Built {
         dir: final_dir,
         manifest,

@@ -114,7 +114,10 @@ impl Cache {
                 .arg("--use-compress-program=zstd -d -q"),
         );
         if let Err(e) = result {
-            tracing::warn!("cannot restore {}: {e}; building the stage again", dir.display());
+            tracing::warn!(
+                "cannot restore {}: {e}; building the stage again",
+                dir.display()
+            );
             fs::remove_dir_all(dest).ok();
             return Ok(false);
         }
@@ -155,7 +158,10 @@ impl Cache {
             created: now(),
             about: about.to_owned(),
         };
-        fs::write(tmp.path().join(ENTRY), serde_json::to_string_pretty(&entry)?)?;
+        fs::write(
+            tmp.path().join(ENTRY),
+            serde_json::to_string_pretty(&entry)?,
+        )?;
         tmp.persist(&self.entry_dir(kind, key));
         Ok(())
     }
@@ -182,11 +188,13 @@ impl Cache {
                     key: d.file_name().to_string_lossy().into_owned(),
                     size: dir_size(&d.path()),
                     last_used,
-                    about: entry.map(|e| e.about).unwrap_or_else(|| "incomplete".into()),
+                    about: entry
+                        .map(|e| e.about)
+                        .unwrap_or_else(|| "incomplete".into()),
                 });
             }
         }
-        entries.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.last_used));
         Ok(Status {
             dir: self.root.clone(),
             packages_bytes: dir_size(&self.root.join("packages")),
@@ -336,12 +344,19 @@ mod tests {
         cache.store("base", "k1", &src, "test").unwrap();
         let out = tmp.path().join("out");
         assert!(cache.restore("base", "k1", &out).unwrap());
-        assert_eq!(fs::read_to_string(out.join("etc/hostname")).unwrap(), "devos\n");
+        assert_eq!(
+            fs::read_to_string(out.join("etc/hostname")).unwrap(),
+            "devos\n"
+        );
         assert_eq!(
             fs::read_link(out.join("etc/link")).unwrap(),
             Path::new("hostname")
         );
-        assert!(!cache.restore("base", "other", &tmp.path().join("x")).unwrap());
+        assert!(
+            !cache
+                .restore("base", "other", &tmp.path().join("x"))
+                .unwrap()
+        );
 
         let status = cache.status().unwrap();
         assert_eq!(status.entries.len(), 1);

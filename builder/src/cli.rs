@@ -13,8 +13,8 @@ use crate::build::{self, BuildOptions};
 use crate::cache::{self, Cache};
 use crate::registry::{self, Registry, TestRun};
 use crate::spec::DEFAULT_SPEC;
-use crate::{inventory, repro};
 use crate::ui::Ui;
+use crate::{inventory, repro};
 
 /// Build, boot-test and publish immutable DevOS images from declarative specs.
 #[derive(Parser)]

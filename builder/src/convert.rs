@@ -16,11 +16,12 @@ pub fn convert(raw: &Path, format: Format, out: &Path) -> Result<()> {
     match format {
         Format::Raw => return Ok(()),
         // zstd: ten times faster than zlib and smaller; readable by QEMU 5.1 and later.
+        // Parallel compression, but in-order writes (no `-W`): out-of-order writes
+        // place clusters differently on every run, and the image must be reproducible.
         Format::Qcow2 => c.args([
             "-O",
             "qcow2",
             "-c",
-            "-W",
             "-m",
             "4",
             "-o",

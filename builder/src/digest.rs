@@ -226,7 +226,11 @@ mod tests {
         clamp_mtimes(&root, 1000).unwrap();
         for p in ["", "d", "d/f", "d/l"] {
             let m = fs::symlink_metadata(root.join(p)).unwrap();
-            assert_eq!(FileTime::from_last_modification_time(&m).unix_seconds(), 1000, "{p}");
+            assert_eq!(
+                FileTime::from_last_modification_time(&m).unix_seconds(),
+                1000,
+                "{p}"
+            );
         }
     }
 

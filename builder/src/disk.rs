@@ -83,6 +83,14 @@ pub fn build(
     fs::rename(root.join("var"), &var_tree)?;
     fs::create_dir(root.join("var"))?;
     fs::set_permissions(root.join("var"), fs::Permissions::from_mode(0o755))?;
+    // The new mount point and the root it changed keep the image's times.
+    let epoch = filetime::FileTime::from_unix_time(
+        i64::try_from(id.source_date_epoch).unwrap_or(i64::MAX),
+        0,
+    );
+    for dir in [root.join("var"), root.to_path_buf()] {
+        filetime::set_file_times(&dir, epoch, epoch)?;
+    }
 
     let esp = work.join("esp.img");
     let esp_size = make_esp(spec, id, root, &kernel, &initrd, &esp)?;
@@ -262,13 +270,18 @@ fn make_esp(
         ),
     )?;
     let mut mmd = Command::new("mmd");
-    mmd.env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(esp).args([
-        "::/EFI",
-        "::/EFI/BOOT",
-        "::/loader",
-        "::/loader/entries",
-        "::/devos",
-    ]);
+    // mtools stamps directories and copied files with SOURCE_DATE_EPOCH.
+    mmd.env("MTOOLS_SKIP_CHECK", "1")
+        .env("SOURCE_DATE_EPOCH", id.source_date_epoch.to_string())
+        .arg("-i")
+        .arg(esp)
+        .args([
+            "::/EFI",
+            "::/EFI/BOOT",
+            "::/loader",
+            "::/loader/entries",
+            "::/devos",
+        ]);
     cmd::run(&mut mmd).context("while filling the ESP")?;
     let copies: [(&Path, &str); 5] = [
         (&efi, "::/EFI/BOOT/BOOTX64.EFI"),
@@ -283,6 +296,7 @@ fn make_esp(
     for (src, dest) in copies {
         let mut c = Command::new("mcopy");
         c.env("MTOOLS_SKIP_CHECK", "1")
+            .env("SOURCE_DATE_EPOCH", id.source_date_epoch.to_string())
             .arg("-i")
             .arg(esp)
             .arg(src)
@@ -368,7 +382,8 @@ fn mkfs_ext4(
 }
 
 /// mke2fs -d copies each file's ctime, which is when the build wrote it and cannot be
-/// set from user space. Set every inode's ctime to SOURCE_DATE_EPOCH with debugfs.
+/// set from user space, and its atime, which mke2fs's own reading just bumped. Set both
+/// to SOURCE_DATE_EPOCH on every inode with debugfs.
 fn set_change_times(tree: &Path, img: &Path, epoch: u64) -> Result<()> {
     let stamp = debugfs_time(epoch);
     let mut script = String::new();
@@ -378,16 +393,29 @@ fn set_change_times(tree: &Path, img: &Path, epoch: u64) -> Result<()> {
         if rel.contains(['"', '\n']) {
             bad = Some(rel.into_owned());
         } else {
-            script.push_str(&format!("sif \"/{rel}\" ctime {stamp}\n"));
+            // atime too: mke2fs reading the file bumped it (relatime) after it was set.
+            for field in ["ctime", "atime"] {
+                script.push_str(&format!("sif \"/{rel}\" {field} {stamp}\n"));
+            }
         }
         Ok(())
     })?;
     if let Some(name) = bad {
-        bail!("the file name {name:?} cannot be given to debugfs (it has a quote or newline); rename it in the image");
+        bail!(
+            "the file name {name:?} cannot be given to debugfs (it has a quote or newline); rename it in the image"
+        );
     }
     let file = img.with_extension("debugfs");
     fs::write(&file, script)?;
-    let out = cmd::run(Command::new("debugfs").arg("-w").arg("-f").arg(&file).arg(img));
+    let out = cmd::run(
+        Command::new("debugfs")
+            // Also the superblock's last write time.
+            .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+            .arg("-w")
+            .arg("-f")
+            .arg(&file)
+            .arg(img),
+    );
     fs::remove_file(&file).ok();
     let out = out?;
     // debugfs reports per-command errors on stderr but still exits 0.

@@ -170,6 +170,142 @@ pub fn derived_uuid(build_id: &str, label: &str) -> String {
 mod tests {
     use super::*;
 
+    const SPEC: &str = include_str!("../../images/devos-debian.toml");
+
+    fn spec(text: &str) -> Spec {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/x.toml");
+        crate::spec::parse(&dir, text).unwrap()
+    }
+
+    fn pkgs(list: &[(&str, &str)]) -> Vec<Package> {
+        list.iter()
+            .map(|(n, v)| Package {
+                name: (*n).into(),
+                version: (*v).into(),
+            })
+            .collect()
+    }
+
+    /// The build id with one input varied.
+    fn id(
+        spec_text: &str,
+        agent: &str,
+        sources: &str,
+        packages: &[Package],
+        date: u64,
+        tools: &str,
+    ) -> Identity {
+        resolve(&Inputs {
+            spec: &spec(spec_text),
+            agent_sha256: Some(agent),
+            sources_deb822: sources,
+            packages,
+            archive_date: date,
+            host_tools: tools,
+        })
+    }
+
+    #[test]
+    fn every_input_changes_the_id_and_irrelevant_edits_do_not() {
+        // SAFETY of the test: no other test in this binary reads SOURCE_DATE_EPOCH.
+        assert!(
+            source_date_epoch().is_none(),
+            "unset SOURCE_DATE_EPOCH to run the tests"
+        );
+        let p = pkgs(&[("bash", "5.2"), ("dbus", "1.14")]);
+        let base = id(SPEC, "a", "deb", &p, 100, "mmdebstrap=1");
+        let same = id(
+            &format!("# a new comment\n{SPEC}\n[[tests]]\nname = \"extra\"\nrun = \"true\"\n"),
+            "a",
+            "deb",
+            &p,
+            100,
+            "mmdebstrap=1",
+        );
+        assert_eq!(
+            base.build_id, same.build_id,
+            "comments and tests must not change the id"
+        );
+        assert_eq!(base.base_key, same.base_key);
+
+        let variants = [
+            (
+                "spec value",
+                id(
+                    &SPEC.replace("\"devos\"", "\"devos2\""),
+                    "a",
+                    "deb",
+                    &p,
+                    100,
+                    "mmdebstrap=1",
+                ),
+            ),
+            (
+                "agent package",
+                id(SPEC, "b", "deb", &p, 100, "mmdebstrap=1"),
+            ),
+            (
+                "package sources",
+                id(SPEC, "a", "deb2", &p, 100, "mmdebstrap=1"),
+            ),
+            (
+                "package version",
+                id(
+                    SPEC,
+                    "a",
+                    "deb",
+                    &pkgs(&[("bash", "5.3"), ("dbus", "1.14")]),
+                    100,
+                    "mmdebstrap=1",
+                ),
+            ),
+            (
+                "package set",
+                id(
+                    SPEC,
+                    "a",
+                    "deb",
+                    &pkgs(&[("bash", "5.2")]),
+                    100,
+                    "mmdebstrap=1",
+                ),
+            ),
+            (
+                "archive date",
+                id(SPEC, "a", "deb", &p, 101, "mmdebstrap=1"),
+            ),
+            ("host tools", id(SPEC, "a", "deb", &p, 100, "mmdebstrap=2")),
+        ];
+        for (what, v) in &variants {
+            assert_ne!(v.build_id, base.build_id, "{what} must change the build id");
+            assert_eq!(v.version, format!("0.1.0+{}", &v.build_id[..12]));
+        }
+        // The base tree depends only on what mmdebstrap sees: not on the agent or
+        // the image's own settings.
+        let base_unchanged = ["spec value", "agent package"];
+        for (what, v) in &variants {
+            assert_eq!(
+                v.base_key == base.base_key,
+                base_unchanged.contains(what),
+                "base cache key and {what}"
+            );
+        }
+        // A spec's own source-date-epoch wins over the archive date.
+        let pinned = id(
+            &SPEC.replace(
+                "version = \"0.1.0\"",
+                "version = \"0.1.0\"\nsource-date-epoch = 1700000000",
+            ),
+            "a",
+            "deb",
+            &p,
+            100,
+            "mmdebstrap=1",
+        );
+        assert_eq!(pinned.source_date_epoch, 1_700_000_000);
+        assert_eq!(base.source_date_epoch, 100);
+    }
+
     #[test]
     fn derived_uuids_are_stable_and_distinct() {
         let a = derived_uuid("abc", "root-fs");

@@ -95,7 +95,12 @@ impl Show {
         );
         s.push_str("  artifacts:\n");
         for a in &v.artifacts {
-            s.push_str(&format!("    {:<48} {:>10}  {}\n", a.file, mib(a.size), a.sha256));
+            s.push_str(&format!(
+                "    {:<48} {:>10}  {}\n",
+                a.file,
+                mib(a.size),
+                a.sha256
+            ));
         }
         s.push_str("  stages:");
         for t in &m.stages {
@@ -323,7 +328,10 @@ pub fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<Gc> {
     let mut kept_keys = BTreeSet::new();
     let mut dropped_keys = BTreeSet::new();
     for versions in by_image.values() {
-        let newest_passing = versions.iter().find(|v| v.tested == Some(true)).map(|v| v.id);
+        let newest_passing = versions
+            .iter()
+            .find(|v| v.tested == Some(true))
+            .map(|v| v.id);
         for (i, v) in versions.iter().enumerate() {
             let keys = reg
                 .manifest(v)
@@ -345,7 +353,10 @@ pub fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<Gc> {
         }
     }
     let stages = cache::dir().join("stages");
-    for key in dropped_keys.difference(&kept_keys).filter(|k| !k.is_empty()) {
+    for key in dropped_keys
+        .difference(&kept_keys)
+        .filter(|k| !k.is_empty())
+    {
         for kind in cache::KINDS {
             let dir = stages.join(kind).join(key);
             if dir.is_dir() {

@@ -416,11 +416,11 @@ impl Registry {
     }
 
     pub fn manifest(&self, v: &VersionInfo) -> Result<Manifest> {
-        let text: String = self.conn.query_row(
-            "SELECT manifest FROM versions WHERE id = ?1",
-            [v.id],
-            |r| r.get(0),
-        )?;
+        let text: String =
+            self.conn
+                .query_row("SELECT manifest FROM versions WHERE id = ?1", [v.id], |r| {
+                    r.get(0)
+                })?;
         Ok(serde_json::from_str(&text)?)
     }
 

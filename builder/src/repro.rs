@@ -162,7 +162,13 @@ impl Report {
                 p.label, p.differing_blocks, p.first_difference
             ));
         }
-        if self.files.is_empty() {
+        let raw_same = self
+            .artifacts
+            .iter()
+            .any(|(file, x, y)| file.ends_with(".raw") && x == y);
+        if raw_same {
+            s.push_str("  the raw images are identical: the difference is in the conversion to the formats above\n");
+        } else if self.files.is_empty() {
             s.push_str("  the file trees are identical (contents, modes, owners, times): the difference is filesystem metadata\n");
         } else {
             s.push_str("  first differing files:\n");

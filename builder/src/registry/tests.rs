@@ -87,7 +87,10 @@ fn references_and_test_runs() {
         reg.record_build(Path::new("/o"), Path::new("s"), &manifest(v, &[]), &[])
             .unwrap();
     }
-    assert_eq!(reg.find("devos-test@0.1.0+b").unwrap().version, "0.1.0+bbb222");
+    assert_eq!(
+        reg.find("devos-test@0.1.0+b").unwrap().version,
+        "0.1.0+bbb222"
+    );
     let err = reg.find("devos-test@0.1.0").unwrap_err().to_string();
     assert!(err.contains("matches 2 versions"), "{err}");
     let err = reg.find("nope").unwrap_err().to_string();
@@ -115,15 +118,22 @@ fn migrations_run_forward_and_keep_data() {
     // A registry written by a builder that only knew schema version 1.
     let mut old = Registry::open_at(&path, 1).unwrap();
     assert_eq!(old.schema_version().unwrap(), 1);
-    old.record_build(Path::new("/o"), Path::new("s"), &manifest("0.1.0+a", &[]), &[])
-        .unwrap();
+    old.record_build(
+        Path::new("/o"),
+        Path::new("s"),
+        &manifest("0.1.0+a", &[]),
+        &[],
+    )
+    .unwrap();
     drop(old);
     let reg = Registry::open(&path).unwrap();
     assert_eq!(reg.schema_version().unwrap(), SCHEMA_VERSION);
     assert_eq!(reg.versions(None).unwrap().len(), 1);
     // The tables of later migrations exist.
     reg.conn
-        .execute_batch("SELECT * FROM test_runs; SELECT * FROM publications; SELECT * FROM rollouts;")
+        .execute_batch(
+            "SELECT * FROM test_runs; SELECT * FROM publications; SELECT * FROM rollouts;",
+        )
         .unwrap();
 }
 
@@ -158,5 +168,8 @@ fn concurrent_writers_do_not_lose_records() {
             });
         }
     });
-    assert_eq!(Registry::open(&path).unwrap().versions(None).unwrap().len(), 40);
+    assert_eq!(
+        Registry::open(&path).unwrap().versions(None).unwrap().len(),
+        40
+    );
 }

@@ -1,0 +1,459 @@
+//! Content-addressed builds as a user runs them: the registry commands, stage reuse
+//! after small changes, corrupted cache entries, builds killed at every stage,
+//! concurrent builds, garbage collection, and two builds from scratch being
+//! bit-for-bit identical.
+//!
+//! The builds share one cache under `target/test-cache` (seeded with the default
+//! cache's downloaded packages, so they are not fetched twice) and each test has its
+//! own registry. The tests here take the build lock in turn: two image builds at once
+//! on a 2-core machine only make both slow.
+
+// Test helpers fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use devos_tests::{repo_root, require, require_root, run_with_timeout};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_devos-build");
+static HEAVY: Mutex<()> = Mutex::new(());
+
+struct Env {
+    dir: tempfile::TempDir,
+    cache: PathBuf,
+    agent_deb: PathBuf,
+}
+
+impl Env {
+    fn new() -> Self {
+        require_root();
+        for (tool, package) in [
+            ("mmdebstrap", "mmdebstrap"),
+            ("qemu-img", "qemu-utils"),
+            ("mkfs.vfat", "dosfstools"),
+            ("mcopy", "mtools"),
+            ("sfdisk", "fdisk"),
+            ("debugfs", "e2fsprogs"),
+            ("zstd", "zstd"),
+        ] {
+            require(tool, package);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = repo_root().join("target/test-cache");
+        seed_packages(&cache);
+        let agent_deb = devos_build::agent_pkg::build(&repo_root(), dir.path(), 0)
+            .unwrap()
+            .path;
+        Self {
+            dir,
+            cache,
+            agent_deb,
+        }
+    }
+
+    fn registry(&self) -> PathBuf {
+        self.dir.path().join("registry.db")
+    }
+
+    /// A copy of the default spec with `edit` applied, in this test's directory.
+    fn spec(&self, file: &str, edit: impl Fn(String) -> String) -> PathBuf {
+        let text = std::fs::read_to_string(repo_root().join("images/devos-debian.toml")).unwrap();
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, edit(text)).unwrap();
+        path
+    }
+
+    fn out(&self, spec: &Path) -> PathBuf {
+        self.dir
+            .path()
+            .join("images")
+            .join(spec.file_stem().unwrap())
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("DEVOS_CACHE_DIR", &self.cache)
+            .env("DEVOS_REGISTRY", self.registry())
+            .env_remove("SOURCE_DATE_EPOCH")
+            .args(args);
+        c
+    }
+
+    fn build_cmd(&self, spec: &Path, extra: &[&str]) -> Command {
+        let mut c = self.cmd(&["image", "build", "--json"]);
+        c.arg(spec)
+            .arg("--agent-deb")
+            .arg(&self.agent_deb)
+            .arg("--out")
+            .arg(self.out(spec).join("current"))
+            .args(extra);
+        c
+    }
+
+    /// Build; must succeed. (stdout as JSON, stderr)
+    fn build(&self, spec: &Path, extra: &[&str]) -> (Value, String) {
+        let out = run(&mut self.build_cmd(spec, extra), 15);
+        ok(&out);
+        (
+            serde_json::from_slice(&out.stdout).unwrap(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = run(&mut self.cmd(args), 5);
+        ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn versions(&self) -> Vec<String> {
+        self.json(&["image", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+fn run(cmd: &mut Command, minutes: u64) -> Output {
+    run_with_timeout(cmd, Duration::from_secs(minutes * 60)).unwrap()
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "command failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Link the default cache's downloaded packages into the test cache.
+fn seed_packages(cache: &Path) {
+    let default = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/devos/packages"))
+        .unwrap_or_default();
+    let Ok(suites) = std::fs::read_dir(&default) else {
+        return;
+    };
+    for suite in suites.flatten() {
+        let dest = cache.join("packages").join(suite.file_name());
+        std::fs::create_dir_all(&dest).unwrap();
+        for deb in std::fs::read_dir(suite.path()).unwrap().flatten() {
+            let to = dest.join(deb.file_name());
+            if !to.exists() {
+                let _ = std::fs::hard_link(deb.path(), &to);
+            }
+        }
+    }
+}
+
+/// Start a build and SIGKILL it as soon as its log shows `marker`. Returns the log.
+fn kill_at(env: &Env, spec: &Path, marker: &str, extra: &[&str]) -> String {
+    let mut cmd = env.build_cmd(spec, extra);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let mut killed = false;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains(marker) {
+            // A moment into the stage, so it is really running when it dies.
+            std::thread::sleep(Duration::from_millis(700));
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(killed, "the build never reached `{marker}`:\n{log}");
+    assert!(
+        !status.success(),
+        "the build finished before it was killed:\n{log}"
+    );
+    log
+}
+
+fn plan_version(env: &Env, spec: &Path) -> String {
+    let mut c = env.cmd(&["image", "plan", "--json"]);
+    c.arg(spec).arg("--agent-deb").arg(&env.agent_deb);
+    let out = run(&mut c, 5);
+    ok(&out);
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    plan["version"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn incremental_builds_registry_kills_and_gc() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    let spec = env.spec("devos-a.toml", |t| t);
+    let out_dir = env.out(&spec).join("current");
+
+    // `image plan` says what the build will be, without building it.
+    let planned = plan_version(&env, &spec);
+    let (first, _) = env.build(&spec, &[]);
+    let v1 = first["manifest"]["version"].as_str().unwrap().to_owned();
+    assert_eq!(v1, planned);
+    let status = env.json(&["cache", "status", "--json"]);
+    let kinds: Vec<&str> = status["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"base") && kinds.contains(&"tree"),
+        "{status:#}"
+    );
+
+    // No change: nothing is built.
+    let (again, _) = env.build(&spec, &[]);
+    assert_eq!(again["fresh"], false);
+
+    // A test-only change does not change the image.
+    let tests_changed = env.spec("devos-a.toml", |t| {
+        t.replace("systemctl is-active devos-agent.service", "true")
+    });
+    let (same, _) = env.build(&tests_changed, &[]);
+    assert_eq!(same["manifest"]["version"], v1.as_str());
+    assert_eq!(same["fresh"], false);
+
+    // A configuration change reuses the base tree: no mmdebstrap.
+    let config = env.spec("devos-b.toml", |t| {
+        t.replace("log-level = \"info\"", "log-level = \"debug\"")
+    });
+    let (second, log) = env.build(&config, &[]);
+    let v2 = second["manifest"]["version"].as_str().unwrap().to_owned();
+    assert_ne!(v2, v1);
+    assert!(log.contains("base tree restored from the cache"), "{log}");
+    assert!(!log.contains("$ mmdebstrap"), "{log}");
+
+    // The registry: list, show, diff, verify.
+    let versions = env.versions();
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    let a = format!("devos-debian@{v1}");
+    let b = format!("devos-debian@{v2}");
+    let show = env.json(&["image", "show", &b, "--json"]);
+    assert_eq!(show["build_id"], second["manifest"]["build_id"]);
+    assert!(show["files"].as_u64().unwrap() > 1000);
+    let diff = env.json(&["image", "diff", &a, &b, "--json"]);
+    assert!(
+        diff["packages_changed"].as_array().unwrap().is_empty(),
+        "{diff:#}"
+    );
+    let changed: Vec<&str> = diff["files_changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        changed
+            .iter()
+            .any(|f| f.starts_with("/etc/devos/agent.toml (content")),
+        "{changed:?}"
+    );
+    assert!(
+        changed.iter().any(|f| f.starts_with("/etc/os-release")),
+        "{changed:?}"
+    );
+    let verify = env.json(&["image", "verify", &b, "--json"]);
+    assert_eq!(verify["ok"], true, "{verify:#}");
+
+    // A flipped byte in an artifact fails verification, naming the file.
+    let qcow2 = env
+        .out(&config)
+        .join("current")
+        .join(format!("devos-debian-{v2}.qcow2"));
+    flip_byte(&qcow2);
+    let out = run(&mut env.cmd(&["image", "verify", &b]), 5);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("devos-debian-{v2}.qcow2")) && text.contains("MISMATCH"),
+        "{text}"
+    );
+
+    // A corrupted base entry is detected, rebuilt and not used.
+    let base_key = second["manifest"]["cache_keys"]["base"].as_str().unwrap();
+    flip_byte(
+        &env.cache
+            .join("stages/base")
+            .join(base_key)
+            .join("tree.tar.zst"),
+    );
+    let corrupt = env.spec("devos-c.toml", |t| {
+        t.replace("log-level = \"info\"", "log-level = \"warn\"")
+    });
+    let (third, log) = env.build(&corrupt, &[]);
+    assert!(log.contains("is corrupt"), "{log}");
+    assert!(log.contains("$ mmdebstrap"), "{log}");
+    assert_eq!(third["manifest"]["cache_keys"]["base"], base_key);
+    assert!(
+        env.cache
+            .join("stages/base")
+            .join(base_key)
+            .join("entry.json")
+            .is_file()
+    );
+
+    // Killed at any stage: no registry entry, nothing under the final name, and the
+    // next build succeeds, reusing what was valid.
+    let killed = env.spec("devos-d.toml", |t| {
+        t.replace("log-level = \"info\"", "log-level = \"error\"")
+    });
+    let v4 = plan_version(&env, &killed);
+    let final_dir = env.out(&killed).join("current");
+    for (marker, extra) in [
+        ("==> [2/6] resolve", &[][..]),
+        ("==> [3/6] rootfs", &["--no-cache"][..]),
+        ("==> [4/6] customize", &[][..]),
+        ("==> [5/6] disk", &[][..]),
+        ("==> [6/6] convert", &[][..]),
+    ] {
+        let log = kill_at(&env, &killed, marker, extra);
+        assert!(
+            !final_dir.exists(),
+            "killed at {marker}: output under its final name\n{log}"
+        );
+        assert!(
+            !env.versions().contains(&v4),
+            "killed at {marker}: the registry has the version"
+        );
+    }
+    let (fourth, log) = env.build(&killed, &[]);
+    assert_eq!(fourth["manifest"]["version"], v4.as_str());
+    assert!(
+        log.contains("finished tree restored from the cache"),
+        "{log}"
+    );
+    assert!(log.contains("left by a killed build"), "{log}");
+    assert!(env.versions().contains(&v4));
+    let leftovers: Vec<String> = std::fs::read_dir(final_dir.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".build-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Two builds of the same version at once, and a third of another spec: all
+    // succeed, one of the first two waits for the other and finds it built.
+    let concurrent = env.spec("devos-e.toml", |t| {
+        t.replace("hostname = \"devos\"", "hostname = \"devos-e\"")
+    });
+    let other = env.spec("devos-f.toml", |t| {
+        t.replace("hostname = \"devos\"", "hostname = \"devos-f\"")
+    });
+    let children: Vec<std::process::Child> = [&concurrent, &concurrent, &other]
+        .iter()
+        .map(|s| {
+            env.build_cmd(s, &[])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in &outputs {
+        ok(o);
+    }
+    let fresh: Vec<bool> = outputs[..2]
+        .iter()
+        .map(|o| serde_json::from_slice::<Value>(&o.stdout).unwrap()["fresh"] == true)
+        .collect();
+    assert_eq!(
+        fresh.iter().filter(|f| **f).count(),
+        1,
+        "exactly one of the two builds builds"
+    );
+    let all = env.versions();
+    assert_eq!(all.len(), 6, "{all:?}");
+    for v in &all {
+        let verify = env.json(&["image", "verify", &format!("devos-debian@{v}"), "--json"]);
+        if *v != v2 {
+            assert_eq!(verify["ok"], true, "{verify:#}");
+        }
+    }
+
+    // gc keeps the newest version, and the newest one that passed a boot test.
+    let mut reg = devos_build::registry::Registry::open(&env.registry()).unwrap();
+    let run_record = devos_build::registry::TestRun {
+        started_at: devos_build::registry::now(),
+        passed: true,
+        accelerator: "tcg".into(),
+        seconds: 30.0,
+    };
+    reg.record_test("devos-debian", &v1, &run_record, &Value::Null)
+        .unwrap();
+    drop(reg);
+    let gc = env.json(&["image", "gc", "--keep", "1", "--json"]);
+    let kept: Vec<&str> = gc["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(kept.len(), 2, "{gc:#}");
+    assert!(
+        kept.contains(&a.as_str()),
+        "the newest passing version must stay: {gc:#}"
+    );
+    assert_eq!(gc["removed"].as_array().unwrap().len(), 4, "{gc:#}");
+    assert!(
+        out_dir.join("manifest.json").is_file(),
+        "{}",
+        out_dir.display()
+    );
+    let listed = env.json(&["image", "list", "--json"]);
+    let removed = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["state"] == "removed")
+        .count();
+    assert_eq!(removed, 4);
+}
+
+#[test]
+fn two_builds_from_scratch_are_bit_for_bit_identical() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    let spec = env.spec("devos-repro.toml", |t| t);
+    let (report, log) = env.build(&spec, &["--check-reproducible"]);
+    let repro = &report["reproducible"];
+    assert_eq!(repro["identical"], true, "{repro:#}\n{log}");
+    // Both builds really ran from scratch.
+    assert_eq!(log.matches("$ mmdebstrap").count(), 2, "{log}");
+    let artifacts = repro["artifacts"].as_array().unwrap();
+    assert_eq!(artifacts.len(), 2);
+    for a in artifacts {
+        assert_eq!(a[1], a[2], "{a}");
+    }
+}
+
+fn flip_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(path, bytes).unwrap();
+}
