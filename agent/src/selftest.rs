@@ -43,25 +43,34 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     let conn = timed("system-bus", zbus::Connection::system()).await;
     emit(conn.result(|_| "connected".to_owned()))?;
     if let Ok(conn) = conn.value {
-        match Agent1Proxy::new(&conn).await {
+        let ping = match Agent1Proxy::new(&conn).await {
             Ok(agent) => {
-                emit(
-                    timed("agent-ping", agent.ping())
-                        .await
-                        .result(|p| p.clone()),
-                )?;
-                emit(
-                    timed("agent-version", agent.version())
-                        .await
-                        .result(|v| v.clone()),
-                )?;
+                let ping = timed("agent-ping", agent.ping())
+                    .await
+                    .result(|p| p.clone());
+                if ping.ok {
+                    emit(ping)?;
+                    emit(
+                        timed("agent-version", agent.version())
+                            .await
+                            .result(|v| v.clone()),
+                    )?;
+                    None
+                } else {
+                    Some(ping)
+                }
             }
-            Err(e) => emit(CheckResult {
+            Err(e) => Some(CheckResult {
                 check: "agent-ping".into(),
                 ok: false,
                 detail: e.to_string(),
                 ms: 0,
-            })?,
+            }),
+        };
+        // The agent did not answer: say why, from its unit's journal.
+        if let Some(mut ping) = ping {
+            ping.detail.push_str(&journal("devos-agent.service").await);
+            emit(ping)?;
         }
     }
 
@@ -69,8 +78,15 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     if let Ok(conn) = zbus::Connection::system().await {
         emit(boot_time(&conn).await)?;
     }
+    emit(bus_policy().await)?;
+    emit(root_read_only())?;
+    emit(var_writable())?;
+    emit(os_release())?;
     emit(system_state().await)?;
     emit(critical_chain().await)?;
+    for test in spec_tests() {
+        emit(run_test(&test).await)?;
+    }
 
     let done = serde_json::to_string(&Done {
         done: true,
@@ -190,6 +206,210 @@ pub fn boot_split(firmware: u64, loader: u64, initrd: u64, userspace: u64, now: 
     )
 }
 
+/// A spec `[[tests]]` entry, as the host passes it in the `devos.tests` credential.
+#[derive(Debug, serde::Deserialize)]
+pub struct SpecTest {
+    pub name: String,
+    pub run: String,
+    pub expect_exit: i32,
+}
+
+/// Where systemd puts the credentials the host passed in (SMBIOS type 11).
+const SYSTEM_CREDENTIALS: &str = "/run/credentials/@system";
+
+/// The spec's tests; none when the host passed none.
+fn spec_tests() -> Vec<SpecTest> {
+    let dirs = [
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from),
+        Some(SYSTEM_CREDENTIALS.into()),
+    ];
+    dirs.into_iter()
+        .flatten()
+        .find_map(|d| std::fs::read(d.join("devos.tests")).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// How long one spec test may run.
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Run one spec test with `sh -c` as root; it passes if it exits as expected.
+async fn run_test(test: &SpecTest) -> CheckResult {
+    let start = Instant::now();
+    let out = tokio::time::timeout(
+        TEST_TIMEOUT,
+        tokio::process::Command::new("/bin/sh")
+            .args(["-c", &test.run])
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    let (ok, detail) = match out {
+        Err(_) => (
+            false,
+            format!("did not finish within {}s", TEST_TIMEOUT.as_secs()),
+        ),
+        Ok(Err(e)) => (false, format!("cannot run /bin/sh: {e}")),
+        Ok(Ok(o)) => {
+            let code = o.status.code().unwrap_or(-1);
+            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&o.stderr));
+            let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = tail[tail.len().saturating_sub(5)..].join(" | ");
+            (
+                code == test.expect_exit,
+                format!(
+                    "exit {code} (expected {}){}",
+                    test.expect_exit,
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {tail}")
+                    }
+                ),
+            )
+        }
+    };
+    CheckResult {
+        check: format!("test:{}", test.name),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+/// A user other than root must not be able to own the agent's bus name.
+async fn bus_policy() -> CheckResult {
+    let start = Instant::now();
+    let out = tokio::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "busctl",
+            "--system",
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "RequestName",
+            "su",
+            crate::BUS_NAME,
+            "4",
+        ])
+        .output()
+        .await;
+    let (ok, detail) = match out {
+        Err(e) => (false, format!("cannot run setpriv/busctl: {e}")),
+        Ok(o) if o.status.success() => (
+            false,
+            format!("uid 65534 was allowed to own {}", crate::BUS_NAME),
+        ),
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+            let refused = err.contains("not allowed") || err.contains("Access denied");
+            (
+                refused,
+                if refused {
+                    format!("uid 65534 may not own {}", crate::BUS_NAME)
+                } else {
+                    format!("unexpected busctl failure: {err}")
+                },
+            )
+        }
+    };
+    CheckResult {
+        check: "bus-policy".into(),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+/// The mount options of the filesystem mounted at `target`, from mountinfo.
+fn mount_options(target: &str) -> Option<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(4) == Some(&target)).then(|| f.get(5).map(|o| (*o).to_owned()))?
+        })
+}
+
+fn root_read_only() -> CheckResult {
+    let options = mount_options("/").unwrap_or_default();
+    let ro = options.split(',').any(|o| o == "ro");
+    let write = std::fs::write("/usr/.devos-selftest", "x");
+    CheckResult {
+        check: "root-read-only".into(),
+        ok: ro && write.is_err(),
+        detail: format!(
+            "/ mounted {options}; writing to /usr {}",
+            if write.is_err() { "fails" } else { "SUCCEEDED" }
+        ),
+        ms: 0,
+    }
+}
+
+fn var_writable() -> CheckResult {
+    let path = Path::new("/var/.devos-selftest");
+    let result = std::fs::write(path, "x").and_then(|()| std::fs::remove_file(path));
+    CheckResult {
+        check: "var-writable".into(),
+        ok: result.is_ok(),
+        detail: match result {
+            Ok(()) => format!(
+                "/var mounted {}",
+                mount_options("/var").unwrap_or_else(|| "(not a mount point)".into())
+            ),
+            Err(e) => format!("cannot write to /var: {e}"),
+        },
+        ms: 0,
+    }
+}
+
+/// os-release's IMAGE_ID and IMAGE_VERSION (the host compares the version).
+fn os_release() -> CheckResult {
+    let text = std::fs::read_to_string(crate::os_release::DEFAULT_PATH).unwrap_or_default();
+    let field = |k| crate::os_release::field(&text, k);
+    match (field("IMAGE_ID"), field("IMAGE_VERSION")) {
+        (Some(id), Some(version)) => CheckResult {
+            check: "os-release".into(),
+            ok: true,
+            detail: format!("{id} {version}"),
+            ms: 0,
+        },
+        _ => CheckResult {
+            check: "os-release".into(),
+            ok: false,
+            detail: format!(
+                "{} has no IMAGE_ID or IMAGE_VERSION",
+                crate::os_release::DEFAULT_PATH
+            ),
+            ms: 0,
+        },
+    }
+}
+
+/// The last journal lines of `unit`, as ` — journal: a | b | c`.
+async fn journal(unit: &str) -> String {
+    let out = tokio::process::Command::new("journalctl")
+        .args(["--no-pager", "-o", "cat", "-n", "12", "-u", unit])
+        .output()
+        .await;
+    match out {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            format!(" — journal of {unit}: {}", lines.join(" | "))
+        }
+        Err(e) => format!(" — journalctl: {e}"),
+    }
+}
+
 /// Wait (bounded) for the boot to finish, then fail if any unit failed, naming them.
 async fn system_state() -> CheckResult {
     let start = Instant::now();
@@ -212,13 +432,13 @@ async fn system_state() -> CheckResult {
                     .args(["--failed", "--plain", "--no-legend", "--no-pager"])
                     .output()
                     .await
-                    .map(|f| {
-                        String::from_utf8_lossy(&f.stdout)
-                            .trim()
-                            .replace('\n', "; ")
-                    })
+                    .map(|f| String::from_utf8_lossy(&f.stdout).into_owned())
                     .unwrap_or_default();
-                (false, format!("{state}; failed units: {failed}"))
+                let mut detail = format!("{state}; failed units:");
+                for unit in failed.lines().filter_map(|l| l.split_whitespace().next()) {
+                    detail.push_str(&format!("\n  {unit}{}", journal(unit).await));
+                }
+                (false, detail)
             }
         }
     };

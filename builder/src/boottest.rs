@@ -13,50 +13,94 @@ use serde::{Deserialize, Serialize};
 use crate::build::{self, Manifest};
 use crate::qemu::{self, AccelChoice, Vm};
 
-/// What to boot: an image file, an output directory, or a spec (its newest build).
+/// What to boot: an image file, an output directory, a spec (its newest build), or a
+/// registry reference `NAME[@VERSION]`.
 pub struct Target {
     pub disk: PathBuf,
     pub manifest: Option<Manifest>,
+    /// The spec's `[[tests]]`, run inside the guest after the built-in checks.
+    pub tests: Vec<crate::spec::Test>,
 }
 
-pub fn resolve_target(arg: &Path) -> Result<Target> {
-    if arg.is_dir() {
-        let manifest = Manifest::load(arg)?;
-        let disk = manifest.raw(arg).with_context(|| {
+impl Target {
+    /// The built version in `dir`, with the tests of `spec` (if given).
+    pub fn from_dir(dir: &Path, spec: Option<&crate::spec::Spec>) -> Result<Self> {
+        let manifest = Manifest::load(dir)?;
+        let disk = manifest.raw(dir).with_context(|| {
             format!(
                 "{} lists no raw artifact",
-                arg.join("manifest.json").display()
+                dir.join("manifest.json").display()
             )
         })?;
-        return Ok(Target {
+        Ok(Self {
             disk,
             manifest: Some(manifest),
-        });
+            tests: spec.map(|s| s.tests.clone()).unwrap_or_default(),
+        })
+    }
+}
+
+pub fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
+    if arg.is_dir() {
+        return Target::from_dir(arg, None);
     }
     if arg.extension().is_some_and(|e| e == "toml") {
         let spec = crate::spec::load(arg)?;
+        // The newest version built from this spec file, else the newest of its name.
+        let from_registry = crate::registry::Registry::open(registry)
+            .and_then(|r| r.versions(Some(&spec.name)))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.state == "built" && v.dir.join("manifest.json").is_file())
+            .max_by_key(|v| (same_file(Path::new(&v.spec), &spec.path), v.built_at))
+            .map(|v| v.dir);
         let dir = build::images_root(&spec.path).join(&spec.name);
-        let newest = newest_build(&dir).with_context(|| {
+        let newest = from_registry.or_else(|| newest_build(&dir)).with_context(|| {
             format!(
-                "no build of `{}` found in {}\n  hint: run `devos-build image build {}` first (or `image build --test`)",
+                "no build of `{}` found in the registry or {}\n  hint: run `devos-build image build {}` first (or `image build --test`)",
                 spec.name,
                 dir.display(),
                 arg.display()
             )
         })?;
-        return resolve_target(&newest);
+        return Target::from_dir(&newest, Some(&spec));
     }
     if arg.is_file() {
         let manifest = arg.parent().and_then(|d| Manifest::load(d).ok());
         return Ok(Target {
             disk: arg.to_path_buf(),
             manifest,
+            tests: Vec::new(),
         });
     }
+    let reference = arg.to_string_lossy();
+    if !reference.contains('/') {
+        let reg = crate::registry::Registry::open(registry)?;
+        let v = reg.find(&reference)?;
+        if v.state != "built" || !v.dir.join("manifest.json").is_file() {
+            bail!(
+                "{}@{} is in the registry but its artifacts are gone ({})\n  hint: rebuild it with `devos-build image build {}`",
+                v.name,
+                v.version,
+                v.dir.display(),
+                v.spec
+            );
+        }
+        // The tests of the spec it was built from, as that spec reads now.
+        let spec = crate::spec::load(Path::new(&v.spec)).ok();
+        return Target::from_dir(&v.dir, spec.as_ref());
+    }
     bail!(
-        "`{}` is neither an image file, an image output directory nor a spec\n  hint: pass e.g. `images/devos-debian.toml` or `target/images/devos-debian/VERSION/`",
+        "`{}` is neither an image file, an image output directory, a spec nor a registry reference\n  hint: pass e.g. `images/devos-debian.toml`, `target/images/devos-debian/VERSION/` or `devos-debian@VERSION`",
         arg.display()
     )
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 fn newest_build(dir: &Path) -> Option<PathBuf> {
@@ -124,13 +168,17 @@ pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     let dir = &scratch.dir;
     let console = dir.path().join("console.log");
     let report = dir.path().join("selftest.jsonl");
-    let vm = scratch.vm(
+    let tests_json = (!target.tests.is_empty())
+        .then(|| serde_json::to_string(&target.tests))
+        .transpose()?;
+    let mut vm = scratch.vm(
         opts.memory_mib,
         opts.cpus,
         Some(&console),
         Some(&report),
         None,
     );
+    vm.tests_json = tests_json.as_deref();
     let stderr = fs::File::create(dir.path().join("qemu.stderr"))?;
     let start = Instant::now();
     let mut child = crate::cmd::spawn(
@@ -208,9 +256,9 @@ fn watch(
         if done {
             return Ok(());
         }
-        let text = fs::read_to_string(console).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("Kernel panic")) {
-            return Err(format!("kernel panic: {}", line.trim()));
+        let text = String::from_utf8_lossy(&fs::read(console).unwrap_or_default()).into_owned();
+        if let Some(diagnosis) = diagnose_console(&text) {
+            return Err(diagnosis);
         }
         match child.try_wait() {
             Ok(Some(status)) => {
@@ -233,6 +281,40 @@ fn watch(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Console lines that mean the boot cannot succeed, and what they mean. Seen, the test
+/// fails at once instead of waiting for its timeout.
+const FATAL_CONSOLE: &[(&str, &str)] = &[
+    ("Kernel panic", "kernel panic"),
+    (
+        "Gave up waiting for root",
+        "the initramfs could not find the root filesystem (check root= on the kernel command line)",
+    ),
+    (
+        "does not exist.  Dropping to a shell",
+        "the initramfs could not find the root filesystem (check root= on the kernel command line)",
+    ),
+    (
+        "You are in emergency mode",
+        "systemd entered emergency mode",
+    ),
+    (
+        "Failed to start Switch Root",
+        "switching to the root filesystem failed",
+    ),
+];
+
+fn diagnose_console(text: &str) -> Option<String> {
+    for line in text.lines() {
+        for (needle, meaning) in FATAL_CONSOLE {
+            if line.contains(needle) {
+                let line = line.replace(|c: char| c.is_control() && c != '\t', "");
+                return Some(format!("{meaning}: {}", line.trim()));
+            }
+        }
+    }
+    None
 }
 
 /// The guest's results so far, and whether its final line (`{"done": ...}`) arrived.
@@ -295,6 +377,64 @@ impl TestReport {
         }
         s
     }
+}
+
+impl TestReport {
+    /// The report as JUnit XML: one test case per check, the failure's diagnosis and
+    /// the console's last lines when the run failed.
+    pub fn junit(&self) -> String {
+        let name = self.version.as_deref().unwrap_or("image");
+        let failures = self.checks.iter().filter(|c| !c.ok).count()
+            + usize::from(self.failure.is_some() && self.checks.iter().all(|c| c.ok));
+        let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+        x.push_str(&format!(
+            "<testsuites>\n  <testsuite name=\"devos boot test {}\" tests=\"{}\" failures=\"{failures}\" time=\"{:.3}\">\n",
+            xml(name),
+            self.checks.len() + 1,
+            self.seconds
+        ));
+        for c in &self.checks {
+            x.push_str(&format!(
+                "    <testcase classname=\"{}\" name=\"{}\" time=\"{:.3}\">",
+                xml(name),
+                xml(&c.check),
+                c.ms as f64 / 1000.0
+            ));
+            if c.ok {
+                x.push_str(&format!("<system-out>{}</system-out>", xml(&c.detail)));
+            } else {
+                x.push_str(&format!(
+                    "<failure message=\"{}\">{}</failure>",
+                    xml(&c.detail.lines().next().unwrap_or_default()),
+                    xml(&c.detail)
+                ));
+            }
+            x.push_str("</testcase>\n");
+        }
+        x.push_str(&format!(
+            "    <testcase classname=\"{}\" name=\"boot\" time=\"{:.3}\">",
+            xml(name),
+            self.seconds
+        ));
+        if let Some(f) = &self.failure {
+            x.push_str(&format!(
+                "<failure message=\"{}\">{}\n\nlast console lines:\n{}</failure>",
+                xml(f.lines().next().unwrap_or_default()),
+                xml(f),
+                xml(&self.console_tail.join("\n"))
+            ));
+        }
+        x.push_str("</testcase>\n  </testsuite>\n</testsuites>\n");
+        x
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace(|c: char| c.is_control() && c != '\n' && c != '\t', "")
 }
 
 /// An interactive boot: the serial console on this terminal (Ctrl-A X quits).
@@ -363,6 +503,7 @@ impl Scratch {
             cpus,
             console_log,
             selftest_report,
+            tests_json: None,
             ssh_port,
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::boottest::{self, TestOptions};
@@ -128,7 +128,8 @@ pub enum ImageCommand {
     },
     /// Boot an image under QEMU and check that it comes up and its agent answers.
     Test {
-        /// An image file, an image output directory, or a spec (its newest build).
+        /// An image file, an output directory, a spec (its newest build), or
+        /// NAME[@VERSION] from the registry.
         #[arg(default_value = DEFAULT_SPEC)]
         target: PathBuf,
         #[command(flatten)]
@@ -139,7 +140,8 @@ pub enum ImageCommand {
     },
     /// Boot an image interactively with the serial console on this terminal.
     Boot {
-        /// An image file, an image output directory, or a spec (its newest build).
+        /// An image file, an output directory, a spec (its newest build), or
+        /// NAME[@VERSION] from the registry.
         #[arg(default_value = DEFAULT_SPEC)]
         target: PathBuf,
         /// Forward this host port (on 127.0.0.1) to the guest's SSH port.
@@ -187,6 +189,9 @@ pub struct VmArgs {
     /// Keep the test VM's overlay and console log, and print where.
     #[arg(long)]
     keep: bool,
+    /// Also write the results as JUnit XML to this file (for CI systems).
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
 }
 
 impl VmArgs {
@@ -257,14 +262,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 (build::build(&opts, &mut ui)?, None)
             };
             let report = if test {
-                let target = boottest::Target {
-                    disk: built.manifest.raw(&built.dir).unwrap_or_default(),
-                    manifest: Some(built.manifest.clone()),
-                };
+                let spec = crate::spec::load(&opts.spec)?;
+                let target = boottest::Target::from_dir(&built.dir, Some(&spec))?;
                 ui.info("==> boot test");
-                let report = boottest::test(&target, &vm.options())?;
-                record_test(&registry_path, &target, &report)?;
-                Some(report)
+                Some(run_test(&target, &vm, &registry_path)?)
             } else {
                 None
             };
@@ -337,9 +338,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             output(json, &gc, || gc.human(), true)
         }
         Command::Image(ImageCommand::Test { target, vm, json }) => {
-            let target = boottest::resolve_target(&target)?;
-            let report = boottest::test(&target, &vm.options())?;
-            record_test(&registry_path, &target, &report)?;
+            let target = boottest::resolve_target(&target, &registry_path)?;
+            let report = run_test(&target, &vm, &registry_path)?;
             output(json, &report, || report.summary(), report.passed)
         }
         Command::Image(ImageCommand::Boot {
@@ -348,11 +348,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             memory,
             cpus,
         }) => {
-            let target = boottest::resolve_target(&target)?;
+            let target = boottest::resolve_target(&target, &registry_path)?;
             boottest::boot(&target, memory, cpus, ssh_port)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Boot-test, write JUnit if asked, and record the run in the registry.
+fn run_test(
+    target: &boottest::Target,
+    vm: &VmArgs,
+    registry_path: &std::path::Path,
+) -> Result<boottest::TestReport> {
+    let report = boottest::test(target, &vm.options())?;
+    if let Some(path) = &vm.junit {
+        std::fs::write(path, report.junit())
+            .with_context(|| format!("cannot write the JUnit report {}", path.display()))?;
+    }
+    record_test(registry_path, target, &report)?;
+    Ok(report)
 }
 
 /// Store a boot-test run with its version (images without a manifest are not in the

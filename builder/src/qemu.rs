@@ -179,6 +179,8 @@ pub struct Vm<'a> {
     pub console_log: Option<&'a Path>,
     /// Switch the guest's self-test on and collect its report here.
     pub selftest_report: Option<&'a Path>,
+    /// The spec's tests for the guest's runner, as JSON (passed as a credential).
+    pub tests_json: Option<&'a str>,
     /// Forward this host port to the guest's SSH port (user-mode networking).
     pub ssh_port: Option<u16>,
 }
@@ -244,6 +246,13 @@ impl Vm<'_> {
                     "-smbios",
                     "type=11,value=io.systemd.credential:devos.selftest=1",
                 ]);
+            if let Some(json) = self.tests_json {
+                use base64::Engine;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(json);
+                c.arg("-smbios").arg(format!(
+                    "type=11,value=io.systemd.credential.binary:devos.tests={b64}"
+                ));
+            }
         }
         match self.ssh_port {
             Some(port) => c.arg("-nic").arg(format!(

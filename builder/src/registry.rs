@@ -459,6 +459,29 @@ impl Registry {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The gate publishing and rollouts pass through: the version's latest boot test
+    /// must have passed.
+    pub fn require_passing(&self, reference: &str) -> Result<VersionInfo> {
+        let v = self.find(reference)?;
+        match v.tested {
+            Some(true) => Ok(v),
+            Some(false) => bail!(
+                "{}@{} failed its last boot test; only versions that pass may be published or rolled out\n  hint: `devos-build image show {}@{}` shows the failure; fix it and build again",
+                v.name,
+                v.version,
+                v.name,
+                v.version
+            ),
+            None => bail!(
+                "{}@{} has not been boot-tested; only versions that pass may be published or rolled out\n  hint: run `devos-build image test {}@{}`",
+                v.name,
+                v.version,
+                v.name,
+                v.version
+            ),
+        }
+    }
+
     /// Mark a version's artifacts as deleted (the row stays, for history and diffs).
     pub fn mark_removed(&mut self, v: &VersionInfo) -> Result<()> {
         self.conn.execute(

@@ -109,6 +109,31 @@ fn references_and_test_runs() {
     let v = reg.find("devos-test@0.1.0+aaa111").unwrap();
     assert_eq!(v.tested, Some(true));
     assert_eq!(reg.test_runs(&v).unwrap().len(), 1);
+
+    // The publish/rollout gate: untested and failed versions are refused.
+    reg.require_passing("devos-test@0.1.0+aaa111").unwrap();
+    let err = reg
+        .require_passing("devos-test@0.1.0+bbb222")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has not been boot-tested"), "{err}");
+    let failed = TestRun {
+        passed: false,
+        started_at: 6,
+        ..run
+    };
+    reg.record_test(
+        "devos-test",
+        "0.1.0+aaa111",
+        &failed,
+        &serde_json::json!({}),
+    )
+    .unwrap();
+    let err = reg
+        .require_passing("devos-test@0.1.0+aaa111")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("failed its last boot test"), "{err}");
 }
 
 #[test]
