@@ -405,7 +405,7 @@ impl TestReport {
             } else {
                 x.push_str(&format!(
                     "<failure message=\"{}\">{}</failure>",
-                    xml(&c.detail.lines().next().unwrap_or_default()),
+                    xml(c.detail.lines().next().unwrap_or_default()),
                     xml(&c.detail)
                 ));
             }
