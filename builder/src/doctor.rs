@@ -38,6 +38,12 @@ pub const TOOLS: &[(&str, &str, &str)] = &[
     ),
     ("sfdisk", "fdisk", "image build: the GPT partition table"),
     (
+        "debugfs",
+        "e2fsprogs",
+        "image build: reproducible inode times",
+    ),
+    ("zstd", "zstd", "image build: the stage cache"),
+    (
         "qemu-img",
         "qemu-utils",
         "image build: qcow2/vmdk/vhd; image test: overlays",

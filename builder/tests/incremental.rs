@@ -12,160 +12,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
+use std::path::Path;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use devos_tests::{repo_root, require, require_root, run_with_timeout};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_devos-build");
-static HEAVY: Mutex<()> = Mutex::new(());
+mod common;
 
-struct Env {
-    dir: tempfile::TempDir,
-    cache: PathBuf,
-    agent_deb: PathBuf,
-}
-
-impl Env {
-    fn new() -> Self {
-        require_root();
-        for (tool, package) in [
-            ("mmdebstrap", "mmdebstrap"),
-            ("qemu-img", "qemu-utils"),
-            ("mkfs.vfat", "dosfstools"),
-            ("mcopy", "mtools"),
-            ("sfdisk", "fdisk"),
-            ("debugfs", "e2fsprogs"),
-            ("zstd", "zstd"),
-        ] {
-            require(tool, package);
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let cache = repo_root().join("target/test-cache");
-        seed_packages(&cache);
-        let agent_deb = devos_build::agent_pkg::build(&repo_root(), dir.path(), 0)
-            .unwrap()
-            .path;
-        Self {
-            dir,
-            cache,
-            agent_deb,
-        }
-    }
-
-    fn registry(&self) -> PathBuf {
-        self.dir.path().join("registry.db")
-    }
-
-    /// A spec whose image no earlier run can have cached: the default spec with a
-    /// hostname unique to this run and `edit` applied.
-    fn fresh_spec(&self, file: &str, edit: impl Fn(String) -> String) -> PathBuf {
-        let nonce = format!(
-            "devos-{}-{}",
-            std::process::id(),
-            file.trim_end_matches(".toml")
-        );
-        self.spec(file, |t| {
-            edit(t.replace("hostname = \"devos\"", &format!("hostname = \"{nonce}\"")))
-        })
-    }
-
-    /// A copy of the default spec with `edit` applied, in this test's directory.
-    fn spec(&self, file: &str, edit: impl Fn(String) -> String) -> PathBuf {
-        let text = std::fs::read_to_string(repo_root().join("images/devos-debian.toml")).unwrap();
-        let path = self.dir.path().join(file);
-        std::fs::write(&path, edit(text)).unwrap();
-        path
-    }
-
-    fn out(&self, spec: &Path) -> PathBuf {
-        self.dir
-            .path()
-            .join("images")
-            .join(spec.file_stem().unwrap())
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.env("DEVOS_CACHE_DIR", &self.cache)
-            .env("DEVOS_REGISTRY", self.registry())
-            .env_remove("SOURCE_DATE_EPOCH")
-            .args(args);
-        c
-    }
-
-    fn build_cmd(&self, spec: &Path, extra: &[&str]) -> Command {
-        let mut c = self.cmd(&["image", "build", "--json"]);
-        c.arg(spec)
-            .arg("--agent-deb")
-            .arg(&self.agent_deb)
-            .arg("--out")
-            .arg(self.out(spec).join("current"))
-            .args(extra);
-        c
-    }
-
-    /// Build; must succeed. (stdout as JSON, stderr)
-    fn build(&self, spec: &Path, extra: &[&str]) -> (Value, String) {
-        let out = run(&mut self.build_cmd(spec, extra), 15);
-        ok(&out);
-        (
-            serde_json::from_slice(&out.stdout).unwrap(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = run(&mut self.cmd(args), 5);
-        ok(&out);
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn versions(&self) -> Vec<String> {
-        self.json(&["image", "list", "--json"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["version"].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
-
-fn run(cmd: &mut Command, minutes: u64) -> Output {
-    run_with_timeout(cmd, Duration::from_secs(minutes * 60)).unwrap()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "command failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
-/// Link the default cache's downloaded packages into the test cache.
-fn seed_packages(cache: &Path) {
-    let default = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/devos/packages"))
-        .unwrap_or_default();
-    let Ok(suites) = std::fs::read_dir(&default) else {
-        return;
-    };
-    for suite in suites.flatten() {
-        let dest = cache.join("packages").join(suite.file_name());
-        std::fs::create_dir_all(&dest).unwrap();
-        for deb in std::fs::read_dir(suite.path()).unwrap().flatten() {
-            let to = dest.join(deb.file_name());
-            if !to.exists() {
-                let _ = std::fs::hard_link(deb.path(), &to);
-            }
-        }
-    }
-}
+use common::{Env, HEAVY, flip_byte, ok, run};
 
 /// Start a build and SIGKILL it as soon as its log shows `marker`. Returns the log.
 fn kill_at(env: &Env, spec: &Path, marker: &str, extra: &[&str]) -> String {
@@ -458,11 +313,4 @@ fn two_builds_from_scratch_are_bit_for_bit_identical() {
     for a in artifacts {
         assert_eq!(a[1], a[2], "{a}");
     }
-}
-
-fn flip_byte(path: &Path) {
-    let mut bytes = std::fs::read(path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    std::fs::write(path, bytes).unwrap();
 }

@@ -1,0 +1,217 @@
+//! The boot test's diagnoses, each on a deliberately broken image: an agent that
+//! crashes at start, a unit that fails, a spec test that exits non-zero, and a kernel
+//! command line that cannot find root. (The default image passing is tested in
+//! `image.rs`, the README's command.)
+
+// Test helpers fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use devos_tests::require;
+use serde_json::Value;
+
+mod common;
+
+use common::{Env, HEAVY, ok, run};
+
+/// The agent package with `edit` applied to its unpacked tree, repacked.
+fn repack(env: &Env, name: &str, edit: impl Fn(&Path)) -> PathBuf {
+    let root = env.dir.path().join(format!("pkg-{name}"));
+    ok(&Command::new("dpkg-deb")
+        .arg("-R")
+        .arg(&env.agent_deb)
+        .arg(&root)
+        .output()
+        .unwrap());
+    edit(&root);
+    let deb = env.dir.path().join(format!("{name}.deb"));
+    ok(&Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-b"])
+        .arg(&root)
+        .arg(&deb)
+        .output()
+        .unwrap());
+    deb
+}
+
+fn write_exec(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Build `spec` (with `deb` as the agent) and boot-test it; the test must fail.
+/// Returns the report and the JUnit XML.
+fn failing_test(env: &Env, spec: &Path, deb: &Path) -> (Value, String) {
+    for (tool, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("dpkg-deb", "dpkg"),
+    ] {
+        require(tool, package);
+    }
+    let junit = env.dir.path().join(format!(
+        "{}.xml",
+        spec.file_stem().unwrap().to_string_lossy()
+    ));
+    let mut c = env.cmd(&["image", "build", "--json", "--test", "--timeout", "150"]);
+    c.arg(spec)
+        .arg("--agent-deb")
+        .arg(deb)
+        .arg("--out")
+        .arg(env.out(spec))
+        .arg("--junit")
+        .arg(&junit);
+    let out = run(&mut c, 15);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the broken image passed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stderr}"));
+    assert_eq!(report["test"]["passed"], false);
+    (
+        report["test"].clone(),
+        std::fs::read_to_string(&junit).unwrap(),
+    )
+}
+
+fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == name)
+        .unwrap_or_else(|| panic!("no `{name}` check in {report:#}"))
+}
+
+#[test]
+fn an_agent_that_crashes_at_start_is_named_with_its_journal() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    // The daemon dies at once; the self-test mode (the same binary) still works.
+    let deb = repack(&env, "agent-crash", |root| {
+        let bin = root.join("usr/bin/devos-agent");
+        let real = root.join("usr/lib/devos/devos-agent-real");
+        std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+        std::fs::rename(&bin, &real).unwrap();
+        write_exec(
+            &bin,
+            "#!/bin/sh\nif [ \"$1\" = self-test ]; then exec /usr/lib/devos/devos-agent-real \"$@\"; fi\necho 'devos-agent: simulated crash at start' >&2\nkill -SEGV $$\n",
+        );
+    });
+    let spec = env.fresh_spec("agent-crash.toml", |t| t);
+    let (report, junit) = failing_test(&env, &spec, &deb);
+    let ping = check(&report, "agent-ping");
+    assert_eq!(ping["ok"], false);
+    let detail = ping["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("journal of devos-agent.service"),
+        "{detail}"
+    );
+    assert!(detail.contains("simulated crash at start"), "{detail}");
+    // The unit restarts on failure, so the system itself may still count as
+    // `running`: the failure is the agent's, named with its unit's journal.
+    let failure = report["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("agent-ping") && failure.contains("devos-agent.service"),
+        "{failure}"
+    );
+    assert!(
+        junit.contains("<failure") && junit.contains("name=\"agent-ping\""),
+        "{junit}"
+    );
+}
+
+#[test]
+fn a_failing_unit_is_named_with_its_journal() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    let deb = repack(&env, "unit-fails", |root| {
+        let unit = root.join("usr/lib/systemd/system/devos-broken.service");
+        std::fs::write(
+            &unit,
+            "[Unit]\nDescription=A unit that fails\n[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo devos-broken: cannot reach the license server >&2; exit 3'\n",
+        )
+        .unwrap();
+        let wants = root.join("etc/systemd/system/multi-user.target.wants");
+        std::fs::create_dir_all(&wants).unwrap();
+        std::os::unix::fs::symlink(
+            "/usr/lib/systemd/system/devos-broken.service",
+            wants.join("devos-broken.service"),
+        )
+        .unwrap();
+    });
+    let spec = env.fresh_spec("unit-fails.toml", |t| t);
+    let (report, _) = failing_test(&env, &spec, &deb);
+    // The agent itself is fine.
+    assert_eq!(check(&report, "agent-ping")["ok"], true);
+    let state = check(&report, "system-state");
+    assert_eq!(state["ok"], false);
+    let detail = state["detail"].as_str().unwrap();
+    assert!(detail.contains("devos-broken.service"), "{detail}");
+    assert!(
+        detail.contains("cannot reach the license server"),
+        "{detail}"
+    );
+    assert!(
+        report["failure"].as_str().unwrap().contains("system-state"),
+        "{report:#}"
+    );
+}
+
+#[test]
+fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    let spec = env.spec("spec-test.toml", |t| {
+        format!(
+            "{t}\n[[tests]]\nname = \"disk-space\"\nrun = \"echo 'only 3% free' >&2; exit 4\"\n"
+        )
+    });
+    let deb = env.agent_deb.clone();
+    let (report, junit) = failing_test(&env, &spec, &deb);
+    // The spec's passing tests ran too.
+    assert_eq!(check(&report, "test:agent-unit-active")["ok"], true);
+    assert_eq!(check(&report, "test:root-is-read-only")["ok"], true);
+    let t = check(&report, "test:disk-space");
+    assert_eq!(t["ok"], false);
+    let detail = t["detail"].as_str().unwrap();
+    assert!(detail.starts_with("exit 4 (expected 0)"), "{detail}");
+    assert!(detail.contains("only 3% free"), "{detail}");
+    assert!(junit.contains("name=\"test:disk-space\""), "{junit}");
+    // The built-in checks all passed.
+    for name in [
+        "bus-policy",
+        "root-read-only",
+        "var-writable",
+        "os-release",
+        "system-state",
+    ] {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
+    }
+}
+
+#[test]
+fn a_kernel_command_line_without_root_is_diagnosed_not_waited_out() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    let spec = env.fresh_spec("no-root.toml", |t| {
+        t.replace(
+            "kernel-cmdline = \"",
+            "kernel-cmdline = \"root=PARTUUID=00000000-0000-4000-8000-000000000000 rootdelay=3 ",
+        )
+    });
+    let deb = env.agent_deb.clone();
+    let (report, _) = failing_test(&env, &spec, &deb);
+    let failure = report["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("could not find the root filesystem"),
+        "{failure}"
+    );
+    assert!(
+        report["seconds"].as_f64().unwrap() < 140.0,
+        "the failure must be seen before the timeout: {report:#}"
+    );
+    assert!(!report["console_tail"].as_array().unwrap().is_empty());
+}

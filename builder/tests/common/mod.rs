@@ -1,0 +1,168 @@
+//! Helpers shared by the image-building integration tests: an isolated registry, the
+//! shared test cache, an agent package, spec copies and command runners.
+
+// Not every test file uses every helper.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use devos_tests::{repo_root, require, require_root, run_with_timeout};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_devos-build");
+pub static HEAVY: Mutex<()> = Mutex::new(());
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub cache: PathBuf,
+    pub agent_deb: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        require_root();
+        for (tool, package) in [
+            ("mmdebstrap", "mmdebstrap"),
+            ("qemu-img", "qemu-utils"),
+            ("mkfs.vfat", "dosfstools"),
+            ("mcopy", "mtools"),
+            ("sfdisk", "fdisk"),
+            ("debugfs", "e2fsprogs"),
+            ("zstd", "zstd"),
+        ] {
+            require(tool, package);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = repo_root().join("target/test-cache");
+        seed_packages(&cache);
+        let agent_deb = devos_build::agent_pkg::build(&repo_root(), dir.path(), 0)
+            .unwrap()
+            .path;
+        Self {
+            dir,
+            cache,
+            agent_deb,
+        }
+    }
+
+    pub fn registry(&self) -> PathBuf {
+        self.dir.path().join("registry.db")
+    }
+
+    /// A spec whose image no earlier run can have cached: the default spec with a
+    /// hostname unique to this run and `edit` applied.
+    pub fn fresh_spec(&self, file: &str, edit: impl Fn(String) -> String) -> PathBuf {
+        let nonce = format!(
+            "devos-{}-{}",
+            std::process::id(),
+            file.trim_end_matches(".toml")
+        );
+        self.spec(file, |t| {
+            edit(t.replace("hostname = \"devos\"", &format!("hostname = \"{nonce}\"")))
+        })
+    }
+
+    /// A copy of the default spec with `edit` applied, in this test's directory.
+    pub fn spec(&self, file: &str, edit: impl Fn(String) -> String) -> PathBuf {
+        let text = std::fs::read_to_string(repo_root().join("images/devos-debian.toml")).unwrap();
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, edit(text)).unwrap();
+        path
+    }
+
+    pub fn out(&self, spec: &Path) -> PathBuf {
+        self.dir
+            .path()
+            .join("images")
+            .join(spec.file_stem().unwrap())
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("DEVOS_CACHE_DIR", &self.cache)
+            .env("DEVOS_REGISTRY", self.registry())
+            .env_remove("SOURCE_DATE_EPOCH")
+            .args(args);
+        c
+    }
+
+    pub fn build_cmd(&self, spec: &Path, extra: &[&str]) -> Command {
+        let mut c = self.cmd(&["image", "build", "--json"]);
+        c.arg(spec)
+            .arg("--agent-deb")
+            .arg(&self.agent_deb)
+            .arg("--out")
+            .arg(self.out(spec).join("current"))
+            .args(extra);
+        c
+    }
+
+    /// Build; must succeed. (stdout as JSON, stderr)
+    pub fn build(&self, spec: &Path, extra: &[&str]) -> (Value, String) {
+        let out = run(&mut self.build_cmd(spec, extra), 15);
+        ok(&out);
+        (
+            serde_json::from_slice(&out.stdout).unwrap(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = run(&mut self.cmd(args), 5);
+        ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn versions(&self) -> Vec<String> {
+        self.json(&["image", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+pub fn run(cmd: &mut Command, minutes: u64) -> Output {
+    run_with_timeout(cmd, Duration::from_secs(minutes * 60)).unwrap()
+}
+
+pub fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "command failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Link the default cache's downloaded packages into the test cache.
+fn seed_packages(cache: &Path) {
+    let default = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/devos/packages"))
+        .unwrap_or_default();
+    let Ok(suites) = std::fs::read_dir(&default) else {
+        return;
+    };
+    for suite in suites.flatten() {
+        let dest = cache.join("packages").join(suite.file_name());
+        std::fs::create_dir_all(&dest).unwrap();
+        for deb in std::fs::read_dir(suite.path()).unwrap().flatten() {
+            let to = dest.join(deb.file_name());
+            if !to.exists() {
+                let _ = std::fs::hard_link(deb.path(), &to);
+            }
+        }
+    }
+}
+
+/// Flip one byte in the middle of a file.
+pub fn flip_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(path, bytes).unwrap();
+}
