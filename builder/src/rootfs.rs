@@ -215,14 +215,16 @@ pub fn bootstrap(
         .arg(format!("--components={}", spec.components.join(",")))
         .arg("--aptopt=Acquire::Languages \"none\"")
         .args(DPKG_EXCLUDES.iter().map(|p| format!("--dpkgopt={p}")))
-        // Keep every downloaded .deb: copy the cache in before apt runs, and the
-        // (possibly larger) cache back out before mmdebstrap cleans it.
         // A targeted initrd: only the storage drivers of the clouds and hypervisors
-        // DevOS images run on, instead of every module (`MODULES=most`).
+        // DevOS images run on, instead of every module (`MODULES=most`). They are
+        // added by a hook, not listed for loading: udev in the initrd loads only the
+        // ones whose hardware is there (each module load costs time, much under TCG).
         .arg(format!(
-            "--setup-hook=mkdir -p \"$1\"/etc/initramfs-tools/conf.d \"$1\"/usr/share/initramfs-tools/modules.d && echo MODULES=list > \"$1\"/etc/initramfs-tools/conf.d/devos.conf && printf '%s\\n' {} > \"$1\"/usr/share/initramfs-tools/modules.d/devos.conf",
+            "--setup-hook=mkdir -p \"$1\"/etc/initramfs-tools/conf.d \"$1\"/etc/initramfs-tools/hooks && echo MODULES=list > \"$1\"/etc/initramfs-tools/conf.d/devos.conf && printf '%s\\n' '#!/bin/sh' '[ \"$1\" = prereqs ] && exit 0' '. /usr/share/initramfs-tools/hook-functions' 'for m in {}; do manual_add_modules $m; done' > \"$1\"/etc/initramfs-tools/hooks/devos-storage && chmod 755 \"$1\"/etc/initramfs-tools/hooks/devos-storage",
             INITRD_MODULES.join(" ")
         ))
+        // Keep every downloaded .deb: copy the cache in before apt runs, and the
+        // (possibly larger) cache back out before mmdebstrap cleans it.
         .arg("--skip=essential/unlink")
         .arg("--skip=update")
         .arg(format!(
