@@ -97,9 +97,12 @@ impl Index {
 
     /// Bring the package lists up to date. Each archive's `InRelease` is fetched
     /// (small, signed); apt downloads the indices only when one of them changed.
-    /// An archive that cannot be reached fails here, naming the mirror.
+    /// An archive that cannot be reached fails here, naming the mirror, and then a
+    /// missing archive keyring.
     pub fn refresh(&self, spec: &Spec, sources: &Sources) -> Result<()> {
         let fetched = fetch_in_releases(spec, sources)?;
+        // Reachable: now the keyring that must verify it.
+        crate::rootfs::preflight(spec)?;
         let stamp = self.dir.join("in-release.sha256");
         let current = sha256_hex(fetched.as_bytes());
         if fs::read_to_string(&stamp).is_ok_and(|s| s == current) && self.archive().is_ok() {
@@ -246,6 +249,25 @@ pub fn release_date(text: &str) -> Option<u64> {
         .map(|d| d.as_secs())
 }
 
+/// One `InRelease`. A local (`file://`) mirror is read directly; if it is missing,
+/// apt says so when it updates.
+fn fetch_one(agent: &ureq::Agent, url: &str) -> Result<String, String> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Ok(fs::read_to_string(path).unwrap_or_default());
+    }
+    agent
+        .get(url)
+        .call()
+        .map_err(|e| e.to_string())
+        .and_then(|mut r| {
+            r.body_mut()
+                .with_config()
+                .limit(16 << 20)
+                .read_to_string()
+                .map_err(|e| e.to_string())
+        })
+}
+
 /// Fetch every archive's `InRelease` (in parallel); their concatenation says whether
 /// the lists are current. Fails naming the first mirror that cannot be reached.
 fn fetch_in_releases(spec: &Spec, sources: &Sources) -> Result<String> {
@@ -253,37 +275,27 @@ fn fetch_in_releases(spec: &Spec, sources: &Sources) -> Result<String> {
         .timeout_global(Some(Duration::from_secs(8)))
         .build()
         .into();
-    let results: Vec<(String, Result<String, String>)> =
-        std::thread::scope(|s| {
-            let handles: Vec<_> =
-                sources
-                    .repos
-                    .iter()
-                    .map(|(uri, suite)| {
-                        let agent = agent.clone();
-                        let url = format!("{}/dists/{suite}/InRelease", uri.trim_end_matches('/'));
-                        s.spawn(move || {
-                            let body = agent.get(&url).call().map_err(|e| e.to_string()).and_then(
-                                |mut r| {
-                                    r.body_mut()
-                                        .with_config()
-                                        .limit(16 << 20)
-                                        .read_to_string()
-                                        .map_err(|e| e.to_string())
-                                },
-                            );
-                            (url, body)
-                        })
-                    })
-                    .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| (String::new(), Err("fetch thread panicked".into())))
+    let results: Vec<(String, Result<String, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = sources
+            .repos
+            .iter()
+            .map(|(uri, suite)| {
+                let agent = agent.clone();
+                let url = format!("{}/dists/{suite}/InRelease", uri.trim_end_matches('/'));
+                s.spawn(move || {
+                    let body = fetch_one(&agent, &url);
+                    (url, body)
                 })
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| (String::new(), Err("fetch thread panicked".into())))
+            })
+            .collect()
+    });
     let mut all = String::new();
     for ((uri, _), (url, body)) in sources.repos.iter().zip(results) {
         match body {

@@ -283,7 +283,6 @@ fn host_tools() -> Result<String> {
 /// The `resolve` stage: package sources and lists, the exact package set, the agent
 /// package (written to `staged`) and the identity computed from all of them.
 pub fn resolve(spec: Spec, opts: &BuildOptions, staged: &Path, ui: &Ui) -> Result<Resolved> {
-    rootfs::preflight(&spec)?;
     let sources = rootfs::sources(&spec);
     let index = apt::Index::open(&cache::dir(), &sources)?;
     index.refresh(&spec, &sources)?;

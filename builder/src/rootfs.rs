@@ -169,7 +169,7 @@ fn parse_deb822(text: &str) -> Vec<Stanza> {
 }
 
 /// Fail fast, before anything is downloaded or built, when the archive keyring is
-/// missing (an unreachable mirror fails next, in [`crate::apt::Index::refresh`]).
+/// missing ([`crate::apt::Index::refresh`] calls it once the mirror answered).
 pub fn preflight(spec: &Spec) -> Result<()> {
     if let Some(k) = keyring(spec).filter(|k| !k.is_file()) {
         let package = match spec.distro {
