@@ -96,10 +96,7 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
     key.update(format!("{version}\n{source_date_epoch}\n"));
     key.update(control(version, 0));
     for (src, dest, mode) in FILES {
-        let from = match src.strip_prefix("target/") {
-            Some(rest) => target.join(rest),
-            None => source.join(src),
-        };
+        let from = file_source(source, &target, src);
         let sha = digest::file_sha256(&from)
             .with_context(|| format!("cannot read {}", from.display()))?;
         key.update(format!("{dest} {mode:o} {sha}\n"));
@@ -129,10 +126,7 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
     }
     let mut installed_bytes = 0;
     for (src, dest, mode) in FILES {
-        let from = match src.strip_prefix("target/") {
-            Some(rest) => target.join(rest),
-            None => source.join(src),
-        };
+        let from = file_source(source, &target, src);
         let to = stage.join(dest);
         fs::create_dir_all(to.parent().unwrap_or(&stage))?;
         fs::copy(&from, &to).with_context(|| format!("while copying {}", from.display()))?;
@@ -178,6 +172,15 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
         path: deb,
         version: version.to_owned(),
     })
+}
+
+/// Where a [`FILES`] source is: `target/...` under the cargo target directory, the
+/// rest under the source tree.
+fn file_source(source: &Path, target: &Path, src: &str) -> PathBuf {
+    match src.strip_prefix("target/") {
+        Some(rest) => target.join(rest),
+        None => source.join(src),
+    }
 }
 
 fn control(version: &str, installed_bytes: u64) -> String {

@@ -181,16 +181,14 @@ impl Index {
         if packages.is_empty() {
             bail!("apt resolved no packages for {}", spec.path.display());
         }
-        let first = self
-            .in_release_files()?
-            .into_iter()
-            .find(|f| {
-                sources
-                    .repos
-                    .first()
-                    .is_some_and(|(uri, suite)| *f == self.lists().join(list_name(uri, suite)))
-            })
-            .or_else(|| self.in_release_files().ok()?.into_iter().next());
+        // The date of the suite itself (the first source), else of any archive.
+        let files = self.in_release_files()?;
+        let first = sources
+            .repos
+            .first()
+            .map(|(uri, suite)| self.lists().join(list_name(uri, suite)))
+            .filter(|f| files.contains(f))
+            .or_else(|| files.into_iter().next());
         let archive_date = first
             .and_then(|f| fs::read_to_string(f).ok())
             .and_then(|t| release_date(&t))

@@ -680,31 +680,31 @@ fn agent_package(spec: &Spec, opts: &BuildOptions, staged: &Path) -> Result<Opti
 /// Copy the raw image to the output (sparse), hashing it on the way.
 fn copy_raw(raw: &Path, out: &Path) -> Result<Artifact> {
     use sha2::Digest;
-    use std::os::unix::fs::MetadataExt;
     let mut hasher = sha2::Sha256::new();
     let mut file = fs::File::create(out)?;
     let len = digest::copy_sparse(raw, &mut file, 0, Some(&mut hasher))?;
     file.set_len(len)?;
-    Ok(Artifact {
-        file: out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        format: "raw".to_owned(),
-        sha256: hex::encode(hasher.finalize()),
-        size: len,
-        used_bytes: file.metadata()?.blocks() * 512,
-    })
+    drop(file);
+    described(out, Format::Raw, hex::encode(hasher.finalize()))
 }
 
 fn artifact(dir: &Path, file: &str, format: Format) -> Result<Artifact> {
-    use std::os::unix::fs::MetadataExt;
     let path = dir.join(file);
-    let meta = fs::metadata(&path)?;
+    let sha256 = digest::file_sha256(&path)?;
+    described(&path, format, sha256)
+}
+
+/// An output file as the manifest lists it, given its sha256.
+fn described(path: &Path, format: Format, sha256: String) -> Result<Artifact> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)?;
     Ok(Artifact {
-        file: file.to_owned(),
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         format: format.extension().to_owned(),
-        sha256: digest::file_sha256(&path)?,
+        sha256,
         size: meta.len(),
         used_bytes: meta.blocks() * 512,
     })

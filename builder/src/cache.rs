@@ -155,7 +155,7 @@ impl Cache {
             key: key.to_owned(),
             sha256: digest::file_sha256(&archive)?,
             size: fs::metadata(&archive)?.len(),
-            created: now(),
+            created: crate::registry::now(),
             about: about.to_owned(),
         };
         fs::write(
@@ -319,10 +319,6 @@ pub fn dir_size(root: &Path) -> u64 {
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn now() -> u64 {
-    secs(SystemTime::now())
 }
 
 #[cfg(test)]
