@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::risk::RiskClass;
+
 /// The path the packaged daemon reads its configuration from.
 pub const DEFAULT_PATH: &str = "/etc/devos/agent.toml";
 
@@ -15,6 +17,14 @@ pub struct AgentConfig {
     pub log_level: LogLevel,
     /// Where the image version is read from (`IMAGE_VERSION=`).
     pub os_release: PathBuf,
+    /// Where requests, remembered rules and the audit log are kept.
+    pub state_dir: PathBuf,
+    /// Which actions run without asking, and which never run.
+    pub policy: Policy,
+    /// How approved actions are confined.
+    pub sandbox: SandboxConfig,
+    /// The tamper-evident audit log.
+    pub audit: AuditConfig,
 }
 
 impl Default for AgentConfig {
@@ -22,8 +32,121 @@ impl Default for AgentConfig {
         Self {
             log_level: LogLevel::Info,
             os_release: PathBuf::from(crate::os_release::DEFAULT_PATH),
+            state_dir: PathBuf::from("/var/lib/devos-agent"),
+            policy: Policy::default(),
+            sandbox: SandboxConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
+}
+
+/// `[policy]`: the administrator's approval policy. Users may narrow it (and widen
+/// auto-approval only within `user-may-auto-approve`) in `~/.config/devos/agent.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Policy {
+    /// Risk classes that run without asking. `unknown` is not allowed here.
+    pub auto_approve: Vec<RiskClass>,
+    /// Classes a user may add to their own `auto-approve`.
+    pub user_may_auto_approve: Vec<RiskClass>,
+    /// Actions that never run, whoever approves them. Deny always wins.
+    pub deny: Vec<DenyRule>,
+    /// Members of these groups (and root) may approve privileged actions, which run
+    /// as root (package installs). Everyone else is refused them.
+    pub admin_groups: Vec<String>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            auto_approve: vec![RiskClass::ReadOnly],
+            user_may_auto_approve: vec![RiskClass::ReadOnly, RiskClass::WritesWorkdir],
+            deny: vec![
+                DenyRule {
+                    command_prefix: vec!["rm".into(), "-rf".into(), "/".into()],
+                    path_prefix: None,
+                    reason: Some("never delete the root directory".into()),
+                },
+                DenyRule {
+                    command_prefix: Vec::new(),
+                    path_prefix: Some(PathBuf::from("/boot")),
+                    reason: Some("the boot partition belongs to the image".into()),
+                },
+            ],
+            admin_groups: vec!["sudo".into()],
+        }
+    }
+}
+
+/// One deny rule: a command prefix (argv words) or a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DenyRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command_prefix: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `[sandbox]`: limits for every action the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct SandboxConfig {
+    /// Refuse an action when Landlock or seccomp cannot be applied (kernel without
+    /// Landlock, say). `false` runs it with what could be applied and says so.
+    pub required: bool,
+    /// Seconds an action may run before it is killed.
+    pub timeout_secs: u64,
+    /// Bytes of stdout+stderr kept per action; the rest is dropped and reported.
+    pub max_output_bytes: u64,
+    /// Largest file an action may write (RLIMIT_FSIZE), MiB.
+    pub max_file_mib: u64,
+    /// Open files per action (RLIMIT_NOFILE).
+    pub max_open_files: u64,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            required: true,
+            timeout_secs: 600,
+            max_output_bytes: 1 << 20,
+            max_file_mib: 4096,
+            max_open_files: 4096,
+        }
+    }
+}
+
+/// `[audit]`: the hash-chained audit log under `state-dir/audit/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct AuditConfig {
+    /// Write a checkpoint (sequence number and hash) every this many entries.
+    pub checkpoint_every: u64,
+    /// Start a new log file when the current one passes this size, MiB.
+    pub rotate_mib: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 32,
+            rotate_mib: 16,
+        }
+    }
+}
+
+/// `~/.config/devos/agent.toml`: what a user may set for themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct UserPolicy {
+    /// Classes that run without asking for this user (only those the admin's
+    /// `user-may-auto-approve` lists take effect).
+    pub auto_approve: Vec<RiskClass>,
+    /// More deny rules, for this user only.
+    pub deny: Vec<DenyRule>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,10 +187,17 @@ impl AgentConfig {
     /// on an image whose admin removed the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            }),
+            Ok(text) => {
+                let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+                config.validate().map_err(|message| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message,
+                })?;
+                Ok(config)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(source) => Err(ConfigError::Read {
                 path: path.to_path_buf(),
@@ -78,7 +208,39 @@ impl AgentConfig {
 
     /// Build a config from an already parsed table (an image spec's `[agent.config]`).
     pub fn from_table(table: toml::Table) -> Result<Self, String> {
-        Self::deserialize(toml::Value::Table(table)).map_err(|e| e.message().to_owned())
+        let config =
+            Self::deserialize(toml::Value::Table(table)).map_err(|e| e.message().to_owned())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// What serde cannot check: rules that must name something, classes that may
+    /// never run unasked.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, classes) in [
+            ("policy.auto-approve", &self.policy.auto_approve),
+            (
+                "policy.user-may-auto-approve",
+                &self.policy.user_may_auto_approve,
+            ),
+        ] {
+            if classes.contains(&RiskClass::Unknown) {
+                return Err(format!(
+                    "{key}: `unknown` can never run without asking; remove it"
+                ));
+            }
+        }
+        for (i, rule) in self.policy.deny.iter().enumerate() {
+            rule.validate()
+                .map_err(|e| format!("policy.deny[{i}]: {e}"))?;
+        }
+        if self.sandbox.timeout_secs == 0 || self.sandbox.max_output_bytes == 0 {
+            return Err("sandbox.timeout-secs and sandbox.max-output-bytes must be above 0".into());
+        }
+        if self.audit.checkpoint_every == 0 || self.audit.rotate_mib == 0 {
+            return Err("audit.checkpoint-every and audit.rotate-mib must be above 0".into());
+        }
+        Ok(())
     }
 
     /// The file as written into an image: a header and every key with its value.
@@ -88,6 +250,21 @@ impl AgentConfig {
             "# DevOS agent configuration. Every key is optional; see `man devos-agent` or\n\
              # docs/spec.md ([agent.config]) for what each one does.\n{body}"
         )
+    }
+}
+
+impl DenyRule {
+    pub fn validate(&self) -> Result<(), String> {
+        match (self.command_prefix.is_empty(), &self.path_prefix) {
+            (true, None) => Err("a deny rule needs `command-prefix` or `path-prefix`".into()),
+            (false, Some(_)) => {
+                Err("a deny rule takes `command-prefix` or `path-prefix`, not both".into())
+            }
+            (_, Some(p)) if !p.is_absolute() => {
+                Err(format!("path-prefix {} must be absolute", p.display()))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -108,6 +285,23 @@ mod tests {
         let err =
             AgentConfig::from_table(toml::from_str("log-levle = 'info'").unwrap()).unwrap_err();
         assert!(err.contains("log-levle"), "{err}");
+    }
+
+    #[test]
+    fn policy_mistakes_name_the_key() {
+        let err = AgentConfig::from_table(
+            toml::from_str("[policy]\nauto-approve = ['read-only', 'unknown']").unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.contains("policy.auto-approve"), "{err}");
+        let err = AgentConfig::from_table(toml::from_str("[[policy.deny]]\nreason = 'x'").unwrap())
+            .unwrap_err();
+        assert!(err.contains("policy.deny[0]"), "{err}");
+        let err = AgentConfig::from_table(
+            toml::from_str("[policy]\nauto-approve = ['sometimes']").unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.contains("sometimes"), "{err}");
     }
 
     #[test]

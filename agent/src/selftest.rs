@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::service::Agent1Proxy;
+use crate::client::Agent1Proxy;
 
 /// One result line. The host parses these; keep the field names stable.
 #[derive(Debug, Serialize)]

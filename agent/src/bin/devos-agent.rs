@@ -23,6 +23,10 @@ enum Command {
     Serve,
     /// Run the boot self-test checks and report them as JSON lines (used by
     /// devos-selftest.service during `devos-build image test`).
+    /// Run one action in the sandbox (internal: the daemon starts this with the
+    /// action on stdin; it drops to the calling user before running anything).
+    #[command(hide = true)]
+    SandboxExec,
     SelfTest {
         /// Where to write the results (the host's virtio-serial port).
         #[arg(long, default_value = "/dev/virtio-ports/org.devos.selftest")]
@@ -42,6 +46,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(cli.command, Some(Command::SandboxExec)) {
+        // Single-threaded on purpose: identity and filters apply to this one thread,
+        // which then becomes the action.
+        let code = devos_agent::sandbox::exec_from_stdin();
+        return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+    }
     let config = AgentConfig::load(&cli.config)?;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -57,9 +67,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            rt.block_on(devos_agent::service::serve(&config, shutdown_signal()))?;
+            rt.block_on(devos_agent::service::serve(
+                &cli.config,
+                config,
+                shutdown_signal(),
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::SandboxExec => unreachable!("handled before the runtime starts"),
         Command::SelfTest { report } => {
             let ok = rt.block_on(devos_agent::selftest::run(&report))?;
             Ok(if ok {

@@ -1,0 +1,468 @@
+//! The tamper-evident audit log: append-only JSON lines, each entry carrying the hash
+//! of the one before it, with checkpoints and a head record kept beside the log so
+//! that edits, reorders, deletions and truncation are all detected.
+//!
+//! Layout under `DIR` (`state-dir/audit`): `log-NNNNNN.jsonl` files (a new one when the
+//! current passes `rotate-mib`; the chain runs across files), `checkpoints.jsonl`
+//! (every `checkpoint-every` entries and at each rotation: sequence number, entry hash,
+//! and the hash of the previous checkpoint) and `HEAD` (the last sequence number and
+//! hash, replaced atomically on every append). Checkpoints are also logged to the
+//! journal, a copy out of reach of whoever edits the files.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::AuditConfig;
+
+/// The `prev` of the very first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit entry as written: the hashed body and its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub seq: u64,
+    pub time: String,
+    pub prev: String,
+    /// What happened: `request.submitted`, `action.decided`, `action.finished`,
+    /// `rule.added`, `rule.removed`, `agent.started`, ...
+    pub event: String,
+    /// Who it concerns (the caller's uid), when a user is involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<u32>,
+    /// Event details (the action, its risk, the decision and by whom, the result).
+    pub detail: serde_json::Value,
+    pub hash: String,
+}
+
+impl Entry {
+    /// sha256 over the previous hash and every field but `hash`, serialised in a fixed
+    /// order (struct order; maps in `detail` are sorted).
+    fn compute_hash(&self) -> String {
+        let body = Entry {
+            hash: String::new(),
+            ..self.clone()
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut h = Sha256::new();
+        h.update(self.prev.as_bytes());
+        h.update(b"\n");
+        h.update(&json);
+        hex::encode(h.finalize())
+    }
+}
+
+/// A checkpoint: the chain's state at `seq`, itself chained to the previous
+/// checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub hash: String,
+    pub file: String,
+    pub time: String,
+    pub prev: String,
+    pub checkpoint_hash: String,
+}
+
+impl Checkpoint {
+    fn compute_hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(format!(
+            "{}\n{}\n{}\n{}\n{}",
+            self.prev, self.seq, self.hash, self.file, self.time
+        ));
+        hex::encode(h.finalize())
+    }
+}
+
+/// Where verification found the first problem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub file: String,
+    pub line: u64,
+    pub seq: Option<u64>,
+    pub reason: String,
+}
+
+/// The result of `audit verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub ok: bool,
+    pub entries: u64,
+    pub files: u64,
+    pub checkpoints: u64,
+    pub last_hash: String,
+    pub first_bad: Option<Problem>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The open log, appended to by the daemon.
+pub struct AuditLog {
+    dir: PathBuf,
+    config: AuditConfig,
+    file: File,
+    file_index: u32,
+    size: u64,
+    seq: u64,
+    last_hash: String,
+    last_checkpoint: String,
+    checkpoints: u64,
+}
+
+fn log_name(index: u32) -> String {
+    format!("log-{index:06}.jsonl")
+}
+
+/// The log files in chain order.
+fn log_files(dir: &Path) -> Result<Vec<(u32, PathBuf)>, AuditError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("log-")
+            .and_then(|r| r.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            files.push((n, entry.path()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn read_checkpoints(dir: &Path) -> Result<Vec<(u64, Result<Checkpoint, String>)>, AuditError> {
+    let path = dir.join("checkpoints.jsonl");
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let mut out = Vec::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io(&path))?;
+        out.push((
+            n as u64 + 1,
+            serde_json::from_str::<Checkpoint>(&line).map_err(|e| e.to_string()),
+        ));
+    }
+    Ok(out)
+}
+
+impl AuditLog {
+    /// Open (or create) the log in `dir`, continuing the chain from its last entry.
+    pub fn open(dir: &Path, config: &AuditConfig) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let files = log_files(dir)?;
+        let (file_index, path) = files
+            .last()
+            .cloned()
+            .unwrap_or_else(|| (1, dir.join(log_name(1))));
+        let (mut seq, mut last_hash) = (0, GENESIS.to_owned());
+        // The chain continues from the newest entry that parses, even when the log was
+        // damaged: verification reports the damage, appending must not stop.
+        for (_, p) in files.iter().rev() {
+            let text = std::fs::read_to_string(p).map_err(io(p))?;
+            if let Some(entry) = text
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<Entry>(l).ok())
+            {
+                seq = entry.seq;
+                last_hash = entry.hash;
+                break;
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let size = file.metadata().map_err(io(&path))?.len();
+        let checkpoints = read_checkpoints(dir)?;
+        let last_checkpoint = checkpoints
+            .iter()
+            .rev()
+            .find_map(|(_, c)| c.as_ref().ok().map(|c| c.checkpoint_hash.clone()))
+            .unwrap_or_else(|| GENESIS.to_owned());
+        Ok(AuditLog {
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            file,
+            file_index,
+            size,
+            seq,
+            last_hash,
+            last_checkpoint,
+            checkpoints: checkpoints.len() as u64,
+        })
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.seq
+    }
+
+    /// Append one entry; returns its sequence number.
+    pub fn append(
+        &mut self,
+        event: &str,
+        uid: Option<u32>,
+        request: Option<&str>,
+        action: Option<u32>,
+        detail: serde_json::Value,
+    ) -> Result<u64, AuditError> {
+        if self.size >= self.config.rotate_mib * 1024 * 1024 {
+            self.rotate()?;
+        }
+        let mut entry = Entry {
+            seq: self.seq + 1,
+            time: now(),
+            prev: self.last_hash.clone(),
+            event: event.to_owned(),
+            uid,
+            request: request.map(str::to_owned),
+            action,
+            detail,
+            hash: String::new(),
+        };
+        entry.hash = entry.compute_hash();
+        let mut line = serde_json::to_vec(&entry).unwrap_or_default();
+        line.push(b'\n');
+        let path = self.dir.join(log_name(self.file_index));
+        self.file.write_all(&line).map_err(io(&path))?;
+        self.size += line.len() as u64;
+        self.seq = entry.seq;
+        self.last_hash = entry.hash;
+        self.write_head()?;
+        if self.seq % self.config.checkpoint_every == 0 {
+            self.checkpoint()?;
+        }
+        Ok(self.seq)
+    }
+
+    fn write_head(&self) -> Result<(), AuditError> {
+        let path = self.dir.join("HEAD");
+        let tmp = self.dir.join(".HEAD.tmp");
+        std::fs::write(&tmp, format!("{} {}\n", self.seq, self.last_hash)).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Record the chain's state (and make the log durable up to here).
+    pub fn checkpoint(&mut self) -> Result<(), AuditError> {
+        if self.seq == 0 {
+            return Ok(());
+        }
+        let log = self.dir.join(log_name(self.file_index));
+        self.file.sync_data().map_err(io(&log))?;
+        let mut cp = Checkpoint {
+            seq: self.seq,
+            hash: self.last_hash.clone(),
+            file: log_name(self.file_index),
+            time: now(),
+            prev: self.last_checkpoint.clone(),
+            checkpoint_hash: String::new(),
+        };
+        cp.checkpoint_hash = cp.compute_hash();
+        let path = self.dir.join("checkpoints.jsonl");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let mut line = serde_json::to_vec(&cp).unwrap_or_default();
+        line.push(b'\n');
+        f.write_all(&line).map_err(io(&path))?;
+        f.sync_data().map_err(io(&path))?;
+        tracing::info!(seq = cp.seq, hash = %cp.hash, checkpoint = %cp.checkpoint_hash, "audit checkpoint");
+        self.last_checkpoint = cp.checkpoint_hash;
+        self.checkpoints += 1;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.checkpoint()?;
+        self.file_index += 1;
+        let path = self.dir.join(log_name(self.file_index));
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+/// Check the whole chain in `dir`: every entry's hash, its link to the one before,
+/// consecutive sequence numbers across files, every checkpoint, and the head.
+pub fn verify(dir: &Path) -> Result<Verification, AuditError> {
+    let mut v = Verification {
+        ok: true,
+        entries: 0,
+        files: 0,
+        checkpoints: 0,
+        last_hash: GENESIS.to_owned(),
+        first_bad: None,
+    };
+    let mut hashes: std::collections::HashMap<u64, (String, String)> = Default::default();
+    let mut expect_seq = 1;
+    let files = log_files(dir)?;
+    'files: for (_, path) in &files {
+        v.files += 1;
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let file = File::open(path).map_err(io(path))?;
+        for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
+            let line = line.map_err(io(path))?;
+            let line_no = n as u64 + 1;
+            let bad = |seq: Option<u64>, reason: String| Problem {
+                file: name.clone(),
+                line: line_no,
+                seq,
+                reason,
+            };
+            let entry: Entry = match serde_json::from_slice(&line) {
+                Ok(e) => e,
+                Err(e) => {
+                    v.first_bad = Some(bad(None, format!("not a valid entry: {e}")));
+                    break 'files;
+                }
+            };
+            let problem = if entry.seq != expect_seq {
+                Some(if entry.seq > expect_seq {
+                    format!(
+                        "expected entry {expect_seq}, found {}: entries are missing or out of order",
+                        entry.seq
+                    )
+                } else {
+                    format!(
+                        "expected entry {expect_seq}, found {}: entries are repeated or out of order",
+                        entry.seq
+                    )
+                })
+            } else if entry.prev != v.last_hash {
+                Some("does not link to the entry before it (an entry was removed, inserted or reordered)".to_owned())
+            } else if entry.compute_hash() != entry.hash {
+                Some("its contents do not match its hash (the entry was edited)".to_owned())
+            } else {
+                None
+            };
+            if let Some(reason) = problem {
+                v.first_bad = Some(bad(Some(entry.seq), reason));
+                break 'files;
+            }
+            hashes.insert(entry.seq, (entry.hash.clone(), name.clone()));
+            v.last_hash = entry.hash;
+            v.entries = entry.seq;
+            expect_seq += 1;
+        }
+    }
+    if v.first_bad.is_none() {
+        let mut prev = GENESIS.to_owned();
+        for (line, cp) in read_checkpoints(dir)? {
+            let bad = |reason: String| Problem {
+                file: "checkpoints.jsonl".into(),
+                line,
+                seq: None,
+                reason,
+            };
+            let cp = match cp {
+                Ok(cp) => cp,
+                Err(e) => {
+                    v.first_bad = Some(bad(format!("not a valid checkpoint: {e}")));
+                    break;
+                }
+            };
+            let reason = if cp.prev != prev || cp.compute_hash() != cp.checkpoint_hash {
+                Some("checkpoint chain is broken (a checkpoint was edited or removed)".to_owned())
+            } else {
+                match hashes.get(&cp.seq) {
+                    None => Some(format!(
+                        "checkpoint at entry {} but the log ends at entry {}: the log was truncated",
+                        cp.seq, v.entries
+                    )),
+                    Some((h, _)) if *h != cp.hash => {
+                        Some(format!("entry {} differs from its checkpoint", cp.seq))
+                    }
+                    Some(_) => None,
+                }
+            };
+            if let Some(reason) = reason {
+                v.first_bad = Some(Problem {
+                    seq: Some(cp.seq),
+                    ..bad(reason)
+                });
+                break;
+            }
+            prev = cp.checkpoint_hash;
+            v.checkpoints += 1;
+        }
+    }
+    if v.first_bad.is_none() {
+        let head_path = dir.join("HEAD");
+        match std::fs::read_to_string(&head_path) {
+            Ok(head) => {
+                let mut parts = head.split_whitespace();
+                let seq = parts.next().and_then(|s| s.parse::<u64>().ok());
+                let hash = parts.next().unwrap_or("");
+                if seq != Some(v.entries) || hash != v.last_hash {
+                    v.first_bad = Some(Problem {
+                        file: "HEAD".into(),
+                        line: 1,
+                        seq,
+                        reason: format!(
+                            "the log ends at entry {} but HEAD records entry {}: the log was truncated or HEAD was changed",
+                            v.entries,
+                            seq.map_or("?".into(), |s| s.to_string())
+                        ),
+                    });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && v.entries == 0 => {}
+            Err(e) => {
+                v.first_bad = Some(Problem {
+                    file: "HEAD".into(),
+                    line: 0,
+                    seq: None,
+                    reason: format!("cannot read HEAD: {e}"),
+                })
+            }
+        }
+    }
+    v.ok = v.first_bad.is_none();
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests;

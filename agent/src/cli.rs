@@ -1,0 +1,467 @@
+//! The `devos` command: a thin client of the agent's D-Bus API. Data goes to stdout
+//! (`--json` for scripts), prompts and progress to stderr.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+
+use crate::client::Agent1Proxy;
+use crate::request::{ActionState, Decision, Request, Rule, State};
+
+/// Talk to the DevOS agent: run requests, approve what it wants to do, see history.
+#[derive(Parser)]
+#[command(name = "devos", version, about)]
+pub struct Cli {
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ask the agent to do something, e.g. `devos run "find rust files"`. Shows the
+    /// plan, asks for approvals (with the risk and why) and streams the output.
+    Run {
+        /// The request, in words.
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+        /// Working directory for the request (default: the current directory).
+        #[arg(long)]
+        cwd: Option<PathBuf>,
+        /// Without a terminal, wait for approvals given elsewhere (`devos approve`)
+        /// instead of exiting with status 3.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Approve an action waiting for a decision.
+    Approve(DecideArgs),
+    /// Deny an action waiting for a decision (the request stops).
+    Deny(DecideArgs),
+    /// Cancel a request; a running action is killed.
+    Cancel { id: String },
+    /// Show one request: plan, risks, decisions, output.
+    Show { id: String },
+    /// Your recent requests, newest first.
+    History {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Remembered approvals and denials.
+    Rules {
+        #[command(subcommand)]
+        command: Option<RulesCommand>,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// The agent's status.
+    Status,
+}
+
+#[derive(clap::Args)]
+struct DecideArgs {
+    /// The request id.
+    id: String,
+    /// The action's index (default: the one waiting).
+    action: Option<u32>,
+    /// Remember the decision: once (default), session (until the agent restarts) or
+    /// always.
+    #[arg(long, default_value = "once")]
+    remember: String,
+    /// Scope of a remembered decision: commands starting with these words
+    /// (default: this exact command).
+    #[arg(long, num_args = 1.., value_name = "WORD")]
+    command_prefix: Vec<String>,
+    /// Scope of a remembered decision: paths under this directory.
+    #[arg(long)]
+    path_prefix: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// List your rules (root: everyone's).
+    List,
+    /// Add a rule.
+    Add {
+        /// `allow` or `deny`.
+        decision: String,
+        /// `session` or `always`.
+        #[arg(long, default_value = "always")]
+        lifetime: String,
+        #[arg(long, num_args = 1.., value_name = "WORD")]
+        command_prefix: Vec<String>,
+        #[arg(long)]
+        path_prefix: Option<PathBuf>,
+    },
+    /// Remove a rule by id.
+    Remove { id: i64 },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain, checkpoints and head; report the first bad entry.
+    Verify,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async_run(cli))
+}
+
+async fn connect() -> anyhow::Result<(zbus::Connection, Agent1Proxy<'static>)> {
+    let conn = zbus::Connection::system()
+        .await
+        .context("cannot reach the system bus (is dbus running? DBUS_SYSTEM_BUS_ADDRESS?)")?;
+    let proxy = Agent1Proxy::new(&conn).await?;
+    Ok((conn, proxy))
+}
+
+/// D-Bus errors carry the agent's own message; show that, not the wrapper.
+fn agent_error(e: zbus::Error) -> anyhow::Error {
+    match e {
+        zbus::Error::MethodError(name, Some(msg), _) => {
+            if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown" {
+                anyhow::anyhow!("the DevOS agent is not running (systemctl status devos-agent)")
+            } else {
+                anyhow::anyhow!("{msg}")
+            }
+        }
+        other => other.into(),
+    }
+}
+
+async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (_conn, agent) = connect().await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Run { text, cwd, wait } => {
+            run_request(&agent, &text.join(" "), cwd, wait, json).await
+        }
+        Command::Approve(args) => decide(&agent, args, true).await,
+        Command::Deny(args) => decide(&agent, args, false).await,
+        Command::Cancel { id } => {
+            agent.cancel(&id).await.map_err(agent_error)?;
+            eprintln!("cancelled {id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { id } => {
+            let r: Request = serde_json::from_str(&agent.get(&id).await.map_err(agent_error)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_request(&r, true);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History { limit } => {
+            let text = agent.history(limit).await.map_err(agent_error)?;
+            let list: Vec<Request> = serde_json::from_str(&text)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for r in &list {
+                    println!(
+                        "{}  {:<17}  {}  {}",
+                        r.id,
+                        r.state.as_str(),
+                        r.created.get(..19).unwrap_or(&r.created),
+                        r.text
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rules { command } => {
+            rules(&agent, command.unwrap_or(RulesCommand::List), json).await
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let text = agent.verify_audit().await.map_err(agent_error)?;
+            let v: crate::audit::Verification = serde_json::from_str(&text)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if let Some(bad) = &v.first_bad {
+                println!(
+                    "audit log: TAMPERED — first bad entry: {} line {}{}: {}",
+                    bad.file,
+                    bad.line,
+                    bad.seq.map(|s| format!(" (entry {s})")).unwrap_or_default(),
+                    bad.reason
+                );
+            } else {
+                println!(
+                    "audit log: ok — {} entries in {} file(s), {} checkpoints, head {}",
+                    v.entries,
+                    v.files,
+                    v.checkpoints,
+                    &v.last_hash[..16]
+                );
+            }
+            Ok(if v.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Status => {
+            let text = agent.status().await.map_err(agent_error)?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if let Some(map) = v.as_object() {
+                for (k, v) in map {
+                    println!("{k}: {v}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_request(r: &Request, with_output: bool) {
+    println!("request {} ({}): {}", r.id, r.state.as_str(), r.text);
+    if !r.summary.is_empty() {
+        println!("plan: {}", r.summary);
+    }
+    for a in &r.actions {
+        let decision = match &a.decision {
+            Decision::Ask => "needs your approval".to_owned(),
+            Decision::Approved { by } => format!("approved ({by})"),
+            Decision::Denied { by, reason } => format!("DENIED ({by}): {reason}"),
+        };
+        println!("  [{}] {}", a.index, a.description);
+        println!(
+            "      risk: {} — {}",
+            a.risk.class,
+            if a.risk.reasons.is_empty() {
+                "nothing risky found".into()
+            } else {
+                a.risk.reasons.join("; ")
+            }
+        );
+        println!("      {decision}; {:?}", a.state);
+        if with_output && !a.output.is_empty() {
+            for line in a.output.lines() {
+                println!("      | {line}");
+            }
+        }
+        if let Some(e) = &a.error {
+            println!("      error: {e}");
+        }
+    }
+    if let Some(e) = &r.error {
+        println!("{e}");
+    }
+}
+
+fn exit_for(r: &Request) -> ExitCode {
+    match r.state {
+        State::Done => ExitCode::SUCCESS,
+        State::AwaitingApproval => ExitCode::from(3),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+async fn run_request(
+    agent: &Agent1Proxy<'_>,
+    text: &str,
+    cwd: Option<PathBuf>,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let cwd = match cwd {
+        Some(c) => std::path::absolute(c)?,
+        None => std::env::current_dir().context("the current directory")?,
+    };
+    // Subscribe before submitting: the agent may start at once.
+    let mut changed = agent.receive_request_changed().await?;
+    let mut approvals = agent.receive_approval_needed().await?;
+    let mut output = agent.receive_action_output().await?;
+    let id = agent
+        .submit(text, &cwd.to_string_lossy())
+        .await
+        .map_err(agent_error)?;
+    let get = || async {
+        let text = agent.get(&id).await.map_err(agent_error)?;
+        anyhow::Ok(serde_json::from_str::<Request>(&text)?)
+    };
+    let r = get().await?;
+    if !json {
+        print_request(&r, false);
+    }
+    if r.state.is_final() {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+        return Ok(exit_for(&r));
+    }
+    let interactive = std::io::stdin().is_terminal();
+    loop {
+        tokio::select! {
+            Some(sig) = output.next() => {
+                let args = sig.args()?;
+                if args.id == id && !json {
+                    print!("{}", args.data);
+                    std::io::stdout().flush().ok();
+                }
+            }
+            Some(sig) = approvals.next() => {
+                let args = sig.args()?;
+                if args.id != id {
+                    continue;
+                }
+                let (index, risk, description) = (args.action, args.risk.to_owned(), args.description.to_owned());
+                if !interactive {
+                    eprintln!("action {index} ({risk}) waits for approval: {description}\n  approve: devos approve {id} {index}\n  deny:    devos deny {id} {index}");
+                    if wait {
+                        continue;
+                    }
+                    return Ok(ExitCode::from(3));
+                }
+                let answer = tokio::task::spawn_blocking(move || {
+                    eprint!("approve [{index}] {description} ({risk})? [y]es once, [s]ession, [a]lways, [N]o: ");
+                    let mut line = String::new();
+                    std::io::stdin().lock().read_line(&mut line).ok();
+                    line.trim().to_lowercase()
+                }).await?;
+                let (approve, remember) = match answer.as_str() {
+                    "y" | "yes" => (true, "once"),
+                    "s" | "session" => (true, "session"),
+                    "a" | "always" => (true, "always"),
+                    _ => (false, "once"),
+                };
+                let res = if approve {
+                    agent.approve(&id, index, remember, &[], "").await
+                } else {
+                    agent.deny(&id, index, "once", &[], "").await
+                };
+                res.map_err(agent_error)?;
+            }
+            Some(sig) = changed.next() => {
+                let args = sig.args()?;
+                if args.id != id {
+                    continue;
+                }
+                let state = args.state.to_owned();
+                if matches!(state.as_str(), "done" | "failed" | "denied" | "cancelled") {
+                    let r = get().await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        for a in r.actions.iter().filter(|a| a.state == ActionState::Failed) {
+                            eprintln!("action {} failed: {}", a.index, a.error.clone().unwrap_or_else(|| format!("exit status {:?}", a.exit_code)));
+                        }
+                        if let Some(e) = &r.error { eprintln!("{e}"); }
+                        eprintln!("request {id}: {}", r.state.as_str());
+                    }
+                    return Ok(exit_for(&r));
+                }
+            }
+            else => bail!("lost the connection to the agent"),
+        }
+    }
+}
+
+async fn decide(
+    agent: &Agent1Proxy<'_>,
+    args: DecideArgs,
+    approve: bool,
+) -> anyhow::Result<ExitCode> {
+    let index = match args.action {
+        Some(i) => i,
+        None => {
+            let r: Request =
+                serde_json::from_str(&agent.get(&args.id).await.map_err(agent_error)?)?;
+            r.actions
+                .iter()
+                .find(|a| a.decision == Decision::Ask)
+                .map(|a| a.index)
+                .with_context(|| {
+                    format!("request {} has no action waiting for a decision", args.id)
+                })?
+        }
+    };
+    let prefix: Vec<&str> = args.command_prefix.iter().map(String::as_str).collect();
+    let path = args
+        .path_prefix
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let res = if approve {
+        agent
+            .approve(&args.id, index, &args.remember, &prefix, &path)
+            .await
+    } else {
+        agent
+            .deny(&args.id, index, &args.remember, &prefix, &path)
+            .await
+    };
+    res.map_err(agent_error)?;
+    eprintln!(
+        "{} action {index} of {}",
+        if approve { "approved" } else { "denied" },
+        args.id
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rules(
+    agent: &Agent1Proxy<'_>,
+    command: RulesCommand,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        RulesCommand::List => {
+            let list: Vec<Rule> = serde_json::from_str(&agent.rules().await.map_err(agent_error)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for r in &list {
+                    println!(
+                        "{:>4}  {:<5}  {:<7}  uid {:<6} {}",
+                        r.id,
+                        if r.allow { "allow" } else { "deny" },
+                        format!("{:?}", r.lifetime).to_lowercase(),
+                        r.uid,
+                        crate::approval::describe_rule(r)
+                    );
+                }
+            }
+        }
+        RulesCommand::Add {
+            decision,
+            lifetime,
+            command_prefix,
+            path_prefix,
+        } => {
+            let prefix: Vec<&str> = command_prefix.iter().map(String::as_str).collect();
+            let path = path_prefix
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let id = agent
+                .add_rule(&decision, &lifetime, &prefix, &path)
+                .await
+                .map_err(agent_error)?;
+            if json {
+                println!("{}", serde_json::json!({ "id": id }));
+            } else {
+                println!("rule {id} added");
+            }
+        }
+        RulesCommand::Remove { id } => {
+            agent.remove_rule(id).await.map_err(agent_error)?;
+            eprintln!("rule {id} removed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,68 @@
+//! Typed proxies for the agent's D-Bus interfaces, used by the `devos` CLI, the boot
+//! self-test and the tests.
+
+/// `org.devos.Agent1`; see docs/agent-api.md.
+#[zbus::proxy(
+    interface = "org.devos.Agent1",
+    default_service = "org.devos.Agent1",
+    default_path = "/org/devos/Agent1"
+)]
+pub trait Agent1 {
+    fn ping(&self) -> zbus::Result<String>;
+    fn version(&self) -> zbus::Result<String>;
+    fn submit(&self, text: &str, cwd: &str) -> zbus::Result<String>;
+    fn get(&self, id: &str) -> zbus::Result<String>;
+    fn list(&self) -> zbus::Result<String>;
+    fn history(&self, limit: u32) -> zbus::Result<String>;
+    fn approve(
+        &self,
+        id: &str,
+        action: u32,
+        remember: &str,
+        command_prefix: &[&str],
+        path_prefix: &str,
+    ) -> zbus::Result<()>;
+    fn deny(
+        &self,
+        id: &str,
+        action: u32,
+        remember: &str,
+        command_prefix: &[&str],
+        path_prefix: &str,
+    ) -> zbus::Result<()>;
+    fn cancel(&self, id: &str) -> zbus::Result<()>;
+    fn rules(&self) -> zbus::Result<String>;
+    fn add_rule(
+        &self,
+        decision: &str,
+        lifetime: &str,
+        command_prefix: &[&str],
+        path_prefix: &str,
+    ) -> zbus::Result<i64>;
+    fn remove_rule(&self, id: i64) -> zbus::Result<()>;
+    fn verify_audit(&self) -> zbus::Result<String>;
+    fn status(&self) -> zbus::Result<String>;
+
+    #[zbus(signal)]
+    fn request_changed(&self, id: &str, state: &str) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn approval_needed(
+        &self,
+        id: &str,
+        action: u32,
+        risk: &str,
+        description: &str,
+    ) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn action_output(&self, id: &str, action: u32, data: &str) -> zbus::Result<()>;
+}
+
+/// `org.devos.Agent1.Admin`: root only.
+#[zbus::proxy(
+    interface = "org.devos.Agent1.Admin",
+    default_service = "org.devos.Agent1",
+    default_path = "/org/devos/Agent1"
+)]
+pub trait Admin {
+    fn reload_config(&self) -> zbus::Result<()>;
+}

@@ -1,0 +1,598 @@
+//! The local planner: turns common developer requests into typed actions with rules
+//! (no model). Requests it does not recognise get a clear "needs the model" answer.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::action::{Action, split_words};
+use crate::risk::valid_package_name;
+
+/// A plan: what the agent understood and the actions it proposes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub summary: String,
+    pub actions: Vec<Action>,
+    /// Which planner made it (`local-rules` here; the model route comes later).
+    pub planner: String,
+}
+
+/// What the planner may look at besides the text.
+pub struct Context<'a> {
+    pub cwd: &'a Path,
+    pub home: &'a Path,
+    pub now: SystemTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "cannot plan this without the model: no local rule matches {0:?}. Local rules cover: \
+         list/find/search files, disk usage, git status/log/diff/commit/branch, run the tests, \
+         organise files by type or date, back up or restore a directory, install a package, \
+         and `run <command>`"
+    )]
+    NeedsModel(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Plan a request with the local rules.
+pub fn plan(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
+    let text = text.trim();
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    let original: Vec<&str> = text.split_whitespace().collect();
+    // The tail of the original text after the first `n` words, case preserved.
+    let tail = |n: usize| original.get(n..).map(|w| w.join(" ")).unwrap_or_default();
+    let make = |summary: String, actions: Vec<Action>| {
+        Ok(Plan {
+            summary,
+            actions,
+            planner: "local-rules".into(),
+        })
+    };
+
+    if let Some(command) = explicit_command(text) {
+        return make(format!("run `{command}`"), vec![command_action(&command)?]);
+    }
+
+    match words.as_slice() {
+        ["list" | "show", rest @ ..] if rest.contains(&"files") || rest == ["directory"] => {
+            let dir = target_dir(&lower, text, ctx, &["in", "under", "of"])?;
+            make(
+                format!("list the files in {}", dir.display()),
+                vec![run(&["ls", "-la", "--"], &[&dir])],
+            )
+        }
+        ["ls", ..] => {
+            let dir = if words.len() > 1 {
+                resolve(&tail(1), ctx)
+            } else {
+                ctx.cwd.to_path_buf()
+            };
+            make(
+                format!("list {}", dir.display()),
+                vec![run(&["ls", "-la", "--"], &[&dir])],
+            )
+        }
+        ["find", ..] => {
+            let (pattern, dir) = find_pattern(&lower, text, ctx)?;
+            make(
+                format!("find files named {pattern} under {}", dir.display()),
+                vec![Action::Run {
+                    argv: strings(&["find"])
+                        .into_iter()
+                        .chain([dir.to_string_lossy().into_owned()])
+                        .chain(strings(&["-name", &pattern, "-not", "-path", "*/.git/*"]))
+                        .collect(),
+                }],
+            )
+        }
+        ["search" | "grep", ..] => {
+            let start = if words.get(1) == Some(&"for") { 2 } else { 1 };
+            let rest = tail(start);
+            let (needle, dir) = split_in(&rest, ctx);
+            let needle = unquote(&needle);
+            if needle.is_empty() {
+                return Err(PlanError::Invalid(
+                    "search for what? e.g. `search for TODO in src`".into(),
+                ));
+            }
+            make(
+                format!("search for {needle:?} in {}", dir.display()),
+                vec![Action::Run {
+                    argv: strings(&["grep", "-rn", "--exclude-dir=.git", "-e", &needle, "--"])
+                        .into_iter()
+                        .chain([dir.to_string_lossy().into_owned()])
+                        .collect(),
+                }],
+            )
+        }
+        _ if lower.contains("disk usage")
+            || lower.contains("disk space")
+            || lower.contains("how much space") =>
+        {
+            let dir = target_dir(&lower, text, ctx, &["of", "in", "for"])?;
+            make(
+                format!("show disk usage of {}", dir.display()),
+                vec![
+                    run(&["du", "-h", "--max-depth=1", "--"], &[&dir]),
+                    run(&["df", "-h", "--"], &[&dir]),
+                ],
+            )
+        }
+        ["git", "status"] | ["status"] | ["what", "changed" | "changed?"] => {
+            make("show the git status".into(), vec![git(&["status"])])
+        }
+        ["git", "log", ..]
+        | ["show", "git", "log"]
+        | ["show", "the", "git", "log"]
+        | ["show", "recent", "commits"]
+        | ["history"] => make(
+            "show recent commits".into(),
+            vec![git(&["log", "--oneline", "--decorate", "-n", "20"])],
+        ),
+        ["git", "diff"] | ["show", "the", "diff"] | ["show", "diff"] => {
+            make("show uncommitted changes".into(), vec![git(&["diff"])])
+        }
+        ["commit", ..] | ["git", "commit", ..] => {
+            let message = commit_message(text).ok_or_else(|| {
+                PlanError::Invalid(
+                    "commit with what message? e.g. `commit with message \"fix typo\"`".into(),
+                )
+            })?;
+            make(
+                format!("commit all changes with message {message:?}"),
+                vec![git(&["add", "--all"]), git(&["commit", "-m", &message])],
+            )
+        }
+        ["list", "branches"] | ["git", "branch"] | ["show", "branches"] => make(
+            "list branches".into(),
+            vec![git(&["branch", "--all", "--verbose"])],
+        ),
+        ["create", "branch", name]
+        | ["create", "a", "branch", name]
+        | ["create", "a", "new", "branch", name]
+        | ["new", "branch", name] => {
+            let name = branch_name(original[words.len() - 1], name)?;
+            make(
+                format!("create and switch to branch {name}"),
+                vec![git(&["switch", "-c", &name])],
+            )
+        }
+        ["switch", "to", "branch", name]
+        | ["checkout", "branch", name]
+        | ["switch", "to", name] => {
+            let name = branch_name(original[words.len() - 1], name)?;
+            make(
+                format!("switch to branch {name}"),
+                vec![git(&["switch", &name])],
+            )
+        }
+        ["run", "the", "tests"] | ["run", "tests"] | ["test"] | ["run", "the", "test", "suite"] => {
+            let argv = test_command(ctx.cwd).ok_or_else(|| {
+                PlanError::Invalid(format!(
+                    "found no test setup in {} (looked for Cargo.toml, package.json, pyproject.toml/pytest.ini/setup.py, go.mod, a Makefile with a test target)",
+                    ctx.cwd.display()
+                ))
+            })?;
+            make(
+                format!("run the project's tests: {}", argv.join(" ")),
+                vec![Action::Run { argv }],
+            )
+        }
+        _ if words.first().is_some_and(|w| w.starts_with("organi")) => {
+            let by_date = lower.contains("date") || lower.contains("month");
+            let by_type =
+                lower.contains("type") || lower.contains("extension") || lower.contains("kind");
+            if !by_date && !by_type {
+                return Err(PlanError::Invalid(
+                    "organise by what? say `by type` or `by date`".into(),
+                ));
+            }
+            let dir = target_dir(&lower, text, ctx, &["in", "under"])?;
+            organise(&dir, by_date)
+        }
+        ["back", "up", ..] | ["backup", ..] => {
+            let skip = if words[0] == "back" { 2 } else { 1 };
+            let dir = if words.len() > skip {
+                resolve(&tail(skip), ctx)
+            } else {
+                ctx.cwd.to_path_buf()
+            };
+            let dest = PathBuf::from(format!("{}.backup-{}", dir.display(), stamp(ctx.now)));
+            make(
+                format!("back up {} to {}", dir.display(), dest.display()),
+                vec![Action::Copy {
+                    from: dir,
+                    to: dest,
+                }],
+            )
+        }
+        ["restore", ..] => {
+            let rest = tail(1);
+            let rest = rest
+                .trim_end_matches(" from backup")
+                .trim_end_matches(" from the backup");
+            let dir = if rest.is_empty() {
+                ctx.cwd.to_path_buf()
+            } else {
+                resolve(rest, ctx)
+            };
+            let backup = latest_backup(&dir).ok_or_else(|| {
+                PlanError::Invalid(format!(
+                    "no backup of {} found (looked for {}.backup-*)",
+                    dir.display(),
+                    dir.display()
+                ))
+            })?;
+            let aside = PathBuf::from(format!("{}.replaced-{}", dir.display(), stamp(ctx.now)));
+            make(
+                format!("restore {} from {}", dir.display(), backup.display()),
+                vec![
+                    Action::Move {
+                        from: dir.clone(),
+                        to: aside,
+                    },
+                    Action::Copy {
+                        from: backup,
+                        to: dir,
+                    },
+                ],
+            )
+        }
+        ["install", ..] => {
+            let packages: Vec<String> = original[1..]
+                .iter()
+                .map(|w| w.trim_matches(',').to_lowercase())
+                .filter(|w| !matches!(w.as_str(), "package" | "packages" | "the" | "and" | ""))
+                .collect();
+            if packages.is_empty() {
+                return Err(PlanError::Invalid(
+                    "install what? e.g. `install ripgrep`".into(),
+                ));
+            }
+            if let Some(bad) = packages.iter().find(|p| !valid_package_name(p)) {
+                return Err(PlanError::Invalid(format!(
+                    "`{bad}` is not a valid package name (lowercase letters, digits and +-. only)"
+                )));
+            }
+            make(
+                format!("install {}", packages.join(", ")),
+                vec![Action::PackageInstall { packages }],
+            )
+        }
+        ["delete" | "remove", ..] => {
+            let path = resolve(&tail(1), ctx);
+            make(
+                format!("delete {}", path.display()),
+                vec![Action::Delete { path }],
+            )
+        }
+        ["read" | "cat", ..] | ["show", "file", ..] => {
+            let skip = if words[0] == "show" { 2 } else { 1 };
+            let path = resolve(&tail(skip), ctx);
+            make(
+                format!("show {}", path.display()),
+                vec![Action::Read { path }],
+            )
+        }
+        ["create", "directory" | "folder", ..] | ["mkdir", ..] => {
+            let skip = if words[0] == "mkdir" { 1 } else { 2 };
+            let path = resolve(&tail(skip), ctx);
+            make(
+                format!("create directory {}", path.display()),
+                vec![Action::Mkdir { path }],
+            )
+        }
+        _ => Err(PlanError::NeedsModel(text.to_owned())),
+    }
+}
+
+/// `run <command>`, `$ <command>` or a command in backticks: the user typed the
+/// command line themselves.
+fn explicit_command(text: &str) -> Option<String> {
+    let rest = text
+        .strip_prefix("$ ")
+        .or_else(|| text.strip_prefix("run: "))
+        .or_else(|| text.strip_prefix("run command "))
+        .or_else(|| text.strip_prefix("run `").and_then(|r| r.strip_suffix('`')))?;
+    let rest = rest.trim();
+    (!rest.is_empty()).then(|| rest.to_owned())
+}
+
+/// A typed command line becomes argv when it is plain words, and an explicit shell
+/// action (which always asks) when it uses shell syntax.
+fn command_action(command: &str) -> Result<Action, PlanError> {
+    match split_words(command) {
+        Some(argv) if argv.is_empty() => Err(PlanError::Invalid("empty command".into())),
+        Some(mut argv) if argv[0] == "git" => {
+            argv.remove(0);
+            Ok(Action::Git { args: argv })
+        }
+        Some(argv) => Ok(Action::Run { argv }),
+        None => Ok(Action::Shell {
+            script: command.to_owned(),
+        }),
+    }
+}
+
+fn strings(words: &[&str]) -> Vec<String> {
+    words.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn run(words: &[&str], paths: &[&Path]) -> Action {
+    Action::Run {
+        argv: strings(words)
+            .into_iter()
+            .chain(paths.iter().map(|p| p.to_string_lossy().into_owned()))
+            .collect(),
+    }
+}
+
+fn git(args: &[&str]) -> Action {
+    Action::Git {
+        args: strings(args),
+    }
+}
+
+fn unquote(s: &str) -> String {
+    let s = s.trim();
+    for q in ['"', '\'', '`'] {
+        if let Some(inner) = s.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
+            return inner.to_owned();
+        }
+    }
+    s.to_owned()
+}
+
+/// A path the user named, relative to the working directory; `~` is their home.
+fn resolve(word: &str, ctx: &Context) -> PathBuf {
+    let word = unquote(word);
+    let path = if word == "~" {
+        ctx.home.to_path_buf()
+    } else if let Some(rest) = word.strip_prefix("~/") {
+        ctx.home.join(rest)
+    } else if matches!(
+        word.as_str(),
+        "" | "." | "here" | "this directory" | "the current directory"
+    ) {
+        ctx.cwd.to_path_buf()
+    } else {
+        ctx.cwd.join(word)
+    };
+    crate::risk::normalize(&path)
+}
+
+/// The directory after one of `preps` ("in src"), or the working directory.
+fn target_dir(
+    lower: &str,
+    text: &str,
+    ctx: &Context,
+    preps: &[&str],
+) -> Result<PathBuf, PlanError> {
+    for prep in preps {
+        let needle = format!(" {prep} ");
+        if let Some(pos) = lower.rfind(&needle) {
+            let rest = &text[pos + needle.len()..];
+            let rest = rest.split(" by ").next().unwrap_or(rest);
+            return Ok(resolve(rest, ctx));
+        }
+    }
+    Ok(ctx.cwd.to_path_buf())
+}
+
+/// Split "X in DIR" into X and DIR (the working directory if no " in ").
+fn split_in(rest: &str, ctx: &Context) -> (String, PathBuf) {
+    match rest.rfind(" in ") {
+        Some(pos) if !rest[..pos].trim().is_empty() => {
+            (rest[..pos].to_owned(), resolve(&rest[pos + 4..], ctx))
+        }
+        _ => (rest.to_owned(), ctx.cwd.to_path_buf()),
+    }
+}
+
+const LANGUAGES: &[(&str, &str)] = &[
+    ("rust", "*.rs"),
+    ("python", "*.py"),
+    ("javascript", "*.js"),
+    ("typescript", "*.ts"),
+    ("go", "*.go"),
+    ("c", "*.c"),
+    ("markdown", "*.md"),
+    ("toml", "*.toml"),
+    ("yaml", "*.yaml"),
+    ("json", "*.json"),
+    ("shell", "*.sh"),
+    ("log", "*.log"),
+];
+
+fn find_pattern(lower: &str, text: &str, ctx: &Context) -> Result<(String, PathBuf), PlanError> {
+    let original: Vec<&str> = text.split_whitespace().collect();
+    let body = original[1..].join(" ");
+    let (what, dir) = split_in(&body, ctx);
+    let what_lower = what.to_lowercase();
+    let words: Vec<&str> = what.split_whitespace().collect();
+    let pattern = if let Some(pos) = words
+        .iter()
+        .position(|w| matches!(w.to_lowercase().as_str(), "named" | "called" | "matching"))
+    {
+        unquote(&words[pos + 1..].join(" "))
+    } else if let Some((_, glob)) = LANGUAGES
+        .iter()
+        .find(|(l, _)| what_lower.split_whitespace().next() == Some(l))
+    {
+        (*glob).to_owned()
+    } else {
+        let w: Vec<&str> = words
+            .iter()
+            .copied()
+            .filter(|w| !matches!(w.to_lowercase().as_str(), "all" | "the" | "files" | "file"))
+            .collect();
+        unquote(&w.join(" "))
+    };
+    if pattern.is_empty() {
+        return Err(PlanError::Invalid(format!(
+            "find what? e.g. `find files named '*.toml' in src` (got {lower:?})"
+        )));
+    }
+    Ok((pattern, dir))
+}
+
+fn commit_message(text: &str) -> Option<String> {
+    let lower = text.to_lowercase();
+    for marker in [
+        "with message ",
+        "with the message ",
+        "-m ",
+        "message: ",
+        "saying ",
+    ] {
+        if let Some(pos) = lower.find(marker) {
+            let m = unquote(&text[pos + marker.len()..]);
+            return (!m.is_empty()).then_some(m);
+        }
+    }
+    None
+}
+
+fn branch_name(original: &str, _lower: &str) -> Result<String, PlanError> {
+    let name = unquote(original);
+    let ok = !name.is_empty()
+        && !name.starts_with('-')
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+    if ok {
+        Ok(name)
+    } else {
+        Err(PlanError::Invalid(format!(
+            "`{name}` is not a branch name this planner accepts (letters, digits, -_./; not starting with -)"
+        )))
+    }
+}
+
+/// The project's test command, from the files in its root.
+pub fn test_command(cwd: &Path) -> Option<Vec<String>> {
+    let has = |f: &str| cwd.join(f).is_file();
+    let argv: &[&str] = if has("Cargo.toml") {
+        &["cargo", "test"]
+    } else if has("package.json") {
+        &["npm", "test"]
+    } else if has("pyproject.toml") || has("pytest.ini") || has("setup.py") || has("tox.ini") {
+        &["python3", "-m", "pytest"]
+    } else if has("go.mod") {
+        &["go", "test", "./..."]
+    } else if std::fs::read_to_string(cwd.join("Makefile"))
+        .is_ok_and(|m| m.lines().any(|l| l.starts_with("test:")))
+    {
+        &["make", "test"]
+    } else {
+        return None;
+    };
+    Some(strings(argv))
+}
+
+fn organise(dir: &Path, by_date: bool) -> Result<Plan, PlanError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| PlanError::Invalid(format!("cannot read {}: {e}", dir.display())))?;
+    let mut files: Vec<(String, String)> = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        if name.starts_with('.') || !meta.is_file() {
+            continue;
+        }
+        let group = if by_date {
+            let secs = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            let (y, m, ..) = civil(secs);
+            format!("{y:04}-{m:02}")
+        } else {
+            match Path::new(&name).extension() {
+                Some(ext) => ext.to_string_lossy().to_lowercase(),
+                None => "other".into(),
+            }
+        };
+        files.push((name, group));
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(PlanError::Invalid(format!(
+            "{} has no files to organise",
+            dir.display()
+        )));
+    }
+    let mut groups: Vec<&str> = files.iter().map(|(_, g)| g.as_str()).collect();
+    groups.sort();
+    groups.dedup();
+    let mut actions: Vec<Action> = groups
+        .iter()
+        .filter(|g| !dir.join(g).is_dir())
+        .map(|g| Action::Mkdir { path: dir.join(g) })
+        .collect();
+    for (name, group) in &files {
+        actions.push(Action::Move {
+            from: dir.join(name),
+            to: dir.join(group).join(name),
+        });
+    }
+    Ok(Plan {
+        summary: format!(
+            "organise {} files in {} by {} into {}",
+            files.len(),
+            dir.display(),
+            if by_date { "month" } else { "type" },
+            groups.join(", ")
+        ),
+        actions,
+        planner: "local-rules".into(),
+    })
+}
+
+fn latest_backup(dir: &Path) -> Option<PathBuf> {
+    let parent = dir.parent()?;
+    let prefix = format!("{}.backup-", dir.file_name()?.to_string_lossy());
+    let mut backups: Vec<PathBuf> = std::fs::read_dir(parent)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    backups.sort();
+    backups.pop()
+}
+
+/// `YYYYmmddTHHMMSSZ`, for names that sort by time.
+pub fn stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, m, d, hh, mm, ss) = civil(secs);
+    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
+}
+
+/// Seconds since the epoch to a UTC civil date and time (Howard Hinnant's algorithm).
+fn civil(secs: u64) -> (i64, u32, u32, u64, u64, u64) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+//! Requests as the agent keeps them and the API returns them (JSON): the plan, each
+//! action's risk and decision, and what happened when it ran.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::action::Action;
+use crate::risk::Risk;
+
+/// The life of a request. `planned` → `awaiting-approval` ⇄ `running` → one of the
+/// final states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// No local rule matched (or the request was invalid); nothing will run.
+    Unplanned,
+    Planned,
+    AwaitingApproval,
+    Running,
+    Done,
+    Failed,
+    Denied,
+    Cancelled,
+}
+
+impl State {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            State::Unplanned | State::Done | State::Failed | State::Denied | State::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Unplanned => "unplanned",
+            State::Planned => "planned",
+            State::AwaitingApproval => "awaiting-approval",
+            State::Running => "running",
+            State::Done => "done",
+            State::Failed => "failed",
+            State::Denied => "denied",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Whether an action may run, and who said so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "kebab-case")]
+pub enum Decision {
+    /// Waiting for the user.
+    Ask,
+    Approved {
+        by: String,
+    },
+    Denied {
+        by: String,
+        reason: String,
+    },
+}
+
+/// What became of an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActionState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ActionRecord {
+    pub index: u32,
+    pub action: Action,
+    pub description: String,
+    pub risk: Risk,
+    pub decision: Decision,
+    pub state: ActionState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Captured stdout and stderr, interleaved as produced, capped.
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub output_truncated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the sandbox could apply (e.g. "landlock abi 7 fully enforced, seccomp").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Request {
+    pub id: String,
+    pub uid: u32,
+    pub user: String,
+    pub text: String,
+    pub cwd: PathBuf,
+    pub state: State,
+    pub summary: String,
+    pub planner: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created: String,
+    pub updated: String,
+    pub actions: Vec<ActionRecord>,
+    /// Planning and classification time, microseconds.
+    pub plan_micros: u64,
+}
+
+/// How long an approval is remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Remember {
+    /// Just this action.
+    Once,
+    /// Until the agent restarts (the machine's session).
+    Session,
+    /// Until the rule is removed.
+    Always,
+}
+
+impl std::str::FromStr for Remember {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "once" => Ok(Remember::Once),
+            "session" => Ok(Remember::Session),
+            "always" => Ok(Remember::Always),
+            other => Err(format!(
+                "remember must be once, session or always, not `{other}`"
+            )),
+        }
+    }
+}
+
+/// A remembered decision of one user, for actions matching a command or path prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Rule {
+    pub id: i64,
+    pub uid: u32,
+    /// `allow` or `deny`.
+    pub allow: bool,
+    pub lifetime: Remember,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command_prefix: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<PathBuf>,
+    pub created: String,
+}

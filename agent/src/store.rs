@@ -1,0 +1,288 @@
+//! The agent's state in SQLite: requests (with their plans, decisions and results) and
+//! remembered rules. One connection, WAL, every change in a transaction.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::request::{Remember, Request, Rule, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("agent state {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "agent state {path}: schema version {found} is newer than this agent ({supported}); upgrade devos-agent"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+}
+
+const MIGRATIONS: &[&str] = &[
+    // v1
+    "CREATE TABLE requests (
+        id TEXT PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        created TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX requests_by_uid ON requests (uid, created);
+    CREATE TABLE rules (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        uid INTEGER NOT NULL,
+        allow INTEGER NOT NULL,
+        lifetime TEXT NOT NULL,
+        command_prefix TEXT NOT NULL,
+        path_prefix TEXT,
+        created TEXT NOT NULL
+    );",
+];
+
+pub struct Store {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let err = |source| StoreError::Sql {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                supported,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction().map_err(err)?;
+            tx.execute_batch(sql).map_err(err)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)
+                .map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        Ok(Store {
+            path: path.to_path_buf(),
+            conn,
+        })
+    }
+
+    fn err(&self) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// After a restart: requests that were in flight are cancelled (their actions
+    /// cannot resume) and session rules are forgotten.
+    pub fn recover(&mut self, now: &str) -> Result<usize, StoreError> {
+        let open: Vec<Request> = self.query_requests(
+            "SELECT body FROM requests WHERE state NOT IN ('unplanned','done','failed','denied','cancelled')",
+            params![],
+        )?;
+        for mut r in open.iter().cloned() {
+            r.state = State::Cancelled;
+            r.error = Some("the agent restarted while this request was in flight".into());
+            r.updated = now.to_owned();
+            self.save_request(&r)?;
+        }
+        self.conn
+            .execute("DELETE FROM rules WHERE lifetime = 'session'", [])
+            .map_err(self.err())?;
+        Ok(open.len())
+    }
+
+    pub fn save_request(&self, r: &Request) -> Result<(), StoreError> {
+        let body = serde_json::to_string(r).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT INTO requests (id, uid, state, created, body) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET state = excluded.state, body = excluded.body",
+                params![r.id, r.uid, r.state.as_str(), r.created, body],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn request(&self, id: &str) -> Result<Option<Request>, StoreError> {
+        Ok(self
+            .query_requests("SELECT body FROM requests WHERE id = ?1", params![id])?
+            .pop())
+    }
+
+    /// Requests newest first, of one user (or all, for root), optionally only those
+    /// still in flight.
+    pub fn requests(
+        &self,
+        uid: Option<u32>,
+        active_only: bool,
+        limit: u32,
+    ) -> Result<Vec<Request>, StoreError> {
+        let active = if active_only {
+            "AND state NOT IN ('unplanned','done','failed','denied','cancelled')"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT body FROM requests WHERE (?1 IS NULL OR uid = ?1) {active}
+             ORDER BY created DESC, rowid DESC LIMIT ?2"
+        );
+        self.query_requests(&sql, params![uid, limit])
+    }
+
+    fn query_requests(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<Request>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
+        let rows = stmt
+            .query_map(params, |row| row.get::<_, String>(0))
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for body in rows {
+            let body = body.map_err(self.err())?;
+            if let Ok(r) = serde_json::from_str(&body) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn add_rule(&self, rule: &Rule) -> Result<Rule, StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO rules (uid, allow, lifetime, command_prefix, path_prefix, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    rule.uid,
+                    rule.allow,
+                    lifetime_str(rule.lifetime),
+                    serde_json::to_string(&rule.command_prefix).unwrap_or_default(),
+                    rule.path_prefix
+                        .as_ref()
+                        .map(|p| p.to_string_lossy().into_owned()),
+                    rule.created,
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(Rule {
+            id: self.conn.last_insert_rowid(),
+            ..rule.clone()
+        })
+    }
+
+    /// One user's rules, or everyone's (`None`, for root).
+    pub fn rules(&self, uid: Option<u32>) -> Result<Vec<Rule>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, uid, allow, lifetime, command_prefix, path_prefix, created FROM rules
+                 WHERE ?1 IS NULL OR uid = ?1 ORDER BY id",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![uid], |row| {
+                let lifetime: String = row.get(3)?;
+                let prefix: String = row.get(4)?;
+                Ok(Rule {
+                    id: row.get(0)?,
+                    uid: row.get(1)?,
+                    allow: row.get(2)?,
+                    lifetime: lifetime.parse().unwrap_or(Remember::Once),
+                    command_prefix: serde_json::from_str(&prefix).unwrap_or_default(),
+                    path_prefix: row.get::<_, Option<String>>(5)?.map(PathBuf::from),
+                    created: row.get(6)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    pub fn rule(&self, id: i64) -> Result<Option<Rule>, StoreError> {
+        Ok(self.rules(None)?.into_iter().find(|r| r.id == id))
+    }
+
+    pub fn remove_rule(&self, id: i64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM rules WHERE id = ?1", params![id])
+            .map_err(self.err())?;
+        Ok(n > 0)
+    }
+
+    pub fn count_requests(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .optional()
+            .map(|n| n.unwrap_or(0))
+            .map_err(self.err())
+    }
+}
+
+fn lifetime_str(l: Remember) -> &'static str {
+    match l {
+        Remember::Once => "once",
+        Remember::Session => "session",
+        Remember::Always => "always",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_round_trip_and_session_rules_do_not_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut store = Store::open(&path).unwrap();
+        let base = Rule {
+            id: 0,
+            uid: 1000,
+            allow: true,
+            lifetime: Remember::Always,
+            command_prefix: vec!["git".into(), "status".into()],
+            path_prefix: None,
+            created: "t".into(),
+        };
+        let a = store.add_rule(&base).unwrap();
+        store
+            .add_rule(&Rule {
+                lifetime: Remember::Session,
+                uid: 1001,
+                ..base.clone()
+            })
+            .unwrap();
+        assert_eq!(store.rules(Some(1000)).unwrap(), vec![a.clone()]);
+        assert_eq!(store.rules(None).unwrap().len(), 2);
+        store.recover("t").unwrap();
+        assert_eq!(store.rules(None).unwrap(), vec![a.clone()]);
+        assert!(store.remove_rule(a.id).unwrap());
+        assert!(!store.remove_rule(a.id).unwrap());
+        drop(store);
+        // Reopening runs no migration twice.
+        Store::open(&path).unwrap();
+    }
+}

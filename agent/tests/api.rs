@@ -1,0 +1,466 @@
+//! The agent's API end to end, through the `devos` CLI as real users, on a private
+//! system bus with the shipped bus policy: requests, approvals and remembered rules,
+//! isolation between users, the injection corpus, the sandbox and the audit log.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+
+use support::*;
+
+#[test]
+fn requests_plans_approvals_rules_and_history_work_end_to_end() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let cwd = project.path();
+    alice.write(&cwd.join("notes.md"), "hello\n");
+
+    // A read-only request runs at once (the default policy auto-approves read-only).
+    let out = agent.devos(Some(&alice), cwd, &["--json", "run", "list", "files"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = json(&out);
+    assert_eq!(r["state"], "done");
+    assert_eq!(r["uid"], alice.uid);
+    assert_eq!(r["actions"][0]["risk"]["class"], "read-only");
+    assert!(
+        r["actions"][0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("notes.md")
+    );
+    assert!(
+        r["actions"][0]["sandbox"]
+            .as_str()
+            .unwrap()
+            .contains("landlock fully enforced"),
+        "{}",
+        r["actions"][0]["sandbox"]
+    );
+
+    // A write asks; without a terminal `devos run` says how to approve and exits 3.
+    let out = agent.devos(Some(&alice), cwd, &["run", "create", "directory", "build"]);
+    let id = waiting_id(&out);
+    assert!(
+        stdout(&out).contains("risk: writes-workdir"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!cwd.join("build").exists());
+    let out = agent.devos(
+        Some(&alice),
+        cwd,
+        &[
+            "approve",
+            &id,
+            "--remember",
+            "always",
+            "--command-prefix",
+            "mkdir",
+        ],
+    );
+    // A remember scope that does not cover the action is refused...
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not cover"), "{}", stderr(&out));
+    // ...a path scope that does is accepted.
+    let cwd_s = cwd.to_string_lossy();
+    let out = agent.devos(
+        Some(&alice),
+        cwd,
+        &[
+            "approve",
+            &id,
+            "--remember",
+            "always",
+            "--path-prefix",
+            &cwd_s,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(wait_for(std::time::Duration::from_secs(20), || cwd
+        .join("build")
+        .is_dir()));
+    let meta = std::fs::metadata(cwd.join("build")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        alice.uid,
+        "ran as the caller"
+    );
+
+    // The remembered rule now approves the same kind of action without asking.
+    let out = agent.devos(
+        Some(&alice),
+        cwd,
+        &["--json", "run", "create", "directory", "dist"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = json(&out);
+    assert!(
+        r["actions"][0]["decision"]["by"]
+            .as_str()
+            .unwrap()
+            .starts_with("remembered rule"),
+        "{r}"
+    );
+    let rules = json(&agent.devos(Some(&alice), cwd, &["--json", "rules"]));
+    let rule_id = rules[0]["id"].as_i64().unwrap();
+    assert_eq!(rules.as_array().unwrap().len(), 1);
+    let out = agent.devos(
+        Some(&alice),
+        cwd,
+        &["rules", "remove", &rule_id.to_string()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = waiting_id(&agent.devos(Some(&alice), cwd, &["run", "create", "directory", "again"]));
+
+    // Deny stops the request; cancel stops another.
+    let out = agent.devos(Some(&alice), cwd, &["deny", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]));
+    assert!(
+        wait_for(std::time::Duration::from_secs(10), || {
+            json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]))["state"] == "denied"
+        }),
+        "{r}"
+    );
+    assert!(!cwd.join("again").exists());
+    let id = waiting_id(&agent.devos(Some(&alice), cwd, &["run", "create", "directory", "never"]));
+    assert!(
+        agent
+            .devos(Some(&alice), cwd, &["cancel", &id])
+            .status
+            .success()
+    );
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]))["state"] == "cancelled"
+    }));
+
+    // Something no local rule covers is answered clearly, nothing is planned.
+    let out = agent.devos(Some(&alice), cwd, &["run", "refactor", "the", "parser"]);
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("cannot plan this without the model"),
+        "{}",
+        stdout(&out)
+    );
+
+    let history = json(&agent.devos(Some(&alice), cwd, &["--json", "history"]));
+    let states: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["unplanned", "cancelled", "denied", "done", "done", "done"],
+        "{states:?}"
+    );
+    let status = json(&agent.devos(Some(&alice), cwd, &["--json", "status"]));
+    assert_eq!(status["image-version"], "0.1.0+abcdef012345");
+    let verify = agent.devos(Some(&alice), cwd, &["audit", "verify"]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+    assert!(
+        stdout(&verify).contains("audit log: ok"),
+        "{}",
+        stdout(&verify)
+    );
+
+    // Ping still answers (the boot test relies on it).
+    let ping = agent.busctl(
+        Some(&alice),
+        &[
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1",
+            "Ping",
+        ],
+    );
+    assert_eq!(stdout(&ping).trim(), "s \"pong\"");
+}
+
+#[test]
+fn users_see_and_approve_only_their_own_requests() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let bob = User::ensure("devos-bob");
+    let project = alice.project();
+    let cwd = project.path();
+    let id = waiting_id(&agent.devos(Some(&alice), cwd, &["run", "create", "directory", "secret"]));
+
+    let tmp = Path::new("/");
+    for args in [
+        vec!["show", id.as_str()],
+        vec!["approve", id.as_str(), "0"],
+        vec!["deny", id.as_str(), "0"],
+        vec!["cancel", id.as_str()],
+    ] {
+        let out = agent.devos(Some(&bob), tmp, &args);
+        assert!(!out.status.success(), "bob could {args:?}");
+        assert!(
+            stderr(&out).contains(&format!("no request {id} of yours")),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let history = json(&agent.devos(Some(&bob), tmp, &["--json", "history"]));
+    assert_eq!(
+        history.as_array().unwrap().len(),
+        0,
+        "bob sees alice's requests: {history}"
+    );
+    // Bob cannot even submit in alice's directory.
+    let out = agent.devos(
+        Some(&bob),
+        tmp,
+        &["run", "--cwd", &cwd.to_string_lossy(), "list", "files"],
+    );
+    assert!(!out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        stderr(&out).contains("not a directory you (devos-bob) can enter"),
+        "{}",
+        stderr(&out)
+    );
+    // Bob cannot remove alice's rules.
+    let out = agent.devos(
+        Some(&alice),
+        cwd,
+        &["--json", "rules", "add", "deny", "--command-prefix", "curl"],
+    );
+    let rule = json(&out)["id"].as_i64().unwrap();
+    assert!(
+        !agent
+            .devos(Some(&bob), tmp, &["rules", "remove", &rule.to_string()])
+            .status
+            .success()
+    );
+
+    // Root sees everything but approves nothing on alice's behalf.
+    let r = json(&agent.devos(None, tmp, &["--json", "show", &id]));
+    assert_eq!(r["user"], "devos-alice");
+    assert!(
+        !agent
+            .devos(None, tmp, &["approve", &id, "0"])
+            .status
+            .success()
+    );
+    assert!(
+        !json(&agent.devos(None, tmp, &["--json", "history"]))
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!cwd.join("secret").exists());
+
+    // The admin interface is root's alone (bus policy).
+    let out = agent.busctl(
+        Some(&alice),
+        &[
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1.Admin",
+            "ReloadConfig",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("denied") || stderr(&out).contains("Access"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent.busctl(
+        None,
+        &[
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1.Admin",
+            "ReloadConfig",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn the_injection_corpus_never_runs_anything_unapproved() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let cwd = project.path();
+    alice.write(&cwd.join("file.txt"), "x\n");
+    let marks = tempfile::tempdir_in("/var/tmp").unwrap();
+    open_up(marks.path(), 0o777);
+    let m = marks.path().display().to_string();
+    let victim = marks.path().join("victim");
+    std::fs::write(&victim, "keep me").unwrap();
+    open_up(&victim, 0o666);
+    std::os::unix::fs::symlink(marks.path(), cwd.join("escape")).unwrap();
+
+    let corpus = [
+        format!("list files; touch {m}/p1"),
+        format!("list files && touch {m}/p2"),
+        format!("search for $(touch {m}/p3)"),
+        format!("search for `touch {m}/p4`"),
+        format!("find files named x; touch {m}/p5"),
+        format!("list files\ntouch {m}/p6"),
+        format!("run: touch {m}/p7"),
+        format!("run: ls; touch {m}/p8"),
+        format!("$ env LD_PRELOAD={m}/x.so touch {m}/p9"),
+        format!("run: LD_PRELOAD=x touch {m}/p10"),
+        format!("run: find . -exec touch {m}/p11 ;"),
+        format!("run: git -c core.pager='touch {m}/p12' log"),
+        format!("run: sort -o {m}/p13 file.txt"),
+        format!("commit with message \"x\"; touch {m}/p14"),
+        format!("search for * in ../../../{m}"),
+        format!("delete {m}/victim"),
+        "delete escape/victim".to_owned(),
+        format!("run: rm -rf {m}"),
+        "back up escape".to_owned(),
+        format!("create directory ../../../../..{m}/p15"),
+        "read ~/.ssh/id_rsa".to_owned(),
+        format!("run `bash -c 'touch {m}/p16'`"),
+        format!("run: python3 -c \"open('{m}/p17','w')\""),
+        format!("install jq; touch {m}/p18"),
+        format!("create branch x;touch${{IFS}}{m}/p19"),
+    ];
+    for text in &corpus {
+        let out = agent.devos(Some(&alice), cwd, &["run", text]);
+        if out.status.code() == Some(3) {
+            let id = waiting_id(&out);
+            assert!(
+                agent
+                    .devos(Some(&alice), cwd, &["deny", &id])
+                    .status
+                    .success()
+            );
+        }
+    }
+    // Whatever did run was read-only, and nothing outside was touched.
+    let history = json(&agent.devos(Some(&alice), cwd, &["--json", "history", "-n", "100"]));
+    for r in history.as_array().unwrap() {
+        for a in r["actions"].as_array().unwrap() {
+            if a["state"] == "succeeded" || a["state"] == "failed" {
+                assert_eq!(a["risk"]["class"], "read-only", "{} ran: {a}", r["text"]);
+            }
+        }
+    }
+    let made: Vec<_> = std::fs::read_dir(marks.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        made,
+        vec![std::ffi::OsString::from("victim")],
+        "an injected command ran"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+}
+
+#[test]
+fn the_sandbox_confines_approved_actions() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let cwd = project.path();
+    let outside = tempfile::tempdir_in("/var/tmp").unwrap();
+    open_up(outside.path(), 0o777);
+    let o = outside.path().display().to_string();
+
+    // An approved shell script may write in the working directory, nowhere else,
+    // even where the user's own permissions would allow it.
+    let id = waiting_id(&agent.devos(
+        Some(&alice),
+        cwd,
+        &[
+            "run",
+            &format!("run: echo in > inside.txt; echo out > {o}/outside.txt"),
+        ],
+    ));
+    assert!(
+        agent
+            .devos(Some(&alice), cwd, &["approve", &id])
+            .status
+            .success()
+    );
+    assert!(wait_for(std::time::Duration::from_secs(20), || {
+        json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]))["state"] == "failed"
+    }));
+    let r = json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]));
+    assert_eq!(
+        std::fs::read_to_string(cwd.join("inside.txt")).unwrap(),
+        "in\n"
+    );
+    assert!(
+        !outside.path().join("outside.txt").exists(),
+        "the sandbox let a write outside through"
+    );
+    assert!(
+        r["actions"][0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
+        "{r}"
+    );
+
+    let data = cwd.join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(alice.uid), Some(alice.uid)).unwrap();
+    alice.write(&data.join("old.txt"), "old");
+
+    // A symlink swapped in after approval does not redirect a write outside.
+    std::fs::write(outside.path().join("old.txt"), "precious").unwrap();
+    open_up(&outside.path().join("old.txt"), 0o666);
+    let id = waiting_id(&agent.devos(Some(&alice), cwd, &["run", "delete", "data/old.txt"]));
+    std::fs::remove_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &data).unwrap();
+    assert!(
+        agent
+            .devos(Some(&alice), cwd, &["approve", &id])
+            .status
+            .success()
+    );
+    assert!(wait_for(std::time::Duration::from_secs(20), || {
+        json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]))["state"] == "failed"
+    }));
+    let r = json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]));
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("risk changed since it was approved"),
+        "{r}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("old.txt")).unwrap(),
+        "precious"
+    );
+}
+
+#[test]
+fn a_tampered_audit_log_is_reported_with_its_first_bad_entry() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    for _ in 0..3 {
+        assert!(
+            agent
+                .devos(Some(&alice), project.path(), &["run", "list", "files"])
+                .status
+                .success()
+        );
+    }
+    let log = agent.state().join("audit/log-000001.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let edited = text.replacen("\"list files\"", "\"something else\"", 1);
+    assert_ne!(text, edited);
+    std::fs::write(&log, edited).unwrap();
+    let out = agent.devos(Some(&alice), project.path(), &["audit", "verify"]);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("TAMPERED"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("line 2"), "{}", stdout(&out));
+}

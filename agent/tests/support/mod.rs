@@ -1,0 +1,218 @@
+//! The real daemon on a private system bus with the shipped bus policy, its state in
+//! a temporary directory, and real users to call it as.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub use devos_tests::{SystemBus, require, require_root, run_with_timeout, wait_for};
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_devos-agent");
+pub const DEVOS: &str = env!("CARGO_BIN_EXE_devos");
+
+/// A running agent; killed on drop.
+pub struct Daemon {
+    pub bus: SystemBus,
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Make a directory (and its temporary parents) reachable by other users.
+pub fn open_up(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl Daemon {
+    /// Start the agent with `os-release` as its os-release file and `extra` appended
+    /// to its config.
+    pub fn start_with(os_release: &str, extra: &str) -> Daemon {
+        require("busctl", "systemd");
+        require("setpriv", "util-linux");
+        require_root();
+        let bus = SystemBus::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        open_up(dir.path(), 0o755);
+        let release = dir.path().join("os-release");
+        std::fs::write(&release, os_release).unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "os-release = \"{}\"\nstate-dir = \"{}\"\n{extra}",
+                release.display(),
+                dir.path().join("state").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(AGENT)
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            bus,
+            child,
+            dir,
+            config,
+        };
+        let owned = wait_for(Duration::from_secs(10), || {
+            daemon
+                .busctl(None, &["status", "org.devos.Agent1"])
+                .status
+                .success()
+        });
+        assert!(owned, "the agent did not take org.devos.Agent1 within 10s");
+        daemon
+    }
+
+    pub fn start() -> Daemon {
+        Self::start_with("ID=debian\nIMAGE_VERSION=\"0.1.0+abcdef012345\"\n", "")
+    }
+
+    /// busctl against the private bus, optionally as another user.
+    pub fn busctl(&self, user: Option<&User>, args: &[&str]) -> Output {
+        let mut cmd = as_user(user, "busctl");
+        cmd.arg(format!("--address={}", self.bus.address))
+            .args(args);
+        run_with_timeout(&mut cmd, Duration::from_secs(20)).unwrap()
+    }
+
+    /// The `devos` CLI as `user` (root if `None`) in `cwd`.
+    pub fn devos(&self, user: Option<&User>, cwd: &Path, args: &[&str]) -> Output {
+        let mut cmd = as_user(user, DEVOS);
+        cmd.args(args)
+            .current_dir(cwd)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.bus.address)
+            .stdin(Stdio::null());
+        if let Some(u) = user {
+            cmd.env("HOME", &u.home);
+        }
+        run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap()
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+fn as_user(user: Option<&User>, program: &str) -> Command {
+    match user {
+        Some(u) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={}", u.uid))
+                .arg(format!("--regid={}", u.uid))
+                .arg("--init-groups")
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A real local user (created once, kept between runs).
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub home: PathBuf,
+}
+
+static USERADD: Mutex<()> = Mutex::new(());
+
+impl User {
+    pub fn ensure(name: &str) -> User {
+        let _one_at_a_time = USERADD.lock().unwrap_or_else(|e| e.into_inner());
+        let id = |name: &str| {
+            Command::new("id")
+                .args(["-u", name])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .trim()
+                        .parse::<u32>()
+                        .ok()
+                })
+        };
+        if id(name).is_none() {
+            let out = Command::new("useradd")
+                .args(["--create-home", "--user-group", "--shell", "/bin/sh", name])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "useradd {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let uid = id(name).unwrap();
+        User {
+            name: name.to_owned(),
+            uid,
+            home: PathBuf::from(format!("/home/{name}")),
+        }
+    }
+
+    /// A fresh, private project directory owned by this user.
+    pub fn project(&self) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix("devos-project-")
+            .tempdir_in(&self.home)
+            .unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(self.uid), Some(self.uid)).unwrap();
+        open_up(dir.path(), 0o700);
+        dir
+    }
+
+    /// Write a file as root and give it to this user.
+    pub fn write(&self, path: &Path, content: &str) {
+        std::fs::write(path, content).unwrap();
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.uid)).unwrap();
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Parse `devos --json ...` output.
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(o), stderr(o)))
+}
+
+/// The id of the request a non-interactive `devos run` left waiting (from its
+/// "devos approve ID N" hint).
+pub fn waiting_id(o: &Output) -> String {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "expected a request waiting for approval: {err}\n{}",
+        stdout(o)
+    );
+    err.lines()
+        .find_map(|l| l.trim().strip_prefix("approve: devos approve "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no approval hint in: {err}"))
+        .to_owned()
+}
