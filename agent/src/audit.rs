@@ -95,6 +95,7 @@ pub struct Problem {
 
 /// The result of `audit verify`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Verification {
     pub ok: bool,
     pub entries: u64,

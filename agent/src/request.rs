@@ -90,7 +90,7 @@ pub struct ActionRecord {
     pub output_truncated: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// What the sandbox could apply (e.g. "landlock abi 7 fully enforced, seccomp").
+    /// What the sandbox could apply (e.g. "landlock V5 enforced; writable: ...; no TCP; seccomp ...").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
 }

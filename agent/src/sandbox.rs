@@ -203,22 +203,23 @@ fn landlock(spec: &Spec) -> Result<String, String> {
     let status = created
         .restrict_self()
         .map_err(|e| format!("landlock: {e}"))?;
-    let what = match status.ruleset {
-        RulesetStatus::FullyEnforced => "landlock fully enforced",
-        RulesetStatus::PartiallyEnforced => "landlock partially enforced (older kernel ABI)",
-        RulesetStatus::NotEnforced => "landlock not enforced (kernel lacks Landlock)",
+    let abi = match status.landlock {
+        landlock::LandlockStatus::Available { effective_abi, .. } => Some(effective_abi),
+        _ => None,
     };
-    if status.ruleset == RulesetStatus::NotEnforced {
+    let Some(abi) = abi.filter(|_| status.ruleset != RulesetStatus::NotEnforced) else {
         if spec.required {
             return Err("this kernel cannot enforce Landlock and [sandbox] required = true".into());
         }
         // Without Landlock nothing set no_new_privs; seccomp needs it.
         nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
-    }
-    let net = if spec.network {
-        "network allowed"
-    } else {
-        "no TCP"
+        return Ok("landlock NOT enforced (kernel lacks it; [sandbox] required = false)".into());
+    };
+    // TCP rules need Landlock ABI 4 (Linux 6.7); say so rather than claim them.
+    let net = match (spec.network, abi >= ABI::V4) {
+        (true, _) => "network allowed",
+        (false, true) => "no TCP",
+        (false, false) => "TCP not restricted (kernel Landlock ABI < 4)",
     };
     let dirs = writable
         .iter()
@@ -226,7 +227,7 @@ fn landlock(spec: &Spec) -> Result<String, String> {
         .collect::<Vec<_>>()
         .join(", ");
     Ok(format!(
-        "{what}; writable: {}; {net}",
+        "landlock {abi:?} enforced; writable: {}; {net}",
         if dirs.is_empty() {
             "nothing".into()
         } else {

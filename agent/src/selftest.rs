@@ -79,6 +79,7 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         emit(boot_time(&conn).await)?;
     }
     emit(bus_policy().await)?;
+    emit(agent_request().await)?;
     emit(root_read_only())?;
     emit(var_writable())?;
     emit(os_release())?;
@@ -321,6 +322,52 @@ async fn bus_policy() -> CheckResult {
     };
     CheckResult {
         check: "bus-policy".into(),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+/// A real request through the whole pipeline, as an unprivileged user: planned,
+/// classified read-only, auto-approved, run in the sandbox with Landlock enforced.
+async fn agent_request() -> CheckResult {
+    let start = Instant::now();
+    let out = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "devos", "--json", "run", "--cwd", "/", "list", "files"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    let (ok, mut detail) = match out {
+        Err(e) => (false, format!("cannot run setpriv/devos: {e}")),
+        Ok(o) => match serde_json::from_slice::<crate::request::Request>(&o.stdout) {
+            Err(e) => (
+                false,
+                format!("`devos run` gave no request ({e}): {}", String::from_utf8_lossy(&o.stderr).trim()),
+            ),
+            Ok(r) => {
+                let action = r.actions.first();
+                let sandbox = action.and_then(|a| a.sandbox.clone()).unwrap_or_default();
+                let listed = action.is_some_and(|a| a.output.contains("usr"));
+                let ok = r.state == crate::request::State::Done && listed && sandbox.starts_with("landlock V");
+                let detail = if ok {
+                    format!("uid 65534: `list files` in / ran sandboxed ({sandbox})")
+                } else {
+                    format!(
+                        "uid 65534: `list files` ended {} (sandbox: {sandbox:?}; error: {:?}; output: {:?})",
+                        r.state.as_str(),
+                        r.error.or_else(|| action.and_then(|a| a.error.clone())),
+                        action.map(|a| a.output.chars().take(300).collect::<String>())
+                    )
+                };
+                (ok, detail)
+            }
+        },
+    };
+    if !ok {
+        detail.push_str(&journal("devos-agent.service").await);
+    }
+    CheckResult {
+        check: "agent-request".into(),
         ok,
         detail,
         ms: start.elapsed().as_millis(),

@@ -84,3 +84,25 @@ fn version_without_image_version_is_a_clear_error() {
         stderr(&out)
     );
 }
+
+/// The interface blocks of an introspection document, as text.
+fn interfaces(xml: &str) -> String {
+    let start = xml.find("<interface name=\"org.devos.Agent1\">").expect("no Agent1 interface");
+    let end = xml[start..]
+        .find("<interface name=\"org.freedesktop")
+        .map_or_else(|| xml.rfind("</node>").unwrap(), |e| start + e);
+    xml[start..end].trim().to_owned()
+}
+
+#[test]
+fn the_shipped_introspection_xml_is_what_the_daemon_serves() {
+    let agent = Daemon::start();
+    let live = agent.busctl(None, &["introspect", "--xml-interface", "org.devos.Agent1", "/org/devos/Agent1"]);
+    assert!(live.status.success(), "{}", stderr(&live));
+    let shipped = std::fs::read_to_string(devos_tests::repo_root().join("agent/dist/org.devos.Agent1.xml")).unwrap();
+    assert_eq!(
+        interfaces(&shipped),
+        interfaces(&stdout(&live)),
+        "agent/dist/org.devos.Agent1.xml is out of date: regenerate it from `busctl introspect --xml-interface`"
+    );
+}

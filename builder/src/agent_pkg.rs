@@ -14,6 +14,7 @@ use crate::{cmd, digest};
 /// image, mode). The one place that says where each dist file is installed.
 pub const FILES: &[(&str, &str, u32)] = &[
     ("target/release/devos-agent", "usr/bin/devos-agent", 0o755),
+    ("target/release/devos", "usr/bin/devos", 0o755),
     (
         "agent/dist/devos-agent.service",
         "usr/lib/systemd/system/devos-agent.service",
@@ -27,6 +28,11 @@ pub const FILES: &[(&str, &str, u32)] = &[
     (
         "agent/dist/org.devos.Agent1.conf",
         "usr/share/dbus-1/system.d/org.devos.Agent1.conf",
+        0o644,
+    ),
+    (
+        "agent/dist/org.devos.Agent1.xml",
+        "usr/share/dbus-1/interfaces/org.devos.Agent1.xml",
         0o644,
     ),
     (
@@ -82,6 +88,8 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
         "devos-agent",
         "--bin",
         "devos-agent",
+        "--bin",
+        "devos",
     ]);
     cmd::run(&mut cargo).context("while building devos-agent")?;
 
@@ -252,14 +260,25 @@ mod tests {
         assert!(exec.contains(devos_agent::config::DEFAULT_PATH), "{exec}");
         for (key, want) in [
             ("NoNewPrivileges", "yes"),
-            ("ProtectSystem", "strict"),
             ("PrivateTmp", "yes"),
-            ("PrivateNetwork", "yes"),
-            ("RestrictAddressFamilies", "AF_UNIX"),
-            ("CapabilityBoundingSet", ""),
+            ("PrivateDevices", "yes"),
+            ("ProtectKernelModules", "yes"),
+            ("RestrictSUIDSGID", "yes"),
             ("SystemCallArchitectures", "native"),
         ] {
             assert_eq!(value(&service, key), Some(want), "{key}");
+        }
+        let caps = value(&service, "CapabilityBoundingSet").unwrap();
+        for forbidden in ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_SYS_MODULE", "CAP_NET_ADMIN"] {
+            assert!(!caps.contains(forbidden), "{caps}");
+        }
+        // Every protection the agent cannot have is named in a comment saying why.
+        for relaxed in ["ProtectSystem", "ProtectHome", "PrivateNetwork", "MemoryDenyWriteExecute"] {
+            assert!(value(&service, relaxed).is_none(), "{relaxed} is set after all");
+            assert!(
+                unit.lines().any(|l| l.starts_with("# Relaxed") && l.contains(relaxed)),
+                "{relaxed} is relaxed without a `# Relaxed: ...` comment"
+            );
         }
         let install = section(&unit, "Install");
         assert_eq!(value(&install, "WantedBy"), Some("multi-user.target"));

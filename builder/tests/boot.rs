@@ -183,6 +183,7 @@ fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
     // The built-in checks all passed.
     for name in [
         "bus-policy",
+        "agent-request",
         "root-read-only",
         "var-writable",
         "os-release",

@@ -1,0 +1,117 @@
+//! The agent's API figures: idle RSS, `Ping` round trip and submit → plan →
+//! classification latency, against the release daemon on a private system bus.
+//! `cargo bench -p devos-agent --bench api` (as root: the daemon runs as root).
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use devos_agent::client::Agent1Proxy;
+use devos_tests::SystemBus;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name}: n={} p50={:.3} ms p99={:.3} ms max={:.3} ms",
+        samples.len(),
+        percentile(&samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        samples.last().unwrap().as_secs_f64() * 1e3,
+    );
+}
+
+fn main() {
+    let bus = SystemBus::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, format!("state-dir = \"{}/state\"\nlog-level = \"warn\"\n", dir.path().display())).unwrap();
+    let project = dir.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_devos-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = daemon.id();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bus.address.as_str()).unwrap().build().await.unwrap();
+        let agent = Agent1Proxy::new(&conn).await.unwrap();
+        let start = Instant::now();
+        while agent.ping().await.is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "agent did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!("idle RSS after start: {} KiB", rss_kib(pid));
+
+        for _ in 0..200 {
+            agent.ping().await.unwrap();
+        }
+        let mut pings = Vec::new();
+        for _ in 0..5000 {
+            let t = Instant::now();
+            agent.ping().await.unwrap();
+            pings.push(t.elapsed());
+        }
+        report("Ping round trip", pings);
+
+        // Requests that need approval: planned and classified, nothing executes, so
+        // each sample is the submit path alone.
+        let cwd = project.to_string_lossy().into_owned();
+        let mut submits = Vec::new();
+        let mut internal = Vec::new();
+        for i in 0..1000 {
+            let text = match i % 4 {
+                0 => "create directory build",
+                1 => "commit with message \"bench\"",
+                2 => "run: git -c core.pager=less log",
+                _ => "organise files by type in /usr/share/doc/dbus",
+            };
+            let t = Instant::now();
+            let id = agent.submit(text, &cwd).await.unwrap();
+            submits.push(t.elapsed());
+            let r: serde_json::Value = serde_json::from_str(&agent.get(&id).await.unwrap()).unwrap();
+            internal.push(Duration::from_micros(r["plan-micros"].as_u64().unwrap()));
+        }
+        report("Submit -> plan -> classification (client round trip)", submits);
+        report("  of which planning + classification inside the agent", internal);
+        // Read-only requests run in the sandbox: the whole path, for reference.
+        let mut runs = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            let id = agent.submit("list files", &cwd).await.unwrap();
+            loop {
+                let r: serde_json::Value = serde_json::from_str(&agent.get(&id).await.unwrap()).unwrap();
+                if r["state"] == "done" {
+                    break;
+                }
+                assert!(r["state"] != "failed", "{r}");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            runs.push(t.elapsed());
+        }
+        report("read-only request end to end (sandboxed `ls`)", runs);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        println!("RSS after 1,050 requests: {} KiB", rss_kib(pid));
+    });
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
