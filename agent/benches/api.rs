@@ -38,7 +38,14 @@ fn main() {
     let bus = SystemBus::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
-    std::fs::write(&config, format!("state-dir = \"{}/state\"\nlog-level = \"warn\"\n", dir.path().display())).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "state-dir = \"{}/state\"\nlog-level = \"warn\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
     let project = dir.path().join("project");
     std::fs::create_dir(&project).unwrap();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_devos-agent"))
@@ -50,13 +57,23 @@ fn main() {
         .spawn()
         .unwrap();
     let pid = daemon.id();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let conn = zbus::connection::Builder::address(bus.address.as_str()).unwrap().build().await.unwrap();
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
         let agent = Agent1Proxy::new(&conn).await.unwrap();
         let start = Instant::now();
         while agent.ping().await.is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "agent did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "agent did not start"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -88,18 +105,26 @@ fn main() {
             let t = Instant::now();
             let id = agent.submit(text, &cwd).await.unwrap();
             submits.push(t.elapsed());
-            let r: serde_json::Value = serde_json::from_str(&agent.get(&id).await.unwrap()).unwrap();
+            let r: serde_json::Value =
+                serde_json::from_str(&agent.get(&id).await.unwrap()).unwrap();
             internal.push(Duration::from_micros(r["plan-micros"].as_u64().unwrap()));
         }
-        report("Submit -> plan -> classification (client round trip)", submits);
-        report("  of which planning + classification inside the agent", internal);
+        report(
+            "Submit -> plan -> classification (client round trip)",
+            submits,
+        );
+        report(
+            "  of which planning + classification inside the agent",
+            internal,
+        );
         // Read-only requests run in the sandbox: the whole path, for reference.
         let mut runs = Vec::new();
         for _ in 0..50 {
             let t = Instant::now();
             let id = agent.submit("list files", &cwd).await.unwrap();
             loop {
-                let r: serde_json::Value = serde_json::from_str(&agent.get(&id).await.unwrap()).unwrap();
+                let r: serde_json::Value =
+                    serde_json::from_str(&agent.get(&id).await.unwrap()).unwrap();
                 if r["state"] == "done" {
                     break;
                 }

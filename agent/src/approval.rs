@@ -71,15 +71,15 @@ pub fn decide(
             by: format!("policy: {} runs without asking", risk.class),
         };
     }
-    if !matches!(action, Action::Shell { .. }) && risk.class != RiskClass::Privileged {
-        if let Some(rule) = rules
+    if !matches!(action, Action::Shell { .. })
+        && risk.class != RiskClass::Privileged
+        && let Some(rule) = rules
             .iter()
             .find(|r| r.allow && rule_matches(r, action, cwd))
-        {
-            return Decision::Approved {
-                by: format!("remembered rule {} ({})", rule.id, describe_rule(rule)),
-            };
-        }
+    {
+        return Decision::Approved {
+            by: format!("remembered rule {} ({})", rule.id, describe_rule(rule)),
+        };
     }
     Decision::Ask
 }

@@ -156,7 +156,10 @@ fn log_files(dir: &Path) -> Result<Vec<(u32, PathBuf)>, AuditError> {
     Ok(files)
 }
 
-fn read_checkpoints(dir: &Path) -> Result<Vec<(u64, Result<Checkpoint, String>)>, AuditError> {
+/// Checkpoints by line number; a line that does not parse keeps its error.
+type CheckpointLines = Vec<(u64, Result<Checkpoint, String>)>;
+
+fn read_checkpoints(dir: &Path) -> Result<CheckpointLines, AuditError> {
     let path = dir.join("checkpoints.jsonl");
     let file = match File::open(&path) {
         Ok(f) => f,
@@ -259,7 +262,7 @@ impl AuditLog {
         self.seq = entry.seq;
         self.last_hash = entry.hash;
         self.write_head()?;
-        if self.seq % self.config.checkpoint_every == 0 {
+        if self.seq.is_multiple_of(self.config.checkpoint_every) {
             self.checkpoint()?;
         }
         Ok(self.seq)

@@ -333,7 +333,18 @@ async fn bus_policy() -> CheckResult {
 async fn agent_request() -> CheckResult {
     let start = Instant::now();
     let out = tokio::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "devos", "--json", "run", "--cwd", "/", "list", "files"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "devos",
+            "--json",
+            "run",
+            "--cwd",
+            "/",
+            "list",
+            "files",
+        ])
         .stdin(std::process::Stdio::null())
         .output()
         .await;
@@ -342,13 +353,18 @@ async fn agent_request() -> CheckResult {
         Ok(o) => match serde_json::from_slice::<crate::request::Request>(&o.stdout) {
             Err(e) => (
                 false,
-                format!("`devos run` gave no request ({e}): {}", String::from_utf8_lossy(&o.stderr).trim()),
+                format!(
+                    "`devos run` gave no request ({e}): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
             ),
             Ok(r) => {
                 let action = r.actions.first();
                 let sandbox = action.and_then(|a| a.sandbox.clone()).unwrap_or_default();
                 let listed = action.is_some_and(|a| a.output.contains("usr"));
-                let ok = r.state == crate::request::State::Done && listed && sandbox.starts_with("landlock V");
+                let ok = r.state == crate::request::State::Done
+                    && listed
+                    && sandbox.starts_with("landlock V");
                 let detail = if ok {
                     format!("uid 65534: `list files` in / ran sandboxed ({sandbox})")
                 } else {

@@ -204,6 +204,16 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }
 
+/// A user's decision on one action, as `Approve`/`Deny` receive it.
+struct Verdict<'a> {
+    id: &'a str,
+    index: u32,
+    approve: bool,
+    remember: &'a str,
+    command_prefix: Vec<String>,
+    path_prefix: &'a str,
+}
+
 /// The object served at [`crate::OBJECT_PATH`], interface `org.devos.Agent1`.
 pub struct Agent {
     shared: Arc<Shared>,
@@ -221,16 +231,15 @@ impl Agent {
         }
     }
 
-    fn decide_action(
-        &self,
-        caller: &Caller,
-        id: &str,
-        index: u32,
-        approve: bool,
-        remember: &str,
-        command_prefix: Vec<String>,
-        path_prefix: &str,
-    ) -> fdo::Result<()> {
+    fn decide_action(&self, caller: &Caller, verdict: Verdict<'_>) -> fdo::Result<()> {
+        let Verdict {
+            id,
+            index,
+            approve,
+            remember,
+            command_prefix,
+            path_prefix,
+        } = verdict;
         let remember: Remember = remember.parse().map_err(fdo::Error::InvalidArgs)?;
         let mut r = self.own_request(id, caller, false)?;
         if r.state.is_final() {
@@ -551,6 +560,8 @@ impl Agent {
     /// a remembered approval is scoped to `command_prefix` (argv words) and/or
     /// `path_prefix`, which must cover this action (empty: its exact command, or the
     /// working directory for file actions).
+    // The D-Bus signature is the API; the header and connection are zbus's.
+    #[allow(clippy::too_many_arguments)]
     async fn approve(
         &self,
         id: &str,
@@ -564,17 +575,20 @@ impl Agent {
         let caller = caller(&self.shared, &header, conn).await?;
         self.decide_action(
             &caller,
-            id,
-            action,
-            true,
-            remember,
-            command_prefix,
-            path_prefix,
+            Verdict {
+                id,
+                index: action,
+                approve: true,
+                remember,
+                command_prefix,
+                path_prefix,
+            },
         )
     }
 
     /// Deny action `action` of request `id` (the request stops). `remember` as for
     /// `Approve` creates a deny rule.
+    #[allow(clippy::too_many_arguments)]
     async fn deny(
         &self,
         id: &str,
@@ -588,12 +602,14 @@ impl Agent {
         let caller = caller(&self.shared, &header, conn).await?;
         self.decide_action(
             &caller,
-            id,
-            action,
-            false,
-            remember,
-            command_prefix,
-            path_prefix,
+            Verdict {
+                id,
+                index: action,
+                approve: false,
+                remember,
+                command_prefix,
+                path_prefix,
+            },
         )
     }
 

@@ -87,7 +87,9 @@ fn version_without_image_version_is_a_clear_error() {
 
 /// The interface blocks of an introspection document, as text.
 fn interfaces(xml: &str) -> String {
-    let start = xml.find("<interface name=\"org.devos.Agent1\">").expect("no Agent1 interface");
+    let start = xml
+        .find("<interface name=\"org.devos.Agent1\">")
+        .expect("no Agent1 interface");
     let end = xml[start..]
         .find("<interface name=\"org.freedesktop")
         .map_or_else(|| xml.rfind("</node>").unwrap(), |e| start + e);
@@ -97,9 +99,19 @@ fn interfaces(xml: &str) -> String {
 #[test]
 fn the_shipped_introspection_xml_is_what_the_daemon_serves() {
     let agent = Daemon::start();
-    let live = agent.busctl(None, &["introspect", "--xml-interface", "org.devos.Agent1", "/org/devos/Agent1"]);
+    let live = agent.busctl(
+        None,
+        &[
+            "introspect",
+            "--xml-interface",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+        ],
+    );
     assert!(live.status.success(), "{}", stderr(&live));
-    let shipped = std::fs::read_to_string(devos_tests::repo_root().join("agent/dist/org.devos.Agent1.xml")).unwrap();
+    let shipped =
+        std::fs::read_to_string(devos_tests::repo_root().join("agent/dist/org.devos.Agent1.xml"))
+            .unwrap();
     assert_eq!(
         interfaces(&shipped),
         interfaces(&stdout(&live)),

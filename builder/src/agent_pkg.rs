@@ -269,14 +269,28 @@ mod tests {
             assert_eq!(value(&service, key), Some(want), "{key}");
         }
         let caps = value(&service, "CapabilityBoundingSet").unwrap();
-        for forbidden in ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_SYS_MODULE", "CAP_NET_ADMIN"] {
+        for forbidden in [
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_MODULE",
+            "CAP_NET_ADMIN",
+        ] {
             assert!(!caps.contains(forbidden), "{caps}");
         }
         // Every protection the agent cannot have is named in a comment saying why.
-        for relaxed in ["ProtectSystem", "ProtectHome", "PrivateNetwork", "MemoryDenyWriteExecute"] {
-            assert!(value(&service, relaxed).is_none(), "{relaxed} is set after all");
+        for relaxed in [
+            "ProtectSystem",
+            "ProtectHome",
+            "PrivateNetwork",
+            "MemoryDenyWriteExecute",
+        ] {
             assert!(
-                unit.lines().any(|l| l.starts_with("# Relaxed") && l.contains(relaxed)),
+                value(&service, relaxed).is_none(),
+                "{relaxed} is set after all"
+            );
+            assert!(
+                unit.lines()
+                    .any(|l| l.starts_with("# Relaxed") && l.contains(relaxed)),
                 "{relaxed} is relaxed without a `# Relaxed: ...` comment"
             );
         }
