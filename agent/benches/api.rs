@@ -4,11 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use devos_agent::client::Agent1Proxy;
-use devos_tests::SystemBus;
+use support::Daemon;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -35,28 +37,11 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn main() {
-    let bus = SystemBus::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state-dir = \"{}/state\"\nlog-level = \"warn\"\n",
-            dir.path().display()
-        ),
-    )
-    .unwrap();
-    let project = dir.path().join("project");
+    let daemon = Daemon::start_with("IMAGE_VERSION=1\n", "log-level = \"warn\"\n");
+    let pid = daemon.pid();
+    let bus = &daemon.bus;
+    let project = daemon.dir.path().join("project");
     std::fs::create_dir(&project).unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_devos-agent"))
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = daemon.id();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -137,6 +122,4 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         println!("RSS after 1,050 requests: {} KiB", rss_kib(pid));
     });
-    let _ = daemon.kill();
-    let _ = daemon.wait();
 }

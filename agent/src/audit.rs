@@ -283,7 +283,9 @@ impl AuditLog {
         use std::os::unix::fs::FileExt;
         let path = self.dir.join("HEAD");
         let line = format!("{:020} {}\n", self.seq, self.last_hash);
-        self.head.write_all_at(line.as_bytes(), 0).map_err(io(&path))
+        self.head
+            .write_all_at(line.as_bytes(), 0)
+            .map_err(io(&path))
     }
 
     /// Record the chain's state (and make the log durable up to here).

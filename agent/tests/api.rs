@@ -118,13 +118,7 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
     // Deny stops the request; cancel stops another.
     let out = agent.devos(Some(&alice), cwd, &["deny", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let r = json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]));
-    assert!(
-        wait_for(std::time::Duration::from_secs(10), || {
-            json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]))["state"] == "denied"
-        }),
-        "{r}"
-    );
+    agent.wait_state(&alice, cwd, &id, "denied");
     assert!(!cwd.join("again").exists());
     let id = waiting_id(&agent.devos(Some(&alice), cwd, &["run", "create", "directory", "never"]));
     assert!(
@@ -133,9 +127,7 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
             .status
             .success()
     );
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]))["state"] == "cancelled"
-    }));
+    agent.wait_state(&alice, cwd, &id, "cancelled");
 
     // Something no local rule covers is answered clearly, nothing is planned.
     let out = agent.devos(Some(&alice), cwd, &["run", "refactor", "the", "parser"]);
@@ -381,16 +373,7 @@ fn the_sandbox_confines_approved_actions() {
             &format!("run: echo in > inside.txt; echo out > {o}/outside.txt"),
         ],
     ));
-    assert!(
-        agent
-            .devos(Some(&alice), cwd, &["approve", &id])
-            .status
-            .success()
-    );
-    assert!(wait_for(std::time::Duration::from_secs(20), || {
-        json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]))["state"] == "failed"
-    }));
-    let r = json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]));
+    let r = agent.approve_and_wait(&alice, cwd, &id, "failed");
     assert_eq!(
         std::fs::read_to_string(cwd.join("inside.txt")).unwrap(),
         "in\n"
@@ -418,16 +401,7 @@ fn the_sandbox_confines_approved_actions() {
     let id = waiting_id(&agent.devos(Some(&alice), cwd, &["run", "delete", "data/old.txt"]));
     std::fs::remove_dir_all(&data).unwrap();
     std::os::unix::fs::symlink(outside.path(), &data).unwrap();
-    assert!(
-        agent
-            .devos(Some(&alice), cwd, &["approve", &id])
-            .status
-            .success()
-    );
-    assert!(wait_for(std::time::Duration::from_secs(20), || {
-        json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]))["state"] == "failed"
-    }));
-    let r = json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]));
+    let r = agent.approve_and_wait(&alice, cwd, &id, "failed");
     assert!(
         r["error"]
             .as_str()
@@ -463,4 +437,26 @@ fn a_tampered_audit_log_is_reported_with_its_first_bad_entry() {
     assert!(!out.status.success());
     assert!(stdout(&out).contains("TAMPERED"), "{}", stdout(&out));
     assert!(stdout(&out).contains("line 2"), "{}", stdout(&out));
+}
+
+#[test]
+fn actions_are_killed_at_the_timeout_and_their_output_is_capped() {
+    let agent = Daemon::start_with(
+        "IMAGE_VERSION=1\n",
+        "[sandbox]\ntimeout-secs = 2\nmax-output-bytes = 1000\n",
+    );
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let cwd = project.path();
+    let out = agent.devos(Some(&alice), cwd, &["run", "run: yes"]);
+    assert!(stdout(&out).contains("risk: unknown"), "{}", stdout(&out));
+    let id = waiting_id(&out);
+    let r = agent.approve_and_wait(&alice, cwd, &id, "failed");
+    let a = &r["actions"][0];
+    assert!(
+        a["error"].as_str().unwrap().contains("timed out after 2s"),
+        "{a}"
+    );
+    assert_eq!(a["output-truncated"], true, "{a}");
+    assert!(a["output"].as_str().unwrap().len() < 1100, "{a}");
 }

@@ -105,6 +105,34 @@ impl Daemon {
         run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap()
     }
 
+    /// Wait (20 s at most) until `user`'s request `id` is in `state`; its JSON.
+    pub fn wait_state(&self, user: &User, cwd: &Path, id: &str, state: &str) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let reached = wait_for(Duration::from_secs(20), || {
+            last = json(&self.devos(Some(user), cwd, &["--json", "show", id]));
+            last["state"] == state
+        });
+        assert!(reached, "request {id} did not become {state}: {last}");
+        last
+    }
+
+    /// Approve the waiting action of `user`'s request `id`, then wait for `state`.
+    pub fn approve_and_wait(
+        &self,
+        user: &User,
+        cwd: &Path,
+        id: &str,
+        state: &str,
+    ) -> serde_json::Value {
+        let out = self.devos(Some(user), cwd, &["approve", id]);
+        assert!(out.status.success(), "approve {id}: {}", stderr(&out));
+        self.wait_state(user, cwd, id, state)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn state(&self) -> PathBuf {
         self.dir.path().join("state")
     }
