@@ -460,3 +460,87 @@ fn actions_are_killed_at_the_timeout_and_their_output_is_capped() {
     assert_eq!(a["output-truncated"], true, "{a}");
     assert!(a["output"].as_str().unwrap().len() < 1100, "{a}");
 }
+
+#[test]
+fn a_terminal_user_is_prompted_and_the_answer_is_remembered() {
+    require("script", "bsdutils");
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let cwd = project.path();
+    // `script` gives `devos run` a terminal; the answer comes on its stdin.
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.arg(format!("--reuid={}", alice.uid))
+        .arg(format!("--regid={}", alice.uid))
+        .args(["--init-groups", "script", "-q", "-e", "-c"])
+        .arg(format!("{DEVOS} run create directory prompted"))
+        .arg("/dev/null")
+        .current_dir(cwd)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &agent.bus.address)
+        .env("HOME", &alice.home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"a\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("approve [0] mkdir") || text.contains("approve [0] create directory"),
+        "{text}"
+    );
+    assert!(text.contains("(writes-workdir)"), "{text}");
+    assert!(cwd.join("prompted").is_dir());
+    // "always" became a rule: the next one runs without asking.
+    let rules = json(&agent.devos(Some(&alice), cwd, &["--json", "rules"]));
+    assert_eq!(rules[0]["lifetime"], "always", "{rules}");
+    let out = agent.devos(
+        Some(&alice),
+        cwd,
+        &["run", "create", "directory", "unasked"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_users_own_policy_applies_only_within_what_the_admin_allows() {
+    let agent = Daemon::start();
+    // A user of its own: other tests must not see this policy file.
+    let carol = User::ensure("devos-carol");
+    let project = carol.project();
+    let cwd = project.path();
+    let config_dir = carol.home.join(".config/devos");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    for d in [carol.home.join(".config"), config_dir.clone()] {
+        std::os::unix::fs::chown(&d, Some(carol.uid), Some(carol.uid)).unwrap();
+    }
+    let policy = config_dir.join("agent.toml");
+    let _ = std::fs::remove_file(&policy);
+    carol.write(
+        &policy,
+        "auto-approve = ['writes-workdir', 'destructive']\n[[deny]]\ncommand-prefix = ['git', 'status']\n",
+    );
+    // Users may auto-approve writes-workdir for themselves; destructive is not theirs to.
+    let out = agent.devos(Some(&carol), cwd, &["run", "create", "directory", "auto"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(cwd.join("auto").is_dir());
+    waiting_id(&agent.devos(Some(&carol), cwd, &["run", "delete", "auto"]));
+    let out = agent.devos(Some(&carol), cwd, &["--json", "run", "git", "status"]);
+    assert_eq!(json(&out)["state"], "denied", "{}", stdout(&out));
+
+    // A file that is not a plain file of hers is refused, naming it.
+    std::fs::remove_file(&policy).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", &policy).unwrap();
+    let out = agent.devos(Some(&carol), cwd, &["--json", "run", "list", "files"]);
+    let r = json(&out);
+    assert_eq!(r["state"], "unplanned");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains(".config/devos/agent.toml"),
+        "{r}"
+    );
+    std::fs::remove_file(&policy).unwrap();
+}
