@@ -162,12 +162,26 @@ pub struct TestReport {
     pub kept: Option<PathBuf>,
 }
 
-/// Boot the target with the self-test switched on and collect its report.
-pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
-    let scratch = Scratch::prepare(target, "devos-test-")?;
+/// QEMU messages that mean KVM itself failed mid-run (a probe can pass on a host whose
+/// KVM then dies on the real machine type): the run is repeated under TCG.
+const KVM_FAILURES: &[&str] = &["KVM internal error", "kvm run failed"];
+
+/// One VM run: how it ended, and when the agent answered.
+struct Run {
+    outcome: Result<(), String>,
+    kvm_failed: Option<String>,
+    seconds: f64,
+    agent_answered_seconds: Option<f64>,
+}
+
+fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run> {
     let dir = &scratch.dir;
     let console = dir.path().join("console.log");
     let report = dir.path().join("selftest.jsonl");
+    let stderr_path = dir.path().join("qemu.stderr");
+    for stale in [&console, &report] {
+        let _ = fs::remove_file(stale);
+    }
     let tests_json = (!target.tests.is_empty())
         .then(|| serde_json::to_string(&target.tests))
         .transpose()?;
@@ -179,23 +193,65 @@ pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         None,
     );
     vm.tests_json = tests_json.as_deref();
-    let stderr = fs::File::create(dir.path().join("qemu.stderr"))?;
+    let stderr = fs::File::create(&stderr_path)?;
     let start = Instant::now();
     let mut child = crate::cmd::spawn(
         vm.command(&scratch.fw).stdout(Stdio::null()).stderr(stderr),
         false,
     )?;
     let mut agent_answered_seconds = None;
+    let kvm = scratch.accel.accel == qemu::Accel::Kvm;
+    let mut kvm_failed = None;
     let outcome = watch(&mut child, &console, &report, opts.timeout, |checks| {
         if agent_answered_seconds.is_none()
             && checks.iter().any(|c| c.check == "agent-ping" && c.ok)
         {
             agent_answered_seconds = Some(start.elapsed().as_secs_f64());
         }
+        let said = fs::read_to_string(&stderr_path).unwrap_or_default();
+        kvm_failed = kvm
+            .then(|| {
+                said.lines()
+                    .find(|l| KVM_FAILURES.iter().any(|k| l.contains(k)))
+            })
+            .flatten()
+            .map(|l| l.trim().to_owned());
+        kvm_failed.is_some()
     });
     let _ = child.kill();
     let _ = child.wait();
-    let seconds = start.elapsed().as_secs_f64();
+    Ok(Run {
+        outcome,
+        kvm_failed,
+        seconds: start.elapsed().as_secs_f64(),
+        agent_answered_seconds,
+    })
+}
+
+/// Boot the target with the self-test switched on and collect its report.
+pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
+    let mut scratch = Scratch::prepare(target, "devos-test-")?;
+    let mut run = run_vm(&scratch, target, opts)?;
+    if let Some(error) = run.kvm_failed.take() {
+        tracing::warn!("KVM failed during the run ({error}); booting again under TCG");
+        scratch.fall_back_to_tcg(
+            target,
+            &format!(
+                "{}, but the VM then failed under KVM ({error}); fell back to TCG",
+                scratch.accel.reason
+            ),
+        )?;
+        run = run_vm(&scratch, target, opts)?;
+    }
+    let Run {
+        outcome,
+        seconds,
+        agent_answered_seconds,
+        ..
+    } = run;
+    let dir = &scratch.dir;
+    let console = dir.path().join("console.log");
+    let report = dir.path().join("selftest.jsonl");
 
     let (mut checks, _) = read_report(&report);
     let expected = target.manifest.as_ref().map(|m| m.version.clone());
@@ -241,18 +297,21 @@ pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     })
 }
 
-/// Wait for the guest's final report line, a kernel panic, QEMU exiting, or the timeout.
+/// Wait for the guest's final report line, a kernel panic, QEMU exiting, the timeout,
+/// or `progress` (called with the checks so far) asking to stop.
 fn watch(
     child: &mut Child,
     console: &Path,
     report: &Path,
     timeout: Duration,
-    mut progress: impl FnMut(&[Check]),
+    mut progress: impl FnMut(&[Check]) -> bool,
 ) -> Result<(), String> {
     let start = Instant::now();
     loop {
         let (checks, done) = read_report(report);
-        progress(&checks);
+        if progress(&checks) {
+            return Err("stopped by the watcher".into());
+        }
         if done {
             return Ok(());
         }
@@ -468,6 +527,20 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// Start over under TCG: a fresh overlay and variable store (the failed run may
+    /// have written to them).
+    fn fall_back_to_tcg(&mut self, target: &Target, reason: &str) -> Result<()> {
+        self.accel = AccelChoice {
+            accel: qemu::Accel::Tcg,
+            reason: reason.to_owned(),
+        };
+        tracing::info!("accelerator: Tcg ({reason})");
+        let _ = fs::remove_file(&self.overlay);
+        qemu::overlay(&target.disk, qemu::disk_format(&target.disk), &self.overlay)?;
+        qemu::vars_copy(&self.fw, &self.vars)?;
+        Ok(())
+    }
+
     fn prepare(target: &Target, prefix: &str) -> Result<Self> {
         qemu::require_qemu()?;
         let fw = qemu::firmware()?;

@@ -46,6 +46,10 @@ fn write_exec(path: &Path, text: &str) {
 /// Build `spec` (with `deb` as the agent) and boot-test it; the test must fail.
 /// Returns the report and the JUnit XML.
 fn failing_test(env: &Env, spec: &Path, deb: &Path) -> (Value, String) {
+    failing_test_with(env, spec, deb, &[])
+}
+
+fn failing_test_with(env: &Env, spec: &Path, deb: &Path, vars: &[(&str, &str)]) -> (Value, String) {
     for (tool, package) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("dpkg-deb", "dpkg"),
@@ -63,7 +67,8 @@ fn failing_test(env: &Env, spec: &Path, deb: &Path) -> (Value, String) {
         .arg("--out")
         .arg(env.out(spec))
         .arg("--junit")
-        .arg(&junit);
+        .arg(&junit)
+        .envs(vars.iter().copied());
     let out = run(&mut c, 15);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the broken image passed:\n{stderr}");
@@ -170,7 +175,18 @@ fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
         )
     });
     let deb = env.agent_deb.clone();
-    let (report, junit) = failing_test(&env, &spec, &deb);
+    // Forcing KVM also exercises the fallback: on a host whose KVM dies mid-run (this
+    // one does, with "KVM internal error") the run is repeated under TCG.
+    let (report, junit) = failing_test_with(&env, &spec, &deb, &[("DEVOS_ACCEL", "kvm")]);
+    let accel = &report["accel"];
+    assert!(
+        accel["accel"] == "kvm"
+            || accel["reason"]
+                .as_str()
+                .unwrap()
+                .contains("failed under KVM (KVM internal error"),
+        "neither ran under KVM nor fell back to TCG with the reason: {accel}"
+    );
     // The spec's passing tests ran too.
     assert_eq!(check(&report, "test:agent-unit-active")["ok"], true);
     assert_eq!(check(&report, "test:root-is-read-only")["ok"], true);
