@@ -520,6 +520,10 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
             tree: id.tree_key.clone(),
         },
     };
+    if spec.agent_enabled {
+        // The agent's configuration, for images made from other bases (Packer).
+        fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
+    }
     write_outputs(&staged, &manifest)?;
     publish_dir(&staged, &final_dir)?;
     // Recorded only once the output is complete under its final name; a build killed

@@ -12,9 +12,9 @@ use crate::boottest::{self, TestOptions};
 use crate::build::{self, BuildOptions};
 use crate::cache::{self, Cache};
 use crate::registry::{self, Registry, TestRun};
-use crate::spec::DEFAULT_SPEC;
+use crate::spec::{DEFAULT_SPEC, Format};
 use crate::ui::Ui;
-use crate::{inventory, repro};
+use crate::{inventory, publish, repro};
 
 /// Build, boot-test and publish immutable DevOS images from declarative specs.
 #[derive(Parser)]
@@ -26,6 +26,10 @@ pub struct Cli {
     /// The image registry (SQLite). Default: ~/.local/share/devos/registry.db.
     #[arg(long, global = true, env = "DEVOS_REGISTRY", value_name = "FILE")]
     pub registry: Option<PathBuf>,
+    /// The builder's settings file (AWS endpoint, SSM prefix, ...). Default:
+    /// ~/.config/devos/config.toml.
+    #[arg(long, global = true, env = "DEVOS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -38,6 +42,12 @@ pub enum Command {
     /// Inspect and prune the build cache (stage outputs, packages, package lists).
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Publish tested versions as AMIs and manage what was published.
+    #[command(subcommand)]
+    Publish(PublishCommand),
+    /// Render Packer templates.
+    #[command(subcommand)]
+    Packer(PackerCommand),
     /// Check the host tools the builder needs and say how to install missing ones.
     Doctor {
         /// Machine-readable output on stdout.
@@ -138,6 +148,18 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Convert a version's raw image to another format (vmdk: streamOptimized, vhd:
+    /// fixed, whole MiB; qcow2) and record it with its sha256.
+    Export {
+        reference: String,
+        #[arg(long, value_parser = ["qcow2", "vmdk", "vhd"])]
+        format: String,
+        /// Write here instead of next to the raw image (not recorded in the registry).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot an image interactively with the serial console on this terminal.
     Boot {
         /// An image file, an output directory, a spec (its newest build), or
@@ -154,6 +176,126 @@ pub enum ImageCommand {
         #[arg(long, default_value_t = 2)]
         cpus: u32,
     },
+}
+
+#[derive(Subcommand)]
+pub enum PublishCommand {
+    /// Upload a tested version to an EBS snapshot (EBS direct APIs), register it as an
+    /// AMI, copy it to more regions, and write its SSM parameters. Idempotent.
+    Ami {
+        /// NAME@VERSION (or NAME: its newest version).
+        reference: String,
+        /// The region to upload to. Default: `[aws] region`, else AWS_REGION / the profile's.
+        #[arg(long)]
+        region: Option<String>,
+        /// Copy the AMI to these regions too (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        copy_to: Vec<String>,
+        /// The AMI name. Default: NAME-VERSION with `+` as `-`.
+        #[arg(long)]
+        name: Option<String>,
+        /// Publish even without a passing boot test (loudly; the AMI is tagged so).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point PREFIX/NAME/latest at this version's AMI in every region it is in.
+    Promote {
+        reference: String,
+        /// Only these regions (comma-separated). Default: all it is published in.
+        #[arg(long, value_delimiter = ',')]
+        region: Vec<String>,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything published, newest first.
+    List {
+        /// Only this image.
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build an AMI with Packer from the latest official Ubuntu base AMI, installing
+    /// this version's agent package and config; records the AMI it made.
+    Packer {
+        reference: String,
+        #[arg(long)]
+        region: Option<String>,
+        /// Render the variant without a communicator (nothing is provisioned): for
+        /// endpoints without real instances, such as test servers.
+        #[arg(long)]
+        no_communicator: bool,
+        /// Passed to `packer build -var` (e.g. base_ami_name=..., instance_type=...).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// Publish even without a passing boot test.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deregister a version's AMIs in every region and delete their snapshots and
+    /// SSM parameters.
+    Deregister {
+        reference: String,
+        /// Even if PREFIX/NAME/latest points at it.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read the uploaded snapshot back (EBS direct APIs) and compare it with the raw
+    /// image, block by block.
+    Verify {
+        reference: String,
+        #[arg(long)]
+        region: String,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PackerCommand {
+    /// Write the HCL2 template and what it installs for a version into a directory,
+    /// and check it with `packer validate`.
+    Render {
+        reference: String,
+        /// Default: target/packer/NAME-VERSION.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        region: Option<String>,
+        /// The variant without a communicator (see `publish packer`).
+        #[arg(long)]
+        no_communicator: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct AwsArgs {
+    /// A profile of ~/.aws/config. Default: `[aws] profile`, else AWS_PROFILE.
+    #[arg(long)]
+    profile: Option<String>,
+    /// One endpoint for every AWS service (other partitions, test servers). Default:
+    /// `[aws] endpoint-url`; AWS_ENDPOINT_URL also works.
+    #[arg(long, value_name = "URL")]
+    endpoint_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -210,7 +352,56 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     init_logging(cli.verbose, &ui);
     let registry_path = cli.registry.clone().unwrap_or_else(registry::default_path);
     let open = || Registry::open(&registry_path);
+    let config = cli.config.clone();
+    let settings = || crate::settings::load(config.as_deref());
     match cli.command {
+        Command::Publish(cmd) => publish_command(cmd, &mut open()?, &settings()?, &ui),
+        Command::Packer(PackerCommand::Render {
+            reference,
+            out,
+            region,
+            no_communicator,
+            aws,
+            json,
+        }) => {
+            let settings = settings()?;
+            let opts = packer_options(&settings, region, aws, !no_communicator, out)?;
+            let r = crate::packer::render(&open()?, &reference, &opts)?;
+            output(
+                json,
+                &r,
+                || format!("{} (packer validate: ok)\n", r.template.display()),
+                true,
+            )
+        }
+        Command::Image(ImageCommand::Export {
+            reference,
+            format,
+            out,
+            json,
+        }) => {
+            let format = match format.as_str() {
+                "qcow2" => Format::Qcow2,
+                "vmdk" => Format::Vmdk,
+                _ => Format::Vhd,
+            };
+            let e = crate::convert::export(&mut open()?, &reference, format, out.as_deref())?;
+            output(
+                json,
+                &e,
+                || {
+                    format!(
+                        "{} {}: {} ({} MiB, sha256 {})\n",
+                        e.version,
+                        format.extension(),
+                        e.path.display(),
+                        e.size >> 20,
+                        e.sha256
+                    )
+                },
+                true,
+            )
+        }
         Command::Doctor { json } => {
             let report = crate::doctor::check();
             let ok = report.tools.iter().all(|t| t.found.is_some());
@@ -353,6 +544,130 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn publish_command(
+    cmd: PublishCommand,
+    reg: &mut Registry,
+    settings: &crate::settings::Settings,
+    ui: &Ui,
+) -> Result<ExitCode> {
+    let aws = |a: AwsArgs| publish::aws_options(settings, a.profile, a.endpoint_url);
+    match cmd {
+        PublishCommand::Ami {
+            reference,
+            region,
+            copy_to,
+            name,
+            force,
+            aws: a,
+            json,
+        } => {
+            let req = publish::AmiRequest {
+                reference,
+                region: region.or_else(|| settings.aws.region.clone()),
+                copy_to,
+                name,
+                force,
+            };
+            let p = publish::ami(reg, settings, &aws(a), &req, ui)?;
+            output(json, &p, || p.human(), true)
+        }
+        PublishCommand::Promote {
+            reference,
+            region,
+            aws: a,
+            json,
+        } => {
+            let p = publish::promote(reg, settings, &aws(a), &reference, &region)?;
+            output(
+                json,
+                &p,
+                || {
+                    p.regions
+                        .iter()
+                        .map(|(r, id)| format!("{r}: {} = {id}\n", p.parameter))
+                        .collect()
+                },
+                true,
+            )
+        }
+        PublishCommand::Packer {
+            reference,
+            region,
+            no_communicator,
+            vars,
+            force,
+            aws: a,
+            json,
+        } => {
+            let opts = packer_options(settings, region, a, !no_communicator, None)?;
+            let b = crate::packer::build(reg, &reference, force, &opts, &vars)?;
+            output(json, &b, || format!("{}: {}\n", b.region, b.ami_id), true)
+        }
+        PublishCommand::List { name, json } => {
+            let pubs = reg.publications(name.as_deref(), None)?;
+            output(json, &pubs, || publish::list_human(&pubs), true)
+        }
+        PublishCommand::Deregister {
+            reference,
+            force,
+            aws: a,
+            json,
+        } => {
+            let removed = publish::deregister(reg, settings, &aws(a), &reference, force)?;
+            output(json, &removed, || publish::list_human(&removed), true)
+        }
+        PublishCommand::Verify {
+            reference,
+            region,
+            aws: a,
+            json,
+        } => {
+            let v = publish::verify(reg, &aws(a), &reference, &region)?;
+            output(
+                json,
+                &v,
+                || {
+                    format!(
+                        "{} in {} equals {} ({} blocks compared)\n",
+                        v.snapshot_id,
+                        v.region,
+                        v.raw.display(),
+                        v.blocks
+                    )
+                },
+                true,
+            )
+        }
+    }
+}
+
+/// Packer talks to AWS itself: it gets the region and an explicit endpoint (flag,
+/// settings, or the SDK's AWS_ENDPOINT_URL[_EC2], which Packer does not read).
+fn packer_options(
+    settings: &crate::settings::Settings,
+    region: Option<String>,
+    aws: AwsArgs,
+    ssh: bool,
+    out: Option<PathBuf>,
+) -> Result<crate::packer::RenderOptions> {
+    let opts = publish::aws_options(settings, aws.profile, aws.endpoint_url);
+    let region = region
+        .or(opts.region)
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .context("no AWS region is set\n  hint: pass --region, set AWS_REGION, or set `[aws] region` in the settings file")?;
+    let endpoint = opts
+        .endpoint_url
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL_EC2").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+    Ok(crate::packer::RenderOptions {
+        region,
+        endpoint,
+        ssh,
+        out,
+    })
 }
 
 /// Boot-test, write JUnit if asked, and record the run in the registry.

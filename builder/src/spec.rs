@@ -42,13 +42,18 @@ impl fmt::Display for SpecError {
 }
 
 /// Where a value came from, so validation errors can point at it.
-struct Source<'a> {
-    file: &'a Path,
-    text: &'a str,
+pub(crate) struct Source<'a> {
+    pub(crate) file: &'a Path,
+    pub(crate) text: &'a str,
 }
 
 impl Source<'_> {
-    fn error_at(&self, offset: usize, message: impl Into<String>, hint: Option<&str>) -> SpecError {
+    pub(crate) fn error_at(
+        &self,
+        offset: usize,
+        message: impl Into<String>,
+        hint: Option<&str>,
+    ) -> SpecError {
         let (line, col) = line_col(self.text, offset);
         SpecError {
             file: self.file.to_path_buf(),
@@ -59,11 +64,16 @@ impl Source<'_> {
         }
     }
 
-    fn error<T>(&self, value: &Spanned<T>, message: impl Into<String>, hint: &str) -> SpecError {
+    pub(crate) fn error<T>(
+        &self,
+        value: &Spanned<T>,
+        message: impl Into<String>,
+        hint: &str,
+    ) -> SpecError {
         self.error_at(value.span().start, message, Some(hint))
     }
 
-    fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, SpecError> {
+    pub(crate) fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, SpecError> {
         toml::from_str(self.text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
             let message = e.message().trim().to_owned();

@@ -55,6 +55,75 @@ impl Ui {
     }
 }
 
+/// A byte-count progress bar with bytes/s on a terminal; in logs, a line at every
+/// quarter. Shared between worker threads.
+pub struct Transfer {
+    what: String,
+    bar: Option<ProgressBar>,
+    done: std::sync::atomic::AtomicU64,
+    started: Instant,
+}
+
+impl Ui {
+    pub fn transfer(&self, what: &str) -> Transfer {
+        let bar = self.fancy.then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(what.to_owned());
+            bar
+        });
+        Transfer {
+            what: what.to_owned(),
+            bar,
+            done: 0.into(),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Transfer {
+    pub fn advance(&self, bytes: u64, total: u64) {
+        use std::sync::atomic::Ordering;
+        let before = self.done.fetch_add(bytes, Ordering::Relaxed);
+        let now = before + bytes;
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(now);
+            return;
+        }
+        let quarter = |n: u64| (n * 4).checked_div(total).unwrap_or(4);
+        if bytes == 0 || quarter(before) != quarter(now) {
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "    {}: {} of {} MiB ({:.1} MiB/s)",
+                self.what,
+                now >> 20,
+                total >> 20,
+                now as f64 / 1048576.0 / secs
+            );
+        }
+    }
+
+    pub fn log(&self, msg: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("    {msg}")),
+            None => eprintln!("    {msg}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 impl Default for Ui {
     fn default() -> Self {
         Self::new()

@@ -183,3 +183,106 @@ pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// Where `tests/setup-host` installs the Python tools (moto, cfn-lint): a venv under
+/// `$DEVOS_TOOLS`, default `~/.cache/devos/tools`.
+pub fn python_tool(program: &str) -> PathBuf {
+    let tools = std::env::var_os("DEVOS_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default()
+                .join(".cache/devos/tools")
+        });
+    let path = tools.join("venv/bin").join(program);
+    assert!(
+        path.is_file(),
+        "`{program}` is required by this test and is missing ({}): run tests/setup-host",
+        path.display()
+    );
+    path
+}
+
+/// A moto_server on 127.0.0.1 (an in-memory AWS: EC2, EBS direct, SSM, ...), on a
+/// free port, killed on drop. `kill` and `restart` simulate an outage; a restart keeps
+/// the port and loses every resource, as a real outage of a test endpoint would.
+pub struct Moto {
+    child: Option<Child>,
+    pub port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    pub fn start() -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = tempfile::tempdir()?;
+        let mut moto = Self {
+            child: None,
+            port,
+            log: dir.path().join("moto.log"),
+            _dir: dir,
+        };
+        moto.restart()?;
+        Ok(moto)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Environment for a client of this server: fixed test credentials, the endpoint,
+    /// no instance metadata lookups.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// (Re)start the server on the same port and wait until it accepts connections.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(python_tool("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start moto_server")?;
+        self.child = Some(child);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        if !wait_for(Duration::from_secs(30), || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        }) {
+            bail!(
+                "moto_server did not listen on port {} within 30s; its log:\n{}",
+                self.port,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

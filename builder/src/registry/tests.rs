@@ -198,3 +198,38 @@ fn concurrent_writers_do_not_lose_records() {
         40
     );
 }
+
+#[test]
+fn publications_are_one_row_per_version_region_and_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+    reg.record_build(
+        Path::new("/o"),
+        Path::new("s"),
+        &manifest("0.1.0+a", &[]),
+        &[],
+    )
+    .unwrap();
+    let v = reg.find("devos-test@0.1.0+a").unwrap();
+    let mut p = Publication {
+        name: v.name.clone(),
+        version: v.version.clone(),
+        build_id: v.build_id.clone(),
+        region: "eu-west-1".into(),
+        kind: "ami".into(),
+        ami_id: Some("ami-1".into()),
+        snapshot_ids: vec!["snap-1".into(), "snap-2".into()],
+        parameter: Some("/devos/x".into()),
+        state: "available".into(),
+        created_at: 0,
+        updated_at: 0,
+    };
+    reg.record_publication(&v, &p).unwrap();
+    p.state = "deregistered".into();
+    reg.record_publication(&v, &p).unwrap();
+    let all = reg.publications(Some("devos-test"), None).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].state, "deregistered");
+    assert_eq!(all[0].snapshot_ids, ["snap-1", "snap-2"]);
+    assert!(reg.publications(Some("other"), None).unwrap().is_empty());
+}

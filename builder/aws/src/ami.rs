@@ -1,0 +1,680 @@
+//! AMIs: register an uploaded snapshot (UEFI, ENA, IMDSv2 required, gp3, x86_64),
+//! tag it, wait until it is available, copy it to more regions, write SSM parameters,
+//! and take it all down again.
+//!
+//! Idempotent by the `devos:build-id` tag: a re-run finds the AMI (and the snapshot)
+//! of the same build in each region and creates nothing. A run that fails removes
+//! what it created; a snapshot left by a run that was killed outright is found by
+//! its tag and removed by the next run before it uploads again.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aws_sdk_ec2::types::{
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter, ImageState,
+    ImdsSupportValues, ResourceType, Tag, TagSpecification, VolumeType,
+};
+use futures_util::future::try_join_all;
+use serde::Serialize;
+
+use crate::ebs::{self, Upload};
+use crate::{Aws, explain};
+
+pub const TAG_BUILD_ID: &str = "devos:build-id";
+const AVAILABLE_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// The image version being published.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub name: String,
+    pub version: String,
+    pub build_id: String,
+    /// sha256 of the raw image.
+    pub sha256: String,
+    /// The spec file it was built from.
+    pub spec: String,
+    pub raw: PathBuf,
+    /// The AMI name (unique per account and region).
+    pub ami_name: String,
+    /// Whether it passed its boot test (false only with `--force`).
+    pub tested: bool,
+}
+
+impl Image {
+    fn tags(&self) -> Vec<(String, String)> {
+        [
+            ("Name", self.ami_name.as_str()),
+            ("devos:image", &self.name),
+            ("devos:version", &self.version),
+            (TAG_BUILD_ID, &self.build_id),
+            ("devos:sha256", &self.sha256),
+            ("devos:spec", &self.spec),
+            (
+                "devos:boot-test",
+                if self.tested {
+                    "passed"
+                } else {
+                    "skipped-with-force"
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    fn description(&self) -> String {
+        format!(
+            "DevOS {} {} (build {})",
+            self.name, self.version, self.build_id
+        )
+    }
+}
+
+/// Where to publish.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub region: String,
+    pub copy_to: Vec<String>,
+    pub ssm_prefix: String,
+    pub workers: usize,
+}
+
+/// The AMI of one region.
+#[derive(Debug, Clone, Serialize)]
+pub struct Regional {
+    pub region: String,
+    pub ami_id: String,
+    pub snapshot_ids: Vec<String>,
+    /// False when a previous run had already made it.
+    pub created: bool,
+    pub parameter: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub regions: Vec<Regional>,
+    /// None when the AMI already existed and nothing was uploaded.
+    pub upload: Option<Upload>,
+}
+
+/// AMI names allow letters, digits, spaces and `()[]./-'@_`: the `+` of a version
+/// becomes `-`.
+pub fn ami_name(name: &str, version: &str) -> String {
+    sanitize(&format!("{name}-{version}"), "()[]./-'@_ ", '-')
+}
+
+/// SSM parameter names allow letters, digits and `_.-/`: the `+` becomes `_`.
+pub fn version_parameter(prefix: &str, name: &str, version: &str) -> String {
+    format!(
+        "{}/{}/{}/image_id",
+        prefix.trim_end_matches('/'),
+        name,
+        sanitize(version, "_.-", '_')
+    )
+}
+
+pub fn latest_parameter(prefix: &str, name: &str) -> String {
+    format!("{}/{}/latest", prefix.trim_end_matches('/'), name)
+}
+
+/// Replace every character that is not alphanumeric or in `allowed` by `with`.
+fn sanitize(s: &str, allowed: &str, with: char) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || allowed.contains(c) {
+                c
+            } else {
+                with
+            }
+        })
+        .collect()
+}
+
+/// What this run created, so that a failure can take it down again.
+#[derive(Default)]
+struct Created(Mutex<Vec<(String, Resource)>>);
+
+#[derive(Clone)]
+enum Resource {
+    Snapshot(String),
+    Image(String),
+}
+
+impl Created {
+    fn push(&self, region: &str, r: Resource) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((region.to_owned(), r));
+        }
+    }
+
+    /// Remove everything, newest first; returns what could not be removed.
+    async fn undo(&self, aws: &Aws) -> Vec<String> {
+        let items: Vec<_> = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+        let mut left = Vec::new();
+        for (region, r) in items.into_iter().rev() {
+            let ec2 = aws.ec2(&region);
+            let res = match &r {
+                Resource::Image(id) => deregister(&ec2, &region, id).await.map(|_| ()),
+                Resource::Snapshot(id) => delete_snapshot(&ec2, &region, id).await,
+            };
+            if let Err(e) = res {
+                let id = match r {
+                    Resource::Image(id) | Resource::Snapshot(id) => id,
+                };
+                left.push(format!("{id} in {region} ({e:#})"));
+            }
+        }
+        left
+    }
+}
+
+/// Publish `image`: upload and register in `target.region` (unless a previous run
+/// did), copy to `target.copy_to` in parallel, write the SSM parameters.
+pub async fn publish(
+    aws: &Aws,
+    image: &Image,
+    target: &Target,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    log: &(dyn Fn(String) + Sync),
+) -> Result<Outcome> {
+    let created = Created::default();
+    match publish_tracked(aws, image, target, progress, log, &created).await {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => {
+            let left = created.undo(aws).await;
+            if left.is_empty() {
+                Err(e.context("publishing failed; everything this run created was removed"))
+            } else {
+                Err(e.context(format!(
+                    "publishing failed, and these could not be removed: {}; they carry the tag {TAG_BUILD_ID}={} and the next run removes them",
+                    left.join(", "),
+                    image.build_id
+                )))
+            }
+        }
+    }
+}
+
+async fn publish_tracked(
+    aws: &Aws,
+    image: &Image,
+    target: &Target,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    log: &(dyn Fn(String) + Sync),
+    created: &Created,
+) -> Result<Outcome> {
+    let region = target.region.as_str();
+    let ec2 = aws.ec2(region);
+    let tags = image.tags();
+    let (primary, upload) = match find_image(&ec2, region, &image.build_id).await? {
+        Some(found) => {
+            log(format!(
+                "{region}: {} already holds build {}; nothing to upload",
+                found.ami_id, image.build_id
+            ));
+            wait_available(&ec2, region, &found.ami_id).await?;
+            (found, None)
+        }
+        None => {
+            for leftover in build_snapshots(&ec2, region, &image.build_id).await? {
+                log(format!(
+                    "{region}: removing {leftover}, left by an earlier run that did not finish"
+                ));
+                delete_snapshot(&ec2, region, &leftover).await?;
+            }
+            let ebs = aws.ebs(region);
+            let snapshot_id =
+                ebs::start(&ebs, region, &image.raw, &image.description(), &tags).await?;
+            created.push(region, Resource::Snapshot(snapshot_id.clone()));
+            let up = ebs::upload(
+                &ebs,
+                region,
+                &snapshot_id,
+                &image.raw,
+                target.workers,
+                progress,
+            )
+            .await?;
+            log(format!(
+                "{region}: uploaded {} of {} bytes into {} in {:.1}s",
+                up.bytes_sent, up.image_bytes, up.snapshot_id, up.seconds
+            ));
+            let ami_id = register(&ec2, region, image, &up).await?;
+            created.push(region, Resource::Image(ami_id.clone()));
+            tag(&ec2, region, &[&ami_id, &up.snapshot_id], &tags).await?;
+            wait_available(&ec2, region, &ami_id).await?;
+            log(format!("{region}: registered {ami_id}"));
+            let found = Found {
+                ami_id,
+                snapshot_ids: vec![up.snapshot_id.clone()],
+                created: true,
+            };
+            (found, Some(up))
+        }
+    };
+    let copies = try_join_all(
+        target
+            .copy_to
+            .iter()
+            .filter(|r| *r != region)
+            .map(|to| copy(aws, region, &primary.ami_id, to, image, &tags, log, created)),
+    )
+    .await?;
+    let parameter = version_parameter(&target.ssm_prefix, &image.name, &image.version);
+    let mut regions = Vec::new();
+    for (r, found) in std::iter::once((region.to_owned(), primary)).chain(copies) {
+        put_parameter(&aws.ssm(&r), &r, &parameter, &found.ami_id, log).await?;
+        regions.push(Regional {
+            region: r,
+            ami_id: found.ami_id,
+            snapshot_ids: found.snapshot_ids,
+            created: found.created,
+            parameter: parameter.clone(),
+        });
+    }
+    Ok(Outcome { regions, upload })
+}
+
+struct Found {
+    ami_id: String,
+    snapshot_ids: Vec<String>,
+    created: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy(
+    aws: &Aws,
+    from: &str,
+    ami_id: &str,
+    to: &str,
+    image: &Image,
+    tags: &[(String, String)],
+    log: &(dyn Fn(String) + Sync),
+    created: &Created,
+) -> Result<(String, Found)> {
+    let ec2 = aws.ec2(to);
+    if let Some(found) = find_image(&ec2, to, &image.build_id).await? {
+        log(format!(
+            "{to}: {} already holds build {}",
+            found.ami_id, image.build_id
+        ));
+        wait_available(&ec2, to, &found.ami_id).await?;
+        return Ok((to.to_owned(), found));
+    }
+    let out = ec2
+        .copy_image()
+        .source_region(from)
+        .source_image_id(ami_id)
+        .name(&image.ami_name)
+        .description(image.description())
+        .copy_image_tags(true)
+        .send()
+        .await
+        .map_err(|e| explain("ec2:CopyImage", to, e))?;
+    let copy_id = out
+        .image_id()
+        .context("CopyImage returned no image id")?
+        .to_owned();
+    created.push(to, Resource::Image(copy_id.clone()));
+    tag(&ec2, to, &[&copy_id], tags).await?;
+    wait_available(&ec2, to, &copy_id).await?;
+    log(format!("{to}: copied {ami_id} from {from} as {copy_id}"));
+    let snapshot_ids = image_snapshots(&ec2, to, &copy_id).await?;
+    Ok((
+        to.to_owned(),
+        Found {
+            ami_id: copy_id,
+            snapshot_ids,
+            created: true,
+        },
+    ))
+}
+
+/// The RegisterImage request for an uploaded snapshot.
+pub fn register_request(
+    ec2: &aws_sdk_ec2::Client,
+    image: &Image,
+    snapshot_id: &str,
+    volume_gib: u64,
+) -> aws_sdk_ec2::operation::register_image::builders::RegisterImageFluentBuilder {
+    let root = "/dev/xvda";
+    ec2.register_image()
+        .name(&image.ami_name)
+        .description(image.description())
+        .architecture(ArchitectureValues::X8664)
+        .boot_mode(BootModeValues::Uefi)
+        .ena_support(true)
+        .sriov_net_support("simple")
+        .imds_support(ImdsSupportValues::V20)
+        .virtualization_type("hvm")
+        .root_device_name(root)
+        .block_device_mappings(
+            BlockDeviceMapping::builder()
+                .device_name(root)
+                .ebs(
+                    EbsBlockDevice::builder()
+                        .snapshot_id(snapshot_id)
+                        .volume_type(VolumeType::Gp3)
+                        .volume_size(volume_gib as i32)
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build(),
+        )
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Image)
+                .set_tags(Some(sdk_tags(&image.tags())))
+                .build(),
+        )
+}
+
+async fn register(
+    ec2: &aws_sdk_ec2::Client,
+    region: &str,
+    image: &Image,
+    up: &Upload,
+) -> Result<String> {
+    let out = register_request(ec2, image, &up.snapshot_id, up.volume_gib)
+        .send()
+        .await
+        .map_err(|e| explain("ec2:RegisterImage", region, e))?;
+    Ok(out
+        .image_id()
+        .context("RegisterImage returned no image id")?
+        .to_owned())
+}
+
+fn sdk_tags(tags: &[(String, String)]) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+/// Tag resources (again: not every endpoint honours tags given at creation).
+async fn tag(
+    ec2: &aws_sdk_ec2::Client,
+    region: &str,
+    ids: &[&str],
+    tags: &[(String, String)],
+) -> Result<()> {
+    ec2.create_tags()
+        .set_resources(Some(ids.iter().map(|s| (*s).to_owned()).collect()))
+        .set_tags(Some(sdk_tags(tags)))
+        .send()
+        .await
+        .map_err(|e| explain("ec2:CreateTags", region, e))?;
+    Ok(())
+}
+
+fn build_filter(build_id: &str) -> Filter {
+    Filter::builder()
+        .name(format!("tag:{TAG_BUILD_ID}"))
+        .values(build_id)
+        .build()
+}
+
+/// The AMI this account holds for `build_id` in this region, if any.
+async fn find_image(
+    ec2: &aws_sdk_ec2::Client,
+    region: &str,
+    build_id: &str,
+) -> Result<Option<Found>> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(build_filter(build_id))
+        .send()
+        .await
+        .map_err(|e| explain("ec2:DescribeImages", region, e))?;
+    let usable = out.images().iter().find(|i| {
+        !matches!(
+            i.state(),
+            Some(
+                ImageState::Deregistered
+                    | ImageState::Failed
+                    | ImageState::Invalid
+                    | ImageState::Error
+            )
+        )
+    });
+    Ok(usable.and_then(|i| {
+        Some(Found {
+            ami_id: i.image_id()?.to_owned(),
+            snapshot_ids: snapshots_of(i),
+            created: false,
+        })
+    }))
+}
+
+fn snapshots_of(image: &aws_sdk_ec2::types::Image) -> Vec<String> {
+    image
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_owned))
+        .collect()
+}
+
+async fn image_snapshots(
+    ec2: &aws_sdk_ec2::Client,
+    region: &str,
+    ami_id: &str,
+) -> Result<Vec<String>> {
+    let out = ec2
+        .describe_images()
+        .image_ids(ami_id)
+        .send()
+        .await
+        .map_err(|e| explain("ec2:DescribeImages", region, e))?;
+    Ok(out.images().first().map(snapshots_of).unwrap_or_default())
+}
+
+/// Snapshots this account holds tagged with `build_id`.
+pub async fn build_snapshots(
+    ec2: &aws_sdk_ec2::Client,
+    region: &str,
+    build_id: &str,
+) -> Result<Vec<String>> {
+    let out = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(build_filter(build_id))
+        .send()
+        .await
+        .map_err(|e| explain("ec2:DescribeSnapshots", region, e))?;
+    Ok(out
+        .snapshots()
+        .iter()
+        .filter_map(|s| s.snapshot_id().map(str::to_owned))
+        .collect())
+}
+
+/// Every AMI this account holds tagged with `build_id` in this region.
+pub async fn build_images(
+    ec2: &aws_sdk_ec2::Client,
+    region: &str,
+    build_id: &str,
+) -> Result<Vec<String>> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(build_filter(build_id))
+        .send()
+        .await
+        .map_err(|e| explain("ec2:DescribeImages", region, e))?;
+    Ok(out
+        .images()
+        .iter()
+        .filter_map(|i| i.image_id().map(str::to_owned))
+        .collect())
+}
+
+async fn wait_available(ec2: &aws_sdk_ec2::Client, region: &str, ami_id: &str) -> Result<()> {
+    let started = Instant::now();
+    let mut pause = Duration::from_secs(2);
+    loop {
+        let out = ec2
+            .describe_images()
+            .image_ids(ami_id)
+            .send()
+            .await
+            .map_err(|e| explain("ec2:DescribeImages", region, e))?;
+        let image = out.images().first();
+        match image.and_then(|i| i.state()) {
+            Some(ImageState::Available) => return Ok(()),
+            Some(ImageState::Pending) | None => {}
+            Some(other) => bail!(
+                "{ami_id} in {region} is {} instead of available: {}",
+                other.as_str(),
+                image
+                    .and_then(|i| i.state_reason())
+                    .and_then(|r| r.message())
+                    .unwrap_or("no reason given")
+            ),
+        }
+        if started.elapsed() > AVAILABLE_TIMEOUT {
+            bail!(
+                "{ami_id} in {region} did not become available within {} minutes\n  hint: look at it with `aws ec2 describe-images --region {region} --image-ids {ami_id}`",
+                AVAILABLE_TIMEOUT.as_secs() / 60
+            );
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(15));
+    }
+}
+
+/// Deregister an AMI and delete its snapshots; returns the snapshot ids deleted.
+pub async fn deregister(
+    ec2: &aws_sdk_ec2::Client,
+    region: &str,
+    ami_id: &str,
+) -> Result<Vec<String>> {
+    let snapshots = image_snapshots(ec2, region, ami_id).await?;
+    ec2.deregister_image()
+        .image_id(ami_id)
+        .send()
+        .await
+        .map_err(|e| explain("ec2:DeregisterImage", region, e))?;
+    for s in &snapshots {
+        delete_snapshot(ec2, region, s).await?;
+    }
+    Ok(snapshots)
+}
+
+/// Delete a snapshot; one that is already gone is fine.
+pub async fn delete_snapshot(ec2: &aws_sdk_ec2::Client, region: &str, id: &str) -> Result<()> {
+    match ec2.delete_snapshot().snapshot_id(id).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => Ok(()),
+        Err(e) => Err(explain("ec2:DeleteSnapshot", region, e)),
+    }
+}
+
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+/// The value of an SSM parameter, None if it does not exist.
+pub async fn get_parameter(
+    ssm: &aws_sdk_ssm::Client,
+    region: &str,
+    name: &str,
+) -> Result<Option<String>> {
+    match ssm.get_parameter().name(name).send().await {
+        Ok(out) => Ok(out.parameter().and_then(|p| p.value()).map(str::to_owned)),
+        Err(e) if e.code() == Some("ParameterNotFound") => Ok(None),
+        Err(e) => Err(explain("ssm:GetParameter", region, e)),
+    }
+}
+
+/// Point `name` at `ami_id` unless it already does (no new parameter version).
+pub async fn put_parameter(
+    ssm: &aws_sdk_ssm::Client,
+    region: &str,
+    name: &str,
+    ami_id: &str,
+    log: &(dyn Fn(String) + Sync),
+) -> Result<()> {
+    if get_parameter(ssm, region, name).await?.as_deref() == Some(ami_id) {
+        return Ok(());
+    }
+    ssm.put_parameter()
+        .name(name)
+        .value(ami_id)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .data_type("aws:ec2:image")
+        .overwrite(true)
+        .send()
+        .await
+        .map_err(|e| explain("ssm:PutParameter", region, e))?;
+    log(format!("{region}: {name} = {ami_id}"));
+    Ok(())
+}
+
+pub async fn delete_parameter(ssm: &aws_sdk_ssm::Client, region: &str, name: &str) -> Result<()> {
+    match ssm.delete_parameter().name(name).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("ParameterNotFound") => Ok(()),
+        Err(e) => Err(explain("ssm:DeleteParameter", region, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> Image {
+        Image {
+            name: "devos-debian".into(),
+            version: "0.1.0+0123456789ab".into(),
+            build_id: "ab".repeat(32),
+            sha256: "cd".repeat(32),
+            spec: "images/devos-debian.toml".into(),
+            raw: PathBuf::from("disk.raw"),
+            ami_name: ami_name("devos-debian", "0.1.0+0123456789ab"),
+            tested: true,
+        }
+    }
+
+    #[test]
+    fn names_follow_aws_character_rules() {
+        assert_eq!(
+            ami_name("devos-debian", "0.1.0+0123456789ab"),
+            "devos-debian-0.1.0-0123456789ab"
+        );
+        assert_eq!(
+            version_parameter("/devos/images/", "devos-debian", "0.1.0+0123456789ab"),
+            "/devos/images/devos-debian/0.1.0_0123456789ab/image_id"
+        );
+        assert_eq!(latest_parameter("/devos", "x"), "/devos/x/latest");
+    }
+
+    #[test]
+    fn register_request_asks_for_uefi_ena_imdsv2_gp3_x86_64() {
+        let conf = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .build();
+        let ec2 = aws_sdk_ec2::Client::from_conf(conf);
+        let req = register_request(&ec2, &image(), "snap-1", 2);
+        let input = req.as_input();
+        assert_eq!(input.get_boot_mode(), &Some(BootModeValues::Uefi));
+        assert_eq!(input.get_ena_support(), &Some(true));
+        assert_eq!(input.get_imds_support(), &Some(ImdsSupportValues::V20));
+        assert_eq!(input.get_architecture(), &Some(ArchitectureValues::X8664));
+        let bdm = input
+            .get_block_device_mappings()
+            .as_ref()
+            .expect("mappings");
+        let ebs = bdm[0].ebs().expect("ebs");
+        assert_eq!(
+            bdm[0].device_name(),
+            input.get_root_device_name().as_deref()
+        );
+        assert_eq!(ebs.volume_type(), Some(&VolumeType::Gp3));
+        assert_eq!(ebs.snapshot_id(), Some("snap-1"));
+        let tags = input.get_tag_specifications().as_ref().expect("tags")[0].tags();
+        assert!(tags.iter().any(|t| t.key() == Some(TAG_BUILD_ID)));
+    }
+}

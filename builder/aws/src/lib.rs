@@ -1,0 +1,169 @@
+//! Everything `devos-build` says to AWS, in one crate so that the SDK clients (slow to
+//! compile) are rebuilt only when this crate changes.
+//!
+//! - [`Aws`]: the standard credential and region chain, endpoint overrides (the SDK's
+//!   `AWS_ENDPOINT_URL` and `AWS_ENDPOINT_URL_<SERVICE>` variables, plus an explicit
+//!   endpoint from the builder's config), retries with backoff, and per-region clients.
+//! - [`ebs`]: upload a raw disk image to an EBS snapshot over the EBS direct APIs, and
+//!   read one back to compare with the image.
+//! - [`ami`]: register, tag, copy, find, deregister AMIs and keep SSM parameters.
+//!
+//! Errors from AWS are turned into messages that say what to fix ([`explain`]).
+
+use std::fmt::Debug;
+use std::future::Future;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::ProvideCredentials;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+pub mod ami;
+pub mod ebs;
+
+/// The SDK crates, for callers that need a raw client (tests, mostly).
+pub use aws_credential_types::Credentials;
+pub use {aws_sdk_ebs as sdk_ebs, aws_sdk_ec2 as sdk_ec2, aws_sdk_ssm as sdk_ssm};
+
+/// Attempts per request when the user has not set `AWS_MAX_ATTEMPTS`: uploads of
+/// thousands of blocks must ride out throttling and the odd 5xx.
+const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+
+/// How to reach AWS. Everything left `None` comes from the standard chain
+/// (environment, `~/.aws/config`, SSO, instance role).
+#[derive(Debug, Default, Clone)]
+pub struct AwsOptions {
+    pub profile: Option<String>,
+    pub region: Option<String>,
+    /// One endpoint for every service (another partition, a local test server).
+    /// `AWS_ENDPOINT_URL` and its per-service variants work without this.
+    pub endpoint_url: Option<String>,
+}
+
+/// Loaded AWS configuration, with checked credentials.
+pub struct Aws {
+    config: SdkConfig,
+}
+
+impl Aws {
+    /// Load the configuration and make sure credentials resolve, so a missing login is
+    /// reported once, up front, instead of as a failure of the first request.
+    pub async fn load(opts: &AwsOptions) -> Result<Self> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(p) = &opts.profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(r) = &opts.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(e) = &opts.endpoint_url {
+            loader = loader.endpoint_url(e);
+        }
+        if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
+            loader = loader.retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(DEFAULT_MAX_ATTEMPTS)
+                    .with_max_backoff(std::time::Duration::from_secs(20)),
+            );
+        }
+        let config = loader.load().await;
+        let provider = config
+            .credentials_provider()
+            .ok_or_else(|| anyhow!("no AWS credentials provider is configured"))?;
+        if let Err(e) = provider.provide_credentials().await {
+            bail!(
+                "no AWS credentials found ({})\n  hint: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (see `aws configure`), or run `aws sso login`; on EC2, attach an instance role",
+                DisplayErrorContext(&e)
+            );
+        }
+        Ok(Self { config })
+    }
+
+    /// The region given to [`Aws::load`] or found in the chain.
+    pub fn default_region(&self) -> Result<String> {
+        self.config
+            .region()
+            .map(|r| r.to_string())
+            .ok_or_else(|| {
+                anyhow!(
+                    "no AWS region is set\n  hint: pass --region, set AWS_REGION, or set `region` in ~/.aws/config"
+                )
+            })
+    }
+
+    pub fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
+        let conf = aws_sdk_ec2::config::Builder::from(&self.config)
+            .region(Region::new(region.to_owned()))
+            .build();
+        aws_sdk_ec2::Client::from_conf(conf)
+    }
+
+    pub fn ebs(&self, region: &str) -> aws_sdk_ebs::Client {
+        let conf = aws_sdk_ebs::config::Builder::from(&self.config)
+            .region(Region::new(region.to_owned()))
+            .build();
+        aws_sdk_ebs::Client::from_conf(conf)
+    }
+
+    pub fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {
+        let conf = aws_sdk_ssm::config::Builder::from(&self.config)
+            .region(Region::new(region.to_owned()))
+            .build();
+        aws_sdk_ssm::Client::from_conf(conf)
+    }
+}
+
+/// Run an async AWS job from synchronous code.
+pub fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(fut)
+}
+
+/// Turn an SDK error into a message that names the call, the region and what to do.
+/// `permission` is the IAM action the call needs (e.g. `ec2:RegisterImage`).
+pub fn explain<E, R>(
+    permission: &str,
+    region: &str,
+    err: aws_sdk_ec2::error::SdkError<E, R>,
+) -> anyhow::Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: Debug + Send + Sync + 'static,
+{
+    let code = err.code().unwrap_or_default().to_owned();
+    let message = err.message().unwrap_or_default().to_owned();
+    let hint = match code.as_str() {
+        "UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" => format!(
+            "access denied\n  hint: the credentials in use need the IAM permission {permission} in {region}"
+        ),
+        "AuthFailure" | "InvalidClientTokenId" | "UnrecognizedClientException"
+        | "SignatureDoesNotMatch" | "ExpiredToken" | "ExpiredTokenException" => {
+            "AWS rejected the credentials\n  hint: refresh them (`aws sso login`, new access keys) or check AWS_PROFILE".to_owned()
+        }
+        c if c.contains("LimitExceeded") || c.contains("QuotaExceeded") => format!(
+            "a quota is exhausted in {region}\n  hint: remove old versions with `devos-build publish deregister NAME@VERSION`, or ask for more in the Service Quotas console"
+        ),
+        "" => {
+            return anyhow!(
+                "{permission} in {region} failed: {}\n  hint: check the network and the endpoint (AWS_ENDPOINT_URL, `[aws] endpoint-url`)",
+                DisplayErrorContext(&err)
+            );
+        }
+        _ => String::new(),
+    };
+    let detail = if message.is_empty() {
+        code
+    } else {
+        format!("{code}: {message}")
+    };
+    if hint.is_empty() {
+        anyhow!("{permission} in {region} failed: {detail}")
+    } else {
+        anyhow!("{permission} in {region} failed: {detail}; {hint}")
+    }
+}

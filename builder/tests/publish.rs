@@ -1,0 +1,719 @@
+//! Publishing against moto_server on 127.0.0.1 (started here): AMIs over EBS direct
+//! upload in three regions, SSM parameters, idempotent re-runs, killed clients and
+//! killed servers, the boot-test gate, deregistration, Packer, and exports.
+//!
+//! The images published here are small synthetic disks recorded in a throw-away
+//! registry (with a boot-test run), so that the AWS side is tested on its own; the
+//! default image's own build and boot test are in image.rs and boot.rs.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{BIN, ok, run};
+use devos_aws::{Credentials, sdk_ebs, sdk_ec2, sdk_ssm};
+use devos_build::registry::{Registry, TestRun};
+use devos_tests::{Moto, require, wait_for};
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 512 * 1024;
+const REGIONS: [&str; 3] = ["us-east-1", "eu-west-1", "ap-southeast-2"];
+
+struct Fixture {
+    moto: Moto,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            moto: Moto::start().unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn registry(&self) -> PathBuf {
+        self.dir.path().join("registry.db")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("DEVOS_REGISTRY", self.registry())
+            .env("DEVOS_CONFIG", self.dir.path().join("config.toml"))
+            .env("HOME", self.dir.path())
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_REGION")
+            .envs(self.moto.env())
+            .args(args);
+        std::fs::write(
+            self.dir.path().join("config.toml"),
+            "[publish]\nworkers = 4\n",
+        )
+        .unwrap();
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run(&mut self.cmd(args), 5)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.run(args);
+        ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// A synthetic version: a raw disk of `mib` MiB with data in `blocks` (block
+    /// indices; one more block is written with explicit zeros), recorded in the
+    /// registry, boot-tested with the given outcome (None: never tested).
+    fn version(&self, version: &str, mib: u64, blocks: &[u64], tested: Option<bool>) -> PathBuf {
+        let dir = self.dir.path().join(format!("images/{version}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let raw = dir.join("disk.raw");
+        let mut f = std::fs::File::create(&raw).unwrap();
+        f.set_len(mib * MIB).unwrap();
+        for &b in blocks {
+            f.seek(SeekFrom::Start(b * BLOCK)).unwrap();
+            let data: Vec<u8> = (0..BLOCK).map(|i| (i as u8) ^ (b as u8) ^ 0x5a).collect();
+            f.write_all(&data).unwrap();
+        }
+        f.seek(SeekFrom::Start(3 * BLOCK)).unwrap();
+        f.write_all(&vec![0u8; BLOCK as usize]).unwrap();
+        drop(f);
+        std::fs::write(
+            dir.join("devos-agent_0.1.0_amd64.deb"),
+            b"not a real package",
+        )
+        .unwrap();
+        std::fs::write(dir.join("agent.toml"), "log-level = \"info\"\n").unwrap();
+        let sha = devos_build::digest::file_sha256(&raw).unwrap();
+        let manifest = json!({
+            "name": "devos-pub", "version": version, "build_id": format!("{:0>64}", version.replace(['.', '+'], "")),
+            "description": "test", "distro": "debian", "suite": "bookworm",
+            "builder_version": "test", "source_date_epoch": 0, "kernel_cmdline": "",
+            "inputs": [], "package_sources": "", "packages": [], "partitions": [],
+            "agent": {"file": "devos-agent_0.1.0_amd64.deb", "version": "0.1.0", "sha256": "0"},
+            "artifacts": [{"file": "disk.raw", "format": "raw", "sha256": sha, "size": mib * MIB, "used_bytes": 0}],
+            "stages": [], "cache_keys": {"base": "", "tree": ""}
+        });
+        let mut reg = Registry::open(&self.registry()).unwrap();
+        reg.record_build(
+            &dir,
+            Path::new("images/devos-pub.toml"),
+            &serde_json::from_value(manifest).unwrap(),
+            &[],
+        )
+        .unwrap();
+        if let Some(passed) = tested {
+            let run = TestRun {
+                started_at: 1,
+                passed,
+                accelerator: "tcg".into(),
+                seconds: 1.0,
+            };
+            reg.record_test("devos-pub", version, &run, &json!({}))
+                .unwrap();
+        }
+        raw
+    }
+
+    fn sdk<C>(&self, region: &str, make: impl FnOnce(&aws_types::SdkConfig) -> C) -> C {
+        let conf = aws_types::SdkConfig::builder()
+            .behavior_version(sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_types::region::Region::new(region.to_owned()))
+            .endpoint_url(self.moto.endpoint())
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(Credentials::new(
+                    "testing", "testing", None, None, "test",
+                )),
+            )
+            .build();
+        make(&conf)
+    }
+
+    fn ec2(&self, region: &str) -> sdk_ec2::Client {
+        self.sdk(region, sdk_ec2::Client::new)
+    }
+
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// (image ids, snapshot ids) tagged with the build id of `version` in `region`.
+    fn resources(&self, region: &str, build_id: &str) -> (Vec<String>, Vec<String>) {
+        let ec2 = self.ec2(region);
+        let filter = sdk_ec2::types::Filter::builder()
+            .name("tag:devos:build-id")
+            .values(build_id)
+            .build();
+        self.block_on(async {
+            let images = ec2
+                .describe_images()
+                .owners("self")
+                .filters(filter.clone())
+                .send()
+                .await
+                .unwrap();
+            let snaps = ec2
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(filter)
+                .send()
+                .await
+                .unwrap();
+            (
+                images
+                    .images()
+                    .iter()
+                    .filter_map(|i| i.image_id().map(str::to_owned))
+                    .collect(),
+                snaps
+                    .snapshots()
+                    .iter()
+                    .filter_map(|s| s.snapshot_id().map(str::to_owned))
+                    .collect(),
+            )
+        })
+    }
+
+    fn parameter(&self, region: &str, name: &str) -> Option<String> {
+        let ssm = self.sdk(region, sdk_ssm::Client::new);
+        self.block_on(async {
+            ssm.get_parameter()
+                .name(name)
+                .send()
+                .await
+                .ok()?
+                .parameter()?
+                .value()
+                .map(str::to_owned)
+        })
+    }
+}
+
+fn build_id(version: &str) -> String {
+    format!("{:0>64}", version.replace(['.', '+'], ""))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn publish_ami_in_three_regions_idempotent_promote_deregister() {
+    let fx = Fixture::new();
+    let version = "0.1.0+aaaaaaaaaaaa";
+    let id = build_id(version);
+    let data = [0, 1, 7, 40, 79];
+    let raw = fx.version(version, 40, &data, None);
+    let reference = format!("devos-pub@{version}");
+    let publish = |extra: &[&str]| {
+        let mut args = vec![
+            "publish",
+            "ami",
+            reference.as_str(),
+            "--region",
+            "us-east-1",
+            "--copy-to",
+            "eu-west-1,ap-southeast-2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        fx.run(&args)
+    };
+
+    // Never tested: refused, nothing created.
+    let out = publish(&[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("has not been boot-tested"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
+
+    // Tested: published everywhere.
+    Registry::open(&fx.registry())
+        .unwrap()
+        .record_test(
+            "devos-pub",
+            version,
+            &TestRun {
+                started_at: 2,
+                passed: true,
+                accelerator: "tcg".into(),
+                seconds: 1.0,
+            },
+            &json!({}),
+        )
+        .unwrap();
+    let out = publish(&[]);
+    ok(&out);
+    let first: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        first["upload"]["blocks_sent"],
+        data.len(),
+        "only the non-zero blocks are sent: {first}"
+    );
+    assert_eq!(first["upload"]["image_bytes"], 40 * MIB);
+    let regions = first["regions"].as_array().unwrap();
+    assert_eq!(regions.len(), 3);
+    let parameter = "/devos/images/devos-pub/0.1.0_aaaaaaaaaaaa/image_id";
+    for r in regions {
+        let region = r["region"].as_str().unwrap();
+        let ami = r["ami_id"].as_str().unwrap();
+        assert_eq!(r["created"], true);
+        let (images, _) = fx.resources(region, &id);
+        assert_eq!(images, [ami], "{region}");
+        let tags = fx.block_on(async {
+            let out = fx
+                .ec2(region)
+                .describe_images()
+                .image_ids(ami)
+                .send()
+                .await
+                .unwrap();
+            out.images()[0]
+                .tags()
+                .iter()
+                .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        });
+        assert_eq!(tags["devos:version"], version);
+        assert_eq!(tags["devos:image"], "devos-pub");
+        assert_eq!(
+            tags["devos:sha256"],
+            devos_build::digest::file_sha256(&raw).unwrap()
+        );
+        assert_eq!(tags["devos:boot-test"], "passed");
+        assert_eq!(
+            fx.parameter(region, parameter).as_deref(),
+            Some(ami),
+            "{region}"
+        );
+    }
+    let primary_snapshots = fx.resources("us-east-1", &id).1;
+    assert_eq!(primary_snapshots.len(), 1, "{primary_snapshots:?}");
+
+    // The snapshot reads back through the EBS direct API equal to the raw image.
+    let v = fx.json(&[
+        "publish",
+        "verify",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--json",
+    ]);
+    assert_eq!(v["blocks"], 80);
+    // And independently of `publish verify`: the listed blocks are exactly the data.
+    let ebs = fx.sdk("us-east-1", sdk_ebs::Client::new);
+    let listed = fx.block_on(async {
+        ebs.list_snapshot_blocks()
+            .snapshot_id(&primary_snapshots[0])
+            .send()
+            .await
+            .unwrap()
+    });
+    let mut indices: Vec<i32> = listed
+        .blocks()
+        .iter()
+        .filter_map(|b| b.block_index())
+        .collect();
+    indices.sort_unstable();
+    assert_eq!(indices, data.map(|b| b as i32));
+
+    // A re-run creates nothing.
+    let again: Value = serde_json::from_slice(&publish(&[]).stdout).unwrap();
+    assert!(again["upload"].is_null(), "{again}");
+    for r in again["regions"].as_array().unwrap() {
+        assert_eq!(r["created"], false, "{again}");
+    }
+    for region in REGIONS {
+        assert_eq!(fx.resources(region, &id).0.len(), 1, "{region}");
+    }
+    assert_eq!(fx.resources("us-east-1", &id).1, primary_snapshots);
+
+    // Promote: latest points at it in every region.
+    ok(&fx.run(&["publish", "promote", &reference]));
+    let ami = |region: &str| {
+        regions.iter().find(|r| r["region"] == region).unwrap()["ami_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    for region in REGIONS {
+        assert_eq!(
+            fx.parameter(region, "/devos/images/devos-pub/latest"),
+            Some(ami(region))
+        );
+    }
+    let list = fx.json(&["publish", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 3);
+
+    // Deregister: refused while latest points at it, then everything goes.
+    let out = fx.run(&["publish", "deregister", &reference]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("promote another version first"),
+        "{}",
+        stderr(&out)
+    );
+    ok(&fx.run(&["publish", "deregister", &reference, "--force"]));
+    for region in REGIONS {
+        assert_eq!(fx.resources(region, &id), (vec![], vec![]), "{region}");
+        assert_eq!(fx.parameter(region, parameter), None);
+    }
+    let list = fx.json(&["publish", "list", "--json"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "deregistered"),
+        "{list}"
+    );
+}
+
+#[test]
+fn killed_client_and_killed_server_leave_no_orphans() {
+    let mut fx = Fixture::new();
+    // 96 MiB of data: long enough to be caught mid-upload.
+    let version = "0.2.0+bbbbbbbbbbbb";
+    let id = build_id(version);
+    let blocks: Vec<u64> = (0..192).collect();
+    fx.version(version, 128, &blocks, Some(true));
+    let reference = format!("devos-pub@{version}");
+    let args = [
+        "publish",
+        "ami",
+        reference.as_str(),
+        "--region",
+        "us-east-1",
+        "--json",
+    ];
+    let uploading = |fx: &Fixture| !fx.resources("us-east-1", &id).1.is_empty();
+
+    // SIGKILL the client mid-upload: a pending snapshot stays behind.
+    let mut child = fx
+        .cmd(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || uploading(&fx)),
+        "the upload never started"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (images, leftover) = fx.resources("us-east-1", &id);
+    assert!(images.is_empty());
+    assert_eq!(leftover.len(), 1);
+
+    // The re-run removes it, uploads again and completes: one snapshot, one AMI.
+    let out = fx.run(&args);
+    ok(&out);
+    assert!(
+        stderr(&out).contains(&format!("removing {}", leftover[0])),
+        "{}",
+        stderr(&out)
+    );
+    let (images, snaps) = fx.resources("us-east-1", &id);
+    assert_eq!(images.len(), 1);
+    assert_eq!(snaps.len(), 1);
+    assert_ne!(snaps[0], leftover[0]);
+
+    // Kill the server mid-upload of another version: the client fails with a clear
+    // error naming the call and the endpoint problem.
+    let version = "0.3.0+cccccccccccc";
+    let id3 = build_id(version);
+    fx.version(version, 128, &blocks, Some(true));
+    let reference = format!("devos-pub@{version}");
+    let args = [
+        "publish",
+        "ami",
+        reference.as_str(),
+        "--region",
+        "us-east-1",
+        "--json",
+    ];
+    let child = fx
+        .cmd(&args)
+        .env("AWS_MAX_ATTEMPTS", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || !fx
+            .resources("us-east-1", &id3)
+            .1
+            .is_empty()),
+        "the upload never started"
+    );
+    fx.moto.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("ebs:PutSnapshotBlock in us-east-1 failed")
+            || err.contains("ec2:DeleteSnapshot"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // Nothing was recorded as published.
+    let list: Value =
+        serde_json::from_slice(&fx.run(&["publish", "list", "devos-pub", "--json"]).stdout)
+            .unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["version"] != version),
+        "{list}"
+    );
+
+    // Server back (empty, as after an outage); the re-run completes with no orphans.
+    fx.moto.restart().unwrap();
+    ok(&fx.run(&args));
+    let (images, snaps) = fx.resources("us-east-1", &id3);
+    assert_eq!((images.len(), snaps.len()), (1, 1));
+    ok(&fx.run(&["publish", "verify", &reference, "--region", "us-east-1"]));
+}
+
+#[test]
+fn failed_boot_test_force_and_configuration_errors() {
+    let fx = Fixture::new();
+    let version = "0.4.0+dddddddddddd";
+    fx.version(version, 8, &[0], Some(false));
+    let reference = format!("devos-pub@{version}");
+
+    let out = fx.run(&["publish", "ami", &reference, "--region", "us-east-1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("failed its last boot test"),
+        "{}",
+        stderr(&out)
+    );
+
+    // --force publishes, loudly, and says so on the AMI.
+    let out = fx.run(&[
+        "publish",
+        "ami",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--force",
+        "--json",
+    ]);
+    ok(&out);
+    assert!(
+        stderr(&out).contains("WITHOUT a passing boot test"),
+        "{}",
+        stderr(&out)
+    );
+
+    // No credentials anywhere in the chain.
+    let mut c = fx.cmd(&[
+        "publish",
+        "ami",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--force",
+    ]);
+    c.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY");
+    let out = run(&mut c, 2);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no AWS credentials found"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("hint: set AWS_ACCESS_KEY_ID"),
+        "{}",
+        stderr(&out)
+    );
+
+    // No region.
+    let out = fx.run(&["publish", "ami", &reference, "--force"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no AWS region is set"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A bad settings file names the file, line and key.
+    let settings = fx.dir.path().join("bad.toml");
+    std::fs::write(&settings, "[aws]\nendpoint-url = \"localhost:5000\"\n").unwrap();
+    let out = fx.run(&["--config", settings.to_str().unwrap(), "publish", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("bad.toml:2:16: endpoint-url"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Promotion passes the same gate, --force or not.
+    let out = fx.run(&["publish", "promote", &reference]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("failed its last boot test"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Not published: promote says what to run.
+    fx.version("0.4.1+dddddddddddd", 8, &[0], Some(true));
+    let out = fx.run(&[
+        "publish",
+        "promote",
+        "devos-pub@0.4.1+dddddddddddd",
+        "--region",
+        "eu-west-1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not published in eu-west-1"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn packer_templates_validate_and_build_against_the_endpoint() {
+    require("packer", "packer");
+    let fx = Fixture::new();
+    let version = "0.5.0+eeeeeeeeeeee";
+    fx.version(version, 8, &[0], Some(true));
+    let reference = format!("devos-pub@{version}");
+    for variant in [&[][..], &["--no-communicator"][..]] {
+        let out_dir = fx.dir.path().join(format!("packer{}", variant.len()));
+        let mut args = vec![
+            "packer",
+            "render",
+            reference.as_str(),
+            "--region",
+            "us-east-1",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(variant);
+        let r = fx.json(&args);
+        assert_eq!(r["validated"], true);
+        let hcl = std::fs::read_to_string(out_dir.join("devos.pkr.hcl")).unwrap();
+        assert!(
+            hcl.contains(&format!("\"devos:version\" = \"{version}\"")),
+            "{hcl}"
+        );
+        assert_eq!(
+            hcl.contains("provisioner \"shell\""),
+            variant.is_empty(),
+            "{hcl}"
+        );
+        for f in ["devos-agent.deb", "agent.toml", "provision.sh"] {
+            assert!(out_dir.join(f).is_file(), "{f}");
+        }
+    }
+    // A real `packer build` against moto_server, from one of the base AMIs it ships.
+    let out = run(
+        &mut fx.cmd(&[
+            "publish",
+            "packer",
+            &reference,
+            "--region",
+            "us-east-1",
+            "--no-communicator",
+            "--var",
+            "base_ami_name=ubuntu/images/hvm-ssd/ubuntu-xenial-16.04-amd64-server-*",
+            "--json",
+        ]),
+        10,
+    );
+    ok(&out);
+    let built: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ami = built["ami_id"].as_str().unwrap();
+    let (images, _) = fx.resources("us-east-1", &build_id(version));
+    assert_eq!(images, [ami]);
+    let list = fx.json(&["publish", "list", "--json"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["kind"] == "packer" && p["ami_id"] == ami),
+        "{list}"
+    );
+}
+
+#[test]
+fn exports_are_checked_with_qemu_img_and_recorded() {
+    require("qemu-img", "qemu-utils");
+    let fx = Fixture::new();
+    let version = "0.6.0+ffffffffffff";
+    let raw = fx.version(version, 16, &[0, 5, 31], Some(true));
+    let reference = format!("devos-pub@{version}");
+    for (format, qemu_format) in [("vmdk", "vmdk"), ("vhd", "vpc"), ("qcow2", "qcow2")] {
+        let e = fx.json(&["image", "export", &reference, "--format", format, "--json"]);
+        let path = PathBuf::from(e["path"].as_str().unwrap());
+        assert_eq!(
+            e["sha256"],
+            devos_build::digest::file_sha256(&path).unwrap()
+        );
+        // A fixed VHD has no header to probe: name the format.
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", qemu_format])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["format"], qemu_format, "{info}");
+        assert_eq!(info["virtual-size"], 16 * MIB, "{info}");
+        if format == "vmdk" {
+            assert_eq!(
+                info["format-specific"]["data"]["create-type"], "streamOptimized",
+                "{info}"
+            );
+        }
+        if format == "vhd" {
+            // Fixed VHD: the raw bytes, then a 512-byte footer.
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 16 * MIB + 512);
+        }
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", qemu_format])
+            .arg(&raw)
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            cmp.status.success(),
+            "{}",
+            String::from_utf8_lossy(&cmp.stdout)
+        );
+    }
+    let show = fx.json(&["image", "show", &reference, "--json"]);
+    let formats: Vec<&str> = show["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["format"].as_str().unwrap())
+        .collect();
+    for f in ["raw", "vmdk", "vhd", "qcow2"] {
+        assert!(formats.contains(&f), "{show}");
+    }
+    // Again: nothing converted, the recorded one is reported.
+    let e = fx.json(&["image", "export", &reference, "--format", "vhd", "--json"]);
+    assert_eq!(e["converted"], false);
+}
