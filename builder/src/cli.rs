@@ -272,7 +272,7 @@ pub enum PackerCommand {
     /// and check it with `packer validate`.
     Render {
         reference: String,
-        /// Default: target/packer/NAME-VERSION.
+        /// Default: `packer/` in the version's output directory.
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long)]

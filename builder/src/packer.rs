@@ -24,7 +24,7 @@ pub struct RenderOptions {
     pub endpoint: Option<String>,
     /// Provision over SSH (the real build); false renders the no-communicator variant.
     pub ssh: bool,
-    /// Default: target/packer/NAME-VERSION.
+    /// Default: `packer/` in the version's output directory.
     pub out: Option<PathBuf>,
 }
 
@@ -114,9 +114,7 @@ pub fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> Result<R
             );
         }
     }
-    let dir = opts.out.clone().unwrap_or_else(|| {
-        PathBuf::from("target/packer").join(format!("{}-{}", v.name, v.version))
-    });
+    let dir = opts.out.clone().unwrap_or_else(|| v.dir.join("packer"));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::copy(&deb, dir.join("devos-agent.deb"))?;
     std::fs::copy(&toml, dir.join("agent.toml"))?;
