@@ -68,6 +68,7 @@ pub const TOOLS: &[(&str, &str, &str)] = &[
         "ubuntu-keyring",
         "Ubuntu images",
     ),
+    ("packer", "packer", "publish packer / packer render"),
     (
         "dbus-daemon",
         "dbus-daemon",

@@ -593,6 +593,65 @@ fn failed_boot_test_force_and_configuration_errors() {
 }
 
 #[test]
+fn rejected_credentials_and_denied_access_say_what_to_fix() {
+    // moto checks credentials and IAM policies once its first 2 requests are done:
+    // those create a user without any policy and an access key for it.
+    let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "2")]).unwrap();
+    let python = devos_tests::python_tool("python");
+    let key = Command::new(python)
+        .arg("-c")
+        .arg(
+            "import boto3, sys\n\
+             iam = boto3.client('iam', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                                aws_access_key_id='x', aws_secret_access_key='x')\n\
+             iam.create_user(UserName='nobody')\n\
+             k = iam.create_access_key(UserName='nobody')['AccessKey']\n\
+             print(k['AccessKeyId'], k['SecretAccessKey'])",
+        )
+        .arg(moto.endpoint())
+        .output()
+        .unwrap();
+    assert!(
+        key.status.success(),
+        "{}",
+        String::from_utf8_lossy(&key.stderr)
+    );
+    let key = String::from_utf8(key.stdout).unwrap();
+    let (id, secret) = key.trim().split_once(' ').unwrap();
+
+    let mut fx = Fixture::new();
+    fx.moto = moto;
+    fx.version("0.7.0+777777777777", 8, &[0], Some(true));
+    let publish = |id: &str, secret: &str| {
+        let mut c = fx.cmd(&[
+            "publish",
+            "ami",
+            "devos-pub@0.7.0+777777777777",
+            "--region",
+            "eu-west-1",
+        ]);
+        c.env("AWS_ACCESS_KEY_ID", id)
+            .env("AWS_SECRET_ACCESS_KEY", secret);
+        run(&mut c, 2)
+    };
+    let out = publish("AKIAUNKNOWN000000000", "nope");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("AWS rejected the credentials"),
+        "{}",
+        stderr(&out)
+    );
+    let out = publish(id, secret);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("ec2:DescribeImages in eu-west-1 failed")
+            && stderr(&out).contains("hint: the credentials in use need the IAM permission ec2:DescribeImages in eu-west-1"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn packer_templates_validate_and_build_against_the_endpoint() {
     require("packer", "packer");
     let fx = Fixture::new();

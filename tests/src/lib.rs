@@ -211,11 +211,18 @@ pub struct Moto {
     child: Option<Child>,
     pub port: u16,
     log: PathBuf,
+    server_env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
 impl Moto {
     pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// With moto's own settings, e.g. `INITIAL_NO_AUTH_ACTION_COUNT` to make it check
+    /// credentials and IAM policies as AWS does.
+    pub fn start_with(env: &[(&str, &str)]) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -224,6 +231,10 @@ impl Moto {
             child: None,
             port,
             log: dir.path().join("moto.log"),
+            server_env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             _dir: dir,
         };
         moto.restart()?;
@@ -261,6 +272,7 @@ impl Moto {
             .open(&self.log)?;
         let child = Command::new(python_tool("moto_server"))
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .envs(self.server_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -492,26 +492,6 @@ pub async fn build_snapshots(
         .collect())
 }
 
-/// Every AMI this account holds tagged with `build_id` in this region.
-pub async fn build_images(
-    ec2: &aws_sdk_ec2::Client,
-    region: &str,
-    build_id: &str,
-) -> Result<Vec<String>> {
-    let out = ec2
-        .describe_images()
-        .owners("self")
-        .filters(build_filter(build_id))
-        .send()
-        .await
-        .map_err(|e| explain("ec2:DescribeImages", region, e))?;
-    Ok(out
-        .images()
-        .iter()
-        .filter_map(|i| i.image_id().map(str::to_owned))
-        .collect())
-}
-
 async fn wait_available(ec2: &aws_sdk_ec2::Client, region: &str, ami_id: &str) -> Result<()> {
     let started = Instant::now();
     let mut pause = Duration::from_secs(2);

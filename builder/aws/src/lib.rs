@@ -137,33 +137,67 @@ where
 {
     let code = err.code().unwrap_or_default().to_owned();
     let message = err.message().unwrap_or_default().to_owned();
-    let hint = match code.as_str() {
-        "UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" => format!(
-            "access denied\n  hint: the credentials in use need the IAM permission {permission} in {region}"
-        ),
-        "AuthFailure" | "InvalidClientTokenId" | "UnrecognizedClientException"
-        | "SignatureDoesNotMatch" | "ExpiredToken" | "ExpiredTokenException" => {
-            "AWS rejected the credentials\n  hint: refresh them (`aws sso login`, new access keys) or check AWS_PROFILE".to_owned()
-        }
-        c if c.contains("LimitExceeded") || c.contains("QuotaExceeded") => format!(
-            "a quota is exhausted in {region}\n  hint: remove old versions with `devos-build publish deregister NAME@VERSION`, or ask for more in the Service Quotas console"
-        ),
-        "" => {
-            return anyhow!(
-                "{permission} in {region} failed: {}\n  hint: check the network and the endpoint (AWS_ENDPOINT_URL, `[aws] endpoint-url`)",
-                DisplayErrorContext(&err)
-            );
-        }
-        _ => String::new(),
-    };
+    if code.is_empty() {
+        return anyhow!(
+            "{permission} in {region} failed: {}\n  hint: check the network and the endpoint (AWS_ENDPOINT_URL, `[aws] endpoint-url`)",
+            DisplayErrorContext(&err)
+        );
+    }
     let detail = if message.is_empty() {
-        code
+        code.clone()
     } else {
         format!("{code}: {message}")
     };
-    if hint.is_empty() {
-        anyhow!("{permission} in {region} failed: {detail}")
-    } else {
-        anyhow!("{permission} in {region} failed: {detail}; {hint}")
+    match advice(&code, permission, region) {
+        Some(advice) => anyhow!("{permission} in {region} failed: {detail}; {advice}"),
+        None => anyhow!("{permission} in {region} failed: {detail}"),
+    }
+}
+
+/// What to do about an AWS error code, for the codes a user can fix.
+fn advice(code: &str, permission: &str, region: &str) -> Option<String> {
+    match code {
+        "UnauthorizedOperation" | "AccessDenied" | "AccessDeniedException" => Some(format!(
+            "access denied\n  hint: the credentials in use need the IAM permission {permission} in {region}"
+        )),
+        "AuthFailure" | "InvalidClientTokenId" | "UnrecognizedClientException"
+        | "SignatureDoesNotMatch" | "ExpiredToken" | "ExpiredTokenException" => Some(
+            "AWS rejected the credentials\n  hint: refresh them (`aws sso login`, new access keys) or check AWS_PROFILE".to_owned(),
+        ),
+        c if c.contains("LimitExceeded") || c.contains("QuotaExceeded") => Some(format!(
+            "a quota is exhausted in {region}\n  hint: remove old versions with `devos-build publish deregister NAME@VERSION`, or ask for more in the Service Quotas console"
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advice;
+
+    #[test]
+    fn fixable_errors_say_what_to_fix() {
+        let denied = advice("UnauthorizedOperation", "ec2:RegisterImage", "eu-west-1").unwrap();
+        assert!(
+            denied.contains("IAM permission ec2:RegisterImage in eu-west-1"),
+            "{denied}"
+        );
+        for quota in [
+            "SnapshotLimitExceeded",
+            "ResourceLimitExceeded",
+            "ServiceQuotaExceededException",
+        ] {
+            assert!(
+                advice(quota, "x", "r")
+                    .unwrap()
+                    .contains("quota is exhausted in r")
+            );
+        }
+        assert!(
+            advice("InvalidClientTokenId", "x", "r")
+                .unwrap()
+                .contains("rejected the credentials")
+        );
+        assert_eq!(advice("InvalidAMIID.NotFound", "x", "r"), None);
     }
 }
