@@ -491,6 +491,40 @@ fn killed_client_and_killed_server_leave_no_orphans() {
 }
 
 #[test]
+fn a_failure_after_the_upload_removes_what_the_run_created() {
+    let fx = Fixture::new();
+    let version = "0.8.0+888888888888";
+    let id = build_id(version);
+    fx.version(version, 8, &[0, 2], Some(true));
+    // The copy to a region the endpoint does not know fails after the snapshot and
+    // the AMI were made in us-east-1.
+    let mut c = fx.cmd(&[
+        "publish",
+        "ami",
+        &format!("devos-pub@{version}"),
+        "--region",
+        "us-east-1",
+        "--copy-to",
+        "xx-nowhere-9",
+    ]);
+    c.env("AWS_MAX_ATTEMPTS", "1");
+    let out = run(&mut c, 2);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("ec2:DescribeImages in xx-nowhere-9 failed: the endpoint answered HTTP 500"),
+        "{err}"
+    );
+    assert!(
+        err.contains("everything this run created was removed"),
+        "{err}"
+    );
+    assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
+    let list = fx.json(&["publish", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+}
+
+#[test]
 fn failed_boot_test_force_and_configuration_errors() {
     let fx = Fixture::new();
     let version = "0.4.0+dddddddddddd";

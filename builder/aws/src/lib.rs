@@ -10,7 +10,6 @@
 //!
 //! Errors from AWS are turned into messages that say what to fix ([`explain`]).
 
-use std::fmt::Debug;
 use std::future::Future;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -126,21 +125,28 @@ pub fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
 
 /// Turn an SDK error into a message that names the call, the region and what to do.
 /// `permission` is the IAM action the call needs (e.g. `ec2:RegisterImage`).
-pub fn explain<E, R>(
+pub fn explain<E>(
     permission: &str,
     region: &str,
-    err: aws_sdk_ec2::error::SdkError<E, R>,
+    err: aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
 ) -> anyhow::Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: Debug + Send + Sync + 'static,
 {
     let code = err.code().unwrap_or_default().to_owned();
     let message = err.message().unwrap_or_default().to_owned();
     if code.is_empty() {
+        // Not an AWS error: unreachable, timed out, or an answer that is not AWS's
+        // (a proxy's error page). The raw answer would only be noise.
+        let what = match (&err, err.raw_response()) {
+            (aws_sdk_ec2::error::SdkError::ServiceError(_), Some(raw)) => format!(
+                "the endpoint answered HTTP {} without an AWS error",
+                raw.status().as_u16()
+            ),
+            _ => DisplayErrorContext(&err).to_string(),
+        };
         return anyhow!(
-            "{permission} in {region} failed: {}\n  hint: check the network and the endpoint (AWS_ENDPOINT_URL, `[aws] endpoint-url`)",
-            DisplayErrorContext(&err)
+            "{permission} in {region} failed: {what}\n  hint: check the network and the endpoint (AWS_ENDPOINT_URL, `[aws] endpoint-url`)"
         );
     }
     let detail = if message.is_empty() {
