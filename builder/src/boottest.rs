@@ -162,9 +162,23 @@ pub struct TestReport {
     pub kept: Option<PathBuf>,
 }
 
-/// QEMU messages that mean KVM itself failed mid-run (a probe can pass on a host whose
-/// KVM then dies on the real machine type): the run is repeated under TCG.
-const KVM_FAILURES: &[&str] = &["KVM internal error", "kvm run failed"];
+/// QEMU messages that mean KVM itself failed (a probe can pass on a host whose KVM
+/// then dies on the real machine type, mid-run or at once): the run is repeated under
+/// TCG. Seen: "KVM internal error" (and a hang), "kvm run failed", and an abort at
+/// start from "failed to set MSR ..." (`kvm_buf_set_msrs` assertion).
+const KVM_FAILURES: &[&str] = &[
+    "KVM internal error",
+    "kvm run failed",
+    "failed to set MSR",
+    "kvm_buf_set_msrs",
+];
+
+/// The first line of QEMU's stderr that says KVM failed.
+fn kvm_failure(said: &str) -> Option<String> {
+    said.lines()
+        .find(|l| KVM_FAILURES.iter().any(|k| l.contains(k)))
+        .map(|l| l.trim().to_owned())
+}
 
 /// One VM run: how it ended, and when the agent answered.
 struct Run {
@@ -208,18 +222,17 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
         {
             agent_answered_seconds = Some(start.elapsed().as_secs_f64());
         }
-        let said = fs::read_to_string(&stderr_path).unwrap_or_default();
-        kvm_failed = kvm
-            .then(|| {
-                said.lines()
-                    .find(|l| KVM_FAILURES.iter().any(|k| l.contains(k)))
-            })
-            .flatten()
-            .map(|l| l.trim().to_owned());
+        if kvm {
+            kvm_failed = kvm_failure(&fs::read_to_string(&stderr_path).unwrap_or_default());
+        }
         kvm_failed.is_some()
     });
     let _ = child.kill();
     let _ = child.wait();
+    // QEMU may have died before the watcher looked at its stderr.
+    if kvm && kvm_failed.is_none() && outcome.is_err() {
+        kvm_failed = kvm_failure(&fs::read_to_string(&stderr_path).unwrap_or_default());
+    }
     Ok(Run {
         outcome,
         kvm_failed,
@@ -579,5 +592,21 @@ impl Scratch {
             tests_json: None,
             ssh_port,
         }
+    }
+}
+
+#[cfg(test)]
+mod kvm_tests {
+    use super::kvm_failure;
+
+    #[test]
+    fn kvm_failures_are_recognised_in_qemu_stderr() {
+        let abort = "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\nqemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion failed.\n";
+        assert_eq!(
+            kvm_failure(abort).as_deref(),
+            Some("qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69")
+        );
+        assert!(kvm_failure("KVM internal error. Suberror: 1\n").is_some());
+        assert!(kvm_failure("qemu-system-x86_64: terminating on signal 15\n").is_none());
     }
 }

@@ -48,6 +48,9 @@ pub enum Command {
     /// Render Packer templates.
     #[command(subcommand)]
     Packer(PackerCommand),
+    /// Fleets of instances running an image (CloudFormation).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Check the host tools the builder needs and say how to install missing ones.
     Doctor {
         /// Machine-readable output on stdout.
@@ -267,6 +270,23 @@ pub enum PublishCommand {
 }
 
 #[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Render a CloudFormation template for a published, tested version.
+    Render {
+        #[arg(value_enum)]
+        template: crate::fleet::Template,
+        /// NAME@VERSION (or NAME: its newest version).
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        region: String,
+        /// Write here instead of to stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum PackerCommand {
     /// Write the HCL2 template and what it installs for a version into a directory,
     /// and check it with `packer validate`.
@@ -356,6 +376,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let settings = || crate::settings::load(config.as_deref());
     match cli.command {
         Command::Publish(cmd) => publish_command(cmd, &mut open()?, &settings()?, &ui),
+        Command::Fleet(FleetCommand::Render {
+            template,
+            image,
+            region,
+            out,
+        }) => {
+            let yaml = crate::fleet::render(&open()?, template, &image, &region)?;
+            match out {
+                Some(path) => std::fs::write(&path, yaml)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => print!("{yaml}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Packer(PackerCommand::Render {
             reference,
             out,

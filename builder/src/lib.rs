@@ -15,6 +15,7 @@ pub mod customize;
 pub mod digest;
 pub mod disk;
 pub mod doctor;
+pub mod fleet;
 pub mod identity;
 pub mod inventory;
 pub mod packer;

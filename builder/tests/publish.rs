@@ -752,6 +752,62 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
 }
 
 #[test]
+fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
+    let fx = Fixture::new();
+    let version = "0.9.0+999999999999";
+    fx.version(version, 8, &[0], Some(true));
+    let reference = format!("devos-pub@{version}");
+    let render = |template: &str, region: &str| {
+        fx.run(&[
+            "fleet", "render", template, "--image", &reference, "--region", region,
+        ])
+    };
+    // Not published yet: refused, with the command that fixes it.
+    let out = render("fleet", "us-east-1");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not published in us-east-1"),
+        "{}",
+        stderr(&out)
+    );
+    ok(&fx.run(&["publish", "ami", &reference, "--region", "us-east-1"]));
+    let ami = fx.resources("us-east-1", &build_id(version)).0.remove(0);
+
+    let lint = devos_tests::python_tool("cfn-lint");
+    for template in ["instance", "fleet", "workspaces"] {
+        let out = render(template, "us-east-1");
+        ok(&out);
+        let yaml = String::from_utf8(out.stdout).unwrap();
+        if template != "workspaces" {
+            assert!(yaml.contains(&format!("Default: {ami}")), "{yaml}");
+            assert!(yaml.contains("HttpTokens: required"), "{yaml}");
+        }
+        let file = fx.dir.path().join(format!("{template}.yaml"));
+        std::fs::write(&file, &yaml).unwrap();
+        let checked = Command::new(&lint)
+            .args(["--regions", "us-east-1", "--"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            checked.status.success(),
+            "cfn-lint rejects the {template} template:\n{}{}\n{yaml}",
+            String::from_utf8_lossy(&checked.stdout),
+            String::from_utf8_lossy(&checked.stderr)
+        );
+    }
+    let fleet = String::from_utf8(render("fleet", "us-east-1").stdout).unwrap();
+    for needle in [
+        "AutoScalingRollingUpdate:",
+        "WaitOnResourceSignals: true",
+        "CreationPolicy:",
+        "LatestVersionNumber",
+    ] {
+        assert!(fleet.contains(needle), "{needle}");
+    }
+}
+
+#[test]
 fn exports_are_checked_with_qemu_img_and_recorded() {
     require("qemu-img", "qemu-utils");
     let fx = Fixture::new();
