@@ -328,8 +328,10 @@ fn make_root(spec: &Spec, id: &Identity, root: &Path, img: &Path) -> Result<u64>
         }
         RootFs::Erofs => {
             cmd::run(
+                // No label (`-L` needs erofs-utils 1.6; bookworm has 1.5): the root is
+                // found by its partition UUID.
                 Command::new("mkfs.erofs")
-                    .args(["-zlz4hc", "-L", "devos-root", "-U", &id.root_fs_uuid])
+                    .args(["-zlz4hc", "-U", &id.root_fs_uuid])
                     .arg(format!("-T{}", id.source_date_epoch))
                     .arg("--all-root")
                     .arg(img)

@@ -1,7 +1,7 @@
 //! The boot test's diagnoses, each on a deliberately broken image: an agent that
 //! crashes at start, a unit that fails, a spec test that exits non-zero, and a kernel
-//! command line that cannot find root. (The default image passing is tested in
-//! `image.rs`, the README's command.)
+//! command line that cannot find root; and an image with an erofs root passing. (The
+//! default image passing is tested in `image.rs`, the README's command.)
 
 // Test helpers fail the test by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -231,4 +231,28 @@ fn a_kernel_command_line_without_root_is_diagnosed_not_waited_out() {
         "the failure must be seen before the timeout: {report:#}"
     );
     assert!(!report["console_tail"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn an_erofs_root_builds_and_passes_the_boot_test() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    let spec = env.fresh_spec("erofs.toml", |t| {
+        t.replace("root-fs = \"ext4\"", "root-fs = \"erofs\"")
+    });
+    let mut c = env.build_cmd(&spec, &["--test", "--timeout", "150"]);
+    let out = run(&mut c, 15);
+    ok(&out);
+    let built: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let root = built["manifest"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["label"] == "devos-root")
+        .unwrap_or_else(|| panic!("no root partition in {built:#}"));
+    assert_eq!(root["filesystem"], "erofs", "{root}");
+    let report = &built["test"];
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(check(report, "root-read-only")["ok"], true);
+    assert_eq!(check(report, "agent-ping")["ok"], true);
 }
