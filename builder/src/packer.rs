@@ -220,19 +220,7 @@ pub fn build(
     let (region, ami_id) = read_manifest(&manifest)?;
     reg.record_publication(
         &v,
-        &Publication {
-            name: v.name.clone(),
-            version: v.version.clone(),
-            build_id: v.build_id.clone(),
-            region: region.clone(),
-            kind: "packer".into(),
-            ami_id: Some(ami_id.clone()),
-            snapshot_ids: Vec::new(),
-            parameter: None,
-            state: "available".into(),
-            created_at: 0,
-            updated_at: 0,
-        },
+        &Publication::available(&v, &region, "packer", &ami_id, Vec::new(), None),
     )?;
     Ok(Built {
         region,

@@ -171,19 +171,14 @@ pub fn ami(
     for r in &outcome.regions {
         reg.record_publication(
             &v,
-            &Publication {
-                name: v.name.clone(),
-                version: v.version.clone(),
-                build_id: v.build_id.clone(),
-                region: r.region.clone(),
-                kind: "ami".into(),
-                ami_id: Some(r.ami_id.clone()),
-                snapshot_ids: r.snapshot_ids.clone(),
-                parameter: Some(r.parameter.clone()),
-                state: "available".into(),
-                created_at: 0,
-                updated_at: 0,
-            },
+            &Publication::available(
+                &v,
+                &r.region,
+                "ami",
+                &r.ami_id,
+                r.snapshot_ids.clone(),
+                Some(r.parameter.clone()),
+            ),
         )?;
     }
     Ok(Published {

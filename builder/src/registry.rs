@@ -165,6 +165,32 @@ pub struct Publication {
     pub updated_at: u64,
 }
 
+impl Publication {
+    /// A new, available publication of `v` (the registry stamps the times).
+    pub fn available(
+        v: &VersionInfo,
+        region: &str,
+        kind: &str,
+        ami_id: &str,
+        snapshot_ids: Vec<String>,
+        parameter: Option<String>,
+    ) -> Self {
+        Self {
+            name: v.name.clone(),
+            version: v.version.clone(),
+            build_id: v.build_id.clone(),
+            region: region.to_owned(),
+            kind: kind.to_owned(),
+            ami_id: Some(ami_id.to_owned()),
+            snapshot_ids,
+            parameter,
+            state: "available".into(),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TestRun {
     pub started_at: u64,
