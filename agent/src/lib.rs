@@ -23,6 +23,8 @@ pub mod store;
 #[cfg(feature = "daemon")]
 pub mod executor;
 #[cfg(feature = "daemon")]
+pub mod health;
+#[cfg(feature = "daemon")]
 pub mod sandbox;
 #[cfg(feature = "daemon")]
 pub mod selftest;

@@ -1042,6 +1042,71 @@ async fn drive(
     set_state(shared, &mut r, State::Done).await
 }
 
+/// Check the agent and send the CloudFormation health signal the instance's user data
+/// asks for (see [`crate::health`]); logged and audited, never fatal.
+async fn health_signal(shared: Arc<Shared>, conn: zbus::Connection) {
+    let config = shared.config();
+    let marker = config.state_dir.join("health-signalled");
+    let checks = async |request: &crate::health::Request| {
+        let owner = async {
+            let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+            let name = zbus::names::BusName::try_from(crate::BUS_NAME)?;
+            Ok::<_, zbus::Error>(dbus.get_name_owner(name).await?.to_string())
+        };
+        let bus = match (owner.await, conn.unique_name()) {
+            (Ok(owner), Some(me)) if owner == me.as_str() => Ok(()),
+            (Ok(owner), _) => Err(format!(
+                "{} is owned by {owner}, not by the agent",
+                crate::BUS_NAME
+            )),
+            (Err(e), _) => Err(format!(
+                "cannot ask the bus who owns {}: {e}",
+                crate::BUS_NAME
+            )),
+        };
+        let audit = {
+            let _appends_wait = lock(&shared.audit);
+            crate::audit::verify(&config.state_dir.join("audit"))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        vec![
+            crate::health::Check {
+                name: "bus-name",
+                result: bus,
+            },
+            crate::health::version_check(request.version.as_deref(), &config.os_release),
+            crate::health::Check {
+                name: "audit-chain",
+                result: audit,
+            },
+        ]
+    };
+    match crate::health::signal(&marker, checks).await {
+        Ok(crate::health::Outcome::Sent {
+            request,
+            instance,
+            status,
+            reason,
+        }) => {
+            tracing::info!(stack = %request.stack, resource = %request.resource, %instance, status = %status.as_str(), "health signal sent");
+            let mut audit = lock(&shared.audit);
+            let _ = audit.append(
+                "health.signalled",
+                None,
+                None,
+                None,
+                serde_json::json!({
+                    "stack": request.stack, "resource": request.resource, "region": request.region,
+                    "instance": instance, "status": status.as_str(), "reason": reason,
+                }),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("health signal: {e:#}"),
+    }
+}
+
 /// Connect to the system bus, own [`crate::BUS_NAME`] and serve the agent until
 /// `shutdown` resolves. `DBUS_SYSTEM_BUS_ADDRESS` selects another bus (tests do).
 pub async fn serve(
@@ -1068,6 +1133,7 @@ pub async fn serve(
         .await?;
     let _ = shared.conn.set(conn.clone());
     tracing::info!(name = crate::BUS_NAME, "serving on the system bus");
+    tokio::spawn(health_signal(shared.clone(), conn.clone()));
     shutdown.await;
     tracing::info!("shutting down");
     conn.release_name(crate::BUS_NAME).await.ok();

@@ -284,6 +284,86 @@ pub enum FleetCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Create a stack from a template for a tested, published version, or update the
+    /// stack to it. Network parameters default to the default VPC and its subnets.
+    Deploy {
+        #[command(flatten)]
+        stack: StackArgs,
+        #[arg(long, value_enum)]
+        template: crate::fleet::Template,
+        /// NAME@VERSION (or NAME: its newest version).
+        #[arg(long)]
+        image: String,
+        /// A template parameter (InstanceType=t3.large, DesiredCapacity=4, KeyName=...).
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Roll a stack to a version (canary stack first), health-gated; a failed update or
+    /// gate rolls back and marks the version bad for the stack.
+    Rollout {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// VERSION (of the stack's image) or NAME@VERSION.
+        #[arg(long)]
+        to: String,
+        /// Roll this stack first; the main stack only if it passes its gate.
+        #[arg(long, value_name = "STACK")]
+        canary_stack: Option<String>,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Roll a stack back: to VERSION, or to the last version that passed its gate there.
+    Rollback {
+        #[command(flatten)]
+        stack: StackArgs,
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// What a stack runs: its version, launch template, instances and last rollout.
+    Status {
+        #[command(flatten)]
+        stack: StackArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every deploy, rollout and rollback the registry recorded, newest first.
+    History {
+        /// Only this stack.
+        #[arg(long)]
+        stack: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct StackArgs {
+    /// The CloudFormation stack.
+    #[arg(long = "stack", value_name = "STACK")]
+    name: String,
+    /// Default: `[aws] region`, else AWS_REGION / the profile's.
+    #[arg(long)]
+    region: Option<String>,
+    #[command(flatten)]
+    aws: AwsArgs,
+}
+
+#[derive(Args)]
+pub struct ChangeArgs {
+    /// Show the change set (what would be replaced) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Seconds the health gate watches the new version after the stack update.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    bake: u64,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -390,6 +470,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Fleet(cmd) => fleet_command(cmd, &mut open()?, &settings()?),
         Command::Packer(PackerCommand::Render {
             reference,
             out,
@@ -745,6 +826,77 @@ fn record_test(
 
 /// Results to stdout: JSON with `--json`, else the human text; the exit code says
 /// whether what was checked is good.
+fn fleet_command(
+    cmd: FleetCommand,
+    reg: &mut Registry,
+    settings: &crate::settings::Settings,
+) -> Result<ExitCode> {
+    use crate::fleet;
+    let target = |s: StackArgs, c: Option<&ChangeArgs>| {
+        let opts = publish::aws_options(settings, s.aws.profile, s.aws.endpoint_url);
+        let t = fleet::Target {
+            stack: s.name,
+            region: s.region.or_else(|| settings.aws.region.clone()),
+            bake: Duration::from_secs(c.map_or(0, |c| c.bake)),
+            dry_run: c.is_some_and(|c| c.dry_run),
+        };
+        (opts, t)
+    };
+    match cmd {
+        FleetCommand::Render { .. } => unreachable!("handled in run"),
+        FleetCommand::Deploy {
+            stack,
+            template,
+            image,
+            params,
+            change,
+        } => {
+            let (opts, t) = target(stack, Some(&change));
+            let req = fleet::DeployRequest {
+                template,
+                image,
+                params,
+            };
+            let o = fleet::deploy(reg, &opts, &t, &req)?;
+            output(change.json, &o, || o.human(), o.ok())
+        }
+        FleetCommand::Rollout {
+            stack,
+            to,
+            canary_stack,
+            change,
+        } => {
+            let (opts, t) = target(stack, Some(&change));
+            let all = fleet::rollout(reg, &opts, &t, &to, canary_stack.as_deref())?;
+            let ok = all.iter().all(fleet::Outcome::ok);
+            output(
+                change.json,
+                &all,
+                || all.iter().map(fleet::Outcome::human).collect(),
+                ok,
+            )
+        }
+        FleetCommand::Rollback { stack, to, change } => {
+            let (opts, t) = target(stack, Some(&change));
+            let o = fleet::rollback(reg, &opts, &t, to.as_deref())?;
+            output(change.json, &o, || o.human(), o.ok())
+        }
+        FleetCommand::Status { stack, json } => {
+            let (opts, t) = target(stack, None);
+            let s = fleet::status(reg, &opts, &t)?;
+            output(json, &s, || s.human(), true)
+        }
+        FleetCommand::History {
+            stack,
+            region,
+            json,
+        } => {
+            let rows = reg.rollouts(stack.as_deref(), region.as_deref())?;
+            output(json, &rows, || fleet::history_human(&rows), true)
+        }
+    }
+}
+
 fn output(
     json: bool,
     value: &impl serde::Serialize,

@@ -20,6 +20,7 @@ pub struct Daemon {
     child: Child,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Daemon {
@@ -27,6 +28,18 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn(config: &Path, bus: &SystemBus, env: &[(String, String)]) -> Child {
+    Command::new(AGENT)
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// Make a directory (and its temporary parents) reachable by other users.
@@ -38,6 +51,12 @@ impl Daemon {
     /// Start the agent with `os-release` as its os-release file and `extra` appended
     /// to its config.
     pub fn start_with(os_release: &str, extra: &str) -> Daemon {
+        // No instance metadata, even on a CI machine that is an EC2 instance.
+        Self::start_with_env(os_release, extra, &[("AWS_EC2_METADATA_DISABLED", "true")])
+    }
+
+    /// [`Daemon::start_with`] with these environment variables for the agent.
+    pub fn start_with_env(os_release: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
         require("busctl", "systemd");
         require("setpriv", "util-linux");
         require_root();
@@ -56,28 +75,37 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let child = Command::new(AGENT)
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = spawn(&config, &bus, &env);
         let daemon = Daemon {
             bus,
             child,
             dir,
             config,
+            env,
         };
+        daemon.wait_owned();
+        daemon
+    }
+
+    fn wait_owned(&self) {
         let owned = wait_for(Duration::from_secs(10), || {
-            daemon
-                .busctl(None, &["status", "org.devos.Agent1"])
+            self.busctl(None, &["status", "org.devos.Agent1"])
                 .status
                 .success()
         });
         assert!(owned, "the agent did not take org.devos.Agent1 within 10s");
-        daemon
+    }
+
+    /// Stop the agent and start it again with the same configuration and state.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.config, &self.bus, &self.env);
+        self.wait_owned();
     }
 
     pub fn start() -> Daemon {

@@ -7,6 +7,8 @@
 //! - [`ebs`]: upload a raw disk image to an EBS snapshot over the EBS direct APIs, and
 //!   read one back to compare with the image.
 //! - [`ami`]: register, tag, copy, find, deregister AMIs and keep SSM parameters.
+//! - [`stack`]: CloudFormation stacks (change sets, events) and the groups, launch
+//!   templates and instances they run.
 //!
 //! Errors from AWS are turned into messages that say what to fix ([`explain`]).
 
@@ -21,10 +23,14 @@ use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 pub mod ami;
 pub mod ebs;
+pub mod stack;
 
 /// The SDK crates, for callers that need a raw client (tests, mostly).
 pub use aws_credential_types::Credentials;
-pub use {aws_sdk_ebs as sdk_ebs, aws_sdk_ec2 as sdk_ec2, aws_sdk_ssm as sdk_ssm};
+pub use {
+    aws_sdk_autoscaling as sdk_autoscaling, aws_sdk_cloudformation as sdk_cloudformation,
+    aws_sdk_ebs as sdk_ebs, aws_sdk_ec2 as sdk_ec2, aws_sdk_ssm as sdk_ssm,
+};
 
 /// Attempts per request when the user has not set `AWS_MAX_ATTEMPTS`: uploads of
 /// thousands of blocks must ride out throttling and the odd 5xx.
@@ -104,6 +110,20 @@ impl Aws {
             .region(Region::new(region.to_owned()))
             .build();
         aws_sdk_ebs::Client::from_conf(conf)
+    }
+
+    pub fn cloudformation(&self, region: &str) -> aws_sdk_cloudformation::Client {
+        let conf = aws_sdk_cloudformation::config::Builder::from(&self.config)
+            .region(Region::new(region.to_owned()))
+            .build();
+        aws_sdk_cloudformation::Client::from_conf(conf)
+    }
+
+    pub fn autoscaling(&self, region: &str) -> aws_sdk_autoscaling::Client {
+        let conf = aws_sdk_autoscaling::config::Builder::from(&self.config)
+            .region(Region::new(region.to_owned()))
+            .build();
+        aws_sdk_autoscaling::Client::from_conf(conf)
     }
 
     pub fn ssm(&self, region: &str) -> aws_sdk_ssm::Client {

@@ -1,6 +1,7 @@
-//! Publishing against moto_server on 127.0.0.1 (started here): AMIs over EBS direct
+//! The AWS side against moto_server on 127.0.0.1 (started here): AMIs over EBS direct
 //! upload in three regions, SSM parameters, idempotent re-runs, killed clients and
-//! killed servers, the boot-test gate, deregistration, Packer, and exports.
+//! killed servers, the boot-test gate, deregistration, Packer, exports, and fleets
+//! (CloudFormation deploy, gated rollout with automatic rollback, manual rollback).
 //!
 //! The images published here are small synthetic disks recorded in a throw-away
 //! registry (with a boot-test run), so that the AWS side is tested on its own; the
@@ -16,7 +17,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{BIN, ok, run};
-use devos_aws::{Credentials, sdk_ebs, sdk_ec2, sdk_ssm};
+use devos_aws::{Credentials, sdk_autoscaling, sdk_cloudformation, sdk_ebs, sdk_ec2, sdk_ssm};
 use devos_build::registry::{Registry, TestRun};
 use devos_tests::{Moto, require, wait_for};
 use serde_json::{Value, json};
@@ -183,6 +184,121 @@ impl Fixture {
                     .filter_map(|s| s.snapshot_id().map(str::to_owned))
                     .collect(),
             )
+        })
+    }
+
+    /// What a fleet stack really runs, read straight from the APIs: the AMI of the
+    /// launch template version its group uses, and the AMIs of the group's instances.
+    fn fleet(&self, stack: &str) -> (String, Vec<String>) {
+        let region = "us-east-1";
+        let cf = self.sdk(region, sdk_cloudformation::Client::new);
+        let asg = self.sdk(region, sdk_autoscaling::Client::new);
+        let ec2 = self.ec2(region);
+        self.block_on(async {
+            let group = cf
+                .describe_stack_resource()
+                .stack_name(stack)
+                .logical_resource_id("Group")
+                .send()
+                .await
+                .unwrap()
+                .stack_resource_detail()
+                .unwrap()
+                .physical_resource_id()
+                .unwrap()
+                .to_owned();
+            let groups = asg
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names(&group)
+                .send()
+                .await
+                .unwrap();
+            let g = &groups.auto_scaling_groups()[0];
+            let lt = g.launch_template().unwrap();
+            let versions = ec2
+                .describe_launch_template_versions()
+                .launch_template_id(lt.launch_template_id().unwrap())
+                .versions(lt.version().unwrap())
+                .send()
+                .await
+                .unwrap();
+            let lt_image = versions.launch_template_versions()[0]
+                .launch_template_data()
+                .unwrap()
+                .image_id()
+                .unwrap()
+                .to_owned();
+            let ids: Vec<String> = g
+                .instances()
+                .iter()
+                .map(|i| i.instance_id().unwrap().to_owned())
+                .collect();
+            let mut images = Vec::new();
+            if !ids.is_empty() {
+                let out = ec2
+                    .describe_instances()
+                    .set_instance_ids(Some(ids))
+                    .send()
+                    .await
+                    .unwrap();
+                for i in out.reservations().iter().flat_map(|r| r.instances()) {
+                    images.push(i.image_id().unwrap().to_owned());
+                }
+            }
+            (lt_image, images)
+        })
+    }
+
+    /// The group's instances on `ami`.
+    fn instances_on(&self, stack: &str, ami: &str) -> Vec<String> {
+        let region = "us-east-1";
+        let cf = self.sdk(region, sdk_cloudformation::Client::new);
+        let asg = self.sdk(region, sdk_autoscaling::Client::new);
+        let ec2 = self.ec2(region);
+        self.block_on(async {
+            let Ok(r) = cf
+                .describe_stack_resource()
+                .stack_name(stack)
+                .logical_resource_id("Group")
+                .send()
+                .await
+            else {
+                return Vec::new();
+            };
+            let group = r
+                .stack_resource_detail()
+                .unwrap()
+                .physical_resource_id()
+                .unwrap();
+            let Ok(groups) = asg
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names(group)
+                .send()
+                .await
+            else {
+                return Vec::new();
+            };
+            let ids: Vec<String> = groups
+                .auto_scaling_groups()
+                .iter()
+                .flat_map(|g| g.instances())
+                .map(|i| i.instance_id().unwrap().to_owned())
+                .collect();
+            if ids.is_empty() {
+                return ids;
+            }
+            let out = ec2
+                .describe_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+                .unwrap();
+            out.reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter(|i| i.image_id() == Some(ami))
+                .map(|i| i.instance_id().unwrap().to_owned())
+                .collect()
         })
     }
 
@@ -865,4 +981,243 @@ fn exports_are_checked_with_qemu_img_and_recorded() {
     // Again: nothing converted, the recorded one is reported.
     let e = fx.json(&["image", "export", &reference, "--format", "vhd", "--json"]);
     assert_eq!(e["converted"], false);
+}
+
+#[test]
+fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_hand() {
+    let fx = Fixture::new();
+    let mut amis = std::collections::HashMap::new();
+    for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
+        fx.version(version, 8, &[0], Some(true));
+        if version != "4.0.0" {
+            ok(&fx.run(&[
+                "publish",
+                "ami",
+                &format!("devos-pub@{version}"),
+                "--region",
+                "us-east-1",
+            ]));
+            amis.insert(
+                version,
+                fx.resources("us-east-1", &build_id(version)).0.remove(0),
+            );
+        }
+    }
+    let fleet = |args: &[&str]| {
+        let mut all = vec!["fleet"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--region", "us-east-1"]);
+        fx.run(&all)
+    };
+    let json = |out: &Output| -> Value {
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                stderr(out)
+            )
+        })
+    };
+
+    // Deploy v1 to the fleet and to its canary: the default VPC's subnets are used.
+    for (stack, capacity) in [("devfleet", "2"), ("devfleet-canary", "1")] {
+        let out = fleet(&[
+            "deploy",
+            "--stack",
+            stack,
+            "--template",
+            "fleet",
+            "--image",
+            "devos-pub@1.0.0",
+            "--param",
+            &format!("DesiredCapacity={capacity}"),
+            "--bake",
+            "0",
+            "--json",
+        ]);
+        ok(&out);
+        let d = json(&out);
+        assert_eq!(d["state"], "succeeded", "{d}");
+        assert!(
+            d["parameters"]["Subnets"][1]
+                .as_str()
+                .unwrap()
+                .starts_with("subnet-"),
+            "{d}"
+        );
+    }
+    let (lt, instances) = fx.fleet("devfleet");
+    assert_eq!(lt, amis["1.0.0"]);
+    assert_eq!(instances, vec![amis["1.0.0"].clone(); 2]);
+
+    // A dry run shows the change and changes nothing.
+    let out = fleet(&[
+        "rollout",
+        "--stack",
+        "devfleet",
+        "--to",
+        "2.0.0",
+        "--dry-run",
+        "--json",
+    ]);
+    ok(&out);
+    let d = json(&out);
+    assert_eq!(d[0]["state"], "dry-run", "{d}");
+    assert_eq!(
+        d[0]["parameters"]["ImageId"],
+        json!([amis["1.0.0"], amis["2.0.0"]]),
+        "{d}"
+    );
+    assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
+
+    // Roll out v2, canary first: both stacks end on v2's AMI, launch template and
+    // instances alike.
+    let out = fleet(&[
+        "rollout",
+        "--stack",
+        "devfleet",
+        "--to",
+        "2.0.0",
+        "--canary-stack",
+        "devfleet-canary",
+        "--bake",
+        "0",
+        "--json",
+    ]);
+    ok(&out);
+    let d = json(&out);
+    assert_eq!(d[0]["stack"], "devfleet-canary", "{d}");
+    assert_eq!(d[1]["stack"], "devfleet", "{d}");
+    assert_eq!(d[1]["state"], "succeeded", "{d}");
+    assert!(
+        stderr(&out).contains("UPDATE_COMPLETE"),
+        "events are streamed: {}",
+        stderr(&out)
+    );
+    for stack in ["devfleet", "devfleet-canary"] {
+        let (lt, instances) = fx.fleet(stack);
+        assert_eq!(lt, amis["2.0.0"], "{stack}");
+        assert!(
+            !instances.is_empty() && instances.iter().all(|i| *i == amis["2.0.0"]),
+            "{stack}: {instances:?}"
+        );
+    }
+
+    // v3 goes bad during the bake: one of its new instances turns unhealthy (what Auto
+    // Scaling does when an instance fails its checks). The rollout rolls back to v2
+    // by itself and marks v3 bad for the stack.
+    let child = fx
+        .cmd(&[
+            "fleet",
+            "rollout",
+            "--stack",
+            "devfleet",
+            "--to",
+            "3.0.0",
+            "--bake",
+            "60",
+            "--json",
+            "--region",
+            "us-east-1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sick = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(45), || {
+            sick = fx.instances_on("devfleet", &amis["3.0.0"]);
+            !sick.is_empty()
+        }),
+        "v3's instances never appeared"
+    );
+    let asg = fx.sdk("us-east-1", sdk_autoscaling::Client::new);
+    fx.block_on(async {
+        asg.set_instance_health()
+            .instance_id(&sick[0])
+            .health_status("Unhealthy")
+            .send()
+            .await
+            .unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "a failed gate fails the rollout");
+    let d = json(&out);
+    assert_eq!(d[0]["state"], "rolled-back", "{d}");
+    assert!(
+        d[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("instance {} is Unhealthy", sick[0])),
+        "{d}"
+    );
+    assert_eq!(d[0]["rollback"]["state"], "succeeded", "{d}");
+    let (lt, instances) = fx.fleet("devfleet");
+    assert_eq!(lt, amis["2.0.0"]);
+    assert!(
+        !instances.is_empty() && instances.iter().all(|i| *i == amis["2.0.0"]),
+        "{instances:?}"
+    );
+    let out = fleet(&["rollout", "--stack", "devfleet", "--to", "3.0.0"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is marked bad for stack devfleet"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Never published here: refused before anything changes.
+    let out = fleet(&["rollout", "--stack", "devfleet", "--to", "4.0.0"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not published in us-east-1"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
+
+    // By hand: back to the last version that passed its gate before v2, which is v1.
+    let out = fleet(&["rollback", "--stack", "devfleet", "--bake", "0", "--json"]);
+    ok(&out);
+    let d = json(&out);
+    assert_eq!(
+        (d["from"].as_str(), d["to"].as_str(), d["state"].as_str()),
+        (Some("2.0.0"), Some("1.0.0"), Some("succeeded")),
+        "{d}"
+    );
+    assert!(d["issued_after"].as_f64().unwrap() > 0.0, "{d}");
+    let (lt, instances) = fx.fleet("devfleet");
+    assert_eq!(lt, amis["1.0.0"]);
+    assert!(
+        instances.iter().all(|i| *i == amis["1.0.0"]),
+        "{instances:?}"
+    );
+
+    let status = json(&fleet(&["status", "--stack", "devfleet", "--json"]));
+    assert_eq!(status["version"], "devos-pub@1.0.0", "{status}");
+    let out = fx.run(&["fleet", "history", "--stack", "devfleet", "--json"]);
+    let history = json(&out);
+    let kinds: Vec<(&str, &str, &str)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap(),
+                r["to"].as_str().unwrap(),
+                r["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("rollback", "1.0.0", "succeeded"),
+            ("auto-rollback", "2.0.0", "succeeded"),
+            ("rollout", "3.0.0", "rolled-back"),
+            ("rollout", "2.0.0", "succeeded"),
+            ("deploy", "1.0.0", "succeeded"),
+        ]
+    );
 }

@@ -1,0 +1,556 @@
+//! CloudFormation stacks and what runs in them: create a stack, update it through a
+//! change set (or only preview the change set), stream its events while it changes,
+//! and read back the real resources the health gate looks at — the launch template
+//! version in use with its AMI, and every instance with its AMI and health.
+//!
+//! Also the account's default VPC and its default subnets, which network parameters
+//! default to, as the AWS CLI's `run-instances` does.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use aws_sdk_cloudformation::types::{Capability, ChangeSetStatus, ChangeSetType, Parameter, Tag};
+use aws_sdk_ec2::types::Filter;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use serde::Serialize;
+
+use crate::{Aws, explain};
+
+/// How often a changing stack is polled for events.
+const POLL: Duration = Duration::from_secs(2);
+/// CloudFormation gives up on its own long before this; it only guards against a
+/// stack that never settles.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(3 * 3600);
+
+/// A stack as CloudFormation reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stack {
+    pub name: String,
+    pub id: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub parameters: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// What to deploy: the template and the parameters that differ from the stack's
+/// current values (or, for a new stack, from the template's defaults).
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub template: String,
+    pub parameters: BTreeMap<String, String>,
+    /// Parameters the stack already has that keep their value.
+    pub keep: Vec<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+impl Deployment {
+    fn parameters(&self) -> Vec<Parameter> {
+        let set = self.parameters.iter().map(|(k, v)| {
+            Parameter::builder()
+                .parameter_key(k)
+                .parameter_value(v)
+                .build()
+        });
+        let kept = self.keep.iter().map(|k| {
+            Parameter::builder()
+                .parameter_key(k)
+                .use_previous_value(true)
+                .build()
+        });
+        set.chain(kept).collect()
+    }
+
+    fn tags(&self) -> Vec<Tag> {
+        self.tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect()
+    }
+}
+
+/// One resource change of a change set.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceChange {
+    pub action: String,
+    pub logical_id: String,
+    pub resource_type: String,
+    /// True, False or Conditional (for a Modify).
+    pub replacement: Option<String>,
+}
+
+/// One stack event, as streamed while the stack changes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub time: String,
+    pub logical_id: String,
+    pub resource_type: String,
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+/// Whether a settled stack status means the last operation worked.
+pub fn succeeded(status: &str) -> bool {
+    matches!(
+        status,
+        "CREATE_COMPLETE" | "UPDATE_COMPLETE" | "IMPORT_COMPLETE"
+    )
+}
+
+fn settled(status: &str) -> bool {
+    !status.ends_with("_IN_PROGRESS")
+}
+
+/// The stack, or None if there is none of that name.
+pub async fn describe(aws: &Aws, region: &str, name: &str) -> Result<Option<Stack>> {
+    let out = match aws
+        .cloudformation(region)
+        .describe_stacks()
+        .stack_name(name)
+        .send()
+        .await
+    {
+        Ok(out) => out,
+        Err(e) if e.message().is_some_and(|m| m.contains("does not exist")) => return Ok(None),
+        Err(e) => return Err(explain("cloudformation:DescribeStacks", region, e)),
+    };
+    let Some(s) = out.stacks().first() else {
+        return Ok(None);
+    };
+    Ok(Some(Stack {
+        name: s.stack_name().unwrap_or(name).to_owned(),
+        id: s.stack_id().unwrap_or_default().to_owned(),
+        status: s
+            .stack_status()
+            .map(|st| st.as_str().to_owned())
+            .unwrap_or_default(),
+        reason: s.stack_status_reason().map(str::to_owned),
+        parameters: s
+            .parameters()
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p.parameter_key()?.to_owned(),
+                    p.parameter_value()?.to_owned(),
+                ))
+            })
+            .collect(),
+        tags: s
+            .tags()
+            .iter()
+            .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+            .collect(),
+        outputs: s
+            .outputs()
+            .iter()
+            .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
+            .collect(),
+    }))
+}
+
+/// The ids of the events the stack has now, so that [`settle`] shows only new ones.
+pub async fn seen_events(aws: &Aws, region: &str, name: &str) -> Result<HashSet<String>> {
+    Ok(events(aws, region, name)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect())
+}
+
+/// The stack's most recent events (one page), newest first.
+async fn events(aws: &Aws, region: &str, name: &str) -> Result<Vec<(String, Event)>> {
+    let out = aws
+        .cloudformation(region)
+        .describe_stack_events()
+        .stack_name(name)
+        .send()
+        .await
+        .map_err(|e| explain("cloudformation:DescribeStackEvents", region, e))?;
+    Ok(out
+        .stack_events()
+        .iter()
+        .map(|e| {
+            let time = e
+                .timestamp()
+                .and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok())
+                .unwrap_or_default();
+            (
+                e.event_id().unwrap_or_default().to_owned(),
+                Event {
+                    time,
+                    logical_id: e.logical_resource_id().unwrap_or_default().to_owned(),
+                    resource_type: e.resource_type().unwrap_or_default().to_owned(),
+                    status: e
+                        .resource_status()
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default(),
+                    reason: e.resource_status_reason().map(str::to_owned),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Create a stack (IAM capability granted: the templates create the agent's role).
+pub async fn create(aws: &Aws, region: &str, name: &str, d: &Deployment) -> Result<()> {
+    aws.cloudformation(region)
+        .create_stack()
+        .stack_name(name)
+        .template_body(&d.template)
+        .set_parameters(Some(d.parameters()))
+        .set_tags(Some(d.tags()))
+        .capabilities(Capability::CapabilityIam)
+        .send()
+        .await
+        .map_err(|e| explain("cloudformation:CreateStack", region, e))?;
+    Ok(())
+}
+
+/// Make a change set for updating the stack and wait until CloudFormation has worked
+/// out its changes. Returns its name and the changes; None if there are none.
+async fn change_set(
+    aws: &Aws,
+    region: &str,
+    name: &str,
+    d: &Deployment,
+) -> Result<Option<(String, Vec<ResourceChange>)>> {
+    let cf = aws.cloudformation(region);
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let set = format!("devos-{millis}");
+    cf.create_change_set()
+        .stack_name(name)
+        .change_set_name(&set)
+        .change_set_type(ChangeSetType::Update)
+        .template_body(&d.template)
+        .set_parameters(Some(d.parameters()))
+        .set_tags(Some(d.tags()))
+        .capabilities(Capability::CapabilityIam)
+        .send()
+        .await
+        .map_err(|e| explain("cloudformation:CreateChangeSet", region, e))?;
+    let started = Instant::now();
+    loop {
+        let out = cf
+            .describe_change_set()
+            .stack_name(name)
+            .change_set_name(&set)
+            .send()
+            .await
+            .map_err(|e| explain("cloudformation:DescribeChangeSet", region, e))?;
+        match out.status() {
+            Some(ChangeSetStatus::CreateComplete) => {
+                let changes = out
+                    .changes()
+                    .iter()
+                    .filter_map(|c| c.resource_change())
+                    .map(|r| ResourceChange {
+                        action: r
+                            .action()
+                            .map(|a| a.as_str().to_owned())
+                            .unwrap_or_default(),
+                        logical_id: r.logical_resource_id().unwrap_or_default().to_owned(),
+                        resource_type: r.resource_type().unwrap_or_default().to_owned(),
+                        replacement: r.replacement().map(|x| x.as_str().to_owned()),
+                    })
+                    .collect();
+                return Ok(Some((set, changes)));
+            }
+            Some(ChangeSetStatus::Failed) => {
+                let reason = out.status_reason().unwrap_or_default().to_owned();
+                delete_change_set(aws, region, name, &set).await?;
+                // CloudFormation refuses an update that changes nothing.
+                if reason.contains("didn't contain changes") || reason.contains("No updates") {
+                    return Ok(None);
+                }
+                bail!("the change set for stack {name} in {region} failed: {reason}");
+            }
+            _ if started.elapsed() > Duration::from_secs(600) => {
+                bail!(
+                    "the change set {set} for stack {name} in {region} is not ready after 10 minutes"
+                )
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn delete_change_set(aws: &Aws, region: &str, name: &str, set: &str) -> Result<()> {
+    aws.cloudformation(region)
+        .delete_change_set()
+        .stack_name(name)
+        .change_set_name(set)
+        .send()
+        .await
+        .map_err(|e| explain("cloudformation:DeleteChangeSet", region, e))?;
+    Ok(())
+}
+
+/// What updating the stack would change, without changing it.
+pub async fn preview(
+    aws: &Aws,
+    region: &str,
+    name: &str,
+    d: &Deployment,
+) -> Result<Vec<ResourceChange>> {
+    match change_set(aws, region, name, d).await? {
+        Some((set, changes)) => {
+            delete_change_set(aws, region, name, &set).await?;
+            Ok(changes)
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Update the stack through a change set. Returns the changes, or None when the
+/// update would change nothing (and nothing was done).
+pub async fn update(
+    aws: &Aws,
+    region: &str,
+    name: &str,
+    d: &Deployment,
+) -> Result<Option<Vec<ResourceChange>>> {
+    let Some((set, changes)) = change_set(aws, region, name, d).await? else {
+        return Ok(None);
+    };
+    aws.cloudformation(region)
+        .execute_change_set()
+        .stack_name(name)
+        .change_set_name(&set)
+        .send()
+        .await
+        .map_err(|e| explain("cloudformation:ExecuteChangeSet", region, e))?;
+    Ok(Some(changes))
+}
+
+/// The resource types a template creates, for previewing a stack that does not exist.
+pub async fn resource_types(aws: &Aws, region: &str, template: &str) -> Result<Vec<String>> {
+    let out = aws
+        .cloudformation(region)
+        .get_template_summary()
+        .template_body(template)
+        .send()
+        .await
+        .map_err(|e| explain("cloudformation:GetTemplateSummary", region, e))?;
+    Ok(out.resource_types().to_vec())
+}
+
+/// Wait until the stack settles, passing each new event (oldest first) to `on_event`.
+/// Returns the settled stack.
+pub async fn settle(
+    aws: &Aws,
+    region: &str,
+    name: &str,
+    seen: &mut HashSet<String>,
+    mut on_event: impl FnMut(&Event),
+) -> Result<Stack> {
+    let started = Instant::now();
+    loop {
+        let mut new: Vec<(String, Event)> = events(aws, region, name)
+            .await?
+            .into_iter()
+            .filter(|(id, _)| !seen.contains(id))
+            .collect();
+        new.reverse();
+        for (id, e) in new {
+            on_event(&e);
+            seen.insert(id);
+        }
+        let stack = describe(aws, region, name)
+            .await?
+            .with_context(|| format!("stack {name} in {region} disappeared"))?;
+        if settled(&stack.status) {
+            return Ok(stack);
+        }
+        if started.elapsed() > SETTLE_TIMEOUT {
+            bail!(
+                "stack {name} in {region} is still {} after {} hours",
+                stack.status,
+                SETTLE_TIMEOUT.as_secs() / 3600
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The account's default VPC in the region and its default subnets (one per
+/// availability zone), as `aws ec2 run-instances` would use them.
+pub async fn default_network(aws: &Aws, region: &str) -> Result<(String, Vec<String>)> {
+    let ec2 = aws.ec2(region);
+    let vpcs = ec2
+        .describe_vpcs()
+        .filters(Filter::builder().name("isDefault").values("true").build())
+        .send()
+        .await
+        .map_err(|e| explain("ec2:DescribeVpcs", region, e))?;
+    let Some(vpc) = vpcs.vpcs().first().and_then(|v| v.vpc_id()) else {
+        bail!(
+            "{region} has no default VPC\n  hint: pass --param VpcId=vpc-... and the subnets (--param Subnets=subnet-a,subnet-b, or SubnetId=subnet-... for an instance)"
+        );
+    };
+    let subnets = ec2
+        .describe_subnets()
+        .filters(Filter::builder().name("vpc-id").values(vpc).build())
+        .filters(
+            Filter::builder()
+                .name("default-for-az")
+                .values("true")
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| explain("ec2:DescribeSubnets", region, e))?;
+    let mut by_zone: Vec<(String, String)> = subnets
+        .subnets()
+        .iter()
+        .filter_map(|s| Some((s.availability_zone()?.to_owned(), s.subnet_id()?.to_owned())))
+        .collect();
+    by_zone.sort();
+    if by_zone.is_empty() {
+        bail!(
+            "the default VPC {vpc} in {region} has no default subnets\n  hint: pass --param Subnets=subnet-a,subnet-b (or SubnetId=subnet-...)"
+        );
+    }
+    Ok((
+        vpc.to_owned(),
+        by_zone.into_iter().map(|(_, s)| s).collect(),
+    ))
+}
+
+/// One instance a stack runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub id: String,
+    pub image_id: String,
+    /// EC2 state (running, ...).
+    pub state: String,
+    /// Auto Scaling lifecycle state (InService, Pending, ...); None outside a group.
+    pub lifecycle: Option<String>,
+    /// Auto Scaling health (Healthy, Unhealthy); None outside a group.
+    pub health: Option<String>,
+}
+
+/// The real resources of a fleet or instance stack.
+#[derive(Debug, Clone, Serialize)]
+pub struct Running {
+    /// The Auto Scaling group, if the stack has one.
+    pub group: Option<String>,
+    pub desired: usize,
+    pub launch_template: Option<String>,
+    pub launch_template_version: Option<String>,
+    /// The AMI of that launch template version.
+    pub launch_template_image: Option<String>,
+    pub instances: Vec<Member>,
+}
+
+/// Read the group (or the instance), its launch template version and its instances.
+pub async fn running(aws: &Aws, region: &str, name: &str) -> Result<Running> {
+    let resources = aws
+        .cloudformation(region)
+        .describe_stack_resources()
+        .stack_name(name)
+        .send()
+        .await
+        .map_err(|e| explain("cloudformation:DescribeStackResources", region, e))?;
+    let physical = |kind: &str| {
+        resources
+            .stack_resources()
+            .iter()
+            .find(|r| r.resource_type() == Some(kind))
+            .and_then(|r| r.physical_resource_id())
+            .map(str::to_owned)
+    };
+    let mut state = Running {
+        group: physical("AWS::AutoScaling::AutoScalingGroup"),
+        desired: 1,
+        launch_template: physical("AWS::EC2::LaunchTemplate"),
+        launch_template_version: None,
+        launch_template_image: None,
+        instances: Vec::new(),
+    };
+    let mut ids = Vec::new();
+    let mut in_group = BTreeMap::new();
+    if let Some(group) = &state.group {
+        let out = aws
+            .autoscaling(region)
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .map_err(|e| explain("autoscaling:DescribeAutoScalingGroups", region, e))?;
+        let g = out
+            .auto_scaling_groups()
+            .first()
+            .with_context(|| format!("the Auto Scaling group {group} of stack {name} is gone"))?;
+        state.desired = usize::try_from(g.desired_capacity().unwrap_or(0)).unwrap_or(0);
+        if let Some(lt) = g.launch_template() {
+            state.launch_template = lt.launch_template_id().map(str::to_owned);
+            state.launch_template_version = lt.version().map(str::to_owned);
+        }
+        for i in g.instances() {
+            let id = i.instance_id().unwrap_or_default().to_owned();
+            in_group.insert(
+                id.clone(),
+                (
+                    i.lifecycle_state().map(|l| l.as_str().to_owned()),
+                    i.health_status().map(str::to_owned),
+                ),
+            );
+            ids.push(id);
+        }
+    } else if let Some(instance) = physical("AWS::EC2::Instance") {
+        ids.push(instance);
+    }
+    let ec2 = aws.ec2(region);
+    if let Some(lt) = &state.launch_template {
+        let mut req = ec2
+            .describe_launch_template_versions()
+            .launch_template_id(lt);
+        req = req.versions(
+            state
+                .launch_template_version
+                .as_deref()
+                .unwrap_or("$Latest"),
+        );
+        let out = req
+            .send()
+            .await
+            .map_err(|e| explain("ec2:DescribeLaunchTemplateVersions", region, e))?;
+        if let Some(v) = out.launch_template_versions().first() {
+            state.launch_template_version = v.version_number().map(|n| n.to_string());
+            state.launch_template_image = v
+                .launch_template_data()
+                .and_then(|d| d.image_id())
+                .map(str::to_owned);
+        }
+    }
+    if !ids.is_empty() {
+        let out = ec2
+            .describe_instances()
+            .set_instance_ids(Some(ids.clone()))
+            .send()
+            .await
+            .map_err(|e| explain("ec2:DescribeInstances", region, e))?;
+        for i in out.reservations().iter().flat_map(|r| r.instances()) {
+            let id = i.instance_id().unwrap_or_default().to_owned();
+            let (lifecycle, health) = in_group.remove(&id).unwrap_or_default();
+            state.instances.push(Member {
+                image_id: i.image_id().unwrap_or_default().to_owned(),
+                state: i
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_owned())
+                    .unwrap_or_default(),
+                lifecycle,
+                health,
+                id,
+            });
+        }
+        state.instances.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    Ok(state)
+}
