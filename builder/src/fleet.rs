@@ -194,6 +194,9 @@ impl Outcome {
                 before.as_deref().unwrap_or("(default)")
             ));
         }
+        if self.state == "dry-run" && self.changes.is_empty() {
+            s.push_str("  (CloudFormation reported no resource changes)\n");
+        }
         for c in &self.changes {
             s.push_str(&format!(
                 "  {:<8} {:<16} {:<36} replacement: {}\n",
@@ -967,7 +970,7 @@ pub fn history_human(rows: &[Rollout]) -> String {
     let mut s = String::new();
     for r in rows {
         s.push_str(&format!(
-            "{:>4} {} {:<14} {:<10} {:<13} {} -> {} {:<12} {}\n",
+            "{:>4} {} {:<14} {:<20} {:<14} {} -> {} {:<12} {}\n",
             r.id,
             crate::inventory::utc(r.started_at),
             r.kind,

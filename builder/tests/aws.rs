@@ -249,6 +249,36 @@ impl Fixture {
         })
     }
 
+    /// The AMI of the instance of an instance stack.
+    fn instance_image(&self, stack: &str) -> String {
+        let cf = self.sdk("us-east-1", sdk_cloudformation::Client::new);
+        let ec2 = self.ec2("us-east-1");
+        self.block_on(async {
+            let r = cf
+                .describe_stack_resource()
+                .stack_name(stack)
+                .logical_resource_id("Instance")
+                .send()
+                .await
+                .unwrap();
+            let id = r
+                .stack_resource_detail()
+                .unwrap()
+                .physical_resource_id()
+                .unwrap();
+            let out = ec2
+                .describe_instances()
+                .instance_ids(id)
+                .send()
+                .await
+                .unwrap();
+            out.reservations()[0].instances()[0]
+                .image_id()
+                .unwrap()
+                .to_owned()
+        })
+    }
+
     /// The group's instances on `ami`.
     fn instances_on(&self, stack: &str, ami: &str) -> Vec<String> {
         let region = "us-east-1";
@@ -1049,6 +1079,89 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     let (lt, instances) = fx.fleet("devfleet");
     assert_eq!(lt, amis["1.0.0"]);
     assert_eq!(instances, vec![amis["1.0.0"].clone(); 2]);
+
+    // One developer instance from the instance template.
+    let out = fleet(&[
+        "deploy",
+        "--stack",
+        "devbox",
+        "--template",
+        "instance",
+        "--image",
+        "devos-pub@1.0.0",
+        "--bake",
+        "0",
+        "--json",
+    ]);
+    ok(&out);
+    assert_eq!(json(&out)["state"], "succeeded");
+    assert_eq!(fx.instance_image("devbox"), amis["1.0.0"]);
+
+    // Mistakes are named, and change nothing.
+    for (args, says) in [
+        (
+            vec![
+                "deploy",
+                "--stack",
+                "x",
+                "--template",
+                "fleet",
+                "--image",
+                "devos-pub@1.0.0",
+                "--param",
+                "Bogus=1",
+            ],
+            "--param Bogus: the fleet template has no such parameter",
+        ),
+        (
+            vec![
+                "deploy",
+                "--stack",
+                "x",
+                "--template",
+                "fleet",
+                "--image",
+                "devos-pub@1.0.0",
+                "--param",
+                "DesiredCapacity",
+            ],
+            "--param DesiredCapacity: expected KEY=VALUE",
+        ),
+        (
+            vec![
+                "deploy",
+                "--stack",
+                "x",
+                "--template",
+                "fleet",
+                "--image",
+                "devos-pub@1.0.0",
+                "--param",
+                "ImageId=ami-1",
+            ],
+            "--param ImageId: set by --image",
+        ),
+        (
+            vec!["rollout", "--stack", "nosuch", "--to", "2.0.0"],
+            "there is no stack nosuch in us-east-1",
+        ),
+        (
+            vec![
+                "deploy",
+                "--stack",
+                "devbox",
+                "--template",
+                "fleet",
+                "--image",
+                "devos-other@1.0.0",
+            ],
+            "no image `devos-other`",
+        ),
+    ] {
+        let out = fleet(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
 
     // A dry run shows the change and changes nothing.
     let out = fleet(&[

@@ -91,6 +91,14 @@ pub struct Event {
     pub reason: Option<String>,
 }
 
+/// A name no earlier call used: milliseconds since the epoch.
+fn unique() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default()
+}
+
 /// Whether a settled stack status means the last operation worked.
 pub fn succeeded(status: &str) -> bool {
     matches!(
@@ -198,6 +206,9 @@ pub async fn create(aws: &Aws, region: &str, name: &str, d: &Deployment) -> Resu
     aws.cloudformation(region)
         .create_stack()
         .stack_name(name)
+        // The SDK retries a CreateStack whose answer was lost; the token makes the
+        // retry the same request instead of a second stack.
+        .client_request_token(format!("devos-{}", unique()))
         .template_body(&d.template)
         .set_parameters(Some(d.parameters()))
         .set_tags(Some(d.tags()))
@@ -217,11 +228,7 @@ async fn change_set(
     d: &Deployment,
 ) -> Result<Option<(String, Vec<ResourceChange>)>> {
     let cf = aws.cloudformation(region);
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    let set = format!("devos-{millis}");
+    let set = format!("devos-{}", unique());
     cf.create_change_set()
         .stack_name(name)
         .change_set_name(&set)
@@ -321,6 +328,7 @@ pub async fn update(
         .execute_change_set()
         .stack_name(name)
         .change_set_name(&set)
+        .client_request_token(&set)
         .send()
         .await
         .map_err(|e| explain("cloudformation:ExecuteChangeSet", region, e))?;
