@@ -3,13 +3,17 @@
 //! instance's user data, and CloudFormation waits (CreationPolicy, rolling update with
 //! WaitOnResourceSignals) until each new instance signals. Once serving, the agent
 //! checks itself and calls SignalResource: SUCCESS when healthy, FAILURE with the
-//! reason otherwise. Once per boot; on a machine that is not on EC2, or whose user
-//! data asks for no signal, it does nothing.
+//! reason otherwise. Once per boot; on a machine that is not on EC2 (by its DMI vendor,
+//! as cloud-init tells) or whose user data asks for no signal, it does nothing. The
+//! agent may start before the network: metadata reads are retried for a few minutes.
 //!
 //! Instance metadata is read with IMDSv2 (session tokens) and the call is signed
 //! with the instance role's credentials, both through the AWS SDK's own clients.
 
 use std::path::Path;
+use std::time::Duration;
+
+use aws_config::imds::client::error::ImdsError;
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_cloudformation::types::ResourceSignalStatus;
@@ -76,6 +80,47 @@ pub fn version_check(expected: Option<&str>, os_release: &Path) -> Check {
     }
 }
 
+/// Whether this machine is an EC2 instance: the DMI vendor Nitro instances report, or
+/// a Xen instance's hypervisor uuid. An explicit metadata endpoint
+/// (`AWS_EC2_METADATA_SERVICE_ENDPOINT`) counts too.
+fn on_ec2() -> bool {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    std::env::var_os("AWS_EC2_METADATA_SERVICE_ENDPOINT").is_some()
+        || [
+            "/sys/class/dmi/id/sys_vendor",
+            "/sys/class/dmi/id/board_vendor",
+        ]
+        .iter()
+        .any(|p| read(p).trim() == "Amazon EC2")
+        || read("/sys/hypervisor/uuid")
+            .to_ascii_lowercase()
+            .starts_with("ec2")
+}
+
+/// Read from instance metadata, retrying while it cannot be reached (the network may
+/// not be up yet): None if the path does not exist.
+async fn metadata(imds: &aws_config::imds::Client, path: &str) -> anyhow::Result<Option<String>> {
+    let mut wait = Duration::from_secs(1);
+    let mut waited = Duration::ZERO;
+    loop {
+        match imds.get(path).await {
+            Ok(text) => return Ok(Some(text.as_ref().to_owned())),
+            Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => {
+                return Ok(None);
+            }
+            Err(e) if waited >= Duration::from_secs(300) => {
+                anyhow::bail!("cannot read {path} from instance metadata for 5 minutes: {e}")
+            }
+            Err(e) => {
+                tracing::debug!("instance metadata {path}: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                waited += wait;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 /// What happened, for the log and the audit log.
 #[derive(Debug)]
 pub enum Outcome {
@@ -102,22 +147,21 @@ pub async fn signal(
     if std::fs::read_to_string(marker).is_ok_and(|m| m == boot_id) {
         return Ok(Outcome::AlreadySent);
     }
+    if !on_ec2() {
+        return Ok(Outcome::NotAsked);
+    }
     let imds = aws_config::imds::Client::builder().build();
-    let user_data = match imds.get("/latest/user-data").await {
-        Ok(text) => text,
-        Err(e) => {
-            tracing::debug!("no instance metadata (not on EC2?): {e}");
-            return Ok(Outcome::NotAsked);
-        }
-    };
-    let Some(request) = parse_user_data(user_data.as_ref()) else {
+    let Some(request) = metadata(&imds, "/latest/user-data")
+        .await?
+        .and_then(|text| parse_user_data(&text))
+    else {
         return Ok(Outcome::NotAsked);
     };
-    let instance = imds
-        .get("/latest/meta-data/instance-id")
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read the instance id from instance metadata: {e}"))?;
-    let instance = instance.as_ref().trim().to_owned();
+    let instance = metadata(&imds, "/latest/meta-data/instance-id")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("instance metadata has no instance-id"))?
+        .trim()
+        .to_owned();
     let (status, reason) = verdict(&checks(&request).await);
     let config = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(request.region.clone()))
