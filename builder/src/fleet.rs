@@ -687,19 +687,30 @@ pub fn deploy(
             };
             return cx.change(&s, plan).await;
         }
-        let given_subnets =
-            parameters.contains_key("Subnets") || parameters.contains_key("SubnetId");
-        if declared.iter().any(|d| d == "VpcId") && !parameters.contains_key("VpcId")
-            || !given_subnets
-        {
-            let (vpc, subnets) = stack::default_network(&cx.aws, &cx.region).await?;
-            parameters.entry("VpcId".into()).or_insert(vpc);
-            if !given_subnets {
-                if declared.iter().any(|d| d == "Subnets") {
-                    parameters.insert("Subnets".into(), subnets.join(","));
-                } else if declared.iter().any(|d| d == "SubnetId") {
-                    parameters.insert("SubnetId".into(), subnets[0].clone());
+        if declared.iter().any(|d| d == "VpcId") {
+            let subnet_key = if declared.iter().any(|d| d == "Subnets") {
+                "Subnets"
+            } else {
+                "SubnetId"
+            };
+            match (
+                parameters.contains_key("VpcId"),
+                parameters.contains_key(subnet_key),
+            ) {
+                (true, true) => {}
+                (false, false) => {
+                    let (vpc, subnets) = stack::default_network(&cx.aws, &cx.region).await?;
+                    let subnets = if subnet_key == "Subnets" {
+                        subnets.join(",")
+                    } else {
+                        subnets[0].clone()
+                    };
+                    parameters.insert("VpcId".into(), vpc);
+                    parameters.insert(subnet_key.into(), subnets);
                 }
+                _ => bail!(
+                    "--param VpcId and --param {subnet_key} go together: give both, or neither for the default VPC and its subnets"
+                ),
             }
         }
         parameters.insert("ImageId".into(), ami.clone());

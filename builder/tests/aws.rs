@@ -1149,6 +1149,20 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
             vec![
                 "deploy",
                 "--stack",
+                "x",
+                "--template",
+                "fleet",
+                "--image",
+                "devos-pub@1.0.0",
+                "--param",
+                "VpcId=vpc-1",
+            ],
+            "--param VpcId and --param Subnets go together",
+        ),
+        (
+            vec![
+                "deploy",
+                "--stack",
                 "devbox",
                 "--template",
                 "fleet",
