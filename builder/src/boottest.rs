@@ -358,6 +358,10 @@ fn watch(
 /// Console lines that mean the boot cannot succeed, and what they mean. Seen, the test
 /// fails at once instead of waiting for its timeout.
 const FATAL_CONSOLE: &[(&str, &str)] = &[
+    (
+        "VFS: Cannot open root device",
+        "the kernel could not find the root filesystem (check root= on the kernel command line)",
+    ),
     ("Kernel panic", "kernel panic"),
     (
         "Gave up waiting for root",

@@ -40,6 +40,9 @@ const MASKED_UNITS: &[&str] = &[
     "modprobe@configfs.service",
     "sys-kernel-config.mount",
     "dev-hugepages.mount",
+    // /dev/fuse is a static node: opening it loads the module when it is needed.
+    "modprobe@fuse.service",
+    "sys-fs-fuse-connections.mount",
 ];
 
 /// Units the agent package brings, enabled when `[agent] enable` is true.
@@ -230,55 +233,84 @@ fn write_network(root: &Path) -> Result<()> {
     for (unit, target) in ENABLED_UNITS {
         enable(root, unit, target)?;
     }
+    // Early boot under TCG is bound by CPU: the bus (and the agent, in its own unit)
+    // get the larger share while the system starts, ahead of logind, networkd and
+    // resolved, which start at the same moment.
+    let dbus = root.join("etc/systemd/system/dbus.service.d");
+    fs::create_dir_all(&dbus)?;
+    fs::write(
+        dbus.join("devos-startup.conf"),
+        "# DevOS: the bus first while the system starts (see the builder's customize stage).\n[Service]\nStartupCPUWeight=1000\n",
+    )?;
 
     if root.join("usr/lib/systemd/systemd-resolved").exists() {
         replace_with_symlink(
             &root.join("etc/resolv.conf"),
             "../run/systemd/resolve/stub-resolv.conf",
         )?;
-        resolved_after_sysinit(root)?;
     }
+    reorder_units(root)?;
     Ok(())
 }
 
-/// systemd-resolved orders itself before sysinit.target, so every boot waits for it
-/// (3-4 s under TCG) although nothing in early boot resolves names. Ordering cannot be
-/// removed by a drop-in: the image carries the package's unit with `sysinit.target`
-/// taken out of `Before=` and enabled for multi-user.target instead. It is regenerated
-/// from the package's unit on every build.
-fn resolved_after_sysinit(root: &Path) -> Result<()> {
-    let unit = "systemd-resolved.service";
-    let shipped = root.join("usr/lib/systemd/system").join(unit);
-    let text = fs::read_to_string(&shipped)
-        .with_context(|| format!("while reading {}", shipped.display()))?;
-    let mut out = String::from(
-        "# DevOS: the package's unit, not ordered before sysinit.target (see the builder's
-         # customize stage); started with multi-user.target.
-",
-    );
-    for line in text.lines() {
-        let line = match line.strip_prefix("Before=") {
-            Some(list) => format!(
-                "Before={}",
-                list.split_whitespace()
-                    .filter(|u| *u != "sysinit.target")
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
-            None if line == "WantedBy=sysinit.target" => "WantedBy=multi-user.target".into(),
-            None => line.to_owned(),
-        };
-        out.push_str(&line);
-        out.push('\n');
+/// Units the package orders ahead of something early boot waits for, although nothing
+/// there needs them: (unit, the `Before=` entry to drop, whether it moves from
+/// sysinit.target to multi-user.target).
+/// - systemd-resolved: before sysinit.target (3-4 s under TCG), though nothing in early
+///   boot resolves names; started with multi-user.target instead.
+///
+/// (Tried and dropped: taking systemd-journal-flush and systemd-update-utmp off the
+/// path too. Early boot under TCG is bound by CPU, not by ordering: their work then
+/// competed with dbus and the agent and the agent answered later, not sooner.)
+const REORDERED_UNITS: &[(&str, &str, bool)] =
+    &[("systemd-resolved.service", "sysinit.target", true)];
+
+/// Take [`REORDERED_UNITS`] off the early-boot path. Ordering cannot be removed by a
+/// drop-in: the image carries the package's unit with the entry taken out of
+/// `Before=`, in /etc, regenerated from the package's unit on every build.
+fn reorder_units(root: &Path) -> Result<()> {
+    for &(unit, not_before, to_multi_user) in REORDERED_UNITS {
+        let shipped = root.join("usr/lib/systemd/system").join(unit);
+        if !shipped.exists() {
+            continue;
+        }
+        let text = fs::read_to_string(&shipped)
+            .with_context(|| format!("while reading {}", shipped.display()))?;
+        let mut out = format!(
+            "# DevOS: the package's unit, not ordered before {not_before} (see the builder's\n# customize stage).\n"
+        );
+        for line in text.lines() {
+            let line = match line.strip_prefix("Before=") {
+                Some(list) => {
+                    let kept: Vec<&str> = list
+                        .split_whitespace()
+                        .filter(|u| *u != not_before)
+                        .collect();
+                    if kept.is_empty() {
+                        continue;
+                    }
+                    format!("Before={}", kept.join(" "))
+                }
+                None if to_multi_user && line == "WantedBy=sysinit.target" => {
+                    "WantedBy=multi-user.target".into()
+                }
+                None => line.to_owned(),
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        fs::write(root.join("etc/systemd/system").join(unit), out)?;
+        if to_multi_user {
+            let old = root
+                .join("etc/systemd/system/sysinit.target.wants")
+                .join(unit);
+            if old.symlink_metadata().is_ok() {
+                fs::remove_file(&old)?;
+            }
+            enable(root, unit, "multi-user.target")?;
+        }
     }
-    fs::write(root.join("etc/systemd/system").join(unit), out)?;
-    let old = root
-        .join("etc/systemd/system/sysinit.target.wants")
-        .join(unit);
-    if old.symlink_metadata().is_ok() {
-        fs::remove_file(&old)?;
-    }
-    enable(root, unit, "multi-user.target")
+    Ok(())
 }
 
 fn mask_units(root: &Path) -> Result<()> {
@@ -416,7 +448,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn resolved_is_taken_off_the_sysinit_path() {
+    fn units_are_taken_off_the_early_boot_path() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
         fs::create_dir_all(r.join("usr/lib/systemd/system")).unwrap();
@@ -431,7 +463,7 @@ mod tests {
             r.join("etc/systemd/system/sysinit.target.wants/systemd-resolved.service"),
         )
         .unwrap();
-        resolved_after_sysinit(r).unwrap();
+        reorder_units(r).unwrap();
         let unit =
             fs::read_to_string(r.join("etc/systemd/system/systemd-resolved.service")).unwrap();
         assert!(

@@ -71,13 +71,19 @@ pub fn build(
         .unwrap_or_default()
         .to_owned();
     let initrd = root.join(format!("boot/initrd.img-{kver}"));
-    if !initrd.is_file() {
-        bail!(
-            "the kernel {kver} has no initrd ({})\n  hint: add `initramfs-tools` (or `dracut`) to `[packages] include` in {}",
-            initrd.display(),
-            spec.path.display()
-        );
-    }
+    let initrd = if spec.initrd {
+        if !initrd.is_file() {
+            bail!(
+                "the kernel {kver} has no initrd ({})\n  hint: add `initramfs-tools` (or `dracut`) to `[packages] include` in {}",
+                initrd.display(),
+                spec.path.display()
+            );
+        }
+        Some(initrd)
+    } else {
+        check_direct_boot(spec, root, &kver)?;
+        None
+    };
 
     let var_tree = work.join("var-tree");
     fs::rename(root.join("var"), &var_tree)?;
@@ -93,7 +99,7 @@ pub fn build(
     }
 
     let esp = work.join("esp.img");
-    let esp_size = make_esp(spec, id, root, &kernel, &initrd, &esp)?;
+    let esp_size = make_esp(spec, id, root, &kernel, initrd.as_deref(), &esp)?;
     let root_img = work.join("root.img");
     let root_size = make_root(spec, id, root, &root_img)?;
 
@@ -221,17 +227,49 @@ pub fn kernel_cmdline(spec: &Spec, id: &Identity) -> String {
     line
 }
 
+/// `[system] initrd = false`: the kernel must mount the root by itself, so the root
+/// filesystem and a disk driver must be built in (`=y` in its config), not modules.
+fn check_direct_boot(spec: &Spec, root: &Path, kver: &str) -> Result<()> {
+    let config_path = root.join(format!("boot/config-{kver}"));
+    let config = fs::read_to_string(&config_path).with_context(|| {
+        format!(
+            "[system] initrd = false in {}: cannot read the kernel's config {} to check it can boot without one",
+            spec.path.display(),
+            config_path.display()
+        )
+    })?;
+    let built_in = |option: &str| config.lines().any(|l| l == format!("{option}=y"));
+    let (fs_option, fs) = match spec.root_fs {
+        RootFs::Ext4 => ("CONFIG_EXT4_FS", "ext4"),
+        RootFs::Erofs => ("CONFIG_EROFS_FS", "erofs"),
+    };
+    if !built_in(fs_option) {
+        bail!(
+            "[system] initrd = false in {}, but the kernel {kver} has {fs} as a module ({fs_option} is not =y), so it cannot mount the root without an initramfs\n  hint: set `initrd = true`, or `[disk] root-fs = \"ext4\"` if its ext4 is built in",
+            spec.path.display()
+        );
+    }
+    if !built_in("CONFIG_BLK_DEV_NVME") {
+        bail!(
+            "[system] initrd = false in {}, but the kernel {kver} has no built-in NVMe driver (CONFIG_BLK_DEV_NVME), the disk DevOS images boot from on EC2 and in devos-build's QEMU\n  hint: set `initrd = true`",
+            spec.path.display()
+        );
+    }
+    Ok(())
+}
+
 fn make_esp(
     spec: &Spec,
     id: &Identity,
     root: &Path,
     kernel: &Path,
-    initrd: &Path,
+    initrd: Option<&Path>,
     esp: &Path,
 ) -> Result<u64> {
     let efi = root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
-    let content = [kernel, initrd, &efi]
-        .iter()
+    let content = [Some(kernel), initrd, Some(efi.as_path())]
+        .into_iter()
+        .flatten()
         .map(|p| fs::metadata(p).map(|m| m.len()))
         .sum::<std::io::Result<u64>>()?;
     // FAT32 needs at least ~33 MiB; leave room for a second kernel on updates.
@@ -262,10 +300,15 @@ fn make_esp(
     fs::write(
         staging.join("loader/entries/devos.conf"),
         format!(
-            "title {} {}\nversion {}\nlinux /devos/vmlinuz\ninitrd /devos/initrd.img\noptions {}\n",
+            "title {} {}\nversion {}\nlinux /devos/vmlinuz\n{}options {}\n",
             spec.name,
             id.version,
             id.version,
+            if initrd.is_some() {
+                "initrd /devos/initrd.img\n"
+            } else {
+                ""
+            },
             kernel_cmdline(spec, id)
         ),
     )?;
@@ -283,17 +326,16 @@ fn make_esp(
             "::/devos",
         ]);
     cmd::run(&mut mmd).context("while filling the ESP")?;
-    let copies: [(&Path, &str); 5] = [
-        (&efi, "::/EFI/BOOT/BOOTX64.EFI"),
-        (kernel, "::/devos/vmlinuz"),
-        (initrd, "::/devos/initrd.img"),
-        (&staging.join("loader/loader.conf"), "::/loader/loader.conf"),
-        (
-            &staging.join("loader/entries/devos.conf"),
-            "::/loader/entries/devos.conf",
-        ),
+    let loader_conf = staging.join("loader/loader.conf");
+    let entry = staging.join("loader/entries/devos.conf");
+    let copies = [
+        Some((efi.as_path(), "::/EFI/BOOT/BOOTX64.EFI")),
+        Some((kernel, "::/devos/vmlinuz")),
+        initrd.map(|i| (i, "::/devos/initrd.img")),
+        Some((loader_conf.as_path(), "::/loader/loader.conf")),
+        Some((entry.as_path(), "::/loader/entries/devos.conf")),
     ];
-    for (src, dest) in copies {
+    for (src, dest) in copies.into_iter().flatten() {
         let mut c = Command::new("mcopy");
         c.env("MTOOLS_SKIP_CHECK", "1")
             .env("SOURCE_DATE_EPOCH", id.source_date_epoch.to_string())
@@ -505,5 +547,34 @@ mod tests {
         assert_eq!(super::debugfs_time(0), "19700101000000");
         assert_eq!(super::debugfs_time(1_700_000_000), "20231114221320");
         assert_eq!(super::debugfs_time(951_782_400), "20000229000000");
+    }
+
+    #[test]
+    fn booting_without_an_initrd_needs_the_root_fs_and_nvme_built_in() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("boot")).unwrap();
+        let config = root.path().join("boot/config-6.1.0-cloud");
+        let spec = |fs: &str| {
+            let text = include_str!("../../images/devos-debian.toml")
+                .replace("root-fs = \"ext4\"", &format!("root-fs = \"{fs}\""));
+            crate::spec::parse(std::path::Path::new("images/x.toml"), &text).unwrap()
+        };
+        let check = |fs: &str| super::check_direct_boot(&spec(fs), root.path(), "6.1.0-cloud");
+        let err = check("ext4").unwrap_err().to_string();
+        assert!(err.contains("cannot read the kernel's config"), "{err}");
+        std::fs::write(
+            &config,
+            "CONFIG_EXT4_FS=y\nCONFIG_EROFS_FS=m\nCONFIG_BLK_DEV_NVME=y\n",
+        )
+        .unwrap();
+        check("ext4").unwrap();
+        let err = check("erofs").unwrap_err().to_string();
+        assert!(
+            err.contains("[system] initrd = false in images/x.toml, but the kernel 6.1.0-cloud has erofs as a module"),
+            "{err}"
+        );
+        std::fs::write(&config, "CONFIG_EXT4_FS=y\nCONFIG_BLK_DEV_NVME=m\n").unwrap();
+        let err = check("ext4").unwrap_err().to_string();
+        assert!(err.contains("no built-in NVMe driver"), "{err}");
     }
 }

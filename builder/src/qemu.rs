@@ -223,11 +223,14 @@ impl Vm<'_> {
             "if=pflash,format=raw,unit=1,file={}",
             self.vars.display()
         ))
+        // NVMe, as on EC2 (Nitro): the disk an image without an initramfs can boot
+        // from, since Debian's cloud kernel builds NVMe in and virtio-blk as a module.
         .arg("-drive")
         .arg(format!(
-            "file={},format=qcow2,if=virtio,cache=unsafe,discard=unmap",
+            "file={},format=qcow2,if=none,id=disk,cache=unsafe,discard=unmap",
             self.disk.display()
         ))
+        .args(["-device", "nvme,drive=disk,serial=devos"])
         .args(["-device", "virtio-rng-pci"]);
         match self.console_log {
             Some(log) => c

@@ -190,6 +190,9 @@ struct RawSystem {
     kernel_cmdline: Option<Spanned<String>>,
     /// A zoneinfo name such as `UTC` or `Europe/Berlin`. Default: `UTC`.
     timezone: Option<Spanned<String>>,
+    /// Boot through an initramfs (default). Without one the kernel mounts the root
+    /// itself, which needs the disk driver and root filesystem built into the kernel.
+    initrd: Option<Spanned<bool>>,
 }
 
 /// `[[users]]`: a login user, created with a home on the writable data partition.
@@ -378,6 +381,8 @@ pub struct Spec {
     pub layers: Vec<Layer>,
     pub hostname: String,
     pub kernel_cmdline: String,
+    /// Whether the boot loader entry loads the initramfs.
+    pub initrd: bool,
     pub timezone: String,
     pub users: Vec<User>,
     pub disk_size: u64,
@@ -682,6 +687,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         layers,
         hostname,
         kernel_cmdline,
+        initrd: raw.system.initrd.as_ref().is_none_or(|i| *i.get_ref()),
         timezone,
         users,
         disk_size,
