@@ -192,7 +192,14 @@ impl Vm<'_> {
         let mut c = Command::new("qemu-system-x86_64");
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
-            Accel::Tcg => ("tcg,thread=multi,tb-size=256", "max"),
+            // Under TCG a plain x86-64-v2 CPU with QEMU's AMD identity, not `max`: with
+            // `max` the guest kernel turns on mitigations (page-table isolation among
+            // them) and vector code paths that are slow to emulate; the same image
+            // answers about 1.5 s sooner (docs/benchmarks.md).
+            Accel::Tcg => (
+                "tcg,thread=multi,tb-size=256",
+                "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16",
+            ),
         };
         c.args([
             "-machine",
