@@ -359,7 +359,7 @@ fn watch(
 /// fails at once instead of waiting for its timeout.
 const FATAL_CONSOLE: &[(&str, &str)] = &[
     (
-        "VFS: Cannot open root device",
+        "VFS: Unable to mount root fs",
         "the kernel could not find the root filesystem (check root= on the kernel command line)",
     ),
     ("Kernel panic", "kernel panic"),
@@ -601,7 +601,22 @@ impl Scratch {
 
 #[cfg(test)]
 mod kvm_tests {
-    use super::kvm_failure;
+    use super::{diagnose_console, kvm_failure};
+
+    #[test]
+    fn a_root_that_cannot_be_found_is_named_with_or_without_an_initramfs() {
+        let direct = "[    4.548902] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n";
+        let initramfs = "Gave up waiting for root file system device.\nALERT!  PARTUUID=0000 does not exist.  Dropping to a shell!\n";
+        for console in [direct, initramfs] {
+            let d = diagnose_console(console).unwrap();
+            assert!(d.contains("could not find the root filesystem"), "{d}");
+        }
+        assert!(
+            diagnose_console("Kernel panic - not syncing: Attempted to kill init!\n")
+                .unwrap()
+                .starts_with("kernel panic")
+        );
+    }
 
     #[test]
     fn kvm_failures_are_recognised_in_qemu_stderr() {
