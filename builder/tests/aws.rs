@@ -1348,3 +1348,77 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
         ]
     );
 }
+
+/// The WorkSpaces bundle script against a stand-in `aws` CLI (moto has no WorkSpaces
+/// images or bundles): the calls it makes, in order, and what it prints.
+#[test]
+fn the_workspaces_bundle_script_images_the_workspace_and_makes_a_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let fake = dir.path().join("aws");
+    std::fs::write(
+        &fake,
+        format!(
+            r#"#!/bin/sh
+echo "$*" >> {calls}
+case "$*" in
+  *describe-workspaces*) echo "${{WS_STATE:-AVAILABLE}}" ;;
+  *describe-workspace-images*--image-ids*)
+    n=$(grep -c -- --image-ids {calls}); [ "$n" -ge 2 ] && echo AVAILABLE || echo PENDING ;;
+  *describe-workspace-images*) echo None ;;
+  *create-workspace-image*) echo wsi-0123456789 ;;
+  *describe-workspace-bundles*) echo None ;;
+  *create-workspace-bundle*) echo wsb-abcdefgh1 ;;
+  *) echo "unexpected: $*" >&2; exit 9 ;;
+esac
+"#,
+            calls = calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = devos_tests::repo_root().join("cloudformation/workspaces-bundle.sh");
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let run = |state: &str| {
+        Command::new(&script)
+            .args(["ws-1", "devos-pub", "1.0.0+abc"])
+            .env("PATH", &path)
+            .env("WS_STATE", state)
+            .env("WORKSPACES_POLL_SECONDS", "0")
+            .output()
+            .unwrap()
+    };
+    let out = run("AVAILABLE");
+    ok(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "wsb-abcdefgh1");
+    let log = std::fs::read_to_string(&calls).unwrap();
+    let creates: Vec<&str> = log.lines().filter(|l| l.contains(" create-")).collect();
+    assert_eq!(creates.len(), 2, "{log}");
+    assert!(
+        creates[0]
+            .contains("create-workspace-image --workspace-id ws-1 --name devos-pub-1.0.0-abc"),
+        "{log}"
+    );
+    assert!(
+        creates[1].contains("create-workspace-bundle --bundle-name devos-pub-1.0.0-abc")
+            && creates[1].contains("--image-id wsi-0123456789"),
+        "{log}"
+    );
+    assert!(
+        stderr(&out).contains("image wsi-0123456789 is PENDING"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run("PENDING");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("WorkSpace ws-1 is PENDING; it must be AVAILABLE or STOPPED"),
+        "{}",
+        stderr(&out)
+    );
+}
