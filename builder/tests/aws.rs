@@ -1080,6 +1080,39 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     assert_eq!(lt, amis["1.0.0"]);
     assert_eq!(instances, vec![amis["1.0.0"].clone(); 2]);
 
+    // A dry run of a new stack lists what it would create, and creates nothing.
+    let out = fleet(&[
+        "deploy",
+        "--stack",
+        "preview",
+        "--template",
+        "fleet",
+        "--image",
+        "devos-pub@1.0.0",
+        "--dry-run",
+        "--json",
+    ]);
+    ok(&out);
+    let d = json(&out);
+    assert_eq!(d["state"], "dry-run", "{d}");
+    let types: Vec<&str> = d["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["resource_type"].as_str().unwrap())
+        .collect();
+    assert!(
+        types.contains(&"AWS::AutoScaling::AutoScalingGroup")
+            && types.contains(&"AWS::EC2::LaunchTemplate"),
+        "{d}"
+    );
+    let out = fleet(&["status", "--stack", "preview"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("there is no stack preview"),
+        "{}",
+        stderr(&out)
+    );
+
     // One developer instance from the instance template.
     let out = fleet(&[
         "deploy",
