@@ -48,28 +48,36 @@ pub fn gate(reg: &Registry, reference: &str, force: bool) -> Result<VersionInfo>
     Ok(v)
 }
 
-/// The raw image of `v`, checked against the sha256 the registry holds, so that what
-/// is published is exactly what was tested.
-pub fn raw_artifact(v: &VersionInfo) -> Result<(PathBuf, String)> {
+/// The raw image of `v` and the sha256 the registry holds for it.
+fn raw_path(v: &VersionInfo) -> Result<(PathBuf, String)> {
     let a = v
         .artifacts
         .iter()
         .find(|a| a.format == "raw")
         .with_context(|| format!("{}@{} has no raw image in the registry", v.name, v.version))?;
     let path = v.dir.join(&a.file);
-    let actual = digest::file_sha256(&path).with_context(|| {
-        format!(
+    if !path.is_file() {
+        bail!(
             "the raw image of {}@{} is gone ({})\n  hint: `image gc` may have removed it; build the version again",
             v.name,
             v.version,
             path.display()
-        )
-    })?;
-    if actual != a.sha256 {
+        );
+    }
+    Ok((path, a.sha256.clone()))
+}
+
+/// The raw image of `v`, checked against the sha256 the registry holds, so that what
+/// is compared is exactly what was tested. (`publish ami` checks it in the same read
+/// that finds the blocks to upload.)
+pub fn raw_artifact(v: &VersionInfo) -> Result<(PathBuf, String)> {
+    let (path, recorded) = raw_path(v)?;
+    let actual =
+        digest::file_sha256(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if actual != recorded {
         bail!(
-            "{} changed since it was built (sha256 {actual}, registry {})\n  hint: rebuild with `devos-build image build --force` and test it again",
-            path.display(),
-            a.sha256
+            "{} changed since it was built (sha256 {actual}, registry {recorded})\n  hint: rebuild with `devos-build image build --force` and test it again",
+            path.display()
         );
     }
     Ok((path, actual))
@@ -126,7 +134,7 @@ pub fn ami(
     ui: &Ui,
 ) -> Result<Published> {
     let v = gate(reg, &req.reference, req.force)?;
-    let (raw, sha256) = raw_artifact(&v)?;
+    let (raw, sha256) = raw_path(&v)?;
     let mut copy_to = settings.publish.copy_to.clone();
     copy_to.extend(req.copy_to.iter().cloned());
     copy_to.sort();

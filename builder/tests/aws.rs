@@ -1455,3 +1455,36 @@ esac
         stderr(&out)
     );
 }
+
+#[test]
+fn a_raw_image_changed_since_its_build_is_not_published() {
+    let fx = Fixture::new();
+    let version = "0.8.0+aaaaaaaaaaaa";
+    let raw = fx.version(version, 8, &[0, 2], Some(true));
+    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xff], 2 * BLOCK + 5).unwrap();
+    drop(f);
+    let out = fx.run(&[
+        "publish",
+        "ami",
+        &format!("devos-pub@{version}"),
+        "--region",
+        "us-east-1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("changed since it was built"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("nothing was uploaded"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fx.resources("us-east-1", &build_id(version)),
+        (vec![], vec![]),
+        "the started snapshot is removed"
+    );
+}

@@ -234,6 +234,7 @@ async fn publish_tracked(
                 region,
                 &snapshot_id,
                 &image.raw,
+                &image.sha256,
                 target.workers,
                 progress,
             )

@@ -39,20 +39,29 @@ pub struct Upload {
     pub seconds: f64,
 }
 
-/// Indices of the blocks of `path` that hold anything but zeros.
-pub fn nonzero_blocks(path: &Path) -> Result<(u64, Vec<u64>)> {
+/// Indices of the blocks of `path` that hold anything but zeros, and the sha256 of the
+/// whole file (hex), in one read.
+pub fn nonzero_blocks(path: &Path) -> Result<(u64, Vec<u64>, String)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let size = file.metadata()?.len();
     let mut buf = vec![0u8; BLOCK as usize];
     let mut blocks = Vec::new();
+    let mut whole = Sha256::new();
     for index in 0..size.div_ceil(BLOCK) {
         let data = read_block(&file, size, index, &mut buf)
             .with_context(|| format!("cannot read {}", path.display()))?;
+        let len = (size - index * BLOCK).min(BLOCK) as usize;
+        whole.update(&data[..len]);
         if data.iter().any(|&b| b != 0) {
             blocks.push(index);
         }
     }
-    Ok((size, blocks))
+    let sha256 = whole
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((size, blocks, sha256))
 }
 
 /// Block `index` of a file of `size` bytes, zero-padded to [`BLOCK`].
@@ -94,18 +103,28 @@ pub async fn start(
         .to_owned())
 }
 
-/// Upload `path` into the started snapshot and complete it. `progress(bytes, total)`
-/// is called once with 0 when the total to send is known, then for every block sent.
+/// Upload `path` into the started snapshot and complete it. The file must still have
+/// the sha256 `expected` (checked in the same read that finds the blocks to send,
+/// before any is sent). `progress(bytes, total)` is called once with 0 when the total
+/// to send is known, then for every block sent.
+#[allow(clippy::too_many_arguments)]
 pub async fn upload(
     ebs: &aws_sdk_ebs::Client,
     region: &str,
     snapshot_id: &str,
     path: &Path,
+    expected: &str,
     workers: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Upload> {
     let started = Instant::now();
-    let (size, blocks) = nonzero_blocks(path)?;
+    let (size, blocks, sha256) = nonzero_blocks(path)?;
+    if sha256 != expected {
+        bail!(
+            "{} changed since it was built (sha256 {sha256}, recorded {expected}); nothing was uploaded",
+            path.display()
+        );
+    }
     progress(0, blocks.len() as u64 * BLOCK);
     let mut digests = put_blocks(
         ebs,
