@@ -175,6 +175,32 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A change of `stack` to `to` that has not happened yet.
+    fn planned(
+        stack: &str,
+        region: &str,
+        kind: &str,
+        from: Option<&VersionInfo>,
+        to: &VersionInfo,
+        parameters: BTreeMap<String, (Option<String>, String)>,
+    ) -> Self {
+        Outcome {
+            stack: stack.to_owned(),
+            region: region.to_owned(),
+            kind: kind.to_owned(),
+            image: to.name.clone(),
+            from: from.map(|v| v.version.clone()),
+            to: to.version.clone(),
+            state: String::new(),
+            reason: None,
+            parameters,
+            changes: Vec::new(),
+            issued_after: None,
+            gate: None,
+            rollback: None,
+        }
+    }
+
     pub fn ok(&self) -> bool {
         matches!(self.state.as_str(), "succeeded" | "unchanged" | "dry-run")
     }
@@ -336,6 +362,26 @@ struct Ctx<'a> {
     started: Instant,
 }
 
+/// What a stack runs, by its tags and parameters.
+struct Current {
+    image: String,
+    /// NAME@VERSION.
+    reference: String,
+    /// That version, if this registry knows it.
+    known: Option<VersionInfo>,
+}
+
+impl Current {
+    /// `to` as a reference: NAME@VERSION as given, or VERSION of the stack's image.
+    fn resolve(&self, to: &str) -> String {
+        if to.contains('@') {
+            to.to_owned()
+        } else {
+            format!("{}@{to}", self.image)
+        }
+    }
+}
+
 /// One planned change of a stack to a version.
 struct Plan<'a> {
     kind: &'a str,
@@ -375,18 +421,25 @@ impl Ctx<'_> {
                     self.region
                 )
             })?;
-        if s.status.ends_with("_IN_PROGRESS") {
-            bail!(
-                "stack {stack_name} in {} is {}; wait until it settles (`devos-build fleet status --stack {stack_name}`)",
-                self.region,
-                s.status
-            );
-        }
+        self.require_settled(&s)?;
         Ok(s)
     }
 
+    fn require_settled(&self, s: &Stack) -> Result<()> {
+        if s.status.ends_with("_IN_PROGRESS") {
+            bail!(
+                "stack {} in {} is {}; wait until it settles (`devos-build fleet status --stack {}`)",
+                s.name,
+                self.region,
+                s.status,
+                s.name
+            );
+        }
+        Ok(())
+    }
+
     /// The version a stack runs, from its ImageVersion parameter and image tag.
-    fn current(&self, s: &Stack) -> Result<(String, Option<VersionInfo>)> {
+    fn current(&self, s: &Stack) -> Result<Current> {
         let image = s.tags.get(TAG_IMAGE).with_context(|| {
             format!(
                 "stack {} has no {TAG_IMAGE} tag: it was not deployed by devos-build",
@@ -397,8 +450,12 @@ impl Ctx<'_> {
             .parameters
             .get("ImageVersion")
             .with_context(|| format!("stack {} has no ImageVersion parameter", s.name))?;
-        let known = self.reg.find(&format!("{image}@{version}")).ok();
-        Ok((format!("{image}@{version}"), known))
+        let reference = format!("{image}@{version}");
+        Ok(Current {
+            image: image.clone(),
+            known: self.reg.find(&reference).ok(),
+            reference,
+        })
     }
 
     fn template_of(s: &Stack) -> Result<Template> {
@@ -432,25 +489,18 @@ impl Ctx<'_> {
             keep,
             parameters: parameters.clone(),
         };
-        let mut outcome = Outcome {
-            stack: plan.stack.to_owned(),
-            region: self.region.clone(),
-            kind: plan.kind.to_owned(),
-            image: plan.to.name.clone(),
-            from: plan.from.as_ref().map(|v| v.version.clone()),
-            to: plan.to.version.clone(),
-            state: String::new(),
-            reason: None,
-            parameters: parameters
+        let mut outcome = Outcome::planned(
+            plan.stack,
+            &self.region,
+            plan.kind,
+            plan.from.as_ref(),
+            &plan.to,
+            parameters
                 .iter()
                 .filter(|(k, v)| s.parameters.get(*k) != Some(*v))
                 .map(|(k, v)| (k.clone(), (s.parameters.get(k).cloned(), v.clone())))
                 .collect(),
-            changes: Vec::new(),
-            issued_after: None,
-            gate: None,
-            rollback: None,
-        };
+        );
         if plan.dry_run {
             outcome.changes =
                 stack::preview(&self.aws, &self.region, plan.stack, &deployment).await?;
@@ -474,22 +524,12 @@ impl Ctx<'_> {
             plan.to.version,
             plan.ami
         );
-        let issued = match stack::update(&self.aws, &self.region, plan.stack, &deployment).await {
-            Ok(issued) => issued,
-            Err(e) => {
-                self.reg
-                    .finish_rollout(id, "failed", Some(&format!("{e:#}")))?;
-                return Err(e);
-            }
-        };
-        let Some(changes) = issued else {
+        let update = stack::update(&self.aws, &self.region, plan.stack, &deployment).await;
+        let Some(changes) = self.issued(id, &mut outcome, update)? else {
             self.reg.finish_rollout(id, "unchanged", None)?;
             outcome.state = "unchanged".into();
             return Ok(outcome);
         };
-        let issued_after = self.started.elapsed().as_secs_f64();
-        self.reg.rollout_issued(id, issued_after)?;
-        outcome.issued_after = Some(issued_after);
         outcome.changes = changes;
         let failure = self
             .settle_and_gate(plan.stack, &plan.ami, plan.bake, &mut seen, &mut outcome)
@@ -551,6 +591,23 @@ impl Ctx<'_> {
             }
         }
         Ok(outcome)
+    }
+
+    /// Record the stack call of rollout `id` that just returned: a failure finishes the
+    /// rollout as failed; otherwise the seconds since the command started are kept.
+    fn issued<T>(&mut self, id: i64, outcome: &mut Outcome, call: Result<T>) -> Result<T> {
+        let issued = match call {
+            Ok(issued) => issued,
+            Err(e) => {
+                self.reg
+                    .finish_rollout(id, "failed", Some(&format!("{e:#}")))?;
+                return Err(e);
+            }
+        };
+        let issued_after = self.started.elapsed().as_secs_f64();
+        self.reg.rollout_issued(id, issued_after)?;
+        outcome.issued_after = Some(issued_after);
+        Ok(issued)
     }
 
     /// Wait for the stack, streaming its events, then gate. Returns why it failed.
@@ -667,13 +724,13 @@ pub fn deploy(
     devos_aws::block_on(async {
         let existing = stack::describe(&cx.aws, &cx.region, &t.stack).await?;
         if let Some(s) = existing {
-            let s = cx.existing(&s.name).await?;
+            cx.require_settled(&s)?;
             if let Some(image) = s.tags.get(TAG_IMAGE)
                 && image != &v.name
             {
                 bail!("stack {} runs image {image}, not {}", t.stack, v.name);
             }
-            let from = cx.current(&s).ok().and_then(|(_, known)| known);
+            let from = cx.current(&s).ok().and_then(|c| c.known);
             let plan = Plan {
                 kind: "deploy",
                 stack: &t.stack,
@@ -715,24 +772,17 @@ pub fn deploy(
         }
         parameters.insert("ImageId".into(), ami.clone());
         parameters.insert("ImageVersion".into(), v.version.clone());
-        let mut outcome = Outcome {
-            stack: t.stack.clone(),
-            region: cx.region.clone(),
-            kind: "deploy".into(),
-            image: v.name.clone(),
-            from: None,
-            to: v.version.clone(),
-            state: String::new(),
-            reason: None,
-            parameters: parameters
+        let mut outcome = Outcome::planned(
+            &t.stack,
+            &cx.region,
+            "deploy",
+            None,
+            &v,
+            parameters
                 .iter()
                 .map(|(k, val)| (k.clone(), (None, val.clone())))
                 .collect(),
-            changes: Vec::new(),
-            issued_after: None,
-            gate: None,
-            rollback: None,
-        };
+        );
         let deployment = Deployment {
             template: yaml,
             parameters,
@@ -761,14 +811,8 @@ pub fn deploy(
             t.stack, v.name, v.version
         );
         let mut seen = HashSet::new();
-        if let Err(e) = stack::create(&cx.aws, &cx.region, &t.stack, &deployment).await {
-            cx.reg
-                .finish_rollout(id, "failed", Some(&format!("{e:#}")))?;
-            return Err(e);
-        }
-        let issued_after = cx.started.elapsed().as_secs_f64();
-        cx.reg.rollout_issued(id, issued_after)?;
-        outcome.issued_after = Some(issued_after);
+        let create = stack::create(&cx.aws, &cx.region, &t.stack, &deployment).await;
+        cx.issued(id, &mut outcome, create)?;
         match cx
             .settle_and_gate(&t.stack, &ami, t.bake, &mut seen, &mut outcome)
             .await?
@@ -805,26 +849,24 @@ pub fn rollout(
         for stack_name in canary.into_iter().chain([t.stack.as_str()]) {
             let s = cx.existing(stack_name).await?;
             let template = Ctx::template_of(&s)?;
-            let (current, from) = cx.current(&s)?;
-            let image = s.tags.get(TAG_IMAGE).cloned().unwrap_or_default();
-            let reference = if to.contains('@') {
-                to.to_owned()
-            } else {
-                format!("{image}@{to}")
-            };
-            let (v, ami) = cx.target(stack_name, &reference)?;
-            if v.name != image {
-                bail!("stack {stack_name} runs image {image}, not {}", v.name);
+            let current = cx.current(&s)?;
+            let (v, ami) = cx.target(stack_name, &current.resolve(to))?;
+            if v.name != current.image {
+                bail!(
+                    "stack {stack_name} runs image {}, not {}",
+                    current.image,
+                    v.name
+                );
             }
-            if current == format!("{}@{}", v.name, v.version) {
-                eprintln!("{stack_name} already runs {current}");
+            if current.reference == format!("{}@{}", v.name, v.version) {
+                eprintln!("{stack_name} already runs {}", current.reference);
                 continue;
             }
             let plan = Plan {
                 kind: "rollout",
                 stack: stack_name,
                 template,
-                from,
+                from: current.known,
                 to: v.clone(),
                 ami,
                 parameters: BTreeMap::new(),
@@ -860,19 +902,17 @@ pub fn rollback(
     devos_aws::block_on(async {
         let s = cx.existing(&t.stack).await?;
         let template = Ctx::template_of(&s)?;
-        let (current, from) = cx.current(&s)?;
-        let image = s.tags.get(TAG_IMAGE).cloned().unwrap_or_default();
+        let current = cx.current(&s)?;
         let reference = match to {
-            Some(v) if v.contains('@') => v.to_owned(),
-            Some(v) => format!("{image}@{v}"),
-            None => last_good(cx.reg, &t.stack, &cx.region, &current)?,
+            Some(to) => current.resolve(to),
+            None => last_good(cx.reg, &t.stack, &cx.region, &current.reference)?,
         };
         let (v, ami) = cx.target(&t.stack, &reference)?;
         let plan = Plan {
             kind: "rollback",
             stack: &t.stack,
             template,
-            from,
+            from: current.known,
             to: v,
             ami,
             parameters: BTreeMap::new(),
@@ -961,7 +1001,7 @@ pub fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result<Status
         let stack = stack::describe(&cx.aws, &cx.region, &t.stack)
             .await?
             .with_context(|| format!("there is no stack {} in {}", t.stack, cx.region))?;
-        let version = cx.current(&stack).ok().map(|(v, _)| v);
+        let version = cx.current(&stack).ok().map(|c| c.reference);
         let running = stack::running(&cx.aws, &cx.region, &t.stack).await?;
         let last = cx
             .reg

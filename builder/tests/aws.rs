@@ -188,65 +188,77 @@ impl Fixture {
     }
 
     /// What a fleet stack really runs, read straight from the APIs: the AMI of the
-    /// launch template version its group uses, and the AMIs of the group's instances.
-    fn fleet(&self, stack: &str) -> (String, Vec<String>) {
+    /// launch template version its group uses, and each group instance with its AMI.
+    /// None while the group cannot be read (moto recreates it on an update).
+    fn group(&self, stack: &str) -> Option<(String, Vec<(String, String)>)> {
         let region = "us-east-1";
         let cf = self.sdk(region, sdk_cloudformation::Client::new);
         let asg = self.sdk(region, sdk_autoscaling::Client::new);
         let ec2 = self.ec2(region);
         self.block_on(async {
-            let group = cf
+            let r = cf
                 .describe_stack_resource()
                 .stack_name(stack)
                 .logical_resource_id("Group")
                 .send()
                 .await
-                .unwrap()
-                .stack_resource_detail()
-                .unwrap()
-                .physical_resource_id()
-                .unwrap()
+                .ok()?;
+            let group = r
+                .stack_resource_detail()?
+                .physical_resource_id()?
                 .to_owned();
             let groups = asg
                 .describe_auto_scaling_groups()
                 .auto_scaling_group_names(&group)
                 .send()
                 .await
-                .unwrap();
-            let g = &groups.auto_scaling_groups()[0];
-            let lt = g.launch_template().unwrap();
+                .ok()?;
+            let g = groups.auto_scaling_groups().first()?;
+            let lt = g.launch_template()?;
             let versions = ec2
                 .describe_launch_template_versions()
-                .launch_template_id(lt.launch_template_id().unwrap())
-                .versions(lt.version().unwrap())
+                .launch_template_id(lt.launch_template_id()?)
+                .versions(lt.version()?)
                 .send()
                 .await
-                .unwrap();
-            let lt_image = versions.launch_template_versions()[0]
-                .launch_template_data()
-                .unwrap()
-                .image_id()
-                .unwrap()
+                .ok()?;
+            let lt_image = versions
+                .launch_template_versions()
+                .first()?
+                .launch_template_data()?
+                .image_id()?
                 .to_owned();
             let ids: Vec<String> = g
                 .instances()
                 .iter()
-                .map(|i| i.instance_id().unwrap().to_owned())
+                .filter_map(|i| i.instance_id().map(str::to_owned))
                 .collect();
-            let mut images = Vec::new();
+            let mut instances = Vec::new();
             if !ids.is_empty() {
                 let out = ec2
                     .describe_instances()
                     .set_instance_ids(Some(ids))
                     .send()
                     .await
-                    .unwrap();
+                    .ok()?;
                 for i in out.reservations().iter().flat_map(|r| r.instances()) {
-                    images.push(i.image_id().unwrap().to_owned());
+                    instances.push((i.instance_id()?.to_owned(), i.image_id()?.to_owned()));
                 }
             }
-            (lt_image, images)
+            Some((lt_image, instances))
         })
+    }
+
+    /// The AMI of the launch template version a fleet's group uses, and the AMIs of the
+    /// group's instances.
+    fn fleet(&self, stack: &str) -> (String, Vec<String>) {
+        let (lt_image, instances) = self
+            .group(stack)
+            .unwrap_or_else(|| panic!("cannot read the group of stack {stack}"));
+        (
+            lt_image,
+            instances.into_iter().map(|(_, ami)| ami).collect(),
+        )
     }
 
     /// The AMI of the instance of an instance stack.
@@ -281,55 +293,12 @@ impl Fixture {
 
     /// The group's instances on `ami`.
     fn instances_on(&self, stack: &str, ami: &str) -> Vec<String> {
-        let region = "us-east-1";
-        let cf = self.sdk(region, sdk_cloudformation::Client::new);
-        let asg = self.sdk(region, sdk_autoscaling::Client::new);
-        let ec2 = self.ec2(region);
-        self.block_on(async {
-            let Ok(r) = cf
-                .describe_stack_resource()
-                .stack_name(stack)
-                .logical_resource_id("Group")
-                .send()
-                .await
-            else {
-                return Vec::new();
-            };
-            let group = r
-                .stack_resource_detail()
-                .unwrap()
-                .physical_resource_id()
-                .unwrap();
-            let Ok(groups) = asg
-                .describe_auto_scaling_groups()
-                .auto_scaling_group_names(group)
-                .send()
-                .await
-            else {
-                return Vec::new();
-            };
-            let ids: Vec<String> = groups
-                .auto_scaling_groups()
-                .iter()
-                .flat_map(|g| g.instances())
-                .map(|i| i.instance_id().unwrap().to_owned())
-                .collect();
-            if ids.is_empty() {
-                return ids;
-            }
-            let out = ec2
-                .describe_instances()
-                .set_instance_ids(Some(ids))
-                .send()
-                .await
-                .unwrap();
-            out.reservations()
-                .iter()
-                .flat_map(|r| r.instances())
-                .filter(|i| i.image_id() == Some(ami))
-                .map(|i| i.instance_id().unwrap().to_owned())
-                .collect()
-        })
+        let (_, instances) = self.group(stack).unwrap_or_default();
+        instances
+            .into_iter()
+            .filter(|(_, image)| image == ami)
+            .map(|(id, _)| id)
+            .collect()
     }
 
     fn parameter(&self, region: &str, name: &str) -> Option<String> {

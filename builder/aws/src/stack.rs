@@ -515,16 +515,15 @@ pub async fn running(aws: &Aws, region: &str, name: &str) -> Result<Running> {
     }
     let ec2 = aws.ec2(region);
     if let Some(lt) = &state.launch_template {
-        let mut req = ec2
+        let out = ec2
             .describe_launch_template_versions()
-            .launch_template_id(lt);
-        req = req.versions(
-            state
-                .launch_template_version
-                .as_deref()
-                .unwrap_or("$Latest"),
-        );
-        let out = req
+            .launch_template_id(lt)
+            .versions(
+                state
+                    .launch_template_version
+                    .as_deref()
+                    .unwrap_or("$Latest"),
+            )
             .send()
             .await
             .map_err(|e| explain("ec2:DescribeLaunchTemplateVersions", region, e))?;
