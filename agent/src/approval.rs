@@ -1,11 +1,20 @@
 //! Who decides whether an action runs: deny rules (always first), then the policy's
 //! auto-approved classes, then the user's remembered rules; anything else asks.
+//!
+//! Rules mean exactly what was approved. A remembered approval is, by default, the
+//! exact action (argv or file operation) in the exact working directory. A prefix —
+//! of a command, or a directory — is used only when the user chose one, and covers
+//! only actions of the class it was approved for or lower, never `unknown`,
+//! `destructive` or `privileged` ones and never one that reaches a secret location.
+//! Path scopes and deny rules compare canonical real paths; command deny rules compare
+//! normalised argv (any order, any spelling of the options).
 
 use std::path::Path;
 
 use crate::action::Action;
 use crate::config::{DenyRule, Policy, UserPolicy};
-use crate::request::{Decision, Rule};
+use crate::request::{Decision, Exact, Rule};
+use crate::risk::programs::Normalized;
 use crate::risk::{Risk, RiskClass};
 
 /// The facts about the caller that decisions depend on.
@@ -15,7 +24,8 @@ pub struct Subject<'a> {
     pub user_policy: &'a UserPolicy,
 }
 
-/// Decide an action: `Denied`, `Approved` (by policy or a remembered rule) or `Ask`.
+/// Decide an action run in `cwd` (canonical): `Denied`, `Approved` (by policy or a
+/// remembered rule) or `Ask`.
 pub fn decide(
     action: &Action,
     risk: &Risk,
@@ -28,7 +38,7 @@ pub fn decide(
         ("policy", &policy.deny),
         ("your policy", &subject.user_policy.deny),
     ] {
-        if let Some(rule) = rules.iter().find(|r| deny_matches(r, action, cwd)) {
+        if let Some(rule) = rules.iter().find(|r| deny_matches(r, risk, cwd)) {
             return Decision::Denied {
                 by: format!("{origin} deny rule"),
                 reason: rule.reason.clone().unwrap_or_else(|| describe_deny(rule)),
@@ -37,7 +47,7 @@ pub fn decide(
     }
     if let Some(rule) = rules
         .iter()
-        .find(|r| !r.allow && rule_matches(r, action, cwd))
+        .find(|r| !r.allow && rule_matches(r, action, risk, cwd))
     {
         return Decision::Denied {
             by: format!("remembered rule {}", rule.id),
@@ -66,16 +76,15 @@ pub fn decide(
         .iter()
         .chain(user_auto)
         .any(|c| *c == risk.class);
-    if auto && risk.class != RiskClass::Unknown {
+    // A secret location is never reached on the strength of a class alone.
+    if auto && risk.class != RiskClass::Unknown && risk.secrets.is_empty() {
         return Decision::Approved {
             by: format!("policy: {} runs without asking", risk.class),
         };
     }
-    if !matches!(action, Action::Shell { .. })
-        && risk.class != RiskClass::Privileged
-        && let Some(rule) = rules
-            .iter()
-            .find(|r| r.allow && rule_matches(r, action, cwd))
+    if let Some(rule) = rules
+        .iter()
+        .find(|r| r.allow && rule_matches(r, action, risk, cwd))
     {
         return Decision::Approved {
             by: format!("remembered rule {} ({})", rule.id, describe_rule(rule)),
@@ -90,8 +99,8 @@ pub fn privileged_runs_as_root(action: &Action) -> bool {
     matches!(action, Action::PackageInstall { .. })
 }
 
-/// Whether a remember scope may be attached to this action: shells and privileged
-/// actions are decided every time.
+/// Whether an approval of this action may be remembered at all: shell scripts,
+/// unknown and privileged actions are decided every time.
 pub fn may_remember(action: &Action, risk: &Risk) -> Result<(), String> {
     if matches!(action, Action::Shell { .. }) {
         return Err("shell scripts are approved one at a time; they cannot be remembered".into());
@@ -101,63 +110,94 @@ pub fn may_remember(action: &Action, risk: &Risk) -> Result<(), String> {
             "privileged actions are approved one at a time; they cannot be remembered".into(),
         );
     }
+    if risk.class == RiskClass::Unknown {
+        return Err(
+            "actions devos does not understand (`unknown`) are approved one at a time; they cannot be remembered".into(),
+        );
+    }
     Ok(())
 }
 
-fn argv_starts_with(argv: &[String], prefix: &[String]) -> bool {
-    if prefix.is_empty() || argv.len() < prefix.len() {
+/// The classes a prefix (command or directory) may ever cover.
+fn prefix_may_cover(class: RiskClass) -> bool {
+    matches!(
+        class,
+        RiskClass::ReadOnly | RiskClass::WritesWorkdir | RiskClass::Network
+    )
+}
+
+/// Whether a user-chosen prefix rule may be made from an action of this risk.
+pub fn may_remember_prefix(risk: &Risk) -> Result<(), String> {
+    if !prefix_may_cover(risk.class) {
+        return Err(format!(
+            "a {} action can only be remembered exactly (drop --command-prefix/--path-prefix)",
+            risk.class
+        ));
+    }
+    if !risk.secrets.is_empty() {
+        return Err(
+            "an action that reaches a secret location can only be remembered exactly".into(),
+        );
+    }
+    Ok(())
+}
+
+fn deny_matches(rule: &DenyRule, risk: &Risk, cwd: &Path) -> bool {
+    if let Some(prefix) = &rule.path_prefix {
+        return cwd.starts_with(prefix)
+            || risk.paths.iter().any(|p| p.starts_with(prefix))
+            || risk.program.as_ref().is_some_and(|p| p.starts_with(prefix));
+    }
+    match (Normalized::of_rule(&rule.command_prefix), &risk.normalized) {
+        (Some(rule), Some(action)) => action.contains(&rule),
+        _ => false,
+    }
+}
+
+/// Whether a remembered rule covers an action.
+pub fn rule_matches(rule: &Rule, action: &Action, risk: &Risk, cwd: &Path) -> bool {
+    if let Some(exact) = &rule.exact {
+        return exact.action == *action
+            && exact.cwd == cwd
+            && rule
+                .max_class
+                .is_none_or(|c| risk.class <= c || !rule.allow);
+    }
+    if rule.command_prefix.is_empty() && rule.path_prefix.is_none() {
         return false;
     }
-    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_owned();
-    base(&argv[0]) == base(&prefix[0]) && argv[1..prefix.len()] == prefix[1..]
-}
-
-fn path_under(action: &Action, cwd: &Path, prefix: &Path) -> bool {
-    let paths = action.paths();
-    if paths.is_empty() {
-        return cwd.starts_with(prefix);
+    if rule.allow
+        && (!prefix_may_cover(risk.class)
+            || !risk.secrets.is_empty()
+            || rule.max_class.is_none_or(|c| risk.class > c))
+    {
+        return false;
     }
-    paths
-        .iter()
-        .all(|p| crate::risk::normalize(&cwd.join(p)).starts_with(prefix))
-}
-
-fn deny_matches(rule: &DenyRule, action: &Action, cwd: &Path) -> bool {
-    if let Some(prefix) = &rule.path_prefix {
-        let touches = action
-            .paths()
-            .iter()
-            .any(|p| crate::risk::normalize(&cwd.join(p)).starts_with(prefix))
-            || action.argv().is_some_and(|argv| {
-                argv.iter()
-                    .skip(1)
-                    .filter(|a| a.starts_with('/') || a.contains(".."))
-                    .any(|a| crate::risk::normalize(&cwd.join(a)).starts_with(prefix))
-            });
-        return touches;
-    }
-    action
-        .argv()
-        .is_some_and(|argv| argv_starts_with(&argv, &rule.command_prefix))
-}
-
-/// Whether a remembered rule covers an action: its command starts with the rule's
-/// prefix, and/or every path it names (or its working directory) is under the rule's
-/// path.
-pub fn rule_matches(rule: &Rule, action: &Action, cwd: &Path) -> bool {
-    let command_ok = rule.command_prefix.is_empty()
-        || action
-            .argv()
-            .is_some_and(|argv| argv_starts_with(&argv, &rule.command_prefix));
-    let path_ok = rule
-        .path_prefix
-        .as_ref()
-        .is_none_or(|p| path_under(action, cwd, p));
-    command_ok && path_ok && (!rule.command_prefix.is_empty() || rule.path_prefix.is_some())
+    let command_ok = match rule.command_prefix.split_first() {
+        None => true,
+        Some((first, rest)) => match (&risk.normalized, action.argv()) {
+            (Some(n), Some(argv)) => {
+                let name = first.rsplit('/').next().unwrap_or(first);
+                n.program == name && argv.len() > rest.len() && argv[1..=rest.len()] == *rest
+            }
+            _ => false,
+        },
+    };
+    let path_ok = rule.path_prefix.as_ref().is_none_or(|prefix| {
+        cwd.starts_with(prefix) && risk.paths.iter().all(|p| p.starts_with(prefix))
+    });
+    command_ok && path_ok
 }
 
 pub fn describe_rule(rule: &Rule) -> String {
     let mut parts = Vec::new();
+    if let Some(Exact { action, cwd }) = &rule.exact {
+        parts.push(format!(
+            "exactly `{}` in {}",
+            action.describe(),
+            cwd.display()
+        ));
+    }
     if !rule.command_prefix.is_empty() {
         parts.push(format!(
             "commands starting `{}`",
@@ -167,7 +207,14 @@ pub fn describe_rule(rule: &Rule) -> String {
     if let Some(p) = &rule.path_prefix {
         parts.push(format!("paths under {}", p.display()));
     }
-    parts.join(" and ")
+    let mut text = parts.join(" and ");
+    if rule.allow
+        && rule.exact.is_none()
+        && let Some(c) = rule.max_class
+    {
+        text.push_str(&format!(", up to {c}"));
+    }
+    text
 }
 
 fn describe_deny(rule: &DenyRule) -> String {
@@ -181,9 +228,9 @@ fn describe_deny(rule: &DenyRule) -> String {
 mod tests {
     use super::*;
     use crate::request::Remember;
-    use crate::risk::classify;
+    use crate::risk::{Scope, classify};
 
-    fn rule(id: i64, allow: bool, cmd: &[&str], path: Option<&Path>) -> Rule {
+    fn rule(id: i64, allow: bool, cmd: &[&str], path: Option<&Path>, max: RiskClass) -> Rule {
         Rule {
             id,
             uid: 1000,
@@ -191,15 +238,32 @@ mod tests {
             lifetime: Remember::Always,
             command_prefix: cmd.iter().map(|s| (*s).to_owned()).collect(),
             path_prefix: path.map(Path::to_path_buf),
+            exact: None,
+            max_class: Some(max),
             created: String::new(),
         }
     }
 
-    fn decide_argv(argv: &[&str], cwd: &Path, rules: &[Rule], user: &UserPolicy) -> Decision {
-        let action = Action::Run {
+    fn classify_in(action: &Action, cwd: &Path) -> Risk {
+        classify(
+            action,
+            &Scope {
+                cwd,
+                home: Path::new("/nonexistent"),
+                secrets: &[],
+            },
+        )
+    }
+
+    fn run(argv: &[&str]) -> Action {
+        Action::Run {
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        let risk = classify(&action, cwd);
+        }
+    }
+
+    fn decide_argv(argv: &[&str], cwd: &Path, rules: &[Rule], user: &UserPolicy) -> Decision {
+        let action = run(argv);
+        let risk = classify_in(&action, cwd);
         let subject = Subject {
             uid: 1000,
             is_admin: false,
@@ -208,33 +272,43 @@ mod tests {
         decide(&action, &risk, cwd, &Policy::default(), &subject, rules)
     }
 
+    fn approved(d: &Decision) -> bool {
+        matches!(d, Decision::Approved { .. })
+    }
+
     #[test]
     fn deny_wins_then_policy_then_rules_else_ask() {
         let dir = tempfile::tempdir().unwrap();
-        let cwd = dir.path();
+        let cwd = &std::fs::canonicalize(dir.path()).unwrap();
         let none = UserPolicy::default();
-        assert!(matches!(
-            decide_argv(&["ls"], cwd, &[], &none),
-            Decision::Approved { .. }
-        ));
+        assert!(approved(&decide_argv(&["ls"], cwd, &[], &none)));
         assert_eq!(decide_argv(&["mkdir", "x"], cwd, &[], &none), Decision::Ask);
-        // A remembered allow covers it; a remembered deny beats policy.
-        let allow = [rule(1, true, &["mkdir"], None)];
-        assert!(matches!(
-            decide_argv(&["mkdir", "x"], cwd, &allow, &none),
-            Decision::Approved { .. }
-        ));
-        let deny = [rule(2, false, &["ls"], None), rule(3, true, &["ls"], None)];
+        let allow = [rule(1, true, &["mkdir"], None, RiskClass::WritesWorkdir)];
+        assert!(approved(&decide_argv(&["mkdir", "x"], cwd, &allow, &none)));
+        let deny = [
+            rule(2, false, &["ls"], None, RiskClass::ReadOnly),
+            rule(3, true, &["ls"], None, RiskClass::ReadOnly),
+        ];
         assert!(matches!(
             decide_argv(&["ls"], cwd, &deny, &none),
             Decision::Denied { .. }
         ));
-        // The admin's deny list wins over everything.
-        let all = [rule(4, true, &["rm"], None)];
-        assert!(matches!(
-            decide_argv(&["rm", "-rf", "/"], cwd, &all, &none),
-            Decision::Denied { .. }
-        ));
+        // The admin's deny list wins over everything, in every spelling.
+        let all = [rule(4, true, &["rm"], None, RiskClass::Network)];
+        for argv in [
+            &["rm", "-rf", "/"][..],
+            &["rm", "-fr", "/"],
+            &["rm", "-r", "-f", "/"],
+            &["rm", "-rf", "//"],
+            &["rm", "-rf", "/."],
+            &["/bin/rm", "--recursive", "--force", "/"],
+            &["rm", "-R", "/"],
+        ] {
+            assert!(
+                matches!(decide_argv(argv, cwd, &all, &none), Decision::Denied { .. }),
+                "{argv:?}"
+            );
+        }
         assert!(matches!(
             decide_argv(&["ls", "/boot"], cwd, &[], &none),
             Decision::Denied { .. }
@@ -244,13 +318,9 @@ mod tests {
             auto_approve: vec![RiskClass::WritesWorkdir, RiskClass::Destructive],
             deny: Vec::new(),
         };
-        assert!(matches!(
-            decide_argv(&["mkdir", "x"], cwd, &[], &user),
-            Decision::Approved { .. }
-        ));
+        assert!(approved(&decide_argv(&["mkdir", "x"], cwd, &[], &user)));
         std::fs::write(cwd.join("f"), "").unwrap();
         assert_eq!(decide_argv(&["rm", "f"], cwd, &[], &user), Decision::Ask);
-        // Unknown never runs unasked, privileged needs an admin for package installs.
         assert_eq!(
             decide_argv(&["bash", "-c", "ls"], cwd, &[], &none),
             Decision::Ask
@@ -258,7 +328,7 @@ mod tests {
         let install = Action::PackageInstall {
             packages: vec!["jq".into()],
         };
-        let risk = classify(&install, cwd);
+        let risk = classify_in(&install, cwd);
         let subject = Subject {
             uid: 1000,
             is_admin: false,
@@ -271,39 +341,55 @@ mod tests {
     }
 
     #[test]
-    fn rules_match_by_prefix_and_path() {
-        let cwd = Path::new("/home/dev/proj");
-        let git_commit = Action::Git {
-            args: vec!["commit".into(), "-m".into(), "x".into()],
+    fn rules_cover_only_what_was_approved() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = &std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::write(cwd.join("f"), "").unwrap();
+        let none = UserPolicy::default();
+        // A prefix rule never covers destructive, unknown or privileged actions, nor
+        // more than the class it was made for.
+        let wide = [
+            rule(1, true, &["rm"], None, RiskClass::Network),
+            rule(2, true, &["python3"], None, RiskClass::Network),
+            rule(3, true, &[], Some(cwd), RiskClass::WritesWorkdir),
+            rule(4, true, &["git", "fetch"], None, RiskClass::Network),
+            rule(5, true, &["git"], None, RiskClass::ReadOnly),
+        ];
+        for argv in [
+            &["rm", "-rf", "f"][..],
+            &["python3", "-c", "print(1)"],
+            &["git", "fetch", "--upload-pack=touch /tmp/x"],
+            &["git", "push"],
+            &["rm", "f"],
+        ] {
+            assert_eq!(
+                decide_argv(argv, cwd, &wide, &none),
+                Decision::Ask,
+                "{argv:?}"
+            );
+        }
+        assert!(approved(&decide_argv(&["mkdir", "new"], cwd, &wide, &none)));
+        // An exact rule covers that action in that directory, nothing else.
+        let action = run(&["rm", "f"]);
+        let exact = Rule {
+            exact: Some(Exact {
+                action: action.clone(),
+                cwd: cwd.clone(),
+            }),
+            max_class: Some(RiskClass::Destructive),
+            ..rule(6, true, &[], None, RiskClass::Destructive)
         };
-        assert!(rule_matches(
-            &rule(1, true, &["git", "commit"], None),
-            &git_commit,
-            cwd
-        ));
-        assert!(!rule_matches(
-            &rule(1, true, &["git", "push"], None),
-            &git_commit,
-            cwd
-        ));
-        assert!(rule_matches(
-            &rule(1, true, &[], Some(Path::new("/home/dev"))),
-            &git_commit,
-            cwd
-        ));
-        assert!(!rule_matches(
-            &rule(1, true, &[], Some(Path::new("/srv"))),
-            &git_commit,
-            cwd
-        ));
-        let escape = Action::Write {
-            path: "/home/dev/proj/../../other/x".into(),
-            content: String::new(),
+        let risk = classify_in(&action, cwd);
+        assert!(rule_matches(&exact, &action, &risk, cwd));
+        assert!(!rule_matches(&exact, &run(&["rm", "g"]), &risk, cwd));
+        assert!(!rule_matches(&exact, &action, &risk, Path::new("/srv")));
+        // A path scope compares real paths.
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), cwd.join("link")).unwrap();
+        let escape = Action::Mkdir {
+            path: cwd.join("link/x"),
         };
-        assert!(!rule_matches(&rule(1, true, &[], Some(cwd)), &escape, cwd));
-        assert!(
-            !rule_matches(&rule(1, true, &[], None), &git_commit, cwd),
-            "an empty rule matches nothing"
-        );
+        let risk = classify_in(&escape, cwd);
+        assert!(!rule_matches(&wide[2], &escape, &risk, cwd));
     }
 }

@@ -6,8 +6,15 @@
 //! current passes `rotate-mib`; the chain runs across files), `checkpoints.jsonl`
 //! (every `checkpoint-every` entries and at each rotation: sequence number, entry hash,
 //! and the hash of the previous checkpoint) and `HEAD` (the last sequence number and
-//! hash, replaced atomically on every append). Checkpoints are also logged to the
-//! journal, a copy out of reach of whoever edits the files.
+//! hash, rewritten in place on every append).
+//!
+//! The head is also anchored outside the log directory, on every append: a line in
+//! `[audit] anchor-file` and, where systemd's journal runs, a journal entry with the
+//! sequence number and hash (`DEVOS_AUDIT_SEQ`, `DEVOS_AUDIT_HASH`). Whoever can
+//! rewrite the log directory can make it consistent again, but not the anchors they
+//! cannot write: `verify` compares the log with every anchor, so a consistent rewrite
+//! or a dropped tail is reported. An entry that cannot be written (or anchored) is an
+//! error the caller must act on: the agent runs nothing it could not record.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -103,6 +110,12 @@ pub struct Verification {
     pub checkpoints: u64,
     pub last_hash: String,
     pub first_bad: Option<Problem>,
+    /// Anchors (from the anchor file) the log was checked against.
+    #[serde(default)]
+    pub anchors: u64,
+    /// Anchors from the journal, or `None` when the journal was not available.
+    #[serde(default)]
+    pub journal_anchors: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +134,95 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
     }
 }
 
+/// Where the head is anchored besides the log directory.
+struct Anchors {
+    path: PathBuf,
+    file: File,
+    journal: Option<std::os::unix::net::UnixDatagram>,
+    /// The log directory, as anchors name it.
+    log: String,
+}
+
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// One line of the anchor file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Anchor {
+    seq: u64,
+    hash: String,
+    log: String,
+}
+
+impl Anchors {
+    fn open(dir: &Path, config: &AuditConfig) -> Result<Anchors, AuditError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let path = config.anchor_file.clone();
+        if let Some(parent) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io(parent))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        let journal = config
+            .journal
+            .then(|| {
+                let s = std::os::unix::net::UnixDatagram::unbound().ok()?;
+                s.connect(JOURNAL_SOCKET).ok()?;
+                Some(s)
+            })
+            .flatten();
+        Ok(Anchors {
+            path,
+            file,
+            journal,
+            log: log_name_of(dir),
+        })
+    }
+
+    fn record(&mut self, seq: u64, hash: &str) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(&Anchor {
+            seq,
+            hash: hash.to_owned(),
+            log: self.log.clone(),
+        })
+        .unwrap_or_default();
+        line.push(b'\n');
+        self.file.write_all(&line).map_err(io(&self.path))?;
+        if let Some(j) = &self.journal {
+            // The journal is a second witness; losing it (journald restarting) must not
+            // stop the agent, the anchor file has the entry.
+            let msg = format!(
+                "MESSAGE=devos audit anchor {seq}\nPRIORITY=6\nSYSLOG_IDENTIFIER=devos-agent\nDEVOS_AUDIT_LOG={}\nDEVOS_AUDIT_SEQ={seq}\nDEVOS_AUDIT_HASH={hash}\n",
+                self.log
+            );
+            let _ = j.send(msg.as_bytes());
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), AuditError> {
+        self.file.sync_data().map_err(io(&self.path))
+    }
+}
+
+/// How anchors name a log directory: its canonical path.
+fn log_name_of(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The open log, appended to by the daemon.
 pub struct AuditLog {
+    anchors: Anchors,
     dir: PathBuf,
     config: AuditConfig,
     file: File,
@@ -222,6 +322,7 @@ impl AuditLog {
             .find_map(|(_, c)| c.as_ref().ok().map(|c| c.checkpoint_hash.clone()))
             .unwrap_or_else(|| GENESIS.to_owned());
         Ok(AuditLog {
+            anchors: Anchors::open(dir, config)?,
             dir: dir.to_path_buf(),
             config: config.clone(),
             file,
@@ -271,6 +372,7 @@ impl AuditLog {
         self.seq = entry.seq;
         self.last_hash = entry.hash;
         self.write_head()?;
+        self.anchors.record(self.seq, &self.last_hash)?;
         if self.seq.is_multiple_of(self.config.checkpoint_every) {
             self.checkpoint()?;
         }
@@ -295,6 +397,7 @@ impl AuditLog {
         }
         let log = self.dir.join(log_name(self.file_index));
         self.file.sync_data().map_err(io(&log))?;
+        self.anchors.sync()?;
         let mut cp = Checkpoint {
             seq: self.seq,
             hash: self.last_hash.clone(),
@@ -320,6 +423,15 @@ impl AuditLog {
         Ok(())
     }
 
+    /// The chain's state now, for verifying while appends go on: the head and the
+    /// checkpoints written so far.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            seq: self.seq,
+            hash: self.last_hash.clone(),
+        }
+    }
+
     fn rotate(&mut self) -> Result<(), AuditError> {
         self.checkpoint()?;
         self.file_index += 1;
@@ -338,9 +450,39 @@ fn now() -> String {
     humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
 }
 
+/// The head of a live log at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// What `verify` checks the log against besides itself.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// The anchor file (`[audit] anchor-file`).
+    pub anchor_file: Option<PathBuf>,
+    /// Read the journal's anchors too.
+    pub journal: bool,
+    /// Verify a live log up to this head (entries appended after it are left for
+    /// the next verification); `None` reads the `HEAD` file.
+    pub snapshot: Option<Snapshot>,
+}
+
+impl VerifyOptions {
+    pub fn of(config: &AuditConfig) -> VerifyOptions {
+        VerifyOptions {
+            anchor_file: Some(config.anchor_file.clone()),
+            journal: config.journal,
+            snapshot: None,
+        }
+    }
+}
+
 /// Check the whole chain in `dir`: every entry's hash, its link to the one before,
-/// consecutive sequence numbers across files, every checkpoint, and the head.
-pub fn verify(dir: &Path) -> Result<Verification, AuditError> {
+/// consecutive sequence numbers across files, every checkpoint, the head, and every
+/// anchor outside the directory.
+pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, AuditError> {
     let mut v = Verification {
         ok: true,
         entries: 0,
@@ -348,7 +490,10 @@ pub fn verify(dir: &Path) -> Result<Verification, AuditError> {
         checkpoints: 0,
         last_hash: GENESIS.to_owned(),
         first_bad: None,
+        anchors: 0,
+        journal_anchors: None,
     };
+    let limit = options.snapshot.as_ref().map(|s| s.seq);
     let mut hashes: std::collections::HashMap<u64, (String, String)> = Default::default();
     let mut expect_seq = 1;
     let files = log_files(dir)?;
@@ -369,6 +514,9 @@ pub fn verify(dir: &Path) -> Result<Verification, AuditError> {
                 seq,
                 reason,
             };
+            if limit.is_some_and(|l| expect_seq > l) {
+                break 'files;
+            }
             let entry: Entry = match serde_json::from_slice(&line) {
                 Ok(e) => e,
                 Err(e) => {
@@ -421,6 +569,9 @@ pub fn verify(dir: &Path) -> Result<Verification, AuditError> {
                     break;
                 }
             };
+            if limit.is_some_and(|l| cp.seq > l) {
+                break;
+            }
             let reason = if cp.prev != prev || cp.compute_hash() != cp.checkpoint_hash {
                 Some("checkpoint chain is broken (a checkpoint was edited or removed)".to_owned())
             } else {
@@ -446,7 +597,21 @@ pub fn verify(dir: &Path) -> Result<Verification, AuditError> {
             v.checkpoints += 1;
         }
     }
-    if v.first_bad.is_none() {
+    if v.first_bad.is_none()
+        && let Some(snapshot) = &options.snapshot
+    {
+        if snapshot.seq != v.entries || snapshot.hash != v.last_hash {
+            v.first_bad = Some(Problem {
+                file: "HEAD".into(),
+                line: 1,
+                seq: Some(snapshot.seq),
+                reason: format!(
+                    "the agent's head is entry {} but the log ends at entry {}: the log was truncated or changed",
+                    snapshot.seq, v.entries
+                ),
+            });
+        }
+    } else if v.first_bad.is_none() {
         let head_path = dir.join("HEAD");
         match std::fs::read_to_string(&head_path) {
             Ok(head) if head.trim().is_empty() && v.entries == 0 => {}
@@ -478,8 +643,100 @@ pub fn verify(dir: &Path) -> Result<Verification, AuditError> {
             }
         }
     }
+    if v.first_bad.is_none() {
+        check_anchors(dir, options, &hashes, &mut v)?;
+    }
     v.ok = v.first_bad.is_none();
     Ok(v)
+}
+
+/// Compare the log with the anchors recorded outside it.
+fn check_anchors(
+    dir: &Path,
+    options: &VerifyOptions,
+    hashes: &std::collections::HashMap<u64, (String, String)>,
+    v: &mut Verification,
+) -> Result<(), AuditError> {
+    let log = log_name_of(dir);
+    let limit = options.snapshot.as_ref().map(|s| s.seq);
+    let mut sources: Vec<(String, Vec<Anchor>)> = Vec::new();
+    if let Some(path) = &options.anchor_file {
+        let anchors = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Anchor>(l).ok())
+                .filter(|a| a.log == log)
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(path)(e)),
+        };
+        sources.push((path.display().to_string(), anchors));
+    }
+    if options.journal
+        && let Some(anchors) = journal_anchors(&log)
+    {
+        sources.push(("the journal".into(), anchors));
+    }
+    for (i, (source, anchors)) in sources.iter().enumerate() {
+        let mut checked = 0;
+        for a in anchors.iter().filter(|a| limit.is_none_or(|l| a.seq <= l)) {
+            checked += 1;
+            let reason = match hashes.get(&a.seq) {
+                None => format!(
+                    "{source} records entry {} but the log ends at entry {}: entries were dropped",
+                    a.seq, v.entries
+                ),
+                Some((h, _)) if *h != a.hash => format!(
+                    "entry {} differs from its anchor in {source}: the log was rewritten",
+                    a.seq
+                ),
+                Some(_) => continue,
+            };
+            v.first_bad = Some(Problem {
+                file: hashes
+                    .get(&a.seq)
+                    .map(|(_, f)| f.clone())
+                    .unwrap_or_default(),
+                line: 0,
+                seq: Some(a.seq),
+                reason,
+            });
+            return Ok(());
+        }
+        if i == 0 && options.anchor_file.is_some() {
+            v.anchors = checked;
+        } else {
+            v.journal_anchors = Some(checked);
+        }
+    }
+    Ok(())
+}
+
+/// The anchors the journal holds for a log, or `None` without a journal.
+fn journal_anchors(log: &str) -> Option<Vec<Anchor>> {
+    if !Path::new(JOURNAL_SOCKET).exists() {
+        return None;
+    }
+    let out = std::process::Command::new("journalctl")
+        .args(["--no-pager", "--quiet", "-o", "json"])
+        .arg(format!("DEVOS_AUDIT_LOG={log}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|j| {
+                Some(Anchor {
+                    seq: j["DEVOS_AUDIT_SEQ"].as_str()?.parse().ok()?,
+                    hash: j["DEVOS_AUDIT_HASH"].as_str()?.to_owned(),
+                    log: log.to_owned(),
+                })
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

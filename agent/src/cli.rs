@@ -250,6 +250,9 @@ fn print_request(r: &Request, with_output: bool) {
                 a.risk.reasons.join("; ")
             }
         );
+        if !a.profile.is_empty() {
+            println!("      sandbox: {}", a.profile);
+        }
         println!("      {decision}; {:?}", a.state);
         if with_output && !a.output.is_empty() {
             for line in a.output.lines() {
@@ -322,6 +325,9 @@ async fn run_request(
                     continue;
                 }
                 let (index, risk, description) = (args.action, args.risk.to_owned(), args.description.to_owned());
+                let profile = get().await.ok()
+                    .and_then(|r| r.actions.get(index as usize).map(|a| a.profile.clone()))
+                    .unwrap_or_default();
                 if !interactive {
                     eprintln!("action {index} ({risk}) waits for approval: {description}\n  approve: devos approve {id} {index}\n  deny:    devos deny {id} {index}");
                     if wait {
@@ -330,7 +336,7 @@ async fn run_request(
                     return Ok(ExitCode::from(3));
                 }
                 let answer = tokio::task::spawn_blocking(move || {
-                    eprint!("approve [{index}] {description} ({risk})? [y]es once, [s]ession, [a]lways, [N]o: ");
+                    eprint!("approve [{index}] {description} ({risk}; sandbox: {profile})? [y]es once, [s]ession, [a]lways, [N]o: ");
                     let mut line = String::new();
                     std::io::stdin().lock().read_line(&mut line).ok();
                     line.trim().to_lowercase()

@@ -19,12 +19,16 @@ pub struct AgentConfig {
     pub os_release: PathBuf,
     /// Where requests, remembered rules and the audit log are kept.
     pub state_dir: PathBuf,
+    /// Per-action private directories (each action's `/tmp`), root only.
+    pub runtime_dir: PathBuf,
     /// Which actions run without asking, and which never run.
     pub policy: Policy,
     /// How approved actions are confined.
     pub sandbox: SandboxConfig,
     /// The tamper-evident audit log.
     pub audit: AuditConfig,
+    /// How much one user may ask of the agent at once.
+    pub limits: Limits,
 }
 
 impl Default for AgentConfig {
@@ -33,9 +37,11 @@ impl Default for AgentConfig {
             log_level: LogLevel::Info,
             os_release: PathBuf::from(crate::os_release::DEFAULT_PATH),
             state_dir: PathBuf::from("/var/lib/devos-agent"),
+            runtime_dir: PathBuf::from("/run/devos-agent"),
             policy: Policy::default(),
             sandbox: SandboxConfig::default(),
             audit: AuditConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -63,7 +69,7 @@ impl Default for Policy {
             user_may_auto_approve: vec![RiskClass::ReadOnly, RiskClass::WritesWorkdir],
             deny: vec![
                 DenyRule {
-                    command_prefix: vec!["rm".into(), "-rf".into(), "/".into()],
+                    command_prefix: vec!["rm".into(), "-r".into(), "/".into()],
                     path_prefix: None,
                     reason: Some("never delete the root directory".into()),
                 },
@@ -78,7 +84,11 @@ impl Default for Policy {
     }
 }
 
-/// One deny rule: a command prefix (argv words) or a path prefix.
+/// One deny rule: a command (argv words) or a path prefix. A command rule matches
+/// any action whose program is the same and whose argv holds every option and operand
+/// of the rule, in any order or spelling (`rm -r /` matches `rm -fr //` and
+/// `/bin/rm --recursive -f /`). A path rule matches any action that names a path, or
+/// runs in a directory, at or below it, compared as real paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DenyRule {
@@ -90,13 +100,15 @@ pub struct DenyRule {
     pub reason: Option<String>,
 }
 
-/// `[sandbox]`: limits for every action the agent runs.
+/// `[sandbox]`: how every action the agent runs is confined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct SandboxConfig {
     /// Refuse an action when Landlock or seccomp cannot be applied (kernel without
     /// Landlock, say). `false` runs it with what could be applied and says so.
     pub required: bool,
+    /// The bubblewrap binary that builds each action's namespaces.
+    pub bwrap: PathBuf,
     /// Seconds an action may run before it is killed.
     pub timeout_secs: u64,
     /// Bytes of stdout+stderr kept per action; the rest is dropped and reported.
@@ -105,16 +117,75 @@ pub struct SandboxConfig {
     pub max_file_mib: u64,
     /// Open files per action (RLIMIT_NOFILE).
     pub max_open_files: u64,
+    /// Memory of an action (cgroup `memory.max`, where the agent has a delegated
+    /// cgroup v2), MiB.
+    pub memory_max_mib: u64,
+    /// Processes and threads of an action (cgroup `pids.max`).
+    pub tasks_max: u64,
+    /// The users' secret locations (`~/` is the caller's home): absent in every
+    /// sandbox unless the action was approved with them.
+    pub secrets: Vec<String>,
+    /// Paths that stay read-only even inside a writable working directory (shell
+    /// start-up files, configuration, `~/.local/bin`): what would run later, outside
+    /// the sandbox.
+    pub read_only: Vec<String>,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
             required: true,
+            bwrap: PathBuf::from("/usr/bin/bwrap"),
             timeout_secs: 600,
             max_output_bytes: 1 << 20,
             max_file_mib: 4096,
             max_open_files: 4096,
+            memory_max_mib: 4096,
+            tasks_max: 1024,
+            secrets: [
+                "~/.ssh",
+                "~/.gnupg",
+                "~/.aws",
+                "~/.azure",
+                "~/.config/gcloud",
+                "~/.kube",
+                "~/.docker/config.json",
+                "~/.netrc",
+                "~/.git-credentials",
+                "~/.config/git/credentials",
+                "~/.config/gh",
+                "~/.password-store",
+                "~/.local/share/keyrings",
+                "~/.pypirc",
+                "~/.npmrc",
+                "~/.cargo/credentials.toml",
+                "~/.vault-token",
+            ]
+            .map(String::from)
+            .to_vec(),
+            read_only: [
+                "~/.bashrc",
+                "~/.bash_profile",
+                "~/.bash_login",
+                "~/.bash_logout",
+                "~/.profile",
+                "~/.zshrc",
+                "~/.zshenv",
+                "~/.zprofile",
+                "~/.zlogin",
+                "~/.inputrc",
+                "~/.gitconfig",
+                "~/.config",
+                "~/.local/bin",
+                "~/.local/share/applications",
+                "~/.cargo/bin",
+                "~/.cargo/config.toml",
+                "~/.pam_environment",
+                "~/.xprofile",
+                "~/.xsessionrc",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -127,6 +198,12 @@ pub struct AuditConfig {
     pub checkpoint_every: u64,
     /// Start a new log file when the current one passes this size, MiB.
     pub rotate_mib: u64,
+    /// Every entry's sequence number and hash are also appended here, outside the log
+    /// directory; `audit verify` checks the log against them.
+    pub anchor_file: PathBuf,
+    /// Also send every anchor to the systemd journal (when it runs), where a rewrite
+    /// of the log and the anchor file together is still caught.
+    pub journal: bool,
 }
 
 impl Default for AuditConfig {
@@ -134,6 +211,25 @@ impl Default for AuditConfig {
         Self {
             checkpoint_every: 32,
             rotate_mib: 16,
+            anchor_file: PathBuf::from("/var/log/devos-agent/audit-anchors.jsonl"),
+            journal: true,
+        }
+    }
+}
+
+/// `[limits]`: fairness between users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Limits {
+    /// Requests one user may have in flight (planned, waiting for approval or
+    /// running); more are refused until one finishes.
+    pub requests_per_user: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            requests_per_user: 8,
         }
     }
 }
@@ -240,6 +336,47 @@ impl AgentConfig {
         if self.audit.checkpoint_every == 0 || self.audit.rotate_mib == 0 {
             return Err("audit.checkpoint-every and audit.rotate-mib must be above 0".into());
         }
+        if self.sandbox.memory_max_mib == 0 || self.sandbox.tasks_max == 0 {
+            return Err("sandbox.memory-max-mib and sandbox.tasks-max must be above 0".into());
+        }
+        if self.limits.requests_per_user == 0 {
+            return Err("limits.requests-per-user must be above 0".into());
+        }
+        for (key, list) in [
+            ("sandbox.secrets", &self.sandbox.secrets),
+            ("sandbox.read-only", &self.sandbox.read_only),
+        ] {
+            if let Some(bad) = list
+                .iter()
+                .find(|p| !(p.starts_with("~/") || p.starts_with('/')) || p.contains(".."))
+            {
+                return Err(format!(
+                    "{key}: `{bad}` must be absolute or start with `~/`, without `..`"
+                ));
+            }
+        }
+        for (key, path) in [
+            ("state-dir", &self.state_dir),
+            ("runtime-dir", &self.runtime_dir),
+            ("audit.anchor-file", &self.audit.anchor_file),
+            ("sandbox.bwrap", &self.sandbox.bwrap),
+        ] {
+            if !path.is_absolute() {
+                return Err(format!(
+                    "{key}: {} must be an absolute path",
+                    path.display()
+                ));
+            }
+        }
+        if self
+            .audit
+            .anchor_file
+            .starts_with(self.state_dir.join("audit"))
+        {
+            return Err(
+                "audit.anchor-file must be outside state-dir/audit: whoever can rewrite the log must not rewrite its anchors too".into(),
+            );
+        }
         Ok(())
     }
 
@@ -274,6 +411,12 @@ mod tests {
 
     #[test]
     fn shipped_default_file_matches_defaults() {
+        // `DEVOS_BLESS=1 cargo test -p devos-agent shipped_default` rewrites the file.
+        if std::env::var_os("DEVOS_BLESS").is_some() {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/agent.toml");
+            std::fs::write(path, AgentConfig::default().to_file()).unwrap();
+            return;
+        }
         let shipped = include_str!("../dist/agent.toml");
         let parsed: AgentConfig = toml::from_str(shipped).expect("dist/agent.toml parses");
         assert_eq!(parsed, AgentConfig::default());

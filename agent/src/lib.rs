@@ -3,18 +3,25 @@
 //! This crate is both the daemon (`devos-agent`) and the schema of its configuration,
 //! which the image builder uses to validate an image spec's `[agent.config]`.
 
+#[cfg(feature = "daemon")]
 pub mod action;
 #[cfg(feature = "daemon")]
 pub mod approval;
 #[cfg(feature = "daemon")]
 pub mod audit;
 #[cfg(feature = "daemon")]
+pub mod caller;
+#[cfg(feature = "daemon")]
 pub mod cli;
 #[cfg(feature = "daemon")]
 pub mod client;
 pub mod config;
+#[cfg(feature = "daemon")]
+pub mod gitrepo;
 pub mod os_release;
+#[cfg(feature = "daemon")]
 pub mod planner;
+#[cfg(feature = "daemon")]
 pub mod request;
 pub mod risk;
 #[cfg(feature = "daemon")]
@@ -30,6 +37,11 @@ pub mod sandbox;
 pub mod selftest;
 #[cfg(feature = "daemon")]
 pub mod service;
+
+/// The Debian packages the agent needs at run time: the system bus, and bubblewrap,
+/// which builds every action's sandbox. Images with the agent get them; the agent's
+/// package depends on them.
+pub const PACKAGE_DEPENDS: &[&str] = &["dbus", "bubblewrap"];
 
 /// The well-known bus name the agent owns on the system bus.
 pub const BUS_NAME: &str = "org.devos.Agent1";

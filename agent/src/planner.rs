@@ -172,7 +172,7 @@ pub fn plan(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
             )
         }
         ["run", "the", "tests"] | ["run", "tests"] | ["test"] | ["run", "the", "test", "suite"] => {
-            let argv = test_command(ctx.cwd).ok_or_else(|| {
+            let argv = test_command(ctx.cwd, ctx.home).ok_or_else(|| {
                 PlanError::Invalid(format!(
                     "found no test setup in {} (looked for Cargo.toml, package.json, pyproject.toml/pytest.ini/setup.py, go.mod, a Makefile with a test target)",
                     ctx.cwd.display()
@@ -476,7 +476,7 @@ fn branch_name(original: &str, _lower: &str) -> Result<String, PlanError> {
 }
 
 /// The project's test command, from the files in its root.
-pub fn test_command(cwd: &Path) -> Option<Vec<String>> {
+pub fn test_command(cwd: &Path, home: &Path) -> Option<Vec<String>> {
     let has = |f: &str| cwd.join(f).is_file();
     let argv: &[&str] = if has("Cargo.toml") {
         &["cargo", "test"]
@@ -493,7 +493,27 @@ pub fn test_command(cwd: &Path) -> Option<Vec<String>> {
     } else {
         return None;
     };
-    Some(strings(argv))
+    let mut argv = strings(argv);
+    argv[0] = locate(&argv[0], home);
+    Some(argv)
+}
+
+/// A tool by name when the system directories have it, else by its path in the
+/// user's own tool directories (rustup's, pip's), which makes the action unknown:
+/// it asks.
+fn locate(name: &str, home: &Path) -> String {
+    let system = crate::risk::programs::SYSTEM_PATH
+        .iter()
+        .any(|d| Path::new(d).join(name).is_file());
+    if !system {
+        for dir in [".cargo/bin", ".local/bin"] {
+            let candidate = home.join(dir).join(name);
+            if candidate.is_file() {
+                return candidate.to_string_lossy().into_owned();
+            }
+        }
+    }
+    name.to_owned()
 }
 
 fn organise(dir: &Path, by_date: bool) -> Result<Plan, PlanError> {

@@ -90,7 +90,11 @@ pub struct ActionRecord {
     pub output_truncated: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// What the sandbox could apply (e.g. "landlock V5 enforced; writable: ...; no TCP; seccomp ...").
+    /// What the sandbox will let it do if it runs (writable paths, network,
+    /// secrets), from the class it is classified in.
+    #[serde(default)]
+    pub profile: String,
+    /// What the sandbox applied (namespaces, profile, Landlock, seccomp, cgroup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
 }
@@ -141,7 +145,8 @@ impl std::str::FromStr for Remember {
     }
 }
 
-/// A remembered decision of one user, for actions matching a command or path prefix.
+/// A remembered decision of one user: an exact action, or (when the user chose
+/// one) a command or path prefix bounded by the class it was approved for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Rule {
@@ -154,5 +159,19 @@ pub struct Rule {
     pub command_prefix: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<PathBuf>,
+    /// The exact action and working directory, for rules remembered without a prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<Exact>,
+    /// The highest class an allow rule approves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_class: Option<crate::risk::RiskClass>,
     pub created: String,
+}
+
+/// One action exactly as it was approved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Exact {
+    pub action: Action,
+    pub cwd: PathBuf,
 }

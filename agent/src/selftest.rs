@@ -80,6 +80,8 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     }
     emit(bus_policy().await)?;
     emit(agent_request().await)?;
+    emit(packages_refused().await)?;
+    emit(audit_anchors().await)?;
     emit(root_read_only())?;
     emit(var_writable())?;
     emit(os_release())?;
@@ -362,9 +364,13 @@ async fn agent_request() -> CheckResult {
                 let action = r.actions.first();
                 let sandbox = action.and_then(|a| a.sandbox.clone()).unwrap_or_default();
                 let listed = action.is_some_and(|a| a.output.contains("usr"));
+                // The whole sandbox: namespaces, Landlock, and cgroup limits (the
+                // image runs the agent under systemd, which delegates a cgroup).
                 let ok = r.state == crate::request::State::Done
                     && listed
-                    && sandbox.starts_with("landlock V");
+                    && sandbox.starts_with("namespaces: mount, pid")
+                    && sandbox.contains("landlock V")
+                    && sandbox.contains("cgroup memory.max=");
                 let detail = if ok {
                     format!("uid 65534: `list files` in / ran sandboxed ({sandbox})")
                 } else {
@@ -384,6 +390,70 @@ async fn agent_request() -> CheckResult {
     }
     CheckResult {
         check: "agent-request".into(),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+/// `devos` as root with these arguments, its request or report as JSON.
+async fn devos_json(args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = tokio::process::Command::new("devos")
+        .arg("--json")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run devos: {e}"))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "`devos {}` gave no JSON ({e}): {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
+}
+
+/// A package install on the read-only root is refused up front, naming the spec.
+async fn packages_refused() -> CheckResult {
+    let start = Instant::now();
+    let (ok, detail) = match devos_json(&["run", "--cwd", "/", "install", "jq"]).await {
+        Err(e) => (false, e),
+        Ok(r) => {
+            let reason = r["actions"][0]["decision"]["reason"].as_str().unwrap_or("");
+            let ok = r["state"] == "denied" && reason.contains("[packages]");
+            (
+                ok,
+                format!("`install jq` as root: {} ({reason})", r["state"]),
+            )
+        }
+    };
+    CheckResult {
+        check: "packages-refused".into(),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+/// The audit log verifies against its anchors, the journal's among them.
+async fn audit_anchors() -> CheckResult {
+    let start = Instant::now();
+    let (ok, detail) = match devos_json(&["audit", "verify"]).await {
+        Err(e) => (false, e),
+        Ok(v) => {
+            let journal = v["journal-anchors"].as_u64().unwrap_or(0);
+            (
+                v["ok"] == true && journal > 0 && v["anchors"].as_u64().unwrap_or(0) > 0,
+                format!(
+                    "{} entries; {} anchors in the anchor file, {journal} in the journal; first bad: {}",
+                    v["entries"], v["anchors"], v["first-bad"]
+                ),
+            )
+        }
+    };
+    CheckResult {
+        check: "audit-anchors".into(),
         ok,
         detail,
         ms: start.elapsed().as_millis(),

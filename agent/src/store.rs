@@ -43,7 +43,20 @@ const MIGRATIONS: &[&str] = &[
         path_prefix TEXT,
         created TEXT NOT NULL
     );",
+    // v2: rules remember an exact action or a bounded prefix.
+    "ALTER TABLE rules ADD COLUMN scope TEXT NOT NULL DEFAULT '{}';
+    UPDATE rules SET scope = '{\"max-class\":\"writes-workdir\"}';",
 ];
+
+/// The parts of a rule kept as JSON.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Scope {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exact: Option<crate::request::Exact>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_class: Option<crate::risk::RiskClass>,
+}
 
 pub struct Store {
     path: PathBuf,
@@ -173,8 +186,8 @@ impl Store {
     pub fn add_rule(&self, rule: &Rule) -> Result<Rule, StoreError> {
         self.conn
             .execute(
-                "INSERT INTO rules (uid, allow, lifetime, command_prefix, path_prefix, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO rules (uid, allow, lifetime, command_prefix, path_prefix, created, scope)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     rule.uid,
                     rule.allow,
@@ -184,6 +197,11 @@ impl Store {
                         .as_ref()
                         .map(|p| p.to_string_lossy().into_owned()),
                     rule.created,
+                    serde_json::to_string(&Scope {
+                        exact: rule.exact.clone(),
+                        max_class: rule.max_class,
+                    })
+                    .unwrap_or_default(),
                 ],
             )
             .map_err(self.err())?;
@@ -198,7 +216,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, uid, allow, lifetime, command_prefix, path_prefix, created FROM rules
+                "SELECT id, uid, allow, lifetime, command_prefix, path_prefix, created, scope FROM rules
                  WHERE ?1 IS NULL OR uid = ?1 ORDER BY id",
             )
             .map_err(self.err())?;
@@ -206,6 +224,8 @@ impl Store {
             .query_map(params![uid], |row| {
                 let lifetime: String = row.get(3)?;
                 let prefix: String = row.get(4)?;
+                let scope: Scope =
+                    serde_json::from_str(&row.get::<_, String>(7)?).unwrap_or_default();
                 Ok(Rule {
                     id: row.get(0)?,
                     uid: row.get(1)?,
@@ -213,6 +233,8 @@ impl Store {
                     lifetime: lifetime.parse().unwrap_or(Remember::Once),
                     command_prefix: serde_json::from_str(&prefix).unwrap_or_default(),
                     path_prefix: row.get::<_, Option<String>>(5)?.map(PathBuf::from),
+                    exact: scope.exact,
+                    max_class: scope.max_class,
                     created: row.get(6)?,
                 })
             })
@@ -265,6 +287,8 @@ mod tests {
             lifetime: Remember::Always,
             command_prefix: vec!["git".into(), "status".into()],
             path_prefix: None,
+            exact: None,
+            max_class: Some(crate::risk::RiskClass::ReadOnly),
             created: "t".into(),
         };
         let a = store.add_rule(&base).unwrap();

@@ -197,7 +197,7 @@ fn control(version: &str, installed_bytes: u64) -> String {
          Version: {version}\n\
          Architecture: amd64\n\
          Maintainer: DevOS developers <devos@localhost>\n\
-         Depends: dbus, libc6 (>= 2.34)\n\
+         Depends: {}, libc6 (>= 2.34)\n\
          Section: admin\n\
          Priority: optional\n\
          Installed-Size: {}\n\
@@ -205,6 +205,7 @@ fn control(version: &str, installed_bytes: u64) -> String {
          Description: DevOS developer agent (D-Bus system service)\n \
          devos-agent takes natural-language requests from local users over D-Bus\n \
          (org.devos.Agent1), plans them, asks for approval and runs them sandboxed.\n",
+        devos_agent::PACKAGE_DEPENDS.join(", "),
         installed_bytes.div_ceil(1024)
     )
 }
@@ -270,19 +271,40 @@ mod tests {
         }
         let caps = value(&service, "CapabilityBoundingSet").unwrap();
         for forbidden in [
-            "CAP_SYS_ADMIN",
             "CAP_SYS_PTRACE",
             "CAP_SYS_MODULE",
-            "CAP_NET_ADMIN",
+            "CAP_SYS_RAWIO",
+            "CAP_SYS_BOOT",
+            "CAP_SYS_TIME",
+            "CAP_BPF",
+            "CAP_MAC_ADMIN",
+            "CAP_NET_RAW",
         ] {
             assert!(!caps.contains(forbidden), "{caps}");
         }
+        // The capabilities only the sandbox builder needs are each justified.
+        for builder_only in ["SYS_ADMIN", "SYS_CHROOT", "NET_ADMIN", "SETPCAP"] {
+            assert!(
+                !caps.contains(&format!("CAP_{builder_only}"))
+                    || unit
+                        .lines()
+                        .any(|l| l.starts_with("# Relaxed") && l.contains(builder_only)),
+                "CAP_{builder_only} is kept without a `# Relaxed: ...` comment"
+            );
+        }
+        // Namespaces: never user namespaces.
+        let ns = value(&service, "RestrictNamespaces").unwrap();
+        assert!(
+            !ns.split_whitespace().any(|n| n == "user") && ns != "no",
+            "{ns}"
+        );
         // Every protection the agent cannot have is named in a comment saying why.
         for relaxed in [
             "ProtectSystem",
             "ProtectHome",
             "PrivateNetwork",
             "MemoryDenyWriteExecute",
+            "ProtectControlGroups",
         ] {
             assert!(
                 value(&service, relaxed).is_none(),

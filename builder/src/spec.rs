@@ -395,12 +395,22 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// Every package to install, spec and layers together, sorted and unique.
+    /// Every package to install, spec and layers together, with what the agent needs
+    /// when it is enabled, sorted and unique.
     pub fn all_packages(&self) -> Vec<String> {
+        let agent: Vec<String> = if self.agent_enabled {
+            devos_agent::PACKAGE_DEPENDS
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let set: BTreeSet<&String> = self
             .packages
             .iter()
             .chain(self.layers.iter().flat_map(|l| &l.packages))
+            .chain(&agent)
             .collect();
         set.into_iter().cloned().collect()
     }

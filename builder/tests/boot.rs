@@ -200,6 +200,8 @@ fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
     for name in [
         "bus-policy",
         "agent-request",
+        "packages-refused",
+        "audit-anchors",
         "root-read-only",
         "var-writable",
         "os-release",

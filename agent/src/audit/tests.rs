@@ -4,7 +4,15 @@ fn config(checkpoint_every: u64) -> AuditConfig {
     AuditConfig {
         checkpoint_every,
         rotate_mib: 1,
+        // Beside each test's log directory (a fresh temporary directory), never in it.
+        anchor_file: std::env::temp_dir()
+            .join(format!("devos-anchors-{}.jsonl", std::process::id())),
+        journal: false,
     }
+}
+
+fn verify(dir: &Path) -> Result<Verification, AuditError> {
+    super::verify(dir, &VerifyOptions::default())
 }
 
 fn write(dir: &Path, n: u64, checkpoint_every: u64) {
@@ -162,4 +170,122 @@ fn rotation_keeps_the_chain_across_files() {
     // Removing the oldest file is detected: the chain no longer starts at entry 1.
     std::fs::remove_file(log_path(dir.path())).unwrap();
     assert!(first_bad(dir.path()).reason.contains("missing"));
+}
+
+/// Rewrite the log in `dir` consistently with one detail changed: every hash,
+/// checkpoint and HEAD recomputed — what someone who can write the log directory,
+/// but not the anchors, could do.
+fn rewrite_consistently(dir: &Path) {
+    let entries: Vec<Entry> = lines(dir)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let scratch = tempfile::tempdir().unwrap();
+    let forged = scratch.path().join("log");
+    let cfg = AuditConfig {
+        anchor_file: scratch.path().join("forged-anchors.jsonl"),
+        ..config(4)
+    };
+    let mut log = AuditLog::open(&forged, &cfg).unwrap();
+    for e in &entries {
+        let mut detail = e.detail.clone();
+        if e.seq == 2 {
+            detail["argv"] = serde_json::json!(["rm", "-rf", "/"]);
+        }
+        log.append(&e.event, e.uid, e.request.as_deref(), e.action, detail)
+            .unwrap();
+    }
+    drop(log);
+    for f in std::fs::read_dir(dir).unwrap().flatten() {
+        std::fs::remove_file(f.path()).unwrap();
+    }
+    for f in std::fs::read_dir(&forged).unwrap().flatten() {
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+}
+
+/// Drop the last `n` entries and make HEAD and the checkpoints agree.
+fn drop_tail_consistently(dir: &Path, n: usize) {
+    let mut kept = lines(dir);
+    kept.truncate(kept.len() - n);
+    save(dir, &kept);
+    let last: Entry = serde_json::from_str(kept.last().unwrap()).unwrap();
+    std::fs::write(
+        dir.join("HEAD"),
+        format!("{:020} {}\n", last.seq, last.hash),
+    )
+    .unwrap();
+    let checkpoints: Vec<String> = std::fs::read_to_string(dir.join("checkpoints.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| serde_json::from_str::<Checkpoint>(l).unwrap().seq <= last.seq)
+        .map(str::to_owned)
+        .collect();
+    std::fs::write(dir.join("checkpoints.jsonl"), checkpoints.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn a_consistent_rewrite_or_a_dropped_tail_is_caught_by_the_anchors() {
+    for forge in ["rewrite", "drop"] {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("audit");
+        let cfg = AuditConfig {
+            anchor_file: root.path().join("anchors.jsonl"),
+            ..config(4)
+        };
+        let mut log = AuditLog::open(&dir, &cfg).unwrap();
+        for i in 0..10 {
+            log.append(
+                "action.finished",
+                Some(1000),
+                Some("r"),
+                Some(i),
+                serde_json::json!({"argv": ["ls"]}),
+            )
+            .unwrap();
+        }
+        drop(log);
+        let options = VerifyOptions::of(&cfg);
+        assert!(super::verify(&dir, &options).unwrap().ok);
+        if forge == "rewrite" {
+            rewrite_consistently(&dir);
+        } else {
+            drop_tail_consistently(&dir, 3);
+        }
+        // The log alone looks fine; against the anchors it does not.
+        assert!(
+            verify(&dir).unwrap().ok,
+            "the {forge} forgery is not consistent"
+        );
+        let v = super::verify(&dir, &options).unwrap();
+        assert!(!v.ok, "{v:?}");
+        let reason = v.first_bad.unwrap().reason;
+        let want = if forge == "rewrite" {
+            "the log was rewritten"
+        } else {
+            "entries were dropped"
+        };
+        assert!(reason.contains(want), "{forge}: {reason}");
+    }
+}
+
+#[test]
+fn an_entry_that_cannot_be_anchored_is_an_error() {
+    let root = tempfile::tempdir().unwrap();
+    let cfg = AuditConfig {
+        anchor_file: root.path().join("anchors.jsonl"),
+        ..config(4)
+    };
+    let mut log = AuditLog::open(&root.path().join("audit"), &cfg).unwrap();
+    log.append("a", None, None, None, serde_json::json!({}))
+        .unwrap();
+    // /dev/full: every write fails with ENOSPC, as on a full disk.
+    log.anchors.file = std::fs::OpenOptions::new()
+        .append(true)
+        .open("/dev/full")
+        .unwrap();
+    assert!(
+        log.append("b", None, None, None, serde_json::json!({}))
+            .is_err()
+    );
 }

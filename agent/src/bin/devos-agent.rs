@@ -21,12 +21,20 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Serve,
+    /// Run one action in its sandbox (internal: the daemon starts this with the
+    /// action on stdin; nothing runs before the sandbox is complete).
+    #[command(hide = true)]
+    SandboxExec {
+        /// The stage inside the namespaces.
+        #[arg(long)]
+        inside: bool,
+    },
+    /// Plan and classify a request as the calling user (internal: the daemon starts
+    /// this with the request on stdin; it drops to the user first).
+    #[command(hide = true)]
+    PlanExec,
     /// Run the boot self-test checks and report them as JSON lines (used by
     /// devos-selftest.service during `devos-build image test`).
-    /// Run one action in the sandbox (internal: the daemon starts this with the
-    /// action on stdin; it drops to the calling user before running anything).
-    #[command(hide = true)]
-    SandboxExec,
     SelfTest {
         /// Where to write the results (the host's virtio-serial port).
         #[arg(long, default_value = "/dev/virtio-ports/org.devos.selftest")]
@@ -46,10 +54,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if matches!(cli.command, Some(Command::SandboxExec)) {
-        // Single-threaded on purpose: identity and filters apply to this one thread,
-        // which then becomes the action.
-        let code = devos_agent::sandbox::exec_from_stdin();
+    // The helpers stay single-threaded on purpose: identity and filters apply to
+    // this one thread, which then becomes the action.
+    let helper = match cli.command {
+        Some(Command::SandboxExec { inside: false }) => {
+            Some(devos_agent::sandbox::outer::exec_from_stdin())
+        }
+        Some(Command::SandboxExec { inside: true }) => {
+            Some(devos_agent::sandbox::inner::exec_from_stdin())
+        }
+        Some(Command::PlanExec) => Some(devos_agent::caller::plan_exec_from_stdin()),
+        _ => None,
+    };
+    if let Some(code) = helper {
         return Ok(ExitCode::from(code.clamp(0, 255) as u8));
     }
     let config = AgentConfig::load(&cli.config)?;
@@ -74,7 +91,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::SandboxExec => unreachable!("handled before the runtime starts"),
+        Command::SandboxExec { .. } | Command::PlanExec => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::SelfTest { report } => {
             let ok = rt.block_on(devos_agent::selftest::run(&report))?;
             Ok(if ok {

@@ -66,12 +66,24 @@ impl Daemon {
         let release = dir.path().join("os-release");
         std::fs::write(&release, os_release).unwrap();
         let config = dir.path().join("agent.toml");
+        // The agent's own files stay in this test's directory: its state, each
+        // action's private directory, and the audit anchors (outside the state, as
+        // in production).
+        let anchors = if extra.contains("[audit]") {
+            String::new()
+        } else {
+            format!(
+                "[audit]\nanchor-file = \"{}\"\n",
+                dir.path().join("anchors/audit-anchors.jsonl").display()
+            )
+        };
         std::fs::write(
             &config,
             format!(
-                "os-release = \"{}\"\nstate-dir = \"{}\"\n{extra}",
+                "os-release = \"{}\"\nstate-dir = \"{}\"\nruntime-dir = \"{}\"\n{extra}\n{anchors}",
                 release.display(),
-                dir.path().join("state").display()
+                dir.path().join("state").display(),
+                dir.path().join("run").display(),
             ),
         )
         .unwrap();

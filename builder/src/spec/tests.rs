@@ -93,7 +93,17 @@ fn every_field_is_read() {
     assert_eq!(s.packages, ["systemd-sysv", "dbus"]);
     assert_eq!(s.layers[0].name, "layers/one.toml");
     assert_eq!(s.layers[0].packages, ["git", "dbus"]);
+    // The agent is off here, so nothing of its is added.
     assert_eq!(s.all_packages(), ["dbus", "git", "systemd-sysv"]);
+    let with_agent = crate::spec::Spec {
+        agent_enabled: true,
+        ..s.clone()
+    };
+    // With it, what it needs comes too (bubblewrap builds its sandboxes).
+    assert_eq!(
+        with_agent.all_packages(),
+        ["bubblewrap", "dbus", "git", "systemd-sysv"]
+    );
     assert_eq!(s.hostname, "box-1");
     assert_eq!(s.kernel_cmdline, "console=ttyS0");
     assert_eq!(s.timezone, "Europe/Berlin");

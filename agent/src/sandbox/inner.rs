@@ -1,57 +1,23 @@
-//! The sandbox an approved action runs in. The daemon starts `devos-agent
-//! sandbox-exec` (a fresh, single-threaded process) with a [`Spec`] on stdin; it drops
-//! to the calling user, applies rlimits, Landlock and seccomp, and then executes the
-//! program (argv only) or performs the file operation itself.
+//! The sandbox's inner stage, inside the namespaces bubblewrap built: become the
+//! caller, set rlimits, enter the working directory as the caller, apply Landlock
+//! and seccomp, then execute the program (argv only, no shell) or perform the file
+//! operation itself.
 //!
 //! Order matters: identity first (so Landlock and seccomp bind the user's process,
-//! and `setuid` is not itself filtered), rlimits, `chdir` as the user (so a working
-//! directory the user cannot enter fails here), Landlock (which sets no_new_privs),
-//! then seccomp.
+//! and `setuid` is not itself filtered), rlimits, `chdir` as the user, Landlock
+//! (which sets no_new_privs), then seccomp.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
+use super::{APPLIED_PREFIX, EXIT_ACTION_FAILED, EXIT_SANDBOX_FAILED, Inner as Spec};
 use crate::action::Action;
 
-/// Exit status of `sandbox-exec` when the sandbox could not be set up; the action
-/// never started.
-pub const EXIT_SANDBOX_FAILED: i32 = 125;
-/// Exit status when the file operation itself failed.
-pub const EXIT_ACTION_FAILED: i32 = 1;
-
-/// Everything the helper needs, passed as JSON on stdin.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Spec {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-    pub user: String,
-    pub home: PathBuf,
-    pub cwd: PathBuf,
-    pub action: Action,
-    /// Directories the action may write beneath (empty: it may write nothing).
-    pub writable: Vec<PathBuf>,
-    /// A private temporary directory (writable; `TMPDIR`).
-    pub tmp: Option<PathBuf>,
-    pub network: bool,
-    /// Stay root (package installs approved by an administrator); the file system is
-    /// then not confined by Landlock, seccomp and rlimits still apply.
-    pub as_root: bool,
-    /// Refuse to run when Landlock cannot be enforced.
-    pub required: bool,
-    pub cpu_secs: u64,
-    pub max_file_mib: u64,
-    pub max_open_files: u64,
-}
-
 /// System calls an action never needs: debugging other processes, io_uring (which
-/// bypasses seccomp for its operations), kernel modules, mounts and namespaces of
-/// mounts, kexec, BPF, keyrings, and userfaultfd.
+/// bypasses seccomp for its operations), kernel modules, mounts, namespaces, kexec,
+/// BPF, keyrings, userfaultfd, swap, reboot, accounting.
 const DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
@@ -65,6 +31,7 @@ const DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_mount,
     libc::SYS_umount2,
     libc::SYS_pivot_root,
+    libc::SYS_chroot,
     libc::SYS_move_mount,
     libc::SYS_open_tree,
     libc::SYS_fsopen,
@@ -72,9 +39,12 @@ const DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_fsconfig,
     libc::SYS_fspick,
     libc::SYS_mount_setattr,
+    libc::SYS_unshare,
+    libc::SYS_setns,
     libc::SYS_kexec_load,
     libc::SYS_kexec_file_load,
     libc::SYS_bpf,
+    libc::SYS_perf_event_open,
     libc::SYS_keyctl,
     libc::SYS_add_key,
     libc::SYS_request_key,
@@ -85,8 +55,19 @@ const DENIED_SYSCALLS: &[i64] = &[
     libc::SYS_acct,
 ];
 
-/// The helper's main: read the spec, confine ourselves, run the action. Returns only
-/// on failure (with the exit code to use); a program run replaces this process.
+/// `clone` flags that would make new namespaces.
+const NAMESPACE_FLAGS: &[u64] = &[
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+];
+
+/// The inner stage's main: read the spec, confine ourselves, run the action. Returns
+/// only on failure (with the exit status); a program run replaces this process.
 pub fn exec_from_stdin() -> i32 {
     let mut input = String::new();
     if let Err(e) = std::io::stdin().read_to_string(&mut input) {
@@ -107,17 +88,16 @@ pub fn exec_from_stdin() -> i32 {
             return EXIT_SANDBOX_FAILED;
         }
     };
-    // The daemon reads this first line to record what the sandbox applied.
-    eprintln!("devos-sandbox: {applied}");
+    // The daemon reads this first line to record what the sandbox applied; nothing
+    // of the action has run before it.
+    eprintln!("{APPLIED_PREFIX}{}; {applied}", spec.outer);
     run(&spec)
 }
 
 fn confine(spec: &Spec) -> Result<String, String> {
     use nix::unistd::{Gid, Uid, chdir, setgroups, setresgid, setresuid};
-    if !spec.as_root {
-        if spec.uid == 0 && spec.gid == 0 {
-            // Root's own requests run as root, confined like anyone else's.
-        }
+    // Root's own requests stay uid 0, without capabilities (bubblewrap kept none).
+    if !spec.as_root && spec.uid != 0 {
         let groups: Vec<Gid> = spec.groups.iter().map(|g| Gid::from_raw(*g)).collect();
         setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
         let gid = Gid::from_raw(spec.gid);
@@ -134,13 +114,13 @@ fn confine(spec: &Spec) -> Result<String, String> {
         )
     })?;
     let landlock = if spec.as_root {
-        "landlock not applied (privileged action as root)".to_owned()
+        "landlock not applied (package install as root)".to_owned()
     } else {
         landlock(spec)?
     };
     seccomp()?;
     Ok(format!(
-        "{landlock}; seccomp denies {} syscalls; no_new_privs",
+        "{landlock}; seccomp denies {} syscalls and new namespaces; no_new_privs",
         DENIED_SYSCALLS.len()
     ))
 }
@@ -151,58 +131,65 @@ fn rlimits(spec: &Spec) -> Result<(), String> {
         setrlimit(r, v, v).map_err(|e| format!("setrlimit {name}: {e}"))
     };
     set(Resource::RLIMIT_CORE, 0, "core")?;
-    set(Resource::RLIMIT_CPU, spec.cpu_secs, "cpu")?;
+    set(Resource::RLIMIT_CPU, spec.limits.cpu_secs, "cpu")?;
     set(
         Resource::RLIMIT_FSIZE,
-        spec.max_file_mib * 1024 * 1024,
+        spec.limits.max_file_mib * 1024 * 1024,
         "fsize",
     )?;
-    set(Resource::RLIMIT_NOFILE, spec.max_open_files, "nofile")?;
+    set(
+        Resource::RLIMIT_NOFILE,
+        spec.limits.max_open_files,
+        "nofile",
+    )?;
     Ok(())
 }
 
 fn landlock(spec: &Spec) -> Result<String, String> {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
-        RulesetCreatedAttr, RulesetStatus, path_beneath_rules,
+        RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules,
     };
-    let abi = ABI::V5;
+    let abi = ABI::V6;
+    let err = |e: landlock::RulesetError| format!("landlock: {e}");
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))
-        .map_err(|e| format!("landlock: {e}"))?;
+        .map_err(err)?
+        .scope(Scope::AbstractUnixSocket | Scope::Signal)
+        .map_err(err)?;
     if !spec.network {
         ruleset = ruleset
             .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)
-            .map_err(|e| format!("landlock: {e}"))?;
+            .map_err(err)?;
     }
-    let mut writable: Vec<&Path> = spec.writable.iter().map(PathBuf::as_path).collect();
-    writable.extend(spec.tmp.as_deref());
+    let mut writable: Vec<&Path> = spec.writable.iter().map(|p| p.as_path()).collect();
+    writable.push(Path::new("/tmp"));
     let devices = [
         "/dev/null",
         "/dev/zero",
         "/dev/full",
         "/dev/tty",
         "/dev/pts",
+        "/dev/shm",
     ];
-    let created = ruleset
+    let status = ruleset
         .create()
-        .map_err(|e| format!("landlock: {e}"))?
+        .map_err(err)?
         .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))
-        .map_err(|e| format!("landlock: {e}"))?
+        .map_err(err)?
         .add_rules(path_beneath_rules(
             devices.iter().filter(|d| Path::new(d).exists()),
             AccessFs::from_all(abi),
         ))
-        .map_err(|e| format!("landlock: {e}"))?
+        .map_err(err)?
         .add_rules(path_beneath_rules(
             writable.iter().filter(|p| p.exists()),
             AccessFs::from_all(abi),
         ))
-        .map_err(|e| format!("landlock: {e}"))?;
-    let status = created
+        .map_err(err)?
         .restrict_self()
-        .map_err(|e| format!("landlock: {e}"))?;
+        .map_err(err)?;
     let abi = match status.landlock {
         landlock::LandlockStatus::Available { effective_abi, .. } => Some(effective_abi),
         _ => None,
@@ -215,11 +202,17 @@ fn landlock(spec: &Spec) -> Result<String, String> {
         nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
         return Ok("landlock NOT enforced (kernel lacks it; [sandbox] required = false)".into());
     };
-    // TCP rules need Landlock ABI 4 (Linux 6.7); say so rather than claim them.
+    // TCP rules need Landlock ABI 4 (Linux 6.7) and socket scoping ABI 6 (Linux
+    // 6.12); say what held rather than claim it. The namespaces hold either way.
     let net = match (spec.network, abi >= ABI::V4) {
-        (true, _) => "network allowed",
+        (true, _) => "TCP allowed",
         (false, true) => "no TCP",
-        (false, false) => "TCP not restricted (kernel Landlock ABI < 4)",
+        (false, false) => "TCP left to the network namespace (Landlock ABI < 4)",
+    };
+    let scoped = if abi >= ABI::V6 {
+        "abstract UNIX sockets and signals scoped"
+    } else {
+        "abstract UNIX sockets left to the network namespace (Landlock ABI < 6)"
     };
     let dirs = writable
         .iter()
@@ -227,66 +220,78 @@ fn landlock(spec: &Spec) -> Result<String, String> {
         .collect::<Vec<_>>()
         .join(", ");
     Ok(format!(
-        "landlock {abi:?} enforced; writable: {}; {net}",
-        if dirs.is_empty() {
-            "nothing".into()
-        } else {
-            dirs
-        }
+        "landlock {abi:?} enforced; writable: {dirs}; {net}; {scoped}"
     ))
 }
 
 fn seccomp() -> Result<(), String> {
-    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        DENIED_SYSCALLS.iter().map(|s| (*s, Vec::new())).collect();
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
     let arch = if cfg!(target_arch = "aarch64") {
         TargetArch::aarch64
     } else {
         TargetArch::x86_64
     };
-    let filter = SeccompFilter::new(
+    let err = |e: seccompiler::BackendError| format!("seccomp: {e}");
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED_SYSCALLS.iter().map(|s| (*s, Vec::new())).collect();
+    // clone() that would make a namespace: one rule per flag (rules are or-ed).
+    let clone_rules = NAMESPACE_FLAGS
+        .iter()
+        .map(|flag| {
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(*flag),
+                *flag,
+            )
+            .and_then(|c| SeccompRule::new(vec![c]))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    rules.insert(libc::SYS_clone, clone_rules);
+    let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
         arch,
     )
-    .map_err(|e| format!("seccomp: {e}"))?;
-    let program: BpfProgram = filter.try_into().map_err(|e| format!("seccomp: {e:?}"))?;
-    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))
-}
-
-/// A clean environment: nothing of the daemon's, only what programs expect.
-fn environment(spec: &Spec) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
-        ("HOME".into(), spec.home.to_string_lossy().into_owned()),
-        ("USER".into(), spec.user.clone()),
-        ("LOGNAME".into(), spec.user.clone()),
-        ("LANG".into(), "C.UTF-8".into()),
-        ("TERM".into(), "dumb".into()),
-        ("NO_COLOR".into(), "1".into()),
-        ("GIT_TERMINAL_PROMPT".into(), "0".into()),
-        ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
-    ];
-    if let Some(tmp) = &spec.tmp {
-        env.push(("TMPDIR".into(), tmp.to_string_lossy().into_owned()));
+    .map_err(err)?;
+    // clone3 passes its flags in memory seccomp cannot read: say it does not exist,
+    // and the C library falls back to clone().
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(err)?;
+    for filter in [deny, clone3] {
+        let program: BpfProgram = filter.try_into().map_err(|e| format!("seccomp: {e:?}"))?;
+        seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))?;
     }
-    env
+    Ok(())
 }
 
 fn run(spec: &Spec) -> i32 {
     if let Some(argv) = spec.action.argv() {
-        let Some((program, args)) = argv.split_first() else {
-            eprintln!("devos sandbox: empty command");
-            return EXIT_ACTION_FAILED;
+        let Some(program) = &spec.program else {
+            eprintln!(
+                "devos sandbox: {} is not installed in the system directories",
+                argv[0]
+            );
+            return 127;
         };
         let err = std::process::Command::new(program)
-            .args(args)
+            .arg0(&argv[0])
+            .args(&argv[1..])
             .env_clear()
-            .envs(environment(spec))
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
             .exec();
-        eprintln!("cannot run {program}: {err}");
+        eprintln!("cannot run {}: {err}", program.display());
         return if err.kind() == std::io::ErrorKind::NotFound {
             127
         } else {

@@ -1,0 +1,656 @@
+//! What the agent must know about a git repository to run git safely in it: where
+//! its git directory and configuration are, whether it has hooks or configured
+//! programs, and its configuration reduced to keys that cannot start a program.
+//!
+//! The sandbox runs git with the repository's configuration replaced by that
+//! reduced copy (an allow-list: anything not listed is dropped, so a setting this
+//! module has never heard of cannot run anything), hooks pointed at an empty
+//! directory, no pager, no system configuration and a reduced global one — unless the
+//! user approved the action with the repository's own programs.
+
+use std::path::{Path, PathBuf};
+
+/// A repository as git will see it from a working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repo {
+    /// The directory holding the working tree.
+    pub work_tree: PathBuf,
+    /// `.git` (or the directory a `.git` file points to, for worktrees and submodules).
+    pub git_dir: PathBuf,
+    /// Where the shared state lives (the main `.git` for a linked worktree).
+    pub common_dir: PathBuf,
+}
+
+impl Repo {
+    /// The configuration files of the repository itself (the shared `config` and a
+    /// worktree's `config.worktree`), those that exist.
+    pub fn config_files(&self) -> Vec<PathBuf> {
+        [
+            self.common_dir.join("config"),
+            self.git_dir.join("config.worktree"),
+        ]
+        .into_iter()
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+    }
+
+    /// Hooks that are active: executable files in `hooks/` that are not samples.
+    pub fn hooks(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut hooks: Vec<String> = std::fs::read_dir(self.common_dir.join("hooks"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                !e.file_name().to_string_lossy().ends_with(".sample")
+                    && e.metadata()
+                        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        hooks.sort();
+        hooks
+    }
+}
+
+/// Find the repository `cwd` is in, the way git does: a `.git` directory or a
+/// `gitdir:` file in `cwd` or a directory above it. A bare repository is not
+/// returned (the sandbox's git refuses bare repositories it was not pointed at).
+pub fn discover(cwd: &Path) -> Option<Repo> {
+    for dir in cwd.ancestors() {
+        let dot_git = dir.join(".git");
+        let Ok(meta) = dot_git.symlink_metadata() else {
+            continue;
+        };
+        let git_dir = if meta.is_file() {
+            let text = std::fs::read_to_string(&dot_git).ok()?;
+            let target = text.trim().strip_prefix("gitdir:")?.trim();
+            std::fs::canonicalize(dir.join(target)).ok()?
+        } else {
+            std::fs::canonicalize(&dot_git).ok()?
+        };
+        if !git_dir.join("HEAD").exists() {
+            continue;
+        }
+        let common_dir = std::fs::read_to_string(git_dir.join("commondir"))
+            .ok()
+            .and_then(|c| std::fs::canonicalize(git_dir.join(c.trim())).ok())
+            .unwrap_or_else(|| git_dir.clone());
+        return Some(Repo {
+            work_tree: dir.to_path_buf(),
+            git_dir,
+            common_dir,
+        });
+    }
+    None
+}
+
+/// How much of a configuration the sandbox keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// The repository's own configuration: only keys that cannot start a program.
+    Repository,
+    /// The user's global configuration for commands that change the repository:
+    /// also their credential helper and filter drivers (dropping a filter such as
+    /// git-lfs would commit the wrong content; commands that would run one ask).
+    GlobalWrite,
+    /// The user's global configuration for read-only commands: identity and inert
+    /// keys only.
+    GlobalRead,
+}
+
+/// Keys (lower case; `*` is one subsection) that cannot start a program, whatever
+/// their value. Everything else is dropped.
+const INERT: &[&str] = &[
+    "core.repositoryformatversion",
+    "core.bare",
+    "core.filemode",
+    "core.symlinks",
+    "core.ignorecase",
+    "core.precomposeunicode",
+    "core.logallrefupdates",
+    "core.autocrlf",
+    "core.eol",
+    "core.safecrlf",
+    "core.quotepath",
+    "core.abbrev",
+    "core.sharedrepository",
+    "core.untrackedcache",
+    "core.checkstat",
+    "core.trustctime",
+    "core.compression",
+    "core.bigfilethreshold",
+    "core.preloadindex",
+    "core.commentchar",
+    "core.whitespace",
+    "extensions.objectformat",
+    "extensions.worktreeconfig",
+    "extensions.refstorage",
+    "extensions.preciousobjects",
+    "extensions.partialclone",
+    "remote.*.url",
+    "remote.*.pushurl",
+    "remote.*.fetch",
+    "remote.*.push",
+    "remote.*.tagopt",
+    "remote.*.prune",
+    "remote.*.mirror",
+    "remote.*.promisor",
+    "remote.*.partialclonefilter",
+    "branch.*.remote",
+    "branch.*.merge",
+    "branch.*.rebase",
+    "branch.*.pushremote",
+    "branch.*.description",
+    "user.name",
+    "user.email",
+    "author.name",
+    "author.email",
+    "committer.name",
+    "committer.email",
+    "init.defaultbranch",
+    "pull.rebase",
+    "pull.ff",
+    "push.default",
+    "push.autosetupremote",
+    "fetch.prune",
+    "merge.ff",
+    "merge.conflictstyle",
+    "diff.renames",
+    "diff.algorithm",
+    "diff.noprefix",
+    "diff.mnemonicprefix",
+    "diff.context",
+    "status.showuntrackedfiles",
+    "status.short",
+    "status.branch",
+    "log.date",
+    "log.decorate",
+    "format.pretty",
+    "submodule.*.url",
+    "submodule.*.active",
+];
+
+/// Extra keys the global configuration keeps for commands that change the repository.
+const GLOBAL_WRITE: &[&str] = &[
+    "filter.*.clean",
+    "filter.*.smudge",
+    "filter.*.process",
+    "filter.*.required",
+    "credential.helper",
+];
+
+/// Keys that are known to run programs (for telling the user what approving a
+/// repository's own programs means). Not the safety mechanism: that is [`INERT`].
+const RUNS_PROGRAMS: &[&str] = &[
+    "core.fsmonitor",
+    "core.hookspath",
+    "core.pager",
+    "core.editor",
+    "core.sshcommand",
+    "core.gitproxy",
+    "core.askpass",
+    "core.alternaterefscommand",
+    "diff.external",
+    "diff.*.textconv",
+    "diff.*.command",
+    "filter.*.clean",
+    "filter.*.smudge",
+    "filter.*.process",
+    "merge.*.driver",
+    "credential.helper",
+    "credential.*.helper",
+    "gpg.program",
+    "gpg.*.program",
+    "log.showsignature",
+    "commit.gpgsign",
+    "tag.gpgsign",
+    "push.gpgsign",
+    "sequence.editor",
+    "pager.*",
+    "alias.*",
+    "include.path",
+    "includeif.*.path",
+    "remote.*.uploadpack",
+    "remote.*.receivepack",
+    "remote.*.vcs",
+    "uploadpack.packobjectshook",
+    "interactive.difffilter",
+    "web.browser",
+    "browser.*.cmd",
+    "difftool.*.cmd",
+    "mergetool.*.cmd",
+    "protocol.*.allow",
+    "url.*.insteadof",
+    "trace2.eventtarget",
+    "trace2.normaltarget",
+    "trace2.perftarget",
+    "submodule.*.update",
+];
+
+/// Split a key into section, subsection and name (lower case where git ignores case).
+fn split_key(key: &str) -> Option<(String, Option<&str>, String)> {
+    let (section, rest) = key.split_once('.')?;
+    let (sub, name) = match rest.rsplit_once('.') {
+        Some((sub, name)) => (Some(sub), name),
+        None => (None, rest),
+    };
+    Some((section.to_lowercase(), sub, name.to_lowercase()))
+}
+
+fn matches(patterns: &[&str], key: &str) -> bool {
+    let Some((section, sub, name)) = split_key(key) else {
+        return false;
+    };
+    patterns.iter().any(|p| {
+        let mut parts = p.split('.');
+        let (ps, pm, pn) = (parts.next(), parts.next(), parts.next());
+        match (ps, pm, pn, sub) {
+            // `section.*`: any key of the section.
+            (Some(ps), Some("*"), None, _) => ps == section,
+            (Some(ps), Some(pn), None, None) => ps == section && pn == name,
+            (Some(ps), Some("*"), Some(pn), Some(_)) => ps == section && pn == name,
+            _ => false,
+        }
+    })
+}
+
+/// Whether a key is kept at this level.
+pub fn kept(key: &str, level: Level) -> bool {
+    matches(INERT, key) || (level == Level::GlobalWrite && matches(GLOBAL_WRITE, key))
+}
+
+/// Whether a key is known to run a program.
+pub fn runs_programs(key: &str) -> bool {
+    matches(RUNS_PROGRAMS, key)
+}
+
+/// One setting of a configuration file: section (lower case), subsection (as
+/// written), name (lower case) and value (`None` for a bare boolean).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub section: String,
+    pub subsection: Option<String>,
+    pub name: String,
+    pub value: Option<String>,
+}
+
+impl Setting {
+    pub fn key(&self) -> String {
+        match &self.subsection {
+            Some(sub) => format!("{}.{sub}.{}", self.section, self.name),
+            None => format!("{}.{}", self.section, self.name),
+        }
+    }
+}
+
+/// Parse a git configuration file the way git does (sections, quoted subsections,
+/// quoted values, escapes, line continuations, comments). A file git would refuse is
+/// refused, with the line.
+pub fn parse_config(text: &str) -> Result<Vec<Setting>, String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut p = Cursor {
+        chars: &chars,
+        i: 0,
+        line: 1,
+    };
+    let mut out = Vec::new();
+    let mut section: Option<(String, Option<String>)> = None;
+    while let Some(c) = p.peek() {
+        match c {
+            '\n' => {
+                p.line += 1;
+                p.i += 1;
+            }
+            c if c.is_whitespace() => p.i += 1,
+            '#' | ';' => p.skip_line(),
+            '[' => {
+                p.i += 1;
+                section = Some(p.header()?);
+            }
+            c if c.is_ascii_alphabetic() => {
+                let name = p
+                    .take_while(|c| c.is_ascii_alphanumeric() || c == '-')
+                    .to_lowercase();
+                let Some((sec, sub)) = &section else {
+                    return Err(p.error("a setting before any [section]"));
+                };
+                while matches!(p.peek(), Some(' ' | '\t')) {
+                    p.i += 1;
+                }
+                let value = match p.peek() {
+                    Some('=') => {
+                        p.i += 1;
+                        Some(p.value()?)
+                    }
+                    None | Some('\n' | '#' | ';') => None,
+                    Some('\r') => None,
+                    Some(_) => return Err(p.error("expected `=` after the name")),
+                };
+                out.push(Setting {
+                    section: sec.clone(),
+                    subsection: sub.clone(),
+                    name,
+                    value,
+                });
+            }
+            _ => return Err(p.error("not a section, setting or comment")),
+        }
+    }
+    Ok(out)
+}
+
+struct Cursor<'a> {
+    chars: &'a [char],
+    i: usize,
+    line: usize,
+}
+
+impl Cursor<'_> {
+    fn peek(&self) -> Option<char> {
+        self.chars.get(self.i).copied()
+    }
+
+    fn error(&self, what: &str) -> String {
+        format!("line {}: {what}", self.line)
+    }
+
+    fn skip_line(&mut self) {
+        while let Some(c) = self.peek() {
+            if c == '\n' {
+                break;
+            }
+            self.i += 1;
+        }
+    }
+
+    fn take_while(&mut self, f: impl Fn(char) -> bool) -> String {
+        let start = self.i;
+        while self.peek().is_some_and(&f) {
+            self.i += 1;
+        }
+        self.chars[start..self.i].iter().collect()
+    }
+
+    /// `[name]`, `[name "sub"]` or the old `[name.sub]`; the `[` is consumed.
+    fn header(&mut self) -> Result<(String, Option<String>), String> {
+        let name = self.take_while(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if name.is_empty() {
+            return Err(self.error("an empty section name"));
+        }
+        let mut sub = None;
+        if self.peek().is_some_and(|c| c == ' ' || c == '\t') {
+            while matches!(self.peek(), Some(' ' | '\t')) {
+                self.i += 1;
+            }
+            if self.peek() != Some('"') {
+                return Err(self.error("a subsection must be quoted"));
+            }
+            self.i += 1;
+            let mut s = String::new();
+            loop {
+                match self.peek() {
+                    None | Some('\n') => return Err(self.error("an unterminated subsection")),
+                    Some('"') => {
+                        self.i += 1;
+                        break;
+                    }
+                    Some('\\') => {
+                        self.i += 1;
+                        match self.peek() {
+                            None | Some('\n') => {
+                                return Err(self.error("an unterminated subsection"));
+                            }
+                            Some(c) => s.push(c),
+                        }
+                        self.i += 1;
+                    }
+                    Some(c) => {
+                        s.push(c);
+                        self.i += 1;
+                    }
+                }
+            }
+            sub = Some(s);
+        }
+        if self.peek() != Some(']') {
+            return Err(self.error("a section header without `]`"));
+        }
+        self.i += 1;
+        match (name.split_once('.'), sub) {
+            (Some((sec, old)), None) => Ok((sec.to_lowercase(), Some(old.to_lowercase()))),
+            (Some(_), Some(_)) => Err(self.error("a dotted section name with a subsection")),
+            (None, sub) => Ok((name.to_lowercase(), sub)),
+        }
+    }
+
+    /// A value after `=`: whitespace trimmed outside quotes (inner runs become
+    /// spaces, as git does), quotes removed, escapes applied, continuations joined.
+    fn value(&mut self) -> Result<String, String> {
+        let mut out = String::new();
+        let mut quoted = false;
+        let mut spaces = 0;
+        let mut started = false;
+        loop {
+            let Some(c) = self.peek() else {
+                if quoted {
+                    return Err(self.error("an unterminated quote"));
+                }
+                return Ok(out);
+            };
+            self.i += 1;
+            match c {
+                '\n' => {
+                    if quoted {
+                        return Err(self.error("an unterminated quote"));
+                    }
+                    self.line += 1;
+                    return Ok(out);
+                }
+                '#' | ';' if !quoted => {
+                    self.skip_line();
+                    return Ok(out);
+                }
+                c if !quoted && c.is_whitespace() => {
+                    if started {
+                        spaces += 1;
+                    }
+                }
+                c => {
+                    started = true;
+                    out.extend(std::iter::repeat_n(' ', spaces));
+                    spaces = 0;
+                    match c {
+                        '"' => quoted = !quoted,
+                        '\\' => {
+                            let Some(e) = self.peek() else {
+                                return Err(self.error("a backslash at the end"));
+                            };
+                            self.i += 1;
+                            match e {
+                                '\n' => self.line += 1,
+                                'n' => out.push('\n'),
+                                't' => out.push('\t'),
+                                'b' => out.push('\u{8}'),
+                                '"' | '\\' => out.push(e),
+                                _ => return Err(self.error("an unknown escape in a value")),
+                            }
+                        }
+                        c => out.push(c),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The keys of a configuration text (empty if git could not read it either).
+pub fn keys(text: &str) -> Vec<String> {
+    parse_config(text)
+        .map(|s| s.iter().map(Setting::key).collect())
+        .unwrap_or_default()
+}
+
+/// A configuration reduced to the keys kept at `level`, written back in git's file
+/// format with every value quoted.
+pub fn sanitize(settings: &[Setting], level: Level) -> String {
+    let mut out =
+        String::from("# devos: this configuration without the keys that could run programs\n");
+    for s in settings.iter().filter(|s| kept(&s.key(), level)) {
+        let header = match &s.subsection {
+            Some(sub) => format!("[{} \"{}\"]", s.section, escape(sub)),
+            None => format!("[{}]", s.section),
+        };
+        match &s.value {
+            Some(v) => out.push_str(&format!("{header}\n\t{} = \"{}\"\n", s.name, escape(v))),
+            None => out.push_str(&format!("{header}\n\t{}\n", s.name)),
+        }
+    }
+    out
+}
+
+/// Escape a value for a double-quoted git config string (control characters other
+/// than newline, tab and backspace are dropped).
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for ch in value.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Filter, diff and merge drivers named in the repository's top-level attributes.
+pub fn attribute_drivers(repo: &Repo) -> Vec<String> {
+    let mut drivers = Vec::new();
+    for file in [
+        repo.work_tree.join(".gitattributes"),
+        repo.common_dir.join("info/attributes"),
+    ] {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for word in text.split_whitespace() {
+            for kind in ["filter", "diff", "merge"] {
+                if let Some(name) = word.strip_prefix(kind).and_then(|r| r.strip_prefix('=')) {
+                    let d = format!("{kind}.{name}");
+                    if !drivers.contains(&d) {
+                        drivers.push(d);
+                    }
+                }
+            }
+        }
+    }
+    drivers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_inert_keys_survive() {
+        let text = "[core]\n\tfsmonitor = /tmp/x\n\tbare = false\n[remote \"origin\"]\n\turl = https://example.com/r.git\n\tuploadpack = sh -c x\n[diff \"evil\"]\n\ttextconv = sh\n[include]\n\tpath = /tmp/i\n[user]\n\tname = \"A \\\"quoted\\\" name\\\\\"\n[filter \"lfs\"]\n\tprocess = git-lfs filter-process\n[core]\n\tbare\n";
+        let settings = parse_config(text).unwrap();
+        let repo = sanitize(&settings, Level::Repository);
+        assert!(repo.contains("\tbare = \"false\""), "{repo}");
+        assert!(repo.contains("[remote \"origin\"]\n\turl = \"https://example.com/r.git\""));
+        assert!(
+            repo.contains("name = \"A \\\"quoted\\\" name\\\\\""),
+            "{repo}"
+        );
+        for gone in ["fsmonitor", "uploadpack", "textconv", "include", "filter"] {
+            assert!(!repo.contains(gone), "{gone} survived: {repo}");
+        }
+        // What we write, we read back the same.
+        let again = parse_config(&repo).unwrap();
+        assert_eq!(
+            again
+                .iter()
+                .find(|s| s.name == "name")
+                .unwrap()
+                .value
+                .as_deref(),
+            Some("A \"quoted\" name\\")
+        );
+        let global = sanitize(&settings, Level::GlobalWrite);
+        assert!(
+            global.contains("process = \"git-lfs filter-process\""),
+            "{global}"
+        );
+        assert!(!sanitize(&settings, Level::GlobalRead).contains("filter"));
+    }
+
+    #[test]
+    fn values_parse_like_git() {
+        let s = parse_config("[a]\n x =  one  two \t# c\n y = \"  q ; # \" z\n w = a\\\n b\n[b.Sub] v\n[c \"S\\\"x\"] k=1 ; c\n").unwrap();
+        let v: Vec<(String, Option<String>)> =
+            s.iter().map(|s| (s.key(), s.value.clone())).collect();
+        assert_eq!(
+            v,
+            [
+                ("a.x".into(), Some("one  two".into())),
+                ("a.y".into(), Some("  q ; #  z".into())),
+                ("a.w".into(), Some("a b".into())),
+                ("b.sub.v".into(), None),
+                ("c.S\"x.k".into(), Some("1".into())),
+            ]
+        );
+        for bad in [
+            "x = 1\n",
+            "[a]\n x = \"open\n",
+            "[a \"s]\n",
+            "[a]\n 1x = 2\n",
+            "[a]\n x = \\q\n",
+        ] {
+            assert!(parse_config(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys_and_programs_are_found() {
+        let text = "[core]\n\tfsmonitor = x\n[diff \"a\"]\ntextconv=cat\n[Alias] st = status\n[user]\n\tname = x\n";
+        let k = keys(text);
+        assert_eq!(
+            k,
+            ["core.fsmonitor", "diff.a.textconv", "alias.st", "user.name"]
+        );
+        let programs: Vec<&String> = k.iter().filter(|k| runs_programs(k)).collect();
+        assert_eq!(programs, ["core.fsmonitor", "diff.a.textconv", "alias.st"]);
+        assert!(!kept("core.hooksPath", Level::GlobalWrite));
+        assert!(
+            kept("remote.a.b.url", Level::Repository),
+            "subsections may hold dots"
+        );
+    }
+
+    #[test]
+    fn discovery_follows_gitdir_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(root.join("main/.git/worktrees/wt")).unwrap();
+        std::fs::write(root.join("main/.git/HEAD"), "ref: refs/heads/main\n").unwrap();
+        std::fs::write(root.join("main/.git/worktrees/wt/HEAD"), "x\n").unwrap();
+        std::fs::write(root.join("main/.git/worktrees/wt/commondir"), "../..\n").unwrap();
+        std::fs::create_dir_all(root.join("wt/sub")).unwrap();
+        std::fs::write(
+            root.join("wt/.git"),
+            format!(
+                "gitdir: {}\n",
+                root.join("main/.git/worktrees/wt").display()
+            ),
+        )
+        .unwrap();
+        let repo = discover(&root.join("wt/sub")).unwrap();
+        assert_eq!(repo.work_tree, root.join("wt"));
+        assert_eq!(repo.common_dir, root.join("main/.git"));
+        assert!(discover(&root).is_none());
+    }
+}

@@ -1,0 +1,208 @@
+//! The sandbox every approved action runs in. It is the boundary: whatever the
+//! classifier thought of an action, the action can do no more than the profile of the
+//! class it was approved in allows.
+//!
+//! Three processes, each doing one thing:
+//!
+//! 1. `devos-agent sandbox-exec` ([`outer`]), started by the daemon as root. With
+//!    the caller's credentials (seteuid) it checks the action again, prepares what it
+//!    needs (the git configuration without programs, which secret locations exist),
+//!    then, as root, joins the action's cgroup and execs bubblewrap.
+//! 2. bubblewrap, as root, builds fresh namespaces: a mount view with the system
+//!    read-only and only the profile's paths writable, other users' homes, `/root`,
+//!    the agent's state, `/run` (the system bus, `/run/user`, every daemon socket) and
+//!    the caller's secret locations absent; a private `/tmp`; a PID namespace; an
+//!    empty network namespace unless the profile has the network; IPC and UTS
+//!    namespaces.
+//! 3. `devos-agent sandbox-exec --inside` ([`inner`]), inside: becomes the caller
+//!    (uid, gid, groups; the capabilities bubblewrap kept for this are lost), sets
+//!    rlimits, enters the working directory as the caller, applies Landlock (file
+//!    system, TCP and abstract UNIX sockets where the kernel can) and seccomp, and
+//!    execs the program or performs the file operation itself.
+//!
+//! The end of the action — exit, timeout or Cancel — ends the PID namespace and so
+//! every process in it, `setsid()` or not.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::action::Action;
+use crate::caller::Caller;
+use crate::risk::{Risk, RiskClass};
+
+pub mod cgroup;
+pub mod inner;
+pub mod outer;
+
+/// Exit status when the sandbox could not be set up; the action never started.
+pub const EXIT_SANDBOX_FAILED: i32 = 125;
+/// Exit status when the action was refused because its risk grew since approval.
+pub const EXIT_RISK_CHANGED: i32 = 122;
+/// Exit status when a file operation itself failed.
+pub const EXIT_ACTION_FAILED: i32 = 1;
+/// Where the sandbox's own files appear inside it (on its private `/run`).
+pub const INSIDE_DIR: &str = "/run/devos-sandbox";
+/// The first stderr line the inner stage prints: what was applied.
+pub const APPLIED_PREFIX: &str = "devos-sandbox: ";
+/// The line the outer stage prints when it refuses an action whose risk grew.
+pub const REFUSED_PREFIX: &str = "devos-sandbox-refused: ";
+
+/// What the daemon hands the outer stage (JSON on stdin).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Spec {
+    pub caller: Caller,
+    /// The working directory, canonical, as approved.
+    pub cwd: PathBuf,
+    pub action: Action,
+    /// The risk the action was approved with: its profile.
+    pub approved: Risk,
+    /// Run as root (administrator-approved package installs).
+    pub as_root: bool,
+    /// The policy's secret locations.
+    pub secrets: Vec<String>,
+    /// The policy's paths kept read-only even inside a writable working directory.
+    pub read_only: Vec<String>,
+    /// The agent's own files (state, audit anchors): absent in the sandbox.
+    pub hide: Vec<PathBuf>,
+    /// A directory only root can reach, for this action alone; `tmp/` in it, owned
+    /// by the caller, becomes `/tmp`.
+    pub private_dir: PathBuf,
+    /// The cgroup the action runs in, when the agent has one to give.
+    pub cgroup: Option<PathBuf>,
+    pub bwrap: PathBuf,
+    /// Refuse the action when Landlock cannot be enforced.
+    pub required: bool,
+    pub limits: Limits,
+}
+
+/// rlimits of an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Limits {
+    pub cpu_secs: u64,
+    pub max_file_mib: u64,
+    pub max_open_files: u64,
+}
+
+/// What the outer stage hands the inner one (JSON on stdin, through bubblewrap).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Inner {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub user: String,
+    pub as_root: bool,
+    pub cwd: PathBuf,
+    pub action: Action,
+    /// The program to execute (canonical), for argv actions.
+    pub program: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    /// What Landlock lets the action write (besides `/tmp` and a few devices).
+    pub writable: Vec<PathBuf>,
+    pub network: bool,
+    pub required: bool,
+    pub limits: Limits,
+    /// What the outer stage applied, for the record.
+    pub outer: String,
+}
+
+/// What an approved action may reach: the sandbox profile of its class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Profile {
+    /// Paths it may write (everything else is read-only or absent).
+    pub writable: Vec<PathBuf>,
+    pub network: bool,
+    /// Secret locations visible to it.
+    pub secrets: Vec<PathBuf>,
+    /// Root, with the whole system writable (package installs approved by an
+    /// administrator).
+    pub root: bool,
+}
+
+impl Profile {
+    /// The profile of an action approved with `risk`, run in `cwd`.
+    pub fn of(risk: &Risk, cwd: &Path, as_root: bool) -> Profile {
+        if as_root {
+            return Profile {
+                writable: vec![PathBuf::from("/")],
+                network: true,
+                secrets: Vec::new(),
+                root: true,
+            };
+        }
+        let mut writable = Vec::new();
+        if risk.class != RiskClass::ReadOnly {
+            writable.push(cwd.to_path_buf());
+            for p in &risk.writes_outside {
+                if !writable.iter().any(|w| p.starts_with(w)) {
+                    writable.push(p.clone());
+                }
+            }
+        }
+        Profile {
+            writable,
+            network: risk.network,
+            secrets: risk.secrets.clone(),
+            root: false,
+        }
+    }
+
+    /// One line for prompts and the record: what the action will be able to do.
+    pub fn describe(&self) -> String {
+        if self.root {
+            return "as root: the whole system, the network".into();
+        }
+        let writes = if self.writable.is_empty() {
+            "writes nothing".to_owned()
+        } else {
+            format!(
+                "writes {}",
+                self.writable
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let mut parts = vec![
+            writes,
+            if self.network {
+                "network".into()
+            } else {
+                "no network".into()
+            },
+        ];
+        if !self.secrets.is_empty() {
+            parts.push(format!(
+                "can read {}",
+                self.secrets
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
+/// The environment every action starts with: nothing of the daemon's, nothing of the
+/// caller's session; only what programs expect.
+pub fn base_environment(user: &str, home: &Path) -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), crate::risk::programs::SYSTEM_PATH.join(":")),
+        ("HOME".into(), home.to_string_lossy().into_owned()),
+        ("USER".into(), user.to_owned()),
+        ("LOGNAME".into(), user.to_owned()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("TERM".into(), "dumb".into()),
+        ("NO_COLOR".into(), "1".into()),
+        ("TMPDIR".into(), "/tmp".into()),
+        ("GIT_TERMINAL_PROMPT".into(), "0".into()),
+        ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
+    ]
+}

@@ -1,0 +1,485 @@
+//! The sandbox's outer stage: check again as the caller, prepare, become bubblewrap.
+//!
+//! It runs as root and single-threaded, so it can take the caller's identity for a
+//! while (effective uid and groups only; the caller cannot signal or trace it, since
+//! its real and saved uid stay root) to read what the caller may read — and nothing
+//! else — before it builds the namespaces as root.
+
+use std::convert::Infallible;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use super::{
+    EXIT_RISK_CHANGED, EXIT_SANDBOX_FAILED, INSIDE_DIR, Inner, Profile, REFUSED_PREFIX, Spec,
+    base_environment,
+};
+use crate::action::Action;
+use crate::caller::{Caller, classify_as};
+use crate::gitrepo::{self, Level, Repo};
+use crate::risk::RiskClass;
+
+/// Why the outer stage stopped before anything ran.
+enum Stop {
+    /// The action now needs more than it was approved with.
+    RiskChanged(String),
+    /// The sandbox could not be built.
+    Failed(String),
+}
+
+fn failed(e: impl std::fmt::Display) -> Stop {
+    Stop::Failed(e.to_string())
+}
+
+/// The outer stage's main. Returns only when it could not exec bubblewrap.
+pub fn exec_from_stdin() -> i32 {
+    let mut input = String::new();
+    let spec: Spec = match std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_str(&input).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("devos sandbox: invalid action spec: {e}");
+            return EXIT_SANDBOX_FAILED;
+        }
+    };
+    match run(&spec) {
+        Err(Stop::RiskChanged(why)) => {
+            eprintln!("{REFUSED_PREFIX}{why}");
+            EXIT_RISK_CHANGED
+        }
+        Err(Stop::Failed(why)) => {
+            eprintln!("devos sandbox: refused: {why}");
+            EXIT_SANDBOX_FAILED
+        }
+    }
+}
+
+fn run(spec: &Spec) -> Result<Infallible, Stop> {
+    let prepared = as_caller(&spec.caller, || prepare(spec))??;
+    let exe =
+        std::env::current_exe().map_err(|e| failed(format!("the agent's own binary: {e}")))?;
+    let git_dir = spec.private_dir.join("git");
+    let mut args = bwrap_args(spec, &prepared);
+    if let Some(git) = &prepared.git {
+        std::fs::create_dir_all(&git_dir).map_err(failed)?;
+        for (i, (target, content)) in git.configs.iter().enumerate() {
+            let file = git_dir.join(format!("config-{i}"));
+            write_readable(&file, content)?;
+            args.extend(bind("--ro-bind", &file, target));
+        }
+        let global = git_dir.join("global");
+        write_readable(&global, &git.global)?;
+        args.extend(bind(
+            "--ro-bind",
+            &global,
+            &Path::new(INSIDE_DIR).join("gitconfig"),
+        ));
+        args.extend(["--dir".into(), format!("{INSIDE_DIR}/no-hooks")]);
+    }
+    args.extend(bind(
+        "--ro-bind",
+        &exe,
+        &Path::new(INSIDE_DIR).join("devos-agent"),
+    ));
+    args.extend([
+        "--".into(),
+        format!("{INSIDE_DIR}/devos-agent"),
+        "sandbox-exec".into(),
+        "--inside".into(),
+    ]);
+    let inner = inner_spec(spec, &prepared);
+    let inner_path = spec.private_dir.join("inner.json");
+    std::fs::write(&inner_path, serde_json::to_vec(&inner).map_err(failed)?)
+        .map_err(|e| failed(format!("{}: {e}", inner_path.display())))?;
+    let stdin = std::fs::File::open(&inner_path).map_err(failed)?;
+    let _ = std::fs::remove_file(&inner_path);
+    if let Some(cgroup) = &spec.cgroup {
+        super::cgroup::join(cgroup).map_err(failed)?;
+    }
+    // If the daemon dies, so does the action (bubblewrap's --die-with-parent then
+    // takes the namespace down).
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(failed)?;
+    let err = std::process::Command::new(&spec.bwrap)
+        .args(&args)
+        .env_clear()
+        .stdin(stdin)
+        .exec();
+    Err(failed(format!(
+        "cannot run {}: {err} (install bubblewrap)",
+        spec.bwrap.display()
+    )))
+}
+
+fn write_readable(path: &Path, content: &str) -> Result<(), Stop> {
+    std::fs::write(path, content)
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
+        .map_err(|e| failed(format!("{}: {e}", path.display())))
+}
+
+fn bind(kind: &str, from: &Path, to: &Path) -> [String; 3] {
+    [
+        kind.to_owned(),
+        from.to_string_lossy().into_owned(),
+        to.to_string_lossy().into_owned(),
+    ]
+}
+
+/// Run `f` with the caller's effective uid, gid and groups, then become root again.
+fn as_caller<T>(caller: &Caller, f: impl FnOnce() -> T) -> Result<T, Stop> {
+    use nix::unistd::{Gid, Uid, setegid, seteuid, setgroups};
+    if caller.uid == 0 {
+        return Ok(f());
+    }
+    let groups: Vec<Gid> = caller.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    setgroups(&groups).map_err(|e| failed(format!("setgroups: {e}")))?;
+    setegid(Gid::from_raw(caller.gid)).map_err(|e| failed(format!("setegid: {e}")))?;
+    seteuid(Uid::from_raw(caller.uid)).map_err(|e| failed(format!("seteuid: {e}")))?;
+    let result = f();
+    let back = seteuid(Uid::from_raw(0))
+        .and_then(|()| setegid(Gid::from_raw(0)))
+        .and_then(|()| setgroups(&[]));
+    if let Err(e) = back {
+        // Never go on half-privileged.
+        eprintln!("devos sandbox: cannot become root again: {e}");
+        std::process::exit(EXIT_SANDBOX_FAILED);
+    }
+    Ok(result)
+}
+
+/// What the outer stage found out as the caller.
+struct Prepared {
+    cwd: PathBuf,
+    profile: Profile,
+    /// Secret locations to hide, and whether each is a directory.
+    hidden_secrets: Vec<(PathBuf, bool)>,
+    /// Paths inside writable places that stay read-only.
+    read_only: Vec<PathBuf>,
+    git: Option<GitPrepared>,
+    /// `/etc/resolv.conf`'s target when it lives under `/run` (systemd-resolved).
+    resolv: Option<PathBuf>,
+    home_visible: bool,
+}
+
+struct GitPrepared {
+    repo: Option<Repo>,
+    /// Reduced copies of the repository's configuration files and where they go.
+    configs: Vec<(PathBuf, String)>,
+    /// The reduced global configuration.
+    global: String,
+}
+
+fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
+    let caller = &spec.caller;
+    let cwd = std::env::set_current_dir(&spec.cwd)
+        .and_then(|()| std::env::current_dir())
+        .map_err(|e| {
+            failed(format!(
+                "cannot enter the working directory {} as {}: {e}",
+                spec.cwd.display(),
+                caller.user
+            ))
+        })?;
+    if cwd != spec.cwd {
+        return Err(Stop::RiskChanged(format!(
+            "the working directory {} now leads to {}",
+            spec.cwd.display(),
+            cwd.display()
+        )));
+    }
+    let now = classify_as(&spec.action, &cwd, caller, &spec.secrets);
+    now.within(&spec.approved).map_err(Stop::RiskChanged)?;
+    let profile = Profile::of(&spec.approved, &cwd, spec.as_root);
+    let granted: Vec<PathBuf> = profile
+        .secrets
+        .iter()
+        .flat_map(|s| {
+            [
+                s.clone(),
+                std::fs::canonicalize(s).unwrap_or_else(|_| s.clone()),
+            ]
+        })
+        .collect();
+    let mut hidden_secrets = Vec::new();
+    for secret in caller.secrets(&spec.secrets) {
+        if granted.iter().any(|g| secret.starts_with(g)) {
+            continue;
+        }
+        if let Ok(real) = std::fs::canonicalize(&secret)
+            && !granted.iter().any(|g| real.starts_with(g))
+            && !hidden_secrets.iter().any(|(p, _)| *p == real)
+        {
+            hidden_secrets.push((real.clone(), real.is_dir()));
+        }
+    }
+    let is_git = is_git(&spec.action, spec.approved.program.as_deref());
+    let unrestricted_git = spec.approved.repo_programs || spec.approved.class == RiskClass::Unknown;
+    let repo = gitrepo::discover(&cwd);
+    let mut read_only = Vec::new();
+    let inside_writable = |p: &Path| profile.writable.iter().any(|w| p.starts_with(w));
+    for p in caller.secrets(&spec.read_only) {
+        if let Ok(real) = std::fs::canonicalize(&p)
+            && inside_writable(&real)
+            && !spec.approved.paths.contains(&real)
+            && !read_only.contains(&real)
+        {
+            read_only.push(real);
+        }
+    }
+    if let Some(repo) = &repo
+        && !profile.root
+    {
+        // A project's code must not leave hooks or settings behind that run the next
+        // time the user runs git outside the sandbox.
+        let protect = if !is_git {
+            vec![repo.common_dir.clone(), repo.git_dir.clone()]
+        } else if !unrestricted_git {
+            vec![repo.common_dir.join("hooks")]
+        } else {
+            Vec::new()
+        };
+        for p in protect {
+            if p.exists() && inside_writable(&p) && !read_only.contains(&p) {
+                read_only.push(p);
+            }
+        }
+    }
+    let git = if is_git && !unrestricted_git {
+        Some(git_prepare(repo, caller, profile.writable.is_empty())?)
+    } else {
+        None
+    };
+    let resolv = profile
+        .network
+        .then(|| std::fs::canonicalize("/etc/resolv.conf").ok())
+        .flatten()
+        .filter(|p| p.starts_with("/run"));
+    Ok(Prepared {
+        cwd,
+        home_visible: caller.home.is_dir(),
+        profile,
+        hidden_secrets,
+        read_only,
+        git,
+        resolv,
+    })
+}
+
+fn is_git(action: &Action, program: Option<&Path>) -> bool {
+    matches!(action, Action::Git { .. })
+        || program.is_some_and(|p| p.file_name().is_some_and(|n| n == "git"))
+}
+
+/// The repository's and the user's git configuration without anything that could
+/// run a program, as the caller reads them.
+fn git_prepare(repo: Option<Repo>, caller: &Caller, read_only: bool) -> Result<GitPrepared, Stop> {
+    let read = |path: &Path, level: Level| -> Result<Option<String>, Stop> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let settings = gitrepo::parse_config(&text).map_err(|e| {
+                    failed(format!(
+                        "git could not use {} either ({e}); nothing ran",
+                        path.display()
+                    ))
+                })?;
+                Ok(Some(gitrepo::sanitize(&settings, level)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(failed(format!("cannot read {}: {e}", path.display()))),
+        }
+    };
+    let mut configs = Vec::new();
+    if let Some(repo) = &repo {
+        for file in repo.config_files() {
+            if file.symlink_metadata().is_ok_and(|m| !m.is_file()) {
+                return Err(failed(format!(
+                    "{} is not a plain file; devos runs git only with a plain repository configuration",
+                    file.display()
+                )));
+            }
+            if let Some(reduced) = read(&file, Level::Repository)? {
+                configs.push((file, reduced));
+            }
+        }
+    }
+    let level = if read_only {
+        Level::GlobalRead
+    } else {
+        Level::GlobalWrite
+    };
+    let mut global = String::new();
+    for file in [".gitconfig", ".config/git/config"] {
+        if let Some(reduced) = read(&caller.home.join(file), level)? {
+            global.push_str(&reduced);
+        }
+    }
+    Ok(GitPrepared {
+        repo,
+        configs,
+        global,
+    })
+}
+
+fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+    ]
+    .map(String::from)
+    .to_vec();
+    if !p.profile.network {
+        a.push("--unshare-net".into());
+    }
+    let tmp = spec.private_dir.join("tmp");
+    if p.profile.root {
+        a.extend(["--cap-add".into(), "ALL".into()]);
+        a.extend(bind("--bind", Path::new("/"), Path::new("/")));
+        a.extend(bind("--dev-bind", Path::new("/dev"), Path::new("/dev")));
+        a.extend(["--proc".into(), "/proc".into()]);
+        a.extend(bind("--bind", &tmp, Path::new("/tmp")));
+        a.extend(["--tmpfs".into(), "/home".into()]);
+        for h in spec.hide.iter().filter(|h| h.exists()) {
+            a.extend(["--tmpfs".into(), h.to_string_lossy().into_owned()]);
+        }
+        return a;
+    }
+    if spec.caller.uid != 0 {
+        // Just enough for the inner stage to become the caller; both are gone once
+        // it has.
+        a.extend(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"].map(String::from));
+    }
+    a.extend(bind("--ro-bind", Path::new("/"), Path::new("/")));
+    a.extend(
+        [
+            "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/run", "--tmpfs", "/dev/shm",
+            "--tmpfs", "/var/tmp", "--tmpfs", "/home",
+        ]
+        .map(String::from),
+    );
+    a.extend(bind("--bind", &tmp, Path::new("/tmp")));
+    if spec.caller.uid != 0 {
+        a.extend(["--tmpfs".into(), "/root".into()]);
+    }
+    for h in spec.hide.iter().filter(|h| h.exists()) {
+        a.extend(["--tmpfs".into(), h.to_string_lossy().into_owned()]);
+    }
+    if p.home_visible {
+        a.extend(bind("--ro-bind", &spec.caller.home, &spec.caller.home));
+    }
+    a.extend(bind("--ro-bind", &p.cwd, &p.cwd));
+    for w in p.profile.writable.iter().filter(|w| w.exists()) {
+        a.extend(bind("--bind", w, w));
+    }
+    for r in &p.read_only {
+        a.extend(bind("--ro-bind", r, r));
+    }
+    for (secret, is_dir) in &p.hidden_secrets {
+        if *is_dir {
+            a.extend(["--tmpfs".into(), secret.to_string_lossy().into_owned()]);
+            a.extend(["--remount-ro".into(), secret.to_string_lossy().into_owned()]);
+        } else {
+            a.extend(bind("--ro-bind", Path::new("/dev/null"), secret));
+        }
+    }
+    if let Some(r) = &p.resolv {
+        a.extend(bind("--ro-bind", r, r));
+    }
+    a
+}
+
+fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
+    let caller = &spec.caller;
+    let mut env = if p.profile.root {
+        base_environment("root", Path::new("/root"))
+    } else {
+        base_environment(&caller.user, &caller.home)
+    };
+    if is_git(&spec.action, spec.approved.program.as_deref()) {
+        env.extend(
+            [
+                ("GIT_PAGER", "cat"),
+                ("PAGER", "cat"),
+                ("GIT_EDITOR", "true"),
+                ("GIT_SEQUENCE_EDITOR", "true"),
+                ("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+    }
+    if let Some(git) = &p.git {
+        let overrides = [
+            ("core.hooksPath", format!("{INSIDE_DIR}/no-hooks")),
+            ("core.fsmonitor", "false".into()),
+            ("safe.bareRepository", "explicit".into()),
+            ("core.pager", "cat".into()),
+            ("protocol.ext.allow", "never".into()),
+        ];
+        env.push(("GIT_CONFIG_NOSYSTEM".into(), "1".into()));
+        env.push((
+            "GIT_CONFIG_GLOBAL".into(),
+            format!("{INSIDE_DIR}/gitconfig"),
+        ));
+        env.push(("GIT_CONFIG_COUNT".into(), overrides.len().to_string()));
+        for (i, (k, v)) in overrides.into_iter().enumerate() {
+            env.push((format!("GIT_CONFIG_KEY_{i}"), k.to_owned()));
+            env.push((format!("GIT_CONFIG_VALUE_{i}"), v));
+        }
+        if let Some(repo) = &git.repo {
+            env.push((
+                "GIT_DIR".into(),
+                repo.git_dir.to_string_lossy().into_owned(),
+            ));
+            env.push((
+                "GIT_WORK_TREE".into(),
+                repo.work_tree.to_string_lossy().into_owned(),
+            ));
+        }
+        if p.profile.writable.is_empty() {
+            env.push(("GIT_OPTIONAL_LOCKS".into(), "0".into()));
+        }
+    }
+    let mut outer = vec![
+        if p.profile.network {
+            "namespaces: mount, pid, ipc, uts (network shared)".to_owned()
+        } else {
+            "namespaces: mount, pid, ipc, uts, network (empty)".to_owned()
+        },
+        p.profile.describe(),
+    ];
+    if !p.hidden_secrets.is_empty() {
+        outer.push(format!(
+            "{} secret locations hidden",
+            p.hidden_secrets.len()
+        ));
+    }
+    if p.git.is_some() {
+        outer.push("git without the repository's programs".into());
+    }
+    outer.push(match &spec.cgroup {
+        Some(c) => format!("cgroup {}", super::cgroup::describe(c)),
+        None => "no cgroup limits (no delegated cgroup v2)".into(),
+    });
+    Inner {
+        uid: caller.uid,
+        gid: caller.gid,
+        groups: caller.groups.clone(),
+        user: caller.user.clone(),
+        as_root: p.profile.root,
+        cwd: p.cwd.clone(),
+        action: spec.action.clone(),
+        program: spec.approved.program.clone(),
+        env,
+        writable: p.profile.writable.clone(),
+        network: p.profile.network,
+        required: spec.required,
+        limits: spec.limits,
+        outer: outer.join("; "),
+    }
+}

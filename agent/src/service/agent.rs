@@ -1,0 +1,532 @@
+//! The `org.devos.Agent1` and `org.devos.Agent1.Admin` interfaces: requests in,
+//! plans, decisions and results out. Callers are identified by the uid the bus daemon
+//! reports for their connection, never by a pid or an argument.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use zbus::fdo;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+
+use super::rules::{self, Verdict};
+use super::runner::run_request;
+use super::shared::{Live, Shared, caller, failed, lock, now, to_json, to_value};
+use crate::action::Action;
+use crate::approval::{self, Subject};
+use crate::caller::{self as as_caller, Caller, PlanJob};
+use crate::config::AgentConfig;
+use crate::request::{ActionRecord, ActionState, Decision, Request, State};
+use crate::sandbox::Profile;
+
+/// The object served at [`crate::OBJECT_PATH`], interface `org.devos.Agent1`.
+pub struct Agent {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl Agent {
+    /// A request of this caller (or any, for root when `root_sees_all`), or the same
+    /// "not found" either way so ids of others are not confirmed.
+    pub(super) fn own_request(
+        &self,
+        id: &str,
+        caller: &Caller,
+        root_sees_all: bool,
+    ) -> fdo::Result<Request> {
+        match self.shared.load(id)? {
+            Some(r) if r.uid == caller.uid || (root_sees_all && caller.uid == 0) => Ok(r),
+            _ => Err(fdo::Error::InvalidArgs(format!(
+                "no request {id} of yours; `devos history` lists them"
+            ))),
+        }
+    }
+}
+
+/// Whether packages can be installed here at all: not on a read-only root.
+fn packages_refused() -> Option<String> {
+    let ro = nix::sys::statvfs::statvfs("/usr")
+        .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+    ro.then(|| {
+        "the root file system is read-only: packages belong in the image spec ([packages] include), built into a new version".to_owned()
+    })
+}
+
+/// Plan, classify and decide a request as `caller`.
+async fn plan_request(
+    shared: &Shared,
+    caller: &Caller,
+    text: &str,
+    cwd: PathBuf,
+    config: &AgentConfig,
+) -> fdo::Result<Request> {
+    let started = Instant::now();
+    let job = PlanJob {
+        caller: caller.clone(),
+        text: Some(text.to_owned()),
+        cwd,
+        now_secs: as_caller::now_secs(),
+        secrets: config.sandbox.secrets.clone(),
+        resolve: Vec::new(),
+    };
+    let reply = as_caller::plan(&shared.exe, &job).await.map_err(failed)?;
+    let cwd = reply.cwd.map_err(fdo::Error::AccessDenied)?;
+    let mut request = Request {
+        id: shared.new_id(),
+        uid: caller.uid,
+        user: caller.user.clone(),
+        text: text.to_owned(),
+        cwd: cwd.clone(),
+        state: State::Planned,
+        summary: String::new(),
+        planner: "local-rules".into(),
+        error: None,
+        created: now(),
+        updated: now(),
+        actions: Vec::new(),
+        plan_micros: 0,
+    };
+    match (reply.plan, reply.user_policy) {
+        (Err(e), _) => {
+            request.state = State::Unplanned;
+            request.error = Some(e);
+        }
+        (Ok(_), Err(e)) => {
+            request.state = State::Unplanned;
+            request.error = Some(format!(
+                "your policy file is invalid, so nothing was planned: {e}"
+            ));
+        }
+        (Ok(plan), Ok(user_policy)) => {
+            request.summary = plan.summary;
+            request.planner = plan.planner;
+            let rules = lock(&shared.store)
+                .rules(Some(caller.uid))
+                .map_err(failed)?;
+            let subject = Subject {
+                uid: caller.uid,
+                is_admin: caller.is_admin,
+                user_policy: &user_policy,
+            };
+            for (i, (action, risk)) in plan.actions.into_iter().zip(reply.risks).enumerate() {
+                let mut decision =
+                    approval::decide(&action, &risk, &cwd, &config.policy, &subject, &rules);
+                if matches!(action, Action::PackageInstall { .. })
+                    && let Some(why) = packages_refused()
+                {
+                    decision = Decision::Denied {
+                        by: "policy".into(),
+                        reason: why,
+                    };
+                }
+                let as_root = approval::privileged_runs_as_root(&action) && caller.is_admin;
+                request.actions.push(ActionRecord {
+                    index: i as u32,
+                    description: action.describe(),
+                    profile: Profile::of(&risk, &cwd, as_root).describe(),
+                    action,
+                    risk,
+                    decision,
+                    state: ActionState::Pending,
+                    exit_code: None,
+                    output: String::new(),
+                    output_truncated: false,
+                    error: None,
+                    sandbox: None,
+                });
+            }
+        }
+    }
+    request.plan_micros = started.elapsed().as_micros() as u64;
+    Ok(request)
+}
+
+#[zbus::interface(name = "org.devos.Agent1")]
+impl Agent {
+    /// Liveness check: always answers `pong`.
+    async fn ping(&self) -> String {
+        "pong".to_owned()
+    }
+
+    /// The image version (`IMAGE_VERSION` in os-release) this agent runs in.
+    async fn version(&self) -> fdo::Result<String> {
+        crate::os_release::image_version(&self.shared.config().os_release)
+            .map_err(fdo::Error::Failed)
+    }
+
+    /// Submit a request in natural language, to be carried out in `cwd` (absolute).
+    /// Returns the request id; planning and classification are done when it returns.
+    async fn submit(
+        &self,
+        text: &str,
+        cwd: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let owner = header.sender().map(|s| s.to_owned());
+        let cwd = PathBuf::from(cwd);
+        if text.trim().is_empty() || text.len() > 16 * 1024 {
+            return Err(fdo::Error::InvalidArgs(
+                "the request text must be 1 to 16384 bytes".into(),
+            ));
+        }
+        if !cwd.is_absolute() {
+            return Err(fdo::Error::InvalidArgs(format!(
+                "the working directory {} must be absolute",
+                cwd.display()
+            )));
+        }
+        let slot = self
+            .shared
+            .reserve(caller.uid)
+            .map_err(fdo::Error::LimitsExceeded)?;
+        let config = self.shared.config();
+        let mut request = plan_request(&self.shared, &caller, text, cwd, &config).await?;
+        let submitted = self.shared.audit(
+            "request.submitted",
+            Some(caller.uid),
+            Some(&request.id),
+            None,
+            serde_json::json!({
+                "text": request.text,
+                "cwd": request.cwd,
+                "summary": request.summary,
+                "state": request.state,
+                "error": request.error,
+            }),
+        );
+        let decided = submitted.and_then(|()| {
+            request
+                .actions
+                .iter()
+                .filter(|a| a.decision != Decision::Ask)
+                .try_for_each(|a| {
+                    self.shared.audit(
+                        "action.decided",
+                        Some(caller.uid),
+                        Some(&request.id),
+                        Some(a.index),
+                        serde_json::json!({
+                            "action": a.description,
+                            "risk": a.risk.class,
+                            "reasons": a.risk.reasons,
+                            "profile": a.profile,
+                            "decision": a.decision,
+                        }),
+                    )
+                })
+        });
+        if let Err(e) = decided {
+            // Nothing runs that is not on record.
+            request.state = State::Failed;
+            request.error = Some(format!("{e}; nothing ran"));
+            for a in &mut request.actions {
+                a.state = ActionState::Skipped;
+            }
+        }
+        self.shared.save(&request)?;
+        if request.state == State::Planned {
+            let (tx, rx) = mpsc::unbounded_channel();
+            lock(&self.shared.live).insert(request.id.clone(), Live { control: tx, owner });
+            tokio::spawn(run_request(
+                self.shared.clone(),
+                request.id.clone(),
+                caller,
+                rx,
+                slot,
+            ));
+        }
+        Ok(request.id)
+    }
+
+    /// One request (JSON): plan, actions with risk and decision, results.
+    async fn get(
+        &self,
+        id: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        Ok(to_json(&self.own_request(id, &caller, true)?))
+    }
+
+    /// Requests still in flight (JSON array): the caller's own; root sees everyone's.
+    async fn list(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let uid = (caller.uid != 0).then_some(caller.uid);
+        let list = lock(&self.shared.store)
+            .requests(uid, true, 1000)
+            .map_err(failed)?;
+        Ok(to_json(&list))
+    }
+
+    /// The newest `limit` requests, finished or not (JSON array).
+    async fn history(
+        &self,
+        limit: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let uid = (caller.uid != 0).then_some(caller.uid);
+        let list = lock(&self.shared.store)
+            .requests(uid, false, limit.clamp(1, 10_000))
+            .map_err(failed)?;
+        Ok(to_json(&list))
+    }
+
+    /// Approve action `action` of request `id`. `remember`: once, session or always;
+    /// a remembered approval is this exact action in this directory, unless
+    /// `command_prefix` (argv words) or `path_prefix` widen it (never for unknown,
+    /// destructive or privileged actions).
+    // The D-Bus signature is the API; the header and connection are zbus's.
+    #[allow(clippy::too_many_arguments)]
+    async fn approve(
+        &self,
+        id: &str,
+        action: u32,
+        remember: &str,
+        command_prefix: Vec<String>,
+        path_prefix: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<()> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        rules::decide_action(
+            self,
+            &caller,
+            Verdict {
+                id,
+                index: action,
+                approve: true,
+                remember,
+                command_prefix,
+                path_prefix,
+            },
+        )
+        .await
+    }
+
+    /// Deny action `action` of request `id` (the request stops). `remember` as for
+    /// `Approve` creates a deny rule.
+    #[allow(clippy::too_many_arguments)]
+    async fn deny(
+        &self,
+        id: &str,
+        action: u32,
+        remember: &str,
+        command_prefix: Vec<String>,
+        path_prefix: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<()> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        rules::decide_action(
+            self,
+            &caller,
+            Verdict {
+                id,
+                index: action,
+                approve: false,
+                remember,
+                command_prefix,
+                path_prefix,
+            },
+        )
+        .await
+    }
+
+    /// Cancel a request: nothing more runs, a running action is killed with every
+    /// process it started.
+    async fn cancel(
+        &self,
+        id: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<()> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let r = self.own_request(id, &caller, true)?;
+        if r.state.is_final() {
+            return Err(fdo::Error::Failed(format!(
+                "request {id} is already {}",
+                r.state.as_str()
+            )));
+        }
+        // A cancel that is not on record still happens: stopping is always safe.
+        let _ = self.shared.audit(
+            "request.cancel",
+            Some(caller.uid),
+            Some(id),
+            None,
+            serde_json::json!({ "by": caller.user }),
+        );
+        if let Some(live) = lock(&self.shared.live).get(id) {
+            let _ = live.control.send(super::shared::Control::Cancel);
+        }
+        Ok(())
+    }
+
+    /// Remembered rules (JSON array): the caller's; root sees everyone's.
+    async fn rules(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let uid = (caller.uid != 0).then_some(caller.uid);
+        Ok(to_json(
+            &lock(&self.shared.store).rules(uid).map_err(failed)?,
+        ))
+    }
+
+    /// Add a remembered rule for the caller: `decision` allow|deny, `lifetime`
+    /// session|always, scoped by command and/or path prefix. Returns its id. An allow
+    /// rule has the bounds of one made by `Approve`: it never covers unknown,
+    /// destructive or privileged actions, nor secret locations.
+    async fn add_rule(
+        &self,
+        decision: &str,
+        lifetime: &str,
+        command_prefix: Vec<String>,
+        path_prefix: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<i64> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        rules::add_rule(
+            self,
+            &caller,
+            decision,
+            lifetime,
+            command_prefix,
+            path_prefix,
+        )
+        .await
+    }
+
+    /// Remove one of the caller's rules (root may remove anyone's).
+    async fn remove_rule(
+        &self,
+        id: i64,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<()> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let rule = match lock(&self.shared.store).rule(id).map_err(failed)? {
+            Some(rule) if rule.uid == caller.uid || caller.uid == 0 => rule,
+            _ => {
+                return Err(fdo::Error::InvalidArgs(format!(
+                    "no rule {id} of yours; `devos rules` lists them"
+                )));
+            }
+        };
+        self.shared
+            .audit(
+                "rule.removed",
+                Some(caller.uid),
+                None,
+                None,
+                to_value(&rule),
+            )
+            .map_err(failed)?;
+        lock(&self.shared.store).remove_rule(id).map_err(failed)?;
+        Ok(())
+    }
+
+    /// Verify the audit log's hash chain, checkpoints, head and anchors (JSON report;
+    /// the first bad entry if any).
+    async fn verify_audit(&self) -> fdo::Result<String> {
+        Ok(to_json(&self.shared.verify_audit().await.map_err(failed)?))
+    }
+
+    /// The agent's status (JSON): version, uptime, requests in flight, audit entries,
+    /// what confines actions.
+    async fn status(&self) -> fdo::Result<String> {
+        let config = self.shared.config();
+        let active = lock(&self.shared.live).len();
+        let requests = lock(&self.shared.store).count_requests().map_err(failed)?;
+        Ok(serde_json::json!({
+            "agent-version": env!("CARGO_PKG_VERSION"),
+            "image-version": crate::os_release::image_version(&config.os_release).ok(),
+            "uptime-secs": self.shared.started.elapsed().as_secs(),
+            "requests-in-flight": active,
+            "requests-total": requests,
+            "audit-entries": lock(&self.shared.audit).entries(),
+            "auto-approve": config.policy.auto_approve,
+            "sandbox-required": config.sandbox.required,
+            "sandbox-bwrap": config.sandbox.bwrap,
+            "sandbox-bwrap-installed": config.sandbox.bwrap.exists(),
+            "cgroup-limits": self.shared.cgroups.is_some(),
+        })
+        .to_string())
+    }
+
+    /// A request changed state (sent to the submitting connection only).
+    #[zbus(signal)]
+    pub async fn request_changed(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        state: &str,
+    ) -> zbus::Result<()>;
+
+    /// An action waits for `Approve` or `Deny`; `risk` is its class, `description`
+    /// the exact command or file operation.
+    #[zbus(signal)]
+    pub async fn approval_needed(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        action: u32,
+        risk: &str,
+        description: &str,
+    ) -> zbus::Result<()>;
+
+    /// Output of a running action, as it is produced.
+    #[zbus(signal)]
+    pub async fn action_output(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        action: u32,
+        data: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// `org.devos.Agent1.Admin`: methods only root may call (the bus policy enforces it;
+/// the method checks again).
+pub struct Admin {
+    pub(super) shared: Arc<Shared>,
+}
+
+#[zbus::interface(name = "org.devos.Agent1.Admin")]
+impl Admin {
+    /// Re-read the configuration file; a broken file is refused and the old one kept.
+    async fn reload_config(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<()> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        if caller.uid != 0 {
+            return Err(fdo::Error::AccessDenied(
+                "only root may reload the configuration".into(),
+            ));
+        }
+        let new = AgentConfig::load(&self.shared.config_path).map_err(failed)?;
+        self.shared
+            .audit(
+                "config.reloaded",
+                Some(0),
+                None,
+                None,
+                to_value(&new.policy),
+            )
+            .map_err(failed)?;
+        self.shared.set_config(new);
+        Ok(())
+    }
+}

@@ -1,0 +1,70 @@
+//! The EC2 health signal: check the agent and send the CloudFormation signal the
+//! instance's user data asks for (see [`crate::health`]); logged and audited, never
+//! fatal.
+
+use std::sync::Arc;
+
+use super::shared::Shared;
+
+pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
+    let config = shared.config();
+    let marker = config.state_dir.join("health-signalled");
+    let checks = async |request: &crate::health::Request| {
+        let owner = async {
+            let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+            let name = zbus::names::BusName::try_from(crate::BUS_NAME)?;
+            Ok::<_, zbus::Error>(dbus.get_name_owner(name).await?.to_string())
+        };
+        let bus = match (owner.await, conn.unique_name()) {
+            (Ok(owner), Some(me)) if owner == me.as_str() => Ok(()),
+            (Ok(owner), _) => Err(format!(
+                "{} is owned by {owner}, not by the agent",
+                crate::BUS_NAME
+            )),
+            (Err(e), _) => Err(format!(
+                "cannot ask the bus who owns {}: {e}",
+                crate::BUS_NAME
+            )),
+        };
+        let audit = match shared.verify_audit().await {
+            Ok(v) if v.ok => Ok(()),
+            Ok(v) => Err(v
+                .first_bad
+                .map_or_else(|| "the audit log does not verify".into(), |b| b.reason)),
+            Err(e) => Err(e),
+        };
+        vec![
+            crate::health::Check {
+                name: "bus-name",
+                result: bus,
+            },
+            crate::health::version_check(request.version.as_deref(), &config.os_release),
+            crate::health::Check {
+                name: "audit-chain",
+                result: audit,
+            },
+        ]
+    };
+    match crate::health::signal(&marker, checks).await {
+        Ok(crate::health::Outcome::Sent {
+            request,
+            instance,
+            status,
+            reason,
+        }) => {
+            tracing::info!(stack = %request.stack, resource = %request.resource, %instance, status = %status.as_str(), "health signal sent");
+            let _ = shared.audit(
+                "health.signalled",
+                None,
+                None,
+                None,
+                serde_json::json!({
+                    "stack": request.stack, "resource": request.resource, "region": request.region,
+                    "instance": instance, "status": status.as_str(), "reason": reason,
+                }),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("health signal: {e:#}"),
+    }
+}

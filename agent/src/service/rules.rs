@@ -1,0 +1,248 @@
+//! Decisions on waiting actions and the rules they may leave behind. A remembered
+//! approval is the exact action in its working directory unless the user chose a
+//! prefix, which must cover the action and stays bounded by its class; rules made
+//! with `AddRule` have the same bounds. Path scopes are resolved as the caller sees
+//! them.
+
+use std::path::{Path, PathBuf};
+
+use zbus::fdo;
+
+use super::agent::Agent;
+use super::shared::{Control, failed, lock, now, to_value};
+use crate::approval;
+use crate::caller::{self as as_caller, Caller, PlanJob};
+use crate::request::{ActionRecord, Decision, Exact, Remember, Rule};
+use crate::risk::RiskClass;
+
+/// A user's decision on one action, as `Approve`/`Deny` receive it.
+pub(super) struct Verdict<'a> {
+    pub id: &'a str,
+    pub index: u32,
+    pub approve: bool,
+    pub remember: &'a str,
+    pub command_prefix: Vec<String>,
+    pub path_prefix: &'a str,
+}
+
+pub(super) async fn decide_action(
+    agent: &Agent,
+    caller: &Caller,
+    verdict: Verdict<'_>,
+) -> fdo::Result<()> {
+    let Verdict {
+        id,
+        index,
+        approve,
+        remember,
+        command_prefix,
+        path_prefix,
+    } = verdict;
+    let remember: Remember = remember.parse().map_err(fdo::Error::InvalidArgs)?;
+    let path_prefix = resolve_prefix(agent, caller, path_prefix).await?;
+    let shared = &agent.shared;
+    let mut r = agent.own_request(id, caller, false)?;
+    if r.state.is_final() {
+        return Err(fdo::Error::Failed(format!(
+            "request {id} is already {}",
+            r.state.as_str()
+        )));
+    }
+    let cwd = r.cwd.clone();
+    let record = r
+        .actions
+        .get_mut(index as usize)
+        .ok_or_else(|| fdo::Error::InvalidArgs(format!("request {id} has no action {index}")))?;
+    if record.decision != Decision::Ask {
+        return Err(fdo::Error::Failed(format!(
+            "action {index} of request {id} is not waiting for a decision"
+        )));
+    }
+    let rule = if remember == Remember::Once {
+        None
+    } else {
+        Some(remembered_rule(
+            caller,
+            record,
+            &cwd,
+            approve,
+            remember,
+            command_prefix,
+            path_prefix,
+        )?)
+    };
+    let by = format!("{} (uid {})", caller.user, caller.uid);
+    shared
+        .audit(
+            "action.decided",
+            Some(caller.uid),
+            Some(id),
+            Some(index),
+            serde_json::json!({
+                "action": record.description,
+                "risk": record.risk.class,
+                "profile": record.profile,
+                "decision": if approve { "approved" } else { "denied" },
+                "by": by,
+                "remember": remember,
+            }),
+        )
+        .map_err(failed)?;
+    record.decision = if approve {
+        Decision::Approved { by: by.clone() }
+    } else {
+        Decision::Denied {
+            by: by.clone(),
+            reason: "denied by the user".into(),
+        }
+    };
+    r.updated = now();
+    shared.save(&r)?;
+    if let Some(rule) = rule {
+        store_rule(agent, caller, &rule, Some(id), Some(index))?;
+    }
+    if let Some(live) = lock(&shared.live).get(id) {
+        let _ = live.control.send(Control::Decided);
+    }
+    Ok(())
+}
+
+/// Record a rule, audited first: a rule that is not on record does not exist.
+fn store_rule(
+    agent: &Agent,
+    caller: &Caller,
+    rule: &Rule,
+    request: Option<&str>,
+    action: Option<u32>,
+) -> fdo::Result<i64> {
+    let shared = &agent.shared;
+    let rule = lock(&shared.store).add_rule(rule).map_err(failed)?;
+    if let Err(e) = shared.audit(
+        "rule.added",
+        Some(caller.uid),
+        request,
+        action,
+        to_value(&rule),
+    ) {
+        let _ = lock(&shared.store).remove_rule(rule.id);
+        return Err(failed(e));
+    }
+    Ok(rule.id)
+}
+
+/// A path prefix as the caller's file system view resolves it.
+async fn resolve_prefix(
+    agent: &Agent,
+    caller: &Caller,
+    path_prefix: &str,
+) -> fdo::Result<Option<PathBuf>> {
+    if path_prefix.is_empty() {
+        return Ok(None);
+    }
+    let path = PathBuf::from(path_prefix);
+    if !path.is_absolute() {
+        return Err(fdo::Error::InvalidArgs(
+            "a path prefix must be absolute".into(),
+        ));
+    }
+    let job = PlanJob {
+        caller: caller.clone(),
+        text: None,
+        cwd: PathBuf::from("/"),
+        now_secs: as_caller::now_secs(),
+        secrets: Vec::new(),
+        resolve: vec![path],
+    };
+    let reply = as_caller::plan(&agent.shared.exe, &job)
+        .await
+        .map_err(failed)?;
+    Ok(reply.resolved.into_iter().next())
+}
+
+/// The rule a "remember" creates: the exact action by default, or the prefix the
+/// user gave, which must cover this action and is bounded by its class.
+fn remembered_rule(
+    caller: &Caller,
+    record: &ActionRecord,
+    cwd: &Path,
+    allow: bool,
+    lifetime: Remember,
+    command_prefix: Vec<String>,
+    path_prefix: Option<PathBuf>,
+) -> fdo::Result<Rule> {
+    if allow {
+        approval::may_remember(&record.action, &record.risk).map_err(fdo::Error::InvalidArgs)?;
+    }
+    let exact = command_prefix.is_empty() && path_prefix.is_none();
+    if allow && !exact {
+        approval::may_remember_prefix(&record.risk).map_err(fdo::Error::InvalidArgs)?;
+    }
+    let rule = Rule {
+        id: 0,
+        uid: caller.uid,
+        allow,
+        lifetime,
+        command_prefix,
+        path_prefix,
+        exact: exact.then(|| Exact {
+            action: record.action.clone(),
+            cwd: cwd.to_path_buf(),
+        }),
+        max_class: Some(record.risk.class),
+        created: now(),
+    };
+    if !approval::rule_matches(&rule, &record.action, &record.risk, cwd) {
+        return Err(fdo::Error::InvalidArgs(format!(
+            "the scope ({}) does not cover this action ({}); give a prefix of its command or a directory holding its paths",
+            approval::describe_rule(&rule),
+            record.description
+        )));
+    }
+    Ok(rule)
+}
+
+/// `AddRule`: a rule without an action to start from. Allow rules get the widest
+/// bounds a prefix can have (up to `network`; never unknown, destructive, privileged
+/// or secrets).
+pub(super) async fn add_rule(
+    agent: &Agent,
+    caller: &Caller,
+    decision: &str,
+    lifetime: &str,
+    command_prefix: Vec<String>,
+    path_prefix: &str,
+) -> fdo::Result<i64> {
+    let allow = match decision {
+        "allow" => true,
+        "deny" => false,
+        other => {
+            return Err(fdo::Error::InvalidArgs(format!(
+                "decision must be allow or deny, not `{other}`"
+            )));
+        }
+    };
+    let lifetime: Remember = lifetime.parse().map_err(fdo::Error::InvalidArgs)?;
+    if lifetime == Remember::Once {
+        return Err(fdo::Error::InvalidArgs(
+            "a rule lives for the session or always".into(),
+        ));
+    }
+    let path_prefix = resolve_prefix(agent, caller, path_prefix).await?;
+    if command_prefix.is_empty() && path_prefix.is_none() {
+        return Err(fdo::Error::InvalidArgs(
+            "a rule needs a command prefix and/or an absolute path prefix".into(),
+        ));
+    }
+    let rule = Rule {
+        id: 0,
+        uid: caller.uid,
+        allow,
+        lifetime,
+        command_prefix,
+        path_prefix,
+        exact: None,
+        max_class: allow.then_some(RiskClass::Network),
+        created: now(),
+    };
+    store_rule(agent, caller, &rule, None, None)
+}

@@ -1,0 +1,249 @@
+//! State shared by the D-Bus objects and the request tasks: configuration, the
+//! SQLite store, the audit log, requests in flight and the per-user limit on them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use zbus::fdo;
+use zbus::message::Header;
+use zbus::names::{BusName, UniqueName};
+use zbus::object_server::SignalEmitter;
+
+use crate::audit::AuditLog;
+use crate::caller::Caller;
+use crate::config::AgentConfig;
+use crate::request::Request;
+use crate::sandbox::cgroup::Cgroups;
+use crate::store::Store;
+
+/// What the running request task is told.
+pub(super) enum Control {
+    /// A decision was recorded for the action it waits on.
+    Decided,
+    Cancel,
+}
+
+pub(super) struct Live {
+    pub control: mpsc::UnboundedSender<Control>,
+    /// The submitting connection: signals about the request go only there.
+    pub owner: Option<UniqueName<'static>>,
+}
+
+pub struct Shared {
+    pub(super) config_path: PathBuf,
+    config: RwLock<Arc<AgentConfig>>,
+    pub(super) store: Mutex<Store>,
+    pub(super) audit: Mutex<AuditLog>,
+    pub(super) live: Mutex<HashMap<String, Live>>,
+    /// Requests in flight per uid (planning, waiting or running).
+    in_flight: Mutex<HashMap<u32, u32>>,
+    pub(super) conn: OnceLock<zbus::Connection>,
+    pub(super) started: Instant,
+    counter: AtomicU64,
+    /// The agent's own binary: the planning and sandbox helpers are re-executions of it.
+    pub(super) exe: PathBuf,
+    /// Per-action cgroups, where the agent has a delegated cgroup v2.
+    pub(super) cgroups: Option<Cgroups>,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves data that is still consistent (every
+    // change is a single statement or append), so keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) fn failed(e: impl std::fmt::Display) -> fdo::Error {
+    fdo::Error::Failed(e.to_string())
+}
+
+pub(super) fn now() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
+pub(super) fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+pub(super) fn to_value<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// One of a user's requests in flight; the count drops when it is dropped.
+pub(super) struct Slot {
+    shared: Arc<Shared>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = lock(&self.shared.in_flight);
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl Shared {
+    pub fn open(config_path: &Path, config: AgentConfig) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&config.state_dir).with_context(|| {
+            format!(
+                "creating the state directory {}",
+                config.state_dir.display()
+            )
+        })?;
+        let mut store = Store::open(&config.state_dir.join("state.db"))?;
+        let cancelled = store.recover(&now())?;
+        let mut audit = AuditLog::open(&config.state_dir.join("audit"), &config.audit)?;
+        let cgroups = match Cgroups::setup() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::info!("actions get no cgroup limits: {e}");
+                None
+            }
+        };
+        if !config.sandbox.bwrap.exists() {
+            tracing::error!(
+                "{} is missing: every action will be refused until bubblewrap is installed",
+                config.sandbox.bwrap.display()
+            );
+        }
+        audit.append(
+            "agent.started",
+            None,
+            None,
+            None,
+            serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "cancelled-requests": cancelled,
+                "cgroup-limits": cgroups.is_some(),
+            }),
+        )?;
+        Ok(Arc::new(Shared {
+            config_path: config_path.to_path_buf(),
+            config: RwLock::new(Arc::new(config)),
+            store: Mutex::new(store),
+            audit: Mutex::new(audit),
+            live: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            conn: OnceLock::new(),
+            started: Instant::now(),
+            counter: AtomicU64::new(0),
+            exe: std::env::current_exe().context("finding the agent's own binary")?,
+            cgroups,
+        }))
+    }
+
+    pub(super) fn config(&self) -> Arc<AgentConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(super) fn set_config(&self, config: AgentConfig) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
+    /// Append an audit entry. An error means the event is not on record: the caller
+    /// must not go on with what it was about to do.
+    pub(super) fn audit(
+        &self,
+        event: &str,
+        uid: Option<u32>,
+        request: Option<&str>,
+        action: Option<u32>,
+        detail: serde_json::Value,
+    ) -> Result<(), String> {
+        lock(&self.audit)
+            .append(event, uid, request, action, detail)
+            .map(|_| ())
+            .map_err(|e| {
+                tracing::error!("audit log write failed: {e}");
+                format!("cannot write the audit log: {e}")
+            })
+    }
+
+    /// Take one of `uid`'s in-flight slots, or say why not.
+    pub(super) fn reserve(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
+        let limit = self.config().limits.requests_per_user;
+        let mut map = lock(&self.in_flight);
+        let n = map.entry(uid).or_insert(0);
+        if *n >= limit {
+            return Err(format!(
+                "you have {n} requests in flight ([limits] requests-per-user = {limit}); wait for one to finish or cancel one (`devos history`, `devos cancel ID`)"
+            ));
+        }
+        *n += 1;
+        Ok(Slot {
+            shared: self.clone(),
+            uid,
+        })
+    }
+
+    pub(super) fn save(&self, r: &Request) -> fdo::Result<()> {
+        lock(&self.store).save_request(r).map_err(failed)
+    }
+
+    pub(super) fn load(&self, id: &str) -> fdo::Result<Option<Request>> {
+        lock(&self.store).request(id).map_err(failed)
+    }
+
+    pub(super) fn new_id(&self) -> String {
+        use sha2::Digest;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let h = sha2::Sha256::digest(format!("{}:{}:{}", t.as_nanos(), n, std::process::id()));
+        hex::encode(&h[..5])
+    }
+
+    pub(super) fn emitter(&self, id: &str) -> Option<SignalEmitter<'static>> {
+        let conn = self.conn.get()?;
+        let owner = lock(&self.live).get(id)?.owner.clone()?;
+        SignalEmitter::new(conn, crate::OBJECT_PATH)
+            .ok()
+            .map(|e| e.set_destination(BusName::Unique(owner)))
+    }
+
+    /// Verify the audit log against its anchors without holding up appends: the
+    /// head is taken under the lock, the files are read on a blocking thread.
+    pub(super) async fn verify_audit(&self) -> Result<crate::audit::Verification, String> {
+        let config = self.config();
+        let mut options = crate::audit::VerifyOptions::of(&config.audit);
+        options.snapshot = Some(lock(&self.audit).snapshot());
+        let dir = config.state_dir.join("audit");
+        tokio::task::spawn_blocking(move || crate::audit::verify(&dir, &options))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The caller of the current method: the uid the bus daemon vouches for.
+pub(super) async fn caller(
+    shared: &Shared,
+    header: &Header<'_>,
+    conn: &zbus::Connection,
+) -> fdo::Result<Caller> {
+    let sender = header
+        .sender()
+        .ok_or_else(|| fdo::Error::AccessDenied("message without a sender".into()))?;
+    let uid = fdo::DBusProxy::new(conn)
+        .await?
+        .get_connection_unix_user(BusName::Unique(sender.to_owned()))
+        .await?;
+    let admin_groups = shared.config().policy.admin_groups.clone();
+    tokio::task::spawn_blocking(move || Caller::from_uid(uid, &admin_groups))
+        .await
+        .map_err(failed)?
+        .map_err(fdo::Error::AccessDenied)
+}
