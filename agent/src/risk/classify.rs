@@ -199,6 +199,15 @@ fn classify_inner(action: &Action, scope: &Scope) -> Risk {
             }
         }
     }
+    if c.risk.class >= RiskClass::WritesWorkdir
+        && c.risk.class < RiskClass::Destructive
+        && scope.home.starts_with(scope.cwd)
+    {
+        c.risk.raise(
+            RiskClass::Destructive,
+            "the working directory holds your home: everything in it would be writable to this action",
+        );
+    }
     c.risk
 }
 

@@ -64,6 +64,9 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
         std::env::current_exe().map_err(|e| failed(format!("the agent's own binary: {e}")))?;
     let git_dir = spec.private_dir.join("git");
     let mut args = bwrap_args(spec, &prepared);
+    // The sandbox's own directory: readable by the action (bubblewrap would make the
+    // parents of its binds 0700).
+    args.extend(["--perms", "0755", "--dir", INSIDE_DIR].map(String::from));
     if let Some(git) = &prepared.git {
         std::fs::create_dir_all(&git_dir).map_err(failed)?;
         for (i, (target, content)) in git.configs.iter().enumerate() {

@@ -57,6 +57,17 @@ impl Daemon {
 
     /// [`Daemon::start_with`] with these environment variables for the agent.
     pub fn start_with_env(os_release: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::start_prepared(os_release, extra, env, |_| {})
+    }
+
+    /// Start the agent after `prepare` has seen its (still empty) directory: the
+    /// state lives in `DIR/state`, the audit log in `DIR/state/audit`.
+    pub fn start_prepared(
+        os_release: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Daemon {
         require("busctl", "systemd");
         require("setpriv", "util-linux");
         require_root();
@@ -91,6 +102,7 @@ impl Daemon {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        prepare(dir.path());
         let child = spawn(&config, &bus, &env);
         let daemon = Daemon {
             bus,
@@ -112,10 +124,15 @@ impl Daemon {
         assert!(owned, "the agent did not take org.devos.Agent1 within 10s");
     }
 
-    /// Stop the agent and start it again with the same configuration and state.
-    pub fn restart(&mut self) {
+    /// Stop the agent (its state stays).
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Stop the agent and start it again with the same configuration and state.
+    pub fn restart(&mut self) {
+        self.stop();
         self.child = spawn(&self.config, &self.bus, &self.env);
         self.wait_owned();
     }

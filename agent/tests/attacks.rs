@@ -1,0 +1,1300 @@
+//! The attack suite: the agent through its real D-Bus API (the `devos` CLI as real
+//! users, the shipped bus policy), attacked the way a malicious request, repository,
+//! rule or other user would. Every case is judged by its effects — a marker file the
+//! payload would write does not exist, the payload's marker text is nowhere in what
+//! the caller can read, no rule appeared, no name from a directory the caller cannot
+//! read came back, no process outlived its action — never by the class the classifier
+//! chose.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::*;
+
+/// The text a payload prints: built at run time (`PW` `NED`), so it never appears in
+/// a request, an argv or a plan, only in the output of a payload that ran.
+fn marker(id: &str) -> String {
+    format!("PWNED-{id}")
+}
+
+/// A world-writable directory no sandbox can write (every sandbox has its own
+/// `/var/tmp`): payloads drop their marker files here.
+struct Marks(tempfile::TempDir);
+
+impl Marks {
+    fn new() -> Marks {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        open_up(dir.path(), 0o1777);
+        Marks(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    fn made(&self) -> Vec<String> {
+        std::fs::read_dir(self.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+/// An executable payload in `dir`: prints its marker on stdout and stderr and drops
+/// marker files in `marks` and in `dir` (when it can).
+fn payload(user: &User, dir: &Path, marks: &Path, id: &str) -> PathBuf {
+    let path = dir.join(format!("evil-{id}"));
+    user.write(
+        &path,
+        &format!(
+            "#!/bin/sh\necho \"PW\"\"NED-{id}\"\necho \"PW\"\"NED-{id}\" >&2\ntouch {marks}/{id} 2>/dev/null\ntouch {dir}/ran-{id} 2>/dev/null\ncat\nexit 0\n",
+            marks = marks.display(),
+            dir = dir.display()
+        ),
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// The attacker: a developer with a git identity and secrets, as developers have.
+/// Eve is the default; tests that change her own policy use another name.
+fn eve() -> User {
+    attacker("devos-eve")
+}
+
+fn attacker(name: &str) -> User {
+    let eve = User::ensure(name);
+    // Her git identity and secrets, as a developer has them.
+    eve.write(
+        &eve.home.join(".gitconfig"),
+        "[user]\n\tname = Eve\n\temail = eve@example.com\n",
+    );
+    for (dir, file, content) in [
+        (
+            ".ssh",
+            "id_rsa",
+            "-----BEGIN OPENSSH PRIVATE KEY----- EVEKEY-7f3a",
+        ),
+        (
+            ".aws",
+            "credentials",
+            "[default]\naws_secret_access_key = EVEAWS-91c2",
+        ),
+        (".config", "user-dirs.dirs", "# eve's\n"),
+    ] {
+        let d = eve.home.join(dir);
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::chown(&d, Some(eve.uid), Some(eve.uid)).unwrap();
+        open_up(&d, 0o700);
+        eve.write(&d.join(file), content);
+        open_up(&d.join(file), 0o600);
+    }
+    for startup in [".bashrc", ".profile"] {
+        eve.write(&eve.home.join(startup), "# eve's\n");
+    }
+    eve
+}
+
+const SECRET_TEXTS: &[&str] = &["EVEKEY-7f3a", "EVEAWS-91c2"];
+
+/// Everything eve can read back from the agent about her requests.
+fn readable(agent: &Daemon, user: &User, cwd: &Path) -> String {
+    stdout(&agent.devos(Some(user), cwd, &["--json", "history", "-n", "1000"]))
+}
+
+/// Submit `text` as `user`; when it waits for approval, deny it. Returns whether it
+/// asked and the request as it ended.
+fn submit(agent: &Daemon, user: &User, cwd: &Path, text: &str) -> (bool, serde_json::Value) {
+    let out = agent.devos(Some(user), cwd, &["--json", "run", text]);
+    if out.status.code() == Some(3) {
+        let id = waiting_id(&out);
+        let deny = agent.devos(Some(user), cwd, &["deny", &id]);
+        assert!(deny.status.success(), "{}", stderr(&deny));
+        (true, agent.wait_state(user, cwd, &id, "denied"))
+    } else {
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{text}: not JSON ({e}): {}\n{}", stdout(&out), stderr(&out))
+        });
+        (false, r)
+    }
+}
+
+/// Submit `text`, approve whatever it asks, and wait until it ends.
+fn approved(agent: &Daemon, user: &User, cwd: &Path, text: &str) -> serde_json::Value {
+    let out = agent.devos(Some(user), cwd, &["--json", "run", text]);
+    let id = if out.status.code() == Some(3) {
+        waiting_id(&out)
+    } else {
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        return r;
+    };
+    loop {
+        let r = json(&agent.devos(Some(user), cwd, &["--json", "show", &id]));
+        let state = r["state"].as_str().unwrap().to_owned();
+        if matches!(
+            state.as_str(),
+            "done" | "failed" | "denied" | "cancelled" | "unplanned"
+        ) {
+            return r;
+        }
+        if state == "awaiting-approval" {
+            let _ = agent.devos(Some(user), cwd, &["approve", &id]);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn git(user: &User, cwd: &Path, args: &[&str]) {
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.uid))
+        .args(["--init-groups", "env"])
+        .arg(format!("HOME={}", user.home.display()))
+        .args(["git", "-c", "core.hooksPath=/dev/null"])
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+}
+
+/// A git repository of `user` with one commit.
+fn repo(user: &User) -> tempfile::TempDir {
+    let project = user.project();
+    let cwd = project.path();
+    user.write(&cwd.join("file.txt"), "one\n");
+    git(user, cwd, &["init", "-q", "-b", "main"]);
+    git(user, cwd, &["add", "file.txt"]);
+    git(user, cwd, &["commit", "-q", "-m", "first"]);
+    user.write(&cwd.join("file.txt"), "one\ntwo\n");
+    project
+}
+
+fn assert_never_ran(agent: &Daemon, user: &User, cwd: &Path, marks: &Marks, ids: &[&str]) {
+    let seen = readable(agent, user, cwd);
+    for id in ids {
+        assert!(
+            !seen.contains(&marker(id)),
+            "payload {id} ran: its marker is in the user's history"
+        );
+        assert!(!cwd.join(format!("ran-{id}")).exists(), "payload {id} ran");
+    }
+    assert!(marks.made().is_empty(), "payloads ran: {:?}", marks.made());
+}
+
+#[test]
+fn code_never_runs_from_read_only_requests() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = repo(&eve);
+    let cwd = project.path();
+    let marks = Marks::new();
+    let m = marks.path();
+    // The project's own `ls`, and programs configured by the repository.
+    let own_ls = payload(&eve, cwd, m, "own-ls");
+    std::fs::rename(&own_ls, cwd.join("ls")).unwrap();
+    for id in [
+        "fsmonitor",
+        "external",
+        "pager",
+        "textconv",
+        "include",
+        "sort",
+        "grep",
+        "rg",
+        "signature",
+        "alias",
+        "bare",
+    ] {
+        payload(&eve, cwd, m, id);
+    }
+    let c = cwd.display();
+    let config = format!(
+        "[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tfsmonitor = {c}/evil-fsmonitor\n\tpager = {c}/evil-pager\n[diff]\n\texternal = {c}/evil-external\n[diff \"evil\"]\n\ttextconv = {c}/evil-textconv\n[include]\n\tpath = {c}/included\n[gpg]\n\tprogram = {c}/evil-signature\n[log]\n\tshowSignature = true\n[alias]\n\tst = !{c}/evil-alias\n"
+    );
+    eve.write(&cwd.join(".git/config"), &config);
+    eve.write(
+        &cwd.join("included"),
+        &format!("[core]\n\tfsmonitor = {c}/evil-include\n"),
+    );
+    eve.write(&cwd.join(".gitattributes"), "*.txt diff=evil\n");
+    // A bare repository committed into the project, with a configured program.
+    let bare = cwd.join("vendor/evil.git");
+    for d in ["objects", "refs/heads"] {
+        std::fs::create_dir_all(bare.join(d)).unwrap();
+    }
+    std::fs::write(bare.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+    std::fs::write(
+        bare.join("config"),
+        format!("[core]\n\tbare = true\n\tfsmonitor = {c}/evil-bare\n"),
+    )
+    .unwrap();
+    for p in [cwd.join("vendor"), bare.clone()] {
+        std::process::Command::new("chown")
+            .args(["-R", &format!("{}:{}", eve.uid, eve.uid)])
+            .arg(&p)
+            .status()
+            .unwrap();
+    }
+    eve.write(&cwd.join("data.txt"), "b\na\n");
+
+    // Read-only requests: they run (read-only is auto-approved), but nothing the
+    // repository or the project configured may run with them.
+    for text in [
+        "git status",
+        "git diff",
+        "git log",
+        "show recent commits",
+        "run: git log -p",
+        "run: git show",
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(!asked, "{text} asked: {r}");
+        assert_eq!(r["state"], "done", "{text}: {r}");
+    }
+    let (asked, r) = submit(&agent, &eve, &bare, "git status");
+    assert!(!asked, "{r}");
+    // Requests that would run something must ask (denied here).
+    for text in [
+        "run: /usr/../proc/self/cwd/ls",
+        "run: ./ls",
+        &format!("run: {c}/evil-sort"),
+        &format!("run: sort --compress-program={c}/evil-sort -S 1 data.txt"),
+        &format!("run: sort --compress-prog={c}/evil-sort data.txt"),
+        &format!("run: git grep -O{c}/evil-grep one"),
+        &format!("run: git grep --open-files-in-pager={c}/evil-grep one"),
+        &format!("run: rg --pre {c}/evil-rg one"),
+        "run: git log --show-signature",
+        "run: git st",
+        &format!("run: git -c core.pager={c}/evil-pager log"),
+        &format!("run: git -C {} status", bare.display()),
+        &format!("run: find . -name x -exec {c}/evil-sort ;"),
+        &format!("run: env {c}/evil-sort"),
+        &format!("run: make -f {c}/Makefile"),
+        &format!("run: tar -cf /dev/null --to-command={c}/evil-sort data.txt"),
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(asked, "{text} ran without asking: {r}");
+    }
+    assert_never_ran(
+        &agent,
+        &eve,
+        cwd,
+        &marks,
+        &[
+            "own-ls",
+            "fsmonitor",
+            "external",
+            "pager",
+            "textconv",
+            "include",
+            "sort",
+            "grep",
+            "rg",
+            "signature",
+            "alias",
+            "bare",
+        ],
+    );
+}
+
+#[test]
+fn exec_options_and_repository_programs_ask_where_writes_are_auto_approved() {
+    let agent = Daemon::start();
+    // A user of her own: her policy must not reach the other tests.
+    let eve = attacker("devos-trudy");
+    let config_dir = eve.home.join(".config/devos");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    for d in [eve.home.join(".config"), config_dir.clone()] {
+        std::os::unix::fs::chown(&d, Some(eve.uid), Some(eve.uid)).unwrap();
+    }
+    // Eve lets writes in her working directory run without asking.
+    eve.write(
+        &config_dir.join("agent.toml"),
+        "auto-approve = ['writes-workdir']\n",
+    );
+    let marks = Marks::new();
+    let m = marks.path();
+    let project = repo(&eve);
+    let cwd = project.path();
+    let c = cwd.display();
+    for id in [
+        "checkpoint",
+        "zip",
+        "rebase",
+        "clone",
+        "proxy",
+        "hook",
+        "filter",
+        "switch",
+    ] {
+        payload(&eve, cwd, m, id);
+    }
+    eve.write(&cwd.join("data.txt"), "x\n");
+    // Plain writes still run unasked.
+    let (asked, r) = submit(&agent, &eve, cwd, "create directory build");
+    assert!(!asked && r["state"] == "done", "{r}");
+    for text in [
+        format!(
+            "run: tar -cf a.tar --checkpoint=1 --checkpoint-action=exec={c}/evil-checkpoint data.txt"
+        ),
+        format!("run: zip -TT {c}/evil-zip a.zip data.txt"),
+        format!("run: git rebase -x {c}/evil-rebase main"),
+        format!("run: git clone -u {c}/evil-clone https://example.invalid/r.git"),
+        format!("run: ssh -oProxyCommand={c}/evil-proxy host"),
+        format!("run: ssh -o ProxyCommand={c}/evil-proxy host"),
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, &text);
+        assert!(asked, "{text} ran without asking: {r}");
+    }
+    // A hook makes `commit` ask (and not run the hook when denied).
+    let hook = cwd.join(".git/hooks/pre-commit");
+    std::fs::copy(cwd.join("evil-hook"), &hook).unwrap();
+    let (asked, r) = submit(&agent, &eve, cwd, "commit with message \"x\"");
+    assert!(asked, "a commit with a pre-commit hook ran unasked: {r}");
+    std::fs::remove_file(&hook).unwrap();
+    // So does a filter driver the attributes name.
+    git(
+        &eve,
+        cwd,
+        &["config", "filter.evil.clean", &format!("{c}/evil-filter")],
+    );
+    eve.write(&cwd.join(".gitattributes"), "*.txt filter=evil\n");
+    let (asked, r) = submit(&agent, &eve, cwd, "commit with message \"y\"");
+    assert!(asked, "a commit with a clean filter ran unasked: {r}");
+    git(&eve, cwd, &["config", "--unset", "filter.evil.clean"]);
+    std::fs::remove_file(cwd.join(".gitattributes")).unwrap();
+    // And a post-checkout hook makes `switch` ask.
+    let hook = cwd.join(".git/hooks/post-checkout");
+    std::fs::copy(cwd.join("evil-switch"), &hook).unwrap();
+    let (asked, _) = submit(&agent, &eve, cwd, "create branch topic");
+    assert!(asked, "switch with a post-checkout hook ran unasked");
+    std::fs::remove_file(&hook).unwrap();
+    assert_never_ran(
+        &agent,
+        &eve,
+        cwd,
+        &marks,
+        &[
+            "checkpoint",
+            "zip",
+            "rebase",
+            "clone",
+            "proxy",
+            "hook",
+            "filter",
+            "switch",
+        ],
+    );
+}
+
+#[test]
+fn a_hook_planted_after_approval_does_not_run() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let marks = Marks::new();
+    let project = repo(&eve);
+    let cwd = project.path();
+    payload(&eve, cwd, marks.path(), "late-hook");
+    // Approval is asked for a clean repository...
+    let out = agent.devos(Some(&eve), cwd, &["run", "run: git commit -a -m late"]);
+    let id = waiting_id(&out);
+    // ...then a hook and a program-running setting appear before it runs.
+    std::fs::copy(
+        cwd.join("evil-late-hook"),
+        cwd.join(".git/hooks/pre-commit"),
+    )
+    .unwrap();
+    git(
+        &eve,
+        cwd,
+        &[
+            "config",
+            "core.fsmonitor",
+            &cwd.join("evil-late-hook").to_string_lossy(),
+        ],
+    );
+    // Checked again as the caller just before it runs, it is refused; had it run,
+    // its git would have had the repository's programs switched off.
+    let r = agent.approve_and_wait(&eve, cwd, &id, "failed");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("risk changed since it was approved"),
+        "{r}"
+    );
+    assert_never_ran(&agent, &eve, cwd, &marks, &["late-hook"]);
+}
+
+#[test]
+fn secrets_are_never_read_without_approval() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    let home = eve.home.display().to_string();
+    std::os::unix::fs::symlink(eve.home.join(".ssh/id_rsa"), cwd.join("key")).unwrap();
+    std::os::unix::fs::symlink(eve.home.join(".aws"), cwd.join("cloud")).unwrap();
+    // Requests that name a secret location ask.
+    for text in [
+        "search for . in ~/.ssh".to_owned(),
+        "read ~/.ssh/id_rsa".to_owned(),
+        "read key".to_owned(),
+        "list files in cloud".to_owned(),
+        format!("run: cat {home}/.aws/credentials"),
+        "run: cat ../.ssh/id_rsa".to_owned(),
+        format!("run: date --file={home}/.ssh/id_rsa"),
+        format!("run: git diff --no-index {home}/.ssh/id_rsa key"),
+        format!("run: grep -f {home}/.ssh/id_rsa -r ."),
+        "back up ~/.ssh".to_owned(),
+        format!("run: curl file://{home}/.aws/credentials"),
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, &text);
+        assert!(asked, "{text} ran without asking: {r}");
+    }
+    // Read-only requests that only pass by a secret location run, and find nothing
+    // in it: it is not in their sandbox.
+    for text in [
+        format!("search for BEGIN in {home}"),
+        format!("search for aws_secret in {home}"),
+        "find files named id_rsa in ~".to_owned(),
+        "disk usage of ~/.ssh/..".to_owned(),
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, &text);
+        assert!(!asked, "{text} asked");
+        assert!(
+            r["state"] == "done" || r["state"] == "failed",
+            "{text}: {r}"
+        );
+    }
+    let seen = readable(&agent, &eve, cwd);
+    for secret in SECRET_TEXTS {
+        assert!(!seen.contains(secret), "a secret leaked: {secret}");
+    }
+    // Approved with the secret location, the same read works: asking was the gate.
+    let r = approved(&agent, &eve, cwd, "read ~/.aws/credentials");
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(
+        r["actions"][0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("EVEAWS-91c2")
+    );
+}
+
+#[test]
+fn nothing_crosses_from_one_user_to_another() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let mallory = User::ensure("devos-mallory");
+    let private = mallory.home.join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    std::os::unix::fs::chown(&private, Some(mallory.uid), Some(mallory.uid)).unwrap();
+    open_up(&private, 0o700);
+    mallory.write(&private.join("mallory-plans-4e1.txt"), "MALLORY-SECRET-4e1");
+    // A file in mallory's (world-readable) home, and one in /root.
+    open_up(&mallory.home, 0o755);
+    mallory.write(
+        &mallory.home.join("mallory-public-4e1.txt"),
+        "MALLORY-PUBLIC-4e1",
+    );
+    open_up(&mallory.home.join("mallory-public-4e1.txt"), 0o644);
+    std::fs::write("/root/devos-root-only-4e1.txt", "ROOT-4e1").unwrap();
+    let project = eve.project();
+    let cwd = project.path();
+    std::os::unix::fs::symlink(&private, cwd.join("into-private")).unwrap();
+    let p = private.display().to_string();
+    for text in [
+        "organise files in /root by type".to_owned(),
+        format!("organise files in {p} by type"),
+        format!("list files in {p}"),
+        format!("find files named '*' in {p}"),
+        format!("search for SECRET in {p}"),
+        format!("disk usage of {p}"),
+        format!("restore {p}/sub"),
+        "find files named '*' in /root".to_owned(),
+        "list files in into-private".to_owned(),
+        format!("run: cat {}/mallory-public-4e1.txt", mallory.home.display()),
+        format!("search for PUBLIC in {}", mallory.home.display()),
+    ] {
+        let _ = submit(&agent, &eve, cwd, &text);
+    }
+    // A working directory eve cannot enter, directly or through her own symlink.
+    for dir in [private.clone(), cwd.join("into-private")] {
+        let out = agent.devos(
+            Some(&eve),
+            cwd,
+            &["run", "--cwd", &dir.to_string_lossy(), "list", "files"],
+        );
+        assert!(!out.status.success(), "{}", stdout(&out));
+        assert!(stderr(&out).contains("can enter"), "{}", stderr(&out));
+    }
+    let seen = readable(&agent, &eve, cwd);
+    for leak in [
+        "mallory-plans-4e1",
+        "MALLORY-SECRET-4e1",
+        "devos-root-only-4e1",
+        "ROOT-4e1",
+        "MALLORY-PUBLIC-4e1",
+    ] {
+        assert!(!seen.contains(leak), "{leak} leaked to eve: {seen}");
+    }
+    // Eve's actions and mallory's do not share /tmp.
+    let r = approved(
+        &agent,
+        &eve,
+        cwd,
+        "run: sh -c 'echo EVE-TMP-4e1 > /tmp/shared; ls /tmp'",
+    );
+    assert_eq!(r["state"], "done", "{r}");
+    let mproject = mallory.project();
+    let r = approved(
+        &agent,
+        &mallory,
+        mproject.path(),
+        "run: sh -c 'cat /tmp/shared; ls -a /tmp'",
+    );
+    assert!(
+        !r["actions"][0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("EVE-TMP-4e1"),
+        "{r}"
+    );
+    std::fs::remove_file("/root/devos-root-only-4e1.txt").unwrap();
+}
+
+#[test]
+fn rules_mean_what_was_approved() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = repo(&eve);
+    let cwd = project.path();
+    eve.write(&cwd.join("victim.txt"), "keep");
+    let rules = || {
+        json(&agent.devos(Some(&eve), cwd, &["--json", "rules"]))
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    // `always` on one action remembers exactly that action.
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "create", "directory", "build"]));
+    assert!(
+        agent
+            .devos(Some(&eve), cwd, &["approve", &id, "--remember", "always"])
+            .status
+            .success()
+    );
+    agent.wait_state(&eve, cwd, &id, "done");
+    for text in [
+        "create directory other",
+        "run: rm -rf victim.txt",
+        "run: python3 -c print(1)",
+        "delete victim.txt",
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(
+            asked,
+            "{text} was approved by the `create directory build` rule: {r}"
+        );
+    }
+    // A remembered `git fetch` does not approve `git fetch --upload-pack=CMD`; a
+    // network action that uses her SSH keys cannot be remembered by prefix at all.
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "run: git fetch --all"]));
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &[
+            "approve",
+            &id,
+            "--remember",
+            "always",
+            "--command-prefix",
+            "git",
+            "fetch",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "a prefix rule for a secret-reaching action"
+    );
+    let out = agent.devos(Some(&eve), cwd, &["approve", &id, "--remember", "always"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (asked, _) = submit(
+        &agent,
+        &eve,
+        cwd,
+        "run: git fetch --upload-pack=touch /var/tmp/x",
+    );
+    assert!(asked, "the `git fetch` rule approved --upload-pack");
+    // A prefix the user chose covers no more than the class it was made for.
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "create", "branch", "topic"]));
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &[
+            "approve",
+            &id,
+            "--remember",
+            "always",
+            "--command-prefix",
+            "git",
+            "switch",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    agent.wait_state(&eve, cwd, &id, "done");
+    let (asked, r) = submit(&agent, &eve, cwd, "run: git switch -c other");
+    assert!(!asked, "the prefix rule did not cover its own kind: {r}");
+    let (asked, _) = submit(&agent, &eve, cwd, "run: git switch --discard-changes main");
+    assert!(asked, "the `git switch` rule approved a destructive switch");
+    // Unknown, destructive and privileged actions cannot be remembered by prefix.
+    let before = rules();
+    for (text, prefix) in [
+        ("run: python3 -c print(2)", "python3"),
+        ("delete victim.txt", ""),
+        ("run: rm victim.txt", "rm"),
+    ] {
+        let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", text]));
+        let mut args = vec!["approve", id.as_str(), "--remember", "always"];
+        if prefix.is_empty() {
+            args.extend(["--path-prefix", "/"]);
+        } else {
+            args.extend(["--command-prefix", prefix]);
+        }
+        let out = agent.devos(Some(&eve), cwd, &args);
+        assert!(
+            !out.status.success(),
+            "{text}: a widening rule was accepted"
+        );
+        let _ = agent.devos(Some(&eve), cwd, &["deny", &id]);
+    }
+    assert_eq!(rules(), before, "a rule appeared");
+    // AddRule has the same bounds: wide rules exist but approve nothing dangerous.
+    for args in [
+        &["rules", "add", "allow", "--command-prefix", "rm"][..],
+        &["rules", "add", "allow", "--command-prefix", "python3"],
+        &["rules", "add", "allow", "--path-prefix", "/"],
+        &["rules", "add", "allow", "--command-prefix", "sh"],
+    ] {
+        assert!(agent.devos(Some(&eve), cwd, args).status.success());
+    }
+    for text in [
+        "run: rm -rf victim.txt",
+        "run: python3 -c print(3)",
+        "run: sh -c id",
+        "delete victim.txt",
+        "install jq",
+        "read ~/.ssh/id_rsa",
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(
+            asked || r["state"] == "denied",
+            "{text} was approved by a wide rule: {r}"
+        );
+    }
+    // A path scope compares real paths: a symlink out of it is not under it.
+    let outside = tempfile::tempdir_in(&eve.home).unwrap();
+    std::os::unix::fs::chown(outside.path(), Some(eve.uid), Some(eve.uid)).unwrap();
+    std::os::unix::fs::symlink(outside.path(), cwd.join("out")).unwrap();
+    let (asked, _) = submit(&agent, &eve, cwd, "create directory out/escaped");
+    assert!(asked);
+    assert!(!outside.path().join("escaped").exists());
+    assert_eq!(
+        std::fs::read_to_string(cwd.join("victim.txt")).unwrap(),
+        "keep"
+    );
+}
+
+#[test]
+fn deny_rules_hold_in_every_spelling() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    std::os::unix::fs::symlink("/boot", cwd.join("bootlink")).unwrap();
+    let depth = cwd.components().count();
+    let up = vec![".."; depth].join("/");
+    for text in [
+        "run: rm -rf /".to_owned(),
+        "run: rm -fr /".to_owned(),
+        "run: rm -r -f /".to_owned(),
+        "run: rm -rf //".to_owned(),
+        "run: rm -rf /.".to_owned(),
+        "run: rm -R /".to_owned(),
+        "run: /bin/rm --recursive --force /".to_owned(),
+        "run: rm -rf -- /".to_owned(),
+        format!("run: rm -rf {up}"),
+        "run: ls /boot".to_owned(),
+        "run: ls /usr/../boot".to_owned(),
+        "list files in bootlink".to_owned(),
+        "run: cat bootlink/config".to_owned(),
+    ] {
+        let (_, r) = submit(&agent, &eve, cwd, &text);
+        assert_eq!(r["state"], "denied", "{text}: {r}");
+        assert!(
+            r["actions"][0]["decision"]["by"]
+                .as_str()
+                .unwrap()
+                .contains("deny rule"),
+            "{text}: {r}"
+        );
+    }
+    // A working directory inside a denied path.
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &["--json", "run", "--cwd", "/boot", "list", "files"],
+    );
+    assert_eq!(json(&out)["state"], "denied", "{}", stdout(&out));
+}
+
+#[test]
+fn the_sandbox_holds_when_an_approved_action_misbehaves() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = repo(&eve);
+    let cwd = project.path();
+    let marks = Marks::new();
+    let m = marks.path().display().to_string();
+    let bus_socket = agent
+        .bus
+        .address
+        .trim_start_matches("unix:path=")
+        .to_owned();
+    let rules_before = stdout(&agent.devos(Some(&eve), cwd, &["--json", "rules"]));
+    // A listener on the host's loopback, and one on an abstract socket.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let abstract_name = format!("devos-attack-{}", std::process::id());
+    let unix = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).unwrap();
+        std::os::unix::net::UnixListener::bind_addr(&addr).unwrap()
+    };
+    unix.set_nonblocking(true).unwrap();
+    let bashrc = eve.home.join(".bashrc");
+    let hooks = cwd.join(".git/hooks");
+    let scripts = [
+        // Writes outside the working directory, even where eve may write.
+        format!(
+            "touch {m}/outside; touch {}/outside-home",
+            eve.home.display()
+        ),
+        // The agent's bus and the system bus, to approve itself.
+        format!(
+            "busctl --address=unix:path={bus_socket} call org.devos.Agent1 /org/devos/Agent1 org.devos.Agent1 AddRule ssass allow always 1 sh ''"
+        ),
+        "busctl --system call org.devos.Agent1 /org/devos/Agent1 org.devos.Agent1 Ping".to_owned(),
+        format!("ls {bus_socket} /run/dbus /run/user"),
+        // The network, and sockets outside.
+        format!("python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 2)'"),
+        format!(
+            "python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.connect(\"\\0{abstract_name}\")'"
+        ),
+        // Persistence outside the sandbox: start-up files, git hooks and config.
+        format!("echo 'touch {m}/bashrc' >> {}", bashrc.display()),
+        format!(
+            "printf '#!/bin/sh\\ntouch {m}/hook\\n' > .git/hooks/pre-commit; chmod +x .git/hooks/pre-commit"
+        ),
+        "git config core.fsmonitor /bin/false".to_owned(),
+        // The agent's state and other homes.
+        "ls /var/lib/devos-agent /root /home".to_owned(),
+        // Privileges and namespaces.
+        "id; sudo -n id; unshare -r id; unshare -m id".to_owned(),
+        // Other processes.
+        "ps ax; kill -9 -1".to_owned(),
+    ];
+    for (i, script) in scripts.iter().enumerate() {
+        let file = cwd.join(format!("attack-{i}.sh"));
+        eve.write(&file, &format!("{script}\n"));
+        let r = approved(&agent, &eve, cwd, &format!("run: sh attack-{i}.sh"));
+        assert!(
+            r["state"] == "done" || r["state"] == "failed",
+            "{script}: {r}"
+        );
+        let out = r["actions"][0]["output"].as_str().unwrap_or("");
+        if script.starts_with("ps ax") {
+            assert!(
+                !out.contains("devos-agent serve"),
+                "the action saw the agent: {out}"
+            );
+        }
+        if script.starts_with("id;") {
+            assert_eq!(out.matches(&format!("uid={}", eve.uid)).count(), 1, "{out}");
+            assert!(!out.contains("uid=0"), "{out}");
+        }
+    }
+    assert!(marks.made().is_empty(), "{:?}", marks.made());
+    assert!(!eve.home.join("outside-home").exists());
+    assert!(
+        tcp.accept().is_err(),
+        "the action reached the host's loopback"
+    );
+    assert!(
+        unix.accept().is_err(),
+        "the action reached an abstract socket"
+    );
+    assert_eq!(std::fs::read_to_string(&bashrc).unwrap(), "# eve's\n");
+    assert!(!hooks.join("pre-commit").exists());
+    assert!(
+        !std::fs::read_to_string(cwd.join(".git/config"))
+            .unwrap()
+            .contains("fsmonitor")
+    );
+    assert_eq!(
+        stdout(&agent.devos(Some(&eve), cwd, &["--json", "rules"])),
+        rules_before,
+        "a rule was added from inside a sandbox"
+    );
+    // With her home as the working directory, writes ask (the whole home would be
+    // writable), and once approved they still cannot touch her start-up files.
+    let home_script = eve.home.join("devos-attack-home.sh");
+    eve.write(
+        &home_script,
+        "echo x >> .bashrc; echo x >> .profile; mkdir .config/autostart\n",
+    );
+    let (asked, _) = submit(&agent, &eve, &eve.home, "create directory devos-attack-dir");
+    assert!(asked, "a write in the home directory ran unasked");
+    let r = approved(&agent, &eve, &eve.home, "run: sh devos-attack-home.sh");
+    assert_eq!(r["state"], "failed", "{r}");
+    for startup in [".bashrc", ".profile"] {
+        assert_eq!(
+            std::fs::read_to_string(eve.home.join(startup)).unwrap(),
+            "# eve's\n"
+        );
+    }
+    assert!(!eve.home.join(".config/autostart").exists());
+    std::fs::remove_file(home_script).unwrap();
+}
+
+/// Processes whose command line holds `needle`.
+fn processes_with(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(needle))
+        .collect()
+}
+
+#[test]
+fn the_end_of_an_action_ends_every_process_it_started() {
+    let agent = Daemon::start_with("IMAGE_VERSION=1\n", "[sandbox]\ntimeout-secs = 3\n");
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    // setsid() and a closed output do not let anything outlive the timeout...
+    for (n, script) in [
+        "setsid sleep 7001 & sleep 7002",
+        "exec >&- 2>&-; setsid sleep 7003 & sleep 7004",
+        "exec >&- 2>&-; sleep 7005",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = approved(&agent, &eve, cwd, &format!("run: sh -c '{script}'"));
+        assert_eq!(r["state"], "failed", "{script}: {r}");
+        assert!(
+            r["actions"][0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("timed out"),
+            "{r}"
+        );
+        assert!(
+            wait_for(Duration::from_secs(10), || processes_with(&format!(
+                "sleep 700{}",
+                2 * n + 1
+            ))
+            .is_empty()
+                && processes_with(&format!("sleep 700{}", 2 * n + 2)).is_empty()),
+            "{script}: processes outlived the action: {:?}",
+            processes_with("sleep 700")
+        );
+    }
+    // ...nor Cancel.
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &[
+            "run",
+            "run: sh -c 'exec >&- 2>&-; setsid sleep 7101 & sleep 7102'",
+        ],
+    );
+    let id = waiting_id(&out);
+    assert!(
+        agent
+            .devos(Some(&eve), cwd, &["approve", &id])
+            .status
+            .success()
+    );
+    assert!(wait_for(Duration::from_secs(10), || !processes_with(
+        "sleep 7102"
+    )
+    .is_empty()));
+    let pid_ns = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            if !String::from_utf8_lossy(&cmd).contains("sleep\u{0}7102") {
+                return None;
+            }
+            std::fs::read_link(e.path().join("ns/pid")).ok()
+        })
+        .unwrap();
+    let own_ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    assert_ne!(pid_ns, own_ns, "the action ran in the host's PID namespace");
+    assert!(
+        agent
+            .devos(Some(&eve), cwd, &["cancel", &id])
+            .status
+            .success()
+    );
+    agent.wait_state(&eve, cwd, &id, "cancelled");
+    assert!(
+        wait_for(Duration::from_secs(10), || processes_with("sleep 710")
+            .is_empty()),
+        "processes outlived Cancel"
+    );
+    // The action's PID namespace is gone: no process is in it.
+    let in_ns = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path().join("ns/pid")).is_ok_and(|ns| ns == pid_ns))
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || in_ns() == 0),
+        "the action's PID namespace {} still has {} processes",
+        pid_ns.display(),
+        in_ns()
+    );
+}
+
+#[test]
+fn an_action_that_cannot_be_audited_does_not_run() {
+    let marks = Marks::new();
+    let agent = Daemon::start_prepared(
+        "IMAGE_VERSION=1\n",
+        "",
+        &[("AWS_EC2_METADATA_DISABLED", "true")],
+        |dir| {
+            let audit = dir.join("state/audit");
+            std::fs::create_dir_all(&audit).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=256k", "devos-audit-test"])
+                .arg(&audit)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "cannot mount a small tmpfs for the audit log");
+        },
+    );
+    let audit = agent.dir.path().join("state/audit");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(audit.clone());
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    let m = marks.path().display().to_string();
+    // Waiting for approval while the disk is fine...
+    let waiting = waiting_id(&agent.devos(
+        Some(&eve),
+        cwd,
+        &["run", &format!("run: touch {m}/late ran-late")],
+    ));
+    // ...then the audit log's disk fills up.
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "count=100000"])
+        .arg(format!("of={}", audit.join("filler").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    // The log's last page may still have room for a few entries: requests run while
+    // their entries fit, and are refused as soon as one does not.
+    let mut ran = Vec::new();
+    let mut refused = None;
+    for _ in 0..60 {
+        let out = agent.devos(Some(&eve), cwd, &["--json", "run", "list", "files"]);
+        if out.status.success() {
+            ran.push(json(&out)["id"].as_str().unwrap().to_owned());
+            continue;
+        }
+        refused = Some(format!("{}{}", stdout(&out), stderr(&out)));
+        break;
+    }
+    let refused = refused.expect("the audit log's disk never filled up");
+    assert!(refused.contains("cannot write the audit log"), "{refused}");
+    assert!(refused.contains("nothing ran"), "{refused}");
+    assert!(!refused.contains("ran-late"), "{refused}");
+    // Whatever ran is on record, from its submission to its start.
+    let log = std::fs::read_to_string(audit.join("log-000001.jsonl")).unwrap();
+    for id in &ran {
+        for event in ["request.submitted", "action.started"] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains(&format!("\"event\":\"{event}\""))
+                        && l.contains(&format!("\"request\":\"{id}\""))),
+                "request {id} ran without its {event} entry"
+            );
+        }
+    }
+    let out = agent.devos(Some(&eve), cwd, &["approve", &waiting]);
+    assert!(
+        !out.status.success(),
+        "an approval was taken without being recorded"
+    );
+    assert!(!cwd.join("ran-late").exists());
+    assert!(marks.made().is_empty());
+}
+
+#[test]
+fn a_consistent_rewrite_or_a_dropped_tail_of_the_audit_log_is_reported() {
+    use devos_agent::audit::{AuditLog, Entry};
+    let mut agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    for _ in 0..4 {
+        assert!(
+            agent
+                .devos(Some(&eve), cwd, &["run", "list", "files"])
+                .status
+                .success()
+        );
+    }
+    let dir = agent.state().join("audit");
+    let log = dir.join("log-000001.jsonl");
+    let entries: Vec<Entry> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Rebuild the whole log with one entry changed: every hash, checkpoint and HEAD
+    // agree, as whoever can write the state directory could make them.
+    let scratch = tempfile::tempdir().unwrap();
+    let config = devos_agent::config::AuditConfig {
+        anchor_file: scratch.path().join("anchors.jsonl"),
+        journal: false,
+        ..Default::default()
+    };
+    let mut forged = AuditLog::open(&scratch.path().join("audit"), &config).unwrap();
+    for e in &entries {
+        let mut detail = e.detail.clone();
+        if e.event == "request.submitted" {
+            detail["text"] = serde_json::json!("nothing to see");
+        }
+        forged
+            .append(&e.event, e.uid, e.request.as_deref(), e.action, detail)
+            .unwrap();
+    }
+    drop(forged);
+    agent.stop();
+    for f in std::fs::read_dir(&dir).unwrap().flatten() {
+        std::fs::remove_file(f.path()).unwrap();
+    }
+    for f in std::fs::read_dir(scratch.path().join("audit"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    agent.restart();
+    let out = agent.devos(Some(&eve), cwd, &["audit", "verify"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("the log was rewritten"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn one_user_cannot_starve_the_others() {
+    let agent = Daemon::start_with("IMAGE_VERSION=1\n", "[limits]\nrequests-per-user = 3\n");
+    let eve = eve();
+    let mallory = User::ensure("devos-mallory");
+    let project = eve.project();
+    let cwd = project.path();
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            waiting_id(&agent.devos(
+                Some(&eve),
+                cwd,
+                &["run", "create", "directory", &format!("d{i}")],
+            ))
+        })
+        .collect();
+    let out = agent.devos(Some(&eve), cwd, &["run", "list", "files"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("requests in flight"),
+        "{}",
+        stderr(&out)
+    );
+    // Others are served.
+    let mproject = mallory.project();
+    assert!(
+        agent
+            .devos(Some(&mallory), mproject.path(), &["run", "list", "files"])
+            .status
+            .success()
+    );
+    // A finished request frees its place.
+    assert!(
+        agent
+            .devos(Some(&eve), cwd, &["cancel", &ids[0]])
+            .status
+            .success()
+    );
+    agent.wait_state(&eve, cwd, &ids[0], "cancelled");
+    assert!(wait_for(Duration::from_secs(5), || agent
+        .devos(Some(&eve), cwd, &["run", "list", "files"])
+        .status
+        .success()));
+}
+
+#[test]
+fn verifying_a_large_audit_log_does_not_hold_up_other_callers() {
+    let agent = Daemon::start_prepared(
+        "IMAGE_VERSION=1\n",
+        "",
+        &[("AWS_EC2_METADATA_DISABLED", "true")],
+        |dir| {
+            // A log of 150,000 entries, as years of use leave it.
+            let config = devos_agent::config::AuditConfig {
+                anchor_file: dir.join("anchors/audit-anchors.jsonl"),
+                checkpoint_every: 1_000_000,
+                journal: false,
+                ..Default::default()
+            };
+            let mut log =
+                devos_agent::audit::AuditLog::open(&dir.join("state/audit"), &config).unwrap();
+            for i in 0..150_000u32 {
+                log.append(
+                    "action.finished",
+                    Some(1000),
+                    Some("old"),
+                    Some(i),
+                    serde_json::json!({"argv": ["ls", "-la"], "exit-code": 0}),
+                )
+                .unwrap();
+            }
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let connect = || async {
+            let conn = zbus::connection::Builder::address(agent.bus.address.as_str())
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
+            devos_agent::client::Agent1Proxy::new(&conn)
+                .await
+                .map(|p| (conn, p))
+                .unwrap()
+        };
+        let mut verifiers = Vec::new();
+        for _ in 0..4 {
+            let (conn, proxy) = connect().await;
+            verifiers.push(tokio::spawn(async move {
+                let _conn = conn;
+                proxy.verify_audit().await.unwrap()
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_c, pinger) = connect().await;
+        assert_eq!(pinger.ping().await.unwrap(), "pong");
+        // Ping answered while the verifications are still going.
+        assert!(
+            verifiers.iter().any(|v| !v.is_finished()),
+            "the verifications ended before Ping: make the log larger"
+        );
+        for v in verifiers {
+            let report: serde_json::Value = serde_json::from_str(&v.await.unwrap()).unwrap();
+            assert_eq!(report["ok"], true, "{report}");
+        }
+    });
+}
+
+#[test]
+fn ordinary_requests_still_work_in_a_plain_project() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = repo(&eve);
+    let cwd = project.path();
+    eve.write(
+        &cwd.join("Makefile"),
+        "test:\n\t@echo all tests passed > result.txt\n\t@cat result.txt\n",
+    );
+    eve.write(&cwd.join("notes.md"), "TODO: write more\n");
+    let run = |text: &str| approved(&agent, &eve, cwd, text);
+    let output = |r: &serde_json::Value| {
+        r["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["output"].as_str().unwrap_or("").to_owned())
+            .collect::<String>()
+    };
+    for (text, want) in [
+        ("list files", "notes.md"),
+        ("search for TODO", "write more"),
+        ("find files named '*.md'", "notes.md"),
+        ("git status", "file.txt"),
+        ("git diff", "+two"),
+        ("git log", "first"),
+        ("disk usage", "."),
+    ] {
+        let r = run(text);
+        assert_eq!(r["state"], "done", "{text}: {r}");
+        assert!(output(&r).contains(want), "{text}: {}", output(&r));
+    }
+    let r = run("commit with message \"second\"");
+    assert_eq!(r["state"], "done", "{r}");
+    let r = run("git log");
+    assert!(output(&r).contains("second"), "{}", output(&r));
+    let r = run("run the tests");
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(output(&r).contains("all tests passed"));
+    let docs = cwd.join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    std::os::unix::fs::chown(&docs, Some(eve.uid), Some(eve.uid)).unwrap();
+    eve.write(&docs.join("a.md"), "a");
+    eve.write(&docs.join("b.txt"), "b");
+    let r = run("organise files in docs by type");
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(docs.join("md/a.md").exists() && docs.join("txt/b.txt").exists());
+    let r = run("back up docs");
+    assert_eq!(r["state"], "done", "{r}");
+    std::fs::remove_dir_all(docs.join("md")).unwrap();
+    let r = run("restore docs");
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(docs.join("md/a.md").exists());
+    let r = run("create branch feature-x");
+    assert_eq!(r["state"], "done", "{r}");
+}
