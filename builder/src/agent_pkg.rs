@@ -283,7 +283,7 @@ mod tests {
             assert!(!caps.contains(forbidden), "{caps}");
         }
         // The capabilities only the sandbox builder needs are each justified.
-        for builder_only in ["SYS_ADMIN", "SYS_CHROOT", "NET_ADMIN", "SETPCAP"] {
+        for builder_only in ["SYS_ADMIN", "NET_ADMIN"] {
             assert!(
                 !caps.contains(&format!("CAP_{builder_only}"))
                     || unit
