@@ -37,7 +37,11 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn main() {
-    let daemon = Daemon::start_with("IMAGE_VERSION=1\n", "log-level = \"warn\"\n");
+    // The submit samples leave 1,000 requests waiting for approval.
+    let daemon = Daemon::start_with(
+        "IMAGE_VERSION=1\n",
+        "log-level = \"warn\"\n[limits]\nrequests-per-user = 100000\n",
+    );
     let pid = daemon.pid();
     let bus = &daemon.bus;
     let project = daemon.dir.path().join("project");
@@ -102,9 +106,11 @@ fn main() {
             "  of which planning + classification inside the agent",
             internal,
         );
-        // Read-only requests run in the sandbox: the whole path, for reference.
+        // Read-only requests run in the sandbox: the whole path — planning as the
+        // caller, the decision, the namespaces, Landlock and seccomp, `ls` itself,
+        // the audit entries.
         let mut runs = Vec::new();
-        for _ in 0..50 {
+        for _ in 0..300 {
             let t = Instant::now();
             let id = agent.submit("list files", &cwd).await.unwrap();
             loop {
@@ -120,6 +126,6 @@ fn main() {
         }
         report("read-only request end to end (sandboxed `ls`)", runs);
         tokio::time::sleep(Duration::from_secs(2)).await;
-        println!("RSS after 1,050 requests: {} KiB", rss_kib(pid));
+        println!("RSS after 1,300 requests: {} KiB", rss_kib(pid));
     });
 }
