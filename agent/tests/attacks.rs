@@ -1298,3 +1298,72 @@ fn ordinary_requests_still_work_in_a_plain_project() {
     let r = run("create branch feature-x");
     assert_eq!(r["state"], "done", "{r}");
 }
+
+#[test]
+fn working_above_or_inside_a_hidden_place_does_not_uncover_it() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let mallory = User::ensure("devos-mallory");
+    open_up(&mallory.home, 0o755);
+    mallory.write(&mallory.home.join("mallory-visible-9b2.txt"), "MALLORY-9b2");
+    open_up(&mallory.home.join("mallory-visible-9b2.txt"), 0o644);
+    let host_tmp = tempfile::Builder::new()
+        .prefix("devos-host-tmp-9b2-")
+        .tempfile_in("/tmp")
+        .unwrap();
+    std::fs::write(host_tmp.path(), "HOST-TMP-9b2").unwrap();
+    open_up(host_tmp.path(), 0o644);
+    // Read-only requests from `/`, `/home` and `/tmp`: the hidden places stay hidden.
+    for (cwd, text) in [
+        ("/", "list files in /home"),
+        ("/", "search for MALLORY in /home"),
+        ("/", "find files named '*9b2*' in /home"),
+        ("/home", "list files"),
+        ("/home", "search for MALLORY in ."),
+        ("/tmp", "list files"),
+        ("/tmp", "search for HOST-TMP in ."),
+        ("/", "find files named '*9b2*' in /tmp"),
+    ] {
+        let out = agent.devos(
+            Some(&eve),
+            Path::new("/"),
+            &["--json", "run", "--cwd", cwd, text],
+        );
+        assert!(out.status.code() != Some(3), "{cwd}: {text} asked");
+    }
+    let seen = readable(&agent, &eve, Path::new("/"));
+    for leak in [
+        "mallory-visible-9b2",
+        "MALLORY-9b2",
+        "devos-host-tmp-9b2",
+        "HOST-TMP-9b2",
+    ] {
+        assert!(!seen.contains(leak), "{leak} leaked: {seen}");
+    }
+    // Writing with `/` as the working directory: it asks, and even approved the
+    // system stays read-only.
+    let r = approved(
+        &agent,
+        &eve,
+        Path::new("/"),
+        "create directory devos-attack-9b2",
+    );
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(r["actions"][0]["risk"]["class"] == "privileged", "{r}");
+    assert!(!Path::new("/devos-attack-9b2").exists());
+    // `/run` (every socket) is never a working directory.
+    let out = agent.devos(
+        Some(&eve),
+        Path::new("/"),
+        &["--json", "run", "--cwd", "/run", "list", "files"],
+    );
+    let r = json(&out);
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(
+        r["actions"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no action may see"),
+        "{r}"
+    );
+}

@@ -200,6 +200,18 @@ fn classify_inner(action: &Action, scope: &Scope) -> Risk {
         }
     }
     if c.risk.class >= RiskClass::WritesWorkdir
+        && c.risk.class < RiskClass::Privileged
+        && belongs_to_system(scope.cwd)
+    {
+        c.risk.raise(
+            RiskClass::Privileged,
+            format!(
+                "the working directory {} belongs to the system: no sandbox makes it writable",
+                scope.cwd.display()
+            ),
+        );
+    }
+    if c.risk.class >= RiskClass::WritesWorkdir
         && c.risk.class < RiskClass::Destructive
         && scope.home.starts_with(scope.cwd)
     {
@@ -279,6 +291,15 @@ const SYSTEM_PLACES: &[&str] = &[
     "/efi",
 ];
 
+/// Whether writing `path` would change the system: it is `/`, a system place, inside
+/// one, or holds one (`/var` holds `/var/lib`).
+pub fn belongs_to_system(path: &Path) -> bool {
+    path == Path::new("/")
+        || SYSTEM_PLACES
+            .iter()
+            .any(|s| path.starts_with(s) || Path::new(s).starts_with(path))
+}
+
 /// How an action uses a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -347,7 +368,7 @@ impl Classifier<'_> {
                 } else {
                     real.parent().unwrap_or(Path::new("/")).to_path_buf()
                 };
-                if target == Path::new("/") || SYSTEM_PLACES.iter().any(|s| target.starts_with(s)) {
+                if belongs_to_system(&target) {
                     self.risk.raise(
                         RiskClass::Privileged,
                         format!(

@@ -143,6 +143,8 @@ impl Profile {
                 }
             }
         }
+        // The system is never writable, whatever was approved.
+        writable.retain(|w| !crate::risk::belongs_to_system(w));
         Profile {
             writable,
             network: risk.network,

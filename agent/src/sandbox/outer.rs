@@ -196,6 +196,22 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     let now = classify_as(&spec.action, &cwd, caller, &spec.secrets);
     now.within(&spec.approved).map_err(Stop::RiskChanged)?;
     let profile = Profile::of(&spec.approved, &cwd, spec.as_root);
+    if !profile.root
+        && let Some((path, place)) = std::iter::once(&cwd)
+            .chain(&profile.writable)
+            .find_map(|p| {
+                forbidden_places(spec)
+                    .into_iter()
+                    .find(|f| p.starts_with(f))
+                    .map(|f| (p, f))
+            })
+    {
+        return Err(failed(format!(
+            "{} is inside {}, which no action may see (sockets of the system and the agent's own files)",
+            path.display(),
+            place.display()
+        )));
+    }
     let granted: Vec<PathBuf> = profile
         .secrets
         .iter()
@@ -358,11 +374,25 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
         // it has.
         a.extend(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"].map(String::from));
     }
+    // Order matters: later mounts cover earlier ones. Writable places outside the
+    // hidden ones first, then everything hidden (so a writable ancestor cannot
+    // uncover it), then what the action works in below a hidden place.
+    let hidden = hidden_places(spec);
+    let below_hidden = |p: &Path| hidden.iter().any(|h| p.starts_with(h));
+    let strictly_below_hidden = |p: &Path| hidden.iter().any(|h| p != h && p.starts_with(h));
     a.extend(bind("--ro-bind", Path::new("/"), Path::new("/")));
+    a.extend(["--dev", "/dev", "--proc", "/proc"].map(String::from));
+    for w in p
+        .profile
+        .writable
+        .iter()
+        .filter(|w| w.exists() && !below_hidden(w))
+    {
+        a.extend(bind("--bind", w, w));
+    }
     a.extend(
         [
-            "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/run", "--tmpfs", "/dev/shm",
-            "--tmpfs", "/var/tmp", "--tmpfs", "/home",
+            "--tmpfs", "/run", "--tmpfs", "/dev/shm", "--tmpfs", "/var/tmp", "--tmpfs", "/home",
         ]
         .map(String::from),
     );
@@ -373,11 +403,18 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     for h in spec.hide.iter().filter(|h| h.exists()) {
         a.extend(["--tmpfs".into(), h.to_string_lossy().into_owned()]);
     }
-    if p.home_visible {
+    if p.home_visible && strictly_below_hidden(&spec.caller.home) {
         a.extend(bind("--ro-bind", &spec.caller.home, &spec.caller.home));
     }
-    a.extend(bind("--ro-bind", &p.cwd, &p.cwd));
-    for w in p.profile.writable.iter().filter(|w| w.exists()) {
+    if strictly_below_hidden(&p.cwd) {
+        a.extend(bind("--ro-bind", &p.cwd, &p.cwd));
+    }
+    for w in p
+        .profile
+        .writable
+        .iter()
+        .filter(|w| w.exists() && strictly_below_hidden(w))
+    {
         a.extend(bind("--bind", w, w));
     }
     for r in &p.read_only {
@@ -395,6 +432,29 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
         a.extend(bind("--ro-bind", r, r));
     }
     a
+}
+
+/// What no action sees (before what it works in is put back): `/run` with every
+/// daemon and bus socket, shared temporary directories, the homes, `/root` unless the
+/// caller is root, and the agent's own files.
+fn hidden_places(spec: &Spec) -> Vec<PathBuf> {
+    let mut hidden: Vec<PathBuf> = ["/run", "/tmp", "/var/tmp", "/dev/shm", "/home"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    if spec.caller.uid != 0 {
+        hidden.push(PathBuf::from("/root"));
+    }
+    hidden.extend(spec.hide.iter().cloned());
+    hidden
+}
+
+/// Places an action may never work in, even when its user can: what must stay out of
+/// every sandbox.
+fn forbidden_places(spec: &Spec) -> Vec<PathBuf> {
+    std::iter::once(PathBuf::from("/run"))
+        .chain(spec.hide.iter().cloned())
+        .collect()
 }
 
 fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
