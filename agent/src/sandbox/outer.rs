@@ -546,3 +546,179 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         outer: outer.join("; "),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::risk::RiskClass;
+
+    fn spec(uid: u32, cwd: &str, class: RiskClass, action: Action) -> Spec {
+        let mut approved = crate::caller::classify_as(
+            &Action::Run {
+                argv: vec!["true".into()],
+            },
+            Path::new("/"),
+            &caller(uid),
+            &[],
+        );
+        approved.class = class;
+        Spec {
+            caller: caller(uid),
+            cwd: PathBuf::from(cwd),
+            action,
+            approved,
+            as_root: false,
+            secrets: Vec::new(),
+            read_only: Vec::new(),
+            // Stands for the agent's state: a directory that exists on every host.
+            hide: vec![PathBuf::from("/var/cache")],
+            private_dir: PathBuf::from("/run/devos-agent/x"),
+            cgroup: None,
+            bwrap: PathBuf::from("/usr/bin/bwrap"),
+            required: true,
+            limits: super::super::Limits {
+                cpu_secs: 1,
+                max_file_mib: 1,
+                max_open_files: 64,
+            },
+        }
+    }
+
+    fn caller(uid: u32) -> Caller {
+        Caller {
+            uid,
+            gid: uid,
+            groups: vec![uid],
+            user: if uid == 0 {
+                "root".into()
+            } else {
+                "dev".into()
+            },
+            home: if uid == 0 {
+                "/root".into()
+            } else {
+                "/home/dev".into()
+            },
+            is_admin: uid == 0,
+        }
+    }
+
+    fn prepared(cwd: &str, writable: &[&str]) -> Prepared {
+        Prepared {
+            cwd: PathBuf::from(cwd),
+            profile: Profile {
+                writable: writable.iter().map(PathBuf::from).collect(),
+                network: false,
+                secrets: Vec::new(),
+                root: false,
+            },
+            hidden_secrets: Vec::new(),
+            read_only: Vec::new(),
+            git: None,
+            resolv: None,
+            home_visible: false,
+        }
+    }
+
+    /// The mount targets in order, as `kind target` lines.
+    fn mounts(args: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            match args[i].as_str() {
+                "--bind" | "--ro-bind" | "--dev-bind" => {
+                    out.push(format!("{} {}", args[i], args[i + 2]));
+                    i += 3;
+                }
+                "--tmpfs" | "--dev" | "--proc" | "--remount-ro" | "--dir" => {
+                    out.push(format!("{} {}", args[i], args[i + 1]));
+                    i += 2;
+                }
+                "--cap-add" | "--perms" => i += 2,
+                _ => i += 1,
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_working_directory_above_a_hidden_place_uncovers_nothing() {
+        for (cwd, writable) in [
+            ("/", &[][..]),
+            ("/home", &["/home"][..]),
+            ("/srv/p", &["/srv/p", "/"][..]),
+        ] {
+            let s = spec(
+                1000,
+                cwd,
+                RiskClass::WritesWorkdir,
+                Action::Run {
+                    argv: vec!["ls".into()],
+                },
+            );
+            let m = mounts(&bwrap_args(&s, &prepared(cwd, writable)));
+            // Every hidden place is hidden after the last mount that could uncover it.
+            for hidden in ["/run", "/home", "/root", "/var/tmp", "/var/cache"] {
+                let hide = m
+                    .iter()
+                    .rposition(|l| l.ends_with(&format!(" {hidden}")) && !l.starts_with("--bind /"))
+                    .unwrap_or_else(|| panic!("{hidden} is not hidden: {m:?}"));
+                let uncover = m.iter().rposition(|l| {
+                    let target = l.split_once(' ').unwrap().1;
+                    (l.starts_with("--bind") || l.starts_with("--ro-bind"))
+                        && Path::new(hidden).starts_with(target)
+                });
+                assert!(
+                    uncover.is_none_or(|u| u < hide),
+                    "{cwd}: {hidden} uncovered: {m:?}"
+                );
+            }
+        }
+        // Below a hidden place, what the action works in is put back after hiding.
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let p = dir.path().to_string_lossy().into_owned();
+        let s = spec(
+            1000,
+            &p,
+            RiskClass::WritesWorkdir,
+            Action::Run {
+                argv: vec!["ls".into()],
+            },
+        );
+        let m = mounts(&bwrap_args(&s, &prepared(&p, &[&p])));
+        let hide = m.iter().position(|l| l == "--bind /tmp").unwrap();
+        let back = m.iter().position(|l| *l == format!("--bind {p}")).unwrap();
+        assert!(back > hide, "{m:?}");
+    }
+
+    #[test]
+    fn package_installs_run_with_roots_own_environment() {
+        let mut s = spec(
+            1000,
+            "/home/dev/p",
+            RiskClass::Privileged,
+            Action::PackageInstall {
+                packages: vec!["jq".into()],
+            },
+        );
+        s.as_root = true;
+        let mut p = prepared("/home/dev/p", &["/"]);
+        p.profile.root = true;
+        let inner = inner_spec(&s, &p);
+        let env = |k: &str| {
+            inner
+                .env
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(env("HOME"), Some("/root"));
+        assert_eq!(env("USER"), Some("root"));
+        assert!(
+            inner.env.iter().all(|(_, v)| !v.contains("/home/dev")),
+            "{:?}",
+            inner.env
+        );
+        assert!(inner.as_root);
+    }
+}
