@@ -113,6 +113,17 @@ pub fn quote(word: &str) -> String {
     }
 }
 
+/// The words of a shell script, roughly: quotes dropped, split at blanks and at every
+/// character that separates commands or redirects. Not for running anything — for
+/// checking a script against deny rules, where finding too many words is harmless.
+pub fn loose_words(script: &str) -> Vec<String> {
+    script
+        .split(|c: char| c.is_whitespace() || ";&|<>()`$\"'{}".contains(c))
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Split a command line the user typed into words, POSIX-shell style (quotes and
 /// backslashes), or `None` when it uses shell syntax a word list cannot express
 /// (pipes, redirections, substitutions, separators, globs, variables, newlines).

@@ -38,7 +38,7 @@ pub fn decide(
         ("policy", &policy.deny),
         ("your policy", &subject.user_policy.deny),
     ] {
-        if let Some(rule) = rules.iter().find(|r| deny_matches(r, risk, cwd)) {
+        if let Some(rule) = rules.iter().find(|r| deny_matches(r, action, risk, cwd)) {
             return Decision::Denied {
                 by: format!("{origin} deny rule"),
                 reason: rule.reason.clone().unwrap_or_else(|| describe_deny(rule)),
@@ -142,26 +142,60 @@ pub fn may_remember_prefix(risk: &Risk) -> Result<(), String> {
     Ok(())
 }
 
-fn deny_matches(rule: &DenyRule, risk: &Risk, cwd: &Path) -> bool {
+/// The words an action runs: its argv, or a shell script's words.
+fn words_of(action: &Action) -> Vec<String> {
+    match action {
+        Action::Shell { script } => crate::action::loose_words(script),
+        other => other.argv().unwrap_or_default(),
+    }
+}
+
+fn deny_matches(rule: &DenyRule, action: &Action, risk: &Risk, cwd: &Path) -> bool {
+    let words = words_of(action);
     if let Some(prefix) = &rule.path_prefix {
+        // Real paths from classification, and every word (or `--opt=` value) as a path
+        // too, so nothing spelled another way gets past.
         return cwd.starts_with(prefix)
             || risk.paths.iter().any(|p| p.starts_with(prefix))
-            || risk.program.as_ref().is_some_and(|p| p.starts_with(prefix));
+            || risk.program.as_ref().is_some_and(|p| p.starts_with(prefix))
+            || words
+                .iter()
+                .flat_map(|w| [w.as_str(), w.rsplit('=').next().unwrap_or(w)])
+                .filter(|w| crate::risk::programs::looks_like_path(w))
+                .any(|w| crate::risk::programs::lexical_path(w, cwd).starts_with(prefix));
     }
-    match (Normalized::of_rule(&rule.command_prefix), &risk.normalized) {
-        (Some(rule), Some(action)) => action.contains(&rule),
-        _ => false,
-    }
+    let Some(rule) = Normalized::of_rule(&rule.command_prefix) else {
+        return false;
+    };
+    risk.normalized.iter().any(|n| n.contains(&rule))
+        || Normalized::views(&words, cwd)
+            .iter()
+            .any(|n| n.contains(&rule))
 }
 
 /// Whether a remembered rule covers an action.
 pub fn rule_matches(rule: &Rule, action: &Action, risk: &Risk, cwd: &Path) -> bool {
+    // An allow rule never lets an action reach more than the one it was made from:
+    // the same argv may now lead through a symlink to somewhere else.
+    let reaches_no_more = || match &rule.approved {
+        Some(approved) if rule.exact.is_some() => risk.within(approved).is_ok(),
+        approved => {
+            risk.writes_outside.iter().all(|w| {
+                approved
+                    .as_ref()
+                    .is_some_and(|a| a.writes_outside.contains(w))
+                    || rule.path_prefix.as_ref().is_some_and(|p| w.starts_with(p))
+            }) && (!risk.network
+                || approved
+                    .as_ref()
+                    .map_or(rule.max_class >= Some(RiskClass::Network), |a| a.network))
+        }
+    };
     if let Some(exact) = &rule.exact {
         return exact.action == *action
             && exact.cwd == cwd
-            && rule
-                .max_class
-                .is_none_or(|c| risk.class <= c || !rule.allow);
+            && (!rule.allow
+                || (rule.max_class.is_none_or(|c| risk.class <= c) && reaches_no_more()));
     }
     if rule.command_prefix.is_empty() && rule.path_prefix.is_none() {
         return false;
@@ -186,7 +220,7 @@ pub fn rule_matches(rule: &Rule, action: &Action, risk: &Risk, cwd: &Path) -> bo
     let path_ok = rule.path_prefix.as_ref().is_none_or(|prefix| {
         cwd.starts_with(prefix) && risk.paths.iter().all(|p| p.starts_with(prefix))
     });
-    command_ok && path_ok
+    command_ok && path_ok && (!rule.allow || reaches_no_more())
 }
 
 pub fn describe_rule(rule: &Rule) -> String {
@@ -240,6 +274,7 @@ mod tests {
             path_prefix: path.map(Path::to_path_buf),
             exact: None,
             max_class: Some(max),
+            approved: None,
             created: String::new(),
         }
     }

@@ -19,8 +19,9 @@ pub struct AgentConfig {
     pub os_release: PathBuf,
     /// Where requests, remembered rules and the audit log are kept.
     pub state_dir: PathBuf,
-    /// Per-action private directories (each action's `/tmp`), root only.
-    pub runtime_dir: PathBuf,
+    /// Per-action private directories (each action's `/tmp`, `/var/tmp` and
+    /// `/dev/shm`), on disk, reachable by root only.
+    pub actions_dir: PathBuf,
     /// Which actions run without asking, and which never run.
     pub policy: Policy,
     /// How approved actions are confined.
@@ -37,7 +38,7 @@ impl Default for AgentConfig {
             log_level: LogLevel::Info,
             os_release: PathBuf::from(crate::os_release::DEFAULT_PATH),
             state_dir: PathBuf::from("/var/lib/devos-agent"),
-            runtime_dir: PathBuf::from("/run/devos-agent"),
+            actions_dir: PathBuf::from("/var/lib/devos-agent/actions"),
             policy: Policy::default(),
             sandbox: SandboxConfig::default(),
             audit: AuditConfig::default(),
@@ -357,7 +358,7 @@ impl AgentConfig {
         }
         for (key, path) in [
             ("state-dir", &self.state_dir),
-            ("runtime-dir", &self.runtime_dir),
+            ("actions-dir", &self.actions_dir),
             ("audit.anchor-file", &self.audit.anchor_file),
             ("sandbox.bwrap", &self.sandbox.bwrap),
         ] {

@@ -54,9 +54,11 @@ pub fn spec_for(
         as_root,
         secrets: sandbox.secrets.clone(),
         read_only: sandbox.read_only.clone(),
+        // The agent's own files, and what the administrator's deny rules say nothing
+        // may touch.
         hide: [
             config.state_dir.clone(),
-            config.runtime_dir.clone(),
+            config.actions_dir.clone(),
             config
                 .audit
                 .anchor_file
@@ -65,6 +67,13 @@ pub fn spec_for(
                 .unwrap_or_default(),
         ]
         .into_iter()
+        .chain(
+            config
+                .policy
+                .deny
+                .iter()
+                .filter_map(|d| d.path_prefix.clone()),
+        )
         .filter(|p| p.is_absolute() && p != Path::new("/"))
         .collect(),
         private_dir,
@@ -79,26 +88,29 @@ pub fn spec_for(
     }
 }
 
-/// A directory for one action that only root can reach, with a `tmp/` inside that
-/// belongs to the caller (the action's `/tmp`).
-pub fn private_dir(runtime_dir: &Path, label: &str, caller: &Caller) -> Result<PathBuf, String> {
+/// A directory for one action that only root can reach, with `tmp/`, `var-tmp/` and
+/// `shm/` inside that belong to the caller (the action's `/tmp`, `/var/tmp` and
+/// `/dev/shm`: on disk, so an action cannot fill a memory file system).
+pub fn private_dir(actions_dir: &Path, label: &str, caller: &Caller) -> Result<PathBuf, String> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let fail = |p: &Path, e: std::io::Error| format!("cannot prepare {}: {e}", p.display());
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(runtime_dir)
-        .map_err(|e| fail(runtime_dir, e))?;
-    let dir = runtime_dir.join(label);
+        .create(actions_dir)
+        .map_err(|e| fail(actions_dir, e))?;
+    let dir = actions_dir.join(label);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .map_err(|e| fail(&dir, e))?;
-    let tmp = dir.join("tmp");
-    std::fs::create_dir(&tmp)
-        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)))
-        .and_then(|()| std::os::unix::fs::chown(&tmp, Some(caller.uid), Some(caller.gid)))
-        .map_err(|e| fail(&tmp, e))?;
+    for name in crate::sandbox::PRIVATE_DIRS.iter().map(|(name, _)| name) {
+        let sub = dir.join(name);
+        std::fs::create_dir(&sub)
+            .and_then(|()| std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o700)))
+            .and_then(|()| std::os::unix::fs::chown(&sub, Some(caller.uid), Some(caller.gid)))
+            .map_err(|e| fail(&sub, e))?;
+    }
     Ok(dir)
 }
 

@@ -34,6 +34,42 @@ impl Repo {
         .collect()
     }
 
+    /// Whether the repository has submodules: declared in `.gitmodules`, cloned under
+    /// `modules/`, or committed as gitlinks in the index. git steps into them with
+    /// their own configuration, whatever the superproject's says (`git add` does even
+    /// when told to ignore them). An index devos cannot read counts as having them.
+    pub fn has_submodules(&self) -> bool {
+        self.work_tree.join(".gitmodules").exists()
+            || std::fs::read_dir(self.common_dir.join("modules"))
+                .is_ok_and(|mut d| d.next().is_some())
+            || index_has_gitlinks(&self.git_dir.join("index")).unwrap_or(true)
+    }
+
+    /// The configuration files of the submodules cloned under `modules/` (and of
+    /// theirs), at most four levels down.
+    pub fn submodule_configs(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
+            if depth == 0 {
+                return;
+            }
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                if path.join("HEAD").is_file() && path.join("config").is_file() {
+                    out.push(path.join("config"));
+                    walk(&path.join("modules"), depth - 1, out);
+                } else {
+                    walk(&path, depth - 1, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.common_dir.join("modules"), 4, &mut out);
+        out
+    }
+
     /// Hooks that are active: executable files in `hooks/` that are not samples.
     pub fn hooks(&self) -> Vec<String> {
         use std::os::unix::fs::PermissionsExt;
@@ -51,6 +87,78 @@ impl Repo {
         hooks.sort();
         hooks
     }
+}
+
+/// Whether an index (version 2, 3 or 4) holds a gitlink (mode 160000), read directly
+/// so that nothing of the repository's runs; `Ok(false)` without an index.
+pub fn index_has_gitlinks(index: &Path) -> Result<bool, String> {
+    let data = match std::fs::read(index) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e.to_string()),
+    };
+    let be32 = |at: usize| -> Result<u32, String> {
+        data.get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| "truncated index".to_owned())
+    };
+    if data.get(..4) != Some(b"DIRC") {
+        return Err("not an index".into());
+    }
+    let version = be32(4)?;
+    let count = be32(8)?;
+    // The object id length is not recorded: try SHA-1 first, then SHA-256.
+    'hash: for hash in [20usize, 32] {
+        let mut at = 12;
+        for _ in 0..count {
+            let start = at;
+            let Ok(mode) = be32(start + 24) else {
+                continue 'hash;
+            };
+            if mode == 0o160000 {
+                return Ok(true);
+            }
+            at = start + 40 + hash;
+            let Some(flags) = data
+                .get(at..at + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            else {
+                continue 'hash;
+            };
+            at += 2;
+            if version >= 3 && flags & 0x4000 != 0 {
+                at += 2;
+            }
+            if version == 4 {
+                // A varint (bytes to drop from the previous path), then the rest of
+                // the path up to NUL.
+                while data.get(at).is_some_and(|b| b & 0x80 != 0) {
+                    at += 1;
+                }
+                at += 1;
+                let Some(nul) = data.get(at..).and_then(|r| r.iter().position(|b| *b == 0)) else {
+                    continue 'hash;
+                };
+                at += nul + 1;
+            } else {
+                let Some(nul) = data.get(at..).and_then(|r| r.iter().position(|b| *b == 0)) else {
+                    continue 'hash;
+                };
+                // Entries are padded with 1 to 8 NULs to a multiple of 8 bytes.
+                let len = at + nul - start;
+                at = start + (len + 8) / 8 * 8;
+            }
+        }
+        // Entries end where extensions (four capital letters) or the checksum begin.
+        let tail_ok = data.len() == at + hash
+            || data
+                .get(at..at + 4)
+                .is_some_and(|s| s.iter().all(u8::is_ascii_uppercase));
+        if tail_ok {
+            return Ok(false);
+        }
+    }
+    Err("cannot read the index".into())
 }
 
 /// Find the repository `cwd` is in, the way git does: a `.git` directory or a
@@ -629,6 +737,73 @@ mod tests {
             kept("remote.a.b.url", Level::Repository),
             "subsections may hold dots"
         );
+    }
+
+    #[test]
+    fn gitlinks_are_found_in_every_index_version() {
+        let git = |dir: &Path, args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args([
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@t",
+                    "-c",
+                    "protocol.file.allow=always",
+                ])
+                .args(args)
+                .current_dir(dir)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let up = dir.path().join("up");
+        let main = dir.path().join("main");
+        for d in [&up, &main] {
+            std::fs::create_dir(d).unwrap();
+            git(d, &["init", "-q"]);
+            std::fs::write(d.join("f"), "x").unwrap();
+            git(d, &["add", "f"]);
+            git(d, &["commit", "-qm", "x"]);
+        }
+        for version in ["2", "3", "4"] {
+            git(&main, &["update-index", "--index-version", version]);
+            assert_eq!(
+                index_has_gitlinks(&main.join(".git/index")),
+                Ok(false),
+                "v{version}"
+            );
+        }
+        git(
+            &main,
+            &["submodule", "add", "-q", &up.to_string_lossy(), "sub"],
+        );
+        for version in ["2", "3", "4"] {
+            git(&main, &["update-index", "--index-version", version]);
+            assert_eq!(
+                index_has_gitlinks(&main.join(".git/index")),
+                Ok(true),
+                "v{version}"
+            );
+        }
+        let repo = discover(&main).unwrap();
+        assert!(repo.has_submodules());
+        assert_eq!(
+            repo.submodule_configs(),
+            vec![
+                std::fs::canonicalize(&main)
+                    .unwrap()
+                    .join(".git/modules/sub/config")
+            ]
+        );
+        assert!(!discover(&up).unwrap().has_submodules());
     }
 
     #[test]

@@ -165,6 +165,11 @@ pub struct Rule {
     /// The highest class an allow rule approves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_class: Option<crate::risk::RiskClass>,
+    /// What the action it was made from was approved to reach: a later action it
+    /// covers may reach no more (no other place to write, no secret, no network it did
+    /// not have).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<crate::risk::Risk>,
     pub created: String,
 }
 

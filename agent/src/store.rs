@@ -56,6 +56,8 @@ struct Scope {
     exact: Option<crate::request::Exact>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_class: Option<crate::risk::RiskClass>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    approved: Option<crate::risk::Risk>,
 }
 
 pub struct Store {
@@ -200,6 +202,7 @@ impl Store {
                     serde_json::to_string(&Scope {
                         exact: rule.exact.clone(),
                         max_class: rule.max_class,
+                        approved: rule.approved.clone(),
                     })
                     .unwrap_or_default(),
                 ],
@@ -235,6 +238,7 @@ impl Store {
                     path_prefix: row.get::<_, Option<String>>(5)?.map(PathBuf::from),
                     exact: scope.exact,
                     max_class: scope.max_class,
+                    approved: scope.approved,
                     created: row.get(6)?,
                 })
             })
@@ -289,6 +293,7 @@ mod tests {
             path_prefix: None,
             exact: None,
             max_class: Some(crate::risk::RiskClass::ReadOnly),
+            approved: None,
             created: "t".into(),
         };
         let a = store.add_rule(&base).unwrap();

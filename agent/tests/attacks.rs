@@ -178,6 +178,13 @@ fn repo(user: &User) -> tempfile::TempDir {
 
 fn assert_never_ran(agent: &Daemon, user: &User, cwd: &Path, marks: &Marks, ids: &[&str]) {
     let seen = readable(agent, user, cwd);
+    if let Ok(history) = serde_json::from_str::<serde_json::Value>(&seen) {
+        for r in history.as_array().into_iter().flatten() {
+            if ids.iter().any(|id| r.to_string().contains(&marker(id))) {
+                eprintln!("a payload ran in: {} {}", r["text"], r["actions"]);
+            }
+        }
+    }
     for id in ids {
         assert!(
             !seen.contains(&marker(id)),
@@ -1366,4 +1373,224 @@ fn working_above_or_inside_a_hidden_place_does_not_uncover_it() {
             .contains("no action may see"),
         "{r}"
     );
+}
+
+/// Found by red-teaming: a submodule's own configuration (filter, textconv) ran during
+/// a read-only `git status`/`git diff` of the superproject, and could plant
+/// `.git/commondir` from an approved `git add`.
+#[test]
+fn a_submodules_configuration_runs_nothing() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let marks = Marks::new();
+    let upstream = repo(&eve);
+    let project = repo(&eve);
+    let cwd = project.path();
+    git(
+        &eve,
+        cwd,
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "-q",
+            &upstream.path().to_string_lossy(),
+            "sub",
+        ],
+    );
+    git(&eve, cwd, &["commit", "-q", "-m", "with sub"]);
+    let evil = payload(&eve, cwd, marks.path(), "submodule");
+    let config = cwd.join(".git/modules/sub/config");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[filter \"evil\"]\n\tclean = {e}\n[diff \"evil\"]\n\ttextconv = {e}\n[core]\n\tfsmonitor = {e}\n",
+        e = evil.display()
+    ));
+    eve.write(&config, &text);
+    eve.write(&cwd.join("sub/.gitattributes"), "* filter=evil diff=evil\n");
+    // The same content, a newer time: git must hash the file again, through its
+    // clean filter.
+    let same = std::fs::read_to_string(cwd.join("sub/file.txt")).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    eve.write(&cwd.join("sub/file.txt"), &same);
+    for text in [
+        "git status",
+        "git diff",
+        "run: git status --porcelain=2",
+        "run: git diff --stat",
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(!asked, "{text}: {r}");
+    }
+    let (asked, _) = submit(&agent, &eve, cwd, "run: git diff --submodule=diff");
+    assert!(asked, "--submodule=diff steps into the submodule");
+    // Changing the repository would step into the submodule with its own
+    // configuration (git add does, whatever it is told): that asks, and says why.
+    let (asked, r) = submit(&agent, &eve, cwd, "run: git add --all");
+    assert!(asked, "{r}");
+    assert!(
+        r["actions"][0]["risk"]["reasons"]
+            .to_string()
+            .contains("submodules"),
+        "{r}"
+    );
+    assert!(!cwd.join(".git/commondir").exists());
+    assert_never_ran(&agent, &eve, cwd, &marks, &["submodule"]);
+}
+
+/// Found by red-teaming: `/proc/PID/root` led past the `/boot` deny rule, and shell
+/// scripts and wrappers past `rm -r /`.
+#[test]
+fn deny_rules_hold_through_proc_shells_and_wrappers() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    for text in [
+        "run: cat /proc/2/root/boot/config",
+        "run: ls /proc/self/root/boot",
+        "search for x in /proc/1/root/boot",
+        "$ rm -r --no-preserve-root / 2>/dev/null; echo RAN",
+        "$ cd /tmp && rm -rf /",
+        "run: env rm -r /",
+        "run: nice rm -r /",
+        "run: timeout 5 rm -r /",
+        "run: rm -r /proc/2/root/",
+        "run: rm -r --no-preserve-root /proc/self/root",
+        "$ cat /boot/x | wc -l",
+    ] {
+        let (_, r) = submit(&agent, &eve, cwd, text);
+        assert_eq!(r["state"], "denied", "{text}: {r}");
+    }
+    // Approved or not, /boot is not in any sandbox.
+    let r = approved(&agent, &eve, cwd, "run: sh -c 'ls -a /boot | wc -l'");
+    assert_eq!(
+        r["actions"][0]["output"].as_str().unwrap().trim(),
+        "2",
+        "{r}"
+    );
+}
+
+/// Found by red-teaming: exact rules, symlinks, unreachable places, the home as
+/// working directory, sockets below a shared temporary directory, and a NUL byte in
+/// an action's output.
+#[test]
+fn the_red_team_findings_stay_fixed() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    // An exact rule does not follow a symlink swapped in later.
+    let important = tempfile::tempdir_in(&eve.home).unwrap();
+    std::os::unix::fs::chown(important.path(), Some(eve.uid), Some(eve.uid)).unwrap();
+    eve.write(&important.path().join("thesis.txt"), "years of work");
+    std::fs::create_dir(cwd.join("build")).unwrap();
+    std::os::unix::fs::chown(cwd.join("build"), Some(eve.uid), Some(eve.uid)).unwrap();
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "run: rm -r build/"]));
+    assert!(
+        agent
+            .devos(Some(&eve), cwd, &["approve", &id, "--remember", "always"])
+            .status
+            .success()
+    );
+    agent.wait_state(&eve, cwd, &id, "done");
+    std::os::unix::fs::symlink(important.path(), cwd.join("build")).unwrap();
+    let (asked, r) = submit(&agent, &eve, cwd, "run: rm -r build/");
+    assert!(asked, "the exact rule followed the symlink: {r}");
+    assert!(important.path().join("thesis.txt").exists());
+    // A place the caller cannot reach is never mounted for her.
+    let hidden = tempfile::Builder::new()
+        .prefix("devos-rootonly-")
+        .tempdir_in("/root")
+        .unwrap();
+    open_up(hidden.path(), 0o755);
+    std::fs::write(hidden.path().join("root-notes-5d1.txt"), "x").unwrap();
+    std::os::unix::fs::symlink(hidden.path(), cwd.join("r")).unwrap();
+    let r = approved(
+        &agent,
+        &eve,
+        cwd,
+        &format!(
+            "run: find r/ {}/zz -print -o -delete",
+            hidden.path().display()
+        ),
+    );
+    assert_ne!(r["state"], "done", "{r}");
+    assert!(!readable(&agent, &eve, cwd).contains("root-notes-5d1"));
+    // With the home as working directory nothing new appears in it.
+    eve.write(
+        &eve.home.join("Makefile"),
+        "test:\n\techo x > .bash_profile; echo x > .bash_aliases; mkdir -p .local/bin .config/git; echo x > .config/git/config; echo x > new-in-home\n",
+    );
+    let _ = approved(&agent, &eve, &eve.home, "run the tests");
+    for planted in [
+        ".bash_profile",
+        ".bash_aliases",
+        ".local/bin",
+        ".config/git/config",
+        "new-in-home",
+    ] {
+        assert!(
+            !eve.home.join(planted).exists(),
+            "{planted} was planted in the home"
+        );
+    }
+    std::fs::remove_file(eve.home.join("Makefile")).unwrap();
+    // A socket below a shared temporary directory is out of reach, even as the
+    // working directory.
+    let bus_dir = Path::new(agent.bus.address.trim_start_matches("unix:path="))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    open_up(&bus_dir, 0o755);
+    let requests_before =
+        json(&agent.devos(None, Path::new("/"), &["--json", "history", "-n", "1000"]))
+            .as_array()
+            .unwrap()
+            .len();
+    let r = approved(
+        &agent,
+        &eve,
+        &bus_dir,
+        &format!(
+            "run: busctl --address=unix:path={}/system_bus_socket call org.devos.Agent1 /org/devos/Agent1 org.devos.Agent1 Submit ss list /",
+            bus_dir.display()
+        ),
+    );
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(
+        r["actions"][0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no action may see"),
+        "{r}"
+    );
+    let requests_after =
+        json(&agent.devos(None, Path::new("/"), &["--json", "history", "-n", "1000"]))
+            .as_array()
+            .unwrap()
+            .len();
+    assert_eq!(
+        requests_after,
+        requests_before + 1,
+        "a request was submitted from inside a sandbox"
+    );
+    let out = agent.devos(
+        Some(&eve),
+        Path::new("/"),
+        &["--json", "run", "--cwd", "/proc", "list", "files"],
+    );
+    assert_eq!(json(&out)["state"], "failed", "{}", stdout(&out));
+    // A NUL byte in an action's output does not take the agent off the bus.
+    let (_, r) = submit(&agent, &eve, cwd, "run: head -c 64 /usr/bin/true");
+    assert_eq!(r["state"], "done", "{r}");
+    std::thread::sleep(Duration::from_secs(1));
+    let out = agent.devos(Some(&eve), cwd, &["run", "list", "files"]);
+    assert!(out.status.success(), "the agent is gone: {}", stderr(&out));
+    // The agent's state is root's alone, whatever umask it was started with.
+    for f in std::fs::read_dir(agent.state()).unwrap().flatten() {
+        let mode = f.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", f.path().display());
+    }
 }

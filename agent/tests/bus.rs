@@ -50,7 +50,7 @@ fn only_root_may_own_the_name() {
     bob.write(
         &config,
         &format!(
-            "state-dir = \"{dir}/state\"\nruntime-dir = \"{dir}/run\"\n[audit]\nanchor-file = \"{dir}/anchors.jsonl\"\n",
+            "state-dir = \"{dir}/state\"\nactions-dir = \"{dir}/actions\"\n[audit]\nanchor-file = \"{dir}/anchors.jsonl\"\n",
             dir = own.path().display()
         ),
     );

@@ -69,6 +69,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(code) = helper {
         return Ok(ExitCode::from(code.clamp(0, 255) as u8));
     }
+    // The agent's own files are root's alone, with or without systemd's UMask=.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let config = AgentConfig::load(&cli.config)?;
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -321,7 +321,17 @@ impl Classifier<'_> {
     pub(crate) fn path(&mut self, path: &Path, access: Access) {
         let scope = self.scope;
         let shown = path.display();
-        let lexical = normalize(&scope.cwd.join(path));
+        let mut lexical = normalize(&scope.cwd.join(path));
+        if let Some(leads_to) = paths::through_proc(&lexical, scope.cwd) {
+            self.risk.raise(
+                RiskClass::Unknown,
+                format!(
+                    "`{shown}` reaches the file system through /proc (in the sandbox: {})",
+                    leads_to.display()
+                ),
+            );
+            lexical = leads_to;
+        }
         let real = paths::resolve_existing(&lexical);
         if !self.risk.paths.contains(&real) {
             self.risk.paths.push(real.clone());

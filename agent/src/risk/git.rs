@@ -115,8 +115,6 @@ const LOG_LONG: &[&str] = &[
     "check",
     "relative?",
     "no-relative",
-    "ignore-submodules?",
-    "submodule?",
     "src-prefix=",
     "dst-prefix=",
     "no-prefix",
@@ -383,7 +381,7 @@ macro_rules! sub {
 static SUBS: &[Sub] = &[
     sub!(&["status"], Kind::Read, read_only, short: "sbvz", arg: "",
         long: &["short", "branch", "porcelain?", "long", "verbose", "untracked-files?",
-            "ignored?", "ignore-submodules?", "ahead-behind", "no-ahead-behind", "renames",
+            "ignored?", "ahead-behind", "no-ahead-behind", "renames",
             "no-renames", "find-renames?", "show-stash", "column?", "no-column", "null"]),
     sub!(&["log", "show", "diff", "whatchanged"], Kind::Read, read_only, short: LOG_OPTS.short,
         arg: LOG_OPTS.short_arg, long: LOG_OPTS.long),
@@ -402,7 +400,7 @@ static SUBS: &[Sub] = &[
     sub!(&["ls-files"], Kind::Read, read_only, short: "cdmoiksuvtzf", arg: "x",
         long: &["cached", "deleted", "modified", "others", "ignored", "stage", "unmerged",
             "killed", "directory", "no-empty-directory", "exclude=", "exclude-standard",
-            "full-name", "recurse-submodules", "abbrev?", "eol", "deduplicate",
+            "full-name", "abbrev?", "eol", "deduplicate",
             "error-unmatch", "format=", "sparse"]),
     sub!(&["ls-tree"], Kind::Read, read_only, short: "rdtlz", arg: "",
         long: &["name-only", "name-status", "object-only", "full-name", "full-tree",
@@ -418,7 +416,7 @@ static SUBS: &[Sub] = &[
         long: &["tags", "all", "always", "long", "abbrev=", "dirty?", "broken?", "contains",
             "exact-match", "first-parent", "match=", "exclude=", "candidates="]),
     sub!(&["grep"], Kind::Read, read_only, short: "nilwcvhHEFPIz", arg: "ABCem",
-        long: &["cached", "untracked", "recurse-submodules", "text", "ignore-case",
+        long: &["cached", "untracked", "text", "ignore-case",
             "word-regexp", "invert-match", "full-name", "extended-regexp", "basic-regexp",
             "fixed-strings", "perl-regexp", "line-number", "column", "files-with-matches",
             "name-only", "files-without-match", "count", "color?", "no-color", "break",
@@ -481,7 +479,7 @@ static SUBS: &[Sub] = &[
             "sparse"]),
     sub!(&["reset"], Kind::Write, reset, short: "qNp", arg: "",
         long: &["soft", "mixed", "hard", "merge", "keep", "quiet", "no-refresh", "refresh",
-            "intent-to-add", "recurse-submodules?", "no-recurse-submodules"]),
+            "intent-to-add", "no-recurse-submodules"]),
     sub!(&["clean"], Kind::Read, clean, short: "dfnqxX", arg: "e",
         long: &["dry-run", "quiet", "force", "exclude="]),
     sub!(&["apply"], Kind::Read, apply, short: "Rv3", arg: "pC",
@@ -491,7 +489,7 @@ static SUBS: &[Sub] = &[
     sub!(&["fetch", "pull"], Kind::Network, fetch, short: "pqtvfr", arg: "j",
         long: &["all", "prune", "prune-tags", "tags", "no-tags", "quiet", "verbose", "depth=",
             "deepen=", "shallow-since=", "unshallow", "dry-run", "force", "atomic",
-            "multiple", "jobs=", "recurse-submodules?", "no-recurse-submodules", "rebase?",
+            "multiple", "jobs=", "no-recurse-submodules", "rebase?",
             "no-rebase", "ff-only", "ff", "no-ff", "autostash", "no-autostash", "progress",
             "no-progress", "set-upstream?", "stat", "no-stat", "no-edit", "squash"]),
     sub!(&["push"], Kind::Network, push, short: "fnqvd", arg: "",
@@ -598,6 +596,9 @@ fn repository_programs(c: &mut Classifier, name: &str) {
         return;
     };
     let mut found: Vec<String> = repo.hooks().iter().map(|h| format!("hook {h}")).collect();
+    if repo.has_submodules() {
+        found.push("its submodules, with their own configuration".into());
+    }
     let mut global_keys = Vec::new();
     for f in [".gitconfig", ".config/git/config"] {
         if let Ok(text) = std::fs::read_to_string(c.scope.home.join(f)) {

@@ -18,6 +18,26 @@ pub fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// A path through `/proc/PID/root`, `/proc/PID/cwd` (or `self`, `thread-self`) leads
+/// to another process's view of the file system — in a sandbox, the sandbox's own
+/// root. Returns where such a path leads (`/...` or `cwd/...`), or the path itself for
+/// other process entries (`fd/`, `map_files/`, `exe`), and `None` for any other path.
+pub fn through_proc(path: &Path, cwd: &Path) -> Option<PathBuf> {
+    let rel = path.strip_prefix("/proc").ok()?;
+    let mut parts = rel.components();
+    let pid = parts.next()?.as_os_str().to_string_lossy().into_owned();
+    if !(pid == "self" || pid == "thread-self" || pid.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    let kind = parts.next()?.as_os_str().to_string_lossy().into_owned();
+    let rest: PathBuf = parts.collect();
+    Some(match kind.as_str() {
+        "root" => normalize(&Path::new("/").join(rest)),
+        "cwd" => normalize(&cwd.join(rest)),
+        _ => path.to_path_buf(),
+    })
+}
+
 /// Resolve symlinks in the longest existing prefix of `path`, keep the rest as is.
 pub fn resolve_existing(path: &Path) -> PathBuf {
     let mut existing = path.to_path_buf();
@@ -87,6 +107,29 @@ mod tests {
         ] {
             assert_eq!(normalize(Path::new(input)), Path::new(want), "{input}");
         }
+    }
+
+    #[test]
+    fn paths_through_proc_lead_where_the_sandbox_would_go() {
+        let cwd = Path::new("/home/dev/p");
+        assert_eq!(
+            through_proc(Path::new("/proc/2/root/boot/x"), cwd),
+            Some("/boot/x".into())
+        );
+        assert_eq!(
+            through_proc(Path::new("/proc/self/root"), cwd),
+            Some("/".into())
+        );
+        assert_eq!(
+            through_proc(Path::new("/proc/self/cwd/../q"), cwd),
+            Some("/home/dev/q".into())
+        );
+        assert_eq!(
+            through_proc(Path::new("/proc/1/fd/3"), cwd),
+            Some("/proc/1/fd/3".into())
+        );
+        assert_eq!(through_proc(Path::new("/proc/cpuinfo"), cwd), None);
+        assert_eq!(through_proc(Path::new("/usr/bin"), cwd), None);
     }
 
     #[test]

@@ -104,6 +104,34 @@ impl Normalized {
         })
     }
 
+    /// Every way a deny rule may see an argv: from each word on (so `env rm -r /`,
+    /// `nice rm -r /` and `timeout 5 rm -r /` hold `rm -r /`), paths made absolute
+    /// against `cwd`, lexically, and through `/proc/PID/root` to where they lead.
+    pub fn views(words: &[String], cwd: &Path) -> Vec<Normalized> {
+        (0..words.len())
+            .filter_map(|i| {
+                let (first, rest) = words[i..].split_first()?;
+                let program = canonical_name(first.rsplit('/').next().unwrap_or(first));
+                let (options, operands) = split_generic(rest, known(&program));
+                let operands = operands
+                    .into_iter()
+                    .map(|o| {
+                        if looks_like_path(&o) {
+                            lexical_path(&o, cwd).to_string_lossy().into_owned()
+                        } else {
+                            o
+                        }
+                    })
+                    .collect();
+                Some(Normalized {
+                    program,
+                    options,
+                    operands,
+                })
+            })
+            .collect()
+    }
+
     /// Whether this action's argv contains everything the rule names: the same program,
     /// every option and every operand of the rule (in any order).
     pub fn contains(&self, rule: &Normalized) -> bool {
@@ -113,7 +141,13 @@ impl Normalized {
     }
 }
 
-fn looks_like_path(word: &str) -> bool {
+/// A word as the path it names: against `cwd`, normalised, through `/proc`.
+pub fn lexical_path(word: &str, cwd: &Path) -> PathBuf {
+    let p = normalize(&cwd.join(word));
+    paths::through_proc(&p, cwd).unwrap_or(p)
+}
+
+pub(crate) fn looks_like_path(word: &str) -> bool {
     word.contains('/') || word == "." || word == ".." || word.starts_with('~')
 }
 

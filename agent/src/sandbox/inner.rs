@@ -105,6 +105,17 @@ fn confine(spec: &Spec) -> Result<String, String> {
         let uid = Uid::from_raw(spec.uid);
         setresuid(uid, uid, uid).map_err(|e| format!("setuid {}: {e}", spec.uid))?;
     }
+    // Each bound path is still the file it was when checked: a working directory
+    // swapped for a symlink (to a socket directory, say) in between is refused.
+    for want in &spec.identities {
+        let now = super::Identity::of(&want.path);
+        if now.as_ref() != Some(want) {
+            return Err(format!(
+                "{} changed between its check and the sandbox; nothing ran",
+                want.path.display()
+            ));
+        }
+    }
     rlimits(spec)?;
     chdir(&spec.cwd).map_err(|e| {
         format!(
@@ -164,14 +175,17 @@ fn landlock(spec: &Spec) -> Result<String, String> {
             .map_err(err)?;
     }
     let mut writable: Vec<&Path> = spec.writable.iter().map(|p| p.as_path()).collect();
-    writable.push(Path::new("/tmp"));
+    writable.extend(
+        super::PRIVATE_DIRS
+            .iter()
+            .map(|(_, inside)| Path::new(inside)),
+    );
     let devices = [
         "/dev/null",
         "/dev/zero",
         "/dev/full",
         "/dev/tty",
         "/dev/pts",
-        "/dev/shm",
     ];
     let status = ruleset
         .create()
@@ -284,6 +298,8 @@ fn run(spec: &Spec) -> i32 {
             );
             return 127;
         };
+        // What the action creates gets the usual modes, not the agent's 0077.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
         let err = std::process::Command::new(program)
             .arg0(&argv[0])
             .args(&argv[1..])
@@ -298,6 +314,7 @@ fn run(spec: &Spec) -> i32 {
             126
         };
     }
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     match file_operation(&spec.action) {
         Ok(()) => 0,
         Err(e) => {

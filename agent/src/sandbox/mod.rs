@@ -43,6 +43,14 @@ pub const EXIT_RISK_CHANGED: i32 = 122;
 pub const EXIT_ACTION_FAILED: i32 = 1;
 /// Where the sandbox's own files appear inside it (on its private `/run`).
 pub const INSIDE_DIR: &str = "/run/devos-sandbox";
+/// The action's own directories, made for it in its private directory, and where
+/// they appear in its sandbox.
+pub const PRIVATE_DIRS: &[(&str, &str)] = &[
+    ("tmp", "/tmp"),
+    ("var-tmp", "/var/tmp"),
+    ("shm", "/dev/shm"),
+];
+
 /// The first stderr line the inner stage prints: what was applied.
 pub const APPLIED_PREFIX: &str = "devos-sandbox: ";
 /// The line the outer stage prints when it refuses an action whose risk grew.
@@ -66,8 +74,8 @@ pub struct Spec {
     pub read_only: Vec<String>,
     /// The agent's own files (state, audit anchors): absent in the sandbox.
     pub hide: Vec<PathBuf>,
-    /// A directory only root can reach, for this action alone; `tmp/` in it, owned
-    /// by the caller, becomes `/tmp`.
+    /// A directory only root can reach, for this action alone; its
+    /// [`PRIVATE_DIRS`], owned by the caller, become `/tmp`, `/var/tmp` and `/dev/shm`.
     pub private_dir: PathBuf,
     /// The cgroup the action runs in, when the agent has one to give.
     pub cgroup: Option<PathBuf>,
@@ -100,13 +108,40 @@ pub struct Inner {
     /// The program to execute (canonical), for argv actions.
     pub program: Option<PathBuf>,
     pub env: Vec<(String, String)>,
-    /// What Landlock lets the action write (besides `/tmp` and a few devices).
+    /// What Landlock lets the action write (besides its private directories and a
+    /// few devices).
     pub writable: Vec<PathBuf>,
+    /// The device and inode the outer stage found, as the caller, at each path the
+    /// sandbox binds (working directory, home, writable paths): checked inside, so a
+    /// path swapped for a symlink in between is refused.
+    #[serde(default)]
+    pub identities: Vec<Identity>,
     pub network: bool,
     pub required: bool,
     pub limits: Limits,
     /// What the outer stage applied, for the record.
     pub outer: String,
+}
+
+/// A path and the file it was when checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Identity {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl Identity {
+    /// What `path` is now (following symlinks, as a bind mount does).
+    pub fn of(path: &Path) -> Option<Identity> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| Identity {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
 }
 
 /// What an approved action may reach: the sandbox profile of its class.

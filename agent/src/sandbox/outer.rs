@@ -165,6 +165,8 @@ struct Prepared {
     /// `/etc/resolv.conf`'s target when it lives under `/run` (systemd-resolved).
     resolv: Option<PathBuf>,
     home_visible: bool,
+    /// What the bound paths were when checked as the caller.
+    identities: Vec<super::Identity>,
 }
 
 struct GitPrepared {
@@ -173,6 +175,9 @@ struct GitPrepared {
     configs: Vec<(PathBuf, String)>,
     /// The reduced global configuration.
     global: String,
+    /// Submodules `.gitmodules` names: git must not step into them (their own
+    /// configuration is not reduced).
+    submodules: Vec<String>,
 }
 
 fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
@@ -195,7 +200,21 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     }
     let now = classify_as(&spec.action, &cwd, caller, &spec.secrets);
     now.within(&spec.approved).map_err(Stop::RiskChanged)?;
-    let profile = Profile::of(&spec.approved, &cwd, spec.as_root);
+    let mut profile = Profile::of(&spec.approved, &cwd, spec.as_root);
+    if !profile.root {
+        profile.writable = writable_in_home(profile.writable, &caller.home);
+    }
+    // Every place the sandbox will show the action must be one the caller can reach
+    // (checked here, as the caller): bubblewrap, as root, could mount anything.
+    for p in std::iter::once(&cwd).chain(&profile.writable) {
+        std::fs::metadata(p).map_err(|e| {
+            failed(format!(
+                "{} is not a place you ({}) can reach: {e}",
+                p.display(),
+                caller.user
+            ))
+        })?;
+    }
     if !profile.root
         && let Some((path, place)) = std::iter::once(&cwd)
             .chain(&profile.writable)
@@ -253,10 +272,27 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     {
         // A project's code must not leave hooks or settings behind that run the next
         // time the user runs git outside the sandbox.
+        // git itself writes objects, refs, the index and logs; nothing that says what
+        // runs or where the repository is.
         let protect = if !is_git {
             vec![repo.common_dir.clone(), repo.git_dir.clone()]
         } else if !unrestricted_git {
-            vec![repo.common_dir.join("hooks")]
+            [
+                "hooks",
+                "config",
+                "modules",
+                "info",
+                "worktrees",
+                "commondir",
+            ]
+            .iter()
+            .map(|p| repo.common_dir.join(p))
+            .chain(
+                ["commondir", "gitdir", "config.worktree"]
+                    .iter()
+                    .map(|p| repo.git_dir.join(p)),
+            )
+            .collect()
         } else {
             Vec::new()
         };
@@ -276,8 +312,14 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         .then(|| std::fs::canonicalize("/etc/resolv.conf").ok())
         .flatten()
         .filter(|p| p.starts_with("/run"));
+    let identities = std::iter::once(&cwd)
+        .chain(&profile.writable)
+        .chain(caller.home.is_dir().then_some(&caller.home))
+        .map(|p| super::Identity::of(p).ok_or_else(|| failed(format!("{} vanished", p.display()))))
+        .collect::<Result<_, _>>()?;
     Ok(Prepared {
         cwd,
+        identities,
         home_visible: caller.home.is_dir(),
         profile,
         hidden_secrets,
@@ -312,7 +354,11 @@ fn git_prepare(repo: Option<Repo>, caller: &Caller, read_only: bool) -> Result<G
     };
     let mut configs = Vec::new();
     if let Some(repo) = &repo {
-        for file in repo.config_files() {
+        for file in repo
+            .config_files()
+            .into_iter()
+            .chain(repo.submodule_configs())
+        {
             if file.symlink_metadata().is_ok_and(|m| !m.is_file()) {
                 return Err(failed(format!(
                     "{} is not a plain file; devos runs git only with a plain repository configuration",
@@ -335,10 +381,30 @@ fn git_prepare(repo: Option<Repo>, caller: &Caller, read_only: bool) -> Result<G
             global.push_str(&reduced);
         }
     }
+    let mut submodules = Vec::new();
+    if let Some(repo) = &repo {
+        let file = repo.work_tree.join(".gitmodules");
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            let settings = gitrepo::parse_config(&text).map_err(|e| {
+                failed(format!(
+                    "git could not use {} either ({e}); nothing ran",
+                    file.display()
+                ))
+            })?;
+            for s in settings.into_iter().filter(|s| s.section == "submodule") {
+                if let Some(name) = s.subsection
+                    && !submodules.contains(&name)
+                {
+                    submodules.push(name);
+                }
+            }
+        }
+    }
     Ok(GitPrepared {
         repo,
         configs,
         global,
+        submodules,
     })
 }
 
@@ -356,13 +422,13 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     if !p.profile.network {
         a.push("--unshare-net".into());
     }
-    let tmp = spec.private_dir.join("tmp");
+    let private = |name: &str| spec.private_dir.join(name);
     if p.profile.root {
         a.extend(["--cap-add".into(), "ALL".into()]);
         a.extend(bind("--bind", Path::new("/"), Path::new("/")));
         a.extend(bind("--dev-bind", Path::new("/dev"), Path::new("/dev")));
         a.extend(["--proc".into(), "/proc".into()]);
-        a.extend(bind("--bind", &tmp, Path::new("/tmp")));
+        a.extend(bind("--bind", &private("tmp"), Path::new("/tmp")));
         a.extend(["--tmpfs".into(), "/home".into()]);
         for h in spec.hide.iter().filter(|h| h.exists()) {
             a.extend(["--tmpfs".into(), h.to_string_lossy().into_owned()]);
@@ -390,13 +456,10 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     {
         a.extend(bind("--bind", w, w));
     }
-    a.extend(
-        [
-            "--tmpfs", "/run", "--tmpfs", "/dev/shm", "--tmpfs", "/var/tmp", "--tmpfs", "/home",
-        ]
-        .map(String::from),
-    );
-    a.extend(bind("--bind", &tmp, Path::new("/tmp")));
+    a.extend(["--tmpfs", "/run", "--tmpfs", "/home"].map(String::from));
+    for (name, inside) in super::PRIVATE_DIRS {
+        a.extend(bind("--bind", &private(name), Path::new(inside)));
+    }
     if spec.caller.uid != 0 {
         a.extend(["--tmpfs".into(), "/root".into()]);
     }
@@ -434,6 +497,27 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     a
 }
 
+/// When the caller's home itself would be writable, only what already is in it and
+/// not hidden (names without a leading dot, not symlinks) is: nothing can be added to
+/// the home, so no start-up file, `~/.local`, `~/.config` or `~/.ssh` that does not
+/// exist yet can be created.
+fn writable_in_home(writable: Vec<PathBuf>, home: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for w in writable {
+        if w != home {
+            out.push(w);
+            continue;
+        }
+        for entry in std::fs::read_dir(home).into_iter().flatten().flatten() {
+            let visible = !entry.file_name().to_string_lossy().starts_with('.');
+            if visible && entry.file_type().is_ok_and(|t| !t.is_symlink()) {
+                out.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
 /// What no action sees (before what it works in is put back): `/run` with every
 /// daemon and bus socket, shared temporary directories, the homes, `/root` unless the
 /// caller is root, and the agent's own files.
@@ -449,10 +533,13 @@ fn hidden_places(spec: &Spec) -> Vec<PathBuf> {
     hidden
 }
 
-/// Places an action may never work in, even when its user can: what must stay out of
-/// every sandbox.
+/// Places an action may never work in or write, even when its user can: sockets live
+/// there (`/run`, and the temporary directories every user and program shares — each
+/// action has its own), and the agent's own files.
 fn forbidden_places(spec: &Spec) -> Vec<PathBuf> {
-    std::iter::once(PathBuf::from("/run"))
+    ["/run", "/tmp", "/var/tmp", "/dev/shm", "/proc"]
+        .iter()
+        .map(PathBuf::from)
         .chain(spec.hide.iter().cloned())
         .collect()
 }
@@ -477,13 +564,27 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         );
     }
     if let Some(git) = &p.git {
-        let overrides = [
+        // Command-line configuration: above every file, and inherited by the git
+        // processes git starts.
+        let mut overrides: Vec<(String, String)> = [
             ("core.hooksPath", format!("{INSIDE_DIR}/no-hooks")),
             ("core.fsmonitor", "false".into()),
             ("safe.bareRepository", "explicit".into()),
             ("core.pager", "cat".into()),
             ("protocol.ext.allow", "never".into()),
-        ];
+            ("diff.ignoreSubmodules", "all".into()),
+            ("status.submoduleSummary", "false".into()),
+            ("submodule.recurse", "false".into()),
+            ("fetch.recurseSubmodules", "false".into()),
+            ("push.recurseSubmodules", "no".into()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .to_vec();
+        overrides.extend(
+            git.submodules
+                .iter()
+                .map(|name| (format!("submodule.{name}.ignore"), "all".to_owned())),
+        );
         env.push(("GIT_CONFIG_NOSYSTEM".into(), "1".into()));
         env.push((
             "GIT_CONFIG_GLOBAL".into(),
@@ -491,7 +592,7 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         ));
         env.push(("GIT_CONFIG_COUNT".into(), overrides.len().to_string()));
         for (i, (k, v)) in overrides.into_iter().enumerate() {
-            env.push((format!("GIT_CONFIG_KEY_{i}"), k.to_owned()));
+            env.push((format!("GIT_CONFIG_KEY_{i}"), k));
             env.push((format!("GIT_CONFIG_VALUE_{i}"), v));
         }
         if let Some(repo) = &git.repo {
@@ -540,6 +641,7 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         program: spec.approved.program.clone(),
         env,
         writable: p.profile.writable.clone(),
+        identities: p.identities.clone(),
         network: p.profile.network,
         required: spec.required,
         limits: spec.limits,
@@ -617,6 +719,7 @@ mod tests {
             git: None,
             resolv: None,
             home_visible: false,
+            identities: Vec::new(),
         }
     }
 
@@ -627,7 +730,7 @@ mod tests {
         while i < args.len() {
             match args[i].as_str() {
                 "--bind" | "--ro-bind" | "--dev-bind" => {
-                    out.push(format!("{} {}", args[i], args[i + 2]));
+                    out.push(format!("{} {} {}", args[i], args[i + 1], args[i + 2]));
                     i += 3;
                 }
                 "--tmpfs" | "--dev" | "--proc" | "--remount-ro" | "--dir" => {
@@ -657,16 +760,23 @@ mod tests {
                 },
             );
             let m = mounts(&bwrap_args(&s, &prepared(cwd, writable)));
-            // Every hidden place is hidden after the last mount that could uncover it.
-            for hidden in ["/run", "/home", "/root", "/var/tmp", "/var/cache"] {
+            // Every hidden place is hidden (an empty tmpfs, or the action's own
+            // directory) after the last bind that could uncover it (the same path, or one
+            // above it, bound onto itself).
+            for hidden in ["/run", "/home", "/root", "/var/tmp", "/tmp", "/var/cache"] {
                 let hide = m
                     .iter()
-                    .rposition(|l| l.ends_with(&format!(" {hidden}")) && !l.starts_with("--bind /"))
+                    .rposition(|l| {
+                        let parts: Vec<&str> = l.split(' ').collect();
+                        parts.last() == Some(&hidden)
+                            && (parts[0] == "--tmpfs" || parts.len() == 3 && parts[1] != parts[2])
+                    })
                     .unwrap_or_else(|| panic!("{hidden} is not hidden: {m:?}"));
                 let uncover = m.iter().rposition(|l| {
-                    let target = l.split_once(' ').unwrap().1;
-                    (l.starts_with("--bind") || l.starts_with("--ro-bind"))
-                        && Path::new(hidden).starts_with(target)
+                    let parts: Vec<&str> = l.split(' ').collect();
+                    parts.len() == 3
+                        && parts[1] == parts[2]
+                        && Path::new(hidden).starts_with(parts[2])
                 });
                 assert!(
                     uncover.is_none_or(|u| u < hide),
@@ -686,8 +796,11 @@ mod tests {
             },
         );
         let m = mounts(&bwrap_args(&s, &prepared(&p, &[&p])));
-        let hide = m.iter().position(|l| l == "--bind /tmp").unwrap();
-        let back = m.iter().position(|l| *l == format!("--bind {p}")).unwrap();
+        let hide = m.iter().position(|l| l.ends_with(" /tmp")).unwrap();
+        let back = m
+            .iter()
+            .position(|l| *l == format!("--bind {p} {p}"))
+            .unwrap();
         assert!(back > hide, "{m:?}");
     }
 

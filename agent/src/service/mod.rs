@@ -15,6 +15,26 @@ mod shared;
 pub use agent::{Admin, Agent};
 pub use shared::Shared;
 
+/// Resolves when the agent no longer owns its name on the bus (the bus daemon
+/// dropped its connection, or another owner took the name).
+async fn still_on_the_bus(conn: &zbus::Connection) -> anyhow::Error {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let owner = async {
+            let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+            let name = zbus::names::BusName::try_from(crate::BUS_NAME)?;
+            Ok::<_, zbus::Error>(dbus.get_name_owner(name).await?.to_string())
+        };
+        match (owner.await, conn.unique_name()) {
+            (Ok(owner), Some(me)) if owner == me.as_str() => {}
+            (Ok(owner), _) => {
+                return anyhow::anyhow!("{} is now owned by {owner}", crate::BUS_NAME);
+            }
+            (Err(e), _) => return anyhow::anyhow!("lost the system bus: {e}"),
+        }
+    }
+}
+
 /// Connect to the system bus, own [`crate::BUS_NAME`] and serve the agent until
 /// `shutdown` resolves. `DBUS_SYSTEM_BUS_ADDRESS` selects another bus (tests do).
 pub async fn serve(
@@ -42,7 +62,21 @@ pub async fn serve(
     let _ = shared.conn.set(conn.clone());
     tracing::info!(name = crate::BUS_NAME, "serving on the system bus");
     tokio::spawn(health::signal(shared.clone(), conn.clone()));
-    shutdown.await;
+    let lost = tokio::select! {
+        () = shutdown => None,
+        e = still_on_the_bus(&conn) => Some(e),
+    };
+    if let Some(e) = lost {
+        // An agent nobody can reach is no agent: exit, and let systemd start a new one.
+        let _ = shared.audit(
+            "agent.lost-bus",
+            None,
+            None,
+            None,
+            serde_json::json!({ "error": e.to_string() }),
+        );
+        return Err(e);
+    }
     tracing::info!("shutting down");
     conn.release_name(crate::BUS_NAME).await.ok();
     let _ = shared.audit("agent.stopped", None, None, None, serde_json::json!({}));

@@ -189,6 +189,7 @@ fn remembered_rule(
             cwd: cwd.to_path_buf(),
         }),
         max_class: Some(record.risk.class),
+        approved: Some(record.risk.clone()),
         created: now(),
     };
     if !approval::rule_matches(&rule, &record.action, &record.risk, cwd) {
@@ -242,6 +243,7 @@ pub(super) async fn add_rule(
         path_prefix,
         exact: None,
         max_class: allow.then_some(RiskClass::Network),
+        approved: None,
         created: now(),
     };
     store_rule(agent, caller, &rule, None, None)

@@ -147,7 +147,7 @@ async fn drive(
             return refuse(shared, &mut r, i, format!("{e}; nothing ran")).await;
         }
         let label = format!("{id}-{i}");
-        let private = match executor::private_dir(&config.runtime_dir, &label, caller) {
+        let private = match executor::private_dir(&config.actions_dir, &label, caller) {
             Ok(p) => p,
             Err(e) => return refuse(shared, &mut r, i, format!("{e}; nothing ran")).await,
         };
@@ -176,6 +176,9 @@ async fn drive(
             let id = id.to_owned();
             async move {
                 while let Some(chunk) = out_rx.recv().await {
+                    // A D-Bus string may not hold NUL: a bus daemon drops the
+                    // connection of whoever sends one.
+                    let chunk = chunk.replace('\0', "\u{FFFD}");
                     if let Some(e) = &emitter {
                         let _ = Agent::action_output(e, &id, i as u32, &chunk).await;
                     }

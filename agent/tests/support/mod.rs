@@ -91,10 +91,10 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "os-release = \"{}\"\nstate-dir = \"{}\"\nruntime-dir = \"{}\"\n{extra}\n{anchors}",
+                "os-release = \"{}\"\nstate-dir = \"{}\"\nactions-dir = \"{}\"\n{extra}\n{anchors}",
                 release.display(),
                 dir.path().join("state").display(),
-                dir.path().join("run").display(),
+                dir.path().join("actions").display(),
             ),
         )
         .unwrap();
