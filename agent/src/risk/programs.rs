@@ -148,7 +148,7 @@ pub fn lexical_path(word: &str, cwd: &Path) -> PathBuf {
 }
 
 pub(crate) fn looks_like_path(word: &str) -> bool {
-    word.contains('/') || word == "." || word == ".." || word.starts_with('~')
+    !word.contains("://") && (word.contains('/') || word == "." || word == ".." || word.starts_with('~'))
 }
 
 /// Options and operands of an argv without knowing the program's option table:
