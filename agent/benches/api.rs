@@ -44,8 +44,11 @@ fn main() {
     );
     let pid = daemon.pid();
     let bus = &daemon.bus;
-    let project = daemon.dir.path().join("project");
-    std::fs::create_dir(&project).unwrap();
+    // A project in the caller's (root's) home: shared temporary directories are never
+    // a working directory.
+    let home = std::env::var_os("HOME").map_or_else(|| "/root".into(), std::path::PathBuf::from);
+    let project_dir = tempfile::tempdir_in(home).unwrap();
+    let project = project_dir.path().to_path_buf();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -225,8 +225,17 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
                     .map(|f| (p, f))
             })
     {
+        let why = if place.starts_with("/run") {
+            "it holds the sockets of the system and its users"
+        } else if ["/tmp", "/var/tmp", "/dev/shm"].iter().any(|t| place == Path::new(t)) {
+            "it is shared with every user and their programs' sockets (each action has its own); work in a directory of your home"
+        } else if place.starts_with("/proc") {
+            "it is the processes' view of the system"
+        } else {
+            "it holds the agent's own files, or the policy's deny rules name it"
+        };
         return Err(failed(format!(
-            "{} is inside {}, which no action may see (sockets of the system and the agent's own files)",
+            "{} is inside {}, which no action may see: {why}",
             path.display(),
             place.display()
         )));
