@@ -65,13 +65,7 @@ impl Caller {
     /// Become this user for good: groups, gid, uid (a root caller stays root), then
     /// no way back to privileges and no core dumps or tracing of this process.
     pub fn become_for_good(&self) -> Result<(), String> {
-        use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
-        let groups: Vec<Gid> = self.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-        setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
-        let gid = Gid::from_raw(self.gid);
-        setresgid(gid, gid, gid).map_err(|e| format!("setgid {}: {e}", self.gid))?;
-        let uid = Uid::from_raw(self.uid);
-        setresuid(uid, uid, uid).map_err(|e| format!("setuid {}: {e}", self.uid))?;
+        switch_identity(self.uid, self.gid, &self.groups)?;
         nix::sys::prctl::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
         nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
         Ok(())
@@ -81,6 +75,27 @@ impl Caller {
     pub fn secrets(&self, patterns: &[String]) -> Vec<PathBuf> {
         risk::paths::expand_secrets(patterns, &self.home)
     }
+}
+
+/// Take a user's identity for good (real, effective and saved ids; groups first, uid
+/// last, so each step still has the privilege it needs).
+pub fn switch_identity(uid: u32, gid: u32, groups: &[u32]) -> Result<(), String> {
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    let groups: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
+    let g = Gid::from_raw(gid);
+    setresgid(g, g, g).map_err(|e| format!("setgid {gid}: {e}"))?;
+    let u = Uid::from_raw(uid);
+    setresuid(u, u, u).map_err(|e| format!("setuid {uid}: {e}"))
+}
+
+/// A helper's job: the JSON its parent wrote on stdin.
+pub fn job_from_stdin<T: serde::de::DeserializeOwned>() -> Result<T, String> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("cannot read the job: {e}"))?;
+    serde_json::from_str(&input).map_err(|e| format!("invalid job: {e}"))
 }
 
 /// What the planning helper is asked.
@@ -118,15 +133,10 @@ pub struct PlanReply {
 /// The helper's main: read the job, drop to the caller, answer on stdout. Returns
 /// the exit status.
 pub fn plan_exec_from_stdin() -> i32 {
-    let mut input = String::new();
-    let job: PlanJob = match std::io::stdin()
-        .read_to_string(&mut input)
-        .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_str(&input).map_err(|e| e.to_string()))
-    {
+    let job: PlanJob = match job_from_stdin() {
         Ok(j) => j,
         Err(e) => {
-            eprintln!("devos plan-exec: invalid job: {e}");
+            eprintln!("devos plan-exec: {e}");
             return 2;
         }
     };

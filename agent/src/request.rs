@@ -173,6 +173,32 @@ pub struct Rule {
     pub created: String,
 }
 
+impl Rule {
+    /// A new rule of `uid` (its id comes from the store), scoped by prefixes; the
+    /// caller adds what else bounds it.
+    pub fn new(
+        uid: u32,
+        allow: bool,
+        lifetime: Remember,
+        command_prefix: Vec<String>,
+        path_prefix: Option<PathBuf>,
+        created: String,
+    ) -> Rule {
+        Rule {
+            id: 0,
+            uid,
+            allow,
+            lifetime,
+            command_prefix,
+            path_prefix,
+            exact: None,
+            max_class: None,
+            approved: None,
+            created,
+        }
+    }
+}
+
 /// One action exactly as it was approved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

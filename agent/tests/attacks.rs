@@ -176,6 +176,18 @@ fn repo(user: &User) -> tempfile::TempDir {
     project
 }
 
+/// None of `texts` is anywhere in what `user` can read back from the agent.
+fn assert_unseen(agent: &Daemon, user: &User, cwd: &Path, texts: &[&str]) {
+    let seen = readable(agent, user, cwd);
+    for text in texts {
+        assert!(
+            !seen.contains(text),
+            "{text} leaked to {}: {seen}",
+            user.name
+        );
+    }
+}
+
 fn assert_never_ran(agent: &Daemon, user: &User, cwd: &Path, marks: &Marks, ids: &[&str]) {
     let seen = readable(agent, user, cwd);
     if let Ok(history) = serde_json::from_str::<serde_json::Value>(&seen) {
@@ -195,6 +207,23 @@ fn assert_never_ran(agent: &Daemon, user: &User, cwd: &Path, marks: &Marks, ids:
     assert!(marks.made().is_empty(), "payloads ran: {:?}", marks.made());
 }
 
+/// The payloads of the read-only case: the project's own `ls`, then what the
+/// repository configures.
+const READ_ONLY_PAYLOADS: [&str; 12] = [
+    "own-ls",
+    "fsmonitor",
+    "external",
+    "pager",
+    "textconv",
+    "include",
+    "sort",
+    "grep",
+    "rg",
+    "signature",
+    "alias",
+    "bare",
+];
+
 #[test]
 fn code_never_runs_from_read_only_requests() {
     let agent = Daemon::start();
@@ -206,19 +235,7 @@ fn code_never_runs_from_read_only_requests() {
     // The project's own `ls`, and programs configured by the repository.
     let own_ls = payload(&eve, cwd, m, "own-ls");
     std::fs::rename(&own_ls, cwd.join("ls")).unwrap();
-    for id in [
-        "fsmonitor",
-        "external",
-        "pager",
-        "textconv",
-        "include",
-        "sort",
-        "grep",
-        "rg",
-        "signature",
-        "alias",
-        "bare",
-    ] {
+    for id in &READ_ONLY_PAYLOADS[1..] {
         payload(&eve, cwd, m, id);
     }
     let c = cwd.display();
@@ -289,26 +306,7 @@ fn code_never_runs_from_read_only_requests() {
         let (asked, r) = submit(&agent, &eve, cwd, text);
         assert!(asked, "{text} ran without asking: {r}");
     }
-    assert_never_ran(
-        &agent,
-        &eve,
-        cwd,
-        &marks,
-        &[
-            "own-ls",
-            "fsmonitor",
-            "external",
-            "pager",
-            "textconv",
-            "include",
-            "sort",
-            "grep",
-            "rg",
-            "signature",
-            "alias",
-            "bare",
-        ],
-    );
+    assert_never_ran(&agent, &eve, cwd, &marks, &READ_ONLY_PAYLOADS);
 }
 
 #[test]
@@ -543,16 +541,18 @@ fn nothing_crosses_from_one_user_to_another() {
         assert!(!out.status.success(), "{}", stdout(&out));
         assert!(stderr(&out).contains("can enter"), "{}", stderr(&out));
     }
-    let seen = readable(&agent, &eve, cwd);
-    for leak in [
-        "mallory-plans-4e1",
-        "MALLORY-SECRET-4e1",
-        "devos-root-only-4e1",
-        "ROOT-4e1",
-        "MALLORY-PUBLIC-4e1",
-    ] {
-        assert!(!seen.contains(leak), "{leak} leaked to eve: {seen}");
-    }
+    assert_unseen(
+        &agent,
+        &eve,
+        cwd,
+        &[
+            "mallory-plans-4e1",
+            "MALLORY-SECRET-4e1",
+            "devos-root-only-4e1",
+            "ROOT-4e1",
+            "MALLORY-PUBLIC-4e1",
+        ],
+    );
     // Eve's actions and mallory's do not share /tmp.
     let r = approved(
         &agent,
@@ -1338,15 +1338,17 @@ fn working_above_or_inside_a_hidden_place_does_not_uncover_it() {
         );
         assert!(out.status.code() != Some(3), "{cwd}: {text} asked");
     }
-    let seen = readable(&agent, &eve, Path::new("/"));
-    for leak in [
-        "mallory-visible-9b2",
-        "MALLORY-9b2",
-        "devos-host-tmp-9b2",
-        "HOST-TMP-9b2",
-    ] {
-        assert!(!seen.contains(leak), "{leak} leaked: {seen}");
-    }
+    assert_unseen(
+        &agent,
+        &eve,
+        Path::new("/"),
+        &[
+            "mallory-visible-9b2",
+            "MALLORY-9b2",
+            "devos-host-tmp-9b2",
+            "HOST-TMP-9b2",
+        ],
+    );
     // Writing with `/` as the working directory: it asks, and even approved the
     // system stays read-only.
     let r = approved(

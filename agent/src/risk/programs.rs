@@ -83,19 +83,21 @@ impl Normalized {
     /// Normalise a command prefix as an administrator or user wrote it (a deny rule).
     /// Paths are normalised lexically (a rule names no working directory).
     pub fn of_rule(words: &[String]) -> Option<Normalized> {
+        Self::of_words(words, |o| {
+            o.starts_with('/')
+                .then(|| normalize(Path::new(o)).to_string_lossy().into_owned())
+        })
+    }
+
+    /// `words` as program, options and operands; `path` says what a path-like
+    /// operand stands for (`None`: keep it as written).
+    fn of_words(words: &[String], path: impl Fn(&str) -> Option<String>) -> Option<Normalized> {
         let (first, rest) = words.split_first()?;
         let program = canonical_name(first.rsplit('/').next().unwrap_or(first));
-        let known = known(&program);
-        let (options, operands) = split_generic(rest, known);
+        let (options, operands) = split_generic(rest, known(&program));
         let operands = operands
             .into_iter()
-            .map(|o| {
-                if looks_like_path(&o) && o.starts_with('/') {
-                    normalize(Path::new(&o)).to_string_lossy().into_owned()
-                } else {
-                    o
-                }
-            })
+            .map(|o| looks_like_path(&o).then(|| path(&o)).flatten().unwrap_or(o))
             .collect();
         Some(Normalized {
             program,
@@ -110,23 +112,8 @@ impl Normalized {
     pub fn views(words: &[String], cwd: &Path) -> Vec<Normalized> {
         (0..words.len())
             .filter_map(|i| {
-                let (first, rest) = words[i..].split_first()?;
-                let program = canonical_name(first.rsplit('/').next().unwrap_or(first));
-                let (options, operands) = split_generic(rest, known(&program));
-                let operands = operands
-                    .into_iter()
-                    .map(|o| {
-                        if looks_like_path(&o) {
-                            lexical_path(&o, cwd).to_string_lossy().into_owned()
-                        } else {
-                            o
-                        }
-                    })
-                    .collect();
-                Some(Normalized {
-                    program,
-                    options,
-                    operands,
+                Self::of_words(&words[i..], |o| {
+                    Some(lexical_path(o, cwd).to_string_lossy().into_owned())
                 })
             })
             .collect()
@@ -148,7 +135,8 @@ pub fn lexical_path(word: &str, cwd: &Path) -> PathBuf {
 }
 
 pub(crate) fn looks_like_path(word: &str) -> bool {
-    !word.contains("://") && (word.contains('/') || word == "." || word == ".." || word.starts_with('~'))
+    !word.contains("://")
+        && (word.contains('/') || word == "." || word == ".." || word.starts_with('~'))
 }
 
 /// Options and operands of an argv without knowing the program's option table:

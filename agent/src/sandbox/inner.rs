@@ -8,7 +8,6 @@
 //! (which sets no_new_privs), then seccomp.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
@@ -69,15 +68,10 @@ const NAMESPACE_FLAGS: &[u64] = &[
 /// The inner stage's main: read the spec, confine ourselves, run the action. Returns
 /// only on failure (with the exit status); a program run replaces this process.
 pub fn exec_from_stdin() -> i32 {
-    let mut input = String::new();
-    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
-        eprintln!("devos sandbox: cannot read the action: {e}");
-        return EXIT_SANDBOX_FAILED;
-    }
-    let spec: Spec = match serde_json::from_str(&input) {
+    let spec: Spec = match crate::caller::job_from_stdin() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("devos sandbox: invalid action spec: {e}");
+            eprintln!("devos sandbox: {e}");
             return EXIT_SANDBOX_FAILED;
         }
     };
@@ -95,15 +89,10 @@ pub fn exec_from_stdin() -> i32 {
 }
 
 fn confine(spec: &Spec) -> Result<String, String> {
-    use nix::unistd::{Gid, Uid, chdir, setgroups, setresgid, setresuid};
+    use nix::unistd::chdir;
     // Root's own requests stay uid 0, without capabilities (bubblewrap kept none).
     if !spec.as_root && spec.uid != 0 {
-        let groups: Vec<Gid> = spec.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-        setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
-        let gid = Gid::from_raw(spec.gid);
-        setresgid(gid, gid, gid).map_err(|e| format!("setgid {}: {e}", spec.gid))?;
-        let uid = Uid::from_raw(spec.uid);
-        setresuid(uid, uid, uid).map_err(|e| format!("setuid {}: {e}", spec.uid))?;
+        crate::caller::switch_identity(spec.uid, spec.gid, &spec.groups)?;
     }
     // Each bound path is still the file it was when checked: a working directory
     // swapped for a symlink (to a socket directory, say) in between is refused.

@@ -6,7 +6,6 @@
 //! else — before it builds the namespaces as root.
 
 use std::convert::Infallible;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -34,15 +33,10 @@ fn failed(e: impl std::fmt::Display) -> Stop {
 
 /// The outer stage's main. Returns only when it could not exec bubblewrap.
 pub fn exec_from_stdin() -> i32 {
-    let mut input = String::new();
-    let spec: Spec = match std::io::stdin()
-        .read_to_string(&mut input)
-        .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_str(&input).map_err(|e| e.to_string()))
-    {
+    let spec: Spec = match crate::caller::job_from_stdin() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("devos sandbox: invalid action spec: {e}");
+            eprintln!("devos sandbox: {e}");
             return EXIT_SANDBOX_FAILED;
         }
     };
@@ -227,7 +221,10 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     {
         let why = if place.starts_with("/run") {
             "it holds the sockets of the system and its users"
-        } else if ["/tmp", "/var/tmp", "/dev/shm"].iter().any(|t| place == Path::new(t)) {
+        } else if ["/tmp", "/var/tmp", "/dev/shm"]
+            .iter()
+            .any(|t| place == Path::new(t))
+        {
             "it is shared with every user and their programs' sockets (each action has its own); work in a directory of your home"
         } else if place.starts_with("/proc") {
             "it is the processes' view of the system"

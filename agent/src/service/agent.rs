@@ -297,20 +297,15 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<()> {
-        let caller = caller(&self.shared, &header, conn).await?;
-        rules::decide_action(
-            self,
-            &caller,
-            Verdict {
-                id,
-                index: action,
-                approve: true,
-                remember,
-                command_prefix,
-                path_prefix,
-            },
-        )
-        .await
+        let verdict = Verdict {
+            id,
+            index: action,
+            approve: true,
+            remember,
+            command_prefix,
+            path_prefix,
+        };
+        rules::decide_action(self, &caller(&self.shared, &header, conn).await?, verdict).await
     }
 
     /// Deny action `action` of request `id` (the request stops). `remember` as for
@@ -326,20 +321,15 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<()> {
-        let caller = caller(&self.shared, &header, conn).await?;
-        rules::decide_action(
-            self,
-            &caller,
-            Verdict {
-                id,
-                index: action,
-                approve: false,
-                remember,
-                command_prefix,
-                path_prefix,
-            },
-        )
-        .await
+        let verdict = Verdict {
+            id,
+            index: action,
+            approve: false,
+            remember,
+            command_prefix,
+            path_prefix,
+        };
+        rules::decide_action(self, &caller(&self.shared, &header, conn).await?, verdict).await
     }
 
     /// Cancel a request: nothing more runs, a running action is killed with every

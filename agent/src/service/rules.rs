@@ -178,19 +178,20 @@ fn remembered_rule(
         approval::may_remember_prefix(&record.risk).map_err(fdo::Error::InvalidArgs)?;
     }
     let rule = Rule {
-        id: 0,
-        uid: caller.uid,
-        allow,
-        lifetime,
-        command_prefix,
-        path_prefix,
         exact: exact.then(|| Exact {
             action: record.action.clone(),
             cwd: cwd.to_path_buf(),
         }),
         max_class: Some(record.risk.class),
         approved: Some(record.risk.clone()),
-        created: now(),
+        ..Rule::new(
+            caller.uid,
+            allow,
+            lifetime,
+            command_prefix,
+            path_prefix,
+            now(),
+        )
     };
     if !approval::rule_matches(&rule, &record.action, &record.risk, cwd) {
         return Err(fdo::Error::InvalidArgs(format!(
@@ -235,16 +236,15 @@ pub(super) async fn add_rule(
         ));
     }
     let rule = Rule {
-        id: 0,
-        uid: caller.uid,
-        allow,
-        lifetime,
-        command_prefix,
-        path_prefix,
-        exact: None,
         max_class: allow.then_some(RiskClass::Network),
-        approved: None,
-        created: now(),
+        ..Rule::new(
+            caller.uid,
+            allow,
+            lifetime,
+            command_prefix,
+            path_prefix,
+            now(),
+        )
     };
     store_rule(agent, caller, &rule, None, None)
 }
