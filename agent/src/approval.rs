@@ -82,10 +82,13 @@ pub fn decide(
             by: format!("policy: {} runs without asking", risk.class),
         };
     }
-    if let Some(rule) = rules
-        .iter()
-        .find(|r| r.allow && rule_matches(r, action, risk, cwd))
-    {
+    if let Some(rule) = rules.iter().find(|r| {
+        r.allow
+                // A prefix is a standing approval: only for what the admin lets users
+                // approve standing (checked now: the policy may have changed since).
+                && (r.exact.is_some() || user_may_stand(policy, risk.class))
+                && rule_matches(r, action, risk, cwd)
+    }) {
         return Decision::Approved {
             by: format!("remembered rule {} ({})", rule.id, describe_rule(rule)),
         };
@@ -126,8 +129,30 @@ fn prefix_may_cover(class: RiskClass) -> bool {
     )
 }
 
+/// Whether users may have standing approvals (prefix rules) for a class: only those
+/// the admin lets them auto-approve (`policy.user-may-auto-approve`), and read-only.
+fn user_may_stand(policy: &Policy, class: RiskClass) -> bool {
+    prefix_may_cover(class)
+        && (class == RiskClass::ReadOnly || policy.user_may_auto_approve.contains(&class))
+}
+
+/// The highest class a rule added without an action (`AddRule`) may approve.
+pub fn widest_standing_class(policy: &Policy) -> RiskClass {
+    RiskClass::ALL
+        .into_iter()
+        .filter(|c| user_may_stand(policy, *c))
+        .max()
+        .unwrap_or(RiskClass::ReadOnly)
+}
+
 /// Whether a user-chosen prefix rule may be made from an action of this risk.
-pub fn may_remember_prefix(risk: &Risk) -> Result<(), String> {
+pub fn may_remember_prefix(risk: &Risk, policy: &Policy) -> Result<(), String> {
+    if prefix_may_cover(risk.class) && !user_may_stand(policy, risk.class) {
+        return Err(format!(
+            "a {} action can only be remembered exactly: the policy's user-may-auto-approve does not include it",
+            risk.class
+        ));
+    }
     if !prefix_may_cover(risk.class) {
         return Err(format!(
             "a {} action can only be remembered exactly (drop --command-prefix/--path-prefix)",

@@ -693,6 +693,17 @@ fn rules_mean_what_was_approved() {
     ] {
         assert!(agent.devos(Some(&eve), cwd, args).status.success());
     }
+    // Nor network actions, which the admin does not let users approve standing.
+    assert!(
+        agent
+            .devos(
+                Some(&eve),
+                cwd,
+                &["rules", "add", "allow", "--command-prefix", "curl"]
+            )
+            .status
+            .success()
+    );
     for text in [
         "run: rm -rf victim.txt",
         "run: python3 -c print(3)",
@@ -700,6 +711,7 @@ fn rules_mean_what_was_approved() {
         "delete victim.txt",
         "install jq",
         "read ~/.ssh/id_rsa",
+        "run: curl -s https://example.invalid",
     ] {
         let (asked, r) = submit(&agent, &eve, cwd, text);
         assert!(

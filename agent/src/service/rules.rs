@@ -13,7 +13,6 @@ use super::shared::{Control, failed, lock, now, to_value};
 use crate::approval;
 use crate::caller::{self as as_caller, Caller, PlanJob};
 use crate::request::{ActionRecord, Decision, Exact, Remember, Rule};
-use crate::risk::RiskClass;
 
 /// A user's decision on one action, as `Approve`/`Deny` receive it.
 pub(super) struct Verdict<'a> {
@@ -61,14 +60,19 @@ pub(super) async fn decide_action(
     let rule = if remember == Remember::Once {
         None
     } else {
-        Some(remembered_rule(
-            caller,
-            record,
-            &cwd,
+        let asked = Rule::new(
+            caller.uid,
             approve,
             remember,
             command_prefix,
             path_prefix,
+            now(),
+        );
+        Some(remembered_rule(
+            asked,
+            record,
+            &cwd,
+            &shared.config().policy,
         )?)
     };
     let by = format!("{} (uid {})", caller.user, caller.uid);
@@ -162,20 +166,17 @@ async fn resolve_prefix(
 /// The rule a "remember" creates: the exact action by default, or the prefix the
 /// user gave, which must cover this action and is bounded by its class.
 fn remembered_rule(
-    caller: &Caller,
+    asked: Rule,
     record: &ActionRecord,
     cwd: &Path,
-    allow: bool,
-    lifetime: Remember,
-    command_prefix: Vec<String>,
-    path_prefix: Option<PathBuf>,
+    policy: &crate::config::Policy,
 ) -> fdo::Result<Rule> {
-    if allow {
+    if asked.allow {
         approval::may_remember(&record.action, &record.risk).map_err(fdo::Error::InvalidArgs)?;
     }
-    let exact = command_prefix.is_empty() && path_prefix.is_none();
-    if allow && !exact {
-        approval::may_remember_prefix(&record.risk).map_err(fdo::Error::InvalidArgs)?;
+    let exact = asked.command_prefix.is_empty() && asked.path_prefix.is_none();
+    if asked.allow && !exact {
+        approval::may_remember_prefix(&record.risk, policy).map_err(fdo::Error::InvalidArgs)?;
     }
     let rule = Rule {
         exact: exact.then(|| Exact {
@@ -184,14 +185,7 @@ fn remembered_rule(
         }),
         max_class: Some(record.risk.class),
         approved: Some(record.risk.clone()),
-        ..Rule::new(
-            caller.uid,
-            allow,
-            lifetime,
-            command_prefix,
-            path_prefix,
-            now(),
-        )
+        ..asked
     };
     if !approval::rule_matches(&rule, &record.action, &record.risk, cwd) {
         return Err(fdo::Error::InvalidArgs(format!(
@@ -236,7 +230,7 @@ pub(super) async fn add_rule(
         ));
     }
     let rule = Rule {
-        max_class: allow.then_some(RiskClass::Network),
+        max_class: allow.then(|| approval::widest_standing_class(&agent.shared.config().policy)),
         ..Rule::new(
             caller.uid,
             allow,
