@@ -9,7 +9,7 @@
 //! Path scopes and deny rules compare canonical real paths; command deny rules compare
 //! normalised argv (any order, any spelling of the options).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::action::Action;
 use crate::config::{DenyRule, Policy, UserPolicy};
@@ -20,6 +20,8 @@ use crate::risk::{Risk, RiskClass};
 /// The facts about the caller that decisions depend on.
 pub struct Subject<'a> {
     pub uid: u32,
+    /// Their home directory, for `~` and `$HOME` in what they ask.
+    pub home: &'a Path,
     pub is_admin: bool,
     pub user_policy: &'a UserPolicy,
 }
@@ -38,7 +40,10 @@ pub fn decide(
         ("policy", &policy.deny),
         ("your policy", &subject.user_policy.deny),
     ] {
-        if let Some(rule) = rules.iter().find(|r| deny_matches(r, action, risk, cwd)) {
+        if let Some(rule) = rules
+            .iter()
+            .find(|r| deny_matches(r, action, risk, cwd, subject.home))
+        {
             return Decision::Denied {
                 by: format!("{origin} deny rule"),
                 reason: rule.reason.clone().unwrap_or_else(|| describe_deny(rule)),
@@ -167,35 +172,84 @@ pub fn may_remember_prefix(risk: &Risk, policy: &Policy) -> Result<(), String> {
     Ok(())
 }
 
-/// The words an action runs: its argv, or a shell script's words.
-fn words_of(action: &Action) -> Vec<String> {
+/// Every command line an action amounts to, with the directory it runs in, for deny
+/// rules: its argv (and the argv inside its words: `sh -c "rm -r /"`), each command of
+/// a shell script (following `cd`), a file operation as the command that would do it.
+/// `~`, `$HOME` and `${HOME}` are the caller's home.
+fn command_lines(action: &Action, cwd: &Path, home: &Path) -> Vec<(Vec<String>, PathBuf)> {
+    let home_s = home.to_string_lossy();
+    let expand = |w: &str| -> String {
+        let w = w.replace("${HOME}", &home_s).replace("$HOME", &home_s);
+        match w.strip_prefix('~') {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => format!("{home_s}{rest}"),
+            _ => w,
+        }
+    };
+    let words = |ws: &[&str]| ws.iter().map(|w| expand(w)).collect::<Vec<String>>();
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let script = |text: &str| -> Vec<(Vec<String>, PathBuf)> {
+        let mut dir = cwd.to_path_buf();
+        let mut out = Vec::new();
+        for command in text.split(['\n', ';', '&', '|']) {
+            let ws: Vec<String> = crate::action::loose_words(&expand(command));
+            match ws.split_first() {
+                Some((cd, rest)) if cd == "cd" => {
+                    dir = rest.first().map_or_else(
+                        || home.to_path_buf(),
+                        |d| crate::risk::programs::lexical_path(d, &dir),
+                    );
+                }
+                Some(_) => out.push((ws, dir.clone())),
+                None => {}
+            }
+        }
+        out
+    };
     match action {
-        Action::Shell { script } => crate::action::loose_words(script),
-        other => other.argv().unwrap_or_default(),
+        Action::Shell { script: text } => script(text),
+        Action::Delete { path: p } => vec![(words(&["rm", "-r", "-f", &path(p)]), cwd.into())],
+        Action::Move { from, to } => vec![(words(&["mv", &path(from), &path(to)]), cwd.into())],
+        Action::Copy { from, to } => {
+            vec![(words(&["cp", "-r", &path(from), &path(to)]), cwd.into())]
+        }
+        Action::Mkdir { path: p } => vec![(words(&["mkdir", "-p", &path(p)]), cwd.into())],
+        Action::Write { path: p, .. } => vec![(words(&["tee", &path(p)]), cwd.into())],
+        Action::Read { path: p } => vec![(words(&["cat", &path(p)]), cwd.into())],
+        other => {
+            let argv = other.argv().unwrap_or_default();
+            let mut lines = vec![(argv.iter().map(|w| expand(w)).collect(), cwd.to_path_buf())];
+            lines.extend(script(&argv.join(" ")));
+            lines
+        }
     }
 }
 
-fn deny_matches(rule: &DenyRule, action: &Action, risk: &Risk, cwd: &Path) -> bool {
-    let words = words_of(action);
+fn deny_matches(rule: &DenyRule, action: &Action, risk: &Risk, cwd: &Path, home: &Path) -> bool {
+    let lines = command_lines(action, cwd, home);
     if let Some(prefix) = &rule.path_prefix {
         // Real paths from classification, and every word (or `--opt=` value) as a path
         // too, so nothing spelled another way gets past.
         return cwd.starts_with(prefix)
             || risk.paths.iter().any(|p| p.starts_with(prefix))
             || risk.program.as_ref().is_some_and(|p| p.starts_with(prefix))
-            || words
-                .iter()
-                .flat_map(|w| [w.as_str(), w.rsplit('=').next().unwrap_or(w)])
-                .filter(|w| crate::risk::programs::looks_like_path(w))
-                .any(|w| crate::risk::programs::lexical_path(w, cwd).starts_with(prefix));
+            || lines.iter().any(|(words, dir)| {
+                dir.starts_with(prefix)
+                    || words
+                        .iter()
+                        .flat_map(|w| [w.as_str(), w.rsplit('=').next().unwrap_or(w)])
+                        .filter(|w| crate::risk::programs::looks_like_path(w))
+                        .any(|w| crate::risk::programs::lexical_path(w, dir).starts_with(prefix))
+            });
     }
     let Some(rule) = Normalized::of_rule(&rule.command_prefix) else {
         return false;
     };
     risk.normalized.iter().any(|n| n.contains(&rule))
-        || Normalized::views(&words, cwd)
-            .iter()
-            .any(|n| n.contains(&rule))
+        || lines.iter().any(|(words, dir)| {
+            Normalized::views(words, dir)
+                .iter()
+                .any(|n| n.contains(&rule))
+        })
 }
 
 /// Whether a remembered rule covers an action.
@@ -326,6 +380,7 @@ mod tests {
         let risk = classify_in(&action, cwd);
         let subject = Subject {
             uid: 1000,
+            home: Path::new("/home/dev"),
             is_admin: false,
             user_policy: user,
         };
@@ -391,6 +446,7 @@ mod tests {
         let risk = classify_in(&install, cwd);
         let subject = Subject {
             uid: 1000,
+            home: Path::new("/home/dev"),
             is_admin: false,
             user_policy: &none,
         };

@@ -367,7 +367,11 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&entry).unwrap_or_default();
         line.push(b'\n');
         let path = self.dir.join(log_name(self.file_index));
-        self.file.write_all(&line).map_err(io(&path))?;
+        if let Err(e) = self.file.write_all(&line) {
+            // No half line may stay behind for the next entry to be appended to.
+            let _ = self.file.set_len(self.size);
+            return Err(io(&path)(e));
+        }
         self.size += line.len() as u64;
         self.seq = entry.seq;
         self.last_hash = entry.hash;

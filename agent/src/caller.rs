@@ -57,7 +57,9 @@ impl Caller {
             gid: user.gid.as_raw(),
             groups,
             user: user.name,
-            home: user.dir,
+            // The home as the file system has it: secrets, start-up files and what is
+            // shown in the sandbox all hang off the real directory, not a symlink to it.
+            home: std::fs::canonicalize(&user.dir).unwrap_or(user.dir),
             is_admin,
         })
     }

@@ -175,7 +175,7 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
                         r.id,
                         r.state.as_str(),
                         r.created.get(..19).unwrap_or(&r.created),
-                        r.text
+                        crate::executor::printable(&r.text)
                     );
                 }
             }
@@ -230,9 +230,10 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn print_request(r: &Request, with_output: bool) {
-    println!("request {} ({}): {}", r.id, r.state.as_str(), r.text);
+    let p = crate::executor::printable;
+    println!("request {} ({}): {}", r.id, r.state.as_str(), p(&r.text));
     if !r.summary.is_empty() {
-        println!("plan: {}", r.summary);
+        println!("plan: {}", p(&r.summary));
     }
     for a in &r.actions {
         let decision = match &a.decision {
@@ -240,31 +241,31 @@ fn print_request(r: &Request, with_output: bool) {
             Decision::Approved { by } => format!("approved ({by})"),
             Decision::Denied { by, reason } => format!("DENIED ({by}): {reason}"),
         };
-        println!("  [{}] {}", a.index, a.description);
+        println!("  [{}] {}", a.index, p(&a.description));
         println!(
             "      risk: {} — {}",
             a.risk.class,
             if a.risk.reasons.is_empty() {
                 "nothing risky found".into()
             } else {
-                a.risk.reasons.join("; ")
+                p(&a.risk.reasons.join("; "))
             }
         );
         if !a.profile.is_empty() {
-            println!("      sandbox: {}", a.profile);
+            println!("      sandbox: {}", p(&a.profile));
         }
         println!("      {decision}; {:?}", a.state);
         if with_output && !a.output.is_empty() {
-            for line in a.output.lines() {
+            for line in p(&a.output).lines() {
                 println!("      | {line}");
             }
         }
         if let Some(e) = &a.error {
-            println!("      error: {e}");
+            println!("      error: {}", p(e));
         }
     }
     if let Some(e) = &r.error {
-        println!("{e}");
+        println!("{}", p(e));
     }
 }
 
@@ -315,7 +316,7 @@ async fn run_request(
             Some(sig) = output.next() => {
                 let args = sig.args()?;
                 if args.id == id && !json {
-                    print!("{}", args.data);
+                    print!("{}", crate::executor::printable(args.data));
                     std::io::stdout().flush().ok();
                 }
             }
@@ -324,7 +325,7 @@ async fn run_request(
                 if args.id != id {
                     continue;
                 }
-                let (index, risk, description) = (args.action, args.risk.to_owned(), args.description.to_owned());
+                let (index, risk, description) = (args.action, args.risk.to_owned(), crate::executor::printable(args.description));
                 let profile = get().await.ok()
                     .and_then(|r| r.actions.get(index as usize).map(|a| a.profile.clone()))
                     .unwrap_or_default();

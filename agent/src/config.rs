@@ -112,7 +112,8 @@ pub struct SandboxConfig {
     pub bwrap: PathBuf,
     /// Seconds an action may run before it is killed.
     pub timeout_secs: u64,
-    /// Bytes of stdout+stderr kept per action; the rest is dropped and reported.
+    /// Bytes of stdout+stderr kept per request (all its actions together); the rest
+    /// is dropped and reported.
     pub max_output_bytes: u64,
     /// Largest file an action may write (RLIMIT_FSIZE), MiB.
     pub max_file_mib: u64,
@@ -225,12 +226,16 @@ pub struct Limits {
     /// Requests one user may have in flight (planned, waiting for approval or
     /// running); more are refused until one finishes.
     pub requests_per_user: u32,
+    /// Finished requests kept per user (with their output); older ones are
+    /// dropped. The audit log keeps every request regardless.
+    pub history_per_user: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             requests_per_user: 8,
+            history_per_user: 1000,
         }
     }
 }
@@ -340,8 +345,10 @@ impl AgentConfig {
         if self.sandbox.memory_max_mib == 0 || self.sandbox.tasks_max == 0 {
             return Err("sandbox.memory-max-mib and sandbox.tasks-max must be above 0".into());
         }
-        if self.limits.requests_per_user == 0 {
-            return Err("limits.requests-per-user must be above 0".into());
+        if self.limits.requests_per_user == 0 || self.limits.history_per_user == 0 {
+            return Err(
+                "limits.requests-per-user and limits.history-per-user must be above 0".into(),
+            );
         }
         for (key, list) in [
             ("sandbox.secrets", &self.sandbox.secrets),

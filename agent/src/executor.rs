@@ -17,6 +17,21 @@ use crate::sandbox::{
     APPLIED_PREFIX, EXIT_RISK_CHANGED, EXIT_SANDBOX_FAILED, Limits, REFUSED_PREFIX, Spec,
 };
 
+/// Output as it is kept and shown: control characters other than newline and tab
+/// (NUL, escape sequences that could rewrite a terminal, carriage returns) become
+/// U+FFFD, so nothing an action prints can break the bus or fake a prompt.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// What became of a run.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
@@ -198,13 +213,16 @@ pub async fn execute(
                     chunk = pending_err.clone();
                 }
             }
-            let text = String::from_utf8_lossy(&chunk);
+            let text = printable(&String::from_utf8_lossy(&chunk));
             if text.is_empty() {
                 continue;
             }
             let room = max_output.saturating_sub(outcome.output.len());
             if room == 0 {
                 outcome.truncated = true;
+                // Past the cap, drain slowly: the action waits on its pipe instead of
+                // keeping the agent busy with output nobody keeps.
+                tokio::time::sleep(Duration::from_millis(2)).await;
                 continue;
             }
             let mut take = text.len().min(room);
@@ -218,7 +236,7 @@ pub async fn execute(
         if stderr_head && !pending_err.is_empty() {
             outcome
                 .output
-                .push_str(&String::from_utf8_lossy(&pending_err));
+                .push_str(&printable(&String::from_utf8_lossy(&pending_err)));
         }
     };
     let mut killed = None;

@@ -8,6 +8,7 @@
 //! directory, no pager, no system configuration and a reduced global one — unless the
 //! user approved the action with the repository's own programs.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// A repository as git will see it from a working directory.
@@ -164,33 +165,61 @@ pub fn index_has_gitlinks(index: &Path) -> Result<bool, String> {
 /// Find the repository `cwd` is in, the way git does: a `.git` directory or a
 /// `gitdir:` file in `cwd` or a directory above it. A bare repository is not
 /// returned (the sandbox's git refuses bare repositories it was not pointed at).
+///
+/// `.git` files and `commondir` are read the way git reads them — raw bytes, only
+/// trailing newlines and carriage returns dropped — and the sandbox hands git this
+/// reading (`GIT_DIR`, and copies of those files with the absolute paths), so git
+/// cannot find another configuration than the one devos reduced. A `.git` or
+/// `commondir` devos cannot follow makes the repository unusable (`Err`): git runs
+/// with nothing of it.
 pub fn discover(cwd: &Path) -> Option<Repo> {
+    find(cwd).ok().flatten()
+}
+
+/// [`discover`], telling a repository devos cannot follow (`Err`) from none (`Ok(None)`).
+pub fn find(cwd: &Path) -> Result<Option<Repo>, String> {
     for dir in cwd.ancestors() {
         let dot_git = dir.join(".git");
         let Ok(meta) = dot_git.symlink_metadata() else {
             continue;
         };
         let git_dir = if meta.is_file() {
-            let text = std::fs::read_to_string(&dot_git).ok()?;
-            let target = text.trim().strip_prefix("gitdir:")?.trim();
-            std::fs::canonicalize(dir.join(target)).ok()?
+            let raw = git_file(&dot_git)?;
+            let target = raw
+                .strip_prefix(b"gitdir: ")
+                .ok_or_else(|| format!("{} is not a gitdir file", dot_git.display()))?;
+            canonical(&dir.join(std::ffi::OsStr::from_bytes(target)))?
         } else {
-            std::fs::canonicalize(&dot_git).ok()?
+            canonical(&dot_git)?
         };
         if !git_dir.join("HEAD").exists() {
             continue;
         }
-        let common_dir = std::fs::read_to_string(git_dir.join("commondir"))
-            .ok()
-            .and_then(|c| std::fs::canonicalize(git_dir.join(c.trim())).ok())
-            .unwrap_or_else(|| git_dir.clone());
-        return Some(Repo {
+        let common_dir = match git_file(&git_dir.join("commondir")) {
+            Ok(raw) => canonical(&git_dir.join(std::ffi::OsStr::from_bytes(&raw)))?,
+            Err(_) if !git_dir.join("commondir").exists() => git_dir.clone(),
+            Err(e) => return Err(e),
+        };
+        return Ok(Some(Repo {
             work_tree: dir.to_path_buf(),
             git_dir,
             common_dir,
-        });
+        }));
     }
-    None
+    Ok(None)
+}
+
+/// A file git reads a path from: its bytes without trailing `\n` and `\r`.
+fn git_file(path: &Path) -> Result<Vec<u8>, String> {
+    let mut raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        raw.pop();
+    }
+    Ok(raw)
+}
+
+fn canonical(path: &Path) -> Result<PathBuf, String> {
+    std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// How much of a configuration the sandbox keeps.
@@ -635,14 +664,52 @@ fn escape(value: &str) -> String {
     out
 }
 
+/// Whether a key defines a filter, diff or merge driver's program.
+pub fn is_driver(key: &str) -> bool {
+    ["filter.", "diff.", "merge."]
+        .iter()
+        .any(|p| key.starts_with(p))
+}
+
+/// Drivers named by any attributes file of the work tree (every `.gitattributes`,
+/// tracked or not, and `info/attributes`), or `None` when the tree has more than
+/// `limit` entries to look through.
+pub fn all_attribute_drivers(repo: &Repo, limit: usize) -> Option<Vec<String>> {
+    let mut files = vec![repo.common_dir.join("info/attributes")];
+    let mut dirs = vec![repo.work_tree.clone()];
+    let mut seen = 0;
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            seen += 1;
+            if seen > limit {
+                return None;
+            }
+            let name = entry.file_name();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() && name != ".git" {
+                dirs.push(entry.path());
+            } else if name == ".gitattributes" {
+                files.push(entry.path());
+            }
+        }
+    }
+    Some(drivers_in(&files))
+}
+
 /// Filter, diff and merge drivers named in the repository's top-level attributes.
 pub fn attribute_drivers(repo: &Repo) -> Vec<String> {
-    let mut drivers = Vec::new();
-    for file in [
+    drivers_in(&[
         repo.work_tree.join(".gitattributes"),
         repo.common_dir.join("info/attributes"),
-    ] {
-        let Ok(text) = std::fs::read_to_string(&file) else {
+    ])
+}
+
+fn drivers_in(files: &[PathBuf]) -> Vec<String> {
+    let mut drivers = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(file) else {
             continue;
         };
         for word in text.split_whitespace() {

@@ -38,8 +38,23 @@ pub enum PlanError {
     Invalid(String),
 }
 
+/// The most actions one plan may have (organising a huge directory, say): enough for
+/// any request a person reads before approving, small enough for the bus.
+pub const MAX_ACTIONS: usize = 1000;
+
 /// Plan a request with the local rules.
 pub fn plan(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
+    let plan = plan_rules(text, ctx)?;
+    if plan.actions.len() > MAX_ACTIONS {
+        return Err(PlanError::Invalid(format!(
+            "this would take {} actions; at most {MAX_ACTIONS} at once: do it in parts (a smaller directory)",
+            plan.actions.len()
+        )));
+    }
+    Ok(plan)
+}
+
+fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
     let text = text.trim();
     let lower = text.to_lowercase();
     let words: Vec<&str> = lower.split_whitespace().collect();

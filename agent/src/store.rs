@@ -258,6 +258,19 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Drop `uid`'s finished requests beyond the newest `keep`.
+    pub fn prune(&self, uid: u32, keep: u32) -> Result<usize, StoreError> {
+        self.conn
+            .execute(
+                "DELETE FROM requests WHERE uid = ?1
+                   AND state IN ('unplanned','done','failed','denied','cancelled')
+                   AND rowid NOT IN (SELECT rowid FROM requests WHERE uid = ?1
+                                     ORDER BY created DESC, rowid DESC LIMIT ?2)",
+                params![uid, keep],
+            )
+            .map_err(self.err())
+    }
+
     pub fn count_requests(&self) -> Result<u64, StoreError> {
         self.conn
             .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))

@@ -103,9 +103,20 @@ fn attacker(name: &str) -> User {
 
 const SECRET_TEXTS: &[&str] = &["EVEKEY-7f3a", "EVEAWS-91c2"];
 
-/// Everything eve can read back from the agent about her requests.
+/// Everything `user` can read back from the agent about their requests: each one
+/// whole (a listing shortens outputs).
 fn readable(agent: &Daemon, user: &User, cwd: &Path) -> String {
-    stdout(&agent.devos(Some(user), cwd, &["--json", "history", "-n", "1000"]))
+    let history = json(&agent.devos(Some(user), cwd, &["--json", "history", "-n", "1000"]));
+    let mut all = Vec::new();
+    for r in history.as_array().unwrap() {
+        let id = r["id"].as_str().unwrap();
+        all.push(stdout(&agent.devos(
+            Some(user),
+            cwd,
+            &["--json", "show", id],
+        )));
+    }
+    all.join("\n")
 }
 
 /// Submit `text` as `user`; when it waits for approval, deny it. Returns whether it
@@ -190,12 +201,11 @@ fn assert_unseen(agent: &Daemon, user: &User, cwd: &Path, texts: &[&str]) {
 
 fn assert_never_ran(agent: &Daemon, user: &User, cwd: &Path, marks: &Marks, ids: &[&str]) {
     let seen = readable(agent, user, cwd);
-    if let Ok(history) = serde_json::from_str::<serde_json::Value>(&seen) {
-        for r in history.as_array().into_iter().flatten() {
-            if ids.iter().any(|id| r.to_string().contains(&marker(id))) {
-                eprintln!("a payload ran in: {} {}", r["text"], r["actions"]);
-            }
-        }
+    for r in seen
+        .split("\n{")
+        .filter(|r| ids.iter().any(|id| r.contains(&marker(id))))
+    {
+        eprintln!("a payload ran in: {r}");
     }
     for id in ids {
         assert!(
@@ -1085,6 +1095,17 @@ fn an_action_that_cannot_be_audited_does_not_run() {
     );
     assert!(!cwd.join("ran-late").exists());
     assert!(marks.made().is_empty());
+    // Once there is room again, the log goes on whole: no half-written entry swallowed
+    // the next one.
+    std::fs::remove_file(audit.join("filler")).unwrap();
+    assert!(
+        agent
+            .devos(Some(&eve), cwd, &["run", "list", "files"])
+            .status
+            .success()
+    );
+    let out = agent.devos(Some(&eve), cwd, &["audit", "verify"]);
+    assert!(out.status.success(), "{}", stdout(&out));
 }
 
 #[test]
@@ -1477,8 +1498,10 @@ fn deny_rules_hold_through_proc_shells_and_wrappers() {
         let (_, r) = submit(&agent, &eve, cwd, text);
         assert_eq!(r["state"], "denied", "{text}: {r}");
     }
-    // Approved or not, /boot is not in any sandbox.
-    let r = approved(&agent, &eve, cwd, "run: sh -c 'ls -a /boot | wc -l'");
+    // Approved or not, /boot is not in any sandbox (a script's contents are not
+    // checked against deny rules: the sandbox has the last word).
+    eve.write(&cwd.join("boot.sh"), "ls -a /boot | wc -l\n");
+    let r = approved(&agent, &eve, cwd, "run: sh boot.sh");
     assert_eq!(
         r["actions"][0]["output"].as_str().unwrap().trim(),
         "2",
@@ -1606,5 +1629,169 @@ fn the_red_team_findings_stay_fixed() {
     for f in std::fs::read_dir(agent.state()).unwrap().flatten() {
         let mode = f.metadata().unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "{} is {mode:o}", f.path().display());
+    }
+}
+
+/// Found by the second round of red-teaming: files that say where a repository is,
+/// read differently by devos and by git, led git to a configuration devos had not
+/// reduced — also against another user who works in a shared directory.
+#[test]
+fn git_finds_exactly_the_repository_devos_checked() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let marks = Marks::new();
+    for (n, layout) in ["commondir-space", "commondir-bytes", "gitdir-space"]
+        .iter()
+        .enumerate()
+    {
+        let project = repo(&eve);
+        let cwd = project.path();
+        let id = format!("layout{n}");
+        let evil = payload(&eve, cwd, marks.path(), &id);
+        // A second, complete git directory whose configuration runs the payload.
+        let other = cwd.join("evil ");
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(cwd.join(".git"))
+            .arg(&other)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        std::fs::write(
+            other.join("config"),
+            format!(
+                "[core]\n\trepositoryformatversion = 0\n[diff]\n\texternal = {e}\n[core]\n\tpager = {e}\n[gpg]\n\tprogram = {e}\n[log]\n\tshowSignature = true\n",
+                e = evil.display()
+            ),
+        )
+        .unwrap();
+        match *layout {
+            "commondir-space" => std::fs::write(cwd.join(".git/commondir"), "../evil \n").unwrap(),
+            "commondir-bytes" => {
+                use std::os::unix::ffi::OsStrExt;
+                let raw = std::ffi::OsStr::from_bytes(b"evil\xff");
+                std::os::unix::fs::symlink(&other, cwd.join(raw)).unwrap();
+                std::fs::write(cwd.join(".git/commondir"), b"../evil\xff\n").unwrap();
+            }
+            _ => {
+                std::fs::rename(cwd.join(".git"), cwd.join("realgit ")).unwrap();
+                std::fs::write(cwd.join(".git"), "gitdir: realgit \n").unwrap();
+            }
+        }
+        std::process::Command::new("chown")
+            .args(["-R", &format!("{}:{}", eve.uid, eve.uid)])
+            .arg(cwd)
+            .status()
+            .unwrap();
+        for text in ["git diff", "git log", "git status"] {
+            let _ = submit(&agent, &eve, cwd, text);
+        }
+        assert_never_ran(&agent, &eve, cwd, &marks, &[&id]);
+    }
+}
+
+/// Found by the second round: deny rules read past abbreviations, commands inside an
+/// argument, `~`/`$HOME`, globs, `cd`, and file actions.
+#[test]
+fn deny_rules_hold_in_yet_more_spellings() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    let up = vec![".."; eve.home.components().count()].join("/");
+    for text in [
+        "run: rm --recursiv --no-preserve-root --force /".to_owned(),
+        "run: rm --recu -f /".to_owned(),
+        "run: sh -c \"rm -r /\"".to_owned(),
+        "run: bash -c \"rm -rf /\"".to_owned(),
+        "run: env -S \"rm -r /\"".to_owned(),
+        format!("$ rm -r ~/{up}"),
+        format!("$ rm -r $HOME/{up}"),
+        "$ rm -rf /*".to_owned(),
+        "$ cd / && rm -r .".to_owned(),
+        "delete /".to_owned(),
+        "$ cd /boot; cat x".to_owned(),
+    ] {
+        let (_, r) = submit(&agent, &eve, cwd, &text);
+        assert_eq!(r["state"], "denied", "{text}: {r}");
+    }
+}
+
+/// Found by the second round: a linked worktree's `.git` file was writable, a bind
+/// could be raced to another place, huge outputs took the agent off the bus, a
+/// decision could be lost, outputs reached terminals raw, a half-written audit line
+/// swallowed the next entry.
+#[test]
+fn the_second_round_stays_fixed() {
+    let agent = Daemon::start_with("IMAGE_VERSION=1\n", "[sandbox]\ntimeout-secs = 20\n");
+    let eve = eve();
+    // A worktree's `.git` file stays as it is.
+    let main = repo(&eve);
+    let wt = eve.home.join(format!("devos-wt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&wt);
+    git(
+        &eve,
+        main.path(),
+        &["worktree", "add", "-q", &wt.to_string_lossy()],
+    );
+    eve.write(&wt.join("Makefile"), "test:\n\techo 'gitdir: .gd' > .git\n");
+    let r = approved(&agent, &eve, &wt, "run the tests");
+    assert_ne!(r["state"], "done", "{r}");
+    assert!(
+        std::fs::read_to_string(wt.join(".git"))
+            .unwrap()
+            .contains("worktrees")
+    );
+    let _ = std::fs::remove_dir_all(&wt);
+    // Outputs the bus cannot carry are cut; the agent stays.
+    let project = eve.project();
+    let cwd = project.path();
+    for _ in 0..3 {
+        let (_, r) = submit(&agent, &eve, cwd, "run: head -c 3000000 /dev/zero");
+        assert_eq!(r["state"], "done", "{r}");
+        assert_eq!(r["actions"][0]["output-truncated"], true);
+    }
+    let out = agent.devos(Some(&eve), cwd, &["--json", "history"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        agent
+            .devos(Some(&eve), cwd, &["run", "list", "files"])
+            .status
+            .success()
+    );
+    // Escape sequences in output are not passed on raw.
+    eve.write(&cwd.join("esc.txt"), "before\u{1b}[2K\rafter\u{0}\n");
+    let (_, r) = submit(&agent, &eve, cwd, "read esc.txt");
+    let shown = r["actions"][0]["output"].as_str().unwrap();
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\r') && !shown.contains('\0'),
+        "{shown:?}"
+    );
+    // Approving two actions quickly loses neither decision.
+    let repo_dir = repo(&eve);
+    for n in 0..4 {
+        eve.write(&repo_dir.path().join("file.txt"), &format!("round {n}\n"));
+        let out = agent.devos(
+            Some(&eve),
+            repo_dir.path(),
+            &["run", &format!("commit with message \"m{n}\"")],
+        );
+        let id = waiting_id(&out);
+        let first = std::thread::scope(|s| {
+            let h = s.spawn(|| agent.devos(Some(&eve), repo_dir.path(), &["approve", &id, "0"]));
+            std::thread::sleep(Duration::from_millis(30));
+            let second = agent.devos(Some(&eve), repo_dir.path(), &["approve", &id, "1"]);
+            (h.join().unwrap(), second)
+        });
+        assert!(first.0.status.success(), "{}", stderr(&first.0));
+        // The second may come before the first is recorded; then it is refused and
+        // given again.
+        if !first.1.status.success() {
+            assert!(wait_for(Duration::from_secs(10), || agent
+                .devos(Some(&eve), repo_dir.path(), &["approve", &id, "1"])
+                .status
+                .success()));
+        }
+        agent.wait_state(&eve, repo_dir.path(), &id, "done");
     }
 }

@@ -592,8 +592,16 @@ pub(crate) fn classify(c: &mut Classifier, args: &[String]) {
 /// Changing commands that would run them ask (and then run them); read-only commands
 /// run with them switched off.
 fn repository_programs(c: &mut Classifier, name: &str) {
-    let Some(repo) = gitrepo::discover(c.scope.cwd) else {
-        return;
+    let repo = match gitrepo::find(c.scope.cwd) {
+        Ok(Some(repo)) => repo,
+        Ok(None) => return,
+        Err(e) => {
+            c.risk.raise(
+                RiskClass::Unknown,
+                format!("the repository's layout is one devos cannot follow ({e})"),
+            );
+            return;
+        }
     };
     let mut found: Vec<String> = repo.hooks().iter().map(|h| format!("hook {h}")).collect();
     if repo.has_submodules() {
@@ -619,7 +627,20 @@ fn repository_programs(c: &mut Classifier, name: &str) {
         found.push("your global core.hooksPath hooks".into());
     }
     let defined: Vec<&String> = global_keys.iter().collect();
-    for driver in gitrepo::attribute_drivers(&repo) {
+    // Your own drivers (git-lfs, say) run for the files whose attributes name them,
+    // in any directory: look for those attributes everywhere, up to a limit.
+    let drivers = if defined
+        .iter()
+        .any(|k| gitrepo::runs_programs(k) && gitrepo::is_driver(k))
+    {
+        gitrepo::all_attribute_drivers(&repo, 20_000).unwrap_or_else(|| {
+            found.push("attributes in a tree too large to check for your drivers".into());
+            Vec::new()
+        })
+    } else {
+        gitrepo::attribute_drivers(&repo)
+    };
+    for driver in drivers {
         let prefix = format!("{driver}.");
         if defined
             .iter()

@@ -112,9 +112,26 @@ impl Normalized {
     pub fn views(words: &[String], cwd: &Path) -> Vec<Normalized> {
         (0..words.len())
             .filter_map(|i| {
-                Self::of_words(&words[i..], |o| {
+                let mut n = Self::of_words(&words[i..], |o| {
                     Some(lexical_path(o, cwd).to_string_lossy().into_owned())
-                })
+                })?;
+                // A glob stands for what is below the directory before it (`/*` is
+                // everything in `/`).
+                let globbed: Vec<String> = n
+                    .operands
+                    .iter()
+                    .filter_map(|o| {
+                        let at = o.find(['*', '?', '['])?;
+                        let dir = o[..at].rsplit_once('/').map_or("", |(d, _)| d);
+                        Some(
+                            lexical_path(if dir.is_empty() { "/" } else { dir }, cwd)
+                                .to_string_lossy()
+                                .into_owned(),
+                        )
+                    })
+                    .collect();
+                n.operands.extend(globbed);
+                Some(n)
             })
             .collect()
     }
@@ -151,8 +168,8 @@ fn split_generic(args: &[String], known: Option<&Known>) -> (BTreeSet<String>, V
         } else if a == "--" {
             after_dashes = true;
         } else if let Some(long) = a.strip_prefix("--") {
-            let name = format!("--{}", long.split('=').next().unwrap_or(long));
-            options.insert(alias(known, name));
+            let name = long.split('=').next().unwrap_or(long);
+            options.insert(alias(known, format!("--{}", unabbreviated(known, name))));
         } else {
             for ch in a[1..].chars() {
                 options.insert(alias(known, format!("-{ch}")));
@@ -160,6 +177,27 @@ fn split_generic(args: &[String], known: Option<&Known>) -> (BTreeSet<String>, V
         }
     }
     (options, operands)
+}
+
+/// A long option as GNU getopt reads it: an unambiguous prefix of a known option is
+/// that option (`--recu` is `--recursive`).
+fn unabbreviated<'a>(known: Option<&'a Known>, name: &'a str) -> &'a str {
+    let Some(known) = known else { return name };
+    let names = || {
+        known
+            .opts
+            .long
+            .iter()
+            .map(|l| l.trim_end_matches(['=', '?']))
+    };
+    if names().any(|l| l == name) {
+        return name;
+    }
+    let mut candidates = names().filter(|l| l.starts_with(name));
+    match (candidates.next(), candidates.next()) {
+        (Some(only), None) if !name.is_empty() => only,
+        _ => name,
+    }
 }
 
 fn alias(known: Option<&Known>, key: String) -> String {

@@ -6,6 +6,7 @@
 //! else — before it builds the namespaces as root.
 
 use std::convert::Infallible;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -61,15 +62,23 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
     // The sandbox's own directory: readable by the action (bubblewrap would make the
     // parents of its binds 0700).
     args.extend(["--perms", "0755", "--dir", INSIDE_DIR].map(String::from));
+    let mut pinned = Vec::new();
     if let Some(git) = &prepared.git {
         std::fs::create_dir_all(&git_dir).map_err(failed)?;
-        for (i, (target, content)) in git.configs.iter().enumerate() {
-            let file = git_dir.join(format!("config-{i}"));
+        let files = git.configs.iter().map(|(t, c)| (t, c.as_bytes()));
+        let pins = git.pins.iter().map(|(t, c)| (t, c.as_slice()));
+        for (i, (target, content)) in files.chain(pins).enumerate() {
+            let file = git_dir.join(format!("file-{i}"));
             write_readable(&file, content)?;
             args.extend(bind("--ro-bind", &file, target));
+            // Inside, `target` must be this very file.
+            let mut id = super::Identity::of(&file)
+                .ok_or_else(|| failed(format!("{} vanished", file.display())))?;
+            id.path = target.clone();
+            pinned.push(id);
         }
         let global = git_dir.join("global");
-        write_readable(&global, &git.global)?;
+        write_readable(&global, git.global.as_bytes())?;
         args.extend(bind(
             "--ro-bind",
             &global,
@@ -88,7 +97,8 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
         "sandbox-exec".into(),
         "--inside".into(),
     ]);
-    let inner = inner_spec(spec, &prepared);
+    let mut inner = inner_spec(spec, &prepared);
+    inner.identities.extend(pinned);
     let inner_path = spec.private_dir.join("inner.json");
     std::fs::write(&inner_path, serde_json::to_vec(&inner).map_err(failed)?)
         .map_err(|e| failed(format!("{}: {e}", inner_path.display())))?;
@@ -111,7 +121,7 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
     )))
 }
 
-fn write_readable(path: &Path, content: &str) -> Result<(), Stop> {
+fn write_readable(path: &Path, content: &[u8]) -> Result<(), Stop> {
     std::fs::write(path, content)
         .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
         .map_err(|e| failed(format!("{}: {e}", path.display())))
@@ -172,6 +182,9 @@ struct GitPrepared {
     /// Submodules `.gitmodules` names: git must not step into them (their own
     /// configuration is not reduced).
     submodules: Vec<String>,
+    /// Files that say where the repository is (a `.git` file, `commondir`), replaced
+    /// by devos's own reading with absolute paths, so git finds what devos checked.
+    pins: Vec<(PathBuf, Vec<u8>)>,
 }
 
 fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
@@ -261,7 +274,15 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     }
     let is_git = is_git(&spec.action, spec.approved.program.as_deref());
     let unrestricted_git = spec.approved.repo_programs || spec.approved.class == RiskClass::Unknown;
-    let repo = gitrepo::discover(&cwd);
+    let repo = match gitrepo::find(&cwd) {
+        Ok(repo) => repo,
+        Err(e) if is_git && !unrestricted_git => {
+            return Err(failed(format!(
+                "this repository's layout is one devos cannot follow ({e}); git was not run"
+            )));
+        }
+        Err(_) => None,
+    };
     let mut read_only = Vec::new();
     let inside_writable = |p: &Path| profile.writable.iter().any(|w| p.starts_with(w));
     for p in caller.secrets(&spec.read_only) {
@@ -280,25 +301,17 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         // time the user runs git outside the sandbox.
         // git itself writes objects, refs, the index and logs; nothing that says what
         // runs or where the repository is.
+        let dot_git = repo.work_tree.join(".git");
         let protect = if !is_git {
-            vec![repo.common_dir.clone(), repo.git_dir.clone()]
+            vec![dot_git, repo.common_dir.clone(), repo.git_dir.clone()]
         } else if !unrestricted_git {
-            [
-                "hooks",
-                "config",
-                "modules",
-                "info",
-                "worktrees",
-                "commondir",
-            ]
-            .iter()
-            .map(|p| repo.common_dir.join(p))
-            .chain(
-                ["commondir", "gitdir", "config.worktree"]
-                    .iter()
-                    .map(|p| repo.git_dir.join(p)),
-            )
-            .collect()
+            // (The configuration files, `commondir` and a `.git` file are replaced by
+            // devos's own read-only copies.)
+            ["hooks", "modules", "info", "worktrees"]
+                .iter()
+                .map(|p| repo.common_dir.join(p))
+                .chain(std::iter::once(repo.git_dir.join("gitdir")))
+                .collect()
         } else {
             Vec::new()
         };
@@ -320,6 +333,7 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         .filter(|p| p.starts_with("/run"));
     let identities = std::iter::once(&cwd)
         .chain(&profile.writable)
+        .chain(&read_only)
         .chain(caller.home.is_dir().then_some(&caller.home))
         .map(|p| super::Identity::of(p).ok_or_else(|| failed(format!("{} vanished", p.display()))))
         .collect::<Result<_, _>>()?;
@@ -406,11 +420,25 @@ fn git_prepare(repo: Option<Repo>, caller: &Caller, read_only: bool) -> Result<G
             }
         }
     }
+    let mut pins = Vec::new();
+    if let Some(repo) = &repo {
+        let dot_git = repo.work_tree.join(".git");
+        let line =
+            |prefix: &[u8], path: &Path| [prefix, path.as_os_str().as_bytes(), b"\n"].concat();
+        if dot_git.is_file() {
+            pins.push((dot_git, line(b"gitdir: ", &repo.git_dir)));
+        }
+        let commondir = repo.git_dir.join("commondir");
+        if commondir.exists() {
+            pins.push((commondir, line(b"", &repo.common_dir)));
+        }
+    }
     Ok(GitPrepared {
         repo,
         configs,
         global,
         submodules,
+        pins,
     })
 }
 

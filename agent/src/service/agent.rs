@@ -44,6 +44,40 @@ impl Agent {
     }
 }
 
+/// The largest reply devos sends: well below what a bus daemon accepts (it drops the
+/// sender of a larger message, which would take the agent off the bus).
+const MAX_REPLY: usize = 16 << 20;
+
+/// Output kept per request in a listing; `Get` has all of it.
+const LISTING_OUTPUT: usize = 16 << 10;
+
+fn fits(json: String) -> fdo::Result<String> {
+    if json.len() > MAX_REPLY {
+        return Err(fdo::Error::LimitsExceeded(format!(
+            "the answer would be {} MiB, more than the bus carries; ask for fewer (`devos history -n`)",
+            json.len() >> 20
+        )));
+    }
+    Ok(json)
+}
+
+/// Requests for `List`/`History`: outputs shortened (`devos show ID` has them whole).
+fn listing(mut list: Vec<Request>) -> fdo::Result<String> {
+    for r in &mut list {
+        for a in &mut r.actions {
+            if a.output.len() > LISTING_OUTPUT {
+                let mut end = LISTING_OUTPUT;
+                while !a.output.is_char_boundary(end) {
+                    end -= 1;
+                }
+                a.output.truncate(end);
+                a.output_truncated = true;
+            }
+        }
+    }
+    fits(to_json(&list))
+}
+
 /// Whether packages can be installed here at all: not on a read-only root.
 fn packages_refused() -> Option<String> {
     let ro = nix::sys::statvfs::statvfs("/usr")
@@ -106,6 +140,7 @@ async fn plan_request(
                 .map_err(failed)?;
             let subject = Subject {
                 uid: caller.uid,
+                home: &caller.home,
                 is_admin: caller.is_admin,
                 user_policy: &user_policy,
             };
@@ -227,6 +262,7 @@ impl Agent {
             }
         }
         self.shared.save(&request)?;
+        let _ = lock(&self.shared.store).prune(caller.uid, config.limits.history_per_user);
         if request.state == State::Planned {
             let (tx, rx) = mpsc::unbounded_channel();
             lock(&self.shared.live).insert(request.id.clone(), Live { control: tx, owner });
@@ -249,7 +285,7 @@ impl Agent {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
-        Ok(to_json(&self.own_request(id, &caller, true)?))
+        fits(to_json(&self.own_request(id, &caller, true)?))
     }
 
     /// Requests still in flight (JSON array): the caller's own; root sees everyone's.
@@ -263,7 +299,7 @@ impl Agent {
         let list = lock(&self.shared.store)
             .requests(uid, true, 1000)
             .map_err(failed)?;
-        Ok(to_json(&list))
+        listing(list)
     }
 
     /// The newest `limit` requests, finished or not (JSON array).
@@ -278,7 +314,7 @@ impl Agent {
         let list = lock(&self.shared.store)
             .requests(uid, false, limit.clamp(1, 10_000))
             .map_err(failed)?;
-        Ok(to_json(&list))
+        listing(list)
     }
 
     /// Approve action `action` of request `id`. `remember`: once, session or always;

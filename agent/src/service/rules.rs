@@ -76,23 +76,7 @@ pub(super) async fn decide_action(
         )?)
     };
     let by = format!("{} (uid {})", caller.user, caller.uid);
-    shared
-        .audit(
-            "action.decided",
-            Some(caller.uid),
-            Some(id),
-            Some(index),
-            serde_json::json!({
-                "action": record.description,
-                "risk": record.risk.class,
-                "profile": record.profile,
-                "decision": if approve { "approved" } else { "denied" },
-                "by": by,
-                "remember": remember,
-            }),
-        )
-        .map_err(failed)?;
-    record.decision = if approve {
+    let decision = if approve {
         Decision::Approved { by: by.clone() }
     } else {
         Decision::Denied {
@@ -100,8 +84,44 @@ pub(super) async fn decide_action(
             reason: "denied by the user".into(),
         }
     };
-    r.updated = now();
-    shared.save(&r)?;
+    let audited = serde_json::json!({
+        "action": record.description,
+        "risk": record.risk.class,
+        "profile": record.profile,
+        "decision": if approve { "approved" } else { "denied" },
+        "by": by,
+        "remember": remember,
+    });
+    {
+        // Check, record and store the decision in one step: the request's task saves
+        // the same request, and neither may lose what the other wrote.
+        let store = lock(&shared.store);
+        let mut now_r = store
+            .request(id)
+            .map_err(failed)?
+            .ok_or_else(|| failed("request vanished"))?;
+        let waiting = now_r
+            .actions
+            .get(index as usize)
+            .is_some_and(|a| a.decision == Decision::Ask);
+        if now_r.state.is_final() || !waiting {
+            return Err(fdo::Error::Failed(format!(
+                "action {index} of request {id} is no longer waiting for a decision"
+            )));
+        }
+        shared
+            .audit(
+                "action.decided",
+                Some(caller.uid),
+                Some(id),
+                Some(index),
+                audited,
+            )
+            .map_err(failed)?;
+        now_r.actions[index as usize].decision = decision;
+        now_r.updated = now();
+        store.save_request(&now_r).map_err(failed)?;
+    }
     if let Some(rule) = rule {
         store_rule(agent, caller, &rule, Some(id), Some(index))?;
     }

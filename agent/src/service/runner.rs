@@ -43,9 +43,11 @@ async fn state_changed(shared: &Shared, r: &Request) {
 async fn set_state(shared: &Shared, r: &mut Request, state: State) -> fdo::Result<()> {
     r.state = state;
     r.updated = now();
-    shared.save(r)?;
+    shared.save_merging(r)?;
     state_changed(shared, r).await;
     if state.is_final() {
+        let keep = shared.config().limits.history_per_user;
+        let _ = lock(&shared.store).prune(r.uid, keep);
         let _ = shared.audit(
             "request.finished",
             Some(r.uid),
@@ -106,6 +108,8 @@ async fn drive(
         return set_state(shared, &mut r, State::Denied).await;
     }
     for i in 0..r.actions.len() {
+        // A decision may have come while an earlier action ran.
+        shared.save_merging(&mut r)?;
         while r.actions[i].decision == Decision::Ask {
             if r.state != State::AwaitingApproval {
                 set_state(shared, &mut r, State::AwaitingApproval).await?;
@@ -176,9 +180,8 @@ async fn drive(
             let id = id.to_owned();
             async move {
                 while let Some(chunk) = out_rx.recv().await {
-                    // A D-Bus string may not hold NUL: a bus daemon drops the
-                    // connection of whoever sends one.
-                    let chunk = chunk.replace('\0', "\u{FFFD}");
+                    // (Already printable: no NUL, which a bus daemon answers by dropping
+                    // the sender's connection.)
                     if let Some(e) = &emitter {
                         let _ = Agent::action_output(e, &id, i as u32, &chunk).await;
                     }
@@ -198,7 +201,10 @@ async fn drive(
                 let o = executor::execute(
                     &spec,
                     std::time::Duration::from_secs(config.sandbox.timeout_secs),
-                    config.sandbox.max_output_bytes as usize,
+                    // One budget for the whole request, so no request is larger than
+                    // the bus can carry.
+                    (config.sandbox.max_output_bytes as usize)
+                        .saturating_sub(r.actions.iter().map(|a| a.output.len()).sum()),
                     |chunk| {
                         let _ = out_tx.send(chunk.to_owned());
                     },

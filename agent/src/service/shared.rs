@@ -48,6 +48,10 @@ pub struct Shared {
     pub(super) exe: PathBuf,
     /// Per-action cgroups, where the agent has a delegated cgroup v2.
     pub(super) cgroups: Option<Cgroups>,
+    /// One audit verification at a time; others wait, or get the last result when
+    /// nothing was appended since.
+    verify_gate: tokio::sync::Semaphore,
+    last_verified: Mutex<Option<(crate::audit::Snapshot, crate::audit::Verification)>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -138,6 +142,8 @@ impl Shared {
             counter: AtomicU64::new(0),
             exe: std::env::current_exe().context("finding the agent's own binary")?,
             cgroups,
+            verify_gate: tokio::sync::Semaphore::new(1),
+            last_verified: Mutex::new(None),
         }))
     }
 
@@ -192,6 +198,22 @@ impl Shared {
         lock(&self.store).save_request(r).map_err(failed)
     }
 
+    /// Save a request the request's task holds, keeping the decisions users made
+    /// meanwhile (they are stored by `Approve`/`Deny` directly): they come into `r`.
+    pub(super) fn save_merging(&self, r: &mut Request) -> fdo::Result<()> {
+        let store = lock(&self.store);
+        if let Some(stored) = store.request(&r.id).map_err(failed)? {
+            for (mine, theirs) in r.actions.iter_mut().zip(stored.actions) {
+                if mine.decision == crate::request::Decision::Ask
+                    && theirs.decision != crate::request::Decision::Ask
+                {
+                    mine.decision = theirs.decision;
+                }
+            }
+        }
+        store.save_request(r).map_err(failed)
+    }
+
     pub(super) fn load(&self, id: &str) -> fdo::Result<Option<Request>> {
         lock(&self.store).request(id).map_err(failed)
     }
@@ -217,14 +239,35 @@ impl Shared {
     /// Verify the audit log against its anchors without holding up appends: the
     /// head is taken under the lock, the files are read on a blocking thread.
     pub(super) async fn verify_audit(&self) -> Result<crate::audit::Verification, String> {
+        let cached = |head: &crate::audit::Snapshot| {
+            lock(&self.last_verified)
+                .as_ref()
+                .filter(|(h, _)| h == head)
+                .map(|(_, v)| v.clone())
+        };
+        let head = lock(&self.audit).snapshot();
+        if let Some(v) = cached(&head) {
+            return Ok(v);
+        }
+        let _one_at_a_time = self
+            .verify_gate
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?;
+        let head = lock(&self.audit).snapshot();
+        if let Some(v) = cached(&head) {
+            return Ok(v);
+        }
         let config = self.config();
         let mut options = crate::audit::VerifyOptions::of(&config.audit);
-        options.snapshot = Some(lock(&self.audit).snapshot());
+        options.snapshot = Some(head.clone());
         let dir = config.state_dir.join("audit");
-        tokio::task::spawn_blocking(move || crate::audit::verify(&dir, &options))
+        let v = tokio::task::spawn_blocking(move || crate::audit::verify(&dir, &options))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        *lock(&self.last_verified) = Some((head, v.clone()));
+        Ok(v)
     }
 }
 
