@@ -40,14 +40,23 @@ pub fn decide(
         ("policy", &policy.deny),
         ("your policy", &subject.user_policy.deny),
     ] {
-        if let Some(rule) = rules
-            .iter()
-            .find(|r| deny_matches(r, action, risk, cwd, subject.home))
-        {
-            return Decision::Denied {
-                by: format!("{origin} deny rule"),
-                reason: rule.reason.clone().unwrap_or_else(|| describe_deny(rule)),
-            };
+        for certain in [true, false] {
+            if let Some(rule) = rules
+                .iter()
+                .find(|r| deny_matches(r, action, risk, cwd, subject.home, certain))
+            {
+                let mut reason = rule.reason.clone().unwrap_or_else(|| describe_deny(rule));
+                if !certain {
+                    reason.push_str(&format!(
+                        " — and this could be `{}` once it runs: part of it is only known then (a shell variable or substitution, what xargs adds, find's {{}}); spell the command out",
+                        rule.command_prefix.join(" ")
+                    ));
+                }
+                return Decision::Denied {
+                    by: format!("{origin} deny rule"),
+                    reason,
+                };
+            }
         }
     }
     if let Some(rule) = rules
@@ -191,7 +200,13 @@ fn command_lines(action: &Action, cwd: &Path, home: &Path) -> Vec<(Vec<String>, 
         let mut dir = cwd.to_path_buf();
         let mut out = Vec::new();
         for command in text.split(['\n', ';', '&', '|']) {
-            let ws: Vec<String> = crate::action::loose_words(&expand(command));
+            let command = command
+                .replace("${HOME}", &home_s)
+                .replace("$HOME", &home_s);
+            let ws: Vec<String> = crate::action::loose_words(&command)
+                .iter()
+                .map(|w| expand(w))
+                .collect();
             match ws.split_first() {
                 Some((cd, rest)) if cd == "cd" => {
                     dir = rest.first().map_or_else(
@@ -199,13 +214,25 @@ fn command_lines(action: &Action, cwd: &Path, home: &Path) -> Vec<(Vec<String>, 
                         |d| crate::risk::programs::lexical_path(d, &dir),
                     );
                 }
-                Some(_) => out.push((ws, dir.clone())),
+                Some(_) => {
+                    // As the shell would split it before expanding: words that are
+                    // only known when it runs stay visible (`$X`, `$(...)`, `{}`).
+                    let raw: Vec<String> = command
+                        .split(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+                        .filter(|w| !w.is_empty())
+                        .map(expand)
+                        .collect();
+                    if raw != ws {
+                        out.push((raw, dir.clone()));
+                    }
+                    out.push((ws, dir.clone()));
+                }
                 None => {}
             }
         }
         out
     };
-    match action {
+    let mut lines = match action {
         Action::Shell { script: text } => script(text),
         Action::Delete { path: p } => vec![(words(&["rm", "-r", "-f", &path(p)]), cwd.into())],
         Action::Move { from, to } => vec![(words(&["mv", &path(from), &path(to)]), cwd.into())],
@@ -221,12 +248,47 @@ fn command_lines(action: &Action, cwd: &Path, home: &Path) -> Vec<(Vec<String>, 
             lines.extend(script(&argv.join(" ")));
             lines
         }
-    }
+    };
+    // `find PATH... -delete` is `rm -r -f PATH...`.
+    let deletes: Vec<(Vec<String>, PathBuf)> = lines
+        .iter()
+        .filter_map(|(ws, dir)| {
+            let at = ws
+                .iter()
+                .position(|w| w.rsplit('/').next() == Some("find"))?;
+            let rest = &ws[at + 1..];
+            rest.iter().any(|w| w == "-delete").then_some(())?;
+            let mut argv: Vec<String> = ["rm", "-r", "-f"].map(String::from).to_vec();
+            let starts = rest
+                .iter()
+                .take_while(|w| !w.starts_with('-') && *w != "(" && *w != "!");
+            argv.extend(starts.cloned());
+            if argv.len() == 3 {
+                argv.push(".".into());
+            }
+            Some((argv, dir.clone()))
+        })
+        .collect();
+    lines.extend(deletes);
+    lines
 }
 
-fn deny_matches(rule: &DenyRule, action: &Action, risk: &Risk, cwd: &Path, home: &Path) -> bool {
+/// Whether a deny rule matches an action: for `certain`, as it is spelled; otherwise
+/// also once what it leaves to run time is known (command rules only: paths named by
+/// the administrator's path rules are absent from every sandbox anyway).
+fn deny_matches(
+    rule: &DenyRule,
+    action: &Action,
+    risk: &Risk,
+    cwd: &Path,
+    home: &Path,
+    certain: bool,
+) -> bool {
     let lines = command_lines(action, cwd, home);
     if let Some(prefix) = &rule.path_prefix {
+        if !certain {
+            return false;
+        }
         // Real paths from classification, and every word (or `--opt=` value) as a path
         // too, so nothing spelled another way gets past.
         return cwd.starts_with(prefix)
@@ -244,12 +306,17 @@ fn deny_matches(rule: &DenyRule, action: &Action, risk: &Risk, cwd: &Path, home:
     let Some(rule) = Normalized::of_rule(&rule.command_prefix) else {
         return false;
     };
-    risk.normalized.iter().any(|n| n.contains(&rule))
-        || lines.iter().any(|(words, dir)| {
+    if !certain {
+        return lines.iter().any(|(words, dir)| {
             Normalized::views(words, dir)
                 .iter()
-                .any(|n| n.contains(&rule))
-        })
+                .any(|v| v.might_be(&rule))
+        });
+    }
+    risk.normalized.iter().any(|n| n.contains(&rule))
+        || lines
+            .iter()
+            .any(|(words, dir)| Normalized::views(words, dir).iter().any(|v| v.is(&rule)))
 }
 
 /// Whether a remembered rule covers an action.
@@ -364,6 +431,7 @@ mod tests {
             &Scope {
                 cwd,
                 home: Path::new("/nonexistent"),
+                uid: 0,
                 secrets: &[],
             },
         )
@@ -389,6 +457,52 @@ mod tests {
 
     fn approved(d: &Decision) -> bool {
         matches!(d, Decision::Approved { .. })
+    }
+
+    #[test]
+    fn what_is_only_known_when_it_runs_could_be_denied() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = &std::fs::canonicalize(dir.path()).unwrap();
+        let none = UserPolicy::default();
+        let subject = Subject {
+            uid: 1000,
+            home: Path::new("/home/dev"),
+            is_admin: false,
+            user_policy: &none,
+        };
+        let decide_script = |script: &str| {
+            let action = Action::Shell {
+                script: script.to_owned(),
+            };
+            let risk = classify_in(&action, cwd);
+            decide(&action, &risk, cwd, &Policy::default(), &subject, &[])
+        };
+        for script in [
+            "X=/; rm -r $X",
+            "rm -r ${X:-/}",
+            "$R -r /",
+            "env $R -r /",
+            "rm -r $(dirname /x)",
+            "echo / | xargs rm -r",
+            "find / -exec rm -r {} +",
+            "find / -delete",
+        ] {
+            assert!(
+                matches!(decide_script(script), Decision::Denied { .. }),
+                "{script}"
+            );
+        }
+        for script in [
+            "echo $PATH",
+            "ls $X",
+            "echo a | xargs echo",
+            "find . -name '*.rs'",
+        ] {
+            assert!(
+                !matches!(decide_script(script), Decision::Denied { .. }),
+                "{script}"
+            );
+        }
     }
 
     #[test]

@@ -185,6 +185,7 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
                     let scope = risk::Scope {
                         cwd,
                         home: &caller.home,
+                        uid: caller.uid,
                         secrets: &secrets,
                     };
                     let risks = plan
@@ -316,6 +317,7 @@ pub fn classify_as(action: &Action, cwd: &Path, caller: &Caller, secrets: &[Stri
         &risk::Scope {
             cwd,
             home: &caller.home,
+            uid: caller.uid,
             secrets: &secrets,
         },
     )

@@ -128,8 +128,8 @@ pub struct SandboxConfig {
     /// sandbox unless the action was approved with them.
     pub secrets: Vec<String>,
     /// Paths that stay read-only even inside a writable working directory (shell
-    /// start-up files, configuration, `~/.local/bin`): what would run later, outside
-    /// the sandbox.
+    /// start-up files, configuration, `~/bin`, `~/.local/bin`, Python's user site in
+    /// `~/.local/lib`): what would run later, outside the sandbox.
     pub read_only: Vec<String>,
 }
 
@@ -178,7 +178,9 @@ impl Default for SandboxConfig {
                 "~/.inputrc",
                 "~/.gitconfig",
                 "~/.config",
+                "~/bin",
                 "~/.local/bin",
+                "~/.local/lib",
                 "~/.local/share/applications",
                 "~/.cargo/bin",
                 "~/.cargo/config.toml",

@@ -17,13 +17,18 @@ use crate::sandbox::{
     APPLIED_PREFIX, EXIT_RISK_CHANGED, EXIT_SANDBOX_FAILED, Limits, REFUSED_PREFIX, Spec,
 };
 
+/// The outer stage's own refusals (its checks ran as the caller): shown as they are.
+const OUTER_REFUSED: &str = "devos sandbox: refused: ";
+
 /// Output as it is kept and shown: control characters other than newline and tab
-/// (NUL, escape sequences that could rewrite a terminal, carriage returns) become
-/// U+FFFD, so nothing an action prints can break the bus or fake a prompt.
+/// (NUL, escape sequences that could rewrite a terminal, carriage returns) and the
+/// bidirectional overrides that reorder what a terminal shows become U+FFFD, so
+/// nothing an action prints can break the bus or fake a prompt.
 pub fn printable(text: &str) -> String {
+    let reorders = |c: char| matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
     text.chars()
         .map(|c| {
-            if c.is_control() && c != '\n' && c != '\t' {
+            if c.is_control() && c != '\n' && c != '\t' || reorders(c) {
                 '\u{FFFD}'
             } else {
                 c
@@ -271,14 +276,28 @@ pub async fn execute(
             use std::os::unix::process::ExitStatusExt;
             outcome.exit_code = s.code();
             if outcome.sandbox.is_none() && outcome.error.is_none() {
+                let said = outcome.output.trim();
                 outcome.error = Some(match s.code() {
                     Some(EXIT_RISK_CHANGED) => {
                         "its risk changed since it was approved; nothing ran".into()
                     }
-                    Some(EXIT_SANDBOX_FAILED) | Some(_) | None => format!(
+                    Some(EXIT_SANDBOX_FAILED) if said.starts_with(OUTER_REFUSED) => format!(
                         "the sandbox could not be set up, so the action was refused: {}",
-                        outcome.output.trim()
+                        &said[OUTER_REFUSED.len()..]
                     ),
+                    // bubblewrap (root) or the inner stage: what they say may name
+                    // what lies behind a path swapped while they looked; it goes to
+                    // the journal only.
+                    _ => {
+                        let label = spec.private_dir.file_name().unwrap_or_default();
+                        eprintln!(
+                            "devos-agent: the sandbox of {} failed ({}): {}",
+                            label.to_string_lossy(),
+                            s,
+                            said.replace('\n', " | ")
+                        );
+                        "the sandbox could not be set up, so nothing ran: bubblewrap failed, or a place the action works in changed while the sandbox was being built (the agent's journal has the details)".into()
+                    }
                 });
                 outcome.output.clear();
             } else if let Some(sig) = s.signal() {

@@ -71,6 +71,81 @@ impl Repo {
         out
     }
 
+    /// Who besides `uid` (and root) could change what git reads from this repository
+    /// while it runs: the first directory or file on the way to it that another user
+    /// may write or replace, with why. git's programs can be switched off only in a
+    /// repository nobody else can change: copies of its configuration stand over the
+    /// originals, and a file replaced underneath lets the original through.
+    ///
+    /// Checked: every directory from `/` down to the working tree, the git directory
+    /// and the common directory (others may write a directory above only when it is
+    /// sticky, as `/tmp` is); those three, `.git`, `modules/` and the submodule git
+    /// directories in it; and the files git reads a path or its settings from.
+    pub fn changeable_by_others(&self, uid: u32) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let owner_name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        // A group of the owner alone (a user private group) is the owner.
+        let private_group = |gid: u32| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                .ok()
+                .flatten()
+                .is_some_and(|g| {
+                    owner_name
+                        .as_ref()
+                        .is_some_and(|n| g.name == *n && g.mem.iter().all(|m| m == n))
+                })
+        };
+        let why = |path: &Path, above: bool| -> Option<String> {
+            let m = path.symlink_metadata().ok()?;
+            let mode = m.mode();
+            if m.uid() != uid && m.uid() != 0 {
+                return Some(format!("{} belongs to user {}", path.display(), m.uid()));
+            }
+            let sticky = above && m.is_dir() && mode & 0o1000 != 0;
+            if mode & 0o002 != 0 && !sticky {
+                return Some(format!("everyone may write {}", path.display()));
+            }
+            if mode & 0o020 != 0 && !sticky && !private_group(m.gid()) {
+                return Some(format!("group {} may write {}", m.gid(), path.display()));
+            }
+            None
+        };
+        let mut checked: Vec<&Path> = Vec::new();
+        for dir in [&self.work_tree, &self.git_dir, &self.common_dir] {
+            for above in dir.ancestors().skip(1) {
+                if !checked.contains(&above) {
+                    checked.push(above);
+                    if let Some(w) = why(above, true) {
+                        return Some(w);
+                    }
+                }
+            }
+        }
+        let mut own: Vec<PathBuf> = [
+            self.work_tree.clone(),
+            self.work_tree.join(".git"),
+            self.work_tree.join(".gitmodules"),
+            self.git_dir.clone(),
+            self.git_dir.join("commondir"),
+            self.git_dir.join("config.worktree"),
+            self.common_dir.clone(),
+            self.common_dir.join("config"),
+            self.common_dir.join("modules"),
+        ]
+        .into();
+        own.extend(
+            self.submodule_configs()
+                .iter()
+                .flat_map(|c| c.ancestors().skip(1).take(2))
+                .filter(|d| d.starts_with(self.common_dir.join("modules")))
+                .map(Path::to_path_buf),
+        );
+        own.iter().find_map(|p| why(p, false))
+    }
+
     /// Hooks that are active: executable files in `hooks/` that are not samples.
     pub fn hooks(&self) -> Vec<String> {
         use std::os::unix::fs::PermissionsExt;
@@ -200,6 +275,17 @@ pub fn find(cwd: &Path) -> Result<Option<Repo>, String> {
             Err(_) if !git_dir.join("commondir").exists() => git_dir.clone(),
             Err(e) => return Err(e),
         };
+        // git drops every trailing line break of what it reads, so a path with line
+        // breaks cannot be handed on exactly.
+        if let Some(p) = [&git_dir, &common_dir]
+            .into_iter()
+            .find(|p| p.as_os_str().as_bytes().iter().any(u8::is_ascii_control))
+        {
+            return Err(format!(
+                "{} has a control character in its name",
+                p.display()
+            ));
+        }
         return Ok(Some(Repo {
             work_tree: dir.to_path_buf(),
             git_dir,
@@ -894,5 +980,66 @@ mod tests {
         assert_eq!(repo.work_tree, root.join("wt"));
         assert_eq!(repo.common_dir, root.join("main/.git"));
         assert!(discover(&root).is_none());
+    }
+
+    #[test]
+    fn a_path_git_would_read_otherwise_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for name in ["common\n", "common"] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+            std::fs::write(root.join(name).join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        }
+        std::fs::create_dir_all(root.join("wt/.git")).unwrap();
+        std::fs::write(root.join("wt/.git/HEAD"), "x\n").unwrap();
+        std::fs::write(root.join("wt/.git/commondir"), "../../common\n/.\n").unwrap();
+        let err = find(&root.join("wt")).unwrap_err();
+        assert!(err.contains("control character"), "{err}");
+    }
+
+    #[test]
+    fn others_who_can_change_a_repository_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        mode(&root, 0o755);
+        std::fs::create_dir_all(root.join("p/.git")).unwrap();
+        std::fs::write(root.join("p/.git/HEAD"), "ref: refs/heads/main\n").unwrap();
+        std::fs::write(root.join("p/.git/config"), "").unwrap();
+        let repo = find(&root.join("p")).unwrap().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        assert_eq!(repo.changeable_by_others(uid), None);
+        // Another owner, anyone or a shared group may write: named.
+        let other = nix::unistd::Uid::from_raw(4242);
+        nix::unistd::chown(&root.join("p/.git"), Some(other), None).unwrap();
+        assert!(
+            repo.changeable_by_others(uid)
+                .is_some_and(|w| w.contains("4242"))
+        );
+        nix::unistd::chown(&root.join("p/.git"), Some(nix::unistd::geteuid()), None).unwrap();
+        let users = nix::unistd::Gid::from_raw(100);
+        nix::unistd::chown(&root.join("p"), None, Some(users)).unwrap();
+        for (path, m) in [
+            (root.join("p/.git"), 0o777),
+            (root.join("p/.git/config"), 0o666),
+            (root.join("p"), 0o775),
+            (root.clone(), 0o777),
+        ] {
+            mode(&path, m);
+            let why = repo.changeable_by_others(uid);
+            assert!(
+                why.as_deref()
+                    .is_some_and(|w| w.contains(&*path.to_string_lossy())),
+                "{} {m:o}: {why:?}",
+                path.display()
+            );
+            mode(&path, if path.is_dir() { 0o755 } else { 0o644 });
+        }
+        // A sticky directory above lets nobody replace what is not theirs.
+        mode(&root, 0o1777);
+        assert_eq!(repo.changeable_by_others(uid), None);
     }
 }

@@ -119,6 +119,24 @@ pub struct Request {
     pub plan_micros: u64,
 }
 
+impl Request {
+    /// This request with each action's output cut to `keep` bytes (for listings).
+    pub fn shortened(&self, keep: usize) -> Request {
+        let mut r = self.clone();
+        for a in &mut r.actions {
+            if a.output.len() > keep {
+                let mut end = keep;
+                while !a.output.is_char_boundary(end) {
+                    end -= 1;
+                }
+                a.output.truncate(end);
+                a.output_truncated = true;
+            }
+        }
+        r
+    }
+}
+
 /// How long an approval is remembered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -46,7 +46,12 @@ const MIGRATIONS: &[&str] = &[
     // v2: rules remember an exact action or a bounded prefix.
     "ALTER TABLE rules ADD COLUMN scope TEXT NOT NULL DEFAULT '{}';
     UPDATE rules SET scope = '{\"max-class\":\"writes-workdir\"}';",
+    // v3: a short form of each request for listings (filled in on open).
+    "ALTER TABLE requests ADD COLUMN summary TEXT;",
 ];
+
+/// Output kept per action in a listing; `Get` has all of it.
+pub const LISTING_OUTPUT: usize = 16 << 10;
 
 /// The parts of a rule kept as JSON.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
@@ -96,10 +101,22 @@ impl Store {
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        Ok(Store {
+        let store = Store {
             path: path.to_path_buf(),
             conn,
-        })
+        };
+        store.fill_summaries()?;
+        Ok(store)
+    }
+
+    /// Requests saved before listings had their short form get it.
+    fn fill_summaries(&self) -> Result<(), StoreError> {
+        let missing =
+            self.query_requests("SELECT body FROM requests WHERE summary IS NULL", params![])?;
+        for r in &missing {
+            self.save_request(r)?;
+        }
+        Ok(())
     }
 
     fn err(&self) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
@@ -130,11 +147,14 @@ impl Store {
 
     pub fn save_request(&self, r: &Request) -> Result<(), StoreError> {
         let body = serde_json::to_string(r).unwrap_or_default();
+        let summary = serde_json::to_string(&r.shortened(LISTING_OUTPUT)).unwrap_or_default();
         self.conn
             .execute(
-                "INSERT INTO requests (id, uid, state, created, body) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(id) DO UPDATE SET state = excluded.state, body = excluded.body",
-                params![r.id, r.uid, r.state.as_str(), r.created, body],
+                "INSERT INTO requests (id, uid, state, created, body, summary)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(id) DO UPDATE SET
+                    state = excluded.state, body = excluded.body, summary = excluded.summary",
+                params![r.id, r.uid, r.state.as_str(), r.created, body, summary],
             )
             .map_err(self.err())?;
         Ok(())
@@ -147,23 +167,44 @@ impl Store {
     }
 
     /// Requests newest first, of one user (or all, for root), optionally only those
-    /// still in flight.
-    pub fn requests(
+    /// still in flight, in their short form (outputs cut to [`LISTING_OUTPUT`]) as a
+    /// JSON array; `Err(count)` once more than `max_bytes` would be needed for the
+    /// first `count` of them.
+    pub fn listing(
         &self,
         uid: Option<u32>,
         active_only: bool,
         limit: u32,
-    ) -> Result<Vec<Request>, StoreError> {
+        max_bytes: usize,
+    ) -> Result<Result<String, usize>, StoreError> {
         let active = if active_only {
             "AND state NOT IN ('unplanned','done','failed','denied','cancelled')"
         } else {
             ""
         };
         let sql = format!(
-            "SELECT body FROM requests WHERE (?1 IS NULL OR uid = ?1) {active}
+            "SELECT summary FROM requests WHERE (?1 IS NULL OR uid = ?1) {active}
              ORDER BY created DESC, rowid DESC LIMIT ?2"
         );
-        self.query_requests(&sql, params![uid, limit])
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(self.err())?;
+        let mut rows = stmt.query(params![uid, limit]).map_err(self.err())?;
+        let mut out = String::from("[");
+        let mut count = 0;
+        while let Some(row) = rows.next().map_err(self.err())? {
+            let Some(summary) = row.get::<_, Option<String>>(0).map_err(self.err())? else {
+                continue;
+            };
+            count += 1;
+            if out.len() + summary.len() + 2 > max_bytes {
+                return Ok(Err(count));
+            }
+            if count > 1 {
+                out.push(',');
+            }
+            out.push_str(&summary);
+        }
+        out.push(']');
+        Ok(Ok(out))
     }
 
     fn query_requests(

@@ -766,15 +766,7 @@ fn deny_rules_hold_in_every_spelling() {
         "list files in bootlink".to_owned(),
         "run: cat bootlink/config".to_owned(),
     ] {
-        let (_, r) = submit(&agent, &eve, cwd, &text);
-        assert_eq!(r["state"], "denied", "{text}: {r}");
-        assert!(
-            r["actions"][0]["decision"]["by"]
-                .as_str()
-                .unwrap()
-                .contains("deny rule"),
-            "{text}: {r}"
-        );
+        assert_denied_by_rule(&agent, &eve, cwd, &text);
     }
     // A working directory inside a denied path.
     let out = agent.devos(
@@ -1495,8 +1487,7 @@ fn deny_rules_hold_through_proc_shells_and_wrappers() {
         "run: rm -r --no-preserve-root /proc/self/root",
         "$ cat /boot/x | wc -l",
     ] {
-        let (_, r) = submit(&agent, &eve, cwd, text);
-        assert_eq!(r["state"], "denied", "{text}: {r}");
+        assert_denied_by_rule(&agent, &eve, cwd, text);
     }
     // Approved or not, /boot is not in any sandbox (a script's contents are not
     // checked against deny rules: the sandbox has the last word).
@@ -1712,8 +1703,7 @@ fn deny_rules_hold_in_yet_more_spellings() {
         "delete /".to_owned(),
         "$ cd /boot; cat x".to_owned(),
     ] {
-        let (_, r) = submit(&agent, &eve, cwd, &text);
-        assert_eq!(r["state"], "denied", "{text}: {r}");
+        assert_denied_by_rule(&agent, &eve, cwd, &text);
     }
 }
 
@@ -1794,4 +1784,371 @@ fn the_second_round_stays_fixed() {
         }
         agent.wait_state(&eve, repo_dir.path(), &id, "done");
     }
+}
+
+/// `text` is refused by a deny rule outright (not asked and then denied).
+fn assert_denied_by_rule(agent: &Daemon, user: &User, cwd: &Path, text: &str) {
+    let (asked, r) = submit(agent, user, cwd, text);
+    assert!(!asked, "{text}: asked instead of refusing: {r}");
+    assert_eq!(r["state"], "denied", "{text}: {r}");
+    assert!(
+        r["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["decision"]["by"]
+                .as_str()
+                .is_some_and(|b| b.contains("deny rule"))),
+        "{text}: {r}"
+    );
+}
+
+/// A copy of `cwd`'s git directory at `to` whose configuration runs `evil`.
+fn evil_git_dir(cwd: &Path, to: &Path, evil: &Path) {
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(cwd.join(".git"))
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::write(to.join("config"), evil_config(evil)).unwrap();
+}
+
+fn evil_config(evil: &Path) -> String {
+    format!(
+        "[core]\n\trepositoryformatversion = 0\n\tfsmonitor = {e}\n\tpager = {e}\n[diff]\n\texternal = {e}\n[gpg]\n\tprogram = {e}\n[log]\n\tshowSignature = true\n",
+        e = evil.display()
+    )
+}
+
+/// Found by the third round of red-teaming: a `commondir` naming a directory with a
+/// line break, and repositories another user can change — their configuration
+/// replaced underneath the sandbox's reduced copy while git ran — had git run the
+/// repository's programs without asking.
+#[test]
+fn git_runs_without_asking_only_in_repositories_nobody_else_can_change() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let marks = Marks::new();
+    let chown = |path: &Path| {
+        let ok = std::process::Command::new("chown")
+            .args(["-R", &format!("{}:{}", eve.uid, eve.uid)])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    // `commondir` names "evil<newline>" (a harmless copy); git, dropping trailing
+    // line breaks, would go on to "evil".
+    let project = repo(&eve);
+    let cwd = project.path();
+    let evil = payload(&eve, cwd, marks.path(), "newline");
+    evil_git_dir(cwd, &cwd.join("evil"), &evil);
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(cwd.join(".git"))
+        .arg(cwd.join("evil\n"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::write(cwd.join(".git/commondir"), "../evil\n/.\n").unwrap();
+    chown(cwd);
+    for text in ["git diff", "git log", "git status"] {
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(asked, "{text} ran without asking: {r}");
+    }
+    assert_never_ran(&agent, &eve, cwd, &marks, &["newline"]);
+
+    // Another user may write the git directory, and replaces its configuration over
+    // and over while eve's git runs.
+    let project = repo(&eve);
+    let cwd = project.path().to_path_buf();
+    let evil = payload(&eve, &cwd, marks.path(), "shared");
+    open_up(&cwd.join(".git"), 0o777);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fresh = cwd.join(".git/config.new");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::write(&fresh, evil_config(&evil)).unwrap();
+                std::fs::rename(&fresh, cwd.join(".git/config")).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        for text in ["git diff", "git log", "git status", "git diff", "git log"] {
+            let (asked, r) = submit(&agent, &eve, &cwd, text);
+            assert!(asked, "{text} ran without asking: {r}");
+            assert!(
+                r["actions"][0]["risk"]["reasons"]
+                    .to_string()
+                    .contains("others can change this repository"),
+                "{r}"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_never_ran(&agent, &eve, &cwd, &marks, &["shared"]);
+
+    // Anyone may replace a directory above it: the same. A sticky one (as /tmp is)
+    // lets nobody replace what is not theirs, and a group of eve's own is eve.
+    for (mode, asks) in [(0o777, true), (0o1777, false)] {
+        let above = tempfile::tempdir_in(&eve.home).unwrap();
+        std::os::unix::fs::chown(above.path(), Some(eve.uid), Some(eve.uid)).unwrap();
+        open_up(above.path(), mode);
+        let inside = above.path().join("repo");
+        std::fs::create_dir(&inside).unwrap();
+        std::os::unix::fs::chown(&inside, Some(eve.uid), Some(eve.uid)).unwrap();
+        eve.write(&inside.join("file.txt"), "one\n");
+        git(&eve, &inside, &["init", "-q", "-b", "main"]);
+        let (asked, r) = submit(&agent, &eve, &inside, "git status");
+        assert_eq!(asked, asks, "below a {mode:o} directory: {r}");
+    }
+    let project = repo(&eve);
+    open_up(&project.path().join(".git"), 0o775);
+    let (asked, r) = submit(&agent, &eve, project.path(), "git status");
+    assert!(!asked, "eve's own group made git ask: {r}");
+    assert_eq!(r["state"], "done", "{r}");
+
+    // Another user's repository, where eve may look: asked, as git would refuse it.
+    let carol = User::ensure("devos-carol");
+    let theirs = tempfile::tempdir_in("/srv").unwrap();
+    open_up(theirs.path(), 0o755);
+    std::os::unix::fs::chown(theirs.path(), Some(carol.uid), Some(carol.uid)).unwrap();
+    carol.write(&theirs.path().join("file.txt"), "one\n");
+    git(&carol, theirs.path(), &["init", "-q", "-b", "main"]);
+    let (asked, r) = submit(&agent, &eve, theirs.path(), "git status");
+    assert!(asked, "{r}");
+}
+
+/// Found by the third round: bubblewrap, as root, looked up the caller's paths and
+/// said what it found — swapping a directory for a symlink into another user's
+/// private directory told whether a name existed there. Paths are opened as the
+/// caller, and what bubblewrap says goes to the journal only.
+#[test]
+fn the_sandbox_never_tells_the_caller_what_it_found_where_they_cannot_look() {
+    // What bubblewrap says never reaches the caller.
+    let fake = tempfile::tempdir().unwrap();
+    open_up(fake.path(), 0o755);
+    let bwrap = fake.path().join("bwrap");
+    std::fs::write(
+        &bwrap,
+        "#!/bin/sh\necho \"bwrap: Can't find source path /srv/other/private/NAME-5e2a: No such file or directory\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    open_up(&bwrap, 0o755);
+    let agent = Daemon::start_with(
+        "IMAGE_VERSION=1\n",
+        &format!("[sandbox]\nbwrap = \"{}\"\n", bwrap.display()),
+    );
+    let eve = eve();
+    let project = eve.project();
+    let (_, r) = submit(&agent, &eve, project.path(), "list files");
+    assert_eq!(r["state"], "failed", "{r}");
+    let error = r["actions"][0]["error"].as_str().unwrap();
+    assert!(error.contains("journal"), "{r}");
+    assert_unseen(&agent, &eve, project.path(), &["NAME-5e2a", "/srv/other"]);
+    drop(agent);
+
+    // The race itself: eve's working directory flips between a directory and a
+    // symlink into carol's private directory while the sandbox is built. Whatever
+    // happens, nothing eve sees depends on what carol's directory holds.
+    let agent = Daemon::start();
+    let carol = User::ensure("devos-carol");
+    let private = tempfile::tempdir_in("/srv").unwrap();
+    std::os::unix::fs::chown(private.path(), Some(carol.uid), Some(carol.uid)).unwrap();
+    open_up(private.path(), 0o700);
+    std::fs::create_dir(private.path().join("there-77c1")).unwrap();
+    let probe = eve.project();
+    let w = probe.path().join("w");
+    let link = probe.path().join("wl");
+    let mut seen = std::collections::BTreeMap::new();
+    for name in ["there-77c1", "absent-77c1"] {
+        std::fs::create_dir(&w).unwrap();
+        std::os::unix::fs::chown(&w, Some(eve.uid), Some(eve.uid)).unwrap();
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(private.path().join(name), &link).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let outcomes: Vec<String> = std::thread::scope(|s| {
+            s.spawn(|| {
+                use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = renameat2(AT_FDCWD, &w, AT_FDCWD, &link, RenameFlags::RENAME_EXCHANGE);
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            });
+            let outcomes = (0..12)
+                .map(|_| {
+                    let out = agent.devos(
+                        Some(&eve),
+                        Path::new("/"),
+                        &["--json", "run", "--cwd", &w.to_string_lossy(), "run: true"],
+                    );
+                    let text = format!("{}{}", stdout(&out), stderr(&out));
+                    assert!(
+                        !text.contains(name) && !text.contains(&*private.path().to_string_lossy()),
+                        "{text}"
+                    );
+                    match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                        Ok(r) => format!("{} {}", r["state"], r["actions"][0]["error"]),
+                        Err(_) => format!("refused: {}", stderr(&out)),
+                    }
+                })
+                .collect();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            outcomes
+        });
+        if std::fs::symlink_metadata(&w).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&w).unwrap();
+            std::fs::remove_dir(&link).unwrap();
+        } else {
+            std::fs::remove_dir(&w).unwrap();
+        }
+        seen.insert(name, outcomes);
+    }
+    // Every failure reads the same, wherever the symlink led.
+    for outcomes in seen.values() {
+        for o in outcomes {
+            assert!(
+                o.starts_with("\"done\"")
+                    || o.contains("bubblewrap failed, or a place the action works in changed")
+                    || o.contains("Permission denied")
+                    || o.contains("EACCES"),
+                "{seen:?}"
+            );
+        }
+    }
+    assert_unseen(&agent, &eve, probe.path(), &["there-77c1", "absent-77c1"]);
+}
+
+/// Found by the third round: deny rules read a command as spelled, so a shell
+/// variable, a substitution, `xargs` or `find` carried a denied command past them.
+/// Part of a command only known when it runs could be the denied one: refused, and
+/// the refusal says to spell it out. Commands that could not be one run as before.
+#[test]
+fn deny_rules_hold_when_part_of_a_command_is_only_known_when_it_runs() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    for text in [
+        "$ X=/; rm -r $X",
+        "$ rm -r ${X:-/}",
+        "$ R=rm; $R -r /",
+        "$ env $R -r /",
+        "$ rm -r $(dirname /x)",
+        "$ rm -r `dirname /x`",
+        "$ echo / | xargs rm -r",
+        "$ find / -maxdepth 0 -exec rm -r {} +",
+        "$ find / -delete",
+    ] {
+        assert_denied_by_rule(&agent, &eve, cwd, text);
+    }
+    let (_, r) = submit(&agent, &eve, cwd, "$ X=/; rm -r $X");
+    assert!(
+        r["actions"][0]["decision"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("spell the command out"),
+        "{r}"
+    );
+    for text in ["$ echo $PATH", "$ ls $HOME", "$ echo a | xargs echo"] {
+        let r = approved(&agent, &eve, cwd, text);
+        assert_eq!(r["state"], "done", "{text}: {r}");
+    }
+}
+
+/// Found by the third round: a line break in the working directory split what the
+/// sandbox reported, `~/bin` and Python's user site stayed writable with the home,
+/// bidirectional overrides reached terminals, a huge path prefix kept the agent busy,
+/// and a history of large requests was read whole.
+#[test]
+fn the_third_round_stays_fixed() {
+    let agent = Daemon::start();
+    let eve = eve();
+    // A line break in the working directory.
+    let dir = eve.home.join(format!("devos-nl-{}\nx", std::process::id()));
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(eve.uid), Some(eve.uid)).unwrap();
+    let (_, r) = submit(&agent, &eve, &dir, "list files");
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(
+        r["actions"][0]["sandbox"]
+            .as_str()
+            .unwrap()
+            .contains("seccomp"),
+        "{r}"
+    );
+    assert!(
+        !r["actions"][0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("seccomp"),
+        "{r}"
+    );
+    std::fs::remove_dir(&dir).unwrap();
+    // No descriptor of the stages before (bubblewrap's, the caller's directories
+    // opened for it) reaches the action: `ls` sees its standard three and its own.
+    let r = approved(&agent, &eve, &eve.home, "run: ls /proc/self/fd");
+    let fds: Vec<&str> = r["actions"][0]["output"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(fds, ["0", "1", "2", "3"], "{r}");
+    // What runs later from the home stays as it is.
+    for d in ["bin", ".local/lib/python3/site-packages"] {
+        std::fs::create_dir_all(eve.home.join(d)).unwrap();
+    }
+    let chowned = std::process::Command::new("chown")
+        .args(["-R", &format!("{}:{}", eve.uid, eve.uid)])
+        .arg(eve.home.join("bin"))
+        .arg(eve.home.join(".local"))
+        .status()
+        .unwrap();
+    assert!(chowned.success());
+    eve.write(
+        &eve.home.join("Makefile"),
+        "test:\n\techo x > bin/ls; echo 'import os' > .local/lib/python3/site-packages/x.pth\n",
+    );
+    let _ = approved(&agent, &eve, &eve.home, "run the tests");
+    std::fs::remove_file(eve.home.join("Makefile")).unwrap();
+    assert!(!eve.home.join("bin/ls").exists(), "~/bin was written");
+    assert!(
+        !eve.home
+            .join(".local/lib/python3/site-packages/x.pth")
+            .exists(),
+        "Python's user site was written"
+    );
+    // Bidirectional overrides are not passed on.
+    let project = eve.project();
+    let cwd = project.path();
+    eve.write(&cwd.join("bidi.txt"), "abc\u{202E}fed\u{2066}x\u{2069}\n");
+    let (_, r) = submit(&agent, &eve, cwd, "read bidi.txt");
+    let shown = r["actions"][0]["output"].as_str().unwrap();
+    assert!(
+        !shown.contains('\u{202E}') && !shown.contains('\u{2066}'),
+        "{shown:?}"
+    );
+    // A path prefix longer than any path is refused before anything resolves it.
+    let long = format!("/{}", "a/".repeat(3000));
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &["rules", "add", "allow", "--path-prefix", &long],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("at most 4096 bytes"),
+        "{}",
+        stderr(&out)
+    );
+    // A history of large requests is listed in short form, whatever it holds.
+    for _ in 0..20 {
+        let (_, r) = submit(&agent, &eve, cwd, "run: head -c 2000000 /dev/zero");
+        assert_eq!(r["state"], "done", "{r}");
+    }
+    let out = agent.devos(Some(&eve), cwd, &["--json", "history", "-n", "10000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout.len() < 2 << 20, "{} bytes", out.stdout.len());
 }

@@ -129,6 +129,8 @@ pub struct Scope<'a> {
     pub cwd: &'a Path,
     /// The caller's home directory.
     pub home: &'a Path,
+    /// The caller's uid: whether others can change what the action relies on.
+    pub uid: u32,
     /// Secret locations (absolute; `~` already expanded).
     pub secrets: &'a [PathBuf],
 }

@@ -603,6 +603,16 @@ fn repository_programs(c: &mut Classifier, name: &str) {
             return;
         }
     };
+    if let Some(why) = repo.changeable_by_others(c.scope.uid) {
+        c.risk.repo_programs = true;
+        c.risk.raise(
+            RiskClass::Unknown,
+            format!(
+                "others can change this repository ({why}): devos cannot switch its programs off, so `git {name}` runs with whatever they configure"
+            ),
+        );
+        return;
+    }
     let mut found: Vec<String> = repo.hooks().iter().map(|h| format!("hook {h}")).collect();
     if repo.has_submodules() {
         found.push("its submodules, with their own configuration".into());

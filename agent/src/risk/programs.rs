@@ -109,12 +109,22 @@ impl Normalized {
     /// Every way a deny rule may see an argv: from each word on (so `env rm -r /`,
     /// `nice rm -r /` and `timeout 5 rm -r /` hold `rm -r /`), paths made absolute
     /// against `cwd`, lexically, and through `/proc/PID/root` to where they lead.
-    pub fn views(words: &[String], cwd: &Path) -> Vec<Normalized> {
+    pub fn views(words: &[String], cwd: &Path) -> Vec<View> {
+        // A word a shell expands (`$X`, `${X:-/}`, `$(...)`, backquotes: `~` and
+        // `$HOME` are already the caller's home) is only known when it runs.
+        let dynamic = |w: &String| w.contains('$') || w.contains('`');
+        let named = |w: &String, names: &[&str]| names.contains(&w.rsplit('/').next().unwrap_or(w));
+        let appends = |w: &String| named(w, &["xargs", "parallel"]);
         (0..words.len())
             .filter_map(|i| {
                 let mut n = Self::of_words(&words[i..], |o| {
                     Some(lexical_path(o, cwd).to_string_lossy().into_owned())
                 })?;
+                // A program only known when it runs, where a program is named: first,
+                // or after a command that runs the rest.
+                if dynamic(&words[i]) && (i == 0 || words[..i].iter().any(|w| named(w, RUNNERS))) {
+                    n.program.clear();
+                }
                 // A glob stands for what is below the directory before it (`/*` is
                 // everything in `/`).
                 let globbed: Vec<String> = n
@@ -131,7 +141,13 @@ impl Normalized {
                     })
                     .collect();
                 n.operands.extend(globbed);
-                Some(n)
+                // Words only known when it runs, arguments `xargs` adds, the names
+                // `find -exec` puts in for `{}`: the command may be more than it
+                // spells out.
+                let open = words.iter().any(dynamic)
+                    || words[..i].iter().any(appends)
+                    || words[i..].iter().any(|w| w.contains("{}"));
+                Some(View { argv: n, open })
             })
             .collect()
     }
@@ -142,6 +158,35 @@ impl Normalized {
         self.program == rule.program
             && rule.options.is_subset(&self.options)
             && rule.operands.iter().all(|o| self.operands.contains(o))
+    }
+}
+
+/// Commands that run the rest of their command line.
+const RUNNERS: &[&str] = &[
+    "env", "nice", "nohup", "timeout", "sudo", "doas", "exec", "command", "builtin", "xargs",
+    "parallel", "stdbuf", "ionice", "setsid", "time", "chrt", "taskset", "flock", "unbuffer",
+    "watch", "strace", "ltrace", "busybox",
+];
+
+/// A command line from one of its words on, as a deny rule sees it.
+pub struct View {
+    pub argv: Normalized,
+    /// Some of it is only known when it runs (a shell variable or substitution,
+    /// what `xargs` appends, `find -exec`'s `{}`).
+    pub open: bool,
+}
+
+impl View {
+    /// Whether it is the rule's command for certain.
+    pub fn is(&self, rule: &Normalized) -> bool {
+        self.argv.contains(rule)
+    }
+
+    /// Whether it could be the rule's command once what it leaves open is known: the
+    /// same program (or a program only known then); the options and operands the
+    /// rule names could come from what is open.
+    pub fn might_be(&self, rule: &Normalized) -> bool {
+        self.open && (self.argv.program.is_empty() || self.argv.program == rule.program)
     }
 }
 

@@ -5,7 +5,15 @@ fn canonical(p: &Path) -> PathBuf {
 }
 
 fn risk_in(action: &Action, cwd: &Path, home: &Path, secrets: &[PathBuf]) -> Risk {
-    classify(action, &Scope { cwd, home, secrets })
+    classify(
+        action,
+        &Scope {
+            cwd,
+            home,
+            uid: nix::unistd::geteuid().as_raw(),
+            secrets,
+        },
+    )
 }
 
 fn run(words: &[&str], cwd: &Path) -> Risk {

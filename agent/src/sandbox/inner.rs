@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
-use super::{APPLIED_PREFIX, EXIT_ACTION_FAILED, EXIT_SANDBOX_FAILED, Inner as Spec};
+use super::{APPLIED_PREFIX, EXIT_ACTION_FAILED, EXIT_INSIDE_FAILED, Inner as Spec};
 use crate::action::Action;
 
 /// System calls an action never needs: debugging other processes, io_uring (which
@@ -71,20 +71,24 @@ pub fn exec_from_stdin() -> i32 {
     let spec: Spec = match crate::caller::job_from_stdin() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("devos sandbox: {e}");
-            return EXIT_SANDBOX_FAILED;
+            eprintln!("devos sandbox (inside): {e}");
+            return EXIT_INSIDE_FAILED;
         }
     };
     let applied = match confine(&spec) {
         Ok(applied) => applied,
         Err(e) => {
-            eprintln!("devos sandbox: refused: {e}");
-            return EXIT_SANDBOX_FAILED;
+            eprintln!("devos sandbox (inside): refused: {e}");
+            return EXIT_INSIDE_FAILED;
         }
     };
     // The daemon reads this first line to record what the sandbox applied; nothing
-    // of the action has run before it.
-    eprintln!("{APPLIED_PREFIX}{}; {applied}", spec.outer);
+    // of the action has run before it. One line, whatever the paths in it hold.
+    let line: String = format!("{}; {applied}", spec.outer)
+        .chars()
+        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
+        .collect();
+    eprintln!("{APPLIED_PREFIX}{line}");
     run(&spec)
 }
 
@@ -105,6 +109,32 @@ fn confine(spec: &Spec) -> Result<String, String> {
             ));
         }
     }
+    // Each hidden secret location is hidden where the caller finds it: an empty
+    // directory, or /dev/null. (bubblewrap looked the path up as root; one swapped
+    // for a symlink to where the caller cannot look is refused like any failure.)
+    for (path, is_dir) in &spec.hidden {
+        use std::os::unix::fs::FileTypeExt;
+        let hidden = match std::fs::metadata(path) {
+            Ok(m) if *is_dir => {
+                m.is_dir() && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
+            }
+            Ok(m) => {
+                m.file_type().is_char_device()
+                    && std::fs::metadata("/dev/null").is_ok_and(|n| {
+                        use std::os::unix::fs::MetadataExt;
+                        n.rdev() == m.rdev()
+                    })
+            }
+            Err(_) => false,
+        };
+        if !hidden {
+            return Err(format!(
+                "{} is not hidden where it was checked; nothing ran",
+                path.display()
+            ));
+        }
+    }
+    super::close_on_exec_from_3()?;
     rlimits(spec)?;
     chdir(&spec.cwd).map_err(|e| {
         format!(

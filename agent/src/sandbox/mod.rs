@@ -37,6 +37,11 @@ pub mod outer;
 
 /// Exit status when the sandbox could not be set up; the action never started.
 pub const EXIT_SANDBOX_FAILED: i32 = 125;
+/// Exit status when the inner stage could not confine the action; the action never
+/// started. Like bubblewrap's own failures, the daemon shows it without details (a
+/// place swapped while bubblewrap, as root, set it up must not tell the caller what
+/// lies where they cannot look) and logs the details.
+pub const EXIT_INSIDE_FAILED: i32 = 124;
 /// Exit status when the action was refused because its risk grew since approval.
 pub const EXIT_RISK_CHANGED: i32 = 122;
 /// Exit status when a file operation itself failed.
@@ -116,11 +121,29 @@ pub struct Inner {
     /// path swapped for a symlink in between is refused.
     #[serde(default)]
     pub identities: Vec<Identity>,
+    /// Secret locations hidden (and whether each is a directory): checked inside, as
+    /// the caller, to be hidden where the caller sees them.
+    #[serde(default)]
+    pub hidden: Vec<(PathBuf, bool)>,
     pub network: bool,
     pub required: bool,
     pub limits: Limits,
     /// What the outer stage applied, for the record.
     pub outer: String,
+}
+
+/// Mark every descriptor from 3 on close-on-exec: whatever the agent inherited or
+/// opened reaches neither bubblewrap nor the action.
+fn close_on_exec_from_3() -> Result<(), String> {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets a flag on open
+    // descriptors; it closes none, so no owned descriptor becomes invalid.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(format!("close_range: {}", std::io::Error::last_os_error()))
+    }
 }
 
 /// A path and the file it was when checked.

@@ -107,6 +107,16 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
     if let Some(cgroup) = &spec.cgroup {
         super::cgroup::join(cgroup).map_err(failed)?;
     }
+    // bubblewrap gets the descriptors opened as the caller (and closes them), and no
+    // other.
+    super::close_on_exec_from_3().map_err(failed)?;
+    for fd in prepared.handed.borrow().iter() {
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .map_err(failed)?;
+    }
     // If the daemon dies, so does the action (bubblewrap's --die-with-parent then
     // takes the namespace down).
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(failed)?;
@@ -171,6 +181,45 @@ struct Prepared {
     home_visible: bool,
     /// What the bound paths were when checked as the caller.
     identities: Vec<super::Identity>,
+    /// The bound paths, opened as the caller.
+    fds: Vec<(PathBuf, std::os::fd::OwnedFd)>,
+    /// Copies of those descriptors handed to bubblewrap, one per bind (it closes
+    /// each after use).
+    handed: std::cell::RefCell<Vec<std::os::fd::OwnedFd>>,
+}
+
+impl Prepared {
+    /// A bind of a path the caller reached: by the descriptor opened as the caller.
+    fn bind(&self, writable: bool, path: &Path) -> [String; 3] {
+        use std::os::fd::AsRawFd;
+        match self.fds.iter().find(|(p, _)| p == path) {
+            Some((_, fd)) => {
+                // Without a copy the original goes (close-on-exec: bubblewrap then
+                // fails, and nothing runs).
+                let raw = match fd.try_clone() {
+                    Ok(copy) => {
+                        let raw = copy.as_raw_fd();
+                        self.handed.borrow_mut().push(copy);
+                        raw
+                    }
+                    Err(_) => fd.as_raw_fd(),
+                };
+                let kind = if writable {
+                    "--bind-fd"
+                } else {
+                    "--ro-bind-fd"
+                };
+                [
+                    kind.to_owned(),
+                    raw.to_string(),
+                    path.to_string_lossy().into_owned(),
+                ]
+            }
+            // (Every path bound is opened in `prepare`; only hand-built test values
+            // lack descriptors.)
+            None => bind(if writable { "--bind" } else { "--ro-bind" }, path, path),
+        }
+    }
 }
 
 struct GitPrepared {
@@ -331,15 +380,37 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         .then(|| std::fs::canonicalize("/etc/resolv.conf").ok())
         .flatten()
         .filter(|p| p.starts_with("/run"));
-    let identities = std::iter::once(&cwd)
+    // What the sandbox binds is opened here, as the caller, and handed to bubblewrap
+    // open: bubblewrap, as root, never looks a path of the caller's up.
+    let mut identities = Vec::new();
+    let mut fds = Vec::new();
+    for p in std::iter::once(&cwd)
         .chain(&profile.writable)
         .chain(&read_only)
         .chain(caller.home.is_dir().then_some(&caller.home))
-        .map(|p| super::Identity::of(p).ok_or_else(|| failed(format!("{} vanished", p.display()))))
-        .collect::<Result<_, _>>()?;
+    {
+        if fds.iter().any(|(q, _)| q == p) {
+            continue;
+        }
+        let fd = nix::fcntl::open(
+            p.as_path(),
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| failed(format!("{}: {e}", p.display())))?;
+        let st = nix::sys::stat::fstat(&fd).map_err(failed)?;
+        identities.push(super::Identity {
+            path: p.clone(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+        });
+        fds.push((p.clone(), fd));
+    }
     Ok(Prepared {
         cwd,
         identities,
+        fds,
+        handed: Default::default(),
         home_visible: caller.home.is_dir(),
         profile,
         hidden_secrets,
@@ -482,13 +553,8 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     let strictly_below_hidden = |p: &Path| hidden.iter().any(|h| p != h && p.starts_with(h));
     a.extend(bind("--ro-bind", Path::new("/"), Path::new("/")));
     a.extend(["--dev", "/dev", "--proc", "/proc"].map(String::from));
-    for w in p
-        .profile
-        .writable
-        .iter()
-        .filter(|w| w.exists() && !below_hidden(w))
-    {
-        a.extend(bind("--bind", w, w));
+    for w in p.profile.writable.iter().filter(|w| !below_hidden(w)) {
+        a.extend(p.bind(true, w));
     }
     a.extend(["--tmpfs", "/run", "--tmpfs", "/home"].map(String::from));
     for (name, inside) in super::PRIVATE_DIRS {
@@ -501,21 +567,21 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
         a.extend(["--tmpfs".into(), h.to_string_lossy().into_owned()]);
     }
     if p.home_visible && strictly_below_hidden(&spec.caller.home) {
-        a.extend(bind("--ro-bind", &spec.caller.home, &spec.caller.home));
+        a.extend(p.bind(false, &spec.caller.home));
     }
     if strictly_below_hidden(&p.cwd) {
-        a.extend(bind("--ro-bind", &p.cwd, &p.cwd));
+        a.extend(p.bind(false, &p.cwd));
     }
     for w in p
         .profile
         .writable
         .iter()
-        .filter(|w| w.exists() && strictly_below_hidden(w))
+        .filter(|w| strictly_below_hidden(w))
     {
-        a.extend(bind("--bind", w, w));
+        a.extend(p.bind(true, w));
     }
     for r in &p.read_only {
-        a.extend(bind("--ro-bind", r, r));
+        a.extend(p.bind(false, r));
     }
     for (secret, is_dir) in &p.hidden_secrets {
         if *is_dir {
@@ -635,6 +701,10 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
                 repo.git_dir.to_string_lossy().into_owned(),
             ));
             env.push((
+                "GIT_COMMON_DIR".into(),
+                repo.common_dir.to_string_lossy().into_owned(),
+            ));
+            env.push((
                 "GIT_WORK_TREE".into(),
                 repo.work_tree.to_string_lossy().into_owned(),
             ));
@@ -676,6 +746,7 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         env,
         writable: p.profile.writable.clone(),
         identities: p.identities.clone(),
+        hidden: p.hidden_secrets.clone(),
         network: p.profile.network,
         required: spec.required,
         limits: spec.limits,
@@ -754,6 +825,8 @@ mod tests {
             resolv: None,
             home_visible: false,
             identities: Vec::new(),
+            fds: Vec::new(),
+            handed: Default::default(),
         }
     }
 

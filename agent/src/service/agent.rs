@@ -48,34 +48,36 @@ impl Agent {
 /// sender of a larger message, which would take the agent off the bus).
 const MAX_REPLY: usize = 16 << 20;
 
-/// Output kept per request in a listing; `Get` has all of it.
-const LISTING_OUTPUT: usize = 16 << 10;
-
 fn fits(json: String) -> fdo::Result<String> {
     if json.len() > MAX_REPLY {
-        return Err(fdo::Error::LimitsExceeded(format!(
-            "the answer would be {} MiB, more than the bus carries; ask for fewer (`devos history -n`)",
-            json.len() >> 20
-        )));
+        return Err(too_large(json.len()));
     }
     Ok(json)
 }
 
-/// Requests for `List`/`History`: outputs shortened (`devos show ID` has them whole).
-fn listing(mut list: Vec<Request>) -> fdo::Result<String> {
-    for r in &mut list {
-        for a in &mut r.actions {
-            if a.output.len() > LISTING_OUTPUT {
-                let mut end = LISTING_OUTPUT;
-                while !a.output.is_char_boundary(end) {
-                    end -= 1;
-                }
-                a.output.truncate(end);
-                a.output_truncated = true;
-            }
-        }
-    }
-    fits(to_json(&list))
+fn too_large(bytes: usize) -> fdo::Error {
+    fdo::Error::LimitsExceeded(format!(
+        "the answer would be more than {} MiB, more than the bus carries; ask for fewer (`devos history -n`)",
+        bytes.max(MAX_REPLY) >> 20
+    ))
+}
+
+/// Requests for `List`/`History` in their short form (`devos show ID` has them
+/// whole), read away from the bus's threads and never more than a reply carries.
+async fn listing(
+    shared: &Arc<Shared>,
+    uid: Option<u32>,
+    active_only: bool,
+    limit: u32,
+) -> fdo::Result<String> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        lock(&shared.store).listing(uid, active_only, limit, MAX_REPLY)
+    })
+    .await
+    .map_err(failed)?
+    .map_err(failed)?
+    .map_err(|_| too_large(MAX_REPLY + 1))
 }
 
 /// Whether packages can be installed here at all: not on a read-only root.
@@ -296,10 +298,7 @@ impl Agent {
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
         let uid = (caller.uid != 0).then_some(caller.uid);
-        let list = lock(&self.shared.store)
-            .requests(uid, true, 1000)
-            .map_err(failed)?;
-        listing(list)
+        listing(&self.shared, uid, true, 1000).await
     }
 
     /// The newest `limit` requests, finished or not (JSON array).
@@ -311,10 +310,7 @@ impl Agent {
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
         let uid = (caller.uid != 0).then_some(caller.uid);
-        let list = lock(&self.shared.store)
-            .requests(uid, false, limit.clamp(1, 10_000))
-            .map_err(failed)?;
-        listing(list)
+        listing(&self.shared, uid, false, limit.clamp(1, 10_000)).await
     }
 
     /// Approve action `action` of request `id`. `remember`: once, session or always;

@@ -154,6 +154,9 @@ fn store_rule(
     Ok(rule.id)
 }
 
+/// The longest path the kernel resolves.
+const PATH_MAX: usize = 4096;
+
 /// A path prefix as the caller's file system view resolves it.
 async fn resolve_prefix(
     agent: &Agent,
@@ -169,6 +172,16 @@ async fn resolve_prefix(
             "a path prefix must be absolute".into(),
         ));
     }
+    if path_prefix.len() > PATH_MAX || path_prefix.chars().any(char::is_control) {
+        return Err(fdo::Error::InvalidArgs(format!(
+            "a path prefix is at most {PATH_MAX} bytes, without control characters"
+        )));
+    }
+    // Resolving it takes a helper process: one of the caller's slots.
+    let _slot = agent
+        .shared
+        .reserve(caller.uid)
+        .map_err(fdo::Error::LimitsExceeded)?;
     let job = PlanJob {
         caller: caller.clone(),
         text: None,
