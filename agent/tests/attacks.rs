@@ -136,6 +136,29 @@ fn submit(agent: &Daemon, user: &User, cwd: &Path, text: &str) -> (bool, serde_j
     }
 }
 
+/// Approve `user`'s waiting request `id` and remember it for every command that
+/// starts with `prefix`.
+fn remember_prefix(
+    agent: &Daemon,
+    user: &User,
+    cwd: &Path,
+    id: &str,
+    prefix: &[&str],
+) -> std::process::Output {
+    let mut args = vec!["approve", id, "--remember", "always", "--command-prefix"];
+    args.extend(prefix);
+    agent.devos(Some(user), cwd, &args)
+}
+
+/// Sets its flag when dropped, also while a panic unwinds.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Submit `text`, approve whatever it asks, and wait until it ends.
 fn approved(agent: &Daemon, user: &User, cwd: &Path, text: &str) -> serde_json::Value {
     let out = agent.devos(Some(user), cwd, &["--json", "run", text]);
@@ -437,14 +460,7 @@ fn a_hook_planted_after_approval_does_not_run() {
     );
     // Checked again as the caller just before it runs, it is refused; had it run,
     // its git would have had the repository's programs switched off.
-    let r = agent.approve_and_wait(&eve, cwd, &id, "failed");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap()
-            .contains("risk changed since it was approved"),
-        "{r}"
-    );
+    agent.approve_and_fail(&eve, cwd, &id, "risk changed since it was approved");
     assert_never_ran(&agent, &eve, cwd, &marks, &["late-hook"]);
 }
 
@@ -625,19 +641,7 @@ fn rules_mean_what_was_approved() {
     // A remembered `git fetch` does not approve `git fetch --upload-pack=CMD`; a
     // network action that uses her SSH keys cannot be remembered by prefix at all.
     let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "run: git fetch --all"]));
-    let out = agent.devos(
-        Some(&eve),
-        cwd,
-        &[
-            "approve",
-            &id,
-            "--remember",
-            "always",
-            "--command-prefix",
-            "git",
-            "fetch",
-        ],
-    );
+    let out = remember_prefix(&agent, &eve, cwd, &id, &["git", "fetch"]);
     assert!(
         !out.status.success(),
         "a prefix rule for a secret-reaching action"
@@ -653,19 +657,7 @@ fn rules_mean_what_was_approved() {
     assert!(asked, "the `git fetch` rule approved --upload-pack");
     // A prefix the user chose covers no more than the class it was made for.
     let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "create", "branch", "topic"]));
-    let out = agent.devos(
-        Some(&eve),
-        cwd,
-        &[
-            "approve",
-            &id,
-            "--remember",
-            "always",
-            "--command-prefix",
-            "git",
-            "switch",
-        ],
-    );
+    let out = remember_prefix(&agent, &eve, cwd, &id, &["git", "switch"]);
     assert!(out.status.success(), "{}", stderr(&out));
     agent.wait_state(&eve, cwd, &id, "done");
     let (asked, r) = submit(&agent, &eve, cwd, "run: git switch -c other");
@@ -1867,7 +1859,7 @@ fn git_runs_without_asking_only_in_repositories_nobody_else_can_change() {
     let evil = payload(&eve, &cwd, marks.path(), "shared");
     open_up(&cwd.join(".git"), 0o777);
     let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
+    let seen = std::thread::scope(|s| {
         s.spawn(|| {
             let fresh = cwd.join(".git/config.new");
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1876,18 +1868,22 @@ fn git_runs_without_asking_only_in_repositories_nobody_else_can_change() {
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
-        for text in ["git diff", "git log", "git status", "git diff", "git log"] {
-            let (asked, r) = submit(&agent, &eve, &cwd, text);
-            assert!(asked, "{text} ran without asking: {r}");
-            assert!(
-                r["actions"][0]["risk"]["reasons"]
-                    .to_string()
-                    .contains("others can change this repository"),
-                "{r}"
-            );
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The writer stops however this ends, so that a failure ends the test.
+        let _stop = StopOnDrop(&stop);
+        ["git diff", "git log", "git status", "git diff", "git log"]
+            .into_iter()
+            .map(|text| (text, submit(&agent, &eve, &cwd, text)))
+            .collect::<Vec<_>>()
     });
+    for (text, (asked, r)) in seen {
+        assert!(asked, "{text} ran without asking: {r}");
+        assert!(
+            r["actions"][0]["risk"]["reasons"]
+                .to_string()
+                .contains("others can change this repository"),
+            "{r}"
+        );
+    }
     assert_never_ran(&agent, &eve, &cwd, &marks, &["shared"]);
 
     // Anyone may replace a directory above it: the same. A sticky one (as /tmp is)
@@ -1977,7 +1973,8 @@ fn the_sandbox_never_tells_the_caller_what_it_found_where_they_cannot_look() {
                     std::thread::sleep(Duration::from_millis(3));
                 }
             });
-            let outcomes = (0..12)
+            let _stop = StopOnDrop(&stop);
+            (0..12)
                 .map(|_| {
                     let out = agent.devos(
                         Some(&eve),
@@ -1994,9 +1991,7 @@ fn the_sandbox_never_tells_the_caller_what_it_found_where_they_cannot_look() {
                         Err(_) => format!("refused: {}", stderr(&out)),
                     }
                 })
-                .collect();
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            outcomes
+                .collect()
         });
         if std::fs::symlink_metadata(&w).is_ok_and(|m| m.file_type().is_symlink()) {
             std::fs::remove_file(&w).unwrap();

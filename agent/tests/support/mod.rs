@@ -186,6 +186,14 @@ impl Daemon {
         self.wait_state(user, cwd, id, state)
     }
 
+    /// Approve `user`'s waiting request `id`, then require it to fail with an error
+    /// that says `why`.
+    pub fn approve_and_fail(&self, user: &User, cwd: &Path, id: &str, why: &str) {
+        let r = self.approve_and_wait(user, cwd, id, "failed");
+        let error = r["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "expected an error saying {why:?}: {r}");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
