@@ -1,29 +1,39 @@
 //! devos-build: turn a declarative image spec into versioned, bootable, tested images.
 //!
-//! The pipeline is a flat list of named stages (see [`build::STAGES`]); each module
-//! below is one stage or one concern. The binary is a thin wrapper over [`cli::run`].
+//! The folders are the pipeline, in layers; a module uses only its own layer and the
+//! ones before it (`tests/layers.rs` checks every `crate::` path against this order):
+//!
+//! | layer | module | what |
+//! |---|---|---|
+//! | 0 | [`support`] | commands, digests, work directories, time, progress |
+//! | 1 | [`model`] | the spec, the builder's settings, the manifest |
+//! | 2 | [`store`] | the stage cache and the image registry |
+//! | 3 | [`image`] | the stages that shape the image's bytes (hashed into the build id) |
+//! | 4 | [`build`] | the pipeline that runs them and registers the version |
+//! | 5 | [`boottest`] | boot tests and local boots under QEMU |
+//! | 6 | [`inventory`] | list, show, diff, verify, gc and export of registered versions |
+//! | 7 | [`publish`] | AMIs (EBS direct or Packer), promotion, verification |
+//! | 8 | [`fleet`] | CloudFormation stacks rolled forward and back, health-gated |
+//! | 9 | [`cli`] | the command line |
+//!
+//! The binary is a thin wrapper over [`cli::run`].
 
-pub mod agent_pkg;
-pub mod apt;
-pub mod boottest;
+pub mod support;
+
+pub mod model;
+
+pub mod store;
+
+pub mod image;
+
 pub mod build;
-pub mod cache;
-pub mod cli;
-pub mod cmd;
-pub mod convert;
-pub mod customize;
-pub mod digest;
-pub mod disk;
-pub mod doctor;
-pub mod fleet;
-pub mod identity;
+
+pub mod boottest;
+
 pub mod inventory;
-pub mod packer;
+
 pub mod publish;
-pub mod qemu;
-pub mod registry;
-pub mod repro;
-pub mod rootfs;
-pub mod settings;
-pub mod spec;
-pub mod ui;
+
+pub mod fleet;
+
+pub mod cli;

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use common::{BIN, ok, run};
 use devos_aws::{Credentials, sdk_autoscaling, sdk_cloudformation, sdk_ebs, sdk_ec2, sdk_ssm};
-use devos_build::registry::{Registry, TestRun};
+use devos_build::store::registry::Registry;
+use devos_build::store::registry::TestRun;
 use devos_tests::{Moto, require, wait_for};
 use serde_json::{Value, json};
 
@@ -93,7 +94,7 @@ impl Fixture {
         )
         .unwrap();
         std::fs::write(dir.join("agent.toml"), "log-level = \"info\"\n").unwrap();
-        let sha = devos_build::digest::file_sha256(&raw).unwrap();
+        let sha = devos_build::support::digest::file_sha256(&raw).unwrap();
         let manifest = json!({
             "name": "devos-pub", "version": version, "build_id": format!("{:0>64}", version.replace(['.', '+'], "")),
             "description": "test", "distro": "debian", "suite": "bookworm",
@@ -408,7 +409,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
         assert_eq!(tags["devos:image"], "devos-pub");
         assert_eq!(
             tags["devos:sha256"],
-            devos_build::digest::file_sha256(&raw).unwrap()
+            devos_build::support::digest::file_sha256(&raw).unwrap()
         );
         assert_eq!(tags["devos:boot-test"], "passed");
         assert_eq!(
@@ -934,7 +935,7 @@ fn exports_are_checked_with_qemu_img_and_recorded() {
         let path = PathBuf::from(e["path"].as_str().unwrap());
         assert_eq!(
             e["sha256"],
-            devos_build::digest::file_sha256(&path).unwrap()
+            devos_build::support::digest::file_sha256(&path).unwrap()
         );
         // A fixed VHD has no header to probe: name the format.
         let info = Command::new("qemu-img")

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use devos_build::agent_pkg;
+use devos_build::build::agent_pkg;
 use devos_tests::{repo_root, require, require_root, run_with_timeout};
 
 const BIN: &str = env!("CARGO_BIN_EXE_devos-build");
@@ -254,7 +254,7 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     assert_eq!(formats, ["raw", "qcow2"]);
     for a in artifacts {
         let file = dir.join(a["file"].as_str().unwrap());
-        let hash = devos_build::digest::file_sha256(&file).unwrap();
+        let hash = devos_build::support::digest::file_sha256(&file).unwrap();
         assert_eq!(hash, a["sha256"].as_str().unwrap(), "{}", file.display());
         assert!(sums.contains(&format!("{hash}  {}", a["file"].as_str().unwrap())));
     }
@@ -290,14 +290,14 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
 fn kvm_probe_picks_an_accelerator_and_says_why() {
     require("qemu-system-x86_64", "qemu-system-x86");
     let dir = tempfile::tempdir().unwrap();
-    let choice = devos_build::qemu::choose_accel(dir.path());
+    let choice = devos_build::boottest::vm::choose_accel(dir.path());
     let usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .is_ok();
     match choice.accel {
-        devos_build::qemu::Accel::Kvm => {
+        devos_build::boottest::vm::Accel::Kvm => {
             assert!(usable);
             assert!(
                 choice.reason.starts_with("KVM probe passed"),
@@ -305,7 +305,7 @@ fn kvm_probe_picks_an_accelerator_and_says_why() {
                 choice.reason
             );
         }
-        devos_build::qemu::Accel::Tcg if usable => {
+        devos_build::boottest::vm::Accel::Tcg if usable => {
             // This is the path on machines whose /dev/kvm dies with "KVM internal error".
             assert!(
                 choice.reason.starts_with("KVM is broken: "),
@@ -313,7 +313,7 @@ fn kvm_probe_picks_an_accelerator_and_says_why() {
                 choice.reason
             );
         }
-        devos_build::qemu::Accel::Tcg => {
+        devos_build::boottest::vm::Accel::Tcg => {
             assert!(choice.reason.contains("/dev/kvm"), "{}", choice.reason);
         }
     }

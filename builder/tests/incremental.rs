@@ -260,9 +260,9 @@ fn incremental_builds_registry_kills_and_gc() {
     }
 
     // gc keeps the newest version, and the newest one that passed a boot test.
-    let mut reg = devos_build::registry::Registry::open(&env.registry()).unwrap();
-    let run_record = devos_build::registry::TestRun {
-        started_at: devos_build::registry::now(),
+    let mut reg = devos_build::store::registry::Registry::open(&env.registry()).unwrap();
+    let run_record = devos_build::store::registry::TestRun {
+        started_at: devos_build::support::time::now(),
         passed: true,
         accelerator: "tcg".into(),
         seconds: 30.0,

@@ -38,7 +38,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let cache = repo_root().join("target/test-cache");
         seed_packages(&cache);
-        let agent_deb = devos_build::agent_pkg::build(&repo_root(), dir.path(), 0)
+        let agent_deb = devos_build::build::agent_pkg::build(&repo_root(), dir.path(), 0)
             .unwrap()
             .path;
         Self {

@@ -1,0 +1,327 @@
+//! QEMU for boot tests and local boots: firmware lookup, a fast probe that tells a
+//! working KVM from a broken one, and the command line for a UEFI VM.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::support::cmd;
+use crate::support::cmd::which;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// Which accelerator a run uses, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AccelChoice {
+    pub accel: Accel,
+    pub reason: String,
+}
+
+/// How long the KVM probe may take before KVM counts as broken. A working KVM
+/// finishes the probe in well under a second; a broken one here sometimes limps
+/// through it in ~4 s (and then fails on the real machine type, which the boot test
+/// also catches and retries under TCG).
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Use KVM only if it actually runs a guest. `DEVOS_ACCEL=kvm|tcg` overrides.
+pub fn choose_accel(work: &Path) -> AccelChoice {
+    match std::env::var("DEVOS_ACCEL").as_deref() {
+        Ok("tcg") => {
+            return AccelChoice {
+                accel: Accel::Tcg,
+                reason: "DEVOS_ACCEL=tcg".into(),
+            };
+        }
+        Ok("kvm") => {
+            return AccelChoice {
+                accel: Accel::Kvm,
+                reason: "DEVOS_ACCEL=kvm".into(),
+            };
+        }
+        _ => {}
+    }
+    if let Err(e) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return AccelChoice {
+            accel: Accel::Tcg,
+            reason: format!("/dev/kvm is not usable ({e})"),
+        };
+    }
+    match probe_kvm(work) {
+        Ok(took) => AccelChoice {
+            accel: Accel::Kvm,
+            reason: format!("KVM probe passed in {} ms", took.as_millis()),
+        },
+        Err(why) => AccelChoice {
+            accel: Accel::Tcg,
+            reason: format!("KVM is broken: {why}"),
+        },
+    }
+}
+
+/// A boot sector that writes 0x10 to the isa-debug-exit port: QEMU exits with status
+/// (0x10 << 1) | 1 = 33 as soon as the guest's first instructions have run.
+fn probe_sector() -> Vec<u8> {
+    let code = [
+        0xB0, 0x10, // mov al, 0x10
+        0xE6, 0xF4, // out 0xf4, al
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp back to hlt
+    ];
+    let mut sector = vec![0u8; 512];
+    sector[..code.len()].copy_from_slice(&code);
+    sector[510] = 0x55;
+    sector[511] = 0xAA;
+    sector
+}
+
+fn probe_kvm(work: &Path) -> Result<Duration, String> {
+    let img = work.join("kvm-probe.img");
+    fs::write(&img, probe_sector()).map_err(|e| e.to_string())?;
+    let log = work.join("kvm-probe.log");
+    let stderr = fs::File::create(&log).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut child = cmd::spawn(
+        Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "pc,accel=kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "16",
+                "-nodefaults",
+                "-no-user-config",
+            ])
+            .args([
+                "-display",
+                "none",
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            ])
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=ide", img.display()))
+            .stdout(Stdio::null())
+            .stderr(stderr),
+        false,
+    )
+    .map_err(|e| e.to_string())?;
+    let outcome = loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.code() == Some(33) => break Ok(start.elapsed()),
+            Ok(Some(status)) => break Err(format!("probe VM exited with {status}")),
+            Ok(None) if start.elapsed() > KVM_PROBE_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!(
+                    "probe VM did not finish within {}s",
+                    KVM_PROBE_TIMEOUT.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    outcome.map_err(|why| match said.lines().find(|l| !l.trim().is_empty()) {
+        Some(first) => format!("{why}; QEMU said: {}", first.trim()),
+        None => why,
+    })
+}
+
+/// UEFI firmware: the read-only code and a template for the per-VM variable store.
+pub struct Firmware {
+    pub code: PathBuf,
+    pub vars: PathBuf,
+}
+
+pub fn firmware() -> Result<Firmware> {
+    let candidates = [
+        (
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        ),
+        (
+            "/usr/share/OVMF/OVMF_CODE.fd",
+            "/usr/share/OVMF/OVMF_VARS.fd",
+        ),
+        (
+            "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+            "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+        ),
+    ];
+    candidates
+        .iter()
+        .map(|(c, v)| Firmware {
+            code: c.into(),
+            vars: v.into(),
+        })
+        .find(|f| f.code.is_file() && f.vars.is_file())
+        .context("no UEFI firmware (OVMF) found\n  hint: install it with `apt-get install ovmf`")
+}
+
+/// A VM to start. Its disk is always a qcow2 overlay (see [`overlay`]).
+pub struct Vm<'a> {
+    pub disk: &'a Path,
+    pub vars: &'a Path,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// `None`: the serial console is the terminal (interactive boot).
+    pub console_log: Option<&'a Path>,
+    /// Switch the guest's self-test on and collect its report here.
+    pub selftest_report: Option<&'a Path>,
+    /// The spec's tests for the guest's runner, as JSON (passed as a credential).
+    pub tests_json: Option<&'a str>,
+    /// Forward this host port to the guest's SSH port (user-mode networking).
+    pub ssh_port: Option<u16>,
+}
+
+impl Vm<'_> {
+    pub fn command(&self, fw: &Firmware) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            // Under TCG a plain x86-64-v2 CPU with QEMU's AMD identity, not `max`: with
+            // `max` the guest kernel turns on mitigations (page-table isolation among
+            // them) and vector code paths that are slow to emulate; the same image
+            // answers about 1.5 s sooner (docs/benchmarks.md).
+            Accel::Tcg => (
+                "tcg,thread=multi,tb-size=256",
+                "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16",
+            ),
+        };
+        c.args([
+            "-machine",
+            "q35,smm=off,vmport=off",
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+        ])
+        .arg("-m")
+        .arg(self.memory_mib.to_string())
+        .arg("-smp")
+        .arg(self.cpus.to_string())
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            fw.code.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            self.vars.display()
+        ))
+        // NVMe, as on EC2 (Nitro): the disk an image without an initramfs can boot
+        // from, since Debian's cloud kernel builds NVMe in and virtio-blk as a module.
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=qcow2,if=none,id=disk,cache=unsafe,discard=unmap",
+            self.disk.display()
+        ))
+        .args(["-device", "nvme,drive=disk,serial=devos"])
+        .args(["-device", "virtio-rng-pci"]);
+        match self.console_log {
+            Some(log) => c
+                .arg("-chardev")
+                .arg(format!("file,id=console,path={}", log.display()))
+                .args(["-serial", "chardev:console"]),
+            None => c.args(["-serial", "mon:stdio"]),
+        };
+        if let Some(report) = self.selftest_report {
+            c.args(["-device", "virtio-serial-pci"])
+                .arg("-chardev")
+                .arg(format!("file,id=selftest,path={}", report.display()))
+                .args([
+                    "-device",
+                    "virtserialport,chardev=selftest,name=org.devos.selftest",
+                ])
+                .args([
+                    "-smbios",
+                    "type=11,value=io.systemd.credential:devos.selftest=1",
+                ]);
+            if let Some(json) = self.tests_json {
+                use base64::Engine;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(json);
+                c.arg("-smbios").arg(format!(
+                    "type=11,value=io.systemd.credential.binary:devos.tests={b64}"
+                ));
+            }
+        }
+        match self.ssh_port {
+            Some(port) => c.arg("-nic").arg(format!(
+                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"
+            )),
+            None => c.args(["-nic", "none"]),
+        };
+        c
+    }
+}
+
+/// A copy-on-write overlay over `base`, so the artifact's bytes never change.
+pub fn overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<()> {
+    let base = fs::canonicalize(base).with_context(|| format!("cannot open {}", base.display()))?;
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
+            .arg(&base)
+            .arg(overlay),
+    )?;
+    Ok(())
+}
+
+/// A private copy of the firmware variable store for one VM.
+pub fn vars_copy(fw: &Firmware, dest: &Path) -> Result<()> {
+    fs::copy(&fw.vars, dest).with_context(|| format!("cannot copy {}", fw.vars.display()))?;
+    Ok(())
+}
+
+/// The format of a disk image file, by extension (raw unless qcow2/vmdk/vhd).
+pub fn disk_format(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("qcow2") => "qcow2",
+        Some("vmdk") => "vmdk",
+        Some("vhd") => "vpc",
+        _ => "raw",
+    }
+}
+
+pub fn require_qemu() -> Result<()> {
+    if which("qemu-system-x86_64").is_none() {
+        bail!(
+            "qemu-system-x86_64 is not installed\n  hint: `apt-get install qemu-system-x86 ovmf`"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_sector_is_bootable() {
+        let s = probe_sector();
+        assert_eq!(s.len(), 512);
+        assert_eq!(&s[510..], &[0x55, 0xAA]);
+    }
+}

@@ -1,0 +1,384 @@
+//! The agent's Debian package: built from this workspace (cargo + the files in
+//! `agent/dist/`) with dpkg-deb, or taken prebuilt from `--agent-deb`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::support::cmd;
+
+use crate::support::digest;
+
+/// Files of the package: (source relative to the repository, destination in the
+/// image, mode). The one place that says where each dist file is installed.
+pub const FILES: &[(&str, &str, u32)] = &[
+    ("target/release/devos-agent", "usr/bin/devos-agent", 0o755),
+    ("target/release/devos", "usr/bin/devos", 0o755),
+    (
+        "agent/dist/devos-agent.service",
+        "usr/lib/systemd/system/devos-agent.service",
+        0o644,
+    ),
+    (
+        "agent/dist/devos-selftest.service",
+        "usr/lib/systemd/system/devos-selftest.service",
+        0o644,
+    ),
+    (
+        "agent/dist/org.devos.Agent1.conf",
+        "usr/share/dbus-1/system.d/org.devos.Agent1.conf",
+        0o644,
+    ),
+    (
+        "agent/dist/org.devos.Agent1.xml",
+        "usr/share/dbus-1/interfaces/org.devos.Agent1.xml",
+        0o644,
+    ),
+    (
+        "agent/dist/org.devos.Agent1.service",
+        "usr/share/dbus-1/system-services/org.devos.Agent1.service",
+        0o644,
+    ),
+    ("agent/dist/agent.toml", "etc/devos/agent.toml", 0o644),
+];
+
+/// A built agent package.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgentPackage {
+    pub path: PathBuf,
+    pub version: String,
+    pub sha256: String,
+}
+
+impl AgentPackage {
+    /// Describe an existing .deb (given with `--agent-deb`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let version = cmd::stdout(Command::new("dpkg-deb").arg("-f").arg(path).arg("Version"))
+            .with_context(|| format!("while reading the agent package {}", path.display()))?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            path: path.to_path_buf(),
+            version,
+            sha256: digest::file_sha256(path)?,
+        })
+    }
+}
+
+/// The DevOS source tree a spec belongs to: the nearest ancestor of the spec that has
+/// `agent/Cargo.toml`.
+pub fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
+    let start = fs::canonicalize(spec_path).ok()?;
+    start
+        .ancestors()
+        .skip(1)
+        .find(|dir| dir.join("agent/Cargo.toml").is_file())
+        .map(Path::to_path_buf)
+}
+
+/// Build `devos-agent` in release mode and package it into `out_dir`.
+pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<AgentPackage> {
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo.current_dir(source).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "devos-agent",
+        "--bin",
+        "devos-agent",
+        "--bin",
+        "devos",
+    ]);
+    cmd::run(&mut cargo).context("while building devos-agent")?;
+
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| source.join("target"));
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
+
+    // dpkg-deb's xz takes seconds: reuse the package made from the same files.
+    let mut key = Sha256::new();
+    key.update(format!("{version}\n{source_date_epoch}\n"));
+    key.update(control(version, 0));
+    for (src, dest, mode) in FILES {
+        let from = file_source(source, &target, src);
+        let sha = digest::file_sha256(&from)
+            .with_context(|| format!("cannot read {}", from.display()))?;
+        key.update(format!("{dest} {mode:o} {sha}\n"));
+    }
+    let cached = crate::store::cache::dir()
+        .join("agent")
+        .join(format!("{}.deb", hex::encode(key.finalize())));
+    let recorded = cached.with_extension("deb.sha256");
+    if let (Ok(want), Ok(_)) = (fs::read_to_string(&recorded), fs::copy(&cached, &deb)) {
+        let sha256 = digest::file_sha256(&deb)?;
+        if sha256 == want.trim() {
+            return Ok(AgentPackage {
+                sha256,
+                path: deb,
+                version: version.to_owned(),
+            });
+        }
+        tracing::warn!(
+            "cached agent package {} is corrupt; building it again",
+            cached.display()
+        );
+    }
+
+    let stage = out_dir.join("agent-pkg");
+    if stage.exists() {
+        fs::remove_dir_all(&stage)?;
+    }
+    let mut installed_bytes = 0;
+    for (src, dest, mode) in FILES {
+        let from = file_source(source, &target, src);
+        let to = stage.join(dest);
+        fs::create_dir_all(to.parent().unwrap_or(&stage))?;
+        fs::copy(&from, &to).with_context(|| format!("while copying {}", from.display()))?;
+        set_mode(&to, *mode)?;
+        installed_bytes += fs::metadata(&to)?.len();
+    }
+    let doc = stage.join("usr/share/doc/devos-agent");
+    fs::create_dir_all(&doc)?;
+    fs::write(
+        doc.join("copyright"),
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
+         Upstream-Name: devos\nFiles: *\nLicense: Apache-2.0\n",
+    )?;
+    let debian = stage.join("DEBIAN");
+    fs::create_dir_all(&debian)?;
+    fs::write(debian.join("control"), control(version, installed_bytes))?;
+    fs::write(debian.join("conffiles"), "/etc/devos/agent.toml\n")?;
+    crate::image::files::clamp_mtimes(&stage, source_date_epoch)?;
+
+    cmd::run(
+        Command::new("dpkg-deb")
+            .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+            .args(["--root-owner-group", "-Zxz", "--build"])
+            .arg(&stage)
+            .arg(&deb),
+    )
+    .context("while packaging devos-agent")?;
+    fs::remove_dir_all(&stage)?;
+    if !deb.is_file() {
+        bail!("dpkg-deb reported success but wrote no {}", deb.display());
+    }
+    let sha256 = digest::file_sha256(&deb)?;
+    if let Some(dir) = cached.parent()
+        && fs::create_dir_all(dir).is_ok()
+    {
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        if fs::copy(&deb, &tmp).is_ok() && fs::rename(&tmp, &cached).is_ok() {
+            let _ = fs::write(&recorded, &sha256);
+        }
+    }
+    Ok(AgentPackage {
+        sha256,
+        path: deb,
+        version: version.to_owned(),
+    })
+}
+
+/// Where a [`FILES`] source is: `target/...` under the cargo target directory, the
+/// rest under the source tree.
+fn file_source(source: &Path, target: &Path, src: &str) -> PathBuf {
+    match src.strip_prefix("target/") {
+        Some(rest) => target.join(rest),
+        None => source.join(src),
+    }
+}
+
+fn control(version: &str, installed_bytes: u64) -> String {
+    format!(
+        "Package: devos-agent\n\
+         Version: {version}\n\
+         Architecture: amd64\n\
+         Maintainer: DevOS developers <devos@localhost>\n\
+         Depends: {}, libc6 (>= 2.34)\n\
+         Section: admin\n\
+         Priority: optional\n\
+         Installed-Size: {}\n\
+         Homepage: https://github.com/devos-project/devos\n\
+         Description: DevOS developer agent (D-Bus system service)\n \
+         devos-agent takes natural-language requests from local users over D-Bus\n \
+         (org.devos.Agent1), plans them, asks for approval and runs them sandboxed.\n",
+        devos_agent::PACKAGE_DEPENDS.join(", "),
+        installed_bytes.div_ceil(1024)
+    )
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dist(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../agent/dist")
+            .join(name);
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// `key=value` lines of one section of a systemd unit.
+    fn section(unit: &str, name: &str) -> Vec<(String, String)> {
+        let header = format!("[{name}]");
+        unit.lines()
+            .skip_while(|l| l.trim() != header)
+            .skip(1)
+            .take_while(|l| !l.starts_with('['))
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            })
+            .collect()
+    }
+
+    fn value<'a>(kv: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        kv.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn agent_unit_is_a_hardened_dbus_service() {
+        let unit = dist("devos-agent.service");
+        let service = section(&unit, "Service");
+        assert_eq!(value(&service, "Type"), Some("dbus"));
+        assert_eq!(value(&service, "BusName"), Some(devos_agent::BUS_NAME));
+        let exec = value(&service, "ExecStart").unwrap();
+        let binary = FILES
+            .iter()
+            .find(|(s, ..)| s.ends_with("devos-agent"))
+            .unwrap()
+            .1;
+        assert!(exec.starts_with(&format!("/{binary} ")), "{exec}");
+        assert!(exec.contains(devos_agent::config::DEFAULT_PATH), "{exec}");
+        for (key, want) in [
+            ("NoNewPrivileges", "yes"),
+            ("PrivateTmp", "yes"),
+            ("PrivateDevices", "yes"),
+            ("ProtectKernelModules", "yes"),
+            ("RestrictSUIDSGID", "yes"),
+            ("SystemCallArchitectures", "native"),
+        ] {
+            assert_eq!(value(&service, key), Some(want), "{key}");
+        }
+        let caps = value(&service, "CapabilityBoundingSet").unwrap();
+        for forbidden in [
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_MODULE",
+            "CAP_SYS_RAWIO",
+            "CAP_SYS_BOOT",
+            "CAP_SYS_TIME",
+            "CAP_BPF",
+            "CAP_MAC_ADMIN",
+            "CAP_NET_RAW",
+        ] {
+            assert!(!caps.contains(forbidden), "{caps}");
+        }
+        // The capabilities only the sandbox builder needs are each justified.
+        for builder_only in ["SYS_ADMIN", "NET_ADMIN"] {
+            assert!(
+                !caps.contains(&format!("CAP_{builder_only}"))
+                    || unit
+                        .lines()
+                        .any(|l| l.starts_with("# Relaxed") && l.contains(builder_only)),
+                "CAP_{builder_only} is kept without a `# Relaxed: ...` comment"
+            );
+        }
+        // Namespaces: never user namespaces.
+        let ns = value(&service, "RestrictNamespaces").unwrap();
+        assert!(
+            !ns.split_whitespace().any(|n| n == "user") && ns != "no",
+            "{ns}"
+        );
+        // Every protection the agent cannot have is named in a comment saying why.
+        for relaxed in [
+            "ProtectSystem",
+            "ProtectHome",
+            "PrivateNetwork",
+            "MemoryDenyWriteExecute",
+            "ProtectControlGroups",
+        ] {
+            assert!(
+                value(&service, relaxed).is_none(),
+                "{relaxed} is set after all"
+            );
+            assert!(
+                unit.lines()
+                    .any(|l| l.starts_with("# Relaxed") && l.contains(relaxed)),
+                "{relaxed} is relaxed without a `# Relaxed: ...` comment"
+            );
+        }
+        let install = section(&unit, "Install");
+        assert_eq!(value(&install, "WantedBy"), Some("multi-user.target"));
+        assert_eq!(
+            value(&install, "Alias"),
+            Some("dbus-org.devos.Agent1.service")
+        );
+    }
+
+    #[test]
+    fn activation_file_points_at_the_unit_alias() {
+        let act = dist("org.devos.Agent1.service");
+        let kv = section(&act, "D-BUS Service");
+        assert_eq!(value(&kv, "Name"), Some(devos_agent::BUS_NAME));
+        assert_eq!(
+            value(&kv, "SystemdService"),
+            Some("dbus-org.devos.Agent1.service")
+        );
+    }
+
+    #[test]
+    fn selftest_unit_runs_only_with_the_credential() {
+        let unit = dist("devos-selftest.service");
+        let u = section(&unit, "Unit");
+        assert_eq!(value(&u, "ConditionCredential"), Some("devos.selftest"));
+        assert_eq!(value(&u, "SuccessAction"), Some("poweroff-force"));
+        let s = section(&unit, "Service");
+        assert!(
+            value(&s, "ExecStart")
+                .unwrap()
+                .contains("/dev/virtio-ports/org.devos.selftest")
+        );
+    }
+
+    #[test]
+    fn bus_policy_lets_only_root_own_the_name() {
+        let policy = dist("org.devos.Agent1.conf");
+        let own: Vec<&str> = policy.lines().filter(|l| l.contains("own=")).collect();
+        assert_eq!(own, ["    <allow own=\"org.devos.Agent1\"/>"]);
+        let root = policy.find("<policy user=\"root\">").unwrap();
+        let default = policy.find("<policy context=\"default\">").unwrap();
+        let own_at = policy.find("allow own=").unwrap();
+        assert!(
+            root < own_at && own_at < default,
+            "ownership must be granted in the root policy only"
+        );
+        assert!(
+            policy[default..].contains(
+                "send_destination=\"org.devos.Agent1\" send_interface=\"org.devos.Agent1\""
+            )
+        );
+        assert!(
+            !policy.contains("deny"),
+            "no deny rules are needed: the system bus denies by default"
+        );
+    }
+
+    #[test]
+    fn every_packaged_dist_file_exists() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for (src, ..) in FILES.iter().filter(|(s, ..)| s.starts_with("agent/")) {
+            assert!(root.join(src).is_file(), "{src}");
+        }
+    }
+}

@@ -1,0 +1,610 @@
+//! Layer 4, the build: the pipeline of named stages over an immutable spec, producing
+//! a versioned output directory that appears atomically.
+
+pub mod agent_pkg;
+pub mod repro;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::build::agent_pkg::AgentPackage;
+use crate::image::apt;
+use crate::image::convert;
+use crate::image::customize;
+use crate::image::disk;
+use crate::image::identity;
+use crate::image::identity::Identity;
+use crate::image::rootfs;
+use crate::model::manifest::{AgentInfo, Artifact, CacheKeys, Manifest, Package, StageTiming};
+use crate::model::spec;
+use crate::model::spec::Format;
+use crate::model::spec::Spec;
+use crate::store::cache;
+use crate::store::registry;
+use crate::support::cmd;
+use crate::support::digest;
+use crate::support::digest::FileEntry;
+use crate::support::ui::Ui;
+use crate::support::workdir::{WorkDir, remove_stale_work_dirs};
+
+/// The stages, in order; these names appear in logs, timings and the manifest.
+pub const STAGES: &[&str] = &["load", "resolve", "rootfs", "customize", "disk", "convert"];
+
+#[derive(Clone)]
+pub struct BuildOptions {
+    pub spec: PathBuf,
+    pub out: Option<PathBuf>,
+    pub agent_deb: Option<PathBuf>,
+    pub force: bool,
+    /// Neither use nor fill the stage cache (downloaded packages are still reused).
+    pub no_cache: bool,
+    /// `None`: the default registry.
+    pub registry: Option<PathBuf>,
+}
+
+/// The result of a build: where it is and what it is.
+pub struct Built {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// False when an identical build already existed and nothing was built.
+    pub fresh: bool,
+    /// The image's file list (empty when nothing was built).
+    pub files: Vec<FileEntry>,
+}
+
+/// Where output goes when `--out` is not given: `target/images` of the source tree
+/// the spec belongs to, else of the current directory.
+pub fn images_root(spec_path: &Path) -> PathBuf {
+    agent_pkg::find_source_tree(spec_path)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("target/images")
+}
+
+struct Timer<'a> {
+    ui: &'a mut Ui,
+    timings: Vec<StageTiming>,
+}
+
+impl Timer<'_> {
+    fn run<T>(&mut self, name: &str, f: impl FnOnce(&mut Ui) -> Result<T>) -> Result<T> {
+        let index = STAGES.iter().position(|s| *s == name).map_or(0, |i| i + 1);
+        let start = self.ui.stage(index, STAGES.len(), name);
+        let out = f(self.ui).with_context(|| format!("stage `{name}` failed"))?;
+        let took = start.elapsed();
+        self.ui.stage_done(name, took);
+        self.timings.push(StageTiming {
+            name: name.to_owned(),
+            seconds: took.as_secs_f64(),
+        });
+        Ok(out)
+    }
+}
+
+/// What the `resolve` stage found: everything that determines the image, and so its
+/// build id, without building anything.
+pub struct Resolved {
+    pub spec: Spec,
+    pub sources: rootfs::Sources,
+    pub index: apt::Index,
+    pub resolution: apt::Resolution,
+    pub agent: Option<AgentPackage>,
+    pub id: Identity,
+}
+
+/// `image plan`: the build id and what went into it.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub version: String,
+    pub build_id: String,
+    pub source_date_epoch: u64,
+    pub inputs: Vec<crate::model::manifest::Input>,
+    pub package_sources: String,
+    pub archive: String,
+    pub packages: Vec<Package>,
+    pub agent: Option<String>,
+    /// Where the build would go, and whether it is already there.
+    pub out: PathBuf,
+    pub up_to_date: bool,
+    /// Which stage outputs the cache already holds.
+    pub cached: Vec<String>,
+}
+
+impl Plan {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{} {}
+  build id           {}
+  source-date-epoch  {}
+",
+            self.name, self.version, self.build_id, self.source_date_epoch
+        );
+        s.push_str(
+            "  inputs:
+",
+        );
+        for i in &self.inputs {
+            s.push_str(&format!(
+                "    {:<18} {}
+",
+                i.name, i.sha256
+            ));
+        }
+        s.push_str(&format!(
+            "  package sources    {}
+  archive            {}
+  packages           {}
+",
+            self.package_sources,
+            self.archive,
+            self.packages.len()
+        ));
+        for p in &self.packages {
+            s.push_str(&format!(
+                "    {} {}
+",
+                p.name, p.version
+            ));
+        }
+        if let Some(a) = &self.agent {
+            s.push_str(&format!(
+                "  agent package      {a}
+"
+            ));
+        }
+        s.push_str(&format!(
+            "  output             {}{}
+",
+            self.out.display(),
+            if self.up_to_date { " (up to date)" } else { "" }
+        ));
+        s.push_str(&format!(
+            "  cached stages      {}
+",
+            if self.cached.is_empty() {
+                "none".to_owned()
+            } else {
+                self.cached.join(", ")
+            }
+        ));
+        s
+    }
+}
+
+/// The host tools whose versions shape the image's bytes (an input to the build id).
+const HOST_TOOLS: &[&str] = &[
+    "mmdebstrap",
+    "e2fsprogs",
+    "erofs-utils",
+    "dosfstools",
+    "mtools",
+    "fdisk",
+    "qemu-utils",
+];
+
+fn host_tools() -> Result<String> {
+    cmd::stdout(
+        Command::new("dpkg-query")
+            .args(["--show", "--showformat=${Package}=${Version}\n"])
+            .args(HOST_TOOLS),
+    )
+    .context("a host tool the builder needs is not installed\n  hint: run `devos-build doctor`, or `tests/setup-host`")
+}
+
+/// The `resolve` stage: package sources and lists, the exact package set, the agent
+/// package (written to `staged`) and the identity computed from all of them.
+pub fn resolve(spec: Spec, opts: &BuildOptions, staged: &Path, ui: &Ui) -> Result<Resolved> {
+    let sources = rootfs::sources(&spec);
+    let index = apt::Index::open(&cache::dir(), &sources)?;
+    index.refresh(&spec, &sources)?;
+    let resolution = index.resolve(&spec, &sources)?;
+    let agent = agent_package(&spec, opts, staged)?;
+    let tools = host_tools()?;
+    let id = identity::resolve(&identity::Inputs {
+        spec: &spec,
+        agent_sha256: agent.as_ref().map(|a| a.sha256.as_str()),
+        sources_deb822: &sources.deb822,
+        packages: &resolution.packages,
+        archive_date: resolution.archive_date,
+        host_tools: &tools,
+    });
+    ui.info(&format!(
+        "    {} {} ({} packages from {} sources)",
+        spec.name,
+        id.version,
+        resolution.packages.len(),
+        sources.origin
+    ));
+    Ok(Resolved {
+        spec,
+        sources,
+        index,
+        resolution,
+        agent,
+        id,
+    })
+}
+
+/// The output directory of a version: `--out`, else `target/images/NAME/VERSION`.
+fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
+    opts.out
+        .clone()
+        .unwrap_or_else(|| images_root(&spec.path).join(&spec.name).join(version))
+}
+
+/// `image plan`: resolve without building.
+pub fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
+    let spec = spec::load(&opts.spec)?;
+    let scratch = tempfile::tempdir()?;
+    let r = resolve(spec, opts, scratch.path(), ui)?;
+    let out = final_dir(opts, &r.spec, &r.id.version);
+    let up_to_date = Manifest::load(&out).is_ok_and(|m| m.build_id == r.id.build_id);
+    let cache = cache::Cache::new(cache::dir(), !opts.no_cache);
+    let cached = [("base", &r.id.base_key), ("tree", &r.id.tree_key)]
+        .into_iter()
+        .filter(|(kind, key)| cache.contains(kind, key))
+        .map(|(kind, _)| kind.to_owned())
+        .collect();
+    Ok(Plan {
+        name: r.spec.name.clone(),
+        version: r.id.version.clone(),
+        build_id: r.id.build_id.clone(),
+        source_date_epoch: r.id.source_date_epoch,
+        inputs: r.id.inputs.clone(),
+        package_sources: r.sources.origin.to_owned(),
+        archive: r.resolution.archive.clone(),
+        packages: r.resolution.packages.clone(),
+        agent: r.agent.as_ref().map(|a| a.sha256.clone()),
+        out,
+        up_to_date,
+        cached,
+    })
+}
+
+pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
+    let mut t = Timer {
+        ui,
+        timings: Vec::new(),
+    };
+    let spec = t.run("load", |_| Ok(spec::load(&opts.spec)?))?;
+
+    let images = opts
+        .out
+        .as_ref()
+        .and_then(|o| o.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| images_root(&spec.path).join(&spec.name));
+    fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
+    remove_stale_work_dirs(&images);
+    let work = WorkDir::new(&images)?;
+    let staged = work.path().join("out");
+    fs::create_dir(&staged)?;
+
+    // Mirrors are checked before the agent is compiled, so a bad mirror fails in seconds.
+    let r = t.run("resolve", |ui| resolve(spec, opts, &staged, ui))?;
+    let (spec, id) = (&r.spec, &r.id);
+    let final_dir = final_dir(opts, spec, &id.version);
+
+    // One build of a version at a time; a second one waits, then finds it up to date.
+    let _version_lock = lock_version(&images, &id.version, t.ui)?;
+    let registry_path = opts.registry.clone().unwrap_or_else(registry::default_path);
+    if final_dir.join("manifest.json").is_file() && !opts.force {
+        let manifest = Manifest::load(&final_dir)?;
+        if manifest.build_id == id.build_id {
+            t.ui.info(&format!(
+                "{} is up to date in {}",
+                id.version,
+                final_dir.display()
+            ));
+            // A build killed after its output was complete but before it was recorded.
+            let mut reg = registry::Registry::open(&registry_path)?;
+            if reg.find(&format!("{}@{}", spec.name, id.version)).is_err() {
+                reg.record_build(&final_dir, &spec.path, &manifest, &[])?;
+            }
+            return Ok(Built {
+                dir: final_dir,
+                manifest,
+                fresh: false,
+                files: Vec::new(),
+            });
+        }
+    }
+
+    let cache = cache::Cache::new(cache::dir(), !opts.no_cache);
+    // The tree and the partition images are scratch: in memory when there is room.
+    let scratch_parent = scratch_root(spec.disk_size).unwrap_or_else(|| images.clone());
+    remove_stale_work_dirs(&scratch_parent);
+    let scratch = WorkDir::new(&scratch_parent)?;
+    let tree = scratch.path().join("tree");
+    let from_cache = cache.restore("tree", &id.tree_key, &tree)?;
+    if from_cache {
+        t.ui.info("    rootfs and customize: finished tree restored from the cache");
+    } else {
+        t.run("rootfs", |ui| {
+            if cache.restore("base", &id.base_key, &tree)? {
+                ui.info("    base tree restored from the cache");
+                return Ok(());
+            }
+            rootfs::bootstrap(
+                spec,
+                &r.sources,
+                &r.index.lists(),
+                &tree,
+                &cache::dir()
+                    .join("packages")
+                    .join(format!("{:?}-{}", spec.distro, spec.suite).to_lowercase()),
+                id.source_date_epoch,
+            )?;
+            check_package_set(&tree, &r.resolution.packages, ui)?;
+            cache.store(
+                "base",
+                &id.base_key,
+                &tree,
+                &format!("{:?} {} base", spec.distro, spec.suite),
+            )
+        })?;
+        t.run("customize", |_| {
+            let deb = r.agent.as_ref().map(|a| a.path.as_path());
+            customize::customize(spec, id, &tree, deb.unwrap_or(Path::new("")))
+        })?;
+    }
+    // Storing the finished tree and listing its files both only read it: in parallel.
+    let (files, packages) = std::thread::scope(|s| -> Result<_> {
+        let store = (!from_cache).then(|| {
+            s.spawn(|| {
+                let about = format!("{} {}", spec.name, id.version);
+                cache.store("tree", &id.tree_key, &tree, &about)
+            })
+        });
+        let files = digest::file_index(&tree)?;
+        let packages: Vec<Package> = rootfs::installed_packages(&tree)?
+            .into_iter()
+            .map(|(name, version)| Package { name, version })
+            .collect();
+        if let Some(store) = store {
+            store
+                .join()
+                .map_err(|_| anyhow::anyhow!("storing the tree in the cache panicked"))??;
+        }
+        Ok((files, packages))
+    })?;
+
+    let raw_name = format!("{}-{}.raw", spec.name, id.version);
+    // Assembled in scratch; copied to the output beside the conversions below.
+    let raw = scratch.path().join(&raw_name);
+    let partitions = t.run("disk", |_| {
+        disk::build(spec, id, &tree, scratch.path(), &raw)
+    })?;
+    // The tree is no longer needed; free the space before converting.
+    fs::remove_dir_all(&tree).ok();
+
+    // Hashing the raw image (mostly zeros, but 2 GiB of them) runs beside the
+    // conversions, which read the same file.
+    let artifacts = t.run("convert", |_| {
+        std::thread::scope(|s| -> Result<Vec<Artifact>> {
+            let file =
+                |format: &Format| format!("{}-{}.{}", spec.name, id.version, format.extension());
+            let raw_hash = s.spawn(|| copy_raw(&raw, &staged.join(&raw_name)));
+            for format in spec.formats.iter().filter(|f| **f != Format::Raw) {
+                convert::convert(&raw, *format, &staged.join(file(format)))?;
+            }
+            let raw_artifact = raw_hash
+                .join()
+                .map_err(|_| anyhow::anyhow!("hashing the raw image panicked"))??;
+            let mut artifacts = Vec::new();
+            for format in &spec.formats {
+                artifacts.push(if *format == Format::Raw {
+                    raw_artifact.clone()
+                } else {
+                    artifact(&staged, &file(format), *format)?
+                });
+            }
+            Ok(artifacts)
+        })
+    })?;
+    let manifest = Manifest {
+        name: spec.name.clone(),
+        version: id.version.clone(),
+        build_id: id.build_id.clone(),
+        description: spec.description.clone(),
+        distro: format!("{:?}", spec.distro).to_lowercase(),
+        suite: spec.suite.clone(),
+        builder_version: identity::BUILDER_VERSION.to_owned(),
+        source_date_epoch: id.source_date_epoch,
+        kernel_cmdline: disk::kernel_cmdline(spec, id),
+        inputs: id.inputs.clone(),
+        package_sources: r.sources.origin.to_owned(),
+        agent: r.agent.as_ref().map(|a| AgentInfo {
+            file: a
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            version: a.version.clone(),
+            sha256: a.sha256.clone(),
+        }),
+        packages,
+        partitions: partitions.into_iter().map(Into::into).collect(),
+        artifacts,
+        stages: t.timings,
+        cache_keys: CacheKeys {
+            base: id.base_key.clone(),
+            tree: id.tree_key.clone(),
+        },
+    };
+    if spec.agent_enabled {
+        // The agent's configuration, for images made from other bases (Packer).
+        fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
+    }
+    write_outputs(&staged, &manifest)?;
+    publish_dir(&staged, &final_dir)?;
+    // Recorded only once the output is complete under its final name; a build killed
+    // between the two is recorded by the next one (see above).
+    registry::Registry::open(&registry_path)?
+        .record_build(&final_dir, &spec.path, &manifest, &files)?;
+    Ok(Built {
+        dir: final_dir,
+        manifest,
+        fresh: true,
+        files,
+    })
+}
+
+/// mmdebstrap installs from the same package lists the set was resolved from; say so
+/// if it still installed something else (the build id then under-describes the image).
+fn check_package_set(tree: &Path, resolved: &[Package], ui: &Ui) -> Result<()> {
+    let installed: std::collections::BTreeSet<(String, String)> =
+        rootfs::installed_packages(tree)?.into_iter().collect();
+    let expected: std::collections::BTreeSet<(String, String)> = resolved
+        .iter()
+        .map(|p| (p.name.clone(), p.version.clone()))
+        .collect();
+    let extra: Vec<String> = installed
+        .difference(&expected)
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    let missing: Vec<String> = expected
+        .difference(&installed)
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect();
+    if !extra.is_empty() || !missing.is_empty() {
+        ui.info(&format!(
+            "warning: mmdebstrap installed a different package set than was resolved (extra: {}; missing: {})",
+            extra.join(", "),
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// A tmpfs with room for twice the disk (the tree plus the partition images made
+/// from it), if there is one: building there is several times faster than on disk.
+fn scratch_root(disk_size: u64) -> Option<PathBuf> {
+    let dir = Path::new("/dev/shm");
+    let out = cmd::stdout(
+        Command::new("df")
+            .args(["--output=fstype,avail", "-B1"])
+            .arg(dir),
+    )
+    .ok()?;
+    let line = out.lines().nth(1)?;
+    let mut words = line.split_whitespace();
+    let (fstype, avail) = (words.next()?, words.next()?.parse::<u64>().ok()?);
+    if fstype != "tmpfs" || avail < disk_size.saturating_mul(2) {
+        return None;
+    }
+    let root = dir.join("devos-build");
+    fs::create_dir_all(&root).ok()?;
+    Some(root)
+}
+
+/// Hold an exclusive lock on `images/.VERSION.lock` for the rest of the build.
+fn lock_version(images: &Path, version: &str, ui: &Ui) -> Result<fs::File> {
+    let path = images.join(format!(".{version}.lock"));
+    let file = fs::File::create(&path)
+        .with_context(|| format!("cannot create the lock {}", path.display()))?;
+    if file.try_lock().is_err() {
+        ui.info(&format!(
+            "    waiting for another build of {version} to finish ({})",
+            path.display()
+        ));
+        file.lock()?;
+    }
+    Ok(file)
+}
+
+fn agent_package(spec: &Spec, opts: &BuildOptions, staged: &Path) -> Result<Option<AgentPackage>> {
+    if !spec.agent_enabled {
+        return Ok(None);
+    }
+    let pkg = match &opts.agent_deb {
+        Some(deb) => {
+            let pkg = AgentPackage::from_file(deb)?;
+            let dest = staged.join(deb.file_name().unwrap_or_default());
+            fs::copy(deb, &dest).with_context(|| format!("cannot copy {}", deb.display()))?;
+            AgentPackage { path: dest, ..pkg }
+        }
+        None => {
+            let Some(source) = agent_pkg::find_source_tree(&spec.path) else {
+                bail!(
+                    "{} is not inside a DevOS source tree, so the agent cannot be built from source\n  hint: pass a prebuilt package with `--agent-deb devos-agent_VERSION_amd64.deb`",
+                    spec.path.display()
+                );
+            };
+            // Unset, the package's files carry epoch 0, so the same sources give
+            // the same .deb and so the same build id.
+            agent_pkg::build(&source, staged, identity::source_date_epoch().unwrap_or(0))?
+        }
+    };
+    Ok(Some(pkg))
+}
+
+/// Copy the raw image to the output (sparse), hashing it on the way.
+fn copy_raw(raw: &Path, out: &Path) -> Result<Artifact> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut file = fs::File::create(out)?;
+    let len = crate::image::files::copy_sparse(raw, &mut file, 0, Some(&mut hasher))?;
+    file.set_len(len)?;
+    drop(file);
+    described(out, Format::Raw, hex::encode(hasher.finalize()))
+}
+
+fn artifact(dir: &Path, file: &str, format: Format) -> Result<Artifact> {
+    let path = dir.join(file);
+    let sha256 = digest::file_sha256(&path)?;
+    described(&path, format, sha256)
+}
+
+/// An output file as the manifest lists it, given its sha256.
+fn described(path: &Path, format: Format, sha256: String) -> Result<Artifact> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)?;
+    Ok(Artifact {
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        format: format.extension().to_owned(),
+        sha256,
+        size: meta.len(),
+        used_bytes: meta.blocks() * 512,
+    })
+}
+
+fn write_outputs(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let mut sums = String::new();
+    for a in &manifest.artifacts {
+        sums.push_str(&format!("{}  {}\n", a.sha256, a.file));
+    }
+    if let Some(agent) = &manifest.agent {
+        sums.push_str(&format!("{}  {}\n", agent.sha256, agent.file));
+    }
+    fs::write(dir.join("SHA256SUMS"), sums)?;
+    fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(manifest)? + "\n",
+    )?;
+    Ok(())
+}
+
+/// Move a finished output directory to its final name in one rename; an existing
+/// one (a `--force` rebuild) is replaced only after the new one is complete.
+fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
+    if final_dir.exists() {
+        let old = final_dir.with_extension("old");
+        fs::rename(final_dir, &old)?;
+        fs::rename(staged, final_dir)?;
+        fs::remove_dir_all(&old).ok();
+    } else {
+        if let Some(parent) = final_dir.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(staged, final_dir)
+            .with_context(|| format!("cannot move the output to {}", final_dir.display()))?;
+    }
+    Ok(())
+}

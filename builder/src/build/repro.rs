@@ -1,0 +1,191 @@
+//! `image build --check-reproducible`: build the same inputs twice from scratch and
+//! compare the results bit for bit; on a difference, name the partitions and the
+//! first files that differ.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use crate::build;
+
+use crate::build::BuildOptions;
+
+use crate::build::Built;
+use crate::support::digest;
+use crate::support::ui::Ui;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub version: String,
+    pub identical: bool,
+    /// (file, sha256 of the first build, sha256 of the second).
+    pub artifacts: Vec<(String, String, String)>,
+    pub partitions: Vec<PartitionDiff>,
+    /// `path: what differs`, at most [`MAX_FILES`].
+    pub files: Vec<String>,
+    /// The second build, kept for inspection when the builds differ.
+    pub kept: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PartitionDiff {
+    pub label: String,
+    pub differing_blocks: u64,
+    pub first_difference: u64,
+}
+
+const MAX_FILES: usize = 20;
+const BLOCK: usize = 4096;
+
+/// Build twice without the stage cache; the first build is the real one.
+pub fn check(opts: &BuildOptions, ui: &mut Ui) -> Result<(Built, Report)> {
+    let first_opts = BuildOptions {
+        no_cache: true,
+        force: true,
+        ..opts.clone()
+    };
+    ui.info("==> reproducibility check: first build");
+    let a = build::build(&first_opts, ui)?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".repro-")
+        .tempdir_in(a.dir.parent().unwrap_or(Path::new(".")))?;
+    let second_opts = BuildOptions {
+        out: Some(scratch.path().join("out")),
+        registry: Some(scratch.path().join("registry.db")),
+        ..first_opts
+    };
+    ui.info("==> reproducibility check: second build");
+    let b = build::build(&second_opts, ui)?;
+    if a.manifest.build_id != b.manifest.build_id {
+        bail!(
+            "the two builds had different inputs ({} then {}): the package archive or the sources changed in between\n  hint: run the check again",
+            a.manifest.version,
+            b.manifest.version
+        );
+    }
+    let report = compare(&a, &b)?;
+    let report = Report {
+        kept: (!report.identical).then(|| scratch.keep()),
+        ..report
+    };
+    Ok((a, report))
+}
+
+fn compare(a: &Built, b: &Built) -> Result<Report> {
+    let mut artifacts = Vec::new();
+    for x in &a.manifest.artifacts {
+        let y = b.manifest.artifacts.iter().find(|y| y.format == x.format);
+        artifacts.push((
+            x.file.clone(),
+            x.sha256.clone(),
+            y.map(|y| y.sha256.clone()).unwrap_or_default(),
+        ));
+    }
+    let identical = artifacts.iter().all(|(_, x, y)| x == y);
+    let mut partitions = Vec::new();
+    if let (Some(ra), Some(rb)) = (a.manifest.raw(&a.dir), b.manifest.raw(&b.dir)) {
+        for p in &a.manifest.partitions {
+            if let Some(d) = compare_range(&ra, &rb, p.offset, p.size)? {
+                partitions.push(PartitionDiff {
+                    label: p.label.clone(),
+                    differing_blocks: d.0,
+                    first_difference: d.1,
+                });
+            }
+        }
+    }
+    let files = digest::diff_files(&a.files, &b.files, true)
+        .into_iter()
+        .take(MAX_FILES)
+        .map(|(path, x, y)| match (x, y) {
+            (Some(x), Some(y)) => format!("{path}: {}", x.differences(y).join(", ")),
+            (Some(_), None) => format!("{path}: only in the first build"),
+            _ => format!("{path}: only in the second build"),
+        })
+        .collect();
+    Ok(Report {
+        version: a.manifest.version.clone(),
+        identical,
+        artifacts,
+        partitions,
+        files,
+        kept: None,
+    })
+}
+
+/// Count the differing 4 KiB blocks of two files in a byte range, and the offset
+/// (within the range) of the first; `None` if the range is identical.
+fn compare_range(a: &Path, b: &Path, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+    use std::io::{Seek, SeekFrom};
+    let (mut fa, mut fb) = (fs::File::open(a)?, fs::File::open(b)?);
+    fa.seek(SeekFrom::Start(offset))?;
+    fb.seek(SeekFrom::Start(offset))?;
+    let (mut ba, mut bb) = (vec![0u8; 1 << 22], vec![0u8; 1 << 22]);
+    let (mut pos, mut blocks, mut first) = (0u64, 0u64, None);
+    while pos < len {
+        let want = usize::try_from((len - pos).min(ba.len() as u64))?;
+        fa.read_exact(&mut ba[..want])?;
+        fb.read_exact(&mut bb[..want])?;
+        for (i, (x, y)) in ba[..want]
+            .chunks(BLOCK)
+            .zip(bb[..want].chunks(BLOCK))
+            .enumerate()
+        {
+            if x != y {
+                blocks += 1;
+                first.get_or_insert(pos + (i * BLOCK) as u64);
+            }
+        }
+        pos += want as u64;
+    }
+    Ok(first.map(|f| (blocks, f)))
+}
+
+impl Report {
+    pub fn human(&self) -> String {
+        if self.identical {
+            let mut s = format!(
+                "reproducible: two builds of {} from scratch are bit-for-bit identical\n",
+                self.version
+            );
+            for (file, sha, _) in &self.artifacts {
+                s.push_str(&format!("  {file:<48} {sha}\n"));
+            }
+            return s;
+        }
+        let mut s = format!("NOT reproducible: two builds of {} differ\n", self.version);
+        for (file, x, y) in self.artifacts.iter().filter(|(_, x, y)| x != y) {
+            s.push_str(&format!("  {file}: {x} vs {y}\n"));
+        }
+        for p in &self.partitions {
+            s.push_str(&format!(
+                "  partition {}: {} blocks of 4 KiB differ, the first at byte {} of the partition\n",
+                p.label, p.differing_blocks, p.first_difference
+            ));
+        }
+        let raw_same = self
+            .artifacts
+            .iter()
+            .any(|(file, x, y)| file.ends_with(".raw") && x == y);
+        if raw_same {
+            s.push_str("  the raw images are identical: the difference is in the conversion to the formats above\n");
+        } else if self.files.is_empty() {
+            s.push_str("  the file trees are identical (contents, modes, owners, times): the difference is filesystem metadata\n");
+        } else {
+            s.push_str("  first differing files:\n");
+            for f in &self.files {
+                s.push_str(&format!("    {f}\n"));
+            }
+        }
+        if let Some(k) = &self.kept {
+            s.push_str(&format!(
+                "  the second build is kept in {} — compare with diffoscope, or `debugfs -R 'stat PATH'` on a partition\n",
+                k.display()
+            ));
+        }
+        s
+    }
+}

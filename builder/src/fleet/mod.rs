@@ -1,0 +1,1112 @@
+//! Fleets: the CloudFormation templates in `cloudformation/` (handlebars → YAML),
+//! rendered for one published version, and the stacks made from them — deployed,
+//! rolled forward (canary first) and back, each change gated on the health of what
+//! actually runs and recorded in the registry.
+//!
+//! A rollout updates the stack through a change set (CloudFormation's rolling update
+//! replaces the instances, each new one healthy only once its agent signals), streams
+//! the stack's events, and then gates: the group's launch template version must hold
+//! the new AMI and every instance in service must run it and stay healthy for the bake
+//! time. If the update or the gate fails, the stack goes back to the version it ran and
+//! the new version is marked bad for that stack.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use devos_aws::stack::{self, Deployment, Event, ResourceChange, Running, Stack};
+use devos_aws::{Aws, AwsOptions};
+use serde::Serialize;
+
+use crate::store::registry::Registry;
+
+use crate::store::registry::Rollout;
+
+use crate::store::registry::VersionInfo;
+const COMMON: &str = include_str!("../../../cloudformation/common.hbs");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Template {
+    /// One developer instance.
+    Instance,
+    /// A launch template + Auto Scaling group with health-gated rolling updates.
+    Fleet,
+    /// A WorkSpace from a custom bundle.
+    Workspaces,
+}
+
+impl Template {
+    fn as_str(self) -> &'static str {
+        match self {
+            Template::Instance => "instance",
+            Template::Fleet => "fleet",
+            Template::Workspaces => "workspaces",
+        }
+    }
+
+    fn source(self) -> (&'static str, &'static str) {
+        match self {
+            Template::Instance => (
+                "cloudformation/instance.yaml.hbs",
+                include_str!("../../../cloudformation/instance.yaml.hbs"),
+            ),
+            Template::Fleet => (
+                "cloudformation/fleet.yaml.hbs",
+                include_str!("../../../cloudformation/fleet.yaml.hbs"),
+            ),
+            Template::Workspaces => (
+                "cloudformation/workspaces.yaml.hbs",
+                include_str!("../../../cloudformation/workspaces.yaml.hbs"),
+            ),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Data<'a> {
+    name: &'a str,
+    version: &'a str,
+    region: &'a str,
+    ami_id: &'a str,
+}
+
+/// The AMI of `v` in `region`; an error saying how to publish it if there is none.
+fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Result<String> {
+    let published = reg
+        .publications(Some(&v.name), Some(&v.version))?
+        .into_iter()
+        .find(|p| p.region == region && p.state == "available")
+        .and_then(|p| p.ami_id);
+    match published {
+        Some(id) => Ok(id),
+        None => bail!(
+            "{}@{} is not published in {region}\n  hint: run `devos-build publish ami {}@{} --region {region}` first",
+            v.name,
+            v.version,
+            v.name,
+            v.version
+        ),
+    }
+}
+
+/// The template for `reference` in `region`. The version must have passed its boot
+/// test and, except for WorkSpaces (which run from a bundle), be published there.
+pub fn render(reg: &Registry, template: Template, reference: &str, region: &str) -> Result<String> {
+    let v = reg.require_passing(reference)?;
+    let ami_id = if template == Template::Workspaces {
+        String::new()
+    } else {
+        published_ami(reg, &v, region)?
+    };
+    render_for(template, &v, region, &ami_id)
+}
+
+fn render_for(template: Template, v: &VersionInfo, region: &str, ami_id: &str) -> Result<String> {
+    let mut hb = handlebars::Handlebars::new();
+    hb.set_strict_mode(true);
+    // Every value is an image name, a version, a region or an AMI id: no YAML escaping
+    // is needed, and HTML escaping would be wrong.
+    hb.register_escape_fn(handlebars::no_escape);
+    hb.register_partial("common", COMMON)
+        .context("cannot load cloudformation/common.hbs")?;
+    let (file, text) = template.source();
+    hb.render_template(
+        text,
+        &Data {
+            name: &v.name,
+            version: &v.version,
+            region,
+            ami_id,
+        },
+    )
+    .with_context(|| format!("cannot render {file}"))
+}
+
+/// The parameter names a rendered template declares (the keys of its top-level
+/// `Parameters:` block).
+fn template_parameters(yaml: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut inside = false;
+    for line in yaml.lines() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            inside = line.trim_end() == "Parameters:";
+            continue;
+        }
+        if let Some(key) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':'))
+            && inside
+            && !key.starts_with(' ')
+        {
+            names.push(key.to_owned());
+        }
+    }
+    names
+}
+
+const TAG_IMAGE: &str = "devos:image";
+const TAG_TEMPLATE: &str = "devos:template";
+
+/// How a fleet command reaches its stack.
+pub struct Target {
+    pub stack: String,
+    /// Default: `[aws] region`, else the standard chain's.
+    pub region: Option<String>,
+    /// How long the gate watches the new version after the stack update.
+    pub bake: Duration,
+    /// Show the change set and change nothing.
+    pub dry_run: bool,
+}
+
+/// What one deploy, rollout or rollback of one stack did.
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub stack: String,
+    pub region: String,
+    pub kind: String,
+    pub image: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// succeeded, failed, rolled-back, unchanged or dry-run.
+    pub state: String,
+    pub reason: Option<String>,
+    /// Parameters that change: (before, after).
+    pub parameters: BTreeMap<String, (Option<String>, String)>,
+    pub changes: Vec<ResourceChange>,
+    /// Seconds from the command's start to the stack call being issued.
+    pub issued_after: Option<f64>,
+    pub gate: Option<Gate>,
+    /// The automatic rollback after a failed update or gate.
+    pub rollback: Option<Box<Outcome>>,
+}
+
+impl Outcome {
+    /// A change of `stack` to `to` that has not happened yet.
+    fn planned(
+        stack: &str,
+        region: &str,
+        kind: &str,
+        from: Option<&VersionInfo>,
+        to: &VersionInfo,
+        parameters: BTreeMap<String, (Option<String>, String)>,
+    ) -> Self {
+        Outcome {
+            stack: stack.to_owned(),
+            region: region.to_owned(),
+            kind: kind.to_owned(),
+            image: to.name.clone(),
+            from: from.map(|v| v.version.clone()),
+            to: to.version.clone(),
+            state: String::new(),
+            reason: None,
+            parameters,
+            changes: Vec::new(),
+            issued_after: None,
+            gate: None,
+            rollback: None,
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "unchanged" | "dry-run")
+    }
+
+    pub fn human(&self) -> String {
+        let from = self.from.as_deref().unwrap_or("(nothing)");
+        let mut s = format!(
+            "{} {} in {}: {}@{} -> {}: {}\n",
+            self.kind, self.stack, self.region, self.image, from, self.to, self.state
+        );
+        if let Some(r) = &self.reason {
+            s.push_str(&format!("  why: {r}\n"));
+        }
+        for (k, (before, after)) in &self.parameters {
+            s.push_str(&format!(
+                "  parameter {k}: {} -> {after}\n",
+                before.as_deref().unwrap_or("(default)")
+            ));
+        }
+        if self.state == "dry-run" && self.changes.is_empty() {
+            s.push_str("  (CloudFormation reported no resource changes)\n");
+        }
+        for c in &self.changes {
+            s.push_str(&format!(
+                "  {:<8} {:<16} {:<36} replacement: {}\n",
+                c.action,
+                c.logical_id,
+                c.resource_type,
+                c.replacement.as_deref().unwrap_or("-")
+            ));
+        }
+        if let Some(g) = &self.gate {
+            s.push_str(&format!(
+                "  gate: {} ({} of {} instances on {} in service)\n",
+                if g.passed { "passed" } else { "FAILED" },
+                g.in_service,
+                g.running.desired,
+                g.image_id
+            ));
+        }
+        if let Some(r) = &self.rollback {
+            for line in r.human().lines() {
+                s.push_str(&format!("  {line}\n"));
+            }
+        }
+        s
+    }
+}
+
+/// The health gate's verdict on the real resources.
+#[derive(Debug, Serialize)]
+pub struct Gate {
+    pub passed: bool,
+    pub reason: Option<String>,
+    pub image_id: String,
+    pub in_service: usize,
+    pub baked_seconds: f64,
+    pub running: Running,
+}
+
+/// Why the resources do not (yet) run `ami` healthily: Err for a failure that waiting
+/// cannot mend, Ok(Some) for a shortfall that may still fill up, Ok(None) for healthy.
+fn judge(r: &Running, ami: &str) -> Result<Option<String>, String> {
+    if let Some(lt_ami) = &r.launch_template_image
+        && lt_ami != ami
+    {
+        return Err(format!(
+            "launch template {} version {} launches {lt_ami}, not {ami}",
+            r.launch_template.as_deref().unwrap_or("?"),
+            r.launch_template_version.as_deref().unwrap_or("?")
+        ));
+    }
+    for m in &r.instances {
+        if m.health.as_deref() == Some("Unhealthy") {
+            return Err(format!("instance {} is Unhealthy", m.id));
+        }
+        let serving =
+            m.state == "running" && m.lifecycle.as_deref().is_none_or(|l| l == "InService");
+        if serving && m.image_id != ami {
+            return Err(format!(
+                "instance {} is in service on {}, not {ami}",
+                m.id, m.image_id
+            ));
+        }
+        if matches!(m.state.as_str(), "shutting-down" | "terminated" | "stopped") {
+            return Err(format!("instance {} is {}", m.id, m.state));
+        }
+    }
+    let serving = in_service(r, ami);
+    if serving < r.desired {
+        return Ok(Some(format!(
+            "{serving} of {} instances in service on {ami}",
+            r.desired
+        )));
+    }
+    Ok(None)
+}
+
+fn in_service(r: &Running, ami: &str) -> usize {
+    r.instances
+        .iter()
+        .filter(|m| {
+            m.state == "running"
+                && m.image_id == ami
+                && m.lifecycle.as_deref().is_none_or(|l| l == "InService")
+        })
+        .count()
+}
+
+/// Watch the stack's resources for `bake`: every instance in service must run `ami`
+/// and stay healthy, and as many as the group wants must be in service at the end.
+async fn gate(
+    aws: &Aws,
+    region: &str,
+    stack_name: &str,
+    ami: &str,
+    bake: Duration,
+) -> Result<Gate> {
+    let started = Instant::now();
+    loop {
+        let running = stack::running(aws, region, stack_name).await?;
+        let verdict = judge(&running, ami);
+        let done = started.elapsed() >= bake;
+        let reason = match verdict {
+            Err(why) => Some(why),
+            Ok(Some(short)) if done => Some(short),
+            Ok(None) if done => None,
+            Ok(_) => {
+                tokio::time::sleep(Duration::from_secs(2).min(bake)).await;
+                continue;
+            }
+        };
+        return Ok(Gate {
+            passed: reason.is_none(),
+            reason,
+            image_id: ami.to_owned(),
+            in_service: in_service(&running, ami),
+            baked_seconds: started.elapsed().as_secs_f64(),
+            running,
+        });
+    }
+}
+
+fn print_event(e: &Event) {
+    let time = e.time.get(11..19).unwrap_or(&e.time);
+    eprintln!(
+        "  {time} {:<16} {:<28} {}",
+        e.logical_id,
+        e.status,
+        e.reason.as_deref().unwrap_or("")
+    );
+}
+
+/// Everything a fleet command works with.
+struct Ctx<'a> {
+    reg: &'a mut Registry,
+    aws: Aws,
+    region: String,
+    started: Instant,
+}
+
+/// What a stack runs, by its tags and parameters.
+struct Current {
+    image: String,
+    /// NAME@VERSION.
+    reference: String,
+    /// That version, if this registry knows it.
+    known: Option<VersionInfo>,
+}
+
+impl Current {
+    /// `to` as a reference: NAME@VERSION as given, or VERSION of the stack's image.
+    fn resolve(&self, to: &str) -> String {
+        if to.contains('@') {
+            to.to_owned()
+        } else {
+            format!("{}@{to}", self.image)
+        }
+    }
+}
+
+/// One planned change of a stack to a version.
+struct Plan<'a> {
+    kind: &'a str,
+    stack: &'a str,
+    template: Template,
+    from: Option<VersionInfo>,
+    to: VersionInfo,
+    ami: String,
+    /// Parameters set explicitly besides ImageId and ImageVersion.
+    parameters: BTreeMap<String, String>,
+    bake: Duration,
+    dry_run: bool,
+}
+
+impl Ctx<'_> {
+    /// The version to go to: passed its boot test, published here, not bad here.
+    fn target(&self, stack_name: &str, reference: &str) -> Result<(VersionInfo, String)> {
+        let v = self.reg.require_passing(reference)?;
+        let ami = published_ami(self.reg, &v, &self.region)?;
+        if let Some(why) = self.reg.bad_reason(stack_name, &self.region, &v)? {
+            bail!(
+                "{}@{} is marked bad for stack {stack_name} in {}: {why}\n  hint: build and test a fixed version, then roll that out",
+                v.name,
+                v.version,
+                self.region
+            );
+        }
+        Ok((v, ami))
+    }
+
+    async fn existing(&self, stack_name: &str) -> Result<Stack> {
+        let s = stack::describe(&self.aws, &self.region, stack_name)
+            .await?
+            .with_context(|| {
+                format!(
+                    "there is no stack {stack_name} in {}\n  hint: create it with `devos-build fleet deploy --stack {stack_name} --template fleet --image NAME@VERSION`",
+                    self.region
+                )
+            })?;
+        self.require_settled(&s)?;
+        Ok(s)
+    }
+
+    fn require_settled(&self, s: &Stack) -> Result<()> {
+        if s.status.ends_with("_IN_PROGRESS") {
+            bail!(
+                "stack {} in {} is {}; wait until it settles (`devos-build fleet status --stack {}`)",
+                s.name,
+                self.region,
+                s.status,
+                s.name
+            );
+        }
+        Ok(())
+    }
+
+    /// The version a stack runs, from its ImageVersion parameter and image tag.
+    fn current(&self, s: &Stack) -> Result<Current> {
+        let image = s.tags.get(TAG_IMAGE).with_context(|| {
+            format!(
+                "stack {} has no {TAG_IMAGE} tag: it was not deployed by devos-build",
+                s.name
+            )
+        })?;
+        let version = s
+            .parameters
+            .get("ImageVersion")
+            .with_context(|| format!("stack {} has no ImageVersion parameter", s.name))?;
+        let reference = format!("{image}@{version}");
+        Ok(Current {
+            image: image.clone(),
+            known: self.reg.find(&reference).ok(),
+            reference,
+        })
+    }
+
+    fn template_of(s: &Stack) -> Result<Template> {
+        match s.tags.get(TAG_TEMPLATE).map(String::as_str) {
+            Some("fleet") => Ok(Template::Fleet),
+            Some("instance") => Ok(Template::Instance),
+            other => bail!(
+                "stack {} has template tag {:?}; devos-build rolls out only fleet and instance stacks",
+                s.name,
+                other.unwrap_or("(none)")
+            ),
+        }
+    }
+
+    /// Change an existing stack to `plan.to`, stream its events, gate, and on failure
+    /// go back to `plan.from` and mark `plan.to` bad for the stack.
+    async fn change(&mut self, s: &Stack, plan: Plan<'_>) -> Result<Outcome> {
+        let yaml = render_for(plan.template, &plan.to, &self.region, &plan.ami)?;
+        let declared = template_parameters(&yaml);
+        let mut parameters = plan.parameters.clone();
+        parameters.insert("ImageId".into(), plan.ami.clone());
+        parameters.insert("ImageVersion".into(), plan.to.version.clone());
+        let keep: Vec<String> = declared
+            .iter()
+            .filter(|k| !parameters.contains_key(*k) && s.parameters.contains_key(*k))
+            .cloned()
+            .collect();
+        let deployment = Deployment {
+            template: yaml,
+            tags: tags(plan.template, &plan.to),
+            keep,
+            parameters: parameters.clone(),
+        };
+        let mut outcome = Outcome::planned(
+            plan.stack,
+            &self.region,
+            plan.kind,
+            plan.from.as_ref(),
+            &plan.to,
+            parameters
+                .iter()
+                .filter(|(k, v)| s.parameters.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), (s.parameters.get(k).cloned(), v.clone())))
+                .collect(),
+        );
+        if plan.dry_run {
+            outcome.changes =
+                stack::preview(&self.aws, &self.region, plan.stack, &deployment).await?;
+            outcome.state = "dry-run".into();
+            return Ok(outcome);
+        }
+        let id = self.reg.start_rollout(
+            plan.stack,
+            &self.region,
+            plan.kind,
+            plan.from.as_ref(),
+            &plan.to,
+        )?;
+        let mut seen = stack::seen_events(&self.aws, &self.region, plan.stack).await?;
+        eprintln!(
+            "{} {}: {} -> {}@{} ({})",
+            plan.kind,
+            plan.stack,
+            outcome.from.as_deref().unwrap_or("?"),
+            plan.to.name,
+            plan.to.version,
+            plan.ami
+        );
+        let update = stack::update(&self.aws, &self.region, plan.stack, &deployment).await;
+        let Some(changes) = self.issued(id, &mut outcome, update)? else {
+            self.reg.finish_rollout(id, "unchanged", None)?;
+            outcome.state = "unchanged".into();
+            return Ok(outcome);
+        };
+        outcome.changes = changes;
+        let failure = self
+            .settle_and_gate(plan.stack, &plan.ami, plan.bake, &mut seen, &mut outcome)
+            .await?;
+        let Some(why) = failure else {
+            self.reg.finish_rollout(id, "succeeded", None)?;
+            outcome.state = "succeeded".into();
+            return Ok(outcome);
+        };
+        eprintln!("{} {} failed: {why}", plan.kind, plan.stack);
+        outcome.reason = Some(why.clone());
+        if plan.kind == "auto-rollback" {
+            self.reg.finish_rollout(id, "failed", Some(&why))?;
+            outcome.state = "failed".into();
+            return Ok(outcome);
+        }
+        self.reg
+            .mark_bad(plan.stack, &self.region, &plan.to, &why)?;
+        let now = stack::describe(&self.aws, &self.region, plan.stack)
+            .await?
+            .with_context(|| format!("stack {} disappeared", plan.stack))?;
+        let back_on_old = now.parameters.get("ImageVersion") != Some(&plan.to.version);
+        match plan.from {
+            _ if back_on_old => {
+                // CloudFormation rolled the update back itself.
+                self.reg.finish_rollout(id, "rolled-back", Some(&why))?;
+                outcome.state = "rolled-back".into();
+            }
+            Some(from) => {
+                let from_ami = published_ami(self.reg, &from, &self.region)?;
+                let back = Plan {
+                    kind: "auto-rollback",
+                    stack: plan.stack,
+                    template: plan.template,
+                    from: Some(plan.to.clone()),
+                    to: from,
+                    ami: from_ami,
+                    parameters: plan.parameters,
+                    bake: Duration::ZERO,
+                    dry_run: false,
+                };
+                let rollback = Box::pin(self.change(&now, back)).await?;
+                let state = if rollback.ok() {
+                    "rolled-back"
+                } else {
+                    "failed"
+                };
+                self.reg.finish_rollout(id, state, Some(&why))?;
+                outcome.state = state.into();
+                outcome.rollback = Some(Box::new(rollback));
+            }
+            None => {
+                self.reg.finish_rollout(id, "failed", Some(&why))?;
+                outcome.state = "failed".into();
+                outcome.reason = Some(format!(
+                    "{why}; the version it ran before is not in this registry, so it was not rolled back: roll back with `devos-build fleet rollback --stack {} --to VERSION`",
+                    plan.stack
+                ));
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Record the stack call of rollout `id` that just returned: a failure finishes the
+    /// rollout as failed; otherwise the seconds since the command started are kept.
+    fn issued<T>(&mut self, id: i64, outcome: &mut Outcome, call: Result<T>) -> Result<T> {
+        let issued = match call {
+            Ok(issued) => issued,
+            Err(e) => {
+                self.reg
+                    .finish_rollout(id, "failed", Some(&format!("{e:#}")))?;
+                return Err(e);
+            }
+        };
+        let issued_after = self.started.elapsed().as_secs_f64();
+        self.reg.rollout_issued(id, issued_after)?;
+        outcome.issued_after = Some(issued_after);
+        Ok(issued)
+    }
+
+    /// Wait for the stack, streaming its events, then gate. Returns why it failed.
+    async fn settle_and_gate(
+        &mut self,
+        stack_name: &str,
+        ami: &str,
+        bake: Duration,
+        seen: &mut HashSet<String>,
+        outcome: &mut Outcome,
+    ) -> Result<Option<String>> {
+        let mut first_failure = None;
+        let settled = stack::settle(&self.aws, &self.region, stack_name, seen, |e| {
+            print_event(e);
+            if first_failure.is_none() && e.status.ends_with("_FAILED") {
+                first_failure = Some(format!(
+                    "{} {}: {}",
+                    e.logical_id,
+                    e.status,
+                    e.reason.as_deref().unwrap_or("no reason given")
+                ));
+            }
+        })
+        .await?;
+        if !stack::succeeded(&settled.status) {
+            let why = first_failure
+                .or(settled.reason.clone())
+                .unwrap_or_else(|| "no reason given".into());
+            return Ok(Some(format!("the stack ended {}: {why}", settled.status)));
+        }
+        let gate = gate(&self.aws, &self.region, stack_name, ami, bake).await?;
+        let failure = gate.reason.clone().filter(|_| !gate.passed);
+        outcome.gate = Some(gate);
+        Ok(failure.map(|why| format!("health gate: {why}")))
+    }
+}
+
+fn tags(template: Template, v: &VersionInfo) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (TAG_IMAGE.to_owned(), v.name.clone()),
+        ("devos:version".to_owned(), v.version.clone()),
+        (TAG_TEMPLATE.to_owned(), template.as_str().to_owned()),
+    ])
+}
+
+fn context<'a>(reg: &'a mut Registry, aws: &AwsOptions, region: Option<&str>) -> Result<Ctx<'a>> {
+    let started = Instant::now();
+    let (aws, region) = devos_aws::block_on(async {
+        let aws = Aws::load(aws).await?;
+        let region = match region {
+            Some(r) => r.to_owned(),
+            None => aws.default_region()?,
+        };
+        Ok((aws, region))
+    })?;
+    Ok(Ctx {
+        reg,
+        aws,
+        region,
+        started,
+    })
+}
+
+/// `--param KEY=VALUE` pairs, checked against the template's parameters.
+fn parse_params(
+    given: &[String],
+    declared: &[String],
+    template: Template,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for p in given {
+        let Some((k, v)) = p.split_once('=') else {
+            bail!("--param {p}: expected KEY=VALUE");
+        };
+        if k == "ImageId" || k == "ImageVersion" {
+            bail!("--param {k}: set by --image; choose the version with --image NAME@VERSION");
+        }
+        if !declared.iter().any(|d| d == k) {
+            bail!(
+                "--param {k}: the {} template has no such parameter\n  hint: it has {}",
+                template.as_str(),
+                declared.join(", ")
+            );
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+pub struct DeployRequest {
+    pub template: Template,
+    pub image: String,
+    pub params: Vec<String>,
+}
+
+/// Create the stack from a template for a version, or update it to that version
+/// (and those parameters) if it exists.
+pub fn deploy(
+    reg: &mut Registry,
+    aws: &AwsOptions,
+    t: &Target,
+    req: &DeployRequest,
+) -> Result<Outcome> {
+    if req.template == Template::Workspaces {
+        bail!(
+            "fleet deploy: the workspaces template needs a WorkSpaces bundle made from a provisioned WorkSpace\n  hint: follow docs/fleet.md (WorkSpaces), then `devos-build fleet render workspaces` and deploy it with `aws cloudformation deploy`"
+        );
+    }
+    let mut cx = context(reg, aws, t.region.as_deref())?;
+    let (v, ami) = cx.target(&t.stack, &req.image)?;
+    let yaml = render_for(req.template, &v, &cx.region, &ami)?;
+    let declared = template_parameters(&yaml);
+    let mut parameters = parse_params(&req.params, &declared, req.template)?;
+    devos_aws::block_on(async {
+        let existing = stack::describe(&cx.aws, &cx.region, &t.stack).await?;
+        if let Some(s) = existing {
+            cx.require_settled(&s)?;
+            if let Some(image) = s.tags.get(TAG_IMAGE)
+                && image != &v.name
+            {
+                bail!("stack {} runs image {image}, not {}", t.stack, v.name);
+            }
+            let from = cx.current(&s).ok().and_then(|c| c.known);
+            let plan = Plan {
+                kind: "deploy",
+                stack: &t.stack,
+                template: req.template,
+                from,
+                to: v,
+                ami,
+                parameters,
+                bake: t.bake,
+                dry_run: t.dry_run,
+            };
+            return cx.change(&s, plan).await;
+        }
+        if declared.iter().any(|d| d == "VpcId") {
+            let subnet_key = if declared.iter().any(|d| d == "Subnets") {
+                "Subnets"
+            } else {
+                "SubnetId"
+            };
+            match (
+                parameters.contains_key("VpcId"),
+                parameters.contains_key(subnet_key),
+            ) {
+                (true, true) => {}
+                (false, false) => {
+                    let (vpc, subnets) = stack::default_network(&cx.aws, &cx.region).await?;
+                    let subnets = if subnet_key == "Subnets" {
+                        subnets.join(",")
+                    } else {
+                        subnets[0].clone()
+                    };
+                    parameters.insert("VpcId".into(), vpc);
+                    parameters.insert(subnet_key.into(), subnets);
+                }
+                _ => bail!(
+                    "--param VpcId and --param {subnet_key} go together: give both, or neither for the default VPC and its subnets"
+                ),
+            }
+        }
+        parameters.insert("ImageId".into(), ami.clone());
+        parameters.insert("ImageVersion".into(), v.version.clone());
+        let mut outcome = Outcome::planned(
+            &t.stack,
+            &cx.region,
+            "deploy",
+            None,
+            &v,
+            parameters
+                .iter()
+                .map(|(k, val)| (k.clone(), (None, val.clone())))
+                .collect(),
+        );
+        let deployment = Deployment {
+            template: yaml,
+            parameters,
+            keep: Vec::new(),
+            tags: tags(req.template, &v),
+        };
+        if t.dry_run {
+            outcome.changes = stack::resource_types(&cx.aws, &cx.region, &deployment.template)
+                .await?
+                .into_iter()
+                .map(|resource_type| ResourceChange {
+                    action: "Add".into(),
+                    logical_id: String::new(),
+                    resource_type,
+                    replacement: None,
+                })
+                .collect();
+            outcome.state = "dry-run".into();
+            return Ok(outcome);
+        }
+        let id = cx
+            .reg
+            .start_rollout(&t.stack, &cx.region, "deploy", None, &v)?;
+        eprintln!(
+            "deploy {}: creating with {}@{} ({ami})",
+            t.stack, v.name, v.version
+        );
+        let mut seen = HashSet::new();
+        let create = stack::create(&cx.aws, &cx.region, &t.stack, &deployment).await;
+        cx.issued(id, &mut outcome, create)?;
+        match cx
+            .settle_and_gate(&t.stack, &ami, t.bake, &mut seen, &mut outcome)
+            .await?
+        {
+            None => {
+                cx.reg.finish_rollout(id, "succeeded", None)?;
+                outcome.state = "succeeded".into();
+            }
+            Some(why) => {
+                cx.reg.finish_rollout(id, "failed", Some(&why))?;
+                cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
+                outcome.state = "failed".into();
+                outcome.reason = Some(format!(
+                    "{why}\n  hint: `devos-build fleet status --stack {}` shows what runs; a stack that failed its creation must be deleted before it is deployed again",
+                    t.stack
+                ));
+            }
+        }
+        Ok(outcome)
+    })
+}
+
+/// Roll a stack to a version: the canary stack first (if any), gated, then the stack.
+pub fn rollout(
+    reg: &mut Registry,
+    aws: &AwsOptions,
+    t: &Target,
+    to: &str,
+    canary: Option<&str>,
+) -> Result<Vec<Outcome>> {
+    let mut cx = context(reg, aws, t.region.as_deref())?;
+    devos_aws::block_on(async {
+        let mut outcomes = Vec::new();
+        for stack_name in canary.into_iter().chain([t.stack.as_str()]) {
+            let s = cx.existing(stack_name).await?;
+            let template = Ctx::template_of(&s)?;
+            let current = cx.current(&s)?;
+            let (v, ami) = cx.target(stack_name, &current.resolve(to))?;
+            if v.name != current.image {
+                bail!(
+                    "stack {stack_name} runs image {}, not {}",
+                    current.image,
+                    v.name
+                );
+            }
+            if current.reference == format!("{}@{}", v.name, v.version) {
+                eprintln!("{stack_name} already runs {}", current.reference);
+                continue;
+            }
+            let plan = Plan {
+                kind: "rollout",
+                stack: stack_name,
+                template,
+                from: current.known,
+                to: v.clone(),
+                ami,
+                parameters: BTreeMap::new(),
+                bake: t.bake,
+                dry_run: t.dry_run,
+            };
+            let outcome = cx.change(&s, plan).await?;
+            let ok = outcome.ok();
+            if !ok && Some(stack_name) == canary {
+                let why = format!(
+                    "failed on canary stack {stack_name}: {}",
+                    outcome.reason.as_deref().unwrap_or("?")
+                );
+                cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
+            }
+            outcomes.push(outcome);
+            if !ok {
+                break;
+            }
+        }
+        Ok(outcomes)
+    })
+}
+
+/// Roll a stack back to `to`, or to the last version that passed its gate there.
+pub fn rollback(
+    reg: &mut Registry,
+    aws: &AwsOptions,
+    t: &Target,
+    to: Option<&str>,
+) -> Result<Outcome> {
+    let mut cx = context(reg, aws, t.region.as_deref())?;
+    devos_aws::block_on(async {
+        let s = cx.existing(&t.stack).await?;
+        let template = Ctx::template_of(&s)?;
+        let current = cx.current(&s)?;
+        let reference = match to {
+            Some(to) => current.resolve(to),
+            None => last_good(cx.reg, &t.stack, &cx.region, &current.reference)?,
+        };
+        let (v, ami) = cx.target(&t.stack, &reference)?;
+        let plan = Plan {
+            kind: "rollback",
+            stack: &t.stack,
+            template,
+            from: current.known,
+            to: v,
+            ami,
+            parameters: BTreeMap::new(),
+            bake: t.bake,
+            dry_run: t.dry_run,
+        };
+        cx.change(&s, plan).await
+    })
+}
+
+/// The newest version other than `current` that passed its gate on the stack and is
+/// not marked bad there.
+fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> Result<String> {
+    for r in reg.rollouts(Some(stack_name), Some(region))? {
+        let reference = format!("{}@{}", r.image, r.to);
+        if r.state != "succeeded" || reference == current {
+            continue;
+        }
+        if let Ok(v) = reg.find(&reference)
+            && reg.bad_reason(stack_name, region, &v)?.is_none()
+        {
+            return Ok(reference);
+        }
+    }
+    bail!(
+        "no version other than {current} passed its gate on stack {stack_name} in {region}\n  hint: name one with --to VERSION (`devos-build fleet history --stack {stack_name}` lists what ran)"
+    )
+}
+
+/// What a stack runs now.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub stack: Stack,
+    pub version: Option<String>,
+    pub running: Running,
+    pub last: Option<Rollout>,
+}
+
+impl Status {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{} ({}): {}\n",
+            self.stack.name,
+            self.stack.status,
+            self.version.as_deref().unwrap_or("(unknown version)")
+        );
+        if let Some(g) = &self.running.group {
+            s.push_str(&format!("  group {g}, desired {}\n", self.running.desired));
+        }
+        if let Some(lt) = &self.running.launch_template {
+            s.push_str(&format!(
+                "  launch template {lt} version {} -> {}\n",
+                self.running
+                    .launch_template_version
+                    .as_deref()
+                    .unwrap_or("?"),
+                self.running.launch_template_image.as_deref().unwrap_or("?")
+            ));
+        }
+        for m in &self.running.instances {
+            s.push_str(&format!(
+                "  {:<20} {:<22} {:<10} {:<10} {}\n",
+                m.id,
+                m.image_id,
+                m.state,
+                m.lifecycle.as_deref().unwrap_or("-"),
+                m.health.as_deref().unwrap_or("-")
+            ));
+        }
+        if let Some(r) = &self.last {
+            s.push_str(&format!(
+                "  last: {} {} -> {} {}\n",
+                r.kind,
+                r.from.as_deref().unwrap_or("-"),
+                r.to,
+                r.state
+            ));
+        }
+        s
+    }
+}
+
+pub fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result<Status> {
+    let cx = context(reg, aws, t.region.as_deref())?;
+    devos_aws::block_on(async {
+        let stack = stack::describe(&cx.aws, &cx.region, &t.stack)
+            .await?
+            .with_context(|| format!("there is no stack {} in {}", t.stack, cx.region))?;
+        let version = cx.current(&stack).ok().map(|c| c.reference);
+        let running = stack::running(&cx.aws, &cx.region, &t.stack).await?;
+        let last = cx
+            .reg
+            .rollouts(Some(&t.stack), Some(&cx.region))?
+            .into_iter()
+            .next();
+        Ok(Status {
+            stack,
+            version,
+            running,
+            last,
+        })
+    })
+}
+
+pub fn history_human(rows: &[Rollout]) -> String {
+    let mut s = String::new();
+    for r in rows {
+        s.push_str(&format!(
+            "{:>4} {} {:<14} {:<20} {:<14} {} -> {} {:<12} {}\n",
+            r.id,
+            crate::support::time::utc(r.started_at),
+            r.kind,
+            r.stack,
+            r.region,
+            r.from.as_deref().unwrap_or("-"),
+            r.to,
+            r.state,
+            r.reason.as_deref().unwrap_or("")
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devos_aws::stack::Member;
+
+    fn member(id: &str, ami: &str, health: &str) -> Member {
+        Member {
+            id: id.into(),
+            image_id: ami.into(),
+            state: "running".into(),
+            lifecycle: Some("InService".into()),
+            health: Some(health.into()),
+        }
+    }
+
+    fn running(instances: Vec<Member>) -> Running {
+        Running {
+            group: Some("g".into()),
+            desired: 2,
+            launch_template: Some("lt-1".into()),
+            launch_template_version: Some("2".into()),
+            launch_template_image: Some("ami-new".into()),
+            instances,
+        }
+    }
+
+    #[test]
+    fn the_gate_passes_only_a_full_healthy_group_on_the_new_ami() {
+        let good = running(vec![
+            member("i-1", "ami-new", "Healthy"),
+            member("i-2", "ami-new", "Healthy"),
+        ]);
+        assert_eq!(judge(&good, "ami-new"), Ok(None));
+        let short = running(vec![member("i-1", "ami-new", "Healthy")]);
+        assert_eq!(
+            judge(&short, "ami-new"),
+            Ok(Some("1 of 2 instances in service on ami-new".into()))
+        );
+        let sick = running(vec![
+            member("i-1", "ami-new", "Healthy"),
+            member("i-2", "ami-new", "Unhealthy"),
+        ]);
+        assert_eq!(
+            judge(&sick, "ami-new"),
+            Err("instance i-2 is Unhealthy".into())
+        );
+        let old = running(vec![
+            member("i-1", "ami-old", "Healthy"),
+            member("i-2", "ami-new", "Healthy"),
+        ]);
+        assert!(
+            judge(&old, "ami-new")
+                .unwrap_err()
+                .contains("i-1 is in service on ami-old")
+        );
+        let mut stale = good;
+        stale.launch_template_image = Some("ami-old".into());
+        assert!(
+            judge(&stale, "ami-new")
+                .unwrap_err()
+                .contains("launch template lt-1 version 2 launches ami-old")
+        );
+    }
+
+    #[test]
+    fn template_parameters_are_the_top_level_parameter_keys() {
+        let yaml = "Parameters:\n  ImageId:\n    Type: String\n    Default: x\n  Subnets:\n    Type: String\nResources:\n  Group:\n    Type: X\n";
+        assert_eq!(template_parameters(yaml), ["ImageId", "Subnets"]);
+    }
+}

@@ -1,0 +1,355 @@
+//! The `resolve` stage's package resolution: a private apt state per set of package
+//! sources (kept in the cache), refreshed only when an archive's signed `InRelease`
+//! changed, and the exact package set (names and versions) an image gets, computed by
+//! apt without installing anything. mmdebstrap later installs from the same indices.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::image::rootfs::Sources;
+use crate::model::manifest::Package;
+use crate::model::spec::Spec;
+use crate::support::cmd;
+use crate::support::digest::sha256_hex;
+
+/// The apt state (configuration and package lists) for one set of sources.
+pub struct Index {
+    dir: PathBuf,
+}
+
+/// What was resolved: the package set and the archive state it came from.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Resolution {
+    /// sha256 over the `InRelease` files the package lists came from.
+    pub archive: String,
+    /// The `Date:` of the first source's `InRelease` (the suite itself), as epoch.
+    pub archive_date: u64,
+    /// Every package the rootfs gets from the archive, sorted by name.
+    pub packages: Vec<Package>,
+}
+
+impl Index {
+    /// The index for `sources` under `cache` (created on first use).
+    pub fn open(cache: &Path, sources: &Sources) -> Result<Self> {
+        let key = sha256_hex(format!("{}\n{}", ARCH, sources.deb822).as_bytes());
+        let dir = cache.join("apt").join(&key[..16]);
+        for sub in [
+            "lists/partial",
+            "cache/archives/partial",
+            "etc/sources.list.d",
+            "etc/apt.conf.d",
+            "etc/preferences.d",
+            "etc/trusted.gpg.d",
+            "resolved",
+        ] {
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+        }
+        fs::write(
+            dir.join("etc/sources.list.d/devos.sources"),
+            &sources.deb822,
+        )?;
+        if !dir.join("status").exists() {
+            fs::write(dir.join("status"), "")?;
+        }
+        let d = dir.display();
+        // apt reads only this file: nothing from the host's apt configuration leaks in.
+        fs::write(
+            dir.join("apt.conf"),
+            format!(
+                "Dir::Etc::SourceList \"/dev/null\";\n\
+                 Dir::Etc::SourceParts \"{d}/etc/sources.list.d\";\n\
+                 Dir::Etc::Parts \"{d}/etc/apt.conf.d\";\n\
+                 Dir::Etc::Preferences \"/dev/null\";\n\
+                 Dir::Etc::PreferencesParts \"{d}/etc/preferences.d\";\n\
+                 Dir::Etc::TrustedParts \"{d}/etc/trusted.gpg.d\";\n\
+                 Dir::State::Lists \"{d}/lists\";\n\
+                 Dir::State::status \"{d}/status\";\n\
+                 Dir::Cache \"{d}/cache\";\n\
+                 Debug::NoLocking \"true\";\n\
+                 APT::Architecture \"{ARCH}\";\n\
+                 APT::Architectures \"{ARCH}\";\n\
+                 APT::Install-Recommends \"false\";\n\
+                 Acquire::Languages \"none\";\n\
+                 Acquire::Retries \"3\";\n"
+            ),
+        )?;
+        Ok(Self { dir })
+    }
+
+    /// The package lists, for mmdebstrap to install from (`--skip=update`).
+    pub fn lists(&self) -> PathBuf {
+        self.dir.join("lists")
+    }
+
+    fn apt(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("APT_CONFIG", self.dir.join("apt.conf"))
+            .env("LC_ALL", "C.UTF-8");
+        c
+    }
+
+    /// Bring the package lists up to date. Each archive's `InRelease` is fetched
+    /// (small, signed); apt downloads the indices only when one of them changed.
+    /// An archive that cannot be reached fails here, naming the mirror, and then a
+    /// missing archive keyring.
+    pub fn refresh(&self, spec: &Spec, sources: &Sources) -> Result<()> {
+        let fetched = fetch_in_releases(spec, sources)?;
+        // Reachable: now the keyring that must verify it.
+        crate::image::rootfs::preflight(spec)?;
+        let stamp = self.dir.join("in-release.sha256");
+        let current = sha256_hex(fetched.as_bytes());
+        if fs::read_to_string(&stamp).is_ok_and(|s| s == current) && self.archive().is_ok() {
+            return Ok(());
+        }
+        cmd::run(self.apt("apt-get").args(["-q", "update", "--error-on=any"])).with_context(
+            || {
+                format!(
+                    "while downloading the package lists for {:?} {}",
+                    spec.distro, spec.suite
+                )
+            },
+        )?;
+        fs::write(&stamp, current)?;
+        Ok(())
+    }
+
+    /// sha256 over the `InRelease` files apt's lists come from, in name order.
+    fn archive(&self) -> Result<String> {
+        let files = self.in_release_files()?;
+        if files.is_empty() {
+            bail!("no package lists in {}", self.lists().display());
+        }
+        let mut h = Sha256::new();
+        for f in &files {
+            h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+            h.update(crate::support::digest::file_sha256(f)?);
+        }
+        Ok(hex::encode(h.finalize()))
+    }
+
+    fn in_release_files(&self) -> Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = fs::read_dir(self.lists())?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().ends_with("_InRelease"))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// The package set an image with these packages gets: everything `Essential`,
+    /// every `Priority: required` package and apt (mmdebstrap's `minbase`), plus
+    /// `packages` and their dependencies, without recommends. Cached by the
+    /// archive state and the request, so an unchanged archive costs nothing.
+    pub fn resolve(&self, spec: &Spec, sources: &Sources) -> Result<Resolution> {
+        let archive = self.archive()?;
+        let request = spec.all_packages();
+        let key = sha256_hex(format!("{archive}\n{}", request.join("\n")).as_bytes());
+        let cached = self.dir.join("resolved").join(format!("{key}.json"));
+        if let Some(r) = fs::read(&cached)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Resolution>(&b).ok())
+        {
+            return Ok(r);
+        }
+        let mut c = self.apt("apt-get");
+        c.args([
+            "-q",
+            "--simulate",
+            "install",
+            "?essential",
+            "?priority(required)",
+            "apt",
+        ])
+        .args(&request);
+        let out = cmd::run(&mut c).with_context(|| {
+            format!(
+                "apt cannot install the packages of {} from {:?} {}\n  hint: check the names in `[packages] include` and the layers",
+                spec.path.display(),
+                spec.distro,
+                spec.suite
+            )
+        })?;
+        let packages = parse_simulation(&String::from_utf8_lossy(&out.stdout));
+        if packages.is_empty() {
+            bail!("apt resolved no packages for {}", spec.path.display());
+        }
+        // The date of the suite itself (the first source), else of any archive.
+        let files = self.in_release_files()?;
+        let first = sources
+            .repos
+            .first()
+            .map(|(uri, suite)| self.lists().join(list_name(uri, suite)))
+            .filter(|f| files.contains(f))
+            .or_else(|| files.into_iter().next());
+        let archive_date = first
+            .and_then(|f| fs::read_to_string(f).ok())
+            .and_then(|t| release_date(&t))
+            .unwrap_or(0);
+        let r = Resolution {
+            archive,
+            archive_date,
+            packages,
+        };
+        let tmp = cached.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec(&r)?)?;
+        fs::rename(&tmp, &cached)?;
+        Ok(r)
+    }
+}
+
+/// The architecture images are built for.
+pub const ARCH: &str = "amd64";
+
+/// `Inst NAME (VERSION ARCHIVE [ARCH])` lines of `apt-get --simulate`.
+fn parse_simulation(out: &str) -> Vec<Package> {
+    let mut set = BTreeMap::new();
+    for line in out.lines() {
+        let Some(rest) = line.strip_prefix("Inst ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(name), Some(version)) = (words.next(), words.next()) else {
+            continue;
+        };
+        // `Inst foo [old] (new ...)` appears only on upgrades, never from an empty status.
+        let version = version.trim_start_matches('(');
+        set.insert(name.to_owned(), version.to_owned());
+    }
+    set.into_iter()
+        .map(|(name, version)| Package { name, version })
+        .collect()
+}
+
+/// apt's file name for a list: the URI without its scheme, `/` turned into `_`.
+fn list_name(uri: &str, suite: &str) -> String {
+    let bare = uri.split_once("://").map_or(uri, |(_, r)| r);
+    format!("{}/dists/{suite}/InRelease", bare.trim_end_matches('/')).replace('/', "_")
+}
+
+/// The `Date:` field of a Release file as a Unix time.
+pub fn release_date(text: &str) -> Option<u64> {
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Date:"))?
+        .trim()
+        .replace(" UTC", " GMT");
+    let t = httpdate::parse_http_date(&value).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
+/// One `InRelease`. A local (`file://`) mirror is read directly; if it is missing,
+/// apt says so when it updates.
+fn fetch_one(agent: &ureq::Agent, url: &str) -> Result<String, String> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Ok(fs::read_to_string(path).unwrap_or_default());
+    }
+    agent
+        .get(url)
+        .call()
+        .map_err(|e| e.to_string())
+        .and_then(|mut r| {
+            r.body_mut()
+                .with_config()
+                .limit(16 << 20)
+                .read_to_string()
+                .map_err(|e| e.to_string())
+        })
+}
+
+/// Fetch every archive's `InRelease` (in parallel); their concatenation says whether
+/// the lists are current. Fails naming the first mirror that cannot be reached.
+fn fetch_in_releases(spec: &Spec, sources: &Sources) -> Result<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(8)))
+        .build()
+        .into();
+    let results: Vec<(String, Result<String, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = sources
+            .repos
+            .iter()
+            .map(|(uri, suite)| {
+                let agent = agent.clone();
+                let url = format!("{}/dists/{suite}/InRelease", uri.trim_end_matches('/'));
+                s.spawn(move || {
+                    let body = fetch_one(&agent, &url);
+                    (url, body)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| (String::new(), Err("fetch thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut all = String::new();
+    for ((uri, _), (url, body)) in sources.repos.iter().zip(results) {
+        match body {
+            Ok(text) => {
+                all.push_str(&url);
+                all.push('\n');
+                all.push_str(&text);
+            }
+            Err(e) => {
+                let hint = match sources.origin {
+                    "spec" => format!("fix `[base] mirror` in {}", spec.path.display()),
+                    "host" => "check the host's apt sources (/etc/apt/sources.list.d)".to_owned(),
+                    _ => format!(
+                        "set `[base] mirror` in {} to a {:?} mirror this machine can reach (a local mirror or apt proxy)",
+                        spec.path.display(),
+                        spec.distro
+                    ),
+                };
+                bail!(
+                    "cannot reach the package mirror {uri} for {:?} {} (GET {url}: {e})\n  hint: {hint}",
+                    spec.distro,
+                    spec.suite
+                );
+            }
+        }
+    }
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulation_lines() {
+        let out = "NOTE: This is only a simulation!\n\
+                   Inst gcc-12-base (12.2.0-14+deb12u1 Debian:12.15/oldstable [amd64])\n\
+                   Inst libc6 (2.36-9+deb12u14 Debian:12.15/oldstable [amd64]) []\n\
+                   Conf libc6 (2.36-9+deb12u14 Debian:12.15/oldstable [amd64])\n";
+        let p = parse_simulation(out);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].name, "gcc-12-base");
+        assert_eq!(p[1].version, "2.36-9+deb12u14");
+    }
+
+    #[test]
+    fn list_names_match_apt() {
+        assert_eq!(
+            list_name("http://deb.debian.org/debian/", "bookworm-updates"),
+            "deb.debian.org_debian_dists_bookworm-updates_InRelease"
+        );
+    }
+
+    #[test]
+    fn release_dates() {
+        let t = "Origin: Debian\nDate: Sat, 10 May 2025 09:51:40 UTC\nValid-Until: x\n";
+        assert_eq!(release_date(t), Some(1_746_870_700));
+    }
+}

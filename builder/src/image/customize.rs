@@ -1,0 +1,495 @@
+//! The `customize` stage: turn a bootstrapped tree into a DevOS image tree — the agent
+//! package and its config, os-release identity, users, hostname, fstab, enabled
+//! units, an empty machine-id — ready to be split into partitions.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::image::identity::Identity;
+use crate::model::spec::RootFs;
+use crate::model::spec::Spec;
+use crate::support::cmd;
+
+/// Units enabled in every image: (unit, the target whose .wants gets it).
+const ENABLED_UNITS: &[(&str, &str)] = &[
+    ("systemd-networkd.service", "multi-user.target"),
+    ("systemd-networkd.socket", "sockets.target"),
+];
+
+/// Units that make no sense in an immutable VM image and only cost boot time (each is
+/// a process or a mount that takes 1-2 s of CPU under TCG): package maintenance,
+/// scrubbing a read-only root, and early module loads for hardware and subsystems a
+/// DevOS VM does not use (GPUs, device-mapper, loop, pstore, configfs, huge pages).
+/// The modules still load on demand when something needs them.
+const MASKED_UNITS: &[&str] = &[
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "apt-daily.service",
+    "apt-daily-upgrade.service",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "modprobe@drm.service",
+    "modprobe@dm_mod.service",
+    "modprobe@loop.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@configfs.service",
+    "sys-kernel-config.mount",
+    "dev-hugepages.mount",
+    // /dev/fuse is a static node: opening it loads the module when it is needed.
+    "modprobe@fuse.service",
+    "sys-fs-fuse-connections.mount",
+];
+
+/// Units the agent package brings, enabled when `[agent] enable` is true.
+const AGENT_UNITS: &[(&str, &str)] = &[
+    ("devos-agent.service", "multi-user.target"),
+    ("devos-selftest.service", "multi-user.target"),
+];
+
+pub fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Path) -> Result<()> {
+    check_bootable(spec, root)?;
+    if spec.agent_enabled {
+        install_agent(spec, root, agent_deb)?;
+    }
+    write_os_release(spec, id, root)?;
+    write_identity(spec, root)?;
+    write_fstab(spec, id, root)?;
+    write_network(root)?;
+    mask_units(root)?;
+    create_users(spec, root)?;
+    // /home lives on the writable data partition; tmpfiles must not try to make it a
+    // directory on the read-only root.
+    replace_with_symlink(&root.join("home"), "var/home")?;
+    fs::create_dir_all(root.join("var/home"))?;
+    fs::write(
+        root.join("etc/tmpfiles.d/home.conf"),
+        "# DevOS: /home is a symlink to /var/home (the writable data partition).\nd /var/home 0755 - - -\n",
+    )?;
+    remove_build_leftovers(root)?;
+    mark_updated(root, id.source_date_epoch)?;
+    // Last: every file time in the image is at most SOURCE_DATE_EPOCH.
+    crate::image::files::clamp_mtimes(root, id.source_date_epoch)?;
+    Ok(())
+}
+
+/// Mark /etc and /var as up to date with /usr. Units with `ConditionNeedsUpdate=`
+/// (ldconfig, hwdb and journal catalog rebuilds) would otherwise run on every boot,
+/// because a read-only root can never record that they ran.
+fn mark_updated(root: &Path, source_date_epoch: u64) -> Result<()> {
+    // /usr's time as it will be once every time is clamped.
+    let usr = fs::metadata(root.join("usr"))?
+        .modified()?
+        .min(std::time::UNIX_EPOCH + std::time::Duration::from_secs(source_date_epoch));
+    let nsec = usr
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    for dir in ["etc", "var"] {
+        let path = root.join(dir).join(".updated");
+        fs::write(
+            &path,
+            format!("# This file was created by devos-build.\nTIMESTAMP_NSEC={nsec}\n"),
+        )?;
+        fs::File::options()
+            .write(true)
+            .open(&path)?
+            .set_modified(usr)?;
+    }
+    Ok(())
+}
+
+fn check_bootable(spec: &Spec, root: &Path) -> Result<()> {
+    let needs = [
+        ("boot/vmlinuz-*", "a kernel", "linux-image-cloud-amd64"),
+        (
+            "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+            "the systemd-boot EFI binary",
+            "systemd-boot-efi",
+        ),
+        ("usr/bin/dbus-daemon", "the D-Bus daemon", "dbus"),
+        ("usr/lib/systemd/systemd", "systemd", "systemd-sysv"),
+    ];
+    for (path, what, package) in needs {
+        if crate::image::disk::find_one(root, path).is_none() {
+            bail!(
+                "the root filesystem has no {what} ({path})\n  hint: add `{package}` to `[packages] include` in {}",
+                spec.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn install_agent(spec: &Spec, root: &Path, agent_deb: &Path) -> Result<()> {
+    // dpkg --root runs the (trigger-only) maintainer scripts chrooted into the tree.
+    cmd::run(
+        Command::new("dpkg")
+            .arg(format!("--root={}", root.display()))
+            .args(["--force-unsafe-io", "-i"])
+            .arg(agent_deb),
+    )
+    .context("while installing the agent package into the image")?;
+    fs::write(
+        root.join("etc/devos/agent.toml"),
+        spec.agent_config.to_file(),
+    )?;
+    for (unit, target) in AGENT_UNITS {
+        enable(root, unit, target)?;
+    }
+    symlink(
+        "/usr/lib/systemd/system/devos-agent.service",
+        root.join("etc/systemd/system/dbus-org.devos.Agent1.service"),
+    )?;
+    Ok(())
+}
+
+fn enable(root: &Path, unit: &str, target: &str) -> Result<()> {
+    let wants = root.join(format!("etc/systemd/system/{target}.wants"));
+    fs::create_dir_all(&wants)?;
+    let link = wants.join(unit);
+    if link.symlink_metadata().is_err() {
+        symlink(format!("/usr/lib/systemd/system/{unit}"), link)?;
+    }
+    Ok(())
+}
+
+/// Add `IMAGE_ID` and `IMAGE_VERSION` to os-release (the file /etc/os-release links to).
+fn write_os_release(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
+    let path = root.join("usr/lib/os-release");
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("while reading {}", path.display()))?;
+    let mut out: String = text
+        .lines()
+        .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    out.push_str(&format!(
+        "IMAGE_ID={}\nIMAGE_VERSION={}\n",
+        spec.name, id.version
+    ));
+    fs::write(&path, out)?;
+    Ok(())
+}
+
+fn write_identity(spec: &Spec, root: &Path) -> Result<()> {
+    fs::write(root.join("etc/hostname"), format!("{}\n", spec.hostname))?;
+    fs::write(
+        root.join("etc/hosts"),
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\t\tlocalhost ip6-localhost ip6-loopback\n",
+            spec.hostname
+        ),
+    )?;
+    let zone = root.join("usr/share/zoneinfo").join(&spec.timezone);
+    if spec.timezone != "UTC" && !zone.exists() {
+        bail!(
+            "timezone `{}` is not in the image (no {})\n  hint: add `tzdata` to `[packages] include` in {}, or check the zone name",
+            spec.timezone,
+            zone.display(),
+            spec.path.display()
+        );
+    }
+    replace_with_symlink(
+        &root.join("etc/localtime"),
+        &format!("/usr/share/zoneinfo/{}", spec.timezone),
+    )?;
+    fs::write(root.join("etc/timezone"), format!("{}\n", spec.timezone))?;
+    // Empty: systemd makes a transient id at boot; every machine gets its own.
+    fs::write(root.join("etc/machine-id"), "")?;
+    let _ = fs::remove_file(root.join("var/lib/dbus/machine-id"));
+    Ok(())
+}
+
+fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
+    let root_type = match spec.root_fs {
+        RootFs::Ext4 => "ext4",
+        RootFs::Erofs => "erofs",
+    };
+    fs::write(
+        root.join("etc/fstab"),
+        format!(
+            "# DevOS: the root filesystem is read-only; /var is the writable data partition.\n\
+             PARTUUID={}\t/\t{root_type}\tro,noatime\t0\t0\n\
+             PARTUUID={}\t/var\text4\tdefaults,noatime\t0\t2\n\
+             tmpfs\t/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n",
+            id.root_partuuid, id.var_partuuid
+        ),
+    )?;
+    Ok(())
+}
+
+fn write_network(root: &Path) -> Result<()> {
+    let dir = root.join("etc/systemd/network");
+    fs::create_dir_all(&dir)?;
+    fs::write(
+        dir.join("80-devos-dhcp.network"),
+        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
+    )?;
+    for (unit, target) in ENABLED_UNITS {
+        enable(root, unit, target)?;
+    }
+    // Early boot under TCG is bound by CPU: the bus (and the agent, in its own unit)
+    // get the larger share while the system starts, ahead of logind, networkd and
+    // resolved, which start at the same moment.
+    let dbus = root.join("etc/systemd/system/dbus.service.d");
+    fs::create_dir_all(&dbus)?;
+    fs::write(
+        dbus.join("devos-startup.conf"),
+        "# DevOS: the bus first while the system starts (see the builder's customize stage).\n[Service]\nStartupCPUWeight=1000\n",
+    )?;
+
+    if root.join("usr/lib/systemd/systemd-resolved").exists() {
+        replace_with_symlink(
+            &root.join("etc/resolv.conf"),
+            "../run/systemd/resolve/stub-resolv.conf",
+        )?;
+    }
+    reorder_units(root)?;
+    Ok(())
+}
+
+/// Units the package orders ahead of something early boot waits for, although nothing
+/// there needs them: (unit, the `Before=` entry to drop, whether it moves from
+/// sysinit.target to multi-user.target).
+/// - systemd-resolved: before sysinit.target (3-4 s under TCG), though nothing in early
+///   boot resolves names; started with multi-user.target instead.
+///
+/// (Tried and dropped: taking systemd-journal-flush and systemd-update-utmp off the
+/// path too. Early boot under TCG is bound by CPU, not by ordering: their work then
+/// competed with dbus and the agent and the agent answered later, not sooner.)
+const REORDERED_UNITS: &[(&str, &str, bool)] =
+    &[("systemd-resolved.service", "sysinit.target", true)];
+
+/// Take [`REORDERED_UNITS`] off the early-boot path. Ordering cannot be removed by a
+/// drop-in: the image carries the package's unit with the entry taken out of
+/// `Before=`, in /etc, regenerated from the package's unit on every build.
+fn reorder_units(root: &Path) -> Result<()> {
+    for &(unit, not_before, to_multi_user) in REORDERED_UNITS {
+        let shipped = root.join("usr/lib/systemd/system").join(unit);
+        if !shipped.exists() {
+            continue;
+        }
+        let text = fs::read_to_string(&shipped)
+            .with_context(|| format!("while reading {}", shipped.display()))?;
+        let mut out = format!(
+            "# DevOS: the package's unit, not ordered before {not_before} (see the builder's\n# customize stage).\n"
+        );
+        for line in text.lines() {
+            let line = match line.strip_prefix("Before=") {
+                Some(list) => {
+                    let kept: Vec<&str> = list
+                        .split_whitespace()
+                        .filter(|u| *u != not_before)
+                        .collect();
+                    if kept.is_empty() {
+                        continue;
+                    }
+                    format!("Before={}", kept.join(" "))
+                }
+                None if to_multi_user && line == "WantedBy=sysinit.target" => {
+                    "WantedBy=multi-user.target".into()
+                }
+                None => line.to_owned(),
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        fs::write(root.join("etc/systemd/system").join(unit), out)?;
+        if to_multi_user {
+            let old = root
+                .join("etc/systemd/system/sysinit.target.wants")
+                .join(unit);
+            if old.symlink_metadata().is_ok() {
+                fs::remove_file(&old)?;
+            }
+            enable(root, unit, "multi-user.target")?;
+        }
+    }
+    Ok(())
+}
+
+fn mask_units(root: &Path) -> Result<()> {
+    for unit in MASKED_UNITS {
+        replace_with_symlink(&root.join("etc/systemd/system").join(unit), "/dev/null")?;
+    }
+    Ok(())
+}
+
+/// Users are written straight into passwd/group/shadow (not with useradd) so no
+/// build-time date ends up in the image.
+fn create_users(spec: &Spec, root: &Path) -> Result<()> {
+    if spec.users.is_empty() {
+        return Ok(());
+    }
+    let etc = root.join("etc");
+    let mut passwd = fs::read_to_string(etc.join("passwd"))?;
+    let mut group = fs::read_to_string(etc.join("group"))?;
+    let mut shadow = fs::read_to_string(etc.join("shadow"))?;
+    let mut gshadow = fs::read_to_string(etc.join("gshadow")).unwrap_or_default();
+    let used: Vec<u32> = passwd
+        .lines()
+        .chain(group.lines())
+        .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+        .collect();
+    let mut next = 1000;
+    for user in &spec.users {
+        while used.contains(&next) {
+            next += 1;
+        }
+        let uid = next;
+        next += 1;
+        for g in &user.groups {
+            group = add_member(&group, g, &user.name).with_context(|| {
+                format!(
+                    "user `{}`: group `{g}` does not exist in the image\n  hint: remove it from `groups` in {} or install the package that creates it",
+                    user.name,
+                    spec.path.display()
+                )
+            })?;
+            gshadow = add_member(&gshadow, g, &user.name).unwrap_or(gshadow);
+        }
+        passwd.push_str(&format!(
+            "{0}:x:{uid}:{uid}::/home/{0}:/bin/bash\n",
+            user.name
+        ));
+        group.push_str(&format!("{}:x:{uid}:\n", user.name));
+        shadow.push_str(&format!("{}:*::0:99999:7:::\n", user.name));
+        gshadow.push_str(&format!("{}:!::\n", user.name));
+
+        let home = root.join("var/home").join(&user.name);
+        let ssh = home.join(".ssh");
+        fs::create_dir_all(&ssh)?;
+        let mut keys = fs::File::create(ssh.join("authorized_keys"))?;
+        for k in &user.ssh_authorized_keys {
+            writeln!(keys, "{k}")?;
+        }
+        fs::set_permissions(&home, fs::Permissions::from_mode(0o750))?;
+        fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700))?;
+        fs::set_permissions(
+            ssh.join("authorized_keys"),
+            fs::Permissions::from_mode(0o600),
+        )?;
+        for p in [&home, &ssh, &ssh.join("authorized_keys")] {
+            std::os::unix::fs::chown(p, Some(uid), Some(uid))?;
+        }
+    }
+    fs::write(etc.join("passwd"), passwd)?;
+    fs::write(etc.join("group"), group)?;
+    fs::write(etc.join("shadow"), shadow)?;
+    fs::write(etc.join("gshadow"), gshadow)?;
+    Ok(())
+}
+
+/// Add `user` to `name` in a group(5)-style file; `None` if the group is missing.
+fn add_member(file: &str, name: &str, user: &str) -> Option<String> {
+    let mut found = false;
+    let out = file
+        .lines()
+        .map(|l| {
+            let mut f: Vec<&str> = l.split(':').collect();
+            if f.first() == Some(&name) && f.len() == 4 {
+                found = true;
+                let members = if f[3].is_empty() {
+                    user.to_owned()
+                } else {
+                    format!("{},{user}", f[3])
+                };
+                f[3] = "";
+                return format!("{}{members}\n", f.join(":"));
+            }
+            format!("{l}\n")
+        })
+        .collect();
+    found.then_some(out)
+}
+
+fn replace_with_symlink(path: &Path, target: &str) -> Result<()> {
+    match path.symlink_metadata() {
+        Ok(m) if m.is_dir() => fs::remove_dir(path)
+            .with_context(|| format!("while replacing {} with a symlink", path.display()))?,
+        Ok(_) => fs::remove_file(path)?,
+        Err(_) => {}
+    }
+    symlink(target, path)?;
+    Ok(())
+}
+
+/// Logs and caches with build-time timestamps that no image should carry.
+fn remove_build_leftovers(root: &Path) -> Result<()> {
+    for file in [
+        "var/log/dpkg.log",
+        "var/log/alternatives.log",
+        "var/log/bootstrap.log",
+        "var/cache/ldconfig/aux-cache",
+        "var/lib/dpkg/status-old",
+        "var/lib/dpkg/diversions-old",
+    ] {
+        let _ = fs::remove_file(root.join(file));
+    }
+    for dir in ["var/log/apt", "var/cache/apt/archives"] {
+        if let Ok(entries) = fs::read_dir(root.join(dir)) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_are_taken_off_the_early_boot_path() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("usr/lib/systemd/system")).unwrap();
+        fs::create_dir_all(r.join("etc/systemd/system/sysinit.target.wants")).unwrap();
+        fs::write(
+            r.join("usr/lib/systemd/system/systemd-resolved.service"),
+            "[Unit]\nBefore=sysinit.target network.target nss-lookup.target\n\n[Install]\nWantedBy=sysinit.target\n",
+        )
+        .unwrap();
+        symlink(
+            "/lib/systemd/system/systemd-resolved.service",
+            r.join("etc/systemd/system/sysinit.target.wants/systemd-resolved.service"),
+        )
+        .unwrap();
+        reorder_units(r).unwrap();
+        let unit =
+            fs::read_to_string(r.join("etc/systemd/system/systemd-resolved.service")).unwrap();
+        assert!(
+            unit.contains("\nBefore=network.target nss-lookup.target\n"),
+            "{unit}"
+        );
+        assert!(unit.contains("WantedBy=multi-user.target"), "{unit}");
+        assert!(
+            !r.join("etc/systemd/system/sysinit.target.wants/systemd-resolved.service")
+                .exists()
+        );
+        assert!(
+            r.join("etc/systemd/system/multi-user.target.wants/systemd-resolved.service")
+                .symlink_metadata()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn add_member_appends_to_existing_members() {
+        let group = "sudo:x:27:\nadm:x:4:syslog\n";
+        let g = add_member(group, "sudo", "dev").unwrap();
+        assert!(g.contains("sudo:x:27:dev\n"), "{g}");
+        let g = add_member(&g, "adm", "dev").unwrap();
+        assert!(g.contains("adm:x:4:syslog,dev\n"), "{g}");
+        assert!(add_member(group, "wheel", "dev").is_none());
+    }
+}

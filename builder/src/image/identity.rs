@@ -1,0 +1,398 @@
+//! The `resolve` stage's result: the build id (sha256 over every input), the version
+//! derived from it, and the GUIDs/UUIDs/serials derived from the build id so that the
+//! same inputs always give the same disk.
+
+use sha2::{Digest, Sha256};
+
+use crate::model::manifest::Input;
+use crate::model::manifest::Package;
+use crate::model::spec::Spec;
+use crate::support::digest::sha256_hex;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Identity {
+    pub build_id: String,
+    /// `<spec version>+<first 12 hex of the build id>`.
+    pub version: String,
+    pub inputs: Vec<Input>,
+    pub source_date_epoch: u64,
+    pub disk_guid: String,
+    pub esp_partuuid: String,
+    pub root_partuuid: String,
+    pub var_partuuid: String,
+    pub root_fs_uuid: String,
+    pub var_fs_uuid: String,
+    /// FAT volume id of the ESP.
+    pub esp_serial: String,
+    /// Cache key of the base tree (before the agent and configuration).
+    pub base_key: String,
+    /// Cache key of the finished tree.
+    pub tree_key: String,
+}
+
+/// The builder's own version: a new builder may build differently.
+pub const BUILDER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Every source file of `image/`, the code that shapes an image's bytes, by name.
+/// Hashing the source (not the binary) means any change to what is built changes the
+/// build id, while the same source compiled anywhere gives the same id. A test
+/// compares the names with the folder, so a new file cannot be left out.
+pub const SHAPING_SOURCES: &[(&str, &str)] = &[
+    ("apt.rs", include_str!("apt.rs")),
+    ("convert.rs", include_str!("convert.rs")),
+    ("customize.rs", include_str!("customize.rs")),
+    ("disk.rs", include_str!("disk.rs")),
+    ("files.rs", include_str!("files.rs")),
+    ("identity.rs", include_str!("identity.rs")),
+    ("mod.rs", include_str!("mod.rs")),
+    ("rootfs.rs", include_str!("rootfs.rs")),
+];
+
+/// The files that make the base tree (its cache key): package resolution and rootfs.
+const BASE_SOURCES: &[&str] = &["apt.rs", "rootfs.rs"];
+
+/// A source file without its unit tests (the `#[cfg(test)] mod tests` at its end):
+/// tests do not shape the image, so changing them rebuilds nothing.
+pub fn shaping_part(source: &str) -> &str {
+    source
+        .find("\n#[cfg(test)]\nmod tests")
+        .map_or(source, |end| &source[..end])
+}
+
+fn sources_digest(sources: &[(&str, &str)], names: Option<&[&str]>) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(BUILDER_VERSION);
+    for (name, source) in sources {
+        if names.is_none_or(|n| n.contains(name)) {
+            hasher.update(sha256_hex(shaping_part(source).as_bytes()));
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Everything that determines an image, gathered by the `resolve` stage.
+pub struct Inputs<'a> {
+    pub spec: &'a Spec,
+    pub agent_sha256: Option<&'a str>,
+    pub sources_deb822: &'a str,
+    pub packages: &'a [Package],
+    /// The archive's date, used when neither the spec nor the environment set one.
+    pub archive_date: u64,
+    /// `name=version` of the host tools that write the image (mmdebstrap, mkfs, ...).
+    pub host_tools: &'a str,
+}
+
+/// Compute the identity of a build from its inputs.
+pub fn resolve(i: &Inputs) -> Identity {
+    resolve_with(i, SHAPING_SOURCES)
+}
+
+/// [`resolve`] as if `sources` were the shaping code (tests change it).
+fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
+    let spec = i.spec;
+    let source_date_epoch = spec
+        .source_date_epoch
+        .or_else(source_date_epoch)
+        .unwrap_or(i.archive_date);
+    let packages: String = i
+        .packages
+        .iter()
+        .map(|p| format!("{}={}\n", p.name, p.version))
+        .collect();
+    let input = |name: &str, data: &str| Input {
+        name: name.into(),
+        sha256: sha256_hex(data.as_bytes()),
+    };
+    let inputs = vec![
+        input("spec", &crate::model::spec::canonical(spec)),
+        input("packages", &packages),
+        Input {
+            name: "agent-package".into(),
+            sha256: i.agent_sha256.unwrap_or("none").to_owned(),
+        },
+        input("package-sources", i.sources_deb822),
+        input("source-date-epoch", &source_date_epoch.to_string()),
+        input("host-tools", i.host_tools),
+        Input {
+            name: "builder".into(),
+            sha256: sources_digest(sources, None),
+        },
+    ];
+    let mut hasher = Sha256::new();
+    for i in &inputs {
+        hasher.update(format!("{}={}\n", i.name, i.sha256));
+    }
+    let build_id = hex::encode(hasher.finalize());
+    let version = format!("{}+{}", spec.version, &build_id[..12]);
+    let base_key = sha256_hex(
+        format!(
+            "base\n{:?}\n{}\n{}\n{packages}{source_date_epoch}\n{}\n{}",
+            spec.distro,
+            spec.suite,
+            i.sources_deb822,
+            i.host_tools,
+            sources_digest(sources, Some(BASE_SOURCES))
+        )
+        .as_bytes(),
+    );
+    Identity {
+        disk_guid: derived_uuid(&build_id, "disk"),
+        esp_partuuid: derived_uuid(&build_id, "esp-partition"),
+        root_partuuid: derived_uuid(&build_id, "root-partition"),
+        var_partuuid: derived_uuid(&build_id, "var-partition"),
+        root_fs_uuid: derived_uuid(&build_id, "root-fs"),
+        var_fs_uuid: derived_uuid(&build_id, "var-fs"),
+        esp_serial: sha256_hex(format!("{build_id}:esp-serial").as_bytes())[..8].to_uppercase(),
+        tree_key: sha256_hex(format!("tree\n{build_id}").as_bytes()),
+        base_key,
+        build_id,
+        version,
+        inputs,
+        source_date_epoch,
+    }
+}
+
+/// `SOURCE_DATE_EPOCH` from the environment, if set to a number.
+pub fn source_date_epoch() -> Option<u64> {
+    std::env::var("SOURCE_DATE_EPOCH").ok()?.parse().ok()
+}
+
+/// A random-looking (version 4 layout) UUID that is a pure function of the build id
+/// and what it names.
+pub fn derived_uuid(build_id: &str, label: &str) -> String {
+    let h = Sha256::digest(format!("{build_id}:{label}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let x = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = include_str!("../../../images/devos-debian.toml");
+
+    fn spec(text: &str) -> Spec {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/x.toml");
+        crate::model::spec::parse(&dir, text).unwrap()
+    }
+
+    fn pkgs(list: &[(&str, &str)]) -> Vec<Package> {
+        list.iter()
+            .map(|(n, v)| Package {
+                name: (*n).into(),
+                version: (*v).into(),
+            })
+            .collect()
+    }
+
+    /// The build id with one input varied.
+    fn id(
+        spec_text: &str,
+        agent: &str,
+        sources: &str,
+        packages: &[Package],
+        date: u64,
+        tools: &str,
+    ) -> Identity {
+        resolve(&Inputs {
+            spec: &spec(spec_text),
+            agent_sha256: Some(agent),
+            sources_deb822: sources,
+            packages,
+            archive_date: date,
+            host_tools: tools,
+        })
+    }
+
+    #[test]
+    fn every_input_changes_the_id_and_irrelevant_edits_do_not() {
+        // SAFETY of the test: no other test in this binary reads SOURCE_DATE_EPOCH.
+        assert!(
+            source_date_epoch().is_none(),
+            "unset SOURCE_DATE_EPOCH to run the tests"
+        );
+        let p = pkgs(&[("bash", "5.2"), ("dbus", "1.14")]);
+        let base = id(SPEC, "a", "deb", &p, 100, "mmdebstrap=1");
+        let same = id(
+            &format!("# a new comment\n{SPEC}\n[[tests]]\nname = \"extra\"\nrun = \"true\"\n"),
+            "a",
+            "deb",
+            &p,
+            100,
+            "mmdebstrap=1",
+        );
+        assert_eq!(
+            base.build_id, same.build_id,
+            "comments and tests must not change the id"
+        );
+        assert_eq!(base.base_key, same.base_key);
+
+        let variants = [
+            (
+                "spec value",
+                id(
+                    &SPEC.replace("\"devos\"", "\"devos2\""),
+                    "a",
+                    "deb",
+                    &p,
+                    100,
+                    "mmdebstrap=1",
+                ),
+            ),
+            (
+                "agent package",
+                id(SPEC, "b", "deb", &p, 100, "mmdebstrap=1"),
+            ),
+            (
+                "package sources",
+                id(SPEC, "a", "deb2", &p, 100, "mmdebstrap=1"),
+            ),
+            (
+                "package version",
+                id(
+                    SPEC,
+                    "a",
+                    "deb",
+                    &pkgs(&[("bash", "5.3"), ("dbus", "1.14")]),
+                    100,
+                    "mmdebstrap=1",
+                ),
+            ),
+            (
+                "package set",
+                id(
+                    SPEC,
+                    "a",
+                    "deb",
+                    &pkgs(&[("bash", "5.2")]),
+                    100,
+                    "mmdebstrap=1",
+                ),
+            ),
+            (
+                "archive date",
+                id(SPEC, "a", "deb", &p, 101, "mmdebstrap=1"),
+            ),
+            ("host tools", id(SPEC, "a", "deb", &p, 100, "mmdebstrap=2")),
+        ];
+        for (what, v) in &variants {
+            assert_ne!(v.build_id, base.build_id, "{what} must change the build id");
+            assert_eq!(v.version, format!("0.1.0+{}", &v.build_id[..12]));
+        }
+        // The base tree depends only on what mmdebstrap sees: not on the agent or
+        // the image's own settings.
+        let base_unchanged = ["spec value", "agent package"];
+        for (what, v) in &variants {
+            assert_eq!(
+                v.base_key == base.base_key,
+                base_unchanged.contains(what),
+                "base cache key and {what}"
+            );
+        }
+        // A spec's own source-date-epoch wins over the archive date.
+        let pinned = id(
+            &SPEC.replace(
+                "version = \"0.1.0\"",
+                "version = \"0.1.0\"\nsource-date-epoch = 1700000000",
+            ),
+            "a",
+            "deb",
+            &p,
+            100,
+            "mmdebstrap=1",
+        );
+        assert_eq!(pinned.source_date_epoch, 1_700_000_000);
+        assert_eq!(base.source_date_epoch, 100);
+    }
+
+    #[test]
+    fn derived_uuids_are_stable_and_distinct() {
+        let a = derived_uuid("abc", "root-fs");
+        assert_eq!(a, derived_uuid("abc", "root-fs"));
+        assert_ne!(a, derived_uuid("abc", "var-fs"));
+        assert_ne!(a, derived_uuid("abd", "root-fs"));
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+    }
+
+    #[test]
+    fn every_file_of_the_image_folder_is_hashed_and_nothing_else() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/image");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .inspect(|e| {
+                assert!(
+                    e.file_type().unwrap().is_file(),
+                    "{e:?}: a folder in image/"
+                )
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        let hashed: Vec<&str> = SHAPING_SOURCES.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            hashed, on_disk,
+            "SHAPING_SOURCES must name exactly the files of src/image"
+        );
+        for name in BASE_SOURCES {
+            assert!(hashed.contains(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn only_unit_tests_are_left_out_of_the_hash() {
+        let source = "fn shape() {}\n#[cfg(test)]\nmod tests {\n    fn t() {}\n}\n";
+        assert_eq!(shaping_part(source), "fn shape() {}");
+        assert_eq!(shaping_part("fn shape() {}\n"), "fn shape() {}\n");
+    }
+
+    /// A change to how partition UUIDs are derived (which customize writes into
+    /// /etc/fstab) makes another version, whose finished tree is not the cached one;
+    /// the base tree, which holds no UUID, is still reused.
+    #[test]
+    fn changing_uuid_derivation_changes_the_version_and_the_tree_key() {
+        let p = pkgs(&[("bash", "5.2")]);
+        let inputs = Inputs {
+            spec: &spec(SPEC),
+            agent_sha256: Some("a"),
+            sources_deb822: "deb",
+            packages: &p,
+            archive_date: 100,
+            host_tools: "mmdebstrap=1",
+        };
+        let before = resolve_with(&inputs, SHAPING_SOURCES);
+        let uuid_input = "format!(\"{build_id}:{label}\")";
+        let changed: Vec<(&str, String)> = SHAPING_SOURCES
+            .iter()
+            .map(|(name, text)| {
+                let text = if *name == "identity.rs" {
+                    assert!(text.contains(uuid_input), "derived_uuid's input moved");
+                    text.replacen(uuid_input, "format!(\"{build_id}/{label}\")", 1)
+                } else {
+                    (*text).to_owned()
+                };
+                (*name, text)
+            })
+            .collect();
+        let changed: Vec<(&str, &str)> = changed.iter().map(|(n, t)| (*n, t.as_str())).collect();
+        let after = resolve_with(&inputs, &changed);
+        assert_ne!(before.version, after.version);
+        assert_ne!(
+            before.tree_key, after.tree_key,
+            "the cached tree would be reused"
+        );
+        assert_eq!(before.base_key, after.base_key);
+    }
+}

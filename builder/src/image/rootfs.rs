@@ -1,0 +1,319 @@
+//! The `rootfs` stage: bootstrap the base tree with mmdebstrap, and the package
+//! sources it uses (the spec's mirror, the host's apt sources, or the distro default).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::model::spec::Distro;
+use crate::model::spec::Spec;
+use crate::support::cmd;
+
+/// Where packages come from for one build.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sources {
+    /// Why these sources: `spec`, `host` or `default`.
+    pub origin: &'static str,
+    /// deb822 text handed to mmdebstrap as the chroot's sources list.
+    pub deb822: String,
+    /// Every (mirror URI, suite) pair, in the order of the sources.
+    pub repos: Vec<(String, String)>,
+}
+
+/// Pick the sources for a spec: its `mirror`, else the host's apt sources when the
+/// host runs the same distro and suite, else the distro's official mirror.
+pub fn sources(spec: &Spec) -> Sources {
+    if let Some(mirror) = &spec.mirror {
+        return mirror_sources(spec, mirror, "spec");
+    }
+    if let Some(host) = host_sources(spec) {
+        return host;
+    }
+    mirror_sources(spec, spec.distro.default_mirror(), "default")
+}
+
+fn mirror_sources(spec: &Spec, mirror: &str, origin: &'static str) -> Sources {
+    let suites = match spec.distro {
+        Distro::Debian if is_debian_stable(&spec.suite) => {
+            format!("{0} {0}-updates", spec.suite)
+        }
+        Distro::Ubuntu => format!("{0} {0}-updates {0}-security", spec.suite),
+        _ => spec.suite.clone(),
+    };
+    let repos = suites
+        .split_whitespace()
+        .map(|s| (mirror.to_owned(), s.to_owned()))
+        .collect();
+    let mut deb822 = format!(
+        "Types: deb\nURIs: {mirror}\nSuites: {suites}\nComponents: {}\n",
+        spec.components.join(" ")
+    );
+    if let Some(keyring) = keyring(spec) {
+        let _ = writeln!(deb822, "Signed-By: {}", keyring.display());
+    }
+    Sources {
+        origin,
+        deb822,
+        repos,
+    }
+}
+
+fn is_debian_stable(suite: &str) -> bool {
+    matches!(suite, "bookworm" | "trixie" | "bullseye")
+}
+
+/// The keyring that verifies the archive: the spec's, else the distro's default.
+fn keyring(spec: &Spec) -> Option<PathBuf> {
+    if let Some(k) = &spec.keyring {
+        return Some(k.clone());
+    }
+    match spec.distro {
+        Distro::Debian => Some("/usr/share/keyrings/debian-archive-keyring.gpg".into()),
+        Distro::Ubuntu => Some("/usr/share/keyrings/ubuntu-archive-keyring.gpg".into()),
+        Distro::Nixos => None,
+    }
+}
+
+/// The host's deb822 apt sources, rewritten to the spec's components, when the host
+/// runs the spec's distro and suite.
+fn host_sources(spec: &Spec) -> Option<Sources> {
+    let os_release = std::fs::read_to_string("/etc/os-release").ok()?;
+    let id = devos_agent::os_release::field(&os_release, "ID")?;
+    let codename = devos_agent::os_release::field(&os_release, "VERSION_CODENAME")?;
+    let wanted = match spec.distro {
+        Distro::Debian => "debian",
+        Distro::Ubuntu => "ubuntu",
+        Distro::Nixos => return None,
+    };
+    if id != wanted || codename != spec.suite {
+        return None;
+    }
+    let mut stanzas = Vec::new();
+    let mut dir: Vec<PathBuf> = std::fs::read_dir("/etc/apt/sources.list.d")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sources"))
+        .collect();
+    dir.sort();
+    for path in dir {
+        let text = std::fs::read_to_string(&path).ok()?;
+        stanzas.extend(parse_deb822(&text));
+    }
+    let mut deb822 = String::new();
+    let mut repos = Vec::new();
+    for s in stanzas.iter().filter(|s| {
+        s.types.split_whitespace().any(|t| t == "deb")
+            && s.suites
+                .split_whitespace()
+                .any(|x| x == spec.suite || x.starts_with(&format!("{}-", spec.suite)))
+    }) {
+        let _ = write!(
+            deb822,
+            "Types: deb\nURIs: {}\nSuites: {}\nComponents: {}\n",
+            s.uris,
+            s.suites,
+            spec.components.join(" ")
+        );
+        // apt here trusts only what a stanza names: default to the distro's keyring.
+        let signed_by = s
+            .signed_by
+            .clone()
+            .or_else(|| keyring(spec).map(|k| k.display().to_string()));
+        if let Some(k) = signed_by {
+            let _ = writeln!(deb822, "Signed-By: {k}");
+        }
+        deb822.push('\n');
+        for uri in s.uris.split_whitespace() {
+            repos.extend(
+                s.suites
+                    .split_whitespace()
+                    .map(|suite| (uri.to_owned(), suite.to_owned())),
+            );
+        }
+    }
+    (!repos.is_empty()).then_some(Sources {
+        origin: "host",
+        deb822,
+        repos,
+    })
+}
+
+struct Stanza {
+    types: String,
+    uris: String,
+    suites: String,
+    signed_by: Option<String>,
+}
+
+fn parse_deb822(text: &str) -> Vec<Stanza> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let get = |key: &str| {
+                block.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    (k.trim().eq_ignore_ascii_case(key)).then(|| v.trim().to_owned())
+                })
+            };
+            let enabled = get("Enabled").is_none_or(|v| v != "no");
+            enabled.then_some(())?;
+            Some(Stanza {
+                types: get("Types")?,
+                uris: get("URIs")?,
+                suites: get("Suites")?,
+                signed_by: get("Signed-By").filter(|v| !v.is_empty()),
+            })
+        })
+        .collect()
+}
+
+/// Fail fast, before anything is downloaded or built, when the archive keyring is
+/// missing ([`crate::image::apt::Index::refresh`] calls it once the mirror answered).
+pub fn preflight(spec: &Spec) -> Result<()> {
+    if let Some(k) = keyring(spec).filter(|k| !k.is_file()) {
+        let package = match spec.distro {
+            Distro::Ubuntu => "ubuntu-keyring",
+            _ => "debian-archive-keyring",
+        };
+        bail!(
+            "the archive keyring {} for {:?} is missing on this host\n  hint: install `{package}`, or set `[base] keyring` in {} to a keyring file that signs the mirror",
+            k.display(),
+            spec.distro,
+            spec.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Bootstrap `target` (which must not exist) with mmdebstrap, from the package
+/// lists in `lists` (the ones the package set was resolved from, so apt picks the
+/// same versions). Downloaded packages are kept in `package_cache` for later builds.
+pub fn bootstrap(
+    spec: &Spec,
+    sources: &Sources,
+    lists: &Path,
+    target: &Path,
+    package_cache: &Path,
+    source_date_epoch: u64,
+) -> Result<()> {
+    if spec.distro == Distro::Nixos {
+        bail!(
+            "{}: NixOS images are built from nixos/ with `nix build`, which needs nixpkgs; \
+             this builder bootstraps Debian and Ubuntu only so far\n  hint: use `distro = \"debian\"` or `\"ubuntu\"`",
+            spec.path.display()
+        );
+    }
+    std::fs::create_dir_all(package_cache)?;
+    let work = target.with_extension("sources");
+    std::fs::write(&work, &sources.deb822)?;
+    let cache = package_cache.display().to_string();
+    let mut mm = Command::new("mmdebstrap");
+    mm.env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
+        .arg("--variant=minbase")
+        .arg(format!("--include={}", spec.all_packages().join(",")))
+        .arg(format!("--components={}", spec.components.join(",")))
+        .arg("--aptopt=Acquire::Languages \"none\"")
+        .args(DPKG_EXCLUDES.iter().map(|p| format!("--dpkgopt={p}")))
+        // A targeted initrd: only the storage drivers of the clouds and hypervisors
+        // DevOS images run on, instead of every module (`MODULES=most`). They are
+        // added by a hook, not listed for loading: udev in the initrd loads only the
+        // ones whose hardware is there (each module load costs time, much under TCG).
+        .arg(format!(
+            "--setup-hook=mkdir -p \"$1\"/etc/initramfs-tools/conf.d \"$1\"/etc/initramfs-tools/hooks && echo MODULES=list > \"$1\"/etc/initramfs-tools/conf.d/devos.conf && printf '%s\\n' '#!/bin/sh' '[ \"$1\" = prereqs ] && exit 0' '. /usr/share/initramfs-tools/hook-functions' 'for m in {}; do manual_add_modules $m; done' > \"$1\"/etc/initramfs-tools/hooks/devos-storage && chmod 755 \"$1\"/etc/initramfs-tools/hooks/devos-storage",
+            INITRD_MODULES.join(" ")
+        ))
+        // Keep every downloaded .deb: copy the cache in before apt runs, and the
+        // (possibly larger) cache back out before mmdebstrap cleans it.
+        .arg("--skip=essential/unlink")
+        .arg("--skip=update")
+        .arg(format!(
+            "--setup-hook=mkdir -p \"$1\"/var/lib/apt/lists && find '{}' -maxdepth 1 -type f -name '*_*' -exec cp -t \"$1\"/var/lib/apt/lists/ {{}} +",
+            lists.display()
+        ))
+        .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+        .arg(format!(
+            "--setup-hook=find '{cache}' -maxdepth 1 -name '*.deb' -exec cp -t \"$1\"/var/cache/apt/archives/ {{}} +"
+        ))
+        .arg(format!(
+            "--customize-hook=find \"$1\"/var/cache/apt/archives -maxdepth 1 -name '*.deb' -exec cp -nt '{cache}' {{}} +"
+        ));
+    if let Some(k) = keyring(spec) {
+        mm.arg(format!("--keyring={}", k.display()));
+    }
+    // dpkg without fsync: the tree is thrown away if the build dies anyway.
+    if Path::new(EATMYDATA_HOOK).is_dir() {
+        mm.arg(format!("--hook-dir={EATMYDATA_HOOK}"));
+    }
+    mm.arg(&spec.suite).arg(target).arg(&work);
+    let result = cmd::run(&mut mm).with_context(|| {
+        format!(
+            "while bootstrapping {:?} {} with mmdebstrap",
+            spec.distro, spec.suite
+        )
+    });
+    let _ = std::fs::remove_file(&work);
+    result?;
+    Ok(())
+}
+
+/// Block and filesystem drivers the initrd needs to find the root on QEMU/KVM (virtio),
+/// AWS (Nitro NVMe, Xen), Azure (Hyper-V) and VMware.
+const INITRD_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "nvme",
+    "xen_blkfront",
+    "hv_storvsc",
+    "vmw_pvscsi",
+    "ahci",
+    "ext4",
+    "erofs",
+];
+
+const EATMYDATA_HOOK: &str = "/usr/share/mmdebstrap/hooks/eatmydata";
+
+/// Documentation and translations are not part of an image (copyright files are).
+const DPKG_EXCLUDES: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/info/*",
+];
+
+/// Installed packages and their versions, from the tree's dpkg database.
+pub fn installed_packages(root: &Path) -> Result<Vec<(String, String)>> {
+    let out = cmd::stdout(
+        Command::new("dpkg-query")
+            .arg(format!(
+                "--admindir={}",
+                root.join("var/lib/dpkg").display()
+            ))
+            .args(["-W", "-f", "${Package}\t${Version}\n"]),
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let (p, v) = l.split_once('\t')?;
+            Some((p.to_owned(), v.to_owned()))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deb822_stanzas() {
+        let text = "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://x\nSuites: sid\nComponents: main\nEnabled: no\n";
+        let s = parse_deb822(text);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].uris, "http://deb.debian.org/debian");
+        assert_eq!(s[0].suites, "bookworm bookworm-updates");
+    }
+}

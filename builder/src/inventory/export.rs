@@ -1,0 +1,96 @@
+//! `image export`: a registered version in another disk format.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::image::convert::convert;
+use crate::model::spec::Format;
+
+#[derive(Debug, serde::Serialize)]
+pub struct Export {
+    pub version: String,
+    pub format: Format,
+    pub path: std::path::PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    /// False when the version already had this artifact.
+    pub converted: bool,
+}
+
+/// `image export`: the version's raw image (checked against its recorded sha256) in
+/// another format, recorded in the registry as one more artifact of the version.
+/// Written under a temporary name and renamed, so a killed export leaves nothing.
+pub fn export(
+    reg: &mut crate::store::registry::Registry,
+    reference: &str,
+    format: Format,
+    out: Option<&Path>,
+) -> Result<Export> {
+    let v = reg.find(reference)?;
+    let (raw, _) = crate::inventory::raw_artifact(&v)?;
+    let version = format!("{}@{}", v.name, v.version);
+    let raw_size = std::fs::metadata(&raw)?.len();
+    if format == Format::Vhd && raw_size % (1 << 20) != 0 {
+        anyhow::bail!(
+            "{} is {raw_size} bytes, not a whole number of MiB, which Azure requires of a VHD\n  hint: set `[disk] size` in the spec to whole MiB and build again",
+            raw.display()
+        );
+    }
+    let path = match out {
+        Some(p) => p.to_path_buf(),
+        None => raw.with_extension(format.extension()),
+    };
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let recorded = v.artifacts.iter().find(|a| a.format == format.extension());
+    if let Some(a) = recorded
+        && out.is_none()
+        && crate::support::digest::file_sha256(&path).ok().as_deref() == Some(a.sha256.as_str())
+    {
+        return Ok(Export {
+            version,
+            format,
+            path,
+            sha256: a.sha256.clone(),
+            size: a.size,
+            converted: false,
+        });
+    }
+    let tmp = path.with_file_name(format!(".{file}.partial"));
+    let result = convert(&raw, format, &tmp).and_then(|()| {
+        let sha256 = crate::support::digest::file_sha256(&tmp)?;
+        let size = std::fs::metadata(&tmp)?.len();
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("cannot move the export to {}", path.display()))?;
+        Ok((sha256, size))
+    });
+    let (sha256, size) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    if out.is_none() {
+        reg.record_artifact(
+            &v,
+            &crate::store::registry::ArtifactRow {
+                file,
+                format: format.extension().to_owned(),
+                sha256: sha256.clone(),
+                size,
+            },
+        )?;
+    }
+    Ok(Export {
+        version,
+        format,
+        path,
+        sha256,
+        size,
+        converted: true,
+    })
+}

@@ -1,0 +1,445 @@
+//! The registry's commands: `image list`, `show`, `diff`, `verify` and `gc`. Each
+//! returns a serializable report with a human rendering; `cli` prints one or the other.
+
+pub mod export;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::model::manifest::Manifest;
+use crate::store::cache;
+use crate::store::cache::mib;
+use crate::store::registry::Registry;
+use crate::store::registry::TestRun;
+use crate::store::registry::VersionInfo;
+use crate::support::digest;
+use anyhow::{Context, bail};
+use std::path::PathBuf;
+
+pub fn list(reg: &Registry, name: Option<&str>) -> Result<Vec<VersionInfo>> {
+    let all = reg.versions(name)?;
+    if all.is_empty()
+        && let Some(n) = name
+    {
+        reg.find(n)?;
+    }
+    Ok(all)
+}
+
+pub fn list_human(versions: &[VersionInfo]) -> String {
+    if versions.is_empty() {
+        return "no images in the registry yet: build one with `devos-build image build`\n"
+            .to_owned();
+    }
+    let mut s = format!(
+        "{:<20} {:<28} {:<20} {:<8} {:>10}\n",
+        "IMAGE", "VERSION", "BUILT (UTC)", "TESTED", "RAW"
+    );
+    for v in versions {
+        let raw = v
+            .artifacts
+            .iter()
+            .find(|a| a.format == "raw")
+            .map_or(String::new(), |a| mib(a.size));
+        let tested = match (v.state.as_str(), v.tested) {
+            ("removed", _) => "removed",
+            (_, Some(true)) => "passed",
+            (_, Some(false)) => "FAILED",
+            (_, None) => "-",
+        };
+        s.push_str(&format!(
+            "{:<20} {:<28} {:<20} {:<8} {:>10}\n",
+            v.name,
+            v.version,
+            utc(v.built_at),
+            tested,
+            raw
+        ));
+    }
+    s
+}
+
+#[derive(Debug, Serialize)]
+pub struct Show {
+    #[serde(flatten)]
+    pub version: VersionInfo,
+    pub manifest: Manifest,
+    pub test_runs: Vec<TestRun>,
+    pub files: usize,
+}
+
+pub fn show(reg: &Registry, reference: &str) -> Result<Show> {
+    let version = reg.find(reference)?;
+    Ok(Show {
+        manifest: reg.manifest(&version)?,
+        test_runs: reg.test_runs(&version)?,
+        files: reg.files(&version)?.len(),
+        version,
+    })
+}
+
+impl Show {
+    pub fn human(&self) -> String {
+        let v = &self.version;
+        let m = &self.manifest;
+        let mut s = format!(
+            "{} {}\n  build id      {}\n  built         {} (state: {})\n  output        {}\n  spec          {}\n  distro        {} {} ({} packages, {} files)\n  source date   {}\n",
+            v.name,
+            v.version,
+            v.build_id,
+            utc(v.built_at),
+            v.state,
+            v.dir.display(),
+            v.spec,
+            m.distro,
+            m.suite,
+            m.packages.len(),
+            self.files,
+            utc(m.source_date_epoch)
+        );
+        s.push_str("  artifacts:\n");
+        for a in &v.artifacts {
+            s.push_str(&format!(
+                "    {:<48} {:>10}  {}\n",
+                a.file,
+                mib(a.size),
+                a.sha256
+            ));
+        }
+        s.push_str("  stages:");
+        for t in &m.stages {
+            s.push_str(&format!(" {} {:.1}s", t.name, t.seconds));
+        }
+        s.push('\n');
+        if self.test_runs.is_empty() {
+            s.push_str("  boot tests:   none yet (`devos-build image test`)\n");
+        }
+        for t in &self.test_runs {
+            s.push_str(&format!(
+                "  boot test     {} {} in {:.1}s ({})\n",
+                utc(t.started_at),
+                if t.passed { "passed" } else { "FAILED" },
+                t.seconds,
+                t.accelerator
+            ));
+        }
+        s
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Diff {
+    pub from: String,
+    pub to: String,
+    pub packages_added: Vec<String>,
+    pub packages_removed: Vec<String>,
+    /// `name: old -> new`.
+    pub packages_changed: Vec<String>,
+    pub files_added: Vec<String>,
+    pub files_removed: Vec<String>,
+    /// `path (content, mode, ...)`.
+    pub files_changed: Vec<String>,
+    /// Per artifact format: (from bytes, to bytes).
+    pub sizes: BTreeMap<String, (u64, u64)>,
+}
+
+pub fn diff(reg: &Registry, a: &str, b: &str) -> Result<Diff> {
+    let (va, vb) = (reg.find(a)?, reg.find(b)?);
+    let (ma, mb) = (reg.manifest(&va)?, reg.manifest(&vb)?);
+    let pa: BTreeMap<&str, &str> = ma
+        .packages
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    let pb: BTreeMap<&str, &str> = mb
+        .packages
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    let names: BTreeSet<&str> = pa.keys().chain(pb.keys()).copied().collect();
+    let mut d = Diff {
+        from: format!("{}@{}", va.name, va.version),
+        to: format!("{}@{}", vb.name, vb.version),
+        packages_added: Vec::new(),
+        packages_removed: Vec::new(),
+        packages_changed: Vec::new(),
+        files_added: Vec::new(),
+        files_removed: Vec::new(),
+        files_changed: Vec::new(),
+        sizes: BTreeMap::new(),
+    };
+    for n in names {
+        match (pa.get(n), pb.get(n)) {
+            (None, Some(v)) => d.packages_added.push(format!("{n} {v}")),
+            (Some(v), None) => d.packages_removed.push(format!("{n} {v}")),
+            (Some(x), Some(y)) if x != y => d.packages_changed.push(format!("{n}: {x} -> {y}")),
+            _ => {}
+        }
+    }
+    let (fa, fb) = (reg.files(&va)?, reg.files(&vb)?);
+    for (path, x, y) in digest::diff_files(&fa, &fb, false) {
+        match (x, y) {
+            (None, Some(_)) => d.files_added.push(path.to_owned()),
+            (Some(_), None) => d.files_removed.push(path.to_owned()),
+            (Some(x), Some(y)) => {
+                let what: Vec<&str> = x
+                    .differences(y)
+                    .into_iter()
+                    .filter(|w| *w != "mtime")
+                    .collect();
+                d.files_changed
+                    .push(format!("{path} ({})", what.join(", ")));
+            }
+            (None, None) => {}
+        }
+    }
+    for a in &va.artifacts {
+        if let Some(b) = vb.artifacts.iter().find(|b| b.format == a.format) {
+            d.sizes.insert(a.format.clone(), (a.size, b.size));
+        }
+    }
+    if let (Some(a), Some(b)) = (used(&ma), used(&mb)) {
+        d.sizes.insert("raw (used)".into(), (a, b));
+    }
+    Ok(d)
+}
+
+fn used(m: &Manifest) -> Option<u64> {
+    m.artifacts
+        .iter()
+        .find(|a| a.format == "raw")
+        .map(|a| a.used_bytes)
+}
+
+impl Diff {
+    pub fn human(&self) -> String {
+        let mut s = format!("{} -> {}\n", self.from, self.to);
+        let section = |s: &mut String, title: &str, sign: &str, items: &[String]| {
+            if !items.is_empty() {
+                s.push_str(&format!("{title} ({}):\n", items.len()));
+                for i in items {
+                    s.push_str(&format!("  {sign} {i}\n"));
+                }
+            }
+        };
+        section(&mut s, "packages added", "+", &self.packages_added);
+        section(&mut s, "packages removed", "-", &self.packages_removed);
+        section(&mut s, "packages changed", "~", &self.packages_changed);
+        section(&mut s, "files added", "+", &self.files_added);
+        section(&mut s, "files removed", "-", &self.files_removed);
+        section(&mut s, "files changed", "~", &self.files_changed);
+        if self.packages_added.is_empty()
+            && self.packages_removed.is_empty()
+            && self.packages_changed.is_empty()
+            && self.files_added.is_empty()
+            && self.files_removed.is_empty()
+            && self.files_changed.is_empty()
+        {
+            s.push_str("no package or file differences\n");
+        }
+        s.push_str("sizes:\n");
+        for (format, (a, b)) in &self.sizes {
+            let delta = i128::from(*b) - i128::from(*a);
+            s.push_str(&format!(
+                "  {format:<11} {} -> {} ({}{:.1} MiB)\n",
+                mib(*a),
+                mib(*b),
+                if delta >= 0 { "+" } else { "-" },
+                delta.unsigned_abs() as f64 / (1 << 20) as f64
+            ));
+        }
+        s
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Verify {
+    pub version: String,
+    pub ok: bool,
+    pub artifacts: Vec<VerifiedArtifact>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifiedArtifact {
+    pub file: String,
+    pub expected: String,
+    /// `None` when the file is missing.
+    pub actual: Option<String>,
+    pub ok: bool,
+}
+
+pub fn verify(reg: &Registry, reference: &str) -> Result<Verify> {
+    let v = reg.find(reference)?;
+    let mut artifacts = Vec::new();
+    for a in &v.artifacts {
+        let actual = digest::file_sha256(&v.dir.join(&a.file)).ok();
+        artifacts.push(VerifiedArtifact {
+            ok: actual.as_deref() == Some(a.sha256.as_str()),
+            file: a.file.clone(),
+            expected: a.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(Verify {
+        version: format!("{}@{}", v.name, v.version),
+        ok: !artifacts.is_empty() && artifacts.iter().all(|a| a.ok),
+        artifacts,
+    })
+}
+
+impl Verify {
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        for a in &self.artifacts {
+            let state = match (&a.actual, a.ok) {
+                (_, true) => "ok".to_owned(),
+                (None, _) => "MISSING".to_owned(),
+                (Some(h), false) => format!("MISMATCH (now {h}, recorded {})", a.expected),
+            };
+            s.push_str(&format!("  {:<48} {state}\n", a.file));
+        }
+        s.push_str(&format!(
+            "{} {}\n",
+            self.version,
+            if self.ok {
+                "verified: every artifact matches the sha256 recorded when it was built"
+            } else {
+                "FAILED verification: the artifacts above are not what was built"
+            }
+        ));
+        s
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Gc {
+    pub kept: Vec<String>,
+    pub removed: Vec<String>,
+    pub freed_bytes: u64,
+    pub cache_entries_removed: usize,
+}
+
+/// Keep the `keep` newest versions of each image (or of `name`) and its newest
+/// version that passed a boot test; delete the others' artifacts and the cache
+/// entries only they used.
+pub fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<Gc> {
+    let all = list(reg, name)?;
+    let mut by_image: BTreeMap<&str, Vec<&VersionInfo>> = BTreeMap::new();
+    for v in all.iter().filter(|v| v.state == "built") {
+        by_image.entry(&v.name).or_default().push(v);
+    }
+    let mut report = Gc::default();
+    let mut kept_keys = BTreeSet::new();
+    let mut dropped_keys = BTreeSet::new();
+    for versions in by_image.values() {
+        let newest_passing = versions
+            .iter()
+            .find(|v| v.tested == Some(true))
+            .map(|v| v.id);
+        for (i, v) in versions.iter().enumerate() {
+            let keys = reg
+                .manifest(v)
+                .map(|m| [m.cache_keys.base, m.cache_keys.tree])
+                .unwrap_or_default();
+            if i < keep || Some(v.id) == newest_passing {
+                report.kept.push(format!("{}@{}", v.name, v.version));
+                kept_keys.extend(keys);
+                continue;
+            }
+            // Only ever delete a directory that really is this version's output.
+            if Manifest::load(&v.dir).is_ok_and(|m| m.build_id == v.build_id) {
+                report.freed_bytes += cache::dir_size(&v.dir);
+                fs::remove_dir_all(&v.dir)?;
+            }
+            reg.mark_removed(v)?;
+            report.removed.push(format!("{}@{}", v.name, v.version));
+            dropped_keys.extend(keys);
+        }
+    }
+    let stages = cache::dir().join("stages");
+    for key in dropped_keys
+        .difference(&kept_keys)
+        .filter(|k| !k.is_empty())
+    {
+        for kind in cache::KINDS {
+            let dir = stages.join(kind).join(key);
+            if dir.is_dir() {
+                report.freed_bytes += cache::dir_size(&dir);
+                fs::remove_dir_all(&dir)?;
+                report.cache_entries_removed += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+impl Gc {
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        for r in &self.removed {
+            s.push_str(&format!("  removed {r}\n"));
+        }
+        for k in &self.kept {
+            s.push_str(&format!("  kept    {k}\n"));
+        }
+        s.push_str(&format!(
+            "removed {} versions and {} cache entries, freed {}\n",
+            self.removed.len(),
+            self.cache_entries_removed,
+            mib(self.freed_bytes)
+        ));
+        s
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for a Unix time.
+pub fn utc(t: u64) -> String {
+    let stamp = crate::image::disk::debugfs_time(t);
+    format!(
+        "{}-{}-{} {}:{}:{}",
+        &stamp[..4],
+        &stamp[4..6],
+        &stamp[6..8],
+        &stamp[8..10],
+        &stamp[10..12],
+        &stamp[12..14]
+    )
+}
+
+/// The raw image of `v` and the sha256 the registry holds for it.
+pub fn raw_path(v: &VersionInfo) -> Result<(PathBuf, String)> {
+    let a = v
+        .artifacts
+        .iter()
+        .find(|a| a.format == "raw")
+        .with_context(|| format!("{}@{} has no raw image in the registry", v.name, v.version))?;
+    let path = v.dir.join(&a.file);
+    if !path.is_file() {
+        bail!(
+            "the raw image of {}@{} is gone ({})\n  hint: `image gc` may have removed it; build the version again",
+            v.name,
+            v.version,
+            path.display()
+        );
+    }
+    Ok((path, a.sha256.clone()))
+}
+
+/// The raw image of `v`, checked against the sha256 the registry holds, so that what
+/// is compared is exactly what was tested. (`publish ami` checks it in the same read
+/// that finds the blocks to upload.)
+pub fn raw_artifact(v: &VersionInfo) -> Result<(PathBuf, String)> {
+    let (path, recorded) = raw_path(v)?;
+    let actual =
+        digest::file_sha256(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if actual != recorded {
+        bail!(
+            "{} changed since it was built (sha256 {actual}, registry {recorded})\n  hint: rebuild with `devos-build image build --force` and test it again",
+            path.display()
+        );
+    }
+    Ok((path, actual))
+}

@@ -1,0 +1,178 @@
+//! The builder's own settings (not the image's): how to reach AWS and where to
+//! publish. A TOML file, `$DEVOS_CONFIG`, else `$XDG_CONFIG_HOME/devos/config.toml`,
+//! else `~/.config/devos/config.toml`; a missing default file means all defaults.
+//! Command-line flags override it. Documented in docs/publish.md.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+use crate::model::spec::Source;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub aws: AwsSettings,
+    #[serde(default)]
+    pub publish: PublishSettings,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AwsSettings {
+    /// A profile of ~/.aws/config (default: AWS_PROFILE, else `default`).
+    pub profile: Option<String>,
+    /// The region to publish to when `--region` is not given (default: the chain's).
+    pub region: Option<String>,
+    /// One endpoint for every AWS service: another partition, a local test server.
+    /// AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_<SERVICE> work without this.
+    pub endpoint_url: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PublishSettings {
+    /// SSM parameters are written under this path: PREFIX/NAME/VERSION/image_id and
+    /// PREFIX/NAME/latest.
+    #[serde(default = "default_prefix")]
+    pub ssm_prefix: Spanned<String>,
+    /// Regions every `publish ami` copies to, besides those given with --copy-to.
+    #[serde(default)]
+    pub copy_to: Vec<String>,
+    /// Parallel block uploads.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        Self {
+            ssm_prefix: default_prefix(),
+            copy_to: Vec::new(),
+            workers: default_workers(),
+        }
+    }
+}
+
+fn default_prefix() -> Spanned<String> {
+    Spanned::new(0..0, "/devos/images".to_owned())
+}
+
+fn default_workers() -> usize {
+    16
+}
+
+/// The settings file to read, and whether it must exist.
+pub fn path(explicit: Option<&Path>) -> (PathBuf, bool) {
+    if let Some(p) = explicit {
+        return (p.to_path_buf(), true);
+    }
+    if let Some(p) = std::env::var_os("DEVOS_CONFIG") {
+        return (PathBuf::from(p), true);
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("/etc"));
+    (base.join("devos/config.toml"), false)
+}
+
+pub fn load(explicit: Option<&Path>) -> Result<Settings> {
+    let (file, required) = path(explicit);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            return Ok(Settings::default());
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the settings file {}", file.display()));
+        }
+    };
+    let src = Source {
+        file: &file,
+        text: &text,
+    };
+    let settings: Settings = src.parse()?;
+    let prefix = &settings.publish.ssm_prefix;
+    let valid = prefix.get_ref().starts_with('/')
+        && prefix
+            .get_ref()
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c));
+    if !valid {
+        return Err(src
+            .error(
+                prefix,
+                format!(
+                    "ssm-prefix {:?} is not a valid SSM parameter path",
+                    prefix.get_ref()
+                ),
+                "start it with / and use only letters, digits and _ . - /",
+            )
+            .into());
+    }
+    if let Some(url) = &settings.aws.endpoint_url
+        && !(url.get_ref().starts_with("https://") || url.get_ref().starts_with("http://"))
+    {
+        return Err(src
+            .error(
+                url,
+                format!("endpoint-url {:?} is not an http(s) URL", url.get_ref()),
+                "write it as https://host[:port]",
+            )
+            .into());
+    }
+    Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Settings> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, text)?;
+        load(Some(&file))
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let s = load_text("").unwrap();
+        assert_eq!(s.publish.ssm_prefix.get_ref(), "/devos/images");
+        assert_eq!(s.publish.workers, 16);
+        let s = load_text("[aws]\nendpoint-url = \"http://127.0.0.1:5000\"\n[publish]\nssm-prefix = \"/acme/amis\"\ncopy-to = [\"eu-west-1\"]\n").unwrap();
+        assert_eq!(
+            s.aws.endpoint_url.unwrap().get_ref(),
+            "http://127.0.0.1:5000"
+        );
+        assert_eq!(s.publish.copy_to, ["eu-west-1"]);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = load_text("[aws]\nendpoint = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config.toml:2:1: unknown field `endpoint`"),
+            "{e}"
+        );
+        let e = load_text("[publish]\nssm-prefix = \"devos images\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config.toml:2:14: ssm-prefix"), "{e}");
+        assert!(e.contains("hint: start it with /"), "{e}");
+        let e = load(Some(Path::new("/nonexistent/devos.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot read the settings file /nonexistent/devos.toml"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,455 @@
+use super::*;
+
+const FULL: &str = r#"
+[image]
+name = "devos-test"
+version = "1.2.3-rc.1"
+description = "every field"
+
+[base]
+distro = "debian"
+suite = "bookworm"
+mirror = "http://mirror.example/debian/"
+components = ["main", "contrib"]
+keyring = "/usr/share/keyrings/test.gpg"
+
+[packages]
+include = ["systemd-sysv", "dbus"]
+layers = ["layers/one.toml"]
+
+[system]
+hostname = "box-1"
+kernel-cmdline = " console=ttyS0 "
+timezone = "Europe/Berlin"
+
+[[users]]
+name = "dev"
+groups = ["sudo", "adm"]
+ssh-authorized-keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDevOsTestKey dev@host"]
+
+[disk]
+size = "3G"
+root-fs = "erofs"
+
+[output]
+formats = ["qcow2", "vmdk", "vhd"]
+
+[agent]
+enable = false
+
+[agent.config]
+log-level = "debug"
+
+[[tests]]
+name = "true"
+run = "true"
+
+[[tests]]
+name = "exit-3"
+run = "exit 3"
+expect-exit = 3
+"#;
+
+/// A spec directory with `layers/one.toml`, and the spec written as `spec.toml`.
+fn fixture(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("layers")).unwrap();
+    std::fs::write(
+        dir.path().join("layers/one.toml"),
+        "description = \"one\"\n[packages]\ninclude = [\"git\", \"dbus\"]\n",
+    )
+    .unwrap();
+    let path = dir.path().join("spec.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn error(text: &str) -> SpecError {
+    let (_dir, path) = fixture(text);
+    load(&path).expect_err("the spec should be rejected")
+}
+
+/// Replace `from` (which must occur once) in the full spec.
+fn with(from: &str, to: &str) -> String {
+    assert_eq!(FULL.matches(from).count(), 1, "{from}");
+    FULL.replace(from, to)
+}
+
+#[test]
+fn every_field_is_read() {
+    let (_dir, path) = fixture(FULL);
+    let s = load(&path).unwrap();
+    assert_eq!(s.name, "devos-test");
+    assert_eq!(s.version.to_string(), "1.2.3-rc.1");
+    assert_eq!(s.description, "every field");
+    assert_eq!(s.distro, Distro::Debian);
+    assert_eq!(s.suite, "bookworm");
+    assert_eq!(s.mirror.as_deref(), Some("http://mirror.example/debian"));
+    assert_eq!(s.components, ["main", "contrib"]);
+    assert_eq!(
+        s.keyring.as_deref(),
+        Some(Path::new("/usr/share/keyrings/test.gpg"))
+    );
+    assert_eq!(s.packages, ["systemd-sysv", "dbus"]);
+    assert_eq!(s.layers[0].name, "layers/one.toml");
+    assert_eq!(s.layers[0].packages, ["git", "dbus"]);
+    // The agent is off here, so nothing of its is added.
+    assert_eq!(s.all_packages(), ["dbus", "git", "systemd-sysv"]);
+    let with_agent = crate::model::spec::Spec {
+        agent_enabled: true,
+        ..s.clone()
+    };
+    // With it, what it needs comes too (bubblewrap builds its sandboxes).
+    assert_eq!(
+        with_agent.all_packages(),
+        ["bubblewrap", "dbus", "git", "systemd-sysv"]
+    );
+    assert_eq!(s.hostname, "box-1");
+    assert_eq!(s.kernel_cmdline, "console=ttyS0");
+    assert_eq!(s.timezone, "Europe/Berlin");
+    assert_eq!(s.users[0].name, "dev");
+    assert_eq!(s.users[0].groups, ["sudo", "adm"]);
+    assert_eq!(s.users[0].ssh_authorized_keys.len(), 1);
+    assert_eq!(s.disk_size, 3 << 30);
+    assert_eq!(s.root_fs, RootFs::Erofs);
+    assert_eq!(
+        s.formats,
+        [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vhd]
+    );
+    assert!(!s.agent_enabled);
+    assert_eq!(
+        s.agent_config.log_level,
+        devos_agent::config::LogLevel::Debug
+    );
+    assert_eq!(s.tests.len(), 2);
+    assert_eq!(s.tests[1].expect_exit, 3);
+}
+
+#[test]
+fn defaults_fill_a_minimal_spec() {
+    let (_dir, path) =
+        fixture("[image]\nname = \"m\"\nversion = \"0.1.0\"\n[base]\ndistro = \"ubuntu\"\n");
+    let s = load(&path).unwrap();
+    assert_eq!(s.suite, "noble");
+    assert_eq!(s.mirror, None);
+    assert_eq!(s.components, ["main"]);
+    assert_eq!(s.hostname, "m");
+    assert_eq!(s.timezone, "UTC");
+    assert_eq!(s.disk_size, 2 << 30);
+    assert_eq!(s.root_fs, RootFs::Ext4);
+    assert_eq!(s.formats, [Format::Raw, Format::Qcow2]);
+    assert!(s.agent_enabled);
+}
+
+#[test]
+fn shipped_specs_load() {
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+    for spec in ["devos-debian.toml", "devos-ubuntu.toml"] {
+        load(&images.join(spec)).unwrap_or_else(|e| panic!("{spec}: {e}"));
+    }
+    for layer in std::fs::read_dir(images.join("layers")).unwrap() {
+        let path = layer.unwrap().path();
+        let text = format!(
+            "[image]\nname = \"l\"\nversion = \"0.1.0\"\n[base]\ndistro = \"debian\"\n[packages]\nlayers = [\"layers/{}\"]\n",
+            path.file_name().unwrap().to_string_lossy()
+        );
+        parse(&images.join("probe.toml"), &text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+/// (what is broken, the spec text, line, column, words the message must contain)
+fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
+    vec![
+        (
+            "unknown key",
+            with("description = \"every field\"", "descripton = \"x\""),
+            5,
+            1,
+            "unknown field `descripton`",
+        ),
+        (
+            "unknown table",
+            format!("{FULL}\n[extra]\nx = 1\n"),
+            50,
+            2,
+            "unknown field `extra`",
+        ),
+        (
+            "wrong type",
+            with("hostname = \"box-1\"", "hostname = 7"),
+            19,
+            12,
+            "invalid type",
+        ),
+        (
+            "bad version",
+            with("\"1.2.3-rc.1\"", "\"1.2\""),
+            4,
+            11,
+            "invalid version `1.2`",
+        ),
+        (
+            "version with build metadata",
+            with("\"1.2.3-rc.1\"", "\"1.2.3+x\""),
+            4,
+            11,
+            "build metadata",
+        ),
+        (
+            "unknown distro",
+            with("distro = \"debian\"", "distro = \"fedora\""),
+            8,
+            10,
+            "unknown distro `fedora`",
+        ),
+        (
+            "missing layer",
+            with("layers/one.toml", "layers/nope.toml"),
+            16,
+            11,
+            "cannot read layer `layers/nope.toml`",
+        ),
+        (
+            "bad package",
+            with("\"dbus\"]", "\"Dbus\"]"),
+            15,
+            28,
+            "invalid package name `Dbus`",
+        ),
+        (
+            "bad name",
+            with("name = \"devos-test\"", "name = \"Devos Test\""),
+            3,
+            8,
+            "invalid image name",
+        ),
+        (
+            "bad size",
+            with("\"3G\"", "\"3 lots\""),
+            29,
+            8,
+            "invalid disk size",
+        ),
+        ("tiny disk", with("\"3G\"", "\"100M\""), 29, 8, "too small"),
+        (
+            "bad root-fs",
+            with("\"erofs\"", "\"btrfs\""),
+            30,
+            11,
+            "unknown root-fs `btrfs`",
+        ),
+        (
+            "bad format",
+            with("\"vhd\"", "\"iso\""),
+            33,
+            29,
+            "unknown format `iso`",
+        ),
+        (
+            "bad ssh key",
+            with(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDevOsTestKey dev@host",
+                "hunter2",
+            ),
+            26,
+            24,
+            "not an OpenSSH public key",
+        ),
+        (
+            "bad exit",
+            with("expect-exit = 3", "expect-exit = 300"),
+            48,
+            15,
+            "out of range",
+        ),
+        (
+            "duplicate test",
+            with("name = \"exit-3\"", "name = \"true\""),
+            46,
+            8,
+            "used twice",
+        ),
+        (
+            "bad agent config",
+            with("log-level = \"debug\"", "log-levels = \"debug\""),
+            38,
+            1,
+            "[agent.config]",
+        ),
+        (
+            "bad timezone",
+            with("Europe/Berlin", "../etc/passwd"),
+            21,
+            12,
+            "invalid timezone",
+        ),
+        (
+            "relative keyring",
+            with("/usr/share/keyrings/test.gpg", "test.gpg"),
+            12,
+            11,
+            "not an absolute path",
+        ),
+        (
+            "bad mirror",
+            with("http://mirror.example/debian/", "mirror.example"),
+            10,
+            10,
+            "invalid mirror",
+        ),
+        (
+            "missing table",
+            "[image]\nname = \"x\"\nversion = \"1.0.0\"\n".to_owned(),
+            1,
+            1,
+            "missing field `base`",
+        ),
+        ("not toml", "[image\n".to_owned(), 1, 7, ""),
+    ]
+}
+
+#[test]
+fn every_error_class_is_located_and_hinted() {
+    for (what, text, line, col, words) in cases() {
+        let e = error(&text);
+        let shown = e.to_string();
+        assert!(shown.contains(words), "{what}: {shown}");
+        assert_eq!((e.line, e.col), (line, col), "{what}: {shown}");
+        assert!(
+            shown.starts_with(&format!("{}:{line}:{col}: ", e.file.display())),
+            "{what}: {shown}"
+        );
+        if what != "not toml" {
+            assert!(e.hint.is_some(), "{what} has no hint: {shown}");
+        }
+    }
+}
+
+#[test]
+fn errors_in_a_layer_name_the_layer_file() {
+    let (dir, path) = fixture(FULL);
+    std::fs::write(
+        dir.path().join("layers/one.toml"),
+        "[packages]\ninclude = [\"ok\"]\nextra = 1\n",
+    )
+    .unwrap();
+    let e = load(&path).unwrap_err();
+    assert!(e.file.ends_with("layers/one.toml"), "{e}");
+    assert_eq!(e.line, 3);
+}
+
+#[test]
+fn missing_spec_file_says_what_to_pass() {
+    let e = load(Path::new("/nonexistent/spec.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot read the spec") && e.contains("images/devos-debian.toml"),
+        "{e}"
+    );
+}
+
+#[test]
+fn arbitrary_input_never_panics() {
+    // A cheap fuzz: every prefix of the full spec, and byte-level corruptions of it.
+    let path = Path::new("fuzz.toml");
+    for end in 0..FULL.len() {
+        if FULL.is_char_boundary(end) {
+            let _ = parse(path, &FULL[..end]);
+        }
+    }
+    let bytes = FULL.as_bytes();
+    for (i, garbage) in (0..bytes.len())
+        .step_by(7)
+        .zip([b'"', b'[', b'=', b'\n', 0xff, b'\\'].iter().cycle())
+    {
+        let mut b = bytes.to_vec();
+        b[i] = *garbage;
+        let _ = parse(path, &String::from_utf8_lossy(&b));
+    }
+}
+
+#[test]
+fn canonical_form_ignores_comments_and_key_order() {
+    let (_d, a) = fixture(FULL);
+    let reordered = FULL.replace(
+        "hostname = \"box-1\"\nkernel-cmdline = \" console=ttyS0 \"",
+        "# a comment\nkernel-cmdline = \" console=ttyS0 \"\nhostname = \"box-1\"",
+    );
+    let (_e, b) = fixture(&reordered);
+    assert_eq!(canonical(&load(&a).unwrap()), canonical(&load(&b).unwrap()));
+    let (_f, c) = fixture(&with("\"box-1\"", "\"box-2\""));
+    assert_ne!(canonical(&load(&a).unwrap()), canonical(&load(&c).unwrap()));
+}
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("2G"), Some(2 << 30));
+    assert_eq!(parse_size("1536M"), Some(1536 << 20));
+    assert_eq!(parse_size("2GiB"), Some(2 << 30));
+    assert_eq!(parse_size("12"), Some(12));
+    assert_eq!(parse_size("G"), None);
+    assert_eq!(parse_size("99999999999T"), None);
+}
+
+/// The keys a table accepts, read from the parser's own "unknown field" error.
+fn accepted_keys(text_with_bogus_key: &str) -> Vec<String> {
+    let e = parse(Path::new("keys.toml"), text_with_bogus_key).unwrap_err();
+    let list = e
+        .message
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| e.message.split("expected ").nth(1));
+    list.unwrap_or_else(|| panic!("{e}"))
+        .split(", ")
+        .flat_map(|k| k.split(" or "))
+        .map(|k| k.trim_matches('`').to_owned())
+        .collect()
+}
+
+#[test]
+fn every_key_is_documented_in_docs_spec_md() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/spec.md"))
+            .unwrap();
+    let head = "[image]\nname = \"d\"\nversion = \"0.1.0\"\n[base]\ndistro = \"debian\"\n";
+    let tables = [
+        ("image", "[image]\nbogus = 1\n".to_owned()),
+        (
+            "base",
+            "[image]\nname = \"d\"\nversion = \"0.1.0\"\n[base]\nbogus = 1\n".to_owned(),
+        ),
+        ("packages", format!("{head}[packages]\nbogus = 1\n")),
+        ("system", format!("{head}[system]\nbogus = 1\n")),
+        (
+            "users",
+            format!("{head}[[users]]\nname = \"u\"\nbogus = 1\n"),
+        ),
+        ("disk", format!("{head}[disk]\nbogus = 1\n")),
+        ("output", format!("{head}[output]\nbogus = 1\n")),
+        ("agent", format!("{head}[agent]\nbogus = 1\n")),
+        ("agent.config", format!("{head}[agent.config]\nbogus = 1\n")),
+        (
+            "tests",
+            format!("{head}[[tests]]\nname = \"t\"\nrun = \"true\"\nbogus = 1\n"),
+        ),
+    ];
+    let mut checked = 0;
+    for (table, text) in tables {
+        for key in accepted_keys(&text) {
+            assert!(
+                doc.contains(&format!("`{table}.{key}`")),
+                "docs/spec.md does not document `{table}.{key}`"
+            );
+            checked += 1;
+        }
+    }
+    for key in accepted_keys(&format!("bogus = 1\n{head}")) {
+        assert!(
+            doc.contains(&format!("## `[{key}]`")) || doc.contains(&format!("## `[[{key}]]`")),
+            "no section for [{key}]"
+        );
+    }
+    assert!(checked > 20);
+}

@@ -1,0 +1,277 @@
+//! Packer: the `packer/` template (handlebars → HCL2) rendered for one version into a
+//! self-contained directory (template, agent .deb, agent.toml, provisioning script),
+//! checked with `packer validate` on every render; `publish packer` runs `packer build`
+//! there and records the AMI from the manifest post-processor.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::store::registry::Publication;
+use crate::store::registry::Registry;
+use crate::store::registry::VersionInfo;
+use crate::support::cmd;
+
+const TEMPLATE: &str = include_str!("../../../packer/devos-ami.pkr.hcl.hbs");
+const PROVISION: &str = include_str!("../../../packer/provision.sh");
+pub const TEMPLATE_FILE: &str = "devos.pkr.hcl";
+const MANIFEST_FILE: &str = "packer-manifest.json";
+
+pub struct RenderOptions {
+    pub region: String,
+    /// A non-AWS EC2 endpoint to build against.
+    pub endpoint: Option<String>,
+    /// Provision over SSH (the real build); false renders the no-communicator variant.
+    pub ssh: bool,
+    /// Default: `packer/` in the version's output directory.
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Rendered {
+    pub dir: PathBuf,
+    pub template: PathBuf,
+    pub validated: bool,
+}
+
+#[derive(Serialize)]
+struct TemplateData<'a> {
+    name: &'a str,
+    version: &'a str,
+    build_id: &'a str,
+    region: &'a str,
+    endpoint: Option<&'a str>,
+    ssh: bool,
+    ami_name: String,
+    tags: BTreeMap<&'static str, String>,
+    agent_deb: &'a str,
+    agent_toml: &'a str,
+    provision: &'a str,
+    manifest: &'a str,
+}
+
+/// Escape a value for an HCL quoted string: backslashes, quotes, and the `${` / `%{`
+/// that would start an interpolation or directive.
+fn hcl_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .replace("${", "$${")
+        .replace("%{", "%%{")
+}
+
+/// The HCL for `v`, with every value escaped for HCL.
+pub fn render_template(v: &VersionInfo, opts: &RenderOptions) -> Result<String> {
+    let mut hb = handlebars::Handlebars::new();
+    hb.set_strict_mode(true);
+    hb.register_escape_fn(hcl_escape);
+    let tags = BTreeMap::from([
+        ("Name", devos_aws::ami::ami_name(&v.name, &v.version)),
+        ("devos:image", v.name.clone()),
+        ("devos:version", v.version.clone()),
+        ("devos:build-id", v.build_id.clone()),
+        ("devos:built-by", "packer".to_owned()),
+        (
+            "devos:provisioned",
+            if opts.ssh { "yes" } else { "no-communicator" }.to_owned(),
+        ),
+    ]);
+    let data = TemplateData {
+        name: &v.name,
+        version: &v.version,
+        build_id: &v.build_id,
+        region: &opts.region,
+        endpoint: opts.endpoint.as_deref(),
+        ssh: opts.ssh,
+        ami_name: devos_aws::ami::ami_name(&format!("{}-ubuntu", v.name), &v.version),
+        tags,
+        agent_deb: "devos-agent.deb",
+        agent_toml: "agent.toml",
+        provision: "provision.sh",
+        manifest: MANIFEST_FILE,
+    };
+    hb.render_template(TEMPLATE, &data)
+        .context("cannot render packer/devos-ami.pkr.hcl.hbs")
+}
+
+/// Write the build directory for `v` and check it with `packer validate`.
+pub fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> Result<Rendered> {
+    let v = reg.find(reference)?;
+    let manifest = reg.manifest(&v)?;
+    let agent = manifest.agent.as_ref().with_context(|| {
+        format!("{}@{} was built without the agent ([agent] enable = false): there is nothing for Packer to install", v.name, v.version)
+    })?;
+    let deb = v.dir.join(&agent.file);
+    let toml = v.dir.join("agent.toml");
+    for f in [&deb, &toml] {
+        if !f.is_file() {
+            bail!(
+                "{} is missing\n  hint: build {}@{} again (`devos-build image build --force`); older builds did not keep agent.toml",
+                f.display(),
+                v.name,
+                v.version
+            );
+        }
+    }
+    let dir = opts.out.clone().unwrap_or_else(|| v.dir.join("packer"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::copy(&deb, dir.join("devos-agent.deb"))?;
+    std::fs::copy(&toml, dir.join("agent.toml"))?;
+    std::fs::write(dir.join("provision.sh"), PROVISION)?;
+    let template = dir.join(TEMPLATE_FILE);
+    std::fs::write(&template, render_template(&v, opts)?)?;
+    validate(&dir)?;
+    Ok(Rendered {
+        dir,
+        template,
+        validated: true,
+    })
+}
+
+fn packer(dir: &Path) -> Command {
+    let mut c = Command::new("packer");
+    c.current_dir(dir).env("CHECKPOINT_DISABLE", "1");
+    c
+}
+
+fn require_packer() -> Result<()> {
+    if crate::support::cmd::which("packer").is_none() {
+        bail!(
+            "packer is not installed\n  hint: `apt-get install packer` on Debian, or see https://developer.hashicorp.com/packer/install"
+        );
+    }
+    Ok(())
+}
+
+/// `packer validate` the rendered template; its complaint is the error.
+pub fn validate(dir: &Path) -> Result<()> {
+    require_packer()?;
+    let mut c = packer(dir);
+    c.args(["validate", TEMPLATE_FILE]);
+    cmd::run(&mut c).with_context(|| {
+        format!(
+            "`packer validate` rejected {}: the template packer/devos-ami.pkr.hcl.hbs is wrong",
+            dir.join(TEMPLATE_FILE).display()
+        )
+    })?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct Built {
+    pub region: String,
+    pub ami_id: String,
+    pub dir: PathBuf,
+}
+
+/// Render, then `packer build` (output streamed), then read the AMI from the manifest
+/// and record it in the registry.
+pub fn build(
+    reg: &mut Registry,
+    reference: &str,
+    force: bool,
+    opts: &RenderOptions,
+    vars: &[String],
+) -> Result<Built> {
+    let v = crate::publish::gate(reg, reference, force)?;
+    if let Some(p) = reg
+        .publications(Some(&v.name), Some(&v.version))?
+        .into_iter()
+        .find(|p| p.kind == "packer" && p.region == opts.region && p.state == "available")
+    {
+        eprintln!(
+            "    {}@{} was already built with Packer in {}: {}",
+            v.name,
+            v.version,
+            opts.region,
+            p.ami_id.as_deref().unwrap_or("-")
+        );
+        return Ok(Built {
+            region: p.region,
+            ami_id: p.ami_id.unwrap_or_default(),
+            dir: PathBuf::new(),
+        });
+    }
+    let rendered = render(reg, &format!("{}@{}", v.name, v.version), opts)?;
+    let manifest = rendered.dir.join(MANIFEST_FILE);
+    let _ = std::fs::remove_file(&manifest);
+    let mut c = packer(&rendered.dir);
+    c.args(["build", "-color=false", "-timestamp-ui"]);
+    for var in vars {
+        c.arg("-var").arg(var);
+    }
+    c.arg(TEMPLATE_FILE);
+    eprintln!(
+        "    $ packer build {} (in {})",
+        TEMPLATE_FILE,
+        rendered.dir.display()
+    );
+    // Packer's log goes to stderr with ours; stdout stays the result.
+    let status = c
+        .stdout(std::io::stderr())
+        .status()
+        .context("cannot run packer")?;
+    if !status.success() {
+        bail!(
+            "`packer build` failed ({status}); its output is above\n  hint: Packer removes what it created on failure; re-run after fixing the cause"
+        );
+    }
+    let (region, ami_id) = read_manifest(&manifest)?;
+    reg.record_publication(
+        &v,
+        &Publication::available(&v, &region, "packer", &ami_id, Vec::new(), None),
+    )?;
+    Ok(Built {
+        region,
+        ami_id,
+        dir: rendered.dir,
+    })
+}
+
+/// The region and AMI of the last build in a Packer manifest (`"artifact_id":
+/// "us-east-1:ami-0123"`).
+fn read_manifest(path: &Path) -> Result<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("packer wrote no manifest {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let artifact = value["builds"]
+        .as_array()
+        .and_then(|b| b.last())
+        .and_then(|b| b["artifact_id"].as_str())
+        .with_context(|| format!("{} names no artifact", path.display()))?;
+    let (region, ami) = artifact
+        .split(',')
+        .next()
+        .and_then(|a| a.split_once(':'))
+        .with_context(|| format!("unexpected artifact id {artifact:?} in {}", path.display()))?;
+    Ok((region.to_owned(), ami.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_escaped_for_hcl() {
+        assert_eq!(hcl_escape(r#"a"b\c ${x} %{y}"#), r#"a\"b\\c $${x} %%{y}"#);
+    }
+
+    #[test]
+    fn manifest_artifact_is_split_into_region_and_ami() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        std::fs::write(
+            &p,
+            r#"{"builds":[{"artifact_id":"eu-west-1:ami-1"},{"artifact_id":"us-east-1:ami-2"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_manifest(&p).unwrap(),
+            ("us-east-1".into(), "ami-2".into())
+        );
+    }
+}

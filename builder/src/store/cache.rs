@@ -1,0 +1,410 @@
+//! The build cache: stage outputs stored by the hash of their inputs, and the
+//! downloaded packages and package lists the stages reuse.
+//!
+//! A stage entry is a directory `stages/KIND/KEY/` holding `tree.tar.zst` and
+//! `entry.json` (the archive's sha256 and size). It is assembled under a temporary
+//! name and renamed into place, so a reader never sees half an entry; the archive's
+//! hash is checked before every use, and an entry that fails the check is removed and
+//! rebuilt, never used.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+
+use crate::support::cmd;
+
+use crate::support::digest;
+use crate::support::time::secs;
+
+/// Where the cache lives: `$DEVOS_CACHE_DIR`, else `$XDG_CACHE_HOME/devos`, else
+/// `~/.cache/devos`.
+pub fn dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DEVOS_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("devos");
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join(".cache/devos")
+}
+
+/// The kinds of stage entries, in pipeline order.
+pub const KINDS: &[&str] = &["base", "tree"];
+
+/// What `entry.json` records.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Entry {
+    pub kind: String,
+    pub key: String,
+    pub sha256: String,
+    pub size: u64,
+    /// Unix time the entry was stored.
+    pub created: u64,
+    /// What the entry was made from, for people reading the cache.
+    pub about: String,
+}
+
+pub struct Cache {
+    root: PathBuf,
+    /// False with `--no-cache`: nothing is read or written.
+    enabled: bool,
+}
+
+const ARCHIVE: &str = "tree.tar.zst";
+const ENTRY: &str = "entry.json";
+const TAR_COMMON: &[&str] = &[
+    "--numeric-owner",
+    "--xattrs",
+    "--xattrs-include=*",
+    "--acls",
+];
+
+impl Cache {
+    pub fn new(root: PathBuf, enabled: bool) -> Self {
+        Self { root, enabled }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn entry_dir(&self, kind: &str, key: &str) -> PathBuf {
+        self.root.join("stages").join(kind).join(key)
+    }
+
+    /// Whether an entry exists (its hash is checked only when it is used).
+    pub fn contains(&self, kind: &str, key: &str) -> bool {
+        self.enabled && self.entry_dir(kind, key).join(ENTRY).is_file()
+    }
+
+    /// Restore the tree stored for `kind`/`key` into `dest` (which must not exist).
+    /// `Ok(false)` when there is no usable entry; a corrupt entry is removed.
+    pub fn restore(&self, kind: &str, key: &str, dest: &Path) -> Result<bool> {
+        if !self.enabled {
+            return Ok(false);
+        }
+        let dir = self.entry_dir(kind, key);
+        let Ok(text) = fs::read_to_string(dir.join(ENTRY)) else {
+            return Ok(false);
+        };
+        let archive = dir.join(ARCHIVE);
+        let entry: Option<Entry> = serde_json::from_str(&text).ok();
+        let actual = digest::file_sha256(&archive).ok();
+        if entry.is_none() || entry.as_ref().map(|e| &e.sha256) != actual.as_ref() {
+            tracing::warn!(
+                "cache entry {} is corrupt (its sha256 does not match entry.json); removing it and building the stage again",
+                dir.display()
+            );
+            remove_entry(&dir);
+            return Ok(false);
+        }
+        fs::create_dir_all(dest)?;
+        let result = cmd::run(
+            Command::new("tar")
+                .arg("--extract")
+                .arg("--file")
+                .arg(&archive)
+                .arg("--directory")
+                .arg(dest)
+                .args(TAR_COMMON)
+                .args(["--same-permissions", "--same-owner"])
+                .arg("--use-compress-program=zstd -d -q"),
+        );
+        if let Err(e) = result {
+            tracing::warn!(
+                "cannot restore {}: {e}; building the stage again",
+                dir.display()
+            );
+            fs::remove_dir_all(dest).ok();
+            return Ok(false);
+        }
+        touch(&dir);
+        Ok(true)
+    }
+
+    /// Store `tree` as the entry for `kind`/`key`. Another build storing the same key
+    /// at the same time is fine: the first complete entry wins.
+    pub fn store(&self, kind: &str, key: &str, tree: &Path, about: &str) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let parent = self.root.join("stages").join(kind);
+        fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        crate::support::workdir::remove_stale_work_dirs(&parent);
+        let tmp = crate::support::workdir::WorkDir::new(&parent)?;
+        let archive = tmp.path().join(ARCHIVE);
+        cmd::run(
+            Command::new("tar")
+                .arg("--create")
+                .arg("--file")
+                .arg(&archive)
+                .arg("--directory")
+                .arg(tree)
+                .args(TAR_COMMON)
+                .args(["--sort=name", "--one-file-system"])
+                .arg("--use-compress-program=zstd -T0 -1 -q")
+                .arg("."),
+        )
+        .with_context(|| format!("while storing the {kind} stage in the cache"))?;
+        let entry = Entry {
+            kind: kind.to_owned(),
+            key: key.to_owned(),
+            sha256: digest::file_sha256(&archive)?,
+            size: fs::metadata(&archive)?.len(),
+            created: crate::support::time::now(),
+            about: about.to_owned(),
+        };
+        fs::write(
+            tmp.path().join(ENTRY),
+            serde_json::to_string_pretty(&entry)?,
+        )?;
+        tmp.persist(&self.entry_dir(kind, key));
+        Ok(())
+    }
+
+    /// Every stage entry, plus the sizes of the package and package-list caches.
+    pub fn status(&self) -> Result<Status> {
+        let mut entries = Vec::new();
+        for kind in KINDS {
+            let Ok(dirs) = fs::read_dir(self.root.join("stages").join(kind)) else {
+                continue;
+            };
+            for d in dirs.flatten() {
+                if d.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let entry = fs::read_to_string(d.path().join(ENTRY))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Entry>(&t).ok());
+                let last_used = fs::metadata(d.path().join(ENTRY))
+                    .and_then(|m| m.modified())
+                    .map_or(0, secs);
+                entries.push(StatusEntry {
+                    kind: (*kind).to_owned(),
+                    key: d.file_name().to_string_lossy().into_owned(),
+                    size: dir_size(&d.path()),
+                    last_used,
+                    about: entry
+                        .map(|e| e.about)
+                        .unwrap_or_else(|| "incomplete".into()),
+                });
+            }
+        }
+        entries.sort_by_key(|e| std::cmp::Reverse(e.last_used));
+        Ok(Status {
+            dir: self.root.clone(),
+            packages_bytes: dir_size(&self.root.join("packages")),
+            package_lists_bytes: dir_size(&self.root.join("apt")),
+            stages_bytes: entries.iter().map(|e| e.size).sum(),
+            entries,
+        })
+    }
+
+    /// Remove stage entries beyond the `keep` most recently used of each kind (all of
+    /// them with `keep = 0`), and with `packages`, the downloaded packages and lists.
+    pub fn prune(&self, keep: usize, packages: bool) -> Result<Pruned> {
+        let status = self.status()?;
+        let mut pruned = Pruned::default();
+        for kind in KINDS {
+            for e in status.entries.iter().filter(|e| e.kind == *kind).skip(keep) {
+                remove_entry(&self.entry_dir(kind, &e.key));
+                pruned.entries += 1;
+                pruned.bytes += e.size;
+            }
+        }
+        if packages {
+            for sub in ["packages", "apt", "agent"] {
+                let d = self.root.join(sub);
+                pruned.bytes += dir_size(&d);
+                fs::remove_dir_all(&d).ok();
+            }
+        }
+        Ok(pruned)
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub dir: PathBuf,
+    pub stages_bytes: u64,
+    pub packages_bytes: u64,
+    pub package_lists_bytes: u64,
+    pub entries: Vec<StatusEntry>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct StatusEntry {
+    pub kind: String,
+    pub key: String,
+    pub size: u64,
+    pub last_used: u64,
+    pub about: String,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Pruned {
+    pub entries: usize,
+    pub bytes: u64,
+}
+
+impl Status {
+    pub fn human(&self) -> String {
+        let mut s = format!("cache: {}\n", self.dir.display());
+        s.push_str(&format!(
+            "  stage entries      {:>4}  {:>8}\n  downloaded packages     {:>8}\n  package lists           {:>8}\n",
+            self.entries.len(),
+            mib(self.stages_bytes),
+            mib(self.packages_bytes),
+            mib(self.package_lists_bytes)
+        ));
+        for e in &self.entries {
+            s.push_str(&format!(
+                "  {:<5} {}  {:>8}  {}\n",
+                e.kind,
+                &e.key[..e.key.len().min(16)],
+                mib(e.size),
+                e.about
+            ));
+        }
+        s
+    }
+}
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// Move an entry out of the way in one rename, then delete it: a reader either
+/// sees the whole entry or none.
+fn remove_entry(dir: &Path) {
+    let gone = dir.with_file_name(format!(
+        ".gone-{}-{}",
+        std::process::id(),
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    if fs::rename(dir, &gone).is_ok() {
+        fs::remove_dir_all(&gone).ok();
+    }
+}
+
+/// Record a use (prune keeps the most recently used entries).
+fn touch(dir: &Path) {
+    if let Ok(f) = fs::File::options().append(true).open(dir.join(ENTRY)) {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+pub fn dir_size(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    // Unreadable entries count as nothing: this is a size shown to the user.
+    for m in walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+    {
+        if !m.is_dir() {
+            total += m.blocks() * 512;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(root: &Path) {
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/hostname"), "devos\n").unwrap();
+        std::os::unix::fs::symlink("hostname", root.join("etc/link")).unwrap();
+    }
+
+    #[test]
+    fn store_restore_and_corruption() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("cache"), true);
+        let src = tmp.path().join("src");
+        tree(&src);
+        cache.store("base", "k1", &src, "test").unwrap();
+        let out = tmp.path().join("out");
+        assert!(cache.restore("base", "k1", &out).unwrap());
+        assert_eq!(
+            fs::read_to_string(out.join("etc/hostname")).unwrap(),
+            "devos\n"
+        );
+        assert_eq!(
+            fs::read_link(out.join("etc/link")).unwrap(),
+            Path::new("hostname")
+        );
+        assert!(
+            !cache
+                .restore("base", "other", &tmp.path().join("x"))
+                .unwrap()
+        );
+
+        let status = cache.status().unwrap();
+        assert_eq!(status.entries.len(), 1);
+        assert!(status.stages_bytes > 0);
+
+        // Flip one byte of the archive: detected, removed, not used.
+        let archive = cache.entry_dir("base", "k1").join(ARCHIVE);
+        let mut bytes = fs::read(&archive).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        fs::write(&archive, bytes).unwrap();
+        let again = tmp.path().join("again");
+        assert!(!cache.restore("base", "k1", &again).unwrap());
+        assert!(!again.exists());
+        assert!(!cache.entry_dir("base", "k1").exists());
+    }
+
+    #[test]
+    fn disabled_cache_neither_reads_nor_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        tree(&src);
+        Cache::new(tmp.path().join("c"), true)
+            .store("base", "k", &src, "")
+            .unwrap();
+        let off = Cache::new(tmp.path().join("c"), false);
+        assert!(!off.restore("base", "k", &tmp.path().join("o")).unwrap());
+        off.store("tree", "k", &src, "").unwrap();
+        assert!(!tmp.path().join("c/stages/tree").exists());
+    }
+
+    #[test]
+    fn prune_keeps_the_most_recent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path().join("cache"), true);
+        let src = tmp.path().join("src");
+        tree(&src);
+        for k in ["a", "b", "c"] {
+            cache.store("base", k, &src, "").unwrap();
+            let e = cache.entry_dir("base", k).join(ENTRY);
+            let age = match k {
+                "a" => 300,
+                "b" => 200,
+                _ => 100,
+            };
+            fs::File::options()
+                .append(true)
+                .open(&e)
+                .unwrap()
+                .set_modified(SystemTime::now() - std::time::Duration::from_secs(age))
+                .unwrap();
+        }
+        let pruned = cache.prune(1, false).unwrap();
+        assert_eq!(pruned.entries, 2);
+        assert!(cache.entry_dir("base", "c").exists());
+        assert!(!cache.entry_dir("base", "a").exists());
+    }
+}

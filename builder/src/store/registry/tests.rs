@@ -1,0 +1,238 @@
+use super::*;
+use crate::model::manifest::Artifact;
+use crate::model::manifest::CacheKeys;
+use crate::model::manifest::Package;
+use crate::model::manifest::StageTiming;
+
+fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
+    Manifest {
+        name: "devos-test".into(),
+        version: version.into(),
+        build_id: format!("{version}-id"),
+        description: String::new(),
+        distro: "debian".into(),
+        suite: "bookworm".into(),
+        builder_version: "0.1.0".into(),
+        source_date_epoch: 1_700_000_000,
+        kernel_cmdline: String::new(),
+        inputs: Vec::new(),
+        package_sources: "host".into(),
+        agent: None,
+        packages: packages
+            .iter()
+            .map(|(n, v)| Package {
+                name: (*n).into(),
+                version: (*v).into(),
+            })
+            .collect(),
+        partitions: Vec::new(),
+        artifacts: vec![Artifact {
+            file: format!("devos-test-{version}.raw"),
+            format: "raw".into(),
+            sha256: "ab".repeat(32),
+            size: 1 << 30,
+            used_bytes: 300 << 20,
+        }],
+        stages: vec![StageTiming {
+            name: "rootfs".into(),
+            seconds: 40.5,
+        }],
+        cache_keys: CacheKeys::default(),
+    }
+}
+
+fn file(path: &str, content: &str) -> FileEntry {
+    FileEntry {
+        path: path.into(),
+        kind: 'f',
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size: content.len() as u64,
+        mtime: 1,
+        content: content.into(),
+    }
+}
+
+#[test]
+fn round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("reg/registry.db");
+    let mut reg = Registry::open(&path).unwrap();
+    assert_eq!(reg.schema_version().unwrap(), SCHEMA_VERSION);
+    let m = manifest("0.1.0+aaa", &[("bash", "5.2")]);
+    let files = vec![file("/etc/a", "1"), file("/etc/b", "2")];
+    reg.record_build(Path::new("/out/a"), Path::new("spec.toml"), &m, &files)
+        .unwrap();
+    // Idempotent: recording the same version again replaces its rows.
+    reg.record_build(Path::new("/out/a"), Path::new("spec.toml"), &m, &files)
+        .unwrap();
+    drop(reg);
+
+    let reg = Registry::open(&path).unwrap();
+    let all = reg.versions(None).unwrap();
+    assert_eq!(all.len(), 1);
+    let v = reg.find("devos-test@0.1.0+aaa").unwrap();
+    assert_eq!(v.artifacts.len(), 1);
+    assert_eq!(v.artifacts[0].sha256, "ab".repeat(32));
+    assert_eq!(reg.files(&v).unwrap(), files);
+    let back = reg.manifest(&v).unwrap();
+    assert_eq!(back.packages.len(), 1);
+    assert_eq!(back.stages[0].seconds, 40.5);
+    assert_eq!(v.tested, None);
+}
+
+#[test]
+fn references_and_test_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+    for v in ["0.1.0+aaa111", "0.1.0+bbb222"] {
+        reg.record_build(Path::new("/o"), Path::new("s"), &manifest(v, &[]), &[])
+            .unwrap();
+    }
+    assert_eq!(
+        reg.find("devos-test@0.1.0+b").unwrap().version,
+        "0.1.0+bbb222"
+    );
+    let err = reg.find("devos-test@0.1.0").unwrap_err().to_string();
+    assert!(err.contains("matches 2 versions"), "{err}");
+    let err = reg.find("nope").unwrap_err().to_string();
+    assert!(err.contains("known images: devos-test"), "{err}");
+    let err = reg.find("devos-test@9.9.9").unwrap_err().to_string();
+    assert!(err.contains("image list devos-test"), "{err}");
+
+    let run = TestRun {
+        started_at: 5,
+        passed: true,
+        accelerator: "tcg".into(),
+        seconds: 30.0,
+    };
+    reg.record_test("devos-test", "0.1.0+aaa111", &run, &serde_json::json!({}))
+        .unwrap();
+    let v = reg.find("devos-test@0.1.0+aaa111").unwrap();
+    assert_eq!(v.tested, Some(true));
+    assert_eq!(reg.test_runs(&v).unwrap().len(), 1);
+
+    // The publish/rollout gate: untested and failed versions are refused.
+    reg.require_passing("devos-test@0.1.0+aaa111").unwrap();
+    let err = reg
+        .require_passing("devos-test@0.1.0+bbb222")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has not been boot-tested"), "{err}");
+    let failed = TestRun {
+        passed: false,
+        started_at: 6,
+        ..run
+    };
+    reg.record_test(
+        "devos-test",
+        "0.1.0+aaa111",
+        &failed,
+        &serde_json::json!({}),
+    )
+    .unwrap();
+    let err = reg
+        .require_passing("devos-test@0.1.0+aaa111")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("failed its last boot test"), "{err}");
+}
+
+#[test]
+fn migrations_run_forward_and_keep_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("r.db");
+    // A registry written by a builder that only knew schema version 1.
+    let mut old = Registry::open_at(&path, 1).unwrap();
+    assert_eq!(old.schema_version().unwrap(), 1);
+    old.record_build(
+        Path::new("/o"),
+        Path::new("s"),
+        &manifest("0.1.0+a", &[]),
+        &[],
+    )
+    .unwrap();
+    drop(old);
+    let reg = Registry::open(&path).unwrap();
+    assert_eq!(reg.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(reg.versions(None).unwrap().len(), 1);
+    // The tables of later migrations exist.
+    reg.conn
+        .execute_batch(
+            "SELECT * FROM test_runs; SELECT * FROM publications; SELECT * FROM rollouts;",
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("r.db");
+    drop(Registry::open(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    drop(conn);
+    let err = Registry::open(&path).err().unwrap().to_string();
+    assert!(err.contains("newer than this devos-build knows"), "{err}");
+}
+
+#[test]
+fn concurrent_writers_do_not_lose_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("r.db");
+    drop(Registry::open(&path).unwrap());
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let path = &path;
+            s.spawn(move || {
+                let mut reg = Registry::open(path).unwrap();
+                for i in 0..10 {
+                    let m = manifest(&format!("0.1.{t}+{i:03}"), &[("bash", "5")]);
+                    reg.record_build(Path::new("/o"), Path::new("s"), &m, &[file("/x", "y")])
+                        .unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(
+        Registry::open(&path).unwrap().versions(None).unwrap().len(),
+        40
+    );
+}
+
+#[test]
+fn publications_are_one_row_per_version_region_and_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+    reg.record_build(
+        Path::new("/o"),
+        Path::new("s"),
+        &manifest("0.1.0+a", &[]),
+        &[],
+    )
+    .unwrap();
+    let v = reg.find("devos-test@0.1.0+a").unwrap();
+    let mut p = Publication {
+        name: v.name.clone(),
+        version: v.version.clone(),
+        build_id: v.build_id.clone(),
+        region: "eu-west-1".into(),
+        kind: "ami".into(),
+        ami_id: Some("ami-1".into()),
+        snapshot_ids: vec!["snap-1".into(), "snap-2".into()],
+        parameter: Some("/devos/x".into()),
+        state: "available".into(),
+        created_at: 0,
+        updated_at: 0,
+    };
+    reg.record_publication(&v, &p).unwrap();
+    p.state = "deregistered".into();
+    reg.record_publication(&v, &p).unwrap();
+    let all = reg.publications(Some("devos-test"), None).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].state, "deregistered");
+    assert_eq!(all[0].snapshot_ids, ["snap-1", "snap-2"]);
+    assert!(reg.publications(Some("other"), None).unwrap().is_empty());
+}

@@ -1,0 +1,42 @@
+//! Time: now, and Unix times as UTC text.
+
+use std::time::SystemTime;
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now() -> u64 {
+    secs(SystemTime::now())
+}
+
+/// A system time as seconds since the Unix epoch (0 if before it).
+pub fn secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for a Unix time.
+pub fn utc(t: u64) -> String {
+    let t = i64::try_from(t)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_text() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_709_251_199), "2024-02-29 23:59:59");
+    }
+}
