@@ -116,21 +116,40 @@ pub fn privileged_runs_as_root(action: &Action) -> bool {
     matches!(action, Action::PackageInstall { .. })
 }
 
+/// Why a decision cannot be remembered the way the user asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("shell scripts are approved one at a time; they cannot be remembered")]
+    ShellScript,
+    #[error("privileged actions are approved one at a time; they cannot be remembered")]
+    Privileged,
+    #[error(
+        "actions devos does not understand (`unknown`) are approved one at a time; they cannot be remembered"
+    )]
+    Unknown,
+    #[error(
+        "a {class} action can only be remembered exactly: the policy's user-may-auto-approve does not include it"
+    )]
+    NotStanding { class: RiskClass },
+    #[error(
+        "a {class} action can only be remembered exactly (drop --command-prefix/--path-prefix)"
+    )]
+    ExactOnly { class: RiskClass },
+    #[error("an action that reaches a secret location can only be remembered exactly")]
+    ReachesSecrets,
+}
+
 /// Whether an approval of this action may be remembered at all: shell scripts,
 /// unknown and privileged actions are decided every time.
-pub fn may_remember(action: &Action, risk: &Risk) -> Result<(), String> {
+pub fn may_remember(action: &Action, risk: &Risk) -> Result<(), RuleError> {
     if matches!(action, Action::Shell { .. }) {
-        return Err("shell scripts are approved one at a time; they cannot be remembered".into());
+        return Err(RuleError::ShellScript);
     }
     if risk.class == RiskClass::Privileged || risk.classifier_failed {
-        return Err(
-            "privileged actions are approved one at a time; they cannot be remembered".into(),
-        );
+        return Err(RuleError::Privileged);
     }
     if risk.class == RiskClass::Unknown {
-        return Err(
-            "actions devos does not understand (`unknown`) are approved one at a time; they cannot be remembered".into(),
-        );
+        return Err(RuleError::Unknown);
     }
     Ok(())
 }
@@ -160,23 +179,16 @@ pub fn widest_standing_class(policy: &Policy) -> RiskClass {
 }
 
 /// Whether a user-chosen prefix rule may be made from an action of this risk.
-pub fn may_remember_prefix(risk: &Risk, policy: &Policy) -> Result<(), String> {
-    if prefix_may_cover(risk.class) && !user_may_stand(policy, risk.class) {
-        return Err(format!(
-            "a {} action can only be remembered exactly: the policy's user-may-auto-approve does not include it",
-            risk.class
-        ));
+pub fn may_remember_prefix(risk: &Risk, policy: &Policy) -> Result<(), RuleError> {
+    let class = risk.class;
+    if prefix_may_cover(class) && !user_may_stand(policy, class) {
+        return Err(RuleError::NotStanding { class });
     }
-    if !prefix_may_cover(risk.class) {
-        return Err(format!(
-            "a {} action can only be remembered exactly (drop --command-prefix/--path-prefix)",
-            risk.class
-        ));
+    if !prefix_may_cover(class) {
+        return Err(RuleError::ExactOnly { class });
     }
     if !risk.secrets.is_empty() {
-        return Err(
-            "an action that reaches a secret location can only be remembered exactly".into(),
-        );
+        return Err(RuleError::ReachesSecrets);
     }
     Ok(())
 }

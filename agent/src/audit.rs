@@ -170,6 +170,8 @@ impl Anchors {
             .mode(0o600)
             .open(&path)
             .map_err(io(&path))?;
+        // Without a journal (not under systemd) the anchor file is the only witness;
+        // `verify` reports that the journal had nothing to say.
         let journal = config
             .journal
             .then(|| {
@@ -245,6 +247,7 @@ fn log_files(dir: &Path) -> Result<Vec<(u32, PathBuf)>, AuditError> {
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        // (Other names are not log files.)
         if let Some(n) = name
             .strip_prefix("log-")
             .and_then(|r| r.strip_suffix(".jsonl"))
@@ -258,7 +261,7 @@ fn log_files(dir: &Path) -> Result<Vec<(u32, PathBuf)>, AuditError> {
 }
 
 /// Checkpoints by line number; a line that does not parse keeps its error.
-type CheckpointLines = Vec<(u64, Result<Checkpoint, String>)>;
+type CheckpointLines = Vec<(u64, Result<Checkpoint, serde_json::Error>)>;
 
 fn read_checkpoints(dir: &Path) -> Result<CheckpointLines, AuditError> {
     let path = dir.join("checkpoints.jsonl");
@@ -270,10 +273,7 @@ fn read_checkpoints(dir: &Path) -> Result<CheckpointLines, AuditError> {
     let mut out = Vec::new();
     for (n, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(io(&path))?;
-        out.push((
-            n as u64 + 1,
-            serde_json::from_str::<Checkpoint>(&line).map_err(|e| e.to_string()),
-        ));
+        out.push((n as u64 + 1, serde_json::from_str::<Checkpoint>(&line)));
     }
     Ok(out)
 }
@@ -316,6 +316,8 @@ impl AuditLog {
             .open(&head_path)
             .map_err(io(&head_path))?;
         let checkpoints = read_checkpoints(dir)?;
+        // Like entries, checkpoints continue from the newest that parses; verification
+        // reports a damaged one.
         let last_checkpoint = checkpoints
             .iter()
             .rev()
@@ -369,7 +371,12 @@ impl AuditLog {
         let path = self.dir.join(log_name(self.file_index));
         if let Err(e) = self.file.write_all(&line) {
             // No half line may stay behind for the next entry to be appended to.
-            let _ = self.file.set_len(self.size);
+            if let Err(cut) = self.file.set_len(self.size) {
+                tracing::error!(
+                    "audit log {}: cannot cut a half-written entry (verification will report it): {cut}",
+                    path.display()
+                );
+            }
             return Err(io(&path)(e));
         }
         self.size += line.len() as u64;
@@ -621,6 +628,7 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, Audit
             Ok(head) if head.trim().is_empty() && v.entries == 0 => {}
             Ok(head) => {
                 let mut parts = head.split_whitespace();
+                // (A HEAD that does not parse is reported below, as entry ?.)
                 let seq = parts.next().and_then(|s| s.parse::<u64>().ok());
                 let hash = parts.next().unwrap_or("");
                 if seq != Some(v.entries) || hash != v.last_hash {
@@ -666,6 +674,8 @@ fn check_anchors(
     let mut sources: Vec<(String, Vec<Anchor>)> = Vec::new();
     if let Some(path) = &options.anchor_file {
         let anchors = match std::fs::read_to_string(path) {
+            // A line cut short (a crash while it was written) anchors nothing; the
+            // others still do.
             Ok(text) => text
                 .lines()
                 .filter_map(|l| serde_json::from_str::<Anchor>(l).ok())
@@ -721,6 +731,7 @@ fn journal_anchors(log: &str) -> Option<Vec<Anchor>> {
     if !Path::new(JOURNAL_SOCKET).exists() {
         return None;
     }
+    // A journal that cannot be read is reported as none (`journal-anchors: null`).
     let out = std::process::Command::new("journalctl")
         .args(["--no-pager", "--quiet", "-o", "json"])
         .arg(format!("DEVOS_AUDIT_LOG={log}"))
@@ -731,6 +742,7 @@ fn journal_anchors(log: &str) -> Option<Vec<Anchor>> {
     Some(
         String::from_utf8_lossy(&out.stdout)
             .lines()
+            // (Only entries with both fields are anchors.)
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|j| {
                 Some(Anchor {

@@ -16,9 +16,92 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::action::Action;
-use crate::config::UserPolicy;
+use crate::config::{InvalidDenyRule, UserPolicy};
 use crate::planner::{self, Plan};
 use crate::risk::{self, Risk};
+
+/// Why a caller's identity could not be looked up or taken.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot look up uid {uid}: {source}")]
+    LookUp { uid: u32, source: nix::Error },
+    #[error("uid {uid} has no passwd entry; the agent only serves real users")]
+    NoPasswdEntry { uid: u32 },
+    #[error(transparent)]
+    NulInName(#[from] std::ffi::NulError),
+    #[error("cannot list the groups of {user}: {source}")]
+    Groups { user: String, source: nix::Error },
+    #[error("setgroups: {0}")]
+    SetGroups(nix::Error),
+    #[error("setgid {gid}: {source}")]
+    SetGid { gid: u32, source: nix::Error },
+    #[error("setuid {uid}: {source}")]
+    SetUid { uid: u32, source: nix::Error },
+    #[error("dumpable: {0}")]
+    Dumpable(nix::Error),
+    #[error("no_new_privs: {0}")]
+    NoNewPrivs(nix::Error),
+}
+
+/// Why a helper (planning or sandbox) could not read its job, or the planning
+/// helper gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("cannot read the job: {0}")]
+    ReadJob(std::io::Error),
+    #[error("invalid job: {0}")]
+    InvalidJob(serde_json::Error),
+    #[error("cannot start the planning helper: {0}")]
+    Start(std::io::Error),
+    #[error(transparent)]
+    Encode(serde_json::Error),
+    #[error("cannot hand the request to the planning helper: {0}")]
+    HandOver(std::io::Error),
+    #[error(
+        "planning as {user} took longer than {}s (a file system that does not answer?)",
+        PLAN_TIMEOUT.as_secs()
+    )]
+    TimedOut { user: String },
+    #[error("the planning helper failed: {0}")]
+    Lost(std::io::Error),
+    #[error("the planning helper failed ({status}): {stderr}")]
+    Failed {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("the planning helper answered badly: {0}")]
+    BadAnswer(serde_json::Error),
+}
+
+/// What the planning helper, as the caller, could not use: the working directory or
+/// the caller's own policy file. (It reaches the daemon as text in [`PlanReply`].)
+#[derive(Debug, thiserror::Error)]
+pub enum CallerFileError {
+    #[error("{cwd} is not a directory you ({user}) can enter: {source}")]
+    CannotEnter {
+        cwd: PathBuf,
+        user: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: ignored: it must be a regular file you own, under 64 KiB")]
+    NotYourFile { path: PathBuf },
+    #[error("{path}: {}", source.message())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{path}: deny[{index}]: {source}")]
+    DenyRule {
+        path: PathBuf,
+        index: usize,
+        source: InvalidDenyRule,
+    },
+}
 
 /// Who asked, as the system knows them (from the uid the bus daemon reported).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,21 +115,23 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn from_uid(uid: u32, admin_groups: &[String]) -> Result<Self, String> {
+    pub fn from_uid(uid: u32, admin_groups: &[String]) -> Result<Self, IdentityError> {
         use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
         let user = User::from_uid(Uid::from_raw(uid))
-            .map_err(|e| format!("cannot look up uid {uid}: {e}"))?
-            .ok_or_else(|| {
-                format!("uid {uid} has no passwd entry; the agent only serves real users")
-            })?;
-        let name = CString::new(user.name.clone()).map_err(|e| e.to_string())?;
+            .map_err(|source| IdentityError::LookUp { uid, source })?
+            .ok_or(IdentityError::NoPasswdEntry { uid })?;
+        let name = CString::new(user.name.clone())?;
         let groups: Vec<u32> = getgrouplist(&name, user.gid)
-            .map_err(|e| format!("cannot list the groups of {}: {e}", user.name))?
+            .map_err(|source| IdentityError::Groups {
+                user: user.name.clone(),
+                source,
+            })?
             .into_iter()
             .map(Gid::as_raw)
             .collect();
         let is_admin = uid == 0
             || admin_groups.iter().any(|g| {
+                // A group that cannot be looked up makes nobody an administrator.
                 Group::from_name(g)
                     .ok()
                     .flatten()
@@ -66,10 +151,10 @@ impl Caller {
 
     /// Become this user for good: groups, gid, uid (a root caller stays root), then
     /// no way back to privileges and no core dumps or tracing of this process.
-    pub fn become_for_good(&self) -> Result<(), String> {
+    pub fn become_for_good(&self) -> Result<(), IdentityError> {
         switch_identity(self.uid, self.gid, &self.groups)?;
-        nix::sys::prctl::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
-        nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+        nix::sys::prctl::set_dumpable(false).map_err(IdentityError::Dumpable)?;
+        nix::sys::prctl::set_no_new_privs().map_err(IdentityError::NoNewPrivs)?;
         Ok(())
     }
 
@@ -81,23 +166,23 @@ impl Caller {
 
 /// Take a user's identity for good (real, effective and saved ids; groups first, uid
 /// last, so each step still has the privilege it needs).
-pub fn switch_identity(uid: u32, gid: u32, groups: &[u32]) -> Result<(), String> {
+pub fn switch_identity(uid: u32, gid: u32, groups: &[u32]) -> Result<(), IdentityError> {
     use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
     let groups: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
-    setgroups(&groups).map_err(|e| format!("setgroups: {e}"))?;
+    setgroups(&groups).map_err(IdentityError::SetGroups)?;
     let g = Gid::from_raw(gid);
-    setresgid(g, g, g).map_err(|e| format!("setgid {gid}: {e}"))?;
+    setresgid(g, g, g).map_err(|source| IdentityError::SetGid { gid, source })?;
     let u = Uid::from_raw(uid);
-    setresuid(u, u, u).map_err(|e| format!("setuid {uid}: {e}"))
+    setresuid(u, u, u).map_err(|source| IdentityError::SetUid { uid, source })
 }
 
 /// A helper's job: the JSON its parent wrote on stdin.
-pub fn job_from_stdin<T: serde::de::DeserializeOwned>() -> Result<T, String> {
+pub fn job_from_stdin<T: serde::de::DeserializeOwned>() -> Result<T, HelperError> {
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
-        .map_err(|e| format!("cannot read the job: {e}"))?;
-    serde_json::from_str(&input).map_err(|e| format!("invalid job: {e}"))
+        .map_err(HelperError::ReadJob)?;
+    serde_json::from_str(&input).map_err(HelperError::InvalidJob)
 }
 
 /// What the planning helper is asked.
@@ -116,7 +201,8 @@ pub struct PlanJob {
     pub resolve: Vec<PathBuf>,
 }
 
-/// Its answer.
+/// Its answer. Errors are text here: they cross from the helper to the daemon as JSON,
+/// and the daemon only shows them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct PlanReply {
@@ -168,8 +254,8 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
         .iter()
         .map(|p| risk::paths::resolve_existing(&risk::normalize(p)))
         .collect();
-    let user_policy = read_user_policy(caller);
-    let cwd = enter(&job.cwd, &caller.user);
+    let user_policy = read_user_policy(caller).map_err(|e| e.to_string());
+    let cwd = enter(&job.cwd, &caller.user).map_err(|e| e.to_string());
     let (plan, risks) = match &cwd {
         Ok(_) if job.text.is_none() => (Err("nothing to plan".to_owned()), Vec::new()),
         Err(e) => (Err(e.clone()), Vec::new()),
@@ -208,22 +294,25 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
 }
 
 /// Enter `cwd` as this user and return it canonical, or an error naming it.
-fn enter(cwd: &Path, user: &str) -> Result<PathBuf, String> {
+fn enter(cwd: &Path, user: &str) -> Result<PathBuf, CallerFileError> {
     std::env::set_current_dir(cwd)
         .and_then(|()| std::env::current_dir())
-        .map_err(|e| {
-            format!(
-                "{} is not a directory you ({user}) can enter: {e}",
-                cwd.display()
-            )
+        .map_err(|source| CallerFileError::CannotEnter {
+            cwd: cwd.to_path_buf(),
+            user: user.to_owned(),
+            source,
         })
 }
 
 /// A user's own policy file, read without following a symlink at its last
 /// component and only if they own it.
-fn read_user_policy(caller: &Caller) -> Result<UserPolicy, String> {
+fn read_user_policy(caller: &Caller) -> Result<UserPolicy, CallerFileError> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let path = caller.home.join(".config/devos/agent.toml");
+    let io = |source| CallerFileError::Io {
+        path: path.clone(),
+        source,
+    };
     let mut file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
@@ -231,25 +320,26 @@ fn read_user_policy(caller: &Caller) -> Result<UserPolicy, String> {
     {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(UserPolicy::default()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => return Err(io(e)),
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = file.metadata().map_err(io)?;
     if !meta.is_file() || meta.uid() != caller.uid || meta.len() > 64 * 1024 {
-        return Err(format!(
-            "{}: ignored: it must be a regular file you own, under 64 KiB",
-            path.display()
-        ));
+        return Err(CallerFileError::NotYourFile { path });
     }
     let mut text = String::new();
-    file.read_to_string(&mut text)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.read_to_string(&mut text).map_err(io)?;
     let mut policy: UserPolicy =
-        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
-    for (i, rule) in policy.deny.iter_mut().enumerate() {
+        toml::from_str(&text).map_err(|source| CallerFileError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+    for (index, rule) in policy.deny.iter_mut().enumerate() {
         rule.validate()
-            .map_err(|e| format!("{}: deny[{i}]: {e}", path.display()))?;
+            .map_err(|source| CallerFileError::DenyRule {
+                path: path.clone(),
+                index,
+                source,
+            })?;
         if let Some(p) = &rule.path_prefix {
             rule.path_prefix = Some(risk::paths::resolve_existing(&risk::normalize(p)));
         }
@@ -258,7 +348,7 @@ fn read_user_policy(caller: &Caller) -> Result<UserPolicy, String> {
 }
 
 /// Run the planning helper for `job` as its caller. `exe` is the agent's own binary.
-pub async fn plan(exe: &Path, job: &PlanJob) -> Result<PlanReply, String> {
+pub async fn plan(exe: &Path, job: &PlanJob) -> Result<PlanReply, HelperError> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(exe)
         .arg("plan-exec")
@@ -269,33 +359,27 @@ pub async fn plan(exe: &Path, job: &PlanJob) -> Result<PlanReply, String> {
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot start the planning helper: {e}"))?;
-    let json = serde_json::to_vec(job).map_err(|e| e.to_string())?;
+        .map_err(HelperError::Start)?;
+    let json = serde_json::to_vec(job).map_err(HelperError::Encode)?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(&json)
             .await
-            .map_err(|e| format!("cannot hand the request to the planning helper: {e}"))?;
+            .map_err(HelperError::HandOver)?;
     }
     let out = tokio::time::timeout(PLAN_TIMEOUT, child.wait_with_output())
         .await
-        .map_err(|_| {
-            format!(
-                "planning as {} took longer than {}s (a file system that does not answer?)",
-                job.caller.user,
-                PLAN_TIMEOUT.as_secs()
-            )
+        .map_err(|_| HelperError::TimedOut {
+            user: job.caller.user.clone(),
         })?
-        .map_err(|e| format!("the planning helper failed: {e}"))?;
+        .map_err(HelperError::Lost)?;
     if !out.status.success() {
-        return Err(format!(
-            "the planning helper failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(HelperError::Failed {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("the planning helper answered badly: {e}"))
+    serde_json::from_slice(&out.stdout).map_err(HelperError::BadAnswer)
 }
 
 /// How long planning may take before the request fails.

@@ -317,6 +317,7 @@ async fn run_request(
                 let args = sig.args()?;
                 if args.id == id && !json {
                     print!("{}", crate::executor::printable(args.data));
+                    // (Live output only; the request keeps all of it.)
                     std::io::stdout().flush().ok();
                 }
             }
@@ -326,6 +327,7 @@ async fn run_request(
                     continue;
                 }
                 let (index, risk, description) = (args.action, args.risk.to_owned(), crate::executor::printable(args.description));
+                // (Only the prompt's detail: without it the prompt still asks.)
                 let profile = get().await.ok()
                     .and_then(|r| r.actions.get(index as usize).map(|a| a.profile.clone()))
                     .unwrap_or_default();
@@ -339,6 +341,7 @@ async fn run_request(
                 let answer = tokio::task::spawn_blocking(move || {
                     eprint!("approve [{index}] {description} ({risk}; sandbox: {profile})? [y]es once, [s]ession, [a]lways, [N]o: ");
                     let mut line = String::new();
+                    // (A failed read is an empty answer, which is No.)
                     std::io::stdin().lock().read_line(&mut line).ok();
                     line.trim().to_lowercase()
                 }).await?;

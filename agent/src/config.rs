@@ -284,6 +284,49 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: InvalidConfig,
+    },
+}
+
+/// A configuration that parses but says something the agent cannot do; each names
+/// the key.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidConfig {
+    /// Not the schema (an image spec's `[agent.config]`).
+    #[error("{}", .0.message())]
+    Schema(toml::de::Error),
+    #[error("{key}: `unknown` can never run without asking; remove it")]
+    UnknownAutoApproved { key: &'static str },
+    #[error("policy.deny[{index}]: {source}")]
+    DenyRule {
+        index: usize,
+        source: InvalidDenyRule,
+    },
+    /// Limits that must be above 0 (`keys` names them).
+    #[error("{keys} must be above 0")]
+    Zero { keys: &'static str },
+    #[error("{key}: `{pattern}` must be absolute or start with `~/`, without `..`")]
+    BadPattern { key: &'static str, pattern: String },
+    #[error("{key}: {path} must be an absolute path")]
+    NotAbsolute { key: &'static str, path: PathBuf },
+    #[error(
+        "audit.anchor-file must be outside state-dir/audit: whoever can rewrite the log must not rewrite its anchors too"
+    )]
+    AnchorsInsideLog,
+}
+
+/// A deny rule that names nothing, or too much.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDenyRule {
+    #[error("a deny rule needs `command-prefix` or `path-prefix`")]
+    Empty,
+    #[error("a deny rule takes `command-prefix` or `path-prefix`, not both")]
+    Both,
+    #[error("path-prefix {0} must be absolute")]
+    RelativePath(PathBuf),
 }
 
 impl AgentConfig {
@@ -296,9 +339,9 @@ impl AgentConfig {
                     path: path.to_path_buf(),
                     message: e.to_string(),
                 })?;
-                config.validate().map_err(|message| ConfigError::Parse {
+                config.validate().map_err(|source| ConfigError::Invalid {
                     path: path.to_path_buf(),
-                    message,
+                    source,
                 })?;
                 Ok(config)
             }
@@ -311,16 +354,15 @@ impl AgentConfig {
     }
 
     /// Build a config from an already parsed table (an image spec's `[agent.config]`).
-    pub fn from_table(table: toml::Table) -> Result<Self, String> {
-        let config =
-            Self::deserialize(toml::Value::Table(table)).map_err(|e| e.message().to_owned())?;
+    pub fn from_table(table: toml::Table) -> Result<Self, InvalidConfig> {
+        let config = Self::deserialize(toml::Value::Table(table)).map_err(InvalidConfig::Schema)?;
         config.validate()?;
         Ok(config)
     }
 
     /// What serde cannot check: rules that must name something, classes that may
     /// never run unasked.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         for (key, classes) in [
             ("policy.auto-approve", &self.policy.auto_approve),
             (
@@ -329,28 +371,32 @@ impl AgentConfig {
             ),
         ] {
             if classes.contains(&RiskClass::Unknown) {
-                return Err(format!(
-                    "{key}: `unknown` can never run without asking; remove it"
-                ));
+                return Err(InvalidConfig::UnknownAutoApproved { key });
             }
         }
         for (i, rule) in self.policy.deny.iter().enumerate() {
             rule.validate()
-                .map_err(|e| format!("policy.deny[{i}]: {e}"))?;
+                .map_err(|source| InvalidConfig::DenyRule { index: i, source })?;
         }
         if self.sandbox.timeout_secs == 0 || self.sandbox.max_output_bytes == 0 {
-            return Err("sandbox.timeout-secs and sandbox.max-output-bytes must be above 0".into());
+            return Err(InvalidConfig::Zero {
+                keys: "sandbox.timeout-secs and sandbox.max-output-bytes",
+            });
         }
         if self.audit.checkpoint_every == 0 || self.audit.rotate_mib == 0 {
-            return Err("audit.checkpoint-every and audit.rotate-mib must be above 0".into());
+            return Err(InvalidConfig::Zero {
+                keys: "audit.checkpoint-every and audit.rotate-mib",
+            });
         }
         if self.sandbox.memory_max_mib == 0 || self.sandbox.tasks_max == 0 {
-            return Err("sandbox.memory-max-mib and sandbox.tasks-max must be above 0".into());
+            return Err(InvalidConfig::Zero {
+                keys: "sandbox.memory-max-mib and sandbox.tasks-max",
+            });
         }
         if self.limits.requests_per_user == 0 || self.limits.history_per_user == 0 {
-            return Err(
-                "limits.requests-per-user and limits.history-per-user must be above 0".into(),
-            );
+            return Err(InvalidConfig::Zero {
+                keys: "limits.requests-per-user and limits.history-per-user",
+            });
         }
         for (key, list) in [
             ("sandbox.secrets", &self.sandbox.secrets),
@@ -360,9 +406,10 @@ impl AgentConfig {
                 .iter()
                 .find(|p| !(p.starts_with("~/") || p.starts_with('/')) || p.contains(".."))
             {
-                return Err(format!(
-                    "{key}: `{bad}` must be absolute or start with `~/`, without `..`"
-                ));
+                return Err(InvalidConfig::BadPattern {
+                    key,
+                    pattern: bad.clone(),
+                });
             }
         }
         for (key, path) in [
@@ -372,10 +419,10 @@ impl AgentConfig {
             ("sandbox.bwrap", &self.sandbox.bwrap),
         ] {
             if !path.is_absolute() {
-                return Err(format!(
-                    "{key}: {} must be an absolute path",
-                    path.display()
-                ));
+                return Err(InvalidConfig::NotAbsolute {
+                    key,
+                    path: path.clone(),
+                });
             }
         }
         if self
@@ -383,9 +430,7 @@ impl AgentConfig {
             .anchor_file
             .starts_with(self.state_dir.join("audit"))
         {
-            return Err(
-                "audit.anchor-file must be outside state-dir/audit: whoever can rewrite the log must not rewrite its anchors too".into(),
-            );
+            return Err(InvalidConfig::AnchorsInsideLog);
         }
         Ok(())
     }
@@ -401,15 +446,11 @@ impl AgentConfig {
 }
 
 impl DenyRule {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidDenyRule> {
         match (self.command_prefix.is_empty(), &self.path_prefix) {
-            (true, None) => Err("a deny rule needs `command-prefix` or `path-prefix`".into()),
-            (false, Some(_)) => {
-                Err("a deny rule takes `command-prefix` or `path-prefix`, not both".into())
-            }
-            (_, Some(p)) if !p.is_absolute() => {
-                Err(format!("path-prefix {} must be absolute", p.display()))
-            }
+            (true, None) => Err(InvalidDenyRule::Empty),
+            (false, Some(_)) => Err(InvalidDenyRule::Both),
+            (_, Some(p)) if !p.is_absolute() => Err(InvalidDenyRule::RelativePath(p.clone())),
             _ => Ok(()),
         }
     }
@@ -435,8 +476,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err =
-            AgentConfig::from_table(toml::from_str("log-levle = 'info'").unwrap()).unwrap_err();
+        let err = AgentConfig::from_table(toml::from_str("log-levle = 'info'").unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("log-levle"), "{err}");
     }
 
@@ -445,15 +487,18 @@ mod tests {
         let err = AgentConfig::from_table(
             toml::from_str("[policy]\nauto-approve = ['read-only', 'unknown']").unwrap(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("policy.auto-approve"), "{err}");
         let err = AgentConfig::from_table(toml::from_str("[[policy.deny]]\nreason = 'x'").unwrap())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("policy.deny[0]"), "{err}");
         let err = AgentConfig::from_table(
             toml::from_str("[policy]\nauto-approve = ['sometimes']").unwrap(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("sometimes"), "{err}");
     }
 

@@ -108,12 +108,27 @@ pub fn spec_for(
     }
 }
 
+/// An action's private directory that could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot prepare {path}: {source}")]
+pub struct PrivateDirError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
 /// A directory for one action that only root can reach, with `tmp/`, `var-tmp/` and
 /// `shm/` inside that belong to the caller (the action's `/tmp`, `/var/tmp` and
 /// `/dev/shm`: on disk, so an action cannot fill a memory file system).
-pub fn private_dir(actions_dir: &Path, label: &str, caller: &Caller) -> Result<PathBuf, String> {
+pub fn private_dir(
+    actions_dir: &Path,
+    label: &str,
+    caller: &Caller,
+) -> Result<PathBuf, PrivateDirError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let fail = |p: &Path, e: std::io::Error| format!("cannot prepare {}: {e}", p.display());
+    let fail = |p: &Path, source| PrivateDirError {
+        path: p.to_path_buf(),
+        source,
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -261,8 +276,11 @@ pub async fn execute(
         None => {
             // Killing bubblewrap ends the action's PID namespace, and with it every
             // process the action started.
+            // (Fails only when it has exited already.)
             let _ = child.start_kill();
             if let Some(cgroup) = &spec.cgroup {
+                // What is left is killed again, and any failure logged, when the
+                // daemon removes the cgroup.
                 let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
             }
             child.wait().await

@@ -11,6 +11,31 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+/// Why devos cannot read a repository the way git would.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a gitdir file")]
+    NotGitdirFile(PathBuf),
+    #[error("{0} has a control character in its name")]
+    ControlCharacter(PathBuf),
+    /// A configuration file git would refuse, with the line.
+    #[error("line {line}: {what}")]
+    ConfigSyntax { line: usize, what: &'static str },
+    #[error(transparent)]
+    IndexUnreadable(std::io::Error),
+    #[error("not an index")]
+    NotAnIndex,
+    #[error("truncated index")]
+    TruncatedIndex,
+    #[error("cannot read the index")]
+    IndexLayout,
+}
+
 /// A repository as git will see it from a working directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repo {
@@ -87,7 +112,8 @@ impl Repo {
             .ok()
             .flatten()
             .map(|u| u.name);
-        // A group of the owner alone (a user private group) is the owner.
+        // A group of the owner alone (a user private group) is the owner. A failed
+        // look-up of either makes the group count as shared: the safe way.
         let private_group = |gid: u32| {
             nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
                 .ok()
@@ -99,6 +125,8 @@ impl Repo {
                 })
         };
         let why = |path: &Path, above: bool| -> Option<String> {
+            // What does not exist (or the caller cannot look at) git does not read
+            // either; who may put it there is asked of the directory above.
             let m = path.symlink_metadata().ok()?;
             let mode = m.mode();
             if m.uid() != uid && m.uid() != 0 {
@@ -167,19 +195,19 @@ impl Repo {
 
 /// Whether an index (version 2, 3 or 4) holds a gitlink (mode 160000), read directly
 /// so that nothing of the repository's runs; `Ok(false)` without an index.
-pub fn index_has_gitlinks(index: &Path) -> Result<bool, String> {
+pub fn index_has_gitlinks(index: &Path) -> Result<bool, RepoError> {
     let data = match std::fs::read(index) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(RepoError::IndexUnreadable(e)),
     };
-    let be32 = |at: usize| -> Result<u32, String> {
+    let be32 = |at: usize| -> Result<u32, RepoError> {
         data.get(at..at + 4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(|| "truncated index".to_owned())
+            .ok_or(RepoError::TruncatedIndex)
     };
     if data.get(..4) != Some(b"DIRC") {
-        return Err("not an index".into());
+        return Err(RepoError::NotAnIndex);
     }
     let version = be32(4)?;
     let count = be32(8)?;
@@ -234,7 +262,7 @@ pub fn index_has_gitlinks(index: &Path) -> Result<bool, String> {
             return Ok(false);
         }
     }
-    Err("cannot read the index".into())
+    Err(RepoError::IndexLayout)
 }
 
 /// Find the repository `cwd` is in, the way git does: a `.git` directory or a
@@ -248,11 +276,12 @@ pub fn index_has_gitlinks(index: &Path) -> Result<bool, String> {
 /// `commondir` devos cannot follow makes the repository unusable (`Err`): git runs
 /// with nothing of it.
 pub fn discover(cwd: &Path) -> Option<Repo> {
+    // One devos cannot follow is none here: git gets nothing of it.
     find(cwd).ok().flatten()
 }
 
 /// [`discover`], telling a repository devos cannot follow (`Err`) from none (`Ok(None)`).
-pub fn find(cwd: &Path) -> Result<Option<Repo>, String> {
+pub fn find(cwd: &Path) -> Result<Option<Repo>, RepoError> {
     for dir in cwd.ancestors() {
         let dot_git = dir.join(".git");
         let Ok(meta) = dot_git.symlink_metadata() else {
@@ -262,7 +291,7 @@ pub fn find(cwd: &Path) -> Result<Option<Repo>, String> {
             let raw = git_file(&dot_git)?;
             let target = raw
                 .strip_prefix(b"gitdir: ")
-                .ok_or_else(|| format!("{} is not a gitdir file", dot_git.display()))?;
+                .ok_or_else(|| RepoError::NotGitdirFile(dot_git.clone()))?;
             canonical(&dir.join(std::ffi::OsStr::from_bytes(target)))?
         } else {
             canonical(&dot_git)?
@@ -281,10 +310,7 @@ pub fn find(cwd: &Path) -> Result<Option<Repo>, String> {
             .into_iter()
             .find(|p| p.as_os_str().as_bytes().iter().any(u8::is_ascii_control))
         {
-            return Err(format!(
-                "{} has a control character in its name",
-                p.display()
-            ));
+            return Err(RepoError::ControlCharacter(p.clone()));
         }
         return Ok(Some(Repo {
             work_tree: dir.to_path_buf(),
@@ -296,16 +322,23 @@ pub fn find(cwd: &Path) -> Result<Option<Repo>, String> {
 }
 
 /// A file git reads a path from: its bytes without trailing `\n` and `\r`.
-fn git_file(path: &Path) -> Result<Vec<u8>, String> {
-    let mut raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn git_file(path: &Path) -> Result<Vec<u8>, RepoError> {
+    let mut raw = std::fs::read(path).map_err(io(path))?;
     while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         raw.pop();
     }
     Ok(raw)
 }
 
-fn canonical(path: &Path) -> Result<PathBuf, String> {
-    std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))
+fn canonical(path: &Path) -> Result<PathBuf, RepoError> {
+    std::fs::canonicalize(path).map_err(io(path))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RepoError + '_ {
+    move |source| RepoError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// How much of a configuration the sandbox keeps.
@@ -510,7 +543,7 @@ impl Setting {
 /// Parse a git configuration file the way git does (sections, quoted subsections,
 /// quoted values, escapes, line continuations, comments). A file git would refuse is
 /// refused, with the line.
-pub fn parse_config(text: &str) -> Result<Vec<Setting>, String> {
+pub fn parse_config(text: &str) -> Result<Vec<Setting>, RepoError> {
     let chars: Vec<char> = text.chars().collect();
     let mut p = Cursor {
         chars: &chars,
@@ -574,8 +607,11 @@ impl Cursor<'_> {
         self.chars.get(self.i).copied()
     }
 
-    fn error(&self, what: &str) -> String {
-        format!("line {}: {what}", self.line)
+    fn error(&self, what: &'static str) -> RepoError {
+        RepoError::ConfigSyntax {
+            line: self.line,
+            what,
+        }
     }
 
     fn skip_line(&mut self) {
@@ -596,7 +632,7 @@ impl Cursor<'_> {
     }
 
     /// `[name]`, `[name "sub"]` or the old `[name.sub]`; the `[` is consumed.
-    fn header(&mut self) -> Result<(String, Option<String>), String> {
+    fn header(&mut self) -> Result<(String, Option<String>), RepoError> {
         let name = self.take_while(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
         if name.is_empty() {
             return Err(self.error("an empty section name"));
@@ -649,7 +685,7 @@ impl Cursor<'_> {
 
     /// A value after `=`: whitespace trimmed outside quotes (inner runs become
     /// spaces, as git does), quotes removed, escapes applied, continuations joined.
-    fn value(&mut self) -> Result<String, String> {
+    fn value(&mut self) -> Result<String, RepoError> {
         let mut out = String::new();
         let mut quoted = false;
         let mut spaces = 0;
@@ -929,8 +965,8 @@ mod tests {
         for version in ["2", "3", "4"] {
             git(&main, &["update-index", "--index-version", version]);
             assert_eq!(
-                index_has_gitlinks(&main.join(".git/index")),
-                Ok(false),
+                index_has_gitlinks(&main.join(".git/index")).ok(),
+                Some(false),
                 "v{version}"
             );
         }
@@ -941,8 +977,8 @@ mod tests {
         for version in ["2", "3", "4"] {
             git(&main, &["update-index", "--index-version", version]);
             assert_eq!(
-                index_has_gitlinks(&main.join(".git/index")),
-                Ok(true),
+                index_has_gitlinks(&main.join(".git/index")).ok(),
+                Some(true),
                 "v{version}"
             );
         }
@@ -993,7 +1029,7 @@ mod tests {
         std::fs::create_dir_all(root.join("wt/.git")).unwrap();
         std::fs::write(root.join("wt/.git/HEAD"), "x\n").unwrap();
         std::fs::write(root.join("wt/.git/commondir"), "../../common\n/.\n").unwrap();
-        let err = find(&root.join("wt")).unwrap_err();
+        let err = find(&root.join("wt")).unwrap_err().to_string();
         assert!(err.contains("control character"), "{err}");
     }
 

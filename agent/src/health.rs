@@ -43,10 +43,31 @@ pub fn parse_user_data(text: &str) -> Option<Request> {
 }
 
 /// One of the agent's own checks.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Check {
     pub name: &'static str,
-    pub result: Result<(), String>,
+    pub result: Result<(), Unhealthy>,
+}
+
+/// Why a check failed; CloudFormation shows it in the stack's events.
+#[derive(Debug, thiserror::Error)]
+pub enum Unhealthy {
+    #[error("{name} is owned by {owner}, not by the agent")]
+    NameTaken { name: &'static str, owner: String },
+    #[error("cannot ask the bus who owns {name}: {source}")]
+    BusUnreachable {
+        name: &'static str,
+        source: zbus::Error,
+    },
+    /// The audit log does not verify: the first problem found.
+    #[error("{0}")]
+    AuditTampered(String),
+    #[error("{0}")]
+    AuditUnverifiable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    NoImageVersion(#[from] crate::os_release::OsReleaseError),
+    #[error("this image is {have}, the stack expects {want}")]
+    WrongImage { have: String, want: String },
 }
 
 /// SUCCESS if every check passed, else FAILURE and the reasons (CloudFormation shows
@@ -68,10 +89,11 @@ pub fn verdict(checks: &[Check]) -> (ResourceSignalStatus, Option<String>) {
 /// The image version check: the version the stack expects against os-release's.
 pub fn version_check(expected: Option<&str>, os_release: &Path) -> Check {
     let result = match (expected, crate::os_release::image_version(os_release)) {
-        (_, Err(e)) => Err(e),
-        (Some(want), Ok(have)) if want != have => {
-            Err(format!("this image is {have}, the stack expects {want}"))
-        }
+        (_, Err(e)) => Err(e.into()),
+        (Some(want), Ok(have)) if want != have => Err(Unhealthy::WrongImage {
+            have,
+            want: want.to_owned(),
+        }),
         _ => Ok(()),
     };
     Check {
@@ -230,7 +252,10 @@ mod tests {
         );
         let bad = Check {
             name: "image-version",
-            result: Err("this image is 1, the stack expects 2".into()),
+            result: Err(Unhealthy::WrongImage {
+                have: "1".into(),
+                want: "2".into(),
+            }),
         };
         let (status, reason) = verdict(&[ok, bad]);
         assert_eq!(status, ResourceSignalStatus::Failure);

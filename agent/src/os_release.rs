@@ -1,6 +1,6 @@
 //! Reading `os-release(5)`: the image's identity and version.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const DEFAULT_PATH: &str = "/etc/os-release";
 
@@ -21,15 +21,26 @@ fn unquote(v: &str) -> String {
     inner.replace("\\\"", "\"").replace("\\\\", "\\")
 }
 
+/// Why an image's version could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum OsReleaseError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} has no IMAGE_VERSION: this is not a DevOS image")]
+    NoImageVersion { path: PathBuf },
+}
+
 /// `IMAGE_VERSION` of the os-release at `path`, or an error naming the file.
-pub fn image_version(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    field(&text, "IMAGE_VERSION").ok_or_else(|| {
-        format!(
-            "{} has no IMAGE_VERSION: this is not a DevOS image",
-            path.display()
-        )
+pub fn image_version(path: &Path) -> Result<String, OsReleaseError> {
+    let text = std::fs::read_to_string(path).map_err(|source| OsReleaseError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    field(&text, "IMAGE_VERSION").ok_or_else(|| OsReleaseError::NoImageVersion {
+        path: path.to_path_buf(),
     })
 }
 

@@ -544,6 +544,7 @@ fn organise(dir: &Path, by_date: bool) -> Result<Plan, PlanError> {
             continue;
         }
         let group = if by_date {
+            // (A file system without modification times files everything under 1970-01.)
             let secs = meta
                 .modified()
                 .ok()
@@ -596,6 +597,7 @@ fn organise(dir: &Path, by_date: bool) -> Result<Plan, PlanError> {
 fn latest_backup(dir: &Path) -> Option<PathBuf> {
     let parent = dir.parent()?;
     let prefix = format!("{}.backup-", dir.file_name()?.to_string_lossy());
+    // (A directory the caller cannot list shows them no backup to restore.)
     let mut backups: Vec<PathBuf> = std::fs::read_dir(parent)
         .ok()?
         .flatten()

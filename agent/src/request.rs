@@ -149,16 +149,19 @@ pub enum Remember {
     Always,
 }
 
+/// A `remember` (or rule lifetime) that is none of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("remember must be once, session or always, not `{0}`")]
+pub struct UnknownRemember(pub String);
+
 impl std::str::FromStr for Remember {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownRemember;
+    fn from_str(s: &str) -> Result<Self, UnknownRemember> {
         match s {
             "" | "once" => Ok(Remember::Once),
             "session" => Ok(Remember::Session),
             "always" => Ok(Remember::Always),
-            other => Err(format!(
-                "remember must be once, session or always, not `{other}`"
-            )),
+            other => Err(UnknownRemember(other.to_owned())),
         }
     }
 }

@@ -87,8 +87,18 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     emit(os_release())?;
     emit(system_state().await)?;
     emit(critical_chain().await)?;
-    for test in spec_tests() {
-        emit(run_test(&test).await)?;
+    match spec_tests() {
+        Ok(tests) => {
+            for test in tests {
+                emit(run_test(&test).await)?;
+            }
+        }
+        Err(e) => emit(CheckResult {
+            check: "spec-tests".into(),
+            ok: false,
+            detail: e.to_string(),
+            ms: 0,
+        })?,
     }
 
     let done = serde_json::to_string(&Done {
@@ -173,6 +183,7 @@ async fn boot_time(conn: &zbus::Connection) -> CheckResult {
         Ok::<_, zbus::Error>(t)
     }
     .await;
+    // (Without /proc/uptime only the userspace and total times are off.)
     let now_us = std::fs::read_to_string("/proc/uptime")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
@@ -220,17 +231,47 @@ pub struct SpecTest {
 /// Where systemd puts the credentials the host passed in (SMBIOS type 11).
 const SYSTEM_CREDENTIALS: &str = "/run/credentials/@system";
 
-/// The spec's tests; none when the host passed none.
-fn spec_tests() -> Vec<SpecTest> {
+/// The spec's tests; none when the host passed none. A credential that cannot be
+/// read or parsed is an error: its tests would otherwise pass unseen.
+fn spec_tests() -> Result<Vec<SpecTest>, SelfTestError> {
     let dirs = [
         std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from),
         Some(SYSTEM_CREDENTIALS.into()),
     ];
-    dirs.into_iter()
-        .flatten()
-        .find_map(|d| std::fs::read(d.join("devos.tests")).ok())
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+    for path in dirs.into_iter().flatten().map(|d| d.join("devos.tests")) {
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                return serde_json::from_slice(&bytes)
+                    .map_err(|source| SelfTestError::BadTests { path, source });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(SelfTestError::UnreadableTests { path, source }),
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// What kept a self-test check from finding out.
+#[derive(Debug, thiserror::Error)]
+enum SelfTestError {
+    #[error("cannot read {path}: {source}")]
+    UnreadableTests {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not the spec's tests: {source}")]
+    BadTests {
+        path: std::path::PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot run devos: {0}")]
+    RunDevos(std::io::Error),
+    #[error("`devos {args}` gave no JSON ({source}): {stderr}")]
+    NoJson {
+        args: String,
+        source: serde_json::Error,
+        stderr: String,
+    },
 }
 
 /// How long one spec test may run.
@@ -397,20 +438,18 @@ async fn agent_request() -> CheckResult {
 }
 
 /// `devos` as root with these arguments, its request or report as JSON.
-async fn devos_json(args: &[&str]) -> Result<serde_json::Value, String> {
+async fn devos_json(args: &[&str]) -> Result<serde_json::Value, SelfTestError> {
     let out = tokio::process::Command::new("devos")
         .arg("--json")
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| format!("cannot run devos: {e}"))?;
-    serde_json::from_slice(&out.stdout).map_err(|e| {
-        format!(
-            "`devos {}` gave no JSON ({e}): {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
+        .map_err(SelfTestError::RunDevos)?;
+    serde_json::from_slice(&out.stdout).map_err(|source| SelfTestError::NoJson {
+        args: args.join(" "),
+        source,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
     })
 }
 
@@ -418,7 +457,7 @@ async fn devos_json(args: &[&str]) -> Result<serde_json::Value, String> {
 async fn packages_refused() -> CheckResult {
     let start = Instant::now();
     let (ok, detail) = match devos_json(&["run", "--cwd", "/", "install", "jq"]).await {
-        Err(e) => (false, e),
+        Err(e) => (false, e.to_string()),
         Ok(r) => {
             let reason = r["actions"][0]["decision"]["reason"].as_str().unwrap_or("");
             let ok = r["state"] == "denied" && reason.contains("[packages]");
@@ -440,7 +479,7 @@ async fn packages_refused() -> CheckResult {
 async fn audit_anchors() -> CheckResult {
     let start = Instant::now();
     let (ok, detail) = match devos_json(&["audit", "verify"]).await {
-        Err(e) => (false, e),
+        Err(e) => (false, e.to_string()),
         Ok(v) => {
             let journal = v["journal-anchors"].as_u64().unwrap_or(0);
             (
@@ -462,6 +501,7 @@ async fn audit_anchors() -> CheckResult {
 
 /// The mount options of the filesystem mounted at `target`, from mountinfo.
 fn mount_options(target: &str) -> Option<String> {
+    // (Unreadable, it shows no options: the root check then fails.)
     std::fs::read_to_string("/proc/self/mountinfo")
         .ok()?
         .lines()

@@ -85,7 +85,7 @@ impl Risk {
     /// Whether `self` needs nothing `approved` did not: same or lower class, no new
     /// place to write, no network or secret it was not approved with, the same
     /// program.
-    pub fn within(&self, approved: &Risk) -> Result<(), String> {
+    pub fn within(&self, approved: &Risk) -> Result<(), RiskGrew> {
         let mut grew = Vec::new();
         if self.class > approved.class {
             grew.push(format!("{} → {}", approved.class, self.class));
@@ -117,9 +117,21 @@ impl Risk {
         if grew.is_empty() {
             Ok(())
         } else {
-            Err(format!("{}: {}", grew.join(", "), self.reasons.join("; ")))
+            Err(RiskGrew {
+                grew,
+                reasons: self.reasons.clone(),
+            })
         }
     }
+}
+
+/// How an action's risk grew beyond what it was approved with, and the reasons for
+/// its risk now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {}", grew.join(", "), reasons.join("; "))]
+pub struct RiskGrew {
+    pub grew: Vec<String>,
+    pub reasons: Vec<String>,
 }
 
 /// What classification may look at besides the action: where it runs and whose
@@ -176,6 +188,7 @@ fn classify_inner(action: &Action, scope: &Scope) -> Risk {
             c.path(to, Access::Write);
         }
         Action::Shell { script } => {
+            // (None when missing: the sandbox then runs nothing.)
             c.risk.program = programs::resolve("/bin/sh", scope.cwd).ok();
             shell_risk(&mut c, script)
         }
@@ -187,6 +200,7 @@ fn classify_inner(action: &Action, scope: &Scope) -> Risk {
         }
         Action::Run { argv } => c.argv(argv),
         Action::PackageInstall { packages } => {
+            // (None when missing: the sandbox then runs nothing.)
             c.risk.program = programs::resolve("apt-get", scope.cwd).ok();
             c.risk.net("downloads packages");
             c.risk.raise(

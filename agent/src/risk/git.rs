@@ -317,7 +317,7 @@ fn fetch(c: &mut Classifier, sub: &str, p: &Parsed) {
     }
 }
 
-fn push(c: &mut Classifier, sub: &str, p: &Parsed) {
+fn push(c: &mut Classifier, _sub: &str, p: &Parsed) {
     c.risk.net("`git push` sends to a remote");
     if p.has(&[
         "-f",
@@ -338,7 +338,6 @@ fn push(c: &mut Classifier, sub: &str, p: &Parsed) {
             "`git push --force`/`--delete` can drop remote history",
         );
     }
-    let _ = sub;
 }
 
 fn clone(c: &mut Classifier, sub: &str, p: &Parsed) {

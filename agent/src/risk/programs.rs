@@ -262,15 +262,50 @@ fn canonical_name(name: &str) -> String {
     name.to_owned()
 }
 
+/// Why a program is not found, or not known.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error("empty program name")]
+    EmptyName,
+    #[error("cannot find the program `{argv0}`: {source}")]
+    NotFound {
+        argv0: String,
+        source: std::io::Error,
+    },
+    #[error("cannot resolve {path}: {source}")]
+    Unresolvable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "`{argv0}` is not installed in the system directories ({}); give its path to run a program from elsewhere",
+        SYSTEM_PATH.join(":")
+    )]
+    NotInstalled { argv0: String },
+    #[error("{0} is not in a system directory")]
+    NotInSystemDirectory(PathBuf),
+    #[error("{path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a regular file")]
+    NotRegularFile(PathBuf),
+    #[error("{0} can be changed by someone other than root")]
+    ChangeableByOthers(PathBuf),
+}
+
 /// Find `argv0` as the sandbox will run it: a path (resolved against `cwd`) or a name
 /// in the system directories; the result is canonical.
-pub fn resolve(argv0: &str, cwd: &Path) -> Result<PathBuf, String> {
+pub fn resolve(argv0: &str, cwd: &Path) -> Result<PathBuf, ProgramError> {
     if argv0.is_empty() {
-        return Err("empty program name".into());
+        return Err(ProgramError::EmptyName);
     }
     if argv0.contains('/') {
-        return std::fs::canonicalize(cwd.join(argv0))
-            .map_err(|e| format!("cannot find the program `{argv0}`: {e}"));
+        return std::fs::canonicalize(cwd.join(argv0)).map_err(|source| ProgramError::NotFound {
+            argv0: argv0.to_owned(),
+            source,
+        });
     }
     for dir in SYSTEM_PATH {
         let candidate = Path::new(dir).join(argv0);
@@ -278,48 +313,48 @@ pub fn resolve(argv0: &str, cwd: &Path) -> Result<PathBuf, String> {
             .metadata()
             .is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
         {
-            return std::fs::canonicalize(&candidate)
-                .map_err(|e| format!("cannot resolve {}: {e}", candidate.display()));
+            return std::fs::canonicalize(&candidate).map_err(|source| {
+                ProgramError::Unresolvable {
+                    path: candidate,
+                    source,
+                }
+            });
         }
     }
-    Err(format!(
-        "`{argv0}` is not installed in the system directories ({}); give its path to run a program from elsewhere",
-        SYSTEM_PATH.join(":")
-    ))
+    Err(ProgramError::NotInstalled {
+        argv0: argv0.to_owned(),
+    })
 }
 
 /// Whether a canonical program path counts as known: a regular file in a system
 /// directory, owned by root, that neither it nor any directory above it lets anyone
 /// but root change.
-pub fn trusted(program: &Path) -> Result<(), String> {
+pub fn trusted(program: &Path) -> Result<(), ProgramError> {
     let dir = program.parent().unwrap_or(Path::new("/"));
     let system_dirs: Vec<PathBuf> = SYSTEM_PATH
         .iter()
+        // A system directory this machine lacks holds no program.
         .filter_map(|d| std::fs::canonicalize(d).ok())
         .collect();
     if !system_dirs.iter().any(|d| d == dir) {
-        return Err(format!(
-            "{} is not in a system directory",
-            program.display()
-        ));
+        return Err(ProgramError::NotInSystemDirectory(program.to_path_buf()));
     }
-    let meta = program
-        .metadata()
-        .map_err(|e| format!("{}: {e}", program.display()))?;
+    let unreadable = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ProgramError::Unreadable { path, source }
+    };
+    let meta = program.metadata().map_err(unreadable(program))?;
     if !meta.is_file() {
-        return Err(format!("{} is not a regular file", program.display()));
+        return Err(ProgramError::NotRegularFile(program.to_path_buf()));
     }
-    for (path, meta) in std::iter::once((program.to_path_buf(), meta)).chain(
-        program
-            .ancestors()
-            .skip(1)
-            .filter_map(|a| a.metadata().ok().map(|m| (a.to_path_buf(), m))),
-    ) {
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(ProgramError::ChangeableByOthers(program.to_path_buf()));
+    }
+    for dir in program.ancestors().skip(1) {
+        // A directory above that cannot be looked at is not known to be root's.
+        let meta = dir.metadata().map_err(unreadable(dir))?;
         if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-            return Err(format!(
-                "{} can be changed by someone other than root",
-                path.display()
-            ));
+            return Err(ProgramError::ChangeableByOthers(dir.to_path_buf()));
         }
     }
     Ok(())
@@ -484,9 +519,9 @@ pub(crate) fn classify_argv(c: &mut Classifier, argv: &[String]) {
                     RiskClass::Privileged,
                     format!("`{name}` acts with system privileges"),
                 );
-                c.risk.raise(RiskClass::Privileged, e);
+                c.risk.raise(RiskClass::Privileged, e.to_string());
             } else {
-                unknown_program(c, &name, e);
+                unknown_program(c, &name, e.to_string());
             }
             return;
         }

@@ -9,10 +9,63 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{APPLIED_PREFIX, EXIT_ACTION_FAILED, EXIT_INSIDE_FAILED, Inner as Spec};
 use crate::action::Action;
+use crate::caller::IdentityError;
+
+/// Why the inner stage could not confine an action; nothing of it ran.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("{0} changed between its check and the sandbox; nothing ran")]
+    Changed(PathBuf),
+    #[error("{0} is not hidden where it was checked; nothing ran")]
+    NotHidden(PathBuf),
+    #[error("close_range: {0}")]
+    CloseOnExec(std::io::Error),
+    #[error("setrlimit {name}: {source}")]
+    Rlimit {
+        name: &'static str,
+        source: nix::Error,
+    },
+    #[error("cannot enter the working directory {cwd} as {user}: {source}")]
+    EnterCwd {
+        cwd: PathBuf,
+        user: String,
+        source: nix::Error,
+    },
+    #[error("landlock: {0}")]
+    Landlock(landlock::RulesetError),
+    #[error("this kernel cannot enforce Landlock and [sandbox] required = true")]
+    LandlockRequired,
+    #[error("no_new_privs: {0}")]
+    NoNewPrivs(nix::Error),
+    #[error("seccomp: {0}")]
+    Seccomp(seccompiler::BackendError),
+    #[error("seccomp: {0:?}")]
+    SeccompCompile(seccompiler::BackendError),
+    #[error("seccomp: {0}")]
+    SeccompApply(seccompiler::Error),
+}
+
+/// Why a file operation failed (the action's own failure, as `rm` or `cp` would).
+#[derive(Debug, thiserror::Error)]
+pub enum FileOpError {
+    /// `what` is the verb: read, write, create, move, delete, copy, copy to.
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} already exists; nothing was replaced")]
+    Exists(PathBuf),
+    #[error("not a file operation")]
+    NotAFileOperation,
+}
 
 /// System calls an action never needs: debugging other processes, io_uring (which
 /// bypasses seccomp for its operations), kernel modules, mounts, namespaces, kexec,
@@ -92,7 +145,7 @@ pub fn exec_from_stdin() -> i32 {
     run(&spec)
 }
 
-fn confine(spec: &Spec) -> Result<String, String> {
+fn confine(spec: &Spec) -> Result<String, SetupError> {
     use nix::unistd::chdir;
     // Root's own requests stay uid 0, without capabilities (bubblewrap kept none).
     if !spec.as_root && spec.uid != 0 {
@@ -103,10 +156,7 @@ fn confine(spec: &Spec) -> Result<String, String> {
     for want in &spec.identities {
         let now = super::Identity::of(&want.path);
         if now.as_ref() != Some(want) {
-            return Err(format!(
-                "{} changed between its check and the sandbox; nothing ran",
-                want.path.display()
-            ));
+            return Err(SetupError::Changed(want.path.clone()));
         }
     }
     // Each hidden secret location is hidden where the caller finds it: an empty
@@ -128,20 +178,15 @@ fn confine(spec: &Spec) -> Result<String, String> {
             Err(_) => false,
         };
         if !hidden {
-            return Err(format!(
-                "{} is not hidden where it was checked; nothing ran",
-                path.display()
-            ));
+            return Err(SetupError::NotHidden(path.clone()));
         }
     }
-    super::close_on_exec_from_3()?;
+    super::close_on_exec_from_3().map_err(SetupError::CloseOnExec)?;
     rlimits(spec)?;
-    chdir(&spec.cwd).map_err(|e| {
-        format!(
-            "cannot enter the working directory {} as {}: {e}",
-            spec.cwd.display(),
-            spec.user
-        )
+    chdir(&spec.cwd).map_err(|source| SetupError::EnterCwd {
+        cwd: spec.cwd.clone(),
+        user: spec.user.clone(),
+        source,
     })?;
     let landlock = if spec.as_root {
         "landlock not applied (package install as root)".to_owned()
@@ -155,10 +200,10 @@ fn confine(spec: &Spec) -> Result<String, String> {
     ))
 }
 
-fn rlimits(spec: &Spec) -> Result<(), String> {
+fn rlimits(spec: &Spec) -> Result<(), SetupError> {
     use nix::sys::resource::{Resource, setrlimit};
-    let set = |r: Resource, v: u64, name: &str| {
-        setrlimit(r, v, v).map_err(|e| format!("setrlimit {name}: {e}"))
+    let set = |r: Resource, v: u64, name: &'static str| {
+        setrlimit(r, v, v).map_err(|source| SetupError::Rlimit { name, source })
     };
     set(Resource::RLIMIT_CORE, 0, "core")?;
     set(Resource::RLIMIT_CPU, spec.limits.cpu_secs, "cpu")?;
@@ -175,13 +220,13 @@ fn rlimits(spec: &Spec) -> Result<(), String> {
     Ok(())
 }
 
-fn landlock(spec: &Spec) -> Result<String, String> {
+fn landlock(spec: &Spec) -> Result<String, SetupError> {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
         RulesetCreatedAttr, RulesetStatus, Scope, path_beneath_rules,
     };
     let abi = ABI::V6;
-    let err = |e: landlock::RulesetError| format!("landlock: {e}");
+    let err = SetupError::Landlock;
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))
@@ -229,10 +274,10 @@ fn landlock(spec: &Spec) -> Result<String, String> {
     };
     let Some(abi) = abi.filter(|_| status.ruleset != RulesetStatus::NotEnforced) else {
         if spec.required {
-            return Err("this kernel cannot enforce Landlock and [sandbox] required = true".into());
+            return Err(SetupError::LandlockRequired);
         }
         // Without Landlock nothing set no_new_privs; seccomp needs it.
-        nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+        nix::sys::prctl::set_no_new_privs().map_err(SetupError::NoNewPrivs)?;
         return Ok("landlock NOT enforced (kernel lacks it; [sandbox] required = false)".into());
     };
     // TCP rules need Landlock ABI 4 (Linux 6.7) and socket scoping ABI 6 (Linux
@@ -257,7 +302,7 @@ fn landlock(spec: &Spec) -> Result<String, String> {
     ))
 }
 
-fn seccomp() -> Result<(), String> {
+fn seccomp() -> Result<(), SetupError> {
     use seccompiler::{
         BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
         SeccompRule, TargetArch,
@@ -267,7 +312,7 @@ fn seccomp() -> Result<(), String> {
     } else {
         TargetArch::x86_64
     };
-    let err = |e: seccompiler::BackendError| format!("seccomp: {e}");
+    let err = SetupError::Seccomp;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED_SYSCALLS.iter().map(|s| (*s, Vec::new())).collect();
     // clone() that would make a namespace: one rule per flag (rules are or-ed).
@@ -302,8 +347,8 @@ fn seccomp() -> Result<(), String> {
     )
     .map_err(err)?;
     for filter in [deny, clone3] {
-        let program: BpfProgram = filter.try_into().map_err(|e| format!("seccomp: {e:?}"))?;
-        seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))?;
+        let program: BpfProgram = filter.try_into().map_err(SetupError::SeccompCompile)?;
+        seccompiler::apply_filter(&program).map_err(SetupError::SeccompApply)?;
     }
     Ok(())
 }
@@ -343,18 +388,14 @@ fn run(spec: &Spec) -> i32 {
     }
 }
 
-fn file_operation(action: &Action) -> Result<(), String> {
-    let ctx = |what: &str, p: &Path| {
-        let p = p.display().to_string();
-        let what = what.to_owned();
-        move |e: std::io::Error| format!("cannot {what} {p}: {e}")
+fn file_operation(action: &Action) -> Result<(), FileOpError> {
+    let ctx = |what: &'static str, p: &Path| {
+        let path = p.to_path_buf();
+        move |source| FileOpError::Io { what, path, source }
     };
     let refuse_existing = |p: &Path| {
         if p.symlink_metadata().is_ok() {
-            Err(format!(
-                "{} already exists; nothing was replaced",
-                p.display()
-            ))
+            Err(FileOpError::Exists(p.to_path_buf()))
         } else {
             Ok(())
         }
@@ -394,21 +435,20 @@ fn file_operation(action: &Action) -> Result<(), String> {
             }
             println!("deleted {}", path.display());
         }
-        _ => return Err("not a file operation".into()),
+        _ => return Err(FileOpError::NotAFileOperation),
     }
     Ok(())
 }
 
 /// Copy a file or a tree, keeping symlinks as symlinks and modes; returns the number
 /// of files copied.
-fn copy_tree(from: &Path, to: &Path) -> Result<u64, String> {
-    let meta = from
-        .symlink_metadata()
-        .map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
-    let fail = |p: &Path| {
-        let p = p.display().to_string();
-        move |e: std::io::Error| format!("cannot copy to {p}: {e}")
+fn copy_tree(from: &Path, to: &Path) -> Result<u64, FileOpError> {
+    let io = |what: &'static str, p: &Path| {
+        let path = p.to_path_buf();
+        move |source| FileOpError::Io { what, path, source }
     };
+    let meta = from.symlink_metadata().map_err(io("copy", from))?;
+    let fail = |p: &Path| io("copy to", p);
     if meta.file_type().is_symlink() {
         let target = std::fs::read_link(from).map_err(fail(to))?;
         std::os::unix::fs::symlink(target, to).map_err(fail(to))?;
@@ -417,7 +457,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<u64, String> {
         std::fs::create_dir(to).map_err(fail(to))?;
         let mut n = 0;
         let mut entries: Vec<_> = std::fs::read_dir(from)
-            .map_err(|e| format!("cannot read {}: {e}", from.display()))?
+            .map_err(io("read", from))?
             .flatten()
             .collect();
         entries.sort_by_key(|e| e.file_name());

@@ -134,7 +134,7 @@ pub struct Inner {
 
 /// Mark every descriptor from 3 on close-on-exec: whatever the agent inherited or
 /// opened reaches neither bubblewrap nor the action.
-fn close_on_exec_from_3() -> Result<(), String> {
+fn close_on_exec_from_3() -> std::io::Result<()> {
     // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets a flag on open
     // descriptors; it closes none, so no owned descriptor becomes invalid.
     #[allow(unsafe_code)]
@@ -142,7 +142,7 @@ fn close_on_exec_from_3() -> Result<(), String> {
     if r == 0 {
         Ok(())
     } else {
-        Err(format!("close_range: {}", std::io::Error::last_os_error()))
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -156,7 +156,8 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// What `path` is now (following symlinks, as a bind mount does).
+    /// What `path` is now (following symlinks, as a bind mount does); `None` when it
+    /// cannot be looked at, which matches no identity that was checked.
     pub fn of(path: &Path) -> Option<Identity> {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(path).ok().map(|m| Identity {

@@ -103,13 +103,15 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
     std::fs::write(&inner_path, serde_json::to_vec(&inner).map_err(failed)?)
         .map_err(|e| failed(format!("{}: {e}", inner_path.display())))?;
     let stdin = std::fs::File::open(&inner_path).map_err(failed)?;
+    // bubblewrap reads the open file; a copy left behind goes with the private
+    // directory when the action ends.
     let _ = std::fs::remove_file(&inner_path);
     if let Some(cgroup) = &spec.cgroup {
         super::cgroup::join(cgroup).map_err(failed)?;
     }
     // bubblewrap gets the descriptors opened as the caller (and closes them), and no
     // other.
-    super::close_on_exec_from_3().map_err(failed)?;
+    super::close_on_exec_from_3().map_err(|e| failed(format!("close_range: {e}")))?;
     for fd in prepared.handed.borrow().iter() {
         nix::fcntl::fcntl(
             fd,
@@ -255,7 +257,8 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         )));
     }
     let now = classify_as(&spec.action, &cwd, caller, &spec.secrets);
-    now.within(&spec.approved).map_err(Stop::RiskChanged)?;
+    now.within(&spec.approved)
+        .map_err(|grew| Stop::RiskChanged(grew.to_string()))?;
     let mut profile = Profile::of(&spec.approved, &cwd, spec.as_root);
     if !profile.root {
         profile.writable = writable_in_home(profile.writable, &caller.home);
@@ -375,6 +378,7 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     } else {
         None
     };
+    // A resolv.conf that is missing or leads nowhere has nothing to bind.
     let resolv = profile
         .network
         .then(|| std::fs::canonicalize("/etc/resolv.conf").ok())

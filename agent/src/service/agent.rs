@@ -188,8 +188,7 @@ impl Agent {
 
     /// The image version (`IMAGE_VERSION` in os-release) this agent runs in.
     async fn version(&self) -> fdo::Result<String> {
-        crate::os_release::image_version(&self.shared.config().os_release)
-            .map_err(fdo::Error::Failed)
+        crate::os_release::image_version(&self.shared.config().os_release).map_err(failed)
     }
 
     /// Submit a request in natural language, to be carried out in `cwd` (absolute).
@@ -215,10 +214,7 @@ impl Agent {
                 cwd.display()
             )));
         }
-        let slot = self
-            .shared
-            .reserve(caller.uid)
-            .map_err(fdo::Error::LimitsExceeded)?;
+        let slot = self.shared.reserve(caller.uid)?;
         let config = self.shared.config();
         let mut request = plan_request(&self.shared, &caller, text, cwd, &config).await?;
         let submitted = self.shared.audit(
@@ -264,7 +260,9 @@ impl Agent {
             }
         }
         self.shared.save(&request)?;
-        let _ = lock(&self.shared.store).prune(caller.uid, config.limits.history_per_user);
+        if let Err(e) = lock(&self.shared.store).prune(caller.uid, config.limits.history_per_user) {
+            tracing::warn!(uid = caller.uid, "cannot drop old requests: {e}");
+        }
         if request.state == State::Planned {
             let (tx, rx) = mpsc::unbounded_channel();
             lock(&self.shared.live).insert(request.id.clone(), Live { control: tx, owner });
@@ -389,6 +387,7 @@ impl Agent {
             serde_json::json!({ "by": caller.user }),
         );
         if let Some(live) = lock(&self.shared.live).get(id) {
+            // (Fails only when the request's task has ended: nothing left to stop.)
             let _ = live.control.send(super::shared::Control::Cancel);
         }
         Ok(())
@@ -448,15 +447,13 @@ impl Agent {
                 )));
             }
         };
-        self.shared
-            .audit(
-                "rule.removed",
-                Some(caller.uid),
-                None,
-                None,
-                to_value(&rule),
-            )
-            .map_err(failed)?;
+        self.shared.audit(
+            "rule.removed",
+            Some(caller.uid),
+            None,
+            None,
+            to_value(&rule),
+        )?;
         lock(&self.shared.store).remove_rule(id).map_err(failed)?;
         Ok(())
     }
@@ -464,7 +461,7 @@ impl Agent {
     /// Verify the audit log's hash chain, checkpoints, head and anchors (JSON report;
     /// the first bad entry if any).
     async fn verify_audit(&self) -> fdo::Result<String> {
-        Ok(to_json(&self.shared.verify_audit().await.map_err(failed)?))
+        Ok(to_json(&self.shared.verify_audit().await?))
     }
 
     /// The agent's status (JSON): version, uptime, requests in flight, audit entries,
@@ -475,6 +472,7 @@ impl Agent {
         let requests = lock(&self.shared.store).count_requests().map_err(failed)?;
         Ok(serde_json::json!({
             "agent-version": env!("CARGO_PKG_VERSION"),
+            // (null without one; `Version` says why.)
             "image-version": crate::os_release::image_version(&config.os_release).ok(),
             "uptime-secs": self.shared.started.elapsed().as_secs(),
             "requests-in-flight": active,
@@ -539,15 +537,13 @@ impl Admin {
             ));
         }
         let new = AgentConfig::load(&self.shared.config_path).map_err(failed)?;
-        self.shared
-            .audit(
-                "config.reloaded",
-                Some(0),
-                None,
-                None,
-                to_value(&new.policy),
-            )
-            .map_err(failed)?;
+        self.shared.audit(
+            "config.reloaded",
+            Some(0),
+            None,
+            None,
+            to_value(&new.policy),
+        )?;
         self.shared.set_config(new);
         Ok(())
     }

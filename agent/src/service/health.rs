@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::shared::Shared;
+use crate::health::Unhealthy;
 
 pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
     let config = shared.config();
@@ -17,21 +18,22 @@ pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
         };
         let bus = match (owner.await, conn.unique_name()) {
             (Ok(owner), Some(me)) if owner == me.as_str() => Ok(()),
-            (Ok(owner), _) => Err(format!(
-                "{} is owned by {owner}, not by the agent",
-                crate::BUS_NAME
-            )),
-            (Err(e), _) => Err(format!(
-                "cannot ask the bus who owns {}: {e}",
-                crate::BUS_NAME
-            )),
+            (Ok(owner), _) => Err(Unhealthy::NameTaken {
+                name: crate::BUS_NAME,
+                owner,
+            }),
+            (Err(source), _) => Err(Unhealthy::BusUnreachable {
+                name: crate::BUS_NAME,
+                source,
+            }),
         };
         let audit = match shared.verify_audit().await {
             Ok(v) if v.ok => Ok(()),
-            Ok(v) => Err(v
-                .first_bad
-                .map_or_else(|| "the audit log does not verify".into(), |b| b.reason)),
-            Err(e) => Err(e),
+            Ok(v) => Err(Unhealthy::AuditTampered(v.first_bad.map_or_else(
+                || "the audit log does not verify".into(),
+                |b| b.reason,
+            ))),
+            Err(e) => Err(Unhealthy::AuditUnverifiable(Box::new(e))),
         };
         vec![
             crate::health::Check {
@@ -53,6 +55,7 @@ pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
             reason,
         }) => {
             tracing::info!(stack = %request.stack, resource = %request.resource, %instance, status = %status.as_str(), "health signal sent");
+            // (`audit` logs a failed append; the signal was sent either way.)
             let _ = shared.audit(
                 "health.signalled",
                 None,

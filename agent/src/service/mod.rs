@@ -59,6 +59,7 @@ pub async fn serve(
         .name(crate::BUS_NAME)?
         .build()
         .await?;
+    // (Set once: `serve` runs once per `Shared`.)
     let _ = shared.conn.set(conn.clone());
     tracing::info!(name = crate::BUS_NAME, "serving on the system bus");
     tokio::spawn(health::signal(shared.clone(), conn.clone()));
@@ -68,6 +69,7 @@ pub async fn serve(
     };
     if let Some(e) = lost {
         // An agent nobody can reach is no agent: exit, and let systemd start a new one.
+        // (`audit` logs a failed append; the agent exits either way.)
         let _ = shared.audit(
             "agent.lost-bus",
             None,
@@ -78,8 +80,12 @@ pub async fn serve(
         return Err(e);
     }
     tracing::info!("shutting down");
+    // (The bus releases the name with the connection anyway.)
     conn.release_name(crate::BUS_NAME).await.ok();
+    // (`audit` logs a failed append; the agent stops either way.)
     let _ = shared.audit("agent.stopped", None, None, None, serde_json::json!({}));
-    let _ = shared::lock(&shared.audit).checkpoint();
+    if let Err(e) = shared::lock(&shared.audit).checkpoint() {
+        tracing::error!("audit checkpoint at shutdown failed: {e}");
+    }
     Ok(())
 }

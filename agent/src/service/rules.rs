@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use zbus::fdo;
 
 use super::agent::Agent;
-use super::shared::{Control, failed, lock, now, to_value};
+use super::shared::{Control, failed, invalid_args, lock, now, to_value};
 use crate::approval;
 use crate::caller::{self as as_caller, Caller, PlanJob};
 use crate::request::{ActionRecord, Decision, Exact, Remember, Rule};
@@ -37,7 +37,7 @@ pub(super) async fn decide_action(
         command_prefix,
         path_prefix,
     } = verdict;
-    let remember: Remember = remember.parse().map_err(fdo::Error::InvalidArgs)?;
+    let remember: Remember = remember.parse().map_err(invalid_args)?;
     let path_prefix = resolve_prefix(agent, caller, path_prefix).await?;
     let shared = &agent.shared;
     let mut r = agent.own_request(id, caller, false)?;
@@ -109,15 +109,13 @@ pub(super) async fn decide_action(
                 "action {index} of request {id} is no longer waiting for a decision"
             )));
         }
-        shared
-            .audit(
-                "action.decided",
-                Some(caller.uid),
-                Some(id),
-                Some(index),
-                audited,
-            )
-            .map_err(failed)?;
+        shared.audit(
+            "action.decided",
+            Some(caller.uid),
+            Some(id),
+            Some(index),
+            audited,
+        )?;
         now_r.actions[index as usize].decision = decision;
         now_r.updated = now();
         store.save_request(&now_r).map_err(failed)?;
@@ -126,6 +124,7 @@ pub(super) async fn decide_action(
         store_rule(agent, caller, &rule, Some(id), Some(index))?;
     }
     if let Some(live) = lock(&shared.live).get(id) {
+        // (Fails only when the request's task has ended: nobody waits for this.)
         let _ = live.control.send(Control::Decided);
     }
     Ok(())
@@ -148,8 +147,13 @@ fn store_rule(
         action,
         to_value(&rule),
     ) {
-        let _ = lock(&shared.store).remove_rule(rule.id);
-        return Err(failed(e));
+        if let Err(undo) = lock(&shared.store).remove_rule(rule.id) {
+            tracing::error!(
+                rule = rule.id,
+                "a rule that is not on record stays in the store: {undo}"
+            );
+        }
+        return Err(e.into());
     }
     Ok(rule.id)
 }
@@ -178,10 +182,7 @@ async fn resolve_prefix(
         )));
     }
     // Resolving it takes a helper process: one of the caller's slots.
-    let _slot = agent
-        .shared
-        .reserve(caller.uid)
-        .map_err(fdo::Error::LimitsExceeded)?;
+    let _slot = agent.shared.reserve(caller.uid)?;
     let job = PlanJob {
         caller: caller.clone(),
         text: None,
@@ -205,11 +206,11 @@ fn remembered_rule(
     policy: &crate::config::Policy,
 ) -> fdo::Result<Rule> {
     if asked.allow {
-        approval::may_remember(&record.action, &record.risk).map_err(fdo::Error::InvalidArgs)?;
+        approval::may_remember(&record.action, &record.risk).map_err(invalid_args)?;
     }
     let exact = asked.command_prefix.is_empty() && asked.path_prefix.is_none();
     if asked.allow && !exact {
-        approval::may_remember_prefix(&record.risk, policy).map_err(fdo::Error::InvalidArgs)?;
+        approval::may_remember_prefix(&record.risk, policy).map_err(invalid_args)?;
     }
     let rule = Rule {
         exact: exact.then(|| Exact {
@@ -250,7 +251,7 @@ pub(super) async fn add_rule(
             )));
         }
     };
-    let lifetime: Remember = lifetime.parse().map_err(fdo::Error::InvalidArgs)?;
+    let lifetime: Remember = lifetime.parse().map_err(invalid_args)?;
     if lifetime == Remember::Once {
         return Err(fdo::Error::InvalidArgs(
             "a rule lives for the session or always".into(),

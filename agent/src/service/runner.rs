@@ -27,7 +27,9 @@ pub(super) async fn run_request(
             r.state = State::Failed;
             r.error = Some(format!("internal error: {e}"));
             r.updated = now();
-            let _ = shared.save(&r);
+            if let Err(e) = shared.save(&r) {
+                tracing::error!(request = %id, "cannot record that the request failed: {e}");
+            }
             state_changed(&shared, &r).await;
         }
     }
@@ -36,6 +38,7 @@ pub(super) async fn run_request(
 
 async fn state_changed(shared: &Shared, r: &Request) {
     if let Some(e) = shared.emitter(&r.id) {
+        // Signals are a courtesy to a client still listening; `Get` has the state.
         let _ = Agent::request_changed(&e, &r.id, r.state.as_str()).await;
     }
 }
@@ -47,7 +50,10 @@ async fn set_state(shared: &Shared, r: &mut Request, state: State) -> fdo::Resul
     state_changed(shared, r).await;
     if state.is_final() {
         let keep = shared.config().limits.history_per_user;
-        let _ = lock(&shared.store).prune(r.uid, keep);
+        if let Err(e) = lock(&shared.store).prune(r.uid, keep) {
+            tracing::warn!(uid = r.uid, "cannot drop old requests: {e}");
+        }
+        // (`audit` logs a failed append; the request has ended either way.)
         let _ = shared.audit(
             "request.finished",
             Some(r.uid),
@@ -74,6 +80,7 @@ async fn refuse(shared: &Shared, r: &mut Request, i: usize, why: String) -> fdo:
     a.error = Some(why.clone());
     r.error = Some(format!("action {i}: {why}"));
     skip_rest(r, i + 1);
+    // (`audit` logs a failed append; the action does not run either way.)
     let _ = shared.audit(
         "action.refused",
         Some(r.uid),
@@ -116,6 +123,7 @@ async fn drive(
             }
             if let Some(e) = shared.emitter(id) {
                 let a = &r.actions[i];
+                // (A courtesy, as for state changes: `Get` shows what waits.)
                 let _ =
                     Agent::approval_needed(&e, id, a.index, a.risk.class.as_str(), &a.description)
                         .await;
@@ -183,6 +191,7 @@ async fn drive(
                     // (Already printable: no NUL, which a bus daemon answers by dropping
                     // the sender's connection.)
                     if let Some(e) = &emitter {
+                        // (A courtesy: the record keeps the output.)
                         let _ = Agent::action_output(e, &id, i as u32, &chunk).await;
                     }
                 }
@@ -206,6 +215,8 @@ async fn drive(
                     (config.sandbox.max_output_bytes as usize)
                         .saturating_sub(r.actions.iter().map(|a| a.output.len()).sum()),
                     |chunk| {
+                        // (The forwarder outlives every chunk: it stops when this
+                        // sender is dropped.)
                         let _ = out_tx.send(chunk.to_owned());
                     },
                     cancel,
@@ -216,13 +227,17 @@ async fn drive(
             },
             forward
         );
-        let _ = tokio::task::spawn_blocking(move || {
+        let dir = private.clone();
+        let cleaned = tokio::task::spawn_blocking(move || {
             if let Some(c) = cgroup {
                 crate::sandbox::cgroup::remove(&c);
             }
-            let _ = std::fs::remove_dir_all(private);
+            std::fs::remove_dir_all(private)
         })
         .await;
+        if let Err(e) = cleaned.map_err(std::io::Error::other).and_then(|r| r) {
+            tracing::warn!(dir = %dir.display(), "cannot clean up after an action: {e}");
+        }
         let ok = outcome.succeeded();
         let a = &mut r.actions[i];
         a.state = if ok {

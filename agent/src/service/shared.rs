@@ -13,7 +13,7 @@ use zbus::message::Header;
 use zbus::names::{BusName, UniqueName};
 use zbus::object_server::SignalEmitter;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditError, AuditLog};
 use crate::caller::Caller;
 use crate::config::AgentConfig;
 use crate::request::Request;
@@ -62,6 +62,38 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub(super) fn failed(e: impl std::fmt::Display) -> fdo::Error {
     fdo::Error::Failed(e.to_string())
+}
+
+pub(super) fn invalid_args(e: impl std::fmt::Display) -> fdo::Error {
+    fdo::Error::InvalidArgs(e.to_string())
+}
+
+/// What the service could not do for a caller: record, take another request, verify.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ServiceError {
+    /// The event is not on record: what it records must not happen.
+    #[error("cannot write the audit log: {0}")]
+    NotRecorded(#[source] AuditError),
+    #[error(
+        "you have {n} requests in flight ([limits] requests-per-user = {limit}); wait for one to finish or cancel one (`devos history`, `devos cancel ID`)"
+    )]
+    TooManyRequests { n: u32, limit: u32 },
+    #[error(transparent)]
+    Verify(AuditError),
+    #[error(transparent)]
+    VerifyGate(#[from] tokio::sync::AcquireError),
+    #[error(transparent)]
+    VerifyTask(#[from] tokio::task::JoinError),
+}
+
+/// On the bus: a limit is `LimitsExceeded`, anything else `Failed`; the words stay.
+impl From<ServiceError> for fdo::Error {
+    fn from(e: ServiceError) -> fdo::Error {
+        match e {
+            ServiceError::TooManyRequests { .. } => fdo::Error::LimitsExceeded(e.to_string()),
+            _ => failed(e),
+        }
+    }
 }
 
 pub(super) fn now() -> String {
@@ -167,25 +199,23 @@ impl Shared {
         request: Option<&str>,
         action: Option<u32>,
         detail: serde_json::Value,
-    ) -> Result<(), String> {
+    ) -> Result<(), ServiceError> {
         lock(&self.audit)
             .append(event, uid, request, action, detail)
             .map(|_| ())
             .map_err(|e| {
                 tracing::error!("audit log write failed: {e}");
-                format!("cannot write the audit log: {e}")
+                ServiceError::NotRecorded(e)
             })
     }
 
     /// Take one of `uid`'s in-flight slots, or say why not.
-    pub(super) fn reserve(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
+    pub(super) fn reserve(self: &Arc<Self>, uid: u32) -> Result<Slot, ServiceError> {
         let limit = self.config().limits.requests_per_user;
         let mut map = lock(&self.in_flight);
         let n = map.entry(uid).or_insert(0);
         if *n >= limit {
-            return Err(format!(
-                "you have {n} requests in flight ([limits] requests-per-user = {limit}); wait for one to finish or cancel one (`devos history`, `devos cancel ID`)"
-            ));
+            return Err(ServiceError::TooManyRequests { n: *n, limit });
         }
         *n += 1;
         Ok(Slot {
@@ -231,6 +261,7 @@ impl Shared {
     pub(super) fn emitter(&self, id: &str) -> Option<SignalEmitter<'static>> {
         let conn = self.conn.get()?;
         let owner = lock(&self.live).get(id)?.owner.clone()?;
+        // (Fails only for an invalid object path; this one is a valid constant.)
         SignalEmitter::new(conn, crate::OBJECT_PATH)
             .ok()
             .map(|e| e.set_destination(BusName::Unique(owner)))
@@ -238,7 +269,7 @@ impl Shared {
 
     /// Verify the audit log against its anchors without holding up appends: the
     /// head is taken under the lock, the files are read on a blocking thread.
-    pub(super) async fn verify_audit(&self) -> Result<crate::audit::Verification, String> {
+    pub(super) async fn verify_audit(&self) -> Result<crate::audit::Verification, ServiceError> {
         let cached = |head: &crate::audit::Snapshot| {
             lock(&self.last_verified)
                 .as_ref()
@@ -249,11 +280,7 @@ impl Shared {
         if let Some(v) = cached(&head) {
             return Ok(v);
         }
-        let _one_at_a_time = self
-            .verify_gate
-            .acquire()
-            .await
-            .map_err(|e| e.to_string())?;
+        let _one_at_a_time = self.verify_gate.acquire().await?;
         let head = lock(&self.audit).snapshot();
         if let Some(v) = cached(&head) {
             return Ok(v);
@@ -263,9 +290,8 @@ impl Shared {
         options.snapshot = Some(head.clone());
         let dir = config.state_dir.join("audit");
         let v = tokio::task::spawn_blocking(move || crate::audit::verify(&dir, &options))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .await?
+            .map_err(ServiceError::Verify)?;
         *lock(&self.last_verified) = Some((head, v.clone()));
         Ok(v)
     }
@@ -288,5 +314,5 @@ pub(super) async fn caller(
     tokio::task::spawn_blocking(move || Caller::from_uid(uid, &admin_groups))
         .await
         .map_err(failed)?
-        .map_err(fdo::Error::AccessDenied)
+        .map_err(|e| fdo::Error::AccessDenied(e.to_string()))
 }
