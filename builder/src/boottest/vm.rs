@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::support::cmd;
-use crate::support::cmd::which;
+use super::Target;
+use crate::support::cmd::{self, which};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -312,6 +312,72 @@ pub fn require_qemu() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What every VM run needs: firmware, the accelerator choice, and a scratch directory
+/// with a copy-on-write overlay over the target and a private UEFI variable store.
+pub(super) struct Scratch {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) fw: Firmware,
+    pub(super) accel: AccelChoice,
+    pub(super) overlay: PathBuf,
+    pub(super) vars: PathBuf,
+}
+
+impl Scratch {
+    /// Start over under TCG: a fresh overlay and variable store (the failed run may
+    /// have written to them).
+    pub(super) fn fall_back_to_tcg(&mut self, target: &Target, reason: &str) -> Result<()> {
+        self.accel = AccelChoice {
+            accel: Accel::Tcg,
+            reason: reason.to_owned(),
+        };
+        tracing::info!("accelerator: Tcg ({reason})");
+        let _ = fs::remove_file(&self.overlay);
+        overlay(&target.disk, disk_format(&target.disk), &self.overlay)?;
+        vars_copy(&self.fw, &self.vars)?;
+        Ok(())
+    }
+
+    pub(super) fn prepare(target: &Target, prefix: &str) -> Result<Self> {
+        require_qemu()?;
+        let fw = firmware()?;
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let accel = choose_accel(dir.path());
+        tracing::info!("accelerator: {:?} ({})", accel.accel, accel.reason);
+        let overlay = dir.path().join("overlay.qcow2");
+        self::overlay(&target.disk, disk_format(&target.disk), &overlay)?;
+        let vars = dir.path().join("vars.fd");
+        vars_copy(&fw, &vars)?;
+        Ok(Self {
+            dir,
+            fw,
+            accel,
+            overlay,
+            vars,
+        })
+    }
+
+    pub(super) fn vm<'a>(
+        &'a self,
+        memory_mib: u32,
+        cpus: u32,
+        console_log: Option<&'a Path>,
+        selftest_report: Option<&'a Path>,
+        ssh_port: Option<u16>,
+    ) -> Vm<'a> {
+        Vm {
+            disk: &self.overlay,
+            vars: &self.vars,
+            accel: self.accel.accel,
+            memory_mib,
+            cpus,
+            console_log,
+            selftest_report,
+            tests_json: None,
+            ssh_port,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,9 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::support::cmd;
-
-use crate::support::digest;
+use crate::support::{cmd, digest};
 
 /// Files of the package: (source relative to the repository, destination in the
 /// image, mode). The one place that says where each dist file is installed.

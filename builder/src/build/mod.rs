@@ -12,22 +12,13 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::build::agent_pkg::AgentPackage;
-use crate::image::apt;
-use crate::image::convert;
-use crate::image::customize;
-use crate::image::disk;
-use crate::image::identity;
-use crate::image::identity::Identity;
-use crate::image::rootfs;
+use crate::image::identity::{self, Identity};
+use crate::image::{apt, convert, customize, disk, rootfs};
 use crate::model::manifest::{AgentInfo, Artifact, CacheKeys, Manifest, Package, StageTiming};
-use crate::model::spec;
-use crate::model::spec::Format;
-use crate::model::spec::Spec;
-use crate::store::cache;
-use crate::store::registry;
+use crate::model::spec::{self, Format, Spec};
+use crate::store::{cache, registry};
 use crate::support::cmd;
-use crate::support::digest;
-use crate::support::digest::FileEntry;
+use crate::support::digest::{self, FileEntry};
 use crate::support::ui::Ui;
 use crate::support::workdir::{WorkDir, remove_stale_work_dirs};
 

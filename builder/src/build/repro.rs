@@ -1,6 +1,7 @@
-//! `image build --check-reproducible`: build the same inputs twice from scratch and
-//! compare the results bit for bit; on a difference, name the partitions and the
-//! first files that differ.
+//! `image build --check-reproducible`: build the same inputs twice — once as a build
+//! normally runs (restoring cached stages when the cache has them), once from
+//! scratch without the cache — and compare the results bit for bit; on a difference,
+//! name the partitions and the first files that differ.
 
 use std::fs;
 use std::io::Read;
@@ -9,11 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::build;
-
-use crate::build::BuildOptions;
-
-use crate::build::Built;
+use crate::build::{self, BuildOptions, Built};
 use crate::support::digest;
 use crate::support::ui::Ui;
 
@@ -40,10 +37,10 @@ pub struct PartitionDiff {
 const MAX_FILES: usize = 20;
 const BLOCK: usize = 4096;
 
-/// Build twice without the stage cache; the first build is the real one.
+/// Build twice: the real build as asked (with the stage cache unless `--no-cache`),
+/// then one without the cache; a cached build must be the same bytes as a fresh one.
 pub fn check(opts: &BuildOptions, ui: &mut Ui) -> Result<(Built, Report)> {
     let first_opts = BuildOptions {
-        no_cache: true,
         force: true,
         ..opts.clone()
     };
@@ -55,9 +52,10 @@ pub fn check(opts: &BuildOptions, ui: &mut Ui) -> Result<(Built, Report)> {
     let second_opts = BuildOptions {
         out: Some(scratch.path().join("out")),
         registry: Some(scratch.path().join("registry.db")),
+        no_cache: true,
         ..first_opts
     };
-    ui.info("==> reproducibility check: second build");
+    ui.info("==> reproducibility check: second build, from scratch");
     let b = build::build(&second_opts, ui)?;
     if a.manifest.build_id != b.manifest.build_id {
         bail!(

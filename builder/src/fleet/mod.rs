@@ -14,133 +14,20 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use devos_aws::stack::{self, Deployment, Event, ResourceChange, Running, Stack};
+use devos_aws::stack::{self, Deployment, ResourceChange, Stack};
 use devos_aws::{Aws, AwsOptions};
-use serde::Serialize;
 
-use crate::store::registry::Registry;
+mod gate;
+mod report;
+mod templates;
 
-use crate::store::registry::Rollout;
+pub use gate::Gate;
+use gate::{gate, print_event};
+pub use report::{Outcome, Status, history_human};
+pub use templates::{Template, render};
+use templates::{published_ami, render_for, template_parameters};
 
-use crate::store::registry::VersionInfo;
-const COMMON: &str = include_str!("../../../cloudformation/common.hbs");
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Template {
-    /// One developer instance.
-    Instance,
-    /// A launch template + Auto Scaling group with health-gated rolling updates.
-    Fleet,
-    /// A WorkSpace from a custom bundle.
-    Workspaces,
-}
-
-impl Template {
-    fn as_str(self) -> &'static str {
-        match self {
-            Template::Instance => "instance",
-            Template::Fleet => "fleet",
-            Template::Workspaces => "workspaces",
-        }
-    }
-
-    fn source(self) -> (&'static str, &'static str) {
-        match self {
-            Template::Instance => (
-                "cloudformation/instance.yaml.hbs",
-                include_str!("../../../cloudformation/instance.yaml.hbs"),
-            ),
-            Template::Fleet => (
-                "cloudformation/fleet.yaml.hbs",
-                include_str!("../../../cloudformation/fleet.yaml.hbs"),
-            ),
-            Template::Workspaces => (
-                "cloudformation/workspaces.yaml.hbs",
-                include_str!("../../../cloudformation/workspaces.yaml.hbs"),
-            ),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Data<'a> {
-    name: &'a str,
-    version: &'a str,
-    region: &'a str,
-    ami_id: &'a str,
-}
-
-/// The AMI of `v` in `region`; an error saying how to publish it if there is none.
-fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Result<String> {
-    let published = reg
-        .publications(Some(&v.name), Some(&v.version))?
-        .into_iter()
-        .find(|p| p.region == region && p.state == "available")
-        .and_then(|p| p.ami_id);
-    match published {
-        Some(id) => Ok(id),
-        None => bail!(
-            "{}@{} is not published in {region}\n  hint: run `devos-build publish ami {}@{} --region {region}` first",
-            v.name,
-            v.version,
-            v.name,
-            v.version
-        ),
-    }
-}
-
-/// The template for `reference` in `region`. The version must have passed its boot
-/// test and, except for WorkSpaces (which run from a bundle), be published there.
-pub fn render(reg: &Registry, template: Template, reference: &str, region: &str) -> Result<String> {
-    let v = reg.require_passing(reference)?;
-    let ami_id = if template == Template::Workspaces {
-        String::new()
-    } else {
-        published_ami(reg, &v, region)?
-    };
-    render_for(template, &v, region, &ami_id)
-}
-
-fn render_for(template: Template, v: &VersionInfo, region: &str, ami_id: &str) -> Result<String> {
-    let mut hb = handlebars::Handlebars::new();
-    hb.set_strict_mode(true);
-    // Every value is an image name, a version, a region or an AMI id: no YAML escaping
-    // is needed, and HTML escaping would be wrong.
-    hb.register_escape_fn(handlebars::no_escape);
-    hb.register_partial("common", COMMON)
-        .context("cannot load cloudformation/common.hbs")?;
-    let (file, text) = template.source();
-    hb.render_template(
-        text,
-        &Data {
-            name: &v.name,
-            version: &v.version,
-            region,
-            ami_id,
-        },
-    )
-    .with_context(|| format!("cannot render {file}"))
-}
-
-/// The parameter names a rendered template declares (the keys of its top-level
-/// `Parameters:` block).
-fn template_parameters(yaml: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut inside = false;
-    for line in yaml.lines() {
-        if !line.starts_with(' ') && !line.is_empty() {
-            inside = line.trim_end() == "Parameters:";
-            continue;
-        }
-        if let Some(key) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':'))
-            && inside
-            && !key.starts_with(' ')
-        {
-            names.push(key.to_owned());
-        }
-    }
-    names
-}
+use crate::store::registry::{Registry, VersionInfo};
 
 const TAG_IMAGE: &str = "devos:image";
 const TAG_TEMPLATE: &str = "devos:template";
@@ -154,208 +41,6 @@ pub struct Target {
     pub bake: Duration,
     /// Show the change set and change nothing.
     pub dry_run: bool,
-}
-
-/// What one deploy, rollout or rollback of one stack did.
-#[derive(Debug, Serialize)]
-pub struct Outcome {
-    pub stack: String,
-    pub region: String,
-    pub kind: String,
-    pub image: String,
-    pub from: Option<String>,
-    pub to: String,
-    /// succeeded, failed, rolled-back, unchanged or dry-run.
-    pub state: String,
-    pub reason: Option<String>,
-    /// Parameters that change: (before, after).
-    pub parameters: BTreeMap<String, (Option<String>, String)>,
-    pub changes: Vec<ResourceChange>,
-    /// Seconds from the command's start to the stack call being issued.
-    pub issued_after: Option<f64>,
-    pub gate: Option<Gate>,
-    /// The automatic rollback after a failed update or gate.
-    pub rollback: Option<Box<Outcome>>,
-}
-
-impl Outcome {
-    /// A change of `stack` to `to` that has not happened yet.
-    fn planned(
-        stack: &str,
-        region: &str,
-        kind: &str,
-        from: Option<&VersionInfo>,
-        to: &VersionInfo,
-        parameters: BTreeMap<String, (Option<String>, String)>,
-    ) -> Self {
-        Outcome {
-            stack: stack.to_owned(),
-            region: region.to_owned(),
-            kind: kind.to_owned(),
-            image: to.name.clone(),
-            from: from.map(|v| v.version.clone()),
-            to: to.version.clone(),
-            state: String::new(),
-            reason: None,
-            parameters,
-            changes: Vec::new(),
-            issued_after: None,
-            gate: None,
-            rollback: None,
-        }
-    }
-
-    pub fn ok(&self) -> bool {
-        matches!(self.state.as_str(), "succeeded" | "unchanged" | "dry-run")
-    }
-
-    pub fn human(&self) -> String {
-        let from = self.from.as_deref().unwrap_or("(nothing)");
-        let mut s = format!(
-            "{} {} in {}: {}@{} -> {}: {}\n",
-            self.kind, self.stack, self.region, self.image, from, self.to, self.state
-        );
-        if let Some(r) = &self.reason {
-            s.push_str(&format!("  why: {r}\n"));
-        }
-        for (k, (before, after)) in &self.parameters {
-            s.push_str(&format!(
-                "  parameter {k}: {} -> {after}\n",
-                before.as_deref().unwrap_or("(default)")
-            ));
-        }
-        if self.state == "dry-run" && self.changes.is_empty() {
-            s.push_str("  (CloudFormation reported no resource changes)\n");
-        }
-        for c in &self.changes {
-            s.push_str(&format!(
-                "  {:<8} {:<16} {:<36} replacement: {}\n",
-                c.action,
-                c.logical_id,
-                c.resource_type,
-                c.replacement.as_deref().unwrap_or("-")
-            ));
-        }
-        if let Some(g) = &self.gate {
-            s.push_str(&format!(
-                "  gate: {} ({} of {} instances on {} in service)\n",
-                if g.passed { "passed" } else { "FAILED" },
-                g.in_service,
-                g.running.desired,
-                g.image_id
-            ));
-        }
-        if let Some(r) = &self.rollback {
-            for line in r.human().lines() {
-                s.push_str(&format!("  {line}\n"));
-            }
-        }
-        s
-    }
-}
-
-/// The health gate's verdict on the real resources.
-#[derive(Debug, Serialize)]
-pub struct Gate {
-    pub passed: bool,
-    pub reason: Option<String>,
-    pub image_id: String,
-    pub in_service: usize,
-    pub baked_seconds: f64,
-    pub running: Running,
-}
-
-/// Why the resources do not (yet) run `ami` healthily: Err for a failure that waiting
-/// cannot mend, Ok(Some) for a shortfall that may still fill up, Ok(None) for healthy.
-fn judge(r: &Running, ami: &str) -> Result<Option<String>, String> {
-    if let Some(lt_ami) = &r.launch_template_image
-        && lt_ami != ami
-    {
-        return Err(format!(
-            "launch template {} version {} launches {lt_ami}, not {ami}",
-            r.launch_template.as_deref().unwrap_or("?"),
-            r.launch_template_version.as_deref().unwrap_or("?")
-        ));
-    }
-    for m in &r.instances {
-        if m.health.as_deref() == Some("Unhealthy") {
-            return Err(format!("instance {} is Unhealthy", m.id));
-        }
-        let serving =
-            m.state == "running" && m.lifecycle.as_deref().is_none_or(|l| l == "InService");
-        if serving && m.image_id != ami {
-            return Err(format!(
-                "instance {} is in service on {}, not {ami}",
-                m.id, m.image_id
-            ));
-        }
-        if matches!(m.state.as_str(), "shutting-down" | "terminated" | "stopped") {
-            return Err(format!("instance {} is {}", m.id, m.state));
-        }
-    }
-    let serving = in_service(r, ami);
-    if serving < r.desired {
-        return Ok(Some(format!(
-            "{serving} of {} instances in service on {ami}",
-            r.desired
-        )));
-    }
-    Ok(None)
-}
-
-fn in_service(r: &Running, ami: &str) -> usize {
-    r.instances
-        .iter()
-        .filter(|m| {
-            m.state == "running"
-                && m.image_id == ami
-                && m.lifecycle.as_deref().is_none_or(|l| l == "InService")
-        })
-        .count()
-}
-
-/// Watch the stack's resources for `bake`: every instance in service must run `ami`
-/// and stay healthy, and as many as the group wants must be in service at the end.
-async fn gate(
-    aws: &Aws,
-    region: &str,
-    stack_name: &str,
-    ami: &str,
-    bake: Duration,
-) -> Result<Gate> {
-    let started = Instant::now();
-    loop {
-        let running = stack::running(aws, region, stack_name).await?;
-        let verdict = judge(&running, ami);
-        let done = started.elapsed() >= bake;
-        let reason = match verdict {
-            Err(why) => Some(why),
-            Ok(Some(short)) if done => Some(short),
-            Ok(None) if done => None,
-            Ok(_) => {
-                tokio::time::sleep(Duration::from_secs(2).min(bake)).await;
-                continue;
-            }
-        };
-        return Ok(Gate {
-            passed: reason.is_none(),
-            reason,
-            image_id: ami.to_owned(),
-            in_service: in_service(&running, ami),
-            baked_seconds: started.elapsed().as_secs_f64(),
-            running,
-        });
-    }
-}
-
-fn print_event(e: &Event) {
-    let time = e.time.get(11..19).unwrap_or(&e.time);
-    eprintln!(
-        "  {time} {:<16} {:<28} {}",
-        e.logical_id,
-        e.status,
-        e.reason.as_deref().unwrap_or("")
-    );
 }
 
 /// Everything a fleet command works with.
@@ -946,59 +631,6 @@ fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> R
     )
 }
 
-/// What a stack runs now.
-#[derive(Debug, Serialize)]
-pub struct Status {
-    pub stack: Stack,
-    pub version: Option<String>,
-    pub running: Running,
-    pub last: Option<Rollout>,
-}
-
-impl Status {
-    pub fn human(&self) -> String {
-        let mut s = format!(
-            "{} ({}): {}\n",
-            self.stack.name,
-            self.stack.status,
-            self.version.as_deref().unwrap_or("(unknown version)")
-        );
-        if let Some(g) = &self.running.group {
-            s.push_str(&format!("  group {g}, desired {}\n", self.running.desired));
-        }
-        if let Some(lt) = &self.running.launch_template {
-            s.push_str(&format!(
-                "  launch template {lt} version {} -> {}\n",
-                self.running
-                    .launch_template_version
-                    .as_deref()
-                    .unwrap_or("?"),
-                self.running.launch_template_image.as_deref().unwrap_or("?")
-            ));
-        }
-        for m in &self.running.instances {
-            s.push_str(&format!(
-                "  {:<20} {:<22} {:<10} {:<10} {}\n",
-                m.id,
-                m.image_id,
-                m.state,
-                m.lifecycle.as_deref().unwrap_or("-"),
-                m.health.as_deref().unwrap_or("-")
-            ));
-        }
-        if let Some(r) = &self.last {
-            s.push_str(&format!(
-                "  last: {} {} -> {} {}\n",
-                r.kind,
-                r.from.as_deref().unwrap_or("-"),
-                r.to,
-                r.state
-            ));
-        }
-        s
-    }
-}
-
 pub fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result<Status> {
     let cx = context(reg, aws, t.region.as_deref())?;
     devos_aws::block_on(async {
@@ -1021,29 +653,11 @@ pub fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result<Status
     })
 }
 
-pub fn history_human(rows: &[Rollout]) -> String {
-    let mut s = String::new();
-    for r in rows {
-        s.push_str(&format!(
-            "{:>4} {} {:<14} {:<20} {:<14} {} -> {} {:<12} {}\n",
-            r.id,
-            crate::support::time::utc(r.started_at),
-            r.kind,
-            r.stack,
-            r.region,
-            r.from.as_deref().unwrap_or("-"),
-            r.to,
-            r.state,
-            r.reason.as_deref().unwrap_or("")
-        ));
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
+    use super::gate::judge;
     use super::*;
-    use devos_aws::stack::Member;
+    use devos_aws::stack::{Member, Running};
 
     fn member(id: &str, ami: &str, health: &str) -> Member {
         Member {

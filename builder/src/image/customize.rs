@@ -11,8 +11,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::image::identity::Identity;
-use crate::model::spec::RootFs;
-use crate::model::spec::Spec;
+use crate::model::spec::{RootFs, Spec};
 use crate::support::cmd;
 
 /// Units enabled in every image: (unit, the target whose .wants gets it).

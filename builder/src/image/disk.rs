@@ -11,8 +11,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::image::identity::Identity;
-use crate::model::spec::RootFs;
-use crate::model::spec::Spec;
+use crate::model::spec::{RootFs, Spec};
 use crate::support::cmd;
 
 const MIB: u64 = 1 << 20;
@@ -423,7 +422,18 @@ fn mkfs_ext4(
         .arg(img);
     cmd::run(&mut c).with_context(|| format!("while making the {label} filesystem"))?;
     set_change_times(tree, img, id.source_date_epoch)
-        .with_context(|| format!("while fixing the inode times of the {label} filesystem"))
+        .with_context(|| format!("while fixing the inode times of the {label} filesystem"))?;
+    // Every write through libext2fs adds to the superblock's lifetime-writes counter
+    // (s_kbytes_written), and how much mke2fs writes depends on the source tree's
+    // layout on the build host (a tree restored from the cache is not laid out like a
+    // fresh one), not on its contents. Zero it in a session that writes nothing before
+    // closing, and close with -a so the backup superblocks say the same.
+    debugfs(
+        img,
+        "ssv kbytes_written 0\nclose -a\n",
+        id.source_date_epoch,
+    )
+    .with_context(|| format!("while pinning the {label} filesystem's write counter"))
 }
 
 /// mke2fs -d copies each file's ctime, which is when the build wrote it and cannot be
@@ -450,6 +460,12 @@ fn set_change_times(tree: &Path, img: &Path, epoch: u64) -> Result<()> {
             "the file name {name:?} cannot be given to debugfs (it has a quote or newline); rename it in the image"
         );
     }
+    debugfs(img, &script, epoch)
+}
+
+/// Run a debugfs script read-write on `img` at time `epoch`; debugfs reports
+/// per-command errors on stderr but still exits 0, so any such line is an error.
+fn debugfs(img: &Path, script: &str, epoch: u64) -> Result<()> {
     let file = img.with_extension("debugfs");
     fs::write(&file, script)?;
     let out = cmd::run(
@@ -461,9 +477,9 @@ fn set_change_times(tree: &Path, img: &Path, epoch: u64) -> Result<()> {
             .arg(&file)
             .arg(img),
     );
+    // The script is scratch next to the image; the image is what matters.
     fs::remove_file(&file).ok();
     let out = out?;
-    // debugfs reports per-command errors on stderr but still exits 0.
     let errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
         .lines()
         .filter(|l| !l.starts_with("debugfs "))

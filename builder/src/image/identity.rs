@@ -4,8 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::manifest::Input;
-use crate::model::manifest::Package;
+use crate::model::manifest::{Input, Package};
 use crate::model::spec::Spec;
 use crate::support::digest::sha256_hex;
 

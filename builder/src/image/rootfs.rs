@@ -7,8 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::model::spec::Distro;
-use crate::model::spec::Spec;
+use crate::model::spec::{Distro, Spec};
 use crate::support::cmd;
 
 /// Where packages come from for one build.

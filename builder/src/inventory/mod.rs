@@ -10,11 +10,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::model::manifest::Manifest;
-use crate::store::cache;
-use crate::store::cache::mib;
-use crate::store::registry::Registry;
-use crate::store::registry::TestRun;
-use crate::store::registry::VersionInfo;
+use crate::store::cache::{self, mib};
+use crate::store::registry::{Registry, TestRun, VersionInfo};
 use crate::support::digest;
 use anyhow::{Context, bail};
 use std::path::PathBuf;

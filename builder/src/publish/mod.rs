@@ -13,9 +13,7 @@ use serde::Serialize;
 
 use crate::inventory::{raw_artifact, raw_path};
 use crate::model::settings::Settings;
-use crate::store::registry::Publication;
-use crate::store::registry::Registry;
-use crate::store::registry::VersionInfo;
+use crate::store::registry::{Publication, Registry, VersionInfo};
 use crate::support::ui::Ui;
 
 /// How to reach AWS: flags over the settings file over the standard chain.

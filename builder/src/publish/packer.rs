@@ -10,9 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::store::registry::Publication;
-use crate::store::registry::Registry;
-use crate::store::registry::VersionInfo;
+use crate::store::registry::{Publication, Registry, VersionInfo};
 use crate::support::cmd;
 
 const TEMPLATE: &str = include_str!("../../../packer/devos-ami.pkr.hcl.hbs");

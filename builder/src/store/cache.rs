@@ -14,10 +14,8 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 
-use crate::support::cmd;
-
-use crate::support::digest;
 use crate::support::time::secs;
+use crate::support::{cmd, digest};
 
 /// Where the cache lives: `$DEVOS_CACHE_DIR`, else `$XDG_CACHE_HOME/devos`, else
 /// `~/.cache/devos`.

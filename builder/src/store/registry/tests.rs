@@ -1,8 +1,6 @@
 use super::*;
-use crate::model::manifest::Artifact;
-use crate::model::manifest::CacheKeys;
-use crate::model::manifest::Package;
-use crate::model::manifest::StageTiming;
+use crate::model::manifest::{Artifact, CacheKeys, Manifest, Package, StageTiming};
+use crate::support::digest::FileEntry;
 
 fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
     Manifest {

@@ -1,0 +1,120 @@
+//! Reading what a run said: KVM failures in QEMU's stderr, fatal lines on the
+//! console, the guest's report, the console's last lines.
+
+use std::fs;
+use std::path::Path;
+
+use super::Check;
+
+/// QEMU messages that mean KVM itself failed (a probe can pass on a host whose KVM
+/// then dies on the real machine type, mid-run or at once): the run is repeated under
+/// TCG. Seen: "KVM internal error" (and a hang), "kvm run failed", and an abort at
+/// start from "failed to set MSR ..." (`kvm_buf_set_msrs` assertion).
+const KVM_FAILURES: &[&str] = &[
+    "KVM internal error",
+    "kvm run failed",
+    "failed to set MSR",
+    "kvm_buf_set_msrs",
+];
+
+/// The first line of QEMU's stderr that says KVM failed.
+pub(super) fn kvm_failure(said: &str) -> Option<String> {
+    said.lines()
+        .find(|l| KVM_FAILURES.iter().any(|k| l.contains(k)))
+        .map(|l| l.trim().to_owned())
+}
+
+/// Console lines that mean the boot cannot succeed, and what they mean. Seen, the test
+/// fails at once instead of waiting for its timeout.
+const FATAL_CONSOLE: &[(&str, &str)] = &[
+    (
+        "VFS: Unable to mount root fs",
+        "the kernel could not find the root filesystem (check root= on the kernel command line)",
+    ),
+    ("Kernel panic", "kernel panic"),
+    (
+        "Gave up waiting for root",
+        "the initramfs could not find the root filesystem (check root= on the kernel command line)",
+    ),
+    (
+        "does not exist.  Dropping to a shell",
+        "the initramfs could not find the root filesystem (check root= on the kernel command line)",
+    ),
+    (
+        "You are in emergency mode",
+        "systemd entered emergency mode",
+    ),
+    (
+        "Failed to start Switch Root",
+        "switching to the root filesystem failed",
+    ),
+];
+
+pub(super) fn diagnose_console(text: &str) -> Option<String> {
+    for line in text.lines() {
+        for (needle, meaning) in FATAL_CONSOLE {
+            if line.contains(needle) {
+                let line = line.replace(|c: char| c.is_control() && c != '\t', "");
+                return Some(format!("{meaning}: {}", line.trim()));
+            }
+        }
+    }
+    None
+}
+
+/// The guest's results so far, and whether its final line (`{"done": ...}`) arrived.
+pub(super) fn read_report(report: &Path) -> (Vec<Check>, bool) {
+    let text = fs::read_to_string(report).unwrap_or_default();
+    let mut checks = Vec::new();
+    let mut done = false;
+    for line in text.lines() {
+        if let Ok(check) = serde_json::from_str::<Check>(line) {
+            checks.push(check);
+        } else if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            done |= v.get("done").is_some();
+        }
+    }
+    (checks, done)
+}
+
+pub(super) fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.replace(|c: char| c.is_control() && c != '\t', ""))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+#[cfg(test)]
+mod kvm_tests {
+    use super::{diagnose_console, kvm_failure};
+
+    #[test]
+    fn a_root_that_cannot_be_found_is_named_with_or_without_an_initramfs() {
+        let direct = "[    4.548902] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n";
+        let initramfs = "Gave up waiting for root file system device.\nALERT!  PARTUUID=0000 does not exist.  Dropping to a shell!\n";
+        for console in [direct, initramfs] {
+            let d = diagnose_console(console).unwrap();
+            assert!(d.contains("could not find the root filesystem"), "{d}");
+        }
+        assert!(
+            diagnose_console("Kernel panic - not syncing: Attempted to kill init!\n")
+                .unwrap()
+                .starts_with("kernel panic")
+        );
+    }
+
+    #[test]
+    fn kvm_failures_are_recognised_in_qemu_stderr() {
+        let abort = "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\nqemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion failed.\n";
+        assert_eq!(
+            kvm_failure(abort).as_deref(),
+            Some("qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69")
+        );
+        assert!(kvm_failure("KVM internal error. Suberror: 1\n").is_some());
+        assert!(kvm_failure("qemu-system-x86_64: terminating on signal 15\n").is_none());
+    }
+}

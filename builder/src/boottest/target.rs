@@ -1,0 +1,113 @@
+//! What a boot test or a local boot runs: an image file, an output directory, a spec
+//! (its newest build) or a registry reference, resolved to the disk and its manifest.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::build;
+use crate::model::manifest::Manifest;
+
+/// What to boot: an image file, an output directory, a spec (its newest build), or a
+/// registry reference `NAME[@VERSION]`.
+pub struct Target {
+    pub disk: PathBuf,
+    pub manifest: Option<Manifest>,
+    /// The spec's `[[tests]]`, run inside the guest after the built-in checks.
+    pub tests: Vec<crate::model::spec::Test>,
+}
+
+impl Target {
+    /// The built version in `dir`, with the tests of `spec` (if given).
+    pub fn from_dir(dir: &Path, spec: Option<&crate::model::spec::Spec>) -> Result<Self> {
+        let manifest = Manifest::load(dir)?;
+        let disk = manifest.raw(dir).with_context(|| {
+            format!(
+                "{} lists no raw artifact",
+                dir.join("manifest.json").display()
+            )
+        })?;
+        Ok(Self {
+            disk,
+            manifest: Some(manifest),
+            tests: spec.map(|s| s.tests.clone()).unwrap_or_default(),
+        })
+    }
+}
+
+pub fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
+    if arg.is_dir() {
+        return Target::from_dir(arg, None);
+    }
+    if arg.extension().is_some_and(|e| e == "toml") {
+        let spec = crate::model::spec::load(arg)?;
+        // The newest version built from this spec file, else the newest of its name.
+        let from_registry = crate::store::registry::Registry::open(registry)
+            .and_then(|r| r.versions(Some(&spec.name)))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.state == "built" && v.dir.join("manifest.json").is_file())
+            .max_by_key(|v| (same_file(Path::new(&v.spec), &spec.path), v.built_at))
+            .map(|v| v.dir);
+        let dir = build::images_root(&spec.path).join(&spec.name);
+        let newest = from_registry.or_else(|| newest_build(&dir)).with_context(|| {
+            format!(
+                "no build of `{}` found in the registry or {}\n  hint: run `devos-build image build {}` first (or `image build --test`)",
+                spec.name,
+                dir.display(),
+                arg.display()
+            )
+        })?;
+        return Target::from_dir(&newest, Some(&spec));
+    }
+    if arg.is_file() {
+        let manifest = arg.parent().and_then(|d| Manifest::load(d).ok());
+        return Ok(Target {
+            disk: arg.to_path_buf(),
+            manifest,
+            tests: Vec::new(),
+        });
+    }
+    let reference = arg.to_string_lossy();
+    if !reference.contains('/') {
+        let reg = crate::store::registry::Registry::open(registry)?;
+        let v = reg.find(&reference)?;
+        if v.state != "built" || !v.dir.join("manifest.json").is_file() {
+            bail!(
+                "{}@{} is in the registry but its artifacts are gone ({})\n  hint: rebuild it with `devos-build image build {}`",
+                v.name,
+                v.version,
+                v.dir.display(),
+                v.spec
+            );
+        }
+        // The tests of the spec it was built from, as that spec reads now.
+        let spec = crate::model::spec::load(Path::new(&v.spec)).ok();
+        return Target::from_dir(&v.dir, spec.as_ref());
+    }
+    bail!(
+        "`{}` is neither an image file, an image output directory, a spec nor a registry reference\n  hint: pass e.g. `images/devos-debian.toml`, `target/images/devos-debian/VERSION/` or `devos-debian@VERSION`",
+        arg.display()
+    )
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn newest_build(dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("manifest.json").is_file())
+        .max_by_key(|p| {
+            fs::metadata(p.join("manifest.json"))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+}

@@ -1,0 +1,441 @@
+//! The command line, as clap definitions: every command, flag and its help text.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::boottest::TestOptions;
+use crate::model::spec::DEFAULT_SPEC;
+
+/// Build, boot-test and publish immutable DevOS images from declarative specs.
+#[derive(Parser)]
+#[command(name = "devos-build", version, about)]
+pub struct Cli {
+    /// Log every external command and more (also: DEVOS_LOG=debug).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    /// The image registry (SQLite). Default: ~/.local/share/devos/registry.db.
+    #[arg(long, global = true, env = "DEVOS_REGISTRY", value_name = "FILE")]
+    pub registry: Option<PathBuf>,
+    /// The builder's settings file (AWS endpoint, SSM prefix, ...). Default:
+    /// ~/.config/devos/config.toml.
+    #[arg(long, global = true, env = "DEVOS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Build, test and inspect images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Inspect and prune the build cache (stage outputs, packages, package lists).
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Publish tested versions as AMIs and manage what was published.
+    #[command(subcommand)]
+    Publish(PublishCommand),
+    /// Render Packer templates.
+    #[command(subcommand)]
+    Packer(PackerCommand),
+    /// Fleets of instances running an image (CloudFormation).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    /// Check the host tools the builder needs and say how to install missing ones.
+    Doctor {
+        /// Machine-readable output on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Build an image from a spec: rootfs, customize, disk, convert.
+    Build {
+        /// The image spec.
+        #[arg(default_value = DEFAULT_SPEC)]
+        spec: PathBuf,
+        /// Output directory. Default: target/images/<name>/<version>/.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Use this prebuilt agent package instead of building devos-agent from source.
+        #[arg(long, value_name = "DEB")]
+        agent_deb: Option<PathBuf>,
+        /// Rebuild even if this exact version was already built.
+        #[arg(long)]
+        force: bool,
+        /// Build every stage from scratch: neither use nor fill the stage cache.
+        #[arg(long)]
+        no_cache: bool,
+        /// Build as usual, then again from scratch without the cache; fail unless the
+        /// two are bit-for-bit identical.
+        #[arg(long)]
+        check_reproducible: bool,
+        /// Boot-test the image after building it; fail if the test fails.
+        #[arg(long)]
+        test: bool,
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Print the manifest (and test report) as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the build id and every input that went into it, without building.
+    Plan {
+        /// The image spec.
+        #[arg(default_value = DEFAULT_SPEC)]
+        spec: PathBuf,
+        /// Use this prebuilt agent package instead of building devos-agent from source.
+        #[arg(long, value_name = "DEB")]
+        agent_deb: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images and versions in the registry, newest first.
+    List {
+        /// Only this image.
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one version: artifacts, stage timings, boot-test runs.
+    Show {
+        /// NAME (its newest version), NAME@VERSION, or NAME@ a unique prefix of one.
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two versions: packages added, removed and changed, files, sizes.
+    Diff {
+        from: String,
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute the sha256 of a version's artifacts and compare with the registry.
+    Verify {
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete old versions' artifacts and the cache entries only they used. The
+    /// newest version that passed a boot test is always kept.
+    Gc {
+        /// Versions to keep per image, newest first.
+        #[arg(long, default_value_t = 3)]
+        keep: usize,
+        /// Only this image.
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot an image under QEMU and check that it comes up and its agent answers.
+    Test {
+        /// An image file, an output directory, a spec (its newest build), or
+        /// NAME[@VERSION] from the registry.
+        #[arg(default_value = DEFAULT_SPEC)]
+        target: PathBuf,
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a version's raw image to another format (vmdk: streamOptimized, vhd:
+    /// fixed, whole MiB; qcow2) and record it with its sha256.
+    Export {
+        reference: String,
+        #[arg(long, value_parser = ["qcow2", "vmdk", "vhd"])]
+        format: String,
+        /// Write here instead of next to the raw image (not recorded in the registry).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot an image interactively with the serial console on this terminal.
+    Boot {
+        /// An image file, an output directory, a spec (its newest build), or
+        /// NAME[@VERSION] from the registry.
+        #[arg(default_value = DEFAULT_SPEC)]
+        target: PathBuf,
+        /// Forward this host port (on 127.0.0.1) to the guest's SSH port.
+        #[arg(long)]
+        ssh_port: Option<u16>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// Guest CPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PublishCommand {
+    /// Upload a tested version to an EBS snapshot (EBS direct APIs), register it as an
+    /// AMI, copy it to more regions, and write its SSM parameters. Idempotent.
+    Ami {
+        /// NAME@VERSION (or NAME: its newest version).
+        reference: String,
+        /// The region to upload to. Default: `[aws] region`, else AWS_REGION / the profile's.
+        #[arg(long)]
+        region: Option<String>,
+        /// Copy the AMI to these regions too (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        copy_to: Vec<String>,
+        /// The AMI name. Default: NAME-VERSION with `+` as `-`.
+        #[arg(long)]
+        name: Option<String>,
+        /// Publish even without a passing boot test (loudly; the AMI is tagged so).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point PREFIX/NAME/latest at this version's AMI in every region it is in.
+    Promote {
+        reference: String,
+        /// Only these regions (comma-separated). Default: all it is published in.
+        #[arg(long, value_delimiter = ',')]
+        region: Vec<String>,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything published, newest first.
+    List {
+        /// Only this image.
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build an AMI with Packer from the latest official Ubuntu base AMI, installing
+    /// this version's agent package and config; records the AMI it made.
+    Packer {
+        reference: String,
+        #[arg(long)]
+        region: Option<String>,
+        /// Render the variant without a communicator (nothing is provisioned): for
+        /// endpoints without real instances, such as test servers.
+        #[arg(long)]
+        no_communicator: bool,
+        /// Passed to `packer build -var` (e.g. base_ami_name=..., instance_type=...).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// Publish even without a passing boot test.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deregister a version's AMIs in every region and delete their snapshots and
+    /// SSM parameters.
+    Deregister {
+        reference: String,
+        /// Even if PREFIX/NAME/latest points at it.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read the uploaded snapshot back (EBS direct APIs) and compare it with the raw
+    /// image, block by block.
+    Verify {
+        reference: String,
+        #[arg(long)]
+        region: String,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Render a CloudFormation template for a published, tested version.
+    Render {
+        #[arg(value_enum)]
+        template: crate::fleet::Template,
+        /// NAME@VERSION (or NAME: its newest version).
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        region: String,
+        /// Write here instead of to stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Create a stack from a template for a tested, published version, or update the
+    /// stack to it. Network parameters default to the default VPC and its subnets.
+    Deploy {
+        #[command(flatten)]
+        stack: StackArgs,
+        #[arg(long, value_enum)]
+        template: crate::fleet::Template,
+        /// NAME@VERSION (or NAME: its newest version).
+        #[arg(long)]
+        image: String,
+        /// A template parameter (InstanceType=t3.large, DesiredCapacity=4, KeyName=...).
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Roll a stack to a version (canary stack first), health-gated; a failed update or
+    /// gate rolls back and marks the version bad for the stack.
+    Rollout {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// VERSION (of the stack's image) or NAME@VERSION.
+        #[arg(long)]
+        to: String,
+        /// Roll this stack first; the main stack only if it passes its gate.
+        #[arg(long, value_name = "STACK")]
+        canary_stack: Option<String>,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Roll a stack back: to VERSION, or to the last version that passed its gate there.
+    Rollback {
+        #[command(flatten)]
+        stack: StackArgs,
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// What a stack runs: its version, launch template, instances and last rollout.
+    Status {
+        #[command(flatten)]
+        stack: StackArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every deploy, rollout and rollback the registry recorded, newest first.
+    History {
+        /// Only this stack.
+        #[arg(long)]
+        stack: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct StackArgs {
+    /// The CloudFormation stack.
+    #[arg(long = "stack", value_name = "STACK")]
+    pub(super) name: String,
+    /// Default: `[aws] region`, else AWS_REGION / the profile's.
+    #[arg(long)]
+    pub(super) region: Option<String>,
+    #[command(flatten)]
+    pub(super) aws: AwsArgs,
+}
+
+#[derive(Args)]
+pub struct ChangeArgs {
+    /// Show the change set (what would be replaced) and change nothing.
+    #[arg(long)]
+    pub(super) dry_run: bool,
+    /// Seconds the health gate watches the new version after the stack update.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub(super) bake: u64,
+    #[arg(long)]
+    pub(super) json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum PackerCommand {
+    /// Write the HCL2 template and what it installs for a version into a directory,
+    /// and check it with `packer validate`.
+    Render {
+        reference: String,
+        /// Default: `packer/` in the version's output directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        region: Option<String>,
+        /// The variant without a communicator (see `publish packer`).
+        #[arg(long)]
+        no_communicator: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct AwsArgs {
+    /// A profile of ~/.aws/config. Default: `[aws] profile`, else AWS_PROFILE.
+    #[arg(long)]
+    pub(super) profile: Option<String>,
+    /// One endpoint for every AWS service (other partitions, test servers). Default:
+    /// `[aws] endpoint-url`; AWS_ENDPOINT_URL also works.
+    #[arg(long, value_name = "URL")]
+    pub(super) endpoint_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Where the cache is, its size, and every stage entry.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove stage entries (all but the --keep most recently used of each stage).
+    Prune {
+        #[arg(long, default_value_t = 0)]
+        keep: usize,
+        /// Also remove downloaded packages and package lists.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct VmArgs {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub(super) memory: u32,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2)]
+    pub(super) cpus: u32,
+    /// Give up on the boot test after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    pub(super) timeout: u64,
+    /// Keep the test VM's overlay and console log, and print where.
+    #[arg(long)]
+    pub(super) keep: bool,
+    /// Also write the results as JUnit XML to this file (for CI systems).
+    #[arg(long, value_name = "FILE")]
+    pub(super) junit: Option<PathBuf>,
+}
+
+impl VmArgs {
+    pub(super) fn options(&self) -> TestOptions {
+        TestOptions {
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            timeout: Duration::from_secs(self.timeout),
+            keep: self.keep,
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! What fleet commands report: one change's outcome, a stack's status, the
+//! rollout history; serializable, with a human rendering.
+
+use std::collections::BTreeMap;
+
+use devos_aws::stack::{ResourceChange, Running, Stack};
+use serde::Serialize;
+
+use super::gate::Gate;
+use crate::store::registry::{Rollout, VersionInfo};
+
+/// What one deploy, rollout or rollback of one stack did.
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub stack: String,
+    pub region: String,
+    pub kind: String,
+    pub image: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// succeeded, failed, rolled-back, unchanged or dry-run.
+    pub state: String,
+    pub reason: Option<String>,
+    /// Parameters that change: (before, after).
+    pub parameters: BTreeMap<String, (Option<String>, String)>,
+    pub changes: Vec<ResourceChange>,
+    /// Seconds from the command's start to the stack call being issued.
+    pub issued_after: Option<f64>,
+    pub gate: Option<Gate>,
+    /// The automatic rollback after a failed update or gate.
+    pub rollback: Option<Box<Outcome>>,
+}
+
+impl Outcome {
+    /// A change of `stack` to `to` that has not happened yet.
+    pub(super) fn planned(
+        stack: &str,
+        region: &str,
+        kind: &str,
+        from: Option<&VersionInfo>,
+        to: &VersionInfo,
+        parameters: BTreeMap<String, (Option<String>, String)>,
+    ) -> Self {
+        Outcome {
+            stack: stack.to_owned(),
+            region: region.to_owned(),
+            kind: kind.to_owned(),
+            image: to.name.clone(),
+            from: from.map(|v| v.version.clone()),
+            to: to.version.clone(),
+            state: String::new(),
+            reason: None,
+            parameters,
+            changes: Vec::new(),
+            issued_after: None,
+            gate: None,
+            rollback: None,
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "unchanged" | "dry-run")
+    }
+
+    pub fn human(&self) -> String {
+        let from = self.from.as_deref().unwrap_or("(nothing)");
+        let mut s = format!(
+            "{} {} in {}: {}@{} -> {}: {}\n",
+            self.kind, self.stack, self.region, self.image, from, self.to, self.state
+        );
+        if let Some(r) = &self.reason {
+            s.push_str(&format!("  why: {r}\n"));
+        }
+        for (k, (before, after)) in &self.parameters {
+            s.push_str(&format!(
+                "  parameter {k}: {} -> {after}\n",
+                before.as_deref().unwrap_or("(default)")
+            ));
+        }
+        if self.state == "dry-run" && self.changes.is_empty() {
+            s.push_str("  (CloudFormation reported no resource changes)\n");
+        }
+        for c in &self.changes {
+            s.push_str(&format!(
+                "  {:<8} {:<16} {:<36} replacement: {}\n",
+                c.action,
+                c.logical_id,
+                c.resource_type,
+                c.replacement.as_deref().unwrap_or("-")
+            ));
+        }
+        if let Some(g) = &self.gate {
+            s.push_str(&format!(
+                "  gate: {} ({} of {} instances on {} in service)\n",
+                if g.passed { "passed" } else { "FAILED" },
+                g.in_service,
+                g.running.desired,
+                g.image_id
+            ));
+        }
+        if let Some(r) = &self.rollback {
+            for line in r.human().lines() {
+                s.push_str(&format!("  {line}\n"));
+            }
+        }
+        s
+    }
+}
+
+/// What a stack runs now.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub stack: Stack,
+    pub version: Option<String>,
+    pub running: Running,
+    pub last: Option<Rollout>,
+}
+
+impl Status {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{} ({}): {}\n",
+            self.stack.name,
+            self.stack.status,
+            self.version.as_deref().unwrap_or("(unknown version)")
+        );
+        if let Some(g) = &self.running.group {
+            s.push_str(&format!("  group {g}, desired {}\n", self.running.desired));
+        }
+        if let Some(lt) = &self.running.launch_template {
+            s.push_str(&format!(
+                "  launch template {lt} version {} -> {}\n",
+                self.running
+                    .launch_template_version
+                    .as_deref()
+                    .unwrap_or("?"),
+                self.running.launch_template_image.as_deref().unwrap_or("?")
+            ));
+        }
+        for m in &self.running.instances {
+            s.push_str(&format!(
+                "  {:<20} {:<22} {:<10} {:<10} {}\n",
+                m.id,
+                m.image_id,
+                m.state,
+                m.lifecycle.as_deref().unwrap_or("-"),
+                m.health.as_deref().unwrap_or("-")
+            ));
+        }
+        if let Some(r) = &self.last {
+            s.push_str(&format!(
+                "  last: {} {} -> {} {}\n",
+                r.kind,
+                r.from.as_deref().unwrap_or("-"),
+                r.to,
+                r.state
+            ));
+        }
+        s
+    }
+}
+
+pub fn history_human(rows: &[Rollout]) -> String {
+    let mut s = String::new();
+    for r in rows {
+        s.push_str(&format!(
+            "{:>4} {} {:<14} {:<20} {:<14} {} -> {} {:<12} {}\n",
+            r.id,
+            crate::support::time::utc(r.started_at),
+            r.kind,
+            r.stack,
+            r.region,
+            r.from.as_deref().unwrap_or("-"),
+            r.to,
+            r.state,
+            r.reason.as_deref().unwrap_or("")
+        ));
+    }
+    s
+}

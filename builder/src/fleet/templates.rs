@@ -1,0 +1,131 @@
+//! The CloudFormation templates of `cloudformation/` (handlebars → YAML), rendered
+//! for one published version.
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::store::registry::{Registry, VersionInfo};
+
+pub(super) const COMMON: &str = include_str!("../../../cloudformation/common.hbs");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Template {
+    /// One developer instance.
+    Instance,
+    /// A launch template + Auto Scaling group with health-gated rolling updates.
+    Fleet,
+    /// A WorkSpace from a custom bundle.
+    Workspaces,
+}
+
+impl Template {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Template::Instance => "instance",
+            Template::Fleet => "fleet",
+            Template::Workspaces => "workspaces",
+        }
+    }
+
+    fn source(self) -> (&'static str, &'static str) {
+        match self {
+            Template::Instance => (
+                "cloudformation/instance.yaml.hbs",
+                include_str!("../../../cloudformation/instance.yaml.hbs"),
+            ),
+            Template::Fleet => (
+                "cloudformation/fleet.yaml.hbs",
+                include_str!("../../../cloudformation/fleet.yaml.hbs"),
+            ),
+            Template::Workspaces => (
+                "cloudformation/workspaces.yaml.hbs",
+                include_str!("../../../cloudformation/workspaces.yaml.hbs"),
+            ),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct Data<'a> {
+    name: &'a str,
+    version: &'a str,
+    region: &'a str,
+    ami_id: &'a str,
+}
+
+/// The AMI of `v` in `region`; an error saying how to publish it if there is none.
+pub(super) fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Result<String> {
+    let published = reg
+        .publications(Some(&v.name), Some(&v.version))?
+        .into_iter()
+        .find(|p| p.region == region && p.state == "available")
+        .and_then(|p| p.ami_id);
+    match published {
+        Some(id) => Ok(id),
+        None => bail!(
+            "{}@{} is not published in {region}\n  hint: run `devos-build publish ami {}@{} --region {region}` first",
+            v.name,
+            v.version,
+            v.name,
+            v.version
+        ),
+    }
+}
+
+/// The template for `reference` in `region`. The version must have passed its boot
+/// test and, except for WorkSpaces (which run from a bundle), be published there.
+pub fn render(reg: &Registry, template: Template, reference: &str, region: &str) -> Result<String> {
+    let v = reg.require_passing(reference)?;
+    let ami_id = if template == Template::Workspaces {
+        String::new()
+    } else {
+        published_ami(reg, &v, region)?
+    };
+    render_for(template, &v, region, &ami_id)
+}
+
+pub(super) fn render_for(
+    template: Template,
+    v: &VersionInfo,
+    region: &str,
+    ami_id: &str,
+) -> Result<String> {
+    let mut hb = handlebars::Handlebars::new();
+    hb.set_strict_mode(true);
+    // Every value is an image name, a version, a region or an AMI id: no YAML escaping
+    // is needed, and HTML escaping would be wrong.
+    hb.register_escape_fn(handlebars::no_escape);
+    hb.register_partial("common", COMMON)
+        .context("cannot load cloudformation/common.hbs")?;
+    let (file, text) = template.source();
+    hb.render_template(
+        text,
+        &Data {
+            name: &v.name,
+            version: &v.version,
+            region,
+            ami_id,
+        },
+    )
+    .with_context(|| format!("cannot render {file}"))
+}
+
+/// The parameter names a rendered template declares (the keys of its top-level
+/// `Parameters:` block).
+pub(super) fn template_parameters(yaml: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut inside = false;
+    for line in yaml.lines() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            inside = line.trim_end() == "Parameters:";
+            continue;
+        }
+        if let Some(key) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':'))
+            && inside
+            && !key.starts_with(' ')
+        {
+            names.push(key.to_owned());
+        }
+    }
+    names
+}

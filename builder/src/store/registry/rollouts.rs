@@ -1,0 +1,123 @@
+//! Rollouts of stacks from one version to another, and versions marked bad for a stack.
+
+use anyhow::Result;
+use rusqlite::{OptionalExtension, params};
+
+use super::Registry;
+use super::versions::VersionInfo;
+use crate::support::time::now;
+
+/// One rollout of a stack from one version to another, as `fleet history` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rollout {
+    pub id: i64,
+    pub stack: String,
+    pub region: String,
+    /// deploy, rollout, rollback or auto-rollback.
+    pub kind: String,
+    pub image: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// in-progress, succeeded, failed, rolled-back.
+    pub state: String,
+    pub reason: Option<String>,
+    pub started_at: u64,
+    pub finished_at: Option<u64>,
+    /// Seconds from the command's start to the stack update being issued.
+    pub issued_after: Option<f64>,
+}
+
+impl Registry {
+    /// Record the start of a rollout; returns its id for [`Registry::finish_rollout`].
+    pub fn start_rollout(
+        &mut self,
+        stack: &str,
+        region: &str,
+        kind: &str,
+        from: Option<&VersionInfo>,
+        to: &VersionInfo,
+    ) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO rollouts (stack, region, kind, from_version_id, to_version_id, state, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'in-progress', ?6)",
+            params![stack, region, kind, from.map(|v| v.id), to.id, now()],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn rollout_issued(&mut self, id: i64, seconds: f64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE rollouts SET issued_after = ?2 WHERE id = ?1",
+            params![id, seconds],
+        )?;
+        Ok(())
+    }
+
+    pub fn finish_rollout(&mut self, id: i64, state: &str, reason: Option<&str>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE rollouts SET state = ?2, reason = ?3, finished_at = ?4 WHERE id = ?1",
+            params![id, state, reason, now()],
+        )?;
+        Ok(())
+    }
+
+    /// The rollouts of a stack (every stack if None), newest first.
+    pub fn rollouts(&self, stack: Option<&str>, region: Option<&str>) -> Result<Vec<Rollout>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT r.id, r.stack, r.region, r.kind, i.name, fv.version, tv.version, r.state,
+                    r.reason, r.started_at, r.finished_at, r.issued_after
+             FROM rollouts r JOIN versions tv ON tv.id = r.to_version_id
+             JOIN images i ON i.id = tv.image_id
+             LEFT JOIN versions fv ON fv.id = r.from_version_id
+             WHERE (?1 IS NULL OR r.stack = ?1) AND (?2 IS NULL OR r.region = ?2)
+             ORDER BY r.id DESC",
+        )?;
+        let rows = stmt.query_map(params![stack, region], |r| {
+            Ok(Rollout {
+                id: r.get(0)?,
+                stack: r.get(1)?,
+                region: r.get(2)?,
+                kind: r.get(3)?,
+                image: r.get(4)?,
+                from: r.get(5)?,
+                to: r.get(6)?,
+                state: r.get(7)?,
+                reason: r.get(8)?,
+                started_at: r.get(9)?,
+                finished_at: r.get(10)?,
+                issued_after: r.get(11)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Mark `v` bad for a stack: rollouts of it to that stack are refused from now on.
+    pub fn mark_bad(
+        &mut self,
+        stack: &str,
+        region: &str,
+        v: &VersionInfo,
+        reason: &str,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO bad_versions (stack, region, version_id, reason, marked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (stack, region, version_id) DO UPDATE SET
+               reason = excluded.reason, marked_at = excluded.marked_at",
+            params![stack, region, v.id, reason, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Why `v` is marked bad for the stack, if it is.
+    pub fn bad_reason(&self, stack: &str, region: &str, v: &VersionInfo) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT reason FROM bad_versions WHERE stack = ?1 AND region = ?2 AND version_id = ?3",
+                params![stack, region, v.id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
