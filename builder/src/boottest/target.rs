@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::build;
 use crate::model::manifest::Manifest;
+use crate::model::states::VersionState;
 
 /// What to boot: an image file, an output directory, a spec (its newest build), or a
 /// registry reference `NAME[@VERSION]`.
@@ -47,7 +48,7 @@ pub fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
             .and_then(|r| r.versions(Some(&spec.name)))
             .unwrap_or_default()
             .into_iter()
-            .filter(|v| v.state == "built" && v.dir.join("manifest.json").is_file())
+            .filter(|v| v.state == VersionState::Built && v.dir.join("manifest.json").is_file())
             .max_by_key(|v| (same_file(Path::new(&v.spec), &spec.path), v.built_at))
             .map(|v| v.dir);
         let dir = build::images_root(&spec.path).join(&spec.name);
@@ -73,7 +74,7 @@ pub fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
     if !reference.contains('/') {
         let reg = crate::store::registry::Registry::open(registry)?;
         let v = reg.find(&reference)?;
-        if v.state != "built" || !v.dir.join("manifest.json").is_file() {
+        if v.state != VersionState::Built || !v.dir.join("manifest.json").is_file() {
             bail!(
                 "{}@{} is in the registry but its artifacts are gone ({})\n  hint: rebuild it with `devos-build image build {}`",
                 v.name,

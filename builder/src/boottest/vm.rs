@@ -18,6 +18,16 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    /// The name QEMU's `-accel` takes, as the registry records it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
 /// Which accelerator a run uses, and why.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AccelChoice {

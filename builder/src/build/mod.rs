@@ -326,7 +326,7 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
                 &tree,
                 &cache::dir()
                     .join("packages")
-                    .join(format!("{:?}-{}", spec.distro, spec.suite).to_lowercase()),
+                    .join(format!("{}-{}", spec.distro.name(), spec.suite).to_lowercase()),
                 id.source_date_epoch,
             )?;
             check_package_set(&tree, &r.resolution.packages, ui)?;
@@ -334,7 +334,7 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
                 "base",
                 &id.base_key,
                 &tree,
-                &format!("{:?} {} base", spec.distro, spec.suite),
+                &format!("{} {} base", spec.distro.name(), spec.suite),
             )
         })?;
         t.run("customize", |_| {
@@ -401,7 +401,7 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         version: id.version.clone(),
         build_id: id.build_id.clone(),
         description: spec.description.clone(),
-        distro: format!("{:?}", spec.distro).to_lowercase(),
+        distro: spec.distro.name().to_owned(),
         suite: spec.suite.clone(),
         builder_version: identity::BUILDER_VERSION.to_owned(),
         source_date_epoch: id.source_date_epoch,
@@ -559,7 +559,7 @@ fn described(path: &Path, format: Format, sha256: String) -> Result<Artifact> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        format: format.extension().to_owned(),
+        format,
         sha256,
         size: meta.len(),
         used_bytes: meta.blocks() * 512,

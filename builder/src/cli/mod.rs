@@ -70,11 +70,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             out,
             json,
         }) => {
-            let format = match format.as_str() {
-                "qcow2" => Format::Qcow2,
-                "vmdk" => Format::Vmdk,
-                _ => Format::Vhd,
-            };
+            // clap has checked the name against the list.
+            let format = <Format as clap::ValueEnum>::from_str(&format, false)
+                .map_err(|e| anyhow::anyhow!("--format {format}: {e}"))?;
             let e =
                 crate::inventory::export::export(&mut open()?, &reference, format, out.as_deref())?;
             output(
@@ -389,7 +387,7 @@ fn record_test(
     let run = TestRun {
         started_at: crate::support::time::now(),
         passed: report.passed,
-        accelerator: format!("{:?}", report.accel.accel).to_lowercase(),
+        accelerator: report.accel.accel.as_str().to_owned(),
         seconds: report.seconds,
     };
     Registry::open(registry_path)?.record_test(

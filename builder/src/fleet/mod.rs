@@ -27,6 +27,7 @@ pub use report::{Outcome, Status, history_human};
 pub use templates::{Template, render};
 use templates::{published_ami, render_for, template_parameters};
 
+use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, VersionInfo};
 
 const TAG_IMAGE: &str = "devos:image";
@@ -193,7 +194,7 @@ impl Ctx<'_> {
         if plan.dry_run {
             outcome.changes =
                 stack::preview(&self.aws, &self.region, plan.stack, &deployment).await?;
-            outcome.state = "dry-run".into();
+            outcome.state = ChangeState::DryRun;
             return Ok(outcome);
         }
         let id = self.reg.start_rollout(
@@ -215,8 +216,8 @@ impl Ctx<'_> {
         );
         let update = stack::update(&self.aws, &self.region, plan.stack, &deployment).await;
         let Some(changes) = self.issued(id, &mut outcome, update)? else {
-            self.reg.finish_rollout(id, "unchanged", None)?;
-            outcome.state = "unchanged".into();
+            self.reg.finish_rollout(id, ChangeState::Unchanged, None)?;
+            outcome.state = ChangeState::Unchanged;
             return Ok(outcome);
         };
         outcome.changes = changes;
@@ -224,15 +225,16 @@ impl Ctx<'_> {
             .settle_and_gate(plan.stack, &plan.ami, plan.bake, &mut seen, &mut outcome)
             .await?;
         let Some(why) = failure else {
-            self.reg.finish_rollout(id, "succeeded", None)?;
-            outcome.state = "succeeded".into();
+            self.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
+            outcome.state = ChangeState::Succeeded;
             return Ok(outcome);
         };
         eprintln!("{} {} failed: {why}", plan.kind, plan.stack);
         outcome.reason = Some(why.clone());
         if plan.kind == "auto-rollback" {
-            self.reg.finish_rollout(id, "failed", Some(&why))?;
-            outcome.state = "failed".into();
+            self.reg
+                .finish_rollout(id, ChangeState::Failed, Some(&why))?;
+            outcome.state = ChangeState::Failed;
             return Ok(outcome);
         }
         self.reg
@@ -244,8 +246,9 @@ impl Ctx<'_> {
         match plan.from {
             _ if back_on_old => {
                 // CloudFormation rolled the update back itself.
-                self.reg.finish_rollout(id, "rolled-back", Some(&why))?;
-                outcome.state = "rolled-back".into();
+                self.reg
+                    .finish_rollout(id, ChangeState::RolledBack, Some(&why))?;
+                outcome.state = ChangeState::RolledBack;
             }
             Some(from) => {
                 let from_ami = published_ami(self.reg, &from, &self.region)?;
@@ -262,17 +265,18 @@ impl Ctx<'_> {
                 };
                 let rollback = Box::pin(self.change(&now, back)).await?;
                 let state = if rollback.ok() {
-                    "rolled-back"
+                    ChangeState::RolledBack
                 } else {
-                    "failed"
+                    ChangeState::Failed
                 };
                 self.reg.finish_rollout(id, state, Some(&why))?;
-                outcome.state = state.into();
+                outcome.state = state;
                 outcome.rollback = Some(Box::new(rollback));
             }
             None => {
-                self.reg.finish_rollout(id, "failed", Some(&why))?;
-                outcome.state = "failed".into();
+                self.reg
+                    .finish_rollout(id, ChangeState::Failed, Some(&why))?;
+                outcome.state = ChangeState::Failed;
                 outcome.reason = Some(format!(
                     "{why}; the version it ran before is not in this registry, so it was not rolled back: roll back with `devos-build fleet rollback --stack {} --to VERSION`",
                     plan.stack
@@ -289,7 +293,7 @@ impl Ctx<'_> {
             Ok(issued) => issued,
             Err(e) => {
                 self.reg
-                    .finish_rollout(id, "failed", Some(&format!("{e:#}")))?;
+                    .finish_rollout(id, ChangeState::Failed, Some(&format!("{e:#}")))?;
                 return Err(e);
             }
         };
@@ -489,7 +493,7 @@ pub fn deploy(
                     replacement: None,
                 })
                 .collect();
-            outcome.state = "dry-run".into();
+            outcome.state = ChangeState::DryRun;
             return Ok(outcome);
         }
         let id = cx
@@ -507,13 +511,13 @@ pub fn deploy(
             .await?
         {
             None => {
-                cx.reg.finish_rollout(id, "succeeded", None)?;
-                outcome.state = "succeeded".into();
+                cx.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
+                outcome.state = ChangeState::Succeeded;
             }
             Some(why) => {
-                cx.reg.finish_rollout(id, "failed", Some(&why))?;
+                cx.reg.finish_rollout(id, ChangeState::Failed, Some(&why))?;
                 cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
-                outcome.state = "failed".into();
+                outcome.state = ChangeState::Failed;
                 outcome.reason = Some(format!(
                     "{why}\n  hint: `devos-build fleet status --stack {}` shows what runs; a stack that failed its creation must be deleted before it is deployed again",
                     t.stack
@@ -617,7 +621,7 @@ pub fn rollback(
 fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> Result<String> {
     for r in reg.rollouts(Some(stack_name), Some(region))? {
         let reference = format!("{}@{}", r.image, r.to);
-        if r.state != "succeeded" || reference == current {
+        if r.state != ChangeState::Succeeded || reference == current {
             continue;
         }
         if let Ok(v) = reg.find(&reference)

@@ -7,6 +7,7 @@ use devos_aws::stack::{ResourceChange, Running, Stack};
 use serde::Serialize;
 
 use super::gate::Gate;
+use crate::model::states::ChangeState;
 use crate::store::registry::{Rollout, VersionInfo};
 
 /// What one deploy, rollout or rollback of one stack did.
@@ -19,7 +20,7 @@ pub struct Outcome {
     pub from: Option<String>,
     pub to: String,
     /// succeeded, failed, rolled-back, unchanged or dry-run.
-    pub state: String,
+    pub state: ChangeState,
     pub reason: Option<String>,
     /// Parameters that change: (before, after).
     pub parameters: BTreeMap<String, (Option<String>, String)>,
@@ -48,7 +49,7 @@ impl Outcome {
             image: to.name.clone(),
             from: from.map(|v| v.version.clone()),
             to: to.version.clone(),
-            state: String::new(),
+            state: ChangeState::InProgress,
             reason: None,
             parameters,
             changes: Vec::new(),
@@ -59,7 +60,10 @@ impl Outcome {
     }
 
     pub fn ok(&self) -> bool {
-        matches!(self.state.as_str(), "succeeded" | "unchanged" | "dry-run")
+        matches!(
+            self.state,
+            ChangeState::Succeeded | ChangeState::Unchanged | ChangeState::DryRun
+        )
     }
 
     pub fn human(&self) -> String {
@@ -77,7 +81,7 @@ impl Outcome {
                 before.as_deref().unwrap_or("(default)")
             ));
         }
-        if self.state == "dry-run" && self.changes.is_empty() {
+        if self.state == ChangeState::DryRun && self.changes.is_empty() {
             s.push_str("  (CloudFormation reported no resource changes)\n");
         }
         for c in &self.changes {

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::model::states::PublicationState;
 use crate::store::registry::{Registry, VersionInfo};
 
 pub(super) const COMMON: &str = include_str!("../../../cloudformation/common.hbs");
@@ -58,7 +59,7 @@ pub(super) fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Re
     let published = reg
         .publications(Some(&v.name), Some(&v.version))?
         .into_iter()
-        .find(|p| p.region == region && p.state == "available")
+        .find(|p| p.region == region && p.state == PublicationState::Available)
         .and_then(|p| p.ami_id);
     match published {
         Some(id) => Ok(id),

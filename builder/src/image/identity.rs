@@ -125,8 +125,8 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
     let version = format!("{}+{}", spec.version, &build_id[..12]);
     let base_key = sha256_hex(
         format!(
-            "base\n{:?}\n{}\n{}\n{packages}{source_date_epoch}\n{}\n{}",
-            spec.distro,
+            "base\n{}\n{}\n{}\n{packages}{source_date_epoch}\n{}\n{}",
+            spec.distro.name(),
             spec.suite,
             i.sources_deb822,
             i.host_tools,

@@ -45,7 +45,7 @@ pub fn export(
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .with_context(|| format!("{} is not a file path", path.display()))?;
-    let recorded = v.artifacts.iter().find(|a| a.format == format.extension());
+    let recorded = v.artifacts.iter().find(|a| a.format == format);
     if let Some(a) = recorded
         && out.is_none()
         && crate::support::digest::file_sha256(&path).ok().as_deref() == Some(a.sha256.as_str())
@@ -79,7 +79,7 @@ pub fn export(
             &v,
             &crate::store::registry::ArtifactRow {
                 file,
-                format: format.extension().to_owned(),
+                format,
                 sha256: sha256.clone(),
                 size,
             },

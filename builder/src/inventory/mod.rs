@@ -10,6 +10,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::model::manifest::Manifest;
+use crate::model::spec::Format;
+use crate::model::states::VersionState;
 use crate::store::cache::{self, mib};
 use crate::store::registry::{Registry, TestRun, VersionInfo};
 use crate::support::digest;
@@ -39,10 +41,10 @@ pub fn list_human(versions: &[VersionInfo]) -> String {
         let raw = v
             .artifacts
             .iter()
-            .find(|a| a.format == "raw")
+            .find(|a| a.format == Format::Raw)
             .map_or(String::new(), |a| mib(a.size));
-        let tested = match (v.state.as_str(), v.tested) {
-            ("removed", _) => "removed",
+        let tested = match (v.state, v.tested) {
+            (VersionState::Removed, _) => "removed",
             (_, Some(true)) => "passed",
             (_, Some(false)) => "FAILED",
             (_, None) => "-",
@@ -195,7 +197,8 @@ pub fn diff(reg: &Registry, a: &str, b: &str) -> Result<Diff> {
     }
     for a in &va.artifacts {
         if let Some(b) = vb.artifacts.iter().find(|b| b.format == a.format) {
-            d.sizes.insert(a.format.clone(), (a.size, b.size));
+            d.sizes
+                .insert(a.format.extension().to_owned(), (a.size, b.size));
         }
     }
     if let (Some(a), Some(b)) = (used(&ma), used(&mb)) {
@@ -207,7 +210,7 @@ pub fn diff(reg: &Registry, a: &str, b: &str) -> Result<Diff> {
 fn used(m: &Manifest) -> Option<u64> {
     m.artifacts
         .iter()
-        .find(|a| a.format == "raw")
+        .find(|a| a.format == Format::Raw)
         .map(|a| a.used_bytes)
 }
 
@@ -325,7 +328,7 @@ pub struct Gc {
 pub fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<Gc> {
     let all = list(reg, name)?;
     let mut by_image: BTreeMap<&str, Vec<&VersionInfo>> = BTreeMap::new();
-    for v in all.iter().filter(|v| v.state == "built") {
+    for v in all.iter().filter(|v| v.state == VersionState::Built) {
         by_image.entry(&v.name).or_default().push(v);
     }
     let mut report = Gc::default();
@@ -411,7 +414,7 @@ pub fn raw_path(v: &VersionInfo) -> Result<(PathBuf, String)> {
     let a = v
         .artifacts
         .iter()
-        .find(|a| a.format == "raw")
+        .find(|a| a.format == Format::Raw)
         .with_context(|| format!("{}@{} has no raw image in the registry", v.name, v.version))?;
     let path = v.dir.join(&a.file);
     if !path.is_file() {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::model::spec::Format;
+
 /// One named input to the build id, as shown by `--json` and the manifest.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Input {
@@ -17,7 +19,7 @@ pub struct Input {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Artifact {
     pub file: String,
-    pub format: String,
+    pub format: Format,
     pub sha256: String,
     pub size: u64,
     /// Bytes actually allocated on disk (sparse files use less than `size`).
@@ -97,7 +99,7 @@ impl Manifest {
     pub fn raw(&self, dir: &Path) -> Option<PathBuf> {
         self.artifacts
             .iter()
-            .find(|a| a.format == "raw")
+            .find(|a| a.format == Format::Raw)
             .map(|a| dir.join(&a.file))
     }
 }

@@ -4,3 +4,4 @@
 pub mod manifest;
 pub mod settings;
 pub mod spec;
+pub mod states;

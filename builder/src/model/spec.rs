@@ -268,7 +268,7 @@ struct RawLayerPackages {
 // Validated types.
 // ---------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Distro {
     Debian,
@@ -277,11 +277,14 @@ pub enum Distro {
 }
 
 impl Distro {
-    const NAMES: &[(&str, Distro)] = &[
-        ("debian", Distro::Debian),
-        ("ubuntu", Distro::Ubuntu),
-        ("nixos", Distro::Nixos),
-    ];
+    /// The name specs use (`debian`, `ubuntu`, `nixos`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Distro::Debian => "debian",
+            Distro::Ubuntu => "ubuntu",
+            Distro::Nixos => "nixos",
+        }
+    }
 
     pub fn default_suite(self) -> &'static str {
         match self {
@@ -301,14 +304,25 @@ impl Distro {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RootFs {
     Ext4,
     Erofs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
@@ -317,14 +331,23 @@ pub enum Format {
     Vhd,
 }
 
-impl Format {
-    const NAMES: &[(&str, Format)] = &[
-        ("raw", Format::Raw),
-        ("qcow2", Format::Qcow2),
-        ("vmdk", Format::Vmdk),
-        ("vhd", Format::Vhd),
-    ];
+/// Stored by its extension (`raw`, `qcow2`, ...), as `--json` prints it.
+impl rusqlite::ToSql for Format {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.extension().into())
+    }
+}
 
+impl rusqlite::types::FromSql for Format {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let name = value.as_str()?;
+        <Format as clap::ValueEnum>::from_str(name, false).map_err(|_| {
+            rusqlite::types::FromSqlError::Other(format!("unknown artifact format `{name}`").into())
+        })
+    }
+}
+
+impl Format {
     pub fn extension(self) -> &'static str {
         match self {
             Format::Raw => "raw",
@@ -458,7 +481,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         Some(t) => u64::try_from(*t.get_ref()).ok(),
         None => None,
     };
-    let distro = pick(&src, &raw.base.distro, Distro::NAMES, "distro")?;
+    let distro: Distro = pick(&src, &raw.base.distro, "distro")?;
     let suite = match &raw.base.suite {
         Some(s) if !is_word(s.get_ref()) => {
             return Err(src.error(
@@ -618,18 +641,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     };
     let root_fs = match &raw.disk.root_fs {
         None => RootFs::Ext4,
-        Some(f) => pick(
-            &src,
-            f,
-            &[("ext4", RootFs::Ext4), ("erofs", RootFs::Erofs)],
-            "root-fs",
-        )?,
+        Some(f) => pick(&src, f, "root-fs")?,
     };
 
     let mut formats = BTreeSet::from([Format::Raw]);
     if let Some(list) = &raw.output.formats {
         for f in list {
-            formats.insert(pick(&src, f, Format::NAMES, "format")?);
+            formats.insert(pick(&src, f, "format")?);
         }
     } else {
         formats.insert(Format::Qcow2);
@@ -725,24 +743,24 @@ fn parse_version(src: &Source, v: &Spanned<String>) -> Result<semver::Version, S
     }
 }
 
-fn pick<T: Copy>(
+/// The variant of `T` named `value`, or an error listing the names.
+fn pick<T: clap::ValueEnum + Copy>(
     src: &Source,
     value: &Spanned<String>,
-    names: &[(&str, T)],
     what: &str,
 ) -> Result<T, SpecError> {
-    names
-        .iter()
-        .find(|(n, _)| *n == value.get_ref())
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let valid: Vec<_> = names.iter().map(|(n, _)| format!("`{n}`")).collect();
-            src.error(
-                value,
-                format!("unknown {what} `{}`", value.get_ref()),
-                &format!("use one of {}", valid.join(", ")),
-            )
-        })
+    T::from_str(value.get_ref(), false).map_err(|_| {
+        let valid: Vec<_> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value())
+            .map(|p| format!("`{}`", p.get_name()))
+            .collect();
+        src.error(
+            value,
+            format!("unknown {what} `{}`", value.get_ref()),
+            &format!("use one of {}", valid.join(", ")),
+        )
+    })
 }
 
 fn package_names(src: &Source, names: &[Spanned<String>]) -> Result<Vec<String>, SpecError> {

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::inventory::{raw_artifact, raw_path};
 use crate::model::settings::Settings;
+use crate::model::states::PublicationState;
 use crate::store::registry::{Publication, Registry, VersionInfo};
 use crate::support::ui::Ui;
 
@@ -169,7 +170,7 @@ fn live(reg: &Registry, v: &VersionInfo, regions: &[String]) -> Result<Vec<Publi
     let pubs: Vec<_> = reg
         .publications(Some(&v.name), Some(&v.version))?
         .into_iter()
-        .filter(|p| p.state == "available" && p.ami_id.is_some())
+        .filter(|p| p.state == PublicationState::Available && p.ami_id.is_some())
         .filter(|p| regions.is_empty() || regions.contains(&p.region))
         .collect();
     if pubs.is_empty() {
@@ -275,7 +276,7 @@ pub fn deregister(
             );
             removed.push(Publication {
                 snapshot_ids: snapshots,
-                state: "deregistered".into(),
+                state: PublicationState::Deregistered,
                 ..p
             });
         }

@@ -10,6 +10,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::model::states::PublicationState;
 use crate::store::registry::{Publication, Registry, VersionInfo};
 use crate::support::cmd;
 
@@ -178,7 +179,9 @@ pub fn build(
     if let Some(p) = reg
         .publications(Some(&v.name), Some(&v.version))?
         .into_iter()
-        .find(|p| p.kind == "packer" && p.region == opts.region && p.state == "available")
+        .find(|p| {
+            p.kind == "packer" && p.region == opts.region && p.state == PublicationState::Available
+        })
     {
         eprintln!(
             "    {}@{} was already built with Packer in {}: {}",

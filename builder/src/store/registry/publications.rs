@@ -5,6 +5,7 @@ use rusqlite::params;
 
 use super::Registry;
 use super::versions::VersionInfo;
+use crate::model::states::PublicationState;
 use crate::support::time::now;
 
 /// An AMI of one version in one region.
@@ -21,7 +22,7 @@ pub struct Publication {
     /// The SSM parameter holding the AMI id, if one was written.
     pub parameter: Option<String>,
     /// `available`, or `deregistered` once `publish deregister` removed it.
-    pub state: String,
+    pub state: PublicationState,
     pub created_at: u64,
     pub updated_at: u64,
 }
@@ -45,7 +46,7 @@ impl Publication {
             ami_id: Some(ami_id.to_owned()),
             snapshot_ids,
             parameter,
-            state: "available".into(),
+            state: PublicationState::Available,
             created_at: 0,
             updated_at: 0,
         }

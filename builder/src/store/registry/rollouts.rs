@@ -5,6 +5,7 @@ use rusqlite::{OptionalExtension, params};
 
 use super::Registry;
 use super::versions::VersionInfo;
+use crate::model::states::ChangeState;
 use crate::support::time::now;
 
 /// One rollout of a stack from one version to another, as `fleet history` shows it.
@@ -19,7 +20,7 @@ pub struct Rollout {
     pub from: Option<String>,
     pub to: String,
     /// in-progress, succeeded, failed, rolled-back.
-    pub state: String,
+    pub state: ChangeState,
     pub reason: Option<String>,
     pub started_at: u64,
     pub finished_at: Option<u64>,
@@ -39,8 +40,16 @@ impl Registry {
     ) -> Result<i64> {
         self.conn.execute(
             "INSERT INTO rollouts (stack, region, kind, from_version_id, to_version_id, state, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'in-progress', ?6)",
-            params![stack, region, kind, from.map(|v| v.id), to.id, now()],
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                stack,
+                region,
+                kind,
+                from.map(|v| v.id),
+                to.id,
+                ChangeState::InProgress,
+                now()
+            ],
         )?;
         Ok(self.conn.last_insert_rowid())
     }
@@ -53,7 +62,12 @@ impl Registry {
         Ok(())
     }
 
-    pub fn finish_rollout(&mut self, id: i64, state: &str, reason: Option<&str>) -> Result<()> {
+    pub fn finish_rollout(
+        &mut self,
+        id: i64,
+        state: ChangeState,
+        reason: Option<&str>,
+    ) -> Result<()> {
         self.conn.execute(
             "UPDATE rollouts SET state = ?2, reason = ?3, finished_at = ?4 WHERE id = ?1",
             params![id, state, reason, now()],

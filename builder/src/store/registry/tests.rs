@@ -1,5 +1,7 @@
 use super::*;
 use crate::model::manifest::{Artifact, CacheKeys, Manifest, Package, StageTiming};
+use crate::model::spec::Format;
+use crate::model::states::PublicationState;
 use crate::support::digest::FileEntry;
 
 fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
@@ -26,7 +28,7 @@ fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
         partitions: Vec::new(),
         artifacts: vec![Artifact {
             file: format!("devos-test-{version}.raw"),
-            format: "raw".into(),
+            format: Format::Raw,
             sha256: "ab".repeat(32),
             size: 1 << 30,
             used_bytes: 300 << 20,
@@ -221,16 +223,16 @@ fn publications_are_one_row_per_version_region_and_kind() {
         ami_id: Some("ami-1".into()),
         snapshot_ids: vec!["snap-1".into(), "snap-2".into()],
         parameter: Some("/devos/x".into()),
-        state: "available".into(),
+        state: PublicationState::Available,
         created_at: 0,
         updated_at: 0,
     };
     reg.record_publication(&v, &p).unwrap();
-    p.state = "deregistered".into();
+    p.state = PublicationState::Deregistered;
     reg.record_publication(&v, &p).unwrap();
     let all = reg.publications(Some("devos-test"), None).unwrap();
     assert_eq!(all.len(), 1);
-    assert_eq!(all[0].state, "deregistered");
+    assert_eq!(all[0].state, PublicationState::Deregistered);
     assert_eq!(all[0].snapshot_ids, ["snap-1", "snap-2"]);
     assert!(reg.publications(Some("other"), None).unwrap().is_empty());
 }

@@ -7,6 +7,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Registry;
 use crate::model::manifest::Manifest;
+use crate::model::spec::Format;
+use crate::model::states::VersionState;
 use crate::support::digest::FileEntry;
 use crate::support::time::now;
 
@@ -21,7 +23,7 @@ pub struct VersionInfo {
     pub dir: PathBuf,
     pub spec: String,
     pub built_at: u64,
-    pub state: String,
+    pub state: VersionState,
     /// `None` if never boot-tested, else whether the latest test run passed.
     pub tested: Option<bool>,
     pub artifacts: Vec<ArtifactRow>,
@@ -30,7 +32,7 @@ pub struct VersionInfo {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ArtifactRow {
     pub file: String,
-    pub format: String,
+    pub format: Format,
     pub sha256: String,
     pub size: u64,
 }
@@ -59,10 +61,10 @@ impl Registry {
         )?;
         tx.execute(
             "INSERT INTO versions (image_id, version, build_id, dir, spec, manifest, built_at, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'built')
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT(image_id, version) DO UPDATE SET
                build_id = excluded.build_id, dir = excluded.dir, spec = excluded.spec,
-               manifest = excluded.manifest, built_at = excluded.built_at, state = 'built'",
+               manifest = excluded.manifest, built_at = excluded.built_at, state = excluded.state",
             params![
                 image_id,
                 manifest.version,
@@ -70,7 +72,8 @@ impl Registry {
                 dir.to_string_lossy(),
                 spec.to_string_lossy(),
                 serde_json::to_string(manifest)?,
-                now
+                now,
+                VersionState::Built
             ],
         )?;
         let vid: i64 = tx.query_row(
@@ -254,8 +257,8 @@ impl Registry {
     /// Mark a version's artifacts as deleted (the row stays, for history and diffs).
     pub fn mark_removed(&mut self, v: &VersionInfo) -> Result<()> {
         self.conn.execute(
-            "UPDATE versions SET state = 'removed' WHERE id = ?1",
-            [v.id],
+            "UPDATE versions SET state = ?2 WHERE id = ?1",
+            params![v.id, VersionState::Removed],
         )?;
         Ok(())
     }
