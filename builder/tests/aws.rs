@@ -16,10 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{BIN, ok, run};
+use common::{devos_build_command, ok, run};
 use devos_aws::{Credentials, sdk_autoscaling, sdk_cloudformation, sdk_ebs, sdk_ec2, sdk_ssm};
-use devos_build::store::registry::Registry;
-use devos_build::store::registry::TestRun;
+use devos_build::store::registry::{Registry, TestRun};
 use devos_tests::{Moto, require, wait_for};
 use serde_json::{Value, json};
 
@@ -45,12 +44,10 @@ impl Fixture {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = devos_build_command();
         c.env("DEVOS_REGISTRY", self.registry())
             .env("DEVOS_CONFIG", self.dir.path().join("config.toml"))
             .env("HOME", self.dir.path())
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_REGION")
             .envs(self.moto.env())
             .args(args);
         std::fs::write(
@@ -747,8 +744,7 @@ fn rejected_credentials_and_denied_access_say_what_to_fix() {
     // moto checks credentials and IAM policies once its first 2 requests are done:
     // those create a user without any policy and an access key for it.
     let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "2")]).unwrap();
-    let python = devos_tests::python_tool("python");
-    let key = Command::new(python)
+    let key = devos_tests::python_command("python")
         .arg("-c")
         .arg(
             "import boto3, sys\n\
@@ -889,7 +885,6 @@ fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
     ok(&fx.run(&["publish", "ami", &reference, "--region", "us-east-1"]));
     let ami = fx.resources("us-east-1", &build_id(version)).0.remove(0);
 
-    let lint = devos_tests::python_tool("cfn-lint");
     for template in ["instance", "fleet", "workspaces"] {
         let out = render(template, "us-east-1");
         ok(&out);
@@ -900,7 +895,7 @@ fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
         }
         let file = fx.dir.path().join(format!("{template}.yaml"));
         std::fs::write(&file, &yaml).unwrap();
-        let checked = Command::new(&lint)
+        let checked = devos_tests::python_command("cfn-lint")
             .args(["--regions", "us-east-1", "--"])
             .arg(&file)
             .output()

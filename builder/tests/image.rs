@@ -11,7 +11,9 @@ use std::time::Duration;
 use devos_build::build::agent_pkg;
 use devos_tests::{repo_root, require, require_root, run_with_timeout};
 
-const BIN: &str = env!("CARGO_BIN_EXE_devos-build");
+mod common;
+
+use common::devos_build_command;
 
 #[test]
 fn agent_package_has_the_files_and_metadata() {
@@ -76,7 +78,7 @@ fn agent_package_has_the_files_and_metadata() {
 /// Run `devos-build image build ARGS`, which must fail within a minute; its stderr.
 fn failed_build(args: &[&std::ffi::OsStr]) -> String {
     let out = run_with_timeout(
-        Command::new(BIN).args(["image", "build"]).args(args),
+        devos_build_command().args(["image", "build"]).args(args),
         Duration::from_secs(60),
     )
     .unwrap();
@@ -136,7 +138,7 @@ fn missing_archive_keyring_fails_early_and_says_what_to_install() {
 
 #[test]
 fn doctor_lists_tools_with_their_packages() {
-    let out = Command::new(BIN)
+    let out = devos_build_command()
         .args(["doctor", "--json"])
         .output()
         .unwrap();
@@ -156,7 +158,7 @@ fn doctor_lists_tools_with_their_packages() {
         }
         None => assert!(missing.iter().all(|t| t["package"] == "(rustup)")),
     }
-    let human = Command::new(BIN).arg("doctor").output().unwrap();
+    let human = devos_build_command().arg("doctor").output().unwrap();
     assert!(String::from_utf8_lossy(&human.stdout).contains("mmdebstrap"));
 }
 
@@ -192,7 +194,7 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
         require(tool, package);
     }
     let out = run_with_timeout(
-        Command::new(BIN)
+        devos_build_command()
             .current_dir(repo_root())
             .args(["image", "build", "--test", "--json"]),
         Duration::from_secs(20 * 60),
@@ -269,7 +271,7 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
 
     // Same inputs: nothing is rebuilt.
     let again = run_with_timeout(
-        Command::new(BIN)
+        devos_build_command()
             .current_dir(repo_root())
             .args(["image", "build", "--json"]),
         Duration::from_secs(10 * 60),

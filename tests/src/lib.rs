@@ -1,5 +1,6 @@
 //! Shared fixtures for DevOS's slow and cross-crate tests: a private system bus with
-//! the agent's real bus policy, commands with a deadline, and the repository root.
+//! the agent's real bus policy, commands with a deadline, moto_server, a clean AWS
+//! environment for every child, and the repository root.
 //!
 //! Fixtures never skip: if a tool is missing the test fails and says what to install.
 
@@ -184,6 +185,38 @@ pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Keep a child away from the developer's (or the CI machine's) AWS setup: it inherits
+/// no `AWS_*` variable, reads empty config and credentials files instead of
+/// `~/.aws/config` and `~/.aws/credentials`, and never asks instance metadata for a
+/// role. Set the variables a test means (endpoint, test credentials) after this call.
+pub fn isolate_aws(cmd: &mut Command) -> &mut Command {
+    isolate_aws_from(cmd, std::env::vars_os().map(|(name, _)| name))
+}
+
+fn isolate_aws_from(
+    cmd: &mut Command,
+    inherited: impl Iterator<Item = std::ffi::OsString>,
+) -> &mut Command {
+    for name in inherited {
+        if name.as_encoded_bytes().starts_with(b"AWS_") {
+            cmd.env_remove(name);
+        }
+    }
+    // /dev/null rather than a missing file: the SDK warns about a configured file that
+    // does not exist.
+    cmd.env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+}
+
+/// A command running one of the Python tools of [`python_tool`], isolated from the
+/// developer's AWS setup (boto3 reads it too).
+pub fn python_command(program: &str) -> Command {
+    let mut cmd = Command::new(python_tool(program));
+    isolate_aws(&mut cmd);
+    cmd
+}
+
 /// Where `tests/setup-host` installs the Python tools (moto, cfn-lint): a venv under
 /// `$DEVOS_TOOLS`, default `~/.cache/devos/tools`.
 pub fn python_tool(program: &str) -> PathBuf {
@@ -270,7 +303,7 @@ impl Moto {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(python_tool("moto_server"))
+        let child = python_command("moto_server")
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
             .envs(self.server_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -296,5 +329,41 @@ impl Moto {
 impl Drop for Moto {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::ffi::{OsStr, OsString};
+    use std::process::Command;
+
+    #[test]
+    fn isolated_children_inherit_no_aws_setting_and_read_no_aws_files() {
+        let mut cmd = Command::new("true");
+        let inherited = ["AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE", "HOME"];
+        super::isolate_aws_from(&mut cmd, inherited.into_iter().map(OsString::from));
+        cmd.env("AWS_REGION", "us-east-1");
+        let env: HashMap<&OsStr, Option<&OsStr>> = cmd.get_envs().collect();
+        for removed in ["AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE"] {
+            assert_eq!(env.get(OsStr::new(removed)), Some(&None), "{removed}");
+        }
+        assert_eq!(
+            env.get(OsStr::new("HOME")),
+            None,
+            "other variables are left alone"
+        );
+        for (name, value) in [
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            assert_eq!(
+                env.get(OsStr::new(name)),
+                Some(&Some(OsStr::new(value))),
+                "{name}"
+            );
+        }
     }
 }

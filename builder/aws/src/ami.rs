@@ -9,13 +9,17 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use aws_sdk_ec2::client::Waiters;
 use aws_sdk_ec2::types::{
     ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter, ImageState,
     ImdsSupportValues, ResourceType, Tag, TagSpecification, VolumeType,
 };
+use aws_smithy_runtime_api::client::waiters::error::WaiterError;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use futures_util::future::try_join_all;
 use serde::Serialize;
 
@@ -493,38 +497,61 @@ pub async fn build_snapshots(
         .collect())
 }
 
+/// Wait until the AMI is available, with the SDK's `image_available` waiter (the one
+/// behind `aws ec2 wait image-available`: polls with backoff from 15 s up to 2 min).
+/// It gives up early only on `failed`, the state a RegisterImage or CopyImage that
+/// cannot complete ends in; an AMI in any other state keeps it polling until the
+/// deadline, whose error then names the state.
 async fn wait_available(ec2: &aws_sdk_ec2::Client, region: &str, ami_id: &str) -> Result<()> {
-    let started = Instant::now();
-    let mut pause = Duration::from_secs(2);
-    loop {
-        let out = ec2
-            .describe_images()
-            .image_ids(ami_id)
-            .send()
-            .await
-            .map_err(|e| explain("ec2:DescribeImages", region, e))?;
-        let image = out.images().first();
-        match image.and_then(|i| i.state()) {
-            Some(ImageState::Available) => return Ok(()),
-            Some(ImageState::Pending) | None => {}
-            Some(other) => bail!(
-                "{ami_id} in {region} is {} instead of available: {}",
-                other.as_str(),
-                image
-                    .and_then(|i| i.state_reason())
-                    .and_then(|r| r.message())
-                    .unwrap_or("no reason given")
-            ),
+    let waited = ec2
+        .wait_until_image_available()
+        .image_ids(ami_id)
+        .wait(AVAILABLE_TIMEOUT)
+        .await;
+    match waited {
+        Ok(_) => Ok(()),
+        Err(WaiterError::FailureState(failure)) => {
+            let image = failure
+                .final_poll()
+                .as_result()
+                .ok()
+                .and_then(|out| out.images().first());
+            bail!("{ami_id} in {region} is {}", state_of(image))
         }
-        if started.elapsed() > AVAILABLE_TIMEOUT {
+        Err(WaiterError::ExceededMaxWait(_)) => {
+            // Only to say what the AMI is stuck in: a failure to ask changes nothing.
+            let now = ec2.describe_images().image_ids(ami_id).send().await;
+            let state = match &now {
+                Ok(out) => format!(" (it is {})", state_of(out.images().first())),
+                Err(_) => String::new(),
+            };
             bail!(
-                "{ami_id} in {region} did not become available within {} minutes\n  hint: look at it with `aws ec2 describe-images --region {region} --image-ids {ami_id}`",
+                "{ami_id} in {region} did not become available within {} minutes{state}\n  hint: look at it with `aws ec2 describe-images --region {region} --image-ids {ami_id}`",
                 AVAILABLE_TIMEOUT.as_secs() / 60
-            );
+            )
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(15));
+        Err(WaiterError::OperationFailed(failed)) => {
+            Err(explain("ec2:DescribeImages", region, failed.into_error()))
+        }
+        Err(other) => bail!(
+            "cannot wait for {ami_id} in {region}: {}",
+            DisplayErrorContext(&other)
+        ),
     }
+}
+
+/// An AMI's state and why, as `STATE instead of available: REASON`.
+fn state_of(image: Option<&aws_sdk_ec2::types::Image>) -> String {
+    format!(
+        "{} instead of available: {}",
+        image
+            .and_then(|i| i.state())
+            .map_or("missing", |s| s.as_str()),
+        image
+            .and_then(|i| i.state_reason())
+            .and_then(|r| r.message())
+            .unwrap_or("no reason given")
+    )
 }
 
 /// Deregister an AMI and delete its snapshots; returns the snapshot ids deleted.
@@ -553,8 +580,6 @@ pub async fn delete_snapshot(ec2: &aws_sdk_ec2::Client, region: &str, id: &str) 
         Err(e) => Err(explain("ec2:DeleteSnapshot", region, e)),
     }
 }
-
-use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 /// The value of an SSM parameter, None if it does not exist.
 pub async fn get_parameter(
@@ -657,5 +682,97 @@ mod tests {
         assert_eq!(ebs.snapshot_id(), Some("snap-1"));
         let tags = input.get_tag_specifications().as_ref().expect("tags")[0].tags();
         assert!(tags.iter().any(|t| t.key() == Some(TAG_BUILD_ID)));
+    }
+
+    /// An EC2 endpoint on 127.0.0.1 that gives every request the same answer, and a
+    /// client of it. The server thread lives as long as the test process.
+    fn ec2_answering(status: u16, body: String) -> aws_sdk_ec2::Client {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut request = vec![0; length];
+                let _ = reader.read_exact(&mut request);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\ncontent-type: text/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let conf = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .endpoint_url(format!("http://{addr}"))
+            .credentials_provider(crate::Credentials::new("k", "s", None, None, "test"))
+            .build();
+        aws_sdk_ec2::Client::from_conf(conf)
+    }
+
+    fn wait_for(ec2: &aws_sdk_ec2::Client) -> Result<()> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(wait_available(ec2, "us-east-1", "ami-1"))
+    }
+
+    fn images_in(state: &str) -> String {
+        format!(
+            r#"<DescribeImagesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+  <requestId>r-1</requestId>
+  <imagesSet><item>
+    <imageId>ami-1</imageId><imageState>{state}</imageState>
+    <stateReason><code>Client.InvalidSnapshot</code><message>the snapshot is not usable</message></stateReason>
+  </item></imagesSet>
+</DescribeImagesResponse>"#
+        )
+    }
+
+    #[test]
+    fn waiting_ends_at_once_when_the_ami_is_available() {
+        let ec2 = ec2_answering(200, images_in("available"));
+        wait_for(&ec2).unwrap();
+    }
+
+    #[test]
+    fn waiting_fails_at_once_on_a_failed_ami_with_its_reason() {
+        let ec2 = ec2_answering(200, images_in("failed"));
+        let started = std::time::Instant::now();
+        let err = wait_for(&ec2).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "ami-1 in us-east-1 is failed instead of available: the snapshot is not usable"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn waiting_fails_with_the_explained_error_of_describe_images() {
+        let ec2 = ec2_answering(
+            403,
+            "<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized</Message></Error></Errors><RequestID>r-1</RequestID></Response>".to_owned(),
+        );
+        let err = wait_for(&ec2).unwrap_err().to_string();
+        assert!(
+            err.starts_with("ec2:DescribeImages in us-east-1 failed: UnauthorizedOperation")
+                && err.contains("IAM permission ec2:DescribeImages"),
+            "{err}"
+        );
     }
 }

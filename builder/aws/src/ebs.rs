@@ -216,23 +216,20 @@ pub async fn verify(
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let size = file.metadata()?.len();
     let mut listed = Vec::new();
-    let mut next: Option<String> = None;
-    loop {
-        let page = ebs
-            .list_snapshot_blocks()
-            .snapshot_id(snapshot_id)
-            .set_next_token(next.take())
-            .send()
-            .await
-            .map_err(|e| explain("ebs:ListSnapshotBlocks", region, e))?;
+    let mut pages = ebs
+        .list_snapshot_blocks()
+        .snapshot_id(snapshot_id)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages
+        .try_next()
+        .await
+        .map_err(|e| explain("ebs:ListSnapshotBlocks", region, e))?
+    {
         for b in page.blocks() {
             if let (Some(i), Some(t)) = (b.block_index(), b.block_token()) {
                 listed.push((i as u64, t.to_owned()));
             }
-        }
-        match page.next_token() {
-            Some(t) if !t.is_empty() => next = Some(t.to_owned()),
-            _ => break,
         }
     }
     listed.sort_unstable();

@@ -167,7 +167,8 @@ pub async fn seen_events(aws: &Aws, region: &str, name: &str) -> Result<HashSet<
         .collect())
 }
 
-/// The stack's most recent events (one page), newest first.
+/// The stack's most recent events (one page, not a paginator: a poll needs only what
+/// happened since the last one, not the stack's whole history), newest first.
 async fn events(aws: &Aws, region: &str, name: &str) -> Result<Vec<(String, Event)>> {
     let out = aws
         .cloudformation(region)
@@ -240,6 +241,11 @@ async fn change_set(
         .send()
         .await
         .map_err(|e| explain("cloudformation:CreateChangeSet", region, e))?;
+    // Not the SDK's change_set_create_complete waiter: it waits a fixed 30 s before its
+    // second poll (Rust waiters take only a deadline), which every dry run and rollout
+    // step would feel for a change set CloudFormation works out in seconds; and its
+    // failure state, FAILED, is here also the normal answer to an update that changes
+    // nothing.
     let started = Instant::now();
     loop {
         let out = cf
@@ -348,7 +354,8 @@ pub async fn resource_types(aws: &Aws, region: &str, template: &str) -> Result<V
 }
 
 /// Wait until the stack settles, passing each new event (oldest first) to `on_event`.
-/// Returns the settled stack.
+/// Returns the settled stack. (Not a stack_*_complete waiter: those show no events
+/// while they wait, and each knows the end states of one kind of operation only.)
 pub async fn settle(
     aws: &Aws,
     region: &str,

@@ -9,11 +9,19 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use devos_tests::{repo_root, require, require_root, run_with_timeout};
+use devos_tests::{isolate_aws, repo_root, require, require_root, run_with_timeout};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_devos-build");
 pub static HEAVY: Mutex<()> = Mutex::new(());
+
+/// `devos-build`, as every test runs it: without the developer's AWS variables,
+/// profiles and credentials (a test sets the ones it means, such as moto's endpoint).
+pub fn devos_build_command() -> Command {
+    let mut c = Command::new(BIN);
+    isolate_aws(&mut c);
+    c
+}
 
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -81,7 +89,7 @@ impl Env {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = devos_build_command();
         c.env("DEVOS_CACHE_DIR", &self.cache)
             .env("DEVOS_REGISTRY", self.registry())
             .env_remove("SOURCE_DATE_EPOCH")
