@@ -256,9 +256,14 @@ fn a_healthy_agent_signals_success_once_per_boot_with_imdsv2_and_the_role() {
     );
 
     // A restart in the same boot does not signal again.
-    agent.restart();
     let requests = stand_in.seen.lock().unwrap().len();
-    std::thread::sleep(Duration::from_secs(3));
+    agent.restart();
+    assert!(
+        wait_for(Duration::from_secs(20), || audit_log(&agent)
+            .contains("health.already-signalled")),
+        "the restarted agent did not say it had signalled already: {}",
+        audit_log(&agent)
+    );
     assert_eq!(
         stand_in.signals().len(),
         1,

@@ -67,6 +67,17 @@ pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
                 }),
             );
         }
+        Ok(crate::health::Outcome::AlreadySent) => {
+            tracing::info!("health signal already sent in this boot");
+            // (`audit` logs a failed append; nothing was sent either way.)
+            let _ = shared.audit(
+                "health.already-signalled",
+                None,
+                None,
+                None,
+                serde_json::json!({}),
+            );
+        }
         Ok(_) => {}
         Err(e) => tracing::warn!("health signal: {e:#}"),
     }

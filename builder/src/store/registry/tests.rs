@@ -165,6 +165,116 @@ fn migrations_run_forward_and_keep_data() {
         .unwrap();
 }
 
+/// Every table and its columns, in order, and every index: what a schema is.
+fn schema(reg: &Registry) -> Vec<String> {
+    let names: Vec<(String, String)> = reg
+        .conn
+        .prepare(
+            "SELECT type, name FROM sqlite_master
+             WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    names
+        .into_iter()
+        .map(|(kind, name)| {
+            if kind != "table" {
+                return format!("{kind} {name}");
+            }
+            let columns: Vec<String> = reg
+                .conn
+                .prepare(&format!("SELECT name FROM pragma_table_info('{name}')"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            format!("table {name}({})", columns.join(", "))
+        })
+        .collect()
+}
+
+/// What each schema version holds; a new migration adds a row here.
+const SCHEMAS: &[&[&str]] = &[
+    &[],
+    &[
+        "table artifacts(version_id, file, format, sha256, size)",
+        "table files(version_id, path, kind, mode, uid, gid, size, mtime, content)",
+        "table images(id, name, created_at)",
+        "table stage_timings(version_id, seq, stage, seconds)",
+        "table versions(id, image_id, version, build_id, dir, spec, manifest, built_at, state)",
+    ],
+    &[
+        "table artifacts(version_id, file, format, sha256, size)",
+        "table files(version_id, path, kind, mode, uid, gid, size, mtime, content)",
+        "table images(id, name, created_at)",
+        "table publications(id, version_id, region, snapshot_id, ami_id, state, created_at)",
+        "table rollouts(id, stack, region, from_version_id, to_version_id, state, reason, started_at, finished_at)",
+        "table stage_timings(version_id, seq, stage, seconds)",
+        "table test_runs(id, version_id, started_at, passed, accelerator, seconds, report)",
+        "table versions(id, image_id, version, build_id, dir, spec, manifest, built_at, state)",
+    ],
+    &[
+        "index publications_once",
+        "table artifacts(version_id, file, format, sha256, size)",
+        "table files(version_id, path, kind, mode, uid, gid, size, mtime, content)",
+        "table images(id, name, created_at)",
+        "table publications(id, version_id, region, snapshot_id, ami_id, state, created_at, kind, parameter, updated_at)",
+        "table rollouts(id, stack, region, from_version_id, to_version_id, state, reason, started_at, finished_at)",
+        "table stage_timings(version_id, seq, stage, seconds)",
+        "table test_runs(id, version_id, started_at, passed, accelerator, seconds, report)",
+        "table versions(id, image_id, version, build_id, dir, spec, manifest, built_at, state)",
+    ],
+    &[
+        "index publications_once",
+        "table artifacts(version_id, file, format, sha256, size)",
+        "table bad_versions(stack, region, version_id, reason, marked_at)",
+        "table files(version_id, path, kind, mode, uid, gid, size, mtime, content)",
+        "table images(id, name, created_at)",
+        "table publications(id, version_id, region, snapshot_id, ami_id, state, created_at, kind, parameter, updated_at)",
+        "table rollouts(id, stack, region, from_version_id, to_version_id, state, reason, started_at, finished_at, kind, issued_after)",
+        "table stage_timings(version_id, seq, stage, seconds)",
+        "table test_runs(id, version_id, started_at, passed, accelerator, seconds, report)",
+        "table versions(id, image_id, version, build_id, dir, spec, manifest, built_at, state)",
+    ],
+];
+
+/// Each schema version has exactly its tables and columns, and a registry of any
+/// version migrates to exactly the newest schema, keeping its versions.
+#[test]
+fn every_schema_version_has_its_tables_and_columns_and_migrates_to_the_newest() {
+    assert_eq!(
+        SCHEMAS.len() as i64,
+        SCHEMA_VERSION + 1,
+        "describe the new schema version in SCHEMAS"
+    );
+    let newest: Vec<String> = SCHEMAS[SCHEMAS.len() - 1]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    for (version, expected) in SCHEMAS.iter().enumerate().skip(1) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("r.db");
+        let mut old = Registry::open_at(&path, version as i64).unwrap();
+        assert_eq!(schema(&old), *expected, "schema version {version}");
+        old.record_build(
+            Path::new("/o"),
+            Path::new("s"),
+            &manifest("0.1.0+a", &[("bash", "5.2")]),
+            &[file("/etc/hostname", "devos")],
+        )
+        .unwrap();
+        drop(old);
+        let reg = Registry::open(&path).unwrap();
+        assert_eq!(schema(&reg), newest, "migrated from version {version}");
+        let v = reg.find("devos-test@0.1.0+a").unwrap();
+        assert_eq!(reg.files(&v).unwrap().len(), 1, "from version {version}");
+    }
+}
+
 #[test]
 fn a_newer_schema_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
