@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::{devos_build_command, ok, run};
 use devos_aws::{Credentials, sdk_autoscaling, sdk_cloudformation, sdk_ebs, sdk_ec2, sdk_ssm};
 use devos_build::store::registry::{Registry, TestRun};
-use devos_tests::{Moto, require, wait_for};
+use devos_tests::{Moto, Steps, require, wait_for};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -324,6 +324,8 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn publish_ami_in_three_regions_idempotent_promote_deregister() {
+    let steps = Steps::default();
+    steps.at("set up");
     let fx = Fixture::new();
     let version = "0.1.0+aaaaaaaaaaaa";
     let id = build_id(version);
@@ -346,6 +348,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     };
 
     // Never tested: refused, nothing created.
+    steps.at("Never tested");
     let out = publish(&[]);
     assert!(!out.status.success());
     assert!(
@@ -356,6 +359,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
 
     // Tested: published everywhere.
+    steps.at("Tested");
     Registry::open(&fx.registry())
         .unwrap()
         .record_test(
@@ -419,6 +423,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     assert_eq!(primary_snapshots.len(), 1, "{primary_snapshots:?}");
 
     // The snapshot reads back through the EBS direct API equal to the raw image.
+    steps.at("The snapshot reads back through the EBS direct API equal to the...");
     let v = fx.json(&[
         "publish",
         "verify",
@@ -446,6 +451,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     assert_eq!(indices, data.map(|b| b as i32));
 
     // A re-run creates nothing.
+    steps.at("A re-run creates nothing");
     let again: Value = serde_json::from_slice(&publish(&[]).stdout).unwrap();
     assert!(again["upload"].is_null(), "{again}");
     for r in again["regions"].as_array().unwrap() {
@@ -457,6 +463,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     assert_eq!(fx.resources("us-east-1", &id).1, primary_snapshots);
 
     // Promote: latest points at it in every region.
+    steps.at("Promote");
     ok(&fx.run(&["publish", "promote", &reference]));
     let ami = |region: &str| {
         regions.iter().find(|r| r["region"] == region).unwrap()["ami_id"]
@@ -474,6 +481,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     assert_eq!(list.as_array().unwrap().len(), 3);
 
     // Deregister: refused while latest points at it, then everything goes.
+    steps.at("Deregister");
     let out = fx.run(&["publish", "deregister", &reference]);
     assert!(!out.status.success());
     assert!(
@@ -980,6 +988,8 @@ fn exports_are_checked_with_qemu_img_and_recorded() {
 
 #[test]
 fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_hand() {
+    let steps = Steps::default();
+    steps.at("set up");
     let fx = Fixture::new();
     let mut amis = std::collections::HashMap::new();
     for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
@@ -1015,6 +1025,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     };
 
     // Deploy v1 to the fleet and to its canary: the default VPC's subnets are used.
+    steps.at("Deploy v1 to the fleet and to its canary");
     for (stack, capacity) in [("devfleet", "2"), ("devfleet-canary", "1")] {
         let out = fleet(&[
             "deploy",
@@ -1046,6 +1057,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     assert_eq!(instances, vec![amis["1.0.0"].clone(); 2]);
 
     // A dry run of a new stack lists what it would create, and creates nothing.
+    steps.at("A dry run of a new stack lists what it would create, and creates...");
     let out = fleet(&[
         "deploy",
         "--stack",
@@ -1079,6 +1091,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     );
 
     // One developer instance from the instance template.
+    steps.at("One developer instance from the instance template");
     let out = fleet(&[
         "deploy",
         "--stack",
@@ -1096,6 +1109,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     assert_eq!(fx.instance_image("devbox"), amis["1.0.0"]);
 
     // Mistakes are named, and change nothing.
+    steps.at("Mistakes are named, and change nothing");
     for (args, says) in [
         (
             vec![
@@ -1176,6 +1190,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     }
 
     // A dry run shows the change and changes nothing.
+    steps.at("A dry run shows the change and changes nothing");
     let out = fleet(&[
         "rollout",
         "--stack",
@@ -1197,6 +1212,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
 
     // Roll out v2, canary first: both stacks end on v2's AMI, launch template and
     // instances alike.
+    steps.at("Roll out v2, canary first");
     let out = fleet(&[
         "rollout",
         "--stack",
@@ -1231,6 +1247,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     // v3 goes bad during the bake: one of its new instances turns unhealthy (what Auto
     // Scaling does when an instance fails its checks). The rollout rolls back to v2
     // by itself and marks v3 bad for the stack.
+    steps.at("v3 goes bad during the bake");
     let child = fx
         .cmd(&[
             "fleet",
@@ -1293,6 +1310,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     );
 
     // Never published here: refused before anything changes.
+    steps.at("Never published here");
     let out = fleet(&["rollout", "--stack", "devfleet", "--to", "4.0.0"]);
     assert!(!out.status.success());
     assert!(
@@ -1303,6 +1321,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
 
     // By hand: back to the last version that passed its gate before v2, which is v1.
+    steps.at("By hand");
     let out = fleet(&["rollback", "--stack", "devfleet", "--bake", "0", "--json"]);
     ok(&out);
     let d = json(&out);

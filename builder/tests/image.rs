@@ -193,10 +193,25 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     ] {
         require(tool, package);
     }
+    // Where the build goes by default (`target/images` of the source tree), said by
+    // `image plan`; the test itself builds elsewhere, leaving the tree alone.
+    let plan = devos_build_command()
+        .current_dir(repo_root())
+        .args(["image", "plan", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let images = tempfile::tempdir().unwrap();
     let out = run_with_timeout(
         devos_build_command()
             .current_dir(repo_root())
-            .args(["image", "build", "--test", "--json"]),
+            .args(["image", "build", "--test", "--json", "--out"])
+            .arg(images.path().join("out")),
         Duration::from_secs(20 * 60),
     )
     .unwrap();
@@ -222,11 +237,13 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     let manifest = &report["manifest"];
     let dir = Path::new(report["dir"].as_str().unwrap());
     let version = manifest["version"].as_str().unwrap();
-    assert!(
-        dir.ends_with(format!("target/images/devos-debian/{version}")),
-        "{}",
-        dir.display()
+    assert_eq!(plan["version"], version);
+    let default = plan["out"].as_str().unwrap();
+    assert_eq!(
+        Path::new(default),
+        repo_root().join(format!("target/images/devos-debian/{version}")),
     );
+    assert_eq!(dir, images.path().join("out"), "{}", dir.display());
     let (semver, build) = version.split_once('+').unwrap();
     assert_eq!(semver, "0.1.0");
     assert_eq!(build, &manifest["build_id"].as_str().unwrap()[..12]);
@@ -273,7 +290,8 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     let again = run_with_timeout(
         devos_build_command()
             .current_dir(repo_root())
-            .args(["image", "build", "--json"]),
+            .args(["image", "build", "--json", "--out"])
+            .arg(images.path().join("out")),
         Duration::from_secs(10 * 60),
     )
     .unwrap();

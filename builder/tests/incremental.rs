@@ -21,6 +21,7 @@ use serde_json::Value;
 mod common;
 
 use common::{Env, HEAVY, flip_byte, ok, run};
+use devos_tests::Steps;
 
 /// Start a build and SIGKILL it as soon as its log shows `marker`. Returns the log.
 fn kill_at(env: &Env, spec: &Path, marker: &str, extra: &[&str]) -> String {
@@ -66,12 +67,15 @@ fn plan_version(env: &Env, spec: &Path) -> String {
 
 #[test]
 fn incremental_builds_registry_kills_and_gc() {
+    let steps = Steps::default();
+    steps.at("set up");
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new();
     let spec = env.spec("devos-a.toml", |t| t);
     let out_dir = env.out(&spec).join("current");
 
     // `image plan` says what the build will be, without building it.
+    steps.at("`image plan` says what the build will be, without building it");
     let planned = plan_version(&env, &spec);
     let (first, _) = env.build(&spec, &[]);
     let v1 = first["manifest"]["version"].as_str().unwrap().to_owned();
@@ -89,10 +93,12 @@ fn incremental_builds_registry_kills_and_gc() {
     );
 
     // No change: nothing is built.
+    steps.at("No change");
     let (again, _) = env.build(&spec, &[]);
     assert_eq!(again["fresh"], false);
 
     // A test-only change does not change the image.
+    steps.at("A test-only change does not change the image");
     let tests_changed = env.spec("devos-a.toml", |t| {
         t.replace("systemctl is-active devos-agent.service", "true")
     });
@@ -102,6 +108,7 @@ fn incremental_builds_registry_kills_and_gc() {
 
     // A configuration change reuses the base tree: no mmdebstrap. (Spec a's own tree
     // may come from an earlier run's cache; this one cannot.)
+    steps.at("A configuration change reuses the base tree");
     let config = env.fresh_spec("devos-b.toml", |t| {
         t.replace("log-level = \"info\"", "log-level = \"debug\"")
     });
@@ -112,6 +119,7 @@ fn incremental_builds_registry_kills_and_gc() {
     assert!(!log.contains("$ mmdebstrap"), "{log}");
 
     // The registry: list, show, diff, verify.
+    steps.at("The registry");
     let versions = env.versions();
     assert_eq!(versions.len(), 2, "{versions:?}");
     let a = format!("devos-debian@{v1}");
@@ -144,6 +152,7 @@ fn incremental_builds_registry_kills_and_gc() {
     assert_eq!(verify["ok"], true, "{verify:#}");
 
     // A flipped byte in an artifact fails verification, naming the file.
+    steps.at("A flipped byte in an artifact fails verification, naming the file");
     let qcow2 = env
         .out(&config)
         .join("current")
@@ -158,6 +167,7 @@ fn incremental_builds_registry_kills_and_gc() {
     );
 
     // A corrupted base entry is detected, rebuilt and not used.
+    steps.at("A corrupted base entry is detected, rebuilt and not used");
     let base_key = second["manifest"]["cache_keys"]["base"].as_str().unwrap();
     flip_byte(
         &env.cache
@@ -182,6 +192,7 @@ fn incremental_builds_registry_kills_and_gc() {
 
     // Killed at any stage: no registry entry, nothing under the final name, and the
     // next build succeeds, reusing what was valid.
+    steps.at("Killed at any stage");
     let killed = env.fresh_spec("devos-d.toml", |t| {
         t.replace("log-level = \"info\"", "log-level = \"error\"")
     });
@@ -222,6 +233,7 @@ fn incremental_builds_registry_kills_and_gc() {
 
     // Two builds of the same version at once, and a third of another spec: all
     // succeed, one of the first two waits for the other and finds it built.
+    steps.at("Two builds of the same version at once, and a third of another spec");
     let concurrent = env.fresh_spec("devos-e.toml", |t| t);
     let other = env.fresh_spec("devos-f.toml", |t| t);
     let children: Vec<std::process::Child> = [&concurrent, &concurrent, &other]
@@ -260,6 +272,7 @@ fn incremental_builds_registry_kills_and_gc() {
     }
 
     // gc keeps the newest version, and the newest one that passed a boot test.
+    steps.at("gc keeps the newest version, and the newest one that passed a boot...");
     let mut reg = devos_build::store::registry::Registry::open(&env.registry()).unwrap();
     let run_record = devos_build::store::registry::TestRun {
         started_at: devos_build::support::time::now(),

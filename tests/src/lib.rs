@@ -218,6 +218,27 @@ pub fn python_command(program: &str) -> Command {
 }
 
 /// Where `tests/setup-host` installs the Python tools (moto, cfn-lint): a venv under
+/// The steps of a long scenario test: `steps.at("...")` names the step that runs
+/// now, and a failure anywhere says which step it was in, so one test can share an
+/// expensive set-up across many checks and still say what broke.
+#[derive(Default)]
+pub struct Steps(std::cell::RefCell<&'static str>);
+
+impl Steps {
+    pub fn at(&self, step: &'static str) {
+        eprintln!("==> step: {step}");
+        *self.0.borrow_mut() = step;
+    }
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("FAILED in step: {}", self.0.borrow());
+        }
+    }
+}
+
 /// `$DEVOS_TOOLS`, default `~/.cache/devos/tools`.
 pub fn python_tool(program: &str) -> PathBuf {
     let tools = std::env::var_os("DEVOS_TOOLS")

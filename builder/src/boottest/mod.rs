@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::support::remove;
 use diagnosis::{diagnose_console, kvm_failure, read_report, tail_lines};
 use vm::{AccelChoice, Scratch};
 
@@ -79,8 +80,9 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
     let console = dir.path().join("console.log");
     let report = dir.path().join("selftest.jsonl");
     let stderr_path = dir.path().join("qemu.stderr");
+    // Left by a run under KVM before the fall-back to TCG: the watcher must not read them.
     for stale in [&console, &report] {
-        let _ = fs::remove_file(stale);
+        remove::file_if_present(stale)?;
     }
     let tests_json = (!target.tests.is_empty())
         .then(|| serde_json::to_string(&target.tests))
@@ -113,6 +115,7 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
         }
         kvm_failed.is_some()
     });
+    // QEMU may have exited already (its kill then fails), and waiting only reaps it.
     let _ = child.kill();
     let _ = child.wait();
     // QEMU may have died before the watcher looked at its stderr.

@@ -63,7 +63,18 @@ pub fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
         return Target::from_dir(&newest, Some(&spec));
     }
     if arg.is_file() {
-        let manifest = arg.parent().and_then(|d| Manifest::load(d).ok());
+        // An image file alone has no manifest; one beside it that cannot be read is
+        // worth saying, as the test then cannot check the version that booted.
+        let manifest = match arg.parent() {
+            Some(d) if d.join("manifest.json").exists() => match Manifest::load(d) {
+                Ok(manifest) => Some(manifest),
+                Err(e) => {
+                    tracing::warn!("{e:#}; booting {} without it", arg.display());
+                    None
+                }
+            },
+            _ => None,
+        };
         return Ok(Target {
             disk: arg.to_path_buf(),
             manifest,
@@ -83,8 +94,22 @@ pub fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
                 v.spec
             );
         }
-        // The tests of the spec it was built from, as that spec reads now.
-        let spec = crate::model::spec::load(Path::new(&v.spec)).ok();
+        // The tests of the spec it was built from, as that spec reads now. One gone or
+        // broken since leaves the built-in checks, which still say whether it boots.
+        let spec = match crate::model::spec::load(Path::new(&v.spec)) {
+            Ok(spec) => Some(spec),
+            Err(e) => {
+                // Its hint is about passing a spec, which the user did not do here.
+                let e = e.to_string();
+                tracing::warn!(
+                    "{}; running only the built-in checks on {}@{}",
+                    e.lines().next().unwrap_or_default(),
+                    v.name,
+                    v.version
+                );
+                None
+            }
+        };
         return Target::from_dir(&v.dir, spec.as_ref());
     }
     bail!(
@@ -100,12 +125,23 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The most recently written output directory in `dir`; `None` when there is none
+/// (the caller says so).
 fn newest_build(dir: &Path) -> Option<PathBuf> {
-    fs::read_dir(dir)
-        .ok()?
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot list {}: {e}", dir.display());
+            }
+            return None;
+        }
+    };
+    entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.join("manifest.json").is_file())
+        // A manifest whose time cannot be read sorts as the oldest.
         .max_by_key(|p| {
             fs::metadata(p.join("manifest.json"))
                 .and_then(|m| m.modified())

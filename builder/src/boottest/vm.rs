@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use super::Target;
 use crate::support::cmd::{self, which};
+use crate::support::remove;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -132,6 +133,7 @@ fn probe_kvm(work: &Path) -> Result<Duration, String> {
             Ok(Some(status)) if status.code() == Some(33) => break Ok(start.elapsed()),
             Ok(Some(status)) => break Err(format!("probe VM exited with {status}")),
             Ok(None) if start.elapsed() > KVM_PROBE_TIMEOUT => {
+                // It may exit just now (the kill then fails); waiting only reaps it.
                 let _ = child.kill();
                 let _ = child.wait();
                 break Err(format!(
@@ -343,7 +345,7 @@ impl Scratch {
             reason: reason.to_owned(),
         };
         tracing::info!("accelerator: Tcg ({reason})");
-        let _ = fs::remove_file(&self.overlay);
+        remove::file_if_present(&self.overlay)?;
         overlay(&target.disk, disk_format(&target.disk), &self.overlay)?;
         vars_copy(&self.fw, &self.vars)?;
         Ok(())

@@ -69,7 +69,14 @@ impl AgentPackage {
 /// The DevOS source tree a spec belongs to: the nearest ancestor of the spec that has
 /// `agent/Cargo.toml`.
 pub fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
-    let start = fs::canonicalize(spec_path).ok()?;
+    let start = match fs::canonicalize(spec_path) {
+        Ok(start) => start,
+        Err(e) => {
+            // Callers fall back to the current directory: say why.
+            tracing::warn!("cannot resolve the path of {}: {e}", spec_path.display());
+            return None;
+        }
+    };
     start
         .ancestors()
         .skip(1)
@@ -113,19 +120,12 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
         .join("agent")
         .join(format!("{}.deb", hex::encode(key.finalize())));
     let recorded = cached.with_extension("deb.sha256");
-    if let (Ok(want), Ok(_)) = (fs::read_to_string(&recorded), fs::copy(&cached, &deb)) {
-        let sha256 = digest::file_sha256(&deb)?;
-        if sha256 == want.trim() {
-            return Ok(AgentPackage {
-                sha256,
-                path: deb,
-                version: version.to_owned(),
-            });
-        }
-        tracing::warn!(
-            "cached agent package {} is corrupt; building it again",
-            cached.display()
-        );
+    if let Some(sha256) = reuse_cached(&cached, &recorded, &deb)? {
+        return Ok(AgentPackage {
+            sha256,
+            path: deb,
+            version: version.to_owned(),
+        });
     }
 
     let stage = out_dir.join("agent-pkg");
@@ -167,19 +167,64 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
         bail!("dpkg-deb reported success but wrote no {}", deb.display());
     }
     let sha256 = digest::file_sha256(&deb)?;
-    if let Some(dir) = cached.parent()
-        && fs::create_dir_all(dir).is_ok()
-    {
-        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
-        if fs::copy(&deb, &tmp).is_ok() && fs::rename(&tmp, &cached).is_ok() {
-            let _ = fs::write(&recorded, &sha256);
-        }
+    // The cache only saves the next build a repack: failing to fill it is no error.
+    if let Err(e) = keep_in_cache(&deb, &cached, &recorded, &sha256) {
+        tracing::warn!("cannot keep the agent package in the cache: {e:#}");
     }
     Ok(AgentPackage {
         sha256,
         path: deb,
         version: version.to_owned(),
     })
+}
+
+/// Copy the cached package to `deb` and return its sha256, if the cache has it with
+/// the sha256 recorded beside it and it still has that hash. A cache entry that
+/// cannot be used is logged and the package built again.
+fn reuse_cached(cached: &Path, recorded: &Path, deb: &Path) -> Result<Option<String>> {
+    let want = match fs::read_to_string(recorded) {
+        Ok(want) => want,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read {}: {e}; building the agent package again",
+                recorded.display()
+            );
+            return Ok(None);
+        }
+    };
+    if let Err(e) = fs::copy(cached, deb) {
+        tracing::warn!(
+            "cannot copy the cached agent package {}: {e}; building it again",
+            cached.display()
+        );
+        return Ok(None);
+    }
+    let sha256 =
+        digest::file_sha256(deb).with_context(|| format!("cannot read {}", deb.display()))?;
+    if sha256 == want.trim() {
+        return Ok(Some(sha256));
+    }
+    tracing::warn!(
+        "cached agent package {} is corrupt; building it again",
+        cached.display()
+    );
+    Ok(None)
+}
+
+/// Store `deb` as `cached` (under a temporary name, then renamed), then its sha256
+/// in `recorded`: a reader finds the hash only beside a complete package.
+fn keep_in_cache(deb: &Path, cached: &Path, recorded: &Path, sha256: &str) -> Result<()> {
+    if let Some(dir) = cached.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+    if let Err(e) = fs::copy(deb, &tmp).and_then(|_| fs::rename(&tmp, cached)) {
+        // Our own half-written copy, if any: the error to report is the one above.
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", cached.display()));
+    }
+    fs::write(recorded, sha256).with_context(|| format!("cannot write {}", recorded.display()))
 }
 
 /// Where a [`FILES`] source is: `target/...` under the cargo target directory, the

@@ -17,10 +17,10 @@ use crate::image::{apt, convert, customize, disk, rootfs};
 use crate::model::manifest::{AgentInfo, Artifact, CacheKeys, Manifest, Package, StageTiming};
 use crate::model::spec::{self, Format, Spec};
 use crate::store::{cache, registry};
-use crate::support::cmd;
 use crate::support::digest::{self, FileEntry};
 use crate::support::ui::Ui;
 use crate::support::workdir::{WorkDir, remove_stale_work_dirs};
+use crate::support::{cmd, remove};
 
 /// The stages, in order; these names appear in logs, timings and the manifest.
 pub const STAGES: &[&str] = &["load", "resolve", "rootfs", "customize", "disk", "convert"];
@@ -189,11 +189,12 @@ fn host_tools() -> Result<String> {
 /// The `resolve` stage: package sources and lists, the exact package set, the agent
 /// package (written to `staged`) and the identity computed from all of them.
 pub fn resolve(spec: Spec, opts: &BuildOptions, staged: &Path, ui: &Ui) -> Result<Resolved> {
+    let env_source_date_epoch = identity::source_date_epoch()?;
     let sources = rootfs::sources(&spec);
     let index = apt::Index::open(&cache::dir(), &sources)?;
     index.refresh(&spec, &sources)?;
     let resolution = index.resolve(&spec, &sources)?;
-    let agent = agent_package(&spec, opts, staged)?;
+    let agent = agent_package(&spec, opts, staged, env_source_date_epoch)?;
     let tools = host_tools()?;
     let id = identity::resolve(&identity::Inputs {
         spec: &spec,
@@ -201,6 +202,7 @@ pub fn resolve(spec: Spec, opts: &BuildOptions, staged: &Path, ui: &Ui) -> Resul
         sources_deb822: &sources.deb822,
         packages: &resolution.packages,
         archive_date: resolution.archive_date,
+        env_source_date_epoch,
         host_tools: &tools,
     });
     ui.info(&format!(
@@ -369,8 +371,11 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let partitions = t.run("disk", |_| {
         disk::build(spec, id, &tree, scratch.path(), &raw)
     })?;
-    // The tree is no longer needed; free the space before converting.
-    fs::remove_dir_all(&tree).ok();
+    // The tree is no longer needed; free the space before converting. Left, it goes
+    // with the scratch directory at the end, so a failure here only costs space.
+    if let Err(e) = fs::remove_dir_all(&tree) {
+        tracing::warn!("cannot remove {} early: {e}", tree.display());
+    }
 
     // Hashing the raw image (mostly zeros, but 2 GiB of them) runs beside the
     // conversions, which read the same file.
@@ -473,23 +478,38 @@ fn check_package_set(tree: &Path, resolved: &[Package], ui: &Ui) -> Result<()> {
 
 /// A tmpfs with room for twice the disk (the tree plus the partition images made
 /// from it), if there is one: building there is several times faster than on disk.
+/// Without one the build runs on disk, only slower, so a failed check is logged, not
+/// an error.
 fn scratch_root(disk_size: u64) -> Option<PathBuf> {
     let dir = Path::new("/dev/shm");
-    let out = cmd::stdout(
-        Command::new("df")
-            .args(["--output=fstype,avail", "-B1"])
-            .arg(dir),
-    )
-    .ok()?;
-    let line = out.lines().nth(1)?;
-    let mut words = line.split_whitespace();
-    let (fstype, avail) = (words.next()?, words.next()?.parse::<u64>().ok()?);
-    if fstype != "tmpfs" || avail < disk_size.saturating_mul(2) {
-        return None;
-    }
-    let root = dir.join("devos-build");
-    fs::create_dir_all(&root).ok()?;
-    Some(root)
+    let check = || -> Result<Option<PathBuf>> {
+        let out = cmd::stdout(
+            Command::new("df")
+                .args(["--output=fstype,avail", "-B1"])
+                .arg(dir),
+        )?;
+        let words: Vec<&str> = out
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let (fstype, avail) = match words[..] {
+            [fstype, avail] => (fstype, avail.parse::<u64>()),
+            _ => bail!("unexpected output of df: {out:?}"),
+        };
+        let avail = avail.with_context(|| format!("unexpected output of df: {out:?}"))?;
+        if fstype != "tmpfs" || avail < disk_size.saturating_mul(2) {
+            return Ok(None);
+        }
+        let root = dir.join("devos-build");
+        fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+        Ok(Some(root))
+    };
+    check().unwrap_or_else(|e| {
+        tracing::warn!("building on disk, not in {}: {e:#}", dir.display());
+        None
+    })
 }
 
 /// Hold an exclusive lock on `images/.VERSION.lock` for the rest of the build.
@@ -507,7 +527,12 @@ fn lock_version(images: &Path, version: &str, ui: &Ui) -> Result<fs::File> {
     Ok(file)
 }
 
-fn agent_package(spec: &Spec, opts: &BuildOptions, staged: &Path) -> Result<Option<AgentPackage>> {
+fn agent_package(
+    spec: &Spec,
+    opts: &BuildOptions,
+    staged: &Path,
+    env_source_date_epoch: Option<u64>,
+) -> Result<Option<AgentPackage>> {
     if !spec.agent_enabled {
         return Ok(None);
     }
@@ -527,7 +552,7 @@ fn agent_package(spec: &Spec, opts: &BuildOptions, staged: &Path) -> Result<Opti
             };
             // Unset, the package's files carry epoch 0, so the same sources give
             // the same .deb and so the same build id.
-            agent_pkg::build(&source, staged, identity::source_date_epoch().unwrap_or(0))?
+            agent_pkg::build(&source, staged, env_source_date_epoch.unwrap_or(0))?
         }
     };
     Ok(Some(pkg))
@@ -587,9 +612,20 @@ fn write_outputs(dir: &Path, manifest: &Manifest) -> Result<()> {
 fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
     if final_dir.exists() {
         let old = final_dir.with_extension("old");
-        fs::rename(final_dir, &old)?;
-        fs::rename(staged, final_dir)?;
-        fs::remove_dir_all(&old).ok();
+        // Left by an earlier replacement that could not remove it.
+        remove::dir_if_present(&old)?;
+        fs::rename(final_dir, &old).with_context(|| {
+            format!(
+                "cannot move the previous output {} out of the way",
+                final_dir.display()
+            )
+        })?;
+        fs::rename(staged, final_dir)
+            .with_context(|| format!("cannot move the output to {}", final_dir.display()))?;
+        // The new output is in place; the old one only takes space.
+        if let Err(e) = fs::remove_dir_all(&old) {
+            tracing::warn!("cannot remove the previous output {}: {e}", old.display());
+        }
     } else {
         if let Some(parent) = final_dir.parent() {
             fs::create_dir_all(parent)?;

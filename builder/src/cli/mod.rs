@@ -342,6 +342,8 @@ fn packer_options(
     out: Option<PathBuf>,
 ) -> Result<crate::publish::packer::RenderOptions> {
     let opts = publish::aws_options(settings, aws.profile, aws.endpoint_url);
+    // `.ok()`: a variable that is unset (or not UTF-8, which no region or URL is) is
+    // not given, as the AWS SDK reads it.
     let region = region
         .or(opts.region)
         .or_else(|| std::env::var("AWS_REGION").ok())
@@ -501,6 +503,8 @@ fn init_logging(verbose: bool, ui: &Ui) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DEVOS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Fails only when a subscriber is already set (`run` called twice in one
+    // process): logging then goes there.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

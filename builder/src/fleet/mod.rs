@@ -72,6 +72,22 @@ impl Current {
     }
 }
 
+/// The image and version a stack runs, by its image tag and ImageVersion parameter;
+/// an error for a stack devos-build did not deploy.
+fn running_version(s: &Stack) -> Result<(&str, &str)> {
+    let image = s.tags.get(TAG_IMAGE).with_context(|| {
+        format!(
+            "stack {} has no {TAG_IMAGE} tag: it was not deployed by devos-build",
+            s.name
+        )
+    })?;
+    let version = s
+        .parameters
+        .get("ImageVersion")
+        .with_context(|| format!("stack {} has no ImageVersion parameter", s.name))?;
+    Ok((image, version))
+}
+
 /// One planned change of a stack to a version.
 struct Plan<'a> {
     kind: &'a str,
@@ -130,22 +146,22 @@ impl Ctx<'_> {
 
     /// The version a stack runs, from its ImageVersion parameter and image tag.
     fn current(&self, s: &Stack) -> Result<Current> {
-        let image = s.tags.get(TAG_IMAGE).with_context(|| {
-            format!(
-                "stack {} has no {TAG_IMAGE} tag: it was not deployed by devos-build",
-                s.name
-            )
-        })?;
-        let version = s
-            .parameters
-            .get("ImageVersion")
-            .with_context(|| format!("stack {} has no ImageVersion parameter", s.name))?;
-        let reference = format!("{image}@{version}");
+        let (image, version) = running_version(s)?;
         Ok(Current {
-            image: image.clone(),
-            known: self.reg.find(&reference).ok(),
-            reference,
+            image: image.to_owned(),
+            reference: format!("{image}@{version}"),
+            known: self.known(image, version)?,
         })
+    }
+
+    /// `image` at `version`, if this registry has it (a failure to read the registry
+    /// is an error, not "unknown").
+    fn known(&self, image: &str, version: &str) -> Result<Option<VersionInfo>> {
+        Ok(self
+            .reg
+            .versions(Some(image))?
+            .into_iter()
+            .find(|v| v.version == version))
     }
 
     fn template_of(s: &Stack) -> Result<Template> {
@@ -423,7 +439,14 @@ pub fn deploy(
             {
                 bail!("stack {} runs image {image}, not {}", t.stack, v.name);
             }
-            let from = cx.current(&s).ok().and_then(|c| c.known);
+            // A stack devos-build did not deploy runs no version to go back to.
+            let from = match running_version(&s) {
+                Ok((image, version)) => cx.known(image, version)?,
+                Err(e) => {
+                    tracing::warn!("{e:#}; deploying without a version to roll back to");
+                    None
+                }
+            };
             let plan = Plan {
                 kind: "deploy",
                 stack: &t.stack,
@@ -641,7 +664,10 @@ pub fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result<Status
         let stack = stack::describe(&cx.aws, &cx.region, &t.stack)
             .await?
             .with_context(|| format!("there is no stack {} in {}", t.stack, cx.region))?;
-        let version = cx.current(&stack).ok().map(|c| c.reference);
+        // None for a stack devos-build did not deploy: the report shows no version.
+        let version = running_version(&stack)
+            .ok()
+            .map(|(image, version)| format!("{image}@{version}"));
         let running = stack::running(&cx.aws, &cx.region, &t.stack).await?;
         let last = cx
             .reg

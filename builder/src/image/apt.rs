@@ -153,11 +153,17 @@ impl Index {
         let request = spec.all_packages();
         let key = sha256_hex(format!("{archive}\n{}", request.join("\n")).as_bytes());
         let cached = self.dir.join("resolved").join(format!("{key}.json"));
-        if let Some(r) = fs::read(&cached)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Resolution>(&b).ok())
-        {
-            return Ok(r);
+        // A cached resolution that cannot be used is computed again (and replaced).
+        match fs::read(&cached) {
+            Ok(bytes) => match serde_json::from_slice::<Resolution>(&bytes) {
+                Ok(r) => return Ok(r),
+                Err(e) => tracing::warn!(
+                    "cached resolution {} is corrupt ({e}); resolving again",
+                    cached.display()
+                ),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot read {}: {e}; resolving again", cached.display()),
         }
         let mut c = self.apt("apt-get");
         c.args([
@@ -189,10 +195,22 @@ impl Index {
             .map(|(uri, suite)| self.lists().join(list_name(uri, suite)))
             .filter(|f| files.contains(f))
             .or_else(|| files.into_iter().next());
-        let archive_date = first
-            .and_then(|f| fs::read_to_string(f).ok())
-            .and_then(|t| release_date(&t))
-            .unwrap_or(0);
+        // The date becomes every file time in the image: an unreadable file is an
+        // error, not 1970.
+        let archive_date = match first {
+            Some(f) => {
+                let text = fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                release_date(&text).unwrap_or_else(|| {
+                    tracing::warn!(
+                        "{} has no valid Date: field; the image's files are dated 1970 unless the spec or SOURCE_DATE_EPOCH sets a date",
+                        f.display()
+                    );
+                    0
+                })
+            }
+            None => 0,
+        };
         let r = Resolution {
             archive,
             archive_date,
@@ -234,7 +252,8 @@ fn list_name(uri: &str, suite: &str) -> String {
     format!("{}/dists/{suite}/InRelease", bare.trim_end_matches('/')).replace('/', "_")
 }
 
-/// The `Date:` field of a Release file as a Unix time.
+/// The `Date:` field of a Release file as a Unix time; `None` when there is none or
+/// it is not an HTTP date.
 pub fn release_date(text: &str) -> Option<u64> {
     let value = text
         .lines()

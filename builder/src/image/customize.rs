@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::image::identity::Identity;
 use crate::model::spec::{RootFs, Spec};
-use crate::support::cmd;
+use crate::support::{cmd, remove};
 
 /// Units enabled in every image: (unit, the target whose .wants gets it).
 const ENABLED_UNITS: &[(&str, &str)] = &[
@@ -201,7 +201,8 @@ fn write_identity(spec: &Spec, root: &Path) -> Result<()> {
     fs::write(root.join("etc/timezone"), format!("{}\n", spec.timezone))?;
     // Empty: systemd makes a transient id at boot; every machine gets its own.
     fs::write(root.join("etc/machine-id"), "")?;
-    let _ = fs::remove_file(root.join("var/lib/dbus/machine-id"));
+    // A D-Bus machine id left from the build would be shared by every machine.
+    remove::file_if_present(&root.join("var/lib/dbus/machine-id"))?;
     Ok(())
 }
 
@@ -334,6 +335,7 @@ fn create_users(spec: &Spec, root: &Path) -> Result<()> {
     let used: Vec<u32> = passwd
         .lines()
         .chain(group.lines())
+        // A line without a numeric id (blank, a comment) takes no id.
         .filter_map(|l| l.split(':').nth(2)?.parse().ok())
         .collect();
     let mut next = 1000;
@@ -419,7 +421,8 @@ fn replace_with_symlink(path: &Path, target: &str) -> Result<()> {
     Ok(())
 }
 
-/// Logs and caches with build-time timestamps that no image should carry.
+/// Logs and caches with build-time timestamps that no image should carry (one left
+/// behind would make two builds differ, so failing to remove it is an error).
 fn remove_build_leftovers(root: &Path) -> Result<()> {
     for file in [
         "var/log/dpkg.log",
@@ -429,14 +432,22 @@ fn remove_build_leftovers(root: &Path) -> Result<()> {
         "var/lib/dpkg/status-old",
         "var/lib/dpkg/diversions-old",
     ] {
-        let _ = fs::remove_file(root.join(file));
+        remove::file_if_present(&root.join(file))?;
     }
     for dir in ["var/log/apt", "var/cache/apt/archives"] {
-        if let Ok(entries) = fs::read_dir(root.join(dir)) {
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_file()) {
-                    let _ = fs::remove_file(e.path());
-                }
+        let dir = root.join(dir);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+        };
+        for e in entries {
+            let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+            let kind = e
+                .file_type()
+                .with_context(|| format!("cannot read the type of {}", e.path().display()))?;
+            if kind.is_file() {
+                remove::file_if_present(&e.path())?;
             }
         }
     }

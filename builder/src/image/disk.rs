@@ -33,6 +33,7 @@ pub struct Partition {
 }
 
 /// Find the single path matching `pattern` (a `*` is allowed in the last component).
+/// `None` also when the directory cannot be listed: callers then say what is missing.
 pub fn find_one(root: &Path, pattern: &str) -> Option<PathBuf> {
     let full = root.join(pattern);
     let name = full.file_name()?.to_str()?.to_owned();
@@ -491,7 +492,8 @@ fn debugfs(img: &Path, script: &str, epoch: u64) -> Result<()> {
     Ok(())
 }
 
-/// A Unix time as debugfs's `YYYYMMDDHHMMSS` (UTC).
+/// A Unix time as debugfs's `YYYYMMDDHHMMSS` (UTC); a time past year 9999, which
+/// neither the spec nor SOURCE_DATE_EPOCH may give, gives the epoch's.
 pub fn debugfs_time(epoch: u64) -> String {
     let t = i64::try_from(epoch)
         .ok()

@@ -77,6 +77,8 @@ pub struct Inputs<'a> {
     pub packages: &'a [Package],
     /// The archive's date, used when neither the spec nor the environment set one.
     pub archive_date: u64,
+    /// `SOURCE_DATE_EPOCH` from the environment ([`source_date_epoch`]).
+    pub env_source_date_epoch: Option<u64>,
     /// `name=version` of the host tools that write the image (mmdebstrap, mkfs, ...).
     pub host_tools: &'a str,
 }
@@ -91,7 +93,7 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
     let spec = i.spec;
     let source_date_epoch = spec
         .source_date_epoch
-        .or_else(source_date_epoch)
+        .or(i.env_source_date_epoch)
         .unwrap_or(i.archive_date);
     let packages: String = i
         .packages
@@ -151,9 +153,22 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
     }
 }
 
-/// `SOURCE_DATE_EPOCH` from the environment, if set to a number.
-pub fn source_date_epoch() -> Option<u64> {
-    std::env::var("SOURCE_DATE_EPOCH").ok()?.parse().ok()
+/// `SOURCE_DATE_EPOCH` from the environment; `None` when unset or empty. Set to
+/// anything but whole seconds it is an error: ignoring it would quietly give an image
+/// of another date than the one asked for.
+pub fn source_date_epoch() -> anyhow::Result<Option<u64>> {
+    let value = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if v.is_empty() => return Ok(None),
+        Ok(v) => v,
+        Err(std::env::VarError::NotPresent) => return Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => v.to_string_lossy().into_owned(),
+    };
+    match value.parse::<u64>() {
+        Ok(secs) if secs <= crate::model::spec::MAX_SOURCE_DATE_EPOCH => Ok(Some(secs)),
+        _ => anyhow::bail!(
+            "SOURCE_DATE_EPOCH is {value:?}, not a Unix time in seconds\n  hint: set it to a number such as 1700000000, or unset it to use the archive's date"
+        ),
+    }
 }
 
 /// A random-looking (version 4 layout) UUID that is a pure function of the build id
@@ -210,17 +225,13 @@ mod tests {
             sources_deb822: sources,
             packages,
             archive_date: date,
+            env_source_date_epoch: None,
             host_tools: tools,
         })
     }
 
     #[test]
     fn every_input_changes_the_id_and_irrelevant_edits_do_not() {
-        // SAFETY of the test: no other test in this binary reads SOURCE_DATE_EPOCH.
-        assert!(
-            source_date_epoch().is_none(),
-            "unset SOURCE_DATE_EPOCH to run the tests"
-        );
         let p = pkgs(&[("bash", "5.2"), ("dbus", "1.14")]);
         let base = id(SPEC, "a", "deb", &p, 100, "mmdebstrap=1");
         let same = id(
@@ -300,19 +311,29 @@ mod tests {
             );
         }
         // A spec's own source-date-epoch wins over the archive date.
-        let pinned = id(
-            &SPEC.replace(
-                "version = \"0.1.0\"",
-                "version = \"0.1.0\"\nsource-date-epoch = 1700000000",
-            ),
-            "a",
-            "deb",
-            &p,
-            100,
-            "mmdebstrap=1",
+        let pinned_spec = SPEC.replace(
+            "version = \"0.1.0\"",
+            "version = \"0.1.0\"\nsource-date-epoch = 1700000000",
         );
+        let pinned = id(&pinned_spec, "a", "deb", &p, 100, "mmdebstrap=1");
         assert_eq!(pinned.source_date_epoch, 1_700_000_000);
         assert_eq!(base.source_date_epoch, 100);
+        // SOURCE_DATE_EPOCH from the environment wins over the archive date, not
+        // over the spec.
+        let with_env = |spec_text: &str| {
+            resolve(&Inputs {
+                spec: &spec(spec_text),
+                agent_sha256: Some("a"),
+                sources_deb822: "deb",
+                packages: &p,
+                archive_date: 100,
+                env_source_date_epoch: Some(1_600_000_000),
+                host_tools: "mmdebstrap=1",
+            })
+            .source_date_epoch
+        };
+        assert_eq!(with_env(SPEC), 1_600_000_000);
+        assert_eq!(with_env(&pinned_spec), 1_700_000_000);
     }
 
     #[test]
@@ -369,6 +390,7 @@ mod tests {
             sources_deb822: "deb",
             packages: &p,
             archive_date: 100,
+            env_source_date_epoch: None,
             host_tools: "mmdebstrap=1",
         };
         let before = resolve_with(&inputs, SHAPING_SOURCES);

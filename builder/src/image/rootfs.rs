@@ -1,6 +1,7 @@
 //! The `rootfs` stage: bootstrap the base tree with mmdebstrap, and the package
 //! sources it uses (the spec's mirror, the host's apt sources, or the distro default).
 
+// `let _ = write!(string, ...)` below: writing to a String cannot fail.
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -78,7 +79,7 @@ fn keyring(spec: &Spec) -> Option<PathBuf> {
 /// The host's deb822 apt sources, rewritten to the spec's components, when the host
 /// runs the spec's distro and suite.
 fn host_sources(spec: &Spec) -> Option<Sources> {
-    let os_release = std::fs::read_to_string("/etc/os-release").ok()?;
+    let os_release = read_host_file(Path::new("/etc/os-release"))?;
     let id = devos_agent::os_release::field(&os_release, "ID")?;
     let codename = devos_agent::os_release::field(&os_release, "VERSION_CODENAME")?;
     let wanted = match spec.distro {
@@ -90,15 +91,27 @@ fn host_sources(spec: &Spec) -> Option<Sources> {
         return None;
     }
     let mut stanzas = Vec::new();
-    let mut dir: Vec<PathBuf> = std::fs::read_dir("/etc/apt/sources.list.d")
-        .ok()?
+    let list_dir = Path::new("/etc/apt/sources.list.d");
+    let entries = match std::fs::read_dir(list_dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(
+                    "cannot list {}: {e}; using the distro's default mirror",
+                    list_dir.display()
+                );
+            }
+            return None;
+        }
+    };
+    let mut dir: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "sources"))
         .collect();
     dir.sort();
     for path in dir {
-        let text = std::fs::read_to_string(&path).ok()?;
+        let text = read_host_file(&path)?;
         stanzas.extend(parse_deb822(&text));
     }
     let mut deb822 = String::new();
@@ -138,6 +151,23 @@ fn host_sources(spec: &Spec) -> Option<Sources> {
         deb822,
         repos,
     })
+}
+
+/// A host file `host_sources` reads; `None` when it cannot be read, logged unless it
+/// is missing, since the build then takes the default mirror instead of the host's.
+fn read_host_file(path: &Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(
+                    "cannot read {}: {e}; using the distro's default mirror",
+                    path.display()
+                );
+            }
+            None
+        }
+    }
 }
 
 struct Stanza {
@@ -252,6 +282,7 @@ pub fn bootstrap(
             spec.distro, spec.suite
         )
     });
+    // Scratch beside the tree in the build's work directory, removed with it anyway.
     let _ = std::fs::remove_file(&work);
     result?;
     Ok(())

@@ -48,7 +48,7 @@ pub fn export(
     let recorded = v.artifacts.iter().find(|a| a.format == format);
     if let Some(a) = recorded
         && out.is_none()
-        && crate::support::digest::file_sha256(&path).ok().as_deref() == Some(a.sha256.as_str())
+        && already_exported(&path, &a.sha256)
     {
         return Ok(Export {
             version,
@@ -70,6 +70,7 @@ pub fn export(
     let (sha256, size) = match result {
         Ok(r) => r,
         Err(e) => {
+            // The partial file may never have been made; `e` is the error that matters.
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
@@ -93,4 +94,17 @@ pub fn export(
         size,
         converted: true,
     })
+}
+
+/// Whether `path` holds the recorded export. Missing is the usual no; unreadable is
+/// logged, and the export is made again and renamed over it.
+fn already_exported(path: &Path, sha256: &str) -> bool {
+    match crate::support::digest::file_sha256(path) {
+        Ok(actual) => actual == sha256,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::warn!("cannot read {}: {e}; converting again", path.display());
+            false
+        }
+    }
 }

@@ -275,7 +275,13 @@ pub fn verify(reg: &Registry, reference: &str) -> Result<Verify> {
     let v = reg.find(reference)?;
     let mut artifacts = Vec::new();
     for a in &v.artifacts {
-        let actual = digest::file_sha256(&v.dir.join(&a.file)).ok();
+        let path = v.dir.join(&a.file);
+        let actual = match digest::file_sha256(&path) {
+            Ok(sha256) => Some(sha256),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            // Not "missing": the user has to fix access before anything can be verified.
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
         artifacts.push(VerifiedArtifact {
             ok: actual.as_deref() == Some(a.sha256.as_str()),
             file: a.file.clone(),

@@ -440,6 +440,9 @@ impl Spec {
 }
 
 const MIN_DISK: u64 = 512 << 20;
+/// The latest source date a spec or SOURCE_DATE_EPOCH may give: the end of year 9999
+/// (dates are written with four-digit years).
+pub const MAX_SOURCE_DATE_EPOCH: u64 = 253_402_300_799;
 
 /// Load and validate a spec file and the layers it includes.
 pub fn load(path: &Path) -> Result<Spec, SpecError> {
@@ -471,14 +474,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     let version = parse_version(&src, &raw.image.version)?;
 
     let source_date_epoch = match &raw.image.source_date_epoch {
-        Some(t) if *t.get_ref() < 0 || *t.get_ref() > 253_402_300_799 => {
-            return Err(src.error(
-                t,
-                format!("invalid source-date-epoch {}", t.get_ref()),
-                "give a Unix time in seconds, e.g. `source-date-epoch = 1700000000`, or remove the key to use the archive's date",
-            ));
-        }
-        Some(t) => u64::try_from(*t.get_ref()).ok(),
+        Some(t) => match u64::try_from(*t.get_ref()) {
+            Ok(secs) if secs <= MAX_SOURCE_DATE_EPOCH => Some(secs),
+            _ => {
+                return Err(src.error(
+                    t,
+                    format!("invalid source-date-epoch {}", t.get_ref()),
+                    "give a Unix time in seconds, e.g. `source-date-epoch = 1700000000`, or remove the key to use the archive's date",
+                ));
+            }
+        },
         None => None,
     };
     let distro: Distro = pick(&src, &raw.base.distro, "distro")?;
@@ -811,6 +816,8 @@ fn load_layer(src: &Source, layer: &Spanned<String>) -> Result<Layer, SpecError>
     })
 }
 
+/// The layers in `dir`, for the hint of an error about a missing one: what cannot be
+/// listed (or named in TOML, not being UTF-8) is left out of the hint.
 fn list_layers(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
@@ -825,7 +832,8 @@ fn list_layers(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Parse `2G`, `1536M`, `2GiB`, `512MiB`, `1T` (binary units) into bytes.
+/// Parse `2G`, `1536M`, `2GiB`, `512MiB`, `1T` (binary units) into bytes; `None`
+/// (the caller's error) for anything else or too large.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -900,7 +908,9 @@ fn is_ssh_key(s: &str) -> bool {
 /// `[[tests]]` are left out: they do not change the image (the boot test reads them
 /// from the spec), so editing a test never rebuilds anything.
 pub fn canonical(spec: &Spec) -> String {
-    let mut v = serde_json::to_value(spec).unwrap_or_default();
+    // A spec is plain data with string keys: serializing cannot fail, and a silent
+    // `null` here would give every spec the same build id.
+    let mut v = serde_json::to_value(spec).expect("a spec always serializes to JSON");
     if let Some(map) = v.as_object_mut() {
         map.remove("tests");
     }

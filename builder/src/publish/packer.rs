@@ -198,7 +198,9 @@ pub fn build(
     }
     let rendered = render(reg, &format!("{}@{}", v.name, v.version), opts)?;
     let manifest = rendered.dir.join(MANIFEST_FILE);
-    let _ = std::fs::remove_file(&manifest);
+    // Packer appends to an existing manifest: a stale build in it could be taken for
+    // this one's AMI.
+    crate::support::remove::file_if_present(&manifest)?;
     let mut c = packer(&rendered.dir);
     c.args(["build", "-color=false", "-timestamp-ui"]);
     for var in vars {

@@ -8,6 +8,7 @@
 //! rebuilt, never used.
 
 use std::fs;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
@@ -15,7 +16,7 @@ use std::time::SystemTime;
 use anyhow::{Context, Result};
 
 use crate::support::time::secs;
-use crate::support::{cmd, digest};
+use crate::support::{cmd, digest, remove};
 
 /// Where the cache lives: `$DEVOS_CACHE_DIR`, else `$XDG_CACHE_HOME/devos`, else
 /// `~/.cache/devos`.
@@ -88,18 +89,36 @@ impl Cache {
             return Ok(false);
         }
         let dir = self.entry_dir(kind, key);
-        let Ok(text) = fs::read_to_string(dir.join(ENTRY)) else {
-            return Ok(false);
+        let text = match fs::read_to_string(dir.join(ENTRY)) {
+            Ok(text) => text,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read {}: {e}; building the stage again",
+                    dir.join(ENTRY).display()
+                );
+                return Ok(false);
+            }
         };
         let archive = dir.join(ARCHIVE);
-        let entry: Option<Entry> = serde_json::from_str(&text).ok();
-        let actual = digest::file_sha256(&archive).ok();
-        if entry.is_none() || entry.as_ref().map(|e| &e.sha256) != actual.as_ref() {
+        let problem = match serde_json::from_str::<Entry>(&text) {
+            Err(e) => Some(format!("its entry.json is not valid: {e}")),
+            Ok(entry) => match digest::file_sha256(&archive) {
+                Err(e) => Some(format!("cannot read its {ARCHIVE}: {e}")),
+                Ok(actual) if actual != entry.sha256 => {
+                    Some("its sha256 does not match entry.json".to_owned())
+                }
+                Ok(_) => None,
+            },
+        };
+        if let Some(problem) = problem {
             tracing::warn!(
-                "cache entry {} is corrupt (its sha256 does not match entry.json); removing it and building the stage again",
+                "cache entry {} is corrupt ({problem}); removing it and building the stage again",
                 dir.display()
             );
-            remove_entry(&dir);
+            if let Err(e) = remove_entry(&dir) {
+                tracing::warn!("{e:#}");
+            }
             return Ok(false);
         }
         fs::create_dir_all(dest)?;
@@ -119,7 +138,8 @@ impl Cache {
                 "cannot restore {}: {e}; building the stage again",
                 dir.display()
             );
-            fs::remove_dir_all(dest).ok();
+            // The stage is built into `dest` next: it must not hold half a tree.
+            remove::dir_if_present(dest)?;
             return Ok(false);
         }
         touch(&dir);
@@ -163,7 +183,7 @@ impl Cache {
             tmp.path().join(ENTRY),
             serde_json::to_string_pretty(&entry)?,
         )?;
-        tmp.persist(&self.entry_dir(kind, key));
+        tmp.persist(&self.entry_dir(kind, key))?;
         Ok(())
     }
 
@@ -171,16 +191,32 @@ impl Cache {
     pub fn status(&self) -> Result<Status> {
         let mut entries = Vec::new();
         for kind in KINDS {
-            let Ok(dirs) = fs::read_dir(self.root.join("stages").join(kind)) else {
-                continue;
+            let kind_dir = self.root.join("stages").join(kind);
+            let dirs = match fs::read_dir(&kind_dir) {
+                Ok(dirs) => dirs,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot list {}", kind_dir.display()));
+                }
             };
             for d in dirs.flatten() {
                 if d.file_name().to_string_lossy().starts_with('.') {
                     continue;
                 }
-                let entry = fs::read_to_string(d.path().join(ENTRY))
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<Entry>(&t).ok());
+                let about = match fs::read_to_string(d.path().join(ENTRY)) {
+                    Ok(text) => match serde_json::from_str::<Entry>(&text) {
+                        Ok(entry) => entry.about,
+                        Err(e) => {
+                            tracing::warn!("{} is not valid: {e}", d.path().join(ENTRY).display());
+                            "corrupt".into()
+                        }
+                    },
+                    Err(e) if e.kind() == ErrorKind::NotFound => "incomplete".into(),
+                    Err(e) => {
+                        tracing::warn!("cannot read {}: {e}", d.path().join(ENTRY).display());
+                        "unreadable".into()
+                    }
+                };
                 let last_used = fs::metadata(d.path().join(ENTRY))
                     .and_then(|m| m.modified())
                     .map_or(0, secs);
@@ -189,9 +225,7 @@ impl Cache {
                     key: d.file_name().to_string_lossy().into_owned(),
                     size: dir_size(&d.path()),
                     last_used,
-                    about: entry
-                        .map(|e| e.about)
-                        .unwrap_or_else(|| "incomplete".into()),
+                    about,
                 });
             }
         }
@@ -212,7 +246,7 @@ impl Cache {
         let mut pruned = Pruned::default();
         for kind in KINDS {
             for e in status.entries.iter().filter(|e| e.kind == *kind).skip(keep) {
-                remove_entry(&self.entry_dir(kind, &e.key));
+                remove_entry(&self.entry_dir(kind, &e.key))?;
                 pruned.entries += 1;
                 pruned.bytes += e.size;
             }
@@ -220,8 +254,9 @@ impl Cache {
         if packages {
             for sub in ["packages", "apt", "agent"] {
                 let d = self.root.join(sub);
-                pruned.bytes += dir_size(&d);
-                fs::remove_dir_all(&d).ok();
+                let bytes = dir_size(&d);
+                remove::dir_if_present(&d)?;
+                pruned.bytes += bytes;
             }
         }
         Ok(pruned)
@@ -280,29 +315,41 @@ pub fn mib(bytes: u64) -> String {
 }
 
 /// Move an entry out of the way in one rename, then delete it: a reader either
-/// sees the whole entry or none.
-fn remove_entry(dir: &Path) {
+/// sees the whole entry or none. An entry already gone (another build removed it)
+/// is fine.
+fn remove_entry(dir: &Path) -> Result<()> {
     let gone = dir.with_file_name(format!(
         ".gone-{}-{}",
         std::process::id(),
         dir.file_name().unwrap_or_default().to_string_lossy()
     ));
-    if fs::rename(dir, &gone).is_ok() {
-        fs::remove_dir_all(&gone).ok();
+    match fs::rename(dir, &gone) {
+        Ok(()) => remove::dir_if_present(&gone),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot remove the cache entry {}", dir.display()))
+        }
     }
 }
 
-/// Record a use (prune keeps the most recently used entries).
+/// Record a use (prune keeps the most recently used entries). A failure only makes
+/// the entry look older to prune, so it is logged, not an error.
 fn touch(dir: &Path) {
-    if let Ok(f) = fs::File::options().append(true).open(dir.join(ENTRY)) {
-        let _ = f.set_modified(SystemTime::now());
+    let path = dir.join(ENTRY);
+    let touched = fs::File::options()
+        .append(true)
+        .open(&path)
+        .and_then(|f| f.set_modified(SystemTime::now()));
+    if let Err(e) = touched {
+        tracing::warn!("cannot record the use of {}: {e}", path.display());
     }
 }
 
 pub fn dir_size(root: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
-    // Unreadable entries count as nothing: this is a size shown to the user.
+    // Unreadable entries count as nothing: this is a size shown to the user, not a
+    // reason to fail `cache status` or `cache prune`.
     for m in walkdir::WalkDir::new(root)
         .min_depth(1)
         .into_iter()

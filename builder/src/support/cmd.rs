@@ -2,7 +2,6 @@
 //! dpkg, cargo, ...): logged, stdin closed, killed if we die, stderr's tail in the error.
 
 use std::ffi::OsStr;
-use std::fmt::Write as _;
 use std::process::{Command, Output, Stdio};
 
 /// How many trailing lines of a failed command's output go into the error.
@@ -130,7 +129,8 @@ fn tail(output: &Output) -> String {
         out.push_str("; its last output:");
     }
     for l in &lines[lines.len().saturating_sub(TAIL_LINES)..] {
-        let _ = write!(out, "\n    {l}");
+        out.push_str("\n    ");
+        out.push_str(l);
     }
     out
 }

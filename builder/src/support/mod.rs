@@ -1,8 +1,10 @@
-//! Layer 0, support: running commands, digests, work directories, time, progress.
+//! Layer 0, support: running commands, digests, work directories, removals, time,
+//! progress.
 //! Knows nothing of specs, images or AWS.
 
 pub mod cmd;
 pub mod digest;
+pub mod remove;
 pub mod time;
 pub mod ui;
 pub mod workdir;

@@ -13,7 +13,8 @@ pub fn secs(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// `YYYY-MM-DD HH:MM:SS` (UTC) for a Unix time.
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for a Unix time; a time past year 9999, which no
+/// clock or archive gives, shows as the epoch.
 pub fn utc(t: u64) -> String {
     let t = i64::try_from(t)
         .ok()

@@ -30,13 +30,23 @@ impl WorkDir {
     }
 
     /// Rename the directory to `dest` in one step. If `dest` already exists (another
-    /// build made the same thing), keep that one and drop this.
-    pub fn persist(self, dest: &Path) {
-        let _ = fs::remove_file(self.dir.path().join(WORK_LOCK));
+    /// build made the same thing), keep that one and drop this; any other failure to
+    /// rename is an error.
+    pub fn persist(self, dest: &Path) -> Result<()> {
+        let lock = self.dir.path().join(WORK_LOCK);
+        fs::remove_file(&lock).with_context(|| format!("cannot remove {}", lock.display()))?;
         let path = self.dir.keep();
-        if fs::rename(&path, dest).is_err() {
-            let _ = fs::remove_dir_all(&path);
+        let Err(e) = fs::rename(&path, dest) else {
+            return Ok(());
+        };
+        // Unlocked now, so no sweep would take it: say it is left behind.
+        if let Err(e) = fs::remove_dir_all(&path) {
+            tracing::warn!("cannot remove the work directory {}: {e}", path.display());
         }
+        if dest.is_dir() {
+            return Ok(());
+        }
+        Err(e).with_context(|| format!("cannot move {} to {}", path.display(), dest.display()))
     }
 }
 
@@ -46,8 +56,17 @@ const WORK_LOCK: &str = "lock";
 /// Remove work directories left by builds that were killed (their lock is free).
 /// Directories of builds still running are locked and left alone.
 pub fn remove_stale_work_dirs(images: &Path) {
-    let Ok(entries) = fs::read_dir(images) else {
-        return;
+    // Sweeping only frees space: a build goes on without it.
+    let entries = match fs::read_dir(images) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(
+                "cannot look for work directories of killed builds in {}: {e}",
+                images.display()
+            );
+            return;
+        }
     };
     for entry in entries.flatten() {
         let dir = entry.path();
@@ -55,7 +74,9 @@ pub fn remove_stale_work_dirs(images: &Path) {
             && fs::File::open(dir.join(WORK_LOCK)).is_ok_and(|f| f.try_lock().is_ok());
         if stale {
             tracing::info!("removing {} left by a killed build", dir.display());
-            let _ = fs::remove_dir_all(&dir);
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
         }
     }
 }

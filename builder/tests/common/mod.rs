@@ -16,11 +16,29 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_devos-build");
 pub static HEAVY: Mutex<()> = Mutex::new(());
 
 /// `devos-build`, as every test runs it: without the developer's AWS variables,
-/// profiles and credentials (a test sets the ones it means, such as moto's endpoint).
+/// profiles and credentials (a test sets the ones it means, such as moto's endpoint),
+/// and never with the developer's cache, registry or settings: the shared test cache,
+/// a registry of this test process, no settings file. (Tests that need their own
+/// registry or cache set `DEVOS_REGISTRY` and `DEVOS_CACHE_DIR` over these.)
 pub fn devos_build_command() -> Command {
+    let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let mut c = Command::new(BIN);
     isolate_aws(&mut c);
+    c.env("DEVOS_CACHE_DIR", test_cache())
+        .env(
+            "DEVOS_REGISTRY",
+            scratch.join(format!("registry-{}.db", std::process::id())),
+        )
+        .env_remove("DEVOS_CONFIG")
+        .env("XDG_CONFIG_HOME", scratch.join("no-config"))
+        .env("XDG_DATA_HOME", scratch.join("no-data"));
     c
+}
+
+/// The cache every test shares (downloaded packages, stage entries): under the
+/// build's target directory, never the developer's.
+pub fn test_cache() -> PathBuf {
+    repo_root().join("target/test-cache")
 }
 
 pub struct Env {
@@ -44,8 +62,7 @@ impl Env {
             require(tool, package);
         }
         let dir = tempfile::tempdir().unwrap();
-        let cache = repo_root().join("target/test-cache");
-        seed_packages(&cache);
+        let cache = test_cache();
         let agent_deb = devos_build::build::agent_pkg::build(&repo_root(), dir.path(), 0)
             .unwrap()
             .path;
@@ -145,26 +162,6 @@ pub fn ok(out: &Output) {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
-}
-
-/// Link the default cache's downloaded packages into the test cache.
-fn seed_packages(cache: &Path) {
-    let default = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/devos/packages"))
-        .unwrap_or_default();
-    let Ok(suites) = std::fs::read_dir(&default) else {
-        return;
-    };
-    for suite in suites.flatten() {
-        let dest = cache.join("packages").join(suite.file_name());
-        std::fs::create_dir_all(&dest).unwrap();
-        for deb in std::fs::read_dir(suite.path()).unwrap().flatten() {
-            let to = dest.join(deb.file_name());
-            if !to.exists() {
-                let _ = std::fs::hard_link(deb.path(), &to);
-            }
-        }
-    }
 }
 
 /// Flip one byte in the middle of a file.
