@@ -505,10 +505,38 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, Audit
         journal_anchors: None,
     };
     let limit = options.snapshot.as_ref().map(|s| s.seq);
-    let mut hashes: std::collections::HashMap<u64, (String, String)> = Default::default();
+    let hashes = check_entries(dir, limit, &mut v)?;
+    if v.first_bad.is_none() {
+        check_checkpoints(dir, limit, &hashes, &mut v)?;
+    }
+    if v.first_bad.is_none() {
+        v.first_bad = match &options.snapshot {
+            Some(snapshot) => snapshot_problem(snapshot, &v),
+            None => head_problem(dir, &v),
+        };
+    }
+    if v.first_bad.is_none() {
+        check_anchors(dir, options, &hashes, &mut v)?;
+    }
+    v.ok = v.first_bad.is_none();
+    Ok(v)
+}
+
+/// Each verified entry's hash and the file it is in, by sequence number.
+type Hashes = std::collections::HashMap<u64, (String, String)>;
+
+/// Walk the log files in order, up to entry `limit`: every entry must parse, follow
+/// the one before by number and hash, and match its own hash. Stops at the first
+/// problem, which goes into `v`.
+fn check_entries(
+    dir: &Path,
+    limit: Option<u64>,
+    v: &mut Verification,
+) -> Result<Hashes, AuditError> {
+    let mut hashes = Hashes::default();
     let mut expect_seq = 1;
     let files = log_files(dir)?;
-    'files: for (_, path) in &files {
+    for (_, path) in &files {
         v.files += 1;
         let name = path
             .file_name()
@@ -526,37 +554,18 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, Audit
                 reason,
             };
             if limit.is_some_and(|l| expect_seq > l) {
-                break 'files;
+                return Ok(hashes);
             }
             let entry: Entry = match serde_json::from_slice(&line) {
                 Ok(e) => e,
                 Err(e) => {
                     v.first_bad = Some(bad(None, format!("not a valid entry: {e}")));
-                    break 'files;
+                    return Ok(hashes);
                 }
             };
-            let problem = if entry.seq != expect_seq {
-                Some(if entry.seq > expect_seq {
-                    format!(
-                        "expected entry {expect_seq}, found {}: entries are missing or out of order",
-                        entry.seq
-                    )
-                } else {
-                    format!(
-                        "expected entry {expect_seq}, found {}: entries are repeated or out of order",
-                        entry.seq
-                    )
-                })
-            } else if entry.prev != v.last_hash {
-                Some("does not link to the entry before it (an entry was removed, inserted or reordered)".to_owned())
-            } else if entry.compute_hash() != entry.hash {
-                Some("its contents do not match its hash (the entry was edited)".to_owned())
-            } else {
-                None
-            };
-            if let Some(reason) = problem {
+            if let Some(reason) = entry_problem(&entry, expect_seq, &v.last_hash) {
                 v.first_bad = Some(bad(Some(entry.seq), reason));
-                break 'files;
+                return Ok(hashes);
             }
             hashes.insert(entry.seq, (entry.hash.clone(), name.clone()));
             v.last_hash = entry.hash;
@@ -564,109 +573,138 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, Audit
             expect_seq += 1;
         }
     }
-    if v.first_bad.is_none() {
-        let mut prev = GENESIS.to_owned();
-        for (line, cp) in read_checkpoints(dir)? {
-            let bad = |reason: String| Problem {
-                file: "checkpoints.jsonl".into(),
-                line,
-                seq: None,
-                reason,
-            };
-            let cp = match cp {
-                Ok(cp) => cp,
-                Err(e) => {
-                    v.first_bad = Some(bad(format!("not a valid checkpoint: {e}")));
-                    break;
-                }
-            };
-            if limit.is_some_and(|l| cp.seq > l) {
-                break;
-            }
-            let reason = if cp.prev != prev || cp.compute_hash() != cp.checkpoint_hash {
-                Some("checkpoint chain is broken (a checkpoint was edited or removed)".to_owned())
-            } else {
-                match hashes.get(&cp.seq) {
-                    None => Some(format!(
-                        "checkpoint at entry {} but the log ends at entry {}: the log was truncated",
-                        cp.seq, v.entries
-                    )),
-                    Some((h, _)) if *h != cp.hash => {
-                        Some(format!("entry {} differs from its checkpoint", cp.seq))
-                    }
-                    Some(_) => None,
-                }
-            };
-            if let Some(reason) = reason {
-                v.first_bad = Some(Problem {
-                    seq: Some(cp.seq),
-                    ..bad(reason)
-                });
-                break;
-            }
-            prev = cp.checkpoint_hash;
-            v.checkpoints += 1;
-        }
+    Ok(hashes)
+}
+
+/// What is wrong with `entry`, expected as number `expect_seq` after the entry with
+/// hash `last_hash`.
+fn entry_problem(entry: &Entry, expect_seq: u64, last_hash: &str) -> Option<String> {
+    if entry.seq != expect_seq {
+        Some(if entry.seq > expect_seq {
+            format!(
+                "expected entry {expect_seq}, found {}: entries are missing or out of order",
+                entry.seq
+            )
+        } else {
+            format!(
+                "expected entry {expect_seq}, found {}: entries are repeated or out of order",
+                entry.seq
+            )
+        })
+    } else if entry.prev != last_hash {
+        Some(
+            "does not link to the entry before it (an entry was removed, inserted or reordered)"
+                .to_owned(),
+        )
+    } else if entry.compute_hash() != entry.hash {
+        Some("its contents do not match its hash (the entry was edited)".to_owned())
+    } else {
+        None
     }
-    if v.first_bad.is_none()
-        && let Some(snapshot) = &options.snapshot
-    {
-        if snapshot.seq != v.entries || snapshot.hash != v.last_hash {
+}
+
+/// Every checkpoint up to entry `limit` must link to the one before and match the
+/// entry it names. Stops at the first problem, which goes into `v`.
+fn check_checkpoints(
+    dir: &Path,
+    limit: Option<u64>,
+    hashes: &Hashes,
+    v: &mut Verification,
+) -> Result<(), AuditError> {
+    let mut prev = GENESIS.to_owned();
+    for (line, cp) in read_checkpoints(dir)? {
+        let bad = |reason: String| Problem {
+            file: "checkpoints.jsonl".into(),
+            line,
+            seq: None,
+            reason,
+        };
+        let cp = match cp {
+            Ok(cp) => cp,
+            Err(e) => {
+                v.first_bad = Some(bad(format!("not a valid checkpoint: {e}")));
+                break;
+            }
+        };
+        if limit.is_some_and(|l| cp.seq > l) {
+            break;
+        }
+        let reason = if cp.prev != prev || cp.compute_hash() != cp.checkpoint_hash {
+            Some("checkpoint chain is broken (a checkpoint was edited or removed)".to_owned())
+        } else {
+            match hashes.get(&cp.seq) {
+                None => Some(format!(
+                    "checkpoint at entry {} but the log ends at entry {}: the log was truncated",
+                    cp.seq, v.entries
+                )),
+                Some((h, _)) if *h != cp.hash => {
+                    Some(format!("entry {} differs from its checkpoint", cp.seq))
+                }
+                Some(_) => None,
+            }
+        };
+        if let Some(reason) = reason {
             v.first_bad = Some(Problem {
+                seq: Some(cp.seq),
+                ..bad(reason)
+            });
+            break;
+        }
+        prev = cp.checkpoint_hash;
+        v.checkpoints += 1;
+    }
+    Ok(())
+}
+
+/// A live log verified up to `snapshot` must end there.
+fn snapshot_problem(snapshot: &Snapshot, v: &Verification) -> Option<Problem> {
+    (snapshot.seq != v.entries || snapshot.hash != v.last_hash).then(|| Problem {
+        file: "HEAD".into(),
+        line: 1,
+        seq: Some(snapshot.seq),
+        reason: format!(
+            "the agent's head is entry {} but the log ends at entry {}: the log was truncated or changed",
+            snapshot.seq, v.entries
+        ),
+    })
+}
+
+/// The log must end at the entry the `HEAD` file records (an empty log may have none).
+fn head_problem(dir: &Path, v: &Verification) -> Option<Problem> {
+    let head_path = dir.join("HEAD");
+    match std::fs::read_to_string(&head_path) {
+        Ok(head) if head.trim().is_empty() && v.entries == 0 => None,
+        Ok(head) => {
+            let mut parts = head.split_whitespace();
+            // (A HEAD that does not parse is reported below, as entry ?.)
+            let seq = parts.next().and_then(|s| s.parse::<u64>().ok());
+            let hash = parts.next().unwrap_or("");
+            (seq != Some(v.entries) || hash != v.last_hash).then(|| Problem {
                 file: "HEAD".into(),
                 line: 1,
-                seq: Some(snapshot.seq),
+                seq,
                 reason: format!(
-                    "the agent's head is entry {} but the log ends at entry {}: the log was truncated or changed",
-                    snapshot.seq, v.entries
+                    "the log ends at entry {} but HEAD records entry {}: the log was truncated or HEAD was changed",
+                    v.entries,
+                    seq.map_or("?".into(), |s| s.to_string())
                 ),
-            });
+            })
         }
-    } else if v.first_bad.is_none() {
-        let head_path = dir.join("HEAD");
-        match std::fs::read_to_string(&head_path) {
-            Ok(head) if head.trim().is_empty() && v.entries == 0 => {}
-            Ok(head) => {
-                let mut parts = head.split_whitespace();
-                // (A HEAD that does not parse is reported below, as entry ?.)
-                let seq = parts.next().and_then(|s| s.parse::<u64>().ok());
-                let hash = parts.next().unwrap_or("");
-                if seq != Some(v.entries) || hash != v.last_hash {
-                    v.first_bad = Some(Problem {
-                        file: "HEAD".into(),
-                        line: 1,
-                        seq,
-                        reason: format!(
-                            "the log ends at entry {} but HEAD records entry {}: the log was truncated or HEAD was changed",
-                            v.entries,
-                            seq.map_or("?".into(), |s| s.to_string())
-                        ),
-                    });
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && v.entries == 0 => {}
-            Err(e) => {
-                v.first_bad = Some(Problem {
-                    file: "HEAD".into(),
-                    line: 0,
-                    seq: None,
-                    reason: format!("cannot read HEAD: {e}"),
-                })
-            }
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && v.entries == 0 => None,
+        Err(e) => Some(Problem {
+            file: "HEAD".into(),
+            line: 0,
+            seq: None,
+            reason: format!("cannot read HEAD: {e}"),
+        }),
     }
-    if v.first_bad.is_none() {
-        check_anchors(dir, options, &hashes, &mut v)?;
-    }
-    v.ok = v.first_bad.is_none();
-    Ok(v)
 }
 
 /// Compare the log with the anchors recorded outside it.
 fn check_anchors(
     dir: &Path,
     options: &VerifyOptions,
-    hashes: &std::collections::HashMap<u64, (String, String)>,
+    hashes: &Hashes,
     v: &mut Verification,
 ) -> Result<(), AuditError> {
     let log = log_name_of(dir);

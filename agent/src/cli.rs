@@ -296,11 +296,13 @@ async fn run_request(
         .submit(text, &cwd.to_string_lossy())
         .await
         .map_err(agent_error)?;
-    let get = || async {
-        let text = agent.get(&id).await.map_err(agent_error)?;
-        anyhow::Ok(serde_json::from_str::<Request>(&text)?)
+    let watch = Watch {
+        agent,
+        id: &id,
+        wait,
+        json,
     };
-    let r = get().await?;
+    let r = watch.get().await?;
     if !json {
         print_request(&r, false);
     }
@@ -327,60 +329,122 @@ async fn run_request(
                     continue;
                 }
                 let (index, risk, description) = (args.action, args.risk.to_owned(), crate::executor::printable(args.description));
-                // (Only the prompt's detail: without it the prompt still asks.)
-                let profile = get().await.ok()
-                    .and_then(|r| r.actions.get(index as usize).map(|a| a.profile.clone()))
-                    .unwrap_or_default();
-                if !interactive {
-                    eprintln!("action {index} ({risk}) waits for approval: {description}\n  approve: devos approve {id} {index}\n  deny:    devos deny {id} {index}");
-                    if wait {
-                        continue;
-                    }
-                    return Ok(ExitCode::from(3));
+                if let Some(code) = watch.approval_needed(index, risk, description, interactive).await? {
+                    return Ok(code);
                 }
-                let answer = tokio::task::spawn_blocking(move || {
-                    eprint!("approve [{index}] {description} ({risk}; sandbox: {profile})? [y]es once, [s]ession, [a]lways, [N]o: ");
-                    let mut line = String::new();
-                    // (A failed read is an empty answer, which is No.)
-                    std::io::stdin().lock().read_line(&mut line).ok();
-                    line.trim().to_lowercase()
-                }).await?;
-                let (approve, remember) = match answer.as_str() {
-                    "y" | "yes" => (true, "once"),
-                    "s" | "session" => (true, "session"),
-                    "a" | "always" => (true, "always"),
-                    _ => (false, "once"),
-                };
-                let res = if approve {
-                    agent.approve(&id, index, remember, &[], "").await
-                } else {
-                    agent.deny(&id, index, "once", &[], "").await
-                };
-                res.map_err(agent_error)?;
             }
             Some(sig) = changed.next() => {
                 let args = sig.args()?;
                 if args.id != id {
                     continue;
                 }
-                let state = args.state.to_owned();
-                if matches!(state.as_str(), "done" | "failed" | "denied" | "cancelled") {
-                    let r = get().await?;
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&r)?);
-                    } else {
-                        for a in r.actions.iter().filter(|a| a.state == ActionState::Failed) {
-                            eprintln!("action {} failed: {}", a.index, a.error.clone().unwrap_or_else(|| format!("exit status {:?}", a.exit_code)));
-                        }
-                        if let Some(e) = &r.error { eprintln!("{e}"); }
-                        eprintln!("request {id}: {}", r.state.as_str());
-                    }
-                    return Ok(exit_for(&r));
+                if matches!(args.state, "done" | "failed" | "denied" | "cancelled") {
+                    return watch.finished().await;
                 }
             }
             else => bail!("lost the connection to the agent"),
         }
     }
+}
+
+/// A submitted request the CLI follows until it ends.
+struct Watch<'a> {
+    agent: &'a Agent1Proxy<'a>,
+    id: &'a str,
+    wait: bool,
+    json: bool,
+}
+
+impl Watch<'_> {
+    async fn get(&self) -> anyhow::Result<Request> {
+        let text = self.agent.get(self.id).await.map_err(agent_error)?;
+        anyhow::Ok(serde_json::from_str::<Request>(&text)?)
+    }
+
+    /// Ask the user about action `index` and pass on their answer. Without a terminal
+    /// to ask on, say how to decide and go on waiting (`--wait`) or stop: the
+    /// returned exit code ends the CLI.
+    async fn approval_needed(
+        &self,
+        index: u32,
+        risk: String,
+        description: String,
+        interactive: bool,
+    ) -> anyhow::Result<Option<ExitCode>> {
+        let id = self.id;
+        // (Only the prompt's detail: without it the prompt still asks.)
+        let profile = self
+            .get()
+            .await
+            .ok()
+            .and_then(|r| r.actions.get(index as usize).map(|a| a.profile.clone()))
+            .unwrap_or_default();
+        if !interactive {
+            eprintln!(
+                "action {index} ({risk}) waits for approval: {description}\n  approve: devos approve {id} {index}\n  deny:    devos deny {id} {index}"
+            );
+            if self.wait {
+                return Ok(None);
+            }
+            return Ok(Some(ExitCode::from(3)));
+        }
+        let (approve, remember) = ask_approval(index, description, risk, profile).await?;
+        let res = if approve {
+            self.agent.approve(id, index, remember, &[], "").await
+        } else {
+            self.agent.deny(id, index, "once", &[], "").await
+        };
+        res.map_err(agent_error)?;
+        Ok(None)
+    }
+
+    /// Show how the request ended and pick the exit code.
+    async fn finished(&self) -> anyhow::Result<ExitCode> {
+        let r = self.get().await?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            for a in r.actions.iter().filter(|a| a.state == ActionState::Failed) {
+                eprintln!(
+                    "action {} failed: {}",
+                    a.index,
+                    a.error
+                        .clone()
+                        .unwrap_or_else(|| format!("exit status {:?}", a.exit_code))
+                );
+            }
+            if let Some(e) = &r.error {
+                eprintln!("{e}");
+            }
+            eprintln!("request {}: {}", self.id, r.state.as_str());
+        }
+        Ok(exit_for(&r))
+    }
+}
+
+/// Prompt on the terminal; returns whether to approve and for how long.
+async fn ask_approval(
+    index: u32,
+    description: String,
+    risk: String,
+    profile: String,
+) -> anyhow::Result<(bool, &'static str)> {
+    let answer = tokio::task::spawn_blocking(move || {
+        eprint!(
+            "approve [{index}] {description} ({risk}; sandbox: {profile})? [y]es once, [s]ession, [a]lways, [N]o: "
+        );
+        let mut line = String::new();
+        // (A failed read is an empty answer, which is No.)
+        std::io::stdin().lock().read_line(&mut line).ok();
+        line.trim().to_lowercase()
+    })
+    .await?;
+    Ok(match answer.as_str() {
+        "y" | "yes" => (true, "once"),
+        "s" | "session" => (true, "session"),
+        "a" | "always" => (true, "always"),
+        _ => (false, "once"),
+    })
 }
 
 async fn decide(

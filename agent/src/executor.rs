@@ -155,18 +155,37 @@ pub async fn execute(
     spec: &Spec,
     timeout: Duration,
     max_output: usize,
-    mut on_output: impl FnMut(&str),
+    on_output: impl FnMut(&str),
     cancel: impl std::future::Future<Output = ()>,
 ) -> Outcome {
     let mut outcome = Outcome::default();
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            outcome.error = Some(format!("cannot find the agent's own binary: {e}"));
+    let mut child = match start_sandbox(spec).await {
+        Ok(c) => c,
+        Err(why) => {
+            outcome.error = Some(why);
             return outcome;
         }
     };
-    let mut child = match tokio::process::Command::new(exe)
+    let rx = read_pipes(&mut child);
+    let collect = collect_output(rx, &mut outcome, max_output, on_output);
+    let (status, killed) = wait_or_kill(&mut child, collect, timeout, cancel, spec).await;
+    if let Some(why) = killed {
+        outcome.error = Some(why);
+    }
+    record_exit(&mut outcome, status, spec);
+    if outcome.truncated {
+        outcome
+            .output
+            .push_str(&format!("\n[output truncated at {max_output} bytes]\n"));
+    }
+    outcome
+}
+
+/// Start the sandbox (`devos-agent sandbox-exec`) and hand it the spec on stdin.
+async fn start_sandbox(spec: &Spec) -> Result<tokio::process::Child, String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the agent's own binary: {e}"))?;
+    let mut child = tokio::process::Command::new(exe)
         .arg("sandbox-exec")
         .env_clear()
         .current_dir("/")
@@ -175,21 +194,20 @@ pub async fn execute(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            outcome.error = Some(format!("cannot start the sandbox: {e}"));
-            return outcome;
-        }
-    };
+        .map_err(|e| format!("cannot start the sandbox: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         let json = serde_json::to_vec(spec).unwrap_or_default();
         if let Err(e) = stdin.write_all(&json).await {
-            outcome.error = Some(format!("cannot hand the action to the sandbox: {e}"));
-            return outcome;
+            return Err(format!("cannot hand the action to the sandbox: {e}"));
         }
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(bool, Vec<u8>)>(64);
+    Ok(child)
+}
+
+/// The child's stdout and stderr as one stream of chunks, each marked whether it
+/// came from stderr.
+fn read_pipes(child: &mut tokio::process::Child) -> tokio::sync::mpsc::Receiver<(bool, Vec<u8>)> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<(bool, Vec<u8>)>(64);
     let pipes: [(bool, Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>); 2] = [
         (false, child.stdout.take().map(|p| Box::new(p) as _)),
         (true, child.stderr.take().map(|p| Box::new(p) as _)),
@@ -206,59 +224,84 @@ pub async fn execute(
             }
         });
     }
-    drop(tx);
+    rx
+}
+
+/// Keep the output, up to `max_output` bytes, and pass each chunk on as it comes;
+/// the sandbox's own first stderr line goes into the outcome instead.
+async fn collect_output(
+    mut rx: tokio::sync::mpsc::Receiver<(bool, Vec<u8>)>,
+    outcome: &mut Outcome,
+    max_output: usize,
+    mut on_output: impl FnMut(&str),
+) {
     let mut stderr_head = true;
     let mut pending_err = Vec::new();
-    let collect = async {
-        while let Some((is_err, mut chunk)) = rx.recv().await {
-            if is_err && stderr_head {
-                // The sandbox's first stderr line says what it applied (or why it
-                // refused); nothing of the action ran before it.
-                pending_err.extend_from_slice(&chunk);
-                let Some(nl) = pending_err.iter().position(|b| *b == b'\n') else {
-                    continue;
-                };
-                let line = String::from_utf8_lossy(&pending_err[..nl]).into_owned();
-                stderr_head = false;
-                chunk = pending_err[nl + 1..].to_vec();
-                if let Some(applied) = line.strip_prefix(APPLIED_PREFIX) {
-                    outcome.sandbox = Some(applied.to_owned());
-                } else if let Some(why) = line.strip_prefix(REFUSED_PREFIX) {
-                    outcome.risk_changed = true;
-                    outcome.error = Some(format!(
-                        "its risk changed since it was approved ({why}); nothing ran"
-                    ));
-                    chunk.clear();
-                } else {
-                    chunk = pending_err.clone();
-                }
-            }
-            let text = printable(&String::from_utf8_lossy(&chunk));
-            if text.is_empty() {
+    while let Some((is_err, mut chunk)) = rx.recv().await {
+        if is_err && stderr_head {
+            // The sandbox's first stderr line says what it applied (or why it
+            // refused); nothing of the action ran before it.
+            pending_err.extend_from_slice(&chunk);
+            let Some(nl) = pending_err.iter().position(|b| *b == b'\n') else {
                 continue;
-            }
-            let room = max_output.saturating_sub(outcome.output.len());
-            if room == 0 {
-                outcome.truncated = true;
-                // Past the cap, drain slowly: the action waits on its pipe instead of
-                // keeping the agent busy with output nobody keeps.
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
-            }
-            let mut take = text.len().min(room);
-            while !text.is_char_boundary(take) {
-                take -= 1;
-            }
-            outcome.output.push_str(&text[..take]);
-            outcome.truncated |= take < text.len();
-            on_output(&text[..take]);
+            };
+            stderr_head = false;
+            chunk = read_sandbox_line(&pending_err, nl, outcome);
         }
-        if stderr_head && !pending_err.is_empty() {
-            outcome
-                .output
-                .push_str(&printable(&String::from_utf8_lossy(&pending_err)));
+        let text = printable(&String::from_utf8_lossy(&chunk));
+        if text.is_empty() {
+            continue;
         }
-    };
+        let room = max_output.saturating_sub(outcome.output.len());
+        if room == 0 {
+            outcome.truncated = true;
+            // Past the cap, drain slowly: the action waits on its pipe instead of
+            // keeping the agent busy with output nobody keeps.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let mut take = text.len().min(room);
+        while !text.is_char_boundary(take) {
+            take -= 1;
+        }
+        outcome.output.push_str(&text[..take]);
+        outcome.truncated |= take < text.len();
+        on_output(&text[..take]);
+    }
+    if stderr_head && !pending_err.is_empty() {
+        outcome
+            .output
+            .push_str(&printable(&String::from_utf8_lossy(&pending_err)));
+    }
+}
+
+/// Take the sandbox's line (`pending[..nl]`) into the outcome; returns what of
+/// `pending` is the action's own output.
+fn read_sandbox_line(pending: &[u8], nl: usize, outcome: &mut Outcome) -> Vec<u8> {
+    let line = String::from_utf8_lossy(&pending[..nl]).into_owned();
+    if let Some(applied) = line.strip_prefix(APPLIED_PREFIX) {
+        outcome.sandbox = Some(applied.to_owned());
+        pending[nl + 1..].to_vec()
+    } else if let Some(why) = line.strip_prefix(REFUSED_PREFIX) {
+        outcome.risk_changed = true;
+        outcome.error = Some(format!(
+            "its risk changed since it was approved ({why}); nothing ran"
+        ));
+        Vec::new()
+    } else {
+        pending.to_vec()
+    }
+}
+
+/// Wait for the output to end and the child to exit; on a timeout or a cancel, kill
+/// the action and say why.
+async fn wait_or_kill(
+    child: &mut tokio::process::Child,
+    collect: impl std::future::Future<Output = ()>,
+    timeout: Duration,
+    cancel: impl std::future::Future<Output = ()>,
+    spec: &Spec,
+) -> (std::io::Result<std::process::ExitStatus>, Option<String>) {
     let mut killed = None;
     let status = tokio::select! {
         status = async { collect.await; child.wait().await } => Some(status),
@@ -286,37 +329,22 @@ pub async fn execute(
             child.wait().await
         }
     };
-    if let Some(why) = killed {
-        outcome.error = Some(why);
-    }
+    (status, killed)
+}
+
+/// Put how the child ended into the outcome. A sandbox that never said what it
+/// applied did not run the action: its exit code says why.
+fn record_exit(
+    outcome: &mut Outcome,
+    status: std::io::Result<std::process::ExitStatus>,
+    spec: &Spec,
+) {
     match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
             outcome.exit_code = s.code();
             if outcome.sandbox.is_none() && outcome.error.is_none() {
-                let said = outcome.output.trim();
-                outcome.error = Some(match s.code() {
-                    Some(EXIT_RISK_CHANGED) => {
-                        "its risk changed since it was approved; nothing ran".into()
-                    }
-                    Some(EXIT_SANDBOX_FAILED) if said.starts_with(OUTER_REFUSED) => format!(
-                        "the sandbox could not be set up, so the action was refused: {}",
-                        &said[OUTER_REFUSED.len()..]
-                    ),
-                    // bubblewrap (root) or the inner stage: what they say may name
-                    // what lies behind a path swapped while they looked; it goes to
-                    // the journal only.
-                    _ => {
-                        let label = spec.private_dir.file_name().unwrap_or_default();
-                        eprintln!(
-                            "devos-agent: the sandbox of {} failed ({}): {}",
-                            label.to_string_lossy(),
-                            s,
-                            said.replace('\n', " | ")
-                        );
-                        "the sandbox could not be set up, so nothing ran: bubblewrap failed, or a place the action works in changed while the sandbox was being built (the agent's journal has the details)".into()
-                    }
-                });
+                outcome.error = Some(sandbox_failure(spec, s, outcome.output.trim()));
                 outcome.output.clear();
             } else if let Some(sig) = s.signal() {
                 outcome
@@ -326,10 +354,27 @@ pub async fn execute(
         }
         Err(e) => outcome.error = Some(format!("lost the action's process: {e}")),
     }
-    if outcome.truncated {
-        outcome
-            .output
-            .push_str(&format!("\n[output truncated at {max_output} bytes]\n"));
+}
+
+/// Why a sandbox that exited with `s`, having said `said`, ran nothing.
+fn sandbox_failure(spec: &Spec, s: std::process::ExitStatus, said: &str) -> String {
+    match s.code() {
+        Some(EXIT_RISK_CHANGED) => "its risk changed since it was approved; nothing ran".into(),
+        Some(EXIT_SANDBOX_FAILED) if said.starts_with(OUTER_REFUSED) => format!(
+            "the sandbox could not be set up, so the action was refused: {}",
+            &said[OUTER_REFUSED.len()..]
+        ),
+        // bubblewrap (root) or the inner stage: what they say may name what lies
+        // behind a path swapped while they looked; it goes to the journal only.
+        _ => {
+            let label = spec.private_dir.file_name().unwrap_or_default();
+            eprintln!(
+                "devos-agent: the sandbox of {} failed ({}): {}",
+                label.to_string_lossy(),
+                s,
+                said.replace('\n', " | ")
+            );
+            "the sandbox could not be set up, so nothing ran: bubblewrap failed, or a place the action works in changed while the sandbox was being built (the agent's journal has the details)".into()
+        }
     }
-    outcome
 }

@@ -56,45 +56,105 @@ pub fn plan(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
 
 fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
     let text = text.trim();
-    let lower = text.to_lowercase();
-    let words: Vec<&str> = lower.split_whitespace().collect();
-    let original: Vec<&str> = text.split_whitespace().collect();
-    // The tail of the original text after the first `n` words, case preserved.
-    let tail = |n: usize| original.get(n..).map(|w| w.join(" ")).unwrap_or_default();
-    let make = |summary: String, actions: Vec<Action>| {
-        Ok(Plan {
-            summary,
-            actions,
-            planner: "local-rules".into(),
-        })
-    };
-
     if let Some(command) = explicit_command(text) {
-        return make(format!("run `{command}`"), vec![command_action(&command)?]);
+        return Ok(local_plan(
+            format!("run `{command}`"),
+            vec![command_action(&command)?],
+        ));
+    }
+    let lower = text.to_lowercase();
+    let req = Words::new(text, &lower, ctx);
+    // The themes are tried in this order, and the first pattern that matches wins, so
+    // a broad pattern in an earlier theme (`show ... files`) shadows a later one.
+    let themes: [Theme; 6] = [
+        plan_browse,
+        plan_git,
+        plan_project,
+        plan_backup,
+        plan_package,
+        plan_file,
+    ];
+    for theme in themes {
+        if let Some(plan) = theme(&req)? {
+            return Ok(plan);
+        }
+    }
+    Err(PlanError::NeedsModel(text.to_owned()))
+}
+
+/// One theme of local rules: `None` when none of its patterns matches the request.
+type Theme = fn(&Words) -> Result<Option<Plan>, PlanError>;
+
+/// A request split into words, for matching against the local rules.
+struct Words<'a> {
+    text: &'a str,
+    lower: &'a str,
+    /// The lowercase words, which the patterns match.
+    words: Vec<&'a str>,
+    /// The same words as typed, case preserved.
+    original: Vec<&'a str>,
+    ctx: &'a Context<'a>,
+}
+
+impl<'a> Words<'a> {
+    fn new(text: &'a str, lower: &'a str, ctx: &'a Context<'a>) -> Self {
+        Self {
+            text,
+            lower,
+            words: lower.split_whitespace().collect(),
+            original: text.split_whitespace().collect(),
+            ctx,
+        }
     }
 
-    match words.as_slice() {
+    /// The tail of the original text after the first `n` words, case preserved.
+    fn tail(&self, n: usize) -> String {
+        self.original
+            .get(n..)
+            .map(|w| w.join(" "))
+            .unwrap_or_default()
+    }
+}
+
+fn local_plan(summary: String, actions: Vec<Action>) -> Plan {
+    Plan {
+        summary,
+        actions,
+        planner: "local-rules".into(),
+    }
+}
+
+/// Listing, finding and searching files, and disk usage.
+fn plan_browse(req: &Words) -> Result<Option<Plan>, PlanError> {
+    let Words {
+        text,
+        lower,
+        ref words,
+        ctx,
+        ..
+    } = *req;
+    let plan = match words.as_slice() {
         ["list" | "show", rest @ ..] if rest.contains(&"files") || rest == ["directory"] => {
-            let dir = target_dir(&lower, text, ctx, &["in", "under", "of"])?;
-            make(
+            let dir = target_dir(lower, text, ctx, &["in", "under", "of"])?;
+            local_plan(
                 format!("list the files in {}", dir.display()),
                 vec![run(&["ls", "-la", "--"], &[&dir])],
             )
         }
         ["ls", ..] => {
             let dir = if words.len() > 1 {
-                resolve(&tail(1), ctx)
+                resolve(&req.tail(1), ctx)
             } else {
                 ctx.cwd.to_path_buf()
             };
-            make(
+            local_plan(
                 format!("list {}", dir.display()),
                 vec![run(&["ls", "-la", "--"], &[&dir])],
             )
         }
         ["find", ..] => {
-            let (pattern, dir) = find_pattern(&lower, text, ctx)?;
-            make(
+            let (pattern, dir) = find_pattern(lower, text, ctx)?;
+            local_plan(
                 format!("find files named {pattern} under {}", dir.display()),
                 vec![Action::Run {
                     argv: strings(&["find"])
@@ -107,7 +167,7 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
         }
         ["search" | "grep", ..] => {
             let start = if words.get(1) == Some(&"for") { 2 } else { 1 };
-            let rest = tail(start);
+            let rest = req.tail(start);
             let (needle, dir) = split_in(&rest, ctx);
             let needle = unquote(&needle);
             if needle.is_empty() {
@@ -115,7 +175,7 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
                     "search for what? e.g. `search for TODO in src`".into(),
                 ));
             }
-            make(
+            local_plan(
                 format!("search for {needle:?} in {}", dir.display()),
                 vec![Action::Run {
                     argv: strings(&["grep", "-rn", "--exclude-dir=.git", "-e", &needle, "--"])
@@ -129,8 +189,8 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
             || lower.contains("disk space")
             || lower.contains("how much space") =>
         {
-            let dir = target_dir(&lower, text, ctx, &["of", "in", "for"])?;
-            make(
+            let dir = target_dir(lower, text, ctx, &["of", "in", "for"])?;
+            local_plan(
                 format!("show disk usage of {}", dir.display()),
                 vec![
                     run(&["du", "-h", "--max-depth=1", "--"], &[&dir]),
@@ -138,19 +198,33 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
                 ],
             )
         }
+        _ => return Ok(None),
+    };
+    Ok(Some(plan))
+}
+
+/// Git: status, log, diff, commit and branches.
+fn plan_git(req: &Words) -> Result<Option<Plan>, PlanError> {
+    let Words {
+        text,
+        ref words,
+        ref original,
+        ..
+    } = *req;
+    let plan = match words.as_slice() {
         ["git", "status"] | ["status"] | ["what", "changed" | "changed?"] => {
-            make("show the git status".into(), vec![git(&["status"])])
+            local_plan("show the git status".into(), vec![git(&["status"])])
         }
         ["git", "log", ..]
         | ["show", "git", "log"]
         | ["show", "the", "git", "log"]
         | ["show", "recent", "commits"]
-        | ["history"] => make(
+        | ["history"] => local_plan(
             "show recent commits".into(),
             vec![git(&["log", "--oneline", "--decorate", "-n", "20"])],
         ),
         ["git", "diff"] | ["show", "the", "diff"] | ["show", "diff"] => {
-            make("show uncommitted changes".into(), vec![git(&["diff"])])
+            local_plan("show uncommitted changes".into(), vec![git(&["diff"])])
         }
         ["commit", ..] | ["git", "commit", ..] => {
             let message = commit_message(text).ok_or_else(|| {
@@ -158,12 +232,12 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
                     "commit with what message? e.g. `commit with message \"fix typo\"`".into(),
                 )
             })?;
-            make(
+            local_plan(
                 format!("commit all changes with message {message:?}"),
                 vec![git(&["add", "--all"]), git(&["commit", "-m", &message])],
             )
         }
-        ["list", "branches"] | ["git", "branch"] | ["show", "branches"] => make(
+        ["list", "branches"] | ["git", "branch"] | ["show", "branches"] => local_plan(
             "list branches".into(),
             vec![git(&["branch", "--all", "--verbose"])],
         ),
@@ -172,7 +246,7 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
         | ["create", "a", "new", "branch", name]
         | ["new", "branch", name] => {
             let name = branch_name(original[words.len() - 1], name)?;
-            make(
+            local_plan(
                 format!("create and switch to branch {name}"),
                 vec![git(&["switch", "-c", &name])],
             )
@@ -181,11 +255,26 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
         | ["checkout", "branch", name]
         | ["switch", "to", name] => {
             let name = branch_name(original[words.len() - 1], name)?;
-            make(
+            local_plan(
                 format!("switch to branch {name}"),
                 vec![git(&["switch", &name])],
             )
         }
+        _ => return Ok(None),
+    };
+    Ok(Some(plan))
+}
+
+/// Working on the project: run its tests, organise a directory.
+fn plan_project(req: &Words) -> Result<Option<Plan>, PlanError> {
+    let Words {
+        text,
+        lower,
+        ref words,
+        ctx,
+        ..
+    } = *req;
+    let plan = match words.as_slice() {
         ["run", "the", "tests"] | ["run", "tests"] | ["test"] | ["run", "the", "test", "suite"] => {
             let argv = test_command(ctx.cwd, ctx.home).ok_or_else(|| {
                 PlanError::Invalid(format!(
@@ -193,7 +282,7 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
                     ctx.cwd.display()
                 ))
             })?;
-            make(
+            local_plan(
                 format!("run the project's tests: {}", argv.join(" ")),
                 vec![Action::Run { argv }],
             )
@@ -207,18 +296,27 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
                     "organise by what? say `by type` or `by date`".into(),
                 ));
             }
-            let dir = target_dir(&lower, text, ctx, &["in", "under"])?;
-            organise(&dir, by_date)
+            let dir = target_dir(lower, text, ctx, &["in", "under"])?;
+            organise(&dir, by_date)?
         }
+        _ => return Ok(None),
+    };
+    Ok(Some(plan))
+}
+
+/// Backing up a directory and restoring it from its latest backup.
+fn plan_backup(req: &Words) -> Result<Option<Plan>, PlanError> {
+    let Words { ref words, ctx, .. } = *req;
+    let plan = match words.as_slice() {
         ["back", "up", ..] | ["backup", ..] => {
             let skip = if words[0] == "back" { 2 } else { 1 };
             let dir = if words.len() > skip {
-                resolve(&tail(skip), ctx)
+                resolve(&req.tail(skip), ctx)
             } else {
                 ctx.cwd.to_path_buf()
             };
             let dest = PathBuf::from(format!("{}.backup-{}", dir.display(), stamp(ctx.now)));
-            make(
+            local_plan(
                 format!("back up {} to {}", dir.display(), dest.display()),
                 vec![Action::Copy {
                     from: dir,
@@ -227,7 +325,7 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
             )
         }
         ["restore", ..] => {
-            let rest = tail(1);
+            let rest = req.tail(1);
             let rest = rest
                 .trim_end_matches(" from backup")
                 .trim_end_matches(" from the backup");
@@ -244,7 +342,7 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
                 ))
             })?;
             let aside = PathBuf::from(format!("{}.replaced-{}", dir.display(), stamp(ctx.now)));
-            make(
+            local_plan(
                 format!("restore {} from {}", dir.display(), backup.display()),
                 vec![
                     Action::Move {
@@ -258,52 +356,67 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
                 ],
             )
         }
-        ["install", ..] => {
-            let packages: Vec<String> = original[1..]
-                .iter()
-                .map(|w| w.trim_matches(',').to_lowercase())
-                .filter(|w| !matches!(w.as_str(), "package" | "packages" | "the" | "and" | ""))
-                .collect();
-            if packages.is_empty() {
-                return Err(PlanError::Invalid(
-                    "install what? e.g. `install ripgrep`".into(),
-                ));
-            }
-            if let Some(bad) = packages.iter().find(|p| !valid_package_name(p)) {
-                return Err(PlanError::Invalid(format!(
-                    "`{bad}` is not a valid package name (lowercase letters, digits and +-. only)"
-                )));
-            }
-            make(
-                format!("install {}", packages.join(", ")),
-                vec![Action::PackageInstall { packages }],
-            )
-        }
+        _ => return Ok(None),
+    };
+    Ok(Some(plan))
+}
+
+/// Installing packages.
+fn plan_package(req: &Words) -> Result<Option<Plan>, PlanError> {
+    let ["install", ..] = req.words.as_slice() else {
+        return Ok(None);
+    };
+    let packages: Vec<String> = req.original[1..]
+        .iter()
+        .map(|w| w.trim_matches(',').to_lowercase())
+        .filter(|w| !matches!(w.as_str(), "package" | "packages" | "the" | "and" | ""))
+        .collect();
+    if packages.is_empty() {
+        return Err(PlanError::Invalid(
+            "install what? e.g. `install ripgrep`".into(),
+        ));
+    }
+    if let Some(bad) = packages.iter().find(|p| !valid_package_name(p)) {
+        return Err(PlanError::Invalid(format!(
+            "`{bad}` is not a valid package name (lowercase letters, digits and +-. only)"
+        )));
+    }
+    Ok(Some(local_plan(
+        format!("install {}", packages.join(", ")),
+        vec![Action::PackageInstall { packages }],
+    )))
+}
+
+/// Single files and directories: delete, read, create.
+fn plan_file(req: &Words) -> Result<Option<Plan>, PlanError> {
+    let Words { ref words, ctx, .. } = *req;
+    let plan = match words.as_slice() {
         ["delete" | "remove", ..] => {
-            let path = resolve(&tail(1), ctx);
-            make(
+            let path = resolve(&req.tail(1), ctx);
+            local_plan(
                 format!("delete {}", path.display()),
                 vec![Action::Delete { path }],
             )
         }
         ["read" | "cat", ..] | ["show", "file", ..] => {
             let skip = if words[0] == "show" { 2 } else { 1 };
-            let path = resolve(&tail(skip), ctx);
-            make(
+            let path = resolve(&req.tail(skip), ctx);
+            local_plan(
                 format!("show {}", path.display()),
                 vec![Action::Read { path }],
             )
         }
         ["create", "directory" | "folder", ..] | ["mkdir", ..] => {
             let skip = if words[0] == "mkdir" { 1 } else { 2 };
-            let path = resolve(&tail(skip), ctx);
-            make(
+            let path = resolve(&req.tail(skip), ctx);
+            local_plan(
                 format!("create directory {}", path.display()),
                 vec![Action::Mkdir { path }],
             )
         }
-        _ => Err(PlanError::NeedsModel(text.to_owned())),
-    }
+        _ => return Ok(None),
+    };
+    Ok(Some(plan))
 }
 
 /// `run <command>`, `$ <command>` or a command in backticks: the user typed the

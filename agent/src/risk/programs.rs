@@ -616,85 +616,82 @@ fn apply(c: &mut Classifier, name: &str, known: &Known, args: &[String]) {
     }
 }
 
+/// `find` operators, tests and options without an argument that neither run nor write
+/// anything.
+const FIND_FLAGS: &[&str] = &[
+    "-print",
+    "-print0",
+    "-ls",
+    "-prune",
+    "-quit",
+    "-true",
+    "-false",
+    "-not",
+    "!",
+    "-a",
+    "-and",
+    "-o",
+    "-or",
+    ",",
+    "(",
+    ")",
+    "-depth",
+    "-empty",
+    "-readable",
+    "-writable",
+    "-executable",
+    "-nouser",
+    "-nogroup",
+    "-xdev",
+    "-mount",
+    "-follow",
+    "-daystart",
+    "-noleaf",
+    "-ignore_readdir_race",
+    "-noignore_readdir_race",
+];
+
+/// `find` tests and options with one argument that neither run nor write anything.
+const FIND_WITH_ARG: &[&str] = &[
+    "-name",
+    "-iname",
+    "-path",
+    "-ipath",
+    "-wholename",
+    "-iwholename",
+    "-regex",
+    "-iregex",
+    "-type",
+    "-xtype",
+    "-size",
+    "-mtime",
+    "-mmin",
+    "-atime",
+    "-amin",
+    "-ctime",
+    "-cmin",
+    "-perm",
+    "-user",
+    "-group",
+    "-uid",
+    "-gid",
+    "-links",
+    "-maxdepth",
+    "-mindepth",
+    "-printf",
+    "-regextype",
+    "-inum",
+    "-used",
+    "-fstype",
+    "-lname",
+    "-ilname",
+];
+
 /// `find`: starting points are read; its expression may only use tests and actions
 /// that print. `-delete` is destructive; anything else (`-exec`, `-fprint`, `-newer
 /// FILE`, ...) is unknown.
 fn find(c: &mut Classifier, args: &[String]) {
-    const FLAGS: &[&str] = &[
-        "-print",
-        "-print0",
-        "-ls",
-        "-prune",
-        "-quit",
-        "-true",
-        "-false",
-        "-not",
-        "!",
-        "-a",
-        "-and",
-        "-o",
-        "-or",
-        ",",
-        "(",
-        ")",
-        "-depth",
-        "-empty",
-        "-readable",
-        "-writable",
-        "-executable",
-        "-nouser",
-        "-nogroup",
-        "-xdev",
-        "-mount",
-        "-follow",
-        "-daystart",
-        "-noleaf",
-        "-ignore_readdir_race",
-        "-noignore_readdir_race",
-    ];
-    const WITH_ARG: &[&str] = &[
-        "-name",
-        "-iname",
-        "-path",
-        "-ipath",
-        "-wholename",
-        "-iwholename",
-        "-regex",
-        "-iregex",
-        "-type",
-        "-xtype",
-        "-size",
-        "-mtime",
-        "-mmin",
-        "-atime",
-        "-amin",
-        "-ctime",
-        "-cmin",
-        "-perm",
-        "-user",
-        "-group",
-        "-uid",
-        "-gid",
-        "-links",
-        "-maxdepth",
-        "-mindepth",
-        "-printf",
-        "-regextype",
-        "-inum",
-        "-used",
-        "-fstype",
-        "-lname",
-        "-ilname",
-    ];
-    let mut i = 0;
-    while let Some(a) = args.get(i) {
-        match a.as_str() {
-            "-H" | "-L" | "-P" => i += 1,
-            "-D" => i += 2,
-            s if s.starts_with("-O") => i += 1,
-            _ => break,
-        }
-    }
+    let mut i = find_options_end(args);
     let starts: Vec<&String> = args[i.min(args.len())..]
         .iter()
         .take_while(|a| !(a.starts_with('-') || *a == "(" || *a == "!" || *a == ","))
@@ -706,12 +703,33 @@ fn find(c: &mut Classifier, args: &[String]) {
     for s in &starts {
         c.path(Path::new(s.as_str()), Access::Read);
     }
+    find_expression(c, args, i, &starts);
+}
+
+/// Where the options before the starting points (`-H`, `-L`, `-P`, `-D ...`, `-O...`)
+/// end.
+fn find_options_end(args: &[String]) -> usize {
+    let mut i = 0;
+    while let Some(a) = args.get(i) {
+        match a.as_str() {
+            "-H" | "-L" | "-P" => i += 1,
+            "-D" => i += 2,
+            s if s.starts_with("-O") => i += 1,
+            _ => break,
+        }
+    }
+    i
+}
+
+/// The expression from `args[i]` on: known tests pass, `-delete` replaces the
+/// starting points, anything else is unknown.
+fn find_expression(c: &mut Classifier, args: &[String], mut i: usize, starts: &[&String]) {
     while let Some(a) = args.get(i) {
         i += 1;
-        if FLAGS.contains(&a.as_str()) {
+        if FIND_FLAGS.contains(&a.as_str()) {
             continue;
         }
-        if WITH_ARG.contains(&a.as_str()) {
+        if FIND_WITH_ARG.contains(&a.as_str()) {
             i += 1;
             continue;
         }
@@ -720,7 +738,7 @@ fn find(c: &mut Classifier, args: &[String]) {
                 RiskClass::Destructive,
                 "`find -delete` deletes what it finds",
             );
-            for s in &starts {
+            for s in starts {
                 c.path(Path::new(s.as_str()), Access::Replace);
             }
             continue;

@@ -169,6 +169,9 @@ fn as_caller<T>(caller: &Caller, f: impl FnOnce() -> T) -> Result<T, Stop> {
     Ok(result)
 }
 
+/// Paths opened as the caller, each with its descriptor.
+type OpenedPaths = Vec<(PathBuf, std::os::fd::OwnedFd)>;
+
 /// What the outer stage found out as the caller.
 struct Prepared {
     cwd: PathBuf,
@@ -184,7 +187,7 @@ struct Prepared {
     /// What the bound paths were when checked as the caller.
     identities: Vec<super::Identity>,
     /// The bound paths, opened as the caller.
-    fds: Vec<(PathBuf, std::os::fd::OwnedFd)>,
+    fds: OpenedPaths,
     /// Copies of those descriptors handed to bubblewrap, one per bind (it closes
     /// each after use).
     handed: std::cell::RefCell<Vec<std::os::fd::OwnedFd>>,
@@ -240,22 +243,7 @@ struct GitPrepared {
 
 fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     let caller = &spec.caller;
-    let cwd = std::env::set_current_dir(&spec.cwd)
-        .and_then(|()| std::env::current_dir())
-        .map_err(|e| {
-            failed(format!(
-                "cannot enter the working directory {} as {}: {e}",
-                spec.cwd.display(),
-                caller.user
-            ))
-        })?;
-    if cwd != spec.cwd {
-        return Err(Stop::RiskChanged(format!(
-            "the working directory {} now leads to {}",
-            spec.cwd.display(),
-            cwd.display()
-        )));
-    }
+    let cwd = enter_working_directory(spec)?;
     let now = classify_as(&spec.action, &cwd, caller, &spec.secrets);
     now.within(&spec.approved)
         .map_err(|grew| Stop::RiskChanged(grew.to_string()))?;
@@ -263,115 +251,17 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     if !profile.root {
         profile.writable = writable_in_home(profile.writable, &caller.home);
     }
-    // Every place the sandbox will show the action must be one the caller can reach
-    // (checked here, as the caller): bubblewrap, as root, could mount anything.
-    for p in std::iter::once(&cwd).chain(&profile.writable) {
-        std::fs::metadata(p).map_err(|e| {
-            failed(format!(
-                "{} is not a place you ({}) can reach: {e}",
-                p.display(),
-                caller.user
-            ))
-        })?;
-    }
-    if !profile.root
-        && let Some((path, place)) = std::iter::once(&cwd)
-            .chain(&profile.writable)
-            .find_map(|p| {
-                forbidden_places(spec)
-                    .into_iter()
-                    .find(|f| p.starts_with(f))
-                    .map(|f| (p, f))
-            })
-    {
-        let why = if place.starts_with("/run") {
-            "it holds the sockets of the system and its users"
-        } else if ["/tmp", "/var/tmp", "/dev/shm"]
-            .iter()
-            .any(|t| place == Path::new(t))
-        {
-            "it is shared with every user and their programs' sockets (each action has its own); work in a directory of your home"
-        } else if place.starts_with("/proc") {
-            "it is the processes' view of the system"
-        } else {
-            "it holds the agent's own files, or the policy's deny rules name it"
-        };
-        return Err(failed(format!(
-            "{} is inside {}, which no action may see: {why}",
-            path.display(),
-            place.display()
-        )));
-    }
-    let granted: Vec<PathBuf> = profile
-        .secrets
-        .iter()
-        .flat_map(|s| {
-            [
-                s.clone(),
-                std::fs::canonicalize(s).unwrap_or_else(|_| s.clone()),
-            ]
-        })
-        .collect();
-    let mut hidden_secrets = Vec::new();
-    for secret in caller.secrets(&spec.secrets) {
-        if granted.iter().any(|g| secret.starts_with(g)) {
-            continue;
-        }
-        if let Ok(real) = std::fs::canonicalize(&secret)
-            && !granted.iter().any(|g| real.starts_with(g))
-            && !hidden_secrets.iter().any(|(p, _)| *p == real)
-        {
-            hidden_secrets.push((real.clone(), real.is_dir()));
-        }
-    }
+    check_reachable(&cwd, &profile, caller)?;
+    check_not_forbidden(spec, &cwd, &profile)?;
+    let hidden_secrets = hidden_secrets(spec, &profile);
     let is_git = is_git(&spec.action, spec.approved.program.as_deref());
     let unrestricted_git = spec.approved.repo_programs || spec.approved.class == RiskClass::Unknown;
-    let repo = match gitrepo::find(&cwd) {
-        Ok(repo) => repo,
-        Err(e) if is_git && !unrestricted_git => {
-            return Err(failed(format!(
-                "this repository's layout is one devos cannot follow ({e}); git was not run"
-            )));
-        }
-        Err(_) => None,
-    };
-    let mut read_only = Vec::new();
-    let inside_writable = |p: &Path| profile.writable.iter().any(|w| p.starts_with(w));
-    for p in caller.secrets(&spec.read_only) {
-        if let Ok(real) = std::fs::canonicalize(&p)
-            && inside_writable(&real)
-            && !spec.approved.paths.contains(&real)
-            && !read_only.contains(&real)
-        {
-            read_only.push(real);
-        }
-    }
+    let repo = find_repo(&cwd, is_git && !unrestricted_git)?;
+    let mut read_only = read_only_in_writable(spec, &profile);
     if let Some(repo) = &repo
         && !profile.root
     {
-        // A project's code must not leave hooks or settings behind that run the next
-        // time the user runs git outside the sandbox.
-        // git itself writes objects, refs, the index and logs; nothing that says what
-        // runs or where the repository is.
-        let dot_git = repo.work_tree.join(".git");
-        let protect = if !is_git {
-            vec![dot_git, repo.common_dir.clone(), repo.git_dir.clone()]
-        } else if !unrestricted_git {
-            // (The configuration files, `commondir` and a `.git` file are replaced by
-            // devos's own read-only copies.)
-            ["hooks", "modules", "info", "worktrees"]
-                .iter()
-                .map(|p| repo.common_dir.join(p))
-                .chain(std::iter::once(repo.git_dir.join("gitdir")))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for p in protect {
-            if p.exists() && inside_writable(&p) && !read_only.contains(&p) {
-                read_only.push(p);
-            }
-        }
+        protect_repo(repo, &profile, is_git, unrestricted_git, &mut read_only);
     }
     let git = if is_git && !unrestricted_git {
         Some(git_prepare(repo, caller, profile.writable.is_empty())?)
@@ -384,13 +274,195 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         .then(|| std::fs::canonicalize("/etc/resolv.conf").ok())
         .flatten()
         .filter(|p| p.starts_with("/run"));
-    // What the sandbox binds is opened here, as the caller, and handed to bubblewrap
-    // open: bubblewrap, as root, never looks a path of the caller's up.
+    let (identities, fds) = open_binds(&cwd, &profile, &read_only, caller)?;
+    Ok(Prepared {
+        cwd,
+        identities,
+        fds,
+        handed: Default::default(),
+        home_visible: caller.home.is_dir(),
+        profile,
+        hidden_secrets,
+        read_only,
+        git,
+        resolv,
+    })
+}
+
+/// Enter the working directory as the caller; it must still be the one approved.
+fn enter_working_directory(spec: &Spec) -> Result<PathBuf, Stop> {
+    let cwd = std::env::set_current_dir(&spec.cwd)
+        .and_then(|()| std::env::current_dir())
+        .map_err(|e| {
+            failed(format!(
+                "cannot enter the working directory {} as {}: {e}",
+                spec.cwd.display(),
+                spec.caller.user
+            ))
+        })?;
+    if cwd != spec.cwd {
+        return Err(Stop::RiskChanged(format!(
+            "the working directory {} now leads to {}",
+            spec.cwd.display(),
+            cwd.display()
+        )));
+    }
+    Ok(cwd)
+}
+
+/// Every place the sandbox will show the action must be one the caller can reach
+/// (checked here, as the caller): bubblewrap, as root, could mount anything.
+fn check_reachable(cwd: &PathBuf, profile: &Profile, caller: &Caller) -> Result<(), Stop> {
+    for p in std::iter::once(cwd).chain(&profile.writable) {
+        std::fs::metadata(p).map_err(|e| {
+            failed(format!(
+                "{} is not a place you ({}) can reach: {e}",
+                p.display(),
+                caller.user
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Unless it runs as root, an action neither works in nor writes any of the
+/// [`forbidden_places`].
+fn check_not_forbidden(spec: &Spec, cwd: &PathBuf, profile: &Profile) -> Result<(), Stop> {
+    if profile.root {
+        return Ok(());
+    }
+    let Some((path, place)) = std::iter::once(cwd).chain(&profile.writable).find_map(|p| {
+        forbidden_places(spec)
+            .into_iter()
+            .find(|f| p.starts_with(f))
+            .map(|f| (p, f))
+    }) else {
+        return Ok(());
+    };
+    let why = if place.starts_with("/run") {
+        "it holds the sockets of the system and its users"
+    } else if ["/tmp", "/var/tmp", "/dev/shm"]
+        .iter()
+        .any(|t| place == Path::new(t))
+    {
+        "it is shared with every user and their programs' sockets (each action has its own); work in a directory of your home"
+    } else if place.starts_with("/proc") {
+        "it is the processes' view of the system"
+    } else {
+        "it holds the agent's own files, or the policy's deny rules name it"
+    };
+    Err(failed(format!(
+        "{} is inside {}, which no action may see: {why}",
+        path.display(),
+        place.display()
+    )))
+}
+
+/// The caller's secret locations the approval did not grant, resolved, and whether
+/// each is a directory.
+fn hidden_secrets(spec: &Spec, profile: &Profile) -> Vec<(PathBuf, bool)> {
+    let granted: Vec<PathBuf> = profile
+        .secrets
+        .iter()
+        .flat_map(|s| {
+            [
+                s.clone(),
+                std::fs::canonicalize(s).unwrap_or_else(|_| s.clone()),
+            ]
+        })
+        .collect();
+    let mut hidden_secrets = Vec::new();
+    for secret in spec.caller.secrets(&spec.secrets) {
+        if granted.iter().any(|g| secret.starts_with(g)) {
+            continue;
+        }
+        if let Ok(real) = std::fs::canonicalize(&secret)
+            && !granted.iter().any(|g| real.starts_with(g))
+            && !hidden_secrets.iter().any(|(p, _)| *p == real)
+        {
+            hidden_secrets.push((real.clone(), real.is_dir()));
+        }
+    }
+    hidden_secrets
+}
+
+/// The repository around the working directory. When git runs with devos's reduced
+/// configuration, a layout devos cannot follow stops it.
+fn find_repo(cwd: &Path, must_follow: bool) -> Result<Option<Repo>, Stop> {
+    match gitrepo::find(cwd) {
+        Ok(repo) => Ok(repo),
+        Err(e) if must_follow => Err(failed(format!(
+            "this repository's layout is one devos cannot follow ({e}); git was not run"
+        ))),
+        Err(_) => Ok(None),
+    }
+}
+
+fn inside_writable(profile: &Profile, p: &Path) -> bool {
+    profile.writable.iter().any(|w| p.starts_with(w))
+}
+
+/// The configured read-only paths that lie inside a writable place and were not
+/// approved by name.
+fn read_only_in_writable(spec: &Spec, profile: &Profile) -> Vec<PathBuf> {
+    let mut read_only = Vec::new();
+    for p in spec.caller.secrets(&spec.read_only) {
+        if let Ok(real) = std::fs::canonicalize(&p)
+            && inside_writable(profile, &real)
+            && !spec.approved.paths.contains(&real)
+            && !read_only.contains(&real)
+        {
+            read_only.push(real);
+        }
+    }
+    read_only
+}
+
+/// A project's code must not leave hooks or settings behind that run the next time
+/// the user runs git outside the sandbox.
+fn protect_repo(
+    repo: &Repo,
+    profile: &Profile,
+    is_git: bool,
+    unrestricted_git: bool,
+    read_only: &mut Vec<PathBuf>,
+) {
+    // git itself writes objects, refs, the index and logs; nothing that says what
+    // runs or where the repository is.
+    let dot_git = repo.work_tree.join(".git");
+    let protect = if !is_git {
+        vec![dot_git, repo.common_dir.clone(), repo.git_dir.clone()]
+    } else if !unrestricted_git {
+        // (The configuration files, `commondir` and a `.git` file are replaced by
+        // devos's own read-only copies.)
+        ["hooks", "modules", "info", "worktrees"]
+            .iter()
+            .map(|p| repo.common_dir.join(p))
+            .chain(std::iter::once(repo.git_dir.join("gitdir")))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for p in protect {
+        if p.exists() && inside_writable(profile, &p) && !read_only.contains(&p) {
+            read_only.push(p);
+        }
+    }
+}
+
+/// What the sandbox binds is opened here, as the caller, and handed to bubblewrap
+/// open: bubblewrap, as root, never looks a path of the caller's up.
+fn open_binds(
+    cwd: &PathBuf,
+    profile: &Profile,
+    read_only: &[PathBuf],
+    caller: &Caller,
+) -> Result<(Vec<super::Identity>, OpenedPaths), Stop> {
     let mut identities = Vec::new();
     let mut fds = Vec::new();
-    for p in std::iter::once(&cwd)
+    for p in std::iter::once(cwd)
         .chain(&profile.writable)
-        .chain(&read_only)
+        .chain(read_only)
         .chain(caller.home.is_dir().then_some(&caller.home))
     {
         if fds.iter().any(|(q, _)| q == p) {
@@ -410,18 +482,7 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         });
         fds.push((p.clone(), fd));
     }
-    Ok(Prepared {
-        cwd,
-        identities,
-        fds,
-        handed: Default::default(),
-        home_visible: caller.home.is_dir(),
-        profile,
-        hidden_secrets,
-        read_only,
-        git,
-        resolv,
-    })
+    Ok((identities, fds))
 }
 
 fn is_git(action: &Action, program: Option<&Path>) -> bool {
@@ -668,55 +729,90 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         );
     }
     if let Some(git) = &p.git {
-        // Command-line configuration: above every file, and inherited by the git
-        // processes git starts.
-        let mut overrides: Vec<(String, String)> = [
-            ("core.hooksPath", format!("{INSIDE_DIR}/no-hooks")),
-            ("core.fsmonitor", "false".into()),
-            ("safe.bareRepository", "explicit".into()),
-            ("core.pager", "cat".into()),
-            ("protocol.ext.allow", "never".into()),
-            ("diff.ignoreSubmodules", "all".into()),
-            ("status.submoduleSummary", "false".into()),
-            ("submodule.recurse", "false".into()),
-            ("fetch.recurseSubmodules", "false".into()),
-            ("push.recurseSubmodules", "no".into()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v))
-        .to_vec();
-        overrides.extend(
-            git.submodules
-                .iter()
-                .map(|name| (format!("submodule.{name}.ignore"), "all".to_owned())),
-        );
-        env.push(("GIT_CONFIG_NOSYSTEM".into(), "1".into()));
-        env.push((
-            "GIT_CONFIG_GLOBAL".into(),
-            format!("{INSIDE_DIR}/gitconfig"),
-        ));
-        env.push(("GIT_CONFIG_COUNT".into(), overrides.len().to_string()));
-        for (i, (k, v)) in overrides.into_iter().enumerate() {
-            env.push((format!("GIT_CONFIG_KEY_{i}"), k));
-            env.push((format!("GIT_CONFIG_VALUE_{i}"), v));
-        }
-        if let Some(repo) = &git.repo {
-            env.push((
-                "GIT_DIR".into(),
-                repo.git_dir.to_string_lossy().into_owned(),
-            ));
-            env.push((
-                "GIT_COMMON_DIR".into(),
-                repo.common_dir.to_string_lossy().into_owned(),
-            ));
-            env.push((
-                "GIT_WORK_TREE".into(),
-                repo.work_tree.to_string_lossy().into_owned(),
-            ));
-        }
-        if p.profile.writable.is_empty() {
-            env.push(("GIT_OPTIONAL_LOCKS".into(), "0".into()));
-        }
+        env.extend(reduced_git_environment(git, p.profile.writable.is_empty()));
     }
+    Inner {
+        uid: caller.uid,
+        gid: caller.gid,
+        groups: caller.groups.clone(),
+        user: caller.user.clone(),
+        as_root: p.profile.root,
+        cwd: p.cwd.clone(),
+        action: spec.action.clone(),
+        program: spec.approved.program.clone(),
+        env,
+        writable: p.profile.writable.clone(),
+        identities: p.identities.clone(),
+        hidden: p.hidden_secrets.clone(),
+        network: p.profile.network,
+        required: spec.required,
+        limits: spec.limits,
+        outer: describe_outer(spec, p),
+    }
+}
+
+/// The environment that makes git use devos's reduced configuration and the
+/// repository devos checked.
+fn reduced_git_environment(git: &GitPrepared, read_only: bool) -> Vec<(String, String)> {
+    let overrides = git_overrides(git);
+    let mut env: Vec<(String, String)> = Vec::new();
+    env.push(("GIT_CONFIG_NOSYSTEM".into(), "1".into()));
+    env.push((
+        "GIT_CONFIG_GLOBAL".into(),
+        format!("{INSIDE_DIR}/gitconfig"),
+    ));
+    env.push(("GIT_CONFIG_COUNT".into(), overrides.len().to_string()));
+    for (i, (k, v)) in overrides.into_iter().enumerate() {
+        env.push((format!("GIT_CONFIG_KEY_{i}"), k));
+        env.push((format!("GIT_CONFIG_VALUE_{i}"), v));
+    }
+    if let Some(repo) = &git.repo {
+        env.push((
+            "GIT_DIR".into(),
+            repo.git_dir.to_string_lossy().into_owned(),
+        ));
+        env.push((
+            "GIT_COMMON_DIR".into(),
+            repo.common_dir.to_string_lossy().into_owned(),
+        ));
+        env.push((
+            "GIT_WORK_TREE".into(),
+            repo.work_tree.to_string_lossy().into_owned(),
+        ));
+    }
+    if read_only {
+        env.push(("GIT_OPTIONAL_LOCKS".into(), "0".into()));
+    }
+    env
+}
+
+/// Command-line configuration: above every file, and inherited by the git processes
+/// git starts.
+fn git_overrides(git: &GitPrepared) -> Vec<(String, String)> {
+    let mut overrides: Vec<(String, String)> = [
+        ("core.hooksPath", format!("{INSIDE_DIR}/no-hooks")),
+        ("core.fsmonitor", "false".into()),
+        ("safe.bareRepository", "explicit".into()),
+        ("core.pager", "cat".into()),
+        ("protocol.ext.allow", "never".into()),
+        ("diff.ignoreSubmodules", "all".into()),
+        ("status.submoduleSummary", "false".into()),
+        ("submodule.recurse", "false".into()),
+        ("fetch.recurseSubmodules", "false".into()),
+        ("push.recurseSubmodules", "no".into()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec();
+    overrides.extend(
+        git.submodules
+            .iter()
+            .map(|name| (format!("submodule.{name}.ignore"), "all".to_owned())),
+    );
+    overrides
+}
+
+/// What the outer stage set up, as the action's record shows it.
+fn describe_outer(spec: &Spec, p: &Prepared) -> String {
     let mut outer = vec![
         if p.profile.network {
             "namespaces: mount, pid, ipc, uts (network shared)".to_owned()
@@ -738,24 +834,7 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         Some(c) => format!("cgroup {}", super::cgroup::describe(c)),
         None => "no cgroup limits (no delegated cgroup v2)".into(),
     });
-    Inner {
-        uid: caller.uid,
-        gid: caller.gid,
-        groups: caller.groups.clone(),
-        user: caller.user.clone(),
-        as_root: p.profile.root,
-        cwd: p.cwd.clone(),
-        action: spec.action.clone(),
-        program: spec.approved.program.clone(),
-        env,
-        writable: p.profile.writable.clone(),
-        identities: p.identities.clone(),
-        hidden: p.hidden_secrets.clone(),
-        network: p.profile.network,
-        required: spec.required,
-        limits: spec.limits,
-        outer: outer.join("; "),
-    }
+    outer.join("; ")
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use super::agent::Agent;
 use super::shared::{Control, failed, invalid_args, lock, now, to_value};
 use crate::approval;
 use crate::caller::{self as as_caller, Caller, PlanJob};
-use crate::request::{ActionRecord, Decision, Exact, Remember, Rule};
+use crate::request::{ActionRecord, Decision, Exact, Remember, Request, Rule};
 
 /// A user's decision on one action, as `Approve`/`Deny` receive it.
 pub(super) struct Verdict<'a> {
@@ -40,23 +40,8 @@ pub(super) async fn decide_action(
     let remember: Remember = remember.parse().map_err(invalid_args)?;
     let path_prefix = resolve_prefix(agent, caller, path_prefix).await?;
     let shared = &agent.shared;
-    let mut r = agent.own_request(id, caller, false)?;
-    if r.state.is_final() {
-        return Err(fdo::Error::Failed(format!(
-            "request {id} is already {}",
-            r.state.as_str()
-        )));
-    }
-    let cwd = r.cwd.clone();
-    let record = r
-        .actions
-        .get_mut(index as usize)
-        .ok_or_else(|| fdo::Error::InvalidArgs(format!("request {id} has no action {index}")))?;
-    if record.decision != Decision::Ask {
-        return Err(fdo::Error::Failed(format!(
-            "action {index} of request {id} is not waiting for a decision"
-        )));
-    }
+    let r = agent.own_request(id, caller, false)?;
+    let record = waiting_action(&r, id, index)?;
     let rule = if remember == Remember::Once {
         None
     } else {
@@ -71,7 +56,7 @@ pub(super) async fn decide_action(
         Some(remembered_rule(
             asked,
             record,
-            &cwd,
+            &r.cwd,
             &shared.config().policy,
         )?)
     };
@@ -92,34 +77,7 @@ pub(super) async fn decide_action(
         "by": by,
         "remember": remember,
     });
-    {
-        // Check, record and store the decision in one step: the request's task saves
-        // the same request, and neither may lose what the other wrote.
-        let store = lock(&shared.store);
-        let mut now_r = store
-            .request(id)
-            .map_err(failed)?
-            .ok_or_else(|| failed("request vanished"))?;
-        let waiting = now_r
-            .actions
-            .get(index as usize)
-            .is_some_and(|a| a.decision == Decision::Ask);
-        if now_r.state.is_final() || !waiting {
-            return Err(fdo::Error::Failed(format!(
-                "action {index} of request {id} is no longer waiting for a decision"
-            )));
-        }
-        shared.audit(
-            "action.decided",
-            Some(caller.uid),
-            Some(id),
-            Some(index),
-            audited,
-        )?;
-        now_r.actions[index as usize].decision = decision;
-        now_r.updated = now();
-        store.save_request(&now_r).map_err(failed)?;
-    }
+    record_decision(agent, caller, id, index, decision, audited)?;
     if let Some(rule) = rule {
         store_rule(agent, caller, &rule, Some(id), Some(index))?;
     }
@@ -127,6 +85,65 @@ pub(super) async fn decide_action(
         // (Fails only when the request's task has ended: nobody waits for this.)
         let _ = live.control.send(Control::Decided);
     }
+    Ok(())
+}
+
+/// Action `index` of request `r`, which must be waiting for a decision.
+fn waiting_action<'r>(r: &'r Request, id: &str, index: u32) -> fdo::Result<&'r ActionRecord> {
+    if r.state.is_final() {
+        return Err(fdo::Error::Failed(format!(
+            "request {id} is already {}",
+            r.state.as_str()
+        )));
+    }
+    let record = r
+        .actions
+        .get(index as usize)
+        .ok_or_else(|| fdo::Error::InvalidArgs(format!("request {id} has no action {index}")))?;
+    if record.decision != Decision::Ask {
+        return Err(fdo::Error::Failed(format!(
+            "action {index} of request {id} is not waiting for a decision"
+        )));
+    }
+    Ok(record)
+}
+
+/// Check, record and store the decision in one step: the request's task saves the
+/// same request, and neither may lose what the other wrote. A decision that cannot
+/// be audited is not stored.
+fn record_decision(
+    agent: &Agent,
+    caller: &Caller,
+    id: &str,
+    index: u32,
+    decision: Decision,
+    audited: serde_json::Value,
+) -> fdo::Result<()> {
+    let shared = &agent.shared;
+    let store = lock(&shared.store);
+    let mut now_r = store
+        .request(id)
+        .map_err(failed)?
+        .ok_or_else(|| failed("request vanished"))?;
+    let waiting = now_r
+        .actions
+        .get(index as usize)
+        .is_some_and(|a| a.decision == Decision::Ask);
+    if now_r.state.is_final() || !waiting {
+        return Err(fdo::Error::Failed(format!(
+            "action {index} of request {id} is no longer waiting for a decision"
+        )));
+    }
+    shared.audit(
+        "action.decided",
+        Some(caller.uid),
+        Some(id),
+        Some(index),
+        audited,
+    )?;
+    now_r.actions[index as usize].decision = decision;
+    now_r.updated = now();
+    store.save_request(&now_r).map_err(failed)?;
     Ok(())
 }
 

@@ -2,16 +2,20 @@
 //! it runs (an action that cannot be recorded does not run), run it in its sandbox,
 //! record what happened, stop at the first denial or failure.
 
+use std::ops::ControlFlow;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use zbus::fdo;
 
 use super::agent::Agent;
-use super::shared::{Control, Shared, Slot, failed, lock, now};
+use super::shared::{Control, ServiceError, Shared, Slot, failed, lock, now};
 use crate::caller::Caller;
+use crate::config::AgentConfig;
 use crate::executor;
 use crate::request::{ActionState, Decision, Request, State};
+use crate::sandbox::Spec;
 
 pub(super) async fn run_request(
     shared: Arc<Shared>,
@@ -97,13 +101,63 @@ async fn drive(
     caller: &Caller,
     control: &mut mpsc::UnboundedReceiver<Control>,
 ) -> fdo::Result<()> {
-    let mut r = shared.load(id)?.ok_or_else(|| failed("request vanished"))?;
-    if let Some(denied) = r
-        .actions
-        .iter()
-        .find(|a| matches!(a.decision, Decision::Denied { .. }))
-    {
-        r.error = Some(format!(
+    let r = shared.load(id)?.ok_or_else(|| failed("request vanished"))?;
+    let mut driver = Driver {
+        shared,
+        id,
+        caller,
+        control,
+        r,
+    };
+    if driver.end_if_denied_up_front().await?.is_break() {
+        return Ok(());
+    }
+    for i in 0..driver.r.actions.len() {
+        if driver.wait_for_decision(i).await?.is_break()
+            || driver.end_if_denied(i).await?.is_break()
+            || driver.run_action(i).await?.is_break()
+        {
+            return Ok(());
+        }
+    }
+    set_state(shared, &mut driver.r, State::Done).await
+}
+
+/// One request being carried out. Each step either lets the request go on
+/// (`Continue`) or has ended it and saved its final state (`Break`).
+struct Driver<'a> {
+    shared: &'a Arc<Shared>,
+    id: &'a str,
+    caller: &'a Caller,
+    control: &'a mut mpsc::UnboundedReceiver<Control>,
+    r: Request,
+}
+
+impl Driver<'_> {
+    /// Skip the actions from `from` on (those still pending) and end the request in `state`.
+    async fn end(&mut self, from: usize, state: State) -> fdo::Result<ControlFlow<()>> {
+        skip_rest(&mut self.r, from);
+        set_state(self.shared, &mut self.r, state).await?;
+        Ok(ControlFlow::Break(()))
+    }
+
+    /// Fail action `i` before it ran, which ends the request.
+    async fn refuse(&mut self, i: usize, why: String) -> fdo::Result<ControlFlow<()>> {
+        refuse(self.shared, &mut self.r, i, why).await?;
+        Ok(ControlFlow::Break(()))
+    }
+
+    /// An action denied before the request started means nothing runs.
+    async fn end_if_denied_up_front(&mut self) -> fdo::Result<ControlFlow<()>> {
+        let Some(denied) = self
+            .r
+            .actions
+            .iter()
+            .find(|a| matches!(a.decision, Decision::Denied { .. }))
+        else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        self.r.error = Some(format!(
             "action {} was denied, so nothing ran: {}",
             denied.index,
             match &denied.decision {
@@ -111,135 +165,118 @@ async fn drive(
                 _ => String::new(),
             }
         ));
-        skip_rest(&mut r, 0);
-        return set_state(shared, &mut r, State::Denied).await;
+        self.end(0, State::Denied).await
     }
-    for i in 0..r.actions.len() {
+
+    /// Wait until action `i` is decided, asking for approval while it is not; a cancel
+    /// ends the request.
+    async fn wait_for_decision(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
         // A decision may have come while an earlier action ran.
-        shared.save_merging(&mut r)?;
-        while r.actions[i].decision == Decision::Ask {
-            if r.state != State::AwaitingApproval {
-                set_state(shared, &mut r, State::AwaitingApproval).await?;
+        self.shared.save_merging(&mut self.r)?;
+        while self.r.actions[i].decision == Decision::Ask {
+            if self.r.state != State::AwaitingApproval {
+                set_state(self.shared, &mut self.r, State::AwaitingApproval).await?;
             }
-            if let Some(e) = shared.emitter(id) {
-                let a = &r.actions[i];
+            if let Some(e) = self.shared.emitter(self.id) {
+                let a = &self.r.actions[i];
                 // (A courtesy, as for state changes: `Get` shows what waits.)
-                let _ =
-                    Agent::approval_needed(&e, id, a.index, a.risk.class.as_str(), &a.description)
-                        .await;
+                let _ = Agent::approval_needed(
+                    &e,
+                    self.id,
+                    a.index,
+                    a.risk.class.as_str(),
+                    &a.description,
+                )
+                .await;
             }
-            match control.recv().await {
+            match self.control.recv().await {
                 Some(Control::Decided) => {
-                    r = shared.load(id)?.ok_or_else(|| failed("request vanished"))?
+                    self.r = self
+                        .shared
+                        .load(self.id)?
+                        .ok_or_else(|| failed("request vanished"))?
                 }
-                Some(Control::Cancel) | None => {
-                    skip_rest(&mut r, i);
-                    return set_state(shared, &mut r, State::Cancelled).await;
-                }
+                Some(Control::Cancel) | None => return self.end(i, State::Cancelled).await,
             }
         }
-        if let Decision::Denied { by, reason } = &r.actions[i].decision {
-            r.error = Some(format!("action {i} denied by {by}: {reason}"));
-            skip_rest(&mut r, i);
-            return set_state(shared, &mut r, State::Denied).await;
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// A denied action ends the request; what follows it does not run.
+    async fn end_if_denied(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
+        if let Decision::Denied { by, reason } = &self.r.actions[i].decision {
+            self.r.error = Some(format!("action {i} denied by {by}: {reason}"));
+            return self.end(i, State::Denied).await;
         }
-        let config = shared.config();
-        let started = shared.audit(
-            "action.started",
-            Some(r.uid),
-            Some(id),
-            Some(i as u32),
-            serde_json::json!({
-                "action": r.actions[i].description,
-                "risk": r.actions[i].risk.class,
-                "profile": r.actions[i].profile,
-            }),
-        );
-        if let Err(e) = started {
-            return refuse(shared, &mut r, i, format!("{e}; nothing ran")).await;
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Record action `i` as started (it does not run unless that is on record), give
+    /// it a private directory and a cgroup, run it in its sandbox, clean up, and
+    /// record what happened.
+    async fn run_action(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
+        let config = self.shared.config();
+        if let Err(e) = self.audit_started(i) {
+            return self.refuse(i, format!("{e}; nothing ran")).await;
         }
-        let label = format!("{id}-{i}");
-        let private = match executor::private_dir(&config.actions_dir, &label, caller) {
+        let label = format!("{}-{i}", self.id);
+        let private = match executor::private_dir(&config.actions_dir, &label, self.caller) {
             Ok(p) => p,
-            Err(e) => return refuse(shared, &mut r, i, format!("{e}; nothing ran")).await,
+            Err(e) => return self.refuse(i, format!("{e}; nothing ran")).await,
         };
-        let cgroup = shared.cgroups.as_ref().and_then(|c| {
-            c.action(
-                &format!("action-{label}"),
-                config.sandbox.memory_max_mib,
-                config.sandbox.tasks_max,
-            )
-            .map_err(|e| tracing::warn!("no cgroup for action {label}: {e}"))
-            .ok()
-        });
-        r.actions[i].state = ActionState::Running;
-        set_state(shared, &mut r, State::Running).await?;
+        let cgroup = action_cgroup(self.shared, &label, &config);
+        self.r.actions[i].state = ActionState::Running;
+        set_state(self.shared, &mut self.r, State::Running).await?;
         let spec = executor::spec_for(
-            &r.actions[i],
-            caller,
-            &r.cwd,
+            &self.r.actions[i],
+            self.caller,
+            &self.r.cwd,
             private.clone(),
             cgroup.clone(),
             &config,
         );
-        let emitter = shared.emitter(id);
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
-        let forward = {
-            let id = id.to_owned();
-            async move {
-                while let Some(chunk) = out_rx.recv().await {
-                    // (Already printable: no NUL, which a bus daemon answers by dropping
-                    // the sender's connection.)
-                    if let Some(e) = &emitter {
-                        // (A courtesy: the record keeps the output.)
-                        let _ = Agent::action_output(e, &id, i as u32, &chunk).await;
-                    }
-                }
-            }
-        };
-        let cancel = async {
-            loop {
-                match control.recv().await {
-                    Some(Control::Cancel) | None => break,
-                    Some(Control::Decided) => {}
-                }
-            }
-        };
-        let (outcome, ()) = tokio::join!(
-            async {
-                let o = executor::execute(
-                    &spec,
-                    std::time::Duration::from_secs(config.sandbox.timeout_secs),
-                    // One budget for the whole request, so no request is larger than
-                    // the bus can carry.
-                    (config.sandbox.max_output_bytes as usize)
-                        .saturating_sub(r.actions.iter().map(|a| a.output.len()).sum()),
-                    |chunk| {
-                        // (The forwarder outlives every chunk: it stops when this
-                        // sender is dropped.)
-                        let _ = out_tx.send(chunk.to_owned());
-                    },
-                    cancel,
-                )
-                .await;
-                drop(out_tx);
-                o
-            },
-            forward
-        );
-        let dir = private.clone();
-        let cleaned = tokio::task::spawn_blocking(move || {
-            if let Some(c) = cgroup {
-                crate::sandbox::cgroup::remove(&c);
-            }
-            std::fs::remove_dir_all(private)
-        })
+        // One budget for the whole request, so no request is larger than the bus can
+        // carry.
+        let max_output = (config.sandbox.max_output_bytes as usize)
+            .saturating_sub(self.r.actions.iter().map(|a| a.output.len()).sum());
+        let outcome = execute_forwarding(
+            self.shared,
+            self.id,
+            i,
+            &spec,
+            std::time::Duration::from_secs(config.sandbox.timeout_secs),
+            max_output,
+            self.control,
+        )
         .await;
-        if let Err(e) = cleaned.map_err(std::io::Error::other).and_then(|r| r) {
-            tracing::warn!(dir = %dir.display(), "cannot clean up after an action: {e}");
-        }
+        clean_up(private, cgroup).await;
+        self.record_outcome(i, outcome).await
+    }
+
+    fn audit_started(&self, i: usize) -> Result<(), ServiceError> {
+        let a = &self.r.actions[i];
+        self.shared.audit(
+            "action.started",
+            Some(self.r.uid),
+            Some(self.id),
+            Some(i as u32),
+            serde_json::json!({
+                "action": a.description,
+                "risk": a.risk.class,
+                "profile": a.profile,
+            }),
+        )
+    }
+
+    /// Keep what action `i` did and put it on record; a failure, a cancel or an
+    /// outcome that could not be recorded ends the request.
+    async fn record_outcome(
+        &mut self,
+        i: usize,
+        outcome: executor::Outcome,
+    ) -> fdo::Result<ControlFlow<()>> {
         let ok = outcome.succeeded();
-        let a = &mut r.actions[i];
+        let a = &mut self.r.actions[i];
         a.state = if ok {
             ActionState::Succeeded
         } else {
@@ -250,14 +287,14 @@ async fn drive(
         a.output_truncated = outcome.truncated;
         a.error = outcome.error.clone();
         a.sandbox = outcome.sandbox;
-        let finished = shared.audit(
+        let finished = self.shared.audit(
             if outcome.risk_changed {
                 "action.refused"
             } else {
                 "action.finished"
             },
-            Some(r.uid),
-            Some(id),
+            Some(self.r.uid),
+            Some(self.id),
             Some(i as u32),
             serde_json::json!({
                 "action": a.description,
@@ -267,26 +304,106 @@ async fn drive(
                 "output-sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(a.output.as_bytes())),
             }),
         );
-        if !ok || finished.is_err() {
-            let cancelled = outcome.error.as_deref() == Some("cancelled");
-            r.error = Some(match (&outcome.error, outcome.exit_code, finished) {
-                (Some(e), _, _) => format!("action {i} failed: {e}"),
-                (None, _, Err(e)) => format!("action {i} ran, but {e}; nothing more runs"),
-                (None, Some(code), _) => format!("action {i} exited with status {code}"),
-                (None, None, _) => format!("action {i} failed"),
-            });
-            skip_rest(&mut r, i + 1);
-            return set_state(
-                shared,
-                &mut r,
-                if cancelled {
-                    State::Cancelled
-                } else {
-                    State::Failed
+        if ok && finished.is_ok() {
+            return Ok(ControlFlow::Continue(()));
+        }
+        let cancelled = outcome.error.as_deref() == Some("cancelled");
+        self.r.error = Some(match (&outcome.error, outcome.exit_code, finished) {
+            (Some(e), _, _) => format!("action {i} failed: {e}"),
+            (None, _, Err(e)) => format!("action {i} ran, but {e}; nothing more runs"),
+            (None, Some(code), _) => format!("action {i} exited with status {code}"),
+            (None, None, _) => format!("action {i} failed"),
+        });
+        let state = if cancelled {
+            State::Cancelled
+        } else {
+            State::Failed
+        };
+        self.end(i + 1, state).await
+    }
+}
+
+/// A cgroup with the configured limits for one action, where the agent has cgroups;
+/// an action runs without one rather than not at all.
+fn action_cgroup(shared: &Shared, label: &str, config: &AgentConfig) -> Option<PathBuf> {
+    shared.cgroups.as_ref().and_then(|c| {
+        c.action(
+            &format!("action-{label}"),
+            config.sandbox.memory_max_mib,
+            config.sandbox.tasks_max,
+        )
+        .map_err(|e| tracing::warn!("no cgroup for action {label}: {e}"))
+        .ok()
+    })
+}
+
+/// Run action `i` in its sandbox, sending its output as signals while it runs, until
+/// it ends or the request is cancelled.
+async fn execute_forwarding(
+    shared: &Shared,
+    id: &str,
+    i: usize,
+    spec: &Spec,
+    timeout: std::time::Duration,
+    max_output: usize,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> executor::Outcome {
+    let emitter = shared.emitter(id);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+    let forward = {
+        let id = id.to_owned();
+        async move {
+            while let Some(chunk) = out_rx.recv().await {
+                // (Already printable: no NUL, which a bus daemon answers by dropping
+                // the sender's connection.)
+                if let Some(e) = &emitter {
+                    // (A courtesy: the record keeps the output.)
+                    let _ = Agent::action_output(e, &id, i as u32, &chunk).await;
+                }
+            }
+        }
+    };
+    let cancel = async {
+        loop {
+            match control.recv().await {
+                Some(Control::Cancel) | None => break,
+                Some(Control::Decided) => {}
+            }
+        }
+    };
+    let (outcome, ()) = tokio::join!(
+        async {
+            let o = executor::execute(
+                spec,
+                timeout,
+                max_output,
+                |chunk| {
+                    // (The forwarder outlives every chunk: it stops when this
+                    // sender is dropped.)
+                    let _ = out_tx.send(chunk.to_owned());
                 },
+                cancel,
             )
             .await;
+            drop(out_tx);
+            o
+        },
+        forward
+    );
+    outcome
+}
+
+/// Remove an action's cgroup and private directory once it has ended.
+async fn clean_up(private: PathBuf, cgroup: Option<PathBuf>) {
+    let dir = private.clone();
+    let cleaned = tokio::task::spawn_blocking(move || {
+        if let Some(c) = cgroup {
+            crate::sandbox::cgroup::remove(&c);
         }
+        std::fs::remove_dir_all(private)
+    })
+    .await;
+    if let Err(e) = cleaned.map_err(std::io::Error::other).and_then(|r| r) {
+        tracing::warn!(dir = %dir.display(), "cannot clean up after an action: {e}");
     }
-    set_state(shared, &mut r, State::Done).await
 }
