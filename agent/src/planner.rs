@@ -658,13 +658,8 @@ fn organise(dir: &Path, by_date: bool) -> Result<Plan, PlanError> {
         }
         let group = if by_date {
             // (A file system without modification times files everything under 1970-01.)
-            let secs = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
-            let (y, m, ..) = civil(secs);
-            format!("{y:04}-{m:02}")
+            let t = civil(meta.modified().unwrap_or(UNIX_EPOCH));
+            format!("{:04}-{:02}", t.year(), u8::from(t.month()))
         } else {
             match Path::new(&name).extension() {
                 Some(ext) => ext.to_string_lossy().to_lowercase(),
@@ -723,25 +718,26 @@ fn latest_backup(dir: &Path) -> Option<PathBuf> {
 
 /// `YYYYmmddTHHMMSSZ`, for names that sort by time.
 pub fn stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (y, m, d, hh, mm, ss) = civil(secs);
-    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
+    let t = civil(t);
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
-/// Seconds since the epoch to a UTC civil date and time (Howard Hinnant's algorithm).
-fn civil(secs: u64) -> (i64, u32, u32, u64, u64, u64) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
+/// A system time as UTC; one before 1970 or past year 9999 (a file's mtime can be
+/// anything) shows as the epoch.
+fn civil(t: SystemTime) -> time::OffsetDateTime {
+    t.duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 #[cfg(test)]

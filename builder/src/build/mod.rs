@@ -284,26 +284,10 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     // One build of a version at a time; a second one waits, then finds it up to date.
     let _version_lock = lock_version(&images, &id.version, t.ui)?;
     let registry_path = opts.registry.clone().unwrap_or_else(registry::default_path);
-    if final_dir.join("manifest.json").is_file() && !opts.force {
-        let manifest = Manifest::load(&final_dir)?;
-        if manifest.build_id == id.build_id {
-            t.ui.info(&format!(
-                "{} is up to date in {}",
-                id.version,
-                final_dir.display()
-            ));
-            // A build killed after its output was complete but before it was recorded.
-            let mut reg = registry::Registry::open(&registry_path)?;
-            if reg.find(&format!("{}@{}", spec.name, id.version)).is_err() {
-                reg.record_build(&final_dir, &spec.path, &manifest, &[])?;
-            }
-            return Ok(Built {
-                dir: final_dir,
-                manifest,
-                fresh: false,
-                files: Vec::new(),
-            });
-        }
+    if !opts.force
+        && let Some(built) = already_built(&r, &final_dir, &registry_path, t.ui)?
+    {
+        return Ok(built);
     }
 
     let cache = cache::Cache::new(cache::dir(), !opts.no_cache);
@@ -312,58 +296,8 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     remove_stale_work_dirs(&scratch_parent);
     let scratch = WorkDir::new(&scratch_parent)?;
     let tree = scratch.path().join("tree");
-    let from_cache = cache.restore("tree", &id.tree_key, &tree)?;
-    if from_cache {
-        t.ui.info("    rootfs and customize: finished tree restored from the cache");
-    } else {
-        t.run("rootfs", |ui| {
-            if cache.restore("base", &id.base_key, &tree)? {
-                ui.info("    base tree restored from the cache");
-                return Ok(());
-            }
-            rootfs::bootstrap(
-                spec,
-                &r.sources,
-                &r.index.lists(),
-                &tree,
-                &cache::dir()
-                    .join("packages")
-                    .join(format!("{}-{}", spec.distro.name(), spec.suite).to_lowercase()),
-                id.source_date_epoch,
-            )?;
-            check_package_set(&tree, &r.resolution.packages, ui)?;
-            cache.store(
-                "base",
-                &id.base_key,
-                &tree,
-                &format!("{} {} base", spec.distro.name(), spec.suite),
-            )
-        })?;
-        t.run("customize", |_| {
-            let deb = r.agent.as_ref().map(|a| a.path.as_path());
-            customize::customize(spec, id, &tree, deb.unwrap_or(Path::new("")))
-        })?;
-    }
-    // Storing the finished tree and listing its files both only read it: in parallel.
-    let (files, packages) = std::thread::scope(|s| -> Result<_> {
-        let store = (!from_cache).then(|| {
-            s.spawn(|| {
-                let about = format!("{} {}", spec.name, id.version);
-                cache.store("tree", &id.tree_key, &tree, &about)
-            })
-        });
-        let files = digest::file_index(&tree)?;
-        let packages: Vec<Package> = rootfs::installed_packages(&tree)?
-            .into_iter()
-            .map(|(name, version)| Package { name, version })
-            .collect();
-        if let Some(store) = store {
-            store
-                .join()
-                .map_err(|_| anyhow::anyhow!("storing the tree in the cache panicked"))??;
-        }
-        Ok((files, packages))
-    })?;
+    let from_cache = make_tree(&mut t, &r, &cache, &tree)?;
+    let (files, packages) = index_tree(&r, &cache, &tree, from_cache)?;
 
     let raw_name = format!("{}-{}.raw", spec.name, id.version);
     // Assembled in scratch; copied to the output beside the conversions below.
@@ -376,32 +310,163 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     if let Err(e) = fs::remove_dir_all(&tree) {
         tracing::warn!("cannot remove {} early: {e}", tree.display());
     }
+    let artifacts = t.run("convert", |_| convert_all(spec, &id.version, &raw, &staged))?;
+    let manifest = manifest_of(&r, partitions, artifacts, packages, t.timings);
+    if spec.agent_enabled {
+        // The agent's configuration, for images made from other bases (Packer).
+        fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
+    }
+    write_outputs(&staged, &manifest)?;
+    publish_dir(&staged, &final_dir)?;
+    // Recorded only once the output is complete under its final name; a build killed
+    // between the two is recorded by the next one (see `already_built`).
+    registry::Registry::open(&registry_path)?
+        .record_build(&final_dir, &spec.path, &manifest, &files)?;
+    Ok(Built {
+        dir: final_dir,
+        manifest,
+        fresh: true,
+        files,
+    })
+}
 
-    // Hashing the raw image (mostly zeros, but 2 GiB of them) runs beside the
-    // conversions, which read the same file.
-    let artifacts = t.run("convert", |_| {
-        std::thread::scope(|s| -> Result<Vec<Artifact>> {
-            let file =
-                |format: &Format| format!("{}-{}.{}", spec.name, id.version, format.extension());
-            let raw_hash = s.spawn(|| copy_raw(&raw, &staged.join(&raw_name)));
-            for format in spec.formats.iter().filter(|f| **f != Format::Raw) {
-                convert::convert(&raw, *format, &staged.join(file(format)))?;
+/// The version already in `final_dir`, if it has the same build id: nothing to build.
+fn already_built(
+    r: &Resolved,
+    final_dir: &Path,
+    registry_path: &Path,
+    ui: &Ui,
+) -> Result<Option<Built>> {
+    let (spec, id) = (&r.spec, &r.id);
+    if !final_dir.join("manifest.json").is_file() {
+        return Ok(None);
+    }
+    let manifest = Manifest::load(final_dir)?;
+    if manifest.build_id != id.build_id {
+        return Ok(None);
+    }
+    ui.info(&format!(
+        "{} is up to date in {}",
+        id.version,
+        final_dir.display()
+    ));
+    // A build killed after its output was complete but before it was recorded.
+    let mut reg = registry::Registry::open(registry_path)?;
+    if reg.find(&format!("{}@{}", spec.name, id.version)).is_err() {
+        reg.record_build(final_dir, &spec.path, &manifest, &[])?;
+    }
+    Ok(Some(Built {
+        dir: final_dir.to_path_buf(),
+        manifest,
+        fresh: false,
+        files: Vec::new(),
+    }))
+}
+
+/// The `rootfs` and `customize` stages into `tree`, or the finished tree from the
+/// cache (then true).
+fn make_tree(t: &mut Timer<'_>, r: &Resolved, cache: &cache::Cache, tree: &Path) -> Result<bool> {
+    let (spec, id) = (&r.spec, &r.id);
+    let from_cache = cache.restore("tree", &id.tree_key, tree)?;
+    if from_cache {
+        t.ui.info("    rootfs and customize: finished tree restored from the cache");
+    } else {
+        t.run("rootfs", |ui| {
+            if cache.restore("base", &id.base_key, tree)? {
+                ui.info("    base tree restored from the cache");
+                return Ok(());
             }
-            let raw_artifact = raw_hash
+            rootfs::bootstrap(
+                spec,
+                &r.sources,
+                &r.index.lists(),
+                tree,
+                &cache::dir()
+                    .join("packages")
+                    .join(format!("{}-{}", spec.distro.name(), spec.suite).to_lowercase()),
+                id.source_date_epoch,
+            )?;
+            check_package_set(tree, &r.resolution.packages, ui)?;
+            cache.store(
+                "base",
+                &id.base_key,
+                tree,
+                &format!("{} {} base", spec.distro.name(), spec.suite),
+            )
+        })?;
+        t.run("customize", |_| {
+            let deb = r.agent.as_ref().map(|a| a.path.as_path());
+            customize::customize(spec, id, tree, deb.unwrap_or(Path::new("")))
+        })?;
+    }
+    Ok(from_cache)
+}
+
+/// The finished tree's file list and installed packages, storing it in the cache
+/// meanwhile when it was built rather than restored (both only read it).
+fn index_tree(
+    r: &Resolved,
+    cache: &cache::Cache,
+    tree: &Path,
+    from_cache: bool,
+) -> Result<(Vec<FileEntry>, Vec<Package>)> {
+    let (spec, id) = (&r.spec, &r.id);
+    std::thread::scope(|s| -> Result<_> {
+        let store = (!from_cache).then(|| {
+            s.spawn(|| {
+                let about = format!("{} {}", spec.name, id.version);
+                cache.store("tree", &id.tree_key, tree, &about)
+            })
+        });
+        let files = digest::file_index(tree)?;
+        let packages: Vec<Package> = rootfs::installed_packages(tree)?
+            .into_iter()
+            .map(|(name, version)| Package { name, version })
+            .collect();
+        if let Some(store) = store {
+            store
                 .join()
-                .map_err(|_| anyhow::anyhow!("hashing the raw image panicked"))??;
-            let mut artifacts = Vec::new();
-            for format in &spec.formats {
-                artifacts.push(if *format == Format::Raw {
-                    raw_artifact.clone()
-                } else {
-                    artifact(&staged, &file(format), *format)?
-                });
-            }
-            Ok(artifacts)
-        })
-    })?;
-    let manifest = Manifest {
+                .map_err(|_| anyhow::anyhow!("storing the tree in the cache panicked"))??;
+        }
+        Ok((files, packages))
+    })
+}
+
+/// The `convert` stage: the raw image copied (and hashed) into `staged` beside the
+/// conversions to the spec's other formats, which read the same file.
+fn convert_all(spec: &Spec, version: &str, raw: &Path, staged: &Path) -> Result<Vec<Artifact>> {
+    let raw_name = format!("{}-{}.raw", spec.name, version);
+    std::thread::scope(|s| -> Result<Vec<Artifact>> {
+        let file = |format: &Format| format!("{}-{}.{}", spec.name, version, format.extension());
+        let raw_hash = s.spawn(|| copy_raw(raw, &staged.join(&raw_name)));
+        for format in spec.formats.iter().filter(|f| **f != Format::Raw) {
+            convert::convert(raw, *format, &staged.join(file(format)))?;
+        }
+        let raw_artifact = raw_hash
+            .join()
+            .map_err(|_| anyhow::anyhow!("hashing the raw image panicked"))??;
+        let mut artifacts = Vec::new();
+        for format in &spec.formats {
+            artifacts.push(if *format == Format::Raw {
+                raw_artifact.clone()
+            } else {
+                artifact(staged, &file(format), *format)?
+            });
+        }
+        Ok(artifacts)
+    })
+}
+
+/// What the build says about itself.
+fn manifest_of(
+    r: &Resolved,
+    partitions: Vec<disk::Partition>,
+    artifacts: Vec<Artifact>,
+    packages: Vec<Package>,
+    stages: Vec<StageTiming>,
+) -> Manifest {
+    let (spec, id) = (&r.spec, &r.id);
+    Manifest {
         name: spec.name.clone(),
         version: id.version.clone(),
         build_id: id.build_id.clone(),
@@ -425,28 +490,12 @@ pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         packages,
         partitions: partitions.into_iter().map(Into::into).collect(),
         artifacts,
-        stages: t.timings,
+        stages,
         cache_keys: CacheKeys {
             base: id.base_key.clone(),
             tree: id.tree_key.clone(),
         },
-    };
-    if spec.agent_enabled {
-        // The agent's configuration, for images made from other bases (Packer).
-        fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
     }
-    write_outputs(&staged, &manifest)?;
-    publish_dir(&staged, &final_dir)?;
-    // Recorded only once the output is complete under its final name; a build killed
-    // between the two is recorded by the next one (see above).
-    registry::Registry::open(&registry_path)?
-        .record_build(&final_dir, &spec.path, &manifest, &files)?;
-    Ok(Built {
-        dir: final_dir,
-        manifest,
-        fresh: true,
-        files,
-    })
 }
 
 /// mmdebstrap installs from the same package lists the set was resolved from; say so

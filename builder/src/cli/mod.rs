@@ -9,7 +9,7 @@ pub use args::{
     PublishCommand, StackArgs, VmArgs,
 };
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -64,12 +64,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 true,
             )
         }
-        Command::Image(ImageCommand::Export {
+        Command::Doctor { json } => {
+            let report = crate::cli::doctor::check();
+            let ok = report.tools.iter().all(|t| t.found.is_some());
+            output(json, &report, || report.human(), ok)
+        }
+        Command::Image(cmd) => image_command(cmd, &registry_path, &mut ui),
+        Command::Cache(cmd) => cache_command(cmd),
+    }
+}
+
+/// `image ...`: build, plan, test and boot images, and the registry's commands.
+fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result<ExitCode> {
+    let open = || Registry::open(registry_path);
+    match cmd {
+        ImageCommand::Export {
             reference,
             format,
             out,
             json,
-        }) => {
+        } => {
             // clap has checked the name against the list.
             let format = <Format as clap::ValueEnum>::from_str(&format, false)
                 .map_err(|e| anyhow::anyhow!("--format {format}: {e}"))?;
@@ -91,32 +105,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 true,
             )
         }
-        Command::Doctor { json } => {
-            let report = crate::cli::doctor::check();
-            let ok = report.tools.iter().all(|t| t.found.is_some());
-            output(json, &report, || report.human(), ok)
-        }
-        Command::Cache(CacheCommand::Status { json }) => {
-            let status = Cache::new(cache::dir(), true).status()?;
-            output(json, &status, || status.human(), true)
-        }
-        Command::Cache(CacheCommand::Prune { keep, all, json }) => {
-            let pruned = Cache::new(cache::dir(), true).prune(keep, all)?;
-            output(
-                json,
-                &pruned,
-                || {
-                    format!(
-                        "removed {} stage entries{}, freed {}\n",
-                        pruned.entries,
-                        if all { " and the package caches" } else { "" },
-                        cache::mib(pruned.bytes)
-                    )
-                },
-                true,
-            )
-        }
-        Command::Image(ImageCommand::Build {
+        ImageCommand::Build {
             spec,
             out,
             agent_deb,
@@ -126,26 +115,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             test,
             vm,
             json,
-        }) => {
+        } => {
             let opts = BuildOptions {
                 spec,
                 out,
                 agent_deb,
                 force,
                 no_cache,
-                registry: Some(registry_path.clone()),
+                registry: Some(registry_path.to_path_buf()),
             };
             let (built, repro) = if check_reproducible {
-                let (built, report) = repro::check(&opts, &mut ui)?;
+                let (built, report) = repro::check(&opts, ui)?;
                 (built, Some(report))
             } else {
-                (build::build(&opts, &mut ui)?, None)
+                (build::build(&opts, ui)?, None)
             };
             let report = if test {
                 let spec = crate::model::spec::load(&opts.spec)?;
                 let target = boottest::Target::from_dir(&built.dir, Some(&spec))?;
                 ui.info("==> boot test");
-                Some(run_test(&target, &vm, &registry_path)?)
+                Some(run_test(&target, &vm, registry_path)?)
             } else {
                 None
             };
@@ -179,11 +168,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 && repro.as_ref().is_none_or(|r| r.identical);
             output(json, &value, human, ok)
         }
-        Command::Image(ImageCommand::Plan {
+        ImageCommand::Plan {
             spec,
             agent_deb,
             json,
-        }) => {
+        } => {
             let plan = build::plan(
                 &BuildOptions {
                     spec,
@@ -193,44 +182,70 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     no_cache: false,
                     registry: None,
                 },
-                &mut ui,
+                ui,
             )?;
             output(json, &plan, || plan.human(), true)
         }
-        Command::Image(ImageCommand::List { name, json }) => {
+        ImageCommand::List { name, json } => {
             let versions = inventory::list(&open()?, name.as_deref())?;
             output(json, &versions, || inventory::list_human(&versions), true)
         }
-        Command::Image(ImageCommand::Show { reference, json }) => {
+        ImageCommand::Show { reference, json } => {
             let show = inventory::show(&open()?, &reference)?;
             output(json, &show, || show.human(), true)
         }
-        Command::Image(ImageCommand::Diff { from, to, json }) => {
+        ImageCommand::Diff { from, to, json } => {
             let diff = inventory::diff(&open()?, &from, &to)?;
             output(json, &diff, || diff.human(), true)
         }
-        Command::Image(ImageCommand::Verify { reference, json }) => {
+        ImageCommand::Verify { reference, json } => {
             let v = inventory::verify(&open()?, &reference)?;
             output(json, &v, || v.human(), v.ok)
         }
-        Command::Image(ImageCommand::Gc { keep, name, json }) => {
+        ImageCommand::Gc { keep, name, json } => {
             let gc = inventory::gc(&mut open()?, name.as_deref(), keep)?;
             output(json, &gc, || gc.human(), true)
         }
-        Command::Image(ImageCommand::Test { target, vm, json }) => {
-            let target = boottest::resolve_target(&target, &registry_path)?;
-            let report = run_test(&target, &vm, &registry_path)?;
+        ImageCommand::Test { target, vm, json } => {
+            let target = boottest::resolve_target(&target, registry_path)?;
+            let report = run_test(&target, &vm, registry_path)?;
             output(json, &report, || report.summary(), report.passed)
         }
-        Command::Image(ImageCommand::Boot {
+        ImageCommand::Boot {
             target,
             ssh_port,
             memory,
             cpus,
-        }) => {
-            let target = boottest::resolve_target(&target, &registry_path)?;
+        } => {
+            let target = boottest::resolve_target(&target, registry_path)?;
             boottest::boot(&target, memory, cpus, ssh_port)?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `cache status` and `cache prune`.
+fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
+    match cmd {
+        CacheCommand::Status { json } => {
+            let status = Cache::new(cache::dir(), true).status()?;
+            output(json, &status, || status.human(), true)
+        }
+        CacheCommand::Prune { keep, all, json } => {
+            let pruned = Cache::new(cache::dir(), true).prune(keep, all)?;
+            output(
+                json,
+                &pruned,
+                || {
+                    format!(
+                        "removed {} stage entries{}, freed {}\n",
+                        pruned.entries,
+                        if all { " and the package caches" } else { "" },
+                        cache::mib(pruned.bytes)
+                    )
+                },
+                true,
+            )
         }
     }
 }
