@@ -31,35 +31,122 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The first segment of every `crate::` path in `code` (comments left out), with
-/// its line number; `crate::{a, b::c}` gives `a` and `b`.
-fn crate_paths(code: &str) -> Vec<(usize, String)> {
-    let mut found = Vec::new();
-    for (n, line) in code.lines().enumerate() {
-        let line = line.split("//").next().unwrap_or_default();
-        for (at, _) in line.match_indices("crate::") {
-            let rest = &line[at + "crate::".len()..];
-            let names: Vec<&str> = match rest.strip_prefix('{') {
-                Some(group) => group
-                    .split('}')
-                    .next()
-                    .unwrap_or_default()
-                    .split(',')
-                    .collect(),
-                None => vec![rest],
-            };
-            for name in names {
-                let name: String = name
-                    .trim()
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if !name.is_empty() {
-                    found.push((n + 1, name));
+/// `code` without comments and string literals, on one line, so that paths written
+/// across lines or inside a multi-line `use` group are seen whole.
+fn flattened(code: &str) -> String {
+    let mut out = String::with_capacity(code.len());
+    let mut chars = code.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '/' if chars.peek() == Some(&'/') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
                 }
+                out.push(' ');
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                let mut last = ' ';
+                for c in chars.by_ref() {
+                    if last == '*' && c == '/' {
+                        break;
+                    }
+                    last = c;
+                }
+                out.push(' ');
+            }
+            '"' => {
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    if c == '"' && !escaped {
+                        break;
+                    }
+                    escaped = c == '\\' && !escaped;
+                }
+                out.push_str("\"\"");
+            }
+            '\n' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The first segment of each item of a use tree that starts at `rest`: `a::b` gives
+/// `a`, `{a, b::{c, d}}` gives `a` and `b`.
+fn tree_heads(rest: &str) -> Vec<String> {
+    let rest = rest.trim_start();
+    let Some(group) = rest.strip_prefix('{') else {
+        let head: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        return vec![head];
+    };
+    let mut heads = Vec::new();
+    let (mut depth, mut item) = (0, String::new());
+    for c in group.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => break,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                heads.extend(tree_heads(&item));
+                item.clear();
+                continue;
+            }
+            _ => {}
+        }
+        item.push(c);
+    }
+    heads.extend(tree_heads(&item));
+    heads.retain(|h| !h.is_empty());
+    heads
+}
+
+/// The identifier `text` ends with (spaces before `::` allowed).
+fn last_word(text: &str) -> String {
+    let mut word: Vec<char> = text
+        .trim_end()
+        .chars()
+        .rev()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    word.reverse();
+    word.into_iter().collect()
+}
+
+/// The top-level module each path in `code` names: after `crate::`, and after as
+/// many `super::` as lead from `depth` (how deep the file's module is) to the root.
+fn crate_paths(code: &str, depth: usize) -> Vec<String> {
+    let flat = flattened(code);
+    let tokens: Vec<&str> = flat.split("::").collect();
+    let mut found = Vec::new();
+    for (n, before) in tokens
+        .iter()
+        .enumerate()
+        .take(tokens.len().saturating_sub(1))
+    {
+        let word = last_word(before);
+        let rest = tokens[n + 1..].join("::");
+        if word == "crate" {
+            found.extend(tree_heads(&rest));
+        } else if word == "super" && depth > 0 {
+            // Only where a run of `super::` starts: it climbs to the crate root when
+            // it has as many steps as the file is deep.
+            let continues =
+                n > 0 && before.trim() == "super" && last_word(tokens[n - 1]) == "super";
+            let ups = 1 + tokens[n + 1..]
+                .iter()
+                .take_while(|t| t.trim() == "super")
+                .count();
+            if !continues && ups >= depth {
+                found.extend(tree_heads(&tokens[n + ups..].join("::")));
             }
         }
     }
+    found.retain(|h| !h.is_empty() && h != "self");
     found
 }
 
@@ -93,17 +180,35 @@ fn no_module_uses_a_later_layer() {
             continue;
         };
         let code = fs::read_to_string(file).unwrap();
-        for (line, name) in crate_paths(&code) {
+        // `support/mod.rs` is the module `support` (depth 1), `support/cmd.rs` and
+        // `store/registry/mod.rs` depth 2, and so on.
+        let parts = rel.components().count();
+        let depth = if rel.file_name().is_some_and(|f| f == "mod.rs") {
+            parts - 1
+        } else {
+            parts
+        };
+        if flattened(&code).contains("crate as ") {
+            wrong.push(format!(
+                "{}: `crate as` hides paths from this check",
+                rel.display()
+            ));
+        }
+        // An inline `mod tests { ... }` at the end is one module deeper.
+        let (main, tests) = code
+            .split_once("\n#[cfg(test)]\nmod tests {")
+            .unwrap_or((&code, ""));
+        let names = crate_paths(main, depth)
+            .into_iter()
+            .chain(crate_paths(tests, depth + 1));
+        for name in names {
             match layers.iter().position(|l| *l == name) {
                 Some(used) if used > own => wrong.push(format!(
-                    "{}:{line}: `{top}` (layer {own}) uses `{name}` (layer {used})",
+                    "{}: `{top}` (layer {own}) uses `{name}` (layer {used})",
                     rel.display()
                 )),
                 Some(_) => {}
-                None => wrong.push(format!(
-                    "{}:{line}: `crate::{name}` is not a layer",
-                    rel.display()
-                )),
+                None => wrong.push(format!("{}: `crate::{name}` is not a layer", rel.display())),
             }
         }
     }
@@ -112,7 +217,14 @@ fn no_module_uses_a_later_layer() {
 
 #[test]
 fn paths_are_read_as_the_compiler_reads_them() {
-    let code = "use crate::store::cache;\n// crate::cli in a comment\nuse crate::{model, support::cmd};\nlet x = crate::image::disk::f();";
-    let names: Vec<String> = crate_paths(code).into_iter().map(|(_, n)| n).collect();
-    assert_eq!(names, ["store", "model", "support", "image"]);
+    let code = "use crate::store::cache;\n// crate::cli in a comment\nlet s = \"crate::fleet\";\n/* crate::publish */\nuse crate::{\n    model,\n    support::{cmd, digest},\n    build,\n};\nlet x = crate::image::disk::f();\nlet y = crate\n    ::inventory::list();";
+    assert_eq!(
+        crate_paths(code, 1),
+        ["store", "model", "support", "build", "image", "inventory"]
+    );
+    // From `support/cmd.rs` (depth 2), `super::super::cli` is the crate's `cli`;
+    // `super::ui` is a sibling; from `support/mod.rs`, `super::cli` is the crate's.
+    assert_eq!(crate_paths("use super::super::cli::run;", 2), ["cli"]);
+    assert!(crate_paths("use super::ui::Ui;", 2).is_empty());
+    assert_eq!(crate_paths("use super::cli;", 1), ["cli"]);
 }

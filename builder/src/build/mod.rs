@@ -175,6 +175,11 @@ const HOST_TOOLS: &[&str] = &[
     "mtools",
     "fdisk",
     "qemu-utils",
+    // dpkg writes the image's package database (customize), tar and zstd restore
+    // cached trees.
+    "dpkg",
+    "tar",
+    "zstd",
 ];
 
 fn host_tools() -> Result<String> {

@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::manifest::{Input, Package};
 use crate::model::spec::Spec;
+use crate::store::cache;
 use crate::support::digest::sha256_hex;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -114,6 +115,16 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
         input("package-sources", i.sources_deb822),
         input("source-date-epoch", &source_date_epoch.to_string()),
         input("host-tools", i.host_tools),
+        // The file customize writes to /etc/devos/agent.toml, as rendered by the agent
+        // crate (its header and key order are not in the canonical spec).
+        input(
+            "agent-config",
+            &if spec.agent_enabled {
+                spec.agent_config.to_file()
+            } else {
+                String::new()
+            },
+        ),
         Input {
             name: "builder".into(),
             sha256: sources_digest(sources, None),
@@ -127,12 +138,13 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
     let version = format!("{}+{}", spec.version, &build_id[..12]);
     let base_key = sha256_hex(
         format!(
-            "base\n{}\n{}\n{}\n{packages}{source_date_epoch}\n{}\n{}",
+            "base\n{}\n{}\n{}\n{packages}{source_date_epoch}\n{}\n{}\n{}",
             spec.distro.name(),
             spec.suite,
             i.sources_deb822,
             i.host_tools,
-            sources_digest(sources, Some(BASE_SOURCES))
+            sources_digest(sources, Some(BASE_SOURCES)),
+            cache::format_digest()
         )
         .as_bytes(),
     );
@@ -144,7 +156,7 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
         root_fs_uuid: derived_uuid(&build_id, "root-fs"),
         var_fs_uuid: derived_uuid(&build_id, "var-fs"),
         esp_serial: sha256_hex(format!("{build_id}:esp-serial").as_bytes())[..8].to_uppercase(),
-        tree_key: sha256_hex(format!("tree\n{build_id}").as_bytes()),
+        tree_key: sha256_hex(format!("tree\n{build_id}\n{}", cache::format_digest()).as_bytes()),
         base_key,
         build_id,
         version,
@@ -368,6 +380,23 @@ mod tests {
         );
         for name in BASE_SOURCES {
             assert!(hashed.contains(name), "{name}");
+        }
+        // What is left out of each file is its unit-test module and nothing else: it
+        // ends the file, and no other item follows it.
+        for (name, source) in SHAPING_SOURCES {
+            let rest = &source[shaping_part(source).len()..];
+            if rest.is_empty() {
+                continue;
+            }
+            let closing = rest.lines().filter(|l| *l == "}").count();
+            let outline = rest.starts_with("\n#[cfg(test)]\nmod tests;") && closing == 0;
+            let block = rest.starts_with("\n#[cfg(test)]\nmod tests {")
+                && closing == 1
+                && rest.trim_end().ends_with('}');
+            assert!(
+                outline || block,
+                "{name}: code after its tests module would not be hashed; keep `mod tests` last"
+            );
         }
     }
 

@@ -2,8 +2,10 @@
 //! identity), rootfs, customize, disk and convert, and the file helpers they use.
 //!
 //! Every file of this folder is hashed into the build id (see
-//! [`identity::SHAPING_SOURCES`]), and nothing outside it is: code here decides what
-//! the image holds; code elsewhere only runs, records or ships it.
+//! [`identity::SHAPING_SOURCES`]): code here decides what the image holds. What the
+//! stages take from elsewhere is an input of its own (the spec's values, the package
+//! set, the agent package and its rendered configuration, the host tools); code
+//! elsewhere only runs, records or ships what is built.
 
 pub mod apt;
 pub mod convert;

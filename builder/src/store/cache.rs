@@ -57,6 +57,13 @@ pub struct Cache {
 
 const ARCHIVE: &str = "tree.tar.zst";
 const ENTRY: &str = "entry.json";
+/// The cache's own code, hashed into every stage key: a change to how trees are
+/// stored or restored (tar flags, what is kept) never restores an entry written the
+/// old way.
+pub fn format_digest() -> String {
+    crate::support::digest::sha256_hex(include_str!("cache.rs").as_bytes())
+}
+
 const TAR_COMMON: &[&str] = &[
     "--numeric-owner",
     "--xattrs",
