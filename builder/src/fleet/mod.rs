@@ -179,34 +179,7 @@ impl Ctx<'_> {
     /// Change an existing stack to `plan.to`, stream its events, gate, and on failure
     /// go back to `plan.from` and mark `plan.to` bad for the stack.
     async fn change(&mut self, s: &Stack, plan: Plan<'_>) -> Result<Outcome> {
-        let yaml = render_for(plan.template, &plan.to, &self.region, &plan.ami)?;
-        let declared = template_parameters(&yaml);
-        let mut parameters = plan.parameters.clone();
-        parameters.insert("ImageId".into(), plan.ami.clone());
-        parameters.insert("ImageVersion".into(), plan.to.version.clone());
-        let keep: Vec<String> = declared
-            .iter()
-            .filter(|k| !parameters.contains_key(*k) && s.parameters.contains_key(*k))
-            .cloned()
-            .collect();
-        let deployment = Deployment {
-            template: yaml,
-            tags: tags(plan.template, &plan.to),
-            keep,
-            parameters: parameters.clone(),
-        };
-        let mut outcome = Outcome::planned(
-            plan.stack,
-            &self.region,
-            plan.kind,
-            plan.from.as_ref(),
-            &plan.to,
-            parameters
-                .iter()
-                .filter(|(k, v)| s.parameters.get(*k) != Some(*v))
-                .map(|(k, v)| (k.clone(), (s.parameters.get(k).cloned(), v.clone())))
-                .collect(),
-        );
+        let (deployment, mut outcome) = self.deployment(s, &plan)?;
         if plan.dry_run {
             outcome.changes =
                 stack::preview(&self.aws, &self.region, plan.stack, &deployment).await?;
@@ -253,8 +226,54 @@ impl Ctx<'_> {
             outcome.state = ChangeState::Failed;
             return Ok(outcome);
         }
-        self.reg
-            .mark_bad(plan.stack, &self.region, &plan.to, &why)?;
+        self.recover(id, plan, &why, outcome).await
+    }
+
+    /// The stack update `plan` makes of `s`, and the outcome it starts with (the
+    /// parameters that change).
+    fn deployment(&self, s: &Stack, plan: &Plan<'_>) -> Result<(Deployment, Outcome)> {
+        let yaml = render_for(plan.template, &plan.to, &self.region, &plan.ami)?;
+        let declared = template_parameters(&yaml);
+        let mut parameters = plan.parameters.clone();
+        parameters.insert("ImageId".into(), plan.ami.clone());
+        parameters.insert("ImageVersion".into(), plan.to.version.clone());
+        let keep: Vec<String> = declared
+            .iter()
+            .filter(|k| !parameters.contains_key(*k) && s.parameters.contains_key(*k))
+            .cloned()
+            .collect();
+        let deployment = Deployment {
+            template: yaml,
+            tags: tags(plan.template, &plan.to),
+            keep,
+            parameters: parameters.clone(),
+        };
+        let outcome = Outcome::planned(
+            plan.stack,
+            &self.region,
+            plan.kind,
+            plan.from.as_ref(),
+            &plan.to,
+            parameters
+                .iter()
+                .filter(|(k, v)| s.parameters.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), (s.parameters.get(k).cloned(), v.clone())))
+                .collect(),
+        );
+        Ok((deployment, outcome))
+    }
+
+    /// After a failed gate: mark the version bad for the stack and put the stack back
+    /// on the version it ran (unless CloudFormation already did), finishing rollout
+    /// `id`.
+    async fn recover(
+        &mut self,
+        id: i64,
+        plan: Plan<'_>,
+        why: &str,
+        mut outcome: Outcome,
+    ) -> Result<Outcome> {
+        self.reg.mark_bad(plan.stack, &self.region, &plan.to, why)?;
         let now = stack::describe(&self.aws, &self.region, plan.stack)
             .await?
             .with_context(|| format!("stack {} disappeared", plan.stack))?;
@@ -263,7 +282,7 @@ impl Ctx<'_> {
             _ if back_on_old => {
                 // CloudFormation rolled the update back itself.
                 self.reg
-                    .finish_rollout(id, ChangeState::RolledBack, Some(&why))?;
+                    .finish_rollout(id, ChangeState::RolledBack, Some(why))?;
                 outcome.state = ChangeState::RolledBack;
             }
             Some(from) => {
@@ -285,13 +304,13 @@ impl Ctx<'_> {
                 } else {
                     ChangeState::Failed
                 };
-                self.reg.finish_rollout(id, state, Some(&why))?;
+                self.reg.finish_rollout(id, state, Some(why))?;
                 outcome.state = state;
                 outcome.rollback = Some(Box::new(rollback));
             }
             None => {
                 self.reg
-                    .finish_rollout(id, ChangeState::Failed, Some(&why))?;
+                    .finish_rollout(id, ChangeState::Failed, Some(why))?;
                 outcome.state = ChangeState::Failed;
                 outcome.reason = Some(format!(
                     "{why}; the version it ran before is not in this registry, so it was not rolled back: roll back with `devos-build fleet rollback --stack {} --to VERSION`",
@@ -460,95 +479,119 @@ pub fn deploy(
             };
             return cx.change(&s, plan).await;
         }
-        if declared.iter().any(|d| d == "VpcId") {
-            let subnet_key = if declared.iter().any(|d| d == "Subnets") {
-                "Subnets"
-            } else {
-                "SubnetId"
-            };
-            match (
-                parameters.contains_key("VpcId"),
-                parameters.contains_key(subnet_key),
-            ) {
-                (true, true) => {}
-                (false, false) => {
-                    let (vpc, subnets) = stack::default_network(&cx.aws, &cx.region).await?;
-                    let subnets = if subnet_key == "Subnets" {
-                        subnets.join(",")
-                    } else {
-                        subnets[0].clone()
-                    };
-                    parameters.insert("VpcId".into(), vpc);
-                    parameters.insert(subnet_key.into(), subnets);
-                }
-                _ => bail!(
-                    "--param VpcId and --param {subnet_key} go together: give both, or neither for the default VPC and its subnets"
-                ),
-            }
-        }
-        parameters.insert("ImageId".into(), ami.clone());
-        parameters.insert("ImageVersion".into(), v.version.clone());
-        let mut outcome = Outcome::planned(
-            &t.stack,
-            &cx.region,
-            "deploy",
-            None,
-            &v,
-            parameters
-                .iter()
-                .map(|(k, val)| (k.clone(), (None, val.clone())))
-                .collect(),
-        );
-        let deployment = Deployment {
-            template: yaml,
-            parameters,
-            keep: Vec::new(),
-            tags: tags(req.template, &v),
-        };
-        if t.dry_run {
-            outcome.changes = stack::resource_types(&cx.aws, &cx.region, &deployment.template)
-                .await?
-                .into_iter()
-                .map(|resource_type| ResourceChange {
-                    action: "Add".into(),
-                    logical_id: String::new(),
-                    resource_type,
-                    replacement: None,
-                })
-                .collect();
-            outcome.state = ChangeState::DryRun;
-            return Ok(outcome);
-        }
-        let id = cx
-            .reg
-            .start_rollout(&t.stack, &cx.region, "deploy", None, &v)?;
-        eprintln!(
-            "deploy {}: creating with {}@{} ({ami})",
-            t.stack, v.name, v.version
-        );
-        let mut seen = HashSet::new();
-        let create = stack::create(&cx.aws, &cx.region, &t.stack, &deployment).await;
-        cx.issued(id, &mut outcome, create)?;
-        match cx
-            .settle_and_gate(&t.stack, &ami, t.bake, &mut seen, &mut outcome)
-            .await?
-        {
-            None => {
-                cx.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
-                outcome.state = ChangeState::Succeeded;
-            }
-            Some(why) => {
-                cx.reg.finish_rollout(id, ChangeState::Failed, Some(&why))?;
-                cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
-                outcome.state = ChangeState::Failed;
-                outcome.reason = Some(format!(
-                    "{why}\n  hint: `devos-build fleet status --stack {}` shows what runs; a stack that failed its creation must be deleted before it is deployed again",
-                    t.stack
-                ));
-            }
-        }
-        Ok(outcome)
+        fill_default_network(&cx, &declared, &mut parameters).await?;
+        create(&mut cx, t, req.template, v, ami, yaml, parameters).await
     })
+}
+
+/// When the template needs a network and neither `VpcId` nor its subnets were
+/// given, the region's default VPC and its subnets.
+async fn fill_default_network(
+    cx: &Ctx<'_>,
+    declared: &[String],
+    parameters: &mut BTreeMap<String, String>,
+) -> Result<()> {
+    if declared.iter().any(|d| d == "VpcId") {
+        let subnet_key = if declared.iter().any(|d| d == "Subnets") {
+            "Subnets"
+        } else {
+            "SubnetId"
+        };
+        match (
+            parameters.contains_key("VpcId"),
+            parameters.contains_key(subnet_key),
+        ) {
+            (true, true) => {}
+            (false, false) => {
+                let (vpc, subnets) = stack::default_network(&cx.aws, &cx.region).await?;
+                let subnets = if subnet_key == "Subnets" {
+                    subnets.join(",")
+                } else {
+                    subnets[0].clone()
+                };
+                parameters.insert("VpcId".into(), vpc);
+                parameters.insert(subnet_key.into(), subnets);
+            }
+            _ => bail!(
+                "--param VpcId and --param {subnet_key} go together: give both, or neither for the default VPC and its subnets"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// `fleet deploy` of a stack that does not exist yet: create it and gate it.
+async fn create(
+    cx: &mut Ctx<'_>,
+    t: &Target,
+    template: Template,
+    v: VersionInfo,
+    ami: String,
+    yaml: String,
+    mut parameters: BTreeMap<String, String>,
+) -> Result<Outcome> {
+    parameters.insert("ImageId".into(), ami.clone());
+    parameters.insert("ImageVersion".into(), v.version.clone());
+    let mut outcome = Outcome::planned(
+        &t.stack,
+        &cx.region,
+        "deploy",
+        None,
+        &v,
+        parameters
+            .iter()
+            .map(|(k, val)| (k.clone(), (None, val.clone())))
+            .collect(),
+    );
+    let deployment = Deployment {
+        template: yaml,
+        parameters,
+        keep: Vec::new(),
+        tags: tags(template, &v),
+    };
+    if t.dry_run {
+        outcome.changes = stack::resource_types(&cx.aws, &cx.region, &deployment.template)
+            .await?
+            .into_iter()
+            .map(|resource_type| ResourceChange {
+                action: "Add".into(),
+                logical_id: String::new(),
+                resource_type,
+                replacement: None,
+            })
+            .collect();
+        outcome.state = ChangeState::DryRun;
+        return Ok(outcome);
+    }
+    let id = cx
+        .reg
+        .start_rollout(&t.stack, &cx.region, "deploy", None, &v)?;
+    eprintln!(
+        "deploy {}: creating with {}@{} ({ami})",
+        t.stack, v.name, v.version
+    );
+    let mut seen = HashSet::new();
+    let create = stack::create(&cx.aws, &cx.region, &t.stack, &deployment).await;
+    cx.issued(id, &mut outcome, create)?;
+    match cx
+        .settle_and_gate(&t.stack, &ami, t.bake, &mut seen, &mut outcome)
+        .await?
+    {
+        None => {
+            cx.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
+            outcome.state = ChangeState::Succeeded;
+        }
+        Some(why) => {
+            cx.reg.finish_rollout(id, ChangeState::Failed, Some(&why))?;
+            cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
+            outcome.state = ChangeState::Failed;
+            outcome.reason = Some(format!(
+                "{why}\n  hint: `devos-build fleet status --stack {}` shows what runs; a stack that failed its creation must be deleted before it is deployed again",
+                t.stack
+            ));
+        }
+    }
+    Ok(outcome)
 }
 
 /// Roll a stack to a version: the canary stack first (if any), gated, then the stack.
