@@ -487,55 +487,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         None => None,
     };
     let distro: Distro = pick(&src, &raw.base.distro, "distro")?;
-    let suite = match &raw.base.suite {
-        Some(s) if !is_word(s.get_ref()) => {
-            return Err(src.error(
-                s,
-                format!("invalid suite `{}`", s.get_ref()),
-                "use a release codename such as `bookworm` or `noble`",
-            ));
-        }
-        Some(s) => s.get_ref().clone(),
-        None => distro.default_suite().to_owned(),
-    };
-    let mirror = match &raw.base.mirror {
-        Some(m) if !(m.get_ref().contains("://")) => {
-            return Err(src.error(
-                m,
-                format!("invalid mirror `{}`", m.get_ref()),
-                "give a URL such as `http://deb.debian.org/debian`, or remove the key to use the host's apt sources",
-            ));
-        }
-        Some(m) => Some(m.get_ref().trim_end_matches('/').to_owned()),
-        None => None,
-    };
-    let components = match &raw.base.components {
-        None => vec!["main".to_owned()],
-        Some(list) => {
-            for c in list {
-                if !is_word(c.get_ref()) {
-                    return Err(src.error(
-                        c,
-                        format!("invalid component `{}`", c.get_ref()),
-                        "components are archive areas such as `main`, `contrib` or `universe`",
-                    ));
-                }
-            }
-            list.iter().map(|c| c.get_ref().clone()).collect()
-        }
-    };
-
-    let keyring = match &raw.base.keyring {
-        Some(k) if !k.get_ref().starts_with('/') => {
-            return Err(src.error(
-                k,
-                format!("keyring `{}` is not an absolute path", k.get_ref()),
-                "give the full path of a .gpg keyring file, e.g. `/usr/share/keyrings/ubuntu-archive-keyring.gpg`",
-            ));
-        }
-        Some(k) => Some(PathBuf::from(k.get_ref())),
-        None => None,
-    };
+    let Base {
+        suite,
+        mirror,
+        components,
+        keyring,
+    } = base(&src, &raw.base, distro)?;
 
     let packages = package_names(&src, &raw.packages.include)?;
     let mut layers = Vec::new();
@@ -543,7 +500,73 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         layers.push(load_layer(&src, layer)?);
     }
 
-    let hostname = match &raw.system.hostname {
+    let (hostname, kernel_cmdline, timezone) = system(&src, &raw.system, &name)?;
+
+    let users = users(&src, &raw.users)?;
+
+    let disk_size = disk_size(&src, raw.disk.size.as_ref())?;
+    let root_fs = match &raw.disk.root_fs {
+        None => RootFs::Ext4,
+        Some(f) => pick(&src, f, "root-fs")?,
+    };
+
+    let mut formats = BTreeSet::from([Format::Raw]);
+    if let Some(list) = &raw.output.formats {
+        for f in list {
+            formats.insert(pick(&src, f, "format")?);
+        }
+    } else {
+        formats.insert(Format::Qcow2);
+    }
+
+    let agent_config = match &raw.agent.config {
+        None => devos_agent::config::AgentConfig::default(),
+        Some(table) => devos_agent::config::AgentConfig::from_table(table.get_ref().clone())
+            .map_err(|e| {
+                src.error(
+                    table,
+                    format!("[agent.config]: {e}"),
+                    "the keys are those of /etc/devos/agent.toml, documented in docs/spec.md",
+                )
+            })?,
+    };
+
+    let tests = tests(&src, &raw.tests)?;
+
+    Ok(Spec {
+        path: path.to_path_buf(),
+        name,
+        version,
+        description: raw.image.description,
+        source_date_epoch,
+        distro,
+        suite,
+        mirror,
+        components,
+        keyring,
+        packages,
+        layers,
+        hostname,
+        kernel_cmdline,
+        initrd: raw.system.initrd.as_ref().is_none_or(|i| *i.get_ref()),
+        timezone,
+        users,
+        disk_size,
+        root_fs,
+        formats: formats.into_iter().collect(),
+        agent_enabled: raw.agent.enable.unwrap_or(true),
+        agent_config,
+        tests,
+    })
+}
+
+/// `[system]`: hostname (default: the image's name), kernel command line, timezone.
+fn system(
+    src: &Source,
+    raw: &RawSystem,
+    name: &str,
+) -> Result<(String, String, String), SpecError> {
+    let hostname = match &raw.hostname {
         Some(h) if !is_hostname(h.get_ref()) => {
             return Err(src.error(
                 h,
@@ -552,9 +575,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
             ));
         }
         Some(h) => h.get_ref().clone(),
-        None => name.clone(),
+        None => name.to_owned(),
     };
-    let kernel_cmdline = match &raw.system.kernel_cmdline {
+    let kernel_cmdline = match &raw.kernel_cmdline {
         Some(c) if c.get_ref().contains(['\n', '\r']) => {
             return Err(src.error(
                 c,
@@ -565,7 +588,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         Some(c) => c.get_ref().trim().to_owned(),
         None => String::new(),
     };
-    let timezone = match &raw.system.timezone {
+    let timezone = match &raw.timezone {
         Some(t) if !is_timezone(t.get_ref()) => {
             return Err(src.error(
                 t,
@@ -576,10 +599,38 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         Some(t) => t.get_ref().clone(),
         None => "UTC".to_owned(),
     };
+    Ok((hostname, kernel_cmdline, timezone))
+}
 
+/// `[disk] size` in bytes (default 2 GiB, at least 512 MiB).
+fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecError> {
+    Ok(match raw {
+        None => 2 << 30,
+        Some(s) => match parse_size(s.get_ref()) {
+            Some(n) if n >= MIN_DISK => n,
+            Some(_) => {
+                return Err(src.error(
+                    s,
+                    format!("disk size `{}` is too small", s.get_ref()),
+                    "an image needs at least 512M",
+                ));
+            }
+            None => {
+                return Err(src.error(
+                    s,
+                    format!("invalid disk size `{}`", s.get_ref()),
+                    "write a number with a unit: `2G`, `1536M` (binary units; `GiB`/`MiB` also work)",
+                ));
+            }
+        },
+    })
+}
+
+/// The `[[users]]` entries, checked.
+fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
     let mut users = Vec::new();
     let mut seen = BTreeSet::new();
-    for u in &raw.users {
+    for u in raw {
         let uname = u.name.get_ref();
         if !is_user_name(uname) {
             return Err(src.error(
@@ -623,56 +674,80 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
                 .collect(),
         });
     }
+    Ok(users)
+}
 
-    let disk_size = match &raw.disk.size {
-        None => 2 << 30,
-        Some(s) => match parse_size(s.get_ref()) {
-            Some(n) if n >= MIN_DISK => n,
-            Some(_) => {
-                return Err(src.error(
-                    s,
-                    format!("disk size `{}` is too small", s.get_ref()),
-                    "an image needs at least 512M",
-                ));
-            }
-            None => {
-                return Err(src.error(
-                    s,
-                    format!("invalid disk size `{}`", s.get_ref()),
-                    "write a number with a unit: `2G`, `1536M` (binary units; `GiB`/`MiB` also work)",
-                ));
-            }
-        },
-    };
-    let root_fs = match &raw.disk.root_fs {
-        None => RootFs::Ext4,
-        Some(f) => pick(&src, f, "root-fs")?,
-    };
+/// `[base]` beyond the distro: suite, mirror, components and keyring, checked.
+struct Base {
+    suite: String,
+    mirror: Option<String>,
+    components: Vec<String>,
+    keyring: Option<PathBuf>,
+}
 
-    let mut formats = BTreeSet::from([Format::Raw]);
-    if let Some(list) = &raw.output.formats {
-        for f in list {
-            formats.insert(pick(&src, f, "format")?);
+fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> {
+    let suite = match &raw.suite {
+        Some(s) if !is_word(s.get_ref()) => {
+            return Err(src.error(
+                s,
+                format!("invalid suite `{}`", s.get_ref()),
+                "use a release codename such as `bookworm` or `noble`",
+            ));
         }
-    } else {
-        formats.insert(Format::Qcow2);
-    }
-
-    let agent_config = match &raw.agent.config {
-        None => devos_agent::config::AgentConfig::default(),
-        Some(table) => devos_agent::config::AgentConfig::from_table(table.get_ref().clone())
-            .map_err(|e| {
-                src.error(
-                    table,
-                    format!("[agent.config]: {e}"),
-                    "the keys are those of /etc/devos/agent.toml, documented in docs/spec.md",
-                )
-            })?,
+        Some(s) => s.get_ref().clone(),
+        None => distro.default_suite().to_owned(),
+    };
+    let mirror = match &raw.mirror {
+        Some(m) if !(m.get_ref().contains("://")) => {
+            return Err(src.error(
+                m,
+                format!("invalid mirror `{}`", m.get_ref()),
+                "give a URL such as `http://deb.debian.org/debian`, or remove the key to use the host's apt sources",
+            ));
+        }
+        Some(m) => Some(m.get_ref().trim_end_matches('/').to_owned()),
+        None => None,
+    };
+    let components = match &raw.components {
+        None => vec!["main".to_owned()],
+        Some(list) => {
+            for c in list {
+                if !is_word(c.get_ref()) {
+                    return Err(src.error(
+                        c,
+                        format!("invalid component `{}`", c.get_ref()),
+                        "components are archive areas such as `main`, `contrib` or `universe`",
+                    ));
+                }
+            }
+            list.iter().map(|c| c.get_ref().clone()).collect()
+        }
     };
 
+    let keyring = match &raw.keyring {
+        Some(k) if !k.get_ref().starts_with('/') => {
+            return Err(src.error(
+                k,
+                format!("keyring `{}` is not an absolute path", k.get_ref()),
+                "give the full path of a .gpg keyring file, e.g. `/usr/share/keyrings/ubuntu-archive-keyring.gpg`",
+            ));
+        }
+        Some(k) => Some(PathBuf::from(k.get_ref())),
+        None => None,
+    };
+    Ok(Base {
+        suite,
+        mirror,
+        components,
+        keyring,
+    })
+}
+
+/// The `[[tests]]` entries, checked.
+fn tests(src: &Source, raw: &[RawTest]) -> Result<Vec<Test>, SpecError> {
     let mut tests = Vec::new();
     let mut seen = BTreeSet::new();
-    for t in &raw.tests {
+    for t in raw {
         let tname = t.name.get_ref();
         if tname.trim().is_empty() || !seen.insert(tname.clone()) {
             return Err(src.error(
@@ -704,32 +779,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
             expect_exit,
         });
     }
-
-    Ok(Spec {
-        path: path.to_path_buf(),
-        name,
-        version,
-        description: raw.image.description,
-        source_date_epoch,
-        distro,
-        suite,
-        mirror,
-        components,
-        keyring,
-        packages,
-        layers,
-        hostname,
-        kernel_cmdline,
-        initrd: raw.system.initrd.as_ref().is_none_or(|i| *i.get_ref()),
-        timezone,
-        users,
-        disk_size,
-        root_fs,
-        formats: formats.into_iter().collect(),
-        agent_enabled: raw.agent.enable.unwrap_or(true),
-        agent_config,
-        tests,
-    })
+    Ok(tests)
 }
 
 fn parse_version(src: &Source, v: &Spanned<String>) -> Result<semver::Version, SpecError> {
