@@ -64,40 +64,8 @@ pub fn build(
     work: &Path,
     raw: &Path,
 ) -> Result<Vec<Partition>> {
-    let kernel = find_one(root, "boot/vmlinuz-*").context("no kernel in /boot")?;
-    let kver = kernel
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("vmlinuz-"))
-        .unwrap_or_default()
-        .to_owned();
-    let initrd = root.join(format!("boot/initrd.img-{kver}"));
-    let initrd = if spec.initrd {
-        if !initrd.is_file() {
-            bail!(
-                "the kernel {kver} has no initrd ({})\n  hint: add `initramfs-tools` (or `dracut`) to `[packages] include` in {}",
-                initrd.display(),
-                spec.path.display()
-            );
-        }
-        Some(initrd)
-    } else {
-        check_direct_boot(spec, root, &kver)?;
-        None
-    };
-
-    let var_tree = work.join("var-tree");
-    fs::rename(root.join("var"), &var_tree)?;
-    fs::create_dir(root.join("var"))?;
-    fs::set_permissions(root.join("var"), fs::Permissions::from_mode(0o755))?;
-    // The new mount point and the root it changed keep the image's times.
-    let epoch = filetime::FileTime::from_unix_time(
-        i64::try_from(id.source_date_epoch).unwrap_or(i64::MAX),
-        0,
-    );
-    for dir in [root.join("var"), root.to_path_buf()] {
-        filetime::set_file_times(&dir, epoch, epoch)?;
-    }
+    let (kernel, initrd) = kernel_and_initrd(spec, root)?;
+    let var_tree = move_var_out(id, root, work)?;
 
     let esp = work.join("esp.img");
     let esp_size = make_esp(spec, id, root, &kernel, initrd.as_deref(), &esp)?;
@@ -141,7 +109,7 @@ pub fn build(
                 size: esp_size,
             },
             TYPE_ESP,
-            &id.esp_partuuid,
+            id.esp_partuuid.as_str(),
             "",
         ),
         (
@@ -153,7 +121,7 @@ pub fn build(
                 size: root_size,
             },
             TYPE_ROOT_X86_64,
-            &id.root_partuuid,
+            id.root_partuuid.as_str(),
             ATTR_READ_ONLY,
         ),
         (
@@ -165,12 +133,66 @@ pub fn build(
                 size: var_size,
             },
             TYPE_VAR,
-            &id.var_partuuid,
+            id.var_partuuid.as_str(),
             "",
         ),
     ];
 
-    let total = fixed + var_size;
+    write_disk(id, raw, fixed + var_size, &parts)?;
+    Ok(parts.into_iter().map(|(_, p, ..)| p).collect())
+}
+
+/// The kernel in /boot, and its initrd unless the spec boots without one (then the
+/// kernel must be able to find the root by itself).
+fn kernel_and_initrd(spec: &Spec, root: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    let kernel = find_one(root, "boot/vmlinuz-*").context("no kernel in /boot")?;
+    let kver = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .unwrap_or_default()
+        .to_owned();
+    let initrd = root.join(format!("boot/initrd.img-{kver}"));
+    let initrd = if spec.initrd {
+        if !initrd.is_file() {
+            bail!(
+                "the kernel {kver} has no initrd ({})\n  hint: add `initramfs-tools` (or `dracut`) to `[packages] include` in {}",
+                initrd.display(),
+                spec.path.display()
+            );
+        }
+        Some(initrd)
+    } else {
+        check_direct_boot(spec, root, &kver)?;
+        None
+    };
+    Ok((kernel, initrd))
+}
+
+/// Move the tree's /var out into `work` (it becomes its own partition), leaving an
+/// empty mount point with the image's times.
+fn move_var_out(id: &Identity, root: &Path, work: &Path) -> Result<PathBuf> {
+    let var_tree = work.join("var-tree");
+    fs::rename(root.join("var"), &var_tree)?;
+    fs::create_dir(root.join("var"))?;
+    fs::set_permissions(root.join("var"), fs::Permissions::from_mode(0o755))?;
+    // The new mount point and the root it changed keep the image's times.
+    let epoch = filetime::FileTime::from_unix_time(
+        i64::try_from(id.source_date_epoch).unwrap_or(i64::MAX),
+        0,
+    );
+    for dir in [root.join("var"), root.to_path_buf()] {
+        filetime::set_file_times(&dir, epoch, epoch)?;
+    }
+    Ok(var_tree)
+}
+
+/// One partition: its image, where it goes, its GPT type, PARTUUID and attributes.
+type Slot<'a> = (PathBuf, Partition, &'static str, &'a str, &'static str);
+
+/// A sparse disk of `total` bytes with a GPT naming `parts`, each copied in at its
+/// offset (and its image removed).
+fn write_disk(id: &Identity, raw: &Path, total: u64, parts: &[Slot<'_>]) -> Result<()> {
     let file = fs::File::create(raw)?;
     file.set_len(total)?;
     drop(file);
@@ -178,7 +200,7 @@ pub fn build(
         "label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\nsector-size: 512\n\n",
         id.disk_guid
     );
-    for (_, p, ty, uuid, attrs) in &parts {
+    for (_, p, ty, uuid, attrs) in parts {
         script.push_str(&format!(
             "start={}, size={}, type={ty}, uuid={uuid}, name=\"{}\"{}\n",
             p.offset / 512,
@@ -200,11 +222,11 @@ pub fn build(
     .context("while writing the partition table")?;
 
     let mut disk = fs::OpenOptions::new().write(true).open(raw)?;
-    for (img, p, ..) in &parts {
+    for (img, p, ..) in parts {
         copy_sparse(img, &mut disk, p.offset, p.size)?;
         fs::remove_file(img)?;
     }
-    Ok(parts.into_iter().map(|(_, p, ..)| p).collect())
+    Ok(())
 }
 
 fn root_fs_name(fs: RootFs) -> &'static str {
