@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::action::Action;
 use crate::config::{InvalidDenyRule, UserPolicy};
+use crate::model::tools::ContextQuery;
 use crate::planner::{self, Plan};
 use crate::risk::{self, Risk};
 
@@ -199,6 +200,28 @@ pub struct PlanJob {
     /// Paths to canonicalize as the caller sees them (remembered-rule scopes).
     #[serde(default)]
     pub resolve: Vec<PathBuf>,
+    /// Actions to classify (the model's tool calls) instead of planning `text`.
+    #[serde(default)]
+    pub classify: Vec<Action>,
+    /// A question about the caller's context to answer (the model's context tools).
+    #[serde(default)]
+    pub context: Option<ContextQuery>,
+}
+
+impl PlanJob {
+    /// A job for `caller` in `cwd` that plans `text` (if any) and nothing else.
+    pub fn new(caller: &Caller, text: Option<String>, cwd: PathBuf, secrets: &[String]) -> Self {
+        PlanJob {
+            caller: caller.clone(),
+            text,
+            cwd,
+            now_secs: now_secs(),
+            secrets: secrets.to_vec(),
+            resolve: Vec::new(),
+            classify: Vec::new(),
+            context: None,
+        }
+    }
 }
 
 /// Its answer. Errors are text here: they cross from the helper to the daemon as JSON,
@@ -210,8 +233,15 @@ pub struct PlanReply {
     pub cwd: Result<PathBuf, String>,
     /// The plan, or why there is none.
     pub plan: Result<Plan, String>,
-    /// One risk per planned action.
+    /// One risk per planned action (or per action of `classify`).
     pub risks: Vec<Risk>,
+    /// No local rule matched `text`: the request is for the model.
+    #[serde(default)]
+    pub needs_model: bool,
+    /// The answer to `context` — or, for a request that needs the model, the project
+    /// facts of its working directory.
+    #[serde(default)]
+    pub context: Option<serde_json::Value>,
     /// The caller's own policy file, or why it was refused.
     pub user_policy: Result<UserPolicy, String>,
     /// `resolve`, canonical (as far as each path exists).
@@ -256,32 +286,40 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
         .collect();
     let user_policy = read_user_policy(caller).map_err(|e| e.to_string());
     let cwd = enter(&job.cwd, &caller.user).map_err(|e| e.to_string());
-    let (plan, risks) = match &cwd {
-        Ok(_) if job.text.is_none() => (Err("nothing to plan".to_owned()), Vec::new()),
-        Err(e) => (Err(e.clone()), Vec::new()),
+    let mut needs_model = false;
+    let (plan, risks, context) = match &cwd {
+        Err(e) => (Err(e.clone()), Vec::new(), None),
         Ok(cwd) => {
+            let scope = risk::Scope {
+                cwd,
+                home: &caller.home,
+                uid: caller.uid,
+                secrets: &secrets,
+            };
+            let classify = |actions: &[Action]| -> Vec<Risk> {
+                actions.iter().map(|a| risk::classify(a, &scope)).collect()
+            };
             let ctx = planner::Context {
                 cwd,
                 home: &caller.home,
                 now: UNIX_EPOCH + Duration::from_secs(job.now_secs),
             };
-            match planner::plan(job.text.as_deref().unwrap_or_default(), &ctx) {
-                Err(e) => (Err(e.to_string()), Vec::new()),
-                Ok(plan) => {
-                    let scope = risk::Scope {
-                        cwd,
-                        home: &caller.home,
-                        uid: caller.uid,
-                        secrets: &secrets,
-                    };
-                    let risks = plan
-                        .actions
-                        .iter()
-                        .map(|a| risk::classify(a, &scope))
-                        .collect();
-                    (Ok(plan), risks)
-                }
-            }
+            let (plan, risks) = match &job.text {
+                None => (Err("nothing to plan".to_owned()), classify(&job.classify)),
+                Some(text) => match planner::plan(text, &ctx) {
+                    Err(e) => {
+                        needs_model = matches!(e, planner::PlanError::NeedsModel(_));
+                        (Err(e.to_string()), Vec::new())
+                    }
+                    Ok(plan) => {
+                        let risks = classify(&plan.actions);
+                        (Ok(plan), risks)
+                    }
+                },
+            };
+            let query = job.context.or(needs_model.then_some(ContextQuery::Project));
+            let context = query.map(|q| crate::model::context::answer(q, cwd, caller.uid));
+            (plan, risks, context)
         }
     };
     PlanReply {
@@ -290,6 +328,8 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
         risks,
         user_policy,
         resolved,
+        needs_model,
+        context,
     }
 }
 

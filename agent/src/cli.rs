@@ -38,6 +38,27 @@ enum Command {
         /// instead of exiting with status 3.
         #[arg(long)]
         wait: bool,
+        /// Go straight to the model (skipping the local rules): `small`, `large` or a
+        /// Bedrock model id.
+        #[arg(long, value_name = "MODEL", conflicts_with = "continue_")]
+        model: Option<String>,
+        /// A follow-up in a conversation with the model: your latest one, or that of
+        /// request ID (`--continue=ID`).
+        #[arg(
+            long = "continue",
+            value_name = "ID",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = ""
+        )]
+        continue_: Option<String>,
+    },
+    /// Your model usage per day and model: tokens and cost (root: everyone's).
+    Usage {
+        /// From this day on: YYYY-MM-DD, or a number of days back such as `7d`
+        /// (default: 30 days).
+        #[arg(long)]
+        since: Option<String>,
     },
     /// Approve an action waiting for a decision.
     Approve(DecideArgs),
@@ -144,9 +165,21 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (_conn, agent) = connect().await?;
     let json = cli.json;
     match cli.command {
-        Command::Run { text, cwd, wait } => {
-            run_request(&agent, &text.join(" "), cwd, wait, json).await
+        Command::Run {
+            text,
+            cwd,
+            wait,
+            model,
+            continue_,
+        } => {
+            let how = match (model, continue_) {
+                (_, Some(id)) => How::Continue(id),
+                (Some(m), None) => How::Model(m),
+                (None, None) => How::Auto,
+            };
+            run_request(&agent, &text.join(" "), cwd, how, wait, json).await
         }
+        Command::Usage { since } => usage(&agent, since.as_deref(), json).await,
         Command::Approve(args) => decide(&agent, args, true).await,
         Command::Deny(args) => decide(&agent, args, false).await,
         Command::Cancel { id } => {
@@ -264,6 +297,9 @@ fn print_request(r: &Request, with_output: bool) {
             println!("      error: {}", p(e));
         }
     }
+    if let (true, Some(answer)) = (with_output, &r.answer) {
+        println!("answer:\n{}", p(answer));
+    }
     if let Some(e) = &r.error {
         println!("{}", p(e));
     }
@@ -277,10 +313,28 @@ fn exit_for(r: &Request) -> ExitCode {
     }
 }
 
+/// How `devos run` submits: local rules first, a chosen model, or a follow-up.
+enum How {
+    Auto,
+    Model(String),
+    /// In the conversation of this request (empty: the latest).
+    Continue(String),
+}
+
+/// The newest of the caller's requests that talked to the model.
+async fn latest_conversation(agent: &Agent1Proxy<'_>) -> anyhow::Result<String> {
+    let list: Vec<Request> = serde_json::from_str(&agent.history(200).await.map_err(agent_error)?)?;
+    list.into_iter()
+        .find(|r| r.conversation.is_some())
+        .map(|r| r.id)
+        .context("you have no conversation with the model to continue; start one with `devos run \"...\"`")
+}
+
 async fn run_request(
     agent: &Agent1Proxy<'_>,
     text: &str,
     cwd: Option<PathBuf>,
+    how: How,
     wait: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
@@ -292,15 +346,27 @@ async fn run_request(
     let mut changed = agent.receive_request_changed().await?;
     let mut approvals = agent.receive_approval_needed().await?;
     let mut output = agent.receive_action_output().await?;
-    let id = agent
-        .submit(text, &cwd.to_string_lossy())
-        .await
-        .map_err(agent_error)?;
+    let mut model_text = agent.receive_model_output().await?;
+    let cwd = cwd.to_string_lossy();
+    let submitted = match how {
+        How::Auto => agent.submit(text, &cwd).await,
+        How::Model(model) => agent.submit_to_model(text, &cwd, &model).await,
+        How::Continue(id) => {
+            let id = if id.is_empty() {
+                latest_conversation(agent).await?
+            } else {
+                id
+            };
+            agent.continue_(&id, text).await
+        }
+    };
+    let id = submitted.map_err(agent_error)?;
     let watch = Watch {
         agent,
         id: &id,
         wait,
         json,
+        streamed: std::cell::Cell::new(false),
     };
     let r = watch.get().await?;
     if !json {
@@ -314,7 +380,18 @@ async fn run_request(
     }
     let interactive = std::io::stdin().is_terminal();
     loop {
+        // Biased: text and output that came before an approval prompt or the end are
+        // shown first.
         tokio::select! {
+            biased;
+            Some(sig) = model_text.next() => {
+                let args = sig.args()?;
+                if args.id == id && !json {
+                    print!("{}", crate::executor::printable(args.text));
+                    std::io::stdout().flush().ok();
+                    watch.streamed.set(true);
+                }
+            }
             Some(sig) = output.next() => {
                 let args = sig.args()?;
                 if args.id == id && !json {
@@ -328,7 +405,10 @@ async fn run_request(
                 if args.id != id {
                     continue;
                 }
-                let (index, risk, description) = (args.action, args.risk.to_owned(), crate::executor::printable(args.description));
+                let (index, risk, mut description) = (args.action, args.risk.to_owned(), crate::executor::printable(args.description));
+                if args.origin == "model" {
+                    description.push_str(" [proposed by the model]");
+                }
                 if let Some(code) = watch.approval_needed(index, risk, description, interactive).await? {
                     return Ok(code);
                 }
@@ -353,6 +433,8 @@ struct Watch<'a> {
     id: &'a str,
     wait: bool,
     json: bool,
+    /// Whether the model's text was shown as it came.
+    streamed: std::cell::Cell<bool>,
 }
 
 impl Watch<'_> {
@@ -413,13 +495,114 @@ impl Watch<'_> {
                         .unwrap_or_else(|| format!("exit status {:?}", a.exit_code))
                 );
             }
+            match &r.answer {
+                Some(_) if self.streamed.get() => println!(),
+                Some(answer) => println!("{}", crate::executor::printable(answer)),
+                None => {}
+            }
             if let Some(e) = &r.error {
                 eprintln!("{e}");
+            }
+            if let Some(u) = &r.usage {
+                eprintln!(
+                    "{}",
+                    describe_usage(r.model.as_deref().unwrap_or("model"), u)
+                );
             }
             eprintln!("request {}: {}", self.id, r.state.as_str());
         }
         Ok(exit_for(&r))
     }
+}
+
+/// One line about a request's model calls.
+fn describe_usage(model: &str, u: &crate::request::RequestUsage) -> String {
+    format!(
+        "{model}: {} call(s), {} tokens in ({} from cache), {} out, {}",
+        u.calls,
+        u.input_tokens + u.cache_read_tokens + u.cache_write_tokens,
+        u.cache_read_tokens,
+        u.output_tokens,
+        match u.cost_micro_usd {
+            Some(c) => format!("${:.4}", c as f64 / 1e6),
+            None => "cost unknown (no price for this model)".into(),
+        }
+    )
+}
+
+/// `devos usage`: per day and model, tokens and cost.
+async fn usage(
+    agent: &Agent1Proxy<'_>,
+    since: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let since = match since {
+        None => String::new(),
+        Some(s) => match s.strip_suffix('d').and_then(|n| n.parse::<u64>().ok()) {
+            Some(days) => humantime::format_rfc3339_seconds(
+                std::time::SystemTime::now() - std::time::Duration::from_secs(days * 86400),
+            )
+            .to_string()[..10]
+                .to_owned(),
+            None => s.to_owned(),
+        },
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&agent.usage(&since).await.map_err(agent_error)?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<crate::store::UsageRow> = serde_json::from_value(v["rows"].clone())?;
+    println!(
+        "{:<10}  {:<12}  {:<46}  {:>5}  {:>10}  {:>10}  {:>10}",
+        "day", "user", "model", "calls", "in", "out", "cost"
+    );
+    for r in &rows {
+        println!(
+            "{:<10}  {:<12}  {:<46}  {:>5}  {:>10}  {:>10}  {:>10}",
+            r.day,
+            r.user,
+            r.model,
+            r.calls,
+            r.input_tokens + r.cache_read_tokens + r.cache_write_tokens,
+            r.output_tokens,
+            if r.unpriced_calls == r.calls {
+                "unknown".to_owned()
+            } else {
+                format!(
+                    "${:.4}{}",
+                    r.cost_usd,
+                    if r.unpriced_calls > 0 { "+" } else { "" }
+                )
+            }
+        );
+    }
+    let f = |k: &str| v["spent"][k].as_f64().unwrap_or(0.0);
+    let b = |k: &str| v["budgets"][k].as_f64().unwrap_or(0.0);
+    let limit = |x: f64| {
+        if x > 0.0 {
+            format!("${x:.2}")
+        } else {
+            "no limit".into()
+        }
+    };
+    println!(
+        "since {}: ${:.4}{}\nyou: ${:.4} today (budget {}), ${:.4} this month (budget {}); machine: ${:.4} this month (budget {})",
+        v["since"].as_str().unwrap_or("?"),
+        v["total-cost-usd"].as_f64().unwrap_or(0.0),
+        match v["unpriced-calls"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            n => format!(" and {n} call(s) of unknown cost"),
+        },
+        f("user-today-usd"),
+        limit(b("user-daily-usd")),
+        f("user-month-usd"),
+        limit(b("user-monthly-usd")),
+        f("machine-month-usd"),
+        limit(b("machine-monthly-usd")),
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prompt on the terminal; returns whether to approve and for how long.

@@ -11,6 +11,10 @@ pub trait Agent1 {
     fn ping(&self) -> zbus::Result<String>;
     fn version(&self) -> zbus::Result<String>;
     fn submit(&self, text: &str, cwd: &str) -> zbus::Result<String>;
+    fn submit_to_model(&self, text: &str, cwd: &str, model: &str) -> zbus::Result<String>;
+    #[zbus(name = "Continue")]
+    fn continue_(&self, id: &str, text: &str) -> zbus::Result<String>;
+    fn usage(&self, since: &str) -> zbus::Result<String>;
     fn get(&self, id: &str) -> zbus::Result<String>;
     fn list(&self) -> zbus::Result<String>;
     fn history(&self, limit: u32) -> zbus::Result<String>;
@@ -52,9 +56,12 @@ pub trait Agent1 {
         action: u32,
         risk: &str,
         description: &str,
+        origin: &str,
     ) -> zbus::Result<()>;
     #[zbus(signal)]
     fn action_output(&self, id: &str, action: u32, data: &str) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn model_output(&self, id: &str, text: &str) -> zbus::Result<()>;
 }
 
 /// `org.devos.Agent1.Admin`: root only.

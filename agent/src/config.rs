@@ -10,7 +10,7 @@ use crate::risk::RiskClass;
 pub const DEFAULT_PATH: &str = "/etc/devos/agent.toml";
 
 /// The agent's configuration. Every key is optional; defaults live in [`Default`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct AgentConfig {
     /// Log verbosity: `error`, `warn`, `info`, `debug` or `trace`.
@@ -30,6 +30,10 @@ pub struct AgentConfig {
     pub audit: AuditConfig,
     /// How much one user may ask of the agent at once.
     pub limits: Limits,
+    /// The model route: Amazon Bedrock for what the local rules cannot plan.
+    pub model: ModelConfig,
+    /// What users may spend on the model.
+    pub budgets: Budgets,
 }
 
 impl Default for AgentConfig {
@@ -43,6 +47,8 @@ impl Default for AgentConfig {
             sandbox: SandboxConfig::default(),
             audit: AuditConfig::default(),
             limits: Limits::default(),
+            model: ModelConfig::default(),
+            budgets: Budgets::default(),
         }
     }
 }
@@ -242,6 +248,117 @@ impl Default for Limits {
     }
 }
 
+/// `[model]`: requests the local rules cannot plan go to a model on Amazon Bedrock
+/// (the Converse API with tool use). Credentials come from the AWS SDK's default chain
+/// (on EC2 the instance role); docs/agent.md says how to enable model access.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ModelConfig {
+    /// `false` keeps the agent on its local rules; requests they cannot plan say so.
+    pub enabled: bool,
+    /// The AWS region of Bedrock. Empty: the SDK's chain (`AWS_REGION`, the profile,
+    /// the instance's region on EC2).
+    pub region: String,
+    /// Another endpoint for Bedrock Runtime (a VPC endpoint, or a stand-in in tests).
+    /// Empty: the region's public endpoint.
+    pub endpoint_url: String,
+    /// The model (or inference profile) for short requests.
+    pub small: String,
+    /// The model for everything else.
+    pub large: String,
+    /// Requests of at most this many characters, in one sentence, go to `small`.
+    pub small_max_chars: u32,
+    /// Output tokens per model call.
+    pub max_tokens: u32,
+    pub temperature: f32,
+    /// Model calls per request before it is stopped.
+    pub max_steps: u32,
+    /// Stream the model's text as it is produced (ConverseStream); `false` uses
+    /// Converse and shows the answer when it is complete.
+    pub stream: bool,
+    /// Mark the system prompt and tool definitions as a cache point, for models that
+    /// support prompt caching (Claude from 3.5 Haiku on, Amazon Nova).
+    pub prompt_caching: bool,
+    /// Attempts per model call when Bedrock throttles or is briefly unavailable
+    /// (exponential backoff with jitter between them).
+    pub max_attempts: u32,
+    /// Bytes of one tool result (a file, a command's output) sent back to the model.
+    pub tool_output_bytes: u32,
+    /// Prices in USD per million tokens, by model id (the defaults still price the
+    /// models they name); a model priced nowhere has an unknown cost (shown as such,
+    /// and not counted against budgets).
+    pub prices: std::collections::BTreeMap<String, Price>,
+}
+
+/// The Claude Haiku 4.5 US cross-region inference profile.
+pub const HAIKU_4_5: &str = "us.anthropic.claude-haiku-4-5-20251001-v1:0";
+/// The Claude Sonnet 4.5 US cross-region inference profile.
+pub const SONNET_4_5: &str = "us.anthropic.claude-sonnet-4-5-20250929-v1:0";
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            region: String::new(),
+            endpoint_url: String::new(),
+            small: HAIKU_4_5.into(),
+            large: SONNET_4_5.into(),
+            small_max_chars: 120,
+            max_tokens: 4096,
+            temperature: 0.2,
+            max_steps: 12,
+            stream: true,
+            prompt_caching: true,
+            max_attempts: 4,
+            tool_output_bytes: 16 * 1024,
+            prices: [
+                (HAIKU_4_5, Price::per_million(1.0, 5.0, 0.10, 1.25)),
+                (SONNET_4_5, Price::per_million(3.0, 15.0, 0.30, 3.75)),
+            ]
+            .into_iter()
+            .map(|(m, p)| (m.to_owned(), p))
+            .collect(),
+        }
+    }
+}
+
+/// A model's prices, USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+    #[serde(default)]
+    pub cache_read: f64,
+    #[serde(default)]
+    pub cache_write: f64,
+}
+
+impl Price {
+    pub fn per_million(input: f64, output: f64, cache_read: f64, cache_write: f64) -> Price {
+        Price {
+            input,
+            output,
+            cache_read,
+            cache_write,
+        }
+    }
+}
+
+/// `[budgets]`: model spending limits in USD, set by the administrator. A request
+/// that would start past one is refused with the figures; 0 means no limit. Days and
+/// months are UTC.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Budgets {
+    /// What one user may spend per day.
+    pub user_daily_usd: f64,
+    /// What one user may spend per calendar month.
+    pub user_monthly_usd: f64,
+    /// What all users together may spend per calendar month.
+    pub machine_monthly_usd: f64,
+}
+
 /// `~/.config/devos/agent.toml`: what a user may set for themselves.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -312,6 +429,8 @@ pub enum InvalidConfig {
     BadPattern { key: &'static str, pattern: String },
     #[error("{key}: {path} must be an absolute path")]
     NotAbsolute { key: &'static str, path: PathBuf },
+    #[error("{key}: {why}")]
+    Model { key: &'static str, why: String },
     #[error(
         "audit.anchor-file must be outside state-dir/audit: whoever can rewrite the log must not rewrite its anchors too"
     )]
@@ -425,12 +544,68 @@ impl AgentConfig {
                 });
             }
         }
+        self.validate_model()?;
         if self
             .audit
             .anchor_file
             .starts_with(self.state_dir.join("audit"))
         {
             return Err(InvalidConfig::AnchorsInsideLog);
+        }
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), InvalidConfig> {
+        let m = &self.model;
+        if m.max_tokens == 0 || m.max_steps == 0 || m.max_attempts == 0 || m.tool_output_bytes == 0
+        {
+            return Err(InvalidConfig::Zero {
+                keys: "model.max-tokens, model.max-steps, model.max-attempts and model.tool-output-bytes",
+            });
+        }
+        if m.enabled && (m.small.trim().is_empty() || m.large.trim().is_empty()) {
+            return Err(InvalidConfig::Model {
+                key: "model.small and model.large",
+                why: "name a Bedrock model or inference profile id (or set model.enabled = false)"
+                    .into(),
+            });
+        }
+        if !(0.0..=1.0).contains(&m.temperature) {
+            return Err(InvalidConfig::Model {
+                key: "model.temperature",
+                why: format!("{} is outside 0.0 to 1.0", m.temperature),
+            });
+        }
+        let url = &m.endpoint_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(InvalidConfig::Model {
+                key: "model.endpoint-url",
+                why: format!("`{}` must be an http:// or https:// URL", m.endpoint_url),
+            });
+        }
+        for (model, p) in &m.prices {
+            if [p.input, p.output, p.cache_read, p.cache_write]
+                .iter()
+                .any(|v| !v.is_finite() || *v < 0.0)
+            {
+                return Err(InvalidConfig::Model {
+                    key: "model.prices",
+                    why: format!("the prices of {model} must be numbers of 0 or more"),
+                });
+            }
+        }
+        let b = &self.budgets;
+        for (key, v) in [
+            ("budgets.user-daily-usd", b.user_daily_usd),
+            ("budgets.user-monthly-usd", b.user_monthly_usd),
+            ("budgets.machine-monthly-usd", b.machine_monthly_usd),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(InvalidConfig::Model {
+                    key,
+                    why: format!("{v} must be 0 (no limit) or more"),
+                });
+            }
         }
         Ok(())
     }

@@ -18,6 +18,8 @@ pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod gitrepo;
+#[cfg(feature = "daemon")]
+pub mod model;
 pub mod os_release;
 #[cfg(feature = "daemon")]
 pub mod planner;

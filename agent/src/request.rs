@@ -97,6 +97,9 @@ pub struct ActionRecord {
     /// What the sandbox applied (namespaces, profile, Landlock, seccomp, cgroup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
+    /// Who proposed it.
+    #[serde(default)]
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +120,52 @@ pub struct Request {
     pub actions: Vec<ActionRecord>,
     /// Planning and classification time, microseconds.
     pub plan_micros: u64,
+    /// The model's answer, for a request that went to the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    /// The conversation with the model this request belongs to (the id of the request
+    /// that started it): `devos run --continue` goes on with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<String>,
+    /// The model the request went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// What the request's model calls used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<RequestUsage>,
+}
+
+/// The model calls of one request, summed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RequestUsage {
+    pub calls: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    /// Millionths of a USD; `None` once a call had no known price.
+    pub cost_micro_usd: Option<u64>,
+}
+
+/// Who proposed an action.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// The local rules, from the user's own words.
+    #[default]
+    LocalRules,
+    /// The model, as a tool call.
+    Model,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::LocalRules => "local-rules",
+            Origin::Model => "model",
+        }
+    }
 }
 
 impl Request {

@@ -48,6 +48,30 @@ const MIGRATIONS: &[&str] = &[
     UPDATE rules SET scope = '{\"max-class\":\"writes-workdir\"}';",
     // v3: a short form of each request for listings (filled in on open).
     "ALTER TABLE requests ADD COLUMN summary TEXT;",
+    // v4: conversations with the model, and the ledger of model calls.
+    "CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        updated TEXT NOT NULL,
+        turns TEXT NOT NULL
+    );
+    CREATE TABLE model_calls (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        request TEXT NOT NULL,
+        model TEXT NOT NULL,
+        at TEXT NOT NULL,
+        day TEXT NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        cache_read_tokens INTEGER NOT NULL,
+        cache_write_tokens INTEGER NOT NULL,
+        latency_ms INTEGER NOT NULL,
+        cost_usd REAL
+    );
+    CREATE INDEX model_calls_by_day ON model_calls (day, uid);",
 ];
 
 /// Output kept per action in a listing; `Get` has all of it.
@@ -318,6 +342,180 @@ impl Store {
             .optional()
             .map(|n| n.unwrap_or(0))
             .map_err(self.err())
+    }
+}
+
+/// One model call on the ledger.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ModelCall {
+    pub uid: u32,
+    pub user: String,
+    pub request: String,
+    pub model: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+    pub usage: crate::model::bedrock::Usage,
+    pub latency_ms: u64,
+    /// `None` when the model has no price in the configuration.
+    pub cost_usd: Option<f64>,
+}
+
+/// Calls of one user to one model on one day, summed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct UsageRow {
+    pub day: String,
+    pub uid: u32,
+    pub user: String,
+    pub model: String,
+    pub calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    /// The cost of the calls with a known price.
+    pub cost_usd: f64,
+    /// Calls whose cost is unknown (a model without a price).
+    pub unpriced_calls: u64,
+}
+
+/// What was spent in a period, for budgets.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spent {
+    pub user_today: f64,
+    pub user_month: f64,
+    pub machine_month: f64,
+}
+
+impl Store {
+    /// A conversation's turns and model, if it exists and is `uid`'s.
+    pub fn conversation(
+        &self,
+        id: &str,
+        uid: u32,
+    ) -> Result<Option<(String, crate::model::conversation::Conversation)>, StoreError> {
+        let row: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT model, turns FROM conversations WHERE id = ?1 AND uid = ?2",
+                params![id, uid],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())?;
+        Ok(row.map(|(model, turns)| {
+            (
+                model,
+                crate::model::conversation::Conversation {
+                    turns: serde_json::from_str(&turns).unwrap_or_default(),
+                },
+            )
+        }))
+    }
+
+    pub fn save_conversation(
+        &self,
+        id: &str,
+        uid: u32,
+        model: &str,
+        conversation: &crate::model::conversation::Conversation,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        let turns = serde_json::to_string(&conversation.turns).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT INTO conversations (id, uid, model, updated, turns) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET model = excluded.model,
+                    updated = excluded.updated, turns = excluded.turns",
+                params![id, uid, model, now, turns],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Put a model call on the ledger.
+    pub fn record_model_call(&self, call: &ModelCall) -> Result<(), StoreError> {
+        let u = &call.usage;
+        self.conn
+            .execute(
+                "INSERT INTO model_calls (uid, user, request, model, at, day, input_tokens,
+                    output_tokens, cache_read_tokens, cache_write_tokens, latency_ms, cost_usd)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    call.uid,
+                    call.user,
+                    call.request,
+                    call.model,
+                    call.at,
+                    call.at.get(..10).unwrap_or(&call.at),
+                    u.input as i64,
+                    u.output as i64,
+                    u.cache_read as i64,
+                    u.cache_write as i64,
+                    call.latency_ms as i64,
+                    call.cost_usd,
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// What `uid` spent on `day` (`YYYY-MM-DD`) and in its month, and what everyone
+    /// spent in that month.
+    pub fn spent(&self, uid: u32, day: &str) -> Result<Spent, StoreError> {
+        let month = format!("{}%", day.get(..7).unwrap_or(day));
+        self.conn
+            .query_row(
+                "SELECT
+                    COALESCE(SUM(CASE WHEN uid = ?1 AND day = ?2 THEN cost_usd END), 0),
+                    COALESCE(SUM(CASE WHEN uid = ?1 THEN cost_usd END), 0),
+                    COALESCE(SUM(cost_usd), 0)
+                 FROM model_calls WHERE day LIKE ?3",
+                params![uid, day, month],
+                |r| {
+                    Ok(Spent {
+                        user_today: r.get(0)?,
+                        user_month: r.get(1)?,
+                        machine_month: r.get(2)?,
+                    })
+                },
+            )
+            .map_err(self.err())
+    }
+
+    /// Usage per day, user and model since `since` (`YYYY-MM-DD`), newest day
+    /// first: one user's, or everyone's (`None`).
+    pub fn usage(&self, uid: Option<u32>, since: &str) -> Result<Vec<UsageRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT day, uid, MAX(user), model, COUNT(*), SUM(input_tokens), SUM(output_tokens),
+                    SUM(cache_read_tokens), SUM(cache_write_tokens), COALESCE(SUM(cost_usd), 0),
+                    SUM(cost_usd IS NULL)
+                 FROM model_calls WHERE day >= ?1 AND (?2 IS NULL OR uid = ?2)
+                 GROUP BY day, uid, model ORDER BY day DESC, uid, model",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![since, uid], |r| {
+                let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                Ok(UsageRow {
+                    day: r.get(0)?,
+                    uid: r.get(1)?,
+                    user: r.get(2)?,
+                    model: r.get(3)?,
+                    calls: n(4)?,
+                    input_tokens: n(5)?,
+                    output_tokens: n(6)?,
+                    cache_read_tokens: n(7)?,
+                    cache_write_tokens: n(8)?,
+                    cost_usd: r.get(9)?,
+                    unpriced_calls: n(10)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Shared fixtures for DevOS's slow and cross-crate tests: a private system bus with
 //! the agent's real bus policy, commands with a deadline, moto_server, a clean AWS
-//! environment for every child, and the repository root.
+//! environment for every child, the repository root, and a stand-in Amazon Bedrock
+//! Runtime ([`bedrock`]).
 //!
 //! Fixtures never skip: if a tool is missing the test fails and says what to install.
 
@@ -10,6 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+pub mod bedrock;
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {

@@ -18,7 +18,9 @@ use crate::action::Action;
 use crate::approval::{self, Subject};
 use crate::caller::{self as as_caller, Caller, PlanJob};
 use crate::config::AgentConfig;
-use crate::request::{ActionRecord, ActionState, Decision, Request, State};
+use crate::config::UserPolicy;
+use crate::model::tools::ContextQuery;
+use crate::request::{ActionRecord, ActionState, Decision, Origin, Request, State};
 use crate::sandbox::Profile;
 
 /// The object served at [`crate::OBJECT_PATH`], interface `org.devos.Agent1`.
@@ -26,7 +28,98 @@ pub struct Agent {
     pub(super) shared: Arc<Shared>,
 }
 
+/// A request's text must say something, and not too much.
+fn check_text(text: &str) -> fdo::Result<()> {
+    if text.trim().is_empty() || text.len() > 16 * 1024 {
+        return Err(fdo::Error::InvalidArgs(
+            "the request text must be 1 to 16384 bytes".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Agent {
+    async fn submit_as(
+        &self,
+        caller: Caller,
+        header: &Header<'_>,
+        text: &str,
+        cwd: &str,
+        route: Route<'_>,
+    ) -> fdo::Result<String> {
+        let owner = header.sender().map(|s| s.to_owned());
+        let cwd = PathBuf::from(cwd);
+        check_text(text)?;
+        if !cwd.is_absolute() {
+            return Err(fdo::Error::InvalidArgs(format!(
+                "the working directory {} must be absolute",
+                cwd.display()
+            )));
+        }
+        let slot = self.shared.reserve(caller.uid)?;
+        let config = self.shared.config();
+        let request = plan_request(&self.shared, &caller, text, cwd, &config, route).await?;
+        self.admit(request, caller, owner, slot)
+    }
+
+    /// Put a new request on record and start it (if there is anything to run).
+    pub(super) fn admit(
+        &self,
+        mut request: Request,
+        caller: Caller,
+        owner: Option<zbus::names::UniqueName<'static>>,
+        slot: super::shared::Slot,
+    ) -> fdo::Result<String> {
+        let config = self.shared.config();
+        let submitted = self.shared.audit(
+            "request.submitted",
+            Some(caller.uid),
+            Some(&request.id),
+            None,
+            serde_json::json!({
+                "text": request.text,
+                "cwd": request.cwd,
+                "summary": request.summary,
+                "planner": request.planner,
+                "model": request.model,
+                "conversation": request.conversation,
+                "state": request.state,
+                "error": request.error,
+            }),
+        );
+        let decided =
+            submitted.and_then(|()| audit_decided(&self.shared, &request, &request.actions));
+        if let Err(e) = decided {
+            // Nothing runs that is not on record.
+            request.state = State::Failed;
+            request.error = Some(format!("{e}; nothing ran"));
+            for a in &mut request.actions {
+                a.state = ActionState::Skipped;
+            }
+        }
+        self.shared.save(&request)?;
+        if let Err(e) = lock(&self.shared.store).prune(caller.uid, config.limits.history_per_user) {
+            tracing::warn!(uid = caller.uid, "cannot drop old requests: {e}");
+        }
+        if request.state == State::Planned {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let live = Live {
+                control: tx,
+                conversation: request.conversation.clone(),
+                owner,
+            };
+            lock(&self.shared.live).insert(request.id.clone(), live);
+            tokio::spawn(run_request(
+                self.shared.clone(),
+                request.id.clone(),
+                caller,
+                rx,
+                slot,
+            ));
+        }
+        Ok(request.id)
+    }
+
     /// A request of this caller (or any, for root when `root_sees_all`), or the same
     /// "not found" either way so ids of others are not confirmed.
     pub(super) fn own_request(
@@ -89,25 +182,34 @@ fn packages_refused() -> Option<String> {
     })
 }
 
-/// Plan, classify and decide a request as `caller`.
+/// How a request is to be planned.
+pub(super) enum Route<'a> {
+    /// The local rules first; the model for what they cannot plan.
+    Auto,
+    /// Straight to this model (`devos run --model`): `small`, `large` or a model id.
+    Model(&'a str),
+}
+
+/// Plan, classify and decide a request as `caller`: with the local rules, or (for
+/// what they cannot plan, or when a model was asked for) as the start of a
+/// conversation with the model, which the request's task carries on.
 async fn plan_request(
     shared: &Shared,
     caller: &Caller,
     text: &str,
     cwd: PathBuf,
     config: &AgentConfig,
+    route: Route<'_>,
 ) -> fdo::Result<Request> {
     let started = Instant::now();
-    let job = PlanJob {
-        caller: caller.clone(),
-        text: Some(text.to_owned()),
-        cwd,
-        now_secs: as_caller::now_secs(),
-        secrets: config.sandbox.secrets.clone(),
-        resolve: Vec::new(),
-    };
+    let mut job = PlanJob::new(caller, Some(text.to_owned()), cwd, &config.sandbox.secrets);
+    if let Route::Model(_) = route {
+        // Only the context: the local rules are skipped.
+        job.text = None;
+        job.context = Some(ContextQuery::Project);
+    }
     let reply = as_caller::plan(&shared.exe, &job).await.map_err(failed)?;
-    let cwd = reply.cwd.map_err(fdo::Error::AccessDenied)?;
+    let cwd = reply.cwd.clone().map_err(fdo::Error::AccessDenied)?;
     let mut request = Request {
         id: shared.new_id(),
         uid: caller.uid,
@@ -122,61 +224,150 @@ async fn plan_request(
         updated: now(),
         actions: Vec::new(),
         plan_micros: 0,
+        answer: None,
+        conversation: None,
+        model: None,
+        usage: None,
+    };
+    let explicit = match route {
+        Route::Model(m) => Some(m),
+        Route::Auto => None,
     };
     match (reply.plan, reply.user_policy) {
-        (Err(e), _) => {
-            request.state = State::Unplanned;
-            request.error = Some(e);
-        }
-        (Ok(_), Err(e)) => {
+        (_, Err(e)) => {
             request.state = State::Unplanned;
             request.error = Some(format!(
                 "your policy file is invalid, so nothing was planned: {e}"
             ));
         }
+        (Err(e), Ok(_)) if !reply.needs_model && explicit.is_none() => {
+            request.state = State::Unplanned;
+            request.error = Some(e);
+        }
+        (Err(e), Ok(_)) => {
+            let context = reply.context.unwrap_or_default();
+            let local = (explicit.is_none()).then_some(e);
+            super::converse::start(shared, &mut request, config, explicit, local, &context)?;
+        }
         (Ok(plan), Ok(user_policy)) => {
             request.summary = plan.summary;
             request.planner = plan.planner;
-            let rules = lock(&shared.store)
-                .rules(Some(caller.uid))
-                .map_err(failed)?;
-            let subject = Subject {
-                uid: caller.uid,
-                home: &caller.home,
-                is_admin: caller.is_admin,
-                user_policy: &user_policy,
-            };
-            for (i, (action, risk)) in plan.actions.into_iter().zip(reply.risks).enumerate() {
-                let mut decision =
-                    approval::decide(&action, &risk, &cwd, &config.policy, &subject, &rules);
-                if matches!(action, Action::PackageInstall { .. })
-                    && let Some(why) = packages_refused()
-                {
-                    decision = Decision::Denied {
-                        by: "policy".into(),
-                        reason: why,
-                    };
-                }
-                let as_root = approval::privileged_runs_as_root(&action) && caller.is_admin;
-                request.actions.push(ActionRecord {
-                    index: i as u32,
-                    description: action.describe(),
-                    profile: Profile::of(&risk, &cwd, as_root).describe(),
-                    action,
-                    risk,
-                    decision,
-                    state: ActionState::Pending,
-                    exit_code: None,
-                    output: String::new(),
-                    output_truncated: false,
-                    error: None,
-                    sandbox: None,
-                });
+            let decider = Decider::new(shared, caller, &user_policy, config)?;
+            for (action, risk) in plan.actions.into_iter().zip(reply.risks) {
+                let i = request.actions.len() as u32;
+                request
+                    .actions
+                    .push(decider.record(i, action, risk, &cwd, Origin::LocalRules));
             }
         }
     }
     request.plan_micros = started.elapsed().as_micros() as u64;
     Ok(request)
+}
+
+/// Decides actions for one caller: policy, their remembered rules, and what this
+/// machine refuses.
+pub(super) struct Decider<'a> {
+    caller: &'a Caller,
+    user_policy: &'a UserPolicy,
+    config: &'a AgentConfig,
+    rules: Vec<crate::request::Rule>,
+}
+
+impl<'a> Decider<'a> {
+    pub(super) fn new(
+        shared: &Shared,
+        caller: &'a Caller,
+        user_policy: &'a UserPolicy,
+        config: &'a AgentConfig,
+    ) -> fdo::Result<Self> {
+        let rules = lock(&shared.store)
+            .rules(Some(caller.uid))
+            .map_err(failed)?;
+        Ok(Decider {
+            caller,
+            user_policy,
+            config,
+            rules,
+        })
+    }
+
+    /// The record of action `index`, decided (or waiting to be asked).
+    pub(super) fn record(
+        &self,
+        index: u32,
+        action: Action,
+        risk: crate::risk::Risk,
+        cwd: &std::path::Path,
+        origin: Origin,
+    ) -> ActionRecord {
+        let caller = self.caller;
+        let subject = Subject {
+            uid: caller.uid,
+            home: &caller.home,
+            is_admin: caller.is_admin,
+            user_policy: self.user_policy,
+        };
+        let mut decision = approval::decide(
+            &action,
+            &risk,
+            cwd,
+            &self.config.policy,
+            &subject,
+            &self.rules,
+        );
+        if matches!(action, Action::PackageInstall { .. })
+            && let Some(why) = packages_refused()
+        {
+            decision = Decision::Denied {
+                by: "policy".into(),
+                reason: why,
+            };
+        }
+        let as_root = approval::privileged_runs_as_root(&action) && caller.is_admin;
+        ActionRecord {
+            index,
+            description: action.describe(),
+            profile: Profile::of(&risk, cwd, as_root).describe(),
+            action,
+            risk,
+            decision,
+            state: ActionState::Pending,
+            exit_code: None,
+            output: String::new(),
+            output_truncated: false,
+            error: None,
+            sandbox: None,
+            origin,
+        }
+    }
+}
+
+/// Put the decisions already made on record (an action not on record does not run).
+pub(super) fn audit_decided(
+    shared: &Shared,
+    r: &Request,
+    actions: &[ActionRecord],
+) -> Result<(), super::shared::ServiceError> {
+    actions
+        .iter()
+        .filter(|a| a.decision != Decision::Ask)
+        .try_for_each(|a| {
+            shared.audit(
+                "action.decided",
+                Some(r.uid),
+                Some(&r.id),
+                Some(a.index),
+                serde_json::json!({
+                    "action": a.description,
+                    "origin": a.origin,
+                    "risk": a.risk.class,
+                    "reasons": a.risk.reasons,
+                    "profile": a.profile,
+                    "decision": a.decision,
+                }),
+            )
+        })
 }
 
 #[zbus::interface(name = "org.devos.Agent1")]
@@ -192,7 +383,9 @@ impl Agent {
     }
 
     /// Submit a request in natural language, to be carried out in `cwd` (absolute).
-    /// Returns the request id; planning and classification are done when it returns.
+    /// Returns the request id; planning and classification are done when it returns
+    /// (for a request that goes to the model, the conversation goes on in the
+    /// request's task).
     async fn submit(
         &self,
         text: &str,
@@ -201,80 +394,55 @@ impl Agent {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
-        let owner = header.sender().map(|s| s.to_owned());
-        let cwd = PathBuf::from(cwd);
-        if text.trim().is_empty() || text.len() > 16 * 1024 {
-            return Err(fdo::Error::InvalidArgs(
-                "the request text must be 1 to 16384 bytes".into(),
-            ));
-        }
-        if !cwd.is_absolute() {
-            return Err(fdo::Error::InvalidArgs(format!(
-                "the working directory {} must be absolute",
-                cwd.display()
-            )));
-        }
+        self.submit_as(caller, &header, text, cwd, Route::Auto)
+            .await
+    }
+
+    /// `Submit`, straight to the model: `model` is `small`, `large` or a model id
+    /// (empty: the router chooses).
+    async fn submit_to_model(
+        &self,
+        text: &str,
+        cwd: &str,
+        model: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        self.submit_as(caller, &header, text, cwd, Route::Model(model))
+            .await
+    }
+
+    /// A follow-up in the conversation of request `id` (the caller's own), with the
+    /// conversation's history. Returns the new request's id.
+    #[zbus(name = "Continue")]
+    async fn continue_conversation(
+        &self,
+        id: &str,
+        text: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        check_text(text)?;
+        let previous = self.own_request(id, &caller, false)?;
         let slot = self.shared.reserve(caller.uid)?;
         let config = self.shared.config();
-        let mut request = plan_request(&self.shared, &caller, text, cwd, &config).await?;
-        let submitted = self.shared.audit(
-            "request.submitted",
-            Some(caller.uid),
-            Some(&request.id),
-            None,
-            serde_json::json!({
-                "text": request.text,
-                "cwd": request.cwd,
-                "summary": request.summary,
-                "state": request.state,
-                "error": request.error,
-            }),
-        );
-        let decided = submitted.and_then(|()| {
-            request
-                .actions
-                .iter()
-                .filter(|a| a.decision != Decision::Ask)
-                .try_for_each(|a| {
-                    self.shared.audit(
-                        "action.decided",
-                        Some(caller.uid),
-                        Some(&request.id),
-                        Some(a.index),
-                        serde_json::json!({
-                            "action": a.description,
-                            "risk": a.risk.class,
-                            "reasons": a.risk.reasons,
-                            "profile": a.profile,
-                            "decision": a.decision,
-                        }),
-                    )
-                })
-        });
-        if let Err(e) = decided {
-            // Nothing runs that is not on record.
-            request.state = State::Failed;
-            request.error = Some(format!("{e}; nothing ran"));
-            for a in &mut request.actions {
-                a.state = ActionState::Skipped;
-            }
-        }
-        self.shared.save(&request)?;
-        if let Err(e) = lock(&self.shared.store).prune(caller.uid, config.limits.history_per_user) {
-            tracing::warn!(uid = caller.uid, "cannot drop old requests: {e}");
-        }
-        if request.state == State::Planned {
-            let (tx, rx) = mpsc::unbounded_channel();
-            lock(&self.shared.live).insert(request.id.clone(), Live { control: tx, owner });
-            tokio::spawn(run_request(
-                self.shared.clone(),
-                request.id.clone(),
-                caller,
-                rx,
-                slot,
-            ));
-        }
-        Ok(request.id)
+        let request = super::converse::follow_up(&self.shared, &caller, &previous, text, &config)?;
+        self.admit(request, caller, header.sender().map(|s| s.to_owned()), slot)
+    }
+
+    /// Model usage since `since` (`YYYY-MM-DD`; empty: the last 30 days) per day,
+    /// user and model, with tokens and cost, and the budgets (JSON). Root sees
+    /// everyone's.
+    async fn usage(
+        &self,
+        since: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        super::converse::usage(&self.shared, &caller, since)
     }
 
     /// One request (JSON): plan, actions with risk and decision, results.
@@ -496,7 +664,8 @@ impl Agent {
     ) -> zbus::Result<()>;
 
     /// An action waits for `Approve` or `Deny`; `risk` is its class, `description`
-    /// the exact command or file operation.
+    /// the exact command or file operation, `origin` who proposed it (`local-rules`
+    /// or `model`).
     #[zbus(signal)]
     pub async fn approval_needed(
         emitter: &SignalEmitter<'_>,
@@ -504,6 +673,15 @@ impl Agent {
         action: u32,
         risk: &str,
         description: &str,
+        origin: &str,
+    ) -> zbus::Result<()>;
+
+    /// The model's text, as it is produced.
+    #[zbus(signal)]
+    pub async fn model_output(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        text: &str,
     ) -> zbus::Result<()>;
 
     /// Output of a running action, as it is produced.

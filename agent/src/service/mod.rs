@@ -1,12 +1,15 @@
 //! The agent's D-Bus service: the shared state ([`shared`]), the `org.devos.Agent1`
 //! interfaces ([`agent`]), decisions and remembered rules ([`rules`]), the task that
-//! carries out a request ([`runner`]) and the EC2 health signal ([`health`]).
+//! carries out a request ([`runner`]), the conversation with the model that carries
+//! out what the local rules cannot plan ([`converse`]) and the EC2 health signal
+//! ([`health`]).
 
 use std::path::Path;
 
 use crate::config::AgentConfig;
 
 mod agent;
+mod converse;
 mod health;
 mod rules;
 mod runner;

@@ -201,12 +201,8 @@ async fn resolve_prefix(
     // Resolving it takes a helper process: one of the caller's slots.
     let _slot = agent.shared.reserve(caller.uid)?;
     let job = PlanJob {
-        caller: caller.clone(),
-        text: None,
-        cwd: PathBuf::from("/"),
-        now_secs: as_caller::now_secs(),
-        secrets: Vec::new(),
         resolve: vec![path],
+        ..PlanJob::new(caller, None, PathBuf::from("/"), &[])
     };
     let reply = as_caller::plan(&agent.shared.exe, &job)
         .await

@@ -47,7 +47,7 @@ async fn state_changed(shared: &Shared, r: &Request) {
     }
 }
 
-async fn set_state(shared: &Shared, r: &mut Request, state: State) -> fdo::Result<()> {
+pub(super) async fn set_state(shared: &Shared, r: &mut Request, state: State) -> fdo::Result<()> {
     r.state = state;
     r.updated = now();
     shared.save_merging(r)?;
@@ -109,6 +109,9 @@ async fn drive(
         control,
         r,
     };
+    if driver.r.conversation.is_some() {
+        return super::converse::drive(driver).await;
+    }
     if driver.end_if_denied_up_front().await?.is_break() {
         return Ok(());
     }
@@ -125,24 +128,24 @@ async fn drive(
 
 /// One request being carried out. Each step either lets the request go on
 /// (`Continue`) or has ended it and saved its final state (`Break`).
-struct Driver<'a> {
-    shared: &'a Arc<Shared>,
-    id: &'a str,
-    caller: &'a Caller,
-    control: &'a mut mpsc::UnboundedReceiver<Control>,
-    r: Request,
+pub(super) struct Driver<'a> {
+    pub(super) shared: &'a Arc<Shared>,
+    pub(super) id: &'a str,
+    pub(super) caller: &'a Caller,
+    pub(super) control: &'a mut mpsc::UnboundedReceiver<Control>,
+    pub(super) r: Request,
 }
 
 impl Driver<'_> {
     /// Skip the actions from `from` on (those still pending) and end the request in `state`.
-    async fn end(&mut self, from: usize, state: State) -> fdo::Result<ControlFlow<()>> {
+    pub(super) async fn end(&mut self, from: usize, state: State) -> fdo::Result<ControlFlow<()>> {
         skip_rest(&mut self.r, from);
         set_state(self.shared, &mut self.r, state).await?;
         Ok(ControlFlow::Break(()))
     }
 
     /// Fail action `i` before it ran, which ends the request.
-    async fn refuse(&mut self, i: usize, why: String) -> fdo::Result<ControlFlow<()>> {
+    pub(super) async fn refuse(&mut self, i: usize, why: String) -> fdo::Result<ControlFlow<()>> {
         refuse(self.shared, &mut self.r, i, why).await?;
         Ok(ControlFlow::Break(()))
     }
@@ -170,7 +173,7 @@ impl Driver<'_> {
 
     /// Wait until action `i` is decided, asking for approval while it is not; a cancel
     /// ends the request.
-    async fn wait_for_decision(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
+    pub(super) async fn wait_for_decision(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
         // A decision may have come while an earlier action ran.
         self.shared.save_merging(&mut self.r)?;
         while self.r.actions[i].decision == Decision::Ask {
@@ -186,6 +189,7 @@ impl Driver<'_> {
                     a.index,
                     a.risk.class.as_str(),
                     &a.description,
+                    a.origin.as_str(),
                 )
                 .await;
             }
@@ -203,7 +207,7 @@ impl Driver<'_> {
     }
 
     /// A denied action ends the request; what follows it does not run.
-    async fn end_if_denied(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
+    pub(super) async fn end_if_denied(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
         if let Decision::Denied { by, reason } = &self.r.actions[i].decision {
             self.r.error = Some(format!("action {i} denied by {by}: {reason}"));
             return self.end(i, State::Denied).await;
@@ -214,7 +218,7 @@ impl Driver<'_> {
     /// Record action `i` as started (it does not run unless that is on record), give
     /// it a private directory and a cgroup, run it in its sandbox, clean up, and
     /// record what happened.
-    async fn run_action(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
+    pub(super) async fn run_action(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
         let config = self.shared.config();
         if let Err(e) = self.audit_started(i) {
             return self.refuse(i, format!("{e}; nothing ran")).await;
@@ -268,8 +272,9 @@ impl Driver<'_> {
         )
     }
 
-    /// Keep what action `i` did and put it on record; a failure, a cancel or an
-    /// outcome that could not be recorded ends the request.
+    /// Keep what action `i` did and put it on record; a cancel or an outcome that
+    /// could not be recorded ends the request, and so does a failure — except in a
+    /// conversation with the model, which is told about it instead.
     async fn record_outcome(
         &mut self,
         i: usize,
@@ -304,10 +309,11 @@ impl Driver<'_> {
                 "output-sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(a.output.as_bytes())),
             }),
         );
-        if ok && finished.is_ok() {
+        let cancelled = outcome.error.as_deref() == Some("cancelled");
+        let model_is_told = self.r.conversation.is_some() && !cancelled;
+        if finished.is_ok() && (ok || model_is_told) {
             return Ok(ControlFlow::Continue(()));
         }
-        let cancelled = outcome.error.as_deref() == Some("cancelled");
         self.r.error = Some(match (&outcome.error, outcome.exit_code, finished) {
             (Some(e), _, _) => format!("action {i} failed: {e}"),
             (None, _, Err(e)) => format!("action {i} ran, but {e}; nothing more runs"),

@@ -29,6 +29,8 @@ pub(super) enum Control {
 
 pub(super) struct Live {
     pub control: mpsc::UnboundedSender<Control>,
+    /// The conversation with the model it belongs to (one request at a time each).
+    pub conversation: Option<String>,
     /// The submitting connection: signals about the request go only there.
     pub owner: Option<UniqueName<'static>>,
 }
@@ -52,6 +54,8 @@ pub struct Shared {
     /// nothing was appended since.
     verify_gate: tokio::sync::Semaphore,
     last_verified: Mutex<Option<(crate::audit::Snapshot, crate::audit::Verification)>>,
+    /// The Bedrock client of the model route, made on first use.
+    pub(super) bedrock: tokio::sync::Mutex<Option<super::converse::Bedrock>>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -176,6 +180,7 @@ impl Shared {
             cgroups,
             verify_gate: tokio::sync::Semaphore::new(1),
             last_verified: Mutex::new(None),
+            bedrock: tokio::sync::Mutex::new(None),
         }))
     }
 

@@ -1,0 +1,383 @@
+//! The tools the model may call. Each call becomes an ordinary typed [`Action`] that
+//! is classified, decided and run in the sandbox exactly like one the local rules
+//! planned — or, for the read-only context tools, a question the planning helper
+//! answers as the caller. The model never approves anything: a tool call is only a
+//! proposal.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::action::Action;
+
+/// One tool as the model sees it.
+pub struct ToolDef {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// JSON Schema of the input object.
+    pub schema: Value,
+}
+
+/// What the planning helper answers as the caller, without running anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContextQuery {
+    /// Project kind, git branch, changed and recent files of the working directory.
+    Project,
+    /// The caller's processes (root: everyone's), busiest first.
+    Processes,
+}
+
+/// What a tool call asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Call {
+    Act(Action),
+    Context(ContextQuery),
+}
+
+fn path_arg(description: &str) -> Value {
+    json!({ "type": "string", "description": description })
+}
+
+fn object(properties: Value, required: &[&str]) -> Value {
+    json!({
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": false,
+    })
+}
+
+/// Every tool, in the order the model is told about them.
+pub fn definitions() -> Vec<ToolDef> {
+    let path = || path_arg("A path, absolute or relative to the working directory");
+    vec![
+        ToolDef {
+            name: "run",
+            description: "Run a program with arguments (no shell: no pipes, redirections or globs) in the working directory. The user may be asked to approve it.",
+            schema: object(
+                json!({ "argv": { "type": "array", "items": { "type": "string" }, "minItems": 1,
+                    "description": "The program and its arguments, e.g. [\"cargo\", \"test\"]" } }),
+                &["argv"],
+            ),
+        },
+        ToolDef {
+            name: "read_file",
+            description: "Read a text file.",
+            schema: object(json!({ "path": path() }), &["path"]),
+        },
+        ToolDef {
+            name: "write_file",
+            description: "Create or replace a file with this content. The user may be asked to approve it.",
+            schema: object(
+                json!({ "path": path(), "content": { "type": "string" } }),
+                &["path", "content"],
+            ),
+        },
+        ToolDef {
+            name: "list_dir",
+            description: "List a directory (names, sizes, dates).",
+            schema: object(json!({ "path": path() }), &["path"]),
+        },
+        ToolDef {
+            name: "search",
+            description: "Search under a directory: file names matching a glob pattern (in = \"names\"), or lines matching a regular expression (in = \"contents\").",
+            schema: object(
+                json!({
+                    "pattern": { "type": "string" },
+                    "path": path(),
+                    "in": { "type": "string", "enum": ["names", "contents"] }
+                }),
+                &["pattern"],
+            ),
+        },
+        ToolDef {
+            name: "git",
+            description: "Run git with these arguments in the working directory (status, log, diff, show, branch, switch, add, commit, ...).",
+            schema: object(
+                json!({ "args": { "type": "array", "items": { "type": "string" }, "minItems": 1 } }),
+                &["args"],
+            ),
+        },
+        ToolDef {
+            name: "mkdir",
+            description: "Create a directory and its parents.",
+            schema: object(json!({ "path": path() }), &["path"]),
+        },
+        ToolDef {
+            name: "move",
+            description: "Move or rename a file or directory; never replaces an existing target.",
+            schema: object(json!({ "from": path(), "to": path() }), &["from", "to"]),
+        },
+        ToolDef {
+            name: "copy",
+            description: "Copy a file or directory tree; never replaces an existing target.",
+            schema: object(json!({ "from": path(), "to": path() }), &["from", "to"]),
+        },
+        ToolDef {
+            name: "delete",
+            description: "Delete a file or a whole directory tree. The user is asked.",
+            schema: object(json!({ "path": path() }), &["path"]),
+        },
+        ToolDef {
+            name: "project_info",
+            description: "Facts about the working directory: project kind, git branch, files changed since the last commit, recently modified files.",
+            schema: object(json!({}), &[]),
+        },
+        ToolDef {
+            name: "git_state",
+            description: "The git branch, upstream and the status of every changed file.",
+            schema: object(json!({}), &[]),
+        },
+        ToolDef {
+            name: "processes",
+            description: "The user's running processes: pid, command, working directory, CPU%, memory.",
+            schema: object(json!({}), &[]),
+        },
+    ]
+}
+
+/// Why a tool call cannot be carried out (sent back to the model as a tool error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ToolError {
+    #[error("there is no tool `{0}`; use one of the tools you were given")]
+    Unknown(String),
+    #[error("the input of `{tool}` must be a JSON object matching its schema: {why}")]
+    BadInput { tool: String, why: String },
+}
+
+/// The action or question a tool call stands for. Paths are made absolute against
+/// `cwd` (`~/` is the caller's `home`).
+pub fn parse(name: &str, input: &Value, cwd: &Path, home: &Path) -> Result<Call, ToolError> {
+    let bad = |why: String| ToolError::BadInput {
+        tool: name.to_owned(),
+        why,
+    };
+    let Some(fields) = input.as_object() else {
+        return Err(bad(format!("got {input}")));
+    };
+    let string = |key: &str| -> Result<String, ToolError> {
+        match fields.get(key) {
+            Some(Value::String(s)) if !s.contains('\0') => Ok(s.clone()),
+            Some(_) => Err(bad(format!("`{key}` must be a string without NUL"))),
+            None => Err(bad(format!("`{key}` is missing"))),
+        }
+    };
+    let path = |key: &str| -> Result<PathBuf, ToolError> {
+        let p = string(key)?;
+        if p.is_empty() {
+            return Err(bad(format!("`{key}` is empty")));
+        }
+        Ok(absolute(&p, cwd, home))
+    };
+    let words = |key: &str| -> Result<Vec<String>, ToolError> {
+        let list = match fields.get(key) {
+            Some(Value::Array(list)) if !list.is_empty() => list,
+            _ => return Err(bad(format!("`{key}` must be a non-empty array of strings"))),
+        };
+        list.iter()
+            .map(|w| match w {
+                Value::String(s) if !s.contains('\0') => Ok(s.clone()),
+                _ => Err(bad(format!("every element of `{key}` must be a string"))),
+            })
+            .collect()
+    };
+    let allowed: &[&str] = match name {
+        "run" => &["argv"],
+        "git" => &["args"],
+        "read_file" | "list_dir" | "mkdir" | "delete" => &["path"],
+        "write_file" => &["path", "content"],
+        "move" | "copy" => &["from", "to"],
+        "search" => &["pattern", "path", "in"],
+        "project_info" | "git_state" | "processes" => &[],
+        other => return Err(ToolError::Unknown(other.to_owned())),
+    };
+    if let Some(extra) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(bad(format!("unexpected field `{extra}`")));
+    }
+    let act = Call::Act;
+    Ok(match name {
+        "run" => act(Action::Run {
+            argv: words("argv")?,
+        }),
+        "git" => act(Action::Git {
+            args: words("args")?,
+        }),
+        "read_file" => act(Action::Read {
+            path: path("path")?,
+        }),
+        "write_file" => act(Action::Write {
+            path: path("path")?,
+            content: string("content")?,
+        }),
+        "list_dir" => act(Action::Run {
+            argv: vec![
+                "ls".into(),
+                "-la".into(),
+                "--".into(),
+                path("path")?.to_string_lossy().into_owned(),
+            ],
+        }),
+        "mkdir" => act(Action::Mkdir {
+            path: path("path")?,
+        }),
+        "delete" => act(Action::Delete {
+            path: path("path")?,
+        }),
+        "move" => act(Action::Move {
+            from: path("from")?,
+            to: path("to")?,
+        }),
+        "copy" => act(Action::Copy {
+            from: path("from")?,
+            to: path("to")?,
+        }),
+        "search" => act(search(
+            &string("pattern")?,
+            match fields.get("path") {
+                Some(_) => path("path")?,
+                None => cwd.to_path_buf(),
+            },
+            fields
+                .get("in")
+                .and_then(Value::as_str)
+                .unwrap_or("contents"),
+        )
+        .map_err(bad)?),
+        "git_state" => act(Action::Git {
+            args: vec!["status".into(), "--short".into(), "--branch".into()],
+        }),
+        "project_info" => Call::Context(ContextQuery::Project),
+        _ => Call::Context(ContextQuery::Processes),
+    })
+}
+
+/// `find` for names, `grep` for contents; the pattern is always an operand, never an
+/// option.
+fn search(pattern: &str, dir: PathBuf, within: &str) -> Result<Action, String> {
+    if pattern.is_empty() {
+        return Err("`pattern` is empty".into());
+    }
+    let dir = dir.to_string_lossy().into_owned();
+    let argv: Vec<String> = match within {
+        "names" => vec![
+            "find".into(),
+            dir,
+            "-name".into(),
+            pattern.into(),
+            "-not".into(),
+            "-path".into(),
+            "*/.git/*".into(),
+        ],
+        "contents" => vec![
+            "grep".into(),
+            "-rnI".into(),
+            "--exclude-dir=.git".into(),
+            "-e".into(),
+            pattern.into(),
+            "--".into(),
+            dir,
+        ],
+        other => {
+            return Err(format!(
+                "`in` must be \"names\" or \"contents\", not {other:?}"
+            ));
+        }
+    };
+    Ok(Action::Run { argv })
+}
+
+fn absolute(p: &str, cwd: &Path, home: &Path) -> PathBuf {
+    if let Some(rest) = p.strip_prefix("~/") {
+        home.join(rest)
+    } else if p == "~" {
+        home.to_path_buf()
+    } else {
+        cwd.join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(name: &str, input: Value) -> Result<Call, ToolError> {
+        parse(name, &input, Path::new("/home/a/p"), Path::new("/home/a"))
+    }
+
+    #[test]
+    fn tool_calls_become_typed_actions() {
+        assert_eq!(
+            call("read_file", json!({ "path": "src/main.rs" })),
+            Ok(Call::Act(Action::Read {
+                path: "/home/a/p/src/main.rs".into()
+            }))
+        );
+        assert_eq!(
+            call("delete", json!({ "path": "~" })),
+            Ok(Call::Act(Action::Delete {
+                path: "/home/a".into()
+            }))
+        );
+        assert_eq!(
+            call("run", json!({ "argv": ["rm", "-rf", "/home/a"] })),
+            Ok(Call::Act(Action::Run {
+                argv: vec!["rm".into(), "-rf".into(), "/home/a".into()]
+            }))
+        );
+        let Ok(Call::Act(Action::Run { argv })) =
+            call("search", json!({ "pattern": "-delete", "in": "names" }))
+        else {
+            panic!()
+        };
+        assert_eq!(argv[..4], ["find", "/home/a/p", "-name", "-delete"]);
+        assert_eq!(
+            call("processes", json!({})),
+            Ok(Call::Context(ContextQuery::Processes))
+        );
+    }
+
+    #[test]
+    fn malformed_calls_are_tool_errors() {
+        for (name, input) in [
+            ("run", json!({ "argv": [] })),
+            ("run", json!({ "argv": "rm -rf ~" })),
+            ("run", json!({ "argv": ["ls"], "shell": true })),
+            ("read_file", json!("src/main.rs")),
+            ("read_file", json!({ "path": 3 })),
+            ("write_file", json!({ "path": "a" })),
+            ("search", json!({ "pattern": "x", "in": "everywhere" })),
+            ("git", json!({ "args": [1] })),
+            ("read_file", json!({ "path": "a\u{0}b" })),
+        ] {
+            assert!(
+                matches!(call(name, input.clone()), Err(ToolError::BadInput { .. })),
+                "{name} {input}"
+            );
+        }
+        assert_eq!(
+            call("sudo", json!({})),
+            Err(ToolError::Unknown("sudo".into()))
+        );
+    }
+
+    #[test]
+    fn every_definition_parses_its_own_required_fields() {
+        for def in definitions() {
+            let required = def.schema["required"].as_array().unwrap().clone();
+            let input: serde_json::Map<String, Value> = required
+                .iter()
+                .map(|k| {
+                    let k = k.as_str().unwrap();
+                    let v = match def.schema["properties"][k]["type"].as_str() {
+                        Some("array") => json!(["x"]),
+                        _ => json!("x"),
+                    };
+                    (k.to_owned(), v)
+                })
+                .collect();
+            assert!(call(def.name, Value::Object(input)).is_ok(), "{}", def.name);
+        }
+    }
+}
