@@ -40,10 +40,11 @@ pub mod selftest;
 #[cfg(feature = "daemon")]
 pub mod service;
 
-/// The Debian packages the agent needs at run time: the system bus, and bubblewrap,
-/// which builds every action's sandbox. Images with the agent get them; the agent's
-/// package depends on them.
-pub const PACKAGE_DEPENDS: &[&str] = &["dbus", "bubblewrap"];
+/// The Debian packages the agent needs at run time: the system bus, bubblewrap,
+/// which builds every action's sandbox, and the CA certificates its HTTPS calls to
+/// AWS (Bedrock, CloudFormation) verify against. Images with the agent get them; the
+/// agent's package depends on them.
+pub const PACKAGE_DEPENDS: &[&str] = &["dbus", "bubblewrap", "ca-certificates"];
 
 /// The well-known bus name the agent owns on the system bus.
 pub const BUS_NAME: &str = "org.devos.Agent1";
