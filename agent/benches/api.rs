@@ -1,5 +1,7 @@
-//! The agent's API figures: idle RSS, `Ping` round trip and submit → plan →
-//! classification latency, against the release daemon on a private system bus.
+//! The agent's API figures: idle RSS, `Ping` round trip, submit → plan →
+//! classification latency, and the model route's own overhead per model round trip
+//! and tokens per task (against a stand-in Bedrock that answers at once), against the
+//! release daemon on a private system bus.
 //! `cargo bench -p devos-agent --bench api` (as root: the daemon runs as root).
 
 #![allow(clippy::unwrap_used)]
@@ -10,6 +12,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use devos_agent::client::Agent1Proxy;
+use devos_tests::bedrock::{Reply, StandIn};
 use support::Daemon;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -37,10 +40,22 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn main() {
+    let standin = StandIn::start().unwrap();
     // The submit samples leave 1,000 requests waiting for approval.
-    let daemon = Daemon::start_with(
+    let daemon = Daemon::start_with_env(
         "IMAGE_VERSION=1\n",
-        "log-level = \"warn\"\n[limits]\nrequests-per-user = 100000\n",
+        &format!(
+            "log-level = \"warn\"\n[limits]\nrequests-per-user = 100000\n\
+             [model]\nregion = \"us-east-1\"\nendpoint-url = \"{}\"\n",
+            standin.endpoint()
+        ),
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_ACCESS_KEY_ID", "AKIDBENCH"),
+            ("AWS_SECRET_ACCESS_KEY", "bench"),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ],
     );
     let pid = daemon.pid();
     let bus = &daemon.bus;
@@ -128,7 +143,106 @@ fn main() {
             runs.push(t.elapsed());
         }
         report("read-only request end to end (sandboxed `ls`)", runs);
+        model_route(&agent, &standin, &project).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        println!("RSS after 1,300 requests: {} KiB", rss_kib(pid));
+        println!(
+            "RSS after 1,300 requests and 1,000 model requests: {} KiB",
+            rss_kib(pid)
+        );
     });
+}
+
+/// Submit `text` straight to the model and wait until it is done: the time it took,
+/// and the part of it the agent spent waiting for the model's answers.
+async fn model_request(agent: &Agent1Proxy<'_>, cwd: &str, text: &str) -> (Duration, Duration) {
+    let t = Instant::now();
+    let id = agent.submit_to_model(text, cwd, "small").await.unwrap();
+    loop {
+        let r: serde_json::Value = serde_json::from_str(&agent.get(&id).await.unwrap()).unwrap();
+        if r["state"] == "done" {
+            let waited = Duration::from_micros(r["usage"]["model-micros"].as_u64().unwrap());
+            return (t.elapsed(), waited);
+        }
+        assert!(
+            !["failed", "cancelled", "denied"].contains(&r["state"].as_str().unwrap()),
+            "{r}"
+        );
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// The model route's own cost, the stand-in answering at once: a one-call request
+/// end to end, the overhead each further model round trip adds (a context tool call,
+/// answered by the planning helper as the caller, then the next model call), and the
+/// tokens a typical three-step task sends.
+async fn model_route(agent: &Agent1Proxy<'_>, standin: &StandIn, project: &std::path::Path) {
+    let cwd = project.to_string_lossy().into_owned();
+    std::fs::write(project.join("Cargo.toml"), "[package]\nname = \"bench\"\n").unwrap();
+    std::fs::write(
+        project.join("build.log"),
+        "error[E0425]: cannot find value `x` in this scope\n".repeat(20),
+    )
+    .unwrap();
+    for _ in 0..20 {
+        standin.push(Reply::text("ok"));
+        model_request(agent, &cwd, "hello").await;
+    }
+    // The agent's own time per model round trip: the whole request less the time
+    // spent waiting for the model, per model call.
+    let mut one = Vec::new();
+    let mut waits = Vec::new();
+    for _ in 0..500 {
+        standin.push(Reply::text("ok"));
+        let (whole, waited) = model_request(agent, &cwd, "hello").await;
+        one.push(whole.saturating_sub(waited));
+        waits.push(waited);
+    }
+    const STEPS: u32 = 5;
+    let mut per_step = Vec::new();
+    for _ in 0..100 {
+        for _ in 0..STEPS {
+            standin.push(Reply::tool("project_info", serde_json::json!({})));
+        }
+        standin.push(Reply::text("ok"));
+        let (whole, waited) = model_request(agent, &cwd, "look around").await;
+        per_step.push(whole.saturating_sub(waited) / (STEPS + 1));
+    }
+    report(
+        "model request with one call: the agent's own time (submit -> done, less the model's)",
+        one,
+    );
+    report(
+        "  the model's answer as the agent waited for it (stand-in, at once)",
+        waits,
+    );
+    report(
+        "  per model round trip in a 6-call request (a context tool call + the next call)",
+        per_step,
+    );
+
+    // A typical three-step task: look at the project, read the log, answer.
+    let before = standin.requests().len();
+    standin.push(Reply::tool("list_dir", serde_json::json!({ "path": "." })));
+    standin.push(Reply::tool(
+        "read_file",
+        serde_json::json!({ "path": "build.log" }),
+    ));
+    standin.push(Reply::text("The build fails on an undefined `x`."));
+    model_request(agent, &cwd, "why does the build fail?").await;
+    let sent = standin.requests();
+    let bodies: Vec<&serde_json::Value> = sent[before..].iter().map(|r| &r.body).collect();
+    let size = |v: &serde_json::Value| v.to_string().len();
+    let fixed = size(&bodies[0]["system"]) + size(&bodies[0]["toolConfig"]);
+    let total: usize = bodies.iter().map(|b| size(b)).sum();
+    println!(
+        "three-step task: {} model calls, {} bytes of request JSON (~{} tokens at 4 bytes each); \
+         system prompt + tool definitions {} bytes per call (~{} tokens, a cache read after the first call \
+         where the model caches); first user turn with its context {} bytes",
+        bodies.len(),
+        total,
+        total / 4,
+        fixed,
+        fixed / 4,
+        size(&bodies[0]["messages"][0]),
+    );
 }

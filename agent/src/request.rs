@@ -146,6 +146,10 @@ pub struct RequestUsage {
     pub cache_write_tokens: u64,
     /// Millionths of a USD; `None` once a call had no known price.
     pub cost_micro_usd: Option<u64>,
+    /// Time spent waiting for the model (each call from sending it to the end of
+    /// its answer), microseconds.
+    #[serde(default)]
+    pub model_micros: u64,
 }
 
 /// Who proposed an action.

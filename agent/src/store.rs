@@ -323,9 +323,11 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Drop `uid`'s finished requests beyond the newest `keep`.
+    /// Drop `uid`'s finished requests beyond the newest `keep`, and the
+    /// conversations none of the remaining ones belongs to.
     pub fn prune(&self, uid: u32, keep: u32) -> Result<usize, StoreError> {
-        self.conn
+        let dropped = self
+            .conn
             .execute(
                 "DELETE FROM requests WHERE uid = ?1
                    AND state IN ('unplanned','done','failed','denied','cancelled')
@@ -333,7 +335,18 @@ impl Store {
                                      ORDER BY created DESC, rowid DESC LIMIT ?2)",
                 params![uid, keep],
             )
-            .map_err(self.err())
+            .map_err(self.err())?;
+        if dropped > 0 {
+            self.conn
+                .execute(
+                    "DELETE FROM conversations WHERE uid = ?1 AND id NOT IN
+                       (SELECT json_extract(body, '$.conversation') FROM requests
+                        WHERE uid = ?1 AND json_extract(body, '$.conversation') IS NOT NULL)",
+                    params![uid],
+                )
+                .map_err(self.err())?;
+        }
+        Ok(dropped)
     }
 
     pub fn count_requests(&self) -> Result<u64, StoreError> {

@@ -87,6 +87,38 @@ impl Conversation {
             .sum()
     }
 
+    /// Add the user's next words. Roles must alternate and every tool call must be
+    /// answered, whatever ended the last request: tool calls left without a result
+    /// (the agent stopped while they ran) are answered as not run, and words that
+    /// follow a user turn (the last request ended before the model answered) join it.
+    pub fn add_user_text(&mut self, text: String) {
+        let unanswered: Vec<Block> = match self.turns.last() {
+            Some(t) if t.role == Role::Assistant => t
+                .blocks
+                .iter()
+                .filter_map(|b| match b {
+                    Block::ToolUse { id, .. } => Some(Block::ToolResult {
+                        id: id.clone(),
+                        ok: false,
+                        content: "not run: the request ended before this call".into(),
+                    }),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !unanswered.is_empty() {
+            self.turns.push(Turn {
+                role: Role::User,
+                blocks: unanswered,
+            });
+        }
+        match self.turns.last_mut() {
+            Some(t) if t.role == Role::User => t.blocks.push(Block::Text { text }),
+            _ => self.turns.push(Turn::user_text(text)),
+        }
+    }
+
     /// Make the conversation fit a model that said it was too long: old tool results
     /// (all but the last turn's) are cut short, then the oldest exchanges after the
     /// first request are dropped, in pairs so every tool call keeps its result, until
@@ -148,6 +180,23 @@ mod tests {
                 }],
             },
         ]
+    }
+
+    #[test]
+    fn follow_ups_keep_roles_alternating_and_every_call_answered() {
+        let mut c = Conversation {
+            turns: vec![Turn::user_text("a".into())],
+        };
+        c.add_user_text("b".into());
+        assert_eq!(c.turns.len(), 1, "joins the unanswered request");
+        c.turns.push(exchange(1, "x")[0].clone());
+        c.add_user_text("c".into());
+        let roles: Vec<Role> = c.turns.iter().map(|t| t.role).collect();
+        assert_eq!(roles, [Role::User, Role::Assistant, Role::User]);
+        assert!(
+            matches!(&c.turns[2].blocks[0], Block::ToolResult { id, ok: false, .. } if id == "t1")
+        );
+        assert_eq!(c.turns[2].text(), "c");
     }
 
     #[test]

@@ -651,6 +651,9 @@ impl Agent {
             "sandbox-bwrap": config.sandbox.bwrap,
             "sandbox-bwrap-installed": config.sandbox.bwrap.exists(),
             "cgroup-limits": self.shared.cgroups.is_some(),
+            "model-route": config.model.enabled,
+            "model-small": config.model.small,
+            "model-large": config.model.large,
         })
         .to_string())
     }

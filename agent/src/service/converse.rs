@@ -135,7 +135,7 @@ pub(super) fn follow_up(
         request.state = State::Unplanned;
         request.error = Some(why);
     } else {
-        conversation.turns.push(Turn::user_text(text.to_owned()));
+        conversation.add_user_text(text.to_owned());
         store
             .save_conversation(&conversation_id, caller.uid, &model, &conversation, &now())
             .map_err(failed)?;
@@ -475,6 +475,7 @@ fn record_call(
         ..RequestUsage::default()
     });
     u.calls += 1;
+    u.model_micros += reply.latency.as_micros() as u64;
     u.input_tokens += reply.usage.input;
     u.output_tokens += reply.usage.output;
     u.cache_read_tokens += reply.usage.cache_read;
