@@ -330,6 +330,28 @@ async fn latest_conversation(agent: &Agent1Proxy<'_>) -> anyhow::Result<String> 
         .context("you have no conversation with the model to continue; start one with `devos run \"...\"`")
 }
 
+/// Hand the request to the agent the way `how` says; its id.
+async fn submit(
+    agent: &Agent1Proxy<'_>,
+    text: &str,
+    cwd: &str,
+    how: How,
+) -> anyhow::Result<String> {
+    let submitted = match how {
+        How::Auto => agent.submit(text, cwd).await,
+        How::Model(model) => agent.submit_to_model(text, cwd, &model).await,
+        How::Continue(id) => {
+            let id = if id.is_empty() {
+                latest_conversation(agent).await?
+            } else {
+                id
+            };
+            agent.continue_(&id, text).await
+        }
+    };
+    submitted.map_err(agent_error)
+}
+
 async fn run_request(
     agent: &Agent1Proxy<'_>,
     text: &str,
@@ -347,20 +369,7 @@ async fn run_request(
     let mut approvals = agent.receive_approval_needed().await?;
     let mut output = agent.receive_action_output().await?;
     let mut model_text = agent.receive_model_output().await?;
-    let cwd = cwd.to_string_lossy();
-    let submitted = match how {
-        How::Auto => agent.submit(text, &cwd).await,
-        How::Model(model) => agent.submit_to_model(text, &cwd, &model).await,
-        How::Continue(id) => {
-            let id = if id.is_empty() {
-                latest_conversation(agent).await?
-            } else {
-                id
-            };
-            agent.continue_(&id, text).await
-        }
-    };
-    let id = submitted.map_err(agent_error)?;
+    let id = submit(agent, text, &cwd.to_string_lossy(), how).await?;
     let watch = Watch {
         agent,
         id: &id,

@@ -150,39 +150,6 @@ pub enum ToolError {
 /// The action or question a tool call stands for. Paths are made absolute against
 /// `cwd` (`~/` is the caller's `home`).
 pub fn parse(name: &str, input: &Value, cwd: &Path, home: &Path) -> Result<Call, ToolError> {
-    let bad = |why: String| ToolError::BadInput {
-        tool: name.to_owned(),
-        why,
-    };
-    let Some(fields) = input.as_object() else {
-        return Err(bad(format!("got {input}")));
-    };
-    let string = |key: &str| -> Result<String, ToolError> {
-        match fields.get(key) {
-            Some(Value::String(s)) if !s.contains('\0') => Ok(s.clone()),
-            Some(_) => Err(bad(format!("`{key}` must be a string without NUL"))),
-            None => Err(bad(format!("`{key}` is missing"))),
-        }
-    };
-    let path = |key: &str| -> Result<PathBuf, ToolError> {
-        let p = string(key)?;
-        if p.is_empty() {
-            return Err(bad(format!("`{key}` is empty")));
-        }
-        Ok(absolute(&p, cwd, home))
-    };
-    let words = |key: &str| -> Result<Vec<String>, ToolError> {
-        let list = match fields.get(key) {
-            Some(Value::Array(list)) if !list.is_empty() => list,
-            _ => return Err(bad(format!("`{key}` must be a non-empty array of strings"))),
-        };
-        list.iter()
-            .map(|w| match w {
-                Value::String(s) if !s.contains('\0') => Ok(s.clone()),
-                _ => Err(bad(format!("every element of `{key}` must be a string"))),
-            })
-            .collect()
-    };
     let allowed: &[&str] = match name {
         "run" => &["argv"],
         "git" => &["args"],
@@ -193,64 +160,131 @@ pub fn parse(name: &str, input: &Value, cwd: &Path, home: &Path) -> Result<Call,
         "project_info" | "git_state" | "processes" => &[],
         other => return Err(ToolError::Unknown(other.to_owned())),
     };
-    if let Some(extra) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(bad(format!("unexpected field `{extra}`")));
+    let i = Input::new(name, input, cwd, home)?;
+    if let Some(extra) = i.fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(i.bad(format!("unexpected field `{extra}`")));
     }
-    let act = Call::Act;
-    Ok(match name {
+    let act = |a| Ok(Call::Act(a));
+    match name {
         "run" => act(Action::Run {
-            argv: words("argv")?,
+            argv: i.words("argv")?,
         }),
         "git" => act(Action::Git {
-            args: words("args")?,
+            args: i.words("args")?,
         }),
         "read_file" => act(Action::Read {
-            path: path("path")?,
+            path: i.path("path")?,
         }),
         "write_file" => act(Action::Write {
-            path: path("path")?,
-            content: string("content")?,
+            path: i.path("path")?,
+            content: i.string("content")?,
         }),
         "list_dir" => act(Action::Run {
             argv: vec![
                 "ls".into(),
                 "-la".into(),
                 "--".into(),
-                path("path")?.to_string_lossy().into_owned(),
+                i.path("path")?.to_string_lossy().into_owned(),
             ],
         }),
         "mkdir" => act(Action::Mkdir {
-            path: path("path")?,
+            path: i.path("path")?,
         }),
         "delete" => act(Action::Delete {
-            path: path("path")?,
+            path: i.path("path")?,
         }),
         "move" => act(Action::Move {
-            from: path("from")?,
-            to: path("to")?,
+            from: i.path("from")?,
+            to: i.path("to")?,
         }),
         "copy" => act(Action::Copy {
-            from: path("from")?,
-            to: path("to")?,
+            from: i.path("from")?,
+            to: i.path("to")?,
         }),
-        "search" => act(search(
-            &string("pattern")?,
-            match fields.get("path") {
-                Some(_) => path("path")?,
+        "search" => {
+            let dir = match i.fields.get("path") {
+                Some(_) => i.path("path")?,
                 None => cwd.to_path_buf(),
-            },
-            fields
-                .get("in")
-                .and_then(Value::as_str)
-                .unwrap_or("contents"),
-        )
-        .map_err(bad)?),
+            };
+            let within = match i.fields.get("in") {
+                Some(_) => i.string("in")?,
+                None => "contents".to_owned(),
+            };
+            act(search(&i.string("pattern")?, dir, &within).map_err(|why| i.bad(why))?)
+        }
         "git_state" => act(Action::Git {
             args: vec!["status".into(), "--short".into(), "--branch".into()],
         }),
-        "project_info" => Call::Context(ContextQuery::Project),
-        _ => Call::Context(ContextQuery::Processes),
-    })
+        "project_info" => Ok(Call::Context(ContextQuery::Project)),
+        _ => Ok(Call::Context(ContextQuery::Processes)),
+    }
+}
+
+/// A tool call's input object, read field by field with errors that name the field.
+struct Input<'a> {
+    tool: &'a str,
+    fields: &'a serde_json::Map<String, Value>,
+    cwd: &'a Path,
+    home: &'a Path,
+}
+
+impl<'a> Input<'a> {
+    fn new(
+        tool: &'a str,
+        input: &'a Value,
+        cwd: &'a Path,
+        home: &'a Path,
+    ) -> Result<Self, ToolError> {
+        let bad = |why| ToolError::BadInput {
+            tool: tool.to_owned(),
+            why,
+        };
+        let fields = input
+            .as_object()
+            .ok_or_else(|| bad(format!("got {input}")))?;
+        Ok(Input {
+            tool,
+            fields,
+            cwd,
+            home,
+        })
+    }
+
+    fn bad(&self, why: String) -> ToolError {
+        ToolError::BadInput {
+            tool: self.tool.to_owned(),
+            why,
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<String, ToolError> {
+        match self.fields.get(key) {
+            Some(Value::String(s)) if !s.contains('\0') => Ok(s.clone()),
+            Some(_) => Err(self.bad(format!("`{key}` must be a string without NUL"))),
+            None => Err(self.bad(format!("`{key}` is missing"))),
+        }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, ToolError> {
+        let p = self.string(key)?;
+        if p.is_empty() {
+            return Err(self.bad(format!("`{key}` is empty")));
+        }
+        Ok(absolute(&p, self.cwd, self.home))
+    }
+
+    fn words(&self, key: &str) -> Result<Vec<String>, ToolError> {
+        let list = match self.fields.get(key) {
+            Some(Value::Array(list)) if !list.is_empty() => list,
+            _ => return Err(self.bad(format!("`{key}` must be a non-empty array of strings"))),
+        };
+        list.iter()
+            .map(|w| match w {
+                Value::String(s) if !s.contains('\0') => Ok(s.clone()),
+                _ => Err(self.bad(format!("every element of `{key}` must be a string"))),
+            })
+            .collect()
+    }
 }
 
 /// `find` for names, `grep` for contents; the pattern is always an operand, never an

@@ -249,15 +249,11 @@ fn over_budget_in(
     }))
 }
 
-/// Carry out a request of the model route.
+/// Carry out a request of the model route: call the model, carry out the tool calls
+/// it makes and answer them, until it ends its turn or something ends the request.
 pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
     let config = d.shared.config();
-    let conversation_id = d.r.conversation.clone().unwrap_or_default();
-    let (model_id, mut conversation) = lock(&d.shared.store)
-        .conversation(&conversation_id, d.r.uid)
-        .map_err(failed)?
-        .ok_or_else(|| failed("the conversation vanished"))?;
-    let model_id = d.r.model.clone().unwrap_or(model_id);
+    let (model_id, mut conversation) = open(&d)?;
     set_state(d.shared, &mut d.r, State::Running).await?;
     let (client, region) = match client(d.shared, &config).await {
         Ok(c) => c,
@@ -267,14 +263,7 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
     let mut trimmed = false;
     let mut steps = 0;
     loop {
-        if steps == config.model.max_steps {
-            let why = format!(
-                "stopped after {steps} model calls ([model] max-steps = {}); `devos run --continue` goes on",
-                config.model.max_steps
-            );
-            return fail(&mut d, why).await;
-        }
-        if let Some(why) = over_budget(d.shared, d.r.uid, &config)? {
+        if let Some(why) = must_stop(&d, &config, steps)? {
             return fail(&mut d, why).await;
         }
         steps += 1;
@@ -301,56 +290,101 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
             Some(Err(e)) => return fail(&mut d, e.to_string()).await,
             Some(Ok(reply)) => reply,
         };
-        record_call(&mut d, &config, &model_id, &reply)?;
-        conversation.turns.push(reply.turn.clone());
-        save(&d, &model_id, &conversation)?;
-        let text = reply.turn.text();
-        if !text.trim().is_empty() {
-            let answer = d.r.answer.get_or_insert_with(String::new);
-            if !answer.is_empty() {
-                answer.push_str(TURN_BREAK);
-            }
-            answer.push_str(text.trim());
-        }
+        take_reply(&mut d, &config, &model_id, &reply, &mut conversation)?;
         if !reply.wants_tools() {
             return set_state(d.shared, &mut d.r, State::Done).await;
         }
-        let mut results = Vec::new();
-        let mut ended = false;
-        for block in &reply.turn.blocks {
-            let Block::ToolUse { id, name, input } = block else {
-                continue;
-            };
-            // Every call gets an answer, so the conversation can go on later.
-            let (ok, content) = if ended {
-                (
-                    false,
-                    "not run: the request ended before this call".to_owned(),
-                )
-            } else {
-                match tool_call(&mut d, &config, name, input).await? {
-                    ControlFlow::Continue(answer) => answer,
-                    ControlFlow::Break(why) => {
-                        ended = true;
-                        (false, why)
-                    }
-                }
-            };
-            results.push(Block::ToolResult {
-                id: id.clone(),
-                ok,
-                content,
-            });
-        }
-        conversation.turns.push(Turn {
-            role: Role::User,
-            blocks: results,
-        });
+        let (results, ended) = answer_tool_calls(&mut d, &config, &reply.turn).await?;
+        conversation.turns.push(results);
         save(&d, &model_id, &conversation)?;
         if ended {
             return Ok(());
         }
     }
+}
+
+/// The request's model and its conversation so far.
+fn open(d: &Driver<'_>) -> fdo::Result<(String, Conversation)> {
+    let id = d.r.conversation.as_deref().unwrap_or(d.id);
+    let (model_id, conversation) = lock(&d.shared.store)
+        .conversation(id, d.r.uid)
+        .map_err(failed)?
+        .ok_or_else(|| failed("the conversation vanished"))?;
+    Ok((d.r.model.clone().unwrap_or(model_id), conversation))
+}
+
+/// Why no further model call may be made after `steps` of them: the step limit, or a
+/// budget used up.
+fn must_stop(d: &Driver<'_>, config: &AgentConfig, steps: u32) -> fdo::Result<Option<String>> {
+    if steps == config.model.max_steps {
+        return Ok(Some(format!(
+            "stopped after {steps} model calls ([model] max-steps = {}); `devos run --continue` goes on",
+            config.model.max_steps
+        )));
+    }
+    over_budget(d.shared, d.r.uid, config)
+}
+
+/// Keep a model reply: on the ledger, in the conversation, its text in the answer.
+fn take_reply(
+    d: &mut Driver<'_>,
+    config: &AgentConfig,
+    model_id: &str,
+    reply: &Reply,
+    conversation: &mut Conversation,
+) -> fdo::Result<()> {
+    record_call(d, config, model_id, reply)?;
+    conversation.turns.push(reply.turn.clone());
+    save(d, model_id, conversation)?;
+    let text = reply.turn.text();
+    if !text.trim().is_empty() {
+        let answer = d.r.answer.get_or_insert_with(String::new);
+        if !answer.is_empty() {
+            answer.push_str(TURN_BREAK);
+        }
+        answer.push_str(text.trim());
+    }
+    Ok(())
+}
+
+/// Carry out the tool calls of `turn` in order and answer every one of them (so the
+/// conversation can go on later), and whether the request ended on the way.
+async fn answer_tool_calls(
+    d: &mut Driver<'_>,
+    config: &AgentConfig,
+    turn: &Turn,
+) -> fdo::Result<(Turn, bool)> {
+    let mut results = Vec::new();
+    let mut ended = false;
+    for block in &turn.blocks {
+        let Block::ToolUse { id, name, input } = block else {
+            continue;
+        };
+        let (ok, content) = if ended {
+            (
+                false,
+                "not run: the request ended before this call".to_owned(),
+            )
+        } else {
+            match tool_call(d, config, name, input).await? {
+                ControlFlow::Continue(answer) => answer,
+                ControlFlow::Break(why) => {
+                    ended = true;
+                    (false, why)
+                }
+            }
+        };
+        results.push(Block::ToolResult {
+            id: id.clone(),
+            ok,
+            content,
+        });
+    }
+    let results = Turn {
+        role: Role::User,
+        blocks: results,
+    };
+    Ok((results, ended))
 }
 
 /// End the request as failed with `why` — and when the model could not be asked at
@@ -512,17 +546,45 @@ async fn tool_call(
     input: &serde_json::Value,
 ) -> fdo::Result<ControlFlow<String, (bool, String)>> {
     let limit = config.model.tool_output_bytes as usize;
-    let call = match tools::parse(name, input, &d.r.cwd, &d.caller.home) {
-        Ok(call) => call,
+    let action = match tools::parse(name, input, &d.r.cwd, &d.caller.home) {
         Err(e) => return Ok(ControlFlow::Continue((false, e.to_string()))),
-    };
-    let action = match call {
-        Call::Context(query) => {
+        Ok(Call::Context(query)) => {
             let answer = context(d, config, query).await?;
             return Ok(ControlFlow::Continue((true, tool_result(&answer, limit))));
         }
-        Call::Act(action) => action,
+        Ok(Call::Act(action)) => action,
     };
+    let i = match propose(d, config, action).await? {
+        ControlFlow::Continue(i) => i,
+        ControlFlow::Break(answer) => return Ok(ControlFlow::Continue((false, answer))),
+    };
+    if let ControlFlow::Break(why) = carry_out(d, i).await? {
+        return Ok(ControlFlow::Break(why));
+    }
+    let a = &d.r.actions[i];
+    let status = match (a.state, a.exit_code, &a.error) {
+        (_, _, Some(e)) => format!("failed: {e}"),
+        (ActionState::Succeeded, _, None) => "succeeded".to_owned(),
+        (_, Some(code), None) => format!("exited with status {code}"),
+        _ => "failed".to_owned(),
+    };
+    let cut = if a.output_truncated {
+        " (output cut)"
+    } else {
+        ""
+    };
+    let body = format!("{status}{cut}\n{}", a.output);
+    let ok = a.state == ActionState::Succeeded;
+    Ok(ControlFlow::Continue((ok, tool_result(&body, limit))))
+}
+
+/// Classify `action` as the caller, decide it, and add it to the request on record:
+/// its index, or (`Break`) what the model is told when it cannot be classified.
+async fn propose(
+    d: &mut Driver<'_>,
+    config: &AgentConfig,
+    action: crate::action::Action,
+) -> fdo::Result<ControlFlow<String, usize>> {
     let job = PlanJob {
         classify: vec![action.clone()],
         ..PlanJob::new(d.caller, None, d.r.cwd.clone(), &config.sandbox.secrets)
@@ -530,17 +592,18 @@ async fn tool_call(
     let reply = as_caller::plan(&d.shared.exe, &job).await.map_err(failed)?;
     let (Some(risk), Ok(user_policy)) = (reply.risks.into_iter().next(), reply.user_policy) else {
         let why = "cannot classify the action as you (is your ~/.config/devos/agent.toml valid?)";
-        return Ok(ControlFlow::Continue((false, why.into())));
+        return Ok(ControlFlow::Break(why.into()));
     };
     let i = d.r.actions.len();
-    let record = Decider::new(d.shared, d.caller, &user_policy, config)?.record(
-        i as u32,
-        action,
-        risk,
-        &d.r.cwd,
-        Origin::Model,
-    );
+    let decider = Decider::new(d.shared, d.caller, &user_policy, config)?;
+    let record = decider.record(i as u32, action, risk, &d.r.cwd, Origin::Model);
     d.r.actions.push(record);
+    Ok(ControlFlow::Continue(i))
+}
+
+/// Put action `i` on record, wait for its decision and run it: `Break` (with what the
+/// model is told) when that ended the request.
+async fn carry_out(d: &mut Driver<'_>, i: usize) -> fdo::Result<ControlFlow<String>> {
     let proposed = d.shared.audit(
         "action.proposed",
         Some(d.r.uid),
@@ -555,39 +618,16 @@ async fn tool_call(
         ));
     }
     d.shared.save_merging(&mut d.r)?;
-    if d.wait_for_decision(i).await?.is_break() {
-        return Ok(ControlFlow::Break("cancelled by the user".into()));
-    }
-    if d.end_if_denied(i).await?.is_break() {
-        return Ok(ControlFlow::Break(
-            "denied: the user or policy refused this action".into(),
-        ));
-    }
-    if d.run_action(i).await?.is_break() {
-        return Ok(ControlFlow::Break(
-            "the request ended while this action ran".into(),
-        ));
-    }
-    let a = &d.r.actions[i];
-    let status = match (a.state, a.exit_code, &a.error) {
-        (_, _, Some(e)) => format!("failed: {e}"),
-        (ActionState::Succeeded, _, None) => "succeeded".to_owned(),
-        (_, Some(code), None) => format!("exited with status {code}"),
-        _ => "failed".to_owned(),
+    let why = if d.wait_for_decision(i).await?.is_break() {
+        "cancelled by the user"
+    } else if d.end_if_denied(i).await?.is_break() {
+        "denied: the user or policy refused this action"
+    } else if d.run_action(i).await?.is_break() {
+        "the request ended while this action ran"
+    } else {
+        return Ok(ControlFlow::Continue(()));
     };
-    let body = format!(
-        "{status}{}\n{}",
-        if a.output_truncated {
-            " (output cut)"
-        } else {
-            ""
-        },
-        a.output
-    );
-    Ok(ControlFlow::Continue((
-        a.state == ActionState::Succeeded,
-        tool_result(&body, limit),
-    )))
+    Ok(ControlFlow::Break(why.into()))
 }
 
 /// Answer a context question as the caller (nothing runs; it is put on record).
