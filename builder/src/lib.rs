@@ -8,15 +8,16 @@
 //! | 0 | [`support`] | commands, digests, work directories, time, progress |
 //! | 1 | [`model`] | the spec, the builder's settings, the manifest |
 //! | 2 | [`store`] | the stage cache and the image registry |
-//! | 3 | [`image`] | the stages that shape the image's bytes (hashed into the build id) |
+//! | 3 | `image` | the stages that shape the image's bytes (hashed into the build id) |
 //! | 4 | [`build`] | the pipeline that runs them and registers the version |
 //! | 5 | [`boottest`] | boot tests and local boots under QEMU |
-//! | 6 | [`inventory`] | list, show, diff, verify, gc and export of registered versions |
-//! | 7 | [`publish`] | AMIs (EBS direct or Packer), promotion, verification |
-//! | 8 | [`fleet`] | CloudFormation stacks rolled forward and back, health-gated |
+//! | 6 | `inventory` | list, show, diff, verify, gc and export of registered versions |
+//! | 7 | `publish` | AMIs (EBS direct or Packer), promotion, verification |
+//! | 8 | `fleet` | CloudFormation stacks rolled forward and back, health-gated |
 //! | 9 | [`cli`] | the command line |
 //!
-//! The binary is a thin wrapper over [`cli::run`].
+//! The binary is a thin wrapper over [`cli::run`]. Everything else is `pub(crate)`
+//! unless the binary or an integration test reaches it.
 
 pub mod support;
 
@@ -24,16 +25,16 @@ pub mod model;
 
 pub mod store;
 
-pub mod image;
+pub(crate) mod image;
 
 pub mod build;
 
 pub mod boottest;
 
-pub mod inventory;
+pub(crate) mod inventory;
 
-pub mod publish;
+pub(crate) mod publish;
 
-pub mod fleet;
+pub(crate) mod fleet;
 
 pub mod cli;

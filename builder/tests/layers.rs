@@ -1,5 +1,5 @@
-//! The builder's folders are the pipeline, in layers (the order of the `pub mod` lines
-//! in src/lib.rs): a module may use its own layer and the ones before it, never one
+//! The builder's folders are the pipeline, in layers (the order of the `mod` lines in
+//! src/lib.rs): a module may use its own layer and the ones before it, never one
 //! after it. This reads every source file's `crate::` paths and fails naming each
 //! one that points the wrong way.
 #![allow(clippy::unwrap_used)]
@@ -15,7 +15,14 @@ fn src() -> PathBuf {
 fn layers() -> Vec<String> {
     let lib = fs::read_to_string(src().join("lib.rs")).unwrap();
     lib.lines()
-        .filter_map(|l| l.strip_prefix("pub mod ")?.strip_suffix(';'))
+        .filter_map(|l| {
+            // Whatever its visibility: `pub mod`, `pub(crate) mod` or `mod`.
+            let l = l
+                .strip_prefix("pub(crate) ")
+                .or_else(|| l.strip_prefix("pub "))
+                .unwrap_or(l);
+            l.strip_prefix("mod ")?.strip_suffix(';')
+        })
         .map(str::to_owned)
         .collect()
 }

@@ -4,7 +4,7 @@ use super::TestReport;
 
 impl TestReport {
     /// The human summary printed after a test.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let mut s = format!(
             "boot test of {} ({}): {} in {:.1}s under {:?} ({})\n",
             self.disk.display(),
@@ -41,7 +41,7 @@ impl TestReport {
 impl TestReport {
     /// The report as JUnit XML: one test case per check, the failure's diagnosis and
     /// the console's last lines when the run failed.
-    pub fn junit(&self) -> String {
+    pub(crate) fn junit(&self) -> String {
         let name = self.version.as_deref().unwrap_or("image");
         let failures = self.checks.iter().filter(|c| !c.ok).count()
             + usize::from(self.failure.is_some() && self.checks.iter().all(|c| c.ok));

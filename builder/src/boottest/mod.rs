@@ -7,7 +7,7 @@ mod junit;
 mod target;
 pub mod vm;
 
-pub use target::{Target, resolve_target};
+pub(crate) use target::{Target, resolve_target};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,12 +21,12 @@ use crate::support::remove;
 use diagnosis::{diagnose_console, kvm_failure, read_report, tail_lines};
 use vm::{AccelChoice, Scratch};
 
-pub struct TestOptions {
-    pub memory_mib: u32,
-    pub cpus: u32,
-    pub timeout: Duration,
+pub(crate) struct TestOptions {
+    pub(crate) memory_mib: u32,
+    pub(crate) cpus: u32,
+    pub(crate) timeout: Duration,
     /// Keep the overlay and logs (their directory is printed).
-    pub keep: bool,
+    pub(crate) keep: bool,
 }
 
 impl Default for TestOptions {
@@ -42,29 +42,29 @@ impl Default for TestOptions {
 
 /// One check reported by the guest (see `devos_agent::selftest`) or made by the host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Check {
-    pub check: String,
-    pub ok: bool,
-    pub detail: String,
+pub(crate) struct Check {
+    pub(crate) check: String,
+    pub(crate) ok: bool,
+    pub(crate) detail: String,
     #[serde(default)]
-    pub ms: u128,
+    pub(crate) ms: u128,
 }
 
 #[derive(Debug, Serialize)]
-pub struct TestReport {
-    pub disk: PathBuf,
-    pub version: Option<String>,
-    pub accel: AccelChoice,
-    pub passed: bool,
-    pub checks: Vec<Check>,
+pub(crate) struct TestReport {
+    pub(crate) disk: PathBuf,
+    pub(crate) version: Option<String>,
+    pub(crate) accel: AccelChoice,
+    pub(crate) passed: bool,
+    pub(crate) checks: Vec<Check>,
     /// Seconds from QEMU start until the guest's report was complete.
-    pub seconds: f64,
+    pub(crate) seconds: f64,
     /// Seconds from QEMU start until the host saw the agent answer `Ping`.
-    pub agent_answered_seconds: Option<f64>,
-    pub failure: Option<String>,
-    pub console_tail: Vec<String>,
+    pub(crate) agent_answered_seconds: Option<f64>,
+    pub(crate) failure: Option<String>,
+    pub(crate) console_tail: Vec<String>,
     /// Where the console log and overlay were kept (`--keep`).
-    pub kept: Option<PathBuf>,
+    pub(crate) kept: Option<PathBuf>,
 }
 
 /// One VM run: how it ended, and when the agent answered.
@@ -131,7 +131,7 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
 }
 
 /// Boot the target with the self-test switched on and collect its report.
-pub fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
+pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     let mut scratch = Scratch::prepare(target, "devos-test-")?;
     let mut run = run_vm(&scratch, target, opts)?;
     if let Some(error) = run.kvm_failed.take() {
@@ -245,7 +245,12 @@ fn watch(
 }
 
 /// An interactive boot: the serial console on this terminal (Ctrl-A X quits).
-pub fn boot(target: &Target, memory_mib: u32, cpus: u32, ssh_port: Option<u16>) -> Result<()> {
+pub(crate) fn boot(
+    target: &Target,
+    memory_mib: u32,
+    cpus: u32,
+    ssh_port: Option<u16>,
+) -> Result<()> {
     let scratch = Scratch::prepare(target, "devos-boot-")?;
     eprintln!(
         "booting {} under {:?} ({}); quit with Ctrl-A X",

@@ -12,16 +12,16 @@ use crate::model::states::VersionState;
 
 /// What to boot: an image file, an output directory, a spec (its newest build), or a
 /// registry reference `NAME[@VERSION]`.
-pub struct Target {
-    pub disk: PathBuf,
-    pub manifest: Option<Manifest>,
+pub(crate) struct Target {
+    pub(crate) disk: PathBuf,
+    pub(crate) manifest: Option<Manifest>,
     /// The spec's `[[tests]]`, run inside the guest after the built-in checks.
-    pub tests: Vec<crate::model::spec::Test>,
+    pub(crate) tests: Vec<crate::model::spec::Test>,
 }
 
 impl Target {
     /// The built version in `dir`, with the tests of `spec` (if given).
-    pub fn from_dir(dir: &Path, spec: Option<&crate::model::spec::Spec>) -> Result<Self> {
+    pub(crate) fn from_dir(dir: &Path, spec: Option<&crate::model::spec::Spec>) -> Result<Self> {
         let manifest = Manifest::load(dir)?;
         let disk = manifest.raw(dir).with_context(|| {
             format!(
@@ -37,7 +37,7 @@ impl Target {
     }
 }
 
-pub fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
+pub(crate) fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
     if arg.is_dir() {
         return Target::from_dir(arg, None);
     }

@@ -21,7 +21,7 @@ pub enum Accel {
 
 impl Accel {
     /// The name QEMU's `-accel` takes, as the registry records it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
@@ -153,12 +153,12 @@ fn probe_kvm(work: &Path) -> Result<Duration, String> {
 }
 
 /// UEFI firmware: the read-only code and a template for the per-VM variable store.
-pub struct Firmware {
-    pub code: PathBuf,
-    pub vars: PathBuf,
+pub(crate) struct Firmware {
+    pub(crate) code: PathBuf,
+    pub(crate) vars: PathBuf,
 }
 
-pub fn firmware() -> Result<Firmware> {
+fn firmware() -> Result<Firmware> {
     let candidates = [
         (
             "/usr/share/OVMF/OVMF_CODE_4M.fd",
@@ -184,25 +184,38 @@ pub fn firmware() -> Result<Firmware> {
 }
 
 /// A VM to start. Its disk is always a qcow2 overlay (see [`overlay`]).
-pub struct Vm<'a> {
-    pub disk: &'a Path,
-    pub vars: &'a Path,
-    pub accel: Accel,
-    pub memory_mib: u32,
-    pub cpus: u32,
+pub(crate) struct Vm<'a> {
+    pub(crate) disk: &'a Path,
+    pub(crate) vars: &'a Path,
+    pub(crate) accel: Accel,
+    pub(crate) memory_mib: u32,
+    pub(crate) cpus: u32,
     /// `None`: the serial console is the terminal (interactive boot).
-    pub console_log: Option<&'a Path>,
+    pub(crate) console_log: Option<&'a Path>,
     /// Switch the guest's self-test on and collect its report here.
-    pub selftest_report: Option<&'a Path>,
+    pub(crate) selftest_report: Option<&'a Path>,
     /// The spec's tests for the guest's runner, as JSON (passed as a credential).
-    pub tests_json: Option<&'a str>,
+    pub(crate) tests_json: Option<&'a str>,
     /// Forward this host port to the guest's SSH port (user-mode networking).
-    pub ssh_port: Option<u16>,
+    pub(crate) ssh_port: Option<u16>,
 }
 
 impl Vm<'_> {
-    pub fn command(&self, fw: &Firmware) -> Command {
+    /// The QEMU command that runs this VM on the firmware `fw`.
+    pub(crate) fn command(&self, fw: &Firmware) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
+        self.machine_args(&mut c);
+        self.device_args(&mut c, fw);
+        self.console_args(&mut c);
+        if let Some(report) = self.selftest_report {
+            self.selftest_args(&mut c, report);
+        }
+        self.network_args(&mut c);
+        c
+    }
+
+    /// The machine: q35, accelerator and CPU, memory, CPUs, no default devices or display.
+    fn machine_args(&self, c: &mut Command) {
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
             // Under TCG a plain x86-64-v2 CPU with QEMU's AMD identity, not `max`: with
@@ -232,26 +245,34 @@ impl Vm<'_> {
             "-display",
             "none",
             "-no-reboot",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            fw.code.display()
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            self.vars.display()
-        ))
-        // NVMe, as on EC2 (Nitro): the disk an image without an initramfs can boot
-        // from, since Debian's cloud kernel builds NVMe in and virtio-blk as a module.
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=qcow2,if=none,id=disk,cache=unsafe,discard=unmap",
-            self.disk.display()
-        ))
-        .args(["-device", "nvme,drive=disk,serial=devos"])
-        .args(["-device", "virtio-rng-pci"]);
+        ]);
+    }
+
+    /// The UEFI firmware (code read-only, this VM's variables), the disk, a random source.
+    fn device_args(&self, c: &mut Command, fw: &Firmware) {
+        c.arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                fw.code.display()
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                self.vars.display()
+            ))
+            // NVMe, as on EC2 (Nitro): the disk an image without an initramfs can boot
+            // from, since Debian's cloud kernel builds NVMe in and virtio-blk as a module.
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=qcow2,if=none,id=disk,cache=unsafe,discard=unmap",
+                self.disk.display()
+            ))
+            .args(["-device", "nvme,drive=disk,serial=devos"])
+            .args(["-device", "virtio-rng-pci"]);
+    }
+
+    /// The serial console: into the log, or on this terminal with the QEMU monitor.
+    fn console_args(&self, c: &mut Command) {
         match self.console_log {
             Some(log) => c
                 .arg("-chardev")
@@ -259,38 +280,43 @@ impl Vm<'_> {
                 .args(["-serial", "chardev:console"]),
             None => c.args(["-serial", "mon:stdio"]),
         };
-        if let Some(report) = self.selftest_report {
-            c.args(["-device", "virtio-serial-pci"])
-                .arg("-chardev")
-                .arg(format!("file,id=selftest,path={}", report.display()))
-                .args([
-                    "-device",
-                    "virtserialport,chardev=selftest,name=org.devos.selftest",
-                ])
-                .args([
-                    "-smbios",
-                    "type=11,value=io.systemd.credential:devos.selftest=1",
-                ]);
-            if let Some(json) = self.tests_json {
-                use base64::Engine;
-                let b64 = base64::engine::general_purpose::STANDARD.encode(json);
-                c.arg("-smbios").arg(format!(
-                    "type=11,value=io.systemd.credential.binary:devos.tests={b64}"
-                ));
-            }
+    }
+
+    /// The guest's self-test switched on, with the spec's tests and a port for its report.
+    fn selftest_args(&self, c: &mut Command, report: &Path) {
+        c.args(["-device", "virtio-serial-pci"])
+            .arg("-chardev")
+            .arg(format!("file,id=selftest,path={}", report.display()))
+            .args([
+                "-device",
+                "virtserialport,chardev=selftest,name=org.devos.selftest",
+            ])
+            .args([
+                "-smbios",
+                "type=11,value=io.systemd.credential:devos.selftest=1",
+            ]);
+        if let Some(json) = self.tests_json {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(json);
+            c.arg("-smbios").arg(format!(
+                "type=11,value=io.systemd.credential.binary:devos.tests={b64}"
+            ));
         }
+    }
+
+    /// No network, unless the host's SSH port is forwarded (user-mode networking).
+    fn network_args(&self, c: &mut Command) {
         match self.ssh_port {
             Some(port) => c.arg("-nic").arg(format!(
                 "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"
             )),
             None => c.args(["-nic", "none"]),
         };
-        c
     }
 }
 
 /// A copy-on-write overlay over `base`, so the artifact's bytes never change.
-pub fn overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<()> {
+fn overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<()> {
     let base = fs::canonicalize(base).with_context(|| format!("cannot open {}", base.display()))?;
     cmd::run(
         Command::new("qemu-img")
@@ -302,13 +328,13 @@ pub fn overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<()> {
 }
 
 /// A private copy of the firmware variable store for one VM.
-pub fn vars_copy(fw: &Firmware, dest: &Path) -> Result<()> {
+fn vars_copy(fw: &Firmware, dest: &Path) -> Result<()> {
     fs::copy(&fw.vars, dest).with_context(|| format!("cannot copy {}", fw.vars.display()))?;
     Ok(())
 }
 
 /// The format of a disk image file, by extension (raw unless qcow2/vmdk/vhd).
-pub fn disk_format(path: &Path) -> &'static str {
+fn disk_format(path: &Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
         Some("qcow2") => "qcow2",
         Some("vmdk") => "vmdk",
@@ -317,7 +343,7 @@ pub fn disk_format(path: &Path) -> &'static str {
     }
 }
 
-pub fn require_qemu() -> Result<()> {
+fn require_qemu() -> Result<()> {
     if which("qemu-system-x86_64").is_none() {
         bail!(
             "qemu-system-x86_64 is not installed\n  hint: `apt-get install qemu-system-x86 ovmf`"

@@ -47,13 +47,13 @@ pub const FILES: &[(&str, &str, u32)] = &[
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AgentPackage {
     pub path: PathBuf,
-    pub version: String,
+    pub(crate) version: String,
     pub sha256: String,
 }
 
 impl AgentPackage {
     /// Describe an existing .deb (given with `--agent-deb`).
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self> {
         let version = cmd::stdout(Command::new("dpkg-deb").arg("-f").arg(path).arg("Version"))
             .with_context(|| format!("while reading the agent package {}", path.display()))?
             .trim()
@@ -68,7 +68,7 @@ impl AgentPackage {
 
 /// The DevOS source tree a spec belongs to: the nearest ancestor of the spec that has
 /// `agent/Cargo.toml`.
-pub fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
+pub(crate) fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
     let start = match fs::canonicalize(spec_path) {
         Ok(start) => start,
         Err(e) => {
@@ -86,6 +86,40 @@ pub fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
 
 /// Build `devos-agent` in release mode and package it into `out_dir`.
 pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<AgentPackage> {
+    cargo_build(source)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| source.join("target"));
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
+
+    // dpkg-deb's xz takes seconds: reuse the package made from the same files.
+    let cached = cache_entry(source, &target, version, source_date_epoch)?;
+    let recorded = cached.with_extension("deb.sha256");
+    if let Some(sha256) = reuse_cached(&cached, &recorded, &deb)? {
+        return Ok(AgentPackage {
+            sha256,
+            path: deb,
+            version: version.to_owned(),
+        });
+    }
+
+    let stage = out_dir.join("agent-pkg");
+    stage_tree(source, &target, version, source_date_epoch, &stage)?;
+    let sha256 = pack(&stage, &deb, source_date_epoch)?;
+    // The cache only saves the next build a repack: failing to fill it is no error.
+    if let Err(e) = keep_in_cache(&deb, &cached, &recorded, &sha256) {
+        tracing::warn!("cannot keep the agent package in the cache: {e:#}");
+    }
+    Ok(AgentPackage {
+        sha256,
+        path: deb,
+        version: version.to_owned(),
+    })
+}
+
+/// `cargo build --release` of the agent's binaries (the package takes them from target/).
+fn cargo_build(source: &Path) -> Result<()> {
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cargo.current_dir(source).args([
         "build",
@@ -99,44 +133,46 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
         "devos",
     ]);
     cmd::run(&mut cargo).context("while building devos-agent")?;
+    Ok(())
+}
 
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| source.join("target"));
-    let version = env!("CARGO_PKG_VERSION");
-    let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
-
-    // dpkg-deb's xz takes seconds: reuse the package made from the same files.
+/// Where the cache keeps the package: named by the hash of its files, version and epoch.
+fn cache_entry(
+    source: &Path,
+    target: &Path,
+    version: &str,
+    source_date_epoch: u64,
+) -> Result<PathBuf> {
     let mut key = Sha256::new();
     key.update(format!("{version}\n{source_date_epoch}\n"));
     key.update(control(version, 0));
     for (src, dest, mode) in FILES {
-        let from = file_source(source, &target, src);
+        let from = file_source(source, target, src);
         let sha = digest::file_sha256(&from)
             .with_context(|| format!("cannot read {}", from.display()))?;
         key.update(format!("{dest} {mode:o} {sha}\n"));
     }
-    let cached = crate::store::cache::dir()
+    Ok(crate::store::cache::dir()
         .join("agent")
-        .join(format!("{}.deb", hex::encode(key.finalize())));
-    let recorded = cached.with_extension("deb.sha256");
-    if let Some(sha256) = reuse_cached(&cached, &recorded, &deb)? {
-        return Ok(AgentPackage {
-            sha256,
-            path: deb,
-            version: version.to_owned(),
-        });
-    }
+        .join(format!("{}.deb", hex::encode(key.finalize()))))
+}
 
-    let stage = out_dir.join("agent-pkg");
+/// The package's tree in `stage`: [`FILES`], copyright, control files, mtimes clamped.
+fn stage_tree(
+    source: &Path,
+    target: &Path,
+    version: &str,
+    source_date_epoch: u64,
+    stage: &Path,
+) -> Result<()> {
     if stage.exists() {
-        fs::remove_dir_all(&stage)?;
+        fs::remove_dir_all(stage)?;
     }
     let mut installed_bytes = 0;
     for (src, dest, mode) in FILES {
-        let from = file_source(source, &target, src);
+        let from = file_source(source, target, src);
         let to = stage.join(dest);
-        fs::create_dir_all(to.parent().unwrap_or(&stage))?;
+        fs::create_dir_all(to.parent().unwrap_or(stage))?;
         fs::copy(&from, &to).with_context(|| format!("while copying {}", from.display()))?;
         set_mode(&to, *mode)?;
         installed_bytes += fs::metadata(&to)?.len();
@@ -152,30 +188,25 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
     fs::create_dir_all(&debian)?;
     fs::write(debian.join("control"), control(version, installed_bytes))?;
     fs::write(debian.join("conffiles"), "/etc/devos/agent.toml\n")?;
-    crate::image::files::clamp_mtimes(&stage, source_date_epoch)?;
+    crate::image::files::clamp_mtimes(stage, source_date_epoch)?;
+    Ok(())
+}
 
+/// dpkg-deb the stage into `deb` (root-owned, reproducible), drop the stage; its sha256.
+fn pack(stage: &Path, deb: &Path, source_date_epoch: u64) -> Result<String> {
     cmd::run(
         Command::new("dpkg-deb")
             .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
             .args(["--root-owner-group", "-Zxz", "--build"])
-            .arg(&stage)
-            .arg(&deb),
+            .arg(stage)
+            .arg(deb),
     )
     .context("while packaging devos-agent")?;
-    fs::remove_dir_all(&stage)?;
+    fs::remove_dir_all(stage)?;
     if !deb.is_file() {
         bail!("dpkg-deb reported success but wrote no {}", deb.display());
     }
-    let sha256 = digest::file_sha256(&deb)?;
-    // The cache only saves the next build a repack: failing to fill it is no error.
-    if let Err(e) = keep_in_cache(&deb, &cached, &recorded, &sha256) {
-        tracing::warn!("cannot keep the agent package in the cache: {e:#}");
-    }
-    Ok(AgentPackage {
-        sha256,
-        path: deb,
-        version: version.to_owned(),
-    })
+    Ok(digest::file_sha256(deb)?)
 }
 
 /// Copy the cached package to `deb` and return its sha256, if the cache has it with

@@ -2,7 +2,7 @@
 //! a versioned output directory that appears atomically.
 
 pub mod agent_pkg;
-pub mod repro;
+pub(crate) mod repro;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,33 +23,33 @@ use crate::support::workdir::{WorkDir, remove_stale_work_dirs};
 use crate::support::{cmd, remove};
 
 /// The stages, in order; these names appear in logs, timings and the manifest.
-pub const STAGES: &[&str] = &["load", "resolve", "rootfs", "customize", "disk", "convert"];
+const STAGES: &[&str] = &["load", "resolve", "rootfs", "customize", "disk", "convert"];
 
 #[derive(Clone)]
-pub struct BuildOptions {
-    pub spec: PathBuf,
-    pub out: Option<PathBuf>,
-    pub agent_deb: Option<PathBuf>,
-    pub force: bool,
+pub(crate) struct BuildOptions {
+    pub(crate) spec: PathBuf,
+    pub(crate) out: Option<PathBuf>,
+    pub(crate) agent_deb: Option<PathBuf>,
+    pub(crate) force: bool,
     /// Neither use nor fill the stage cache (downloaded packages are still reused).
-    pub no_cache: bool,
+    pub(crate) no_cache: bool,
     /// `None`: the default registry.
-    pub registry: Option<PathBuf>,
+    pub(crate) registry: Option<PathBuf>,
 }
 
 /// The result of a build: where it is and what it is.
-pub struct Built {
-    pub dir: PathBuf,
-    pub manifest: Manifest,
+pub(crate) struct Built {
+    pub(crate) dir: PathBuf,
+    pub(crate) manifest: Manifest,
     /// False when an identical build already existed and nothing was built.
-    pub fresh: bool,
+    pub(crate) fresh: bool,
     /// The image's file list (empty when nothing was built).
-    pub files: Vec<FileEntry>,
+    pub(crate) files: Vec<FileEntry>,
 }
 
 /// Where output goes when `--out` is not given: `target/images` of the source tree
 /// the spec belongs to, else of the current directory.
-pub fn images_root(spec_path: &Path) -> PathBuf {
+pub(crate) fn images_root(spec_path: &Path) -> PathBuf {
     agent_pkg::find_source_tree(spec_path)
         .unwrap_or_else(|| PathBuf::from("."))
         .join("target/images")
@@ -77,36 +77,36 @@ impl Timer<'_> {
 
 /// What the `resolve` stage found: everything that determines the image, and so its
 /// build id, without building anything.
-pub struct Resolved {
-    pub spec: Spec,
-    pub sources: rootfs::Sources,
-    pub index: apt::Index,
-    pub resolution: apt::Resolution,
-    pub agent: Option<AgentPackage>,
-    pub id: Identity,
+struct Resolved {
+    pub(crate) spec: Spec,
+    pub(crate) sources: rootfs::Sources,
+    pub(crate) index: apt::Index,
+    pub(crate) resolution: apt::Resolution,
+    pub(crate) agent: Option<AgentPackage>,
+    pub(crate) id: Identity,
 }
 
 /// `image plan`: the build id and what went into it.
 #[derive(Debug, Serialize)]
-pub struct Plan {
-    pub name: String,
-    pub version: String,
-    pub build_id: String,
-    pub source_date_epoch: u64,
-    pub inputs: Vec<crate::model::manifest::Input>,
-    pub package_sources: String,
-    pub archive: String,
-    pub packages: Vec<Package>,
-    pub agent: Option<String>,
+pub(crate) struct Plan {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) build_id: String,
+    pub(crate) source_date_epoch: u64,
+    pub(crate) inputs: Vec<crate::model::manifest::Input>,
+    pub(crate) package_sources: String,
+    pub(crate) archive: String,
+    pub(crate) packages: Vec<Package>,
+    pub(crate) agent: Option<String>,
     /// Where the build would go, and whether it is already there.
-    pub out: PathBuf,
-    pub up_to_date: bool,
+    pub(crate) out: PathBuf,
+    pub(crate) up_to_date: bool,
     /// Which stage outputs the cache already holds.
-    pub cached: Vec<String>,
+    pub(crate) cached: Vec<String>,
 }
 
 impl Plan {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = format!(
             "{} {}
   build id           {}
@@ -193,7 +193,7 @@ fn host_tools() -> Result<String> {
 
 /// The `resolve` stage: package sources and lists, the exact package set, the agent
 /// package (written to `staged`) and the identity computed from all of them.
-pub fn resolve(spec: Spec, opts: &BuildOptions, staged: &Path, ui: &Ui) -> Result<Resolved> {
+fn resolve(spec: Spec, opts: &BuildOptions, staged: &Path, ui: &Ui) -> Result<Resolved> {
     let env_source_date_epoch = identity::source_date_epoch()?;
     let sources = rootfs::sources(&spec);
     let index = apt::Index::open(&cache::dir(), &sources)?;
@@ -235,7 +235,7 @@ fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
 }
 
 /// `image plan`: resolve without building.
-pub fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
+pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     let spec = spec::load(&opts.spec)?;
     let scratch = tempfile::tempdir()?;
     let r = resolve(spec, opts, scratch.path(), ui)?;
@@ -263,7 +263,7 @@ pub fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     })
 }
 
-pub fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
+pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let mut t = Timer {
         ui,
         timings: Vec::new(),

@@ -15,23 +15,23 @@ use crate::support::digest;
 use crate::support::ui::Ui;
 
 #[derive(Debug, Serialize)]
-pub struct Report {
-    pub version: String,
-    pub identical: bool,
+pub(crate) struct Report {
+    pub(crate) version: String,
+    pub(crate) identical: bool,
     /// (file, sha256 of the first build, sha256 of the second).
-    pub artifacts: Vec<(String, String, String)>,
-    pub partitions: Vec<PartitionDiff>,
+    pub(crate) artifacts: Vec<(String, String, String)>,
+    pub(crate) partitions: Vec<PartitionDiff>,
     /// `path: what differs`, at most [`MAX_FILES`].
-    pub files: Vec<String>,
+    pub(crate) files: Vec<String>,
     /// The second build, kept for inspection when the builds differ.
-    pub kept: Option<PathBuf>,
+    pub(crate) kept: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct PartitionDiff {
-    pub label: String,
-    pub differing_blocks: u64,
-    pub first_difference: u64,
+pub(crate) struct PartitionDiff {
+    pub(crate) label: String,
+    pub(crate) differing_blocks: u64,
+    pub(crate) first_difference: u64,
 }
 
 const MAX_FILES: usize = 20;
@@ -39,7 +39,7 @@ const BLOCK: usize = 4096;
 
 /// Build twice: the real build as asked (with the stage cache unless `--no-cache`),
 /// then one without the cache; a cached build must be the same bytes as a fresh one.
-pub fn check(opts: &BuildOptions, ui: &mut Ui) -> Result<(Built, Report)> {
+pub(crate) fn check(opts: &BuildOptions, ui: &mut Ui) -> Result<(Built, Report)> {
     let first_opts = BuildOptions {
         force: true,
         ..opts.clone()
@@ -143,7 +143,7 @@ fn compare_range(a: &Path, b: &Path, offset: u64, len: u64) -> Result<Option<(u6
 }
 
 impl Report {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         if self.identical {
             let mut s = format!(
                 "reproducible: two builds of {} from scratch are bit-for-bit identical\n",

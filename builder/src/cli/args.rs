@@ -14,20 +14,20 @@ use crate::model::spec::DEFAULT_SPEC;
 pub struct Cli {
     /// Log every external command and more (also: DEVOS_LOG=debug).
     #[arg(short, long, global = true)]
-    pub verbose: bool,
+    pub(crate) verbose: bool,
     /// The image registry (SQLite). Default: ~/.local/share/devos/registry.db.
     #[arg(long, global = true, env = "DEVOS_REGISTRY", value_name = "FILE")]
-    pub registry: Option<PathBuf>,
+    pub(crate) registry: Option<PathBuf>,
     /// The builder's settings file (AWS endpoint, SSM prefix, ...). Default:
     /// ~/.config/devos/config.toml.
     #[arg(long, global = true, env = "DEVOS_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Build, test and inspect images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -52,37 +52,9 @@ pub enum Command {
 }
 
 #[derive(Subcommand)]
-pub enum ImageCommand {
+pub(crate) enum ImageCommand {
     /// Build an image from a spec: rootfs, customize, disk, convert.
-    Build {
-        /// The image spec.
-        #[arg(default_value = DEFAULT_SPEC)]
-        spec: PathBuf,
-        /// Output directory. Default: target/images/<name>/<version>/.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Use this prebuilt agent package instead of building devos-agent from source.
-        #[arg(long, value_name = "DEB")]
-        agent_deb: Option<PathBuf>,
-        /// Rebuild even if this exact version was already built.
-        #[arg(long)]
-        force: bool,
-        /// Build every stage from scratch: neither use nor fill the stage cache.
-        #[arg(long)]
-        no_cache: bool,
-        /// Build as usual, then again from scratch without the cache; fail unless the
-        /// two are bit-for-bit identical.
-        #[arg(long)]
-        check_reproducible: bool,
-        /// Boot-test the image after building it; fail if the test fails.
-        #[arg(long)]
-        test: bool,
-        #[command(flatten)]
-        vm: VmArgs,
-        /// Print the manifest (and test report) as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Build(BuildArgs),
     /// Print the build id and every input that went into it, without building.
     Plan {
         /// The image spec.
@@ -175,7 +147,7 @@ pub enum ImageCommand {
 }
 
 #[derive(Subcommand)]
-pub enum PublishCommand {
+pub(crate) enum PublishCommand {
     /// Upload a tested version to an EBS snapshot (EBS direct APIs), register it as an
     /// AMI, copy it to more regions, and write its SSM parameters. Idempotent.
     Ami {
@@ -263,7 +235,7 @@ pub enum PublishCommand {
 }
 
 #[derive(Subcommand)]
-pub enum FleetCommand {
+pub(crate) enum FleetCommand {
     /// Render a CloudFormation template for a published, tested version.
     Render {
         #[arg(value_enum)]
@@ -336,7 +308,7 @@ pub enum FleetCommand {
 }
 
 #[derive(Args)]
-pub struct StackArgs {
+pub(crate) struct StackArgs {
     /// The CloudFormation stack.
     #[arg(long = "stack", value_name = "STACK")]
     pub(super) name: String,
@@ -348,7 +320,7 @@ pub struct StackArgs {
 }
 
 #[derive(Args)]
-pub struct ChangeArgs {
+pub(crate) struct ChangeArgs {
     /// Show the change set (what would be replaced) and change nothing.
     #[arg(long)]
     pub(super) dry_run: bool,
@@ -360,7 +332,7 @@ pub struct ChangeArgs {
 }
 
 #[derive(Subcommand)]
-pub enum PackerCommand {
+pub(crate) enum PackerCommand {
     /// Write the HCL2 template and what it installs for a version into a directory,
     /// and check it with `packer validate`.
     Render {
@@ -381,7 +353,7 @@ pub enum PackerCommand {
 }
 
 #[derive(Args)]
-pub struct AwsArgs {
+pub(crate) struct AwsArgs {
     /// A profile of ~/.aws/config. Default: `[aws] profile`, else AWS_PROFILE.
     #[arg(long)]
     pub(super) profile: Option<String>,
@@ -392,7 +364,7 @@ pub struct AwsArgs {
 }
 
 #[derive(Subcommand)]
-pub enum CacheCommand {
+pub(crate) enum CacheCommand {
     /// Where the cache is, its size, and every stage entry.
     Status {
         #[arg(long)]
@@ -410,8 +382,40 @@ pub enum CacheCommand {
     },
 }
 
+// No doc comment: the variant's (`image build`) is the help text.
 #[derive(Args)]
-pub struct VmArgs {
+pub(crate) struct BuildArgs {
+    /// The image spec.
+    #[arg(default_value = DEFAULT_SPEC)]
+    pub(super) spec: PathBuf,
+    /// Output directory. Default: target/images/<name>/<version>/.
+    #[arg(long)]
+    pub(super) out: Option<PathBuf>,
+    /// Use this prebuilt agent package instead of building devos-agent from source.
+    #[arg(long, value_name = "DEB")]
+    pub(super) agent_deb: Option<PathBuf>,
+    /// Rebuild even if this exact version was already built.
+    #[arg(long)]
+    pub(super) force: bool,
+    /// Build every stage from scratch: neither use nor fill the stage cache.
+    #[arg(long)]
+    pub(super) no_cache: bool,
+    /// Build as usual, then again from scratch without the cache; fail unless the
+    /// two are bit-for-bit identical.
+    #[arg(long)]
+    pub(super) check_reproducible: bool,
+    /// Boot-test the image after building it; fail if the test fails.
+    #[arg(long)]
+    pub(super) test: bool,
+    #[command(flatten)]
+    pub(super) vm: VmArgs,
+    /// Print the manifest (and test report) as JSON on stdout.
+    #[arg(long)]
+    pub(super) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct VmArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     pub(super) memory: u32,

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Serialize;
 
 /// (program or absolute file, Debian package, what needs it).
-pub const TOOLS: &[(&str, &str, &str)] = &[
+const TOOLS: &[(&str, &str, &str)] = &[
     (
         "mmdebstrap",
         "mmdebstrap",
@@ -82,21 +82,21 @@ pub const TOOLS: &[(&str, &str, &str)] = &[
 ];
 
 #[derive(Debug, Serialize)]
-pub struct ToolStatus {
-    pub tool: String,
-    pub package: String,
-    pub purpose: String,
-    pub found: Option<String>,
+pub(crate) struct ToolStatus {
+    pub(crate) tool: String,
+    pub(crate) package: String,
+    pub(crate) purpose: String,
+    pub(crate) found: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Report {
-    pub tools: Vec<ToolStatus>,
+pub(crate) struct Report {
+    pub(crate) tools: Vec<ToolStatus>,
     /// The command that installs every missing Debian package, if any are missing.
-    pub install: Option<String>,
+    pub(crate) install: Option<String>,
 }
 
-pub fn check() -> Report {
+pub(crate) fn check() -> Report {
     let tools: Vec<ToolStatus> = TOOLS
         .iter()
         .map(|(tool, package, purpose)| {
@@ -129,7 +129,7 @@ pub fn check() -> Report {
 }
 
 impl Report {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = String::new();
         for t in &self.tools {
             s.push_str(&format!(

@@ -2,11 +2,12 @@
 //! and one function per verb.
 
 mod args;
-pub mod doctor;
+pub(crate) mod doctor;
 
-pub use args::{
-    AwsArgs, CacheCommand, ChangeArgs, Cli, Command, FleetCommand, ImageCommand, PackerCommand,
-    PublishCommand, StackArgs, VmArgs,
+pub use args::Cli;
+use args::{
+    AwsArgs, BuildArgs, CacheCommand, ChangeArgs, Command, FleetCommand, ImageCommand,
+    PackerCommand, PublishCommand, StackArgs, VmArgs,
 };
 
 use std::path::{Path, PathBuf};
@@ -83,109 +84,13 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
             format,
             out,
             json,
-        } => {
-            // clap has checked the name against the list.
-            let format = <Format as clap::ValueEnum>::from_str(&format, false)
-                .map_err(|e| anyhow::anyhow!("--format {format}: {e}"))?;
-            let e =
-                crate::inventory::export::export(&mut open()?, &reference, format, out.as_deref())?;
-            output(
-                json,
-                &e,
-                || {
-                    format!(
-                        "{} {}: {} ({} MiB, sha256 {})\n",
-                        e.version,
-                        format.extension(),
-                        e.path.display(),
-                        e.size >> 20,
-                        e.sha256
-                    )
-                },
-                true,
-            )
-        }
-        ImageCommand::Build {
-            spec,
-            out,
-            agent_deb,
-            force,
-            no_cache,
-            check_reproducible,
-            test,
-            vm,
-            json,
-        } => {
-            let opts = BuildOptions {
-                spec,
-                out,
-                agent_deb,
-                force,
-                no_cache,
-                registry: Some(registry_path.to_path_buf()),
-            };
-            let (built, repro) = if check_reproducible {
-                let (built, report) = repro::check(&opts, ui)?;
-                (built, Some(report))
-            } else {
-                (build::build(&opts, ui)?, None)
-            };
-            let report = if test {
-                let spec = crate::model::spec::load(&opts.spec)?;
-                let target = boottest::Target::from_dir(&built.dir, Some(&spec))?;
-                ui.info("==> boot test");
-                Some(run_test(&target, &vm, registry_path)?)
-            } else {
-                None
-            };
-            let value = serde_json::json!({
-                "dir": built.dir,
-                "fresh": built.fresh,
-                "manifest": built.manifest,
-                "reproducible": repro,
-                "test": report,
-            });
-            let human = || {
-                let mut s = format!("{} {}\n", built.manifest.name, built.manifest.version);
-                s.push_str(&format!("  output: {}\n", built.dir.display()));
-                for a in &built.manifest.artifacts {
-                    s.push_str(&format!(
-                        "  {:<48} {:>6} MiB ({} MiB used)\n",
-                        a.file,
-                        a.size >> 20,
-                        a.used_bytes >> 20
-                    ));
-                }
-                if let Some(r) = &repro {
-                    s.push_str(&r.human());
-                }
-                if let Some(r) = &report {
-                    s.push_str(&r.summary());
-                }
-                s
-            };
-            let ok = report.as_ref().is_none_or(|r| r.passed)
-                && repro.as_ref().is_none_or(|r| r.identical);
-            output(json, &value, human, ok)
-        }
+        } => export_command(registry_path, &reference, &format, out.as_deref(), json),
+        ImageCommand::Build(args) => build_command(args, registry_path, ui),
         ImageCommand::Plan {
             spec,
             agent_deb,
             json,
-        } => {
-            let plan = build::plan(
-                &BuildOptions {
-                    spec,
-                    out: None,
-                    agent_deb,
-                    force: false,
-                    no_cache: false,
-                    registry: None,
-                },
-                ui,
-            )?;
-            output(json, &plan, || plan.human(), true)
-        }
+        } => plan_command(spec, agent_deb, json, ui),
         ImageCommand::List { name, json } => {
             let versions = inventory::list(&open()?, name.as_deref())?;
             output(json, &versions, || inventory::list_human(&versions), true)
@@ -224,6 +129,129 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
     }
 }
 
+/// `image export`: a registered version's disk written out in another format.
+fn export_command(
+    registry_path: &Path,
+    reference: &str,
+    format: &str,
+    out: Option<&Path>,
+    json: bool,
+) -> Result<ExitCode> {
+    // clap has checked the name against the list.
+    let format = <Format as clap::ValueEnum>::from_str(format, false)
+        .map_err(|e| anyhow::anyhow!("--format {format}: {e}"))?;
+    let mut reg = Registry::open(registry_path)?;
+    let e = crate::inventory::export::export(&mut reg, reference, format, out)?;
+    output(
+        json,
+        &e,
+        || {
+            format!(
+                "{} {}: {} ({} MiB, sha256 {})\n",
+                e.version,
+                format.extension(),
+                e.path.display(),
+                e.size >> 20,
+                e.sha256
+            )
+        },
+        true,
+    )
+}
+
+/// `image build`: build (twice with --check-reproducible), boot-test if asked, report.
+fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<ExitCode> {
+    let opts = BuildOptions {
+        spec: args.spec,
+        out: args.out,
+        agent_deb: args.agent_deb,
+        force: args.force,
+        no_cache: args.no_cache,
+        registry: Some(registry_path.to_path_buf()),
+    };
+    let (built, repro) = if args.check_reproducible {
+        let (built, report) = repro::check(&opts, ui)?;
+        (built, Some(report))
+    } else {
+        (build::build(&opts, ui)?, None)
+    };
+    let report = if args.test {
+        Some(test_built(&built, &opts.spec, &args.vm, registry_path, ui)?)
+    } else {
+        None
+    };
+    let value = serde_json::json!({
+        "dir": built.dir,
+        "fresh": built.fresh,
+        "manifest": built.manifest,
+        "reproducible": repro,
+        "test": report,
+    });
+    let ok = report.as_ref().is_none_or(|r| r.passed) && repro.as_ref().is_none_or(|r| r.identical);
+    let human = || built_human(&built, repro.as_ref(), report.as_ref());
+    output(args.json, &value, human, ok)
+}
+
+/// Boot-test a fresh build with the tests of its spec, and record the run.
+fn test_built(
+    built: &build::Built,
+    spec: &Path,
+    vm: &VmArgs,
+    registry_path: &Path,
+    ui: &Ui,
+) -> Result<boottest::TestReport> {
+    let spec = crate::model::spec::load(spec)?;
+    let target = boottest::Target::from_dir(&built.dir, Some(&spec))?;
+    ui.info("==> boot test");
+    run_test(&target, vm, registry_path)
+}
+
+/// What `image build` prints: version, output, artifacts, then the checks' summaries.
+fn built_human(
+    built: &build::Built,
+    repro: Option<&repro::Report>,
+    report: Option<&boottest::TestReport>,
+) -> String {
+    let mut s = format!("{} {}\n", built.manifest.name, built.manifest.version);
+    s.push_str(&format!("  output: {}\n", built.dir.display()));
+    for a in &built.manifest.artifacts {
+        s.push_str(&format!(
+            "  {:<48} {:>6} MiB ({} MiB used)\n",
+            a.file,
+            a.size >> 20,
+            a.used_bytes >> 20
+        ));
+    }
+    if let Some(r) = repro {
+        s.push_str(&r.human());
+    }
+    if let Some(r) = report {
+        s.push_str(&r.summary());
+    }
+    s
+}
+
+/// `image plan`: the build id and every input to it, without building.
+fn plan_command(
+    spec: PathBuf,
+    agent_deb: Option<PathBuf>,
+    json: bool,
+    ui: &mut Ui,
+) -> Result<ExitCode> {
+    let plan = build::plan(
+        &BuildOptions {
+            spec,
+            out: None,
+            agent_deb,
+            force: false,
+            no_cache: false,
+            registry: None,
+        },
+        ui,
+    )?;
+    output(json, &plan, || plan.human(), true)
+}
+
 /// `cache status` and `cache prune`.
 fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
     match cmd {
@@ -250,6 +278,7 @@ fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
     }
 }
 
+/// `publish ...`: AMIs uploaded, copied, promoted, listed, deregistered and verified.
 fn publish_command(
     cmd: PublishCommand,
     reg: &mut Registry,
@@ -284,17 +313,7 @@ fn publish_command(
             json,
         } => {
             let p = publish::promote(reg, settings, &aws(a), &reference, &region)?;
-            output(
-                json,
-                &p,
-                || {
-                    p.regions
-                        .iter()
-                        .map(|(r, id)| format!("{r}: {} = {id}\n", p.parameter))
-                        .collect()
-                },
-                true,
-            )
+            output(json, &p, || promoted_human(&p), true)
         }
         PublishCommand::Packer {
             reference,
@@ -329,22 +348,28 @@ fn publish_command(
             json,
         } => {
             let v = publish::verify(reg, &aws(a), &reference, &region)?;
-            output(
-                json,
-                &v,
-                || {
-                    format!(
-                        "{} in {} equals {} ({} blocks compared)\n",
-                        v.snapshot_id,
-                        v.region,
-                        v.raw.display(),
-                        v.blocks
-                    )
-                },
-                true,
-            )
+            output(json, &v, || verified_human(&v), true)
         }
     }
+}
+
+/// What `publish promote` prints: the parameter's new value in each region.
+fn promoted_human(p: &publish::Promoted) -> String {
+    p.regions
+        .iter()
+        .map(|(r, id)| format!("{r}: {} = {id}\n", p.parameter))
+        .collect()
+}
+
+/// What `publish verify` prints: which snapshot matched which raw image.
+fn verified_human(v: &publish::Verified) -> String {
+    format!(
+        "{} in {} equals {} ({} blocks compared)\n",
+        v.snapshot_id,
+        v.region,
+        v.raw.display(),
+        v.blocks
+    )
 }
 
 /// Packer talks to AWS itself: it gets the region and an explicit endpoint (flag,
@@ -415,8 +440,7 @@ fn record_test(
     )
 }
 
-/// Results to stdout: JSON with `--json`, else the human text; the exit code says
-/// whether what was checked is good.
+/// `fleet ...` but `render` (no AWS): deploy, roll out, roll back, status, history.
 fn fleet_command(
     cmd: FleetCommand,
     reg: &mut Registry,
@@ -488,6 +512,8 @@ fn fleet_command(
     }
 }
 
+/// Results to stdout: JSON with `--json`, else the human text; the exit code says
+/// whether what was checked is good.
 fn output(
     json: bool,
     value: &impl serde::Serialize,

@@ -10,13 +10,13 @@ use serde::Serialize;
 
 /// The health gate's verdict on the real resources.
 #[derive(Debug, Serialize)]
-pub struct Gate {
-    pub passed: bool,
-    pub reason: Option<String>,
-    pub image_id: String,
-    pub in_service: usize,
-    pub baked_seconds: f64,
-    pub running: Running,
+pub(crate) struct Gate {
+    pub(crate) passed: bool,
+    pub(crate) reason: Option<String>,
+    pub(crate) image_id: String,
+    pub(crate) in_service: usize,
+    pub(crate) baked_seconds: f64,
+    pub(crate) running: Running,
 }
 
 /// Why the resources do not (yet) run `ami` healthily: Err for a failure that waiting

@@ -21,10 +21,9 @@ mod gate;
 mod report;
 mod templates;
 
-pub use gate::Gate;
 use gate::{gate, print_event};
-pub use report::{Outcome, Status, history_human};
-pub use templates::{Template, render};
+pub(crate) use report::{Outcome, Status, history_human};
+pub(crate) use templates::{Template, render};
 use templates::{published_ami, render_for, template_parameters};
 
 use crate::model::states::ChangeState;
@@ -34,14 +33,14 @@ const TAG_IMAGE: &str = "devos:image";
 const TAG_TEMPLATE: &str = "devos:template";
 
 /// How a fleet command reaches its stack.
-pub struct Target {
-    pub stack: String,
+pub(crate) struct Target {
+    pub(crate) stack: String,
     /// Default: `[aws] region`, else the standard chain's.
-    pub region: Option<String>,
+    pub(crate) region: Option<String>,
     /// How long the gate watches the new version after the stack update.
-    pub bake: Duration,
+    pub(crate) bake: Duration,
     /// Show the change set and change nothing.
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
 }
 
 /// Everything a fleet command works with.
@@ -425,15 +424,15 @@ fn parse_params(
     Ok(out)
 }
 
-pub struct DeployRequest {
-    pub template: Template,
-    pub image: String,
-    pub params: Vec<String>,
+pub(crate) struct DeployRequest {
+    pub(crate) template: Template,
+    pub(crate) image: String,
+    pub(crate) params: Vec<String>,
 }
 
 /// Create the stack from a template for a version, or update it to that version
 /// (and those parameters) if it exists.
-pub fn deploy(
+pub(crate) fn deploy(
     reg: &mut Registry,
     aws: &AwsOptions,
     t: &Target,
@@ -595,7 +594,7 @@ async fn create(
 }
 
 /// Roll a stack to a version: the canary stack first (if any), gated, then the stack.
-pub fn rollout(
+pub(crate) fn rollout(
     reg: &mut Registry,
     aws: &AwsOptions,
     t: &Target,
@@ -651,7 +650,7 @@ pub fn rollout(
 }
 
 /// Roll a stack back to `to`, or to the last version that passed its gate there.
-pub fn rollback(
+pub(crate) fn rollback(
     reg: &mut Registry,
     aws: &AwsOptions,
     t: &Target,
@@ -701,7 +700,7 @@ fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> R
     )
 }
 
-pub fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result<Status> {
+pub(crate) fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result<Status> {
     let cx = context(reg, aws, t.region.as_deref())?;
     devos_aws::block_on(async {
         let stack = stack::describe(&cx.aws, &cx.region, &t.stack)

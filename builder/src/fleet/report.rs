@@ -12,24 +12,24 @@ use crate::store::registry::{Rollout, VersionInfo};
 
 /// What one deploy, rollout or rollback of one stack did.
 #[derive(Debug, Serialize)]
-pub struct Outcome {
-    pub stack: String,
-    pub region: String,
-    pub kind: String,
-    pub image: String,
-    pub from: Option<String>,
-    pub to: String,
+pub(crate) struct Outcome {
+    pub(crate) stack: String,
+    pub(crate) region: String,
+    pub(crate) kind: String,
+    pub(crate) image: String,
+    pub(crate) from: Option<String>,
+    pub(crate) to: String,
     /// succeeded, failed, rolled-back, unchanged or dry-run.
-    pub state: ChangeState,
-    pub reason: Option<String>,
+    pub(crate) state: ChangeState,
+    pub(crate) reason: Option<String>,
     /// Parameters that change: (before, after).
-    pub parameters: BTreeMap<String, (Option<String>, String)>,
-    pub changes: Vec<ResourceChange>,
+    pub(crate) parameters: BTreeMap<String, (Option<String>, String)>,
+    pub(crate) changes: Vec<ResourceChange>,
     /// Seconds from the command's start to the stack call being issued.
-    pub issued_after: Option<f64>,
-    pub gate: Option<Gate>,
+    pub(crate) issued_after: Option<f64>,
+    pub(crate) gate: Option<Gate>,
     /// The automatic rollback after a failed update or gate.
-    pub rollback: Option<Box<Outcome>>,
+    pub(crate) rollback: Option<Box<Outcome>>,
 }
 
 impl Outcome {
@@ -59,14 +59,14 @@ impl Outcome {
         }
     }
 
-    pub fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         matches!(
             self.state,
             ChangeState::Succeeded | ChangeState::Unchanged | ChangeState::DryRun
         )
     }
 
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let from = self.from.as_deref().unwrap_or("(nothing)");
         let mut s = format!(
             "{} {} in {}: {}@{} -> {}: {}\n",
@@ -113,15 +113,15 @@ impl Outcome {
 
 /// What a stack runs now.
 #[derive(Debug, Serialize)]
-pub struct Status {
-    pub stack: Stack,
-    pub version: Option<String>,
-    pub running: Running,
-    pub last: Option<Rollout>,
+pub(crate) struct Status {
+    pub(crate) stack: Stack,
+    pub(crate) version: Option<String>,
+    pub(crate) running: Running,
+    pub(crate) last: Option<Rollout>,
 }
 
 impl Status {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = format!(
             "{} ({}): {}\n",
             self.stack.name,
@@ -164,7 +164,7 @@ impl Status {
     }
 }
 
-pub fn history_human(rows: &[Rollout]) -> String {
+pub(crate) fn history_human(rows: &[Rollout]) -> String {
     let mut s = String::new();
     for r in rows {
         s.push_str(&format!(

@@ -10,7 +10,7 @@ use crate::store::registry::{Registry, VersionInfo};
 pub(super) const COMMON: &str = include_str!("../../../cloudformation/common.hbs");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Template {
+pub(crate) enum Template {
     /// One developer instance.
     Instance,
     /// A launch template + Auto Scaling group with health-gated rolling updates.
@@ -75,7 +75,12 @@ pub(super) fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Re
 
 /// The template for `reference` in `region`. The version must have passed its boot
 /// test and, except for WorkSpaces (which run from a bundle), be published there.
-pub fn render(reg: &Registry, template: Template, reference: &str, region: &str) -> Result<String> {
+pub(crate) fn render(
+    reg: &Registry,
+    template: Template,
+    reference: &str,
+    region: &str,
+) -> Result<String> {
     let v = reg.require_passing(reference)?;
     let ami_id = if template == Template::Workspaces {
         String::new()

@@ -19,24 +19,24 @@ use crate::support::cmd;
 use crate::support::digest::sha256_hex;
 
 /// The apt state (configuration and package lists) for one set of sources.
-pub struct Index {
+pub(crate) struct Index {
     dir: PathBuf,
 }
 
 /// What was resolved: the package set and the archive state it came from.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Resolution {
+pub(crate) struct Resolution {
     /// sha256 over the `InRelease` files the package lists came from.
-    pub archive: String,
+    pub(crate) archive: String,
     /// The `Date:` of the first source's `InRelease` (the suite itself), as epoch.
-    pub archive_date: u64,
+    pub(crate) archive_date: u64,
     /// Every package the rootfs gets from the archive, sorted by name.
-    pub packages: Vec<Package>,
+    pub(crate) packages: Vec<Package>,
 }
 
 impl Index {
     /// The index for `sources` under `cache` (created on first use).
-    pub fn open(cache: &Path, sources: &Sources) -> Result<Self> {
+    pub(crate) fn open(cache: &Path, sources: &Sources) -> Result<Self> {
         let key = sha256_hex(format!("{}\n{}", ARCH, sources.deb822).as_bytes());
         let dir = cache.join("apt").join(&key[..16]);
         for sub in [
@@ -84,7 +84,7 @@ impl Index {
     }
 
     /// The package lists, for mmdebstrap to install from (`--skip=update`).
-    pub fn lists(&self) -> PathBuf {
+    pub(crate) fn lists(&self) -> PathBuf {
         self.dir.join("lists")
     }
 
@@ -99,7 +99,7 @@ impl Index {
     /// (small, signed); apt downloads the indices only when one of them changed.
     /// An archive that cannot be reached fails here, naming the mirror, and then a
     /// missing archive keyring.
-    pub fn refresh(&self, spec: &Spec, sources: &Sources) -> Result<()> {
+    pub(crate) fn refresh(&self, spec: &Spec, sources: &Sources) -> Result<()> {
         let fetched = fetch_in_releases(spec, sources)?;
         // Reachable: now the keyring that must verify it.
         crate::image::rootfs::preflight(spec)?;
@@ -148,7 +148,7 @@ impl Index {
     /// every `Priority: required` package and apt (mmdebstrap's `minbase`), plus
     /// `packages` and their dependencies, without recommends. Cached by the
     /// archive state and the request, so an unchanged archive costs nothing.
-    pub fn resolve(&self, spec: &Spec, sources: &Sources) -> Result<Resolution> {
+    pub(crate) fn resolve(&self, spec: &Spec, sources: &Sources) -> Result<Resolution> {
         let archive = self.archive()?;
         let request = spec.all_packages();
         let key = sha256_hex(format!("{archive}\n{}", request.join("\n")).as_bytes());
@@ -224,7 +224,7 @@ impl Index {
 }
 
 /// The architecture images are built for.
-pub const ARCH: &str = "amd64";
+const ARCH: &str = "amd64";
 
 /// `Inst NAME (VERSION ARCHIVE [ARCH])` lines of `apt-get --simulate`.
 fn parse_simulation(out: &str) -> Vec<Package> {
@@ -254,7 +254,7 @@ fn list_name(uri: &str, suite: &str) -> String {
 
 /// The `Date:` field of a Release file as a Unix time; `None` when there is none or
 /// it is not an HTTP date.
-pub fn release_date(text: &str) -> Option<u64> {
+fn release_date(text: &str) -> Option<u64> {
     let value = text
         .lines()
         .find_map(|l| l.strip_prefix("Date:"))?

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use crate::model::spec::Format;
 use crate::support::cmd;
 
-pub fn convert(raw: &Path, format: Format, out: &Path) -> Result<()> {
+pub(crate) fn convert(raw: &Path, format: Format, out: &Path) -> Result<()> {
     let mut c = Command::new("qemu-img");
     c.args(["convert", "-f", "raw"]);
     match format {

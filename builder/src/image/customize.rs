@@ -51,7 +51,7 @@ const AGENT_UNITS: &[(&str, &str)] = &[
     ("devos-selftest.service", "multi-user.target"),
 ];
 
-pub fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Path) -> Result<()> {
+pub(crate) fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Path) -> Result<()> {
     check_bootable(spec, root)?;
     if spec.agent_enabled {
         install_agent(spec, root, agent_deb)?;

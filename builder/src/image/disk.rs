@@ -25,16 +25,16 @@ const ATTR_READ_ONLY: &str = "GUID:60";
 const MIN_VAR: u64 = 256 * MIB;
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Partition {
-    pub label: String,
-    pub filesystem: String,
-    pub offset: u64,
-    pub size: u64,
+pub(crate) struct Partition {
+    pub(crate) label: String,
+    pub(crate) filesystem: String,
+    pub(crate) offset: u64,
+    pub(crate) size: u64,
 }
 
 /// Find the single path matching `pattern` (a `*` is allowed in the last component).
 /// `None` also when the directory cannot be listed: callers then say what is missing.
-pub fn find_one(root: &Path, pattern: &str) -> Option<PathBuf> {
+pub(crate) fn find_one(root: &Path, pattern: &str) -> Option<PathBuf> {
     let full = root.join(pattern);
     let name = full.file_name()?.to_str()?.to_owned();
     let Some((prefix, suffix)) = name.split_once('*') else {
@@ -57,7 +57,7 @@ pub fn find_one(root: &Path, pattern: &str) -> Option<PathBuf> {
 /// Build the disk image `raw` from the customized tree `root`. `work` holds the
 /// partition images while they are made. The tree's /var is moved out (it becomes
 /// the data partition) and left empty as the mount point.
-pub fn build(
+pub(crate) fn build(
     spec: &Spec,
     id: &Identity,
     root: &Path,
@@ -74,7 +74,29 @@ pub fn build(
 
     // Layout: 1 MiB for the GPT, ESP, root, var, 1 MiB for the backup GPT.
     let fixed = MIB + esp_size + root_size + MIB;
-    let var_content = tree_size(&var_tree)?;
+    let var_img = work.join("var.img");
+    let var_size = make_var(spec, id, &var_tree, fixed, &var_img)?;
+
+    let parts = slots(
+        spec,
+        id,
+        (esp, esp_size),
+        (root_img, root_size),
+        (var_img, var_size),
+    );
+    write_disk(id, raw, fixed + var_size, &parts)?;
+    Ok(parts.into_iter().map(|(_, p, ..)| p).collect())
+}
+
+/// The /var image: the disk left after `fixed`, at least twice its content; its size.
+fn make_var(
+    spec: &Spec,
+    id: &Identity,
+    var_tree: &Path,
+    fixed: u64,
+    var_img: &Path,
+) -> Result<u64> {
+    let var_content = tree_size(var_tree)?;
     let var_needed = (var_content.bytes * 2).max(MIN_VAR);
     if spec.disk_size < fixed + var_needed {
         bail!(
@@ -87,19 +109,28 @@ pub fn build(
         );
     }
     let var_size = (spec.disk_size - fixed) / MIB * MIB;
-    let var_img = work.join("var.img");
     mkfs_ext4(
-        &var_tree,
+        var_tree,
         &var_content,
-        &var_img,
+        var_img,
         var_size,
         "devos-var",
         &id.var_fs_uuid,
         id,
         true,
     )?;
+    Ok(var_size)
+}
 
-    let parts = vec![
+/// The ESP, root and /var images laid out after the GPT, each with its GPT type and ids.
+fn slots<'a>(
+    spec: &Spec,
+    id: &'a Identity,
+    (esp, esp_size): (PathBuf, u64),
+    (root_img, root_size): (PathBuf, u64),
+    (var_img, var_size): (PathBuf, u64),
+) -> Vec<Slot<'a>> {
+    vec![
         (
             esp,
             Partition {
@@ -136,10 +167,7 @@ pub fn build(
             id.var_partuuid.as_str(),
             "",
         ),
-    ];
-
-    write_disk(id, raw, fixed + var_size, &parts)?;
-    Ok(parts.into_iter().map(|(_, p, ..)| p).collect())
+    ]
 }
 
 /// The kernel in /boot, and its initrd unless the spec boots without one (then the
@@ -237,7 +265,7 @@ fn root_fs_name(fs: RootFs) -> &'static str {
 }
 
 /// The kernel command line: where root is, read-only, then the spec's own arguments.
-pub fn kernel_cmdline(spec: &Spec, id: &Identity) -> String {
+pub(crate) fn kernel_cmdline(spec: &Spec, id: &Identity) -> String {
     let mut line = format!(
         "root=PARTUUID={} ro rootfstype={}",
         id.root_partuuid,
@@ -281,6 +309,7 @@ fn check_direct_boot(spec: &Spec, root: &Path, kver: &str) -> Result<()> {
     Ok(())
 }
 
+/// The ESP image: systemd-boot, the kernel and initrd, one loader entry; its size.
 fn make_esp(
     spec: &Spec,
     id: &Identity,
@@ -290,13 +319,46 @@ fn make_esp(
     esp: &Path,
 ) -> Result<u64> {
     let efi = root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
-    let content = [Some(kernel), initrd, Some(efi.as_path())]
+    let size = esp_size([Some(kernel), initrd, Some(efi.as_path())])?;
+    mkfs_vfat(id, esp, size)?;
+
+    let staging = esp.with_extension("d");
+    let (loader_conf, entry) = loader_config(spec, id, initrd.is_some(), &staging)?;
+    let dirs = [
+        "::/EFI",
+        "::/EFI/BOOT",
+        "::/loader",
+        "::/loader/entries",
+        "::/devos",
+    ];
+    cmd::run(mtools(id, "mmd", esp).args(dirs)).context("while filling the ESP")?;
+    let copies = [
+        Some((efi.as_path(), "::/EFI/BOOT/BOOTX64.EFI")),
+        Some((kernel, "::/devos/vmlinuz")),
+        initrd.map(|i| (i, "::/devos/initrd.img")),
+        Some((loader_conf.as_path(), "::/loader/loader.conf")),
+        Some((entry.as_path(), "::/loader/entries/devos.conf")),
+    ];
+    for (src, dest) in copies.into_iter().flatten() {
+        cmd::run(mtools(id, "mcopy", esp).arg(src).arg(dest)).context("while filling the ESP")?;
+    }
+    fs::remove_dir_all(&staging)?;
+    Ok(size)
+}
+
+/// The ESP's size for `files`: twice theirs plus 16 MiB, in whole MiB, at least 64.
+fn esp_size(files: [Option<&Path>; 3]) -> Result<u64> {
+    let content = files
         .into_iter()
         .flatten()
         .map(|p| fs::metadata(p).map(|m| m.len()))
         .sum::<std::io::Result<u64>>()?;
     // FAT32 needs at least ~33 MiB; leave room for a second kernel on updates.
-    let size = (content * 2 + 16 * MIB).max(64 * MIB).div_ceil(MIB) * MIB;
+    Ok((content * 2 + 16 * MIB).max(64 * MIB).div_ceil(MIB) * MIB)
+}
+
+/// An empty FAT32 of `size` bytes in `esp`, the same bytes for the same identity.
+fn mkfs_vfat(id: &Identity, esp: &Path, size: u64) -> Result<()> {
     cmd::run(
         Command::new("mkfs.vfat")
             .args([
@@ -313,21 +375,31 @@ fn make_esp(
             .arg((size / 1024).to_string()),
     )
     .context("while making the ESP")?;
+    Ok(())
+}
 
-    let staging = esp.with_extension("d");
+/// systemd-boot's loader.conf and this version's entry, under `staging`; their paths.
+fn loader_config(
+    spec: &Spec,
+    id: &Identity,
+    has_initrd: bool,
+    staging: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let loader_conf = staging.join("loader/loader.conf");
+    let entry = staging.join("loader/entries/devos.conf");
     fs::create_dir_all(staging.join("loader/entries"))?;
     fs::write(
-        staging.join("loader/loader.conf"),
+        &loader_conf,
         "default devos.conf\ntimeout 0\neditor no\nconsole-mode keep\n",
     )?;
     fs::write(
-        staging.join("loader/entries/devos.conf"),
+        &entry,
         format!(
             "title {} {}\nversion {}\nlinux /devos/vmlinuz\n{}options {}\n",
             spec.name,
             id.version,
             id.version,
-            if initrd.is_some() {
+            if has_initrd {
                 "initrd /devos/initrd.img\n"
             } else {
                 ""
@@ -335,41 +407,17 @@ fn make_esp(
             kernel_cmdline(spec, id)
         ),
     )?;
-    let mut mmd = Command::new("mmd");
-    // mtools stamps directories and copied files with SOURCE_DATE_EPOCH.
-    mmd.env("MTOOLS_SKIP_CHECK", "1")
+    Ok((loader_conf, entry))
+}
+
+/// An mtools `program` on `esp`; mtools stamps what it writes with SOURCE_DATE_EPOCH.
+fn mtools(id: &Identity, program: &str, esp: &Path) -> Command {
+    let mut c = Command::new(program);
+    c.env("MTOOLS_SKIP_CHECK", "1")
         .env("SOURCE_DATE_EPOCH", id.source_date_epoch.to_string())
         .arg("-i")
-        .arg(esp)
-        .args([
-            "::/EFI",
-            "::/EFI/BOOT",
-            "::/loader",
-            "::/loader/entries",
-            "::/devos",
-        ]);
-    cmd::run(&mut mmd).context("while filling the ESP")?;
-    let loader_conf = staging.join("loader/loader.conf");
-    let entry = staging.join("loader/entries/devos.conf");
-    let copies = [
-        Some((efi.as_path(), "::/EFI/BOOT/BOOTX64.EFI")),
-        Some((kernel, "::/devos/vmlinuz")),
-        initrd.map(|i| (i, "::/devos/initrd.img")),
-        Some((loader_conf.as_path(), "::/loader/loader.conf")),
-        Some((entry.as_path(), "::/loader/entries/devos.conf")),
-    ];
-    for (src, dest) in copies.into_iter().flatten() {
-        let mut c = Command::new("mcopy");
-        c.env("MTOOLS_SKIP_CHECK", "1")
-            .env("SOURCE_DATE_EPOCH", id.source_date_epoch.to_string())
-            .arg("-i")
-            .arg(esp)
-            .arg(src)
-            .arg(dest);
-        cmd::run(&mut c).context("while filling the ESP")?;
-    }
-    fs::remove_dir_all(&staging)?;
-    Ok(size)
+        .arg(esp);
+    c
 }
 
 fn make_root(spec: &Spec, id: &Identity, root: &Path, img: &Path) -> Result<u64> {
@@ -516,7 +564,7 @@ fn debugfs(img: &Path, script: &str, epoch: u64) -> Result<()> {
 
 /// A Unix time as debugfs's `YYYYMMDDHHMMSS` (UTC); a time past year 9999, which
 /// neither the spec nor SOURCE_DATE_EPOCH may give, gives the epoch's.
-pub fn debugfs_time(epoch: u64) -> String {
+pub(crate) fn debugfs_time(epoch: u64) -> String {
     let t = i64::try_from(epoch)
         .ok()
         .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
@@ -532,13 +580,13 @@ pub fn debugfs_time(epoch: u64) -> String {
     )
 }
 
-pub struct TreeSize {
+struct TreeSize {
     /// Bytes in 4 KiB blocks the files and directories take.
-    pub bytes: u64,
-    pub entries: u64,
+    pub(crate) bytes: u64,
+    pub(crate) entries: u64,
 }
 
-pub fn tree_size(root: &Path) -> std::io::Result<TreeSize> {
+fn tree_size(root: &Path) -> std::io::Result<TreeSize> {
     let mut t = TreeSize {
         bytes: 0,
         entries: 0,

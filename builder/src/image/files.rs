@@ -10,7 +10,7 @@ use std::io::Read;
 
 /// Copy `src` into `dst` at `offset`, writing only the 64 KiB blocks that are not all
 /// zero (so `dst` stays sparse) and feeding every byte to `hasher` if given.
-pub fn copy_sparse(
+pub(crate) fn copy_sparse(
     src: &Path,
     dst: &mut fs::File,
     offset: u64,
@@ -53,7 +53,7 @@ fn read_full(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Give every entry under `root` (root included, symlinks too) an mtime of at most
 /// `epoch`, and an atime equal to its mtime, so filesystems made from the tree do not
 /// carry the time of the build.
-pub fn clamp_mtimes(root: &Path, epoch: u64) -> std::io::Result<()> {
+pub(crate) fn clamp_mtimes(root: &Path, epoch: u64) -> std::io::Result<()> {
     let limit = FileTime::from_unix_time(i64::try_from(epoch).unwrap_or(i64::MAX), 0);
     walk(root, &mut |path, meta| {
         let mtime = FileTime::from_last_modification_time(meta).min(limit);
@@ -63,7 +63,7 @@ pub fn clamp_mtimes(root: &Path, epoch: u64) -> std::io::Result<()> {
 
 /// Visit `root` and everything under it (not following symlinks), parents after
 /// their contents, so changing a directory's times is not undone by its children.
-pub fn walk(
+pub(crate) fn walk(
     root: &Path,
     f: &mut impl FnMut(&Path, &fs::Metadata) -> std::io::Result<()>,
 ) -> std::io::Result<()> {

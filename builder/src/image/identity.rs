@@ -10,34 +10,34 @@ use crate::store::cache;
 use crate::support::digest::sha256_hex;
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Identity {
-    pub build_id: String,
+pub(crate) struct Identity {
+    pub(crate) build_id: String,
     /// `<spec version>+<first 12 hex of the build id>`.
-    pub version: String,
-    pub inputs: Vec<Input>,
-    pub source_date_epoch: u64,
-    pub disk_guid: String,
-    pub esp_partuuid: String,
-    pub root_partuuid: String,
-    pub var_partuuid: String,
-    pub root_fs_uuid: String,
-    pub var_fs_uuid: String,
+    pub(crate) version: String,
+    pub(crate) inputs: Vec<Input>,
+    pub(crate) source_date_epoch: u64,
+    pub(crate) disk_guid: String,
+    pub(crate) esp_partuuid: String,
+    pub(crate) root_partuuid: String,
+    pub(crate) var_partuuid: String,
+    pub(crate) root_fs_uuid: String,
+    pub(crate) var_fs_uuid: String,
     /// FAT volume id of the ESP.
-    pub esp_serial: String,
+    pub(crate) esp_serial: String,
     /// Cache key of the base tree (before the agent and configuration).
-    pub base_key: String,
+    pub(crate) base_key: String,
     /// Cache key of the finished tree.
-    pub tree_key: String,
+    pub(crate) tree_key: String,
 }
 
 /// The builder's own version: a new builder may build differently.
-pub const BUILDER_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const BUILDER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Every source file of `image/`, the code that shapes an image's bytes, by name.
 /// Hashing the source (not the binary) means any change to what is built changes the
 /// build id, while the same source compiled anywhere gives the same id. A test
 /// compares the names with the folder, so a new file cannot be left out.
-pub const SHAPING_SOURCES: &[(&str, &str)] = &[
+const SHAPING_SOURCES: &[(&str, &str)] = &[
     ("apt.rs", include_str!("apt.rs")),
     ("convert.rs", include_str!("convert.rs")),
     ("customize.rs", include_str!("customize.rs")),
@@ -53,7 +53,7 @@ const BASE_SOURCES: &[&str] = &["apt.rs", "rootfs.rs"];
 
 /// A source file without its unit tests (the `#[cfg(test)] mod tests` at its end):
 /// tests do not shape the image, so changing them rebuilds nothing.
-pub fn shaping_part(source: &str) -> &str {
+fn shaping_part(source: &str) -> &str {
     source
         .find("\n#[cfg(test)]\nmod tests")
         .map_or(source, |end| &source[..end])
@@ -71,21 +71,21 @@ fn sources_digest(sources: &[(&str, &str)], names: Option<&[&str]>) -> String {
 }
 
 /// Everything that determines an image, gathered by the `resolve` stage.
-pub struct Inputs<'a> {
-    pub spec: &'a Spec,
-    pub agent_sha256: Option<&'a str>,
-    pub sources_deb822: &'a str,
-    pub packages: &'a [Package],
+pub(crate) struct Inputs<'a> {
+    pub(crate) spec: &'a Spec,
+    pub(crate) agent_sha256: Option<&'a str>,
+    pub(crate) sources_deb822: &'a str,
+    pub(crate) packages: &'a [Package],
     /// The archive's date, used when neither the spec nor the environment set one.
-    pub archive_date: u64,
+    pub(crate) archive_date: u64,
     /// `SOURCE_DATE_EPOCH` from the environment ([`source_date_epoch`]).
-    pub env_source_date_epoch: Option<u64>,
+    pub(crate) env_source_date_epoch: Option<u64>,
     /// `name=version` of the host tools that write the image (mmdebstrap, mkfs, ...).
-    pub host_tools: &'a str,
+    pub(crate) host_tools: &'a str,
 }
 
 /// Compute the identity of a build from its inputs.
-pub fn resolve(i: &Inputs) -> Identity {
+pub(crate) fn resolve(i: &Inputs) -> Identity {
     resolve_with(i, SHAPING_SOURCES)
 }
 
@@ -168,7 +168,7 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
 /// `SOURCE_DATE_EPOCH` from the environment; `None` when unset or empty. Set to
 /// anything but whole seconds it is an error: ignoring it would quietly give an image
 /// of another date than the one asked for.
-pub fn source_date_epoch() -> anyhow::Result<Option<u64>> {
+pub(crate) fn source_date_epoch() -> anyhow::Result<Option<u64>> {
     let value = match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) if v.is_empty() => return Ok(None),
         Ok(v) => v,
@@ -185,7 +185,7 @@ pub fn source_date_epoch() -> anyhow::Result<Option<u64>> {
 
 /// A random-looking (version 4 layout) UUID that is a pure function of the build id
 /// and what it names.
-pub fn derived_uuid(build_id: &str, label: &str) -> String {
+fn derived_uuid(build_id: &str, label: &str) -> String {
     let h = Sha256::digest(format!("{build_id}:{label}").as_bytes());
     let mut b = [0u8; 16];
     b.copy_from_slice(&h[..16]);

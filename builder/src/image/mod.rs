@@ -7,10 +7,10 @@
 //! set, the agent package and its rendered configuration, the host tools); code
 //! elsewhere only runs, records or ships what is built.
 
-pub mod apt;
-pub mod convert;
-pub mod customize;
-pub mod disk;
-pub mod files;
-pub mod identity;
-pub mod rootfs;
+pub(crate) mod apt;
+pub(crate) mod convert;
+pub(crate) mod customize;
+pub(crate) mod disk;
+pub(crate) mod files;
+pub(crate) mod identity;
+pub(crate) mod rootfs;

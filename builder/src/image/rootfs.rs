@@ -13,18 +13,18 @@ use crate::support::cmd;
 
 /// Where packages come from for one build.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Sources {
+pub(crate) struct Sources {
     /// Why these sources: `spec`, `host` or `default`.
-    pub origin: &'static str,
+    pub(crate) origin: &'static str,
     /// deb822 text handed to mmdebstrap as the chroot's sources list.
-    pub deb822: String,
+    pub(crate) deb822: String,
     /// Every (mirror URI, suite) pair, in the order of the sources.
-    pub repos: Vec<(String, String)>,
+    pub(crate) repos: Vec<(String, String)>,
 }
 
 /// Pick the sources for a spec: its `mirror`, else the host's apt sources when the
 /// host runs the same distro and suite, else the distro's official mirror.
-pub fn sources(spec: &Spec) -> Sources {
+pub(crate) fn sources(spec: &Spec) -> Sources {
     if let Some(mirror) = &spec.mirror {
         return mirror_sources(spec, mirror, "spec");
     }
@@ -200,7 +200,7 @@ fn parse_deb822(text: &str) -> Vec<Stanza> {
 
 /// Fail fast, before anything is downloaded or built, when the archive keyring is
 /// missing ([`crate::image::apt::Index::refresh`] calls it once the mirror answered).
-pub fn preflight(spec: &Spec) -> Result<()> {
+pub(crate) fn preflight(spec: &Spec) -> Result<()> {
     if let Some(k) = keyring(spec).filter(|k| !k.is_file()) {
         let package = match spec.distro {
             Distro::Ubuntu => "ubuntu-keyring",
@@ -219,7 +219,7 @@ pub fn preflight(spec: &Spec) -> Result<()> {
 /// Bootstrap `target` (which must not exist) with mmdebstrap, from the package
 /// lists in `lists` (the ones the package set was resolved from, so apt picks the
 /// same versions). Downloaded packages are kept in `package_cache` for later builds.
-pub fn bootstrap(
+pub(crate) fn bootstrap(
     spec: &Spec,
     sources: &Sources,
     lists: &Path,
@@ -316,7 +316,7 @@ const DPKG_EXCLUDES: &[&str] = &[
 ];
 
 /// Installed packages and their versions, from the tree's dpkg database.
-pub fn installed_packages(root: &Path) -> Result<Vec<(String, String)>> {
+pub(crate) fn installed_packages(root: &Path) -> Result<Vec<(String, String)>> {
     let out = cmd::stdout(
         Command::new("dpkg-query")
             .arg(format!(

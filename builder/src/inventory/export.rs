@@ -8,20 +8,20 @@ use crate::image::convert::convert;
 use crate::model::spec::Format;
 
 #[derive(Debug, serde::Serialize)]
-pub struct Export {
-    pub version: String,
-    pub format: Format,
-    pub path: std::path::PathBuf,
-    pub sha256: String,
-    pub size: u64,
+pub(crate) struct Export {
+    pub(crate) version: String,
+    pub(crate) format: Format,
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
     /// False when the version already had this artifact.
-    pub converted: bool,
+    pub(crate) converted: bool,
 }
 
 /// `image export`: the version's raw image (checked against its recorded sha256) in
 /// another format, recorded in the registry as one more artifact of the version.
 /// Written under a temporary name and renamed, so a killed export leaves nothing.
-pub fn export(
+pub(crate) fn export(
     reg: &mut crate::store::registry::Registry,
     reference: &str,
     format: Format,

@@ -1,7 +1,7 @@
 //! The registry's commands: `image list`, `show`, `diff`, `verify` and `gc`. Each
 //! returns a serializable report with a human rendering; `cli` prints one or the other.
 
-pub mod export;
+pub(crate) mod export;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -18,7 +18,7 @@ use crate::support::digest;
 use anyhow::{Context, bail};
 use std::path::PathBuf;
 
-pub fn list(reg: &Registry, name: Option<&str>) -> Result<Vec<VersionInfo>> {
+pub(crate) fn list(reg: &Registry, name: Option<&str>) -> Result<Vec<VersionInfo>> {
     let all = reg.versions(name)?;
     if all.is_empty()
         && let Some(n) = name
@@ -28,7 +28,7 @@ pub fn list(reg: &Registry, name: Option<&str>) -> Result<Vec<VersionInfo>> {
     Ok(all)
 }
 
-pub fn list_human(versions: &[VersionInfo]) -> String {
+pub(crate) fn list_human(versions: &[VersionInfo]) -> String {
     if versions.is_empty() {
         return "no images in the registry yet: build one with `devos-build image build`\n"
             .to_owned();
@@ -62,15 +62,15 @@ pub fn list_human(versions: &[VersionInfo]) -> String {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Show {
+pub(crate) struct Show {
     #[serde(flatten)]
-    pub version: VersionInfo,
-    pub manifest: Manifest,
-    pub test_runs: Vec<TestRun>,
-    pub files: usize,
+    pub(crate) version: VersionInfo,
+    pub(crate) manifest: Manifest,
+    pub(crate) test_runs: Vec<TestRun>,
+    pub(crate) files: usize,
 }
 
-pub fn show(reg: &Registry, reference: &str) -> Result<Show> {
+pub(crate) fn show(reg: &Registry, reference: &str) -> Result<Show> {
     let version = reg.find(reference)?;
     Ok(Show {
         manifest: reg.manifest(&version)?,
@@ -81,7 +81,7 @@ pub fn show(reg: &Registry, reference: &str) -> Result<Show> {
 }
 
 impl Show {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let v = &self.version;
         let m = &self.manifest;
         let mut s = format!(
@@ -130,22 +130,22 @@ impl Show {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Diff {
-    pub from: String,
-    pub to: String,
-    pub packages_added: Vec<String>,
-    pub packages_removed: Vec<String>,
+pub(crate) struct Diff {
+    pub(crate) from: String,
+    pub(crate) to: String,
+    pub(crate) packages_added: Vec<String>,
+    pub(crate) packages_removed: Vec<String>,
     /// `name: old -> new`.
-    pub packages_changed: Vec<String>,
-    pub files_added: Vec<String>,
-    pub files_removed: Vec<String>,
+    pub(crate) packages_changed: Vec<String>,
+    pub(crate) files_added: Vec<String>,
+    pub(crate) files_removed: Vec<String>,
     /// `path (content, mode, ...)`.
-    pub files_changed: Vec<String>,
+    pub(crate) files_changed: Vec<String>,
     /// Per artifact format: (from bytes, to bytes).
-    pub sizes: BTreeMap<String, (u64, u64)>,
+    pub(crate) sizes: BTreeMap<String, (u64, u64)>,
 }
 
-pub fn diff(reg: &Registry, a: &str, b: &str) -> Result<Diff> {
+pub(crate) fn diff(reg: &Registry, a: &str, b: &str) -> Result<Diff> {
     let (va, vb) = (reg.find(a)?, reg.find(b)?);
     let (ma, mb) = (reg.manifest(&va)?, reg.manifest(&vb)?);
     let pa: BTreeMap<&str, &str> = ma
@@ -215,7 +215,7 @@ fn used(m: &Manifest) -> Option<u64> {
 }
 
 impl Diff {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = format!("{} -> {}\n", self.from, self.to);
         let section = |s: &mut String, title: &str, sign: &str, items: &[String]| {
             if !items.is_empty() {
@@ -256,22 +256,22 @@ impl Diff {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Verify {
-    pub version: String,
-    pub ok: bool,
-    pub artifacts: Vec<VerifiedArtifact>,
+pub(crate) struct Verify {
+    pub(crate) version: String,
+    pub(crate) ok: bool,
+    pub(crate) artifacts: Vec<VerifiedArtifact>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct VerifiedArtifact {
-    pub file: String,
-    pub expected: String,
+pub(crate) struct VerifiedArtifact {
+    pub(crate) file: String,
+    pub(crate) expected: String,
     /// `None` when the file is missing.
-    pub actual: Option<String>,
-    pub ok: bool,
+    pub(crate) actual: Option<String>,
+    pub(crate) ok: bool,
 }
 
-pub fn verify(reg: &Registry, reference: &str) -> Result<Verify> {
+pub(crate) fn verify(reg: &Registry, reference: &str) -> Result<Verify> {
     let v = reg.find(reference)?;
     let mut artifacts = Vec::new();
     for a in &v.artifacts {
@@ -297,7 +297,7 @@ pub fn verify(reg: &Registry, reference: &str) -> Result<Verify> {
 }
 
 impl Verify {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = String::new();
         for a in &self.artifacts {
             let state = match (&a.actual, a.ok) {
@@ -321,17 +321,17 @@ impl Verify {
 }
 
 #[derive(Debug, Default, Serialize)]
-pub struct Gc {
-    pub kept: Vec<String>,
-    pub removed: Vec<String>,
-    pub freed_bytes: u64,
-    pub cache_entries_removed: usize,
+pub(crate) struct Gc {
+    pub(crate) kept: Vec<String>,
+    pub(crate) removed: Vec<String>,
+    pub(crate) freed_bytes: u64,
+    pub(crate) cache_entries_removed: usize,
 }
 
 /// Keep the `keep` newest versions of each image (or of `name`) and its newest
 /// version that passed a boot test; delete the others' artifacts and the cache
 /// entries only they used.
-pub fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<Gc> {
+pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<Gc> {
     let all = list(reg, name)?;
     let mut by_image: BTreeMap<&str, Vec<&VersionInfo>> = BTreeMap::new();
     for v in all.iter().filter(|v| v.state == VersionState::Built) {
@@ -383,7 +383,7 @@ pub fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<Gc> {
 }
 
 impl Gc {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = String::new();
         for r in &self.removed {
             s.push_str(&format!("  removed {r}\n"));
@@ -402,7 +402,7 @@ impl Gc {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) for a Unix time.
-pub fn utc(t: u64) -> String {
+fn utc(t: u64) -> String {
     let stamp = crate::image::disk::debugfs_time(t);
     format!(
         "{}-{}-{} {}:{}:{}",
@@ -416,7 +416,7 @@ pub fn utc(t: u64) -> String {
 }
 
 /// The raw image of `v` and the sha256 the registry holds for it.
-pub fn raw_path(v: &VersionInfo) -> Result<(PathBuf, String)> {
+pub(crate) fn raw_path(v: &VersionInfo) -> Result<(PathBuf, String)> {
     let a = v
         .artifacts
         .iter()
@@ -437,7 +437,7 @@ pub fn raw_path(v: &VersionInfo) -> Result<(PathBuf, String)> {
 /// The raw image of `v`, checked against the sha256 the registry holds, so that what
 /// is compared is exactly what was tested. (`publish ami` checks it in the same read
 /// that finds the blocks to upload.)
-pub fn raw_artifact(v: &VersionInfo) -> Result<(PathBuf, String)> {
+pub(crate) fn raw_artifact(v: &VersionInfo) -> Result<(PathBuf, String)> {
     let (path, recorded) = raw_path(v)?;
     let actual =
         digest::file_sha256(&path).with_context(|| format!("cannot read {}", path.display()))?;

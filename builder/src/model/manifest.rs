@@ -11,79 +11,79 @@ use crate::model::spec::Format;
 
 /// One named input to the build id, as shown by `--json` and the manifest.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Input {
-    pub name: String,
-    pub sha256: String,
+pub(crate) struct Input {
+    pub(crate) name: String,
+    pub(crate) sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct Artifact {
-    pub file: String,
-    pub format: Format,
-    pub sha256: String,
-    pub size: u64,
+pub(crate) struct Artifact {
+    pub(crate) file: String,
+    pub(crate) format: Format,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
     /// Bytes actually allocated on disk (sparse files use less than `size`).
-    pub used_bytes: u64,
+    pub(crate) used_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct StageTiming {
-    pub name: String,
-    pub seconds: f64,
+pub(crate) struct StageTiming {
+    pub(crate) name: String,
+    pub(crate) seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct Package {
-    pub name: String,
-    pub version: String,
+pub(crate) struct Package {
+    pub(crate) name: String,
+    pub(crate) version: String,
 }
 
 /// `manifest.json` in every output directory.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Manifest {
-    pub name: String,
-    pub version: String,
-    pub build_id: String,
-    pub description: String,
-    pub distro: String,
-    pub suite: String,
-    pub builder_version: String,
-    pub source_date_epoch: u64,
-    pub kernel_cmdline: String,
-    pub inputs: Vec<crate::model::manifest::Input>,
-    pub package_sources: String,
-    pub agent: Option<AgentInfo>,
-    pub packages: Vec<Package>,
-    pub partitions: Vec<PartitionInfo>,
-    pub artifacts: Vec<Artifact>,
-    pub stages: Vec<StageTiming>,
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) build_id: String,
+    pub(crate) description: String,
+    pub(crate) distro: String,
+    pub(crate) suite: String,
+    pub(crate) builder_version: String,
+    pub(crate) source_date_epoch: u64,
+    pub(crate) kernel_cmdline: String,
+    pub(crate) inputs: Vec<crate::model::manifest::Input>,
+    pub(crate) package_sources: String,
+    pub(crate) agent: Option<AgentInfo>,
+    pub(crate) packages: Vec<Package>,
+    pub(crate) partitions: Vec<PartitionInfo>,
+    pub(crate) artifacts: Vec<Artifact>,
+    pub(crate) stages: Vec<StageTiming>,
     /// Cache keys of the stage outputs this version was built from.
-    pub cache_keys: CacheKeys,
+    pub(crate) cache_keys: CacheKeys,
 }
 
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct CacheKeys {
-    pub base: String,
-    pub tree: String,
+pub(crate) struct CacheKeys {
+    pub(crate) base: String,
+    pub(crate) tree: String,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct AgentInfo {
-    pub file: String,
-    pub version: String,
-    pub sha256: String,
+pub(crate) struct AgentInfo {
+    pub(crate) file: String,
+    pub(crate) version: String,
+    pub(crate) sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct PartitionInfo {
-    pub label: String,
-    pub filesystem: String,
-    pub offset: u64,
-    pub size: u64,
+pub(crate) struct PartitionInfo {
+    pub(crate) label: String,
+    pub(crate) filesystem: String,
+    pub(crate) offset: u64,
+    pub(crate) size: u64,
 }
 
 impl Manifest {
-    pub fn load(dir: &Path) -> Result<Self> {
+    pub(crate) fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
         let text = fs::read_to_string(&path).with_context(|| {
             format!(
@@ -96,7 +96,7 @@ impl Manifest {
     }
 
     /// The raw artifact's path in `dir`.
-    pub fn raw(&self, dir: &Path) -> Option<PathBuf> {
+    pub(crate) fn raw(&self, dir: &Path) -> Option<PathBuf> {
         self.artifacts
             .iter()
             .find(|a| a.format == Format::Raw)

@@ -2,6 +2,6 @@
 //! build writes about itself.
 
 pub mod manifest;
-pub mod settings;
-pub mod spec;
-pub mod states;
+pub(crate) mod settings;
+pub(crate) mod spec;
+pub(crate) mod states;

@@ -13,38 +13,38 @@ use crate::model::spec::Source;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settings {
+pub(crate) struct Settings {
     #[serde(default)]
-    pub aws: AwsSettings,
+    pub(crate) aws: AwsSettings,
     #[serde(default)]
-    pub publish: PublishSettings,
+    pub(crate) publish: PublishSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct AwsSettings {
+pub(crate) struct AwsSettings {
     /// A profile of ~/.aws/config (default: AWS_PROFILE, else `default`).
-    pub profile: Option<String>,
+    pub(crate) profile: Option<String>,
     /// The region to publish to when `--region` is not given (default: the chain's).
-    pub region: Option<String>,
+    pub(crate) region: Option<String>,
     /// One endpoint for every AWS service: another partition, a local test server.
     /// AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_<SERVICE> work without this.
-    pub endpoint_url: Option<Spanned<String>>,
+    pub(crate) endpoint_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct PublishSettings {
+pub(crate) struct PublishSettings {
     /// SSM parameters are written under this path: PREFIX/NAME/VERSION/image_id and
     /// PREFIX/NAME/latest.
     #[serde(default = "default_prefix")]
-    pub ssm_prefix: Spanned<String>,
+    pub(crate) ssm_prefix: Spanned<String>,
     /// Regions every `publish ami` copies to, besides those given with --copy-to.
     #[serde(default)]
-    pub copy_to: Vec<String>,
+    pub(crate) copy_to: Vec<String>,
     /// Parallel block uploads.
     #[serde(default = "default_workers")]
-    pub workers: usize,
+    pub(crate) workers: usize,
 }
 
 impl Default for PublishSettings {
@@ -66,7 +66,7 @@ fn default_workers() -> usize {
 }
 
 /// The settings file to read, and whether it must exist.
-pub fn path(explicit: Option<&Path>) -> (PathBuf, bool) {
+fn path(explicit: Option<&Path>) -> (PathBuf, bool) {
     if let Some(p) = explicit {
         return (p.to_path_buf(), true);
     }
@@ -80,7 +80,7 @@ pub fn path(explicit: Option<&Path>) -> (PathBuf, bool) {
     (base.join("devos/config.toml"), false)
 }
 
-pub fn load(explicit: Option<&Path>) -> Result<Settings> {
+pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
     let (file, required) = path(explicit);
     let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,

@@ -12,16 +12,16 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 /// The default spec `devos-build image build` uses when none is given.
-pub const DEFAULT_SPEC: &str = "images/devos-debian.toml";
+pub(crate) const DEFAULT_SPEC: &str = "images/devos-debian.toml";
 
 /// An error in a spec or layer file, located at the offending text.
 #[derive(Debug, thiserror::Error)]
-pub struct SpecError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-    pub hint: Option<String>,
+pub(crate) struct SpecError {
+    pub(crate) file: PathBuf,
+    pub(crate) line: usize,
+    pub(crate) col: usize,
+    pub(crate) message: String,
+    pub(crate) hint: Option<String>,
 }
 
 impl fmt::Display for SpecError {
@@ -48,12 +48,7 @@ pub(crate) struct Source<'a> {
 }
 
 impl Source<'_> {
-    pub(crate) fn error_at(
-        &self,
-        offset: usize,
-        message: impl Into<String>,
-        hint: Option<&str>,
-    ) -> SpecError {
+    fn error_at(&self, offset: usize, message: impl Into<String>, hint: Option<&str>) -> SpecError {
         let (line, col) = line_col(self.text, offset);
         SpecError {
             file: self.file.to_path_buf(),
@@ -270,7 +265,7 @@ struct RawLayerPackages {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Distro {
+pub(crate) enum Distro {
     Debian,
     Ubuntu,
     Nixos,
@@ -278,7 +273,7 @@ pub enum Distro {
 
 impl Distro {
     /// The name specs use (`debian`, `ubuntu`, `nixos`).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Distro::Debian => "debian",
             Distro::Ubuntu => "ubuntu",
@@ -286,7 +281,7 @@ impl Distro {
         }
     }
 
-    pub fn default_suite(self) -> &'static str {
+    fn default_suite(self) -> &'static str {
         match self {
             Distro::Debian => "bookworm",
             Distro::Ubuntu => "noble",
@@ -295,7 +290,7 @@ impl Distro {
     }
 
     /// The distro's official mirror, used when neither the spec nor the host names one.
-    pub fn default_mirror(self) -> &'static str {
+    pub(crate) fn default_mirror(self) -> &'static str {
         match self {
             Distro::Debian => "http://deb.debian.org/debian",
             Distro::Ubuntu => "http://archive.ubuntu.com/ubuntu",
@@ -306,7 +301,7 @@ impl Distro {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum RootFs {
+pub(crate) enum RootFs {
     Ext4,
     Erofs,
 }
@@ -324,7 +319,7 @@ pub enum RootFs {
     clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum Format {
+pub(crate) enum Format {
     Raw,
     Qcow2,
     Vmdk,
@@ -348,7 +343,7 @@ impl rusqlite::types::FromSql for Format {
 }
 
 impl Format {
-    pub fn extension(self) -> &'static str {
+    pub(crate) fn extension(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
@@ -359,68 +354,68 @@ impl Format {
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Layer {
+pub(crate) struct Layer {
     /// The path as written in the spec, relative to the spec's directory.
-    pub name: String,
-    pub description: String,
-    pub packages: Vec<String>,
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) packages: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct User {
-    pub name: String,
-    pub groups: Vec<String>,
-    pub ssh_authorized_keys: Vec<String>,
+pub(crate) struct User {
+    pub(crate) name: String,
+    pub(crate) groups: Vec<String>,
+    pub(crate) ssh_authorized_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Test {
-    pub name: String,
-    pub run: String,
-    pub expect_exit: u8,
+pub(crate) struct Test {
+    pub(crate) name: String,
+    pub(crate) run: String,
+    pub(crate) expect_exit: u8,
 }
 
 /// A loaded, validated image spec. Immutable once built.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Spec {
+pub(crate) struct Spec {
     /// The spec file, as given.
     #[serde(skip)]
-    pub path: PathBuf,
-    pub name: String,
-    pub version: semver::Version,
-    pub description: String,
+    pub(crate) path: PathBuf,
+    pub(crate) name: String,
+    pub(crate) version: semver::Version,
+    pub(crate) description: String,
     /// `None`: derived from the package archive's `InRelease` date (or the
     /// `SOURCE_DATE_EPOCH` environment variable, when set).
-    pub source_date_epoch: Option<u64>,
-    pub distro: Distro,
-    pub suite: String,
+    pub(crate) source_date_epoch: Option<u64>,
+    pub(crate) distro: Distro,
+    pub(crate) suite: String,
     /// `None`: use the host's apt sources if they carry the suite, else the default mirror.
-    pub mirror: Option<String>,
-    pub components: Vec<String>,
+    pub(crate) mirror: Option<String>,
+    pub(crate) components: Vec<String>,
     /// `None`: the distro's default keyring on the build host.
-    pub keyring: Option<PathBuf>,
+    pub(crate) keyring: Option<PathBuf>,
     /// Packages named directly in the spec (layers' packages are in `layers`).
-    pub packages: Vec<String>,
-    pub layers: Vec<Layer>,
-    pub hostname: String,
-    pub kernel_cmdline: String,
+    pub(crate) packages: Vec<String>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) hostname: String,
+    pub(crate) kernel_cmdline: String,
     /// Whether the boot loader entry loads the initramfs.
-    pub initrd: bool,
-    pub timezone: String,
-    pub users: Vec<User>,
-    pub disk_size: u64,
-    pub root_fs: RootFs,
-    pub formats: Vec<Format>,
-    pub agent_enabled: bool,
+    pub(crate) initrd: bool,
+    pub(crate) timezone: String,
+    pub(crate) users: Vec<User>,
+    pub(crate) disk_size: u64,
+    pub(crate) root_fs: RootFs,
+    pub(crate) formats: Vec<Format>,
+    pub(crate) agent_enabled: bool,
     /// The full agent configuration written to `/etc/devos/agent.toml`.
-    pub agent_config: devos_agent::config::AgentConfig,
-    pub tests: Vec<Test>,
+    pub(crate) agent_config: devos_agent::config::AgentConfig,
+    pub(crate) tests: Vec<Test>,
 }
 
 impl Spec {
     /// Every package to install, spec and layers together, with what the agent needs
     /// when it is enabled, sorted and unique.
-    pub fn all_packages(&self) -> Vec<String> {
+    pub(crate) fn all_packages(&self) -> Vec<String> {
         let agent: Vec<String> = if self.agent_enabled {
             devos_agent::PACKAGE_DEPENDS
                 .iter()
@@ -442,10 +437,10 @@ impl Spec {
 const MIN_DISK: u64 = 512 << 20;
 /// The latest source date a spec or SOURCE_DATE_EPOCH may give: the end of year 9999
 /// (dates are written with four-digit years).
-pub const MAX_SOURCE_DATE_EPOCH: u64 = 253_402_300_799;
+pub(crate) const MAX_SOURCE_DATE_EPOCH: u64 = 253_402_300_799;
 
 /// Load and validate a spec file and the layers it includes.
-pub fn load(path: &Path) -> Result<Spec, SpecError> {
+pub(crate) fn load(path: &Path) -> Result<Spec, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|e| SpecError {
         file: path.to_path_buf(),
         line: 0,
@@ -459,33 +454,14 @@ pub fn load(path: &Path) -> Result<Spec, SpecError> {
 }
 
 /// Validate spec text; `path` locates errors and anchors relative layer paths.
-pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
+pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     let src = Source { file: path, text };
     let raw: RawSpec = src.parse()?;
 
-    let name = raw.image.name.get_ref().clone();
-    if !is_image_name(&name) {
-        return Err(src.error(
-            &raw.image.name,
-            format!("invalid image name `{name}`"),
-            "use lower-case letters, digits and dashes, starting with a letter (e.g. `devos-debian`)",
-        ));
-    }
+    let name = image_name(&src, &raw.image.name)?;
     let version = parse_version(&src, &raw.image.version)?;
+    let source_date_epoch = source_date_epoch(&src, raw.image.source_date_epoch.as_ref())?;
 
-    let source_date_epoch = match &raw.image.source_date_epoch {
-        Some(t) => match u64::try_from(*t.get_ref()) {
-            Ok(secs) if secs <= MAX_SOURCE_DATE_EPOCH => Some(secs),
-            _ => {
-                return Err(src.error(
-                    t,
-                    format!("invalid source-date-epoch {}", t.get_ref()),
-                    "give a Unix time in seconds, e.g. `source-date-epoch = 1700000000`, or remove the key to use the archive's date",
-                ));
-            }
-        },
-        None => None,
-    };
     let distro: Distro = pick(&src, &raw.base.distro, "distro")?;
     let Base {
         suite,
@@ -510,26 +486,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         Some(f) => pick(&src, f, "root-fs")?,
     };
 
-    let mut formats = BTreeSet::from([Format::Raw]);
-    if let Some(list) = &raw.output.formats {
-        for f in list {
-            formats.insert(pick(&src, f, "format")?);
-        }
-    } else {
-        formats.insert(Format::Qcow2);
-    }
+    let formats = formats(&src, raw.output.formats.as_deref())?;
 
-    let agent_config = match &raw.agent.config {
-        None => devos_agent::config::AgentConfig::default(),
-        Some(table) => devos_agent::config::AgentConfig::from_table(table.get_ref().clone())
-            .map_err(|e| {
-                src.error(
-                    table,
-                    format!("[agent.config]: {e}"),
-                    "the keys are those of /etc/devos/agent.toml, documented in docs/spec.md",
-                )
-            })?,
-    };
+    let agent_config = agent_config(&src, raw.agent.config.as_ref())?;
 
     let tests = tests(&src, &raw.tests)?;
 
@@ -553,11 +512,70 @@ pub fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         users,
         disk_size,
         root_fs,
-        formats: formats.into_iter().collect(),
+        formats,
         agent_enabled: raw.agent.enable.unwrap_or(true),
         agent_config,
         tests,
     })
+}
+
+/// `[image] name`, checked: it names the image in the registry and in os-release.
+fn image_name(src: &Source, raw: &Spanned<String>) -> Result<String, SpecError> {
+    let name = raw.get_ref().clone();
+    if !is_image_name(&name) {
+        return Err(src.error(
+            raw,
+            format!("invalid image name `{name}`"),
+            "use lower-case letters, digits and dashes, starting with a letter (e.g. `devos-debian`)",
+        ));
+    }
+    Ok(name)
+}
+
+/// `[image] source-date-epoch`, checked (none: the build takes the archive's date).
+fn source_date_epoch(src: &Source, raw: Option<&Spanned<i64>>) -> Result<Option<u64>, SpecError> {
+    let Some(t) = raw else {
+        return Ok(None);
+    };
+    match u64::try_from(*t.get_ref()) {
+        Ok(secs) if secs <= MAX_SOURCE_DATE_EPOCH => Ok(Some(secs)),
+        _ => Err(src.error(
+            t,
+            format!("invalid source-date-epoch {}", t.get_ref()),
+            "give a Unix time in seconds, e.g. `source-date-epoch = 1700000000`, or remove the key to use the archive's date",
+        )),
+    }
+}
+
+/// `[output] formats`: raw always (the others are made from it), qcow2 by default.
+fn formats(src: &Source, raw: Option<&[Spanned<String>]>) -> Result<Vec<Format>, SpecError> {
+    let mut formats = BTreeSet::from([Format::Raw]);
+    if let Some(list) = raw {
+        for f in list {
+            formats.insert(pick(src, f, "format")?);
+        }
+    } else {
+        formats.insert(Format::Qcow2);
+    }
+    Ok(formats.into_iter().collect())
+}
+
+/// `[agent.config]`, checked by the agent's own parser; absent, the agent's defaults.
+fn agent_config(
+    src: &Source,
+    raw: Option<&Spanned<toml::Table>>,
+) -> Result<devos_agent::config::AgentConfig, SpecError> {
+    match raw {
+        None => Ok(devos_agent::config::AgentConfig::default()),
+        Some(table) => devos_agent::config::AgentConfig::from_table(table.get_ref().clone())
+            .map_err(|e| {
+                src.error(
+                    table,
+                    format!("[agent.config]: {e}"),
+                    "the keys are those of /etc/devos/agent.toml, documented in docs/spec.md",
+                )
+            }),
+    }
 }
 
 /// `[system]`: hostname (default: the image's name), kernel command line, timezone.
@@ -884,7 +902,7 @@ fn list_layers(dir: &Path) -> Vec<String> {
 
 /// Parse `2G`, `1536M`, `2GiB`, `512MiB`, `1T` (binary units) into bytes; `None`
 /// (the caller's error) for anything else or too large.
-pub fn parse_size(s: &str) -> Option<u64> {
+fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(digits);
@@ -957,7 +975,7 @@ fn is_ssh_key(s: &str) -> bool {
 /// do not change it.
 /// `[[tests]]` are left out: they do not change the image (the boot test reads them
 /// from the spec), so editing a test never rebuilds anything.
-pub fn canonical(spec: &Spec) -> String {
+pub(crate) fn canonical(spec: &Spec) -> String {
     // A spec is plain data with string keys: serializing cannot fail, and a silent
     // `null` here would give every spec the same build id.
     let mut v = serde_json::to_value(spec).expect("a spec always serializes to JSON");

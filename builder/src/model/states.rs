@@ -6,12 +6,12 @@ macro_rules! named_states {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)+ }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-        pub enum $name {
+        pub(crate) enum $name {
             $($(#[$vdoc])* #[serde(rename = $text)] $variant,)+
         }
 
         impl $name {
-            pub fn as_str(self) -> &'static str {
+            fn as_str(self) -> &'static str {
                 match self {
                     $($name::$variant => $text,)+
                 }

@@ -2,7 +2,7 @@
 //! regions (the AWS side is the `devos-aws` crate), SSM parameters, promotion,
 //! deregistration, read-back verification; each change recorded in the registry.
 
-pub mod packer;
+pub(crate) mod packer;
 
 use std::path::PathBuf;
 
@@ -18,7 +18,7 @@ use crate::store::registry::{Publication, Registry, VersionInfo};
 use crate::support::ui::Ui;
 
 /// How to reach AWS: flags over the settings file over the standard chain.
-pub fn aws_options(
+pub(crate) fn aws_options(
     settings: &Settings,
     profile: Option<String>,
     endpoint: Option<String>,
@@ -37,7 +37,7 @@ pub fn aws_options(
 }
 
 /// The version to publish: it must have passed its boot test, unless forced.
-pub fn gate(reg: &Registry, reference: &str, force: bool) -> Result<VersionInfo> {
+fn gate(reg: &Registry, reference: &str, force: bool) -> Result<VersionInfo> {
     if !force {
         return reg.require_passing(reference);
     }
@@ -51,25 +51,25 @@ pub fn gate(reg: &Registry, reference: &str, force: bool) -> Result<VersionInfo>
     Ok(v)
 }
 
-pub struct AmiRequest {
-    pub reference: String,
-    pub region: Option<String>,
-    pub copy_to: Vec<String>,
-    pub name: Option<String>,
-    pub force: bool,
+pub(crate) struct AmiRequest {
+    pub(crate) reference: String,
+    pub(crate) region: Option<String>,
+    pub(crate) copy_to: Vec<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) force: bool,
 }
 
 #[derive(Serialize)]
-pub struct Published {
-    pub name: String,
-    pub version: String,
-    pub build_id: String,
+pub(crate) struct Published {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) build_id: String,
     #[serde(flatten)]
-    pub outcome: Outcome,
+    pub(crate) outcome: Outcome,
 }
 
 impl Published {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = format!("{}@{} (build {})\n", self.name, self.version, self.build_id);
         if let Some(u) = &self.outcome.upload {
             s.push_str(&format!(
@@ -94,7 +94,7 @@ impl Published {
     }
 }
 
-pub fn ami(
+pub(crate) fn ami(
     reg: &mut Registry,
     settings: &Settings,
     aws: &AwsOptions,
@@ -191,13 +191,13 @@ fn live(reg: &Registry, v: &VersionInfo, regions: &[String]) -> Result<Vec<Publi
 }
 
 #[derive(Serialize)]
-pub struct Promoted {
-    pub parameter: String,
-    pub regions: Vec<(String, String)>,
+pub(crate) struct Promoted {
+    pub(crate) parameter: String,
+    pub(crate) regions: Vec<(String, String)>,
 }
 
 /// Point PREFIX/NAME/latest at this version's AMI in every region it is published in.
-pub fn promote(
+pub(crate) fn promote(
     reg: &Registry,
     settings: &Settings,
     aws: &AwsOptions,
@@ -227,7 +227,7 @@ pub fn promote(
 
 /// Deregister every AMI of a version, delete their snapshots and SSM parameters.
 /// A version that `latest` points at is kept unless forced.
-pub fn deregister(
+pub(crate) fn deregister(
     reg: &mut Registry,
     settings: &Settings,
     aws: &AwsOptions,
@@ -289,16 +289,21 @@ pub fn deregister(
 }
 
 #[derive(Serialize)]
-pub struct Verified {
-    pub region: String,
-    pub snapshot_id: String,
-    pub raw: PathBuf,
-    pub blocks: u64,
+pub(crate) struct Verified {
+    pub(crate) region: String,
+    pub(crate) snapshot_id: String,
+    pub(crate) raw: PathBuf,
+    pub(crate) blocks: u64,
 }
 
 /// Read the uploaded snapshot back through the EBS direct API and compare it with the
 /// raw image, block by block.
-pub fn verify(reg: &Registry, aws: &AwsOptions, reference: &str, region: &str) -> Result<Verified> {
+pub(crate) fn verify(
+    reg: &Registry,
+    aws: &AwsOptions,
+    reference: &str,
+    region: &str,
+) -> Result<Verified> {
     let v = reg.find(reference)?;
     let p = live(reg, &v, &[region.to_owned()])?.remove(0);
     let snapshot_id = p
@@ -324,7 +329,7 @@ pub fn verify(reg: &Registry, aws: &AwsOptions, reference: &str, region: &str) -
     })
 }
 
-pub fn list_human(pubs: &[Publication]) -> String {
+pub(crate) fn list_human(pubs: &[Publication]) -> String {
     if pubs.is_empty() {
         return "nothing published yet\n".to_owned();
     }

@@ -16,24 +16,24 @@ use crate::support::cmd;
 
 const TEMPLATE: &str = include_str!("../../../packer/devos-ami.pkr.hcl.hbs");
 const PROVISION: &str = include_str!("../../../packer/provision.sh");
-pub const TEMPLATE_FILE: &str = "devos.pkr.hcl";
+const TEMPLATE_FILE: &str = "devos.pkr.hcl";
 const MANIFEST_FILE: &str = "packer-manifest.json";
 
-pub struct RenderOptions {
-    pub region: String,
+pub(crate) struct RenderOptions {
+    pub(crate) region: String,
     /// A non-AWS EC2 endpoint to build against.
-    pub endpoint: Option<String>,
+    pub(crate) endpoint: Option<String>,
     /// Provision over SSH (the real build); false renders the no-communicator variant.
-    pub ssh: bool,
+    pub(crate) ssh: bool,
     /// Default: `packer/` in the version's output directory.
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Rendered {
-    pub dir: PathBuf,
-    pub template: PathBuf,
-    pub validated: bool,
+pub(crate) struct Rendered {
+    pub(crate) dir: PathBuf,
+    pub(crate) template: PathBuf,
+    pub(crate) validated: bool,
 }
 
 #[derive(Serialize)]
@@ -63,7 +63,7 @@ fn hcl_escape(s: &str) -> String {
 }
 
 /// The HCL for `v`, with every value escaped for HCL.
-pub fn render_template(v: &VersionInfo, opts: &RenderOptions) -> Result<String> {
+fn render_template(v: &VersionInfo, opts: &RenderOptions) -> Result<String> {
     let mut hb = handlebars::Handlebars::new();
     hb.set_strict_mode(true);
     hb.register_escape_fn(hcl_escape);
@@ -97,7 +97,7 @@ pub fn render_template(v: &VersionInfo, opts: &RenderOptions) -> Result<String> 
 }
 
 /// Write the build directory for `v` and check it with `packer validate`.
-pub fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> Result<Rendered> {
+pub(crate) fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> Result<Rendered> {
     let v = reg.find(reference)?;
     let manifest = reg.manifest(&v)?;
     let agent = manifest.agent.as_ref().with_context(|| {
@@ -146,7 +146,7 @@ fn require_packer() -> Result<()> {
 }
 
 /// `packer validate` the rendered template; its complaint is the error.
-pub fn validate(dir: &Path) -> Result<()> {
+fn validate(dir: &Path) -> Result<()> {
     require_packer()?;
     let mut c = packer(dir);
     c.args(["validate", TEMPLATE_FILE]);
@@ -160,15 +160,15 @@ pub fn validate(dir: &Path) -> Result<()> {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Built {
-    pub region: String,
-    pub ami_id: String,
-    pub dir: PathBuf,
+pub(crate) struct Built {
+    pub(crate) region: String,
+    pub(crate) ami_id: String,
+    pub(crate) dir: PathBuf,
 }
 
 /// Render, then `packer build` (output streamed), then read the AMI from the manifest
 /// and record it in the registry.
-pub fn build(
+pub(crate) fn build(
     reg: &mut Registry,
     reference: &str,
     force: bool,

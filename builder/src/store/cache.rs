@@ -20,7 +20,7 @@ use crate::support::{cmd, digest, remove};
 
 /// Where the cache lives: `$DEVOS_CACHE_DIR`, else `$XDG_CACHE_HOME/devos`, else
 /// `~/.cache/devos`.
-pub fn dir() -> PathBuf {
+pub(crate) fn dir() -> PathBuf {
     if let Some(d) = std::env::var_os("DEVOS_CACHE_DIR") {
         return PathBuf::from(d);
     }
@@ -34,22 +34,22 @@ pub fn dir() -> PathBuf {
 }
 
 /// The kinds of stage entries, in pipeline order.
-pub const KINDS: &[&str] = &["base", "tree"];
+pub(crate) const KINDS: &[&str] = &["base", "tree"];
 
 /// What `entry.json` records.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Entry {
-    pub kind: String,
-    pub key: String,
-    pub sha256: String,
-    pub size: u64,
+struct Entry {
+    pub(crate) kind: String,
+    pub(crate) key: String,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
     /// Unix time the entry was stored.
-    pub created: u64,
+    pub(crate) created: u64,
     /// What the entry was made from, for people reading the cache.
-    pub about: String,
+    pub(crate) about: String,
 }
 
-pub struct Cache {
+pub(crate) struct Cache {
     root: PathBuf,
     /// False with `--no-cache`: nothing is read or written.
     enabled: bool,
@@ -60,7 +60,7 @@ const ENTRY: &str = "entry.json";
 /// The cache's own code, hashed into every stage key: a change to how trees are
 /// stored or restored (tar flags, what is kept) never restores an entry written the
 /// old way.
-pub fn format_digest() -> String {
+pub(crate) fn format_digest() -> String {
     crate::support::digest::sha256_hex(include_str!("cache.rs").as_bytes())
 }
 
@@ -72,12 +72,8 @@ const TAR_COMMON: &[&str] = &[
 ];
 
 impl Cache {
-    pub fn new(root: PathBuf, enabled: bool) -> Self {
+    pub(crate) fn new(root: PathBuf, enabled: bool) -> Self {
         Self { root, enabled }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     fn entry_dir(&self, kind: &str, key: &str) -> PathBuf {
@@ -85,13 +81,13 @@ impl Cache {
     }
 
     /// Whether an entry exists (its hash is checked only when it is used).
-    pub fn contains(&self, kind: &str, key: &str) -> bool {
+    pub(crate) fn contains(&self, kind: &str, key: &str) -> bool {
         self.enabled && self.entry_dir(kind, key).join(ENTRY).is_file()
     }
 
     /// Restore the tree stored for `kind`/`key` into `dest` (which must not exist).
     /// `Ok(false)` when there is no usable entry; a corrupt entry is removed.
-    pub fn restore(&self, kind: &str, key: &str, dest: &Path) -> Result<bool> {
+    pub(crate) fn restore(&self, kind: &str, key: &str, dest: &Path) -> Result<bool> {
         if !self.enabled {
             return Ok(false);
         }
@@ -155,7 +151,7 @@ impl Cache {
 
     /// Store `tree` as the entry for `kind`/`key`. Another build storing the same key
     /// at the same time is fine: the first complete entry wins.
-    pub fn store(&self, kind: &str, key: &str, tree: &Path, about: &str) -> Result<()> {
+    pub(crate) fn store(&self, kind: &str, key: &str, tree: &Path, about: &str) -> Result<()> {
         if !self.enabled {
             return Ok(());
         }
@@ -195,7 +191,7 @@ impl Cache {
     }
 
     /// Every stage entry, plus the sizes of the package and package-list caches.
-    pub fn status(&self) -> Result<Status> {
+    pub(crate) fn status(&self) -> Result<Status> {
         let mut entries = Vec::new();
         for kind in KINDS {
             let kind_dir = self.root.join("stages").join(kind);
@@ -248,7 +244,7 @@ impl Cache {
 
     /// Remove stage entries beyond the `keep` most recently used of each kind (all of
     /// them with `keep = 0`), and with `packages`, the downloaded packages and lists.
-    pub fn prune(&self, keep: usize, packages: bool) -> Result<Pruned> {
+    pub(crate) fn prune(&self, keep: usize, packages: bool) -> Result<Pruned> {
         let status = self.status()?;
         let mut pruned = Pruned::default();
         for kind in KINDS {
@@ -271,31 +267,31 @@ impl Cache {
 }
 
 #[derive(Debug, serde::Serialize)]
-pub struct Status {
-    pub dir: PathBuf,
-    pub stages_bytes: u64,
-    pub packages_bytes: u64,
-    pub package_lists_bytes: u64,
-    pub entries: Vec<StatusEntry>,
+pub(crate) struct Status {
+    pub(crate) dir: PathBuf,
+    pub(crate) stages_bytes: u64,
+    pub(crate) packages_bytes: u64,
+    pub(crate) package_lists_bytes: u64,
+    pub(crate) entries: Vec<StatusEntry>,
 }
 
 #[derive(Debug, serde::Serialize)]
-pub struct StatusEntry {
-    pub kind: String,
-    pub key: String,
-    pub size: u64,
-    pub last_used: u64,
-    pub about: String,
+pub(crate) struct StatusEntry {
+    pub(crate) kind: String,
+    pub(crate) key: String,
+    pub(crate) size: u64,
+    pub(crate) last_used: u64,
+    pub(crate) about: String,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
-pub struct Pruned {
-    pub entries: usize,
-    pub bytes: u64,
+pub(crate) struct Pruned {
+    pub(crate) entries: usize,
+    pub(crate) bytes: u64,
 }
 
 impl Status {
-    pub fn human(&self) -> String {
+    pub(crate) fn human(&self) -> String {
         let mut s = format!("cache: {}\n", self.dir.display());
         s.push_str(&format!(
             "  stage entries      {:>4}  {:>8}\n  downloaded packages     {:>8}\n  package lists           {:>8}\n",
@@ -317,7 +313,7 @@ impl Status {
     }
 }
 
-pub fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
@@ -352,7 +348,7 @@ fn touch(dir: &Path) {
     }
 }
 
-pub fn dir_size(root: &Path) -> u64 {
+pub(crate) fn dir_size(root: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     // Unreadable entries count as nothing: this is a size shown to the user, not a

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 const TAIL_LINES: usize = 25;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CmdError {
+pub(crate) enum CmdError {
     #[error(
         "`{program}` was not found: install it (`devos-build doctor` says which package has it)"
     )]
@@ -27,7 +27,7 @@ pub enum CmdError {
 }
 
 /// A command line as a user would type it, for logs and errors.
-pub fn display(cmd: &Command) -> String {
+fn display(cmd: &Command) -> String {
     let mut line = quote(cmd.get_program());
     for arg in cmd.get_args() {
         line.push(' ');
@@ -49,12 +49,12 @@ fn quote(s: &OsStr) -> String {
 }
 
 /// Run to completion, capturing stdout and stderr. Fails on a non-zero exit.
-pub fn run(cmd: &mut Command) -> Result<Output, CmdError> {
+pub(crate) fn run(cmd: &mut Command) -> Result<Output, CmdError> {
     run_with_input(cmd, None)
 }
 
 /// Like [`run`], feeding `input` to the program's stdin (e.g. an sfdisk script).
-pub fn run_with_input(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output, CmdError> {
+pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output, CmdError> {
     use std::io::Write;
     let line = display(cmd);
     tracing::info!(target: "devos_build::support::cmd", "$ {line}");
@@ -92,13 +92,13 @@ pub fn run_with_input(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output,
 }
 
 /// Run and return stdout as text.
-pub fn stdout(cmd: &mut Command) -> Result<String, CmdError> {
+pub(crate) fn stdout(cmd: &mut Command) -> Result<String, CmdError> {
     Ok(String::from_utf8_lossy(&run(cmd)?.stdout).into_owned())
 }
 
 /// Start a long-running child (QEMU) with the same logging and parent-death handling.
 /// The caller chooses where its output goes; stdin is closed unless `interactive`.
-pub fn spawn(cmd: &mut Command, interactive: bool) -> Result<std::process::Child, CmdError> {
+pub(crate) fn spawn(cmd: &mut Command, interactive: bool) -> Result<std::process::Child, CmdError> {
     let line = display(cmd);
     tracing::info!(target: "devos_build::support::cmd", "$ {line}");
     if !interactive {
@@ -151,7 +151,7 @@ fn die_with_parent(cmd: &mut Command) {
 }
 
 /// The full path of a program on PATH.
-pub fn which(program: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn which(program: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join(program))

@@ -22,7 +22,7 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
 }
 
 /// Lower-case hex sha256 of `data`.
-pub fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
@@ -31,21 +31,21 @@ pub fn sha256_hex(data: &[u8]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileEntry {
     /// Absolute path in the image.
-    pub path: String,
+    pub(crate) path: String,
     /// `f` file, `d` directory, `l` symlink, `c`/`b` device, `p` fifo, `s` socket.
-    pub kind: char,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub mtime: i64,
+    pub(crate) kind: char,
+    pub(crate) mode: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) size: u64,
+    pub(crate) mtime: i64,
     /// sha256 of a file's bytes, a symlink's target, else empty.
-    pub content: String,
+    pub(crate) content: String,
 }
 
 impl FileEntry {
     /// What differs from `other`, in words (`content`, `mode`, ...).
-    pub fn differences(&self, other: &FileEntry) -> Vec<&'static str> {
+    pub(crate) fn differences(&self, other: &FileEntry) -> Vec<&'static str> {
         let mut d = Vec::new();
         if self.kind != other.kind {
             d.push("type");
@@ -70,7 +70,7 @@ impl FileEntry {
 }
 
 /// The file list of a tree, sorted by path.
-pub fn file_index(root: &Path) -> std::io::Result<Vec<FileEntry>> {
+pub(crate) fn file_index(root: &Path) -> std::io::Result<Vec<FileEntry>> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut out = Vec::new();
     for entry in walkdir::WalkDir::new(root) {
@@ -110,7 +110,7 @@ pub fn file_index(root: &Path) -> std::io::Result<Vec<FileEntry>> {
 
 /// Paths present in only one list or different between them, in path order;
 /// modification times count only with `times`.
-pub fn diff_files<'a>(
+pub(crate) fn diff_files<'a>(
     a: &'a [FileEntry],
     b: &'a [FileEntry],
     times: bool,

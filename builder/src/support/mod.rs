@@ -2,9 +2,9 @@
 //! progress.
 //! Knows nothing of specs, images or AWS.
 
-pub mod cmd;
+pub(crate) mod cmd;
 pub mod digest;
-pub mod remove;
+pub(crate) mod remove;
 pub mod time;
-pub mod ui;
-pub mod workdir;
+pub(crate) mod ui;
+pub(crate) mod workdir;

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// Remove a file, or do nothing if there is none.
-pub fn file_if_present(path: &Path) -> Result<()> {
+pub(crate) fn file_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => {
             Err(e).with_context(|| format!("cannot remove {}", path.display()))
@@ -17,7 +17,7 @@ pub fn file_if_present(path: &Path) -> Result<()> {
 }
 
 /// Remove a directory and everything in it, or do nothing if there is none.
-pub fn dir_if_present(path: &Path) -> Result<()> {
+pub(crate) fn dir_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => {
             Err(e).with_context(|| format!("cannot remove {}", path.display()))

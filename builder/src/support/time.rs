@@ -8,14 +8,14 @@ pub fn now() -> u64 {
 }
 
 /// A system time as seconds since the Unix epoch (0 if before it).
-pub fn secs(t: SystemTime) -> u64 {
+pub(crate) fn secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) for a Unix time; a time past year 9999, which no
 /// clock or archive gives, shows as the epoch.
-pub fn utc(t: u64) -> String {
+pub(crate) fn utc(t: u64) -> String {
     let t = i64::try_from(t)
         .ok()
         .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())

@@ -6,23 +6,23 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub struct Ui {
+pub(crate) struct Ui {
     fancy: bool,
     bar: Option<ProgressBar>,
 }
 
 impl Ui {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let fancy = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         Self { fancy, bar: None }
     }
 
     /// Whether command lines and other info logs should be shown (not on a spinner).
-    pub fn is_fancy(&self) -> bool {
+    pub(crate) fn is_fancy(&self) -> bool {
         self.fancy
     }
 
-    pub fn stage(&mut self, index: usize, total: usize, name: &str) -> Instant {
+    pub(crate) fn stage(&mut self, index: usize, total: usize, name: &str) -> Instant {
         if self.fancy {
             let bar = ProgressBar::new_spinner();
             bar.set_style(
@@ -39,7 +39,7 @@ impl Ui {
         Instant::now()
     }
 
-    pub fn stage_done(&mut self, name: &str, took: Duration) {
+    pub(crate) fn stage_done(&mut self, name: &str, took: Duration) {
         let line = format!("    {name} done in {:.1}s", took.as_secs_f64());
         match self.bar.take() {
             Some(bar) => bar.finish_with_message(format!("{name} ({:.1}s)", took.as_secs_f64())),
@@ -47,7 +47,7 @@ impl Ui {
         }
     }
 
-    pub fn info(&self, msg: &str) {
+    pub(crate) fn info(&self, msg: &str) {
         match &self.bar {
             Some(bar) => bar.println(msg),
             None => eprintln!("{msg}"),
@@ -57,7 +57,7 @@ impl Ui {
 
 /// A byte-count progress bar with bytes/s on a terminal; in logs, a line at every
 /// quarter. Shared between worker threads.
-pub struct Transfer {
+pub(crate) struct Transfer {
     what: String,
     bar: Option<ProgressBar>,
     done: std::sync::atomic::AtomicU64,
@@ -65,7 +65,7 @@ pub struct Transfer {
 }
 
 impl Ui {
-    pub fn transfer(&self, what: &str) -> Transfer {
+    pub(crate) fn transfer(&self, what: &str) -> Transfer {
         let bar = self.fancy.then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
@@ -88,7 +88,7 @@ impl Ui {
 }
 
 impl Transfer {
-    pub fn advance(&self, bytes: u64, total: u64) {
+    pub(crate) fn advance(&self, bytes: u64, total: u64) {
         use std::sync::atomic::Ordering;
         let before = self.done.fetch_add(bytes, Ordering::Relaxed);
         let now = before + bytes;
@@ -110,14 +110,14 @@ impl Transfer {
         }
     }
 
-    pub fn log(&self, msg: &str) {
+    pub(crate) fn log(&self, msg: &str) {
         match &self.bar {
             Some(bar) => bar.println(format!("    {msg}")),
             None => eprintln!("    {msg}"),
         }
     }
 
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

@@ -9,13 +9,13 @@ use anyhow::{Context, Result};
 /// A temporary directory next to where its result goes, locked while its owner runs,
 /// so that [`remove_stale_work_dirs`] can tell a killed build's leftovers from a
 /// running build's work.
-pub struct WorkDir {
+pub(crate) struct WorkDir {
     dir: tempfile::TempDir,
     _lock: fs::File,
 }
 
 impl WorkDir {
-    pub fn new(parent: &Path) -> Result<Self> {
+    pub(crate) fn new(parent: &Path) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(WORK_PREFIX)
             .tempdir_in(parent)
@@ -25,14 +25,14 @@ impl WorkDir {
         Ok(Self { dir, _lock: lock })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
     /// Rename the directory to `dest` in one step. If `dest` already exists (another
     /// build made the same thing), keep that one and drop this; any other failure to
     /// rename is an error.
-    pub fn persist(self, dest: &Path) -> Result<()> {
+    pub(crate) fn persist(self, dest: &Path) -> Result<()> {
         let lock = self.dir.path().join(WORK_LOCK);
         fs::remove_file(&lock).with_context(|| format!("cannot remove {}", lock.display()))?;
         let path = self.dir.keep();
@@ -55,7 +55,7 @@ const WORK_LOCK: &str = "lock";
 
 /// Remove work directories left by builds that were killed (their lock is free).
 /// Directories of builds still running are locked and left alone.
-pub fn remove_stale_work_dirs(images: &Path) {
+pub(crate) fn remove_stale_work_dirs(images: &Path) {
     // Sweeping only frees space: a build goes on without it.
     let entries = match fs::read_dir(images) {
         Ok(entries) => entries,

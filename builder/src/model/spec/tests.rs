@@ -102,7 +102,13 @@ fn every_field_is_read() {
     // With it, what it needs comes too (bubblewrap builds its sandboxes).
     assert_eq!(
         with_agent.all_packages(),
-        ["bubblewrap", "dbus", "git", "systemd-sysv"]
+        [
+            "bubblewrap",
+            "ca-certificates",
+            "dbus",
+            "git",
+            "systemd-sysv"
+        ]
     );
     assert_eq!(s.hostname, "box-1");
     assert_eq!(s.kernel_cmdline, "console=ttyS0");

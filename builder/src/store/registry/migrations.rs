@@ -100,4 +100,4 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -18,15 +18,15 @@ mod runs;
 mod versions;
 
 use migrations::MIGRATIONS;
-pub use migrations::SCHEMA_VERSION;
-pub use publications::Publication;
-pub use rollouts::Rollout;
+pub(crate) use migrations::SCHEMA_VERSION;
+pub(crate) use publications::Publication;
+pub(crate) use rollouts::Rollout;
 pub use runs::TestRun;
-pub use versions::{ArtifactRow, VersionInfo};
+pub(crate) use versions::{ArtifactRow, VersionInfo};
 
 /// `$DEVOS_REGISTRY`, else `$XDG_DATA_HOME/devos/registry.db`, else
 /// `~/.local/share/devos/registry.db`.
-pub fn default_path() -> PathBuf {
+pub(crate) fn default_path() -> PathBuf {
     if let Some(p) = std::env::var_os("DEVOS_REGISTRY") {
         return PathBuf::from(p);
     }
@@ -48,7 +48,7 @@ impl Registry {
     }
 
     /// Open, migrating up to `target` (tests use older targets to check migrations).
-    pub fn open_at(path: &Path, target: i64) -> Result<Self> {
+    fn open_at(path: &Path, target: i64) -> Result<Self> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create {}", parent.display()))?;
@@ -67,11 +67,8 @@ impl Registry {
         Ok(reg)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn schema_version(&self) -> Result<i64> {
+    #[cfg(test)]
+    fn schema_version(&self) -> Result<i64> {
         Ok(self
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))?)

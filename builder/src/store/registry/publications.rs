@@ -10,26 +10,26 @@ use crate::support::time::now;
 
 /// An AMI of one version in one region.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Publication {
-    pub name: String,
-    pub version: String,
-    pub build_id: String,
-    pub region: String,
+pub(crate) struct Publication {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) build_id: String,
+    pub(crate) region: String,
     /// `ami` (EBS direct upload) or `packer`.
-    pub kind: String,
-    pub ami_id: Option<String>,
-    pub snapshot_ids: Vec<String>,
+    pub(crate) kind: String,
+    pub(crate) ami_id: Option<String>,
+    pub(crate) snapshot_ids: Vec<String>,
     /// The SSM parameter holding the AMI id, if one was written.
-    pub parameter: Option<String>,
+    pub(crate) parameter: Option<String>,
     /// `available`, or `deregistered` once `publish deregister` removed it.
-    pub state: PublicationState,
-    pub created_at: u64,
-    pub updated_at: u64,
+    pub(crate) state: PublicationState,
+    pub(crate) created_at: u64,
+    pub(crate) updated_at: u64,
 }
 
 impl Publication {
     /// A new, available publication of `v` (the registry stamps the times).
-    pub fn available(
+    pub(crate) fn available(
         v: &VersionInfo,
         region: &str,
         kind: &str,
@@ -55,7 +55,7 @@ impl Publication {
 
 impl Registry {
     /// Record (or update) the publication of `v` in a region.
-    pub fn record_publication(&mut self, v: &VersionInfo, p: &Publication) -> Result<()> {
+    pub(crate) fn record_publication(&mut self, v: &VersionInfo, p: &Publication) -> Result<()> {
         let now = now();
         self.conn.execute(
             "INSERT INTO publications
@@ -80,7 +80,7 @@ impl Registry {
     }
 
     /// Publications of every version (or of `name`, or of `name@version`), newest first.
-    pub fn publications(
+    pub(crate) fn publications(
         &self,
         name: Option<&str>,
         version: Option<&str>,

@@ -10,27 +10,27 @@ use crate::support::time::now;
 
 /// One rollout of a stack from one version to another, as `fleet history` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Rollout {
-    pub id: i64,
-    pub stack: String,
-    pub region: String,
+pub(crate) struct Rollout {
+    pub(crate) id: i64,
+    pub(crate) stack: String,
+    pub(crate) region: String,
     /// deploy, rollout, rollback or auto-rollback.
-    pub kind: String,
-    pub image: String,
-    pub from: Option<String>,
-    pub to: String,
+    pub(crate) kind: String,
+    pub(crate) image: String,
+    pub(crate) from: Option<String>,
+    pub(crate) to: String,
     /// in-progress, succeeded, failed, rolled-back.
-    pub state: ChangeState,
-    pub reason: Option<String>,
-    pub started_at: u64,
-    pub finished_at: Option<u64>,
+    pub(crate) state: ChangeState,
+    pub(crate) reason: Option<String>,
+    pub(crate) started_at: u64,
+    pub(crate) finished_at: Option<u64>,
     /// Seconds from the command's start to the stack update being issued.
-    pub issued_after: Option<f64>,
+    pub(crate) issued_after: Option<f64>,
 }
 
 impl Registry {
     /// Record the start of a rollout; returns its id for [`Registry::finish_rollout`].
-    pub fn start_rollout(
+    pub(crate) fn start_rollout(
         &mut self,
         stack: &str,
         region: &str,
@@ -54,7 +54,7 @@ impl Registry {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn rollout_issued(&mut self, id: i64, seconds: f64) -> Result<()> {
+    pub(crate) fn rollout_issued(&mut self, id: i64, seconds: f64) -> Result<()> {
         self.conn.execute(
             "UPDATE rollouts SET issued_after = ?2 WHERE id = ?1",
             params![id, seconds],
@@ -62,7 +62,7 @@ impl Registry {
         Ok(())
     }
 
-    pub fn finish_rollout(
+    pub(crate) fn finish_rollout(
         &mut self,
         id: i64,
         state: ChangeState,
@@ -76,7 +76,11 @@ impl Registry {
     }
 
     /// The rollouts of a stack (every stack if None), newest first.
-    pub fn rollouts(&self, stack: Option<&str>, region: Option<&str>) -> Result<Vec<Rollout>> {
+    pub(crate) fn rollouts(
+        &self,
+        stack: Option<&str>,
+        region: Option<&str>,
+    ) -> Result<Vec<Rollout>> {
         let mut stmt = self.conn.prepare(
             "SELECT r.id, r.stack, r.region, r.kind, i.name, fv.version, tv.version, r.state,
                     r.reason, r.started_at, r.finished_at, r.issued_after
@@ -106,7 +110,7 @@ impl Registry {
     }
 
     /// Mark `v` bad for a stack: rollouts of it to that stack are refused from now on.
-    pub fn mark_bad(
+    pub(crate) fn mark_bad(
         &mut self,
         stack: &str,
         region: &str,
@@ -124,7 +128,12 @@ impl Registry {
     }
 
     /// Why `v` is marked bad for the stack, if it is.
-    pub fn bad_reason(&self, stack: &str, region: &str, v: &VersionInfo) -> Result<Option<String>> {
+    pub(crate) fn bad_reason(
+        &self,
+        stack: &str,
+        region: &str,
+        v: &VersionInfo,
+    ) -> Result<Option<String>> {
         Ok(self
             .conn
             .query_row(

@@ -42,7 +42,7 @@ impl Registry {
         Ok(())
     }
 
-    pub fn test_runs(&self, v: &VersionInfo) -> Result<Vec<TestRun>> {
+    pub(crate) fn test_runs(&self, v: &VersionInfo) -> Result<Vec<TestRun>> {
         let mut stmt = self.conn.prepare(
             "SELECT started_at, passed, accelerator, seconds FROM test_runs
              WHERE version_id = ?1 ORDER BY started_at DESC, id DESC",
@@ -60,7 +60,7 @@ impl Registry {
 
     /// The gate publishing and rollouts pass through: the version's latest boot test
     /// must have passed.
-    pub fn require_passing(&self, reference: &str) -> Result<VersionInfo> {
+    pub(crate) fn require_passing(&self, reference: &str) -> Result<VersionInfo> {
         let v = self.find(reference)?;
         match v.tested {
             Some(true) => Ok(v),

@@ -14,27 +14,27 @@ use crate::support::time::now;
 
 /// One version as `image list` and `image show` report it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct VersionInfo {
+pub(crate) struct VersionInfo {
     #[serde(skip)]
-    pub id: i64,
-    pub name: String,
-    pub version: String,
-    pub build_id: String,
-    pub dir: PathBuf,
-    pub spec: String,
-    pub built_at: u64,
-    pub state: VersionState,
+    pub(crate) id: i64,
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) build_id: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) spec: String,
+    pub(crate) built_at: u64,
+    pub(crate) state: VersionState,
     /// `None` if never boot-tested, else whether the latest test run passed.
-    pub tested: Option<bool>,
-    pub artifacts: Vec<ArtifactRow>,
+    pub(crate) tested: Option<bool>,
+    pub(crate) artifacts: Vec<ArtifactRow>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ArtifactRow {
-    pub file: String,
-    pub format: Format,
-    pub sha256: String,
-    pub size: u64,
+pub(crate) struct ArtifactRow {
+    pub(crate) file: String,
+    pub(crate) format: Format,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
 }
 
 impl Registry {
@@ -120,7 +120,7 @@ impl Registry {
     }
 
     /// Every version of every image (or of `name`), newest first.
-    pub fn versions(&self, name: Option<&str>) -> Result<Vec<VersionInfo>> {
+    pub(crate) fn versions(&self, name: Option<&str>) -> Result<Vec<VersionInfo>> {
         let mut stmt = self.conn.prepare(
             "SELECT v.id, i.name, v.version, v.build_id, v.dir, v.spec, v.built_at, v.state,
                     (SELECT passed FROM test_runs t WHERE t.version_id = v.id
@@ -169,7 +169,7 @@ impl Registry {
 
     /// Find `NAME`, `NAME@VERSION` or `NAME@PREFIX` (a unique prefix of a version);
     /// `NAME` alone is its newest version.
-    pub fn find(&self, reference: &str) -> Result<VersionInfo> {
+    pub(crate) fn find(&self, reference: &str) -> Result<VersionInfo> {
         let (name, wanted) = match reference.split_once('@') {
             Some((n, v)) => (n, Some(v)),
             None => (reference, None),
@@ -215,7 +215,7 @@ impl Registry {
         }
     }
 
-    pub fn manifest(&self, v: &VersionInfo) -> Result<Manifest> {
+    pub(crate) fn manifest(&self, v: &VersionInfo) -> Result<Manifest> {
         let text: String =
             self.conn
                 .query_row("SELECT manifest FROM versions WHERE id = ?1", [v.id], |r| {
@@ -224,7 +224,7 @@ impl Registry {
         Ok(serde_json::from_str(&text)?)
     }
 
-    pub fn files(&self, v: &VersionInfo) -> Result<Vec<FileEntry>> {
+    pub(crate) fn files(&self, v: &VersionInfo) -> Result<Vec<FileEntry>> {
         let mut stmt = self.conn.prepare(
             "SELECT path, kind, mode, uid, gid, size, mtime, content FROM files WHERE version_id = ?1 ORDER BY path",
         )?;
@@ -244,7 +244,7 @@ impl Registry {
     }
 
     /// Add (or replace) an artifact of `v`, e.g. an export made after the build.
-    pub fn record_artifact(&mut self, v: &VersionInfo, a: &ArtifactRow) -> Result<()> {
+    pub(crate) fn record_artifact(&mut self, v: &VersionInfo, a: &ArtifactRow) -> Result<()> {
         self.conn.execute(
             "INSERT INTO artifacts (version_id, file, format, sha256, size) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (version_id, file) DO UPDATE SET
@@ -255,7 +255,7 @@ impl Registry {
     }
 
     /// Mark a version's artifacts as deleted (the row stays, for history and diffs).
-    pub fn mark_removed(&mut self, v: &VersionInfo) -> Result<()> {
+    pub(crate) fn mark_removed(&mut self, v: &VersionInfo) -> Result<()> {
         self.conn.execute(
             "UPDATE versions SET state = ?2 WHERE id = ?1",
             params![v.id, VersionState::Removed],
