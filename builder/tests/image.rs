@@ -303,6 +303,21 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(again["fresh"], false);
     assert_eq!(again["manifest"]["version"], version);
+
+    // It boots where users run it, not only from EC2's NVMe: QEMU's and libvirt's
+    // default virtio-blk, and virtio-scsi.
+    for bus in ["virtio-blk", "virtio-scsi"] {
+        let out = run_with_timeout(
+            devos_build_command()
+                .args(["image", "test", "--json", "--disk-bus", bus])
+                .arg(dir),
+            Duration::from_secs(10 * 60),
+        )
+        .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{bus}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(report["passed"], true, "{bus}: {report:#}");
+    }
 }
 
 /// The accelerator choice is made by a real probe and always explained.

@@ -27,6 +27,8 @@ pub(crate) struct TestOptions {
     pub(crate) timeout: Duration,
     /// Keep the overlay and logs (their directory is printed).
     pub(crate) keep: bool,
+    /// The bus the disk is attached to.
+    pub(crate) disk_bus: vm::DiskBus,
 }
 
 impl Default for TestOptions {
@@ -36,6 +38,7 @@ impl Default for TestOptions {
             cpus: 2,
             timeout: Duration::from_secs(180),
             keep: false,
+            disk_bus: vm::DiskBus::default(),
         }
     }
 }
@@ -90,6 +93,7 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
     let mut vm = scratch.vm(
         opts.memory_mib,
         opts.cpus,
+        opts.disk_bus,
         Some(&console),
         Some(&report),
         None,
@@ -249,6 +253,7 @@ pub(crate) fn boot(
     target: &Target,
     memory_mib: u32,
     cpus: u32,
+    disk_bus: vm::DiskBus,
     ssh_port: Option<u16>,
 ) -> Result<()> {
     let scratch = Scratch::prepare(target, "devos-boot-")?;
@@ -261,7 +266,7 @@ pub(crate) fn boot(
     if let Some(port) = ssh_port {
         eprintln!("ssh: ssh -p {port} USER@127.0.0.1");
     }
-    let vm = scratch.vm(memory_mib, cpus, None, None, ssh_port);
+    let vm = scratch.vm(memory_mib, cpus, disk_bus, None, None, ssh_port);
     let status = crate::support::cmd::spawn(&mut vm.command(&scratch.fw), true)?.wait()?;
     if !status.success() {
         bail!("QEMU exited with {status}");

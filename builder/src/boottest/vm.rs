@@ -184,8 +184,38 @@ fn firmware() -> Result<Firmware> {
 }
 
 /// A VM to start. Its disk is always a qcow2 overlay (see [`overlay`]).
+/// How the VM's disk is attached: the buses the image must boot from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum DiskBus {
+    /// NVMe, as EC2's Nitro instances attach EBS volumes.
+    #[default]
+    Nvme,
+    /// virtio-blk, the default disk of QEMU and libvirt.
+    VirtioBlk,
+    /// A SCSI disk on virtio-scsi (libvirt's `bus='scsi'`, many clouds).
+    VirtioScsi,
+}
+
+impl DiskBus {
+    /// The QEMU devices that attach drive `disk` on this bus.
+    fn devices(self) -> &'static [&'static str] {
+        match self {
+            DiskBus::Nvme => &["-device", "nvme,drive=disk,serial=devos"],
+            DiskBus::VirtioBlk => &["-device", "virtio-blk-pci,drive=disk"],
+            DiskBus::VirtioScsi => &[
+                "-device",
+                "virtio-scsi-pci,id=scsi",
+                "-device",
+                "scsi-hd,drive=disk,bus=scsi.0",
+            ],
+        }
+    }
+}
+
 pub(crate) struct Vm<'a> {
     pub(crate) disk: &'a Path,
+    pub(crate) disk_bus: DiskBus,
     pub(crate) vars: &'a Path,
     pub(crate) accel: Accel,
     pub(crate) memory_mib: u32,
@@ -260,14 +290,12 @@ impl Vm<'_> {
                 "if=pflash,format=raw,unit=1,file={}",
                 self.vars.display()
             ))
-            // NVMe, as on EC2 (Nitro): the disk an image without an initramfs can boot
-            // from, since Debian's cloud kernel builds NVMe in and virtio-blk as a module.
             .arg("-drive")
             .arg(format!(
                 "file={},format=qcow2,if=none,id=disk,cache=unsafe,discard=unmap",
                 self.disk.display()
             ))
-            .args(["-device", "nvme,drive=disk,serial=devos"])
+            .args(self.disk_bus.devices())
             .args(["-device", "virtio-rng-pci"]);
     }
 
@@ -400,12 +428,14 @@ impl Scratch {
         &'a self,
         memory_mib: u32,
         cpus: u32,
+        disk_bus: DiskBus,
         console_log: Option<&'a Path>,
         selftest_report: Option<&'a Path>,
         ssh_port: Option<u16>,
     ) -> Vm<'a> {
         Vm {
             disk: &self.overlay,
+            disk_bus,
             vars: &self.vars,
             accel: self.accel.accel,
             memory_mib,
@@ -421,6 +451,40 @@ impl Scratch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_disk_bus_attaches_the_one_drive() {
+        let fw = Firmware {
+            code: "/code.fd".into(),
+            vars: "/vars.fd".into(),
+        };
+        for (bus, device) in [
+            (DiskBus::Nvme, "nvme,drive=disk,serial=devos"),
+            (DiskBus::VirtioBlk, "virtio-blk-pci,drive=disk"),
+            (DiskBus::VirtioScsi, "scsi-hd,drive=disk,bus=scsi.0"),
+        ] {
+            let vm = Vm {
+                disk: Path::new("/overlay.qcow2"),
+                disk_bus: bus,
+                vars: Path::new("/vars"),
+                accel: Accel::Tcg,
+                memory_mib: 1024,
+                cpus: 2,
+                console_log: None,
+                selftest_report: None,
+                tests_json: None,
+                ssh_port: None,
+            };
+            let args: Vec<String> = vm
+                .command(&fw)
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            assert!(args.iter().any(|a| a == device), "{bus:?}: {args:?}");
+            let drives = args.iter().filter(|a| a.contains("drive=disk")).count();
+            assert_eq!(drives, 1, "{bus:?}: {args:?}");
+        }
+    }
 
     #[test]
     fn probe_sector_is_bootable() {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::boottest::TestOptions;
+use crate::boottest::vm::DiskBus;
 use crate::model::spec::DEFAULT_SPEC;
 
 /// Build, boot-test and publish immutable DevOS images from declarative specs.
@@ -143,6 +144,10 @@ pub(crate) enum ImageCommand {
         /// Guest CPUs.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// How the disk is attached: nvme (as on EC2), virtio-blk (QEMU's and
+        /// libvirt's default) or virtio-scsi.
+        #[arg(long, value_enum, default_value_t)]
+        disk_bus: DiskBus,
     },
 }
 
@@ -431,6 +436,10 @@ pub(crate) struct VmArgs {
     /// Also write the results as JUnit XML to this file (for CI systems).
     #[arg(long, value_name = "FILE")]
     pub(super) junit: Option<PathBuf>,
+    /// How the disk is attached: nvme (as on EC2), virtio-blk (QEMU's and libvirt's
+    /// default) or virtio-scsi.
+    #[arg(long, value_enum, default_value_t)]
+    pub(super) disk_bus: DiskBus,
 }
 
 impl VmArgs {
@@ -440,6 +449,7 @@ impl VmArgs {
             cpus: self.cpus,
             timeout: Duration::from_secs(self.timeout),
             keep: self.keep,
+            disk_bus: self.disk_bus,
         }
     }
 }

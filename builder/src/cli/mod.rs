@@ -121,9 +121,10 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
             ssh_port,
             memory,
             cpus,
+            disk_bus,
         } => {
             let target = boottest::resolve_target(&target, registry_path)?;
-            boottest::boot(&target, memory, cpus, ssh_port)?;
+            boottest::boot(&target, memory, cpus, disk_bus, ssh_port)?;
             Ok(ExitCode::SUCCESS)
         }
     }
