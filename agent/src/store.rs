@@ -69,7 +69,8 @@ const MIGRATIONS: &[&str] = &[
         cache_read_tokens INTEGER NOT NULL,
         cache_write_tokens INTEGER NOT NULL,
         latency_ms INTEGER NOT NULL,
-        cost_usd REAL
+        cost_usd REAL,
+        estimated INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX model_calls_by_day ON model_calls (day, uid);",
 ];
@@ -372,6 +373,9 @@ pub struct ModelCall {
     pub latency_ms: u64,
     /// `None` when the model has no price in the configuration.
     pub cost_usd: Option<f64>,
+    /// The call did not finish (cancelled, or failed mid-answer): its tokens are
+    /// estimated from what was sent and what streamed back.
+    pub estimated: bool,
 }
 
 /// Calls of one user to one model on one day, summed.
@@ -391,6 +395,8 @@ pub struct UsageRow {
     pub cost_usd: f64,
     /// Calls whose cost is unknown (a model without a price).
     pub unpriced_calls: u64,
+    /// Calls that did not finish, counted at an estimate.
+    pub estimated_calls: u64,
 }
 
 /// What was spent in a period, for budgets.
@@ -453,8 +459,9 @@ impl Store {
         self.conn
             .execute(
                 "INSERT INTO model_calls (uid, user, request, model, at, day, input_tokens,
-                    output_tokens, cache_read_tokens, cache_write_tokens, latency_ms, cost_usd)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    output_tokens, cache_read_tokens, cache_write_tokens, latency_ms, cost_usd,
+                    estimated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     call.uid,
                     call.user,
@@ -468,6 +475,7 @@ impl Store {
                     u.cache_write as i64,
                     call.latency_ms as i64,
                     call.cost_usd,
+                    call.estimated,
                 ],
             )
             .map_err(self.err())?;
@@ -505,7 +513,7 @@ impl Store {
             .prepare_cached(
                 "SELECT day, uid, MAX(user), model, COUNT(*), SUM(input_tokens), SUM(output_tokens),
                     SUM(cache_read_tokens), SUM(cache_write_tokens), COALESCE(SUM(cost_usd), 0),
-                    SUM(cost_usd IS NULL)
+                    SUM(cost_usd IS NULL), SUM(estimated)
                  FROM model_calls WHERE day >= ?1 AND (?2 IS NULL OR uid = ?2)
                  GROUP BY day, uid, model ORDER BY day DESC, uid, model",
             )
@@ -525,6 +533,7 @@ impl Store {
                     cache_write_tokens: n(8)?,
                     cost_usd: r.get(9)?,
                     unpriced_calls: n(10)?,
+                    estimated_calls: n(11)?,
                 })
             })
             .map_err(self.err())?;

@@ -454,11 +454,11 @@ fn budgets_hold_across_requests_and_users_and_the_ledger_adds_up() {
     };
     // $5/M in, $25/M out, no cache price: 120 × 5 + 30 × 25 = $0.00135 a call.
     assert_eq!(answer(&frank, &["one"])["state"], "done");
-    // A model without a price costs "unknown" and is not counted.
-    standin.push(Reply::text("ok"));
+    // With budgets set, a model without a price cannot be used: its cost could not
+    // be counted.
     let r = run_json(&agent, &frank, cwd, &["--model", "other.model", "three"]);
-    assert_eq!(r["state"], "done", "{r}");
-    assert_eq!(r["usage"]["cost-micro-usd"], serde_json::Value::Null);
+    assert_eq!(r["state"], "unplanned", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("has no price"), "{r}");
     assert_eq!(answer(&frank, &["four"])["state"], "done");
     // $0.0027 spent today: past frank's $0.002.
     let r = run_json(&agent, &frank, cwd, &["--model", "small", "five"]);
@@ -492,8 +492,6 @@ fn budgets_hold_across_requests_and_users_and_the_ledger_adds_up() {
         (small["cost-usd"].as_f64().unwrap() - 0.0027).abs() < 1e-9,
         "{small}"
     );
-    let other = rows.iter().find(|r| r["model"] == "other.model").unwrap();
-    assert_eq!(other["unpriced-calls"], 1);
     let all = json(&agent.devos(None, cwd, &["--json", "usage", "--since", "7d"]));
     let users: std::collections::BTreeSet<&str> = all["rows"]
         .as_array()
@@ -618,6 +616,16 @@ fn a_follow_up_keeps_the_conversation_and_text_streams_in_order() {
         "You are on branch main, and nothing is changed."
     );
     assert_eq!(sent[2]["content"][0]["text"], "and the last commit?");
+
+    // Without budgets any model may be asked; one without a price costs "unknown".
+    standin.push(Reply::text("ok"));
+    let r = run_json(&agent, &ivan, cwd, &["--model", "other.model", "hi"]);
+    assert_eq!(r["state"], "done", "{r}");
+    assert_eq!(r["usage"]["cost-micro-usd"], serde_json::Value::Null);
+    let usage = json(&agent.devos(Some(&ivan), cwd, &["--json", "usage"]));
+    assert_eq!(usage["unpriced-calls"], 1, "{usage}");
+    let out = agent.devos(Some(&ivan), cwd, &["usage"]);
+    assert!(stdout(&out).contains("unknown"), "{}", stdout(&out));
 
     // Another user cannot continue it.
     let judy = User::ensure("devos-judy");

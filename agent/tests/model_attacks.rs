@@ -3,8 +3,9 @@
 //! real `devos` CLI and real users on a private bus, with the stand-in Bedrock of
 //! `tests/src/bedrock.rs`.
 //!
-//! Tests named for an attack class that pass are regression tests for attacks that
-//! are stopped; a failing test is a finding (see the comment above each).
+//! Each test is named for an attack class and checks, by its effects, that the attack
+//! is stopped. Those marked "Was a finding" failed when first written, and say what
+//! now stops the attack.
 
 #![allow(clippy::unwrap_used)]
 
@@ -189,8 +190,8 @@ fn total_calls(rows: &[Value]) -> u64 {
 /// After a denied model action the stored conversation ends with the user's tool
 /// results; a follow-up appended as a second user message would be refused by Bedrock
 /// ("A conversation must alternate between user and assistant roles") and the
-/// conversation could never go on. (Fails at c14b755; `Conversation::add_user_text`
-/// in the working tree stops it.)
+/// conversation could never go on. (Fails at c14b755; `Conversation::add_user_text`,
+/// dfd660a, stops it.)
 #[test]
 fn conversation_integrity_a_follow_up_after_a_denial_is_a_valid_conversation() {
     let standin = StandIn::start().unwrap();
@@ -235,7 +236,7 @@ fn conversation_integrity_a_follow_up_after_a_denial_is_a_valid_conversation() {
 
 /// A request cancelled while its model call is in flight leaves the conversation
 /// ending with the user's message; a follow-up must not add a second user message in
-/// a row, which Bedrock refuses. (Fails at c14b755; fixed in the working tree.)
+/// a row, which Bedrock refuses. (Fails at c14b755; fixed in dfd660a.)
 #[test]
 fn conversation_integrity_a_follow_up_after_a_cancelled_model_call_is_a_valid_conversation() {
     let standin = StandIn::start().unwrap();
@@ -286,7 +287,7 @@ fn conversation_integrity_a_follow_up_after_a_cancelled_model_call_is_a_valid_co
 /// The agent restarts while a model action waits for approval: the stored
 /// conversation ends with the model's tool call, never answered. A follow-up must
 /// answer it (not run) before the user's words, or Bedrock refuses the conversation
-/// for good. (Fails at c14b755; fixed in the working tree.)
+/// for good. (Fails at c14b755; fixed in dfd660a.)
 #[test]
 fn conversation_integrity_a_follow_up_after_a_restart_is_a_valid_conversation() {
     let standin = StandIn::start().unwrap();
@@ -322,14 +323,15 @@ fn conversation_integrity_a_follow_up_after_a_restart_is_a_valid_conversation() 
     );
 }
 
-/// FINDING. Two `Continue` calls for the same conversation at the same moment: the
+/// Was a finding. Two `Continue` calls for the same conversation at the same moment: the
 /// check that the conversation has no request in flight (`follow_up`, under the store
 /// lock) and the registration of the new request in `live` (`admit`) are separate
 /// steps, with an audit append and a database write between them and no lock held
 /// across, so both calls can pass the check. The conversation then has two requests at
 /// once, each appending to — and overwriting — the same stored history (and each
-/// spending on the same budget). A race: the test tries up to 12 rounds of 24
-/// simultaneous calls; on this 2-core machine about one round in three shows it.
+/// spending on the same budget). A race: the test tries up to 20 rounds of 24
+/// simultaneous calls; on a 2-core machine it shows within about ten.
+/// Now the check and the hold on the conversation are one step (`Slot::hold_conversation`).
 #[test]
 fn conversation_race_concurrent_continues_get_one_request_per_conversation() {
     let standin = StandIn::start().unwrap();
@@ -341,14 +343,14 @@ fn conversation_race_concurrent_continues_get_one_request_per_conversation() {
     let r = run_json(&agent, &user, cwd, &["--model", "small", "hi"]);
     assert_eq!(r["state"], "done", "{r}");
     let id = r["id"].as_str().unwrap().to_owned();
-    for _ in 0..12 * 24 {
+    for _ in 0..20 * 24 {
         standin.push(Reply::text("slow follow-up").after(Duration::from_secs(20)));
     }
     let script = format!(
         "for i in $(seq 24); do busctl --address='{}' call org.devos.Agent1 /org/devos/Agent1 org.devos.Agent1 Continue ss {id} \"again $i\" & done; wait",
         agent.bus.address
     );
-    for round in 0..12 {
+    for round in 0..20 {
         let mut cmd = as_user(&agent, &user, "sh");
         cmd.args(["-c", &script]).current_dir(cwd);
         let out = run_with_timeout(&mut cmd, Duration::from_secs(30)).unwrap();
@@ -376,11 +378,13 @@ fn conversation_race_concurrent_continues_get_one_request_per_conversation() {
 // Budgets and the ledger.
 // ---------------------------------------------------------------------------------
 
-/// FINDING. A model call is put on the ledger only when its stream has ended (the
+/// Was a finding. A model call was put on the ledger only when its stream has ended (the
 /// usage comes in the last event). A user who cancels while the answer streams gets
 /// the text — it is shown as it comes — but the call, which Bedrock bills in full up
 /// to that point, is never recorded: nothing counts against any budget, and `devos
 /// usage` shows nothing. Repeated, this is unlimited model use under any budget.
+/// Now a call that does not finish goes on the ledger at an estimate (prompt, tools
+/// and conversation in, the streamed text out), which counts against budgets.
 #[test]
 fn budget_bypass_cancelling_while_the_answer_streams_leaves_no_trace_on_the_ledger() {
     let standin = StandIn::start().unwrap();
@@ -444,10 +448,11 @@ fn budget_bypass_cancelling_while_the_answer_streams_leaves_no_trace_on_the_ledg
     assert_eq!(r["state"], "unplanned", "{r}");
 }
 
-/// FINDING (low). Budgets are checked before each call but nothing is reserved for
+/// Was a finding (low). Budgets were checked before each call but nothing is reserved for
 /// calls in flight: every request a user starts at once passes the check, so one user
 /// spends up to `requests-per-user` calls beyond their budget (and all users together
 /// as many beyond the machine's).
+/// Now each call in flight is held against the budgets at its worst-case cost.
 #[test]
 fn budget_overshoot_concurrent_requests_all_pass_the_check() {
     let standin = StandIn::start().unwrap();
@@ -483,11 +488,12 @@ fn budget_overshoot_concurrent_requests_all_pass_the_check() {
     );
 }
 
-/// FINDING. Any user may name any model id (`devos run --model ID`), and a model with
+/// Was a finding. Any user may name any model id (`devos run --model ID`), and a model with
 /// no price is "not counted against budgets". With a budget in force, a user simply
 /// names a model the price table lacks — another spelling of a configured one, or
 /// an expensive one (here Sonnet's global inference profile) — and spends without
 /// limit: every call is on the ledger with an unknown cost, and no budget ever bites.
+/// Now, with budgets set, a model without a price is refused.
 #[test]
 fn budget_bypass_an_unpriced_model_id_of_the_users_choosing_is_never_limited() {
     let standin = StandIn::start().unwrap();
@@ -601,7 +607,10 @@ fn outcome_of(
     }
     drain(agent, standin, user, cwd);
     let decision = match r["actions"].as_array().and_then(|a| a.first()) {
-        Some(a) => a["decision"]["decision"].as_str().unwrap_or("?").to_owned(),
+        Some(a) => {
+            assert_eq!(a["origin"], "model", "{a}");
+            a["decision"]["decision"].as_str().unwrap_or("?").to_owned()
+        }
         None => "tool-error".to_owned(),
     };
     (decision, r)
@@ -1079,8 +1088,9 @@ fn cross_user_requests_conversations_ledger_signals_and_processes_stay_private()
         .spawn()
         .unwrap();
     // Ben listens to everything the bus lets him.
+    require("dbus-monitor", "dbus-bin");
     let mut monitor = as_user(&agent, &ben, "dbus-monitor")
-        .arg(format!("--address={}", agent.bus.address))
+        .args(["--address", &agent.bus.address])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1097,9 +1107,7 @@ fn cross_user_requests_conversations_ledger_signals_and_processes_stay_private()
 
     // Ada's model streams text, looks at her processes, then proposes a write that
     // waits for her.
-    standin.push(
-        Reply::tool("processes", json!({})).with_leading_text("ADA-STREAMED-TEXT. "),
-    );
+    standin.push(Reply::tool("processes", json!({})).with_leading_text("ADA-STREAMED-TEXT. "));
     standin.push(Reply::tool(
         "write_file",
         json!({ "path": "ada-private-name.txt", "content": "x" }),
@@ -1119,8 +1127,16 @@ fn cross_user_requests_conversations_ledger_signals_and_processes_stay_private()
         vec!["deny", id.as_str(), "1"],
     ] {
         let out = agent.devos(Some(&ben), cwd_b, &args);
-        assert!(!out.status.success(), "ben could {args:?}: {}", stdout(&out));
-        assert!(stderr(&out).contains("no request"), "{args:?}: {}", stderr(&out));
+        assert!(
+            !out.status.success(),
+            "ben could {args:?}: {}",
+            stdout(&out)
+        );
+        assert!(
+            stderr(&out).contains("no request"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
     for call in [
         vec!["Get", "s", id.as_str()],
@@ -1129,10 +1145,19 @@ fn cross_user_requests_conversations_ledger_signals_and_processes_stay_private()
         vec!["Approve", "susass", id.as_str(), "1", "always", "0", ""],
         vec!["Usage", "s", "2000-01-01' OR uid != 0 OR '1'='1"],
     ] {
-        let mut args = vec!["call", "org.devos.Agent1", "/org/devos/Agent1", "org.devos.Agent1"];
+        let mut args = vec![
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1",
+        ];
         args.extend_from_slice(&call);
         let out = agent.busctl(Some(&ben), &args);
-        assert!(!out.status.success(), "ben could {call:?}: {}", stdout(&out));
+        assert!(
+            !out.status.success(),
+            "ben could {call:?}: {}",
+            stdout(&out)
+        );
     }
     let history = json(&agent.devos(Some(&ben), cwd_b, &["--json", "history"]));
     assert!(!history.to_string().contains(&id), "{history}");
@@ -1162,9 +1187,17 @@ fn cross_user_requests_conversations_ledger_signals_and_processes_stay_private()
     // The ledger: each sees their own rows.
     let rows = usage_rows(&agent, &ben, cwd_b);
     assert!(!rows.is_empty());
-    assert!(rows.iter().all(|r| r["user"] == ben.name.as_str()), "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r["user"] == ben.name.as_str()),
+        "{rows:?}"
+    );
 
-    assert!(agent.devos(Some(&ada), cwd_a, &["deny", &id]).status.success());
+    assert!(
+        agent
+            .devos(Some(&ada), cwd_a, &["deny", &id])
+            .status
+            .success()
+    );
     agent.wait_state(&ada, cwd_a, &id, "denied");
     std::thread::sleep(Duration::from_millis(300));
     let _ = monitor.kill();
@@ -1223,7 +1256,10 @@ fn robustness_hostile_model_replies_neither_crash_nor_wedge_the_agent() {
         ToolCall::raw("run", "null"),
         ToolCall::raw("read_file", "42"),
         ToolCall::raw("read_file", "\"blob.bin\""),
-        ToolCall::raw("read_file", "{\"path\": \"blob.bin\", \"path\": \"/etc/shadow\"}"),
+        ToolCall::raw(
+            "read_file",
+            "{\"path\": \"blob.bin\", \"path\": \"/etc/shadow\"}",
+        ),
     ]));
     standin.push(Reply::text("ok"));
     let r = run_json(&agent, &user, cwd, &["--model", "small", "deep"]);
@@ -1235,8 +1271,14 @@ fn robustness_hostile_model_replies_neither_crash_nor_wedge_the_agent() {
     let r = run_json(&agent, &user, cwd, &["--model", "small", "read the blob"]);
     assert_eq!(r["state"], "done", "{r}");
     let last = standin.requests().last().unwrap().body.clone();
-    assert!(last.is_object(), "the agent sent something that is not JSON");
-    assert!(!last.to_string().contains("\\u0000"), "NUL went back to the model");
+    assert!(
+        last.is_object(),
+        "the agent sent something that is not JSON"
+    );
+    assert!(
+        !last.to_string().contains("\\u0000"),
+        "NUL went back to the model"
+    );
 
     // Control characters in the model's text and in a proposal never reach the
     // terminal as such.
@@ -1265,7 +1307,11 @@ fn robustness_hostile_model_replies_neither_crash_nor_wedge_the_agent() {
     ));
     let out = agent.devos(Some(&user), cwd, &["run", "--model", "small", "big"]);
     let id = waiting_id(&out);
-    assert!(stderr(&out).contains("write 262144 bytes"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("write 262144 bytes"),
+        "{}",
+        stderr(&out)
+    );
     agent.devos(Some(&user), cwd, &["cancel", &id]);
     agent.wait_state(&user, cwd, &id, "cancelled");
     assert!(!cwd.join("big.txt").exists());
@@ -1273,7 +1319,13 @@ fn robustness_hostile_model_replies_neither_crash_nor_wedge_the_agent() {
     // Still up, still answering.
     let out = agent.busctl(
         Some(&user),
-        &["call", "org.devos.Agent1", "/org/devos/Agent1", "org.devos.Agent1", "Ping"],
+        &[
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1",
+            "Ping",
+        ],
     );
     assert!(stdout(&out).contains("pong"), "{}", stderr(&out));
     standin.push(Reply::text("still here"));
@@ -1309,6 +1361,175 @@ fn budget_huge_token_counts_count_and_an_over_budget_user_cannot_continue() {
     assert_eq!(r["state"], "unplanned", "{r}");
     let r = run_json(&agent, &user, cwd, &[&format!("--continue={id}"), "three"]);
     assert_eq!(r["state"], "unplanned", "{r}");
-    assert!(r["error"].as_str().unwrap().contains("daily model budget"), "{r}");
-    assert_eq!(standin.requests().len(), 1, "nothing more went to the model");
+    assert!(
+        r["error"].as_str().unwrap().contains("daily model budget"),
+        "{r}"
+    );
+    assert_eq!(
+        standin.requests().len(),
+        1,
+        "nothing more went to the model"
+    );
+}
+
+/// Was a finding. What the model says was forwarded to the submitter as `ModelOutput` signals
+/// with no bound on their size: without streaming (`[model] stream = false`) the whole
+/// answer goes in one signal, and a streamed delta is forwarded as it comes. A reply
+/// larger than the bus's largest message (32 MiB for dbus-daemon's system bus) makes
+/// the bus daemon drop the agent's connection; the agent exits ("lost the system
+/// bus"): `org.devos.Agent1` is gone for every user, clients waiting on it hang, and
+/// at the next start every user's request in flight is cancelled. A real
+/// model is bounded by `max-tokens`, but the endpoint (`[model] endpoint-url`, a
+/// gateway or proxy) is not: one hostile reply takes the service down. (`MAX_REPLY`
+/// guards `Get`/`History` against exactly this; the signals have no such guard, nor
+/// does `ApprovalNeeded`'s description, which holds whatever path or argv the model
+/// sent.)
+/// Now model text goes out in signals of at most 32 KiB, an answer over 4 MiB is a bad
+/// reply, and a prompt's description is cut at 4 KiB.
+#[test]
+fn robustness_one_oversized_model_reply_takes_the_agent_off_the_bus() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "stream = false", "");
+    let user = User::ensure("devos-ma-nora");
+    let project = user.project();
+    let cwd = project.path();
+    standin.push(Reply::text(&"x".repeat(33 << 20)));
+    let out = agent.busctl(
+        Some(&user),
+        &[
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1",
+            "SubmitToModel",
+            "sss",
+            "tell me everything",
+            &cwd.to_string_lossy(),
+            "small",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out)
+        .trim()
+        .trim_start_matches("s ")
+        .trim_matches('"')
+        .to_owned();
+    // The reply has come and gone (the request ends one way or another).
+    assert!(wait_for(Duration::from_secs(20), || standin
+        .requests()
+        .len()
+        == 1));
+    std::thread::sleep(Duration::from_secs(3));
+    let ping = || {
+        agent.busctl(
+            Some(&user),
+            &[
+                "call",
+                "org.devos.Agent1",
+                "/org/devos/Agent1",
+                "org.devos.Agent1",
+                "Ping",
+            ],
+        )
+    };
+    let out = ping();
+    assert!(
+        stdout(&out).contains("pong"),
+        "after one large model reply the agent no longer answers on the bus: {}",
+        stderr(&out)
+    );
+    let r = show(&agent, &user, cwd, &id);
+    assert!(
+        is_final(r["state"].as_str().unwrap_or_default()),
+        "{}",
+        r["state"]
+    );
+}
+
+/// Regression: the model never reaches the caller's secret locations (`~/.ssh`, ...)
+/// without asking: reads, listings and names of secret places ask, and a search over
+/// the whole home (read-only, so it runs) finds nothing in them (they are absent from
+/// the sandbox), so no key reaches the model.
+#[test]
+fn secrets_a_model_never_reaches_secret_locations_unasked() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let user = User::ensure("devos-ma-otto");
+    let ssh = user.home.join(".ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    std::os::unix::fs::chown(&ssh, Some(user.uid), Some(user.uid)).unwrap();
+    let key = "OTTO-PRIVATE-KEY-MATERIAL";
+    user.write(
+        &ssh.join("id_ed25519"),
+        &format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{key}\n"),
+    );
+    user.write(
+        &user.home.join(".netrc"),
+        &format!("machine x login o password {key}\n"),
+    );
+    user.write(
+        &user.home.join("public-notes.txt"),
+        "KEY-MATERIAL is a phrase\n",
+    );
+    let project = user.project();
+    let cwd = project.path();
+    user_symlink(&user, &ssh, &cwd.join("keys"));
+
+    // Searches over the home run (read-only) and find nothing secret.
+    standin.push(Reply::tools(vec![
+        ToolCall::new("search", json!({ "pattern": "KEY-MATERIAL", "path": "~" })),
+        ToolCall::new(
+            "search",
+            json!({ "pattern": "id_*", "path": "~", "in": "names" }),
+        ),
+        ToolCall::new(
+            "run",
+            json!({ "argv": ["grep", "-R", "KEY-MATERIAL", user.home.to_string_lossy()] }),
+        ),
+        ToolCall::new("project_info", json!({})),
+    ]));
+    standin.push(Reply::text("nothing"));
+    let id = submit(&agent, &user, cwd, "find my keys");
+    let r = agent.wait_state(&user, cwd, &id, "done");
+    assert!(
+        r["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["decision"]["decision"] == "approved"),
+        "{r}"
+    );
+    let found = &all_tool_results(&standin)[0].1;
+    assert!(
+        found.contains("public-notes.txt"),
+        "the search ran over the home: {found}"
+    );
+    // Direct reads, listings and copies of secret places ask.
+    let mut unasked = Vec::new();
+    for (name, input) in [
+        ("read_file", json!({ "path": "~/.ssh/id_ed25519" })),
+        ("read_file", json!({ "path": "keys/id_ed25519" })),
+        ("read_file", json!({ "path": "~/.netrc" })),
+        ("list_dir", json!({ "path": "~/.ssh" })),
+        ("copy", json!({ "from": "~/.ssh", "to": "loot" })),
+        ("search", json!({ "pattern": "PRIVATE", "path": "keys/" })),
+        (
+            "run",
+            json!({ "argv": ["cat", "/proc/self/root/home/devos-ma-otto/.ssh/id_ed25519"] }),
+        ),
+    ] {
+        let (decision, r) = outcome_of(&agent, &standin, &user, cwd, name, &input);
+        if decision == "approved" {
+            unasked.push(format!("{name} {input}: {}", r["actions"][0]["risk"]));
+        }
+    }
+    assert!(unasked.is_empty(), "reached secrets unasked: {unasked:#?}");
+    let results = all_tool_results(&standin);
+    assert!(
+        !results
+            .iter()
+            .any(|(_, text)| text.contains("OTTO-PRIVATE")),
+        "a secret reached the model: {results:?}"
+    );
+    assert!(!cwd.join("loot").exists());
 }

@@ -15,6 +15,11 @@ use super::conversation::{Block, Role, Turn};
 use super::tools::ToolDef;
 use crate::config::ModelConfig;
 
+/// The most text and tool input one answer may hold, whatever `max-tokens` says: a
+/// model's answer is bounded by its output tokens (4 bytes each, give or take), and an
+/// endpoint that sends far more is not a model to trust with the agent's memory.
+const MAX_ANSWER_BYTES: usize = 4 << 20;
+
 /// Tokens one call used, as Bedrock reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -210,6 +215,18 @@ pub async fn converse(
             Some(bt::ConverseOutput::Message(m)) => turn_of(&m)?,
             _ => return Err(ModelError::BadReply("no message in the reply".into())),
         };
+        let bytes: usize = turn
+            .blocks
+            .iter()
+            .map(|b| match b {
+                Block::Text { text } => text.len(),
+                Block::ToolUse { input, .. } => input.to_string().len(),
+                Block::ToolResult { content, .. } => content.len(),
+            })
+            .sum();
+        if bytes > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
         on_text(&turn.text());
         Reply {
             turn,
@@ -321,6 +338,16 @@ struct StreamReader {
     blocks: std::collections::BTreeMap<i32, Partial>,
     stop_reason: Option<String>,
     usage: Usage,
+    /// Bytes of text and tool input so far.
+    bytes: usize,
+}
+
+/// An answer larger than any model's.
+fn too_large() -> ModelError {
+    ModelError::BadReply(format!(
+        "the answer is larger than {} MiB, more than any model writes; is [model] endpoint-url a model endpoint?",
+        MAX_ANSWER_BYTES >> 20
+    ))
 }
 
 enum Partial {
@@ -352,6 +379,14 @@ impl StreamReader {
                 }
             }
             bt::ConverseStreamOutput::ContentBlockDelta(e) => {
+                self.bytes += match &e.delta {
+                    Some(bt::ContentBlockDelta::Text(t)) => t.len(),
+                    Some(bt::ContentBlockDelta::ToolUse(t)) => t.input.len(),
+                    _ => 0,
+                };
+                if self.bytes > MAX_ANSWER_BYTES {
+                    return Err(too_large());
+                }
                 let slot = self.blocks.entry(e.content_block_index);
                 match e.delta {
                     Some(bt::ContentBlockDelta::Text(t)) => {

@@ -103,11 +103,7 @@ impl Agent {
         }
         if request.state == State::Planned {
             let (tx, rx) = mpsc::unbounded_channel();
-            let live = Live {
-                control: tx,
-                conversation: request.conversation.clone(),
-                owner,
-            };
+            let live = Live { control: tx, owner };
             lock(&self.shared.live).insert(request.id.clone(), live);
             tokio::spawn(run_request(
                 self.shared.clone(),
@@ -426,9 +422,10 @@ impl Agent {
         let caller = caller(&self.shared, &header, conn).await?;
         check_text(text)?;
         let previous = self.own_request(id, &caller, false)?;
-        let slot = self.shared.reserve(caller.uid)?;
+        let mut slot = self.shared.reserve(caller.uid)?;
         let config = self.shared.config();
-        let request = super::converse::follow_up(&self.shared, &caller, &previous, text, &config)?;
+        let request =
+            super::converse::follow_up(&self.shared, &caller, &previous, text, &config, &mut slot)?;
         self.admit(request, caller, header.sender().map(|s| s.to_owned()), slot)
     }
 
@@ -442,7 +439,7 @@ impl Agent {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
-        super::converse::usage(&self.shared, &caller, since)
+        super::budget::usage(&self.shared, &caller, since)
     }
 
     /// One request (JSON): plan, actions with risk and decision, results.

@@ -11,8 +11,9 @@ use tokio::sync::mpsc;
 use zbus::fdo;
 
 use super::agent::{Agent, Decider, audit_decided};
+use super::budget;
 use super::runner::{Driver, set_state};
-use super::shared::{Control, Shared, failed, lock, now};
+use super::shared::{Control, Shared, Slot, failed, lock, now};
 use crate::caller::{self as as_caller, Caller, PlanJob};
 use crate::config::AgentConfig;
 use crate::model::bedrock::{self, ModelError, Reply};
@@ -20,7 +21,7 @@ use crate::model::conversation::{Block, Conversation, Role, Turn};
 use crate::model::tools::{self, Call, ContextQuery};
 use crate::model::{self, first_turn, tool_result};
 use crate::request::{ActionState, Origin, Request, RequestUsage, State};
-use crate::store::{ModelCall, Spent};
+use crate::store::ModelCall;
 
 /// Between the texts of two model turns, in the answer and as streamed.
 const TURN_BREAK: &str = "\n\n";
@@ -54,12 +55,12 @@ pub(super) fn start(
         ));
         return Ok(());
     }
-    if let Some(why) = over_budget(shared, request.uid, config)? {
+    let (model, why) = model::route(&config.model, &request.text, explicit);
+    if let Some(why) = budget::refusal(shared, request.uid, config, &model)? {
         request.state = State::Unplanned;
         request.error = Some(why);
         return Ok(());
     }
-    let (model, why) = model::route(&config.model, &request.text, explicit);
     request.planner = "model".into();
     request.summary = match local {
         Some(_) => format!("{NO_LOCAL_RULE}; asking {model} ({why})"),
@@ -82,6 +83,7 @@ pub(super) fn follow_up(
     previous: &Request,
     text: &str,
     config: &AgentConfig,
+    slot: &mut Slot,
 ) -> fdo::Result<Request> {
     let Some(conversation_id) = previous.conversation.clone() else {
         return Err(fdo::Error::InvalidArgs(format!(
@@ -89,8 +91,13 @@ pub(super) fn follow_up(
             previous.id
         )));
     };
-    let store = lock(&shared.store);
-    let (model, mut conversation) = store
+    if !slot.hold_conversation(&conversation_id) {
+        return Err(fdo::Error::Failed(format!(
+            "the conversation of request {} is still going on; wait for it or cancel it",
+            previous.id
+        )));
+    }
+    let (model, mut conversation) = lock(&shared.store)
         .conversation(&conversation_id, caller.uid)
         .map_err(failed)?
         .ok_or_else(|| {
@@ -99,15 +106,6 @@ pub(super) fn follow_up(
                 previous.id
             ))
         })?;
-    if lock(&shared.live)
-        .values()
-        .any(|l| l.conversation.as_deref() == Some(&conversation_id))
-    {
-        return Err(fdo::Error::Failed(format!(
-            "the conversation of request {} is still going on; wait for it or cancel it",
-            previous.id
-        )));
-    }
     let mut request = Request {
         id: shared.new_id(),
         uid: caller.uid,
@@ -131,122 +129,16 @@ pub(super) fn follow_up(
         request.state = State::Unplanned;
         request.error =
             Some("the model route is off on this machine ([model] enabled = false)".into());
-    } else if let Some(why) = over_budget_in(&store, caller.uid, config)? {
+    } else if let Some(why) = budget::refusal(shared, caller.uid, config, &model)? {
         request.state = State::Unplanned;
         request.error = Some(why);
     } else {
         conversation.add_user_text(text.to_owned());
-        store
+        lock(&shared.store)
             .save_conversation(&conversation_id, caller.uid, &model, &conversation, &now())
             .map_err(failed)?;
     }
     Ok(request)
-}
-
-/// Usage as JSON for `Usage`: rows per day, user and model, totals and budgets.
-pub(super) fn usage(shared: &Shared, caller: &Caller, since: &str) -> fdo::Result<String> {
-    let since = if since.is_empty() {
-        day_of(std::time::SystemTime::now() - std::time::Duration::from_secs(30 * 86400))
-    } else if is_day(since) {
-        since.to_owned()
-    } else {
-        return Err(fdo::Error::InvalidArgs(format!(
-            "since must be a date YYYY-MM-DD, not `{since}`"
-        )));
-    };
-    let uid = (caller.uid != 0).then_some(caller.uid);
-    let store = lock(&shared.store);
-    let rows = store.usage(uid, &since).map_err(failed)?;
-    let spent = store.spent(caller.uid, &today()).map_err(failed)?;
-    let budgets = shared.config().budgets.clone();
-    Ok(serde_json::json!({
-        "since": since,
-        "rows": rows,
-        "total-cost-usd": rows.iter().map(|r| r.cost_usd).sum::<f64>(),
-        "unpriced-calls": rows.iter().map(|r| r.unpriced_calls).sum::<u64>(),
-        "spent": {
-            "user-today-usd": spent.user_today,
-            "user-month-usd": spent.user_month,
-            "machine-month-usd": spent.machine_month,
-        },
-        "budgets": budgets,
-    })
-    .to_string())
-}
-
-/// Whether `s` is a calendar date written `YYYY-MM-DD`.
-fn is_day(s: &str) -> bool {
-    let part = |r: std::ops::Range<usize>| {
-        s.get(r)
-            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|p| p.parse::<u16>().ok())
-    };
-    let (Some(y), Some(m), Some(d)) = (part(0..4), part(5..7), part(8..10)) else {
-        return false;
-    };
-    s.len() == 10
-        && &s[4..5] == "-"
-        && &s[7..8] == "-"
-        && time::Month::try_from(m as u8)
-            .ok()
-            .and_then(|m| time::Date::from_calendar_date(y as i32, m, d as u8).ok())
-            .is_some()
-}
-
-fn day_of(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()[..10].to_owned()
-}
-
-fn today() -> String {
-    day_of(std::time::SystemTime::now())
-}
-
-fn over_budget(shared: &Shared, uid: u32, config: &AgentConfig) -> fdo::Result<Option<String>> {
-    over_budget_in(&lock(&shared.store), uid, config)
-}
-
-/// Why `uid` may not make another model call now, with the figures, or `None`.
-fn over_budget_in(
-    store: &crate::store::Store,
-    uid: u32,
-    config: &AgentConfig,
-) -> fdo::Result<Option<String>> {
-    let b = &config.budgets;
-    let Spent {
-        user_today,
-        user_month,
-        machine_month,
-    } = store.spent(uid, &today()).map_err(failed)?;
-    let over = [
-        (
-            b.user_daily_usd,
-            user_today,
-            "your daily model budget",
-            "today",
-            "user-daily-usd",
-        ),
-        (
-            b.user_monthly_usd,
-            user_month,
-            "your monthly model budget",
-            "this month",
-            "user-monthly-usd",
-        ),
-        (
-            b.machine_monthly_usd,
-            machine_month,
-            "this machine's monthly model budget",
-            "this month by all users",
-            "machine-monthly-usd",
-        ),
-    ]
-    .into_iter()
-    .find(|(limit, spent, ..)| *limit > 0.0 && spent >= limit);
-    Ok(over.map(|(limit, spent, what, when, key)| {
-        format!(
-            "{what} is used up: ${spent:.4} spent {when} (UTC) of ${limit:.4}; nothing was sent to the model. It resets at the start of the next UTC day or month; an administrator can raise [budgets] {key} in /etc/devos/agent.toml"
-        )
-    }))
 }
 
 /// Carry out a request of the model route: call the model, carry out the tool calls
@@ -263,9 +155,18 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
     let mut trimmed = false;
     let mut steps = 0;
     loop {
-        if let Some(why) = must_stop(&d, &config, steps)? {
+        if steps == config.model.max_steps {
+            let why = format!(
+                "stopped after {steps} model calls ([model] max-steps = {}); `devos run --continue` goes on",
+                config.model.max_steps
+            );
             return fail(&mut d, why).await;
         }
+        let shared = d.shared;
+        let hold = match budget::hold(shared, d.r.uid, &config, &model_id, &conversation)? {
+            Ok(hold) => hold,
+            Err(why) => return fail(&mut d, why).await,
+        };
         steps += 1;
         let call = bedrock::Call {
             model: &model_id,
@@ -280,17 +181,28 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
             stream: config.model.stream,
             max_attempts: config.model.max_attempts,
         };
-        let reply = match call_streaming(&mut d, &client, &call).await {
-            None => return d.end(d.r.actions.len(), State::Cancelled).await.map(|_| ()),
+        let (outcome, streamed) = call_streaming(&mut d, &client, &call).await;
+        let reply = match outcome {
+            None => {
+                // The model answered (and billed) part of it: that part is spent.
+                record_estimate(&mut d, &config, &model_id, &conversation, streamed)?;
+                return d.end(d.r.actions.len(), State::Cancelled).await.map(|_| ());
+            }
             Some(Err(e)) if e.is_too_long() && !trimmed && conversation.trim() => {
                 trimmed = true;
                 steps -= 1;
                 continue;
             }
-            Some(Err(e)) => return fail(&mut d, e.to_string()).await,
+            Some(Err(e)) => {
+                if streamed > 0 {
+                    record_estimate(&mut d, &config, &model_id, &conversation, streamed)?;
+                }
+                return fail(&mut d, e.to_string()).await;
+            }
             Some(Ok(reply)) => reply,
         };
         take_reply(&mut d, &config, &model_id, &reply, &mut conversation)?;
+        drop(hold);
         if !reply.wants_tools() {
             return set_state(d.shared, &mut d.r, State::Done).await;
         }
@@ -311,18 +223,6 @@ fn open(d: &Driver<'_>) -> fdo::Result<(String, Conversation)> {
         .map_err(failed)?
         .ok_or_else(|| failed("the conversation vanished"))?;
     Ok((d.r.model.clone().unwrap_or(model_id), conversation))
-}
-
-/// Why no further model call may be made after `steps` of them: the step limit, or a
-/// budget used up.
-fn must_stop(d: &Driver<'_>, config: &AgentConfig, steps: u32) -> fdo::Result<Option<String>> {
-    if steps == config.model.max_steps {
-        return Ok(Some(format!(
-            "stopped after {steps} model calls ([model] max-steps = {}); `devos run --continue` goes on",
-            config.model.max_steps
-        )));
-    }
-    over_budget(d.shared, d.r.uid, config)
 }
 
 /// Keep a model reply: on the ledger, in the conversation, its text in the answer.
@@ -435,25 +335,31 @@ async fn client(
     Ok((client, region))
 }
 
-/// One model call, its text sent to the submitter as it comes; `None` when the
-/// request was cancelled meanwhile.
+/// The most text one `ModelOutput` signal carries: far below what a bus daemon
+/// accepts in a message (it drops the sender of a larger one).
+const SIGNAL_TEXT: usize = 32 << 10;
+
+/// One model call, its text sent to the submitter as it comes (`None` when the
+/// request was cancelled meanwhile), and how many bytes of text came.
 async fn call_streaming(
     d: &mut Driver<'_>,
     client: &aws_sdk_bedrockruntime::Client,
     call: &bedrock::Call<'_>,
-) -> Option<Result<Reply, ModelError>> {
+) -> (Option<Result<Reply, ModelError>>, usize) {
     let emitter = d.shared.emitter(d.id);
     let mut separate = d.r.answer.is_some();
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let id = d.id.to_owned();
     let forward = async move {
         while let Some(text) = rx.recv().await {
-            if let Some(e) = &emitter {
+            let Some(e) = &emitter else { continue };
+            for piece in pieces(&crate::executor::printable(&text), SIGNAL_TEXT) {
                 // (A courtesy: the request keeps the answer.)
-                let _ = Agent::model_output(e, &id, &crate::executor::printable(&text)).await;
+                let _ = Agent::model_output(e, &id, piece).await;
             }
         }
     };
+    let mut streamed = 0;
     let control = &mut *d.control;
     let cancelled = async {
         loop {
@@ -465,6 +371,7 @@ async fn call_streaming(
     };
     let call = async {
         let r = bedrock::converse(client, call, |text| {
+            streamed += text.len();
             let text = if std::mem::take(&mut separate) {
                 format!("{TURN_BREAK}{}", text.trim_start())
             } else {
@@ -477,10 +384,54 @@ async fn call_streaming(
         drop(tx);
         r
     };
-    tokio::select! {
+    let outcome = tokio::select! {
         (reply, ()) = async { tokio::join!(call, forward) } => Some(reply),
         () = cancelled => None,
-    }
+    };
+    (outcome, streamed)
+}
+
+/// `text` in pieces of at most `max` bytes, split at character boundaries.
+fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(max);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// Put a call that did not finish on the ledger at an estimate: the prompt, tools
+/// and conversation it sent as input, the text it streamed back as output.
+fn record_estimate(
+    d: &mut Driver<'_>,
+    config: &AgentConfig,
+    model_id: &str,
+    conversation: &Conversation,
+    streamed: usize,
+) -> fdo::Result<()> {
+    let usage = bedrock::Usage {
+        input: budget::estimated_tokens(conversation.size() + model::prompt_bytes()),
+        output: budget::estimated_tokens(streamed),
+        cache_read: 0,
+        cache_write: 0,
+    };
+    record(
+        d,
+        config,
+        model_id,
+        usage,
+        std::time::Duration::ZERO,
+        "",
+        true,
+    )
 }
 
 /// Put a model call on the ledger and in the request's usage.
@@ -490,16 +441,38 @@ fn record_call(
     model_id: &str,
     reply: &Reply,
 ) -> fdo::Result<()> {
-    let cost = model::cost(&config.model, model_id, &reply.usage);
+    let (usage, latency) = (reply.usage, reply.latency);
+    record(
+        d,
+        config,
+        model_id,
+        usage,
+        latency,
+        &reply.stop_reason,
+        false,
+    )
+}
+
+fn record(
+    d: &mut Driver<'_>,
+    config: &AgentConfig,
+    model_id: &str,
+    usage: bedrock::Usage,
+    latency: std::time::Duration,
+    stop_reason: &str,
+    estimated: bool,
+) -> fdo::Result<()> {
+    let cost = model::cost(&config.model, model_id, &usage);
     let call = ModelCall {
         uid: d.r.uid,
         user: d.r.user.clone(),
         request: d.r.id.clone(),
         model: model_id.to_owned(),
         at: now(),
-        usage: reply.usage,
-        latency_ms: reply.latency.as_millis() as u64,
+        usage,
+        latency_ms: latency.as_millis() as u64,
         cost_usd: cost,
+        estimated,
     };
     lock(&d.shared.store)
         .record_model_call(&call)
@@ -509,11 +482,11 @@ fn record_call(
         ..RequestUsage::default()
     });
     u.calls += 1;
-    u.model_micros += reply.latency.as_micros() as u64;
-    u.input_tokens += reply.usage.input;
-    u.output_tokens += reply.usage.output;
-    u.cache_read_tokens += reply.usage.cache_read;
-    u.cache_write_tokens += reply.usage.cache_write;
+    u.model_micros += latency.as_micros() as u64;
+    u.input_tokens += usage.input;
+    u.output_tokens += usage.output;
+    u.cache_read_tokens += usage.cache_read;
+    u.cache_write_tokens += usage.cache_write;
     u.cost_micro_usd = u
         .cost_micro_usd
         .zip(cost)
@@ -526,8 +499,9 @@ fn record_call(
         None,
         serde_json::json!({
             "model": model_id,
-            "stop-reason": reply.stop_reason,
-            "usage": reply.usage,
+            "stop-reason": stop_reason,
+            "estimated": estimated,
+            "usage": usage,
             "latency-ms": call.latency_ms,
             "cost-usd": cost,
         }),

@@ -1,14 +1,15 @@
 //! The agent's D-Bus service: the shared state ([`shared`]), the `org.devos.Agent1`
 //! interfaces ([`agent`]), decisions and remembered rules ([`rules`]), the task that
 //! carries out a request ([`runner`]), the conversation with the model that carries
-//! out what the local rules cannot plan ([`converse`]) and the EC2 health signal
-//! ([`health`]).
+//! out what the local rules cannot plan ([`converse`]) and what it may spend
+//! ([`budget`]), and the EC2 health signal ([`health`]).
 
 use std::path::Path;
 
 use crate::config::AgentConfig;
 
 mod agent;
+mod budget;
 mod converse;
 mod health;
 mod rules;

@@ -188,7 +188,7 @@ impl Driver<'_> {
                     self.id,
                     a.index,
                     a.risk.class.as_str(),
-                    &a.description,
+                    &shown(&a.description),
                     a.origin.as_str(),
                 )
                 .await;
@@ -327,6 +327,27 @@ impl Driver<'_> {
         };
         self.end(i + 1, state).await
     }
+}
+
+/// The most of an action's description a prompt shows (a `write` of a large file
+/// names only its size, but an argv can be long): `devos show` has all of it.
+const PROMPT_DESCRIPTION: usize = 4096;
+
+/// `description` as an approval prompt carries it: whole, or cut with a note.
+fn shown(description: &str) -> std::borrow::Cow<'_, str> {
+    if description.len() <= PROMPT_DESCRIPTION {
+        return description.into();
+    }
+    let mut end = PROMPT_DESCRIPTION;
+    while !description.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} bytes in all; `devos show` has it whole)",
+        &description[..end],
+        description.len()
+    )
+    .into()
 }
 
 /// A cgroup with the configured limits for one action, where the agent has cgroups;

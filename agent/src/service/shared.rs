@@ -29,8 +29,6 @@ pub(super) enum Control {
 
 pub(super) struct Live {
     pub control: mpsc::UnboundedSender<Control>,
-    /// The conversation with the model it belongs to (one request at a time each).
-    pub conversation: Option<String>,
     /// The submitting connection: signals about the request go only there.
     pub owner: Option<UniqueName<'static>>,
 }
@@ -56,6 +54,10 @@ pub struct Shared {
     last_verified: Mutex<Option<(crate::audit::Snapshot, crate::audit::Verification)>>,
     /// The Bedrock client of the model route, made on first use.
     pub(super) bedrock: tokio::sync::Mutex<Option<super::converse::Bedrock>>,
+    /// Conversations with a request in flight (one at a time each).
+    busy_conversations: Mutex<std::collections::HashSet<String>>,
+    /// Model calls in flight, held against the budgets at their worst-case cost.
+    pub(super) held: Mutex<super::budget::Held>,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -112,14 +114,32 @@ pub(super) fn to_value<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
-/// One of a user's requests in flight; the count drops when it is dropped.
+/// One of a user's requests in flight; the count drops when it is dropped, and so
+/// does its hold on a conversation.
 pub(super) struct Slot {
     shared: Arc<Shared>,
     uid: u32,
+    conversation: Option<String>,
+}
+
+impl Slot {
+    /// Make this request the one request of conversation `id` in flight, or say
+    /// that another one is (checked and taken at once, so two follow-ups sent
+    /// together cannot both go on).
+    pub(super) fn hold_conversation(&mut self, id: &str) -> bool {
+        let taken = lock(&self.shared.busy_conversations).insert(id.to_owned());
+        if taken {
+            self.conversation = Some(id.to_owned());
+        }
+        taken
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some(id) = &self.conversation {
+            lock(&self.shared.busy_conversations).remove(id);
+        }
         let mut map = lock(&self.shared.in_flight);
         if let Some(n) = map.get_mut(&self.uid) {
             *n = n.saturating_sub(1);
@@ -181,6 +201,8 @@ impl Shared {
             verify_gate: tokio::sync::Semaphore::new(1),
             last_verified: Mutex::new(None),
             bedrock: tokio::sync::Mutex::new(None),
+            busy_conversations: Mutex::new(Default::default()),
+            held: Mutex::new(Default::default()),
         }))
     }
 
@@ -226,6 +248,7 @@ impl Shared {
         Ok(Slot {
             shared: self.clone(),
             uid,
+            conversation: None,
         })
     }
 
