@@ -173,6 +173,36 @@ impl Origin {
 }
 
 impl Request {
+    /// A new request of `uid` (`user`), planned by nothing yet.
+    pub fn new(
+        id: String,
+        uid: u32,
+        user: String,
+        text: String,
+        cwd: PathBuf,
+        now: String,
+    ) -> Self {
+        Request {
+            id,
+            uid,
+            user,
+            text,
+            cwd,
+            state: State::Planned,
+            summary: String::new(),
+            planner: "local-rules".into(),
+            error: None,
+            created: now.clone(),
+            updated: now,
+            actions: Vec::new(),
+            plan_micros: 0,
+            answer: None,
+            conversation: None,
+            model: None,
+            usage: None,
+        }
+    }
+
     /// This request with each action's output cut to `keep` bytes (for listings).
     pub fn shortened(&self, keep: usize) -> Request {
         let mut r = self.clone();

@@ -20,35 +20,6 @@ use devos_tests::bedrock::{Reply, StandIn, ToolCall, Usage};
 use serde_json::{Value, json};
 use support::*;
 
-/// The agent, configured for the stand-in (models `test.small` and `test.large`,
-/// priced at $5/$25 per million input/output tokens), with more `[model]` keys and
-/// more tables.
-fn model_agent(standin: &StandIn, model_keys: &str, tables: &str) -> Daemon {
-    let config = format!(
-        "[model]\nregion = \"us-east-1\"\nendpoint-url = \"{}\"\nsmall = \"test.small\"\nlarge = \"test.large\"\nmax-attempts = 2\n{model_keys}\n\
-         [model.prices.\"test.small\"]\ninput = 5.0\noutput = 25.0\n\
-         [model.prices.\"test.large\"]\ninput = 5.0\noutput = 25.0\n{tables}",
-        standin.endpoint()
-    );
-    Daemon::start_with_env(
-        "IMAGE_VERSION=1.0\n",
-        &config,
-        &[
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-            ("AWS_ACCESS_KEY_ID", "AKIDDEVOSTEST"),
-            ("AWS_SECRET_ACCESS_KEY", "devos-test-secret"),
-            ("AWS_CONFIG_FILE", "/dev/null"),
-            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
-        ],
-    )
-}
-
-fn run_json(agent: &Daemon, user: &User, cwd: &Path, args: &[&str]) -> Value {
-    let mut all = vec!["--json", "run"];
-    all.extend_from_slice(args);
-    json(&agent.devos(Some(user), cwd, &all))
-}
-
 /// Every tool result (status, text) the agent sent to the stand-in, in all requests.
 fn all_tool_results(standin: &StandIn) -> Vec<(String, String)> {
     let mut out = Vec::new();

@@ -184,33 +184,29 @@ pub async fn converse(
         .max_tokens(call.max_tokens.min(i32::MAX as u32) as i32)
         .temperature(call.temperature)
         .build();
+    // Converse and ConverseStream take the same input through builders of two types.
+    macro_rules! send {
+        ($operation:expr) => {
+            $operation
+                .model_id(call.model)
+                .set_messages(Some(messages))
+                .set_system(Some(system))
+                .tool_config(tool_config)
+                .inference_config(inference)
+                .send()
+                .await
+                .map_err(|e| map_error(&e, call))?
+        };
+    }
     let mut reply = if call.stream {
-        let mut out = client
-            .converse_stream()
-            .model_id(call.model)
-            .set_messages(Some(messages))
-            .set_system(Some(system))
-            .tool_config(tool_config)
-            .inference_config(inference)
-            .send()
-            .await
-            .map_err(|e| map_error(&e, call))?;
+        let mut out = send!(client.converse_stream());
         let mut reader = StreamReader::default();
         while let Some(event) = out.stream.recv().await.map_err(|e| map_error(&e, call))? {
             reader.take(event, &mut on_text)?;
         }
         reader.finish()?
     } else {
-        let out = client
-            .converse()
-            .model_id(call.model)
-            .set_messages(Some(messages))
-            .set_system(Some(system))
-            .tool_config(tool_config)
-            .inference_config(inference)
-            .send()
-            .await
-            .map_err(|e| map_error(&e, call))?;
+        let out = send!(client.converse());
         let turn = match out.output {
             Some(bt::ConverseOutput::Message(m)) => turn_of(&m)?,
             _ => return Err(ModelError::BadReply("no message in the reply".into())),

@@ -206,25 +206,14 @@ async fn plan_request(
     }
     let reply = as_caller::plan(&shared.exe, &job).await.map_err(failed)?;
     let cwd = reply.cwd.clone().map_err(fdo::Error::AccessDenied)?;
-    let mut request = Request {
-        id: shared.new_id(),
-        uid: caller.uid,
-        user: caller.user.clone(),
-        text: text.to_owned(),
-        cwd: cwd.clone(),
-        state: State::Planned,
-        summary: String::new(),
-        planner: "local-rules".into(),
-        error: None,
-        created: now(),
-        updated: now(),
-        actions: Vec::new(),
-        plan_micros: 0,
-        answer: None,
-        conversation: None,
-        model: None,
-        usage: None,
-    };
+    let mut request = Request::new(
+        shared.new_id(),
+        caller.uid,
+        caller.user.clone(),
+        text.to_owned(),
+        cwd.clone(),
+        now(),
+    );
     let explicit = match route {
         Route::Model(m) => Some(m),
         Route::Auto => None,

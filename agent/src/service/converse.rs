@@ -107,23 +107,18 @@ pub(super) fn follow_up(
             ))
         })?;
     let mut request = Request {
-        id: shared.new_id(),
-        uid: caller.uid,
-        user: caller.user.clone(),
-        text: text.to_owned(),
-        cwd: previous.cwd.clone(),
-        state: State::Planned,
         summary: format!("continuing with {model}"),
         planner: "model".into(),
-        error: None,
-        created: now(),
-        updated: now(),
-        actions: Vec::new(),
-        plan_micros: 0,
-        answer: None,
         conversation: Some(conversation_id.clone()),
         model: Some(model.clone()),
-        usage: None,
+        ..Request::new(
+            shared.new_id(),
+            caller.uid,
+            caller.user.clone(),
+            text.to_owned(),
+            previous.cwd.clone(),
+            now(),
+        )
     };
     if !config.model.enabled {
         request.state = State::Unplanned;
