@@ -375,13 +375,18 @@ pub(crate) enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove stage entries (all but the --keep most recently used of each stage).
+    /// Remove stage entries: all but the --keep most recently used of each stage.
     Prune {
-        #[arg(long, default_value_t = 0)]
+        /// Entries of each stage to keep (the most recently used); 0 empties the
+        /// stage cache.
+        #[arg(long, default_value_t = 1)]
         keep: usize,
-        /// Also remove downloaded packages and package lists.
+        /// Also remove downloaded packages, package lists and built agent packages.
         #[arg(long)]
         all: bool,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },

@@ -260,16 +260,24 @@ fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
             let status = Cache::new(cache::dir(), true).status()?;
             output(json, &status, || status.human(), true)
         }
-        CacheCommand::Prune { keep, all, json } => {
-            let pruned = Cache::new(cache::dir(), true).prune(keep, all)?;
+        CacheCommand::Prune {
+            keep,
+            all,
+            dry_run,
+            json,
+        } => {
+            let pruned = Cache::new(cache::dir(), true).prune(keep, all, dry_run)?;
             output(
                 json,
                 &pruned,
                 || {
+                    let list: String = pruned.removed.iter().map(|r| format!("  {r}\n")).collect();
                     format!(
-                        "removed {} stage entries{}, freed {}\n",
+                        "{list}{} {} stage entries{}, {} {}\n",
+                        if dry_run { "would remove" } else { "removed" },
                         pruned.entries,
                         if all { " and the package caches" } else { "" },
+                        if dry_run { "freeing" } else { "freed" },
                         cache::mib(pruned.bytes)
                     )
                 },

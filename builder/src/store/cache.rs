@@ -244,22 +244,36 @@ impl Cache {
 
     /// Remove stage entries beyond the `keep` most recently used of each kind (all of
     /// them with `keep = 0`), and with `packages`, the downloaded packages and lists.
-    pub(crate) fn prune(&self, keep: usize, packages: bool) -> Result<Pruned> {
+    /// Remove all but the `keep` most recently used entries of each stage (and with
+    /// `packages` the downloaded packages, package lists and agent packages), or with
+    /// `dry_run` only say what that would remove.
+    pub(crate) fn prune(&self, keep: usize, packages: bool, dry_run: bool) -> Result<Pruned> {
         let status = self.status()?;
-        let mut pruned = Pruned::default();
+        let mut pruned = Pruned {
+            dry_run,
+            ..Pruned::default()
+        };
         for kind in KINDS {
             for e in status.entries.iter().filter(|e| e.kind == *kind).skip(keep) {
-                remove_entry(&self.entry_dir(kind, &e.key))?;
+                if !dry_run {
+                    remove_entry(&self.entry_dir(kind, &e.key))?;
+                }
                 pruned.entries += 1;
                 pruned.bytes += e.size;
+                pruned
+                    .removed
+                    .push(format!("{} {} ({})", e.kind, e.key, e.about));
             }
         }
         if packages {
             for sub in ["packages", "apt", "agent"] {
                 let d = self.root.join(sub);
                 let bytes = dir_size(&d);
-                remove::dir_if_present(&d)?;
+                if !dry_run {
+                    remove::dir_if_present(&d)?;
+                }
                 pruned.bytes += bytes;
+                pruned.removed.push(d.display().to_string());
             }
         }
         Ok(pruned)
@@ -288,6 +302,9 @@ pub(crate) struct StatusEntry {
 pub(crate) struct Pruned {
     pub(crate) entries: usize,
     pub(crate) bytes: u64,
+    /// What was removed (or, with `dry_run`, would be).
+    pub(crate) removed: Vec<String>,
+    pub(crate) dry_run: bool,
 }
 
 impl Status {
@@ -450,7 +467,17 @@ mod tests {
                 .set_modified(SystemTime::now() - std::time::Duration::from_secs(age))
                 .unwrap();
         }
-        let pruned = cache.prune(1, false).unwrap();
+        let said = cache.prune(1, false, true).unwrap();
+        assert_eq!(said.entries, 2);
+        assert!(
+            said.removed.iter().any(|r| r.starts_with("base a")),
+            "{said:?}"
+        );
+        assert!(
+            cache.entry_dir("base", "a").exists(),
+            "a dry run removes nothing"
+        );
+        let pruned = cache.prune(1, false, false).unwrap();
         assert_eq!(pruned.entries, 2);
         assert!(cache.entry_dir("base", "c").exists());
         assert!(!cache.entry_dir("base", "a").exists());
