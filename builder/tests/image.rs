@@ -125,7 +125,8 @@ fn missing_archive_keyring_fails_early_and_says_what_to_install() {
     let path = dir.path().join("spec.toml");
     std::fs::write(
         &path,
-        "[image]\nname = \"k\"\nversion = \"0.1.0\"\n[base]\ndistro = \"ubuntu\"\nmirror = \"file:///srv/mirror\"\nkeyring = \"/nonexistent/ubuntu.gpg\"\n",
+        "[image]\nname = \"k\"\nversion = \"0.1.0\"\n[base]\ndistro = \"ubuntu\"\nmirror = \"file:///srv/mirror\"\nkeyring = \"/nonexistent/ubuntu.gpg\"\n\
+         [packages]\ninclude = [\"linux-image-virtual\", \"initramfs-tools\", \"systemd-sysv\", \"dbus\", \"systemd-boot-efi\"]\n",
     )
     .unwrap();
     let stderr = failed_build(&[path.as_os_str()]);
@@ -134,6 +135,66 @@ fn missing_archive_keyring_fails_early_and_says_what_to_install() {
         "{stderr}"
     );
     assert!(stderr.contains("install `ubuntu-keyring`"), "{stderr}");
+}
+
+#[test]
+fn validate_checks_a_spec_offline_and_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let validate = |text: &str| {
+        let path = dir.path().join("spec.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = devos_build_command()
+            .args(["image", "validate"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let head = "[image]\nname = \"v\"\nversion = \"0.1.0\"\n[base]\n";
+    // No kernel, no init, no boot loader: each named with its package.
+    let (code, err) = validate(&format!(
+        "{head}distro = \"debian\"\n[packages]\ninclude = [\"vim\"]\n"
+    ));
+    assert_eq!(code, Some(1), "{err}");
+    for want in [
+        "no kernel: add `linux-image-cloud-amd64`",
+        "no systemd as init",
+        "no systemd-boot EFI binary",
+        "spec.toml",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // NixOS is refused at once, with the reason.
+    let (code, err) = validate(&format!("{head}distro = \"nixos\"\n"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("NixOS images are built from nixos/"), "{err}");
+    // A bad key is named where it is.
+    let (code, err) = validate(&format!("{head}distro = \"debian\"\nsuit = \"bookworm\"\n"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("spec.toml:") && err.contains("suit"), "{err}");
+    // The shipped specs are valid; nothing is written.
+    for spec in ["devos-debian.toml", "devos-ubuntu.toml"] {
+        let out = devos_build_command()
+            .args(["image", "validate", "--json"])
+            .arg(repo_root().join("images").join(spec))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{spec}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["valid"], true);
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only the spec"
+    );
 }
 
 #[test]

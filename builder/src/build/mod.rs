@@ -237,6 +237,7 @@ fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
 /// `image plan`: resolve without building.
 pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     let spec = spec::load(&opts.spec)?;
+    spec.check_buildable()?;
     let scratch = tempfile::tempdir()?;
     let r = resolve(spec, opts, scratch.path(), ui)?;
     let out = final_dir(opts, &r.spec, &r.id.version);
@@ -268,7 +269,11 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         ui,
         timings: Vec::new(),
     };
-    let spec = t.run("load", |_| Ok(spec::load(&opts.spec)?))?;
+    let spec = t.run("load", |_| {
+        let spec = spec::load(&opts.spec)?;
+        spec.check_buildable()?;
+        Ok(spec)
+    })?;
 
     let images = opts
         .out

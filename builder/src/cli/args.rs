@@ -56,6 +56,15 @@ pub(crate) enum Command {
 pub(crate) enum ImageCommand {
     /// Build an image from a spec: rootfs, customize, disk, convert.
     Build(BuildArgs),
+    /// Check a spec offline and at once: keys, types, layers, users, sizes, formats,
+    /// and a package set that can boot. `plan` and `build` check the same first.
+    Validate {
+        /// The image spec.
+        #[arg(default_value = DEFAULT_SPEC)]
+        spec: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the build id and every input that went into it, without building.
     Plan {
         /// The image spec.

@@ -86,6 +86,7 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
             json,
         } => export_command(registry_path, &reference, &format, out.as_deref(), json),
         ImageCommand::Build(args) => build_command(args, registry_path, ui),
+        ImageCommand::Validate { spec, json } => validate_command(&spec, json),
         ImageCommand::Plan {
             spec,
             agent_deb,
@@ -233,6 +234,36 @@ fn built_human(
 }
 
 /// `image plan`: the build id and every input to it, without building.
+/// `image validate`: the spec loaded and checked, nothing fetched or written.
+fn validate_command(path: &Path, json: bool) -> Result<ExitCode> {
+    let spec = crate::model::spec::load(path)?;
+    spec.check_buildable()?;
+    let report = serde_json::json!({ "valid": true, "spec": spec });
+    output(
+        json,
+        &report,
+        || {
+            format!(
+                "{}: valid — {} {} ({} {}), {} packages from {} layer(s), {} MiB disk, {}\n",
+                path.display(),
+                spec.name,
+                spec.version,
+                spec.distro.name(),
+                spec.suite,
+                spec.all_packages().len(),
+                spec.layers.len(),
+                spec.disk_size >> 20,
+                spec.formats
+                    .iter()
+                    .map(|f| f.extension())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+        true,
+    )
+}
+
 fn plan_command(
     spec: PathBuf,
     agent_deb: Option<PathBuf>,

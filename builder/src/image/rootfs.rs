@@ -227,13 +227,7 @@ pub(crate) fn bootstrap(
     package_cache: &Path,
     source_date_epoch: u64,
 ) -> Result<()> {
-    if spec.distro == Distro::Nixos {
-        bail!(
-            "{}: NixOS images are built from nixos/ with `nix build`, which needs nixpkgs; \
-             this builder bootstraps Debian and Ubuntu only so far\n  hint: use `distro = \"debian\"` or `\"ubuntu\"`",
-            spec.path.display()
-        );
-    }
+    spec.check_buildable()?;
     std::fs::create_dir_all(package_cache)?;
     let work = target.with_extension("sources");
     std::fs::write(&work, &sources.deb822)?;

@@ -415,6 +415,62 @@ pub(crate) struct Spec {
 impl Spec {
     /// Every package to install, spec and layers together, with what the agent needs
     /// when it is enabled, sorted and unique.
+    /// What can be known without the network about whether this spec builds a
+    /// bootable image: a distribution this builder bootstraps, and a package set
+    /// with a kernel, an initramfs tool, systemd as init, D-Bus and systemd-boot.
+    /// Every problem is named, each with what to do.
+    pub(crate) fn check_buildable(&self) -> anyhow::Result<()> {
+        if self.distro == Distro::Nixos {
+            anyhow::bail!(
+                "{}: NixOS images are built from nixos/ with `nix build`, which needs nixpkgs; \
+                 this builder bootstraps Debian and Ubuntu only so far\n  hint: use `distro = \"debian\"` or `\"ubuntu\"`",
+                self.path.display()
+            );
+        }
+        let packages = self.all_packages();
+        let has = |p: &dyn Fn(&str) -> bool| packages.iter().any(|n| p(n));
+        let needs: [(&str, bool, &str); 5] = [
+            (
+                "no kernel",
+                has(&|n| n.starts_with("linux-image-")),
+                "linux-image-cloud-amd64",
+            ),
+            (
+                "no initramfs tool (the kernel package depends on one)",
+                has(&|n| n == "initramfs-tools" || n == "dracut"),
+                "initramfs-tools",
+            ),
+            (
+                "no systemd as init",
+                has(&|n| n == "systemd-sysv"),
+                "systemd-sysv",
+            ),
+            (
+                "no D-Bus daemon",
+                has(&|n| n == "dbus" || n == "dbus-broker"),
+                "dbus",
+            ),
+            (
+                "no systemd-boot EFI binary",
+                has(&|n| n == "systemd-boot-efi"),
+                "systemd-boot-efi",
+            ),
+        ];
+        let missing: Vec<String> = needs
+            .iter()
+            .filter(|(_, found, _)| !found)
+            .map(|(what, _, package)| format!("  - {what}: add `{package}`"))
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "{}: the package set cannot boot:\n{}\n  hint: add them to `[packages] include` (or a layer's)",
+                self.path.display(),
+                missing.join("\n")
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) fn all_packages(&self) -> Vec<String> {
         let agent: Vec<String> = if self.agent_enabled {
             devos_agent::PACKAGE_DEPENDS
