@@ -552,6 +552,35 @@ fn drain(agent: &Daemon, standin: &StandIn, user: &User, cwd: &Path) {
     }
 }
 
+/// Propose each of `attempts` as the model: none may be approved without asking, and
+/// nothing the proposals would have printed (`id`'s `uid=`) may reach the model.
+fn none_ran_unasked(
+    agent: &Daemon,
+    standin: &StandIn,
+    user: &User,
+    cwd: &Path,
+    attempts: &[(&str, Value)],
+) {
+    let mut ran_unasked = Vec::new();
+    for (name, input) in attempts {
+        let (decision, r) = outcome_of(agent, standin, user, cwd, name, input);
+        if decision == "approved" {
+            ran_unasked.push(format!("{name} {input}: {}", r["actions"][0]["risk"]));
+        }
+    }
+    assert!(
+        ran_unasked.is_empty(),
+        "ran without asking: {ran_unasked:#?}"
+    );
+    assert!(
+        !all_tool_results(standin)
+            .iter()
+            .any(|(_, text)| text.contains("uid=")),
+        "{:?}",
+        all_tool_results(standin)
+    );
+}
+
 /// Make `link` a symlink to `to`, owned by `user` (as if they had made it).
 fn user_symlink(user: &User, to: &Path, link: &Path) {
     std::os::unix::fs::symlink(to, link).unwrap();
@@ -799,25 +828,7 @@ fn approval_bypass_wrappers_interpreters_and_exec_options_in_run_always_ask() {
         ),
         ("run", json!({ "argv": ["ls", "a\u{0}b"] })),
     ];
-    let mut ran_unasked = Vec::new();
-    for (name, input) in &attempts {
-        let (decision, r) = outcome_of(&agent, &standin, &user, cwd, name, input);
-        if decision == "approved" {
-            ran_unasked.push(format!("{name} {input}: {}", r["actions"][0]["risk"]));
-        }
-    }
-    assert!(
-        ran_unasked.is_empty(),
-        "ran without asking: {ran_unasked:#?}"
-    );
-    // Nothing the proposals would have printed ever reached the model.
-    assert!(
-        !all_tool_results(&standin)
-            .iter()
-            .any(|(_, text)| text.contains("uid=")),
-        "{:?}",
-        all_tool_results(&standin)
-    );
+    none_ran_unasked(&agent, &standin, &user, cwd, &attempts);
 }
 
 /// Regression: git options and subcommands that run programs or write files — `-c`
@@ -883,24 +894,7 @@ fn approval_bypass_git_options_that_run_programs_always_ask() {
         g(&["--git-dir=/etc", "status"]),
         g(&["--work-tree=/", "status"]),
     ];
-    let mut ran_unasked = Vec::new();
-    for (name, input) in &attempts {
-        let (decision, r) = outcome_of(&agent, &standin, &user, cwd, name, input);
-        if decision == "approved" {
-            ran_unasked.push(format!("{name} {input}: {}", r["actions"][0]["risk"]));
-        }
-    }
-    assert!(
-        ran_unasked.is_empty(),
-        "ran without asking: {ran_unasked:#?}"
-    );
-    assert!(
-        !all_tool_results(&standin)
-            .iter()
-            .any(|(_, text)| text.contains("uid=")),
-        "{:?}",
-        all_tool_results(&standin)
-    );
+    none_ran_unasked(&agent, &standin, &user, cwd, &attempts);
 }
 
 /// Regression: the `search` tool's pattern and path never become options of `find`
