@@ -11,9 +11,8 @@
 //! with the instance role's credentials, both through the AWS SDK's own clients.
 
 use std::path::Path;
-use std::time::Duration;
 
-use aws_config::imds::client::error::ImdsError;
+use crate::ec2::{metadata, on_ec2};
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_cloudformation::types::ResourceSignalStatus;
@@ -99,47 +98,6 @@ pub fn version_check(expected: Option<&str>, os_release: &Path) -> Check {
     Check {
         name: "image-version",
         result,
-    }
-}
-
-/// Whether this machine is an EC2 instance: the DMI vendor Nitro instances report, or
-/// a Xen instance's hypervisor uuid. An explicit metadata endpoint
-/// (`AWS_EC2_METADATA_SERVICE_ENDPOINT`) counts too.
-fn on_ec2() -> bool {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    std::env::var_os("AWS_EC2_METADATA_SERVICE_ENDPOINT").is_some()
-        || [
-            "/sys/class/dmi/id/sys_vendor",
-            "/sys/class/dmi/id/board_vendor",
-        ]
-        .iter()
-        .any(|p| read(p).trim() == "Amazon EC2")
-        || read("/sys/hypervisor/uuid")
-            .to_ascii_lowercase()
-            .starts_with("ec2")
-}
-
-/// Read from instance metadata, retrying while it cannot be reached (the network may
-/// not be up yet): None if the path does not exist.
-async fn metadata(imds: &aws_config::imds::Client, path: &str) -> anyhow::Result<Option<String>> {
-    let mut wait = Duration::from_secs(1);
-    let mut waited = Duration::ZERO;
-    loop {
-        match imds.get(path).await {
-            Ok(text) => return Ok(Some(text.as_ref().to_owned())),
-            Err(ImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => {
-                return Ok(None);
-            }
-            Err(e) if waited >= Duration::from_secs(300) => {
-                anyhow::bail!("cannot read {path} from instance metadata for 5 minutes: {e}")
-            }
-            Err(e) => {
-                tracing::debug!("instance metadata {path}: {e}; retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-                waited += wait;
-                wait = (wait * 2).min(Duration::from_secs(30));
-            }
-        }
     }
 }
 

@@ -30,6 +30,8 @@ pub mod risk;
 pub mod store;
 
 #[cfg(feature = "daemon")]
+pub mod ec2;
+#[cfg(feature = "daemon")]
 pub mod executor;
 #[cfg(feature = "daemon")]
 pub mod health;

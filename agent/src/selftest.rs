@@ -101,6 +101,11 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         })?,
     }
 
+    if let Some(login) = ssh_login().await {
+        emit(login)?;
+        emit(ssh_host_keys())?;
+    }
+
     let done = serde_json::to_string(&Done {
         done: true,
         ok: all_ok,
@@ -234,21 +239,121 @@ const SYSTEM_CREDENTIALS: &str = "/run/credentials/@system";
 /// The spec's tests; none when the host passed none. A credential that cannot be
 /// read or parsed is an error: its tests would otherwise pass unseen.
 fn spec_tests() -> Result<Vec<SpecTest>, SelfTestError> {
+    match credential("devos.tests")? {
+        Some((path, bytes)) => serde_json::from_slice(&bytes)
+            .map_err(|source| SelfTestError::BadTests { path, source }),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A credential the host passed in: its path and bytes, or None if it passed none.
+fn credential(name: &str) -> Result<Option<(std::path::PathBuf, Vec<u8>)>, SelfTestError> {
     let dirs = [
         std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from),
         Some(SYSTEM_CREDENTIALS.into()),
     ];
-    for path in dirs.into_iter().flatten().map(|d| d.join("devos.tests")) {
+    for path in dirs.into_iter().flatten().map(|d| d.join(name)) {
         match std::fs::read(&path) {
-            Ok(bytes) => {
-                return serde_json::from_slice(&bytes)
-                    .map_err(|source| SelfTestError::BadTests { path, source });
-            }
+            Ok(bytes) => return Ok(Some((path, bytes))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(SelfTestError::UnreadableTests { path, source }),
         }
     }
-    Ok(Vec::new())
+    Ok(None)
+}
+
+/// Where the host's SSH login leaves the nonce it was given (`devos.ssh-login`).
+const SSH_LOGIN_MARK: &str = "/tmp/devos-ssh-login";
+
+/// How long the guest waits for the host's SSH login once its own checks are done.
+const SSH_LOGIN_WAIT: Duration = Duration::from_secs(120);
+
+/// The host logs in over SSH with a key it handed in the way EC2 does (instance
+/// metadata) and leaves the nonce of the `devos.ssh-login` credential in
+/// [`SSH_LOGIN_MARK`]: wait for it. None when the host asked for no login.
+async fn ssh_login() -> Option<CheckResult> {
+    let nonce = match credential("devos.ssh-login") {
+        Ok(Some((_, bytes))) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Ok(None) => return None,
+        Err(e) => return Some(failed("ssh-login", e.to_string())),
+    };
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(SSH_LOGIN_MARK)
+            && text.trim() == nonce
+        {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata(SSH_LOGIN_MARK)
+                .map(|m| m.uid())
+                .unwrap_or(0);
+            let user = nix::unistd::User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map_or(uid.to_string(), |u| u.name);
+            return Some(CheckResult {
+                check: "ssh-login".into(),
+                ok: uid != 0,
+                detail: format!("{user} logged in over SSH with the key from instance metadata"),
+                ms: start.elapsed().as_millis(),
+            });
+        }
+        if start.elapsed() > SSH_LOGIN_WAIT {
+            let mut detail = format!(
+                "no SSH login from the host within {}s",
+                SSH_LOGIN_WAIT.as_secs()
+            );
+            for unit in [
+                "ssh.service",
+                "devos-ssh-host-keys.service",
+                "devos-ec2-keys.service",
+            ] {
+                detail.push_str(&journal(unit).await);
+            }
+            return Some(failed("ssh-login", detail));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The machine's SSH host keys are its own: made in /var, none in the image's /etc.
+fn ssh_host_keys() -> CheckResult {
+    let baked: Vec<String> = std::fs::read_dir("/etc/ssh")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ssh_host_"))
+        .collect();
+    let made = std::fs::read_to_string("/var/lib/devos/ssh/ssh_host_ed25519_key.pub");
+    let (ok, detail) = match (&made, baked.is_empty()) {
+        (Ok(key), true) => (
+            true,
+            format!("made on this machine in /var: {}", key.trim()),
+        ),
+        (_, false) => (
+            false,
+            format!(
+                "host keys baked into the image: /etc/ssh/{}",
+                baked.join(", /etc/ssh/")
+            ),
+        ),
+        (Err(e), true) => (false, format!("no host key in /var/lib/devos/ssh: {e}")),
+    };
+    CheckResult {
+        check: "ssh-host-keys".into(),
+        ok,
+        detail,
+        ms: 0,
+    }
+}
+
+fn failed(check: &str, detail: String) -> CheckResult {
+    CheckResult {
+        check: check.into(),
+        ok: false,
+        detail,
+        ms: 0,
+    }
 }
 
 /// What kept a self-test check from finding out.

@@ -185,6 +185,59 @@ impl Fixture {
         })
     }
 
+    /// How a fleet stack's instances are reached over SSH, from the resources: the key
+    /// pair of its launch template, and the ranges its security group admits to port 22.
+    fn ssh_access(&self, stack: &str) -> (Option<String>, Vec<String>) {
+        let region = "us-east-1";
+        let cf = self.sdk(region, sdk_cloudformation::Client::new);
+        let ec2 = self.ec2(region);
+        self.block_on(async {
+            let physical = |logical: &'static str| {
+                let cf = cf.clone();
+                async move {
+                    cf.describe_stack_resource()
+                        .stack_name(stack)
+                        .logical_resource_id(logical)
+                        .send()
+                        .await
+                        .unwrap()
+                        .stack_resource_detail()
+                        .unwrap()
+                        .physical_resource_id()
+                        .unwrap()
+                        .to_owned()
+                }
+            };
+            let lt = physical("LaunchTemplate").await;
+            let versions = ec2
+                .describe_launch_template_versions()
+                .launch_template_id(lt)
+                .versions("$Latest")
+                .send()
+                .await
+                .unwrap();
+            let key = versions.launch_template_versions()[0]
+                .launch_template_data()
+                .and_then(|d| d.key_name())
+                .map(str::to_owned);
+            let sg = physical("SecurityGroup").await;
+            let groups = ec2
+                .describe_security_groups()
+                .group_ids(sg)
+                .send()
+                .await
+                .unwrap();
+            let ranges = groups.security_groups()[0]
+                .ip_permissions()
+                .iter()
+                .filter(|p| p.from_port() == Some(22) && p.to_port() == Some(22))
+                .flat_map(|p| p.ip_ranges())
+                .filter_map(|r| r.cidr_ip().map(str::to_owned))
+                .collect();
+            (key, ranges)
+        })
+    }
+
     /// What a fleet stack really runs, read straight from the APIs: the AMI of the
     /// launch template version its group uses, and each group instance with its AMI.
     /// None while the group cannot be read (moto recreates it on an update).
@@ -1026,8 +1079,29 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
 
     // Deploy v1 to the fleet and to its canary: the default VPC's subnets are used.
     steps.at("Deploy v1 to the fleet and to its canary");
-    for (stack, capacity) in [("devfleet", "2"), ("devfleet-canary", "1")] {
-        let out = fleet(&[
+    // The canary's instances are reachable over SSH: a key pair and an address range.
+    fx.block_on(
+        fx.ec2("us-east-1")
+            .create_key_pair()
+            .key_name("devos-canary")
+            .send(),
+    )
+    .unwrap();
+    for (stack, capacity, ssh) in [
+        ("devfleet", "2", &[][..]),
+        (
+            "devfleet-canary",
+            "1",
+            &[
+                "--param",
+                "KeyName=devos-canary",
+                "--param",
+                "SshCidr=203.0.113.0/24",
+            ][..],
+        ),
+    ] {
+        let capacity = format!("DesiredCapacity={capacity}");
+        let mut args = vec![
             "deploy",
             "--stack",
             stack,
@@ -1036,11 +1110,13 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
             "--image",
             "devos-pub@1.0.0",
             "--param",
-            &format!("DesiredCapacity={capacity}"),
+            &capacity,
             "--bake",
             "0",
             "--json",
-        ]);
+        ];
+        args.extend_from_slice(ssh);
+        let out = fleet(&args);
         ok(&out);
         let d = json(&out);
         assert_eq!(d["state"], "succeeded", "{d}");
@@ -1055,6 +1131,14 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     let (lt, instances) = fx.fleet("devfleet");
     assert_eq!(lt, amis["1.0.0"]);
     assert_eq!(instances, vec![amis["1.0.0"].clone(); 2]);
+    assert_eq!(fx.ssh_access("devfleet"), (None, Vec::new()));
+    assert_eq!(
+        fx.ssh_access("devfleet-canary"),
+        (
+            Some("devos-canary".to_owned()),
+            vec!["203.0.113.0/24".to_owned()]
+        )
+    );
 
     // A dry run of a new stack lists what it would create, and creates nothing.
     steps.at("A dry run of a new stack lists what it would create, and creates...");

@@ -40,6 +40,15 @@ enum Command {
         #[arg(long, default_value = "/dev/virtio-ports/org.devos.selftest")]
         report: PathBuf,
     },
+    /// Give USER the SSH keys of this EC2 instance's key pair (read from instance
+    /// metadata with IMDSv2) in /var/lib/devos/ssh/authorized_keys/USER, replacing what
+    /// an earlier boot wrote; on a machine that is not on EC2, do nothing (used by
+    /// devos-ec2-keys.service).
+    Ec2Keys {
+        /// The user who gets the keys (the image's default user).
+        #[arg(long, env = "DEVOS_EC2_USER")]
+        user: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -95,6 +104,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::SandboxExec { .. } | Command::PlanExec => {
             unreachable!("handled before the runtime starts")
+        }
+        Command::Ec2Keys { user } => {
+            let dir = std::path::Path::new(devos_agent::ec2::AUTHORIZED_KEYS_DIR);
+            match rt.block_on(devos_agent::ec2::install_key_pair(&user, dir))? {
+                devos_agent::ec2::KeysOutcome::NotOnEc2 => {
+                    eprintln!("not an EC2 instance: no key pair to read");
+                }
+                devos_agent::ec2::KeysOutcome::Written { path, keys } => {
+                    eprintln!(
+                        "{keys} key(s) of the instance's key pair for {user} in {}",
+                        path.display()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::SelfTest { report } => {
             let ok = rt.block_on(devos_agent::selftest::run(&report))?;

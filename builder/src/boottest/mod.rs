@@ -3,6 +3,7 @@
 //! report, failing with the console's last lines on a panic, a crash or a timeout.
 
 mod diagnosis;
+pub(crate) mod ec2;
 mod junit;
 mod target;
 pub mod vm;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::support::remove;
@@ -64,6 +65,9 @@ pub(crate) struct TestReport {
     pub(crate) seconds: f64,
     /// Seconds from QEMU start until the host saw the agent answer `Ping`.
     pub(crate) agent_answered_seconds: Option<f64>,
+    /// The SSH host key (`SHA256:...`) the guest showed the host's login, when the
+    /// image has an SSH server.
+    pub(crate) ssh_host_key: Option<String>,
     pub(crate) failure: Option<String>,
     pub(crate) console_tail: Vec<String>,
     /// Where the console log and overlay were kept (`--keep`).
@@ -76,6 +80,17 @@ struct Run {
     kvm_failed: Option<String>,
     seconds: f64,
     agent_answered_seconds: Option<f64>,
+    /// The host's SSH login, when the image has an SSH server.
+    ssh: Option<Result<ec2::LoggedIn, String>>,
+}
+
+/// Who the boot test logs in as over SSH: the image's default user, when the image
+/// has OpenSSH's server and the agent (whose devos-ec2-keys.service hands the key in).
+fn ssh_user(target: &Target) -> Option<&str> {
+    let m = target.manifest.as_ref()?;
+    (m.has_package("openssh-server") && m.agent.is_some())
+        .then(|| m.users.first().map(String::as_str))
+        .flatten()
 }
 
 fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run> {
@@ -96,9 +111,23 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
         opts.disk_bus,
         Some(&console),
         Some(&report),
-        None,
     );
     vm.tests_json = tests_json.as_deref();
+    // An image with an SSH server is booted as an EC2 instance with a key pair, and
+    // the host logs in with that key while the guest waits for it.
+    let login = ssh_user(target)
+        .map(|user| ec2::Login::prepare(dir.path(), user))
+        .transpose()?;
+    let standin = login
+        .as_ref()
+        .map(|l| ec2::StandIn::start(Some(l.public_key.clone()), None))
+        .transpose()?;
+    let network = standin.as_ref().map(ec2::StandIn::qemu_args).transpose()?;
+    vm.network = network.as_deref();
+    if let Some(login) = &login {
+        vm.credentials
+            .push(format!("devos.ssh-login={}", login.nonce));
+    }
     let stderr = fs::File::create(&stderr_path)?;
     let start = Instant::now();
     let mut child = crate::support::cmd::spawn(
@@ -108,16 +137,31 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
     let mut agent_answered_seconds = None;
     let kvm = scratch.accel.accel == vm::Accel::Kvm;
     let mut kvm_failed = None;
-    let outcome = watch(&mut child, &console, &report, opts.timeout, |checks| {
-        if agent_answered_seconds.is_none()
-            && checks.iter().any(|c| c.check == "agent-ping" && c.ok)
-        {
-            agent_answered_seconds = Some(start.elapsed().as_secs_f64());
-        }
-        if kvm {
-            kvm_failed = kvm_failure(&fs::read_to_string(&stderr_path).unwrap_or_default());
-        }
-        kvm_failed.is_some()
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (outcome, ssh) = std::thread::scope(|s| {
+        let ssh = login
+            .as_ref()
+            .zip(standin.as_ref())
+            .map(|(login, standin)| {
+                s.spawn(|| login.until_in(standin.ssh_port, &stop, opts.timeout))
+            });
+        let outcome = watch(&mut child, &console, &report, opts.timeout, |checks| {
+            if agent_answered_seconds.is_none()
+                && checks.iter().any(|c| c.check == "agent-ping" && c.ok)
+            {
+                agent_answered_seconds = Some(start.elapsed().as_secs_f64());
+            }
+            if kvm {
+                kvm_failed = kvm_failure(&fs::read_to_string(&stderr_path).unwrap_or_default());
+            }
+            kvm_failed.is_some()
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ssh = ssh.map(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err("the SSH login thread panicked".into()))
+        });
+        (outcome, ssh)
     });
     // QEMU may have exited already (its kill then fails), and waiting only reaps it.
     let _ = child.kill();
@@ -131,6 +175,7 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
         kvm_failed,
         seconds: start.elapsed().as_secs_f64(),
         agent_answered_seconds,
+        ssh,
     })
 }
 
@@ -153,6 +198,7 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         outcome,
         seconds,
         agent_answered_seconds,
+        ssh,
         ..
     } = run;
     let dir = &scratch.dir;
@@ -170,6 +216,31 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
             ok: got.ok && &got.detail == want,
             detail: format!("agent reports {}, build is {want}", got.detail),
             ms: 0,
+        });
+    }
+    let mut ssh_host_key = None;
+    if let Some(ssh) = ssh {
+        let user = ssh_user(target).unwrap_or_default();
+        checks.push(match ssh {
+            Ok(login) => {
+                let detail = format!(
+                    "logged in as {user} with the key handed in as EC2 instance metadata; host key {}",
+                    login.host_key
+                );
+                ssh_host_key = Some(login.host_key);
+                Check {
+                    check: "ssh-from-host".into(),
+                    ok: true,
+                    detail,
+                    ms: (login.seconds * 1000.0) as u128,
+                }
+            }
+            Err(e) => Check {
+                check: "ssh-from-host".into(),
+                ok: false,
+                detail: e,
+                ms: 0,
+            },
         });
     }
     let mut failure = outcome.err();
@@ -197,6 +268,7 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         checks,
         seconds,
         agent_answered_seconds,
+        ssh_host_key,
         failure,
         console_tail,
         kept,
@@ -248,14 +320,22 @@ fn watch(
     }
 }
 
+/// How `image boot` runs a VM.
+pub(crate) struct BootOptions {
+    pub(crate) memory_mib: u32,
+    pub(crate) cpus: u32,
+    pub(crate) disk_bus: vm::DiskBus,
+    /// Forward this host port to the guest's SSH port, with instance metadata handing
+    /// in `ssh_key` as an EC2 key pair's key.
+    pub(crate) ssh_port: Option<u16>,
+    /// A public key file; by default the invoking user's `~/.ssh/id_*.pub`.
+    pub(crate) ssh_key: Option<PathBuf>,
+    /// Log this user in on the console; None for a login prompt.
+    pub(crate) autologin: Option<String>,
+}
+
 /// An interactive boot: the serial console on this terminal (Ctrl-A X quits).
-pub(crate) fn boot(
-    target: &Target,
-    memory_mib: u32,
-    cpus: u32,
-    disk_bus: vm::DiskBus,
-    ssh_port: Option<u16>,
-) -> Result<()> {
+pub(crate) fn boot(target: &Target, opts: &BootOptions) -> Result<()> {
     let scratch = Scratch::prepare(target, "devos-boot-")?;
     eprintln!(
         "booting {} under {:?} ({}); quit with Ctrl-A X",
@@ -263,13 +343,69 @@ pub(crate) fn boot(
         scratch.accel.accel,
         scratch.accel.reason
     );
-    if let Some(port) = ssh_port {
-        eprintln!("ssh: ssh -p {port} USER@127.0.0.1");
+    let default_user = target
+        .manifest
+        .as_ref()
+        .and_then(|m| m.users.first().cloned());
+    let standin = match opts.ssh_port {
+        Some(port) => {
+            let key = ssh_public_key(opts.ssh_key.as_deref())?;
+            let user = default_user.as_deref().unwrap_or("USER");
+            match &key {
+                Some((path, _)) => eprintln!(
+                    "ssh: ssh -p {port} {user}@127.0.0.1 (the key of {} is handed in as the EC2 key pair's)",
+                    path.display()
+                ),
+                None => eprintln!(
+                    "ssh: ssh -p {port} {user}@127.0.0.1 (no ~/.ssh/id_*.pub to hand in: only the spec's keys and passwords work; pass --ssh-key FILE.pub)"
+                ),
+            }
+            Some(ec2::StandIn::start(key.map(|(_, k)| k), Some(port))?)
+        }
+        None => None,
+    };
+    let network = standin.as_ref().map(ec2::StandIn::qemu_args).transpose()?;
+    let mut vm = scratch.vm(opts.memory_mib, opts.cpus, opts.disk_bus, None, None);
+    vm.network = network.as_deref();
+    if let Some(user) = &opts.autologin {
+        eprintln!("console: {user} is logged in (a login prompt: --no-autologin)");
+        vm.credentials.push(format!(
+            "{}={user}",
+            crate::image::access::AUTOLOGIN_CREDENTIAL
+        ));
     }
-    let vm = scratch.vm(memory_mib, cpus, disk_bus, None, None, ssh_port);
     let status = crate::support::cmd::spawn(&mut vm.command(&scratch.fw), true)?.wait()?;
     if !status.success() {
         bail!("QEMU exited with {status}");
     }
     Ok(())
+}
+
+/// The public key to hand in: the file given, else the invoking user's first
+/// `~/.ssh/id_{ed25519,ecdsa,rsa}.pub` (under sudo, the user who ran sudo).
+fn ssh_public_key(given: Option<&Path>) -> Result<Option<(PathBuf, String)>> {
+    let read = |path: &Path| -> Result<(PathBuf, String)> {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read the SSH public key {}", path.display()))?;
+        let key = text.lines().next().unwrap_or("").trim().to_owned();
+        if !(key.starts_with("ssh-") || key.starts_with("ecdsa-") || key.starts_with("sk-")) {
+            bail!(
+                "{} is not an OpenSSH public key\n  hint: pass the `.pub` file, e.g. --ssh-key ~/.ssh/id_ed25519.pub",
+                path.display()
+            );
+        }
+        Ok((path.to_path_buf(), key))
+    };
+    if let Some(path) = given {
+        return read(path).map(Some);
+    }
+    let Some(home) = crate::support::paths::invoking_home() else {
+        return Ok(None);
+    };
+    ["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"]
+        .iter()
+        .map(|name| home.join(".ssh").join(name))
+        .find(|p| p.is_file())
+        .map(|p| read(&p))
+        .transpose()
 }

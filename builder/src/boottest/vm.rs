@@ -226,8 +226,10 @@ pub(crate) struct Vm<'a> {
     pub(crate) selftest_report: Option<&'a Path>,
     /// The spec's tests for the guest's runner, as JSON (passed as a credential).
     pub(crate) tests_json: Option<&'a str>,
-    /// Forward this host port to the guest's SSH port (user-mode networking).
-    pub(crate) ssh_port: Option<u16>,
+    /// The network: none, or the QEMU arguments of an EC2 stand-in (see `ec2.rs`).
+    pub(crate) network: Option<&'a [String]>,
+    /// systemd credentials for the guest, `NAME=VALUE` (passed as SMBIOS type 11).
+    pub(crate) credentials: Vec<String>,
 }
 
 impl Vm<'_> {
@@ -240,7 +242,14 @@ impl Vm<'_> {
         if let Some(report) = self.selftest_report {
             self.selftest_args(&mut c, report);
         }
-        self.network_args(&mut c);
+        for credential in &self.credentials {
+            c.arg("-smbios")
+                .arg(format!("type=11,value=io.systemd.credential:{credential}"));
+        }
+        match self.network {
+            Some(args) => c.args(args),
+            None => c.args(["-nic", "none"]),
+        };
         c
     }
 
@@ -330,16 +339,6 @@ impl Vm<'_> {
                 "type=11,value=io.systemd.credential.binary:devos.tests={b64}"
             ));
         }
-    }
-
-    /// No network, unless the host's SSH port is forwarded (user-mode networking).
-    fn network_args(&self, c: &mut Command) {
-        match self.ssh_port {
-            Some(port) => c.arg("-nic").arg(format!(
-                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"
-            )),
-            None => c.args(["-nic", "none"]),
-        };
     }
 }
 
@@ -431,7 +430,6 @@ impl Scratch {
         disk_bus: DiskBus,
         console_log: Option<&'a Path>,
         selftest_report: Option<&'a Path>,
-        ssh_port: Option<u16>,
     ) -> Vm<'a> {
         Vm {
             disk: &self.overlay,
@@ -443,7 +441,8 @@ impl Scratch {
             console_log,
             selftest_report,
             tests_json: None,
-            ssh_port,
+            network: None,
+            credentials: Vec::new(),
         }
     }
 }
@@ -473,7 +472,8 @@ mod tests {
                 console_log: None,
                 selftest_report: None,
                 tests_json: None,
-                ssh_port: None,
+                network: None,
+                credentials: Vec::new(),
             };
             let args: Vec<String> = vm
                 .command(&fw)

@@ -21,6 +21,11 @@ pub const FILES: &[(&str, &str, u32)] = &[
         0o644,
     ),
     (
+        "agent/dist/devos-ec2-keys.service",
+        "usr/lib/systemd/system/devos-ec2-keys.service",
+        0o644,
+    ),
+    (
         "agent/dist/devos-selftest.service",
         "usr/lib/systemd/system/devos-selftest.service",
         0o644,
@@ -87,9 +92,7 @@ pub(crate) fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
 /// Build `devos-agent` in release mode and package it into `out_dir`.
 pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<AgentPackage> {
     cargo_build(source)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| source.join("target"));
+    let target = target_dir(source);
     let version = env!("CARGO_PKG_VERSION");
     let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
 
@@ -118,21 +121,84 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
     })
 }
 
-/// `cargo build --release` of the agent's binaries (the package takes them from target/).
+fn target_dir(source: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| source.join("target"))
+}
+
+/// The agent package a build would use, found without compiling or writing anything:
+/// the cached package of the binaries in target/, when those are newer than every
+/// file they are built from (cargo's own test of a local package's freshness). None
+/// when the build has to build it.
+pub(crate) fn planned(source: &Path, source_date_epoch: u64) -> Result<Option<AgentPackage>> {
+    let target = target_dir(source);
+    let mut built = None;
+    for bin in ["devos-agent", "devos"] {
+        let Ok(time) = fs::metadata(target.join("release").join(bin)).and_then(|m| m.modified())
+        else {
+            return Ok(None);
+        };
+        built = Some(built.map_or(time, |t: std::time::SystemTime| t.min(time)));
+    }
+    let Some(built) = built else { return Ok(None) };
+    // What cargo builds the binaries from (the dist files are hashed into the cache
+    // key below, so a changed one finds no cached package).
+    let inputs =
+        ["agent/src", "agent/Cargo.toml", "Cargo.lock", "Cargo.toml"].map(|p| source.join(p));
+    for input in &inputs {
+        for entry in walkdir::WalkDir::new(input) {
+            let entry = entry.with_context(|| format!("cannot read {}", input.display()))?;
+            if entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|t| t > built)
+            {
+                return Ok(None);
+            }
+        }
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    let cached = cache_entry(source, &target, version, source_date_epoch)?;
+    let recorded = cached.with_extension("deb.sha256");
+    match fs::read_to_string(&recorded) {
+        Ok(sha256) if cached.is_file() => Ok(Some(AgentPackage {
+            path: cached,
+            version: version.to_owned(),
+            sha256: sha256.trim().to_owned(),
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// The packages the agent's binaries are built with. `devos-build` depends on the agent
+/// (with its daemon), so building it alone (`cargo build --release -p devos-build`, as
+/// the README does) resolves the features of every shared crate exactly as this
+/// selection does: the agent's build then reuses what that build compiled instead of
+/// compiling the AWS SDK and the rest a second time with other features. A test
+/// compares the two resolutions.
+pub const AGENT_BUILD_SELECTION: &[&str] = &["-p", "devos-build", "-p", "devos-agent"];
+
+/// `cargo build --release` of the agent's binaries (the package takes them from
+/// target/), its progress on stderr.
 fn cargo_build(source: &Path) -> Result<()> {
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cargo.current_dir(source).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "devos-agent",
-        "--bin",
-        "devos-agent",
-        "--bin",
-        "devos",
-    ]);
-    cmd::run(&mut cargo).context("while building devos-agent")?;
+    cargo
+        .current_dir(source)
+        .args(["build", "--release", "--locked"])
+        .args(AGENT_BUILD_SELECTION)
+        .args(["--bin", "devos-agent", "--bin", "devos"])
+        .stdout(std::process::Stdio::null());
+    let status = cmd::spawn(&mut cargo, false)
+        .context("while building devos-agent")?
+        .wait()?;
+    if !status.success() {
+        bail!(
+            "`cargo build` of devos-agent in {} failed ({status}); its errors are above",
+            source.display()
+        );
+    }
     Ok(())
 }
 
@@ -422,6 +488,57 @@ mod tests {
             value(&s, "ExecStart")
                 .unwrap()
                 .contains("/dev/virtio-ports/org.devos.selftest")
+        );
+    }
+
+    /// Every crate's features as `cargo tree` resolves them for a package selection.
+    fn resolved_features(selection: &[&str]) -> String {
+        let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["tree", "--locked", "--offline", "-e", "normal,build"])
+            .args(["--prefix", "none", "-f", "{p} {f}"])
+            .args(selection)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut lines: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.replace(" (*)", ""))
+            .collect();
+        lines.sort();
+        lines.dedup();
+        lines.join("\n")
+    }
+
+    /// One compile: the README's `cargo build --release -p devos-build` and the agent
+    /// package's build resolve every shared crate with the same features, so the
+    /// second reuses what the first compiled.
+    #[test]
+    fn the_agent_builds_with_the_features_the_builder_was_built_with() {
+        assert_eq!(
+            resolved_features(&["-p", "devos-build"]),
+            resolved_features(AGENT_BUILD_SELECTION)
+        );
+    }
+
+    #[test]
+    fn ec2_keys_unit_runs_only_where_the_builder_named_a_user() {
+        let unit = dist("devos-ec2-keys.service");
+        let u = section(&unit, "Unit");
+        assert_eq!(
+            value(&u, "ConditionPathExists"),
+            Some(format!("/{}", crate::image::access::EC2_KEYS_ENV).as_str())
+        );
+        let s = section(&unit, "Service");
+        assert_eq!(
+            value(&s, "ExecStart"),
+            Some("/usr/bin/devos-agent ec2-keys")
         );
     }
 

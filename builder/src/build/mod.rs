@@ -23,7 +23,15 @@ use crate::support::workdir::{WorkDir, remove_stale_work_dirs};
 use crate::support::{cmd, remove};
 
 /// The stages, in order; these names appear in logs, timings and the manifest.
-const STAGES: &[&str] = &["load", "resolve", "rootfs", "customize", "disk", "convert"];
+const STAGES: &[&str] = &[
+    "load",
+    "resolve",
+    "agent",
+    "rootfs",
+    "customize",
+    "disk",
+    "convert",
+];
 
 #[derive(Clone)]
 pub(crate) struct BuildOptions {
@@ -90,13 +98,15 @@ struct Resolved {
 #[derive(Debug, Serialize)]
 pub(crate) struct Plan {
     pub(crate) name: String,
-    pub(crate) version: String,
-    pub(crate) build_id: String,
+    /// None while the agent package is still to be built: the version depends on it.
+    pub(crate) version: Option<String>,
+    pub(crate) build_id: Option<String>,
     pub(crate) source_date_epoch: u64,
     pub(crate) inputs: Vec<crate::model::manifest::Input>,
     pub(crate) package_sources: String,
     pub(crate) archive: String,
     pub(crate) packages: Vec<Package>,
+    /// The agent package's sha256, or "to be built".
     pub(crate) agent: Option<String>,
     /// Where the build would go, and whether it is already there.
     pub(crate) out: PathBuf,
@@ -107,12 +117,16 @@ pub(crate) struct Plan {
 
 impl Plan {
     pub(crate) fn human(&self) -> String {
+        let unknown = "(known once the agent package is built)";
         let mut s = format!(
             "{} {}
   build id           {}
   source-date-epoch  {}
 ",
-            self.name, self.version, self.build_id, self.source_date_epoch
+            self.name,
+            self.version.as_deref().unwrap_or("(version not known yet)"),
+            self.build_id.as_deref().unwrap_or(unknown),
+            self.source_date_epoch
         );
         s.push_str(
             "  inputs:
@@ -191,15 +205,40 @@ fn host_tools() -> Result<String> {
     .context("a host tool the builder needs is not installed\n  hint: run `devos-build doctor`, or `tests/setup-host`")
 }
 
-/// The `resolve` stage: package sources and lists, the exact package set, the agent
-/// package (written to `staged`) and the identity computed from all of them.
-fn resolve(spec: Spec, opts: &BuildOptions, staged: &Path, ui: &Ui) -> Result<Resolved> {
-    let env_source_date_epoch = identity::source_date_epoch()?;
-    let sources = rootfs::sources(&spec);
+/// The package set of a spec: its sources, their lists, and what apt resolves.
+struct Packages {
+    sources: rootfs::Sources,
+    index: apt::Index,
+    resolution: apt::Resolution,
+}
+
+/// The `resolve` stage: package sources and lists, and the exact package set.
+fn resolve_packages(spec: &Spec) -> Result<Packages> {
+    let sources = rootfs::sources(spec);
     let index = apt::Index::open(&cache::dir(), &sources)?;
-    index.refresh(&spec, &sources)?;
-    let resolution = index.resolve(&spec, &sources)?;
-    let agent = agent_package(&spec, opts, staged, env_source_date_epoch)?;
+    index.refresh(spec, &sources)?;
+    let resolution = index.resolve(spec, &sources)?;
+    Ok(Packages {
+        sources,
+        index,
+        resolution,
+    })
+}
+
+/// The identity computed from everything that goes in: the package set, the agent
+/// package and the rest (see [`identity::resolve`]).
+fn identify(
+    spec: Spec,
+    packages: Packages,
+    agent: Option<AgentPackage>,
+    env_source_date_epoch: Option<u64>,
+    ui: &Ui,
+) -> Result<Resolved> {
+    let Packages {
+        sources,
+        index,
+        resolution,
+    } = packages;
     let tools = host_tools()?;
     let id = identity::resolve(&identity::Inputs {
         spec: &spec,
@@ -238,30 +277,83 @@ fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
 pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     let spec = spec::load(&opts.spec)?;
     spec.check_buildable()?;
-    let scratch = tempfile::tempdir()?;
-    let r = resolve(spec, opts, scratch.path(), ui)?;
+    let env_source_date_epoch = identity::source_date_epoch()?;
+    let packages = resolve_packages(&spec)?;
+    let agent = planned_agent(&spec, opts, env_source_date_epoch)?;
+    let to_be_built = spec.agent_enabled && agent.is_none();
+    // With the agent package still to be built the version is not known; the base
+    // tree's key does not depend on it.
+    let placeholder = to_be_built.then(|| AgentPackage {
+        path: PathBuf::new(),
+        version: String::new(),
+        sha256: String::new(),
+    });
+    let r = identify(
+        spec,
+        packages,
+        agent.or(placeholder),
+        env_source_date_epoch,
+        ui,
+    )?;
     let out = final_dir(opts, &r.spec, &r.id.version);
-    let up_to_date = Manifest::load(&out).is_ok_and(|m| m.build_id == r.id.build_id);
+    let up_to_date =
+        !to_be_built && Manifest::load(&out).is_ok_and(|m| m.build_id == r.id.build_id);
     let cache = cache::Cache::new(cache::dir(), !opts.no_cache);
     let cached = [("base", &r.id.base_key), ("tree", &r.id.tree_key)]
         .into_iter()
+        .filter(|(kind, _)| !to_be_built || *kind == "base")
         .filter(|(kind, key)| cache.contains(kind, key))
         .map(|(kind, _)| kind.to_owned())
         .collect();
+    let known = |v: &String| (!to_be_built).then(|| v.clone());
     Ok(Plan {
         name: r.spec.name.clone(),
-        version: r.id.version.clone(),
-        build_id: r.id.build_id.clone(),
+        version: known(&r.id.version),
+        build_id: known(&r.id.build_id),
         source_date_epoch: r.id.source_date_epoch,
-        inputs: r.id.inputs.clone(),
+        inputs: if to_be_built {
+            Vec::new()
+        } else {
+            r.id.inputs.clone()
+        },
         package_sources: r.sources.origin.to_owned(),
         archive: r.resolution.archive.clone(),
         packages: r.resolution.packages.clone(),
-        agent: r.agent.as_ref().map(|a| a.sha256.clone()),
-        out,
+        agent: r.agent.as_ref().map(|a| {
+            if to_be_built {
+                "to be built".to_owned()
+            } else {
+                a.sha256.clone()
+            }
+        }),
+        out: if to_be_built {
+            images_root(&r.spec.path).join(&r.spec.name)
+        } else {
+            out
+        },
         up_to_date,
         cached,
     })
+}
+
+/// The agent package `image plan` can name without compiling or writing: the one given
+/// with `--agent-deb`, or the cached package of fresh binaries; None when it is to be
+/// built (or the spec has no agent).
+fn planned_agent(
+    spec: &Spec,
+    opts: &BuildOptions,
+    env_source_date_epoch: Option<u64>,
+) -> Result<Option<AgentPackage>> {
+    if !spec.agent_enabled {
+        return Ok(None);
+    }
+    if let Some(deb) = &opts.agent_deb {
+        return AgentPackage::from_file(deb).map(Some);
+    }
+    match agent_pkg::find_source_tree(&spec.path) {
+        Some(source) => agent_pkg::planned(&source, env_source_date_epoch.unwrap_or(0)),
+        None => Ok(None),
+    }
 }
 
 pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
@@ -287,7 +379,12 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     fs::create_dir(&staged)?;
 
     // Mirrors are checked before the agent is compiled, so a bad mirror fails in seconds.
-    let r = t.run("resolve", |ui| resolve(spec, opts, &staged, ui))?;
+    let env_source_date_epoch = identity::source_date_epoch()?;
+    let packages = t.run("resolve", |_| resolve_packages(&spec))?;
+    let agent = t.run("agent", |_| {
+        agent_package(&spec, opts, &staged, env_source_date_epoch)
+    })?;
+    let r = identify(spec, packages, agent, env_source_date_epoch, t.ui)?;
     let (spec, id) = (&r.spec, &r.id);
     let final_dir = final_dir(opts, spec, &id.version);
 
@@ -497,6 +594,7 @@ fn manifest_of(
             version: a.version.clone(),
             sha256: a.sha256.clone(),
         }),
+        users: spec.users.iter().map(|u| u.name.clone()).collect(),
         packages,
         partitions: partitions.into_iter().map(Into::into).collect(),
         artifacts,

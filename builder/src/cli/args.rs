@@ -50,6 +50,10 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Join stdin and stdout to a TCP address (internal: QEMU runs this for each
+    /// guest connection to the stand-in instance metadata of a boot test).
+    #[command(hide = true)]
+    Relay { addr: String },
 }
 
 #[derive(Subcommand)]
@@ -144,9 +148,22 @@ pub(crate) enum ImageCommand {
         /// NAME[@VERSION] from the registry.
         #[arg(default_value = DEFAULT_SPEC)]
         target: PathBuf,
-        /// Forward this host port (on 127.0.0.1) to the guest's SSH port.
+        /// Forward this host port (on 127.0.0.1) to the guest's SSH port, with your
+        /// public key handed in as an EC2 instance's key pair is (instance metadata):
+        /// `ssh -p PORT dev@127.0.0.1` then logs in as on an instance.
         #[arg(long)]
         ssh_port: Option<u16>,
+        /// The public key to hand in with --ssh-port (default: your first
+        /// ~/.ssh/id_{ed25519,ecdsa,rsa}.pub; under sudo, the sudo user's).
+        #[arg(long, value_name = "FILE.pub", requires = "ssh_port")]
+        ssh_key: Option<PathBuf>,
+        /// Log this user in on the console (default: the image's first user, or root
+        /// when it has none). Only a local boot can: clouds always ask for a login.
+        #[arg(long, value_name = "USER", conflicts_with = "no_autologin")]
+        autologin: Option<String>,
+        /// A login prompt on the console instead of the autologin.
+        #[arg(long)]
+        no_autologin: bool,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 1024)]
         memory: u32,

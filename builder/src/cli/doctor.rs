@@ -59,6 +59,11 @@ const TOOLS: &[(&str, &str, &str)] = &[
         "image test / image boot: UEFI firmware",
     ),
     (
+        "ssh",
+        "openssh-client",
+        "image test: the SSH login to images with an SSH server",
+    ),
+    (
         "/usr/share/keyrings/debian-archive-keyring.gpg",
         "debian-archive-keyring",
         "Debian images",

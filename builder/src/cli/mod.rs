@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::build::{self, BuildOptions, repro};
 use crate::model::spec::Format;
@@ -71,6 +71,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             output(json, &report, || report.human(), ok)
         }
         Command::Image(cmd) => image_command(cmd, &registry_path, &mut ui),
+        Command::Relay { addr } => {
+            boottest::ec2::relay(&addr)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cache(cmd) => cache_command(cmd),
     }
 }
@@ -120,12 +124,37 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
         ImageCommand::Boot {
             target,
             ssh_port,
+            ssh_key,
+            autologin,
+            no_autologin,
             memory,
             cpus,
             disk_bus,
         } => {
             let target = boottest::resolve_target(&target, registry_path)?;
-            boottest::boot(&target, memory, cpus, disk_bus, ssh_port)?;
+            let default_user = target
+                .manifest
+                .as_ref()
+                .and_then(|m| m.users.first().cloned())
+                .unwrap_or_else(|| "root".into());
+            if let Some(user) = &autologin
+                && !user
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
+            {
+                bail!(
+                    "--autologin `{user}` is not a user name\n  hint: name one of the image's [[users]], or root"
+                );
+            }
+            let opts = boottest::BootOptions {
+                memory_mib: memory,
+                cpus,
+                disk_bus,
+                ssh_port,
+                ssh_key,
+                autologin: (!no_autologin).then(|| autologin.unwrap_or(default_user)),
+            };
+            boottest::boot(&target, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
     }

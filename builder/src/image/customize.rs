@@ -48,6 +48,7 @@ const MASKED_UNITS: &[&str] = &[
 /// Units the agent package brings, enabled when `[agent] enable` is true.
 const AGENT_UNITS: &[(&str, &str)] = &[
     ("devos-agent.service", "multi-user.target"),
+    ("devos-ec2-keys.service", "multi-user.target"),
     ("devos-selftest.service", "multi-user.target"),
 ];
 
@@ -62,6 +63,7 @@ pub(crate) fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Pat
     write_network(root)?;
     mask_units(root)?;
     create_users(spec, root)?;
+    crate::image::access::set_up(spec, root)?;
     // /home lives on the writable data partition; tmpfiles must not try to make it a
     // directory on the read-only root.
     replace_with_symlink(&root.join("home"), "var/home")?;
@@ -148,7 +150,7 @@ fn install_agent(spec: &Spec, root: &Path, agent_deb: &Path) -> Result<()> {
     Ok(())
 }
 
-fn enable(root: &Path, unit: &str, target: &str) -> Result<()> {
+pub(crate) fn enable(root: &Path, unit: &str, target: &str) -> Result<()> {
     let wants = root.join(format!("etc/systemd/system/{target}.wants"));
     fs::create_dir_all(&wants)?;
     let link = wants.join(unit);
@@ -360,7 +362,9 @@ fn create_users(spec: &Spec, root: &Path) -> Result<()> {
             user.name
         ));
         group.push_str(&format!("{}:x:{uid}:\n", user.name));
-        shadow.push_str(&format!("{}:*::0:99999:7:::\n", user.name));
+        // Without a hash the password is locked: keys (or an autologin) get in.
+        let hash = user.password_hash.as_deref().unwrap_or("*");
+        shadow.push_str(&format!("{}:{hash}::0:99999:7:::\n", user.name));
         gshadow.push_str(&format!("{}:!::\n", user.name));
 
         let home = root.join("var/home").join(&user.name);

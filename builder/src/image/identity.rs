@@ -38,6 +38,7 @@ pub(crate) const BUILDER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// build id, while the same source compiled anywhere gives the same id. A test
 /// compares the names with the folder, so a new file cannot be left out.
 const SHAPING_SOURCES: &[(&str, &str)] = &[
+    ("access.rs", include_str!("access.rs")),
     ("apt.rs", include_str!("apt.rs")),
     ("convert.rs", include_str!("convert.rs")),
     ("customize.rs", include_str!("customize.rs")),

@@ -7,6 +7,7 @@
 //! set, the agent package and its rendered configuration, the host tools); code
 //! elsewhere only runs, records or ships what is built.
 
+pub(crate) mod access;
 pub(crate) mod apt;
 pub(crate) mod convert;
 pub(crate) mod customize;

@@ -53,6 +53,10 @@ pub struct Manifest {
     pub(crate) inputs: Vec<crate::model::manifest::Input>,
     pub(crate) package_sources: String,
     pub(crate) agent: Option<AgentInfo>,
+    /// The spec's login users; the first is the default user (who gets the EC2 key
+    /// pair's key and the console autologin of `image boot`).
+    #[serde(default)]
+    pub(crate) users: Vec<String>,
     pub(crate) packages: Vec<Package>,
     pub(crate) partitions: Vec<PartitionInfo>,
     pub(crate) artifacts: Vec<Artifact>,
@@ -83,6 +87,11 @@ pub(crate) struct PartitionInfo {
 }
 
 impl Manifest {
+    /// Whether the image holds the package `name`.
+    pub(crate) fn has_package(&self, name: &str) -> bool {
+        self.packages.iter().any(|p| p.name == name)
+    }
+
     pub(crate) fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
         let text = fs::read_to_string(&path).with_context(|| {

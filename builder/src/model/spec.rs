@@ -201,6 +201,9 @@ struct RawUser {
     /// OpenSSH public keys written to `~/.ssh/authorized_keys`.
     #[serde(default)]
     ssh_authorized_keys: Vec<Spanned<String>>,
+    /// A crypt(5) password hash for console and SSH password logins; without it the
+    /// password is locked.
+    password_hash: Option<Spanned<String>>,
 }
 
 /// `[disk]`: the disk image's size and root filesystem.
@@ -366,6 +369,8 @@ pub(crate) struct User {
     pub(crate) name: String,
     pub(crate) groups: Vec<String>,
     pub(crate) ssh_authorized_keys: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) password_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -738,8 +743,18 @@ fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
                 ));
             }
         }
+        if let Some(h) = &u.password_hash
+            && !is_password_hash(h.get_ref())
+        {
+            return Err(src.error(
+                h,
+                "not a crypt(5) password hash (yescrypt, sha512crypt, sha256crypt or bcrypt)",
+                "write a hash, never the password: `mkpasswd --method=yescrypt` (package whois) or `openssl passwd -6` prints one",
+            ));
+        }
         users.push(User {
             name: uname.clone(),
+            password_hash: u.password_hash.as_ref().map(|h| h.get_ref().clone()),
             groups: u.groups.iter().map(|g| g.get_ref().clone()).collect(),
             ssh_authorized_keys: u
                 .ssh_authorized_keys
@@ -1015,6 +1030,18 @@ fn is_user_name(s: &str) -> bool {
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
+}
+
+/// A crypt(5) hash of a method Debian's libcrypt verifies and that is not broken:
+/// yescrypt (`$y$`, `$gy$`), scrypt (`$7$`), bcrypt (`$2b$`, `$2y$`), sha512crypt
+/// (`$6$`) or sha256crypt (`$5$`). Nothing that would break a shadow(5) line.
+fn is_password_hash(s: &str) -> bool {
+    ["$y$", "$gy$", "$7$", "$2b$", "$2y$", "$6$", "$5$"]
+        .iter()
+        .any(|p| s.starts_with(p))
+        && s.len() > 20
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "$./=".contains(c))
 }
 
 fn is_ssh_key(s: &str) -> bool {

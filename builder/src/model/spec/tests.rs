@@ -116,6 +116,7 @@ fn every_field_is_read() {
     assert_eq!(s.users[0].name, "dev");
     assert_eq!(s.users[0].groups, ["sudo", "adm"]);
     assert_eq!(s.users[0].ssh_authorized_keys.len(), 1);
+    assert_eq!(s.users[0].password_hash, None);
     assert_eq!(s.disk_size, 3 << 30);
     assert_eq!(s.root_fs, RootFs::Erofs);
     assert_eq!(
@@ -261,6 +262,16 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
             26,
             24,
             "not an OpenSSH public key",
+        ),
+        (
+            "plain-text password",
+            with(
+                "groups = [\"sudo\", \"adm\"]",
+                "password-hash = \"hunter2\"",
+            ),
+            25,
+            17,
+            "not a crypt(5) password hash",
         ),
         (
             "bad exit",
@@ -458,4 +469,29 @@ fn every_key_is_documented_in_docs_spec_md() {
         );
     }
     assert!(checked > 20);
+}
+
+#[test]
+fn a_password_hash_is_taken_and_only_a_hash() {
+    let hash = "$y$j9T$ZS.PTvqAQiVaGuDx6YGKX0$9OOGUIhSZTqoDVr5XVsHZ1Sm2IUaxmZOmxYsgSN8mZ4";
+    let (_dir, path) = fixture(&with(
+        "groups = [\"sudo\", \"adm\"]",
+        &format!("password-hash = \"{hash}\""),
+    ));
+    assert_eq!(
+        load(&path).unwrap().users[0].password_hash.as_deref(),
+        Some(hash)
+    );
+    for bad in [
+        "$1$abc$0123456789abcdefghij",
+        "$6$salt$a:b0123456789abcdefghij",
+        "!",
+        "*",
+    ] {
+        let e = error(&with(
+            "groups = [\"sudo\", \"adm\"]",
+            &format!("password-hash = \"{bad}\""),
+        ));
+        assert!(e.to_string().contains("crypt(5)"), "{bad}: {e}");
+    }
 }

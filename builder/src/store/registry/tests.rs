@@ -18,6 +18,7 @@ fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
         inputs: Vec::new(),
         package_sources: "host".into(),
         agent: None,
+        users: Vec::new(),
         packages: packages
             .iter()
             .map(|(n, v)| Package {
