@@ -283,6 +283,19 @@ fn incremental_builds_registry_kills_and_gc() {
     reg.record_test("devos-debian", &v1, &run_record, &Value::Null)
         .unwrap();
     drop(reg);
+    // A dry run says the same and deletes nothing.
+    let dry = env.json(&["image", "gc", "--keep", "1", "--dry-run", "--json"]);
+    assert_eq!(dry["dry_run"], true, "{dry:#}");
+    assert_eq!(dry["removed"].as_array().unwrap().len(), 4, "{dry:#}");
+    let still = env.json(&["image", "list", "--json"]);
+    assert!(
+        still
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["state"] != "removed"),
+        "{still:#}"
+    );
     let gc = env.json(&["image", "gc", "--keep", "1", "--json"]);
     let kept: Vec<&str> = gc["kept"]
         .as_array()

@@ -201,7 +201,15 @@ impl Login {
                 );
             }
         }
+        // A run before a fall-back from KVM to TCG left its key: each run makes its own.
         let key = dir.join("ssh-login-key");
+        for stale in [
+            key.clone(),
+            key.with_extension("pub"),
+            dir.join("ssh-known-hosts"),
+        ] {
+            crate::support::remove::file_if_present(&stale)?;
+        }
         cmd::run(
             Command::new("ssh-keygen")
                 .args([

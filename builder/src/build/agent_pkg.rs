@@ -184,6 +184,24 @@ pub const AGENT_BUILD_SELECTION: &[&str] = &["-p", "devos-build", "-p", "devos-a
 /// target/), its progress on stderr.
 fn cargo_build(source: &Path) -> Result<()> {
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // What `cargo run` sets for the program it runs (this builder, when run that way):
+    // build scripts that track one (ring tracks CARGO_MANIFEST_DIR) would otherwise run
+    // again, and everything above them would compile a second time.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&name.as_ref())
+        {
+            cargo.env_remove(name.as_ref());
+        }
+    }
     cargo
         .current_dir(source)
         .args(["build", "--release", "--locked"])

@@ -115,6 +115,9 @@ pub(crate) enum ImageCommand {
         keep: usize,
         /// Only this image.
         name: Option<String>,
+        /// Say what would be deleted, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },

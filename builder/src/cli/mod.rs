@@ -112,8 +112,13 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
             let v = inventory::verify(&open()?, &reference)?;
             output(json, &v, || v.human(), v.ok)
         }
-        ImageCommand::Gc { keep, name, json } => {
-            let gc = inventory::gc(&mut open()?, name.as_deref(), keep)?;
+        ImageCommand::Gc {
+            keep,
+            name,
+            dry_run,
+            json,
+        } => {
+            let gc = inventory::gc(&mut open()?, name.as_deref(), keep, dry_run)?;
             output(json, &gc, || gc.human(), true)
         }
         ImageCommand::Test { target, vm, json } => {

@@ -322,6 +322,8 @@ impl Verify {
 
 #[derive(Debug, Default, Serialize)]
 pub(crate) struct Gc {
+    /// Nothing was deleted: this is what would be (`--dry-run`).
+    pub(crate) dry_run: bool,
     pub(crate) kept: Vec<String>,
     pub(crate) removed: Vec<String>,
     pub(crate) freed_bytes: u64,
@@ -330,14 +332,17 @@ pub(crate) struct Gc {
 
 /// Keep the `keep` newest versions of each image (or of `name`) and its newest
 /// version that passed a boot test; delete the others' artifacts and the cache
-/// entries only they used.
-pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<Gc> {
+/// entries only they used. With `dry_run`, delete nothing and say what would go.
+pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: bool) -> Result<Gc> {
     let all = list(reg, name)?;
     let mut by_image: BTreeMap<&str, Vec<&VersionInfo>> = BTreeMap::new();
     for v in all.iter().filter(|v| v.state == VersionState::Built) {
         by_image.entry(&v.name).or_default().push(v);
     }
-    let mut report = Gc::default();
+    let mut report = Gc {
+        dry_run,
+        ..Gc::default()
+    };
     let mut kept_keys = BTreeSet::new();
     let mut dropped_keys = BTreeSet::new();
     for versions in by_image.values() {
@@ -358,9 +363,13 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<
             // Only ever delete a directory that really is this version's output.
             if Manifest::load(&v.dir).is_ok_and(|m| m.build_id == v.build_id) {
                 report.freed_bytes += cache::dir_size(&v.dir);
-                fs::remove_dir_all(&v.dir)?;
+                if !dry_run {
+                    fs::remove_dir_all(&v.dir)?;
+                }
             }
-            reg.mark_removed(v)?;
+            if !dry_run {
+                reg.mark_removed(v)?;
+            }
             report.removed.push(format!("{}@{}", v.name, v.version));
             dropped_keys.extend(keys);
         }
@@ -374,7 +383,9 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<
             let dir = stages.join(kind).join(key);
             if dir.is_dir() {
                 report.freed_bytes += cache::dir_size(&dir);
-                fs::remove_dir_all(&dir)?;
+                if !dry_run {
+                    fs::remove_dir_all(&dir)?;
+                }
                 report.cache_entries_removed += 1;
             }
         }
@@ -385,14 +396,19 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize) -> Result<
 impl Gc {
     pub(crate) fn human(&self) -> String {
         let mut s = String::new();
+        let (removed, freed) = if self.dry_run {
+            ("would remove", "would free")
+        } else {
+            ("removed", "freed")
+        };
         for r in &self.removed {
-            s.push_str(&format!("  removed {r}\n"));
+            s.push_str(&format!("  {removed} {r}\n"));
         }
         for k in &self.kept {
             s.push_str(&format!("  kept    {k}\n"));
         }
         s.push_str(&format!(
-            "removed {} versions and {} cache entries, freed {}\n",
+            "{removed} {} versions and {} cache entries, {freed} {}\n",
             self.removed.len(),
             self.cache_entries_removed,
             mib(self.freed_bytes)
