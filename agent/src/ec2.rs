@@ -115,24 +115,28 @@ fn is_public_key(line: &str) -> bool {
         && parts.next().is_some_and(|body| body.len() > 16)
 }
 
-/// Replace the file whole (a new file renamed over the old), root's, readable by sshd.
+/// Replace the file whole (a new file renamed over the old), root's, readable by the
+/// user: sshd reads authorized keys as the user, so the file and the directories down
+/// to it must be readable by all (the agent's umask would make them root's alone).
 fn write_keys(path: &Path, keys: &[String]) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().context("no directory for the keys")?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // The keys' directory, ssh/ and devos/ (each one this unit or the host keys' unit
+    // may have created first).
+    for d in dir.ancestors().take(3) {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot make {} readable", d.display()))?;
+    }
     let tmp = path.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
     file.write_all(b"# The EC2 key pair's keys, written at boot by devos-ec2-keys.service.\n")?;
     for key in keys {
         writeln!(file, "{key}")?;
@@ -155,10 +159,20 @@ mod tests {
         assert!(!is_public_key("ssh-ed25519"));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys/dev");
-        write_keys(&path, &["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOne".into()]).unwrap();
-        write_keys(&path, &[]).unwrap();
+        // The agent's own umask (as devos-agent sets it for all its commands).
+        use nix::sys::stat::{Mode, umask};
+        let old = umask(Mode::from_bits_truncate(0o077));
+        let written = write_keys(&path, &["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOne".into()])
+            .and_then(|()| write_keys(&path, &[]));
+        umask(old);
+        written.unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("AAAA"), "{text}");
+        // Readable by the user sshd reads it as, whatever the agent's umask.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o644);
+        assert_eq!(mode(path.parent().unwrap()), 0o755);
         assert!(!path.with_extension("new").exists());
     }
 

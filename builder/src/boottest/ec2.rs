@@ -269,8 +269,9 @@ impl Login {
         let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if !out.status.success() || said != self.user {
             return Err(format!(
-                "ssh {}@127.0.0.1 -p {port}: {}{}",
+                "ssh {}@127.0.0.1 -p {port}: {} {}{}",
                 self.user,
+                out.status,
                 String::from_utf8_lossy(&out.stderr).trim(),
                 if said.is_empty() {
                     String::new()
