@@ -1079,7 +1079,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
 
     // Deploy v1 to the fleet and to its canary: the default VPC's subnets are used.
     steps.at("Deploy v1 to the fleet and to its canary");
-    // The canary's instances are reachable over SSH: a key pair and an address range.
+    // The canary's instances get a key pair (their default user's SSH key).
     fx.block_on(
         fx.ec2("us-east-1")
             .create_key_pair()
@@ -1092,12 +1092,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
         (
             "devfleet-canary",
             "1",
-            &[
-                "--param",
-                "KeyName=devos-canary",
-                "--param",
-                "SshCidr=203.0.113.0/24",
-            ][..],
+            &["--param", "KeyName=devos-canary"][..],
         ),
     ] {
         let capacity = format!("DesiredCapacity={capacity}");
@@ -1134,10 +1129,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     assert_eq!(fx.ssh_access("devfleet"), (None, Vec::new()));
     assert_eq!(
         fx.ssh_access("devfleet-canary"),
-        (
-            Some("devos-canary".to_owned()),
-            vec!["203.0.113.0/24".to_owned()]
-        )
+        (Some("devos-canary".to_owned()), Vec::new())
     );
 
     // A dry run of a new stack lists what it would create, and creates nothing.
@@ -1191,6 +1183,32 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     ok(&out);
     assert_eq!(json(&out)["state"], "succeeded");
     assert_eq!(fx.instance_image("devbox"), amis["1.0.0"]);
+    assert_eq!(fx.ssh_access("devbox"), (None, Vec::new()));
+    // With a key pair and an address range it is reachable over SSH.
+    let out = fleet(&[
+        "deploy",
+        "--stack",
+        "devbox-ssh",
+        "--template",
+        "instance",
+        "--image",
+        "devos-pub@1.0.0",
+        "--param",
+        "KeyName=devos-canary",
+        "--param",
+        "SshCidr=203.0.113.0/24",
+        "--bake",
+        "0",
+        "--json",
+    ]);
+    ok(&out);
+    assert_eq!(
+        fx.ssh_access("devbox-ssh"),
+        (
+            Some("devos-canary".to_owned()),
+            vec!["203.0.113.0/24".to_owned()]
+        )
+    );
 
     // Mistakes are named, and change nothing.
     steps.at("Mistakes are named, and change nothing");
