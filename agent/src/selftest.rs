@@ -30,9 +30,9 @@ pub struct Done {
 /// Run the built-in checks and write each result to `report` as it completes.
 pub async fn run(report: &Path) -> anyhow::Result<bool> {
     let mut out = open_report(report).await?;
-    let mut all_ok = true;
+    let all_ok = std::cell::Cell::new(true);
     let mut emit = |r: CheckResult| -> anyhow::Result<()> {
-        all_ok &= r.ok;
+        all_ok.set(all_ok.get() && r.ok);
         let line = serde_json::to_string(&r)?;
         println!("{line}");
         writeln!(out, "{line}")?;
@@ -101,19 +101,26 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         })?,
     }
 
-    if let Some(login) = ssh_login().await {
+    // After a failed check (a broken agent cannot hand the key in), wait only briefly:
+    // the report is failed either way, and the host's timeout must not run out first.
+    let wait = if all_ok.get() {
+        SSH_LOGIN_WAIT
+    } else {
+        Duration::from_secs(15)
+    };
+    if let Some(login) = ssh_login(wait).await {
         emit(login)?;
         emit(ssh_host_keys())?;
     }
 
     let done = serde_json::to_string(&Done {
         done: true,
-        ok: all_ok,
+        ok: all_ok.get(),
     })?;
     println!("{done}");
     writeln!(out, "{done}")?;
     out.flush()?;
-    Ok(all_ok)
+    Ok(all_ok.get())
 }
 
 struct Timed<T> {
@@ -271,7 +278,7 @@ const SSH_LOGIN_WAIT: Duration = Duration::from_secs(120);
 /// The host logs in over SSH with a key it handed in the way EC2 does (instance
 /// metadata) and leaves the nonce of the `devos.ssh-login` credential in
 /// [`SSH_LOGIN_MARK`]: wait for it. None when the host asked for no login.
-async fn ssh_login() -> Option<CheckResult> {
+async fn ssh_login(wait: Duration) -> Option<CheckResult> {
     let nonce = match credential("devos.ssh-login") {
         Ok(Some((_, bytes))) => String::from_utf8_lossy(&bytes).trim().to_owned(),
         Ok(None) => return None,
@@ -297,11 +304,8 @@ async fn ssh_login() -> Option<CheckResult> {
                 ms: start.elapsed().as_millis(),
             });
         }
-        if start.elapsed() > SSH_LOGIN_WAIT {
-            let mut detail = format!(
-                "no SSH login from the host within {}s",
-                SSH_LOGIN_WAIT.as_secs()
-            );
+        if start.elapsed() > wait {
+            let mut detail = format!("no SSH login from the host within {}s", wait.as_secs());
             for unit in [
                 "ssh.service",
                 "devos-ssh-host-keys.service",
