@@ -199,11 +199,11 @@ fn incremental_builds_registry_kills_and_gc() {
     let v4 = plan_version(&env, &killed);
     let final_dir = env.out(&killed).join("current");
     for (marker, extra) in [
-        ("==> [2/6] resolve", &[][..]),
-        ("==> [3/6] rootfs", &["--no-cache"][..]),
-        ("==> [4/6] customize", &[][..]),
-        ("==> [5/6] disk", &[][..]),
-        ("==> [6/6] convert", &[][..]),
+        ("==> [2/7] resolve", &[][..]),
+        ("==> [4/7] rootfs", &["--no-cache"][..]),
+        ("==> [5/7] customize", &[][..]),
+        ("==> [6/7] disk", &[][..]),
+        ("==> [7/7] convert", &[][..]),
     ] {
         let log = kill_at(&env, &killed, marker, extra);
         assert!(
