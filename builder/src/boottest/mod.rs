@@ -388,7 +388,7 @@ fn ssh_public_key(given: Option<&Path>) -> Result<Option<(PathBuf, String)>> {
         let text = fs::read_to_string(path)
             .with_context(|| format!("cannot read the SSH public key {}", path.display()))?;
         let key = text.lines().next().unwrap_or("").trim().to_owned();
-        if !(key.starts_with("ssh-") || key.starts_with("ecdsa-") || key.starts_with("sk-")) {
+        if !crate::model::spec::is_ssh_key(&key) {
             bail!(
                 "{} is not an OpenSSH public key\n  hint: pass the `.pub` file, e.g. --ssh-key ~/.ssh/id_ed25519.pub",
                 path.display()

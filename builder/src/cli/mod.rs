@@ -143,9 +143,7 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
                 .and_then(|m| m.users.first().cloned())
                 .unwrap_or_else(|| "root".into());
             if let Some(user) = &autologin
-                && !user
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
+                && !crate::model::spec::is_user_name(user)
             {
                 bail!(
                     "--autologin `{user}` is not a user name\n  hint: name one of the image's [[users]], or root"

@@ -1024,7 +1024,7 @@ fn is_timezone(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "/_-+".contains(c))
 }
 
-fn is_user_name(s: &str) -> bool {
+pub(crate) fn is_user_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
         && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
@@ -1044,7 +1044,7 @@ fn is_password_hash(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "$./=".contains(c))
 }
 
-fn is_ssh_key(s: &str) -> bool {
+pub(crate) fn is_ssh_key(s: &str) -> bool {
     let mut parts = s.split_whitespace();
     let kind = parts.next().unwrap_or("");
     let body = parts.next().unwrap_or("");
