@@ -116,19 +116,14 @@ fn is_public_key(line: &str) -> bool {
 }
 
 /// Replace the file whole (a new file renamed over the old), root's, readable by the
-/// user: sshd reads authorized keys as the user, so the file and the directories down
-/// to it must be readable by all (the agent's umask would make them root's alone).
+/// user: sshd reads authorized keys as the user, so the file and the directories this
+/// makes on the way to it are readable by all (the agent's umask would make them
+/// root's alone). Directories that already exist are left as they are.
 fn write_keys(path: &Path, keys: &[String]) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().context("no directory for the keys")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    // The keys' directory, ssh/ and devos/ (each one this unit or the host keys' unit
-    // may have created first).
-    for d in dir.ancestors().take(3) {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("cannot make {} readable", d.display()))?;
-    }
+    make_readable_dirs(dir)?;
     let tmp = path.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
@@ -146,6 +141,23 @@ fn write_keys(path: &Path, keys: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Create `dir` and whichever of its parents are missing, each with mode 0755 whatever
+/// the umask.
+fn make_readable_dirs(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o755).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot make {} readable", d.display()))?,
+            // Made by the host keys' unit in the meantime: theirs, as it is.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", d.display())),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,7 +170,12 @@ mod tests {
         assert!(!is_public_key("command=\"rm -rf /\" ssh-ed25519 AAAA"));
         assert!(!is_public_key("ssh-ed25519"));
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keys/dev");
+        let path = dir.path().join("ssh/keys/dev");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // Directories that exist are never changed (the temporary directory is 0700,
+        // its parent world-writable and sticky).
+        let before = (mode(dir.path()), mode(dir.path().parent().unwrap()));
         // The agent's own umask (as devos-agent sets it for all its commands).
         use nix::sys::stat::{Mode, umask};
         let old = umask(Mode::from_bits_truncate(0o077));
@@ -169,10 +186,13 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("AAAA"), "{text}");
         // Readable by the user sshd reads it as, whatever the agent's umask.
-        use std::os::unix::fs::PermissionsExt;
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o644);
         assert_eq!(mode(path.parent().unwrap()), 0o755);
+        assert_eq!(mode(&dir.path().join("ssh")), 0o755);
+        assert_eq!(
+            (mode(dir.path()), mode(dir.path().parent().unwrap())),
+            before
+        );
         assert!(!path.with_extension("new").exists());
     }
 
