@@ -427,6 +427,15 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
             &json!({}),
         )
         .unwrap();
+    // A dry run names the upload and both copies, and creates nothing.
+    let dry = publish(&["--dry-run"]);
+    ok(&dry);
+    let plan: Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(plan["dry_run"], true, "{plan}");
+    let would = plan["would"].as_array().unwrap();
+    assert_eq!(would.len(), 3, "{plan}");
+    assert!(would[0].as_str().unwrap().starts_with("upload "), "{plan}");
+    assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
     let out = publish(&[]);
     ok(&out);
     let first: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -514,10 +523,20 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
         assert_eq!(fx.resources(region, &id).0.len(), 1, "{region}");
     }
     assert_eq!(fx.resources("us-east-1", &id).1, primary_snapshots);
+    // And a dry run now has nothing to do: exit code 3.
+    assert_eq!(publish(&["--dry-run"]).status.code(), Some(3));
 
-    // Promote: latest points at it in every region.
+    // Promote: latest points at it in every region (a dry run first changes nothing;
+    // after the promotion it has nothing to do).
     steps.at("Promote");
+    let plan = fx.json(&["publish", "promote", &reference, "--dry-run", "--json"]);
+    assert_eq!(plan["would"].as_array().unwrap().len(), 3, "{plan}");
+    for region in REGIONS {
+        assert_eq!(fx.parameter(region, "/devos/images/devos-pub/latest"), None);
+    }
     ok(&fx.run(&["publish", "promote", &reference]));
+    let again = fx.run(&["publish", "promote", &reference, "--dry-run"]);
+    assert_eq!(again.status.code(), Some(3), "{}", stderr(&again));
     let ami = |region: &str| {
         regions.iter().find(|r| r["region"] == region).unwrap()["ami_id"]
             .as_str()
@@ -542,7 +561,22 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
         "{}",
         stderr(&out)
     );
+    // The dry run refuses as the real run does, and with --force names all three.
+    let dry = fx.run(&["publish", "deregister", &reference, "--dry-run"]);
+    assert!(stderr(&dry).contains("promote another version first"));
+    let plan = fx.json(&[
+        "publish",
+        "deregister",
+        &reference,
+        "--force",
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(plan["would"].as_array().unwrap().len(), 3, "{plan}");
+    assert_eq!(fx.resources("us-east-1", &id).1, primary_snapshots);
     ok(&fx.run(&["publish", "deregister", &reference, "--force"]));
+    let none = fx.run(&["publish", "deregister", &reference, "--dry-run"]);
+    assert_eq!(none.status.code(), Some(3), "{}", stderr(&none));
     for region in REGIONS {
         assert_eq!(fx.resources(region, &id), (vec![], vec![]), "{region}");
         assert_eq!(fx.parameter(region, parameter), None);

@@ -235,14 +235,55 @@ fn a_kernel_command_line_without_root_is_diagnosed_not_waited_out() {
     assert!(!report["console_tail"].as_array().unwrap().is_empty());
 }
 
+/// What the erofs test's spec adds: two extra trees and a test that finds their files
+/// and the unit's work in the booted image.
+const EXTRA_TREES: &str = r#"
+[files]
+extra-trees = ["tree", "tools:/opt/devos-tools"]
+
+[[tests]]
+name = "extra-trees"
+run = """
+set -e
+for i in $(seq 100); do test -e /run/devos-hello && break; sleep 0.2; done
+test "$(cat /run/devos-hello)" = hello
+systemctl is-enabled devos-hello.service
+test "$(stat -c '%U %a' /usr/local/bin/devos-hello)" = 'root 750'
+test "$(stat -c %U /opt/devos-tools/README)" = root
+"""
+"#;
+
 #[test]
 fn an_erofs_root_builds_and_passes_the_boot_test() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new();
     // Debian's cloud kernel has erofs as a module: an erofs root needs the initramfs.
+    // The spec also adds files and a unit of its own (`[files] extra-trees`, `[system]
+    // enable-units`): owned by root in the image whoever owns them here, modes kept,
+    // the unit enabled and run at boot.
+    let tree = env.dir.path().join("tree");
+    let unit_dir = tree.join("etc/systemd/system");
+    std::fs::create_dir_all(&unit_dir).unwrap();
+    std::fs::create_dir_all(tree.join("usr/local/bin")).unwrap();
+    std::fs::write(
+        unit_dir.join("devos-hello.service"),
+        "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/local/bin/devos-hello\n[Install]\nWantedBy=multi-user.target\n",
+    )
+    .unwrap();
+    let script = tree.join("usr/local/bin/devos-hello");
+    std::fs::write(&script, "#!/bin/sh\necho hello > /run/devos-hello\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    let tools = env.dir.path().join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::write(tools.join("README"), "tools\n").unwrap();
+    std::os::unix::fs::chown(tools.join("README"), Some(4321), Some(4321)).unwrap();
     let spec = env.fresh_spec("erofs.toml", |t| {
         t.replace("root-fs = \"ext4\"", "root-fs = \"erofs\"")
-            .replace("initrd = false", "initrd = true")
+            .replace(
+                "initrd = true",
+                "initrd = true\nenable-units = [\"devos-hello.service\"]",
+            )
+            + EXTRA_TREES
     });
     let mut c = env.build_cmd(&spec, &["--test", "--timeout", "150"]);
     let out = run(&mut c, 15);
@@ -259,4 +300,5 @@ fn an_erofs_root_builds_and_passes_the_boot_test() {
     assert_eq!(report["passed"], true, "{report:#}");
     assert_eq!(check(report, "root-read-only")["ok"], true);
     assert_eq!(check(report, "agent-ping")["ok"], true);
+    assert_eq!(check(report, "test:extra-trees")["ok"], true, "{report:#}");
 }

@@ -42,6 +42,13 @@ fn agent_package_has_the_files_and_metadata() {
         assert!(line.starts_with(perms), "{line}");
         assert!(line.contains("root/root"), "{line}");
     }
+    // devos(1), compressed as Debian's manual pages are.
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.ends_with("./usr/share/man/man1/devos.1.gz")),
+        "no devos(1):\n{listing}"
+    );
     let field = |name: &str| {
         let out = Command::new("dpkg-deb")
             .arg("-f")
@@ -207,18 +214,46 @@ fn doctor_lists_tools_with_their_packages() {
     let tools = report["tools"].as_array().unwrap();
     let mmdebstrap = tools.iter().find(|t| t["tool"] == "mmdebstrap").unwrap();
     assert_eq!(mmdebstrap["package"], "mmdebstrap");
-    // Exit status and the install hint agree with what is missing.
-    let missing: Vec<&serde_json::Value> = tools.iter().filter(|t| t["found"].is_null()).collect();
-    assert_eq!(out.status.success(), missing.is_empty());
-    match report["install"].as_str() {
-        Some(cmd) => {
-            assert!(cmd.starts_with("sudo apt-get install"));
-            for t in missing.iter().filter(|t| t["package"] != "(rustup)") {
-                assert!(cmd.contains(t["package"].as_str().unwrap()), "{cmd}");
-            }
-        }
-        None => assert!(missing.iter().all(|t| t["package"] == "(rustup)")),
+    assert_eq!(mmdebstrap["required"], true);
+    let packer = tools.iter().find(|t| t["tool"] == "packer").unwrap();
+    assert_eq!(packer["required"], false);
+    // Exit status and the install hints agree with what is missing and required.
+    let host = report["host"].as_array().unwrap();
+    for check in ["root", "kvm", "space", "tmp", "mirror"] {
+        assert!(
+            host.iter().any(|h| h["check"] == check),
+            "{check}: {report:#}"
+        );
     }
+    let missing = |required: bool| -> Vec<&serde_json::Value> {
+        tools
+            .iter()
+            .filter(|t| t["found"].is_null() && t["required"] == required)
+            .collect()
+    };
+    let failed = host
+        .iter()
+        .any(|h| h["ok"] == false && h["required"] == true);
+    let ok = missing(true).is_empty() && !failed;
+    assert_eq!(out.status.success(), ok, "{report:#}");
+    assert_eq!(report["ok"], ok);
+    for (key, required) in [("install", true), ("install_optional", false)] {
+        let want: Vec<_> = missing(required)
+            .into_iter()
+            .filter(|t| t["package"] != "(rustup)")
+            .collect();
+        match report[key].as_str() {
+            Some(cmd) => {
+                assert!(cmd.starts_with("sudo apt-get install"));
+                for t in &want {
+                    assert!(cmd.contains(t["package"].as_str().unwrap()), "{cmd}");
+                }
+            }
+            None => assert!(want.is_empty(), "{key}: {report:#}"),
+        }
+    }
+    // The host set up as the README says passes (tests run as root with the tools).
+    assert!(ok, "{report:#}");
     let human = devos_build_command().arg("doctor").output().unwrap();
     assert!(String::from_utf8_lossy(&human.stdout).contains("mmdebstrap"));
 }
@@ -512,11 +547,19 @@ fn plan_starts_no_compiler() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    // A spec anywhere: outside any source tree, the agent comes from the tree this
+    // devos-build was built from. And on a clean cache, the plan writes nothing.
+    let elsewhere = scratch.path().join("specs/mine.toml");
+    std::fs::create_dir(scratch.path().join("specs")).unwrap();
+    std::fs::copy(repo_root().join("images/devos-debian.toml"), &elsewhere).unwrap();
+    let clean_cache = scratch.path().join("clean-cache");
     let out = devos_build_command()
-        .current_dir(repo_root())
+        .current_dir(scratch.path())
         .env("CARGO", &fake_cargo)
         .env("CARGO_TARGET_DIR", scratch.path().join("empty-target"))
+        .env("DEVOS_CACHE_DIR", &clean_cache)
         .args(["image", "plan", "--json"])
+        .arg(&elsewhere)
         .output()
         .unwrap();
     assert!(
@@ -530,6 +573,13 @@ fn plan_starts_no_compiler() {
     assert!(plan["packages"].as_array().unwrap().len() > 50, "{plan:#}");
     assert!(!marker.exists(), "image plan ran cargo");
     assert!(!scratch.path().join("empty-target").exists());
+    assert!(!clean_cache.exists(), "image plan wrote into the cache");
+    let mut left: Vec<_> = std::fs::read_dir(scratch.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["cargo", "specs"], "image plan left files");
 }
 
 /// The accelerator choice is made by a real probe and always explained.
@@ -564,4 +614,120 @@ fn kvm_probe_picks_an_accelerator_and_says_why() {
             assert!(choice.reason.contains("/dev/kvm"), "{}", choice.reason);
         }
     }
+}
+
+/// Where state lives (README): a non-root `image list` with no registry creates
+/// nothing; a non-root build stops at once saying to use sudo; under sudo, the
+/// registry and cache go to the invoking user's home and are theirs, so their own
+/// `image list` reads what the root command recorded.
+#[test]
+fn state_under_sudo_belongs_to_the_invoking_user() {
+    use std::os::unix::fs::MetadataExt;
+    require("useradd", "passwd");
+    require("runuser", "util-linux");
+    let home = tempfile::tempdir().unwrap();
+    let user = format!("devos-t{}", std::process::id() % 100_000);
+    let made = Command::new("useradd")
+        .args(["--no-create-home", "--shell", "/bin/sh", "--home-dir"])
+        .arg(home.path())
+        .arg(&user)
+        .status()
+        .unwrap();
+    assert!(made.success(), "useradd {user}");
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("userdel").arg(&self.0).status();
+        }
+    }
+    let _gone = Gone(user.clone());
+    let uid = |p: &Path| std::fs::metadata(p).unwrap().uid();
+    let user_uid: u32 = String::from_utf8(
+        Command::new("id")
+            .args(["-u", &user])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    Command::new("chown")
+        .arg(format!("{user}:"))
+        .arg(home.path())
+        .status()
+        .unwrap();
+    // The binary where the user can run it (the build tree may not be theirs to enter).
+    let bin = home.path().join("devos-build");
+    std::fs::copy(env!("CARGO_BIN_EXE_devos-build"), &bin).unwrap();
+    let clean = |c: &mut Command| {
+        c.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", home.path());
+    };
+    let as_user = |args: &[&str]| {
+        let mut c = Command::new("runuser");
+        c.args(["-u", &user, "--"]).arg(&bin).args(args);
+        clean(&mut c);
+        c.output().unwrap()
+    };
+    let as_sudo = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(args);
+        clean(&mut c);
+        c.env("SUDO_USER", &user).env("HOME", "/root");
+        c.output().unwrap()
+    };
+    let registry = home.path().join(".local/share/devos/registry.db");
+
+    // Read-only commands create nothing.
+    let list = as_user(&["image", "list", "--json"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
+    assert!(!home.path().join(".local").exists());
+    assert!(!home.path().join(".cache").exists());
+
+    // A build without root stops before doing anything.
+    let build = as_user(&["image", "build", "--json"]);
+    assert_eq!(build.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&build.stderr);
+    assert!(err.contains("needs root") && err.contains("sudo"), "{err}");
+    assert!(!home.path().join(".cache").exists());
+
+    // As root under sudo: the registry is made in the user's home, theirs.
+    let gc = as_sudo(&["image", "gc", "--json"]);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert!(
+        registry.is_file(),
+        "no registry in the invoking user's home"
+    );
+    for p in [
+        home.path().join(".local"),
+        home.path().join(".local/share/devos"),
+        registry.clone(),
+    ] {
+        assert_eq!(uid(&p), user_uid, "{} is not the user's", p.display());
+    }
+    // And the user reads (and may write) it without sudo.
+    let list = as_user(&["image", "list", "--json"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let gc = as_user(&["image", "gc", "--json"]);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
 }

@@ -89,6 +89,19 @@ pub(crate) fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
+/// The source tree the agent package of a spec is built from: the spec's own (a spec
+/// inside a DevOS checkout builds that checkout's agent), else the tree this builder
+/// was compiled from (`cargo install --path builder` remembers it), so a spec in any
+/// directory builds. None when neither has the agent's sources.
+pub(crate) fn agent_source(spec_path: &Path) -> Option<PathBuf> {
+    find_source_tree(spec_path).or_else(|| {
+        let own = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+        own.join("agent/Cargo.toml")
+            .is_file()
+            .then(|| own.to_path_buf())
+    })
+}
+
 /// Build `devos-agent` in release mode and package it into `out_dir`.
 pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<AgentPackage> {
     cargo_build(source)?;
@@ -236,9 +249,22 @@ fn cache_entry(
             .with_context(|| format!("cannot read {}", from.display()))?;
         key.update(format!("{dest} {mode:o} {sha}\n"));
     }
+    key.update(devos_man_page()?);
     Ok(crate::store::cache::dir()
         .join("agent")
         .join(format!("{}.deb", hex::encode(key.finalize()))))
+}
+
+/// Where devos(1) goes (gzip-compressed, as Debian's man pages are).
+const MAN_PAGE: &str = "usr/share/man/man1/devos.1";
+
+/// devos(1): made from the `devos` command's clap definitions, as its `--help` is.
+fn devos_man_page() -> Result<Vec<u8>> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(<devos_agent::cli::Cli as clap::CommandFactory>::command())
+        .render(&mut page)
+        .context("cannot write the devos(1) manual page")?;
+    Ok(page)
 }
 
 /// The package's tree in `stage`: [`FILES`], copyright, control files, mtimes clamped.
@@ -261,6 +287,12 @@ fn stage_tree(
         set_mode(&to, *mode)?;
         installed_bytes += fs::metadata(&to)?.len();
     }
+    let man = stage.join(MAN_PAGE);
+    fs::create_dir_all(man.parent().unwrap_or(stage))?;
+    fs::write(&man, devos_man_page()?)?;
+    // gzip -n: no name or time in the header, so the package stays reproducible.
+    cmd::run(Command::new("gzip").args(["-9nf"]).arg(&man))
+        .context("while compressing the devos(1) manual page")?;
     let doc = stage.join("usr/share/doc/devos-agent");
     fs::create_dir_all(&doc)?;
     fs::write(
@@ -482,6 +514,19 @@ mod tests {
             value(&install, "Alias"),
             Some("dbus-org.devos.Agent1.service")
         );
+    }
+
+    #[test]
+    fn devos_has_a_manual_page_made_from_its_definitions() {
+        let page = String::from_utf8(devos_man_page().unwrap()).unwrap();
+        assert!(page.starts_with(".ie"), "roff: {page}");
+        assert!(page.contains(".TH devos 1"), "{page}");
+        for sub in ["run", "approve", "history"] {
+            assert!(
+                page.contains(&format!("devos\\-{sub}")) || page.contains(sub),
+                "{sub}"
+            );
+        }
     }
 
     #[test]

@@ -240,6 +240,12 @@ fn identify(
         resolution,
     } = packages;
     let tools = host_tools()?;
+    let trees = match spec.extra_trees.as_slice() {
+        [] => None,
+        t => Some(
+            crate::model::spec::trees_digest(t).context("cannot read the spec's extra trees")?,
+        ),
+    };
     let id = identity::resolve(&identity::Inputs {
         spec: &spec,
         agent_sha256: agent.as_ref().map(|a| a.sha256.as_str()),
@@ -248,6 +254,7 @@ fn identify(
         archive_date: resolution.archive_date,
         env_source_date_epoch,
         host_tools: &tools,
+        extra_trees: trees.as_deref(),
     });
     ui.info(&format!(
         "    {} {} ({} packages from {} sources)",
@@ -278,7 +285,14 @@ pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     let spec = spec::load(&opts.spec)?;
     spec.check_buildable()?;
     let env_source_date_epoch = identity::source_date_epoch()?;
-    let packages = resolve_packages(&spec)?;
+    let sources = rootfs::sources(&spec);
+    let index = apt::Index::for_plan(&cache::dir(), &spec, &sources)?;
+    let resolution = index.resolve(&spec, &sources)?;
+    let packages = Packages {
+        sources,
+        index,
+        resolution,
+    };
     let agent = planned_agent(&spec, opts, env_source_date_epoch)?;
     let to_be_built = spec.agent_enabled && agent.is_none();
     // With the agent package still to be built the version is not known; the base
@@ -350,13 +364,19 @@ fn planned_agent(
     if let Some(deb) = &opts.agent_deb {
         return AgentPackage::from_file(deb).map(Some);
     }
-    match agent_pkg::find_source_tree(&spec.path) {
+    match agent_pkg::agent_source(&spec.path) {
         Some(source) => agent_pkg::planned(&source, env_source_date_epoch.unwrap_or(0)),
         None => Ok(None),
     }
 }
 
 pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
+    if !crate::support::paths::is_root() {
+        bail!(
+            "`image build` needs root (mmdebstrap, chroots and the image's file ownership need it)\n  hint: run it with sudo; the registry and cache stay in your home, where `devos-build image list` finds them"
+        );
+    }
+    crate::support::paths::create_user_dirs(&crate::store::cache::dir())?;
     let mut t = Timer {
         ui,
         timings: Vec::new(),
@@ -701,10 +721,14 @@ fn agent_package(
             AgentPackage { path: dest, ..pkg }
         }
         None => {
-            let Some(source) = agent_pkg::find_source_tree(&spec.path) else {
+            let Some(source) = agent_pkg::agent_source(&spec.path) else {
                 bail!(
-                    "{} is not inside a DevOS source tree, so the agent cannot be built from source\n  hint: pass a prebuilt package with `--agent-deb devos-agent_VERSION_amd64.deb`",
-                    spec.path.display()
+                    "{} is not inside a DevOS source tree, and the source tree this devos-build was compiled from ({}) is gone, so the agent cannot be built\n  hint: pass a prebuilt package with `--agent-deb devos-agent_VERSION_amd64.deb`, or install devos-build again from a checkout",
+                    spec.path.display(),
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .parent()
+                        .unwrap_or(Path::new("?"))
+                        .display()
                 );
             };
             // Unset, the package's files carry epoch 0, so the same sources give

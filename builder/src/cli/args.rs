@@ -50,6 +50,18 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (bash: `devos-build completions bash >
+    /// /etc/bash_completion.d/devos-build`; zsh, fish, elvish, powershell alike).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page of devos-build or of one of its commands, in roff (`devos-build
+    /// man image build | man -l -`).
+    Man {
+        /// The command, e.g. `image build`; none for devos-build itself.
+        command: Vec<String>,
+    },
     /// Join stdin and stdout to a TCP address (internal: QEMU runs this for each
     /// guest connection to the stand-in instance metadata of a boot test).
     #[command(hide = true)]
@@ -115,7 +127,7 @@ pub(crate) enum ImageCommand {
         keep: usize,
         /// Only this image.
         name: Option<String>,
-        /// Say what would be deleted, and delete nothing.
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
         #[arg(long)]
@@ -142,6 +154,9 @@ pub(crate) enum ImageCommand {
         /// Write here instead of next to the raw image (not recorded in the registry).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -201,6 +216,9 @@ pub(crate) enum PublishCommand {
         force: bool,
         #[command(flatten)]
         aws: AwsArgs,
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -212,6 +230,9 @@ pub(crate) enum PublishCommand {
         region: Vec<String>,
         #[command(flatten)]
         aws: AwsArgs,
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -226,6 +247,7 @@ pub(crate) enum PublishCommand {
     /// this version's agent package and config; records the AMI it made.
     Packer {
         reference: String,
+        /// Default: `[aws] region`, else AWS_REGION.
         #[arg(long)]
         region: Option<String>,
         /// Render the variant without a communicator (nothing is provisioned): for
@@ -240,6 +262,9 @@ pub(crate) enum PublishCommand {
         force: bool,
         #[command(flatten)]
         aws: AwsArgs,
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -252,6 +277,9 @@ pub(crate) enum PublishCommand {
         force: bool,
         #[command(flatten)]
         aws: AwsArgs,
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -259,8 +287,9 @@ pub(crate) enum PublishCommand {
     /// image, block by block.
     Verify {
         reference: String,
+        /// Default: `[aws] region`, else AWS_REGION.
         #[arg(long)]
-        region: String,
+        region: Option<String>,
         #[command(flatten)]
         aws: AwsArgs,
         #[arg(long)]
@@ -277,8 +306,9 @@ pub(crate) enum FleetCommand {
         /// NAME@VERSION (or NAME: its newest version).
         #[arg(long)]
         image: String,
+        /// Default: `[aws] region`, else AWS_REGION.
         #[arg(long)]
-        region: String,
+        region: Option<String>,
         /// Write here instead of to stdout.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -334,6 +364,7 @@ pub(crate) enum FleetCommand {
         /// Only this stack.
         #[arg(long)]
         stack: Option<String>,
+        /// Only this region.
         #[arg(long)]
         region: Option<String>,
         #[arg(long)]
@@ -355,7 +386,8 @@ pub(crate) struct StackArgs {
 
 #[derive(Args)]
 pub(crate) struct ChangeArgs {
-    /// Show the change set (what would be replaced) and change nothing.
+    /// Show the change set (what would be replaced) and change nothing (exit code 3:
+    /// nothing to do).
     #[arg(long)]
     pub(super) dry_run: bool,
     /// Seconds the health gate watches the new version after the stack update.
@@ -413,7 +445,7 @@ pub(crate) enum CacheCommand {
         /// Also remove downloaded packages, package lists and built agent packages.
         #[arg(long)]
         all: bool,
-        /// Only list what would be removed.
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
         #[arg(long)]
@@ -446,6 +478,10 @@ pub(crate) struct BuildArgs {
     /// Boot-test the image after building it; fail if the test fails.
     #[arg(long)]
     pub(super) test: bool,
+    /// Say what would be built (as `image plan` does) and build nothing (exit code 3:
+    /// this version is built already).
+    #[arg(long, conflicts_with_all = ["test", "check_reproducible", "force", "no_cache"])]
+    pub(super) dry_run: bool,
     #[command(flatten)]
     pub(super) vm: VmArgs,
     /// Print the manifest (and test report) as JSON on stdout.
@@ -466,7 +502,7 @@ pub(crate) struct VmArgs {
     pub(super) timeout: u64,
     /// Keep the test VM's overlay and console log, and print where.
     #[arg(long)]
-    pub(super) keep: bool,
+    pub(super) keep_vm: bool,
     /// Also write the results as JUnit XML to this file (for CI systems).
     #[arg(long, value_name = "FILE")]
     pub(super) junit: Option<PathBuf>,
@@ -482,7 +518,7 @@ impl VmArgs {
             memory_mib: self.memory,
             cpus: self.cpus,
             timeout: Duration::from_secs(self.timeout),
-            keep: self.keep,
+            keep: self.keep_vm,
             disk_bus: self.disk_bus,
         }
     }

@@ -1,6 +1,6 @@
 //! `devos-build doctor`: which host tools are present, and how to install the rest.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -86,23 +86,71 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Tools only some images or commands need: missing, `doctor` still passes.
+const OPTIONAL: &[&str] = &[
+    "mkfs.erofs",
+    "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
+    "packer",
+    "dbus-daemon",
+];
+
+/// Free space the default image's build and test need (cache, output, overlay).
+const NEEDED_SPACE: u64 = 8 << 30;
+
 #[derive(Debug, Serialize)]
 pub(crate) struct ToolStatus {
     pub(crate) tool: String,
     pub(crate) package: String,
     pub(crate) purpose: String,
+    /// Whether building and boot-testing the default image needs it.
+    pub(crate) required: bool,
     pub(crate) found: Option<String>,
+}
+
+/// One fact about the host besides its tools.
+#[derive(Debug, Serialize)]
+pub(crate) struct HostCheck {
+    pub(crate) check: String,
+    pub(crate) ok: bool,
+    /// Whether a build of the default image fails without it.
+    pub(crate) required: bool,
+    pub(crate) detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) hint: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
+    /// Nothing required is missing.
+    pub(crate) ok: bool,
     pub(crate) tools: Vec<ToolStatus>,
-    /// The command that installs every missing Debian package, if any are missing.
+    pub(crate) host: Vec<HostCheck>,
+    /// The command that installs the missing required Debian packages, if any.
     pub(crate) install: Option<String>,
+    /// The command that installs the missing optional ones, if any.
+    pub(crate) install_optional: Option<String>,
+}
+
+/// What the host checks look at, gathered apart from judging it (so the judging is
+/// tested without this machine's state).
+pub(crate) struct Facts {
+    pub(crate) root: bool,
+    /// /dev/kvm opens for reading and writing.
+    pub(crate) kvm: Result<(), String>,
+    /// Free bytes where the cache goes, and that place.
+    pub(crate) space: Result<(u64, PathBuf), String>,
+    /// /tmp's mode.
+    pub(crate) tmp_mode: Option<u32>,
+    /// The default mirror's answer to a request for the suite's InRelease.
+    pub(crate) mirror: (String, Result<(), String>),
 }
 
 pub(crate) fn check() -> Report {
-    let tools: Vec<ToolStatus> = TOOLS
+    judge(find_tools(), &gather())
+}
+
+fn find_tools() -> Vec<ToolStatus> {
+    TOOLS
         .iter()
         .map(|(tool, package, purpose)| {
             let found = if tool.starts_with('/') {
@@ -114,23 +162,151 @@ pub(crate) fn check() -> Report {
                 tool: tool.to_string(),
                 package: package.to_string(),
                 purpose: purpose.to_string(),
+                required: !OPTIONAL.contains(tool),
                 found,
             }
         })
-        .collect();
-    let mut missing: Vec<&str> = tools
-        .iter()
-        .filter(|t| t.found.is_none() && !t.package.starts_with('('))
-        .map(|t| t.package.as_str())
-        .collect();
-    missing.dedup();
-    let install = (!missing.is_empty()).then(|| {
-        format!(
-            "sudo apt-get install --no-install-recommends {}",
-            missing.join(" ")
-        )
-    });
-    Report { tools, install }
+        .collect()
+}
+
+fn gather() -> Facts {
+    use std::os::unix::fs::PermissionsExt;
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| e.to_string());
+    let cache = crate::store::cache::dir();
+    let space = free_space(&cache);
+    let tmp_mode = std::fs::metadata("/tmp")
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777);
+    let distro = crate::model::spec::Distro::Debian;
+    let url = format!(
+        "{}/dists/{}/InRelease",
+        distro.default_mirror(),
+        distro.default_suite()
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(8)))
+        .build()
+        .into();
+    let answer = agent.get(&url).call().map(drop).map_err(|e| e.to_string());
+    Facts {
+        root: crate::support::paths::is_root(),
+        kvm,
+        space,
+        tmp_mode,
+        mirror: (url, answer),
+    }
+}
+
+/// Free bytes on the filesystem that holds `path` (or its nearest existing parent).
+fn free_space(path: &Path) -> Result<(u64, PathBuf), String> {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+        .to_path_buf();
+    let out = crate::support::cmd::stdout(
+        std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&existing),
+    )
+    .map_err(|e| format!("{e:#}"))?;
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .map(|free| (free, existing))
+        .ok_or_else(|| format!("df printed no free space: {out}"))
+}
+
+fn judge(tools: Vec<ToolStatus>, facts: &Facts) -> Report {
+    let check = |check: &str, ok: bool, required: bool, detail: String, hint: &str| HostCheck {
+        check: check.to_owned(),
+        ok,
+        required,
+        detail,
+        hint: (!ok).then(|| hint.to_owned()),
+    };
+    let host = vec![
+        check(
+            "root",
+            facts.root,
+            false,
+            if facts.root {
+                "running as root"
+            } else {
+                "not root"
+            }
+            .to_owned(),
+            "`image build` needs root: run it with sudo (the registry and cache stay in your home); everything else runs as you",
+        ),
+        check(
+            "kvm",
+            facts.kvm.is_ok(),
+            false,
+            match &facts.kvm {
+                Ok(()) => "/dev/kvm opens (boot tests probe it before use)".to_owned(),
+                Err(e) => format!("/dev/kvm: {e}; boot tests run under TCG, several times slower"),
+            },
+            "load kvm_intel or kvm_amd and add yourself to the kvm group, or accept TCG",
+        ),
+        match &facts.space {
+            Ok((free, at)) => check(
+                "space",
+                *free >= NEEDED_SPACE,
+                true,
+                format!("{} GiB free at {}", free >> 30, at.display()),
+                "a build of the default image needs about 8 GiB: free some (`devos-build cache prune`, `devos-build image gc`) or set DEVOS_CACHE_DIR to a larger disk",
+            ),
+            Err(e) => check("space", false, true, e.clone(), "check that df works"),
+        },
+        check(
+            "tmp",
+            facts.tmp_mode == Some(0o1777),
+            true,
+            match facts.tmp_mode {
+                Some(m) => format!("/tmp has mode {m:o}"),
+                None => "/tmp is missing".to_owned(),
+            },
+            "apt checks signatures as the _apt user, which writes to /tmp: `chmod 1777 /tmp`",
+        ),
+        check(
+            "mirror",
+            facts.mirror.1.is_ok(),
+            true,
+            match &facts.mirror.1 {
+                Ok(()) => format!("{} answers", facts.mirror.0),
+                Err(e) => format!("{}: {e}", facts.mirror.0),
+            },
+            "builds download packages from it: check the network or proxy (http_proxy), or set `[base] mirror` in the spec",
+        ),
+    ];
+    let missing = |required: bool| {
+        let mut packages: Vec<&str> = tools
+            .iter()
+            .filter(|t| t.found.is_none() && t.required == required && !t.package.starts_with('('))
+            .map(|t| t.package.as_str())
+            .collect();
+        packages.dedup();
+        (!packages.is_empty()).then(|| {
+            format!(
+                "sudo apt-get install --no-install-recommends {}",
+                packages.join(" ")
+            )
+        })
+    };
+    let ok = tools.iter().all(|t| t.found.is_some() || !t.required)
+        && host.iter().all(|h| h.ok || !h.required);
+    Report {
+        ok,
+        install: missing(true),
+        install_optional: missing(false),
+        tools,
+        host,
+    }
 }
 
 impl Report {
@@ -138,17 +314,136 @@ impl Report {
         let mut s = String::new();
         for t in &self.tools {
             s.push_str(&format!(
-                "{:7} {:48} {:24} {}\n",
-                if t.found.is_some() { "ok" } else { "MISSING" },
+                "{:8} {:48} {:24} {}\n",
+                match (&t.found, t.required) {
+                    (Some(_), _) => "ok",
+                    (None, true) => "MISSING",
+                    (None, false) => "optional",
+                },
                 t.tool,
                 t.package,
                 t.purpose
             ));
         }
-        match &self.install {
-            Some(cmd) => s.push_str(&format!("\nto install what is missing:\n  {cmd}\n")),
-            None => s.push_str("\nall host tools are present\n"),
+        s.push('\n');
+        for h in &self.host {
+            s.push_str(&format!(
+                "{:8} {:8} {}\n",
+                match (h.ok, h.required) {
+                    (true, _) => "ok",
+                    (false, true) => "FAILED",
+                    (false, false) => "note",
+                },
+                h.check,
+                h.detail
+            ));
+            if let Some(hint) = &h.hint {
+                s.push_str(&format!("                  hint: {hint}\n"));
+            }
         }
+        if let Some(cmd) = &self.install {
+            s.push_str(&format!("\nto install what is missing:\n  {cmd}\n"));
+        }
+        if let Some(cmd) = &self.install_optional {
+            s.push_str(&format!(
+                "\noptional (Ubuntu images, erofs roots, Packer, the agent's tests):\n  {cmd}\n"
+            ));
+        }
+        s.push_str(if self.ok {
+            "\nthis host can build and boot-test the default image\n"
+        } else {
+            "\nthis host cannot build the default image yet: see MISSING and FAILED above\n"
+        });
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> Facts {
+        Facts {
+            root: true,
+            kvm: Ok(()),
+            space: Ok((20 << 30, PathBuf::from("/var"))),
+            tmp_mode: Some(0o1777),
+            mirror: ("http://m/dists/s/InRelease".into(), Ok(())),
+        }
+    }
+
+    fn tool(name: &str, found: bool) -> ToolStatus {
+        ToolStatus {
+            tool: name.into(),
+            package: format!("pkg-{name}"),
+            purpose: String::new(),
+            required: !OPTIONAL.contains(&name),
+            found: found.then(|| name.to_owned()),
+        }
+    }
+
+    #[test]
+    fn only_what_the_default_image_needs_fails_the_doctor() {
+        // Every required tool present, optional ones missing: passes, and says how
+        // to get the optional ones.
+        let r = judge(
+            vec![
+                tool("mmdebstrap", true),
+                tool("packer", false),
+                tool("mkfs.erofs", false),
+            ],
+            &facts(),
+        );
+        assert!(r.ok);
+        assert_eq!(r.install, None);
+        assert!(
+            r.install_optional
+                .as_deref()
+                .unwrap()
+                .contains("pkg-packer")
+        );
+        // A required tool missing fails, with its package in the install line.
+        let r = judge(vec![tool("mmdebstrap", false)], &facts());
+        assert!(!r.ok);
+        assert!(r.install.as_deref().unwrap().contains("pkg-mmdebstrap"));
+        // Not root and no KVM are notes, not failures.
+        let r = judge(
+            vec![],
+            &Facts {
+                root: false,
+                kvm: Err("Permission denied".into()),
+                ..facts()
+            },
+        );
+        assert!(r.ok, "{}", r.human());
+        assert!(r.human().contains("note     root"));
+        // Too little space, a /tmp apt cannot write to, an unreachable mirror: each fails.
+        for bad in [
+            Facts {
+                space: Ok((1 << 30, PathBuf::from("/"))),
+                ..facts()
+            },
+            Facts {
+                tmp_mode: Some(0o755),
+                ..facts()
+            },
+            Facts {
+                mirror: ("u".into(), Err("connection refused".into())),
+                ..facts()
+            },
+        ] {
+            let r = judge(vec![], &bad);
+            assert!(!r.ok);
+            let failed: Vec<_> = r.host.iter().filter(|h| !h.ok).collect();
+            assert_eq!(failed.len(), 1);
+            assert!(failed[0].hint.is_some());
+        }
+    }
+
+    #[test]
+    fn every_optional_tool_is_a_listed_tool() {
+        for o in OPTIONAL {
+            assert!(TOOLS.iter().any(|(t, ..)| t == o), "{o}");
+        }
     }
 }

@@ -20,6 +20,7 @@ use crate::build::{self, BuildOptions, repro};
 use crate::model::spec::Format;
 use crate::store::cache::{self, Cache};
 use crate::store::registry::{self, Registry, TestRun};
+use crate::support::dry_run::DryRun;
 use crate::support::ui::Ui;
 use crate::{boottest, inventory, publish};
 
@@ -28,17 +29,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     init_logging(cli.verbose, &ui);
     let registry_path = cli.registry.clone().unwrap_or_else(registry::default_path);
     let open = || Registry::open(&registry_path);
+    // Commands that only read never create the registry.
+    let read = || Registry::open_read(&registry_path);
     let config = cli.config.clone();
     let settings = || crate::model::settings::load(config.as_deref());
     match cli.command {
-        Command::Publish(cmd) => publish_command(cmd, &mut open()?, &settings()?, &ui),
+        Command::Publish(cmd) => {
+            let mut reg = if matches!(cmd, PublishCommand::List { .. }) {
+                read()?
+            } else {
+                open()?
+            };
+            publish_command(cmd, &mut reg, &settings()?, &ui)
+        }
         Command::Fleet(FleetCommand::Render {
             template,
             image,
             region,
             out,
         }) => {
-            let yaml = crate::fleet::render(&open()?, template, &image, &region)?;
+            let region = publish::region(region, &settings()?)?;
+            let yaml = crate::fleet::render(&read()?, template, &image, &region)?;
             match out {
                 Some(path) => std::fs::write(&path, yaml)
                     .with_context(|| format!("cannot write {}", path.display()))?,
@@ -46,7 +57,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Fleet(cmd) => fleet_command(cmd, &mut open()?, &settings()?),
+        Command::Fleet(cmd) => {
+            let reads = matches!(
+                cmd,
+                FleetCommand::Status { .. } | FleetCommand::History { .. }
+            );
+            let mut reg = if reads { read()? } else { open()? };
+            fleet_command(cmd, &mut reg, &settings()?)
+        }
         Command::Packer(PackerCommand::Render {
             reference,
             out,
@@ -57,7 +75,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }) => {
             let settings = settings()?;
             let opts = packer_options(&settings, region, aws, !no_communicator, out)?;
-            let r = crate::publish::packer::render(&open()?, &reference, &opts)?;
+            let r = crate::publish::packer::render(&read()?, &reference, &opts)?;
             output(
                 json,
                 &r,
@@ -67,10 +85,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Doctor { json } => {
             let report = crate::cli::doctor::check();
-            let ok = report.tools.iter().all(|t| t.found.is_some());
-            output(json, &report, || report.human(), ok)
+            output(json, &report, || report.human(), report.ok)
         }
         Command::Image(cmd) => image_command(cmd, &registry_path, &mut ui),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "devos-build", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { command } => {
+            print!("{}", man_page(&command)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Relay { addr } => {
             boottest::ec2::relay(&addr)?;
             Ok(ExitCode::SUCCESS)
@@ -82,13 +108,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 /// `image ...`: build, plan, test and boot images, and the registry's commands.
 fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result<ExitCode> {
     let open = || Registry::open(registry_path);
+    let read = || Registry::open_read(registry_path);
     match cmd {
         ImageCommand::Export {
             reference,
             format,
             out,
+            dry_run,
             json,
-        } => export_command(registry_path, &reference, &format, out.as_deref(), json),
+        } => export_command(
+            registry_path,
+            &reference,
+            &format,
+            out.as_deref(),
+            dry_run,
+            json,
+        ),
         ImageCommand::Build(args) => build_command(args, registry_path, ui),
         ImageCommand::Validate { spec, json } => validate_command(&spec, json),
         ImageCommand::Plan {
@@ -97,19 +132,19 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
             json,
         } => plan_command(spec, agent_deb, json, ui),
         ImageCommand::List { name, json } => {
-            let versions = inventory::list(&open()?, name.as_deref())?;
+            let versions = inventory::list(&read()?, name.as_deref())?;
             output(json, &versions, || inventory::list_human(&versions), true)
         }
         ImageCommand::Show { reference, json } => {
-            let show = inventory::show(&open()?, &reference)?;
+            let show = inventory::show(&read()?, &reference)?;
             output(json, &show, || show.human(), true)
         }
         ImageCommand::Diff { from, to, json } => {
-            let diff = inventory::diff(&open()?, &from, &to)?;
+            let diff = inventory::diff(&read()?, &from, &to)?;
             output(json, &diff, || diff.human(), true)
         }
         ImageCommand::Verify { reference, json } => {
-            let v = inventory::verify(&open()?, &reference)?;
+            let v = inventory::verify(&read()?, &reference)?;
             output(json, &v, || v.human(), v.ok)
         }
         ImageCommand::Gc {
@@ -119,7 +154,8 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
             json,
         } => {
             let gc = inventory::gc(&mut open()?, name.as_deref(), keep, dry_run)?;
-            output(json, &gc, || gc.human(), true)
+            let nothing = dry_run && gc.removed.is_empty() && gc.cache_entries_removed == 0;
+            nothing_to_do(output(json, &gc, || gc.human(), true), nothing)
         }
         ImageCommand::Test { target, vm, json } => {
             let target = boottest::resolve_target(&target, registry_path)?;
@@ -169,12 +205,17 @@ fn export_command(
     reference: &str,
     format: &str,
     out: Option<&Path>,
+    dry_run: bool,
     json: bool,
 ) -> Result<ExitCode> {
     // clap has checked the name against the list.
     let format = <Format as clap::ValueEnum>::from_str(format, false)
         .map_err(|e| anyhow::anyhow!("--format {format}: {e}"))?;
     let mut reg = Registry::open(registry_path)?;
+    if dry_run {
+        let dry = crate::inventory::export::dry_run(&reg, reference, format, out)?;
+        return dry_run_output(json, &dry);
+    }
     let e = crate::inventory::export::export(&mut reg, reference, format, out)?;
     output(
         json,
@@ -203,6 +244,11 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
         no_cache: args.no_cache,
         registry: Some(registry_path.to_path_buf()),
     };
+    if args.dry_run {
+        let plan = build::plan(&opts, ui)?;
+        let nothing = plan.up_to_date;
+        return nothing_to_do(output(args.json, &plan, || plan.human(), true), nothing);
+    }
     let (built, repro) = if args.check_reproducible {
         let (built, report) = repro::check(&opts, ui)?;
         (built, Some(report))
@@ -330,7 +376,8 @@ fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
             json,
         } => {
             let pruned = Cache::new(cache::dir(), true).prune(keep, all, dry_run)?;
-            output(
+            let nothing = dry_run && pruned.removed.is_empty();
+            let code = output(
                 json,
                 &pruned,
                 || {
@@ -345,7 +392,8 @@ fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
                     )
                 },
                 true,
-            )
+            );
+            nothing_to_do(code, nothing)
         }
     }
 }
@@ -357,7 +405,9 @@ fn publish_command(
     settings: &crate::model::settings::Settings,
     ui: &Ui,
 ) -> Result<ExitCode> {
-    let aws = |a: AwsArgs| publish::aws_options(settings, a.profile, a.endpoint_url);
+    let aws = |region: Option<String>, a: AwsArgs| {
+        publish::aws_options(settings, region, a.profile, a.endpoint_url)
+    };
     match cmd {
         PublishCommand::Ami {
             reference,
@@ -366,6 +416,7 @@ fn publish_command(
             name,
             force,
             aws: a,
+            dry_run,
             json,
         } => {
             let req = publish::AmiRequest {
@@ -375,16 +426,25 @@ fn publish_command(
                 name,
                 force,
             };
-            let p = publish::ami(reg, settings, &aws(a), &req, ui)?;
+            if dry_run {
+                return dry_run_output(json, &publish::ami_dry_run(reg, settings, &req)?);
+            }
+            let p = publish::ami(reg, settings, &aws(req.region.clone(), a), &req, ui)?;
             output(json, &p, || p.human(), true)
         }
         PublishCommand::Promote {
             reference,
             region,
             aws: a,
+            dry_run,
             json,
         } => {
-            let p = publish::promote(reg, settings, &aws(a), &reference, &region)?;
+            let opts = aws(region.first().cloned(), a);
+            if dry_run {
+                let dry = publish::promote_dry_run(reg, settings, &opts, &reference, &region)?;
+                return dry_run_output(json, &dry);
+            }
+            let p = publish::promote(reg, settings, &opts, &reference, &region)?;
             output(json, &p, || promoted_human(&p), true)
         }
         PublishCommand::Packer {
@@ -394,9 +454,14 @@ fn publish_command(
             vars,
             force,
             aws: a,
+            dry_run,
             json,
         } => {
             let opts = packer_options(settings, region, a, !no_communicator, None)?;
+            if dry_run {
+                let dry = crate::publish::packer::dry_run(reg, &reference, force, &opts)?;
+                return dry_run_output(json, &dry);
+            }
             let b = crate::publish::packer::build(reg, &reference, force, &opts, &vars)?;
             output(json, &b, || format!("{}: {}\n", b.region, b.ami_id), true)
         }
@@ -408,9 +473,15 @@ fn publish_command(
             reference,
             force,
             aws: a,
+            dry_run,
             json,
         } => {
-            let removed = publish::deregister(reg, settings, &aws(a), &reference, force)?;
+            let opts = aws(None, a);
+            if dry_run {
+                let dry = publish::deregister_dry_run(reg, settings, &opts, &reference, force)?;
+                return dry_run_output(json, &dry);
+            }
+            let removed = publish::deregister(reg, settings, &opts, &reference, force)?;
             output(json, &removed, || publish::list_human(&removed), true)
         }
         PublishCommand::Verify {
@@ -419,7 +490,8 @@ fn publish_command(
             aws: a,
             json,
         } => {
-            let v = publish::verify(reg, &aws(a), &reference, &region)?;
+            let region = publish::region(region, settings)?;
+            let v = publish::verify(reg, &aws(Some(region.clone()), a), &reference, &region)?;
             output(json, &v, || verified_human(&v), true)
         }
     }
@@ -453,14 +525,15 @@ fn packer_options(
     ssh: bool,
     out: Option<PathBuf>,
 ) -> Result<crate::publish::packer::RenderOptions> {
-    let opts = publish::aws_options(settings, aws.profile, aws.endpoint_url);
-    // `.ok()`: a variable that is unset (or not UTF-8, which no region or URL is) is
-    // not given, as the AWS SDK reads it.
-    let region = region
-        .or(opts.region)
-        .or_else(|| std::env::var("AWS_REGION").ok())
-        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
-        .context("no AWS region is set\n  hint: pass --region, set AWS_REGION, or set `[aws] region` in the settings file")?;
+    let region = publish::region(region, settings)?;
+    let opts = publish::aws_options(
+        settings,
+        Some(region.clone()),
+        aws.profile,
+        aws.endpoint_url,
+    );
+    // `.ok()`: a variable that is unset (or not UTF-8, which no URL is) is not given,
+    // as the AWS SDK reads it.
     let endpoint = opts
         .endpoint_url
         .or_else(|| std::env::var("AWS_ENDPOINT_URL_EC2").ok())
@@ -520,10 +593,12 @@ fn fleet_command(
 ) -> Result<ExitCode> {
     use crate::fleet;
     let target = |s: StackArgs, c: Option<&ChangeArgs>| {
-        let opts = publish::aws_options(settings, s.aws.profile, s.aws.endpoint_url);
+        let region = s.region.or_else(|| settings.aws.region.clone());
+        let opts =
+            publish::aws_options(settings, region.clone(), s.aws.profile, s.aws.endpoint_url);
         let t = fleet::Target {
             stack: s.name,
-            region: s.region.or_else(|| settings.aws.region.clone()),
+            region,
             bake: Duration::from_secs(c.map_or(0, |c| c.bake)),
             dry_run: c.is_some_and(|c| c.dry_run),
         };
@@ -545,7 +620,8 @@ fn fleet_command(
                 params,
             };
             let o = fleet::deploy(reg, &opts, &t, &req)?;
-            output(change.json, &o, || o.human(), o.ok())
+            let nothing = change.dry_run && o.nothing_to_do();
+            nothing_to_do(output(change.json, &o, || o.human(), o.ok()), nothing)
         }
         FleetCommand::Rollout {
             stack,
@@ -556,17 +632,20 @@ fn fleet_command(
             let (opts, t) = target(stack, Some(&change));
             let all = fleet::rollout(reg, &opts, &t, &to, canary_stack.as_deref())?;
             let ok = all.iter().all(fleet::Outcome::ok);
-            output(
+            let nothing = change.dry_run && all.iter().all(fleet::Outcome::nothing_to_do);
+            let code = output(
                 change.json,
                 &all,
                 || all.iter().map(fleet::Outcome::human).collect(),
                 ok,
-            )
+            );
+            nothing_to_do(code, nothing)
         }
         FleetCommand::Rollback { stack, to, change } => {
             let (opts, t) = target(stack, Some(&change));
             let o = fleet::rollback(reg, &opts, &t, to.as_deref())?;
-            output(change.json, &o, || o.human(), o.ok())
+            let nothing = change.dry_run && o.nothing_to_do();
+            nothing_to_do(output(change.json, &o, || o.human(), o.ok()), nothing)
         }
         FleetCommand::Status { stack, json } => {
             let (opts, t) = target(stack, None);
@@ -582,6 +661,49 @@ fn fleet_command(
             output(json, &rows, || fleet::history_human(&rows), true)
         }
     }
+}
+
+/// The exit code of a `--dry-run` that found nothing to do. The others: 0 done, 1 an
+/// error or a check that did not pass, 2 wrong usage (clap's). docs/cli.md lists them.
+pub const EXIT_NOTHING_TO_DO: u8 = 3;
+
+/// A dry run's changes to stdout; exit code 3 when there are none.
+fn dry_run_output(json: bool, dry: &DryRun) -> Result<ExitCode> {
+    nothing_to_do(output(json, dry, || dry.human(), true), dry.nothing_to_do())
+}
+
+/// `code`, unless a dry run found nothing to do.
+fn nothing_to_do(code: Result<ExitCode>, nothing: bool) -> Result<ExitCode> {
+    if nothing {
+        code.map(|_| ExitCode::from(EXIT_NOTHING_TO_DO))
+    } else {
+        code
+    }
+}
+
+/// The manual page of devos-build (`command` empty) or of one of its commands.
+fn man_page(command: &[String]) -> Result<String> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    let mut name = vec!["devos-build".to_owned()];
+    for word in command {
+        cmd = cmd
+            .find_subcommand(word)
+            .filter(|c| !c.is_hide_set())
+            .with_context(|| {
+                format!(
+                    "`{} {word}` is not a command\n  hint: `{} --help` lists them",
+                    name.join(" "),
+                    name.join(" ")
+                )
+            })?
+            .clone();
+        name.push(word.clone());
+    }
+    let cmd = cmd.name(name.join("-")).bin_name(name.join(" "));
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd).render(&mut page)?;
+    Ok(String::from_utf8(page)?)
 }
 
 /// Results to stdout: JSON with `--json`, else the human text; the exit code says
@@ -625,4 +747,171 @@ fn init_logging(verbose: bool, ui: &Ui) {
         .with_ansi(ui.is_fancy())
         .without_time()
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Commands that change something: each has `--dry-run`.
+    const CHANGES: &[&str] = &[
+        "image build",
+        "image gc",
+        "image export",
+        "cache prune",
+        "publish ami",
+        "publish promote",
+        "publish packer",
+        "publish deregister",
+        "fleet deploy",
+        "fleet rollout",
+        "fleet rollback",
+    ];
+
+    /// Commands that change nothing: they read, check, run a VM on a throw-away
+    /// overlay (`image test` adds its run to the registry's record, as every check
+    /// does), or write only files the user asks for (`fleet render --out`, `packer
+    /// render`'s directory of generated files).
+    const READS: &[&str] = &[
+        "image validate",
+        "image plan",
+        "image list",
+        "image show",
+        "image diff",
+        "image verify",
+        "image test",
+        "image boot",
+        "cache status",
+        "publish list",
+        "publish verify",
+        "packer render",
+        "fleet render",
+        "fleet status",
+        "fleet history",
+        "doctor",
+        "completions",
+        "man",
+    ];
+
+    /// Commands whose output is a document or a session, not a result to read: no
+    /// `--json`.
+    const NO_JSON: &[&str] = &["image boot", "fleet render", "completions", "man"];
+
+    /// Every visible leaf command, as "image build".
+    fn leaves(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+        // clap's own `help` subcommands are not commands of ours.
+        for sub in cmd
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set() && c.get_name() != "help")
+        {
+            let name = format!("{path} {}", sub.get_name()).trim().to_owned();
+            if sub.has_subcommands() {
+                leaves(sub, &name, out);
+            } else {
+                out.push((name, sub.clone()));
+            }
+        }
+    }
+
+    fn all() -> Vec<(String, clap::Command)> {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut out = Vec::new();
+        leaves(&cmd, "", &mut out);
+        out
+    }
+
+    fn has(cmd: &clap::Command, long: &str) -> bool {
+        cmd.get_arguments().any(|a| a.get_long() == Some(long))
+    }
+
+    #[test]
+    fn every_command_that_changes_something_has_dry_run_and_every_result_json() {
+        let commands = all();
+        for (name, cmd) in &commands {
+            let changes = CHANGES.contains(&name.as_str());
+            assert!(
+                changes != READS.contains(&name.as_str()),
+                "`{name}` must be listed once: in CHANGES (it needs --dry-run) or READS"
+            );
+            assert_eq!(has(cmd, "dry-run"), changes, "`{name}` and --dry-run");
+            assert_eq!(
+                has(cmd, "json"),
+                !NO_JSON.contains(&name.as_str()),
+                "`{name}` and --json"
+            );
+        }
+        for listed in CHANGES.iter().chain(READS) {
+            assert!(
+                commands.iter().any(|(n, _)| n == listed),
+                "`{listed}` is listed but is no command"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flag_name_means_one_thing_everywhere() {
+        // Per long flag: whether it takes a value, and its value's name.
+        let mut seen: BTreeMap<String, (bool, String, String)> = BTreeMap::new();
+        for (name, cmd) in all() {
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                let takes = arg.get_action().takes_values();
+                let value = arg
+                    .get_value_names()
+                    .map(|v| {
+                        v.iter()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                match seen.get(long) {
+                    Some((t, v, first)) => assert!(
+                        *t == takes && (*v == value || !takes || long == "region"),
+                        "--{long} of `{name}` ({takes}, {value}) differs from `{first}`'s ({t}, {v})"
+                    ),
+                    None => {
+                        seen.insert(long.to_owned(), (takes, value, name.clone()));
+                    }
+                }
+            }
+        }
+        // The flags the issue named: one kind each.
+        assert!(!seen["json"].0 && !seen["dry-run"].0 && !seen["keep-vm"].0);
+        assert!(seen["keep"].0 && seen["region"].0);
+    }
+
+    #[test]
+    fn completions_and_manual_pages_generate() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "devos-build", &mut script);
+            let script = String::from_utf8(script).unwrap();
+            assert!(
+                script.contains("devos-build") && script.contains("dry-run"),
+                "{shell}: {script}"
+            );
+        }
+        let top = super::man_page(&[]).unwrap();
+        assert!(top.contains(".TH devos-build"), "{top}");
+        for (name, _) in all() {
+            let words: Vec<String> = name.split(' ').map(str::to_owned).collect();
+            let page = super::man_page(&words).unwrap();
+            assert!(
+                page.contains(&format!(".TH devos-build-{}", words.join("-"))),
+                "{name}: {page}"
+            );
+        }
+        let err = super::man_page(&["image".into(), "bild".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("`devos-build image bild` is not a command"));
+    }
 }

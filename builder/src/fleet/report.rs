@@ -66,6 +66,15 @@ impl Outcome {
         )
     }
 
+    /// A dry run (or a run) that would change nothing: the stack is at the version
+    /// already, or the change set is empty.
+    pub(crate) fn nothing_to_do(&self) -> bool {
+        self.state == ChangeState::Unchanged
+            || (self.state == ChangeState::DryRun
+                && self.changes.is_empty()
+                && self.parameters.is_empty())
+    }
+
     pub(crate) fn human(&self) -> String {
         let from = self.from.as_deref().unwrap_or("(nothing)");
         let mut s = format!(

@@ -21,6 +21,11 @@ use crate::support::digest::sha256_hex;
 /// The apt state (configuration and package lists) for one set of sources.
 pub(crate) struct Index {
     dir: PathBuf,
+    /// Whether what is worked out is kept in `dir` (false for `image plan`, which
+    /// writes nothing).
+    keep: bool,
+    /// The temporary directory `dir` is in, for a plan made without current lists.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 /// What was resolved: the package set and the archive state it came from.
@@ -37,8 +42,7 @@ pub(crate) struct Resolution {
 impl Index {
     /// The index for `sources` under `cache` (created on first use).
     pub(crate) fn open(cache: &Path, sources: &Sources) -> Result<Self> {
-        let key = sha256_hex(format!("{}\n{}", ARCH, sources.deb822).as_bytes());
-        let dir = cache.join("apt").join(&key[..16]);
+        let dir = index_dir(cache, sources);
         for sub in [
             "lists/partial",
             "cache/archives/partial",
@@ -80,7 +84,41 @@ impl Index {
                  Acquire::Retries \"3\";\n"
             ),
         )?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            keep: true,
+            _scratch: None,
+        })
+    }
+
+    /// The index `image plan` reads, writing nothing: the cache's, used as it is, when
+    /// its lists are those the mirror serves now; else lists downloaded into a
+    /// temporary directory that goes with the index.
+    pub(crate) fn for_plan(cache: &Path, spec: &Spec, sources: &Sources) -> Result<Self> {
+        let current = sha256_hex(fetch_in_releases(spec, sources)?.as_bytes());
+        crate::image::rootfs::preflight(spec)?;
+        let cached = Self {
+            dir: index_dir(cache, sources),
+            keep: false,
+            _scratch: None,
+        };
+        if cached.is_current(&current) && cached.dir.join("apt.conf").is_file() {
+            return Ok(cached);
+        }
+        let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
+        let index = Self::open(scratch.path(), sources)?;
+        index.update(spec)?;
+        Ok(Self {
+            keep: false,
+            _scratch: Some(scratch),
+            ..index
+        })
+    }
+
+    /// Whether the lists are those of the `InRelease` files whose sha256 is `current`.
+    fn is_current(&self, current: &str) -> bool {
+        fs::read_to_string(self.dir.join("in-release.sha256")).is_ok_and(|s| s == current)
+            && self.archive().is_ok()
     }
 
     /// The package lists, for mmdebstrap to install from (`--skip=update`).
@@ -103,11 +141,17 @@ impl Index {
         let fetched = fetch_in_releases(spec, sources)?;
         // Reachable: now the keyring that must verify it.
         crate::image::rootfs::preflight(spec)?;
-        let stamp = self.dir.join("in-release.sha256");
         let current = sha256_hex(fetched.as_bytes());
-        if fs::read_to_string(&stamp).is_ok_and(|s| s == current) && self.archive().is_ok() {
+        if self.is_current(&current) {
             return Ok(());
         }
+        self.update(spec)?;
+        fs::write(self.dir.join("in-release.sha256"), current)?;
+        Ok(())
+    }
+
+    /// `apt-get update` into this index's lists.
+    fn update(&self, spec: &Spec) -> Result<()> {
         cmd::run(self.apt("apt-get").args(["-q", "update", "--error-on=any"])).with_context(
             || {
                 format!(
@@ -116,7 +160,6 @@ impl Index {
                 )
             },
         )?;
-        fs::write(&stamp, current)?;
         Ok(())
     }
 
@@ -166,6 +209,15 @@ impl Index {
             Err(e) => tracing::warn!("cannot read {}: {e}; resolving again", cached.display()),
         }
         let mut c = self.apt("apt-get");
+        if !self.keep {
+            // apt keeps binary caches of the lists in Dir::Cache: not for a plan.
+            c.args([
+                "-o",
+                "Dir::Cache::pkgcache=",
+                "-o",
+                "Dir::Cache::srcpkgcache=",
+            ]);
+        }
         c.args([
             "-q",
             "--simulate",
@@ -216,11 +268,19 @@ impl Index {
             archive_date,
             packages,
         };
-        let tmp = cached.with_extension("tmp");
-        fs::write(&tmp, serde_json::to_vec(&r)?)?;
-        fs::rename(&tmp, &cached)?;
+        if self.keep {
+            let tmp = cached.with_extension("tmp");
+            fs::write(&tmp, serde_json::to_vec(&r)?)?;
+            fs::rename(&tmp, &cached)?;
+        }
         Ok(r)
     }
+}
+
+/// Where the cache keeps the index of `sources`.
+fn index_dir(cache: &Path, sources: &Sources) -> PathBuf {
+    let key = sha256_hex(format!("{}\n{}", ARCH, sources.deb822).as_bytes());
+    cache.join("apt").join(&key[..16])
 }
 
 /// The architecture images are built for.

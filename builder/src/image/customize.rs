@@ -72,10 +72,80 @@ pub(crate) fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Pat
         root.join("etc/tmpfiles.d/home.conf"),
         "# DevOS: /home is a symlink to /var/home (the writable data partition).\nd /var/home 0755 - - -\n",
     )?;
+    for tree in &spec.extra_trees {
+        copy_tree(tree, root)?;
+    }
+    for unit in &spec.enable_units {
+        in_image(root, &["systemctl", "enable", unit]).with_context(|| {
+            format!(
+                "cannot enable {unit} (`[system] enable-units` in {})\n  hint: the unit must be in the image, from a package or an extra tree, with an [Install] section",
+                spec.path.display()
+            )
+        })?;
+    }
     remove_build_leftovers(root)?;
     mark_updated(root, id.source_date_epoch)?;
     // Last: every file time in the image is at most SOURCE_DATE_EPOCH.
     crate::image::files::clamp_mtimes(root, id.source_date_epoch)?;
+    Ok(())
+}
+
+/// Run a command chrooted into the image (its own programs, its paths).
+fn in_image(root: &Path, argv: &[&str]) -> Result<()> {
+    cmd::run(Command::new("chroot").arg(root).args(argv))?;
+    Ok(())
+}
+
+/// Copy an extra tree into the image: packed on the host (owned by root, modes kept)
+/// and unpacked by the image's own tar inside a chroot, so that the image's
+/// symlinks (`/lib` -> `usr/lib`, absolute ones in /etc) resolve inside the image and
+/// never to the host.
+fn copy_tree(tree: &crate::model::spec::ExtraTree, root: &Path) -> Result<()> {
+    use std::process::Stdio;
+    let what = || {
+        format!(
+            "cannot copy the extra tree {} into {}",
+            tree.path.display(),
+            tree.target
+        )
+    };
+    in_image(root, &["mkdir", "-p", "--", &tree.target]).with_context(what)?;
+    let mut pack = Command::new("tar")
+        .args([
+            "--create",
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+            "--sort=name",
+            "-C",
+        ])
+        .arg(&tree.path)
+        .arg(".")
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(what)?;
+    let packed = pack.stdout.take().context("tar has no stdout")?;
+    let unpack = Command::new("chroot")
+        .arg(root)
+        .args([
+            "tar",
+            "--extract",
+            "--keep-directory-symlink",
+            "--no-overwrite-dir",
+            "-C",
+        ])
+        .arg(&tree.target)
+        .stdin(packed)
+        .output()
+        .with_context(what)?;
+    let packed_ok = pack.wait().with_context(what)?.success();
+    if !packed_ok || !unpack.status.success() {
+        bail!(
+            "{}: {}\n  hint: an extra tree holds only files, directories and symlinks; a path in it that is a file in the image cannot become a directory",
+            what(),
+            String::from_utf8_lossy(&unpack.stderr).trim()
+        );
+    }
     Ok(())
 }
 

@@ -83,6 +83,8 @@ pub(crate) struct Inputs<'a> {
     pub(crate) env_source_date_epoch: Option<u64>,
     /// `name=version` of the host tools that write the image (mmdebstrap, mkfs, ...).
     pub(crate) host_tools: &'a str,
+    /// [`crate::model::spec::trees_digest`] of the spec's extra trees (None: none).
+    pub(crate) extra_trees: Option<&'a str>,
 }
 
 /// Compute the identity of a build from its inputs.
@@ -106,7 +108,7 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
         name: name.into(),
         sha256: sha256_hex(data.as_bytes()),
     };
-    let inputs = vec![
+    let mut inputs = vec![
         input("spec", &crate::model::spec::canonical(spec)),
         input("packages", &packages),
         Input {
@@ -131,6 +133,13 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
             sha256: sources_digest(sources, None),
         },
     ];
+    // The files of the extra trees (their paths are in the spec).
+    if let Some(digest) = i.extra_trees {
+        inputs.push(Input {
+            name: "extra-trees".into(),
+            sha256: digest.to_owned(),
+        });
+    }
     let mut hasher = Sha256::new();
     for i in &inputs {
         hasher.update(format!("{}={}\n", i.name, i.sha256));
@@ -240,7 +249,31 @@ mod tests {
             archive_date: date,
             env_source_date_epoch: None,
             host_tools: tools,
+            extra_trees: None,
         })
+    }
+
+    #[test]
+    fn the_files_of_extra_trees_change_the_id_and_the_tree_key() {
+        let p = pkgs(&[("bash", "5.2")]);
+        let with = |trees: Option<&str>| {
+            resolve(&Inputs {
+                spec: &spec(SPEC),
+                agent_sha256: Some("a"),
+                sources_deb822: "deb",
+                packages: &p,
+                archive_date: 100,
+                env_source_date_epoch: None,
+                host_tools: "mmdebstrap=1",
+                extra_trees: trees,
+            })
+        };
+        let (none, one, other) = (with(None), with(Some("1")), with(Some("2")));
+        assert_ne!(none.build_id, one.build_id);
+        assert_ne!(one.build_id, other.build_id);
+        assert_ne!(one.tree_key, other.tree_key);
+        // The base tree (packages only) is shared.
+        assert_eq!(one.base_key, other.base_key);
     }
 
     #[test]
@@ -342,6 +375,7 @@ mod tests {
                 archive_date: 100,
                 env_source_date_epoch: Some(1_600_000_000),
                 host_tools: "mmdebstrap=1",
+                extra_trees: None,
             })
             .source_date_epoch
         };
@@ -422,6 +456,7 @@ mod tests {
             archive_date: 100,
             env_source_date_epoch: None,
             host_tools: "mmdebstrap=1",
+            extra_trees: None,
         };
         let before = resolve_with(&inputs, SHAPING_SOURCES);
         let uuid_input = "format!(\"{build_id}:{label}\")";

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 
 use crate::image::convert::convert;
 use crate::model::spec::Format;
+use crate::support::dry_run::DryRun;
 
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct Export {
@@ -21,15 +22,24 @@ pub(crate) struct Export {
 /// `image export`: the version's raw image (checked against its recorded sha256) in
 /// another format, recorded in the registry as one more artifact of the version.
 /// Written under a temporary name and renamed, so a killed export leaves nothing.
-pub(crate) fn export(
-    reg: &mut crate::store::registry::Registry,
+/// Where an export of a version goes, and whether it is already there.
+struct Planned {
+    v: crate::store::registry::VersionInfo,
+    raw: std::path::PathBuf,
+    path: std::path::PathBuf,
+    file: String,
+    /// The recorded export, when the file at `path` still matches it.
+    done: Option<crate::store::registry::ArtifactRow>,
+}
+
+fn planned(
+    reg: &crate::store::registry::Registry,
     reference: &str,
     format: Format,
     out: Option<&Path>,
-) -> Result<Export> {
+) -> Result<Planned> {
     let v = reg.find(reference)?;
     let (raw, _) = crate::inventory::raw_artifact(&v)?;
-    let version = format!("{}@{}", v.name, v.version);
     let raw_size = std::fs::metadata(&raw)?.len();
     if format == Format::Vhd && raw_size % (1 << 20) != 0 {
         anyhow::bail!(
@@ -45,16 +55,66 @@ pub(crate) fn export(
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .with_context(|| format!("{} is not a file path", path.display()))?;
-    let recorded = v.artifacts.iter().find(|a| a.format == format);
-    if let Some(a) = recorded
-        && out.is_none()
-        && already_exported(&path, &a.sha256)
-    {
+    let done = v
+        .artifacts
+        .iter()
+        .find(|a| a.format == format)
+        .filter(|a| out.is_none() && already_exported(&path, &a.sha256))
+        .cloned();
+    Ok(Planned {
+        v,
+        raw,
+        path,
+        file,
+        done,
+    })
+}
+
+/// What `image export --dry-run` says: the conversion it would make, if any.
+pub(crate) fn dry_run(
+    reg: &crate::store::registry::Registry,
+    reference: &str,
+    format: Format,
+    out: Option<&Path>,
+) -> Result<DryRun> {
+    let p = planned(reg, reference, format, out)?;
+    let mut dry = DryRun::new();
+    if p.done.is_none() {
+        dry.would(format!(
+            "convert {} to {} at {}{}",
+            p.raw.display(),
+            format.extension(),
+            p.path.display(),
+            if out.is_none() {
+                " and record it in the registry"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(dry)
+}
+
+pub(crate) fn export(
+    reg: &mut crate::store::registry::Registry,
+    reference: &str,
+    format: Format,
+    out: Option<&Path>,
+) -> Result<Export> {
+    let Planned {
+        v,
+        raw,
+        path,
+        file,
+        done,
+    } = planned(reg, reference, format, out)?;
+    let version = format!("{}@{}", v.name, v.version);
+    if let Some(a) = done {
         return Ok(Export {
             version,
             format,
             path,
-            sha256: a.sha256.clone(),
+            sha256: a.sha256,
             size: a.size,
             converted: false,
         });

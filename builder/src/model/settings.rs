@@ -73,10 +73,7 @@ fn path(explicit: Option<&Path>) -> (PathBuf, bool) {
     if let Some(p) = std::env::var_os("DEVOS_CONFIG") {
         return (PathBuf::from(p), true);
     }
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("/etc"));
+    let base = crate::support::paths::xdg_dir("XDG_CONFIG_HOME", ".config", "/etc");
     (base.join("devos/config.toml"), false)
 }
 

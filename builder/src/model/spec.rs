@@ -127,6 +127,8 @@ struct RawSpec {
     agent: RawAgent,
     #[serde(default)]
     tests: Vec<RawTest>,
+    #[serde(default)]
+    files: files::RawFiles,
 }
 
 /// `[image]`: what the image is called and which version of it this spec describes.
@@ -188,6 +190,10 @@ struct RawSystem {
     /// Boot through an initramfs (default). Without one the kernel mounts the root
     /// itself, which needs the disk driver and root filesystem built into the kernel.
     initrd: Option<Spanned<bool>>,
+    /// Units to enable (as `systemctl enable` does, from their `[Install]` section),
+    /// e.g. ones an extra tree adds.
+    #[serde(default)]
+    enable_units: Vec<Spanned<String>>,
 }
 
 /// `[[users]]`: a login user, created with a home on the writable data partition.
@@ -284,7 +290,7 @@ impl Distro {
         }
     }
 
-    fn default_suite(self) -> &'static str {
+    pub(crate) fn default_suite(self) -> &'static str {
         match self {
             Distro::Debian => "bookworm",
             Distro::Ubuntu => "noble",
@@ -415,6 +421,8 @@ pub(crate) struct Spec {
     /// The full agent configuration written to `/etc/devos/agent.toml`.
     pub(crate) agent_config: devos_agent::config::AgentConfig,
     pub(crate) tests: Vec<Test>,
+    pub(crate) extra_trees: Vec<ExtraTree>,
+    pub(crate) enable_units: Vec<String>,
 }
 
 impl Spec {
@@ -552,6 +560,8 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     let agent_config = agent_config(&src, raw.agent.config.as_ref())?;
 
     let tests = tests(&src, &raw.tests)?;
+    let extra_trees = files::extra_trees(&src, &raw.files)?;
+    let enable_units = files::units(&src, &raw.system.enable_units)?;
 
     Ok(Spec {
         path: path.to_path_buf(),
@@ -577,6 +587,8 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         agent_enabled: raw.agent.enable.unwrap_or(true),
         agent_config,
         tests,
+        extra_trees,
+        enable_units,
     })
 }
 
@@ -1067,6 +1079,9 @@ pub(crate) fn canonical(spec: &Spec) -> String {
     }
     v.to_string()
 }
+
+mod files;
+pub(crate) use files::{ExtraTree, trees_digest};
 
 #[cfg(test)]
 mod tests;

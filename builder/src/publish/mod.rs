@@ -15,17 +15,21 @@ use crate::inventory::{raw_artifact, raw_path};
 use crate::model::settings::Settings;
 use crate::model::states::PublicationState;
 use crate::store::registry::{Publication, Registry, VersionInfo};
+use crate::support::dry_run::DryRun;
 use crate::support::ui::Ui;
 
-/// How to reach AWS: flags over the settings file over the standard chain.
+/// How to reach AWS: flags over the settings file over the standard chain. A region
+/// given here (flag or settings) also spares the SDK its region probe, which asks
+/// instance metadata and waits for it off EC2.
 pub(crate) fn aws_options(
     settings: &Settings,
+    region: Option<String>,
     profile: Option<String>,
     endpoint: Option<String>,
 ) -> AwsOptions {
     AwsOptions {
         profile: profile.or_else(|| settings.aws.profile.clone()),
-        region: settings.aws.region.clone(),
+        region: region.or_else(|| settings.aws.region.clone()),
         endpoint_url: endpoint.or_else(|| {
             settings
                 .aws
@@ -34,6 +38,17 @@ pub(crate) fn aws_options(
                 .map(|u| u.get_ref().clone())
         }),
     }
+}
+
+/// The region of a command that must know it without asking AWS: the flag, `[aws]
+/// region` of the settings, AWS_REGION, AWS_DEFAULT_REGION.
+pub(crate) fn region(flag: Option<String>, settings: &Settings) -> Result<String> {
+    // `.ok()`: a variable that is unset (or not UTF-8, which no region is) is not
+    // given, as the AWS SDK reads it.
+    flag.or_else(|| settings.aws.region.clone())
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .context("no AWS region is set\n  hint: pass --region, set AWS_REGION, or set `[aws] region` in the settings file")
 }
 
 /// The version to publish: it must have passed its boot test, unless forced.
@@ -57,6 +72,56 @@ pub(crate) struct AmiRequest {
     pub(crate) copy_to: Vec<String>,
     pub(crate) name: Option<String>,
     pub(crate) force: bool,
+}
+
+impl AmiRequest {
+    fn ami_name(&self, v: &VersionInfo) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| ami::ami_name(&v.name, &v.version))
+    }
+
+    /// The regions to copy to: the settings' and the flag's.
+    fn copy_to(&self, settings: &Settings) -> Vec<String> {
+        let mut copy_to = settings.publish.copy_to.clone();
+        copy_to.extend(self.copy_to.iter().cloned());
+        copy_to.sort();
+        copy_to.dedup();
+        copy_to
+    }
+}
+
+/// What `publish ami --dry-run` says: the uploads and copies the registry does not
+/// record as done (the same gate as a real run; AWS is not asked).
+pub(crate) fn ami_dry_run(reg: &Registry, settings: &Settings, req: &AmiRequest) -> Result<DryRun> {
+    let v = gate(reg, &req.reference, req.force)?;
+    let (raw, _) = raw_path(&v)?;
+    let region = region(req.region.clone(), settings)?;
+    let done: Vec<String> = reg
+        .publications(Some(&v.name), Some(&v.version))?
+        .into_iter()
+        .filter(|p| p.state == PublicationState::Available && p.ami_id.is_some())
+        .map(|p| p.region)
+        .collect();
+    let prefix = settings.publish.ssm_prefix.get_ref();
+    let parameter = ami::version_parameter(prefix, &v.name, &v.version);
+    let mut dry = DryRun::new();
+    if !done.contains(&region) {
+        let size = std::fs::metadata(&raw).map_or(0, |m| m.len());
+        dry.would(format!(
+            "upload {} ({} MiB) to an EBS snapshot in {region}, register it as AMI `{}` and write {parameter} there",
+            raw.display(),
+            size >> 20,
+            req.ami_name(&v)
+        ));
+    }
+    for r in req.copy_to(settings) {
+        if r != region && !done.contains(&r) {
+            dry.would(format!("copy the AMI to {r} and write {parameter} there"));
+        }
+    }
+    dry.note = Some("from what the registry records as published; AWS was not asked".into());
+    Ok(dry)
 }
 
 #[derive(Serialize)]
@@ -103,15 +168,9 @@ pub(crate) fn ami(
 ) -> Result<Published> {
     let v = gate(reg, &req.reference, req.force)?;
     let (raw, sha256) = raw_path(&v)?;
-    let mut copy_to = settings.publish.copy_to.clone();
-    copy_to.extend(req.copy_to.iter().cloned());
-    copy_to.sort();
-    copy_to.dedup();
+    let copy_to = req.copy_to(settings);
     let image = Image {
-        ami_name: req
-            .name
-            .clone()
-            .unwrap_or_else(|| ami::ami_name(&v.name, &v.version)),
+        ami_name: req.ami_name(&v),
         name: v.name.clone(),
         version: v.version.clone(),
         build_id: v.build_id.clone(),
@@ -207,8 +266,9 @@ pub(crate) fn promote(
     let v = reg.require_passing(reference)?;
     let pubs = live(reg, &v, regions)?;
     let parameter = ami::latest_parameter(settings.publish.ssm_prefix.get_ref(), &v.name);
+    let aws = with_region(aws, &pubs);
     devos_aws::block_on(async {
-        let aws = Aws::load(aws).await?;
+        let aws = Aws::load(&aws).await?;
         let mut done = Vec::new();
         for p in &pubs {
             let id = p.ami_id.clone().unwrap_or_default();
@@ -225,6 +285,110 @@ pub(crate) fn promote(
     })
 }
 
+/// What `publish promote --dry-run` says: the regions whose `latest` parameter would
+/// change (read from SSM; nothing is written).
+pub(crate) fn promote_dry_run(
+    reg: &Registry,
+    settings: &Settings,
+    aws: &AwsOptions,
+    reference: &str,
+    regions: &[String],
+) -> Result<DryRun> {
+    let v = reg.require_passing(reference)?;
+    let pubs = live(reg, &v, regions)?;
+    let parameter = ami::latest_parameter(settings.publish.ssm_prefix.get_ref(), &v.name);
+    let aws = with_region(aws, &pubs);
+    devos_aws::block_on(async {
+        let aws = Aws::load(&aws).await?;
+        let mut dry = DryRun::new();
+        for p in &pubs {
+            let id = p.ami_id.clone().unwrap_or_default();
+            let now = ami::get_parameter(&aws.ssm(&p.region), &p.region, &parameter).await?;
+            if now.as_deref() != Some(id.as_str()) {
+                dry.would(format!(
+                    "point {parameter} in {} at {id} (now {})",
+                    p.region,
+                    now.as_deref().unwrap_or("unset")
+                ));
+            }
+        }
+        Ok(dry)
+    })
+}
+
+/// AWS options for work in the regions of `pubs`: a region for the SDK's own
+/// configuration when none is set, so it does not probe for one.
+fn with_region(aws: &AwsOptions, pubs: &[Publication]) -> AwsOptions {
+    AwsOptions {
+        region: aws
+            .region
+            .clone()
+            .or_else(|| pubs.first().map(|p| p.region.clone())),
+        ..aws.clone()
+    }
+}
+
+/// Refuse to remove a version that `latest` points at in any of its regions, unless
+/// forced.
+async fn refuse_if_latest(
+    aws: &Aws,
+    v: &VersionInfo,
+    pubs: &[Publication],
+    latest: &str,
+    force: bool,
+) -> Result<()> {
+    for p in pubs {
+        let id = p.ami_id.as_deref().unwrap_or_default();
+        let points = ami::get_parameter(&aws.ssm(&p.region), &p.region, latest).await?;
+        if points.as_deref() == Some(id) && !force {
+            bail!(
+                "{latest} in {} points at {id} ({}@{})\n  hint: promote another version first (`devos-build publish promote NAME@VERSION`), or pass --force",
+                p.region,
+                v.name,
+                v.version
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What `publish deregister --dry-run` says: the AMIs, snapshots and parameters it
+/// would delete (nothing when the version is published nowhere); it refuses as a real
+/// run would when `latest` points at the version.
+pub(crate) fn deregister_dry_run(
+    reg: &Registry,
+    settings: &Settings,
+    aws: &AwsOptions,
+    reference: &str,
+    force: bool,
+) -> Result<DryRun> {
+    let v = reg.find(reference)?;
+    let mut dry = DryRun::new();
+    let Ok(pubs) = live(reg, &v, &[]) else {
+        return Ok(dry);
+    };
+    let latest = ami::latest_parameter(settings.publish.ssm_prefix.get_ref(), &v.name);
+    let aws = with_region(aws, &pubs);
+    devos_aws::block_on(async {
+        let aws = Aws::load(&aws).await?;
+        refuse_if_latest(&aws, &v, &pubs, &latest, force).await
+    })?;
+    for p in &pubs {
+        dry.would(format!(
+            "deregister {} in {} and delete its snapshots ({}, and any tagged with build {}){}",
+            p.ami_id.as_deref().unwrap_or_default(),
+            p.region,
+            p.snapshot_ids.join(", "),
+            v.build_id,
+            p.parameter
+                .as_ref()
+                .map(|param| format!(" and {param}"))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(dry)
+}
+
 /// Deregister every AMI of a version, delete their snapshots and SSM parameters.
 /// A version that `latest` points at is kept unless forced.
 pub(crate) fn deregister(
@@ -238,20 +402,10 @@ pub(crate) fn deregister(
     let pubs = live(reg, &v, &[])?;
     let prefix = settings.publish.ssm_prefix.get_ref().clone();
     let latest = ami::latest_parameter(&prefix, &v.name);
+    let aws = with_region(aws, &pubs);
     let removed = devos_aws::block_on(async {
-        let aws = Aws::load(aws).await?;
-        for p in &pubs {
-            let id = p.ami_id.as_deref().unwrap_or_default();
-            let points = ami::get_parameter(&aws.ssm(&p.region), &p.region, &latest).await?;
-            if points.as_deref() == Some(id) && !force {
-                bail!(
-                    "{latest} in {} points at {id} ({}@{})\n  hint: promote another version first (`devos-build publish promote NAME@VERSION`), or pass --force",
-                    p.region,
-                    v.name,
-                    v.version
-                );
-            }
-        }
+        let aws = Aws::load(&aws).await?;
+        refuse_if_latest(&aws, &v, &pubs, &latest, force).await?;
         let mut removed = Vec::new();
         for p in pubs {
             let ec2 = aws.ec2(&p.region);

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::model::states::PublicationState;
 use crate::store::registry::{Publication, Registry, VersionInfo};
 use crate::support::cmd;
+use crate::support::dry_run::DryRun;
 
 const TEMPLATE: &str = include_str!("../../../packer/devos-ami.pkr.hcl.hbs");
 const PROVISION: &str = include_str!("../../../packer/provision.sh");
@@ -166,6 +167,39 @@ pub(crate) struct Built {
     pub(crate) dir: PathBuf,
 }
 
+/// The AMI Packer already made of `v` in the options' region, if the registry has one.
+fn already_built(
+    reg: &Registry,
+    v: &VersionInfo,
+    opts: &RenderOptions,
+) -> Result<Option<Publication>> {
+    Ok(reg
+        .publications(Some(&v.name), Some(&v.version))?
+        .into_iter()
+        .find(|p| {
+            p.kind == "packer" && p.region == opts.region && p.state == PublicationState::Available
+        }))
+}
+
+/// What `publish packer --dry-run` says: the build it would run (the same gate as a
+/// real run; nothing rendered, nothing started).
+pub(crate) fn dry_run(
+    reg: &Registry,
+    reference: &str,
+    force: bool,
+    opts: &RenderOptions,
+) -> Result<DryRun> {
+    let v = crate::publish::gate(reg, reference, force)?;
+    let mut dry = DryRun::new();
+    if already_built(reg, &v, opts)?.is_none() {
+        dry.would(format!(
+            "render the Packer template of {}@{} and run `packer build` in {} (an instance from the latest Ubuntu base AMI with this version's agent package), then record the AMI it makes",
+            v.name, v.version, opts.region
+        ));
+    }
+    Ok(dry)
+}
+
 /// Render, then `packer build` (output streamed), then read the AMI from the manifest
 /// and record it in the registry.
 pub(crate) fn build(
@@ -176,13 +210,7 @@ pub(crate) fn build(
     vars: &[String],
 ) -> Result<Built> {
     let v = crate::publish::gate(reg, reference, force)?;
-    if let Some(p) = reg
-        .publications(Some(&v.name), Some(&v.version))?
-        .into_iter()
-        .find(|p| {
-            p.kind == "packer" && p.region == opts.region && p.state == PublicationState::Available
-        })
-    {
+    if let Some(p) = already_built(reg, &v, opts)? {
         eprintln!(
             "    {}@{} was already built with Packer in {}: {}",
             v.name,

@@ -24,13 +24,7 @@ pub(crate) fn dir() -> PathBuf {
     if let Some(d) = std::env::var_os("DEVOS_CACHE_DIR") {
         return PathBuf::from(d);
     }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("devos");
-    }
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
-        .join(".cache/devos")
+    crate::support::paths::xdg_dir("XDG_CACHE_HOME", ".cache", "/var/cache").join("devos")
 }
 
 /// The kinds of stage entries, in pipeline order.
@@ -294,6 +288,7 @@ pub(crate) struct StatusEntry {
     pub(crate) kind: String,
     pub(crate) key: String,
     pub(crate) size: u64,
+    #[serde(serialize_with = "crate::support::time::serialize_iso")]
     pub(crate) last_used: u64,
     pub(crate) about: String,
 }

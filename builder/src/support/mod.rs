@@ -4,6 +4,7 @@
 
 pub(crate) mod cmd;
 pub mod digest;
+pub(crate) mod dry_run;
 pub(crate) mod paths;
 pub(crate) mod remove;
 pub mod time;

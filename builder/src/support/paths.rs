@@ -26,6 +26,59 @@ pub(crate) fn sudo_user() -> Option<String> {
         .filter(|u| !u.is_empty() && u != "root")
 }
 
+/// Whether this process runs as root (builds need it: mmdebstrap, chroots, the
+/// image's file ownership).
+pub(crate) fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// An XDG base directory of the invoking user: `$VAR` (not under sudo, where it
+/// would be root's or sudo's environment), else `~/FALLBACK` of the invoking user,
+/// else `system` (no home at all).
+pub(crate) fn xdg_dir(var: &str, fallback: &str, system: &str) -> PathBuf {
+    if sudo_user().is_none()
+        && let Some(d) = std::env::var_os(var).filter(|d| !d.is_empty())
+    {
+        return PathBuf::from(d);
+    }
+    invoking_home().map_or_else(|| PathBuf::from(system), |h| h.join(fallback))
+}
+
+/// Give `path` to the user who ran sudo (their uid and primary gid), when this is
+/// root under sudo: the registry and the cache's directory live in that user's home
+/// and must stay theirs. Elsewhere, nothing changes. Never follows a symlink.
+pub(crate) fn hand_over(path: &std::path::Path) -> std::io::Result<()> {
+    let Some(user) = sudo_user() else {
+        return Ok(());
+    };
+    let ids = std::fs::read_to_string("/etc/passwd")?
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && f[0] == user)
+        .and_then(|f| Some((f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?)));
+    match ids {
+        Some((uid, gid)) if path.exists() => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+        _ => Ok(()),
+    }
+}
+
+/// Create `dir` and its missing parents; under sudo, the ones it makes are given to
+/// the invoking user ([`hand_over`]).
+pub(crate) fn create_user_dirs(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(std::path::Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for d in missing.iter().rev() {
+        hand_over(d).with_context(|| format!("cannot give {} to the sudo user", d.display()))?;
+    }
+    Ok(())
+}
+
 /// `user`'s home in a passwd(5) file.
 fn home_of(user: &str, passwd: &str) -> Option<PathBuf> {
     passwd

@@ -451,6 +451,7 @@ fn every_key_is_documented_in_docs_spec_md() {
             "tests",
             format!("{head}[[tests]]\nname = \"t\"\nrun = \"true\"\nbogus = 1\n"),
         ),
+        ("files", format!("{head}[files]\nbogus = 1\n")),
     ];
     let mut checked = 0;
     for (table, text) in tables {
@@ -494,4 +495,56 @@ fn a_password_hash_is_taken_and_only_a_hash() {
         ));
         assert!(e.to_string().contains("crypt(5)"), "{bad}: {e}");
     }
+}
+
+#[test]
+fn extra_trees_and_units_are_checked_where_they_are_written() {
+    let (dir, path) = fixture(&format!(
+        "{FULL}\n[files]\nextra-trees = [\"tree\", \"tools:/opt/tools\"]\n"
+    ));
+    std::fs::create_dir_all(dir.path().join("tree/etc")).unwrap();
+    std::fs::create_dir(dir.path().join("tools")).unwrap();
+    let spec = load(&path).unwrap();
+    assert_eq!(spec.extra_trees.len(), 2);
+    assert_eq!(spec.extra_trees[0].target, "/");
+    assert_eq!(spec.extra_trees[1].target, "/opt/tools");
+    assert_eq!(spec.extra_trees[1].path, dir.path().join("tools"));
+    // The trees' location is not in the canonical form (the build id does not depend
+    // on where the checkout is), their contents are (through trees_digest).
+    assert!(!canonical(&spec).contains(&dir.path().display().to_string()));
+    let before = trees_digest(&spec.extra_trees).unwrap();
+    std::fs::write(dir.path().join("tree/etc/x"), "1").unwrap();
+    let after = trees_digest(&spec.extra_trees).unwrap();
+    assert_ne!(before, after);
+    std::fs::set_permissions(
+        dir.path().join("tree/etc/x"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    assert_ne!(after, trees_digest(&spec.extra_trees).unwrap());
+
+    for (bad, want) in [
+        ("[\"missing\"]", "is not a directory"),
+        ("[\"tree:relative\"]", "invalid extra tree"),
+        ("[\"tree:/opt/../etc\"]", "invalid extra tree"),
+        ("[\":/x\"]", "invalid extra tree"),
+    ] {
+        let (d, p) = fixture(&format!("{FULL}\n[files]\nextra-trees = {bad}\n"));
+        std::fs::create_dir(d.path().join("tree")).unwrap();
+        let e = load(&p).unwrap_err();
+        assert!(e.message.contains(want), "{bad}: {e}");
+        assert!(e.line > 0 && e.hint.is_some(), "{bad}: {e}");
+    }
+    for bad in ["\"x\"", "\"../x.service\"", "\"a b.service\""] {
+        let e = error(&with(
+            "timezone = \"Europe/Berlin\"",
+            &format!("timezone = \"Europe/Berlin\"\nenable-units = [{bad}]"),
+        ));
+        assert!(e.message.contains("is not a unit name"), "{bad}: {e}");
+    }
+    let ok = fixture(&with(
+        "timezone = \"Europe/Berlin\"",
+        "timezone = \"Europe/Berlin\"\nenable-units = [\"getty@tty1.service\", \"fstrim.timer\"]",
+    ));
+    assert_eq!(load(&ok.1).unwrap().enable_units.len(), 2);
 }

@@ -30,11 +30,15 @@ pub(crate) fn default_path() -> PathBuf {
     if let Some(p) = std::env::var_os("DEVOS_REGISTRY") {
         return PathBuf::from(p);
     }
-    let data = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    let data = crate::support::paths::xdg_dir("XDG_DATA_HOME", ".local/share", "/var/lib");
     data.join("devos/registry.db")
+}
+
+/// SQLite's `-wal` and `-shm` files beside the database.
+fn wal_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 pub struct Registry {
@@ -47,16 +51,33 @@ impl Registry {
         Self::open_at(path, SCHEMA_VERSION)
     }
 
+    /// Open for a command that only reads: a registry that does not exist yet reads
+    /// as an empty one, and no file or directory is created for it.
+    pub fn open_read(path: &Path) -> Result<Self> {
+        if path.exists() {
+            return Self::open(path);
+        }
+        let mut reg = Self {
+            conn: Connection::open_in_memory()?,
+            path: path.to_path_buf(),
+        };
+        reg.migrate(SCHEMA_VERSION)?;
+        Ok(reg)
+    }
+
     /// Open, migrating up to `target` (tests use older targets to check migrations).
     fn open_at(path: &Path, target: i64) -> Result<Self> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
+        crate::support::paths::create_user_dirs(path.parent().unwrap_or(Path::new(".")))?;
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the registry {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Under sudo, the registry is the invoking user's (README: where state lives):
+        // their `image list` must read it, and WAL needs them to write it.
+        for p in [path, &wal_file(path, "-wal"), &wal_file(path, "-shm")] {
+            crate::support::paths::hand_over(p)
+                .with_context(|| format!("cannot give {} to the sudo user", p.display()))?;
+        }
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let mut reg = Self {

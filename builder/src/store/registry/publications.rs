@@ -23,7 +23,9 @@ pub(crate) struct Publication {
     pub(crate) parameter: Option<String>,
     /// `available`, or `deregistered` once `publish deregister` removed it.
     pub(crate) state: PublicationState,
+    #[serde(serialize_with = "crate::support::time::serialize_iso")]
     pub(crate) created_at: u64,
+    #[serde(serialize_with = "crate::support::time::serialize_iso")]
     pub(crate) updated_at: u64,
 }
 

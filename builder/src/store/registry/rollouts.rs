@@ -22,7 +22,9 @@ pub(crate) struct Rollout {
     /// in-progress, succeeded, failed, rolled-back.
     pub(crate) state: ChangeState,
     pub(crate) reason: Option<String>,
+    #[serde(serialize_with = "crate::support::time::serialize_iso")]
     pub(crate) started_at: u64,
+    #[serde(serialize_with = "crate::support::time::serialize_iso_opt")]
     pub(crate) finished_at: Option<u64>,
     /// Seconds from the command's start to the stack update being issued.
     pub(crate) issued_after: Option<f64>,

@@ -8,6 +8,7 @@ use super::versions::{VersionInfo, version_id};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TestRun {
+    #[serde(serialize_with = "crate::support::time::serialize_iso")]
     pub started_at: u64,
     pub passed: bool,
     pub accelerator: String,

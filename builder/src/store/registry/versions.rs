@@ -22,6 +22,7 @@ pub(crate) struct VersionInfo {
     pub(crate) build_id: String,
     pub(crate) dir: PathBuf,
     pub(crate) spec: String,
+    #[serde(serialize_with = "crate::support::time::serialize_iso")]
     pub(crate) built_at: u64,
     pub(crate) state: VersionState,
     /// `None` if never boot-tested, else whether the latest test run passed.

@@ -1,0 +1,111 @@
+//! `[files]` and `[system] enable-units`: directories of the user's own files copied
+//! into the image (mkosi's ExtraTrees), and units to enable.
+
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::{Source, SpecError};
+
+/// A directory copied over the image's root (or into `target`) after the packages and
+/// the builder's own configuration, so its files win.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ExtraTree {
+    /// As written in the spec (relative to the spec's directory, or absolute).
+    pub(crate) source: String,
+    /// Where the tree's top goes in the image: an absolute path, `/` by default.
+    pub(crate) target: String,
+    /// `source` resolved; its files are hashed into the build id, not its location.
+    #[serde(skip)]
+    pub(crate) path: PathBuf,
+}
+
+/// `[files]`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct RawFiles {
+    /// Directories copied into the image: `DIR` (over `/`) or `DIR:/TARGET`, relative
+    /// to the spec. Owned by root in the image, modes as in DIR.
+    #[serde(default)]
+    extra_trees: Vec<Spanned<String>>,
+}
+
+pub(super) fn extra_trees(src: &Source, raw: &RawFiles) -> Result<Vec<ExtraTree>, SpecError> {
+    raw.extra_trees.iter().map(|t| extra_tree(src, t)).collect()
+}
+
+fn extra_tree(src: &Source, raw: &Spanned<String>) -> Result<ExtraTree, SpecError> {
+    let text = raw.get_ref();
+    let (source, target) = match text.split_once(':') {
+        Some((s, t)) => (s, t),
+        None => (text.as_str(), "/"),
+    };
+    let bad_target = !target.starts_with('/')
+        || target.split('/').any(|c| c == "..")
+        || target.chars().any(char::is_control);
+    if source.is_empty() || bad_target {
+        return Err(src.error(
+            raw,
+            format!("invalid extra tree `{text}`"),
+            "write `DIR` or `DIR:/absolute/target`, DIR relative to the spec (e.g. `files/` or `tools:/opt/tools`)",
+        ));
+    }
+    let path = src.file.parent().unwrap_or(Path::new(".")).join(source);
+    if !path.is_dir() {
+        return Err(src.error(
+            raw,
+            format!(
+                "extra tree `{source}` is not a directory ({})",
+                path.display()
+            ),
+            "paths are relative to the spec's directory; create it or fix the path",
+        ));
+    }
+    Ok(ExtraTree {
+        source: source.to_owned(),
+        target: target.to_owned(),
+        path,
+    })
+}
+
+/// `[system] enable-units`: unit names, checked for shape (that they exist in the
+/// image is checked when they are enabled).
+pub(super) fn units(src: &Source, raw: &[Spanned<String>]) -> Result<Vec<String>, SpecError> {
+    const KINDS: &[&str] = &[
+        ".service", ".socket", ".timer", ".path", ".mount", ".target",
+    ];
+    raw.iter()
+        .map(|u| {
+            let name = u.get_ref();
+            let ok = KINDS.iter().any(|k| name.ends_with(k))
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ":_.@-\\".contains(c));
+            if ok {
+                Ok(name.clone())
+            } else {
+                Err(src.error(
+                    u,
+                    format!("`{name}` is not a unit name"),
+                    "name a systemd unit such as `my-tool.service` or `backup.timer`",
+                ))
+            }
+        })
+        .collect()
+}
+
+/// sha256 over what the trees put into the image: each entry's path, type, mode and
+/// content (owners and times are the builder's: root, clamped).
+pub(crate) fn trees_digest(trees: &[ExtraTree]) -> std::io::Result<String> {
+    let mut text = String::new();
+    for tree in trees {
+        text.push_str(&format!("tree {} -> {}\n", tree.source, tree.target));
+        for f in crate::support::digest::file_index(&tree.path)? {
+            text.push_str(&format!(
+                "{} {} {:o} {}\n",
+                f.path, f.kind, f.mode, f.content
+            ));
+        }
+    }
+    Ok(crate::support::digest::sha256_hex(text.as_bytes()))
+}
