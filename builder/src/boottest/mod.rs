@@ -365,20 +365,66 @@ pub(crate) fn boot(target: &Target, opts: &BootOptions) -> Result<()> {
         None => None,
     };
     let network = standin.as_ref().map(ec2::StandIn::qemu_args).transpose()?;
-    let mut vm = scratch.vm(opts.memory_mib, opts.cpus, opts.disk_bus, None, None);
-    vm.network = network.as_deref();
     if let Some(user) = &opts.autologin {
         eprintln!("console: {user} is logged in (a login prompt: --no-autologin)");
-        vm.credentials.push(format!(
-            "{}={user}",
-            crate::image::access::AUTOLOGIN_CREDENTIAL
-        ));
     }
-    let status = crate::support::cmd::spawn(&mut vm.command(&scratch.fw), true)?.wait()?;
-    if !status.success() {
-        bail!("QEMU exited with {status}");
+    let mut scratch = scratch;
+    loop {
+        let mut vm = scratch.vm(opts.memory_mib, opts.cpus, opts.disk_bus, None, None);
+        vm.network = network.as_deref();
+        if let Some(user) = &opts.autologin {
+            vm.credentials.push(format!(
+                "{}={user}",
+                crate::image::access::AUTOLOGIN_CREDENTIAL
+            ));
+        }
+        let (status, kvm_failed) = run_interactive(&mut vm.command(&scratch.fw))?;
+        match kvm_failed {
+            // KVM that passes the probe can still fail once the guest runs (seen:
+            // "KVM internal error"): boot again under TCG, as `image test` does.
+            Some(error) if scratch.accel.accel == vm::Accel::Kvm => {
+                eprintln!("KVM failed ({error}); booting again under TCG");
+                let reason = format!("{}, but the VM then failed under KVM", scratch.accel.reason);
+                scratch.fall_back_to_tcg(target, &reason)?;
+            }
+            _ if !status.success() => bail!("QEMU exited with {status}"),
+            _ => return Ok(()),
+        }
     }
-    Ok(())
+}
+
+/// Run QEMU with the console on this terminal, its stderr passed through and watched:
+/// when it says KVM failed, QEMU is stopped (SIGTERM, so it gives the terminal back).
+/// The exit status, and the KVM failure if there was one.
+fn run_interactive(
+    cmd: &mut std::process::Command,
+) -> Result<(std::process::ExitStatus, Option<String>)> {
+    use std::io::{BufRead as _, Write as _};
+    let mut child = crate::support::cmd::spawn(cmd.stderr(Stdio::piped()), true)?;
+    let pid = child.id();
+    let stderr = child.stderr.take().context("QEMU has no stderr")?;
+    let watcher = std::thread::spawn(move || {
+        let mut failed = None;
+        // Read to the end: a full pipe would block QEMU before it sees the signal.
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = writeln!(std::io::stderr(), "{line}");
+            if failed.is_none()
+                && let Some(error) = kvm_failure(&line)
+            {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+                failed = Some(error);
+            }
+        }
+        failed
+    });
+    let status = child.wait()?;
+    let kvm_failed = watcher.join().unwrap_or(None);
+    Ok((status, kvm_failed))
 }
 
 /// The public key to hand in: the file given, else the invoking user's first
