@@ -69,11 +69,7 @@ pub enum KeysOutcome {
 /// Read the instance's key pair keys from metadata and make them the user's keys
 /// handed in at boot, in `dir` (normally [`AUTHORIZED_KEYS_DIR`]).
 pub async fn install_key_pair(user: &str, dir: &Path) -> anyhow::Result<KeysOutcome> {
-    if user.is_empty()
-        || !user
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
-    {
+    if !crate::accounts::is_user_name(user) {
         bail!("`{user}` is not a user name (set DEVOS_EC2_USER in /etc/devos/ec2-keys.env)");
     }
     if !on_ec2() {
@@ -93,7 +89,7 @@ pub async fn install_key_pair(user: &str, dir: &Path) -> anyhow::Result<KeysOutc
         let path = format!("/latest/meta-data/public-keys/{index}/openssh-key");
         for key in metadata(&imds, &path).await?.unwrap_or_default().lines() {
             let key = key.trim();
-            if is_public_key(key) {
+            if crate::accounts::is_ssh_public_key(key) {
                 keys.push(key.to_owned());
             } else if !key.is_empty() {
                 tracing::warn!("instance metadata {path}: not an OpenSSH public key, skipped");
@@ -106,13 +102,6 @@ pub async fn install_key_pair(user: &str, dir: &Path) -> anyhow::Result<KeysOutc
         path,
         keys: keys.len(),
     })
-}
-
-fn is_public_key(line: &str) -> bool {
-    let mut parts = line.split_whitespace();
-    let kind = parts.next().unwrap_or("");
-    (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
-        && parts.next().is_some_and(|body| body.len() > 16)
 }
 
 /// Replace the file whole (a new file renamed over the old), root's, readable by the
@@ -164,11 +153,6 @@ mod tests {
 
     #[test]
     fn only_public_keys_are_kept_and_the_file_is_replaced_whole() {
-        assert!(is_public_key(
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDevOsTestKey my-key"
-        ));
-        assert!(!is_public_key("command=\"rm -rf /\" ssh-ed25519 AAAA"));
-        assert!(!is_public_key("ssh-ed25519"));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ssh/keys/dev");
         use std::os::unix::fs::PermissionsExt;

@@ -3,6 +3,7 @@
 //! This crate is both the daemon (`devos-agent`) and the schema of its configuration,
 //! which the image builder uses to validate an image spec's `[agent.config]`.
 
+pub mod accounts;
 #[cfg(feature = "daemon")]
 pub mod action;
 #[cfg(feature = "daemon")]

@@ -1036,13 +1036,7 @@ fn is_timezone(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "/_-+".contains(c))
 }
 
-pub(crate) fn is_user_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 32
-        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))
-}
+pub(crate) use devos_agent::accounts::is_user_name;
 
 /// A crypt(5) hash of a method Debian's libcrypt verifies and that is not broken:
 /// yescrypt (`$y$`, `$gy$`), scrypt (`$7$`), bcrypt (`$2b$`, `$2y$`), sha512crypt
@@ -1056,14 +1050,7 @@ fn is_password_hash(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "$./=".contains(c))
 }
 
-pub(crate) fn is_ssh_key(s: &str) -> bool {
-    let mut parts = s.split_whitespace();
-    let kind = parts.next().unwrap_or("");
-    let body = parts.next().unwrap_or("");
-    (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
-        && body.len() > 16
-        && !s.contains('\n')
-}
+pub(crate) use devos_agent::accounts::is_ssh_public_key as is_ssh_key;
 
 /// The spec's canonical form: every resolved value as JSON with sorted keys
 /// (serde_json's map is ordered). Comments, key order and formatting of the file
