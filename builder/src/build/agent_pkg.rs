@@ -109,7 +109,7 @@ pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<Ag
     let version = env!("CARGO_PKG_VERSION");
     let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
 
-    // dpkg-deb's xz takes seconds: reuse the package made from the same files.
+    // Packing takes seconds: reuse the package made from the same files.
     let cached = cache_entry(source, &target, version, source_date_epoch)?;
     let recorded = cached.with_extension("deb.sha256");
     if let Some(sha256) = reuse_cached(&cached, &recorded, &deb)? {
@@ -313,7 +313,7 @@ fn pack(stage: &Path, deb: &Path, source_date_epoch: u64) -> Result<String> {
     cmd::run(
         Command::new("dpkg-deb")
             .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
-            .args(["--root-owner-group", "-Zxz", "--build"])
+            .args(["--root-owner-group", "-Zzstd", "--build"])
             .arg(stage)
             .arg(deb),
     )
