@@ -652,6 +652,16 @@ fn state_under_sudo_belongs_to_the_invoking_user() {
     .trim()
     .parse()
     .unwrap();
+    let user_gid = String::from_utf8(
+        Command::new("id")
+            .args(["-g", &user])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
     Command::new("chown")
         .arg(format!("{user}:"))
         .arg(home.path())
@@ -675,7 +685,11 @@ fn state_under_sudo_belongs_to_the_invoking_user() {
         let mut c = Command::new(&bin);
         c.args(args);
         clean(&mut c);
-        c.env("SUDO_USER", &user).env("HOME", "/root");
+        // What sudo sets.
+        c.env("SUDO_USER", &user)
+            .env("SUDO_UID", user_uid.to_string())
+            .env("SUDO_GID", &user_gid)
+            .env("HOME", "/root");
         c.output().unwrap()
     };
     let registry = home.path().join(".local/share/devos/registry.db");

@@ -401,30 +401,38 @@ fn run_interactive(
 ) -> Result<(std::process::ExitStatus, Option<String>)> {
     use std::io::{BufRead as _, Write as _};
     let mut child = crate::support::cmd::spawn(cmd.stderr(Stdio::piped()), true)?;
-    let pid = child.id();
     let stderr = child.stderr.take().context("QEMU has no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
     let watcher = std::thread::spawn(move || {
-        let mut failed = None;
         // Read to the end: a full pipe would block QEMU before it sees the signal.
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
             let _ = writeln!(std::io::stderr(), "{line}");
-            if failed.is_none()
-                && let Some(error) = kvm_failure(&line)
-            {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
-                failed = Some(error);
+            if let Some(error) = kvm_failure(&line) {
+                let _ = tx.send(error);
             }
         }
-        failed
     });
-    let status = child.wait()?;
-    let kvm_failed = watcher.join().unwrap_or(None);
-    Ok((status, kvm_failed))
+    let mut kvm_failed = None;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        // Signalled only while QEMU is known not to be reaped, so the pid is its.
+        if kvm_failed.is_none()
+            && let Ok(error) = rx.try_recv()
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            kvm_failed = Some(error);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = watcher.join();
+    Ok((status, kvm_failed.or_else(|| rx.try_recv().ok())))
 }
 
 /// The public key to hand in: the file given, else the invoking user's first

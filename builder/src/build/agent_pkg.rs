@@ -96,9 +96,30 @@ pub(crate) fn find_source_tree(spec_path: &Path) -> Option<PathBuf> {
 pub(crate) fn agent_source(spec_path: &Path) -> Option<PathBuf> {
     find_source_tree(spec_path).or_else(|| {
         let own = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-        own.join("agent/Cargo.toml")
-            .is_file()
-            .then(|| own.to_path_buf())
+        let usable = own.join("agent/Cargo.toml").is_file() && trusted(own);
+        usable.then(|| own.to_path_buf())
+    })
+}
+
+/// Whether nobody but root and the invoking user can have put code into `dir`: it and
+/// every directory above it belong to one of them and are not writable by others
+/// (sticky directories such as /tmp excepted above it). A builder installed from a
+/// checkout that was deleted must not build what someone else put in its place.
+fn trusted(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|u| u.parse::<u32>().ok())
+        .filter(|_| crate::support::paths::sudo_user().is_some());
+    let owner_ok = |uid: u32| {
+        uid == 0 || Some(uid) == me || fs::metadata("/proc/self").is_ok_and(|m| m.uid() == uid)
+    };
+    dir.ancestors().enumerate().all(|(i, d)| {
+        fs::metadata(d).is_ok_and(|m| {
+            let others_write = m.mode() & 0o022 != 0;
+            let sticky = m.mode() & 0o1000 != 0;
+            owner_ok(m.uid()) && (!others_write || (i > 0 && sticky))
+        })
     })
 }
 
@@ -293,6 +314,9 @@ fn stage_tree(
     // gzip -n: no name or time in the header, so the package stays reproducible.
     cmd::run(Command::new("gzip").args(["-9nf"]).arg(&man))
         .context("while compressing the devos(1) manual page")?;
+    let man = man.with_extension("1.gz");
+    set_mode(&man, 0o644)?;
+    installed_bytes += fs::metadata(&man)?.len();
     let doc = stage.join("usr/share/doc/devos-agent");
     fs::create_dir_all(&doc)?;
     fs::write(
@@ -513,6 +537,25 @@ mod tests {
         assert_eq!(
             value(&install, "Alias"),
             Some("dbus-org.devos.Agent1.service")
+        );
+    }
+
+    #[test]
+    fn a_source_tree_others_can_write_is_not_built() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("devos");
+        fs::create_dir(&tree).unwrap();
+        fs::set_permissions(&tree, fs::Permissions::from_mode(0o755)).unwrap();
+        // Ours (the test's user), under a sticky /tmp: fine.
+        assert!(trusted(&tree));
+        fs::set_permissions(&tree, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(!trusted(&tree));
+        fs::set_permissions(&tree, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(
+            !trusted(&tree),
+            "a parent anyone can write to, without the sticky bit"
         );
     }
 

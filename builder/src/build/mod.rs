@@ -58,7 +58,10 @@ pub(crate) struct Built {
 /// Where output goes when `--out` is not given: `target/images` of the source tree
 /// the spec belongs to, else of the current directory.
 pub(crate) fn images_root(spec_path: &Path) -> PathBuf {
+    // Absolute: the registry records where versions went, and a relative path would
+    // mean another directory for every later command.
     agent_pkg::find_source_tree(spec_path)
+        .or_else(|| std::env::current_dir().ok())
         .unwrap_or_else(|| PathBuf::from("."))
         .join("target/images")
 }
@@ -723,7 +726,7 @@ fn agent_package(
         None => {
             let Some(source) = agent_pkg::agent_source(&spec.path) else {
                 bail!(
-                    "{} is not inside a DevOS source tree, and the source tree this devos-build was compiled from ({}) is gone, so the agent cannot be built\n  hint: pass a prebuilt package with `--agent-deb devos-agent_VERSION_amd64.deb`, or install devos-build again from a checkout",
+                    "{} is not inside a DevOS source tree, and the source tree this devos-build was compiled from ({}) is gone or writable by other users, so the agent cannot be built\n  hint: pass a prebuilt package with `--agent-deb devos-agent_VERSION_amd64.deb`, or install devos-build again from a checkout only you and root can write",
                     spec.path.display(),
                     Path::new(env!("CARGO_MANIFEST_DIR"))
                         .parent()

@@ -290,6 +290,7 @@ fn judge(tools: Vec<ToolStatus>, facts: &Facts) -> Report {
             .filter(|t| t.found.is_none() && t.required == required && !t.package.starts_with('('))
             .map(|t| t.package.as_str())
             .collect();
+        packages.sort_unstable();
         packages.dedup();
         (!packages.is_empty()).then(|| {
             format!(

@@ -35,11 +35,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let settings = || crate::model::settings::load(config.as_deref());
     match cli.command {
         Command::Publish(cmd) => {
-            let mut reg = if matches!(cmd, PublishCommand::List { .. }) {
-                read()?
-            } else {
-                open()?
-            };
+            // Listing and dry runs read; they never create or migrate the registry.
+            let reads = matches!(
+                cmd,
+                PublishCommand::List { .. }
+                    | PublishCommand::Ami { dry_run: true, .. }
+                    | PublishCommand::Promote { dry_run: true, .. }
+                    | PublishCommand::Packer { dry_run: true, .. }
+                    | PublishCommand::Deregister { dry_run: true, .. }
+            );
+            let mut reg = if reads { read()? } else { open()? };
             publish_command(cmd, &mut reg, &settings()?, &ui)
         }
         Command::Fleet(FleetCommand::Render {
@@ -153,7 +158,8 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
             dry_run,
             json,
         } => {
-            let gc = inventory::gc(&mut open()?, name.as_deref(), keep, dry_run)?;
+            let mut reg = if dry_run { read()? } else { open()? };
+            let gc = inventory::gc(&mut reg, name.as_deref(), keep, dry_run)?;
             let nothing = dry_run && gc.removed.is_empty() && gc.cache_entries_removed == 0;
             nothing_to_do(output(json, &gc, || gc.human(), true), nothing)
         }
@@ -211,11 +217,12 @@ fn export_command(
     // clap has checked the name against the list.
     let format = <Format as clap::ValueEnum>::from_str(format, false)
         .map_err(|e| anyhow::anyhow!("--format {format}: {e}"))?;
-    let mut reg = Registry::open(registry_path)?;
     if dry_run {
+        let reg = Registry::open_read(registry_path)?;
         let dry = crate::inventory::export::dry_run(&reg, reference, format, out)?;
         return dry_run_output(json, &dry);
     }
+    let mut reg = Registry::open(registry_path)?;
     let e = crate::inventory::export::export(&mut reg, reference, format, out)?;
     output(
         json,

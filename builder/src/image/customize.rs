@@ -76,7 +76,7 @@ pub(crate) fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Pat
         copy_tree(tree, root)?;
     }
     for unit in &spec.enable_units {
-        in_image(root, &["systemctl", "enable", unit]).with_context(|| {
+        in_image(root, &["systemctl", "enable", "--", unit]).with_context(|| {
             format!(
                 "cannot enable {unit} (`[system] enable-units` in {})\n  hint: the unit must be in the image, from a package or an extra tree, with an [Install] section",
                 spec.path.display()
@@ -109,6 +109,7 @@ fn copy_tree(tree: &crate::model::spec::ExtraTree, root: &Path) -> Result<()> {
             tree.target
         )
     };
+    check_tree_links(tree)?;
     in_image(root, &["mkdir", "-p", "--", &tree.target]).with_context(what)?;
     let mut pack = Command::new("tar")
         .args([
@@ -138,8 +139,13 @@ fn copy_tree(tree: &crate::model::spec::ExtraTree, root: &Path) -> Result<()> {
         .stdin(packed)
         .output()
         .with_context(what)?;
-    let packed_ok = pack.wait().with_context(what)?.success();
-    if !packed_ok || !unpack.status.success() {
+    if !pack.wait().with_context(what)?.success() {
+        bail!(
+            "{}: tar could not read the tree (its message is above)",
+            what()
+        );
+    }
+    if !unpack.status.success() {
         bail!(
             "{}: {}\n  hint: an extra tree holds only files, directories and symlinks; a path in it that is a file in the image cannot become a directory",
             what(),
@@ -147,6 +153,53 @@ fn copy_tree(tree: &crate::model::spec::ExtraTree, root: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refuse a symlink in an extra tree that points outside the image: an absolute target,
+/// or one whose `..` climb above the image's root from where the link sits. The builder
+/// reads and writes files of the tree from the host after this; a link inside the
+/// image resolves inside it there too, one like `/etc/passwd` would not.
+fn check_tree_links(tree: &crate::model::spec::ExtraTree) -> Result<()> {
+    let target_depth = tree.target.split('/').filter(|c| !c.is_empty()).count();
+    for entry in walkdir::WalkDir::new(&tree.path) {
+        let entry = entry.with_context(|| format!("cannot read {}", tree.path.display()))?;
+        if !entry.path_is_symlink() {
+            continue;
+        }
+        let link = fs::read_link(entry.path())?;
+        let rel = entry
+            .path()
+            .strip_prefix(&tree.path)
+            .unwrap_or(entry.path());
+        if escapes_root(
+            target_depth + rel.components().count().saturating_sub(1),
+            &link,
+        ) {
+            bail!(
+                "{} is a symlink to {}, which leads outside the image from where the builder works on it\n  hint: make it relative and inside the image (e.g. `../lib/x`), or put the file itself in the tree",
+                entry.path().display(),
+                link.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether a symlink `depth` directories below the root, pointing at `link`, leads
+/// above the root (or is absolute).
+fn escapes_root(mut depth: usize, link: &Path) -> bool {
+    if link.is_absolute() {
+        return true;
+    }
+    for c in link.components() {
+        match c {
+            std::path::Component::ParentDir if depth == 0 => return true,
+            std::path::Component::ParentDir => depth -= 1,
+            std::path::Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Mark /etc and /var as up to date with /usr. Units with `ConditionNeedsUpdate=`
@@ -163,14 +216,17 @@ fn mark_updated(root: &Path, source_date_epoch: u64) -> Result<()> {
         .unwrap_or_default();
     for dir in ["etc", "var"] {
         let path = root.join(dir).join(".updated");
-        fs::write(
-            &path,
-            format!("# This file was created by devos-build.\nTIMESTAMP_NSEC={nsec}\n"),
-        )?;
-        fs::File::options()
+        // A new file, never through whatever is at the path (an extra tree may have
+        // put a symlink there).
+        remove::file_if_present(&path)?;
+        let mut file = fs::File::options()
             .write(true)
-            .open(&path)?
-            .set_modified(usr)?;
+            .create_new(true)
+            .open(&path)?;
+        file.write_all(
+            format!("# This file was created by devos-build.\nTIMESTAMP_NSEC={nsec}\n").as_bytes(),
+        )?;
+        file.set_modified(usr)?;
     }
     Ok(())
 }
@@ -531,6 +587,41 @@ fn remove_build_leftovers(root: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tree_with_a_link_out_of_the_image_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("etc")).unwrap();
+        symlink("../usr/lib/os-release", dir.path().join("etc/os-release")).unwrap();
+        let tree = crate::model::spec::ExtraTree {
+            source: "t".into(),
+            target: "/".into(),
+            path: dir.path().to_path_buf(),
+        };
+        check_tree_links(&tree).unwrap();
+        symlink("/etc/passwd", dir.path().join("etc/.updated")).unwrap();
+        let e = format!("{:#}", check_tree_links(&tree).unwrap_err());
+        assert!(
+            e.contains("etc/.updated") && e.contains("outside the image"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn links_of_extra_trees_must_stay_in_the_image() {
+        for (depth, link, out) in [
+            (1, "/etc/passwd", true),
+            (1, "../../etc/passwd", true),
+            (2, "../../../x", true),
+            (0, "..", true),
+            (1, "../usr/lib/x", false),
+            (2, "../../etc/x", false),
+            (1, "x/../../y", false),
+            (0, "usr/bin", false),
+        ] {
+            assert_eq!(escapes_root(depth, Path::new(link)), out, "{depth} {link}");
+        }
+    }
 
     #[test]
     fn units_are_taken_off_the_early_boot_path() {

@@ -180,9 +180,15 @@ fn kernel_and_initrd(spec: &Spec, root: &Path) -> Result<(PathBuf, Option<PathBu
         .and_then(|n| n.strip_prefix("vmlinuz-"))
         .unwrap_or_default()
         .to_owned();
+    // The files themselves, never a symlink (read from the host, a link could lead
+    // out of the image).
+    let regular = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
+    if !regular(&kernel) {
+        bail!("{} is not a regular file", kernel.display());
+    }
     let initrd = root.join(format!("boot/initrd.img-{kver}"));
     let initrd = if spec.initrd {
-        if !initrd.is_file() {
+        if !regular(&initrd) {
             bail!(
                 "the kernel {kver} has no initrd ({})\n  hint: add `initramfs-tools` (or `dracut`) to `[packages] include` in {}",
                 initrd.display(),

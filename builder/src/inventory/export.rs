@@ -19,9 +19,6 @@ pub(crate) struct Export {
     pub(crate) converted: bool,
 }
 
-/// `image export`: the version's raw image (checked against its recorded sha256) in
-/// another format, recorded in the registry as one more artifact of the version.
-/// Written under a temporary name and renamed, so a killed export leaves nothing.
 /// Where an export of a version goes, and whether it is already there.
 struct Planned {
     v: crate::store::registry::VersionInfo,
@@ -95,6 +92,9 @@ pub(crate) fn dry_run(
     Ok(dry)
 }
 
+/// `image export`: the version's raw image (checked against its recorded sha256) in
+/// another format, recorded in the registry as one more artifact of the version.
+/// Written under a temporary name and renamed, so a killed export leaves nothing.
 pub(crate) fn export(
     reg: &mut crate::store::registry::Registry,
     reference: &str,

@@ -100,7 +100,7 @@ pub(crate) fn ami_dry_run(reg: &Registry, settings: &Settings, req: &AmiRequest)
     let done: Vec<String> = reg
         .publications(Some(&v.name), Some(&v.version))?
         .into_iter()
-        .filter(|p| p.state == PublicationState::Available && p.ami_id.is_some())
+        .filter(|p| p.kind == "ami" && p.state == PublicationState::Available && p.ami_id.is_some())
         .map(|p| p.region)
         .collect();
     let prefix = settings.publish.ssm_prefix.get_ref();
@@ -364,9 +364,14 @@ pub(crate) fn deregister_dry_run(
 ) -> Result<DryRun> {
     let v = reg.find(reference)?;
     let mut dry = DryRun::new();
-    let Ok(pubs) = live(reg, &v, &[]) else {
+    let published = reg
+        .publications(Some(&v.name), Some(&v.version))?
+        .iter()
+        .any(|p| p.state == PublicationState::Available && p.ami_id.is_some());
+    if !published {
         return Ok(dry);
-    };
+    }
+    let pubs = live(reg, &v, &[])?;
     let latest = ami::latest_parameter(settings.publish.ssm_prefix.get_ref(), &v.name);
     let aws = with_region(aws, &pubs);
     devos_aws::block_on(async {

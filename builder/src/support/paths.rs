@@ -9,9 +9,20 @@ use std::path::PathBuf;
 /// otherwise `$HOME`.
 pub(crate) fn invoking_home() -> Option<PathBuf> {
     if let Some(user) = sudo_user() {
-        return home_of(&user, &std::fs::read_to_string("/etc/passwd").ok()?);
+        return passwd_entry(&user).and_then(|line| home_of(&user, &line));
     }
     std::env::var_os("HOME").map(PathBuf::from)
+}
+
+/// `user`'s passwd(5) line from the name service (files, LDAP, SSSD: `getent`).
+fn passwd_entry(user: &str) -> Option<String> {
+    let out = std::process::Command::new("getent")
+        .args(["passwd", "--", user])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The user who ran sudo, when this process is root because of it.
@@ -49,16 +60,19 @@ pub(crate) fn xdg_dir(var: &str, fallback: &str, system: &str) -> PathBuf {
 /// root under sudo: the registry and the cache's directory live in that user's home
 /// and must stay theirs. Elsewhere, nothing changes. Never follows a symlink.
 pub(crate) fn hand_over(path: &std::path::Path) -> std::io::Result<()> {
-    let Some(user) = sudo_user() else {
+    if sudo_user().is_none() {
+        return Ok(());
+    }
+    // Only what lies in the invoking user's home: a registry or cache named
+    // elsewhere (`--registry /srv/...`) keeps its owner.
+    let Some(home) = invoking_home() else {
         return Ok(());
     };
-    let ids = std::fs::read_to_string("/etc/passwd")?
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.len() >= 7 && f[0] == user)
-        .and_then(|f| Some((f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?)));
-    match ids {
-        Some((uid, gid)) if path.exists() => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+    let id = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<u32>().ok());
+    match (id("SUDO_UID"), id("SUDO_GID")) {
+        (Some(uid), Some(gid)) if path.starts_with(&home) && path.symlink_metadata().is_ok() => {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        }
         _ => Ok(()),
     }
 }

@@ -78,6 +78,7 @@ pub(super) fn units(src: &Source, raw: &[Spanned<String>]) -> Result<Vec<String>
         .map(|u| {
             let name = u.get_ref();
             let ok = KINDS.iter().any(|k| name.ends_with(k))
+                && !name.starts_with('-')
                 && name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || ":_.@-\\".contains(c));

@@ -535,7 +535,12 @@ fn extra_trees_and_units_are_checked_where_they_are_written() {
         assert!(e.message.contains(want), "{bad}: {e}");
         assert!(e.line > 0 && e.hint.is_some(), "{bad}: {e}");
     }
-    for bad in ["\"x\"", "\"../x.service\"", "\"a b.service\""] {
+    for bad in [
+        "\"x\"",
+        "\"../x.service\"",
+        "\"a b.service\"",
+        "\"--root=x.service\"",
+    ] {
         let e = error(&with(
             "timezone = \"Europe/Berlin\"",
             &format!("timezone = \"Europe/Berlin\"\nenable-units = [{bad}]"),

@@ -68,6 +68,17 @@ impl Registry {
     /// Open, migrating up to `target` (tests use older targets to check migrations).
     fn open_at(path: &Path, target: i64) -> Result<Self> {
         crate::support::paths::create_user_dirs(path.parent().unwrap_or(Path::new(".")))?;
+        // SQLite follows symlinks; as root in a user's directory it must not.
+        for p in [path, &wal_file(path, "-wal"), &wal_file(path, "-shm")] {
+            if p.symlink_metadata()
+                .is_ok_and(|m| m.file_type().is_symlink())
+            {
+                bail!(
+                    "{} is a symlink; the registry and its -wal and -shm files must be plain files\n  hint: remove it, or point --registry at the file itself",
+                    p.display()
+                );
+            }
+        }
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the registry {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(30))?;
