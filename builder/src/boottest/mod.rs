@@ -185,13 +185,7 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     let mut run = run_vm(&scratch, target, opts)?;
     if let Some(error) = run.kvm_failed.take() {
         tracing::warn!("KVM failed during the run ({error}); booting again under TCG");
-        scratch.fall_back_to_tcg(
-            target,
-            &format!(
-                "{}, but the VM then failed under KVM ({error}); fell back to TCG",
-                scratch.accel.reason
-            ),
-        )?;
+        scratch.fall_back_to_tcg(target, &error)?;
         run = run_vm(&scratch, target, opts)?;
     }
     let Run {
@@ -384,8 +378,7 @@ pub(crate) fn boot(target: &Target, opts: &BootOptions) -> Result<()> {
             // "KVM internal error"): boot again under TCG, as `image test` does.
             Some(error) if scratch.accel.accel == vm::Accel::Kvm => {
                 eprintln!("KVM failed ({error}); booting again under TCG");
-                let reason = format!("{}, but the VM then failed under KVM", scratch.accel.reason);
-                scratch.fall_back_to_tcg(target, &reason)?;
+                scratch.fall_back_to_tcg(target, &error)?;
             }
             _ if !status.success() => bail!("QEMU exited with {status}"),
             _ => return Ok(()),

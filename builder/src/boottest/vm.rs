@@ -392,12 +392,16 @@ pub(super) struct Scratch {
 impl Scratch {
     /// Start over under TCG: a fresh overlay and variable store (the failed run may
     /// have written to them).
-    pub(super) fn fall_back_to_tcg(&mut self, target: &Target, reason: &str) -> Result<()> {
+    pub(super) fn fall_back_to_tcg(&mut self, target: &Target, kvm_error: &str) -> Result<()> {
+        let reason = format!(
+            "{}, but the VM then failed under KVM ({kvm_error}); fell back to TCG",
+            self.accel.reason
+        );
+        tracing::info!("accelerator: Tcg ({reason})");
         self.accel = AccelChoice {
             accel: Accel::Tcg,
-            reason: reason.to_owned(),
+            reason,
         };
-        tracing::info!("accelerator: Tcg ({reason})");
         remove::file_if_present(&self.overlay)?;
         overlay(&target.disk, disk_format(&target.disk), &self.overlay)?;
         vars_copy(&self.fw, &self.vars)?;

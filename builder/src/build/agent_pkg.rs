@@ -107,18 +107,11 @@ pub(crate) fn agent_source(spec_path: &Path) -> Option<PathBuf> {
 /// checkout that was deleted must not build what someone else put in its place.
 fn trusted(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let me = std::env::var("SUDO_UID")
-        .ok()
-        .and_then(|u| u.parse::<u32>().ok())
-        .filter(|_| crate::support::paths::sudo_user().is_some());
-    let owner_ok = |uid: u32| {
-        uid == 0 || Some(uid) == me || fs::metadata("/proc/self").is_ok_and(|m| m.uid() == uid)
-    };
     dir.ancestors().enumerate().all(|(i, d)| {
         fs::metadata(d).is_ok_and(|m| {
             let others_write = m.mode() & 0o022 != 0;
             let sticky = m.mode() & 0o1000 != 0;
-            owner_ok(m.uid()) && (!others_write || (i > 0 && sticky))
+            crate::support::paths::is_own_uid(m.uid()) && (!others_write || (i > 0 && sticky))
         })
     })
 }

@@ -215,11 +215,17 @@ struct Packages {
     resolution: apt::Resolution,
 }
 
-/// The `resolve` stage: package sources and lists, and the exact package set.
-fn resolve_packages(spec: &Spec) -> Result<Packages> {
+/// The `resolve` stage: package sources and lists, and the exact package set. For a
+/// plan, nothing is written (see [`apt::Index::for_plan`]).
+fn resolve_packages(spec: &Spec, for_plan: bool) -> Result<Packages> {
     let sources = rootfs::sources(spec);
-    let index = apt::Index::open(&cache::dir(), &sources)?;
-    index.refresh(spec, &sources)?;
+    let index = if for_plan {
+        apt::Index::for_plan(&cache::dir(), spec, &sources)?
+    } else {
+        let index = apt::Index::open(&cache::dir(), &sources)?;
+        index.refresh(spec, &sources)?;
+        index
+    };
     let resolution = index.resolve(spec, &sources)?;
     Ok(Packages {
         sources,
@@ -288,14 +294,7 @@ pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     let spec = spec::load(&opts.spec)?;
     spec.check_buildable()?;
     let env_source_date_epoch = identity::source_date_epoch()?;
-    let sources = rootfs::sources(&spec);
-    let index = apt::Index::for_plan(&cache::dir(), &spec, &sources)?;
-    let resolution = index.resolve(&spec, &sources)?;
-    let packages = Packages {
-        sources,
-        index,
-        resolution,
-    };
+    let packages = resolve_packages(&spec, true)?;
     let agent = planned_agent(&spec, opts, env_source_date_epoch)?;
     let to_be_built = spec.agent_enabled && agent.is_none();
     // With the agent package still to be built the version is not known; the base
@@ -403,7 +402,7 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
 
     // Mirrors are checked before the agent is compiled, so a bad mirror fails in seconds.
     let env_source_date_epoch = identity::source_date_epoch()?;
-    let packages = t.run("resolve", |_| resolve_packages(&spec))?;
+    let packages = t.run("resolve", |_| resolve_packages(&spec, false))?;
     let agent = t.run("agent", |_| {
         agent_package(&spec, opts, &staged, env_source_date_epoch)
     })?;

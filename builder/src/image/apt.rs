@@ -95,8 +95,7 @@ impl Index {
     /// its lists are those the mirror serves now; else lists downloaded into a
     /// temporary directory that goes with the index.
     pub(crate) fn for_plan(cache: &Path, spec: &Spec, sources: &Sources) -> Result<Self> {
-        let current = sha256_hex(fetch_in_releases(spec, sources)?.as_bytes());
-        crate::image::rootfs::preflight(spec)?;
+        let current = mirror_state(spec, sources)?;
         let cached = Self {
             dir: index_dir(cache, sources),
             keep: false,
@@ -138,10 +137,7 @@ impl Index {
     /// An archive that cannot be reached fails here, naming the mirror, and then a
     /// missing archive keyring.
     pub(crate) fn refresh(&self, spec: &Spec, sources: &Sources) -> Result<()> {
-        let fetched = fetch_in_releases(spec, sources)?;
-        // Reachable: now the keyring that must verify it.
-        crate::image::rootfs::preflight(spec)?;
-        let current = sha256_hex(fetched.as_bytes());
+        let current = mirror_state(spec, sources)?;
         if self.is_current(&current) {
             return Ok(());
         }
@@ -275,6 +271,15 @@ impl Index {
         }
         Ok(r)
     }
+}
+
+/// sha256 over the `InRelease` files the mirrors serve now, once they answered and
+/// the keyring that must verify them is there.
+fn mirror_state(spec: &Spec, sources: &Sources) -> Result<String> {
+    let fetched = fetch_in_releases(spec, sources)?;
+    // Reachable: now the keyring that must verify it.
+    crate::image::rootfs::preflight(spec)?;
+    Ok(sha256_hex(fetched.as_bytes()))
 }
 
 /// Where the cache keeps the index of `sources`.

@@ -241,6 +241,19 @@ mod tests {
         date: u64,
         tools: &str,
     ) -> Identity {
+        id_with_trees(spec_text, agent, sources, packages, date, tools, None)
+    }
+
+    /// [`id`] with extra trees' digest.
+    fn id_with_trees(
+        spec_text: &str,
+        agent: &str,
+        sources: &str,
+        packages: &[Package],
+        date: u64,
+        tools: &str,
+        extra_trees: Option<&str>,
+    ) -> Identity {
         resolve(&Inputs {
             spec: &spec(spec_text),
             agent_sha256: Some(agent),
@@ -249,25 +262,15 @@ mod tests {
             archive_date: date,
             env_source_date_epoch: None,
             host_tools: tools,
-            extra_trees: None,
+            extra_trees,
         })
     }
 
     #[test]
     fn the_files_of_extra_trees_change_the_id_and_the_tree_key() {
         let p = pkgs(&[("bash", "5.2")]);
-        let with = |trees: Option<&str>| {
-            resolve(&Inputs {
-                spec: &spec(SPEC),
-                agent_sha256: Some("a"),
-                sources_deb822: "deb",
-                packages: &p,
-                archive_date: 100,
-                env_source_date_epoch: None,
-                host_tools: "mmdebstrap=1",
-                extra_trees: trees,
-            })
-        };
+        let with =
+            |trees: Option<&str>| id_with_trees(SPEC, "a", "deb", &p, 100, "mmdebstrap=1", trees);
         let (none, one, other) = (with(None), with(Some("1")), with(Some("2")));
         assert_ne!(none.build_id, one.build_id);
         assert_ne!(one.build_id, other.build_id);

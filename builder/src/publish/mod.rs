@@ -255,6 +255,22 @@ pub(crate) struct Promoted {
     pub(crate) regions: Vec<(String, String)>,
 }
 
+/// What a promotion works on: the version's live publications (in `regions`, or all),
+/// its `latest` parameter, and AWS options for those regions.
+fn promotion(
+    reg: &Registry,
+    settings: &Settings,
+    aws: &AwsOptions,
+    reference: &str,
+    regions: &[String],
+) -> Result<(Vec<Publication>, String, AwsOptions)> {
+    let v = reg.require_passing(reference)?;
+    let pubs = live(reg, &v, regions)?;
+    let parameter = ami::latest_parameter(settings.publish.ssm_prefix.get_ref(), &v.name);
+    let aws = with_region(aws, &pubs);
+    Ok((pubs, parameter, aws))
+}
+
 /// Point PREFIX/NAME/latest at this version's AMI in every region it is published in.
 pub(crate) fn promote(
     reg: &Registry,
@@ -263,10 +279,7 @@ pub(crate) fn promote(
     reference: &str,
     regions: &[String],
 ) -> Result<Promoted> {
-    let v = reg.require_passing(reference)?;
-    let pubs = live(reg, &v, regions)?;
-    let parameter = ami::latest_parameter(settings.publish.ssm_prefix.get_ref(), &v.name);
-    let aws = with_region(aws, &pubs);
+    let (pubs, parameter, aws) = promotion(reg, settings, aws, reference, regions)?;
     devos_aws::block_on(async {
         let aws = Aws::load(&aws).await?;
         let mut done = Vec::new();
@@ -294,10 +307,7 @@ pub(crate) fn promote_dry_run(
     reference: &str,
     regions: &[String],
 ) -> Result<DryRun> {
-    let v = reg.require_passing(reference)?;
-    let pubs = live(reg, &v, regions)?;
-    let parameter = ami::latest_parameter(settings.publish.ssm_prefix.get_ref(), &v.name);
-    let aws = with_region(aws, &pubs);
+    let (pubs, parameter, aws) = promotion(reg, settings, aws, reference, regions)?;
     devos_aws::block_on(async {
         let aws = Aws::load(&aws).await?;
         let mut dry = DryRun::new();

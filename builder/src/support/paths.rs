@@ -8,10 +8,15 @@ use std::path::PathBuf;
 /// `SUDO_USER` naming another user), that user's home from the password database;
 /// otherwise `$HOME`.
 pub(crate) fn invoking_home() -> Option<PathBuf> {
-    if let Some(user) = sudo_user() {
-        return passwd_entry(&user).and_then(|line| home_of(&user, &line));
+    // Asked of the name service once per process: the registry and cache paths and
+    // every hand-over need it.
+    static SUDO_HOME: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    match sudo_user() {
+        Some(user) => SUDO_HOME
+            .get_or_init(|| passwd_entry(&user).and_then(|line| home_of(&user, &line)))
+            .clone(),
+        None => std::env::var_os("HOME").map(PathBuf::from),
     }
-    std::env::var_os("HOME").map(PathBuf::from)
 }
 
 /// `user`'s passwd(5) line from the name service (files, LDAP, SSSD: `getent`).
@@ -27,9 +32,7 @@ fn passwd_entry(user: &str) -> Option<String> {
 
 /// The user who ran sudo, when this process is root because of it.
 pub(crate) fn sudo_user() -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to the process's effective user.
-    if std::fs::metadata("/proc/self").map_or(true, |m| m.uid() != 0) {
+    if !is_root() {
         return None;
     }
     std::env::var("SUDO_USER")
@@ -37,11 +40,30 @@ pub(crate) fn sudo_user() -> Option<String> {
         .filter(|u| !u.is_empty() && u != "root")
 }
 
+/// The uid and primary gid of the user who ran sudo (`SUDO_UID`, `SUDO_GID`), when
+/// this process is root because of it.
+pub(crate) fn sudo_ids() -> Option<(u32, u32)> {
+    sudo_user()?;
+    let id = |var: &str| std::env::var(var).ok()?.parse::<u32>().ok();
+    Some((id("SUDO_UID")?, id("SUDO_GID")?))
+}
+
+/// This process's effective uid (/proc/self belongs to it).
+fn effective_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
 /// Whether this process runs as root (builds need it: mmdebstrap, chroots, the
 /// image's file ownership).
 pub(crate) fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    effective_uid() == Some(0)
+}
+
+/// Whether `uid` is one of the users a command works for: root, this process's user,
+/// or the user who ran sudo.
+pub(crate) fn is_own_uid(uid: u32) -> bool {
+    uid == 0 || Some(uid) == effective_uid() || sudo_ids().is_some_and(|(u, _)| u == uid)
 }
 
 /// An XDG base directory of the invoking user: `$VAR` (not under sudo, where it
@@ -60,17 +82,13 @@ pub(crate) fn xdg_dir(var: &str, fallback: &str, system: &str) -> PathBuf {
 /// root under sudo: the registry and the cache's directory live in that user's home
 /// and must stay theirs. Elsewhere, nothing changes. Never follows a symlink.
 pub(crate) fn hand_over(path: &std::path::Path) -> std::io::Result<()> {
-    if sudo_user().is_none() {
-        return Ok(());
-    }
-    // Only what lies in the invoking user's home: a registry or cache named
-    // elsewhere (`--registry /srv/...`) keeps its owner.
-    let Some(home) = invoking_home() else {
+    let Some((uid, gid)) = sudo_ids() else {
         return Ok(());
     };
-    let id = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<u32>().ok());
-    match (id("SUDO_UID"), id("SUDO_GID")) {
-        (Some(uid), Some(gid)) if path.starts_with(&home) && path.symlink_metadata().is_ok() => {
+    // Only what lies in the invoking user's home: a registry or cache named
+    // elsewhere (`--registry /srv/...`) keeps its owner.
+    match invoking_home() {
+        Some(home) if path.starts_with(&home) && path.symlink_metadata().is_ok() => {
             std::os::unix::fs::lchown(path, Some(uid), Some(gid))
         }
         _ => Ok(()),

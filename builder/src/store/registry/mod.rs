@@ -68,8 +68,13 @@ impl Registry {
     /// Open, migrating up to `target` (tests use older targets to check migrations).
     fn open_at(path: &Path, target: i64) -> Result<Self> {
         crate::support::paths::create_user_dirs(path.parent().unwrap_or(Path::new(".")))?;
+        let files = [
+            path.to_path_buf(),
+            wal_file(path, "-wal"),
+            wal_file(path, "-shm"),
+        ];
         // SQLite follows symlinks; as root in a user's directory it must not.
-        for p in [path, &wal_file(path, "-wal"), &wal_file(path, "-shm")] {
+        for p in &files {
             if p.symlink_metadata()
                 .is_ok_and(|m| m.file_type().is_symlink())
             {
@@ -85,7 +90,7 @@ impl Registry {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Under sudo, the registry is the invoking user's (README: where state lives):
         // their `image list` must read it, and WAL needs them to write it.
-        for p in [path, &wal_file(path, "-wal"), &wal_file(path, "-shm")] {
+        for p in &files {
             crate::support::paths::hand_over(p)
                 .with_context(|| format!("cannot give {} to the sudo user", p.display()))?;
         }
