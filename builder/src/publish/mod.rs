@@ -97,10 +97,9 @@ pub(crate) fn ami_dry_run(reg: &Registry, settings: &Settings, req: &AmiRequest)
     let v = gate(reg, &req.reference, req.force)?;
     let (raw, _) = raw_path(&v)?;
     let region = region(req.region.clone(), settings)?;
-    let done: Vec<String> = reg
-        .publications(Some(&v.name), Some(&v.version))?
+    let done: Vec<String> = available(reg, &v)?
         .into_iter()
-        .filter(|p| p.kind == "ami" && p.state == PublicationState::Available && p.ami_id.is_some())
+        .filter(|p| p.kind == "ami")
         .map(|p| p.region)
         .collect();
     let prefix = settings.publish.ssm_prefix.get_ref();
@@ -224,12 +223,19 @@ pub(crate) fn ami(
     })
 }
 
-/// The live publications of a version, optionally only in `regions`.
-fn live(reg: &Registry, v: &VersionInfo, regions: &[String]) -> Result<Vec<Publication>> {
-    let pubs: Vec<_> = reg
+/// A version's publications that are up: available, with an AMI (none is no error).
+fn available(reg: &Registry, v: &VersionInfo) -> Result<Vec<Publication>> {
+    Ok(reg
         .publications(Some(&v.name), Some(&v.version))?
         .into_iter()
         .filter(|p| p.state == PublicationState::Available && p.ami_id.is_some())
+        .collect())
+}
+
+/// The live publications of a version, optionally only in `regions`.
+fn live(reg: &Registry, v: &VersionInfo, regions: &[String]) -> Result<Vec<Publication>> {
+    let pubs: Vec<_> = available(reg, v)?
+        .into_iter()
         .filter(|p| regions.is_empty() || regions.contains(&p.region))
         .collect();
     if pubs.is_empty() {
@@ -374,14 +380,10 @@ pub(crate) fn deregister_dry_run(
 ) -> Result<DryRun> {
     let v = reg.find(reference)?;
     let mut dry = DryRun::new();
-    let published = reg
-        .publications(Some(&v.name), Some(&v.version))?
-        .iter()
-        .any(|p| p.state == PublicationState::Available && p.ami_id.is_some());
-    if !published {
+    let pubs = available(reg, &v)?;
+    if pubs.is_empty() {
         return Ok(dry);
     }
-    let pubs = live(reg, &v, &[])?;
     let latest = ami::latest_parameter(settings.publish.ssm_prefix.get_ref(), &v.name);
     let aws = with_region(aws, &pubs);
     devos_aws::block_on(async {
