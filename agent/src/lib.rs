@@ -45,9 +45,10 @@ pub mod service;
 
 /// The Debian packages the agent needs at run time: the system bus, bubblewrap,
 /// which builds every action's sandbox, and the CA certificates its HTTPS calls to
-/// AWS (Bedrock, CloudFormation) verify against. Images with the agent get them; the
+/// AWS (Bedrock, CloudFormation) verify against, and the SQLite library its state
+/// lives in (linked from Debian, not compiled in). Images with the agent get them; the
 /// agent's package depends on them.
-pub const PACKAGE_DEPENDS: &[&str] = &["dbus", "bubblewrap", "ca-certificates"];
+pub const PACKAGE_DEPENDS: &[&str] = &["dbus", "bubblewrap", "ca-certificates", "libsqlite3-0"];
 
 /// The well-known bus name the agent owns on the system bus.
 pub const BUS_NAME: &str = "org.devos.Agent1";

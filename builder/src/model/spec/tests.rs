@@ -107,6 +107,7 @@ fn every_field_is_read() {
             "ca-certificates",
             "dbus",
             "git",
+            "libsqlite3-0",
             "systemd-sysv"
         ]
     );
