@@ -246,6 +246,9 @@ pub struct PlanReply {
     pub user_policy: Result<UserPolicy, String>,
     /// `resolve`, canonical (as far as each path exists).
     pub resolved: Vec<PathBuf>,
+    /// The work tree of the git repository the working directory is in.
+    #[serde(default)]
+    pub repo_root: Option<PathBuf>,
 }
 
 /// The helper's main: read the job, drop to the caller, answer on stdout. Returns
@@ -287,6 +290,11 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
     let user_policy = read_user_policy(caller).map_err(|e| e.to_string());
     let cwd = enter(&job.cwd, &caller.user).map_err(|e| e.to_string());
     let mut needs_model = false;
+    let repo_root = cwd
+        .as_ref()
+        .ok()
+        .and_then(|c| crate::gitrepo::discover(c))
+        .map(|r| r.work_tree);
     let (plan, risks, context) = match &cwd {
         Err(e) => (Err(e.clone()), Vec::new(), None),
         Ok(cwd) => {
@@ -330,6 +338,7 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
         resolved,
         needs_model,
         context,
+        repo_root,
     }
 }
 

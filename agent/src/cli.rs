@@ -85,6 +85,45 @@ enum Command {
     },
     /// The agent's status.
     Status,
+    /// Your projects' index: where things are, what changed, git state, processes.
+    Context {
+        #[command(subcommand)]
+        command: ContextCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContextCommand {
+    /// Index a directory and keep it current (scanned as you, watched with inotify).
+    Add {
+        /// The directory (default: the current one).
+        dir: Option<PathBuf>,
+    },
+    /// Stop indexing a project and forget what was indexed in it.
+    Remove { dir: PathBuf },
+    /// Your projects and how each is kept current.
+    List,
+    /// Files and directories whose path holds every word, best first.
+    Find {
+        #[arg(required = true, num_args = 1..)]
+        words: Vec<String>,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Files changed recently, newest first.
+    Recent {
+        /// `today`, a duration back (`2h`, `3d`), an RFC 3339 time (default: 24h).
+        #[arg(long, default_value = "")]
+        since: String,
+        #[arg(short = 'n', long, default_value_t = 30)]
+        limit: u32,
+    },
+    /// The git state of the project DIR is in (default: every project's).
+    Git { dir: Option<PathBuf> },
+    /// Your processes (root: everyone's), busiest first, with their project.
+    Ps,
+    /// Projects, entries, index size and limits, the watcher.
+    Status,
 }
 
 #[derive(clap::Args)]
@@ -162,9 +201,10 @@ fn agent_error(e: zbus::Error) -> anyhow::Error {
 }
 
 async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (_conn, agent) = connect().await?;
+    let (conn, agent) = connect().await?;
     let json = cli.json;
     match cli.command {
+        Command::Context { command } => context(&conn, command, json).await,
         Command::Run {
             text,
             cwd,
@@ -379,7 +419,9 @@ async fn run_request(
     };
     let r = watch.get().await?;
     if !json {
-        print_request(&r, false);
+        // (A request answered at once — a question to the context index — shows
+        // its answer.)
+        print_request(&r, r.state.is_final());
     }
     if r.state.is_final() {
         if json {
@@ -730,4 +772,202 @@ async fn rules(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn absolute(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let cwd = std::env::current_dir().context("the current directory")?;
+    Ok(match dir {
+        None => cwd,
+        Some(d) if d.is_absolute() => d,
+        Some(d) => cwd.join(d),
+    })
+}
+
+/// `devos context ...`.
+async fn context(
+    conn: &zbus::Connection,
+    command: ContextCommand,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use serde_json::Value;
+    let ctx = crate::client::ContextProxy::new(conn).await?;
+    let p = crate::executor::printable;
+    let reply: Value = match command {
+        ContextCommand::Add { dir } => {
+            let dir = absolute(dir)?;
+            let root = ctx
+                .add_project(&dir.to_string_lossy())
+                .await
+                .map_err(agent_error)?;
+            if json {
+                println!("{}", serde_json::json!({ "root": root }));
+            } else {
+                println!(
+                    "indexing {}; `devos context status` shows progress",
+                    p(&root)
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        ContextCommand::Remove { dir } => {
+            let dir = absolute(Some(dir))?;
+            ctx.remove_project(&dir.to_string_lossy())
+                .await
+                .map_err(agent_error)?;
+            if !json {
+                println!("no longer indexing {}", p(&dir.to_string_lossy()));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        ContextCommand::List => serde_json::from_str(&ctx.projects().await.map_err(agent_error)?)?,
+        ContextCommand::Find { words, limit } => serde_json::from_str(
+            &ctx.find(&words.join(" "), limit)
+                .await
+                .map_err(agent_error)?,
+        )?,
+        ContextCommand::Recent { since, limit } => {
+            serde_json::from_str(&ctx.recent(&since, limit).await.map_err(agent_error)?)?
+        }
+        ContextCommand::Git { dir } => {
+            let dir = match dir {
+                Some(d) => absolute(Some(d))?.to_string_lossy().into_owned(),
+                None => String::new(),
+            };
+            serde_json::from_str(&ctx.git_state(&dir).await.map_err(agent_error)?)?
+        }
+        ContextCommand::Ps => serde_json::from_str(&ctx.processes().await.map_err(agent_error)?)?,
+        ContextCommand::Status => serde_json::from_str(&ctx.status().await.map_err(agent_error)?)?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s = |v: &Value| p(v.as_str().unwrap_or(""));
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    if let Some(results) = reply.get("results") {
+        for h in list(results) {
+            let ignored = if h["ignored"] == true {
+                "  (ignored)"
+            } else {
+                ""
+            };
+            println!("{}  {}{ignored}", s(&h["path"]), stamp(&h["mtime"]));
+        }
+    } else if let Some(procs) = reply.get("processes") {
+        println!(
+            "{:>7} {:>6} {:>9}  {:<24} COMMAND",
+            "PID", "CPU%", "RSS MiB", "PROJECT"
+        );
+        for pr in list(procs) {
+            println!(
+                "{:>7} {:>6.1} {:>9}  {:<24} {}",
+                pr["pid"],
+                pr["cpu-percent"].as_f64().unwrap_or(0.0),
+                pr["rss-kib"].as_u64().unwrap_or(0) / 1024,
+                s(&pr["project"]),
+                s(&pr["command"])
+            );
+        }
+    } else if let Some(repos) = reply.get("repositories") {
+        for r in list(repos) {
+            print_git(&r);
+        }
+    } else if reply.get("work-tree").is_some() {
+        print_git(&reply);
+    } else if let Some(projects) = reply.get("projects").or(reply.is_array().then_some(&reply)) {
+        for pr in list(projects) {
+            let how = match pr["mode"].as_str().unwrap_or("") {
+                "watching" => format!("watching ({} watches)", pr["watches"]),
+                "rescanning" => format!(
+                    "RESCANNING every {}s: {}",
+                    pr["every-secs"],
+                    s(&pr["reason"])
+                ),
+                "failed" => format!("FAILED: {}", s(&pr["reason"])),
+                other => other.to_owned(),
+            };
+            let branch = pr["git-branch"]
+                .as_str()
+                .map(|b| format!(" [{}]", p(b)))
+                .unwrap_or_default();
+            println!(
+                "{}{branch}: {} entries; {how}",
+                s(&pr["root"]),
+                pr["entries"]
+            );
+        }
+        if let Some(watcher) = reply.get("watcher") {
+            println!(
+                "index: {} entries of at most {}, {} KiB of at most {} MiB; watcher {}",
+                reply["entries"],
+                reply["max-files"],
+                reply["index-bytes"].as_u64().unwrap_or(0) / 1024,
+                reply["max-index-mib"],
+                s(watcher)
+            );
+            if let Some(full) = reply["full"].as_str() {
+                println!("FULL: {}", p(full));
+            }
+            if let Some(rebuilt) = reply["rebuilt"].as_object() {
+                println!(
+                    "rebuilt: the index was corrupt ({}) and was moved to {}",
+                    s(&rebuilt["error"]),
+                    s(&rebuilt["moved-to"])
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stamp(secs: &serde_json::Value) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.as_u64().unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn print_git(r: &serde_json::Value) {
+    let p = crate::executor::printable;
+    let s = |v: &serde_json::Value| p(v.as_str().unwrap_or(""));
+    println!(
+        "{}: {}{}",
+        s(&r["work-tree"]),
+        r["branch"].as_str().map_or("(detached)".to_owned(), p),
+        r["upstream"]
+            .as_str()
+            .map(|u| format!(" → {} (ahead {}, behind {})", p(u), r["ahead"], r["behind"]))
+            .unwrap_or_default()
+    );
+    if let Some(e) = r["error"].as_str() {
+        println!("  error: {}", p(e));
+    }
+    for (what, key) in [
+        ("staged", "staged"),
+        ("unstaged", "unstaged"),
+        ("untracked", "untracked"),
+        ("conflicted", "conflicted"),
+    ] {
+        let n = r["counts"][key].as_u64().unwrap_or(0);
+        if n > 0 {
+            let names: Vec<String> = r[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(10)
+                .map(s)
+                .collect();
+            let more = if n > names.len() as u64 { ", ..." } else { "" };
+            println!("  {n} {what}: {}{more}", names.join(", "));
+        }
+    }
+    if r["stashes"].as_u64().unwrap_or(0) > 0 {
+        println!("  {} stashes", r["stashes"]);
+    }
+    for c in r["commits"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {} ({})",
+            c["id"].as_str().unwrap_or("").get(..10).unwrap_or(""),
+            s(&c["subject"]),
+            s(&c["author"])
+        );
+    }
 }

@@ -64,6 +64,23 @@ pub trait Agent1 {
     fn model_output(&self, id: &str, text: &str) -> zbus::Result<()>;
 }
 
+/// `org.devos.Agent1.Context`: the caller's context index; see docs/agent-api.md.
+#[zbus::proxy(
+    interface = "org.devos.Agent1.Context",
+    default_service = "org.devos.Agent1",
+    default_path = "/org/devos/Agent1"
+)]
+pub trait Context {
+    fn add_project(&self, path: &str) -> zbus::Result<String>;
+    fn remove_project(&self, path: &str) -> zbus::Result<()>;
+    fn projects(&self) -> zbus::Result<String>;
+    fn find(&self, query: &str, limit: u32) -> zbus::Result<String>;
+    fn recent(&self, since: &str, limit: u32) -> zbus::Result<String>;
+    fn git_state(&self, project: &str) -> zbus::Result<String>;
+    fn processes(&self) -> zbus::Result<String>;
+    fn status(&self) -> zbus::Result<String>;
+}
+
 /// `org.devos.Agent1.Admin`: root only.
 #[zbus::proxy(
     interface = "org.devos.Agent1.Admin",

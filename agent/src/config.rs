@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub model: ModelConfig,
     /// What users may spend on the model.
     pub budgets: Budgets,
+    /// The context engine.
+    pub context: ContextConfig,
 }
 
 impl Default for AgentConfig {
@@ -49,6 +51,7 @@ impl Default for AgentConfig {
             limits: Limits::default(),
             model: ModelConfig::default(),
             budgets: Budgets::default(),
+            context: ContextConfig::default(),
         }
     }
 }
@@ -244,6 +247,41 @@ impl Default for Limits {
         Self {
             requests_per_user: 8,
             history_per_user: 1000,
+        }
+    }
+}
+
+/// `[context]`: the per-user index of projects (files, git state) kept current with
+/// inotify; see docs/agent.md "The context engine".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ContextConfig {
+    pub enabled: bool,
+    /// Register the git repository a request runs in as a project.
+    pub auto_add_repos: bool,
+    /// Projects one user may register.
+    pub max_projects: u32,
+    /// Entries (files and directories) one user's index holds at most.
+    pub max_files: u64,
+    /// One user's index database grows to this size at most.
+    pub max_index_mib: u64,
+    /// inotify watches one user's watcher uses at most (0: what the kernel allows,
+    /// `fs.inotify.max_user_watches`). Past it, projects are rescanned instead.
+    pub max_watches: u64,
+    /// How often a project that could not be watched whole is rescanned.
+    pub rescan_secs: u64,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            auto_add_repos: true,
+            max_projects: 20,
+            max_files: 250_000,
+            max_index_mib: 128,
+            max_watches: 0,
+            rescan_secs: 60,
         }
     }
 }

@@ -18,6 +18,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 #[cfg(feature = "daemon")]
+pub mod context;
+#[cfg(feature = "daemon")]
 pub mod gitrepo;
 #[cfg(feature = "daemon")]
 pub mod model;

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::action::{Action, split_words};
+use crate::context::Question;
 use crate::risk::valid_package_name;
 
 /// A plan: what the agent understood and the actions it proposes.
@@ -16,6 +17,9 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Which planner made it (`local-rules` here; the model route comes later).
     pub planner: String,
+    /// A question the context index answers (then there are no actions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question: Option<Question>,
 }
 
 /// What the planner may look at besides the text.
@@ -29,7 +33,7 @@ pub struct Context<'a> {
 pub enum PlanError {
     #[error(
         "cannot plan this without the model: no local rule matches {0:?}. Local rules cover: \
-         list/find/search files, disk usage, git status/log/diff/commit/branch, run the tests, \
+         list/find/search files, where is X, what changed today, what is using memory or CPU, disk usage, git status/log/diff/commit/branch, run the tests, \
          organise files by type or date, back up or restore a directory, install a package, \
          and `run <command>`"
     )]
@@ -66,7 +70,8 @@ fn plan_rules(text: &str, ctx: &Context) -> Result<Plan, PlanError> {
     let req = Words::new(text, &lower, ctx);
     // The themes are tried in this order, and the first pattern that matches wins, so
     // a broad pattern in an earlier theme (`show ... files`) shadows a later one.
-    let themes: [Theme; 6] = [
+    let themes: [Theme; 7] = [
+        plan_context,
         plan_browse,
         plan_git,
         plan_project,
@@ -121,7 +126,144 @@ fn local_plan(summary: String, actions: Vec<Action>) -> Plan {
         summary,
         actions,
         planner: "local-rules".into(),
+        question: None,
     }
+}
+
+/// Questions the context index answers: where something is, what changed, the state
+/// of the repositories, what is running.
+fn plan_context(req: &Words) -> Result<Option<Plan>, PlanError> {
+    let lower = req.lower.trim_end_matches(['?', '.', '!']);
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    let ask = |summary: String, question: Question| Plan {
+        summary,
+        actions: Vec::new(),
+        planner: "local-rules".into(),
+        question: Some(question),
+    };
+    let find = |rest: &[&str]| -> Option<Plan> {
+        let words = search_words(rest);
+        (!words.is_empty()).then(|| {
+            ask(
+                format!("look up {words:?} in your projects' index"),
+                Question::Find { words },
+            )
+        })
+    };
+    let plan = match words.as_slice() {
+        ["where" | "where's", rest @ ..] => {
+            let rest = match rest {
+                ["is" | "are" | "'s", rest @ ..] => rest,
+                rest => rest,
+            };
+            find(rest)
+        }
+        ["find" | "locate", "the" | "my", rest @ ..]
+            if !rest
+                .iter()
+                .any(|w| matches!(*w, "named" | "called" | "matching")) =>
+        {
+            find(rest)
+        }
+        _ => {
+            let has = |w: &[&str]| w.iter().any(|w| words.contains(w));
+            let recent = [
+                "what changed",
+                "what has changed",
+                "what have i changed",
+                "what did i change",
+                "what's changed",
+                "recent changes",
+                "recently changed",
+                "changed files",
+            ];
+            let when = has(&["today", "recently", "yesterday", "hour", "week", "lately"]);
+            // (Plain "what changed" is the git status.)
+            if recent.iter().any(|p| lower.starts_with(p))
+                && (when || lower.starts_with("recent") || lower.starts_with("changed"))
+            {
+                let since = if has(&["today"]) {
+                    "today"
+                } else if has(&["yesterday"]) {
+                    "2d"
+                } else if has(&["hour"]) {
+                    "1h"
+                } else if has(&["week"]) {
+                    "7d"
+                } else {
+                    ""
+                };
+                Some(ask(
+                    format!(
+                        "list the files changed {} in your projects",
+                        if since.is_empty() {
+                            "in the last day"
+                        } else {
+                            since
+                        }
+                    ),
+                    Question::Recent {
+                        since: since.to_owned(),
+                    },
+                ))
+            } else if (lower.starts_with("what") || lower.starts_with("which"))
+                && has(&["using", "eating", "uses", "hogging", "taking"])
+                && has(&["memory", "ram", "cpu", "processor"])
+            {
+                let by_memory = has(&["memory", "ram"]);
+                Some(ask(
+                    format!(
+                        "list your processes by {}",
+                        if by_memory { "memory" } else { "CPU" }
+                    ),
+                    Question::Processes { by_memory },
+                ))
+            } else if has(&["uncommitted"])
+                || ((lower.contains("state of my") || lower.contains("status of my"))
+                    && has(&["repos", "repositories", "projects"]))
+            {
+                Some(ask(
+                    "show the git state of your projects".into(),
+                    Question::Git,
+                ))
+            } else {
+                None
+            }
+        }
+    };
+    Ok(plan)
+}
+
+/// The words of "where is the nginx config" that name what is looked for: no filler,
+/// and `config`, `configuration` and `settings` as `conf` (which `config` contains).
+fn search_words(rest: &[&str]) -> String {
+    rest.iter()
+        .filter(|w| {
+            !matches!(
+                **w,
+                "the"
+                    | "my"
+                    | "a"
+                    | "an"
+                    | "file"
+                    | "files"
+                    | "for"
+                    | "of"
+                    | "is"
+                    | "are"
+                    | "located"
+                    | "kept"
+                    | "stored"
+                    | "defined"
+            )
+        })
+        .map(|w| match *w {
+            "config" | "configuration" | "settings" | "configs" => "conf",
+            w => w.trim_matches(|c: char| c == '"' || c == '\'' || c == '`'),
+        })
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Listing, finding and searching files, and disk usage.
@@ -699,6 +841,7 @@ fn organise(dir: &Path, by_date: bool) -> Result<Plan, PlanError> {
         ),
         actions,
         planner: "local-rules".into(),
+        question: None,
     })
 }
 

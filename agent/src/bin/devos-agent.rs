@@ -33,6 +33,10 @@ enum Command {
     /// this with the request on stdin; it drops to the user first).
     #[command(hide = true)]
     PlanExec,
+    /// Keep a user's projects indexed as that user (internal: the daemon starts this
+    /// with the job on stdin and reads its updates).
+    #[command(hide = true)]
+    ContextWatch,
     /// Run the boot self-test checks and report them as JSON lines (used by
     /// devos-selftest.service during `devos-build image test`).
     SelfTest {
@@ -73,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Some(devos_agent::sandbox::inner::exec_from_stdin())
         }
         Some(Command::PlanExec) => Some(devos_agent::caller::plan_exec_from_stdin()),
+        Some(Command::ContextWatch) => Some(devos_agent::context::watch::watch_from_stdin()),
         _ => None,
     };
     if let Some(code) = helper {
@@ -102,7 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::SandboxExec { .. } | Command::PlanExec => {
+        Command::SandboxExec { .. } | Command::PlanExec | Command::ContextWatch => {
             unreachable!("handled before the runtime starts")
         }
         Command::Ec2Keys { user } => {

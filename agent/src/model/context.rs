@@ -130,72 +130,12 @@ fn newest_files(root: &Path) -> Vec<(SystemTime, PathBuf)> {
     found
 }
 
-/// Processes of `uid` (every process for root), busiest first, at most 30.
+/// Processes of `uid` (every process for root), busiest first, at most 30 (CPU
+/// averaged over each one's life: the planning helper does not wait to sample).
 pub fn processes(uid: u32) -> Value {
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    let mut list: Vec<Value> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| process(pid, uid, ticks, uptime))
-        .collect();
-    list.sort_by(|a, b| {
-        b["cpu-percent"]
-            .as_f64()
-            .partial_cmp(&a["cpu-percent"].as_f64())
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
+    let mut list = crate::context::procs::list(uid, &[], None);
     list.truncate(30);
     json!({ "processes": list })
-}
-
-fn process(pid: u32, uid: u32, ticks: f64, uptime: f64) -> Option<Value> {
-    let dir = PathBuf::from(format!("/proc/{pid}"));
-    let status = std::fs::read_to_string(dir.join("status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-    };
-    let owner: u32 = field("Uid:")?.split_whitespace().next()?.parse().ok()?;
-    if uid != 0 && owner != uid {
-        return None;
-    }
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let num = |i: usize| {
-        rest.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime, stime and starttime are fields 14, 15 and 22 of stat (11, 12, 19 here).
-    let busy = (num(11) + num(12)) / ticks;
-    let age = uptime - num(19) / ticks;
-    let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
-    let mut command = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    if command.trim().is_empty() {
-        command = format!("[{}]", field("Name:").unwrap_or("?"));
-    }
-    command.truncate(command.trim_end().len().min(200));
-    Some(json!({
-        "pid": pid,
-        "uid": owner,
-        "command": command,
-        "cwd": std::fs::read_link(dir.join("cwd")).ok(),
-        "cpu-percent": if age > 0.0 { (busy / age * 1000.0).round() / 10.0 } else { 0.0 },
-        "rss-kib": field("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok()),
-        "running-secs": age.max(0.0).round(),
-    }))
 }
 
 #[cfg(test)]
@@ -227,5 +167,6 @@ mod tests {
         let list = v["processes"].as_array().unwrap();
         assert!(!list.is_empty());
         assert!(list.iter().all(|p| me == 0 || p["uid"] == me));
+        assert!(list[0]["cpu-percent"].is_number());
     }
 }

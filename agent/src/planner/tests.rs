@@ -161,3 +161,46 @@ fn unknown_requests_need_the_model() {
         "{err}"
     );
 }
+
+#[test]
+fn context_questions_go_to_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ctx(dir.path());
+    let question = |text: &str| plan(text, &c).unwrap().question;
+    assert_eq!(
+        question("find the nginx config"),
+        Some(Question::Find {
+            words: "nginx conf".into()
+        })
+    );
+    assert_eq!(
+        question("where is the login handler?"),
+        Some(Question::Find {
+            words: "login handler".into()
+        })
+    );
+    assert_eq!(
+        question("what did I change today"),
+        Some(Question::Recent {
+            since: "today".into()
+        })
+    );
+    assert_eq!(
+        question("what's using all the memory?"),
+        Some(Question::Processes { by_memory: true })
+    );
+    assert_eq!(
+        question("what is eating my CPU"),
+        Some(Question::Processes { by_memory: false })
+    );
+    assert_eq!(
+        question("which projects have uncommitted changes"),
+        Some(Question::Git)
+    );
+    // The local rules these do not shadow: they still plan actions.
+    for text in ["what changed", "find rust files", "find files named 'a b'"] {
+        let p = plan(text, &c).unwrap();
+        assert_eq!(p.question, None, "{text}");
+        assert!(!p.actions.is_empty(), "{text}");
+    }
+}

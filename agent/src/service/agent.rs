@@ -190,7 +190,7 @@ pub(super) enum Route<'a> {
 /// what they cannot plan, or when a model was asked for) as the start of a
 /// conversation with the model, which the request's task carries on.
 async fn plan_request(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     caller: &Caller,
     text: &str,
     cwd: PathBuf,
@@ -206,6 +206,9 @@ async fn plan_request(
     }
     let reply = as_caller::plan(&shared.exe, &job).await.map_err(failed)?;
     let cwd = reply.cwd.clone().map_err(fdo::Error::AccessDenied)?;
+    if let Some(root) = &reply.repo_root {
+        super::context::auto_add(shared, caller, root, config);
+    }
     let mut request = Request::new(
         shared.new_id(),
         caller.uid,
@@ -233,6 +236,21 @@ async fn plan_request(
             let context = reply.context.unwrap_or_default();
             let local = (explicit.is_none()).then_some(e);
             super::converse::start(shared, &mut request, config, explicit, local, &context)?;
+        }
+        (Ok(plan), Ok(_)) if plan.question.is_some() => {
+            request.summary = plan.summary;
+            request.planner = plan.planner;
+            let question = plan.question.unwrap_or(crate::context::Question::Git);
+            match super::context::answer(shared, caller, &question).await {
+                Ok(answer) => {
+                    request.answer = Some(answer);
+                    request.state = State::Done;
+                }
+                Err(e) => {
+                    request.state = State::Failed;
+                    request.error = Some(e.to_string());
+                }
+            }
         }
         (Ok(plan), Ok(user_policy)) => {
             request.summary = plan.summary;

@@ -2,7 +2,8 @@
 //! interfaces ([`agent`]), decisions and remembered rules ([`rules`]), the task that
 //! carries out a request ([`runner`]), the conversation with the model that carries
 //! out what the local rules cannot plan ([`converse`]) and what it may spend
-//! ([`budget`]), and the EC2 health signal ([`health`]).
+//! ([`budget`]), the context engine's interface and watchers ([`context`]), and the
+//! EC2 health signal ([`health`]).
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use crate::config::AgentConfig;
 
 mod agent;
 mod budget;
+mod context;
 mod converse;
 mod health;
 mod rules;
@@ -17,6 +19,7 @@ mod runner;
 mod shared;
 
 pub use agent::{Admin, Agent};
+pub use context::{Context, parse_since};
 pub use shared::Shared;
 
 /// Resolves when the agent no longer owns its name on the bus (the bus daemon
@@ -60,6 +63,12 @@ pub async fn serve(
                 shared: shared.clone(),
             },
         )?
+        .serve_at(
+            crate::OBJECT_PATH,
+            Context {
+                shared: shared.clone(),
+            },
+        )?
         .name(crate::BUS_NAME)?
         .build()
         .await?;
@@ -67,6 +76,10 @@ pub async fn serve(
     let _ = shared.conn.set(conn.clone());
     tracing::info!(name = crate::BUS_NAME, "serving on the system bus");
     tokio::spawn(health::signal(shared.clone(), conn.clone()));
+    {
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || context::Engine::resume(&shared));
+    }
     let lost = tokio::select! {
         () = shutdown => None,
         e = still_on_the_bus(&conn) => Some(e),

@@ -58,6 +58,8 @@ pub struct Shared {
     busy_conversations: Mutex<std::collections::HashSet<String>>,
     /// Model calls in flight, held against the budgets at their worst-case cost.
     pub(super) held: Mutex<super::budget::Held>,
+    /// Every user's context index and watcher.
+    pub(super) context: super::context::Engine,
 }
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -203,6 +205,7 @@ impl Shared {
             bedrock: tokio::sync::Mutex::new(None),
             busy_conversations: Mutex::new(Default::default()),
             held: Mutex::new(Default::default()),
+            context: Default::default(),
         }))
     }
 

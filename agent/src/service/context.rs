@@ -1,0 +1,839 @@
+//! The `org.devos.Agent1.Context` interface and what serves it: one index per user
+//! ([`Index`]) and one watcher per user with projects (`devos-agent context-watch`,
+//! running as that user), whose updates a thread of the daemon writes to the index.
+//! Every method answers from the caller's own index only.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use zbus::fdo;
+use zbus::message::Header;
+
+use super::shared::{Shared, caller, failed, invalid_args, lock};
+use crate::caller::Caller;
+use crate::config::ContextConfig;
+use crate::context::index::{Index, IndexError};
+use crate::context::{Command, Question, Update, WatchJob, procs};
+
+/// How long adding a project waits for the watcher to say whether it can.
+const ADD_TIMEOUT: Duration = Duration::from_secs(20);
+/// Results one query returns at most.
+const MAX_RESULTS: u32 = 1000;
+/// Watcher restarts in a row (less than a minute apart) before giving up.
+const MAX_RESTARTS: u32 = 5;
+
+type Waiting = HashMap<u64, (bool, tokio::sync::oneshot::Sender<Result<PathBuf, String>>)>;
+
+/// One user's index and watcher.
+pub(super) struct UserContext {
+    caller: Caller,
+    dir: PathBuf,
+    index: Mutex<Index>,
+    watcher: Mutex<Option<ChildStdin>>,
+    /// Adds waiting for the watcher's answer, by token: (auto, answer).
+    waiting: Mutex<Waiting>,
+    /// Why the watcher is not running, when it is not.
+    stopped: Mutex<Option<String>>,
+    restarts: Mutex<(u32, Option<Instant>)>,
+    /// `max-files` and `max-index-mib` when the index was opened.
+    limits: (u64, u64),
+}
+
+/// Every user's context, opened on first use.
+#[derive(Default)]
+pub struct Engine {
+    users: Mutex<HashMap<u32, Arc<UserContext>>>,
+    tokens: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ContextError {
+    #[error("the context engine is off on this machine ([context] enabled = false in agent.toml)")]
+    Off,
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(
+        "you have {n} projects ([context] max-projects = {limit}); remove one first (`devos context remove DIR`)"
+    )]
+    TooManyProjects { n: usize, limit: u32 },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0} is not one of your projects; `devos context list` shows them")]
+    NotAProject(PathBuf),
+    #[error("the watcher did not answer within {}s", ADD_TIMEOUT.as_secs())]
+    NoAnswer,
+    #[error("cannot start the watcher: {0}")]
+    Start(std::io::Error),
+}
+
+impl From<ContextError> for fdo::Error {
+    fn from(e: ContextError) -> fdo::Error {
+        match e {
+            ContextError::TooManyProjects { .. } => fdo::Error::LimitsExceeded(e.to_string()),
+            ContextError::Refused(_) | ContextError::NotAProject(_) => invalid_args(e),
+            _ => failed(e),
+        }
+    }
+}
+
+impl Engine {
+    fn dir(config: &crate::config::AgentConfig, uid: u32) -> PathBuf {
+        config.state_dir.join("context").join(uid.to_string())
+    }
+
+    /// `caller`'s context (opening their index on first use).
+    fn user(&self, shared: &Shared, caller: &Caller) -> Result<Arc<UserContext>, ContextError> {
+        let config = shared.config();
+        if !config.context.enabled {
+            return Err(ContextError::Off);
+        }
+        let mut users = lock(&self.users);
+        if let Some(u) = users.get(&caller.uid) {
+            return Ok(u.clone());
+        }
+        let dir = Self::dir(&config, caller.uid);
+        let index = Index::open(
+            &dir.join("index.db"),
+            config.context.max_files,
+            config.context.max_index_mib,
+        )?;
+        if index.rebuilt.is_some() {
+            // The projects survive in their list beside the database.
+            for root in read_project_list(&dir) {
+                index.add_project(&root.0, root.1)?;
+            }
+        }
+        let user = Arc::new(UserContext {
+            caller: caller.clone(),
+            dir,
+            index: Mutex::new(index),
+            watcher: Mutex::new(None),
+            waiting: Mutex::new(HashMap::new()),
+            stopped: Mutex::new(None),
+            restarts: Mutex::new((0, None)),
+            limits: (config.context.max_files, config.context.max_index_mib),
+        });
+        users.insert(caller.uid, user.clone());
+        Ok(user)
+    }
+
+    /// Start the watchers of every user with projects (at the agent's start).
+    pub(super) fn resume(shared: &Arc<Shared>) {
+        let config = shared.config();
+        if !config.context.enabled {
+            return;
+        }
+        let Ok(list) = std::fs::read_dir(config.state_dir.join("context")) else {
+            return;
+        };
+        for entry in list.flatten() {
+            let Some(uid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let caller = match Caller::from_uid(uid, &config.policy.admin_groups) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(uid, "not resuming the context of uid {uid}: {e}");
+                    continue;
+                }
+            };
+            match shared.context.user(shared, &caller) {
+                Ok(user) => {
+                    if !lock(&user.index).roots().unwrap_or_default().is_empty()
+                        && let Err(e) = start_watcher(shared, &user)
+                    {
+                        tracing::warn!(uid, "cannot resume the context watcher: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!(uid, "cannot open the context index: {e}"),
+            }
+        }
+    }
+
+    /// Register `path` for `caller` (`auto`: because a request ran in it).
+    pub(super) async fn add(
+        shared: &Arc<Shared>,
+        caller: &Caller,
+        path: &Path,
+        auto: bool,
+    ) -> Result<PathBuf, ContextError> {
+        let user = shared.context.user(shared, caller)?;
+        let limit = shared.config().context.max_projects;
+        let n = lock(&user.index).roots()?.len();
+        if n >= limit as usize {
+            return Err(ContextError::TooManyProjects { n, limit });
+        }
+        let token = shared.context.tokens.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&user.waiting).insert(token, (auto, tx));
+        let sent = send(
+            shared,
+            &user,
+            &Command::Add {
+                token,
+                path: path.to_path_buf(),
+            },
+        );
+        if let Err(e) = sent {
+            lock(&user.waiting).remove(&token);
+            return Err(e);
+        }
+        let root = match tokio::time::timeout(ADD_TIMEOUT, rx).await {
+            Ok(Ok(answer)) => answer.map_err(ContextError::Refused)?,
+            _ => {
+                lock(&user.waiting).remove(&token);
+                return Err(ContextError::NoAnswer);
+            }
+        };
+        write_project_list(&user)?;
+        Ok(root)
+    }
+
+    pub(super) fn remove(
+        shared: &Arc<Shared>,
+        caller: &Caller,
+        path: &Path,
+    ) -> Result<PathBuf, ContextError> {
+        let user = shared.context.user(shared, caller)?;
+        let root = PathBuf::from(path.to_string_lossy().trim_end_matches('/'));
+        if !lock(&user.index).remove_project(&root)? {
+            return Err(ContextError::NotAProject(root));
+        }
+        write_project_list(&user)?;
+        if lock(&user.watcher).is_some() {
+            let _ = send(shared, &user, &Command::Remove { root: root.clone() });
+        }
+        Ok(root)
+    }
+}
+
+/// Register the repository a request runs in (`[context] auto-add-repos`), in the
+/// background, unless it is a project (or in one) already or the user has as many
+/// projects as they may.
+pub(super) fn auto_add(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    root: &Path,
+    config: &crate::config::AgentConfig,
+) {
+    if !config.context.enabled || !config.context.auto_add_repos {
+        return;
+    }
+    let Ok(user) = shared.context.user(shared, caller) else {
+        return;
+    };
+    let roots = lock(&user.index).roots().unwrap_or_default();
+    if roots.iter().any(|r| root.starts_with(r))
+        || roots.len() >= config.context.max_projects as usize
+    {
+        return;
+    }
+    let (shared, caller, root) = (shared.clone(), caller.clone(), root.to_path_buf());
+    tokio::spawn(async move {
+        match Engine::add(&shared, &caller, &root, true).await {
+            Ok(root) => {
+                let _ = shared.audit(
+                    "context.project-added",
+                    Some(caller.uid),
+                    None,
+                    None,
+                    json!({ "root": root, "auto": true }),
+                );
+            }
+            Err(e) => tracing::info!(uid = caller.uid, "not indexing {}: {e}", root.display()),
+        }
+    });
+}
+
+/// Send a command to `user`'s watcher, starting it first when it is not running.
+fn send(
+    shared: &Arc<Shared>,
+    user: &Arc<UserContext>,
+    command: &Command,
+) -> Result<(), ContextError> {
+    if lock(&user.watcher).is_none() {
+        start_watcher(shared, user)?;
+    }
+    let mut line = serde_json::to_vec(command).unwrap_or_default();
+    line.push(b'\n');
+    let mut watcher = lock(&user.watcher);
+    let Some(stdin) = watcher.as_mut() else {
+        return Err(ContextError::Start(std::io::Error::other(
+            "it stopped at once",
+        )));
+    };
+    stdin.write_all(&line).map_err(ContextError::Start)
+}
+
+/// Start `user`'s watcher and the thread that writes its updates to the index.
+fn start_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), ContextError> {
+    let config = shared.config();
+    let job = WatchJob {
+        caller: user.caller.clone(),
+        projects: lock(&user.index).roots()?,
+        max_files: config.context.max_files,
+        max_watches: config.context.max_watches,
+        rescan_secs: config.context.rescan_secs,
+    };
+    let mut child = std::process::Command::new(&shared.exe)
+        .arg("context-watch")
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(ContextError::Start)?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| ContextError::Start(std::io::Error::other("no pipe to the watcher")))?;
+    let mut line = serde_json::to_vec(&job).unwrap_or_default();
+    line.push(b'\n');
+    stdin.write_all(&line).map_err(ContextError::Start)?;
+    *lock(&user.watcher) = Some(stdin);
+    *lock(&user.stopped) = None;
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let last_error = Arc::new(Mutex::new(String::new()));
+    if let Some(stderr) = stderr {
+        let last = last_error.clone();
+        let uid = user.caller.uid;
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                tracing::warn!(uid, "context watcher: {line}");
+                *lock(&last) = line;
+            }
+        });
+    }
+    let (shared, user) = (shared.clone(), user.clone());
+    std::thread::spawn(move || {
+        if let Some(out) = stdout {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Update>(&line) {
+                    Ok(update) => take(&user, &update),
+                    Err(e) => tracing::warn!("context watcher: a bad update: {e}"),
+                }
+            }
+        }
+        let status = child.wait();
+        *lock(&user.watcher) = None;
+        let why = format!(
+            "the watcher stopped ({}){}",
+            status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+            match lock(&last_error).as_str() {
+                "" => String::new(),
+                e => format!(": {e}"),
+            }
+        );
+        for (_, (_, tx)) in lock(&user.waiting).drain() {
+            let _ = tx.send(Err(why.clone()));
+        }
+        restart_later(&shared, &user, why);
+    });
+    Ok(())
+}
+
+/// After a watcher stopped: start it again (unless it keeps stopping, or the user has
+/// no projects left), and say so in the status meanwhile.
+fn restart_later(shared: &Arc<Shared>, user: &Arc<UserContext>, why: String) {
+    tracing::warn!(uid = user.caller.uid, "{why}");
+    let again = {
+        let mut r = lock(&user.restarts);
+        let recent = r.1.is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+        r.0 = if recent { r.0 + 1 } else { 1 };
+        r.1 = Some(Instant::now());
+        r.0 <= MAX_RESTARTS
+    };
+    let has_projects = !lock(&user.index).roots().unwrap_or_default().is_empty();
+    *lock(&user.stopped) = Some(if again && has_projects {
+        format!("{why}; restarting")
+    } else if has_projects {
+        format!(
+            "{why}; it stopped {MAX_RESTARTS} times in a row, so it is not restarted until a project is added"
+        )
+    } else {
+        why
+    });
+    if again && has_projects {
+        std::thread::sleep(Duration::from_secs(2));
+        if lock(&user.watcher).is_none()
+            && let Err(e) = start_watcher(shared, user)
+        {
+            *lock(&user.stopped) = Some(e.to_string());
+        }
+    }
+}
+
+/// Write one update to the index; a corrupt index is rebuilt.
+fn take(user: &UserContext, update: &Update) {
+    let mut index = lock(&user.index);
+    match update {
+        Update::Added { token, root } => {
+            let answer = lock(&user.waiting).remove(token);
+            let auto = answer.as_ref().is_some_and(|(auto, _)| *auto);
+            let result = index.add_project(root, auto).map_err(|e| e.to_string());
+            if let Some((_, tx)) = answer {
+                let _ = tx.send(result.map(|()| root.clone()));
+            }
+        }
+        Update::Refused { token, why } => {
+            if let Some((_, tx)) = lock(&user.waiting).remove(token) {
+                let _ = tx.send(Err(why.clone()));
+            }
+        }
+        _ => {
+            if let Err(e) = index.apply(update) {
+                tracing::error!(uid = user.caller.uid, "context index: {e}");
+                if let IndexError::Sqlite { source, .. } = &e
+                    && crate::context::index::is_corrupt(source)
+                {
+                    // Rebuilt on next use; this watcher's updates go nowhere meanwhile.
+                    // (Dropping the watcher's stdin ends it; it restarts with a scan.)
+                    drop(index);
+                    rebuild(user);
+                }
+            }
+        }
+    }
+}
+
+fn rebuild(user: &UserContext) {
+    let path = user.dir.join("index.db");
+    // Moving the file aside makes the next open see it missing; the projects come back
+    // from their list.
+    let aside = path.with_extension(format!("db.corrupt-{}", crate::caller::now_secs()));
+    let _ = std::fs::rename(&path, &aside);
+    let (max_files, max_mib) = user.limits;
+    if let Ok(fresh) = Index::open(&path, max_files, max_mib) {
+        for (root, auto) in read_project_list(&user.dir) {
+            let _ = fresh.add_project(&root, auto);
+        }
+        let mut index = lock(&user.index);
+        *index = fresh;
+        index.rebuilt = Some(json!({
+            "at": crate::caller::now_secs(),
+            "error": "found corrupt while writing",
+            "moved-to": aside,
+        }));
+    }
+    *lock(&user.watcher) = None;
+}
+
+/// The project list beside the index: `[[root, auto], ...]`.
+fn read_project_list(dir: &Path) -> Vec<(PathBuf, bool)> {
+    std::fs::read(dir.join("projects.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_project_list(user: &UserContext) -> Result<(), ContextError> {
+    let list: Vec<(PathBuf, bool)> = lock(&user.index)
+        .projects()?
+        .into_iter()
+        .map(|p| (p.root, p.auto))
+        .collect();
+    let path = user.dir.join("projects.json");
+    let tmp = user.dir.join("projects.json.tmp");
+    let io = |source| {
+        ContextError::Index(IndexError::Io {
+            path: path.clone(),
+            source,
+        })
+    };
+    std::fs::write(&tmp, serde_json::to_vec(&list).unwrap_or_default()).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)
+}
+
+/// `since` as seconds since the epoch: empty (the last 24 hours), `today` (since
+/// midnight UTC), a duration back (`2h`, `3d`, `90m`), an RFC 3339 time, or seconds
+/// since the epoch.
+pub fn parse_since(since: &str, now: i64) -> Result<i64, String> {
+    let s = since.trim();
+    if s.is_empty() {
+        return Ok(now - 86_400);
+    }
+    if s == "today" {
+        return Ok(now - now.rem_euclid(86_400));
+    }
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs);
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(now - d.as_secs() as i64);
+    }
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64));
+    }
+    Err(format!(
+        "since {s:?}: use `today`, a duration back such as `2h` or `3d`, an RFC 3339 time or seconds since the epoch"
+    ))
+}
+
+fn clamp(limit: u32) -> usize {
+    match limit {
+        0 => 20,
+        n => n.min(MAX_RESULTS) as usize,
+    }
+}
+
+/// The `org.devos.Agent1.Context` interface, at [`crate::OBJECT_PATH`].
+pub struct Context {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl Context {
+    async fn user(
+        &self,
+        header: &Header<'_>,
+        conn: &zbus::Connection,
+    ) -> fdo::Result<(Caller, Arc<UserContext>)> {
+        let caller = caller(&self.shared, header, conn).await?;
+        let user = self.shared.context.user(&self.shared, &caller)?;
+        Ok((caller, user))
+    }
+}
+
+#[zbus::interface(name = "org.devos.Agent1.Context")]
+impl Context {
+    /// Register a directory as a project: it is scanned (as the caller) and kept
+    /// current. Returns the project's canonical root.
+    async fn add_project(
+        &self,
+        path: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(invalid_args(format!(
+                "the project directory {} must be absolute",
+                path.display()
+            )));
+        }
+        let root = Engine::add(&self.shared, &caller, &path, false).await?;
+        // (`audit` logs a failed append; registering a project changes nothing.)
+        let _ = self.shared.audit(
+            "context.project-added",
+            Some(caller.uid),
+            None,
+            None,
+            json!({ "root": root }),
+        );
+        Ok(root.to_string_lossy().into_owned())
+    }
+
+    /// Forget a project and what was indexed in it.
+    async fn remove_project(
+        &self,
+        path: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<()> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let root = Engine::remove(&self.shared, &caller, Path::new(path))?;
+        let _ = self.shared.audit(
+            "context.project-removed",
+            Some(caller.uid),
+            None,
+            None,
+            json!({ "root": root }),
+        );
+        Ok(())
+    }
+
+    /// The caller's projects (JSON).
+    async fn projects(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let (_, user) = self.user(&header, conn).await?;
+        let list = lock(&user.index).projects().map_err(failed)?;
+        Ok(serde_json::to_string(&list).unwrap_or_default())
+    }
+
+    /// Entries whose path holds every word of `query` (JSON), best first.
+    async fn find(
+        &self,
+        query: &str,
+        limit: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let (_, user) = self.user(&header, conn).await?;
+        let hits = lock(&user.index)
+            .find(query, clamp(limit))
+            .map_err(failed)?;
+        Ok(json!({ "query": query, "results": hits }).to_string())
+    }
+
+    /// Files changed since `since` (JSON), newest first.
+    async fn recent(
+        &self,
+        since: &str,
+        limit: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let (_, user) = self.user(&header, conn).await?;
+        let since = parse_since(since, crate::caller::now_secs() as i64).map_err(invalid_args)?;
+        let hits = lock(&user.index)
+            .recent(since, clamp(limit))
+            .map_err(failed)?;
+        Ok(json!({ "since": since, "results": hits }).to_string())
+    }
+
+    /// The git state of the project at or around `project` (a path; empty: every
+    /// project's), as last read (JSON).
+    async fn git_state(
+        &self,
+        project: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let (_, user) = self.user(&header, conn).await?;
+        Ok(git_states(&user, Path::new(project))
+            .map_err(fdo::Error::from)?
+            .to_string())
+    }
+
+    /// The caller's processes (root: everyone's), CPU measured over a quarter of a
+    /// second, busiest first (JSON).
+    async fn processes(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        let roots = match self.shared.context.user(&self.shared, &caller) {
+            Ok(user) => lock(&user.index).roots().unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        Ok(processes(caller.uid, roots).await?.to_string())
+    }
+
+    /// The engine's state for the caller: projects and how each is kept current,
+    /// entries, index size and limits, the watcher (JSON).
+    async fn status(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let (_, user) = self.user(&header, conn).await?;
+        let config = self.shared.config().context.clone();
+        Ok(status(&user, &config)?.to_string())
+    }
+}
+
+fn git_states(user: &UserContext, project: &Path) -> Result<Value, ContextError> {
+    let index = lock(&user.index);
+    let roots = index.roots()?;
+    if project.as_os_str().is_empty() {
+        let mut all = Vec::new();
+        for root in &roots {
+            if let Some(state) = index.git_state(root)? {
+                all.push(state);
+            }
+        }
+        return Ok(json!({ "repositories": all }));
+    }
+    let root = procs::project_of(project, &roots)
+        .ok_or_else(|| ContextError::NotAProject(project.to_path_buf()))?;
+    match index.git_state(&root)? {
+        Some(state) => Ok(serde_json::to_value(state).unwrap_or_default()),
+        None => Err(ContextError::Refused(format!(
+            "{} is not in a git repository (or its state was not read yet)",
+            root.display()
+        ))),
+    }
+}
+
+async fn processes(uid: u32, roots: Vec<PathBuf>) -> fdo::Result<Value> {
+    let mut list = tokio::task::spawn_blocking(move || {
+        procs::list(uid, &roots, Some(Duration::from_millis(250)))
+    })
+    .await
+    .map_err(failed)?;
+    let total = list.len();
+    list.truncate(procs::MAX_LISTED);
+    Ok(json!({ "processes": list, "total": total }))
+}
+
+fn status(user: &UserContext, config: &ContextConfig) -> Result<Value, ContextError> {
+    let index = lock(&user.index);
+    let projects = index.projects()?;
+    let entries: u64 = projects.iter().map(|p| p.entries).sum();
+    let watcher = match (lock(&user.watcher).is_some(), lock(&user.stopped).clone()) {
+        (true, _) => "running".to_owned(),
+        (false, Some(why)) => why,
+        (false, None) => "not started (no projects)".to_owned(),
+    };
+    Ok(json!({
+        "projects": projects,
+        "entries": entries,
+        "max-files": config.max_files,
+        "index-bytes": index.bytes(),
+        "max-index-mib": config.max_index_mib,
+        "watcher": watcher,
+        "dropped-entries": index.dropped,
+        "full": index.full,
+        "rebuilt": index.rebuilt,
+    }))
+}
+
+/// Answer a question the local planner recognised, in words, from the caller's
+/// index (and /proc).
+pub(super) async fn answer(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    question: &Question,
+) -> Result<String, ContextError> {
+    let user = shared.context.user(shared, caller)?;
+    let roots = lock(&user.index).roots()?;
+    let none = || {
+        "You have no projects in the context index yet; add one with `devos context add DIR` \
+         (a request run inside a git repository adds that repository)."
+            .to_owned()
+    };
+    let now = crate::caller::now_secs() as i64;
+    Ok(match question {
+        Question::Find { words } => {
+            if roots.is_empty() {
+                return Ok(none());
+            }
+            let hits = lock(&user.index).find(words, 20)?;
+            if hits.is_empty() {
+                format!("Nothing in your projects matches {words:?}.")
+            } else {
+                let lines: Vec<String> = hits
+                    .iter()
+                    .map(|h| {
+                        format!(
+                            "{}  ({}, changed {})",
+                            h.path,
+                            h.kind.as_str(),
+                            ago(now, h.mtime)
+                        )
+                    })
+                    .collect();
+                format!(
+                    "In your projects, matching {words:?}:\n{}",
+                    lines.join("\n")
+                )
+            }
+        }
+        Question::Recent { since } => {
+            if roots.is_empty() {
+                return Ok(none());
+            }
+            let since = parse_since(since, now).map_err(ContextError::Refused)?;
+            let hits = lock(&user.index).recent(since, 30)?;
+            if hits.is_empty() {
+                "No file in your projects changed in that time.".to_owned()
+            } else {
+                let lines: Vec<String> = hits
+                    .iter()
+                    .map(|h| format!("{}  (changed {})", h.path, ago(now, h.mtime)))
+                    .collect();
+                format!("Changed in your projects:\n{}", lines.join("\n"))
+            }
+        }
+        Question::Git => {
+            let v = git_states(&user, Path::new(""))?;
+            let repos = v["repositories"].as_array().cloned().unwrap_or_default();
+            if repos.is_empty() {
+                return Ok(none());
+            }
+            repos
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}: {} — {} staged, {} unstaged, {} untracked, {} ahead / {} behind",
+                        r["work-tree"].as_str().unwrap_or("?"),
+                        r["branch"].as_str().unwrap_or("(detached)"),
+                        r["counts"]["staged"],
+                        r["counts"]["unstaged"],
+                        r["counts"]["untracked"],
+                        r["ahead"],
+                        r["behind"],
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Question::Processes { by_memory } => {
+            let v = processes(caller.uid, roots)
+                .await
+                .map_err(|e| ContextError::Refused(e.to_string()))?;
+            let mut list: Vec<procs::Process> =
+                serde_json::from_value(v["processes"].clone()).unwrap_or_default();
+            if *by_memory {
+                list.sort_by_key(|p| std::cmp::Reverse(p.rss_kib));
+            }
+            let lines: Vec<String> = list
+                .iter()
+                .take(10)
+                .map(|p| {
+                    format!(
+                        "{:>7}  {:>5.1}% CPU  {:>8} MiB  {}",
+                        p.pid,
+                        p.cpu_percent,
+                        p.rss_kib / 1024,
+                        crate::executor::printable(&p.command)
+                    )
+                })
+                .collect();
+            format!(
+                "Your processes by {}:\n    PID       CPU        MEMORY  COMMAND\n{}",
+                if *by_memory { "memory" } else { "CPU" },
+                lines.join("\n")
+            )
+        }
+    })
+}
+
+fn ago(now: i64, then: i64) -> String {
+    let secs = (now - then).max(0) as u64;
+    format!(
+        "{} ago",
+        humantime::format_duration(Duration::from_secs(if secs > 3600 {
+            secs - secs % 60
+        } else {
+            secs
+        }))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_words_durations_and_times() {
+        let now = 1_700_000_000;
+        assert_eq!(parse_since("", now), Ok(now - 86_400));
+        assert_eq!(parse_since("2h", now), Ok(now - 7200));
+        assert_eq!(parse_since("today", now), Ok(now - now % 86_400));
+        assert_eq!(parse_since("1699999999", now), Ok(1_699_999_999));
+        assert_eq!(parse_since("2023-11-14T22:13:20Z", now), Ok(now));
+        assert!(
+            parse_since("yesterdayish", now)
+                .unwrap_err()
+                .contains("`today`")
+        );
+    }
+}
