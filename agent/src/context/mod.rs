@@ -73,7 +73,11 @@ pub struct Entry {
 
 /// How a project is kept current.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "mode", rename_all = "kebab-case")]
+#[serde(
+    tag = "mode",
+    rename_all = "kebab-case",
+    rename_all_fields = "kebab-case"
+)]
 pub enum Mode {
     /// The first scan (or a rescan after a change of ignore rules) is running.
     Scanning,
@@ -87,7 +91,11 @@ pub enum Mode {
 
 /// What the watcher tells the daemon, one JSON line each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "update", rename_all = "kebab-case")]
+#[serde(
+    tag = "update",
+    rename_all = "kebab-case",
+    rename_all_fields = "kebab-case"
+)]
 pub enum Update {
     /// A project was added (the answer to [`Command::Add`]); `root` is canonical, as
     /// the user sees it.
@@ -147,7 +155,11 @@ pub enum Command {
 /// A question about the caller's context the local planner recognised; the daemon
 /// answers it from the index (and /proc) without running anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "question", rename_all = "kebab-case")]
+#[serde(
+    tag = "question",
+    rename_all = "kebab-case",
+    rename_all_fields = "kebab-case"
+)]
 pub enum Question {
     /// Where is ...: entries whose path holds these words.
     Find { words: String },

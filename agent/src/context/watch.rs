@@ -169,8 +169,18 @@ impl Engine {
                 d.saturating_duration_since(Instant::now())
             });
             match rx.recv_timeout(wait) {
-                Ok(Input::Command(Command::Add { token, path })) => match self.add_new(&path) {
-                    Ok(root) => self.out.send(&Update::Added { token, root }),
+                Ok(Input::Command(Command::Add { token, path })) => match self.check_new(&path) {
+                    Ok(root) => {
+                        // Answered first: the daemon registers the project, then takes
+                        // its scan.
+                        self.out.send(&Update::Added {
+                            token,
+                            root: root.clone(),
+                        });
+                        if !self.projects.iter().any(|p| p.root == root) {
+                            self.add(&root);
+                        }
+                    }
                     Err(why) => self.out.send(&Update::Refused { token, why }),
                 },
                 Ok(Input::Command(Command::Remove { root })) => self.remove(&root),
@@ -217,7 +227,7 @@ impl Engine {
     }
 
     /// A project the daemon asks for: its canonical root, or why not.
-    fn add_new(&mut self, path: &Path) -> Result<PathBuf, String> {
+    fn check_new(&self, path: &Path) -> Result<PathBuf, String> {
         let root = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let meta = std::fs::metadata(&root).map_err(|e| format!("{}: {e}", root.display()))?;
         if !meta.is_dir() {
@@ -230,8 +240,16 @@ impl Engine {
                 self.job.caller.user
             ));
         }
-        if !self.projects.iter().any(|p| p.root == root) {
-            self.add(&root);
+        if let Some(p) = self
+            .projects
+            .iter()
+            .find(|p| p.root != root && (root.starts_with(&p.root) || p.root.starts_with(&root)))
+        {
+            return Err(format!(
+                "{} overlaps your project {}: remove that one first, or index only one of them",
+                root.display(),
+                p.root.display()
+            ));
         }
         Ok(root)
     }

@@ -1,0 +1,447 @@
+//! The context engine end to end: the real daemon on a private system bus, real users,
+//! real inotify on real directories, through `devos context` and `devos run`.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+/// `sh -c script` as `user` in `cwd`.
+fn sh(user: &User, cwd: &Path, script: &str) -> Output {
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.uid))
+        .arg("--init-groups")
+        .args(["sh", "-c", script])
+        .current_dir(cwd)
+        .env("HOME", &user.home)
+        .env("GIT_AUTHOR_NAME", "Dev")
+        .env("GIT_AUTHOR_EMAIL", "dev@example.com")
+        .env("GIT_COMMITTER_NAME", "Dev")
+        .env("GIT_COMMITTER_EMAIL", "dev@example.com")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {}", stderr(&out));
+    out
+}
+
+fn context(agent: &Daemon, user: &User, args: &[&str]) -> Value {
+    let mut all = vec!["--json", "context"];
+    all.extend_from_slice(args);
+    let out = agent.devos(Some(user), Path::new("/"), &all);
+    assert!(
+        out.status.success(),
+        "devos context {args:?}: {}",
+        stderr(&out)
+    );
+    json(&out)
+}
+
+fn found(agent: &Daemon, user: &User, query: &str) -> Vec<String> {
+    context(agent, user, &["find", query, "-n", "100"])["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["path"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn eventually(what: &str, check: impl FnMut() -> bool) {
+    assert!(wait_for(Duration::from_secs(20), check), "{what}");
+}
+
+/// The one project's status entry, once its first scan is done.
+fn project_status(agent: &Daemon, user: &User) -> Value {
+    let mut last = Value::Null;
+    let done = wait_for(Duration::from_secs(20), || {
+        last = context(agent, user, &["status"]);
+        last["projects"][0]["scanned-at"].is_number()
+    });
+    assert!(done, "the first scan did not finish: {last}");
+    last["projects"][0].clone()
+}
+
+#[test]
+fn inotify_keeps_the_index_current_with_ignore_rules_and_permissions() {
+    require("git", "git");
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let p = project.path();
+    let outside = alice.project();
+    sh(
+        &alice,
+        p,
+        "git init -q . && mkdir -p src target/debug docs && echo 'fn main(){}' > src/main.rs \
+         && echo x > target/debug/app && echo 'target/' > .gitignore && echo '*.log' > .ignore \
+         && echo x > build.log && echo x > docs/guide.md && echo secret > private.txt \
+         && chmod 000 private.txt",
+    );
+    // Not the user's to read: a root-owned file and directory in their project.
+    std::fs::write(p.join("root-only.txt"), "x").unwrap();
+    open_up(&p.join("root-only.txt"), 0o600);
+    std::fs::create_dir(p.join("root-dir")).unwrap();
+    std::fs::write(p.join("root-dir/inside.txt"), "x").unwrap();
+    open_up(&p.join("root-dir"), 0o700);
+
+    let root = context(&agent, &alice, &["add", p.to_str().unwrap()]);
+    assert_eq!(root["root"], p.to_str().unwrap());
+    let status = project_status(&agent, &alice);
+    assert_eq!(status["mode"], "watching", "{status}");
+
+    let hits = context(&agent, &alice, &["find", "main.rs"]);
+    let hit = &hits["results"][0];
+    assert_eq!(hit["path"], p.join("src/main.rs").to_str().unwrap());
+    assert_eq!(hit["lang"], "rust");
+    assert_eq!(hit["ignored"], false);
+    // Ignored: listed with the flag, and an ignored directory is not entered.
+    let target = context(&agent, &alice, &["find", "target"]);
+    assert_eq!(target["results"][0]["ignored"], true, "{target}");
+    assert!(found(&agent, &alice, "debug").is_empty());
+    let log = context(&agent, &alice, &["find", "build.log"]);
+    assert_eq!(log["results"][0]["ignored"], true, "{log}");
+    // What alice cannot read never appears.
+    for name in ["private", "root-only", "inside.txt"] {
+        assert!(found(&agent, &alice, name).is_empty(), "{name} is indexed");
+    }
+
+    // Create, modify, rename, delete, mkdir with files, move in, move out.
+    sh(&alice, p, "echo new > src/lib.rs");
+    eventually("a new file is indexed", || {
+        found(&agent, &alice, "lib.rs").len() == 1
+    });
+    sh(&alice, p, "printf 'much longer content' > src/lib.rs");
+    eventually("a modified file's size is updated", || {
+        context(&agent, &alice, &["find", "lib.rs"])["results"][0]["size"] == 19
+    });
+    sh(&alice, p, "mv src/lib.rs src/core.rs");
+    eventually("a renamed file is indexed under its new name only", || {
+        found(&agent, &alice, "lib.rs").is_empty() && found(&agent, &alice, "core.rs").len() == 1
+    });
+    sh(&alice, p, "rm src/core.rs");
+    eventually("a deleted file is gone", || {
+        found(&agent, &alice, "core.rs").is_empty()
+    });
+    sh(&alice, p, "mkdir -p api/v1 && echo x > api/v1/handler.go");
+    eventually("files in a new directory tree are indexed", || {
+        found(&agent, &alice, "handler.go").len() == 1
+    });
+    let out = outside.path();
+    sh(
+        &alice,
+        out,
+        "mkdir -p vendor/pkg/deep && echo x > vendor/pkg/deep/moved.c",
+    );
+    sh(
+        &alice,
+        p,
+        &format!("mv {}/vendor {}/vendor", out.display(), p.display()),
+    );
+    eventually("a directory tree moved in is indexed", || {
+        found(&agent, &alice, "moved.c").len() == 1
+    });
+    sh(&alice, p, &format!("mv api {}/api", out.display()));
+    eventually("a directory tree moved out is gone", || {
+        found(&agent, &alice, "handler.go").is_empty()
+    });
+    // Changed files since today, newest first; ignored ones left out.
+    let recent = context(&agent, &alice, &["recent", "--since", "today"]);
+    let paths: Vec<&str> = recent["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&p.join("vendor/pkg/deep/moved.c").to_str().unwrap()));
+    assert!(!paths.iter().any(|x| x.ends_with("build.log")));
+    // A new ignore rule takes entries out.
+    sh(&alice, p, "echo 'vendor/' >> .gitignore");
+    eventually("a directory newly ignored loses its entries", || {
+        found(&agent, &alice, "moved.c").is_empty()
+    });
+
+    // The planner answers from the index.
+    let r = run_json(&agent, &alice, p, &["where", "is", "the", "guide"]);
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(
+        r["answer"]
+            .as_str()
+            .unwrap()
+            .contains(p.join("docs/guide.md").to_str().unwrap()),
+        "{r}"
+    );
+    assert!(r["actions"].as_array().unwrap().is_empty());
+
+    // The index is root's alone.
+    let db = agent
+        .state()
+        .join(format!("context/{}/index.db", alice.uid));
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&db).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    let dir = std::fs::metadata(db.parent().unwrap()).unwrap();
+    assert_eq!(dir.mode() & 0o777, 0o700);
+
+    // Removing the project forgets it.
+    let out = agent.devos(Some(&alice), p, &["context", "remove", p.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(found(&agent, &alice, "main.rs").is_empty());
+}
+
+#[test]
+fn each_user_sees_only_their_own_index() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let bob = User::ensure("devos-bob");
+    let a = alice.project();
+    let b = bob.project();
+    sh(&alice, a.path(), "echo x > alice-notes.md");
+    sh(&bob, b.path(), "echo x > bob-notes.md");
+    context(&agent, &alice, &["add", a.path().to_str().unwrap()]);
+    context(&agent, &bob, &["add", b.path().to_str().unwrap()]);
+    project_status(&agent, &alice);
+    project_status(&agent, &bob);
+    eventually("each finds their own", || {
+        found(&agent, &alice, "notes").len() == 1 && found(&agent, &bob, "notes").len() == 1
+    });
+    assert!(found(&agent, &alice, "notes")[0].ends_with("alice-notes.md"));
+    assert!(found(&agent, &bob, "notes")[0].ends_with("bob-notes.md"));
+    let listed = context(&agent, &alice, &["list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    // Bob's private project cannot become alice's.
+    let out = agent.devos(
+        Some(&alice),
+        Path::new("/"),
+        &["context", "add", b.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a directory you (devos-alice) can list")
+            || stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    // Nor can she ask about his repository's state.
+    let out = agent.devos(
+        Some(&alice),
+        Path::new("/"),
+        &["context", "git", b.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not one of your projects"),
+        "{}",
+        stderr(&out)
+    );
+    // A relative path is refused with what to do.
+    let out = agent.busctl(
+        Some(&alice),
+        &[
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1.Context",
+            "AddProject",
+            "s",
+            "relative/dir",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("must be absolute"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn past_the_watch_limit_projects_are_rescanned_and_say_so() {
+    let agent = Daemon::start_with(
+        "ID=debian\n",
+        "[context]\nmax-watches = 3\nrescan-secs = 1\n",
+    );
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let p = project.path();
+    sh(
+        &alice,
+        p,
+        "mkdir -p a/b/c/d e/f g && echo x > a/b/c/d/deep.txt",
+    );
+    context(&agent, &alice, &["add", p.to_str().unwrap()]);
+    let status = project_status(&agent, &alice);
+    assert_eq!(status["mode"], "rescanning", "{status}");
+    assert!(
+        status["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max-watches = 3"),
+        "{status}"
+    );
+    let text = agent.devos(Some(&alice), p, &["context", "status"]);
+    assert!(
+        stdout(&text).contains("RESCANNING every 1s"),
+        "{}",
+        stdout(&text)
+    );
+    // A change in a directory without a watch still arrives, by the rescan.
+    sh(&alice, p, "echo x > a/b/c/d/later.txt");
+    eventually("a rescan finds the new file", || {
+        found(&agent, &alice, "later.txt").len() == 1
+    });
+}
+
+#[test]
+fn restarts_reconcile_and_a_corrupt_index_is_rebuilt() {
+    let mut agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let p = project.path();
+    sh(&alice, p, "echo x > kept.txt && echo x > dropped.txt");
+    context(&agent, &alice, &["add", p.to_str().unwrap()]);
+    project_status(&agent, &alice);
+    eventually("the first scan", || {
+        found(&agent, &alice, "kept").len() == 1
+    });
+
+    // Changes while the agent is down are found when it comes back.
+    agent.stop();
+    sh(&alice, p, "rm dropped.txt && echo x > added-offline.txt");
+    agent.restart();
+    eventually("the restart reconciles", || {
+        found(&agent, &alice, "added-offline").len() == 1
+            && found(&agent, &alice, "dropped").is_empty()
+    });
+    assert_eq!(found(&agent, &alice, "kept").len(), 1);
+
+    // A damaged database is moved aside and rebuilt from the project list.
+    agent.stop();
+    let db = agent
+        .state()
+        .join(format!("context/{}/index.db", alice.uid));
+    std::fs::write(&db, vec![0x5a; 16384]).unwrap();
+    let _ = std::fs::remove_file(format!("{}-wal", db.display()));
+    let _ = std::fs::remove_file(format!("{}-shm", db.display()));
+    agent.restart();
+    eventually("the rebuilt index has the project again", || {
+        found(&agent, &alice, "kept").len() == 1
+    });
+    let status = context(&agent, &alice, &["status"]);
+    assert!(status["rebuilt"]["moved-to"].is_string(), "{status}");
+    assert_eq!(status["projects"][0]["root"], p.to_str().unwrap());
+}
+
+#[test]
+fn git_state_follows_commits_branches_and_stashes_without_repository_programs() {
+    require("git", "git");
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let p = project.path();
+    let pwned = p.join("pwned");
+    sh(
+        &alice,
+        p,
+        &format!(
+            "git init -q -b main . && echo a > a.txt && git add a.txt && git commit -qm first \
+             && git config core.fsmonitor 'touch {0}' \
+             && git config filter.evil.clean 'touch {0}; cat' \
+             && git config filter.evil.required true \
+             && echo '* filter=evil' > .git/info/attributes \
+             && echo b > b.txt && echo changed > a.txt",
+            pwned.display()
+        ),
+    );
+    context(&agent, &alice, &["add", p.to_str().unwrap()]);
+    project_status(&agent, &alice);
+    let git = |agent: &Daemon| context(agent, &alice, &["git", p.to_str().unwrap()]);
+    let state = git(&agent);
+    assert_eq!(state["branch"], "main", "{state}");
+    assert_eq!(state["commits"][0]["subject"], "first");
+    assert_eq!(state["untracked"], serde_json::json!(["b.txt"]));
+    assert_eq!(state["unstaged"], serde_json::json!(["a.txt"]));
+    assert!(
+        !pwned.exists(),
+        "git ran a program the repository configured"
+    );
+
+    // (The test's own git, with the repository's programs off.)
+    let safe = "git -c core.fsmonitor= -c filter.evil.clean=cat -c filter.evil.smudge=cat";
+    sh(
+        &alice,
+        p,
+        &format!("{safe} add b.txt && {safe} commit -qm second b.txt"),
+    );
+    eventually("a commit is seen", || {
+        git(&agent)["commits"][0]["subject"] == "second"
+    });
+    sh(&alice, p, &format!("{safe} switch -q -c feature"));
+    eventually("a branch switch is seen", || {
+        git(&agent)["branch"] == "feature"
+    });
+    sh(&alice, p, &format!("{safe} stash -q"));
+    eventually("a stash is seen", || {
+        let s = git(&agent);
+        s["stashes"] == 1 && s["unstaged"].as_array().unwrap().is_empty()
+    });
+    assert!(
+        !pwned.exists(),
+        "git ran a program the repository configured"
+    );
+    let text = agent.devos(Some(&alice), p, &["context", "git"]);
+    assert!(stdout(&text).contains(": feature"), "{}", stdout(&text));
+}
+
+#[test]
+fn processes_are_the_callers_own() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let p = project.path();
+    context(&agent, &alice, &["add", p.to_str().unwrap()]);
+    project_status(&agent, &alice);
+    let mut sleeper = Command::new("setpriv")
+        .arg(format!("--reuid={}", alice.uid))
+        .arg(format!("--regid={}", alice.uid))
+        .arg("--init-groups")
+        .args(["sleep", "60"])
+        .current_dir(p)
+        .spawn()
+        .unwrap();
+    let list = context(&agent, &alice, &["ps"]);
+    let procs = list["processes"].as_array().unwrap();
+    assert!(procs.iter().all(|x| x["uid"] == alice.uid), "{list}");
+    let sleep = procs
+        .iter()
+        .find(|x| x["pid"] == sleeper.id())
+        .unwrap_or_else(|| panic!("alice's sleep is not listed: {list}"));
+    assert_eq!(sleep["project"], p.to_str().unwrap());
+    // Root sees everyone's.
+    let out = agent.devos(None, Path::new("/"), &["--json", "context", "ps"]);
+    let all = json(&out);
+    assert!(
+        all["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["uid"] == 0),
+        "{all}"
+    );
+    // And the planner's question is answered from the same sample.
+    let r = run_json(
+        &agent,
+        &alice,
+        p,
+        &["what's", "using", "all", "the", "memory?"],
+    );
+    assert_eq!(r["state"], "done", "{r}");
+    assert!(r["answer"].as_str().unwrap().contains("sleep 60"), "{r}");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
