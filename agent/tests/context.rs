@@ -445,3 +445,58 @@ fn processes_are_the_callers_own() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }
+
+#[test]
+fn requests_in_a_repository_index_it_and_the_model_reads_the_index() {
+    use devos_tests::bedrock::{Reply, StandIn};
+    require("git", "git");
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let p = project.path();
+    sh(
+        &alice,
+        p,
+        "git init -q . && mkdir -p api && echo x > api/handler.go",
+    );
+
+    // A request run in a repository registers it (`[context] auto-add-repos`).
+    let r = run_json(&agent, &alice, p, &["list", "files"]);
+    assert_eq!(r["state"], "done", "{r}");
+    let status = project_status(&agent, &alice);
+    assert_eq!(status["root"], p.to_str().unwrap());
+    assert_eq!(status["auto"], true);
+    eventually("the repository is indexed", || {
+        found(&agent, &alice, "handler").len() == 1
+    });
+
+    // The model's read-only index tools are answered from it, as alice.
+    standin.push(Reply::tool(
+        "find_files",
+        serde_json::json!({ "query": "handler" }),
+    ));
+    standin.push(Reply::tool(
+        "recent_files",
+        serde_json::json!({ "since": "1h" }),
+    ));
+    standin.push(Reply::text("It is api/handler.go."));
+    let r = run_json(
+        &agent,
+        &alice,
+        p,
+        &["which source file implements the request handling for the api?"],
+    );
+    assert_eq!(r["state"], "done", "{r}");
+    assert_eq!(r["answer"], "It is api/handler.go.");
+    assert!(r["actions"].as_array().unwrap().is_empty(), "{r}");
+    let requests = standin.requests();
+    let handler = p.join("api/handler.go");
+    for n in [1, 2] {
+        let body = requests[n].body.to_string();
+        assert!(
+            body.contains(handler.to_str().unwrap()),
+            "tool result {n} lacks the file: {body}"
+        );
+    }
+}

@@ -34,6 +34,8 @@ pub enum ContextQuery {
 pub enum Call {
     Act(Action),
     Context(ContextQuery),
+    /// A question the user's context index answers (the daemon reads it; nothing runs).
+    Index(crate::context::Question),
 }
 
 fn path_arg(description: &str) -> Value {
@@ -131,6 +133,22 @@ pub fn definitions() -> Vec<ToolDef> {
             schema: object(json!({}), &[]),
         },
         ToolDef {
+            name: "find_files",
+            description: "Look up files and directories by name or path in the user's indexed projects (a live index: answers at once). Every word must appear in the path, case-insensitive; `config` finds `conf` files too.",
+            schema: object(
+                json!({ "query": { "type": "string", "description": "Words of the name or path, e.g. `nginx conf`" } }),
+                &["query"],
+            ),
+        },
+        ToolDef {
+            name: "recent_files",
+            description: "Files changed recently in the user's indexed projects, newest first (ignored files left out).",
+            schema: object(
+                json!({ "since": { "type": "string", "description": "`today`, a duration back such as `2h` or `3d`, or an RFC 3339 time; default: the last 24 hours" } }),
+                &[],
+            ),
+        },
+        ToolDef {
             name: "processes",
             description: "The user's running processes: pid, command, working directory, CPU%, memory.",
             schema: object(json!({}), &[]),
@@ -158,6 +176,8 @@ pub fn parse(name: &str, input: &Value, cwd: &Path, home: &Path) -> Result<Call,
         "move" | "copy" => &["from", "to"],
         "search" => &["pattern", "path", "in"],
         "project_info" | "git_state" | "processes" => &[],
+        "find_files" => &["query"],
+        "recent_files" => &["since"],
         other => return Err(ToolError::Unknown(other.to_owned())),
     };
     let i = Input::new(name, input, cwd, home)?;
@@ -216,6 +236,15 @@ pub fn parse(name: &str, input: &Value, cwd: &Path, home: &Path) -> Result<Call,
             args: vec!["status".into(), "--short".into(), "--branch".into()],
         }),
         "project_info" => Ok(Call::Context(ContextQuery::Project)),
+        "find_files" => Ok(Call::Index(crate::context::Question::Find {
+            words: i.string("query")?,
+        })),
+        "recent_files" => Ok(Call::Index(crate::context::Question::Recent {
+            since: match i.fields.get("since") {
+                Some(_) => i.string("since")?,
+                None => String::new(),
+            },
+        })),
         _ => Ok(Call::Context(ContextQuery::Processes)),
     }
 }

@@ -521,6 +521,21 @@ async fn tool_call(
             let answer = context(d, config, query).await?;
             return Ok(ControlFlow::Continue((true, tool_result(&answer, limit))));
         }
+        Ok(Call::Index(question)) => {
+            // (`audit` logs a failed append; reading one's own index changes nothing.)
+            let _ = d.shared.audit(
+                "model.context",
+                Some(d.r.uid),
+                Some(d.id),
+                None,
+                serde_json::json!({ "query": question }),
+            );
+            let (ok, answer) = match super::context::answer(d.shared, d.caller, &question).await {
+                Ok(a) => (true, a),
+                Err(e) => (false, e.to_string()),
+            };
+            return Ok(ControlFlow::Continue((ok, tool_result(&answer, limit))));
+        }
         Ok(Call::Act(action)) => action,
     };
     let i = match propose(d, config, action).await? {
