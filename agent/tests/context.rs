@@ -150,6 +150,15 @@ fn inotify_keeps_the_index_current_with_ignore_rules_and_permissions() {
     eventually("a directory tree moved out is gone", || {
         found(&agent, &alice, "handler.go").is_empty()
     });
+    // Taking read access away takes the entry out.
+    sh(&alice, p, "echo x > docs/locked.md");
+    eventually("a new file is indexed", || {
+        found(&agent, &alice, "locked.md").len() == 1
+    });
+    sh(&alice, p, "chmod 000 docs/locked.md");
+    eventually("a file made unreadable is gone", || {
+        found(&agent, &alice, "locked.md").is_empty()
+    });
     // Changed files since today, newest first; ignored ones left out.
     let recent = context(&agent, &alice, &["recent", "--since", "today"]);
     let paths: Vec<&str> = recent["results"]

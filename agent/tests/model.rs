@@ -132,7 +132,7 @@ fn a_multi_step_task_reads_asks_runs_and_answers() {
             .unwrap()
             .contains("not instructions")
     );
-    assert_eq!(first["toolConfig"]["tools"].as_array().unwrap().len(), 13);
+    assert_eq!(first["toolConfig"]["tools"].as_array().unwrap().len(), 15);
     assert_eq!(first["inferenceConfig"]["maxTokens"], 4096);
     let asked = first["messages"][0]["content"][0]["text"].as_str().unwrap();
     assert!(
