@@ -39,15 +39,20 @@ fn cpu_ticks(pid: u32) -> u64 {
     rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap()
 }
 
+/// The daemon's `context-watch` child (started from any of its threads).
 fn watcher_pid(daemon: u32) -> Option<u32> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{daemon}/task/{daemon}/children")).ok()?;
-    children.split_whitespace().find_map(|c| {
-        let pid: u32 = c.parse().ok()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        String::from_utf8_lossy(&cmd)
-            .contains("context-watch")
-            .then_some(pid)
+        (ppid == daemon && String::from_utf8_lossy(&cmd).contains("context-watch")).then_some(pid)
     })
 }
 
@@ -146,8 +151,9 @@ fn main() {
             let t = Instant::now();
             std::fs::write(&path, "new").unwrap();
             loop {
-                let hits = ctx.find(&name, 1).await.unwrap();
-                if hits.contains(&name) {
+                let hits: serde_json::Value =
+                    serde_json::from_str(&ctx.find(&name, 1).await.unwrap()).unwrap();
+                if hits["results"].as_array().is_some_and(|r| !r.is_empty()) {
                     break;
                 }
                 assert!(

@@ -810,7 +810,9 @@ async fn context(
             return Ok(ExitCode::SUCCESS);
         }
         ContextCommand::Remove { dir } => {
+            // (Projects are kept by their real path; a removed directory has none.)
             let dir = absolute(Some(dir))?;
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             ctx.remove_project(&dir.to_string_lossy())
                 .await
                 .map_err(agent_error)?;

@@ -248,6 +248,20 @@ fn each_user_sees_only_their_own_index() {
         "{}",
         stderr(&out)
     );
+    // Overlapping projects, and kernel file systems, are refused with the reason.
+    sh(&alice, a.path(), "mkdir -p sub");
+    for (dir, why) in [
+        (a.path().join("sub"), "overlaps your project"),
+        ("/proc/self".into(), "not a project"),
+    ] {
+        let out = agent.devos(
+            Some(&alice),
+            Path::new("/"),
+            &["context", "add", dir.to_str().unwrap()],
+        );
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(why), "{}", stderr(&out));
+    }
     // A relative path is refused with what to do.
     let out = agent.busctl(
         Some(&alice),

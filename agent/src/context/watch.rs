@@ -32,6 +32,8 @@ const SETTLE: Duration = Duration::from_millis(100);
 const GIT_SETTLE: Duration = Duration::from_millis(300);
 /// Entries per [`Update::Entries`] line.
 const BATCH: usize = 2000;
+/// Kernel and runtime file systems: never entered (endless, changing, not projects).
+const NEVER_ENTERED: &[&str] = &["/proc", "/sys", "/dev", "/run"];
 
 enum Input {
     Command(Command),
@@ -232,6 +234,12 @@ impl Engine {
         let meta = std::fs::metadata(&root).map_err(|e| format!("{}: {e}", root.display()))?;
         if !meta.is_dir() {
             return Err(format!("{} is not a directory", root.display()));
+        }
+        if NEVER_ENTERED.iter().any(|d| root.starts_with(d)) {
+            return Err(format!(
+                "{} is a kernel or runtime file system, not a project",
+                root.display()
+            ));
         }
         if !readable_dir(&root) {
             return Err(format!(
@@ -453,7 +461,10 @@ impl Engine {
                     continue;
                 };
                 seen += 1;
-                if e.kind == Kind::Dir && !e.ignored {
+                if e.kind == Kind::Dir
+                    && !e.ignored
+                    && !NEVER_ENTERED.iter().any(|d| path == Path::new(d))
+                {
                     stack.push(path);
                 }
                 batch.push(e);

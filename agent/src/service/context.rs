@@ -35,7 +35,8 @@ pub(super) struct UserContext {
     caller: Caller,
     dir: PathBuf,
     index: Mutex<Index>,
-    watcher: Mutex<Option<ChildStdin>>,
+    /// The running watcher: its pid and its stdin.
+    watcher: Mutex<Option<(u32, ChildStdin)>>,
     /// Adds waiting for the watcher's answer, by token: (auto, answer).
     waiting: Mutex<Waiting>,
     /// Why the watcher is not running, when it is not.
@@ -146,7 +147,7 @@ impl Engine {
             match shared.context.user(shared, &caller) {
                 Ok(user) => {
                     if !lock(&user.index).roots().unwrap_or_default().is_empty()
-                        && let Err(e) = start_watcher(shared, &user)
+                        && let Err(e) = ensure_watcher(shared, &user)
                     {
                         tracing::warn!(uid, "cannot resume the context watcher: {e}");
                     }
@@ -229,8 +230,11 @@ pub(super) fn auto_add(
         return;
     };
     let roots = lock(&user.index).roots().unwrap_or_default();
+    // (A repository at the home directory — dotfiles — or at / would index everything.)
     if roots.iter().any(|r| root.starts_with(r))
         || roots.len() >= config.context.max_projects as usize
+        || root == caller.home
+        || root == Path::new("/")
     {
         return;
     }
@@ -257,13 +261,11 @@ fn send(
     user: &Arc<UserContext>,
     command: &Command,
 ) -> Result<(), ContextError> {
-    if lock(&user.watcher).is_none() {
-        start_watcher(shared, user)?;
-    }
+    ensure_watcher(shared, user)?;
     let mut line = serde_json::to_vec(command).unwrap_or_default();
     line.push(b'\n');
     let mut watcher = lock(&user.watcher);
-    let Some(stdin) = watcher.as_mut() else {
+    let Some((_, stdin)) = watcher.as_mut() else {
         return Err(ContextError::Start(std::io::Error::other(
             "it stopped at once",
         )));
@@ -271,8 +273,23 @@ fn send(
     stdin.write_all(&line).map_err(ContextError::Start)
 }
 
-/// Start `user`'s watcher and the thread that writes its updates to the index.
-fn start_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), ContextError> {
+/// Start `user`'s watcher unless it runs (checked and started under one lock, so two
+/// callers never start two).
+fn ensure_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), ContextError> {
+    let mut watcher = lock(&user.watcher);
+    if watcher.is_none() {
+        *watcher = Some(start_watcher(shared, user)?);
+        *lock(&user.stopped) = None;
+    }
+    Ok(())
+}
+
+/// Start a watcher for `user` and the thread that writes its updates to the index;
+/// returns its pid and stdin.
+fn start_watcher(
+    shared: &Arc<Shared>,
+    user: &Arc<UserContext>,
+) -> Result<(u32, ChildStdin), ContextError> {
     let config = shared.config();
     let job = WatchJob {
         caller: user.caller.clone(),
@@ -297,8 +314,7 @@ fn start_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), Co
     let mut line = serde_json::to_vec(&job).unwrap_or_default();
     line.push(b'\n');
     stdin.write_all(&line).map_err(ContextError::Start)?;
-    *lock(&user.watcher) = Some(stdin);
-    *lock(&user.stopped) = None;
+    let pid = child.id();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let last_error = Arc::new(Mutex::new(String::new()));
@@ -326,7 +342,14 @@ fn start_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), Co
             }
         }
         let status = child.wait();
-        *lock(&user.watcher) = None;
+        {
+            let mut watcher = lock(&user.watcher);
+            if watcher.as_ref().is_some_and(|(running, _)| *running != pid) {
+                // (A newer watcher took over; this one was retired.)
+                return;
+            }
+            *watcher = None;
+        }
         let why = format!(
             "the watcher stopped ({}){}",
             status.map_or_else(|e| e.to_string(), |s| s.to_string()),
@@ -340,7 +363,7 @@ fn start_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), Co
         }
         restart_later(&shared, &user, why);
     });
-    Ok(())
+    Ok((pid, stdin))
 }
 
 /// After a watcher stopped: start it again (unless it keeps stopping, or the user has
@@ -366,9 +389,7 @@ fn restart_later(shared: &Arc<Shared>, user: &Arc<UserContext>, why: String) {
     });
     if again && has_projects {
         std::thread::sleep(Duration::from_secs(2));
-        if lock(&user.watcher).is_none()
-            && let Err(e) = start_watcher(shared, user)
-        {
+        if let Err(e) = ensure_watcher(shared, user) {
             *lock(&user.stopped) = Some(e.to_string());
         }
     }
