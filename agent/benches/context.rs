@@ -110,7 +110,9 @@ fn main() {
         };
 
         let start = Instant::now();
-        ctx.add_project(root.to_str().unwrap()).await.unwrap();
+        ctx.add_project(root.to_str().unwrap(), false)
+            .await
+            .unwrap();
         loop {
             let s = status().await;
             if s["projects"][0]["scanned-at"].is_number() {

@@ -98,6 +98,9 @@ enum ContextCommand {
     Add {
         /// The directory (default: the current one).
         dir: Option<PathBuf>,
+        /// Index the text of its small text files too (`find --text`).
+        #[arg(long)]
+        text: bool,
     },
     /// Stop indexing a project and forget what was indexed in it.
     Remove { dir: PathBuf },
@@ -109,6 +112,9 @@ enum ContextCommand {
         words: Vec<String>,
         #[arg(short = 'n', long, default_value_t = 20)]
         limit: u32,
+        /// Search the text of files (projects added with `--text`) instead of names.
+        #[arg(long)]
+        text: bool,
     },
     /// Files changed recently, newest first.
     Recent {
@@ -793,10 +799,10 @@ async fn context(
     let ctx = crate::client::ContextProxy::new(conn).await?;
     let p = crate::executor::printable;
     let reply: Value = match command {
-        ContextCommand::Add { dir } => {
+        ContextCommand::Add { dir, text } => {
             let dir = absolute(dir)?;
             let root = ctx
-                .add_project(&dir.to_string_lossy())
+                .add_project(&dir.to_string_lossy(), text)
                 .await
                 .map_err(agent_error)?;
             if json {
@@ -822,11 +828,15 @@ async fn context(
             return Ok(ExitCode::SUCCESS);
         }
         ContextCommand::List => serde_json::from_str(&ctx.projects().await.map_err(agent_error)?)?,
-        ContextCommand::Find { words, limit } => serde_json::from_str(
-            &ctx.find(&words.join(" "), limit)
-                .await
-                .map_err(agent_error)?,
-        )?,
+        ContextCommand::Find { words, limit, text } => {
+            let query = words.join(" ");
+            let reply = if text {
+                ctx.find_text(&query, limit).await
+            } else {
+                ctx.find(&query, limit).await
+            };
+            serde_json::from_str(&reply.map_err(agent_error)?)?
+        }
         ContextCommand::Recent { since, limit } => {
             serde_json::from_str(&ctx.recent(&since, limit).await.map_err(agent_error)?)?
         }
@@ -853,7 +863,10 @@ async fn context(
             } else {
                 ""
             };
-            println!("{}  {}{ignored}", s(&h["path"]), stamp(&h["mtime"]));
+            match h["snippet"].as_str() {
+                Some(snippet) => println!("{}: {}", s(&h["path"]), p(snippet)),
+                None => println!("{}  {}{ignored}", s(&h["path"]), stamp(&h["mtime"])),
+            }
         }
     } else if let Some(procs) = reply.get("processes") {
         println!(

@@ -71,10 +71,11 @@ pub trait Agent1 {
     default_path = "/org/devos/Agent1"
 )]
 pub trait Context {
-    fn add_project(&self, path: &str) -> zbus::Result<String>;
+    fn add_project(&self, path: &str, text: bool) -> zbus::Result<String>;
     fn remove_project(&self, path: &str) -> zbus::Result<()>;
     fn projects(&self) -> zbus::Result<String>;
     fn find(&self, query: &str, limit: u32) -> zbus::Result<String>;
+    fn find_text(&self, query: &str, limit: u32) -> zbus::Result<String>;
     fn recent(&self, since: &str, limit: u32) -> zbus::Result<String>;
     fn git_state(&self, project: &str) -> zbus::Result<String>;
     fn processes(&self) -> zbus::Result<String>;

@@ -150,7 +150,28 @@ fn plan_context(req: &Words) -> Result<Option<Plan>, PlanError> {
             )
         })
     };
+    let mentions = |rest: &[&str]| -> Option<Plan> {
+        let words = search_words(rest);
+        (!words.is_empty()).then(|| {
+            ask(
+                format!("look up {words:?} in your projects' indexed text"),
+                Question::FindText { words },
+            )
+        })
+    };
     let plan = match words.as_slice() {
+        [
+            "which" | "what",
+            "files" | "file",
+            "mention" | "mentions" | "contain" | "contains",
+            rest @ ..,
+        ] => mentions(rest),
+        ["where" | "where's", rest @ ..]
+            if matches!(rest.last(), Some(&("mentioned" | "used" | "referenced"))) =>
+        {
+            let rest = rest.strip_prefix(&["is"]).unwrap_or(rest);
+            mentions(&rest[..rest.len() - 1])
+        }
         ["where" | "where's", rest @ ..] => {
             let rest = match rest {
                 ["is" | "are" | "'s", rest @ ..] => rest,

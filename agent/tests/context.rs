@@ -271,8 +271,9 @@ fn each_user_sees_only_their_own_index() {
             "/org/devos/Agent1",
             "org.devos.Agent1.Context",
             "AddProject",
-            "s",
+            "sb",
             "relative/dir",
+            "false",
         ],
     );
     assert!(!out.status.success());
@@ -522,4 +523,93 @@ fn requests_in_a_repository_index_it_and_the_model_reads_the_index() {
             "tool result {n} lacks the file: {body}"
         );
     }
+}
+
+#[test]
+fn the_text_of_a_project_is_indexed_when_asked_and_read_again_only_when_changed() {
+    let mut agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let with_text = alice.project();
+    let names_only = alice.project();
+    let p = with_text.path();
+    sh(
+        &alice,
+        p,
+        "mkdir src && echo 'fn load_settings() {}' > src/settings.rs \
+         && echo 'remember load_settings' > notes.md \
+         && head -c 70000 /dev/zero | tr '\\0' 'a' > big.txt && echo ' load_settings' >> big.txt \
+         && printf 'load_settings\\0binary' > blob.bin && echo 'alpha' > same.txt",
+    );
+    sh(&alice, names_only.path(), "echo 'load_settings' > other.rs");
+    let out = agent.devos(
+        Some(&alice),
+        p,
+        &["context", "add", "--text", p.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    context(
+        &agent,
+        &alice,
+        &["add", names_only.path().to_str().unwrap()],
+    );
+    let text = |agent: &Daemon, words: &str| -> Vec<String> {
+        context(agent, &alice, &["find", "--text", words])["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["path"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    eventually("the text is indexed", || {
+        text(&agent, "load_settings").len() == 2
+    });
+    // Small text files only, and only of the project that asked for it.
+    let hits = text(&agent, "load_settings");
+    assert!(hits.contains(&p.join("src/settings.rs").to_string_lossy().into_owned()));
+    assert!(hits.contains(&p.join("notes.md").to_string_lossy().into_owned()));
+    let shown = agent.devos(
+        Some(&alice),
+        p,
+        &["context", "find", "--text", "load_settings"],
+    );
+    assert!(
+        stdout(&shown).contains("[load_settings]"),
+        "{}",
+        stdout(&shown)
+    );
+    // A change is read again.
+    sh(&alice, p, "echo 'fn render_page() {}' >> src/settings.rs");
+    eventually("changed text is indexed", || {
+        text(&agent, "render_page").len() == 1
+    });
+    // The planner asks the text index for "which files mention ...".
+    let r = run_json(
+        &agent,
+        &alice,
+        p,
+        &["which", "files", "mention", "render_page"],
+    );
+    assert!(r["answer"].as_str().unwrap().contains("settings.rs"), "{r}");
+
+    // After a restart only files whose mtime or size changed are read again: same.txt
+    // gets other text of the same length with its old mtime while the agent is down,
+    // and the index keeps the text it had; notes.md really changed and is read.
+    agent.stop();
+    sh(
+        &alice,
+        p,
+        "touch -r same.txt /tmp/devos-stamp-$$ && echo 'omega' > same.txt \
+         && touch -r /tmp/devos-stamp-$$ same.txt && rm /tmp/devos-stamp-$$ \
+         && echo 'offline_change' >> notes.md",
+    );
+    agent.restart();
+    eventually("the changed file is read again", || {
+        text(&agent, "offline_change").len() == 1
+    });
+    assert_eq!(
+        text(&agent, "alpha").len(),
+        1,
+        "unchanged files are not read again"
+    );
+    assert!(text(&agent, "omega").is_empty());
 }

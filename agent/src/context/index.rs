@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS projects (
     scanned_at INTEGER,
     scan_millis INTEGER,
     complete INTEGER NOT NULL DEFAULT 1,
-    git TEXT
+    git TEXT,
+    text INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY,
@@ -47,11 +48,19 @@ CREATE VIRTUAL TABLE IF NOT EXISTS files_fts USING fts5 (
 CREATE TRIGGER IF NOT EXISTS files_ai AFTER INSERT ON files BEGIN
     INSERT INTO files_fts (rowid, rel) VALUES (new.id, new.rel);
 END;
+CREATE VIRTUAL TABLE IF NOT EXISTS texts USING fts5 (
+    body, tokenize = 'unicode61 remove_diacritics 2'
+);
 CREATE TRIGGER IF NOT EXISTS files_ad AFTER DELETE ON files BEGIN
     INSERT INTO files_fts (files_fts, rowid, rel) VALUES ('delete', old.id, old.rel);
+    DELETE FROM texts WHERE rowid = old.id;
 END;
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 ";
+
+/// The schema version `SCHEMA` sets; an index of another is rebuilt (it is a cache of
+/// the file system, and the project list is kept beside it).
+const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -66,6 +75,9 @@ pub enum IndexError {
         source: rusqlite::Error,
     },
 }
+
+/// Why entries are dropped once the database is as large as it may grow.
+const FULL: &str = "the index reached [context] max-index-mib; raise it or remove a project";
 
 /// Whether an SQLite error says the file is damaged (or not a database at all).
 pub fn is_corrupt(e: &rusqlite::Error) -> bool {
@@ -92,6 +104,8 @@ pub struct ProjectInfo {
     pub scan_millis: Option<u64>,
     /// The last scan reached every entry (false: it stopped at `max-files`).
     pub complete: bool,
+    /// The text of its small text files is indexed too.
+    pub text: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_branch: Option<String>,
 }
@@ -108,6 +122,9 @@ pub struct Hit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lang: Option<String>,
     pub ignored: bool,
+    /// Where the words are, for a text search: `[`word`]` in up to 12 words around it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snippet: Option<String>,
 }
 
 /// The scan in progress: what it has reported so far.
@@ -194,15 +211,51 @@ impl Index {
     }
 
     /// Register a project (again: nothing changes but `auto`, which only goes down).
-    pub fn add_project(&self, root: &Path, auto: bool) -> Result<(), IndexError> {
+    pub fn add_project(&self, root: &Path, auto: bool, text: bool) -> Result<(), IndexError> {
         self.conn
             .execute(
-                "INSERT INTO projects (root, auto, added) VALUES (?1, ?2, ?3)
+                "INSERT INTO projects (root, auto, added, text) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (root) DO UPDATE SET auto = min(auto, excluded.auto)",
-                params![path_text(root), auto, crate::caller::now_secs() as i64],
+                params![
+                    path_text(root),
+                    auto,
+                    crate::caller::now_secs() as i64,
+                    text
+                ],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    /// The projects as the watcher resumes them: root, whether their text is indexed,
+    /// and the files whose text the index has, with the mtime and size they had.
+    pub fn project_jobs(&self) -> Result<Vec<super::ProjectJob>, IndexError> {
+        let mut jobs = Vec::new();
+        for p in self.projects()? {
+            let mut known = Vec::new();
+            if p.text {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT f.rel, f.mtime, f.size FROM files f
+                         JOIN projects p ON p.id = f.project
+                         JOIN texts t ON t.rowid = f.id WHERE p.root = ?1",
+                    )
+                    .map_err(|e| self.err(e))?;
+                known = stmt
+                    .query_map([path_text(&p.root)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+                    })
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| self.err(e))?;
+            }
+            jobs.push(super::ProjectJob {
+                root: p.root,
+                text: p.text,
+                known,
+            });
+        }
+        Ok(jobs)
     }
 
     /// Forget a project and everything indexed in it.
@@ -249,7 +302,7 @@ impl Index {
             .prepare_cached(
                 "SELECT p.root, p.auto, p.added, p.mode, p.scanned_at, p.scan_millis,
                         p.complete, p.git,
-                        (SELECT count(*) FROM files f WHERE f.project = p.id)
+                        (SELECT count(*) FROM files f WHERE f.project = p.id), p.text
                  FROM projects p ORDER BY p.id",
             )
             .map_err(|e| self.err(e))?;
@@ -269,6 +322,7 @@ impl Index {
                         .and_then(|g| serde_json::from_str::<GitState>(&g).ok())
                         .and_then(|g| g.branch),
                     entries: r.get::<_, i64>(8)? as u64,
+                    text: r.get(9)?,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -377,6 +431,15 @@ impl Index {
                      WHERE project = ?1 AND rel = ?2",
                 )
                 .map_err(|e| self.err(e))?;
+            let mut text = tx
+                .prepare_cached("SELECT id FROM files WHERE project = ?1 AND rel = ?2")
+                .map_err(|e| self.err(e))?;
+            let mut drop_text = tx
+                .prepare_cached("DELETE FROM texts WHERE rowid = ?1")
+                .map_err(|e| self.err(e))?;
+            let mut put_text = tx
+                .prepare_cached("INSERT INTO texts (rowid, body) VALUES (?1, ?2)")
+                .map_err(|e| self.err(e))?;
             for e in entries {
                 let rel = rel_of(root, Path::new(&e.path));
                 if rel.is_empty() {
@@ -412,13 +475,29 @@ impl Index {
                     }
                     Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) => {
                         self.dropped += 1;
-                        self.full = Some(
-                            "the index reached [context] max-index-mib; raise it or remove a project"
-                                .into(),
-                        );
+                        self.full = Some(FULL.into());
                         room = 0;
                     }
                     Err(e) => return Err(self.err(e)),
+                }
+                if let Some(body) = &e.text {
+                    let id: Option<i64> = text
+                        .query_row(params![project, rel], |r| r.get(0))
+                        .optional()
+                        .map_err(|e| self.err(e))?;
+                    if let Some(id) = id {
+                        drop_text.execute([id]).map_err(|e| self.err(e))?;
+                        match put_text.execute(params![id, body]) {
+                            Ok(_) => {}
+                            Err(e)
+                                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) =>
+                            {
+                                self.dropped += 1;
+                                self.full = Some(FULL.into());
+                            }
+                            Err(e) => return Err(self.err(e)),
+                        }
+                    }
                 }
                 if let Some(scan) = &mut self.scan
                     && scan.project == project
@@ -524,42 +603,20 @@ impl Index {
         };
         let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let mut hits: Vec<(u32, Hit)> = stmt
-            .query_map([arg], |r| {
-                let rel: String = r.get(0)?;
-                let root: String = r.get(1)?;
-                Ok((
-                    rel,
-                    root,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })
+            .query_map([arg], hit)
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.err(e))?
             .into_iter()
-            .filter_map(|(rel, root, kind, size, mtime, lang, ignored)| {
+            .filter_map(|h| {
+                // (Matched in the path below the project's root, as the index has it.)
+                let rel = h.path.get(h.project.len() + 1..).unwrap_or(&h.path);
                 let lower = rel.to_lowercase();
                 if !words.iter().all(|w| lower.contains(w.as_str())) {
                     return None;
                 }
                 let name = lower.rsplit('/').next().unwrap_or(&lower);
                 let in_name = words.iter().filter(|w| name.contains(w.as_str())).count();
-                let score = (words.len() - in_name) as u32;
-                Some((
-                    score,
-                    Hit {
-                        path: format!("{root}/{rel}"),
-                        project: root,
-                        kind: Kind::parse(&kind),
-                        size: size as u64,
-                        mtime,
-                        lang,
-                        ignored,
-                    },
-                ))
+                Some(((words.len() - in_name) as u32, h))
             })
             .collect();
         hits.sort_by(|(sa, a), (sb, b)| {
@@ -571,6 +628,44 @@ impl Index {
             ))
         });
         Ok(hits.into_iter().take(limit).map(|(_, h)| h).collect())
+    }
+
+    /// Text-indexed files holding every word of `query` (as whole words; `word*` for
+    /// a prefix), best match first, with a snippet around the match.
+    pub fn find_text(&self, query: &str, limit: usize) -> Result<Vec<Hit>, IndexError> {
+        let words: Vec<String> = query
+            .split_whitespace()
+            .map(|w| {
+                let (w, prefix) = match w.strip_suffix('*') {
+                    Some(w) => (w, "*"),
+                    None => (w, ""),
+                };
+                format!("\"{}\"{prefix}", w.replace('"', "\"\""))
+            })
+            .filter(|w| w.len() > 2)
+            .collect();
+        if words.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT f.rel, p.root, f.kind, f.size, f.mtime, f.lang, f.ignored,
+                        snippet(texts, 0, '[', ']', '…', 12)
+                 FROM texts JOIN files f ON f.id = texts.rowid
+                 JOIN projects p ON p.id = f.project
+                 WHERE texts MATCH ?1 ORDER BY rank LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let hits = stmt
+            .query_map(params![words.join(" AND "), limit as i64], |r| {
+                let mut hit = hit(r)?;
+                hit.snippet = r.get(7)?;
+                Ok(hit)
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?;
+        Ok(hits)
     }
 
     /// Files changed at or after `since` (seconds since the epoch), newest first,
@@ -586,19 +681,7 @@ impl Index {
             )
             .map_err(|e| self.err(e))?;
         let hits = stmt
-            .query_map(params![since, limit as i64], |r| {
-                let rel: String = r.get(0)?;
-                let root: String = r.get(1)?;
-                Ok(Hit {
-                    path: format!("{root}/{rel}"),
-                    project: root,
-                    kind: Kind::parse(&r.get::<_, String>(2)?),
-                    size: r.get::<_, i64>(3)? as u64,
-                    mtime: r.get(4)?,
-                    lang: r.get(5)?,
-                    ignored: r.get(6)?,
-                })
-            })
+            .query_map(params![since, limit as i64], hit)
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|e| self.err(e))?;
         Ok(hits)
@@ -614,16 +697,43 @@ impl Index {
     }
 }
 
+/// A hit from a row of `rel, root, kind, size, mtime, lang, ignored`.
+fn hit(r: &rusqlite::Row) -> rusqlite::Result<Hit> {
+    let rel: String = r.get(0)?;
+    let root: String = r.get(1)?;
+    Ok(Hit {
+        path: format!("{root}/{rel}"),
+        project: root,
+        kind: Kind::parse(&r.get::<_, String>(2)?),
+        size: r.get::<_, i64>(3)? as u64,
+        mtime: r.get(4)?,
+        lang: r.get(5)?,
+        ignored: r.get(6)?,
+        snippet: None,
+    })
+}
+
 fn open_checked(path: &Path, max_mib: u64) -> Result<Connection, rusqlite::Error> {
     use std::os::unix::fs::PermissionsExt;
     let conn = Connection::open(path)?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
-    if check != "ok" {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let problem = if check != "ok" {
+        Some(check)
+    } else if version != 0 && version != SCHEMA_VERSION {
+        Some(format!(
+            "index format {version}, this agent's is {SCHEMA_VERSION}"
+        ))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        // (Moved aside and rebuilt like a damaged one.)
         return Err(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-            Some(check),
+            Some(problem),
         ));
     }
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -677,6 +787,7 @@ mod tests {
             mtime,
             lang: None,
             ignored: false,
+            text: None,
         }
     }
 
@@ -708,7 +819,7 @@ mod tests {
     fn find_ranks_names_first_and_a_rescan_drops_what_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let mut index = Index::open(&dir.path().join("u/index.db"), 1000, 10).unwrap();
-        index.add_project(Path::new("/p"), false).unwrap();
+        index.add_project(Path::new("/p"), false, false).unwrap();
         scan(
             &mut index,
             "/p",
@@ -738,7 +849,7 @@ mod tests {
     fn the_file_limit_holds() {
         let dir = tempfile::tempdir().unwrap();
         let mut index = Index::open(&dir.path().join("index.db"), 2, 10).unwrap();
-        index.add_project(Path::new("/p"), false).unwrap();
+        index.add_project(Path::new("/p"), false, false).unwrap();
         scan(&mut index, "/p", &["/p/a", "/p/b", "/p/c"]);
         assert_eq!(index.entries().unwrap(), 2);
         assert!(index.full.is_some());

@@ -69,7 +69,15 @@ pub struct Entry {
     /// excludes. Ignored directories are listed but not entered.
     #[serde(default)]
     pub ignored: bool,
+    /// For projects whose text is indexed: the file's text (`Some("")`: it has none —
+    /// binary, too large, ignored or unreadable as text); `None`: unchanged since it
+    /// was last read, or not a text-indexed project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
+
+/// Files larger than this are not read for the text index.
+pub const MAX_TEXT_BYTES: u64 = 64 * 1024;
 
 /// How a project is kept current.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,7 +155,12 @@ pub enum Update {
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Command {
     /// Add a project: answered with [`Update::Added`] or [`Update::Refused`].
-    Add { token: u64, path: PathBuf },
+    Add {
+        token: u64,
+        path: PathBuf,
+        /// Index the text of small text files too.
+        text: bool,
+    },
     /// Stop watching a project.
     Remove { root: PathBuf },
 }
@@ -163,6 +176,8 @@ pub enum Command {
 pub enum Question {
     /// Where is ...: entries whose path holds these words.
     Find { words: String },
+    /// Which files mention ...: text-indexed files holding these words.
+    FindText { words: String },
     /// What changed: files changed since `since` (as `Recent` takes it: empty for
     /// the last day, `today`, `1h`, ...).
     Recent { since: String },
@@ -177,14 +192,29 @@ pub enum Question {
 #[serde(rename_all = "kebab-case")]
 pub struct WatchJob {
     pub caller: crate::caller::Caller,
-    /// Projects to resume, canonical.
-    pub projects: Vec<PathBuf>,
+    /// Projects to resume.
+    pub projects: Vec<ProjectJob>,
     /// Entries indexed at most, over all projects.
     pub max_files: u64,
     /// inotify watches used at most (0: as many as the kernel gives).
     pub max_watches: u64,
     /// How often a project that could not be watched whole is rescanned.
     pub rescan_secs: u64,
+}
+
+/// A project to resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ProjectJob {
+    /// Canonical.
+    pub root: PathBuf,
+    /// Its text is indexed.
+    pub text: bool,
+    /// For a text-indexed project: the files whose text the index has (or knows they
+    /// have none), with the mtime and size they had then — not read again unless they
+    /// changed.
+    #[serde(default)]
+    pub known: Vec<(String, i64, u64)>,
 }
 
 /// The language or file type a name's extension says.

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use notify::Watcher;
 
-use super::{Command, Entry, Kind, Mode, Update, WatchJob, git, language};
+use super::{
+    Command, Entry, Kind, MAX_TEXT_BYTES, Mode, ProjectJob, Update, WatchJob, git, language,
+};
 use crate::gitrepo::{self, Repo};
 
 /// Changes are collected this long before they are handled (a burst is one pass).
@@ -90,9 +92,9 @@ pub fn watch_from_stdin() -> i32 {
         }
     };
     let mut engine = Engine::new(job, watcher, Out::stdout());
-    let roots = engine.job.projects.clone();
-    for root in roots {
-        engine.add(&root);
+    let projects = std::mem::take(&mut engine.job.projects);
+    for p in projects {
+        engine.add(p);
     }
     engine.run(&rx);
     0
@@ -140,6 +142,11 @@ struct Project {
     next_rescan: Option<Instant>,
     git_due: Option<Instant>,
     entries: u64,
+    /// Index the text of small text files.
+    text: bool,
+    /// Of a text-indexed project: the mtime and size each file had when its text was
+    /// last read.
+    read: HashMap<String, (i64, u64)>,
 }
 
 struct Engine {
@@ -171,20 +178,26 @@ impl Engine {
                 d.saturating_duration_since(Instant::now())
             });
             match rx.recv_timeout(wait) {
-                Ok(Input::Command(Command::Add { token, path })) => match self.check_new(&path) {
-                    Ok(root) => {
-                        // Answered first: the daemon registers the project, then takes
-                        // its scan.
-                        self.out.send(&Update::Added {
-                            token,
-                            root: root.clone(),
-                        });
-                        if !self.projects.iter().any(|p| p.root == root) {
-                            self.add(&root);
+                Ok(Input::Command(Command::Add { token, path, text })) => {
+                    match self.check_new(&path) {
+                        Ok(root) => {
+                            // Answered first: the daemon registers the project, then takes
+                            // its scan.
+                            self.out.send(&Update::Added {
+                                token,
+                                root: root.clone(),
+                            });
+                            if !self.projects.iter().any(|p| p.root == root) {
+                                self.add(ProjectJob {
+                                    root,
+                                    text,
+                                    known: Vec::new(),
+                                });
+                            }
                         }
+                        Err(why) => self.out.send(&Update::Refused { token, why }),
                     }
-                    Err(why) => self.out.send(&Update::Refused { token, why }),
-                },
+                }
                 Ok(Input::Command(Command::Remove { root })) => self.remove(&root),
                 Ok(Input::Fs(Ok(event))) => self.note(event),
                 Ok(Input::Fs(Err(e))) => {
@@ -262,8 +275,9 @@ impl Engine {
         Ok(root)
     }
 
-    /// Start keeping `root` current: scan it, watch it, read its git state.
-    fn add(&mut self, root: &Path) {
+    /// Start keeping a project current: scan it, watch it, read its git state.
+    fn add(&mut self, job: ProjectJob) {
+        let root = job.root.as_path();
         if !readable_dir(root) {
             self.out.send(&Update::Mode {
                 root: root.to_path_buf(),
@@ -292,6 +306,17 @@ impl Engine {
             next_rescan: None,
             git_due: None,
             entries: 0,
+            text: job.text,
+            read: job
+                .known
+                .iter()
+                .map(|(rel, mtime, size)| {
+                    (
+                        root.join(rel).to_string_lossy().into_owned(),
+                        (*mtime, *size),
+                    )
+                })
+                .collect(),
         });
         let i = self.projects.len() - 1;
         self.out.send(&Update::Mode {
@@ -518,16 +543,50 @@ impl Engine {
             return None;
         }
         let name = path.file_name()?.to_str()?;
+        let ignored = self.ignored(i, path, kind == Kind::Dir);
+        let (size, mtime) = (meta.len(), meta.mtime());
+        let body = if kind == Kind::File && self.projects[i].text {
+            self.text_of(i, path, &text, ignored, (mtime, size))
+        } else {
+            None
+        };
         Some(Entry {
             lang: (kind == Kind::File)
                 .then(|| language(name))
                 .flatten()
                 .map(str::to_owned),
-            ignored: self.ignored(i, path, kind == Kind::Dir),
+            ignored,
             path: text,
             kind,
-            size: meta.len(),
-            mtime: meta.mtime(),
+            size,
+            mtime,
+            text: body,
+        })
+    }
+
+    /// The text of a file of a text-indexed project, if it changed since it was last
+    /// read: `Some("")` when it has none to index (ignored, too large, not UTF-8, or
+    /// with NUL bytes).
+    fn text_of(
+        &mut self,
+        i: usize,
+        path: &Path,
+        key: &str,
+        ignored: bool,
+        stamp: (i64, u64),
+    ) -> Option<String> {
+        let p = &mut self.projects[i];
+        if p.read.get(key) == Some(&stamp) {
+            return None;
+        }
+        p.read.insert(key.to_owned(), stamp);
+        if ignored || stamp.1 > MAX_TEXT_BYTES {
+            return Some(String::new());
+        }
+        let bytes = std::fs::read(path).unwrap_or_default();
+        Some(match String::from_utf8(bytes) {
+            Ok(s) if !s.contains('\0') => s,
+            _ => String::new(),
         })
     }
 
@@ -580,17 +639,25 @@ impl Engine {
             return;
         }
         for path in event.paths {
-            if let Some(i) = self.project_of(&path)
-                && let Some(repo) = &self.projects[i].repo
-                && git::is_state_path(repo, &path)
-            {
+            // (A linked worktree's git directory is outside its project.)
+            let in_git: Vec<usize> = (0..self.projects.len())
+                .filter(|i| {
+                    self.projects[*i]
+                        .repo
+                        .as_ref()
+                        .is_some_and(|r| git::is_state_path(r, &path))
+                })
+                .collect();
+            if in_git.is_empty() {
+                self.pending.insert(path);
+                continue;
+            }
+            for i in in_git {
                 self.projects[i].git_due = Some(Instant::now() + GIT_SETTLE);
                 if path.is_dir() {
                     self.watch(i, &path, true);
                 }
-                continue;
             }
-            self.pending.insert(path);
         }
         if !self.pending.is_empty() && self.pending_since.is_none() {
             self.pending_since = Some(Instant::now());
@@ -693,9 +760,13 @@ impl Engine {
         }
     }
 
-    /// Drop the watches of `path` and of every directory under it.
+    /// Drop the watches of `path` and of every directory under it (and what is known
+    /// of their texts).
     fn forget(&mut self, i: usize, path: &Path) {
         let p = &mut self.projects[i];
+        if p.text {
+            p.read.retain(|k, _| !Path::new(k).starts_with(path));
+        }
         let gone: Vec<PathBuf> = p
             .watched
             .iter()

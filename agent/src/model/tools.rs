@@ -134,9 +134,12 @@ pub fn definitions() -> Vec<ToolDef> {
         },
         ToolDef {
             name: "find_files",
-            description: "Look up files and directories by name or path in the user's indexed projects (a live index: answers at once). Every word must appear in the path, case-insensitive; `config` finds `conf` files too.",
+            description: "Look up files and directories in the user's indexed projects (a live index: answers at once). By name (the default): every word must appear in the path, case-insensitive. By text: files whose text holds every word (only projects the user indexed with their text).",
             schema: object(
-                json!({ "query": { "type": "string", "description": "Words of the name or path, e.g. `nginx conf`" } }),
+                json!({
+                    "query": { "type": "string", "description": "Words of the name or path, e.g. `nginx conf`; or of the text" },
+                    "in": { "type": "string", "enum": ["names", "text"], "description": "Search names and paths (default) or the files' text" }
+                }),
                 &["query"],
             ),
         },
@@ -176,7 +179,7 @@ pub fn parse(name: &str, input: &Value, cwd: &Path, home: &Path) -> Result<Call,
         "move" | "copy" => &["from", "to"],
         "search" => &["pattern", "path", "in"],
         "project_info" | "git_state" | "processes" => &[],
-        "find_files" => &["query"],
+        "find_files" => &["query", "in"],
         "recent_files" => &["since"],
         other => return Err(ToolError::Unknown(other.to_owned())),
     };
@@ -236,9 +239,20 @@ pub fn parse(name: &str, input: &Value, cwd: &Path, home: &Path) -> Result<Call,
             args: vec!["status".into(), "--short".into(), "--branch".into()],
         }),
         "project_info" => Ok(Call::Context(ContextQuery::Project)),
-        "find_files" => Ok(Call::Index(crate::context::Question::Find {
-            words: i.string("query")?,
-        })),
+        "find_files" => {
+            let words = i.string("query")?;
+            match i
+                .fields
+                .get("in")
+                .map(|_| i.string("in"))
+                .transpose()?
+                .as_deref()
+            {
+                None | Some("names") => Ok(Call::Index(crate::context::Question::Find { words })),
+                Some("text") => Ok(Call::Index(crate::context::Question::FindText { words })),
+                Some(other) => Err(i.bad(format!("`in` is `names` or `text`, not {other:?}"))),
+            }
+        }
         "recent_files" => Ok(Call::Index(crate::context::Question::Recent {
             since: match i.fields.get("since") {
                 Some(_) => i.string("since")?,

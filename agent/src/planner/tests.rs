@@ -180,6 +180,18 @@ fn context_questions_go_to_the_index() {
         })
     );
     assert_eq!(
+        question("which files mention parse_config?"),
+        Some(Question::FindText {
+            words: "parse_config".into()
+        })
+    );
+    assert_eq!(
+        question("where is MAX_RETRIES used"),
+        Some(Question::FindText {
+            words: "max_retries".into()
+        })
+    );
+    assert_eq!(
         question("what did I change today"),
         Some(Question::Recent {
             since: "today".into()

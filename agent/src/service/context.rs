@@ -28,7 +28,15 @@ const MAX_RESULTS: u32 = 1000;
 /// Watcher restarts in a row (less than a minute apart) before giving up.
 const MAX_RESTARTS: u32 = 5;
 
-type Waiting = HashMap<u64, (bool, tokio::sync::oneshot::Sender<Result<PathBuf, String>>)>;
+/// Adds waiting for the watcher's answer, by token: auto, text, where the answer goes.
+type Waiting = HashMap<
+    u64,
+    (
+        bool,
+        bool,
+        tokio::sync::oneshot::Sender<Result<PathBuf, String>>,
+    ),
+>;
 
 /// One user's index and watcher.
 pub(super) struct UserContext {
@@ -106,8 +114,8 @@ impl Engine {
         )?;
         if index.rebuilt.is_some() {
             // The projects survive in their list beside the database.
-            for root in read_project_list(&dir) {
-                index.add_project(&root.0, root.1)?;
+            for p in read_project_list(&dir) {
+                index.add_project(&p.root, p.auto, p.text)?;
             }
         }
         let user = Arc::new(UserContext {
@@ -157,12 +165,14 @@ impl Engine {
         }
     }
 
-    /// Register `path` for `caller` (`auto`: because a request ran in it).
+    /// Register `path` for `caller` (`auto`: because a request ran in it; `text`:
+    /// index the text of its small text files too).
     pub(super) async fn add(
         shared: &Arc<Shared>,
         caller: &Caller,
         path: &Path,
         auto: bool,
+        text: bool,
     ) -> Result<PathBuf, ContextError> {
         let user = shared.context.user(shared, caller)?;
         let limit = shared.config().context.max_projects;
@@ -172,13 +182,14 @@ impl Engine {
         }
         let token = shared.context.tokens.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        lock(&user.waiting).insert(token, (auto, tx));
+        lock(&user.waiting).insert(token, (auto, text, tx));
         let sent = send(
             shared,
             &user,
             &Command::Add {
                 token,
                 path: path.to_path_buf(),
+                text,
             },
         );
         if let Err(e) = sent {
@@ -240,7 +251,7 @@ pub(super) fn auto_add(
     }
     let (shared, caller, root) = (shared.clone(), caller.clone(), root.to_path_buf());
     tokio::spawn(async move {
-        match Engine::add(&shared, &caller, &root, true).await {
+        match Engine::add(&shared, &caller, &root, true, false).await {
             Ok(root) => {
                 let _ = shared.audit(
                     "context.project-added",
@@ -293,7 +304,7 @@ fn start_watcher(
     let config = shared.config();
     let job = WatchJob {
         caller: user.caller.clone(),
-        projects: lock(&user.index).roots()?,
+        projects: lock(&user.index).project_jobs()?,
         max_files: config.context.max_files,
         max_watches: config.context.max_watches,
         rescan_secs: config.context.rescan_secs,
@@ -358,7 +369,7 @@ fn start_watcher(
                 e => format!(": {e}"),
             }
         );
-        for (_, (_, tx)) in lock(&user.waiting).drain() {
+        for (_, (_, _, tx)) in lock(&user.waiting).drain() {
             let _ = tx.send(Err(why.clone()));
         }
         restart_later(&shared, &user, why);
@@ -401,14 +412,16 @@ fn take(user: &UserContext, update: &Update) {
     match update {
         Update::Added { token, root } => {
             let answer = lock(&user.waiting).remove(token);
-            let auto = answer.as_ref().is_some_and(|(auto, _)| *auto);
-            let result = index.add_project(root, auto).map_err(|e| e.to_string());
-            if let Some((_, tx)) = answer {
+            let (auto, text) = answer.as_ref().map_or((false, false), |(a, t, _)| (*a, *t));
+            let result = index
+                .add_project(root, auto, text)
+                .map_err(|e| e.to_string());
+            if let Some((_, _, tx)) = answer {
                 let _ = tx.send(result.map(|()| root.clone()));
             }
         }
         Update::Refused { token, why } => {
-            if let Some((_, tx)) = lock(&user.waiting).remove(token) {
+            if let Some((_, _, tx)) = lock(&user.waiting).remove(token) {
                 let _ = tx.send(Err(why.clone()));
             }
         }
@@ -436,8 +449,8 @@ fn rebuild(user: &UserContext) {
     let _ = std::fs::rename(&path, &aside);
     let (max_files, max_mib) = user.limits;
     if let Ok(fresh) = Index::open(&path, max_files, max_mib) {
-        for (root, auto) in read_project_list(&user.dir) {
-            let _ = fresh.add_project(&root, auto);
+        for p in read_project_list(&user.dir) {
+            let _ = fresh.add_project(&p.root, p.auto, p.text);
         }
         let mut index = lock(&user.index);
         *index = fresh;
@@ -450,8 +463,17 @@ fn rebuild(user: &UserContext) {
     *lock(&user.watcher) = None;
 }
 
-/// The project list beside the index: `[[root, auto], ...]`.
-fn read_project_list(dir: &Path) -> Vec<(PathBuf, bool)> {
+/// One project in the list beside the index.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Listed {
+    root: PathBuf,
+    auto: bool,
+    #[serde(default)]
+    text: bool,
+}
+
+/// The project list beside the index (`projects.json`).
+fn read_project_list(dir: &Path) -> Vec<Listed> {
     std::fs::read(dir.join("projects.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -459,10 +481,14 @@ fn read_project_list(dir: &Path) -> Vec<(PathBuf, bool)> {
 }
 
 fn write_project_list(user: &UserContext) -> Result<(), ContextError> {
-    let list: Vec<(PathBuf, bool)> = lock(&user.index)
+    let list: Vec<Listed> = lock(&user.index)
         .projects()?
         .into_iter()
-        .map(|p| (p.root, p.auto))
+        .map(|p| Listed {
+            root: p.root,
+            auto: p.auto,
+            text: p.text,
+        })
         .collect();
     let path = user.dir.join("projects.json");
     let tmp = user.dir.join("projects.json.tmp");
@@ -530,10 +556,12 @@ impl Context {
 #[zbus::interface(name = "org.devos.Agent1.Context")]
 impl Context {
     /// Register a directory as a project: it is scanned (as the caller) and kept
-    /// current. Returns the project's canonical root.
+    /// current; with `text`, the text of its small text files is indexed too. Returns
+    /// the project's canonical root.
     async fn add_project(
         &self,
         path: &str,
+        text: bool,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
@@ -545,14 +573,14 @@ impl Context {
                 path.display()
             )));
         }
-        let root = Engine::add(&self.shared, &caller, &path, false).await?;
+        let root = Engine::add(&self.shared, &caller, &path, false, text).await?;
         // (`audit` logs a failed append; registering a project changes nothing.)
         let _ = self.shared.audit(
             "context.project-added",
             Some(caller.uid),
             None,
             None,
-            json!({ "root": root }),
+            json!({ "root": root, "text": text }),
         );
         Ok(root.to_string_lossy().into_owned())
     }
@@ -598,6 +626,22 @@ impl Context {
         let (_, user) = self.user(&header, conn).await?;
         let hits = lock(&user.index)
             .find(query, clamp(limit))
+            .map_err(failed)?;
+        Ok(json!({ "query": query, "results": hits }).to_string())
+    }
+
+    /// Text-indexed files holding every word of `query` (JSON), best match first,
+    /// each with a snippet.
+    async fn find_text(
+        &self,
+        query: &str,
+        limit: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let (_, user) = self.user(&header, conn).await?;
+        let hits = lock(&user.index)
+            .find_text(query, clamp(limit))
             .map_err(failed)?;
         Ok(json!({ "query": query, "results": hits }).to_string())
     }
@@ -732,6 +776,23 @@ pub(super) async fn answer(
     };
     let now = crate::caller::now_secs() as i64;
     Ok(match question {
+        Question::FindText { words } => {
+            if roots.is_empty() {
+                return Ok(none());
+            }
+            let hits = lock(&user.index).find_text(words, 20)?;
+            if hits.is_empty() {
+                format!(
+                    "No indexed text holds {words:?} (only projects added with `devos context add --text` have their text indexed)."
+                )
+            } else {
+                let lines: Vec<String> = hits
+                    .iter()
+                    .map(|h| format!("{}: {}", h.path, h.snippet.as_deref().unwrap_or("")))
+                    .collect();
+                format!("In your projects' text, {words:?}:\n{}", lines.join("\n"))
+            }
+        }
         Question::Find { words } => {
             if roots.is_empty() {
                 return Ok(none());
