@@ -206,6 +206,11 @@ pub struct PlanJob {
     /// A question about the caller's context to answer (the model's context tools).
     #[serde(default)]
     pub context: Option<ContextQuery>,
+    /// Sample the caller's processes over this many milliseconds, with the projects
+    /// they work in (the context engine's `Processes`). As the caller, because the
+    /// agent's own /proc view may hide other users' processes (`ProtectProc=`).
+    #[serde(default)]
+    pub processes: Option<(u64, Vec<PathBuf>)>,
 }
 
 impl PlanJob {
@@ -220,6 +225,7 @@ impl PlanJob {
             resolve: Vec::new(),
             classify: Vec::new(),
             context: None,
+            processes: None,
         }
     }
 }
@@ -249,6 +255,9 @@ pub struct PlanReply {
     /// The work tree of the git repository the working directory is in.
     #[serde(default)]
     pub repo_root: Option<PathBuf>,
+    /// The answer to `processes`.
+    #[serde(default)]
+    pub processes: Option<Vec<crate::context::procs::Process>>,
 }
 
 /// The helper's main: read the job, drop to the caller, answer on stdout. Returns
@@ -330,6 +339,9 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
             (plan, risks, context)
         }
     };
+    let processes = job.processes.as_ref().map(|(ms, projects)| {
+        crate::context::procs::list(caller.uid, projects, Some(Duration::from_millis(*ms)))
+    });
     PlanReply {
         cwd,
         plan,
@@ -339,6 +351,7 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
         needs_model,
         context,
         repo_root,
+        processes,
     }
 }
 

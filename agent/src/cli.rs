@@ -822,7 +822,9 @@ async fn context(
             ctx.remove_project(&dir.to_string_lossy())
                 .await
                 .map_err(agent_error)?;
-            if !json {
+            if json {
+                println!("{}", serde_json::json!({ "removed": dir }));
+            } else {
                 println!("no longer indexing {}", p(&dir.to_string_lossy()));
             }
             return Ok(ExitCode::SUCCESS);

@@ -80,6 +80,7 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     }
     emit(bus_policy().await)?;
     emit(agent_request().await)?;
+    emit(context_index().await)?;
     emit(packages_refused().await)?;
     emit(audit_anchors().await)?;
     emit(root_read_only())?;
@@ -540,6 +541,72 @@ async fn agent_request() -> CheckResult {
     }
     CheckResult {
         check: "agent-request".into(),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+/// The context engine under the image's own unit: a directory on /var is indexed, a
+/// file made after is found through inotify, and `devos context ps` lists this
+/// process.
+async fn context_index() -> CheckResult {
+    let start = Instant::now();
+    let dir = Path::new("/var/lib/devos-selftest-context");
+    let result = async {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir.join("src")).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("src/first.txt"), "x").map_err(|e| e.to_string())?;
+        let root = dir.to_string_lossy();
+        devos_json(&["context", "add", &root])
+            .await
+            .map_err(|e| e.to_string())?;
+        let found = |name: &'static str| async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(v) = devos_json(&["context", "find", name]).await
+                    && v["results"].as_array().is_some_and(|r| !r.is_empty())
+                {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        };
+        if !found("first.txt").await {
+            return Err("the first scan did not index src/first.txt within 20 s".to_owned());
+        }
+        let changed = Instant::now();
+        std::fs::write(dir.join("src/second.txt"), "x").map_err(|e| e.to_string())?;
+        if !found("second.txt").await {
+            return Err("a file made after the scan was not indexed within 20 s (inotify?)".into());
+        }
+        let seen_ms = changed.elapsed().as_millis();
+        let ps = devos_json(&["context", "ps"]).await.map_err(|e| e.to_string())?;
+        let me = std::process::id();
+        if !ps["processes"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|p| p["pid"] == me))
+        {
+            return Err(format!("`devos context ps` does not list the self-test (pid {me}): {ps}"));
+        }
+        let _ = devos_json(&["context", "remove", &root]).await;
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(format!(
+            "indexed {root}; a new file was found {seen_ms} ms after it was made; `context ps` lists {} processes",
+            ps["total"]
+        ))
+    }
+    .await;
+    let (ok, mut detail) = match result {
+        Ok(d) => (true, d),
+        Err(e) => (false, e),
+    };
+    if !ok {
+        detail.push_str(&journal("devos-agent.service").await);
+    }
+    CheckResult {
+        check: "context-index".into(),
         ok,
         detail,
         ms: start.elapsed().as_millis(),

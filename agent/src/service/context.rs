@@ -688,7 +688,7 @@ impl Context {
             Ok(user) => lock(&user.index).roots().unwrap_or_default(),
             Err(_) => Vec::new(),
         };
-        Ok(processes(caller.uid, roots).await?.to_string())
+        Ok(processes(&self.shared, &caller, roots).await?.to_string())
     }
 
     /// The engine's state for the caller: projects and how each is kept current,
@@ -727,12 +727,16 @@ fn git_states(user: &UserContext, project: &Path) -> Result<Value, ContextError>
     }
 }
 
-async fn processes(uid: u32, roots: Vec<PathBuf>) -> fdo::Result<Value> {
-    let mut list = tokio::task::spawn_blocking(move || {
-        procs::list(uid, &roots, Some(Duration::from_millis(250)))
-    })
-    .await
-    .map_err(failed)?;
+/// The caller's processes, sampled as the caller (the planning helper) over 250 ms.
+async fn processes(shared: &Shared, caller: &Caller, roots: Vec<PathBuf>) -> fdo::Result<Value> {
+    let job = crate::caller::PlanJob {
+        processes: Some((250, roots)),
+        ..crate::caller::PlanJob::new(caller, None, PathBuf::from("/"), &[])
+    };
+    let reply = crate::caller::plan(&shared.exe, &job)
+        .await
+        .map_err(failed)?;
+    let mut list = reply.processes.unwrap_or_default();
     let total = list.len();
     list.truncate(procs::MAX_LISTED);
     Ok(json!({ "processes": list, "total": total }))
@@ -858,7 +862,7 @@ pub(super) async fn answer(
                 .join("\n")
         }
         Question::Processes { by_memory } => {
-            let v = processes(caller.uid, roots)
+            let v = processes(shared, caller, roots)
                 .await
                 .map_err(|e| ContextError::Refused(e.to_string()))?;
             let mut list: Vec<procs::Process> =
