@@ -96,6 +96,18 @@ fn incremental_builds_registry_kills_and_gc() {
     steps.at("No change");
     let (again, _) = env.build(&spec, &[]);
     assert_eq!(again["fresh"], false);
+    // A dry run says so (exit 3); one that asks for a rebuild or a test has work to do.
+    let dry_run = |extra: &[&str]| {
+        let mut c = env.cmd(&["image", "build", "--dry-run"]);
+        c.arg(&spec)
+            .arg("--agent-deb")
+            .arg(&env.agent_deb)
+            .args(extra);
+        run(&mut c, 5).status.code()
+    };
+    assert_eq!(dry_run(&[]), Some(3));
+    assert_eq!(dry_run(&["--force"]), Some(0));
+    assert_eq!(dry_run(&["--test"]), Some(0));
 
     // A test-only change does not change the image.
     steps.at("A test-only change does not change the image");
