@@ -299,10 +299,12 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
     let user_policy = read_user_policy(caller).map_err(|e| e.to_string());
     let cwd = enter(&job.cwd, &caller.user).map_err(|e| e.to_string());
     let mut needs_model = false;
+    // (Only a repository nobody else can change becomes the caller's project.)
     let repo_root = cwd
         .as_ref()
         .ok()
         .and_then(|c| crate::gitrepo::discover(c))
+        .filter(|r| r.changeable_by_others(caller.uid).is_none())
         .map(|r| r.work_tree);
     let (plan, risks, context) = match &cwd {
         Err(e) => (Err(e.clone()), Vec::new(), None),

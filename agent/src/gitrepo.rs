@@ -321,9 +321,10 @@ pub fn find(cwd: &Path) -> Result<Option<Repo>, RepoError> {
     Ok(None)
 }
 
-/// A file git reads a path from: its bytes without trailing `\n` and `\r`.
+/// A file git reads a path from: its bytes without trailing `\n` and `\r`. Read
+/// without blocking: a FIFO put in its place is an error, not a wait.
 fn git_file(path: &Path) -> Result<Vec<u8>, RepoError> {
-    let mut raw = std::fs::read(path).map_err(io(path))?;
+    let mut raw = crate::context::read_regular(path, 64 * 1024).map_err(io(path))?;
     while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         raw.pop();
     }

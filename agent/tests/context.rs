@@ -6,65 +6,13 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
 use support::*;
-
-/// `sh -c script` as `user` in `cwd`.
-fn sh(user: &User, cwd: &Path, script: &str) -> Output {
-    let out = Command::new("setpriv")
-        .arg(format!("--reuid={}", user.uid))
-        .arg(format!("--regid={}", user.uid))
-        .arg("--init-groups")
-        .args(["sh", "-c", script])
-        .current_dir(cwd)
-        .env("HOME", &user.home)
-        .env("GIT_AUTHOR_NAME", "Dev")
-        .env("GIT_AUTHOR_EMAIL", "dev@example.com")
-        .env("GIT_COMMITTER_NAME", "Dev")
-        .env("GIT_COMMITTER_EMAIL", "dev@example.com")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{script}: {}", stderr(&out));
-    out
-}
-
-fn context(agent: &Daemon, user: &User, args: &[&str]) -> Value {
-    let mut all = vec!["--json", "context"];
-    all.extend_from_slice(args);
-    let out = agent.devos(Some(user), Path::new("/"), &all);
-    assert!(
-        out.status.success(),
-        "devos context {args:?}: {}",
-        stderr(&out)
-    );
-    json(&out)
-}
-
-fn found(agent: &Daemon, user: &User, query: &str) -> Vec<String> {
-    context(agent, user, &["find", query, "-n", "100"])["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["path"].as_str().unwrap().to_owned())
-        .collect()
-}
 
 fn eventually(what: &str, check: impl FnMut() -> bool) {
     assert!(wait_for(Duration::from_secs(20), check), "{what}");
-}
-
-/// The one project's status entry, once its first scan is done.
-fn project_status(agent: &Daemon, user: &User) -> Value {
-    let mut last = Value::Null;
-    let done = wait_for(Duration::from_secs(20), || {
-        last = context(agent, user, &["status"]);
-        last["projects"][0]["scanned-at"].is_number()
-    });
-    assert!(done, "the first scan did not finish: {last}");
-    last["projects"][0].clone()
 }
 
 #[test]

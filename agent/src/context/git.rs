@@ -127,9 +127,14 @@ impl Shadow {
             .tempdir()
             .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
         let mut settings = Vec::new();
+        // (Without blocking: a FIFO where a file should be is an error, not a wait.)
+        let read = |path: &Path| {
+            super::read_regular(path, 1 << 20)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
         for file in repo.config_files() {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let text = read(&file)?;
             settings.extend(
                 gitrepo::parse_config(&text).map_err(|e| format!("{}: {e}", file.display()))?,
             );
@@ -139,8 +144,7 @@ impl Shadow {
                 .map_err(|e| format!("cannot write the stand-in git directory: {e}"))
         };
         put("config", &gitrepo::sanitize(&settings, Level::Repository))?;
-        let head = std::fs::read_to_string(repo.git_dir.join("HEAD"))
-            .map_err(|e| format!("{}: {e}", repo.git_dir.join("HEAD").display()))?;
+        let head = read(&repo.git_dir.join("HEAD"))?;
         put("HEAD", &head)?;
         let links = [
             (&repo.git_dir, "index"),
@@ -174,7 +178,6 @@ impl Shadow {
             ("status.submoduleSummary", "false"),
             ("submodule.recurse", "false"),
             ("log.showSignature", "false"),
-            ("safe.directory", "*"),
         ];
         let mut cmd = Command::new("git");
         cmd.arg("--git-dir")

@@ -365,7 +365,13 @@ impl Index {
                 };
                 let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
                 for p in paths {
+                    // (The root itself: everything in the project.)
                     let rel = rel_of(root, Path::new(p));
+                    if rel.is_empty() {
+                        tx.execute("DELETE FROM files WHERE project = ?1", [project])
+                            .map_err(|e| self.err(e))?;
+                        continue;
+                    }
                     tx.execute(
                         "DELETE FROM files WHERE project = ?1
                          AND (rel = ?2 OR (rel >= ?2 || '/' AND rel < ?2 || '0'))",

@@ -79,6 +79,34 @@ pub struct Entry {
 /// Files larger than this are not read for the text index.
 pub const MAX_TEXT_BYTES: u64 = 64 * 1024;
 
+/// Read a regular file of at most `max` bytes without blocking: a FIFO, a device or a
+/// directory put where a file was expected (by the user, or by whoever can write
+/// there) is an error, never a read that waits forever.
+pub fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!(
+            "{} is larger than {max} bytes",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// How a project is kept current.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(

@@ -25,6 +25,7 @@ use notify::Watcher;
 
 use super::{
     Command, Entry, Kind, MAX_TEXT_BYTES, Mode, ProjectJob, Update, WatchJob, git, language,
+    read_regular,
 };
 use crate::gitrepo::{self, Repo};
 
@@ -32,15 +33,20 @@ use crate::gitrepo::{self, Repo};
 const SETTLE: Duration = Duration::from_millis(100);
 /// The git state is re-read this long after the last change in the git directory.
 const GIT_SETTLE: Duration = Duration::from_millis(300);
-/// Entries per [`Update::Entries`] line.
+/// Entries per [`Update::Entries`] line, and the text they may carry together: the
+/// daemon reads a line whole, so a line stays a few MiB at most.
 const BATCH: usize = 2000;
+const BATCH_TEXT: usize = 1 << 20;
+/// How often each project's root is looked at (gone? no longer listable? back?):
+/// losing access above the root, or the root moved away, sends no event to a watch
+/// inside it.
+const ROOT_CHECK: Duration = Duration::from_secs(10);
 /// Kernel and runtime file systems: never entered (endless, changing, not projects).
 const NEVER_ENTERED: &[&str] = &["/proc", "/sys", "/dev", "/run"];
 
 enum Input {
     Command(Command),
     Fs(notify::Result<notify::Event>),
-    Eof,
 }
 
 /// The helper's main: read the job, drop to its user, watch. Returns the exit status.
@@ -79,7 +85,8 @@ pub fn watch_from_stdin() -> i32 {
                 Err(e) => eprintln!("devos context-watch: ignoring a bad command: {e}"),
             }
         }
-        let _ = commands.send(Input::Eof);
+        // The daemon is gone: end now, even in the middle of a scan.
+        std::process::exit(0);
     });
     let events = tx;
     let watcher = match notify::recommended_watcher(move |ev| {
@@ -98,6 +105,46 @@ pub fn watch_from_stdin() -> i32 {
     }
     engine.run(&rx);
     0
+}
+
+/// The ignore rules in force in one directory during a scan: those of the directories
+/// from the project's root down to it that have any, deepest first (shared, so a deep
+/// tree costs one link per directory with rules, not a copy per entry).
+#[derive(Clone, Default)]
+struct Chain(Option<std::rc::Rc<Link>>);
+
+struct Link {
+    rules: Gitignore,
+    up: Chain,
+}
+
+impl Chain {
+    fn with(&self, rules: Option<Gitignore>) -> Chain {
+        match rules {
+            Some(rules) => Chain(Some(std::rc::Rc::new(Link {
+                rules,
+                up: self.clone(),
+            }))),
+            None => self.clone(),
+        }
+    }
+
+    /// The deepest rule that matches decides: ignored (`Some(true)`), kept by a `!`
+    /// rule (`Some(false)`), or none matches.
+    fn verdict(&self, path: &Path, is_dir: bool) -> Option<bool> {
+        let mut link = self.0.as_deref();
+        while let Some(l) = link {
+            let m = l.rules.matched(path, is_dir);
+            if m.is_ignore() {
+                return Some(true);
+            }
+            if m.is_whitelist() {
+                return Some(false);
+            }
+            link = l.up.0.as_deref();
+        }
+        None
+    }
 }
 
 /// Where updates go (stdout; a buffer in tests).
@@ -142,6 +189,8 @@ struct Project {
     next_rescan: Option<Instant>,
     git_due: Option<Instant>,
     entries: u64,
+    /// Its root is there as registered and it is scanned and watched.
+    available: bool,
     /// Index the text of small text files.
     text: bool,
     /// Of a text-indexed project: the mtime and size each file had when its text was
@@ -157,6 +206,7 @@ struct Engine {
     pending: BTreeSet<PathBuf>,
     pending_since: Option<Instant>,
     watches: u64,
+    next_root_check: Instant,
 }
 
 impl Engine {
@@ -169,6 +219,7 @@ impl Engine {
             pending: BTreeSet::new(),
             pending_since: None,
             watches: 0,
+            next_root_check: Instant::now() + ROOT_CHECK,
         }
     }
 
@@ -203,7 +254,7 @@ impl Engine {
                 Ok(Input::Fs(Err(e))) => {
                     eprintln!("devos context-watch: inotify: {e}");
                 }
-                Ok(Input::Eof) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.due_work();
@@ -212,10 +263,11 @@ impl Engine {
 
     fn next_deadline(&self) -> Option<Instant> {
         let settle = self.pending_since.map(|t| t + SETTLE);
+        let roots = (!self.projects.is_empty()).then_some(self.next_root_check);
         self.projects
             .iter()
             .flat_map(|p| [p.git_due, p.next_rescan])
-            .chain([settle])
+            .chain([settle, roots])
             .flatten()
             .min()
     }
@@ -228,7 +280,14 @@ impl Engine {
             let paths = std::mem::take(&mut self.pending);
             self.handle(paths);
         }
+        if now >= self.next_root_check {
+            self.next_root_check = now + ROOT_CHECK;
+            self.check_roots();
+        }
         for i in 0..self.projects.len() {
+            if !self.projects[i].available {
+                continue;
+            }
             if self.projects[i].next_rescan.is_some_and(|t| now >= t) {
                 let root = self.projects[i].root.clone();
                 self.scan(i, &root);
@@ -244,22 +303,8 @@ impl Engine {
     /// A project the daemon asks for: its canonical root, or why not.
     fn check_new(&self, path: &Path) -> Result<PathBuf, String> {
         let root = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let meta = std::fs::metadata(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-        if !meta.is_dir() {
-            return Err(format!("{} is not a directory", root.display()));
-        }
-        if NEVER_ENTERED.iter().any(|d| root.starts_with(d)) {
-            return Err(format!(
-                "{} is a kernel or runtime file system, not a project",
-                root.display()
-            ));
-        }
-        if !readable_dir(&root) {
-            return Err(format!(
-                "{} is not a directory you ({}) can list",
-                root.display(),
-                self.job.caller.user
-            ));
+        if let Some(why) = self.root_problem(&root) {
+            return Err(why);
         }
         if let Some(p) = self
             .projects
@@ -278,19 +323,12 @@ impl Engine {
     /// Start keeping a project current: scan it, watch it, read its git state.
     fn add(&mut self, job: ProjectJob) {
         let root = job.root.as_path();
-        if !readable_dir(root) {
-            self.out.send(&Update::Mode {
-                root: root.to_path_buf(),
-                mode: Mode::Failed {
-                    reason: format!("{} is gone or not a directory you can list", root.display()),
-                },
-            });
-            return;
-        }
-        let repo = gitrepo::discover(root);
+        // Only a repository nobody else can change is the project's: one another user
+        // planted above it must not decide its ignore rules or git state.
+        let uid = self.job.caller.uid;
+        let repo = gitrepo::discover(root).filter(|r| r.changeable_by_others(uid).is_none());
         let mut outer_ignores = Vec::new();
-        if let Some(r) = &repo {
-            let (exclude, _) = Gitignore::new(r.common_dir.join("info/exclude"));
+        if let Some(exclude) = repo.as_ref().and_then(exclude_rules) {
             outer_ignores.push(exclude);
         }
         let (global, _) = Gitignore::global();
@@ -306,6 +344,7 @@ impl Engine {
             next_rescan: None,
             git_due: None,
             entries: 0,
+            available: false,
             text: job.text,
             read: job
                 .known
@@ -319,14 +358,107 @@ impl Engine {
                 .collect(),
         });
         let i = self.projects.len() - 1;
+        self.bring_up(i);
+    }
+
+    /// Scan, watch and read the git state of project `i` when its root is there as it
+    /// was registered; otherwise say why (the root check looks again).
+    fn bring_up(&mut self, i: usize) {
+        let root = self.projects[i].root.clone();
+        if let Some(reason) = self.root_problem(&root) {
+            self.projects[i].available = false;
+            self.out.send(&Update::Mode {
+                root,
+                mode: Mode::Failed { reason },
+            });
+            return;
+        }
+        self.projects[i].available = true;
         self.out.send(&Update::Mode {
-            root: root.to_path_buf(),
+            root: root.clone(),
             mode: Mode::Scanning,
         });
-        self.scan(i, root);
+        self.scan(i, &root);
         self.watch_git(i);
         self.send_git(i);
         self.send_mode(i);
+    }
+
+    /// Why a project's root cannot be indexed now: gone, not listable, leading
+    /// elsewhere than where it was registered (a symlink swapped in), or a kernel file
+    /// system.
+    fn root_problem(&self, root: &Path) -> Option<String> {
+        let real = match std::fs::canonicalize(root) {
+            Ok(r) => r,
+            Err(e) => return Some(format!("{}: {e}", root.display())),
+        };
+        if real != root {
+            return Some(format!(
+                "{} now leads to {} (replaced by a symlink?); remove the project and add the directory again",
+                root.display(),
+                real.display()
+            ));
+        }
+        if NEVER_ENTERED.iter().any(|d| root.starts_with(d)) {
+            return Some(format!(
+                "{} is a kernel or runtime file system, not a project",
+                root.display()
+            ));
+        }
+        if !readable_dir(root) {
+            return Some(format!(
+                "{} is not a directory you ({}) can list",
+                root.display(),
+                self.job.caller.user
+            ));
+        }
+        None
+    }
+
+    /// Look at every project's root: one that went away (or can no longer be listed)
+    /// is emptied and said to have failed; one that came back is scanned again.
+    fn check_roots(&mut self) {
+        for i in 0..self.projects.len() {
+            let root = self.projects[i].root.clone();
+            match (self.projects[i].available, self.root_problem(&root)) {
+                (true, Some(reason)) => self.take_down(i, reason),
+                (false, None) => self.bring_up(i),
+                _ => {}
+            }
+        }
+    }
+
+    /// Stop watching project `i`, empty its part of the index and say why.
+    fn take_down(&mut self, i: usize, reason: String) {
+        let root = self.projects[i].root.clone();
+        self.forget(i, &root);
+        let git: Vec<PathBuf> = self.projects[i].git_watched.drain().collect();
+        for dir in git {
+            if self.watcher.unwatch(&dir).is_ok() {
+                self.watches = self.watches.saturating_sub(1);
+            }
+        }
+        let p = &mut self.projects[i];
+        p.available = false;
+        p.entries = 0;
+        p.next_rescan = None;
+        p.git_due = None;
+        p.read.clear();
+        // An empty scan of the root: the daemon drops everything in the project.
+        self.out.send(&Update::ScanStarted {
+            root: root.clone(),
+            under: root.clone(),
+        });
+        self.out.send(&Update::ScanDone {
+            root: root.clone(),
+            under: root.clone(),
+            complete: true,
+            millis: 0,
+        });
+        self.out.send(&Update::Mode {
+            root,
+            mode: Mode::Failed { reason },
+        });
     }
 
     fn remove(&mut self, root: &Path) {
@@ -438,17 +570,28 @@ impl Engine {
             under: under.to_path_buf(),
         });
         let mut batch = Vec::new();
+        let mut batch_text = 0usize;
         let mut complete = true;
         let mut seen = 0u64;
-        // The entry for `under` itself (the root has none).
-        let mut stack = Vec::new();
+        let in_repo = self.projects[i].repo.is_some();
+        // The entry for `under` itself (the root has none), and the rules above it.
+        let mut stack: Vec<(PathBuf, Chain)> = Vec::new();
         if under != root {
-            match self.entry(i, under) {
+            match self.entry(i, under, None) {
                 Some(e) => {
                     let enter = e.kind == Kind::Dir && !e.ignored;
                     batch.push(e);
                     if enter {
-                        stack.push(under.to_path_buf());
+                        let depth = under
+                            .components()
+                            .count()
+                            .saturating_sub(root.components().count());
+                        let mut above: Vec<&Path> = under.ancestors().skip(1).take(depth).collect();
+                        above.reverse();
+                        let chain = above
+                            .into_iter()
+                            .fold(Chain::default(), |c, d| c.with(dir_rules(d, in_repo)));
+                        stack.push((under.to_path_buf(), chain));
                     }
                 }
                 None => {
@@ -459,7 +602,7 @@ impl Engine {
                 }
             }
         } else {
-            stack.push(root.clone());
+            stack.push((root.clone(), Chain::default()));
         }
         let other_projects: u64 = self
             .projects
@@ -468,11 +611,12 @@ impl Engine {
             .filter(|(j, _)| *j != i)
             .map(|(_, p)| p.entries)
             .sum();
-        while let Some(dir) = stack.pop() {
+        while let Some((dir, above)) = stack.pop() {
             self.watch(i, &dir, false);
             let Ok(list) = std::fs::read_dir(&dir) else {
                 continue;
             };
+            let chain = above.with(dir_rules(&dir, in_repo));
             for item in list.flatten() {
                 if item.file_name() == ".git" {
                     continue;
@@ -482,7 +626,7 @@ impl Engine {
                     break;
                 }
                 let path = item.path();
-                let Some(e) = self.entry(i, &path) else {
+                let Some(e) = self.entry(i, &path, Some(&chain)) else {
                     continue;
                 };
                 seen += 1;
@@ -490,10 +634,12 @@ impl Engine {
                     && !e.ignored
                     && !NEVER_ENTERED.iter().any(|d| path == Path::new(d))
                 {
-                    stack.push(path);
+                    stack.push((path, chain.clone()));
                 }
+                batch_text += e.text.as_ref().map_or(0, String::len);
                 batch.push(e);
-                if batch.len() >= BATCH {
+                if batch.len() >= BATCH || batch_text >= BATCH_TEXT {
+                    batch_text = 0;
                     self.out.send(&Update::Entries {
                         root: root.clone(),
                         entries: std::mem::take(&mut batch),
@@ -522,7 +668,7 @@ impl Engine {
 
     /// The index entry for `path` as this user sees it, or `None` when it is gone,
     /// unreadable or not representable.
-    fn entry(&mut self, i: usize, path: &Path) -> Option<Entry> {
+    fn entry(&mut self, i: usize, path: &Path, chain: Option<&Chain>) -> Option<Entry> {
         let meta = path.symlink_metadata().ok()?;
         let text = path.to_str()?.to_owned();
         let kind = if meta.is_dir() {
@@ -543,7 +689,12 @@ impl Engine {
             return None;
         }
         let name = path.file_name()?.to_str()?;
-        let ignored = self.ignored(i, path, kind == Kind::Dir);
+        let is_dir = kind == Kind::Dir;
+        let ignored = match chain.map(|c| c.verdict(path, is_dir)) {
+            Some(Some(v)) => v,
+            Some(None) => self.outer_ignored(i, path, is_dir),
+            None => self.ignored(i, path, is_dir),
+        };
         let (size, mtime) = (meta.len(), meta.mtime());
         let body = if kind == Kind::File && self.projects[i].text {
             self.text_of(i, path, &text, ignored, (mtime, size))
@@ -583,9 +734,12 @@ impl Engine {
         if ignored || stamp.1 > MAX_TEXT_BYTES {
             return Some(String::new());
         }
-        let bytes = std::fs::read(path).unwrap_or_default();
+        let bytes = read_regular(path, MAX_TEXT_BYTES).unwrap_or_default();
+        // (Control characters other than layout make it binary; they would also take
+        // six bytes each on the way to the daemon.)
+        let binary = |c: char| c.is_control() && !matches!(c, '\n' | '\r' | '\t' | '\x0c');
         Some(match String::from_utf8(bytes) {
-            Ok(s) if !s.contains('\0') => s,
+            Ok(s) if !s.chars().any(binary) => s,
             _ => String::new(),
         })
     }
@@ -594,32 +748,32 @@ impl Engine {
     /// repository), the deepest directory first, then `.git/info/exclude`, then the
     /// user's global excludes — as ripgrep reads them.
     fn ignored(&mut self, i: usize, path: &Path, is_dir: bool) -> bool {
-        let root = self.projects[i].root.clone();
         let in_repo = self.projects[i].repo.is_some();
-        let mut dirs: Vec<&Path> = path
-            .ancestors()
-            .skip(1)
-            .take_while(|d| d.starts_with(&root))
-            .collect();
-        dirs.reverse();
-        let mut verdict = None;
-        for dir in dirs {
-            let rules = self.projects[i]
-                .ignores
-                .entry(dir.to_path_buf())
-                .or_insert_with(|| dir_rules(dir, in_repo));
-            if let Some(rules) = rules {
+        let depth = path
+            .components()
+            .count()
+            .saturating_sub(self.projects[i].root.components().count());
+        // The directories from the parent up to the root, deepest first.
+        for dir in path.ancestors().skip(1).take(depth) {
+            let ignores = &mut self.projects[i].ignores;
+            if !ignores.contains_key(dir) {
+                ignores.insert(dir.to_path_buf(), dir_rules(dir, in_repo));
+            }
+            if let Some(Some(rules)) = ignores.get(dir) {
                 let m = rules.matched(path, is_dir);
                 if m.is_ignore() {
-                    verdict = Some(true);
-                } else if m.is_whitelist() {
-                    verdict = Some(false);
+                    return true;
+                }
+                if m.is_whitelist() {
+                    return false;
                 }
             }
         }
-        if let Some(v) = verdict {
-            return v;
-        }
+        self.outer_ignored(i, path, is_dir)
+    }
+
+    /// `.git/info/exclude` and the user's global excludes.
+    fn outer_ignored(&self, i: usize, path: &Path, is_dir: bool) -> bool {
         self.projects[i]
             .outer_ignores
             .iter()
@@ -675,7 +829,23 @@ impl Engine {
 
     /// Look again at changed paths: what is gone first (so a directory renamed within
     /// the project loses its old watches before it gets new ones), then the rest.
-    fn handle(&mut self, paths: BTreeSet<PathBuf>) {
+    fn handle(&mut self, mut paths: BTreeSet<PathBuf>) {
+        // A change to a project's root itself (moved away, deleted, chmod): look at
+        // the root now.
+        let roots: Vec<usize> = (0..self.projects.len())
+            .filter(|i| paths.remove(&self.projects[*i].root))
+            .collect();
+        for i in roots {
+            let root = self.projects[i].root.clone();
+            if let (true, Some(reason)) = (self.projects[i].available, self.root_problem(&root)) {
+                self.take_down(i, reason);
+            }
+        }
+        // (Nothing of a project that is down is looked at.)
+        paths.retain(|p| {
+            self.project_of(p)
+                .is_some_and(|i| self.projects[i].available)
+        });
         let (gone, here): (Vec<PathBuf>, Vec<PathBuf>) = paths
             .into_iter()
             .partition(|p| p.symlink_metadata().is_err());
@@ -714,7 +884,7 @@ impl Engine {
                 // over from a directory moved away.)
                 continue;
             }
-            match self.entry(i, &path) {
+            match self.entry(i, &path, None) {
                 None => {
                     self.forget(i, &path);
                     let root = self.projects[i].root.clone();
@@ -794,14 +964,34 @@ fn dir_rules(dir: &Path, in_repo: bool) -> Option<Gitignore> {
         &[".ignore"]
     };
     for name in files {
-        let file = dir.join(name);
-        if file.is_file() {
-            // (A bad line is skipped, as git and ripgrep skip it.)
-            let _ = builder.add(file);
+        if let Some(text) = small_text(&dir.join(name)) {
+            add_lines(&mut builder, &text);
             any = true;
         }
     }
     any.then(|| builder.build().ok()).flatten()
+}
+
+/// A small text file (ignore rules, git's files), read without blocking.
+fn small_text(path: &Path) -> Option<String> {
+    read_regular(path, 1 << 20)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Ignore rules from text (a bad line is skipped, as git and ripgrep skip it).
+fn add_lines(builder: &mut GitignoreBuilder, text: &str) {
+    for line in text.lines() {
+        let _ = builder.add_line(None, line);
+    }
+}
+
+/// `.git/info/exclude` of a repository, read without blocking.
+fn exclude_rules(repo: &Repo) -> Option<Gitignore> {
+    let text = small_text(&repo.common_dir.join("info/exclude"))?;
+    let mut builder = GitignoreBuilder::new(&repo.work_tree);
+    add_lines(&mut builder, &text);
+    builder.build().ok()
 }
 
 /// Whether this user can list and enter `dir`.

@@ -25,6 +25,9 @@ use crate::context::{Command, Question, Update, WatchJob, procs};
 const ADD_TIMEOUT: Duration = Duration::from_secs(20);
 /// Results one query returns at most.
 const MAX_RESULTS: u32 = 1000;
+/// The longest update line the daemon reads from a watcher (they batch entries to stay
+/// well below: 2,000 entries or 1 MiB of text).
+const MAX_UPDATE_BYTES: u64 = 16 << 20;
 /// Watcher restarts in a row (less than a minute apart) before giving up.
 const MAX_RESTARTS: u32 = 5;
 
@@ -52,6 +55,8 @@ pub(super) struct UserContext {
     restarts: Mutex<(u32, Option<Instant>)>,
     /// `max-files` and `max-index-mib` when the index was opened.
     limits: (u64, u64),
+    /// `max-projects` when the index was opened.
+    max_projects: u32,
 }
 
 /// Every user's context, opened on first use.
@@ -127,6 +132,7 @@ impl Engine {
             stopped: Mutex::new(None),
             restarts: Mutex::new((0, None)),
             limits: (config.context.max_files, config.context.max_index_mib),
+            max_projects: config.context.max_projects,
         });
         users.insert(caller.uid, user.clone());
         Ok(user)
@@ -218,9 +224,8 @@ impl Engine {
             return Err(ContextError::NotAProject(root));
         }
         write_project_list(&user)?;
-        if lock(&user.watcher).is_some() {
-            let _ = send(shared, &user, &Command::Remove { root: root.clone() });
-        }
+        // (A watcher that is not running resumes without it.)
+        let _ = tell(&user, &Command::Remove { root: root.clone() });
         Ok(root)
     }
 }
@@ -273,15 +278,17 @@ fn send(
     command: &Command,
 ) -> Result<(), ContextError> {
     ensure_watcher(shared, user)?;
+    tell(user, command).map_err(ContextError::Start)
+}
+
+/// Write a command to `user`'s running watcher (none: nothing to tell).
+fn tell(user: &UserContext, command: &Command) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(command).unwrap_or_default();
     line.push(b'\n');
-    let mut watcher = lock(&user.watcher);
-    let Some((_, stdin)) = watcher.as_mut() else {
-        return Err(ContextError::Start(std::io::Error::other(
-            "it stopped at once",
-        )));
-    };
-    stdin.write_all(&line).map_err(ContextError::Start)
+    match lock(&user.watcher).as_mut() {
+        Some((_, stdin)) => stdin.write_all(&line),
+        None => Err(std::io::Error::other("the watcher is not running")),
+    }
 }
 
 /// Start `user`'s watcher unless it runs (checked and started under one lock, so two
@@ -345,8 +352,27 @@ fn start_watcher(
     let (shared, user) = (shared.clone(), user.clone());
     std::thread::spawn(move || {
         if let Some(out) = stdout {
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Update>(&line) {
+            let mut reader = std::io::BufReader::new(out);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                // (A line is a few MiB at most; a longer one is a broken watcher, which
+                // is stopped and started again rather than read into memory whole.)
+                match std::io::Read::take(&mut reader, MAX_UPDATE_BYTES)
+                    .read_until(b'\n', &mut line)
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if !line.ends_with(b"\n") => {
+                        tracing::error!(
+                            uid = user.caller.uid,
+                            "context watcher: an update longer than {MAX_UPDATE_BYTES} bytes; restarting it"
+                        );
+                        let _ = child.kill();
+                        break;
+                    }
+                    Ok(_) => {}
+                }
+                match serde_json::from_slice::<Update>(&line) {
                     Ok(update) => take(&user, &update),
                     Err(e) => tracing::warn!("context watcher: a bad update: {e}"),
                 }
@@ -413,9 +439,21 @@ fn take(user: &UserContext, update: &Update) {
         Update::Added { token, root } => {
             let answer = lock(&user.waiting).remove(token);
             let (auto, text) = answer.as_ref().map_or((false, false), |(a, t, _)| (*a, *t));
-            let result = index
-                .add_project(root, auto, text)
-                .map_err(|e| e.to_string());
+            // Counted again here, where adds are taken one at a time: adds sent
+            // together all passed the first count.
+            let roots = index.roots().unwrap_or_default();
+            let result = if !roots.contains(root) && roots.len() >= user.max_projects as usize {
+                let _ = tell(user, &Command::Remove { root: root.clone() });
+                Err(ContextError::TooManyProjects {
+                    n: roots.len(),
+                    limit: user.max_projects,
+                }
+                .to_string())
+            } else {
+                index
+                    .add_project(root, auto, text)
+                    .map_err(|e| e.to_string())
+            };
             if let Some((_, _, tx)) = answer {
                 let _ = tx.send(result.map(|()| root.clone()));
             }
@@ -517,7 +555,8 @@ pub fn parse_since(since: &str, now: i64) -> Result<i64, String> {
         return Ok(secs);
     }
     if let Ok(d) = humantime::parse_duration(s) {
-        return Ok(now - d.as_secs() as i64);
+        let back = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        return Ok(now.saturating_sub(back).max(0));
     }
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t
@@ -527,6 +566,27 @@ pub fn parse_since(since: &str, now: i64) -> Result<i64, String> {
     Err(format!(
         "since {s:?}: use `today`, a duration back such as `2h` or `3d`, an RFC 3339 time or seconds since the epoch"
     ))
+}
+
+/// Words a query may have, and bytes.
+const MAX_QUERY_WORDS: usize = 16;
+const MAX_QUERY_BYTES: usize = 1024;
+
+/// A query is at most 16 words and 1 KiB: each word is matched against every
+/// candidate, and the answer should come in milliseconds for everyone.
+fn check_query(query: &str) -> Result<(), String> {
+    if query.len() > MAX_QUERY_BYTES || query.split_whitespace().count() > MAX_QUERY_WORDS {
+        return Err(format!(
+            "a query is at most {MAX_QUERY_WORDS} words and {MAX_QUERY_BYTES} bytes; ask with fewer words"
+        ));
+    }
+    Ok(())
+}
+
+/// Run `f` on a blocking thread: index work never holds up the bus (the runtime has
+/// two workers, and one user's slow query must not stall the others).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> fdo::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(failed)
 }
 
 fn clamp(limit: u32) -> usize {
@@ -611,7 +671,9 @@ impl Context {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let (_, user) = self.user(&header, conn).await?;
-        let list = lock(&user.index).projects().map_err(failed)?;
+        let list = blocking(move || lock(&user.index).projects())
+            .await?
+            .map_err(failed)?;
         Ok(serde_json::to_string(&list).unwrap_or_default())
     }
 
@@ -624,8 +686,10 @@ impl Context {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let (_, user) = self.user(&header, conn).await?;
-        let hits = lock(&user.index)
-            .find(query, clamp(limit))
+        check_query(query).map_err(invalid_args)?;
+        let q = query.to_owned();
+        let hits = blocking(move || lock(&user.index).find(&q, clamp(limit)))
+            .await?
             .map_err(failed)?;
         Ok(json!({ "query": query, "results": hits }).to_string())
     }
@@ -640,8 +704,10 @@ impl Context {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let (_, user) = self.user(&header, conn).await?;
-        let hits = lock(&user.index)
-            .find_text(query, clamp(limit))
+        check_query(query).map_err(invalid_args)?;
+        let q = query.to_owned();
+        let hits = blocking(move || lock(&user.index).find_text(&q, clamp(limit)))
+            .await?
             .map_err(failed)?;
         Ok(json!({ "query": query, "results": hits }).to_string())
     }
@@ -656,8 +722,8 @@ impl Context {
     ) -> fdo::Result<String> {
         let (_, user) = self.user(&header, conn).await?;
         let since = parse_since(since, crate::caller::now_secs() as i64).map_err(invalid_args)?;
-        let hits = lock(&user.index)
-            .recent(since, clamp(limit))
+        let hits = blocking(move || lock(&user.index).recent(since, clamp(limit)))
+            .await?
             .map_err(failed)?;
         Ok(json!({ "since": since, "results": hits }).to_string())
     }
@@ -671,7 +737,9 @@ impl Context {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let (_, user) = self.user(&header, conn).await?;
-        Ok(git_states(&user, Path::new(project))
+        let project = PathBuf::from(project);
+        Ok(blocking(move || git_states(&user, &project))
+            .await?
             .map_err(fdo::Error::from)?
             .to_string())
     }
@@ -700,7 +768,7 @@ impl Context {
     ) -> fdo::Result<String> {
         let (_, user) = self.user(&header, conn).await?;
         let config = self.shared.config().context.clone();
-        Ok(status(&user, &config)?.to_string())
+        Ok(blocking(move || status(&user, &config)).await??.to_string())
     }
 }
 
@@ -784,6 +852,7 @@ pub(super) async fn answer(
             if roots.is_empty() {
                 return Ok(none());
             }
+            check_query(words).map_err(ContextError::Refused)?;
             let hits = lock(&user.index).find_text(words, 20)?;
             if hits.is_empty() {
                 format!(
@@ -801,6 +870,7 @@ pub(super) async fn answer(
             if roots.is_empty() {
                 return Ok(none());
             }
+            check_query(words).map_err(ContextError::Refused)?;
             let hits = lock(&user.index).find(words, 20)?;
             if hits.is_empty() {
                 format!("Nothing in your projects matches {words:?}.")
@@ -921,5 +991,6 @@ mod tests {
                 .unwrap_err()
                 .contains("`today`")
         );
+        assert_eq!(parse_since("9223372036854775808s", now), Ok(0));
     }
 }

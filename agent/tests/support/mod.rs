@@ -343,3 +343,81 @@ pub fn run_json(agent: &Daemon, user: &User, cwd: &Path, args: &[&str]) -> serde
     all.extend_from_slice(args);
     json(&agent.devos(Some(user), cwd, &all))
 }
+
+/// `sh -c SCRIPT` as `user` in `cwd` (with a git identity), whatever it exits with.
+pub fn sh_try(user: &User, cwd: &Path, script: &str) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.uid))
+        .arg("--init-groups")
+        .args(["sh", "-c", script])
+        .current_dir(cwd)
+        .env("HOME", &user.home)
+        .env("GIT_AUTHOR_NAME", "Dev")
+        .env("GIT_AUTHOR_EMAIL", "dev@example.com")
+        .env("GIT_COMMITTER_NAME", "Dev")
+        .env("GIT_COMMITTER_EMAIL", "dev@example.com")
+        .output()
+        .unwrap()
+}
+
+/// [`sh_try`], which must succeed.
+pub fn sh(user: &User, cwd: &Path, script: &str) -> Output {
+    let out = sh_try(user, cwd, script);
+    assert!(out.status.success(), "{script}: {}", stderr(&out));
+    out
+}
+
+/// `devos --json context ARGS...` as `user`, which must succeed.
+pub fn context(agent: &Daemon, user: &User, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json", "context"];
+    all.extend_from_slice(args);
+    let out = agent.devos(Some(user), Path::new("/"), &all);
+    assert!(
+        out.status.success(),
+        "devos context {args:?}: {}",
+        stderr(&out)
+    );
+    json(&out)
+}
+
+/// The paths `devos context find QUERY` gives `user`.
+pub fn found(agent: &Daemon, user: &User, query: &str) -> Vec<String> {
+    context(agent, user, &["find", query, "-n", "100"])["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["path"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `user`'s first project's status, once its first scan is done.
+pub fn project_status(agent: &Daemon, user: &User) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let done = wait_for(Duration::from_secs(30), || {
+        last = context(agent, user, &["status"]);
+        last["projects"][0]["scanned-at"].is_number()
+    });
+    assert!(done, "the first scan did not finish: {last}");
+    last["projects"][0].clone()
+}
+
+/// A method of `org.devos.Agent1.Context`, through busctl as `user`.
+pub fn context_call(
+    agent: &Daemon,
+    user: Option<&User>,
+    method: &str,
+    signature: &str,
+    args: &[&str],
+) -> Output {
+    let mut all = vec![
+        "call",
+        "org.devos.Agent1",
+        "/org/devos/Agent1",
+        "org.devos.Agent1.Context",
+        method,
+        signature,
+    ];
+    all.extend_from_slice(args);
+    agent.busctl(user, &all)
+}
