@@ -98,12 +98,9 @@ fn incremental_builds_registry_kills_and_gc() {
     assert_eq!(again["fresh"], false);
     // A dry run says so (exit 3); one that asks for a rebuild or a test has work to do.
     let dry_run = |extra: &[&str]| {
-        let mut c = env.cmd(&["image", "build", "--dry-run"]);
-        c.arg(&spec)
-            .arg("--agent-deb")
-            .arg(&env.agent_deb)
-            .args(extra);
-        run(&mut c, 5).status.code()
+        let mut args = vec!["--dry-run"];
+        args.extend_from_slice(extra);
+        run(&mut env.build_cmd(&spec, &args), 5).status.code()
     };
     assert_eq!(dry_run(&[]), Some(3));
     assert_eq!(dry_run(&["--force"]), Some(0));
