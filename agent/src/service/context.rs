@@ -611,6 +611,31 @@ impl Context {
         let user = self.shared.context.user(&self.shared, &caller)?;
         Ok((caller, user))
     }
+
+    /// `Find` (names and paths) or `FindText` (`text`) for the caller (JSON).
+    async fn search(
+        &self,
+        header: &Header<'_>,
+        conn: &zbus::Connection,
+        query: &str,
+        limit: u32,
+        text: bool,
+    ) -> fdo::Result<String> {
+        let (_, user) = self.user(header, conn).await?;
+        check_query(query).map_err(invalid_args)?;
+        let q = query.to_owned();
+        let hits = blocking(move || {
+            let index = lock(&user.index);
+            if text {
+                index.find_text(&q, clamp(limit))
+            } else {
+                index.find(&q, clamp(limit))
+            }
+        })
+        .await?
+        .map_err(failed)?;
+        Ok(json!({ "query": query, "results": hits }).to_string())
+    }
 }
 
 #[zbus::interface(name = "org.devos.Agent1.Context")]
@@ -685,13 +710,7 @@ impl Context {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
-        let (_, user) = self.user(&header, conn).await?;
-        check_query(query).map_err(invalid_args)?;
-        let q = query.to_owned();
-        let hits = blocking(move || lock(&user.index).find(&q, clamp(limit)))
-            .await?
-            .map_err(failed)?;
-        Ok(json!({ "query": query, "results": hits }).to_string())
+        self.search(&header, conn, query, limit, false).await
     }
 
     /// Text-indexed files holding every word of `query` (JSON), best match first,
@@ -703,13 +722,7 @@ impl Context {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
-        let (_, user) = self.user(&header, conn).await?;
-        check_query(query).map_err(invalid_args)?;
-        let q = query.to_owned();
-        let hits = blocking(move || lock(&user.index).find_text(&q, clamp(limit)))
-            .await?
-            .map_err(failed)?;
-        Ok(json!({ "query": query, "results": hits }).to_string())
+        self.search(&header, conn, query, limit, true).await
     }
 
     /// Files changed since `since` (JSON), newest first.
