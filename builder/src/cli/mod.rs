@@ -254,13 +254,13 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
     if args.dry_run {
         let plan = build::plan(&opts, ui)?;
         // Nothing to do only when the real run would change nothing: the version is
-        // built and recorded, and neither a rebuild nor a test was asked for.
+        // built and recorded (clap refuses --dry-run with --force, --test,
+        // --check-reproducible and --no-cache).
         let recorded = plan.version.as_ref().is_some_and(|v| {
             Registry::open_read(registry_path)
                 .is_ok_and(|r| r.find(&format!("{}@{v}", plan.name)).is_ok())
         });
-        let nothing =
-            plan.up_to_date && recorded && !args.force && !args.test && !args.check_reproducible;
+        let nothing = plan.up_to_date && recorded;
         return nothing_to_do(output(args.json, &plan, || plan.human(), true), nothing);
     }
     let (built, repro) = if args.check_reproducible {
