@@ -258,8 +258,13 @@ fn judge(tools: Vec<ToolStatus>, facts: &Facts) -> Report {
                 "space",
                 *free >= NEEDED_SPACE,
                 true,
-                format!("{} GiB free at {}", free >> 30, at.display()),
-                "a build of the default image needs about 8 GiB: free some (`devos-build cache prune`, `devos-build image gc`) or set DEVOS_CACHE_DIR to a larger disk",
+                format!(
+                    "{} GiB free at {} (a build of the default image needs {} GiB)",
+                    free >> 30,
+                    at.display(),
+                    NEEDED_SPACE >> 30
+                ),
+                "free some (`devos-build cache prune`, `devos-build image gc`) or set DEVOS_CACHE_DIR to a larger disk",
             ),
             Err(e) => check("space", false, true, e.clone(), "check that df works"),
         },
