@@ -826,6 +826,12 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
         "id; sudo -n id; unshare -r id; unshare -m id".to_owned(),
         // Other processes.
         "ps ax; kill -9 -1".to_owned(),
+        // Set-user-ID and set-group-ID files, made by every route that takes a mode.
+        "cp /bin/true setid; chmod u+s setid; chmod g+s setid; chmod 6755 setid; \
+         python3 -c 'import os; os.close(os.open(\"setid-open\", os.O_CREAT | os.O_WRONLY, 0o4755))'; \
+         python3 -c 'import os; os.close(os.open(\"setid-creat\", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o2755))'; \
+         install -m 4755 /bin/true setid-install; mkfifo -m 4755 setid-fifo"
+            .to_owned(),
     ];
     for (i, script) in scripts.iter().enumerate() {
         let file = cwd.join(format!("attack-{i}.sh"));
@@ -849,6 +855,16 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
     }
     assert!(marks.made().is_empty(), "{:?}", marks.made());
     assert!(!eve.home.join("outside-home").exists());
+    for entry in std::fs::read_dir(cwd).unwrap().flatten() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = entry.metadata().unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o6000,
+            0,
+            "{} was made set-user/group-ID: {mode:o}",
+            entry.path().display()
+        );
+    }
     assert!(
         tcp.accept().is_err(),
         "the action reached the host's loopback"

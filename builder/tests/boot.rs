@@ -1,7 +1,8 @@
 //! The boot test's diagnoses, each on a deliberately broken image: an agent that
-//! crashes at start, a unit that fails, a spec test that exits non-zero, and a kernel
-//! command line that cannot find root; and an image with an erofs root passing. (The
-//! default image passing is tested in `image.rs`, the README's command.)
+//! crashes at start, a unit that fails, a spec test that exits non-zero, a kernel
+//! command line that cannot find root, and a verified root with one byte changed; and
+//! the bookworm image (ext4 root, initramfs-tools) passing. (The default image passing
+//! is tested in `image.rs`, the README's command.)
 
 // Test helpers fail the test by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -14,7 +15,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Env, HEAVY, ok, run};
+use common::{Env, HEAVY, flip_byte_at, ok, run};
 
 /// The agent package with `edit` applied to its unpacked tree, repacked.
 fn repack(env: &Env, name: &str, edit: impl Fn(&Path)) -> PathBuf {
@@ -218,7 +219,9 @@ fn a_kernel_command_line_without_root_is_diagnosed_not_waited_out() {
     let spec = env.fresh_spec("no-root.toml", |t| {
         t.replace(
             "kernel-cmdline = \"",
-            "kernel-cmdline = \"root=PARTUUID=00000000-0000-4000-8000-000000000000 rootdelay=3 ",
+            // How long each initrd waits for a missing root: initramfs-tools
+            // (rootdelay) and systemd's (the device timeout).
+            "kernel-cmdline = \"root=PARTUUID=00000000-0000-4000-8000-000000000000 rootdelay=3 rd.systemd.default_device_timeout_sec=10 ",
         )
     });
     let deb = env.agent_deb.clone();
@@ -235,8 +238,74 @@ fn a_kernel_command_line_without_root_is_diagnosed_not_waited_out() {
     assert!(!report["console_tail"].as_array().unwrap().is_empty());
 }
 
-/// What the erofs test's spec adds: two extra trees and a test that finds their files
-/// and the unit's work in the booted image.
+#[test]
+fn a_changed_block_of_the_verified_root_fails_the_boot_and_is_named() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new();
+    let spec = env.fresh_spec("verity.toml", |t| t);
+    let (built, _) = env.build(&spec, &[]);
+    let m = &built["manifest"];
+    // The verified layout: slot A holds this version (named NAME_VERSION, UUIDs the
+    // halves of the root hash on the command line), slot B is empty.
+    let root_hash = m["root_hash"].as_str().unwrap();
+    let cmdline = m["kernel_cmdline"].as_str().unwrap();
+    assert!(
+        cmdline.contains(&format!("roothash={root_hash}")),
+        "{cmdline}"
+    );
+    let label = format!(
+        "{}_{}",
+        m["name"].as_str().unwrap(),
+        m["version"].as_str().unwrap()
+    );
+    let parts = m["partitions"].as_array().unwrap();
+    let labels: Vec<&str> = parts.iter().map(|p| p["label"].as_str().unwrap()).collect();
+    assert_eq!(
+        labels,
+        ["esp", &label, &label, "_empty", "_empty", "devos-var"],
+        "{m:#}"
+    );
+    // The update bundle: the root, its hash tree and the UKI, with their sums.
+    let update = env.out(&spec).join("current/update");
+    let sums = std::fs::read_to_string(update.join("SHA256SUMS")).unwrap();
+    for ext in ["root", "verity", "efi"] {
+        let file = format!("{label}.{ext}");
+        let bytes = std::fs::read(update.join(&file)).unwrap();
+        let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        assert!(sums.contains(&format!("{sha}  {file}")), "{file}: {sums}");
+    }
+
+    // One byte of the root's superblock (which the initrd reads to mount it) changed.
+    let raw = env.out(&spec).join("current").join(format!(
+        "{}-{}.raw",
+        m["name"].as_str().unwrap(),
+        m["version"].as_str().unwrap()
+    ));
+    let changed = env.dir.path().join("changed.raw");
+    ok(&Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(&raw)
+        .arg(&changed)
+        .output()
+        .unwrap());
+    let root = parts.iter().find(|p| p["filesystem"] == "erofs").unwrap();
+    flip_byte_at(&changed, root["offset"].as_u64().unwrap() + 1024);
+    let mut c = env.cmd(&["image", "test", "--json", "--timeout", "150"]);
+    c.arg(&changed);
+    let out = run(&mut c, 10);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the changed image passed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stderr}"));
+    let failure = report["failure"].as_str().unwrap_or_default();
+    assert!(
+        failure.contains("failed dm-verity verification"),
+        "{report:#}"
+    );
+}
+
+/// What the bookworm test's spec adds: two extra trees and a test that finds their
+/// files and the unit's work in the booted image.
 const EXTRA_TREES: &str = r#"
 [files]
 extra-trees = ["tree", "tools:/opt/devos-tools"]
@@ -254,10 +323,10 @@ test "$(stat -c %U /opt/devos-tools/README)" = root
 "#;
 
 #[test]
-fn an_erofs_root_builds_and_passes_the_boot_test() {
+fn the_bookworm_image_builds_and_passes_the_boot_test() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new();
-    // Debian's cloud kernel has erofs as a module: an erofs root needs the initramfs.
+    // Debian 12 with an ext4 root and initramfs-tools, as images/devos-debian-bookworm.toml.
     // The spec also adds files and a unit of its own (`[files] extra-trees`, `[system]
     // enable-units`): owned by root in the image whoever owns them here, modes kept,
     // the unit enabled and run at boot.
@@ -277,13 +346,11 @@ fn an_erofs_root_builds_and_passes_the_boot_test() {
     std::fs::create_dir_all(&tools).unwrap();
     std::fs::write(tools.join("README"), "tools\n").unwrap();
     std::os::unix::fs::chown(tools.join("README"), Some(4321), Some(4321)).unwrap();
-    let spec = env.fresh_spec("erofs.toml", |t| {
-        t.replace("root-fs = \"ext4\"", "root-fs = \"erofs\"")
-            .replace(
-                "initrd = true",
-                "initrd = true\nenable-units = [\"devos-hello.service\"]",
-            )
-            + EXTRA_TREES
+    let spec = env.spec_from("devos-debian-bookworm.toml", "bookworm.toml", |t| {
+        t.replace(
+            "initrd = true",
+            "initrd = true\nenable-units = [\"devos-hello.service\"]",
+        ) + EXTRA_TREES
     });
     let mut c = env.build_cmd(&spec, &["--test", "--timeout", "150"]);
     let out = run(&mut c, 15);
@@ -295,7 +362,8 @@ fn an_erofs_root_builds_and_passes_the_boot_test() {
         .iter()
         .find(|p| p["label"] == "devos-root")
         .unwrap_or_else(|| panic!("no root partition in {built:#}"));
-    assert_eq!(root["filesystem"], "erofs", "{root}");
+    assert_eq!(root["filesystem"], "ext4", "{root}");
+    assert_eq!(built["manifest"]["suite"], "bookworm");
     let report = &built["test"];
     assert_eq!(report["passed"], true, "{report:#}");
     assert_eq!(check(report, "root-read-only")["ok"], true);

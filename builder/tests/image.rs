@@ -381,7 +381,8 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     );
     assert_eq!(dir, images.path().join("out"), "{}", dir.display());
     let (semver, build) = version.split_once('+').unwrap();
-    assert_eq!(semver, "0.1.0");
+    assert_eq!(semver, "0.2.0");
+    assert_eq!(manifest["suite"], "trixie");
     assert_eq!(build, &manifest["build_id"].as_str().unwrap()[..12]);
     let packages = manifest["packages"].as_array().unwrap();
     assert!(packages.iter().any(|p| p["name"] == "devos-agent"));
@@ -396,7 +397,13 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
         .iter()
         .map(|p| p["label"].as_str().unwrap())
         .collect();
-    assert_eq!(labels, ["esp", "devos-root", "devos-var"]);
+    // A verified root in slot A (named with the version), slot B empty.
+    let slot = format!("devos-debian_{version}");
+    assert_eq!(
+        labels,
+        ["esp", &slot, &slot, "_empty", "_empty", "devos-var"]
+    );
+    assert!(manifest["root_hash"].is_string(), "{manifest:#}");
 
     // Every artifact is where the manifest says, with the hash SHA256SUMS records,
     // unchanged by the boot test.

@@ -330,6 +330,11 @@ fn seccomp() -> Result<(), SetupError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(err)?;
     rules.insert(libc::SYS_clone, clone_rules);
+    // Files made set-user-ID or set-group-ID (what systemd's RestrictSUIDSGID= does for
+    // a unit; the agent's unit cannot use it, see setuid_rules).
+    for (syscall, rule) in setuid_rules().map_err(err)? {
+        rules.entry(syscall).or_default().push(rule);
+    }
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -337,10 +342,16 @@ fn seccomp() -> Result<(), SetupError> {
         arch,
     )
     .map_err(err)?;
-    // clone3 passes its flags in memory seccomp cannot read: say it does not exist,
-    // and the C library falls back to clone().
+    // clone3 passes its flags, and openat2 its mode, in memory seccomp cannot read: say
+    // they do not exist, and the C library and programs fall back to clone() and
+    // openat(), whose arguments the rules above see.
     let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        [
+            (libc::SYS_clone3, Vec::new()),
+            (libc::SYS_openat2, Vec::new()),
+        ]
+        .into_iter()
+        .collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
@@ -351,6 +362,47 @@ fn seccomp() -> Result<(), SetupError> {
         seccompiler::apply_filter(&program).map_err(SetupError::SeccompApply)?;
     }
     Ok(())
+}
+
+/// Rules matching the calls that would make a file set-user-ID or set-group-ID: a mode
+/// argument with S_ISUID or S_ISGID (for open and openat, only with O_CREAT).
+///
+/// The agent's unit cannot say `RestrictSUIDSGID=yes`: systemd enforces it by making
+/// openat2() fail with ENOSYS for the whole unit, and bubblewrap 0.11+ opens every bind
+/// source with openat2() and (as Debian builds it) has no fallback, so no action could
+/// start. The actions get the same protection here, after bubblewrap has run.
+fn setuid_rules() -> Result<Vec<(i64, seccompiler::SeccompRule)>, seccompiler::BackendError> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    let has = |arg: u8, bit: u64| {
+        SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(bit),
+            bit,
+        )
+    };
+    // (syscall, the argument holding the mode, the one holding open flags)
+    let calls: [(i64, u8, Option<u8>); 8] = [
+        (libc::SYS_chmod, 1, None),
+        (libc::SYS_fchmod, 1, None),
+        (libc::SYS_fchmodat, 2, None),
+        (libc::SYS_creat, 1, None),
+        (libc::SYS_mknod, 1, None),
+        (libc::SYS_mknodat, 2, None),
+        (libc::SYS_open, 2, Some(1)),
+        (libc::SYS_openat, 3, Some(2)),
+    ];
+    let mut rules = Vec::new();
+    for (syscall, mode, flags) in calls {
+        for bit in [libc::S_ISUID as u64, libc::S_ISGID as u64] {
+            let mut conditions = vec![has(mode, bit)?];
+            if let Some(flags) = flags {
+                conditions.push(has(flags, libc::O_CREAT as u64)?);
+            }
+            rules.push((syscall, SeccompRule::new(conditions)?));
+        }
+    }
+    Ok(rules)
 }
 
 fn run(spec: &Spec) -> i32 {

@@ -599,9 +599,9 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
         a.extend(bind("--dev-bind", Path::new("/dev"), Path::new("/dev")));
         a.extend(["--proc".into(), "/proc".into()]);
         a.extend(bind("--bind", &private("tmp"), Path::new("/tmp")));
-        a.extend(["--tmpfs".into(), "/home".into()]);
+        a.extend(tmpfs(Path::new("/home")));
         for h in spec.hide.iter().filter(|h| h.exists()) {
-            a.extend(["--tmpfs".into(), h.to_string_lossy().into_owned()]);
+            a.extend(tmpfs(h));
         }
         return a;
     }
@@ -621,15 +621,16 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     for w in p.profile.writable.iter().filter(|w| !below_hidden(w)) {
         a.extend(p.bind(true, w));
     }
-    a.extend(["--tmpfs", "/run", "--tmpfs", "/home"].map(String::from));
+    a.extend(tmpfs(Path::new("/run")));
+    a.extend(tmpfs(Path::new("/home")));
     for (name, inside) in super::PRIVATE_DIRS {
         a.extend(bind("--bind", &private(name), Path::new(inside)));
     }
     if spec.caller.uid != 0 {
-        a.extend(["--tmpfs".into(), "/root".into()]);
+        a.extend(tmpfs(Path::new("/root")));
     }
     for h in spec.hide.iter().filter(|h| h.exists()) {
-        a.extend(["--tmpfs".into(), h.to_string_lossy().into_owned()]);
+        a.extend(tmpfs(h));
     }
     if p.home_visible && strictly_below_hidden(&spec.caller.home) {
         a.extend(p.bind(false, &spec.caller.home));
@@ -695,7 +696,29 @@ fn hidden_places(spec: &Spec) -> Vec<PathBuf> {
         hidden.push(PathBuf::from("/root"));
     }
     hidden.extend(spec.hide.iter().cloned());
+    // Where a hidden place is a symlink (`/home` -> `var/home` in DevOS images), what
+    // is below its target is below it too.
+    let targets: Vec<PathBuf> = hidden
+        .iter()
+        .map(|h| real(h))
+        .filter(|r| !hidden.contains(r))
+        .collect();
+    hidden.extend(targets);
     hidden
+}
+
+/// `path` with its symlinks resolved, or itself when it does not resolve.
+fn real(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// An empty tmpfs over `path`, mounted on its real place: bubblewrap 0.11 and later
+/// mount on no symlink, and `/home` is one in DevOS images (to `/var/home`).
+fn tmpfs(path: &Path) -> [String; 2] {
+    [
+        "--tmpfs".to_owned(),
+        real(path).to_string_lossy().into_owned(),
+    ]
 }
 
 /// Places an action may never work in or write, even when its user can: sockets live

@@ -24,36 +24,46 @@ pub(super) fn kvm_failure(said: &str) -> Option<String> {
         .map(|l| l.trim().to_owned())
 }
 
-/// Console lines that mean the boot cannot succeed, and what they mean. Seen, the test
-/// fails at once instead of waiting for its timeout.
-const FATAL_CONSOLE: &[(&str, &str)] = &[
+/// Console lines that mean the boot cannot succeed (a line holding every needle), and
+/// what they mean. Seen, the test fails at once instead of waiting for its timeout.
+/// The first match in the console wins, so a cause is named before its consequences
+/// (a corrupt block before the emergency mode it leads to).
+const FATAL_CONSOLE: &[(&[&str], &str)] = &[
     (
-        "VFS: Unable to mount root fs",
+        &["verity", "is corrupted"],
+        "the root filesystem failed dm-verity verification: a block of it is not the one that was built (the disk was modified or damaged)",
+    ),
+    (
+        &["Timed out waiting for device"],
+        "the initrd could not find the root filesystem's device (check root= and roothash= on the kernel command line)",
+    ),
+    (
+        &["VFS: Unable to mount root fs"],
         "the kernel could not find the root filesystem (check root= on the kernel command line)",
     ),
-    ("Kernel panic", "kernel panic"),
+    (&["Kernel panic"], "kernel panic"),
     (
-        "Gave up waiting for root",
+        &["Gave up waiting for root"],
         "the initramfs could not find the root filesystem (check root= on the kernel command line)",
     ),
     (
-        "does not exist.  Dropping to a shell",
+        &["does not exist.  Dropping to a shell"],
         "the initramfs could not find the root filesystem (check root= on the kernel command line)",
     ),
     (
-        "You are in emergency mode",
+        &["You are in emergency mode"],
         "systemd entered emergency mode",
     ),
     (
-        "Failed to start Switch Root",
+        &["Failed to start Switch Root"],
         "switching to the root filesystem failed",
     ),
 ];
 
 pub(super) fn diagnose_console(text: &str) -> Option<String> {
     for line in text.lines() {
-        for (needle, meaning) in FATAL_CONSOLE {
-            if line.contains(needle) {
+        for (needles, meaning) in FATAL_CONSOLE {
+            if needles.iter().all(|n| line.contains(n)) {
                 let line = line.replace(|c: char| c.is_control() && c != '\t', "");
                 return Some(format!("{meaning}: {}", line.trim()));
             }
@@ -96,7 +106,8 @@ mod kvm_tests {
     fn a_root_that_cannot_be_found_is_named_with_or_without_an_initramfs() {
         let direct = "[    4.548902] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\n";
         let initramfs = "Gave up waiting for root file system device.\nALERT!  PARTUUID=0000 does not exist.  Dropping to a shell!\n";
-        for console in [direct, initramfs] {
+        let systemd = "[ TIME ] Timed out waiting for device dev-disk-by\\x2dpartuuid-0000.device - /dev/disk/by-partuuid/0000.\n";
+        for console in [direct, initramfs, systemd] {
             let d = diagnose_console(console).unwrap();
             assert!(d.contains("could not find the root filesystem"), "{d}");
         }
@@ -104,6 +115,21 @@ mod kvm_tests {
             diagnose_console("Kernel panic - not syncing: Attempted to kill init!\n")
                 .unwrap()
                 .starts_with("kernel panic")
+        );
+    }
+
+    #[test]
+    fn a_corrupt_verified_root_is_named_before_the_emergency_mode_it_causes() {
+        let console = "[    3.1] device-mapper: verity: 252:0: data block 0 is corrupted\n[FAILED] Failed to mount sysroot.mount - /sysroot.\nYou are in emergency mode.\n";
+        let d = diagnose_console(console).unwrap();
+        assert!(
+            d.starts_with("the root filesystem failed dm-verity verification"),
+            "{d}"
+        );
+        assert!(d.contains("data block 0 is corrupted"), "{d}");
+        // Lines that merely mention verity are not failures.
+        assert!(
+            diagnose_console("device-mapper: verity: sha256 using shash \"sha256-ni\"\n").is_none()
         );
     }
 

@@ -14,7 +14,9 @@ use serde::Serialize;
 use crate::build::agent_pkg::AgentPackage;
 use crate::image::identity::{self, Identity};
 use crate::image::{apt, convert, customize, disk, rootfs};
-use crate::model::manifest::{AgentInfo, Artifact, CacheKeys, Manifest, Package, StageTiming};
+use crate::model::manifest::{
+    AgentInfo, Artifact, CacheKeys, Manifest, Package, StageTiming, UpdateFile,
+};
 use crate::model::spec::{self, Format, Spec};
 use crate::store::{cache, registry};
 use crate::support::digest::{self, FileEntry};
@@ -188,6 +190,9 @@ const HOST_TOOLS: &[&str] = &[
     "mmdebstrap",
     "e2fsprogs",
     "erofs-utils",
+    // veritysetup (the hash tree) and pefile (under ukify) for a verified root.
+    "cryptsetup-bin",
+    "python3-pefile",
     "dosfstools",
     "mtools",
     "fdisk",
@@ -431,8 +436,12 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let raw_name = format!("{}-{}.raw", spec.name, id.version);
     // Assembled in scratch; copied to the output beside the conversions below.
     let raw = scratch.path().join(&raw_name);
-    let partitions = t.run("disk", |_| {
-        disk::build(spec, id, &tree, scratch.path(), &raw)
+    let disk = t.run("disk", |_| {
+        let ukify = match spec.verity {
+            true => Some(ukify(&r, scratch.path())?),
+            false => None,
+        };
+        disk::build(spec, id, &tree, scratch.path(), &raw, ukify.as_deref())
     })?;
     // The tree is no longer needed; free the space before converting. Left, it goes
     // with the scratch directory at the end, so a failure here only costs space.
@@ -440,7 +449,11 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         tracing::warn!("cannot remove {} early: {e}", tree.display());
     }
     let artifacts = t.run("convert", |_| convert_all(spec, &id.version, &raw, &staged))?;
-    let manifest = manifest_of(&r, partitions, artifacts, packages, t.timings);
+    let update = match &disk.bundle {
+        Some(b) => write_bundle(spec, id, b, &staged.join("update"))?,
+        None => Vec::new(),
+    };
+    let manifest = manifest_of(&r, disk, update, artifacts, packages, t.timings);
     if spec.agent_enabled {
         // The agent's configuration, for images made from other bases (Packer).
         fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
@@ -492,6 +505,13 @@ fn already_built(
     }))
 }
 
+/// Where the packages downloaded for a distro's suite are kept between builds.
+fn package_cache(spec: &Spec) -> PathBuf {
+    cache::dir()
+        .join("packages")
+        .join(format!("{}-{}", spec.distro.name(), spec.suite).to_lowercase())
+}
+
 /// The `rootfs` and `customize` stages into `tree`, or the finished tree from the
 /// cache (then true).
 fn make_tree(t: &mut Timer<'_>, r: &Resolved, cache: &cache::Cache, tree: &Path) -> Result<bool> {
@@ -510,10 +530,12 @@ fn make_tree(t: &mut Timer<'_>, r: &Resolved, cache: &cache::Cache, tree: &Path)
                 &r.sources,
                 &r.index.lists(),
                 tree,
-                &cache::dir()
-                    .join("packages")
-                    .join(format!("{}-{}", spec.distro.name(), spec.suite).to_lowercase()),
+                &package_cache(spec),
                 id.source_date_epoch,
+                r.resolution
+                    .packages
+                    .iter()
+                    .any(|p| p.name == apt::MERGED_USR),
             )?;
             check_package_set(tree, &r.resolution.packages, ui)?;
             cache.store(
@@ -589,7 +611,8 @@ fn convert_all(spec: &Spec, version: &str, raw: &Path, staged: &Path) -> Result<
 /// What the build says about itself.
 fn manifest_of(
     r: &Resolved,
-    partitions: Vec<disk::Partition>,
+    disk: disk::Disk,
+    update: Vec<UpdateFile>,
     artifacts: Vec<Artifact>,
     packages: Vec<Package>,
     stages: Vec<StageTiming>,
@@ -604,7 +627,9 @@ fn manifest_of(
         suite: spec.suite.clone(),
         builder_version: identity::BUILDER_VERSION.to_owned(),
         source_date_epoch: id.source_date_epoch,
-        kernel_cmdline: disk::kernel_cmdline(spec, id),
+        kernel_cmdline: disk.cmdline,
+        root_hash: disk.root_hash,
+        update,
         inputs: id.inputs.clone(),
         package_sources: r.sources.origin.to_owned(),
         agent: r.agent.as_ref().map(|a| AgentInfo {
@@ -618,7 +643,7 @@ fn manifest_of(
         }),
         users: spec.users.iter().map(|u| u.name.clone()).collect(),
         packages,
-        partitions: partitions.into_iter().map(Into::into).collect(),
+        partitions: disk.partitions.into_iter().map(Into::into).collect(),
         artifacts,
         stages,
         cache_keys: CacheKeys {
@@ -772,6 +797,63 @@ fn described(path: &Path, format: Format, sha256: String) -> Result<Artifact> {
         size: meta.len(),
         used_bytes: meta.blocks() * 512,
     })
+}
+
+/// ukify from the image's own archive (the version of the tree's systemd), unpacked
+/// under `work`: bookworm hosts have none, and the tree's systemd-stub is what it
+/// assembles. The package is kept with the tree's other downloaded packages.
+fn ukify(r: &Resolved, work: &Path) -> Result<PathBuf> {
+    let systemd = r
+        .resolution
+        .packages
+        .iter()
+        .find(|p| p.name == "systemd")
+        .context("a verified root needs systemd in the image")?;
+    let debs = package_cache(&r.spec);
+    let dir = work.join("ukify");
+    r.index
+        .unpack("systemd-ukify", &systemd.version, &debs, &dir)
+        .context("while fetching ukify from the image's archive")?;
+    ["usr/lib/systemd/ukify", "usr/bin/ukify"]
+        .iter()
+        .map(|p| dir.join(p))
+        .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+        .with_context(|| format!("systemd-ukify {} holds no ukify script", systemd.version))
+}
+
+/// The update bundle in `dir`: the root and hash images and the UKI named as
+/// systemd-sysupdate's transfers match them, and their SHA256SUMS.
+fn write_bundle(
+    spec: &Spec,
+    id: &Identity,
+    b: &disk::Bundle,
+    dir: &Path,
+) -> Result<Vec<UpdateFile>> {
+    fs::create_dir_all(dir)?;
+    let stem = format!("{}_{}", spec.name, id.version);
+    let mut files = Vec::new();
+    for (src, name) in [
+        (&b.root, format!("{stem}.root")),
+        (&b.verity, format!("{stem}.verity")),
+        (&b.uki, format!("{stem}.efi")),
+    ] {
+        let dest = dir.join(&name);
+        fs::rename(src, &dest).or_else(|_| fs::copy(src, &dest).map(drop))?;
+        // Published as they are (veritysetup makes its file owner-only).
+        fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        let size = fs::metadata(&dest)?.len();
+        files.push(UpdateFile {
+            sha256: digest::file_sha256(&dest)?,
+            file: name,
+            size,
+        });
+    }
+    let sums: String = files
+        .iter()
+        .map(|f| format!("{}  {}\n", f.sha256, f.file))
+        .collect();
+    fs::write(dir.join("SHA256SUMS"), sums)?;
+    Ok(files)
 }
 
 fn write_outputs(dir: &Path, manifest: &Manifest) -> Result<()> {

@@ -24,7 +24,17 @@ const TOOLS: &[(&str, &str, &str)] = &[
     (
         "mkfs.erofs",
         "erofs-utils",
-        "image build: `root-fs = \"erofs\"`",
+        "image build: `root-fs = \"erofs\"` (the default image)",
+    ),
+    (
+        "veritysetup",
+        "cryptsetup-bin",
+        "image build: `verity = true` (the default image): the root's hash tree",
+    ),
+    (
+        "/usr/lib/python3/dist-packages/pefile.py",
+        "python3-pefile",
+        "image build: `verity = true`: the image's own ukify runs on it to make the unified kernel image",
     ),
     (
         "mkfs.vfat",
@@ -88,7 +98,6 @@ const TOOLS: &[(&str, &str, &str)] = &[
 
 /// Tools only some images or commands need: missing, `doctor` still passes.
 const OPTIONAL: &[&str] = &[
-    "mkfs.erofs",
     "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
     "packer",
     "dbus-daemon",
@@ -352,7 +361,7 @@ impl Report {
         }
         if let Some(cmd) = &self.install_optional {
             s.push_str(&format!(
-                "\noptional (Ubuntu images, erofs roots, Packer, the agent's tests):\n  {cmd}\n"
+                "\noptional (Ubuntu images, Packer, the agent's tests):\n  {cmd}\n"
             ));
         }
         s.push_str(if self.ok {
@@ -396,7 +405,7 @@ mod tests {
             vec![
                 tool("mmdebstrap", true),
                 tool("packer", false),
-                tool("mkfs.erofs", false),
+                tool("dbus-daemon", false),
             ],
             &facts(),
         );

@@ -125,6 +125,94 @@ impl Index {
         self.dir.join("lists")
     }
 
+    /// Unpack `package` at `version` into `into`, downloading its .deb into `debs`
+    /// unless it is there already (for tools the image's archive has and the host
+    /// lacks, such as ukify).
+    pub(crate) fn unpack(
+        &self,
+        package: &str,
+        version: &str,
+        debs: &Path,
+        into: &Path,
+    ) -> Result<()> {
+        fs::create_dir_all(debs)?;
+        // apt names a downloaded package NAME_VERSION_ARCH.deb, the epoch's colon as %3a.
+        let prefix = format!("{package}_{}_", version.replace(':', "%3a"));
+        let find = || {
+            fs::read_dir(debs).ok().and_then(|d| {
+                d.flatten().map(|e| e.path()).find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
+                })
+            })
+        };
+        let deb = match find() {
+            Some(deb) => deb,
+            None => {
+                cmd::run(
+                    self.apt("apt-get")
+                        .current_dir(debs)
+                        .args(["-q", "download"])
+                        .arg(format!("{package}={version}")),
+                )
+                .with_context(|| format!("cannot download {package} {version}"))?;
+                find().with_context(|| format!("apt downloaded no {package} {version}"))?
+            }
+        };
+        cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(into))
+            .with_context(|| format!("cannot unpack {}", deb.display()))?;
+        Ok(())
+    }
+
+    /// What apt would install into an empty tree for `request` (plus mmdebstrap's
+    /// minbase: everything `Essential`, every `Priority: required` package and apt),
+    /// without recommends.
+    fn simulate(&self, spec: &Spec, request: &[String]) -> Result<Vec<Package>> {
+        let mut c = self.apt("apt-get");
+        if !self.keep {
+            // apt keeps binary caches of the lists in Dir::Cache: not for a plan.
+            c.args([
+                "-o",
+                "Dir::Cache::pkgcache=",
+                "-o",
+                "Dir::Cache::srcpkgcache=",
+            ]);
+        }
+        c.args([
+            "-q",
+            "--simulate",
+            "install",
+            "?essential",
+            "?priority(required)",
+            "apt",
+        ])
+        .args(request);
+        let out = cmd::run(&mut c).with_context(|| {
+            format!(
+                "apt cannot install the packages of {} from {:?} {}\n  hint: check the names in `[packages] include` and the layers",
+                spec.path.display(),
+                spec.distro,
+                spec.suite
+            )
+        })?;
+        let packages = parse_simulation(&String::from_utf8_lossy(&out.stdout));
+        if packages.is_empty() {
+            bail!("apt resolved no packages for {}", spec.path.display());
+        }
+        Ok(packages)
+    }
+
+    /// Whether the archive has a package called `name`.
+    fn has_package(&self, name: &str) -> Result<bool> {
+        let out = self
+            .apt("apt-cache")
+            .args(["show", "--no-all-versions", name])
+            .output()
+            .context("cannot run apt-cache")?;
+        Ok(out.status.success() && !out.stdout.is_empty())
+    }
+
     fn apt(&self, program: &str) -> Command {
         let mut c = Command::new(program);
         c.env("APT_CONFIG", self.dir.join("apt.conf"))
@@ -189,7 +277,7 @@ impl Index {
     /// archive state and the request, so an unchanged archive costs nothing.
     pub(crate) fn resolve(&self, spec: &Spec, sources: &Sources) -> Result<Resolution> {
         let archive = self.archive()?;
-        let request = spec.all_packages();
+        let mut request = spec.all_packages();
         let key = sha256_hex(format!("{archive}\n{}", request.join("\n")).as_bytes());
         let cached = self.dir.join("resolved").join(format!("{key}.json"));
         // A cached resolution that cannot be used is computed again (and replaced).
@@ -204,36 +292,19 @@ impl Index {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!("cannot read {}: {e}; resolving again", cached.display()),
         }
-        let mut c = self.apt("apt-get");
-        if !self.keep {
-            // apt keeps binary caches of the lists in Dir::Cache: not for a plan.
-            c.args([
-                "-o",
-                "Dir::Cache::pkgcache=",
-                "-o",
-                "Dir::Cache::srcpkgcache=",
-            ]);
-        }
-        c.args([
-            "-q",
-            "--simulate",
-            "install",
-            "?essential",
-            "?priority(required)",
-            "apt",
-        ])
-        .args(&request);
-        let out = cmd::run(&mut c).with_context(|| {
-            format!(
-                "apt cannot install the packages of {} from {:?} {}\n  hint: check the names in `[packages] include` and the layers",
-                spec.path.display(),
-                spec.distro,
-                spec.suite
-            )
-        })?;
-        let packages = parse_simulation(&String::from_utf8_lossy(&out.stdout));
-        if packages.is_empty() {
-            bail!("apt resolved no packages for {}", spec.path.display());
+        let mut packages = self.simulate(spec, &request)?;
+        // apt satisfies `usrmerge | usr-is-merged` (bookworm's init-system-helpers)
+        // with the first, which converts the tree and needs Perl (~47 MB). Merge /usr
+        // the way debootstrap does instead: the symlinks made before anything is
+        // unpacked and `usr-is-merged` installed with the essential set (`bootstrap`
+        // runs mmdebstrap's merged-usr hook), so the dependency is already satisfied.
+        let has = |name: &str| packages.iter().any(|p| p.name == name);
+        if has("usrmerge")
+            && !request.iter().any(|p| p == "usrmerge")
+            && self.has_package(MERGED_USR)?
+        {
+            request.push(MERGED_USR.to_owned());
+            packages = self.simulate(spec, &request)?;
         }
         // The date of the suite itself (the first source), else of any archive.
         let files = self.in_release_files()?;
@@ -287,6 +358,10 @@ fn index_dir(cache: &Path, sources: &Sources) -> PathBuf {
     let key = sha256_hex(format!("{}\n{}", ARCH, sources.deb822).as_bytes());
     cache.join("apt").join(&key[..16])
 }
+
+/// The package that says /usr is merged by symlinks (debootstrap's way), when the
+/// archive has it.
+pub(crate) const MERGED_USR: &str = "usr-is-merged";
 
 /// The architecture images are built for.
 const ARCH: &str = "amd64";

@@ -68,6 +68,10 @@ pub(crate) fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Pat
     // directory on the read-only root.
     replace_with_symlink(&root.join("home"), "var/home")?;
     fs::create_dir_all(root.join("var/home"))?;
+    // The ESP's mount point: systemd mounts the ESP the machine booted from there on
+    // first access (gpt-auto), where updates install the next kernel image. The root
+    // is read-only, so the directory must be in the image.
+    fs::create_dir_all(root.join("efi"))?;
     fs::write(
         root.join("etc/tmpfiles.d/home.conf"),
         "# DevOS: /home is a symlink to /var/home (the writable data partition).\nd /var/home 0755 - - -\n",
@@ -339,14 +343,21 @@ fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
         RootFs::Ext4 => "ext4",
         RootFs::Erofs => "erofs",
     };
+    // A verified root is the device dm-verity makes (its partition is named by the
+    // root hash, known only once the root is made).
+    let root_device = if spec.verity {
+        "/dev/mapper/root".to_owned()
+    } else {
+        format!("PARTUUID={}", id.root_partuuid)
+    };
     fs::write(
         root.join("etc/fstab"),
         format!(
             "# DevOS: the root filesystem is read-only; /var is the writable data partition.\n\
-             PARTUUID={}\t/\t{root_type}\tro,noatime\t0\t0\n\
+             {root_device}\t/\t{root_type}\tro,noatime\t0\t0\n\
              PARTUUID={}\t/var\text4\tdefaults,noatime\t0\t2\n\
              tmpfs\t/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n",
-            id.root_partuuid, id.var_partuuid
+            id.var_partuuid
         ),
     )?;
     Ok(())

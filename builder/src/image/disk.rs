@@ -2,6 +2,14 @@
 //! devices or mounts — an ESP (FAT, mkfs.vfat + mtools) with systemd-boot, the kernel
 //! and initrd; a read-only root (mkfs.ext4 -d or mkfs.erofs); a writable ext4 data
 //! partition for /var. Partitions are built as files and copied in at their offsets.
+//!
+//! With `[disk] verity = true` the root gets a dm-verity hash partition (veritysetup
+//! on the file), the kernel, initrd and a command line carrying the root hash become
+//! one unified kernel image (the tree's own ukify and systemd-stub), and the disk has
+//! two root slots (A holds this version, B is empty for an update), each partition
+//! labelled `NAME_VERSION` as systemd-sysupdate expects. The root and hash partitions'
+//! UUIDs are the two halves of the root hash (the Discoverable Partitions
+//! Specification), which is how systemd in the initrd finds them.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -19,6 +27,11 @@ const MIB: u64 = 1 << 20;
 const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const TYPE_VAR: &str = "4D21B016-B534-45C2-A9FB-5C16E091FD2D";
+const TYPE_ROOT_VERITY_X86_64: &str = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5";
+/// The GPT holds a partition name of at most 36 UTF-16 code units.
+const GPT_NAME_MAX: usize = 36;
+/// What systemd-sysupdate calls a slot that holds nothing yet.
+const EMPTY_SLOT: &str = "_empty";
 /// GPT attribute bit 60: the partition is read-only.
 const ATTR_READ_ONLY: &str = "GUID:60";
 /// The writable partition never gets less than this.
@@ -54,38 +67,358 @@ pub(crate) fn find_one(root: &Path, pattern: &str) -> Option<PathBuf> {
     found.pop()
 }
 
+/// What the disk stage made.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    pub(crate) partitions: Vec<Partition>,
+    /// The kernel command line the image boots with.
+    pub(crate) cmdline: String,
+    /// The dm-verity root hash (hex), for a verified root.
+    pub(crate) root_hash: Option<String>,
+    /// For a verified root: the root and hash images and the UKI, kept in `work` for
+    /// the update bundle.
+    pub(crate) bundle: Option<Bundle>,
+}
+
+/// One version's update: what systemd-sysupdate writes into a slot and the ESP.
+#[derive(Debug)]
+pub(crate) struct Bundle {
+    pub(crate) root: PathBuf,
+    pub(crate) verity: PathBuf,
+    pub(crate) uki: PathBuf,
+}
+
 /// Build the disk image `raw` from the customized tree `root`. `work` holds the
 /// partition images while they are made. The tree's /var is moved out (it becomes
-/// the data partition) and left empty as the mount point.
+/// the data partition) and left empty as the mount point. `ukify`: the tree's
+/// archive's ukify, needed for a verified root.
 pub(crate) fn build(
     spec: &Spec,
     id: &Identity,
     root: &Path,
     work: &Path,
     raw: &Path,
-) -> Result<Vec<Partition>> {
+    ukify: Option<&Path>,
+) -> Result<Disk> {
     let (kernel, initrd) = kernel_and_initrd(spec, root)?;
+    if spec.verity {
+        check_verity_initrd(spec, root)?;
+    }
     let var_tree = move_var_out(id, root, work)?;
 
-    let esp = work.join("esp.img");
-    let esp_size = make_esp(spec, id, root, &kernel, initrd.as_deref(), &esp)?;
     let root_img = work.join("root.img");
     let root_size = make_root(spec, id, root, &root_img)?;
+    let verity = if spec.verity {
+        Some(make_verity(id, &root_img, work)?)
+    } else {
+        None
+    };
+    let root_hash = verity.as_ref().map(|(_, _, hash)| hash.clone());
+    let cmdline = kernel_cmdline(spec, id, root_hash.as_deref());
 
-    // Layout: 1 MiB for the GPT, ESP, root, var, 1 MiB for the backup GPT.
-    let fixed = MIB + esp_size + root_size + MIB;
-    let var_img = work.join("var.img");
-    let var_size = make_var(spec, id, &var_tree, fixed, &var_img)?;
+    let esp = work.join("esp.img");
+    let boot = match &verity {
+        Some(_) => {
+            let ukify = ukify.context("internal error: a verified root needs ukify")?;
+            let uki = work.join(uki_name(spec, id));
+            make_uki(id, root, &kernel, initrd.as_deref(), &cmdline, ukify, &uki)?;
+            Boot::Uki(uki)
+        }
+        None => Boot::Entry {
+            kernel,
+            initrd,
+            cmdline: cmdline.clone(),
+        },
+    };
+    let esp_size = make_esp(spec, id, root, &boot, &esp)?;
 
-    let parts = slots(
+    let mut images = vec![Image {
+        file: Some(esp),
+        size: esp_size,
+        label: "esp".into(),
+        filesystem: "vfat".into(),
+        type_guid: TYPE_ESP,
+        uuid: id.esp_partuuid.clone(),
+        attrs: "",
+        keep: false,
+    }];
+    images.extend(root_slots(
         spec,
         id,
-        (esp, esp_size),
         (root_img, root_size),
-        (var_img, var_size),
-    );
-    write_disk(id, raw, fixed + var_size, &parts)?;
-    Ok(parts.into_iter().map(|(_, p, ..)| p).collect())
+        verity.as_ref(),
+    )?);
+    // Layout: 1 MiB for the GPT, the partitions above, var, 1 MiB for the backup GPT.
+    let fixed = MIB + images.iter().map(|i| i.size).sum::<u64>() + MIB;
+    let var_img = work.join("var.img");
+    let var_size = make_var(spec, id, &var_tree, fixed, &var_img)?;
+    images.push(Image {
+        file: Some(var_img),
+        size: var_size,
+        label: "devos-var".into(),
+        filesystem: "ext4".into(),
+        type_guid: TYPE_VAR,
+        uuid: id.var_partuuid.clone(),
+        attrs: "",
+        keep: false,
+    });
+    let parts = write_disk(id, raw, fixed + var_size, &images)?;
+    let bundle = match (verity, boot) {
+        (Some((verity, ..)), Boot::Uki(uki)) => Some(Bundle {
+            root: work.join("root.img"),
+            verity,
+            uki,
+        }),
+        _ => None,
+    };
+    Ok(Disk {
+        partitions: parts,
+        cmdline,
+        root_hash,
+        bundle,
+    })
+}
+
+/// How the ESP starts the kernel.
+enum Boot {
+    /// A unified kernel image (kernel, initrd, command line, os-release in one file).
+    Uki(PathBuf),
+    /// A Type #1 loader entry naming the kernel and initrd.
+    Entry {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+}
+
+/// One partition to be: its image (`None`: left empty), size, GPT name, type and ids.
+struct Image {
+    file: Option<PathBuf>,
+    size: u64,
+    label: String,
+    filesystem: String,
+    type_guid: &'static str,
+    uuid: String,
+    attrs: &'static str,
+    /// Left in place after it is copied in (the update bundle takes it).
+    keep: bool,
+}
+
+/// The root partition(s): one plain root, or for a verified root the two slots, A
+/// with this version's root and hash tree and B empty, each sized for growth.
+fn root_slots(
+    spec: &Spec,
+    id: &Identity,
+    (root_img, root_size): (PathBuf, u64),
+    verity: Option<&(PathBuf, u64, String)>,
+) -> Result<Vec<Image>> {
+    let fs_name = root_fs_name(spec.root_fs).to_owned();
+    let Some((hash_img, hash_size, root_hash)) = verity else {
+        return Ok(vec![Image {
+            file: Some(root_img),
+            size: root_size,
+            label: "devos-root".into(),
+            filesystem: fs_name,
+            type_guid: TYPE_ROOT_X86_64,
+            uuid: id.root_partuuid.clone(),
+            attrs: ATTR_READ_ONLY,
+            keep: false,
+        }]);
+    };
+    let label = slot_label(spec, id)?;
+    let (root_slot, hash_slot) = slot_sizes(root_size, *hash_size);
+    let (data_uuid, hash_uuid) = root_hash_uuids(root_hash);
+    let slot = |file: Option<PathBuf>, size, label: &str, fs: &str, ty, uuid: String| Image {
+        file,
+        size,
+        label: label.to_owned(),
+        filesystem: fs.to_owned(),
+        type_guid: ty,
+        uuid,
+        attrs: "",
+        keep: true,
+    };
+    Ok(vec![
+        Image {
+            attrs: ATTR_READ_ONLY,
+            ..slot(
+                Some(root_img),
+                root_slot,
+                &label,
+                &fs_name,
+                TYPE_ROOT_X86_64,
+                data_uuid,
+            )
+        },
+        slot(
+            Some(hash_img.clone()),
+            hash_slot,
+            &label,
+            "verity",
+            TYPE_ROOT_VERITY_X86_64,
+            hash_uuid,
+        ),
+        slot(
+            None,
+            root_slot,
+            EMPTY_SLOT,
+            "",
+            TYPE_ROOT_X86_64,
+            id.root_b_partuuid.clone(),
+        ),
+        slot(
+            None,
+            hash_slot,
+            EMPTY_SLOT,
+            "",
+            TYPE_ROOT_VERITY_X86_64,
+            id.verity_b_partuuid.clone(),
+        ),
+    ])
+}
+
+/// Slot sizes for a root of `root` bytes and its hash tree of `hash` bytes: room for
+/// later versions to be half as large again, in whole 64 MiB (root) and MiB (hash).
+fn slot_sizes(root: u64, hash: u64) -> (u64, u64) {
+    let root_slot = (root * 3 / 2).div_ceil(64 * MIB) * 64 * MIB;
+    // The hash tree of SHA-256 over 4 KiB blocks is about 1/127 of the data.
+    let hash_slot = (root_slot / 100).max(hash * 3 / 2).div_ceil(MIB) * MIB;
+    (root_slot, hash_slot)
+}
+
+/// `NAME_VERSION`, the partition name systemd-sysupdate matches a slot's version by.
+fn slot_label(spec: &Spec, id: &Identity) -> Result<String> {
+    let label = format!("{}_{}", spec.name, id.version);
+    if label.chars().count() > GPT_NAME_MAX {
+        bail!(
+            "the root slot's partition name {label:?} is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {}",
+            spec.path.display()
+        );
+    }
+    Ok(label)
+}
+
+/// The UKI's file name on the ESP: `NAME_VERSION.efi`, which systemd-boot sorts by
+/// version and systemd-sysupdate matches.
+pub(crate) fn uki_name(spec: &Spec, id: &Identity) -> String {
+    format!("{}_{}.efi", spec.name, id.version)
+}
+
+/// The data and hash partition UUIDs of a root hash: its first and last 128 bits.
+fn root_hash_uuids(root_hash: &str) -> (String, String) {
+    let uuid = |x: &str| {
+        format!(
+            "{}-{}-{}-{}-{}",
+            &x[..8],
+            &x[8..12],
+            &x[12..16],
+            &x[16..20],
+            &x[20..32]
+        )
+    };
+    (uuid(&root_hash[..32]), uuid(&root_hash[32..64]))
+}
+
+/// The dm-verity hash tree of `root_img`, from veritysetup on the file with a salt
+/// and UUID derived from the build id (so the same root gives the same bytes): the
+/// hash image, its size in whole MiB, and the root hash in hex.
+fn make_verity(id: &Identity, root_img: &Path, work: &Path) -> Result<(PathBuf, u64, String)> {
+    let hash_img = work.join("root.verity");
+    let hash_file = work.join("root.roothash");
+    cmd::run(
+        Command::new("veritysetup")
+            .args(["format", "--hash=sha256"])
+            .args(["--data-block-size=4096", "--hash-block-size=4096"])
+            .arg(format!("--salt={}", id.verity_salt))
+            .arg(format!("--uuid={}", id.verity_uuid))
+            .arg(format!("--root-hash-file={}", hash_file.display()))
+            .arg(root_img)
+            .arg(&hash_img),
+    )
+    .context("while making the root's dm-verity hash tree")?;
+    let root_hash = fs::read_to_string(&hash_file)?.trim().to_owned();
+    fs::remove_file(&hash_file)?;
+    if root_hash.len() != 64 || !root_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("veritysetup wrote no SHA-256 root hash ({root_hash:?})");
+    }
+    let size = fs::metadata(&hash_img)?.len().div_ceil(MIB) * MIB;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&hash_img)?
+        .set_len(size)?;
+    Ok((hash_img, size, root_hash))
+}
+
+/// A verified root is opened by systemd in the initrd: the tree needs systemd's
+/// veritysetup and an initrd generator that puts it there (dracut).
+fn check_verity_initrd(spec: &Spec, root: &Path) -> Result<()> {
+    let needs = [
+        (
+            "usr/lib/systemd/systemd-veritysetup",
+            "systemd-cryptsetup",
+            "systemd's veritysetup",
+        ),
+        ("usr/bin/dracut", "dracut", "dracut (systemd in the initrd)"),
+        (
+            "usr/lib/systemd/boot/efi/linuxx64.efi.stub",
+            "systemd-boot-efi",
+            "systemd-stub (the unified kernel image)",
+        ),
+    ];
+    for (file, package, what) in needs {
+        if fs::symlink_metadata(root.join(file)).is_err() {
+            bail!(
+                "`[disk] verity = true` in {} needs {what}, but the tree has no /{file}\n  hint: add `{package}` to `[packages] include` (and `dracut` in place of `initramfs-tools`)",
+                spec.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The unified kernel image `out`: the tree's systemd-stub with the kernel, initrd,
+/// command line and os-release, assembled by ukify (from the tree's own archive, run
+/// by the host's python3; reproducible with SOURCE_DATE_EPOCH).
+fn make_uki(
+    id: &Identity,
+    root: &Path,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    ukify: &Path,
+    out: &Path,
+) -> Result<()> {
+    let os_release = root.join("usr/lib/os-release");
+    // Read from the host: the file itself, never a link that could lead out of the tree.
+    if !fs::symlink_metadata(&os_release).is_ok_and(|m| m.is_file()) {
+        bail!("{} is not a regular file", os_release.display());
+    }
+    // Debian's python3, which has python3-pefile (not whichever python3 is first in PATH).
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg(ukify)
+        .arg("build")
+        .arg(format!("--linux={}", kernel.display()))
+        .arg(format!(
+            "--stub={}",
+            root.join("usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+                .display()
+        ))
+        .arg(format!("--cmdline={cmdline}"))
+        .arg(format!("--os-release=@{}", os_release.display()))
+        .arg(format!("--output={}", out.display()))
+        .env("SOURCE_DATE_EPOCH", id.source_date_epoch.to_string());
+    if let Some(initrd) = initrd {
+        c.arg(format!("--initrd={}", initrd.display()));
+    }
+    if let Some(kver) = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+    {
+        c.arg(format!("--uname={kver}"));
+    }
+    cmd::run(&mut c).context("while making the unified kernel image with ukify")?;
+    Ok(())
 }
 
 /// The /var image: the disk left after `fixed`, at least twice its content; its size.
@@ -120,54 +453,6 @@ fn make_var(
         true,
     )?;
     Ok(var_size)
-}
-
-/// The ESP, root and /var images laid out after the GPT, each with its GPT type and ids.
-fn slots<'a>(
-    spec: &Spec,
-    id: &'a Identity,
-    (esp, esp_size): (PathBuf, u64),
-    (root_img, root_size): (PathBuf, u64),
-    (var_img, var_size): (PathBuf, u64),
-) -> Vec<Slot<'a>> {
-    vec![
-        (
-            esp,
-            Partition {
-                label: "esp".into(),
-                filesystem: "vfat".into(),
-                offset: MIB,
-                size: esp_size,
-            },
-            TYPE_ESP,
-            id.esp_partuuid.as_str(),
-            "",
-        ),
-        (
-            root_img,
-            Partition {
-                label: "devos-root".into(),
-                filesystem: root_fs_name(spec.root_fs).into(),
-                offset: MIB + esp_size,
-                size: root_size,
-            },
-            TYPE_ROOT_X86_64,
-            id.root_partuuid.as_str(),
-            ATTR_READ_ONLY,
-        ),
-        (
-            var_img,
-            Partition {
-                label: "devos-var".into(),
-                filesystem: "ext4".into(),
-                offset: MIB + esp_size + root_size,
-                size: var_size,
-            },
-            TYPE_VAR,
-            id.var_partuuid.as_str(),
-            "",
-        ),
-    ]
 }
 
 /// The kernel in /boot, and its initrd unless the spec boots without one (then the
@@ -210,23 +495,25 @@ fn move_var_out(id: &Identity, root: &Path, work: &Path) -> Result<PathBuf> {
     fs::rename(root.join("var"), &var_tree)?;
     fs::create_dir(root.join("var"))?;
     fs::set_permissions(root.join("var"), fs::Permissions::from_mode(0o755))?;
-    // The new mount point and the root it changed keep the image's times.
+    // Units that start before /var is mounted (systemd 257's `PrivateTmp=disconnected`,
+    // e.g. systemd-resolved) mount their own /var/tmp, which needs a place to go on the
+    // read-only root.
+    fs::create_dir(root.join("var/tmp"))?;
+    fs::set_permissions(root.join("var/tmp"), fs::Permissions::from_mode(0o1777))?;
+    // The new mount points and the root they changed keep the image's times.
     let epoch = filetime::FileTime::from_unix_time(
         i64::try_from(id.source_date_epoch).unwrap_or(i64::MAX),
         0,
     );
-    for dir in [root.join("var"), root.to_path_buf()] {
+    for dir in [root.join("var/tmp"), root.join("var"), root.to_path_buf()] {
         filetime::set_file_times(&dir, epoch, epoch)?;
     }
     Ok(var_tree)
 }
 
-/// One partition: its image, where it goes, its GPT type, PARTUUID and attributes.
-type Slot<'a> = (PathBuf, Partition, &'static str, &'a str, &'static str);
-
-/// A sparse disk of `total` bytes with a GPT naming `parts`, each copied in at its
-/// offset (and its image removed).
-fn write_disk(id: &Identity, raw: &Path, total: u64, parts: &[Slot<'_>]) -> Result<()> {
+/// A sparse disk of `total` bytes with a GPT naming `images` one after the other from
+/// 1 MiB, each copied in at its offset (and its file removed); where they went.
+fn write_disk(id: &Identity, raw: &Path, total: u64, images: &[Image]) -> Result<Vec<Partition>> {
     let file = fs::File::create(raw)?;
     file.set_len(total)?;
     drop(file);
@@ -234,18 +521,29 @@ fn write_disk(id: &Identity, raw: &Path, total: u64, parts: &[Slot<'_>]) -> Resu
         "label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\nsector-size: 512\n\n",
         id.disk_guid
     );
-    for (_, p, ty, uuid, attrs) in parts {
+    let mut parts = Vec::new();
+    let mut offset = MIB;
+    for i in images {
         script.push_str(&format!(
-            "start={}, size={}, type={ty}, uuid={uuid}, name=\"{}\"{}\n",
-            p.offset / 512,
-            p.size / 512,
-            p.label,
-            if attrs.is_empty() {
+            "start={}, size={}, type={}, uuid={}, name=\"{}\"{}\n",
+            offset / 512,
+            i.size / 512,
+            i.type_guid,
+            i.uuid,
+            i.label,
+            if i.attrs.is_empty() {
                 String::new()
             } else {
-                format!(", attrs=\"{attrs}\"")
+                format!(", attrs=\"{}\"", i.attrs)
             }
         ));
+        parts.push(Partition {
+            label: i.label.clone(),
+            filesystem: i.filesystem.clone(),
+            offset,
+            size: i.size,
+        });
+        offset += i.size;
     }
     cmd::run_with_input(
         Command::new("sfdisk")
@@ -256,11 +554,15 @@ fn write_disk(id: &Identity, raw: &Path, total: u64, parts: &[Slot<'_>]) -> Resu
     .context("while writing the partition table")?;
 
     let mut disk = fs::OpenOptions::new().write(true).open(raw)?;
-    for (img, p, ..) in parts {
-        copy_sparse(img, &mut disk, p.offset, p.size)?;
-        fs::remove_file(img)?;
+    for (i, p) in images.iter().zip(&parts) {
+        if let Some(file) = &i.file {
+            copy_sparse(file, &mut disk, p.offset, p.size)?;
+            if !i.keep {
+                fs::remove_file(file)?;
+            }
+        }
     }
-    Ok(())
+    Ok(parts)
 }
 
 fn root_fs_name(fs: RootFs) -> &'static str {
@@ -271,12 +573,14 @@ fn root_fs_name(fs: RootFs) -> &'static str {
 }
 
 /// The kernel command line: where root is, read-only, then the spec's own arguments.
-pub(crate) fn kernel_cmdline(spec: &Spec, id: &Identity) -> String {
-    let mut line = format!(
-        "root=PARTUUID={} ro rootfstype={}",
-        id.root_partuuid,
-        root_fs_name(spec.root_fs)
-    );
+/// A verified root is the device systemd's veritysetup makes from the partitions the
+/// root hash names.
+pub(crate) fn kernel_cmdline(spec: &Spec, id: &Identity, root_hash: Option<&str>) -> String {
+    let root = match root_hash {
+        Some(hash) => format!("roothash={hash} root=/dev/mapper/root"),
+        None => format!("root=PARTUUID={}", id.root_partuuid),
+    };
+    let mut line = format!("{root} ro rootfstype={}", root_fs_name(spec.root_fs));
     if !spec.kernel_cmdline.is_empty() {
         line.push(' ');
         line.push_str(&spec.kernel_cmdline);
@@ -315,37 +619,49 @@ fn check_direct_boot(spec: &Spec, root: &Path, kver: &str) -> Result<()> {
     Ok(())
 }
 
-/// The ESP image: systemd-boot, the kernel and initrd, one loader entry; its size.
-fn make_esp(
-    spec: &Spec,
-    id: &Identity,
-    root: &Path,
-    kernel: &Path,
-    initrd: Option<&Path>,
-    esp: &Path,
-) -> Result<u64> {
+/// The ESP image: systemd-boot and the unified kernel image, or the kernel, initrd
+/// and one loader entry; its size.
+fn make_esp(spec: &Spec, id: &Identity, root: &Path, boot: &Boot, esp: &Path) -> Result<u64> {
     let efi = root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
-    let size = esp_size([Some(kernel), initrd, Some(efi.as_path())])?;
-    mkfs_vfat(id, esp, size)?;
-
     let staging = esp.with_extension("d");
-    let (loader_conf, entry) = loader_config(spec, id, initrd.is_some(), &staging)?;
-    let dirs = [
-        "::/EFI",
-        "::/EFI/BOOT",
-        "::/loader",
-        "::/loader/entries",
-        "::/devos",
+    let loader_conf = staging.join("loader/loader.conf");
+    fs::create_dir_all(staging.join("loader/entries"))?;
+    let mut dirs = vec!["::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"];
+    let mut copies = vec![
+        (efi.clone(), "::/EFI/BOOT/BOOTX64.EFI".to_owned()),
+        (loader_conf.clone(), "::/loader/loader.conf".to_owned()),
     ];
-    cmd::run(mtools(id, "mmd", esp).args(dirs)).context("while filling the ESP")?;
-    let copies = [
-        Some((efi.as_path(), "::/EFI/BOOT/BOOTX64.EFI")),
-        Some((kernel, "::/devos/vmlinuz")),
-        initrd.map(|i| (i, "::/devos/initrd.img")),
-        Some((loader_conf.as_path(), "::/loader/loader.conf")),
-        Some((entry.as_path(), "::/loader/entries/devos.conf")),
-    ];
-    for (src, dest) in copies.into_iter().flatten() {
+    match boot {
+        Boot::Uki(uki) => {
+            // No `default`: systemd-boot starts the newest version it finds in
+            // EFI/Linux (and, with boot counting, the newest that has tries left).
+            fs::write(&loader_conf, "timeout 0\neditor no\nconsole-mode keep\n")?;
+            dirs.push("::/EFI/Linux");
+            copies.push((uki.clone(), format!("::/EFI/Linux/{}", uki_name(spec, id))));
+        }
+        Boot::Entry {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            fs::write(
+                &loader_conf,
+                "default devos.conf\ntimeout 0\neditor no\nconsole-mode keep\n",
+            )?;
+            let entry = staging.join("loader/entries/devos.conf");
+            fs::write(&entry, loader_entry(spec, id, initrd.is_some(), cmdline))?;
+            dirs.push("::/devos");
+            copies.push((kernel.clone(), "::/devos/vmlinuz".to_owned()));
+            if let Some(i) = initrd {
+                copies.push((i.clone(), "::/devos/initrd.img".to_owned()));
+            }
+            copies.push((entry, "::/loader/entries/devos.conf".to_owned()));
+        }
+    }
+    let size = esp_size(copies.iter().map(|(src, _)| src.as_path()))?;
+    mkfs_vfat(id, esp, size)?;
+    cmd::run(mtools(id, "mmd", esp).args(&dirs)).context("while filling the ESP")?;
+    for (src, dest) in &copies {
         cmd::run(mtools(id, "mcopy", esp).arg(src).arg(dest)).context("while filling the ESP")?;
     }
     fs::remove_dir_all(&staging)?;
@@ -353,10 +669,8 @@ fn make_esp(
 }
 
 /// The ESP's size for `files`: twice theirs plus 16 MiB, in whole MiB, at least 64.
-fn esp_size(files: [Option<&Path>; 3]) -> Result<u64> {
+fn esp_size<'a>(files: impl Iterator<Item = &'a Path>) -> Result<u64> {
     let content = files
-        .into_iter()
-        .flatten()
         .map(|p| fs::metadata(p).map(|m| m.len()))
         .sum::<std::io::Result<u64>>()?;
     // FAT32 needs at least ~33 MiB; leave room for a second kernel on updates.
@@ -384,36 +698,19 @@ fn mkfs_vfat(id: &Identity, esp: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// systemd-boot's loader.conf and this version's entry, under `staging`; their paths.
-fn loader_config(
-    spec: &Spec,
-    id: &Identity,
-    has_initrd: bool,
-    staging: &Path,
-) -> Result<(PathBuf, PathBuf)> {
-    let loader_conf = staging.join("loader/loader.conf");
-    let entry = staging.join("loader/entries/devos.conf");
-    fs::create_dir_all(staging.join("loader/entries"))?;
-    fs::write(
-        &loader_conf,
-        "default devos.conf\ntimeout 0\neditor no\nconsole-mode keep\n",
-    )?;
-    fs::write(
-        &entry,
-        format!(
-            "title {} {}\nversion {}\nlinux /devos/vmlinuz\n{}options {}\n",
-            spec.name,
-            id.version,
-            id.version,
-            if has_initrd {
-                "initrd /devos/initrd.img\n"
-            } else {
-                ""
-            },
-            kernel_cmdline(spec, id)
-        ),
-    )?;
-    Ok((loader_conf, entry))
+/// This version's Type #1 loader entry.
+fn loader_entry(spec: &Spec, id: &Identity, has_initrd: bool, cmdline: &str) -> String {
+    format!(
+        "title {} {}\nversion {}\nlinux /devos/vmlinuz\n{}options {cmdline}\n",
+        spec.name,
+        id.version,
+        id.version,
+        if has_initrd {
+            "initrd /devos/initrd.img\n"
+        } else {
+            ""
+        },
+    )
 }
 
 /// An mtools `program` on `esp`; mtools stamps what it writes with SOURCE_DATE_EPOCH.
@@ -649,7 +946,7 @@ mod tests {
         std::fs::create_dir(root.path().join("boot")).unwrap();
         let config = root.path().join("boot/config-6.1.0-cloud");
         let spec = |fs: &str| {
-            let text = include_str!("../../../images/devos-debian.toml")
+            let text = include_str!("../../../images/devos-debian-bookworm.toml")
                 .replace("root-fs = \"ext4\"", &format!("root-fs = \"{fs}\""));
             crate::model::spec::parse(std::path::Path::new("images/x.toml"), &text).unwrap()
         };

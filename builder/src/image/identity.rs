@@ -20,6 +20,12 @@ pub(crate) struct Identity {
     pub(crate) esp_partuuid: String,
     pub(crate) root_partuuid: String,
     pub(crate) var_partuuid: String,
+    /// The empty second root slot of a verified image and its hash partition.
+    pub(crate) root_b_partuuid: String,
+    pub(crate) verity_b_partuuid: String,
+    /// dm-verity's salt (hex) and superblock UUID, so the same root hashes the same.
+    pub(crate) verity_salt: String,
+    pub(crate) verity_uuid: String,
     pub(crate) root_fs_uuid: String,
     pub(crate) var_fs_uuid: String,
     /// FAT volume id of the ESP.
@@ -162,7 +168,17 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
         disk_guid: derived_uuid(&build_id, "disk"),
         esp_partuuid: derived_uuid(&build_id, "esp-partition"),
         root_partuuid: derived_uuid(&build_id, "root-partition"),
-        var_partuuid: derived_uuid(&build_id, "var-partition"),
+        // An updatable (verified) image keeps its /var across versions: every version
+        // of the image names the same partition.
+        var_partuuid: if spec.verity {
+            derived_uuid(&spec.name, "var-partition")
+        } else {
+            derived_uuid(&build_id, "var-partition")
+        },
+        root_b_partuuid: derived_uuid(&build_id, "root-b-partition"),
+        verity_b_partuuid: derived_uuid(&build_id, "verity-b-partition"),
+        verity_salt: sha256_hex(format!("{build_id}:verity-salt").as_bytes()),
+        verity_uuid: derived_uuid(&build_id, "verity"),
         root_fs_uuid: derived_uuid(&build_id, "root-fs"),
         var_fs_uuid: derived_uuid(&build_id, "var-fs"),
         esp_serial: sha256_hex(format!("{build_id}:esp-serial").as_bytes())[..8].to_uppercase(),
@@ -347,7 +363,7 @@ mod tests {
         ];
         for (what, v) in &variants {
             assert_ne!(v.build_id, base.build_id, "{what} must change the build id");
-            assert_eq!(v.version, format!("0.1.0+{}", &v.build_id[..12]));
+            assert_eq!(v.version, format!("0.2.0+{}", &v.build_id[..12]));
         }
         // The base tree depends only on what mmdebstrap sees: not on the agent or
         // the image's own settings.
@@ -361,8 +377,8 @@ mod tests {
         }
         // A spec's own source-date-epoch wins over the archive date.
         let pinned_spec = SPEC.replace(
-            "version = \"0.1.0\"",
-            "version = \"0.1.0\"\nsource-date-epoch = 1700000000",
+            "version = \"0.2.0\"",
+            "version = \"0.2.0\"\nsource-date-epoch = 1700000000",
         );
         let pinned = id(&pinned_spec, "a", "deb", &p, 100, "mmdebstrap=1");
         assert_eq!(pinned.source_date_epoch, 1_700_000_000);

@@ -219,6 +219,8 @@ pub(crate) fn preflight(spec: &Spec) -> Result<()> {
 /// Bootstrap `target` (which must not exist) with mmdebstrap, from the package
 /// lists in `lists` (the ones the package set was resolved from, so apt picks the
 /// same versions). Downloaded packages are kept in `package_cache` for later builds.
+/// `merged_usr`: the resolution has `usr-is-merged`, so /usr is merged by symlinks
+/// before anything is unpacked (as debootstrap does) instead of by usrmerge.
 pub(crate) fn bootstrap(
     spec: &Spec,
     sources: &Sources,
@@ -226,11 +228,14 @@ pub(crate) fn bootstrap(
     target: &Path,
     package_cache: &Path,
     source_date_epoch: u64,
+    merged_usr: bool,
 ) -> Result<()> {
     spec.check_buildable()?;
     std::fs::create_dir_all(package_cache)?;
     let work = target.with_extension("sources");
     std::fs::write(&work, &sources.deb822)?;
+    let dracut_conf = target.with_extension("dracut.conf");
+    std::fs::write(&dracut_conf, dracut_config())?;
     let cache = package_cache.display().to_string();
     let mut mm = Command::new("mmdebstrap");
     mm.env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
@@ -246,6 +251,12 @@ pub(crate) fn bootstrap(
         .arg(format!(
             "--setup-hook=mkdir -p \"$1\"/etc/initramfs-tools/conf.d \"$1\"/etc/initramfs-tools/hooks && echo MODULES=list > \"$1\"/etc/initramfs-tools/conf.d/devos.conf && printf '%s\\n' '#!/bin/sh' '[ \"$1\" = prereqs ] && exit 0' '. /usr/share/initramfs-tools/hook-functions' 'for m in {}; do manual_add_modules $m; done' > \"$1\"/etc/initramfs-tools/hooks/devos-storage && chmod 755 \"$1\"/etc/initramfs-tools/hooks/devos-storage",
             INITRD_MODULES.join(" ")
+        ))
+        // The same for dracut, which puts systemd in the initrd (a verified root needs
+        // it), should the spec install dracut instead of initramfs-tools.
+        .arg(format!(
+            "--setup-hook=mkdir -p \"$1\"/etc/dracut.conf.d && cp '{}' \"$1\"/etc/dracut.conf.d/devos.conf",
+            dracut_conf.display()
         ))
         // Keep every downloaded .deb: copy the cache in before apt runs, and the
         // (possibly larger) cache back out before mmdebstrap cleans it.
@@ -265,6 +276,14 @@ pub(crate) fn bootstrap(
     if let Some(k) = keyring(spec) {
         mm.arg(format!("--keyring={}", k.display()));
     }
+    if merged_usr {
+        if !Path::new(MERGED_USR_HOOK).is_dir() {
+            bail!(
+                "mmdebstrap has no merged-usr hook ({MERGED_USR_HOOK})\n  hint: install mmdebstrap 1.0 or newer (`sudo apt-get install mmdebstrap`)"
+            );
+        }
+        mm.arg(format!("--hook-dir={MERGED_USR_HOOK}"));
+    }
     // dpkg without fsync: the tree is thrown away if the build dies anyway.
     if Path::new(EATMYDATA_HOOK).is_dir() {
         mm.arg(format!("--hook-dir={EATMYDATA_HOOK}"));
@@ -278,6 +297,7 @@ pub(crate) fn bootstrap(
     });
     // Scratch beside the tree in the build's work directory, removed with it anyway.
     let _ = std::fs::remove_file(&work);
+    let _ = std::fs::remove_file(&dracut_conf);
     result?;
     Ok(())
 }
@@ -296,8 +316,23 @@ const INITRD_MODULES: &[&str] = &[
     "ahci",
     "ext4",
     "erofs",
+    "dm_mod",
+    "dm_verity",
 ];
 
+/// dracut's configuration: a generic (not host-only) initrd with systemd and its
+/// veritysetup, and of the kernel's drivers only `INITRD_MODULES`.
+fn dracut_config() -> String {
+    format!(
+        "# DevOS: a targeted initrd with systemd, which opens a verified root (roothash=).\n\
+         hostonly=\"no\"\nhostonly_cmdline=\"no\"\ncompress=\"zstd\"\n\
+         add_dracutmodules+=\" systemd systemd-veritysetup \"\n\
+         drivers=\" {} \"\n",
+        INITRD_MODULES.join(" ")
+    )
+}
+
+const MERGED_USR_HOOK: &str = "/usr/share/mmdebstrap/hooks/merged-usr";
 const EATMYDATA_HOOK: &str = "/usr/share/mmdebstrap/hooks/eatmydata";
 
 /// Documentation and translations are not part of an image (copyright files are).

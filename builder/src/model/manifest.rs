@@ -50,6 +50,13 @@ pub struct Manifest {
     pub(crate) builder_version: String,
     pub(crate) source_date_epoch: u64,
     pub(crate) kernel_cmdline: String,
+    /// The dm-verity root hash of a verified root (also on the command line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) root_hash: Option<String>,
+    /// A verified image's update bundle (`update/` in the output directory): what
+    /// systemd-sysupdate fetches to move a machine to this version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) update: Vec<UpdateFile>,
     pub(crate) inputs: Vec<crate::model::manifest::Input>,
     pub(crate) package_sources: String,
     pub(crate) agent: Option<AgentInfo>,
@@ -63,6 +70,14 @@ pub struct Manifest {
     pub(crate) stages: Vec<StageTiming>,
     /// Cache keys of the stage outputs this version was built from.
     pub(crate) cache_keys: CacheKeys,
+}
+
+/// One file of an update bundle.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub(crate) struct UpdateFile {
+    pub(crate) file: String,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]

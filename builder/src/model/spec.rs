@@ -221,6 +221,9 @@ struct RawDisk {
     size: Option<Spanned<String>>,
     /// `ext4` or `erofs`.
     root_fs: Option<Spanned<String>>,
+    /// Verify every block of the root with dm-verity: a hash partition beside it, the
+    /// root hash on the kernel command line inside a unified kernel image.
+    verity: Option<Spanned<bool>>,
 }
 
 /// `[output]`: artifact formats.
@@ -292,7 +295,7 @@ impl Distro {
 
     pub(crate) fn default_suite(self) -> &'static str {
         match self {
-            Distro::Debian => "bookworm",
+            Distro::Debian => "trixie",
             Distro::Ubuntu => "noble",
             Distro::Nixos => "24.11",
         }
@@ -416,6 +419,9 @@ pub(crate) struct Spec {
     pub(crate) users: Vec<User>,
     pub(crate) disk_size: u64,
     pub(crate) root_fs: RootFs,
+    /// A dm-verity hash partition for the root and a unified kernel image carrying the
+    /// root hash.
+    pub(crate) verity: bool,
     pub(crate) formats: Vec<Format>,
     pub(crate) agent_enabled: bool,
     /// The full agent configuration written to `/etc/devos/agent.toml`.
@@ -555,6 +561,19 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         Some(f) => pick(&src, f, "root-fs")?,
     };
 
+    let initrd = raw.system.initrd.as_ref().is_none_or(|i| *i.get_ref());
+    let verity = match &raw.disk.verity {
+        Some(v) if *v.get_ref() && !initrd => {
+            return Err(src.error(
+                v,
+                "`verity = true` needs an initrd: systemd in the initrd opens the verified root",
+                "remove `[system] initrd = false`, or set `verity = false`",
+            ));
+        }
+        Some(v) => *v.get_ref(),
+        None => false,
+    };
+
     let formats = formats(&src, raw.output.formats.as_deref())?;
 
     let agent_config = agent_config(&src, raw.agent.config.as_ref())?;
@@ -578,11 +597,12 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         layers,
         hostname,
         kernel_cmdline,
-        initrd: raw.system.initrd.as_ref().is_none_or(|i| *i.get_ref()),
+        initrd,
         timezone,
         users,
         disk_size,
         root_fs,
+        verity,
         formats,
         agent_enabled: raw.agent.enable.unwrap_or(true),
         agent_config,

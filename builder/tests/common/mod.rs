@@ -92,7 +92,12 @@ impl Env {
 
     /// A copy of the default spec with `edit` applied, in this test's directory.
     pub fn spec(&self, file: &str, edit: impl Fn(String) -> String) -> PathBuf {
-        let text = std::fs::read_to_string(repo_root().join("images/devos-debian.toml")).unwrap();
+        self.spec_from("devos-debian.toml", file, edit)
+    }
+
+    /// A copy of `images/BASE` with `edit` applied, in this test's directory.
+    pub fn spec_from(&self, base: &str, file: &str, edit: impl Fn(String) -> String) -> PathBuf {
+        let text = std::fs::read_to_string(repo_root().join("images").join(base)).unwrap();
         let path = self.dir.path().join(file);
         std::fs::write(&path, edit(text)).unwrap();
         path
@@ -166,8 +171,22 @@ pub fn ok(out: &Output) {
 
 /// Flip one byte in the middle of a file.
 pub fn flip_byte(path: &Path) {
-    let mut bytes = std::fs::read(path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    std::fs::write(path, bytes).unwrap();
+    let len = std::fs::metadata(path).unwrap().len();
+    flip_byte_at(path, len / 2);
+}
+
+/// Flip the byte at `offset` of a file, in place.
+pub fn flip_byte_at(path: &Path, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    b[0] ^= 0x55;
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&b).unwrap();
 }

@@ -275,6 +275,16 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
             "not a crypt(5) password hash",
         ),
         (
+            "verity without an initrd",
+            with("root-fs = \"erofs\"", "root-fs = \"erofs\"\nverity = true").replace(
+                "timezone = \"Europe/Berlin\"",
+                "timezone = \"Europe/Berlin\"\ninitrd = false",
+            ),
+            32,
+            10,
+            "`verity = true` needs an initrd",
+        ),
+        (
             "bad exit",
             with("expect-exit = 3", "expect-exit = 300"),
             48,

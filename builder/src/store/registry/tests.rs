@@ -15,6 +15,8 @@ fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
         builder_version: "0.1.0".into(),
         source_date_epoch: 1_700_000_000,
         kernel_cmdline: String::new(),
+        root_hash: None,
+        update: Vec::new(),
         inputs: Vec::new(),
         package_sources: "host".into(),
         agent: None,
