@@ -497,8 +497,9 @@ pub(crate) struct VmArgs {
     /// Guest CPUs.
     #[arg(long, default_value_t = 2)]
     pub(super) cpus: u32,
-    /// Give up on the boot test after this many seconds.
-    #[arg(long, default_value_t = 180)]
+    /// Give up on the boot test after this many seconds (the verified trixie image boots
+    /// in about a minute under TCG; a broken one is named as soon as its failure shows).
+    #[arg(long, default_value_t = 300)]
     pub(super) timeout: u64,
     /// Keep the test VM's overlay and console log, and print where.
     #[arg(long)]
