@@ -321,11 +321,13 @@ const INITRD_MODULES: &[&str] = &[
 ];
 
 /// dracut's configuration: a generic (not host-only) initrd with systemd and its
-/// veritysetup, and of the kernel's drivers only `INITRD_MODULES`.
+/// veritysetup, and of the kernel's drivers only `INITRD_MODULES`; reproducible (file
+/// times from SOURCE_DATE_EPOCH, archive in a fixed order), as the image must be.
 fn dracut_config() -> String {
     format!(
         "# DevOS: a targeted initrd with systemd, which opens a verified root (roothash=).\n\
          hostonly=\"no\"\nhostonly_cmdline=\"no\"\ncompress=\"zstd\"\n\
+         reproducible=\"yes\"\n\
          add_dracutmodules+=\" systemd systemd-veritysetup \"\n\
          drivers=\" {} \"\n",
         INITRD_MODULES.join(" ")
