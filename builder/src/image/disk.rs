@@ -306,17 +306,10 @@ pub(crate) fn uki_name(spec: &Spec, id: &Identity) -> String {
 
 /// The data and hash partition UUIDs of a root hash: its first and last 128 bits.
 fn root_hash_uuids(root_hash: &str) -> (String, String) {
-    let uuid = |x: &str| {
-        format!(
-            "{}-{}-{}-{}-{}",
-            &x[..8],
-            &x[8..12],
-            &x[12..16],
-            &x[16..20],
-            &x[20..32]
-        )
-    };
-    (uuid(&root_hash[..32]), uuid(&root_hash[32..64]))
+    (
+        crate::image::identity::uuid_text(&root_hash[..32]),
+        crate::image::identity::uuid_text(&root_hash[32..64]),
+    )
 }
 
 /// The dm-verity hash tree of `root_img`, from veritysetup on the file with a salt

@@ -217,14 +217,18 @@ fn derived_uuid(build_id: &str, label: &str) -> String {
     b.copy_from_slice(&h[..16]);
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let x = hex::encode(b);
+    uuid_text(&hex::encode(b))
+}
+
+/// 32 hex digits written as a UUID (8-4-4-4-12).
+pub(crate) fn uuid_text(x: &str) -> String {
     format!(
         "{}-{}-{}-{}-{}",
         &x[..8],
         &x[8..12],
         &x[12..16],
         &x[16..20],
-        &x[20..]
+        &x[20..32]
     )
 }
 
