@@ -85,6 +85,20 @@ enum Command {
     },
     /// The agent's status.
     Status,
+    /// Install the newest version from the image's update feed into the other root
+    /// slot (root only; it boots next, with three tries before the machine goes back
+    /// by itself), say whether there is one, or go back to the previous version.
+    Update {
+        /// Only say whether a newer version is available.
+        #[arg(long, conflicts_with = "rollback")]
+        check: bool,
+        /// Boot the version installed before this one from now on.
+        #[arg(long)]
+        rollback: bool,
+        /// Reboot once the next version is set.
+        #[arg(long, conflicts_with = "check")]
+        reboot: bool,
+    },
     /// Your projects' index: where things are, what changed, git state, processes.
     Context {
         #[command(subcommand)]
@@ -192,6 +206,46 @@ async fn connect() -> anyhow::Result<(zbus::Connection, Agent1Proxy<'static>)> {
     Ok((conn, proxy))
 }
 
+/// `devos update`: the admin interface's `Update`, then a reboot if asked for.
+async fn update(
+    conn: &zbus::Connection,
+    check: bool,
+    rollback: bool,
+    reboot: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let action = match (check, rollback) {
+        (true, _) => "check",
+        (_, true) => "rollback",
+        _ => "install",
+    };
+    let admin = crate::client::AdminProxy::new(conn).await?;
+    let reply = admin.update(action).await.map_err(|e| match e {
+        zbus::Error::MethodError(name, _, _)
+            if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied" =>
+        {
+            anyhow::anyhow!("only root may update the machine: run `sudo devos update`")
+        }
+        other => agent_error(other),
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&reply)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", v["message"].as_str().unwrap_or_default());
+    }
+    if reboot && v["reboot"] == true {
+        let status = std::process::Command::new("systemctl")
+            .arg("reboot")
+            .status()
+            .context("cannot run systemctl reboot")?;
+        if !status.success() {
+            anyhow::bail!("systemctl reboot failed ({status})");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// D-Bus errors carry the agent's own message; show that, not the wrapper.
 fn agent_error(e: zbus::Error) -> anyhow::Error {
     match e {
@@ -211,6 +265,11 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.json;
     match cli.command {
         Command::Context { command } => context(&conn, command, json).await,
+        Command::Update {
+            check,
+            rollback,
+            reboot,
+        } => update(&conn, check, rollback, reboot, json).await,
         Command::Run {
             text,
             cwd,

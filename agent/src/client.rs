@@ -90,4 +90,5 @@ pub trait Context {
 )]
 pub trait Admin {
     fn reload_config(&self) -> zbus::Result<()>;
+    fn update(&self, action: &str) -> zbus::Result<String>;
 }

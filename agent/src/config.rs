@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub budgets: Budgets,
     /// The context engine.
     pub context: ContextConfig,
+    /// What `devos update` runs.
+    pub update: crate::update::UpdateConfig,
 }
 
 impl Default for AgentConfig {
@@ -52,6 +54,7 @@ impl Default for AgentConfig {
             model: ModelConfig::default(),
             budgets: Budgets::default(),
             context: ContextConfig::default(),
+            update: crate::update::UpdateConfig::default(),
         }
     }
 }

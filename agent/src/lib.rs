@@ -32,6 +32,8 @@ pub mod risk;
 #[cfg(feature = "daemon")]
 pub mod store;
 
+pub mod update;
+
 #[cfg(feature = "daemon")]
 pub mod ec2;
 #[cfg(feature = "daemon")]

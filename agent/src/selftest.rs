@@ -110,6 +110,17 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         })?,
     }
 
+    // A version on trial (a counted boot) must be blessed once the agent is healthy.
+    if let Some(blessed) = boot_blessed().await {
+        emit(blessed)?;
+    }
+    // The host serves a newer version's feed: install it, as root would.
+    match credential("devos.update-feed") {
+        Ok(Some((_, url))) => emit(update_from(String::from_utf8_lossy(&url).trim()).await)?,
+        Ok(None) => {}
+        Err(e) => emit(failed("update", e.to_string()))?,
+    }
+
     // After a failed check (a broken agent cannot hand the key in), wait only briefly:
     // the report is failed either way, and the host's timeout must not run out first.
     let wait = if all_ok.get() {
@@ -357,6 +368,96 @@ fn ssh_host_keys() -> CheckResult {
         ok,
         detail,
         ms: 0,
+    }
+}
+
+/// The EFI variable systemd-boot sets when it counts this boot's tries.
+const BOOT_COUNT_VAR: &str =
+    "/sys/firmware/efi/efivars/LoaderBootCountPath-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+
+/// On a counted boot: wait for systemd-bless-boot to mark this version good (after
+/// devos-boot-complete.service found the agent healthy). None on other boots.
+async fn boot_blessed() -> Option<CheckResult> {
+    if !Path::new(BOOT_COUNT_VAR).exists() {
+        return None;
+    }
+    let start = Instant::now();
+    loop {
+        let state = tokio::process::Command::new("systemctl")
+            .args(["show", "-P", "ActiveState", "systemd-bless-boot.service"])
+            .output()
+            .await
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        if state == "active" {
+            return Some(CheckResult {
+                check: "boot-blessed".into(),
+                ok: true,
+                detail: "a counted boot reached boot-complete.target (the agent is healthy); systemd-bless-boot marked this version good".into(),
+                ms: start.elapsed().as_millis(),
+            });
+        }
+        if start.elapsed() > Duration::from_secs(150) || state == "failed" {
+            let mut detail = format!("systemd-bless-boot.service is {state}, not active");
+            detail.push_str(&journal("devos-boot-complete.service").await);
+            return Some(failed("boot-blessed", detail));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Point the image's transfers at `feed` (copies in /run/sysupdate.d, which take the
+/// place of those in /usr/lib) and run `devos update`, as root would; then flush,
+/// for the host stops the VM once the report is complete.
+async fn update_from(feed: &str) -> CheckResult {
+    let start = Instant::now();
+    let redirect = || -> std::io::Result<usize> {
+        std::fs::create_dir_all("/run/sysupdate.d")?;
+        let mut n = 0;
+        for entry in std::fs::read_dir("/usr/lib/sysupdate.d")? {
+            let path = entry?.path();
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            let text: String = std::fs::read_to_string(&path)?
+                .lines()
+                .map(|l| match l.strip_prefix("Path=http") {
+                    Some(_) => format!("Path={feed}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(Path::new("/run/sysupdate.d").join(name), text)?;
+            n += 1;
+        }
+        Ok(n)
+    };
+    match redirect() {
+        Ok(0) => {
+            return failed(
+                "update",
+                "the image has no transfers in /usr/lib/sysupdate.d (no `[update]` in its spec)"
+                    .into(),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return failed(
+                "update",
+                format!("cannot point the transfers at {feed}: {e}"),
+            );
+        }
+    }
+    let result = devos_json(&["update"]).await;
+    let _ = tokio::process::Command::new("sync").status().await;
+    match result {
+        Ok(v) if v["reboot"] == true => CheckResult {
+            check: "update".into(),
+            ok: true,
+            detail: v["message"].as_str().unwrap_or_default().to_owned(),
+            ms: start.elapsed().as_millis(),
+        },
+        Ok(v) => failed("update", format!("nothing was installed from {feed}: {v}")),
+        Err(e) => failed("update", format!("{e}")),
     }
 }
 

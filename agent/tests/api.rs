@@ -546,3 +546,103 @@ fn a_users_own_policy_applies_only_within_what_the_admin_allows() {
     );
     std::fs::remove_file(&policy).unwrap();
 }
+
+#[test]
+fn updates_and_rollbacks_are_roots_alone_and_audited() {
+    let fakes = tempfile::tempdir().unwrap();
+    let log = fakes.path().join("log");
+    let fake = |name: &str, body: &str| {
+        let path = fakes.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        open_up(&path, 0o755);
+        path
+    };
+    let sysupdate = fake(
+        "sysupdate",
+        &format!(
+            "case $1 in check-new) echo 0.3.0_new;; *) echo \"sysupdate $@\" >> {}; echo written >&2;; esac",
+            log.display()
+        ),
+    );
+    let bootctl = fake(
+        "bootctl",
+        &format!("echo \"bootctl $@\" >> {}", log.display()),
+    );
+    let esp = fakes.path().join("Linux");
+    std::fs::create_dir(&esp).unwrap();
+    for f in ["devos_0.1.0_prev.efi", "devos_0.2.0_old.efi"] {
+        std::fs::write(esp.join(f), "").unwrap();
+    }
+    let agent = Daemon::start_with(
+        "IMAGE_ID=devos\nIMAGE_VERSION=0.2.0+old\n",
+        &format!(
+            "[update]\nsysupdate = \"{}\"\nbootctl = \"{}\"\nkernel-images = \"{}\"\n",
+            sysupdate.display(),
+            bootctl.display(),
+            esp.display()
+        ),
+    );
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    for args in [
+        &["update"][..],
+        &["update", "--check"],
+        &["update", "--rollback"],
+    ] {
+        let out = agent.devos(Some(&alice), project.path(), args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains("only root"), "{}", stderr(&out));
+    }
+    assert!(!log.exists(), "a user's request ran something");
+
+    let out = agent.devos(None, fakes.path(), &["--json", "update", "--check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["next"], "0.3.0_new");
+    assert!(!log.exists(), "a check changed something");
+
+    let out = agent.devos(None, fakes.path(), &["update"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("0.3.0_new is installed"),
+        "{}",
+        stdout(&out)
+    );
+    let out = agent.devos(None, fakes.path(), &["update", "--rollback"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("0.1.0_prev"), "{}", stdout(&out));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "sysupdate update\nbootctl set-default \nbootctl set-default devos_0.1.0_prev.efi\n"
+    );
+    let audit = std::fs::read_to_string(agent.state().join("audit/log-000001.jsonl")).unwrap();
+    for event in ["\"update.install\"", "\"update.rollback\""] {
+        assert!(audit.contains(event), "{event}: {audit}");
+    }
+    let out = agent.devos(None, fakes.path(), &["audit", "verify"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+
+    // What gates a version on trial: the agent serves and its audit log verifies.
+    let boot_check = |bus: &str| {
+        std::process::Command::new(AGENT)
+            .args([
+                "--config",
+                agent.config.to_str().unwrap(),
+                "boot-check",
+                "--wait",
+                "4",
+            ])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
+            .output()
+            .unwrap()
+    };
+    let out = boot_check(&agent.bus.address);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let nobody = tempfile::tempdir().unwrap();
+    let out = boot_check(&format!("unix:path={}/none", nobody.path().display()));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("did not become healthy within 4 s"),
+        "{}",
+        stderr(&out)
+    );
+}

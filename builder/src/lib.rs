@@ -37,4 +37,6 @@ pub(crate) mod publish;
 
 pub(crate) mod fleet;
 
+pub(crate) mod update;
+
 pub mod cli;

@@ -240,26 +240,94 @@ fn a_kernel_command_line_without_root_is_diagnosed_not_waited_out() {
     assert!(!report["console_tail"].as_array().unwrap().is_empty());
 }
 
+/// What the verified test's spec adds: updates from a feed, signed by the builder's key
+/// (exported beside the spec), and a check that systemd-sysupdate in the booted image
+/// sees the running version in slot A.
+const UPDATE: &str = r#"
+[update]
+url = "http://10.0.2.2:8080/devos-debian/"
+key = "update.pgp"
+
+[[tests]]
+name = "sysupdate-sees-this-version"
+run = """
+set -e
+. /etc/os-release
+version=$(echo "$IMAGE_VERSION" | tr + _)
+test -s /etc/systemd/import-pubring.gpg
+ls /usr/lib/sysupdate.d/
+/usr/lib/systemd/systemd-sysupdate --offline list > /tmp/list 2>&1 || { cat /tmp/list; exit 1; }
+cat /tmp/list
+grep -F "$version" /tmp/list | grep -q current
+# A version on trial is good only once the agent is healthy; the boot loader lists
+# this version's kernel image (what `devos update --rollback` chooses among).
+test -L /etc/systemd/system/boot-complete.target.requires/devos-boot-complete.service
+systemctl cat devos-boot-complete.service > /dev/null
+bootctl list --no-pager > /tmp/entries 2>&1 || { cat /tmp/entries; exit 1; }
+grep -F "$version.efi" /tmp/entries
+"""
+"#;
+
+/// `gpg --verify` of `sig` on `file` with only the keys in `keyring`, as systemd-pull
+/// checks a feed; whether it passed.
+fn gpg_verifies(keyring: &Path, file: &Path, sig: &Path) -> bool {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new("gpg")
+        .arg("--homedir")
+        .arg(home.path())
+        .args(["--batch", "--no-default-keyring", "--trust-model", "always"])
+        .arg("--keyring")
+        .arg(keyring)
+        .arg("--verify")
+        .arg(sig)
+        .arg(file)
+        .output()
+        .unwrap();
+    let _ = Command::new("gpgconf")
+        .arg("--homedir")
+        .arg(home.path())
+        .args(["--kill", "gpg-agent"])
+        .output();
+    out.status.success()
+}
+
 #[test]
-fn a_changed_block_of_the_verified_root_fails_the_boot_and_is_named() {
+fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boot() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new();
-    let spec = env.fresh_spec("verity.toml", |t| t);
-    let (built, _) = env.build(&spec, &[]);
+    let key_file = env.dir.path().join("update.pgp");
+    let key = env.json(&[
+        "keys",
+        "generate",
+        "--json",
+        "--export",
+        key_file.to_str().unwrap(),
+    ]);
+    let fingerprint = key["fingerprint"].as_str().unwrap();
+    assert_eq!(fingerprint.len(), 40, "{key:#}");
+    // A second key is refused: images trust the first.
+    let again = run(&mut env.cmd(&["keys", "generate"]), 1);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds the signing key"));
+    assert_eq!(
+        env.json(&["keys", "show", "--json"])["fingerprint"],
+        fingerprint
+    );
+
+    let spec = env.fresh_spec("verity.toml", |t| format!("{t}{UPDATE}"));
+    let (built, _) = env.build(&spec, &["--test"]);
     let m = &built["manifest"];
-    // The verified layout: slot A holds this version (named NAME_VERSION, UUIDs the
-    // halves of the root hash on the command line), slot B is empty.
+    assert_eq!(m["update_feed"]["key_fingerprint"], fingerprint, "{m:#}");
+    let (name, version) = (m["name"].as_str().unwrap(), m["version"].as_str().unwrap());
+    // The verified layout: slot A holds this version (named NAME_VERSION, `+` as `_`;
+    // UUIDs the halves of the root hash on the command line), slot B is empty.
     let root_hash = m["root_hash"].as_str().unwrap();
     let cmdline = m["kernel_cmdline"].as_str().unwrap();
     assert!(
         cmdline.contains(&format!("roothash={root_hash}")),
         "{cmdline}"
     );
-    let label = format!(
-        "{}_{}",
-        m["name"].as_str().unwrap(),
-        m["version"].as_str().unwrap()
-    );
+    let label = format!("{name}_{}", version.replace('+', "_"));
     let parts = m["partitions"].as_array().unwrap();
     let labels: Vec<&str> = parts.iter().map(|p| p["label"].as_str().unwrap()).collect();
     assert_eq!(
@@ -267,15 +335,135 @@ fn a_changed_block_of_the_verified_root_fails_the_boot_and_is_named() {
         ["esp", &label, &label, "_empty", "_empty", "devos-var"],
         "{m:#}"
     );
-    // The update bundle: the root, its hash tree and the UKI, with their sums.
+    // The update bundle: the root and its hash tree (named with the partition UUIDs
+    // their slot gets), the UKI, their sums, signed with the key the image trusts.
     let update = env.out(&spec).join("current/update");
     let sums = std::fs::read_to_string(update.join("SHA256SUMS")).unwrap();
-    for ext in ["root", "verity", "efi"] {
-        let file = format!("{label}.{ext}");
-        let bytes = std::fs::read(update.join(&file)).unwrap();
+    let (data_uuid, hash_uuid) = (&root_hash[..8], &root_hash[32..40]);
+    let files: Vec<&str> = m["update"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["file"].as_str().unwrap())
+        .collect();
+    assert!(
+        files[0].starts_with(&format!("{label}+{data_uuid}")) && files[0].ends_with(".root"),
+        "{files:?}"
+    );
+    assert!(
+        files[1].starts_with(&format!("{label}+{hash_uuid}")) && files[1].ends_with(".verity"),
+        "{files:?}"
+    );
+    assert_eq!(files[2], format!("{label}.efi"));
+    for file in &files {
+        let bytes = std::fs::read(update.join(file)).unwrap();
         let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
         assert!(sums.contains(&format!("{sha}  {file}")), "{file}: {sums}");
     }
+    assert!(gpg_verifies(
+        &key_file,
+        &update.join("SHA256SUMS"),
+        &update.join("SHA256SUMS.gpg")
+    ));
+
+    // The feed: the bundle added and signed; again, nothing added; a changed
+    // SHA256SUMS no longer verifies.
+    let feed = env.dir.path().join("feed");
+    let reference = format!("{name}@{version}");
+    let publish = |c: &mut Command| {
+        let out = run(
+            c.args(["publish", "updates", &reference, "--json", "--to"])
+                .arg(&feed),
+            2,
+        );
+        ok(&out);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let dry = run(
+        env.cmd(&["publish", "updates", &reference, "--dry-run", "--to"])
+            .arg(&feed),
+        1,
+    );
+    ok(&dry);
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would copy"));
+    assert!(!feed.exists(), "a dry run made the feed");
+    let first = publish(&mut env.cmd(&[]));
+    assert_eq!(first["added"].as_array().unwrap().len(), 3, "{first:#}");
+    assert_eq!(
+        first["versions"],
+        serde_json::json!([version.replace('+', "_")])
+    );
+    let second = publish(&mut env.cmd(&[]));
+    assert_eq!(second["added"].as_array().unwrap().len(), 0, "{second:#}");
+    let dry = run(
+        env.cmd(&["publish", "updates", &reference, "--dry-run", "--to"])
+            .arg(&feed),
+        1,
+    );
+    assert_eq!(dry.status.code(), Some(3), "nothing to do: {dry:?}");
+    let feed_sums = std::fs::read_to_string(feed.join("SHA256SUMS")).unwrap();
+    assert_eq!(feed_sums.lines().count(), 3, "{feed_sums}");
+    assert!(gpg_verifies(
+        &key_file,
+        &feed.join("SHA256SUMS"),
+        &feed.join("SHA256SUMS.gpg")
+    ));
+    let forged = env.dir.path().join("forged-SHA256SUMS");
+    std::fs::write(&forged, feed_sums.replace(files[2], "other.efi")).unwrap();
+    assert!(!gpg_verifies(
+        &key_file,
+        &forged,
+        &feed.join("SHA256SUMS.gpg")
+    ));
+    // Another builder's key cannot publish it.
+    let mut other = env.cmd(&[]);
+    other.env("DEVOS_KEYS", env.dir.path().join("other-keys"));
+    ok(&run(other.args(["keys", "generate"]), 1));
+    let mut other = env.cmd(&["publish", "updates", &reference, "--to"]);
+    other
+        .arg(&feed)
+        .env("DEVOS_KEYS", env.dir.path().join("other-keys"));
+    let refused = run(&mut other, 1);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("trusts updates signed by"));
+
+    // The next version (one patch on): the running image updates itself to it from a
+    // feed on this host, the same disk boots again, the new version runs and its
+    // counted boot is blessed once the agent is healthy.
+    let next_spec = env.dir.path().join("verity-next.toml");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    assert_eq!(text.matches("version = \"0.2.0\"").count(), 1);
+    std::fs::write(
+        &next_spec,
+        text.replace("version = \"0.2.0\"", "version = \"0.2.1\""),
+    )
+    .unwrap();
+    let (next, _) = env.build(&next_spec, &[]);
+    let next_version = next["manifest"]["version"].as_str().unwrap();
+    let mut c = env.cmd(&["image", "test", "--json", "--update-to"]);
+    c.arg(format!("{name}@{next_version}")).arg(&reference);
+    let out = run(&mut c, 15);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(out.status.success(), "{report:#}");
+    assert_eq!(report["version"], next_version, "{report:#}");
+    for name in [
+        "update",
+        "boot-blessed",
+        "version-matches-build",
+        "agent-ping",
+    ] {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
+    }
+    eprintln!(
+        "update download + apply: {} ms; boot after the update to the agent: {} s",
+        check(&report, "update")["ms"],
+        report["agent_answered_seconds"]
+    );
 
     // One byte of the root's superblock (which the initrd reads to mount it) changed.
     let raw = env.out(&spec).join("current").join(format!(

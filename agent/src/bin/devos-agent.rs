@@ -44,6 +44,13 @@ enum Command {
         #[arg(long, default_value = "/dev/virtio-ports/org.devos.selftest")]
         report: PathBuf,
     },
+    /// Succeed once the agent serves on the system bus and its audit log verifies (the
+    /// fleet health signal's checks); fail after WAIT seconds. A version on trial is
+    /// good only after this (devos-boot-complete.service, before boot-complete.target).
+    BootCheck {
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
     /// Give USER the SSH keys of this EC2 instance's key pair (read from instance
     /// metadata with IMDSv2) in /var/lib/devos/ssh/authorized_keys/USER, replacing what
     /// an earlier boot wrote; on a machine that is not on EC2, do nothing (used by
@@ -123,6 +130,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BootCheck { wait } => {
+            let wait = std::time::Duration::from_secs(wait);
+            rt.block_on(devos_agent::update::boot_check(wait))?;
+            eprintln!("the agent serves and its audit log verifies: this boot is good");
             Ok(ExitCode::SUCCESS)
         }
         Command::SelfTest { report } => {

@@ -732,4 +732,51 @@ impl Admin {
         self.shared.set_config(new);
         Ok(())
     }
+
+    /// `check`, `install` or `rollback` (see `crate::update`); a JSON outcome. Each
+    /// install and rollback, done or failed, is in the audit log.
+    async fn update(
+        &self,
+        action: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
+        if caller.uid != 0 {
+            return Err(fdo::Error::AccessDenied(
+                "only root may update the machine".into(),
+            ));
+        }
+        let Some(action) = crate::update::UpdateAction::parse(action) else {
+            return Err(fdo::Error::InvalidArgs(format!(
+                "unknown update action `{action}`: use check, install or rollback"
+            )));
+        };
+        let config = self.shared.config();
+        let os_release = std::fs::read_to_string(&config.os_release).unwrap_or_default();
+        let field = |name: &str| crate::os_release::field(&os_release, name);
+        let (image, running) = (field("IMAGE_ID"), field("IMAGE_VERSION"));
+        let update = config.update.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            crate::update::apply(&update, action, image.as_deref(), running.as_deref())
+        })
+        .await
+        .map_err(|e| fdo::Error::Failed(e.to_string()))?;
+        let event = match action {
+            crate::update::UpdateAction::Check => None,
+            crate::update::UpdateAction::Install => Some("update.install"),
+            crate::update::UpdateAction::Rollback => Some("update.rollback"),
+        };
+        if let Some(event) = event {
+            let detail = match &result {
+                Ok(outcome) => to_value(outcome),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            };
+            self.shared.audit(event, Some(0), None, None, detail)?;
+        }
+        match result {
+            Ok(outcome) => Ok(to_json(&outcome)),
+            Err(e) => Err(fdo::Error::Failed(e.to_string())),
+        }
+    }
 }

@@ -18,7 +18,7 @@ use crate::support::cmd;
 
 /// The guest's network: QEMU's user-mode network moved to the link-local range, so
 /// that instance metadata's address is inside it and can be forwarded to the host.
-const GUEST_NET: &str = "169.254.169.0/24";
+pub(super) const GUEST_NET: &str = "169.254.169.0/24";
 const METADATA_ADDR: &str = "169.254.169.254";
 
 /// Instance metadata for one VM: a local HTTP server speaking IMDSv2 (a session token

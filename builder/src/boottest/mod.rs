@@ -6,6 +6,7 @@ mod diagnosis;
 pub(crate) mod ec2;
 mod junit;
 mod target;
+pub(crate) mod update;
 pub mod vm;
 
 pub(crate) use target::{Target, resolve_target};
@@ -30,6 +31,9 @@ pub(crate) struct TestOptions {
     pub(crate) keep: bool,
     /// The bus the disk is attached to.
     pub(crate) disk_bus: vm::DiskBus,
+    /// Boot once, update to this version from a feed on the host, and test the boot
+    /// after.
+    pub(crate) update_to: Option<update::UpdateTo>,
 }
 
 impl Default for TestOptions {
@@ -40,6 +44,7 @@ impl Default for TestOptions {
             timeout: Duration::from_secs(180),
             keep: false,
             disk_bus: vm::DiskBus::default(),
+            update_to: None,
         }
     }
 }
@@ -93,7 +98,14 @@ fn ssh_user(target: &Target) -> Option<&str> {
         .flatten()
 }
 
-fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run> {
+/// One boot of the scratch disk; with `update_feed`, the guest installs the newest
+/// version from that URL.
+fn run_vm(
+    scratch: &Scratch,
+    target: &Target,
+    opts: &TestOptions,
+    update_feed: Option<&str>,
+) -> Result<Run> {
     let dir = &scratch.dir;
     let console = dir.path().join("console.log");
     let report = dir.path().join("selftest.jsonl");
@@ -122,7 +134,11 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
         .as_ref()
         .map(|l| ec2::StandIn::start(Some(l.public_key.clone()), None))
         .transpose()?;
-    let network = standin.as_ref().map(ec2::StandIn::qemu_args).transpose()?;
+    let mut network = standin.as_ref().map(ec2::StandIn::qemu_args).transpose()?;
+    if let Some(feed) = update_feed {
+        network.get_or_insert_with(update::network);
+        vm.credentials.push(format!("devos.update-feed={feed}"));
+    }
     vm.network = network.as_deref();
     if let Some(login) = &login {
         vm.credentials
@@ -182,11 +198,16 @@ fn run_vm(scratch: &Scratch, target: &Target, opts: &TestOptions) -> Result<Run>
 /// Boot the target with the self-test switched on and collect its report.
 pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     let mut scratch = Scratch::prepare(target, "devos-test-")?;
-    let mut run = run_vm(&scratch, target, opts)?;
+    // An update test: the boot that installs the newer version comes first.
+    let before = match &opts.update_to {
+        Some(to) => update::install(&mut scratch, target, opts, to)?,
+        None => Vec::new(),
+    };
+    let mut run = run_vm(&scratch, target, opts, None)?;
     if let Some(error) = run.kvm_failed.take() {
         tracing::warn!("KVM failed during the run ({error}); booting again under TCG");
         scratch.fall_back_to_tcg(target, &error)?;
-        run = run_vm(&scratch, target, opts)?;
+        run = run_vm(&scratch, target, opts, None)?;
     }
     let Run {
         outcome,
@@ -199,8 +220,12 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     let console = dir.path().join("console.log");
     let report = dir.path().join("selftest.jsonl");
 
-    let (mut checks, _) = read_report(&report);
-    let expected = target.manifest.as_ref().map(|m| m.version.clone());
+    let (checks, _) = read_report(&report);
+    let mut checks: Vec<Check> = before.into_iter().chain(checks).collect();
+    let expected = match &opts.update_to {
+        Some(to) => Some(to.manifest.version.clone()),
+        None => target.manifest.as_ref().map(|m| m.version.clone()),
+    };
     if let (Some(want), Some(got)) = (
         &expected,
         checks.iter().find(|c| c.check == "agent-version"),

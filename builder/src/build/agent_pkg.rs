@@ -31,6 +31,11 @@ pub const FILES: &[(&str, &str, u32)] = &[
         0o644,
     ),
     (
+        "agent/dist/devos-boot-complete.service",
+        "usr/lib/systemd/system/devos-boot-complete.service",
+        0o644,
+    ),
+    (
         "agent/dist/org.devos.Agent1.conf",
         "usr/share/dbus-1/system.d/org.devos.Agent1.conf",
         0o644,

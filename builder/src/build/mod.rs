@@ -393,6 +393,11 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         spec.check_buildable()?;
         Ok(spec)
     })?;
+    // An image that updates itself trusts one key: the one this builder signs with.
+    let update_key = match &spec.update {
+        Some(u) => Some(crate::update::signing_key_for(&u.key_path)?),
+        None => None,
+    };
 
     let images = opts
         .out
@@ -450,10 +455,28 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     }
     let artifacts = t.run("convert", |_| convert_all(spec, &id.version, &raw, &staged))?;
     let update = match &disk.bundle {
-        Some(b) => write_bundle(spec, id, b, &staged.join("update"))?,
+        Some(b) => {
+            let parts = crate::update::BundleParts {
+                stem: crate::update::stem(&spec.name, &id.version),
+                root: &b.root,
+                verity: &b.verity,
+                uki: &b.uki,
+                root_uuid: &b.root_uuid,
+                verity_uuid: &b.verity_uuid,
+            };
+            let dir = staged.join("update");
+            crate::update::write_bundle(&parts, &dir, update_key.as_ref(), id.source_date_epoch)?
+        }
         None => Vec::new(),
     };
-    let manifest = manifest_of(&r, disk, update, artifacts, packages, t.timings);
+    let mut manifest = manifest_of(&r, disk, update, artifacts, packages, t.timings);
+    manifest.update_feed = match (&spec.update, &update_key) {
+        (Some(u), Some(key)) => Some(crate::model::manifest::UpdateFeed {
+            url: u.url.clone(),
+            key_fingerprint: key.fingerprint.clone(),
+        }),
+        _ => None,
+    };
     if spec.agent_enabled {
         // The agent's configuration, for images made from other bases (Packer).
         fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
@@ -630,6 +653,7 @@ fn manifest_of(
         kernel_cmdline: disk.cmdline,
         root_hash: disk.root_hash,
         update,
+        update_feed: None,
         inputs: id.inputs.clone(),
         package_sources: r.sources.origin.to_owned(),
         agent: r.agent.as_ref().map(|a| AgentInfo {
@@ -819,41 +843,6 @@ fn ukify(r: &Resolved, work: &Path) -> Result<PathBuf> {
         .map(|p| dir.join(p))
         .find(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
         .with_context(|| format!("systemd-ukify {} holds no ukify script", systemd.version))
-}
-
-/// The update bundle in `dir`: the root and hash images and the UKI named as
-/// systemd-sysupdate's transfers match them, and their SHA256SUMS.
-fn write_bundle(
-    spec: &Spec,
-    id: &Identity,
-    b: &disk::Bundle,
-    dir: &Path,
-) -> Result<Vec<UpdateFile>> {
-    fs::create_dir_all(dir)?;
-    let stem = format!("{}_{}", spec.name, id.version);
-    let mut files = Vec::new();
-    for (src, name) in [
-        (&b.root, format!("{stem}.root")),
-        (&b.verity, format!("{stem}.verity")),
-        (&b.uki, format!("{stem}.efi")),
-    ] {
-        let dest = dir.join(&name);
-        fs::rename(src, &dest).or_else(|_| fs::copy(src, &dest).map(drop))?;
-        // Published as they are (veritysetup makes its file owner-only).
-        fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-        let size = fs::metadata(&dest)?.len();
-        files.push(UpdateFile {
-            sha256: digest::file_sha256(&dest)?,
-            file: name,
-            size,
-        });
-    }
-    let sums: String = files
-        .iter()
-        .map(|f| format!("{}  {}\n", f.sha256, f.file))
-        .collect();
-    fs::write(dir.join("SHA256SUMS"), sums)?;
-    Ok(files)
 }
 
 fn write_outputs(dir: &Path, manifest: &Manifest) -> Result<()> {

@@ -44,6 +44,9 @@ pub(crate) enum Command {
     /// Fleets of instances running an image (CloudFormation).
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// The key that signs update bundles and feeds (images with `[update]` trust it).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Check the host tools the builder needs and say how to install missing ones.
     Doctor {
         /// Machine-readable output on stdout.
@@ -141,6 +144,12 @@ pub(crate) enum ImageCommand {
         target: PathBuf,
         #[command(flatten)]
         vm: VmArgs,
+        /// Test the update path instead: boot the target, let it update itself to this
+        /// version (NAME@VERSION, built with `[update]`) from a feed served on this
+        /// host, and test the boot after (the newer version must run, and its counted
+        /// boot be blessed). Not recorded as either version's boot test.
+        #[arg(long, value_name = "NAME@VERSION")]
+        update_to: Option<String>,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -196,7 +205,55 @@ pub(crate) enum ImageCommand {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Make the builder's signing key (OpenPGP Ed25519, kept by GnuPG in
+    /// ~/.local/share/devos/keys or DEVOS_KEYS). Refused when there is one.
+    Generate {
+        /// Also write the public key here, for a spec's `[update] key`.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the signing key's fingerprint and where it is kept.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the public key (binary, as images carry it) to FILE, for a spec's
+    /// `[update] key`.
+    Export {
+        file: PathBuf,
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub(crate) enum PublishCommand {
+    /// Add a tested version's update bundle to an update feed (a directory to serve
+    /// over HTTP(S) at the spec's `[update] url`) and sign the feed's SHA256SUMS.
+    Updates {
+        /// NAME@VERSION (or NAME: its newest version).
+        reference: String,
+        /// The feed directory (made if missing; other versions in it are kept).
+        #[arg(long)]
+        to: PathBuf,
+        /// Publish even without a passing boot test.
+        #[arg(long)]
+        force: bool,
+        /// Say what would change, and change nothing (exit code 3: nothing to do).
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Upload a tested version to an EBS snapshot (EBS direct APIs), register it as an
     /// AMI, copy it to more regions, and write its SSM parameters. Idempotent.
     Ami {
@@ -521,6 +578,7 @@ impl VmArgs {
             timeout: Duration::from_secs(self.timeout),
             keep: self.keep_vm,
             disk_bus: self.disk_bus,
+            update_to: None,
         }
     }
 }

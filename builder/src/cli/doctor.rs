@@ -37,6 +37,16 @@ const TOOLS: &[(&str, &str, &str)] = &[
         "image build: `verity = true`: the image's own ukify runs on it to make the unified kernel image",
     ),
     (
+        "gpg",
+        "gpg",
+        "keys generate, image build with `[update]`, publish updates: the signing key",
+    ),
+    (
+        "gpg-agent",
+        "gpg-agent",
+        "signing with the key (gpg signs through its agent)",
+    ),
+    (
         "mkfs.vfat",
         "dosfstools",
         "image build: the EFI system partition",

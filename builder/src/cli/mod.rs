@@ -6,7 +6,7 @@ pub(crate) mod doctor;
 
 pub use args::Cli;
 use args::{
-    AwsArgs, BuildArgs, CacheCommand, ChangeArgs, Command, FleetCommand, ImageCommand,
+    AwsArgs, BuildArgs, CacheCommand, ChangeArgs, Command, FleetCommand, ImageCommand, KeysCommand,
     PackerCommand, PublishCommand, StackArgs, VmArgs,
 };
 
@@ -39,6 +39,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let reads = matches!(
                 cmd,
                 PublishCommand::List { .. }
+                    | PublishCommand::Updates { dry_run: true, .. }
                     | PublishCommand::Ami { dry_run: true, .. }
                     | PublishCommand::Promote { dry_run: true, .. }
                     | PublishCommand::Packer { dry_run: true, .. }
@@ -88,6 +89,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 true,
             )
         }
+        Command::Keys(cmd) => keys_command(cmd),
         Command::Doctor { json } => {
             let report = crate::cli::doctor::check();
             output(json, &report, || report.human(), report.ok)
@@ -163,9 +165,34 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
             let nothing = dry_run && gc.removed.is_empty() && gc.cache_entries_removed == 0;
             nothing_to_do(output(json, &gc, || gc.human(), true), nothing)
         }
-        ImageCommand::Test { target, vm, json } => {
+        ImageCommand::Test {
+            target,
+            vm,
+            update_to: None,
+            json,
+        } => {
             let target = boottest::resolve_target(&target, registry_path)?;
             let report = run_test(&target, &vm, registry_path)?;
+            output(json, &report, || report.summary(), report.passed)
+        }
+        ImageCommand::Test {
+            target,
+            vm,
+            update_to: Some(to),
+            json,
+        } => {
+            let target = boottest::resolve_target(&target, registry_path)?;
+            let version = Registry::open_read(registry_path)?.find(&to)?;
+            let mut opts = vm.options();
+            opts.update_to = Some(boottest::update::UpdateTo {
+                manifest: crate::model::manifest::Manifest::load(&version.dir)?,
+                dir: version.dir,
+            });
+            let report = boottest::test(&target, &opts)?;
+            if let Some(path) = &vm.junit {
+                std::fs::write(path, report.junit())
+                    .with_context(|| format!("cannot write the JUnit report {}", path.display()))?;
+            }
             output(json, &report, || report.summary(), report.passed)
         }
         ImageCommand::Boot {
@@ -412,6 +439,55 @@ fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
     }
 }
 
+/// `keys generate|show|export`: the builder's update signing key.
+fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
+    use crate::update::keys;
+    let dir = keys::dir();
+    let (key, export, json) = match cmd {
+        KeysCommand::Generate {
+            export,
+            dry_run: true,
+            json,
+        } => {
+            let mut dry = DryRun::new();
+            if keys::current(&dir).is_err() {
+                dry.would(format!("make an Ed25519 signing key in {}", dir.display()));
+                if let Some(file) = export {
+                    dry.would(format!("write its public key to {}", file.display()));
+                }
+            }
+            return dry_run_output(json, &dry);
+        }
+        KeysCommand::Generate { export, json, .. } => (keys::generate(&dir)?, export, json),
+        KeysCommand::Show { json } => (keys::current(&dir)?, None, json),
+        KeysCommand::Export {
+            file,
+            dry_run: true,
+            json,
+        } => {
+            let key = keys::current(&dir)?;
+            let mut dry = DryRun::new();
+            dry.would(format!(
+                "write the public key {} to {}",
+                key.fingerprint,
+                file.display()
+            ));
+            return dry_run_output(json, &dry);
+        }
+        KeysCommand::Export { file, json, .. } => (keys::current(&dir)?, Some(file), json),
+    };
+    if let Some(file) = &export {
+        let public = keys::export(&key)?;
+        // Whole or not at all: written beside it, then renamed over it.
+        let mut tmp = file.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, &public)
+            .and_then(|()| std::fs::rename(&tmp, file))
+            .with_context(|| format!("cannot write the public key to {}", file.display()))?;
+    }
+    output(json, &key, || key.human(), true)
+}
+
 /// `publish ...`: AMIs uploaded, copied, promoted, listed, deregistered and verified.
 fn publish_command(
     cmd: PublishCommand,
@@ -423,6 +499,22 @@ fn publish_command(
         publish::aws_options(settings, region, a.profile, a.endpoint_url)
     };
     match cmd {
+        PublishCommand::Updates {
+            reference,
+            to,
+            force,
+            dry_run,
+            json,
+        } => {
+            if dry_run {
+                return dry_run_output(
+                    json,
+                    &crate::update::publish_dry_run(reg, &reference, &to, force)?,
+                );
+            }
+            let p = crate::update::publish_feed(reg, &reference, &to, force)?;
+            output(json, &p, || p.human(), true)
+        }
         PublishCommand::Ami {
             reference,
             region,
@@ -781,6 +873,9 @@ mod tests {
         "publish promote",
         "publish packer",
         "publish deregister",
+        "publish updates",
+        "keys generate",
+        "keys export",
         "fleet deploy",
         "fleet rollout",
         "fleet rollback",
@@ -802,6 +897,7 @@ mod tests {
         "cache status",
         "publish list",
         "publish verify",
+        "keys show",
         "packer render",
         "fleet render",
         "fleet status",

@@ -76,6 +76,9 @@ pub(crate) fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Pat
         root.join("etc/tmpfiles.d/home.conf"),
         "# DevOS: /home is a symlink to /var/home (the writable data partition).\nd /var/home 0755 - - -\n",
     )?;
+    if let Some(update) = &spec.update {
+        write_update_config(spec, id, update, root)?;
+    }
     for tree in &spec.extra_trees {
         copy_tree(tree, root)?;
     }
@@ -91,6 +94,34 @@ pub(crate) fn customize(spec: &Spec, id: &Identity, root: &Path, agent_deb: &Pat
     mark_updated(root, id.source_date_epoch)?;
     // Last: every file time in the image is at most SOURCE_DATE_EPOCH.
     crate::image::files::clamp_mtimes(root, id.source_date_epoch)?;
+    Ok(())
+}
+
+/// `[update]`: systemd-sysupdate's transfer files for the feed, and the key its
+/// signature must be made with, where systemd-pull looks first.
+fn write_update_config(
+    spec: &Spec,
+    id: &Identity,
+    update: &crate::model::spec::Update,
+    root: &Path,
+) -> Result<()> {
+    let dir = root.join(crate::update::TRANSFER_DIR);
+    fs::create_dir_all(&dir)?;
+    for (name, text) in crate::update::transfers(&spec.name, &id.version, &update.url) {
+        fs::write(dir.join(name), text)?;
+    }
+    let keyring = root.join(crate::update::KEYRING);
+    fs::write(&keyring, &update.key)?;
+    fs::set_permissions(&keyring, fs::Permissions::from_mode(0o644))?;
+    // A version on trial is good (systemd-bless-boot) only once its agent is healthy.
+    if spec.agent_enabled {
+        let requires = root.join("etc/systemd/system/boot-complete.target.requires");
+        fs::create_dir_all(&requires)?;
+        symlink(
+            "/usr/lib/systemd/system/devos-boot-complete.service",
+            requires.join("devos-boot-complete.service"),
+        )?;
+    }
     Ok(())
 }
 

@@ -86,6 +86,9 @@ pub(crate) struct Bundle {
     pub(crate) root: PathBuf,
     pub(crate) verity: PathBuf,
     pub(crate) uki: PathBuf,
+    /// The partition UUIDs of the root and hash partitions (the root hash's halves).
+    pub(crate) root_uuid: String,
+    pub(crate) verity_uuid: String,
 }
 
 /// Build the disk image `raw` from the customized tree `root`. `work` holds the
@@ -164,11 +167,16 @@ pub(crate) fn build(
     });
     let parts = write_disk(id, raw, fixed + var_size, &images)?;
     let bundle = match (verity, boot) {
-        (Some((verity, ..)), Boot::Uki(uki)) => Some(Bundle {
-            root: work.join("root.img"),
-            verity,
-            uki,
-        }),
+        (Some((verity, _, hash)), Boot::Uki(uki)) => {
+            let (root_uuid, verity_uuid) = root_hash_uuids(&hash);
+            Some(Bundle {
+                root: work.join("root.img"),
+                verity,
+                uki,
+                root_uuid,
+                verity_uuid,
+            })
+        }
         _ => None,
     };
     Ok(Disk {
@@ -288,7 +296,7 @@ fn slot_sizes(root: u64, hash: u64) -> (u64, u64) {
 
 /// `NAME_VERSION`, the partition name systemd-sysupdate matches a slot's version by.
 fn slot_label(spec: &Spec, id: &Identity) -> Result<String> {
-    let label = format!("{}_{}", spec.name, id.version);
+    let label = crate::update::stem(&spec.name, &id.version);
     if label.chars().count() > GPT_NAME_MAX {
         bail!(
             "the root slot's partition name {label:?} is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {}",
@@ -301,7 +309,7 @@ fn slot_label(spec: &Spec, id: &Identity) -> Result<String> {
 /// The UKI's file name on the ESP: `NAME_VERSION.efi`, which systemd-boot sorts by
 /// version and systemd-sysupdate matches.
 pub(crate) fn uki_name(spec: &Spec, id: &Identity) -> String {
-    format!("{}_{}.efi", spec.name, id.version)
+    format!("{}.efi", crate::update::stem(&spec.name, &id.version))
 }
 
 /// The data and hash partition UUIDs of a root hash: its first and last 128 bits.

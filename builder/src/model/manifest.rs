@@ -57,6 +57,9 @@ pub struct Manifest {
     /// systemd-sysupdate fetches to move a machine to this version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) update: Vec<UpdateFile>,
+    /// Where the image looks for updates and whose signature it accepts (`[update]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) update_feed: Option<UpdateFeed>,
     pub(crate) inputs: Vec<crate::model::manifest::Input>,
     pub(crate) package_sources: String,
     pub(crate) agent: Option<AgentInfo>,
@@ -70,6 +73,13 @@ pub struct Manifest {
     pub(crate) stages: Vec<StageTiming>,
     /// Cache keys of the stage outputs this version was built from.
     pub(crate) cache_keys: CacheKeys,
+}
+
+/// `[update]` as built into the image.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub(crate) struct UpdateFeed {
+    pub(crate) url: String,
+    pub(crate) key_fingerprint: String,
 }
 
 /// One file of an update bundle.

@@ -129,6 +129,21 @@ struct RawSpec {
     tests: Vec<RawTest>,
     #[serde(default)]
     files: files::RawFiles,
+    update: Option<RawUpdate>,
+}
+
+/// `[update]`: where machines running this image look for newer versions
+/// (systemd-sysupdate), and the key that signs them. Needs `[disk] verity = true`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawUpdate {
+    /// The feed's URL (`http://` or `https://`), where `devos-build publish updates`
+    /// output is served.
+    url: Spanned<String>,
+    /// The OpenPGP public key (binary, as `gpg --export` writes it; relative to the spec) whose
+    /// signature on the feed's SHA256SUMS the image accepts: `devos-build keys show
+    /// --export FILE` writes the builder's.
+    key: Spanned<String>,
 }
 
 /// `[image]`: what the image is called and which version of it this spec describes.
@@ -429,6 +444,21 @@ pub(crate) struct Spec {
     pub(crate) tests: Vec<Test>,
     pub(crate) extra_trees: Vec<ExtraTree>,
     pub(crate) enable_units: Vec<String>,
+    /// Where updates come from, and the key they must be signed with.
+    pub(crate) update: Option<Update>,
+}
+
+/// `[update]`, validated: the feed URL (ending in `/`) and the key file's contents.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Update {
+    pub(crate) url: String,
+    /// The key file, as resolved against the spec's directory.
+    #[serde(skip)]
+    pub(crate) key_path: PathBuf,
+    #[serde(skip)]
+    pub(crate) key: Vec<u8>,
+    /// In the canonical spec (and so the build id) in place of the key's bytes.
+    pub(crate) key_sha256: String,
 }
 
 impl Spec {
@@ -499,15 +529,25 @@ impl Spec {
         } else {
             Vec::new()
         };
+        let update: Vec<String> = match &self.update {
+            Some(_) => UPDATE_PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+            None => Vec::new(),
+        };
         let set: BTreeSet<&String> = self
             .packages
             .iter()
             .chain(self.layers.iter().flat_map(|l| &l.packages))
             .chain(&agent)
+            .chain(&update)
             .collect();
         set.into_iter().cloned().collect()
     }
 }
+
+/// What an image that updates itself needs beyond its spec's packages.
+/// systemd-sysupdate and systemd-pull (systemd-container), the gpg that checks a feed's
+/// signature, and systemd-boot's boot counting (systemd-bless-boot) and bootctl.
+pub(crate) const UPDATE_PACKAGES: &[&str] = &["systemd-container", "gpg", "systemd-boot"];
 
 const MIN_DISK: u64 = 512 << 20;
 /// The latest source date a spec or SOURCE_DATE_EPOCH may give: the end of year 9999
@@ -574,6 +614,10 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         None => false,
     };
 
+    let update = match &raw.update {
+        Some(u) => Some(update(&src, u, verity)?),
+        None => None,
+    };
     let formats = formats(&src, raw.output.formats.as_deref())?;
 
     let agent_config = agent_config(&src, raw.agent.config.as_ref())?;
@@ -609,7 +653,73 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         tests,
         extra_trees,
         enable_units,
+        update,
     })
+}
+
+/// `[update]`, checked: an A/B image (verity), an HTTP(S) URL, a readable key file
+/// that holds an OpenPGP public key.
+fn update(src: &Source, raw: &RawUpdate, verity: bool) -> Result<Update, SpecError> {
+    if !verity {
+        return Err(src.error(
+            &raw.url,
+            "`[update]` needs `[disk] verity = true`: updates are written into the second root slot of a verified image",
+            "set `verity = true` (and `root-fs = \"erofs\"`) in `[disk]`, or remove `[update]`",
+        ));
+    }
+    let url = raw.url.get_ref().trim();
+    let valid = ["http://", "https://"].iter().any(|s| {
+        url.strip_prefix(s)
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+    }) && !url.contains(char::is_whitespace)
+        && !url.contains(['?', '#']);
+    if !valid {
+        return Err(src.error(
+            &raw.url,
+            format!("invalid update feed URL `{url}`"),
+            "give an http:// or https:// URL of the directory `devos-build publish updates` fills, e.g. `https://updates.example.com/devos-debian/`",
+        ));
+    }
+    let url = if url.ends_with('/') {
+        url.to_owned()
+    } else {
+        format!("{url}/")
+    };
+    let key_path = src
+        .file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(raw.key.get_ref());
+    let key = std::fs::read(&key_path).map_err(|e| {
+        src.error(
+            &raw.key,
+            format!("cannot read the update key {}: {e}", key_path.display()),
+            "export the builder's public key there with `devos-build keys export FILE` (after `devos-build keys generate`)",
+        )
+    })?;
+    if !is_openpgp_public_key(&key) {
+        return Err(src.error(
+            &raw.key,
+            format!("{} is not a binary OpenPGP public key", key_path.display()),
+            "export one with `devos-build keys export FILE` (an armored key: `gpg --dearmor`); a secret key never goes into an image",
+        ));
+    }
+    Ok(Update {
+        url,
+        key_sha256: crate::support::digest::sha256_hex(&key),
+        key_path,
+        key,
+    })
+}
+
+/// Whether `data` starts as a binary OpenPGP public key does: a public-key packet
+/// (tag 6, old or new packet format).
+fn is_openpgp_public_key(data: &[u8]) -> bool {
+    match data.first() {
+        Some(&b) if b & 0xC0 == 0xC0 => b & 0x3F == 6,
+        Some(&b) if b & 0xC0 == 0x80 => (b >> 2) & 0x0F == 6,
+        _ => false,
+    }
 }
 
 /// `[image] name`, checked: it names the image in the registry and in os-release.

@@ -52,7 +52,7 @@ pub(crate) fn region(flag: Option<String>, settings: &Settings) -> Result<String
 }
 
 /// The version to publish: it must have passed its boot test, unless forced.
-fn gate(reg: &Registry, reference: &str, force: bool) -> Result<VersionInfo> {
+pub(crate) fn gate(reg: &Registry, reference: &str, force: bool) -> Result<VersionInfo> {
     if !force {
         return reg.require_passing(reference);
     }

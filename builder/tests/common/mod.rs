@@ -114,6 +114,7 @@ impl Env {
         let mut c = devos_build_command();
         c.env("DEVOS_CACHE_DIR", &self.cache)
             .env("DEVOS_REGISTRY", self.registry())
+            .env("DEVOS_KEYS", self.dir.path().join("keys"))
             .env_remove("SOURCE_DATE_EPOCH")
             .args(args);
         c

@@ -463,6 +463,7 @@ fn every_key_is_documented_in_docs_spec_md() {
             format!("{head}[[tests]]\nname = \"t\"\nrun = \"true\"\nbogus = 1\n"),
         ),
         ("files", format!("{head}[files]\nbogus = 1\n")),
+        ("update", format!("{head}[update]\nbogus = 1\n")),
     ];
     let mut checked = 0;
     for (table, text) in tables {
@@ -563,4 +564,62 @@ fn extra_trees_and_units_are_checked_where_they_are_written() {
         "timezone = \"Europe/Berlin\"\nenable-units = [\"getty@tty1.service\", \"fstrim.timer\"]",
     ));
     assert_eq!(load(&ok.1).unwrap().enable_units.len(), 2);
+}
+
+#[test]
+fn update_needs_verity_a_web_url_and_a_public_key() {
+    let verified = with("root-fs = \"erofs\"", "root-fs = \"erofs\"\nverity = true");
+    let spec_with = |base: &str, url: &str| {
+        format!("{base}\n[update]\nurl = \"{url}\"\nkey = \"update.pgp\"\n")
+    };
+    let (dir, path) = fixture(&spec_with(&verified, "https://u.example/feed"));
+    let message = |path: &Path| load(path).expect_err("rejected").to_string();
+    assert!(
+        message(&path).contains("cannot read the update key"),
+        "{}",
+        message(&path)
+    );
+    let key = dir.path().join("update.pgp");
+    // Not a key; a secret key (packet tag 5) never goes into an image.
+    for bytes in [
+        b"hello".as_slice(),
+        &[0x95, 0x01, 0x02],
+        &[0xC5, 0x01, 0x02],
+    ] {
+        std::fs::write(&key, bytes).unwrap();
+        assert!(
+            message(&path).contains("not a binary OpenPGP public key"),
+            "{}",
+            message(&path)
+        );
+    }
+    // Old and new packet formats of a public key.
+    for bytes in [[0x99, 0x00, 0x33], [0xC6, 0x33, 0x04]] {
+        std::fs::write(&key, bytes).unwrap();
+        let spec = load(&path).unwrap();
+        let u = spec.update.as_ref().unwrap();
+        assert_eq!(u.url, "https://u.example/feed/");
+        assert_eq!(u.key, bytes);
+        for p in UPDATE_PACKAGES {
+            assert!(spec.all_packages().iter().any(|n| n == p), "{p}");
+        }
+        // The key is an input of the build id.
+        assert!(canonical(&spec).contains(&u.key_sha256));
+    }
+    for bad in [
+        "ftp://u.example/",
+        "https://",
+        "https:///feed",
+        "https://u.example/a b",
+        "u.example",
+    ] {
+        std::fs::write(&path, spec_with(&verified, bad)).unwrap();
+        assert!(
+            message(&path).contains("invalid update feed URL"),
+            "{bad}: {}",
+            message(&path)
+        );
+    }
+    std::fs::write(&path, spec_with(FULL, "https://u.example/")).unwrap();
+    assert!(message(&path).contains("`[update]` needs `[disk] verity = true`"));
 }

@@ -17,6 +17,7 @@ fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
         kernel_cmdline: String::new(),
         root_hash: None,
         update: Vec::new(),
+        update_feed: None,
         inputs: Vec::new(),
         package_sources: "host".into(),
         agent: None,

@@ -1,0 +1,390 @@
+//! `devos update`: move this machine to the newest version in its image's update feed,
+//! or back to the version it ran before. systemd-sysupdate does the update (it checks
+//! the feed's signature and every file's hash, writes the inactive root slot and
+//! installs the new unified kernel image with boot tries); systemd-boot's default
+//! entry (bootctl) does the rollback. Both take effect at the next boot.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// `[update]` of agent.toml: the programs `devos update` runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct UpdateConfig {
+    /// systemd-sysupdate (in images whose spec has `[update]`).
+    pub sysupdate: PathBuf,
+    /// bootctl, which sets the boot loader's default entry for a rollback.
+    pub bootctl: PathBuf,
+    /// The ESP's kernel images (`EFI/Linux` where systemd mounts the ESP).
+    pub kernel_images: PathBuf,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        Self {
+            sysupdate: PathBuf::from("/usr/lib/systemd/systemd-sysupdate"),
+            bootctl: PathBuf::from("/usr/bin/bootctl"),
+            kernel_images: PathBuf::from("/efi/EFI/Linux"),
+        }
+    }
+}
+
+/// What `Update` was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateAction {
+    /// Say whether the feed has a newer version; change nothing.
+    Check,
+    /// Install the newest version into the other slot.
+    Install,
+    /// Boot the version installed before this one from now on.
+    Rollback,
+}
+
+impl UpdateAction {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "check" => Some(Self::Check),
+            "install" => Some(Self::Install),
+            "rollback" => Some(Self::Rollback),
+            _ => None,
+        }
+    }
+}
+
+/// What happened, as `devos update` prints it and the audit log keeps it.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpdateOutcome {
+    pub action: UpdateAction,
+    /// The version running now (os-release `IMAGE_VERSION`).
+    pub running: Option<String>,
+    /// The version the next boot starts, when it changes; for `check`, the newer
+    /// version the feed offers.
+    pub next: Option<String>,
+    /// Whether a reboot is needed for `next` to run.
+    pub reboot: bool,
+    /// In words.
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(
+        "this image cannot update itself: {0} is missing (only images built with `[update]` in their spec carry systemd-sysupdate)"
+    )]
+    NotUpdatable(PathBuf),
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{program} failed ({status}): {output}")]
+    Failed {
+        program: PathBuf,
+        status: std::process::ExitStatus,
+        output: String,
+    },
+    #[error("{0}")]
+    NoRollback(String),
+}
+
+/// Run `program args`, its stdout and stderr together (the last 4 KiB) and status.
+fn run(program: &Path, args: &[&str]) -> Result<(std::process::ExitStatus, String), UpdateError> {
+    let out = Command::new(program)
+        .args(args)
+        .env("SYSTEMD_COLORS", "0")
+        .env("SYSTEMD_PAGER", "")
+        .output()
+        .map_err(|source| UpdateError::Spawn {
+            program: program.to_owned(),
+            source,
+        })?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    let text = text.trim();
+    let tail = match text.char_indices().rev().nth(4095) {
+        Some((i, _)) => &text[i..],
+        None => text,
+    };
+    Ok((out.status, tail.to_owned()))
+}
+
+/// Run `program args`; its output if it succeeded.
+fn run_ok(program: &Path, args: &[&str]) -> Result<String, UpdateError> {
+    match run(program, args)? {
+        (status, output) if status.success() => Ok(output),
+        (status, output) => Err(UpdateError::Failed {
+            program: program.to_owned(),
+            status,
+            output,
+        }),
+    }
+}
+
+/// The version as systemd-sysupdate and the boot loader name it (`+` as `_`).
+fn sysupdate_version(version: &str) -> String {
+    version.replace('+', "_")
+}
+
+/// Do `action`. `running` is this machine's `IMAGE_VERSION`, `image` its `IMAGE_ID`.
+pub fn apply(
+    config: &UpdateConfig,
+    action: UpdateAction,
+    image: Option<&str>,
+    running: Option<&str>,
+) -> Result<UpdateOutcome, UpdateError> {
+    if action != UpdateAction::Rollback && !config.sysupdate.exists() {
+        return Err(UpdateError::NotUpdatable(config.sysupdate.clone()));
+    }
+    let outcome = |next: Option<String>, reboot, message: String| UpdateOutcome {
+        action,
+        running: running.map(str::to_owned),
+        next,
+        reboot,
+        message,
+    };
+    match action {
+        UpdateAction::Check => {
+            match run(&config.sysupdate, &["check-new"])? {
+                (status, output) if status.success() => {
+                    let version = output.lines().next().unwrap_or_default().trim().to_owned();
+                    Ok(outcome(
+                        Some(version.clone()),
+                        false,
+                        format!("{version} is available: `devos update` installs it"),
+                    ))
+                }
+                // No newer version: systemd-sysupdate says so by failing, with no version.
+                (_, output) if !output.lines().any(|l| l.starts_with(char::is_numeric)) => Ok(
+                    outcome(None, false, "this machine runs the newest version".into()),
+                ),
+                (status, output) => Err(UpdateError::Failed {
+                    program: config.sysupdate.clone(),
+                    status,
+                    output,
+                }),
+            }
+        }
+        UpdateAction::Install => {
+            let before = run(&config.sysupdate, &["check-new"])?;
+            let output = run_ok(&config.sysupdate, &["update"])?;
+            if !before.0.success() || output.contains("No update needed") {
+                return Ok(outcome(
+                    None,
+                    false,
+                    "this machine runs the newest version".into(),
+                ));
+            }
+            let version = before
+                .1
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            // A rollback chose a default entry; the new version must be the one that boots.
+            if config.bootctl.exists() {
+                run_ok(&config.bootctl, &["set-default", ""])?;
+            }
+            Ok(outcome(
+                Some(version.clone()),
+                true,
+                format!(
+                    "{version} is installed in the other slot and boots next (three tries; if it does not come up healthy the machine goes back to this version by itself): reboot to start it"
+                ),
+            ))
+        }
+        UpdateAction::Rollback => rollback(config, image, running).map(|(entry, version)| {
+            outcome(
+                Some(version.clone()),
+                true,
+                format!("the next boot starts {version} ({entry}): reboot to go back to it"),
+            )
+        }),
+    }
+}
+
+/// Make the newest other installed kernel image of this image the boot loader's
+/// default: (its file name, its version).
+fn rollback(
+    config: &UpdateConfig,
+    image: Option<&str>,
+    running: Option<&str>,
+) -> Result<(String, String), UpdateError> {
+    let (Some(image), Some(running)) = (image, running) else {
+        return Err(UpdateError::NoRollback(
+            "os-release has no IMAGE_ID and IMAGE_VERSION: this is not a DevOS image".into(),
+        ));
+    };
+    let prefix = format!("{image}_");
+    let running = sysupdate_version(running);
+    let entries = std::fs::read_dir(&config.kernel_images).map_err(|e| {
+        UpdateError::NoRollback(format!(
+            "cannot list {}: {e}",
+            config.kernel_images.display()
+        ))
+    })?;
+    let mut others: Vec<(String, String)> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| {
+            let stem = name.strip_suffix(".efi")?;
+            let rest = stem.strip_prefix(&prefix)?;
+            // `VERSION`, `VERSION+LEFT` or `VERSION+LEFT-DONE`; one with no tries left
+            // failed to boot and is no place to go back to.
+            let (version, tries) = match rest.split_once('+') {
+                Some((v, t)) => (v, Some(t)),
+                None => (rest, None),
+            };
+            let left = tries.map(|t| t.split('-').next().unwrap_or(t));
+            (version != running && left != Some("0")).then(|| (name.clone(), version.to_owned()))
+        })
+        .collect();
+    others.sort_by(|a, b| b.1.cmp(&a.1));
+    let Some((entry, version)) = others.into_iter().next() else {
+        return Err(UpdateError::NoRollback(format!(
+            "no other version of {image} is installed in {}: nothing to go back to",
+            config.kernel_images.display()
+        )));
+    };
+    run_ok(&config.bootctl, &["set-default", &entry])?;
+    Ok((entry, version))
+}
+
+/// Wait until the agent answers on the system bus and its audit log verifies, at most
+/// `wait`; the last reason it did not, after that.
+pub async fn boot_check(wait: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let attempt = async {
+            let conn = zbus::Connection::system().await?;
+            let agent = crate::client::Agent1Proxy::new(&conn).await?;
+            agent.ping().await?;
+            let report: serde_json::Value = serde_json::from_str(&agent.verify_audit().await?)?;
+            if report["ok"] != true {
+                anyhow::bail!("the audit log does not verify: {report}");
+            }
+            Ok(())
+        };
+        let error = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => anyhow::anyhow!("no answer"),
+        };
+        if tokio::time::Instant::now() + std::time::Duration::from_secs(2) >= deadline {
+            return Err(error.context(format!(
+                "the agent did not become healthy within {} s",
+                wait.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn rollback_picks_the_newest_other_version_that_did_not_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let esp = dir.path().join("Linux");
+        std::fs::create_dir(&esp).unwrap();
+        for f in [
+            "img_1.0.0_aaa.efi",
+            "img_1.1.0_bbb.efi",
+            "img_1.2.0_ccc+0-3.efi",
+            "img_2.0.0_ddd+2-1.efi",
+            "other_9.0.0_eee.efi",
+        ] {
+            std::fs::write(esp.join(f), "").unwrap();
+        }
+        let log = dir.path().join("log");
+        let config = UpdateConfig {
+            sysupdate: dir.path().join("none"),
+            bootctl: script(
+                dir.path(),
+                "bootctl",
+                &format!("echo \"$@\" >> {}", log.display()),
+            ),
+            kernel_images: esp.clone(),
+        };
+        let out = apply(
+            &config,
+            UpdateAction::Rollback,
+            Some("img"),
+            Some("2.0.0+ddd"),
+        )
+        .unwrap();
+        assert_eq!(out.next.as_deref(), Some("1.1.0_bbb"));
+        assert!(out.reboot);
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "set-default img_1.1.0_bbb.efi\n"
+        );
+        // Running the oldest: nothing older that boots.
+        for f in ["img_1.1.0_bbb.efi", "img_2.0.0_ddd+2-1.efi"] {
+            std::fs::remove_file(esp.join(f)).unwrap();
+        }
+        let e = apply(
+            &config,
+            UpdateAction::Rollback,
+            Some("img"),
+            Some("1.0.0+aaa"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("nothing to go back to"), "{e}");
+    }
+
+    #[test]
+    fn install_says_what_boots_next_and_failures_carry_the_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let sysupdate = |body: &str| script(dir.path(), "sysupdate", body);
+        let mut config = UpdateConfig {
+            sysupdate: sysupdate(
+                "case $1 in check-new) echo 2.0.0_b;; update) echo done >&2;; esac",
+            ),
+            bootctl: script(
+                dir.path(),
+                "bootctl",
+                &format!("echo \"$@\" >> {}", log.display()),
+            ),
+            kernel_images: dir.path().into(),
+        };
+        let out = apply(&config, UpdateAction::Install, Some("img"), Some("1.0.0+a")).unwrap();
+        assert_eq!(out.next.as_deref(), Some("2.0.0_b"));
+        assert!(out.reboot);
+        // A rollback's default entry is cleared: the new version boots.
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "set-default \n");
+
+        config.sysupdate =
+            sysupdate("case $1 in check-new) exit 1;; update) echo 'No update needed.' >&2;; esac");
+        let out = apply(&config, UpdateAction::Install, None, None).unwrap();
+        assert!(!out.reboot && out.next.is_none(), "{out:?}");
+        let out = apply(&config, UpdateAction::Check, None, None).unwrap();
+        assert!(out.next.is_none());
+
+        config.sysupdate = sysupdate(
+            "case $1 in check-new) echo 2.0.0_b;; update) echo 'Signature verification failed.' >&2; exit 1;; esac",
+        );
+        let e = apply(&config, UpdateAction::Install, None, None).unwrap_err();
+        assert!(
+            e.to_string().contains("Signature verification failed"),
+            "{e}"
+        );
+
+        config.sysupdate = dir.path().join("missing");
+        let e = apply(&config, UpdateAction::Check, None, None).unwrap_err();
+        assert!(e.to_string().contains("cannot update itself"), "{e}");
+    }
+}

@@ -1,0 +1,369 @@
+//! Updates of verified images by systemd-sysupdate: how a version is named where
+//! systemd-sysupdate sees it, the transfer files an image carries (`[update]`), each
+//! version's update bundle, and the feed `publish updates` lays out.
+//!
+//! A feed is a directory served over HTTP(S): every published version's root image,
+//! hash tree and unified kernel image, one `SHA256SUMS` over all of them and its
+//! detached signature `SHA256SUMS.gpg` by the builder's key. systemd-sysupdate in the
+//! image fetches `SHA256SUMS` and its signature, checks it with the key the image
+//! carries, picks the newest version, downloads its files (checking each hash), writes
+//! the inactive root slot and its hash partition, and installs the UKI with three
+//! boot tries.
+
+pub(crate) mod keys;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::model::manifest::{Manifest, UpdateFile};
+use crate::store::registry::Registry;
+use crate::support::digest;
+
+/// Where the image keeps its transfer files, and the key systemd-pull trusts (the
+/// `/etc` one is read before the vendor keyring systemd-container ships).
+pub(crate) const TRANSFER_DIR: &str = "usr/lib/sysupdate.d";
+pub(crate) const KEYRING: &str = "etc/systemd/import-pubring.gpg";
+/// How often a new version may fail to come up before systemd-boot goes back.
+pub(crate) const BOOT_TRIES: u32 = 3;
+
+/// A version as systemd-sysupdate sees it: `+` (which its patterns and systemd-boot's
+/// boot counting use as a separator) as `_`. `0.2.0+abc` → `0.2.0_abc`.
+pub(crate) fn sysupdate_version(version: &str) -> String {
+    version.replace('+', "_")
+}
+
+/// `NAME_VERSION` (systemd-sysupdate's spelling): the root slot's partition name and
+/// the stem of every bundle file.
+pub(crate) fn stem(name: &str, version: &str) -> String {
+    format!("{name}_{}", sysupdate_version(version))
+}
+
+/// The transfer files of an image that updates from `url`: (file name, contents).
+/// Applied in name order: the root, its hash tree, then the UKI, so a version is
+/// bootable only once its slot is written. `version` (the image's own) is never
+/// removed to make room.
+pub(crate) fn transfers(name: &str, version: &str, url: &str) -> Vec<(String, String)> {
+    let own = sysupdate_version(version);
+    let header = |what: &str| {
+        format!(
+            "# Written by devos-build: {what} of a newer {name} from its feed.\n\
+             [Transfer]\nProtectVersion={own}\nVerify=yes\n\n"
+        )
+    };
+    let partition = |file: &str, kind: &str, what: &str| {
+        format!(
+            "{}[Source]\nType=url-file\nPath={url}\nMatchPattern={name}_@v+@u.{file}\n\n\
+             [Target]\nType=partition\nPath=auto\nMatchPattern={name}_@v\n\
+             MatchPartitionType={kind}\nReadOnly=yes\n",
+            header(what)
+        )
+    };
+    vec![
+        (
+            format!("10-{name}-root.transfer"),
+            partition("root", "root", "the root filesystem"),
+        ),
+        (
+            format!("20-{name}-verity.transfer"),
+            partition("verity", "root-verity", "the root's dm-verity hash tree"),
+        ),
+        (
+            format!("30-{name}-uki.transfer"),
+            format!(
+                "{}[Source]\nType=url-file\nPath={url}\nMatchPattern={name}_@v.efi\n\n\
+                 [Target]\nType=regular-file\nPath=/EFI/Linux\nPathRelativeTo=esp\n\
+                 MatchPattern={name}_@v+@l-@d.efi {name}_@v+@l.efi {name}_@v.efi\n\
+                 Mode=0444\nTriesLeft={BOOT_TRIES}\nTriesDone=0\nInstancesMax=2\n",
+                header("the unified kernel image")
+            ),
+        ),
+    ]
+}
+
+/// What goes into a bundle: the images the disk stage made, and the partition UUIDs
+/// (the halves of the root hash) the new slot must get.
+pub(crate) struct BundleParts<'a> {
+    /// [`stem`] of the image's name and version.
+    pub(crate) stem: String,
+    pub(crate) root: &'a Path,
+    pub(crate) verity: &'a Path,
+    pub(crate) uki: &'a Path,
+    pub(crate) root_uuid: &'a str,
+    pub(crate) verity_uuid: &'a str,
+}
+
+/// Write the update bundle into `dir`: the root image, hash tree and UKI named as the
+/// transfers match them, their `SHA256SUMS`, and with a `key` (`[update]`) its
+/// signature, made at the build's `source_date_epoch`.
+pub(crate) fn write_bundle(
+    parts: &BundleParts,
+    dir: &Path,
+    key: Option<&keys::KeyInfo>,
+    source_date_epoch: u64,
+) -> Result<Vec<UpdateFile>> {
+    fs::create_dir_all(dir)?;
+    let stem = &parts.stem;
+    let mut files = Vec::new();
+    for (src, name) in [
+        (parts.root, format!("{stem}+{}.root", parts.root_uuid)),
+        (parts.verity, format!("{stem}+{}.verity", parts.verity_uuid)),
+        (parts.uki, format!("{stem}.efi")),
+    ] {
+        let dest = dir.join(&name);
+        fs::rename(src, &dest).or_else(|_| fs::copy(src, &dest).map(drop))?;
+        // Published as they are (veritysetup makes its file owner-only).
+        fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        let size = fs::metadata(&dest)?.len();
+        files.push(UpdateFile {
+            sha256: digest::file_sha256(&dest)?,
+            file: name,
+            size,
+        });
+    }
+    let sums = dir.join("SHA256SUMS");
+    fs::write(&sums, sums_text(files.iter().map(|f| (&f.file, &f.sha256))))?;
+    if let Some(key) = key {
+        keys::sign(key, &sums, &dir.join("SHA256SUMS.gpg"), source_date_epoch)?;
+    }
+    Ok(files)
+}
+
+/// `SHA256SUMS` lines (`HASH  FILE`), in the order given.
+fn sums_text<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> String {
+    entries
+        .map(|(file, sha)| format!("{sha}  {file}\n"))
+        .collect()
+}
+
+/// The builder's key, which must be the one whose public half `image_key` holds (the
+/// key the image will check signatures with).
+pub(crate) fn signing_key_for(image_key: &Path) -> Result<keys::KeyInfo> {
+    let key = keys::current(&keys::dir())?;
+    let wanted = keys::fingerprint_of(image_key)?;
+    if key.fingerprint != wanted {
+        bail!(
+            "the image trusts the key {wanted} ({}), but this builder signs with {}\n  hint: set `[update] key` to the builder's key (`devos-build keys export FILE`), or sign where that key is",
+            image_key.display(),
+            key.fingerprint
+        );
+    }
+    Ok(key)
+}
+
+/// What `publish updates` did.
+#[derive(Debug, Serialize)]
+pub(crate) struct FeedPublished {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) feed: PathBuf,
+    /// The files this version added (those already there with the same bytes are kept).
+    pub(crate) added: Vec<String>,
+    /// Every version the feed now offers, newest first.
+    pub(crate) versions: Vec<String>,
+    pub(crate) signed_by: String,
+}
+
+impl FeedPublished {
+    pub(crate) fn human(&self) -> String {
+        format!(
+            "{}@{} is in the feed {} ({} file(s) added; signed by {})\nthe feed offers: {}\n",
+            self.name,
+            self.version,
+            self.feed.display(),
+            self.added.len(),
+            self.signed_by,
+            self.versions.join(", ")
+        )
+    }
+}
+
+/// `publish updates REF --to DIR`: add a tested version's bundle to the feed in `dir`
+/// and sign the feed's new `SHA256SUMS`. Files are copied under temporary names and
+/// renamed; `SHA256SUMS` and its signature are replaced last, so a client never sees a
+/// listed file that is not there.
+pub(crate) fn publish_feed(
+    reg: &Registry,
+    reference: &str,
+    feed: &Path,
+    force: bool,
+) -> Result<FeedPublished> {
+    check_feed_dir(feed)?;
+    let v = crate::publish::gate(reg, reference, force)?;
+    add_to_feed(feed, &v.dir, &Manifest::load(&v.dir)?)
+}
+
+/// A feed is a directory (S3 and other stores: sync the directory there).
+fn check_feed_dir(feed: &Path) -> Result<()> {
+    if feed.to_str().is_some_and(|s| s.contains("://")) {
+        bail!(
+            "`--to {}`: only a directory can be published to so far\n  hint: publish to a directory your web server (or `aws s3 sync`) serves",
+            feed.display()
+        );
+    }
+    Ok(())
+}
+
+/// `publish updates --dry-run`: the same checks, and the files that would be added.
+pub(crate) fn publish_dry_run(
+    reg: &Registry,
+    reference: &str,
+    feed: &Path,
+    force: bool,
+) -> Result<crate::support::dry_run::DryRun> {
+    check_feed_dir(feed)?;
+    let v = crate::publish::gate(reg, reference, force)?;
+    let manifest = Manifest::load(&v.dir)?;
+    let key = feed_key(&manifest)?;
+    let mut dry = crate::support::dry_run::DryRun::new();
+    for f in &manifest.update {
+        let dest = feed.join(&f.file);
+        if !(dest.is_file() && digest::file_sha256(&dest)? == f.sha256) {
+            dry.would(format!(
+                "copy {} ({} bytes) to {}",
+                f.file,
+                f.size,
+                feed.display()
+            ));
+        }
+    }
+    if !dry.nothing_to_do() {
+        dry.would(format!(
+            "sign {} with {}",
+            feed.join("SHA256SUMS").display(),
+            key.fingerprint
+        ));
+    }
+    Ok(dry)
+}
+
+/// The builder's key, when it is the one `manifest`'s version trusts.
+fn feed_key(manifest: &Manifest) -> Result<keys::KeyInfo> {
+    let (name, version) = (&manifest.name, &manifest.version);
+    let Some(update) = &manifest.update_feed else {
+        bail!(
+            "{name}@{version} cannot update machines: its spec has no `[update]`\n  hint: add `[update] url` and `key` (with `[disk] verity = true`) and build it again"
+        );
+    };
+    let key = keys::current(&keys::dir())?;
+    if key.fingerprint != update.key_fingerprint {
+        bail!(
+            "{name}@{version} trusts updates signed by {}, but this builder's key is {}\n  hint: publish from the builder whose key built it",
+            update.key_fingerprint,
+            key.fingerprint
+        );
+    }
+    Ok(key)
+}
+
+/// Add the version built in `dir` (its `manifest`) to the feed in `feed`, signed with
+/// the builder's key, which must be the key the version trusts.
+pub(crate) fn add_to_feed(feed: &Path, dir: &Path, manifest: &Manifest) -> Result<FeedPublished> {
+    let (name, version) = (&manifest.name, &manifest.version);
+    let key = feed_key(manifest)?;
+    let bundle = dir.join("update");
+    crate::support::paths::create_user_dirs(feed)?;
+    let mut added = Vec::new();
+    for f in &manifest.update {
+        let src = bundle.join(&f.file);
+        let dest = feed.join(&f.file);
+        if dest.is_file() && digest::file_sha256(&dest)? == f.sha256 {
+            continue;
+        }
+        let sha = digest::file_sha256(&src)
+            .with_context(|| format!("cannot read the update bundle's {}", src.display()))?;
+        if sha != f.sha256 {
+            bail!(
+                "{} changed since it was built (sha256 {sha}, the manifest says {})\n  hint: `devos-build image verify {name}@{version}` checks the whole version; build it again",
+                src.display(),
+                f.sha256,
+            );
+        }
+        let tmp = feed.join(format!(".{}.tmp", f.file));
+        fs::copy(&src, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, &dest)?;
+        added.push(f.file.clone());
+    }
+
+    // Every file the feed lists and still holds, with this version's.
+    let sums_path = feed.join("SHA256SUMS");
+    let mut sums: BTreeMap<String, String> = match fs::read_to_string(&sums_path) {
+        Ok(text) => text
+            .lines()
+            .filter_map(|l| l.split_once("  "))
+            .map(|(sha, file)| (file.trim_start_matches('*').to_owned(), sha.to_owned()))
+            .filter(|(file, _)| feed.join(file).is_file())
+            .collect(),
+        Err(_) => BTreeMap::new(),
+    };
+    for f in &manifest.update {
+        sums.insert(f.file.clone(), f.sha256.clone());
+    }
+    let tmp_sums = feed.join(".SHA256SUMS.tmp");
+    let tmp_sig = feed.join(".SHA256SUMS.gpg.tmp");
+    fs::write(&tmp_sums, sums_text(sums.iter()))?;
+    let now = crate::support::time::now();
+    keys::sign(&key, &tmp_sums, &tmp_sig, now)?;
+    fs::rename(&tmp_sums, &sums_path)?;
+    fs::rename(&tmp_sig, feed.join("SHA256SUMS.gpg"))?;
+
+    let prefix = format!("{name}_");
+    let mut versions: Vec<String> = sums
+        .keys()
+        .filter_map(|f| f.strip_prefix(&prefix)?.strip_suffix(".efi"))
+        .map(str::to_owned)
+        .collect();
+    versions.sort_by(|a, b| b.cmp(a));
+    Ok(FeedPublished {
+        name: name.clone(),
+        version: version.clone(),
+        feed: feed.to_path_buf(),
+        added,
+        versions,
+        signed_by: key.fingerprint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_lose_the_plus_that_sysupdate_and_boot_counting_split_on() {
+        assert_eq!(sysupdate_version("0.2.0+abc"), "0.2.0_abc");
+        assert_eq!(
+            stem("devos-debian", "1.0.0-rc.1+abc"),
+            "devos-debian_1.0.0-rc.1_abc"
+        );
+    }
+
+    #[test]
+    fn transfers_write_root_then_hash_then_a_counted_kernel_image() {
+        let t = transfers("img", "1.0.0+abc", "https://u.example/img/");
+        let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "10-img-root.transfer",
+                "20-img-verity.transfer",
+                "30-img-uki.transfer"
+            ]
+        );
+        for (_, text) in &t {
+            assert!(text.contains("ProtectVersion=1.0.0_abc\n"), "{text}");
+            assert!(text.contains("Verify=yes\n"), "{text}");
+            assert!(text.contains("Path=https://u.example/img/\n"), "{text}");
+        }
+        assert!(t[0].1.contains("MatchPattern=img_@v+@u.root\n"));
+        assert!(t[0].1.contains("MatchPartitionType=root\n"));
+        assert!(t[1].1.contains("MatchPartitionType=root-verity\n"));
+        assert!(t[2].1.contains("TriesLeft=3\n"));
+        assert!(
+            t[2].1
+                .contains("MatchPattern=img_@v+@l-@d.efi img_@v+@l.efi img_@v.efi\n")
+        );
+    }
+}
