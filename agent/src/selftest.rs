@@ -114,6 +114,17 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     if let Some(blessed) = boot_blessed().await {
         emit(blessed)?;
     }
+    // The host serves feeds that must be refused (a forged signature, a changed
+    // file): each is, and nothing is installed.
+    match credential("devos.update-refuse") {
+        Ok(Some((_, urls))) => {
+            for url in String::from_utf8_lossy(&urls).split_whitespace() {
+                emit(update_refused(url).await)?;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => emit(failed("update-refused", e.to_string()))?,
+    }
     // The host serves a newer version's feed: install it, as root would.
     match credential("devos.update-feed") {
         Ok(Some((_, url))) => emit(update_from(String::from_utf8_lossy(&url).trim()).await)?,
@@ -406,31 +417,85 @@ async fn boot_blessed() -> Option<CheckResult> {
     }
 }
 
-/// Point the image's transfers at `feed` (copies in /run/sysupdate.d, which take the
-/// place of those in /usr/lib) and run `devos update`, as root would; then flush,
-/// for the host stops the VM once the report is complete.
+/// What is installed: the partitions' names (the root slots carry their version) and
+/// the ESP's kernel images.
+async fn installed() -> String {
+    let labels = tokio::process::Command::new("lsblk")
+        .args(["-rno", "PARTLABEL"])
+        .output()
+        .await
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let mut images: Vec<String> = std::fs::read_dir("/efi/EFI/Linux")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    images.sort();
+    format!("partitions: {labels}; EFI/Linux: {}", images.join(" "))
+}
+
+/// `devos update` from `feed` must fail and leave what is installed as it was.
+async fn update_refused(feed: &str) -> CheckResult {
+    let start = Instant::now();
+    if let Err(e) = redirect_transfers(feed) {
+        return failed(
+            "update-refused",
+            format!("cannot point the transfers at {feed}: {e}"),
+        );
+    }
+    let before = installed().await;
+    let result = devos_json(&["update"]).await;
+    let after = installed().await;
+    match result {
+        Err(e) if before == after => CheckResult {
+            check: "update-refused".into(),
+            ok: true,
+            detail: format!("{feed} refused, nothing installed ({after}): {e}"),
+            ms: start.elapsed().as_millis(),
+        },
+        Err(e) => failed(
+            "update-refused",
+            format!("{feed} was refused ({e}), but what is installed changed: {before} → {after}"),
+        ),
+        Ok(v) => failed("update-refused", format!("{feed} was not refused: {v}")),
+    }
+}
+
+/// Point the image's transfers at `feed`: copies in /run/sysupdate.d, which take the
+/// place of those in /usr/lib. How many there are.
+fn redirect_transfers(feed: &str) -> std::io::Result<usize> {
+    std::fs::create_dir_all("/run/sysupdate.d")?;
+    let mut n = 0;
+    for entry in std::fs::read_dir("/usr/lib/sysupdate.d")? {
+        let path = entry?.path();
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        let text: String = std::fs::read_to_string(&path)?
+            .lines()
+            .map(|l| match l.strip_prefix("Path=http") {
+                Some(_) => format!("Path={feed}\n"),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(Path::new("/run/sysupdate.d").join(name), text)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Point the image's transfers at `feed` and run `devos update`, as root would; then
+/// flush, for the host stops the VM once the report is complete.
 async fn update_from(feed: &str) -> CheckResult {
     let start = Instant::now();
-    let redirect = || -> std::io::Result<usize> {
-        std::fs::create_dir_all("/run/sysupdate.d")?;
-        let mut n = 0;
-        for entry in std::fs::read_dir("/usr/lib/sysupdate.d")? {
-            let path = entry?.path();
-            let Some(name) = path.file_name() else {
-                continue;
-            };
-            let text: String = std::fs::read_to_string(&path)?
-                .lines()
-                .map(|l| match l.strip_prefix("Path=http") {
-                    Some(_) => format!("Path={feed}\n"),
-                    None => format!("{l}\n"),
-                })
-                .collect();
-            std::fs::write(Path::new("/run/sysupdate.d").join(name), text)?;
-            n += 1;
-        }
-        Ok(n)
-    };
+    let redirect = || redirect_transfers(feed);
     match redirect() {
         Ok(0) => {
             return failed(

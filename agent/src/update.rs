@@ -19,6 +19,10 @@ pub struct UpdateConfig {
     pub bootctl: PathBuf,
     /// The ESP's kernel images (`EFI/Linux` where systemd mounts the ESP).
     pub kernel_images: PathBuf,
+    /// The command that runs those programs: by default a transient unit of systemd's
+    /// (`systemd-run --wait --pipe`), outside the agent's own unit, whose sandbox has
+    /// no block devices and a read-only /sys; empty: run them directly.
+    pub launcher: Vec<String>,
 }
 
 impl Default for UpdateConfig {
@@ -27,6 +31,17 @@ impl Default for UpdateConfig {
             sysupdate: PathBuf::from("/usr/lib/systemd/systemd-sysupdate"),
             bootctl: PathBuf::from("/usr/bin/bootctl"),
             kernel_images: PathBuf::from("/efi/EFI/Linux"),
+            launcher: [
+                "/usr/bin/systemd-run",
+                "--wait",
+                "--pipe",
+                "--quiet",
+                "--collect",
+                "--property=Description=DevOS update (devos update)",
+                "--",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -90,9 +105,22 @@ pub enum UpdateError {
     NoRollback(String),
 }
 
-/// Run `program args`, its stdout and stderr together (the last 4 KiB) and status.
-fn run(program: &Path, args: &[&str]) -> Result<(std::process::ExitStatus, String), UpdateError> {
-    let out = Command::new(program)
+/// Run `program args` through `launcher`, its stdout and stderr together (the last
+/// 4 KiB) and status.
+fn run(
+    launcher: &[String],
+    program: &Path,
+    args: &[&str],
+) -> Result<(std::process::ExitStatus, String), UpdateError> {
+    let mut command = match launcher.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    let out = command
         .args(args)
         .env("SYSTEMD_COLORS", "0")
         .env("SYSTEMD_PAGER", "")
@@ -111,9 +139,9 @@ fn run(program: &Path, args: &[&str]) -> Result<(std::process::ExitStatus, Strin
     Ok((out.status, tail.to_owned()))
 }
 
-/// Run `program args`; its output if it succeeded.
-fn run_ok(program: &Path, args: &[&str]) -> Result<String, UpdateError> {
-    match run(program, args)? {
+/// Run `program args` through `launcher`; its output if it succeeded.
+fn run_ok(launcher: &[String], program: &Path, args: &[&str]) -> Result<String, UpdateError> {
+    match run(launcher, program, args)? {
         (status, output) if status.success() => Ok(output),
         (status, output) => Err(UpdateError::Failed {
             program: program.to_owned(),
@@ -147,7 +175,7 @@ pub fn apply(
     };
     match action {
         UpdateAction::Check => {
-            match run(&config.sysupdate, &["check-new"])? {
+            match run(&config.launcher, &config.sysupdate, &["check-new"])? {
                 (status, output) if status.success() => {
                     let version = output.lines().next().unwrap_or_default().trim().to_owned();
                     Ok(outcome(
@@ -168,8 +196,8 @@ pub fn apply(
             }
         }
         UpdateAction::Install => {
-            let before = run(&config.sysupdate, &["check-new"])?;
-            let output = run_ok(&config.sysupdate, &["update"])?;
+            let before = run(&config.launcher, &config.sysupdate, &["check-new"])?;
+            let output = run_ok(&config.launcher, &config.sysupdate, &["update"])?;
             if !before.0.success() || output.contains("No update needed") {
                 return Ok(outcome(
                     None,
@@ -186,7 +214,7 @@ pub fn apply(
                 .to_owned();
             // A rollback chose a default entry; the new version must be the one that boots.
             if config.bootctl.exists() {
-                run_ok(&config.bootctl, &["set-default", ""])?;
+                run_ok(&config.launcher, &config.bootctl, &["set-default", ""])?;
             }
             Ok(outcome(
                 Some(version.clone()),
@@ -248,7 +276,7 @@ fn rollback(
             config.kernel_images.display()
         )));
     };
-    run_ok(&config.bootctl, &["set-default", &entry])?;
+    run_ok(&config.launcher, &config.bootctl, &["set-default", &entry])?;
     Ok((entry, version))
 }
 
@@ -317,6 +345,7 @@ mod tests {
                 &format!("echo \"$@\" >> {}", log.display()),
             ),
             kernel_images: esp.clone(),
+            launcher: Vec::new(),
         };
         let out = apply(
             &config,
@@ -360,6 +389,7 @@ mod tests {
                 &format!("echo \"$@\" >> {}", log.display()),
             ),
             kernel_images: dir.path().into(),
+            launcher: Vec::new(),
         };
         let out = apply(&config, UpdateAction::Install, Some("img"), Some("1.0.0+a")).unwrap();
         assert_eq!(out.next.as_deref(), Some("2.0.0_b"));

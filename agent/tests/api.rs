@@ -576,7 +576,7 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
     let agent = Daemon::start_with(
         "IMAGE_ID=devos\nIMAGE_VERSION=0.2.0+old\n",
         &format!(
-            "[update]\nsysupdate = \"{}\"\nbootctl = \"{}\"\nkernel-images = \"{}\"\n",
+            "[update]\nsysupdate = \"{}\"\nbootctl = \"{}\"\nkernel-images = \"{}\"\nlauncher = []\n",
             sysupdate.display(),
             bootctl.display(),
             esp.display()

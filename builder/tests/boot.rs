@@ -459,6 +459,16 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     ] {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
     }
+    // Before it: a feed with a forged signature and one with a changed root image were
+    // refused, and nothing was installed from them.
+    let refused: Vec<&Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == "update-refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{report:#}");
+    assert!(refused.iter().all(|c| c["ok"] == true), "{report:#}");
     eprintln!(
         "update download + apply: {} ms; boot after the update to the agent: {} s",
         check(&report, "update")["ms"],

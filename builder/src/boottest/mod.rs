@@ -98,13 +98,13 @@ fn ssh_user(target: &Target) -> Option<&str> {
         .flatten()
 }
 
-/// One boot of the scratch disk; with `update_feed`, the guest installs the newest
-/// version from that URL.
+/// One boot of the scratch disk; with `feeds`, the guest refuses the forged ones and
+/// installs the newest version from the good one.
 fn run_vm(
     scratch: &Scratch,
     target: &Target,
     opts: &TestOptions,
-    update_feed: Option<&str>,
+    feeds: Option<&update::Feeds>,
 ) -> Result<Run> {
     let dir = &scratch.dir;
     let console = dir.path().join("console.log");
@@ -135,9 +135,12 @@ fn run_vm(
         .map(|l| ec2::StandIn::start(Some(l.public_key.clone()), None))
         .transpose()?;
     let mut network = standin.as_ref().map(ec2::StandIn::qemu_args).transpose()?;
-    if let Some(feed) = update_feed {
+    if let Some(feeds) = feeds {
         network.get_or_insert_with(update::network);
-        vm.credentials.push(format!("devos.update-feed={feed}"));
+        vm.credentials
+            .push(format!("devos.update-refuse={}", feeds.refuse));
+        vm.credentials
+            .push(format!("devos.update-feed={}", feeds.install));
     }
     vm.network = network.as_deref();
     if let Some(login) = &login {

@@ -4,6 +4,9 @@
 //! reaches it and its self-test runs `devos update` against it (the image's own
 //! transfers, pointed at the host's feed); then the same disk boots again, and that
 //! boot is the test: the newer version must run, on a counted boot that gets blessed.
+//! Before the real feed, the guest is pointed at two that must be refused with nothing
+//! installed: one whose `SHA256SUMS` changed after it was signed, one whose root image
+//! changed after its sum was signed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,12 +48,14 @@ impl FeedServer {
         let dir = dir.to_path_buf();
         let thread = std::thread::spawn(move || {
             for request in serving.incoming_requests() {
-                let name = request.url().trim_start_matches('/').to_owned();
-                // Only the feed's own files: a plain name, no way out of the directory.
-                let file =
-                    (!name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.'))
-                        .then(|| std::fs::File::open(dir.join(&name)).ok())
-                        .flatten();
+                // Only the feeds' own files: FEED/NAME, plain names, no way out.
+                let plain = |s: &str| !s.is_empty() && !s.starts_with('.') && !s.contains('\\');
+                let file = match request.url().trim_start_matches('/').split_once('/') {
+                    Some((feed, name)) if plain(feed) && plain(name) && !name.contains('/') => {
+                        std::fs::File::open(dir.join(feed).join(name)).ok()
+                    }
+                    _ => None,
+                };
                 let _ = match file {
                     Some(f) => request.respond(tiny_http::Response::from_file(f)),
                     None => request.respond(tiny_http::Response::empty(404)),
@@ -64,9 +69,9 @@ impl FeedServer {
         })
     }
 
-    /// The feed's URL as the guest reaches it.
-    fn guest_url(&self) -> String {
-        format!("http://{HOST_ADDR}:{}/", self.port)
+    /// The URL of the feed `name` as the guest reaches it.
+    fn guest_url(&self, name: &str) -> String {
+        format!("http://{HOST_ADDR}:{}/{name}/", self.port)
     }
 }
 
@@ -95,24 +100,35 @@ pub(super) fn install(
     opts: &TestOptions,
     to: &UpdateTo,
 ) -> Result<Vec<Check>> {
-    let feed = scratch.dir.path().join("feed");
-    crate::update::add_to_feed(&feed, &to.dir, &to.manifest).with_context(|| {
+    let dir = scratch.dir.path().join("feeds");
+    crate::update::add_to_feed(&dir.join("good"), &to.dir, &to.manifest).with_context(|| {
         format!(
             "cannot lay out the feed of {}@{}",
             to.manifest.name, to.manifest.version
         )
     })?;
-    let server = FeedServer::start(&feed)?;
-    let url = server.guest_url();
-    let mut run = run_vm(scratch, target, opts, Some(&url))?;
+    forged_feeds(&dir, &to.manifest)?;
+    let server = FeedServer::start(&dir)?;
+    let feeds = Feeds {
+        install: server.guest_url("good"),
+        refuse: ["forged-signature", "changed-root"]
+            .map(|f| server.guest_url(f))
+            .join(" "),
+    };
+    let mut run = run_vm(scratch, target, opts, Some(&feeds))?;
     if let Some(error) = run.kvm_failed.take() {
         scratch.fall_back_to_tcg(target, &error)?;
-        run = run_vm(scratch, target, opts, Some(&url))?;
+        run = run_vm(scratch, target, opts, Some(&feeds))?;
     }
     let (checks, _) = read_report(&scratch.dir.path().join("selftest.jsonl"));
+    let refused: Vec<Check> = checks
+        .iter()
+        .filter(|c| c.check == "update-refused")
+        .cloned()
+        .collect();
     let mut out: Vec<Check> = checks
         .iter()
-        .filter(|c| !c.ok && c.check != "update")
+        .filter(|c| !c.ok && c.check != "update" && c.check != "update-refused")
         .map(|c| Check {
             check: format!("before-update:{}", c.check),
             ..c.clone()
@@ -146,5 +162,57 @@ pub(super) fn install(
             },
         },
     );
+    if refused.len() != 2 {
+        out.push(Check {
+            check: "update-refused".into(),
+            ok: false,
+            detail: format!("{} of the 2 forged feeds were tried", refused.len()),
+            ms: 0,
+        });
+    }
+    out.splice(1..1, refused);
     Ok(out)
+}
+
+/// The feeds of an update test, as the guest reaches them: the one to install from,
+/// and (space-separated) those it must refuse.
+pub(super) struct Feeds {
+    pub(super) install: String,
+    pub(super) refuse: String,
+}
+
+/// Beside the feed `dir/good`, two that must be refused: `forged-signature` (a line
+/// added to SHA256SUMS after it was signed) and `changed-root` (one byte of the root
+/// image changed after its sum was signed). Files are hard links where unchanged.
+fn forged_feeds(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let good = dir.join("good");
+    let root = manifest
+        .update
+        .iter()
+        .find(|f| f.file.ends_with(".root"))
+        .context("the update bundle has no root image")?;
+    for (feed, changed) in [
+        ("forged-signature", "SHA256SUMS"),
+        ("changed-root", root.file.as_str()),
+    ] {
+        let feed = dir.join(feed);
+        std::fs::create_dir_all(&feed)?;
+        for entry in std::fs::read_dir(&good)? {
+            let name = entry?.file_name();
+            if name != changed {
+                std::fs::hard_link(good.join(&name), feed.join(&name))?;
+            }
+        }
+        let mut bytes = std::fs::read(good.join(changed))?;
+        if changed == "SHA256SUMS" {
+            bytes.extend_from_slice(
+                format!("{}  {}.efi\n", "0".repeat(64), manifest.name).as_bytes(),
+            );
+        } else {
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x01;
+        }
+        std::fs::write(feed.join(changed), bytes)?;
+    }
+    Ok(())
 }
