@@ -733,8 +733,10 @@ impl Admin {
         Ok(())
     }
 
-    /// `check`, `install` or `rollback` (see `crate::update`); a JSON outcome. Each
-    /// install and rollback, done or failed, is in the audit log.
+    /// `check`: whether the image's update feed has a newer version; `install`: write
+    /// it into the other root slot (it boots next, with three tries); `rollback`: boot
+    /// the version installed before this one from now on. A JSON outcome; each install
+    /// and rollback, done or failed, is in the audit log.
     async fn update(
         &self,
         action: &str,
