@@ -9,12 +9,13 @@
 //! | 1 | [`model`] | the spec, the builder's settings, the manifest |
 //! | 2 | [`store`] | the stage cache and the image registry |
 //! | 3 | `image` | the stages that shape the image's bytes (hashed into the build id) |
-//! | 4 | [`build`] | the pipeline that runs them and registers the version |
-//! | 5 | [`boottest`] | boot tests and local boots under QEMU |
-//! | 6 | `inventory` | list, show, diff, verify, gc and export of registered versions |
-//! | 7 | `publish` | AMIs (EBS direct or Packer), promotion, verification |
-//! | 8 | `fleet` | CloudFormation stacks rolled forward and back, health-gated |
-//! | 9 | [`cli`] | the command line |
+//! | 4 | `update` | A/B updates: signed bundles and feeds, the signing key |
+//! | 5 | [`build`] | the pipeline that runs them and registers the version |
+//! | 6 | [`boottest`] | boot tests and local boots under QEMU |
+//! | 7 | `inventory` | list, show, diff, verify, gc and export of registered versions |
+//! | 8 | `publish` | AMIs (EBS direct or Packer), promotion, verification, update feeds |
+//! | 9 | `fleet` | CloudFormation stacks rolled forward and back, health-gated |
+//! | 10 | [`cli`] | the command line |
 //!
 //! The binary is a thin wrapper over [`cli::run`]. Everything else is `pub(crate)`
 //! unless the binary or an integration test reaches it.
@@ -27,6 +28,8 @@ pub mod store;
 
 pub(crate) mod image;
 
+pub(crate) mod update;
+
 pub mod build;
 
 pub mod boottest;
@@ -36,7 +39,5 @@ pub(crate) mod inventory;
 pub(crate) mod publish;
 
 pub(crate) mod fleet;
-
-pub(crate) mod update;
 
 pub mod cli;

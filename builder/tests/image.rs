@@ -398,7 +398,7 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
         .map(|p| p["label"].as_str().unwrap())
         .collect();
     // A verified root in slot A (named with the version), slot B empty.
-    let slot = format!("devos-debian_{version}");
+    let slot = format!("devos-debian_{}", version.replace('+', "_"));
     assert_eq!(
         labels,
         ["esp", &slot, &slot, "_empty", "_empty", "devos-var"]

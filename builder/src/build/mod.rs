@@ -457,7 +457,7 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let update = match &disk.bundle {
         Some(b) => {
             let parts = crate::update::BundleParts {
-                stem: crate::update::stem(&spec.name, &id.version),
+                stem: crate::image::sysupdate::stem(&spec.name, &id.version),
                 root: &b.root,
                 verity: &b.verity,
                 uki: &b.uki,

@@ -509,10 +509,10 @@ fn publish_command(
             if dry_run {
                 return dry_run_output(
                     json,
-                    &crate::update::publish_dry_run(reg, &reference, &to, force)?,
+                    &crate::publish::updates::publish_dry_run(reg, &reference, &to, force)?,
                 );
             }
-            let p = crate::update::publish_feed(reg, &reference, &to, force)?;
+            let p = crate::publish::updates::publish_feed(reg, &reference, &to, force)?;
             output(json, &p, || p.human(), true)
         }
         PublishCommand::Ami {

@@ -105,12 +105,12 @@ fn write_update_config(
     update: &crate::model::spec::Update,
     root: &Path,
 ) -> Result<()> {
-    let dir = root.join(crate::update::TRANSFER_DIR);
+    let dir = root.join(crate::image::sysupdate::TRANSFER_DIR);
     fs::create_dir_all(&dir)?;
-    for (name, text) in crate::update::transfers(&spec.name, &id.version, &update.url) {
+    for (name, text) in crate::image::sysupdate::transfers(&spec.name, &id.version, &update.url) {
         fs::write(dir.join(name), text)?;
     }
-    let keyring = root.join(crate::update::KEYRING);
+    let keyring = root.join(crate::image::sysupdate::KEYRING);
     fs::write(&keyring, &update.key)?;
     fs::set_permissions(&keyring, fs::Permissions::from_mode(0o644))?;
     // A version on trial is good (systemd-bless-boot) only once its agent is healthy.

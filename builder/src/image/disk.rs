@@ -296,7 +296,7 @@ fn slot_sizes(root: u64, hash: u64) -> (u64, u64) {
 
 /// `NAME_VERSION`, the partition name systemd-sysupdate matches a slot's version by.
 fn slot_label(spec: &Spec, id: &Identity) -> Result<String> {
-    let label = crate::update::stem(&spec.name, &id.version);
+    let label = crate::image::sysupdate::stem(&spec.name, &id.version);
     if label.chars().count() > GPT_NAME_MAX {
         bail!(
             "the root slot's partition name {label:?} is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {}",
@@ -309,7 +309,10 @@ fn slot_label(spec: &Spec, id: &Identity) -> Result<String> {
 /// The UKI's file name on the ESP: `NAME_VERSION.efi`, which systemd-boot sorts by
 /// version and systemd-sysupdate matches.
 pub(crate) fn uki_name(spec: &Spec, id: &Identity) -> String {
-    format!("{}.efi", crate::update::stem(&spec.name, &id.version))
+    format!(
+        "{}.efi",
+        crate::image::sysupdate::stem(&spec.name, &id.version)
+    )
 }
 
 /// The data and hash partition UUIDs of a root hash: its first and last 128 bits.

@@ -53,6 +53,7 @@ const SHAPING_SOURCES: &[(&str, &str)] = &[
     ("identity.rs", include_str!("identity.rs")),
     ("mod.rs", include_str!("mod.rs")),
     ("rootfs.rs", include_str!("rootfs.rs")),
+    ("sysupdate.rs", include_str!("sysupdate.rs")),
 ];
 
 /// The files that make the base tree (its cache key): package resolution and rootfs.

@@ -15,3 +15,4 @@ pub(crate) mod disk;
 pub(crate) mod files;
 pub(crate) mod identity;
 pub(crate) mod rootfs;
+pub(crate) mod sysupdate;

@@ -3,6 +3,7 @@
 //! deregistration, read-back verification; each change recorded in the registry.
 
 pub(crate) mod packer;
+pub(crate) mod updates;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,7 @@
-//! Updates of verified images by systemd-sysupdate: how a version is named where
-//! systemd-sysupdate sees it, the transfer files an image carries (`[update]`), each
-//! version's update bundle, and the feed `publish updates` lays out.
+//! Updates of verified images by systemd-sysupdate: each version's update bundle, the
+//! feed `publish updates` lays out, and the key that signs both (`keys`). The names
+//! systemd-sysupdate sees and the transfers an image carries are in
+//! `image::sysupdate` (they shape the image's bytes).
 //!
 //! A feed is a directory served over HTTP(S): every published version's root image,
 //! hash tree and unified kernel image, one `SHA256SUMS` over all of them and its
@@ -20,69 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::model::manifest::{Manifest, UpdateFile};
-use crate::store::registry::Registry;
 use crate::support::digest;
-
-/// Where the image keeps its transfer files, and the key systemd-pull trusts (the
-/// `/etc` one is read before the vendor keyring systemd-container ships).
-pub(crate) const TRANSFER_DIR: &str = "usr/lib/sysupdate.d";
-pub(crate) const KEYRING: &str = "etc/systemd/import-pubring.gpg";
-/// How often a new version may fail to come up before systemd-boot goes back.
-pub(crate) const BOOT_TRIES: u32 = 3;
-
-/// A version as systemd-sysupdate sees it: `+` (which its patterns and systemd-boot's
-/// boot counting use as a separator) as `_`. `0.2.0+abc` → `0.2.0_abc`.
-pub(crate) fn sysupdate_version(version: &str) -> String {
-    version.replace('+', "_")
-}
-
-/// `NAME_VERSION` (systemd-sysupdate's spelling): the root slot's partition name and
-/// the stem of every bundle file.
-pub(crate) fn stem(name: &str, version: &str) -> String {
-    format!("{name}_{}", sysupdate_version(version))
-}
-
-/// The transfer files of an image that updates from `url`: (file name, contents).
-/// Applied in name order: the root, its hash tree, then the UKI, so a version is
-/// bootable only once its slot is written. `version` (the image's own) is never
-/// removed to make room.
-pub(crate) fn transfers(name: &str, version: &str, url: &str) -> Vec<(String, String)> {
-    let own = sysupdate_version(version);
-    let header = |what: &str| {
-        format!(
-            "# Written by devos-build: {what} of a newer {name} from its feed.\n\
-             [Transfer]\nProtectVersion={own}\nVerify=yes\n\n"
-        )
-    };
-    let partition = |file: &str, kind: &str, what: &str| {
-        format!(
-            "{}[Source]\nType=url-file\nPath={url}\nMatchPattern={name}_@v+@u.{file}\n\n\
-             [Target]\nType=partition\nPath=auto\nMatchPattern={name}_@v\n\
-             MatchPartitionType={kind}\nReadOnly=yes\n",
-            header(what)
-        )
-    };
-    vec![
-        (
-            format!("10-{name}-root.transfer"),
-            partition("root", "root", "the root filesystem"),
-        ),
-        (
-            format!("20-{name}-verity.transfer"),
-            partition("verity", "root-verity", "the root's dm-verity hash tree"),
-        ),
-        (
-            format!("30-{name}-uki.transfer"),
-            format!(
-                "{}[Source]\nType=url-file\nPath={url}\nMatchPattern={name}_@v.efi\n\n\
-                 [Target]\nType=regular-file\nPath=/EFI/Linux\nPathRelativeTo=esp\n\
-                 MatchPattern={name}_@v+@l-@d.efi {name}_@v+@l.efi {name}_@v.efi\n\
-                 Mode=0444\nTriesLeft={BOOT_TRIES}\nTriesDone=0\nInstancesMax=2\n",
-                header("the unified kernel image")
-            ),
-        ),
-    ]
-}
 
 /// What goes into a bundle: the images the disk stage made, and the partition UUIDs
 /// (the halves of the root hash) the new slot must get.
@@ -181,67 +120,8 @@ impl FeedPublished {
     }
 }
 
-/// `publish updates REF --to DIR`: add a tested version's bundle to the feed in `dir`
-/// and sign the feed's new `SHA256SUMS`. Files are copied under temporary names and
-/// renamed; `SHA256SUMS` and its signature are replaced last, so a client never sees a
-/// listed file that is not there.
-pub(crate) fn publish_feed(
-    reg: &Registry,
-    reference: &str,
-    feed: &Path,
-    force: bool,
-) -> Result<FeedPublished> {
-    check_feed_dir(feed)?;
-    let v = crate::publish::gate(reg, reference, force)?;
-    add_to_feed(feed, &v.dir, &Manifest::load(&v.dir)?)
-}
-
-/// A feed is a directory (S3 and other stores: sync the directory there).
-fn check_feed_dir(feed: &Path) -> Result<()> {
-    if feed.to_str().is_some_and(|s| s.contains("://")) {
-        bail!(
-            "`--to {}`: only a directory can be published to so far\n  hint: publish to a directory your web server (or `aws s3 sync`) serves",
-            feed.display()
-        );
-    }
-    Ok(())
-}
-
-/// `publish updates --dry-run`: the same checks, and the files that would be added.
-pub(crate) fn publish_dry_run(
-    reg: &Registry,
-    reference: &str,
-    feed: &Path,
-    force: bool,
-) -> Result<crate::support::dry_run::DryRun> {
-    check_feed_dir(feed)?;
-    let v = crate::publish::gate(reg, reference, force)?;
-    let manifest = Manifest::load(&v.dir)?;
-    let key = feed_key(&manifest)?;
-    let mut dry = crate::support::dry_run::DryRun::new();
-    for f in &manifest.update {
-        let dest = feed.join(&f.file);
-        if !(dest.is_file() && digest::file_sha256(&dest)? == f.sha256) {
-            dry.would(format!(
-                "copy {} ({} bytes) to {}",
-                f.file,
-                f.size,
-                feed.display()
-            ));
-        }
-    }
-    if !dry.nothing_to_do() {
-        dry.would(format!(
-            "sign {} with {}",
-            feed.join("SHA256SUMS").display(),
-            key.fingerprint
-        ));
-    }
-    Ok(dry)
-}
-
 /// The builder's key, when it is the one `manifest`'s version trusts.
-fn feed_key(manifest: &Manifest) -> Result<keys::KeyInfo> {
+pub(crate) fn feed_key(manifest: &Manifest) -> Result<keys::KeyInfo> {
     let (name, version) = (&manifest.name, &manifest.version);
     let Some(update) = &manifest.update_feed else {
         bail!(
@@ -325,45 +205,4 @@ pub(crate) fn add_to_feed(feed: &Path, dir: &Path, manifest: &Manifest) -> Resul
         versions,
         signed_by: key.fingerprint,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions_lose_the_plus_that_sysupdate_and_boot_counting_split_on() {
-        assert_eq!(sysupdate_version("0.2.0+abc"), "0.2.0_abc");
-        assert_eq!(
-            stem("devos-debian", "1.0.0-rc.1+abc"),
-            "devos-debian_1.0.0-rc.1_abc"
-        );
-    }
-
-    #[test]
-    fn transfers_write_root_then_hash_then_a_counted_kernel_image() {
-        let t = transfers("img", "1.0.0+abc", "https://u.example/img/");
-        let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "10-img-root.transfer",
-                "20-img-verity.transfer",
-                "30-img-uki.transfer"
-            ]
-        );
-        for (_, text) in &t {
-            assert!(text.contains("ProtectVersion=1.0.0_abc\n"), "{text}");
-            assert!(text.contains("Verify=yes\n"), "{text}");
-            assert!(text.contains("Path=https://u.example/img/\n"), "{text}");
-        }
-        assert!(t[0].1.contains("MatchPattern=img_@v+@u.root\n"));
-        assert!(t[0].1.contains("MatchPartitionType=root\n"));
-        assert!(t[1].1.contains("MatchPartitionType=root-verity\n"));
-        assert!(t[2].1.contains("TriesLeft=3\n"));
-        assert!(
-            t[2].1
-                .contains("MatchPattern=img_@v+@l-@d.efi img_@v+@l.efi img_@v.efi\n")
-        );
-    }
 }
