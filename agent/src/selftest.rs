@@ -495,8 +495,7 @@ fn redirect_transfers(feed: &str) -> std::io::Result<usize> {
 /// flush, for the host stops the VM once the report is complete.
 async fn update_from(feed: &str) -> CheckResult {
     let start = Instant::now();
-    let redirect = || redirect_transfers(feed);
-    match redirect() {
+    match redirect_transfers(feed) {
         Ok(0) => {
             return failed(
                 "update",

@@ -455,28 +455,24 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     }
     let artifacts = t.run("convert", |_| convert_all(spec, &id.version, &raw, &staged))?;
     let update = match &disk.bundle {
-        Some(b) => {
-            let parts = crate::update::BundleParts {
-                stem: crate::image::sysupdate::stem(&spec.name, &id.version),
-                root: &b.root,
-                verity: &b.verity,
-                uki: &b.uki,
-                root_uuid: &b.root_uuid,
-                verity_uuid: &b.verity_uuid,
-            };
-            let dir = staged.join("update");
-            crate::update::write_bundle(&parts, &dir, update_key.as_ref(), id.source_date_epoch)?
-        }
+        Some(b) => crate::update::write_bundle(
+            b,
+            &crate::image::sysupdate::stem(&spec.name, &id.version),
+            &staged.join("update"),
+            update_key.as_ref(),
+            id.source_date_epoch,
+        )?,
         None => Vec::new(),
     };
-    let mut manifest = manifest_of(&r, disk, update, artifacts, packages, t.timings);
-    manifest.update_feed = match (&spec.update, &update_key) {
+    let update_feed = match (&spec.update, &update_key) {
         (Some(u), Some(key)) => Some(crate::model::manifest::UpdateFeed {
             url: u.url.clone(),
             key_fingerprint: key.fingerprint.clone(),
         }),
         _ => None,
     };
+    let update = (update, update_feed);
+    let manifest = manifest_of(&r, disk, update, artifacts, packages, t.timings);
     if spec.agent_enabled {
         // The agent's configuration, for images made from other bases (Packer).
         fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
@@ -635,7 +631,7 @@ fn convert_all(spec: &Spec, version: &str, raw: &Path, staged: &Path) -> Result<
 fn manifest_of(
     r: &Resolved,
     disk: disk::Disk,
-    update: Vec<UpdateFile>,
+    (update, update_feed): (Vec<UpdateFile>, Option<crate::model::manifest::UpdateFeed>),
     artifacts: Vec<Artifact>,
     packages: Vec<Package>,
     stages: Vec<StageTiming>,
@@ -653,7 +649,7 @@ fn manifest_of(
         kernel_cmdline: disk.cmdline,
         root_hash: disk.root_hash,
         update,
-        update_feed: None,
+        update_feed,
         inputs: id.inputs.clone(),
         package_sources: r.sources.origin.to_owned(),
         agent: r.agent.as_ref().map(|a| AgentInfo {

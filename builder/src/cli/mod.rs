@@ -168,31 +168,19 @@ fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result
         ImageCommand::Test {
             target,
             vm,
-            update_to: None,
+            update_to,
             json,
         } => {
             let target = boottest::resolve_target(&target, registry_path)?;
-            let report = run_test(&target, &vm, registry_path)?;
-            output(json, &report, || report.summary(), report.passed)
-        }
-        ImageCommand::Test {
-            target,
-            vm,
-            update_to: Some(to),
-            json,
-        } => {
-            let target = boottest::resolve_target(&target, registry_path)?;
-            let version = Registry::open_read(registry_path)?.find(&to)?;
             let mut opts = vm.options();
-            opts.update_to = Some(boottest::update::UpdateTo {
-                manifest: crate::model::manifest::Manifest::load(&version.dir)?,
-                dir: version.dir,
-            });
-            let report = boottest::test(&target, &opts)?;
-            if let Some(path) = &vm.junit {
-                std::fs::write(path, report.junit())
-                    .with_context(|| format!("cannot write the JUnit report {}", path.display()))?;
+            if let Some(to) = update_to {
+                let version = Registry::open_read(registry_path)?.find(&to)?;
+                opts.update_to = Some(boottest::update::UpdateTo {
+                    manifest: crate::model::manifest::Manifest::load(&version.dir)?,
+                    dir: version.dir,
+                });
             }
+            let report = run_test(&target, &vm, &opts, registry_path)?;
             output(json, &report, || report.summary(), report.passed)
         }
         ImageCommand::Boot {
@@ -324,7 +312,7 @@ fn test_built(
     let spec = crate::model::spec::load(spec)?;
     let target = boottest::Target::from_dir(&built.dir, Some(&spec))?;
     ui.info("==> boot test");
-    run_test(&target, vm, registry_path)
+    run_test(&target, vm, &vm.options(), registry_path)
 }
 
 /// What `image build` prints: version, output, artifacts, then the checks' summaries.
@@ -652,18 +640,22 @@ fn packer_options(
     })
 }
 
-/// Boot-test, write JUnit if asked, and record the run in the registry.
+/// Boot-test, write JUnit if asked, and record the run in the registry (an update
+/// test is neither version's boot test and is not recorded).
 fn run_test(
     target: &boottest::Target,
     vm: &VmArgs,
+    opts: &boottest::TestOptions,
     registry_path: &std::path::Path,
 ) -> Result<boottest::TestReport> {
-    let report = boottest::test(target, &vm.options())?;
+    let report = boottest::test(target, opts)?;
     if let Some(path) = &vm.junit {
         std::fs::write(path, report.junit())
             .with_context(|| format!("cannot write the JUnit report {}", path.display()))?;
     }
-    record_test(registry_path, target, &report)?;
+    if opts.update_to.is_none() {
+        record_test(registry_path, target, &report)?;
+    }
     Ok(report)
 }
 

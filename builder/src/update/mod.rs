@@ -23,34 +23,27 @@ use serde::Serialize;
 use crate::model::manifest::{Manifest, UpdateFile};
 use crate::support::digest;
 
-/// What goes into a bundle: the images the disk stage made, and the partition UUIDs
-/// (the halves of the root hash) the new slot must get.
-pub(crate) struct BundleParts<'a> {
-    /// [`stem`] of the image's name and version.
-    pub(crate) stem: String,
-    pub(crate) root: &'a Path,
-    pub(crate) verity: &'a Path,
-    pub(crate) uki: &'a Path,
-    pub(crate) root_uuid: &'a str,
-    pub(crate) verity_uuid: &'a str,
-}
-
-/// Write the update bundle into `dir`: the root image, hash tree and UKI named as the
-/// transfers match them, their `SHA256SUMS`, and with a `key` (`[update]`) its
-/// signature, made at the build's `source_date_epoch`.
+/// Write the update bundle of the version `stem` (`NAME_VERSION`, systemd-sysupdate's
+/// spelling) into `dir`: the disk stage's root image, hash tree (named with the
+/// partition UUIDs the new slot must get) and UKI, as the transfers match them, their
+/// `SHA256SUMS`, and with a `key` (`[update]`) its signature, made at the build's
+/// `source_date_epoch`.
 pub(crate) fn write_bundle(
-    parts: &BundleParts,
+    bundle: &crate::image::disk::Bundle,
+    stem: &str,
     dir: &Path,
     key: Option<&keys::KeyInfo>,
     source_date_epoch: u64,
 ) -> Result<Vec<UpdateFile>> {
     fs::create_dir_all(dir)?;
-    let stem = &parts.stem;
     let mut files = Vec::new();
     for (src, name) in [
-        (parts.root, format!("{stem}+{}.root", parts.root_uuid)),
-        (parts.verity, format!("{stem}+{}.verity", parts.verity_uuid)),
-        (parts.uki, format!("{stem}.efi")),
+        (&bundle.root, format!("{stem}+{}.root", bundle.root_uuid)),
+        (
+            &bundle.verity,
+            format!("{stem}+{}.verity", bundle.verity_uuid),
+        ),
+        (&bundle.uki, format!("{stem}.efi")),
     ] {
         let dest = dir.join(&name);
         fs::rename(src, &dest).or_else(|_| fs::copy(src, &dest).map(drop))?;
