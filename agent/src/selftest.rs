@@ -40,6 +40,10 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         Ok(())
     };
 
+    // First, so that even a boot whose agent fails says which version it is.
+    if let Some(entry) = boot_entry() {
+        emit(entry)?;
+    }
     let mut agent_answered = false;
     let conn = timed("system-bus", zbus::Connection::system()).await;
     emit(conn.result(|_| "connected".to_owned()))?;
@@ -385,6 +389,40 @@ fn ssh_host_keys() -> CheckResult {
 /// The EFI variable systemd-boot sets when it counts this boot's tries.
 const BOOT_COUNT_VAR: &str =
     "/sys/firmware/efi/efivars/LoaderBootCountPath-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+
+/// The EFI variable in which systemd-boot names the entry it started.
+const ENTRY_SELECTED_VAR: &str =
+    "/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+
+/// The boot loader entry (the kernel image) this boot started from, and whether the
+/// boot is counted (a version on trial). None when systemd-boot did not start it.
+fn boot_entry() -> Option<CheckResult> {
+    let bytes = std::fs::read(ENTRY_SELECTED_VAR).ok()?;
+    let entry = efi_string(&bytes)?;
+    let counted = Path::new(BOOT_COUNT_VAR).exists();
+    Some(CheckResult {
+        check: "boot-entry".into(),
+        ok: true,
+        detail: if counted {
+            format!("{entry} (counted: a version on trial)")
+        } else {
+            entry
+        },
+        ms: 0,
+    })
+}
+
+/// An EFI string variable as efivarfs shows it: 4 bytes of attributes, then UTF-16LE
+/// up to a NUL.
+fn efi_string(bytes: &[u8]) -> Option<String> {
+    let units: Vec<u16> = bytes
+        .get(4..)?
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
+    String::from_utf16(&units).ok().filter(|s| !s.is_empty())
+}
 
 /// On a counted boot: wait for systemd-bless-boot to mark this version good (after
 /// devos-boot-complete.service found the agent healthy). None on other boots.
@@ -1011,6 +1049,20 @@ async fn critical_chain() -> CheckResult {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn efi_strings_are_read_as_efivarfs_shows_them() {
+        let mut var = vec![7, 0, 0, 0];
+        for u in "devos_0.2.2+2-1.efi".encode_utf16().chain([0]) {
+            var.extend_from_slice(&u.to_le_bytes());
+        }
+        assert_eq!(
+            super::efi_string(&var).as_deref(),
+            Some("devos_0.2.2+2-1.efi")
+        );
+        assert_eq!(super::efi_string(&[7, 0, 0, 0, 0, 0]), None);
+        assert_eq!(super::efi_string(&[7]), None);
+    }
+
     #[test]
     fn boot_split_reads_like_systemd_analyze() {
         let line = super::boot_split(7_000_000, 2_000_000, 3_000_000, 8_000_000, 20_000_000);

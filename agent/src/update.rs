@@ -280,11 +280,20 @@ fn rollback(
     Ok((entry, version))
 }
 
+/// How often the agent's unit may have been restarted during a boot before the check
+/// gives up at once: a healthy agent does not crash on start, and a version on trial
+/// whose agent keeps crashing should use up its try now, not after the whole wait.
+const AGENT_RESTARTS_TOLERATED: u32 = 2;
+
 /// Wait until the agent answers on the system bus and its audit log verifies, at most
-/// `wait`; the last reason it did not, after that.
+/// `wait`; the last reason it did not, after that — or at once when the agent's unit
+/// has failed or keeps being restarted.
 pub async fn boot_check(wait: std::time::Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
+        if let Some(broken) = agent_unit_broken().await {
+            anyhow::bail!("{broken}");
+        }
         let attempt = async {
             let conn = zbus::Connection::system().await?;
             let agent = crate::client::Agent1Proxy::new(&conn).await?;
@@ -310,6 +319,43 @@ pub async fn boot_check(wait: std::time::Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Why the agent's unit cannot become healthy in this boot, when systemd says so.
+async fn agent_unit_broken() -> Option<String> {
+    let out = tokio::process::Command::new("systemctl")
+        .args([
+            "show",
+            "--property=ActiveState,NRestarts,Result",
+            "devos-agent.service",
+        ])
+        .output()
+        .await
+        .ok()?;
+    unit_broken(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `systemctl show`'s properties of the agent's unit, judged.
+fn unit_broken(show: &str) -> Option<String> {
+    let get = |key: &str| {
+        show.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or("")
+    };
+    let restarts: u32 = get("NRestarts").parse().unwrap_or(0);
+    if get("ActiveState") == "failed" {
+        Some(format!(
+            "devos-agent.service failed ({}) after {restarts} restarts",
+            get("Result")
+        ))
+    } else if restarts > AGENT_RESTARTS_TOLERATED {
+        Some(format!(
+            "devos-agent.service keeps failing: restarted {restarts} times in this boot ({})",
+            get("Result")
+        ))
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +366,23 @@ mod tests {
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path
+    }
+
+    #[test]
+    fn a_failed_or_crashing_agent_fails_the_boot_check_at_once() {
+        let healthy = "ActiveState=active\nNRestarts=0\nResult=success\n";
+        assert_eq!(unit_broken(healthy), None);
+        // Starting, or restarted once while the bus came up: keep waiting.
+        assert_eq!(unit_broken("ActiveState=activating\nNRestarts=1\n"), None);
+        assert_eq!(unit_broken(""), None);
+        let failed = unit_broken("ActiveState=failed\nNRestarts=5\nResult=exit-code\n");
+        assert!(
+            failed
+                .unwrap()
+                .contains("failed (exit-code) after 5 restarts")
+        );
+        let looping = unit_broken("ActiveState=activating\nNRestarts=3\nResult=exit-code\n");
+        assert!(looping.unwrap().contains("restarted 3 times"));
     }
 
     #[test]

@@ -9,13 +9,14 @@
 //! | 1 | [`model`] | the spec, the builder's settings, the manifest |
 //! | 2 | [`store`] | the stage cache and the image registry |
 //! | 3 | `image` | the stages that shape the image's bytes (hashed into the build id) |
-//! | 4 | `update` | A/B updates: signed bundles and feeds, the signing key |
-//! | 5 | [`build`] | the pipeline that runs them and registers the version |
-//! | 6 | [`boottest`] | boot tests and local boots under QEMU |
-//! | 7 | `inventory` | list, show, diff, verify, gc and export of registered versions |
-//! | 8 | `publish` | AMIs (EBS direct or Packer), promotion, verification, update feeds |
-//! | 9 | `fleet` | CloudFormation stacks rolled forward and back, health-gated |
-//! | 10 | [`cli`] | the command line |
+//! | 4 | `nixos` | NixOS images: the spec as a NixOS module, and Nix as a tool |
+//! | 5 | `update` | A/B updates: signed bundles and feeds, the signing key |
+//! | 6 | [`build`] | the pipeline that runs them and registers the version |
+//! | 7 | [`boottest`] | boot tests and local boots under QEMU |
+//! | 8 | `inventory` | list, show, diff, verify, gc and export of registered versions |
+//! | 9 | `publish` | AMIs (EBS direct or Packer), promotion, verification, update feeds |
+//! | 10 | `fleet` | CloudFormation stacks rolled forward and back, health-gated |
+//! | 11 | [`cli`] | the command line |
 //!
 //! The binary is a thin wrapper over [`cli::run`]. Everything else is `pub(crate)`
 //! unless the binary or an integration test reaches it.
@@ -27,6 +28,8 @@ pub mod model;
 pub mod store;
 
 pub(crate) mod image;
+
+pub(crate) mod nixos;
 
 pub(crate) mod update;
 

@@ -475,6 +475,57 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         report["agent_answered_seconds"]
     );
 
+    // A version whose agent crashes on start: the machine that updates to it tries it
+    // three times (each a counted boot that is never blessed, so it reboots), then
+    // starts the version it came from by itself, healthy.
+    let broken_tree = env
+        .dir
+        .path()
+        .join("broken-agent/etc/systemd/system/devos-agent.service.d");
+    std::fs::create_dir_all(&broken_tree).unwrap();
+    std::fs::write(
+        broken_tree.join("crash.conf"),
+        "[Service]\nExecStart=\nExecStart=/bin/false\n",
+    )
+    .unwrap();
+    let broken_spec = env.dir.path().join("verity-broken.toml");
+    std::fs::write(
+        &broken_spec,
+        format!(
+            "{}\n[files]\nextra-trees = [\"broken-agent\"]\n",
+            text.replace("version = \"0.2.0\"", "version = \"0.2.2\"")
+        ),
+    )
+    .unwrap();
+    let (broken, _) = env.build(&broken_spec, &[]);
+    let broken_version = broken["manifest"]["version"].as_str().unwrap();
+    let mut c = env.cmd(&["image", "test", "--json", "--update-to"]);
+    c.arg(format!("{name}@{broken_version}"))
+        .arg(format!("{name}@{next_version}"));
+    let out = run(&mut c, 25);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(!out.status.success(), "a crashing agent passed: {report:#}");
+    assert_eq!(check(&report, "update")["ok"], true, "{report:#}");
+    let trial = check(&report, "update-trial")["detail"].as_str().unwrap();
+    let broken_label = format!("{name}_{}", broken_version.replace('+', "_"));
+    let next_label = format!("{name}_{}", next_version.replace('+', "_"));
+    assert!(trial.contains("in 3 counted boot(s)"), "{report:#}");
+    // (A try that reboots before its self-test says which entry it is still counts.)
+    assert!(trial.contains(&broken_label), "{trial}");
+    // The boot after: the previous version, not counted, its agent answering.
+    let entry = check(&report, "boot-entry")["detail"].as_str().unwrap();
+    assert!(
+        entry.starts_with(&next_label) && !entry.contains("counted"),
+        "{report:#}"
+    );
+    assert_eq!(check(&report, "agent-version")["detail"], next_version);
+    assert_eq!(check(&report, "agent-ping")["ok"], true, "{report:#}");
+
     // One byte of the root's superblock (which the initrd reads to mount it) changed.
     let raw = env.out(&spec).join("current").join(format!(
         "{}-{}.raw",

@@ -87,6 +87,11 @@ struct Run {
     agent_answered_seconds: Option<f64>,
     /// The host's SSH login, when the image has an SSH server.
     ssh: Option<Result<ec2::LoggedIn, String>>,
+    /// The checks the guest reported.
+    checks: Vec<Check>,
+    /// QEMU exited by itself (the guest powered off or rebooted; QEMU runs with
+    /// -no-reboot) rather than being stopped by the host.
+    stopped_by_itself: bool,
 }
 
 /// Who the boot test logs in as over SSH: the image's default user, when the image
@@ -182,6 +187,7 @@ fn run_vm(
         });
         (outcome, ssh)
     });
+    let stopped_by_itself = matches!(child.try_wait(), Ok(Some(_)));
     // QEMU may have exited already (its kill then fails), and waiting only reaps it.
     let _ = child.kill();
     let _ = child.wait();
@@ -195,7 +201,49 @@ fn run_vm(
         seconds: start.elapsed().as_secs_f64(),
         agent_answered_seconds,
         ssh,
+        checks: read_report(&report).0,
+        stopped_by_itself,
     })
+}
+
+/// One boot of the scratch disk with the self-test on (under TCG again when KVM
+/// fails during it), and the checks it reported.
+fn boot_and_report(
+    scratch: &mut Scratch,
+    target: &Target,
+    opts: &TestOptions,
+    feeds: Option<&update::Feeds>,
+) -> Result<Run> {
+    let mut run = run_vm(scratch, target, opts, feeds)?;
+    if let Some(error) = run.kvm_failed.take() {
+        tracing::warn!("KVM failed during the run ({error}); booting again under TCG");
+        scratch.fall_back_to_tcg(target, &error)?;
+        run = run_vm(scratch, target, opts, feeds)?;
+    }
+    Ok(run)
+}
+
+/// A boot of a version on trial that failed, in words: a counted boot that was not
+/// blessed, or one that stopped by itself (a reboot, a panic) before its self-test
+/// reported. None for any other boot.
+fn failed_try(run: &Run) -> Option<String> {
+    let entry = run.checks.iter().find(|c| c.check == "boot-entry");
+    let counted = entry.is_some_and(|c| c.detail.contains("(counted"));
+    let blessed = run.checks.iter().any(|c| c.check == "boot-blessed" && c.ok);
+    let rebooted = run.stopped_by_itself && run.outcome.is_err();
+    let unblessed_try = counted && !blessed;
+    if !unblessed_try && !rebooted {
+        return None;
+    }
+    let entry = entry.map_or("no boot entry reported", |c| c.detail.as_str());
+    let why = run
+        .checks
+        .iter()
+        .find(|c| !c.ok)
+        .map(|c| format!("{}: {}", c.check, c.detail))
+        .or_else(|| run.outcome.clone().err())
+        .unwrap_or_else(|| "not blessed".into());
+    Some(format!("{entry} — {why}"))
 }
 
 /// Boot the target with the self-test switched on and collect its report.
@@ -206,12 +254,43 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         Some(to) => update::install(&mut scratch, target, opts, to)?,
         None => Vec::new(),
     };
-    let mut run = run_vm(&scratch, target, opts, None)?;
-    if let Some(error) = run.kvm_failed.take() {
-        tracing::warn!("KVM failed during the run ({error}); booting again under TCG");
-        scratch.fall_back_to_tcg(target, &error)?;
-        run = run_vm(&scratch, target, opts, None)?;
+    let mut run = boot_and_report(&mut scratch, target, opts, None)?;
+    // After an update the new version is on trial: a boot of it that does not become
+    // healthy reboots, systemd-boot counts the try, and once the tries are used up it
+    // starts the previous version. Boot again as the machine would, until a boot is
+    // not a failed try (or more boots than there are tries).
+    let mut tries = Vec::new();
+    if opts.update_to.is_some() {
+        while tries.len() < crate::image::sysupdate::BOOT_TRIES as usize
+            && let Some(failed) = failed_try(&run)
+        {
+            tries.push(failed);
+            run = boot_and_report(&mut scratch, target, opts, None)?;
+        }
     }
+    let before = match (&opts.update_to, tries.is_empty()) {
+        (Some(to), false) => {
+            let now = run
+                .checks
+                .iter()
+                .find(|c| c.check == "boot-entry")
+                .map_or("an entry it did not name", |c| c.detail.as_str());
+            let mut before = before;
+            before.push(Check {
+                check: "update-trial".into(),
+                ok: false,
+                detail: format!(
+                    "{} did not become healthy in {} counted boot(s) ({}); the next boot started {now}",
+                    to.manifest.version,
+                    tries.len(),
+                    tries.join("; ")
+                ),
+                ms: 0,
+            });
+            before
+        }
+        _ => before,
+    };
     let Run {
         outcome,
         seconds,
@@ -221,10 +300,7 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     } = run;
     let dir = &scratch.dir;
     let console = dir.path().join("console.log");
-    let report = dir.path().join("selftest.jsonl");
-
-    let (checks, _) = read_report(&report);
-    let mut checks: Vec<Check> = before.into_iter().chain(checks).collect();
+    let mut checks: Vec<Check> = before.into_iter().chain(run.checks).collect();
     let expected = match &opts.update_to {
         Some(to) => Some(to.manifest.version.clone()),
         None => target.manifest.as_ref().map(|m| m.version.clone()),
@@ -483,4 +559,68 @@ fn ssh_public_key(given: Option<&Path>) -> Result<Option<(PathBuf, String)>> {
         .find(|p| p.is_file())
         .map(|p| read(&p))
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(
+        outcome: Result<(), &str>,
+        stopped_by_itself: bool,
+        checks: &[(&str, bool, &str)],
+    ) -> Run {
+        Run {
+            outcome: outcome.map_err(str::to_owned),
+            kvm_failed: None,
+            seconds: 0.0,
+            agent_answered_seconds: None,
+            ssh: None,
+            checks: checks
+                .iter()
+                .map(|&(check, ok, detail)| Check {
+                    check: check.into(),
+                    ok,
+                    detail: detail.into(),
+                    ms: 0,
+                })
+                .collect(),
+            stopped_by_itself,
+        }
+    }
+
+    #[test]
+    fn a_try_failed_when_a_counted_boot_was_not_blessed_or_the_guest_went_down_unreported() {
+        let on_trial = (
+            "boot-entry",
+            true,
+            "d_0.2.2+3.efi (counted: a version on trial)",
+        );
+        // The new version came up and was blessed; the fall-back boot is not counted.
+        assert_eq!(
+            failed_try(&run(Ok(()), true, &[on_trial, ("boot-blessed", true, "")])),
+            None
+        );
+        assert_eq!(
+            failed_try(&run(Ok(()), true, &[("boot-entry", true, "d_0.2.1.efi")])),
+            None
+        );
+        // A counted boot whose agent failed: named, with the first failed check.
+        let failed = failed_try(&run(
+            Err("the VM stopped (exit status: 0) before the self-test reported"),
+            true,
+            &[on_trial, ("agent-ping", false, "no answer")],
+        ))
+        .unwrap();
+        assert!(failed.starts_with("d_0.2.2+3.efi"), "{failed}");
+        assert!(failed.contains("agent-ping: no answer"), "{failed}");
+        // No report at all (a panic, then a reboot) is a failed try too.
+        let silent = failed_try(&run(Err("kernel panic"), true, &[])).unwrap();
+        assert!(
+            silent.contains("no boot entry reported — kernel panic"),
+            "{silent}"
+        );
+        // A hang the host stopped is not a try the machine would take again by itself.
+        assert_eq!(failed_try(&run(Err("timed out"), false, &[])), None);
+    }
 }

@@ -4,6 +4,9 @@
 //! reaches it and its self-test runs `devos update` against it (the image's own
 //! transfers, pointed at the host's feed); then the same disk boots again, and that
 //! boot is the test: the newer version must run, on a counted boot that gets blessed.
+//! A newer version that does not become healthy reboots; the disk is booted again for
+//! each of its tries, and the report says what the machine started after them (the
+//! previous version, by itself, when boot counting works).
 //! Before the real feed, the guest is pointed at two that must be refused with nothing
 //! installed: one whose `SHA256SUMS` changed after it was signed, one whose root image
 //! changed after its sum was signed.
@@ -13,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use super::{Check, Scratch, Target, TestOptions, read_report, run_vm};
+use super::{Check, Scratch, Target, TestOptions, boot_and_report};
 use crate::model::manifest::Manifest;
 
 /// The version to update to: its output directory and manifest.
@@ -115,12 +118,8 @@ pub(super) fn install(
             .map(|f| server.guest_url(f))
             .join(" "),
     };
-    let mut run = run_vm(scratch, target, opts, Some(&feeds))?;
-    if let Some(error) = run.kvm_failed.take() {
-        scratch.fall_back_to_tcg(target, &error)?;
-        run = run_vm(scratch, target, opts, Some(&feeds))?;
-    }
-    let (checks, _) = read_report(&scratch.dir.path().join("selftest.jsonl"));
+    let run = boot_and_report(scratch, target, opts, Some(&feeds))?;
+    let checks = run.checks;
     let refused: Vec<Check> = checks
         .iter()
         .filter(|c| c.check == "update-refused")

@@ -162,6 +162,8 @@ pub(crate) struct Facts {
     pub(crate) tmp_mode: Option<u32>,
     /// The default mirror's answer to a request for the suite's InRelease.
     pub(crate) mirror: (String, Result<(), String>),
+    /// The installed Nix's version (NixOS specs are built with it).
+    pub(crate) nix: Result<String, String>,
 }
 
 pub(crate) fn check() -> Report {
@@ -218,6 +220,7 @@ fn gather() -> Facts {
         space,
         tmp_mode,
         mirror: (url, answer),
+        nix: crate::nixos::nix_version(),
     }
 }
 
@@ -307,6 +310,22 @@ fn judge(tools: Vec<ToolStatus>, facts: &Facts) -> Report {
             },
             "builds download packages from it: check the network or proxy (http_proxy), or set `[base] mirror` in the spec",
         ),
+        {
+            let usable = facts.nix.as_deref().is_ok_and(crate::nixos::nix_is_usable);
+            check(
+                "nix",
+                usable,
+                false,
+                match &facts.nix {
+                    Ok(v) if usable => format!("Nix {v}: builds `distro = \"nixos\"` specs"),
+                    Ok(v) => {
+                        format!("Nix {v} is too old for NixOS specs (flakes need 2.4 or newer)")
+                    }
+                    Err(e) => format!("no Nix ({e}): only NixOS specs need it"),
+                },
+                "for NixOS specs: install Nix 2.4 or newer (https://nixos.org/download)",
+            )
+        },
     ];
     let missing = |required: bool| {
         let mut packages: Vec<&str> = tools
@@ -394,6 +413,7 @@ mod tests {
             space: Ok((20 << 30, PathBuf::from("/var"))),
             tmp_mode: Some(0o1777),
             mirror: ("http://m/dists/s/InRelease".into(), Ok(())),
+            nix: Ok("2.24.10".into()),
         }
     }
 
@@ -442,6 +462,12 @@ mod tests {
         );
         assert!(r.ok, "{}", r.human());
         assert!(r.human().contains("note     root"));
+        // No Nix, or one too old for flakes: a note (only NixOS specs need it).
+        for nix in [Err("not found".to_owned()), Ok("2.3.16".to_owned())] {
+            let r = judge(vec![], &Facts { nix, ..facts() });
+            assert!(r.ok, "{}", r.human());
+            assert!(r.human().contains("note     nix"), "{}", r.human());
+        }
         // Too little space, a /tmp apt cannot write to, an unreachable mirror: each fails.
         for bad in [
             Facts {

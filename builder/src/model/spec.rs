@@ -312,7 +312,7 @@ impl Distro {
         match self {
             Distro::Debian => "trixie",
             Distro::Ubuntu => "noble",
-            Distro::Nixos => "24.11",
+            Distro::Nixos => "25.05",
         }
     }
 
@@ -441,6 +441,10 @@ pub(crate) struct Spec {
     pub(crate) agent_enabled: bool,
     /// The full agent configuration written to `/etc/devos/agent.toml`.
     pub(crate) agent_config: devos_agent::config::AgentConfig,
+    /// `[agent.config]` as written (what a NixOS image merges over the module's
+    /// defaults, which name the store's programs rather than /usr's).
+    #[serde(skip)]
+    pub(crate) agent_settings: toml::Table,
     pub(crate) tests: Vec<Test>,
     pub(crate) extra_trees: Vec<ExtraTree>,
     pub(crate) enable_units: Vec<String>,
@@ -469,12 +473,9 @@ impl Spec {
     /// with a kernel, an initramfs tool, systemd as init, D-Bus and systemd-boot.
     /// Every problem is named, each with what to do.
     pub(crate) fn check_buildable(&self) -> anyhow::Result<()> {
+        // nixpkgs has what a NixOS image needs (nixos/image.nix names it).
         if self.distro == Distro::Nixos {
-            anyhow::bail!(
-                "{}: NixOS images are built from nixos/ with `nix build`, which needs nixpkgs; \
-                 this builder bootstraps Debian and Ubuntu only so far\n  hint: use `distro = \"debian\"` or `\"ubuntu\"`",
-                self.path.display()
-            );
+            return Ok(());
         }
         let packages = self.all_packages();
         let has = |p: &dyn Fn(&str) -> bool| packages.iter().any(|n| p(n));
@@ -578,6 +579,9 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     let source_date_epoch = source_date_epoch(&src, raw.image.source_date_epoch.as_ref())?;
 
     let distro: Distro = pick(&src, &raw.base.distro, "distro")?;
+    if distro == Distro::Nixos {
+        nixos::check_keys(&src, &raw)?;
+    }
     let Base {
         suite,
         mirror,
@@ -585,7 +589,11 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         keyring,
     } = base(&src, &raw.base, distro)?;
 
-    let packages = package_names(&src, &raw.packages.include)?;
+    let packages = if distro == Distro::Nixos {
+        nixos::package_names(&src, &raw.packages.include)?
+    } else {
+        package_names(&src, &raw.packages.include)?
+    };
     let mut layers = Vec::new();
     for layer in &raw.packages.layers {
         layers.push(load_layer(&src, layer)?);
@@ -650,6 +658,12 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         formats,
         agent_enabled: raw.agent.enable.unwrap_or(true),
         agent_config,
+        agent_settings: raw
+            .agent
+            .config
+            .as_ref()
+            .map(|t| t.get_ref().clone())
+            .unwrap_or_default(),
         tests,
         extra_trees,
         enable_units,
@@ -1199,6 +1213,7 @@ pub(crate) fn canonical(spec: &Spec) -> String {
 
 mod files;
 pub(crate) use files::{ExtraTree, trees_digest};
+pub(crate) mod nixos;
 
 #[cfg(test)]
 mod tests;

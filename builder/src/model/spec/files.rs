@@ -30,6 +30,13 @@ pub(super) struct RawFiles {
     extra_trees: Vec<Spanned<String>>,
 }
 
+impl RawFiles {
+    /// The first tree named, where it is written.
+    pub(super) fn first_tree(&self) -> Option<&Spanned<String>> {
+        self.extra_trees.first()
+    }
+}
+
 pub(super) fn extra_trees(src: &Source, raw: &RawFiles) -> Result<Vec<ExtraTree>, SpecError> {
     raw.extra_trees.iter().map(|t| extra_tree(src, t)).collect()
 }

@@ -152,7 +152,7 @@ fn defaults_fill_a_minimal_spec() {
 #[test]
 fn shipped_specs_load() {
     let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
-    for spec in ["devos-debian.toml", "devos-ubuntu.toml"] {
+    for spec in ["devos-debian.toml", "devos-ubuntu.toml", "devos-nixos.toml"] {
         load(&images.join(spec)).unwrap_or_else(|e| panic!("{spec}: {e}"));
     }
     for layer in std::fs::read_dir(images.join("layers")).unwrap() {
@@ -622,4 +622,43 @@ fn update_needs_verity_a_web_url_and_a_public_key() {
     }
     std::fs::write(&path, spec_with(FULL, "https://u.example/")).unwrap();
     assert!(message(&path).contains("`[update]` needs `[disk] verity = true`"));
+}
+
+#[test]
+fn nixos_specs_refuse_what_has_no_nixos_meaning_where_it_is_written() {
+    let nixos = |extra: &str| {
+        format!("[image]\nname = \"n\"\nversion = \"0.1.0\"\n[base]\ndistro = \"nixos\"\n{extra}")
+    };
+    let (_dir, path) = fixture(&nixos(
+        "[packages]\ninclude = [\"python3Packages.requests\"]\n",
+    ));
+    let s = load(&path).unwrap();
+    assert_eq!(s.packages, ["python3Packages.requests"]);
+    assert_eq!(s.suite, "25.05");
+    for (extra, key) in [
+        ("components = [\"main\"]\n", "[base] components"),
+        ("keyring = \"/k.gpg\"\n", "[base] keyring"),
+        (
+            "[packages]\nlayers = [\"layers/python.toml\"]\n",
+            "[packages] layers",
+        ),
+        (
+            "[system]\nenable-units = [\"x.service\"]\n",
+            "[system] enable-units",
+        ),
+        ("[system]\ninitrd = false\n", "[system] initrd = false"),
+        ("[disk]\nroot-fs = \"ext4\"\n", "[disk] root-fs"),
+        ("[disk]\nverity = false\n", "[disk] verity = false"),
+        ("[files]\nextra-trees = [\"t\"]\n", "[files] extra-trees"),
+        ("[update]\nurl = \"https://u/\"\nkey = \"k\"\n", "[update]"),
+        (
+            "[packages]\ninclude = [\"git;rm\"]\n",
+            "invalid nixpkgs attribute",
+        ),
+    ] {
+        let e = error(&nixos(extra));
+        assert!(e.message.contains(key), "{key}: {e}");
+        assert!(e.line >= 6, "{key}: not located: {e}");
+        assert!(e.hint.is_some(), "{key}: no hint");
+    }
 }

@@ -1,0 +1,252 @@
+//! A `distro = "nixos"` spec as a NixOS module: what the spec says (packages as
+//! nixpkgs attributes, users, hostname, time zone, kernel command line, the agent and
+//! its configuration, the image's name and version), rendered for nixos/image.nix to
+//! build. The spec's `[[tests]]` are not in it: the boot test hands them to the image's
+//! self-test at boot, as it does for Debian images.
+
+use std::fmt::Write as _;
+
+use crate::model::spec::Spec;
+
+/// The module, as Nix text. `version` is what os-release's IMAGE_VERSION says.
+pub(crate) fn render(spec: &Spec, version: &str) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(
+        w,
+        "# Rendered by devos-build from {}: edit the spec, not this file.",
+        spec.path.display()
+    );
+    let _ = writeln!(w, "{{ lib, pkgs, ... }}:\n{{");
+    let _ = writeln!(w, "  devos.image.name = {};", string(&spec.name));
+    let _ = writeln!(w, "  devos.image.version = {};", string(version));
+    // The NixOS release the spec was written for must be the one nixpkgs is.
+    let _ = writeln!(
+        w,
+        "  assertions = [\n    {{\n      assertion = lib.trivial.release == {suite};\n      \
+         message = \"{file} is written for NixOS {release}, but nixpkgs is NixOS ${{lib.trivial.release}}: \
+         set [base] suite or use the matching nixpkgs\";\n    }}\n  ];",
+        suite = string(&spec.suite),
+        release = escape(&spec.suite),
+        file = escape(&spec.path.display().to_string()),
+    );
+    let _ = writeln!(w, "  networking.hostName = {};", string(&spec.hostname));
+    let _ = writeln!(w, "  time.timeZone = {};", string(&spec.timezone));
+    let args: Vec<String> = spec.kernel_cmdline.split_whitespace().map(string).collect();
+    let _ = writeln!(w, "  boot.kernelParams = {};", list(&args));
+    let packages: Vec<String> = spec
+        .packages
+        .iter()
+        .map(|p| {
+            let path: Vec<String> = p.split('.').map(string).collect();
+            format!("(lib.getAttrFromPath {} pkgs)", list(&path))
+        })
+        .collect();
+    let _ = writeln!(w, "  environment.systemPackages = {};", list(&packages));
+    for user in &spec.users {
+        let _ = writeln!(w, "  users.users.{} = {{", attr(&user.name));
+        let _ = writeln!(w, "    isNormalUser = true;");
+        // Debian's administrators are `sudo`; NixOS's are `wheel`.
+        let groups: Vec<String> = user
+            .groups
+            .iter()
+            .map(|g| string(if g == "sudo" { "wheel" } else { g }))
+            .collect();
+        let _ = writeln!(w, "    extraGroups = {};", list(&groups));
+        let keys: Vec<String> = user.ssh_authorized_keys.iter().map(|k| string(k)).collect();
+        let _ = writeln!(w, "    openssh.authorizedKeys.keys = {};", list(&keys));
+        if let Some(hash) = &user.password_hash {
+            let _ = writeln!(w, "    hashedPassword = {};", string(hash));
+        }
+        let _ = writeln!(w, "  }};");
+    }
+    // Keys handed to a user mean logging in over SSH.
+    if spec.users.iter().any(|u| !u.ssh_authorized_keys.is_empty()) {
+        let _ = writeln!(w, "  services.openssh.enable = true;");
+    }
+    let _ = writeln!(w, "  services.devos-agent.enable = {};", spec.agent_enabled);
+    if spec.agent_enabled && !spec.agent_settings.is_empty() {
+        let _ = writeln!(
+            w,
+            "  services.devos-agent.settings = {};",
+            value(&toml::Value::Table(spec.agent_settings.clone()), 2)
+        );
+    }
+    let _ = writeln!(w, "}}");
+    out
+}
+
+/// A TOML value as a Nix value, nested tables indented from `indent`.
+fn value(v: &toml::Value, indent: usize) -> String {
+    match v {
+        toml::Value::String(s) => string(s),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => format!("{f:?}"),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => string(&d.to_string()),
+        toml::Value::Array(items) => {
+            list(&items.iter().map(|i| value(i, indent)).collect::<Vec<_>>())
+        }
+        toml::Value::Table(t) => {
+            let pad = " ".repeat(indent + 2);
+            let mut out = String::from("{\n");
+            for (k, v) in t {
+                let _ = writeln!(out, "{pad}{} = {};", attr(k), value(v, indent + 2));
+            }
+            out.push_str(&" ".repeat(indent));
+            out.push('}');
+            out
+        }
+    }
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "[ ]".into()
+    } else {
+        format!("[ {} ]", items.join(" "))
+    }
+}
+
+/// An attribute name: bare when it is an identifier, quoted otherwise.
+fn attr(name: &str) -> String {
+    let identifier = !matches!(
+        name,
+        "if" | "then" | "else" | "let" | "in" | "with" | "rec" | "inherit" | "assert" | "or"
+    ) && crate::model::spec::nixos::is_attr_path(name)
+        && !name.contains('.');
+    if identifier {
+        name.to_owned()
+    } else {
+        string(name)
+    }
+}
+
+/// A Nix string literal: nothing in it is interpolated or ends it early.
+pub(crate) fn string(s: &str) -> String {
+    format!("\"{}\"", escape(s))
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '$' if chars.peek() == Some(&'{') => out.push_str("\\$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_cannot_interpolate_or_break_out() {
+        assert_eq!(string("a\"b"), r#""a\"b""#);
+        assert_eq!(string("${builtins.exec}"), r#""\${builtins.exec}""#);
+        assert_eq!(string("a\\"), r#""a\\""#);
+        assert_eq!(string("$HOME"), r#""$HOME""#);
+        assert_eq!(attr("log-level"), "log-level");
+        assert_eq!(attr("us.anthropic.claude"), r#""us.anthropic.claude""#);
+        assert_eq!(attr("in"), r#""in""#);
+    }
+
+    /// The rendered module of `spec`, checked by Nix's parser.
+    fn rendered(spec: &Spec) -> String {
+        let text = render(spec, "0.1.0+0c6d3kqmwwg3");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("module.nix");
+        std::fs::write(&file, &text).unwrap();
+        let out = std::process::Command::new("nix-instantiate")
+            .arg("--parse")
+            .arg(&file)
+            .output()
+            .expect("nix-instantiate (Debian: nix-bin) checks that the rendered module parses");
+        assert!(
+            out.status.success(),
+            "{}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
+    #[test]
+    fn the_shipped_nixos_spec_renders_to_a_module_that_parses_and_says_what_the_spec_says() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/devos-nixos.toml");
+        let spec = crate::model::spec::load(&path).unwrap();
+        let text = rendered(&spec);
+        for line in [
+            r#"devos.image.name = "devos-nixos";"#,
+            r#"devos.image.version = "0.1.0+0c6d3kqmwwg3";"#,
+            r#"assertion = lib.trivial.release == "25.05";"#,
+            r#"is written for NixOS 25.05, but nixpkgs is NixOS ${lib.trivial.release}"#,
+            r#"networking.hostName = "devos";"#,
+            r#"time.timeZone = "UTC";"#,
+            r#"boot.kernelParams = [ "console=ttyS0,115200" "quiet" ];"#,
+            r#"(lib.getAttrFromPath [ "ripgrep" ] pkgs)"#,
+            r#"users.users.dev = {"#,
+            r#"extraGroups = [ "wheel" ];"#,
+            r#"services.devos-agent.enable = true;"#,
+            r#"log-level = "info";"#,
+            r#"admin-groups = [ "wheel" ];"#,
+        ] {
+            assert!(text.contains(line), "no `{line}` in:\n{text}");
+        }
+        // No keys handed in: no SSH server switched on.
+        assert!(!text.contains("openssh.enable"), "{text}");
+    }
+
+    #[test]
+    fn whatever_a_spec_holds_the_module_parses_and_nothing_in_it_is_evaluated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(
+            &path,
+            r#####"
+[image]
+name = "n"
+version = "1.2.3"
+[base]
+distro = "nixos"
+[packages]
+include = ["python3Packages.requests", "in"]
+[system]
+kernel-cmdline = 'quiet x="${builtins.abort "no"}" y=\'
+[[users]]
+name = "ops"
+groups = ["sudo", "docker"]
+ssh-authorized-keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG4 ops@${x}"]
+password-hash = "$y$j9T$ZS.PTvqAQiVaGuDx6YGKX0$9OOGUIhSZTqoDVr5XVsHZ1Sm2IUaxmZOmxYsgSN8mZ4"
+[agent.config]
+log-level = "debug"
+[agent.config.model]
+region = "eu-west-1"
+"#####,
+        )
+        .unwrap();
+        let spec = crate::model::spec::load(&path).unwrap();
+        let text = rendered(&spec);
+        for want in [
+            r#"(lib.getAttrFromPath [ "python3Packages" "requests" ] pkgs)"#,
+            r#"(lib.getAttrFromPath [ "in" ] pkgs)"#,
+            r#""x=\"\${builtins.abort"#,
+            r#""y=\\""#,
+            r#"ops@\${x}"#,
+            r#"extraGroups = [ "wheel" "docker" ];"#,
+            "services.openssh.enable = true;",
+            r#"hashedPassword = "$y$j9T$ZS.PTvqAQiVaGuDx6YGKX0$9OOGUIhSZTqoDVr5XVsHZ1Sm2IUaxmZOmxYsgSN8mZ4";"#,
+            r#"region = "eu-west-1";"#,
+        ] {
+            assert!(text.contains(want), "no `{want}` in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+# The DevOS NixOS image: the agent on, a read-only verified system and a writable /var,
+# the same shape as the Debian images.
+#
+# Disk (systemd-repart, through nixpkgs' image.repart):
+#   esp          systemd-boot and the unified kernel image, whose command line carries
+#                the store's dm-verity root hash
+#   store        /nix/store on erofs, read-only, every block checked by dm-verity
+#   store-verity its hash tree
+#   devos-var    ext4, made by systemd-repart on the first boot; /var and /home
+# The root is a tmpfs that NixOS's activation fills (/etc comes from the image again
+# on every boot); state that must last lives under /var.
+#
+# devos-build renders a spec into a module that sets `devos.image` and the rest
+# (docs/nixos.md); `nix build .#image-raw-efi` builds this file with its defaults.
+{
+  config,
+  lib,
+  pkgs,
+  modulesPath,
+  ...
+}:
+
+let
+  cfg = config.devos.image;
+  inherit (config.image.repart.verityStore) partitionIds;
+  efiArch = pkgs.stdenv.hostPlatform.efiArch;
+in
+{
+  imports = [
+    ./module.nix
+    "${modulesPath}/image/repart.nix"
+    "${modulesPath}/profiles/minimal.nix"
+  ];
+
+  options.devos.image = {
+    name = lib.mkOption {
+      type = lib.types.strMatching "[a-z0-9][a-z0-9._-]*";
+      default = "devos-nixos";
+      description = "The image's name: IMAGE_ID in os-release, the disk file's name.";
+    };
+    version = lib.mkOption {
+      type = lib.types.str;
+      default = "0.1.0";
+      description = "The image's version: IMAGE_VERSION in os-release.";
+    };
+    varSize = lib.mkOption {
+      type = lib.types.str;
+      default = "1G";
+      description = "The smallest size of the writable /var partition made on the first boot.";
+    };
+  };
+
+  config = {
+    services.devos-agent.enable = lib.mkDefault true;
+
+    system.image.id = cfg.name;
+    system.image.version = cfg.version;
+    system.stateVersion = lib.mkDefault "25.05";
+
+    boot.loader.grub.enable = false;
+    boot.loader.systemd-boot.enable = false; # the image installs it itself (below)
+    boot.initrd.systemd.enable = true;
+    # The storage and network drivers of the machines images run on: QEMU's virtio,
+    # EC2's NVMe and ENA.
+    boot.initrd.availableKernelModules = [
+      "virtio_pci"
+      "virtio_blk"
+      "virtio_scsi"
+      "nvme"
+      "dm_verity"
+      "erofs"
+    ];
+    boot.kernelModules = [ "ena" ];
+    boot.kernelParams = [ "console=ttyS0,115200" ];
+
+    image.repart = {
+      name = cfg.name;
+      inherit (cfg) version;
+      verityStore.enable = true;
+      partitions = {
+        ${partitionIds.esp} = {
+          contents."/EFI/BOOT/BOOT${lib.toUpper efiArch}.EFI".source =
+            "${config.systemd.package}/lib/systemd/boot/efi/systemd-boot${efiArch}.efi";
+          repartConfig = {
+            Type = "esp";
+            Format = "vfat";
+            Label = "esp";
+            SizeMinBytes = "256M";
+          };
+        };
+        ${partitionIds.store}.repartConfig = {
+          Label = "${cfg.name}_${cfg.version}";
+          Minimize = "best";
+        };
+        ${partitionIds.store-verity}.repartConfig = {
+          Label = "${cfg.name}_${cfg.version}";
+          Minimize = "best";
+        };
+      };
+    };
+
+    # The writable partition: made and formatted by systemd-repart in the initrd on the
+    # first boot, found by its label on every boot.
+    boot.initrd.systemd.repart.enable = true;
+    systemd.repart.partitions."40-var" = {
+      Type = "var";
+      Format = "ext4";
+      Label = "devos-var";
+      SizeMinBytes = cfg.varSize;
+    };
+
+    fileSystems = {
+      "/" = {
+        fsType = "tmpfs";
+        options = [ "mode=0755" ];
+      };
+      "/nix/store" = {
+        device = "/usr/nix/store";
+        fsType = "none";
+        options = [ "bind" ];
+      };
+      "/var" = {
+        device = "/dev/disk/by-partlabel/devos-var";
+        fsType = "ext4";
+        neededForBoot = true;
+      };
+      "/home" = {
+        device = "/var/home";
+        fsType = "none";
+        options = [ "bind" ];
+        depends = [ "/var" ];
+      };
+    };
+    systemd.tmpfiles.rules = [ "d /var/home 0755 root root -" ];
+
+    # Users come from the configuration on every boot (the root is rebuilt).
+    users.mutableUsers = false;
+    # A read-only /usr: no /usr/bin/env to make.
+    system.activationScripts.usrbinenv = lib.mkForce "";
+    # An image is never rebuilt in place: no Nix daemon, no channels.
+    nix.enable = false;
+  };
+}
