@@ -1,7 +1,7 @@
 {
   description = "DevOS: the DevOS agent as a NixOS module and package, and DevOS NixOS images";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   outputs =
     { self, nixpkgs }:

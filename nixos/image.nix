@@ -55,7 +55,7 @@ in
 
     system.image.id = cfg.name;
     system.image.version = cfg.version;
-    system.stateVersion = lib.mkDefault "25.05";
+    system.stateVersion = lib.mkDefault "25.11";
 
     boot.loader.grub.enable = false;
     boot.loader.systemd-boot.enable = false; # the image installs it itself (below)
@@ -135,6 +135,12 @@ in
 
     # Users come from the configuration on every boot (the root is rebuilt).
     users.mutableUsers = false;
+    # With mutableUsers off, NixOS refuses a system where neither root nor a wheel user
+    # has a password or an SSH key (users-groups.nix). This image's defaults have no
+    # user at all, and a spec's users may have neither (images/devos-nixos.toml's `dev`):
+    # as on the Debian images, such an account simply cannot log in. A module that
+    # wants the check back sets this to false.
+    users.allowNoPasswordLogin = lib.mkDefault true;
     # A read-only /usr: no /usr/bin/env to make.
     system.activationScripts.usrbinenv = lib.mkForce "";
     # An image is never rebuilt in place: no Nix daemon, no channels.

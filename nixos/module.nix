@@ -83,6 +83,9 @@ in
     };
     # Runs only when a boot test passes the devos.selftest credential.
     systemd.services.devos-selftest.wantedBy = [ "multi-user.target" ];
+    # Runs only where /etc/devos/ec2-keys.env names a user (its [Install] section says
+    # multi-user.target, as for the two above).
+    systemd.services.devos-ec2-keys.wantedBy = [ "multi-user.target" ];
     # Runs only on a counted boot (a version on trial): its health gates the blessing.
     systemd.services.devos-boot-complete.requiredBy = [ "boot-complete.target" ];
   };

@@ -5,14 +5,21 @@
 #   amazon    the raw disk with the image-info.json that NixOS/amis' EBS-direct
 #             upload reads (UEFI boot; `devos-build publish ami` uploads the raw disk)
 # Each is a function of an evaluated NixOS configuration.
+#
+# The disk is `system.build.finalImage`, not `system.build.image`: with
+# image.repart.verityStore on, `image` is the disk before the unified kernel image is
+# in its ESP (nothing to boot). nixpkgs' repart-verity-store.nix builds the UKI with
+# the store's root hash from an intermediate image and writes it into the ESP of
+# `finalImage`, the disk that boots.
 { pkgs }:
 
 let
-  raw = config: "${config.system.build.image}/${config.image.repart.imageFile}";
+  # The one .raw file the image build writes (its name option moved between releases).
+  raw = config: "$(echo ${config.system.build.finalImage}/*.raw)";
   name = config: "${config.devos.image.name}-${config.devos.image.version}";
 in
 {
-  raw-efi = config: config.system.build.image;
+  raw-efi = config: config.system.build.finalImage;
 
   qemu-efi =
     config:

@@ -502,7 +502,12 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     let mut c = env.cmd(&["image", "test", "--json", "--update-to"]);
     c.arg(format!("{name}@{broken_version}"))
         .arg(format!("{name}@{next_version}"));
+    let started = std::time::Instant::now();
     let out = run(&mut c, 25);
+    eprintln!(
+        "update to a crashing version, its three tries and the fall-back boot: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "no JSON report ({e}):\n{}",

@@ -737,8 +737,16 @@ fn state_under_sudo_belongs_to_the_invoking_user() {
     assert!(!home.path().join(".local").exists());
     assert!(!home.path().join(".cache").exists());
 
-    // A build without root stops before doing anything.
-    let build = as_user(&["image", "build", "--json"]);
+    // A build without root stops before doing anything. The spec is one the user can
+    // read: the checkout may live where only root may enter.
+    let spec = home.path().join("devos-debian.toml");
+    std::fs::copy(repo_root().join("images/devos-debian.toml"), &spec).unwrap();
+    Command::new("chown")
+        .arg(format!("{user}:"))
+        .arg(&spec)
+        .status()
+        .unwrap();
+    let build = as_user(&["image", "build", "--json", spec.to_str().unwrap()]);
     assert_eq!(build.status.code(), Some(1));
     let err = String::from_utf8_lossy(&build.stderr);
     assert!(err.contains("needs root") && err.contains("sudo"), "{err}");

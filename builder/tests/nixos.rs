@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{BIN, devos_build_command};
+use common::devos_build_command;
 use devos_tests::{repo_root, require};
 
 /// Every .nix file of the repository (flake.nix, nixos/), sorted.
@@ -167,7 +167,7 @@ fn nixpkgs(test: &str) -> Option<String> {
         _ => {
             eprintln!(
                 "SKIPPED {test}: it needs Nix, a nixpkgs and a binary cache, which this machine lacks; \
-                 set DEVOS_NIXPKGS to a nixpkgs flake reference or path (e.g. github:NixOS/nixpkgs/nixos-25.05) to run it"
+                 set DEVOS_NIXPKGS to a nixpkgs flake reference or path (e.g. github:NixOS/nixpkgs/nixos-25.11) to run it"
             );
             None
         }
@@ -230,29 +230,49 @@ fn with_nixpkgs_the_flake_checks_and_the_nixos_vm_test_pass() {
 }
 
 #[test]
-fn with_nixpkgs_devos_build_builds_the_nixos_spec_and_its_disk_passes_the_boot_test() {
-    let Some(nixpkgs) =
-        nixpkgs("with_nixpkgs_devos_build_builds_the_nixos_spec_and_its_disk_passes_the_boot_test")
+fn with_nixpkgs_devos_build_builds_registers_and_boot_tests_the_nixos_spec() {
+    let Some(_nixpkgs) =
+        nixpkgs("with_nixpkgs_devos_build_builds_registers_and_boot_tests_the_nixos_spec")
     else {
         return;
     };
-    let _ = nixpkgs; // the flake's own lock is what devos-build uses
-    let out = Command::new(BIN)
-        .args(["image", "build"])
+    // devos-build builds with the nixpkgs flake.lock pins.
+    let out = devos_build_command()
+        .args(["image", "build", "--json", "--test"])
         .arg(repo_root().join("images/devos-nixos.toml"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // Built; registering NixOS versions is not done yet, and the message says where
-    // the disk is.
-    let disk = stderr
-        .split(['(', ')'])
-        .find(|s| s.ends_with(".raw"))
-        .unwrap_or_else(|| panic!("no disk named:\n{stderr}"));
-    let out = Command::new(BIN)
-        .args(["image", "test", "--json", disk])
+    assert!(out.status.success(), "{stderr}");
+    let built: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &built["manifest"];
+    assert_eq!(m["distro"], "nixos", "{built:#}");
+    let version = m["version"].as_str().unwrap();
+    assert!(version.starts_with("0.1.0+"), "{version}");
+    let labels: Vec<&str> = m["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    assert!(labels.contains(&"esp"), "{labels:?}");
+    // Registered like a Debian version: `image show NAME@VERSION` finds it.
+    let out = devos_build_command()
+        .args(["image", "show", "--json"])
+        .arg(format!("devos-nixos@{version}"))
         .output()
         .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "{report:#}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second build is up to date: the derivation, and so the id, did not change.
+    let out = devos_build_command()
+        .args(["image", "build", "--json"])
+        .arg(repo_root().join("images/devos-nixos.toml"))
+        .output()
+        .unwrap();
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["manifest"]["version"], version);
 }

@@ -188,7 +188,8 @@ impl Shadow {
             .args(args)
             .current_dir(&self.work_tree)
             .env_clear()
-            .env("PATH", "/usr/bin:/bin")
+            // The system's own git: Debian's, or a NixOS system profile's.
+            .env("PATH", "/usr/bin:/bin:/run/current-system/sw/bin")
             .env("LC_ALL", "C")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")

@@ -2,6 +2,7 @@
 //! a versioned output directory that appears atomically.
 
 pub mod agent_pkg;
+mod nixos;
 pub(crate) mod repro;
 
 use std::fs;
@@ -294,37 +295,6 @@ fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
         .unwrap_or_else(|| images_root(&spec.path).join(&spec.name).join(version))
 }
 
-/// A NixOS spec's build: what Nix needs is checked, the spec is rendered as a module
-/// beside the output (`NAME/nixos/NAME.nix`), its derivation names the version, and
-/// `nix build` makes the disk. Registering NixOS versions is not built yet: the error
-/// at the end says where the disk is and how to boot-test it.
-fn build_nixos(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Built> {
-    let source = agent_pkg::agent_source(&spec.path);
-    let flake = crate::nixos::check_host(spec, source.as_deref())?;
-    let images = opts
-        .out
-        .as_ref()
-        .and_then(|o| o.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| images_root(&spec.path).join(&spec.name));
-    let config = images.join("nixos").join(format!("{}.nix", spec.name));
-    ui.info(&format!(
-        "evaluating the NixOS configuration {}",
-        config.display()
-    ));
-    let plain = spec.version.to_string();
-    let drv = crate::nixos::derivation(&flake, spec, &config, &plain)?;
-    let version = format!("{plain}+{}", crate::nixos::build_id(&drv)?);
-    ui.info(&format!("building {} {version} with nix build", spec.name));
-    let raw = crate::nixos::build(&flake, spec, &config, &version)?;
-    bail!(
-        "{}: the NixOS image {version} is built ({}), but NixOS versions are not registered yet, so it has no NAME@VERSION and cannot be published
-           hint: boot-test the disk itself: `devos-build image test {}`",
-        spec.path.display(),
-        raw.display(),
-        raw.display()
-    )
-}
-
 /// `image plan`: resolve without building.
 pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     let spec = spec::load(&opts.spec)?;
@@ -417,10 +387,11 @@ fn planned_agent(
 }
 
 pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
-    // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds).
+    // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds): the
+    // image of nixos/image.nix with the spec rendered as a module (build/nixos.rs).
     let spec = spec::load(&opts.spec)?;
     if spec.distro == spec::Distro::Nixos {
-        return build_nixos(opts, &spec, ui);
+        return nixos::build(opts, &spec, ui);
     }
     if !crate::support::paths::is_root() {
         bail!(

@@ -312,7 +312,7 @@ impl Distro {
         match self {
             Distro::Debian => "trixie",
             Distro::Ubuntu => "noble",
-            Distro::Nixos => "25.05",
+            Distro::Nixos => "25.11",
         }
     }
 

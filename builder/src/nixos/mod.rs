@@ -10,6 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::model::manifest::PartitionInfo;
 use crate::model::spec::Spec;
 use crate::support::cmd;
 
@@ -84,16 +85,18 @@ pub(crate) fn check_host(spec: &Spec, source: Option<&Path>) -> Result<PathBuf> 
 }
 
 /// The binary cache builds substitute from: `[base] mirror`, else cache.nixos.org.
-fn substituter(spec: &Spec) -> String {
+pub(crate) fn substituter(spec: &Spec) -> String {
     spec.mirror
         .clone()
         .unwrap_or_else(|| spec.distro.default_mirror().to_owned())
 }
 
-/// The Nix expression of the image of the module at `config`, from the flake at `flake`.
+/// The Nix expression of the image of the module at `config`, from the flake at `flake`:
+/// `finalImage`, the disk whose ESP holds the unified kernel image with the store's
+/// root hash (`image` is the one before it, with nothing to boot).
 fn image_expr(flake: &Path, config: &Path) -> String {
     format!(
-        "((builtins.getFlake {}).lib.image [ {} ]).config.system.build.image",
+        "((builtins.getFlake {}).lib.image [ {} ]).config.system.build.finalImage",
         render::string(&format!("path:{}", flake.display())),
         render::string(&config.display().to_string())
     )
@@ -180,6 +183,57 @@ pub(crate) fn build(flake: &Path, spec: &Spec, config: &Path, version: &str) -> 
     Ok(raw)
 }
 
+/// When the pinned nixpkgs was made (flake.lock's `lastModified`): the version's
+/// source date. 0 when the lock does not say.
+pub(crate) fn locked_time(lock: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(lock)
+        .ok()
+        .and_then(|l| l["nodes"]["nixpkgs"]["locked"]["lastModified"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The partitions of a disk the image build made, as the manifest lists them.
+pub(crate) fn partitions(raw: &Path) -> Result<Vec<PartitionInfo>> {
+    let json = cmd::stdout(Command::new("sfdisk").arg("--json").arg(raw))
+        .with_context(|| format!("cannot read the partition table of {}", raw.display()))?;
+    partitions_of(&json)
+}
+
+/// GPT partition types (systemd's Discoverable Partitions) and what is on them.
+const FILESYSTEMS: &[(&str, &str)] = &[
+    ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "vfat"),
+    // /usr (the store) and its dm-verity hash tree, x86-64.
+    ("8484680C-9521-48C6-9C11-B0720656F69E", "erofs"),
+    ("77FF5F63-E7B6-4633-ACF4-1565B864C0E6", "verity"),
+    ("4D21B016-B534-45C2-A9FB-5C16E091FD2D", "ext4"),
+];
+
+fn partitions_of(json: &str) -> Result<Vec<PartitionInfo>> {
+    let table: serde_json::Value =
+        serde_json::from_str(json).context("sfdisk printed no JSON partition table")?;
+    let table = &table["partitiontable"];
+    let sector = table["sectorsize"].as_u64().unwrap_or(512);
+    let parts = table["partitions"]
+        .as_array()
+        .context("the image build's disk has no partitions")?;
+    Ok(parts
+        .iter()
+        .map(|p| {
+            let kind = p["type"].as_str().unwrap_or("").to_ascii_uppercase();
+            PartitionInfo {
+                label: p["name"].as_str().unwrap_or("").to_owned(),
+                filesystem: FILESYSTEMS
+                    .iter()
+                    .find(|(t, _)| *t == kind)
+                    .map_or("", |(_, f)| f)
+                    .to_owned(),
+                offset: p["start"].as_u64().unwrap_or(0) * sector,
+                size: p["size"].as_u64().unwrap_or(0) * sector,
+            }
+        })
+        .collect())
+}
+
 /// Write the rendered module (whole, then renamed: never half a file).
 fn write_config(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
@@ -206,5 +260,33 @@ mod tests {
             "0c6d3kqmwwg3"
         );
         assert!(build_id("error: nothing").is_err());
+    }
+
+    #[test]
+    fn the_disk_nix_built_is_listed_like_a_debian_one() {
+        let json = r#"{"partitiontable": {"label": "gpt", "sectorsize": 512, "partitions": [
+            {"node": "d1", "start": 2048, "size": 524288, "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "name": "esp"},
+            {"node": "d2", "start": 526336, "size": 800000, "type": "8484680c-9521-48c6-9c11-b0720656f69e", "name": "devos-nixos_0.1.0"},
+            {"node": "d3", "start": 1326336, "size": 8000, "type": "77FF5F63-E7B6-4633-ACF4-1565B864C0E6", "name": "devos-nixos_0.1.0"}]}}"#;
+        let parts = partitions_of(json).unwrap();
+        let seen: Vec<(&str, &str, u64)> = parts
+            .iter()
+            .map(|p| (p.label.as_str(), p.filesystem.as_str(), p.offset))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("esp", "vfat", 2048 * 512),
+                ("devos-nixos_0.1.0", "erofs", 526336 * 512),
+                ("devos-nixos_0.1.0", "verity", 1326336 * 512),
+            ]
+        );
+        assert_eq!(parts[1].size, 800000 * 512);
+        assert!(partitions_of("{}").is_err());
+        assert_eq!(
+            locked_time(br#"{"nodes": {"nixpkgs": {"locked": {"lastModified": 1753749649}}}}"#),
+            1753749649
+        );
+        assert_eq!(locked_time(b"not json"), 0);
     }
 }

@@ -187,8 +187,8 @@ mod tests {
         for line in [
             r#"devos.image.name = "devos-nixos";"#,
             r#"devos.image.version = "0.1.0+0c6d3kqmwwg3";"#,
-            r#"assertion = lib.trivial.release == "25.05";"#,
-            r#"is written for NixOS 25.05, but nixpkgs is NixOS ${lib.trivial.release}"#,
+            r#"assertion = lib.trivial.release == "25.11";"#,
+            r#"is written for NixOS 25.11, but nixpkgs is NixOS ${lib.trivial.release}"#,
             r#"networking.hostName = "devos";"#,
             r#"time.timeZone = "UTC";"#,
             r#"boot.kernelParams = [ "console=ttyS0,115200" "quiet" ];"#,

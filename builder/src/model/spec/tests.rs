@@ -634,7 +634,7 @@ fn nixos_specs_refuse_what_has_no_nixos_meaning_where_it_is_written() {
     ));
     let s = load(&path).unwrap();
     assert_eq!(s.packages, ["python3Packages.requests"]);
-    assert_eq!(s.suite, "25.05");
+    assert_eq!(s.suite, "25.11");
     for (extra, key) in [
         ("components = [\"main\"]\n", "[base] components"),
         ("keyring = \"/k.gpg\"\n", "[base] keyring"),

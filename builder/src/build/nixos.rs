@@ -1,0 +1,140 @@
+//! `image build` of a NixOS spec: what Nix needs is checked, the spec is rendered as a
+//! module beside the output (`NAME/nixos/NAME.nix`), the image's derivation names the
+//! version (its store path's hash is the build id: input-addressed, it already says
+//! what went in), `nix build` makes the disk, and the disk goes through the same
+//! output directory, conversions, manifest and registry as a Debian image's.
+
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use super::{BuildOptions, Built, agent_pkg, convert_all, images_root, publish_dir, write_outputs};
+use crate::model::manifest::{CacheKeys, Input, Manifest, StageTiming};
+use crate::model::spec::Spec;
+use crate::store::registry;
+use crate::support::digest::sha256_hex;
+use crate::support::ui::Ui;
+use crate::support::workdir::{WorkDir, remove_stale_work_dirs};
+
+pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Built> {
+    let mut stages = Vec::new();
+    let mut timed = |name: &str, start: Instant| {
+        stages.push(StageTiming {
+            name: name.to_owned(),
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    };
+    let start = Instant::now();
+    let source = agent_pkg::agent_source(&spec.path);
+    let flake = crate::nixos::check_host(spec, source.as_deref())?;
+    let images = opts
+        .out
+        .as_ref()
+        .and_then(|o| o.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| images_root(&spec.path).join(&spec.name));
+    let config = images.join("nixos").join(format!("{}.nix", spec.name));
+    ui.info(&format!(
+        "evaluating the NixOS configuration {}",
+        config.display()
+    ));
+    let plain = spec.version.to_string();
+    let drv = crate::nixos::derivation(&flake, spec, &config, &plain)?;
+    let build_id = crate::nixos::build_id(&drv)?;
+    let version = format!("{plain}+{build_id}");
+    timed("evaluate", start);
+    let final_dir = opts.out.clone().unwrap_or_else(|| images.join(&version));
+    let registry_path = opts.registry.clone().unwrap_or_else(registry::default_path);
+    if !opts.force
+        && let Ok(manifest) = Manifest::load(&final_dir)
+        && manifest.build_id == build_id
+    {
+        ui.info(&format!(
+            "{version} is up to date in {}",
+            final_dir.display()
+        ));
+        let mut reg = registry::Registry::open(&registry_path)?;
+        if reg.find(&format!("{}@{version}", spec.name)).is_err() {
+            reg.record_build(&final_dir, &spec.path, &manifest, &[])?;
+        }
+        return Ok(Built {
+            dir: final_dir,
+            manifest,
+            fresh: false,
+            files: Vec::new(),
+        });
+    }
+
+    let start = Instant::now();
+    ui.info(&format!("building {} {version} with nix build", spec.name));
+    let built = crate::nixos::build(&flake, spec, &config, &version)?;
+    timed("nix-build", start);
+
+    let start = Instant::now();
+    remove_stale_work_dirs(&images);
+    let work = WorkDir::new(&images)?;
+    let staged = work.path().join("out");
+    fs::create_dir(&staged)?;
+    // The store's disk is read-only and as small as its contents: a writable copy
+    // grown to `[disk] size`, where systemd-repart makes /var on the first boot.
+    let raw = work.path().join("disk.raw");
+    let mut file = fs::File::create(&raw)?;
+    let len = crate::image::files::copy_sparse(&built, &mut file, 0, None)?;
+    file.set_len(len.max(spec.disk_size))?;
+    drop(file);
+    let partitions = crate::nixos::partitions(&raw)?;
+    let artifacts = convert_all(spec, &version, &raw, &staged)?;
+    fs::remove_file(&raw)?;
+    timed("convert", start);
+
+    let lock = fs::read(flake.join("flake.lock"))
+        .with_context(|| format!("cannot read {}", flake.join("flake.lock").display()))?;
+    let drv_bytes = fs::read(&drv).with_context(|| format!("cannot read {drv}"))?;
+    let manifest = Manifest {
+        name: spec.name.clone(),
+        version: version.clone(),
+        build_id,
+        description: spec.description.clone(),
+        distro: spec.distro.name().to_owned(),
+        suite: spec.suite.clone(),
+        builder_version: crate::image::identity::BUILDER_VERSION.to_owned(),
+        source_date_epoch: crate::nixos::locked_time(&lock),
+        kernel_cmdline: spec.kernel_cmdline.clone(),
+        root_hash: None,
+        update: Vec::new(),
+        update_feed: None,
+        inputs: vec![
+            Input {
+                name: drv.clone(),
+                sha256: sha256_hex(&drv_bytes),
+            },
+            Input {
+                name: "flake.lock".into(),
+                sha256: sha256_hex(&lock),
+            },
+        ],
+        package_sources: crate::nixos::substituter(spec),
+        agent: None,
+        users: spec.users.iter().map(|u| u.name.clone()).collect(),
+        packages: Vec::new(),
+        partitions,
+        artifacts,
+        stages,
+        cache_keys: CacheKeys::default(),
+    };
+    write_outputs(&staged, &manifest)?;
+    publish_dir(&staged, &final_dir)?;
+    registry::Registry::open(&registry_path)?.record_build(
+        &final_dir,
+        &spec.path,
+        &manifest,
+        &[],
+    )?;
+    Ok(Built {
+        dir: final_dir,
+        manifest,
+        fresh: true,
+        files: Vec::new(),
+    })
+}
