@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Access, Classifier, RiskClass, normalize, paths};
 
-/// Where programs are looked up, in order: the system directories only. The sandbox
-/// runs with the same `PATH`.
+/// Where programs are looked up, in order: the system directories only, the last one
+/// NixOS's system profile (root switches it; what it holds are links into the Nix
+/// store). The sandbox runs with the same `PATH`.
 pub const SYSTEM_PATH: &[&str] = &[
     "/usr/local/sbin",
     "/usr/local/bin",
@@ -20,7 +21,12 @@ pub const SYSTEM_PATH: &[&str] = &[
     "/usr/bin",
     "/sbin",
     "/bin",
+    "/run/current-system/sw/bin",
 ];
+
+/// Programs that are many programs: which one runs is the name they are started by
+/// (`argv[0]`), as NixOS's single-binary coreutils.
+const MULTI_CALL: &[&str] = &["coreutils", "busybox"];
 
 /// Programs that talk to the network (for shell scripts: the network is given when one
 /// of them appears).
@@ -251,6 +257,20 @@ fn alias(known: Option<&Known>, key: String) -> String {
         .map_or(key, |(_, to)| (*to).to_owned())
 }
 
+/// Which program runs when `program` (canonical) is started as `argv0`: its own name,
+/// or for a multi-call program the name it is started by.
+fn running_as(program: &Path, argv0: &str) -> String {
+    let file_name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if MULTI_CALL.contains(&file_name.as_str()) {
+        canonical_name(argv0.rsplit('/').next().unwrap_or(argv0))
+    } else {
+        canonical_name(&file_name)
+    }
+}
+
 /// A program's name as the tables use it: interpreter versions dropped
 /// (`python3.11` is `python3`).
 fn canonical_name(name: &str) -> String {
@@ -326,17 +346,29 @@ pub fn resolve(argv0: &str, cwd: &Path) -> Result<PathBuf, ProgramError> {
     })
 }
 
-/// Whether a canonical program path counts as known: a regular file in a system
-/// directory, owned by root, that neither it nor any directory above it lets anyone
-/// but root change.
-pub fn trusted(program: &Path) -> Result<(), ProgramError> {
+/// Whether a canonical program path, started as `argv0`, counts as known: a regular
+/// file in a system directory, or the file a system directory links to under the name
+/// it is started by (NixOS: `/run/current-system/sw/bin/ls` into the Nix store, where
+/// any user may add files but only root names them in the system profile); owned by
+/// root, and neither it nor any directory above it lets anyone but root change it.
+pub fn trusted(program: &Path, argv0: &str) -> Result<(), ProgramError> {
+    trusted_in(program, argv0, SYSTEM_PATH)
+}
+
+fn trusted_in(
+    program: &Path,
+    argv0: &str,
+    system_path: &[impl AsRef<Path>],
+) -> Result<(), ProgramError> {
     let dir = program.parent().unwrap_or(Path::new("/"));
-    let system_dirs: Vec<PathBuf> = SYSTEM_PATH
-        .iter()
-        // A system directory this machine lacks holds no program.
-        .filter_map(|d| std::fs::canonicalize(d).ok())
-        .collect();
-    if !system_dirs.iter().any(|d| d == dir) {
+    let name = Path::new(argv0).file_name();
+    // A system directory this machine lacks holds no program.
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let offered = system_path.iter().map(AsRef::as_ref).any(|d| {
+        canonical(d).as_deref() == Some(dir)
+            || name.is_some_and(|n| canonical(&d.join(n)).as_deref() == Some(program))
+    });
+    if !offered {
         return Err(ProgramError::NotInSystemDirectory(program.to_path_buf()));
     }
     let unreadable = |path: &Path| {
@@ -350,12 +382,17 @@ pub fn trusted(program: &Path) -> Result<(), ProgramError> {
     if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
         return Err(ProgramError::ChangeableByOthers(program.to_path_buf()));
     }
+    let mut below = meta;
     for dir in program.ancestors().skip(1) {
         // A directory above that cannot be looked at is not known to be root's.
         let meta = dir.metadata().map_err(unreadable(dir))?;
-        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        // Others may write to a sticky directory of root's (the Nix store, 1775
+        // root:nixbld) but not rename or remove what root owns in it.
+        let sticky_over_roots = meta.mode() & 0o1000 != 0 && below.uid() == 0;
+        if meta.uid() != 0 || (meta.mode() & 0o022 != 0 && !sticky_over_roots) {
             return Err(ProgramError::ChangeableByOthers(dir.to_path_buf()));
         }
+        below = meta;
     }
     Ok(())
 }
@@ -527,15 +564,10 @@ pub(crate) fn classify_argv(c: &mut Classifier, argv: &[String]) {
         }
     };
     c.risk.program = Some(program.clone());
-    let name = canonical_name(
-        &program
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    );
+    let name = running_as(&program, argv0);
     let entry = known(&name);
     c.risk.normalized = Some(normalized(c, &name, args, entry));
-    if let Err(why) = trusted(&program) {
+    if let Err(why) = trusted(&program, argv0) {
         return unknown_program(
             c,
             &name,
@@ -1441,16 +1473,79 @@ mod tests {
     #[test]
     fn only_root_owned_system_programs_are_trusted() {
         let ls = resolve("ls", Path::new("/")).unwrap();
-        trusted(&ls).unwrap();
+        trusted(&ls, "ls").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("ls");
         std::fs::write(&fake, "#!/bin/sh\n").unwrap();
-        assert!(trusted(&std::fs::canonicalize(&fake).unwrap()).is_err());
+        let fake = std::fs::canonicalize(&fake).unwrap();
+        assert!(trusted(&fake, "ls").is_err());
+        assert!(trusted(&fake, fake.to_str().unwrap()).is_err());
         // A path that only looks like a system path is what it resolves to.
         let sneaky = resolve("/usr/../proc/self/cwd/ls", dir.path());
         if let Ok(p) = sneaky {
-            assert!(trusted(&p).is_err() || p == ls, "{}", p.display());
+            assert!(trusted(&p, "ls").is_err() || p == ls, "{}", p.display());
         }
         assert!(resolve("no-such-program-devos", Path::new("/")).is_err());
+    }
+
+    /// A NixOS system: the profile links into a store that others may add to (sticky,
+    /// group-writable); only what the profile names is trusted, and under that name.
+    #[test]
+    fn programs_a_system_profile_links_to_are_trusted_by_that_name_only() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tmp.path()).unwrap();
+        assert_eq!(
+            root.metadata().unwrap().uid(),
+            0,
+            "this test makes files owned by root: run it as root (the README's test command does)"
+        );
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let store = root.join("nix/store");
+        let coreutils = store.join("aaaa-coreutils-9.7/bin");
+        let evil = store.join("bbbb-coreutils-9.7/bin");
+        let profile = root.join("run/current-system/sw/bin");
+        for d in [&coreutils, &evil, &profile] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for f in [coreutils.join("coreutils"), evil.join("ls")] {
+            std::fs::write(&f, "#!/bin/sh\n").unwrap();
+            mode(&f, 0o555);
+        }
+        symlink("coreutils", coreutils.join("ls")).unwrap();
+        symlink(coreutils.join("ls"), profile.join("ls")).unwrap();
+        mode(&store, 0o1775);
+        let system_path = [profile.clone()];
+        let real = std::fs::canonicalize(profile.join("ls")).unwrap();
+        assert_eq!(real, coreutils.join("coreutils"));
+
+        trusted_in(&real, "ls", &system_path).unwrap();
+        trusted_in(&real, &profile.join("ls").to_string_lossy(), &system_path).unwrap();
+        assert_eq!(running_as(&real, "ls"), "ls");
+        assert_eq!(running_as(&real, "/run/current-system/sw/bin/rm"), "rm");
+        assert_eq!(running_as(&real, "coreutils"), "coreutils");
+        // Not named by the profile: a store path anyone could have added.
+        assert!(matches!(
+            trusted_in(&evil.join("ls"), "ls", &system_path),
+            Err(ProgramError::NotInSystemDirectory(_))
+        ));
+        // Named, but under another name than it is started by.
+        assert!(trusted_in(&real, "rm", &system_path).is_err());
+        // A store entry not root's could be replaced by its owner.
+        let pkg = store.join("aaaa-coreutils-9.7");
+        std::os::unix::fs::chown(&pkg, Some(65534), None).unwrap();
+        assert!(matches!(
+            trusted_in(&real, "ls", &system_path),
+            Err(ProgramError::ChangeableByOthers(p)) if p == pkg
+        ));
+        std::os::unix::fs::chown(&pkg, Some(0), None).unwrap();
+        // Without the sticky bit, a group-writable store lets others rename entries.
+        mode(&store, 0o775);
+        assert!(matches!(
+            trusted_in(&real, "ls", &system_path),
+            Err(ProgramError::ChangeableByOthers(p)) if p == store
+        ));
     }
 }

@@ -622,6 +622,13 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
         a.extend(p.bind(true, w));
     }
     a.extend(tmpfs(Path::new("/run")));
+    // On NixOS the system's programs are found through its profile, a link in /run to
+    // the Nix store (risk::programs::SYSTEM_PATH): the link comes back, nothing else.
+    if let Ok(profile) = std::fs::read_link("/run/current-system") {
+        a.push("--symlink".into());
+        a.push(profile.to_string_lossy().into_owned());
+        a.push("/run/current-system".into());
+    }
     a.extend(tmpfs(Path::new("/home")));
     for (name, inside) in super::PRIVATE_DIRS {
         a.extend(bind("--bind", &private(name), Path::new(inside)));
