@@ -1,7 +1,8 @@
 //! The AWS side against moto_server on 127.0.0.1 (started here): AMIs over EBS direct
 //! upload in three regions, SSM parameters, idempotent re-runs, killed clients and
-//! killed servers, the boot-test gate, deregistration, Packer, exports, and fleets
-//! (CloudFormation deploy, gated rollout with automatic rollback, manual rollback).
+//! killed servers, the boot-test gate, deregistration, Packer, exports, fleets
+//! (CloudFormation deploy, gated rollout with automatic rollback, manual rollback),
+//! and update feeds in S3.
 //!
 //! The images published here are small synthetic disks recorded in a throw-away
 //! registry (with a boot-test run), so that the AWS side is tested on its own; the
@@ -16,8 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{devos_build_command, ok, run};
-use devos_aws::{Credentials, sdk_autoscaling, sdk_cloudformation, sdk_ebs, sdk_ec2, sdk_ssm};
+use common::{devos_build_command, gpg_verifies, ok, run};
+use devos_aws::{
+    Credentials, sdk_autoscaling, sdk_cloudformation, sdk_ebs, sdk_ec2, sdk_s3, sdk_ssm,
+};
 use devos_build::store::registry::{Registry, TestRun};
 use devos_tests::{Moto, Steps, require, wait_for};
 use serde_json::{Value, json};
@@ -48,6 +51,7 @@ impl Fixture {
         c.env("DEVOS_REGISTRY", self.registry())
             .env("DEVOS_CONFIG", self.dir.path().join("config.toml"))
             .env("HOME", self.dir.path())
+            .env("DEVOS_KEYS", self.dir.path().join("keys"))
             .envs(self.moto.env())
             .args(args);
         std::fs::write(
@@ -72,6 +76,18 @@ impl Fixture {
     /// indices; one more block is written with explicit zeros), recorded in the
     /// registry, boot-tested with the given outcome (None: never tested).
     fn version(&self, version: &str, mib: u64, blocks: &[u64], tested: Option<bool>) -> PathBuf {
+        self.version_with(version, mib, blocks, tested, json!({}))
+    }
+
+    /// [`Fixture::version`] with more manifest keys (`extra`, an object).
+    fn version_with(
+        &self,
+        version: &str,
+        mib: u64,
+        blocks: &[u64],
+        tested: Option<bool>,
+        extra: Value,
+    ) -> PathBuf {
         let dir = self.dir.path().join(format!("images/{version}"));
         std::fs::create_dir_all(&dir).unwrap();
         let raw = dir.join("disk.raw");
@@ -101,6 +117,14 @@ impl Fixture {
             "artifacts": [{"file": "disk.raw", "format": "raw", "sha256": sha, "size": mib * MIB, "used_bytes": 0}],
             "stages": [], "cache_keys": {"base": "", "tree": ""}
         });
+        let mut manifest = manifest;
+        if !extra.as_object().unwrap().is_empty() {
+            for (k, v) in extra.as_object().unwrap() {
+                manifest[k] = v.clone();
+            }
+            // What reads the version's files reads its manifest, as in a real build.
+            std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        }
         let mut reg = Registry::open(&self.registry()).unwrap();
         reg.record_build(
             &dir,
@@ -120,6 +144,54 @@ impl Fixture {
                 .unwrap();
         }
         raw
+    }
+
+    /// A passing version of a verified image whose update bundle (root, hash tree,
+    /// UKI: synthetic bytes) trusts the key `fingerprint`; the bundle's file names.
+    fn updatable_version(&self, version: &str, fingerprint: &str) -> Vec<String> {
+        let dir = self.dir.path().join(format!("images/{version}"));
+        let bundle = dir.join("update");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let stem = format!("devos-pub_{version}");
+        let mut files = Vec::new();
+        let mut update = Vec::new();
+        for (i, name) in [
+            format!("{stem}+00000001-0000-4000-8000-000000000001.root"),
+            format!("{stem}+00000002-0000-4000-8000-000000000002.verity"),
+            format!("{stem}.efi"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let bytes: Vec<u8> = (0..(64 * 1024 + i))
+                .map(|b| (b as u8) ^ version.as_bytes()[2])
+                .collect();
+            std::fs::write(bundle.join(&name), &bytes).unwrap();
+            let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            update.push(json!({"file": name, "sha256": sha, "size": bytes.len()}));
+            files.push(name);
+        }
+        self.version_with(
+            version,
+            1,
+            &[0],
+            Some(true),
+            json!({
+                "update": update,
+                "update_feed": {"url": "https://updates.example.com/devos-pub/", "key_fingerprint": fingerprint},
+            }),
+        );
+        files
+    }
+
+    fn s3(&self) -> sdk_s3::Client {
+        self.sdk("us-east-1", |c| {
+            sdk_s3::Client::from_conf(
+                sdk_s3::config::Builder::from(c)
+                    .force_path_style(true)
+                    .build(),
+            )
+        })
     }
 
     fn sdk<C>(&self, region: &str, make: impl FnOnce(&aws_types::SdkConfig) -> C) -> C {
@@ -1606,5 +1678,198 @@ fn a_raw_image_changed_since_its_build_is_not_published() {
         fx.resources("us-east-1", &build_id(version)),
         (vec![], vec![]),
         "the started snapshot is removed"
+    );
+}
+
+#[test]
+fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
+    require("gpg", "gpg");
+    let fx = Fixture::new();
+    ok(&fx.run(&["keys", "generate"]));
+    let key_file = fx.dir.path().join("devos.pub");
+    ok(&fx.run(&["keys", "export", key_file.to_str().unwrap()]));
+    let fingerprint = fx.json(&["keys", "show", "--json"])["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let old = fx.updatable_version("1.0.0", &fingerprint);
+    let new = fx.updatable_version("1.1.0", &fingerprint);
+    let url = "s3://devos-feed/devos-pub/stable/";
+    let publish = |reference: &str, extra: &[&str]| {
+        let mut args = vec!["publish", "updates", reference, "--to", url];
+        args.extend(["--region", "us-east-1"]);
+        args.extend(extra);
+        fx.run(&args)
+    };
+    let s3 = fx.s3();
+    let objects = || -> Vec<String> {
+        fx.block_on(async {
+            s3.list_objects_v2()
+                .bucket("devos-feed")
+                .prefix("devos-pub/stable/")
+                .send()
+                .await
+        })
+        .unwrap()
+        .contents()
+        .iter()
+        .map(|o| {
+            o.key()
+                .unwrap()
+                .trim_start_matches("devos-pub/stable/")
+                .to_owned()
+        })
+        .collect()
+    };
+    let get = |file: &str| -> (Vec<u8>, Option<String>) {
+        // Read in the runtime that made the request: the body streams on its connection.
+        fx.block_on(async {
+            let out = s3
+                .get_object()
+                .bucket("devos-feed")
+                .key(format!("devos-pub/stable/{file}"))
+                .send()
+                .await
+                .unwrap();
+            let cache = out.cache_control().map(str::to_owned);
+            let body = out.body.collect().await.unwrap().into_bytes().to_vec();
+            (body, cache)
+        })
+    };
+    // The feed verifies as systemd-pull checks it: SHA256SUMS against its signature,
+    // each file against SHA256SUMS.
+    let verified_sums = || -> String {
+        let (sums, cache) = get("SHA256SUMS");
+        assert_eq!(
+            cache.as_deref(),
+            Some("no-cache"),
+            "the index must not be cached"
+        );
+        let (sig, _) = get("SHA256SUMS.gpg");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("SHA256SUMS"), &sums).unwrap();
+        std::fs::write(dir.path().join("SHA256SUMS.gpg"), &sig).unwrap();
+        assert!(gpg_verifies(
+            &key_file,
+            &dir.path().join("SHA256SUMS"),
+            &dir.path().join("SHA256SUMS.gpg")
+        ));
+        let sums = String::from_utf8(sums).unwrap();
+        for line in sums.lines() {
+            let (sha, file) = line.split_once("  ").unwrap();
+            let (bytes, _) = get(file);
+            let got = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            assert_eq!(got, sha, "{file}");
+        }
+        sums
+    };
+
+    // No bucket: said so, by name.
+    let missing = publish("devos-pub@1.0.0", &[]);
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains(
+            "the bucket `devos-feed` of s3://devos-feed/devos-pub/stable/ does not exist"
+        ),
+        "{}",
+        stderr(&missing)
+    );
+    fx.block_on(async { s3.create_bucket().bucket("devos-feed").send().await })
+        .unwrap();
+
+    // A dry run says what it would send and sends nothing.
+    let dry = publish("devos-pub@1.0.0", &["--dry-run"]);
+    ok(&dry);
+    let said = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(said.matches("would copy").count(), 3, "{said}");
+    assert!(said.contains("would sign"), "{said}");
+    assert!(objects().is_empty());
+
+    let first = fx.json(&[
+        "publish",
+        "updates",
+        "devos-pub@1.0.0",
+        "--to",
+        url,
+        "--region",
+        "us-east-1",
+        "--json",
+    ]);
+    assert_eq!(first["added"].as_array().unwrap().len(), 3, "{first:#}");
+    assert_eq!(first["versions"], json!(["1.0.0"]));
+    assert_eq!(first["feed"], json!("s3://devos-feed/devos-pub/stable/"));
+    let mut listed = objects();
+    listed.sort();
+    let mut expected: Vec<String> = old.clone();
+    expected.extend(["SHA256SUMS".into(), "SHA256SUMS.gpg".into()]);
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(verified_sums().lines().count(), 3);
+    let (_, cache) = get(&old[0]);
+    assert!(cache.unwrap().contains("immutable"));
+
+    // Again: nothing sent (each file's sha256 is in its metadata).
+    let again = fx.json(&[
+        "publish",
+        "updates",
+        "devos-pub@1.0.0",
+        "--to",
+        url,
+        "--region",
+        "us-east-1",
+        "--json",
+    ]);
+    assert_eq!(again["added"], json!([]));
+    assert_eq!(
+        publish("devos-pub@1.0.0", &["--dry-run"]).status.code(),
+        Some(3)
+    );
+
+    // The next version joins the feed; the first stays offered.
+    let second = fx.json(&[
+        "publish",
+        "updates",
+        "devos-pub@1.1.0",
+        "--to",
+        url,
+        "--region",
+        "us-east-1",
+        "--json",
+    ]);
+    assert_eq!(second["added"].as_array().unwrap().len(), 3, "{second:#}");
+    assert_eq!(second["versions"], json!(["1.1.0", "1.0.0"]));
+    let sums = verified_sums();
+    assert_eq!(sums.lines().count(), 6, "{sums}");
+    for f in old.iter().chain(&new) {
+        assert!(sums.contains(f.as_str()), "{f}: {sums}");
+    }
+
+    // A file removed from the bucket by hand is no longer listed after the next publish.
+    fx.block_on(async {
+        s3.delete_object()
+            .bucket("devos-feed")
+            .key(format!("devos-pub/stable/{}", old[2]))
+            .send()
+            .await
+    })
+    .unwrap();
+    ok(&publish("devos-pub@1.1.0", &["--force"]));
+    let sums = verified_sums();
+    assert_eq!(sums.lines().count(), 5, "{sums}");
+    assert!(!sums.contains(old[2].as_str()));
+
+    // Only a directory or s3:// is a feed.
+    let web = fx.run(&[
+        "publish",
+        "updates",
+        "devos-pub@1.1.0",
+        "--to",
+        "https://updates.example.com/x",
+    ]);
+    assert!(!web.status.success());
+    assert!(
+        stderr(&web).contains("a directory or to s3://BUCKET/PREFIX"),
+        "{}",
+        stderr(&web)
     );
 }

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Env, HEAVY, flip_byte_at, ok, run};
+use common::{Env, HEAVY, flip_byte_at, gpg_verifies, ok, run};
 
 /// The agent package with `edit` applied to its unpacked tree, repacked.
 fn repack(env: &Env, name: &str, edit: impl Fn(&Path)) -> PathBuf {
@@ -267,29 +267,6 @@ bootctl list --no-pager > /tmp/entries 2>&1 || { cat /tmp/entries; exit 1; }
 grep -F "$version.efi" /tmp/entries
 """
 "#;
-
-/// `gpg --verify` of `sig` on `file` with only the keys in `keyring`, as systemd-pull
-/// checks a feed; whether it passed.
-fn gpg_verifies(keyring: &Path, file: &Path, sig: &Path) -> bool {
-    let home = tempfile::tempdir().unwrap();
-    let out = Command::new("gpg")
-        .arg("--homedir")
-        .arg(home.path())
-        .args(["--batch", "--no-default-keyring", "--trust-model", "always"])
-        .arg("--keyring")
-        .arg(keyring)
-        .arg("--verify")
-        .arg(sig)
-        .arg(file)
-        .output()
-        .unwrap();
-    let _ = Command::new("gpgconf")
-        .arg("--homedir")
-        .arg(home.path())
-        .args(["--kill", "gpg-agent"])
-        .output();
-    out.status.success()
-}
 
 #[test]
 fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boot() {

@@ -9,6 +9,7 @@
 //! - [`ami`]: register, tag, copy, find, deregister AMIs and keep SSM parameters.
 //! - [`stack`]: CloudFormation stacks (change sets, events) and the groups, launch
 //!   templates and instances they run.
+//! - [`s3`]: an update feed's objects under an S3 prefix.
 //!
 //! Errors from AWS are turned into messages that say what to fix ([`explain`]).
 
@@ -23,13 +24,14 @@ use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 pub mod ami;
 pub mod ebs;
+pub mod s3;
 pub mod stack;
 
 /// The SDK crates, for callers that need a raw client (tests, mostly).
 pub use aws_credential_types::Credentials;
 pub use {
     aws_sdk_autoscaling as sdk_autoscaling, aws_sdk_cloudformation as sdk_cloudformation,
-    aws_sdk_ebs as sdk_ebs, aws_sdk_ec2 as sdk_ec2, aws_sdk_ssm as sdk_ssm,
+    aws_sdk_ebs as sdk_ebs, aws_sdk_ec2 as sdk_ec2, aws_sdk_s3 as sdk_s3, aws_sdk_ssm as sdk_ssm,
 };
 
 /// Attempts per request when the user has not set `AWS_MAX_ATTEMPTS`: uploads of

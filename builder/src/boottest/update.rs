@@ -104,7 +104,8 @@ pub(super) fn install(
     to: &UpdateTo,
 ) -> Result<Vec<Check>> {
     let dir = scratch.dir.path().join("feeds");
-    crate::update::add_to_feed(&dir.join("good"), &to.dir, &to.manifest).with_context(|| {
+    let good = crate::update::DirFeed(dir.join("good"));
+    crate::update::add_to_feed(&good, &to.dir, &to.manifest).with_context(|| {
         format!(
             "cannot lay out the feed of {}@{}",
             to.manifest.name, to.manifest.version

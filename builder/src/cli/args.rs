@@ -237,17 +237,25 @@ pub(crate) enum KeysCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum PublishCommand {
-    /// Add a tested version's update bundle to an update feed (a directory to serve
-    /// over HTTP(S) at the spec's `[update] url`) and sign the feed's SHA256SUMS.
+    /// Add a tested version's update bundle to an update feed (a directory or an S3
+    /// prefix, served over HTTP(S) at the spec's `[update] url`) and sign the feed's
+    /// SHA256SUMS.
     Updates {
         /// NAME@VERSION (or NAME: its newest version).
         reference: String,
-        /// The feed directory (made if missing; other versions in it are kept).
+        /// The feed: a directory (made if missing) or s3://BUCKET/PREFIX; other
+        /// versions in it are kept.
         #[arg(long)]
-        to: PathBuf,
+        to: String,
         /// Publish even without a passing boot test.
         #[arg(long)]
         force: bool,
+        /// The bucket's region (s3:// only). Default: `[aws] region`, else AWS_REGION /
+        /// the profile's.
+        #[arg(long)]
+        region: Option<String>,
+        #[command(flatten)]
+        aws: AwsArgs,
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,

@@ -491,16 +491,19 @@ fn publish_command(
             reference,
             to,
             force,
+            region,
+            aws: a,
             dry_run,
             json,
         } => {
+            let feed = crate::publish::updates::open_feed(&to, || aws(region, a))?;
             if dry_run {
                 return dry_run_output(
                     json,
-                    &crate::publish::updates::publish_dry_run(reg, &reference, &to, force)?,
+                    &crate::publish::updates::publish_dry_run(reg, &reference, &*feed, force)?,
                 );
             }
-            let p = crate::publish::updates::publish_feed(reg, &reference, &to, force)?;
+            let p = crate::publish::updates::publish_feed(reg, &reference, &*feed, force)?;
             output(json, &p, || p.human(), true)
         }
         PublishCommand::Ami {

@@ -1,70 +1,130 @@
-//! `publish updates`: a tested version's update bundle into a feed directory
-//! (see [`crate::update`] for the feed's layout and signing).
+//! `publish updates`: a tested version's update bundle into a feed, a directory or an
+//! S3 prefix (see [`crate::update`] for the feed's layout and signing).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
+use devos_aws::AwsOptions;
+use devos_aws::s3::{Caching, Feed};
 
 use crate::model::manifest::Manifest;
 use crate::store::registry::Registry;
-use crate::support::digest;
-use crate::update::FeedPublished;
+use crate::update::{DirFeed, FeedPublished, FeedStore};
 
-/// `publish updates REF --to DIR`: add a tested version's bundle to the feed in `dir`
-/// and sign the feed's new `SHA256SUMS`. Files are copied under temporary names and
-/// renamed; `SHA256SUMS` and its signature are replaced last, so a client never sees a
-/// listed file that is not there.
+/// The feed `--to` names: `s3://BUCKET/PREFIX` (reached with `aws`'s options), or a
+/// directory.
+pub(crate) fn open_feed(to: &str, aws: impl FnOnce() -> AwsOptions) -> Result<Box<dyn FeedStore>> {
+    if to.starts_with("s3://") {
+        return Ok(Box::new(S3Feed::open(to, &aws())?));
+    }
+    if to.contains("://") {
+        bail!(
+            "`--to {to}`: a feed is published to a directory or to s3://BUCKET/PREFIX\n  hint: publish to a directory your web server serves, or to the S3 prefix behind the feed's URL"
+        );
+    }
+    Ok(Box::new(DirFeed(PathBuf::from(to))))
+}
+
+/// `publish updates REF --to FEED`: add a tested version's bundle to the feed and sign
+/// the feed's new `SHA256SUMS`.
 pub(crate) fn publish_feed(
     reg: &Registry,
     reference: &str,
-    feed: &Path,
+    feed: &dyn FeedStore,
     force: bool,
 ) -> Result<FeedPublished> {
-    check_feed_dir(feed)?;
     let v = super::gate(reg, reference, force)?;
     crate::update::add_to_feed(feed, &v.dir, &Manifest::load(&v.dir)?)
-}
-
-/// A feed is a directory (S3 and other stores: sync the directory there).
-fn check_feed_dir(feed: &Path) -> Result<()> {
-    if feed.to_str().is_some_and(|s| s.contains("://")) {
-        bail!(
-            "`--to {}`: only a directory can be published to so far\n  hint: publish to a directory your web server (or `aws s3 sync`) serves",
-            feed.display()
-        );
-    }
-    Ok(())
 }
 
 /// `publish updates --dry-run`: the same checks, and the files that would be added.
 pub(crate) fn publish_dry_run(
     reg: &Registry,
     reference: &str,
-    feed: &Path,
+    feed: &dyn FeedStore,
     force: bool,
 ) -> Result<crate::support::dry_run::DryRun> {
-    check_feed_dir(feed)?;
     let v = super::gate(reg, reference, force)?;
     let manifest = Manifest::load(&v.dir)?;
     let key = crate::update::feed_key(&manifest)?;
     let mut dry = crate::support::dry_run::DryRun::new();
     for f in &manifest.update {
-        let dest = feed.join(&f.file);
-        if !(dest.is_file() && digest::file_sha256(&dest)? == f.sha256) {
+        if !feed.holds(&f.file, &f.sha256)? {
             dry.would(format!(
                 "copy {} ({} bytes) to {}",
                 f.file,
                 f.size,
-                feed.display()
+                feed.location()
             ));
         }
     }
     if !dry.nothing_to_do() {
         dry.would(format!(
-            "sign {} with {}",
-            feed.join("SHA256SUMS").display(),
+            "sign the feed's SHA256SUMS in {} with {}",
+            feed.location(),
             key.fingerprint
         ));
     }
     Ok(dry)
+}
+
+/// A feed in S3, driven from this synchronous command through one runtime.
+struct S3Feed {
+    rt: tokio::runtime::Runtime,
+    feed: Feed,
+}
+
+impl S3Feed {
+    fn open(url: &str, opts: &AwsOptions) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let feed = rt.block_on(async {
+            let aws = devos_aws::Aws::load(opts).await?;
+            let region = aws.default_region()?;
+            Feed::open(&aws, &region, url).await
+        })?;
+        Ok(Self { rt, feed })
+    }
+}
+
+impl FeedStore for S3Feed {
+    fn holds(&self, file: &str, sha256: &str) -> Result<bool> {
+        Ok(self.rt.block_on(self.feed.sha256_of(file))?.as_deref() == Some(sha256))
+    }
+
+    fn has(&self, file: &str) -> Result<bool> {
+        Ok(self.rt.block_on(self.feed.sha256_of(file))?.is_some())
+    }
+
+    fn index(&self) -> Result<Option<String>> {
+        let Some(bytes) = self.rt.block_on(self.feed.read("SHA256SUMS"))? else {
+            return Ok(None);
+        };
+        String::from_utf8(bytes)
+            .map(Some)
+            .with_context(|| format!("{}SHA256SUMS is not text", self.feed.url()))
+    }
+
+    fn put(&self, file: &str, src: &Path, sha256: &str) -> Result<()> {
+        self.rt
+            .block_on(self.feed.put(file, src, sha256, Caching::Immutable))
+    }
+
+    fn put_index(&self, sums: &Path, sig: &Path) -> Result<()> {
+        let sha = |p: &Path| crate::support::digest::file_sha256(p);
+        self.rt.block_on(
+            self.feed
+                .put("SHA256SUMS", sums, &sha(sums)?, Caching::Index),
+        )?;
+        self.rt.block_on(
+            self.feed
+                .put("SHA256SUMS.gpg", sig, &sha(sig)?, Caching::Index),
+        )
+    }
+
+    fn location(&self) -> String {
+        self.feed.url()
+    }
 }

@@ -91,7 +91,8 @@ pub(crate) fn signing_key_for(image_key: &Path) -> Result<keys::KeyInfo> {
 pub(crate) struct FeedPublished {
     pub(crate) name: String,
     pub(crate) version: String,
-    pub(crate) feed: PathBuf,
+    /// The feed's directory or `s3://` URL.
+    pub(crate) feed: String,
     /// The files this version added (those already there with the same bytes are kept).
     pub(crate) added: Vec<String>,
     /// Every version the feed now offers, newest first.
@@ -105,11 +106,69 @@ impl FeedPublished {
             "{}@{} is in the feed {} ({} file(s) added; signed by {})\nthe feed offers: {}\n",
             self.name,
             self.version,
-            self.feed.display(),
+            self.feed,
             self.added.len(),
             self.signed_by,
             self.versions.join(", ")
         )
+    }
+}
+
+/// Where a feed is kept: a directory (served by a web server) or the objects under an
+/// S3 prefix (served by S3 or a CDN in front of it).
+pub(crate) trait FeedStore {
+    /// Whether the feed holds `file` with these bytes.
+    fn holds(&self, file: &str, sha256: &str) -> Result<bool>;
+    /// Whether the feed holds `file` at all.
+    fn has(&self, file: &str) -> Result<bool>;
+    /// The feed's `SHA256SUMS`, None when it has none yet.
+    fn index(&self) -> Result<Option<String>>;
+    /// Add `file` with the bytes of `src`; a reader sees it whole or not at all.
+    fn put(&self, file: &str, src: &Path, sha256: &str) -> Result<()>;
+    /// Replace `SHA256SUMS` and its signature, once everything they list is there.
+    fn put_index(&self, sums: &Path, sig: &Path) -> Result<()>;
+    /// The feed's directory or URL, for messages.
+    fn location(&self) -> String;
+}
+
+/// A feed in a directory of this machine.
+pub(crate) struct DirFeed(pub(crate) PathBuf);
+
+impl FeedStore for DirFeed {
+    fn holds(&self, file: &str, sha256: &str) -> Result<bool> {
+        let path = self.0.join(file);
+        Ok(path.is_file() && digest::file_sha256(&path)? == sha256)
+    }
+
+    fn has(&self, file: &str) -> Result<bool> {
+        Ok(self.0.join(file).is_file())
+    }
+
+    fn index(&self) -> Result<Option<String>> {
+        match fs::read_to_string(self.0.join("SHA256SUMS")) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot read {}/SHA256SUMS", self.0.display()))
+            }
+        }
+    }
+
+    fn put(&self, file: &str, src: &Path, _sha256: &str) -> Result<()> {
+        crate::support::paths::create_user_dirs(&self.0)?;
+        let tmp = self.0.join(format!(".{file}.tmp"));
+        fs::copy(src, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, self.0.join(file))?;
+        Ok(())
+    }
+
+    fn put_index(&self, sums: &Path, sig: &Path) -> Result<()> {
+        self.put("SHA256SUMS", sums, "")?;
+        self.put("SHA256SUMS.gpg", sig, "")
+    }
+
+    fn location(&self) -> String {
+        self.0.display().to_string()
     }
 }
 
@@ -132,20 +191,24 @@ pub(crate) fn feed_key(manifest: &Manifest) -> Result<keys::KeyInfo> {
     Ok(key)
 }
 
-/// Add the version built in `dir` (its `manifest`) to the feed in `feed`, signed with
-/// the builder's key, which must be the key the version trusts.
-pub(crate) fn add_to_feed(feed: &Path, dir: &Path, manifest: &Manifest) -> Result<FeedPublished> {
+/// Add the version built in `dir` (its `manifest`) to `feed`, signed with the
+/// builder's key, which must be the key the version trusts. Files are added first and
+/// the signed `SHA256SUMS` replaced last, so a client never sees a listed file that is
+/// not there.
+pub(crate) fn add_to_feed(
+    feed: &dyn FeedStore,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<FeedPublished> {
     let (name, version) = (&manifest.name, &manifest.version);
     let key = feed_key(manifest)?;
     let bundle = dir.join("update");
-    crate::support::paths::create_user_dirs(feed)?;
     let mut added = Vec::new();
     for f in &manifest.update {
-        let src = bundle.join(&f.file);
-        let dest = feed.join(&f.file);
-        if dest.is_file() && digest::file_sha256(&dest)? == f.sha256 {
+        if feed.holds(&f.file, &f.sha256)? {
             continue;
         }
+        let src = bundle.join(&f.file);
         let sha = digest::file_sha256(&src)
             .with_context(|| format!("cannot read the update bundle's {}", src.display()))?;
         if sha != f.sha256 {
@@ -155,33 +218,28 @@ pub(crate) fn add_to_feed(feed: &Path, dir: &Path, manifest: &Manifest) -> Resul
                 f.sha256,
             );
         }
-        let tmp = feed.join(format!(".{}.tmp", f.file));
-        fs::copy(&src, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, &dest)?;
+        feed.put(&f.file, &src, &f.sha256)?;
         added.push(f.file.clone());
     }
 
     // Every file the feed lists and still holds, with this version's.
-    let sums_path = feed.join("SHA256SUMS");
-    let mut sums: BTreeMap<String, String> = match fs::read_to_string(&sums_path) {
-        Ok(text) => text
-            .lines()
-            .filter_map(|l| l.split_once("  "))
-            .map(|(sha, file)| (file.trim_start_matches('*').to_owned(), sha.to_owned()))
-            .filter(|(file, _)| feed.join(file).is_file())
-            .collect(),
-        Err(_) => BTreeMap::new(),
-    };
+    let mut sums = BTreeMap::new();
+    for (file, sha) in feed.index()?.iter().flat_map(|text| parse_sums(text)) {
+        if feed.has(&file)? {
+            sums.insert(file, sha);
+        }
+    }
     for f in &manifest.update {
         sums.insert(f.file.clone(), f.sha256.clone());
     }
-    let tmp_sums = feed.join(".SHA256SUMS.tmp");
-    let tmp_sig = feed.join(".SHA256SUMS.gpg.tmp");
-    fs::write(&tmp_sums, sums_text(sums.iter()))?;
-    let now = crate::support::time::now();
-    keys::sign(&key, &tmp_sums, &tmp_sig, now)?;
-    fs::rename(&tmp_sums, &sums_path)?;
-    fs::rename(&tmp_sig, feed.join("SHA256SUMS.gpg"))?;
+    let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let (sums_path, sig) = (
+        scratch.path().join("SHA256SUMS"),
+        scratch.path().join("SHA256SUMS.gpg"),
+    );
+    fs::write(&sums_path, sums_text(sums.iter()))?;
+    keys::sign(&key, &sums_path, &sig, crate::support::time::now())?;
+    feed.put_index(&sums_path, &sig)?;
 
     let prefix = format!("{name}_");
     let mut versions: Vec<String> = sums
@@ -193,9 +251,17 @@ pub(crate) fn add_to_feed(feed: &Path, dir: &Path, manifest: &Manifest) -> Resul
     Ok(FeedPublished {
         name: name.clone(),
         version: version.clone(),
-        feed: feed.to_path_buf(),
+        feed: feed.location(),
         added,
         versions,
         signed_by: key.fingerprint,
     })
+}
+
+/// `SHA256SUMS` lines as (file, sha256).
+fn parse_sums(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(sha, file)| (file.trim_start_matches('*').to_owned(), sha.to_owned()))
+        .collect()
 }

@@ -191,3 +191,26 @@ pub fn flip_byte_at(path: &Path, offset: u64) {
     f.seek(SeekFrom::Start(offset)).unwrap();
     f.write_all(&b).unwrap();
 }
+
+/// `gpg --verify` of `sig` on `file` with only the keys in `keyring`, as systemd-pull
+/// checks a feed; whether it passed.
+pub fn gpg_verifies(keyring: &Path, file: &Path, sig: &Path) -> bool {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new("gpg")
+        .arg("--homedir")
+        .arg(home.path())
+        .args(["--batch", "--no-default-keyring", "--trust-model", "always"])
+        .arg("--keyring")
+        .arg(keyring)
+        .arg("--verify")
+        .arg(sig)
+        .arg(file)
+        .output()
+        .unwrap();
+    let _ = Command::new("gpgconf")
+        .arg("--homedir")
+        .arg(home.path())
+        .args(["--kill", "gpg-agent"])
+        .output();
+    out.status.success()
+}
