@@ -24,10 +24,6 @@ pub const SYSTEM_PATH: &[&str] = &[
     "/run/current-system/sw/bin",
 ];
 
-/// Programs that are many programs: which one runs is the name they are started by
-/// (`argv[0]`), as NixOS's single-binary coreutils.
-const MULTI_CALL: &[&str] = &["coreutils", "busybox"];
-
 /// Programs that talk to the network (for shell scripts: the network is given when one
 /// of them appears).
 pub const NETWORK_PROGRAMS: &[&str] = &[
@@ -257,18 +253,16 @@ fn alias(known: Option<&Known>, key: String) -> String {
         .map_or(key, |(_, to)| (*to).to_owned())
 }
 
-/// Which program runs when `program` (canonical) is started as `argv0`: its own name,
-/// or for a multi-call program the name it is started by.
-fn running_as(program: &Path, argv0: &str) -> String {
-    let file_name = program
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if MULTI_CALL.contains(&file_name.as_str()) {
-        canonical_name(argv0.rsplit('/').next().unwrap_or(argv0))
-    } else {
-        canonical_name(&file_name)
-    }
+/// The name a program is started by: the last component of `argv0`, which is what
+/// programs that act on their name look at.
+fn started_as(argv0: &str) -> Option<&str> {
+    argv0.rsplit('/').next().filter(|n| !n.is_empty())
+}
+
+/// What runs when a trusted program is started as `argv0`: the name a system
+/// directory gives it (see [`trusted`]), as the tables spell it.
+fn running_as(argv0: &str) -> String {
+    canonical_name(started_as(argv0).unwrap_or(argv0))
 }
 
 /// A program's name as the tables use it: interpreter versions dropped
@@ -302,8 +296,8 @@ pub enum ProgramError {
         SYSTEM_PATH.join(":")
     )]
     NotInstalled { argv0: String },
-    #[error("{0} is not in a system directory")]
-    NotInSystemDirectory(PathBuf),
+    #[error("no system directory holds {program} as `{name}`")]
+    NotInSystemDirectory { program: PathBuf, name: String },
     #[error("{path}: {source}")]
     Unreadable {
         path: PathBuf,
@@ -346,11 +340,16 @@ pub fn resolve(argv0: &str, cwd: &Path) -> Result<PathBuf, ProgramError> {
     })
 }
 
-/// Whether a canonical program path, started as `argv0`, counts as known: a regular
-/// file in a system directory, or the file a system directory links to under the name
-/// it is started by (NixOS: `/run/current-system/sw/bin/ls` into the Nix store, where
-/// any user may add files but only root names them in the system profile); owned by
+/// Whether a canonical program path, started as `argv0`, counts as known: the file a
+/// system directory holds under the name it is started by — itself or through links
+/// (`awk` to mawk; NixOS: `/run/current-system/sw/bin/ls` into the Nix store, where any
+/// user may add files but only root names them in the system profile) — owned by
 /// root, and neither it nor any directory above it lets anyone but root change it.
+///
+/// The name matters because programs act on it: git runs its command `checkout` when
+/// started as `git-checkout`, busybox and NixOS's coreutils run the tool they are
+/// named as. So `./git-checkout` linked to `/usr/bin/git` is not git, and an action is
+/// classified as the name it starts ([`running_as`]).
 pub fn trusted(program: &Path, argv0: &str) -> Result<(), ProgramError> {
     trusted_in(program, argv0, SYSTEM_PATH)
 }
@@ -360,16 +359,17 @@ fn trusted_in(
     argv0: &str,
     system_path: &[impl AsRef<Path>],
 ) -> Result<(), ProgramError> {
-    let dir = program.parent().unwrap_or(Path::new("/"));
-    let name = Path::new(argv0).file_name();
     // A system directory this machine lacks holds no program.
-    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    let offered = system_path.iter().map(AsRef::as_ref).any(|d| {
-        canonical(d).as_deref() == Some(dir)
-            || name.is_some_and(|n| canonical(&d.join(n)).as_deref() == Some(program))
+    let offered = started_as(argv0).is_some_and(|name| {
+        system_path
+            .iter()
+            .any(|d| std::fs::canonicalize(d.as_ref().join(name)).is_ok_and(|p| p == program))
     });
     if !offered {
-        return Err(ProgramError::NotInSystemDirectory(program.to_path_buf()));
+        return Err(ProgramError::NotInSystemDirectory {
+            program: program.to_path_buf(),
+            name: started_as(argv0).unwrap_or_default().to_owned(),
+        });
     }
     let unreadable = |path: &Path| {
         let path = path.to_path_buf();
@@ -549,7 +549,7 @@ pub(crate) fn classify_argv(c: &mut Classifier, argv: &[String]) {
     let program = match resolve(argv0, c.scope.cwd) {
         Ok(p) => p,
         Err(e) => {
-            let name = canonical_name(argv0.rsplit('/').next().unwrap_or(argv0));
+            let name = running_as(argv0);
             c.risk.normalized = Some(normalized(c, &name, args, known(&name)));
             if PRIVILEGED.contains(&name.as_str()) {
                 c.risk.raise(
@@ -564,7 +564,7 @@ pub(crate) fn classify_argv(c: &mut Classifier, argv: &[String]) {
         }
     };
     c.risk.program = Some(program.clone());
-    let name = running_as(&program, argv0);
+    let name = running_as(argv0);
     let entry = known(&name);
     c.risk.normalized = Some(normalized(c, &name, args, entry));
     if let Err(why) = trusted(&program, argv0) {
@@ -1480,6 +1480,18 @@ mod tests {
         let fake = std::fs::canonicalize(&fake).unwrap();
         assert!(trusted(&fake, "ls").is_err());
         assert!(trusted(&fake, fake.to_str().unwrap()).is_err());
+        // A system program under a name the system does not give it is not known: git
+        // started as `git-checkout` runs `git checkout`, whatever its arguments say.
+        let git = resolve("git", Path::new("/")).unwrap();
+        trusted(&git, "git").unwrap();
+        let links = tempfile::tempdir().unwrap();
+        for (link, target) in [("git-checkout", &git), ("sneaky", &ls), ("ls", &ls)] {
+            std::os::unix::fs::symlink(target, links.path().join(link)).unwrap();
+            let argv0 = format!("./{link}");
+            let p = resolve(&argv0, links.path()).unwrap();
+            assert_eq!(&p, target);
+            assert_eq!(trusted(&p, &argv0).is_ok(), link == "ls", "{argv0}");
+        }
         // A path that only looks like a system path is what it resolves to.
         let sneaky = resolve("/usr/../proc/self/cwd/ls", dir.path());
         if let Ok(p) = sneaky {
@@ -1523,13 +1535,12 @@ mod tests {
 
         trusted_in(&real, "ls", &system_path).unwrap();
         trusted_in(&real, &profile.join("ls").to_string_lossy(), &system_path).unwrap();
-        assert_eq!(running_as(&real, "ls"), "ls");
-        assert_eq!(running_as(&real, "/run/current-system/sw/bin/rm"), "rm");
-        assert_eq!(running_as(&real, "coreutils"), "coreutils");
+        assert_eq!(running_as("ls"), "ls");
+        assert_eq!(running_as("/run/current-system/sw/bin/rm"), "rm");
         // Not named by the profile: a store path anyone could have added.
         assert!(matches!(
             trusted_in(&evil.join("ls"), "ls", &system_path),
-            Err(ProgramError::NotInSystemDirectory(_))
+            Err(ProgramError::NotInSystemDirectory { .. })
         ));
         // Named, but under another name than it is started by.
         assert!(trusted_in(&real, "rm", &system_path).is_err());

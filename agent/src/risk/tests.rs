@@ -186,6 +186,19 @@ fn a_program_is_what_its_canonical_path_is() {
     let ls = run(&["ls"], cwd);
     assert_eq!(ls.class, RiskClass::ReadOnly);
     assert!(ls.program.unwrap().starts_with("/usr"));
+
+    // git acts on the name it is started by: `./git-checkout add main.rs` is
+    // `git checkout add main.rs` (it drops the edits to main.rs), not `git add`.
+    let git = std::fs::canonicalize("/usr/bin/git").unwrap();
+    std::os::unix::fs::symlink(&git, cwd.join("git-checkout")).unwrap();
+    let disguised = run(&["./git-checkout", "add", "main.rs"], cwd);
+    assert_eq!(
+        disguised.class,
+        RiskClass::Unknown,
+        "{:?}",
+        disguised.reasons
+    );
+    assert_eq!(disguised.program.as_deref(), Some(git.as_path()));
 }
 
 #[test]
