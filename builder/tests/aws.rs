@@ -1800,13 +1800,20 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     assert_eq!(first["feed"], json!("s3://devos-feed/devos-pub/stable/"));
     let mut listed = objects();
     listed.sort();
+    // Names with `+` are also where plain HTTP finds them: S3 reads `+` in a URL's path
+    // as a space, and systemd-pull asks for the names as SHA256SUMS spells them.
     let mut expected: Vec<String> = old.clone();
+    expected.extend(old[..2].iter().map(|f| f.replace('+', " ")));
     expected.extend(["SHA256SUMS".into(), "SHA256SUMS.gpg".into()]);
     expected.sort();
     assert_eq!(listed, expected);
     assert_eq!(verified_sums().lines().count(), 3);
+    for file in &old[..2] {
+        assert_eq!(get(file).0, get(&file.replace('+', " ")).0, "{file}");
+    }
     let (_, cache) = get(&old[0]);
     assert!(cache.unwrap().contains("immutable"));
+    let signature = get("SHA256SUMS.gpg").0;
 
     // Again: nothing sent (each file's sha256 is in its metadata).
     let again = fx.json(&[
@@ -1821,9 +1828,28 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     ]);
     assert_eq!(again["added"], json!([]));
     assert_eq!(
+        get("SHA256SUMS.gpg").0,
+        signature,
+        "an unchanged index is not signed again"
+    );
+    assert_eq!(
         publish("devos-pub@1.0.0", &["--dry-run"]).status.code(),
         Some(3)
     );
+    // Without its signature the feed is refused by every machine: it is signed again.
+    fx.block_on(async {
+        s3.delete_object()
+            .bucket("devos-feed")
+            .key("devos-pub/stable/SHA256SUMS.gpg")
+            .send()
+            .await
+    })
+    .unwrap();
+    let dry = publish("devos-pub@1.0.0", &["--dry-run"]);
+    ok(&dry);
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would sign"));
+    ok(&publish("devos-pub@1.0.0", &[]));
+    verified_sums();
 
     // The next version joins the feed; the first stays offered.
     let second = fx.json(&[

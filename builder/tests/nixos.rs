@@ -145,6 +145,31 @@ fn a_nixos_spec_is_refused_in_words_where_there_is_no_nix() {
     assert!(stderr.contains("hint: install Nix"), "{stderr}");
     // Nothing was rendered or made.
     assert_eq!(std::fs::read_dir(images.path()).unwrap().count(), 0);
+    // A Nix older than nixpkgs needs (Debian 12's nix-bin is 2.8, what tests/setup-host
+    // installs there) is refused as such, before any work.
+    let host_nix = Command::new("nix").arg("--version").output();
+    let old = host_nix.as_ref().ok().and_then(|o| {
+        let v = String::from_utf8_lossy(&o.stdout);
+        let mut parts = v.split_whitespace().last()?.split('.');
+        let minor: u64 = parts.nth(1)?.parse().ok()?;
+        (minor < 18).then(|| v.trim().to_owned())
+    });
+    if let Some(version) = old {
+        let out = devos_build_command()
+            .args(["image", "build"])
+            .arg(&spec)
+            .arg("--out")
+            .arg(images.path().join("out"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{version}");
+        assert!(
+            stderr.contains("is too old to build NixOS images (nixpkgs needs 2.18 or newer)"),
+            "{version}: {stderr}"
+        );
+        assert_eq!(std::fs::read_dir(images.path()).unwrap().count(), 0);
+    }
     // `image plan` resolves Debian package sets; it says what to run instead.
     let out = devos_build_command()
         .args(["image", "plan"])
@@ -236,10 +261,14 @@ fn with_nixpkgs_devos_build_builds_registers_and_boot_tests_the_nixos_spec() {
     else {
         return;
     };
-    // devos-build builds with the nixpkgs flake.lock pins.
+    // devos-build builds with the nixpkgs flake.lock pins, into a directory of the
+    // test's (never the checkout's target/images).
+    let images = tempfile::tempdir().unwrap();
     let out = devos_build_command()
         .args(["image", "build", "--json", "--test"])
         .arg(repo_root().join("images/devos-nixos.toml"))
+        .arg("--out")
+        .arg(images.path())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -271,6 +300,8 @@ fn with_nixpkgs_devos_build_builds_registers_and_boot_tests_the_nixos_spec() {
     let out = devos_build_command()
         .args(["image", "build", "--json"])
         .arg(repo_root().join("images/devos-nixos.toml"))
+        .arg("--out")
+        .arg(images.path())
         .output()
         .unwrap();
     let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -12,6 +12,26 @@ use crate::{Aws, explain};
 /// The metadata key (`x-amz-meta-sha256`) that holds an object's sha256.
 const SHA256_KEY: &str = "sha256";
 
+/// The key a plain HTTP client reaches when it asks for `file`: S3 reads `+` in a
+/// URL's path as a space (a web form's encoding), and systemd-pull asks for
+/// `NAME_VERSION+UUID.root` as it is spelled. A file named with `+` is therefore also
+/// kept under that key (a copy made by S3, not sent again).
+fn http_alias(file: &str) -> Option<String> {
+    file.contains('+').then(|| file.replace('+', " "))
+}
+
+/// A key as `x-amz-copy-source` takes it: URL-encoded but for `/`.
+fn percent_encoded(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// `s3://BUCKET/PREFIX` split, the prefix without slashes at either end.
 pub fn parse_url(url: &str) -> Result<(String, String)> {
     let Some(rest) = url.strip_prefix("s3://") else {
@@ -77,8 +97,16 @@ impl Feed {
     }
 
     /// The sha256 recorded with `file`, `Some("")` when it is there without one, None
-    /// when the feed does not hold it.
+    /// when the feed does not hold it (or not where plain HTTP finds it).
     pub async fn sha256_of(&self, file: &str) -> Result<Option<String>> {
+        let sha = self.recorded_sha256(file).await?;
+        match http_alias(file) {
+            Some(alias) if sha.is_some() && self.recorded_sha256(&alias).await? != sha => Ok(None),
+            _ => Ok(sha),
+        }
+    }
+
+    async fn recorded_sha256(&self, file: &str) -> Result<Option<String>> {
         match self
             .client
             .head_object()
@@ -139,6 +167,18 @@ impl Feed {
             .send()
             .await
             .map_err(|e| explain("s3:PutObject", &self.region, e))?;
+        if let Some(alias) = http_alias(file) {
+            // The copy keeps the object's metadata and headers.
+            let source = format!("{}/{}", self.bucket, percent_encoded(&self.key(file)));
+            self.client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(self.key(&alias))
+                .copy_source(source)
+                .send()
+                .await
+                .map_err(|e| explain("s3:PutObject", &self.region, e))?;
+        }
         Ok(())
     }
 
@@ -151,6 +191,16 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::parse_url;
+
+    #[test]
+    fn names_with_plus_are_also_kept_where_plain_http_finds_them() {
+        assert_eq!(
+            super::http_alias("a_1.0_b+c-d.root").as_deref(),
+            Some("a_1.0_b c-d.root")
+        );
+        assert_eq!(super::http_alias("a_1.0.efi"), None);
+        assert_eq!(super::percent_encoded("p/a+b c"), "p/a%2Bb%20c");
+    }
 
     #[test]
     fn urls_split_into_bucket_and_prefix() {

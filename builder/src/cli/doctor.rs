@@ -319,11 +319,11 @@ fn judge(tools: Vec<ToolStatus>, facts: &Facts) -> Report {
                 match &facts.nix {
                     Ok(v) if usable => format!("Nix {v}: builds `distro = \"nixos\"` specs"),
                     Ok(v) => {
-                        format!("Nix {v} is too old for NixOS specs (flakes need 2.4 or newer)")
+                        format!("Nix {v} is too old for NixOS specs (nixpkgs needs 2.18 or newer)")
                     }
                     Err(e) => format!("no Nix ({e}): only NixOS specs need it"),
                 },
-                "for NixOS specs: install Nix 2.4 or newer (https://nixos.org/download)",
+                "for NixOS specs: install Nix 2.18 or newer (https://nixos.org/download, or `nix-bin` on Debian 13)",
             )
         },
     ];

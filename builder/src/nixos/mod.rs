@@ -14,9 +14,10 @@ use crate::model::manifest::PartitionInfo;
 use crate::model::spec::Spec;
 use crate::support::cmd;
 
-/// The oldest Nix whose `nix build --expr` and `builtins.getFlake` this uses (flakes
-/// and the nix command arrived in 2.4).
-const MIN_NIX: (u64, u64) = (2, 4);
+/// The oldest Nix that evaluates the pinned nixpkgs (its `lib/minver.nix`: 2.18; flakes
+/// and the nix command this uses arrived in 2.4). Debian 12's `nix-bin` (2.8) is too
+/// old, Debian 13's (2.26) is not.
+const MIN_NIX: (u64, u64) = (2, 18);
 
 /// What Nix needs switched on, whatever the host's nix.conf says.
 const FEATURES: &[&str] = &["--extra-experimental-features", "nix-command flakes"];
@@ -48,13 +49,13 @@ pub(crate) fn check_host(spec: &Spec, source: Option<&Path>) -> Result<PathBuf> 
     let version = nix_version().map_err(|e| {
         anyhow::anyhow!(
             "{}: a NixOS image is built with Nix, and there is none here ({e})\n  \
-             hint: install Nix (https://nixos.org/download, or Debian's `nix-bin`), then run this again",
+             hint: install Nix 2.18 or newer (https://nixos.org/download, or `nix-bin` on Debian 13), then run this again",
             spec.path.display()
         )
     })?;
     if !nix_is_usable(&version) {
         bail!(
-            "{}: Nix {version} is too old to build NixOS images (it needs {}.{} or newer, for flakes)\n  \
+            "{}: Nix {version} is too old to build NixOS images (nixpkgs needs {}.{} or newer)\n  \
              hint: install a newer Nix (https://nixos.org/download)",
             spec.path.display(),
             MIN_NIX.0,
@@ -97,9 +98,20 @@ pub(crate) fn substituter(spec: &Spec) -> String {
 fn image_expr(flake: &Path, config: &Path) -> String {
     format!(
         "((builtins.getFlake {}).lib.image [ {} ]).config.system.build.finalImage",
-        render::string(&format!("path:{}", flake.display())),
+        render::string(&flake_url(flake)),
         render::string(&config.display().to_string())
     )
+}
+
+/// How Nix is to read the flake at `flake`: a git checkout as git (only the files git
+/// tracks are copied into the store, not `target/` with its builds and images), any
+/// other directory whole.
+fn flake_url(flake: &Path) -> String {
+    if flake.join(".git").exists() {
+        format!("git+file://{}", flake.display())
+    } else {
+        format!("path:{}", flake.display())
+    }
 }
 
 fn nix(flake: &Path, spec: &Spec, args: &[&str]) -> Command {
@@ -254,6 +266,14 @@ mod tests {
         assert_eq!(major_minor("2.8.0"), Some((2, 8)));
         assert_eq!(major_minor("2.24.10"), Some((2, 24)));
         assert!(major_minor("2.3.16").is_some_and(|v| v < MIN_NIX));
+        assert!(!nix_is_usable("2.8.0"));
+        let checkout = tempfile::tempdir().unwrap();
+        let url = flake_url(checkout.path());
+        assert!(url.starts_with("path:/"), "{url}");
+        std::fs::create_dir(checkout.path().join(".git")).unwrap();
+        let url = flake_url(checkout.path());
+        assert!(url.starts_with("git+file:///"), "{url}");
+        assert!(nix_is_usable("2.18.1") && nix_is_usable("2.26.3"));
         assert_eq!(major_minor("unknown"), None);
         assert_eq!(
             build_id("/nix/store/0c6d3kqmwwg3zphsbc1y8ipwlgxrb6qx-image.drv").unwrap(),

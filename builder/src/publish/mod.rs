@@ -60,7 +60,7 @@ pub(crate) fn gate(reg: &Registry, reference: &str, force: bool) -> Result<Versi
     let v = reg.find(reference)?;
     if v.tested != Some(true) {
         eprintln!(
-            "WARNING: publishing {}@{} WITHOUT a passing boot test (--force); its AMIs are tagged devos:boot-test=skipped-with-force",
+            "WARNING: publishing {}@{} WITHOUT a passing boot test (--force); AMIs of it are tagged devos:boot-test=skipped-with-force",
             v.name, v.version
         );
     }

@@ -58,7 +58,7 @@ pub(crate) fn publish_dry_run(
             ));
         }
     }
-    if !dry.nothing_to_do() {
+    if crate::update::next_index(feed, &manifest)?.1 {
         dry.would(format!(
             "sign the feed's SHA256SUMS in {} with {}",
             feed.location(),

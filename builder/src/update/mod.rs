@@ -222,24 +222,17 @@ pub(crate) fn add_to_feed(
         added.push(f.file.clone());
     }
 
-    // Every file the feed lists and still holds, with this version's.
-    let mut sums = BTreeMap::new();
-    for (file, sha) in feed.index()?.iter().flat_map(|text| parse_sums(text)) {
-        if feed.has(&file)? {
-            sums.insert(file, sha);
-        }
+    let (sums, changed) = next_index(feed, manifest)?;
+    if changed {
+        let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
+        let (sums_path, sig) = (
+            scratch.path().join("SHA256SUMS"),
+            scratch.path().join("SHA256SUMS.gpg"),
+        );
+        fs::write(&sums_path, sums_text(sums.iter()))?;
+        keys::sign(&key, &sums_path, &sig, crate::support::time::now())?;
+        feed.put_index(&sums_path, &sig)?;
     }
-    for f in &manifest.update {
-        sums.insert(f.file.clone(), f.sha256.clone());
-    }
-    let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
-    let (sums_path, sig) = (
-        scratch.path().join("SHA256SUMS"),
-        scratch.path().join("SHA256SUMS.gpg"),
-    );
-    fs::write(&sums_path, sums_text(sums.iter()))?;
-    keys::sign(&key, &sums_path, &sig, crate::support::time::now())?;
-    feed.put_index(&sums_path, &sig)?;
 
     let prefix = format!("{name}_");
     let mut versions: Vec<String> = sums
@@ -256,6 +249,31 @@ pub(crate) fn add_to_feed(
         versions,
         signed_by: key.fingerprint,
     })
+}
+
+/// The feed's index once `manifest`'s version is in it — every file it lists and still
+/// holds, with this version's — and whether that differs from the signed index it has
+/// (which is then left alone: publishing again changes nothing).
+pub(crate) fn next_index(
+    feed: &dyn FeedStore,
+    manifest: &Manifest,
+) -> Result<(BTreeMap<String, String>, bool)> {
+    let listed: BTreeMap<String, String> = feed
+        .index()?
+        .iter()
+        .flat_map(|text| parse_sums(text))
+        .collect();
+    let mut sums = BTreeMap::new();
+    for (file, sha) in &listed {
+        if feed.has(file)? {
+            sums.insert(file.clone(), sha.clone());
+        }
+    }
+    for f in &manifest.update {
+        sums.insert(f.file.clone(), f.sha256.clone());
+    }
+    let changed = sums != listed || !feed.has("SHA256SUMS.gpg")?;
+    Ok((sums, changed))
 }
 
 /// `SHA256SUMS` lines as (file, sha256).
