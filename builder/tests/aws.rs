@@ -1701,6 +1701,11 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
         args.extend(extra);
         fx.run(&args)
     };
+    let published = |reference: &str| -> Value {
+        let out = publish(reference, &["--json"]);
+        ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
     let s3 = fx.s3();
     let objects = || -> Vec<String> {
         fx.block_on(async {
@@ -1785,16 +1790,7 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     assert!(said.contains("would sign"), "{said}");
     assert!(objects().is_empty());
 
-    let first = fx.json(&[
-        "publish",
-        "updates",
-        "devos-pub@1.0.0",
-        "--to",
-        url,
-        "--region",
-        "us-east-1",
-        "--json",
-    ]);
+    let first = published("devos-pub@1.0.0");
     assert_eq!(first["added"].as_array().unwrap().len(), 3, "{first:#}");
     assert_eq!(first["versions"], json!(["1.0.0"]));
     assert_eq!(first["feed"], json!("s3://devos-feed/devos-pub/stable/"));
@@ -1816,16 +1812,7 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     let signature = get("SHA256SUMS.gpg").0;
 
     // Again: nothing sent (each file's sha256 is in its metadata).
-    let again = fx.json(&[
-        "publish",
-        "updates",
-        "devos-pub@1.0.0",
-        "--to",
-        url,
-        "--region",
-        "us-east-1",
-        "--json",
-    ]);
+    let again = published("devos-pub@1.0.0");
     assert_eq!(again["added"], json!([]));
     assert_eq!(
         get("SHA256SUMS.gpg").0,
@@ -1852,16 +1839,7 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     verified_sums();
 
     // The next version joins the feed; the first stays offered.
-    let second = fx.json(&[
-        "publish",
-        "updates",
-        "devos-pub@1.1.0",
-        "--to",
-        url,
-        "--region",
-        "us-east-1",
-        "--json",
-    ]);
+    let second = published("devos-pub@1.1.0");
     assert_eq!(second["added"].as_array().unwrap().len(), 3, "{second:#}");
     assert_eq!(second["versions"], json!(["1.1.0", "1.0.0"]));
     let sums = verified_sums();

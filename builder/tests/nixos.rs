@@ -127,14 +127,15 @@ fn a_nixos_spec_is_refused_in_words_where_there_is_no_nix() {
     let bin = tempfile::tempdir().unwrap();
     let spec = repo_root().join("images/devos-nixos.toml");
     let images = tempfile::tempdir().unwrap();
-    let out = devos_build_command()
-        .env("PATH", bin.path())
-        .args(["image", "build"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(images.path().join("out"))
-        .output()
-        .unwrap();
+    let build = |c: &mut Command| {
+        c.args(["image", "build"])
+            .arg(&spec)
+            .arg("--out")
+            .arg(images.path().join("out"))
+            .output()
+            .unwrap()
+    };
+    let out = build(devos_build_command().env("PATH", bin.path()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -155,13 +156,7 @@ fn a_nixos_spec_is_refused_in_words_where_there_is_no_nix() {
         (minor < 18).then(|| v.trim().to_owned())
     });
     if let Some(version) = old {
-        let out = devos_build_command()
-            .args(["image", "build"])
-            .arg(&spec)
-            .arg("--out")
-            .arg(images.path().join("out"))
-            .output()
-            .unwrap();
+        let out = build(&mut devos_build_command());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{version}");
         assert!(

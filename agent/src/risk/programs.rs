@@ -359,16 +359,16 @@ fn trusted_in(
     argv0: &str,
     system_path: &[impl AsRef<Path>],
 ) -> Result<(), ProgramError> {
+    let name = started_as(argv0).unwrap_or_default();
     // A system directory this machine lacks holds no program.
-    let offered = started_as(argv0).is_some_and(|name| {
-        system_path
+    let offered = !name.is_empty()
+        && system_path
             .iter()
-            .any(|d| std::fs::canonicalize(d.as_ref().join(name)).is_ok_and(|p| p == program))
-    });
+            .any(|d| std::fs::canonicalize(d.as_ref().join(name)).is_ok_and(|p| p == program));
     if !offered {
         return Err(ProgramError::NotInSystemDirectory {
             program: program.to_path_buf(),
-            name: started_as(argv0).unwrap_or_default().to_owned(),
+            name: name.to_owned(),
         });
     }
     let unreadable = |path: &Path| {

@@ -289,6 +289,14 @@ fn identify(
 }
 
 /// The output directory of a version: `--out`, else `target/images/NAME/VERSION`.
+/// Where a spec's versions go: beside `--out`, else `target/images/NAME`.
+fn images_dir(opts: &BuildOptions, spec: &Spec) -> PathBuf {
+    opts.out
+        .as_ref()
+        .and_then(|o| o.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| images_root(&spec.path).join(&spec.name))
+}
+
 fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
     opts.out
         .clone()
@@ -413,11 +421,7 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         None => None,
     };
 
-    let images = opts
-        .out
-        .as_ref()
-        .and_then(|o| o.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| images_root(&spec.path).join(&spec.name));
+    let images = images_dir(opts, &spec);
     fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
     remove_stale_work_dirs(&images);
     let work = WorkDir::new(&images)?;
@@ -438,7 +442,14 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let _version_lock = lock_version(&images, &id.version, t.ui)?;
     let registry_path = opts.registry.clone().unwrap_or_else(registry::default_path);
     if !opts.force
-        && let Some(built) = already_built(&r, &final_dir, &registry_path, t.ui)?
+        && let Some(built) = already_built(
+            spec,
+            &id.version,
+            &id.build_id,
+            &final_dir,
+            &registry_path,
+            t.ui,
+        )?
     {
         return Ok(built);
     }
@@ -507,27 +518,27 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
 
 /// The version already in `final_dir`, if it has the same build id: nothing to build.
 fn already_built(
-    r: &Resolved,
+    spec: &Spec,
+    version: &str,
+    build_id: &str,
     final_dir: &Path,
     registry_path: &Path,
     ui: &Ui,
 ) -> Result<Option<Built>> {
-    let (spec, id) = (&r.spec, &r.id);
     if !final_dir.join("manifest.json").is_file() {
         return Ok(None);
     }
     let manifest = Manifest::load(final_dir)?;
-    if manifest.build_id != id.build_id {
+    if manifest.build_id != build_id {
         return Ok(None);
     }
     ui.info(&format!(
-        "{} is up to date in {}",
-        id.version,
+        "{version} is up to date in {}",
         final_dir.display()
     ));
     // A build killed after its output was complete but before it was recorded.
     let mut reg = registry::Registry::open(registry_path)?;
-    if reg.find(&format!("{}@{}", spec.name, id.version)).is_err() {
+    if reg.find(&format!("{}@{version}", spec.name)).is_err() {
         reg.record_build(final_dir, &spec.path, &manifest, &[])?;
     }
     Ok(Some(Built {

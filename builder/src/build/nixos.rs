@@ -5,12 +5,14 @@
 //! output directory, conversions, manifest and registry as a Debian image's.
 
 use std::fs;
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use super::{BuildOptions, Built, agent_pkg, convert_all, images_root, publish_dir, write_outputs};
+use super::{
+    BuildOptions, Built, agent_pkg, already_built, convert_all, final_dir, images_dir, publish_dir,
+    write_outputs,
+};
 use crate::model::manifest::{CacheKeys, Input, Manifest, StageTiming};
 use crate::model::spec::Spec;
 use crate::store::registry;
@@ -29,11 +31,7 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
     let start = Instant::now();
     let source = agent_pkg::agent_source(&spec.path);
     let flake = crate::nixos::check_host(spec, source.as_deref())?;
-    let images = opts
-        .out
-        .as_ref()
-        .and_then(|o| o.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| images_root(&spec.path).join(&spec.name));
+    let images = images_dir(opts, spec);
     let config = images.join("nixos").join(format!("{}.nix", spec.name));
     ui.info(&format!(
         "evaluating the NixOS configuration {}",
@@ -44,26 +42,13 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
     let build_id = crate::nixos::build_id(&drv)?;
     let version = format!("{plain}+{build_id}");
     timed("evaluate", start);
-    let final_dir = opts.out.clone().unwrap_or_else(|| images.join(&version));
+    let final_dir = final_dir(opts, spec, &version);
     let registry_path = opts.registry.clone().unwrap_or_else(registry::default_path);
     if !opts.force
-        && let Ok(manifest) = Manifest::load(&final_dir)
-        && manifest.build_id == build_id
+        && let Some(built) =
+            already_built(spec, &version, &build_id, &final_dir, &registry_path, ui)?
     {
-        ui.info(&format!(
-            "{version} is up to date in {}",
-            final_dir.display()
-        ));
-        let mut reg = registry::Registry::open(&registry_path)?;
-        if reg.find(&format!("{}@{version}", spec.name)).is_err() {
-            reg.record_build(&final_dir, &spec.path, &manifest, &[])?;
-        }
-        return Ok(Built {
-            dir: final_dir,
-            manifest,
-            fresh: false,
-            files: Vec::new(),
-        });
+        return Ok(built);
     }
 
     let start = Instant::now();
