@@ -135,6 +135,16 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         Ok(None) => {}
         Err(e) => emit(failed("update", e.to_string()))?,
     }
+    // The host asks for the way back: `devos update --rollback`, as root would.
+    match credential("devos.update-rollback") {
+        Ok(Some(_)) if all_ok.get() => emit(rollback().await)?,
+        Ok(Some(_)) => emit(failed(
+            "rollback",
+            "not run: this boot failed a check before it".into(),
+        ))?,
+        Ok(None) => {}
+        Err(e) => emit(failed("rollback", e.to_string()))?,
+    }
 
     // After a failed check (a broken agent cannot hand the key in), wait only briefly:
     // the report is failed either way, and the host's timeout must not run out first.
@@ -560,6 +570,51 @@ async fn update_from(feed: &str) -> CheckResult {
         },
         Ok(v) => failed("update", format!("nothing was installed from {feed}: {v}")),
         Err(e) => failed("update", format!("{e}")),
+    }
+}
+
+/// `devos update --rollback`: the next boot must start the version installed before
+/// this one, and the audit log must hold the update to this version and the rollback.
+async fn rollback() -> CheckResult {
+    let start = Instant::now();
+    let result = devos_json(&["update", "--rollback"]).await;
+    let _ = tokio::process::Command::new("sync").status().await;
+    let v = match result {
+        Ok(v) if v["reboot"] == true => v,
+        Ok(v) => return failed("rollback", format!("nothing to go back to: {v}")),
+        Err(e) => return failed("rollback", e.to_string()),
+    };
+    let audit_dir = crate::config::AgentConfig::load(Path::new(crate::config::DEFAULT_PATH))
+        .map(|c| c.state_dir.join("audit"))
+        .unwrap_or_else(|_| Path::new("/var/lib/devos-agent/audit").to_path_buf());
+    let log: String = std::fs::read_dir(&audit_dir)
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let missing: Vec<&str> = ["\"update.install\"", "\"update.rollback\""]
+        .into_iter()
+        .filter(|event| !log.contains(event))
+        .collect();
+    if !missing.is_empty() {
+        return failed(
+            "rollback",
+            format!(
+                "the audit log in {} has no {} entry",
+                audit_dir.display(),
+                missing.join(" or ")
+            ),
+        );
+    }
+    CheckResult {
+        check: "rollback".into(),
+        ok: true,
+        detail: format!(
+            "{} (the update and the rollback are in the audit log)",
+            v["message"].as_str().unwrap_or_default()
+        ),
+        ms: start.elapsed().as_millis(),
     }
 }
 

@@ -185,9 +185,9 @@ pub fn apply(
                     ))
                 }
                 // No newer version: systemd-sysupdate says so by failing, with no version.
-                (_, output) if !output.lines().any(|l| l.starts_with(char::is_numeric)) => Ok(
-                    outcome(None, false, "this machine runs the newest version".into()),
-                ),
+                (_, output) if !output.lines().any(|l| l.starts_with(char::is_numeric)) => {
+                    Ok(outcome(None, false, up_to_date(config, image, running)))
+                }
                 (status, output) => Err(UpdateError::Failed {
                     program: config.sysupdate.clone(),
                     status,
@@ -199,11 +199,7 @@ pub fn apply(
             let before = run(&config.launcher, &config.sysupdate, &["check-new"])?;
             let output = run_ok(&config.launcher, &config.sysupdate, &["update"])?;
             if !before.0.success() || output.contains("No update needed") {
-                return Ok(outcome(
-                    None,
-                    false,
-                    "this machine runs the newest version".into(),
-                ));
+                return Ok(outcome(None, false, up_to_date(config, image, running)));
             }
             let version = before
                 .1
@@ -234,18 +230,63 @@ pub fn apply(
     }
 }
 
-/// Make the newest other installed kernel image of this image the boot loader's
-/// default: (its file name, its version).
-fn rollback(
-    config: &UpdateConfig,
-    image: Option<&str>,
-    running: Option<&str>,
-) -> Result<(String, String), UpdateError> {
-    let (Some(image), Some(running)) = (image, running) else {
-        return Err(UpdateError::NoRollback(
-            "os-release has no IMAGE_ID and IMAGE_VERSION: this is not a DevOS image".into(),
-        ));
+/// What `check` and `install` say when the feed has nothing newer than what is
+/// installed. After a rollback the newest installed version is not the running one, and
+/// systemd-sysupdate does not install it again: say so, and how to boot it.
+fn up_to_date(config: &UpdateConfig, image: Option<&str>, running: Option<&str>) -> String {
+    let newer = match (image, running) {
+        (Some(image), Some(running)) => other_versions(config, image, running)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, version)| version)
+            .find(|v| version_cmp(v, &sysupdate_version(running)).is_gt()),
+        _ => None,
     };
+    match newer {
+        Some(v) => format!(
+            "the feed has nothing newer than what is installed, but this machine went back from {v}, which is still installed: `devos update --rollback` boots it again"
+        ),
+        None => "this machine runs the newest version".into(),
+    }
+}
+
+/// Versions compared as systemd does, near enough: runs of digits as numbers, the rest
+/// as text (`0.2.10` is newer than `0.2.9`).
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while let Some(c) = rest.chars().next() {
+            let digit = c.is_ascii_digit();
+            let end = rest
+                .find(|ch: char| ch.is_ascii_digit() != digit)
+                .unwrap_or(rest.len());
+            out.push((digit, &rest[..end]));
+            rest = &rest[end..];
+        }
+        out
+    }
+    fn key((digit, part): (bool, &str)) -> (bool, usize, &str) {
+        let trimmed = part.trim_start_matches('0');
+        if digit {
+            (true, trimmed.len(), trimmed)
+        } else {
+            (false, 0, part)
+        }
+    }
+    parts(a)
+        .into_iter()
+        .map(key)
+        .cmp(parts(b).into_iter().map(key))
+}
+
+/// The other installed kernel images of `image` that can still boot, newest first:
+/// (file name, version).
+fn other_versions(
+    config: &UpdateConfig,
+    image: &str,
+    running: &str,
+) -> Result<Vec<(String, String)>, UpdateError> {
     let prefix = format!("{image}_");
     let running = sysupdate_version(running);
     let entries = std::fs::read_dir(&config.kernel_images).map_err(|e| {
@@ -269,8 +310,23 @@ fn rollback(
             (version != running && left != Some("0")).then(|| (name.clone(), version.to_owned()))
         })
         .collect();
-    others.sort_by(|a, b| b.1.cmp(&a.1));
-    let Some((entry, version)) = others.into_iter().next() else {
+    others.sort_by(|a, b| version_cmp(&b.1, &a.1));
+    Ok(others)
+}
+
+/// Make the newest other installed kernel image of this image the boot loader's
+/// default: (its file name, its version).
+fn rollback(
+    config: &UpdateConfig,
+    image: Option<&str>,
+    running: Option<&str>,
+) -> Result<(String, String), UpdateError> {
+    let (Some(image), Some(running)) = (image, running) else {
+        return Err(UpdateError::NoRollback(
+            "os-release has no IMAGE_ID and IMAGE_VERSION: this is not a DevOS image".into(),
+        ));
+    };
+    let Some((entry, version)) = other_versions(config, image, running)?.into_iter().next() else {
         return Err(UpdateError::NoRollback(format!(
             "no other version of {image} is installed in {}: nothing to go back to",
             config.kernel_images.display()
@@ -435,6 +491,44 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("nothing to go back to"), "{e}");
+    }
+
+    #[test]
+    fn versions_compare_by_number_and_a_rolled_back_machine_is_told_so() {
+        use std::cmp::Ordering::*;
+        assert_eq!(version_cmp("0.2.10_a", "0.2.9_b"), Greater);
+        assert_eq!(version_cmp("0.2.1_a", "0.2.1_a"), Equal);
+        assert_eq!(version_cmp("0.2.0_ff", "0.2.1_00"), Less);
+        assert_eq!(version_cmp("1.0.01", "1.0.1"), Equal);
+
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["img_0.2.9_a.efi", "img_0.2.10_b.efi"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let config = UpdateConfig {
+            sysupdate: script(
+                dir.path(),
+                "sysupdate",
+                "case $1 in check-new) exit 1;; update) echo 'No update needed.' >&2;; esac",
+            ),
+            bootctl: dir.path().join("bootctl"),
+            kernel_images: dir.path().into(),
+            launcher: Vec::new(),
+        };
+        // Running 0.2.9 with 0.2.10 installed (it went back): neither action says it
+        // runs the newest version.
+        for action in [UpdateAction::Check, UpdateAction::Install] {
+            let out = apply(&config, action, Some("img"), Some("0.2.9+a")).unwrap();
+            assert!(!out.reboot, "{out:?}");
+            assert!(
+                out.message.contains("went back from 0.2.10_b")
+                    && out.message.contains("devos update --rollback"),
+                "{}",
+                out.message
+            );
+        }
+        let out = apply(&config, UpdateAction::Check, Some("img"), Some("0.2.10+b")).unwrap();
+        assert_eq!(out.message, "this machine runs the newest version");
     }
 
     #[test]

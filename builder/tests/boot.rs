@@ -258,7 +258,9 @@ test -s /etc/systemd/import-pubring.gpg
 ls /usr/lib/sysupdate.d/
 /usr/lib/systemd/systemd-sysupdate --offline list > /tmp/list 2>&1 || { cat /tmp/list; exit 1; }
 cat /tmp/list
-grep -F "$version" /tmp/list | grep -q current
+# Installed: the newest installed version is `current`; after a rollback to an older
+# one, the running version is `protected` (never overwritten) instead.
+grep -F "$version" /tmp/list | grep -Eq 'current|protected'
 # A version on trial is good only once the agent is healthy; the boot loader lists
 # this version's kernel image (what `devos update --rollback` chooses among).
 test -L /etc/systemd/system/boot-complete.target.requires/devos-boot-complete.service
@@ -433,9 +435,26 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         "boot-blessed",
         "version-matches-build",
         "agent-ping",
+        "rollback",
+        "rollback-boot",
     ] {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
     }
+    // Then `devos update --rollback` in 0.2.1, recorded in the audit log beside the
+    // update, and the boot after it: 0.2.0 again, from its own (uncounted) entry.
+    assert!(
+        check(&report, "rollback")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("in the audit log"),
+        "{report:#}"
+    );
+    let back = check(&report, "rollback-boot")["detail"].as_str().unwrap();
+    let label = format!("{name}_{}", version.replace('+', "_"));
+    assert!(
+        back.contains(&format!("started {label}")) && back.contains(&format!("agent {version}")),
+        "{report:#}"
+    );
     // Before it: a feed with a forged signature and one with a changed root image were
     // refused, and nothing was installed from them.
     let refused: Vec<&Value> = report["checks"]
@@ -452,9 +471,10 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         report["agent_answered_seconds"]
     );
 
-    // A version whose agent crashes on start: the machine that updates to it tries it
-    // three times (each a counted boot that is never blessed, so it reboots), then
-    // starts the version it came from by itself, healthy.
+    // A version whose first boot panics the kernel and whose agent crashes on start
+    // after that: the machine that updates to it tries it three times (the panic
+    // reboots by itself; each boot is a counted boot never blessed), then starts the
+    // version it came from by itself, healthy.
     let broken_tree = env
         .dir
         .path()
@@ -462,7 +482,10 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     std::fs::create_dir_all(&broken_tree).unwrap();
     std::fs::write(
         broken_tree.join("crash.conf"),
-        "[Service]\nExecStart=\nExecStart=/bin/false\n",
+        "[Service]\n\
+         ExecStartPre=+/bin/sh -c 'test -e /var/lib/devos-panicked || \
+         { touch /var/lib/devos-panicked; sync; echo c > /proc/sysrq-trigger; }'\n\
+         ExecStart=\nExecStart=/bin/false\n",
     )
     .unwrap();
     let broken_spec = env.dir.path().join("verity-broken.toml");
@@ -497,6 +520,15 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     let broken_label = format!("{name}_{}", broken_version.replace('+', "_"));
     let next_label = format!("{name}_{}", next_version.replace('+', "_"));
     assert!(trial.contains("in 3 counted boot(s)"), "{report:#}");
+    assert!(trial.contains("kernel panic"), "{trial}");
+    assert!(
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["check"] != "rollback-boot"),
+        "{report:#}"
+    );
     // (A try that reboots before its self-test says which entry it is still counts.)
     assert!(trial.contains(&broken_label), "{trial}");
     // The boot after: the previous version, not counted, its agent answering.

@@ -104,12 +104,14 @@ fn ssh_user(target: &Target) -> Option<&str> {
 }
 
 /// One boot of the scratch disk; with `feeds`, the guest refuses the forged ones and
-/// installs the newest version from the good one.
+/// installs the newest version from the good one; with `rollback`, it goes back to the
+/// version before its own once its checks have passed.
 fn run_vm(
     scratch: &Scratch,
     target: &Target,
     opts: &TestOptions,
     feeds: Option<&update::Feeds>,
+    rollback: bool,
 ) -> Result<Run> {
     let dir = &scratch.dir;
     let console = dir.path().join("console.log");
@@ -146,6 +148,9 @@ fn run_vm(
             .push(format!("devos.update-refuse={}", feeds.refuse));
         vm.credentials
             .push(format!("devos.update-feed={}", feeds.install));
+    }
+    if rollback {
+        vm.credentials.push("devos.update-rollback=1".into());
     }
     vm.network = network.as_deref();
     if let Some(login) = &login {
@@ -187,6 +192,16 @@ fn run_vm(
         });
         (outcome, ssh)
     });
+    // An updatable image reboots a while after a kernel panic (QEMU, run with
+    // -no-reboot, then exits): give it that while, for such a reboot is a try used up.
+    if let (Err(why), Some(seconds)) = (&outcome, panic_reboot(target, opts))
+        && why.starts_with("kernel panic")
+    {
+        let until = Instant::now() + Duration::from_secs(seconds + 30);
+        while Instant::now() < until && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     let stopped_by_itself = matches!(child.try_wait(), Ok(Some(_)));
     // QEMU may have exited already (its kill then fails), and waiting only reaps it.
     let _ = child.kill();
@@ -213,14 +228,39 @@ fn boot_and_report(
     target: &Target,
     opts: &TestOptions,
     feeds: Option<&update::Feeds>,
+    rollback: bool,
 ) -> Result<Run> {
-    let mut run = run_vm(scratch, target, opts, feeds)?;
+    let mut run = run_vm(scratch, target, opts, feeds, rollback)?;
     if let Some(error) = run.kvm_failed.take() {
         tracing::warn!("KVM failed during the run ({error}); booting again under TCG");
         scratch.fall_back_to_tcg(target, &error)?;
-        run = run_vm(scratch, target, opts, feeds)?;
+        run = run_vm(scratch, target, opts, feeds, rollback)?;
     }
     Ok(run)
+}
+
+/// How long after a kernel panic the booted disk reboots by itself (`panic=N` on the
+/// command line of the version under test or the one it updates to), if it does.
+fn panic_reboot(target: &Target, opts: &TestOptions) -> Option<u64> {
+    let manifests = target
+        .manifest
+        .iter()
+        .chain(opts.update_to.iter().map(|to| &to.manifest));
+    manifests
+        .filter_map(|m| panic_seconds(&m.kernel_cmdline))
+        .max()
+}
+
+/// `panic=N` of a kernel command line (the last one counts) as seconds until the
+/// reboot: a negative N reboots at once, 0 (the kernel's default) never.
+fn panic_seconds(cmdline: &str) -> Option<u64> {
+    let n: i64 = cmdline
+        .split_whitespace()
+        .filter_map(|arg| arg.strip_prefix("panic="))
+        .next_back()?
+        .parse()
+        .ok()?;
+    (n != 0).then_some(n.max(0) as u64)
 }
 
 /// A boot of a version on trial that failed, in words: a counted boot that was not
@@ -254,7 +294,9 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         Some(to) => update::install(&mut scratch, target, opts, to)?,
         None => Vec::new(),
     };
-    let mut run = boot_and_report(&mut scratch, target, opts, None)?;
+    // The first boot of the new version also goes back, once it has passed its checks.
+    let updating = opts.update_to.is_some();
+    let mut run = boot_and_report(&mut scratch, target, opts, None, updating)?;
     // After an update the new version is on trial: a boot of it that does not become
     // healthy reboots, systemd-boot counts the try, and once the tries are used up it
     // starts the previous version. Boot again as the machine would, until a boot is
@@ -265,7 +307,7 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
             && let Some(failed) = failed_try(&run)
         {
             tries.push(failed);
-            run = boot_and_report(&mut scratch, target, opts, None)?;
+            run = boot_and_report(&mut scratch, target, opts, None, false)?;
         }
     }
     let before = match (&opts.update_to, tries.is_empty()) {
@@ -291,6 +333,14 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         }
         _ => before,
     };
+    // It went back (`devos update --rollback`): the boot after must start the version
+    // the machine came from, uncounted and healthy.
+    let after_rollback = if run.checks.iter().any(|c| c.check == "rollback" && c.ok) {
+        let back = boot_and_report(&mut scratch, target, opts, None, false)?;
+        rollback_checks(&back, target.manifest.as_ref().map(|m| m.version.as_str()))
+    } else {
+        Vec::new()
+    };
     let Run {
         outcome,
         seconds,
@@ -300,7 +350,11 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     } = run;
     let dir = &scratch.dir;
     let console = dir.path().join("console.log");
-    let mut checks: Vec<Check> = before.into_iter().chain(run.checks).collect();
+    let mut checks: Vec<Check> = before
+        .into_iter()
+        .chain(run.checks)
+        .chain(after_rollback)
+        .collect();
     let expected = match &opts.update_to {
         Some(to) => Some(to.manifest.version.clone()),
         None => target.manifest.as_ref().map(|m| m.version.clone()),
@@ -371,6 +425,46 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         console_tail,
         kept,
     })
+}
+
+/// The checks of the boot after a rollback: `rollback-boot` (the version `from`, not
+/// on trial, its agent answering), then each of its own checks that failed.
+fn rollback_checks(back: &Run, from: Option<&str>) -> Vec<Check> {
+    let detail = |name: &str| {
+        back.checks
+            .iter()
+            .find(|c| c.check == name)
+            .map(|c| c.detail.as_str())
+    };
+    let entry = detail("boot-entry").unwrap_or("no boot entry reported");
+    let version = detail("agent-version").unwrap_or("no agent version reported");
+    let failed: Vec<Check> = back
+        .checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| Check {
+            check: format!("after-rollback:{}", c.check),
+            ..c.clone()
+        })
+        .collect();
+    let healthy = back.outcome.is_ok()
+        && failed.is_empty()
+        && back.checks.iter().any(|c| c.check == "agent-ping" && c.ok);
+    let ok = healthy && !entry.contains("(counted") && from.is_none_or(|v| v == version);
+    let mut checks = vec![Check {
+        check: "rollback-boot".into(),
+        ok,
+        detail: match &back.outcome {
+            Err(e) => format!("the boot after the rollback failed: {e}"),
+            Ok(()) => format!(
+                "the boot after the rollback started {entry}; agent {version}{}",
+                from.map_or(String::new(), |v| format!(" (went back to {v})"))
+            ),
+        },
+        ms: (back.seconds * 1000.0) as u128,
+    }];
+    checks.extend(failed);
+    checks
 }
 
 /// Wait for the guest's final report line, a kernel panic, QEMU exiting, the timeout,
@@ -622,5 +716,63 @@ mod tests {
         );
         // A hang the host stopped is not a try the machine would take again by itself.
         assert_eq!(failed_try(&run(Err("timed out"), false, &[])), None);
+    }
+
+    #[test]
+    fn panic_reboots_are_read_from_the_command_line() {
+        assert_eq!(panic_seconds("root=x ro panic=10 quiet"), Some(10));
+        assert_eq!(panic_seconds("panic=10 panic=0"), None);
+        assert_eq!(panic_seconds("panic=0 panic=-1"), Some(0));
+        assert_eq!(panic_seconds("root=x oops=panic"), None);
+        assert_eq!(panic_seconds("panic=soon"), None);
+    }
+
+    #[test]
+    fn the_boot_after_a_rollback_must_be_the_old_version_uncounted_and_healthy() {
+        let healthy = |entry: &'static str, version: &'static str| {
+            run(
+                Ok(()),
+                false,
+                &[
+                    ("boot-entry", true, entry),
+                    ("agent-ping", true, "pong"),
+                    ("agent-version", true, version),
+                ],
+            )
+        };
+        let verdict = |back: &Run| {
+            let checks = rollback_checks(back, Some("0.2.0+a"));
+            assert_eq!(checks[0].check, "rollback-boot");
+            (checks[0].ok, checks[0].detail.clone(), checks.len())
+        };
+        let (ok, detail, n) = verdict(&healthy("d_0.2.0_a.efi", "0.2.0+a"));
+        assert!(ok && n == 1, "{detail}");
+        assert!(
+            detail.contains("started d_0.2.0_a.efi; agent 0.2.0+a"),
+            "{detail}"
+        );
+        // Still the new version, or the old one on trial: not a rollback.
+        assert!(!verdict(&healthy("d_0.2.1_b.efi", "0.2.1+b")).0);
+        assert!(
+            !verdict(&healthy(
+                "d_0.2.0_a+3.efi (counted: a version on trial)",
+                "0.2.0+a"
+            ))
+            .0
+        );
+        // A failed check of that boot fails it, and is reported under its own name.
+        let mut sick = healthy("d_0.2.0_a.efi", "0.2.0+a");
+        sick.checks.push(Check {
+            check: "var-writable".into(),
+            ok: false,
+            detail: "read-only".into(),
+            ms: 0,
+        });
+        let checks = rollback_checks(&sick, Some("0.2.0+a"));
+        assert!(!checks[0].ok);
+        assert_eq!(checks[1].check, "after-rollback:var-writable");
+        // A boot that never reported.
+        let (ok, detail, _) = verdict(&run(Err("timed out"), false, &[]));
+        assert!(!ok && detail.contains("failed: timed out"), "{detail}");
     }
 }

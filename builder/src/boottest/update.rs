@@ -6,7 +6,9 @@
 //! boot is the test: the newer version must run, on a counted boot that gets blessed.
 //! A newer version that does not become healthy reboots; the disk is booted again for
 //! each of its tries, and the report says what the machine started after them (the
-//! previous version, by itself, when boot counting works).
+//! previous version, by itself, when boot counting works). A newer version that came
+//! up healthy then goes back (`devos update --rollback`), and the disk boots once more:
+//! the target's version must run again.
 //! Before the real feed, the guest is pointed at two that must be refused with nothing
 //! installed: one whose `SHA256SUMS` changed after it was signed, one whose root image
 //! changed after its sum was signed.
@@ -119,7 +121,7 @@ pub(super) fn install(
             .map(|f| server.guest_url(f))
             .join(" "),
     };
-    let run = boot_and_report(scratch, target, opts, Some(&feeds))?;
+    let run = boot_and_report(scratch, target, opts, Some(&feeds), false)?;
     let checks = run.checks;
     let refused: Vec<Check> = checks
         .iter()

@@ -10,8 +10,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use super::{
-    BuildOptions, Built, agent_pkg, already_built, convert_all, final_dir, images_dir, publish_dir,
-    write_outputs,
+    BuildOptions, Built, agent_pkg, already_built, convert_all, final_dir, images_dir,
+    lock_version, publish_dir, write_outputs,
 };
 use crate::model::manifest::{CacheKeys, Input, Manifest, StageTiming};
 use crate::model::spec::Spec;
@@ -43,6 +43,9 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
     let version = format!("{plain}+{build_id}");
     timed("evaluate", start);
     let final_dir = final_dir(opts, spec, &version);
+    // One build of a version at a time; a second one waits, then finds it up to date.
+    fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
+    let _version_lock = lock_version(&images, &version, ui)?;
     let registry_path = opts.registry.clone().unwrap_or_else(registry::default_path);
     if !opts.force
         && let Some(built) =

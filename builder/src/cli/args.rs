@@ -147,7 +147,8 @@ pub(crate) enum ImageCommand {
         /// Test the update path instead: boot the target, let it update itself to this
         /// version (NAME@VERSION, built with `[update]`) from a feed served on this
         /// host, and test the boot after (the newer version must run, and its counted
-        /// boot be blessed). Not recorded as either version's boot test.
+        /// boot be blessed); then `devos update --rollback` in it, and the boot after
+        /// that (the target's version again). Not recorded as either version's boot test.
         #[arg(long, value_name = "NAME@VERSION")]
         update_to: Option<String>,
         /// Print the report as JSON on stdout.

@@ -117,7 +117,7 @@ pub(crate) fn build(
         None
     };
     let root_hash = verity.as_ref().map(|(_, _, hash)| hash.clone());
-    let cmdline = kernel_cmdline(spec, id, root_hash.as_deref());
+    let cmdline = kernel_cmdline(spec, &id.root_partuuid, root_hash.as_deref());
 
     let esp = work.join("esp.img");
     let boot = match &verity {
@@ -578,13 +578,21 @@ fn root_fs_name(fs: RootFs) -> &'static str {
 
 /// The kernel command line: where root is, read-only, then the spec's own arguments.
 /// A verified root is the device systemd's veritysetup makes from the partitions the
-/// root hash names.
-pub(crate) fn kernel_cmdline(spec: &Spec, id: &Identity, root_hash: Option<&str>) -> String {
+/// root hash names. An updatable image reboots after a kernel panic (into its next
+/// try, when the panic was a version on trial's); the spec's own `panic=`, later on
+/// the line, wins.
+pub(crate) fn kernel_cmdline(spec: &Spec, root_partuuid: &str, root_hash: Option<&str>) -> String {
     let root = match root_hash {
         Some(hash) => format!("roothash={hash} root=/dev/mapper/root"),
-        None => format!("root=PARTUUID={}", id.root_partuuid),
+        None => format!("root=PARTUUID={root_partuuid}"),
     };
     let mut line = format!("{root} ro rootfstype={}", root_fs_name(spec.root_fs));
+    if spec.update.is_some() {
+        line.push_str(&format!(
+            " panic={}",
+            crate::image::sysupdate::PANIC_REBOOT_SECONDS
+        ));
+    }
     if !spec.kernel_cmdline.is_empty() {
         line.push(' ');
         line.push_str(&spec.kernel_cmdline);

@@ -8,6 +8,10 @@ pub(crate) const TRANSFER_DIR: &str = "usr/lib/sysupdate.d";
 pub(crate) const KEYRING: &str = "etc/systemd/import-pubring.gpg";
 /// How often a new version may fail to come up before systemd-boot goes back.
 pub(crate) const BOOT_TRIES: u32 = 3;
+/// Seconds an updatable image waits after a kernel panic before it reboots (`panic=`
+/// on its command line): a version on trial that panics uses up a try and the next
+/// one starts, where without it the machine would hang at the panic for good.
+pub(crate) const PANIC_REBOOT_SECONDS: u32 = 10;
 
 /// A version as systemd-sysupdate sees it: `+` (which its patterns and systemd-boot's
 /// boot counting use as a separator) as `_`. `0.2.0+abc` → `0.2.0_abc`.
