@@ -587,24 +587,10 @@ async fn rollback() -> CheckResult {
     let audit_dir = crate::config::AgentConfig::load(Path::new(crate::config::DEFAULT_PATH))
         .map(|c| c.state_dir.join("audit"))
         .unwrap_or_else(|_| Path::new("/var/lib/devos-agent/audit").to_path_buf());
-    let log: String = std::fs::read_dir(&audit_dir)
-        .map(|d| {
-            d.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    let missing: Vec<&str> = ["\"update.install\"", "\"update.rollback\""]
-        .into_iter()
-        .filter(|event| !log.contains(event))
-        .collect();
-    if !missing.is_empty() {
+    if let Err(missing) = update_then_rollback_audited(&audit_dir) {
         return failed(
             "rollback",
-            format!(
-                "the audit log in {} has no {} entry",
-                audit_dir.display(),
-                missing.join(" or ")
-            ),
+            format!("the audit log in {}: {missing}", audit_dir.display()),
         );
     }
     CheckResult {
@@ -616,6 +602,39 @@ async fn rollback() -> CheckResult {
         ),
         ms: start.elapsed().as_millis(),
     }
+}
+
+/// The audit log holds the install of the running version (from the boot before,
+/// which asked for a reboot to start it) and, after it, a rollback that did the same.
+/// Refused installs (the forged feeds) are in the log too and do not count.
+fn update_then_rollback_audited(dir: &Path) -> Result<(), String> {
+    let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let running = crate::os_release::field(&os_release, "IMAGE_VERSION")
+        .ok_or("os-release has no IMAGE_VERSION")?
+        .replace('+', "_");
+    let mut entries: Vec<crate::audit::Entry> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot list it: {e}"))?
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    entries.sort_by_key(|e| e.seq);
+    let done =
+        |e: &crate::audit::Entry, event: &str| e.event == event && e.detail["reboot"] == true;
+    let install = entries
+        .iter()
+        .position(|e| done(e, "update.install") && e.detail["next"] == running.as_str())
+        .ok_or(format!("no update.install entry that installed {running}"))?;
+    entries[install..]
+        .iter()
+        .any(|e| done(e, "update.rollback"))
+        .then_some(())
+        .ok_or(format!(
+            "no update.rollback entry after the install of {running}"
+        ))
 }
 
 fn failed(check: &str, detail: String) -> CheckResult {

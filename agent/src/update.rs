@@ -238,13 +238,17 @@ fn up_to_date(config: &UpdateConfig, image: Option<&str>, running: Option<&str>)
         (Some(image), Some(running)) => other_versions(config, image, running)
             .unwrap_or_default()
             .into_iter()
-            .map(|(_, version)| version)
-            .find(|v| version_cmp(v, &sysupdate_version(running)).is_gt()),
+            .find(|o| version_cmp(&o.version, &sysupdate_version(running)).is_gt()),
         _ => None,
     };
     match newer {
-        Some(v) => format!(
-            "the feed has nothing newer than what is installed, but this machine went back from {v}, which is still installed: `devos update --rollback` boots it again"
+        Some(o) if o.untried => format!(
+            "{} is installed and boots next (its first try): reboot to start it",
+            o.version
+        ),
+        Some(o) => format!(
+            "the feed has nothing newer than what is installed, but this machine went back from {}, which is still installed: `devos update --rollback` boots it again",
+            o.version
         ),
         None => "this machine runs the newest version".into(),
     }
@@ -280,13 +284,20 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
         .cmp(parts(b).into_iter().map(key))
 }
 
-/// The other installed kernel images of `image` that can still boot, newest first:
-/// (file name, version).
+/// An installed kernel image of another version than the running one.
+struct OtherVersion {
+    entry: String,
+    version: String,
+    /// Installed by an update and not booted yet (`+LEFT` or `+LEFT-0`).
+    untried: bool,
+}
+
+/// The other installed kernel images of `image` that can still boot, newest first.
 fn other_versions(
     config: &UpdateConfig,
     image: &str,
     running: &str,
-) -> Result<Vec<(String, String)>, UpdateError> {
+) -> Result<Vec<OtherVersion>, UpdateError> {
     let prefix = format!("{image}_");
     let running = sysupdate_version(running);
     let entries = std::fs::read_dir(&config.kernel_images).map_err(|e| {
@@ -295,7 +306,7 @@ fn other_versions(
             config.kernel_images.display()
         ))
     })?;
-    let mut others: Vec<(String, String)> = entries
+    let mut others: Vec<OtherVersion> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|name| {
             let stem = name.strip_suffix(".efi")?;
@@ -306,11 +317,18 @@ fn other_versions(
                 Some((v, t)) => (v, Some(t)),
                 None => (rest, None),
             };
-            let left = tries.map(|t| t.split('-').next().unwrap_or(t));
-            (version != running && left != Some("0")).then(|| (name.clone(), version.to_owned()))
+            let (left, done) = match tries.map(|t| t.split_once('-').unwrap_or((t, "0"))) {
+                Some((left, done)) => (Some(left), Some(done)),
+                None => (None, None),
+            };
+            (version != running && left != Some("0")).then(|| OtherVersion {
+                entry: name.clone(),
+                version: version.to_owned(),
+                untried: done == Some("0"),
+            })
         })
         .collect();
-    others.sort_by(|a, b| version_cmp(&b.1, &a.1));
+    others.sort_by(|a, b| version_cmp(&b.version, &a.version));
     Ok(others)
 }
 
@@ -326,7 +344,9 @@ fn rollback(
             "os-release has no IMAGE_ID and IMAGE_VERSION: this is not a DevOS image".into(),
         ));
     };
-    let Some((entry, version)) = other_versions(config, image, running)?.into_iter().next() else {
+    let Some(OtherVersion { entry, version, .. }) =
+        other_versions(config, image, running)?.into_iter().next()
+    else {
         return Err(UpdateError::NoRollback(format!(
             "no other version of {image} is installed in {}: nothing to go back to",
             config.kernel_images.display()
@@ -529,6 +549,17 @@ mod tests {
         }
         let out = apply(&config, UpdateAction::Check, Some("img"), Some("0.2.10+b")).unwrap();
         assert_eq!(out.message, "this machine runs the newest version");
+        // Installed by an update and not booted yet: it boots next.
+        for untried in ["img_0.2.11_c+3.efi", "img_0.2.11_c+3-0.efi"] {
+            std::fs::write(dir.path().join(untried), "").unwrap();
+            let out = apply(&config, UpdateAction::Check, Some("img"), Some("0.2.10+b")).unwrap();
+            assert!(
+                out.message.contains("0.2.11_c is installed and boots next"),
+                "{}",
+                out.message
+            );
+            std::fs::remove_file(dir.path().join(untried)).unwrap();
+        }
     }
 
     #[test]

@@ -35,9 +35,17 @@ impl StandIn {
     /// Serve `public_key` as key pair 0 (none: an instance launched without a key pair)
     /// and forward `ssh_port` (a free one when not given).
     pub(crate) fn start(public_key: Option<String>, ssh_port: Option<u16>) -> Result<Self> {
-        let ssh_port = match ssh_port {
-            Some(port) => port,
-            None => free_port()?,
+        // A free port, held until the server below has its own: the kernel may hand a
+        // port just let go of to the next bind of port 0, and QEMU's forward to SSH
+        // would then find the server on it.
+        let (held, ssh_port) = match ssh_port {
+            Some(port) => (None, port),
+            None => {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0")
+                    .context("cannot find a free port on 127.0.0.1 for SSH")?;
+                let port = listener.local_addr()?.port();
+                (Some(listener), port)
+            }
         };
         let server =
             Arc::new(tiny_http::Server::http("127.0.0.1:0").map_err(|e| {
@@ -48,6 +56,7 @@ impl StandIn {
             .to_ip()
             .context("the stand-in instance metadata has no TCP address")?
             .port();
+        drop(held);
         let token = random_hex()?;
         let serving = Arc::clone(&server);
         let thread = std::thread::spawn(move || {
@@ -157,12 +166,6 @@ pub(crate) fn relay(addr: &str) -> Result<()> {
     }
     drop(upstream);
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .context("cannot find a free port on 127.0.0.1 for SSH")?;
-    Ok(listener.local_addr()?.port())
 }
 
 fn random_hex() -> Result<String> {

@@ -194,10 +194,11 @@ fn run_vm(
     });
     // An updatable image reboots a while after a kernel panic (QEMU, run with
     // -no-reboot, then exits): give it that while, for such a reboot is a try used up.
-    if let (Err(why), Some(seconds)) = (&outcome, panic_reboot(target, opts))
-        && why.starts_with("kernel panic")
+    // (The diagnosis may name what led to the panic rather than the panic.)
+    if let (Err(_), Some(seconds)) = (&outcome, panic_reboot(target, opts))
+        && String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).contains("Kernel panic")
     {
-        let until = Instant::now() + Duration::from_secs(seconds + 30);
+        let until = Instant::now() + Duration::from_secs(seconds.min(300) + 30);
         while Instant::now() < until && matches!(child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -232,10 +233,19 @@ fn boot_and_report(
 ) -> Result<Run> {
     let mut run = run_vm(scratch, target, opts, feeds, rollback)?;
     if let Some(error) = run.kvm_failed.take() {
+        // Under TCG the disk starts over from the image: what earlier boots wrote (an
+        // update, its tries) would be gone, and the test would test something else.
+        if scratch.boots > 0 {
+            anyhow::bail!(
+                "KVM failed during boot {} of this test ({error}), after earlier boots had changed the disk; run the test again under TCG: DEVOS_ACCEL=tcg",
+                scratch.boots + 1
+            );
+        }
         tracing::warn!("KVM failed during the run ({error}); booting again under TCG");
         scratch.fall_back_to_tcg(target, &error)?;
         run = run_vm(scratch, target, opts, feeds, rollback)?;
     }
+    scratch.boots += 1;
     Ok(run)
 }
 
@@ -295,8 +305,8 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         None => Vec::new(),
     };
     // The first boot of the new version also goes back, once it has passed its checks.
-    let updating = opts.update_to.is_some();
-    let mut run = boot_and_report(&mut scratch, target, opts, None, updating)?;
+    let installed = before.iter().any(|c| c.check == "update" && c.ok);
+    let mut run = boot_and_report(&mut scratch, target, opts, None, installed)?;
     // After an update the new version is on trial: a boot of it that does not become
     // healthy reboots, systemd-boot counts the try, and once the tries are used up it
     // starts the previous version. Boot again as the machine would, until a boot is
@@ -335,11 +345,22 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     };
     // It went back (`devos update --rollback`): the boot after must start the version
     // the machine came from, uncounted and healthy.
-    let after_rollback = if run.checks.iter().any(|c| c.check == "rollback" && c.ok) {
-        let back = boot_and_report(&mut scratch, target, opts, None, false)?;
-        rollback_checks(&back, target.manifest.as_ref().map(|m| m.version.as_str()))
-    } else {
-        Vec::new()
+    let console = scratch.dir.path().join("console.log");
+    let mut console_tail = tail_lines(&console, 30);
+    let after_rollback = match &opts.update_to {
+        Some(to) if run.checks.iter().any(|c| c.check == "rollback" && c.ok) => {
+            let back = boot_and_report(&mut scratch, target, opts, None, false)?;
+            let checks = rollback_checks(
+                &back,
+                target.manifest.as_ref().map(|m| m.version.as_str()),
+                &to.manifest.version,
+            );
+            if !checks[0].ok {
+                console_tail = tail_lines(&console, 30);
+            }
+            checks
+        }
+        _ => Vec::new(),
     };
     let Run {
         outcome,
@@ -349,7 +370,6 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         ..
     } = run;
     let dir = &scratch.dir;
-    let console = dir.path().join("console.log");
     let mut checks: Vec<Check> = before
         .into_iter()
         .chain(run.checks)
@@ -409,7 +429,6 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     {
         f.push_str(&format!("\n  QEMU said: {}", qemu_err.trim()));
     }
-    let console_tail = tail_lines(&console, 30);
     let Scratch { dir, accel, .. } = scratch;
     let kept = if opts.keep { Some(dir.keep()) } else { None };
     Ok(TestReport {
@@ -427,9 +446,10 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     })
 }
 
-/// The checks of the boot after a rollback: `rollback-boot` (the version `from`, not
-/// on trial, its agent answering), then each of its own checks that failed.
-fn rollback_checks(back: &Run, from: Option<&str>) -> Vec<Check> {
+/// The checks of the boot after a rollback from `to`: `rollback-boot` (the version
+/// `from`, when known, and not `to`; not on trial; its agent answering), then each of
+/// its own checks that failed.
+fn rollback_checks(back: &Run, from: Option<&str>, to: &str) -> Vec<Check> {
     let detail = |name: &str| {
         back.checks
             .iter()
@@ -450,15 +470,18 @@ fn rollback_checks(back: &Run, from: Option<&str>) -> Vec<Check> {
     let healthy = back.outcome.is_ok()
         && failed.is_empty()
         && back.checks.iter().any(|c| c.check == "agent-ping" && c.ok);
-    let ok = healthy && !entry.contains("(counted") && from.is_none_or(|v| v == version);
+    let ok = healthy
+        && !entry.contains("(counted")
+        && version != to
+        && from.is_none_or(|v| v == version);
     let mut checks = vec![Check {
         check: "rollback-boot".into(),
         ok,
         detail: match &back.outcome {
             Err(e) => format!("the boot after the rollback failed: {e}"),
             Ok(()) => format!(
-                "the boot after the rollback started {entry}; agent {version}{}",
-                from.map_or(String::new(), |v| format!(" (went back to {v})"))
+                "the boot after the rollback started {entry}; agent {version} (expected {})",
+                from.unwrap_or("the version before")
             ),
         },
         ms: (back.seconds * 1000.0) as u128,
@@ -741,7 +764,7 @@ mod tests {
             )
         };
         let verdict = |back: &Run| {
-            let checks = rollback_checks(back, Some("0.2.0+a"));
+            let checks = rollback_checks(back, Some("0.2.0+a"), "0.2.1+b");
             assert_eq!(checks[0].check, "rollback-boot");
             (checks[0].ok, checks[0].detail.clone(), checks.len())
         };
@@ -768,9 +791,13 @@ mod tests {
             detail: "read-only".into(),
             ms: 0,
         });
-        let checks = rollback_checks(&sick, Some("0.2.0+a"));
+        let checks = rollback_checks(&sick, Some("0.2.0+a"), "0.2.1+b");
         assert!(!checks[0].ok);
         assert_eq!(checks[1].check, "after-rollback:var-writable");
+        // The old version unknown (a bare disk): anything but the new one.
+        let new_again = healthy("d_0.2.1_b.efi", "0.2.1+b");
+        assert!(!rollback_checks(&new_again, None, "0.2.1+b")[0].ok);
+        assert!(rollback_checks(&healthy("d_0.2.0_a.efi", "0.2.0+a"), None, "0.2.1+b")[0].ok);
         // A boot that never reported.
         let (ok, detail, _) = verdict(&run(Err("timed out"), false, &[]));
         assert!(!ok && detail.contains("failed: timed out"), "{detail}");

@@ -387,6 +387,8 @@ pub(super) struct Scratch {
     pub(super) accel: AccelChoice,
     pub(super) overlay: PathBuf,
     pub(super) vars: PathBuf,
+    /// Boots of the overlay so far: after the first, the disk holds what they wrote.
+    pub(super) boots: u32,
 }
 
 impl Scratch {
@@ -424,6 +426,7 @@ impl Scratch {
             accel,
             overlay,
             vars,
+            boots: 0,
         })
     }
 

@@ -761,7 +761,8 @@ fn scratch_root(disk_size: u64) -> Option<PathBuf> {
     })
 }
 
-/// Hold an exclusive lock on `images/.VERSION.lock` for the rest of the build.
+/// Hold an exclusive lock on `images/.VERSION.lock` (or, for a NixOS image, on the
+/// image's name) for the rest of the build.
 fn lock_version(images: &Path, version: &str, ui: &Ui) -> Result<fs::File> {
     let path = images.join(format!(".{version}.lock"));
     let file = fs::File::create(&path)

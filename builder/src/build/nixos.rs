@@ -32,6 +32,11 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
     let source = agent_pkg::agent_source(&spec.path);
     let flake = crate::nixos::check_host(spec, source.as_deref())?;
     let images = images_dir(opts, spec);
+    // One build of a NixOS image at a time: its module (rendered per name) is written
+    // and evaluated before the version is known. A second one waits, then finds its
+    // version up to date if the first built it.
+    fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
+    let _lock = lock_version(&images, &spec.name, ui)?;
     let config = images.join("nixos").join(format!("{}.nix", spec.name));
     ui.info(&format!(
         "evaluating the NixOS configuration {}",
@@ -43,9 +48,6 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
     let version = format!("{plain}+{build_id}");
     timed("evaluate", start);
     let final_dir = final_dir(opts, spec, &version);
-    // One build of a version at a time; a second one waits, then finds it up to date.
-    fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
-    let _version_lock = lock_version(&images, &version, ui)?;
     let registry_path = opts.registry.clone().unwrap_or_else(registry::default_path);
     if !opts.force
         && let Some(built) =

@@ -251,8 +251,7 @@ fn write_config(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    // A file of its own to write, then renamed over: a build beside this one renders
-    // the same text and may be reading the file.
+    // Written beside it, then renamed over: never a half-written module.
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot write in {}", dir.display()))?;
