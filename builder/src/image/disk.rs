@@ -953,6 +953,32 @@ mod tests {
     }
 
     #[test]
+    fn an_updatable_image_reboots_after_a_kernel_panic_unless_its_spec_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        // A public key packet's first bytes are all the spec checks.
+        std::fs::write(dir.path().join("update.pgp"), [0x99, 0x00, 0x33]).unwrap();
+        let path = dir.path().join("x.toml");
+        let default = include_str!("../../../images/devos-debian.toml");
+        let spec = |text: &str| crate::model::spec::parse(&path, text).unwrap();
+        let update = "\n[update]\nurl = \"https://u.example/\"\nkey = \"update.pgp\"\n";
+        let line = super::kernel_cmdline(&spec(&format!("{default}{update}")), "p", Some("h"));
+        assert!(
+            line.contains(" ro rootfstype=erofs panic=10 console="),
+            "{line}"
+        );
+        let line = super::kernel_cmdline(&spec(default), "p", Some("h"));
+        assert!(!line.contains("panic="), "{line}");
+        // The spec's own `panic=` comes later on the line, and the kernel takes the last.
+        let own = format!("{default}{update}").replace("quiet ", "quiet panic=0 ");
+        let line = super::kernel_cmdline(&spec(&own), "p", Some("h"));
+        assert!(
+            line.ends_with("quiet panic=0 systemd.show_status=error"),
+            "{line}"
+        );
+        assert!(line.contains("panic=10"), "{line}");
+    }
+
+    #[test]
     fn booting_without_an_initrd_needs_the_root_fs_and_nvme_built_in() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("boot")).unwrap();
