@@ -204,9 +204,7 @@ fn run_vm(
         }
     }
     let stopped_by_itself = matches!(child.try_wait(), Ok(Some(_)));
-    // QEMU may have exited already (its kill then fails), and waiting only reaps it.
-    let _ = child.kill();
-    let _ = child.wait();
+    stop_qemu(&mut child);
     // QEMU may have died before the watcher looked at its stderr.
     if kvm && kvm_failed.is_none() && outcome.is_err() {
         kvm_failed = kvm_failure(&fs::read_to_string(&stderr_path).unwrap_or_default());
@@ -220,6 +218,28 @@ fn run_vm(
         checks: read_report(&report).0,
         stopped_by_itself,
     })
+}
+
+/// Stop a test VM's QEMU so that the next boot of its disk sees everything the guest
+/// wrote: SIGTERM first, on which QEMU closes the disk and writes the qcow2 overlay's
+/// cached tables (the drive runs with cache=unsafe, so the guest's own flushes do not
+/// reach the file; a SIGKILL lost the last writes of a boot, such as the audit entry
+/// of an update made just before the host stopped the VM). SIGKILL if it does not
+/// exit within 20 s.
+fn stop_qemu(child: &mut Child) {
+    // Signalled only while QEMU is known not to be reaped, so the pid is its.
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // QEMU may have exited already (its kill then fails), and waiting only reaps it.
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// One boot of the scratch disk with the self-test on (under TCG again when KVM
