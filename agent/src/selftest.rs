@@ -585,8 +585,9 @@ async fn rollback() -> CheckResult {
         Err(e) => return failed("rollback", e.to_string()),
     };
     let audit_dir = crate::config::AgentConfig::load(Path::new(crate::config::DEFAULT_PATH))
-        .map(|c| c.state_dir.join("audit"))
-        .unwrap_or_else(|_| Path::new("/var/lib/devos-agent/audit").to_path_buf());
+        .unwrap_or_default()
+        .state_dir
+        .join("audit");
     if let Err(missing) = update_then_rollback_audited(&audit_dir) {
         return failed(
             "rollback",

@@ -235,10 +235,13 @@ pub fn apply(
 /// systemd-sysupdate does not install it again: say so, and how to boot it.
 fn up_to_date(config: &UpdateConfig, image: Option<&str>, running: Option<&str>) -> String {
     let newer = match (image, running) {
-        (Some(image), Some(running)) => other_versions(config, image, running)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|o| version_cmp(&o.version, &sysupdate_version(running)).is_gt()),
+        (Some(image), Some(running)) => {
+            let running_version = sysupdate_version(running);
+            other_versions(config, image, running)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|o| version_cmp(&o.version, &running_version).is_gt())
+        }
         _ => None,
     };
     match newer {

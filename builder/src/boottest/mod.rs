@@ -198,10 +198,7 @@ fn run_vm(
     if let (Err(_), Some(seconds)) = (&outcome, panic_reboot(target, opts))
         && String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).contains("Kernel panic")
     {
-        let until = Instant::now() + Duration::from_secs(seconds.min(300) + 30);
-        while Instant::now() < until && matches!(child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        exits_within(&mut child, Duration::from_secs(seconds.min(300) + 30));
     }
     let stopped_by_itself = matches!(child.try_wait(), Ok(Some(_)));
     stop_qemu(&mut child);
@@ -229,17 +226,27 @@ fn run_vm(
 fn stop_qemu(child: &mut Child) {
     // Signalled only while QEMU is known not to be reaped, so the pid is its.
     if matches!(child.try_wait(), Ok(None)) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let until = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < until && matches!(child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        sigterm(child);
+        exits_within(child, Duration::from_secs(20));
     }
     // QEMU may have exited already (its kill then fails), and waiting only reaps it.
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Ask QEMU to quit: it closes its disks and gives the terminal back.
+fn sigterm(child: &Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+}
+
+/// Wait at most `wait` for QEMU to exit by itself.
+fn exits_within(child: &mut Child, wait: Duration) {
+    let until = Instant::now() + wait;
+    while Instant::now() < until && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// One boot of the scratch disk with the self-test on (under TCG again when KVM
@@ -658,9 +665,7 @@ fn run_interactive(
         if kvm_failed.is_none()
             && let Ok(error) = rx.try_recv()
         {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            sigterm(&child);
             kvm_failed = Some(error);
         }
         std::thread::sleep(Duration::from_millis(100));

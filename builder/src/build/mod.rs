@@ -288,7 +288,6 @@ fn identify(
     })
 }
 
-/// The output directory of a version: `--out`, else `target/images/NAME/VERSION`.
 /// Where a spec's versions go: beside `--out`, else `target/images/NAME`.
 fn images_dir(opts: &BuildOptions, spec: &Spec) -> PathBuf {
     opts.out
@@ -297,6 +296,7 @@ fn images_dir(opts: &BuildOptions, spec: &Spec) -> PathBuf {
         .unwrap_or_else(|| images_root(&spec.path).join(&spec.name))
 }
 
+/// The output directory of a version: `--out`, else `target/images/NAME/VERSION`.
 fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
     opts.out
         .clone()
