@@ -45,6 +45,19 @@ const MASKED_UNITS: &[&str] = &[
     "sys-fs-fuse-connections.mount",
 ];
 
+/// Generators (run by systemd before any unit starts, on every boot and reload) of what
+/// a DevOS image does not use: sshd on AF_VSOCK and a local AF_UNIX socket (the query
+/// loads the vsock and VMCI modules; DevOS runs ssh.service), SysV init scripts (every
+/// package here has native units), /etc/rc.local, resume from hibernation (no swap),
+/// TPM2 setup. Masked the way systemd documents: a link to /dev/null in /etc.
+const MASKED_GENERATORS: &[&str] = &[
+    "systemd-ssh-generator",
+    "systemd-sysv-generator",
+    "systemd-rc-local-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-tpm2-generator",
+];
+
 /// Units the agent package brings, enabled when `[agent] enable` is true.
 const AGENT_UNITS: &[(&str, &str)] = &[
     ("devos-agent.service", "multi-user.target"),
@@ -487,6 +500,11 @@ fn reorder_units(root: &Path) -> Result<()> {
 fn mask_units(root: &Path) -> Result<()> {
     for unit in MASKED_UNITS {
         replace_with_symlink(&root.join("etc/systemd/system").join(unit), "/dev/null")?;
+    }
+    let generators = root.join("etc/systemd/system-generators");
+    fs::create_dir_all(&generators)?;
+    for generator in MASKED_GENERATORS {
+        replace_with_symlink(&generators.join(generator), "/dev/null")?;
     }
     Ok(())
 }
