@@ -260,10 +260,12 @@ impl Vm<'_> {
             // Under TCG a plain x86-64-v2 CPU with QEMU's AMD identity, not `max`: with
             // `max` the guest kernel turns on mitigations (page-table isolation among
             // them) and vector code paths that are slow to emulate; the same image
-            // answers about 1.5 s sooner (docs/benchmarks.md).
+            // answers about 1.5 s sooner (docs/benchmarks.md). Without SVM, like EC2's
+            // instances: the guest would load kvm and kvm_amd for a nested
+            // virtualization TCG cannot give it.
             Accel::Tcg => (
                 "tcg,thread=multi,tb-size=256",
-                "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16",
+                "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,-svm",
             ),
         };
         c.args([
