@@ -272,8 +272,44 @@ fn boot_and_report(
         scratch.fall_back_to_tcg(target, &error)?;
         run = run_vm(scratch, target, opts, feeds, rollback)?;
     }
+    let first_tcg_boot = scratch.boots == 0 && scratch.accel.accel == vm::Accel::Tcg;
+    if let Some(crash) = tcg_fault(first_tcg_boot, &run.outcome) {
+        // This host's QEMU (7.2) runs a multi-threaded TCG guest's kernel into a fault
+        // now and then (seen: an oops in code it was patching, `devcgroup_check_permission`)
+        // that the same disk does not repeat. The first boot of a fresh disk is booted
+        // again once, from the image, and the report says so; a kernel that crashes
+        // again, or on any later boot, fails the test.
+        tracing::warn!(
+            "the guest kernel crashed under TCG ({crash}); booting again from the image, once"
+        );
+        scratch.start_over(target)?;
+        run = run_vm(scratch, target, opts, feeds, rollback)?;
+        run.checks.insert(
+            0,
+            Check {
+                check: "tcg-fault".into(),
+                ok: true,
+                detail: format!(
+                    "the first boot's kernel crashed under TCG ({crash}); this boot is the second, from the image"
+                ),
+                ms: 0,
+            },
+        );
+    }
     scratch.boots += 1;
     Ok(run)
+}
+
+/// The kernel oops that ended the first boot of a fresh disk under TCG, if that is how
+/// it ended: a fault the kernel hit (`Fatal exception`), not a panic it chose (no root,
+/// init died, `sysrq` crash, which a second boot would only repeat).
+fn tcg_fault(first_tcg_boot: bool, outcome: &Result<(), String>) -> Option<String> {
+    let Err(outcome) = outcome else {
+        return None;
+    };
+    let oops = outcome.starts_with("kernel panic")
+        && outcome.contains("Kernel panic - not syncing: Fatal exception");
+    (first_tcg_boot && oops).then(|| outcome.lines().next().unwrap_or(outcome).trim().to_owned())
 }
 
 /// How long after a kernel panic the booted disk reboots by itself (`panic=N` on the
@@ -729,6 +765,25 @@ mod tests {
                 .collect(),
             stopped_by_itself,
         }
+    }
+
+    #[test]
+    fn only_a_kernel_fault_on_a_fresh_disk_under_tcg_is_booted_again() {
+        let oops: Result<(), String> = Err("kernel panic: [   22.6] Kernel panic - not syncing: Fatal exception in interrupt\n  QEMU said: terminating".into());
+        let crash = tcg_fault(true, &oops).unwrap();
+        assert!(crash.ends_with("Fatal exception in interrupt"), "{crash}");
+        // Not after earlier boots changed the disk, nor under KVM.
+        assert!(tcg_fault(false, &oops).is_none());
+        // Panics the kernel chose: a second boot would only repeat them.
+        for chosen in [
+            "kernel panic: [ 3.1] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)",
+            "kernel panic: [ 9.2] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100",
+            "kernel panic: [ 30.1] Kernel panic - not syncing: sysrq triggered crash",
+            "the root filesystem failed dm-verity verification: ... Fatal exception",
+        ] {
+            assert!(tcg_fault(true, &Err(chosen.into())).is_none(), "{chosen}");
+        }
+        assert!(tcg_fault(true, &Ok(())).is_none());
     }
 
     #[test]

@@ -406,9 +406,15 @@ impl Scratch {
             accel: Accel::Tcg,
             reason,
         };
+        self.start_over(target)
+    }
+
+    /// A fresh overlay and variable store: the disk as the image has it, never booted.
+    pub(super) fn start_over(&mut self, target: &Target) -> Result<()> {
         remove::file_if_present(&self.overlay)?;
         overlay(&target.disk, disk_format(&target.disk), &self.overlay)?;
         vars_copy(&self.fw, &self.vars)?;
+        self.boots = 0;
         Ok(())
     }
 

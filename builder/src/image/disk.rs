@@ -757,9 +757,11 @@ fn make_root(spec: &Spec, id: &Identity, root: &Path, img: &Path) -> Result<u64>
         RootFs::Erofs => {
             cmd::run(
                 // No label (`-L` needs erofs-utils 1.6; bookworm has 1.5): the root is
-                // found by its partition UUID.
+                // found by its partition UUID. lz4, not lz4hc: the default root is 7%
+                // larger (153 instead of 143 MB) and made in a tenth of the time (lz4hc
+                // was most of the disk stage); both read back with the same decoder.
                 Command::new("mkfs.erofs")
-                    .args(["-zlz4hc", "-U", &id.root_fs_uuid])
+                    .args(["-zlz4", "-U", &id.root_fs_uuid])
                     .arg(format!("-T{}", id.source_date_epoch))
                     .arg("--all-root")
                     .arg(img)
