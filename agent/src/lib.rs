@@ -21,6 +21,7 @@ pub mod config;
 pub mod context;
 #[cfg(feature = "daemon")]
 pub mod gitrepo;
+pub mod inplace;
 #[cfg(feature = "daemon")]
 pub mod model;
 pub mod os_release;

@@ -23,6 +23,12 @@ pub struct UpdateConfig {
     /// (`systemd-run --wait --pipe`), outside the agent's own unit, whose sandbox has
     /// no block devices and a read-only /sys; empty: run them directly.
     pub launcher: Vec<String>,
+    /// The command that reboots the machine into the version an in-place fleet
+    /// rollout installed (run through `launcher`).
+    pub reboot: Vec<String>,
+    /// How often the agent of an EC2 instance reads its instance's tags for an
+    /// in-place fleet rollout (`devos:update-to`), in seconds.
+    pub fleet_poll_seconds: u64,
 }
 
 impl Default for UpdateConfig {
@@ -42,6 +48,8 @@ impl Default for UpdateConfig {
             ]
             .map(String::from)
             .to_vec(),
+            reboot: ["/usr/bin/systemctl", "reboot"].map(String::from).to_vec(),
+            fleet_poll_seconds: 60,
         }
     }
 }
@@ -103,6 +111,8 @@ pub enum UpdateError {
     },
     #[error("{0}")]
     NoRollback(String),
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 /// Run `program args` through `launcher`, its stdout and stderr together (the last
@@ -228,6 +238,56 @@ pub fn apply(
             )
         }),
     }
+}
+
+/// Make `target` the version the next boot starts (an in-place fleet rollout, or
+/// its rollback): the boot loader's default when that version is installed in the
+/// other slot and can still boot, else systemd-sysupdate installs it there from the
+/// feed (with boot tries). What was done, in words.
+pub fn move_to(
+    config: &UpdateConfig,
+    image: Option<&str>,
+    running: Option<&str>,
+    target: &str,
+) -> Result<String, UpdateError> {
+    let wanted = sysupdate_version(target);
+    if let (Some(image), Some(running)) = (image, running)
+        && config.kernel_images.is_dir()
+        && let Some(other) = other_versions(config, image, running)?
+            .into_iter()
+            .find(|o| o.version == wanted)
+    {
+        run_ok(
+            &config.launcher,
+            &config.bootctl,
+            &["set-default", &other.entry],
+        )?;
+        return Ok(format!(
+            "{target} is installed in the other slot ({}) and boots next",
+            other.entry
+        ));
+    }
+    if !config.sysupdate.exists() {
+        return Err(UpdateError::NotUpdatable(config.sysupdate.clone()));
+    }
+    run_ok(&config.launcher, &config.sysupdate, &["update", &wanted])?;
+    if config.bootctl.exists() {
+        run_ok(&config.launcher, &config.bootctl, &["set-default", ""])?;
+    }
+    Ok(format!(
+        "{target} is installed in the other slot and boots next (three tries)"
+    ))
+}
+
+/// Reboot the machine (`reboot` of the configuration, through its launcher).
+pub fn reboot(config: &UpdateConfig) -> Result<(), UpdateError> {
+    let Some((program, args)) = config.reboot.split_first() else {
+        return Err(UpdateError::Misconfigured(
+            "[update] reboot is empty: nothing reboots the machine".into(),
+        ));
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(&config.launcher, Path::new(program), &args).map(|_| ())
 }
 
 /// What `check` and `install` say when the feed has nothing newer than what is
@@ -488,6 +548,7 @@ mod tests {
             ),
             kernel_images: esp.clone(),
             launcher: Vec::new(),
+            ..UpdateConfig::default()
         };
         let out = apply(
             &config,
@@ -517,6 +578,64 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_moves_to_an_installed_version_by_the_boot_loader_and_to_others_by_sysupdate() {
+        let dir = tempfile::tempdir().unwrap();
+        let esp = dir.path().join("Linux");
+        std::fs::create_dir(&esp).unwrap();
+        for f in [
+            "img_1.0.0_aaa.efi",
+            "img_2.0.0_bbb+0-3.efi",
+            "img_3.0.0_ccc.efi",
+        ] {
+            std::fs::write(esp.join(f), "").unwrap();
+        }
+        let log = dir.path().join("log");
+        let record = |name: &str| {
+            script(
+                dir.path(),
+                name,
+                &format!("echo \"{name} $*\" >> {}", log.display()),
+            )
+        };
+        let config = UpdateConfig {
+            sysupdate: record("sysupdate"),
+            bootctl: record("bootctl"),
+            kernel_images: esp.clone(),
+            launcher: Vec::new(),
+            reboot: vec![record("reboot").display().to_string(), "now".into()],
+            ..UpdateConfig::default()
+        };
+        let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+        // Back to the version in the other slot: the boot loader's default, no download.
+        let done = move_to(&config, Some("img"), Some("3.0.0+ccc"), "1.0.0+aaa").unwrap();
+        assert!(done.contains("img_1.0.0_aaa.efi"), "{done}");
+        assert_eq!(calls(), "bootctl set-default img_1.0.0_aaa.efi\n");
+        // A version that failed its tries is not booted again from the slot: sysupdate.
+        std::fs::remove_file(&log).unwrap();
+        move_to(&config, Some("img"), Some("3.0.0+ccc"), "2.0.0+bbb").unwrap();
+        assert_eq!(
+            calls(),
+            "sysupdate update 2.0.0_bbb\nbootctl set-default \n"
+        );
+        std::fs::remove_file(&log).unwrap();
+        reboot(&config).unwrap();
+        assert_eq!(calls(), "reboot now\n");
+        // An image without systemd-sysupdate says so.
+        let bare = UpdateConfig {
+            sysupdate: dir.path().join("none"),
+            ..config.clone()
+        };
+        let e = move_to(&bare, Some("img"), Some("3.0.0+ccc"), "4.0.0+ddd").unwrap_err();
+        assert!(matches!(e, UpdateError::NotUpdatable(_)), "{e}");
+        let e = reboot(&UpdateConfig {
+            reboot: Vec::new(),
+            ..config
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("[update] reboot is empty"), "{e}");
+    }
+
+    #[test]
     fn versions_compare_by_number_and_a_rolled_back_machine_is_told_so() {
         use std::cmp::Ordering::*;
         assert_eq!(version_cmp("0.2.10_a", "0.2.9_b"), Greater);
@@ -537,6 +656,7 @@ mod tests {
             bootctl: dir.path().join("bootctl"),
             kernel_images: dir.path().into(),
             launcher: Vec::new(),
+            ..UpdateConfig::default()
         };
         // Running 0.2.9 with 0.2.10 installed (it went back): neither action says it
         // runs the newest version.
@@ -581,6 +701,7 @@ mod tests {
             ),
             kernel_images: dir.path().into(),
             launcher: Vec::new(),
+            ..UpdateConfig::default()
         };
         let out = apply(&config, UpdateAction::Install, Some("img"), Some("1.0.0+a")).unwrap();
         assert_eq!(out.next.as_deref(), Some("2.0.0_b"));

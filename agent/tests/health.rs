@@ -2,12 +2,14 @@
 //! metadata service and the CloudFormation endpoint (one local HTTP server): IMDSv2
 //! tokens on every metadata read, the instance role's credentials signing the call,
 //! SUCCESS from a healthy agent, FAILURE from one whose image is not the version the
-//! stack expects, and one signal per boot.
+//! stack expects, and one signal per boot. The same stand-ins (instance tags in
+//! metadata, EC2's CreateTags) test the instance's side of an in-place fleet rollout.
 
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,8 @@ impl Seen {
 struct StandIn {
     port: u16,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// The instance's tags, as metadata shows them and CreateTags changes them.
+    tags: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl StandIn {
@@ -49,15 +53,21 @@ impl StandIn {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (log, user_data) = (seen.clone(), user_data.to_owned());
+        let tags = Arc::new(Mutex::new(BTreeMap::new()));
+        let (log, user_data, instance_tags) = (seen.clone(), user_data.to_owned(), tags.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
-                let (log, user_data) = (log.clone(), user_data.clone());
-                std::thread::spawn(move || serve(stream, &log, &user_data));
+                let (log, user_data, tags) =
+                    (log.clone(), user_data.clone(), instance_tags.clone());
+                std::thread::spawn(move || serve(stream, &log, &user_data, &tags));
             }
         });
-        StandIn { port, seen }
+        StandIn { port, seen, tags }
+    }
+
+    fn tag(&self, key: &str) -> Option<String> {
+        self.tags.lock().unwrap().get(key).cloned()
     }
 
     fn endpoint(&self) -> String {
@@ -75,7 +85,64 @@ impl StandIn {
     }
 }
 
-fn serve(stream: std::net::TcpStream, log: &Mutex<Vec<Seen>>, user_data: &str) {
+/// A form-encoded value, decoded.
+fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// CreateTags on this instance: its `Tag.N.Key`/`Tag.N.Value` pairs into `tags`.
+fn create_tags(body: &str, tags: &Mutex<BTreeMap<String, String>>) {
+    let form: BTreeMap<String, String> = body
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (form_decode(k), form_decode(v)))
+        .collect();
+    assert_eq!(
+        form.get("ResourceId.1").map(String::as_str),
+        Some(INSTANCE),
+        "{body}"
+    );
+    assert!(
+        !form.contains_key("ResourceId.2"),
+        "tags only its own instance: {body}"
+    );
+    for n in 1.. {
+        let Some(key) = form.get(&format!("Tag.{n}.Key")) else {
+            break;
+        };
+        let value = form
+            .get(&format!("Tag.{n}.Value"))
+            .cloned()
+            .unwrap_or_default();
+        tags.lock().unwrap().insert(key.clone(), value);
+    }
+}
+
+fn serve(
+    stream: std::net::TcpStream,
+    log: &Mutex<Vec<Seen>>,
+    user_data: &str,
+    tags: &Mutex<BTreeMap<String, String>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut stream = stream;
     loop {
@@ -119,6 +186,21 @@ fn serve(stream: std::net::TcpStream, log: &Mutex<Vec<Seen>>, user_data: &str) {
             ("GET", p) if p.starts_with("/latest/") && !tokened => (401, String::new()),
             ("GET", "/latest/user-data") => (200, user_data.to_owned()),
             ("GET", "/latest/meta-data/instance-id") => (200, INSTANCE.to_owned()),
+            ("GET", "/latest/meta-data/placement/region") => (200, "eu-west-1".to_owned()),
+            ("GET", p) if p.starts_with("/latest/meta-data/tags/instance/") => {
+                let key = &p["/latest/meta-data/tags/instance/".len()..];
+                match tags.lock().unwrap().get(key) {
+                    Some(v) => (200, v.clone()),
+                    None => (404, String::new()),
+                }
+            }
+            ("POST", "/") if seen.body.contains("Action=CreateTags") => {
+                create_tags(&seen.body, tags);
+                (
+                    200,
+                    r#"<CreateTagsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>1</requestId><return>true</return></CreateTagsResponse>"#.into(),
+                )
+            }
             ("GET", "/latest/meta-data/iam/security-credentials/") => (200, "devos-agent-role".into()),
             ("GET", "/latest/meta-data/iam/security-credentials/devos-agent-role") => (
                 200,
@@ -156,13 +238,18 @@ fn serve(stream: std::net::TcpStream, log: &Mutex<Vec<Seen>>, user_data: &str) {
 const OS_RELEASE: &str = "ID=debian\nIMAGE_ID=devos\nIMAGE_VERSION=\"0.1.0+abcdef012345\"\n";
 
 fn start(stand_in: &StandIn) -> Daemon {
+    start_with(stand_in, "")
+}
+
+fn start_with(stand_in: &StandIn, config: &str) -> Daemon {
     let endpoint = stand_in.endpoint();
     Daemon::start_with_env(
         OS_RELEASE,
-        "",
+        config,
         &[
             ("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint.as_str()),
             ("AWS_ENDPOINT_URL_CLOUDFORMATION", endpoint.as_str()),
+            ("AWS_ENDPOINT_URL_EC2", endpoint.as_str()),
             ("AWS_CONFIG_FILE", "/dev/null"),
             ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
         ],
@@ -255,8 +342,9 @@ fn a_healthy_agent_signals_success_once_per_boot_with_imdsv2_and_the_role() {
         "{audit}"
     );
 
-    // A restart in the same boot does not signal again.
-    let requests = stand_in.seen.lock().unwrap().len();
+    // A restart in the same boot does not signal again. (The in-place rollout's poll of
+    // the instance's tags goes on; it is not the signal.)
+    let requests = user_data_reads(&stand_in);
     agent.restart();
     assert!(
         wait_for(Duration::from_secs(20), || audit_log(&agent)
@@ -270,9 +358,9 @@ fn a_healthy_agent_signals_success_once_per_boot_with_imdsv2_and_the_role() {
         "signalled again after a restart"
     );
     assert_eq!(
-        stand_in.seen.lock().unwrap().len(),
+        user_data_reads(&stand_in),
         requests,
-        "metadata read again after a restart"
+        "user data read again after a restart"
     );
 }
 
@@ -289,4 +377,143 @@ fn an_agent_on_the_wrong_version_signals_failure() {
         ),
         "{audit}"
     );
+}
+
+fn user_data_reads(stand_in: &StandIn) -> usize {
+    stand_in
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.path == "/latest/user-data")
+        .count()
+}
+
+/// A program that appends its arguments to `log`.
+fn recorder(dir: &std::path::Path, name: &str, log: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\necho \"{name} $*\" >> {}\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn an_in_place_rollout_moves_the_machine_once_and_reports_on_its_own_tags() {
+    let tools = tempfile::tempdir().unwrap();
+    let log = tools.path().join("calls");
+    std::fs::create_dir(tools.path().join("efi")).unwrap();
+    let config = format!(
+        "[update]\nsysupdate = \"{}\"\nbootctl = \"{}\"\nkernel-images = \"{}\"\nlauncher = []\nreboot = [\"{}\"]\nfleet-poll-seconds = 1\n",
+        recorder(tools.path(), "sysupdate", &log),
+        recorder(tools.path(), "bootctl", &log),
+        tools.path().join("efi").display(),
+        recorder(tools.path(), "reboot", &log),
+    );
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+    // No signal asked for; the rollout asks this instance for 0.2.0.
+    let stand_in = StandIn::start("#!/bin/sh\n");
+    let mut agent = start_with(&stand_in, &config);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(calls(), "", "moved with nothing asked");
+    assert_eq!(
+        stand_in.tag("devos:running"),
+        None,
+        "reported with nothing asked"
+    );
+
+    stand_in
+        .tags
+        .lock()
+        .unwrap()
+        .insert("devos:update-to".into(), "0.2.0+fedcba987654".into());
+    assert!(
+        wait_for(Duration::from_secs(30), || calls().contains("reboot")),
+        "no move and reboot within 30 s: {:?}; requests: {:#?}",
+        calls(),
+        stand_in.seen.lock().unwrap()
+    );
+    assert_eq!(
+        calls(),
+        "sysupdate update 0.2.0_fedcba987654\nbootctl set-default \nreboot \n",
+        "installed the version asked for, made it the next boot, rebooted"
+    );
+    assert_eq!(
+        stand_in.tag("devos:update-state").as_deref(),
+        Some("updating to 0.2.0+fedcba987654")
+    );
+    assert_eq!(
+        stand_in.tag("devos:running").as_deref(),
+        Some("0.1.0+abcdef012345")
+    );
+    let audit = audit_log(&agent);
+    assert!(
+        audit.contains("update.install") && audit.contains("\"by\":\"fleet\""),
+        "{audit}"
+    );
+    // Polls go on; the version is not installed again in this boot, nor after a restart.
+    std::thread::sleep(Duration::from_secs(3));
+    agent.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(calls().matches("sysupdate").count(), 1, "{}", calls());
+
+    // The machine came back on 0.1.0 in a later boot (its boot tries ran out): the
+    // failure is reported, and it is not tried again.
+    let marker = agent.state().join("in-place-attempt");
+    let attempt = std::fs::read_to_string(&marker).unwrap();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    std::fs::write(&marker, attempt.replace(boot.trim(), "an-earlier-boot")).unwrap();
+    agent.restart();
+    assert!(
+        wait_for(Duration::from_secs(30), || stand_in
+            .tag("devos:update-state")
+            .is_some_and(|s| s.starts_with("failed 0.2.0+fedcba987654:"))),
+        "{:?}",
+        stand_in.tag("devos:update-state")
+    );
+    assert!(
+        stand_in
+            .tag("devos:update-state")
+            .unwrap()
+            .contains("back on 0.1.0+abcdef012345")
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(calls().matches("sysupdate").count(), 1, "{}", calls());
+
+    // Told to go back to what it runs: it reports itself healthy there.
+    stand_in
+        .tags
+        .lock()
+        .unwrap()
+        .insert("devos:update-to".into(), "0.1.0+abcdef012345".into());
+    assert!(
+        wait_for(Duration::from_secs(30), || stand_in
+            .tag("devos:update-state")
+            .as_deref()
+            == Some("healthy")),
+        "{:?}",
+        stand_in.tag("devos:update-state")
+    );
+    assert_eq!(calls().matches("sysupdate").count(), 1, "{}", calls());
+    let audit = audit_log(&agent);
+    assert!(audit.contains("update.fleet-report"), "{audit}");
+    // Every report was signed by the instance role, in the instance's region.
+    for s in stand_in
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.body.contains("Action=CreateTags"))
+    {
+        let auth = s.header("authorization").unwrap();
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=ASIAROLEKEY/")
+                && auth.contains("/eu-west-1/ec2/aws4_request"),
+            "{auth}"
+        );
+    }
 }

@@ -66,6 +66,33 @@ impl Fixture {
         run(&mut self.cmd(args), 5)
     }
 
+    /// `fleet ARGS --region us-east-1`.
+    fn fleet_in_region(&self, args: &[&str]) -> Output {
+        let mut all = vec!["fleet"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--region", "us-east-1"]);
+        self.run(&all)
+    }
+
+    /// The stack's rollouts, newest first: "KIND TO STATE".
+    fn history(&self, stack: &str) -> Vec<String> {
+        let history = self.json(&["fleet", "history", "--stack", stack, "--json"]);
+        let field = |r: &Value, k: &str| r[k].as_str().unwrap().to_owned();
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    field(r, "kind"),
+                    field(r, "to"),
+                    field(r, "state")
+                )
+            })
+            .collect()
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let out = self.run(args);
         ok(&out);
@@ -443,6 +470,24 @@ fn build_id(version: &str) -> String {
     format!("{:0>64}", version.replace(['.', '+'], ""))
 }
 
+/// A command's stdout as JSON; its output in the panic if it is not.
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
+    })
+}
+
+/// The command failed, saying `why` on stderr.
+#[track_caller]
+fn refused(out: &Output, why: &str) {
+    assert!(!out.status.success(), "succeeded: {}", stderr(out));
+    assert!(stderr(out).contains(why), "{}", stderr(out));
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -475,12 +520,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     // Never tested: refused, nothing created.
     steps.at("Never tested");
     let out = publish(&[]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("has not been boot-tested"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "has not been boot-tested");
     assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
 
     // Tested: published everywhere.
@@ -627,12 +667,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     // Deregister: refused while latest points at it, then everything goes.
     steps.at("Deregister");
     let out = fx.run(&["publish", "deregister", &reference]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("promote another version first"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "promote another version first");
     // The dry run refuses as the real run does, and with --force names all three.
     let dry = fx.run(&["publish", "deregister", &reference, "--dry-run"]);
     assert!(stderr(&dry).contains("promote another version first"));
@@ -812,12 +847,7 @@ fn failed_boot_test_force_and_configuration_errors() {
     let reference = format!("devos-pub@{version}");
 
     let out = fx.run(&["publish", "ami", &reference, "--region", "us-east-1"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("failed its last boot test"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "failed its last boot test");
 
     // --force publishes, loudly, and says so on the AMI.
     let out = fx.run(&[
@@ -848,12 +878,7 @@ fn failed_boot_test_force_and_configuration_errors() {
     c.env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY");
     let out = run(&mut c, 2);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("no AWS credentials found"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "no AWS credentials found");
     assert!(
         stderr(&out).contains("hint: set AWS_ACCESS_KEY_ID"),
         "{}",
@@ -862,32 +887,17 @@ fn failed_boot_test_force_and_configuration_errors() {
 
     // No region.
     let out = fx.run(&["publish", "ami", &reference, "--force"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("no AWS region is set"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "no AWS region is set");
 
     // A bad settings file names the file, line and key.
     let settings = fx.dir.path().join("bad.toml");
     std::fs::write(&settings, "[aws]\nendpoint-url = \"localhost:5000\"\n").unwrap();
     let out = fx.run(&["--config", settings.to_str().unwrap(), "publish", "list"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("bad.toml:2:16: endpoint-url"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "bad.toml:2:16: endpoint-url");
 
     // Promotion passes the same gate, --force or not.
     let out = fx.run(&["publish", "promote", &reference]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("failed its last boot test"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "failed its last boot test");
 
     // Not published: promote says what to run.
     fx.version("0.4.1+dddddddddddd", 8, &[0], Some(true));
@@ -898,12 +908,7 @@ fn failed_boot_test_force_and_configuration_errors() {
         "--region",
         "eu-west-1",
     ]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("is not published in eu-west-1"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "is not published in eu-west-1");
 }
 
 #[test]
@@ -948,12 +953,7 @@ fn rejected_credentials_and_denied_access_say_what_to_fix() {
         run(&mut c, 2)
     };
     let out = publish("AKIAUNKNOWN000000000", "nope");
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("AWS rejected the credentials"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "AWS rejected the credentials");
     let out = publish(id, secret);
     assert!(!out.status.success());
     assert!(
@@ -1043,12 +1043,7 @@ fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
     };
     // Not published yet: refused, with the command that fixes it.
     let out = render("fleet", "us-east-1");
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("is not published in us-east-1"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "is not published in us-east-1");
     ok(&fx.run(&["publish", "ami", &reference, "--region", "us-east-1"]));
     let ami = fx.resources("us-east-1", &build_id(version)).0.remove(0);
 
@@ -1167,21 +1162,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
             );
         }
     }
-    let fleet = |args: &[&str]| {
-        let mut all = vec!["fleet"];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--region", "us-east-1"]);
-        fx.run(&all)
-    };
-    let json = |out: &Output| -> Value {
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "{e}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                stderr(out)
-            )
-        })
-    };
+    let fleet = |args: &[&str]| fx.fleet_in_region(args);
 
     // Deploy v1 to the fleet and to its canary: the default VPC's subnets are used.
     steps.at("Deploy v1 to the fleet and to its canary");
@@ -1510,22 +1491,12 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
         "{instances:?}"
     );
     let out = fleet(&["rollout", "--stack", "devfleet", "--to", "3.0.0"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("is marked bad for stack devfleet"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "is marked bad for stack devfleet");
 
     // Never published here: refused before anything changes.
     steps.at("Never published here");
     let out = fleet(&["rollout", "--stack", "devfleet", "--to", "4.0.0"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("is not published in us-east-1"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "is not published in us-east-1");
     assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
 
     // By hand: back to the last version that passed its gate before v2, which is v1.
@@ -1548,28 +1519,14 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
 
     let status = json(&fleet(&["status", "--stack", "devfleet", "--json"]));
     assert_eq!(status["version"], "devos-pub@1.0.0", "{status}");
-    let out = fx.run(&["fleet", "history", "--stack", "devfleet", "--json"]);
-    let history = json(&out);
-    let kinds: Vec<(&str, &str, &str)> = history
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["kind"].as_str().unwrap(),
-                r["to"].as_str().unwrap(),
-                r["state"].as_str().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        kinds,
+        fx.history("devfleet"),
         [
-            ("rollback", "1.0.0", "succeeded"),
-            ("auto-rollback", "2.0.0", "succeeded"),
-            ("rollout", "3.0.0", "rolled-back"),
-            ("rollout", "2.0.0", "succeeded"),
-            ("deploy", "1.0.0", "succeeded"),
+            "rollback 1.0.0 succeeded",
+            "auto-rollback 2.0.0 succeeded",
+            "rollout 3.0.0 rolled-back",
+            "rollout 2.0.0 succeeded",
+            "deploy 1.0.0 succeeded",
         ]
     );
 }
@@ -1640,11 +1597,9 @@ esac
     );
 
     let out = run("PENDING");
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("WorkSpace ws-1 is PENDING; it must be AVAILABLE or STOPPED"),
-        "{}",
-        stderr(&out)
+    refused(
+        &out,
+        "WorkSpace ws-1 is PENDING; it must be AVAILABLE or STOPPED",
     );
 }
 
@@ -1663,12 +1618,7 @@ fn a_raw_image_changed_since_its_build_is_not_published() {
         "--region",
         "us-east-1",
     ]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("changed since it was built"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "changed since it was built");
     assert!(
         stderr(&out).contains("nothing was uploaded"),
         "{}",
@@ -1875,5 +1825,300 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
         stderr(&web).contains("a directory or to s3://BUCKET/PREFIX"),
         "{}",
         stderr(&web)
+    );
+}
+
+/// The agents of a fleet's instances, as the rollout sees them through EC2 (moto runs
+/// no image): each polls its instance's tags and, when asked for a version it does not
+/// report, reports it a moment later — healthy, or for `failing` versions (from the
+/// `nth` instance asked on) a failure after its boot tries. Records, at each first
+/// sight of a request, how many instances were asked and not yet done (the batch).
+struct Agents {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    in_flight: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Agents {
+    fn start(ec2: sdk_ec2::Client, ids: Vec<String>, failing: (&'static str, usize)) -> Agents {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let in_flight = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (halt, seen) = (stop.clone(), in_flight.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut asked_for: std::collections::HashMap<(String, String), std::time::Instant> =
+                Default::default();
+            let mut failures = 0;
+            while !halt.load(Ordering::Relaxed) {
+                let tags = |id: String| {
+                    let ec2 = ec2.clone();
+                    async move {
+                        let out = ec2
+                            .describe_instances()
+                            .instance_ids(&id)
+                            .send()
+                            .await
+                            .unwrap();
+                        let i = out.reservations()[0].instances()[0].clone();
+                        i.tags()
+                            .iter()
+                            .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+                            .collect::<std::collections::BTreeMap<_, _>>()
+                    }
+                };
+                let now: Vec<_> = ids
+                    .iter()
+                    .map(|id| (id.clone(), rt.block_on(tags(id.clone()))))
+                    .collect();
+                for (id, t) in &now {
+                    let (Some(want), running) = (t.get("devos:update-to"), t.get("devos:running"))
+                    else {
+                        continue;
+                    };
+                    let state = t.get("devos:update-state").map_or("", String::as_str);
+                    if running == Some(want) && state == "healthy" {
+                        continue;
+                    }
+                    let key = (id.clone(), want.clone());
+                    if !asked_for.contains_key(&key) {
+                        let busy = now
+                            .iter()
+                            .filter(|(_, o)| {
+                                o.get("devos:update-to") == Some(want)
+                                    && !(o.get("devos:running") == Some(want)
+                                        && o.get("devos:update-state").map(String::as_str)
+                                            == Some("healthy"))
+                            })
+                            .count();
+                        seen.lock().unwrap().push(busy);
+                        asked_for.insert(key.clone(), std::time::Instant::now());
+                        continue;
+                    }
+                    if asked_for[&key].elapsed() < Duration::from_millis(1500)
+                        || state.starts_with(&format!("failed {want}:"))
+                    {
+                        continue;
+                    }
+                    let from = running.cloned().unwrap_or_else(|| "1.0.0".into());
+                    let fail = want == failing.0 && {
+                        failures += 1;
+                        failures >= failing.1
+                    };
+                    let (run, report) = if fail {
+                        (
+                            from.clone(),
+                            format!(
+                                "failed {want}: it did not come up healthy within its boot tries; back on {from}"
+                            ),
+                        )
+                    } else {
+                        (want.clone(), "healthy".to_owned())
+                    };
+                    rt.block_on(
+                        ec2.create_tags()
+                            .resources(id)
+                            .tags(
+                                sdk_ec2::types::Tag::builder()
+                                    .key("devos:running")
+                                    .value(run)
+                                    .build(),
+                            )
+                            .tags(
+                                sdk_ec2::types::Tag::builder()
+                                    .key("devos:update-state")
+                                    .value(report)
+                                    .build(),
+                            )
+                            .send(),
+                    )
+                    .unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        Agents {
+            stop,
+            in_flight,
+            thread: Some(thread),
+        }
+    }
+
+    fn batches(&self) -> Vec<usize> {
+        self.in_flight.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
+    let fx = Fixture::new();
+    fx.version("1.0.0", 8, &[0], Some(true));
+    ok(&fx.run(&["publish", "ami", "devos-pub@1.0.0", "--region", "us-east-1"]));
+    for version in ["2.0.0", "3.0.0"] {
+        fx.updatable_version(version, "0000000000000000000000000000000000000000");
+    }
+    // Built without `[update]` (written out: a version's manifest is read).
+    fx.version_with("4.0.0", 1, &[0], Some(true), json!({"suite": "trixie"}));
+    let fleet = |args: &[&str]| fx.fleet_in_region(args);
+    let in_place = |to: &str, more: &[&str]| {
+        let mut args = vec!["rollout", "--stack", "devfleet", "--to", to, "--in-place"];
+        args.extend_from_slice(more);
+        fleet(&args)
+    };
+    ok(&fleet(&[
+        "deploy",
+        "--stack",
+        "devfleet",
+        "--template",
+        "fleet",
+        "--image",
+        "devos-pub@1.0.0",
+        "--param",
+        "DesiredCapacity=3",
+        "--bake",
+        "0",
+    ]));
+    let (_, members) = fx.group("devfleet").unwrap();
+    let ids: Vec<String> = members.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 3);
+    let tag_of = |key: &str| -> Vec<Option<String>> {
+        fx.block_on(async {
+            let out = fx
+                .ec2("us-east-1")
+                .describe_instances()
+                .set_instance_ids(Some(ids.clone()))
+                .send()
+                .await
+                .unwrap();
+            let mut by_id: Vec<(String, Option<String>)> = out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .map(|i| {
+                    let v = i
+                        .tags()
+                        .iter()
+                        .find(|t| t.key() == Some(key))
+                        .and_then(|t| t.value());
+                    (i.instance_id().unwrap().to_owned(), v.map(str::to_owned))
+                })
+                .collect();
+            by_id.sort();
+            by_id.into_iter().map(|(_, v)| v).collect()
+        })
+    };
+
+    // Refused: a version with no update bundle, and bad batch sizes.
+    let out = in_place("4.0.0", &[]);
+    refused(&out, "has no update bundle");
+    let out = in_place("2.0.0", &["--batch", "0"]);
+    refused(&out, "--batch 0");
+
+    // A dry run lists the instances and asks none of them.
+    let out = in_place("2.0.0", &["--dry-run", "--json"]);
+    ok(&out);
+    let d = json(&out);
+    assert_eq!(d["state"], "dry-run", "{d}");
+    assert_eq!(d["instances"].as_array().unwrap().len(), 3, "{d}");
+    assert_eq!(tag_of("devos:update-to"), vec![None, None, None]);
+
+    // 1.0.0 -> 2.0.0 in batches of two: never more than two instances asked at once.
+    let agents = Agents::start(fx.ec2("us-east-1"), ids.clone(), ("3.0.0", 2));
+    let out = in_place(
+        "2.0.0",
+        &[
+            "--batch",
+            "2",
+            "--batch-timeout",
+            "120",
+            "--bake",
+            "2",
+            "--json",
+        ],
+    );
+    ok(&out);
+    let d = json(&out);
+    assert_eq!(
+        (&d["kind"], &d["state"]),
+        (&json!("in-place"), &json!("succeeded")),
+        "{d}"
+    );
+    assert_eq!(tag_of("devos:running"), vec![Some("2.0.0".to_owned()); 3]);
+    assert!(
+        agents.batches().iter().all(|&n| n <= 2),
+        "{:?}",
+        agents.batches()
+    );
+    assert!(agents.batches().contains(&2), "{:?}", agents.batches());
+    let status = fx.run(&[
+        "fleet",
+        "status",
+        "--stack",
+        "devfleet",
+        "--region",
+        "us-east-1",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout)
+            .matches("runs 2.0.0 (healthy)")
+            .count(),
+        3,
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    // Again: every instance is there already.
+    let d = json(&in_place("2.0.0", &["--json"]));
+    assert_eq!(d["state"], "unchanged", "{d}");
+
+    // 2.0.0 -> 3.0.0 one at a time; the second instance comes back on 2.0.0 by itself:
+    // the rollout stops, the first instance is told to go back, the third is never
+    // asked, and 3.0.0 is bad for the stack.
+    let out = in_place(
+        "3.0.0",
+        &["--batch-timeout", "120", "--bake", "0", "--json"],
+    );
+    assert!(!out.status.success());
+    let d = json(&out);
+    assert_eq!(d["state"], "rolled-back", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed 3.0.0: it did not come up healthy"),
+        "{d}"
+    );
+    assert_eq!(tag_of("devos:running"), vec![Some("2.0.0".to_owned()); 3]);
+    let asked = tag_of("devos:update-to");
+    assert_eq!(
+        asked
+            .iter()
+            .filter(|t| t.as_deref() == Some("2.0.0"))
+            .count(),
+        3,
+        "{asked:?}"
+    );
+    drop(agents);
+    let out = in_place("3.0.0", &[]);
+    assert!(stderr(&out).contains("marked bad"), "{}", stderr(&out));
+
+    assert_eq!(
+        fx.history("devfleet"),
+        [
+            "in-place 3.0.0 rolled-back",
+            "in-place 2.0.0 succeeded",
+            "deploy 1.0.0 succeeded",
+        ]
     );
 }

@@ -7,45 +7,55 @@ use std::sync::Arc;
 use super::shared::Shared;
 use crate::health::Unhealthy;
 
-pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
+/// The agent's checks of itself: it owns its bus name, runs `expected` (if given),
+/// and its audit chain verifies.
+pub(super) async fn self_checks(
+    shared: &Shared,
+    conn: &zbus::Connection,
+    expected: Option<&str>,
+) -> Vec<crate::health::Check> {
     let config = shared.config();
-    let marker = config.state_dir.join("health-signalled");
+    let owner = async {
+        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+        let name = zbus::names::BusName::try_from(crate::BUS_NAME)?;
+        Ok::<_, zbus::Error>(dbus.get_name_owner(name).await?.to_string())
+    };
+    let bus = match (owner.await, conn.unique_name()) {
+        (Ok(owner), Some(me)) if owner == me.as_str() => Ok(()),
+        (Ok(owner), _) => Err(Unhealthy::NameTaken {
+            name: crate::BUS_NAME,
+            owner,
+        }),
+        (Err(source), _) => Err(Unhealthy::BusUnreachable {
+            name: crate::BUS_NAME,
+            source,
+        }),
+    };
+    let audit = match shared.verify_audit().await {
+        Ok(v) if v.ok => Ok(()),
+        Ok(v) => Err(Unhealthy::AuditTampered(v.first_bad.map_or_else(
+            || "the audit log does not verify".into(),
+            |b| b.reason,
+        ))),
+        Err(e) => Err(Unhealthy::AuditUnverifiable(Box::new(e))),
+    };
+    vec![
+        crate::health::Check {
+            name: "bus-name",
+            result: bus,
+        },
+        crate::health::version_check(expected, &config.os_release),
+        crate::health::Check {
+            name: "audit-chain",
+            result: audit,
+        },
+    ]
+}
+
+pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
+    let marker = shared.config().state_dir.join("health-signalled");
     let checks = async |request: &crate::health::Request| {
-        let owner = async {
-            let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
-            let name = zbus::names::BusName::try_from(crate::BUS_NAME)?;
-            Ok::<_, zbus::Error>(dbus.get_name_owner(name).await?.to_string())
-        };
-        let bus = match (owner.await, conn.unique_name()) {
-            (Ok(owner), Some(me)) if owner == me.as_str() => Ok(()),
-            (Ok(owner), _) => Err(Unhealthy::NameTaken {
-                name: crate::BUS_NAME,
-                owner,
-            }),
-            (Err(source), _) => Err(Unhealthy::BusUnreachable {
-                name: crate::BUS_NAME,
-                source,
-            }),
-        };
-        let audit = match shared.verify_audit().await {
-            Ok(v) if v.ok => Ok(()),
-            Ok(v) => Err(Unhealthy::AuditTampered(v.first_bad.map_or_else(
-                || "the audit log does not verify".into(),
-                |b| b.reason,
-            ))),
-            Err(e) => Err(Unhealthy::AuditUnverifiable(Box::new(e))),
-        };
-        vec![
-            crate::health::Check {
-                name: "bus-name",
-                result: bus,
-            },
-            crate::health::version_check(request.version.as_deref(), &config.os_release),
-            crate::health::Check {
-                name: "audit-chain",
-                result: audit,
-            },
-        ]
+        self_checks(&shared, &conn, request.version.as_deref()).await
     };
     match crate::health::signal(&marker, checks).await {
         Ok(crate::health::Outcome::Sent {

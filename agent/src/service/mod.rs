@@ -14,6 +14,7 @@ mod budget;
 mod context;
 mod converse;
 mod health;
+mod inplace;
 mod rules;
 mod runner;
 mod shared;
@@ -76,6 +77,7 @@ pub async fn serve(
     let _ = shared.conn.set(conn.clone());
     tracing::info!(name = crate::BUS_NAME, "serving on the system bus");
     tokio::spawn(health::signal(shared.clone(), conn.clone()));
+    tokio::spawn(inplace::follow(shared.clone(), conn.clone()));
     {
         let shared = shared.clone();
         tokio::task::spawn_blocking(move || context::Engine::resume(&shared));

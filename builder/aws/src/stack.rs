@@ -447,6 +447,8 @@ pub struct Member {
     pub lifecycle: Option<String>,
     /// Auto Scaling health (Healthy, Unhealthy); None outside a group.
     pub health: Option<String>,
+    /// The instance's tags (what its agent reports in an in-place rollout among them).
+    pub tags: BTreeMap<String, String>,
 }
 
 /// The real resources of a fleet or instance stack.
@@ -561,10 +563,38 @@ pub async fn running(aws: &Aws, region: &str, name: &str) -> Result<Running> {
                     .unwrap_or_default(),
                 lifecycle,
                 health,
+                tags: i
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                    .collect(),
                 id,
             });
         }
         state.instances.sort_by(|a, b| a.id.cmp(&b.id));
     }
     Ok(state)
+}
+
+/// Tag instances `key=value` (what an in-place rollout asks their agents for).
+pub async fn tag_instances(
+    aws: &Aws,
+    region: &str,
+    ids: &[String],
+    key: &str,
+    value: &str,
+) -> Result<()> {
+    aws.ec2(region)
+        .create_tags()
+        .set_resources(Some(ids.to_vec()))
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| explain("ec2:CreateTags", region, e))?;
+    Ok(())
 }

@@ -404,8 +404,23 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         to: String,
         /// Roll this stack first; the main stack only if it passes its gate.
-        #[arg(long, value_name = "STACK")]
+        #[arg(long, value_name = "STACK", conflicts_with = "in_place")]
         canary_stack: Option<String>,
+        /// Update the running instances through their agents (A/B root slots, one
+        /// reboot each) instead of replacing them; images built with `[update]`.
+        #[arg(long)]
+        in_place: bool,
+        /// In place: instances per batch.
+        #[arg(long, default_value_t = 1, requires = "in_place")]
+        batch: usize,
+        /// In place: seconds a batch may take to report the version healthy.
+        #[arg(
+            long,
+            default_value_t = 1800,
+            value_name = "SECONDS",
+            requires = "in_place"
+        )]
+        batch_timeout: u64,
         #[command(flatten)]
         change: ChangeArgs,
     },

@@ -727,8 +727,27 @@ fn fleet_command(
         FleetCommand::Rollout {
             stack,
             to,
+            in_place: true,
+            batch,
+            batch_timeout,
+            change,
+            ..
+        } => {
+            let (opts, t) = target(stack, Some(&change));
+            let batches = fleet::Batches {
+                size: batch,
+                timeout: Duration::from_secs(batch_timeout),
+            };
+            let o = fleet::rollout_in_place(reg, &opts, &t, &to, &batches)?;
+            let nothing = change.dry_run && o.nothing_to_do();
+            nothing_to_do(output(change.json, &o, || o.human(), o.ok()), nothing)
+        }
+        FleetCommand::Rollout {
+            stack,
+            to,
             canary_stack,
             change,
+            ..
         } => {
             let (opts, t) = target(stack, Some(&change));
             let all = fleet::rollout(reg, &opts, &t, &to, canary_stack.as_deref())?;

@@ -18,10 +18,12 @@ use devos_aws::stack::{self, Deployment, ResourceChange, Stack};
 use devos_aws::{Aws, AwsOptions};
 
 mod gate;
+mod inplace;
 mod report;
 mod templates;
 
 use gate::{gate, print_event};
+pub(crate) use inplace::{Batches, rollout as rollout_in_place};
 pub(crate) use report::{Outcome, Status, history_human};
 pub(crate) use templates::{Template, render};
 use templates::{published_ami, render_for, template_parameters};
@@ -738,6 +740,7 @@ mod tests {
             state: "running".into(),
             lifecycle: Some("InService".into()),
             health: Some(health.into()),
+            tags: BTreeMap::new(),
         }
     }
 

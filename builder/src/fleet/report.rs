@@ -7,8 +7,10 @@ use devos_aws::stack::{ResourceChange, Running, Stack};
 use serde::Serialize;
 
 use super::gate::Gate;
+use super::inplace::Moved;
 use crate::model::states::ChangeState;
 use crate::store::registry::{Rollout, VersionInfo};
+use devos_agent::inplace::{TAG_RUNNING, TAG_STATE};
 
 /// What one deploy, rollout or rollback of one stack did.
 #[derive(Debug, Serialize)]
@@ -30,6 +32,9 @@ pub(crate) struct Outcome {
     pub(crate) gate: Option<Gate>,
     /// The automatic rollback after a failed update or gate.
     pub(crate) rollback: Option<Box<Outcome>>,
+    /// An in-place rollout's instances: the version each ran and its agent's last report.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) instances: Vec<Moved>,
 }
 
 impl Outcome {
@@ -56,6 +61,7 @@ impl Outcome {
             issued_after: None,
             gate: None,
             rollback: None,
+            instances: Vec::new(),
         }
     }
 
@@ -71,6 +77,7 @@ impl Outcome {
     pub(crate) fn nothing_to_do(&self) -> bool {
         self.state == ChangeState::Unchanged
             || (self.state == ChangeState::DryRun
+                && self.kind != "in-place"
                 && self.changes.is_empty()
                 && self.parameters.is_empty())
     }
@@ -109,6 +116,18 @@ impl Outcome {
                 g.in_service,
                 g.running.desired,
                 g.image_id
+            ));
+        }
+        for m in &self.instances {
+            s.push_str(&format!(
+                "  {:<20} from {:<24} {}\n",
+                m.id,
+                m.from,
+                if m.state.is_empty() {
+                    "(no report)"
+                } else {
+                    &m.state
+                }
             ));
         }
         if let Some(r) = &self.rollback {
@@ -152,13 +171,19 @@ impl Status {
         }
         for m in &self.running.instances {
             s.push_str(&format!(
-                "  {:<20} {:<22} {:<10} {:<10} {}\n",
+                "  {:<20} {:<22} {:<10} {:<10} {}",
                 m.id,
                 m.image_id,
                 m.state,
                 m.lifecycle.as_deref().unwrap_or("-"),
                 m.health.as_deref().unwrap_or("-")
             ));
+            // What its agent reported in an in-place rollout.
+            if let Some(running) = m.tags.get(TAG_RUNNING) {
+                let state = m.tags.get(TAG_STATE).map_or("", String::as_str);
+                s.push_str(&format!("  runs {running} ({state})"));
+            }
+            s.push('\n');
         }
         if let Some(r) = &self.last {
             s.push_str(&format!(

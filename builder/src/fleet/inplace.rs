@@ -1,0 +1,417 @@
+//! `fleet rollout --in-place`: move a stack's running instances to a version through
+//! their agents instead of replacing them. Batch by batch, each instance is tagged
+//! `devos:update-to=VERSION`; its agent (which reads its instance's tags from instance
+//! metadata) installs the version into the other root slot from the image's update
+//! feed, reboots, and reports on its own tags (`devos:running`, `devos:update-state`;
+//! see `devos_agent::inplace`). A batch passes when every instance in it runs the
+//! version and reports itself healthy. A version that fails — a failed install, an
+//! unhealthy agent, a machine that went back by itself after its boot tries, or no
+//! report within the batch timeout — is marked bad for the stack, and every instance
+//! already moved is told to go back to the version it ran (the boot loader switches
+//! slots: one reboot).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use devos_agent::inplace::{HEALTHY, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO};
+use devos_aws::AwsOptions;
+use devos_aws::stack::{self, Member};
+use serde::Serialize;
+
+use super::{Ctx, Outcome, Target, context};
+use crate::model::manifest::Manifest;
+use crate::model::states::ChangeState;
+use crate::store::registry::Registry;
+
+/// How an in-place rollout goes.
+pub(crate) struct Batches {
+    /// Instances per batch.
+    pub(crate) size: usize,
+    /// How long one batch may take to report the version healthy.
+    pub(crate) timeout: Duration,
+}
+
+/// One instance of an in-place rollout.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Moved {
+    pub(crate) id: String,
+    /// The version it ran before (its agent's report, else the stack's version).
+    pub(crate) from: String,
+    /// Its last `devos:update-state`.
+    pub(crate) state: String,
+}
+
+/// Roll the stack's running instances to `to` in place.
+pub(crate) fn rollout(
+    reg: &mut Registry,
+    aws: &AwsOptions,
+    t: &Target,
+    to: &str,
+    batches: &Batches,
+) -> Result<Outcome> {
+    if batches.size == 0 {
+        bail!("--batch 0: a batch holds at least one instance");
+    }
+    let mut cx = context(reg, aws, t.region.as_deref())?;
+    devos_aws::block_on(async {
+        let s = cx.existing(&t.stack).await?;
+        Ctx::template_of(&s)?;
+        let current = cx.current(&s)?;
+        let reference = current.resolve(to);
+        let v = cx.reg.require_passing(&reference)?;
+        if v.name != current.image {
+            bail!(
+                "stack {} runs image {}, not {}",
+                t.stack,
+                current.image,
+                v.name
+            );
+        }
+        if let Some(why) = cx.reg.bad_reason(&t.stack, &cx.region, &v)? {
+            bail!(
+                "{reference} is marked bad for stack {} in {}: {why}\n  hint: build and test a fixed version, then roll that out",
+                t.stack,
+                cx.region
+            );
+        }
+        if Manifest::load(&v.dir)?.update.is_empty() {
+            bail!(
+                "{reference} has no update bundle: only images built with `[update]` in their spec update in place\n  hint: roll it out by replacement (`devos-build fleet rollout --stack {} --to {}`)",
+                t.stack,
+                v.version
+            );
+        }
+        let stack_version = current
+            .reference
+            .rsplit('@')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let running = stack::running(&cx.aws, &cx.region, &t.stack).await?;
+        let serving: Vec<&Member> = running
+            .instances
+            .iter()
+            .filter(|m| {
+                m.state == "running" && m.lifecycle.as_deref().is_none_or(|l| l == "InService")
+            })
+            .collect();
+        if serving.is_empty() {
+            bail!(
+                "stack {} in {} has no running instances to update in place",
+                t.stack,
+                cx.region
+            );
+        }
+        let mut outcome = Outcome::planned(
+            &t.stack,
+            &cx.region,
+            "in-place",
+            current.known.as_ref(),
+            &v,
+            BTreeMap::new(),
+        );
+        let (done, todo): (Vec<&Member>, Vec<&Member>) =
+            serving.into_iter().partition(|m| arrived(m, &v.version));
+        for m in &done {
+            outcome.instances.push(moved(m, &stack_version));
+        }
+        let todo: Vec<Moved> = todo.iter().map(|m| moved(m, &stack_version)).collect();
+        if t.dry_run || todo.is_empty() {
+            outcome.state = if todo.is_empty() {
+                ChangeState::Unchanged
+            } else {
+                ChangeState::DryRun
+            };
+            outcome.instances.extend(todo);
+            return Ok(outcome);
+        }
+        let id =
+            cx.reg
+                .start_rollout(&t.stack, &cx.region, "in-place", current.known.as_ref(), &v)?;
+        eprintln!(
+            "in-place {}: {} instance(s) to {} in batches of {}",
+            t.stack,
+            todo.len(),
+            v.version,
+            batches.size
+        );
+        let mut touched: Vec<Moved> = Vec::new();
+        let mut failure = None;
+        for batch in todo.chunks(batches.size) {
+            let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+            touched.extend(batch.iter().cloned());
+            let asked =
+                stack::tag_instances(&cx.aws, &cx.region, &ids, TAG_UPDATE_TO, &v.version).await;
+            cx.issued(id, &mut outcome, asked)?;
+            if let Err(why) = wait(
+                &cx,
+                &t.stack,
+                &ids,
+                &v.version,
+                batches.timeout,
+                &mut touched,
+            )
+            .await?
+            {
+                failure = Some(why);
+                break;
+            }
+        }
+        if failure.is_none() && !t.bake.is_zero() {
+            let ids: Vec<String> = touched.iter().map(|m| m.id.clone()).collect();
+            failure = bake(&cx, &t.stack, &ids, &v.version, t.bake, &mut touched)
+                .await?
+                .err();
+        }
+        outcome.instances.extend(touched.iter().cloned());
+        let Some(why) = failure else {
+            cx.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
+            outcome.state = ChangeState::Succeeded;
+            return Ok(outcome);
+        };
+        eprintln!("in-place {} failed: {why}", t.stack);
+        cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
+        outcome.reason = Some(why.clone());
+        let back = go_back(&mut cx, &t.stack, &v.version, &touched, batches.timeout).await?;
+        let state = match back {
+            Ok(()) => ChangeState::RolledBack,
+            Err(e) => {
+                outcome.reason = Some(format!("{why}; going back failed too: {e}"));
+                ChangeState::Failed
+            }
+        };
+        cx.reg
+            .finish_rollout(id, state, outcome.reason.as_deref())?;
+        outcome.state = state;
+        Ok(outcome)
+    })
+}
+
+/// Whether the instance's agent reports `version` running and healthy, as asked.
+fn arrived(m: &Member, version: &str) -> bool {
+    m.tags.get(TAG_UPDATE_TO).map(String::as_str) == Some(version) && healthy_on(m, version)
+}
+
+fn healthy_on(m: &Member, version: &str) -> bool {
+    m.tags.get(TAG_RUNNING).map(String::as_str) == Some(version)
+        && m.tags.get(TAG_STATE).map(String::as_str) == Some(HEALTHY)
+}
+
+fn moved(m: &Member, stack_version: &str) -> Moved {
+    Moved {
+        id: m.id.clone(),
+        from: m
+            .tags
+            .get(TAG_RUNNING)
+            .cloned()
+            .unwrap_or_else(|| stack_version.to_owned()),
+        state: m.tags.get(TAG_STATE).cloned().unwrap_or_default(),
+    }
+}
+
+/// What an instance's report says about its move to `version`: Ok(true) there and
+/// healthy, Ok(false) not yet, Err why it failed.
+fn verdict(m: &Member, version: &str) -> Result<bool, String> {
+    let state = m
+        .tags
+        .get(TAG_STATE)
+        .map(String::as_str)
+        .unwrap_or_default();
+    if m.state != "running" {
+        return Err(format!("instance {} is {}", m.id, m.state));
+    }
+    if m.health.as_deref() == Some("Unhealthy") {
+        return Err(format!("instance {} is Unhealthy", m.id));
+    }
+    if state.starts_with(&format!("failed {version}:")) {
+        return Err(format!("instance {}: {state}", m.id));
+    }
+    let on_it = m.tags.get(TAG_RUNNING).map(String::as_str) == Some(version);
+    if on_it && state.starts_with("unhealthy") {
+        return Err(format!("instance {} runs {version} but is {state}", m.id));
+    }
+    Ok(on_it && state == HEALTHY)
+}
+
+/// Wait until every instance of `ids` reports `version` healthy, at most `timeout`;
+/// Ok(Err(why)) when one fails or time runs out. Keeps `touched`'s states current.
+async fn wait(
+    cx: &Ctx<'_>,
+    stack_name: &str,
+    ids: &[String],
+    version: &str,
+    timeout: Duration,
+    touched: &mut [Moved],
+) -> Result<Result<(), String>> {
+    let started = Instant::now();
+    loop {
+        let pending = look(cx, stack_name, ids, version, touched).await?;
+        match pending {
+            Err(why) => return Ok(Err(why)),
+            Ok(pending) if pending.is_empty() => return Ok(Ok(())),
+            Ok(pending) if started.elapsed() >= timeout => {
+                let states: Vec<String> = pending
+                    .iter()
+                    .map(|id| {
+                        let state = touched
+                            .iter()
+                            .find(|m| &m.id == id)
+                            .map_or("", |m| m.state.as_str());
+                        format!(
+                            "{id} ({})",
+                            if state.is_empty() { "no report" } else { state }
+                        )
+                    })
+                    .collect();
+                return Ok(Err(format!(
+                    "{} did not report {version} healthy within {}s",
+                    states.join(", "),
+                    timeout.as_secs()
+                )));
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_secs(5).min(timeout)).await,
+        }
+    }
+}
+
+/// After the last batch: every moved instance must stay on `version` and healthy
+/// for `bake`.
+async fn bake(
+    cx: &Ctx<'_>,
+    stack_name: &str,
+    ids: &[String],
+    version: &str,
+    bake: Duration,
+    touched: &mut [Moved],
+) -> Result<Result<(), String>> {
+    let started = Instant::now();
+    while started.elapsed() < bake {
+        match look(cx, stack_name, ids, version, touched).await? {
+            Err(why) => return Ok(Err(why)),
+            Ok(pending) if !pending.is_empty() => {
+                return Ok(Err(format!(
+                    "{} stopped reporting {version} healthy during the bake",
+                    pending.join(", ")
+                )));
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_secs(5).min(bake)).await,
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// One look at the instances' reports: the ids not yet healthy on `version`, or why
+/// one failed. Prints each change of an instance's state.
+async fn look(
+    cx: &Ctx<'_>,
+    stack_name: &str,
+    ids: &[String],
+    version: &str,
+    touched: &mut [Moved],
+) -> Result<Result<Vec<String>, String>> {
+    let running = stack::running(&cx.aws, &cx.region, stack_name).await?;
+    let mut pending = Vec::new();
+    for id in ids {
+        let Some(m) = running.instances.iter().find(|m| &m.id == id) else {
+            return Ok(Err(format!("instance {id} left the stack")));
+        };
+        let state = m.tags.get(TAG_STATE).cloned().unwrap_or_default();
+        if let Some(t) = touched.iter_mut().find(|t| &t.id == id)
+            && t.state != state
+        {
+            eprintln!(
+                "  {id} {}: {state}",
+                m.tags.get(TAG_RUNNING).map_or("?", String::as_str)
+            );
+            t.state = state;
+        }
+        match verdict(m, version) {
+            Err(why) => return Ok(Err(why)),
+            Ok(false) => pending.push(id.clone()),
+            Ok(true) => {}
+        }
+    }
+    Ok(Ok(pending))
+}
+
+/// Tell every instance moved to `version` to go back to what it ran, and wait for
+/// them (an instance that never left reports its old version healthy at once).
+async fn go_back(
+    cx: &mut Ctx<'_>,
+    stack_name: &str,
+    version: &str,
+    touched: &[Moved],
+    timeout: Duration,
+) -> Result<Result<(), String>> {
+    let mut by_version: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for m in touched {
+        by_version
+            .entry(m.from.as_str())
+            .or_default()
+            .push(m.id.clone());
+    }
+    let mut states = touched.to_vec();
+    for (from, ids) in &by_version {
+        eprintln!("in-place {stack_name}: back to {from}: {}", ids.join(", "));
+        stack::tag_instances(&cx.aws, &cx.region, ids, TAG_UPDATE_TO, from)
+            .await
+            .with_context(|| {
+                format!("while telling {} to go back from {version}", ids.join(", "))
+            })?;
+    }
+    for (from, ids) in &by_version {
+        if let Err(why) = wait(cx, stack_name, ids, from, timeout, &mut states).await? {
+            return Ok(Err(why));
+        }
+    }
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(tags: &[(&str, &str)]) -> Member {
+        Member {
+            id: "i-1".into(),
+            image_id: "ami-1".into(),
+            state: "running".into(),
+            lifecycle: Some("InService".into()),
+            health: Some("Healthy".into()),
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_instance_passes_only_when_its_agent_reports_the_version_healthy() {
+        let v = "0.2.0";
+        assert_eq!(verdict(&member(&[]), v), Ok(false));
+        let old = member(&[(TAG_RUNNING, "0.1.0"), (TAG_STATE, HEALTHY)]);
+        assert_eq!(verdict(&old, v), Ok(false));
+        let updating = member(&[(TAG_RUNNING, "0.1.0"), (TAG_STATE, "updating to 0.2.0")]);
+        assert_eq!(verdict(&updating, v), Ok(false));
+        let there = member(&[(TAG_RUNNING, v), (TAG_STATE, HEALTHY)]);
+        assert_eq!(verdict(&there, v), Ok(true));
+        // Failures: of this version (not an old one), sick on it, or gone.
+        let failed = member(&[
+            (TAG_RUNNING, "0.1.0"),
+            (TAG_STATE, "failed 0.2.0: it did not come up"),
+        ]);
+        assert!(verdict(&failed, v).unwrap_err().contains("did not come up"));
+        let failed_before = member(&[(TAG_RUNNING, "0.1.0"), (TAG_STATE, "failed 0.1.5: x")]);
+        assert_eq!(verdict(&failed_before, v), Ok(false));
+        let sick = member(&[(TAG_RUNNING, v), (TAG_STATE, "unhealthy: audit chain")]);
+        assert!(verdict(&sick, v).unwrap_err().contains("unhealthy"));
+        let mut gone = there.clone();
+        gone.state = "terminated".into();
+        assert!(verdict(&gone, v).is_err());
+        // Already there only when it was asked for this version.
+        assert!(!arrived(&there, v));
+        let asked = member(&[(TAG_UPDATE_TO, v), (TAG_RUNNING, v), (TAG_STATE, HEALTHY)]);
+        assert!(arrived(&asked, v));
+    }
+}
