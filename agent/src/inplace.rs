@@ -7,10 +7,12 @@
 //! tags the rollout reads: `devos:running` (the version it runs) and
 //! `devos:update-state` (`healthy`, `unhealthy: …`, `updating to …`, `failed …: …`).
 //!
-//! Each version is tried once: before it moves, the agent writes an attempt marker
-//! (version, boot id) into its state directory. A later boot that does not run that
-//! version means the version did not come up healthy within its boot tries and
-//! systemd-boot went back; the agent reports that and does not try again.
+//! A version is tried once: before it moves, the agent writes an attempt marker
+//! (version, boot id, whether the move was done) into its state directory. A later
+//! boot that does not run that version means the version did not come up healthy
+//! within its boot tries and systemd-boot went back; the agent reports that and does
+//! not try it again while it is the version asked for. Only versions are acted on: a
+//! tag value that is not one (an option, a path) is reported as a failure.
 
 use std::path::Path;
 
@@ -24,6 +26,8 @@ pub const TAG_RUNNING: &str = "devos:running";
 pub const TAG_STATE: &str = "devos:update-state";
 /// `devos:update-state` of a machine whose checks pass.
 pub const HEALTHY: &str = "healthy";
+/// The attempt marker, in the agent's state directory.
+pub const ATTEMPT_FILE: &str = "in-place-attempt";
 
 /// The last move this machine made, kept across reboots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +36,9 @@ pub struct Attempt {
     pub version: String,
     /// The boot that moved (`/proc/sys/kernel/random/boot_id`).
     pub boot: String,
+    /// Whether the move was done (the version boots next) and only the reboot is left.
+    #[serde(default)]
+    pub moved: bool,
     /// Why the move itself failed (nothing was rebooted), if it did.
     #[serde(default)]
     pub error: Option<String>,
@@ -63,13 +70,21 @@ pub enum Step {
     Idle,
     /// Running the version asked for: report how it is doing.
     Report,
-    /// The version asked for was tried and this machine is not on it: report the
-    /// failure and leave the machine as it is.
+    /// The version asked for was tried and this machine is not on it, or it is no
+    /// version at all: report the failure and leave the machine as it is.
     Failed(String),
-    /// Moved in this boot; the reboot is on its way.
-    Rebooting,
+    /// Moved in this boot; reboot (again, if the last reboot did not happen).
+    Reboot,
     /// Move to this version and reboot.
     Move(String),
+}
+
+/// Whether `s` can be a version: what image versions are made of, never an option.
+pub fn is_version(s: &str) -> bool {
+    s.len() <= 128
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._+~^-".contains(c))
 }
 
 /// Decide, from the version asked for, the one running, the last attempt and this
@@ -78,15 +93,26 @@ pub fn decide(target: Option<&str>, running: &str, attempt: Option<&Attempt>, bo
     let Some(target) = target.map(str::trim).filter(|t| !t.is_empty()) else {
         return Step::Idle;
     };
+    if !is_version(target) {
+        return Step::Failed(format!(
+            "failed {}: not a version",
+            tag_value(&target.escape_debug().to_string())
+        ));
+    }
     if target == running {
         return Step::Report;
     }
     match attempt {
         Some(a) if a.version == target => match &a.error {
             Some(error) => Step::Failed(format!("failed {target}: {error}")),
-            None if a.boot == boot => Step::Rebooting,
-            None => Step::Failed(format!(
+            None if a.boot == boot && a.moved => Step::Reboot,
+            // The agent restarted before the move was done: do it again.
+            None if a.boot == boot => Step::Move(target.to_owned()),
+            None if a.moved => Step::Failed(format!(
                 "failed {target}: it did not come up healthy within its boot tries; back on {running}"
+            )),
+            None => Step::Failed(format!(
+                "failed {target}: the machine rebooted before the move was done; back on {running}"
             )),
         },
         _ => Step::Move(target.to_owned()),
@@ -102,11 +128,19 @@ pub fn tag_value(text: &str) -> String {
 mod tests {
     use super::*;
 
-    fn attempt(version: &str, boot: &str, error: Option<&str>) -> Attempt {
+    fn attempt(version: &str, boot: &str, moved: bool, error: Option<&str>) -> Attempt {
         Attempt {
             version: version.into(),
             boot: boot.into(),
+            moved,
             error: error.map(str::to_owned),
+        }
+    }
+
+    fn failed(step: Step) -> String {
+        match step {
+            Step::Failed(why) => why,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -117,27 +151,49 @@ mod tests {
         assert_eq!(decide(Some("1"), "1", None, "b1"), Step::Report);
         assert_eq!(decide(Some("2"), "1", None, "b1"), Step::Move("2".into()));
         // An attempt at another version does not count against this one.
-        let other = attempt("3", "b0", None);
+        let other = attempt("3", "b0", true, None);
         assert_eq!(
             decide(Some("2"), "1", Some(&other), "b1"),
             Step::Move("2".into())
         );
-        // Moved in this boot (the agent restarted before the reboot): wait.
-        let now = attempt("2", "b1", None);
-        assert_eq!(decide(Some("2"), "1", Some(&now), "b1"), Step::Rebooting);
+        // Moved in this boot (the agent restarted before the reboot): reboot.
+        let now = attempt("2", "b1", true, None);
+        assert_eq!(decide(Some("2"), "1", Some(&now), "b1"), Step::Reboot);
+        // Restarted during the move in this boot: move again.
+        let half = attempt("2", "b1", false, None);
+        assert_eq!(
+            decide(Some("2"), "1", Some(&half), "b1"),
+            Step::Move("2".into())
+        );
         // Moved in an earlier boot and still on the old version: boot counting went back.
-        match decide(Some("2"), "1", Some(&now), "b2") {
-            Step::Failed(why) => assert!(why.contains("back on 1"), "{why}"),
-            other => panic!("{other:?}"),
-        }
+        assert!(failed(decide(Some("2"), "1", Some(&now), "b2")).contains("back on 1"));
+        assert!(
+            failed(decide(Some("2"), "1", Some(&half), "b2")).contains("before the move was done")
+        );
         // The move itself failed: never retried, the error reported.
-        let broken = attempt("2", "b1", Some("no such version in the feed"));
-        match decide(Some("2"), "1", Some(&broken), "b1") {
-            Step::Failed(why) => assert!(why.contains("no such version"), "{why}"),
-            other => panic!("{other:?}"),
-        }
+        let broken = attempt("2", "b1", false, Some("no such version in the feed"));
+        assert!(failed(decide(Some("2"), "1", Some(&broken), "b1")).contains("no such version"));
         // Arrived: report, whatever the marker says.
         assert_eq!(decide(Some("2"), "2", Some(&now), "b2"), Step::Report);
+    }
+
+    #[test]
+    fn only_versions_are_acted_on() {
+        for ok in ["0.2.0+abcdef012345", "1", "2.0~rc1", "1.0-2"] {
+            assert!(is_version(ok), "{ok}");
+        }
+        for bad in [
+            "--definitions=/tmp/x",
+            "-1",
+            "1 2",
+            "a/b",
+            "../x",
+            "1;reboot",
+            &"9".repeat(129),
+        ] {
+            assert!(!is_version(bad), "{bad}");
+            assert!(failed(decide(Some(bad), "1", None, "b1")).contains("not a version"));
+        }
     }
 
     #[test]

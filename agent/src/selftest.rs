@@ -216,18 +216,23 @@ async fn open_report(path: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// systemd's manager object on the bus `conn`.
+pub(crate) async fn systemd_manager(conn: &zbus::Connection) -> zbus::Result<zbus::Proxy<'static>> {
+    zbus::Proxy::new(
+        conn,
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+    )
+    .await
+}
+
 /// Where the boot's time went, as `systemd-analyze time` splits it, up to now (the
 /// agent has answered): firmware, loader, kernel, initrd, userspace.
 async fn boot_time(conn: &zbus::Connection) -> CheckResult {
     let start = Instant::now();
     let result = async {
-        let manager = zbus::Proxy::new(
-            conn,
-            "org.freedesktop.systemd1",
-            "/org/freedesktop/systemd1",
-            "org.freedesktop.systemd1.Manager",
-        )
-        .await?;
+        let manager = systemd_manager(conn).await?;
         let mut t = Vec::new();
         for name in [
             "FirmwareTimestampMonotonic",

@@ -207,10 +207,6 @@ pub fn apply(
         }
         UpdateAction::Install => {
             let before = run(&config.launcher, &config.sysupdate, &["check-new"])?;
-            let output = run_ok(&config.launcher, &config.sysupdate, &["update"])?;
-            if !before.0.success() || output.contains("No update needed") {
-                return Ok(outcome(None, false, up_to_date(config, image, running)));
-            }
             let version = before
                 .1
                 .lines()
@@ -218,6 +214,16 @@ pub fn apply(
                 .unwrap_or_default()
                 .trim()
                 .to_owned();
+            // The version just offered, by name: what a fleet's `move_to` asks for too.
+            let args: &[&str] = if before.0.success() && !version.is_empty() {
+                &["update", &version]
+            } else {
+                &["update"]
+            };
+            let output = run_ok(&config.launcher, &config.sysupdate, args)?;
+            if !before.0.success() || output.contains("No update needed") {
+                return Ok(outcome(None, false, up_to_date(config, image, running)));
+            }
             // A rollback chose a default entry; the new version must be the one that boots.
             if config.bootctl.exists() {
                 run_ok(&config.launcher, &config.bootctl, &["set-default", ""])?;

@@ -517,3 +517,41 @@ fn an_in_place_rollout_moves_the_machine_once_and_reports_on_its_own_tags() {
         );
     }
 }
+
+#[test]
+fn a_machine_moved_in_place_is_checked_against_the_version_it_moved_to() {
+    // The stack's user data still names the version the instance was launched with.
+    let stand_in = StandIn::start(&user_data("0.0.9+000000000000"));
+    let endpoint = stand_in.endpoint();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let agent = Daemon::start_prepared(
+        OS_RELEASE,
+        "",
+        &[
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", endpoint.as_str()),
+            ("AWS_ENDPOINT_URL_CLOUDFORMATION", endpoint.as_str()),
+            ("AWS_ENDPOINT_URL_EC2", endpoint.as_str()),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ],
+        |dir| {
+            let state = dir.join("state");
+            std::fs::create_dir_all(&state).unwrap();
+            std::fs::write(
+                state.join("in-place-attempt"),
+                format!(
+                    "{{\"version\": \"0.1.0+abcdef012345\", \"boot\": \"{}-earlier\", \"moved\": true}}",
+                    boot.trim()
+                ),
+            )
+            .unwrap();
+        },
+    );
+    let signal = wait_signal(&stand_in);
+    assert!(
+        signal.body.contains("Status=SUCCESS"),
+        "{}\n{}",
+        signal.body,
+        audit_log(&agent)
+    );
+}

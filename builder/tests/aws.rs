@@ -1966,7 +1966,7 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
     let fx = Fixture::new();
     fx.version("1.0.0", 8, &[0], Some(true));
     ok(&fx.run(&["publish", "ami", "devos-pub@1.0.0", "--region", "us-east-1"]));
-    for version in ["2.0.0", "3.0.0"] {
+    for version in ["2.0.0", "3.0.0", "5.0.0"] {
         fx.updatable_version(version, "0000000000000000000000000000000000000000");
     }
     // Built without `[update]` (written out: a version's manifest is read).
@@ -2113,9 +2113,27 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
     let out = in_place("3.0.0", &[]);
     assert!(stderr(&out).contains("marked bad"), "{}", stderr(&out));
 
+    // Agents that never answer (tags not in their metadata, an older agent): the
+    // rollout fails after the batch timeout, and the version is not blamed for it.
+    let out = in_place("5.0.0", &["--batch-timeout", "3", "--bake", "0", "--json"]);
+    assert!(!out.status.success());
+    let d = json(&out);
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no agent of the batch acted"),
+        "{d}"
+    );
+    assert_eq!(tag_of("devos:running"), vec![Some("2.0.0".to_owned()); 3]);
+    let out = in_place("5.0.0", &["--dry-run"]);
+    ok(&out);
+
     assert_eq!(
         fx.history("devfleet"),
         [
+            "in-place 5.0.0 failed",
             "in-place 3.0.0 rolled-back",
             "in-place 2.0.0 succeeded",
             "deploy 1.0.0 succeeded",

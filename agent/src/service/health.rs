@@ -54,8 +54,17 @@ pub(super) async fn self_checks(
 
 pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
     let marker = shared.config().state_dir.join("health-signalled");
+    // A machine an in-place rollout moved runs a newer version than its user data
+    // (the stack's) names: that version is the one to check against.
+    let config = shared.config();
+    let running = crate::os_release::image_version(&config.os_release).ok();
+    let moved_to =
+        crate::inplace::Attempt::load(&config.state_dir.join(crate::inplace::ATTEMPT_FILE))
+            .filter(|a| a.moved && Some(&a.version) == running.as_ref())
+            .map(|a| a.version);
     let checks = async |request: &crate::health::Request| {
-        self_checks(&shared, &conn, request.version.as_deref()).await
+        let expected = moved_to.as_deref().or(request.version.as_deref());
+        self_checks(&shared, &conn, expected).await
     };
     match crate::health::signal(&marker, checks).await {
         Ok(crate::health::Outcome::Sent {

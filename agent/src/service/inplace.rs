@@ -4,13 +4,31 @@
 //! tags. Logged and audited, never fatal; off EC2 it does nothing.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
 
 use super::shared::Shared;
 use crate::ec2::{metadata, on_ec2};
 use crate::inplace::{Attempt, HEALTHY, Step, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, decide};
+
+/// How long a reboot the agent asked for may take to happen before it asks again.
+const REBOOT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// systemd-boot's variable for a boot of an entry with tries left (a counted boot).
+const BOOT_COUNTED: &str =
+    "/sys/firmware/efi/efivars/LoaderBootCountPath-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+
+/// What the poll keeps between looks.
+struct Follower {
+    instance: String,
+    /// Made at the first report: most instances are never asked for anything.
+    ec2: Option<aws_sdk_ec2::Client>,
+    /// The last (running, state) reported.
+    reported: Option<(String, String)>,
+    /// When the agent last asked for a reboot.
+    rebooted: Option<Instant>,
+}
 
 pub(super) async fn follow(shared: Arc<Shared>, conn: zbus::Connection) {
     if !on_ec2() {
@@ -24,11 +42,14 @@ pub(super) async fn follow(shared: Arc<Shared>, conn: zbus::Connection) {
         }
         Err(e) => return tracing::warn!("in-place updates: {e:#}"),
     };
-    let ec2 =
-        aws_sdk_ec2::Client::new(&aws_config::defaults(BehaviorVersion::latest()).load().await);
-    let mut reported: Option<(String, String)> = None;
+    let mut me = Follower {
+        instance,
+        ec2: None,
+        reported: None,
+        rebooted: None,
+    };
     loop {
-        if let Err(e) = tick(&shared, &conn, &imds, &ec2, &instance, &mut reported).await {
+        if let Err(e) = me.tick(&shared, &conn, &imds).await {
             tracing::warn!("in-place updates: {e:#}");
         }
         let period = shared.config().update.fleet_poll_seconds.max(1);
@@ -36,132 +57,189 @@ pub(super) async fn follow(shared: Arc<Shared>, conn: zbus::Connection) {
     }
 }
 
-/// One look at the instance's tags, and what follows from it.
-async fn tick(
-    shared: &Shared,
-    conn: &zbus::Connection,
-    imds: &aws_config::imds::Client,
-    ec2: &aws_sdk_ec2::Client,
-    instance: &str,
-    reported: &mut Option<(String, String)>,
-) -> anyhow::Result<()> {
-    let target = metadata(
-        imds,
-        &format!("/latest/meta-data/tags/instance/{TAG_UPDATE_TO}"),
-    )
-    .await?;
-    let config = shared.config();
-    let os_release = std::fs::read_to_string(&config.os_release).unwrap_or_default();
-    let field = |name: &str| crate::os_release::field(&os_release, name);
-    let (image, running) = (
-        field("IMAGE_ID"),
-        field("IMAGE_VERSION").unwrap_or_default(),
-    );
-    let marker = config.state_dir.join("in-place-attempt");
-    let attempt = Attempt::load(&marker);
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    let state = match decide(target.as_deref(), &running, attempt.as_ref(), &boot) {
-        Step::Idle | Step::Rebooting => return Ok(()),
-        Step::Report => {
-            let checks = super::health::self_checks(shared, conn, Some(&running)).await;
-            match crate::health::verdict(&checks).1 {
-                None => HEALTHY.to_owned(),
-                Some(reason) => format!("unhealthy: {reason}"),
+impl Follower {
+    /// One look at the instance's tags, and what follows from it.
+    async fn tick(
+        &mut self,
+        shared: &Shared,
+        conn: &zbus::Connection,
+        imds: &aws_config::imds::Client,
+    ) -> anyhow::Result<()> {
+        let target = metadata(
+            imds,
+            &format!("/latest/meta-data/tags/instance/{TAG_UPDATE_TO}"),
+        )
+        .await?;
+        let config = shared.config();
+        let os_release = std::fs::read_to_string(&config.os_release).unwrap_or_default();
+        let field = |name: &str| crate::os_release::field(&os_release, name);
+        let (image, running) = (
+            field("IMAGE_ID"),
+            field("IMAGE_VERSION").unwrap_or_default(),
+        );
+        let marker = config.state_dir.join(crate::inplace::ATTEMPT_FILE);
+        let attempt = Attempt::load(&marker);
+        let state = match decide(target.as_deref(), &running, attempt.as_ref(), &boot_id()) {
+            Step::Idle => return Ok(()),
+            Step::Reboot => {
+                if self.rebooted.is_none_or(|t| t.elapsed() >= REBOOT_PATIENCE) {
+                    let version = attempt.map(|a| a.version).unwrap_or_default();
+                    self.reboot(shared, &running, &version).await?;
+                }
+                return Ok(());
             }
-        }
-        Step::Failed(why) => why,
-        Step::Move(version) => {
-            report(
-                ec2,
-                instance,
-                &running,
-                &format!("updating to {version}"),
-                reported,
-            )
-            .await?;
-            let mut attempt = Attempt {
-                version: version.clone(),
-                boot,
-                error: None,
-            };
-            attempt.save(&marker)?;
-            let update = config.update.clone();
-            let (image, from) = (image.clone(), running.clone());
-            let moved = tokio::task::spawn_blocking(move || {
-                crate::update::move_to(&update, image.as_deref(), Some(&from), &version)
-                    .and_then(|done| crate::update::reboot(&update).map(|()| done))
-            })
-            .await?;
-            let detail = match &moved {
-                Ok(done) => {
-                    serde_json::json!({ "by": "fleet", "to": attempt.version, "message": done })
-                }
-                Err(e) => {
-                    serde_json::json!({ "by": "fleet", "to": attempt.version, "error": e.to_string() })
-                }
-            };
-            // (`audit` logs a failed append; the update happened either way.)
-            let _ = shared.audit("update.install", Some(0), None, None, detail);
-            match moved {
-                Ok(done) => {
-                    tracing::info!(to = %attempt.version, "{done}; rebooting");
+            Step::Report => {
+                if boot_unblessed(conn).await {
+                    // A counted boot is healthy once boot-complete.target is reached.
                     return Ok(());
                 }
-                Err(e) => {
-                    attempt.error = Some(e.to_string());
-                    attempt.save(&marker)?;
-                    format!("failed {}: {e}", attempt.version)
+                let checks = super::health::self_checks(shared, conn, Some(&running)).await;
+                match crate::health::verdict(&checks).1 {
+                    None => HEALTHY.to_owned(),
+                    Some(reason) => format!("unhealthy: {reason}"),
                 }
             }
+            Step::Failed(why) => why,
+            Step::Move(version) => {
+                self.report(&running, &format!("updating to {version}"))
+                    .await?;
+                let mut attempt = Attempt {
+                    version: version.clone(),
+                    boot: boot_id(),
+                    moved: false,
+                    error: None,
+                };
+                attempt.save(&marker)?;
+                let update = config.update.clone();
+                let (image, from) = (image.clone(), running.clone());
+                let moved = tokio::task::spawn_blocking(move || {
+                    crate::update::move_to(&update, image.as_deref(), Some(&from), &version)
+                })
+                .await?;
+                let detail = match &moved {
+                    Ok(done) => {
+                        serde_json::json!({ "by": "fleet", "to": attempt.version, "message": done })
+                    }
+                    Err(e) => {
+                        serde_json::json!({ "by": "fleet", "to": attempt.version, "error": e.to_string() })
+                    }
+                };
+                // (`audit` logs a failed append; the update happened either way.)
+                let _ = shared.audit("update.install", Some(0), None, None, detail);
+                match moved {
+                    Ok(done) => {
+                        attempt.moved = true;
+                        attempt.save(&marker)?;
+                        tracing::info!(to = %attempt.version, "{done}; rebooting");
+                        return self.reboot(shared, &running, &attempt.version).await;
+                    }
+                    Err(e) => {
+                        attempt.error = Some(e.to_string());
+                        attempt.save(&marker)?;
+                        format!("failed {}: {e}", attempt.version)
+                    }
+                }
+            }
+        };
+        if self.reported.as_ref().is_none_or(|(_, s)| *s != state) {
+            // (`audit` logs a failed append; the report goes out either way.)
+            let _ = shared.audit(
+                "update.fleet-report",
+                None,
+                None,
+                None,
+                serde_json::json!({ "instance": self.instance, "running": running, "state": state }),
+            );
         }
-    };
-    if reported.as_ref().is_none_or(|(_, s)| *s != state) {
-        let _ = shared.audit(
-            "update.fleet-report",
-            None,
-            None,
-            None,
-            serde_json::json!({ "instance": instance, "running": running, "state": state }),
-        );
+        self.report(&running, &state).await
     }
-    report(ec2, instance, &running, &state, reported).await
+
+    /// Ask for the reboot into `version`; a failure is reported (the version is not
+    /// to blame) and the next look asks again.
+    async fn reboot(
+        &mut self,
+        shared: &Shared,
+        running: &str,
+        version: &str,
+    ) -> anyhow::Result<()> {
+        self.rebooted = Some(Instant::now());
+        let update = shared.config().update.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || crate::update::reboot(&update)).await? {
+            tracing::warn!("in-place updates: the reboot into {version} failed: {e}");
+            self.report(
+                running,
+                &format!("updating to {version}: the reboot failed ({e}); trying again"),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Tag the instance with the version it runs and its state, unless that is what
+    /// the last report said.
+    async fn report(&mut self, running: &str, state: &str) -> anyhow::Result<()> {
+        let now = (running.to_owned(), state.to_owned());
+        if self.reported.as_ref() == Some(&now) {
+            return Ok(());
+        }
+        if self.ec2.is_none() {
+            let config = aws_config::defaults(BehaviorVersion::latest()).load().await;
+            self.ec2 = Some(aws_sdk_ec2::Client::new(&config));
+        }
+        let Some(ec2) = &self.ec2 else {
+            return Ok(());
+        };
+        let tag = |key: &str, value: &str| {
+            aws_sdk_ec2::types::Tag::builder()
+                .key(key)
+                .value(crate::inplace::tag_value(value))
+                .build()
+        };
+        ec2.create_tags()
+            .resources(&self.instance)
+            .tags(tag(TAG_RUNNING, running))
+            .tags(tag(TAG_STATE, state))
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "ec2:CreateTags on {} failed: {}",
+                    self.instance,
+                    aws_sdk_ec2::error::DisplayErrorContext(&e)
+                )
+            })?;
+        tracing::info!(instance = %self.instance, %running, %state, "reported on the instance's tags");
+        self.reported = Some(now);
+        Ok(())
+    }
 }
 
-/// Tag the instance with the version it runs and its state, unless that is what the
-/// last report said.
-async fn report(
-    ec2: &aws_sdk_ec2::Client,
-    instance: &str,
-    running: &str,
-    state: &str,
-    reported: &mut Option<(String, String)>,
-) -> anyhow::Result<()> {
-    let now = (running.to_owned(), state.to_owned());
-    if reported.as_ref() == Some(&now) {
-        return Ok(());
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// Whether this is a counted boot (an entry on trial) that systemd has not blessed
+/// yet: boot-complete.target not reached. A boot that is not counted is never
+/// unblessed.
+async fn boot_unblessed(conn: &zbus::Connection) -> bool {
+    if !std::path::Path::new(BOOT_COUNTED).exists() {
+        return false;
     }
-    let tag = |key: &str, value: &str| {
-        aws_sdk_ec2::types::Tag::builder()
-            .key(key)
-            .value(crate::inplace::tag_value(value))
-            .build()
+    let state = async {
+        let manager = crate::selftest::systemd_manager(conn).await?;
+        let unit: zbus::zvariant::OwnedObjectPath =
+            manager.call("GetUnit", &("boot-complete.target",)).await?;
+        let unit = zbus::Proxy::new(
+            conn,
+            "org.freedesktop.systemd1",
+            unit,
+            "org.freedesktop.systemd1.Unit",
+        )
+        .await?;
+        unit.get_property::<String>("ActiveState").await
     };
-    ec2.create_tags()
-        .resources(instance)
-        .tags(tag(TAG_RUNNING, running))
-        .tags(tag(TAG_STATE, state))
-        .send()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "ec2:CreateTags on {instance} failed: {}",
-                aws_sdk_ec2::error::DisplayErrorContext(&e)
-            )
-        })?;
-    tracing::info!(%instance, %running, %state, "reported on the instance's tags");
-    *reported = Some(now);
-    Ok(())
+    !matches!(state.await, Ok(s) if s == "active")
 }

@@ -10,7 +10,7 @@
 //! already moved is told to go back to the version it ran (the boot loader switches
 //! slots: one reboot).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -22,7 +22,7 @@ use serde::Serialize;
 use super::{Ctx, Outcome, Target, context};
 use crate::model::manifest::Manifest;
 use crate::model::states::ChangeState;
-use crate::store::registry::Registry;
+use crate::store::registry::{Registry, VersionInfo};
 
 /// How an in-place rollout goes.
 pub(crate) struct Batches {
@@ -36,10 +36,21 @@ pub(crate) struct Batches {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Moved {
     pub(crate) id: String,
-    /// The version it ran before (its agent's report, else the stack's version).
+    /// The version it ran before: its agent's report when that is a version of the
+    /// image this registry knows, else the stack's version.
     pub(crate) from: String,
-    /// Its last `devos:update-state`.
+    /// The version its agent last reported running (empty: no report).
+    pub(crate) running: String,
+    /// Its agent's last `devos:update-state`.
     pub(crate) state: String,
+}
+
+/// Why a rollout stopped.
+enum Failure {
+    /// The version failed on an instance: it is marked bad for the stack.
+    Version(String),
+    /// No agent of a batch acted on the request: nothing is known about the version.
+    Unanswered(String),
 }
 
 /// Roll the stack's running instances to `to` in place.
@@ -88,6 +99,12 @@ pub(crate) fn rollout(
             .next()
             .unwrap_or_default()
             .to_owned();
+        let known: HashSet<String> = cx
+            .reg
+            .versions(Some(&v.name))?
+            .into_iter()
+            .map(|k| k.version)
+            .collect();
         let running = stack::running(&cx.aws, &cx.region, &t.stack).await?;
         let serving: Vec<&Member> = running
             .instances
@@ -113,17 +130,26 @@ pub(crate) fn rollout(
         );
         let (done, todo): (Vec<&Member>, Vec<&Member>) =
             serving.into_iter().partition(|m| arrived(m, &v.version));
-        for m in &done {
-            outcome.instances.push(moved(m, &stack_version));
-        }
-        let todo: Vec<Moved> = todo.iter().map(|m| moved(m, &stack_version)).collect();
+        // Already there (an earlier run of this rollout): they go back with the rest
+        // if the version fails, to the stack's version.
+        let done: Vec<Moved> = done
+            .iter()
+            .map(|m| Moved {
+                from: stack_version.clone(),
+                ..moved(m, &stack_version, &known)
+            })
+            .collect();
+        let todo: Vec<Moved> = todo
+            .iter()
+            .map(|m| moved(m, &stack_version, &known))
+            .collect();
         if t.dry_run || todo.is_empty() {
             outcome.state = if todo.is_empty() {
                 ChangeState::Unchanged
             } else {
                 ChangeState::DryRun
             };
-            outcome.instances.extend(todo);
+            outcome.instances = [done, todo].concat();
             return Ok(outcome);
         }
         let id =
@@ -136,76 +162,110 @@ pub(crate) fn rollout(
             v.version,
             batches.size
         );
-        let mut touched: Vec<Moved> = Vec::new();
-        let mut failure = None;
-        for batch in todo.chunks(batches.size) {
-            let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
-            touched.extend(batch.iter().cloned());
-            let asked =
-                stack::tag_instances(&cx.aws, &cx.region, &ids, TAG_UPDATE_TO, &v.version).await;
-            cx.issued(id, &mut outcome, asked)?;
-            if let Err(why) = wait(
-                &cx,
-                &t.stack,
-                &ids,
-                &v.version,
-                batches.timeout,
-                &mut touched,
-            )
-            .await?
-            {
-                failure = Some(why);
-                break;
-            }
+        let driven = drive(&mut cx, id, t, &v, batches, &done, &todo, &mut outcome).await;
+        if let Err(e) = &driven {
+            cx.reg
+                .finish_rollout(id, ChangeState::Failed, Some(&format!("{e:#}")))?;
         }
-        if failure.is_none() && !t.bake.is_zero() {
-            let ids: Vec<String> = touched.iter().map(|m| m.id.clone()).collect();
-            failure = bake(&cx, &t.stack, &ids, &v.version, t.bake, &mut touched)
-                .await?
-                .err();
-        }
-        outcome.instances.extend(touched.iter().cloned());
-        let Some(why) = failure else {
-            cx.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
-            outcome.state = ChangeState::Succeeded;
-            return Ok(outcome);
-        };
-        eprintln!("in-place {} failed: {why}", t.stack);
-        cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
-        outcome.reason = Some(why.clone());
-        let back = go_back(&mut cx, &t.stack, &v.version, &touched, batches.timeout).await?;
-        let state = match back {
-            Ok(()) => ChangeState::RolledBack,
-            Err(e) => {
-                outcome.reason = Some(format!("{why}; going back failed too: {e}"));
-                ChangeState::Failed
-            }
-        };
-        cx.reg
-            .finish_rollout(id, state, outcome.reason.as_deref())?;
-        outcome.state = state;
-        Ok(outcome)
+        driven.map(|()| outcome)
     })
+}
+
+/// Ask batch after batch, gate, and on a failure send the asked instances back;
+/// finishes rollout `id` unless it returns an error.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    cx: &mut Ctx<'_>,
+    id: i64,
+    t: &Target,
+    v: &VersionInfo,
+    batches: &Batches,
+    done: &[Moved],
+    todo: &[Moved],
+    outcome: &mut Outcome,
+) -> Result<()> {
+    let mut touched: Vec<Moved> = Vec::new();
+    let mut failure = None;
+    for batch in todo.chunks(batches.size) {
+        let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+        touched.extend(batch.iter().cloned());
+        let asked =
+            stack::tag_instances(&cx.aws, &cx.region, &ids, TAG_UPDATE_TO, &v.version).await;
+        cx.issued(id, outcome, asked)?;
+        if let Err(why) = wait(
+            cx,
+            &t.stack,
+            &ids,
+            &v.version,
+            batches.timeout,
+            &mut touched,
+        )
+        .await?
+        {
+            failure = Some(why);
+            break;
+        }
+    }
+    if failure.is_none() && !t.bake.is_zero() {
+        let ids: Vec<String> = touched.iter().map(|m| m.id.clone()).collect();
+        failure = bake(cx, &t.stack, &ids, &v.version, t.bake, &mut touched)
+            .await?
+            .err();
+    }
+    outcome.instances = [done, &touched].concat();
+    let Some(failure) = failure else {
+        cx.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
+        outcome.state = ChangeState::Succeeded;
+        return Ok(());
+    };
+    let (why, answered) = match failure {
+        Failure::Version(why) => {
+            cx.reg.mark_bad(&t.stack, &cx.region, v, &why)?;
+            (why, true)
+        }
+        Failure::Unanswered(why) => (why, false),
+    };
+    eprintln!("in-place {} failed: {why}", t.stack);
+    outcome.reason = Some(why.clone());
+    let back: Vec<Moved> = done
+        .iter()
+        .chain(&touched)
+        .filter(|m| m.from != v.version)
+        .cloned()
+        .collect();
+    // Agents that did not answer are asked to stay where they are, not waited for.
+    let wait_for = answered.then_some(batches.timeout);
+    let state = match go_back(cx, &t.stack, &v.version, &back, wait_for).await? {
+        Ok(()) if answered => ChangeState::RolledBack,
+        Ok(()) => ChangeState::Failed,
+        Err(e) => {
+            outcome.reason = Some(format!("{why}; going back failed too: {e}"));
+            ChangeState::Failed
+        }
+    };
+    cx.reg
+        .finish_rollout(id, state, outcome.reason.as_deref())?;
+    outcome.state = state;
+    Ok(())
 }
 
 /// Whether the instance's agent reports `version` running and healthy, as asked.
 fn arrived(m: &Member, version: &str) -> bool {
-    m.tags.get(TAG_UPDATE_TO).map(String::as_str) == Some(version) && healthy_on(m, version)
-}
-
-fn healthy_on(m: &Member, version: &str) -> bool {
-    m.tags.get(TAG_RUNNING).map(String::as_str) == Some(version)
+    m.tags.get(TAG_UPDATE_TO).map(String::as_str) == Some(version)
+        && m.tags.get(TAG_RUNNING).map(String::as_str) == Some(version)
         && m.tags.get(TAG_STATE).map(String::as_str) == Some(HEALTHY)
 }
 
-fn moved(m: &Member, stack_version: &str) -> Moved {
+fn moved(m: &Member, stack_version: &str, known: &HashSet<String>) -> Moved {
+    let running = m.tags.get(TAG_RUNNING).cloned().unwrap_or_default();
     Moved {
         id: m.id.clone(),
-        from: m
-            .tags
-            .get(TAG_RUNNING)
-            .cloned()
-            .unwrap_or_else(|| stack_version.to_owned()),
+        from: if known.contains(&running) {
+            running.clone()
+        } else {
+            stack_version.to_owned()
+        },
+        running,
         state: m.tags.get(TAG_STATE).cloned().unwrap_or_default(),
     }
 }
@@ -234,8 +294,15 @@ fn verdict(m: &Member, version: &str) -> Result<bool, String> {
     Ok(on_it && state == HEALTHY)
 }
 
+/// Whether the instance's agent has acted on a request for `version`.
+fn acted(m: &Moved, version: &str) -> bool {
+    m.running == version
+        || m.state.starts_with(&format!("updating to {version}"))
+        || m.state.starts_with(&format!("failed {version}:"))
+}
+
 /// Wait until every instance of `ids` reports `version` healthy, at most `timeout`;
-/// Ok(Err(why)) when one fails or time runs out. Keeps `touched`'s states current.
+/// Ok(Err(why)) when one fails or time runs out. Keeps `touched`'s reports current.
 async fn wait(
     cx: &Ctx<'_>,
     stack_name: &str,
@@ -243,35 +310,44 @@ async fn wait(
     version: &str,
     timeout: Duration,
     touched: &mut [Moved],
-) -> Result<Result<(), String>> {
+) -> Result<Result<(), Failure>> {
     let started = Instant::now();
     loop {
-        let pending = look(cx, stack_name, ids, version, touched).await?;
-        match pending {
-            Err(why) => return Ok(Err(why)),
-            Ok(pending) if pending.is_empty() => return Ok(Ok(())),
-            Ok(pending) if started.elapsed() >= timeout => {
-                let states: Vec<String> = pending
-                    .iter()
-                    .map(|id| {
-                        let state = touched
-                            .iter()
-                            .find(|m| &m.id == id)
-                            .map_or("", |m| m.state.as_str());
-                        format!(
-                            "{id} ({})",
-                            if state.is_empty() { "no report" } else { state }
-                        )
-                    })
-                    .collect();
-                return Ok(Err(format!(
-                    "{} did not report {version} healthy within {}s",
-                    states.join(", "),
-                    timeout.as_secs()
-                )));
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_secs(5).min(timeout)).await,
+        let pending = match look(cx, stack_name, ids, version, touched).await? {
+            Err(why) => return Ok(Err(Failure::Version(why))),
+            Ok(pending) => pending,
+        };
+        if pending.is_empty() {
+            return Ok(Ok(()));
         }
+        if started.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_secs(5).min(timeout)).await;
+            continue;
+        }
+        let late: Vec<&Moved> = touched.iter().filter(|m| pending.contains(&m.id)).collect();
+        let states: Vec<String> = late
+            .iter()
+            .map(|m| {
+                let state = if m.state.is_empty() {
+                    "no report"
+                } else {
+                    &m.state
+                };
+                format!("{} ({state})", m.id)
+            })
+            .collect();
+        let why = format!(
+            "{} did not report {version} healthy within {}s",
+            states.join(", "),
+            timeout.as_secs()
+        );
+        let batch: Vec<&Moved> = touched.iter().filter(|m| ids.contains(&m.id)).collect();
+        if batch.iter().any(|m| acted(m, version)) {
+            return Ok(Err(Failure::Version(why)));
+        }
+        return Ok(Err(Failure::Unanswered(format!(
+            "{why}, and no agent of the batch acted on {TAG_UPDATE_TO}: {version} is not marked bad\n  hint: the instances need tags in instance metadata (InstanceMetadataTags: enabled, as the templates set) and an image whose agent follows in-place rollouts; `devos-build fleet status --stack {stack_name}` shows their reports"
+        ))));
     }
 }
 
@@ -284,16 +360,16 @@ async fn bake(
     version: &str,
     bake: Duration,
     touched: &mut [Moved],
-) -> Result<Result<(), String>> {
+) -> Result<Result<(), Failure>> {
     let started = Instant::now();
     while started.elapsed() < bake {
         match look(cx, stack_name, ids, version, touched).await? {
-            Err(why) => return Ok(Err(why)),
+            Err(why) => return Ok(Err(Failure::Version(why))),
             Ok(pending) if !pending.is_empty() => {
-                return Ok(Err(format!(
+                return Ok(Err(Failure::Version(format!(
                     "{} stopped reporting {version} healthy during the bake",
                     pending.join(", ")
-                )));
+                ))));
             }
             Ok(_) => tokio::time::sleep(Duration::from_secs(5).min(bake)).await,
         }
@@ -302,7 +378,8 @@ async fn bake(
 }
 
 /// One look at the instances' reports: the ids not yet healthy on `version`, or why
-/// one failed. Prints each change of an instance's state.
+/// one failed. Prints each change of an instance's report. A failed read is tried
+/// again a few times (throttling) before it ends the rollout.
 async fn look(
     cx: &Ctx<'_>,
     stack_name: &str,
@@ -310,21 +387,31 @@ async fn look(
     version: &str,
     touched: &mut [Moved],
 ) -> Result<Result<Vec<String>, String>> {
-    let running = stack::running(&cx.aws, &cx.region, stack_name).await?;
+    let mut tries = 0;
+    let running = loop {
+        match stack::running(&cx.aws, &cx.region, stack_name).await {
+            Ok(r) => break r,
+            Err(e) if tries < 4 => {
+                tries += 1;
+                tracing::warn!("reading stack {stack_name}: {e:#}; trying again");
+                tokio::time::sleep(Duration::from_secs(2 << tries)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let mut pending = Vec::new();
     for id in ids {
         let Some(m) = running.instances.iter().find(|m| &m.id == id) else {
             return Ok(Err(format!("instance {id} left the stack")));
         };
         let state = m.tags.get(TAG_STATE).cloned().unwrap_or_default();
+        let on = m.tags.get(TAG_RUNNING).cloned().unwrap_or_default();
         if let Some(t) = touched.iter_mut().find(|t| &t.id == id)
-            && t.state != state
+            && (t.state != state || t.running != on)
         {
-            eprintln!(
-                "  {id} {}: {state}",
-                m.tags.get(TAG_RUNNING).map_or("?", String::as_str)
-            );
+            eprintln!("  {id} {}: {state}", if on.is_empty() { "?" } else { &on });
             t.state = state;
+            t.running = on;
         }
         match verdict(m, version) {
             Err(why) => return Ok(Err(why)),
@@ -335,23 +422,23 @@ async fn look(
     Ok(Ok(pending))
 }
 
-/// Tell every instance moved to `version` to go back to what it ran, and wait for
-/// them (an instance that never left reports its old version healthy at once).
+/// Tell every instance in `back` to go back to what it ran, and wait for them at
+/// most `timeout` (one that never left reports its old version healthy at once).
 async fn go_back(
     cx: &mut Ctx<'_>,
     stack_name: &str,
     version: &str,
-    touched: &[Moved],
-    timeout: Duration,
+    back: &[Moved],
+    timeout: Option<Duration>,
 ) -> Result<Result<(), String>> {
     let mut by_version: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for m in touched {
+    for m in back {
         by_version
             .entry(m.from.as_str())
             .or_default()
             .push(m.id.clone());
     }
-    let mut states = touched.to_vec();
+    let mut states = back.to_vec();
     for (from, ids) in &by_version {
         eprintln!("in-place {stack_name}: back to {from}: {}", ids.join(", "));
         stack::tag_instances(&cx.aws, &cx.region, ids, TAG_UPDATE_TO, from)
@@ -360,9 +447,13 @@ async fn go_back(
                 format!("while telling {} to go back from {version}", ids.join(", "))
             })?;
     }
+    let Some(timeout) = timeout else {
+        return Ok(Ok(()));
+    };
     for (from, ids) in &by_version {
-        if let Err(why) = wait(cx, stack_name, ids, from, timeout, &mut states).await? {
-            return Ok(Err(why));
+        match wait(cx, stack_name, ids, from, timeout, &mut states).await? {
+            Ok(()) => {}
+            Err(Failure::Version(why) | Failure::Unanswered(why)) => return Ok(Err(why)),
         }
     }
     Ok(Ok(()))

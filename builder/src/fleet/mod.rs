@@ -688,7 +688,8 @@ pub(crate) fn rollback(
 fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> Result<String> {
     for r in reg.rollouts(Some(stack_name), Some(region))? {
         let reference = format!("{}@{}", r.image, r.to);
-        if r.state != ChangeState::Succeeded || reference == current {
+        // An in-place rollout leaves the stack's AMI as it was: not one to go back to.
+        if r.state != ChangeState::Succeeded || reference == current || r.kind == "in-place" {
             continue;
         }
         if let Ok(v) = reg.find(&reference)
