@@ -612,7 +612,7 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
     assert!(stdout(&out).contains("0.1.0_prev"), "{}", stdout(&out));
     assert_eq!(
         std::fs::read_to_string(&log).unwrap(),
-        "sysupdate update\nbootctl set-default \nbootctl set-default devos_0.1.0_prev.efi\n"
+        "sysupdate update 0.3.0_new\nbootctl set-default \nbootctl set-default devos_0.1.0_prev.efi\n"
     );
     let audit = std::fs::read_to_string(agent.state().join("audit/log-000001.jsonl")).unwrap();
     for event in ["\"update.install\"", "\"update.rollback\""] {

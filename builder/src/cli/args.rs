@@ -395,8 +395,9 @@ pub(crate) enum FleetCommand {
         #[command(flatten)]
         change: ChangeArgs,
     },
-    /// Roll a stack to a version (canary stack first), health-gated; a failed update or
-    /// gate rolls back and marks the version bad for the stack.
+    /// Roll a stack to a version, health-gated: by replacement (canary stack first), or
+    /// in place through the instances' agents (--in-place); a failure rolls back and
+    /// marks the version bad for the stack.
     Rollout {
         #[command(flatten)]
         stack: StackArgs,
