@@ -29,6 +29,30 @@ pub const HEALTHY: &str = "healthy";
 /// The attempt marker, in the agent's state directory.
 pub const ATTEMPT_FILE: &str = "in-place-attempt";
 
+/// `devos:update-state` while the machine moves to `version`; `note`: what holds it up.
+pub fn updating_state(version: &str, note: Option<&str>) -> String {
+    match note {
+        Some(note) => format!("updating to {version}: {note}"),
+        None => format!("updating to {version}"),
+    }
+}
+
+/// `devos:update-state` of a move to `version` that failed, and why.
+pub fn failed_state(version: &str, why: &str) -> String {
+    format!("failed {version}: {why}")
+}
+
+/// Whether `state` says the machine is moving to `version`.
+pub fn is_updating(state: &str, version: &str) -> bool {
+    let moving = updating_state(version, None);
+    state == moving || state.starts_with(&format!("{moving}:"))
+}
+
+/// Whether `state` says the move to `version` failed.
+pub fn is_failure(state: &str, version: &str) -> bool {
+    state.starts_with(&failed_state(version, ""))
+}
+
 /// The last move this machine made, kept across reboots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
@@ -94,9 +118,9 @@ pub fn decide(target: Option<&str>, running: &str, attempt: Option<&Attempt>, bo
         return Step::Idle;
     };
     if !is_version(target) {
-        return Step::Failed(format!(
-            "failed {}: not a version",
-            tag_value(&target.escape_debug().to_string())
+        return Step::Failed(failed_state(
+            &tag_value(&target.escape_debug().to_string()),
+            "not a version",
         ));
     }
     if target == running {
@@ -104,15 +128,17 @@ pub fn decide(target: Option<&str>, running: &str, attempt: Option<&Attempt>, bo
     }
     match attempt {
         Some(a) if a.version == target => match &a.error {
-            Some(error) => Step::Failed(format!("failed {target}: {error}")),
+            Some(error) => Step::Failed(failed_state(target, error)),
             None if a.boot == boot && a.moved => Step::Reboot,
             // The agent restarted before the move was done: do it again.
             None if a.boot == boot => Step::Move(target.to_owned()),
-            None if a.moved => Step::Failed(format!(
-                "failed {target}: it did not come up healthy within its boot tries; back on {running}"
+            None if a.moved => Step::Failed(failed_state(
+                target,
+                &format!("it did not come up healthy within its boot tries; back on {running}"),
             )),
-            None => Step::Failed(format!(
-                "failed {target}: the machine rebooted before the move was done; back on {running}"
+            None => Step::Failed(failed_state(
+                target,
+                &format!("the machine rebooted before the move was done; back on {running}"),
             )),
         },
         _ => Step::Move(target.to_owned()),
@@ -194,6 +220,19 @@ mod tests {
             assert!(!is_version(bad), "{bad}");
             assert!(failed(decide(Some(bad), "1", None, "b1")).contains("not a version"));
         }
+    }
+
+    #[test]
+    fn reports_name_their_version_exactly() {
+        assert!(is_updating(&updating_state("2.0", None), "2.0"));
+        assert!(is_updating(
+            &updating_state("2.0", Some("the reboot failed")),
+            "2.0"
+        ));
+        assert!(!is_updating(&updating_state("2.0.1", None), "2.0"));
+        assert!(is_failure(&failed_state("2.0", "x"), "2.0"));
+        assert!(!is_failure(&failed_state("2.0.1", "x"), "2.0"));
+        assert!(!is_failure(HEALTHY, "2.0"));
     }
 
     #[test]

@@ -53,10 +53,10 @@ pub(super) async fn self_checks(
 }
 
 pub(super) async fn signal(shared: Arc<Shared>, conn: zbus::Connection) {
-    let marker = shared.config().state_dir.join("health-signalled");
+    let config = shared.config();
+    let marker = config.state_dir.join("health-signalled");
     // A machine an in-place rollout moved runs a newer version than its user data
     // (the stack's) names: that version is the one to check against.
-    let config = shared.config();
     let running = crate::os_release::image_version(&config.os_release).ok();
     let moved_to =
         crate::inplace::Attempt::load(&config.state_dir.join(crate::inplace::ATTEMPT_FILE))

@@ -10,7 +10,10 @@ use aws_config::BehaviorVersion;
 
 use super::shared::Shared;
 use crate::ec2::{metadata, on_ec2};
-use crate::inplace::{Attempt, HEALTHY, Step, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, decide};
+use crate::inplace::{
+    Attempt, HEALTHY, Step, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, decide, failed_state,
+    updating_state,
+};
 
 /// How long a reboot the agent asked for may take to happen before it asks again.
 const REBOOT_PATIENCE: Duration = Duration::from_secs(120);
@@ -79,7 +82,8 @@ impl Follower {
         );
         let marker = config.state_dir.join(crate::inplace::ATTEMPT_FILE);
         let attempt = Attempt::load(&marker);
-        let state = match decide(target.as_deref(), &running, attempt.as_ref(), &boot_id()) {
+        let boot = boot_id();
+        let state = match decide(target.as_deref(), &running, attempt.as_ref(), &boot) {
             Step::Idle => return Ok(()),
             Step::Reboot => {
                 if self.rebooted.is_none_or(|t| t.elapsed() >= REBOOT_PATIENCE) {
@@ -101,11 +105,11 @@ impl Follower {
             }
             Step::Failed(why) => why,
             Step::Move(version) => {
-                self.report(&running, &format!("updating to {version}"))
+                self.report(&running, &updating_state(&version, None))
                     .await?;
                 let mut attempt = Attempt {
                     version: version.clone(),
-                    boot: boot_id(),
+                    boot,
                     moved: false,
                     error: None,
                 };
@@ -136,7 +140,7 @@ impl Follower {
                     Err(e) => {
                         attempt.error = Some(e.to_string());
                         attempt.save(&marker)?;
-                        format!("failed {}: {e}", attempt.version)
+                        failed_state(&attempt.version, &e.to_string())
                     }
                 }
             }
@@ -168,7 +172,10 @@ impl Follower {
             tracing::warn!("in-place updates: the reboot into {version} failed: {e}");
             self.report(
                 running,
-                &format!("updating to {version}: the reboot failed ({e}); trying again"),
+                &updating_state(
+                    version,
+                    Some(&format!("the reboot failed ({e}); trying again")),
+                ),
             )
             .await?;
         }

@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use devos_agent::inplace::{HEALTHY, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO};
+use devos_agent::inplace::{
+    HEALTHY, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, is_failure, is_updating,
+};
 use devos_aws::AwsOptions;
 use devos_aws::stack::{self, Member};
 use serde::Serialize;
@@ -284,7 +286,7 @@ fn verdict(m: &Member, version: &str) -> Result<bool, String> {
     if m.health.as_deref() == Some("Unhealthy") {
         return Err(format!("instance {} is Unhealthy", m.id));
     }
-    if state.starts_with(&format!("failed {version}:")) {
+    if is_failure(state, version) {
         return Err(format!("instance {}: {state}", m.id));
     }
     let on_it = m.tags.get(TAG_RUNNING).map(String::as_str) == Some(version);
@@ -296,9 +298,7 @@ fn verdict(m: &Member, version: &str) -> Result<bool, String> {
 
 /// Whether the instance's agent has acted on a request for `version`.
 fn acted(m: &Moved, version: &str) -> bool {
-    m.running == version
-        || m.state.starts_with(&format!("updating to {version}"))
-        || m.state.starts_with(&format!("failed {version}:"))
+    m.running == version || is_updating(&m.state, version) || is_failure(&m.state, version)
 }
 
 /// Wait until every instance of `ids` reports `version` healthy, at most `timeout`;

@@ -77,7 +77,7 @@ impl Outcome {
     pub(crate) fn nothing_to_do(&self) -> bool {
         self.state == ChangeState::Unchanged
             || (self.state == ChangeState::DryRun
-                && self.kind != "in-place"
+                && self.instances.is_empty()
                 && self.changes.is_empty()
                 && self.parameters.is_empty())
     }
