@@ -33,6 +33,13 @@ pub enum OsReleaseError {
     NoImageVersion { path: PathBuf },
 }
 
+/// `IMAGE_ID` and `IMAGE_VERSION` of the os-release at `path`: `None` where a field is
+/// missing or the file cannot be read (callers say what that means for them).
+pub fn image_identity(path: &Path) -> (Option<String>, Option<String>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    (field(&text, "IMAGE_ID"), field(&text, "IMAGE_VERSION"))
+}
+
 /// `IMAGE_VERSION` of the os-release at `path`, or an error naming the file.
 pub fn image_version(path: &Path) -> Result<String, OsReleaseError> {
     let text = std::fs::read_to_string(path).map_err(|source| OsReleaseError::Read {

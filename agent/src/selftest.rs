@@ -1013,9 +1013,7 @@ fn var_writable() -> CheckResult {
 
 /// os-release's IMAGE_ID and IMAGE_VERSION (the host compares the version).
 fn os_release() -> CheckResult {
-    let text = std::fs::read_to_string(crate::os_release::DEFAULT_PATH).unwrap_or_default();
-    let field = |k| crate::os_release::field(&text, k);
-    match (field("IMAGE_ID"), field("IMAGE_VERSION")) {
+    match crate::os_release::image_identity(Path::new(crate::os_release::DEFAULT_PATH)) {
         (Some(id), Some(version)) => CheckResult {
             check: "os-release".into(),
             ok: true,

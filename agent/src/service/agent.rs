@@ -755,9 +755,7 @@ impl Admin {
             )));
         };
         let config = self.shared.config();
-        let os_release = std::fs::read_to_string(&config.os_release).unwrap_or_default();
-        let field = |name: &str| crate::os_release::field(&os_release, name);
-        let (image, running) = (field("IMAGE_ID"), field("IMAGE_VERSION"));
+        let (image, running) = crate::os_release::image_identity(&config.os_release);
         let update = config.update.clone();
         let result = tokio::task::spawn_blocking(move || {
             crate::update::apply(&update, action, image.as_deref(), running.as_deref())

@@ -74,12 +74,8 @@ impl Follower {
         )
         .await?;
         let config = shared.config();
-        let os_release = std::fs::read_to_string(&config.os_release).unwrap_or_default();
-        let field = |name: &str| crate::os_release::field(&os_release, name);
-        let (image, running) = (
-            field("IMAGE_ID"),
-            field("IMAGE_VERSION").unwrap_or_default(),
-        );
+        let (image, running) = crate::os_release::image_identity(&config.os_release);
+        let running = running.unwrap_or_default();
         let marker = config.state_dir.join(crate::inplace::ATTEMPT_FILE);
         let attempt = Attempt::load(&marker);
         let boot = boot_id();
