@@ -10,9 +10,14 @@
 //! A version is tried once: before it moves, the agent writes an attempt marker
 //! (version, boot id, whether the move was done) into its state directory. A later
 //! boot that does not run that version means the version did not come up healthy
-//! within its boot tries and systemd-boot went back; the agent reports that and does
-//! not try it again while it is the version asked for. Only versions are acted on: a
-//! tag value that is not one (an option, a path) is reported as a failure.
+//! within its boot tries and systemd-boot went back; the agent reports that
+//! (`failed …`) and does not try it again while it is the version asked for. A move
+//! that could not be made — the install failed, the machine rebooted before it was
+//! done — says nothing about the version and is reported as `not moved to …`. When the
+//! tag stops asking for the version a move was made to in this boot (the rollout went
+//! back while this machine was still installing), the boot loader is pointed at the
+//! running version again, so no later reboot starts the version given up on. Only
+//! versions are acted on: a tag value that is not one (an option, a path) is refused.
 
 use std::path::Path;
 
@@ -40,6 +45,17 @@ pub fn updating_state(version: &str, note: Option<&str>) -> String {
 /// `devos:update-state` of a move to `version` that failed, and why.
 pub fn failed_state(version: &str, why: &str) -> String {
     format!("failed {version}: {why}")
+}
+
+/// `devos:update-state` of a move to `version` that could not be made: nothing booted
+/// it, so this says nothing about the version.
+pub fn not_moved_state(version: &str, why: &str) -> String {
+    format!("not moved to {version}: {why}")
+}
+
+/// Whether `state` says the machine could not move to `version`.
+pub fn is_not_moved(state: &str, version: &str) -> bool {
+    state.starts_with(&not_moved_state(version, ""))
 }
 
 /// Whether `state` says the machine is moving to `version`.
@@ -74,6 +90,13 @@ impl Attempt {
         serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
     }
 
+    /// Whether the marker no longer matters: its version is not the one asked for. Once
+    /// any move it made in this boot is undone it is removed, so a later request for
+    /// that version is tried afresh.
+    pub fn stale(&self, target: Option<&str>) -> bool {
+        target.map(str::trim) != Some(self.version.as_str())
+    }
+
     /// Write the marker durably (a new file renamed over the old one).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         if let Some(dir) = path.parent() {
@@ -94,9 +117,13 @@ pub enum Step {
     Idle,
     /// Running the version asked for: report how it is doing.
     Report,
-    /// The version asked for was tried and this machine is not on it, or it is no
-    /// version at all: report the failure and leave the machine as it is.
+    /// The version asked for was tried and this machine is not on it, or it could not
+    /// be moved to, or it is no version at all: report that and leave the machine as
+    /// it is.
     Failed(String),
+    /// A move to this version was made in this boot but is no longer asked for: point
+    /// the boot loader at the running version again.
+    Undo(String),
     /// Moved in this boot; reboot (again, if the last reboot did not happen).
     Reboot,
     /// Move to this version and reboot.
@@ -114,11 +141,20 @@ pub fn is_version(s: &str) -> bool {
 /// Decide, from the version asked for, the one running, the last attempt and this
 /// boot's id.
 pub fn decide(target: Option<&str>, running: &str, attempt: Option<&Attempt>, boot: &str) -> Step {
-    let Some(target) = target.map(str::trim).filter(|t| !t.is_empty()) else {
+    let target = target.map(str::trim).filter(|t| !t.is_empty());
+    if let Some(a) = attempt
+        && a.boot == boot
+        && a.error.is_none()
+        && a.version != running
+        && target != Some(a.version.as_str())
+    {
+        return Step::Undo(a.version.clone());
+    }
+    let Some(target) = target else {
         return Step::Idle;
     };
     if !is_version(target) {
-        return Step::Failed(failed_state(
+        return Step::Failed(not_moved_state(
             &tag_value(&target.escape_debug().to_string()),
             "not a version",
         ));
@@ -128,7 +164,7 @@ pub fn decide(target: Option<&str>, running: &str, attempt: Option<&Attempt>, bo
     }
     match attempt {
         Some(a) if a.version == target => match &a.error {
-            Some(error) => Step::Failed(failed_state(target, error)),
+            Some(error) => Step::Failed(not_moved_state(target, error)),
             None if a.boot == boot && a.moved => Step::Reboot,
             // The agent restarted before the move was done: do it again.
             None if a.boot == boot => Step::Move(target.to_owned()),
@@ -136,9 +172,9 @@ pub fn decide(target: Option<&str>, running: &str, attempt: Option<&Attempt>, bo
                 target,
                 &format!("it did not come up healthy within its boot tries; back on {running}"),
             )),
-            None => Step::Failed(failed_state(
+            None => Step::Failed(not_moved_state(
                 target,
-                &format!("the machine rebooted before the move was done; back on {running}"),
+                &format!("the machine rebooted before the move was done; still on {running}"),
             )),
         },
         _ => Step::Move(target.to_owned()),
@@ -201,6 +237,62 @@ mod tests {
         assert!(failed(decide(Some("2"), "1", Some(&broken), "b1")).contains("no such version"));
         // Arrived: report, whatever the marker says.
         assert_eq!(decide(Some("2"), "2", Some(&now), "b2"), Step::Report);
+    }
+
+    #[test]
+    fn only_a_version_that_booted_and_went_back_is_a_failure_of_the_version() {
+        let half = attempt("2", "b1", false, None);
+        let broken = attempt("2", "b1", false, Some("download failed"));
+        for (step, why) in [
+            (decide(Some("2"), "1", Some(&half), "b2"), "before the move"),
+            (
+                decide(Some("2"), "1", Some(&broken), "b1"),
+                "download failed",
+            ),
+            (decide(Some("-x"), "1", None, "b1"), "not a version"),
+        ] {
+            let state = failed(step);
+            assert!(state.contains(why), "{state}");
+            assert!(!is_failure(&state, "2"), "{state}");
+        }
+        assert!(is_not_moved(
+            &failed(decide(Some("2"), "1", Some(&half), "b2")),
+            "2"
+        ));
+        assert!(!is_not_moved("not moved to 2.1: x", "2"));
+        let gone_back = failed(decide(
+            Some("2"),
+            "1",
+            Some(&attempt("2", "b1", true, None)),
+            "b2",
+        ));
+        assert!(is_failure(&gone_back, "2") && !is_not_moved(&gone_back, "2"));
+    }
+
+    #[test]
+    fn a_move_made_in_this_boot_and_no_longer_asked_for_is_undone() {
+        // Moved (or moving) to 2 in this boot; the rollout now asks for 1, or nothing, or 3.
+        for moved in [true, false] {
+            let a = attempt("2", "b1", moved, None);
+            for target in [Some("1"), None, Some("3")] {
+                assert_eq!(
+                    decide(target, "1", Some(&a), "b1"),
+                    Step::Undo("2".into()),
+                    "{target:?}"
+                );
+                assert!(a.stale(target));
+            }
+            assert!(!a.stale(Some(" 2 ")));
+        }
+        // Nothing to undo: a failed install, an earlier boot, or already running it.
+        let broken = attempt("2", "b1", false, Some("x"));
+        assert_eq!(decide(Some("1"), "1", Some(&broken), "b1"), Step::Report);
+        let earlier = attempt("2", "b0", true, None);
+        assert_eq!(decide(Some("1"), "1", Some(&earlier), "b1"), Step::Report);
+        assert_eq!(
+            decide(None, "2", Some(&attempt("2", "b1", true, None)), "b1"),
+            Step::Idle
+        );
     }
 
     #[test]

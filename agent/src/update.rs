@@ -43,6 +43,9 @@ impl Default for UpdateConfig {
                 "--pipe",
                 "--quiet",
                 "--collect",
+                // One at a time: a second install (the agent restarted while one ran)
+                // fails to start instead of writing the same slot.
+                "--unit=devos-update",
                 "--property=Description=DevOS update (devos update)",
                 "--",
             ]
@@ -109,6 +112,8 @@ pub enum UpdateError {
         status: std::process::ExitStatus,
         output: String,
     },
+    #[error("another update is running ({0}); try again when it is done")]
+    Busy(String),
     #[error("{0}")]
     NoRollback(String),
     #[error("{0}")]
@@ -153,6 +158,10 @@ fn run(
 fn run_ok(launcher: &[String], program: &Path, args: &[&str]) -> Result<String, UpdateError> {
     match run(launcher, program, args)? {
         (status, output) if status.success() => Ok(output),
+        // The launcher's unit has one name: it is taken while another update runs.
+        (_, output) if !launcher.is_empty() && output.contains("already loaded") => {
+            Err(UpdateError::Busy(output))
+        }
         (status, output) => Err(UpdateError::Failed {
             program: program.to_owned(),
             status,
@@ -283,6 +292,17 @@ pub fn move_to(
     Ok(format!(
         "{target} is installed in the other slot and boots next (three tries)"
     ))
+}
+
+/// Point the boot loader at the running version again, after a move that is no longer
+/// wanted (`bootctl set-default @current`).
+pub fn stay(config: &UpdateConfig) -> Result<(), UpdateError> {
+    run_ok(
+        &config.launcher,
+        &config.bootctl,
+        &["set-default", "@current"],
+    )
+    .map(|_| ())
 }
 
 /// Reboot the machine (`reboot` of the configuration, through its launcher).

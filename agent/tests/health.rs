@@ -461,9 +461,58 @@ fn an_in_place_rollout_moves_the_machine_once_and_reports_on_its_own_tags() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(calls().matches("sysupdate").count(), 1, "{}", calls());
 
+    // The rollout went back before this machine rebooted: the move is undone (the
+    // running version boots next) and it reports itself healthy where it is; asked
+    // again later, it moves again.
+    let marker = agent.state().join("in-place-attempt");
+    let ask = |version: &str| {
+        stand_in
+            .tags
+            .lock()
+            .unwrap()
+            .insert("devos:update-to".into(), version.into())
+    };
+    ask("0.1.0+abcdef012345");
+    assert!(
+        wait_for(Duration::from_secs(30), || stand_in
+            .tag("devos:update-state")
+            .as_deref()
+            == Some("healthy")),
+        "{:?}",
+        stand_in.tag("devos:update-state")
+    );
+    assert!(
+        calls().ends_with("bootctl set-default @current\n"),
+        "{}",
+        calls()
+    );
+    assert!(!marker.exists(), "the undone attempt is forgotten");
+    // Someone else overwrote this instance's report: it is written again.
+    stand_in.tags.lock().unwrap().insert(
+        "devos:update-state".into(),
+        "failed 0.1.0+abcdef012345: forged".into(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || stand_in
+            .tag("devos:update-state")
+            .as_deref()
+            == Some("healthy")),
+        "{:?}",
+        stand_in.tag("devos:update-state")
+    );
+    ask("0.2.0+fedcba987654");
+    assert!(
+        wait_for(Duration::from_secs(30), || calls()
+            .matches("sysupdate")
+            .count()
+            == 2
+            && calls().ends_with("reboot \n")),
+        "{}",
+        calls()
+    );
+
     // The machine came back on 0.1.0 in a later boot (its boot tries ran out): the
     // failure is reported, and it is not tried again.
-    let marker = agent.state().join("in-place-attempt");
     let attempt = std::fs::read_to_string(&marker).unwrap();
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     std::fs::write(&marker, attempt.replace(boot.trim(), "an-earlier-boot")).unwrap();
@@ -482,7 +531,7 @@ fn an_in_place_rollout_moves_the_machine_once_and_reports_on_its_own_tags() {
             .contains("back on 0.1.0+abcdef012345")
     );
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(calls().matches("sysupdate").count(), 1, "{}", calls());
+    assert_eq!(calls().matches("sysupdate").count(), 2, "{}", calls());
 
     // Told to go back to what it runs: it reports itself healthy there.
     stand_in
@@ -498,7 +547,7 @@ fn an_in_place_rollout_moves_the_machine_once_and_reports_on_its_own_tags() {
         "{:?}",
         stand_in.tag("devos:update-state")
     );
-    assert_eq!(calls().matches("sysupdate").count(), 1, "{}", calls());
+    assert_eq!(calls().matches("sysupdate").count(), 2, "{}", calls());
     let audit = audit_log(&agent);
     assert!(audit.contains("update.fleet-report"), "{audit}");
     // Every report was signed by the instance role, in the instance's region.

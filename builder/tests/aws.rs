@@ -1831,8 +1831,9 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
 /// The agents of a fleet's instances, as the rollout sees them through EC2 (moto runs
 /// no image): each polls its instance's tags and, when asked for a version it does not
 /// report, reports it a moment later — healthy, or for `failing` versions (from the
-/// `nth` instance asked on) a failure after its boot tries. Records, at each first
-/// sight of a request, how many instances were asked and not yet done (the batch).
+/// `nth` instance asked on) a failure: after its boot tries (`failed`), or of the
+/// install (`not moved`). Records, at each first sight of a request, how many instances
+/// were asked and not yet done (the batch).
 struct Agents {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     in_flight: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
@@ -1840,7 +1841,11 @@ struct Agents {
 }
 
 impl Agents {
-    fn start(ec2: sdk_ec2::Client, ids: Vec<String>, failing: (&'static str, usize)) -> Agents {
+    fn start(
+        ec2: sdk_ec2::Client,
+        ids: Vec<String>,
+        failing: &'static [(&'static str, usize, &'static str)],
+    ) -> Agents {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let in_flight = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1852,7 +1857,7 @@ impl Agents {
                 .unwrap();
             let mut asked_for: std::collections::HashMap<(String, String), std::time::Instant> =
                 Default::default();
-            let mut failures = 0;
+            let mut failures: std::collections::HashMap<&str, usize> = Default::default();
             while !halt.load(Ordering::Relaxed) {
                 let tags = |id: String| {
                     let ec2 = ec2.clone();
@@ -1900,23 +1905,30 @@ impl Agents {
                     }
                     if asked_for[&key].elapsed() < Duration::from_millis(1500)
                         || state.starts_with(&format!("failed {want}:"))
+                        || state.starts_with(&format!("not moved to {want}:"))
                     {
                         continue;
                     }
                     let from = running.cloned().unwrap_or_else(|| "1.0.0".into());
-                    let fail = want == failing.0 && {
-                        failures += 1;
-                        failures >= failing.1
-                    };
-                    let (run, report) = if fail {
-                        (
+                    let fail = failing.iter().find(|(version, nth, _)| {
+                        want == version && {
+                            let n = failures.entry(version).or_default();
+                            *n += 1;
+                            *n >= *nth
+                        }
+                    });
+                    let (run, report) = match fail {
+                        Some((_, _, "failed")) => (
                             from.clone(),
                             format!(
                                 "failed {want}: it did not come up healthy within its boot tries; back on {from}"
                             ),
-                        )
-                    } else {
-                        (want.clone(), "healthy".to_owned())
+                        ),
+                        Some(_) => (
+                            from.clone(),
+                            format!("not moved to {want}: download failed"),
+                        ),
+                        None => (want.clone(), "healthy".to_owned()),
                     };
                     rt.block_on(
                         ec2.create_tags()
@@ -1966,7 +1978,7 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
     let fx = Fixture::new();
     fx.version("1.0.0", 8, &[0], Some(true));
     ok(&fx.run(&["publish", "ami", "devos-pub@1.0.0", "--region", "us-east-1"]));
-    for version in ["2.0.0", "3.0.0", "5.0.0"] {
+    for version in ["2.0.0", "3.0.0", "5.0.0", "6.0.0"] {
         fx.updatable_version(version, "0000000000000000000000000000000000000000");
     }
     // Built without `[update]` (written out: a version's manifest is read).
@@ -2035,7 +2047,11 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
     assert_eq!(tag_of("devos:update-to"), vec![None, None, None]);
 
     // 1.0.0 -> 2.0.0 in batches of two: never more than two instances asked at once.
-    let agents = Agents::start(fx.ec2("us-east-1"), ids.clone(), ("3.0.0", 2));
+    let agents = Agents::start(
+        fx.ec2("us-east-1"),
+        ids.clone(),
+        &[("3.0.0", 2, "failed"), ("6.0.0", 2, "not moved")],
+    );
     let out = in_place(
         "2.0.0",
         &[
@@ -2109,9 +2125,48 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
         3,
         "{asked:?}"
     );
-    drop(agents);
     let out = in_place("3.0.0", &[]);
     assert!(stderr(&out).contains("marked bad"), "{}", stderr(&out));
+
+    // 2.0.0 -> 6.0.0 one at a time; the second instance cannot install it (says
+    // nothing about the version): the rollout stops, the first stays on 6.0.0, the
+    // second is told to stay on 2.0.0, and 6.0.0 is not marked bad.
+    let out = in_place(
+        "6.0.0",
+        &["--batch-timeout", "120", "--bake", "0", "--json"],
+    );
+    assert!(!out.status.success());
+    let d = json(&out);
+    assert_eq!(d["state"], "failed", "{d}");
+    let reason = d["reason"].as_str().unwrap();
+    for said in [
+        "not moved to 6.0.0: download failed",
+        "6.0.0 is not marked bad",
+        "runs it and stays",
+    ] {
+        assert!(reason.contains(said), "{said}: {d}");
+    }
+    let count =
+        |tags: &[Option<String>], v: &str| tags.iter().filter(|t| t.as_deref() == Some(v)).count();
+    let running = tag_of("devos:running");
+    assert_eq!(
+        (count(&running, "6.0.0"), count(&running, "2.0.0")),
+        (1, 2),
+        "{running:?}"
+    );
+    let asked = tag_of("devos:update-to");
+    assert_eq!(
+        (count(&asked, "6.0.0"), count(&asked, "2.0.0")),
+        (1, 2),
+        "{asked:?}"
+    );
+    // What they ran before, rolled out in place, brings the one on 6.0.0 back.
+    ok(&in_place(
+        "2.0.0",
+        &["--batch-timeout", "120", "--bake", "0"],
+    ));
+    assert_eq!(tag_of("devos:running"), vec![Some("2.0.0".to_owned()); 3]);
+    drop(agents);
 
     // Agents that never answer (tags not in their metadata, an older agent): the
     // rollout fails after the batch timeout, and the version is not blamed for it.
@@ -2127,6 +2182,9 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
         "{d}"
     );
     assert_eq!(tag_of("devos:running"), vec![Some("2.0.0".to_owned()); 3]);
+    // The instance asked is told to stay where it is.
+    let asked = tag_of("devos:update-to");
+    assert_eq!(count(&asked, "2.0.0"), 3, "{asked:?}");
     let out = in_place("5.0.0", &["--dry-run"]);
     ok(&out);
 
@@ -2134,6 +2192,8 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
         fx.history("devfleet"),
         [
             "in-place 5.0.0 failed",
+            "in-place 2.0.0 succeeded",
+            "in-place 6.0.0 failed",
             "in-place 3.0.0 rolled-back",
             "in-place 2.0.0 succeeded",
             "deploy 1.0.0 succeeded",

@@ -11,7 +11,7 @@ use aws_config::BehaviorVersion;
 use super::shared::Shared;
 use crate::ec2::{metadata, on_ec2};
 use crate::inplace::{
-    Attempt, HEALTHY, Step, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, decide, failed_state,
+    Attempt, HEALTHY, Step, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, decide, not_moved_state,
     updating_state,
 };
 
@@ -24,6 +24,7 @@ const BOOT_COUNTED: &str =
 
 /// What the poll keeps between looks.
 struct Follower {
+    imds: aws_config::imds::Client,
     instance: String,
     /// Made at the first report: most instances are never asked for anything.
     ec2: Option<aws_sdk_ec2::Client>,
@@ -46,13 +47,14 @@ pub(super) async fn follow(shared: Arc<Shared>, conn: zbus::Connection) {
         Err(e) => return tracing::warn!("in-place updates: {e:#}"),
     };
     let mut me = Follower {
+        imds,
         instance,
         ec2: None,
         reported: None,
         rebooted: None,
     };
     loop {
-        if let Err(e) = me.tick(&shared, &conn, &imds).await {
+        if let Err(e) = me.tick(&shared, &conn).await {
             tracing::warn!("in-place updates: {e:#}");
         }
         let period = shared.config().update.fleet_poll_seconds.max(1);
@@ -62,25 +64,32 @@ pub(super) async fn follow(shared: Arc<Shared>, conn: zbus::Connection) {
 
 impl Follower {
     /// One look at the instance's tags, and what follows from it.
-    async fn tick(
-        &mut self,
-        shared: &Shared,
-        conn: &zbus::Connection,
-        imds: &aws_config::imds::Client,
-    ) -> anyhow::Result<()> {
-        let target = metadata(
-            imds,
-            &format!("/latest/meta-data/tags/instance/{TAG_UPDATE_TO}"),
-        )
-        .await?;
+    async fn tick(&mut self, shared: &Shared, conn: &zbus::Connection) -> anyhow::Result<()> {
+        let target = self.tag(TAG_UPDATE_TO).await?;
+        let target = target.as_deref();
         let config = shared.config();
         let (image, running) = crate::os_release::image_identity(&config.os_release);
         let running = running.unwrap_or_default();
         let marker = config.state_dir.join(crate::inplace::ATTEMPT_FILE);
-        let attempt = Attempt::load(&marker);
+        let mut attempt = Attempt::load(&marker);
         let boot = boot_id();
-        let state = match decide(target.as_deref(), &running, attempt.as_ref(), &boot) {
-            Step::Idle => return Ok(()),
+        if let Some(a) = attempt.as_ref().filter(|a| a.stale(target)) {
+            if let Step::Undo(version) = decide(target, &running, Some(a), &boot) {
+                let update = config.update.clone();
+                tokio::task::spawn_blocking(move || crate::update::stay(&update)).await??;
+                tracing::info!(
+                    "in-place updates: {version} is no longer asked for; {running} boots next"
+                );
+                let detail =
+                    serde_json::json!({ "by": "fleet", "undone": version, "running": running });
+                // (`audit` logs a failed append; the boot loader was changed either way.)
+                let _ = shared.audit("update.rollback", Some(0), None, None, detail);
+            }
+            std::fs::remove_file(&marker)?;
+            attempt = None;
+        }
+        let state = match decide(target, &running, attempt.as_ref(), &boot) {
+            Step::Idle | Step::Undo(_) => return Ok(()),
             Step::Reboot => {
                 if self.rebooted.is_none_or(|t| t.elapsed() >= REBOOT_PATIENCE) {
                     let version = attempt.map(|a| a.version).unwrap_or_default();
@@ -130,13 +139,21 @@ impl Follower {
                     Ok(done) => {
                         attempt.moved = true;
                         attempt.save(&marker)?;
+                        // An install takes minutes: the rollout may have gone back
+                        // meanwhile. Then the next look undoes the move instead.
+                        let now = self.tag(TAG_UPDATE_TO).await?;
+                        if decide(now.as_deref(), &running, Some(&attempt), &attempt.boot)
+                            != Step::Reboot
+                        {
+                            return Ok(());
+                        }
                         tracing::info!(to = %attempt.version, "{done}; rebooting");
                         return self.reboot(shared, &running, &attempt.version).await;
                     }
                     Err(e) => {
                         attempt.error = Some(e.to_string());
                         attempt.save(&marker)?;
-                        failed_state(&attempt.version, &e.to_string())
+                        not_moved_state(&attempt.version, &e.to_string())
                     }
                 }
             }
@@ -178,11 +195,26 @@ impl Follower {
         Ok(())
     }
 
-    /// Tag the instance with the version it runs and its state, unless that is what
-    /// the last report said.
+    /// This instance's tag `key`, from instance metadata.
+    async fn tag(&self, key: &str) -> anyhow::Result<Option<String>> {
+        metadata(
+            &self.imds,
+            &format!("/latest/meta-data/tags/instance/{key}"),
+        )
+        .await
+    }
+
+    /// Tag the instance with the version it runs and its state, unless its tags say
+    /// that already. The tags are read back, not remembered: a report someone else
+    /// overwrote is written again.
     async fn report(&mut self, running: &str, state: &str) -> anyhow::Result<()> {
         let now = (running.to_owned(), state.to_owned());
-        if self.reported.as_ref() == Some(&now) {
+        let shown = (
+            self.tag(TAG_RUNNING).await?.unwrap_or_default(),
+            self.tag(TAG_STATE).await?.unwrap_or_default(),
+        );
+        if shown == (now.0.clone(), crate::inplace::tag_value(&now.1)) {
+            self.reported = Some(now);
             return Ok(());
         }
         if self.ec2.is_none() {

@@ -4,18 +4,20 @@
 //! metadata) installs the version into the other root slot from the image's update
 //! feed, reboots, and reports on its own tags (`devos:running`, `devos:update-state`;
 //! see `devos_agent::inplace`). A batch passes when every instance in it runs the
-//! version and reports itself healthy. A version that fails — a failed install, an
-//! unhealthy agent, a machine that went back by itself after its boot tries, or no
-//! report within the batch timeout — is marked bad for the stack, and every instance
-//! already moved is told to go back to the version it ran (the boot loader switches
-//! slots: one reboot).
+//! version and reports itself healthy. A version that fails — an unhealthy agent on it,
+//! a machine that went back by itself after its boot tries, a batch that started moving
+//! and did not arrive in time — is marked bad for the stack, and every instance already
+//! moved is told to go back to the version it ran (the boot loader switches slots: one
+//! reboot). A rollout that cannot go on for reasons that say nothing about the version
+//! (an install that could not be made, agents that never answer) stops without marking
+//! it: instances already on it stay, the rest are told to stay where they are.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use devos_agent::inplace::{
-    HEALTHY, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, is_failure, is_updating,
+    HEALTHY, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, is_failure, is_not_moved, is_updating,
 };
 use devos_aws::AwsOptions;
 use devos_aws::stack::{self, Member};
@@ -48,11 +50,25 @@ pub(crate) struct Moved {
 }
 
 /// Why a rollout stopped.
+#[derive(Debug, PartialEq, Eq)]
 enum Failure {
     /// The version failed on an instance: it is marked bad for the stack.
     Version(String),
-    /// No agent of a batch acted on the request: nothing is known about the version.
-    Unanswered(String),
+    /// The rollout cannot go on, but nothing is known against the version: no agent of
+    /// a batch acted on the request, or one could not install it.
+    Stuck(String),
+}
+
+/// What an instance's report says about its move to a version.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// There, and healthy.
+    There,
+    /// Not yet.
+    NotYet,
+    /// Ended or replaced by Auto Scaling before it acted on the request: left out.
+    Gone(String),
+    Failed(Failure),
 }
 
 /// Roll the stack's running instances to `to` in place.
@@ -141,6 +157,9 @@ pub(crate) fn rollout(
                 ..moved(m, &stack_version, &known)
             })
             .collect();
+        // What they run is where they go back to, unless that is the version rolled
+        // out (an earlier run moved them and they are not healthy on it).
+        let known: HashSet<String> = known.into_iter().filter(|k| *k != v.version).collect();
         let todo: Vec<Moved> = todo
             .iter()
             .map(|m| moved(m, &stack_version, &known))
@@ -220,13 +239,21 @@ async fn drive(
         outcome.state = ChangeState::Succeeded;
         return Ok(());
     };
-    let (why, answered) = match failure {
-        Failure::Version(why) => {
-            cx.reg.mark_bad(&t.stack, &cx.region, v, &why)?;
-            (why, true)
+    let why = match failure {
+        Failure::Version(why) => why,
+        Failure::Stuck(why) => {
+            let state = stay(cx, &t.stack, v, &touched, &why).await;
+            outcome.reason = Some(match &state {
+                Ok(reason) => reason.clone(),
+                Err(e) => format!("{why}; telling the others to stay failed too: {e:#}"),
+            });
+            cx.reg
+                .finish_rollout(id, ChangeState::Failed, outcome.reason.as_deref())?;
+            outcome.state = ChangeState::Failed;
+            return Ok(());
         }
-        Failure::Unanswered(why) => (why, false),
     };
+    cx.reg.mark_bad(&t.stack, &cx.region, v, &why)?;
     eprintln!("in-place {} failed: {why}", t.stack);
     outcome.reason = Some(why.clone());
     let back: Vec<Moved> = done
@@ -235,11 +262,8 @@ async fn drive(
         .filter(|m| m.from != v.version)
         .cloned()
         .collect();
-    // Agents that did not answer are asked to stay where they are, not waited for.
-    let wait_for = answered.then_some(batches.timeout);
-    let state = match go_back(cx, &t.stack, &v.version, &back, wait_for).await? {
-        Ok(()) if answered => ChangeState::RolledBack,
-        Ok(()) => ChangeState::Failed,
+    let state = match go_back(cx, &t.stack, &v.version, &back, batches.timeout).await? {
+        Ok(()) => ChangeState::RolledBack,
         Err(e) => {
             outcome.reason = Some(format!("{why}; going back failed too: {e}"));
             ChangeState::Failed
@@ -249,6 +273,47 @@ async fn drive(
         .finish_rollout(id, state, outcome.reason.as_deref())?;
     outcome.state = state;
     Ok(())
+}
+
+/// A rollout that cannot go on without a verdict on `v`: the asked instances that are
+/// not on it are told to stay on what they run (an agent still installing undoes its
+/// move); those on it stay there. The reason, with what to do next.
+async fn stay(
+    cx: &mut Ctx<'_>,
+    stack_name: &str,
+    v: &VersionInfo,
+    touched: &[Moved],
+    why: &str,
+) -> Result<String> {
+    eprintln!("in-place {stack_name} stopped: {why}");
+    let (there, elsewhere): (Vec<&Moved>, Vec<&Moved>) =
+        touched.iter().partition(|m| m.running == v.version);
+    let mut by_version: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for m in elsewhere {
+        let at = if m.running.is_empty() {
+            &m.from
+        } else {
+            &m.running
+        };
+        by_version.entry(at).or_default().push(m.id.clone());
+    }
+    for (at, ids) in &by_version {
+        eprintln!("in-place {stack_name}: stay on {at}: {}", ids.join(", "));
+        stack::tag_instances(&cx.aws, &cx.region, ids, TAG_UPDATE_TO, at)
+            .await
+            .with_context(|| format!("while telling {} to stay on {at}", ids.join(", ")))?;
+    }
+    let mut reason = format!("{why}\n  {} is not marked bad", v.version);
+    if !there.is_empty() {
+        let ids: Vec<&str> = there.iter().map(|m| m.id.as_str()).collect();
+        reason.push_str(&format!(
+            "; {} run{} it and stay{}: run the rollout again to go on, or roll out what they ran before with --in-place to go back",
+            ids.join(", "),
+            if ids.len() == 1 { "s" } else { "" },
+            if ids.len() == 1 { "s" } else { "" },
+        ));
+    }
+    Ok(reason)
 }
 
 /// Whether the instance's agent reports `version` running and healthy, as asked.
@@ -272,33 +337,51 @@ fn moved(m: &Member, stack_version: &str, known: &HashSet<String>) -> Moved {
     }
 }
 
-/// What an instance's report says about its move to `version`: Ok(true) there and
-/// healthy, Ok(false) not yet, Err why it failed.
-fn verdict(m: &Member, version: &str) -> Result<bool, String> {
-    let state = m
-        .tags
-        .get(TAG_STATE)
-        .map(String::as_str)
-        .unwrap_or_default();
-    if m.state != "running" {
-        return Err(format!("instance {} is {}", m.id, m.state));
-    }
-    if m.health.as_deref() == Some("Unhealthy") {
-        return Err(format!("instance {} is Unhealthy", m.id));
+/// What an instance's report says about its move to `version`.
+fn verdict(m: &Member, version: &str) -> Verdict {
+    let tag = |key| m.tags.get(key).map(String::as_str).unwrap_or_default();
+    let (running, state) = (tag(TAG_RUNNING), tag(TAG_STATE));
+    let ended = if m.state != "running" {
+        Some(format!("instance {} is {}", m.id, m.state))
+    } else if m.health.as_deref() == Some("Unhealthy") {
+        Some(format!("instance {} is Unhealthy", m.id))
+    } else {
+        None
+    };
+    if let Some(ended) = ended {
+        // Auto Scaling ends and replaces instances for reasons of its own: only one that
+        // acted on the request says something about the version.
+        return match acted(running, state, version) {
+            true => Verdict::Failed(Failure::Version(ended)),
+            false => Verdict::Gone(ended),
+        };
     }
     if is_failure(state, version) {
-        return Err(format!("instance {}: {state}", m.id));
+        return Verdict::Failed(Failure::Version(format!("instance {}: {state}", m.id)));
     }
-    let on_it = m.tags.get(TAG_RUNNING).map(String::as_str) == Some(version);
+    if is_not_moved(state, version) {
+        return Verdict::Failed(Failure::Stuck(format!("instance {}: {state}", m.id)));
+    }
+    let on_it = running == version;
     if on_it && state.starts_with("unhealthy") {
-        return Err(format!("instance {} runs {version} but is {state}", m.id));
+        return Verdict::Failed(Failure::Version(format!(
+            "instance {} runs {version} but is {state}",
+            m.id
+        )));
     }
-    Ok(on_it && state == HEALTHY)
+    match on_it && state == HEALTHY {
+        true => Verdict::There,
+        false => Verdict::NotYet,
+    }
 }
 
-/// Whether the instance's agent has acted on a request for `version`.
-fn acted(m: &Moved, version: &str) -> bool {
-    m.running == version || is_updating(&m.state, version) || is_failure(&m.state, version)
+/// Whether an agent reporting `running` and `state` has acted on a request for
+/// `version`.
+fn acted(running: &str, state: &str, version: &str) -> bool {
+    running == version
+        || is_updating(state, version)
+        || is_failure(state, version)
+        || is_not_moved(state, version)
 }
 
 /// Wait until every instance of `ids` reports `version` healthy, at most `timeout`;
@@ -314,7 +397,7 @@ async fn wait(
     let started = Instant::now();
     loop {
         let pending = match look(cx, stack_name, ids, version, touched).await? {
-            Err(why) => return Ok(Err(Failure::Version(why))),
+            Err(failure) => return Ok(Err(failure)),
             Ok(pending) => pending,
         };
         if pending.is_empty() {
@@ -342,10 +425,10 @@ async fn wait(
             timeout.as_secs()
         );
         let batch: Vec<&Moved> = touched.iter().filter(|m| ids.contains(&m.id)).collect();
-        if batch.iter().any(|m| acted(m, version)) {
+        if batch.iter().any(|m| acted(&m.running, &m.state, version)) {
             return Ok(Err(Failure::Version(why)));
         }
-        return Ok(Err(Failure::Unanswered(format!(
+        return Ok(Err(Failure::Stuck(format!(
             "{why}, and no agent of the batch acted on {TAG_UPDATE_TO}: {version} is not marked bad\n  hint: the instances need tags in instance metadata (InstanceMetadataTags: enabled, as the templates set) and an image whose agent follows in-place rollouts; `devos-build fleet status --stack {stack_name}` shows their reports"
         ))));
     }
@@ -364,7 +447,7 @@ async fn bake(
     let started = Instant::now();
     while started.elapsed() < bake {
         match look(cx, stack_name, ids, version, touched).await? {
-            Err(why) => return Ok(Err(Failure::Version(why))),
+            Err(failure) => return Ok(Err(failure)),
             Ok(pending) if !pending.is_empty() => {
                 return Ok(Err(Failure::Version(format!(
                     "{} stopped reporting {version} healthy during the bake",
@@ -379,14 +462,15 @@ async fn bake(
 
 /// One look at the instances' reports: the ids not yet healthy on `version`, or why
 /// one failed. Prints each change of an instance's report. A failed read is tried
-/// again a few times (throttling) before it ends the rollout.
+/// again a few times (throttling) before it ends the rollout. An instance that left
+/// the stack before it acted is left out.
 async fn look(
     cx: &Ctx<'_>,
     stack_name: &str,
     ids: &[String],
     version: &str,
     touched: &mut [Moved],
-) -> Result<Result<Vec<String>, String>> {
+) -> Result<Result<Vec<String>, Failure>> {
     let mut tries = 0;
     let running = loop {
         match stack::running(&cx.aws, &cx.region, stack_name).await {
@@ -402,7 +486,13 @@ async fn look(
     let mut pending = Vec::new();
     for id in ids {
         let Some(m) = running.instances.iter().find(|m| &m.id == id) else {
-            return Ok(Err(format!("instance {id} left the stack")));
+            let known = touched.iter().find(|t| &t.id == id);
+            if known.is_some_and(|t| acted(&t.running, &t.state, version)) {
+                return Ok(Err(Failure::Version(format!(
+                    "instance {id} left the stack"
+                ))));
+            }
+            continue;
         };
         let state = m.tags.get(TAG_STATE).cloned().unwrap_or_default();
         let on = m.tags.get(TAG_RUNNING).cloned().unwrap_or_default();
@@ -414,9 +504,10 @@ async fn look(
             t.running = on;
         }
         match verdict(m, version) {
-            Err(why) => return Ok(Err(why)),
-            Ok(false) => pending.push(id.clone()),
-            Ok(true) => {}
+            Verdict::Failed(failure) => return Ok(Err(failure)),
+            Verdict::NotYet => pending.push(id.clone()),
+            Verdict::Gone(why) => eprintln!("  {why} before it acted: left out"),
+            Verdict::There => {}
         }
     }
     Ok(Ok(pending))
@@ -429,7 +520,7 @@ async fn go_back(
     stack_name: &str,
     version: &str,
     back: &[Moved],
-    timeout: Option<Duration>,
+    timeout: Duration,
 ) -> Result<Result<(), String>> {
     let mut by_version: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for m in back {
@@ -447,13 +538,10 @@ async fn go_back(
                 format!("while telling {} to go back from {version}", ids.join(", "))
             })?;
     }
-    let Some(timeout) = timeout else {
-        return Ok(Ok(()));
-    };
     for (from, ids) in &by_version {
         match wait(cx, stack_name, ids, from, timeout, &mut states).await? {
             Ok(()) => {}
-            Err(Failure::Version(why) | Failure::Unanswered(why)) => return Ok(Err(why)),
+            Err(Failure::Version(why) | Failure::Stuck(why)) => return Ok(Err(why)),
         }
     }
     Ok(Ok(()))
@@ -480,29 +568,63 @@ mod tests {
     #[test]
     fn an_instance_passes_only_when_its_agent_reports_the_version_healthy() {
         let v = "0.2.0";
-        assert_eq!(verdict(&member(&[]), v), Ok(false));
+        assert_eq!(verdict(&member(&[]), v), Verdict::NotYet);
         let old = member(&[(TAG_RUNNING, "0.1.0"), (TAG_STATE, HEALTHY)]);
-        assert_eq!(verdict(&old, v), Ok(false));
+        assert_eq!(verdict(&old, v), Verdict::NotYet);
         let updating = member(&[(TAG_RUNNING, "0.1.0"), (TAG_STATE, "updating to 0.2.0")]);
-        assert_eq!(verdict(&updating, v), Ok(false));
+        assert_eq!(verdict(&updating, v), Verdict::NotYet);
         let there = member(&[(TAG_RUNNING, v), (TAG_STATE, HEALTHY)]);
-        assert_eq!(verdict(&there, v), Ok(true));
-        // Failures: of this version (not an old one), sick on it, or gone.
+        assert_eq!(verdict(&there, v), Verdict::There);
+        // Failures of this version (not an old one), or sick on it.
+        let version_failed = |m: &Member| match verdict(m, v) {
+            Verdict::Failed(Failure::Version(why)) => why,
+            other => panic!("{other:?}"),
+        };
         let failed = member(&[
             (TAG_RUNNING, "0.1.0"),
             (TAG_STATE, "failed 0.2.0: it did not come up"),
         ]);
-        assert!(verdict(&failed, v).unwrap_err().contains("did not come up"));
+        assert!(version_failed(&failed).contains("did not come up"));
         let failed_before = member(&[(TAG_RUNNING, "0.1.0"), (TAG_STATE, "failed 0.1.5: x")]);
-        assert_eq!(verdict(&failed_before, v), Ok(false));
+        assert_eq!(verdict(&failed_before, v), Verdict::NotYet);
         let sick = member(&[(TAG_RUNNING, v), (TAG_STATE, "unhealthy: audit chain")]);
-        assert!(verdict(&sick, v).unwrap_err().contains("unhealthy"));
+        assert!(version_failed(&sick).contains("unhealthy"));
+        // An install that could not be made stops the rollout without a verdict.
+        let stuck = member(&[
+            (TAG_RUNNING, "0.1.0"),
+            (TAG_STATE, "not moved to 0.2.0: download failed"),
+        ]);
+        assert!(
+            matches!(verdict(&stuck, v), Verdict::Failed(Failure::Stuck(why)) if why.contains("download failed"))
+        );
+        // Ended by Auto Scaling: the version is to blame only if the agent had acted.
+        let mut ended = old.clone();
+        ended.state = "shutting-down".into();
+        assert!(matches!(verdict(&ended, v), Verdict::Gone(_)));
+        let mut replaced = old.clone();
+        replaced.health = Some("Unhealthy".into());
+        assert!(matches!(verdict(&replaced, v), Verdict::Gone(_)));
         let mut gone = there.clone();
         gone.state = "terminated".into();
-        assert!(verdict(&gone, v).is_err());
+        assert!(version_failed(&gone).contains("terminated"));
+        let mut moving = updating.clone();
+        moving.health = Some("Unhealthy".into());
+        assert!(version_failed(&moving).contains("Unhealthy"));
         // Already there only when it was asked for this version.
         assert!(!arrived(&there, v));
         let asked = member(&[(TAG_UPDATE_TO, v), (TAG_RUNNING, v), (TAG_STATE, HEALTHY)]);
         assert!(arrived(&asked, v));
+    }
+
+    #[test]
+    fn an_instance_goes_back_to_what_it_ran_never_to_the_version_rolled_out() {
+        let known: HashSet<String> = ["0.1.0".to_owned()].into();
+        let on_old = member(&[(TAG_RUNNING, "0.1.0"), (TAG_STATE, HEALTHY)]);
+        assert_eq!(moved(&on_old, "0.0.9", &known).from, "0.1.0");
+        // Unknown to this registry (or the version rolled out, which the caller leaves
+        // out of `known`): the stack's version.
+        let on_new = member(&[(TAG_RUNNING, "0.2.0"), (TAG_STATE, "unhealthy: x")]);
+        assert_eq!(moved(&on_new, "0.0.9", &known).from, "0.0.9");
+        assert_eq!(moved(&member(&[]), "0.0.9", &known).from, "0.0.9");
     }
 }
