@@ -69,10 +69,18 @@ impl Follower {
         let target = target.as_deref();
         let config = shared.config();
         let (image, running) = crate::os_release::image_identity(&config.os_release);
-        let running = running.unwrap_or_default();
+        let Some(running) = running else {
+            if target.is_none() {
+                return Ok(());
+            }
+            anyhow::bail!(
+                "{} has no IMAGE_VERSION: cannot tell which version this machine runs",
+                config.os_release.display()
+            );
+        };
         let marker = config.state_dir.join(crate::inplace::ATTEMPT_FILE);
         let mut attempt = Attempt::load(&marker);
-        let boot = boot_id();
+        let boot = boot_id()?;
         if let Some(a) = attempt.as_ref().filter(|a| a.stale(target)) {
             if let Step::Undo(version) = decide(target, &running, Some(a), &boot) {
                 let update = config.update.clone();
@@ -249,11 +257,14 @@ impl Follower {
     }
 }
 
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+/// This boot's id: what tells a move made in this boot from one made before a reboot.
+fn boot_id() -> anyhow::Result<String> {
+    const PATH: &str = "/proc/sys/kernel/random/boot_id";
+    let id = std::fs::read_to_string(PATH).map_err(|e| anyhow::anyhow!("{PATH}: {e}"))?;
+    match id.trim() {
+        "" => anyhow::bail!("{PATH} is empty"),
+        id => Ok(id.to_owned()),
+    }
 }
 
 /// Whether this is a counted boot (an entry on trial) that systemd has not blessed
