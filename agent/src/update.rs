@@ -120,9 +120,39 @@ pub enum UpdateError {
     Misconfigured(String),
 }
 
+/// How often a launch is tried while the launcher's unit name is taken, a second apart:
+/// the unit of the previous step is unloaded just after it ends, and an install that
+/// really runs takes far longer.
+const BUSY_TRIES: u32 = 5;
+
 /// Run `program args` through `launcher`, its stdout and stderr together (the last
-/// 4 KiB) and status.
+/// 4 KiB) and status. The launcher's unit has one name, taken while another update
+/// runs: then [`UpdateError::Busy`].
 fn run(
+    launcher: &[String],
+    program: &Path,
+    args: &[&str],
+) -> Result<(std::process::ExitStatus, String), UpdateError> {
+    let mut tries = 1;
+    loop {
+        let (status, output) = run_once(launcher, program, args)?;
+        if status.success() || !busy(launcher, &output) {
+            return Ok((status, output));
+        }
+        if tries == BUSY_TRIES {
+            return Err(UpdateError::Busy(output));
+        }
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// Whether `output` of a launch says the launcher's unit is taken by another update.
+fn busy(launcher: &[String], output: &str) -> bool {
+    !launcher.is_empty() && output.contains("already loaded")
+}
+
+fn run_once(
     launcher: &[String],
     program: &Path,
     args: &[&str],
@@ -158,10 +188,6 @@ fn run(
 fn run_ok(launcher: &[String], program: &Path, args: &[&str]) -> Result<String, UpdateError> {
     match run(launcher, program, args)? {
         (status, output) if status.success() => Ok(output),
-        // The launcher's unit has one name: it is taken while another update runs.
-        (_, output) if !launcher.is_empty() && output.contains("already loaded") => {
-            Err(UpdateError::Busy(output))
-        }
         (status, output) => Err(UpdateError::Failed {
             program: program.to_owned(),
             status,
@@ -754,5 +780,40 @@ mod tests {
         config.sysupdate = dir.path().join("missing");
         let e = apply(&config, UpdateAction::Check, None, None).unwrap_err();
         assert!(e.to_string().contains("cannot update itself"), "{e}");
+    }
+
+    #[test]
+    fn one_update_at_a_time_a_launch_waits_briefly_for_the_unit_name_then_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = "echo 'Failed to start transient service unit: Unit devos-update.service was already loaded or has a fragment file.' >&2; exit 1";
+        // The name is free again after one try (the last step's unit was unloaded).
+        let tries = dir.path().join("tries");
+        let launcher = script(
+            dir.path(),
+            "launcher",
+            &format!(
+                "echo x >> {t}; [ $(wc -l < {t}) -ge 2 ] || {{ {taken}; }}; exec \"$@\"",
+                t = tries.display()
+            ),
+        );
+        let config = UpdateConfig {
+            sysupdate: script(dir.path(), "sysupdate", "echo 2.0.0_b"),
+            launcher: vec![launcher.display().to_string()],
+            ..UpdateConfig::default()
+        };
+        let out = apply(&config, UpdateAction::Check, None, None).unwrap();
+        assert_eq!(out.next.as_deref(), Some("2.0.0_b"));
+        // Taken all along (an install runs): refused, saying so.
+        let busy = script(dir.path(), "busy", taken);
+        let config = UpdateConfig {
+            launcher: vec![busy.display().to_string()],
+            ..config
+        };
+        let e = apply(&config, UpdateAction::Check, None, None).unwrap_err();
+        assert!(matches!(e, UpdateError::Busy(_)), "{e}");
+        assert!(
+            e.to_string().starts_with("another update is running"),
+            "{e}"
+        );
     }
 }
