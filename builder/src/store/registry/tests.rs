@@ -1,7 +1,7 @@
 use super::*;
 use crate::model::manifest::{Artifact, CacheKeys, Manifest, Package, StageTiming};
 use crate::model::spec::Format;
-use crate::model::states::PublicationState;
+use crate::model::states::{ChangeState, PublicationState};
 use crate::support::digest::FileEntry;
 
 fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
@@ -349,4 +349,46 @@ fn publications_are_one_row_per_version_region_and_kind() {
     assert_eq!(all[0].state, PublicationState::Deregistered);
     assert_eq!(all[0].snapshot_ids, ["snap-1", "snap-2"]);
     assert!(reg.publications(Some("other"), None).unwrap().is_empty());
+}
+
+#[test]
+fn one_change_of_a_stack_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("r.db");
+    let mut reg = Registry::open(&path).unwrap();
+    reg.record_build(
+        Path::new("/o"),
+        Path::new("s"),
+        &manifest("0.1.0+a", &[]),
+        &[],
+    )
+    .unwrap();
+    let v = reg.find("devos-test@0.1.0+a").unwrap();
+    let first = reg.start_rollout("s1", "r1", "in-place", None, &v).unwrap();
+    // Its automatic rollback, in the same process, goes on under the same lock.
+    let back = reg
+        .start_rollout("s1", "r1", "auto-rollback", None, &v)
+        .unwrap();
+    reg.finish_rollout(back, ChangeState::Failed, None).unwrap();
+    // Another process: the lock is a file beside the registry, held by an open file.
+    let other = std::fs::File::open(tmp.path().join("r.db.fleet-s1@r1.lock")).unwrap();
+    assert!(
+        other.try_lock().is_err(),
+        "the stack's lock was let go early"
+    );
+    // Another stack, or the same stack in another region, is not held up.
+    let elsewhere = reg.start_rollout("s1", "r2", "rollout", None, &v).unwrap();
+    reg.finish_rollout(elsewhere, ChangeState::Succeeded, None)
+        .unwrap();
+    reg.finish_rollout(first, ChangeState::Succeeded, None)
+        .unwrap();
+    other.try_lock().unwrap();
+    let e = reg
+        .start_rollout("s1", "r1", "rollout", None, &v)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("another devos-build is changing stack s1 in r1"),
+        "{e}"
+    );
 }
