@@ -21,6 +21,7 @@ use crate::model::spec::Format;
 use crate::store::cache::{self, Cache};
 use crate::store::registry::{self, Registry, TestRun};
 use crate::support::dry_run::DryRun;
+use crate::support::stdout;
 use crate::support::ui::Ui;
 use crate::{boottest, inventory, publish};
 
@@ -59,7 +60,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             match out {
                 Some(path) => std::fs::write(&path, yaml)
                     .with_context(|| format!("cannot write {}", path.display()))?,
-                None => print!("{yaml}"),
+                None => stdout::print(yaml)?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -97,11 +98,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Image(cmd) => image_command(cmd, &registry_path, &mut ui),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "devos-build", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "devos-build", &mut script);
+            stdout::print(script)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { command } => {
-            print!("{}", man_page(&command)?);
+            stdout::print(man_page(&command)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Relay { addr } => {
@@ -835,9 +838,9 @@ fn output(
     ok: bool,
 ) -> Result<ExitCode> {
     if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        stdout::print(serde_json::to_string_pretty(value)? + "\n")?;
     } else {
-        print!("{}", human());
+        stdout::print(human())?;
     }
     Ok(if ok {
         ExitCode::SUCCESS
