@@ -84,6 +84,11 @@ fn round_trip() {
     assert_eq!(back.packages.len(), 1);
     assert_eq!(back.stages[0].seconds, 40.5);
     assert_eq!(v.tested, None);
+    // A spec given relative to the build's directory is kept absolute.
+    assert_eq!(
+        Path::new(&v.spec),
+        std::env::current_dir().unwrap().join("spec.toml")
+    );
 }
 
 #[test]
