@@ -1,6 +1,9 @@
 //! The command line's handling of its input and output, with commands that start no
 //! build, no VM and no network: closed pipes, registry paths, key export destinations.
 
+// Test helpers fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Output;
@@ -30,4 +33,43 @@ fn a_closed_stdout_ends_the_command_quietly() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
+}
+
+fn image_list(registry: Option<&std::ffi::OsStr>) -> (Option<i32>, String, String) {
+    let mut cmd = devos_build_command();
+    match registry {
+        Some(path) => cmd.env("DEVOS_REGISTRY", path),
+        None => cmd.env_remove("DEVOS_REGISTRY"),
+    };
+    let out = cmd.args(["image", "list"]).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_registry_named_by_the_user_must_exist_for_commands_that_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo/reg.db");
+    let (code, _, err) = image_list(Some(typo.as_os_str()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("the registry {} does not exist", typo.display())),
+        "{err}"
+    );
+    // The flag is checked the same way.
+    let out = devos_build_command()
+        .args(["image", "list", "--registry"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // Nothing was created for it.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // An empty DEVOS_REGISTRY means the default (here, one not created yet: empty).
+    let (code, out, err) = image_list(Some("".as_ref()));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("no images"), "{out}");
 }

@@ -28,10 +28,12 @@ use crate::{boottest, inventory, publish};
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let mut ui = Ui::new();
     init_logging(cli.verbose, &ui);
-    let registry_path = cli.registry.clone().unwrap_or_else(registry::default_path);
+    // `DEVOS_REGISTRY=` (empty) means the default, as if unset.
+    let named_registry = cli.registry.clone().filter(|p| !p.as_os_str().is_empty());
+    let named = named_registry.is_some();
+    let registry_path = named_registry.unwrap_or_else(registry::default_path);
     let open = || Registry::open(&registry_path);
-    // Commands that only read never create the registry.
-    let read = || Registry::open_read(&registry_path);
+    let read = || read_registry(&registry_path, named);
     let config = cli.config.clone();
     let settings = || crate::model::settings::load(config.as_deref());
     match cli.command {
@@ -95,7 +97,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let report = crate::cli::doctor::check();
             output(json, &report, || report.human(), report.ok)
         }
-        Command::Image(cmd) => image_command(cmd, &registry_path, &mut ui),
+        Command::Image(cmd) => image_command(cmd, &registry_path, named, &mut ui),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut script = Vec::new();
@@ -115,10 +117,28 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Open the registry for a command that only reads it: never created. One the user
+/// named (`named`: `--registry` or `DEVOS_REGISTRY`) must exist, as a typo in its path
+/// would otherwise read as a registry with no images.
+fn read_registry(path: &Path, named: bool) -> Result<Registry> {
+    if named && !path.exists() {
+        bail!(
+            "the registry {} does not exist\n  hint: check the path given with --registry or DEVOS_REGISTRY; `devos-build image build` creates the registry",
+            path.display()
+        );
+    }
+    Registry::open_read(path)
+}
+
 /// `image ...`: build, plan, test and boot images, and the registry's commands.
-fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result<ExitCode> {
+fn image_command(
+    cmd: ImageCommand,
+    registry_path: &Path,
+    named: bool,
+    ui: &mut Ui,
+) -> Result<ExitCode> {
     let open = || Registry::open(registry_path);
-    let read = || Registry::open_read(registry_path);
+    let read = || read_registry(registry_path, named);
     match cmd {
         ImageCommand::Export {
             reference,

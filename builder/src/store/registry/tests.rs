@@ -355,3 +355,44 @@ fn publications_are_one_row_per_version_region_and_kind() {
     assert_eq!(all[0].snapshot_ids, ["snap-1", "snap-2"]);
     assert!(reg.publications(Some("other"), None).unwrap().is_empty());
 }
+
+#[test]
+fn reading_an_empty_file_leaves_it_empty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("registry.db");
+    std::fs::write(&path, "").unwrap();
+    let reg = Registry::open_read(&path).unwrap();
+    assert!(reg.versions(None).unwrap().is_empty());
+    drop(reg);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "no -wal or -shm"
+    );
+}
+
+#[test]
+fn a_file_that_is_no_database_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notes.txt");
+    std::fs::write(
+        &path,
+        "not a database, just some text that is long enough\n".repeat(20),
+    )
+    .unwrap();
+    for e in [
+        Registry::open_read(&path).err().unwrap(),
+        Registry::open(&path).err().unwrap(),
+    ] {
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(&format!("{} is not a registry", path.display())),
+            "{e}"
+        );
+        assert!(
+            e.contains("hint: point --registry or DEVOS_REGISTRY"),
+            "{e}"
+        );
+    }
+}
