@@ -73,3 +73,57 @@ fn a_registry_named_by_the_user_must_exist_for_commands_that_read() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("no images"), "{out}");
 }
+
+#[test]
+fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() {
+    devos_tests::require("gpg", "gnupg");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = |args: &[&std::ffi::OsStr]| {
+        let out = devos_build_command()
+            .env("DEVOS_KEYS", dir.path().join("keys"))
+            .arg("keys")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let path = |name: &str| dir.path().join(name).into_os_string();
+    // No directory for the export: refused before a key is made.
+    let (code, _, err) = keys(&["generate".as_ref(), "--export".as_ref(), &path("no/k.pgp")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("there is no directory"), "{err}");
+    assert!(!dir.path().join("keys").exists(), "no key was made");
+
+    let (code, out, err) = keys(&["generate".as_ref(), "--export".as_ref(), &path("k.pgp")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!(
+        "written to:  {}",
+        dir.path().join("k.pgp").display()
+    )));
+    // The same public key again is fine; another file is left alone.
+    let (code, _, err) = keys(&["export".as_ref(), &path("k.pgp")]);
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::write(dir.path().join("victim.toml"), "keep = true\n").unwrap();
+    let (code, _, err) = keys(&["export".as_ref(), &path("victim.toml")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("victim.toml exists and is not the public key"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("victim.toml")).unwrap(),
+        "keep = true\n"
+    );
+    // A dry run refuses what the real run would.
+    let (code, _, err) = keys(&[
+        "export".as_ref(),
+        dir.path().as_os_str(),
+        "--dry-run".as_ref(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("it is a directory"), "{err}");
+}

@@ -464,12 +464,19 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             if keys::current(&dir).is_err() {
                 dry.would(format!("make an Ed25519 signing key in {}", dir.display()));
                 if let Some(file) = export {
+                    keys::check_export_destination(&file, None)?;
                     dry.would(format!("write its public key to {}", file.display()));
                 }
             }
             return dry_run_output(json, &dry);
         }
-        KeysCommand::Generate { export, json, .. } => (keys::generate(&dir)?, export, json),
+        KeysCommand::Generate { export, json, .. } => {
+            // Checked first: a key made and then not exported could not be made again.
+            if let Some(file) = &export {
+                keys::check_export_destination(file, None)?;
+            }
+            (keys::generate(&dir)?, export, json)
+        }
         KeysCommand::Show { json } => (keys::current(&dir)?, None, json),
         KeysCommand::Export {
             file,
@@ -477,6 +484,7 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             json,
         } => {
             let key = keys::current(&dir)?;
+            keys::check_export_destination(&file, Some(&key))?;
             let mut dry = DryRun::new();
             dry.would(format!(
                 "write the public key {} to {}",
@@ -485,18 +493,50 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             ));
             return dry_run_output(json, &dry);
         }
-        KeysCommand::Export { file, json, .. } => (keys::current(&dir)?, Some(file), json),
+        KeysCommand::Export { file, json, .. } => {
+            let key = keys::current(&dir)?;
+            keys::check_export_destination(&file, Some(&key))?;
+            (key, Some(file), json)
+        }
     };
     if let Some(file) = &export {
-        let public = keys::export(&key)?;
-        // Whole or not at all: written beside it, then renamed over it.
-        let mut tmp = file.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, &public)
-            .and_then(|()| std::fs::rename(&tmp, file))
-            .with_context(|| format!("cannot write the public key to {}", file.display()))?;
+        write_public_key(&key, file)?;
     }
-    output(json, &key, || key.human(), true)
+    let shown = KeyOutput {
+        key: &key,
+        exported_to: export.as_deref(),
+    };
+    output(json, &shown, || shown.human(), true)
+}
+
+/// `keys show|generate|export`: the key, and where its public key was written.
+#[derive(serde::Serialize)]
+struct KeyOutput<'a> {
+    #[serde(flatten)]
+    key: &'a crate::update::keys::KeyInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exported_to: Option<&'a Path>,
+}
+
+impl KeyOutput<'_> {
+    fn human(&self) -> String {
+        let mut text = self.key.human();
+        if let Some(file) = self.exported_to {
+            text.push_str(&format!("written to:  {}\n", file.display()));
+        }
+        text
+    }
+}
+
+/// The public key of `key` into `file`, whole or not at all: written beside it, then
+/// renamed over it.
+fn write_public_key(key: &crate::update::keys::KeyInfo, file: &Path) -> Result<()> {
+    let public = crate::update::keys::export(key)?;
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, &public)
+        .and_then(|()| std::fs::rename(&tmp, file))
+        .with_context(|| format!("cannot write the public key to {}", file.display()))
 }
 
 /// `publish ...`: AMIs uploaded, copied, promoted, listed, deregistered and verified.
