@@ -316,6 +316,16 @@ impl Distro {
         }
     }
 
+    /// The kernel package a hint names when a spec has none (what images/ use). A
+    /// NixOS image gets its kernel from nixpkgs without asking.
+    pub(crate) fn kernel_package(self) -> &'static str {
+        match self {
+            Distro::Debian => "linux-image-cloud-amd64",
+            Distro::Ubuntu => "linux-image-virtual",
+            Distro::Nixos => "linuxPackages (nixpkgs)",
+        }
+    }
+
     /// The distro's official mirror, used when neither the spec nor the host names one.
     pub(crate) fn default_mirror(self) -> &'static str {
         match self {
@@ -483,7 +493,7 @@ impl Spec {
             (
                 "no kernel",
                 has(&|n| n.starts_with("linux-image-")),
-                "linux-image-cloud-amd64",
+                self.distro.kernel_package(),
             ),
             (
                 "no initramfs tool (the kernel package depends on one)",

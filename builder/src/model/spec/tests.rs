@@ -662,3 +662,19 @@ fn nixos_specs_refuse_what_has_no_nixos_meaning_where_it_is_written() {
         assert!(e.hint.is_some(), "{key}: no hint");
     }
 }
+
+#[test]
+fn a_missing_kernel_is_named_with_the_distros_package() {
+    for (distro, kernel, not) in [
+        ("debian", "linux-image-cloud-amd64", "linux-image-virtual"),
+        ("ubuntu", "linux-image-virtual", "linux-image-cloud-amd64"),
+    ] {
+        let (_dir, path) = fixture(&format!(
+            "[image]\nname = \"k\"\nversion = \"0.1.0\"\n[base]\ndistro = \"{distro}\"\n"
+        ));
+        let e = load(&path).unwrap().check_buildable().unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains(&format!("no kernel: add `{kernel}`")), "{e}");
+        assert!(!e.contains(not), "{e}");
+    }
+}
