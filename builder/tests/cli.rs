@@ -127,3 +127,53 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("it is a directory"), "{err}");
 }
+
+#[test]
+fn validate_refuses_what_a_build_would_refuse_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(devos_tests::repo_root().join("images/devos-debian.toml")).unwrap();
+    let validate = |from: &str, to: &str| {
+        assert!(shipped.contains(from), "{from}");
+        let path = dir.path().join("spec.toml");
+        std::fs::write(&path, shipped.replacen(from, to, 1)).unwrap();
+        let out = devos_build_command()
+            .args(["image", "validate"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // NAME_0.2.0_<12 hex>, the verified root's slot name, fits 36 characters up to
+    // a 17-character name.
+    let name = "name = \"devos-debian\"";
+    let (code, err) = validate(name, "name = \"devos-debian-1234\"");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = validate(name, "name = \"devos-debian-12345\"");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is longer than the 36 characters a GPT holds")
+            && err.contains("shorten `[image] name` or `version`"),
+        "{err}"
+    );
+
+    let (code, err) = validate("components = [\"main\"]", "components = []");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("spec.toml:16:14: `components = []` names no archive area"),
+        "{err}"
+    );
+
+    let (code, err) = validate(
+        "components = [\"main\"]",
+        "components = [\"main\"]\nkeyring = \"/nonexistent/x.gpg\"",
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the archive keyring /nonexistent/x.gpg for Debian is missing on this host (`[base] keyring` in"),
+        "{err}"
+    );
+}

@@ -368,6 +368,7 @@ fn built_human(
 fn validate_command(path: &Path, json: bool) -> Result<ExitCode> {
     let spec = crate::model::spec::load(path)?;
     spec.check_buildable()?;
+    crate::image::check_spec(&spec)?;
     let report = serde_json::json!({ "valid": true, "spec": spec });
     output(
         json,

@@ -173,7 +173,7 @@ struct RawBase {
     /// otherwise the distro's official mirror.
     mirror: Option<Spanned<String>>,
     /// Archive components. Default: `["main"]`.
-    components: Option<Vec<Spanned<String>>>,
+    components: Option<Spanned<Vec<Spanned<String>>>>,
     /// OpenPGP keyring that signs the archive. Default: the distro's keyring package
     /// (`debian-archive-keyring`, `ubuntu-keyring`) on the build host.
     keyring: Option<Spanned<String>>,
@@ -965,8 +965,15 @@ fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> 
     };
     let components = match &raw.components {
         None => vec!["main".to_owned()],
+        Some(list) if list.get_ref().is_empty() => {
+            return Err(src.error(
+                list,
+                "`components = []` names no archive area: apt would find no packages",
+                "list at least one, e.g. `components = [\"main\"]`, or remove the key for the default",
+            ));
+        }
         Some(list) => {
-            for c in list {
+            for c in list.get_ref() {
                 if !is_word(c.get_ref()) {
                     return Err(src.error(
                         c,
@@ -975,7 +982,7 @@ fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> 
                     ));
                 }
             }
-            list.iter().map(|c| c.get_ref().clone()).collect()
+            list.get_ref().iter().map(|c| c.get_ref().clone()).collect()
         }
     };
 

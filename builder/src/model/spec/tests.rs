@@ -191,6 +191,13 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
             "invalid type",
         ),
         (
+            "no components",
+            with("components = [\"main\", \"contrib\"]", "components = []"),
+            11,
+            14,
+            "`components = []` names no archive area",
+        ),
+        (
             "bad version",
             with("\"1.2.3-rc.1\"", "\"1.2\""),
             4,
