@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::build;
 use crate::model::manifest::Manifest;
+use crate::model::spec::Spec;
 use crate::model::states::VersionState;
+use crate::store::registry::VersionInfo;
 
 /// What to boot: an image file, an output directory, a spec (its newest build), or a
 /// registry reference `NAME[@VERSION]`.
@@ -94,28 +96,42 @@ pub(crate) fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
                 v.spec
             );
         }
-        // The tests of the spec it was built from, as that spec reads now. One gone or
-        // broken since leaves the built-in checks, which still say whether it boots.
-        let spec = match crate::model::spec::load(Path::new(&v.spec)) {
-            Ok(spec) => Some(spec),
-            Err(e) => {
-                // Its hint is about passing a spec, which the user did not do here.
-                let e = e.to_string();
-                tracing::warn!(
-                    "{}; running only the built-in checks on {}@{}",
-                    e.lines().next().unwrap_or_default(),
-                    v.name,
-                    v.version
-                );
-                None
-            }
-        };
-        return Target::from_dir(&v.dir, spec.as_ref());
+        let spec = built_from(&v)?;
+        return Target::from_dir(&v.dir, Some(&spec));
     }
     bail!(
         "`{}` is neither an image file, an image output directory, a spec nor a registry reference\n  hint: pass e.g. `images/devos-debian.toml`, `target/images/devos-debian/VERSION/` or `devos-debian@VERSION`",
         arg.display()
     )
+}
+
+/// The spec `v` was built from, as it reads now: the boot test runs its `[[tests]]`.
+/// One that cannot be read fails the test rather than silently testing less.
+fn built_from(v: &VersionInfo) -> Result<Spec> {
+    let path = Path::new(&v.spec);
+    match crate::model::spec::load(path) {
+        Ok(spec) => Ok(spec),
+        // Registries written before spec paths were kept absolute hold the path as
+        // given to `image build`, relative to the directory it ran in.
+        Err(_) if path.is_relative() && !path.exists() => bail!(
+            "{}@{} was built from the spec `{}`, a path relative to the directory that build ran in, and there is no such file here; the boot test would miss its [[tests]]\n  hint: pass the spec instead, `devos-build image test PATH/TO/{}` (its newest build), or run this from the directory the build ran in",
+            v.name,
+            v.version,
+            v.spec,
+            v.spec
+        ),
+        Err(e) => {
+            // Its own hint is about passing a spec, which the user did not do here.
+            let e = e.to_string();
+            bail!(
+                "{}; it is the spec {}@{} was built from, whose [[tests]] the boot test runs\n  hint: restore it, or pass a spec instead, `devos-build image test PATH/TO/SPEC.toml` (its newest build); `devos-build image test {}` runs only the built-in checks",
+                e.lines().next().unwrap_or_default(),
+                v.name,
+                v.version,
+                v.dir.display()
+            )
+        }
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -147,4 +163,54 @@ fn newest_build(dir: &Path) -> Option<PathBuf> {
                 .and_then(|m| m.modified())
                 .ok()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn built_with_spec(spec: &str) -> VersionInfo {
+        VersionInfo {
+            id: 1,
+            name: "devos-debian".into(),
+            version: "0.1.0".into(),
+            build_id: "b".into(),
+            dir: PathBuf::from("/out/devos-debian/0.1.0"),
+            spec: spec.into(),
+            built_at: 0,
+            state: VersionState::Built,
+            tested: None,
+            artifacts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_spec_that_cannot_be_read_fails_the_test_naming_it() {
+        // An older registry's relative path, from another directory.
+        let e = built_from(&built_with_spec("images/no-such-spec.toml")).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("`images/no-such-spec.toml`, a path relative"),
+            "{e}"
+        );
+        assert!(
+            e.contains("hint: pass the spec instead, `devos-build image test PATH/TO/images/no-such-spec.toml`"),
+            "{e}"
+        );
+        // An absolute path whose file is gone.
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone.toml");
+        let e = built_from(&built_with_spec(&gone.to_string_lossy())).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains(&*gone.to_string_lossy()), "{e}");
+        assert!(e.contains("devos-debian@0.1.0 was built from"), "{e}");
+        assert!(e.contains("image test /out/devos-debian/0.1.0"), "{e}");
+    }
+
+    #[test]
+    fn the_spec_built_from_gives_its_tests() {
+        let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/devos-debian.toml");
+        let spec = built_from(&built_with_spec(&spec.to_string_lossy())).unwrap();
+        assert_eq!(spec.name, "devos-debian");
+    }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
 use crate::boottest::TestOptions;
@@ -16,8 +17,17 @@ pub struct Cli {
     /// Log every external command and more (also: DEVOS_LOG=debug).
     #[arg(short, long, global = true)]
     pub(crate) verbose: bool,
-    /// The image registry (SQLite). Default: ~/.local/share/devos/registry.db.
-    #[arg(long, global = true, env = "DEVOS_REGISTRY", value_name = "FILE")]
+    /// The image registry (SQLite). Default: ~/.local/share/devos/registry.db (also
+    /// when empty, as `DEVOS_REGISTRY=` leaves it).
+    #[arg(
+        long,
+        global = true,
+        env = "DEVOS_REGISTRY",
+        value_name = "FILE",
+        // Takes an empty value (PathBuf's own parser refuses it); `cli::run` reads it as
+        // the default.
+        value_parser = OsStringValueParser::new().map(PathBuf::from)
+    )]
     pub(crate) registry: Option<PathBuf>,
     /// The builder's settings file (AWS endpoint, SSM prefix, ...). Default:
     /// ~/.config/devos/config.toml.

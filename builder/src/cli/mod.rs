@@ -21,16 +21,19 @@ use crate::model::spec::Format;
 use crate::store::cache::{self, Cache};
 use crate::store::registry::{self, Registry, TestRun};
 use crate::support::dry_run::DryRun;
+use crate::support::stdout;
 use crate::support::ui::Ui;
 use crate::{boottest, inventory, publish};
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let mut ui = Ui::new();
     init_logging(cli.verbose, &ui);
-    let registry_path = cli.registry.clone().unwrap_or_else(registry::default_path);
+    // `DEVOS_REGISTRY=` (empty) means the default, as if unset.
+    let named_registry = cli.registry.clone().filter(|p| !p.as_os_str().is_empty());
+    let named = named_registry.is_some();
+    let registry_path = named_registry.unwrap_or_else(registry::default_path);
     let open = || Registry::open(&registry_path);
-    // Commands that only read never create the registry.
-    let read = || Registry::open_read(&registry_path);
+    let read = || read_registry(&registry_path, named);
     let config = cli.config.clone();
     let settings = || crate::model::settings::load(config.as_deref());
     match cli.command {
@@ -59,7 +62,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             match out {
                 Some(path) => std::fs::write(&path, yaml)
                     .with_context(|| format!("cannot write {}", path.display()))?,
-                None => print!("{yaml}"),
+                None => stdout::print(yaml)?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -94,14 +97,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let report = crate::cli::doctor::check();
             output(json, &report, || report.human(), report.ok)
         }
-        Command::Image(cmd) => image_command(cmd, &registry_path, &mut ui),
+        Command::Image(cmd) => image_command(cmd, &registry_path, named, &mut ui),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "devos-build", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "devos-build", &mut script);
+            stdout::print(script)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { command } => {
-            print!("{}", man_page(&command)?);
+            stdout::print(man_page(&command)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Relay { addr } => {
@@ -112,10 +117,28 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Open the registry for a command that only reads it: never created. One the user
+/// named (`named`: `--registry` or `DEVOS_REGISTRY`) must exist, as a typo in its path
+/// would otherwise read as a registry with no images.
+fn read_registry(path: &Path, named: bool) -> Result<Registry> {
+    if named && !path.exists() {
+        bail!(
+            "the registry {} does not exist\n  hint: check the path given with --registry or DEVOS_REGISTRY; `devos-build image build` creates the registry",
+            path.display()
+        );
+    }
+    Registry::open_read(path)
+}
+
 /// `image ...`: build, plan, test and boot images, and the registry's commands.
-fn image_command(cmd: ImageCommand, registry_path: &Path, ui: &mut Ui) -> Result<ExitCode> {
+fn image_command(
+    cmd: ImageCommand,
+    registry_path: &Path,
+    named: bool,
+    ui: &mut Ui,
+) -> Result<ExitCode> {
     let open = || Registry::open(registry_path);
-    let read = || Registry::open_read(registry_path);
+    let read = || read_registry(registry_path, named);
     match cmd {
         ImageCommand::Export {
             reference,
@@ -345,6 +368,7 @@ fn built_human(
 fn validate_command(path: &Path, json: bool) -> Result<ExitCode> {
     let spec = crate::model::spec::load(path)?;
     spec.check_buildable()?;
+    crate::image::check_spec(&spec)?;
     let report = serde_json::json!({ "valid": true, "spec": spec });
     output(
         json,
@@ -441,12 +465,19 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             if keys::current(&dir).is_err() {
                 dry.would(format!("make an Ed25519 signing key in {}", dir.display()));
                 if let Some(file) = export {
+                    keys::check_export_destination(&file, None)?;
                     dry.would(format!("write its public key to {}", file.display()));
                 }
             }
             return dry_run_output(json, &dry);
         }
-        KeysCommand::Generate { export, json, .. } => (keys::generate(&dir)?, export, json),
+        KeysCommand::Generate { export, json, .. } => {
+            // Checked first: a key made and then not exported could not be made again.
+            if let Some(file) = &export {
+                keys::check_export_destination(file, None)?;
+            }
+            (keys::generate(&dir)?, export, json)
+        }
         KeysCommand::Show { json } => (keys::current(&dir)?, None, json),
         KeysCommand::Export {
             file,
@@ -454,6 +485,7 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             json,
         } => {
             let key = keys::current(&dir)?;
+            keys::check_export_destination(&file, Some(&key))?;
             let mut dry = DryRun::new();
             dry.would(format!(
                 "write the public key {} to {}",
@@ -462,18 +494,50 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             ));
             return dry_run_output(json, &dry);
         }
-        KeysCommand::Export { file, json, .. } => (keys::current(&dir)?, Some(file), json),
+        KeysCommand::Export { file, json, .. } => {
+            let key = keys::current(&dir)?;
+            keys::check_export_destination(&file, Some(&key))?;
+            (key, Some(file), json)
+        }
     };
     if let Some(file) = &export {
-        let public = keys::export(&key)?;
-        // Whole or not at all: written beside it, then renamed over it.
-        let mut tmp = file.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, &public)
-            .and_then(|()| std::fs::rename(&tmp, file))
-            .with_context(|| format!("cannot write the public key to {}", file.display()))?;
+        write_public_key(&key, file)?;
     }
-    output(json, &key, || key.human(), true)
+    let shown = KeyOutput {
+        key: &key,
+        exported_to: export.as_deref(),
+    };
+    output(json, &shown, || shown.human(), true)
+}
+
+/// `keys show|generate|export`: the key, and where its public key was written.
+#[derive(serde::Serialize)]
+struct KeyOutput<'a> {
+    #[serde(flatten)]
+    key: &'a crate::update::keys::KeyInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exported_to: Option<&'a Path>,
+}
+
+impl KeyOutput<'_> {
+    fn human(&self) -> String {
+        let mut text = self.key.human();
+        if let Some(file) = self.exported_to {
+            text.push_str(&format!("written to:  {}\n", file.display()));
+        }
+        text
+    }
+}
+
+/// The public key of `key` into `file`, whole or not at all: written beside it, then
+/// renamed over it.
+fn write_public_key(key: &crate::update::keys::KeyInfo, file: &Path) -> Result<()> {
+    let public = crate::update::keys::export(key)?;
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, &public)
+        .and_then(|()| std::fs::rename(&tmp, file))
+        .with_context(|| format!("cannot write the public key to {}", file.display()))
 }
 
 /// `publish ...`: AMIs uploaded, copied, promoted, listed, deregistered and verified.
@@ -835,9 +899,9 @@ fn output(
     ok: bool,
 ) -> Result<ExitCode> {
     if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        stdout::print(serde_json::to_string_pretty(value)? + "\n")?;
     } else {
-        print!("{}", human());
+        stdout::print(human())?;
     }
     Ok(if ok {
         ExitCode::SUCCESS

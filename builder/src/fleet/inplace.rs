@@ -36,6 +36,22 @@ pub(crate) struct Batches {
     pub(crate) timeout: Duration,
 }
 
+impl Batches {
+    /// Refuse what would make no progress: an empty batch, or none given time to
+    /// report (every instance would count as failed at once).
+    fn check(&self) -> Result<()> {
+        if self.size == 0 {
+            bail!("--batch 0: a batch holds at least one instance");
+        }
+        if self.timeout.is_zero() {
+            bail!(
+                "--batch-timeout 0: a batch needs time to update, reboot and report\n  hint: give the seconds a batch may take (default 1800)"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// One instance of an in-place rollout.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Moved {
@@ -79,9 +95,7 @@ pub(crate) fn rollout(
     to: &str,
     batches: &Batches,
 ) -> Result<Outcome> {
-    if batches.size == 0 {
-        bail!("--batch 0: a batch holds at least one instance");
-    }
+    batches.check()?;
     let mut cx = context(reg, aws, t.region.as_deref())?;
     devos_aws::block_on(async {
         let s = cx.existing(&t.stack).await?;
@@ -563,6 +577,19 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn an_empty_batch_or_a_zero_timeout_is_refused_naming_the_flag() {
+        let batches = |size, secs| Batches {
+            size,
+            timeout: Duration::from_secs(secs),
+        };
+        assert!(batches(1, 1).check().is_ok());
+        let e = batches(0, 1800).check().unwrap_err().to_string();
+        assert!(e.starts_with("--batch 0:"), "{e}");
+        let e = batches(1, 0).check().unwrap_err().to_string();
+        assert!(e.starts_with("--batch-timeout 0:"), "{e}");
     }
 
     #[test]

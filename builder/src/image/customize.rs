@@ -290,7 +290,7 @@ fn mark_updated(root: &Path, source_date_epoch: u64) -> Result<()> {
 
 fn check_bootable(spec: &Spec, root: &Path) -> Result<()> {
     let needs = [
-        ("boot/vmlinuz-*", "a kernel", "linux-image-cloud-amd64"),
+        ("boot/vmlinuz-*", "a kernel", spec.distro.kernel_package()),
         (
             "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
             "the systemd-boot EFI binary",

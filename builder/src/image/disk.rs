@@ -233,7 +233,7 @@ fn root_slots(
             keep: false,
         }]);
     };
-    let label = slot_label(spec, id)?;
+    let label = slot_label(spec, &id.version)?;
     let (root_slot, hash_slot) = slot_sizes(root_size, *hash_size);
     let (data_uuid, hash_uuid) = root_hash_uuids(root_hash);
     let slot = |file: Option<PathBuf>, size, label: &str, fs: &str, ty, uuid: String| Image {
@@ -294,9 +294,11 @@ fn slot_sizes(root: u64, hash: u64) -> (u64, u64) {
     (root_slot, hash_slot)
 }
 
-/// `NAME_VERSION`, the partition name systemd-sysupdate matches a slot's version by.
-fn slot_label(spec: &Spec, id: &Identity) -> Result<String> {
-    let label = crate::image::sysupdate::stem(&spec.name, &id.version);
+/// `NAME_VERSION`, the partition name systemd-sysupdate matches a slot's version by,
+/// for the built `version`; refused when a GPT cannot hold it (`image validate` asks
+/// too, before anything is built).
+pub(crate) fn slot_label(spec: &Spec, version: &str) -> Result<String> {
+    let label = crate::image::sysupdate::stem(&spec.name, version);
     if label.chars().count() > GPT_NAME_MAX {
         bail!(
             "the root slot's partition name {label:?} is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {}",

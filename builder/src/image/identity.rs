@@ -36,6 +36,15 @@ pub(crate) struct Identity {
     pub(crate) tree_key: String,
 }
 
+/// The version a build of `spec` gets: `<spec version>+<first 12 hex of the build id>`.
+pub(crate) fn built_version(spec: &Spec, build_id: &str) -> String {
+    format!(
+        "{}+{}",
+        spec.version,
+        build_id.get(..12).unwrap_or(build_id)
+    )
+}
+
 /// The builder's own version: a new builder may build differently.
 pub(crate) const BUILDER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -152,7 +161,7 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
         hasher.update(format!("{}={}\n", i.name, i.sha256));
     }
     let build_id = hex::encode(hasher.finalize());
-    let version = format!("{}+{}", spec.version, &build_id[..12]);
+    let version = built_version(spec, &build_id);
     let base_key = sha256_hex(
         format!(
             "base\n{}\n{}\n{}\n{packages}{source_date_epoch}\n{}\n{}\n{}",

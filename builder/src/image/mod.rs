@@ -16,3 +16,25 @@ pub(crate) mod files;
 pub(crate) mod identity;
 pub(crate) mod rootfs;
 pub(crate) mod sysupdate;
+
+use anyhow::Result;
+
+use crate::model::spec::{Distro, Spec};
+
+/// What the stages would refuse later that the spec already shows, checked by the
+/// stages' own functions for `image validate`: a `[base] keyring` missing on this host,
+/// and (with verity) a root slot name longer than a GPT holds. The build id is not
+/// known yet; every build id gives a version of the same length.
+pub(crate) fn check_spec(spec: &Spec) -> Result<()> {
+    if spec.distro == Distro::Nixos {
+        return Ok(());
+    }
+    if spec.keyring.is_some() {
+        rootfs::preflight(spec)?;
+    }
+    if spec.verity {
+        let any_build_id = "0".repeat(64);
+        disk::slot_label(spec, &identity::built_version(spec, &any_build_id))?;
+    }
+    Ok(())
+}

@@ -206,6 +206,14 @@ pub(crate) fn preflight(spec: &Spec) -> Result<()> {
             Distro::Ubuntu => "ubuntu-keyring",
             _ => "debian-archive-keyring",
         };
+        if spec.keyring.is_some() {
+            bail!(
+                "the archive keyring {} for {:?} is missing on this host (`[base] keyring` in {})\n  hint: fix `[base] keyring` to name a keyring file that signs the mirror, or install `{package}` if it is that package's",
+                k.display(),
+                spec.distro,
+                spec.path.display()
+            );
+        }
         bail!(
             "the archive keyring {} for {:?} is missing on this host\n  hint: install `{package}`, or set `[base] keyring` in {} to a keyring file that signs the mirror",
             k.display(),

@@ -173,7 +173,7 @@ struct RawBase {
     /// otherwise the distro's official mirror.
     mirror: Option<Spanned<String>>,
     /// Archive components. Default: `["main"]`.
-    components: Option<Vec<Spanned<String>>>,
+    components: Option<Spanned<Vec<Spanned<String>>>>,
     /// OpenPGP keyring that signs the archive. Default: the distro's keyring package
     /// (`debian-archive-keyring`, `ubuntu-keyring`) on the build host.
     keyring: Option<Spanned<String>>,
@@ -313,6 +313,16 @@ impl Distro {
             Distro::Debian => "trixie",
             Distro::Ubuntu => "noble",
             Distro::Nixos => "25.11",
+        }
+    }
+
+    /// The kernel package a hint names when a spec has none (what images/ use). A
+    /// NixOS image gets its kernel from nixpkgs without asking.
+    pub(crate) fn kernel_package(self) -> &'static str {
+        match self {
+            Distro::Debian => "linux-image-cloud-amd64",
+            Distro::Ubuntu => "linux-image-virtual",
+            Distro::Nixos => "linuxPackages (nixpkgs)",
         }
     }
 
@@ -483,7 +493,7 @@ impl Spec {
             (
                 "no kernel",
                 has(&|n| n.starts_with("linux-image-")),
-                "linux-image-cloud-amd64",
+                self.distro.kernel_package(),
             ),
             (
                 "no initramfs tool (the kernel package depends on one)",
@@ -955,8 +965,15 @@ fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> 
     };
     let components = match &raw.components {
         None => vec!["main".to_owned()],
+        Some(list) if list.get_ref().is_empty() => {
+            return Err(src.error(
+                list,
+                "`components = []` names no archive area: apt would find no packages",
+                "list at least one, e.g. `components = [\"main\"]`, or remove the key for the default",
+            ));
+        }
         Some(list) => {
-            for c in list {
+            for c in list.get_ref() {
                 if !is_word(c.get_ref()) {
                     return Err(src.error(
                         c,
@@ -965,7 +982,7 @@ fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> 
                     ));
                 }
             }
-            list.iter().map(|c| c.get_ref().clone()).collect()
+            list.get_ref().iter().map(|c| c.get_ref().clone()).collect()
         }
     };
 

@@ -1,5 +1,5 @@
 //! Layer 0, support: running commands, digests, work directories, removals, time,
-//! progress.
+//! progress, stdout.
 //! Knows nothing of specs, images or AWS.
 
 pub(crate) mod cmd;
@@ -7,6 +7,7 @@ pub mod digest;
 pub(crate) mod dry_run;
 pub(crate) mod paths;
 pub(crate) mod remove;
+pub mod stdout;
 pub mod time;
 pub(crate) mod ui;
 pub(crate) mod workdir;

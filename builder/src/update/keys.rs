@@ -99,6 +99,45 @@ pub(crate) fn generate(dir: &Path) -> Result<KeyInfo> {
     current(dir)
 }
 
+/// Check, before any key is made or file written, that the public key may be written
+/// to `file`: its directory exists, it is no directory, and it holds nothing but this
+/// same public key (`key`; `None` for a key about to be made, which no file holds yet).
+pub(crate) fn check_export_destination(file: &Path, key: Option<&KeyInfo>) -> Result<()> {
+    if file.is_dir() {
+        bail!(
+            "cannot write the public key to {}: it is a directory\n  hint: name a file in it, e.g. {}",
+            file.display(),
+            file.join("update-key.pgp").display()
+        );
+    }
+    let parent = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!(
+            "cannot write the public key to {}: there is no directory {}\n  hint: create it, or choose another path",
+            file.display(),
+            parent.display()
+        );
+    }
+    if file.symlink_metadata().is_err() {
+        return Ok(());
+    }
+    match key {
+        Some(key) if fingerprint_of(file).is_ok_and(|f| f == key.fingerprint) => Ok(()),
+        Some(key) => bail!(
+            "{} exists and is not the public key {}; it is left as it is\n  hint: remove it, or choose another path",
+            file.display(),
+            key.fingerprint
+        ),
+        None => bail!(
+            "{} exists; the new key's public key would replace it\n  hint: remove it, or choose another path",
+            file.display()
+        ),
+    }
+}
+
 /// Under sudo, everything gpg made in `dir` becomes the invoking user's (as `dir`).
 fn hand_over_all(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir)? {

@@ -15,7 +15,7 @@ pub(super) fn check_keys(src: &Source, raw: &RawSpec) -> Result<(), SpecError> {
             Some(hint),
         ))
     };
-    if let Some(c) = raw.base.components.as_ref().and_then(|c| c.first()) {
+    if let Some(c) = &raw.base.components {
         return refuse(
             c.span().start,
             "[base] components",

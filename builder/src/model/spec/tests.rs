@@ -191,6 +191,13 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
             "invalid type",
         ),
         (
+            "no components",
+            with("components = [\"main\", \"contrib\"]", "components = []"),
+            11,
+            14,
+            "`components = []` names no archive area",
+        ),
+        (
             "bad version",
             with("\"1.2.3-rc.1\"", "\"1.2\""),
             4,
@@ -660,5 +667,21 @@ fn nixos_specs_refuse_what_has_no_nixos_meaning_where_it_is_written() {
         assert!(e.message.contains(key), "{key}: {e}");
         assert!(e.line >= 6, "{key}: not located: {e}");
         assert!(e.hint.is_some(), "{key}: no hint");
+    }
+}
+
+#[test]
+fn a_missing_kernel_is_named_with_the_distros_package() {
+    for (distro, kernel, not) in [
+        ("debian", "linux-image-cloud-amd64", "linux-image-virtual"),
+        ("ubuntu", "linux-image-virtual", "linux-image-cloud-amd64"),
+    ] {
+        let (_dir, path) = fixture(&format!(
+            "[image]\nname = \"k\"\nversion = \"0.1.0\"\n[base]\ndistro = \"{distro}\"\n"
+        ));
+        let e = load(&path).unwrap().check_buildable().unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains(&format!("no kernel: add `{kernel}`")), "{e}");
+        assert!(!e.contains(not), "{e}");
     }
 }

@@ -25,13 +25,25 @@ pub use runs::TestRun;
 pub(crate) use versions::{ArtifactRow, VersionInfo};
 
 /// `$DEVOS_REGISTRY`, else `$XDG_DATA_HOME/devos/registry.db`, else
-/// `~/.local/share/devos/registry.db`.
+/// `~/.local/share/devos/registry.db`. An empty `DEVOS_REGISTRY` counts as unset.
 pub(crate) fn default_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("DEVOS_REGISTRY") {
+    if let Some(p) = std::env::var_os("DEVOS_REGISTRY").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
     let data = crate::support::paths::xdg_dir("XDG_DATA_HOME", ".local/share", "/var/lib");
     data.join("devos/registry.db")
+}
+
+/// Why the registry at `path` cannot be opened, and what to do.
+fn open_error(path: &Path, e: rusqlite::Error) -> anyhow::Error {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
+        anyhow::anyhow!(
+            "{} is not a registry: it is not an SQLite database\n  hint: point --registry or DEVOS_REGISTRY at the registry file (or unset them for the default), or move this file out of the way",
+            path.display()
+        )
+    } else {
+        anyhow::Error::new(e).context(format!("cannot open the registry {}", path.display()))
+    }
 }
 
 /// SQLite's `-wal` and `-shm` files beside the database.
@@ -51,10 +63,11 @@ impl Registry {
         Self::open_at(path, SCHEMA_VERSION)
     }
 
-    /// Open for a command that only reads: a registry that does not exist yet reads
-    /// as an empty one, and no file or directory is created for it.
+    /// Open for a command that only reads: a registry that does not exist yet, or an
+    /// empty file, reads as an empty one, and no file or directory is created or
+    /// written for it.
     pub fn open_read(path: &Path) -> Result<Self> {
-        if path.exists() {
+        if path.metadata().is_ok_and(|m| m.len() > 0) {
             return Self::open(path);
         }
         let mut reg = Self {
@@ -85,9 +98,13 @@ impl Registry {
             }
         }
         let conn = Connection::open(path)
-            .with_context(|| format!("cannot open the registry {}", path.display()))?;
-        conn.busy_timeout(Duration::from_secs(30))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+            .and_then(|conn| {
+                conn.busy_timeout(Duration::from_secs(30))?;
+                // The first read of the file: it fails here if it is no database.
+                conn.pragma_update(None, "journal_mode", "WAL")?;
+                Ok(conn)
+            })
+            .map_err(|e| open_error(path, e))?;
         // Under sudo, the registry is the invoking user's (README: where state lives):
         // their `image list` must read it, and WAL needs them to write it.
         for p in &files {

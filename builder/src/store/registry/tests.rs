@@ -84,6 +84,11 @@ fn round_trip() {
     assert_eq!(back.packages.len(), 1);
     assert_eq!(back.stages[0].seconds, 40.5);
     assert_eq!(v.tested, None);
+    // A spec given relative to the build's directory is kept absolute.
+    assert_eq!(
+        Path::new(&v.spec),
+        std::env::current_dir().unwrap().join("spec.toml")
+    );
 }
 
 #[test]
@@ -391,4 +396,44 @@ fn one_change_of_a_stack_at_a_time() {
         e.contains("another devos-build is changing stack s1 in r1"),
         "{e}"
     );
+}
+
+fn reading_an_empty_file_leaves_it_empty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("registry.db");
+    std::fs::write(&path, "").unwrap();
+    let reg = Registry::open_read(&path).unwrap();
+    assert!(reg.versions(None).unwrap().is_empty());
+    drop(reg);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "no -wal or -shm"
+    );
+}
+
+#[test]
+fn a_file_that_is_no_database_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notes.txt");
+    std::fs::write(
+        &path,
+        "not a database, just some text that is long enough\n".repeat(20),
+    )
+    .unwrap();
+    for e in [
+        Registry::open_read(&path).err().unwrap(),
+        Registry::open(&path).err().unwrap(),
+    ] {
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(&format!("{} is not a registry", path.display())),
+            "{e}"
+        );
+        assert!(
+            e.contains("hint: point --registry or DEVOS_REGISTRY"),
+            "{e}"
+        );
+    }
 }

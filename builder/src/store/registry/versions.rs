@@ -38,6 +38,14 @@ pub(crate) struct ArtifactRow {
     pub(crate) size: u64,
 }
 
+/// The spec's path as the registry keeps it: absolute, so that `image test NAME` and
+/// the hints that name the spec work from any directory.
+fn absolute(spec: &Path) -> PathBuf {
+    std::fs::canonicalize(spec)
+        .or_else(|_| std::path::absolute(spec))
+        .unwrap_or_else(|_| spec.to_path_buf())
+}
+
 impl Registry {
     /// Record a finished build (idempotent: the same version again replaces its rows).
     pub fn record_build(
@@ -71,7 +79,7 @@ impl Registry {
                 manifest.version,
                 manifest.build_id,
                 dir.to_string_lossy(),
-                spec.to_string_lossy(),
+                absolute(spec).to_string_lossy(),
                 serde_json::to_string(manifest)?,
                 now,
                 VersionState::Built

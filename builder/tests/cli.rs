@@ -1,0 +1,179 @@
+//! The command line's handling of its input and output, with commands that start no
+//! build, no VM and no network: closed pipes, registry paths, key export destinations.
+
+// Test helpers fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Output;
+
+use common::devos_build_command;
+
+/// Run with stdout on a pipe whose reader has already gone, as `| head -1` leaves it.
+fn with_closed_stdout(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    devos_build_command()
+        .args(args)
+        .stdout(writer)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    for args in [
+        &["completions", "bash"][..],
+        &["cache", "status", "--json"],
+        &["man"],
+    ] {
+        let out = with_closed_stdout(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+fn image_list(registry: Option<&std::ffi::OsStr>) -> (Option<i32>, String, String) {
+    let mut cmd = devos_build_command();
+    match registry {
+        Some(path) => cmd.env("DEVOS_REGISTRY", path),
+        None => cmd.env_remove("DEVOS_REGISTRY"),
+    };
+    let out = cmd.args(["image", "list"]).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_registry_named_by_the_user_must_exist_for_commands_that_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo/reg.db");
+    let (code, _, err) = image_list(Some(typo.as_os_str()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("the registry {} does not exist", typo.display())),
+        "{err}"
+    );
+    // The flag is checked the same way.
+    let out = devos_build_command()
+        .args(["image", "list", "--registry"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // Nothing was created for it.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // An empty DEVOS_REGISTRY means the default (here, one not created yet: empty).
+    let (code, out, err) = image_list(Some("".as_ref()));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("no images"), "{out}");
+}
+
+#[test]
+fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() {
+    devos_tests::require("gpg", "gnupg");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = |args: &[&std::ffi::OsStr]| {
+        let out = devos_build_command()
+            .env("DEVOS_KEYS", dir.path().join("keys"))
+            .arg("keys")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let path = |name: &str| dir.path().join(name).into_os_string();
+    // No directory for the export: refused before a key is made.
+    let (code, _, err) = keys(&["generate".as_ref(), "--export".as_ref(), &path("no/k.pgp")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("there is no directory"), "{err}");
+    assert!(!dir.path().join("keys").exists(), "no key was made");
+
+    let (code, out, err) = keys(&["generate".as_ref(), "--export".as_ref(), &path("k.pgp")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!(
+        "written to:  {}",
+        dir.path().join("k.pgp").display()
+    )));
+    // The same public key again is fine; another file is left alone.
+    let (code, _, err) = keys(&["export".as_ref(), &path("k.pgp")]);
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::write(dir.path().join("victim.toml"), "keep = true\n").unwrap();
+    let (code, _, err) = keys(&["export".as_ref(), &path("victim.toml")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("victim.toml exists and is not the public key"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("victim.toml")).unwrap(),
+        "keep = true\n"
+    );
+    // A dry run refuses what the real run would.
+    let (code, _, err) = keys(&[
+        "export".as_ref(),
+        dir.path().as_os_str(),
+        "--dry-run".as_ref(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("it is a directory"), "{err}");
+}
+
+#[test]
+fn validate_refuses_what_a_build_would_refuse_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(devos_tests::repo_root().join("images/devos-debian.toml")).unwrap();
+    let validate = |from: &str, to: &str| {
+        assert!(shipped.contains(from), "{from}");
+        let path = dir.path().join("spec.toml");
+        std::fs::write(&path, shipped.replacen(from, to, 1)).unwrap();
+        let out = devos_build_command()
+            .args(["image", "validate"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // NAME_0.2.0_<12 hex>, the verified root's slot name, fits 36 characters up to
+    // a 17-character name.
+    let name = "name = \"devos-debian\"";
+    let (code, err) = validate(name, "name = \"devos-debian-1234\"");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = validate(name, "name = \"devos-debian-12345\"");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is longer than the 36 characters a GPT holds")
+            && err.contains("shorten `[image] name` or `version`"),
+        "{err}"
+    );
+
+    let (code, err) = validate("components = [\"main\"]", "components = []");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("spec.toml:16:14: `components = []` names no archive area"),
+        "{err}"
+    );
+
+    let (code, err) = validate(
+        "components = [\"main\"]",
+        "components = [\"main\"]\nkeyring = \"/nonexistent/x.gpg\"",
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the archive keyring /nonexistent/x.gpg for Debian is missing on this host (`[base] keyring` in"),
+        "{err}"
+    );
+}
