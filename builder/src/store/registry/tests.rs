@@ -398,6 +398,7 @@ fn one_change_of_a_stack_at_a_time() {
     );
 }
 
+#[test]
 fn reading_an_empty_file_leaves_it_empty() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("registry.db");
