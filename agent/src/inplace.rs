@@ -121,8 +121,9 @@ pub enum Step {
     /// be moved to, or it is no version at all: report that and leave the machine as
     /// it is.
     Failed(String),
-    /// A move to this version was made in this boot but is no longer asked for: point
-    /// the boot loader at the running version again.
+    /// A move to this version was made (or tried: a failed install may have got far)
+    /// in this boot but is no longer asked for: point the boot loader at the running
+    /// version again.
     Undo(String),
     /// Moved in this boot; reboot (again, if the last reboot did not happen).
     Reboot,
@@ -144,7 +145,6 @@ pub fn decide(target: Option<&str>, running: &str, attempt: Option<&Attempt>, bo
     let target = target.map(str::trim).filter(|t| !t.is_empty());
     if let Some(a) = attempt
         && a.boot == boot
-        && a.error.is_none()
         && a.version != running
         && target != Some(a.version.as_str())
     {
@@ -284,9 +284,13 @@ mod tests {
             }
             assert!(!a.stale(Some(" 2 ")));
         }
-        // Nothing to undo: a failed install, an earlier boot, or already running it.
+        // A failed install may have got as far as the boot loader: undone too.
         let broken = attempt("2", "b1", false, Some("x"));
-        assert_eq!(decide(Some("1"), "1", Some(&broken), "b1"), Step::Report);
+        assert_eq!(
+            decide(Some("1"), "1", Some(&broken), "b1"),
+            Step::Undo("2".into())
+        );
+        // Nothing to undo: an earlier boot, or already running it.
         let earlier = attempt("2", "b0", true, None);
         assert_eq!(decide(Some("1"), "1", Some(&earlier), "b1"), Step::Report);
         assert_eq!(

@@ -568,6 +568,68 @@ fn an_in_place_rollout_moves_the_machine_once_and_reports_on_its_own_tags() {
 }
 
 #[test]
+fn an_install_left_running_by_a_restarted_agent_is_waited_for_not_reported_as_a_failure() {
+    let tools = tempfile::tempdir().unwrap();
+    let log = tools.path().join("calls");
+    let busy = tools.path().join("busy");
+    std::fs::create_dir(tools.path().join("efi")).unwrap();
+    // systemd-run with the update unit's name taken while `busy` exists.
+    let launcher = tools.path().join("launcher");
+    std::fs::write(
+        &launcher,
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then echo 'Failed to start transient service unit: Unit devos-update.service was already loaded or has a fragment file.' >&2; exit 1; fi\nexec \"$@\"\n",
+            busy.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let config = format!(
+        "[update]\nsysupdate = \"{}\"\nbootctl = \"{}\"\nkernel-images = \"{}\"\nlauncher = [\"{}\"]\nreboot = [\"{}\"]\nfleet-poll-seconds = 1\n",
+        recorder(tools.path(), "sysupdate", &log),
+        recorder(tools.path(), "bootctl", &log),
+        tools.path().join("efi").display(),
+        launcher.display(),
+        recorder(tools.path(), "reboot", &log),
+    );
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+    std::fs::write(&busy, "").unwrap();
+    let stand_in = StandIn::start("#!/bin/sh\n");
+    let _agent = start_with(&stand_in, &config);
+    stand_in
+        .tags
+        .lock()
+        .unwrap()
+        .insert("devos:update-to".into(), "0.2.0+fedcba987654".into());
+    let waiting =
+        "updating to 0.2.0+fedcba987654: another update is running on this machine; trying again";
+    assert!(
+        wait_for(Duration::from_secs(30), || stand_in
+            .tag("devos:update-state")
+            .as_deref()
+            == Some(waiting)),
+        "{:?}",
+        stand_in.tag("devos:update-state")
+    );
+    assert_eq!(calls(), "", "ran an install beside the other one");
+    // The other install ended: this one goes ahead.
+    std::fs::remove_file(&busy).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || calls().contains("reboot")),
+        "{:?} {:?}",
+        calls(),
+        stand_in.tag("devos:update-state")
+    );
+    assert_eq!(
+        calls(),
+        "sysupdate update 0.2.0_fedcba987654\nbootctl set-default \nreboot \n"
+    );
+}
+
+#[test]
 fn a_machine_moved_in_place_is_checked_against_the_version_it_moved_to() {
     // The stack's user data still names the version the instance was launched with.
     let stand_in = StandIn::start(&user_data("0.0.9+000000000000"));

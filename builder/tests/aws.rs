@@ -2160,6 +2160,10 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
         (1, 2),
         "{asked:?}"
     );
+    // The one that could not install was waited for until it reported itself healthy
+    // where it is: a rollout run again reads fresh reports, not the old failure.
+    let states = tag_of("devos:update-state");
+    assert_eq!(count(&states, "healthy"), 3, "{states:?}");
     // What they ran before, rolled out in place, brings the one on 6.0.0 back.
     ok(&in_place(
         "2.0.0",

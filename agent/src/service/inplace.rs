@@ -158,6 +158,12 @@ impl Follower {
                         tracing::info!(to = %attempt.version, "{done}; rebooting");
                         return self.reboot(shared, &running, &attempt.version).await;
                     }
+                    // Another install runs (one an agent restarted in the middle of
+                    // left behind): still moving; the next look tries again.
+                    Err(crate::update::UpdateError::Busy(_)) => updating_state(
+                        &attempt.version,
+                        Some("another update is running on this machine; trying again"),
+                    ),
                     Err(e) => {
                         attempt.error = Some(e.to_string());
                         attempt.save(&marker)?;

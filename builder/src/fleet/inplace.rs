@@ -23,7 +23,7 @@ use devos_aws::AwsOptions;
 use devos_aws::stack::{self, Member};
 use serde::Serialize;
 
-use super::{Ctx, Outcome, Target, context};
+use super::{Ctx, Outcome, Target, changing};
 use crate::model::manifest::Manifest;
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, VersionInfo};
@@ -63,6 +63,9 @@ pub(crate) struct Moved {
     pub(crate) running: String,
     /// Its agent's last `devos:update-state`.
     pub(crate) state: String,
+    /// Why it was left out: Auto Scaling ended or replaced it before its agent acted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) left: Option<String>,
 }
 
 /// Why a rollout stopped.
@@ -96,7 +99,7 @@ pub(crate) fn rollout(
     batches: &Batches,
 ) -> Result<Outcome> {
     batches.check()?;
-    let mut cx = context(reg, aws, t.region.as_deref())?;
+    let mut cx = changing(reg, aws, t)?;
     devos_aws::block_on(async {
         let s = cx.existing(&t.stack).await?;
         Ctx::template_of(&s)?;
@@ -256,7 +259,7 @@ async fn drive(
     let why = match failure {
         Failure::Version(why) => why,
         Failure::Stuck(why) => {
-            let state = stay(cx, &t.stack, v, &touched, &why).await;
+            let state = stay(cx, &t.stack, v, &touched, &why, batches.timeout).await;
             outcome.reason = Some(match &state {
                 Ok(reason) => reason.clone(),
                 Err(e) => format!("{why}; telling the others to stay failed too: {e:#}"),
@@ -273,10 +276,10 @@ async fn drive(
     let back: Vec<Moved> = done
         .iter()
         .chain(&touched)
-        .filter(|m| m.from != v.version)
+        .filter(|m| m.from != v.version && m.left.is_none())
         .cloned()
         .collect();
-    let state = match go_back(cx, &t.stack, &v.version, &back, batches.timeout).await? {
+    let state = match send(cx, &t.stack, &v.version, &back, batches.timeout, "back to").await? {
         Ok(()) => ChangeState::RolledBack,
         Err(e) => {
             outcome.reason = Some(format!("{why}; going back failed too: {e}"));
@@ -291,33 +294,42 @@ async fn drive(
 
 /// A rollout that cannot go on without a verdict on `v`: the asked instances that are
 /// not on it are told to stay on what they run (an agent still installing undoes its
-/// move); those on it stay there. The reason, with what to do next.
+/// move) and those whose agents acted are waited for, so that a rollout run again
+/// starts from fresh reports; those on it stay there. The reason, with what to do
+/// next.
 async fn stay(
     cx: &mut Ctx<'_>,
     stack_name: &str,
     v: &VersionInfo,
     touched: &[Moved],
     why: &str,
+    timeout: Duration,
 ) -> Result<String> {
     eprintln!("in-place {stack_name} stopped: {why}");
-    let (there, elsewhere): (Vec<&Moved>, Vec<&Moved>) =
-        touched.iter().partition(|m| m.running == v.version);
-    let mut by_version: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for m in elsewhere {
-        let at = if m.running.is_empty() {
-            &m.from
-        } else {
-            &m.running
-        };
-        by_version.entry(at).or_default().push(m.id.clone());
-    }
-    for (at, ids) in &by_version {
-        eprintln!("in-place {stack_name}: stay on {at}: {}", ids.join(", "));
-        stack::tag_instances(&cx.aws, &cx.region, ids, TAG_UPDATE_TO, at)
-            .await
-            .with_context(|| format!("while telling {} to stay on {at}", ids.join(", ")))?;
-    }
-    let mut reason = format!("{why}\n  {} is not marked bad", v.version);
+    let (there, elsewhere): (Vec<&Moved>, Vec<&Moved>) = touched
+        .iter()
+        .filter(|m| m.left.is_none())
+        .partition(|m| m.running == v.version);
+    // Where each is: its agent's report, or where it was before it was asked.
+    let stays: Vec<Moved> = elsewhere
+        .into_iter()
+        .map(|m| Moved {
+            from: if m.running.is_empty() {
+                m.from.clone()
+            } else {
+                m.running.clone()
+            },
+            ..m.clone()
+        })
+        .collect();
+    let waited = send(cx, stack_name, &v.version, &stays, timeout, "stay on").await?;
+    let mut reason = match waited {
+        Ok(()) => format!("{why}\n  {} is not marked bad", v.version),
+        Err(e) => format!(
+            "{why}\n  {} is not marked bad; telling the others to stay failed: {e}",
+            v.version
+        ),
+    };
     if !there.is_empty() {
         let ids: Vec<&str> = there.iter().map(|m| m.id.as_str()).collect();
         reason.push_str(&format!(
@@ -348,6 +360,7 @@ fn moved(m: &Member, stack_version: &str, known: &HashSet<String>) -> Moved {
         },
         running,
         state: m.tags.get(TAG_STATE).cloned().unwrap_or_default(),
+        left: None,
     }
 }
 
@@ -506,6 +519,7 @@ async fn look(
                     "instance {id} left the stack"
                 ))));
             }
+            leave(touched, id, format!("instance {id} left the stack"));
             continue;
         };
         let state = m.tags.get(TAG_STATE).cloned().unwrap_or_default();
@@ -520,40 +534,57 @@ async fn look(
         match verdict(m, version) {
             Verdict::Failed(failure) => return Ok(Err(failure)),
             Verdict::NotYet => pending.push(id.clone()),
-            Verdict::Gone(why) => eprintln!("  {why} before it acted: left out"),
+            Verdict::Gone(why) => leave(touched, id, why),
             Verdict::There => {}
         }
     }
     Ok(Ok(pending))
 }
 
-/// Tell every instance in `back` to go back to what it ran, and wait for them at
-/// most `timeout` (one that never left reports its old version healthy at once).
-async fn go_back(
+/// Leave instance `id` out of the rollout (once), saying why.
+fn leave(touched: &mut [Moved], id: &str, why: String) {
+    if let Some(t) = touched.iter_mut().find(|t| t.id == id && t.left.is_none()) {
+        eprintln!("  {why} before its agent acted: left out");
+        t.left = Some(why);
+    }
+}
+
+/// Tell every instance in `moves` to go to its `from` (back to what it ran, or to stay
+/// where it is), and wait at most `timeout` for those whose agents acted on `version`
+/// to report healthy there (one that never left reports at once; one that never acted
+/// has nothing to undo).
+async fn send(
     cx: &mut Ctx<'_>,
     stack_name: &str,
     version: &str,
-    back: &[Moved],
+    moves: &[Moved],
     timeout: Duration,
+    verb: &str,
 ) -> Result<Result<(), String>> {
     let mut by_version: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for m in back {
+    for m in moves {
         by_version
             .entry(m.from.as_str())
             .or_default()
             .push(m.id.clone());
     }
-    let mut states = back.to_vec();
-    for (from, ids) in &by_version {
-        eprintln!("in-place {stack_name}: back to {from}: {}", ids.join(", "));
-        stack::tag_instances(&cx.aws, &cx.region, ids, TAG_UPDATE_TO, from)
+    let mut states = moves.to_vec();
+    for (to, ids) in &by_version {
+        eprintln!("in-place {stack_name}: {verb} {to}: {}", ids.join(", "));
+        stack::tag_instances(&cx.aws, &cx.region, ids, TAG_UPDATE_TO, to)
             .await
-            .with_context(|| {
-                format!("while telling {} to go back from {version}", ids.join(", "))
-            })?;
+            .with_context(|| format!("while telling {} to {verb} {to}", ids.join(", ")))?;
     }
-    for (from, ids) in &by_version {
-        match wait(cx, stack_name, ids, from, timeout, &mut states).await? {
+    for (to, ids) in &by_version {
+        let acted: Vec<String> = moves
+            .iter()
+            .filter(|m| ids.contains(&m.id) && acted(&m.running, &m.state, version))
+            .map(|m| m.id.clone())
+            .collect();
+        if acted.is_empty() {
+            continue;
+        }
+        match wait(cx, stack_name, &acted, to, timeout, &mut states).await? {
             Ok(()) => {}
             Err(Failure::Version(why) | Failure::Stuck(why)) => return Ok(Err(why)),
         }

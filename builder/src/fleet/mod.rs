@@ -382,6 +382,16 @@ fn tags(template: Template, v: &VersionInfo) -> BTreeMap<String, String> {
     ])
 }
 
+/// The context of a command that changes stack `t.stack`: the stack's lock is taken
+/// first (not for a dry run), so what the change is planned from cannot move under it.
+fn changing<'a>(reg: &'a mut Registry, aws: &AwsOptions, t: &Target) -> Result<Ctx<'a>> {
+    let cx = context(reg, aws, t.region.as_deref())?;
+    if !t.dry_run {
+        cx.reg.lock_stack(&t.stack, &cx.region)?;
+    }
+    Ok(cx)
+}
+
 fn context<'a>(reg: &'a mut Registry, aws: &AwsOptions, region: Option<&str>) -> Result<Ctx<'a>> {
     let started = Instant::now();
     let (aws, region) = devos_aws::block_on(async {
@@ -445,7 +455,7 @@ pub(crate) fn deploy(
             "fleet deploy: the workspaces template needs a WorkSpaces bundle made from a provisioned WorkSpace\n  hint: follow docs/fleet.md (WorkSpaces), then `devos-build fleet render workspaces` and deploy it with `aws cloudformation deploy`"
         );
     }
-    let mut cx = context(reg, aws, t.region.as_deref())?;
+    let mut cx = changing(reg, aws, t)?;
     let (v, ami) = cx.target(&t.stack, &req.image)?;
     let yaml = render_for(req.template, &v, &cx.region, &ami)?;
     let declared = template_parameters(&yaml);
@@ -603,7 +613,7 @@ pub(crate) fn rollout(
     to: &str,
     canary: Option<&str>,
 ) -> Result<Vec<Outcome>> {
-    let mut cx = context(reg, aws, t.region.as_deref())?;
+    let mut cx = changing(reg, aws, t)?;
     devos_aws::block_on(async {
         let mut outcomes = Vec::new();
         for stack_name in canary.into_iter().chain([t.stack.as_str()]) {
@@ -658,7 +668,7 @@ pub(crate) fn rollback(
     t: &Target,
     to: Option<&str>,
 ) -> Result<Outcome> {
-    let mut cx = context(reg, aws, t.region.as_deref())?;
+    let mut cx = changing(reg, aws, t)?;
     devos_aws::block_on(async {
         let s = cx.existing(&t.stack).await?;
         let template = Ctx::template_of(&s)?;

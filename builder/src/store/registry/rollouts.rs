@@ -1,7 +1,8 @@
 //! Rollouts of stacks from one version to another, and versions marked bad for a stack.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
@@ -34,43 +35,48 @@ pub(crate) struct Rollout {
     pub(crate) issued_after: Option<f64>,
 }
 
-/// A stack's lock this process holds, and the rollouts it holds it for (a rollout and
-/// the automatic rollback it starts).
-struct Held {
-    path: PathBuf,
-    rollouts: Vec<i64>,
-    _lock: File,
-}
-
-/// One change of a stack at a time, across processes: an in-place rollout changes no
-/// stack, so CloudFormation's own "in progress" cannot keep a second one (or a
-/// replacement) from crossing it.
-static HELD: Mutex<Vec<Held>> = Mutex::new(Vec::new());
+/// The stacks' locks this process holds: one change of a stack at a time, across
+/// processes. An in-place rollout changes no stack, so CloudFormation's own "in
+/// progress" cannot keep a second one (or a replacement) from crossing it. A lock is
+/// held until the process ends, so a rollout and the automatic rollback it starts
+/// share it.
+static HELD: Mutex<Vec<(PathBuf, File)>> = Mutex::new(Vec::new());
 
 impl Registry {
-    /// The lock of `stack` in `region`: a file beside the registry.
-    fn stack_lock(&self, stack: &str, region: &str) -> PathBuf {
+    /// Hold the lock of `stack` in `region` — a file beside the registry — until this
+    /// process ends, however it ends; an error naming it if another process holds it.
+    /// Take it before reading what the change is planned from.
+    pub(crate) fn lock_stack(&self, stack: &str, region: &str) -> Result<()> {
         let name = self.path.file_name().unwrap_or_default().to_string_lossy();
-        self.path
-            .with_file_name(format!("{name}.fleet-{stack}@{region}.lock"))
-    }
-
-    /// Take the lock at `path` (released when the process ends, however it ends); an
-    /// error naming it if another process holds it.
-    fn lock_stack(path: &Path, stack: &str, region: &str) -> Result<File> {
-        let file = File::create(path)
-            .with_context(|| format!("cannot create the lock {}", path.display()))?;
+        let path = self
+            .path
+            .with_file_name(format!("{name}.fleet-{stack}@{region}.lock"));
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if held.iter().any(|(p, _)| *p == path) {
+            return Ok(());
+        }
+        // Never through a symlink, never truncating: only the lock on it matters.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock {}", path.display()))?;
+        crate::support::paths::hand_over(&path)
+            .with_context(|| format!("cannot give {} to the sudo user", path.display()))?;
         if file.try_lock().is_err() {
             bail!(
                 "another devos-build is changing stack {stack} in {region} (it holds {})\n  hint: wait for it to finish; `devos-build fleet status --stack {stack} --region {region}` shows where the instances are",
                 path.display()
             );
         }
-        Ok(file)
+        held.push((path, file));
+        Ok(())
     }
 
-    /// Record the start of a rollout, holding the stack's lock until
-    /// [`Registry::finish_rollout`]; returns its id for that.
+    /// Record the start of a rollout (holding the stack's lock, if the command did not
+    /// take it already); returns its id for [`Registry::finish_rollout`].
     pub(crate) fn start_rollout(
         &mut self,
         stack: &str,
@@ -79,12 +85,7 @@ impl Registry {
         from: Option<&VersionInfo>,
         to: &VersionInfo,
     ) -> Result<i64> {
-        let key = self.stack_lock(stack, region);
-        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-        let lock = match held.iter().any(|h| h.path == key) {
-            true => None,
-            false => Some(Self::lock_stack(&key, stack, region)?),
-        };
+        self.lock_stack(stack, region)?;
         self.conn.execute(
             "INSERT INTO rollouts (stack, region, kind, from_version_id, to_version_id, state, started_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -98,19 +99,7 @@ impl Registry {
                 now()
             ],
         )?;
-        let id = self.conn.last_insert_rowid();
-        match lock {
-            Some(lock) => held.push(Held {
-                path: key,
-                rollouts: vec![id],
-                _lock: lock,
-            }),
-            None => held
-                .iter_mut()
-                .filter(|h| h.path == key)
-                .for_each(|h| h.rollouts.push(id)),
-        }
-        Ok(id)
+        Ok(self.conn.last_insert_rowid())
     }
 
     pub(crate) fn rollout_issued(&mut self, id: i64, seconds: f64) -> Result<()> {
@@ -131,10 +120,6 @@ impl Registry {
             "UPDATE rollouts SET state = ?2, reason = ?3, finished_at = ?4 WHERE id = ?1",
             params![id, state, reason, now()],
         )?;
-        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-        held.iter_mut()
-            .for_each(|h| h.rollouts.retain(|r| *r != id));
-        held.retain(|h| !h.rollouts.is_empty());
         Ok(())
     }
 

@@ -369,13 +369,19 @@ fn one_change_of_a_stack_at_a_time() {
     )
     .unwrap();
     let v = reg.find("devos-test@0.1.0+a").unwrap();
-    let first = reg.start_rollout("s1", "r1", "in-place", None, &v).unwrap();
-    // Its automatic rollback, in the same process, goes on under the same lock.
+    // The command takes the lock before it plans; its rollout, and the automatic
+    // rollback that starts, go on under it.
+    reg.lock_stack("s1", "r1").unwrap();
+    let first = reg.start_rollout("s1", "r1", "rollout", None, &v).unwrap();
     let back = reg
         .start_rollout("s1", "r1", "auto-rollback", None, &v)
         .unwrap();
-    reg.finish_rollout(back, ChangeState::Failed, None).unwrap();
-    // Another process: the lock is a file beside the registry, held by an open file.
+    reg.finish_rollout(back, ChangeState::RolledBack, None)
+        .unwrap();
+    reg.finish_rollout(first, ChangeState::RolledBack, None)
+        .unwrap();
+    // Another process: the lock is a file beside the registry, held while this
+    // process lives.
     let other = std::fs::File::open(tmp.path().join("r.db.fleet-s1@r1.lock")).unwrap();
     assert!(
         other.try_lock().is_err(),
@@ -385,10 +391,12 @@ fn one_change_of_a_stack_at_a_time() {
     let elsewhere = reg.start_rollout("s1", "r2", "rollout", None, &v).unwrap();
     reg.finish_rollout(elsewhere, ChangeState::Succeeded, None)
         .unwrap();
-    reg.finish_rollout(first, ChangeState::Succeeded, None)
-        .unwrap();
-    other.try_lock().unwrap();
-    let e = reg
+    // Held by another process: refused, naming it.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let mut reg2 = Registry::open(&tmp2.path().join("r.db")).unwrap();
+    let taken = std::fs::File::create(tmp2.path().join("r.db.fleet-s1@r1.lock")).unwrap();
+    taken.lock().unwrap();
+    let e = reg2
         .start_rollout("s1", "r1", "rollout", None, &v)
         .unwrap_err()
         .to_string();
@@ -396,6 +404,11 @@ fn one_change_of_a_stack_at_a_time() {
         e.contains("another devos-build is changing stack s1 in r1"),
         "{e}"
     );
+    // Never through a symlink.
+    let target = tmp2.path().join("elsewhere");
+    std::os::unix::fs::symlink(&target, tmp2.path().join("r.db.fleet-s2@r1.lock")).unwrap();
+    assert!(reg2.lock_stack("s2", "r1").is_err());
+    assert!(!target.exists());
 }
 
 #[test]
