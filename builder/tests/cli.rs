@@ -72,6 +72,18 @@ fn a_registry_named_by_the_user_must_exist_for_commands_that_read() {
     let (code, out, err) = image_list(Some("".as_ref()));
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("no images"), "{out}");
+    // So does an empty DEVOS_CONFIG (the settings file).
+    let out = devos_build_command()
+        .env("DEVOS_CONFIG", "")
+        .env_remove("DEVOS_REGISTRY")
+        .args(["image", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -30,8 +30,14 @@ pub struct Cli {
     )]
     pub(crate) registry: Option<PathBuf>,
     /// The builder's settings file (AWS endpoint, SSM prefix, ...). Default:
-    /// ~/.config/devos/config.toml.
-    #[arg(long, global = true, env = "DEVOS_CONFIG", value_name = "FILE")]
+    /// ~/.config/devos/config.toml (also when empty, as `DEVOS_CONFIG=` leaves it).
+    #[arg(
+        long,
+        global = true,
+        env = "DEVOS_CONFIG",
+        value_name = "FILE",
+        value_parser = OsStringValueParser::new().map(PathBuf::from)
+    )]
     pub(crate) config: Option<PathBuf>,
     #[command(subcommand)]
     pub(crate) command: Command,

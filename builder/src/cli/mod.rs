@@ -34,7 +34,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let registry_path = named_registry.unwrap_or_else(registry::default_path);
     let open = || Registry::open(&registry_path);
     let read = || read_registry(&registry_path, named);
-    let config = cli.config.clone();
+    // `DEVOS_CONFIG=` (empty) means the default too.
+    let config = cli.config.clone().filter(|p| !p.as_os_str().is_empty());
     let settings = || crate::model::settings::load(config.as_deref());
     match cli.command {
         Command::Publish(cmd) => {
