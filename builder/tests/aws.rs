@@ -1812,6 +1812,47 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     assert_eq!(sums.lines().count(), 5, "{sums}");
     assert!(!sums.contains(old[2].as_str()));
 
+    // Someone who can write to the bucket but holds no key slips a version into the
+    // index (its file uploaded, the old signature left): machines refuse that index,
+    // and the next publish must not sign it. It makes the index again from what this
+    // registry built, and names what it left out.
+    let put = |file: &str, body: &[u8]| {
+        fx.block_on(async {
+            s3.put_object()
+                .bucket("devos-feed")
+                .key(format!("devos-pub/stable/{file}"))
+                .body(body.to_vec().into())
+                .send()
+                .await
+        })
+        .unwrap();
+    };
+    let forged = "devos-pub_9.0.0.efi";
+    put(forged, b"not a kernel");
+    let mut index = String::from_utf8(get("SHA256SUMS").0).unwrap();
+    index.push_str(&format!(
+        "{:x}  {forged}\n",
+        <sha2::Sha256 as sha2::Digest>::digest(b"not a kernel")
+    ));
+    put("SHA256SUMS", index.as_bytes());
+    let dry = publish("devos-pub@1.1.0", &["--dry-run"]);
+    ok(&dry);
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would sign"));
+    let out = publish("devos-pub@1.1.0", &["--json"]);
+    ok(&out);
+    for said in [
+        "SHA256SUMS is not signed by this builder's key".to_owned(),
+        format!("left out, as nothing vouches for them (their files stay): {forged}"),
+    ] {
+        assert!(stderr(&out).contains(&said), "{}", stderr(&out));
+    }
+    let republished: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // (1.0.0's UKI was removed above: the feed offers 1.1.0, and 1.0.0's other two files.)
+    assert_eq!(republished["versions"], json!(["1.1.0"]));
+    let sums = verified_sums();
+    assert_eq!(sums.lines().count(), 5, "{sums}");
+    assert!(!sums.contains(forged), "{sums}");
+
     // Only a directory or s3:// is a feed.
     let web = fx.run(&[
         "publish",
@@ -1981,8 +2022,18 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
     for version in ["2.0.0", "3.0.0", "5.0.0", "6.0.0"] {
         fx.updatable_version(version, "0000000000000000000000000000000000000000");
     }
-    // Built without `[update]` (written out: a version's manifest is read).
-    fx.version_with("4.0.0", 1, &[0], Some(true), json!({"suite": "trixie"}));
+    // A verified build without `[update]`: it has an update bundle, but no feed and no
+    // key its machines trust (written out: a version's manifest is read).
+    fx.version_with(
+        "4.0.0",
+        1,
+        &[0],
+        Some(true),
+        json!({
+            "suite": "trixie",
+            "update": [{"file": "devos-pub_4.0.0.efi", "sha256": "00", "size": 1}],
+        }),
+    );
     let fleet = |args: &[&str]| fx.fleet_in_region(args);
     let in_place = |to: &str, more: &[&str]| {
         let mut args = vec!["rollout", "--stack", "devfleet", "--to", to, "--in-place"];
@@ -2032,9 +2083,12 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
         })
     };
 
-    // Refused: a version with no update bundle, and bad batch sizes.
+    // Refused: a version built without `[update]`, and bad batch sizes.
     let out = in_place("4.0.0", &[]);
-    refused(&out, "has no update bundle");
+    refused(
+        &out,
+        "cannot update machines in place: its spec has no `[update]`",
+    );
     let out = in_place("2.0.0", &["--batch", "0"]);
     refused(&out, "--batch 0");
 

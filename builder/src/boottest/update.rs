@@ -107,7 +107,9 @@ pub(super) fn install(
 ) -> Result<Vec<Check>> {
     let dir = scratch.dir.path().join("feeds");
     let good = crate::update::DirFeed(dir.join("good"));
-    crate::update::add_to_feed(&good, &to.dir, &to.manifest).with_context(|| {
+    // A new feed: nothing in it to vouch for.
+    let known = std::collections::BTreeMap::new();
+    crate::update::add_to_feed(&good, &to.dir, &to.manifest, &known).with_context(|| {
         format!(
             "cannot lay out the feed of {}@{}",
             to.manifest.name, to.manifest.version

@@ -1,6 +1,7 @@
 //! `publish updates`: a tested version's update bundle into a feed, a directory or an
 //! S3 prefix (see [`crate::update`] for the feed's layout and signing).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -34,7 +35,26 @@ pub(crate) fn publish_feed(
     force: bool,
 ) -> Result<FeedPublished> {
     let v = super::gate(reg, reference, force)?;
-    crate::update::add_to_feed(feed, &v.dir, &Manifest::load(&v.dir)?)
+    reg.lock_feed(&feed.location())?;
+    crate::update::add_to_feed(
+        feed,
+        &v.dir,
+        &Manifest::load(&v.dir)?,
+        &known_files(reg, &v.name)?,
+    )
+}
+
+/// The update files (file → sha256) of every version of `image` the registry holds:
+/// what may stay in a feed whose index does not verify.
+fn known_files(reg: &Registry, image: &str) -> Result<BTreeMap<String, String>> {
+    let mut known = BTreeMap::new();
+    for v in reg.versions(Some(image))? {
+        // A manifest this builder cannot read vouches for nothing.
+        for f in reg.manifest(&v).map(|m| m.update).unwrap_or_default() {
+            known.insert(f.file, f.sha256);
+        }
+    }
+    Ok(known)
 }
 
 /// `publish updates --dry-run`: the same checks, and the files that would be added.
@@ -58,7 +78,11 @@ pub(crate) fn publish_dry_run(
             ));
         }
     }
-    if crate::update::next_index(feed, &manifest)?.1 {
+    let index = crate::update::next_index(feed, &manifest, &key, &known_files(reg, &v.name)?)?;
+    if let Some(warning) = index.warning(feed) {
+        eprintln!("warning: {warning}");
+    }
+    if index.changed {
         dry.would(format!(
             "sign the feed's SHA256SUMS in {} with {}",
             feed.location(),
@@ -98,13 +122,8 @@ impl FeedStore for S3Feed {
         Ok(self.rt.block_on(self.feed.sha256_of(file))?.is_some())
     }
 
-    fn index(&self) -> Result<Option<String>> {
-        let Some(bytes) = self.rt.block_on(self.feed.read("SHA256SUMS"))? else {
-            return Ok(None);
-        };
-        String::from_utf8(bytes)
-            .map(Some)
-            .with_context(|| format!("{}SHA256SUMS is not text", self.feed.url()))
+    fn read(&self, file: &str) -> Result<Option<Vec<u8>>> {
+        self.rt.block_on(self.feed.read(file))
     }
 
     fn put(&self, file: &str, src: &Path, sha256: &str) -> Result<()> {

@@ -297,6 +297,24 @@ pub(crate) fn sign(key: &KeyInfo, file: &Path, sig: &Path, time: u64) -> Result<
     Ok(())
 }
 
+/// Whether `sig` is a valid signature of `file` by `key` (gpg's `VALIDSIG` naming the
+/// key's primary fingerprint); false for a bad, foreign or unreadable signature.
+pub(crate) fn verifies(key: &KeyInfo, file: &Path, sig: &Path) -> Result<bool> {
+    let out = gpg(&key.dir)
+        .args(["--status-fd", "1", "--verify"])
+        .arg(sig)
+        .arg(file)
+        .output()
+        .context("cannot run gpg (install it with `apt-get install gpg`)")?;
+    stop_agent(&key.dir);
+    Ok(out.status.success()
+        && String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            l.strip_prefix("[GNUPG:] VALIDSIG ")
+                .and_then(|rest| rest.split_whitespace().last())
+                == Some(key.fingerprint.as_str())
+        }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,8 +121,9 @@ pub(crate) trait FeedStore {
     fn holds(&self, file: &str, sha256: &str) -> Result<bool>;
     /// Whether the feed holds `file` at all.
     fn has(&self, file: &str) -> Result<bool>;
-    /// The feed's `SHA256SUMS`, None when it has none yet.
-    fn index(&self) -> Result<Option<String>>;
+    /// The bytes of the feed's `file` (`SHA256SUMS`, its signature), None when it has
+    /// none.
+    fn read(&self, file: &str) -> Result<Option<Vec<u8>>>;
     /// Add `file` with the bytes of `src`; a reader sees it whole or not at all.
     fn put(&self, file: &str, src: &Path, sha256: &str) -> Result<()>;
     /// Replace `SHA256SUMS` and its signature, once everything they list is there.
@@ -144,22 +145,42 @@ impl FeedStore for DirFeed {
         Ok(self.0.join(file).is_file())
     }
 
-    fn index(&self) -> Result<Option<String>> {
-        match fs::read_to_string(self.0.join("SHA256SUMS")) {
-            Ok(text) => Ok(Some(text)),
+    fn read(&self, file: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.0.join(file);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => {
-                Err(e).with_context(|| format!("cannot read {}/SHA256SUMS", self.0.display()))
-            }
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
     }
 
     fn put(&self, file: &str, src: &Path, _sha256: &str) -> Result<()> {
-        crate::support::paths::create_user_dirs(&self.0)?;
-        let tmp = self.0.join(format!(".{file}.tmp"));
-        fs::copy(src, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, self.0.join(file))?;
-        Ok(())
+        use std::os::unix::fs::PermissionsExt;
+        if !self.0.exists() {
+            crate::support::paths::create_user_dirs(&self.0)?;
+            // Served by a web server, whatever this process's umask.
+            fs::set_permissions(&self.0, fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot make {} readable", self.0.display()))?;
+        }
+        let dest = self.0.join(file);
+        let write = || -> std::io::Result<()> {
+            // A name of its own (never through a link, never another publish's file).
+            let mut out = tempfile::Builder::new()
+                .prefix(&format!(".{file}."))
+                .suffix(".tmp")
+                .tempfile_in(&self.0)?;
+            std::io::copy(&mut fs::File::open(src)?, out.as_file_mut())?;
+            // Served by a web server, whatever this process's umask.
+            out.as_file()
+                .set_permissions(fs::Permissions::from_mode(0o644))?;
+            // On disk before its name is: a crash leaves the old file or the whole new one.
+            out.as_file().sync_all()?;
+            out.persist(&dest).map_err(|e| e.error)?;
+            Ok(())
+        };
+        write().with_context(|| format!("cannot write {}", dest.display()))?;
+        crate::support::paths::hand_over(&dest)
+            .with_context(|| format!("cannot give {} to the sudo user", dest.display()))
     }
 
     fn put_index(&self, sums: &Path, sig: &Path) -> Result<()> {
@@ -194,11 +215,14 @@ pub(crate) fn feed_key(manifest: &Manifest) -> Result<keys::KeyInfo> {
 /// Add the version built in `dir` (its `manifest`) to `feed`, signed with the
 /// builder's key, which must be the key the version trusts. Files are added first and
 /// the signed `SHA256SUMS` replaced last, so a client never sees a listed file that is
-/// not there.
+/// not there. `known`: the update files (and their sha256) of every version this
+/// builder's registry holds, which vouch for entries of an index whose signature does
+/// not verify ([`next_index`]).
 pub(crate) fn add_to_feed(
     feed: &dyn FeedStore,
     dir: &Path,
     manifest: &Manifest,
+    known: &BTreeMap<String, String>,
 ) -> Result<FeedPublished> {
     let (name, version) = (&manifest.name, &manifest.version);
     let key = feed_key(manifest)?;
@@ -222,25 +246,30 @@ pub(crate) fn add_to_feed(
         added.push(f.file.clone());
     }
 
-    let (sums, changed) = next_index(feed, manifest)?;
-    if changed {
+    let index = next_index(feed, manifest, &key, known)?;
+    if let Some(warning) = index.warning(feed) {
+        eprintln!("warning: {warning}");
+    }
+    if index.changed {
         let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
         let (sums_path, sig) = (
             scratch.path().join("SHA256SUMS"),
             scratch.path().join("SHA256SUMS.gpg"),
         );
-        fs::write(&sums_path, sums_text(sums.iter()))?;
+        fs::write(&sums_path, sums_text(index.sums.iter()))
+            .with_context(|| format!("cannot write {}", sums_path.display()))?;
         keys::sign(&key, &sums_path, &sig, crate::support::time::now())?;
         feed.put_index(&sums_path, &sig)?;
     }
 
     let prefix = format!("{name}_");
-    let mut versions: Vec<String> = sums
+    let mut versions: Vec<String> = index
+        .sums
         .keys()
         .filter_map(|f| f.strip_prefix(&prefix)?.strip_suffix(".efi"))
         .map(str::to_owned)
         .collect();
-    versions.sort_by(|a, b| b.cmp(a));
+    versions.sort_by(|a, b| newest_first(a, b));
     Ok(FeedPublished {
         name: name.clone(),
         version: version.clone(),
@@ -251,29 +280,110 @@ pub(crate) fn add_to_feed(
     })
 }
 
-/// The feed's index once `manifest`'s version is in it — every file it lists and still
-/// holds, with this version's — and whether that differs from the signed index it has
-/// (which is then left alone: publishing again changes nothing).
+/// Order feed versions (systemd-sysupdate's spelling, `1.10.0_BUILD`) newest first, as
+/// versions compare (1.10.0 after 1.9.0), those that are not semver last.
+fn newest_first(a: &str, b: &str) -> std::cmp::Ordering {
+    let semver = |v: &str| semver::Version::parse(&v.replacen('_', "+", 1)).ok();
+    match (semver(a), semver(b)) {
+        (Some(a), Some(b)) => b.cmp(&a),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => b.cmp(a),
+    }
+}
+
+/// A feed's next `SHA256SUMS`, as [`next_index`] makes it.
+pub(crate) struct NextIndex {
+    /// file → sha256: every entry kept, and the version's own.
+    pub(crate) sums: BTreeMap<String, String>,
+    /// Whether it differs from the signed index the feed has (else the feed is left
+    /// alone: publishing again changes nothing).
+    pub(crate) changed: bool,
+    /// Whether the feed's index verified with the builder's key (true for a new feed).
+    pub(crate) verified: bool,
+    /// Entries of an index that did not verify, left out: nothing vouches for them.
+    pub(crate) dropped: Vec<String>,
+}
+
+impl NextIndex {
+    /// What a user must hear about the feed's old index, if anything.
+    pub(crate) fn warning(&self, feed: &dyn FeedStore) -> Option<String> {
+        if self.verified {
+            return None;
+        }
+        let mut text = format!(
+            "{}: SHA256SUMS is not signed by this builder's key (its signature is missing or does not verify): an earlier publish was cut off, or someone else changed the feed; it is made again from the versions this registry built",
+            feed.location()
+        );
+        if !self.dropped.is_empty() {
+            text.push_str(&format!(
+                "; left out, as nothing vouches for them (their files stay): {}\n  hint: publish those versions again from the registry that built them",
+                self.dropped.join(", ")
+            ));
+        }
+        Some(text)
+    }
+}
+
+/// The feed's index once `manifest`'s version is in it. An entry of the feed's current
+/// `SHA256SUMS` stays while the feed still has its file, and only if that index is
+/// trusted: its signature verifies with `key` — or, when it does not (a publish cut off
+/// between the index and its signature, or a feed changed by someone without the key),
+/// if `known` (versions this builder built) lists the same file with the same hash and
+/// the feed holds those bytes. Re-signing an index nobody checked would make whatever
+/// was slipped into it installable.
 pub(crate) fn next_index(
     feed: &dyn FeedStore,
     manifest: &Manifest,
-) -> Result<(BTreeMap<String, String>, bool)> {
-    let listed: BTreeMap<String, String> = feed
-        .index()?
-        .iter()
-        .flat_map(|text| parse_sums(text))
-        .collect();
+    key: &keys::KeyInfo,
+    known: &BTreeMap<String, String>,
+) -> Result<NextIndex> {
+    let (listed, verified) = match feed.read("SHA256SUMS")? {
+        None => (BTreeMap::new(), true),
+        Some(bytes) => {
+            let listed: BTreeMap<String, String> = parse_sums(&String::from_utf8_lossy(&bytes))
+                .into_iter()
+                .collect();
+            let verified = match feed.read("SHA256SUMS.gpg")? {
+                None => false,
+                Some(sig) => {
+                    let scratch =
+                        tempfile::tempdir().context("cannot make a temporary directory")?;
+                    let (sums_path, sig_path) = (
+                        scratch.path().join("SHA256SUMS"),
+                        scratch.path().join("SHA256SUMS.gpg"),
+                    );
+                    fs::write(&sums_path, &bytes)?;
+                    fs::write(&sig_path, &sig)?;
+                    keys::verifies(key, &sums_path, &sig_path)?
+                }
+            };
+            (listed, verified)
+        }
+    };
     let mut sums = BTreeMap::new();
+    let mut dropped = Vec::new();
     for (file, sha) in &listed {
-        if feed.has(file)? {
+        let keep = if verified {
+            feed.has(file)?
+        } else {
+            known.get(file) == Some(sha) && feed.holds(file, sha)?
+        };
+        if keep {
             sums.insert(file.clone(), sha.clone());
+        } else if !verified && !known.contains_key(file) {
+            dropped.push(file.clone());
         }
     }
     for f in &manifest.update {
         sums.insert(f.file.clone(), f.sha256.clone());
     }
-    let changed = sums != listed || !feed.has("SHA256SUMS.gpg")?;
-    Ok((sums, changed))
+    Ok(NextIndex {
+        changed: sums != listed || !verified,
+        sums,
+        verified,
+        dropped,
+    })
 }
 
 /// `SHA256SUMS` lines as (file, sha256).
@@ -282,4 +392,36 @@ fn parse_sums(text: &str) -> Vec<(String, String)> {
         .filter_map(|l| l.split_once("  "))
         .map(|(sha, file)| (file.trim_start_matches('*').to_owned(), sha.to_owned()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feed_versions_are_listed_newest_first_as_versions_compare() {
+        let mut v = ["1.9.0_b", "1.10.0_a", "0.2.0_c", "not-semver"];
+        v.sort_by(|a, b| newest_first(a, b));
+        assert_eq!(v[..3], ["1.10.0_a", "1.9.0_b", "0.2.0_c"]);
+    }
+
+    #[test]
+    fn sums_lines_are_read_as_written() {
+        let sha = |c: char| c.to_string().repeat(64);
+        let text = sums_text(
+            [
+                ("a.root".to_owned(), sha('1')),
+                ("b.efi".to_owned(), sha('2')),
+            ]
+            .iter()
+            .map(|(f, s)| (f, s)),
+        );
+        assert_eq!(
+            parse_sums(&text),
+            [
+                ("a.root".to_owned(), sha('1')),
+                ("b.efi".to_owned(), sha('2'))
+            ]
+        );
+    }
 }

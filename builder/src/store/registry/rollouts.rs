@@ -35,8 +35,8 @@ pub(crate) struct Rollout {
     pub(crate) issued_after: Option<f64>,
 }
 
-/// The stacks' locks this process holds: one change of a stack at a time, across
-/// processes. An in-place rollout changes no stack, so CloudFormation's own "in
+/// The locks this process holds (stacks', feeds'): one change of a stack at a time,
+/// across processes. An in-place rollout changes no stack, so CloudFormation's own "in
 /// progress" cannot keep a second one (or a replacement) from crossing it. A lock is
 /// held until the process ends, so a rollout and the automatic rollback it starts
 /// share it.
@@ -47,10 +47,31 @@ impl Registry {
     /// process ends, however it ends; an error naming it if another process holds it.
     /// Take it before reading what the change is planned from.
     pub(crate) fn lock_stack(&self, stack: &str, region: &str) -> Result<()> {
+        self.hold_lock(&format!("fleet-{stack}@{region}"), |path| {
+            format!(
+                "another devos-build is changing stack {stack} in {region} (it holds {})\n  hint: wait for it to finish; `devos-build fleet status --stack {stack} --region {region}` shows where the instances are",
+                path.display()
+            )
+        })
+    }
+
+    /// Hold the lock of the update feed at `location` (one publish to a feed at a time:
+    /// each writes the index it read plus its version, so the second would drop the
+    /// first's), as [`Registry::lock_stack`] does.
+    pub(crate) fn lock_feed(&self, location: &str) -> Result<()> {
+        let id = crate::support::digest::sha256_hex(location.trim_end_matches('/').as_bytes());
+        self.hold_lock(&format!("feed-{}", &id[..16]), |path| {
+            format!(
+                "another devos-build is publishing to the feed {location} (it holds {})\n  hint: wait for it to finish, then publish again",
+                path.display()
+            )
+        })
+    }
+
+    /// Hold the lock file `REGISTRY.WHAT.lock` until this process ends.
+    fn hold_lock(&self, what: &str, busy: impl FnOnce(&std::path::Path) -> String) -> Result<()> {
         let name = self.path.file_name().unwrap_or_default().to_string_lossy();
-        let path = self
-            .path
-            .with_file_name(format!("{name}.fleet-{stack}@{region}.lock"));
+        let path = self.path.with_file_name(format!("{name}.{what}.lock"));
         let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
         if held.iter().any(|(p, _)| *p == path) {
             return Ok(());
@@ -66,10 +87,7 @@ impl Registry {
         crate::support::paths::hand_over(&path)
             .with_context(|| format!("cannot give {} to the sudo user", path.display()))?;
         if file.try_lock().is_err() {
-            bail!(
-                "another devos-build is changing stack {stack} in {region} (it holds {})\n  hint: wait for it to finish; `devos-build fleet status --stack {stack} --region {region}` shows where the instances are",
-                path.display()
-            );
+            bail!(busy(&path));
         }
         held.push((path, file));
         Ok(())
