@@ -123,8 +123,8 @@ pub async fn signal(
     marker: &Path,
     checks: impl AsyncFnOnce(&Request) -> Vec<Check>,
 ) -> anyhow::Result<Outcome> {
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    if std::fs::read_to_string(marker).is_ok_and(|m| m == boot_id) {
+    let boot_id = boot_id()?;
+    if std::fs::read_to_string(marker).is_ok_and(|m| m.trim() == boot_id) {
         return Ok(Outcome::AlreadySent);
     }
     if !on_ec2() {
@@ -174,6 +174,17 @@ pub async fn signal(
         status,
         reason,
     })
+}
+
+/// This boot's id: what tells a move made in this boot from one made before a reboot,
+/// and a health signal this boot sent from one an earlier boot sent.
+pub fn boot_id() -> anyhow::Result<String> {
+    const PATH: &str = "/proc/sys/kernel/random/boot_id";
+    let id = std::fs::read_to_string(PATH).map_err(|e| anyhow::anyhow!("{PATH}: {e}"))?;
+    match id.trim() {
+        "" => anyhow::bail!("{PATH} is empty"),
+        id => Ok(id.to_owned()),
+    }
 }
 
 #[cfg(test)]

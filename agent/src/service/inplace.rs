@@ -80,7 +80,7 @@ impl Follower {
         };
         let marker = config.state_dir.join(crate::inplace::ATTEMPT_FILE);
         let mut attempt = Attempt::load(&marker);
-        let boot = boot_id()?;
+        let boot = crate::health::boot_id()?;
         if let Some(a) = attempt.as_ref().filter(|a| a.stale(target)) {
             if let Step::Undo(version) = decide(target, &running, Some(a), &boot) {
                 let update = config.update.clone();
@@ -260,16 +260,6 @@ impl Follower {
         tracing::info!(instance = %self.instance, %running, %state, "reported on the instance's tags");
         self.reported = Some(now);
         Ok(())
-    }
-}
-
-/// This boot's id: what tells a move made in this boot from one made before a reboot.
-fn boot_id() -> anyhow::Result<String> {
-    const PATH: &str = "/proc/sys/kernel/random/boot_id";
-    let id = std::fs::read_to_string(PATH).map_err(|e| anyhow::anyhow!("{PATH}: {e}"))?;
-    match id.trim() {
-        "" => anyhow::bail!("{PATH} is empty"),
-        id => Ok(id.to_owned()),
     }
 }
 

@@ -121,9 +121,13 @@ pub(crate) fn rollout(
                 cx.region
             );
         }
-        if Manifest::load(&v.dir)?.update.is_empty() {
+        // A verified build without `[update]` has a bundle too, but no feed its machines
+        // read and no key they trust: `publish updates` refuses it, so no agent could
+        // ever find it.
+        let manifest = Manifest::load(&v.dir)?;
+        if manifest.update.is_empty() || manifest.update_feed.is_none() {
             bail!(
-                "{reference} has no update bundle: only images built with `[update]` in their spec update in place\n  hint: roll it out by replacement (`devos-build fleet rollout --stack {} --to {}`)",
+                "{reference} cannot update machines in place: its spec has no `[update]` (the feed its machines read and the key they trust)\n  hint: roll it out by replacement (`devos-build fleet rollout --stack {} --to {}`), or add `[update]` to the spec and build a new version",
                 t.stack,
                 v.version
             );
