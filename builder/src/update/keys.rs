@@ -297,13 +297,17 @@ pub(crate) fn sign(key: &KeyInfo, file: &Path, sig: &Path, time: u64) -> Result<
     Ok(())
 }
 
-/// Whether `sig` is a valid signature of `file` by `key` (gpg's `VALIDSIG` naming the
-/// key's primary fingerprint); false for a bad, foreign or unreadable signature.
-pub(crate) fn verifies(key: &KeyInfo, file: &Path, sig: &Path) -> Result<bool> {
+/// Whether `sig` is a valid detached signature of `data` by `key` (gpg's `VALIDSIG`
+/// naming the key's primary fingerprint); false for a bad, foreign or unreadable one.
+pub(crate) fn verifies(key: &KeyInfo, data: &[u8], sig: &[u8]) -> Result<bool> {
+    let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let (file, sig_file) = (scratch.path().join("data"), scratch.path().join("data.sig"));
+    fs::write(&file, data).with_context(|| format!("cannot write {}", file.display()))?;
+    fs::write(&sig_file, sig).with_context(|| format!("cannot write {}", sig_file.display()))?;
     let out = gpg(&key.dir)
         .args(["--status-fd", "1", "--verify"])
-        .arg(sig)
-        .arg(file)
+        .arg(&sig_file)
+        .arg(&file)
         .output()
         .context("cannot run gpg (install it with `apt-get install gpg`)")?;
     stop_agent(&key.dir);

@@ -346,17 +346,7 @@ pub(crate) fn next_index(
                 .collect();
             let verified = match feed.read("SHA256SUMS.gpg")? {
                 None => false,
-                Some(sig) => {
-                    let scratch =
-                        tempfile::tempdir().context("cannot make a temporary directory")?;
-                    let (sums_path, sig_path) = (
-                        scratch.path().join("SHA256SUMS"),
-                        scratch.path().join("SHA256SUMS.gpg"),
-                    );
-                    fs::write(&sums_path, &bytes)?;
-                    fs::write(&sig_path, &sig)?;
-                    keys::verifies(key, &sums_path, &sig_path)?
-                }
+                Some(sig) => keys::verifies(key, &bytes, &sig)?,
             };
             (listed, verified)
         }
