@@ -1830,6 +1830,13 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     let forged = "devos-pub_9.0.0.efi";
     put(forged, b"not a kernel");
     let mut index = String::from_utf8(get("SHA256SUMS").0).unwrap();
+    // And changes the hash of a file this registry built: that entry goes too.
+    let built = index
+        .lines()
+        .find(|l| l.ends_with(old[0].as_str()))
+        .unwrap()
+        .to_owned();
+    index = index.replace(&built, &format!("{}  {}", "0".repeat(64), old[0]));
     index.push_str(&format!(
         "{:x}  {forged}\n",
         <sha2::Sha256 as sha2::Digest>::digest(b"not a kernel")
@@ -1842,16 +1849,22 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     ok(&out);
     for said in [
         "SHA256SUMS is not signed by this builder's key".to_owned(),
-        format!("left out, as nothing vouches for them (their files stay): {forged}"),
+        "left out, as nothing vouches for them (their files stay): ".to_owned(),
+        format!("{forged} (not built here)"),
+        format!("{} (listed with another hash than built)", old[0]),
     ] {
         assert!(stderr(&out).contains(&said), "{}", stderr(&out));
     }
     let republished: Value = serde_json::from_slice(&out.stdout).unwrap();
-    // (1.0.0's UKI was removed above: the feed offers 1.1.0, and 1.0.0's other two files.)
+    // (1.0.0's UKI was removed above and its root left out now: the feed offers 1.1.0,
+    // and 1.0.0's hash tree.)
     assert_eq!(republished["versions"], json!(["1.1.0"]));
     let sums = verified_sums();
-    assert_eq!(sums.lines().count(), 5, "{sums}");
-    assert!(!sums.contains(forged), "{sums}");
+    assert_eq!(sums.lines().count(), 4, "{sums}");
+    assert!(
+        !sums.contains(forged) && !sums.contains(old[0].as_str()),
+        "{sums}"
+    );
 
     // Only a directory or s3:// is a feed.
     let web = fx.run(&[

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Output;
 
 use common::devos_build_command;
@@ -138,6 +139,98 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("it is a directory"), "{err}");
+}
+
+/// Under sudo the signing key stays the invoking user's: gpg runs as them, so all it
+/// makes is theirs and their own `keys show` reads it. A key directory in their home
+/// that leads to a directory not theirs is refused and left as it was; two
+/// `keys generate` at once make one key.
+#[test]
+fn the_signing_key_made_under_sudo_is_the_invoking_users() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    devos_tests::require("gpg", "gnupg");
+    devos_tests::require("setpriv", "util-linux");
+    let user = devos_tests::sudo::SudoUser::new("k");
+    let bin = user.install(Path::new(env!("CARGO_BIN_EXE_devos-build")));
+    let text = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let keys = user.home().join(".local/share/devos/keys");
+    let public = user.home().join("update-key.pgp");
+
+    let made = user.sudo(
+        &bin,
+        &["keys", "generate", "--export", public.to_str().unwrap()],
+    );
+    assert!(made.status.success(), "{}", text(&made));
+    for entry in walkdir::WalkDir::new(user.home().join(".local")) {
+        let entry = entry.unwrap();
+        let meta = entry.path().symlink_metadata().unwrap();
+        assert_eq!(
+            meta.uid(),
+            user.uid,
+            "{} is not the user's",
+            entry.path().display()
+        );
+    }
+    assert_eq!(keys.metadata().unwrap().mode() & 0o777, 0o700);
+    assert_eq!(public.metadata().unwrap().uid(), user.uid);
+    let shown = user.run(&bin, &["keys", "show", "--json"]);
+    assert!(shown.status.success(), "{}", text(&shown));
+    let shown = user.sudo(&bin, &["keys", "export", public.to_str().unwrap()]);
+    assert!(shown.status.success(), "{}", text(&shown));
+
+    // Exported through a link in their home to root's directory: the file stays root's
+    // (what is given to the user is what lies in their home, not what is named there).
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), user.home().join("elsewhere")).unwrap();
+    let through = user.home().join("elsewhere/k.pgp");
+    let out = user.sudo(&bin, &["keys", "export", through.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(elsewhere.path().join("k.pgp").metadata().unwrap().uid(), 0);
+
+    // Their key directory replaced by a link to root's: refused, nothing changed there.
+    let theirs = user.home().join("keys.moved");
+    std::fs::rename(&keys, &theirs).unwrap();
+    let roots = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(roots.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(roots.path(), &keys).unwrap();
+    user.give(&keys);
+    let refused = user.sudo(&bin, &["keys", "generate"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("belongs to uid 0, not to uid"),
+        "{}",
+        text(&refused)
+    );
+    let meta = roots.path().metadata().unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o755));
+    assert_eq!(std::fs::read_dir(roots.path()).unwrap().count(), 0);
+
+    // Two at once, in a new directory of their own: one key, one refusal.
+    std::fs::remove_file(&keys).unwrap();
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = std::process::Command::new(&bin);
+            c.args(["keys", "generate", "--json"])
+                .env("DEVOS_KEYS", &keys)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let made: Vec<_> = both.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(
+        made.len(),
+        1,
+        "{:?}",
+        both.iter().map(text).collect::<Vec<_>>()
+    );
+    let refused = both.iter().find(|o| !o.status.success()).unwrap();
+    assert!(
+        text(refused).contains("already holds the signing key"),
+        "{}",
+        text(refused)
+    );
 }
 
 #[test]

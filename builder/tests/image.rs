@@ -654,77 +654,14 @@ fn kvm_probe_picks_an_accelerator_and_says_why() {
 #[test]
 fn state_under_sudo_belongs_to_the_invoking_user() {
     use std::os::unix::fs::MetadataExt;
-    require("useradd", "passwd");
-    require("runuser", "util-linux");
-    let home = tempfile::tempdir().unwrap();
-    let user = format!("devos-t{}", std::process::id() % 100_000);
-    let made = Command::new("useradd")
-        .args(["--no-create-home", "--shell", "/bin/sh", "--home-dir"])
-        .arg(home.path())
-        .arg(&user)
-        .status()
-        .unwrap();
-    assert!(made.success(), "useradd {user}");
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = Command::new("userdel").arg(&self.0).status();
-        }
-    }
-    let _gone = Gone(user.clone());
+    let user = devos_tests::sudo::SudoUser::new("t");
+    let home = user.home();
     let uid = |p: &Path| std::fs::metadata(p).unwrap().uid();
-    let user_uid: u32 = String::from_utf8(
-        Command::new("id")
-            .args(["-u", &user])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap();
-    let user_gid = String::from_utf8(
-        Command::new("id")
-            .args(["-g", &user])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_owned();
-    Command::new("chown")
-        .arg(format!("{user}:"))
-        .arg(home.path())
-        .status()
-        .unwrap();
-    // The binary where the user can run it (the build tree may not be theirs to enter).
-    let bin = home.path().join("devos-build");
-    std::fs::copy(env!("CARGO_BIN_EXE_devos-build"), &bin).unwrap();
-    let clean = |c: &mut Command| {
-        c.env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("HOME", home.path());
-    };
-    let as_user = |args: &[&str]| {
-        let mut c = Command::new("runuser");
-        c.args(["-u", &user, "--"]).arg(&bin).args(args);
-        clean(&mut c);
-        c.output().unwrap()
-    };
-    let as_sudo = |args: &[&str]| {
-        let mut c = Command::new(&bin);
-        c.args(args);
-        clean(&mut c);
-        // What sudo sets.
-        c.env("SUDO_USER", &user)
-            .env("SUDO_UID", user_uid.to_string())
-            .env("SUDO_GID", &user_gid)
-            .env("HOME", "/root");
-        c.output().unwrap()
-    };
-    let registry = home.path().join(".local/share/devos/registry.db");
+    let user_uid = user.uid;
+    let bin = user.install(Path::new(env!("CARGO_BIN_EXE_devos-build")));
+    let as_user = |args: &[&str]| user.run(&bin, args);
+    let as_sudo = |args: &[&str]| user.sudo(&bin, args);
+    let registry = home.join(".local/share/devos/registry.db");
 
     // Read-only commands create nothing.
     let list = as_user(&["image", "list", "--json"]);
@@ -734,23 +671,19 @@ fn state_under_sudo_belongs_to_the_invoking_user() {
         String::from_utf8_lossy(&list.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
-    assert!(!home.path().join(".local").exists());
-    assert!(!home.path().join(".cache").exists());
+    assert!(!home.join(".local").exists());
+    assert!(!home.join(".cache").exists());
 
     // A build without root stops before doing anything. The spec is one the user can
     // read: the checkout may live where only root may enter.
-    let spec = home.path().join("devos-debian.toml");
+    let spec = home.join("devos-debian.toml");
     std::fs::copy(repo_root().join("images/devos-debian.toml"), &spec).unwrap();
-    Command::new("chown")
-        .arg(format!("{user}:"))
-        .arg(&spec)
-        .status()
-        .unwrap();
+    user.give(&spec);
     let build = as_user(&["image", "build", "--json", spec.to_str().unwrap()]);
     assert_eq!(build.status.code(), Some(1));
     let err = String::from_utf8_lossy(&build.stderr);
     assert!(err.contains("needs root") && err.contains("sudo"), "{err}");
-    assert!(!home.path().join(".cache").exists());
+    assert!(!home.join(".cache").exists());
 
     // As root under sudo: the registry is made in the user's home, theirs.
     let gc = as_sudo(&["image", "gc", "--json"]);
@@ -764,8 +697,8 @@ fn state_under_sudo_belongs_to_the_invoking_user() {
         "no registry in the invoking user's home"
     );
     for p in [
-        home.path().join(".local"),
-        home.path().join(".local/share/devos"),
+        home.join(".local"),
+        home.join(".local/share/devos"),
         registry.clone(),
     ] {
         assert_eq!(uid(&p), user_uid, "{} is not the user's", p.display());

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod bedrock;
+pub mod sudo;
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {

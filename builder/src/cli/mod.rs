@@ -463,7 +463,7 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             json,
         } => {
             let mut dry = DryRun::new();
-            if keys::current(&dir).is_err() {
+            if keys::find(&dir)?.is_none() {
                 dry.would(format!("make an Ed25519 signing key in {}", dir.display()));
                 if let Some(file) = export {
                     keys::check_export_destination(&file, None)?;
@@ -530,14 +530,10 @@ impl KeyOutput<'_> {
     }
 }
 
-/// The public key of `key` into `file`, whole or not at all: written beside it, then
-/// renamed over it.
+/// The public key of `key` into `file`, whole or not at all.
 fn write_public_key(key: &crate::update::keys::KeyInfo, file: &Path) -> Result<()> {
     let public = crate::update::keys::export(key)?;
-    let mut tmp = file.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, &public)
-        .and_then(|()| std::fs::rename(&tmp, file))
+    crate::support::paths::replace_file(file, &mut public.as_slice(), 0o644)
         .with_context(|| format!("cannot write the public key to {}", file.display()))
 }
 

@@ -54,6 +54,12 @@ fn effective_uid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
+/// The uid of the user a command works for: under sudo, the user who ran it; else
+/// this process's own.
+pub(crate) fn acting_uid() -> Option<u32> {
+    sudo_ids().map(|(uid, _)| uid).or_else(effective_uid)
+}
+
 /// Whether this process runs as root (builds need it: mmdebstrap, chroots, the
 /// image's file ownership).
 pub(crate) fn is_root() -> bool {
@@ -86,9 +92,21 @@ pub(crate) fn hand_over(path: &std::path::Path) -> std::io::Result<()> {
         return Ok(());
     };
     // Only what lies in the invoking user's home: a registry or cache named
-    // elsewhere (`--registry /srv/...`) keeps its owner.
-    match invoking_home() {
-        Some(home) if path.starts_with(&home) && path.symlink_metadata().is_ok() => {
+    // elsewhere (`--registry /srv/...`) keeps its owner. Where it lies, not how it is
+    // named: a link in the home to a directory elsewhere does not bring that in.
+    let (Some(home), Some(parent), Some(name)) = (invoking_home(), path.parent(), path.file_name())
+    else {
+        return Ok(());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        parent
+    };
+    match (parent.canonicalize(), home.canonicalize()) {
+        (Ok(parent), Ok(home))
+            if parent.join(name).starts_with(&home) && path.symlink_metadata().is_ok() =>
+        {
             std::os::unix::fs::lchown(path, Some(uid), Some(gid))
         }
         _ => Ok(()),
@@ -109,6 +127,39 @@ pub(crate) fn create_user_dirs(dir: &std::path::Path) -> anyhow::Result<()> {
         hand_over(d).with_context(|| format!("cannot give {} to the sudo user", d.display()))?;
     }
     Ok(())
+}
+
+/// Write `content` to `dest` whole or not at all, with `mode` whatever the umask:
+/// into a temporary file of its own beside it (never through a link, never another
+/// writer's file), synced, then renamed over `dest` (a link there is replaced, not
+/// followed); under sudo, given to the invoking user ([`hand_over`]).
+pub(crate) fn replace_file(
+    dest: &std::path::Path,
+    content: &mut dyn std::io::Read,
+    mode: u32,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let mut write = || -> std::io::Result<()> {
+        let mut out = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempfile_in(dir)?;
+        std::io::copy(content, out.as_file_mut())?;
+        out.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))?;
+        // On disk before its name is: a crash leaves the old file or the whole new one.
+        out.as_file().sync_all()?;
+        out.persist(dest).map_err(|e| e.error)?;
+        Ok(())
+    };
+    write().with_context(|| format!("cannot write {}", dest.display()))?;
+    hand_over(dest).with_context(|| format!("cannot give {} to the sudo user", dest.display()))
 }
 
 /// `user`'s home in a passwd(5) file.

@@ -44,9 +44,26 @@ impl KeyInfo {
     }
 }
 
+/// `program` as the user the key belongs to: under sudo, the user who ran it (their
+/// uid, primary gid and no other group). The key lives in their home and stays theirs:
+/// what gpg writes beside it is theirs, and a link they put there reaches only what
+/// they could reach themselves.
+fn as_key_user(program: &str) -> Command {
+    match crate::support::paths::sudo_ids() {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .args(["--clear-groups", "--", program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// `gpg` in the key's home, without the user's options or agent.
 fn gpg(dir: &Path) -> Command {
-    let mut c = Command::new("gpg");
+    let mut c = as_key_user("gpg");
     c.arg("--homedir")
         .arg(dir)
         .args(["--batch", "--no-tty", "--quiet", "--no-options"])
@@ -56,34 +73,66 @@ fn gpg(dir: &Path) -> Command {
 
 /// Stop the gpg-agent a command in `dir` started (it would outlive this process).
 fn stop_agent(dir: &Path) {
-    let _ = Command::new("gpgconf")
+    let _ = as_key_user("gpgconf")
         .arg("--homedir")
         .arg(dir)
         .args(["--kill", "gpg-agent"])
         .output();
 }
 
-/// Run `c` (a gpg in `dir`), its agent stopped afterwards; the output on success.
-fn run_gpg(dir: &Path, c: &mut Command, what: &str) -> Result<String> {
-    let out = cmd::run(c);
+/// Run `c` (a gpg in `dir`) with `input` on its stdin, its agent stopped afterwards;
+/// its output on success.
+fn run_gpg(dir: &Path, c: &mut Command, input: Option<&[u8]>, what: &str) -> Result<Vec<u8>> {
+    let out = cmd::run_with_input(c, input);
     stop_agent(dir);
-    let out =
-        out.with_context(|| format!("gpg could not {what} (key directory {})", dir.display()))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = out.with_context(|| {
+        let owner = match crate::support::paths::sudo_user() {
+            Some(user) => format!(
+                "\n  hint: under sudo, gpg runs as {user}, who must own it (`chown -R {user}: {}`)",
+                dir.display()
+            ),
+            None => String::new(),
+        };
+        format!(
+            "gpg could not {what} (key directory {}){owner}",
+            dir.display()
+        )
+    })?;
+    Ok(out.stdout)
+}
+
+/// A private directory of scratch files for gpg, `files` written into it (readable),
+/// then given to the key's user ([`as_key_user`]), who gpg runs as.
+fn scratch(files: &[(&str, &[u8])]) -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
+    for (name, bytes) in files {
+        let path = dir.path().join(name);
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create_new(&path)?;
+            std::io::Write::write_all(&mut f, bytes)?;
+            f.set_permissions(fs::Permissions::from_mode(0o644))
+        };
+        write().with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some((uid, gid)) = crate::support::paths::sudo_ids() {
+        // Made by this process a moment ago: nobody else could have put a link there.
+        std::os::unix::fs::lchown(dir.path(), Some(uid), Some(gid))
+            .with_context(|| format!("cannot give {} to the sudo user", dir.path().display()))?;
+    }
+    Ok(dir)
 }
 
 /// Make the signing key; refused when there is one (images trust it: replacing it
-/// must be deliberate).
+/// must be deliberate). Two at once make one key: the second waits, then refuses.
 pub(crate) fn generate(dir: &Path) -> Result<KeyInfo> {
-    if let Ok(k) = current(dir) {
+    let _held = open_key_dir(dir)?;
+    if let Some(k) = find(dir)? {
         bail!(
             "{} already holds the signing key {}: images built with it trust only it\n  hint: `devos-build keys show` prints it; to start over, move that directory away first",
             dir.display(),
             k.fingerprint
         );
     }
-    crate::support::paths::create_user_dirs(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     let host = fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host = host.trim();
     let uid = format!(
@@ -93,10 +142,69 @@ pub(crate) fn generate(dir: &Path) -> Result<KeyInfo> {
     run_gpg(
         dir,
         gpg(dir).args(["--quick-generate-key", &uid, "ed25519", "sign", "never"]),
+        None,
         "generate the signing key",
     )?;
-    hand_over_all(dir)?;
     current(dir)
+}
+
+/// The key directory, made if missing (0700, the key user's), locked against another
+/// `keys generate` while the returned handle lives. One that exists must be the key
+/// user's and hold a GnuPG home or nothing: its mode is set through the handle opened
+/// and checked, never through a path that could change in between.
+fn open_key_dir(dir: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    let Some(owner) = crate::support::paths::acting_uid() else {
+        bail!("cannot tell which user this command runs for (no /proc/self?)");
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        crate::support::paths::create_user_dirs(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {
+            if let Some((uid, gid)) = crate::support::paths::sudo_ids() {
+                std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
+                    .with_context(|| format!("cannot give {} to the sudo user", dir.display()))?;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let handle = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .with_context(|| format!("cannot open the key directory {}", dir.display()))?;
+    let meta = handle
+        .metadata()
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    if meta.uid() != owner {
+        bail!(
+            "the key directory {} belongs to uid {}, not to uid {owner} who the key is for\n  hint: name a directory of your own with DEVOS_KEYS, or move that one away",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    let gnupg_home = ["pubring.kbx", "private-keys-v1.d"]
+        .iter()
+        .any(|f| dir.join(f).exists());
+    let empty = fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .next()
+        .is_none();
+    if !gnupg_home && !empty {
+        bail!(
+            "{} holds files and no GnuPG home; the key would be made among them\n  hint: name a new or empty directory with DEVOS_KEYS",
+            dir.display()
+        );
+    }
+    handle
+        .set_permissions(fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", dir.display()))?;
+    handle
+        .lock()
+        .with_context(|| format!("cannot lock {}", dir.display()))?;
+    Ok(handle)
 }
 
 /// Check, before any key is made or file written, that the public key may be written
@@ -138,41 +246,37 @@ pub(crate) fn check_export_destination(file: &Path, key: Option<&KeyInfo>) -> Re
     }
 }
 
-/// Under sudo, everything gpg made in `dir` becomes the invoking user's (as `dir`).
-fn hand_over_all(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        crate::support::paths::hand_over(&path)?;
-        if path.symlink_metadata()?.is_dir() {
-            hand_over_all(&path)?;
-        }
-    }
-    Ok(())
-}
-
 /// The key in `dir`, or an error saying how to make one.
 pub(crate) fn current(dir: &Path) -> Result<KeyInfo> {
+    find(dir)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no update signing key in {}\n  hint: make one with `devos-build keys generate`",
+            dir.display()
+        )
+    })
+}
+
+/// The key in `dir`; `None` when there is none (an error when gpg cannot tell).
+pub(crate) fn find(dir: &Path) -> Result<Option<KeyInfo>> {
     let listing = if dir.join("pubring.kbx").is_file() {
         run_gpg(
             dir,
             gpg(dir).args(["--with-colons", "--list-secret-keys"]),
+            None,
             "list the keys",
         )?
     } else {
-        String::new()
+        Vec::new()
     };
-    let keys = parse_listing(&listing);
+    let keys = parse_listing(&String::from_utf8_lossy(&listing));
     match keys.as_slice() {
-        [(fingerprint, user_id, created)] => Ok(KeyInfo {
+        [(fingerprint, user_id, created)] => Ok(Some(KeyInfo {
             fingerprint: fingerprint.clone(),
             user_id: user_id.clone(),
             created: *created,
             dir: dir.to_path_buf(),
-        }),
-        [] => bail!(
-            "no update signing key in {}\n  hint: make one with `devos-build keys generate`",
-            dir.display()
-        ),
+        })),
+        [] => Ok(None),
         many => bail!(
             "{} holds {} secret keys; the builder signs with exactly one\n  hint: remove the others with `gpg --homedir {} --delete-secret-and-public-keys FINGERPRINT`",
             dir.display(),
@@ -242,33 +346,36 @@ fn unescape(s: &str) -> String {
 
 /// The public key, binary, as images carry it (`/etc/systemd/import-pubring.gpg`).
 pub(crate) fn export(key: &KeyInfo) -> Result<Vec<u8>> {
-    let out = gpg(&key.dir)
-        .args(["--export", &key.fingerprint])
-        .output()
-        .context("cannot run gpg")?;
-    stop_agent(&key.dir);
-    if !out.status.success() || out.stdout.is_empty() {
+    let public = run_gpg(
+        &key.dir,
+        gpg(&key.dir).args(["--export", &key.fingerprint]),
+        None,
+        &format!("export {}", key.fingerprint),
+    )?;
+    if public.is_empty() {
         bail!(
-            "gpg could not export {} from {}: {}",
+            "gpg exported nothing for {} from {}\n  hint: `devos-build keys show` lists the key there",
             key.fingerprint,
-            key.dir.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            key.dir.display()
         );
     }
-    Ok(out.stdout)
+    Ok(public)
 }
 
 /// The fingerprint of the (one) public key in the file `path`.
 pub(crate) fn fingerprint_of(path: &Path) -> Result<String> {
-    let scratch = tempfile::tempdir()?;
+    let bytes =
+        fs::read(path).with_context(|| format!("cannot read the key {}", path.display()))?;
+    let scratch = scratch(&[("key.pgp", &bytes)])?;
     let listing = run_gpg(
         scratch.path(),
         gpg(scratch.path())
             .args(["--with-colons", "--show-keys"])
-            .arg(path),
+            .arg(scratch.path().join("key.pgp")),
+        None,
         &format!("read the key {}", path.display()),
     )?;
-    match parse_listing(&listing).as_slice() {
+    match parse_listing(&String::from_utf8_lossy(&listing)).as_slice() {
         [(fpr, ..)] if !fpr.is_empty() => Ok(fpr.clone()),
         _ => bail!(
             "{} must hold exactly one OpenPGP public key\n  hint: export it with `devos-build keys export FILE`",
@@ -280,43 +387,46 @@ pub(crate) fn fingerprint_of(path: &Path) -> Result<String> {
 /// Sign `file` with `key` into `sig` (a detached binary signature, as systemd-pull
 /// reads `SHA256SUMS.gpg`). Made at `time` (or the key's creation, if later): Ed25519
 /// signatures are deterministic, so the same file signed at the same time gives the
-/// same bytes.
+/// same bytes. gpg reads the file and writes the signature through pipes: it runs as
+/// the key's user, who need not reach either.
 pub(crate) fn sign(key: &KeyInfo, file: &Path, sig: &Path, time: u64) -> Result<()> {
     let time = time.max(key.created);
-    run_gpg(
+    let data = fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let signature = run_gpg(
         &key.dir,
         gpg(&key.dir)
             .arg("--faked-system-time")
             .arg(format!("{time}!"))
-            .args(["--yes", "--local-user", &key.fingerprint, "--detach-sign"])
-            .arg("--output")
-            .arg(sig)
-            .arg(file),
+            .args(["--local-user", &key.fingerprint, "--detach-sign"])
+            .args(["--output", "-"]),
+        Some(&data),
         &format!("sign {}", file.display()),
     )?;
-    Ok(())
+    fs::write(sig, signature).with_context(|| format!("cannot write {}", sig.display()))
 }
 
 /// Whether `sig` is a valid detached signature of `data` by `key` (gpg's `VALIDSIG`
 /// naming the key's primary fingerprint); false for a bad, foreign or unreadable one.
 pub(crate) fn verifies(key: &KeyInfo, data: &[u8], sig: &[u8]) -> Result<bool> {
-    let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
-    let (file, sig_file) = (scratch.path().join("data"), scratch.path().join("data.sig"));
-    fs::write(&file, data).with_context(|| format!("cannot write {}", file.display()))?;
-    fs::write(&sig_file, sig).with_context(|| format!("cannot write {}", sig_file.display()))?;
-    let out = gpg(&key.dir)
-        .args(["--status-fd", "1", "--verify"])
-        .arg(&sig_file)
-        .arg(&file)
-        .output()
-        .context("cannot run gpg (install it with `apt-get install gpg`)")?;
+    let scratch = scratch(&[("data.sig", sig)])?;
+    let out = cmd::run_with_input(
+        gpg(&key.dir)
+            .args(["--status-fd", "1", "--verify"])
+            .arg(scratch.path().join("data.sig"))
+            .arg("-"),
+        Some(data),
+    );
     stop_agent(&key.dir);
-    Ok(out.status.success()
-        && String::from_utf8_lossy(&out.stdout).lines().any(|l| {
-            l.strip_prefix("[GNUPG:] VALIDSIG ")
-                .and_then(|rest| rest.split_whitespace().last())
-                == Some(key.fingerprint.as_str())
-        }))
+    let out = match out {
+        Ok(out) => out,
+        Err(cmd::CmdError::Failed { .. }) => return Ok(false),
+        Err(e) => return Err(e).context("cannot run gpg (install it with `apt-get install gpg`)"),
+    };
+    Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+        l.strip_prefix("[GNUPG:] VALIDSIG ")
+            .and_then(|rest| rest.split_whitespace().last())
+            == Some(key.fingerprint.as_str())
+    }))
 }
 
 #[cfg(test)]

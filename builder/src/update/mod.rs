@@ -162,25 +162,10 @@ impl FeedStore for DirFeed {
             fs::set_permissions(&self.0, fs::Permissions::from_mode(0o755))
                 .with_context(|| format!("cannot make {} readable", self.0.display()))?;
         }
-        let dest = self.0.join(file);
-        let write = || -> std::io::Result<()> {
-            // A name of its own (never through a link, never another publish's file).
-            let mut out = tempfile::Builder::new()
-                .prefix(&format!(".{file}."))
-                .suffix(".tmp")
-                .tempfile_in(&self.0)?;
-            std::io::copy(&mut fs::File::open(src)?, out.as_file_mut())?;
-            // Served by a web server, whatever this process's umask.
-            out.as_file()
-                .set_permissions(fs::Permissions::from_mode(0o644))?;
-            // On disk before its name is: a crash leaves the old file or the whole new one.
-            out.as_file().sync_all()?;
-            out.persist(&dest).map_err(|e| e.error)?;
-            Ok(())
-        };
-        write().with_context(|| format!("cannot write {}", dest.display()))?;
-        crate::support::paths::hand_over(&dest)
-            .with_context(|| format!("cannot give {} to the sudo user", dest.display()))
+        // Served by a web server, whatever this process's umask.
+        let mut src =
+            fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+        crate::support::paths::replace_file(&self.0.join(file), &mut src, 0o644)
     }
 
     fn put_index(&self, sums: &Path, sig: &Path) -> Result<()> {
@@ -301,7 +286,8 @@ pub(crate) struct NextIndex {
     pub(crate) changed: bool,
     /// Whether the feed's index verified with the builder's key (true for a new feed).
     pub(crate) verified: bool,
-    /// Entries of an index that did not verify, left out: nothing vouches for them.
+    /// Entries of an index that did not verify, left out (each with why): nothing
+    /// vouches for them.
     pub(crate) dropped: Vec<String>,
 }
 
@@ -361,8 +347,14 @@ pub(crate) fn next_index(
         };
         if keep {
             sums.insert(file.clone(), sha.clone());
-        } else if !verified && !known.contains_key(file) {
-            dropped.push(file.clone());
+        } else if !verified && !manifest.update.iter().any(|f| f.file == *file) {
+            dropped.push(match known.get(file) {
+                None => format!("{file} (not built here)"),
+                Some(built) if built != sha => {
+                    format!("{file} (listed with another hash than built)")
+                }
+                Some(_) => format!("{file} (the feed's copy is not the file built)"),
+            });
         }
     }
     for f in &manifest.update {
