@@ -205,6 +205,18 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o755));
     assert_eq!(std::fs::read_dir(roots.path()).unwrap().count(), 0);
 
+    // Named (DEVOS_KEYS kept by sudo) in a directory that is not theirs: not given to
+    // them, and refused.
+    let out = user
+        .sudo_command(&bin)
+        .args(["keys", "generate"])
+        .env("DEVOS_KEYS", roots.path().join("keys.d"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("belongs to uid 0"), "{}", text(&out));
+    assert_eq!(roots.path().join("keys.d").metadata().unwrap().uid(), 0);
+
     // Two at once, in a new directory of their own: one key, one refusal.
     std::fs::remove_file(&keys).unwrap();
     let both: Vec<_> = (0..2)

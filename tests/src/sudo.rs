@@ -88,15 +88,21 @@ impl SudoUser {
 
     /// `program args` as root, with what `sudo` sets for the user.
     pub fn sudo(&self, program: &Path, args: &[&str]) -> Output {
+        self.sudo_command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+    }
+
+    /// `program` to run as root, with what `sudo` sets for the user.
+    pub fn sudo_command(&self, program: &Path) -> Command {
         let mut c = Command::new(program);
-        c.args(args);
         self.clean(&mut c);
         c.env("SUDO_USER", &self.name)
             .env("SUDO_UID", self.uid.to_string())
             .env("SUDO_GID", self.gid.to_string())
             .env("HOME", "/root");
-        c.output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+        c
     }
 }
 

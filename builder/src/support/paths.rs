@@ -2,7 +2,8 @@
 //! chroots); run through sudo, the files a user looks for afterwards (their SSH keys,
 //! their registry) are in the home of the user who ran sudo, not in root's.
 
-use std::path::PathBuf;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 
 /// The home of the user who ran this command: under sudo (as root, with
 /// `SUDO_USER` naming another user), that user's home from the password database;
@@ -85,81 +86,165 @@ pub(crate) fn xdg_dir(var: &str, fallback: &str, system: &str) -> PathBuf {
 }
 
 /// Give `path` to the user who ran sudo (their uid and primary gid), when this is
-/// root under sudo: the registry and the cache's directory live in that user's home
-/// and must stay theirs. Elsewhere, nothing changes. Never follows a symlink.
-pub(crate) fn hand_over(path: &std::path::Path) -> std::io::Result<()> {
-    let Some((uid, gid)) = sudo_ids() else {
+/// root under sudo and the directory it lies in is theirs: the registry and the
+/// cache's directory live in that user's home and must stay theirs. A registry or
+/// cache named elsewhere (`--registry /srv/...`) keeps its owner. Judged on the
+/// directory as opened, never on how the path is spelled, and never through a link:
+/// swapping a directory of the path for a link cannot point it at anything else.
+pub(crate) fn hand_over(path: &Path) -> std::io::Result<()> {
+    if sudo_ids().is_none() {
+        return Ok(());
+    }
+    let (Some(name), parent) = (path.file_name(), parent_of(path)) else {
         return Ok(());
     };
-    // Only what lies in the invoking user's home: a registry or cache named
-    // elsewhere (`--registry /srv/...`) keeps its owner. Where it lies, not how it is
-    // named: a link in the home to a directory elsewhere does not bring that in.
-    let (Some(home), Some(parent), Some(name)) = (invoking_home(), path.parent(), path.file_name())
-    else {
-        return Ok(());
-    };
-    let parent = if parent.as_os_str().is_empty() {
-        std::path::Path::new(".")
-    } else {
-        parent
-    };
-    match (parent.canonicalize(), home.canonicalize()) {
-        (Ok(parent), Ok(home))
-            if parent.join(name).starts_with(&home) && path.symlink_metadata().is_ok() =>
-        {
-            std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-        }
-        _ => Ok(()),
+    match open_dir(parent) {
+        Ok(dir) => give_in(&dir, name),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
-/// Create `dir` and its missing parents; under sudo, the ones it makes are given to
-/// the invoking user ([`hand_over`]).
-pub(crate) fn create_user_dirs(dir: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let missing: Vec<PathBuf> = dir
-        .ancestors()
-        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
-        .map(std::path::Path::to_path_buf)
-        .collect();
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for d in missing.iter().rev() {
-        hand_over(d).with_context(|| format!("cannot give {} to the sudo user", d.display()))?;
+/// The directory `path` lies in (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// A handle of the directory `dir` (links on the way followed: what matters is what it is).
+fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    Ok(rustix::fs::openat(
+        CWD,
+        dir,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// The sudo user, when `dir` (a handle) is theirs.
+fn owner_is_sudo_user(dir: &OwnedFd) -> std::io::Result<Option<(u32, u32)>> {
+    let Some((uid, gid)) = sudo_ids() else {
+        return Ok(None);
+    };
+    Ok((rustix::fs::fstat(dir)?.st_uid == uid).then_some((uid, gid)))
+}
+
+/// Give the entry `name` of the directory `dir` to the sudo user when the directory
+/// is theirs (never through a link).
+fn give_in(dir: &OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, Gid, Uid};
+    let Some((uid, gid)) = owner_is_sudo_user(dir)? else {
+        return Ok(());
+    };
+    match rustix::fs::chownat(
+        dir,
+        name,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    ) {
+        // Nothing there (a database's journal already gone): nothing to give.
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
+}
+
+/// Create `dir` and its missing parents, one at a time through the handle of the one
+/// above (a link put in their place is not followed); under sudo, each one it makes in
+/// a directory of the invoking user's is given to them ([`hand_over`]). Returns a
+/// handle of `dir`.
+pub(crate) fn create_user_dirs(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context as _;
+    use rustix::fs::{Mode, OFlags};
+    let cannot = |e: std::io::Error| {
+        anyhow::Error::from(e).context(format!("cannot create {}", dir.display()))
+    };
+    let existing = dir
+        .ancestors()
+        .find(|d| d.as_os_str().is_empty() || d.exists())
+        .unwrap_or(Path::new("/"));
+    let mut handle = open_dir(if existing.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        existing
+    })
+    .map_err(cannot)?;
+    let rest = dir.strip_prefix(existing).unwrap_or(Path::new(""));
+    for part in rest.components() {
+        let std::path::Component::Normal(name) = part else {
+            anyhow::bail!(
+                "cannot create {}: `{}` in it is not a plain name",
+                dir.display(),
+                part.as_os_str().to_string_lossy()
+            );
+        };
+        match rustix::fs::mkdirat(&handle, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) => give_in(&handle, name)
+                .with_context(|| format!("cannot give {} to the sudo user", dir.display()))?,
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(cannot(e.into())),
+        }
+        handle = rustix::fs::openat(
+            &handle,
+            name,
+            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| cannot(e.into()))?;
+    }
+    Ok(std::fs::File::from(handle))
 }
 
 /// Write `content` to `dest` whole or not at all, with `mode` whatever the umask:
-/// into a temporary file of its own beside it (never through a link, never another
-/// writer's file), synced, then renamed over `dest` (a link there is replaced, not
-/// followed); under sudo, given to the invoking user ([`hand_over`]).
+/// into a temporary file of its own in the same directory, made through the
+/// directory's handle (never through a link, never another writer's file), synced,
+/// then renamed over `dest` in that same directory (a link there is replaced, not
+/// followed); under sudo, given to the invoking user when the directory is theirs.
 pub(crate) fn replace_file(
-    dest: &std::path::Path,
+    dest: &Path,
     content: &mut dyn std::io::Read,
     mode: u32,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use std::os::unix::fs::PermissionsExt;
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let name = dest.file_name().unwrap_or_default().to_string_lossy();
-    let mut write = || -> std::io::Result<()> {
-        let mut out = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .tempfile_in(dir)?;
-        std::io::copy(content, out.as_file_mut())?;
-        out.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(mode))?;
-        // On disk before its name is: a crash leaves the old file or the whole new one.
-        out.as_file().sync_all()?;
-        out.persist(dest).map_err(|e| e.error)?;
-        Ok(())
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let Some(name) = dest.file_name() else {
+        anyhow::bail!("cannot write {}: it names no file", dest.display());
     };
-    write().with_context(|| format!("cannot write {}", dest.display()))?;
-    hand_over(dest).with_context(|| format!("cannot give {} to the sudo user", dest.display()))
+    let dir =
+        open_dir(parent_of(dest)).with_context(|| format!("cannot write {}", dest.display()))?;
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut write = || -> std::io::Result<()> {
+        let mut out = std::fs::File::from(rustix::fs::openat(
+            &dir,
+            tmp.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?);
+        std::io::copy(content, &mut out)?;
+        rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
+        if let Some((uid, gid)) = owner_is_sudo_user(&dir)? {
+            rustix::fs::fchown(
+                &out,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )?;
+        }
+        // On disk before its name is: a crash leaves the old file or the whole new one.
+        out.sync_all()?;
+        Ok(rustix::fs::renameat(&dir, tmp.as_str(), &dir, name)?)
+    };
+    write().map_err(|e| {
+        let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+        anyhow::Error::from(e).context(format!("cannot write {}", dest.display()))
+    })
 }
 
 /// `user`'s home in a passwd(5) file.

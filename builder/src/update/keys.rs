@@ -47,7 +47,8 @@ impl KeyInfo {
 /// `program` as the user the key belongs to: under sudo, the user who ran it (their
 /// uid, primary gid and no other group). The key lives in their home and stays theirs:
 /// what gpg writes beside it is theirs, and a link they put there reaches only what
-/// they could reach themselves.
+/// they could reach themselves. Only what they may see is given to it: the key, the
+/// builder's own `SHA256SUMS`, a feed's public files.
 fn as_key_user(program: &str) -> Command {
     match crate::support::paths::sudo_ids() {
         Some((uid, gid)) => {
@@ -61,9 +62,13 @@ fn as_key_user(program: &str) -> Command {
     }
 }
 
-/// `gpg` in the key's home, without the user's options or agent.
+/// `gpg` in the key's home, as the key's user, without the user's options or agent.
 fn gpg(dir: &Path) -> Command {
-    let mut c = as_key_user("gpg");
+    gpg_options(as_key_user("gpg"), dir)
+}
+
+/// `c` (a gpg) in the home `dir`, in batch mode, reading no options file.
+fn gpg_options(mut c: Command, dir: &Path) -> Command {
     c.arg("--homedir")
         .arg(dir)
         .args(["--batch", "--no-tty", "--quiet", "--no-options"])
@@ -71,7 +76,8 @@ fn gpg(dir: &Path) -> Command {
     c
 }
 
-/// Stop the gpg-agent a command in `dir` started (it would outlive this process).
+/// Stop the gpg-agent a command in the key's home `dir` started (it would outlive
+/// this process).
 fn stop_agent(dir: &Path) {
     let _ = as_key_user("gpgconf")
         .arg("--homedir")
@@ -80,46 +86,24 @@ fn stop_agent(dir: &Path) {
         .output();
 }
 
-/// Run `c` (a gpg in `dir`) with `input` on its stdin, its agent stopped afterwards;
-/// its output on success.
+/// Run `c` (a [`gpg`] in the key's home `dir`) with `input` on its stdin, its agent
+/// stopped afterwards; its output on success.
 fn run_gpg(dir: &Path, c: &mut Command, input: Option<&[u8]>, what: &str) -> Result<Vec<u8>> {
     let out = cmd::run_with_input(c, input);
     stop_agent(dir);
-    let out = out.with_context(|| {
-        let owner = match crate::support::paths::sudo_user() {
+    out.map(|out| out.stdout).map_err(|e| {
+        let hint = match crate::support::paths::sudo_user() {
             Some(user) => format!(
-                "\n  hint: under sudo, gpg runs as {user}, who must own it (`chown -R {user}: {}`)",
+                "\n  hint: under sudo, gpg runs as {user}, who must own the key directory (`chown -R {user}: {}`)",
                 dir.display()
             ),
             None => String::new(),
         };
-        format!(
-            "gpg could not {what} (key directory {}){owner}",
+        anyhow::anyhow!(
+            "gpg could not {what} (key directory {}): {e}{hint}",
             dir.display()
         )
-    })?;
-    Ok(out.stdout)
-}
-
-/// A private directory of scratch files for gpg, `files` written into it (readable),
-/// then given to the key's user ([`as_key_user`]), who gpg runs as.
-fn scratch(files: &[(&str, &[u8])]) -> Result<tempfile::TempDir> {
-    let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
-    for (name, bytes) in files {
-        let path = dir.path().join(name);
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create_new(&path)?;
-            std::io::Write::write_all(&mut f, bytes)?;
-            f.set_permissions(fs::Permissions::from_mode(0o644))
-        };
-        write().with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    if let Some((uid, gid)) = crate::support::paths::sudo_ids() {
-        // Made by this process a moment ago: nobody else could have put a link there.
-        std::os::unix::fs::lchown(dir.path(), Some(uid), Some(gid))
-            .with_context(|| format!("cannot give {} to the sudo user", dir.path().display()))?;
-    }
-    Ok(dir)
+    })
 }
 
 /// Make the signing key; refused when there is one (images trust it: replacing it
@@ -148,43 +132,31 @@ pub(crate) fn generate(dir: &Path) -> Result<KeyInfo> {
     current(dir)
 }
 
-/// The key directory, made if missing (0700, the key user's), locked against another
-/// `keys generate` while the returned handle lives. One that exists must be the key
-/// user's and hold a GnuPG home or nothing: its mode is set through the handle opened
-/// and checked, never through a path that could change in between.
+/// The key directory, made if missing (0700; under sudo, the invoking user's when made
+/// in a directory of theirs), locked against another `keys generate` while the
+/// returned handle lives. It must be the key user's and hold a GnuPG home or nothing:
+/// its owner is checked and its mode set through the handle opened, never through a
+/// path that could change in between.
 fn open_key_dir(dir: &Path) -> Result<fs::File> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     let Some(owner) = crate::support::paths::acting_uid() else {
         bail!("cannot tell which user this command runs for (no /proc/self?)");
     };
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        crate::support::paths::create_user_dirs(parent)?;
-    }
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {
-            if let Some((uid, gid)) = crate::support::paths::sudo_ids() {
-                std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
-                    .with_context(|| format!("cannot give {} to the sudo user", dir.display()))?;
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
-    }
-    let handle = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(dir)
-        .with_context(|| format!("cannot open the key directory {}", dir.display()))?;
+    let handle = crate::support::paths::create_user_dirs(dir)?;
     let meta = handle
         .metadata()
         .with_context(|| format!("cannot read {}", dir.display()))?;
     if meta.uid() != owner {
         bail!(
-            "the key directory {} belongs to uid {}, not to uid {owner} who the key is for\n  hint: name a directory of your own with DEVOS_KEYS, or move that one away",
+            "the key directory {} belongs to uid {}, not to uid {owner} who the key is for\n  hint: name a directory of your own with DEVOS_KEYS (under sudo: in a directory that is yours), or move that one away",
             dir.display(),
             meta.uid()
         );
     }
+    // Locked before it is looked into: another `keys generate` may be making the key.
+    handle
+        .lock()
+        .with_context(|| format!("cannot lock {}", dir.display()))?;
     let gnupg_home = ["pubring.kbx", "private-keys-v1.d"]
         .iter()
         .any(|f| dir.join(f).exists());
@@ -201,9 +173,6 @@ fn open_key_dir(dir: &Path) -> Result<fs::File> {
     handle
         .set_permissions(fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot make {} private", dir.display()))?;
-    handle
-        .lock()
-        .with_context(|| format!("cannot lock {}", dir.display()))?;
     Ok(handle)
 }
 
@@ -362,20 +331,23 @@ pub(crate) fn export(key: &KeyInfo) -> Result<Vec<u8>> {
     Ok(public)
 }
 
-/// The fingerprint of the (one) public key in the file `path`.
+/// The fingerprint of the (one) public key in the file `path`. Read by this process
+/// (root, under sudo) in a scratch home of its own: nothing of the file reaches
+/// another user.
 pub(crate) fn fingerprint_of(path: &Path) -> Result<String> {
-    let bytes =
-        fs::read(path).with_context(|| format!("cannot read the key {}", path.display()))?;
-    let scratch = scratch(&[("key.pgp", &bytes)])?;
-    let listing = run_gpg(
-        scratch.path(),
-        gpg(scratch.path())
+    let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let out = cmd::run(
+        gpg_options(Command::new("gpg"), scratch.path())
             .args(["--with-colons", "--show-keys"])
-            .arg(scratch.path().join("key.pgp")),
-        None,
-        &format!("read the key {}", path.display()),
-    )?;
-    match parse_listing(&String::from_utf8_lossy(&listing)).as_slice() {
+            .arg(path),
+    );
+    let _ = Command::new("gpgconf")
+        .arg("--homedir")
+        .arg(scratch.path())
+        .args(["--kill", "gpg-agent"])
+        .output();
+    let listing = out.with_context(|| format!("gpg could not read the key {}", path.display()))?;
+    match parse_listing(&String::from_utf8_lossy(&listing.stdout)).as_slice() {
         [(fpr, ..)] if !fpr.is_empty() => Ok(fpr.clone()),
         _ => bail!(
             "{} must hold exactly one OpenPGP public key\n  hint: export it with `devos-build keys export FILE`",
@@ -408,11 +380,21 @@ pub(crate) fn sign(key: &KeyInfo, file: &Path, sig: &Path, time: u64) -> Result<
 /// Whether `sig` is a valid detached signature of `data` by `key` (gpg's `VALIDSIG`
 /// naming the key's primary fingerprint); false for a bad, foreign or unreadable one.
 pub(crate) fn verifies(key: &KeyInfo, data: &[u8], sig: &[u8]) -> Result<bool> {
-    let scratch = scratch(&[("data.sig", sig)])?;
+    // The signature in a file the key's user may read; the data on gpg's stdin.
+    let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let sig_file = scratch.path().join("data.sig");
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create_new(&sig_file)?;
+        std::io::Write::write_all(&mut f, sig)?;
+        f.set_permissions(fs::Permissions::from_mode(0o644))?;
+        // The directory (made a moment ago by this process) opened for gpg to enter.
+        fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o711))
+    };
+    write().with_context(|| format!("cannot write {}", sig_file.display()))?;
     let out = cmd::run_with_input(
         gpg(&key.dir)
             .args(["--status-fd", "1", "--verify"])
-            .arg(scratch.path().join("data.sig"))
+            .arg(&sig_file)
             .arg("-"),
         Some(data),
     );
@@ -420,7 +402,7 @@ pub(crate) fn verifies(key: &KeyInfo, data: &[u8], sig: &[u8]) -> Result<bool> {
     let out = match out {
         Ok(out) => out,
         Err(cmd::CmdError::Failed { .. }) => return Ok(false),
-        Err(e) => return Err(e).context("cannot run gpg (install it with `apt-get install gpg`)"),
+        Err(e) => return Err(e).context("cannot check the feed's signature"),
     };
     Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| {
         l.strip_prefix("[GNUPG:] VALIDSIG ")

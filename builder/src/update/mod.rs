@@ -146,20 +146,40 @@ impl FeedStore for DirFeed {
     }
 
     fn read(&self, file: &str) -> Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.0.join(file);
-        match fs::read(&path) {
+        // The feed's own plain file, never what a link there points at.
+        let read = || -> std::io::Result<Vec<u8>> {
+            let mut f = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)?;
+            if !f.metadata()?.is_file() {
+                return Err(std::io::Error::other("it is not a plain file"));
+            }
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes)?;
+            Ok(bytes)
+        };
+        match read() {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+            Err(e) => Err(e).with_context(|| {
+                format!(
+                    "cannot read {} (a feed holds plain files, not links)",
+                    path.display()
+                )
+            }),
         }
     }
 
     fn put(&self, file: &str, src: &Path, _sha256: &str) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         if !self.0.exists() {
-            crate::support::paths::create_user_dirs(&self.0)?;
-            // Served by a web server, whatever this process's umask.
-            fs::set_permissions(&self.0, fs::Permissions::from_mode(0o755))
+            // Served by a web server, whatever this process's umask (set through the
+            // handle of the directory made, not its name).
+            crate::support::paths::create_user_dirs(&self.0)?
+                .set_permissions(fs::Permissions::from_mode(0o755))
                 .with_context(|| format!("cannot make {} readable", self.0.display()))?;
         }
         // Served by a web server, whatever this process's umask.
