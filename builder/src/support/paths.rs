@@ -132,30 +132,39 @@ fn owner_is_sudo_user(dir: &OwnedFd) -> std::io::Result<Option<(u32, u32)>> {
 }
 
 /// Give the entry `name` of the directory `dir` to the sudo user when the directory
-/// is theirs (never through a link).
+/// is theirs: the entry itself, opened without following a link, and never a file
+/// with other names (a hard link the user made to a file elsewhere stays as it is).
 fn give_in(dir: &OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<()> {
-    use rustix::fs::{AtFlags, Gid, Uid};
+    use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Uid};
     let Some((uid, gid)) = owner_is_sudo_user(dir)? else {
         return Ok(());
     };
-    match rustix::fs::chownat(
+    let entry = match rustix::fs::openat(
         dir,
         name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // Nothing there (a database's journal already gone): nothing to give.
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let stat = rustix::fs::fstat(&entry)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory && stat.st_nlink > 1 {
+        return Ok(());
+    }
+    Ok(rustix::fs::chownat(
+        &entry,
+        "",
         Some(Uid::from_raw(uid)),
         Some(Gid::from_raw(gid)),
-        AtFlags::SYMLINK_NOFOLLOW,
-    ) {
-        // Nothing there (a database's journal already gone): nothing to give.
-        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+        AtFlags::EMPTY_PATH,
+    )?)
 }
 
-/// Create `dir` and its missing parents, one at a time through the handle of the one
-/// above (a link put in their place is not followed); under sudo, each one it makes in
-/// a directory of the invoking user's is given to them ([`hand_over`]). Returns a
-/// handle of `dir`.
-pub(crate) fn create_user_dirs(dir: &Path) -> anyhow::Result<std::fs::File> {
+/// Like [`create_user_dirs`]; also says whether `dir` itself was made by this call.
+pub(crate) fn create_user_dirs_made(dir: &Path) -> anyhow::Result<(std::fs::File, bool)> {
     use anyhow::Context as _;
     use rustix::fs::{Mode, OFlags};
     let cannot = |e: std::io::Error| {
@@ -171,21 +180,44 @@ pub(crate) fn create_user_dirs(dir: &Path) -> anyhow::Result<std::fs::File> {
         existing
     })
     .map_err(cannot)?;
-    let rest = dir.strip_prefix(existing).unwrap_or(Path::new(""));
-    for part in rest.components() {
-        let std::path::Component::Normal(name) = part else {
-            anyhow::bail!(
-                "cannot create {}: `{}` in it is not a plain name",
-                dir.display(),
-                part.as_os_str().to_string_lossy()
-            );
+    let mut made = false;
+    // The missing part as `mkdir -p` meets it: `..` is the parent of the directory
+    // just made or opened, as the kernel will resolve the path later.
+    for part in dir
+        .strip_prefix(existing)
+        .unwrap_or(Path::new(""))
+        .components()
+    {
+        let name = match part {
+            std::path::Component::Normal(name) => name,
+            std::path::Component::CurDir => continue,
+            std::path::Component::ParentDir => {
+                handle = rustix::fs::openat(
+                    &handle,
+                    "..",
+                    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| cannot(e.into()))?;
+                made = false;
+                continue;
+            }
+            _ => anyhow::bail!("cannot create {}: it is not a relative part", dir.display()),
         };
-        match rustix::fs::mkdirat(&handle, name, Mode::from_raw_mode(0o755)) {
-            Ok(()) => give_in(&handle, name)
-                .with_context(|| format!("cannot give {} to the sudo user", dir.display()))?,
-            Err(rustix::io::Errno::EXIST) => {}
+        made = match rustix::fs::mkdirat(&handle, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) => {
+                give_in(&handle, name).with_context(|| {
+                    format!(
+                        "cannot give {} (in {}) to the sudo user",
+                        name.to_string_lossy(),
+                        dir.display()
+                    )
+                })?;
+                true
+            }
+            Err(rustix::io::Errno::EXIST) => false,
             Err(e) => return Err(cannot(e.into())),
-        }
+        };
         handle = rustix::fs::openat(
             &handle,
             name,
@@ -194,7 +226,28 @@ pub(crate) fn create_user_dirs(dir: &Path) -> anyhow::Result<std::fs::File> {
         )
         .map_err(|e| cannot(e.into()))?;
     }
-    Ok(std::fs::File::from(handle))
+    Ok((std::fs::File::from(handle), made))
+}
+
+/// Create `dir` and its missing parents, one at a time through the handle of the one
+/// above (a link put in their place is not followed); under sudo, each one it makes in
+/// a directory of the invoking user's is given to them ([`hand_over`]). Returns a
+/// handle of `dir`.
+pub(crate) fn create_user_dirs(dir: &Path) -> anyhow::Result<std::fs::File> {
+    Ok(create_user_dirs_made(dir)?.0)
+}
+
+/// Sixteen hex digits no other process can guess ahead (the kernel's random bytes,
+/// else the time and this process's id).
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 8];
+    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = ((nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    hex::encode(bytes)
 }
 
 /// Write `content` to `dest` whole or not at all, with `mode` whatever the umask:
@@ -214,20 +267,24 @@ pub(crate) fn replace_file(
     };
     let dir =
         open_dir(parent_of(dest)).with_context(|| format!("cannot write {}", dest.display()))?;
-    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tmp = format!(
-        ".{}.{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
+    // A name of its own: another writer's file there is neither used nor removed.
+    let (tmp, mut out) = (0..100)
+        .find_map(|_| {
+            let tmp = format!(".{}.{}.tmp", name.to_string_lossy(), random_suffix());
+            match rustix::fs::openat(
+                &dir,
+                tmp.as_str(),
+                OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => Some(Ok((tmp, std::fs::File::from(fd)))),
+                Err(rustix::io::Errno::EXIST) => None,
+                Err(e) => Some(Err(std::io::Error::from(e))),
+            }
+        })
+        .unwrap_or_else(|| Err(std::io::Error::other("no free temporary name")))
+        .with_context(|| format!("cannot write {}", dest.display()))?;
     let mut write = || -> std::io::Result<()> {
-        let mut out = std::fs::File::from(rustix::fs::openat(
-            &dir,
-            tmp.as_str(),
-            OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )?);
         std::io::copy(content, &mut out)?;
         rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
         if let Some((uid, gid)) = owner_is_sudo_user(&dir)? {

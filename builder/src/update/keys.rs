@@ -142,10 +142,17 @@ fn open_key_dir(dir: &Path) -> Result<fs::File> {
     let Some(owner) = crate::support::paths::acting_uid() else {
         bail!("cannot tell which user this command runs for (no /proc/self?)");
     };
-    let handle = crate::support::paths::create_user_dirs(dir)?;
+    let (handle, made) = crate::support::paths::create_user_dirs_made(dir)?;
     let meta = handle
         .metadata()
         .with_context(|| format!("cannot read {}", dir.display()))?;
+    if meta.uid() != owner && made {
+        let _ = fs::remove_dir(dir);
+        bail!(
+            "the key directory {} would be made in a directory that is not yours (uid {owner}), so it would not be yours either; nothing was left there\n  hint: name a directory in one of your own with DEVOS_KEYS",
+            dir.display()
+        );
+    }
     if meta.uid() != owner {
         bail!(
             "the key directory {} belongs to uid {}, not to uid {owner} who the key is for\n  hint: name a directory of your own with DEVOS_KEYS (under sudo: in a directory that is yours), or move that one away",
@@ -391,24 +398,44 @@ pub(crate) fn verifies(key: &KeyInfo, data: &[u8], sig: &[u8]) -> Result<bool> {
         fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o711))
     };
     write().with_context(|| format!("cannot write {}", sig_file.display()))?;
-    let out = cmd::run_with_input(
+    let out = run_with_stdin(
         gpg(&key.dir)
             .args(["--status-fd", "1", "--verify"])
             .arg(&sig_file)
             .arg("-"),
-        Some(data),
+        data,
     );
     stop_agent(&key.dir);
-    let out = match out {
-        Ok(out) => out,
-        Err(cmd::CmdError::Failed { .. }) => return Ok(false),
-        Err(e) => return Err(e).context("cannot check the feed's signature"),
-    };
-    Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+    let out = out.context("cannot run gpg to check a signature")?;
+    let status = String::from_utf8_lossy(&out.stdout);
+    // A bad or foreign signature is an answer; a gpg that checked nothing is not.
+    if !status.lines().any(|l| l.starts_with("[GNUPG:] ")) {
+        bail!(
+            "gpg checked no signature (key directory {}): {}",
+            key.dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(status.lines().any(|l| {
         l.strip_prefix("[GNUPG:] VALIDSIG ")
             .and_then(|rest| rest.split_whitespace().last())
             == Some(key.fingerprint.as_str())
     }))
+}
+
+/// Run `c` with `data` on its stdin, whatever its exit status; its output.
+fn run_with_stdin(c: &mut Command, data: &[u8]) -> std::io::Result<std::process::Output> {
+    use std::process::Stdio;
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A gpg that stops reading fails below with its own message.
+        let _ = std::io::Write::write_all(&mut stdin, data);
+    }
+    child.wait_with_output()
 }
 
 #[cfg(test)]

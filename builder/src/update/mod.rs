@@ -175,11 +175,11 @@ impl FeedStore for DirFeed {
 
     fn put(&self, file: &str, src: &Path, _sha256: &str) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        if !self.0.exists() {
-            // Served by a web server, whatever this process's umask (set through the
-            // handle of the directory made, not its name).
-            crate::support::paths::create_user_dirs(&self.0)?
-                .set_permissions(fs::Permissions::from_mode(0o755))
+        // A directory this call makes is served by a web server, whatever this
+        // process's umask (set through its handle; one that was there keeps its mode).
+        let (made, new) = crate::support::paths::create_user_dirs_made(&self.0)?;
+        if new {
+            made.set_permissions(fs::Permissions::from_mode(0o755))
                 .with_context(|| format!("cannot make {} readable", self.0.display()))?;
         }
         // Served by a web server, whatever this process's umask.
