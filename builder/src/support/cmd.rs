@@ -55,6 +55,24 @@ pub(crate) fn run(cmd: &mut Command) -> Result<Output, CmdError> {
 
 /// Like [`run`], feeding `input` to the program's stdin (e.g. an sfdisk script).
 pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output, CmdError> {
+    let output = output_with_input(cmd, input)?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(CmdError::Failed {
+            line: display(cmd),
+            status: output.status.to_string(),
+            tail: tail(&output),
+        })
+    }
+}
+
+/// Like [`run_with_input`], whatever the exit status: for programs whose answer is in
+/// their output either way (`gpg --status-fd`).
+pub(crate) fn output_with_input(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+) -> Result<Output, CmdError> {
     use std::io::Write;
     let line = display(cmd);
     tracing::info!(target: "devos_build::support::cmd", "$ {line}");
@@ -80,15 +98,7 @@ pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&[u8]>) -> Result<
     for l in String::from_utf8_lossy(&output.stderr).lines() {
         tracing::debug!(target: "devos_build::support::cmd", "  {l}");
     }
-    if output.status.success() {
-        Ok(output)
-    } else {
-        Err(CmdError::Failed {
-            line,
-            status: output.status.to_string(),
-            tail: tail(&output),
-        })
-    }
+    Ok(output)
 }
 
 /// Run and return stdout as text.

@@ -237,19 +237,6 @@ pub(crate) fn create_user_dirs(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(create_user_dirs_made(dir)?.0)
 }
 
-/// Sixteen hex digits no other process can guess ahead (the kernel's random bytes,
-/// else the time and this process's id).
-fn random_suffix() -> String {
-    let mut bytes = [0u8; 8];
-    if rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        bytes = ((nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
-    }
-    hex::encode(bytes)
-}
-
 /// Write `content` to `dest` whole or not at all, with `mode` whatever the umask:
 /// into a temporary file of its own in the same directory, made through the
 /// directory's handle (never through a link, never another writer's file), synced,
@@ -267,23 +254,24 @@ pub(crate) fn replace_file(
     };
     let dir =
         open_dir(parent_of(dest)).with_context(|| format!("cannot write {}", dest.display()))?;
-    // A name of its own: another writer's file there is neither used nor removed.
-    let (tmp, mut out) = (0..100)
-        .find_map(|_| {
-            let tmp = format!(".{}.{}.tmp", name.to_string_lossy(), random_suffix());
-            match rustix::fs::openat(
+    // A random name of its own (tempfile picks it and tries again while taken), made
+    // through the directory's handle: another writer's file there is neither used nor
+    // removed.
+    let (mut out, tmp) = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(".tmp")
+        .make_in(parent_of(dest), |path| {
+            let fd = rustix::fs::openat(
                 &dir,
-                tmp.as_str(),
+                path.file_name().unwrap_or_default(),
                 OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC,
                 Mode::from_raw_mode(0o600),
-            ) {
-                Ok(fd) => Some(Ok((tmp, std::fs::File::from(fd)))),
-                Err(rustix::io::Errno::EXIST) => None,
-                Err(e) => Some(Err(std::io::Error::from(e))),
-            }
+            )?;
+            Ok(std::fs::File::from(fd))
         })
-        .unwrap_or_else(|| Err(std::io::Error::other("no free temporary name")))
+        .and_then(|f| f.keep().map_err(|e| e.error))
         .with_context(|| format!("cannot write {}", dest.display()))?;
+    let tmp = tmp.file_name().unwrap_or_default().to_owned();
     let mut write = || -> std::io::Result<()> {
         std::io::copy(content, &mut out)?;
         rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
@@ -296,10 +284,10 @@ pub(crate) fn replace_file(
         }
         // On disk before its name is: a crash leaves the old file or the whole new one.
         out.sync_all()?;
-        Ok(rustix::fs::renameat(&dir, tmp.as_str(), &dir, name)?)
+        Ok(rustix::fs::renameat(&dir, &tmp, &dir, name)?)
     };
     write().map_err(|e| {
-        let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+        let _ = rustix::fs::unlinkat(&dir, &tmp, AtFlags::empty());
         anyhow::Error::from(e).context(format!("cannot write {}", dest.display()))
     })
 }

@@ -79,7 +79,12 @@ fn gpg_options(mut c: Command, dir: &Path) -> Command {
 /// Stop the gpg-agent a command in the key's home `dir` started (it would outlive
 /// this process).
 fn stop_agent(dir: &Path) {
-    let _ = as_key_user("gpgconf")
+    kill_agent(as_key_user("gpgconf"), dir);
+}
+
+/// Stop the gpg-agent of the home `dir` with `gpgconf` (a command to run it).
+fn kill_agent(mut gpgconf: Command, dir: &Path) {
+    let _ = gpgconf
         .arg("--homedir")
         .arg(dir)
         .args(["--kill", "gpg-agent"])
@@ -348,11 +353,7 @@ pub(crate) fn fingerprint_of(path: &Path) -> Result<String> {
             .args(["--with-colons", "--show-keys"])
             .arg(path),
     );
-    let _ = Command::new("gpgconf")
-        .arg("--homedir")
-        .arg(scratch.path())
-        .args(["--kill", "gpg-agent"])
-        .output();
+    kill_agent(Command::new("gpgconf"), scratch.path());
     let listing = out.with_context(|| format!("gpg could not read the key {}", path.display()))?;
     match parse_listing(&String::from_utf8_lossy(&listing.stdout)).as_slice() {
         [(fpr, ..)] if !fpr.is_empty() => Ok(fpr.clone()),
@@ -398,12 +399,12 @@ pub(crate) fn verifies(key: &KeyInfo, data: &[u8], sig: &[u8]) -> Result<bool> {
         fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o711))
     };
     write().with_context(|| format!("cannot write {}", sig_file.display()))?;
-    let out = run_with_stdin(
+    let out = cmd::output_with_input(
         gpg(&key.dir)
             .args(["--status-fd", "1", "--verify"])
             .arg(&sig_file)
             .arg("-"),
-        data,
+        Some(data),
     );
     stop_agent(&key.dir);
     let out = out.context("cannot run gpg to check a signature")?;
@@ -421,21 +422,6 @@ pub(crate) fn verifies(key: &KeyInfo, data: &[u8], sig: &[u8]) -> Result<bool> {
             .and_then(|rest| rest.split_whitespace().last())
             == Some(key.fingerprint.as_str())
     }))
-}
-
-/// Run `c` with `data` on its stdin, whatever its exit status; its output.
-fn run_with_stdin(c: &mut Command, data: &[u8]) -> std::io::Result<std::process::Output> {
-    use std::process::Stdio;
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A gpg that stops reading fails below with its own message.
-        let _ = std::io::Write::write_all(&mut stdin, data);
-    }
-    child.wait_with_output()
 }
 
 #[cfg(test)]
