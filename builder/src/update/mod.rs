@@ -182,9 +182,9 @@ impl FeedStore for DirFeed {
             made.set_permissions(fs::Permissions::from_mode(0o755))
                 .with_context(|| format!("cannot make {} readable", self.0.display()))?;
         }
-        // Served by a web server, whatever this process's umask.
         let mut src =
             fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+        // 0644: served by a web server, whatever this process's umask.
         crate::support::paths::replace_file(&self.0.join(file), &mut src, 0o644)
     }
 
