@@ -399,6 +399,31 @@ impl Fixture {
         })
     }
 
+    /// A fleet's Auto Scaling group: its name, its suspended processes (sorted) and its
+    /// `devos:suspended` tag.
+    fn processes(&self, stack: &str) -> (String, Vec<String>, Option<String>) {
+        let region = "us-east-1";
+        let cf = self.sdk(region, sdk_cloudformation::Client::new);
+        let asg = self.sdk(region, sdk_autoscaling::Client::new);
+        self.block_on(async {
+            let r = cf
+                .describe_stack_resource()
+                .stack_name(stack)
+                .logical_resource_id("Group")
+                .send()
+                .await
+                .unwrap();
+            let group = r
+                .stack_resource_detail()
+                .unwrap()
+                .physical_resource_id()
+                .unwrap()
+                .to_owned();
+            let (suspended, tag) = suspended(&asg, &group).await;
+            (group, suspended, tag)
+        })
+    }
+
     /// The AMI of the launch template version a fleet's group uses, and the AMIs of the
     /// group's instances.
     fn fleet(&self, stack: &str) -> (String, Vec<String>) {
@@ -1882,28 +1907,56 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     );
 }
 
+/// The suspended processes of Auto Scaling group `group` (sorted) and its
+/// `devos:suspended` tag.
+async fn suspended(asg: &sdk_autoscaling::Client, group: &str) -> (Vec<String>, Option<String>) {
+    let out = asg
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(group)
+        .send()
+        .await
+        .unwrap();
+    let g = &out.auto_scaling_groups()[0];
+    let mut processes: Vec<String> = g
+        .suspended_processes()
+        .iter()
+        .map(|p| p.process_name().unwrap().to_owned())
+        .collect();
+    processes.sort();
+    let tag = g
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some("devos:suspended"))
+        .and_then(|t| t.value())
+        .map(str::to_owned);
+    (processes, tag)
+}
+
 /// The agents of a fleet's instances, as the rollout sees them through EC2 (moto runs
 /// no image): each polls its instance's tags and, when asked for a version it does not
 /// report, reports it a moment later — healthy, or for `failing` versions (from the
 /// `nth` instance asked on) a failure: after its boot tries (`failed`), or of the
 /// install (`not moved`). Records, at each first sight of a request, how many instances
-/// were asked and not yet done (the batch).
+/// were asked and not yet done (the batch), and the group's suspended processes.
 struct Agents {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     in_flight: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    held: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Agents {
     fn start(
         ec2: sdk_ec2::Client,
+        (asg, group): (sdk_autoscaling::Client, String),
         ids: Vec<String>,
         failing: &'static [(&'static str, usize, &'static str)],
     ) -> Agents {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let in_flight = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (halt, seen) = (stop.clone(), in_flight.clone());
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (halt, seen, seen_held) = (stop.clone(), in_flight.clone(), held.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -1954,6 +2007,10 @@ impl Agents {
                             })
                             .count();
                         seen.lock().unwrap().push(busy);
+                        seen_held
+                            .lock()
+                            .unwrap()
+                            .push(rt.block_on(suspended(&asg, &group)).0);
                         asked_for.insert(key.clone(), std::time::Instant::now());
                         continue;
                     }
@@ -2009,12 +2066,18 @@ impl Agents {
         Agents {
             stop,
             in_flight,
+            held,
             thread: Some(thread),
         }
     }
 
     fn batches(&self) -> Vec<usize> {
         self.in_flight.lock().unwrap().clone()
+    }
+
+    /// The group's suspended processes at each first sight of a request.
+    fn held(&self) -> Vec<Vec<String>> {
+        self.held.lock().unwrap().clone()
     }
 }
 
@@ -2113,9 +2176,23 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
     assert_eq!(d["instances"].as_array().unwrap().len(), 3, "{d}");
     assert_eq!(tag_of("devos:update-to"), vec![None, None, None]);
 
+    // Someone suspended one of the processes a rollout holds before it: it stays
+    // suspended after the rollout, which resumes only what it suspended.
+    let (group, none, _) = fx.processes("devfleet");
+    assert!(none.is_empty(), "{none:?}");
+    let asg = fx.sdk("us-east-1", sdk_autoscaling::Client::new);
+    fx.block_on(
+        asg.suspend_processes()
+            .auto_scaling_group_name(&group)
+            .scaling_processes("AZRebalance")
+            .send(),
+    )
+    .unwrap();
+
     // 1.0.0 -> 2.0.0 in batches of two: never more than two instances asked at once.
     let agents = Agents::start(
         fx.ec2("us-east-1"),
+        (asg.clone(), group.clone()),
         ids.clone(),
         &[("3.0.0", 2, "failed"), ("6.0.0", 2, "not moved")],
     );
@@ -2145,6 +2222,29 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
         agents.batches()
     );
     assert!(agents.batches().contains(&2), "{:?}", agents.batches());
+    // While instances moved, Auto Scaling could neither replace nor scale them in; then
+    // the processes the rollout suspended were resumed, the one suspended before not.
+    let hold = [
+        "AZRebalance",
+        "AlarmNotification",
+        "HealthCheck",
+        "ReplaceUnhealthy",
+        "ScheduledActions",
+    ];
+    assert!(
+        !agents.held().is_empty() && agents.held().iter().all(|h| h == &hold),
+        "{:?}",
+        agents.held()
+    );
+    assert!(
+        stderr(&out).contains("suspended while instances move"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fx.processes("devfleet"),
+        (group.clone(), vec!["AZRebalance".to_owned()], None)
+    );
     let status = fx.run(&[
         "fleet",
         "status",
@@ -2269,5 +2369,55 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
             "in-place 2.0.0 succeeded",
             "deploy 1.0.0 succeeded",
         ]
+    );
+    // Every failed rollout above resumed what it suspended too.
+    assert_eq!(
+        fx.processes("devfleet"),
+        (group.clone(), vec!["AZRebalance".to_owned()], None)
+    );
+
+    // A rollout killed while it held the group (its tag names what it suspended; it got
+    // as far as suspending one): status says so, and the next in-place rollout of the
+    // stack, even one with nothing to do, resumes it and only it.
+    fx.block_on(async {
+        asg.create_or_update_tags()
+            .tags(
+                sdk_autoscaling::types::Tag::builder()
+                    .resource_id(&group)
+                    .resource_type("auto-scaling-group")
+                    .key("devos:suspended")
+                    .value("AlarmNotification,ScheduledActions")
+                    .propagate_at_launch(false)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        asg.suspend_processes()
+            .auto_scaling_group_name(&group)
+            .scaling_processes("AlarmNotification")
+            .send()
+            .await
+            .unwrap();
+    });
+    let status = fx.run(&[
+        "fleet",
+        "status",
+        "--stack",
+        "devfleet",
+        "--region",
+        "us-east-1",
+    ]);
+    ok(&status);
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        said.contains("suspended by an in-place rollout: AlarmNotification ("),
+        "{said}"
+    );
+    let d = json(&in_place("2.0.0", &["--json"]));
+    assert_eq!(d["state"], "unchanged", "{d}");
+    assert_eq!(
+        fx.processes("devfleet"),
+        (group, vec!["AZRebalance".to_owned()], None)
     );
 }

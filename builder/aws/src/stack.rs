@@ -461,6 +461,9 @@ pub struct Running {
     pub launch_template_version: Option<String>,
     /// The AMI of that launch template version.
     pub launch_template_image: Option<String>,
+    /// The group's processes an in-place rollout suspended and has not resumed (it is
+    /// running, or it was killed): named by the group's `devos:suspended` tag.
+    pub held: Vec<String>,
     pub instances: Vec<Member>,
 }
 
@@ -487,23 +490,17 @@ pub async fn running(aws: &Aws, region: &str, name: &str) -> Result<Running> {
         launch_template: physical("AWS::EC2::LaunchTemplate"),
         launch_template_version: None,
         launch_template_image: None,
+        held: Vec::new(),
         instances: Vec::new(),
     };
     let mut ids = Vec::new();
     let mut in_group = BTreeMap::new();
     if let Some(group) = &state.group {
-        let out = aws
-            .autoscaling(region)
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(group)
-            .send()
+        let g = self::group(aws, region, group)
             .await
-            .map_err(|e| explain("autoscaling:DescribeAutoScalingGroups", region, e))?;
-        let g = out
-            .auto_scaling_groups()
-            .first()
-            .with_context(|| format!("the Auto Scaling group {group} of stack {name} is gone"))?;
+            .with_context(|| format!("reading stack {name}"))?;
         state.desired = usize::try_from(g.desired_capacity().unwrap_or(0)).unwrap_or(0);
+        state.held = held(&g);
         if let Some(lt) = g.launch_template() {
             state.launch_template = lt.launch_template_id().map(str::to_owned);
             state.launch_template_version = lt.version().map(str::to_owned);
@@ -574,6 +571,137 @@ pub async fn running(aws: &Aws, region: &str, name: &str) -> Result<Running> {
         state.instances.sort_by(|a, b| a.id.cmp(&b.id));
     }
     Ok(state)
+}
+
+/// The Auto Scaling processes an in-place rollout suspends while instances install,
+/// reboot and report: those that start or end instances for reasons of their own (a
+/// rebooting instance is no reason to replace it, and one ended by a scale-in while it
+/// installs would count against the version). The same CloudFormation's rolling
+/// updates suspend.
+pub const HOLD: [&str; 5] = [
+    "HealthCheck",
+    "ReplaceUnhealthy",
+    "AZRebalance",
+    "AlarmNotification",
+    "ScheduledActions",
+];
+
+/// The group's tag naming the processes an in-place rollout suspended, from before it
+/// suspends them until it has resumed them: a rollout that was killed leaves it, and
+/// the next one resumes them too.
+pub const TAG_SUSPENDED: &str = "devos:suspended";
+
+/// The processes of `g` that a rollout suspended and did not resume: named by its tag
+/// and still suspended (not one a person suspended before the rollout, which the tag
+/// never names).
+fn held(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Vec<String> {
+    let suspended: Vec<&str> = g
+        .suspended_processes()
+        .iter()
+        .filter_map(|p| p.process_name())
+        .collect();
+    g.tags()
+        .iter()
+        .find(|t| t.key() == Some(TAG_SUSPENDED))
+        .and_then(|t| t.value())
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| suspended.contains(p))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn group(
+    aws: &Aws,
+    region: &str,
+    name: &str,
+) -> Result<aws_sdk_autoscaling::types::AutoScalingGroup> {
+    let out = aws
+        .autoscaling(region)
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(name)
+        .send()
+        .await
+        .map_err(|e| explain("autoscaling:DescribeAutoScalingGroups", region, e))?;
+    out.auto_scaling_groups()
+        .first()
+        .cloned()
+        .with_context(|| format!("the Auto Scaling group {name} is gone"))
+}
+
+/// Suspend [`HOLD`]'s processes of group `name` for an in-place rollout. Returns what
+/// the rollout is to resume when it ends: those it suspended now, and those an earlier,
+/// killed rollout left suspended; never one that was suspended by someone else.
+pub async fn hold(aws: &Aws, region: &str, name: &str) -> Result<Vec<String>> {
+    let g = group(aws, region, name).await?;
+    let suspended: Vec<&str> = g
+        .suspended_processes()
+        .iter()
+        .filter_map(|p| p.process_name())
+        .collect();
+    let now: Vec<String> = HOLD
+        .iter()
+        .filter(|p| !suspended.contains(p))
+        .map(|p| (*p).to_owned())
+        .collect();
+    let mut ours = held(&g);
+    ours.extend(now.iter().cloned());
+    if ours.is_empty() {
+        return Ok(ours);
+    }
+    // Named before they are suspended: whatever ends this process, a process suspended
+    // here is in the tag.
+    let tag = aws_sdk_autoscaling::types::Tag::builder()
+        .resource_id(name)
+        .resource_type("auto-scaling-group")
+        .key(TAG_SUSPENDED)
+        .value(ours.join(","))
+        .propagate_at_launch(false)
+        .build();
+    aws.autoscaling(region)
+        .create_or_update_tags()
+        .tags(tag)
+        .send()
+        .await
+        .map_err(|e| explain("autoscaling:CreateOrUpdateTags", region, e))?;
+    if !now.is_empty() {
+        aws.autoscaling(region)
+            .suspend_processes()
+            .auto_scaling_group_name(name)
+            .set_scaling_processes(Some(now))
+            .send()
+            .await
+            .map_err(|e| explain("autoscaling:SuspendProcesses", region, e))?;
+    }
+    Ok(ours)
+}
+
+/// Resume what [`hold`] returned, then drop the group's tag.
+pub async fn release(aws: &Aws, region: &str, name: &str, held: &[String]) -> Result<()> {
+    // Never an empty list: ResumeProcesses without processes resumes every one,
+    // those someone else suspended too.
+    if held.is_empty() {
+        return Ok(());
+    }
+    aws.autoscaling(region)
+        .resume_processes()
+        .auto_scaling_group_name(name)
+        .set_scaling_processes(Some(held.to_vec()))
+        .send()
+        .await
+        .map_err(|e| explain("autoscaling:ResumeProcesses", region, e))?;
+    let tag = aws_sdk_autoscaling::types::Tag::builder()
+        .resource_id(name)
+        .resource_type("auto-scaling-group")
+        .key(TAG_SUSPENDED)
+        .build();
+    aws.autoscaling(region)
+        .delete_tags()
+        .tags(tag)
+        .send()
+        .await
+        .map_err(|e| explain("autoscaling:DeleteTags", region, e))?;
+    Ok(())
 }
 
 /// Tag instances `key=value` (what an in-place rollout asks their agents for).

@@ -10,7 +10,9 @@
 //! moved is told to go back to the version it ran (the boot loader switches slots: one
 //! reboot). A rollout that cannot go on for reasons that say nothing about the version
 //! (an install that could not be made, agents that never answer) stops without marking
-//! it: instances already on it stay, the rest are told to stay where they are.
+//! it: instances already on it stay, the rest are told to stay where they are. While
+//! instances move, the group's Auto Scaling processes that would replace or scale in
+//! instances are suspended (see [`stack::HOLD`]), and resumed however the rollout ends.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
@@ -186,6 +188,10 @@ pub(crate) fn rollout(
             .map(|m| moved(m, &stack_version, &known))
             .collect();
         if t.dry_run || todo.is_empty() {
+            if !t.dry_run {
+                // What a killed rollout left suspended.
+                release(&cx, &t.stack, running.group.as_deref(), &running.held).await?;
+            }
             outcome.state = if todo.is_empty() {
                 ChangeState::Unchanged
             } else {
@@ -204,13 +210,69 @@ pub(crate) fn rollout(
             v.version,
             batches.size
         );
-        let driven = drive(&mut cx, id, t, &v, batches, &done, &todo, &mut outcome).await;
+        let group = running.group.as_deref();
+        let mut released = Ok(());
+        let driven = match hold(&cx, &t.stack, group).await {
+            Ok(held) => {
+                let driven = drive(&mut cx, id, t, &v, batches, &done, &todo, &mut outcome).await;
+                released = release(&cx, &t.stack, group, &held).await;
+                driven
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = &driven {
             cx.reg
                 .finish_rollout(id, ChangeState::Failed, Some(&format!("{e:#}")))?;
         }
-        driven.map(|()| outcome)
+        // The rollout is recorded as it went; processes left suspended are an error of
+        // their own.
+        driven.and(released)?;
+        Ok(outcome)
     })
+}
+
+/// Suspend the Auto Scaling processes that would end or replace instances while they
+/// move (see [`stack::HOLD`]); what to resume when the rollout ends.
+async fn hold(cx: &Ctx<'_>, stack_name: &str, group: Option<&str>) -> Result<Vec<String>> {
+    let Some(group) = group else {
+        return Ok(Vec::new());
+    };
+    let held = stack::hold(&cx.aws, &cx.region, group)
+        .await
+        .with_context(|| format!("while suspending Auto Scaling processes of {group}"))?;
+    if !held.is_empty() {
+        eprintln!(
+            "in-place {stack_name}: {} of {group} suspended while instances move",
+            held.join(", ")
+        );
+    }
+    Ok(held)
+}
+
+/// Resume what [`hold`] suspended, however the rollout ended.
+async fn release(
+    cx: &Ctx<'_>,
+    stack_name: &str,
+    group: Option<&str>,
+    held: &[String],
+) -> Result<()> {
+    let Some(group) = group.filter(|_| !held.is_empty()) else {
+        return Ok(());
+    };
+    stack::release(&cx.aws, &cx.region, group, held)
+        .await
+        .with_context(|| {
+            format!(
+                "while resuming {} of {group}\n  hint: `devos-build fleet status --stack {stack_name}` names them; the next in-place rollout of the stack resumes them, or `aws autoscaling resume-processes --auto-scaling-group-name {group} --scaling-processes {}`",
+                held.join(", "),
+                held.join(" ")
+            )
+        })?;
+    eprintln!(
+        "in-place {stack_name}: {} of {group} resumed",
+        held.join(", ")
+    );
+    Ok(())
 }
 
 /// Ask batch after batch, gate, and on a failure send the asked instances back;

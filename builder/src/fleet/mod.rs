@@ -762,6 +762,7 @@ mod tests {
             launch_template: Some("lt-1".into()),
             launch_template_version: Some("2".into()),
             launch_template_image: Some("ami-new".into()),
+            held: Vec::new(),
             instances,
         }
     }

@@ -158,6 +158,12 @@ impl Status {
         );
         if let Some(g) = &self.running.group {
             s.push_str(&format!("  group {g}, desired {}\n", self.running.desired));
+            if !self.running.held.is_empty() {
+                s.push_str(&format!(
+                    "  suspended by an in-place rollout: {} (resumed when it ends; one that was killed left them: the next in-place rollout of the stack resumes them)\n",
+                    self.running.held.join(", ")
+                ));
+            }
         }
         if let Some(lt) = &self.running.launch_template {
             s.push_str(&format!(
