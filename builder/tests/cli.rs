@@ -249,6 +249,62 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
     );
 }
 
+/// A registry that `sudo devos-build` had to leave root's (something above it in the
+/// user's home is root's, e.g. a `~/.local` an older tool made as root) is named with the
+/// `chown` that gives it back, under sudo and again when the user's own run cannot
+/// write it; after that chown their run works.
+#[test]
+fn a_registry_left_roots_in_the_users_home_says_how_to_give_it_back() {
+    use std::os::unix::fs::MetadataExt;
+    let user = devos_tests::sudo::SudoUser::new("r");
+    let bin = user.install(Path::new(env!("CARGO_BIN_EXE_devos-build")));
+    let text = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let local = user.home().join(".local");
+    std::fs::create_dir(&local).unwrap();
+    let chown = format!("sudo chown -R {}: {}", user.name, local.display());
+
+    let out = user.sudo(&bin, &["image", "gc"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let registry = local.join("share/devos/registry.db");
+    assert_eq!(registry.metadata().unwrap().uid(), 0);
+    assert!(
+        text(&out).contains("warning: the registry") && text(&out).contains(&chown),
+        "{}",
+        text(&out)
+    );
+
+    // Their own run: refused before SQLite opens it read-only, with the owner and the fix.
+    let out = user.run(&bin, &["image", "gc"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    for said in [
+        "cannot be written by you",
+        "belongs to root",
+        "sudo chown -R \"$(id -un):\"",
+    ] {
+        assert!(text(&out).contains(said), "{said}: {}", text(&out));
+    }
+    // Reading too (SQLite's WAL needs its -shm file written to read).
+    let out = user.run(&bin, &["image", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot be written by you"),
+        "{}",
+        text(&out)
+    );
+
+    for entry in walkdir::WalkDir::new(&local) {
+        user.give(entry.unwrap().path());
+    }
+    let out = user.run(&bin, &["image", "gc"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = user.sudo(&bin, &["image", "gc"]);
+    assert!(
+        out.status.success() && !text(&out).contains("warning"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn validate_refuses_what_a_build_would_refuse_later() {
     let dir = tempfile::tempdir().unwrap();

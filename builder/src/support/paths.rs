@@ -105,6 +105,46 @@ pub(crate) fn hand_over(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Under sudo, for `path` in the invoking user's home that is not theirs (something
+/// above it in their home is root's, e.g. a `~/.local` an older tool made as root, so
+/// nothing made below it was handed over): the topmost such directory or file, for a
+/// `chown` hint. Their own runs without sudo could not write `path`.
+pub(crate) fn kept_from_user(path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, _) = sudo_ids()?;
+    let home = invoking_home()?;
+    let below = path.strip_prefix(&home).ok()?;
+    let mut at = home;
+    for part in below.components() {
+        at.push(part);
+        if at.symlink_metadata().ok()?.uid() != uid {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// Under sudo, warn when `path` (`what`: "the registry", ...) stays root's in the
+/// invoking user's home ([`kept_from_user`]), naming the `chown` that gives it back.
+pub(crate) fn warn_if_kept(path: &Path, what: &str) {
+    let Some(top) = kept_from_user(path) else {
+        return;
+    };
+    let user = sudo_user().unwrap_or_default();
+    eprintln!(
+        "warning: {what} {} stays root's: {} in {user}'s home is not theirs, so nothing made under it is given to them, and their own runs without sudo cannot write it\n  hint: sudo chown -R {user}: {}",
+        path.display(),
+        top.display(),
+        top.display()
+    );
+}
+
+/// The name of user `uid` from the name service.
+pub(crate) fn passwd_name(uid: u32) -> Option<String> {
+    let line = passwd_entry(&uid.to_string())?;
+    line.split(':').next().map(str::to_owned)
+}
+
 /// The directory `path` lies in (`.` for a bare name).
 fn parent_of(path: &Path) -> &Path {
     path.parent()

@@ -46,6 +46,34 @@ fn open_error(path: &Path, e: rusqlite::Error) -> anyhow::Error {
     }
 }
 
+/// Refuse a registry this process cannot write (it, or the directory it lies in, is
+/// another user's: SQLite would open it read-only and fail at the first write, or at
+/// once in WAL mode), naming the owner and what to do. Root may write anything.
+fn check_writable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    for p in [path, dir] {
+        let Ok(meta) = p.metadata() else {
+            continue;
+        };
+        if rustix::fs::access(p, rustix::fs::Access::WRITE_OK).is_ok() {
+            continue;
+        }
+        let whose = crate::support::paths::passwd_name(meta.uid())
+            .unwrap_or_else(|| format!("uid {}", meta.uid()));
+        bail!(
+            "the registry {} cannot be written by you: {} belongs to {whose}\n  hint: if `sudo devos-build` made it, give it back: sudo chown -R \"$(id -un):\" {}; or point --registry (DEVOS_REGISTRY) at a registry of your own",
+            path.display(),
+            p.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// SQLite's `-wal` and `-shm` files beside the database.
 fn wal_file(db: &Path, suffix: &str) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
@@ -81,6 +109,7 @@ impl Registry {
     /// Open, migrating up to `target` (tests use older targets to check migrations).
     fn open_at(path: &Path, target: i64) -> Result<Self> {
         crate::support::paths::create_user_dirs(path.parent().unwrap_or(Path::new(".")))?;
+        check_writable(path)?;
         let files = [
             path.to_path_buf(),
             wal_file(path, "-wal"),
@@ -111,6 +140,7 @@ impl Registry {
             crate::support::paths::hand_over(p)
                 .with_context(|| format!("cannot give {} to the sudo user", p.display()))?;
         }
+        crate::support::paths::warn_if_kept(path, "the registry");
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let mut reg = Self {
