@@ -106,7 +106,7 @@ pub(super) fn install(
     to: &UpdateTo,
 ) -> Result<Vec<Check>> {
     let dir = scratch.dir.path().join("feeds");
-    let good = crate::update::DirFeed(dir.join("good"));
+    let good = crate::update::DirFeed::new(dir.join("good"));
     // A new feed: nothing in it to vouch for.
     let known = std::collections::BTreeMap::new();
     crate::update::add_to_feed(&good, &to.dir, &to.manifest, &known).with_context(|| {

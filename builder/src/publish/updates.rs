@@ -23,7 +23,7 @@ pub(crate) fn open_feed(to: &str, aws: impl FnOnce() -> AwsOptions) -> Result<Bo
             "`--to {to}`: a feed is published to a directory or to s3://BUCKET/PREFIX\n  hint: publish to a directory your web server serves, or to the S3 prefix behind the feed's URL"
         );
     }
-    Ok(Box::new(DirFeed(PathBuf::from(to))))
+    Ok(Box::new(DirFeed::new(PathBuf::from(to))))
 }
 
 /// `publish updates REF --to FEED`: add a tested version's bundle to the feed and sign

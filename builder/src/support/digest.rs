@@ -8,7 +8,11 @@ use sha2::{Digest, Sha256};
 
 /// Hex sha256 of a file's contents.
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut file = fs::File::open(path)?;
+    reader_sha256(&mut fs::File::open(path)?)
+}
+
+/// Hex sha256 of what `file` reads to its end.
+pub(crate) fn reader_sha256(file: &mut dyn Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

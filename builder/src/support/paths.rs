@@ -153,7 +153,7 @@ fn parent_of(path: &Path) -> &Path {
 }
 
 /// A handle of the directory `dir` (links on the way followed: what matters is what it is).
-fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
     use rustix::fs::{CWD, Mode, OFlags};
     Ok(rustix::fs::openat(
         CWD,
@@ -164,7 +164,7 @@ fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
 }
 
 /// The sudo user, when `dir` (a handle) is theirs.
-fn owner_is_sudo_user(dir: &OwnedFd) -> std::io::Result<Option<(u32, u32)>> {
+fn owner_is_sudo_user(dir: &impl std::os::fd::AsFd) -> std::io::Result<Option<(u32, u32)>> {
     let Some((uid, gid)) = sudo_ids() else {
         return Ok(None);
     };
@@ -288,12 +288,23 @@ pub(crate) fn replace_file(
     mode: u32,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    let dir =
+        open_dir(parent_of(dest)).with_context(|| format!("cannot write {}", dest.display()))?;
+    replace_in(&dir, dest, content, mode)
+}
+
+/// [`replace_file`] for file `dest`'s name in the directory `dir` already opened
+/// (`dest` names it in messages; nothing is resolved through it).
+pub(crate) fn replace_in(
+    dir: &impl std::os::fd::AsFd,
+    dest: &Path,
+    content: &mut dyn std::io::Read,
+    mode: u32,
+) -> anyhow::Result<()> {
     use rustix::fs::{AtFlags, Mode, OFlags};
     let Some(name) = dest.file_name() else {
         anyhow::bail!("cannot write {}: it names no file", dest.display());
     };
-    let dir =
-        open_dir(parent_of(dest)).with_context(|| format!("cannot write {}", dest.display()))?;
     // A random name of its own (tempfile picks it and tries again while taken), made
     // through the directory's handle: another writer's file there is neither used nor
     // removed.
@@ -302,7 +313,7 @@ pub(crate) fn replace_file(
         .suffix(".tmp")
         .make_in(parent_of(dest), |path| {
             let fd = rustix::fs::openat(
-                &dir,
+                dir,
                 path.file_name().unwrap_or_default(),
                 OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC,
                 Mode::from_raw_mode(0o600),
@@ -310,12 +321,12 @@ pub(crate) fn replace_file(
             Ok(std::fs::File::from(fd))
         })
         .and_then(|f| f.keep().map_err(|e| e.error))
-        .with_context(|| format!("cannot write {}", dest.display()))?;
+        .map_err(|e| anyhow::Error::from(e).context(format!("cannot write {}", dest.display())))?;
     let tmp = tmp.file_name().unwrap_or_default().to_owned();
     let mut write = || -> std::io::Result<()> {
         std::io::copy(content, &mut out)?;
         rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
-        if let Some((uid, gid)) = owner_is_sudo_user(&dir)? {
+        if let Some((uid, gid)) = owner_is_sudo_user(dir)? {
             rustix::fs::fchown(
                 &out,
                 Some(rustix::fs::Uid::from_raw(uid)),
@@ -324,10 +335,10 @@ pub(crate) fn replace_file(
         }
         // On disk before its name is: a crash leaves the old file or the whole new one.
         out.sync_all()?;
-        Ok(rustix::fs::renameat(&dir, &tmp, &dir, name)?)
+        Ok(rustix::fs::renameat(dir, &tmp, dir, name)?)
     };
     write().map_err(|e| {
-        let _ = rustix::fs::unlinkat(&dir, &tmp, AtFlags::empty());
+        let _ = rustix::fs::unlinkat(dir, &tmp, AtFlags::empty());
         anyhow::Error::from(e).context(format!("cannot write {}", dest.display()))
     })
 }

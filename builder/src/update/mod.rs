@@ -132,37 +132,75 @@ pub(crate) trait FeedStore {
     fn location(&self) -> String;
 }
 
-/// A feed in a directory of this machine.
-pub(crate) struct DirFeed(pub(crate) PathBuf);
+/// A feed in a directory of this machine. The directory is opened once, at the first
+/// call that finds it (or the first `put`, which makes it), and every file after that
+/// is read and written through that handle: a directory swapped in under its name
+/// mid-publish gets nothing.
+pub(crate) struct DirFeed {
+    path: PathBuf,
+    dir: std::sync::OnceLock<fs::File>,
+}
 
-impl FeedStore for DirFeed {
-    fn holds(&self, file: &str, sha256: &str) -> Result<bool> {
-        let path = self.0.join(file);
-        Ok(path.is_file() && digest::file_sha256(&path)? == sha256)
+impl DirFeed {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        DirFeed {
+            path,
+            dir: std::sync::OnceLock::new(),
+        }
     }
 
-    fn has(&self, file: &str) -> Result<bool> {
-        Ok(self.0.join(file).is_file())
+    /// The feed's directory, None while there is none (a read makes nothing).
+    fn opened(&self) -> Result<Option<&fs::File>> {
+        if let Some(dir) = self.dir.get() {
+            return Ok(Some(dir));
+        }
+        match crate::support::paths::open_dir(&self.path) {
+            Ok(fd) => Ok(Some(self.dir.get_or_init(|| fd.into()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot open the feed {}", self.path.display()))
+            }
+        }
     }
 
-    fn read(&self, file: &str) -> Result<Option<Vec<u8>>> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.0.join(file);
-        // The feed's own plain file, never what a link there points at.
-        let read = || -> std::io::Result<Vec<u8>> {
-            let mut f = fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&path)?;
+    /// The feed's directory, made if there is none.
+    fn made(&self) -> Result<&fs::File> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(dir) = self.opened()? {
+            return Ok(dir);
+        }
+        let (made, new) = crate::support::paths::create_user_dirs_made(&self.path)?;
+        // A directory this call makes is served by a web server, whatever this
+        // process's umask (set through its handle; one that was there keeps its mode).
+        if new {
+            made.set_permissions(fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot make {} readable", self.path.display()))?;
+        }
+        Ok(self.dir.get_or_init(|| made))
+    }
+
+    /// The feed's own plain `file`, never what a link there points at; None when there
+    /// is none.
+    fn open(&self, file: &str) -> Result<Option<fs::File>> {
+        use rustix::fs::{Mode, OFlags};
+        let Some(dir) = self.opened()? else {
+            return Ok(None);
+        };
+        let path = self.path.join(file);
+        let open = || -> std::io::Result<fs::File> {
+            let f = fs::File::from(rustix::fs::openat(
+                dir,
+                file,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?);
             if !f.metadata()?.is_file() {
                 return Err(std::io::Error::other("it is not a plain file"));
             }
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut bytes)?;
-            Ok(bytes)
+            Ok(f)
         };
-        match read() {
-            Ok(bytes) => Ok(Some(bytes)),
+        match open() {
+            Ok(f) => Ok(Some(f)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| {
                 format!(
@@ -172,20 +210,38 @@ impl FeedStore for DirFeed {
             }),
         }
     }
+}
+
+impl FeedStore for DirFeed {
+    fn holds(&self, file: &str, sha256: &str) -> Result<bool> {
+        let Some(mut f) = self.open(file)? else {
+            return Ok(false);
+        };
+        let sha = digest::reader_sha256(&mut f)
+            .with_context(|| format!("cannot read {}", self.path.join(file).display()))?;
+        Ok(sha == sha256)
+    }
+
+    fn has(&self, file: &str) -> Result<bool> {
+        Ok(self.open(file)?.is_some())
+    }
+
+    fn read(&self, file: &str) -> Result<Option<Vec<u8>>> {
+        let Some(mut f) = self.open(file)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut bytes)
+            .with_context(|| format!("cannot read {}", self.path.join(file).display()))?;
+        Ok(Some(bytes))
+    }
 
     fn put(&self, file: &str, src: &Path, _sha256: &str) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        // A directory this call makes is served by a web server, whatever this
-        // process's umask (set through its handle; one that was there keeps its mode).
-        let (made, new) = crate::support::paths::create_user_dirs_made(&self.0)?;
-        if new {
-            made.set_permissions(fs::Permissions::from_mode(0o755))
-                .with_context(|| format!("cannot make {} readable", self.0.display()))?;
-        }
+        let dir = self.made()?;
         let mut src =
             fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
         // 0644: served by a web server, whatever this process's umask.
-        crate::support::paths::replace_file(&self.0.join(file), &mut src, 0o644)
+        crate::support::paths::replace_in(dir, &self.path.join(file), &mut src, 0o644)
     }
 
     fn put_index(&self, sums: &Path, sig: &Path) -> Result<()> {
@@ -194,7 +250,7 @@ impl FeedStore for DirFeed {
     }
 
     fn location(&self) -> String {
-        self.0.display().to_string()
+        self.path.display().to_string()
     }
 }
 
@@ -399,6 +455,58 @@ fn parse_sums(text: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory feed reads and writes through the directory it first found or made:
+    /// another directory put in its place later gets nothing and serves nothing; links
+    /// in the feed are not read through; a feed directory it makes is 0755, one that
+    /// was there keeps its mode.
+    #[test]
+    fn a_directory_feed_works_through_the_directory_it_opened() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a/feed");
+        let src = tmp.path().join("src");
+        fs::write(&src, b"bytes").unwrap();
+        let sha = digest::sha256_hex(b"bytes");
+
+        let feed = DirFeed::new(path.clone());
+        assert!(!feed.has("x.efi").unwrap());
+        assert!(!path.exists(), "a read made the feed");
+        feed.put("x.efi", &src, &sha).unwrap();
+        assert!(feed.holds("x.efi", &sha).unwrap());
+        assert_eq!(path.metadata().unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            path.join("x.efi").metadata().unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+
+        // Swapped under its name mid-publish.
+        let moved = tmp.path().join("a/moved");
+        fs::rename(&path, &moved).unwrap();
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("y.efi"), b"planted").unwrap();
+        feed.put("z.efi", &src, &sha).unwrap();
+        assert!(moved.join("z.efi").is_file());
+        assert!(!path.join("z.efi").exists());
+        assert!(!feed.has("y.efi").unwrap());
+        assert_eq!(feed.read("x.efi").unwrap().unwrap(), b"bytes");
+
+        // A link in the feed is not read through.
+        std::os::unix::fs::symlink(&src, moved.join("l.efi")).unwrap();
+        assert!(
+            feed.read("l.efi")
+                .unwrap_err()
+                .to_string()
+                .contains("not links")
+        );
+
+        // A feed directory that was there keeps its mode.
+        let kept = tmp.path().join("kept");
+        fs::create_dir(&kept).unwrap();
+        fs::set_permissions(&kept, fs::Permissions::from_mode(0o750)).unwrap();
+        DirFeed::new(kept.clone()).put("x.efi", &src, &sha).unwrap();
+        assert_eq!(kept.metadata().unwrap().permissions().mode() & 0o777, 0o750);
+    }
 
     #[test]
     fn feed_versions_are_listed_newest_first_as_versions_compare() {
