@@ -2418,6 +2418,92 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
     assert_eq!(d["state"], "unchanged", "{d}");
     assert_eq!(
         fx.processes("devfleet"),
+        (group.clone(), vec!["AZRebalance".to_owned()], None)
+    );
+
+    // Again, and the next rollout is refused (3.0.0 is bad for the stack): it resumes
+    // them all the same. A tag that outlived what it named (resumed by hand) is dropped,
+    // and nothing is resumed for it.
+    let killed = |named: &str, suspended: &str| {
+        fx.block_on(async {
+            asg.create_or_update_tags()
+                .tags(
+                    sdk_autoscaling::types::Tag::builder()
+                        .resource_id(&group)
+                        .resource_type("auto-scaling-group")
+                        .key("devos:suspended")
+                        .value(named)
+                        .propagate_at_launch(false)
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap();
+            if !suspended.is_empty() {
+                asg.suspend_processes()
+                    .auto_scaling_group_name(&group)
+                    .scaling_processes(suspended)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    killed("HealthCheck,ReplaceUnhealthy", "HealthCheck");
+    let out = in_place("3.0.0", &[]);
+    refused(&out, "marked bad");
+    assert_eq!(
+        fx.processes("devfleet"),
+        (group.clone(), vec!["AZRebalance".to_owned()], None)
+    );
+    killed("ScheduledActions", "");
+    ok(&in_place("2.0.0", &[]));
+    assert_eq!(
+        fx.processes("devfleet"),
+        (group.clone(), vec!["AZRebalance".to_owned()], None)
+    );
+
+    // Stopped by Ctrl-C while it waits for a batch (no agent answers): what it
+    // suspended is resumed, and the rollout is recorded as interrupted.
+    let mut rollout = fx
+        .cmd(&[
+            "fleet",
+            "rollout",
+            "--stack",
+            "devfleet",
+            "--to",
+            "5.0.0",
+            "--in-place",
+            "--batch-timeout",
+            "600",
+            "--region",
+            "us-east-1",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || fx.processes("devfleet").1.len()
+            == 5),
+        "the rollout never suspended the group's processes"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = Command::new("kill")
+        .args(["-INT", &rollout.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = rollout.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted by SIGINT"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fx.processes("devfleet"),
         (group, vec!["AZRebalance".to_owned()], None)
     );
+    assert_eq!(fx.history("devfleet")[0], "in-place 5.0.0 failed");
 }

@@ -464,6 +464,9 @@ pub struct Running {
     /// The group's processes an in-place rollout suspended and has not resumed (it is
     /// running, or it was killed): named by the group's `devos:suspended` tag.
     pub held: Vec<String>,
+    /// Whether the group has that tag at all (it may outlive what it names).
+    #[serde(skip)]
+    pub held_tag: bool,
     pub instances: Vec<Member>,
 }
 
@@ -491,6 +494,7 @@ pub async fn running(aws: &Aws, region: &str, name: &str) -> Result<Running> {
         launch_template_version: None,
         launch_template_image: None,
         held: Vec::new(),
+        held_tag: false,
         instances: Vec::new(),
     };
     let mut ids = Vec::new();
@@ -500,7 +504,7 @@ pub async fn running(aws: &Aws, region: &str, name: &str) -> Result<Running> {
             .await
             .with_context(|| format!("reading stack {name}"))?;
         state.desired = usize::try_from(g.desired_capacity().unwrap_or(0)).unwrap_or(0);
-        state.held = held(&g);
+        (state.held, state.held_tag) = held(&g);
         if let Some(lt) = g.launch_template() {
             state.launch_template = lt.launch_template_id().map(str::to_owned);
             state.launch_template_version = lt.version().map(str::to_owned);
@@ -591,24 +595,26 @@ pub const HOLD: [&str; 5] = [
 /// the next one resumes them too.
 pub const TAG_SUSPENDED: &str = "devos:suspended";
 
-/// The processes of `g` that a rollout suspended and did not resume: named by its tag
-/// and still suspended (not one a person suspended before the rollout, which the tag
-/// never names).
-fn held(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Vec<String> {
+/// The processes of `g` that a rollout suspended and did not resume: those of
+/// [`HOLD`] its tag names that are still suspended (a process suspended by someone else
+/// before the rollout is never in the tag); and whether it has the tag.
+fn held(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> (Vec<String>, bool) {
     let suspended: Vec<&str> = g
         .suspended_processes()
         .iter()
         .filter_map(|p| p.process_name())
         .collect();
-    g.tags()
-        .iter()
-        .find(|t| t.key() == Some(TAG_SUSPENDED))
-        .and_then(|t| t.value())
+    let Some(tag) = g.tags().iter().find(|t| t.key() == Some(TAG_SUSPENDED)) else {
+        return (Vec::new(), false);
+    };
+    let held = tag
+        .value()
         .unwrap_or_default()
         .split(',')
-        .filter(|p| suspended.contains(p))
+        .filter(|p| HOLD.contains(p) && suspended.contains(p))
         .map(str::to_owned)
-        .collect()
+        .collect();
+    (held, true)
 }
 
 async fn group(
@@ -629,9 +635,20 @@ async fn group(
         .with_context(|| format!("the Auto Scaling group {name} is gone"))
 }
 
-/// Suspend [`HOLD`]'s processes of group `name` for an in-place rollout. Returns what
-/// the rollout is to resume when it ends: those it suspended now, and those an earlier,
-/// killed rollout left suspended; never one that was suspended by someone else.
+fn suspended_tag(group: &str, value: Option<String>) -> aws_sdk_autoscaling::types::Tag {
+    aws_sdk_autoscaling::types::Tag::builder()
+        .resource_id(group)
+        .resource_type("auto-scaling-group")
+        .key(TAG_SUSPENDED)
+        .set_value(value)
+        .propagate_at_launch(false)
+        .build()
+}
+
+/// Suspend those of [`HOLD`]'s processes of group `name` that are running, for an
+/// in-place rollout; returns them, for [`release`]. Never one that was suspended
+/// already (by someone else, or by a rollout whose processes [`release`] has not
+/// resumed yet).
 pub async fn hold(aws: &Aws, region: &str, name: &str) -> Result<Vec<String>> {
     let g = group(aws, region, name).await?;
     let suspended: Vec<&str> = g
@@ -644,63 +661,67 @@ pub async fn hold(aws: &Aws, region: &str, name: &str) -> Result<Vec<String>> {
         .filter(|p| !suspended.contains(p))
         .map(|p| (*p).to_owned())
         .collect();
-    let mut ours = held(&g);
-    ours.extend(now.iter().cloned());
-    if ours.is_empty() {
-        return Ok(ours);
+    if now.is_empty() {
+        return Ok(now);
     }
     // Named before they are suspended: whatever ends this process, a process suspended
     // here is in the tag.
-    let tag = aws_sdk_autoscaling::types::Tag::builder()
-        .resource_id(name)
-        .resource_type("auto-scaling-group")
-        .key(TAG_SUSPENDED)
-        .value(ours.join(","))
-        .propagate_at_launch(false)
-        .build();
     aws.autoscaling(region)
         .create_or_update_tags()
-        .tags(tag)
+        .tags(suspended_tag(name, Some(now.join(","))))
         .send()
         .await
         .map_err(|e| explain("autoscaling:CreateOrUpdateTags", region, e))?;
-    if !now.is_empty() {
-        aws.autoscaling(region)
-            .suspend_processes()
-            .auto_scaling_group_name(name)
-            .set_scaling_processes(Some(now))
-            .send()
-            .await
-            .map_err(|e| explain("autoscaling:SuspendProcesses", region, e))?;
+    let suspend = aws
+        .autoscaling(region)
+        .suspend_processes()
+        .auto_scaling_group_name(name)
+        .set_scaling_processes(Some(now.clone()))
+        .send()
+        .await
+        .map_err(|e| explain("autoscaling:SuspendProcesses", region, e));
+    if let Err(e) = suspend {
+        // Nothing suspended: the tag would name processes someone may suspend later.
+        let _ = release(aws, region, name, &[], true).await;
+        return Err(e);
     }
-    Ok(ours)
+    Ok(now)
 }
 
-/// Resume what [`hold`] returned, then drop the group's tag.
-pub async fn release(aws: &Aws, region: &str, name: &str, held: &[String]) -> Result<()> {
+/// Resume `held` (what [`hold`] returned, or [`Running::held`]) of group `name`, then
+/// drop its `devos:suspended` tag when `tagged` or anything was resumed.
+pub async fn release(
+    aws: &Aws,
+    region: &str,
+    name: &str,
+    held: &[String],
+    tagged: bool,
+) -> Result<()> {
     // Never an empty list: ResumeProcesses without processes resumes every one,
     // those someone else suspended too.
-    if held.is_empty() {
-        return Ok(());
+    if !held.is_empty() {
+        aws.autoscaling(region)
+            .resume_processes()
+            .auto_scaling_group_name(name)
+            .set_scaling_processes(Some(held.to_vec()))
+            .send()
+            .await
+            .map_err(|e| explain("autoscaling:ResumeProcesses", region, e))
+            .with_context(|| format!("while resuming {} of {name}", held.join(", ")))?;
     }
-    aws.autoscaling(region)
-        .resume_processes()
-        .auto_scaling_group_name(name)
-        .set_scaling_processes(Some(held.to_vec()))
-        .send()
-        .await
-        .map_err(|e| explain("autoscaling:ResumeProcesses", region, e))?;
-    let tag = aws_sdk_autoscaling::types::Tag::builder()
-        .resource_id(name)
-        .resource_type("auto-scaling-group")
-        .key(TAG_SUSPENDED)
-        .build();
-    aws.autoscaling(region)
-        .delete_tags()
-        .tags(tag)
-        .send()
-        .await
-        .map_err(|e| explain("autoscaling:DeleteTags", region, e))?;
+    if tagged || !held.is_empty() {
+        aws.autoscaling(region)
+            .delete_tags()
+            .tags(suspended_tag(name, None))
+            .send()
+            .await
+            .map_err(|e| explain("autoscaling:DeleteTags", region, e))
+            .with_context(|| {
+                format!(
+                    "while removing the tag {TAG_SUSPENDED} of {name} (what it named is resumed)"
+                )
+            })?;
+    }
     Ok(())
 }
 

@@ -105,6 +105,13 @@ pub(crate) fn rollout(
     devos_aws::block_on(async {
         let s = cx.existing(&t.stack).await?;
         Ctx::template_of(&s)?;
+        let running = stack::running(&cx.aws, &cx.region, &t.stack).await?;
+        let group = running.group.as_deref();
+        if !t.dry_run {
+            // What a killed rollout left suspended, before anything else (this one may
+            // be refused next).
+            release(&cx, &t.stack, group, &running.held, running.held_tag).await?;
+        }
         let current = cx.current(&s)?;
         let reference = current.resolve(to);
         let v = cx.reg.require_passing(&reference)?;
@@ -146,7 +153,6 @@ pub(crate) fn rollout(
             .into_iter()
             .map(|k| k.version)
             .collect();
-        let running = stack::running(&cx.aws, &cx.region, &t.stack).await?;
         let serving: Vec<&Member> = running
             .instances
             .iter()
@@ -188,10 +194,6 @@ pub(crate) fn rollout(
             .map(|m| moved(m, &stack_version, &known))
             .collect();
         if t.dry_run || todo.is_empty() {
-            if !t.dry_run {
-                // What a killed rollout left suspended.
-                release(&cx, &t.stack, running.group.as_deref(), &running.held).await?;
-            }
             outcome.state = if todo.is_empty() {
                 ChangeState::Unchanged
             } else {
@@ -210,25 +212,52 @@ pub(crate) fn rollout(
             v.version,
             batches.size
         );
-        let group = running.group.as_deref();
-        let mut released = Ok(());
-        let driven = match hold(&cx, &t.stack, group).await {
-            Ok(held) => {
-                let driven = drive(&mut cx, id, t, &v, batches, &done, &todo, &mut outcome).await;
-                released = release(&cx, &t.stack, group, &held).await;
-                driven
+        let held = match hold(&cx, &t.stack, group).await {
+            Ok(held) => held,
+            Err(e) => {
+                cx.reg
+                    .finish_rollout(id, ChangeState::Failed, Some(&format!("{e:#}")))?;
+                return Err(e);
             }
-            Err(e) => Err(e),
         };
-        if let Err(e) = &driven {
-            cx.reg
-                .finish_rollout(id, ChangeState::Failed, Some(&format!("{e:#}")))?;
+        let driven = tokio::select! {
+            driven = drive(&mut cx, id, t, &v, batches, &done, &todo, &mut outcome) => driven,
+            signal = interrupted() => Err(anyhow::anyhow!(
+                "interrupted by {signal}: the instances already asked go on with their move\n  hint: run the rollout again to go on (it waits for them), or roll out what they ran before with --in-place to go back"
+            )),
+        };
+        let released = release(&cx, &t.stack, group, &held, false).await;
+        match (driven, released) {
+            (Ok(()), Ok(())) => Ok(outcome),
+            // Recorded as it went; the processes left suspended are an error of their own.
+            (Ok(()), Err(r)) => Err(r),
+            (Err(e), released) => {
+                let e = match released {
+                    Ok(()) => e,
+                    Err(r) => anyhow::anyhow!("{e:#}\nand then: {r:#}"),
+                };
+                cx.reg
+                    .finish_rollout(id, ChangeState::Failed, Some(&format!("{e:#}")))?;
+                Err(e)
+            }
         }
-        // The rollout is recorded as it went; processes left suspended are an error of
-        // their own.
-        driven.and(released)?;
-        Ok(outcome)
     })
+}
+
+/// The first SIGINT or SIGTERM this process gets (Ctrl-C, a cancelled CI job), by
+/// name; the rollout then resumes what it suspended before it exits.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
 }
 
 /// Suspend the Auto Scaling processes that would end or replace instances while they
@@ -249,29 +278,43 @@ async fn hold(cx: &Ctx<'_>, stack_name: &str, group: Option<&str>) -> Result<Vec
     Ok(held)
 }
 
-/// Resume what [`hold`] suspended, however the rollout ended.
+/// Resume `held` (what [`hold`] suspended, or what a killed rollout left) and drop the
+/// group's tag (when `tagged`, or anything was resumed); a failure says how to do it by
+/// hand.
 async fn release(
     cx: &Ctx<'_>,
     stack_name: &str,
     group: Option<&str>,
     held: &[String],
+    tagged: bool,
 ) -> Result<()> {
-    let Some(group) = group.filter(|_| !held.is_empty()) else {
+    let Some(group) = group.filter(|_| tagged || !held.is_empty()) else {
         return Ok(());
     };
-    stack::release(&cx.aws, &cx.region, group, held)
-        .await
-        .with_context(|| {
+    let region = &cx.region;
+    if let Err(e) = stack::release(&cx.aws, region, group, held, tagged).await {
+        let untag = format!(
+            "`aws autoscaling delete-tags --region {region} --tags ResourceId={group},ResourceType=auto-scaling-group,Key={}`",
+            stack::TAG_SUSPENDED
+        );
+        let by_hand = if held.is_empty() {
+            untag
+        } else {
             format!(
-                "while resuming {} of {group}\n  hint: `devos-build fleet status --stack {stack_name}` names them; the next in-place rollout of the stack resumes them, or `aws autoscaling resume-processes --auto-scaling-group-name {group} --scaling-processes {}`",
-                held.join(", "),
+                "`aws autoscaling resume-processes --region {region} --auto-scaling-group-name {group} --scaling-processes {}`, then {untag}",
                 held.join(" ")
             )
-        })?;
-    eprintln!(
-        "in-place {stack_name}: {} of {group} resumed",
-        held.join(", ")
-    );
+        };
+        bail!(
+            "{e:#}\n  hint: `devos-build fleet status --stack {stack_name} --region {region}` shows what stays suspended, and the next in-place rollout of the stack resumes it; by hand: {by_hand}"
+        );
+    }
+    if !held.is_empty() {
+        eprintln!(
+            "in-place {stack_name}: {} of {group} resumed",
+            held.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -522,7 +565,8 @@ async fn wait(
             return Ok(Err(Failure::Version(why)));
         }
         return Ok(Err(Failure::Stuck(format!(
-            "{why}, and no agent of the batch acted on {TAG_UPDATE_TO}: {version} is not marked bad\n  hint: the instances need tags in instance metadata (InstanceMetadataTags: enabled, as the templates set) and an image whose agent follows in-place rollouts; `devos-build fleet status --stack {stack_name}` shows their reports"
+            "{why}, and no agent of the batch acted on {TAG_UPDATE_TO}: {version} is not marked bad\n  hint: the instances need tags in instance metadata (InstanceMetadataTags: enabled, as the templates set) and an image whose agent follows in-place rollouts; `devos-build fleet status --stack {stack_name} --region {}` shows their reports",
+            cx.region
         ))));
     }
 }

@@ -160,7 +160,7 @@ impl Status {
             s.push_str(&format!("  group {g}, desired {}\n", self.running.desired));
             if !self.running.held.is_empty() {
                 s.push_str(&format!(
-                    "  suspended by an in-place rollout: {} (resumed when it ends; one that was killed left them: the next in-place rollout of the stack resumes them)\n",
+                    "  suspended by an in-place rollout: {} (resumed when it ends; if none is running, it was killed: the next in-place rollout of the stack resumes them)\n",
                     self.running.held.join(", ")
                 ));
             }
