@@ -763,6 +763,7 @@ mod tests {
             launch_template_version: Some("2".into()),
             launch_template_image: Some("ami-new".into()),
             held: Vec::new(),
+            held_tag: false,
             instances,
         }
     }
