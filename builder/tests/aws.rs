@@ -2465,7 +2465,7 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
 
     // Stopped by Ctrl-C while it waits for a batch (no agent answers): what it
     // suspended is resumed, and the rollout is recorded as interrupted.
-    let mut rollout = fx
+    let rollout = fx
         .cmd(&[
             "fleet",
             "rollout",
