@@ -252,54 +252,74 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
 /// A registry that `sudo devos-build` had to leave root's (something above it in the
 /// user's home is root's, e.g. a `~/.local` an older tool made as root) is named with the
 /// `chown` that gives it back, under sudo and again when the user's own run cannot
-/// write it; after that chown their run works.
+/// write it (the same directory both times); following that hint is enough. A
+/// registry reached through a link in the home to root's directory gets no chown hint.
 #[test]
 fn a_registry_left_roots_in_the_users_home_says_how_to_give_it_back() {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let user = devos_tests::sudo::SudoUser::new("r");
     let bin = user.install(Path::new(env!("CARGO_BIN_EXE_devos-build")));
     let text = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
     let local = user.home().join(".local");
     std::fs::create_dir(&local).unwrap();
-    let chown = format!("sudo chown -R {}: {}", user.name, local.display());
 
     let out = user.sudo(&bin, &["image", "gc"]);
     assert!(out.status.success(), "{}", text(&out));
     let registry = local.join("share/devos/registry.db");
     assert_eq!(registry.metadata().unwrap().uid(), 0);
+    let warned = format!("hint: sudo chown -R {}: {}", user.name, local.display());
     assert!(
-        text(&out).contains("warning: the registry") && text(&out).contains(&chown),
+        text(&out).contains("warning: the registry") && text(&out).contains(&warned),
         "{}",
         text(&out)
     );
 
-    // Their own run: refused before SQLite opens it read-only, with the owner and the fix.
-    let out = user.run(&bin, &["image", "gc"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    for said in [
-        "cannot be written by you",
-        "belongs to root",
-        "sudo chown -R \"$(id -un):\"",
-    ] {
-        assert!(text(&out).contains(said), "{said}: {}", text(&out));
+    // Their own run: refused before SQLite opens it read-only, naming the same
+    // directory; reading too (SQLite's WAL writes its -shm file to read).
+    let hint = format!("sudo chown -R \"$(id -un):\" {}", local.display());
+    for args in [["image", "gc"], ["image", "list"]] {
+        let out = user.run(&bin, &args);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        for said in ["cannot be written by you", "belongs to root", &hint] {
+            assert!(text(&out).contains(said), "{said}: {}", text(&out));
+        }
     }
-    // Reading too (SQLite's WAL needs its -shm file written to read).
-    let out = user.run(&bin, &["image", "list"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("cannot be written by you"),
-        "{}",
-        text(&out)
-    );
 
-    for entry in walkdir::WalkDir::new(&local) {
-        user.give(entry.unwrap().path());
-    }
+    // Following the hint is enough, and sudo no longer warns.
+    let given = std::process::Command::new("chown")
+        .args(["-R", &format!("{}:", user.name)])
+        .arg(&local)
+        .status()
+        .unwrap();
+    assert!(given.success());
     let out = user.run(&bin, &["image", "gc"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = user.sudo(&bin, &["image", "gc"]);
     assert!(
         out.status.success() && !text(&out).contains("warning"),
+        "{}",
+        text(&out)
+    );
+
+    // Through a link of theirs to root's directory: that directory is not theirs to
+    // take, so no chown of it is suggested.
+    let roots = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(roots.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let devos = local.join("share/devos");
+    std::fs::remove_dir_all(&devos).unwrap();
+    std::os::unix::fs::symlink(roots.path(), &devos).unwrap();
+    user.give(&devos);
+    let out = user.sudo(&bin, &["image", "gc"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("chown"), "{}", text(&out));
+    assert_eq!(
+        roots.path().join("registry.db").metadata().unwrap().uid(),
+        0
+    );
+    let out = user.run(&bin, &["image", "gc"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("ask root for write access") && !text(&out).contains("chown"),
         "{}",
         text(&out)
     );

@@ -36,7 +36,8 @@ fn display(cmd: &Command) -> String {
     line
 }
 
-fn quote(s: &OsStr) -> String {
+/// `s` as a shell word: as it is when that is safe, else in single quotes.
+pub(crate) fn quote(s: &OsStr) -> String {
     let s = s.to_string_lossy();
     if !s.is_empty()
         && s.chars()

@@ -105,19 +105,25 @@ pub(crate) fn hand_over(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Under sudo, for `path` in the invoking user's home that is not theirs (something
-/// above it in their home is root's, e.g. a `~/.local` an older tool made as root, so
-/// nothing made below it was handed over): the topmost such directory or file, for a
-/// `chown` hint. Their own runs without sudo could not write `path`.
-pub(crate) fn kept_from_user(path: &Path) -> Option<PathBuf> {
+/// The topmost file or directory on the way from the invoking user's home down to
+/// `path` that is not `uid`'s: what `chown -R` gives back. None when every one is
+/// theirs, when `path` is not in that home, or when a link is on the way (what a link
+/// leads to is not the home's to give).
+pub(crate) fn foreign_above(path: &Path, uid: u32) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
-    let (uid, _) = sudo_ids()?;
     let home = invoking_home()?;
     let below = path.strip_prefix(&home).ok()?;
     let mut at = home;
     for part in below.components() {
+        let std::path::Component::Normal(part) = part else {
+            return None;
+        };
         at.push(part);
-        if at.symlink_metadata().ok()?.uid() != uid {
+        let meta = at.symlink_metadata().ok()?;
+        if meta.file_type().is_symlink() {
+            return None;
+        }
+        if meta.uid() != uid {
             return Some(at);
         }
     }
@@ -125,9 +131,18 @@ pub(crate) fn kept_from_user(path: &Path) -> Option<PathBuf> {
 }
 
 /// Under sudo, warn when `path` (`what`: "the registry", ...) stays root's in the
-/// invoking user's home ([`kept_from_user`]), naming the `chown` that gives it back.
+/// invoking user's home: the directory it lies in (as opened, as [`hand_over`] judges
+/// it) is not theirs, because something above it there is root's (a `~/.local` an
+/// older tool made as root). Names the `chown` that gives it back, the same
+/// [`foreign_above`] target the user's own refused run names.
 pub(crate) fn warn_if_kept(path: &Path, what: &str) {
-    let Some(top) = kept_from_user(path) else {
+    let Some((uid, _)) = sudo_ids() else {
+        return;
+    };
+    let theirs = open_dir(parent_of(path))
+        .and_then(|dir| Ok(rustix::fs::fstat(&dir)?.st_uid == uid))
+        .unwrap_or(true);
+    let Some(top) = foreign_above(path, uid).filter(|_| !theirs) else {
         return;
     };
     let user = sudo_user().unwrap_or_default();
@@ -135,14 +150,15 @@ pub(crate) fn warn_if_kept(path: &Path, what: &str) {
         "warning: {what} {} stays root's: {} in {user}'s home is not theirs, so nothing made under it is given to them, and their own runs without sudo cannot write it\n  hint: sudo chown -R {user}: {}",
         path.display(),
         top.display(),
-        top.display()
+        crate::support::cmd::quote(top.as_os_str())
     );
 }
 
 /// The name of user `uid` from the name service.
 pub(crate) fn passwd_name(uid: u32) -> Option<String> {
     let line = passwd_entry(&uid.to_string())?;
-    line.split(':').next().map(str::to_owned)
+    let fields: Vec<&str> = line.trim_end().split(':').collect();
+    (fields.get(2) == Some(&uid.to_string().as_str())).then(|| fields[0].to_owned())
 }
 
 /// The directory `path` lies in (`.` for a bare name).

@@ -195,19 +195,19 @@ impl DirFeed {
                 Mode::empty(),
             )?);
             if !f.metadata()?.is_file() {
-                return Err(std::io::Error::other("it is not a plain file"));
+                return Err(rustix::io::Errno::LOOP.into());
             }
             Ok(f)
         };
         match open() {
             Ok(f) => Ok(Some(f)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| {
-                format!(
-                    "cannot read {} (a feed holds plain files, not links)",
-                    path.display()
-                )
-            }),
+            // O_NOFOLLOW met a link (or it is no file at all).
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => bail!(
+                "cannot read {}: it is not a plain file (a feed holds plain files, not links)\n  hint: replace it with the file itself, or remove it and publish again",
+                path.display()
+            ),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
     }
 }
@@ -491,8 +491,14 @@ mod tests {
         assert!(!feed.has("y.efi").unwrap());
         assert_eq!(feed.read("x.efi").unwrap().unwrap(), b"bytes");
 
-        // A link in the feed is not read through.
+        // Hashes are of the opened directory's files too.
+        fs::write(path.join("x.efi"), b"planted").unwrap();
+        assert!(feed.holds("x.efi", &sha).unwrap());
+
+        // A link in the feed is not read through, by any reader.
         std::os::unix::fs::symlink(&src, moved.join("l.efi")).unwrap();
+        assert!(feed.holds("l.efi", &sha).is_err());
+        assert!(feed.has("l.efi").is_err());
         assert!(
             feed.read("l.efi")
                 .unwrap_err()

@@ -46,11 +46,13 @@ fn open_error(path: &Path, e: rusqlite::Error) -> anyhow::Error {
     }
 }
 
-/// Refuse a registry this process cannot write (it, or the directory it lies in, is
-/// another user's: SQLite would open it read-only and fail at the first write, or at
-/// once in WAL mode), naming the owner and what to do. Root may write anything.
+/// Refuse a registry this process cannot write (it, or the directory it lies in):
+/// SQLite would open it read-only and fail at the first write, or at once in WAL mode.
+/// Says why (a read-only filesystem, a mode, another owner) and what to do. Root may
+/// write anything.
 fn check_writable(path: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let quote = |p: &Path| crate::support::cmd::quote(p.as_os_str());
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -59,16 +61,38 @@ fn check_writable(path: &Path) -> Result<()> {
         let Ok(meta) = p.metadata() else {
             continue;
         };
-        if rustix::fs::access(p, rustix::fs::Access::WRITE_OK).is_ok() {
-            continue;
-        }
-        let whose = crate::support::paths::passwd_name(meta.uid())
-            .unwrap_or_else(|| format!("uid {}", meta.uid()));
+        let why = match rustix::fs::access(p, rustix::fs::Access::WRITE_OK) {
+            Ok(()) => continue,
+            Err(rustix::io::Errno::ROFS) => format!(
+                "{} is on a read-only filesystem\n  hint: point --registry (DEVOS_REGISTRY) at a registry on a writable one",
+                p.display()
+            ),
+            Err(_) if crate::support::paths::acting_uid() == Some(meta.uid()) => format!(
+                "{} is yours, but its mode ({:o}) lets nobody write it\n  hint: chmod u+w {}",
+                p.display(),
+                meta.permissions().mode() & 0o7777,
+                quote(p)
+            ),
+            Err(_) => {
+                let whose = crate::support::paths::passwd_name(meta.uid())
+                    .unwrap_or_else(|| format!("uid {}", meta.uid()));
+                let mine = crate::support::paths::acting_uid().unwrap_or(u32::MAX);
+                match crate::support::paths::foreign_above(path, mine) {
+                    Some(top) => format!(
+                        "{} belongs to {whose}\n  hint: if `sudo devos-build` made it, give it back: sudo chown -R \"$(id -un):\" {}",
+                        top.display(),
+                        quote(&top)
+                    ),
+                    None => format!(
+                        "{} belongs to {whose}\n  hint: ask {whose} for write access to it, or point --registry (DEVOS_REGISTRY) at a registry of your own",
+                        p.display()
+                    ),
+                }
+            }
+        };
         bail!(
-            "the registry {} cannot be written by you: {} belongs to {whose}\n  hint: if `sudo devos-build` made it, give it back: sudo chown -R \"$(id -un):\" {}; or point --registry (DEVOS_REGISTRY) at a registry of your own",
-            path.display(),
-            p.display(),
-            dir.display()
+            "the registry {} cannot be written by you: {why}",
+            path.display()
         );
     }
     Ok(())
