@@ -210,7 +210,7 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
     let out = user
         .sudo_command(&bin)
         .args(["keys", "generate"])
-        .env("DEVOS_KEYS", roots.path().join("keys.d"))
+        .env("DEVOS_KEYS", roots.path().join("new/keys.d"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -219,7 +219,7 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
         "{}",
         text(&out)
     );
-    assert!(!roots.path().join("keys.d").exists(), "left behind");
+    assert!(!roots.path().join("new").exists(), "left behind");
 
     // Two at once, in a new directory of their own: one key, one refusal.
     std::fs::remove_file(&keys).unwrap();

@@ -147,12 +147,28 @@ fn open_key_dir(dir: &Path) -> Result<fs::File> {
     let Some(owner) = crate::support::paths::acting_uid() else {
         bail!("cannot tell which user this command runs for (no /proc/self?)");
     };
+    // What is there already: what this call makes below it is removed again if refused.
+    let existing = dir
+        .ancestors()
+        .find(|d| d.as_os_str().is_empty() || d.exists())
+        .map(Path::to_path_buf);
     let (handle, made) = crate::support::paths::create_user_dirs_made(dir)?;
     let meta = handle
         .metadata()
         .with_context(|| format!("cannot read {}", dir.display()))?;
     if meta.uid() != owner && made {
-        let _ = fs::remove_dir(dir);
+        // Emptied from the bottom up; a `..` in the name stops at the key directory.
+        let plain = dir.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::RootDir
+            )
+        });
+        for d in dir.ancestors() {
+            if Some(d) == existing.as_deref() || fs::remove_dir(d).is_err() || !plain {
+                break;
+            }
+        }
         bail!(
             "the key directory {} would be made in a directory that is not yours (uid {owner}), so it would not be yours either; nothing was left there\n  hint: name a directory in one of your own with DEVOS_KEYS",
             dir.display()
