@@ -399,29 +399,32 @@ impl Fixture {
         })
     }
 
-    /// A fleet's Auto Scaling group: its name, its suspended processes (sorted) and its
-    /// `devos:suspended` tag.
-    fn processes(&self, stack: &str) -> (String, Vec<String>, Option<String>) {
-        let region = "us-east-1";
-        let cf = self.sdk(region, sdk_cloudformation::Client::new);
-        let asg = self.sdk(region, sdk_autoscaling::Client::new);
+    /// The physical id of resource `logical` of `stack` (in us-east-1).
+    fn resource_id(&self, stack: &str, logical: &str) -> String {
+        let cf = self.sdk("us-east-1", sdk_cloudformation::Client::new);
         self.block_on(async {
             let r = cf
                 .describe_stack_resource()
                 .stack_name(stack)
-                .logical_resource_id("Group")
+                .logical_resource_id(logical)
                 .send()
                 .await
                 .unwrap();
-            let group = r
-                .stack_resource_detail()
+            r.stack_resource_detail()
                 .unwrap()
                 .physical_resource_id()
                 .unwrap()
-                .to_owned();
-            let (suspended, tag) = suspended(&asg, &group).await;
-            (group, suspended, tag)
+                .to_owned()
         })
+    }
+
+    /// A fleet's Auto Scaling group: its name, its suspended processes (sorted) and its
+    /// `devos:suspended` tag.
+    fn processes(&self, stack: &str) -> (String, Vec<String>, Option<String>) {
+        let group = self.resource_id(stack, "Group");
+        let asg = self.sdk("us-east-1", sdk_autoscaling::Client::new);
+        let (suspended, tag) = self.block_on(suspended(&asg, &group));
+        (group, suspended, tag)
     }
 
     /// The AMI of the launch template version a fleet's group uses, and the AMIs of the
@@ -438,21 +441,9 @@ impl Fixture {
 
     /// The AMI of the instance of an instance stack.
     fn instance_image(&self, stack: &str) -> String {
-        let cf = self.sdk("us-east-1", sdk_cloudformation::Client::new);
+        let id = self.resource_id(stack, "Instance");
         let ec2 = self.ec2("us-east-1");
         self.block_on(async {
-            let r = cf
-                .describe_stack_resource()
-                .stack_name(stack)
-                .logical_resource_id("Instance")
-                .send()
-                .await
-                .unwrap();
-            let id = r
-                .stack_resource_detail()
-                .unwrap()
-                .physical_resource_id()
-                .unwrap();
             let out = ec2
                 .describe_instances()
                 .instance_ids(id)

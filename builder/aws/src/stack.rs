@@ -599,11 +599,7 @@ pub const TAG_SUSPENDED: &str = "devos:suspended";
 /// [`HOLD`] its tag names that are still suspended (a process suspended by someone else
 /// before the rollout is never in the tag); and whether it has the tag.
 fn held(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> (Vec<String>, bool) {
-    let suspended: Vec<&str> = g
-        .suspended_processes()
-        .iter()
-        .filter_map(|p| p.process_name())
-        .collect();
+    let suspended = suspended(g);
     let Some(tag) = g.tags().iter().find(|t| t.key() == Some(TAG_SUSPENDED)) else {
         return (Vec::new(), false);
     };
@@ -615,6 +611,14 @@ fn held(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> (Vec<String>, bool)
         .map(str::to_owned)
         .collect();
     (held, true)
+}
+
+/// The names of `g`'s suspended processes.
+fn suspended(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Vec<&str> {
+    g.suspended_processes()
+        .iter()
+        .filter_map(|p| p.process_name())
+        .collect()
 }
 
 async fn group(
@@ -651,11 +655,7 @@ fn suspended_tag(group: &str, value: Option<String>) -> aws_sdk_autoscaling::typ
 /// resumed yet).
 pub async fn hold(aws: &Aws, region: &str, name: &str) -> Result<Vec<String>> {
     let g = group(aws, region, name).await?;
-    let suspended: Vec<&str> = g
-        .suspended_processes()
-        .iter()
-        .filter_map(|p| p.process_name())
-        .collect();
+    let suspended = suspended(&g);
     let now: Vec<String> = HOLD
         .iter()
         .filter(|p| !suspended.contains(p))

@@ -161,8 +161,16 @@ pub(crate) fn passwd_name(uid: u32) -> Option<String> {
     (fields.get(2) == Some(&uid.to_string().as_str())).then(|| fields[0].to_owned())
 }
 
+/// The longest part of `dir` that exists (empty: the working directory): what
+/// [`create_user_dirs_made`] makes is below it.
+pub(crate) fn nearest_existing(dir: &Path) -> &Path {
+    dir.ancestors()
+        .find(|d| d.as_os_str().is_empty() || d.exists())
+        .unwrap_or(Path::new("/"))
+}
+
 /// The directory `path` lies in (`.` for a bare name).
-fn parent_of(path: &Path) -> &Path {
+pub(crate) fn parent_of(path: &Path) -> &Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
@@ -226,10 +234,7 @@ pub(crate) fn create_user_dirs_made(dir: &Path) -> anyhow::Result<(std::fs::File
     let cannot = |e: std::io::Error| {
         anyhow::Error::from(e).context(format!("cannot create {}", dir.display()))
     };
-    let existing = dir
-        .ancestors()
-        .find(|d| d.as_os_str().is_empty() || d.exists())
-        .unwrap_or(Path::new("/"));
+    let existing = nearest_existing(dir);
     let mut handle = open_dir(if existing.as_os_str().is_empty() {
         Path::new(".")
     } else {

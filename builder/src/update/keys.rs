@@ -148,24 +148,26 @@ fn open_key_dir(dir: &Path) -> Result<fs::File> {
         bail!("cannot tell which user this command runs for (no /proc/self?)");
     };
     // What is there already: what this call makes below it is removed again if refused.
-    let existing = dir
-        .ancestors()
-        .find(|d| d.as_os_str().is_empty() || d.exists())
-        .map(Path::to_path_buf);
+    let existing = crate::support::paths::nearest_existing(dir).to_path_buf();
     let (handle, made) = crate::support::paths::create_user_dirs_made(dir)?;
     let meta = handle
         .metadata()
         .with_context(|| format!("cannot read {}", dir.display()))?;
     if meta.uid() != owner && made {
-        // Emptied from the bottom up; a `..` in the name stops at the key directory.
+        // Emptied from the bottom up; with a `..` in the name, only the key directory.
         let plain = dir.components().all(|c| {
             matches!(
                 c,
                 std::path::Component::Normal(_) | std::path::Component::RootDir
             )
         });
-        for d in dir.ancestors() {
-            if Some(d) == existing.as_deref() || fs::remove_dir(d).is_err() || !plain {
+        let made_here: Vec<&Path> = if plain {
+            dir.ancestors().take_while(|d| *d != existing).collect()
+        } else {
+            vec![dir]
+        };
+        for d in made_here {
+            if fs::remove_dir(d).is_err() {
                 break;
             }
         }

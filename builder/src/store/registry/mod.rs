@@ -53,10 +53,8 @@ fn open_error(path: &Path, e: rusqlite::Error) -> anyhow::Error {
 fn check_writable(path: &Path) -> Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let quote = |p: &Path| crate::support::cmd::quote(p.as_os_str());
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::support::paths::parent_of(path);
+    let mine = crate::support::paths::acting_uid();
     for p in [path, dir] {
         let Ok(meta) = p.metadata() else {
             continue;
@@ -67,7 +65,7 @@ fn check_writable(path: &Path) -> Result<()> {
                 "{} is on a read-only filesystem\n  hint: point --registry (DEVOS_REGISTRY) at a registry on a writable one",
                 p.display()
             ),
-            Err(_) if crate::support::paths::acting_uid() == Some(meta.uid()) => format!(
+            Err(_) if mine == Some(meta.uid()) => format!(
                 "{} is yours, but its mode ({:o}) lets nobody write it\n  hint: chmod u+w {}",
                 p.display(),
                 meta.permissions().mode() & 0o7777,
@@ -76,8 +74,7 @@ fn check_writable(path: &Path) -> Result<()> {
             Err(_) => {
                 let whose = crate::support::paths::passwd_name(meta.uid())
                     .unwrap_or_else(|| format!("uid {}", meta.uid()));
-                let mine = crate::support::paths::acting_uid().unwrap_or(u32::MAX);
-                match crate::support::paths::foreign_above(path, mine) {
+                match crate::support::paths::foreign_above(path, mine.unwrap_or(u32::MAX)) {
                     Some(top) => format!(
                         "{} belongs to {whose}\n  hint: if `sudo devos-build` made it, give it back: sudo chown -R \"$(id -un):\" {}",
                         top.display(),
