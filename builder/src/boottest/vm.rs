@@ -358,7 +358,12 @@ fn overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<()> {
 
 /// A private copy of the firmware variable store for one VM.
 fn vars_copy(fw: &Firmware, dest: &Path) -> Result<()> {
-    fs::copy(&fw.vars, dest).with_context(|| format!("cannot copy {}", fw.vars.display()))?;
+    copy(&fw.vars, dest)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    fs::copy(from, to)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
     Ok(())
 }
 
@@ -394,8 +399,8 @@ pub(super) struct Scratch {
 }
 
 impl Scratch {
-    /// Start over under TCG: a fresh overlay and variable store (the failed run may
-    /// have written to them).
+    /// Go on under TCG from the disk and variables as they were before the boot KVM
+    /// failed in (that run may have written to them).
     pub(super) fn fall_back_to_tcg(&mut self, target: &Target, kvm_error: &str) -> Result<()> {
         let reason = format!(
             "{}, but the VM then failed under KVM ({kvm_error}); fell back to TCG",
@@ -406,7 +411,34 @@ impl Scratch {
             accel: Accel::Tcg,
             reason,
         };
-        self.start_over(target)
+        self.rewind(target)
+    }
+
+    /// Keep the overlay and variable store as they are before the next boot, so that a
+    /// boot the host's emulator spoiled can be run again from exactly where it started
+    /// (what earlier boots wrote — an update, its tries — included). Before the first
+    /// boot there is nothing to keep: the image is that state.
+    pub(super) fn checkpoint(&self) -> Result<()> {
+        if self.boots > 0 {
+            copy(&self.overlay, &self.before(&self.overlay))?;
+            copy(&self.vars, &self.before(&self.vars))?;
+        }
+        Ok(())
+    }
+
+    /// Back to the last checkpoint: the disk and variables as they were before the boot
+    /// that is to be run again.
+    pub(super) fn rewind(&mut self, target: &Target) -> Result<()> {
+        if self.boots == 0 {
+            return self.start_over(target);
+        }
+        copy(&self.before(&self.overlay), &self.overlay)?;
+        copy(&self.before(&self.vars), &self.vars)
+    }
+
+    fn before(&self, file: &Path) -> PathBuf {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        self.dir.path().join(format!("before-boot.{name}"))
     }
 
     /// A fresh overlay and variable store: the disk as the image has it, never booted.
@@ -499,6 +531,45 @@ mod tests {
             let drives = args.iter().filter(|a| a.contains("drive=disk")).count();
             assert_eq!(drives, 1, "{bus:?}: {args:?}");
         }
+    }
+
+    #[test]
+    fn a_boot_run_again_starts_from_the_disk_as_it_was_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (overlay, vars) = (dir.path().join("overlay.qcow2"), dir.path().join("vars.fd"));
+        let mut scratch = Scratch {
+            fw: Firmware {
+                code: "/code.fd".into(),
+                vars: "/vars.fd".into(),
+            },
+            accel: AccelChoice {
+                accel: Accel::Tcg,
+                reason: "test".into(),
+            },
+            overlay: overlay.clone(),
+            vars: vars.clone(),
+            boots: 1,
+            dir,
+        };
+        let target = Target {
+            disk: "/image.raw".into(),
+            manifest: None,
+            tests: Vec::new(),
+        };
+        // What an earlier boot wrote (an update) is kept; what the spoiled boot wrote
+        // (a used try, a changed boot variable) is not.
+        fs::write(&overlay, "updated").unwrap();
+        fs::write(&vars, "entry v2").unwrap();
+        scratch.checkpoint().unwrap();
+        fs::write(&overlay, "updated, one try used").unwrap();
+        fs::write(&vars, "entry v2, booting").unwrap();
+        scratch.rewind(&target).unwrap();
+        assert_eq!(fs::read_to_string(&overlay).unwrap(), "updated");
+        assert_eq!(fs::read_to_string(&vars).unwrap(), "entry v2");
+        // A second spoiled boot of the same state goes back to the same place.
+        fs::write(&overlay, "spoiled again").unwrap();
+        scratch.rewind(&target).unwrap();
+        assert_eq!(fs::read_to_string(&overlay).unwrap(), "updated");
     }
 
     #[test]
