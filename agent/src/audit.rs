@@ -724,8 +724,11 @@ fn check_anchors(
         };
         sources.push((path.display().to_string(), anchors));
     }
+    // Only the log's writer (the directory's owner) anchors it: anyone may log a
+    // journal entry with these fields, but journald records who sent it.
+    let writer = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir).map_err(io(dir))?);
     if options.journal
-        && let Some(anchors) = journal_anchors(&log)
+        && let Some(anchors) = journal_anchors(&log, writer)
     {
         sources.push(("the journal".into(), anchors));
     }
@@ -765,32 +768,46 @@ fn check_anchors(
 }
 
 /// The anchors the journal holds for a log, or `None` without a journal.
-fn journal_anchors(log: &str) -> Option<Vec<Anchor>> {
+fn journal_anchors(log: &str, writer: u32) -> Option<Vec<Anchor>> {
     if !Path::new(JOURNAL_SOCKET).exists() {
         return None;
     }
     // A journal that cannot be read is reported as none (`journal-anchors: null`).
     let out = std::process::Command::new("journalctl")
         .args(["--no-pager", "--quiet", "-o", "json"])
+        .arg(format!("_UID={writer}"))
         .arg(format!("DEVOS_AUDIT_LOG={log}"))
         .stdin(std::process::Stdio::null())
         .output()
         .ok()
         .filter(|o| o.status.success())?;
-    Some(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            // (Only entries with both fields are anchors.)
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|j| {
-                Some(Anchor {
-                    seq: j["DEVOS_AUDIT_SEQ"].as_str()?.parse().ok()?,
-                    hash: j["DEVOS_AUDIT_HASH"].as_str()?.to_owned(),
-                    log: log.to_owned(),
-                })
+    Some(anchors_in_journal(
+        &String::from_utf8_lossy(&out.stdout),
+        log,
+        writer,
+    ))
+}
+
+/// The anchors for `log` in `journalctl -o json` output that `writer` sent: an entry
+/// another user logged with the same fields (`logger --journald`) is not an anchor.
+fn anchors_in_journal(json_lines: &str, log: &str, writer: u32) -> Vec<Anchor> {
+    let writer = writer.to_string();
+    json_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        // `_UID` is journald's own (trusted) field, taken from the sender's socket.
+        .filter(|j| {
+            j["_UID"].as_str() == Some(&writer) && j["DEVOS_AUDIT_LOG"].as_str() == Some(log)
+        })
+        // (Only entries with both fields are anchors.)
+        .filter_map(|j| {
+            Some(Anchor {
+                seq: j["DEVOS_AUDIT_SEQ"].as_str()?.parse().ok()?,
+                hash: j["DEVOS_AUDIT_HASH"].as_str()?.to_owned(),
+                log: log.to_owned(),
             })
-            .collect(),
-    )
+        })
+        .collect()
 }
 
 #[cfg(test)]

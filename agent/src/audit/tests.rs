@@ -289,3 +289,29 @@ fn an_entry_that_cannot_be_anchored_is_an_error() {
             .is_err()
     );
 }
+
+#[test]
+fn only_the_writers_journal_entries_anchor_the_log() {
+    // What `journalctl -o json` prints: the agent's own anchor (root), one another user
+    // sent with `logger --journald` carrying the same fields, and one for another log.
+    let entry = |uid: u32, log: &str, seq: u64, hash: &str| {
+        serde_json::json!({
+            "_UID": uid.to_string(),
+            "DEVOS_AUDIT_LOG": log,
+            "DEVOS_AUDIT_SEQ": seq.to_string(),
+            "DEVOS_AUDIT_HASH": hash,
+        })
+        .to_string()
+    };
+    let journal = [
+        entry(0, "/var/lib/devos/audit", 1, "aa"),
+        entry(1000, "/var/lib/devos/audit", 1, "forged"),
+        entry(1000, "/var/lib/devos/audit", 99, "forged"),
+        entry(0, "/elsewhere", 2, "bb"),
+        "not json".to_owned(),
+    ]
+    .join("\n");
+    let anchors = anchors_in_journal(&journal, "/var/lib/devos/audit", 0);
+    assert_eq!(anchors.len(), 1, "{anchors:?}");
+    assert_eq!((anchors[0].seq, anchors[0].hash.as_str()), (1, "aa"));
+}
