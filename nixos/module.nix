@@ -86,6 +86,28 @@ in
     # Runs only where /etc/devos/ec2-keys.env names a user (its [Install] section says
     # multi-user.target, as for the two above).
     systemd.services.devos-ec2-keys.wantedBy = [ "multi-user.target" ];
+    # Instance metadata (and with it the instance role) for root only, as the Debian
+    # images route it (docs/agent.md, "Instance metadata is root's").
+    systemd.services.devos-metadata-root-only = {
+      description = "Instance metadata for root only";
+      wantedBy = [ "network-pre.target" ];
+      before = [ "network-pre.target" ];
+      unitConfig.DefaultDependencies = false;
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+      };
+      path = [ pkgs.iproute2 ];
+      script = ''
+        rule() {
+          ip "$1" rule del to "$2" uidrange 1-4294967294 prohibit pref 100 2>/dev/null || true
+          ip "$1" rule add to "$2" uidrange 1-4294967294 prohibit pref 100
+        }
+        rule -4 169.254.169.254/32
+        # (A kernel without IPv6 has no such route to close.)
+        if [ -e /proc/sys/net/ipv6 ]; then rule -6 fd00:ec2::254/128; fi
+      '';
+    };
     # Runs only on a counted boot (a version on trial): its health gates the blessing.
     systemd.services.devos-boot-complete.requiredBy = [ "boot-complete.target" ];
   };

@@ -156,6 +156,8 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     if let Some(login) = ssh_login(wait).await {
         emit(login)?;
         emit(ssh_host_keys())?;
+        // (Instance metadata is there exactly when the host logs in the EC2 way.)
+        emit(metadata_root_only().await)?;
     }
 
     let done = serde_json::to_string(&Done {
@@ -366,6 +368,60 @@ async fn ssh_login(wait: Duration) -> Option<CheckResult> {
             return Some(failed("ssh-login", detail));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Instance metadata answers root (the agent, the key hand-over) and refuses every
+/// other user at once: the instance role's credentials are the system's (the image's
+/// routing rule, docs/agent.md "Instance metadata").
+async fn metadata_root_only() -> CheckResult {
+    const CONNECT: &str = "exec 3<>/dev/tcp/169.254.169.254/80";
+    let start = Instant::now();
+    let (root_in, root_said) = connect_as(&["env"], CONNECT).await;
+    let (user_in, user_said) = connect_as(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        CONNECT,
+    )
+    .await;
+    let refused = !user_in && user_said.contains("Permission denied");
+    CheckResult {
+        check: "metadata-root-only".into(),
+        ok: root_in && refused,
+        detail: match (root_in, refused) {
+            (true, true) => {
+                "root reaches instance metadata; uid 65534 is refused (Permission denied)".into()
+            }
+            (false, _) => format!("root cannot reach instance metadata: {root_said}"),
+            (true, false) if user_in => {
+                "uid 65534 reaches instance metadata: any user could use the instance role".into()
+            }
+            (true, false) => format!("uid 65534 is not refused at once: {user_said}"),
+        },
+        ms: start.elapsed().as_millis(),
+    }
+}
+
+/// Run `bash -c script` under `runner` (argv before it): whether it succeeded, and
+/// what it said on stderr.
+async fn connect_as(runner: &[&str], script: &str) -> (bool, String) {
+    let output = tokio::process::Command::new(runner[0])
+        .args(&runner[1..])
+        .args(["bash", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(20), output).await {
+        Ok(Ok(out)) => (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ),
+        Ok(Err(e)) => (false, format!("cannot run {}: {e}", runner[0])),
+        Err(_) => (false, "no answer within 20 s".to_owned()),
     }
 }
 

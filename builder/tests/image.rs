@@ -361,7 +361,8 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
         .map(|c| c["check"].as_str().unwrap())
         .collect();
     // Among them the SSH login: the host handed a throw-away key in as EC2's instance
-    // metadata does, the agent's unit gave it to `dev`, and a real ssh logged in.
+    // metadata does, the agent's unit gave it to `dev`, and a real ssh logged in; and
+    // that metadata answers root only.
     for want in [
         "agent-ping",
         "agent-version",
@@ -369,6 +370,7 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
         "ssh-from-host",
         "ssh-login",
         "ssh-host-keys",
+        "metadata-root-only",
     ] {
         assert!(checks.contains(&want), "{checks:?}");
     }

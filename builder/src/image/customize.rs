@@ -416,13 +416,19 @@ fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Every wired link by DHCP; instance metadata (IPv4 and EC2's IPv6 address) only for
+/// root. The instance's role is the system's (the agent's Bedrock calls, its fleet tags,
+/// the health signal): a user who could read its credentials could spend and tag as
+/// the machine. `prohibit` fails a user's connect at once (EACCES), for every socket a
+/// non-root uid opens, the agent's sandboxed actions included.
+const NETWORK: &str = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n\n\
+    [RoutingPolicyRule]\nTo=169.254.169.254/32\nUser=1-4294967294\nType=prohibit\nPriority=100\n\n\
+    [RoutingPolicyRule]\nTo=fd00:ec2::254/128\nUser=1-4294967294\nType=prohibit\nPriority=100\n";
+
 fn write_network(root: &Path) -> Result<()> {
     let dir = root.join("etc/systemd/network");
     fs::create_dir_all(&dir)?;
-    fs::write(
-        dir.join("80-devos-dhcp.network"),
-        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
-    )?;
+    fs::write(dir.join("80-devos-dhcp.network"), NETWORK)?;
     for (unit, target) in ENABLED_UNITS {
         enable(root, unit, target)?;
     }
