@@ -147,12 +147,7 @@ pub(crate) fn rollout(
             .next()
             .unwrap_or_default()
             .to_owned();
-        let known: HashSet<String> = cx
-            .reg
-            .versions(Some(&v.name))?
-            .into_iter()
-            .map(|k| k.version)
-            .collect();
+        let known = way_back(cx.reg, &t.stack, &cx.region, &v.name, &stack_version)?;
         let serving: Vec<&Member> = running
             .instances
             .iter()
@@ -449,6 +444,35 @@ async fn stay(
         ));
     }
     Ok(reason)
+}
+
+/// The versions an instance of the stack may go back to when its report says it runs
+/// one: the stack's own, and those this registry's earlier in-place rollouts of the
+/// stack moved instances to or from, unless marked bad for it. A report is the agent's
+/// word, which root on any instance of the stack could forge for a sibling: it must
+/// not be able to send that sibling to an older signed version the stack never ran.
+fn way_back(
+    reg: &Registry,
+    stack: &str,
+    region: &str,
+    image: &str,
+    stack_version: &str,
+) -> Result<HashSet<String>> {
+    let ran: HashSet<String> = reg
+        .rollouts(Some(stack), Some(region))?
+        .into_iter()
+        .filter(|r| r.kind == "in-place" && r.image == image)
+        .flat_map(|r| [Some(r.to), r.from])
+        .flatten()
+        .chain([stack_version.to_owned()])
+        .collect();
+    let mut known = HashSet::new();
+    for k in reg.versions(Some(image))? {
+        if ran.contains(&k.version) && reg.bad_reason(stack, region, &k)?.is_none() {
+            known.insert(k.version);
+        }
+    }
+    Ok(known)
 }
 
 /// Whether the instance's agent reports `version` running and healthy, as asked.
@@ -794,5 +818,53 @@ mod tests {
         let on_new = member(&[(TAG_RUNNING, "0.2.0"), (TAG_STATE, "unhealthy: x")]);
         assert_eq!(moved(&on_new, "0.0.9", &known).from, "0.0.9");
         assert_eq!(moved(&member(&[]), "0.0.9", &known).from, "0.0.9");
+    }
+
+    #[test]
+    fn a_report_names_the_way_back_only_for_a_version_the_stack_ran() {
+        use crate::store::registry::tests::manifest;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+        for v in ["0.0.1", "0.1.0", "0.2.0", "0.3.0", "0.4.0"] {
+            reg.record_build(
+                std::path::Path::new("/o"),
+                std::path::Path::new("s"),
+                &manifest(v, &[]),
+                &[],
+            )
+            .unwrap();
+        }
+        let info = |reg: &Registry, v: &str| reg.find(&format!("devos-test@{v}")).unwrap();
+        // Deployed on 0.1.0, moved in place to 0.2.0; a try of 0.3.0 went back and
+        // 0.3.0 is bad here; another stack went to 0.4.0.
+        let (v1, v2, v3, v4) = (
+            info(&reg, "0.1.0"),
+            info(&reg, "0.2.0"),
+            info(&reg, "0.3.0"),
+            info(&reg, "0.4.0"),
+        );
+        for (stack, from, to, state) in [
+            ("web", &v1, &v2, ChangeState::Succeeded),
+            ("web", &v2, &v3, ChangeState::RolledBack),
+            ("other", &v1, &v4, ChangeState::Succeeded),
+        ] {
+            let id = reg
+                .start_rollout(stack, "eu-west-1", "in-place", Some(from), to)
+                .unwrap();
+            reg.finish_rollout(id, state, None).unwrap();
+        }
+        reg.mark_bad("web", "eu-west-1", &v3, "x").unwrap();
+        let known = way_back(&reg, "web", "eu-west-1", "devos-test", "0.1.0").unwrap();
+        let mut sorted: Vec<&str> = known.iter().map(String::as_str).collect();
+        sorted.sort();
+        assert_eq!(sorted, ["0.1.0", "0.2.0"]);
+        // A signed build this stack never ran (a report forged by root on a sibling), a
+        // version bad here, another stack's: the stack's own version instead.
+        for forged in ["0.0.1", "0.3.0", "0.4.0"] {
+            let m = member(&[(TAG_RUNNING, forged), (TAG_STATE, HEALTHY)]);
+            assert_eq!(moved(&m, "0.1.0", &known).from, "0.1.0", "{forged}");
+        }
+        let m = member(&[(TAG_RUNNING, "0.2.0"), (TAG_STATE, HEALTHY)]);
+        assert_eq!(moved(&m, "0.1.0", &known).from, "0.2.0");
     }
 }

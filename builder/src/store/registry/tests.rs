@@ -4,7 +4,7 @@ use crate::model::spec::Format;
 use crate::model::states::{ChangeState, PublicationState};
 use crate::support::digest::FileEntry;
 
-fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
+pub(crate) fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
     Manifest {
         name: "devos-test".into(),
         version: version.into(),
