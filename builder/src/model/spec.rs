@@ -736,14 +736,61 @@ fn update(src: &Source, raw: &RawUpdate, verity: bool) -> Result<Update, SpecErr
     })
 }
 
-/// Whether `data` starts as a binary OpenPGP public key does: a public-key packet
-/// (tag 6, old or new packet format).
+/// Whether `data` is a binary OpenPGP public key (transferable): packets that parse
+/// to the end, the first a public key (tag 6), none a secret key or subkey (tags 5, 7;
+/// `gpg --export-secret-keys` output, or a public key with one appended).
 fn is_openpgp_public_key(data: &[u8]) -> bool {
-    match data.first() {
-        Some(&b) if b & 0xC0 == 0xC0 => b & 0x3F == 6,
-        Some(&b) if b & 0xC0 == 0x80 => (b >> 2) & 0x0F == 6,
-        _ => false,
+    openpgp_packet_tags(data)
+        .is_some_and(|tags| tags.first() == Some(&6) && !tags.iter().any(|t| matches!(t, 5 | 7)))
+}
+
+/// The tags of the OpenPGP packets `data` holds (RFC 9580 section 4.2: old and new
+/// headers, partial body lengths), or `None` when it does not parse to its end.
+fn openpgp_packet_tags(mut data: &[u8]) -> Option<Vec<u8>> {
+    let take = |data: &mut &[u8], n: usize| -> Option<usize> {
+        let (head, rest) = data.split_at_checked(n)?;
+        *data = rest;
+        Some(
+            head.iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b)),
+        )
+    };
+    let mut tags = Vec::new();
+    while let Some(&header) = data.first() {
+        data = &data[1..];
+        if header & 0x80 == 0 {
+            return None;
+        }
+        if header & 0x40 == 0 {
+            // Old format: tag in bits 5-2, the length's size in bits 1-0.
+            tags.push((header >> 2) & 0x0F);
+            let len = match header & 0x03 {
+                0 => take(&mut data, 1)?,
+                1 => take(&mut data, 2)?,
+                2 => take(&mut data, 4)?,
+                _ => data.len(),
+            };
+            take(&mut data, len)?;
+            continue;
+        }
+        tags.push(header & 0x3F);
+        // New format: partial lengths (224..=254) chain until a definite one.
+        loop {
+            let first = take(&mut data, 1)?;
+            let len = match first {
+                0..=191 => first,
+                192..=223 => ((first - 192) << 8) + take(&mut data, 1)? + 192,
+                255 => take(&mut data, 4)?,
+                _ => {
+                    take(&mut data, 1 << (first & 0x1F))?;
+                    continue;
+                }
+            };
+            take(&mut data, len)?;
+            break;
+        }
     }
+    Some(tags)
 }
 
 /// `[image] name`, checked: it names the image in the registry and in os-release.

@@ -587,11 +587,16 @@ fn update_needs_verity_a_web_url_and_a_public_key() {
         message(&path)
     );
     let key = dir.path().join("update.pgp");
-    // Not a key; a secret key (packet tag 5) never goes into an image.
+    // Not a key; a secret key (packet tag 5) never goes into an image, nor does a
+    // public key with a secret key or subkey (tag 7) after it; a packet cut short.
     for bytes in [
         b"hello".as_slice(),
         &[0x95, 0x01, 0x02],
         &[0xC5, 0x01, 0x02],
+        &[0x98, 0x01, 0x04, 0x95, 0x01, 0x02],
+        &[0xC6, 0x01, 0x04, 0xCD, 0x01, 0x41, 0xC7, 0x01, 0x02],
+        &[0x99, 0x00, 0x33, 0x04],
+        &[0xC6, 0xE1, 0x04, 0x00],
     ] {
         std::fs::write(&key, bytes).unwrap();
         assert!(
@@ -600,9 +605,16 @@ fn update_needs_verity_a_web_url_and_a_public_key() {
             message(&path)
         );
     }
-    // Old and new packet formats of a public key.
-    for bytes in [[0x99, 0x00, 0x33], [0xC6, 0x33, 0x04]] {
-        std::fs::write(&key, bytes).unwrap();
+    // Old and new packet formats of a public key; with a user id and a signature
+    // (old-format two-byte length, new-format partial lengths) after it.
+    for bytes in [
+        vec![0x98, 0x01, 0x04],
+        vec![0xC6, 0x01, 0x04],
+        vec![
+            0x99, 0x00, 0x01, 0x04, 0xB4, 0x01, 0x41, 0xC2, 0xE1, 0x05, 0x06, 0x01, 0x07,
+        ],
+    ] {
+        std::fs::write(&key, &bytes).unwrap();
         let spec = load(&path).unwrap();
         let u = spec.update.as_ref().unwrap();
         assert_eq!(u.url, "https://u.example/feed/");
