@@ -615,9 +615,23 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
         "sysupdate update 0.3.0_new\nbootctl set-default \nbootctl set-default devos_0.1.0_prev.efi\n"
     );
     let audit = std::fs::read_to_string(agent.state().join("audit/log-000001.jsonl")).unwrap();
-    for event in ["\"update.install\"", "\"update.rollback\""] {
-        assert!(audit.contains(event), "{event}: {audit}");
-    }
+    // Each recorded before it started, and its outcome after.
+    let events: Vec<String> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|e| e["event"].as_str().map(str::to_owned))
+        .filter(|e| e.starts_with("update."))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "update.started",
+            "update.install",
+            "update.started",
+            "update.rollback"
+        ],
+        "{audit}"
+    );
     let out = agent.devos(None, fakes.path(), &["audit", "verify"]);
     assert!(out.status.success(), "{}", stdout(&out));
 

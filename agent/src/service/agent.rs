@@ -754,6 +754,30 @@ impl Admin {
                 "unknown update action `{action}`: use check, install or rollback"
             )));
         };
+        let event = match action {
+            crate::update::UpdateAction::Check => None,
+            crate::update::UpdateAction::Install => Some("update.install"),
+            crate::update::UpdateAction::Rollback => Some("update.rollback"),
+        };
+        // One change of the slots at a time (a fleet rollout's move may be running),
+        // and none that could not be recorded first.
+        let _updating = match event {
+            None => None,
+            Some(_) => Some(self.shared.updating.try_lock().map_err(|_| {
+                fdo::Error::Failed(
+                    "another update is running on this machine (a fleet rollout's, or another admin's): try again when it is done".into(),
+                )
+            })?),
+        };
+        if let Some(event) = event {
+            self.shared.audit(
+                "update.started",
+                Some(0),
+                None,
+                None,
+                serde_json::json!({ "by": "admin", "action": event }),
+            )?;
+        }
         let config = self.shared.config();
         let (image, running) = crate::os_release::image_identity(&config.os_release);
         let update = config.update.clone();
@@ -762,11 +786,6 @@ impl Admin {
         })
         .await
         .map_err(|e| fdo::Error::Failed(e.to_string()))?;
-        let event = match action {
-            crate::update::UpdateAction::Check => None,
-            crate::update::UpdateAction::Install => Some("update.install"),
-            crate::update::UpdateAction::Rollback => Some("update.rollback"),
-        };
         if let Some(event) = event {
             let detail = match &result {
                 Ok(outcome) => to_value(outcome),

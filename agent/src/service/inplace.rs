@@ -67,6 +67,8 @@ impl Follower {
     async fn tick(&mut self, shared: &Shared, conn: &zbus::Connection) -> anyhow::Result<()> {
         let target = self.tag(TAG_UPDATE_TO).await?;
         let target = target.as_deref();
+        // An admin's `devos update` waits for this look, and this look for it.
+        let _updating = shared.updating.lock().await;
         let config = shared.config();
         let (image, running) = crate::os_release::image_identity(&config.os_release);
         let Some(running) = running else {
@@ -83,15 +85,15 @@ impl Follower {
         let boot = crate::health::boot_id()?;
         if let Some(a) = attempt.as_ref().filter(|a| a.stale(target)) {
             if let Step::Undo(version) = decide(target, &running, Some(a), &boot) {
+                // Recorded before it is done; not done if it cannot be recorded.
+                let detail =
+                    serde_json::json!({ "by": "fleet", "undone": version, "running": running });
+                shared.audit("update.rollback", Some(0), None, None, detail)?;
                 let update = config.update.clone();
                 tokio::task::spawn_blocking(move || crate::update::stay(&update)).await??;
                 tracing::info!(
                     "in-place updates: {version} is no longer asked for; {running} boots next"
                 );
-                let detail =
-                    serde_json::json!({ "by": "fleet", "undone": version, "running": running });
-                // (`audit` logs a failed append; the boot loader was changed either way.)
-                let _ = shared.audit("update.rollback", Some(0), None, None, detail);
             }
             std::fs::remove_file(&marker)?;
             attempt = None;
@@ -126,6 +128,14 @@ impl Follower {
                     moved: false,
                     error: None,
                 };
+                // Recorded before it starts; not started if it cannot be recorded.
+                shared.audit(
+                    "update.started",
+                    Some(0),
+                    None,
+                    None,
+                    serde_json::json!({ "by": "fleet", "action": "update.install", "to": version, "running": running }),
+                )?;
                 attempt.save(&marker)?;
                 let update = config.update.clone();
                 let (image, from) = (image.clone(), running.clone());
@@ -141,7 +151,8 @@ impl Follower {
                         serde_json::json!({ "by": "fleet", "to": attempt.version, "error": e.to_string() })
                     }
                 };
-                // (`audit` logs a failed append; the update happened either way.)
+                // The outcome (`update.started` recorded the attempt; a failed append
+                // is logged, and the move stands either way).
                 let _ = shared.audit("update.install", Some(0), None, None, detail);
                 match moved {
                     Ok(done) => {

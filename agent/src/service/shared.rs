@@ -51,6 +51,9 @@ pub struct Shared {
     /// One audit verification at a time; others wait, or get the last result when
     /// nothing was appended since.
     verify_gate: tokio::sync::Semaphore,
+    /// One change of the boot slots at a time: an admin's `Update` and the fleet
+    /// follower's moves, each from its audit entry to its last boot-loader change.
+    pub(super) updating: tokio::sync::Mutex<()>,
     last_verified: Mutex<Option<(crate::audit::Snapshot, crate::audit::Verification)>>,
     /// The Bedrock client of the model route, made on first use.
     pub(super) bedrock: tokio::sync::Mutex<Option<super::converse::Bedrock>>,
@@ -201,6 +204,7 @@ impl Shared {
             exe: std::env::current_exe().context("finding the agent's own binary")?,
             cgroups,
             verify_gate: tokio::sync::Semaphore::new(1),
+            updating: tokio::sync::Mutex::new(()),
             last_verified: Mutex::new(None),
             bedrock: tokio::sync::Mutex::new(None),
             busy_conversations: Mutex::new(Default::default()),
