@@ -116,6 +116,52 @@ pub struct Verification {
     /// Anchors from the journal, or `None` when the journal was not available.
     #[serde(default)]
     pub journal_anchors: Option<u64>,
+    /// `None`: the whole log was read. Else an earlier verification's mark: entries up
+    /// to it (and their checkpoints and anchors) were verified then and not read again;
+    /// the counts above are of what was read now.
+    #[serde(default)]
+    pub resumed_after: Option<u64>,
+    /// Where the next verification can resume (when this one is ok).
+    #[serde(default, skip_serializing)]
+    pub mark: Option<Mark>,
+}
+
+/// How far a verification read, to resume from: the last entry verified and where it
+/// is, and how much of the checkpoints and anchors were read. Kept in `DIR/VERIFIED`
+/// by the agent after each verification that is ok.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    pub seq: u64,
+    pub hash: String,
+    /// The log file holding entry `seq`, the byte its line starts at and its number.
+    pub file: String,
+    pub offset: u64,
+    pub line: u64,
+    /// Checkpoint lines verified, and the last one's hash (the chain goes on from it).
+    pub checkpoints: u64,
+    pub checkpoint_hash: String,
+    /// Bytes of the anchor file whose anchors were checked.
+    pub anchor_offset: u64,
+    /// The journal's cursor after the last anchor checked.
+    pub journal_cursor: Option<String>,
+}
+
+/// Where a verification mark is kept in a log directory.
+pub const MARK_FILE: &str = "VERIFIED";
+
+impl Mark {
+    /// The mark in `dir`, if there is one that parses.
+    pub fn load(dir: &Path) -> Option<Mark> {
+        serde_json::from_slice(&std::fs::read(dir.join(MARK_FILE)).ok()?).ok()
+    }
+
+    /// Keep the mark in `dir`, whole or not at all.
+    pub fn save(&self, dir: &Path) -> Result<(), AuditError> {
+        let path = dir.join(MARK_FILE);
+        let tmp = dir.join(format!(".{MARK_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default()).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -478,6 +524,9 @@ pub struct VerifyOptions {
     /// Verify a live log up to this head (entries appended after it are left for
     /// the next verification); `None` reads the `HEAD` file.
     pub snapshot: Option<Snapshot>,
+    /// Read only what came after this earlier verification's mark (its entry must
+    /// still be there with its hash); `None` reads everything.
+    pub resume: Option<Mark>,
 }
 
 impl VerifyOptions {
@@ -486,11 +535,13 @@ impl VerifyOptions {
             anchor_file: Some(config.anchor_file.clone()),
             journal: config.journal,
             snapshot: None,
+            resume: None,
         }
     }
 }
 
-/// Check the whole chain in `dir`: every entry's hash, its link to the one before,
+/// Check the whole chain in `dir` (or, with `options.resume`, what came after an
+/// earlier verification's mark): every entry's hash, its link to the one before,
 /// consecutive sequence numbers across files, every checkpoint, the head, and every
 /// anchor outside the directory.
 pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, AuditError> {
@@ -503,11 +554,27 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, Audit
         first_bad: None,
         anchors: 0,
         journal_anchors: None,
+        resumed_after: None,
+        mark: None,
     };
     let limit = options.snapshot.as_ref().map(|s| s.seq);
-    let hashes = check_entries(dir, limit, &mut v)?;
+    // (A mark of an empty log marks nothing.)
+    let resume = options.resume.as_ref().filter(|m| m.seq > 0);
+    v.resumed_after = resume.map(|m| m.seq);
+    let (hashes, last) = check_entries(dir, limit, resume, &mut v)?;
+    let mut mark = Mark {
+        seq: v.entries,
+        hash: v.last_hash.clone(),
+        file: last.0,
+        offset: last.1,
+        line: last.2,
+        checkpoints: 0,
+        checkpoint_hash: GENESIS.to_owned(),
+        anchor_offset: 0,
+        journal_cursor: None,
+    };
     if v.first_bad.is_none() {
-        check_checkpoints(dir, limit, &hashes, &mut v)?;
+        check_checkpoints(dir, limit, resume, &hashes, &mut v, &mut mark)?;
     }
     if v.first_bad.is_none() {
         v.first_bad = match &options.snapshot {
@@ -516,37 +583,66 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, Audit
         };
     }
     if v.first_bad.is_none() {
-        check_anchors(dir, options, &hashes, &mut v)?;
+        check_anchors(dir, options, &hashes, &mut v, &mut mark)?;
     }
     v.ok = v.first_bad.is_none();
+    v.mark = (v.ok && v.entries > 0).then_some(mark);
     Ok(v)
 }
 
 /// Each verified entry's hash and the file it is in, by sequence number.
 type Hashes = std::collections::HashMap<u64, (String, String)>;
 
-/// Walk the log files in order, up to entry `limit`: every entry must parse, follow
-/// the one before by number and hash, and match its own hash. Stops at the first
-/// problem, which goes into `v`.
+/// The last entry read: its file, the byte its line starts at, its line number.
+type Last = (String, u64, u64);
+
+/// Walk the log files in order, up to entry `limit` (from `resume`'s entry, which
+/// must still be there unchanged): every entry must parse, follow the one before by
+/// number and hash, and match its own hash. Stops at the first problem, which goes
+/// into `v`.
 fn check_entries(
     dir: &Path,
     limit: Option<u64>,
+    resume: Option<&Mark>,
     v: &mut Verification,
-) -> Result<Hashes, AuditError> {
+) -> Result<(Hashes, Last), AuditError> {
     let mut hashes = Hashes::default();
+    let mut last: Last = Default::default();
     let mut expect_seq = 1;
-    let files = log_files(dir)?;
-    for (_, path) in &files {
+    let mut files = log_files(dir)?;
+    if let Some(m) = resume {
+        let Some(at) = files.iter().position(|(_, p)| p.ends_with(&m.file)) else {
+            v.first_bad = Some(Problem {
+                file: m.file.clone(),
+                line: m.line,
+                seq: Some(m.seq),
+                reason: "the file that held the last verified entry is gone".into(),
+            });
+            return Ok((hashes, last));
+        };
+        files.drain(..at);
+        expect_seq = m.seq;
+    }
+    for (i, (_, path)) in files.iter().enumerate() {
         v.files += 1;
         let name = path
             .file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        let file = File::open(path).map_err(io(path))?;
-        for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
+        let mut file = File::open(path).map_err(io(path))?;
+        let (mut offset, mut line_no) = (0, 0);
+        if let (0, Some(m)) = (i, resume) {
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::Start(m.offset))
+                .map_err(io(path))?;
+            (offset, line_no) = (m.offset, m.line - 1);
+        }
+        for line in BufReader::new(file).split(b'\n') {
             let line = line.map_err(io(path))?;
-            let line_no = n as u64 + 1;
+            line_no += 1;
+            let start = offset;
+            offset += line.len() as u64 + 1;
             let bad = |seq: Option<u64>, reason: String| Problem {
                 file: name.clone(),
                 line: line_no,
@@ -554,26 +650,53 @@ fn check_entries(
                 reason,
             };
             if limit.is_some_and(|l| expect_seq > l) {
-                return Ok(hashes);
+                return Ok((hashes, last));
             }
             let entry: Entry = match serde_json::from_slice(&line) {
                 Ok(e) => e,
                 Err(e) => {
                     v.first_bad = Some(bad(None, format!("not a valid entry: {e}")));
-                    return Ok(hashes);
+                    return Ok((hashes, last));
                 }
             };
+            // The mark's own entry: the chain goes on from it as it was verified.
+            let mark = resume.filter(|m| m.seq == expect_seq && hashes.is_empty());
+            if let Some(m) = mark {
+                v.last_hash = entry.prev.clone();
+                if entry.seq != m.seq || entry.hash != m.hash {
+                    v.first_bad = Some(bad(
+                        Some(m.seq),
+                        format!(
+                            "entry {} is not where or what it was when last verified: the log was rewritten",
+                            m.seq
+                        ),
+                    ));
+                    return Ok((hashes, last));
+                }
+            }
             if let Some(reason) = entry_problem(&entry, expect_seq, &v.last_hash) {
                 v.first_bad = Some(bad(Some(entry.seq), reason));
-                return Ok(hashes);
+                return Ok((hashes, last));
             }
             hashes.insert(entry.seq, (entry.hash.clone(), name.clone()));
+            last = (name.clone(), start, line_no);
             v.last_hash = entry.hash;
             v.entries = entry.seq;
             expect_seq += 1;
         }
     }
-    Ok(hashes)
+    if let Some(m) = resume.filter(|_| hashes.is_empty()) {
+        v.first_bad = Some(Problem {
+            file: m.file.clone(),
+            line: m.line,
+            seq: Some(m.seq),
+            reason: format!(
+                "entry {} is not where it was when last verified: the log was truncated",
+                m.seq
+            ),
+        });
+    }
+    Ok((hashes, last))
 }
 
 /// What is wrong with `entry`, expected as number `expect_seq` after the entry with
@@ -603,16 +726,34 @@ fn entry_problem(entry: &Entry, expect_seq: u64, last_hash: &str) -> Option<Stri
     }
 }
 
-/// Every checkpoint up to entry `limit` must link to the one before and match the
-/// entry it names. Stops at the first problem, which goes into `v`.
+/// Every checkpoint up to entry `limit` (after those `resume` counted, the last of
+/// which must be unchanged) must link to the one before and match the entry it names.
+/// Stops at the first problem, which goes into `v`.
 fn check_checkpoints(
     dir: &Path,
     limit: Option<u64>,
+    resume: Option<&Mark>,
     hashes: &Hashes,
     v: &mut Verification,
+    mark: &mut Mark,
 ) -> Result<(), AuditError> {
-    let mut prev = GENESIS.to_owned();
-    for (line, cp) in read_checkpoints(dir)? {
+    let (skip, mut prev) = resume.map_or((0, GENESIS.to_owned()), |m| {
+        (m.checkpoints, m.checkpoint_hash.clone())
+    });
+    let checkpoints = read_checkpoints(dir)?;
+    if skip > checkpoints.len() as u64 {
+        v.first_bad = Some(Problem {
+            file: "checkpoints.jsonl".into(),
+            line: skip,
+            seq: None,
+            reason: format!(
+                "{skip} checkpoints were verified before, {} are left: checkpoints were removed",
+                checkpoints.len()
+            ),
+        });
+        return Ok(());
+    }
+    for (line, cp) in checkpoints {
         let bad = |reason: String| Problem {
             file: "checkpoints.jsonl".into(),
             line,
@@ -621,11 +762,24 @@ fn check_checkpoints(
         };
         let cp = match cp {
             Ok(cp) => cp,
-            Err(e) => {
+            Err(e) if line > skip => {
                 v.first_bad = Some(bad(format!("not a valid checkpoint: {e}")));
                 break;
             }
+            Err(_) => continue,
         };
+        if line < skip {
+            continue;
+        }
+        if line == skip {
+            if cp.checkpoint_hash != prev {
+                v.first_bad = Some(bad(
+                    "the last checkpoint verified before was changed".to_owned()
+                ));
+                break;
+            }
+            continue;
+        }
         if limit.is_some_and(|l| cp.seq > l) {
             break;
         }
@@ -652,6 +806,11 @@ fn check_checkpoints(
         }
         prev = cp.checkpoint_hash;
         v.checkpoints += 1;
+        mark.checkpoints = line;
+        mark.checkpoint_hash = prev.clone();
+    }
+    if let Some(m) = resume.filter(|_| mark.checkpoints == 0) {
+        (mark.checkpoints, mark.checkpoint_hash) = (m.checkpoints, m.checkpoint_hash.clone());
     }
     Ok(())
 }
@@ -700,41 +859,47 @@ fn head_problem(dir: &Path, v: &Verification) -> Option<Problem> {
     }
 }
 
-/// Compare the log with the anchors recorded outside it.
+/// Compare the log with the anchors recorded outside it (those after `options.resume`'s
+/// when resuming), and note in `mark` how far each source was read.
 fn check_anchors(
     dir: &Path,
     options: &VerifyOptions,
     hashes: &Hashes,
     v: &mut Verification,
+    mark: &mut Mark,
 ) -> Result<(), AuditError> {
     let log = log_name_of(dir);
     let limit = options.snapshot.as_ref().map(|s| s.seq);
-    let mut sources: Vec<(String, Vec<Anchor>)> = Vec::new();
+    let resume = options.resume.as_ref().filter(|m| m.seq > 0);
+    let after = resume.map_or(0, |m| m.seq);
+    // Anchors up to the head verified, each with where its source goes on after it.
+    let wanted = |a: &Anchor| limit.is_none_or(|l| a.seq <= l);
+    let mut sources: Vec<(String, Vec<(Anchor, Position)>)> = Vec::new();
     if let Some(path) = &options.anchor_file {
-        let anchors = match std::fs::read_to_string(path) {
-            // A line cut short (a crash while it was written) anchors nothing; the
-            // others still do.
-            Ok(text) => text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Anchor>(l).ok())
-                .filter(|a| a.log == log)
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(path)(e)),
-        };
+        let from = resume.map_or(0, |m| m.anchor_offset);
+        mark.anchor_offset = from;
+        let anchors = anchor_file(path, from, &log)?;
         sources.push((path.display().to_string(), anchors));
     }
-    // Only the log's writer (the directory's owner) anchors it: anyone may log a
-    // journal entry with these fields, but journald records who sent it.
-    let writer = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir).map_err(io(dir))?);
-    if options.journal
-        && let Some(anchors) = journal_anchors(&log, writer)
-    {
-        sources.push(("the journal".into(), anchors));
+    mark.journal_cursor = resume.and_then(|m| m.journal_cursor.clone());
+    if options.journal {
+        // Only the log's writer (the directory's owner) anchors it: anyone may log a
+        // journal entry with these fields, but journald records who sent it.
+        let writer = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir).map_err(io(dir))?);
+        if let Some(anchors) = journal_anchors(&log, writer, mark.journal_cursor.as_deref()) {
+            sources.push(("the journal".into(), anchors));
+        }
     }
     for (i, (source, anchors)) in sources.iter().enumerate() {
         let mut checked = 0;
-        for a in anchors.iter().filter(|a| limit.is_none_or(|l| a.seq <= l)) {
+        for (a, position) in anchors.iter().take_while(|(a, _)| wanted(a)) {
+            match position {
+                Position::Offset(o) => mark.anchor_offset = *o,
+                Position::Cursor(c) => mark.journal_cursor = Some(c.clone()),
+            }
+            if a.seq < after {
+                continue;
+            }
             checked += 1;
             let reason = match hashes.get(&a.seq) {
                 None => format!(
@@ -767,14 +932,56 @@ fn check_anchors(
     Ok(())
 }
 
-/// The anchors the journal holds for a log, or `None` without a journal.
-fn journal_anchors(log: &str, writer: u32) -> Option<Vec<Anchor>> {
+/// Where an anchor's source goes on after it: a byte of the anchor file, or a journal
+/// cursor.
+#[derive(Debug, Clone, PartialEq)]
+enum Position {
+    Offset(u64),
+    Cursor(String),
+}
+
+/// The anchors for `log` in the anchor file from byte `from`. A line cut short (a
+/// crash while it was written) anchors nothing; the others still do.
+fn anchor_file(path: &Path, from: u64, log: &str) -> Result<Vec<(Anchor, Position)>, AuditError> {
+    use std::io::Seek;
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(path)(e)),
+    };
+    file.seek(std::io::SeekFrom::Start(from))
+        .map_err(io(path))?;
+    let mut offset = from;
+    let mut anchors = Vec::new();
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(io(path))?;
+        offset += line.len() as u64 + 1;
+        if let Ok(a) = serde_json::from_slice::<Anchor>(&line)
+            && a.log == log
+        {
+            anchors.push((a, Position::Offset(offset)));
+        }
+    }
+    Ok(anchors)
+}
+
+/// The anchors the journal holds for a log (after `cursor`), or `None` without a
+/// journal.
+fn journal_anchors(
+    log: &str,
+    writer: u32,
+    cursor: Option<&str>,
+) -> Option<Vec<(Anchor, Position)>> {
     if !Path::new(JOURNAL_SOCKET).exists() {
         return None;
     }
     // A journal that cannot be read is reported as none (`journal-anchors: null`).
-    let out = std::process::Command::new("journalctl")
-        .args(["--no-pager", "--quiet", "-o", "json"])
+    let mut command = std::process::Command::new("journalctl");
+    command.args(["--no-pager", "--quiet", "-o", "json"]);
+    if let Some(cursor) = cursor {
+        command.arg(format!("--after-cursor={cursor}"));
+    }
+    let out = command
         .arg(format!("_UID={writer}"))
         .arg(format!("DEVOS_AUDIT_LOG={log}"))
         .stdin(std::process::Stdio::null())
@@ -790,7 +997,7 @@ fn journal_anchors(log: &str, writer: u32) -> Option<Vec<Anchor>> {
 
 /// The anchors for `log` in `journalctl -o json` output that `writer` sent: an entry
 /// another user logged with the same fields (`logger --journald`) is not an anchor.
-fn anchors_in_journal(json_lines: &str, log: &str, writer: u32) -> Vec<Anchor> {
+fn anchors_in_journal(json_lines: &str, log: &str, writer: u32) -> Vec<(Anchor, Position)> {
     let writer = writer.to_string();
     json_lines
         .lines()
@@ -801,11 +1008,14 @@ fn anchors_in_journal(json_lines: &str, log: &str, writer: u32) -> Vec<Anchor> {
         })
         // (Only entries with both fields are anchors.)
         .filter_map(|j| {
-            Some(Anchor {
-                seq: j["DEVOS_AUDIT_SEQ"].as_str()?.parse().ok()?,
-                hash: j["DEVOS_AUDIT_HASH"].as_str()?.to_owned(),
-                log: log.to_owned(),
-            })
+            Some((
+                Anchor {
+                    seq: j["DEVOS_AUDIT_SEQ"].as_str()?.parse().ok()?,
+                    hash: j["DEVOS_AUDIT_HASH"].as_str()?.to_owned(),
+                    log: log.to_owned(),
+                },
+                Position::Cursor(j["__CURSOR"].as_str().unwrap_or_default().to_owned()),
+            ))
         })
         .collect()
 }

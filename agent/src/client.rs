@@ -45,6 +45,7 @@ pub trait Agent1 {
     ) -> zbus::Result<i64>;
     fn remove_rule(&self, id: i64) -> zbus::Result<()>;
     fn verify_audit(&self) -> zbus::Result<String>;
+    fn verify_audit_since_last(&self) -> zbus::Result<String>;
     fn status(&self) -> zbus::Result<String>;
 
     #[zbus(signal)]

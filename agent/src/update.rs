@@ -489,7 +489,8 @@ pub async fn boot_check(wait: std::time::Duration) -> anyhow::Result<()> {
             let conn = zbus::Connection::system().await?;
             let agent = crate::client::Agent1Proxy::new(&conn).await?;
             agent.ping().await?;
-            let report: serde_json::Value = serde_json::from_str(&agent.verify_audit().await?)?;
+            let report: serde_json::Value =
+                serde_json::from_str(&agent.verify_audit_since_last().await?)?;
             if report["ok"] != true {
                 anyhow::bail!("the audit log does not verify: {report}");
             }

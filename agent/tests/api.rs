@@ -651,6 +651,23 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
     };
     let out = boot_check(&agent.bus.address);
     assert!(out.status.success(), "{}", stderr(&out));
+    // It read only what came after the last verification (`audit verify` above left
+    // its mark), and still finds an entry changed since.
+    let mark = agent.state().join("audit/VERIFIED");
+    assert!(mark.exists());
+    let log = agent.state().join("audit/log-000001.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let tail = text.trim_end().rsplit_once('\n').unwrap().0.len();
+    let edited = format!(
+        "{}{}",
+        &text[..tail],
+        text[tail..].replacen("\"event\":\"", "\"event\":\"x", 1)
+    );
+    std::fs::write(&log, edited).unwrap();
+    let out = boot_check(&agent.bus.address);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not verify"), "{}", stderr(&out));
+    std::fs::write(&log, text).unwrap();
     let nobody = tempfile::tempdir().unwrap();
     let out = boot_check(&format!("unix:path={}/none", nobody.path().display()));
     assert!(!out.status.success());

@@ -313,5 +313,150 @@ fn only_the_writers_journal_entries_anchor_the_log() {
     .join("\n");
     let anchors = anchors_in_journal(&journal, "/var/lib/devos/audit", 0);
     assert_eq!(anchors.len(), 1, "{anchors:?}");
-    assert_eq!((anchors[0].seq, anchors[0].hash.as_str()), (1, "aa"));
+    assert_eq!((anchors[0].0.seq, anchors[0].0.hash.as_str()), (1, "aa"));
+}
+
+/// A log of `n` entries with anchors beside it, verified once: its directory, the
+/// options that resume from that verification, and the anchor file.
+fn verified(root: &Path, n: u64) -> (PathBuf, AuditConfig, VerifyOptions) {
+    let dir = root.join("audit");
+    let cfg = AuditConfig {
+        anchor_file: root.join("anchors.jsonl"),
+        ..config(4)
+    };
+    append(&dir, &cfg, n);
+    let v = super::verify(&dir, &VerifyOptions::of(&cfg)).unwrap();
+    assert!(v.ok && v.resumed_after.is_none(), "{v:?}");
+    let options = VerifyOptions {
+        resume: v.mark,
+        ..VerifyOptions::of(&cfg)
+    };
+    (dir, cfg, options)
+}
+
+fn append(dir: &Path, cfg: &AuditConfig, n: u64) {
+    let mut log = AuditLog::open(dir, cfg).unwrap();
+    for i in 0..n {
+        log.append(
+            "e",
+            Some(1000),
+            None,
+            Some(i as u32),
+            serde_json::json!({"i": i}),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_verification_resumes_after_the_last_and_reads_only_what_came_since() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir, cfg, options) = verified(root.path(), 10);
+    assert_eq!(options.resume.as_ref().unwrap().seq, 10);
+    // Nothing new: only the marked entry is read again.
+    let v = super::verify(&dir, &options).unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!((v.resumed_after, v.entries, v.anchors), (Some(10), 10, 0));
+    // Across a rotation (1 MiB files) and more checkpoints.
+    append(&dir, &cfg, 6000);
+    let v = super::verify(&dir, &options).unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.entries, 6010);
+    assert!(v.files >= 2, "{v:?}");
+    assert_eq!(v.anchors, 6000);
+    assert_eq!(v.checkpoints, 6008 / 4 - 10 / 4 + v.files - 1, "{v:?}");
+    // Resuming from that mark in turn, and a full verification, agree.
+    let next = VerifyOptions {
+        resume: v.mark.clone(),
+        ..options.clone()
+    };
+    assert!(super::verify(&dir, &next).unwrap().ok);
+    let full = super::verify(&dir, &VerifyOptions::of(&cfg)).unwrap();
+    assert!(full.ok && full.resumed_after.is_none(), "{full:?}");
+    assert_eq!((full.entries, full.last_hash), (v.entries, v.last_hash));
+}
+
+#[test]
+fn a_resumed_verification_still_finds_what_changed_after_the_mark_or_the_mark_itself() {
+    type Tamper = fn(&Path, &Path);
+    let cases: [(&str, Tamper, &str); 6] = [
+        (
+            "an edit after the mark",
+            |dir, _| {
+                let mut l = lines(dir);
+                l[12] = l[12].replace("\"event\":\"e\"", "\"event\":\"x\"");
+                save(dir, &l);
+            },
+            "edited",
+        ),
+        (
+            "the marked entry rewritten, with a hash that fits",
+            |dir, _| {
+                let mut l = lines(dir);
+                let mut e: Entry = serde_json::from_str(&l[9]).unwrap();
+                e.event = "x".into();
+                e.hash = e.compute_hash();
+                l[9] = serde_json::to_string(&e).unwrap();
+                save(dir, &l);
+            },
+            "when last verified",
+        ),
+        (
+            "the log cut below the mark",
+            |dir, _| {
+                let l = lines(dir);
+                save(dir, &l[..5]);
+            },
+            "when last verified: the log was truncated",
+        ),
+        (
+            "the log files removed",
+            |dir, _| {
+                std::fs::remove_file(log_path(dir)).unwrap();
+            },
+            "is gone",
+        ),
+        (
+            "checkpoints removed",
+            |dir, _| {
+                std::fs::write(dir.join("checkpoints.jsonl"), "").unwrap();
+            },
+            "checkpoints were removed",
+        ),
+        (
+            "an anchor after the mark that does not match",
+            |_, anchors| {
+                let mut text = std::fs::read_to_string(anchors).unwrap();
+                let last = text.lines().last().unwrap().to_owned();
+                let forged = serde_json::json!({"seq": 14, "hash": "00", "log": serde_json::from_str::<serde_json::Value>(&last).unwrap()["log"]});
+                text.push_str(&format!("{forged}\n"));
+                std::fs::write(anchors, text).unwrap();
+            },
+            "differs from its anchor",
+        ),
+    ];
+    for (what, tamper, want) in cases {
+        let root = tempfile::tempdir().unwrap();
+        let (dir, cfg, options) = verified(root.path(), 10);
+        append(&dir, &cfg, 5);
+        assert!(super::verify(&dir, &options).unwrap().ok, "{what}");
+        tamper(&dir, &cfg.anchor_file);
+        let v = super::verify(&dir, &options).unwrap();
+        assert!(!v.ok, "{what}: not found");
+        let reason = v.first_bad.unwrap().reason;
+        assert!(reason.contains(want), "{what}: {reason}");
+    }
+}
+
+#[test]
+fn an_edit_before_the_mark_is_left_to_a_full_verification() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir, cfg, options) = verified(root.path(), 10);
+    let mut l = lines(&dir);
+    // (The same length: the marked entry stays where it was.)
+    l[2] = l[2].replace("\"i\":2", "\"i\":7");
+    save(&dir, &l);
+    assert!(super::verify(&dir, &options).unwrap().ok);
+    let full = super::verify(&dir, &VerifyOptions::of(&cfg)).unwrap();
+    assert!(!full.ok && full.first_bad.unwrap().seq == Some(3));
 }

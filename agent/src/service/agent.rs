@@ -13,7 +13,7 @@ use zbus::object_server::SignalEmitter;
 
 use super::rules::{self, Verdict};
 use super::runner::run_request;
-use super::shared::{Live, Shared, caller, failed, lock, now, to_json, to_value};
+use super::shared::{Live, Shared, Verify, caller, failed, lock, now, to_json, to_value};
 use crate::action::Action;
 use crate::approval::{self, Subject};
 use crate::caller::{self as as_caller, Caller, PlanJob};
@@ -632,8 +632,26 @@ impl Agent {
 
     /// Verify the audit log's hash chain, checkpoints, head and anchors (JSON report;
     /// the first bad entry if any).
-    async fn verify_audit(&self) -> fdo::Result<String> {
-        Ok(to_json(&self.shared.verify_audit().await?))
+    async fn verify_audit(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        // Root always gets a fresh read; others the last result while nothing was
+        // appended (each whole read costs seconds on a large log).
+        let fresh = caller(&self.shared, &header, conn).await?.uid == 0;
+        Ok(to_json(
+            &self.shared.verify_audit(Verify::Whole { fresh }).await?,
+        ))
+    }
+
+    /// Verify what was appended to the audit log since the last verification that
+    /// was ok (its last entry must be unchanged where it was), against the
+    /// checkpoints and anchors written since: what the boot check and the health
+    /// signal use, so that their time does not grow with the log. The whole log when
+    /// there was no such verification.
+    async fn verify_audit_since_last(&self) -> fdo::Result<String> {
+        Ok(to_json(&self.shared.verify_audit(Verify::SinceLast).await?))
     }
 
     /// The agent's status (JSON): version, uptime, requests in flight, audit entries,

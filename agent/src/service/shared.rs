@@ -303,12 +303,21 @@ impl Shared {
     }
 
     /// Verify the audit log against its anchors without holding up appends: the
-    /// head is taken under the lock, the files are read on a blocking thread.
-    pub(super) async fn verify_audit(&self) -> Result<crate::audit::Verification, ServiceError> {
+    /// head is taken under the lock, the files are read on a blocking thread. Each
+    /// verification that is ok moves the mark the next `SinceLast` resumes from (kept
+    /// in the log directory).
+    pub(super) async fn verify_audit(
+        &self,
+        how: Verify,
+    ) -> Result<crate::audit::Verification, ServiceError> {
+        // A whole read for someone who may have the last one while nothing was
+        // appended; a resumed one reads little and never comes from the cache.
         let cached = |head: &crate::audit::Snapshot| {
             lock(&self.last_verified)
                 .as_ref()
-                .filter(|(h, _)| h == head)
+                .filter(|(h, v)| {
+                    how == Verify::Whole { fresh: false } && h == head && v.resumed_after.is_none()
+                })
                 .map(|(_, v)| v.clone())
         };
         let head = lock(&self.audit).snapshot();
@@ -321,15 +330,37 @@ impl Shared {
             return Ok(v);
         }
         let config = self.config();
+        let dir = config.state_dir.join("audit");
         let mut options = crate::audit::VerifyOptions::of(&config.audit);
         options.snapshot = Some(head.clone());
-        let dir = config.state_dir.join("audit");
-        let v = tokio::task::spawn_blocking(move || crate::audit::verify(&dir, &options))
-            .await?
-            .map_err(ServiceError::Verify)?;
+        let v = tokio::task::spawn_blocking(move || {
+            if how == Verify::SinceLast {
+                options.resume = crate::audit::Mark::load(&dir);
+            }
+            let v = crate::audit::verify(&dir, &options)?;
+            if let Some(mark) = &v.mark
+                && let Err(e) = mark.save(&dir)
+            {
+                // (The next verification reads more; nothing is lost.)
+                tracing::warn!("cannot keep the audit verification mark: {e}");
+            }
+            Ok::<_, crate::audit::AuditError>(v)
+        })
+        .await?
+        .map_err(ServiceError::Verify)?;
         *lock(&self.last_verified) = Some((head, v.clone()));
         Ok(v)
     }
+}
+
+/// How much of the audit log a verification reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verify {
+    /// All of it; `fresh: false` may have the last whole result while nothing was
+    /// appended.
+    Whole { fresh: bool },
+    /// What came after the last verification that was ok.
+    SinceLast,
 }
 
 /// The caller of the current method: the uid the bus daemon vouches for.
