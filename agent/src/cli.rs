@@ -337,6 +337,13 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
                     bad.seq.map(|s| format!(" (entry {s})")).unwrap_or_default(),
                     bad.reason
                 );
+            } else if let Some(after) = v.resumed_after {
+                println!(
+                    "audit log: ok — entries {}–{} since the last verification (up to entry {after}), head {}; `sudo devos audit verify` reads the whole log",
+                    after + 1,
+                    v.entries,
+                    &v.last_hash[..16]
+                );
             } else {
                 println!(
                     "audit log: ok — {} entries in {} file(s), {} checkpoints, head {}",

@@ -421,12 +421,34 @@ fn a_tampered_audit_log_is_reported_with_its_first_bad_entry() {
                 .success()
         );
     }
+    // A user's verification reads what came after the last one (the first, all of
+    // it); root's, everything.
+    let out = agent.devos(Some(&alice), project.path(), &["audit", "verify"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains("entries in 1 file"), "{}", stdout(&out));
+    assert!(
+        agent
+            .devos(Some(&alice), project.path(), &["run", "list", "files"])
+            .status
+            .success()
+    );
+    let out = agent.devos(Some(&alice), project.path(), &["audit", "verify"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("since the last verification"),
+        "{}",
+        stdout(&out)
+    );
     let log = agent.state().join("audit/log-000001.jsonl");
     let text = std::fs::read_to_string(&log).unwrap();
     let edited = text.replacen("\"list files\"", "\"something else\"", 1);
     assert_ne!(text, edited);
     std::fs::write(&log, edited).unwrap();
+    // (The edit moved every entry after it: the user's check finds that too.)
     let out = agent.devos(Some(&alice), project.path(), &["audit", "verify"]);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("TAMPERED"), "{}", stdout(&out));
+    let out = agent.devos(None, project.path(), &["audit", "verify"]);
     assert!(!out.status.success());
     assert!(stdout(&out).contains("TAMPERED"), "{}", stdout(&out));
     assert!(stdout(&out).contains("line 2"), "{}", stdout(&out));
@@ -653,7 +675,9 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
     assert!(out.status.success(), "{}", stderr(&out));
     // It read only what came after the last verification (`audit verify` above left
     // its mark), and still finds an entry changed since.
-    let mark = agent.state().join("audit/VERIFIED");
+    let mark = agent
+        .state()
+        .join("../anchors/audit-anchors.jsonl.verified");
     assert!(mark.exists());
     let log = agent.state().join("audit/log-000001.jsonl");
     let text = std::fs::read_to_string(&log).unwrap();

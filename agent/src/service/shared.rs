@@ -48,13 +48,11 @@ pub struct Shared {
     pub(super) exe: PathBuf,
     /// Per-action cgroups, where the agent has a delegated cgroup v2.
     pub(super) cgroups: Option<Cgroups>,
-    /// One audit verification at a time; others wait, or get the last result when
-    /// nothing was appended since.
+    /// One audit verification at a time; others wait.
     verify_gate: tokio::sync::Semaphore,
     /// One change of the boot slots at a time: an admin's `Update` and the fleet
     /// follower's moves, each from its audit entry to its last boot-loader change.
     pub(super) updating: tokio::sync::Mutex<()>,
-    last_verified: Mutex<Option<(crate::audit::Snapshot, crate::audit::Verification)>>,
     /// The Bedrock client of the model route, made on first use.
     pub(super) bedrock: tokio::sync::Mutex<Option<super::converse::Bedrock>>,
     /// Conversations with a request in flight (one at a time each).
@@ -205,7 +203,6 @@ impl Shared {
             cgroups,
             verify_gate: tokio::sync::Semaphore::new(1),
             updating: tokio::sync::Mutex::new(()),
-            last_verified: Mutex::new(None),
             bedrock: tokio::sync::Mutex::new(None),
             busy_conversations: Mutex::new(Default::default()),
             held: Mutex::new(Default::default()),
@@ -305,41 +302,26 @@ impl Shared {
     /// Verify the audit log against its anchors without holding up appends: the
     /// head is taken under the lock, the files are read on a blocking thread. Each
     /// verification that is ok moves the mark the next `SinceLast` resumes from (kept
-    /// in the log directory).
+    /// beside the anchor file).
     pub(super) async fn verify_audit(
         &self,
         how: Verify,
     ) -> Result<crate::audit::Verification, ServiceError> {
-        // A whole read for someone who may have the last one while nothing was
-        // appended; a resumed one reads little and never comes from the cache.
-        let cached = |head: &crate::audit::Snapshot| {
-            lock(&self.last_verified)
-                .as_ref()
-                .filter(|(h, v)| {
-                    how == Verify::Whole { fresh: false } && h == head && v.resumed_after.is_none()
-                })
-                .map(|(_, v)| v.clone())
-        };
-        let head = lock(&self.audit).snapshot();
-        if let Some(v) = cached(&head) {
-            return Ok(v);
-        }
         let _one_at_a_time = self.verify_gate.acquire().await?;
         let head = lock(&self.audit).snapshot();
-        if let Some(v) = cached(&head) {
-            return Ok(v);
-        }
         let config = self.config();
         let dir = config.state_dir.join("audit");
         let mut options = crate::audit::VerifyOptions::of(&config.audit);
-        options.snapshot = Some(head.clone());
-        let v = tokio::task::spawn_blocking(move || {
+        options.snapshot = Some(head);
+        let anchor_file = config.audit.anchor_file.clone();
+        let mark_path = crate::audit::Mark::path(&anchor_file);
+        tokio::task::spawn_blocking(move || {
             if how == Verify::SinceLast {
-                options.resume = crate::audit::Mark::load(&dir);
+                options.resume = crate::audit::Mark::load(&mark_path);
             }
             let v = crate::audit::verify(&dir, &options)?;
             if let Some(mark) = &v.mark
-                && let Err(e) = mark.save(&dir)
+                && let Err(e) = mark.save(&mark_path, &dir, &anchor_file)
             {
                 // (The next verification reads more; nothing is lost.)
                 tracing::warn!("cannot keep the audit verification mark: {e}");
@@ -347,18 +329,15 @@ impl Shared {
             Ok::<_, crate::audit::AuditError>(v)
         })
         .await?
-        .map_err(ServiceError::Verify)?;
-        *lock(&self.last_verified) = Some((head, v.clone()));
-        Ok(v)
+        .map_err(ServiceError::Verify)
     }
 }
 
 /// How much of the audit log a verification reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Verify {
-    /// All of it; `fresh: false` may have the last whole result while nothing was
-    /// appended.
-    Whole { fresh: bool },
+    /// All of it (seconds on a large log: root's alone).
+    Whole,
     /// What came after the last verification that was ok.
     SinceLast,
 }
