@@ -425,7 +425,11 @@ fn a_tampered_audit_log_is_reported_with_its_first_bad_entry() {
     // it); root's, everything.
     let out = agent.devos(Some(&alice), project.path(), &["audit", "verify"]);
     assert!(out.status.success(), "{}", stdout(&out));
-    assert!(stdout(&out).contains("entries in 1 file"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("entries in 1 file"),
+        "{}",
+        stdout(&out)
+    );
     assert!(
         agent
             .devos(Some(&alice), project.path(), &["run", "list", "files"])

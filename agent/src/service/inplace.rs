@@ -67,8 +67,6 @@ impl Follower {
     async fn tick(&mut self, shared: &Shared, conn: &zbus::Connection) -> anyhow::Result<()> {
         let target = self.tag(TAG_UPDATE_TO).await?;
         let target = target.as_deref();
-        // An admin's `devos update` waits for this look, and this look for it.
-        let _updating = shared.updating.lock().await;
         let config = shared.config();
         let (image, running) = crate::os_release::image_identity(&config.os_release);
         let Some(running) = running else {
@@ -85,12 +83,24 @@ impl Follower {
         let boot = crate::health::boot_id()?;
         if let Some(a) = attempt.as_ref().filter(|a| a.stale(target)) {
             if let Step::Undo(version) = decide(target, &running, Some(a), &boot) {
+                // One change of the slots at a time (an admin's `devos update`).
+                let _updating = shared.updating.lock().await;
                 // Recorded before it is done; not done if it cannot be recorded.
                 let detail =
                     serde_json::json!({ "by": "fleet", "undone": version, "running": running });
-                shared.audit("update.rollback", Some(0), None, None, detail)?;
+                let mut started = detail.clone();
+                started["action"] = "update.rollback".into();
+                shared.audit("update.started", Some(0), None, None, started)?;
                 let update = config.update.clone();
-                tokio::task::spawn_blocking(move || crate::update::stay(&update)).await??;
+                let stayed =
+                    tokio::task::spawn_blocking(move || crate::update::stay(&update)).await?;
+                let mut outcome = detail;
+                if let Err(e) = &stayed {
+                    outcome["error"] = e.to_string().into();
+                }
+                // (A failed append is logged; `update.started` recorded the attempt.)
+                let _ = shared.audit("update.rollback", Some(0), None, None, outcome);
+                stayed?;
                 tracing::info!(
                     "in-place updates: {version} is no longer asked for; {running} boots next"
                 );
@@ -120,6 +130,13 @@ impl Follower {
             }
             Step::Failed(why) => why,
             Step::Move(version) => {
+                // One change of the slots at a time: an admin's `devos update` may have
+                // run while this one waited, and the rollout may have asked for
+                // something else meanwhile: look again.
+                let _updating = shared.updating.lock().await;
+                if self.tag(TAG_UPDATE_TO).await?.as_deref() != Some(version.as_str()) {
+                    return Ok(());
+                }
                 self.report(&running, &updating_state(&version, None))
                     .await?;
                 let mut attempt = Attempt {
