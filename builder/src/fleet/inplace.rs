@@ -447,10 +447,10 @@ async fn stay(
 }
 
 /// The versions an instance of the stack may go back to when its report says it runs
-/// one: the stack's own, and those this registry's earlier in-place rollouts of the
-/// stack moved instances to or from, unless marked bad for it. A report is the agent's
-/// word, which root on any instance of the stack could forge for a sibling: it must
-/// not be able to send that sibling to an older signed version the stack never ran.
+/// one: the stack's own, and the one this registry's last in-place rollout of the stack
+/// that succeeded moved it to, unless marked bad for it. A report is the agent's word,
+/// which root on any instance of the stack could forge for a sibling: it must not be
+/// able to send that sibling to an older signed version the stack no longer runs.
 fn way_back(
     reg: &Registry,
     stack: &str,
@@ -458,12 +458,14 @@ fn way_back(
     image: &str,
     stack_version: &str,
 ) -> Result<HashSet<String>> {
-    let ran: HashSet<String> = reg
+    // (Newest first.)
+    let last_in_place = reg
         .rollouts(Some(stack), Some(region))?
         .into_iter()
-        .filter(|r| r.kind == "in-place" && r.image == image)
-        .flat_map(|r| [Some(r.to), r.from])
-        .flatten()
+        .find(|r| r.kind == "in-place" && r.image == image && r.state == ChangeState::Succeeded)
+        .map(|r| r.to);
+    let ran: HashSet<String> = last_in_place
+        .into_iter()
         .chain([stack_version.to_owned()])
         .collect();
     let mut known = HashSet::new();
@@ -835,17 +837,22 @@ mod tests {
             .unwrap();
         }
         let info = |reg: &Registry, v: &str| reg.find(&format!("devos-test@{v}")).unwrap();
-        // Deployed on 0.1.0, moved in place to 0.2.0; a try of 0.3.0 went back and
-        // 0.3.0 is bad here; another stack went to 0.4.0.
+        // Deployed on 0.1.0, once moved in place to 0.0.1 and back, then to 0.2.0; a
+        // try of 0.3.0 went back and 0.3.0 is bad here; one of 0.4.0 failed before
+        // moving anything; another stack went to 0.4.0.
         let (v1, v2, v3, v4) = (
             info(&reg, "0.1.0"),
             info(&reg, "0.2.0"),
             info(&reg, "0.3.0"),
             info(&reg, "0.4.0"),
         );
+        let v0 = info(&reg, "0.0.1");
         for (stack, from, to, state) in [
+            ("web", &v1, &v0, ChangeState::Succeeded),
+            ("web", &v0, &v1, ChangeState::Succeeded),
             ("web", &v1, &v2, ChangeState::Succeeded),
             ("web", &v2, &v3, ChangeState::RolledBack),
+            ("web", &v2, &v4, ChangeState::Failed),
             ("other", &v1, &v4, ChangeState::Succeeded),
         ] {
             let id = reg
@@ -858,8 +865,9 @@ mod tests {
         let mut sorted: Vec<&str> = known.iter().map(String::as_str).collect();
         sorted.sort();
         assert_eq!(sorted, ["0.1.0", "0.2.0"]);
-        // A signed build this stack never ran (a report forged by root on a sibling), a
-        // version bad here, another stack's: the stack's own version instead.
+        // A signed build this stack no longer runs (a report forged by root on a
+        // sibling), a version bad here, one whose rollout failed, another stack's:
+        // the stack's own version instead.
         for forged in ["0.0.1", "0.3.0", "0.4.0"] {
             let m = member(&[(TAG_RUNNING, forged), (TAG_STATE, HEALTHY)]);
             assert_eq!(moved(&m, "0.1.0", &known).from, "0.1.0", "{forged}");
