@@ -736,16 +736,21 @@ fn update(src: &Source, raw: &RawUpdate, verity: bool) -> Result<Update, SpecErr
     })
 }
 
-/// Whether `data` is a binary OpenPGP public key (transferable): packets that parse
-/// to the end, the first a public key (tag 6), none a secret key or subkey (tags 5, 7;
-/// `gpg --export-secret-keys` output, or a public key with one appended).
+/// Whether `data` is a binary OpenPGP public key (transferable, RFC 9580 section
+/// 10.1): packets that parse to the end, the first a public key (tag 6), the others
+/// only what a public key is made of — signatures (2), user ids (13), user attributes
+/// (17), public subkeys (14). A secret key or subkey (5, 7: `gpg --export-secret-keys`,
+/// or a public key with one appended), compressed data that could hold one (8), or
+/// anything else is refused.
 fn is_openpgp_public_key(data: &[u8]) -> bool {
-    openpgp_packet_tags(data)
-        .is_some_and(|tags| tags.first() == Some(&6) && !tags.iter().any(|t| matches!(t, 5 | 7)))
+    openpgp_packet_tags(data).is_some_and(|tags| {
+        tags.first() == Some(&6) && tags.iter().all(|t| matches!(t, 2 | 6 | 13 | 14 | 17))
+    })
 }
 
 /// The tags of the OpenPGP packets `data` holds (RFC 9580 section 4.2: old and new
-/// headers, partial body lengths), or `None` when it does not parse to its end.
+/// headers), or `None` when it does not parse to its end. Lengths that only data
+/// packets may have (old-format indeterminate, new-format partial) do not parse.
 fn openpgp_packet_tags(mut data: &[u8]) -> Option<Vec<u8>> {
     let take = |data: &mut &[u8], n: usize| -> Option<usize> {
         let (head, rest) = data.split_at_checked(n)?;
@@ -768,27 +773,20 @@ fn openpgp_packet_tags(mut data: &[u8]) -> Option<Vec<u8>> {
                 0 => take(&mut data, 1)?,
                 1 => take(&mut data, 2)?,
                 2 => take(&mut data, 4)?,
-                _ => data.len(),
+                _ => return None,
             };
             take(&mut data, len)?;
             continue;
         }
         tags.push(header & 0x3F);
-        // New format: partial lengths (224..=254) chain until a definite one.
-        loop {
-            let first = take(&mut data, 1)?;
-            let len = match first {
-                0..=191 => first,
-                192..=223 => ((first - 192) << 8) + take(&mut data, 1)? + 192,
-                255 => take(&mut data, 4)?,
-                _ => {
-                    take(&mut data, 1 << (first & 0x1F))?;
-                    continue;
-                }
-            };
-            take(&mut data, len)?;
-            break;
-        }
+        let first = take(&mut data, 1)?;
+        let len = match first {
+            0..=191 => first,
+            192..=223 => ((first - 192) << 8) + take(&mut data, 1)? + 192,
+            255 => take(&mut data, 4)?,
+            _ => return None,
+        };
+        take(&mut data, len)?;
     }
     Some(tags)
 }

@@ -597,6 +597,12 @@ fn update_needs_verity_a_web_url_and_a_public_key() {
         &[0xC6, 0x01, 0x04, 0xCD, 0x01, 0x41, 0xC7, 0x01, 0x02],
         &[0x99, 0x00, 0x33, 0x04],
         &[0xC6, 0xE1, 0x04, 0x00],
+        // Compressed data (that could hold a secret key), a private tag, an
+        // indeterminate length, a partial one: none belongs in a public key.
+        &[0xC6, 0x01, 0x04, 0xC8, 0x01, 0x00],
+        &[0xC6, 0x01, 0x04, 0xFC, 0x01, 0x00],
+        &[0xC6, 0x01, 0x04, 0xB7, 0x00],
+        &[0xC6, 0x01, 0x04, 0xC2, 0xE1, 0x05, 0x06, 0x01, 0x07],
     ] {
         std::fs::write(&key, bytes).unwrap();
         assert!(
@@ -605,15 +611,13 @@ fn update_needs_verity_a_web_url_and_a_public_key() {
             message(&path)
         );
     }
-    // Old and new packet formats of a public key; with a user id and a signature
-    // (old-format two-byte length, new-format partial lengths) after it.
-    for bytes in [
-        vec![0x98, 0x01, 0x04],
-        vec![0xC6, 0x01, 0x04],
-        vec![
-            0x99, 0x00, 0x01, 0x04, 0xB4, 0x01, 0x41, 0xC2, 0xE1, 0x05, 0x06, 0x01, 0x07,
-        ],
-    ] {
+    // Old and new packet formats of a public key; with a user id, a signature and a
+    // subkey (old-format two-byte length, new-format two-octet length) after it.
+    let mut long = vec![
+        0x99, 0x00, 0x01, 0x04, 0xB4, 0x01, 0x41, 0xC2, 0x01, 0x07, 0xCE, 0xC0, 0x00,
+    ];
+    long.extend([0x05; 192]);
+    for bytes in [vec![0x98, 0x01, 0x04], vec![0xC6, 0x01, 0x04], long] {
         std::fs::write(&key, &bytes).unwrap();
         let spec = load(&path).unwrap();
         let u = spec.update.as_ref().unwrap();
