@@ -88,9 +88,12 @@ in
     systemd.services.devos-ec2-keys.wantedBy = [ "multi-user.target" ];
     # Instance metadata (and with it the instance role) for root only, as the Debian
     # images route it (docs/agent.md, "Instance metadata is root's").
+    # (network-pre.target is passive: pulled in by the firewall, if any. The unit is
+    # pulled in by itself, and ordered before the network comes up.)
     systemd.services.devos-metadata-root-only = {
       description = "Instance metadata for root only";
-      wantedBy = [ "network-pre.target" ];
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-pre.target" ];
       before = [ "network-pre.target" ];
       unitConfig.DefaultDependencies = false;
       serviceConfig = {
@@ -108,6 +111,10 @@ in
         if [ -e /proc/sys/net/ipv6 ]; then rule -6 fd00:ec2::254/128; fi
       '';
     };
+    # systemd-networkd removes routing policy rules it did not make (when it starts,
+    # and when a link is configured): where it runs, it must keep these.
+    systemd.network.config.networkConfig.ManageForeignRoutingPolicyRules =
+      lib.mkIf config.systemd.network.enable (lib.mkDefault false);
     # Runs only on a counted boot (a version on trial): its health gates the blessing.
     systemd.services.devos-boot-complete.requiredBy = [ "boot-complete.target" ];
   };
