@@ -905,6 +905,20 @@ fn check_anchors(
     if let Some(path) = &options.anchor_file {
         let from = resume.map_or(0, |m| m.anchor_offset);
         mark.anchor_offset = from;
+        // Anchors are only ever appended: a file shorter than what was read before was
+        // cut or replaced.
+        let len = std::fs::metadata(path).map_or(0, |m| m.len());
+        if len < from {
+            v.first_bad = Some(Problem {
+                file: path.display().to_string(),
+                line: 0,
+                seq: resume.map(|m| m.seq),
+                reason: format!(
+                    "the anchor file holds {len} bytes but {from} were read when the log was last verified: it was cut or replaced"
+                ),
+            });
+            return Ok(());
+        }
         let anchors = anchor_file(path, from, &log)?;
         sources.push((path.display().to_string(), anchors));
     }
