@@ -722,7 +722,27 @@ fn check_package_set(tree: &Path, resolved: &[Package], ui: &Ui) -> Result<()> {
             missing.join(", ")
         ));
     }
+    if let Some(warning) = metadata_rule_warning(&installed) {
+        ui.info(&warning);
+    }
     Ok(())
+}
+
+/// The routing rule that keeps instance metadata to root is systemd-networkd's
+/// (`[RoutingPolicyRule] User=`, `Type=`), from systemd 248 on: older, it does not
+/// apply, and the build must say so rather than leave the instance role open quietly.
+fn metadata_rule_warning(
+    installed: &std::collections::BTreeSet<(String, String)>,
+) -> Option<String> {
+    let (_, version) = installed.iter().find(|(name, _)| name == "systemd")?;
+    let major: u32 = version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    (major < 248).then(|| format!(
+        "warning: systemd {version} in this image is older than 248: its systemd-networkd cannot keep instance metadata to root, so on EC2 every user of a machine could use the instance role\n  hint: build on a newer suite (Debian bookworm, Ubuntu jammy or later)"
+    ))
 }
 
 /// A tmpfs with room for twice the disk (the tree plus the partition images made
@@ -910,4 +930,20 @@ fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
             .with_context(|| format!("cannot move the output to {}", final_dir.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_whose_networkd_cannot_keep_metadata_to_root_is_warned_about() {
+        let with = |v: &str| [("systemd".to_owned(), v.to_owned())].into_iter().collect();
+        let warning = metadata_rule_warning(&with("247.3-7+deb11u6")).unwrap();
+        assert!(warning.contains("systemd 247.3-7+deb11u6"), "{warning}");
+        for fine in ["252.33-1~deb12u1", "257.9-1~deb13u1", "249.11-0ubuntu3"] {
+            assert_eq!(metadata_rule_warning(&with(fine)), None, "{fine}");
+        }
+        assert_eq!(metadata_rule_warning(&Default::default()), None);
+    }
 }
