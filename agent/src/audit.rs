@@ -158,6 +158,16 @@ impl Mark {
         anchor_file.with_file_name(format!("{name}.verified"))
     }
 
+    /// A problem found at the marked entry.
+    fn problem(&self, reason: String) -> Problem {
+        Problem {
+            file: self.file.clone(),
+            line: self.line,
+            seq: Some(self.seq),
+            reason,
+        }
+    }
+
     /// The mark at `path`, if there is one that parses.
     pub fn load(path: &Path) -> Option<Mark> {
         serde_json::from_slice(&std::fs::read(path).ok()?).ok()
@@ -606,7 +616,7 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, Audit
         };
     }
     if v.first_bad.is_none() {
-        check_anchors(dir, options, &hashes, &mut v, &mut mark)?;
+        check_anchors(dir, options, resume, &hashes, &mut v, &mut mark)?;
     }
     v.ok = v.first_bad.is_none();
     v.mark = (v.ok && v.entries > 0).then_some(mark);
@@ -635,12 +645,8 @@ fn check_entries(
     let mut files = log_files(dir)?;
     if let Some(m) = resume {
         let Some(at) = files.iter().position(|(_, p)| p.ends_with(&m.file)) else {
-            v.first_bad = Some(Problem {
-                file: m.file.clone(),
-                line: m.line,
-                seq: Some(m.seq),
-                reason: "the file that held the last verified entry is gone".into(),
-            });
+            v.first_bad =
+                Some(m.problem("the file that held the last verified entry is gone".into()));
             return Ok((hashes, last));
         };
         files.drain(..at);
@@ -709,15 +715,10 @@ fn check_entries(
         }
     }
     if let Some(m) = resume.filter(|_| hashes.is_empty()) {
-        v.first_bad = Some(Problem {
-            file: m.file.clone(),
-            line: m.line,
-            seq: Some(m.seq),
-            reason: format!(
-                "entry {} is not where it was when last verified: the log was truncated",
-                m.seq
-            ),
-        });
+        v.first_bad = Some(m.problem(format!(
+            "entry {} is not where it was when last verified: the log was truncated",
+            m.seq
+        )));
     }
     Ok((hashes, last))
 }
@@ -886,18 +887,18 @@ fn head_problem(dir: &Path, v: &Verification) -> Option<Problem> {
     }
 }
 
-/// Compare the log with the anchors recorded outside it (those after `options.resume`'s
-/// when resuming), and note in `mark` how far each source was read.
+/// Compare the log with the anchors recorded outside it (those after `resume`'s when
+/// resuming), and note in `mark` how far each source was read.
 fn check_anchors(
     dir: &Path,
     options: &VerifyOptions,
+    resume: Option<&Mark>,
     hashes: &Hashes,
     v: &mut Verification,
     mark: &mut Mark,
 ) -> Result<(), AuditError> {
     let log = log_name_of(dir);
     let limit = options.snapshot.as_ref().map(|s| s.seq);
-    let resume = options.resume.as_ref().filter(|m| m.seq > 0);
     let after = resume.map_or(0, |m| m.seq);
     // Anchors up to the head verified, each with where its source goes on after it.
     let wanted = |a: &Anchor| limit.is_none_or(|l| a.seq <= l);

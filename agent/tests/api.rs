@@ -413,36 +413,26 @@ fn a_tampered_audit_log_is_reported_with_its_first_bad_entry() {
     let agent = Daemon::start();
     let alice = User::ensure("devos-alice");
     let project = alice.project();
+    let run = || {
+        let out = agent.devos(Some(&alice), project.path(), &["run", "list", "files"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    // What `devos audit verify` says, as alice, when it passes.
+    let verified = || {
+        let out = agent.devos(Some(&alice), project.path(), &["audit", "verify"]);
+        assert!(out.status.success(), "{}", stdout(&out));
+        stdout(&out)
+    };
     for _ in 0..3 {
-        assert!(
-            agent
-                .devos(Some(&alice), project.path(), &["run", "list", "files"])
-                .status
-                .success()
-        );
+        run();
     }
     // A user's verification reads what came after the last one (the first, all of
     // it); root's, everything.
-    let out = agent.devos(Some(&alice), project.path(), &["audit", "verify"]);
-    assert!(out.status.success(), "{}", stdout(&out));
-    assert!(
-        stdout(&out).contains("entries in 1 file"),
-        "{}",
-        stdout(&out)
-    );
-    assert!(
-        agent
-            .devos(Some(&alice), project.path(), &["run", "list", "files"])
-            .status
-            .success()
-    );
-    let out = agent.devos(Some(&alice), project.path(), &["audit", "verify"]);
-    assert!(out.status.success(), "{}", stdout(&out));
-    assert!(
-        stdout(&out).contains("since the last verification"),
-        "{}",
-        stdout(&out)
-    );
+    let said = verified();
+    assert!(said.contains("entries in 1 file"), "{said}");
+    run();
+    let said = verified();
+    assert!(said.contains("since the last verification"), "{said}");
     let log = agent.state().join("audit/log-000001.jsonl");
     let text = std::fs::read_to_string(&log).unwrap();
     let edited = text.replacen("\"list files\"", "\"something else\"", 1);

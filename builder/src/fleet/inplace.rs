@@ -840,13 +840,13 @@ mod tests {
         // Deployed on 0.1.0, once moved in place to 0.0.1 and back, then to 0.2.0; a
         // try of 0.3.0 went back and 0.3.0 is bad here; one of 0.4.0 failed before
         // moving anything; another stack went to 0.4.0.
-        let (v1, v2, v3, v4) = (
+        let (v0, v1, v2, v3, v4) = (
+            info(&reg, "0.0.1"),
             info(&reg, "0.1.0"),
             info(&reg, "0.2.0"),
             info(&reg, "0.3.0"),
             info(&reg, "0.4.0"),
         );
-        let v0 = info(&reg, "0.0.1");
         for (stack, from, to, state) in [
             ("web", &v1, &v0, ChangeState::Succeeded),
             ("web", &v0, &v1, ChangeState::Succeeded),
