@@ -96,6 +96,9 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     emit(packages_refused().await)?;
     emit(audit_anchors().await)?;
     emit(root_read_only())?;
+    if let Some(hash) = verity_hash().await {
+        emit(hash)?;
+    }
     emit(var_writable())?;
     emit(os_release())?;
     emit(system_state().await)?;
@@ -1050,6 +1053,53 @@ fn root_read_only() -> CheckResult {
     }
 }
 
+/// Which SHA-256 code dm-verity checks the root with, as the kernel said when the root
+/// was opened; `None` when no root is verified. dm-verity keeps the code it found then:
+/// the generic C code on a CPU with SSSE3 means the initrd opened the root before it
+/// loaded the x86 module (`rd.modules_load=`), and every block read from the root costs
+/// more for as long as the machine runs. It reports; the image tests judge.
+async fn verity_hash() -> Option<CheckResult> {
+    let log = tokio::process::Command::new("journalctl")
+        .args(["--no-pager", "-o", "cat", "-k", "-b", "0"])
+        .output()
+        .await
+        .ok()?;
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    verity_hash_result(&String::from_utf8_lossy(&log.stdout), &cpuinfo)
+}
+
+/// [`verity_hash`] from the kernel's log and /proc/cpuinfo. The kernel's words:
+/// `device-mapper: verity: sha256 using shash "sha256-ssse3"` (older kernels:
+/// `using implementation "..."`).
+fn verity_hash_result(kernel_log: &str, cpuinfo: &str) -> Option<CheckResult> {
+    let line = kernel_log
+        .lines()
+        .rfind(|l| l.contains("device-mapper: verity: ") && l.contains(" using "))?;
+    let driver = line.rsplit(' ').next()?.trim_matches('"');
+    let ssse3 = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "ssse3"));
+    let detail = if driver.ends_with("-generic") && ssse3 {
+        format!(
+            "dm-verity checks the root with {driver}, although the CPU has SSSE3: the initrd \
+             opened the root before it loaded {}",
+            VERITY_HASH_MODULE
+        )
+    } else {
+        format!("dm-verity checks the root with {driver}")
+    };
+    Some(CheckResult {
+        check: "verity-hash".into(),
+        ok: true,
+        detail,
+        ms: 0,
+    })
+}
+
+/// The x86 SHA-256 module the builder's images load in the initrd for dm-verity.
+const VERITY_HASH_MODULE: &str = "sha256_ssse3";
+
 fn var_writable() -> CheckResult {
     let path = Path::new("/var/.devos-selftest");
     let result = std::fs::write(path, "x").and_then(|()| std::fs::remove_file(path));
@@ -1183,6 +1233,27 @@ async fn critical_chain() -> CheckResult {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_root_s_hash_code_is_read_from_the_kernel_s_words() {
+        let cpu = "processor\t: 0\nflags\t\t: fpu sse2 ssse3 sse4_1\n";
+        let log = "x\ndevice-mapper: verity: sha256 using shash \"sha256-ssse3\"\ny\n";
+        let r = super::verity_hash_result(log, cpu).unwrap();
+        assert_eq!(r.detail, "dm-verity checks the root with sha256-ssse3");
+        let generic = "device-mapper: verity: sha256 using implementation \"sha256-generic\"\n";
+        let r = super::verity_hash_result(generic, cpu).unwrap();
+        assert!(
+            r.detail
+                .contains("sha256-generic, although the CPU has SSSE3")
+                && r.detail.contains("sha256_ssse3"),
+            "{}",
+            r.detail
+        );
+        let old_cpu = "flags\t\t: fpu sse2\n";
+        let r = super::verity_hash_result(generic, old_cpu).unwrap();
+        assert_eq!(r.detail, "dm-verity checks the root with sha256-generic");
+        assert!(super::verity_hash_result("no verity here\n", cpu).is_none());
+    }
+
     #[test]
     fn efi_strings_are_read_as_efivarfs_shows_them() {
         let mut var = vec![7, 0, 0, 0];

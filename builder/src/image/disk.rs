@@ -583,9 +583,19 @@ fn root_fs_name(fs: RootFs) -> &'static str {
 /// root hash names. An updatable image reboots after a kernel panic (into its next
 /// try, when the panic was a version on trial's); the spec's own `panic=`, later on
 /// the line, wins.
+/// The kernel module with the x86 SHA-256 code (SSSE3, AVX, AVX2, SHA-NI) that the
+/// verified root's hash tree is checked with.
+pub(crate) const VERITY_HASH_MODULE: &str = "sha256_ssse3";
+
 pub(crate) fn kernel_cmdline(spec: &Spec, root_partuuid: &str, root_hash: Option<&str>) -> String {
     let root = match root_hash {
-        Some(hash) => format!("roothash={hash} root=/dev/mapper/root"),
+        // dm-verity takes the best SHA-256 the kernel has when the root is opened, and
+        // keeps it: without this the built-in generic C code hashes every block read
+        // from the root for as long as the machine runs, where the x86 module would use
+        // SHA-NI or AVX2 (it is in the initrd; systemd-modules-load loads it first).
+        Some(hash) => {
+            format!("roothash={hash} root=/dev/mapper/root rd.modules_load={VERITY_HASH_MODULE}")
+        }
         None => format!("root=PARTUUID={root_partuuid}"),
     };
     let mut line = format!("{root} ro rootfstype={}", root_fs_name(spec.root_fs));
@@ -972,6 +982,10 @@ mod tests {
         );
         let line = super::kernel_cmdline(&spec(default), "p", Some("h"));
         assert!(!line.contains("panic="), "{line}");
+        assert!(
+            line.starts_with("roothash=h root=/dev/mapper/root rd.modules_load=sha256_ssse3 ro "),
+            "{line}"
+        );
         // The spec's own `panic=` comes later on the line, and the kernel takes the last.
         let own = format!("{default}{update}").replace("quiet ", "quiet panic=0 ");
         let line = super::kernel_cmdline(&spec(&own), "p", Some("h"));

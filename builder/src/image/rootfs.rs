@@ -311,7 +311,8 @@ pub(crate) fn bootstrap(
 }
 
 /// Block and filesystem drivers the initrd needs to find the root on QEMU/KVM (virtio),
-/// AWS (Nitro NVMe, Xen), Azure (Hyper-V) and VMware.
+/// AWS (Nitro NVMe, Xen), Azure (Hyper-V) and VMware; dm-verity and the SHA-256 code it
+/// checks the root with.
 const INITRD_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -326,6 +327,7 @@ const INITRD_MODULES: &[&str] = &[
     "erofs",
     "dm_mod",
     "dm_verity",
+    crate::image::disk::VERITY_HASH_MODULE,
 ];
 
 /// dracut's modules in the initrd, and only these (with what they depend on: udev,
