@@ -578,15 +578,15 @@ fn root_fs_name(fs: RootFs) -> &'static str {
     }
 }
 
+/// The kernel module with the x86 SHA-256 code (SSSE3, AVX, AVX2, SHA-NI) that the
+/// verified root's hash tree is checked with.
+pub(crate) const VERITY_HASH_MODULE: &str = "sha256_ssse3";
+
 /// The kernel command line: where root is, read-only, then the spec's own arguments.
 /// A verified root is the device systemd's veritysetup makes from the partitions the
 /// root hash names. An updatable image reboots after a kernel panic (into its next
 /// try, when the panic was a version on trial's); the spec's own `panic=`, later on
 /// the line, wins.
-/// The kernel module with the x86 SHA-256 code (SSSE3, AVX, AVX2, SHA-NI) that the
-/// verified root's hash tree is checked with.
-pub(crate) const VERITY_HASH_MODULE: &str = "sha256_ssse3";
-
 pub(crate) fn kernel_cmdline(spec: &Spec, root_partuuid: &str, root_hash: Option<&str>) -> String {
     let root = match root_hash {
         // dm-verity takes the best SHA-256 the kernel has when the root is opened, and
