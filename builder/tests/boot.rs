@@ -15,7 +15,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Env, HEAVY, flip_byte_at, gpg_verifies, ok, run};
+use common::{Env, HEAVY, check, flip_byte_at, gpg_verifies, ok, run};
 
 /// The agent package with `edit` applied to its unpacked tree, repacked.
 fn repack(env: &Env, name: &str, edit: impl Fn(&Path)) -> PathBuf {
@@ -82,15 +82,6 @@ fn failing_test_with(env: &Env, spec: &Path, deb: &Path, vars: &[(&str, &str)]) 
         report["test"].clone(),
         std::fs::read_to_string(&junit).unwrap(),
     )
-}
-
-fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == name)
-        .unwrap_or_else(|| panic!("no `{name}` check in {report:#}"))
 }
 
 #[test]

@@ -376,12 +376,7 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     }
     // dm-verity checks the root with the x86 SHA-256 code (SHA-NI or AVX2 on EC2's
     // CPUs), loaded in the initrd before the root is opened, not the generic C code.
-    let verity_hash = test["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "verity-hash")
-        .expect("a verity-hash check");
+    let verity_hash = common::check(test, "verity-hash");
     let detail = verity_hash["detail"].as_str().unwrap();
     assert!(
         detail.starts_with("dm-verity checks the root with sha256-") && !detail.contains("generic"),

@@ -170,6 +170,16 @@ pub fn ok(out: &Output) {
     );
 }
 
+/// The check `name` of a boot test's report (`report["checks"]`).
+pub fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == name)
+        .unwrap_or_else(|| panic!("no `{name}` check in {report:#}"))
+}
+
 /// Flip one byte in the middle of a file.
 pub fn flip_byte(path: &Path) {
     let len = std::fs::metadata(path).unwrap().len();
