@@ -140,8 +140,11 @@ pub struct Mark {
     /// Checkpoint lines verified, and the last one's hash (the chain goes on from it).
     pub checkpoints: u64,
     pub checkpoint_hash: String,
-    /// Bytes of the anchor file whose anchors were checked.
+    /// Bytes of the anchor file whose anchors were checked, and the last anchor line
+    /// of the log among them (a file replaced by a longer one does not hold it there).
     pub anchor_offset: u64,
+    #[serde(default)]
+    pub anchor_line: Option<String>,
     /// The journal's cursor after the last anchor checked.
     pub journal_cursor: Option<String>,
 }
@@ -604,6 +607,7 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<Verification, Audit
         checkpoints: 0,
         checkpoint_hash: GENESIS.to_owned(),
         anchor_offset: 0,
+        anchor_line: None,
         journal_cursor: None,
     };
     if v.first_bad.is_none() {
@@ -906,17 +910,28 @@ fn check_anchors(
     if let Some(path) = &options.anchor_file {
         let from = resume.map_or(0, |m| m.anchor_offset);
         mark.anchor_offset = from;
-        // Anchors are only ever appended: a file shorter than what was read before was
-        // cut or replaced.
+        mark.anchor_line = resume.and_then(|m| m.anchor_line.clone());
+        // Anchors are only ever appended: a file shorter than what was read before, or
+        // without the last anchor read where it was, was cut or replaced.
         let len = std::fs::metadata(path).map_or(0, |m| m.len());
-        if len < from {
+        let replaced = if len < from {
+            Some(format!(
+                "the anchor file holds {len} bytes but {from} were read when the log was last verified: it was cut or replaced"
+            ))
+        } else {
+            match &mark.anchor_line {
+                Some(line) if !anchor_line_ends_at(path, from, line)? => Some(format!(
+                    "the anchor file no longer holds the anchor that ended at byte {from} when the log was last verified: it was replaced"
+                )),
+                _ => None,
+            }
+        };
+        if let Some(reason) = replaced {
             v.first_bad = Some(Problem {
                 file: path.display().to_string(),
                 line: 0,
                 seq: resume.map(|m| m.seq),
-                reason: format!(
-                    "the anchor file holds {len} bytes but {from} were read when the log was last verified: it was cut or replaced"
-                ),
+                reason,
             });
             return Ok(());
         }
@@ -936,7 +951,10 @@ fn check_anchors(
         let mut checked = 0;
         for (a, position) in anchors.iter().take_while(|(a, _)| wanted(a)) {
             match position {
-                Position::Offset(o) => mark.anchor_offset = *o,
+                Position::Offset(o, line) => {
+                    mark.anchor_offset = *o;
+                    mark.anchor_line = Some(line.clone());
+                }
                 Position::Cursor(c) => mark.journal_cursor = Some(c.clone()),
             }
             if a.seq < after {
@@ -974,11 +992,11 @@ fn check_anchors(
     Ok(())
 }
 
-/// Where an anchor's source goes on after it: a byte of the anchor file, or a journal
-/// cursor.
+/// Where an anchor's source goes on after it: a byte of the anchor file (after the
+/// anchor's line), or a journal cursor.
 #[derive(Debug, Clone, PartialEq)]
 enum Position {
-    Offset(u64),
+    Offset(u64, String),
     Cursor(String),
 }
 
@@ -1001,10 +1019,26 @@ fn anchor_file(path: &Path, from: u64, log: &str) -> Result<Vec<(Anchor, Positio
         if let Ok(a) = serde_json::from_slice::<Anchor>(&line)
             && a.log == log
         {
-            anchors.push((a, Position::Offset(offset)));
+            let line = String::from_utf8_lossy(&line).into_owned();
+            anchors.push((a, Position::Offset(offset, line)));
         }
     }
     Ok(anchors)
+}
+
+/// Whether the anchor file holds `line` (and its newline) just before byte `end`.
+fn anchor_line_ends_at(path: &Path, end: u64, line: &str) -> Result<bool, AuditError> {
+    use std::io::{Read, Seek};
+    let want = format!("{line}\n");
+    let Some(start) = end.checked_sub(want.len() as u64) else {
+        return Ok(false);
+    };
+    let mut file = File::open(path).map_err(io(path))?;
+    file.seek(std::io::SeekFrom::Start(start))
+        .map_err(io(path))?;
+    let mut found = vec![0; want.len()];
+    file.read_exact(&mut found).map_err(io(path))?;
+    Ok(found == want.as_bytes())
 }
 
 /// The anchors the journal holds for a log (after `cursor`), or `None` without a

@@ -435,11 +435,24 @@ fn a_resumed_verification_still_finds_what_changed_after_the_mark_or_the_mark_it
             "differs from its anchor",
         ),
     ];
-    let cases = cases.into_iter().chain([(
-        "the anchor file cut",
-        (|_, anchors| std::fs::write(anchors, "").unwrap()) as Tamper,
-        "it was cut or replaced",
-    )]);
+    let cases = cases.into_iter().chain([
+        (
+            "the anchor file cut",
+            (|_, anchors| std::fs::write(anchors, "").unwrap()) as Tamper,
+            "it was cut or replaced",
+        ),
+        (
+            "the anchor file replaced by a longer one",
+            |_, anchors| {
+                // Every anchor still there, a line of another log's before them: the
+                // bytes at the mark are no longer the anchor read there.
+                let text = std::fs::read_to_string(anchors).unwrap();
+                let other = r#"{"seq":1,"hash":"00","log":"other"}"#;
+                std::fs::write(anchors, format!("{other}\n{text}")).unwrap();
+            },
+            "no longer holds the anchor that ended at byte",
+        ),
+    ]);
     for (what, tamper, want) in cases {
         let root = tempfile::tempdir().unwrap();
         let (dir, cfg, options) = verified(root.path(), 10);
