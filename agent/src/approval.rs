@@ -302,17 +302,21 @@ fn deny_matches(
             return false;
         }
         // Real paths from classification, and every word (or `--opt=` value) as a path
-        // too, so nothing spelled another way gets past.
-        return cwd.starts_with(prefix)
-            || risk.paths.iter().any(|p| p.starts_with(prefix))
-            || risk.program.as_ref().is_some_and(|p| p.starts_with(prefix))
+        // too, so nothing spelled another way gets past; the rule's path as written and
+        // where its links lead (an administrator's `/home/x` is `/var/home/x` in DevOS
+        // images).
+        let real = crate::risk::paths::resolve_existing(prefix);
+        let under = |p: &Path| p.starts_with(prefix) || p.starts_with(&real);
+        return under(cwd)
+            || risk.paths.iter().any(|p| under(p))
+            || risk.program.as_ref().is_some_and(|p| under(p))
             || lines.iter().any(|(words, dir)| {
-                dir.starts_with(prefix)
+                under(dir)
                     || words
                         .iter()
                         .flat_map(|w| [w.as_str(), w.rsplit('=').next().unwrap_or(w)])
                         .filter(|w| crate::risk::programs::looks_like_path(w))
-                        .any(|w| crate::risk::programs::lexical_path(w, dir).starts_with(prefix))
+                        .any(|w| under(&crate::risk::programs::lexical_path(w, dir)))
             });
     }
     let Some(rule) = Normalized::of_rule(&rule.command_prefix) else {
@@ -580,6 +584,48 @@ mod tests {
             decide(&install, &risk, cwd, &Policy::default(), &subject, &[]),
             Decision::Denied { .. }
         ));
+    }
+
+    #[test]
+    fn an_administrators_path_rule_is_compared_where_its_links_lead() {
+        // The rule says `.../home/dev/data`; `home` is a link (as `/home` is to
+        // `/var/home` in DevOS images), and what runs names the real place.
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let real_home = root.join("var-home/dev");
+        std::fs::create_dir_all(real_home.join("data")).unwrap();
+        std::fs::write(real_home.join("data/f"), "secret").unwrap();
+        std::os::unix::fs::symlink("var-home", root.join("home")).unwrap();
+        let policy = Policy {
+            deny: vec![crate::config::DenyRule {
+                command_prefix: Vec::new(),
+                path_prefix: Some(root.join("home/dev/data")),
+                reason: None,
+            }],
+            ..Policy::default()
+        };
+        let none = UserPolicy::default();
+        let subject = Subject {
+            uid: 1000,
+            home: &real_home,
+            is_admin: false,
+            user_policy: &none,
+        };
+        for (argv, cwd) in [
+            (&["cat", "data/f"][..], real_home.clone()),
+            (&["ls"][..], real_home.join("data")),
+        ] {
+            let action = run(argv);
+            let risk = classify_in(&action, &cwd);
+            assert!(
+                matches!(
+                    decide(&action, &risk, &cwd, &policy, &subject, &[]),
+                    Decision::Denied { .. }
+                ),
+                "{argv:?} in {}",
+                cwd.display()
+            );
+        }
     }
 
     #[test]

@@ -830,7 +830,20 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
         "cp /bin/true setid; chmod u+s setid; chmod g+s setid; chmod 6755 setid; \
          python3 -c 'import os; os.close(os.open(\"setid-open\", os.O_CREAT | os.O_WRONLY, 0o4755))'; \
          python3 -c 'import os; os.close(os.open(\"setid-creat\", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o2755))'; \
-         install -m 4755 /bin/true setid-install; mkfifo -m 4755 setid-fifo"
+         install -m 4755 /bin/true setid-install; mkfifo -m 4755 setid-fifo; \
+         python3 -c 'import ctypes; ctypes.CDLL(None).syscall(452, -100, b\"setid\", 0o6755, 0)'; \
+         python3 -c 'import os, ctypes; fd = os.open(\".\", os.O_TMPFILE | os.O_WRONLY, 0o2755); \
+         ctypes.CDLL(None).linkat(-100, b\"/proc/self/fd/%d\" % fd, -100, b\"setid-tmpfile\", 0x400)'"
+            .to_owned(),
+        // What no network namespace covers (vsock, to the hypervisor's host), and x32
+        // system calls, which a filter that checks only the architecture would allow.
+        "# refused calls\npython3 - <<'PY'\n\
+         import ctypes, socket\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         print('x32', libc.syscall(0x40000000 + 39), ctypes.get_errno())\n\
+         try:\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); print('vsock opened')\n\
+         except OSError as e:\n    print('vsock errno', e.errno)\n\
+         PY"
             .to_owned(),
     ];
     for (i, script) in scripts.iter().enumerate() {
@@ -847,6 +860,12 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
                 !out.contains("devos-agent serve"),
                 "the action saw the agent: {out}"
             );
+        }
+        if script.starts_with("# refused calls") {
+            // EPERM from the sandbox's filters (the kernel's own answers differ:
+            // ENOSYS without x32, EAFNOSUPPORT without vsock).
+            assert!(out.contains("x32 -1 1\n"), "{out}");
+            assert!(out.contains("vsock errno 1\n"), "{out}");
         }
         if script.starts_with("id;") {
             assert_eq!(out.matches(&format!("uid={}", eve.uid)).count(), 1, "{out}");
@@ -1408,6 +1427,49 @@ fn working_above_or_inside_a_hidden_place_does_not_uncover_it() {
             .contains("no action may see"),
         "{r}"
     );
+}
+
+/// Found by red-teaming: a place the administrator's deny rules name below a home was
+/// put back by the bind of the working directory above it, so code run there (whose
+/// paths no rule can see before it runs) read and wrote it.
+#[test]
+fn a_denied_place_below_the_working_directory_stays_hidden() {
+    let eve = eve();
+    let proj = eve.project();
+    let denied = proj.path().join("denied");
+    std::fs::create_dir(&denied).unwrap();
+    std::os::unix::fs::chown(&denied, Some(eve.uid), Some(eve.uid)).unwrap();
+    eve.write(&denied.join("f"), "DENIED-4d1");
+    let agent = Daemon::start_with(
+        "IMAGE_VERSION=1\n",
+        &format!("[[policy.deny]]\npath-prefix = \"{}\"\n", denied.display()),
+    );
+    eve.write(
+        &proj.path().join("peek.py"),
+        "d = 'den' + 'ied'\n\
+         try:\n    print(open(d + '/f').read())\nexcept OSError as e:\n    print('read', e)\n\
+         try:\n    open(d + '/planted', 'w').write('x')\nexcept OSError as e:\n    print('write', e)\n",
+    );
+    let r = approved(&agent, &eve, proj.path(), "run: python3 peek.py");
+    assert!(r["state"] == "done" || r["state"] == "failed", "{r}");
+    let out = r["actions"][0]["output"].as_str().unwrap_or("");
+    assert!(out.contains("read "), "{out}");
+    assert!(!out.contains("DENIED-4d1"), "{out}");
+    assert!(!denied.join("planted").exists());
+    // Nor may an action work in it.
+    let out = agent.devos(
+        Some(&eve),
+        proj.path(),
+        &[
+            "--json",
+            "run",
+            "--cwd",
+            &denied.to_string_lossy(),
+            "list files",
+        ],
+    );
+    let r = json(&out);
+    assert!(r["state"] == "denied" || r["state"] == "failed", "{r}");
 }
 
 /// Found by red-teaming: a submodule's own configuration (filter, textconv) ran during

@@ -193,7 +193,7 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
     } else {
         landlock(spec)?
     };
-    seccomp()?;
+    seccomp(spec.as_root)?;
     Ok(format!(
         "{landlock}; seccomp denies {} syscalls and new namespaces; no_new_privs",
         DENIED_SYSCALLS.len()
@@ -302,7 +302,7 @@ fn landlock(spec: &Spec) -> Result<String, SetupError> {
     ))
 }
 
-fn seccomp() -> Result<(), SetupError> {
+fn seccomp(as_root: bool) -> Result<(), SetupError> {
     use seccompiler::{
         BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
         SeccompRule, TargetArch,
@@ -330,10 +330,30 @@ fn seccomp() -> Result<(), SetupError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(err)?;
     rules.insert(libc::SYS_clone, clone_rules);
+    // vsock reaches the hypervisor's host and other VMs, which no network namespace
+    // covers.
+    rules.insert(
+        libc::SYS_socket,
+        vec![
+            SeccompRule::new(vec![
+                SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::AF_VSOCK as u64,
+                )
+                .map_err(err)?,
+            ])
+            .map_err(err)?,
+        ],
+    );
     // Files made set-user-ID or set-group-ID (what systemd's RestrictSUIDSGID= does for
-    // a unit; the agent's unit cannot use it, see setuid_rules).
-    for (syscall, rule) in setuid_rules().map_err(err)? {
-        rules.entry(syscall).or_default().push(rule);
+    // a unit; the agent's unit cannot use it, see setuid_rules). Not for root's package
+    // installs: dpkg gives sudo, passwd and others their set-ID modes.
+    if !as_root {
+        for (syscall, rule) in setuid_rules().map_err(err)? {
+            rules.entry(syscall).or_default().push(rule);
+        }
     }
     let deny = SeccompFilter::new(
         rules,
@@ -361,11 +381,47 @@ fn seccomp() -> Result<(), SetupError> {
         let program: BpfProgram = filter.try_into().map_err(SetupError::SeccompCompile)?;
         seccompiler::apply_filter(&program).map_err(SetupError::SeccompApply)?;
     }
+    if cfg!(target_arch = "x86_64") {
+        seccompiler::apply_filter(&no_x32()).map_err(SetupError::SeccompApply)?;
+    }
     Ok(())
 }
 
+/// A filter refusing every x32 system call. They come with the x86-64 architecture
+/// (the filters above check it) and the number `__X32_SYSCALL_BIT` added, which none of
+/// their rules name: on a kernel built with x32 support they would all be allowed.
+fn no_x32() -> seccompiler::BpfProgram {
+    use seccompiler::sock_filter;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    // (BPF: load the syscall number; if >= the bit fall through to refuse, else skip
+    // one to allow.)
+    let op = |code: u32, jt: u8, jf: u8, k: u32| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    vec![
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        op(
+            libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+            0,
+            1,
+            X32_SYSCALL_BIT,
+        ),
+        op(
+            libc::BPF_RET | libc::BPF_K,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        op(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
 /// Rules matching the calls that would make a file set-user-ID or set-group-ID: a mode
-/// argument with S_ISUID or S_ISGID (for open and openat, only with O_CREAT).
+/// argument with S_ISUID or S_ISGID (for open and openat, only with O_CREAT or
+/// O_TMPFILE: an unnamed file, linked in later, keeps a set-group-ID mode).
 ///
 /// The agent's unit cannot say `RestrictSUIDSGID=yes`: systemd enforces it by making
 /// openat2() fail with ENOSYS for the whole unit, and bubblewrap 0.11+ opens every bind
@@ -382,10 +438,11 @@ fn setuid_rules() -> Result<Vec<(i64, seccompiler::SeccompRule)>, seccompiler::B
         )
     };
     // (syscall, the argument holding the mode, the one holding open flags)
-    let calls: [(i64, u8, Option<u8>); 8] = [
+    let calls: [(i64, u8, Option<u8>); 9] = [
         (libc::SYS_chmod, 1, None),
         (libc::SYS_fchmod, 1, None),
         (libc::SYS_fchmodat, 2, None),
+        (libc::SYS_fchmodat2, 2, None),
         (libc::SYS_creat, 1, None),
         (libc::SYS_mknod, 1, None),
         (libc::SYS_mknodat, 2, None),
@@ -395,11 +452,14 @@ fn setuid_rules() -> Result<Vec<(i64, seccompiler::SeccompRule)>, seccompiler::B
     let mut rules = Vec::new();
     for (syscall, mode, flags) in calls {
         for bit in [libc::S_ISUID as u64, libc::S_ISGID as u64] {
-            let mut conditions = vec![has(mode, bit)?];
-            if let Some(flags) = flags {
-                conditions.push(has(flags, libc::O_CREAT as u64)?);
+            let Some(flags) = flags else {
+                rules.push((syscall, SeccompRule::new(vec![has(mode, bit)?])?));
+                continue;
+            };
+            for creates in [libc::O_CREAT as u64, libc::O_TMPFILE as u64] {
+                let conditions = vec![has(mode, bit)?, has(flags, creates)?];
+                rules.push((syscall, SeccompRule::new(conditions)?));
             }
-            rules.push((syscall, SeccompRule::new(conditions)?));
         }
     }
     Ok(rules)

@@ -332,9 +332,11 @@ fn check_not_forbidden(spec: &Spec, cwd: &PathBuf, profile: &Profile) -> Result<
         return Ok(());
     }
     let Some((path, place)) = std::iter::once(cwd).chain(&profile.writable).find_map(|p| {
+        // (The place nearest to it, for the most telling reason.)
         forbidden_places(spec)
             .into_iter()
-            .find(|f| p.starts_with(f))
+            .filter(|f| p.starts_with(f))
+            .max_by_key(|f| f.components().count())
             .map(|f| (p, f))
     }) else {
         return Ok(());
@@ -600,9 +602,7 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
         a.extend(["--proc".into(), "/proc".into()]);
         a.extend(bind("--bind", &private("tmp"), Path::new("/tmp")));
         a.extend(tmpfs(Path::new("/home")));
-        for h in spec.hide.iter().filter(|h| h.exists()) {
-            a.extend(tmpfs(h));
-        }
+        a.extend(hide_denied(spec));
         return a;
     }
     if spec.caller.uid != 0 {
@@ -612,7 +612,9 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     }
     // Order matters: later mounts cover earlier ones. Writable places outside the
     // hidden ones first, then everything hidden (so a writable ancestor cannot
-    // uncover it), then what the action works in below a hidden place.
+    // uncover it), then what the action works in below a hidden place, then the
+    // agent's files and the places deny rules name (nothing below them is put back:
+    // the home or working directory above one cannot uncover it).
     let hidden = hidden_places(spec);
     let below_hidden = |p: &Path| hidden.iter().any(|h| p.starts_with(h));
     let strictly_below_hidden = |p: &Path| hidden.iter().any(|h| p != h && p.starts_with(h));
@@ -636,9 +638,6 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     if spec.caller.uid != 0 {
         a.extend(tmpfs(Path::new("/root")));
     }
-    for h in spec.hide.iter().filter(|h| h.exists()) {
-        a.extend(tmpfs(h));
-    }
     if p.home_visible && strictly_below_hidden(&spec.caller.home) {
         a.extend(p.bind(false, &spec.caller.home));
     }
@@ -656,6 +655,7 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     for r in &p.read_only {
         a.extend(p.bind(false, r));
     }
+    a.extend(hide_denied(spec));
     for (secret, is_dir) in &p.hidden_secrets {
         if *is_dir {
             a.extend(["--tmpfs".into(), secret.to_string_lossy().into_owned()]);
@@ -728,14 +728,29 @@ fn tmpfs(path: &Path) -> [String; 2] {
     ]
 }
 
+/// The agent's own files and the places the administrator's deny rules name, made
+/// absent: an empty tmpfs over a directory, /dev/null over a file.
+fn hide_denied(spec: &Spec) -> Vec<String> {
+    let mut a = Vec::new();
+    for h in spec.hide.iter().filter(|h| h.exists()) {
+        if real(h).is_dir() {
+            a.extend(tmpfs(h));
+        } else {
+            a.extend(bind("--ro-bind", Path::new("/dev/null"), &real(h)));
+        }
+    }
+    a
+}
+
 /// Places an action may never work in or write, even when its user can: sockets live
 /// there (`/run`, and the temporary directories every user and program shares — each
-/// action has its own), and the agent's own files.
+/// action has its own), and the agent's own files and what deny rules name, as written
+/// and where their links lead (`/home` is `/var/home` in DevOS images).
 fn forbidden_places(spec: &Spec) -> Vec<PathBuf> {
     ["/run", "/tmp", "/var/tmp", "/dev/shm", "/proc"]
         .iter()
         .map(PathBuf::from)
-        .chain(spec.hide.iter().cloned())
+        .chain(spec.hide.iter().flat_map(|h| [h.clone(), real(h)]))
         .collect()
 }
 
@@ -1022,6 +1037,65 @@ mod tests {
             .position(|l| *l == format!("--bind {p} {p}"))
             .unwrap();
         assert!(back > hide, "{m:?}");
+    }
+
+    #[test]
+    fn a_denied_place_below_the_home_or_working_directory_stays_hidden() {
+        // The home and working directory are put back after the homes are hidden; a
+        // place a deny rule names below them (a directory, a file, and one reached
+        // through a link, as `/home` is in DevOS images) is hidden after that.
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let home = dir.path().join("var-home/dev");
+        let proj = home.join("proj");
+        std::fs::create_dir_all(proj.join("denied")).unwrap();
+        std::fs::write(proj.join("denied-file"), "x").unwrap();
+        std::os::unix::fs::symlink("var-home", dir.path().join("home")).unwrap();
+        let linked = dir.path().join("home/dev/proj/denied");
+        let cwd = proj.to_string_lossy().into_owned();
+        let mut s = spec(
+            1000,
+            &cwd,
+            RiskClass::WritesWorkdir,
+            Action::Run {
+                argv: vec!["make".into()],
+            },
+        );
+        s.caller.home = home.clone();
+        s.hide = vec![linked.clone(), proj.join("denied-file")];
+        let mut p = prepared(&cwd, &[&cwd]);
+        p.home_visible = true;
+        let m = mounts(&bwrap_args(&s, &p));
+        let last_bind = m
+            .iter()
+            .rposition(|l| {
+                (l.starts_with("--bind") || l.starts_with("--ro-bind "))
+                    && !l.starts_with("--ro-bind /dev/null")
+            })
+            .unwrap();
+        let denied = proj.join("denied").to_string_lossy().into_owned();
+        let hidden_dir = m
+            .iter()
+            .rposition(|l| *l == format!("--tmpfs {denied}"))
+            .unwrap_or_else(|| panic!("{denied} is not hidden: {m:?}"));
+        let file = proj.join("denied-file").to_string_lossy().into_owned();
+        let hidden_file = m
+            .iter()
+            .rposition(|l| *l == format!("--ro-bind /dev/null {file}"))
+            .unwrap_or_else(|| panic!("{file} is not hidden: {m:?}"));
+        assert!(
+            m[..hidden_dir]
+                .iter()
+                .any(|l| l.ends_with(&format!(" {cwd}"))),
+            "{m:?}"
+        );
+        assert!(hidden_dir > last_bind && hidden_file > last_bind, "{m:?}");
+        // Nor may an action work in one, however it is spelled.
+        for cwd in [linked.clone(), proj.join("denied/sub")] {
+            let Err(Stop::Failed(why)) = check_not_forbidden(&s, &cwd, &p.profile) else {
+                panic!("{} allowed", cwd.display());
+            };
+            assert!(why.contains("deny rules name it"), "{why}");
+        }
     }
 
     #[test]
