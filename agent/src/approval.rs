@@ -303,9 +303,9 @@ fn deny_matches(
         }
         // Real paths from classification, and every word (or `--opt=` value) as a path
         // too, so nothing spelled another way gets past; the rule's path as written and
-        // where its links lead (an administrator's `/home/x` is `/var/home/x` in DevOS
-        // images).
-        let real = crate::risk::paths::resolve_existing(prefix);
+        // where root's links lead (an administrator's `/home/x` is `/var/home/x` in
+        // DevOS images; a link a user planted on the way leads nowhere here).
+        let real = crate::risk::paths::resolve_trusted(prefix).0;
         let under = |p: &Path| p.starts_with(prefix) || p.starts_with(&real);
         return under(cwd)
             || risk.paths.iter().any(|p| under(p))
@@ -626,6 +626,27 @@ mod tests {
                 cwd.display()
             );
         }
+        // A link a user planted on a rule's path (in a directory others may write)
+        // does not turn the rule into one on where it leads (`/`: every action).
+        use std::os::unix::fs::PermissionsExt;
+        let open = root.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink("/", open.join("evil")).unwrap();
+        let policy = Policy {
+            deny: vec![crate::config::DenyRule {
+                command_prefix: Vec::new(),
+                path_prefix: Some(open.join("evil")),
+                reason: None,
+            }],
+            ..Policy::default()
+        };
+        let action = run(&["ls"]);
+        let risk = classify_in(&action, &real_home);
+        assert!(!matches!(
+            decide(&action, &risk, &real_home, &policy, &subject, &[]),
+            Decision::Denied { .. }
+        ));
     }
 
     #[test]

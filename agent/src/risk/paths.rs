@@ -59,6 +59,49 @@ pub fn resolve_existing(path: &Path) -> PathBuf {
     }
 }
 
+/// `path` (absolute) with the symlinks on its way followed only where root alone could
+/// have made them: a link owned by root in a directory owned by root that no one else
+/// may write (`/home` -> `var/home` in DevOS images). From any other link on, or from
+/// the first part that does not exist, the path stays as written. The second value
+/// says whether it exists that way: every part there, no other link on the way.
+///
+/// For what root does with paths others may name (the administrator's deny rules name
+/// places in users' homes): a link a user planted must not send root elsewhere.
+pub fn resolve_trusted(path: &Path) -> (PathBuf, bool) {
+    resolve_trusted_within(&normalize(path), 0)
+}
+
+fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
+    use std::os::unix::fs::MetadataExt;
+    let only_root =
+        |dir: &Path| std::fs::metadata(dir).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0);
+    let mut out = PathBuf::from("/");
+    let mut parts = path
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)));
+    while let Some(part) = parts.next() {
+        let next = out.join(part);
+        let followed = match std::fs::symlink_metadata(&next) {
+            Ok(m) if !m.file_type().is_symlink() => {
+                out = next;
+                continue;
+            }
+            Ok(m) if depth < 40 && m.uid() == 0 && only_root(&out) => std::fs::read_link(&next)
+                .ok()
+                .map(|target| resolve_trusted_within(&normalize(&out.join(target)), depth + 1)),
+            _ => None,
+        };
+        match followed {
+            Some((real, true)) => out = real,
+            Some((real, false)) => {
+                return (normalize(&real.join(parts.collect::<PathBuf>())), false);
+            }
+            None => return (normalize(&next.join(parts.collect::<PathBuf>())), false),
+        }
+    }
+    (out, true)
+}
+
 /// Expand the policy's secret locations for a user: `~/x` under their home,
 /// absolute paths as they are. Each is returned with the place it resolves to when
 /// it is a symlink, so both spellings are caught.
@@ -95,6 +138,49 @@ pub fn secret_of(paths: &[&Path], secrets: &[PathBuf]) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_roots_links_are_followed_for_root() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // root's link in root's directory, as /home -> var/home.
+        std::fs::create_dir_all(base.join("var/home/dev/proj")).unwrap();
+        symlink("var/home", base.join("home")).unwrap();
+        let (real, exists) = resolve_trusted(&base.join("home/dev/proj"));
+        assert_eq!(real, base.join("var/home/dev/proj"));
+        assert!(exists);
+        let (real, exists) = resolve_trusted(&base.join("home/dev/proj/missing/x"));
+        assert_eq!(real, base.join("var/home/dev/proj/missing/x"));
+        assert!(!exists);
+        // A link in a directory others may write (a user's, here 0777) is not followed,
+        // wherever it leads, nor is anything after it.
+        let open = base.join("var/home/dev");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        symlink("/", open.join("evil")).unwrap();
+        let (real, exists) = resolve_trusted(&base.join("home/dev/evil/etc"));
+        assert_eq!(real, base.join("var/home/dev/evil/etc"));
+        assert!(!exists);
+        // A link owned by someone else is not followed either (when the test runs as
+        // root, hand one over).
+        if nix::unistd::geteuid().is_root() {
+            std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let theirs = open.join("theirs");
+            symlink("/", &theirs).unwrap();
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &theirs,
+                Some(nix::unistd::Uid::from_raw(65534)),
+                None,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+            let (real, exists) = resolve_trusted(&theirs.join("etc"));
+            assert_eq!(real, theirs.join("etc"));
+            assert!(!exists);
+        }
+    }
 
     #[test]
     fn normalisation_removes_dots_and_slashes() {

@@ -714,9 +714,10 @@ fn hidden_places(spec: &Spec) -> Vec<PathBuf> {
     hidden
 }
 
-/// `path` with its symlinks resolved, or itself when it does not resolve.
+/// `path` with the symlinks root alone could have made resolved (`/home` ->
+/// `/var/home`); bubblewrap mounts as root, so no link a user planted is followed.
 fn real(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+    crate::risk::paths::resolve_trusted(path).0
 }
 
 /// An empty tmpfs over `path`, mounted on its real place: bubblewrap 0.11 and later
@@ -730,13 +731,25 @@ fn tmpfs(path: &Path) -> [String; 2] {
 
 /// The agent's own files and the places the administrator's deny rules name, made
 /// absent: an empty tmpfs over a directory, /dev/null over a file.
+///
+/// Only where the place is, through no link but root's: a place a user moved away, or
+/// replaced with a link (to `/`, say), is not where the rule says any more, and
+/// bubblewrap, as root, must not be sent elsewhere.
 fn hide_denied(spec: &Spec) -> Vec<String> {
     let mut a = Vec::new();
-    for h in spec.hide.iter().filter(|h| h.exists()) {
-        if real(h).is_dir() {
-            a.extend(tmpfs(h));
+    for h in &spec.hide {
+        let (place, exists) = crate::risk::paths::resolve_trusted(h);
+        let Some(meta) = exists
+            .then(|| std::fs::symlink_metadata(&place).ok())
+            .flatten()
+        else {
+            continue;
+        };
+        let place = place.to_string_lossy().into_owned();
+        if meta.is_dir() {
+            a.extend(["--tmpfs".to_owned(), place]);
         } else {
-            a.extend(bind("--ro-bind", Path::new("/dev/null"), &real(h)));
+            a.extend(["--ro-bind".to_owned(), "/dev/null".to_owned(), place]);
         }
     }
     a
@@ -1096,6 +1109,36 @@ mod tests {
             };
             assert!(why.contains("deny rules name it"), "{why}");
         }
+    }
+
+    #[test]
+    fn a_link_a_user_plants_on_a_denied_path_sends_root_nowhere() {
+        // The denied place's parent replaced with a link to `/` in a directory others
+        // may write: nothing is mounted over `/usr` for everyone, and working there is
+        // not refused on the rule's account.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let open = dir.path().join("proj");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink("/", open.join("a")).unwrap();
+        let mut s = spec(
+            1000,
+            "/usr/share",
+            RiskClass::ReadOnly,
+            Action::Run {
+                argv: vec!["ls".into()],
+            },
+        );
+        s.hide = vec![open.join("a/usr"), open.join("a/etc/passwd")];
+        let p = prepared("/usr/share", &[]);
+        let m = mounts(&bwrap_args(&s, &p));
+        assert!(
+            !m.iter()
+                .any(|l| l.ends_with(" /usr") || l.ends_with(" /etc/passwd")),
+            "{m:?}"
+        );
+        assert!(check_not_forbidden(&s, &PathBuf::from("/usr/share"), &p.profile).is_ok());
     }
 
     #[test]
