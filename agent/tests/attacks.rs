@@ -1472,6 +1472,85 @@ fn a_denied_place_below_the_working_directory_stays_hidden() {
     assert!(r["state"] == "denied" || r["state"] == "failed", "{r}");
 }
 
+/// `/home` bound on another place for as long as it lives.
+struct HomeAlias(PathBuf);
+
+impl HomeAlias {
+    fn mount(at: &str) -> HomeAlias {
+        let at = PathBuf::from(at);
+        std::fs::create_dir_all(&at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["--bind", "/home"])
+            .arg(&at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", stderr(&out));
+        HomeAlias(at)
+    }
+}
+
+impl Drop for HomeAlias {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Found by red-teaming: NixOS images mount `/var/home` on `/home` (a bind mount, not
+/// a link), and under that other name the homes were not hidden and secrets were not
+/// secrets: other users' files and the caller's own keys were read without asking.
+#[test]
+fn homes_and_secrets_stay_hidden_under_another_mount_name() {
+    let eve = eve();
+    let mallory = User::ensure("devos-mallory");
+    open_up(&mallory.home, 0o755);
+    mallory.write(&mallory.home.join("mallory-5e8.txt"), "MALLORY-5e8");
+    open_up(&mallory.home.join("mallory-5e8.txt"), 0o644);
+    let alias = HomeAlias::mount("/srv/devos-home-alias-5e8");
+    let other = alias.0.display().to_string();
+    let agent = Daemon::start();
+    let project = eve.project();
+    let cwd = project.path();
+    // Naming a secret by the other name asks.
+    for text in [
+        format!("read {other}/devos-eve/.ssh/id_rsa"),
+        format!("run: cat {other}/devos-eve/.aws/credentials"),
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, &text);
+        assert!(asked, "{text} ran without asking: {r}");
+    }
+    // Code whose paths are only known when it runs finds nothing there.
+    eve.write(
+        &cwd.join("peek.py"),
+        &format!(
+            "import os\n\
+             base = '{other}'\n\
+             for p in ['/devos-eve/.ssh/id_rsa', '/devos-eve/.aws/credentials', '/devos-mallory/mallory-5e8.txt']:\n\
+             \x20   try:\n\
+             \x20       print(open(base + p).read())\n\
+             \x20   except OSError as e:\n\
+             \x20       print('no', p, e.errno)\n\
+             print('listing', os.listdir(base))\n"
+        ),
+    );
+    let r = approved(&agent, &eve, cwd, "run: python3 peek.py");
+    assert!(r["state"] == "done" || r["state"] == "failed", "{r}");
+    let out = r["actions"][0]["output"].as_str().unwrap_or("");
+    // (The caller's own secret locations are hidden there too, by empty directories.)
+    let listing = out.lines().find(|l| l.starts_with("listing")).unwrap_or("");
+    assert!(
+        listing.starts_with("listing [") && !listing.contains("devos-mallory"),
+        "{out}"
+    );
+    let seen = readable(&agent, &eve, cwd);
+    for secret in SECRET_TEXTS.iter().chain(&["MALLORY-5e8"]) {
+        assert!(!seen.contains(secret), "{secret} leaked: {out}");
+    }
+}
+
 /// Found by red-teaming: a submodule's own configuration (filter, textconv) ran during
 /// a read-only `git status`/`git diff` of the superproject, and could plant
 /// `.git/commondir` from an approved `git add`.

@@ -102,6 +102,78 @@ fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
     (out, true)
 }
 
+/// The other places `path` shows up through bind mounts (NixOS images mount
+/// `/var/home` on `/home`; hosts often bind a data disk's directory there): the same
+/// directory of the same file system mounted elsewhere, from this process's mount
+/// table. Empty when there is none or the table cannot be read.
+pub fn mount_aliases(path: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| aliases_in(&info, &normalize(path)))
+        .unwrap_or_default()
+}
+
+/// [`mount_aliases`] in the mount table `mountinfo` (proc(5)'s format).
+fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
+    // (device, root of the mount in its file system, mount point)
+    let mounts: Vec<(&str, PathBuf, PathBuf)> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ').skip(2);
+            let dev = fields.next()?;
+            let root = unescape_mount_path(fields.next()?);
+            let point = unescape_mount_path(fields.next()?);
+            Some((dev, root, point))
+        })
+        .collect();
+    // The mount `path` is in (the last of the deepest: it covers those before it).
+    let Some((dev, root, point)) = mounts
+        .iter()
+        .filter(|(_, _, point)| path.starts_with(point))
+        .max_by_key(|(_, _, point)| point.components().count())
+    else {
+        return Vec::new();
+    };
+    let Ok(below) = path.strip_prefix(point) else {
+        return Vec::new();
+    };
+    let in_fs = root.join(below);
+    let mut aliases = Vec::new();
+    for (_, other_root, other_point) in mounts.iter().filter(|(d, _, _)| d == dev) {
+        if let Ok(rest) = in_fs.strip_prefix(other_root) {
+            let alias = normalize(&other_point.join(rest));
+            if alias != path && !aliases.contains(&alias) {
+                aliases.push(alias);
+            }
+        }
+    }
+    aliases
+}
+
+/// A path as mountinfo writes it: space, tab, newline and backslash as `\NNN` (octal).
+fn unescape_mount_path(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .map(|d| d.iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0')));
+        match octal.and_then(|v| u8::try_from(v).ok()) {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
 /// Expand the policy's secret locations for a user: `~/x` under their home,
 /// absolute paths as they are. Each is returned with the place it resolves to when
 /// it is a symlink, so both spellings are caught.
@@ -118,7 +190,8 @@ pub fn expand_secrets(patterns: &[String], home: &Path) -> Vec<PathBuf> {
         }
         let path = normalize(&path);
         let real = resolve_existing(&path);
-        for candidate in [path, real] {
+        let aliases = mount_aliases(&real);
+        for candidate in [path, real].into_iter().chain(aliases) {
             if !out.contains(&candidate) {
                 out.push(candidate);
             }
@@ -138,6 +211,38 @@ pub fn secret_of(paths: &[&Path], secrets: &[PathBuf]) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_mounted_in_two_places_has_both_names() {
+        // NixOS images: /var is the writable partition, /home a bind of /var/home; a
+        // host's data disk with a directory bound on /srv/my dir (a space, escaped).
+        let info = "\
+22 1 253:0 / / ro,relatime - erofs /dev/mapper/root ro
+30 22 8:6 / /var rw,relatime - ext4 /dev/vda6 rw
+31 22 8:6 /home /home rw,relatime - ext4 /dev/vda6 rw
+40 22 8:7 /data/my\\040dir /srv/my\\040dir rw - ext4 /dev/vdb rw
+41 22 8:7 / /mnt/disk rw - ext4 /dev/vdb rw
+";
+        let aliases = |p: &str| aliases_in(info, Path::new(p));
+        assert_eq!(
+            aliases("/home/dev/.ssh"),
+            [PathBuf::from("/var/home/dev/.ssh")]
+        );
+        assert_eq!(aliases("/var/home/dev"), [PathBuf::from("/home/dev")]);
+        assert_eq!(aliases("/home"), [PathBuf::from("/var/home")]);
+        // Elsewhere on /var: no other name.
+        assert!(aliases("/var/lib").is_empty());
+        assert!(aliases("/usr/bin").is_empty());
+        assert_eq!(
+            aliases("/srv/my dir/x"),
+            [PathBuf::from("/mnt/disk/data/my dir/x")]
+        );
+        assert_eq!(
+            aliases("/mnt/disk/data/my dir"),
+            [PathBuf::from("/srv/my dir")]
+        );
+        assert!(aliases("/mnt/disk/other").is_empty());
+    }
 
     #[test]
     fn only_roots_links_are_followed_for_root() {

@@ -638,6 +638,9 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     if spec.caller.uid != 0 {
         a.extend(tmpfs(Path::new("/root")));
     }
+    for place in system_hidden_places(spec) {
+        a.extend(hide_aliases(&place));
+    }
     if p.home_visible && strictly_below_hidden(&spec.caller.home) {
         a.extend(p.bind(false, &spec.caller.home));
     }
@@ -695,6 +698,28 @@ fn writable_in_home(writable: Vec<PathBuf>, home: &Path) -> Vec<PathBuf> {
 /// daemon and bus socket, shared temporary directories, the homes, `/root` unless the
 /// caller is root, and the agent's own files.
 fn hidden_places(spec: &Spec) -> Vec<PathBuf> {
+    let mut hidden = system_hidden_places(spec);
+    hidden.extend(spec.hide.iter().cloned());
+    // Where a hidden place is a symlink (`/home` -> `var/home` in DevOS images), what
+    // is below its target is below it too, and below its other names (bind mounts).
+    let targets: Vec<PathBuf> = hidden
+        .iter()
+        .map(|h| real(h))
+        .flat_map(|r| {
+            let aliases = crate::risk::paths::mount_aliases(&r);
+            std::iter::once(r).chain(aliases)
+        })
+        .collect();
+    for t in targets {
+        if !hidden.contains(&t) {
+            hidden.push(t);
+        }
+    }
+    hidden
+}
+
+/// The system's places no action sees, whatever the policy says.
+fn system_hidden_places(spec: &Spec) -> Vec<PathBuf> {
     let mut hidden: Vec<PathBuf> = ["/run", "/tmp", "/var/tmp", "/dev/shm", "/home"]
         .iter()
         .map(PathBuf::from)
@@ -702,16 +727,17 @@ fn hidden_places(spec: &Spec) -> Vec<PathBuf> {
     if spec.caller.uid != 0 {
         hidden.push(PathBuf::from("/root"));
     }
-    hidden.extend(spec.hide.iter().cloned());
-    // Where a hidden place is a symlink (`/home` -> `var/home` in DevOS images), what
-    // is below its target is below it too.
-    let targets: Vec<PathBuf> = hidden
-        .iter()
-        .map(|h| real(h))
-        .filter(|r| !hidden.contains(r))
-        .collect();
-    hidden.extend(targets);
     hidden
+}
+
+/// The other names bind mounts give `place` (NixOS images mount `/var/home` on
+/// `/home`), each an empty tmpfs: what is hidden at one name is hidden at all.
+fn hide_aliases(place: &Path) -> Vec<String> {
+    crate::risk::paths::mount_aliases(&real(place))
+        .iter()
+        .filter(|a| a.parent().is_some() && real(a).is_dir())
+        .flat_map(|a| tmpfs(a))
+        .collect()
 }
 
 /// `path` with the symlinks root alone could have made resolved (`/home` ->
@@ -738,18 +764,22 @@ fn tmpfs(path: &Path) -> [String; 2] {
 fn hide_denied(spec: &Spec) -> Vec<String> {
     let mut a = Vec::new();
     for h in &spec.hide {
-        let (place, exists) = crate::risk::paths::resolve_trusted(h);
-        let Some(meta) = exists
-            .then(|| std::fs::symlink_metadata(&place).ok())
-            .flatten()
-        else {
-            continue;
-        };
-        let place = place.to_string_lossy().into_owned();
-        if meta.is_dir() {
-            a.extend(["--tmpfs".to_owned(), place]);
-        } else {
-            a.extend(["--ro-bind".to_owned(), "/dev/null".to_owned(), place]);
+        let place = real(h);
+        let names = crate::risk::paths::mount_aliases(&place);
+        for name in std::iter::once(place).chain(names) {
+            let (place, exists) = crate::risk::paths::resolve_trusted(&name);
+            let Some(meta) = exists
+                .then(|| std::fs::symlink_metadata(&place).ok())
+                .flatten()
+            else {
+                continue;
+            };
+            let place = place.to_string_lossy().into_owned();
+            if meta.is_dir() {
+                a.extend(["--tmpfs".to_owned(), place]);
+            } else {
+                a.extend(["--ro-bind".to_owned(), "/dev/null".to_owned(), place]);
+            }
         }
     }
     a
@@ -764,6 +794,10 @@ fn forbidden_places(spec: &Spec) -> Vec<PathBuf> {
         .iter()
         .map(PathBuf::from)
         .chain(spec.hide.iter().flat_map(|h| [h.clone(), real(h)]))
+        .flat_map(|f| {
+            let aliases = crate::risk::paths::mount_aliases(&f);
+            std::iter::once(f).chain(aliases)
+        })
         .collect()
 }
 
