@@ -661,6 +661,35 @@ impl AgentConfig {
     }
 }
 
+impl Policy {
+    /// The deny rules' places that users can move: each with the first directory on
+    /// its way that someone other than root may change (rename an entry of). A path
+    /// rule names a place; once what was there is renamed, it names an empty one.
+    pub fn deny_places_users_can_move(&self) -> Vec<(PathBuf, PathBuf)> {
+        use std::os::unix::fs::MetadataExt;
+        self.deny
+            .iter()
+            .filter_map(|d| d.path_prefix.as_ref())
+            .filter_map(|place| {
+                let (real, _) = crate::risk::paths::resolve_trusted(place);
+                // Each directory on the way with the entry in it the path goes through:
+                // others may rename that entry when the directory is not root's, or is
+                // writable by others — unless it is sticky (`/tmp`) and the entry root's.
+                let steps: Vec<&Path> = real.ancestors().collect();
+                let dir = steps.windows(2).rev().find_map(|w| {
+                    let (entry, dir) = (w[0], w[1]);
+                    let d = std::fs::metadata(dir).ok()?;
+                    let entry_roots = std::fs::symlink_metadata(entry).is_ok_and(|m| m.uid() == 0);
+                    let sticky = d.mode() & 0o1000 != 0;
+                    let others_write = d.mode() & 0o022 != 0 && !(sticky && entry_roots);
+                    (d.uid() != 0 || others_write).then_some(dir)
+                })?;
+                Some((place.clone(), dir.to_path_buf()))
+            })
+            .collect()
+    }
+}
+
 impl DenyRule {
     pub fn validate(&self) -> Result<(), InvalidDenyRule> {
         match (self.command_prefix.is_empty(), &self.path_prefix) {
@@ -688,6 +717,39 @@ mod tests {
         let parsed: AgentConfig = toml::from_str(shipped).expect("dist/agent.toml parses");
         assert_eq!(parsed, AgentConfig::default());
         assert_eq!(shipped, AgentConfig::default().to_file());
+    }
+
+    #[test]
+    fn deny_places_users_can_move_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let theirs = base.join("home/dev");
+        std::fs::create_dir_all(theirs.join("proj/secrets")).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let rule = |p: PathBuf| DenyRule {
+            command_prefix: Vec::new(),
+            path_prefix: Some(p),
+            reason: None,
+        };
+        let policy = Policy {
+            deny: vec![
+                rule(theirs.join("proj/secrets")),
+                rule(base.join("home")),
+                rule(PathBuf::from("/boot")),
+            ],
+            ..Policy::default()
+        };
+        // (Run as root, the temporary directory is root's, in sticky `/tmp`.)
+        let moved = policy.deny_places_users_can_move();
+        assert!(
+            moved.iter().all(|(p, _)| *p == theirs.join("proj/secrets")),
+            "{moved:?}"
+        );
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(moved, [(theirs.join("proj/secrets"), theirs.clone())]);
+        }
     }
 
     #[test]
