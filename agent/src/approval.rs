@@ -302,11 +302,16 @@ fn deny_matches(
             return false;
         }
         // Real paths from classification, and every word (or `--opt=` value) as a path
-        // too, so nothing spelled another way gets past; the rule's path as written and
+        // too, so nothing spelled another way gets past; the rule's path as written,
         // where root's links lead (an administrator's `/home/x` is `/var/home/x` in
-        // DevOS images; a link a user planted on the way leads nowhere here).
+        // DevOS images; a link a user planted on the way leads nowhere here), and the
+        // other names bind mounts give it.
         let real = crate::risk::paths::resolve_trusted(prefix).0;
-        let under = |p: &Path| p.starts_with(prefix) || p.starts_with(&real);
+        let names: Vec<PathBuf> = std::iter::once(prefix.clone())
+            .chain(crate::risk::paths::mount_aliases(&real))
+            .chain([real])
+            .collect();
+        let under = |p: &Path| names.iter().any(|n| p.starts_with(n));
         return under(cwd)
             || risk.paths.iter().any(|p| under(p))
             || risk.program.as_ref().is_some_and(|p| under(p))

@@ -584,9 +584,16 @@ fn nothing_crosses_from_one_user_to_another() {
         &agent,
         &eve,
         cwd,
-        "run: sh -c 'echo EVE-TMP-4e1 > /tmp/shared; ls /tmp'",
+        "run: sh -c 'echo EVE-TMP-4e1 > /tmp/shared && cat /tmp/shared'",
     );
     assert_eq!(r["state"], "done", "{r}");
+    assert!(
+        r["actions"][0]["output"]
+            .as_str()
+            .unwrap()
+            .contains("EVE-TMP-4e1"),
+        "an action could not use its own /tmp: {r}"
+    );
     let mproject = mallory.project();
     let r = approved(
         &agent,
@@ -1511,9 +1518,25 @@ fn homes_and_secrets_stay_hidden_under_another_mount_name() {
     open_up(&mallory.home.join("mallory-5e8.txt"), 0o644);
     let alias = HomeAlias::mount("/srv/devos-home-alias-5e8");
     let other = alias.0.display().to_string();
-    let agent = Daemon::start();
     let project = eve.project();
     let cwd = project.path();
+    let denied = cwd.join("denied");
+    std::fs::create_dir(&denied).unwrap();
+    std::os::unix::fs::chown(&denied, Some(eve.uid), Some(eve.uid)).unwrap();
+    eve.write(&denied.join("f"), "DENIED-5e8");
+    let agent = Daemon::start_with(
+        "IMAGE_VERSION=1\n",
+        &format!("[[policy.deny]]\npath-prefix = \"{}\"\n", denied.display()),
+    );
+    // A denied place named by the other name is refused, not asked about.
+    let by_other_name = Path::new(&other).join(denied.strip_prefix("/home").unwrap());
+    let (_, r) = submit(
+        &agent,
+        &eve,
+        cwd,
+        &format!("read {}", by_other_name.join("f").display()),
+    );
+    assert_eq!(r["state"], "denied", "{r}");
     // Naming a secret by the other name asks.
     for text in [
         format!("read {other}/devos-eve/.ssh/id_rsa"),
@@ -1546,7 +1569,7 @@ fn homes_and_secrets_stay_hidden_under_another_mount_name() {
         "{out}"
     );
     let seen = readable(&agent, &eve, cwd);
-    for secret in SECRET_TEXTS.iter().chain(&["MALLORY-5e8"]) {
+    for secret in SECRET_TEXTS.iter().chain(&["MALLORY-5e8", "DENIED-5e8"]) {
         assert!(!seen.contains(secret), "{secret} leaked: {out}");
     }
 }

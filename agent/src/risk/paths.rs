@@ -107,9 +107,27 @@ fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
 /// directory of the same file system mounted elsewhere, from this process's mount
 /// table. Empty when there is none or the table cannot be read.
 pub fn mount_aliases(path: &Path) -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| aliases_in(&info, &normalize(path)))
-        .unwrap_or_default()
+    MountTable::read().aliases(path)
+}
+
+/// This process's mount table, read once, for [`MountTable::aliases`].
+pub struct MountTable(String);
+
+impl MountTable {
+    /// `/proc/self/mountinfo` (empty when it cannot be read).
+    pub fn read() -> MountTable {
+        MountTable(std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+    }
+
+    /// A table in proc(5)'s mountinfo format.
+    pub fn of(mountinfo: &str) -> MountTable {
+        MountTable(mountinfo.to_owned())
+    }
+
+    /// [`mount_aliases`] in this table.
+    pub fn aliases(&self, path: &Path) -> Vec<PathBuf> {
+        aliases_in(&self.0, &normalize(path))
+    }
 }
 
 /// [`mount_aliases`] in the mount table `mountinfo` (proc(5)'s format).
@@ -141,7 +159,8 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
     for (_, other_root, other_point) in mounts.iter().filter(|(d, _, _)| d == dev) {
         if let Ok(rest) = in_fs.strip_prefix(other_root) {
             let alias = normalize(&other_point.join(rest));
-            if alias != path && !aliases.contains(&alias) {
+            // (Never `/`: what backs the root is not hidden as a whole.)
+            if alias != path && alias.parent().is_some() && !aliases.contains(&alias) {
                 aliases.push(alias);
             }
         }

@@ -19,6 +19,7 @@ use crate::action::Action;
 use crate::caller::{Caller, classify_as};
 use crate::gitrepo::{self, Level, Repo};
 use crate::risk::RiskClass;
+use crate::risk::paths::MountTable;
 
 /// Why the outer stage stopped before anything ran.
 enum Stop {
@@ -581,6 +582,11 @@ fn git_prepare(repo: Option<Repo>, caller: &Caller, read_only: bool) -> Result<G
 }
 
 fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
+    bwrap_args_in(spec, p, &MountTable::read())
+}
+
+/// [`bwrap_args`] with the mount table `mounts` (for the other names of what is hidden).
+fn bwrap_args_in(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> {
     let mut a: Vec<String> = [
         "--die-with-parent",
         "--new-session",
@@ -602,7 +608,7 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
         a.extend(["--proc".into(), "/proc".into()]);
         a.extend(bind("--bind", &private("tmp"), Path::new("/tmp")));
         a.extend(tmpfs(Path::new("/home")));
-        a.extend(hide_denied(spec));
+        a.extend(hide_denied(spec, mounts));
         return a;
     }
     if spec.caller.uid != 0 {
@@ -615,7 +621,7 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     // uncover it), then what the action works in below a hidden place, then the
     // agent's files and the places deny rules name (nothing below them is put back:
     // the home or working directory above one cannot uncover it).
-    let hidden = hidden_places(spec);
+    let hidden = hidden_places(spec, mounts);
     let below_hidden = |p: &Path| hidden.iter().any(|h| p.starts_with(h));
     let strictly_below_hidden = |p: &Path| hidden.iter().any(|h| p != h && p.starts_with(h));
     a.extend(bind("--ro-bind", Path::new("/"), Path::new("/")));
@@ -623,6 +629,9 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     for w in p.profile.writable.iter().filter(|w| !below_hidden(w)) {
         a.extend(p.bind(true, w));
     }
+    // The other names of the system's hidden places first: one may be another of
+    // them (`/var/tmp` bound on `/tmp`), which gets its own below.
+    a.extend(hide_aliases(&system_hidden_places(spec), mounts));
     a.extend(tmpfs(Path::new("/run")));
     // On NixOS the system's programs are found through its profile, a link in /run to
     // the Nix store (risk::programs::SYSTEM_PATH): the link comes back, nothing else.
@@ -637,9 +646,6 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     }
     if spec.caller.uid != 0 {
         a.extend(tmpfs(Path::new("/root")));
-    }
-    for place in system_hidden_places(spec) {
-        a.extend(hide_aliases(&place));
     }
     if p.home_visible && strictly_below_hidden(&spec.caller.home) {
         a.extend(p.bind(false, &spec.caller.home));
@@ -658,7 +664,7 @@ fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
     for r in &p.read_only {
         a.extend(p.bind(false, r));
     }
-    a.extend(hide_denied(spec));
+    a.extend(hide_denied(spec, mounts));
     for (secret, is_dir) in &p.hidden_secrets {
         if *is_dir {
             a.extend(["--tmpfs".into(), secret.to_string_lossy().into_owned()]);
@@ -697,7 +703,7 @@ fn writable_in_home(writable: Vec<PathBuf>, home: &Path) -> Vec<PathBuf> {
 /// What no action sees (before what it works in is put back): `/run` with every
 /// daemon and bus socket, shared temporary directories, the homes, `/root` unless the
 /// caller is root, and the agent's own files.
-fn hidden_places(spec: &Spec) -> Vec<PathBuf> {
+fn hidden_places(spec: &Spec, mounts: &MountTable) -> Vec<PathBuf> {
     let mut hidden = system_hidden_places(spec);
     hidden.extend(spec.hide.iter().cloned());
     // Where a hidden place is a symlink (`/home` -> `var/home` in DevOS images), what
@@ -706,7 +712,7 @@ fn hidden_places(spec: &Spec) -> Vec<PathBuf> {
         .iter()
         .map(|h| real(h))
         .flat_map(|r| {
-            let aliases = crate::risk::paths::mount_aliases(&r);
+            let aliases = mounts.aliases(&r);
             std::iter::once(r).chain(aliases)
         })
         .collect();
@@ -730,13 +736,15 @@ fn system_hidden_places(spec: &Spec) -> Vec<PathBuf> {
     hidden
 }
 
-/// The other names bind mounts give `place` (NixOS images mount `/var/home` on
-/// `/home`), each an empty tmpfs: what is hidden at one name is hidden at all.
-fn hide_aliases(place: &Path) -> Vec<String> {
-    crate::risk::paths::mount_aliases(&real(place))
-        .iter()
-        .filter(|a| a.parent().is_some() && real(a).is_dir())
-        .flat_map(|a| tmpfs(a))
+/// The other names bind mounts give `places` (NixOS images mount `/var/home` on
+/// `/home`), each an empty tmpfs: what is hidden at one name is hidden at all. One that
+/// is itself among `places` is left to be hidden as that place.
+fn hide_aliases(places: &[PathBuf], mounts: &MountTable) -> Vec<String> {
+    let own: Vec<PathBuf> = places.iter().map(|p| real(p)).collect();
+    own.iter()
+        .flat_map(|place| mounts.aliases(place))
+        .filter(|a| !own.contains(a) && real(a).is_dir())
+        .flat_map(|a| tmpfs(&a))
         .collect()
 }
 
@@ -761,11 +769,11 @@ fn tmpfs(path: &Path) -> [String; 2] {
 /// Only where the place is, through no link but root's: a place a user moved away, or
 /// replaced with a link (to `/`, say), is not where the rule says any more, and
 /// bubblewrap, as root, must not be sent elsewhere.
-fn hide_denied(spec: &Spec) -> Vec<String> {
+fn hide_denied(spec: &Spec, mounts: &MountTable) -> Vec<String> {
     let mut a = Vec::new();
     for h in &spec.hide {
         let place = real(h);
-        let names = crate::risk::paths::mount_aliases(&place);
+        let names = mounts.aliases(&place);
         for name in std::iter::once(place).chain(names) {
             let (place, exists) = crate::risk::paths::resolve_trusted(&name);
             let Some(meta) = exists
@@ -1173,6 +1181,43 @@ mod tests {
             "{m:?}"
         );
         assert!(check_not_forbidden(&s, &PathBuf::from("/usr/share"), &p.profile).is_ok());
+    }
+
+    #[test]
+    fn other_names_of_hidden_places_are_hidden_and_private_places_stay_private() {
+        // `/var/tmp` bound on `/tmp` (as hardening guides do), and `/home` bound on a
+        // second place as well.
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let other = dir.path().join("homes");
+        std::fs::create_dir(&other).unwrap();
+        let table = MountTable::of(&format!(
+            "1 0 254:0 / / rw - ext4 /dev/vda rw\n\
+             2 1 0:30 / /tmp rw - tmpfs tmpfs rw\n\
+             3 1 0:30 / /var/tmp rw - tmpfs tmpfs rw\n\
+             4 1 254:0 /home {} rw - ext4 /dev/vda rw\n",
+            other.display()
+        ));
+        let s = spec(
+            1000,
+            "/srv",
+            RiskClass::ReadOnly,
+            Action::Run {
+                argv: vec!["ls".into()],
+            },
+        );
+        let m = mounts(&bwrap_args_in(&s, &prepared("/srv", &[]), &table));
+        for place in ["/tmp", "/var/tmp"] {
+            let last = m
+                .iter()
+                .rfind(|l| l.ends_with(&format!(" {place}")))
+                .unwrap();
+            assert!(
+                last.starts_with("--bind /run/devos-agent/x/"),
+                "{place}: {m:?}"
+            );
+        }
+        let hidden = format!("--tmpfs {}", other.display());
+        assert!(m.contains(&hidden), "{m:?}");
     }
 
     #[test]
