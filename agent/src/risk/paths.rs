@@ -154,16 +154,26 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
     let Ok(below) = path.strip_prefix(point) else {
         return Vec::new();
     };
-    let in_fs = root.join(below);
     let mut aliases = Vec::new();
-    for (_, other_root, other_point) in mounts.iter().filter(|(d, _, _)| d == dev) {
-        if let Ok(rest) = in_fs.strip_prefix(other_root) {
-            let alias = normalize(&other_point.join(rest));
-            // (Never `/`: what backs the root is not hidden as a whole.)
-            if alias != path && alias.parent().is_some() && !aliases.contains(&alias) {
-                aliases.push(alias);
+    let mut add = |dev: &str, in_fs: &Path, path: &Path| {
+        for (_, other_root, other_point) in mounts.iter().filter(|(d, _, _)| *d == dev) {
+            if let Ok(rest) = in_fs.strip_prefix(other_root) {
+                let alias = normalize(&other_point.join(rest));
+                // (Never `/`: what backs the root is not hidden as a whole.)
+                if alias != path && alias.parent().is_some() && !aliases.contains(&alias) {
+                    aliases.push(alias);
+                }
             }
         }
+    };
+    add(dev, &root.join(below), path);
+    // What is mounted below `path` (each home its own mount on `/home`) has its own
+    // other names.
+    for (dev, root, point) in mounts
+        .iter()
+        .filter(|(_, _, p)| p != path && p.starts_with(path))
+    {
+        add(dev, root, point);
     }
     aliases
 }
@@ -241,6 +251,8 @@ mod tests {
 31 22 8:6 /home /home rw,relatime - ext4 /dev/vda6 rw
 40 22 8:7 /data/my\\040dir /srv/my\\040dir rw - ext4 /dev/vdb rw
 41 22 8:7 / /mnt/disk rw - ext4 /dev/vdb rw
+50 22 8:9 /users/alice /srv/homes/alice rw - ext4 /dev/vdc rw
+51 22 8:9 / /data rw - ext4 /dev/vdc rw
 ";
         let aliases = |p: &str| aliases_in(info, Path::new(p));
         assert_eq!(
@@ -261,6 +273,15 @@ mod tests {
             [PathBuf::from("/srv/my dir")]
         );
         assert!(aliases("/mnt/disk/other").is_empty());
+        // A home mounted on its own below a hidden place: its other name is hidden too.
+        assert_eq!(aliases("/srv/homes"), [PathBuf::from("/data/users/alice")]);
+        assert_eq!(
+            aliases("/srv"),
+            [
+                PathBuf::from("/mnt/disk/data/my dir"),
+                PathBuf::from("/data/users/alice")
+            ]
+        );
     }
 
     #[test]
