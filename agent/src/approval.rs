@@ -307,9 +307,15 @@ fn deny_matches(
         // DevOS images; a link a user planted on the way leads nowhere here), and the
         // other names bind mounts give it.
         let real = crate::risk::paths::resolve_trusted(prefix).0;
+        // (Never `/` but as written: a rule on a user's place that leads there would
+        // refuse every action of every user.)
         let names: Vec<PathBuf> = std::iter::once(prefix.clone())
-            .chain(crate::risk::paths::mount_aliases(&real))
-            .chain([real])
+            .chain(
+                crate::risk::paths::mount_aliases(&real)
+                    .into_iter()
+                    .chain([real])
+                    .filter(|n| n.parent().is_some()),
+            )
             .collect();
         let under = |p: &Path| names.iter().any(|n| p.starts_with(n));
         return under(cwd)

@@ -776,7 +776,8 @@ fn hide_denied(spec: &Spec, mounts: &MountTable) -> Vec<String> {
         let names = mounts.aliases(&place);
         for name in std::iter::once(place).chain(names) {
             let (place, exists) = crate::risk::paths::resolve_trusted(&name);
-            let Some(meta) = exists
+            // (Never `/`, the whole system, whatever a rule's path leads to.)
+            let Some(meta) = (exists && place.parent().is_some())
                 .then(|| std::fs::symlink_metadata(&place).ok())
                 .flatten()
             else {
@@ -806,6 +807,7 @@ fn forbidden_places(spec: &Spec) -> Vec<PathBuf> {
             let aliases = crate::risk::paths::mount_aliases(&f);
             std::iter::once(f).chain(aliases)
         })
+        .filter(|f| f.parent().is_some())
         .collect()
 }
 
@@ -1180,6 +1182,16 @@ mod tests {
                 .any(|l| l.ends_with(" /usr") || l.ends_with(" /etc/passwd")),
             "{m:?}"
         );
+        assert!(check_not_forbidden(&s, &PathBuf::from("/usr/share"), &p.profile).is_ok());
+        // Nor does a rule whose path leads to `/` through a link that looks like root's
+        // (a file system a user mounted can show any owner) hide or forbid everything.
+        let base = dir.path().join("looks-roots");
+        std::fs::create_dir(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("/", base.join("l")).unwrap();
+        s.hide = vec![base.join("l")];
+        let m = mounts(&bwrap_args(&s, &p));
+        assert!(!m.contains(&"--tmpfs /".to_owned()), "{m:?}");
         assert!(check_not_forbidden(&s, &PathBuf::from("/usr/share"), &p.profile).is_ok());
     }
 
