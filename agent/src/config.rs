@@ -662,6 +662,17 @@ impl AgentConfig {
 }
 
 impl Policy {
+    /// Log a warning for each of [`Policy::deny_places_users_can_move`].
+    pub fn warn_of_movable_deny_places(&self) {
+        for (place, dir) in self.deny_places_users_can_move() {
+            tracing::warn!(
+                "the deny rule on {} holds only while it stays there: {} may be changed by users other than root, who (and actions they approve) can rename it away from the rule; deny places whose parents are root's alone",
+                place.display(),
+                dir.display()
+            );
+        }
+    }
+
     /// The deny rules' places that users can move: each with the first directory on
     /// its way that someone other than root may change (rename an entry of). A path
     /// rule names a place; once what was there is renamed, it names an empty one.

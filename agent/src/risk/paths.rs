@@ -86,9 +86,16 @@ fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
                 out = next;
                 continue;
             }
-            Ok(m) if depth < 40 && m.uid() == 0 && only_root(&out) => std::fs::read_link(&next)
-                .ok()
-                .map(|target| resolve_trusted_within(&normalize(&out.join(target)), depth + 1)),
+            Ok(m)
+                if depth < 40
+                    && m.uid() == 0
+                    && only_root(&out)
+                    && !on_user_file_system(&MountTable::read().0, &next) =>
+            {
+                std::fs::read_link(&next)
+                    .ok()
+                    .map(|target| resolve_trusted_within(&normalize(&out.join(target)), depth + 1))
+            }
             _ => None,
         };
         match followed {
@@ -130,35 +137,58 @@ impl MountTable {
     }
 }
 
-/// [`mount_aliases`] in the mount table `mountinfo` (proc(5)'s format).
-fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
-    // (device, root of the mount in its file system, mount point)
-    let mounts: Vec<(&str, PathBuf, PathBuf)> = mountinfo
+/// One line of a mount table.
+struct Mount<'a> {
+    dev: &'a str,
+    /// Where in its file system the mount starts, and where it is mounted.
+    root: PathBuf,
+    point: PathBuf,
+    fs_type: &'a str,
+}
+
+/// The lines of `mountinfo` (proc(5)'s format).
+fn parse_mounts(mountinfo: &str) -> Vec<Mount<'_>> {
+    mountinfo
         .lines()
         .filter_map(|line| {
-            let mut fields = line.split(' ').skip(2);
+            let (fields, rest) = line.split_once(" - ")?;
+            let mut fields = fields.split(' ').skip(2);
             let dev = fields.next()?;
             let root = unescape_mount_path(fields.next()?);
             let point = unescape_mount_path(fields.next()?);
-            Some((dev, root, point))
+            let fs_type = rest.split(' ').next()?;
+            Some(Mount {
+                dev,
+                root,
+                point,
+                fs_type,
+            })
         })
-        .collect();
-    // The mount `path` is in (the last of the deepest: it covers those before it).
-    let Some((dev, root, point)) = mounts
+        .collect()
+}
+
+/// The mount `path` is in (the last of the deepest: it covers those before it).
+fn mount_of<'a, 'b>(mounts: &'a [Mount<'b>], path: &Path) -> Option<&'a Mount<'b>> {
+    mounts
         .iter()
-        .filter(|(_, _, point)| path.starts_with(point))
-        .max_by_key(|(_, _, point)| point.components().count())
-    else {
+        .filter(|m| path.starts_with(&m.point))
+        .max_by_key(|m| m.point.components().count())
+}
+
+/// [`mount_aliases`] in the mount table `mountinfo`.
+fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
+    let mounts = parse_mounts(mountinfo);
+    let Some(mount) = mount_of(&mounts, path) else {
         return Vec::new();
     };
-    let Ok(below) = path.strip_prefix(point) else {
+    let Ok(below) = path.strip_prefix(&mount.point) else {
         return Vec::new();
     };
     let mut aliases = Vec::new();
     let mut add = |dev: &str, in_fs: &Path, path: &Path| {
-        for (_, other_root, other_point) in mounts.iter().filter(|(d, _, _)| *d == dev) {
-            if let Ok(rest) = in_fs.strip_prefix(other_root) {
-                let alias = normalize(&other_point.join(rest));
+        for other in mounts.iter().filter(|m| m.dev == dev) {
+            if let Ok(rest) = in_fs.strip_prefix(&other.root) {
+                let alias = normalize(&other.point.join(rest));
                 // (Never `/`: what backs the root is not hidden as a whole.)
                 if alias != path && alias.parent().is_some() && !aliases.contains(&alias) {
                     aliases.push(alias);
@@ -166,16 +196,23 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
             }
         }
     };
-    add(dev, &root.join(below), path);
+    add(mount.dev, &mount.root.join(below), path);
     // What is mounted below `path` (each home its own mount on `/home`) has its own
     // other names.
-    for (dev, root, point) in mounts
+    for m in mounts
         .iter()
-        .filter(|(_, _, p)| p != path && p.starts_with(path))
+        .filter(|m| m.point != path && m.point.starts_with(path))
     {
-        add(dev, root, point);
+        add(m.dev, &m.root, &m.point);
     }
     aliases
+}
+
+/// Whether `path` is on a file system its users mount and fill as they like (FUSE):
+/// its owners and modes say nothing about who made what is there.
+fn on_user_file_system(mountinfo: &str, path: &Path) -> bool {
+    let mounts = parse_mounts(mountinfo);
+    mount_of(&mounts, path).is_some_and(|m| m.fs_type == "fuse" || m.fs_type.starts_with("fuse."))
 }
 
 /// A path as mountinfo writes it: space, tab, newline and backslash as `\NNN` (octal).
@@ -282,6 +319,20 @@ mod tests {
                 PathBuf::from("/data/users/alice")
             ]
         );
+    }
+
+    #[test]
+    fn fuse_file_systems_are_the_users() {
+        let info = "\
+22 1 253:0 / / ro,relatime - erofs /dev/mapper/root ro
+60 22 0:70 / /home/dev/mnt rw,nosuid,nodev - fuse.sshfs dev@host:/ rw,user_id=1000
+61 22 0:71 / /home/dev/raw rw,nosuid,nodev - fuse /dev/fuse rw,user_id=1000
+62 22 0:72 / /home/dev/fusectl rw - fusectl fusectl rw
+";
+        assert!(on_user_file_system(info, Path::new("/home/dev/mnt/etc/l")));
+        assert!(on_user_file_system(info, Path::new("/home/dev/raw")));
+        assert!(!on_user_file_system(info, Path::new("/home/dev/fusectl/x")));
+        assert!(!on_user_file_system(info, Path::new("/home/dev/other")));
     }
 
     #[test]

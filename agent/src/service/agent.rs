@@ -743,6 +743,7 @@ impl Admin {
             ));
         }
         let new = AgentConfig::load(&self.shared.config_path).map_err(failed)?;
+        new.policy.warn_of_movable_deny_places();
         self.shared.audit(
             "config.reloaded",
             Some(0),

@@ -50,13 +50,7 @@ pub async fn serve(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    for (place, dir) in config.policy.deny_places_users_can_move() {
-        tracing::warn!(
-            "the deny rule on {} holds only while it stays there: {} may be changed by users other than root, who (and actions they approve) can rename it away from the rule; deny places whose parents are root's alone",
-            place.display(),
-            dir.display()
-        );
-    }
+    config.policy.warn_of_movable_deny_places();
     let shared = Shared::open(config_path, config)?;
     let conn = zbus::connection::Builder::system()?
         .serve_at(
