@@ -607,14 +607,15 @@ mod tests {
         std::fs::create_dir_all(real_home.join("data")).unwrap();
         std::fs::write(real_home.join("data/f"), "secret").unwrap();
         std::os::unix::fs::symlink("var-home", root.join("home")).unwrap();
-        let policy = Policy {
+        let denying = |path: PathBuf| Policy {
             deny: vec![crate::config::DenyRule {
                 command_prefix: Vec::new(),
-                path_prefix: Some(root.join("home/dev/data")),
+                path_prefix: Some(path),
                 reason: None,
             }],
             ..Policy::default()
         };
+        let policy = denying(root.join("home/dev/data"));
         let none = UserPolicy::default();
         let subject = Subject {
             uid: 1000,
@@ -644,14 +645,7 @@ mod tests {
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         std::os::unix::fs::symlink("/", open.join("evil")).unwrap();
-        let policy = Policy {
-            deny: vec![crate::config::DenyRule {
-                command_prefix: Vec::new(),
-                path_prefix: Some(open.join("evil")),
-                reason: None,
-            }],
-            ..Policy::default()
-        };
+        let policy = denying(open.join("evil"));
         let action = run(&["ls"]);
         let risk = classify_in(&action, &real_home);
         assert!(!matches!(

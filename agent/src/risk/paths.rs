@@ -90,7 +90,7 @@ fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
                 if depth < 40
                     && m.uid() == 0
                     && only_root(&out)
-                    && !on_user_file_system(&MountTable::read().0, &next) =>
+                    && !MountTable::read().on_user_file_system(&next) =>
             {
                 std::fs::read_link(&next)
                     .ok()
@@ -134,6 +134,14 @@ impl MountTable {
     /// [`mount_aliases`] in this table.
     pub fn aliases(&self, path: &Path) -> Vec<PathBuf> {
         aliases_in(&self.0, &normalize(path))
+    }
+
+    /// Whether `path` is on a file system its users mount and fill as they like
+    /// (FUSE): its owners and modes say nothing about who made what is there.
+    fn on_user_file_system(&self, path: &Path) -> bool {
+        let mounts = parse_mounts(&self.0);
+        mount_of(&mounts, path)
+            .is_some_and(|m| m.fs_type == "fuse" || m.fs_type.starts_with("fuse."))
     }
 }
 
@@ -208,13 +216,6 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
     aliases
 }
 
-/// Whether `path` is on a file system its users mount and fill as they like (FUSE):
-/// its owners and modes say nothing about who made what is there.
-fn on_user_file_system(mountinfo: &str, path: &Path) -> bool {
-    let mounts = parse_mounts(mountinfo);
-    mount_of(&mounts, path).is_some_and(|m| m.fs_type == "fuse" || m.fs_type.starts_with("fuse."))
-}
-
 /// A path as mountinfo writes it: space, tab, newline and backslash as `\NNN` (octal).
 fn unescape_mount_path(field: &str) -> PathBuf {
     use std::os::unix::ffi::OsStringExt;
@@ -244,6 +245,7 @@ fn unescape_mount_path(field: &str) -> PathBuf {
 /// absolute paths as they are. Each is returned with the place it resolves to when
 /// it is a symlink, so both spellings are caught.
 pub fn expand_secrets(patterns: &[String], home: &Path) -> Vec<PathBuf> {
+    let mounts = MountTable::read();
     let mut out = Vec::new();
     for p in patterns {
         let path = match p.strip_prefix("~/") {
@@ -256,7 +258,7 @@ pub fn expand_secrets(patterns: &[String], home: &Path) -> Vec<PathBuf> {
         }
         let path = normalize(&path);
         let real = resolve_existing(&path);
-        let aliases = mount_aliases(&real);
+        let aliases = mounts.aliases(&real);
         for candidate in [path, real].into_iter().chain(aliases) {
             if !out.contains(&candidate) {
                 out.push(candidate);
@@ -329,10 +331,11 @@ mod tests {
 61 22 0:71 / /home/dev/raw rw,nosuid,nodev - fuse /dev/fuse rw,user_id=1000
 62 22 0:72 / /home/dev/fusectl rw - fusectl fusectl rw
 ";
-        assert!(on_user_file_system(info, Path::new("/home/dev/mnt/etc/l")));
-        assert!(on_user_file_system(info, Path::new("/home/dev/raw")));
-        assert!(!on_user_file_system(info, Path::new("/home/dev/fusectl/x")));
-        assert!(!on_user_file_system(info, Path::new("/home/dev/other")));
+        let table = MountTable::of(info);
+        assert!(table.on_user_file_system(Path::new("/home/dev/mnt/etc/l")));
+        assert!(table.on_user_file_system(Path::new("/home/dev/raw")));
+        assert!(!table.on_user_file_system(Path::new("/home/dev/fusectl/x")));
+        assert!(!table.on_user_file_system(Path::new("/home/dev/other")));
     }
 
     #[test]

@@ -332,10 +332,11 @@ fn check_not_forbidden(spec: &Spec, cwd: &PathBuf, profile: &Profile) -> Result<
     if profile.root {
         return Ok(());
     }
+    let forbidden = forbidden_places(spec, &MountTable::read());
     let Some((path, place)) = std::iter::once(cwd).chain(&profile.writable).find_map(|p| {
         // (The place nearest to it, for the most telling reason.)
-        forbidden_places(spec)
-            .into_iter()
+        forbidden
+            .iter()
             .filter(|f| p.starts_with(f))
             .max_by_key(|f| f.components().count())
             .map(|f| (p, f))
@@ -798,13 +799,13 @@ fn hide_denied(spec: &Spec, mounts: &MountTable) -> Vec<String> {
 /// there (`/run`, and the temporary directories every user and program shares — each
 /// action has its own), and the agent's own files and what deny rules name, as written
 /// and where their links lead (`/home` is `/var/home` in DevOS images).
-fn forbidden_places(spec: &Spec) -> Vec<PathBuf> {
+fn forbidden_places(spec: &Spec, mounts: &MountTable) -> Vec<PathBuf> {
     ["/run", "/tmp", "/var/tmp", "/dev/shm", "/proc"]
         .iter()
         .map(PathBuf::from)
         .chain(spec.hide.iter().flat_map(|h| [h.clone(), real(h)]))
         .flat_map(|f| {
-            let aliases = crate::risk::paths::mount_aliases(&f);
+            let aliases = mounts.aliases(&f);
             std::iter::once(f).chain(aliases)
         })
         .filter(|f| f.parent().is_some())
