@@ -161,7 +161,12 @@ impl Drop for StopOnDrop<'_> {
 
 /// Submit `text`, approve whatever it asks, and wait until it ends.
 fn approved(agent: &Daemon, user: &User, cwd: &Path, text: &str) -> serde_json::Value {
-    let out = agent.devos(Some(user), cwd, &["--json", "run", text]);
+    approved_as(agent, Some(user), cwd, text)
+}
+
+/// [`approved`] as `user`, root if `None`.
+fn approved_as(agent: &Daemon, user: Option<&User>, cwd: &Path, text: &str) -> serde_json::Value {
+    let out = agent.devos(user, cwd, &["--json", "run", text]);
     let id = if out.status.code() == Some(3) {
         waiting_id(&out)
     } else {
@@ -169,7 +174,7 @@ fn approved(agent: &Daemon, user: &User, cwd: &Path, text: &str) -> serde_json::
         return r;
     };
     loop {
-        let r = json(&agent.devos(Some(user), cwd, &["--json", "show", &id]));
+        let r = json(&agent.devos(user, cwd, &["--json", "show", &id]));
         let state = r["state"].as_str().unwrap().to_owned();
         if matches!(
             state.as_str(),
@@ -178,7 +183,7 @@ fn approved(agent: &Daemon, user: &User, cwd: &Path, text: &str) -> serde_json::
             return r;
         }
         if state == "awaiting-approval" {
-            let _ = agent.devos(Some(user), cwd, &["approve", &id]);
+            let _ = agent.devos(user, cwd, &["approve", &id]);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -2326,4 +2331,163 @@ fn the_third_round_stays_fixed() {
     let out = agent.devos(Some(&eve), cwd, &["--json", "history", "-n", "10000"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out.stdout.len() < 2 << 20, "{} bytes", out.stdout.len());
+}
+
+/// The inner stage alone, as bubblewrap would start it but in a mount namespace of
+/// its own, covering `covers` and then running `script` as `user` in `cwd`.
+fn inner_stage(
+    user: &User,
+    cwd: &Path,
+    covers: Vec<devos_agent::sandbox::Cover>,
+    script: &str,
+) -> std::process::Output {
+    let spec = devos_agent::sandbox::Inner {
+        uid: user.uid,
+        gid: user.uid,
+        groups: vec![user.uid],
+        user: user.name.clone(),
+        as_root: false,
+        cwd: cwd.to_path_buf(),
+        action: devos_agent::action::Action::Run {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+        },
+        program: Some(PathBuf::from("/bin/sh")),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        writable: vec![cwd.to_path_buf()],
+        identities: Vec::new(),
+        covers,
+        network: false,
+        required: false,
+        limits: devos_agent::sandbox::Limits {
+            cpu_secs: 60,
+            max_file_mib: 16,
+            max_open_files: 256,
+        },
+        outer: "test".into(),
+    };
+    let mut child = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", AGENT])
+        .args(["sandbox-exec", "--inside"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&spec).unwrap())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn covers_land_on_the_place_checked_or_nothing_runs() {
+    use devos_agent::sandbox::Cover;
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cover = |path: PathBuf, dir: bool| Cover {
+        path,
+        dir,
+        read_only: true,
+    };
+    // What the outer stage saw: `way/key` and `way/keys/` hidden there. By the time the
+    // inner stage covers them, eve has swapped `way` for a link to a directory of
+    // root's where neither exists: root must neither mount there nor make them (as
+    // bubblewrap, which finds a mount's place by name, once did).
+    std::os::unix::fs::symlink(elsewhere.path(), cwd.join("way")).unwrap();
+    eve.write(&cwd.join("key"), "EVEKEY-5e1f\n");
+    std::os::unix::fs::symlink(elsewhere.path().join("key"), cwd.join("linked-key")).unwrap();
+    std::fs::create_dir(cwd.join("keys")).unwrap();
+    for (covers, what) in [
+        (
+            vec![cover(cwd.join("way/key"), false)],
+            "a file beyond a link",
+        ),
+        (
+            vec![cover(cwd.join("way/keys/a"), true)],
+            "a directory beyond a link",
+        ),
+        (vec![cover(cwd.join("linked-key"), false)], "a link itself"),
+        (
+            vec![cover(cwd.join("key"), true)],
+            "a file where a directory was",
+        ),
+        (
+            vec![cover(cwd.join("keys"), false)],
+            "a directory where a file was",
+        ),
+    ] {
+        let out = inner_stage(&eve, cwd, covers, "echo RAN");
+        assert_eq!(out.status.code(), Some(124), "{what}: {out:?}");
+        assert!(
+            stderr(&out).contains("changed between its check and the sandbox"),
+            "{what}: {}",
+            stderr(&out)
+        );
+        assert!(!stdout(&out).contains("RAN"), "{what}: the action ran");
+        let made: Vec<_> = std::fs::read_dir(elsewhere.path()).unwrap().collect();
+        assert!(
+            made.is_empty(),
+            "{what}: root made {made:?} through the link"
+        );
+    }
+    // On the places themselves: the file is /dev/null, the directory empty and
+    // read-only, a place not there inside is nothing to hide, and nothing of the
+    // covering's power is left to the action.
+    eve.write(&cwd.join("keys/a"), "EVEKEY-5e1f\n");
+    let out = inner_stage(
+        &eve,
+        cwd,
+        vec![
+            cover(cwd.join("key"), false),
+            cover(cwd.join("keys"), true),
+            cover(cwd.join("gone"), false),
+        ],
+        "cat key; ls -A keys; touch keys/new || echo READ-ONLY; grep ^Cap /proc/self/status",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let seen = stdout(&out);
+    assert!(!seen.contains("EVEKEY"), "{seen}");
+    assert!(seen.contains("READ-ONLY"), "{seen}");
+    assert_no_capabilities(&seen);
+    assert_eq!(
+        std::fs::read_to_string(cwd.join("key")).unwrap(),
+        "EVEKEY-5e1f\n"
+    );
+    // Through the agent and bubblewrap, which give this stage what covering needs:
+    // none of it reaches an action, eve's or root's, with a secret location covered
+    // in the home they work in.
+    let agent = Daemon::start();
+    let roots = tempfile::tempdir_in("/root").unwrap();
+    let made_ssh = std::fs::create_dir("/root/.ssh").is_ok();
+    for (user, cwd) in [(Some(&eve), eve.home.as_path()), (None, roots.path())] {
+        let r = approved_as(&agent, user, cwd, "run: grep ^Cap /proc/self/status");
+        assert_eq!(r["state"], "done", "{r}");
+        assert!(
+            r["actions"][0]["sandbox"]
+                .as_str()
+                .unwrap()
+                .contains("secret locations hidden"),
+            "{r}"
+        );
+        assert_no_capabilities(r["actions"][0]["output"].as_str().unwrap());
+    }
+    if made_ssh {
+        std::fs::remove_dir("/root/.ssh").unwrap();
+    }
+}
+
+/// `status` (of `grep ^Cap /proc/self/status`) shows no capability in any set.
+fn assert_no_capabilities(status: &str) {
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            status.contains(&format!("{set}:\t0000000000000000")),
+            "{set}: {status}"
+        );
+    }
 }

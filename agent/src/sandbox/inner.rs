@@ -3,15 +3,16 @@
 //! and seccomp, then execute the program (argv only, no shell) or perform the file
 //! operation itself.
 //!
-//! Order matters: identity first (so Landlock and seccomp bind the user's process,
-//! and `setuid` is not itself filtered), rlimits, `chdir` as the user, Landlock
-//! (which sets no_new_privs), then seccomp.
+//! Order matters: what must be hidden is covered first (as root, the one step that
+//! needs it), then identity (so Landlock and seccomp bind the user's process, and
+//! `setuid` is not itself filtered), rlimits, `chdir` as the user, Landlock (which
+//! sets no_new_privs), then seccomp.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use super::{APPLIED_PREFIX, EXIT_ACTION_FAILED, EXIT_INSIDE_FAILED, Inner as Spec};
+use super::{APPLIED_PREFIX, Cover, EXIT_ACTION_FAILED, EXIT_INSIDE_FAILED, Inner as Spec};
 use crate::action::Action;
 use crate::caller::IdentityError;
 
@@ -24,6 +25,10 @@ pub enum SetupError {
     Changed(PathBuf),
     #[error("{0} is not hidden where it was checked; nothing ran")]
     NotHidden(PathBuf),
+    #[error("cannot cover {path}: {source}; nothing ran")]
+    Cover { path: PathBuf, source: nix::Error },
+    #[error("capabilities: {0}")]
+    Capabilities(caps::errors::CapsError),
     #[error("close_range: {0}")]
     CloseOnExec(std::io::Error),
     #[error("setrlimit {name}: {source}")]
@@ -147,7 +152,11 @@ pub fn exec_from_stdin() -> i32 {
 
 fn confine(spec: &Spec) -> Result<String, SetupError> {
     use nix::unistd::chdir;
-    // Root's own requests stay uid 0, without capabilities (bubblewrap kept none).
+    cover(&spec.covers)?;
+    if !spec.as_root {
+        drop_capabilities()?;
+    }
+    // Root's own requests stay uid 0, without capabilities.
     if !spec.as_root && spec.uid != 0 {
         crate::caller::switch_identity(spec.uid, spec.gid, &spec.groups)?;
     }
@@ -159,13 +168,13 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
             return Err(SetupError::Changed(want.path.clone()));
         }
     }
-    // Each hidden secret location is hidden where the caller finds it: an empty
-    // directory, or /dev/null. (bubblewrap looked the path up as root; one swapped
-    // for a symlink to where the caller cannot look is refused like any failure.)
-    for (path, is_dir) in &spec.hidden {
+    // Each covered place is hidden where the caller finds it: an empty directory,
+    // /dev/null, or nothing. (Whatever the caller cannot look at, or finds there
+    // since, is refused like any failure.)
+    for Cover { path, dir, .. } in &spec.covers {
         use std::os::unix::fs::FileTypeExt;
         let hidden = match std::fs::metadata(path) {
-            Ok(m) if *is_dir => {
+            Ok(m) if *dir => {
                 m.is_dir() && std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
             }
             Ok(m) => {
@@ -175,7 +184,7 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
                         n.rdev() == m.rdev()
                     })
             }
-            Err(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
         };
         if !hidden {
             return Err(SetupError::NotHidden(path.clone()));
@@ -198,6 +207,89 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
         "{landlock}; seccomp denies {} syscalls and new namespaces; no_new_privs",
         DENIED_SYSCALLS.len()
     ))
+}
+
+/// Mount an empty tmpfs over each covered directory and /dev/null over anything else,
+/// on the place itself: opened as a handle without following any link (a user's link
+/// planted on the way refuses the action; nothing is mounted or made elsewhere), its
+/// type still the one the outer stage saw. A place that is not there inside (below a
+/// hidden place) has nothing to hide.
+fn cover(covers: &[Cover]) -> Result<(), SetupError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
+    use nix::mount::{MsFlags, mount};
+    use std::os::fd::AsRawFd;
+    for c in covers {
+        let failed = |source| SetupError::Cover {
+            path: c.path.clone(),
+            source,
+        };
+        let how = OpenHow::new()
+            // (Not O_NOFOLLOW: with O_PATH it would open a link itself.)
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let place = match openat2(AT_FDCWD, &c.path, how) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => continue,
+            Err(Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {
+                return Err(SetupError::Changed(c.path.clone()));
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        let stat = nix::sys::stat::fstat(&place).map_err(failed)?;
+        let kind = nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode & libc::S_IFMT);
+        if (kind == nix::sys::stat::SFlag::S_IFDIR) != c.dir
+            || kind == nix::sys::stat::SFlag::S_IFLNK
+        {
+            return Err(SetupError::Changed(c.path.clone()));
+        }
+        // The handle's own place, whatever its name has become.
+        let target = PathBuf::from(format!("/proc/self/fd/{}", place.as_raw_fd()));
+        let mounted = if c.dir {
+            let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            if c.read_only {
+                flags |= MsFlags::MS_RDONLY;
+            }
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                flags,
+                Some("mode=0755"),
+            )
+        } else {
+            mount(
+                Some("/dev/null"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        };
+        mounted.map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// Give up what covering needed (bubblewrap added it for this stage): no capability
+/// stays in any set but those the switch to the caller needs and loses with it, and
+/// none can come back (the bounding set is empty).
+fn drop_capabilities() -> Result<(), SetupError> {
+    use caps::{CapSet, Capability};
+    let err = SetupError::Capabilities;
+    caps::clear(None, CapSet::Bounding).map_err(err)?;
+    caps::clear(None, CapSet::Ambient).map_err(err)?;
+    caps::clear(None, CapSet::Inheritable).map_err(err)?;
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        for cap in [
+            Capability::CAP_SYS_ADMIN,
+            Capability::CAP_DAC_READ_SEARCH,
+            Capability::CAP_SETPCAP,
+        ] {
+            caps::drop(None, set, cap).map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 fn rlimits(spec: &Spec) -> Result<(), SetupError> {

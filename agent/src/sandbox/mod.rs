@@ -121,15 +121,32 @@ pub struct Inner {
     /// path swapped for a symlink in between is refused.
     #[serde(default)]
     pub identities: Vec<Identity>,
-    /// Secret locations hidden (and whether each is a directory): checked inside, as
-    /// the caller, to be hidden where the caller sees them.
+    /// What the inner stage covers before it becomes the caller: the caller's secret
+    /// locations the approval did not grant, and the places deny rules name. Mounted
+    /// as root on handles opened without following any link (a user who swaps a part
+    /// of the way for a link in between gets a refusal, never a mount or a new file
+    /// elsewhere), then checked as the caller to be hidden where the caller sees them.
     #[serde(default)]
-    pub hidden: Vec<(PathBuf, bool)>,
+    pub covers: Vec<Cover>,
     pub network: bool,
     pub required: bool,
     pub limits: Limits,
     /// What the outer stage applied, for the record.
     pub outer: String,
+}
+
+/// A place the inner stage makes absent: an empty tmpfs over a directory, /dev/null
+/// over anything else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Cover {
+    pub path: PathBuf,
+    /// Whether it was a directory when the outer stage looked; found otherwise inside,
+    /// it has changed and nothing runs.
+    pub dir: bool,
+    /// An empty directory nothing can be written in (secret locations); otherwise
+    /// root's actions may write in it and lose what they wrote.
+    pub read_only: bool,
 }
 
 /// Mark every descriptor from 3 on close-on-exec: whatever the agent inherited or

@@ -12,8 +12,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use super::{
-    EXIT_RISK_CHANGED, EXIT_SANDBOX_FAILED, INSIDE_DIR, Inner, Profile, REFUSED_PREFIX, Spec,
-    base_environment,
+    Cover, EXIT_RISK_CHANGED, EXIT_SANDBOX_FAILED, INSIDE_DIR, Inner, Profile, REFUSED_PREFIX,
+    Spec, base_environment,
 };
 use crate::action::Action;
 use crate::caller::{Caller, classify_as};
@@ -59,7 +59,8 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
     let exe =
         std::env::current_exe().map_err(|e| failed(format!("the agent's own binary: {e}")))?;
     let git_dir = spec.private_dir.join("git");
-    let mut args = bwrap_args(spec, &prepared);
+    let mounts = MountTable::read();
+    let mut args = bwrap_args(spec, &prepared, &mounts);
     // The sandbox's own directory: readable by the action (bubblewrap would make the
     // parents of its binds 0700).
     args.extend(["--perms", "0755", "--dir", INSIDE_DIR].map(String::from));
@@ -100,6 +101,7 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
     ]);
     let mut inner = inner_spec(spec, &prepared);
     inner.identities.extend(pinned);
+    inner.covers = covers(spec, &prepared, &mounts);
     let inner_path = spec.private_dir.join("inner.json");
     std::fs::write(&inner_path, serde_json::to_vec(&inner).map_err(failed)?)
         .map_err(|e| failed(format!("{}: {e}", inner_path.display())))?;
@@ -582,12 +584,10 @@ fn git_prepare(repo: Option<Repo>, caller: &Caller, read_only: bool) -> Result<G
     })
 }
 
-fn bwrap_args(spec: &Spec, p: &Prepared) -> Vec<String> {
-    bwrap_args_in(spec, p, &MountTable::read())
-}
-
-/// [`bwrap_args`] with the mount table `mounts` (for the other names of what is hidden).
-fn bwrap_args_in(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> {
+/// What bubblewrap mounts, with the mount table `mounts` (for the other names of what
+/// is hidden). Only places root alone can change are named here; what is covered in
+/// places users can change is the inner stage's ([`covers`]).
+fn bwrap_args(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> {
     let mut a: Vec<String> = [
         "--die-with-parent",
         "--new-session",
@@ -609,19 +609,30 @@ fn bwrap_args_in(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> 
         a.extend(["--proc".into(), "/proc".into()]);
         a.extend(bind("--bind", &private("tmp"), Path::new("/tmp")));
         a.extend(tmpfs(Path::new("/home")));
-        a.extend(hide_denied(spec, mounts));
         return a;
     }
+    // Just enough for the inner stage to cover places and become the caller; all are
+    // gone before anything of the action runs.
+    a.extend(
+        [
+            "--cap-add",
+            "CAP_SYS_ADMIN",
+            "--cap-add",
+            "CAP_DAC_READ_SEARCH",
+            "--cap-add",
+            "CAP_SETPCAP",
+        ]
+        .map(String::from),
+    );
     if spec.caller.uid != 0 {
-        // Just enough for the inner stage to become the caller; both are gone once
-        // it has.
         a.extend(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"].map(String::from));
     }
     // Order matters: later mounts cover earlier ones. Writable places outside the
     // hidden ones first, then everything hidden (so a writable ancestor cannot
-    // uncover it), then what the action works in below a hidden place, then the
-    // agent's files and the places deny rules name (nothing below them is put back:
-    // the home or working directory above one cannot uncover it).
+    // uncover it), then what the action works in below a hidden place. The agent's
+    // files, the places deny rules name and secrets are covered after all of it, by
+    // the inner stage (nothing below them is put back: the home or working directory
+    // above one cannot uncover it).
     let hidden = hidden_places(spec, mounts);
     let below_hidden = |p: &Path| hidden.iter().any(|h| p.starts_with(h));
     let strictly_below_hidden = |p: &Path| hidden.iter().any(|h| p != h && p.starts_with(h));
@@ -664,15 +675,6 @@ fn bwrap_args_in(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> 
     }
     for r in &p.read_only {
         a.extend(p.bind(false, r));
-    }
-    a.extend(hide_denied(spec, mounts));
-    for (secret, is_dir) in &p.hidden_secrets {
-        if *is_dir {
-            a.extend(["--tmpfs".into(), secret.to_string_lossy().into_owned()]);
-            a.extend(["--remount-ro".into(), secret.to_string_lossy().into_owned()]);
-        } else {
-            a.extend(bind("--ro-bind", Path::new("/dev/null"), secret));
-        }
     }
     if let Some(r) = &p.resolv {
         a.extend(bind("--ro-bind", r, r));
@@ -764,14 +766,21 @@ fn tmpfs(path: &Path) -> [String; 2] {
     ]
 }
 
-/// The agent's own files and the places the administrator's deny rules name, made
-/// absent: an empty tmpfs over a directory, /dev/null over a file.
+/// What the inner stage makes absent, after everything bubblewrap mounted: the agent's
+/// own files and the places the administrator's deny rules name, then the caller's
+/// secret locations the approval did not grant (read-only).
 ///
-/// Only where the place is, through no link but root's: a place a user moved away, or
-/// replaced with a link (to `/`, say), is not where the rule says any more, and
-/// bubblewrap, as root, must not be sent elsewhere.
-fn hide_denied(spec: &Spec, mounts: &MountTable) -> Vec<String> {
-    let mut a = Vec::new();
+/// A deny place only where it is, through no link but root's: a place a user moved
+/// away, or replaced with a link (to `/`, say), is not where the rule says any more,
+/// and root must not be sent elsewhere. The inner stage opens each without following
+/// any link, so a part swapped for one after this look refuses the action.
+fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
+    let mut covers: Vec<Cover> = Vec::new();
+    let mut add = |cover: Cover| {
+        if !covers.iter().any(|c| c.path == cover.path) {
+            covers.push(cover);
+        }
+    };
     for h in &spec.hide {
         let place = real(h);
         let names = mounts.aliases(&place);
@@ -784,15 +793,23 @@ fn hide_denied(spec: &Spec, mounts: &MountTable) -> Vec<String> {
             else {
                 continue;
             };
-            let place = place.to_string_lossy().into_owned();
-            if meta.is_dir() {
-                a.extend(["--tmpfs".to_owned(), place]);
-            } else {
-                a.extend(["--ro-bind".to_owned(), "/dev/null".to_owned(), place]);
-            }
+            add(Cover {
+                path: place,
+                dir: meta.is_dir(),
+                read_only: false,
+            });
         }
     }
-    a
+    if !p.profile.root {
+        for (secret, dir) in &p.hidden_secrets {
+            add(Cover {
+                path: secret.clone(),
+                dir: *dir,
+                read_only: true,
+            });
+        }
+    }
+    covers
 }
 
 /// Places an action may never work in or write, even when its user can: sockets live
@@ -846,7 +863,7 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         env,
         writable: p.profile.writable.clone(),
         identities: p.identities.clone(),
-        hidden: p.hidden_secrets.clone(),
+        covers: Vec::new(),
         network: p.profile.network,
         required: spec.required,
         limits: spec.limits,
@@ -1016,8 +1033,22 @@ mod tests {
         }
     }
 
-    /// The mount targets in order, as `kind target` lines.
-    fn mounts(args: &[String]) -> Vec<String> {
+    /// What is mounted in order, as `kind target` lines: bubblewrap's mounts, then the
+    /// inner stage's covers (as the bubblewrap mounts they stand for).
+    fn mounts(s: &Spec, p: &Prepared) -> Vec<String> {
+        mounts_in(s, p, &MountTable::read())
+    }
+
+    fn mounts_in(s: &Spec, p: &Prepared, table: &MountTable) -> Vec<String> {
+        let mut out = bwrap_mounts(&bwrap_args(s, p, table));
+        out.extend(covers(s, p, table).iter().map(|c| match c.dir {
+            true => format!("--tmpfs {}", c.path.display()),
+            false => format!("--ro-bind /dev/null {}", c.path.display()),
+        }));
+        out
+    }
+
+    fn bwrap_mounts(args: &[String]) -> Vec<String> {
         let mut out = Vec::new();
         let mut i = 0;
         while i < args.len() {
@@ -1052,7 +1083,7 @@ mod tests {
                     argv: vec!["ls".into()],
                 },
             );
-            let m = mounts(&bwrap_args(&s, &prepared(cwd, writable)));
+            let m = mounts(&s, &prepared(cwd, writable));
             // Every hidden place is hidden (an empty tmpfs, or the action's own
             // directory) after the last bind that could uncover it (the same path, or one
             // above it, bound onto itself).
@@ -1088,7 +1119,7 @@ mod tests {
                 argv: vec!["ls".into()],
             },
         );
-        let m = mounts(&bwrap_args(&s, &prepared(&p, &[&p])));
+        let m = mounts(&s, &prepared(&p, &[&p]));
         let hide = m.iter().position(|l| l.ends_with(" /tmp")).unwrap();
         let back = m
             .iter()
@@ -1122,7 +1153,7 @@ mod tests {
         s.hide = vec![linked.clone(), proj.join("denied-file")];
         let mut p = prepared(&cwd, &[&cwd]);
         p.home_visible = true;
-        let m = mounts(&bwrap_args(&s, &p));
+        let m = mounts(&s, &p);
         let last_bind = m
             .iter()
             .rposition(|l| {
@@ -1177,7 +1208,7 @@ mod tests {
         );
         s.hide = vec![open.join("a/usr"), open.join("a/etc/passwd")];
         let p = prepared("/usr/share", &[]);
-        let m = mounts(&bwrap_args(&s, &p));
+        let m = mounts(&s, &p);
         assert!(
             !m.iter()
                 .any(|l| l.ends_with(" /usr") || l.ends_with(" /etc/passwd")),
@@ -1191,7 +1222,7 @@ mod tests {
         std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("/", base.join("l")).unwrap();
         s.hide = vec![base.join("l")];
-        let m = mounts(&bwrap_args(&s, &p));
+        let m = mounts(&s, &p);
         assert!(!m.contains(&"--tmpfs /".to_owned()), "{m:?}");
         assert!(check_not_forbidden(&s, &PathBuf::from("/usr/share"), &p.profile).is_ok());
     }
@@ -1218,7 +1249,7 @@ mod tests {
                 argv: vec!["ls".into()],
             },
         );
-        let m = mounts(&bwrap_args_in(&s, &prepared("/srv", &[]), &table));
+        let m = mounts_in(&s, &prepared("/srv", &[]), &table);
         for place in ["/tmp", "/var/tmp"] {
             let last = m
                 .iter()
