@@ -30,8 +30,11 @@ impl Drop for Daemon {
     }
 }
 
+/// The agent runs with the capabilities its systemd unit gives it, no more: what the
+/// sandbox asks bubblewrap for must be among them.
 fn spawn(config: &Path, bus: &SystemBus, env: &[(String, String)]) -> Child {
-    Command::new(AGENT)
+    Command::new("setpriv")
+        .args(["--bounding-set", &unit_bounding_set(), "--", AGENT])
         .arg("--config")
         .arg(config)
         .arg("serve")
@@ -40,6 +43,21 @@ fn spawn(config: &Path, bus: &SystemBus, env: &[(String, String)]) -> Child {
         .stdin(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// The unit's `CapabilityBoundingSet=`, as `setpriv --bounding-set` takes it.
+fn unit_bounding_set() -> String {
+    let unit = include_str!("../../dist/devos-agent.service");
+    let caps = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the agent's unit names its capabilities");
+    let mut set = "-all".to_owned();
+    for cap in caps.split_whitespace() {
+        set.push_str(",+");
+        set.push_str(&cap.trim_start_matches("CAP_").to_lowercase());
+    }
+    set
 }
 
 /// Make a directory (and its temporary parents) reachable by other users.
