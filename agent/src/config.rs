@@ -677,25 +677,13 @@ impl Policy {
     /// its way that someone other than root may change (rename an entry of). A path
     /// rule names a place; once what was there is renamed, it names an empty one.
     pub fn deny_places_users_can_move(&self) -> Vec<(PathBuf, PathBuf)> {
-        use std::os::unix::fs::MetadataExt;
+        use crate::risk::paths::{changeable_by_users, resolve_trusted};
         self.deny
             .iter()
             .filter_map(|d| d.path_prefix.as_ref())
             .filter_map(|place| {
-                let (real, _) = crate::risk::paths::resolve_trusted(place);
-                // Each directory on the way with the entry in it the path goes through:
-                // others may rename that entry when the directory is not root's, or is
-                // writable by others — unless it is sticky (`/tmp`) and the entry root's.
-                let steps: Vec<&Path> = real.ancestors().collect();
-                let dir = steps.windows(2).rev().find_map(|w| {
-                    let (entry, dir) = (w[0], w[1]);
-                    let d = std::fs::metadata(dir).ok()?;
-                    let entry_roots = std::fs::symlink_metadata(entry).is_ok_and(|m| m.uid() == 0);
-                    let sticky = d.mode() & 0o1000 != 0;
-                    let others_write = d.mode() & 0o022 != 0 && !(sticky && entry_roots);
-                    (d.uid() != 0 || others_write).then_some(dir)
-                })?;
-                Some((place.clone(), dir.to_path_buf()))
+                let dir = changeable_by_users(&resolve_trusted(place).0)?;
+                Some((place.clone(), dir))
             })
             .collect()
     }

@@ -2437,9 +2437,11 @@ fn covers_land_on_the_place_checked_or_nothing_runs() {
         );
     }
     // On the places themselves: the file is /dev/null, the directory empty and
-    // read-only, a place not there inside is nothing to hide, and nothing of the
-    // covering's power is left to the action.
+    // read-only, a place not there inside is nothing to hide, one in a directory of
+    // root's that eve cannot enter (as a deny rule may name) is covered all the same,
+    // and nothing of the covering's power is left to the action.
     eve.write(&cwd.join("keys/a"), "EVEKEY-5e1f\n");
+    std::fs::create_dir(elsewhere.path().join("data")).unwrap();
     let out = inner_stage(
         &eve,
         cwd,
@@ -2447,6 +2449,7 @@ fn covers_land_on_the_place_checked_or_nothing_runs() {
             cover(cwd.join("key"), false),
             cover(cwd.join("keys"), true),
             cover(cwd.join("gone"), false),
+            cover(elsewhere.path().join("data"), true),
         ],
         "cat key; ls -A keys; touch keys/new || echo READ-ONLY; grep ^Cap /proc/self/status",
     );

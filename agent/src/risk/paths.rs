@@ -109,6 +109,24 @@ fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
     (out, true)
 }
 
+/// The first directory on the way to `real` (a path with no link of a user's on it)
+/// that someone other than root may change: rename the entry the path goes through,
+/// or put something else there. Others may when the directory is not root's, or is
+/// writable by others — unless it is sticky (`/tmp`) and the entry root's. `None`
+/// when the whole way is root's alone.
+pub fn changeable_by_users(real: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let steps: Vec<&Path> = real.ancestors().collect();
+    steps.windows(2).rev().find_map(|w| {
+        let (entry, dir) = (w[0], w[1]);
+        let d = std::fs::metadata(dir).ok()?;
+        let entry_roots = std::fs::symlink_metadata(entry).is_ok_and(|m| m.uid() == 0);
+        let sticky = d.mode() & 0o1000 != 0;
+        let others_write = d.mode() & 0o022 != 0 && !(sticky && entry_roots);
+        (d.uid() != 0 || others_write).then(|| dir.to_path_buf())
+    })
+}
+
 /// The other places `path` shows up through bind mounts (NixOS images mount
 /// `/var/home` on `/home`; hosts often bind a data disk's directory there): the same
 /// directory of the same file system mounted elsewhere, from this process's mount

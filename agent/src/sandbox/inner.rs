@@ -27,6 +27,10 @@ pub enum SetupError {
     NotHidden(PathBuf),
     #[error("cannot cover {path}: {source}; nothing ran")]
     Cover { path: PathBuf, source: nix::Error },
+    #[error(
+        "this kernel cannot open a path without following links (openat2, Linux 5.6 or later is needed); nothing ran"
+    )]
+    NoOpenat2,
     #[error("capabilities: {0}")]
     Capabilities(caps::errors::CapsError),
     #[error("close_range: {0}")]
@@ -153,11 +157,12 @@ pub fn exec_from_stdin() -> i32 {
 fn confine(spec: &Spec) -> Result<String, SetupError> {
     use nix::unistd::chdir;
     cover(&spec.covers)?;
+    let switching = !spec.as_root && spec.uid != 0;
     if !spec.as_root {
-        drop_capabilities()?;
+        drop_capabilities(switching)?;
     }
     // Root's own requests stay uid 0, without capabilities.
-    if !spec.as_root && spec.uid != 0 {
+    if switching {
         crate::caller::switch_identity(spec.uid, spec.gid, &spec.groups)?;
     }
     // Each bound path is still the file it was when checked: a working directory
@@ -168,9 +173,10 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
             return Err(SetupError::Changed(want.path.clone()));
         }
     }
-    // Each covered place is hidden where the caller finds it: an empty directory,
-    // /dev/null, or nothing. (Whatever the caller cannot look at, or finds there
-    // since, is refused like any failure.)
+    // Each covered place is hidden where the caller finds it too: an empty
+    // directory, /dev/null, nothing, or out of their reach (a denied place in root's
+    // directories, seen covered as root above). Whatever else they find there is
+    // refused like any failure.
     for Cover { path, dir, .. } in &spec.covers {
         use std::os::unix::fs::FileTypeExt;
         let hidden = match std::fs::metadata(path) {
@@ -184,7 +190,10 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
                         n.rdev() == m.rdev()
                     })
             }
-            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            Err(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ),
         };
         if !hidden {
             return Err(SetupError::NotHidden(path.clone()));
@@ -212,23 +221,27 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
 /// Mount an empty tmpfs over each covered directory and /dev/null over anything else,
 /// on the place itself: opened as a handle without following any link (a user's link
 /// planted on the way refuses the action; nothing is mounted or made elsewhere), its
-/// type still the one the outer stage saw. A place that is not there inside (below a
-/// hidden place) has nothing to hide.
+/// type still the one the outer stage saw; then opened again the same way to see the
+/// cover there. A place that is not there inside (below a hidden place) has nothing
+/// to hide.
 fn cover(covers: &[Cover]) -> Result<(), SetupError> {
     use nix::errno::Errno;
-    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
     use nix::mount::{MsFlags, mount};
-    use std::os::fd::AsRawFd;
+    use nix::sys::stat::{FileStat, SFlag, fstat};
+    let kind = |s: &FileStat| SFlag::from_bits_truncate(s.st_mode & libc::S_IFMT);
+    let null = nix::sys::stat::stat("/dev/null").map_err(|source| SetupError::Cover {
+        path: "/dev/null".into(),
+        source,
+    })?;
     for c in covers {
-        let failed = |source| SetupError::Cover {
-            path: c.path.clone(),
-            source,
+        let failed = |source| match source {
+            Errno::ENOSYS => SetupError::NoOpenat2,
+            source => SetupError::Cover {
+                path: c.path.clone(),
+                source,
+            },
         };
-        let how = OpenHow::new()
-            // (Not O_NOFOLLOW: with O_PATH it would open a link itself.)
-            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        let place = match openat2(AT_FDCWD, &c.path, how) {
+        let place = match open_without_links(&c.path) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => continue,
             Err(Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {
@@ -236,20 +249,20 @@ fn cover(covers: &[Cover]) -> Result<(), SetupError> {
             }
             Err(e) => return Err(failed(e)),
         };
-        let stat = nix::sys::stat::fstat(&place).map_err(failed)?;
-        let kind = nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode & libc::S_IFMT);
-        if (kind == nix::sys::stat::SFlag::S_IFDIR) != c.dir
-            || kind == nix::sys::stat::SFlag::S_IFLNK
-        {
+        let before = fstat(&place).map_err(failed)?;
+        if (kind(&before) == SFlag::S_IFDIR) != c.dir || kind(&before) == SFlag::S_IFLNK {
             return Err(SetupError::Changed(c.path.clone()));
         }
+        let read_only = if c.read_only {
+            MsFlags::MS_RDONLY
+        } else {
+            MsFlags::empty()
+        };
+        let safe = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         // The handle's own place, whatever its name has become.
-        let target = PathBuf::from(format!("/proc/self/fd/{}", place.as_raw_fd()));
-        let mounted = if c.dir {
-            let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-            if c.read_only {
-                flags |= MsFlags::MS_RDONLY;
-            }
+        let target = handle_path(&place);
+        if c.dir {
+            let flags = safe | read_only;
             mount(
                 Some("tmpfs"),
                 &target,
@@ -265,29 +278,74 @@ fn cover(covers: &[Cover]) -> Result<(), SetupError> {
                 MsFlags::MS_BIND,
                 None::<&str>,
             )
+        }
+        .map_err(failed)?;
+        // What the name leads to now, without links: the cover.
+        let covered = open_without_links(&c.path).map_err(failed)?;
+        let after = fstat(&covered).map_err(failed)?;
+        let hidden = if c.dir {
+            kind(&after) == SFlag::S_IFDIR && after.st_dev != before.st_dev
+        } else {
+            kind(&after) == SFlag::S_IFCHR && after.st_rdev == null.st_rdev
         };
-        mounted.map_err(failed)?;
+        if !hidden {
+            return Err(SetupError::NotHidden(c.path.clone()));
+        }
+        if !c.dir && c.read_only {
+            let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+            mount(
+                None::<&str>,
+                &handle_path(&covered),
+                None::<&str>,
+                flags,
+                None::<&str>,
+            )
+            .map_err(failed)?;
+        }
     }
     Ok(())
 }
 
+/// `path` opened as a handle (`O_PATH`) without following any link on the way, the
+/// last part included.
+fn open_without_links(path: &Path) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new()
+        // (Not O_NOFOLLOW: with O_PATH it would open a link itself.)
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    openat2(AT_FDCWD, path, how)
+}
+
+/// The name that leads to exactly what `fd` is (a mount's target given as a handle).
+fn handle_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// Give up what covering needed (bubblewrap added it for this stage): no capability
-/// stays in any set but those the switch to the caller needs and loses with it, and
-/// none can come back (the bounding set is empty).
-fn drop_capabilities() -> Result<(), SetupError> {
-    use caps::{CapSet, Capability};
+/// stays in any set but `CAP_SETUID` and `CAP_SETGID` when the switch to a caller
+/// other than root needs them (and loses them with it), and none can come back (the
+/// bounding set is empty).
+fn drop_capabilities(switching: bool) -> Result<(), SetupError> {
+    use caps::{CapSet, Capability, CapsHashSet};
     let err = SetupError::Capabilities;
     caps::clear(None, CapSet::Bounding).map_err(err)?;
     caps::clear(None, CapSet::Ambient).map_err(err)?;
     caps::clear(None, CapSet::Inheritable).map_err(err)?;
-    for set in [CapSet::Effective, CapSet::Permitted] {
-        for cap in [
-            Capability::CAP_SYS_ADMIN,
-            Capability::CAP_DAC_READ_SEARCH,
-            Capability::CAP_SETPCAP,
-        ] {
-            caps::drop(None, set, cap).map_err(err)?;
-        }
+    let keep: CapsHashSet = if switching {
+        [Capability::CAP_SETUID, Capability::CAP_SETGID].into()
+    } else {
+        CapsHashSet::new()
+    };
+    caps::set(None, CapSet::Effective, &keep).map_err(err)?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(err)?;
+    let held = caps::read(None, CapSet::Permitted).map_err(err)?;
+    let bounding = caps::read(None, CapSet::Bounding).map_err(err)?;
+    if held != keep || !bounding.is_empty() {
+        return Err(SetupError::Capabilities(
+            format!("still held: {held:?}, bounding {bounding:?}").into(),
+        ));
     }
     Ok(())
 }

@@ -643,7 +643,9 @@ fn bwrap_args(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> {
     }
     // The other names of the system's hidden places first: one may be another of
     // them (`/var/tmp` bound on `/tmp`), which gets its own below.
-    a.extend(hide_aliases(&system_hidden_places(spec), mounts));
+    for alias in system_aliases(spec, mounts).0 {
+        a.extend(tmpfs(&alias));
+    }
     a.extend(tmpfs(Path::new("/run")));
     // On NixOS the system's programs are found through its profile, a link in /run to
     // the Nix store (risk::programs::SYSTEM_PATH): the link comes back, nothing else.
@@ -739,16 +741,20 @@ fn system_hidden_places(spec: &Spec) -> Vec<PathBuf> {
     hidden
 }
 
-/// The other names bind mounts give `places` (NixOS images mount `/var/home` on
-/// `/home`), each an empty tmpfs: what is hidden at one name is hidden at all. One that
-/// is itself among `places` is left to be hidden as that place.
-fn hide_aliases(places: &[PathBuf], mounts: &MountTable) -> Vec<String> {
-    let own: Vec<PathBuf> = places.iter().map(|p| real(p)).collect();
+/// The other names bind mounts give the system's hidden places (NixOS images mount
+/// `/var/home` on `/home`), to be hidden too: what is hidden at one name is hidden at
+/// all. One that is itself among those places is left to be hidden as that place.
+/// Split by whether the way to it is root's alone: bubblewrap hides those by name
+/// before anything is bound back; the others (a user could swap a part of the way for
+/// a link) are the inner stage's to cover on handles ([`covers`]).
+fn system_aliases(spec: &Spec, mounts: &MountTable) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let own: Vec<PathBuf> = system_hidden_places(spec).iter().map(|p| real(p)).collect();
     own.iter()
         .flat_map(|place| mounts.aliases(place))
-        .filter(|a| !own.contains(a) && real(a).is_dir())
-        .flat_map(|a| tmpfs(&a))
-        .collect()
+        .filter(|a| !own.contains(a))
+        .map(|a| real(&a))
+        .filter(|a| a.is_dir())
+        .partition(|a| crate::risk::paths::changeable_by_users(a).is_none())
 }
 
 /// `path` with the symlinks root alone could have made resolved (`/home` ->
@@ -767,7 +773,8 @@ fn tmpfs(path: &Path) -> [String; 2] {
 }
 
 /// What the inner stage makes absent, after everything bubblewrap mounted: the agent's
-/// own files and the places the administrator's deny rules name, then the caller's
+/// own files and the places the administrator's deny rules name, then the other names
+/// of the system's hidden places users could change the way to, and the caller's
 /// secret locations the approval did not grant (read-only).
 ///
 /// A deny place only where it is, through no link but root's: a place a user moved
@@ -801,6 +808,13 @@ fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
         }
     }
     if !p.profile.root {
+        for alias in system_aliases(spec, mounts).1 {
+            add(Cover {
+                path: alias,
+                dir: true,
+                read_only: true,
+            });
+        }
         for (secret, dir) in &p.hidden_secrets {
             add(Cover {
                 path: secret.clone(),
@@ -992,6 +1006,18 @@ mod tests {
                 max_open_files: 64,
             },
         }
+    }
+
+    /// `ls` in `cwd`, read-only, for uid 1000.
+    fn ls_in(cwd: &str) -> Spec {
+        spec(
+            1000,
+            cwd,
+            RiskClass::ReadOnly,
+            Action::Run {
+                argv: vec!["ls".into()],
+            },
+        )
     }
 
     fn caller(uid: u32) -> Caller {
@@ -1198,14 +1224,7 @@ mod tests {
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         std::os::unix::fs::symlink("/", open.join("a")).unwrap();
-        let mut s = spec(
-            1000,
-            "/usr/share",
-            RiskClass::ReadOnly,
-            Action::Run {
-                argv: vec!["ls".into()],
-            },
-        );
+        let mut s = ls_in("/usr/share");
         s.hide = vec![open.join("a/usr"), open.join("a/etc/passwd")];
         let p = prepared("/usr/share", &[]);
         let m = mounts(&s, &p);
@@ -1241,14 +1260,7 @@ mod tests {
              4 1 254:0 /home {} rw - ext4 /dev/vda rw\n",
             other.display()
         ));
-        let s = spec(
-            1000,
-            "/srv",
-            RiskClass::ReadOnly,
-            Action::Run {
-                argv: vec!["ls".into()],
-            },
-        );
+        let s = ls_in("/srv");
         let m = mounts_in(&s, &prepared("/srv", &[]), &table);
         for place in ["/tmp", "/var/tmp"] {
             let last = m
@@ -1262,6 +1274,51 @@ mod tests {
         }
         let hidden = format!("--tmpfs {}", other.display());
         assert!(m.contains(&hidden), "{m:?}");
+    }
+
+    #[test]
+    fn other_names_users_could_reroute_are_covered_on_handles() {
+        // `/home` also mounted below a directory others may write: a user could swap
+        // the way to it for a link, so bubblewrap does not hide it by name; the inner
+        // stage covers it (on a handle). One below root's directories stays
+        // bubblewrap's.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let open = dir.path().join("open");
+        let closed = dir.path().join("closed");
+        for d in [&open, &closed] {
+            std::fs::create_dir_all(d.join("homes")).unwrap();
+        }
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let table = MountTable::of(&format!(
+            "1 0 254:0 / / rw - ext4 /dev/vda rw\n\
+             4 1 254:0 /home {} rw - ext4 /dev/vda rw\n\
+             5 1 254:0 /home {} rw - ext4 /dev/vda rw\n",
+            open.join("homes").display(),
+            closed.join("homes").display(),
+        ));
+        let s = ls_in("/srv");
+        let p = prepared("/srv", &[]);
+        let args = bwrap_mounts(&bwrap_args(&s, &p, &table));
+        let rerouted = open.join("homes");
+        let fixed = closed.join("homes");
+        assert!(
+            !args
+                .iter()
+                .any(|l| l.ends_with(&*rerouted.to_string_lossy())),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&format!("--tmpfs {}", fixed.display())),
+            "{args:?}"
+        );
+        let covers = covers(&s, &p, &table);
+        assert!(
+            covers.iter().any(|c| c.path == rerouted && c.dir),
+            "{covers:?}"
+        );
+        assert!(!covers.iter().any(|c| c.path == fixed), "{covers:?}");
     }
 
     #[test]
