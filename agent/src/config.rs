@@ -677,12 +677,13 @@ impl Policy {
     /// its way that someone other than root may change (rename an entry of). A path
     /// rule names a place; once what was there is renamed, it names an empty one.
     pub fn deny_places_users_can_move(&self) -> Vec<(PathBuf, PathBuf)> {
-        use crate::risk::paths::{changeable_by_users, resolve_trusted};
+        use crate::risk::paths::{MountTable, changeable_by_users, resolve_trusted};
+        let mounts = MountTable::read();
         self.deny
             .iter()
             .filter_map(|d| d.path_prefix.as_ref())
             .filter_map(|place| {
-                let dir = changeable_by_users(&resolve_trusted(place).0)?;
+                let dir = changeable_by_users(&resolve_trusted(place).0, &mounts)?;
                 Some((place.clone(), dir))
             })
             .collect()

@@ -2341,6 +2341,18 @@ fn inner_stage(
     covers: Vec<devos_agent::sandbox::Cover>,
     script: &str,
 ) -> std::process::Output {
+    inner_stage_after("true", user, cwd, covers, script)
+}
+
+/// [`inner_stage`] after the shell command `before` ran in its mount namespace (as
+/// bubblewrap's mounts would).
+fn inner_stage_after(
+    before: &str,
+    user: &User,
+    cwd: &Path,
+    covers: Vec<devos_agent::sandbox::Cover>,
+    script: &str,
+) -> std::process::Output {
     let spec = devos_agent::sandbox::Inner {
         uid: user.uid,
         gid: user.uid,
@@ -2366,8 +2378,8 @@ fn inner_stage(
         outer: "test".into(),
     };
     let mut child = std::process::Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", AGENT])
-        .args(["sandbox-exec", "--inside"])
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!("{before} && exec {AGENT} sandbox-exec --inside"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -2390,10 +2402,13 @@ fn covers_land_on_the_place_checked_or_nothing_runs() {
     let project = eve.project();
     let cwd = project.path();
     let elsewhere = tempfile::tempdir().unwrap();
+    // As the outer stage makes them, but without what it found there: the way to
+    // these places is changed after it looked, below.
     let cover = |path: PathBuf, dir: bool| Cover {
         path,
         dir,
         read_only: true,
+        found: Vec::new(),
     };
     // What the outer stage saw: `way/key` and `way/keys/` hidden there. By the time the
     // inner stage covers them, eve has swapped `way` for a link to a directory of
@@ -2436,6 +2451,31 @@ fn covers_land_on_the_place_checked_or_nothing_runs() {
             "{what}: root made {made:?} through the link"
         );
     }
+    // What the outer stage found there is what is covered: a place swapped for
+    // another directory, or moved out of a directory the action sees (to come back
+    // once it runs), refuses the action; one below a place hidden inside (a
+    // different directory there) has nothing to hide.
+    let looked = Cover::of(cwd.join("keys"), true, true).unwrap();
+    std::fs::rename(cwd.join("keys"), cwd.join("keys.away")).unwrap();
+    let out = inner_stage(&eve, cwd, vec![looked.clone()], "echo RAN");
+    assert!(
+        stderr(&out).contains("changed between"),
+        "moved away: {out:?}"
+    );
+    std::fs::create_dir(cwd.join("keys")).unwrap();
+    let out = inner_stage(&eve, cwd, vec![looked.clone()], "echo RAN");
+    assert!(
+        stderr(&out).contains("changed between"),
+        "replaced: {out:?}"
+    );
+    std::fs::remove_dir(cwd.join("keys")).unwrap();
+    std::fs::rename(cwd.join("keys.away"), cwd.join("keys")).unwrap();
+    let hide = format!("mount -t tmpfs none {}", cwd.display());
+    let out = inner_stage_after(&hide, &eve, cwd, vec![looked], "echo RAN");
+    assert!(
+        stdout(&out).contains("RAN"),
+        "below a hidden place: {out:?}"
+    );
     // On the places themselves: the file is /dev/null, the directory empty and
     // read-only, a place not there inside is nothing to hide, one in a directory of
     // root's that eve cannot enter (as a deny rule may name) is covered all the same,

@@ -112,18 +112,21 @@ fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
 /// The first directory on the way to `real` (a path with no link of a user's on it)
 /// that someone other than root may change: rename the entry the path goes through,
 /// or put something else there. Others may when the directory is not root's, or is
-/// writable by others — unless it is sticky (`/tmp`) and the entry root's. `None`
-/// when the whole way is root's alone.
-pub fn changeable_by_users(real: &Path) -> Option<PathBuf> {
+/// writable by others — unless it is sticky (`/tmp`) and the entry root's — and when
+/// it cannot be looked at or is on a file system users fill as they like (FUSE, in
+/// `mounts`: its owners mean nothing). `None` when the whole way is root's alone.
+pub fn changeable_by_users(real: &Path, mounts: &MountTable) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let steps: Vec<&Path> = real.ancestors().collect();
     steps.windows(2).rev().find_map(|w| {
         let (entry, dir) = (w[0], w[1]);
-        let d = std::fs::metadata(dir).ok()?;
+        let Ok(d) = std::fs::metadata(dir) else {
+            return Some(dir.to_path_buf());
+        };
         let entry_roots = std::fs::symlink_metadata(entry).is_ok_and(|m| m.uid() == 0);
         let sticky = d.mode() & 0o1000 != 0;
         let others_write = d.mode() & 0o022 != 0 && !(sticky && entry_roots);
-        (d.uid() != 0 || others_write).then(|| dir.to_path_buf())
+        (d.uid() != 0 || others_write || mounts.on_user_file_system(dir)).then(|| dir.to_path_buf())
     })
 }
 
@@ -156,7 +159,7 @@ impl MountTable {
 
     /// Whether `path` is on a file system its users mount and fill as they like
     /// (FUSE): its owners and modes say nothing about who made what is there.
-    fn on_user_file_system(&self, path: &Path) -> bool {
+    pub fn on_user_file_system(&self, path: &Path) -> bool {
         let mounts = parse_mounts(&self.0);
         mount_of(&mounts, path)
             .is_some_and(|m| m.fs_type == "fuse" || m.fs_type.starts_with("fuse."))
@@ -213,12 +216,16 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
     let mut aliases = Vec::new();
     let mut add = |dev: &str, in_fs: &Path, path: &Path| {
         for other in mounts.iter().filter(|m| m.dev == dev) {
-            if let Ok(rest) = in_fs.strip_prefix(&other.root) {
-                let alias = normalize(&other.point.join(rest));
-                // (Never `/`: what backs the root is not hidden as a whole.)
-                if alias != path && alias.parent().is_some() && !aliases.contains(&alias) {
-                    aliases.push(alias);
-                }
+            let alias = match in_fs.strip_prefix(&other.root) {
+                Ok(rest) => normalize(&other.point.join(rest)),
+                // A part of it mounted elsewhere (one home bound on `/srv/alice`): all
+                // of that mount is another name of the place.
+                Err(_) if other.root.starts_with(in_fs) => normalize(&other.point),
+                Err(_) => continue,
+            };
+            // (Never `/`: what backs the root is not hidden as a whole.)
+            if alias != path && alias.parent().is_some() && !aliases.contains(&alias) {
+                aliases.push(alias);
             }
         }
     };
@@ -339,6 +346,25 @@ mod tests {
                 PathBuf::from("/data/users/alice")
             ]
         );
+    }
+
+    #[test]
+    fn a_part_of_a_place_mounted_elsewhere_is_another_name_of_it() {
+        let info = "\
+22 1 253:0 / / rw - ext4 /dev/vda1 rw
+70 22 253:0 /home/alice /srv/alice rw - ext4 /dev/vda1 rw
+71 22 253:0 /home/alice/proj/.ssh /opt/keys rw - ext4 /dev/vda1 rw
+";
+        let aliases = |p: &str| aliases_in(info, Path::new(p));
+        assert_eq!(
+            aliases("/home"),
+            [PathBuf::from("/srv/alice"), PathBuf::from("/opt/keys")]
+        );
+        assert_eq!(
+            aliases("/home/alice/proj"),
+            [PathBuf::from("/srv/alice/proj"), PathBuf::from("/opt/keys")]
+        );
+        assert!(aliases("/home/bob").is_empty());
     }
 
     #[test]

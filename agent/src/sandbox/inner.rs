@@ -165,6 +165,14 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
     if switching {
         crate::caller::switch_identity(spec.uid, spec.gid, &spec.groups)?;
     }
+    if !spec.as_root {
+        let held = caps::read(None, caps::CapSet::Permitted).map_err(SetupError::Capabilities)?;
+        if !held.is_empty() {
+            return Err(SetupError::Capabilities(
+                format!("still held as the caller: {held:?}").into(),
+            ));
+        }
+    }
     // Each bound path is still the file it was when checked: a working directory
     // swapped for a symlink (to a socket directory, say) in between is refused.
     for want in &spec.identities {
@@ -241,17 +249,21 @@ fn cover(covers: &[Cover]) -> Result<(), SetupError> {
                 source,
             },
         };
+        let changed = || SetupError::Changed(c.path.clone());
         let place = match open_without_links(&c.path) {
             Ok(fd) => fd,
+            Err(Errno::ENOENT) if moved_out_of_sight(c).map_err(failed)? => return Err(changed()),
             Err(Errno::ENOENT) => continue,
-            Err(Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => {
-                return Err(SetupError::Changed(c.path.clone()));
-            }
+            Err(Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => return Err(changed()),
             Err(e) => return Err(failed(e)),
         };
         let before = fstat(&place).map_err(failed)?;
-        if (kind(&before) == SFlag::S_IFDIR) != c.dir || kind(&before) == SFlag::S_IFLNK {
-            return Err(SetupError::Changed(c.path.clone()));
+        let same = c
+            .found
+            .first()
+            .is_none_or(|id| *id == (before.st_dev, before.st_ino));
+        if !same || (kind(&before) == SFlag::S_IFDIR) != c.dir || kind(&before) == SFlag::S_IFLNK {
+            return Err(changed());
         }
         let read_only = if c.read_only {
             MsFlags::MS_RDONLY
@@ -304,6 +316,25 @@ fn cover(covers: &[Cover]) -> Result<(), SetupError> {
         }
     }
     Ok(())
+}
+
+/// Whether a place not there inside was taken out of a directory the sandbox shows
+/// (renamed or deleted since the outer stage looked: it could come back while the
+/// action runs, uncovered), rather than left out with a hidden place (the nearest
+/// directory above it that is there is not the one it was in).
+fn moved_out_of_sight(c: &Cover) -> nix::Result<bool> {
+    use nix::errno::Errno;
+    for (above, id) in c.path.ancestors().zip(&c.found).skip(1) {
+        match open_without_links(above) {
+            Ok(fd) => {
+                let now = nix::sys::stat::fstat(&fd)?;
+                return Ok((now.st_dev, now.st_ino) == *id);
+            }
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
 }
 
 /// `path` opened as a handle (`O_PATH`) without following any link on the way, the

@@ -144,9 +144,41 @@ pub struct Cover {
     /// Whether it was a directory when the outer stage looked; found otherwise inside,
     /// it has changed and nothing runs.
     pub dir: bool,
-    /// An empty directory nothing can be written in (secret locations); otherwise
-    /// root's actions may write in it and lose what they wrote.
+    /// An empty directory nothing can be written in, or /dev/null whose owner and
+    /// mode cannot change (secret locations); otherwise root's actions may write in
+    /// the directory and lose what they wrote.
     pub read_only: bool,
+    /// The device and inode of the place and of each directory above it, nearest
+    /// first, as the outer stage found them. Inside, the place must be that very one;
+    /// and one not there inside is left uncovered only when the nearest directory above
+    /// it that is there is not the one it was in (the empty stand-in of a hidden place,
+    /// not a directory it was moved out of, to come back once the action runs).
+    #[serde(default)]
+    pub found: Vec<(u64, u64)>,
+}
+
+impl Cover {
+    /// A cover of `path` as it is now (the place not followed if a link, the
+    /// directories above it followed: the path has no user's link on it); `None`
+    /// when there is nothing there to cover.
+    pub fn of(path: PathBuf, dir: bool, read_only: bool) -> Option<Cover> {
+        use std::os::unix::fs::MetadataExt;
+        let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+        let place = std::fs::symlink_metadata(&path).ok()?;
+        let found = std::iter::once(id(place))
+            .chain(
+                path.ancestors()
+                    .skip(1)
+                    .map_while(|a| std::fs::metadata(a).ok().map(id)),
+            )
+            .collect();
+        Some(Cover {
+            path,
+            dir,
+            read_only,
+            found,
+        })
+    }
 }
 
 /// Mark every descriptor from 3 on close-on-exec: whatever the agent inherited or

@@ -255,7 +255,7 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         profile.writable = writable_in_home(profile.writable, &caller.home);
     }
     check_reachable(&cwd, &profile, caller)?;
-    check_not_forbidden(spec, &cwd, &profile)?;
+    check_not_forbidden(spec, &cwd, &profile, &MountTable::read())?;
     let hidden_secrets = hidden_secrets(spec, &profile);
     let is_git = is_git(&spec.action, spec.approved.program.as_deref());
     let unrestricted_git = spec.approved.repo_programs || spec.approved.class == RiskClass::Unknown;
@@ -330,11 +330,32 @@ fn check_reachable(cwd: &PathBuf, profile: &Profile, caller: &Caller) -> Result<
 
 /// Unless it runs as root, an action neither works in nor writes any of the
 /// [`forbidden_places`].
-fn check_not_forbidden(spec: &Spec, cwd: &PathBuf, profile: &Profile) -> Result<(), Stop> {
+fn check_not_forbidden(
+    spec: &Spec,
+    cwd: &PathBuf,
+    profile: &Profile,
+    mounts: &MountTable,
+) -> Result<(), Stop> {
     if profile.root {
         return Ok(());
     }
-    let forbidden = forbidden_places(spec, &MountTable::read());
+    // Another name of a hidden place below a directory users may change is covered
+    // whole once everything is bound (by the inner stage): nothing inside it can be
+    // worked in.
+    let rerouted = system_aliases(spec, mounts).1;
+    if let Some((path, alias)) = std::iter::once(cwd).chain(&profile.writable).find_map(|p| {
+        rerouted
+            .iter()
+            .find(|(a, _)| p.starts_with(a))
+            .map(|(a, _)| (p, a))
+    }) {
+        return Err(failed(format!(
+            "{} is inside {}, another name (a bind mount) of a place no action sees, in a directory users other than root may change, so it is hidden whole: work in the same directory through its own name",
+            path.display(),
+            alias.display()
+        )));
+    }
+    let forbidden = forbidden_places(spec, mounts);
     let Some((path, place)) = std::iter::once(cwd).chain(&profile.writable).find_map(|p| {
         // (The place nearest to it, for the most telling reason.)
         forbidden
@@ -643,8 +664,12 @@ fn bwrap_args(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> {
     }
     // The other names of the system's hidden places first: one may be another of
     // them (`/var/tmp` bound on `/tmp`), which gets its own below.
-    for alias in system_aliases(spec, mounts).0 {
-        a.extend(tmpfs(&alias));
+    for (alias, dir) in system_aliases(spec, mounts).0 {
+        if dir {
+            a.extend(tmpfs(&alias));
+        } else {
+            a.extend(bind("--ro-bind", Path::new("/dev/null"), &alias));
+        }
     }
     a.extend(tmpfs(Path::new("/run")));
     // On NixOS the system's programs are found through its profile, a link in /run to
@@ -741,20 +766,27 @@ fn system_hidden_places(spec: &Spec) -> Vec<PathBuf> {
     hidden
 }
 
+/// Places, each with whether it is a directory.
+type Places = Vec<(PathBuf, bool)>;
+
 /// The other names bind mounts give the system's hidden places (NixOS images mount
 /// `/var/home` on `/home`), to be hidden too: what is hidden at one name is hidden at
 /// all. One that is itself among those places is left to be hidden as that place.
 /// Split by whether the way to it is root's alone: bubblewrap hides those by name
 /// before anything is bound back; the others (a user could swap a part of the way for
-/// a link) are the inner stage's to cover on handles ([`covers`]).
-fn system_aliases(spec: &Spec, mounts: &MountTable) -> (Vec<PathBuf>, Vec<PathBuf>) {
+/// a link) are the inner stage's to cover on handles ([`covers`]). Files too (a
+/// socket of `/run` bound elsewhere).
+fn system_aliases(spec: &Spec, mounts: &MountTable) -> (Places, Places) {
     let own: Vec<PathBuf> = system_hidden_places(spec).iter().map(|p| real(p)).collect();
     own.iter()
         .flat_map(|place| mounts.aliases(place))
         .filter(|a| !own.contains(a))
         .map(|a| real(&a))
-        .filter(|a| a.is_dir())
-        .partition(|a| crate::risk::paths::changeable_by_users(a).is_none())
+        .filter_map(|a| {
+            let meta = std::fs::symlink_metadata(&a).ok()?;
+            (!meta.file_type().is_symlink()).then(|| (a, meta.is_dir()))
+        })
+        .partition(|(a, _)| crate::risk::paths::changeable_by_users(a, mounts).is_none())
 }
 
 /// `path` with the symlinks root alone could have made resolved (`/home` ->
@@ -783,8 +815,8 @@ fn tmpfs(path: &Path) -> [String; 2] {
 /// any link, so a part swapped for one after this look refuses the action.
 fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
     let mut covers: Vec<Cover> = Vec::new();
-    let mut add = |cover: Cover| {
-        if !covers.iter().any(|c| c.path == cover.path) {
+    let mut add = |cover: Option<Cover>| {
+        if let Some(cover) = cover.filter(|n| !covers.iter().any(|c| c.path == n.path)) {
             covers.push(cover);
         }
     };
@@ -800,27 +832,15 @@ fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
             else {
                 continue;
             };
-            add(Cover {
-                path: place,
-                dir: meta.is_dir(),
-                read_only: false,
-            });
+            add(Cover::of(place, meta.is_dir(), false));
         }
     }
     if !p.profile.root {
-        for alias in system_aliases(spec, mounts).1 {
-            add(Cover {
-                path: alias,
-                dir: true,
-                read_only: true,
-            });
+        for (alias, dir) in system_aliases(spec, mounts).1 {
+            add(Cover::of(alias, dir, true));
         }
         for (secret, dir) in &p.hidden_secrets {
-            add(Cover {
-                path: secret.clone(),
-                dir: *dir,
-                read_only: true,
-            });
+            add(Cover::of(secret.clone(), *dir, true));
         }
     }
     covers
@@ -1206,7 +1226,9 @@ mod tests {
         assert!(hidden_dir > last_bind && hidden_file > last_bind, "{m:?}");
         // Nor may an action work in one, however it is spelled.
         for cwd in [linked.clone(), proj.join("denied/sub")] {
-            let Err(Stop::Failed(why)) = check_not_forbidden(&s, &cwd, &p.profile) else {
+            let Err(Stop::Failed(why)) =
+                check_not_forbidden(&s, &cwd, &p.profile, &MountTable::read())
+            else {
                 panic!("{} allowed", cwd.display());
             };
             assert!(why.contains("deny rules name it"), "{why}");
@@ -1233,7 +1255,16 @@ mod tests {
                 .any(|l| l.ends_with(" /usr") || l.ends_with(" /etc/passwd")),
             "{m:?}"
         );
-        assert!(check_not_forbidden(&s, &PathBuf::from("/usr/share"), &p.profile).is_ok());
+        let allowed = |s: &Spec| {
+            check_not_forbidden(
+                s,
+                &PathBuf::from("/usr/share"),
+                &p.profile,
+                &MountTable::read(),
+            )
+            .is_ok()
+        };
+        assert!(allowed(&s));
         // Nor does a rule whose path leads to `/` through a link that looks like root's
         // (a file system a user mounted can show any owner) hide or forbid everything.
         let base = dir.path().join("looks-roots");
@@ -1243,7 +1274,7 @@ mod tests {
         s.hide = vec![base.join("l")];
         let m = mounts(&s, &p);
         assert!(!m.contains(&"--tmpfs /".to_owned()), "{m:?}");
-        assert!(check_not_forbidden(&s, &PathBuf::from("/usr/share"), &p.profile).is_ok());
+        assert!(allowed(&s));
     }
 
     #[test]
@@ -1319,6 +1350,18 @@ mod tests {
             "{covers:?}"
         );
         assert!(!covers.iter().any(|c| c.path == fixed), "{covers:?}");
+        // Covered whole after everything is bound, nothing in it can be worked in: the
+        // action is refused before, saying why.
+        let cwd = rerouted.join("dev/proj");
+        let Err(Stop::Failed(why)) = check_not_forbidden(&s, &cwd, &p.profile, &table) else {
+            panic!("working in {} allowed", cwd.display());
+        };
+        assert!(why.contains("through its own name"), "{why}");
+        // (Below root's directories it is bound back as usual: not refused for that.)
+        let cwd = fixed.join("dev/proj");
+        if let Err(Stop::Failed(why)) = check_not_forbidden(&s, &cwd, &p.profile, &table) {
+            assert!(!why.contains("through its own name"), "{why}");
+        }
     }
 
     #[test]
