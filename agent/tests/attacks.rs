@@ -2341,13 +2341,14 @@ fn inner_stage(
     covers: Vec<devos_agent::sandbox::Cover>,
     script: &str,
 ) -> std::process::Output {
-    inner_stage_after("true", user, cwd, covers, script)
+    inner_stage_after("true", Vec::new(), user, cwd, covers, script)
 }
 
 /// [`inner_stage`] after the shell command `before` ran in its mount namespace (as
-/// bubblewrap's mounts would).
+/// bubblewrap's mounts would), with `stand_ins` where it put file systems of its own.
 fn inner_stage_after(
     before: &str,
+    stand_ins: Vec<PathBuf>,
     user: &User,
     cwd: &Path,
     covers: Vec<devos_agent::sandbox::Cover>,
@@ -2368,6 +2369,7 @@ fn inner_stage_after(
         writable: vec![cwd.to_path_buf()],
         identities: Vec::new(),
         covers,
+        stand_ins,
         network: false,
         required: false,
         limits: devos_agent::sandbox::Limits {
@@ -2408,7 +2410,7 @@ fn covers_land_on_the_place_checked_or_nothing_runs() {
         path,
         dir,
         read_only: true,
-        found: Vec::new(),
+        id: None,
     };
     // What the outer stage saw: `way/key` and `way/keys/` hidden there. By the time the
     // inner stage covers them, eve has swapped `way` for a link to a directory of
@@ -2435,6 +2437,10 @@ fn covers_land_on_the_place_checked_or_nothing_runs() {
         (
             vec![cover(cwd.join("keys"), false)],
             "a directory where a file was",
+        ),
+        (
+            vec![cover(cwd.join("gone"), false)],
+            "a place taken away since",
         ),
     ] {
         let out = inner_stage(&eve, cwd, covers, "echo RAN");
@@ -2471,13 +2477,34 @@ fn covers_land_on_the_place_checked_or_nothing_runs() {
     std::fs::remove_dir(cwd.join("keys")).unwrap();
     std::fs::rename(cwd.join("keys.away"), cwd.join("keys")).unwrap();
     let hide = format!("mount -t tmpfs none {}", cwd.display());
-    let out = inner_stage_after(&hide, &eve, cwd, vec![looked], "echo RAN");
+    let stand_ins = vec![cwd.to_path_buf()];
+    let out = inner_stage_after(&hide, stand_ins, &eve, cwd, vec![looked], "echo RAN");
     assert!(
         stdout(&out).contains("RAN"),
         "below a hidden place: {out:?}"
     );
+    // The place itself replaced by such a stand-in (a rule on `/root`): nothing of it
+    // is there to hide.
+    let looked = Cover::of(cwd.join("keys"), true, true).unwrap();
+    let hide = format!("mount -t tmpfs none {}/keys", cwd.display());
+    let stand_ins = vec![cwd.join("keys")];
+    let out = inner_stage_after(&hide, stand_ins, &eve, cwd, vec![looked], "echo RAN");
+    assert!(
+        stdout(&out).contains("RAN"),
+        "replaced by a stand-in: {out:?}"
+    );
+    // Its directory swapped for a new one, to be swapped back once the action runs.
+    std::fs::create_dir_all(cwd.join("sub/keys")).unwrap();
+    let looked = Cover::of(cwd.join("sub/keys"), true, true).unwrap();
+    std::fs::rename(cwd.join("sub"), cwd.join("sub.old")).unwrap();
+    std::fs::create_dir(cwd.join("sub")).unwrap();
+    let out = inner_stage(&eve, cwd, vec![looked], "echo RAN");
+    assert!(
+        stderr(&out).contains("changed between"),
+        "parent swapped: {out:?}"
+    );
     // On the places themselves: the file is /dev/null, the directory empty and
-    // read-only, a place not there inside is nothing to hide, one in a directory of
+    // read-only, one in a directory of
     // root's that eve cannot enter (as a deny rule may name) is covered all the same,
     // and nothing of the covering's power is left to the action.
     eve.write(&cwd.join("keys/a"), "EVEKEY-5e1f\n");
@@ -2488,7 +2515,6 @@ fn covers_land_on_the_place_checked_or_nothing_runs() {
         vec![
             cover(cwd.join("key"), false),
             cover(cwd.join("keys"), true),
-            cover(cwd.join("gone"), false),
             cover(elsewhere.path().join("data"), true),
         ],
         "cat key; ls -A keys; touch keys/new || echo READ-ONLY; grep ^Cap /proc/self/status",

@@ -156,7 +156,7 @@ pub fn exec_from_stdin() -> i32 {
 
 fn confine(spec: &Spec) -> Result<String, SetupError> {
     use nix::unistd::chdir;
-    cover(&spec.covers)?;
+    cover(&spec.covers, &spec.stand_ins)?;
     let switching = !spec.as_root && spec.uid != 0;
     if !spec.as_root {
         drop_capabilities(switching)?;
@@ -232,7 +232,7 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
 /// type still the one the outer stage saw; then opened again the same way to see the
 /// cover there. A place that is not there inside (below a hidden place) has nothing
 /// to hide.
-fn cover(covers: &[Cover]) -> Result<(), SetupError> {
+fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
     use nix::errno::Errno;
     use nix::mount::{MsFlags, mount};
     use nix::sys::stat::{FileStat, SFlag, fstat};
@@ -252,17 +252,26 @@ fn cover(covers: &[Cover]) -> Result<(), SetupError> {
         let changed = || SetupError::Changed(c.path.clone());
         let place = match open_without_links(&c.path) {
             Ok(fd) => fd,
-            Err(Errno::ENOENT) if moved_out_of_sight(c).map_err(failed)? => return Err(changed()),
-            Err(Errno::ENOENT) => continue,
+            // Not there inside: left out with a place bubblewrap hid (nothing to
+            // hide), or taken out of a directory the action sees since the outer
+            // stage looked (to come back once it runs, uncovered).
+            Err(Errno::ENOENT) => match in_stand_in(&c.path, stand_ins).map_err(failed)? {
+                true => continue,
+                false => return Err(changed()),
+            },
             Err(Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => return Err(changed()),
             Err(e) => return Err(failed(e)),
         };
         let before = fstat(&place).map_err(failed)?;
-        let same = c
-            .found
-            .first()
-            .is_none_or(|id| *id == (before.st_dev, before.st_ino));
-        if !same || (kind(&before) == SFlag::S_IFDIR) != c.dir || kind(&before) == SFlag::S_IFLNK {
+        if c.id.is_some_and(|id| id != (before.st_dev, before.st_ino)) {
+            // Another file at the name: bubblewrap's empty stand-in (`/root` for a
+            // rule on it), or a place swapped since the outer stage looked.
+            match in_stand_in(&c.path, stand_ins).map_err(failed)? {
+                true => continue,
+                false => return Err(changed()),
+            }
+        }
+        if (kind(&before) == SFlag::S_IFDIR) != c.dir || kind(&before) == SFlag::S_IFLNK {
             return Err(changed());
         }
         let read_only = if c.read_only {
@@ -318,21 +327,28 @@ fn cover(covers: &[Cover]) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// Whether a place not there inside was taken out of a directory the sandbox shows
-/// (renamed or deleted since the outer stage looked: it could come back while the
-/// action runs, uncovered), rather than left out with a hidden place (the nearest
-/// directory above it that is there is not the one it was in).
-fn moved_out_of_sight(c: &Cover) -> nix::Result<bool> {
+/// Whether what `path` leads to inside, or the nearest directory above it that is
+/// there, is on one of the empty file systems bubblewrap put in place of others
+/// (`stand_ins`: `/home`, `/run`, the private `/tmp`, ...), not on something bound
+/// from outside (a directory the action sees, which shows what users change there).
+fn in_stand_in(path: &Path, stand_ins: &[PathBuf]) -> nix::Result<bool> {
     use nix::errno::Errno;
-    for (above, id) in c.path.ancestors().zip(&c.found).skip(1) {
-        match open_without_links(above) {
-            Ok(fd) => {
-                let now = nix::sys::stat::fstat(&fd)?;
-                return Ok((now.st_dev, now.st_ino) == *id);
-            }
+    use nix::sys::stat::fstat;
+    for above in path.ancestors() {
+        let dev = match open_without_links(above) {
+            Ok(fd) => fstat(&fd)?.st_dev,
             Err(Errno::ENOENT) => continue,
             Err(e) => return Err(e),
+        };
+        for s in stand_ins.iter().filter(|s| above.starts_with(s)) {
+            if open_without_links(s)
+                .and_then(|fd| fstat(&fd))
+                .is_ok_and(|m| m.st_dev == dev)
+            {
+                return Ok(true);
+            }
         }
+        return Ok(false);
     }
     Ok(false)
 }

@@ -128,6 +128,11 @@ pub struct Inner {
     /// elsewhere), then checked as the caller to be hidden where the caller sees them.
     #[serde(default)]
     pub covers: Vec<Cover>,
+    /// Where bubblewrap put an empty file system of its own in place of what is there
+    /// outside (`/home`, `/run`, the private temporary directories, ...): a covered
+    /// place found only there inside has nothing to hide.
+    #[serde(default)]
+    pub stand_ins: Vec<PathBuf>,
     pub network: bool,
     pub required: bool,
     pub limits: Limits,
@@ -148,35 +153,29 @@ pub struct Cover {
     /// mode cannot change (secret locations); otherwise root's actions may write in
     /// the directory and lose what they wrote.
     pub read_only: bool,
-    /// The device and inode of the place and of each directory above it, nearest
-    /// first, as the outer stage found them. Inside, the place must be that very one;
-    /// and one not there inside is left uncovered only when the nearest directory above
-    /// it that is there is not the one it was in (the empty stand-in of a hidden place,
-    /// not a directory it was moved out of, to come back once the action runs).
+    /// The device and inode of the place as the outer stage found it (none where it
+    /// could not look, or on `/proc` and `/dev`, which the sandbox has fresh
+    /// instances of): inside, the place must be that very one.
     #[serde(default)]
-    pub found: Vec<(u64, u64)>,
+    pub id: Option<(u64, u64)>,
 }
 
 impl Cover {
-    /// A cover of `path` as it is now (the place not followed if a link, the
-    /// directories above it followed: the path has no user's link on it); `None`
-    /// when there is nothing there to cover.
+    /// A cover of `path` as it is now (the place itself, not followed if a link);
+    /// `None` when there is nothing there.
     pub fn of(path: PathBuf, dir: bool, read_only: bool) -> Option<Cover> {
         use std::os::unix::fs::MetadataExt;
-        let id = |m: std::fs::Metadata| (m.dev(), m.ino());
-        let place = std::fs::symlink_metadata(&path).ok()?;
-        let found = std::iter::once(id(place))
-            .chain(
-                path.ancestors()
-                    .skip(1)
-                    .map_while(|a| std::fs::metadata(a).ok().map(id)),
-            )
-            .collect();
+        let id = match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            _ if path.starts_with("/proc") || path.starts_with("/dev") => None,
+            Ok(m) => Some((m.dev(), m.ino())),
+            Err(_) => None,
+        };
         Some(Cover {
             path,
             dir,
             read_only,
-            found,
+            id,
         })
     }
 }

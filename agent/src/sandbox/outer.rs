@@ -102,6 +102,7 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
     let mut inner = inner_spec(spec, &prepared);
     inner.identities.extend(pinned);
     inner.covers = covers(spec, &prepared, &mounts);
+    inner.stand_ins = stand_ins(spec, &prepared, &mounts);
     let inner_path = spec.private_dir.join("inner.json");
     std::fs::write(&inner_path, serde_json::to_vec(&inner).map_err(failed)?)
         .map_err(|e| failed(format!("{}: {e}", inner_path.display())))?;
@@ -342,11 +343,11 @@ fn check_not_forbidden(
     // Another name of a hidden place below a directory users may change is covered
     // whole once everything is bound (by the inner stage): nothing inside it can be
     // worked in.
-    let rerouted = system_aliases(spec, mounts).1;
+    // Nor can one bubblewrap hides itself (nothing is bound back on it).
+    let (fixed, rerouted) = system_aliases(spec, mounts);
     if let Some((path, alias)) = std::iter::once(cwd).chain(&profile.writable).find_map(|p| {
-        rerouted
-            .iter()
-            .find(|(a, _)| p.starts_with(a))
+        (rerouted.iter().find(|(a, _)| p.starts_with(a)))
+            .or_else(|| fixed.iter().find(|(a, _)| p == a))
             .map(|(a, _)| (p, a))
     }) {
         return Err(failed(format!(
@@ -846,6 +847,19 @@ fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
     covers
 }
 
+/// Where bubblewrap puts an empty file system of its own, or the action's private
+/// directory, in place of what is there outside (see `Inner::stand_ins`).
+fn stand_ins(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<PathBuf> {
+    if p.profile.root {
+        return vec![real(Path::new("/home")), PathBuf::from("/tmp")];
+    }
+    let hidden = system_hidden_places(spec).into_iter().map(|h| real(&h));
+    let aliases = system_aliases(spec, mounts).0.into_iter();
+    hidden
+        .chain(aliases.filter(|(_, dir)| *dir).map(|(a, _)| a))
+        .collect()
+}
+
 /// Places an action may never work in or write, even when its user can: sockets live
 /// there (`/run`, and the temporary directories every user and program shares — each
 /// action has its own), and the agent's own files and what deny rules name, as written
@@ -898,6 +912,7 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         writable: p.profile.writable.clone(),
         identities: p.identities.clone(),
         covers: Vec::new(),
+        stand_ins: Vec::new(),
         network: p.profile.network,
         required: spec.required,
         limits: spec.limits,
@@ -1357,7 +1372,12 @@ mod tests {
             panic!("working in {} allowed", cwd.display());
         };
         assert!(why.contains("through its own name"), "{why}");
-        // (Below root's directories it is bound back as usual: not refused for that.)
+        // One bubblewrap hides itself cannot be worked in either (nothing is bound back
+        // on it); below it, it is bound back as usual (not refused for that).
+        let Err(Stop::Failed(why)) = check_not_forbidden(&s, &fixed, &p.profile, &table) else {
+            panic!("working in {} allowed", fixed.display());
+        };
+        assert!(why.contains("through its own name"), "{why}");
         let cwd = fixed.join("dev/proj");
         if let Err(Stop::Failed(why)) = check_not_forbidden(&s, &cwd, &p.profile, &table) {
             assert!(!why.contains("through its own name"), "{why}");
