@@ -213,18 +213,15 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
     let Ok(below) = path.strip_prefix(&mount.point) else {
         return Vec::new();
     };
-    let root_dev = mount_of(&mounts, Path::new("/")).map(|m| m.dev);
     let mut aliases = Vec::new();
-    let mut add = |dev: &str, in_fs: &Path, path: &Path| {
-        // (The whole root file system shown below a place — a container's view of its
-        // host on `/run/host` — does not make every bind of the host's another name.)
-        let whole_root = in_fs == Path::new("/") && Some(dev) == root_dev;
+    // `parts`: whether a part of `in_fs` mounted elsewhere is another name of `path`.
+    let mut add = |dev: &str, in_fs: &Path, path: &Path, parts: bool| {
         for other in mounts.iter().filter(|m| m.dev == dev) {
             let alias = match in_fs.strip_prefix(&other.root) {
                 Ok(rest) => normalize(&other.point.join(rest)),
                 // A part of it mounted elsewhere (one home bound on `/srv/alice`): all
                 // of that mount is another name of the place.
-                Err(_) if other.root.starts_with(in_fs) && !whole_root => normalize(&other.point),
+                Err(_) if parts && other.root.starts_with(in_fs) => normalize(&other.point),
                 Err(_) => continue,
             };
             // (Never `/`: what backs the root is not hidden as a whole. Nor what is
@@ -234,14 +231,16 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
             }
         }
     };
-    add(mount.dev, &mount.root.join(below), path);
+    add(mount.dev, &mount.root.join(below), path, true);
     // What is mounted below `path` (each home its own mount on `/home`) has its own
     // other names.
     for m in mounts
         .iter()
         .filter(|m| m.point != path && m.point.starts_with(path))
     {
-        add(m.dev, &m.root, &m.point);
+        // (A whole file system shown below the place — a container's view of its
+        // host's root on `/run/host` — does not make every bind of it another name.)
+        add(m.dev, &m.root, &m.point, m.root != Path::new("/"));
     }
     aliases
 }
@@ -373,20 +372,17 @@ mod tests {
         // A project bound on its own name is no other name; nor is every bind of the
         // host's root file system one of `/run` when that is shown on `/run/host`.
         let info = "\
-22 1 253:0 / / rw - ext4 /dev/vda1 rw
+22 1 0:40 / / rw - overlay overlay rw
 72 22 253:0 /home/alice/proj /home/alice/proj rw - ext4 /dev/vda1 rw
 73 22 0:25 / /run rw - tmpfs tmpfs rw
 74 73 253:0 / /run/host rw - ext4 /dev/vda1 rw
 75 22 253:0 /etc/hosts /etc/hosts rw - ext4 /dev/vda1 rw
 ";
         let aliases = |p: &str| aliases_in(info, Path::new(p));
-        // (`/run/host/home` is one, rightly: the same directory shown there.)
+        // (The project shown below `/run/host` is one, rightly: the same directory.)
         assert_eq!(
             aliases("/home"),
-            [
-                PathBuf::from("/run/host/home"),
-                PathBuf::from("/run/host/home/alice/proj")
-            ]
+            [PathBuf::from("/run/host/home/alice/proj")]
         );
         assert!(aliases("/run").is_empty(), "{:?}", aliases("/run"));
     }

@@ -241,6 +241,9 @@ fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
         path: "/dev/null".into(),
         source,
     })?;
+    // bubblewrap's stand-ins, and the directories covered here so far (a place below
+    // one, the agent's actions below its state, is gone with it).
+    let mut stand_ins = stand_ins.to_vec();
     for c in covers {
         let failed = |source| match source {
             Errno::ENOSYS => SetupError::NoOpenat2,
@@ -255,7 +258,7 @@ fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
             // Not there inside: left out with a place bubblewrap hid (nothing to
             // hide), or taken out of a directory the action sees since the outer
             // stage looked (to come back once it runs, uncovered).
-            Err(Errno::ENOENT) => match in_stand_in(&c.path, stand_ins).map_err(failed)? {
+            Err(Errno::ENOENT) => match in_stand_in(&c.path, &stand_ins).map_err(failed)? {
                 true => continue,
                 false => return Err(changed()),
             },
@@ -266,7 +269,7 @@ fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
         if c.id.is_some_and(|id| id != (before.st_dev, before.st_ino)) {
             // Another file at the name: bubblewrap's empty stand-in (`/root` for a
             // rule on it), or a place swapped since the outer stage looked.
-            match in_stand_in(&c.path, stand_ins).map_err(failed)? {
+            match in_stand_in(&c.path, &stand_ins).map_err(failed)? {
                 true => continue,
                 false => return Err(changed()),
             }
@@ -311,6 +314,9 @@ fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
         };
         if !hidden {
             return Err(SetupError::NotHidden(c.path.clone()));
+        }
+        if c.dir {
+            stand_ins.push(c.path.clone());
         }
         if !c.dir && c.read_only {
             let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;

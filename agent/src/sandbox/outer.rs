@@ -850,13 +850,17 @@ fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
 /// Where bubblewrap puts an empty file system of its own, or the action's private
 /// directory, in place of what is there outside (see `Inner::stand_ins`).
 fn stand_ins(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<PathBuf> {
+    // (`/proc` is a fresh instance; so is `/dev`, but for root's package installs.)
     if p.profile.root {
-        return vec![real(Path::new("/home")), PathBuf::from("/tmp")];
+        return ["/home", "/tmp", "/proc"]
+            .map(|s| real(Path::new(s)))
+            .to_vec();
     }
     let hidden = system_hidden_places(spec).into_iter().map(|h| real(&h));
     let aliases = system_aliases(spec, mounts).0.into_iter();
     hidden
         .chain(aliases.filter(|(_, dir)| *dir).map(|(a, _)| a))
+        .chain(["/dev", "/proc"].map(PathBuf::from))
         .collect()
 }
 
@@ -1381,6 +1385,19 @@ mod tests {
         let cwd = fixed.join("dev/proj");
         if let Err(Stop::Failed(why)) = check_not_forbidden(&s, &cwd, &p.profile, &table) {
             assert!(!why.contains("through its own name"), "{why}");
+        }
+    }
+
+    #[test]
+    fn what_bubblewrap_replaces_is_named_to_the_inner_stage() {
+        // A deny rule on `/dev/sda` or `/root` finds only bubblewrap's own instance
+        // there inside: nothing to cover, not a place that changed.
+        let s = ls_in("/srv");
+        let got = stand_ins(&s, &prepared("/srv", &[]), &MountTable::of(""));
+        for place in [
+            "/dev", "/proc", "/run", "/tmp", "/var/tmp", "/dev/shm", "/root",
+        ] {
+            assert!(got.contains(&PathBuf::from(place)), "{place}: {got:?}");
         }
     }
 

@@ -90,14 +90,16 @@ impl Daemon {
         require("setpriv", "util-linux");
         require_root();
         let bus = SystemBus::start().unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        // Where the system's state lives, not below `/tmp` (every action has its own
+        // `/tmp`, so nothing of the agent's below it would be in sight to cover).
+        let dir = tempfile::tempdir_in("/var/lib").unwrap();
         open_up(dir.path(), 0o755);
         let release = dir.path().join("os-release");
         std::fs::write(&release, os_release).unwrap();
         let config = dir.path().join("agent.toml");
         // The agent's own files stay in this test's directory: its state, each
-        // action's private directory, and the audit anchors (outside the state, as
-        // in production).
+        // action's private directory (inside the state) and the audit anchors
+        // (outside it), laid out as in production.
         let anchors = if extra.contains("[audit]") {
             String::new()
         } else {
@@ -112,7 +114,7 @@ impl Daemon {
                 "os-release = \"{}\"\nstate-dir = \"{}\"\nactions-dir = \"{}\"\n{extra}\n{anchors}",
                 release.display(),
                 dir.path().join("state").display(),
-                dir.path().join("actions").display(),
+                dir.path().join("state/actions").display(),
             ),
         )
         .unwrap();
