@@ -214,14 +214,21 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
         return Vec::new();
     };
     let mut aliases = Vec::new();
-    // `parts`: whether a part of `in_fs` mounted elsewhere is another name of `path`.
-    let mut add = |dev: &str, in_fs: &Path, path: &Path, parts: bool| {
+    let mut add = |dev: &str, in_fs: &Path, path: &Path| {
         for other in mounts.iter().filter(|m| m.dev == dev) {
             let alias = match in_fs.strip_prefix(&other.root) {
                 Ok(rest) => normalize(&other.point.join(rest)),
                 // A part of it mounted elsewhere (one home bound on `/srv/alice`): all
                 // of that mount is another name of the place.
-                Err(_) if parts && other.root.starts_with(in_fs) => normalize(&other.point),
+                // (But a whole file system shown below the place — a container's view
+                // of its host's root on `/run/host` — does not make the parts of it
+                // bound on their own names, `/etc/hosts`, `/home/dev`, other names.)
+                Err(_)
+                    if other.root.starts_with(in_fs)
+                        && !(in_fs == Path::new("/") && other.root == other.point) =>
+                {
+                    normalize(&other.point)
+                }
                 Err(_) => continue,
             };
             // (Never `/`: what backs the root is not hidden as a whole. Nor what is
@@ -231,16 +238,14 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
             }
         }
     };
-    add(mount.dev, &mount.root.join(below), path, true);
+    add(mount.dev, &mount.root.join(below), path);
     // What is mounted below `path` (each home its own mount on `/home`) has its own
     // other names.
     for m in mounts
         .iter()
         .filter(|m| m.point != path && m.point.starts_with(path))
     {
-        // (A whole file system shown below the place — a container's view of its
-        // host's root on `/run/host` — does not make every bind of it another name.)
-        add(m.dev, &m.root, &m.point, m.root != Path::new("/"));
+        add(m.dev, &m.root, &m.point);
     }
     aliases
 }
@@ -369,6 +374,17 @@ mod tests {
             [PathBuf::from("/srv/alice/proj"), PathBuf::from("/opt/keys")]
         );
         assert!(aliases("/home/bob").is_empty());
+        // Each home its own file system (a ZFS dataset per user), a part of one bound
+        // elsewhere.
+        let info = "\
+22 1 253:0 / / rw - ext4 /dev/vda1 rw
+70 22 0:50 / /home/alice rw - zfs rpool/alice rw
+71 22 0:50 /proj /srv/proj rw - zfs rpool/alice rw
+";
+        assert_eq!(
+            aliases_in(info, Path::new("/home")),
+            [PathBuf::from("/srv/proj")]
+        );
         // A project bound on its own name is no other name; nor is every bind of the
         // host's root file system one of `/run` when that is shown on `/run/host`.
         let info = "\

@@ -243,7 +243,14 @@ fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
     })?;
     // bubblewrap's stand-ins, and the directories covered here so far (a place below
     // one, the agent's actions below its state, is gone with it).
-    let mut stand_ins = stand_ins.to_vec();
+    // Each with its file system's device, as found now.
+    let mut stand_ins: Vec<(PathBuf, u64)> = stand_ins
+        .iter()
+        .filter_map(|s| {
+            let fd = open_without_links(s).ok()?;
+            Some((s.clone(), fstat(&fd).ok()?.st_dev))
+        })
+        .collect();
     for c in covers {
         let failed = |source| match source {
             Errno::ENOSYS => SetupError::NoOpenat2,
@@ -316,7 +323,7 @@ fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
             return Err(SetupError::NotHidden(c.path.clone()));
         }
         if c.dir {
-            stand_ins.push(c.path.clone());
+            stand_ins.push((c.path.clone(), after.st_dev));
         }
         if !c.dir && c.read_only {
             let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
@@ -337,7 +344,7 @@ fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
 /// there, is on one of the empty file systems bubblewrap put in place of others
 /// (`stand_ins`: `/home`, `/run`, the private `/tmp`, ...), not on something bound
 /// from outside (a directory the action sees, which shows what users change there).
-fn in_stand_in(path: &Path, stand_ins: &[PathBuf]) -> nix::Result<bool> {
+fn in_stand_in(path: &Path, stand_ins: &[(PathBuf, u64)]) -> nix::Result<bool> {
     use nix::errno::Errno;
     use nix::sys::stat::fstat;
     for above in path.ancestors() {
@@ -346,15 +353,8 @@ fn in_stand_in(path: &Path, stand_ins: &[PathBuf]) -> nix::Result<bool> {
             Err(Errno::ENOENT) => continue,
             Err(e) => return Err(e),
         };
-        for s in stand_ins.iter().filter(|s| above.starts_with(s)) {
-            if open_without_links(s)
-                .and_then(|fd| fstat(&fd))
-                .is_ok_and(|m| m.st_dev == dev)
-            {
-                return Ok(true);
-            }
-        }
-        return Ok(false);
+        let on = |(s, d): &(PathBuf, u64)| above.starts_with(s) && *d == dev;
+        return Ok(stand_ins.iter().any(on));
     }
     Ok(false)
 }
