@@ -68,10 +68,15 @@ pub fn resolve_existing(path: &Path) -> PathBuf {
 /// For what root does with paths others may name (the administrator's deny rules name
 /// places in users' homes): a link a user planted must not send root elsewhere.
 pub fn resolve_trusted(path: &Path) -> (PathBuf, bool) {
-    resolve_trusted_within(&normalize(path), 0)
+    resolve_trusted_within(&normalize(path), 0, &std::cell::OnceCell::new())
 }
 
-fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
+/// [`resolve_trusted`] `depth` links in, with the mount table read at most once.
+fn resolve_trusted_within(
+    path: &Path,
+    depth: u32,
+    mounts: &std::cell::OnceCell<MountTable>,
+) -> (PathBuf, bool) {
     use std::os::unix::fs::MetadataExt;
     let only_root =
         |dir: &Path| std::fs::metadata(dir).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0);
@@ -90,11 +95,13 @@ fn resolve_trusted_within(path: &Path, depth: u32) -> (PathBuf, bool) {
                 if depth < 40
                     && m.uid() == 0
                     && only_root(&out)
-                    && !MountTable::read().on_user_file_system(&next) =>
+                    && !mounts
+                        .get_or_init(MountTable::read)
+                        .on_user_file_system(&next) =>
             {
-                std::fs::read_link(&next)
-                    .ok()
-                    .map(|target| resolve_trusted_within(&normalize(&out.join(target)), depth + 1))
+                std::fs::read_link(&next).ok().map(|target| {
+                    resolve_trusted_within(&normalize(&out.join(target)), depth + 1, mounts)
+                })
             }
             _ => None,
         };
@@ -138,18 +145,18 @@ pub fn mount_aliases(path: &Path) -> Vec<PathBuf> {
     MountTable::read().aliases(path)
 }
 
-/// This process's mount table, read once, for [`MountTable::aliases`].
-pub struct MountTable(String);
+/// This process's mount table, read and parsed once, for [`MountTable::aliases`].
+pub struct MountTable(Vec<Mount>);
 
 impl MountTable {
     /// `/proc/self/mountinfo` (empty when it cannot be read).
     pub fn read() -> MountTable {
-        MountTable(std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+        MountTable::of(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
     }
 
     /// A table in proc(5)'s mountinfo format.
     pub fn of(mountinfo: &str) -> MountTable {
-        MountTable(mountinfo.to_owned())
+        MountTable(parse_mounts(mountinfo))
     }
 
     /// [`mount_aliases`] in this table.
@@ -160,32 +167,31 @@ impl MountTable {
     /// Whether `path` is on a file system its users mount and fill as they like
     /// (FUSE): its owners and modes say nothing about who made what is there.
     pub fn on_user_file_system(&self, path: &Path) -> bool {
-        let mounts = parse_mounts(&self.0);
-        mount_of(&mounts, path)
+        mount_of(&self.0, path)
             .is_some_and(|m| m.fs_type == "fuse" || m.fs_type.starts_with("fuse."))
     }
 }
 
 /// One line of a mount table.
-struct Mount<'a> {
-    dev: &'a str,
+struct Mount {
+    dev: String,
     /// Where in its file system the mount starts, and where it is mounted.
     root: PathBuf,
     point: PathBuf,
-    fs_type: &'a str,
+    fs_type: String,
 }
 
 /// The lines of `mountinfo` (proc(5)'s format).
-fn parse_mounts(mountinfo: &str) -> Vec<Mount<'_>> {
+fn parse_mounts(mountinfo: &str) -> Vec<Mount> {
     mountinfo
         .lines()
         .filter_map(|line| {
             let (fields, rest) = line.split_once(" - ")?;
             let mut fields = fields.split(' ').skip(2);
-            let dev = fields.next()?;
+            let dev = fields.next()?.to_owned();
             let root = unescape_mount_path(fields.next()?);
             let point = unescape_mount_path(fields.next()?);
-            let fs_type = rest.split(' ').next()?;
+            let fs_type = rest.split(' ').next()?.to_owned();
             Some(Mount {
                 dev,
                 root,
@@ -197,17 +203,16 @@ fn parse_mounts(mountinfo: &str) -> Vec<Mount<'_>> {
 }
 
 /// The mount `path` is in (the last of the deepest: it covers those before it).
-fn mount_of<'a, 'b>(mounts: &'a [Mount<'b>], path: &Path) -> Option<&'a Mount<'b>> {
+fn mount_of<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
     mounts
         .iter()
         .filter(|m| path.starts_with(&m.point))
         .max_by_key(|m| m.point.components().count())
 }
 
-/// [`mount_aliases`] in the mount table `mountinfo`.
-fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
-    let mounts = parse_mounts(mountinfo);
-    let Some(mount) = mount_of(&mounts, path) else {
+/// [`mount_aliases`] in the mount table `mounts`.
+fn aliases_in(mounts: &[Mount], path: &Path) -> Vec<PathBuf> {
+    let Some(mount) = mount_of(mounts, path) else {
         return Vec::new();
     };
     let Ok(below) = path.strip_prefix(&mount.point) else {
@@ -238,14 +243,14 @@ fn aliases_in(mountinfo: &str, path: &Path) -> Vec<PathBuf> {
             }
         }
     };
-    add(mount.dev, &mount.root.join(below), path);
+    add(&mount.dev, &mount.root.join(below), path);
     // What is mounted below `path` (each home its own mount on `/home`) has its own
     // other names.
     for m in mounts
         .iter()
         .filter(|m| m.point != path && m.point.starts_with(path))
     {
-        add(m.dev, &m.root, &m.point);
+        add(&m.dev, &m.root, &m.point);
     }
     aliases
 }
@@ -327,7 +332,7 @@ mod tests {
 50 22 8:9 /users/alice /srv/homes/alice rw - ext4 /dev/vdc rw
 51 22 8:9 / /data rw - ext4 /dev/vdc rw
 ";
-        let aliases = |p: &str| aliases_in(info, Path::new(p));
+        let aliases = |p: &str| MountTable::of(info).aliases(Path::new(p));
         assert_eq!(
             aliases("/home/dev/.ssh"),
             [PathBuf::from("/var/home/dev/.ssh")]
@@ -364,7 +369,7 @@ mod tests {
 70 22 253:0 /home/alice /srv/alice rw - ext4 /dev/vda1 rw
 71 22 253:0 /home/alice/proj/.ssh /opt/keys rw - ext4 /dev/vda1 rw
 ";
-        let aliases = |p: &str| aliases_in(info, Path::new(p));
+        let aliases = |p: &str| MountTable::of(info).aliases(Path::new(p));
         assert_eq!(
             aliases("/home"),
             [PathBuf::from("/srv/alice"), PathBuf::from("/opt/keys")]
@@ -382,7 +387,7 @@ mod tests {
 71 22 0:50 /proj /srv/proj rw - zfs rpool/alice rw
 ";
         assert_eq!(
-            aliases_in(info, Path::new("/home")),
+            MountTable::of(info).aliases(Path::new("/home")),
             [PathBuf::from("/srv/proj")]
         );
         // A project bound on its own name is no other name; nor is every bind of the
@@ -394,7 +399,7 @@ mod tests {
 74 73 253:0 / /run/host rw - ext4 /dev/vda1 rw
 75 22 253:0 /etc/hosts /etc/hosts rw - ext4 /dev/vda1 rw
 ";
-        let aliases = |p: &str| aliases_in(info, Path::new(p));
+        let aliases = |p: &str| MountTable::of(info).aliases(Path::new(p));
         // (The project shown below `/run/host` is one, rightly: the same directory.)
         assert_eq!(
             aliases("/home"),

@@ -166,12 +166,7 @@ fn confine(spec: &Spec) -> Result<String, SetupError> {
         crate::caller::switch_identity(spec.uid, spec.gid, &spec.groups)?;
     }
     if !spec.as_root {
-        let held = caps::read(None, caps::CapSet::Permitted).map_err(SetupError::Capabilities)?;
-        if !held.is_empty() {
-            return Err(SetupError::Capabilities(
-                format!("still held as the caller: {held:?}").into(),
-            ));
-        }
+        holding_only(&caps::CapsHashSet::new())?;
     }
     // Each bound path is still the file it was when checked: a working directory
     // swapped for a symlink (to a socket directory, say) in between is refused.
@@ -260,27 +255,23 @@ fn cover(covers: &[Cover], stand_ins: &[PathBuf]) -> Result<(), SetupError> {
             },
         };
         let changed = || SetupError::Changed(c.path.clone());
-        let place = match open_without_links(&c.path) {
-            Ok(fd) => fd,
-            // Not there inside: left out with a place bubblewrap hid (nothing to
-            // hide), or taken out of a directory the action sees since the outer
-            // stage looked (to come back once it runs, uncovered).
-            Err(Errno::ENOENT) => match in_stand_in(&c.path, &stand_ins).map_err(failed)? {
-                true => continue,
-                false => return Err(changed()),
-            },
+        let found = match open_without_links(&c.path) {
+            Ok(fd) => Some((fstat(&fd).map_err(failed)?, fd)),
+            Err(Errno::ENOENT) => None,
             Err(Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV) => return Err(changed()),
             Err(e) => return Err(failed(e)),
         };
-        let before = fstat(&place).map_err(failed)?;
-        if c.id.is_some_and(|id| id != (before.st_dev, before.st_ino)) {
-            // Another file at the name: bubblewrap's empty stand-in (`/root` for a
-            // rule on it), or a place swapped since the outer stage looked.
+        // Not there inside, or another file at the name: left out with a place
+        // bubblewrap hid or put its own empty one on (`/root` for a rule on it):
+        // nothing to hide; or taken out of, or swapped in, a directory the action sees
+        // since the outer stage looked (to come back once it runs, uncovered).
+        let same = |(b, _): &(FileStat, _)| c.id.is_none_or(|id| id == (b.st_dev, b.st_ino));
+        let Some((before, place)) = found.filter(same) else {
             match in_stand_in(&c.path, &stand_ins).map_err(failed)? {
                 true => continue,
                 false => return Err(changed()),
             }
-        }
+        };
         if (kind(&before) == SFlag::S_IFDIR) != c.dir || kind(&before) == SFlag::S_IFLNK {
             return Err(changed());
         }
@@ -393,9 +384,16 @@ fn drop_capabilities(switching: bool) -> Result<(), SetupError> {
     };
     caps::set(None, CapSet::Effective, &keep).map_err(err)?;
     caps::set(None, CapSet::Permitted, &keep).map_err(err)?;
+    holding_only(&keep)
+}
+
+/// This process may hold `want` and no other capability, and none can come back.
+fn holding_only(want: &caps::CapsHashSet) -> Result<(), SetupError> {
+    use caps::CapSet;
+    let err = SetupError::Capabilities;
     let held = caps::read(None, CapSet::Permitted).map_err(err)?;
     let bounding = caps::read(None, CapSet::Bounding).map_err(err)?;
-    if held != keep || !bounding.is_empty() {
+    if held != *want || !bounding.is_empty() {
         return Err(SetupError::Capabilities(
             format!("still held: {held:?}, bounding {bounding:?}").into(),
         ));

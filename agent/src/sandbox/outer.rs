@@ -60,7 +60,8 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
         std::env::current_exe().map_err(|e| failed(format!("the agent's own binary: {e}")))?;
     let git_dir = spec.private_dir.join("git");
     let mounts = MountTable::read();
-    let mut args = bwrap_args(spec, &prepared, &mounts);
+    let aliases = system_aliases(spec, &mounts);
+    let mut args = bwrap_args(spec, &prepared, &mounts, &aliases);
     // The sandbox's own directory: readable by the action (bubblewrap would make the
     // parents of its binds 0700).
     args.extend(["--perms", "0755", "--dir", INSIDE_DIR].map(String::from));
@@ -101,8 +102,8 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
     ]);
     let mut inner = inner_spec(spec, &prepared);
     inner.identities.extend(pinned);
-    inner.covers = covers(spec, &prepared, &mounts);
-    inner.stand_ins = stand_ins(spec, &prepared, &mounts);
+    inner.covers = covers(spec, &prepared, &mounts, &aliases);
+    inner.stand_ins = stand_ins(spec, &prepared, &aliases);
     let inner_path = spec.private_dir.join("inner.json");
     std::fs::write(&inner_path, serde_json::to_vec(&inner).map_err(failed)?)
         .map_err(|e| failed(format!("{}: {e}", inner_path.display())))?;
@@ -344,14 +345,14 @@ fn check_not_forbidden(
     // whole once everything is bound (by the inner stage): nothing inside it can be
     // worked in.
     // Nor can one bubblewrap hides itself (nothing is bound back on it).
-    let (fixed, rerouted) = system_aliases(spec, mounts);
+    let Aliases { fixed, rerouted } = system_aliases(spec, mounts);
     if let Some((path, alias)) = std::iter::once(cwd).chain(&profile.writable).find_map(|p| {
         (rerouted.iter().find(|(a, _)| p.starts_with(a)))
             .or_else(|| fixed.iter().find(|(a, _)| p == a))
             .map(|(a, _)| (p, a))
     }) {
         return Err(failed(format!(
-            "{} is inside {}, another name (a bind mount) of a place no action sees, in a directory users other than root may change, so it is hidden whole: work in the same directory through its own name",
+            "{} is inside {}, another name (a bind mount) of a place no action sees, which the sandbox hides whole: work in the same directory through its own name",
             path.display(),
             alias.display()
         )));
@@ -609,7 +610,7 @@ fn git_prepare(repo: Option<Repo>, caller: &Caller, read_only: bool) -> Result<G
 /// What bubblewrap mounts, with the mount table `mounts` (for the other names of what
 /// is hidden). Only places root alone can change are named here; what is covered in
 /// places users can change is the inner stage's ([`covers`]).
-fn bwrap_args(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> {
+fn bwrap_args(spec: &Spec, p: &Prepared, mounts: &MountTable, aliases: &Aliases) -> Vec<String> {
     let mut a: Vec<String> = [
         "--die-with-parent",
         "--new-session",
@@ -665,11 +666,11 @@ fn bwrap_args(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<String> {
     }
     // The other names of the system's hidden places first: one may be another of
     // them (`/var/tmp` bound on `/tmp`), which gets its own below.
-    for (alias, dir) in system_aliases(spec, mounts).0 {
-        if dir {
-            a.extend(tmpfs(&alias));
+    for (alias, dir) in &aliases.fixed {
+        if *dir {
+            a.extend(tmpfs(alias));
         } else {
-            a.extend(bind("--ro-bind", Path::new("/dev/null"), &alias));
+            a.extend(bind("--ro-bind", Path::new("/dev/null"), alias));
         }
     }
     a.extend(tmpfs(Path::new("/run")));
@@ -770,6 +771,12 @@ fn system_hidden_places(spec: &Spec) -> Vec<PathBuf> {
 /// Places, each with whether it is a directory.
 type Places = Vec<(PathBuf, bool)>;
 
+/// [`system_aliases`]: those bubblewrap hides by name, and those the inner stage covers.
+struct Aliases {
+    fixed: Places,
+    rerouted: Places,
+}
+
 /// The other names bind mounts give the system's hidden places (NixOS images mount
 /// `/var/home` on `/home`), to be hidden too: what is hidden at one name is hidden at
 /// all. One that is itself among those places is left to be hidden as that place.
@@ -777,9 +784,10 @@ type Places = Vec<(PathBuf, bool)>;
 /// before anything is bound back; the others (a user could swap a part of the way for
 /// a link) are the inner stage's to cover on handles ([`covers`]). Files too (a
 /// socket of `/run` bound elsewhere).
-fn system_aliases(spec: &Spec, mounts: &MountTable) -> (Places, Places) {
+fn system_aliases(spec: &Spec, mounts: &MountTable) -> Aliases {
     let own: Vec<PathBuf> = system_hidden_places(spec).iter().map(|p| real(p)).collect();
-    own.iter()
+    let (fixed, rerouted) = own
+        .iter()
         .flat_map(|place| mounts.aliases(place))
         .filter(|a| !own.contains(a))
         .map(|a| real(&a))
@@ -787,7 +795,8 @@ fn system_aliases(spec: &Spec, mounts: &MountTable) -> (Places, Places) {
             let meta = std::fs::symlink_metadata(&a).ok()?;
             (!meta.file_type().is_symlink()).then(|| (a, meta.is_dir()))
         })
-        .partition(|(a, _)| crate::risk::paths::changeable_by_users(a, mounts).is_none())
+        .partition(|(a, _)| crate::risk::paths::changeable_by_users(a, mounts).is_none());
+    Aliases { fixed, rerouted }
 }
 
 /// `path` with the symlinks root alone could have made resolved (`/home` ->
@@ -814,7 +823,7 @@ fn tmpfs(path: &Path) -> [String; 2] {
 /// away, or replaced with a link (to `/`, say), is not where the rule says any more,
 /// and root must not be sent elsewhere. The inner stage opens each without following
 /// any link, so a part swapped for one after this look refuses the action.
-fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
+fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable, aliases: &Aliases) -> Vec<Cover> {
     let mut covers: Vec<Cover> = Vec::new();
     let mut add = |cover: Option<Cover>| {
         if let Some(cover) = cover.filter(|n| !covers.iter().any(|c| c.path == n.path)) {
@@ -837,8 +846,8 @@ fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
         }
     }
     if !p.profile.root {
-        for (alias, dir) in system_aliases(spec, mounts).1 {
-            add(Cover::of(alias, dir, true));
+        for (alias, dir) in &aliases.rerouted {
+            add(Cover::of(alias.clone(), *dir, true));
         }
         for (secret, dir) in &p.hidden_secrets {
             add(Cover::of(secret.clone(), *dir, true));
@@ -849,7 +858,7 @@ fn covers(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<Cover> {
 
 /// Where bubblewrap puts an empty file system of its own, or the action's private
 /// directory, in place of what is there outside (see `Inner::stand_ins`).
-fn stand_ins(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<PathBuf> {
+fn stand_ins(spec: &Spec, p: &Prepared, aliases: &Aliases) -> Vec<PathBuf> {
     // (`/proc` is a fresh instance; so is `/dev`, but for root's package installs.)
     if p.profile.root {
         return ["/home", "/tmp", "/proc"]
@@ -857,9 +866,9 @@ fn stand_ins(spec: &Spec, p: &Prepared, mounts: &MountTable) -> Vec<PathBuf> {
             .to_vec();
     }
     let hidden = system_hidden_places(spec).into_iter().map(|h| real(&h));
-    let aliases = system_aliases(spec, mounts).0.into_iter();
+    let fixed = aliases.fixed.iter().filter(|(_, dir)| *dir);
     hidden
-        .chain(aliases.filter(|(_, dir)| *dir).map(|(a, _)| a))
+        .chain(fixed.map(|(a, _)| a.clone()))
         .chain(["/dev", "/proc"].map(PathBuf::from))
         .collect()
 }
@@ -1105,8 +1114,9 @@ mod tests {
     }
 
     fn mounts_in(s: &Spec, p: &Prepared, table: &MountTable) -> Vec<String> {
-        let mut out = bwrap_mounts(&bwrap_args(s, p, table));
-        out.extend(covers(s, p, table).iter().map(|c| match c.dir {
+        let aliases = system_aliases(s, table);
+        let mut out = bwrap_mounts(&bwrap_args(s, p, table, &aliases));
+        out.extend(covers(s, p, table, &aliases).iter().map(|c| match c.dir {
             true => format!("--tmpfs {}", c.path.display()),
             false => format!("--ro-bind /dev/null {}", c.path.display()),
         }));
@@ -1350,7 +1360,8 @@ mod tests {
         ));
         let s = ls_in("/srv");
         let p = prepared("/srv", &[]);
-        let args = bwrap_mounts(&bwrap_args(&s, &p, &table));
+        let aliases = system_aliases(&s, &table);
+        let args = bwrap_mounts(&bwrap_args(&s, &p, &table, &aliases));
         let rerouted = open.join("homes");
         let fixed = closed.join("homes");
         assert!(
@@ -1363,7 +1374,7 @@ mod tests {
             args.contains(&format!("--tmpfs {}", fixed.display())),
             "{args:?}"
         );
-        let covers = covers(&s, &p, &table);
+        let covers = covers(&s, &p, &table, &aliases);
         assert!(
             covers.iter().any(|c| c.path == rerouted && c.dir),
             "{covers:?}"
@@ -1393,7 +1404,8 @@ mod tests {
         // A deny rule on `/dev/sda` or `/root` finds only bubblewrap's own instance
         // there inside: nothing to cover, not a place that changed.
         let s = ls_in("/srv");
-        let got = stand_ins(&s, &prepared("/srv", &[]), &MountTable::of(""));
+        let aliases = system_aliases(&s, &MountTable::of(""));
+        let got = stand_ins(&s, &prepared("/srv", &[]), &aliases);
         for place in [
             "/dev", "/proc", "/run", "/tmp", "/var/tmp", "/dev/shm", "/root",
         ] {
