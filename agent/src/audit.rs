@@ -16,6 +16,7 @@
 //! or a dropped tail is reported. An entry that cannot be written (or anchored) is an
 //! error the caller must act on: the agent runs nothing it could not record.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -317,6 +318,9 @@ pub struct AuditLog {
     last_hash: String,
     last_checkpoint: String,
     checkpoints: u64,
+    /// Bytes of the entries each user's events took today (UTC; since the agent
+    /// started), and which day that is.
+    written: (String, HashMap<u32, u64>),
 }
 
 fn log_name(index: u32) -> String {
@@ -417,11 +421,41 @@ impl AuditLog {
             last_hash,
             last_checkpoint,
             checkpoints: checkpoints.len() as u64,
+            written: Default::default(),
         })
     }
 
     pub fn entries(&self) -> u64 {
         self.seq
+    }
+
+    /// How many bytes of entries `uid`'s events took today (UTC) since the log was
+    /// opened.
+    pub fn written_today(&mut self, uid: u32) -> u64 {
+        *self.written_today_by().entry(uid).or_default()
+    }
+
+    fn written_today_by(&mut self) -> &mut HashMap<u32, u64> {
+        let today = &now()[..10];
+        if self.written.0 != today {
+            self.written = (today.to_owned(), HashMap::new());
+        }
+        &mut self.written.1
+    }
+
+    /// Bytes free for the log on its file system, and the file system's size.
+    pub fn space(&self) -> Result<(u64, u64), AuditError> {
+        let s = nix::sys::statvfs::statvfs(&self.dir)
+            .map_err(|e| io(&self.dir)(std::io::Error::from(e)))?;
+        let block = s.fragment_size() as u64;
+        Ok((
+            s.blocks_available() as u64 * block,
+            s.blocks() as u64 * block,
+        ))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Append one entry; returns its sequence number.
@@ -462,6 +496,9 @@ impl AuditLog {
             return Err(io(&path)(e));
         }
         self.size += line.len() as u64;
+        if let Some(uid) = uid {
+            *self.written_today_by().entry(uid).or_default() += line.len() as u64;
+        }
         self.seq = entry.seq;
         self.last_hash = entry.hash;
         self.write_head()?;

@@ -243,6 +243,10 @@ pub struct Limits {
     /// Finished requests kept per user (with their output); older ones are
     /// dropped. The audit log keeps every request regardless.
     pub history_per_user: u32,
+    /// MiB of audit entries one user's requests and rules may add in a day (UTC);
+    /// past it their new requests and rules are refused until the next day, so that
+    /// no one fills the agent's disk for everyone (root is not limited).
+    pub audit_mib_per_user_per_day: u64,
 }
 
 impl Default for Limits {
@@ -250,6 +254,7 @@ impl Default for Limits {
         Self {
             requests_per_user: 8,
             history_per_user: 1000,
+            audit_mib_per_user_per_day: 64,
         }
     }
 }
@@ -553,9 +558,12 @@ impl AgentConfig {
                 keys: "sandbox.memory-max-mib and sandbox.tasks-max",
             });
         }
-        if self.limits.requests_per_user == 0 || self.limits.history_per_user == 0 {
+        if self.limits.requests_per_user == 0
+            || self.limits.history_per_user == 0
+            || self.limits.audit_mib_per_user_per_day == 0
+        {
             return Err(InvalidConfig::Zero {
-                keys: "limits.requests-per-user and limits.history-per-user",
+                keys: "limits.requests-per-user, limits.history-per-user and limits.audit-mib-per-user-per-day",
             });
         }
         for (key, list) in [

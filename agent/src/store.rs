@@ -350,9 +350,23 @@ impl Store {
         Ok(dropped)
     }
 
-    pub fn count_requests(&self) -> Result<u64, StoreError> {
+    /// How many rules `uid` has.
+    pub fn count_rules(&self, uid: u32) -> Result<u64, StoreError> {
         self.conn
-            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .query_row("SELECT count(*) FROM rules WHERE uid = ?1", [uid], |r| {
+                r.get(0)
+            })
+            .map_err(self.err())
+    }
+
+    /// How many requests are stored: one user's, or everyone's (`None`).
+    pub fn count_requests(&self, uid: Option<u32>) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM requests WHERE ?1 IS NULL OR uid = ?1",
+                params![uid],
+                |r| r.get(0),
+            )
             .optional()
             .map(|n| n.unwrap_or(0))
             .map_err(self.err())

@@ -151,6 +151,19 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
     );
     let status = json(&agent.devos(Some(&alice), cwd, &["--json", "status"]));
     assert_eq!(status["image-version"], "0.1.0+abcdef012345");
+    // A user's status counts their own requests; what the whole machine does is root's
+    // to see.
+    let root_dir = tempfile::tempdir_in("/var/lib").unwrap();
+    let out = agent.devos(None, root_dir.path(), &["run", "list", "files"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(status["requests-total"], states.len(), "{status}");
+    assert_eq!(status["requests-in-flight"], 0, "{status}");
+    assert!(status.get("audit-entries").is_none(), "{status}");
+    let status = json(&agent.devos(Some(&alice), cwd, &["--json", "status"]));
+    assert_eq!(status["requests-total"], states.len(), "{status}");
+    let status = json(&agent.devos(None, root_dir.path(), &["--json", "status"]));
+    assert_eq!(status["requests-total"], states.len() + 1, "{status}");
+    assert!(status["audit-entries"].as_u64().unwrap() > 10, "{status}");
     let verify = agent.devos(Some(&alice), cwd, &["audit", "verify"]);
     assert!(verify.status.success(), "{}", stdout(&verify));
     assert!(

@@ -1090,12 +1090,22 @@ fn an_action_that_cannot_be_audited_does_not_run() {
         .arg(format!("of={}", audit.join("filler").display()))
         .stderr(std::process::Stdio::null())
         .status();
-    // The log's last page may still have room for a few entries: requests run while
-    // their entries fit, and are refused as soon as one does not.
+    // A user's request is refused at once: the disk is down to its reserve.
+    let out = agent.devos(Some(&eve), cwd, &["run", "list", "files"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("disk is nearly full"),
+        "{}",
+        stderr(&out)
+    );
+    // Root's requests may use the reserve. The log's last page may still have room for
+    // a few entries: requests run while their entries fit, and are refused as soon
+    // as one does not.
+    let root_dir = tempfile::tempdir_in("/var/lib").unwrap();
     let mut ran = Vec::new();
     let mut refused = None;
     for _ in 0..60 {
-        let out = agent.devos(Some(&eve), cwd, &["--json", "run", "list", "files"]);
+        let out = agent.devos(None, root_dir.path(), &["--json", "run", "list", "files"]);
         if out.status.success() {
             ran.push(json(&out)["id"].as_str().unwrap().to_owned());
             continue;
@@ -1243,6 +1253,174 @@ fn one_user_cannot_starve_the_others() {
         .devos(Some(&eve), cwd, &["run", "list", "files"])
         .status
         .success()));
+}
+
+/// No user fills the agent's disk or its replies for everyone: a rule is bounded in
+/// size and a user's rules in number (all of them fit one reply), reading processes
+/// takes one of the caller's slots, a user's daily share of the audit log is bounded,
+/// and the log's file system keeps a reserve that only root's requests may use.
+#[test]
+fn one_user_cannot_fill_the_agents_disk_or_its_replies() {
+    let agent = Daemon::start_prepared(
+        "IMAGE_VERSION=1\n",
+        "[limits]\nrequests-per-user = 2\naudit-mib-per-user-per-day = 1\n[model]\nenabled = false\n",
+        &[("AWS_EC2_METADATA_DISABLED", "true")],
+        |dir| {
+            let audit = dir.join("state/audit");
+            std::fs::create_dir_all(&audit).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=8m", "devos-audit-test"])
+                .arg(&audit)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "cannot mount a small tmpfs for the audit log");
+        },
+    );
+    let audit = agent.dir.path().join("state/audit");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(audit.clone());
+    let eve = eve();
+    let mallory = User::ensure("devos-mallory");
+    let project = eve.project();
+    let cwd = project.path();
+    let refused = |out: &std::process::Output, why: &str| {
+        assert!(!out.status.success(), "{}", stdout(out));
+        assert!(stderr(out).contains(why), "{}", stderr(out));
+    };
+    let serving = || {
+        let mproject = mallory.project();
+        let out = agent.devos(Some(&mallory), mproject.path(), &["run", "list", "files"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+
+    // A rule as large as the bus carries is refused; a user's rules are bounded in
+    // number, and listing them all (root: everyone's) answers.
+    let huge: Vec<String> = (0..40)
+        .map(|i| format!("{i}{}", "x".repeat(1000)))
+        .collect();
+    let mut args = vec!["rules", "add", "deny", "--command-prefix"];
+    args.extend(huge.iter().map(String::as_str));
+    refused(&agent.devos(Some(&eve), cwd, &args), "KiB a rule may");
+    for i in 0..256 {
+        let word = format!("tool{i}");
+        let out = agent.devos(
+            Some(&eve),
+            cwd,
+            &["rules", "add", "deny", "--command-prefix", &word],
+        );
+        assert!(out.status.success(), "rule {i}: {}", stderr(&out));
+    }
+    refused(
+        &agent.devos(
+            Some(&eve),
+            cwd,
+            &["rules", "add", "deny", "--command-prefix", "one-more"],
+        ),
+        "as many as a user may",
+    );
+    let listed = json(&agent.devos(Some(&eve), cwd, &["--json", "rules"]));
+    assert_eq!(listed.as_array().map(Vec::len), Some(256));
+    assert!(agent.devos(None, cwd, &["rules"]).status.success());
+
+    // Reading processes takes a slot like a request.
+    for i in 0..2 {
+        waiting_id(&agent.devos(
+            Some(&eve),
+            cwd,
+            &["run", "create", "directory", &format!("d{i}")],
+        ));
+    }
+    refused(
+        &agent.devos(Some(&eve), cwd, &["context", "ps"]),
+        "requests in flight",
+    );
+    for id in json(&agent.devos(Some(&eve), cwd, &["--json", "history"]))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "awaiting-approval")
+    {
+        let id = id["id"].as_str().unwrap();
+        assert!(
+            agent
+                .devos(Some(&eve), cwd, &["cancel", id])
+                .status
+                .success()
+        );
+        agent.wait_state(&eve, cwd, id, "cancelled");
+    }
+
+    // A user's share of the audit log for the day: past it, their new requests and
+    // rules are refused; others are served.
+    let long = format!("count the words in {}", "these ".repeat(2700));
+    let mut tries = 0;
+    let out = loop {
+        tries += 1;
+        assert!(
+            tries < 200,
+            "eve's share of the audit log was never used up"
+        );
+        let out = agent.devos(Some(&eve), cwd, &["run", &long]);
+        if stderr(&out).contains("audit-mib-per-user-per-day") {
+            break out;
+        }
+    };
+    refused(&out, "until tomorrow");
+    refused(
+        &agent.devos(
+            Some(&eve),
+            cwd,
+            &["rules", "add", "deny", "--command-prefix", "late"],
+        ),
+        "audit-mib-per-user-per-day",
+    );
+    serving();
+
+    // The file system down to its reserve: users are refused, root is served.
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", "count=1000"])
+        .arg(format!("of={}", audit.join("filler").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let ok = std::process::Command::new("truncate")
+        .args(["-s", "-128K"])
+        .arg(audit.join("filler"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let mproject = mallory.project();
+    refused(
+        &agent.devos(Some(&mallory), mproject.path(), &["run", "list", "files"]),
+        "disk is nearly full",
+    );
+    // (Root's actions have no capability: not in eve's private home, said up front.)
+    let out = agent.devos(None, cwd, &["run", "list", "files"]);
+    assert!(
+        stdout(&out).contains("root cannot enter"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let root_dir = tempfile::tempdir_in("/var/lib").unwrap();
+    let out = agent.devos(None, root_dir.path(), &["run", "list", "files"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_file(audit.join("filler")).unwrap();
+    serving();
+    assert!(
+        json(&agent.devos(None, cwd, &["--json", "audit", "verify"]))["ok"]
+            .as_bool()
+            .unwrap()
+    );
 }
 
 #[test]

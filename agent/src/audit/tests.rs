@@ -478,3 +478,63 @@ fn an_edit_before_the_mark_is_left_to_a_full_verification() {
     let full = super::verify(&dir, &VerifyOptions::of(&cfg)).unwrap();
     assert!(!full.ok && full.first_bad.unwrap().seq == Some(3));
 }
+
+/// Every value the agent records reads back to the bytes it was hashed as: costs
+/// (floats whose shortest form a parser one step off would change), the extremes of
+/// integers, strings that need escapes. A log that fails its own verification would
+/// fail the boot check and the health signal.
+#[test]
+fn every_value_the_agent_records_verifies_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(1000)).unwrap();
+    let config = crate::config::ModelConfig::default();
+    let mut values = Vec::new();
+    for model in config.prices.keys() {
+        for input in (1..2000).step_by(7) {
+            for output in [1, 8, 13, 97, 4096] {
+                let usage = crate::model::bedrock::Usage {
+                    input,
+                    output,
+                    ..Default::default()
+                };
+                values.push(serde_json::json!(crate::model::cost(
+                    &config, model, &usage
+                )));
+            }
+        }
+    }
+    // Floats across the whole range, from their bits.
+    let mut bits = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..5000 {
+        bits ^= bits << 13;
+        bits ^= bits >> 7;
+        bits ^= bits << 17;
+        let f = f64::from_bits(bits);
+        if f.is_finite() {
+            values.push(serde_json::json!(f));
+        }
+    }
+    values.extend([
+        serde_json::json!(0.000_205_000_000_000_000_02),
+        serde_json::json!(f64::MIN_POSITIVE),
+        serde_json::json!(f64::MAX),
+        serde_json::json!(5e-324),
+        serde_json::json!(u64::MAX),
+        serde_json::json!(i64::MIN),
+        serde_json::json!("tab\t nul\u{0} bidi\u{202e} emoji 🙂 quote\" backslash\\ \u{7f}"),
+    ]);
+    let n = values.len() as u64;
+    for chunk in values.chunks(200) {
+        log.append(
+            "model.called",
+            Some(1000),
+            Some("r1"),
+            None,
+            serde_json::json!({"values": chunk}),
+        )
+        .unwrap();
+    }
+    let v = verify(dir.path()).unwrap();
+    assert!(v.ok, "{:?}", v.first_bad);
+    assert_eq!(v.entries, n.div_ceil(200));
+}

@@ -137,16 +137,17 @@ impl Agent {
 /// sender of a larger message, which would take the agent off the bus).
 const MAX_REPLY: usize = 16 << 20;
 
-fn fits(json: String) -> fdo::Result<String> {
+fn fits(json: String, fewer: &str) -> fdo::Result<String> {
     if json.len() > MAX_REPLY {
-        return Err(too_large(json.len()));
+        return Err(too_large(json.len(), fewer));
     }
     Ok(json)
 }
 
-fn too_large(bytes: usize) -> fdo::Error {
+/// The error for an answer of `bytes`, with how to ask for less.
+fn too_large(bytes: usize, fewer: &str) -> fdo::Error {
     fdo::Error::LimitsExceeded(format!(
-        "the answer would be more than {} MiB, more than the bus carries; ask for fewer (`devos history -n`)",
+        "the answer would be more than {} MiB, more than the bus carries; {fewer}",
         bytes.max(MAX_REPLY) >> 20
     ))
 }
@@ -166,7 +167,7 @@ async fn listing(
     .await
     .map_err(failed)?
     .map_err(failed)?
-    .map_err(|_| too_large(MAX_REPLY + 1))
+    .map_err(|_| too_large(MAX_REPLY + 1, "ask for fewer (`devos history -n`)"))
 }
 
 /// Whether packages can be installed here at all: not on a read-only root.
@@ -457,7 +458,10 @@ impl Agent {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
-        fits(to_json(&self.own_request(id, &caller, true)?))
+        fits(
+            to_json(&self.own_request(id, &caller, true)?),
+            "its actions' output is in `devos history` in short",
+        )
     }
 
     /// Requests still in flight (JSON array): the caller's own; root sees everyone's.
@@ -573,9 +577,10 @@ impl Agent {
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
         let uid = (caller.uid != 0).then_some(caller.uid);
-        Ok(to_json(
-            &lock(&self.shared.store).rules(uid).map_err(failed)?,
-        ))
+        fits(
+            to_json(&lock(&self.shared.store).rules(uid).map_err(failed)?),
+            "remove rules first (`devos rules remove ID`)",
+        )
     }
 
     /// Add a remembered rule for the caller: `decision` allow|deny, `lifetime`
@@ -657,20 +662,33 @@ impl Agent {
         Ok(to_json(&self.shared.verify_audit(Verify::SinceLast).await?))
     }
 
-    /// The agent's status (JSON): version, uptime, requests in flight, audit entries,
-    /// what confines actions.
-    async fn status(&self) -> fdo::Result<String> {
+    /// The agent's status (JSON): version, uptime, requests in flight and stored (the
+    /// caller's; root: everyone's), audit entries (root only), what confines actions.
+    async fn status(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let caller = caller(&self.shared, &header, conn).await?;
         let config = self.shared.config();
-        let active = lock(&self.shared.live).len();
-        let requests = lock(&self.shared.store).count_requests().map_err(failed)?;
-        Ok(serde_json::json!({
+        let (active, entries) = match caller.uid {
+            0 => (
+                lock(&self.shared.live).len() as u64,
+                Some(lock(&self.shared.audit).entries()),
+            ),
+            uid => (u64::from(self.shared.in_flight(uid)), None),
+        };
+        let uid = (caller.uid != 0).then_some(caller.uid);
+        let requests = lock(&self.shared.store)
+            .count_requests(uid)
+            .map_err(failed)?;
+        let mut status = serde_json::json!({
             "agent-version": env!("CARGO_PKG_VERSION"),
             // (null without one; `Version` says why.)
             "image-version": crate::os_release::image_version(&config.os_release).ok(),
             "uptime-secs": self.shared.started.elapsed().as_secs(),
             "requests-in-flight": active,
             "requests-total": requests,
-            "audit-entries": lock(&self.shared.audit).entries(),
             "auto-approve": config.policy.auto_approve,
             "sandbox-required": config.sandbox.required,
             "sandbox-bwrap": config.sandbox.bwrap,
@@ -679,8 +697,11 @@ impl Agent {
             "model-route": config.model.enabled,
             "model-small": config.model.small,
             "model-large": config.model.large,
-        })
-        .to_string())
+        });
+        if let Some(entries) = entries {
+            status["audit-entries"] = entries.into();
+        }
+        Ok(status.to_string())
     }
 
     /// A request changed state (sent to the submitting connection only).

@@ -765,6 +765,9 @@ impl Context {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
+        // Sampling takes a helper process for a quarter of a second: one of the
+        // caller's slots, so that no one can start them without bound.
+        let _slot = self.shared.reserve(caller.uid)?;
         let roots = match self.shared.context.user(&self.shared, &caller) {
             Ok(user) => lock(&user.index).roots().unwrap_or_default(),
             Err(_) => Vec::new(),

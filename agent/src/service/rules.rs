@@ -77,6 +77,10 @@ pub(super) async fn decide_action(
         "by": by,
         "remember": remember,
     });
+    if let Some(rule) = &rule {
+        shared.may_record(caller.uid)?;
+        within_bounds(&lock(&shared.store), rule)?;
+    }
     record_decision(agent, caller, id, index, decision, audited)?;
     if let Some(rule) = rule {
         store_rule(agent, caller, &rule, Some(id), Some(index))?;
@@ -156,7 +160,12 @@ fn store_rule(
     action: Option<u32>,
 ) -> fdo::Result<i64> {
     let shared = &agent.shared;
-    let rule = lock(&shared.store).add_rule(rule).map_err(failed)?;
+    shared.may_record(caller.uid)?;
+    let rule = {
+        let store = lock(&shared.store);
+        within_bounds(&store, rule)?;
+        store.add_rule(rule).map_err(failed)?
+    };
     if let Err(e) = shared.audit(
         "rule.added",
         Some(caller.uid),
@@ -173,6 +182,30 @@ fn store_rule(
         return Err(e.into());
     }
     Ok(rule.id)
+}
+
+/// How many rules one user may have, and how large one may be (its prefixes or the
+/// exact action it remembers, as listed): every user's rules fit in one reply
+/// (`Rules`), and no one fills the agent's disk through them.
+const MAX_RULES_PER_USER: u64 = 256;
+const MAX_RULE_BYTES: usize = 16 << 10;
+
+/// Whether `rule` may be stored beside its owner's others.
+fn within_bounds(store: &crate::store::Store, rule: &Rule) -> fdo::Result<()> {
+    let bytes = serde_json::to_string(rule).map_or(usize::MAX, |s| s.len());
+    if bytes > MAX_RULE_BYTES {
+        return Err(fdo::Error::LimitsExceeded(format!(
+            "the rule would take {} KiB, more than the {} KiB a rule may: remember a shorter command prefix, or decide this once",
+            bytes.div_ceil(1024),
+            MAX_RULE_BYTES >> 10
+        )));
+    }
+    if store.count_rules(rule.uid).map_err(failed)? >= MAX_RULES_PER_USER {
+        return Err(fdo::Error::LimitsExceeded(format!(
+            "you have {MAX_RULES_PER_USER} rules, as many as a user may: remove some first (`devos rules`, `devos rules remove ID`)"
+        )));
+    }
+    Ok(())
 }
 
 /// The longest path the kernel resolves.

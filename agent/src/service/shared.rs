@@ -87,6 +87,18 @@ pub(super) enum ServiceError {
         "you have {n} requests in flight ([limits] requests-per-user = {limit}); wait for one to finish or cancel one (`devos history`, `devos cancel ID`)"
     )]
     TooManyRequests { n: u32, limit: u32 },
+    #[error(
+        "the agent's disk is nearly full ({free_mib} MiB free for {dir}, which keeps {reserve_mib} MiB for the audit log): nothing new is taken from users until an administrator frees space"
+    )]
+    DiskNearlyFull {
+        dir: String,
+        free_mib: u64,
+        reserve_mib: u64,
+    },
+    #[error(
+        "your requests and rules took {limit} MiB of the audit log today ([limits] audit-mib-per-user-per-day); new ones are refused until tomorrow (UTC)"
+    )]
+    AuditBudget { limit: u64 },
     #[error(transparent)]
     Verify(AuditError),
     #[error(transparent)]
@@ -99,7 +111,9 @@ pub(super) enum ServiceError {
 impl From<ServiceError> for fdo::Error {
     fn from(e: ServiceError) -> fdo::Error {
         match e {
-            ServiceError::TooManyRequests { .. } => fdo::Error::LimitsExceeded(e.to_string()),
+            ServiceError::TooManyRequests { .. }
+            | ServiceError::DiskNearlyFull { .. }
+            | ServiceError::AuditBudget { .. } => fdo::Error::LimitsExceeded(e.to_string()),
             _ => failed(e),
         }
     }
@@ -240,8 +254,38 @@ impl Shared {
             })
     }
 
+    /// Whether what `uid` asks for may add to the audit log: not when the log's disk
+    /// is down to its reserve (the lesser of 5% and 256 MiB, kept for what root and
+    /// the agent itself record), nor past the user's daily share. Root may always.
+    pub(super) fn may_record(&self, uid: u32) -> Result<(), ServiceError> {
+        if uid == 0 {
+            return Ok(());
+        }
+        let mut audit = lock(&self.audit);
+        let (free, size) = audit.space().map_err(ServiceError::NotRecorded)?;
+        let reserve = (size / 20).min(256 << 20);
+        if free < reserve {
+            return Err(ServiceError::DiskNearlyFull {
+                dir: audit.dir().display().to_string(),
+                free_mib: free >> 20,
+                reserve_mib: reserve.div_ceil(1 << 20),
+            });
+        }
+        let limit = self.config().limits.audit_mib_per_user_per_day;
+        if audit.written_today(uid) >= limit << 20 {
+            return Err(ServiceError::AuditBudget { limit });
+        }
+        Ok(())
+    }
+
+    /// How many slots `uid` holds: requests in flight, and helpers of theirs running.
+    pub(super) fn in_flight(&self, uid: u32) -> u32 {
+        lock(&self.in_flight).get(&uid).copied().unwrap_or(0)
+    }
+
     /// Take one of `uid`'s in-flight slots, or say why not.
     pub(super) fn reserve(self: &Arc<Self>, uid: u32) -> Result<Slot, ServiceError> {
+        self.may_record(uid)?;
         let limit = self.config().limits.requests_per_user;
         let mut map = lock(&self.in_flight);
         let n = map.entry(uid).or_insert(0);
