@@ -374,3 +374,194 @@ fn validate_refuses_what_a_build_would_refuse_later() {
         "{err}"
     );
 }
+
+fn run(cmd: &mut std::process::Command) -> (Option<i32>, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_empty_devos_config_means_the_default_settings_file() {
+    // `publish list` reads the settings (AWS commands all do) and asks AWS nothing.
+    let (code, out, err) = run(devos_build_command()
+        .env("DEVOS_CONFIG", "")
+        .env("DEVOS_REGISTRY", "")
+        .args(["publish", "list"]));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("nothing published"), "{out}");
+    assert!(!err.contains("settings file"), "{err}");
+    // A named file that is missing is an error that says what to do.
+    let (code, _, err) = run(devos_build_command()
+        .env("DEVOS_CONFIG", "/nonexistent/devos.toml")
+        .env("DEVOS_REGISTRY", "")
+        .args(["publish", "list"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot read the settings file /nonexistent/devos.toml")
+            && err.contains("hint:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_endpoint_url_that_is_not_a_web_url_is_refused_before_aws_is_asked() {
+    for args in [
+        &[
+            "publish",
+            "ami",
+            "devos-debian",
+            "--endpoint-url",
+            "not-a-url",
+        ][..],
+        &[
+            "publish",
+            "deregister",
+            "x@1.0.0",
+            "--endpoint-url",
+            "localhost:4566",
+        ],
+        &[
+            "fleet",
+            "status",
+            "--stack",
+            "x",
+            "--endpoint-url",
+            "ftp://host",
+        ],
+    ] {
+        let (code, _, err) = run(devos_build_command().args(args));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("is not an http(s) URL") && err.contains("hint: write it as https://"),
+            "{args:?}: {err}"
+        );
+        // The message, not the SDK's structures.
+        assert!(
+            !err.contains('{') && !err.contains("SdkBody"),
+            "{args:?}: {err}"
+        );
+    }
+    // The SDK's own variable is checked before any request (the SDK would put the whole
+    // request in its error).
+    let (code, _, err) = run(devos_build_command()
+        .env("DEVOS_REGISTRY", "")
+        .env("AWS_ENDPOINT_URL", "not-a-url")
+        .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .args(["fleet", "status", "--stack", "x", "--region", "eu-west-1"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("AWS_ENDPOINT_URL=`not-a-url` is not an http(s) URL")
+            && err.contains("hint:")
+            && !err.contains("SdkBody"),
+        "{err}"
+    );
+}
+
+#[test]
+fn image_builds_boot_test_flags_need_test() {
+    // clap refuses these before anything is read or built.
+    for flag in [
+        &["--junit", "x.xml"][..],
+        &["--keep-vm"],
+        &["--timeout", "10"],
+        &["--disk-bus", "nvme"],
+        &["--memory", "512"],
+        &["--cpus", "1"],
+    ] {
+        let (code, _, err) = run(devos_build_command()
+            .args(["image", "build"])
+            .args(flag)
+            .arg("/nonexistent/spec.toml"));
+        assert_eq!(code, Some(2), "{flag:?}: {err}");
+        assert!(
+            err.contains("required arguments were not provided") && err.contains("--test"),
+            "{flag:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_junit_path_that_cannot_be_written_fails_before_anything_boots() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("no/such/dir/report.xml");
+    // The target does not exist either: the flag is checked first, so nothing could
+    // boot even if the target were found.
+    let (code, _, err) = run(devos_build_command()
+        .args(["image", "test", "/nonexistent/disk.raw", "--junit"])
+        .arg(&report));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("--junit {}", report.display()))
+            && err.contains("does not exist")
+            && err.contains("hint:"),
+        "{err}"
+    );
+    let (code, _, err) = run(devos_build_command()
+        .args(["image", "build", "--test", "--junit"])
+        .arg(&report)
+        .arg("/nonexistent/spec.toml"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--junit") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn publish_ami_checks_regions_and_the_ami_name_up_front() {
+    // Dry runs, with a reference the registry does not have: the flags are checked
+    // before the registry (or AWS) is asked.
+    let ami = |extra: &[&str]| {
+        run(devos_build_command()
+            .env("DEVOS_REGISTRY", "")
+            .args(["publish", "ami", "devos-debian", "--dry-run"])
+            .args(extra))
+    };
+    for (extra, want) in [
+        (&["--region", "bad region"][..], "--region `bad region`"),
+        (
+            &[
+                "--region",
+                "eu-west-1",
+                "--copy-to",
+                "us-east-1,,eu-central-1",
+            ],
+            "--copy-to names an empty region",
+        ),
+        (
+            &["--region", "eu-west-1", "--copy-to", "us-east-1,bad region"],
+            "--copy-to `bad region`",
+        ),
+        (
+            &["--region", "eu-west-1", "--name", "bad name+with/plus"],
+            "--name `bad name+with/plus` is not a valid AMI name",
+        ),
+        (&["--region", "eu-west-1", "--name", "ab"], "3 to 128"),
+    ] {
+        let (code, _, err) = ami(extra);
+        assert_eq!(code, Some(1), "{extra:?}: {err}");
+        assert!(
+            err.contains(want) && err.contains("hint:"),
+            "{extra:?}: {err}"
+        );
+    }
+    // Good values get past the checks, to the registry.
+    let (code, _, err) = ami(&[
+        "--region",
+        "eu-west-1",
+        "--copy-to",
+        "us-east-1",
+        "--name",
+        "My AMI (v1)",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        !err.contains("hint: a region name") && !err.contains("AMI name"),
+        "{err}"
+    );
+}

@@ -18,7 +18,6 @@ use aws_sdk_ec2::types::{
     ImdsSupportValues, ResourceType, Tag, TagSpecification, VolumeType,
 };
 use aws_smithy_runtime_api::client::waiters::error::WaiterError;
-use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use futures_util::future::try_join_all;
 use serde::Serialize;
@@ -107,8 +106,33 @@ pub struct Outcome {
 /// AMI names allow letters, digits, spaces and `()[]./-'@_`: the `+` of a version
 /// becomes `-`.
 pub fn ami_name(name: &str, version: &str) -> String {
-    sanitize(&format!("{name}-{version}"), "()[]./-'@_ ", '-')
+    sanitize(&format!("{name}-{version}"), AMI_NAME_CHARS, '-')
 }
+
+/// Why `name` cannot be an AMI name, if it cannot: EC2 takes 3 to 128 characters,
+/// each a letter, a digit, a space or one of `()[]./-'@_`.
+pub fn ami_name_problem(name: &str) -> Option<String> {
+    let len = name.chars().count();
+    if !(3..=128).contains(&len) {
+        return Some(format!("it has {len} characters; EC2 takes 3 to 128"));
+    }
+    let bad: String = name
+        .chars()
+        .filter(|c| !(c.is_ascii_alphanumeric() || AMI_NAME_CHARS.contains(*c)))
+        .collect();
+    (!bad.is_empty()).then(|| {
+        format!(
+            "EC2 does not take {} in an AMI name; it takes letters, digits, spaces and ()[]./-'@_",
+            bad.chars()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// What an AMI name may hold besides ASCII letters and digits.
+const AMI_NAME_CHARS: &str = "()[]./-'@_ ";
 
 /// SSM parameter names allow letters, digits and `_.-/`: the `+` becomes `_`.
 pub fn version_parameter(prefix: &str, name: &str, version: &str) -> String {
@@ -534,8 +558,8 @@ async fn wait_available(ec2: &aws_sdk_ec2::Client, region: &str, ami_id: &str) -
             Err(explain("ec2:DescribeImages", region, failed.into_error()))
         }
         Err(other) => bail!(
-            "cannot wait for {ami_id} in {region}: {}",
-            DisplayErrorContext(&other)
+            "cannot wait for {ami_id} in {region}: {}\n  hint: check the network and the endpoint (AWS_ENDPOINT_URL, `[aws] endpoint-url`), then look at it with `aws ec2 describe-images --region {region} --image-ids {ami_id}`",
+            crate::error_chain(&other)
         ),
     }
 }
@@ -654,6 +678,14 @@ mod tests {
             "/devos/images/devos-debian/0.1.0_0123456789ab/image_id"
         );
         assert_eq!(latest_parameter("/devos", "x"), "/devos/x/latest");
+        let made = ami_name("devos-debian", "0.1.0+0123456789ab");
+        assert_eq!(ami_name_problem(&made), None);
+        assert_eq!(ami_name_problem("My image (v1) [test] 'a'@b_c/d."), None);
+        let plus = ami_name_problem("bad name+with/plus").unwrap();
+        assert!(plus.contains("`+`") && !plus.contains("`/`"), "{plus}");
+        assert!(ami_name_problem("ab").unwrap().contains("3 to 128"));
+        assert!(ami_name_problem(&"a".repeat(129)).is_some());
+        assert!(ami_name_problem("caf\u{e9}").unwrap().contains("`\u{e9}`"));
     }
 
     #[test]

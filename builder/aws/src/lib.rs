@@ -19,7 +19,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::ProvideCredentials;
-use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 pub mod ami;
@@ -58,6 +57,7 @@ impl Aws {
     /// Load the configuration and make sure credentials resolve, so a missing login is
     /// reported once, up front, instead of as a failure of the first request.
     pub async fn load(opts: &AwsOptions) -> Result<Self> {
+        check_endpoints(opts)?;
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(p) = &opts.profile {
             loader = loader.profile_name(p);
@@ -82,7 +82,7 @@ impl Aws {
         if let Err(e) = provider.provide_credentials().await {
             bail!(
                 "no AWS credentials found ({})\n  hint: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (see `aws configure`), or run `aws sso login`; on EC2, attach an instance role",
-                DisplayErrorContext(&e)
+                error_chain(&e)
             );
         }
         Ok(Self { config })
@@ -136,6 +136,40 @@ impl Aws {
     }
 }
 
+/// Whether `url` is an `http://` or `https://` URL with a host: what an AWS endpoint
+/// (`[aws] endpoint-url`, `--endpoint-url`, `AWS_ENDPOINT_URL`) must be.
+pub fn is_http_url(url: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| {
+        url.strip_prefix(scheme)
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+    }) && !url.contains(|c: char| c.is_whitespace() || c.is_control())
+}
+
+/// The endpoint given and the SDK's `AWS_ENDPOINT_URL*` variables, checked before the
+/// SDK is: it reports a bad one only when a request fails, with the request's body.
+fn check_endpoints(opts: &AwsOptions) -> Result<()> {
+    if let Some(url) = &opts.endpoint_url
+        && !is_http_url(url)
+    {
+        bail!(
+            "the AWS endpoint `{url}` is not an http(s) URL\n  hint: write it as https://host[:port] (--endpoint-url, `[aws] endpoint-url`)"
+        );
+    }
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with("AWS_ENDPOINT_URL") || value.is_empty() {
+            continue;
+        }
+        let value = value.to_string_lossy();
+        if !is_http_url(&value) {
+            bail!(
+                "{name}=`{value}` is not an http(s) URL\n  hint: write it as https://host[:port], or unset {name}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Run an async AWS job from synchronous code.
 pub fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_multi_thread()
@@ -165,7 +199,7 @@ where
                 "the endpoint answered HTTP {} without an AWS error",
                 raw.status().as_u16()
             ),
-            _ => DisplayErrorContext(&err).to_string(),
+            _ => error_chain(&err),
         };
         return anyhow!(
             "{permission} in {region} failed: {what}\n  hint: check the network and the endpoint (AWS_ENDPOINT_URL, `[aws] endpoint-url`)"
@@ -180,6 +214,44 @@ where
         Some(advice) => anyhow!("{permission} in {region} failed: {detail}; {advice}"),
         None => anyhow!("{permission} in {region} failed: {detail}"),
     }
+}
+
+/// An error and its causes as `error: cause: cause`, from their messages alone. The
+/// SDK's `DisplayErrorContext` appends the error's Debug form (requests with their
+/// bodies, headers, nested structs), which tells a user nothing; this leaves it out.
+/// A cause whose message is already in the text so far is skipped.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let message = e.to_string();
+        // The SDK's "failed to apply endpoint `X` to request `Request { body: ...`"
+        // ends in the request's Debug form: keep what comes before it.
+        let message = match message.find(" to request `Request {") {
+            Some(at) => &message[..at],
+            None => message.trim(),
+        };
+        if !message.is_empty() && !text.contains(message) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(message);
+        }
+        next = e.source();
+    }
+    text
+}
+
+/// Whether `name` can be an AWS region name (`eu-west-1`, `us-gov-west-1`): lower-case
+/// letters, digits and dashes, starting with a letter. Whether the region exists is
+/// AWS's to say; this only keeps typos (`eu west 1`, an empty name) from reaching it.
+pub fn is_region_name(name: &str) -> bool {
+    name.len() <= 32
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// What to do about an AWS error code, for the codes a user can fix.
@@ -201,7 +273,122 @@ fn advice(code: &str, permission: &str, region: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::advice;
+    use aws_credential_types::provider::error::CredentialsError;
+    use aws_sdk_ec2::config::http::HttpResponse;
+    use aws_sdk_ec2::error::SdkError;
+    use aws_smithy_runtime_api::client::result::ConnectorError;
+
+    use super::{advice, error_chain, explain};
+
+    /// An error whose Debug form is what the SDK's errors print: braces, fields.
+    #[derive(Debug)]
+    struct Inner {
+        what: &'static str,
+    }
+    impl std::fmt::Display for Inner {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.what)
+        }
+    }
+    impl std::error::Error for Inner {}
+
+    #[test]
+    fn unreachable_endpoints_are_explained_without_debug_structures() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let err: SdkError<
+            aws_sdk_ec2::operation::describe_images::DescribeImagesError,
+            HttpResponse,
+        > = SdkError::dispatch_failure(ConnectorError::io(Box::new(refused)));
+        let message = format!("{:#}", explain("ec2:DescribeImages", "eu-west-1", err));
+        assert!(
+            message.starts_with("ec2:DescribeImages in eu-west-1 failed: dispatch failure: io error: Connection refused"),
+            "{message}"
+        );
+        assert!(
+            message.contains("\n  hint: check the network and the endpoint"),
+            "{message}"
+        );
+        assert!(!message.contains(['{', '}']), "{message}");
+
+        let built: SdkError<
+            aws_sdk_ec2::operation::describe_images::DescribeImagesError,
+            HttpResponse,
+        > = SdkError::construction_failure(Inner {
+            what: "invalid URI",
+        });
+        let message = format!("{:#}", explain("ec2:DescribeImages", "r", built));
+        assert!(
+            message.contains("failed to construct request: invalid URI"),
+            "{message}"
+        );
+        assert!(!message.contains(['{', '}']), "{message}");
+    }
+
+    #[test]
+    fn credential_errors_are_a_chain_of_messages() {
+        let err = CredentialsError::provider_error(Inner {
+            what: "failed to load IMDS session token",
+        });
+        let message = error_chain(&err);
+        assert_eq!(
+            message,
+            "an error occurred while loading credentials: failed to load IMDS session token"
+        );
+        // The Debug form is what users used to see.
+        assert!(format!("{err:?}").contains('{'));
+        assert!(!message.contains(['{', '}']), "{message}");
+    }
+
+    #[test]
+    fn endpoints_are_http_urls_with_a_host() {
+        for good in [
+            "http://127.0.0.1:5000",
+            "https://ec2.eu-west-1.amazonaws.com",
+            "http://localhost:4566/",
+        ] {
+            assert!(super::is_http_url(good), "{good}");
+        }
+        for bad in [
+            "not-a-url",
+            "",
+            "http://",
+            "https:///path",
+            "ftp://host",
+            "localhost:4566",
+            "http://a host",
+        ] {
+            assert!(!super::is_http_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_request_the_sdk_puts_in_an_endpoint_error_is_left_out() {
+        let err = Inner {
+            what: "failed to apply endpoint `not-a-url` to request `Request { body: SdkBody { inner: Once(..) } }`",
+        };
+        assert_eq!(error_chain(&err), "failed to apply endpoint `not-a-url`");
+    }
+
+    #[test]
+    fn region_names_are_lower_case_words_with_dashes() {
+        for good in ["eu-west-1", "us-gov-west-1", "cn-north-1", "ap-southeast-5"] {
+            assert!(super::is_region_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "bad region",
+            "EU-WEST-1",
+            "-eu-west-1",
+            "eu-west-",
+            "1eu",
+            "eu_west_1",
+        ] {
+            assert!(!super::is_region_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn fixable_errors_say_what_to_fix() {

@@ -1,5 +1,7 @@
 //! A test report for people (the summary) and for CI (JUnit XML).
 
+use std::path::Path;
+
 use super::TestReport;
 
 impl TestReport {
@@ -94,4 +96,96 @@ fn xml(s: &str) -> String {
         .replace('>', "&gt;")
         .replace('"', "&quot;")
         .replace(|c: char| c.is_control() && c != '\n' && c != '\t', "")
+}
+
+/// Check, before a boot test runs, that `--junit PATH` can be written: its directory
+/// exists and takes a new file, and PATH is not a directory or a read-only file. A
+/// report that cannot be written is then known before minutes of booting.
+pub(crate) fn check_writable(path: &Path) -> anyhow::Result<()> {
+    use anyhow::{Context, bail};
+
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--junit {}: the directory {} does not exist\n  hint: create it first, or give a path in an existing directory",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        bail!(
+            "--junit {} is a directory\n  hint: give the path of a file to write, e.g. {}",
+            path.display(),
+            path.join("boot-test.xml").display()
+        );
+    }
+    let hint = "choose a directory you can write to, or fix its permissions";
+    if path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "--junit {}: cannot write the file\n  hint: {hint}",
+                    path.display()
+                )
+            })?;
+    } else {
+        tempfile::NamedTempFile::new_in(dir).with_context(|| {
+            format!(
+                "--junit {}: cannot create a file in {}\n  hint: {hint}",
+                path.display(),
+                dir.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Write the JUnit XML of `report` to `path` (`--junit`).
+pub(crate) fn write(path: &Path, report: &TestReport) -> anyhow::Result<()> {
+    use anyhow::Context;
+
+    std::fs::write(path, report.junit()).with_context(|| {
+        format!(
+            "cannot write the JUnit report --junit {} (the boot test's result is recorded in the registry and printed above)\n  hint: check that the directory exists and can be written, then run the test again for the file",
+            path.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod writable_tests {
+    use super::check_writable;
+
+    #[test]
+    fn junit_paths_are_checked_before_the_test() {
+        let dir = tempfile::tempdir().unwrap();
+        check_writable(&dir.path().join("report.xml")).unwrap();
+        let missing = check_writable(&dir.path().join("no/such/dir/report.xml")).unwrap_err();
+        let missing = format!("{missing:#}");
+        assert!(
+            missing.contains("--junit")
+                && missing.contains("does not exist")
+                && missing.contains("hint:"),
+            "{missing}"
+        );
+        let is_dir = format!("{:#}", check_writable(dir.path()).unwrap_err());
+        assert!(is_dir.contains("is a directory"), "{is_dir}");
+        // Permissions mean nothing to root, who runs image builds.
+        if !crate::support::paths::is_root() {
+            let locked = dir.path().join("locked");
+            std::fs::create_dir(&locked).unwrap();
+            std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o555))
+                .unwrap();
+            let e = format!("{:#}", check_writable(&locked.join("r.xml")).unwrap_err());
+            assert!(
+                e.contains("--junit") && e.contains("cannot create a file"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -4,7 +4,7 @@
 
 mod diagnosis;
 pub(crate) mod ec2;
-mod junit;
+pub(crate) mod junit;
 mod target;
 pub(crate) mod update;
 pub mod vm;

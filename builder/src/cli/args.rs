@@ -523,8 +523,20 @@ pub(crate) struct AwsArgs {
     pub(super) profile: Option<String>,
     /// One endpoint for every AWS service (other partitions, test servers). Default:
     /// `[aws] endpoint-url`; AWS_ENDPOINT_URL also works.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = endpoint_url)]
     pub(super) endpoint_url: Option<String>,
+}
+
+/// `--endpoint-url`, checked as `[aws] endpoint-url` is: before anything asks AWS
+/// (the SDK would fail on it with its whole request in the message).
+fn endpoint_url(value: &str) -> Result<String, String> {
+    if devos_aws::is_http_url(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "`{value}` is not an http(s) URL\n  hint: write it as https://host[:port], e.g. http://127.0.0.1:5000 for a local test server"
+        ))
+    }
 }
 
 #[derive(Subcommand)]
@@ -551,8 +563,16 @@ pub(crate) enum CacheCommand {
     },
 }
 
-// No doc comment: the variant's (`image build`) is the help text.
+// No doc comment: the variant's (`image build`) is the help text. The boot test's
+// options mean something only with --test: clap refuses them without it, rather than
+// ignoring them.
 #[derive(Args)]
+#[command(group(
+    clap::ArgGroup::new("boot_test_options")
+        .args(["memory", "cpus", "timeout", "keep_vm", "junit", "disk_bus"])
+        .multiple(true)
+        .requires("test")
+))]
 pub(crate) struct BuildArgs {
     /// The image spec.
     #[arg(default_value = DEFAULT_SPEC)]

@@ -195,6 +195,7 @@ fn image_command(
             update_to,
             json,
         } => {
+            check_junit(&vm)?;
             let target = boottest::resolve_target(&target, registry_path)?;
             let mut opts = vm.options();
             if let Some(to) = update_to {
@@ -204,8 +205,10 @@ fn image_command(
                     dir: version.dir,
                 });
             }
-            let report = run_test(&target, &vm, &opts, registry_path)?;
-            output(json, &report, || report.summary(), report.passed)
+            let report = run_test(&target, &opts, registry_path)?;
+            let code = output(json, &report, || report.summary(), report.passed)?;
+            write_junit(&vm, &report)?;
+            Ok(code)
         }
         ImageCommand::Boot {
             target,
@@ -302,6 +305,8 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
         let nothing = plan.up_to_date && recorded;
         return nothing_to_do(output(args.json, &plan, || plan.human(), true), nothing);
     }
+    // clap refuses --junit without --test.
+    check_junit(&args.vm)?;
     let (built, repro) = if args.check_reproducible {
         let (built, report) = repro::check(&opts, ui)?;
         (built, Some(report))
@@ -322,7 +327,11 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
     });
     let ok = report.as_ref().is_none_or(|r| r.passed) && repro.as_ref().is_none_or(|r| r.identical);
     let human = || built_human(&built, repro.as_ref(), report.as_ref());
-    output(args.json, &value, human, ok)
+    let code = output(args.json, &value, human, ok)?;
+    if let Some(report) = &report {
+        write_junit(&args.vm, report)?;
+    }
+    Ok(code)
 }
 
 /// Boot-test a fresh build with the tests of its spec, and record the run.
@@ -336,7 +345,7 @@ fn test_built(
     let spec = crate::model::spec::load(spec)?;
     let target = boottest::Target::from_dir(&built.dir, Some(&spec))?;
     ui.info("==> boot test");
-    run_test(&target, vm, &vm.options(), registry_path)
+    run_test(&target, &vm.options(), registry_path)
 }
 
 /// What `image build` prints: version, output, artifacts, then the checks' summaries.
@@ -704,23 +713,36 @@ fn packer_options(
     })
 }
 
-/// Boot-test, write JUnit if asked, and record the run in the registry (an update
-/// test is neither version's boot test and is not recorded).
+/// Boot-test and record the run in the registry (an update test is neither version's
+/// boot test and is not recorded). The caller checks `--junit` before anything
+/// ([`check_junit`]) and writes it with [`write_junit`] once the result is printed, so
+/// a failure to write it loses no result.
 fn run_test(
     target: &boottest::Target,
-    vm: &VmArgs,
     opts: &boottest::TestOptions,
     registry_path: &std::path::Path,
 ) -> Result<boottest::TestReport> {
     let report = boottest::test(target, opts)?;
-    if let Some(path) = &vm.junit {
-        std::fs::write(path, report.junit())
-            .with_context(|| format!("cannot write the JUnit report {}", path.display()))?;
-    }
     if opts.update_to.is_none() {
         record_test(registry_path, target, &report)?;
     }
     Ok(report)
+}
+
+/// `--junit`: that the file can be written, before minutes of building or booting.
+fn check_junit(vm: &VmArgs) -> Result<()> {
+    match &vm.junit {
+        Some(path) => boottest::junit::check_writable(path),
+        None => Ok(()),
+    }
+}
+
+/// `--junit`: write the report, after it is recorded and printed.
+fn write_junit(vm: &VmArgs, report: &boottest::TestReport) -> Result<()> {
+    match &vm.junit {
+        Some(path) => boottest::junit::write(path, report),
+        None => Ok(()),
+    }
 }
 
 /// Store a boot-test run with its version (images without a manifest are not in the
@@ -907,6 +929,45 @@ fn output(
     })
 }
 
+/// Crates whose own logs (the AWS SDK's credential and region chains, its HTTP
+/// stack) say nothing a user can act on: their failures reach the user as errors with
+/// a hint. They show with `-v` or `DEVOS_LOG`.
+const QUIET_TARGETS: &[&str] = &[
+    "aws_config",
+    "aws_credential_types",
+    "aws_runtime",
+    "aws_sdk_autoscaling",
+    "aws_sdk_cloudformation",
+    "aws_sdk_ebs",
+    "aws_sdk_ec2",
+    "aws_sdk_s3",
+    "aws_sdk_ssm",
+    "aws_sdk_sso",
+    "aws_sdk_ssooidc",
+    "aws_sdk_sts",
+    "aws_smithy_http",
+    "aws_smithy_http_client",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_types",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "rustls",
+];
+
+/// The log filter: `default` for devos-build, and only errors from the crates in
+/// [`QUIET_TARGETS`] unless `verbose`.
+fn log_filter(default: &str, verbose: bool) -> String {
+    if verbose {
+        return default.to_owned();
+    }
+    std::iter::once(default.to_owned())
+        .chain(QUIET_TARGETS.iter().map(|t| format!("{t}=error")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Logs go to stderr. On a terminal only warnings show (the spinner says what runs);
 /// in CI logs every external command line is shown.
 fn init_logging(verbose: bool, ui: &Ui) {
@@ -918,7 +979,7 @@ fn init_logging(verbose: bool, ui: &Ui) {
         "info"
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DEVOS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(default, verbose)));
     // Fails only when a subscriber is already set (`run` called twice in one
     // process): logging then goes there.
     let _ = tracing_subscriber::fmt()
@@ -1098,5 +1159,21 @@ mod tests {
         }
         let err = super::man_page(&["image".into(), "bild".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("`devos-build image bild` is not a command"));
+    }
+
+    /// The AWS SDK's warnings (no credentials in the environment, no region in a
+    /// profile) are not the user's business at the default level; with -v they are.
+    #[test]
+    fn the_sdks_logs_show_only_with_verbose() {
+        use tracing::level_filters::LevelFilter;
+        use tracing_subscriber::EnvFilter;
+
+        let quiet = super::log_filter("info", false);
+        for target in ["aws_config", "aws_smithy_runtime", "hyper"] {
+            assert!(quiet.contains(&format!("{target}=error")), "{quiet}");
+        }
+        let filter = EnvFilter::try_new(&quiet).unwrap();
+        assert_eq!(filter.max_level_hint(), Some(LevelFilter::INFO));
+        assert_eq!(super::log_filter("debug", true), "debug");
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
@@ -70,7 +70,8 @@ fn path(explicit: Option<&Path>) -> (PathBuf, bool) {
     if let Some(p) = explicit {
         return (p.to_path_buf(), true);
     }
-    if let Some(p) = std::env::var_os("DEVOS_CONFIG") {
+    // `DEVOS_CONFIG=` (empty) means the default, as `DEVOS_REGISTRY=` does.
+    if let Some(p) = std::env::var_os("DEVOS_CONFIG").filter(|p| !p.is_empty()) {
         return (PathBuf::from(p), true);
     }
     let base = crate::support::paths::xdg_dir("XDG_CONFIG_HOME", ".config", "/etc");
@@ -85,8 +86,10 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
             return Ok(Settings::default());
         }
         Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot read the settings file {}", file.display()));
+            return Err(anyhow::anyhow!(
+                "cannot read the settings file {}: {e}\n  hint: fix the path given with --config or DEVOS_CONFIG, or leave both unset (or empty) for the default, $XDG_CONFIG_HOME/devos/config.toml",
+                file.display()
+            ));
         }
     };
     let src = Source {
@@ -113,7 +116,7 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
             .into());
     }
     if let Some(url) = &settings.aws.endpoint_url
-        && !(url.get_ref().starts_with("https://") || url.get_ref().starts_with("http://"))
+        && !devos_aws::is_http_url(url.get_ref())
     {
         return Err(src
             .error(
@@ -171,5 +174,14 @@ mod tests {
             e.contains("cannot read the settings file /nonexistent/devos.toml"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_endpoint_that_is_not_a_web_url_is_named_where_it_is() {
+        let e = load_text("[aws]\nendpoint-url = \"localhost:4566\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config.toml:2:16: endpoint-url"), "{e}");
+        assert!(e.contains("hint: write it as https://host[:port]"), "{e}");
     }
 }

@@ -76,6 +76,45 @@ pub(crate) struct AmiRequest {
 }
 
 impl AmiRequest {
+    /// The regions and the AMI name as given, checked before the registry or AWS is
+    /// asked, in dry runs as in real ones: a typo fails here, naming the flag, instead
+    /// of after an upload (or as an error from AWS).
+    fn check(&self, settings: &Settings) -> Result<()> {
+        let region_hint = "a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)";
+        if let Some(r) = &self.region
+            && !devos_aws::is_region_name(r)
+        {
+            bail!(
+                "--region `{r}` (or `[aws] region` of the settings file) is not a region name\n  hint: {region_hint}"
+            );
+        }
+        for r in &self.copy_to {
+            if r.is_empty() {
+                bail!(
+                    "--copy-to names an empty region (two commas in a row, or one at an end)\n  hint: separate region names with single commas, e.g. `--copy-to us-east-1,eu-west-1`"
+                );
+            }
+            if !devos_aws::is_region_name(r) {
+                bail!("--copy-to `{r}` is not a region name\n  hint: {region_hint}");
+            }
+        }
+        for r in &settings.publish.copy_to {
+            if !devos_aws::is_region_name(r) {
+                bail!(
+                    "`[publish] copy-to` of the settings file names `{r}`, which is not a region name\n  hint: {region_hint}"
+                );
+            }
+        }
+        if let Some(name) = &self.name
+            && let Some(problem) = ami::ami_name_problem(name)
+        {
+            bail!(
+                "--name `{name}` is not a valid AMI name: {problem}\n  hint: leave --name out for the default NAME-VERSION, or use only letters, digits, spaces and ()[]./-'@_"
+            );
+        }
+        Ok(())
+    }
+
     fn ami_name(&self, v: &VersionInfo) -> String {
         self.name
             .clone()
@@ -95,6 +134,7 @@ impl AmiRequest {
 /// What `publish ami --dry-run` says: the uploads and copies the registry does not
 /// record as done (the same gate as a real run; AWS is not asked).
 pub(crate) fn ami_dry_run(reg: &Registry, settings: &Settings, req: &AmiRequest) -> Result<DryRun> {
+    req.check(settings)?;
     let v = gate(reg, &req.reference, req.force)?;
     let (raw, _) = raw_path(&v)?;
     let region = region(req.region.clone(), settings)?;
@@ -166,6 +206,7 @@ pub(crate) fn ami(
     req: &AmiRequest,
     ui: &Ui,
 ) -> Result<Published> {
+    req.check(settings)?;
     let v = gate(reg, &req.reference, req.force)?;
     let (raw, sha256) = raw_path(&v)?;
     let copy_to = req.copy_to(settings);

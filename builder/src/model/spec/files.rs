@@ -11,11 +11,12 @@ use super::{Source, SpecError};
 /// the builder's own configuration, so its files win.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct ExtraTree {
-    /// As written in the spec (relative to the spec's directory, or absolute).
+    /// As written in the spec, relative to the spec's directory (and inside it).
     pub(crate) source: String,
     /// Where the tree's top goes in the image: an absolute path, `/` by default.
     pub(crate) target: String,
-    /// `source` resolved; its files are hashed into the build id, not its location.
+    /// `source` resolved (canonical, so inside the spec's directory); its files are
+    /// hashed into the build id, not its location.
     #[serde(skip)]
     pub(crate) path: PathBuf,
 }
@@ -25,7 +26,7 @@ pub(crate) struct ExtraTree {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(super) struct RawFiles {
     /// Directories copied into the image: `DIR` (over `/`) or `DIR:/TARGET`, relative
-    /// to the spec. Owned by root in the image, modes as in DIR.
+    /// to the spec and inside its directory. Owned by root in the image, modes as in DIR.
     #[serde(default)]
     extra_trees: Vec<Spanned<String>>,
 }
@@ -54,10 +55,23 @@ fn extra_tree(src: &Source, raw: &Spanned<String>) -> Result<ExtraTree, SpecErro
         return Err(src.error(
             raw,
             format!("invalid extra tree `{text}`"),
-            "write `DIR` or `DIR:/absolute/target`, DIR relative to the spec (e.g. `files/` or `tools:/opt/tools`)",
+            "write `DIR` or `DIR:/absolute/target`, DIR relative to the spec's directory and inside it (e.g. `files/` or `tools:/opt/tools`)",
         ));
     }
-    let path = src.file.parent().unwrap_or(Path::new(".")).join(source);
+    // The builder runs under sudo: a tree from anywhere on the host (`/etc/ssh`,
+    // `../../etc`, or a link to them) would copy the host's secrets into the image.
+    if Path::new(source).is_absolute() {
+        return Err(src.error(
+            raw,
+            format!("extra tree `{source}` is an absolute path"),
+            "an extra tree must be a directory inside the spec's directory, named relative to it; copy the files you want in the image into a directory beside the spec (e.g. `files/`)",
+        ));
+    }
+    let spec_dir = match src.file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let path = spec_dir.join(source);
     if !path.is_dir() {
         return Err(src.error(
             raw,
@@ -68,6 +82,31 @@ fn extra_tree(src: &Source, raw: &Spanned<String>) -> Result<ExtraTree, SpecErro
             "paths are relative to the spec's directory; create it or fix the path",
         ));
     }
+    let resolved = spec_dir.canonicalize().and_then(|dir| {
+        let tree = path.canonicalize()?;
+        Ok((dir, tree))
+    });
+    let path = match resolved {
+        Ok((dir, tree)) if tree.starts_with(&dir) => tree,
+        Ok((dir, tree)) => {
+            return Err(src.error(
+                raw,
+                format!(
+                    "extra tree `{source}` leads outside the spec's directory {} (to {})",
+                    dir.display(),
+                    tree.display()
+                ),
+                "an extra tree must stay inside the spec's directory (no `..` climbing out, no symlink leading out); copy the files you want in the image into a directory beside the spec (e.g. `files/`)",
+            ));
+        }
+        Err(e) => {
+            return Err(src.error(
+                raw,
+                format!("cannot resolve extra tree `{source}` ({}): {e}", path.display()),
+                "paths are relative to the spec's directory; check that it and the tree can be read",
+            ));
+        }
+    };
     Ok(ExtraTree {
         source: source.to_owned(),
         target: target.to_owned(),

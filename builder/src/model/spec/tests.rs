@@ -527,7 +527,10 @@ fn extra_trees_and_units_are_checked_where_they_are_written() {
     assert_eq!(spec.extra_trees.len(), 2);
     assert_eq!(spec.extra_trees[0].target, "/");
     assert_eq!(spec.extra_trees[1].target, "/opt/tools");
-    assert_eq!(spec.extra_trees[1].path, dir.path().join("tools"));
+    assert_eq!(
+        spec.extra_trees[1].path,
+        dir.path().join("tools").canonicalize().unwrap()
+    );
     // The trees' location is not in the canonical form (the build id does not depend
     // on where the checkout is), their contents are (through trees_digest).
     assert!(!canonical(&spec).contains(&dir.path().display().to_string()));
@@ -571,6 +574,63 @@ fn extra_trees_and_units_are_checked_where_they_are_written() {
         "timezone = \"Europe/Berlin\"\nenable-units = [\"getty@tty1.service\", \"fstrim.timer\"]",
     ));
     assert_eq!(load(&ok.1).unwrap().enable_units.len(), 2);
+}
+
+/// The builder runs under sudo: an extra tree from outside the spec's directory would
+/// copy host files (SSH host keys, /etc/shadow) into the image.
+#[test]
+fn extra_trees_stay_inside_the_spec_directory() {
+    // The spec lives in `<tmp>/specs/`; `<tmp>/host` stands for the rest of the host.
+    let load_with = |trees: &str| {
+        let (dir, _) = fixture("");
+        let specs = dir.path().join("specs");
+        std::fs::create_dir_all(specs.join("layers")).unwrap();
+        std::fs::copy(
+            dir.path().join("layers/one.toml"),
+            specs.join("layers/one.toml"),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("host/etc")).unwrap();
+        std::fs::create_dir_all(specs.join("files/etc")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("host"), specs.join("out")).unwrap();
+        std::os::unix::fs::symlink("files", specs.join("in")).unwrap();
+        let path = specs.join("spec.toml");
+        std::fs::write(&path, format!("{FULL}\n[files]\nextra-trees = [{trees}]\n")).unwrap();
+        (load(&path), dir)
+    };
+    for (bad, want) in [
+        ("\"/etc\"", "is an absolute path"),
+        ("\"/etc/ssh:/etc/ssh\"", "is an absolute path"),
+        ("\"../host\"", "leads outside the spec's directory"),
+        (
+            "\"files/../../host/etc:/etc\"",
+            "leads outside the spec's directory",
+        ),
+        ("\"out\"", "leads outside the spec's directory"),
+        ("\"out/etc:/etc\"", "leads outside the spec's directory"),
+    ] {
+        let (result, _dir) = load_with(bad);
+        let e = result.expect_err(bad);
+        assert!(e.message.contains(want), "{bad}: {e}");
+        // Named where it is written, with what to do.
+        assert_eq!(e.line, FULL.lines().count() + 3, "{bad}: {e}");
+        assert!(e.file.ends_with("specs/spec.toml"), "{bad}: {e}");
+        assert!(
+            e.hint
+                .as_deref()
+                .is_some_and(|h| h.contains("into a directory beside the spec")),
+            "{bad}: {e}"
+        );
+    }
+    // Relative trees inside the directory work, through a link that stays inside and
+    // through `..` that comes back in.
+    let (result, dir) = load_with("\"files\", \"in:/opt/x\", \"../specs/files/etc:/etc\"");
+    let spec = result.unwrap();
+    let files = dir.path().join("specs/files").canonicalize().unwrap();
+    assert_eq!(spec.extra_trees[0].path, files);
+    assert_eq!(spec.extra_trees[1].path, files);
+    assert_eq!(spec.extra_trees[1].source, "in");
+    assert_eq!(spec.extra_trees[2].path, files.join("etc"));
 }
 
 #[test]
