@@ -443,9 +443,10 @@ impl AuditLog {
         &mut self.written.1
     }
 
-    /// Bytes free for the log on its file system, and the file system's size.
+    /// Bytes free for the log on its file system (for others than root), and the
+    /// file system's size.
     pub fn space(&self) -> Result<(u64, u64), AuditError> {
-        let s = nix::sys::statvfs::statvfs(&self.dir)
+        let s = nix::sys::statvfs::fstatvfs(&self.file)
             .map_err(|e| io(&self.dir)(std::io::Error::from(e)))?;
         let block = s.fragment_size() as u64;
         Ok((

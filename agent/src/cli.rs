@@ -132,8 +132,8 @@ enum ContextCommand {
     },
     /// Files changed recently, newest first.
     Recent {
-        /// `today`, a duration back (`2h`, `3d`), an RFC 3339 time (default: 24h).
-        #[arg(long, default_value = "")]
+        /// `today`, a duration back (`2h`, `3d`), an RFC 3339 time.
+        #[arg(long, default_value = "24h")]
         since: String,
         #[arg(short = 'n', long, default_value_t = 30)]
         limit: u32,
@@ -199,9 +199,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn connect() -> anyhow::Result<(zbus::Connection, Agent1Proxy<'static>)> {
-    let conn = zbus::Connection::system()
-        .await
-        .context("cannot reach the system bus (is dbus running? DBUS_SYSTEM_BUS_ADDRESS?)")?;
+    // (zbus's I/O error says its cause in its own words: not the chain, which would
+    // say it twice.)
+    let conn = zbus::Connection::system().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the system bus ({e})\n  hint: devos talks to the DevOS agent on the system bus of a DevOS image: check that D-Bus runs (`systemctl status dbus`), or set DBUS_SYSTEM_BUS_ADDRESS"
+        )
+    })?;
     let proxy = Agent1Proxy::new(&conn).await?;
     Ok((conn, proxy))
 }

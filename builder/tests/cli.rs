@@ -565,3 +565,92 @@ fn publish_ami_checks_regions_and_the_ami_name_up_front() {
         "{err}"
     );
 }
+
+#[test]
+fn image_test_of_a_directory_without_a_manifest_says_what_to_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(devos_build_command()
+        .args(["image", "test"])
+        .arg(dir.path()));
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        err.contains(&format!(
+            "cannot read {}",
+            dir.path().join("manifest.json").display()
+        )) && last.starts_with("  hint:")
+            && last.contains("NAME@VERSION")
+            && last.contains("image build"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_spec_that_is_a_directory_has_no_fake_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(devos_build_command()
+        .args(["image", "plan"])
+        .arg(dir.path()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!err.contains(":0:0"), "{err}");
+    assert!(
+        err.contains("hint:") && err.contains("pass a .toml spec file"),
+        "{err}"
+    );
+    // The default spec is relative to the current directory.
+    let (code, _, err) = run(devos_build_command()
+        .current_dir(dir.path())
+        .args(["image", "plan"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("images/devos-debian.toml: cannot read the spec")
+            && err.contains("run from the repository root"),
+        "{err}"
+    );
+}
+
+#[test]
+fn image_boot_checks_its_arguments_before_it_boots_anything() {
+    // The image does not exist either: the key is checked first, and nothing is probed
+    // or announced.
+    let (code, _, err) = run(devos_build_command().args([
+        "image",
+        "boot",
+        "no-such-image",
+        "--ssh-port",
+        "2222",
+        "--ssh-key",
+        "/nonexistent/key.pub",
+    ]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot read the SSH public key /nonexistent/key.pub")
+            && err
+                .trim_end()
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .starts_with("  hint:"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("booting") && !err.contains("accelerator"),
+        "{err}"
+    );
+    // Zero is refused where the command line is read.
+    for (command, flag) in [
+        (&["image", "boot", "x"][..], "--ssh-port"),
+        (&["image", "boot", "x"], "--memory"),
+        (&["image", "boot", "x"], "--cpus"),
+        (&["image", "test", "x"], "--memory"),
+        (&["image", "test", "x"], "--cpus"),
+        (&["image", "test", "x"], "--timeout"),
+    ] {
+        let (code, _, err) = run(devos_build_command().args(command).args([flag, "0"]));
+        assert_eq!(code, Some(2), "{command:?} {flag}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("0"),
+            "{command:?} {flag}: {err}"
+        );
+    }
+}

@@ -257,9 +257,6 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         profile.writable = writable_in_home(profile.writable, &caller.home);
     }
     check_reachable(&cwd, &profile, caller)?;
-    if caller.uid == 0 {
-        check_root_can_enter(&cwd)?;
-    }
     check_not_forbidden(spec, &cwd, &profile, &MountTable::read())?;
     let hidden_secrets = hidden_secrets(spec, &profile);
     let is_git = is_git(&spec.action, spec.approved.program.as_deref());
@@ -331,25 +328,6 @@ fn check_reachable(cwd: &PathBuf, profile: &Profile, caller: &Caller) -> Result<
         })?;
     }
     Ok(())
-}
-
-/// Root's actions run without any capability (the inner stage drops them all), so
-/// root works only where it can go without them: not in another user's private
-/// directory. Said before anything starts, rather than as a sandbox that failed.
-fn check_root_can_enter(cwd: &Path) -> Result<(), Stop> {
-    use caps::CapSet;
-    use nix::fcntl::{AT_FDCWD, AtFlags};
-    use nix::unistd::{AccessFlags, faccessat};
-    let held = caps::read(None, CapSet::Effective).map_err(failed)?;
-    caps::clear(None, CapSet::Effective).map_err(failed)?;
-    let entered = faccessat(AT_FDCWD, cwd, AccessFlags::X_OK, AtFlags::AT_EACCESS);
-    caps::set(None, CapSet::Effective, &held).map_err(failed)?;
-    entered.map_err(|e| {
-        failed(format!(
-            "root's actions run without capabilities, and without them root cannot enter {} ({e}): run it from a directory root can enter, such as /root, or as the user whose directory it is",
-            cwd.display()
-        ))
-    })
 }
 
 /// Unless it runs as root, an action neither works in nor writes any of the

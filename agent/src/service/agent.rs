@@ -56,6 +56,7 @@ impl Agent {
                 cwd.display()
             )));
         }
+        self.shared.may_record(caller.uid)?;
         let slot = self.shared.reserve(caller.uid)?;
         let config = self.shared.config();
         let request = plan_request(&self.shared, &caller, text, cwd, &config, route).await?;
@@ -103,7 +104,12 @@ impl Agent {
         }
         if request.state == State::Planned {
             let (tx, rx) = mpsc::unbounded_channel();
-            let live = Live { control: tx, owner };
+            let live = Live {
+                control: tx,
+                owner,
+                uid: caller.uid,
+                cancel_recorded: false,
+            };
             lock(&self.shared.live).insert(request.id.clone(), live);
             tokio::spawn(run_request(
                 self.shared.clone(),
@@ -430,6 +436,7 @@ impl Agent {
         let caller = caller(&self.shared, &header, conn).await?;
         check_text(text)?;
         let previous = self.own_request(id, &caller, false)?;
+        self.shared.may_record(caller.uid)?;
         let mut slot = self.shared.reserve(caller.uid)?;
         let config = self.shared.config();
         let request =
@@ -554,14 +561,21 @@ impl Agent {
                 r.state.as_str()
             )));
         }
-        // A cancel that is not on record still happens: stopping is always safe.
-        let _ = self.shared.audit(
-            "request.cancel",
-            Some(caller.uid),
-            Some(id),
-            None,
-            serde_json::json!({ "by": caller.user }),
-        );
+        // A cancel that is not on record still happens: stopping is always safe. One
+        // is recorded per request (more would add to the log without end), and none
+        // past the user's share of it.
+        let recorded = lock(&self.shared.live)
+            .get_mut(id)
+            .is_some_and(|l| std::mem::replace(&mut l.cancel_recorded, true));
+        if !recorded && self.shared.may_record(caller.uid).is_ok() {
+            let _ = self.shared.audit(
+                "request.cancel",
+                Some(caller.uid),
+                Some(id),
+                None,
+                serde_json::json!({ "by": caller.user }),
+            );
+        }
         if let Some(live) = lock(&self.shared.live).get(id) {
             // (Fails only when the request's task has ended: nothing left to stop.)
             let _ = live.control.send(super::shared::Control::Cancel);
@@ -579,7 +593,13 @@ impl Agent {
         let uid = (caller.uid != 0).then_some(caller.uid);
         fits(
             to_json(&lock(&self.shared.store).rules(uid).map_err(failed)?),
-            "remove rules first (`devos rules remove ID`)",
+            match uid {
+                Some(_) => "remove rules first (`devos rules remove ID`)",
+                // (Each user's are bounded; together they can still be too many.)
+                None => {
+                    "the audit log's `rule.added` entries name every rule with its id and user: remove some with `devos rules remove ID`"
+                }
+            },
         )
     }
 
@@ -669,16 +689,19 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
-        let caller = caller(&self.shared, &header, conn).await?;
+        let uid = super::shared::caller_uid(&header, conn).await?;
         let config = self.shared.config();
-        let (active, entries) = match caller.uid {
+        let (active, entries) = match uid {
             0 => (
-                lock(&self.shared.live).len() as u64,
+                lock(&self.shared.live).len(),
                 Some(lock(&self.shared.audit).entries()),
             ),
-            uid => (u64::from(self.shared.in_flight(uid)), None),
+            uid => {
+                let live = lock(&self.shared.live);
+                (live.values().filter(|l| l.uid == uid).count(), None)
+            }
         };
-        let uid = (caller.uid != 0).then_some(caller.uid);
+        let uid = (uid != 0).then_some(uid);
         let requests = lock(&self.shared.store)
             .count_requests(uid)
             .map_err(failed)?;

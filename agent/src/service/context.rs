@@ -651,6 +651,9 @@ impl Context {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
         let caller = caller(&self.shared, &header, conn).await?;
+        // (Each one is on record: a user adding and removing projects without end
+        // would fill the log.)
+        self.shared.may_record(caller.uid)?;
         let path = PathBuf::from(path);
         if !path.is_absolute() {
             return Err(invalid_args(format!(

@@ -82,14 +82,24 @@ pub(super) async fn decide_action(
         within_bounds(&lock(&shared.store), rule)?;
     }
     record_decision(agent, caller, id, index, decision, audited)?;
-    if let Some(rule) = rule {
-        store_rule(agent, caller, &rule, Some(id), Some(index))?;
-    }
+    // The decision stands, whatever becomes of the rule: the request goes on.
+    let stored = rule.map_or(Ok(0), |rule| {
+        store_rule(agent, caller, &rule, Some(id), Some(index))
+    });
     if let Some(live) = lock(&shared.live).get(id) {
         // (Fails only when the request's task has ended: nobody waits for this.)
         let _ = live.control.send(Control::Decided);
     }
-    Ok(())
+    stored.map(|_| ()).map_err(|e| {
+        let why = match e {
+            fdo::Error::LimitsExceeded(why) | fdo::Error::Failed(why) => why,
+            other => other.to_string(),
+        };
+        fdo::Error::Failed(format!(
+            "the action was {}, but the rule was not stored: {why}",
+            if approve { "approved" } else { "denied" },
+        ))
+    })
 }
 
 /// Action `index` of request `r`, which must be waiting for a decision.
@@ -160,7 +170,6 @@ fn store_rule(
     action: Option<u32>,
 ) -> fdo::Result<i64> {
     let shared = &agent.shared;
-    shared.may_record(caller.uid)?;
     let rule = {
         let store = lock(&shared.store);
         within_bounds(&store, rule)?;
@@ -297,6 +306,7 @@ pub(super) async fn add_rule(
             )));
         }
     };
+    agent.shared.may_record(caller.uid)?;
     let lifetime: Remember = lifetime.parse().map_err(invalid_args)?;
     if lifetime == Remember::Once {
         return Err(fdo::Error::InvalidArgs(

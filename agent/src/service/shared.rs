@@ -31,6 +31,10 @@ pub(super) struct Live {
     pub control: mpsc::UnboundedSender<Control>,
     /// The submitting connection: signals about the request go only there.
     pub owner: Option<UniqueName<'static>>,
+    /// Whose request it is.
+    pub uid: u32,
+    /// Whether a cancel is on record already (one per request).
+    pub cancel_recorded: bool,
 }
 
 pub struct Shared {
@@ -99,6 +103,9 @@ pub(super) enum ServiceError {
         "your requests and rules took {limit} MiB of the audit log today ([limits] audit-mib-per-user-per-day); new ones are refused until tomorrow (UTC)"
     )]
     AuditBudget { limit: u64 },
+    /// The room left for the audit log is not known: nothing new is taken from users.
+    #[error("cannot tell how much room the audit log has left: {0}")]
+    Room(#[source] AuditError),
     #[error(transparent)]
     Verify(AuditError),
     #[error(transparent)]
@@ -262,7 +269,7 @@ impl Shared {
             return Ok(());
         }
         let mut audit = lock(&self.audit);
-        let (free, size) = audit.space().map_err(ServiceError::NotRecorded)?;
+        let (free, size) = audit.space().map_err(ServiceError::Room)?;
         let reserve = (size / 20).min(256 << 20);
         if free < reserve {
             return Err(ServiceError::DiskNearlyFull {
@@ -272,20 +279,14 @@ impl Shared {
             });
         }
         let limit = self.config().limits.audit_mib_per_user_per_day;
-        if audit.written_today(uid) >= limit << 20 {
+        if audit.written_today(uid) >= limit.saturating_mul(1 << 20) {
             return Err(ServiceError::AuditBudget { limit });
         }
         Ok(())
     }
 
-    /// How many slots `uid` holds: requests in flight, and helpers of theirs running.
-    pub(super) fn in_flight(&self, uid: u32) -> u32 {
-        lock(&self.in_flight).get(&uid).copied().unwrap_or(0)
-    }
-
     /// Take one of `uid`'s in-flight slots, or say why not.
     pub(super) fn reserve(self: &Arc<Self>, uid: u32) -> Result<Slot, ServiceError> {
-        self.may_record(uid)?;
         let limit = self.config().limits.requests_per_user;
         let mut map = lock(&self.in_flight);
         let n = map.entry(uid).or_insert(0);
@@ -386,19 +387,24 @@ pub(super) enum Verify {
     SinceLast,
 }
 
+/// The uid of the message's sender, as the bus knows it.
+pub(super) async fn caller_uid(header: &Header<'_>, conn: &zbus::Connection) -> fdo::Result<u32> {
+    let sender = header
+        .sender()
+        .ok_or_else(|| fdo::Error::AccessDenied("message without a sender".into()))?;
+    fdo::DBusProxy::new(conn)
+        .await?
+        .get_connection_unix_user(BusName::Unique(sender.to_owned()))
+        .await
+}
+
 /// The caller of the current method: the uid the bus daemon vouches for.
 pub(super) async fn caller(
     shared: &Shared,
     header: &Header<'_>,
     conn: &zbus::Connection,
 ) -> fdo::Result<Caller> {
-    let sender = header
-        .sender()
-        .ok_or_else(|| fdo::Error::AccessDenied("message without a sender".into()))?;
-    let uid = fdo::DBusProxy::new(conn)
-        .await?
-        .get_connection_unix_user(BusName::Unique(sender.to_owned()))
-        .await?;
+    let uid = caller_uid(header, conn).await?;
     let admin_groups = shared.config().policy.admin_groups.clone();
     tokio::task::spawn_blocking(move || Caller::from_uid(uid, &admin_groups))
         .await

@@ -8,12 +8,12 @@ impl TestReport {
     /// The human summary printed after a test.
     pub(crate) fn summary(&self) -> String {
         let mut s = format!(
-            "boot test of {} ({}): {} in {:.1}s under {:?} ({})\n",
+            "boot test of {} ({}): {} in {:.1}s under {} ({})\n",
             self.disk.display(),
             self.version.as_deref().unwrap_or("unknown version"),
             if self.passed { "PASSED" } else { "FAILED" },
             self.seconds,
-            self.accel.accel,
+            self.accel.accel.describe(),
             self.accel.reason
         );
         if let Some(t) = self.agent_answered_seconds {

@@ -604,8 +604,9 @@ pub(crate) struct BootOptions {
     /// Forward this host port to the guest's SSH port, with instance metadata handing
     /// in `ssh_key` as an EC2 key pair's key.
     pub(crate) ssh_port: Option<u16>,
-    /// A public key file; by default the invoking user's `~/.ssh/id_*.pub`.
-    pub(crate) ssh_key: Option<PathBuf>,
+    /// The public key to hand in (its file and its line), read by [`ssh_public_key`]
+    /// before anything starts; None: only the spec's keys and passwords work.
+    pub(crate) ssh_key: Option<(PathBuf, String)>,
     /// Log this user in on the console; None for a login prompt.
     pub(crate) autologin: Option<String>,
 }
@@ -614,9 +615,9 @@ pub(crate) struct BootOptions {
 pub(crate) fn boot(target: &Target, opts: &BootOptions) -> Result<()> {
     let scratch = Scratch::prepare(target, "devos-boot-")?;
     eprintln!(
-        "booting {} under {:?} ({}); quit with Ctrl-A X",
+        "booting {} under {} ({}); quit with Ctrl-A X",
         target.disk.display(),
-        scratch.accel.accel,
+        scratch.accel.accel.describe(),
         scratch.accel.reason
     );
     let default_user = target
@@ -625,7 +626,7 @@ pub(crate) fn boot(target: &Target, opts: &BootOptions) -> Result<()> {
         .and_then(|m| m.users.first().cloned());
     let standin = match opts.ssh_port {
         Some(port) => {
-            let key = ssh_public_key(opts.ssh_key.as_deref())?;
+            let key = opts.ssh_key.clone();
             let user = default_user.as_deref().unwrap_or("USER");
             match &key {
                 Some((path, _)) => eprintln!(
@@ -710,10 +711,16 @@ fn run_interactive(
 
 /// The public key to hand in: the file given, else the invoking user's first
 /// `~/.ssh/id_{ed25519,ecdsa,rsa}.pub` (under sudo, the user who ran sudo).
-fn ssh_public_key(given: Option<&Path>) -> Result<Option<(PathBuf, String)>> {
+/// The public key `image boot --ssh-port` hands in: `given` (--ssh-key), else the
+/// invoking user's first `~/.ssh/id_*.pub`. Checked before anything is started.
+pub(crate) fn ssh_public_key(given: Option<&Path>) -> Result<Option<(PathBuf, String)>> {
     let read = |path: &Path| -> Result<(PathBuf, String)> {
-        let text = fs::read_to_string(path)
-            .with_context(|| format!("cannot read the SSH public key {}", path.display()))?;
+        let text = fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the SSH public key {} (--ssh-key): {e}\n  hint: pass an existing `.pub` file, e.g. --ssh-key ~/.ssh/id_ed25519.pub, or leave --ssh-key out to use yours",
+                path.display()
+            )
+        })?;
         let key = text.lines().next().unwrap_or("").trim().to_owned();
         if !crate::model::spec::is_ssh_key(&key) {
             bail!(

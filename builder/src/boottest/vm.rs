@@ -20,6 +20,14 @@ pub enum Accel {
 }
 
 impl Accel {
+    /// The accelerator in words, for people.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "TCG (software emulation)",
+        }
+    }
+
     /// The name QEMU's `-accel` takes, as the registry records it.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -97,7 +105,9 @@ fn probe_sector() -> Vec<u8> {
     sector
 }
 
-fn probe_kvm(work: &Path) -> Result<Duration, String> {
+/// Run a one-instruction guest under KVM: how long it took, or why it failed. Cheap
+/// (at most [`KVM_PROBE_TIMEOUT`]); `devos-build doctor` runs it too.
+pub(crate) fn probe_kvm(work: &Path) -> Result<Duration, String> {
     let img = work.join("kvm-probe.img");
     fs::write(&img, probe_sector()).map_err(|e| e.to_string())?;
     let log = work.join("kvm-probe.log");
@@ -406,7 +416,7 @@ impl Scratch {
             "{}, but the VM then failed under KVM ({kvm_error}); fell back to TCG",
             self.accel.reason
         );
-        tracing::info!("accelerator: Tcg ({reason})");
+        tracing::info!("accelerator: {} ({reason})", Accel::Tcg.describe());
         self.accel = AccelChoice {
             accel: Accel::Tcg,
             reason,
@@ -455,7 +465,7 @@ impl Scratch {
         let fw = firmware()?;
         let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
         let accel = choose_accel(dir.path());
-        tracing::info!("accelerator: {:?} ({})", accel.accel, accel.reason);
+        tracing::info!("accelerator: {} ({})", accel.accel.describe(), accel.reason);
         let overlay = dir.path().join("overlay.qcow2");
         self::overlay(&target.disk, disk_format(&target.disk), &overlay)?;
         let vars = dir.path().join("vars.fd");

@@ -72,6 +72,7 @@ pub(crate) enum Command {
     /// Print a shell completion script (bash: `devos-build completions bash >
     /// /etc/bash_completion.d/devos-build`; zsh, fish, elvish, powershell alike).
     Completions {
+        /// The shell to write the script for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -97,6 +98,7 @@ pub(crate) enum ImageCommand {
         /// The image spec.
         #[arg(default_value = DEFAULT_SPEC)]
         spec: PathBuf,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -108,6 +110,7 @@ pub(crate) enum ImageCommand {
         /// Use this prebuilt agent package instead of building devos-agent from source.
         #[arg(long, value_name = "DEB")]
         agent_deb: Option<PathBuf>,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -115,26 +118,36 @@ pub(crate) enum ImageCommand {
     List {
         /// Only this image.
         name: Option<String>,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Show one version: artifacts, stage timings, boot-test runs.
     Show {
-        /// NAME (its newest version), NAME@VERSION, or NAME@ a unique prefix of one.
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Compare two versions: packages added, removed and changed, files, sizes.
     Diff {
+        /// The older version: NAME (its newest version), NAME@VERSION, or NAME@ a unique
+        /// prefix of a version or build id.
         from: String,
+        /// The newer version, written as FROM is.
         to: String,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Recompute the sha256 of a version's artifacts and compare with the registry.
     Verify {
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -149,6 +162,7 @@ pub(crate) enum ImageCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -174,7 +188,10 @@ pub(crate) enum ImageCommand {
     /// Convert a version's raw image to another format (vmdk: streamOptimized, vhd:
     /// fixed, whole MiB; qcow2) and record it with its sha256.
     Export {
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
+        /// The format to convert to.
         #[arg(long, value_parser = ["qcow2", "vmdk", "vhd"])]
         format: String,
         /// Write here instead of next to the raw image (not recorded in the registry).
@@ -183,6 +200,7 @@ pub(crate) enum ImageCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -195,7 +213,7 @@ pub(crate) enum ImageCommand {
         /// Forward this host port (on 127.0.0.1) to the guest's SSH port, with your
         /// public key handed in as an EC2 instance's key pair is (instance metadata):
         /// `ssh -p PORT dev@127.0.0.1` then logs in as on an instance.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         ssh_port: Option<u16>,
         /// The public key to hand in with --ssh-port (default: your first
         /// ~/.ssh/id_{ed25519,ecdsa,rsa}.pub; under sudo, the sudo user's).
@@ -209,10 +227,10 @@ pub(crate) enum ImageCommand {
         #[arg(long)]
         no_autologin: bool,
         /// Guest memory in MiB.
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
         memory: u32,
         /// Guest CPUs.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
         cpus: u32,
         /// How the disk is attached: nvme (as on EC2), virtio-blk (QEMU's and
         /// libvirt's default) or virtio-scsi.
@@ -232,21 +250,26 @@ pub(crate) enum KeysCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Print the signing key's fingerprint and where it is kept.
     Show {
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Write the public key (binary, as images carry it) to FILE, for a spec's
     /// `[update] key`.
     Export {
+        /// Where to write the public key (an existing file is replaced only if it
+        /// holds this same key).
         file: PathBuf,
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -258,7 +281,8 @@ pub(crate) enum PublishCommand {
     /// prefix, served over HTTP(S) at the spec's `[update] url`) and sign the feed's
     /// SHA256SUMS.
     Updates {
-        /// NAME@VERSION (or NAME: its newest version).
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
         /// The feed: a directory (made if missing) or s3://BUCKET/PREFIX; other
         /// versions in it are kept.
@@ -276,13 +300,15 @@ pub(crate) enum PublishCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Upload a tested version to an EBS snapshot (EBS direct APIs), register it as an
     /// AMI, copy it to more regions, and write its SSM parameters. Idempotent.
     Ami {
-        /// NAME@VERSION (or NAME: its newest version).
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
         /// The region to upload to. Default: `[aws] region`, else AWS_REGION / the profile's.
         #[arg(long)]
@@ -301,11 +327,14 @@ pub(crate) enum PublishCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Point PREFIX/NAME/latest at this version's AMI in every region it is in.
     Promote {
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
         /// Only these regions (comma-separated). Default: all it is published in.
         #[arg(long, value_delimiter = ',')]
@@ -315,6 +344,7 @@ pub(crate) enum PublishCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -322,12 +352,15 @@ pub(crate) enum PublishCommand {
     List {
         /// Only this image.
         name: Option<String>,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Build an AMI with Packer from the latest official Ubuntu base AMI, installing
     /// this version's agent package and config; records the AMI it made.
     Packer {
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
         /// Default: `[aws] region`, else AWS_REGION.
         #[arg(long)]
@@ -347,12 +380,15 @@ pub(crate) enum PublishCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Deregister a version's AMIs in every region and delete their snapshots and
     /// SSM parameters.
     Deregister {
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
         /// Even if PREFIX/NAME/latest points at it.
         #[arg(long)]
@@ -362,18 +398,22 @@ pub(crate) enum PublishCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
     /// Read the uploaded snapshot back (EBS direct APIs) and compare it with the raw
     /// image, block by block.
     Verify {
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
         /// Default: `[aws] region`, else AWS_REGION.
         #[arg(long)]
         region: Option<String>,
         #[command(flatten)]
         aws: AwsArgs,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -383,6 +423,7 @@ pub(crate) enum PublishCommand {
 pub(crate) enum FleetCommand {
     /// Render a CloudFormation template for a published, tested version.
     Render {
+        /// The kind of stack: one instance, a fleet (Auto Scaling group) or WorkSpaces.
         #[arg(value_enum)]
         template: crate::fleet::Template,
         /// NAME@VERSION (or NAME: its newest version).
@@ -400,6 +441,7 @@ pub(crate) enum FleetCommand {
     Deploy {
         #[command(flatten)]
         stack: StackArgs,
+        /// The kind of stack: one instance, a fleet (Auto Scaling group) or WorkSpaces.
         #[arg(long, value_enum)]
         template: crate::fleet::Template,
         /// NAME@VERSION (or NAME: its newest version).
@@ -445,6 +487,9 @@ pub(crate) enum FleetCommand {
     Rollback {
         #[command(flatten)]
         stack: StackArgs,
+        /// The version to go back to: VERSION (of the stack's image; a prefix of one
+        /// is enough) or NAME@VERSION. Default: the last version that passed its gate
+        /// on the stack and is not marked bad there.
         #[arg(long)]
         to: Option<String>,
         #[command(flatten)]
@@ -454,6 +499,7 @@ pub(crate) enum FleetCommand {
     Status {
         #[command(flatten)]
         stack: StackArgs,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -465,6 +511,7 @@ pub(crate) enum FleetCommand {
         /// Only this region.
         #[arg(long)]
         region: Option<String>,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -491,6 +538,7 @@ pub(crate) struct ChangeArgs {
     /// Seconds the health gate watches the new version after the stack update.
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub(super) bake: u64,
+    /// Print the result as JSON on stdout (docs/cli.md gives its shape).
     #[arg(long)]
     pub(super) json: bool,
 }
@@ -500,10 +548,15 @@ pub(crate) enum PackerCommand {
     /// Write the HCL2 template and what it installs for a version into a directory,
     /// and check it with `packer validate`.
     Render {
+        /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
+        /// of exactly one of its versions or build ids).
         reference: String,
         /// Default: `packer/` in the version's output directory.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The region the template builds in (written into it as the `region`
+        /// variable's default). Default: `[aws] region`, else AWS_REGION /
+        /// AWS_DEFAULT_REGION; one of them is needed.
         #[arg(long)]
         region: Option<String>,
         /// The variant without a communicator (see `publish packer`).
@@ -511,6 +564,7 @@ pub(crate) enum PackerCommand {
         no_communicator: bool,
         #[command(flatten)]
         aws: AwsArgs,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -543,6 +597,7 @@ fn endpoint_url(value: &str) -> Result<String, String> {
 pub(crate) enum CacheCommand {
     /// Where the cache is, its size, and every stage entry.
     Status {
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -558,6 +613,7 @@ pub(crate) enum CacheCommand {
         /// Say what would change, and change nothing (exit code 3: nothing to do).
         #[arg(long)]
         dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
@@ -610,14 +666,14 @@ pub(crate) struct BuildArgs {
 #[derive(Args)]
 pub(crate) struct VmArgs {
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub(super) memory: u32,
     /// Guest CPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub(super) cpus: u32,
     /// Give up on the boot test after this many seconds (the verified trixie image boots
     /// in about a minute under TCG; a broken one is named as soon as its failure shows).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub(super) timeout: u64,
     /// Keep the test VM's overlay and console log, and print where.
     #[arg(long)]

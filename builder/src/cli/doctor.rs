@@ -154,8 +154,8 @@ pub(crate) struct Report {
 /// tested without this machine's state).
 pub(crate) struct Facts {
     pub(crate) root: bool,
-    /// /dev/kvm opens for reading and writing.
-    pub(crate) kvm: Result<(), String>,
+    /// Whether KVM opens and runs the boot test's probe guest.
+    pub(crate) kvm: Kvm,
     /// Free bytes where the cache goes, and that place.
     pub(crate) space: Result<(u64, PathBuf), String>,
     /// /tmp's mode.
@@ -164,6 +164,18 @@ pub(crate) struct Facts {
     pub(crate) mirror: (String, Result<(), String>),
     /// The installed Nix's version (NixOS specs are built with it).
     pub(crate) nix: Result<String, String>,
+}
+
+/// What the doctor found of KVM: the same probe the boot test runs before it uses KVM.
+pub(crate) enum Kvm {
+    /// The probe guest ran, in this long.
+    Works(std::time::Duration),
+    /// /dev/kvm opens, but QEMU is missing, so it was not tried.
+    Untried,
+    /// /dev/kvm does not open (the error).
+    CannotOpen(String),
+    /// /dev/kvm opens, but QEMU cannot run a guest with it (why).
+    Broken(String),
 }
 
 pub(crate) fn check() -> Report {
@@ -192,12 +204,22 @@ fn find_tools() -> Vec<ToolStatus> {
 
 fn gather() -> Facts {
     use std::os::unix::fs::PermissionsExt;
-    let kvm = std::fs::OpenOptions::new()
+    let kvm = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .map(drop)
-        .map_err(|e| e.to_string());
+    {
+        Err(e) => Kvm::CannotOpen(e.to_string()),
+        Ok(_) if crate::support::cmd::which("qemu-system-x86_64").is_none() => Kvm::Untried,
+        // The probe takes well under a second where KVM works, and gives up after 2 s.
+        Ok(_) => match tempfile::tempdir() {
+            Ok(work) => match crate::boottest::vm::probe_kvm(work.path()) {
+                Ok(took) => Kvm::Works(took),
+                Err(why) => Kvm::Broken(why),
+            },
+            Err(e) => Kvm::Broken(format!("cannot make a directory for the probe: {e}")),
+        },
+    };
     let cache = crate::store::cache::dir();
     let space = free_space(&cache);
     let tmp_mode = std::fs::metadata("/tmp")
@@ -265,16 +287,39 @@ fn judge(tools: Vec<ToolStatus>, facts: &Facts) -> Report {
             .to_owned(),
             "`image build` needs root: run it with sudo (the registry and cache stay in your home); everything else runs as you",
         ),
-        check(
-            "kvm",
-            facts.kvm.is_ok(),
-            false,
-            match &facts.kvm {
-                Ok(()) => "/dev/kvm opens (boot tests probe it before use)".to_owned(),
-                Err(e) => format!("/dev/kvm: {e}; boot tests run under TCG, several times slower"),
-            },
-            "load kvm_intel or kvm_amd and add yourself to the kvm group, or accept TCG",
-        ),
+        match &facts.kvm {
+            Kvm::Works(took) => check(
+                "kvm",
+                true,
+                false,
+                format!(
+                    "KVM runs a probe guest ({} ms): boot tests use it",
+                    took.as_millis()
+                ),
+                "",
+            ),
+            Kvm::Untried => check(
+                "kvm",
+                true,
+                false,
+                "/dev/kvm opens (not tried: QEMU is missing)".to_owned(),
+                "",
+            ),
+            Kvm::CannotOpen(e) => check(
+                "kvm",
+                false,
+                false,
+                format!("/dev/kvm: {e}; boot tests run under TCG, several times slower"),
+                "load kvm_intel or kvm_amd and add yourself to the kvm group, or accept TCG",
+            ),
+            Kvm::Broken(why) => check(
+                "kvm",
+                false,
+                false,
+                format!("KVM does not work here: {why}; boot tests run under TCG, slower"),
+                "if this machine is a VM, its host must offer nested virtualisation; check `dmesg` for KVM errors; or accept TCG",
+            ),
+        },
         match &facts.space {
             Ok((free, at)) => check(
                 "space",
@@ -409,7 +454,7 @@ mod tests {
     fn facts() -> Facts {
         Facts {
             root: true,
-            kvm: Ok(()),
+            kvm: Kvm::Works(std::time::Duration::from_millis(80)),
             space: Ok((20 << 30, PathBuf::from("/var"))),
             tmp_mode: Some(0o1777),
             mirror: ("http://m/dists/s/InRelease".into(), Ok(())),
@@ -456,12 +501,28 @@ mod tests {
             vec![],
             &Facts {
                 root: false,
-                kvm: Err("Permission denied".into()),
+                kvm: Kvm::CannotOpen("Permission denied".into()),
                 ..facts()
             },
         );
         assert!(r.ok, "{}", r.human());
         assert!(r.human().contains("note     root"));
+        // KVM that opens but cannot run the probe guest is a note that says so.
+        let r = judge(
+            vec![],
+            &Facts {
+                kvm: Kvm::Broken("probe VM exited with exit status: 1".into()),
+                ..facts()
+            },
+        );
+        assert!(r.ok, "{}", r.human());
+        assert!(
+            r.human().contains(
+                "note     kvm      KVM does not work here: probe VM exited with exit status: 1; boot tests run under TCG, slower"
+            ),
+            "{}",
+            r.human()
+        );
         // No Nix, or one too old for flakes: a note (only NixOS specs need it).
         for nix in [Err("not found".to_owned()), Ok("2.3.16".to_owned())] {
             let r = judge(vec![], &Facts { nix, ..facts() });

@@ -220,12 +220,8 @@ fn image_command(
             cpus,
             disk_bus,
         } => {
-            let target = boottest::resolve_target(&target, registry_path)?;
-            let default_user = target
-                .manifest
-                .as_ref()
-                .and_then(|m| m.users.first().cloned())
-                .unwrap_or_else(|| "root".into());
+            // The arguments first: nothing is looked up, probed or announced for a
+            // command that cannot run.
             if let Some(user) = &autologin
                 && !crate::model::spec::is_user_name(user)
             {
@@ -233,6 +229,16 @@ fn image_command(
                     "--autologin `{user}` is not a user name\n  hint: name one of the image's [[users]], or root"
                 );
             }
+            let ssh_key = match ssh_port {
+                Some(_) => boottest::ssh_public_key(ssh_key.as_deref())?,
+                None => None,
+            };
+            let target = boottest::resolve_target(&target, registry_path)?;
+            let default_user = target
+                .manifest
+                .as_ref()
+                .and_then(|m| m.users.first().cloned())
+                .unwrap_or_else(|| "root".into());
             let opts = boottest::BootOptions {
                 memory_mib: memory,
                 cpus,
@@ -1097,6 +1103,24 @@ mod tests {
                 "`{listed}` is listed but is no command"
             );
         }
+    }
+
+    #[test]
+    fn every_argument_has_help_text() {
+        let mut bare = Vec::new();
+        for (name, cmd) in all() {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.trim().is_empty() {
+                    bare.push(format!("{name}: {id}"));
+                }
+            }
+        }
+        assert!(bare.is_empty(), "arguments without help text: {bare:#?}");
     }
 
     #[test]

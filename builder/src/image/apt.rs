@@ -188,14 +188,21 @@ impl Index {
             "apt",
         ])
         .args(request);
-        let out = cmd::run(&mut c).with_context(|| {
-            format!(
-                "apt cannot install the packages of {} from {:?} {}\n  hint: check the names in `[packages] include` and the layers",
+        let out = cmd::output_with_input(&mut c, None)?;
+        if !out.status.success() {
+            // The whole of stderr, not the error's tail: which packages apt could not
+            // find says whether the names or the archive are wrong.
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let missing = unlocatable(&stderr);
+            bail!(
+                "apt cannot install the packages of {} from {} {}: {}\n  hint: {}",
                 spec.path.display(),
-                spec.distro,
-                spec.suite
-            )
-        })?;
+                spec.distro.name(),
+                spec.suite,
+                cmd::failure(&c, &out),
+                install_hint(spec, request, &missing)
+            );
+        }
         let packages = parse_simulation(&String::from_utf8_lossy(&out.stdout));
         if packages.is_empty() {
             bail!("apt resolved no packages for {}", spec.path.display());
@@ -239,8 +246,9 @@ impl Index {
         cmd::run(self.apt("apt-get").args(["-q", "update", "--error-on=any"])).with_context(
             || {
                 format!(
-                    "while downloading the package lists for {:?} {}",
-                    spec.distro, spec.suite
+                    "while downloading the package lists for {} {}",
+                    spec.distro.name(),
+                    spec.suite
                 )
             },
         )?;
@@ -473,20 +481,62 @@ fn fetch_in_releases(spec: &Spec, sources: &Sources) -> Result<String> {
                     "spec" => format!("fix `[base] mirror` in {}", spec.path.display()),
                     "host" => "check the host's apt sources (/etc/apt/sources.list.d)".to_owned(),
                     _ => format!(
-                        "set `[base] mirror` in {} to a {:?} mirror this machine can reach (a local mirror or apt proxy)",
+                        "set `[base] mirror` in {} to a {} mirror this machine can reach (a local mirror or apt proxy)",
                         spec.path.display(),
-                        spec.distro
+                        spec.distro.name()
                     ),
                 };
                 bail!(
-                    "cannot reach the package mirror {uri} for {:?} {} (GET {url}: {e})\n  hint: {hint}",
-                    spec.distro,
+                    "cannot reach the package mirror {uri} for {} {} (GET {url}: {e})\n  hint: {hint}",
+                    spec.distro.name(),
                     spec.suite
                 );
             }
         }
     }
     Ok(all)
+}
+
+/// The packages apt reported as `E: Unable to locate package NAME`.
+fn unlocatable(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("E: Unable to locate package "))
+        .map(str::trim)
+        .collect()
+}
+
+/// What to say when apt cannot resolve the request: when `apt` itself or every
+/// requested package is missing, the lists are empty or wrong (mirror or components),
+/// not the names.
+fn install_hint(spec: &Spec, request: &[String], missing: &[&str]) -> String {
+    let all_missing = !request.is_empty() && request.iter().all(|r| missing.contains(&r.as_str()));
+    if missing.contains(&"apt") || all_missing {
+        let mirror = match &spec.mirror {
+            Some(m) => format!("`[base] mirror` ({m})"),
+            None => {
+                "`[base] mirror` (unset: the host's apt sources or the default mirror)".to_owned()
+            }
+        };
+        format!(
+            "apt found none of the packages (not even `apt`), so the package lists are empty: check {mirror} and `[base] components` ({}) in {}: the mirror must be a {} mirror with suite `{}`, and components are names such as `main`",
+            spec.components.join(", "),
+            spec.path.display(),
+            spec.distro.name(),
+            spec.suite
+        )
+    } else if !missing.is_empty() {
+        format!(
+            "the archive has no package {}: check these names in `[packages] include` of {} and its layers (`apt-cache search NAME` finds the right one)",
+            missing.join(", "),
+            spec.path.display()
+        )
+    } else {
+        format!(
+            "check the names in `[packages] include` of {} and its layers; apt's last output above says what conflicts",
+            spec.path.display()
+        )
+    }
 }
 
 /// The suites a distribution's mirrors carry (codenames and aliases).
@@ -513,6 +563,21 @@ fn known_suites(distro: Distro) -> &'static [&'static str] {
 /// known ones.
 fn suite_hint(spec: &Spec, suite: &str) -> String {
     let known = known_suites(spec.distro);
+    if known.contains(&suite) {
+        // The suite is right for the distro: the mirror is the wrong one.
+        let mirror = match &spec.mirror {
+            Some(m) => format!("the mirror {m}"),
+            None => "the mirror".to_owned(),
+        };
+        return format!(
+            "{mirror} does not carry {} suite `{suite}`: check `[base] mirror` in {} against `distro = \"{}\"` (a {} mirror is e.g. {})",
+            spec.distro.name(),
+            spec.path.display(),
+            spec.distro.name(),
+            spec.distro.name(),
+            spec.distro.default_mirror()
+        );
+    }
     let nearest = known
         .iter()
         .map(|k| (edit_distance(suite, k), *k))
@@ -567,6 +632,49 @@ mod tests {
         assert!(suite_hint(&spec, "potato").contains("bookworm, trixie"));
         spec.distro = Distro::Ubuntu;
         assert!(suite_hint(&spec, "nobel").contains("`noble`"));
+    }
+
+    #[test]
+    fn a_known_suite_missing_from_the_mirror_blames_the_mirror() {
+        let spec = crate::model::spec::parse(
+            Path::new("images/x.toml"),
+            "[image]\nname = \"x\"\nversion = \"0.1.0\"\n[base]\ndistro = \"debian\"\nsuite = \"trixie\"\nmirror = \"http://archive.ubuntu.com/ubuntu\"\n",
+        )
+        .unwrap();
+        let hint = suite_hint(&spec, "trixie");
+        assert!(!hint.contains("did you mean"), "{hint}");
+        assert!(
+            hint.contains("does not carry debian suite `trixie`")
+                && hint.contains(
+                    "check `[base] mirror` in images/x.toml against `distro = \"debian\"`"
+                ),
+            "{hint}"
+        );
+    }
+
+    #[test]
+    fn every_package_missing_blames_the_mirror_or_components() {
+        let spec = crate::model::spec::parse(
+            Path::new("images/x.toml"),
+            "[image]\nname = \"x\"\nversion = \"0.1.0\"\n[base]\ndistro = \"debian\"\ncomponents = [\"mian\"]\n",
+        )
+        .unwrap();
+        let request = vec!["dbus".to_owned(), "kmod".to_owned()];
+        let stderr = "E: Unable to locate package apt\nE: Unable to locate package dbus\nE: Unable to locate package kmod\n";
+        let missing = unlocatable(stderr);
+        assert_eq!(missing, ["apt", "dbus", "kmod"]);
+        let hint = install_hint(&spec, &request, &missing);
+        assert!(
+            hint.contains("`[base] mirror`") && hint.contains("`[base] components` (mian)"),
+            "{hint}"
+        );
+        assert!(!hint.contains("[packages] include"), "{hint}");
+        // One mistyped name: the names are to blame.
+        let hint = install_hint(&spec, &request, &["kmdo"]);
+        assert!(
+            hint.contains("no package kmdo") && hint.contains("[packages] include"),
+            "{hint}"
+        );
     }
 
     #[test]

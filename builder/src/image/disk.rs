@@ -801,10 +801,17 @@ fn mkfs_ext4(
     fs::File::create(img)?.set_len(size)?;
     let inodes = (content.entries * 5 / 4 + 4096).max(size / 16384);
     let mut c = Command::new("mkfs.ext4");
+    // The writable /var (the one with a journal) keeps ext4's usual 5% for root: the
+    // homes live on it (/home is /var/home), and a user who fills theirs must not leave
+    // the system's services (the journal, the agent's audit log) without room. The
+    // read-only root needs none.
+    let reserved = if journal { "5" } else { "0" };
     // mke2fs -d adds directory entries in strcoll order: make that the same everywhere.
     c.env("LC_ALL", "C")
         .env("E2FSPROGS_FAKE_TIME", id.source_date_epoch.to_string())
-        .args(["-q", "-F", "-b", "4096", "-m", "0", "-L", label, "-U", uuid])
+        .args([
+            "-q", "-F", "-b", "4096", "-m", reserved, "-L", label, "-U", uuid,
+        ])
         .arg("-N")
         .arg(inodes.to_string())
         .arg("-E")

@@ -119,10 +119,11 @@ impl Manifest {
 
     pub(crate) fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
-        let text = fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {}: is this an image output directory?",
-                path.display()
+        let text = fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {}: {e}\n  hint: {} is not an image output directory: pass the image as NAME@VERSION (`devos-build image list` shows them) or a directory that `devos-build image build` wrote",
+                path.display(),
+                dir.display()
             )
         })?;
         serde_json::from_str(&text)

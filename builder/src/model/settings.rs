@@ -96,7 +96,7 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
         file: &file,
         text: &text,
     };
-    let settings: Settings = src.parse()?;
+    let settings: Settings = src.parse_documented("docs/publish.md (\"The settings file\")")?;
     let prefix = &settings.publish.ssm_prefix;
     let valid = prefix.get_ref().starts_with('/')
         && prefix
@@ -108,7 +108,7 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
             .error(
                 prefix,
                 format!(
-                    "ssm-prefix {:?} is not a valid SSM parameter path",
+                    "ssm-prefix `{}` is not a valid SSM parameter path",
                     prefix.get_ref()
                 ),
                 "start it with / and use only letters, digits and _ . - /",
@@ -121,7 +121,7 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
         return Err(src
             .error(
                 url,
-                format!("endpoint-url {:?} is not an http(s) URL", url.get_ref()),
+                format!("endpoint-url `{}` is not an http(s) URL", url.get_ref()),
                 "write it as https://host[:port]",
             )
             .into());
@@ -162,6 +162,16 @@ mod tests {
             e.contains("config.toml:2:1: unknown field `endpoint`"),
             "{e}"
         );
+        // The settings file's keys are documented in docs/publish.md, not the spec's.
+        assert!(
+            e.contains("hint: remove the key or fix its spelling; the valid keys are named in the message and in docs/publish.md (\"The settings file\")"),
+            "{e}"
+        );
+        let e = load_text("[publish]\nworkers = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected a whole number (0 or more)"), "{e}");
+        assert!(!e.contains("usize") && !e.contains("u64"), "{e}");
         let e = load_text("[publish]\nssm-prefix = \"devos images\"\n")
             .unwrap_err()
             .to_string();

@@ -26,14 +26,19 @@ pub(crate) struct SpecError {
 
 impl fmt::Display for SpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.col,
-            self.message
-        )?;
+        // Line 0: the error is about the file as a whole (it cannot be read), not a place in it.
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)?;
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.col,
+                self.message
+            )?;
+        }
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
         }
@@ -68,27 +73,108 @@ impl Source<'_> {
         self.error_at(value.span().start, message, Some(hint))
     }
 
+    /// Parse the text as a spec or layer file (documented in docs/spec.md).
     pub(crate) fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, SpecError> {
+        self.parse_documented("docs/spec.md")
+    }
+
+    /// Parse the text; hints send the reader to `doc` for the keys and their types.
+    pub(crate) fn parse_documented<T: serde::de::DeserializeOwned>(
+        &self,
+        doc: &str,
+    ) -> Result<T, SpecError> {
         toml::from_str(self.text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            let message = e.message().trim().to_owned();
-            let hint = parse_hint(&message);
-            self.error_at(offset, message, hint)
+            let span = e.span().unwrap_or(0..0);
+            let mut message = plain_words(e.message().trim());
+            if message == "duplicate key" {
+                // toml does not say which key; the span is the second one.
+                let key = self.text.get(span.clone()).unwrap_or_default().trim();
+                if !key.is_empty() {
+                    message = format!("duplicate key `{key}`");
+                }
+            }
+            let hint = parse_hint(&message, doc);
+            self.error_at(span.start, message, hint.as_deref())
         })
     }
 }
 
-fn parse_hint(message: &str) -> Option<&'static str> {
+/// A serde or toml message in the words a spec's reader uses: `i64` is an integer,
+/// a sequence is a list, a variant is a value.
+pub(crate) fn plain_words(message: &str) -> String {
+    const WORDS: &[(&str, &str)] = &[
+        ("expected i8", "expected an integer"),
+        ("expected i16", "expected an integer"),
+        ("expected i32", "expected an integer"),
+        ("expected i64", "expected an integer"),
+        ("expected isize", "expected an integer"),
+        ("expected u8", "expected a whole number (0 or more)"),
+        ("expected u16", "expected a whole number (0 or more)"),
+        ("expected u32", "expected a whole number (0 or more)"),
+        ("expected u64", "expected a whole number (0 or more)"),
+        ("expected usize", "expected a whole number (0 or more)"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected a list"),
+        ("expected a map", "expected a table"),
+        ("expected a borrowed string", "expected a string"),
+        ("expected a boolean", "expected `true` or `false`"),
+        ("invalid type: sequence", "invalid type: list"),
+        ("invalid type: map", "invalid type: table"),
+        ("unknown variant", "unknown value"),
+    ];
+    let mut out = message.to_owned();
+    for (jargon, plain) in WORDS {
+        let mut from = 0;
+        while let Some(i) = out[from..].find(jargon).map(|i| i + from) {
+            let end = i + jargon.len();
+            // Whole words only: `expected u8` is not `expected u80`.
+            if out[end..]
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                from = end;
+                continue;
+            }
+            out.replace_range(i..end, plain);
+            from = i + plain.len();
+        }
+    }
+    // `expected struct RawImage`: the name is the parser's, the thing is a table.
+    if let Some(i) = out.find("expected struct ") {
+        let rest = &out[i + "expected struct ".len()..];
+        let name_len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let end = i + "expected struct ".len() + name_len;
+        out.replace_range(i..end, "expected a table");
+    }
+    out
+}
+
+fn parse_hint(message: &str, doc: &str) -> Option<String> {
     if message.starts_with("unknown field") {
-        Some(
-            "remove the key or fix its spelling; the valid keys are listed above and in docs/spec.md",
-        )
-    } else if message.starts_with("invalid type") {
-        Some("see docs/spec.md for the type each key takes")
+        Some(if message.contains("there are no fields") {
+            format!("remove the key: this table takes none (see {doc})")
+        } else if message.contains("expected") {
+            format!(
+                "remove the key or fix its spelling; the valid keys are named in the message and in {doc}"
+            )
+        } else {
+            format!("remove the key or fix its spelling; the valid keys are in {doc}")
+        })
+    } else if message.starts_with("unknown value") {
+        Some(format!(
+            "use one of the values the message names; {doc} describes them"
+        ))
+    } else if message.starts_with("invalid type") || message.starts_with("invalid value") {
+        Some(format!("see {doc} for the type each key takes"))
     } else if message.starts_with("missing field") {
-        Some("add the key; docs/spec.md lists the required keys of each table")
+        Some(format!(
+            "add the key; {doc} lists the required keys of each table"
+        ))
     } else if message.contains("duplicate key") {
-        Some("each key may appear once per table")
+        Some("each key may appear once per table: remove one of them".to_owned())
     } else {
         None
     }
@@ -572,11 +658,36 @@ pub(crate) fn load(path: &Path) -> Result<Spec, SpecError> {
         line: 0,
         col: 0,
         message: format!("cannot read the spec: {e}"),
-        hint: Some(format!(
-            "pass the path of an image spec, e.g. `{DEFAULT_SPEC}`; the specs shipped are in images/"
-        )),
+        hint: Some(unreadable_hint(path, &e)),
     })?;
     parse(path, &text)
+}
+
+/// What to do about a spec file that cannot be read, by cause.
+fn unreadable_hint(path: &Path, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let shipped = format!(
+        "pass the path of an image spec, e.g. `{DEFAULT_SPEC}`; the specs shipped are in images/"
+    );
+    if path.is_dir() {
+        return format!(
+            "{} is a directory: pass a .toml spec file, e.g. `{DEFAULT_SPEC}`",
+            path.display()
+        );
+    }
+    match e.kind() {
+        ErrorKind::PermissionDenied => format!(
+            "check the file's permissions (`ls -l {}`), or run as its owner",
+            path.display()
+        ),
+        ErrorKind::InvalidData => {
+            "the file is not UTF-8 text: save it as UTF-8 (`iconv -t UTF-8`)".to_owned()
+        }
+        ErrorKind::NotFound if path == Path::new(DEFAULT_SPEC) => format!(
+            "`{DEFAULT_SPEC}`, the default spec, is relative to the current directory: run from the repository root, or pass the path of a spec"
+        ),
+        _ => shipped,
+    }
 }
 
 /// Validate spec text; `path` locates errors and anchors relative layer paths.
@@ -843,7 +954,7 @@ fn agent_config(
             .map_err(|e| {
                 src.error(
                     table,
-                    format!("[agent.config]: {e}"),
+                    format!("[agent.config]: {}", plain_words(&e.to_string())),
                     "the keys are those of /etc/devos/agent.toml, documented in docs/spec.md",
                 )
             }),
@@ -929,11 +1040,18 @@ fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
                 "use lower-case letters, digits, `_` and `-`, starting with a letter, at most 32 characters",
             ));
         }
-        if uname == "root" || !seen.insert(uname.clone()) {
+        if uname == "root" {
             return Err(src.error(
                 &u.name,
-                format!("user `{uname}` is defined twice or is a system user"),
-                "give each [[users]] entry its own name; root exists already",
+                "user `root` is a system user and cannot be a [[users]] entry",
+                "root exists in every image: remove this entry, or name a user of your own and give it `groups = [\"sudo\"]`",
+            ));
+        }
+        if !seen.insert(uname.clone()) {
+            return Err(src.error(
+                &u.name,
+                format!("user `{uname}` is defined twice"),
+                "give each [[users]] entry its own name, or merge the two entries",
             ));
         }
         for g in &u.groups {
@@ -1056,11 +1174,18 @@ fn tests(src: &Source, raw: &[RawTest]) -> Result<Vec<Test>, SpecError> {
     let mut seen = BTreeSet::new();
     for t in raw {
         let tname = t.name.get_ref();
-        if tname.trim().is_empty() || !seen.insert(tname.clone()) {
+        if tname.trim().is_empty() {
             return Err(src.error(
                 &t.name,
-                format!("test name `{tname}` is empty or used twice"),
-                "give each [[tests]] entry a unique, non-empty name",
+                "a [[tests]] entry has an empty name",
+                "give the test a name, e.g. `name = \"agent-running\"`; it names the test in the report",
+            ));
+        }
+        if !seen.insert(tname.clone()) {
+            return Err(src.error(
+                &t.name,
+                format!("test name `{tname}` is used twice"),
+                "give each [[tests]] entry its own name",
             ));
         }
         if t.run.get_ref().trim().is_empty() {

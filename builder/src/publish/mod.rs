@@ -49,7 +49,7 @@ pub(crate) fn region(flag: Option<String>, settings: &Settings) -> Result<String
     flag.or_else(|| settings.aws.region.clone())
         .or_else(|| std::env::var("AWS_REGION").ok())
         .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
-        .context("no AWS region is set\n  hint: pass --region, set AWS_REGION, or set `[aws] region` in the settings file")
+        .context("no AWS region is set\n  hint: pass --region REGION (e.g. --region eu-west-1), set AWS_REGION, or set `region` under `[aws]` in the settings file (docs/publish.md, \"The settings file\")")
 }
 
 /// The version to publish: it must have passed its boot test, unless forced.

@@ -60,11 +60,17 @@ pub(crate) fn run_with_input(cmd: &mut Command, input: Option<&[u8]>) -> Result<
     if output.status.success() {
         Ok(output)
     } else {
-        Err(CmdError::Failed {
-            line: display(cmd),
-            status: output.status.to_string(),
-            tail: tail(&output),
-        })
+        Err(failure(cmd, &output))
+    }
+}
+
+/// The error for `cmd` having exited with `output`'s failing status, for a caller that
+/// reads the output itself before failing (see [`output_with_input`]).
+pub(crate) fn failure(cmd: &Command, output: &Output) -> CmdError {
+    CmdError::Failed {
+        line: display(cmd),
+        status: output.status.to_string(),
+        tail: tail(output),
     }
 }
 

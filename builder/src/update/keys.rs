@@ -28,7 +28,9 @@ pub(crate) fn dir() -> PathBuf {
 pub(crate) struct KeyInfo {
     pub(crate) fingerprint: String,
     pub(crate) user_id: String,
-    /// Unix time the key was made (signatures are never older).
+    /// Unix time the key was made (signatures are never older); ISO 8601 in `--json`,
+    /// as every time there.
+    #[serde(serialize_with = "crate::support::time::serialize_iso")]
     pub(crate) created: u64,
     pub(crate) dir: PathBuf,
 }
@@ -445,6 +447,18 @@ pub(crate) fn verifies(key: &KeyInfo, data: &[u8], sig: &[u8]) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_creation_time_is_iso_8601_in_json() {
+        let key = KeyInfo {
+            fingerprint: "ABCDEF".into(),
+            user_id: "devos".into(),
+            created: 1_796_437_168,
+            dir: PathBuf::from("/k"),
+        };
+        let json = serde_json::to_value(&key).unwrap();
+        assert_eq!(json["created"], "2026-12-05T02:19:28Z", "{json}");
+    }
 
     #[test]
     fn listings_name_each_primary_key_once() {

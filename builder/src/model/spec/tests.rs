@@ -386,6 +386,43 @@ fn missing_spec_file_says_what_to_pass() {
 }
 
 #[test]
+fn a_file_that_cannot_be_read_has_no_position_and_a_hint_for_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory.
+    let e = load(dir.path()).unwrap_err().to_string();
+    assert!(!e.contains(":0:0"), "{e}");
+    assert!(
+        e.starts_with(&format!("{}: cannot read the spec", dir.path().display())),
+        "{e}"
+    );
+    assert!(e.contains("is a directory: pass a .toml spec file"), "{e}");
+    // Not UTF-8.
+    let latin1 = dir.path().join("latin1.toml");
+    std::fs::write(&latin1, b"[image]\nname = \"caf\xe9\"\n").unwrap();
+    let e = load(&latin1).unwrap_err().to_string();
+    assert!(!e.contains(":0:0"), "{e}");
+    assert!(
+        e.contains("hint: the file is not UTF-8 text: save it as UTF-8"),
+        "{e}"
+    );
+    // Unreadable (tested by kind: root reads every file).
+    let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+    assert!(
+        unreadable_hint(&latin1, &denied).contains("check the file's permissions"),
+        "{}",
+        unreadable_hint(&latin1, &denied)
+    );
+    // The default spec, from a directory that has none.
+    let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+    let hint = unreadable_hint(Path::new(DEFAULT_SPEC), &missing);
+    assert!(
+        hint.contains("relative to the current directory")
+            && hint.contains("run from the repository root"),
+        "{hint}"
+    );
+}
+
+#[test]
 fn arbitrary_input_never_panics() {
     // A cheap fuzz: every prefix of the full spec, and byte-level corruptions of it.
     let path = Path::new("fuzz.toml");
@@ -760,4 +797,60 @@ fn a_missing_kernel_is_named_with_the_distros_package() {
         assert!(e.contains(&format!("no kernel: add `{kernel}`")), "{e}");
         assert!(!e.contains(not), "{e}");
     }
+}
+
+#[test]
+fn parser_messages_are_in_plain_words() {
+    let message = |from: &str, to: &str| error(&with(from, to)).to_string();
+    let e = message("expect-exit = 3", "expect-exit = \"x\"");
+    assert!(
+        e.contains("expected an integer") && !e.contains("i64"),
+        "{e}"
+    );
+    let e = message(
+        "components = [\"main\", \"contrib\"]",
+        "components = \"main\"",
+    );
+    assert!(
+        e.contains("expected a list") && !e.contains("sequence"),
+        "{e}"
+    );
+    let e = message(
+        "hostname = \"box-1\"",
+        "hostname = \"box-1\"\nhostname = \"b\"",
+    );
+    assert!(e.contains(":20:1: duplicate key `hostname`"), "{e}");
+    let e = message("log-level = \"debug\"", "log-level = \"loud\"");
+    assert!(
+        e.contains("unknown value `loud`") && !e.contains("variant"),
+        "{e}"
+    );
+    assert_eq!(
+        plain_words("unknown variant `loud`, expected one of `error`, `warn`"),
+        "unknown value `loud`, expected one of `error`, `warn`"
+    );
+    assert_eq!(
+        plain_words("invalid value: integer `-1`, expected u64"),
+        "invalid value: integer `-1`, expected a whole number (0 or more)"
+    );
+    assert_eq!(plain_words("expected u80"), "expected u80");
+    assert_eq!(
+        plain_words("invalid type: string \"x\", expected struct RawImage"),
+        "invalid type: string \"x\", expected a table"
+    );
+}
+
+#[test]
+fn root_and_a_repeated_user_get_their_own_messages() {
+    let root = "[[users]]\nname = \"root\"\n";
+    let e = error(&format!("{FULL}\n{root}")).to_string();
+    assert!(e.contains("user `root` is a system user"), "{e}");
+    assert!(!e.contains("twice"), "{e}");
+    let twice = "[[users]]\nname = \"dev\"\n";
+    let e = error(&format!("{FULL}\n{twice}")).to_string();
+    assert!(e.contains("user `dev` is defined twice"), "{e}");
+    assert!(!e.contains("root") && !e.contains("system user"), "{e}");
+    let e = error(&with("name = \"exit-3\"", "name = \" \"")).to_string();
+    assert!(e.contains("a [[tests]] entry has an empty name"), "{e}");
+    assert!(!e.contains("twice"), "{e}");
 }
