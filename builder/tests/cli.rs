@@ -131,6 +131,27 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
         std::fs::read_to_string(dir.path().join("victim.toml")).unwrap(),
         "keep = true\n"
     );
+    // The file already holds the key: a dry run has nothing to do and says why, and
+    // the real run leaves the file as it is.
+    let (code, out, err) = keys(&["export".as_ref(), &path("k.pgp"), "--dry-run".as_ref()]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        out.contains("nothing to do") && out.contains("k.pgp already holds the public key"),
+        "{out}"
+    );
+    let before = std::fs::metadata(dir.path().join("k.pgp"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let (code, out, err) = keys(&["export".as_ref(), &path("k.pgp")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("already in:"), "{out}");
+    let after = std::fs::metadata(dir.path().join("k.pgp"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after, "the file was not rewritten");
     // A dry run refuses what the real run would.
     let (code, _, err) = keys(&[
         "export".as_ref(),
@@ -373,6 +394,62 @@ fn validate_refuses_what_a_build_would_refuse_later() {
         err.contains("the archive keyring /nonexistent/x.gpg for Debian is missing on this host (`[base] keyring` in"),
         "{err}"
     );
+
+    // What parses but would fail mid-build, found offline: an error where the build
+    // surely fails; a warning where it may not (a package may bring tzdata, a suite
+    // may be newer than devos-build, a package may make a group).
+    let cases: &[(&str, &str, i32, &[&str])] = &[
+        (
+            "timezone = \"UTC\"",
+            "timezone = \"Europe/Berlin\"",
+            0,
+            &[
+                "spec.toml:49:12: timezone `Europe/Berlin` needs the package `tzdata`",
+                "\n  hint: add `tzdata` to `[packages] include`",
+            ],
+        ),
+        (
+            "timezone = \"UTC\"",
+            "timezone = \"Mars/Olympus\"",
+            0,
+            &["timezone `Mars/Olympus` is not in"],
+        ),
+        (
+            "timezone = \"UTC\"",
+            "timezone = \"../../etc/shadow\"",
+            1,
+            &["invalid timezone `../../etc/shadow`"],
+        ),
+        (
+            "suite = \"trixie\"",
+            "suite = \"noble\"",
+            1,
+            &["spec.toml:13:9: `noble` is a suite of Ubuntu, not of Debian"],
+        ),
+        (
+            "suite = \"trixie\"",
+            "suite = \"trixy\"",
+            0,
+            &[
+                "warning: ",
+                "spec.toml:13:9: `trixy` is not a suite devos-build knows for Debian",
+                "did you mean `trixie`?",
+            ],
+        ),
+        (
+            "groups = [\"sudo\"]",
+            "groups = [\"wheel\"]",
+            0,
+            &["group `wheel` is not in Debian's base system"],
+        ),
+    ];
+    for (from, to, want, said) in cases {
+        let (code, err) = validate(from, to);
+        assert_eq!(code, Some(*want), "{to}: {err}");
+        for s in *said {
+            assert!(err.contains(s), "{to}: {err}");
+        }
+    }
 }
 
 fn run(cmd: &mut std::process::Command) -> (Option<i32>, String, String) {
@@ -651,6 +728,130 @@ fn image_boot_checks_its_arguments_before_it_boots_anything() {
         assert!(
             err.contains(flag) && err.contains("0"),
             "{command:?} {flag}: {err}"
+        );
+    }
+}
+
+#[test]
+fn local_checks_come_before_aws_credentials() {
+    // No AWS credentials anywhere (devos_build_command isolates them), an empty registry:
+    // every command below must fail on what it can tell locally, never on credentials.
+    let dir = tempfile::tempdir().unwrap();
+    let run_args = |args: &[&str]| {
+        // The default registry, in a data directory of this test's.
+        run(devos_build_command()
+            .env("DEVOS_REGISTRY", "")
+            .env("XDG_DATA_HOME", dir.path())
+            .env("AWS_REGION", "eu-west-1")
+            .args(args))
+    };
+    let local = |args: &[&str], expect: &str| {
+        let (code, out, err) = run_args(args);
+        assert_eq!(code, Some(1), "{args:?}: {out}{err}");
+        assert!(!err.contains("credentials"), "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(err.contains("\n  hint: "), "{args:?}: {err}");
+    };
+    local(
+        &[
+            "publish",
+            "updates",
+            "devos-debian@9.9.9",
+            "--to",
+            "s3://bucket/prefix",
+            "--dry-run",
+        ],
+        "no image `devos-debian` in the registry",
+    );
+    let deploy = |param: &'static str| {
+        vec![
+            "fleet",
+            "deploy",
+            "--stack",
+            "s",
+            "--template",
+            "fleet",
+            "--image",
+            "devos-debian@9.9.9",
+            "--param",
+            param,
+        ]
+    };
+    local(&deploy("Foo"), "--param Foo: expected KEY=VALUE");
+    local(
+        &deploy("ImageId=ami-12345678"),
+        "--param ImageId: set by --image, not by --param",
+    );
+    local(
+        &deploy("NoSuchParam=1"),
+        "--param NoSuchParam: the fleet template has no such parameter",
+    );
+    // Parameters that are right: the registry is asked next (still before AWS).
+    local(
+        &deploy("InstanceType=t3.small"),
+        "no image `devos-debian` in the registry",
+    );
+    local(
+        &[
+            "fleet",
+            "rollout",
+            "--stack",
+            "s",
+            "--to",
+            "1.0.0",
+            "--canary-stack",
+            "s",
+        ],
+        "--canary-stack s is the stack being rolled out (--stack s)",
+    );
+    local(
+        &[
+            "fleet",
+            "rollout",
+            "--stack",
+            "s",
+            "--to",
+            "devos-debian@9.9.9",
+        ],
+        "no image `devos-debian` in the registry",
+    );
+}
+
+#[test]
+fn empty_results_and_odd_arguments_are_said_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_args = |args: &[&str]| {
+        run(devos_build_command()
+            .env("DEVOS_REGISTRY", "")
+            .env("XDG_DATA_HOME", dir.path())
+            .args(args))
+    };
+    // Nothing recorded: a line says so, as `publish list` does; JSON stays a list.
+    let (code, out, err) = run_args(&["fleet", "history"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "no deploys, rollouts or rollbacks recorded yet\n");
+    let (code, out, err) = run_args(&["fleet", "history", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "[]");
+    // An empty version after `@` is no prefix of every version.
+    let (code, _, err) = run_args(&["image", "show", "devos-debian@"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`devos-debian@` names no version after the `@`") && err.contains("  hint: "),
+        "{err}"
+    );
+    // A negative --keep is a count that is wrong, not a flag to escape with `--`.
+    for args in [
+        &["image", "gc", "--keep", "-1", "--dry-run"][..],
+        &["cache", "prune", "--keep=-1", "--dry-run"],
+    ] {
+        let (code, _, err) = run_args(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("`-1` is not a count of versions or entries to keep")
+                && err.contains("hint: give a whole number, 0 or more")
+                && !err.contains("-- -1"),
+            "{args:?}: {err}"
         );
     }
 }

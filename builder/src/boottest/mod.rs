@@ -5,6 +5,7 @@
 mod diagnosis;
 pub(crate) mod ec2;
 pub(crate) mod junit;
+mod stale;
 mod target;
 pub(crate) mod update;
 pub mod vm;
@@ -490,8 +491,15 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     {
         f.push_str(&format!("\n  QEMU said: {}", qemu_err.trim()));
     }
-    let Scratch { dir, accel, .. } = scratch;
-    let kept = if opts.keep { Some(dir.keep()) } else { None };
+    let Scratch {
+        dir, accel, lock, ..
+    } = scratch;
+    let kept = if opts.keep {
+        lock.keep();
+        Some(dir.keep())
+    } else {
+        None
+    };
     Ok(TestReport {
         disk: target.disk.clone(),
         version: expected,

@@ -406,6 +406,9 @@ pub(super) struct Scratch {
     pub(super) vars: PathBuf,
     /// Boots of the overlay so far: after the first, the disk holds what they wrote.
     pub(super) boots: u32,
+    /// Held (by this process and by QEMU) while the directory is in use: a later boot
+    /// removes the directory once nothing holds it (see [`super::stale`]).
+    pub(super) lock: super::stale::DirLock,
 }
 
 impl Scratch {
@@ -463,7 +466,10 @@ impl Scratch {
     pub(super) fn prepare(target: &Target, prefix: &str) -> Result<Self> {
         require_qemu()?;
         let fw = firmware()?;
+        // What boots that were killed (no cleanup ran) left behind.
+        super::stale::sweep_temp_dir();
         let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let lock = super::stale::DirLock::take(dir.path())?;
         let accel = choose_accel(dir.path());
         tracing::info!("accelerator: {} ({})", accel.accel.describe(), accel.reason);
         let overlay = dir.path().join("overlay.qcow2");
@@ -477,6 +483,7 @@ impl Scratch {
             overlay,
             vars,
             boots: 0,
+            lock,
         })
     }
 
@@ -559,6 +566,7 @@ mod tests {
             overlay: overlay.clone(),
             vars: vars.clone(),
             boots: 1,
+            lock: super::super::stale::DirLock::take(dir.path()).unwrap(),
             dir,
         };
         let target = Target {

@@ -398,6 +398,9 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds): the
     // image of nixos/image.nix with the spec rendered as a module (build/nixos.rs).
     let spec = spec::load(&opts.spec)?;
+    for w in &spec.warnings {
+        eprintln!("warning: {w}");
+    }
     if spec.distro == spec::Distro::Nixos {
         return nixos::build(opts, &spec, ui);
     }

@@ -155,7 +155,7 @@ pub(crate) enum ImageCommand {
     /// newest version that passed a boot test is always kept.
     Gc {
         /// Versions to keep per image, newest first.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, allow_hyphen_values = true, value_parser = count)]
         keep: usize,
         /// Only this image.
         name: Option<String>,
@@ -581,6 +581,16 @@ pub(crate) struct AwsArgs {
     pub(super) endpoint_url: Option<String>,
 }
 
+/// `--keep N`: a whole number, 0 or more. A negative one reaches this parser (rather
+/// than clap's tip to write `-- -1`), so the message says what the flag takes.
+fn count(value: &str) -> Result<usize, String> {
+    value.trim().parse::<usize>().map_err(|_| {
+        format!(
+            "`{value}` is not a count of versions or entries to keep\n  hint: give a whole number, 0 or more, e.g. `--keep 3`"
+        )
+    })
+}
+
 /// `--endpoint-url`, checked as `[aws] endpoint-url` is: before anything asks AWS
 /// (the SDK would fail on it with its whole request in the message).
 fn endpoint_url(value: &str) -> Result<String, String> {
@@ -605,7 +615,7 @@ pub(crate) enum CacheCommand {
     Prune {
         /// Entries of each stage to keep (the most recently used); 0 empties the
         /// stage cache.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_hyphen_values = true, value_parser = count)]
         keep: usize,
         /// Also remove downloaded packages, package lists and built agent packages.
         #[arg(long)]

@@ -385,14 +385,23 @@ fn validate_command(path: &Path, json: bool) -> Result<ExitCode> {
     let spec = crate::model::spec::load(path)?;
     spec.check_buildable()?;
     crate::image::check_spec(&spec)?;
-    let report = serde_json::json!({ "valid": true, "spec": spec });
+    // Warnings go to stderr in both forms; JSON also carries them.
+    for w in &spec.warnings {
+        eprintln!("warning: {w}");
+    }
+    let report = serde_json::json!({ "valid": true, "warnings": spec.warnings, "spec": spec });
     output(
         json,
         &report,
         || {
             format!(
-                "{}: valid — {} {} ({} {}), {} packages from {} layer(s), {} MiB disk, {}\n",
+                "{}: valid{} — {} {} ({} {}), {} packages from {} layer(s), {} MiB disk, {}\n",
                 path.display(),
+                match spec.warnings.len() {
+                    0 => String::new(),
+                    1 => " with 1 warning".to_owned(),
+                    n => format!(" with {n} warnings"),
+                },
                 spec.name,
                 spec.version,
                 spec.distro.name(),
@@ -503,11 +512,19 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             let key = keys::current(&dir)?;
             keys::check_export_destination(&file, Some(&key))?;
             let mut dry = DryRun::new();
-            dry.would(format!(
-                "write the public key {} to {}",
-                key.fingerprint,
-                file.display()
-            ));
+            if holds_public_key(&key, &file)? {
+                dry.note = Some(format!(
+                    "{} already holds the public key {}",
+                    file.display(),
+                    key.fingerprint
+                ));
+            } else {
+                dry.would(format!(
+                    "write the public key {} to {}",
+                    key.fingerprint,
+                    file.display()
+                ));
+            }
             return dry_run_output(json, &dry);
         }
         KeysCommand::Export { file, json, .. } => {
@@ -516,12 +533,18 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             (key, Some(file), json)
         }
     };
+    // A file that already holds exactly this public key is left as it is.
+    let mut unchanged = false;
     if let Some(file) = &export {
-        write_public_key(&key, file)?;
+        unchanged = holds_public_key(&key, file)?;
+        if !unchanged {
+            write_public_key(&key, file)?;
+        }
     }
     let shown = KeyOutput {
         key: &key,
         exported_to: export.as_deref(),
+        unchanged,
     };
     output(json, &shown, || shown.human(), true)
 }
@@ -533,16 +556,32 @@ struct KeyOutput<'a> {
     key: &'a crate::update::keys::KeyInfo,
     #[serde(skip_serializing_if = "Option::is_none")]
     exported_to: Option<&'a Path>,
+    /// `exported_to` already held this public key, byte for byte: it was not rewritten.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    unchanged: bool,
 }
 
 impl KeyOutput<'_> {
     fn human(&self) -> String {
         let mut text = self.key.human();
         if let Some(file) = self.exported_to {
-            text.push_str(&format!("written to:  {}\n", file.display()));
+            let what = if self.unchanged {
+                "already in:"
+            } else {
+                "written to:"
+            };
+            text.push_str(&format!("{what}  {}\n", file.display()));
         }
         text
     }
+}
+
+/// Whether `file` holds exactly the public key `key` exports (byte for byte).
+fn holds_public_key(key: &crate::update::keys::KeyInfo, file: &Path) -> Result<bool> {
+    let Ok(held) = std::fs::read(file) else {
+        return Ok(false);
+    };
+    Ok(held == crate::update::keys::export(key)?)
 }
 
 /// The public key of `key` into `file`, whole or not at all.
@@ -572,14 +611,14 @@ fn publish_command(
             dry_run,
             json,
         } => {
-            let feed = crate::publish::updates::open_feed(&to, || aws(region, a))?;
+            use crate::publish::updates;
+            // The registry, the version and the key first: AWS only for what is left.
+            let prepared = updates::prepare(reg, &reference, &to, force)?;
+            let feed = updates::open_feed(&to, || aws(region, a))?;
             if dry_run {
-                return dry_run_output(
-                    json,
-                    &crate::publish::updates::publish_dry_run(reg, &reference, &*feed, force)?,
-                );
+                return dry_run_output(json, &updates::publish_dry_run(reg, &prepared, &*feed)?);
             }
-            let p = crate::publish::updates::publish_feed(reg, &reference, &*feed, force)?;
+            let p = updates::publish_feed(reg, &prepared, &*feed)?;
             output(json, &p, || p.human(), true)
         }
         PublishCommand::Ami {

@@ -26,7 +26,7 @@ use gate::{gate, print_event};
 pub(crate) use inplace::{Batches, rollout as rollout_in_place};
 pub(crate) use report::{Outcome, Status, history_human};
 pub(crate) use templates::{Template, render};
-use templates::{published_ami, render_for, template_parameters};
+use templates::{declared_parameters, published_ami, render_for, template_parameters};
 
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, VersionInfo};
@@ -419,10 +419,14 @@ fn parse_params(
     let mut out = BTreeMap::new();
     for p in given {
         let Some((k, v)) = p.split_once('=') else {
-            bail!("--param {p}: expected KEY=VALUE");
+            bail!(
+                "--param {p}: expected KEY=VALUE, and it has no `=`\n  hint: write `--param {p}=VALUE`, e.g. `--param InstanceType=t3.small`"
+            );
         };
         if k == "ImageId" || k == "ImageVersion" {
-            bail!("--param {k}: set by --image; choose the version with --image NAME@VERSION");
+            bail!(
+                "--param {k}: set by --image, not by --param\n  hint: leave out `--param {k}=...` and choose the version with `--image NAME@VERSION` (its AMI in the region becomes ImageId)"
+            );
         }
         if !declared.iter().any(|d| d == k) {
             bail!(
@@ -455,6 +459,14 @@ pub(crate) fn deploy(
             "fleet deploy: the workspaces template needs a WorkSpaces bundle made from a provisioned WorkSpace\n  hint: follow docs/fleet.md (WorkSpaces), then `devos-build fleet render workspaces` and deploy it with `aws cloudformation deploy`"
         );
     }
+    // What needs neither AWS nor credentials is checked first: the parameters given,
+    // and the version (boot-tested) in the registry.
+    parse_params(
+        &req.params,
+        &declared_parameters(req.template)?,
+        req.template,
+    )?;
+    reg.require_passing(&req.image)?;
     let mut cx = changing(reg, aws, t)?;
     let (v, ami) = cx.target(&t.stack, &req.image)?;
     let yaml = render_for(req.template, &v, &cx.region, &ami)?;
@@ -613,6 +625,7 @@ pub(crate) fn rollout(
     to: &str,
     canary: Option<&str>,
 ) -> Result<Vec<Outcome>> {
+    check_rollout(reg, t, to, canary)?;
     let mut cx = changing(reg, aws, t)?;
     devos_aws::block_on(async {
         let mut outcomes = Vec::new();
@@ -659,6 +672,22 @@ pub(crate) fn rollout(
         }
         Ok(outcomes)
     })
+}
+
+/// What `fleet rollout` can refuse before AWS is asked: a canary that is the stack
+/// itself, and a NAME@VERSION that has not passed its boot test (a bare VERSION is of
+/// the stack's image, known only from AWS).
+fn check_rollout(reg: &Registry, t: &Target, to: &str, canary: Option<&str>) -> Result<()> {
+    if canary == Some(t.stack.as_str()) {
+        bail!(
+            "--canary-stack {0} is the stack being rolled out (--stack {0})\n  hint: name another stack to roll first, or leave out --canary-stack",
+            t.stack
+        );
+    }
+    if to.contains('@') {
+        reg.require_passing(to)?;
+    }
+    Ok(())
 }
 
 /// Roll a stack back to `to`, or to the last version that passed its gate there.

@@ -205,6 +205,9 @@ impl Status {
 }
 
 pub(crate) fn history_human(rows: &[Rollout]) -> String {
+    if rows.is_empty() {
+        return "no deploys, rollouts or rollbacks recorded yet\n".to_owned();
+    }
     let mut s = String::new();
     for r in rows {
         s.push_str(&format!(

@@ -96,6 +96,33 @@ pub(super) fn render_for(
     region: &str,
     ami_id: &str,
 ) -> Result<String> {
+    render_data(
+        template,
+        &Data {
+            name: &v.name,
+            version: &v.version,
+            region,
+            ami_id,
+        },
+    )
+}
+
+/// The parameters `template` declares, whatever version it is rendered for: what
+/// `--param` may set, known before the registry or AWS is asked.
+pub(super) fn declared_parameters(template: Template) -> Result<Vec<String>> {
+    let yaml = render_data(
+        template,
+        &Data {
+            name: "image",
+            version: "0.0.0",
+            region: "us-east-1",
+            ami_id: "ami-00000000000000000",
+        },
+    )?;
+    Ok(template_parameters(&yaml))
+}
+
+fn render_data(template: Template, data: &Data<'_>) -> Result<String> {
     let mut hb = handlebars::Handlebars::new();
     hb.set_strict_mode(true);
     // Every value is an image name, a version, a region or an AMI id: no YAML escaping
@@ -104,16 +131,8 @@ pub(super) fn render_for(
     hb.register_partial("common", COMMON)
         .context("cannot load cloudformation/common.hbs")?;
     let (file, text) = template.source();
-    hb.render_template(
-        text,
-        &Data {
-            name: &v.name,
-            version: &v.version,
-            region,
-            ami_id,
-        },
-    )
-    .with_context(|| format!("cannot render {file}"))
+    hb.render_template(text, data)
+        .with_context(|| format!("cannot render {file}"))
 }
 
 /// The parameter names a rendered template declares (the keys of its top-level

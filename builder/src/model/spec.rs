@@ -546,6 +546,10 @@ pub(crate) struct Spec {
     pub(crate) enable_units: Vec<String>,
     /// Where updates come from, and the key they must be signed with.
     pub(crate) update: Option<Update>,
+    /// What may fail the build but may also be right (a suite newer than this builder
+    /// knows, a group a package creates): `file:line:col: message` and a hint line each.
+    #[serde(skip)]
+    pub(crate) warnings: Vec<String>,
 }
 
 /// `[update]`, validated: the feed URL (ending in `/`) and the key file's contents.
@@ -724,6 +728,30 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
 
     let users = users(&src, &raw.users)?;
 
+    // Values that parse but that a build would fail on later (errors), or may (warnings).
+    let mut warnings = Vec::new();
+    if let Some(s) = &raw.base.suite {
+        lint::suite(&src, s, distro, &mut warnings)?;
+    }
+    if let Some(t) = &raw.system.timezone {
+        let all: Vec<String> = packages
+            .iter()
+            .chain(layers.iter().flat_map(|l| &l.packages))
+            .cloned()
+            .collect();
+        lint::timezone(
+            &src,
+            t,
+            distro,
+            &all,
+            Path::new("/usr/share/zoneinfo"),
+            &mut warnings,
+        )?;
+    }
+    for u in &raw.users {
+        lint::groups(&src, &u.groups, distro, &mut warnings);
+    }
+
     let disk_size = disk_size(&src, raw.disk.size.as_ref())?;
     let root_fs = match &raw.disk.root_fs {
         None => RootFs::Ext4,
@@ -789,6 +817,7 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         extra_trees,
         enable_units,
         update,
+        warnings,
     })
 }
 
@@ -1399,6 +1428,7 @@ pub(crate) fn canonical(spec: &Spec) -> String {
 }
 
 mod files;
+mod lint;
 pub(crate) use files::{ExtraTree, trees_digest};
 pub(crate) mod nixos;
 

@@ -13,33 +13,55 @@ use crate::store::registry::Registry;
 use crate::update::{DirFeed, FeedPublished, FeedStore};
 
 /// The feed `--to` names: `s3://BUCKET/PREFIX` (reached with `aws`'s options), or a
-/// directory.
+/// directory. Call [`prepare`] first: what can be refused locally is, before AWS is asked.
 pub(crate) fn open_feed(to: &str, aws: impl FnOnce() -> AwsOptions) -> Result<Box<dyn FeedStore>> {
+    check_to(to)?;
     if to.starts_with("s3://") {
         return Ok(Box::new(S3Feed::open(to, &aws())?));
     }
-    if to.contains("://") {
+    Ok(Box::new(DirFeed::new(PathBuf::from(to))))
+}
+
+/// `--to`: a directory or `s3://BUCKET/PREFIX`, nothing else.
+fn check_to(to: &str) -> Result<()> {
+    if to.contains("://") && !to.starts_with("s3://") {
         bail!(
             "`--to {to}`: a feed is published to a directory or to s3://BUCKET/PREFIX\n  hint: publish to a directory your web server serves, or to the S3 prefix behind the feed's URL"
         );
     }
-    Ok(Box::new(DirFeed::new(PathBuf::from(to))))
+    Ok(())
+}
+
+/// What `publish updates` checks before it opens the feed (so before AWS credentials
+/// are needed): `--to`'s form, the version (tested, unless `--force`), that its spec
+/// has `[update]` and that this builder's key is the one it trusts.
+pub(crate) struct Prepared {
+    v: crate::store::registry::VersionInfo,
+    manifest: Manifest,
+    key: crate::update::keys::KeyInfo,
+}
+
+pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) -> Result<Prepared> {
+    check_to(to)?;
+    let v = super::gate(reg, reference, force)?;
+    let manifest = Manifest::load(&v.dir)?;
+    let key = crate::update::feed_key(&manifest)?;
+    Ok(Prepared { v, manifest, key })
 }
 
 /// `publish updates REF --to FEED`: add a tested version's bundle to the feed and sign
 /// the feed's new `SHA256SUMS`.
 pub(crate) fn publish_feed(
     reg: &Registry,
-    reference: &str,
+    prepared: &Prepared,
     feed: &dyn FeedStore,
-    force: bool,
 ) -> Result<FeedPublished> {
-    let v = super::gate(reg, reference, force)?;
+    let v = &prepared.v;
     reg.lock_feed(&feed.location())?;
     crate::update::add_to_feed(
         feed,
         &v.dir,
-        &Manifest::load(&v.dir)?,
+        &prepared.manifest,
         &known_files(reg, &v.name)?,
     )
 }
@@ -60,13 +82,10 @@ fn known_files(reg: &Registry, image: &str) -> Result<BTreeMap<String, String>> 
 /// `publish updates --dry-run`: the same checks, and the files that would be added.
 pub(crate) fn publish_dry_run(
     reg: &Registry,
-    reference: &str,
+    prepared: &Prepared,
     feed: &dyn FeedStore,
-    force: bool,
 ) -> Result<crate::support::dry_run::DryRun> {
-    let v = super::gate(reg, reference, force)?;
-    let manifest = Manifest::load(&v.dir)?;
-    let key = crate::update::feed_key(&manifest)?;
+    let Prepared { v, manifest, key } = prepared;
     let mut dry = crate::support::dry_run::DryRun::new();
     for f in &manifest.update {
         if !feed.holds(&f.file, &f.sha256)? {
@@ -78,7 +97,7 @@ pub(crate) fn publish_dry_run(
             ));
         }
     }
-    let index = crate::update::next_index(feed, &manifest, &key, &known_files(reg, &v.name)?)?;
+    let index = crate::update::next_index(feed, manifest, key, &known_files(reg, &v.name)?)?;
     if let Some(warning) = index.warning(feed) {
         eprintln!("warning: {warning}");
     }

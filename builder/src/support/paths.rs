@@ -50,7 +50,7 @@ pub(crate) fn sudo_ids() -> Option<(u32, u32)> {
 }
 
 /// This process's effective uid (/proc/self belongs to it).
-fn effective_uid() -> Option<u32> {
+pub(crate) fn effective_uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }

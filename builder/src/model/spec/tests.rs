@@ -14,7 +14,7 @@ components = ["main", "contrib"]
 keyring = "/usr/share/keyrings/test.gpg"
 
 [packages]
-include = ["systemd-sysv", "dbus"]
+include = ["systemd-sysv", "dbus", "tzdata"]
 layers = ["layers/one.toml"]
 
 [system]
@@ -90,11 +90,11 @@ fn every_field_is_read() {
         s.keyring.as_deref(),
         Some(Path::new("/usr/share/keyrings/test.gpg"))
     );
-    assert_eq!(s.packages, ["systemd-sysv", "dbus"]);
+    assert_eq!(s.packages, ["systemd-sysv", "dbus", "tzdata"]);
     assert_eq!(s.layers[0].name, "layers/one.toml");
     assert_eq!(s.layers[0].packages, ["git", "dbus"]);
     // The agent is off here, so nothing of its is added.
-    assert_eq!(s.all_packages(), ["dbus", "git", "systemd-sysv"]);
+    assert_eq!(s.all_packages(), ["dbus", "git", "systemd-sysv", "tzdata"]);
     let with_agent = crate::model::spec::Spec {
         agent_enabled: true,
         ..s.clone()
@@ -108,7 +108,8 @@ fn every_field_is_read() {
             "dbus",
             "git",
             "libsqlite3-0",
-            "systemd-sysv"
+            "systemd-sysv",
+            "tzdata"
         ]
     );
     assert_eq!(s.hostname, "box-1");
@@ -227,7 +228,7 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
         ),
         (
             "bad package",
-            with("\"dbus\"]", "\"Dbus\"]"),
+            with("\"dbus\", \"tzdata\"]", "\"Dbus\", \"tzdata\"]"),
             15,
             28,
             "invalid package name `Dbus`",

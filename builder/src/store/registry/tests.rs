@@ -109,6 +109,15 @@ fn references_and_test_runs() {
     assert!(err.contains("known images: devos-test"), "{err}");
     let err = reg.find("devos-test@9.9.9").unwrap_err().to_string();
     assert!(err.contains("image list devos-test"), "{err}");
+    // An empty version is no prefix of every version: it is refused, with what to give.
+    let err = reg.find("devos-test@").unwrap_err().to_string();
+    assert!(
+        err.contains("`devos-test@` names no version after the `@`")
+            && err.contains("\n  hint: give NAME@VERSION"),
+        "{err}"
+    );
+    let err = reg.find("@0.1.0").unwrap_err().to_string();
+    assert!(err.contains("names no image before the `@`"), "{err}");
 
     let run = TestRun {
         started_at: 5,

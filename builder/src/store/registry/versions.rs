@@ -183,6 +183,16 @@ impl Registry {
             Some((n, v)) => (n, Some(v)),
             None => (reference, None),
         };
+        if name.is_empty() {
+            bail!(
+                "`{reference}` names no image before the `@`\n  hint: give NAME@VERSION, e.g. `devos-debian@0.2.0` (`devos-build image list` shows them)"
+            );
+        }
+        if wanted == Some("") {
+            bail!(
+                "`{reference}` names no version after the `@`\n  hint: give NAME@VERSION (`devos-build image list {name}` shows its versions), or `{name}` alone for its newest"
+            );
+        }
         let all = self.versions(Some(name))?;
         if all.is_empty() {
             let known: Vec<String> = self.versions(None)?.into_iter().map(|v| v.name).collect();
