@@ -732,16 +732,20 @@ fn image_boot_checks_its_arguments_before_it_boots_anything() {
     }
 }
 
+/// devos-build with the default registry, in a data directory `dir` of the test's.
+fn with_empty_registry(dir: &Path) -> std::process::Command {
+    let mut c = devos_build_command();
+    c.env("DEVOS_REGISTRY", "").env("XDG_DATA_HOME", dir);
+    c
+}
+
 #[test]
 fn local_checks_come_before_aws_credentials() {
     // No AWS credentials anywhere (devos_build_command isolates them), an empty registry:
     // every command below must fail on what it can tell locally, never on credentials.
     let dir = tempfile::tempdir().unwrap();
     let run_args = |args: &[&str]| {
-        // The default registry, in a data directory of this test's.
-        run(devos_build_command()
-            .env("DEVOS_REGISTRY", "")
-            .env("XDG_DATA_HOME", dir.path())
+        run(with_empty_registry(dir.path())
             .env("AWS_REGION", "eu-west-1")
             .args(args))
     };
@@ -820,12 +824,7 @@ fn local_checks_come_before_aws_credentials() {
 #[test]
 fn empty_results_and_odd_arguments_are_said_plainly() {
     let dir = tempfile::tempdir().unwrap();
-    let run_args = |args: &[&str]| {
-        run(devos_build_command()
-            .env("DEVOS_REGISTRY", "")
-            .env("XDG_DATA_HOME", dir.path())
-            .args(args))
-    };
+    let run_args = |args: &[&str]| run(with_empty_registry(dir.path()).args(args));
     // Nothing recorded: a line says so, as `publish list` does; JSON stays a list.
     let (code, out, err) = run_args(&["fleet", "history"]);
     assert_eq!(code, Some(0), "{err}");
