@@ -360,7 +360,7 @@ fn failed_try(run: &Run) -> Option<String> {
 
 /// Boot the target with the self-test switched on and collect its report.
 pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
-    let mut scratch = Scratch::prepare(target, "devos-test-")?;
+    let mut scratch = Scratch::prepare(target, "devos-test-", opts.keep)?;
     // An update test: the boot that installs the newer version comes first.
     let before = match &opts.update_to {
         Some(to) => update::install(&mut scratch, target, opts, to)?,
@@ -495,11 +495,13 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         dir, accel, lock, ..
     } = scratch;
     let kept = if opts.keep {
-        lock.keep();
         Some(dir.keep())
     } else {
+        // Removed while still locked: no other boot takes it for a killed one's.
+        drop(dir);
         None
     };
+    drop(lock);
     Ok(TestReport {
         disk: target.disk.clone(),
         version: expected,
@@ -621,7 +623,7 @@ pub(crate) struct BootOptions {
 
 /// An interactive boot: the serial console on this terminal (Ctrl-A X quits).
 pub(crate) fn boot(target: &Target, opts: &BootOptions) -> Result<()> {
-    let scratch = Scratch::prepare(target, "devos-boot-")?;
+    let scratch = Scratch::prepare(target, "devos-boot-", false)?;
     eprintln!(
         "booting {} under {} ({}); quit with Ctrl-A X",
         target.disk.display(),

@@ -2,10 +2,10 @@
 //! directory) that a killed run left behind, found and removed by the next boot.
 //!
 //! Each scratch directory holds a lock file, `flock`ed for as long as the directory is
-//! in use. The lock's descriptor is inherited by QEMU, so the lock stays held while the
-//! VM runs even when devos-build itself was killed. A directory whose lock can be
-//! taken is stale: nothing uses it any more. A directory without a lock file (one kept
-//! with `--keep-vm`, or made by an older devos-build) is never removed.
+//! in use (its descriptor is inherited by QEMU and the other programs a boot runs; QEMU
+//! dies with devos-build). A directory whose lock can be taken is stale: nothing uses
+//! it any more. A directory without a lock file (one made with `--keep-vm`, on a file
+//! system without locks, or by an older devos-build) is never removed.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -24,7 +24,6 @@ pub(super) const PREFIXES: &[&str] = &["devos-boot-", "devos-test-"];
 #[derive(Debug)]
 pub(super) struct DirLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl DirLock {
@@ -43,15 +42,7 @@ impl DirLock {
             .with_context(|| format!("cannot hand the lock {} to the VM", new.display()))?;
         std::fs::rename(&new, &path)
             .with_context(|| format!("cannot rename {} to {LOCK}", new.display()))?;
-        Ok(Self { _file: file, path })
-    }
-
-    /// The directory is kept for the user (`--keep-vm`): remove the lock file, so that
-    /// no later boot takes it for a stale one.
-    pub(super) fn keep(self) {
-        if let Err(e) = crate::support::remove::file_if_present(&self.path) {
-            tracing::warn!("{e:#}");
-        }
+        Ok(Self { _file: file })
     }
 }
 
@@ -99,9 +90,18 @@ pub(super) fn state(path: &Path, uid: u32) -> (State, Option<File>) {
         return other;
     };
     let lock = File::from(lock);
-    match rustix::fs::flock(lock.as_fd(), FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => (State::Stale, Some(lock)),
-        Err(_) => (State::InUse, None),
+    if rustix::fs::flock(lock.as_fd(), FlockOperation::NonBlockingLockExclusive).is_err() {
+        return (State::InUse, None);
+    }
+    // Still the directory's lock file: not one its owner removed (and so unlocked)
+    // between our open and our lock, on its way out.
+    let held = rustix::fs::fstat(&lock);
+    let named = rustix::fs::statat(&dir, LOCK, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+    match (held, named) {
+        (Ok(h), Ok(n)) if h.st_nlink > 0 && (h.st_dev, h.st_ino) == (n.st_dev, n.st_ino) => {
+            (State::Stale, Some(lock))
+        }
+        _ => other,
     }
 }
 
@@ -163,12 +163,8 @@ mod tests {
         assert_eq!(state(&killed, uid).0, State::Stale);
         // Another user's is not ours to remove.
         assert_eq!(state(&killed, uid + 1).0, State::Other);
-        // Kept with --keep-vm: no lock file any more.
-        let kept = make("devos-boot-kept");
-        DirLock::take(&kept).unwrap().keep();
-        assert!(!kept.join(LOCK).exists());
-        assert_eq!(state(&kept, uid).0, State::Other);
-        // No lock file at all (an older devos-build's), another name, a symlink.
+        // No lock file (kept with --keep-vm, or an older devos-build's), another name,
+        // a symlink.
         let old = make("devos-boot-old");
         assert_eq!(state(&old, uid).0, State::Other);
         let foreign = make("someone-else");
@@ -185,7 +181,7 @@ mod tests {
         // The sweep removes the killed one only (after the symlink to it, which stays).
         assert_eq!(sweep(tmp.path(), uid), std::slice::from_ref(&killed));
         assert!(!killed.exists());
-        for p in [&running, &kept, &old, &foreign, &trap] {
+        for p in [&running, &old, &foreign, &trap] {
             assert!(p.exists(), "{}", p.display());
         }
         assert!(link.symlink_metadata().is_ok());

@@ -407,8 +407,10 @@ pub(super) struct Scratch {
     /// Boots of the overlay so far: after the first, the disk holds what they wrote.
     pub(super) boots: u32,
     /// Held (by this process and by QEMU) while the directory is in use: a later boot
-    /// removes the directory once nothing holds it (see [`super::stale`]).
-    pub(super) lock: super::stale::DirLock,
+    /// removes the directory once nothing holds it (see [`super::stale`]). None for a
+    /// directory that is to be kept (`--keep-vm`, never removed for the user), or where
+    /// the file system takes no locks.
+    pub(super) lock: Option<super::stale::DirLock>,
 }
 
 impl Scratch {
@@ -463,13 +465,25 @@ impl Scratch {
         Ok(())
     }
 
-    pub(super) fn prepare(target: &Target, prefix: &str) -> Result<Self> {
+    /// A scratch directory for a boot; `keep`: it stays after the run (no lock: never
+    /// taken for what a killed boot left).
+    pub(super) fn prepare(target: &Target, prefix: &str, keep: bool) -> Result<Self> {
         require_qemu()?;
         let fw = firmware()?;
         // What boots that were killed (no cleanup ran) left behind.
         super::stale::sweep_temp_dir();
         let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
-        let lock = super::stale::DirLock::take(dir.path())?;
+        let lock = match keep {
+            true => None,
+            false => super::stale::DirLock::take(dir.path())
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "{e:#}; {} stays behind if this boot is killed",
+                        dir.path().display()
+                    )
+                })
+                .ok(),
+        };
         let accel = choose_accel(dir.path());
         tracing::info!("accelerator: {} ({})", accel.accel.describe(), accel.reason);
         let overlay = dir.path().join("overlay.qcow2");
@@ -566,7 +580,7 @@ mod tests {
             overlay: overlay.clone(),
             vars: vars.clone(),
             boots: 1,
-            lock: super::super::stale::DirLock::take(dir.path()).unwrap(),
+            lock: Some(super::super::stale::DirLock::take(dir.path()).unwrap()),
             dir,
         };
         let target = Target {
