@@ -1044,18 +1044,24 @@ fn the_end_of_an_action_ends_every_process_it_started() {
     );
 }
 
-#[test]
-fn an_action_that_cannot_be_audited_does_not_run() {
-    let marks = Marks::new();
+/// The agent's audit log on a tmpfs of `size` (unmounted when dropped), for tests that
+/// fill its disk; `extra` is more of the agent's configuration.
+fn with_audit_on_a_small_disk(extra: &str, size: &str) -> (Daemon, SmallDisk) {
     let agent = Daemon::start_prepared(
         "IMAGE_VERSION=1\n",
-        "",
+        extra,
         &[("AWS_EC2_METADATA_DISABLED", "true")],
         |dir| {
             let audit = dir.join("state/audit");
             std::fs::create_dir_all(&audit).unwrap();
             let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=256k", "devos-audit-test"])
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size}"),
+                    "devos-audit-test",
+                ])
                 .arg(&audit)
                 .status()
                 .unwrap()
@@ -1063,17 +1069,42 @@ fn an_action_that_cannot_be_audited_does_not_run() {
             assert!(ok, "cannot mount a small tmpfs for the audit log");
         },
     );
-    let audit = agent.dir.path().join("state/audit");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
+    let audit = SmallDisk(agent.dir.path().join("state/audit"));
+    (agent, audit)
+}
+
+/// The audit log's directory, a small tmpfs of its own.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// A file that takes up the room left.
+    fn filler(&self) -> PathBuf {
+        self.0.join("filler")
     }
-    let _unmount = Unmount(audit.clone());
+
+    /// Fill the disk up.
+    fn fill(&self) {
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=4k", "count=100000"])
+            .arg(format!("of={}", self.filler().display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn an_action_that_cannot_be_audited_does_not_run() {
+    let marks = Marks::new();
+    let (agent, audit) = with_audit_on_a_small_disk("", "256k");
     let eve = eve();
     let project = eve.project();
     let cwd = project.path();
@@ -1085,11 +1116,7 @@ fn an_action_that_cannot_be_audited_does_not_run() {
         &["run", &format!("run: touch {m}/late ran-late")],
     ));
     // ...then the audit log's disk fills up.
-    let _ = std::process::Command::new("dd")
-        .args(["if=/dev/zero", "bs=4k", "count=100000"])
-        .arg(format!("of={}", audit.join("filler").display()))
-        .stderr(std::process::Stdio::null())
-        .status();
+    audit.fill();
     // A user's request is refused at once: the disk is down to its reserve.
     let out = agent.devos(Some(&eve), cwd, &["run", "list", "files"]);
     assert!(!out.status.success());
@@ -1118,7 +1145,7 @@ fn an_action_that_cannot_be_audited_does_not_run() {
     assert!(refused.contains("nothing ran"), "{refused}");
     assert!(!refused.contains("ran-late"), "{refused}");
     // Whatever ran is on record, from its submission to its start.
-    let log = std::fs::read_to_string(audit.join("log-000001.jsonl")).unwrap();
+    let log = std::fs::read_to_string(audit.0.join("log-000001.jsonl")).unwrap();
     for id in &ran {
         for event in ["request.submitted", "action.started"] {
             assert!(
@@ -1138,7 +1165,7 @@ fn an_action_that_cannot_be_audited_does_not_run() {
     assert!(marks.made().is_empty());
     // Once there is room again, the log goes on whole: no half-written entry swallowed
     // the next one.
-    std::fs::remove_file(audit.join("filler")).unwrap();
+    std::fs::remove_file(audit.filler()).unwrap();
     assert!(
         agent
             .devos(Some(&eve), cwd, &["run", "list", "files"])
@@ -1261,33 +1288,10 @@ fn one_user_cannot_starve_the_others() {
 /// and the log's file system keeps a reserve that only root's requests may use.
 #[test]
 fn one_user_cannot_fill_the_agents_disk_or_its_replies() {
-    let agent = Daemon::start_prepared(
-        "IMAGE_VERSION=1\n",
+    let (agent, audit) = with_audit_on_a_small_disk(
         "[limits]\nrequests-per-user = 2\naudit-mib-per-user-per-day = 1\n[model]\nenabled = false\n",
-        &[("AWS_EC2_METADATA_DISABLED", "true")],
-        |dir| {
-            let audit = dir.join("state/audit");
-            std::fs::create_dir_all(&audit).unwrap();
-            let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=8m", "devos-audit-test"])
-                .arg(&audit)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "cannot mount a small tmpfs for the audit log");
-        },
+        "8m",
     );
-    let audit = agent.dir.path().join("state/audit");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(audit.clone());
     let eve = eve();
     let mallory = User::ensure("devos-mallory");
     let project = eve.project();
@@ -1395,14 +1399,10 @@ fn one_user_cannot_fill_the_agents_disk_or_its_replies() {
     serving();
 
     // The file system down to its reserve: users are refused, root is served.
-    let _ = std::process::Command::new("dd")
-        .args(["if=/dev/zero", "bs=64k", "count=1000"])
-        .arg(format!("of={}", audit.join("filler").display()))
-        .stderr(std::process::Stdio::null())
-        .status();
+    audit.fill();
     let ok = std::process::Command::new("truncate")
         .args(["-s", "-128K"])
-        .arg(audit.join("filler"))
+        .arg(audit.filler())
         .status()
         .unwrap()
         .success();
@@ -1415,7 +1415,7 @@ fn one_user_cannot_fill_the_agents_disk_or_its_replies() {
     let root_dir = tempfile::tempdir_in("/var/lib").unwrap();
     let out = agent.devos(None, root_dir.path(), &["run", "list", "files"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    std::fs::remove_file(audit.join("filler")).unwrap();
+    std::fs::remove_file(audit.filler()).unwrap();
     serving();
     assert!(
         json(&agent.devos(None, cwd, &["--json", "audit", "verify"]))["ok"]
