@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::image::rootfs::Sources;
 use crate::model::manifest::Package;
-use crate::model::spec::{Distro, Spec};
+use crate::model::spec::Spec;
 use crate::support::cmd;
 use crate::support::digest::sha256_hex;
 
@@ -539,31 +539,10 @@ fn install_hint(spec: &Spec, request: &[String], missing: &[&str]) -> String {
     }
 }
 
-/// The suites a distribution's mirrors carry (codenames and aliases).
-fn known_suites(distro: Distro) -> &'static [&'static str] {
-    match distro {
-        Distro::Debian => &[
-            "bookworm",
-            "trixie",
-            "forky",
-            "sid",
-            "bullseye",
-            "buster",
-            "stable",
-            "testing",
-            "unstable",
-            "oldstable",
-        ],
-        Distro::Ubuntu => &["noble", "jammy", "focal", "oracular", "plucky", "questing"],
-        Distro::Nixos => &[],
-    }
-}
-
 /// What to say about a suite the mirror does not have: the nearest known one, or the
 /// known ones.
 fn suite_hint(spec: &Spec, suite: &str) -> String {
-    let known = known_suites(spec.distro);
-    if known.contains(&suite) {
+    if spec.distro.known_suites().contains(&suite) {
         // The suite is right for the distro: the mirror is the wrong one.
         let mirror = match &spec.mirror {
             Some(m) => format!("the mirror {m}"),
@@ -578,38 +557,17 @@ fn suite_hint(spec: &Spec, suite: &str) -> String {
             spec.distro.default_mirror()
         );
     }
-    let nearest = known
-        .iter()
-        .map(|k| (edit_distance(suite, k), *k))
-        .min()
-        .filter(|(d, _)| *d <= 2);
-    match nearest {
-        Some((_, k)) => format!(
+    match spec.distro.nearest_suite(suite) {
+        Some(k) => format!(
             "did you mean `{k}`? Set `[base] suite` in {}",
             spec.path.display()
         ),
         None => format!(
             "set `[base] suite` in {} to one the mirror carries, e.g. {}",
             spec.path.display(),
-            known.join(", ")
+            spec.distro.recent_suites()
         ),
     }
-}
-
-/// Levenshtein distance between two short words.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
@@ -618,8 +576,6 @@ mod tests {
 
     #[test]
     fn a_mistyped_suite_gets_the_nearest_known_one() {
-        assert_eq!(edit_distance("bookwrom", "bookworm"), 2);
-        assert_eq!(edit_distance("noble", "noble"), 0);
         let mut spec = crate::model::spec::parse(
             Path::new("images/x.toml"),
             "[image]\nname = \"x\"\nversion = \"0.1.0\"\n[base]\ndistro = \"debian\"\n",
@@ -630,7 +586,7 @@ mod tests {
             "did you mean `bookworm`? Set `[base] suite` in images/x.toml"
         );
         assert!(suite_hint(&spec, "potato").contains("bookworm, trixie"));
-        spec.distro = Distro::Ubuntu;
+        spec.distro = crate::model::spec::Distro::Ubuntu;
         assert!(suite_hint(&spec, "nobel").contains("`noble`"));
     }
 

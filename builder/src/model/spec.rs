@@ -420,6 +420,83 @@ impl Distro {
             Distro::Nixos => "https://cache.nixos.org",
         }
     }
+
+    /// The distro as prose names it.
+    pub(crate) fn title(self) -> &'static str {
+        match self {
+            Distro::Debian => "Debian",
+            Distro::Ubuntu => "Ubuntu",
+            Distro::Nixos => "NixOS",
+        }
+    }
+
+    /// The suites devos-build knows (none for NixOS, whose channel is no suite).
+    pub(crate) fn known_suites(self) -> &'static [&'static str] {
+        match self {
+            Distro::Debian => DEBIAN_SUITES,
+            Distro::Ubuntu => UBUNTU_SUITES,
+            Distro::Nixos => &[],
+        }
+    }
+
+    /// The suites a message names as examples: the current ones.
+    pub(crate) fn recent_suites(self) -> &'static str {
+        match self {
+            Distro::Debian => "bookworm, trixie, forky, sid",
+            Distro::Ubuntu => "jammy, noble, questing, resolute",
+            Distro::Nixos => "",
+        }
+    }
+
+    /// The known suite within two edits of `name` (a typo of it), if there is one.
+    pub(crate) fn nearest_suite(self, name: &str) -> Option<&'static str> {
+        self.known_suites()
+            .iter()
+            .map(|k| (edit_distance(name, k), *k))
+            .min()
+            .filter(|(d, _)| *d <= 2)
+            .map(|(_, k)| k)
+    }
+}
+
+/// Debian codenames (and the archive's aliases) devos-build knows, oldest first.
+const DEBIAN_SUITES: &[&str] = &[
+    "jessie",
+    "stretch",
+    "buster",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "duke",
+    "sid",
+    "oldoldstable",
+    "oldstable",
+    "stable",
+    "testing",
+    "unstable",
+];
+
+/// Ubuntu codenames devos-build knows, oldest first.
+const UBUNTU_SUITES: &[&str] = &[
+    "xenial", "bionic", "focal", "jammy", "kinetic", "lunar", "mantic", "noble", "oracular",
+    "plucky", "questing", "resolute",
+];
+
+/// Levenshtein distance between two short words.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]

@@ -11,30 +11,6 @@ use serde_spanned::Spanned;
 
 use super::{Distro, Source, SpecError};
 
-/// Debian codenames (and the archive's aliases) devos-build knows, oldest first.
-const DEBIAN_SUITES: &[&str] = &[
-    "jessie",
-    "stretch",
-    "buster",
-    "bullseye",
-    "bookworm",
-    "trixie",
-    "forky",
-    "duke",
-    "sid",
-    "oldoldstable",
-    "oldstable",
-    "stable",
-    "testing",
-    "unstable",
-];
-
-/// Ubuntu codenames devos-build knows, oldest first.
-const UBUNTU_SUITES: &[&str] = &[
-    "xenial", "bionic", "focal", "jammy", "kinetic", "lunar", "mantic", "noble", "oracular",
-    "plucky", "questing", "resolute",
-];
-
 /// The areas of the tz database's canonical zone names (`Area/Location`).
 const ZONE_AREAS: &[&str] = &[
     "Africa",
@@ -99,32 +75,6 @@ const BASE_GROUPS: &[&str] = &[
     "clock",
 ];
 
-/// The distro as prose names it.
-fn title(distro: Distro) -> &'static str {
-    match distro {
-        Distro::Debian => "Debian",
-        Distro::Ubuntu => "Ubuntu",
-        Distro::Nixos => "NixOS",
-    }
-}
-
-/// The suites a warning names as examples: the current ones.
-fn recent_suites(distro: Distro) -> &'static str {
-    match distro {
-        Distro::Debian => "bookworm, trixie, forky, sid",
-        Distro::Ubuntu => "jammy, noble, questing, resolute",
-        Distro::Nixos => "",
-    }
-}
-
-fn suites(distro: Distro) -> &'static [&'static str] {
-    match distro {
-        Distro::Debian => DEBIAN_SUITES,
-        Distro::Ubuntu => UBUNTU_SUITES,
-        Distro::Nixos => &[],
-    }
-}
-
 /// A warning at a value: `file:line:col: message`, then the hint.
 fn warning<T>(src: &Source, at: &Spanned<T>, message: &str, hint: &str) -> String {
     src.error(at, message, hint).to_string()
@@ -147,26 +97,27 @@ pub(super) fn suite(
     let name = raw.get_ref().as_str();
     // `bookworm-backports`, `noble-updates`: the codename is before the dash.
     let codename = name.split('-').next().unwrap_or(name);
-    if suites(distro).contains(&codename) {
+    if distro.known_suites().contains(&codename) {
         return Ok(());
     }
-    if suites(other).contains(&codename) {
+    if other.known_suites().contains(&codename) {
         return Err(src.error(
             raw,
             format!(
                 "`{name}` is a suite of {}, not of {}",
-                title(other),
-                title(distro)
+                other.title(),
+                distro.title()
             ),
             &format!(
                 "set `distro = \"{}\"`, or give a {} suite such as `{}`",
                 other.name(),
-                title(distro),
+                distro.title(),
                 distro.default_suite()
             ),
         ));
     }
-    let near = closest(codename, suites(distro))
+    let near = distro
+        .nearest_suite(codename)
         .map(|k| format!("did you mean `{k}`? Otherwise "))
         .unwrap_or_default();
     warnings.push(warning(
@@ -174,36 +125,12 @@ pub(super) fn suite(
         raw,
         &format!(
             "`{name}` is not a suite devos-build knows for {} ({}, …); if it is new, ignore this",
-            title(distro),
-            recent_suites(distro)
+            distro.title(),
+            distro.recent_suites()
         ),
         &format!("{near}check the codename: the build fails if the mirror has no `dists/{name}/`"),
     ));
     Ok(())
-}
-
-/// A known name within two edits of `name`, if one is.
-fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
-    known
-        .iter()
-        .map(|k| (edit_distance(name, k), *k))
-        .filter(|(d, _)| *d <= 2)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut row = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            row.push((prev[j] + cost).min(prev[j + 1] + 1).min(row[j] + 1));
-        }
-        prev = row;
-    }
-    prev[b.len()]
 }
 
 /// `[system] timezone` (its shape checked where it is read): warnings only, since
@@ -275,7 +202,7 @@ pub(super) fn groups(
         let hint = if name == "wheel" {
             format!(
                 "{} has no `wheel` group: admins are in `sudo`; use `groups = [\"sudo\"]`",
-                title(distro)
+                distro.title()
             )
         } else {
             "install the package that creates it, or remove it from `groups` (the build fails at the users step if the group is missing)".to_owned()
@@ -285,7 +212,7 @@ pub(super) fn groups(
             g,
             &format!(
                 "group `{name}` is not in {}'s base system (sudo, adm, users, …); unless a package in the image creates it, the build fails",
-                title(distro)
+                distro.title()
             ),
             &hint,
         ));

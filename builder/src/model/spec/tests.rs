@@ -855,3 +855,11 @@ fn root_and_a_repeated_user_get_their_own_messages() {
     assert!(e.contains("a [[tests]] entry has an empty name"), "{e}");
     assert!(!e.contains("twice"), "{e}");
 }
+
+#[test]
+fn a_mistyped_suite_is_near_the_known_one() {
+    assert_eq!(edit_distance("bookwrom", "bookworm"), 2);
+    assert_eq!(edit_distance("noble", "noble"), 0);
+    assert_eq!(Distro::Debian.nearest_suite("trixy"), Some("trixie"));
+    assert_eq!(Distro::Debian.nearest_suite("potato"), None);
+}
