@@ -432,13 +432,15 @@ impl AuditLog {
     /// How many bytes of entries `uid`'s events took today (UTC) since the log was
     /// opened.
     pub fn written_today(&mut self, uid: u32) -> u64 {
-        *self.written_today_by().entry(uid).or_default()
+        *self.written_on(&now()).entry(uid).or_default()
     }
 
-    fn written_today_by(&mut self) -> &mut HashMap<u32, u64> {
-        let today = &now()[..10];
-        if self.written.0 != today {
-            self.written = (today.to_owned(), HashMap::new());
+    /// Each user's bytes on the day of `time` (RFC 3339, UTC): the count starts again
+    /// on a new day.
+    fn written_on(&mut self, time: &str) -> &mut HashMap<u32, u64> {
+        let day = &time[..10];
+        if self.written.0 != day {
+            self.written = (day.to_owned(), HashMap::new());
         }
         &mut self.written.1
     }
@@ -498,7 +500,7 @@ impl AuditLog {
         }
         self.size += line.len() as u64;
         if let Some(uid) = uid {
-            *self.written_today_by().entry(uid).or_default() += line.len() as u64;
+            *self.written_on(&entry.time).entry(uid).or_default() += line.len() as u64;
         }
         self.seq = entry.seq;
         self.last_hash = entry.hash;
