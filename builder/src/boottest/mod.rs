@@ -5,7 +5,6 @@
 mod diagnosis;
 pub(crate) mod ec2;
 pub(crate) mod junit;
-mod stale;
 mod target;
 pub(crate) mod update;
 pub mod vm;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use super::Target;
 use crate::support::cmd::{self, which};
-use crate::support::remove;
+use crate::support::{remove, workdir};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -396,6 +396,10 @@ fn require_qemu() -> Result<()> {
     Ok(())
 }
 
+/// The prefixes of boots' scratch directories in the temporary directory: the ones
+/// a boot may remove when a killed boot left them.
+const SCRATCH_PREFIXES: &[&str] = &["devos-boot-", "devos-test-"];
+
 /// What every VM run needs: firmware, the accelerator choice, and a scratch directory
 /// with a copy-on-write overlay over the target and a private UEFI variable store.
 pub(super) struct Scratch {
@@ -407,10 +411,10 @@ pub(super) struct Scratch {
     /// Boots of the overlay so far: after the first, the disk holds what they wrote.
     pub(super) boots: u32,
     /// Held (by this process and by QEMU) while the directory is in use: a later boot
-    /// removes the directory once nothing holds it (see [`super::stale`]). None for a
+    /// removes the directory once nothing holds it (see [`workdir`]). None for a
     /// directory that is to be kept (`--keep-vm`, never removed for the user), or where
     /// the file system takes no locks.
-    pub(super) lock: Option<super::stale::DirLock>,
+    pub(super) lock: Option<workdir::DirLock>,
 }
 
 impl Scratch {
@@ -468,14 +472,17 @@ impl Scratch {
     /// A scratch directory for a boot; `keep`: it stays after the run (no lock: never
     /// taken for what a killed boot left).
     pub(super) fn prepare(target: &Target, prefix: &str, keep: bool) -> Result<Self> {
+        debug_assert!(SCRATCH_PREFIXES.contains(&prefix), "{prefix}");
         require_qemu()?;
         let fw = firmware()?;
         // What boots that were killed (no cleanup ran) left behind.
-        super::stale::sweep_temp_dir();
+        for path in workdir::sweep(&std::env::temp_dir(), SCRATCH_PREFIXES) {
+            tracing::info!("removed {}, left by a boot that was killed", path.display());
+        }
         let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
         let lock = match keep {
             true => None,
-            false => super::stale::DirLock::take(dir.path())
+            false => workdir::DirLock::take_for_children(dir.path())
                 .inspect_err(|e| {
                     tracing::warn!(
                         "{e:#}; {} stays behind if this boot is killed",
@@ -580,7 +587,7 @@ mod tests {
             overlay: overlay.clone(),
             vars: vars.clone(),
             boots: 1,
-            lock: Some(super::super::stale::DirLock::take(dir.path()).unwrap()),
+            lock: Some(workdir::DirLock::take_for_children(dir.path()).unwrap()),
             dir,
         };
         let target = Target {
