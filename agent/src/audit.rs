@@ -318,8 +318,8 @@ pub struct AuditLog {
     last_hash: String,
     last_checkpoint: String,
     checkpoints: u64,
-    /// Bytes of the entries each user's events took today (UTC; since the agent
-    /// started), and which day that is.
+    /// Bytes of the entries each user's events took today (UTC), and which day that
+    /// is.
     written: (String, HashMap<u32, u64>),
 }
 
@@ -344,6 +344,45 @@ fn log_files(dir: &Path) -> Result<Vec<(u32, PathBuf)>, AuditError> {
     }
     files.sort();
     Ok(files)
+}
+
+/// Where the chain goes on from (the newest entry that parses: verification reports
+/// damage, appending must not stop), and the bytes each user's entries took on `day`,
+/// read from the newest entry back to the first of another day.
+fn read_tail(
+    files: &[(u32, PathBuf)],
+    day: &str,
+) -> Result<(u64, String, HashMap<u32, u64>), AuditError> {
+    /// What counting needs of an entry.
+    #[derive(Deserialize)]
+    struct Stamp {
+        time: String,
+        uid: Option<u32>,
+    }
+    let mut last = None;
+    let mut written = HashMap::<u32, u64>::new();
+    'files: for (_, p) in files.iter().rev() {
+        let text = std::fs::read_to_string(p).map_err(io(p))?;
+        for line in text.lines().rev() {
+            if last.is_none() {
+                let Ok(entry) = serde_json::from_str::<Entry>(line) else {
+                    continue;
+                };
+                last = Some((entry.seq, entry.hash));
+            }
+            let Ok(stamp) = serde_json::from_str::<Stamp>(line) else {
+                continue;
+            };
+            if !stamp.time.starts_with(day) {
+                break 'files;
+            }
+            if let Some(uid) = stamp.uid {
+                *written.entry(uid).or_default() += line.len() as u64 + 1;
+            }
+        }
+    }
+    let (seq, hash) = last.unwrap_or_else(|| (0, GENESIS.to_owned()));
+    Ok((seq, hash, written))
 }
 
 /// Checkpoints by line number; a line that does not parse keeps its error.
@@ -373,21 +412,8 @@ impl AuditLog {
             .last()
             .cloned()
             .unwrap_or_else(|| (1, dir.join(log_name(1))));
-        let (mut seq, mut last_hash) = (0, GENESIS.to_owned());
-        // The chain continues from the newest entry that parses, even when the log was
-        // damaged: verification reports the damage, appending must not stop.
-        for (_, p) in files.iter().rev() {
-            let text = std::fs::read_to_string(p).map_err(io(p))?;
-            if let Some(entry) = text
-                .lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<Entry>(l).ok())
-            {
-                seq = entry.seq;
-                last_hash = entry.hash;
-                break;
-            }
-        }
+        let today = now()[..10].to_owned();
+        let (seq, last_hash, written) = read_tail(&files, &today)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -421,7 +447,7 @@ impl AuditLog {
             last_hash,
             last_checkpoint,
             checkpoints: checkpoints.len() as u64,
-            written: Default::default(),
+            written: (today, written),
         })
     }
 
@@ -429,8 +455,7 @@ impl AuditLog {
         self.seq
     }
 
-    /// How many bytes of entries `uid`'s events took today (UTC) since the log was
-    /// opened.
+    /// How many bytes of entries `uid`'s events took today (UTC).
     pub fn written_today(&mut self, uid: u32) -> u64 {
         *self.written_on(&now()).entry(uid).or_default()
     }

@@ -538,3 +538,45 @@ fn every_value_the_agent_records_verifies_as_written() {
     assert!(v.ok, "{:?}", v.first_bad);
     assert_eq!(v.entries, n.div_ceil(200));
 }
+
+#[test]
+fn each_users_bytes_today_are_read_back_when_the_log_is_opened_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let append = |log: &mut AuditLog, uid: Option<u32>, bytes: usize| {
+        let detail = serde_json::json!({"output": "x".repeat(bytes)});
+        log.append("action.finished", uid, Some("r1"), Some(1), detail)
+            .unwrap();
+    };
+    // Yesterday's entry does not count today.
+    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    append(&mut log, Some(1000), 100);
+    drop(log);
+    let today = now()[..10].to_owned();
+    let l = lines(dir.path());
+    save(dir.path(), &[l[0].replace(&today, "2000-01-01")]);
+
+    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    assert_eq!(log.written_today(1000), 0);
+    // Enough to rotate (1 MiB files here): today's entries span two files.
+    for _ in 0..6 {
+        append(&mut log, Some(1000), 300 << 10);
+        append(&mut log, Some(1001), 10);
+        append(&mut log, None, 10);
+    }
+    assert!(dir.path().join(log_name(2)).exists());
+    let counted = (log.written_today(1000), log.written_today(1001));
+    assert!(counted.0 > 6 * (300 << 10) && counted.1 > 0, "{counted:?}");
+    drop(log);
+
+    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    assert_eq!((log.written_today(1000), log.written_today(1001)), counted);
+    assert_eq!(log.written_today(0), 0);
+    // The chain goes on from where it was.
+    append(&mut log, Some(1001), 10);
+    assert!(
+        verify(dir.path())
+            .unwrap()
+            .first_bad
+            .is_some_and(|b| b.seq == Some(1))
+    );
+}
