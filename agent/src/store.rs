@@ -75,6 +75,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX model_calls_by_day ON model_calls (day, uid);",
 ];
 
+const CONVERSATION_INDEX: &str = "CREATE INDEX IF NOT EXISTS requests_by_conversation
+    ON requests (uid, json_extract(body, '$.conversation'))";
+
+/// Drop conversation `?2` of user `?1` unless one of their requests belongs to it:
+/// looked up in [`CONVERSATION_INDEX`], however many and large the requests are.
+const DROP_CONVERSATION: &str = "DELETE FROM conversations WHERE uid = ?1 AND id = ?2
+    AND NOT EXISTS (SELECT 1 FROM requests
+                    WHERE uid = ?1 AND json_extract(body, '$.conversation') = ?2)";
+
 /// Output kept per action in a listing; `Get` has all of it.
 pub const LISTING_OUTPUT: usize = 16 << 10;
 
@@ -126,6 +135,10 @@ impl Store {
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
+        // Which conversation each request belongs to, so that pruning finds the ones
+        // left without parsing every request (made on open, outside the numbered
+        // migrations: an older agent, after a rollback, still opens the store).
+        conn.execute_batch(CONVERSATION_INDEX).map_err(err)?;
         let store = Store {
             path: path.to_path_buf(),
             conn,
@@ -327,26 +340,31 @@ impl Store {
     /// Drop `uid`'s finished requests beyond the newest `keep`, and the
     /// conversations none of the remaining ones belongs to.
     pub fn prune(&self, uid: u32, keep: u32) -> Result<usize, StoreError> {
-        let dropped = self
-            .conn
-            .execute(
-                "DELETE FROM requests WHERE uid = ?1
-                   AND state IN ('unplanned','done','failed','denied','cancelled')
-                   AND rowid NOT IN (SELECT rowid FROM requests WHERE uid = ?1
-                                     ORDER BY created DESC, rowid DESC LIMIT ?2)",
-                params![uid, keep],
-            )
+        const DROPPED: &str = "FROM requests WHERE uid = ?1
+            AND state IN ('unplanned','done','failed','denied','cancelled')
+            AND rowid NOT IN (SELECT rowid FROM requests WHERE uid = ?1
+                              ORDER BY created DESC, rowid DESC LIMIT ?2)";
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        // Only the dropped requests are read (not every request of the user, each up
+        // to megabytes of output): their conversations may go with them.
+        let conversations: Vec<String> = tx
+            .prepare(&format!(
+                "SELECT DISTINCT json_extract(body, '$.conversation') {DROPPED}
+                 AND json_extract(body, '$.conversation') IS NOT NULL"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![uid, keep], |r| r.get(0))?
+                    .collect::<Result<_, _>>()
+            })
             .map_err(self.err())?;
-        if dropped > 0 {
-            self.conn
-                .execute(
-                    "DELETE FROM conversations WHERE uid = ?1 AND id NOT IN
-                       (SELECT json_extract(body, '$.conversation') FROM requests
-                        WHERE uid = ?1 AND json_extract(body, '$.conversation') IS NOT NULL)",
-                    params![uid],
-                )
+        let dropped = tx
+            .execute(&format!("DELETE {DROPPED}"), params![uid, keep])
+            .map_err(self.err())?;
+        for id in &conversations {
+            tx.execute(DROP_CONVERSATION, params![uid, id])
                 .map_err(self.err())?;
         }
+        tx.commit().map_err(self.err())?;
         Ok(dropped)
     }
 
@@ -566,6 +584,58 @@ fn lifetime_str(l: Remember) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pruning_drops_the_conversations_left_without_requests_found_by_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let conversation = crate::model::conversation::Conversation { turns: Vec::new() };
+        for (n, c) in ["c1", "c2", "c2", "c3"].iter().enumerate() {
+            let mut r = Request::new(
+                format!("r{n}"),
+                1000,
+                "u".into(),
+                "t".into(),
+                "/".into(),
+                format!("2026-01-0{}T00:00:00Z", n + 1),
+            );
+            r.state = State::Done;
+            r.conversation = Some(c.to_string());
+            store.save_request(&r).unwrap();
+            store
+                .save_conversation(c, 1000, "m", &conversation, "now")
+                .unwrap();
+        }
+        // Someone else's conversation of the same name stays.
+        store
+            .save_conversation("c9", 1001, "m", &conversation, "now")
+            .unwrap();
+        // The two oldest go: c1 with its only request, c2 stays for r2.
+        assert_eq!(store.prune(1000, 2).unwrap(), 2);
+        assert!(store.conversation("c1", 1000).unwrap().is_none());
+        assert!(store.conversation("c2", 1000).unwrap().is_some());
+        assert!(store.conversation("c3", 1000).unwrap().is_some());
+        assert!(store.conversation("c9", 1001).unwrap().is_some());
+
+        // Whether a conversation still has requests is an index lookup, not a read
+        // of every request.
+        let plan: Vec<String> = store
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {DROP_CONVERSATION}"))
+            .unwrap()
+            .query_map(params![1000, "c2"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|l| l.contains("INDEX requests_by_conversation (uid=? AND")),
+            "{plan:?}"
+        );
+        // Opening again keeps the index (and does not fail on it).
+        drop(store);
+        Store::open(&dir.path().join("state.db")).unwrap();
+    }
 
     #[test]
     fn rules_round_trip_and_session_rules_do_not_survive_a_restart() {

@@ -1484,10 +1484,102 @@ fn verifying_a_large_audit_log_does_not_hold_up_other_callers() {
             verifiers.iter().any(|v| !v.is_finished()),
             "the verifications ended before Ping: make the log larger"
         );
+        // A user asking for verification after verification queues one at most:
+        // the others are refused, so no one can make the boot check wait behind a
+        // queue of theirs.
+        let eve = User::ensure("devos-eve");
+        let answers: Vec<std::process::Output> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        agent.busctl(
+                            Some(&eve),
+                            &[
+                                "call",
+                                "org.devos.Agent1",
+                                "/org/devos/Agent1",
+                                "org.devos.Agent1",
+                                "VerifyAuditSinceLast",
+                            ],
+                        )
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        let refused = answers.iter().filter(|o| !o.status.success()).count();
+        for o in answers.iter().filter(|o| !o.status.success()) {
+            assert!(
+                stderr(o).contains("waiting or running as a user may"),
+                "{}",
+                stderr(o)
+            );
+        }
+        assert!(refused > 0 && refused < 8, "{refused} of 8 refused");
         for v in verifiers {
             let report: serde_json::Value = serde_json::from_str(&v.await.unwrap()).unwrap();
             assert_eq!(report["ok"], true, "{report}");
         }
+    });
+}
+
+#[test]
+fn arguments_longer_than_any_call_needs_are_refused_and_the_agent_stays_on_the_bus() {
+    use devos_agent::client::{AdminProxy, Agent1Proxy, ContextProxy};
+    let agent = Daemon::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(agent.bus.address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let a = Agent1Proxy::new(&conn).await.unwrap();
+        let c = ContextProxy::new(&conn).await.unwrap();
+        let admin = AdminProxy::new(&conn).await.unwrap();
+        // Each of these characters is six in an error that quotes it: echoed whole,
+        // 4 MiB of them would be a reply larger than the bus carries, which takes the
+        // agent off the bus.
+        let huge = "\u{7f}".repeat(4 << 20);
+        let path = format!("/{huge}");
+        let calls: Vec<(&str, zbus::Result<()>)> = vec![
+            ("Recent", c.recent(&huge, 5).await.map(drop)),
+            ("GitState", c.git_state(&path).await.map(drop)),
+            ("AddProject", c.add_project(&path, false).await.map(drop)),
+            ("RemoveProject", c.remove_project(&path).await),
+            ("Get", a.get(&huge).await.map(drop)),
+            ("Cancel", a.cancel(&huge).await),
+            ("Continue", a.continue_(&huge, "and then").await.map(drop)),
+            ("Usage", a.usage(&huge).await.map(drop)),
+            ("Submit", a.submit("list files", &path).await.map(drop)),
+            (
+                "SubmitToModel",
+                a.submit_to_model("list files", "/", &huge).await.map(drop),
+            ),
+            ("Approve", a.approve(&huge, 0, "once", &[], "").await),
+            ("Deny", a.deny("r", 0, &huge, &[], "").await),
+            ("Deny path", a.deny("r", 0, "always", &[], &path).await),
+            (
+                "AddRule",
+                a.add_rule(&huge, "always", &[], "").await.map(drop),
+            ),
+            (
+                "AddRule prefix",
+                a.add_rule("deny", "always", &[huge.as_str()], "")
+                    .await
+                    .map(drop),
+            ),
+            ("Update", admin.update(&huge).await.map(drop)),
+        ];
+        for (method, result) in calls {
+            let e = result.expect_err(method).to_string();
+            let shown = &e[..e.len().min(300)];
+            assert!(e.len() < 1024 && e.contains("at most"), "{method}: {shown}");
+        }
+        assert_eq!(a.ping().await.unwrap(), "pong");
     });
 }
 

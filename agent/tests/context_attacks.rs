@@ -684,3 +684,67 @@ fn rt15_recent_with_a_huge_duration_is_answered() {
         stderr(&o).trim()
     );
 }
+
+#[test]
+fn rt16_a_watcher_its_user_stopped_holds_up_no_one() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let bob = User::ensure("devos-bob");
+    let project = alice.project();
+    let p = project.path();
+    context(&agent, &alice, &["add", p.to_str().unwrap()]);
+    project_status(&agent, &alice);
+    let stopped = watcher_pids(alice.uid);
+    assert!(!stopped.is_empty());
+    for pid in &stopped {
+        assert!(
+            Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    // Far more commands than a pipe holds, all at once, to a watcher that reads none.
+    let long = format!("{}/{}", p.display(), "a".repeat(4000));
+    let started = Instant::now();
+    let answers: Vec<std::process::Output> = std::thread::scope(|s| {
+        let adds: Vec<_> = (0..100)
+            .map(|_| {
+                s.spawn(|| {
+                    context_call(&agent, Some(&alice), "AddProject", "sb", &[&long, "false"])
+                })
+            })
+            .collect();
+        // Meanwhile everyone else is answered.
+        std::thread::sleep(Duration::from_secs(2));
+        let bobs = bob.project();
+        let out = agent.devos(Some(&bob), bobs.path(), &["run", "list", "files"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        adds.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    eprintln!("100 adds answered in {:?}", started.elapsed());
+    assert!(answers.iter().all(|o| !o.status.success()));
+    assert!(
+        answers
+            .iter()
+            .any(|o| stderr(o).contains("did not read its commands")),
+        "{}",
+        stderr(&answers[0])
+    );
+    // The stopped watcher was killed; a new one serves alice.
+    std::thread::sleep(Duration::from_secs(1));
+    let running = watcher_pids(alice.uid);
+    assert!(stopped.iter().all(|p| !running.contains(p)), "{running:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    sh(&alice, p, "echo x > after-the-stop.txt");
+    let mut hits = Vec::new();
+    for _ in 0..20 {
+        hits = found(&agent, &alice, "after-the-stop");
+        if !hits.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!hits.is_empty(), "{}", context(&agent, &alice, &["status"]));
+}

@@ -13,7 +13,10 @@ use zbus::object_server::SignalEmitter;
 
 use super::rules::{self, Verdict};
 use super::runner::run_request;
-use super::shared::{Live, Shared, Verify, caller, failed, lock, now, to_json, to_value};
+use super::shared::{
+    Live, MAX_PATH, MAX_REPLY, MAX_WORD, Shared, Verify, bounded, caller, failed, fits, lock, now,
+    to_json, to_value, too_large,
+};
 use crate::action::Action;
 use crate::approval::{self, Subject};
 use crate::caller::{self as as_caller, Caller, PlanJob};
@@ -139,25 +142,6 @@ impl Agent {
     }
 }
 
-/// The largest reply devos sends: well below what a bus daemon accepts (it drops the
-/// sender of a larger message, which would take the agent off the bus).
-const MAX_REPLY: usize = 16 << 20;
-
-fn fits(json: String, fewer: &str) -> fdo::Result<String> {
-    if json.len() > MAX_REPLY {
-        return Err(too_large(json.len(), fewer));
-    }
-    Ok(json)
-}
-
-/// The error for an answer of `bytes`, with how to ask for less.
-fn too_large(bytes: usize, fewer: &str) -> fdo::Error {
-    fdo::Error::LimitsExceeded(format!(
-        "the answer would be more than {} MiB, more than the bus carries; {fewer}",
-        bytes.max(MAX_REPLY) >> 20
-    ))
-}
-
 /// Requests for `List`/`History` in their short form (`devos show ID` has them
 /// whole), read away from the bus's threads and never more than a reply carries.
 async fn listing(
@@ -166,6 +150,7 @@ async fn listing(
     active_only: bool,
     limit: u32,
 ) -> fdo::Result<String> {
+    let _query = uid.map(|uid| shared.querying.enter(uid)).transpose()?;
     let shared = shared.clone();
     tokio::task::spawn_blocking(move || {
         lock(&shared.store).listing(uid, active_only, limit, MAX_REPLY)
@@ -403,6 +388,7 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
+        bounded("the working directory", cwd, MAX_PATH)?;
         let caller = caller(&self.shared, &header, conn).await?;
         self.submit_as(caller, &header, text, cwd, Route::Auto)
             .await
@@ -418,6 +404,8 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
+        bounded("the working directory", cwd, MAX_PATH)?;
+        bounded("the model", model, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
         self.submit_as(caller, &header, text, cwd, Route::Model(model))
             .await
@@ -433,6 +421,7 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
+        bounded("the request id", id, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
         check_text(text)?;
         let previous = self.own_request(id, &caller, false)?;
@@ -453,6 +442,7 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
+        bounded("since", since, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
         super::budget::usage(&self.shared, &caller, since)
     }
@@ -464,6 +454,7 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
+        bounded("the request id", id, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
         fits(
             to_json(&self.own_request(id, &caller, true)?),
@@ -518,6 +509,7 @@ impl Agent {
             command_prefix,
             path_prefix,
         };
+        verdict.bounded()?;
         rules::decide_action(self, &caller(&self.shared, &header, conn).await?, verdict).await
     }
 
@@ -542,6 +534,7 @@ impl Agent {
             command_prefix,
             path_prefix,
         };
+        verdict.bounded()?;
         rules::decide_action(self, &caller(&self.shared, &header, conn).await?, verdict).await
     }
 
@@ -553,6 +546,7 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<()> {
+        bounded("the request id", id, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
         let r = self.own_request(id, &caller, true)?;
         if r.state.is_final() {
@@ -616,6 +610,9 @@ impl Agent {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<i64> {
+        bounded("the decision", decision, MAX_WORD)?;
+        bounded("the lifetime", lifetime, MAX_WORD)?;
+        rules::prefixes_bounded(&command_prefix, path_prefix)?;
         let caller = caller(&self.shared, &header, conn).await?;
         rules::add_rule(
             self,
@@ -666,11 +663,12 @@ impl Agent {
         // A whole read costs seconds on a large log, and verifications run one at a
         // time: root's alone, so that no user can keep the boot check waiting behind
         // theirs. Others get what came after the last verification.
-        let how = match caller(&self.shared, &header, conn).await?.uid {
+        let uid = caller(&self.shared, &header, conn).await?.uid;
+        let how = match uid {
             0 => Verify::Whole,
             _ => Verify::SinceLast,
         };
-        Ok(to_json(&self.shared.verify_audit(how).await?))
+        Ok(to_json(&self.shared.verify_audit(how, Some(uid)).await?))
     }
 
     /// Verify what was appended to the audit log since the last verification that
@@ -678,8 +676,17 @@ impl Agent {
     /// checkpoints and anchors written since: what the boot check and the health
     /// signal use, so that their time does not grow with the log. The whole log when
     /// there was no such verification.
-    async fn verify_audit_since_last(&self) -> fdo::Result<String> {
-        Ok(to_json(&self.shared.verify_audit(Verify::SinceLast).await?))
+    async fn verify_audit_since_last(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> fdo::Result<String> {
+        let uid = super::shared::caller_uid(&header, conn).await?;
+        let v = self
+            .shared
+            .verify_audit(Verify::SinceLast, Some(uid))
+            .await?;
+        Ok(to_json(&v))
     }
 
     /// The agent's status (JSON): version, uptime, requests in flight and stored (the
@@ -809,6 +816,7 @@ impl Admin {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
+        bounded("the action", action, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
         if caller.uid != 0 {
             return Err(fdo::Error::AccessDenied(

@@ -6,8 +6,9 @@
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,9 @@ use serde_json::{Value, json};
 use zbus::fdo;
 use zbus::message::Header;
 
-use super::shared::{Shared, caller, failed, invalid_args, lock};
+use super::shared::{
+    Entered, MAX_PATH, MAX_WORD, Shared, bounded, caller, failed, fits, invalid_args, lock,
+};
 use crate::caller::Caller;
 use crate::config::ContextConfig;
 use crate::context::index::{Index, IndexError};
@@ -46,8 +49,8 @@ pub(super) struct UserContext {
     caller: Caller,
     dir: PathBuf,
     index: Mutex<Index>,
-    /// The running watcher: its pid and its stdin.
-    watcher: Mutex<Option<(u32, ChildStdin)>>,
+    /// The running watcher: its pid and the queue of commands to it.
+    watcher: Mutex<Option<(u32, SyncSender<Vec<u8>>)>>,
     /// Adds waiting for the watcher's answer, by token: (auto, answer).
     waiting: Mutex<Waiting>,
     /// Why the watcher is not running, when it is not.
@@ -286,8 +289,30 @@ fn tell(user: &UserContext, command: &Command) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(command).unwrap_or_default();
     line.push(b'\n');
     match lock(&user.watcher).as_mut() {
-        Some((_, stdin)) => stdin.write_all(&line),
+        Some((pid, commands)) => queue(*pid, commands, line),
         None => Err(std::io::Error::other("the watcher is not running")),
+    }
+}
+
+/// Commands a watcher may leave unread before it counts as not reading them.
+const COMMANDS_WAITING: usize = 64;
+
+/// Queue `line` for the watcher `pid` (a thread of its own writes them to its stdin).
+/// A watcher that leaves [`COMMANDS_WAITING`] unread (its user stopped it, or it is
+/// stuck) is killed, and started again as after any other stop: no caller ever waits
+/// on a watcher's pipe, holding the user's watcher lock on one of the bus's threads.
+fn queue(pid: u32, commands: &SyncSender<Vec<u8>>, line: Vec<u8>) -> std::io::Result<()> {
+    match commands.try_send(line) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(_)) => {
+            // (Not reaped until its reader thread sees it go: the pid is still its.)
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            Err(std::io::Error::other(
+                "the watcher did not read its commands (was it stopped?); it is started again",
+            ))
+        }
+        Err(TrySendError::Disconnected(_)) => Err(std::io::Error::other("the watcher stopped")),
     }
 }
 
@@ -303,11 +328,11 @@ fn ensure_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), C
 }
 
 /// Start a watcher for `user` and the thread that writes its updates to the index;
-/// returns its pid and stdin.
+/// returns its pid and the queue of commands to it.
 fn start_watcher(
     shared: &Arc<Shared>,
     user: &Arc<UserContext>,
-) -> Result<(u32, ChildStdin), ContextError> {
+) -> Result<(u32, SyncSender<Vec<u8>>), ContextError> {
     let config = shared.config();
     let job = WatchJob {
         caller: user.caller.clone(),
@@ -329,10 +354,19 @@ fn start_watcher(
         .stdin
         .take()
         .ok_or_else(|| ContextError::Start(std::io::Error::other("no pipe to the watcher")))?;
+    let pid = child.id();
+    let (commands, waiting) = std::sync::mpsc::sync_channel::<Vec<u8>>(COMMANDS_WAITING);
+    std::thread::spawn(move || {
+        // Ends when the watcher stops (its pipe breaks) or is retired (the queue goes).
+        for line in waiting {
+            if stdin.write_all(&line).is_err() {
+                break;
+            }
+        }
+    });
     let mut line = serde_json::to_vec(&job).unwrap_or_default();
     line.push(b'\n');
-    stdin.write_all(&line).map_err(ContextError::Start)?;
-    let pid = child.id();
+    queue(pid, &commands, line).map_err(ContextError::Start)?;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let last_error = Arc::new(Mutex::new(String::new()));
@@ -400,7 +434,7 @@ fn start_watcher(
         }
         restart_later(&shared, &user, why);
     });
-    Ok((pid, stdin))
+    Ok((pid, commands))
 }
 
 /// After a watcher stopped: start it again (unless it keeps stopping, or the user has
@@ -606,10 +640,13 @@ impl Context {
         &self,
         header: &Header<'_>,
         conn: &zbus::Connection,
-    ) -> fdo::Result<(Caller, Arc<UserContext>)> {
+    ) -> fdo::Result<(Caller, Arc<UserContext>, Entered<'_>)> {
         let caller = caller(&self.shared, header, conn).await?;
+        // (Queries wait for the user's index: a few at a time each, so that no one
+        // fills the threads they wait on.)
+        let query = self.shared.querying.enter(caller.uid)?;
         let user = self.shared.context.user(&self.shared, &caller)?;
-        Ok((caller, user))
+        Ok((caller, user, query))
     }
 
     /// `Find` (names and paths) or `FindText` (`text`) for the caller (JSON).
@@ -621,7 +658,7 @@ impl Context {
         limit: u32,
         text: bool,
     ) -> fdo::Result<String> {
-        let (_, user) = self.user(header, conn).await?;
+        let (_, user, _query) = self.user(header, conn).await?;
         check_query(query).map_err(invalid_args)?;
         let q = query.to_owned();
         let hits = blocking(move || {
@@ -634,7 +671,10 @@ impl Context {
         })
         .await?
         .map_err(failed)?;
-        Ok(json!({ "query": query, "results": hits }).to_string())
+        fits(
+            json!({ "query": query, "results": hits }).to_string(),
+            "ask for fewer results",
+        )
     }
 }
 
@@ -650,6 +690,7 @@ impl Context {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
+        bounded("the project directory", path, MAX_PATH)?;
         let caller = caller(&self.shared, &header, conn).await?;
         // (Each one is on record: a user adding and removing projects without end
         // would fill the log.)
@@ -680,6 +721,7 @@ impl Context {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<()> {
+        bounded("the project directory", path, MAX_PATH)?;
         let caller = caller(&self.shared, &header, conn).await?;
         let root = Engine::remove(&self.shared, &caller, Path::new(path))?;
         let _ = self.shared.audit(
@@ -698,11 +740,14 @@ impl Context {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
-        let (_, user) = self.user(&header, conn).await?;
+        let (_, user, _query) = self.user(&header, conn).await?;
         let list = blocking(move || lock(&user.index).projects())
             .await?
             .map_err(failed)?;
-        Ok(serde_json::to_string(&list).unwrap_or_default())
+        fits(
+            serde_json::to_string(&list).unwrap_or_default(),
+            "remove projects you no longer need",
+        )
     }
 
     /// Entries whose path holds every word of `query` (JSON), best first.
@@ -736,12 +781,16 @@ impl Context {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
-        let (_, user) = self.user(&header, conn).await?;
+        bounded("since", since, MAX_WORD)?;
+        let (_, user, _query) = self.user(&header, conn).await?;
         let since = parse_since(since, crate::caller::now_secs() as i64).map_err(invalid_args)?;
         let hits = blocking(move || lock(&user.index).recent(since, clamp(limit)))
             .await?
             .map_err(failed)?;
-        Ok(json!({ "since": since, "results": hits }).to_string())
+        fits(
+            json!({ "since": since, "results": hits }).to_string(),
+            "ask for fewer results",
+        )
     }
 
     /// The git state of the project at or around `project` (a path; empty: every
@@ -752,12 +801,13 @@ impl Context {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
-        let (_, user) = self.user(&header, conn).await?;
+        bounded("the project", project, MAX_PATH)?;
+        let (_, user, _query) = self.user(&header, conn).await?;
         let project = PathBuf::from(project);
-        Ok(blocking(move || git_states(&user, &project))
+        let state = blocking(move || git_states(&user, &project))
             .await?
-            .map_err(fdo::Error::from)?
-            .to_string())
+            .map_err(fdo::Error::from)?;
+        fits(state.to_string(), "ask for one project's")
     }
 
     /// The caller's processes (root: everyone's), CPU measured over a quarter of a
@@ -775,7 +825,10 @@ impl Context {
             Ok(user) => lock(&user.index).roots().unwrap_or_default(),
             Err(_) => Vec::new(),
         };
-        Ok(processes(&self.shared, &caller, roots).await?.to_string())
+        fits(
+            processes(&self.shared, &caller, roots).await?.to_string(),
+            "some processes' command lines are too long to list",
+        )
     }
 
     /// The engine's state for the caller: projects and how each is kept current,
@@ -785,7 +838,7 @@ impl Context {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> fdo::Result<String> {
-        let (_, user) = self.user(&header, conn).await?;
+        let (_, user, _query) = self.user(&header, conn).await?;
         let config = self.shared.config().context.clone();
         Ok(blocking(move || status(&user, &config)).await??.to_string())
     }

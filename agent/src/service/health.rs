@@ -31,7 +31,10 @@ pub(super) async fn self_checks(
             source,
         }),
     };
-    let audit = match shared.verify_audit(super::shared::Verify::SinceLast).await {
+    let audit = match shared
+        .verify_audit(super::shared::Verify::SinceLast, None)
+        .await
+    {
         Ok(v) if v.ok => Ok(()),
         Ok(v) => Err(Unhealthy::AuditTampered(v.first_bad.map_or_else(
             || "the audit log does not verify".into(),

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use zbus::fdo;
 
 use super::agent::Agent;
-use super::shared::{Control, failed, invalid_args, lock, now, to_value};
+use super::shared::{
+    Control, MAX_PATH, MAX_WORD, bounded, failed, invalid_args, lock, now, to_value,
+};
 use crate::approval;
 use crate::caller::{self as as_caller, Caller, PlanJob};
 use crate::request::{ActionRecord, Decision, Exact, Remember, Request, Rule};
@@ -22,6 +24,28 @@ pub(super) struct Verdict<'a> {
     pub remember: &'a str,
     pub command_prefix: Vec<String>,
     pub path_prefix: &'a str,
+}
+
+impl Verdict<'_> {
+    /// Refuse arguments longer than any decision needs (see [`bounded`]).
+    pub(super) fn bounded(&self) -> fdo::Result<()> {
+        bounded("the request id", self.id, MAX_WORD)?;
+        bounded("remember", self.remember, MAX_WORD)?;
+        prefixes_bounded(&self.command_prefix, self.path_prefix)
+    }
+}
+
+/// Refuse a rule's prefixes when they are longer than a rule may be.
+pub(super) fn prefixes_bounded(command_prefix: &[String], path_prefix: &str) -> fdo::Result<()> {
+    bounded("the path prefix", path_prefix, MAX_PATH)?;
+    let words: usize = command_prefix.iter().map(|w| w.len() + 1).sum();
+    if words > MAX_RULE_BYTES {
+        return Err(fdo::Error::LimitsExceeded(format!(
+            "a command prefix is at most {} KiB: remember a shorter one, or decide this once",
+            MAX_RULE_BYTES >> 10
+        )));
+    }
+    Ok(())
 }
 
 pub(super) async fn decide_action(
@@ -217,9 +241,6 @@ fn within_bounds(store: &crate::store::Store, rule: &Rule) -> fdo::Result<()> {
     Ok(())
 }
 
-/// The longest path the kernel resolves.
-const PATH_MAX: usize = 4096;
-
 /// A path prefix as the caller's file system view resolves it.
 async fn resolve_prefix(
     agent: &Agent,
@@ -235,9 +256,9 @@ async fn resolve_prefix(
             "a path prefix must be absolute".into(),
         ));
     }
-    if path_prefix.len() > PATH_MAX || path_prefix.chars().any(char::is_control) {
+    if path_prefix.len() > MAX_PATH || path_prefix.chars().any(char::is_control) {
         return Err(fdo::Error::InvalidArgs(format!(
-            "a path prefix is at most {PATH_MAX} bytes, without control characters"
+            "a path prefix is at most {MAX_PATH} bytes, without control characters"
         )));
     }
     // Resolving it takes a helper process: one of the caller's slots.

@@ -54,6 +54,12 @@ pub struct Shared {
     pub(super) cgroups: Option<Cgroups>,
     /// One audit verification at a time; others wait.
     verify_gate: tokio::sync::Semaphore,
+    /// The last verification that was ok, and how many had ended by then.
+    verified: Mutex<(u64, Option<Verified>)>,
+    /// Users' verifications waiting or running (one each).
+    verifying: PerUser,
+    /// Users' queries of their history and context index waiting or running.
+    pub(super) querying: PerUser,
     /// One change of the boot slots at a time: an admin's `Update` and the fleet
     /// follower's moves, each from its audit entry to its last boot-loader change.
     pub(super) updating: tokio::sync::Mutex<()>,
@@ -79,6 +85,44 @@ pub(super) fn failed(e: impl std::fmt::Display) -> fdo::Error {
 
 pub(super) fn invalid_args(e: impl std::fmt::Display) -> fdo::Error {
     fdo::Error::InvalidArgs(e.to_string())
+}
+
+/// The most bytes a word-sized argument (an id, a choice, a model, a time) may have.
+pub(super) const MAX_WORD: usize = 256;
+/// The most bytes a path argument may have (Linux's `PATH_MAX`).
+pub(super) const MAX_PATH: usize = 4096;
+
+/// Refuse argument `name` when it is longer than `max` bytes, before anything is done
+/// with it: what a call makes the agent echo in an error, record or pass to a helper
+/// stays small whatever the caller sends.
+pub(super) fn bounded(name: &str, value: &str, max: usize) -> fdo::Result<()> {
+    if value.len() > max {
+        return Err(invalid_args(format!(
+            "{name} is at most {max} bytes; this one has {}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The largest reply devos sends: well below what a bus daemon accepts (it drops the
+/// sender of a larger message, which would take the agent off the bus).
+pub(super) const MAX_REPLY: usize = 16 << 20;
+
+/// `json` as a reply, or an error saying how to ask for less (`fewer`).
+pub(super) fn fits(json: String, fewer: &str) -> fdo::Result<String> {
+    if json.len() > MAX_REPLY {
+        return Err(too_large(json.len(), fewer));
+    }
+    Ok(json)
+}
+
+/// The error for an answer of `bytes`, with how to ask for less.
+pub(super) fn too_large(bytes: usize, fewer: &str) -> fdo::Error {
+    fdo::Error::LimitsExceeded(format!(
+        "the answer would be more than {} MiB, more than the bus carries; {fewer}",
+        bytes.max(MAX_REPLY) >> 20
+    ))
 }
 
 /// What the service could not do for a caller: record, take another request, verify.
@@ -108,6 +152,10 @@ pub(super) enum ServiceError {
     Room(#[source] AuditError),
     #[error(transparent)]
     Verify(AuditError),
+    #[error(
+        "you already have as many {what} waiting or running as a user may ({limit}): wait for one to end"
+    )]
+    Busy { what: &'static str, limit: u32 },
     #[error(transparent)]
     VerifyGate(#[from] tokio::sync::AcquireError),
     #[error(transparent)]
@@ -120,7 +168,8 @@ impl From<ServiceError> for fdo::Error {
         match e {
             ServiceError::TooManyRequests { .. }
             | ServiceError::DiskNearlyFull { .. }
-            | ServiceError::AuditBudget { .. } => fdo::Error::LimitsExceeded(e.to_string()),
+            | ServiceError::AuditBudget { .. }
+            | ServiceError::Busy { .. } => fdo::Error::LimitsExceeded(e.to_string()),
             _ => failed(e),
         }
     }
@@ -223,6 +272,9 @@ impl Shared {
             exe: std::env::current_exe().context("finding the agent's own binary")?,
             cgroups,
             verify_gate: tokio::sync::Semaphore::new(1),
+            verified: Mutex::new((0, None)),
+            verifying: PerUser::new("audit verifications", 1),
+            querying: PerUser::new("queries", 4),
             updating: tokio::sync::Mutex::new(()),
             bedrock: tokio::sync::Mutex::new(None),
             busy_conversations: Mutex::new(Default::default()),
@@ -347,20 +399,39 @@ impl Shared {
     /// Verify the audit log against its anchors without holding up appends: the
     /// head is taken under the lock, the files are read on a blocking thread. Each
     /// verification that is ok moves the mark the next `SinceLast` resumes from (kept
-    /// beside the anchor file).
+    /// beside the anchor file). Verifications run one at a time; a caller that waited
+    /// while one ended that was ok, with nothing appended since, gets its result. A
+    /// user (`uid`, not root or the agent itself) has one verification waiting or
+    /// running at most, so no one can queue the boot check behind theirs.
     pub(super) async fn verify_audit(
         &self,
         how: Verify,
+        uid: Option<u32>,
     ) -> Result<crate::audit::Verification, ServiceError> {
+        let _mine = match uid {
+            Some(uid) => Some(self.verifying.enter(uid)?),
+            None => None,
+        };
+        let arrived = lock(&self.verified).0;
         let _one_at_a_time = self.verify_gate.acquire().await?;
         let head = lock(&self.audit).snapshot();
+        {
+            let verified = lock(&self.verified);
+            if let (ended, Some(last)) = &*verified
+                && *ended > arrived
+                && last.head == head
+                && (last.how == how || last.how == Verify::Whole)
+            {
+                return Ok(last.result.clone());
+            }
+        }
         let config = self.config();
         let dir = config.state_dir.join("audit");
         let mut options = crate::audit::VerifyOptions::of(&config.audit);
-        options.snapshot = Some(head);
+        options.snapshot = Some(head.clone());
         let anchor_file = config.audit.anchor_file.clone();
         let mark_path = crate::audit::Mark::path(&anchor_file);
-        tokio::task::spawn_blocking(move || {
+        let v = tokio::task::spawn_blocking(move || {
             if how == Verify::SinceLast {
                 options.resume = crate::audit::Mark::load(&mark_path);
             }
@@ -374,7 +445,72 @@ impl Shared {
             Ok::<_, crate::audit::AuditError>(v)
         })
         .await?
-        .map_err(ServiceError::Verify)
+        .map_err(ServiceError::Verify)?;
+        let mut verified = lock(&self.verified);
+        verified.0 += 1;
+        verified.1 = v.ok.then(|| Verified {
+            head,
+            how,
+            result: v.clone(),
+        });
+        Ok(v)
+    }
+}
+
+/// A verification that was ok: the head it read up to, how, and what it found.
+struct Verified {
+    head: crate::audit::Snapshot,
+    how: Verify,
+    result: crate::audit::Verification,
+}
+
+/// Calls of one kind that users have waiting or running: at most `limit` each, so
+/// that no one user's calls queue everyone else's (root is not limited).
+pub(super) struct PerUser {
+    what: &'static str,
+    limit: u32,
+    calls: Mutex<HashMap<u32, u32>>,
+}
+
+impl PerUser {
+    fn new(what: &'static str, limit: u32) -> Self {
+        Self {
+            what,
+            limit,
+            calls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One more call of `uid`, until the value returned is dropped.
+    pub(super) fn enter(&self, uid: u32) -> Result<Entered<'_>, ServiceError> {
+        let mut calls = lock(&self.calls);
+        let n = calls.entry(uid).or_default();
+        if uid != 0 && *n >= self.limit {
+            return Err(ServiceError::Busy {
+                what: self.what,
+                limit: self.limit,
+            });
+        }
+        *n += 1;
+        Ok(Entered { of: self, uid })
+    }
+}
+
+/// A call counted by [`PerUser::enter`].
+pub(super) struct Entered<'a> {
+    of: &'a PerUser,
+    uid: u32,
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        let mut calls = lock(&self.of.calls);
+        if let Some(n) = calls.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                calls.remove(&self.uid);
+            }
+        }
     }
 }
 
@@ -410,4 +546,28 @@ pub(super) async fn caller(
         .await
         .map_err(failed)?
         .map_err(|e| fdo::Error::AccessDenied(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_has_so_many_calls_at_once_and_root_any_number() {
+        let calls = PerUser::new("queries", 2);
+        let first = calls.enter(1000).unwrap();
+        let _second = calls.enter(1000).unwrap();
+        let third = calls.enter(1000);
+        assert!(
+            matches!(third, Err(ServiceError::Busy { limit: 2, .. })),
+            "{:?}",
+            third.err()
+        );
+        // Others are not held up by it, nor is root.
+        let _other = calls.enter(1001).unwrap();
+        let _root: Vec<_> = (0..10).map(|_| calls.enter(0).unwrap()).collect();
+        // A call that ends makes room.
+        drop(first);
+        calls.enter(1000).unwrap();
+    }
 }
