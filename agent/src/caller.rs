@@ -255,9 +255,11 @@ pub struct PlanReply {
     /// The work tree of the git repository the working directory is in.
     #[serde(default)]
     pub repo_root: Option<PathBuf>,
-    /// The answer to `processes`.
+    /// The answer to `processes`: the busiest [`crate::context::procs::MAX_LISTED`]
+    /// (what a reply shows, however many processes the caller has), and how many
+    /// there are.
     #[serde(default)]
-    pub processes: Option<Vec<crate::context::procs::Process>>,
+    pub processes: Option<(Vec<crate::context::procs::Process>, usize)>,
 }
 
 /// The helper's main: read the job, drop to the caller, answer on stdout. Returns
@@ -342,7 +344,11 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
         }
     };
     let processes = job.processes.as_ref().map(|(ms, projects)| {
-        crate::context::procs::list(caller.uid, projects, Some(Duration::from_millis(*ms)))
+        use crate::context::procs;
+        let mut list = procs::list(caller.uid, projects, Some(Duration::from_millis(*ms)));
+        let total = list.len();
+        list.truncate(procs::MAX_LISTED);
+        (list, total)
     });
     PlanReply {
         cwd,

@@ -688,7 +688,8 @@ fn rt15_recent_with_a_huge_duration_is_answered() {
 #[test]
 fn rt16_a_watcher_its_user_stopped_holds_up_no_one() {
     let agent = Daemon::start();
-    let alice = User::ensure("devos-alice");
+    // (A user of its own: other tests here kill devos-alice's watchers.)
+    let alice = User::ensure("devos-stopper");
     let bob = User::ensure("devos-bob");
     let project = alice.project();
     let p = project.path();

@@ -127,11 +127,26 @@ pub struct Hit {
     pub snippet: Option<String>,
 }
 
-/// The scan in progress: what it has reported so far.
+/// The scan in progress: what it has reported so far, as keyed hashes of the paths
+/// (8 bytes each, whatever the paths' length: a scan of the most entries a project may
+/// have, each with a path of the longest, keeps a few MiB, not gigabytes).
 struct Scan {
     project: i64,
     under: String,
-    seen: HashSet<String>,
+    seen: HashSet<u64>,
+    keys: std::collections::hash_map::RandomState,
+}
+
+impl Scan {
+    fn saw(&mut self, rel: &str) {
+        let h = std::hash::BuildHasher::hash_one(&self.keys, rel);
+        self.seen.insert(h);
+    }
+
+    fn has_seen(&self, rel: &str) -> bool {
+        self.seen
+            .contains(&std::hash::BuildHasher::hash_one(&self.keys, rel))
+    }
 }
 
 pub struct Index {
@@ -354,6 +369,7 @@ impl Index {
                         project,
                         under: rel_of(root, under),
                         seen: HashSet::new(),
+                        keys: Default::default(),
                     });
                 }
                 Ok(())
@@ -508,7 +524,7 @@ impl Index {
                 if let Some(scan) = &mut self.scan
                     && scan.project == project
                 {
-                    scan.seen.insert(rel);
+                    scan.saw(&rel);
                 }
             }
         }
@@ -540,7 +556,7 @@ impl Index {
                     .map_err(|e| self.err(e))?;
                 while let Some(row) = rows.next().map_err(|e| self.err(e))? {
                     let rel: String = row.get(0).map_err(|e| self.err(e))?;
-                    if !scan.seen.contains(&rel) {
+                    if !scan.has_seen(&rel) {
                         gone.push(rel);
                     }
                 }

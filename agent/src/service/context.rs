@@ -876,9 +876,7 @@ async fn processes(shared: &Shared, caller: &Caller, roots: Vec<PathBuf>) -> fdo
     let reply = crate::caller::plan(&shared.exe, &job)
         .await
         .map_err(failed)?;
-    let mut list = reply.processes.unwrap_or_default();
-    let total = list.len();
-    list.truncate(procs::MAX_LISTED);
+    let (list, total) = reply.processes.unwrap_or_default();
     Ok(json!({ "processes": list, "total": total }))
 }
 

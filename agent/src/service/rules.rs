@@ -41,7 +41,7 @@ pub(super) fn prefixes_bounded(command_prefix: &[String], path_prefix: &str) -> 
     let words: usize = command_prefix.iter().map(|w| w.len() + 1).sum();
     if words > MAX_RULE_BYTES {
         return Err(fdo::Error::LimitsExceeded(format!(
-            "a command prefix is at most {} KiB: remember a shorter one, or decide this once",
+            "a command prefix is at most the {} KiB a rule may: remember a shorter one, or decide this once",
             MAX_RULE_BYTES >> 10
         )));
     }
