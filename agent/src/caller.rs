@@ -206,11 +206,22 @@ pub struct PlanJob {
     /// A question about the caller's context to answer (the model's context tools).
     #[serde(default)]
     pub context: Option<ContextQuery>,
-    /// Sample the caller's processes over this many milliseconds, with the projects
-    /// they work in (the context engine's `Processes`). As the caller, because the
-    /// agent's own /proc view may hide other users' processes (`ProtectProc=`).
+    /// Sample the caller's processes (the context engine's `Processes`). As the
+    /// caller, because the agent's own /proc view may hide other users' processes
+    /// (`ProtectProc=`).
     #[serde(default)]
-    pub processes: Option<(u64, Vec<PathBuf>)>,
+    pub processes: Option<Sample>,
+}
+
+/// How to sample the caller's processes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    /// Over this many milliseconds.
+    pub millis: u64,
+    /// The projects they may work in.
+    pub projects: Vec<PathBuf>,
+    /// The largest first, rather than the busiest.
+    pub by_memory: bool,
 }
 
 impl PlanJob {
@@ -343,9 +354,13 @@ pub fn plan_as_this_user(job: &PlanJob) -> PlanReply {
             (plan, risks, context)
         }
     };
-    let processes = job.processes.as_ref().map(|(ms, projects)| {
+    let processes = job.processes.as_ref().map(|sample| {
         use crate::context::procs;
-        let mut list = procs::list(caller.uid, projects, Some(Duration::from_millis(*ms)));
+        let interval = Some(Duration::from_millis(sample.millis));
+        let mut list = procs::list(caller.uid, &sample.projects, interval);
+        if sample.by_memory {
+            list.sort_by_key(|p| std::cmp::Reverse(p.rss_kib));
+        }
         let total = list.len();
         list.truncate(procs::MAX_LISTED);
         (list, total)

@@ -476,8 +476,8 @@ fn take(user: &UserContext, update: &Update) {
             // Counted again here, where adds are taken one at a time: adds sent
             // together all passed the first count.
             let roots = index.roots().unwrap_or_default();
-            let result = if !roots.contains(root) && roots.len() >= user.max_projects as usize {
-                let _ = tell(user, &Command::Remove { root: root.clone() });
+            let over = !roots.contains(root) && roots.len() >= user.max_projects as usize;
+            let result = if over {
                 Err(ContextError::TooManyProjects {
                     n: roots.len(),
                     limit: user.max_projects,
@@ -488,6 +488,12 @@ fn take(user: &UserContext, update: &Update) {
                     .add_project(root, auto, text)
                     .map_err(|e| e.to_string())
             };
+            // (The watcher's lock is never taken under the index's: starting a
+            // watcher takes them the other way round.)
+            drop(index);
+            if over {
+                let _ = tell(user, &Command::Remove { root: root.clone() });
+            }
             if let Some((_, _, tx)) = answer {
                 let _ = tx.send(result.map(|()| root.clone()));
             }
@@ -826,7 +832,9 @@ impl Context {
             Err(_) => Vec::new(),
         };
         fits(
-            processes(&self.shared, &caller, roots).await?.to_string(),
+            processes(&self.shared, &caller, roots, false)
+                .await?
+                .to_string(),
             "some processes' command lines are too long to list",
         )
     }
@@ -868,9 +876,18 @@ fn git_states(user: &UserContext, project: &Path) -> Result<Value, ContextError>
 }
 
 /// The caller's processes, sampled as the caller (the planning helper) over 250 ms.
-async fn processes(shared: &Shared, caller: &Caller, roots: Vec<PathBuf>) -> fdo::Result<Value> {
+async fn processes(
+    shared: &Shared,
+    caller: &Caller,
+    projects: Vec<PathBuf>,
+    by_memory: bool,
+) -> fdo::Result<Value> {
     let job = crate::caller::PlanJob {
-        processes: Some((250, roots)),
+        processes: Some(crate::caller::Sample {
+            millis: 250,
+            projects,
+            by_memory,
+        }),
         ..crate::caller::PlanJob::new(caller, None, PathBuf::from("/"), &[])
     };
     let reply = crate::caller::plan(&shared.exe, &job)
@@ -1002,14 +1019,11 @@ pub(super) async fn answer(
                 .join("\n")
         }
         Question::Processes { by_memory } => {
-            let v = processes(shared, caller, roots)
+            let v = processes(shared, caller, roots, *by_memory)
                 .await
                 .map_err(|e| ContextError::Refused(e.to_string()))?;
-            let mut list: Vec<procs::Process> =
+            let list: Vec<procs::Process> =
                 serde_json::from_value(v["processes"].clone()).unwrap_or_default();
-            if *by_memory {
-                list.sort_by_key(|p| std::cmp::Reverse(p.rss_kib));
-            }
             let lines: Vec<String> = list
                 .iter()
                 .take(10)
