@@ -72,7 +72,15 @@ pub enum HelperError {
     },
     #[error("the planning helper answered badly: {0}")]
     BadAnswer(serde_json::Error),
+    #[error("the planning helper's answer is larger than the {} MiB an answer may be", MAX_ANSWER >> 20)]
+    TooLarge,
 }
+
+/// The most the planning helper may answer (a plan of a thousand actions with their
+/// paths is a small part of it).
+const MAX_ANSWER: u64 = 16 << 20;
+/// The most of its error output kept.
+const MAX_STDERR: u64 = 64 << 10;
 
 /// What the planning helper, as the caller, could not use: the working directory or
 /// the caller's own policy file. (It reaches the daemon as text in [`PlanReply`].)
@@ -407,12 +415,20 @@ fn read_user_policy(caller: &Caller) -> Result<UserPolicy, CallerFileError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(UserPolicy::default()),
         Err(e) => return Err(io(e)),
     };
+    const MAX_POLICY: u64 = 64 * 1024;
     let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() || meta.uid() != caller.uid || meta.len() > 64 * 1024 {
+    if !meta.is_file() || meta.uid() != caller.uid || meta.len() > MAX_POLICY {
         return Err(CallerFileError::NotYourFile { path });
     }
+    // (Read no more than the size allowed: the file may grow after the check.)
     let mut text = String::new();
-    file.read_to_string(&mut text).map_err(io)?;
+    (&mut file)
+        .take(MAX_POLICY + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_POLICY {
+        return Err(CallerFileError::NotYourFile { path });
+    }
     let mut policy: UserPolicy =
         toml::from_str(&text).map_err(|source| CallerFileError::Parse {
             path: path.clone(),
@@ -434,7 +450,7 @@ fn read_user_policy(caller: &Caller) -> Result<UserPolicy, CallerFileError> {
 
 /// Run the planning helper for `job` as its caller. `exe` is the agent's own binary.
 pub async fn plan(exe: &Path, job: &PlanJob) -> Result<PlanReply, HelperError> {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut child = tokio::process::Command::new(exe)
         .arg("plan-exec")
         .env_clear()
@@ -452,19 +468,47 @@ pub async fn plan(exe: &Path, job: &PlanJob) -> Result<PlanReply, HelperError> {
             .await
             .map_err(HelperError::HandOver)?;
     }
-    let out = tokio::time::timeout(PLAN_TIMEOUT, child.wait_with_output())
+    // Read no more than an answer may be: what the helper says comes from files and
+    // repositories the caller controls.
+    let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+    let finished = async {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let read_out = async {
+            match stdout.as_mut() {
+                Some(s) => s.take(MAX_ANSWER + 1).read_to_end(&mut out).await,
+                None => Ok(0),
+            }
+        };
+        let read_err = async {
+            match stderr.as_mut() {
+                Some(s) => s.take(MAX_STDERR).read_to_end(&mut err).await,
+                None => Ok(0),
+            }
+        };
+        let (o, e) = tokio::join!(read_out, read_err);
+        o.and(e)?;
+        if out.len() as u64 > MAX_ANSWER {
+            return Ok(None);
+        }
+        Ok::<_, std::io::Error>(Some((child.wait().await?, out, err)))
+    };
+    let Some((status, out, err)) = tokio::time::timeout(PLAN_TIMEOUT, finished)
         .await
         .map_err(|_| HelperError::TimedOut {
             user: job.caller.user.clone(),
         })?
-        .map_err(HelperError::Lost)?;
-    if !out.status.success() {
+        .map_err(HelperError::Lost)?
+    else {
+        // (Killed when `child` is dropped.)
+        return Err(HelperError::TooLarge);
+    };
+    if !status.success() {
         return Err(HelperError::Failed {
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            status,
+            stderr: String::from_utf8_lossy(&err).trim().to_owned(),
         });
     }
-    serde_json::from_slice(&out.stdout).map_err(HelperError::BadAnswer)
+    serde_json::from_slice(&out).map_err(HelperError::BadAnswer)
 }
 
 /// How long planning may take before the request fails.

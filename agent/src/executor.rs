@@ -37,6 +37,19 @@ pub fn printable(text: &str) -> String {
         .collect()
 }
 
+/// The longest start of `text` of at most `max` bytes that ends where a character
+/// does.
+pub fn head(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// What became of a run.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
@@ -260,13 +273,10 @@ async fn collect_output(
             tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         }
-        let mut take = text.len().min(room);
-        while !text.is_char_boundary(take) {
-            take -= 1;
-        }
-        outcome.output.push_str(&text[..take]);
-        outcome.truncated |= take < text.len();
-        on_output(&text[..take]);
+        let taken = head(&text, room);
+        outcome.output.push_str(taken);
+        outcome.truncated |= taken.len() < text.len();
+        on_output(taken);
     }
     if stderr_head && !pending_err.is_empty() {
         outcome

@@ -208,11 +208,8 @@ impl Request {
         let mut r = self.clone();
         for a in &mut r.actions {
             if a.output.len() > keep {
-                let mut end = keep;
-                while !a.output.is_char_boundary(end) {
-                    end -= 1;
-                }
-                a.output.truncate(end);
+                a.output
+                    .truncate(crate::executor::head(&a.output, keep).len());
                 a.output_truncated = true;
             }
         }

@@ -362,6 +362,24 @@ fn git_state_follows_commits_branches_and_stashes_without_repository_programs() 
         let s = git(&agent);
         s["stashes"] == 1 && s["unstaged"].as_array().unwrap().is_empty()
     });
+    // What anyone with a commit puts in a subject or an author is kept to 1 KiB each.
+    sh(
+        &alice,
+        p,
+        &format!(
+            "{safe} commit -q --allow-empty \
+             --author \"$(head -c 100000 /dev/zero | tr '\\0' n) <n@example.com>\" \
+             -m \"$(head -c 100000 /dev/zero | tr '\\0' s)\""
+        ),
+    );
+    eventually("a long commit is seen", || {
+        git(&agent)["commits"][0]["subject"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("sss"))
+    });
+    let newest = &git(&agent)["commits"][0];
+    assert_eq!(newest["subject"].as_str().unwrap().len(), 1024);
+    assert_eq!(newest["author"].as_str().unwrap().len(), 1024, "{newest}");
     assert!(
         !pwned.exists(),
         "git ran a program the repository configured"
@@ -515,6 +533,11 @@ fn the_text_of_a_project_is_indexed_when_asked_and_read_again_only_when_changed(
     let hits = text(&agent, "load_settings");
     assert!(hits.contains(&p.join("src/settings.rs").to_string_lossy().into_owned()));
     assert!(hits.contains(&p.join("notes.md").to_string_lossy().into_owned()));
+    // A prefix of three characters or more finds what starts with it; a shorter one
+    // (which would match most of an index) is a whole word.
+    assert_eq!(text(&agent, "load*").len(), 2);
+    assert_eq!(text(&agent, "al*").len(), 0);
+    assert_eq!(text(&agent, "alp*"), [p.join("same.txt").to_string_lossy()]);
     let shown = agent.devos(
         Some(&alice),
         p,

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::executor::head;
 use crate::gitrepo::{self, Level, Repo};
 
 /// Files listed per kind at most (the counts are always complete).
@@ -71,6 +72,11 @@ pub struct Counts {
     pub conflicted: u32,
 }
 
+/// The most bytes of an author, a commit's subject or an error kept: what whoever
+/// writes to a repository puts there is not read into the index (and every answer
+/// about it) whole.
+const MAX_FIELD: usize = 1024;
+
 /// Read `repo`'s state with this process's credentials.
 pub fn read(repo: &Repo) -> GitState {
     let mut state = GitState {
@@ -79,7 +85,7 @@ pub fn read(repo: &Repo) -> GitState {
         ..GitState::default()
     };
     if let Err(e) = read_into(repo, &mut state) {
-        state.error = Some(e);
+        state.error = Some(head(&e, MAX_FIELD).to_owned());
     }
     state
 }
@@ -307,9 +313,9 @@ fn parse_log(out: &str) -> Vec<Commit> {
             let mut f = record.trim_start_matches('\n').split('\x1f');
             Some(Commit {
                 id: f.next()?.to_owned(),
-                author: f.next()?.to_owned(),
+                author: head(f.next()?, MAX_FIELD).to_owned(),
                 time: f.next()?.parse().ok()?,
-                subject: f.next()?.to_owned(),
+                subject: head(f.next()?, MAX_FIELD).to_owned(),
             })
         })
         .collect()

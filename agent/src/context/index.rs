@@ -127,6 +127,9 @@ pub struct Hit {
     pub snippet: Option<String>,
 }
 
+/// The fewest characters a prefix (`word*`) of a text search has.
+pub const MIN_PREFIX: usize = 3;
+
 /// The scan in progress: what it has reported so far, as keyed hashes of the paths
 /// (8 bytes each, whatever the paths' length: a scan of the most entries a project may
 /// have, each with a path of the longest, keeps a few MiB, not gigabytes).
@@ -653,18 +656,21 @@ impl Index {
     }
 
     /// Text-indexed files holding every word of `query` (as whole words; `word*` for
-    /// a prefix), best match first, with a snippet around the match.
+    /// a prefix of at least [`MIN_PREFIX`] characters), best match first, with a
+    /// snippet around the match.
     pub fn find_text(&self, query: &str, limit: usize) -> Result<Vec<Hit>, IndexError> {
         let words: Vec<String> = query
             .split_whitespace()
-            .map(|w| {
+            .filter_map(|w| {
                 let (w, prefix) = match w.strip_suffix('*') {
-                    Some(w) => (w, "*"),
+                    // A shorter prefix would match most of the index, and a query of
+                    // a few of them would take seconds: it is a whole word.
+                    Some(w) if w.chars().count() >= MIN_PREFIX => (w, "*"),
+                    Some(w) => (w, ""),
                     None => (w, ""),
                 };
-                format!("\"{}\"{prefix}", w.replace('"', "\"\""))
+                (!w.is_empty()).then(|| format!("\"{}\"{prefix}", w.replace('"', "\"\"")))
             })
-            .filter(|w| w.len() > 2)
             .collect();
         if words.is_empty() {
             return Ok(Vec::new());

@@ -163,13 +163,7 @@ fn command(pid: u32, name: &str) -> String {
     }
     let end = command.trim_end().len();
     command.truncate(end);
-    if command.len() > 200 {
-        let mut cut = 200;
-        while !command.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        command.truncate(cut);
-    }
+    command.truncate(crate::executor::head(&command, 200).len());
     command
 }
 

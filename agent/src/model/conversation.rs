@@ -131,11 +131,7 @@ impl Conversation {
                 if let Block::ToolResult { content, .. } = block
                     && content.len() > TRIMMED_RESULT
                 {
-                    let mut end = TRIMMED_RESULT;
-                    while !content.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    content.truncate(end);
+                    content.truncate(crate::executor::head(content, TRIMMED_RESULT).len());
                     content.push_str("\n[cut: the conversation was too long for the model]");
                 }
             }

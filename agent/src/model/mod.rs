@@ -82,11 +82,7 @@ pub fn tool_result(body: &str, limit: usize) -> String {
     let mut text = crate::executor::printable(body);
     let cut = text.len() > limit;
     if cut {
-        let mut end = limit;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+        text.truncate(crate::executor::head(&text, limit).len());
     }
     format!(
         "<data>\n{text}\n</data>{}",

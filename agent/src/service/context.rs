@@ -318,10 +318,17 @@ fn queue(pid: u32, commands: &SyncSender<Vec<u8>>, line: Vec<u8>) -> std::io::Re
 
 /// Start `user`'s watcher unless it runs (checked and started under one lock, so two
 /// callers never start two).
+///
+/// Locks: the index's is never taken while the watcher's is held (nor the other way
+/// round anywhere), so the projects are read before the watcher's lock is taken.
 fn ensure_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), ContextError> {
+    if lock(&user.watcher).is_some() {
+        return Ok(());
+    }
+    let projects = lock(&user.index).project_jobs()?;
     let mut watcher = lock(&user.watcher);
     if watcher.is_none() {
-        *watcher = Some(start_watcher(shared, user)?);
+        *watcher = Some(start_watcher(shared, user, projects)?);
         *lock(&user.stopped) = None;
     }
     Ok(())
@@ -332,11 +339,12 @@ fn ensure_watcher(shared: &Arc<Shared>, user: &Arc<UserContext>) -> Result<(), C
 fn start_watcher(
     shared: &Arc<Shared>,
     user: &Arc<UserContext>,
+    projects: Vec<crate::context::ProjectJob>,
 ) -> Result<(u32, SyncSender<Vec<u8>>), ContextError> {
     let config = shared.config();
     let job = WatchJob {
         caller: user.caller.clone(),
-        projects: lock(&user.index).project_jobs()?,
+        projects,
         max_files: config.context.max_files,
         max_watches: config.context.max_watches,
         rescan_secs: config.context.rescan_secs,
@@ -374,12 +382,17 @@ fn start_watcher(
         let last = last_error.clone();
         let uid = user.caller.uid;
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
+            let mut lines = std::io::BufReader::new(stderr);
+            let mut line = Vec::new();
+            // (Read 4 KiB at most at a time: a longer line comes in pieces.)
+            while std::io::Read::take(&mut lines, 4096)
+                .read_until(b'\n', &mut line)
+                .is_ok_and(|n| n > 0)
             {
-                tracing::warn!(uid, "context watcher: {line}");
-                *lock(&last) = line;
+                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                line.clear();
+                tracing::warn!(uid, "context watcher: {text}");
+                *lock(&last) = text;
             }
         });
     }
@@ -412,14 +425,22 @@ fn start_watcher(
                 }
             }
         }
-        let status = child.wait();
-        {
+        // Out of the slot before it is reaped: no one signals its pid once it could
+        // be another process's.
+        let retired = {
             let mut watcher = lock(&user.watcher);
-            if watcher.as_ref().is_some_and(|(running, _)| *running != pid) {
+            match watcher.as_ref() {
                 // (A newer watcher took over; this one was retired.)
-                return;
+                Some((running, _)) if *running != pid => true,
+                _ => {
+                    *watcher = None;
+                    false
+                }
             }
-            *watcher = None;
+        };
+        let status = child.wait();
+        if retired {
+            return;
         }
         let why = format!(
             "the watcher stopped ({}){}",
@@ -538,7 +559,12 @@ fn rebuild(user: &UserContext) {
             "moved-to": aside,
         }));
     }
-    *lock(&user.watcher) = None;
+    // Killed, not only let go: a watcher its user stopped would never read the end of
+    // its commands. (Its pid is still its own: it is reaped only once out of the slot.)
+    if let Some((pid, _)) = lock(&user.watcher).take() {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 /// One project in the list beside the index.
@@ -848,7 +874,8 @@ impl Context {
     ) -> fdo::Result<String> {
         let (_, user, _query) = self.user(&header, conn).await?;
         let config = self.shared.config().context.clone();
-        Ok(blocking(move || status(&user, &config)).await??.to_string())
+        let status = blocking(move || status(&user, &config)).await??;
+        fits(status.to_string(), "remove projects you no longer need")
     }
 }
 
@@ -898,14 +925,15 @@ async fn processes(
 }
 
 fn status(user: &UserContext, config: &ContextConfig) -> Result<Value, ContextError> {
-    let index = lock(&user.index);
-    let projects = index.projects()?;
-    let entries: u64 = projects.iter().map(|p| p.entries).sum();
+    // (Never the watcher's lock under the index's: see `ensure_watcher`.)
     let watcher = match (lock(&user.watcher).is_some(), lock(&user.stopped).clone()) {
         (true, _) => "running".to_owned(),
         (false, Some(why)) => why,
         (false, None) => "not started (no projects)".to_owned(),
     };
+    let index = lock(&user.index);
+    let projects = index.projects()?;
+    let entries: u64 = projects.iter().map(|p| p.entries).sum();
     Ok(json!({
         "projects": projects,
         "entries": entries,
@@ -920,25 +948,66 @@ fn status(user: &UserContext, config: &ContextConfig) -> Result<Value, ContextEr
 }
 
 /// Answer a question the local planner recognised, in words, from the caller's
-/// index (and /proc).
+/// index (on a blocking thread, one of the caller's queries) or from /proc.
 pub(super) async fn answer(
     shared: &Arc<Shared>,
     caller: &Caller,
     question: &Question,
 ) -> Result<String, ContextError> {
     let user = shared.context.user(shared, caller)?;
-    let roots = lock(&user.index).roots()?;
-    let none = || {
-        "You have no projects in the context index yet; add one with `devos context add DIR` \
-         (a request run inside a git repository adds that repository)."
-            .to_owned()
+    let _query = shared
+        .querying
+        .enter(caller.uid)
+        .map_err(|e| ContextError::Refused(e.to_string()))?;
+    let roots = {
+        let user = user.clone();
+        blocking(move || lock(&user.index).roots())
+            .await
+            .map_err(|e| ContextError::Refused(e.to_string()))??
     };
+    if let Question::Processes { by_memory } = question {
+        let v = processes(shared, caller, roots, *by_memory)
+            .await
+            .map_err(|e| ContextError::Refused(e.to_string()))?;
+        let list: Vec<procs::Process> =
+            serde_json::from_value(v["processes"].clone()).unwrap_or_default();
+        let lines: Vec<String> = list
+            .iter()
+            .take(10)
+            .map(|p| {
+                format!(
+                    "{:>7}  {:>5.1}% CPU  {:>8} MiB  {}",
+                    p.pid,
+                    p.cpu_percent,
+                    p.rss_kib / 1024,
+                    crate::executor::printable(&p.command)
+                )
+            })
+            .collect();
+        return Ok(format!(
+            "Your processes by {}:\n    PID       CPU        MEMORY  COMMAND\n{}",
+            if *by_memory { "memory" } else { "CPU" },
+            lines.join("\n")
+        ));
+    }
+    if roots.is_empty() {
+        return Ok(
+            "You have no projects in the context index yet; add one with `devos context add DIR` \
+             (a request run inside a git repository adds that repository)."
+                .to_owned(),
+        );
+    }
+    let question = question.clone();
+    blocking(move || from_index(&user, &question))
+        .await
+        .map_err(|e| ContextError::Refused(e.to_string()))?
+}
+
+/// [`answer`] for the questions the index answers.
+fn from_index(user: &UserContext, question: &Question) -> Result<String, ContextError> {
     let now = crate::caller::now_secs() as i64;
     Ok(match question {
         Question::FindText { words } => {
-            if roots.is_empty() {
-                return Ok(none());
-            }
             check_query(words).map_err(ContextError::Refused)?;
             let hits = lock(&user.index).find_text(words, 20)?;
             if hits.is_empty() {
@@ -954,9 +1023,6 @@ pub(super) async fn answer(
             }
         }
         Question::Find { words } => {
-            if roots.is_empty() {
-                return Ok(none());
-            }
             check_query(words).map_err(ContextError::Refused)?;
             let hits = lock(&user.index).find(words, 20)?;
             if hits.is_empty() {
@@ -980,9 +1046,6 @@ pub(super) async fn answer(
             }
         }
         Question::Recent { since } => {
-            if roots.is_empty() {
-                return Ok(none());
-            }
             let since = parse_since(since, now).map_err(ContextError::Refused)?;
             let hits = lock(&user.index).recent(since, 30)?;
             if hits.is_empty() {
@@ -996,10 +1059,10 @@ pub(super) async fn answer(
             }
         }
         Question::Git => {
-            let v = git_states(&user, Path::new(""))?;
+            let v = git_states(user, Path::new(""))?;
             let repos = v["repositories"].as_array().cloned().unwrap_or_default();
             if repos.is_empty() {
-                return Ok(none());
+                return Ok("None of your projects is in a git repository.".to_owned());
             }
             repos
                 .iter()
@@ -1018,31 +1081,7 @@ pub(super) async fn answer(
                 .collect::<Vec<_>>()
                 .join("\n")
         }
-        Question::Processes { by_memory } => {
-            let v = processes(shared, caller, roots, *by_memory)
-                .await
-                .map_err(|e| ContextError::Refused(e.to_string()))?;
-            let list: Vec<procs::Process> =
-                serde_json::from_value(v["processes"].clone()).unwrap_or_default();
-            let lines: Vec<String> = list
-                .iter()
-                .take(10)
-                .map(|p| {
-                    format!(
-                        "{:>7}  {:>5.1}% CPU  {:>8} MiB  {}",
-                        p.pid,
-                        p.cpu_percent,
-                        p.rss_kib / 1024,
-                        crate::executor::printable(&p.command)
-                    )
-                })
-                .collect();
-            format!(
-                "Your processes by {}:\n    PID       CPU        MEMORY  COMMAND\n{}",
-                if *by_memory { "memory" } else { "CPU" },
-                lines.join("\n")
-            )
-        }
+        Question::Processes { .. } => unreachable!("answered from /proc"),
     })
 }
 

@@ -393,11 +393,7 @@ fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
         if rest.is_empty() {
             return None;
         }
-        let mut end = rest.len().min(max);
-        while !rest.is_char_boundary(end) {
-            end -= 1;
-        }
-        let (piece, tail) = rest.split_at(end);
+        let (piece, tail) = rest.split_at(crate::executor::head(rest, max).len());
         rest = tail;
         Some(piece)
     })

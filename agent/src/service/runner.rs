@@ -338,13 +338,9 @@ fn shown(description: &str) -> std::borrow::Cow<'_, str> {
     if description.len() <= PROMPT_DESCRIPTION {
         return description.into();
     }
-    let mut end = PROMPT_DESCRIPTION;
-    while !description.is_char_boundary(end) {
-        end -= 1;
-    }
     format!(
         "{}… ({} bytes in all; `devos show` has it whole)",
-        &description[..end],
+        crate::executor::head(description, PROMPT_DESCRIPTION),
         description.len()
     )
     .into()
