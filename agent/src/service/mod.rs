@@ -18,6 +18,7 @@ mod inplace;
 mod rules;
 mod runner;
 mod shared;
+mod watchdog;
 
 pub use agent::{Admin, Agent};
 pub use context::{Context, parse_since};
@@ -77,6 +78,7 @@ pub async fn serve(
     // (Set once: `serve` runs once per `Shared`.)
     let _ = shared.conn.set(conn.clone());
     tracing::info!(name = crate::BUS_NAME, "serving on the system bus");
+    tokio::spawn(watchdog::feed());
     tokio::spawn(health::signal(shared.clone(), conn.clone()));
     tokio::spawn(inplace::follow(shared.clone(), conn.clone()));
     {
