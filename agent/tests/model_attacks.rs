@@ -345,6 +345,77 @@ fn conversation_race_concurrent_continues_get_one_request_per_conversation() {
     }
 }
 
+/// Was a finding. Only a follow-up held its conversation while it ran: a `Continue` of
+/// a conversation's first request, while that request still waited for the model (or
+/// for approval), was taken, and two tasks drove one conversation (the second
+/// answering the first's tool calls "not run" while the first could still run them).
+/// Now the first request holds its conversation too.
+#[test]
+fn conversation_race_a_continue_of_a_first_request_still_running_waits() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let user = User::ensure("devos-ma-fern");
+    let project = user.project();
+    let cwd = project.path();
+    standin.push(Reply::text("slow").after(Duration::from_secs(15)));
+    let call = |args: &[&str]| {
+        let mut all = vec![
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1",
+        ];
+        all.extend_from_slice(args);
+        agent.busctl(Some(&user), &all)
+    };
+    let cwd_text = cwd.to_str().unwrap();
+    let out = call(&["SubmitToModel", "sss", "hi", cwd_text, "small"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out)
+        .trim()
+        .trim_start_matches("s ")
+        .trim_matches('"')
+        .to_owned();
+    let out = call(&["Continue", "ss", &id, "and then"]);
+    assert!(
+        !out.status.success(),
+        "a second request of the conversation was taken"
+    );
+    assert!(stderr(&out).contains("still going on"), "{}", stderr(&out));
+    agent.devos(Some(&user), cwd, &["cancel", &id]);
+    agent.wait_state(&user, cwd, &id, "cancelled");
+}
+
+/// Was a finding. A turn's tool calls were all carried out, however many: a model (or
+/// a prompt injected into it) could ask for hundreds of context answers in one turn,
+/// each read as the user and kept in the conversation. Now 32 are carried out and
+/// the rest answered "not run", each still answered, so the conversation stays valid.
+#[test]
+fn robustness_a_turn_of_many_tool_calls_carries_out_32() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let user = User::ensure("devos-ma-gus");
+    let project = user.project();
+    let cwd = project.path();
+    standin.push(Reply::tools(
+        (0..40)
+            .map(|_| ToolCall::new("project_info", json!({})))
+            .collect(),
+    ));
+    standin.push(Reply::text("done"));
+    let r = run_json(&agent, &user, cwd, &["--model", "small", "look around"]);
+    assert_eq!(r["state"], "done", "{r}");
+    let results = all_tool_results(&standin);
+    assert_eq!(results.len(), 40, "{results:?}");
+    let refused = results
+        .iter()
+        .filter(|(status, text)| status == "error" && text.contains("at most 32 tool calls"))
+        .count();
+    assert_eq!(refused, 8, "{results:?}");
+    let last = standin.requests().pop().unwrap();
+    assert!(conversation_problems(&last.body).is_empty());
+}
+
 // ---------------------------------------------------------------------------------
 // Budgets and the ledger.
 // ---------------------------------------------------------------------------------
@@ -417,6 +488,46 @@ fn budget_bypass_cancelling_while_the_answer_streams_leaves_no_trace_on_the_ledg
     // And the budget ($0.001; the call was $1.00) stops the next request.
     let r = run_json(&agent, &user, cwd, &["--model", "small", "again"]);
     assert_eq!(r["state"], "unplanned", "{r}");
+}
+
+/// Was a finding. A call that streams nothing until it is done (`stream = false`) and
+/// was cancelled meanwhile went on the ledger at its prompt alone, though Bedrock bills
+/// what the model wrote before the cancel: cancel and repeat, and the ledger (and every
+/// budget) shows a fraction of the bill. Now such a call counts at its worst case
+/// (`max-tokens` of output).
+#[test]
+fn budget_bypass_cancelling_a_call_that_does_not_stream_counts_its_worst_case() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "stream = false\nmax-tokens = 1000\n", "");
+    let user = User::ensure("devos-ma-hal");
+    let project = user.project();
+    let cwd = project.path();
+    standin.push(Reply::text("a long essay").after(Duration::from_secs(20)));
+    let out = agent.busctl(
+        Some(&user),
+        &[
+            "call",
+            "org.devos.Agent1",
+            "/org/devos/Agent1",
+            "org.devos.Agent1",
+            "SubmitToModel",
+            "sss",
+            "write an essay",
+            cwd.to_str().unwrap(),
+            "small",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = newest_in_state(&agent, &user, cwd, "running").expect("not running");
+    std::thread::sleep(Duration::from_millis(500));
+    agent.devos(Some(&user), cwd, &["cancel", &id]);
+    agent.wait_state(&user, cwd, &id, "cancelled");
+    let rows = usage_rows(&agent, &user, cwd);
+    let output: u64 = rows
+        .iter()
+        .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(output, 1000, "{rows:?}");
 }
 
 /// Was a finding (low). Budgets were checked before each call but nothing is reserved for

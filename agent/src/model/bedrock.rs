@@ -95,6 +95,25 @@ pub enum ModelError {
     Unreachable { endpoint: String, message: String },
     #[error("the model's answer could not be read: {0}")]
     BadReply(String),
+    #[error("the model sent nothing for {}s; try again", .0.as_secs())]
+    Silent(Duration),
+}
+
+/// The longest a streamed answer may go without a word (a model thinks before its
+/// first one, but not this long), and a whole answer that is not streamed may take.
+const SILENCE: Duration = Duration::from_secs(120);
+const WHOLE_ANSWER: Duration = Duration::from_secs(600);
+/// The most blocks (text, tool calls) one answer may have.
+const MAX_BLOCKS: usize = 1024;
+
+/// `answer`, or [`ModelError::Silent`] when it takes longer than `limit`.
+async fn within<T>(
+    limit: Duration,
+    answer: impl Future<Output = Result<T, ModelError>>,
+) -> Result<T, ModelError> {
+    tokio::time::timeout(limit, answer)
+        .await
+        .unwrap_or(Err(ModelError::Silent(limit)))
 }
 
 impl ModelError {
@@ -158,10 +177,13 @@ pub fn supports_caching(model: &str) -> bool {
 
 /// Call the model; text is passed to `on_text` as it arrives (all at once without
 /// streaming).
+///
+/// `on_stream` is given each piece of text as it comes (to show) and the bytes of
+/// text and tool input so far (what a call cut off is billed for).
 pub async fn converse(
     client: &Client,
     call: &Call<'_>,
-    mut on_text: impl FnMut(&str),
+    mut on_stream: impl FnMut(&str, usize),
 ) -> Result<Reply, ModelError> {
     let started = Instant::now();
     let messages = call
@@ -198,15 +220,20 @@ pub async fn converse(
                 .map_err(|e| map_error(&e, call))?
         };
     }
+    // (A server that stops answering holds the caller's slot and budget no longer.)
     let mut reply = if call.stream {
-        let mut out = send!(client.converse_stream());
+        let mut out = within(SILENCE, async { Ok(send!(client.converse_stream())) }).await?;
         let mut reader = StreamReader::default();
-        while let Some(event) = out.stream.recv().await.map_err(|e| map_error(&e, call))? {
-            reader.take(event, &mut on_text)?;
+        loop {
+            let next = async { out.stream.recv().await.map_err(|e| map_error(&e, call)) };
+            let Some(event) = within(SILENCE, next).await? else {
+                break;
+            };
+            reader.take(event, &mut on_stream)?;
         }
         reader.finish()?
     } else {
-        let out = send!(client.converse());
+        let out = within(WHOLE_ANSWER, async { Ok(send!(client.converse())) }).await?;
         let turn = match out.output {
             Some(bt::ConverseOutput::Message(m)) => turn_of(&m)?,
             _ => return Err(ModelError::BadReply("no message in the reply".into())),
@@ -223,7 +250,7 @@ pub async fn converse(
         if bytes > MAX_ANSWER_BYTES {
             return Err(too_large());
         }
-        on_text(&turn.text());
+        on_stream(&turn.text(), bytes);
         Reply {
             turn,
             stop_reason: out.stop_reason.as_str().to_owned(),
@@ -341,7 +368,7 @@ struct StreamReader {
 /// An answer larger than any model's.
 fn too_large() -> ModelError {
     ModelError::BadReply(format!(
-        "the answer is larger than {} MiB, more than any model writes; is [model] endpoint-url a model endpoint?",
+        "the answer is larger than {} MiB or has more than {MAX_BLOCKS} parts, more than any model writes; is [model] endpoint-url a model endpoint?",
         MAX_ANSWER_BYTES >> 20
     ))
 }
@@ -359,11 +386,15 @@ impl StreamReader {
     fn take(
         &mut self,
         event: bt::ConverseStreamOutput,
-        on_text: &mut impl FnMut(&str),
+        on_stream: &mut impl FnMut(&str, usize),
     ) -> Result<(), ModelError> {
         match event {
             bt::ConverseStreamOutput::ContentBlockStart(e) => {
                 if let Some(bt::ContentBlockStart::ToolUse(t)) = e.start {
+                    self.bytes += t.tool_use_id.len() + t.name.len();
+                    if self.bytes > MAX_ANSWER_BYTES || self.blocks.len() >= MAX_BLOCKS {
+                        return Err(too_large());
+                    }
                     self.blocks.insert(
                         e.content_block_index,
                         Partial::Tool {
@@ -380,13 +411,16 @@ impl StreamReader {
                     Some(bt::ContentBlockDelta::ToolUse(t)) => t.input.len(),
                     _ => 0,
                 };
-                if self.bytes > MAX_ANSWER_BYTES {
+                if self.bytes > MAX_ANSWER_BYTES
+                    || self.blocks.len() >= MAX_BLOCKS
+                        && !self.blocks.contains_key(&e.content_block_index)
+                {
                     return Err(too_large());
                 }
                 let slot = self.blocks.entry(e.content_block_index);
                 match e.delta {
                     Some(bt::ContentBlockDelta::Text(t)) => {
-                        on_text(&t);
+                        on_stream(&t, self.bytes);
                         match slot.or_insert_with(|| Partial::Text(String::new())) {
                             Partial::Text(s) => s.push_str(&t),
                             Partial::Tool { .. } => {
@@ -399,6 +433,7 @@ impl StreamReader {
                             if let Partial::Tool { input, .. } = o.get_mut() {
                                 input.push_str(&t.input);
                             }
+                            on_stream("", self.bytes);
                         }
                         std::collections::btree_map::Entry::Vacant(_) => {
                             return Err(ModelError::BadReply(

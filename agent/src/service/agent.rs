@@ -60,9 +60,14 @@ impl Agent {
             )));
         }
         self.shared.may_record(caller.uid)?;
-        let slot = self.shared.reserve(caller.uid)?;
+        let mut slot = self.shared.reserve(caller.uid)?;
         let config = self.shared.config();
         let request = plan_request(&self.shared, &caller, text, cwd, &config, route).await?;
+        // A conversation it starts is its own while it runs: a `Continue` of it waits,
+        // as for every later request of the conversation. (New: never held yet.)
+        if let Some(conversation) = &request.conversation {
+            slot.hold_conversation(conversation);
+        }
         self.admit(request, caller, owner, slot)
     }
 

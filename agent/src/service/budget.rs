@@ -75,10 +75,13 @@ pub(super) fn hold<'a>(
     Ok(Ok(Hold { shared, uid, usd }))
 }
 
-/// About how many tokens `bytes` of text are (Claude's tokenizer averages near 4
-/// bytes a token in English and code).
+/// About how many bytes of text a token is (Claude's tokenizer averages near 4 in
+/// English and code).
+pub(super) const BYTES_PER_TOKEN: usize = 4;
+
+/// About how many tokens `bytes` of text are.
 pub(super) fn estimated_tokens(bytes: usize) -> u64 {
-    (bytes as u64).div_ceil(4)
+    (bytes as u64).div_ceil(BYTES_PER_TOKEN as u64)
 }
 
 fn refusal_with(

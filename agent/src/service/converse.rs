@@ -179,8 +179,13 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
         let (outcome, streamed) = call_streaming(&mut d, &client, &call).await;
         let reply = match outcome {
             None => {
-                // The model answered (and billed) part of it: that part is spent.
-                record_estimate(&mut d, &config, &model_id, &conversation, streamed)?;
+                // The model answered (and billed) part of it: that part is spent. A
+                // call that streams nothing until it is done counts as its worst case.
+                let spent = match call.stream {
+                    true => streamed,
+                    false => config.model.max_tokens as usize * budget::BYTES_PER_TOKEN,
+                };
+                record_estimate(&mut d, &config, &model_id, &conversation, spent)?;
                 return d.end(d.r.actions.len(), State::Cancelled).await.map(|_| ());
             }
             Some(Err(e)) if e.is_too_long() && !trimmed && conversation.trim() => {
@@ -242,6 +247,9 @@ fn take_reply(
     Ok(())
 }
 
+/// The most tool calls of one turn carried out (the rest are answered "not run").
+const MAX_TOOL_CALLS: usize = 32;
+
 /// Carry out the tool calls of `turn` in order and answer every one of them (so the
 /// conversation can go on later), and whether the request ended on the way.
 async fn answer_tool_calls(
@@ -259,6 +267,11 @@ async fn answer_tool_calls(
             (
                 false,
                 "not run: the request ended before this call".to_owned(),
+            )
+        } else if results.len() >= MAX_TOOL_CALLS {
+            (
+                false,
+                format!("not run: at most {MAX_TOOL_CALLS} tool calls are answered in one turn"),
             )
         } else {
             match tool_call(d, config, name, input).await? {
@@ -335,7 +348,7 @@ async fn client(
 const SIGNAL_TEXT: usize = 32 << 10;
 
 /// One model call, its text sent to the submitter as it comes (`None` when the
-/// request was cancelled meanwhile), and how many bytes of text came.
+/// request was cancelled meanwhile), and how many bytes of text and tool input came.
 async fn call_streaming(
     d: &mut Driver<'_>,
     client: &aws_sdk_bedrockruntime::Client,
@@ -365,8 +378,11 @@ async fn call_streaming(
         }
     };
     let call = async {
-        let r = bedrock::converse(client, call, |text| {
-            streamed += text.len();
+        let r = bedrock::converse(client, call, |text, bytes| {
+            streamed = bytes;
+            if text.is_empty() {
+                return;
+            }
             let text = if std::mem::take(&mut separate) {
                 format!("{TURN_BREAK}{}", text.trim_start())
             } else {
@@ -512,7 +528,12 @@ async fn tool_call(
 ) -> fdo::Result<ControlFlow<String, (bool, String)>> {
     let limit = config.model.tool_output_bytes as usize;
     let action = match tools::parse(name, input, &d.r.cwd, &d.caller.home) {
-        Err(e) => return Ok(ControlFlow::Continue((false, e.to_string()))),
+        Err(e) => {
+            return Ok(ControlFlow::Continue((
+                false,
+                tool_result(&e.to_string(), limit),
+            )));
+        }
         Ok(Call::Context(query)) => {
             let answer = context(d, config, query).await?;
             return Ok(ControlFlow::Continue((true, tool_result(&answer, limit))));
