@@ -584,3 +584,41 @@ fn the_text_of_a_project_is_indexed_when_asked_and_read_again_only_when_changed(
     );
     assert!(text(&agent, "omega").is_empty());
 }
+
+#[test]
+fn the_text_of_secret_locations_is_never_indexed() {
+    let agent = Daemon::start();
+    // (A user of its own: the test indexes their whole home.)
+    let user = User::ensure("devos-texthome");
+    let home = user.home.clone();
+    sh(
+        &user,
+        &home,
+        "mkdir -p .aws && echo 'aws_secret_access_key = HUSH_HUSH_42' > .aws/credentials \
+         && echo 'machine example.com password HUSH_HUSH_42' > .netrc \
+         && echo 'not a secret: HUSH_HUSH_42' > notes.txt",
+    );
+    let out = agent.devos(
+        Some(&user),
+        &home,
+        &["context", "add", "--text", home.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = |words: &str| -> Vec<String> {
+        context(&agent, &user, &["find", "--text", words])["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["path"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    eventually("the home is indexed", || !text("HUSH_HUSH_42").is_empty());
+    assert_eq!(
+        text("HUSH_HUSH_42"),
+        [home.join("notes.txt").to_string_lossy()],
+        "a secret file's text was indexed"
+    );
+    // Their names are, as any other file's.
+    let names = context(&agent, &user, &["find", "credentials"]);
+    assert!(names.to_string().contains(".aws/credentials"), "{names}");
+}

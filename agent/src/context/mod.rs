@@ -228,6 +228,10 @@ pub struct WatchJob {
     pub max_watches: u64,
     /// How often a project that could not be watched whole is rescanned.
     pub rescan_secs: u64,
+    /// The user's secret locations (`[sandbox] secrets`, expanded): their files' names
+    /// are indexed, never their text (a search would show it without approval).
+    #[serde(default)]
+    pub secrets: Vec<PathBuf>,
 }
 
 /// A project to resume.

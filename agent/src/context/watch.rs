@@ -731,7 +731,8 @@ impl Engine {
             return None;
         }
         p.read.insert(key.to_owned(), stamp);
-        if ignored || stamp.1 > MAX_TEXT_BYTES {
+        let secret = crate::risk::paths::secret_of(&[path], &self.job.secrets).is_some();
+        if ignored || stamp.1 > MAX_TEXT_BYTES || secret {
             return Some(String::new());
         }
         let bytes = read_regular(path, MAX_TEXT_BYTES).unwrap_or_default();

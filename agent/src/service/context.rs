@@ -348,6 +348,7 @@ fn start_watcher(
         max_files: config.context.max_files,
         max_watches: config.context.max_watches,
         rescan_secs: config.context.rescan_secs,
+        secrets: user.caller.secrets(&config.sandbox.secrets),
     };
     let mut child = std::process::Command::new(&shared.exe)
         .arg("context-watch")
