@@ -390,7 +390,11 @@ fn print_request(r: &Request, with_output: bool) {
             Decision::Approved { by } => format!("approved ({by})"),
             Decision::Denied { by, reason } => format!("DENIED ({by}): {reason}"),
         };
-        println!("  [{}] {}", a.index, p(&a.description));
+        println!(
+            "  [{}] {}",
+            a.index,
+            crate::executor::one_line(&a.description)
+        );
         println!(
             "      risk: {} — {}",
             a.risk.class,
@@ -532,7 +536,7 @@ async fn run_request(
                 if args.id != id {
                     continue;
                 }
-                let (index, risk, mut description) = (args.action, args.risk.to_owned(), crate::executor::printable(args.description));
+                let (index, risk, mut description) = (args.action, args.risk.to_owned(), crate::executor::one_line(args.description));
                 if args.origin == "model" {
                     description.push_str(" [proposed by the model]");
                 }

@@ -37,6 +37,31 @@ pub fn printable(text: &str) -> String {
         .collect()
 }
 
+/// `text` on one line, as an action's description is shown where a decision is asked
+/// for: [`printable`], with newlines and tabs as `\n` and `\t` and the invisible
+/// formatting characters (zero-width spaces and joiners, ...) as U+FFFD, so that an
+/// argument cannot lay out lines that look like the prompt's own.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in printable(text).chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if is_format(c) => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Unicode's invisible formatting characters (general category Cf) that show as
+/// nothing in a terminal.
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}' | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
+}
+
 /// The longest start of `text` of at most `max` bytes that ends where a character
 /// does.
 pub fn head(text: &str, max: usize) -> &str {
@@ -386,5 +411,23 @@ fn sandbox_failure(spec: &Spec, s: std::process::ExitStatus, said: &str) -> Stri
             );
             "the sandbox could not be set up, so nothing ran: bubblewrap failed, or a place the action works in changed while the sandbox was being built (the agent's journal has the details)".into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_asked_about_is_one_line_with_nothing_invisible() {
+        let forged = "rm -rf build\n      risk: read-only\u{200B}\u{2066}\t\u{1b}[2J";
+        assert_eq!(
+            one_line(forged),
+            "rm -rf build\\n      risk: read-only\u{FFFD}\u{FFFD}\\t\u{FFFD}[2J"
+        );
+        assert_eq!(one_line("ls -la ~/src"), "ls -la ~/src");
+        assert_eq!(head("héllo", 2), "h");
+        assert_eq!(head("héllo", 3), "hé");
+        assert_eq!(head("hé", 10), "hé");
     }
 }
