@@ -294,6 +294,13 @@ fn tell(user: &UserContext, command: &Command) -> std::io::Result<()> {
     }
 }
 
+/// Kill the watcher `pid`. Only for a pid still in the user's slot: a watcher is
+/// reaped only once out of it, so the pid is still its own.
+fn kill_watcher(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
 /// Commands a watcher may leave unread before it counts as not reading them.
 const COMMANDS_WAITING: usize = 64;
 
@@ -305,9 +312,7 @@ fn queue(pid: u32, commands: &SyncSender<Vec<u8>>, line: Vec<u8>) -> std::io::Re
     match commands.try_send(line) {
         Ok(()) => Ok(()),
         Err(TrySendError::Full(_)) => {
-            // (Not reaped until its reader thread sees it go: the pid is still its.)
-            let pid = nix::unistd::Pid::from_raw(pid as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            kill_watcher(pid);
             Err(std::io::Error::other(
                 "the watcher did not read its commands (was it stopped?); it is started again",
             ))
@@ -563,8 +568,7 @@ fn rebuild(user: &UserContext) {
     // Killed, not only let go: a watcher its user stopped would never read the end of
     // its commands. (Its pid is still its own: it is reaped only once out of the slot.)
     if let Some((pid, _)) = lock(&user.watcher).take() {
-        let pid = nix::unistd::Pid::from_raw(pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        kill_watcher(pid);
     }
 }
 
