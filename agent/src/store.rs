@@ -22,6 +22,14 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+    #[error(
+        "agent state {path}: conversation {id} cannot be read ({why}); start a new one with `devos run`"
+    )]
+    Conversation {
+        path: PathBuf,
+        id: String,
+        why: String,
+    },
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -455,14 +463,18 @@ impl Store {
             )
             .optional()
             .map_err(self.err())?;
-        Ok(row.map(|(model, turns)| {
-            (
-                model,
-                crate::model::conversation::Conversation {
-                    turns: serde_json::from_str(&turns).unwrap_or_default(),
-                },
-            )
-        }))
+        let Some((model, turns)) = row else {
+            return Ok(None);
+        };
+        let turns = serde_json::from_str(&turns).map_err(|e| StoreError::Conversation {
+            path: self.path.clone(),
+            id: id.to_owned(),
+            why: e.to_string(),
+        })?;
+        Ok(Some((
+            model,
+            crate::model::conversation::Conversation { turns },
+        )))
     }
 
     pub fn save_conversation(

@@ -173,16 +173,7 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
     );
 
     // Ping still answers (the boot test relies on it).
-    let ping = agent.busctl(
-        Some(&alice),
-        &[
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1",
-            "Ping",
-        ],
-    );
+    let ping = agent_call(&agent, Some(&alice), &["Ping"]);
     assert_eq!(stdout(&ping).trim(), "s \"pong\"");
 }
 
@@ -260,15 +251,11 @@ fn users_see_and_approve_only_their_own_requests() {
     assert!(!cwd.join("secret").exists());
 
     // The admin interface is root's alone (bus policy).
-    let out = agent.busctl(
+    let out = bus_call(
+        &agent,
         Some(&alice),
-        &[
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1.Admin",
-            "ReloadConfig",
-        ],
+        "org.devos.Agent1.Admin",
+        &["ReloadConfig"],
     );
     assert!(!out.status.success());
     assert!(
@@ -276,16 +263,7 @@ fn users_see_and_approve_only_their_own_requests() {
         "{}",
         stderr(&out)
     );
-    let out = agent.busctl(
-        None,
-        &[
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1.Admin",
-            "ReloadConfig",
-        ],
-    );
+    let out = bus_call(&agent, None, "org.devos.Agent1.Admin", &["ReloadConfig"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 

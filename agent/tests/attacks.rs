@@ -1490,20 +1490,7 @@ fn verifying_a_large_audit_log_does_not_hold_up_other_callers() {
         let eve = User::ensure("devos-eve");
         let answers: Vec<std::process::Output> = std::thread::scope(|s| {
             let calls: Vec<_> = (0..8)
-                .map(|_| {
-                    s.spawn(|| {
-                        agent.busctl(
-                            Some(&eve),
-                            &[
-                                "call",
-                                "org.devos.Agent1",
-                                "/org/devos/Agent1",
-                                "org.devos.Agent1",
-                                "VerifyAuditSinceLast",
-                            ],
-                        )
-                    })
-                })
+                .map(|_| s.spawn(|| agent_call(&agent, Some(&eve), &["VerifyAuditSinceLast"])))
                 .collect();
             calls.into_iter().map(|c| c.join().unwrap()).collect()
         });

@@ -211,18 +211,12 @@ fn each_user_sees_only_their_own_index() {
         assert!(stderr(&out).contains(why), "{}", stderr(&out));
     }
     // A relative path is refused with what to do.
-    let out = agent.busctl(
+    let out = context_call(
+        &agent,
         Some(&alice),
-        &[
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1.Context",
-            "AddProject",
-            "sb",
-            "relative/dir",
-            "false",
-        ],
+        "AddProject",
+        "sb",
+        &["relative/dir", "false"],
     );
     assert!(!out.status.success());
     assert!(

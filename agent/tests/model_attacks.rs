@@ -358,25 +358,8 @@ fn conversation_race_a_continue_of_a_first_request_still_running_waits() {
     let project = user.project();
     let cwd = project.path();
     standin.push(Reply::text("slow").after(Duration::from_secs(15)));
-    let call = |args: &[&str]| {
-        let mut all = vec![
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1",
-        ];
-        all.extend_from_slice(args);
-        agent.busctl(Some(&user), &all)
-    };
-    let cwd_text = cwd.to_str().unwrap();
-    let out = call(&["SubmitToModel", "sss", "hi", cwd_text, "small"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let id = stdout(&out)
-        .trim()
-        .trim_start_matches("s ")
-        .trim_matches('"')
-        .to_owned();
-    let out = call(&["Continue", "ss", &id, "and then"]);
+    let id = submit_to_model(&agent, &user, cwd, "hi");
+    let out = agent_call(&agent, Some(&user), &["Continue", "ss", &id, "and then"]);
     assert!(
         !out.status.success(),
         "a second request of the conversation was taken"
@@ -414,6 +397,95 @@ fn robustness_a_turn_of_many_tool_calls_carries_out_32() {
     assert_eq!(refused, 8, "{results:?}");
     let last = standin.requests().pop().unwrap();
     assert!(conversation_problems(&last.body).is_empty());
+}
+
+/// Was a finding. A tool input nested a little less deeply than the parser follows
+/// (about 124 levels) was taken and kept in the conversation, which is stored as JSON
+/// with a few levels of its own: past that parser's limit, it could not be read again,
+/// and a follow-up went on with no history at all, silently. Now input nested more than
+/// 64 levels is kept as a note (the tool call fails on it), and a conversation that
+/// cannot be read is an error that says so.
+#[test]
+fn conversation_integrity_a_deeply_nested_tool_input_keeps_the_history() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let user = User::ensure("devos-ma-ivo");
+    let project = user.project();
+    let cwd = project.path();
+    // The deepest input the parser takes (126 levels within the object).
+    let deep = format!("{{\"argv\": {}{}}}", "[".repeat(126), "]".repeat(126));
+    assert!(serde_json::from_str::<Value>(&deep).is_ok());
+    standin.push(Reply::raw_tool("run", &deep));
+    standin.push(Reply::text("that failed"));
+    let r = run_json(&agent, &user, cwd, &["--model", "small", "FIRST-REQUEST"]);
+    assert_eq!(r["state"], "done", "{r}");
+    let results = all_tool_results(&standin);
+    assert!(
+        results
+            .iter()
+            .any(|(status, text)| status == "error" && text.contains("64 levels")),
+        "{results:?}"
+    );
+    let id = r["id"].as_str().unwrap().to_owned();
+    standin.push(Reply::text("I remember"));
+    let r = run_json(
+        &agent,
+        &user,
+        cwd,
+        &[&format!("--continue={id}"), "and now?"],
+    );
+    assert_eq!(r["state"], "done", "{r}");
+    let sent = standin.requests().last().unwrap().body.clone();
+    assert!(
+        sent["messages"].to_string().contains("FIRST-REQUEST"),
+        "the follow-up went on without the conversation's history: {}",
+        sent["messages"]
+    );
+    assert!(conversation_problems(&sent).is_empty());
+}
+
+/// Was a finding. An answer that is not streamed (`stream = false`) was bounded by its
+/// bytes but not its parts, and a call that failed once the model had answered (it
+/// could not be read, or came too late) was never put on the ledger, so no budget saw
+/// it. Now an answer of more than 1024 parts is refused whether streamed or not, no
+/// tool call of it runs, and the failed call is on the ledger: at what streamed, or,
+/// not streamed, at its worst case (`max-tokens`).
+#[test]
+fn robustness_an_answer_of_too_many_parts_is_refused_and_still_counted() {
+    let standin = StandIn::start().unwrap();
+    for stream in [true, false] {
+        let keys = format!("stream = {stream}\nmax-tokens = 1000\n");
+        let agent = model_agent(&standin, &keys, "");
+        let user = User::ensure("devos-ma-jon");
+        let project = user.project();
+        let cwd = project.path();
+        let before = standin.requests().len();
+        standin.push(Reply::tools(
+            (0..1100)
+                .map(|i| ToolCall::new("mkdir", json!({ "path": format!("d{i}") })))
+                .collect(),
+        ));
+        let r = run_json(&agent, &user, cwd, &["--model", "small", "make dirs"]);
+        assert_eq!(r["state"], "failed", "stream = {stream}: {r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("1024 parts"),
+            "stream = {stream}: {r}"
+        );
+        assert_eq!(standin.requests().len(), before + 1, "stream = {stream}");
+        assert!(!cwd.join("d0").exists());
+        let rows = usage_rows(&agent, &user, cwd);
+        assert!(total_calls(&rows) >= 1, "stream = {stream}: {rows:?}");
+        if !stream {
+            let output: u64 = rows
+                .iter()
+                .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
+                .sum();
+            assert!(output >= 1000, "stream = {stream}: {rows:?}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -503,22 +575,11 @@ fn budget_bypass_cancelling_a_call_that_does_not_stream_counts_its_worst_case() 
     let project = user.project();
     let cwd = project.path();
     standin.push(Reply::text("a long essay").after(Duration::from_secs(20)));
-    let out = agent.busctl(
-        Some(&user),
-        &[
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1",
-            "SubmitToModel",
-            "sss",
-            "write an essay",
-            cwd.to_str().unwrap(),
-            "small",
-        ],
+    let id = submit_to_model(&agent, &user, cwd, "write an essay");
+    assert!(
+        newest_in_state(&agent, &user, cwd, "running").is_some(),
+        "not running"
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let id = newest_in_state(&agent, &user, cwd, "running").expect("not running");
     std::thread::sleep(Duration::from_millis(500));
     agent.devos(Some(&user), cwd, &["cancel", &id]);
     agent.wait_state(&user, cwd, &id, "cancelled");
@@ -612,6 +673,19 @@ fn is_final(state: &str) -> bool {
         state,
         "done" | "failed" | "denied" | "cancelled" | "unplanned"
     )
+}
+
+/// Start a model request of `text` as `user` in `cwd` through the bus (`SubmitToModel`,
+/// the small model) and return its id without waiting for it.
+fn submit_to_model(agent: &Daemon, user: &User, cwd: &Path, text: &str) -> String {
+    let args = ["SubmitToModel", "sss", text, cwd.to_str().unwrap(), "small"];
+    let out = agent_call(agent, Some(user), &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .trim()
+        .trim_start_matches("s ")
+        .trim_matches('"')
+        .to_owned()
 }
 
 /// Start a model request as `user` (`devos run --model small TEXT`, no terminal) and
@@ -1221,14 +1295,7 @@ fn cross_user_requests_conversations_ledger_signals_and_processes_stay_private()
         vec!["Approve", "susass", id.as_str(), "1", "always", "0", ""],
         vec!["Usage", "s", "2000-01-01' OR uid != 0 OR '1'='1"],
     ] {
-        let mut args = vec![
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1",
-        ];
-        args.extend_from_slice(&call);
-        let out = agent.busctl(Some(&ben), &args);
+        let out = agent_call(&agent, Some(&ben), &call);
         assert!(
             !out.status.success(),
             "ben could {call:?}: {}",
@@ -1393,16 +1460,7 @@ fn robustness_hostile_model_replies_neither_crash_nor_wedge_the_agent() {
     assert!(!cwd.join("big.txt").exists());
 
     // Still up, still answering.
-    let out = agent.busctl(
-        Some(&user),
-        &[
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1",
-            "Ping",
-        ],
-    );
+    let out = agent_call(&agent, Some(&user), &["Ping"]);
     assert!(stdout(&out).contains("pong"), "{}", stderr(&out));
     standin.push(Reply::text("still here"));
     let r = run_json(&agent, &user, cwd, &["--model", "small", "hello"]);
@@ -1470,45 +1528,14 @@ fn robustness_one_oversized_model_reply_takes_the_agent_off_the_bus() {
     let project = user.project();
     let cwd = project.path();
     standin.push(Reply::text(&"x".repeat(33 << 20)));
-    let out = agent.busctl(
-        Some(&user),
-        &[
-            "call",
-            "org.devos.Agent1",
-            "/org/devos/Agent1",
-            "org.devos.Agent1",
-            "SubmitToModel",
-            "sss",
-            "tell me everything",
-            &cwd.to_string_lossy(),
-            "small",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let id = stdout(&out)
-        .trim()
-        .trim_start_matches("s ")
-        .trim_matches('"')
-        .to_owned();
+    let id = submit_to_model(&agent, &user, cwd, "tell me everything");
     // The reply has come and gone (the request ends one way or another).
     assert!(wait_for(Duration::from_secs(20), || standin
         .requests()
         .len()
         == 1));
     std::thread::sleep(Duration::from_secs(3));
-    let ping = || {
-        agent.busctl(
-            Some(&user),
-            &[
-                "call",
-                "org.devos.Agent1",
-                "/org/devos/Agent1",
-                "org.devos.Agent1",
-                "Ping",
-            ],
-        )
-    };
-    let out = ping();
+    let out = agent_call(&agent, Some(&user), &["Ping"]);
     assert!(
         stdout(&out).contains("pong"),
         "after one large model reply the agent no longer answers on the bus: {}",

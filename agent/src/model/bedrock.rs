@@ -120,6 +120,12 @@ impl ModelError {
     pub fn is_too_long(&self) -> bool {
         matches!(self, ModelError::TooLong { .. })
     }
+
+    /// Whether the model may have written (and Bedrock billed) an answer that was not
+    /// taken: it was given up on as silent, or what came could not be read.
+    pub fn may_have_answered(&self) -> bool {
+        matches!(self, ModelError::Silent(_) | ModelError::BadReply(_))
+    }
 }
 
 /// A Bedrock Runtime client for `config`, with the SDK's credential chain and its
@@ -238,16 +244,19 @@ pub async fn converse(
             Some(bt::ConverseOutput::Message(m)) => turn_of(&m)?,
             _ => return Err(ModelError::BadReply("no message in the reply".into())),
         };
+        // (Counted as a stream is: text, tool ids, names and input, and parts.)
         let bytes: usize = turn
             .blocks
             .iter()
             .map(|b| match b {
                 Block::Text { text } => text.len(),
-                Block::ToolUse { input, .. } => input.to_string().len(),
+                Block::ToolUse { id, name, input } => {
+                    id.len() + name.len() + input.to_string().len()
+                }
                 Block::ToolResult { content, .. } => content.len(),
             })
             .sum();
-        if bytes > MAX_ANSWER_BYTES {
+        if bytes > MAX_ANSWER_BYTES || turn.blocks.len() > MAX_BLOCKS {
             return Err(too_large());
         }
         on_stream(&turn.text(), bytes);
@@ -332,7 +341,7 @@ fn turn_of(m: &bt::Message) -> Result<Turn, ModelError> {
             bt::ContentBlock::ToolUse(t) => Some(Block::ToolUse {
                 id: t.tool_use_id.clone(),
                 name: t.name.clone(),
-                input: value(&t.input),
+                input: kept_input(value(&t.input)),
             }),
             // (Reasoning and citations are the model's own; nothing to act on.)
             _ => None,
@@ -363,6 +372,30 @@ struct StreamReader {
     usage: Usage,
     /// Bytes of text and tool input so far.
     bytes: usize,
+}
+
+/// The most levels of arrays and objects a tool input may have. The conversation it
+/// joins is kept as JSON and read back by a parser that follows 128 levels, a few of
+/// them the conversation's own; no tool's input has more than three.
+const MAX_INPUT_DEPTH: usize = 64;
+
+/// `input`, or in its place a note the tool call fails on when it is nested deeper than
+/// [`MAX_INPUT_DEPTH`] (kept, it would leave a conversation that cannot be read again).
+fn kept_input(input: Value) -> Value {
+    fn depth(v: &Value) -> usize {
+        match v {
+            Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+            Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    if depth(&input) > MAX_INPUT_DEPTH {
+        Value::String(format!(
+            "(not kept: the input was nested more than {MAX_INPUT_DEPTH} levels deep)"
+        ))
+    } else {
+        input
+    }
 }
 
 /// An answer larger than any model's.
@@ -473,7 +506,7 @@ impl StreamReader {
                     input: if input.trim().is_empty() {
                         Value::Object(Default::default())
                     } else {
-                        serde_json::from_str(&input).unwrap_or(Value::String(input))
+                        serde_json::from_str(&input).map_or(Value::String(input), kept_input)
                     },
                 },
             })
@@ -617,6 +650,37 @@ mod tests {
     fn json_and_documents_round_trip() {
         let v = serde_json::json!({"a": [1, -2, 2.5, "x", null, true], "b": {}});
         assert_eq!(value(&document(&v)), v);
+    }
+
+    #[test]
+    fn a_kept_tool_input_leaves_a_conversation_that_reads_back() {
+        use super::super::conversation::Conversation;
+        // The deepest input the stream's parser takes.
+        let deepest = (1..512)
+            .map(|n| format!("{{\"argv\": {}{}}}", "[".repeat(n), "]".repeat(n)))
+            .take_while(|text| serde_json::from_str::<Value>(text).is_ok())
+            .last()
+            .unwrap();
+        for input in [deepest.as_str(), r#"{"argv": ["make", "-j4"]}"#] {
+            let conversation = Conversation {
+                turns: vec![Turn {
+                    role: Role::Assistant,
+                    blocks: vec![Block::ToolUse {
+                        id: "t1".into(),
+                        name: "run".into(),
+                        input: kept_input(serde_json::from_str(input).unwrap()),
+                    }],
+                }],
+            };
+            let stored = serde_json::to_string(&conversation.turns).unwrap();
+            let read: Vec<Turn> = serde_json::from_str(&stored).expect("reads back");
+            assert_eq!(read, conversation.turns);
+        }
+        assert_eq!(
+            kept_input(serde_json::json!({"argv": ["make"]})),
+            serde_json::json!({"argv": ["make"]})
+        );
+        assert!(kept_input(serde_json::from_str(&deepest).unwrap()).is_string());
     }
 
     #[test]

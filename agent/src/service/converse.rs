@@ -177,13 +177,16 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
             max_attempts: config.model.max_attempts,
         };
         let (outcome, streamed) = call_streaming(&mut d, &client, &call).await;
+        // What the model wrote of a call that ended without an answer is billed: the
+        // text and tool input streamed so far, or, for a call that streams nothing until
+        // it is done, its worst case.
+        let unstreamed = config.model.max_tokens as usize * budget::BYTES_PER_TOKEN;
         let reply = match outcome {
             None => {
-                // The model answered (and billed) part of it: that part is spent. A
-                // call that streams nothing until it is done counts as its worst case.
-                let spent = match call.stream {
-                    true => streamed,
-                    false => config.model.max_tokens as usize * budget::BYTES_PER_TOKEN,
+                let spent = if config.model.stream {
+                    streamed
+                } else {
+                    unstreamed
                 };
                 record_estimate(&mut d, &config, &model_id, &conversation, spent)?;
                 return d.end(d.r.actions.len(), State::Cancelled).await.map(|_| ());
@@ -194,8 +197,13 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
                 continue;
             }
             Some(Err(e)) => {
-                if streamed > 0 {
-                    record_estimate(&mut d, &config, &model_id, &conversation, streamed)?;
+                let spent = match config.model.stream {
+                    true => streamed,
+                    false if e.may_have_answered() => unstreamed,
+                    false => 0,
+                };
+                if spent > 0 {
+                    record_estimate(&mut d, &config, &model_id, &conversation, spent)?;
                 }
                 return fail(&mut d, e.to_string()).await;
             }

@@ -422,6 +422,19 @@ pub fn project_status(agent: &Daemon, user: &User) -> serde_json::Value {
     last["projects"][0].clone()
 }
 
+/// A call on the agent's `interface` (`args`: the method, then its signature and
+/// arguments if it takes any), through busctl as `user` (root if `None`).
+pub fn bus_call(agent: &Daemon, user: Option<&User>, interface: &str, args: &[&str]) -> Output {
+    let mut all = vec!["call", "org.devos.Agent1", "/org/devos/Agent1", interface];
+    all.extend_from_slice(args);
+    agent.busctl(user, &all)
+}
+
+/// A method of `org.devos.Agent1` (see [`bus_call`]).
+pub fn agent_call(agent: &Daemon, user: Option<&User>, args: &[&str]) -> Output {
+    bus_call(agent, user, "org.devos.Agent1", args)
+}
+
 /// A method of `org.devos.Agent1.Context`, through busctl as `user`.
 pub fn context_call(
     agent: &Daemon,
@@ -430,14 +443,7 @@ pub fn context_call(
     signature: &str,
     args: &[&str],
 ) -> Output {
-    let mut all = vec![
-        "call",
-        "org.devos.Agent1",
-        "/org/devos/Agent1",
-        "org.devos.Agent1.Context",
-        method,
-        signature,
-    ];
+    let mut all = vec![method, signature];
     all.extend_from_slice(args);
-    agent.busctl(user, &all)
+    bus_call(agent, user, "org.devos.Agent1.Context", &all)
 }
