@@ -488,6 +488,38 @@ fn robustness_an_answer_of_too_many_parts_is_refused_and_still_counted() {
     }
 }
 
+/// Was a finding. A conversation was bounded by its steps and tool calls but not by its
+/// bytes: an endpoint that answers with megabytes each turn (a real model's context
+/// window is refused long before) grew it without end, in what the agent sent, held in
+/// memory and kept. Now one over 8 MiB is trimmed before it is sent, as for a model that
+/// said it was too long: the first request and the last exchange stay.
+#[test]
+fn robustness_a_conversation_is_kept_within_8_mib() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let user = User::ensure("devos-ma-kai");
+    let project = user.project();
+    let cwd = project.path();
+    for i in 0..4 {
+        let filler = format!("{i}").repeat(3 << 20);
+        standin.push(Reply::tool("project_info", json!({ "filler": filler })));
+    }
+    standin.push(Reply::text("done"));
+    let r = run_json(&agent, &user, cwd, &["--model", "small", "FIRST-REQUEST"]);
+    assert_eq!(r["state"], "done", "{r}");
+    let sent = standin.requests();
+    assert_eq!(sent.len(), 5);
+    let last = &sent.last().unwrap().body;
+    let bytes = last["messages"].to_string().len();
+    assert!(
+        bytes < 9 << 20,
+        "the agent sent a conversation of {} MiB",
+        bytes >> 20
+    );
+    assert!(last["messages"].to_string().contains("FIRST-REQUEST"));
+    assert!(conversation_problems(last).is_empty());
+}
+
 // ---------------------------------------------------------------------------------
 // Budgets and the ledger.
 // ---------------------------------------------------------------------------------

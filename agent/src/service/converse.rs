@@ -157,6 +157,8 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
             );
             return fail(&mut d, why).await;
         }
+        // (Only an endpoint that is no model's makes a conversation this long.)
+        while conversation.size() > MAX_CONVERSATION_BYTES && conversation.trim() {}
         let shared = d.shared;
         let hold = match budget::hold(shared, d.r.uid, &config, &model_id, &conversation)? {
             Ok(hold) => hold,
@@ -254,6 +256,11 @@ fn take_reply(
     }
     Ok(())
 }
+
+/// The most bytes of text, tool input and results a conversation sends and keeps: twice
+/// a context window of a million tokens. A longer one is trimmed before it is sent, as
+/// for a model that said it was too long.
+const MAX_CONVERSATION_BYTES: usize = 8 << 20;
 
 /// The most tool calls of one turn carried out (the rest are answered "not run").
 const MAX_TOOL_CALLS: usize = 32;
