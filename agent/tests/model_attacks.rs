@@ -488,6 +488,40 @@ fn robustness_an_answer_of_too_many_parts_is_refused_and_still_counted() {
     }
 }
 
+/// Was a finding. A whole answer (`stream = false`) that came but could not be read — here
+/// a tool input nested deeper than the SDK's parser follows — was taken for a failed
+/// connection ("cannot reach Bedrock") and never put on the ledger, though the model
+/// wrote it and Bedrock bills it. Now it is "could not be read" and counts at its worst
+/// case (`max-tokens`).
+#[test]
+fn budget_a_whole_answer_that_cannot_be_read_counts_its_worst_case() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "stream = false\nmax-tokens = 1000\n", "");
+    let user = User::ensure("devos-ma-lou");
+    let project = user.project();
+    let cwd = project.path();
+    let mut deep = json!("x");
+    for _ in 0..300 {
+        deep = json!([deep]);
+    }
+    standin.push(Reply::tool("run", json!({ "argv": deep })));
+    let r = run_json(&agent, &user, cwd, &["--model", "small", "answer"]);
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("could not be read"),
+        "{r}"
+    );
+    let rows = usage_rows(&agent, &user, cwd);
+    let output: u64 = rows
+        .iter()
+        .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(output, 1000, "{rows:?}");
+}
+
 /// Was a finding. A conversation was bounded by its steps and tool calls but not by its
 /// bytes: an endpoint that answers with megabytes each turn (a real model's context
 /// window is refused long before) grew it without end, in what the agent sent, held in

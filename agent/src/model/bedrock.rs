@@ -223,7 +223,12 @@ pub async fn converse(
                 .inference_config(inference)
                 .send()
                 .await
-                .map_err(|e| map_error(&e, call))?
+                // (An answer that came but could not be read is the model's, not a
+                // connection's.)
+                .map_err(|e| match e.raw_response() {
+                    Some(r) if r.status().is_success() => ModelError::BadReply(causes(&e)),
+                    _ => map_error(&e, call),
+                })?
         };
     }
     // (A server that stops answering holds the caller's slot and budget no longer.)
@@ -240,7 +245,7 @@ pub async fn converse(
         reader.finish()?
     } else {
         let out = within(WHOLE_ANSWER, async { Ok(send!(client.converse())) }).await?;
-        let turn = match out.output {
+        let mut turn = match out.output {
             Some(bt::ConverseOutput::Message(m)) => turn_of(&m)?,
             _ => return Err(ModelError::BadReply("no message in the reply".into())),
         };
@@ -258,6 +263,11 @@ pub async fn converse(
             .sum();
         if bytes > MAX_ANSWER_BYTES || turn.blocks.len() > MAX_BLOCKS {
             return Err(too_large());
+        }
+        for block in &mut turn.blocks {
+            if let Block::ToolUse { input, .. } = block {
+                *input = kept_input(std::mem::take(input));
+            }
         }
         on_stream(&turn.text(), bytes);
         Reply {
@@ -341,7 +351,7 @@ fn turn_of(m: &bt::Message) -> Result<Turn, ModelError> {
             bt::ContentBlock::ToolUse(t) => Some(Block::ToolUse {
                 id: t.tool_use_id.clone(),
                 name: t.name.clone(),
-                input: kept_input(value(&t.input)),
+                input: value(&t.input),
             }),
             // (Reasoning and citations are the model's own; nothing to act on.)
             _ => None,
@@ -521,6 +531,17 @@ impl StreamReader {
             latency: Duration::ZERO,
         })
     }
+}
+
+/// An error and its causes on one line (not the SDK's dump of the whole response).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        text = format!("{text}: {cause}");
+        next = cause.source();
+    }
+    text
 }
 
 /// Put an SDK failure in words (see [`ModelError`]).

@@ -70,8 +70,10 @@ pub struct Conversation {
 /// Where the context given with the first request starts in its text.
 pub const CONTEXT_START: &str = "\n\n<context>\n";
 
-/// What an old tool result is cut to when a conversation is trimmed.
+/// What an old tool result is cut to when a conversation is trimmed, and what is said
+/// after it.
 const TRIMMED_RESULT: usize = 200;
+const CUT: &str = "\n[cut: the conversation was too long for the model]";
 
 impl Conversation {
     /// Bytes of text the turns carry (a proxy for their tokens: about 4 bytes each).
@@ -129,10 +131,10 @@ impl Conversation {
         for turn in &mut self.turns[..last] {
             for block in &mut turn.blocks {
                 if let Block::ToolResult { content, .. } = block
-                    && content.len() > TRIMMED_RESULT
+                    && content.len() > TRIMMED_RESULT + CUT.len()
                 {
                     content.truncate(crate::executor::head(content, TRIMMED_RESULT).len());
-                    content.push_str("\n[cut: the conversation was too long for the model]");
+                    content.push_str(CUT);
                 }
             }
         }

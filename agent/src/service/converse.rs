@@ -257,9 +257,9 @@ fn take_reply(
     Ok(())
 }
 
-/// The most bytes of text, tool input and results a conversation sends and keeps: twice
-/// a context window of a million tokens. A longer one is trimmed before it is sent, as
-/// for a model that said it was too long.
+/// The bytes of text, tool input and results past which a conversation is trimmed before
+/// it is sent, as for a model that said it was too long: twice a context window of a
+/// million tokens. (Its first request and last exchange stay, whatever their size.)
 const MAX_CONVERSATION_BYTES: usize = 8 << 20;
 
 /// The most tool calls of one turn carried out (the rest are answered "not run").
