@@ -450,6 +450,25 @@ fn validate_refuses_what_a_build_would_refuse_later() {
             assert!(err.contains(s), "{to}: {err}");
         }
     }
+
+    // A plan and a dry run say the spec's warnings too, before whatever else they meet
+    // (here a mirror that does not answer).
+    let path = dir.path().join("spec.toml");
+    let warned = shipped
+        .replacen("timezone = \"UTC\"", "timezone = \"Mars/Olympus\"", 1)
+        .replacen(
+            "suite = \"trixie\"",
+            "suite = \"trixie\"\nmirror = \"http://127.0.0.1:9/debian\"",
+            1,
+        );
+    std::fs::write(&path, warned).unwrap();
+    for args in [&["image", "plan"][..], &["image", "build", "--dry-run"]] {
+        let (_, _, err) = run(devos_build_command().args(args).arg(&path));
+        assert!(
+            err.contains("warning: ") && err.contains("timezone `Mars/Olympus` is not in"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 fn run(cmd: &mut std::process::Command) -> (Option<i32>, String, String) {

@@ -303,9 +303,19 @@ fn final_dir(opts: &BuildOptions, spec: &Spec, version: &str) -> PathBuf {
         .unwrap_or_else(|| images_root(&spec.path).join(&spec.name).join(version))
 }
 
+/// The spec at `path`, its warnings said on stderr (a plan or a dry run says them as the
+/// build would).
+fn load_warning(path: &Path) -> Result<Spec> {
+    let spec = spec::load(path)?;
+    for w in &spec.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(spec)
+}
+
 /// `image plan`: resolve without building.
 pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
-    let spec = spec::load(&opts.spec)?;
+    let spec = load_warning(&opts.spec)?;
     if spec.distro == spec::Distro::Nixos {
         bail!(
             "{}: a NixOS spec's packages are nixpkgs attributes, resolved by Nix when the image is built, not by this builder\n  \
@@ -397,10 +407,7 @@ fn planned_agent(
 pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds): the
     // image of nixos/image.nix with the spec rendered as a module (build/nixos.rs).
-    let spec = spec::load(&opts.spec)?;
-    for w in &spec.warnings {
-        eprintln!("warning: {w}");
-    }
+    let spec = load_warning(&opts.spec)?;
     if spec.distro == spec::Distro::Nixos {
         return nixos::build(opts, &spec, ui);
     }
