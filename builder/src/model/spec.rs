@@ -728,6 +728,8 @@ impl Spec {
 pub(crate) const UPDATE_PACKAGES: &[&str] = &["systemd-container", "gpg", "systemd-boot"];
 
 const MIN_DISK: u64 = 512 << 20;
+/// The largest disk an image may have: the largest gp3 EBS volume.
+const MAX_DISK: u64 = 16 << 40;
 /// The latest source date a spec or SOURCE_DATE_EPOCH may give: the end of year 9999
 /// (dates are written with four-digit years).
 pub(crate) const MAX_SOURCE_DATE_EPOCH: u64 = 253_402_300_799;
@@ -1114,7 +1116,14 @@ fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecErr
     Ok(match raw {
         None => 2 << 30,
         Some(s) => match parse_size(s.get_ref()) {
-            Some(n) if n >= MIN_DISK => n,
+            Some(n) if (MIN_DISK..=MAX_DISK).contains(&n) => n,
+            Some(n) if n > MAX_DISK => {
+                return Err(src.error(
+                    s,
+                    format!("disk size `{}` is too large", s.get_ref()),
+                    "an image's disk is at most 16T (the largest gp3 EBS volume); its `/var` takes what the root leaves",
+                ));
+            }
             Some(_) => {
                 return Err(src.error(
                     s,
@@ -1426,7 +1435,12 @@ fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(digits);
-    let num: u64 = num.parse().ok()?;
+    // (A number too large for 64 bits is a size too large, not a malformed one.)
+    let num: u64 = match num.parse() {
+        Ok(n) => n,
+        Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => u64::MAX,
+        Err(_) => return None,
+    };
     let shift = match unit.trim() {
         "" | "B" => 0,
         "K" | "KiB" => 10,
@@ -1435,7 +1449,7 @@ fn parse_size(s: &str) -> Option<u64> {
         "T" | "TiB" => 40,
         _ => return None,
     };
-    num.checked_mul(1u64 << shift)
+    Some(num.saturating_mul(1u64 << shift))
 }
 
 fn is_image_name(s: &str) -> bool {

@@ -248,6 +248,14 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
             "invalid disk size",
         ),
         ("tiny disk", with("\"3G\"", "\"100M\""), 29, 8, "too small"),
+        ("huge disk", with("\"3G\"", "\"17T\""), 29, 8, "too large"),
+        (
+            "disk past 64 bits",
+            with("\"3G\"", "\"99999999999999999999999T\""),
+            29,
+            8,
+            "too large",
+        ),
         (
             "bad root-fs",
             with("\"erofs\"", "\"btrfs\""),
@@ -463,7 +471,11 @@ fn sizes() {
     assert_eq!(parse_size("2GiB"), Some(2 << 30));
     assert_eq!(parse_size("12"), Some(12));
     assert_eq!(parse_size("G"), None);
-    assert_eq!(parse_size("99999999999T"), None);
+    assert_eq!(
+        parse_size("99999999999T"),
+        Some(u64::MAX),
+        "too large, not malformed"
+    );
 }
 
 /// The keys a table accepts, read from the parser's own "unknown field" error.
