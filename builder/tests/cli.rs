@@ -733,20 +733,25 @@ fn image_boot_checks_its_arguments_before_it_boots_anything() {
         !err.contains("booting") && !err.contains("accelerator"),
         "{err}"
     );
-    // Zero is refused where the command line is read.
-    for (command, flag) in [
-        (&["image", "boot", "x"][..], "--ssh-port"),
-        (&["image", "boot", "x"], "--memory"),
-        (&["image", "boot", "x"], "--cpus"),
-        (&["image", "test", "x"], "--memory"),
-        (&["image", "test", "x"], "--cpus"),
-        (&["image", "test", "x"], "--timeout"),
+    // Zero, and a machine no firmware boots or QEMU makes, are refused where the
+    // command line is read.
+    for (command, flag, value) in [
+        (&["image", "boot", "x"][..], "--ssh-port", "0"),
+        (&["image", "boot", "x"], "--memory", "0"),
+        (&["image", "boot", "x"], "--memory", "16"),
+        (&["image", "boot", "x"], "--cpus", "0"),
+        (&["image", "boot", "x"], "--cpus", "999"),
+        (&["image", "test", "x"], "--memory", "0"),
+        (&["image", "test", "x"], "--memory", "255"),
+        (&["image", "test", "x"], "--cpus", "0"),
+        (&["image", "test", "x"], "--cpus", "289"),
+        (&["image", "test", "x"], "--timeout", "0"),
     ] {
-        let (code, _, err) = run(devos_build_command().args(command).args([flag, "0"]));
-        assert_eq!(code, Some(2), "{command:?} {flag}: {err}");
+        let (code, _, err) = run(devos_build_command().args(command).args([flag, value]));
+        assert_eq!(code, Some(2), "{command:?} {flag} {value}: {err}");
         assert!(
-            err.contains(flag) && err.contains("0"),
-            "{command:?} {flag}: {err}"
+            err.contains(flag) && err.contains(value),
+            "{command:?} {flag} {value}: {err}"
         );
     }
 }

@@ -226,16 +226,8 @@ pub(crate) enum ImageCommand {
         /// A login prompt on the console instead of the autologin.
         #[arg(long)]
         no_autologin: bool,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
-        memory: u32,
-        /// Guest CPUs.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-        cpus: u32,
-        /// How the disk is attached: nvme (as on EC2), virtio-blk (QEMU's and
-        /// libvirt's default) or virtio-scsi.
-        #[arg(long, value_enum, default_value_t)]
-        disk_bus: DiskBus,
+        #[command(flatten)]
+        machine: MachineArgs,
     },
 }
 
@@ -675,12 +667,8 @@ pub(crate) struct BuildArgs {
 
 #[derive(Args)]
 pub(crate) struct VmArgs {
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
-    pub(super) memory: u32,
-    /// Guest CPUs.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-    pub(super) cpus: u32,
+    #[command(flatten)]
+    pub(super) machine: MachineArgs,
     /// Give up on the boot test after this many seconds (the verified trixie image boots
     /// in about a minute under TCG; a broken one is named as soon as its failure shows).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
@@ -691,6 +679,17 @@ pub(crate) struct VmArgs {
     /// Also write the results as JUnit XML to this file (for CI systems).
     #[arg(long, value_name = "FILE")]
     pub(super) junit: Option<PathBuf>,
+}
+
+/// The machine an image boots in, for `image boot` and the boot test.
+#[derive(Args)]
+pub(crate) struct MachineArgs {
+    /// Guest memory in MiB (at least 256: the firmware, kernel and initrd need it).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(256..))]
+    pub(super) memory: u32,
+    /// Guest CPUs (at most 288, QEMU's q35 machine's).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=288))]
+    pub(super) cpus: u32,
     /// How the disk is attached: nvme (as on EC2), virtio-blk (QEMU's and libvirt's
     /// default) or virtio-scsi.
     #[arg(long, value_enum, default_value_t)]
@@ -700,11 +699,11 @@ pub(crate) struct VmArgs {
 impl VmArgs {
     pub(super) fn options(&self) -> TestOptions {
         TestOptions {
-            memory_mib: self.memory,
-            cpus: self.cpus,
+            memory_mib: self.machine.memory,
+            cpus: self.machine.cpus,
             timeout: Duration::from_secs(self.timeout),
             keep: self.keep_vm,
-            disk_bus: self.disk_bus,
+            disk_bus: self.machine.disk_bus,
             update_to: None,
         }
     }

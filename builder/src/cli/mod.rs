@@ -216,9 +216,7 @@ fn image_command(
             ssh_key,
             autologin,
             no_autologin,
-            memory,
-            cpus,
-            disk_bus,
+            machine,
         } => {
             // The arguments first: nothing is looked up, probed or announced for a
             // command that cannot run.
@@ -240,9 +238,9 @@ fn image_command(
                 .and_then(|m| m.users.first().cloned())
                 .unwrap_or_else(|| "root".into());
             let opts = boottest::BootOptions {
-                memory_mib: memory,
-                cpus,
-                disk_bus,
+                memory_mib: machine.memory,
+                cpus: machine.cpus,
+                disk_bus: machine.disk_bus,
                 ssh_port,
                 ssh_key,
                 autologin: (!no_autologin).then(|| autologin.unwrap_or(default_user)),
