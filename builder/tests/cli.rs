@@ -504,6 +504,81 @@ fn an_empty_devos_config_means_the_default_settings_file() {
 }
 
 #[test]
+fn stack_and_region_names_are_checked_where_the_command_line_is_read() {
+    for (args, said) in [
+        (
+            &["fleet", "status", "--stack", "my stack"][..],
+            "`my stack` is not a CloudFormation stack name",
+        ),
+        (
+            &["fleet", "rollout", "--stack", "dev_fleet", "--to", "1.0.0"],
+            "`dev_fleet` is not a CloudFormation stack name",
+        ),
+        (
+            &[
+                "fleet",
+                "rollout",
+                "--stack",
+                "devfleet",
+                "--to",
+                "1.0.0",
+                "--canary-stack",
+                "1canary",
+            ],
+            "`1canary` is not a CloudFormation stack name",
+        ),
+        (
+            &["fleet", "history", "--stack", "x".repeat(129).leak()],
+            "is not a CloudFormation stack name",
+        ),
+        (
+            &[
+                "fleet",
+                "status",
+                "--stack",
+                "devfleet",
+                "--region",
+                "eu west 1",
+            ],
+            "`eu west 1` is not a region name",
+        ),
+        (
+            &[
+                "publish",
+                "promote",
+                "x@1.0.0",
+                "--region",
+                "us-east-1,,eu-west-1",
+            ],
+            "`` is not a region name",
+        ),
+        (
+            &[
+                "publish", "updates", "x@1.0.0", "--to", "s3://b/p", "--region", "EU",
+            ],
+            "`EU` is not a region name",
+        ),
+    ] {
+        let (code, _, err) = run(devos_build_command().args(args));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(said) && err.contains("hint: "),
+            "{args:?}: {err}"
+        );
+    }
+    // What CloudFormation takes passes (and fails later, on what is not there).
+    let (_, _, err) = run(devos_build_command().args([
+        "fleet",
+        "history",
+        "--stack",
+        "Dev-Fleet-2",
+        "--region",
+        "us-gov-west-1",
+    ]));
+    assert!(!err.contains("is not a"), "{err}");
+}
+
+#[test]
 fn an_endpoint_url_that_is_not_a_web_url_is_refused_before_aws_is_asked() {
     for args in [
         &[

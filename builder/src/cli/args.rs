@@ -285,7 +285,7 @@ pub(crate) enum PublishCommand {
         force: bool,
         /// The bucket's region (s3:// only). Default: `[aws] region`, else AWS_REGION /
         /// the profile's.
-        #[arg(long)]
+        #[arg(long, value_parser = region_name)]
         region: Option<String>,
         #[command(flatten)]
         aws: AwsArgs,
@@ -303,7 +303,7 @@ pub(crate) enum PublishCommand {
         /// of exactly one of its versions or build ids).
         reference: String,
         /// The region to upload to. Default: `[aws] region`, else AWS_REGION / the profile's.
-        #[arg(long)]
+        #[arg(long, value_parser = region_name)]
         region: Option<String>,
         /// Copy the AMI to these regions too (comma-separated).
         #[arg(long, value_delimiter = ',')]
@@ -329,7 +329,7 @@ pub(crate) enum PublishCommand {
         /// of exactly one of its versions or build ids).
         reference: String,
         /// Only these regions (comma-separated). Default: all it is published in.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', value_parser = region_name)]
         region: Vec<String>,
         #[command(flatten)]
         aws: AwsArgs,
@@ -355,7 +355,7 @@ pub(crate) enum PublishCommand {
         /// of exactly one of its versions or build ids).
         reference: String,
         /// Default: `[aws] region`, else AWS_REGION.
-        #[arg(long)]
+        #[arg(long, value_parser = region_name)]
         region: Option<String>,
         /// Render the variant without a communicator (nothing is provisioned): for
         /// endpoints without real instances, such as test servers.
@@ -401,7 +401,7 @@ pub(crate) enum PublishCommand {
         /// of exactly one of its versions or build ids).
         reference: String,
         /// Default: `[aws] region`, else AWS_REGION.
-        #[arg(long)]
+        #[arg(long, value_parser = region_name)]
         region: Option<String>,
         #[command(flatten)]
         aws: AwsArgs,
@@ -422,7 +422,7 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         image: String,
         /// Default: `[aws] region`, else AWS_REGION.
-        #[arg(long)]
+        #[arg(long, value_parser = region_name)]
         region: Option<String>,
         /// Write here instead of to stdout.
         #[arg(long)]
@@ -455,7 +455,7 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         to: String,
         /// Roll this stack first; the main stack only if it passes its gate.
-        #[arg(long, value_name = "STACK", conflicts_with = "in_place")]
+        #[arg(long, value_name = "STACK", conflicts_with = "in_place", value_parser = stack_name)]
         canary_stack: Option<String>,
         /// Update the running instances through their agents (A/B root slots, one
         /// reboot each) instead of replacing them; images built with `[update]`.
@@ -498,10 +498,10 @@ pub(crate) enum FleetCommand {
     /// Every deploy, rollout and rollback the registry recorded, newest first.
     History {
         /// Only this stack.
-        #[arg(long)]
+        #[arg(long, value_parser = stack_name)]
         stack: Option<String>,
         /// Only this region.
-        #[arg(long)]
+        #[arg(long, value_parser = region_name)]
         region: Option<String>,
         /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
@@ -512,10 +512,10 @@ pub(crate) enum FleetCommand {
 #[derive(Args)]
 pub(crate) struct StackArgs {
     /// The CloudFormation stack.
-    #[arg(long = "stack", value_name = "STACK")]
+    #[arg(long = "stack", value_name = "STACK", value_parser = stack_name)]
     pub(super) name: String,
     /// Default: `[aws] region`, else AWS_REGION / the profile's.
-    #[arg(long)]
+    #[arg(long, value_parser = region_name)]
     pub(super) region: Option<String>,
     #[command(flatten)]
     pub(super) aws: AwsArgs,
@@ -549,7 +549,7 @@ pub(crate) enum PackerCommand {
         /// The region the template builds in (written into it as the `region`
         /// variable's default). Default: `[aws] region`, else AWS_REGION /
         /// AWS_DEFAULT_REGION; one of them is needed.
-        #[arg(long)]
+        #[arg(long, value_parser = region_name)]
         region: Option<String>,
         /// The variant without a communicator (see `publish packer`).
         #[arg(long)]
@@ -581,6 +581,33 @@ fn count(value: &str) -> Result<usize, String> {
             "`{value}` is not a count of versions or entries to keep\n  hint: give a whole number, 0 or more, e.g. `--keep 3`"
         )
     })
+}
+
+/// `--region`, checked before anything asks AWS (which would say only that it cannot
+/// reach an endpoint made of it).
+fn region_name(value: &str) -> Result<String, String> {
+    if devos_aws::is_region_name(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "`{value}` is not a region name\n  hint: a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)"
+        ))
+    }
+}
+
+/// A CloudFormation stack's name, as CloudFormation takes it: a letter, then letters,
+/// digits and dashes, at most 128.
+fn stack_name(value: &str) -> Result<String, String> {
+    let fits = value.len() <= 128
+        && value.starts_with(|c: char| c.is_ascii_alphabetic())
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if fits {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "`{value}` is not a CloudFormation stack name\n  hint: a stack name is a letter, then letters, digits and dashes, at most 128 (e.g. `devos-fleet`)"
+        ))
+    }
 }
 
 /// `--endpoint-url`, checked as `[aws] endpoint-url` is: before anything asks AWS
