@@ -1154,6 +1154,28 @@ fn exports_are_checked_with_qemu_img_and_recorded() {
     // Again: nothing converted, the recorded one is reported.
     let e = fx.json(&["image", "export", &reference, "--format", "vhd", "--json"]);
     assert_eq!(e["converted"], false);
+    // An --out that cannot be written is said before anything converts, with what to do.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/dir/x.vmdk");
+    let here = dir.path().to_str().unwrap();
+    for (out, said) in [
+        (missing.to_str().unwrap(), "there is no directory"),
+        (here, "is a directory"),
+    ] {
+        for dry in [&[][..], &["--dry-run"]] {
+            let mut args = vec![
+                "image", "export", &reference, "--format", "vmdk", "--out", out,
+            ];
+            args.extend_from_slice(dry);
+            let o = fx.run(&args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+            assert!(
+                err.contains(said) && err.contains("hint:") && !err.contains("qemu-img"),
+                "{args:?}: {err}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -44,6 +44,9 @@ fn planned(
             raw.display()
         );
     }
+    if let Some(p) = out {
+        check_out(p)?;
+    }
     let path = match out {
         Some(p) => p.to_path_buf(),
         None => raw.with_extension(format.extension()),
@@ -65,6 +68,29 @@ fn planned(
         file,
         done,
     })
+}
+
+/// `--out`: a file to make in a directory that exists (said before anything converts).
+fn check_out(out: &Path) -> Result<()> {
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if out.is_dir() {
+        anyhow::bail!(
+            "--out {} is a directory\n  hint: give the file to write, e.g. {}",
+            out.display(),
+            out.join("image.vhd").display()
+        );
+    }
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "--out {}: there is no directory {}\n  hint: create it first, or write to a directory that exists",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// What `image export --dry-run` says: the conversion it would make, if any.
