@@ -583,16 +583,24 @@ fn count(value: &str) -> Result<usize, String> {
     })
 }
 
+/// `value` when it `fits`, else that it is not `what`, and `hint`.
+fn checked(value: &str, fits: bool, what: &str, hint: &str) -> Result<String, String> {
+    if fits {
+        Ok(value.to_owned())
+    } else {
+        Err(format!("`{value}` is not {what}\n  hint: {hint}"))
+    }
+}
+
 /// `--region`, checked before anything asks AWS (which would say only that it cannot
 /// reach an endpoint made of it).
 fn region_name(value: &str) -> Result<String, String> {
-    if devos_aws::is_region_name(value) {
-        Ok(value.to_owned())
-    } else {
-        Err(format!(
-            "`{value}` is not a region name\n  hint: a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)"
-        ))
-    }
+    checked(
+        value,
+        devos_aws::is_region_name(value),
+        "a region name",
+        "a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)",
+    )
 }
 
 /// A CloudFormation stack's name, as CloudFormation takes it: a letter, then letters,
@@ -601,25 +609,23 @@ fn stack_name(value: &str) -> Result<String, String> {
     let fits = value.len() <= 128
         && value.starts_with(|c: char| c.is_ascii_alphabetic())
         && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-    if fits {
-        Ok(value.to_owned())
-    } else {
-        Err(format!(
-            "`{value}` is not a CloudFormation stack name\n  hint: a stack name is a letter, then letters, digits and dashes, at most 128 (e.g. `devos-fleet`)"
-        ))
-    }
+    checked(
+        value,
+        fits,
+        "a CloudFormation stack name",
+        "a stack name is a letter, then letters, digits and dashes, at most 128 (e.g. `devos-fleet`)",
+    )
 }
 
 /// `--endpoint-url`, checked as `[aws] endpoint-url` is: before anything asks AWS
 /// (the SDK would fail on it with its whole request in the message).
 fn endpoint_url(value: &str) -> Result<String, String> {
-    if devos_aws::is_http_url(value) {
-        Ok(value.to_owned())
-    } else {
-        Err(format!(
-            "`{value}` is not an http(s) URL\n  hint: write it as https://host[:port], e.g. http://127.0.0.1:5000 for a local test server"
-        ))
-    }
+    checked(
+        value,
+        devos_aws::is_http_url(value),
+        "an http(s) URL",
+        "write it as https://host[:port], e.g. http://127.0.0.1:5000 for a local test server",
+    )
 }
 
 #[derive(Subcommand)]
