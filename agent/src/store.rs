@@ -265,8 +265,13 @@ impl Store {
         let mut out = Vec::new();
         for body in rows {
             let body = body.map_err(self.err())?;
-            if let Ok(r) = serde_json::from_str(&body) {
-                out.push(r);
+            // (One request that cannot be read does not hide the others; the log says so.)
+            match serde_json::from_str(&body) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!(
+                    "agent state {}: a request cannot be read ({e}); it is left out",
+                    self.path.display()
+                ),
             }
         }
         Ok(out)
