@@ -693,15 +693,22 @@ fn publish_ami_checks_regions_and_the_ami_name_up_front() {
             .args(["publish", "ami", "devos-debian", "--dry-run"])
             .args(extra))
     };
+    // A region given on the command line is checked where the command line is read
+    // (exit 2, as for any flag clap refuses).
+    let (code, _, err) = ami(&["--region", "bad region"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--region") && err.contains("`bad region` is not a region name"),
+        "{err}"
+    );
     for (extra, want) in [
-        (&["--region", "bad region"][..], "--region `bad region`"),
         (
             &[
                 "--region",
                 "eu-west-1",
                 "--copy-to",
                 "us-east-1,,eu-central-1",
-            ],
+            ][..],
             "--copy-to names an empty region",
         ),
         (
