@@ -720,7 +720,7 @@ pub(crate) struct MachineArgs {
     /// Guest memory in MiB (at least 256: the firmware, kernel and initrd need it).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(256..))]
     pub(super) memory: u32,
-    /// Guest CPUs (at most 288, QEMU's q35 machine's).
+    /// Guest CPUs (at most 288, the most QEMU 7.2's q35 machine takes).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=288))]
     pub(super) cpus: u32,
     /// How the disk is attached: nvme (as on EC2), virtio-blk (QEMU's and libvirt's

@@ -45,7 +45,7 @@ fn planned(
         );
     }
     if let Some(p) = out {
-        check_out(p)?;
+        check_out(p, format)?;
     }
     let path = match out {
         Some(p) => p.to_path_buf(),
@@ -71,7 +71,7 @@ fn planned(
 }
 
 /// `--out`: a file to make in a directory that exists (said before anything converts).
-fn check_out(out: &Path) -> Result<()> {
+fn check_out(out: &Path, format: Format) -> Result<()> {
     let dir = out
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -80,7 +80,7 @@ fn check_out(out: &Path) -> Result<()> {
         anyhow::bail!(
             "--out {} is a directory\n  hint: give the file to write, e.g. {}",
             out.display(),
-            out.join("image.vhd").display()
+            out.join(format!("image.{}", format.extension())).display()
         );
     }
     if !dir.is_dir() {

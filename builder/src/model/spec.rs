@@ -728,8 +728,8 @@ impl Spec {
 pub(crate) const UPDATE_PACKAGES: &[&str] = &["systemd-container", "gpg", "systemd-boot"];
 
 const MIN_DISK: u64 = 512 << 20;
-/// The largest disk an image may have: the largest gp3 EBS volume.
-const MAX_DISK: u64 = 16 << 40;
+/// The largest disk an image may have: the largest EBS volume.
+const MAX_DISK: u64 = 64 << 40;
 /// The latest source date a spec or SOURCE_DATE_EPOCH may give: the end of year 9999
 /// (dates are written with four-digit years).
 pub(crate) const MAX_SOURCE_DATE_EPOCH: u64 = 253_402_300_799;
@@ -1121,7 +1121,7 @@ fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecErr
                 return Err(src.error(
                     s,
                     format!("disk size `{}` is too large", s.get_ref()),
-                    "an image's disk is at most 16T (the largest gp3 EBS volume); its `/var` takes what the root leaves",
+                    "an image's disk is at most 64T (the largest EBS volume); its `/var` takes what the root leaves",
                 ));
             }
             Some(_) => {

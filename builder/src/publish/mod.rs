@@ -85,7 +85,7 @@ impl AmiRequest {
             && !devos_aws::is_region_name(r)
         {
             bail!(
-                "--region `{r}` (or `[aws] region` of the settings file) is not a region name\n  hint: {region_hint}"
+                "`[aws] region` of the settings file names `{r}`, which is not a region name\n  hint: {region_hint}"
             );
         }
         for r in &self.copy_to {

@@ -248,7 +248,7 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
             "invalid disk size",
         ),
         ("tiny disk", with("\"3G\"", "\"100M\""), 29, 8, "too small"),
-        ("huge disk", with("\"3G\"", "\"17T\""), 29, 8, "too large"),
+        ("huge disk", with("\"3G\"", "\"65T\""), 29, 8, "too large"),
         (
             "disk past 64 bits",
             with("\"3G\"", "\"99999999999999999999999T\""),
