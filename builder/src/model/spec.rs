@@ -1060,13 +1060,53 @@ fn agent_config(
         None => Ok(devos_agent::config::AgentConfig::default()),
         Some(table) => devos_agent::config::AgentConfig::from_table(table.get_ref().clone())
             .map_err(|e| {
-                src.error(
-                    table,
-                    format!("[agent.config]: {}", plain_words(&e.to_string())),
-                    "the keys are those of /etc/devos/agent.toml, documented in docs/spec.md",
-                )
+                let message = format!("[agent.config]: {}", plain_words(&e.to_string()));
+                let hint =
+                    "the keys are those of /etc/devos/agent.toml, documented in docs/spec.md";
+                match agent_config_position(src.text, &e) {
+                    Some(at) => src.error_at(at, message, Some(hint)),
+                    None => src.error(table, message, hint),
+                }
             }),
     }
+}
+
+/// Where in the spec's `text` the `[agent.config]` error `e` is: the key or value serde
+/// refused, or the key a check names (`model.temperature: ...`), as deep as it is
+/// written; `None` where no position is known (the table's then serves).
+fn agent_config_position(text: &str, e: &devos_agent::config::InvalidConfig) -> Option<usize> {
+    use toml::de::DeValue;
+    if let devos_agent::config::InvalidConfig::Schema(_) = e {
+        // The agent's parser got the table without positions: parse the text again, for
+        // the position of the error only.
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Doc {
+            agent: Option<Agent>,
+        }
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Agent {
+            config: Option<devos_agent::config::AgentConfig>,
+        }
+        return toml::from_str::<Doc>(text).err()?.span().map(|s| s.start);
+    }
+    let message = e.to_string();
+    let named = message.split([':', ' ', '[']).next().unwrap_or_default();
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut at = None;
+    for name in ["agent", "config"].into_iter().chain(named.split('.')) {
+        let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+            break;
+        };
+        at = Some(key.span().start);
+        match value.get_ref() {
+            DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    at
 }
 
 /// `[system]`: hostname (default: the image's name), kernel command line, timezone.

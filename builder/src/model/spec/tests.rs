@@ -317,9 +317,29 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
         (
             "bad agent config",
             with("log-level = \"debug\"", "log-levels = \"debug\""),
-            38,
+            39,
             1,
-            "[agent.config]",
+            "[agent.config]: unknown field `log-levels`",
+        ),
+        (
+            "agent config value refused by its check",
+            with(
+                "log-level = \"debug\"",
+                "log-level = \"debug\"\nmodel = { temperature = 3.0 }",
+            ),
+            40,
+            11,
+            "model.temperature: 3 is outside",
+        ),
+        (
+            "agent config value of the wrong type",
+            with(
+                "log-level = \"debug\"",
+                "log-level = \"debug\"\n[agent.config.sandbox]\ntasks-max = \"lots\"",
+            ),
+            41,
+            13,
+            "invalid type",
         ),
         (
             "bad timezone",
