@@ -1044,6 +1044,23 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
             .any(|p| p["kind"] == "packer" && p["ami_id"] == ami),
         "{list}"
     );
+    // The direct upload of the same version makes its own AMI: Packer's (an Ubuntu
+    // base with the agent) is not taken for it.
+    let direct = fx.json(&[
+        "publish",
+        "ami",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--json",
+    ]);
+    let direct = direct["regions"][0]["ami_id"].as_str().unwrap().to_owned();
+    assert_ne!(direct, ami);
+    let (mut images, _) = fx.resources("us-east-1", &build_id(version));
+    images.sort();
+    let mut both = vec![ami.to_owned(), direct];
+    both.sort();
+    assert_eq!(images, both);
 }
 
 #[test]
@@ -1566,6 +1583,226 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
             "rollout 2.0.0 succeeded",
             "deploy 1.0.0 succeeded",
         ]
+    );
+}
+
+/// Replacement rollouts that do not end as planned: stopped during the bake and run
+/// again (the version the stack runs is judged, not taken for done), a manual rollback
+/// whose gate fails (it stays, it does not go forward again), a mark taken back, the
+/// refusals that must come before anything moves, and what `publish deregister` keeps.
+#[test]
+fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
+    let steps = Steps::default();
+    steps.at("set up");
+    let fx = Fixture::new();
+    let mut amis = std::collections::HashMap::new();
+    for version in ["1.0.0", "2.0.0", "3.0.0"] {
+        fx.version(version, 8, &[0], Some(true));
+        ok(&fx.run(&[
+            "publish",
+            "ami",
+            &format!("devos-pub@{version}"),
+            "--region",
+            "us-east-1",
+        ]));
+        amis.insert(
+            version,
+            fx.resources("us-east-1", &build_id(version)).0.remove(0),
+        );
+    }
+    let fleet = |args: &[&str]| fx.fleet_in_region(args);
+    ok(&fleet(&[
+        "deploy",
+        "--stack",
+        "devfleet",
+        "--template",
+        "fleet",
+        "--image",
+        "devos-pub@1.0.0",
+        "--param",
+        "DesiredCapacity=2",
+        "--bake",
+        "0",
+    ]));
+    let sicken = |ami: &str| {
+        let mut sick = Vec::new();
+        assert!(
+            wait_for(Duration::from_secs(45), || {
+                sick = fx.instances_on("devfleet", ami);
+                !sick.is_empty()
+            }),
+            "no instance on {ami} appeared"
+        );
+        let asg = fx.sdk("us-east-1", sdk_autoscaling::Client::new);
+        fx.block_on(async {
+            asg.set_instance_health()
+                .instance_id(&sick[0])
+                .health_status("Unhealthy")
+                .send()
+                .await
+                .unwrap();
+        });
+    };
+    let spawn = |args: &[&str]| {
+        let mut all = vec!["fleet"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--region", "us-east-1"]);
+        fx.cmd(&all)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    steps.at("Refused before anything moves");
+    let out = fleet(&[
+        "deploy",
+        "--stack",
+        "devfleet",
+        "--template",
+        "instance",
+        "--image",
+        "devos-pub@1.0.0",
+    ]);
+    refused(
+        &out,
+        "stack devfleet was made from the fleet template, not instance",
+    );
+    // A main stack that does not exist is said before the canary changes.
+    let out = fleet(&[
+        "rollout",
+        "--stack",
+        "nosuch",
+        "--canary-stack",
+        "devfleet",
+        "--to",
+        "2.0.0",
+        "--bake",
+        "0",
+    ]);
+    refused(&out, "there is no stack nosuch in us-east-1");
+    assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
+    assert_eq!(fx.history("devfleet"), ["deploy 1.0.0 succeeded"]);
+
+    steps.at("A rollout stopped during its bake is recorded as interrupted");
+    let child = spawn(&[
+        "rollout", "--stack", "devfleet", "--to", "2.0.0", "--bake", "600",
+    ]);
+    assert!(
+        wait_for(Duration::from_secs(45), || !fx
+            .instances_on("devfleet", &amis["2.0.0"])
+            .is_empty()),
+        "v2's instances never appeared"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted by SIGINT")
+            && stderr(&out).contains("run the same command again"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fx.history("devfleet")[0], "rollout 2.0.0 interrupted");
+
+    steps.at("Run again, it judges what the stack runs: the gate fails, it goes back");
+    sicken(&amis["2.0.0"]);
+    let out = fleet(&[
+        "rollout", "--stack", "devfleet", "--to", "2.0.0", "--bake", "5", "--json",
+    ]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let d = json(&out);
+    assert_eq!(d[0]["state"], "rolled-back", "{d}");
+    assert!(
+        d[0]["reason"].as_str().unwrap().contains("is Unhealthy"),
+        "{d}"
+    );
+    assert_eq!(d[0]["rollback"]["state"], "succeeded", "{d}");
+    assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
+    assert_eq!(
+        fx.history("devfleet"),
+        [
+            "auto-rollback 1.0.0 succeeded",
+            "rollout 2.0.0 rolled-back",
+            "deploy 1.0.0 succeeded",
+        ]
+    );
+
+    steps.at("A mark taken back");
+    let out = fleet(&["unmark", "--stack", "devfleet", "devos-pub@2.0.0", "--json"]);
+    ok(&out);
+    assert!(
+        json(&out)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is Unhealthy"),
+        "{}",
+        json(&out)
+    );
+    refused(
+        &fleet(&["unmark", "--stack", "devfleet", "devos-pub@2.0.0"]),
+        "devos-pub@2.0.0 is not marked bad for stack devfleet in us-east-1",
+    );
+    ok(&fleet(&[
+        "rollout", "--stack", "devfleet", "--to", "2.0.0", "--bake", "0",
+    ]));
+    assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
+
+    steps.at("A rollback whose gate fails stays where it went");
+    let child = spawn(&[
+        "rollback", "--stack", "devfleet", "--to", "1.0.0", "--bake", "60", "--json",
+    ]);
+    sicken(&amis["1.0.0"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let d = json(&out);
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .contains("a rollback is not undone by going forward again"),
+        "{d}"
+    );
+    assert!(d["rollback"].is_null(), "{d}");
+    assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
+    refused(
+        &fleet(&["rollout", "--stack", "devfleet", "--to", "1.0.0"]),
+        "is marked bad for stack devfleet",
+    );
+
+    steps.at("Deregister keeps what a stack runs and counts what is gone as done");
+    let out = fx.run(&["publish", "deregister", "devos-pub@1.0.0"]);
+    refused(
+        &out,
+        "devos-pub@1.0.0 is what stack devfleet in us-east-1 runs",
+    );
+    assert_eq!(fx.resources("us-east-1", &build_id("1.0.0")).0.len(), 1);
+    let ec2 = fx.ec2("us-east-1");
+    fx.block_on(async {
+        ec2.deregister_image()
+            .image_id(&amis["2.0.0"])
+            .send()
+            .await
+            .unwrap()
+    });
+    ok(&fx.run(&["publish", "deregister", "devos-pub@2.0.0"]));
+    assert_eq!(
+        fx.resources("us-east-1", &build_id("2.0.0")),
+        (vec![], vec![])
+    );
+    let list = fx.json(&["publish", "list", "--json"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["version"] == "2.0.0" && p["state"] == "deregistered"),
+        "{list}"
     );
 }
 

@@ -26,6 +26,8 @@ use crate::ebs::{self, Upload};
 use crate::{Aws, explain};
 
 pub const TAG_BUILD_ID: &str = "devos:build-id";
+/// On what another route than the direct upload made (Packer: `packer`).
+pub const TAG_BUILT_BY: &str = "devos:built-by";
 const AVAILABLE_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 
 /// The image version being published.
@@ -446,7 +448,14 @@ fn build_filter(build_id: &str) -> Filter {
         .build()
 }
 
-/// The AMI this account holds for `build_id` in this region, if any.
+/// Whether an AMI or snapshot was made by another route than the direct upload (Packer
+/// tags its AMIs and snapshots `devos:built-by`): never the direct upload's.
+fn made_elsewhere(tags: &[aws_sdk_ec2::types::Tag]) -> bool {
+    tags.iter().any(|t| t.key() == Some(TAG_BUILT_BY))
+}
+
+/// The AMI this account holds for `build_id` in this region, if any (one the direct
+/// upload made: not Packer's of the same build).
 async fn find_image(
     ec2: &aws_sdk_ec2::Client,
     region: &str,
@@ -460,15 +469,16 @@ async fn find_image(
         .await
         .map_err(|e| explain("ec2:DescribeImages", region, e))?;
     let usable = out.images().iter().find(|i| {
-        !matches!(
-            i.state(),
-            Some(
-                ImageState::Deregistered
-                    | ImageState::Failed
-                    | ImageState::Invalid
-                    | ImageState::Error
+        !made_elsewhere(i.tags())
+            && !matches!(
+                i.state(),
+                Some(
+                    ImageState::Deregistered
+                        | ImageState::Failed
+                        | ImageState::Invalid
+                        | ImageState::Error
+                )
             )
-        )
     });
     Ok(usable.and_then(|i| {
         Some(Found {
@@ -501,7 +511,8 @@ async fn image_snapshots(
     Ok(out.images().first().map(snapshots_of).unwrap_or_default())
 }
 
-/// Snapshots this account holds tagged with `build_id`.
+/// Snapshots this account holds tagged with `build_id` by the direct upload (not
+/// Packer's of the same build).
 pub async fn build_snapshots(
     ec2: &aws_sdk_ec2::Client,
     region: &str,
@@ -517,6 +528,7 @@ pub async fn build_snapshots(
     Ok(out
         .snapshots()
         .iter()
+        .filter(|s| !made_elsewhere(s.tags()))
         .filter_map(|s| s.snapshot_id().map(str::to_owned))
         .collect())
 }
@@ -578,18 +590,29 @@ fn state_of(image: Option<&aws_sdk_ec2::types::Image>) -> String {
     )
 }
 
-/// Deregister an AMI and delete its snapshots; returns the snapshot ids deleted.
+/// Deregister an AMI and delete its snapshots; returns the snapshot ids deleted. An AMI
+/// already gone (deregistered by hand) is not an error.
 pub async fn deregister(
     ec2: &aws_sdk_ec2::Client,
     region: &str,
     ami_id: &str,
 ) -> Result<Vec<String>> {
-    let snapshots = image_snapshots(ec2, region, ami_id).await?;
-    ec2.deregister_image()
-        .image_id(ami_id)
-        .send()
-        .await
-        .map_err(|e| explain("ec2:DeregisterImage", region, e))?;
+    let gone = |code: Option<&str>| {
+        matches!(
+            code,
+            Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")
+        )
+    };
+    let snapshots = match ec2.describe_images().image_ids(ami_id).send().await {
+        Ok(out) => out.images().first().map(snapshots_of).unwrap_or_default(),
+        Err(e) if gone(e.code()) => Vec::new(),
+        Err(e) => return Err(explain("ec2:DescribeImages", region, e)),
+    };
+    match ec2.deregister_image().image_id(ami_id).send().await {
+        Ok(_) => {}
+        Err(e) if gone(e.code()) => {}
+        Err(e) => return Err(explain("ec2:DeregisterImage", region, e)),
+    }
     for s in &snapshots {
         delete_snapshot(ec2, region, s).await?;
     }

@@ -487,6 +487,20 @@ pub(crate) enum FleetCommand {
         #[command(flatten)]
         change: ChangeArgs,
     },
+    /// Take back a version's mark as bad for a stack (after a failure that was not the
+    /// version's: capacity, permissions, a parameter), so it may go there again.
+    Unmark {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// NAME@VERSION (a prefix of one of NAME's versions or build ids is enough).
+        reference: String,
+        /// Say what mark would be taken back, and take back nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the result as JSON on stdout (docs/cli.md gives its shape).
+        #[arg(long)]
+        json: bool,
+    },
     /// What a stack runs: its version, launch template, instances and last rollout.
     Status {
         #[command(flatten)]

@@ -898,6 +898,17 @@ fn fleet_command(
             let s = fleet::status(reg, &opts, &t)?;
             output(json, &s, || s.human(), true)
         }
+        FleetCommand::Unmark {
+            stack,
+            reference,
+            dry_run,
+            json,
+        } => {
+            let (opts, mut t) = target(stack, None);
+            t.dry_run = dry_run;
+            let u = fleet::unmark(reg, &opts, &t, &reference)?;
+            output(json, &u, || u.human(), true)
+        }
         FleetCommand::History {
             stack,
             region,
@@ -1058,6 +1069,7 @@ mod tests {
         "fleet deploy",
         "fleet rollout",
         "fleet rollback",
+        "fleet unmark",
     ];
 
     /// Commands that change nothing: they read, check, run a VM on a throw-away

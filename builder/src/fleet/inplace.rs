@@ -25,7 +25,7 @@ use devos_aws::AwsOptions;
 use devos_aws::stack::{self, Member};
 use serde::Serialize;
 
-use super::{Ctx, Outcome, Target, changing};
+use super::{Ctx, Outcome, Target, changing, interrupted};
 use crate::model::manifest::Manifest;
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, VersionInfo};
@@ -101,7 +101,7 @@ pub(crate) fn rollout(
     batches: &Batches,
 ) -> Result<Outcome> {
     batches.check()?;
-    let mut cx = changing(reg, aws, t)?;
+    let mut cx = changing(reg, aws, t, None)?;
     devos_aws::block_on(async {
         let s = cx.existing(&t.stack).await?;
         Ctx::template_of(&s)?;
@@ -237,22 +237,6 @@ pub(crate) fn rollout(
             }
         }
     })
-}
-
-/// The first SIGINT or SIGTERM this process gets (Ctrl-C, a cancelled CI job), by
-/// name; the rollout then resumes what it suspended before it exits.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        _ => std::future::pending().await,
-    }
 }
 
 /// Suspend the Auto Scaling processes that would end or replace instances while they

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use devos_aws::stack::{self, Deployment, ResourceChange, Stack};
 use devos_aws::{Aws, AwsOptions};
 
@@ -29,7 +29,7 @@ pub(crate) use templates::{Template, render};
 use templates::{declared_parameters, published_ami, render_for, template_parameters};
 
 use crate::model::states::ChangeState;
-use crate::store::registry::{Registry, VersionInfo};
+use crate::store::registry::{Registry, Rollout, VersionInfo};
 
 const TAG_IMAGE: &str = "devos:image";
 const TAG_TEMPLATE: &str = "devos:template";
@@ -106,17 +106,30 @@ struct Plan<'a> {
 impl Ctx<'_> {
     /// The version to go to: passed its boot test, published here, not bad here.
     fn target(&self, stack_name: &str, reference: &str) -> Result<(VersionInfo, String)> {
+        let (v, ami) = self.candidate(reference)?;
+        self.refuse_bad(stack_name, &v)?;
+        Ok((v, ami))
+    }
+
+    /// The version to go to, wherever it goes: passed its boot test, published here.
+    fn candidate(&self, reference: &str) -> Result<(VersionInfo, String)> {
         let v = self.reg.require_passing(reference)?;
         let ami = published_ami(self.reg, &v, &self.region)?;
-        if let Some(why) = self.reg.bad_reason(stack_name, &self.region, &v)? {
+        Ok((v, ami))
+    }
+
+    fn refuse_bad(&self, stack_name: &str, v: &VersionInfo) -> Result<()> {
+        if let Some(why) = self.reg.bad_reason(stack_name, &self.region, v)? {
             bail!(
-                "{}@{} is marked bad for stack {stack_name} in {}: {why}\n  hint: build and test a fixed version, then roll that out",
+                "{}@{} is marked bad for stack {stack_name} in {}: {why}\n  hint: roll out a fixed version; if the failure was not the version's (capacity, permissions, a parameter), take the mark back with `devos-build fleet unmark --stack {stack_name} {}@{}`",
                 v.name,
                 v.version,
-                self.region
+                self.region,
+                v.name,
+                v.version
             );
         }
-        Ok((v, ami))
+        Ok(())
     }
 
     async fn existing(&self, stack_name: &str) -> Result<Stack> {
@@ -181,6 +194,9 @@ impl Ctx<'_> {
     /// go back to `plan.from` and mark `plan.to` bad for the stack.
     async fn change(&mut self, s: &Stack, plan: Plan<'_>) -> Result<Outcome> {
         let (deployment, mut outcome) = self.deployment(s, &plan)?;
+        if let Some(row) = self.unjudged(s, &plan)? {
+            return self.judge_again(row, plan).await;
+        }
         if plan.dry_run {
             outcome.changes =
                 stack::preview(&self.aws, &self.region, plan.stack, &deployment).await?;
@@ -211,8 +227,27 @@ impl Ctx<'_> {
             return Ok(outcome);
         };
         outcome.changes = changes;
+        // What a failure puts back besides the version: the parameters given, as they were.
+        let before = plan
+            .parameters
+            .keys()
+            .filter_map(|k| Some((k.clone(), s.parameters.get(k)?.clone())))
+            .collect();
+        self.judge(id, plan, before, &mut seen, outcome).await
+    }
+
+    /// Wait for the stack of rollout `id`, gate, and on failure go back to `plan.from`
+    /// (with the parameters `before`) and mark `plan.to` bad for the stack.
+    async fn judge(
+        &mut self,
+        id: i64,
+        plan: Plan<'_>,
+        before: BTreeMap<String, String>,
+        seen: &mut HashSet<String>,
+        mut outcome: Outcome,
+    ) -> Result<Outcome> {
         let failure = self
-            .settle_and_gate(plan.stack, &plan.ami, plan.bake, &mut seen, &mut outcome)
+            .settle_and_gate(plan.stack, &plan.ami, plan.bake, seen, &mut outcome)
             .await?;
         let Some(why) = failure else {
             self.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
@@ -227,7 +262,77 @@ impl Ctx<'_> {
             outcome.state = ChangeState::Failed;
             return Ok(outcome);
         }
-        self.recover(id, plan, &why, outcome).await
+        self.recover(id, plan, before, &why, outcome).await
+    }
+
+    /// The stack's newest change, if it was interrupted before it was judged and the
+    /// stack runs what it went to with nothing else for `plan` to change: it is judged
+    /// now rather than taken for done.
+    fn unjudged(&self, s: &Stack, plan: &Plan<'_>) -> Result<Option<Rollout>> {
+        if plan.kind == "auto-rollback" {
+            return Ok(None);
+        }
+        let Some(last) = self
+            .reg
+            .rollouts(Some(plan.stack), Some(&self.region))?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        let unjudged = matches!(
+            last.state,
+            ChangeState::Interrupted | ChangeState::InProgress
+        ) && last.kind != "in-place";
+        let runs = s.tags.get(TAG_IMAGE) == Some(&plan.to.name)
+            && s.parameters.get("ImageVersion") == Some(&plan.to.version)
+            && s.parameters.get("ImageId") == Some(&plan.ami)
+            && plan
+                .parameters
+                .iter()
+                .all(|(k, v)| s.parameters.get(k) == Some(v));
+        Ok(
+            (unjudged && runs && last.image == plan.to.name && last.to == plan.to.version)
+                .then_some(last),
+        )
+    }
+
+    /// Judge interrupted change `row`, which the stack runs: gate it and, if it fails,
+    /// go back to the version it came from.
+    async fn judge_again(&mut self, row: Rollout, plan: Plan<'_>) -> Result<Outcome> {
+        let from = match &row.from {
+            Some(version) => self.known(&row.image, version)?,
+            None => None,
+        };
+        let plan = Plan {
+            kind: &row.kind,
+            from,
+            ..plan
+        };
+        let mut outcome = Outcome::planned(
+            plan.stack,
+            &self.region,
+            plan.kind,
+            plan.from.as_ref(),
+            &plan.to,
+            BTreeMap::new(),
+        );
+        let what = format!(
+            "the stack runs {}@{}, which its {} #{} went to and did not judge ({})",
+            plan.to.name, plan.to.version, row.kind, row.id, row.state
+        );
+        if plan.dry_run {
+            outcome.state = ChangeState::DryRun;
+            outcome.reason = Some(format!(
+                "{what}: this would gate it, and roll back if it fails"
+            ));
+            return Ok(outcome);
+        }
+        eprintln!("{} {}: {what}; gating it now", plan.kind, plan.stack);
+        self.reg.resume_rollout(row.id)?;
+        let mut seen = stack::seen_events(&self.aws, &self.region, plan.stack).await?;
+        self.judge(row.id, plan, BTreeMap::new(), &mut seen, outcome)
+            .await
     }
 
     /// The stack update `plan` makes of `s`, and the outcome it starts with (the
@@ -265,12 +370,14 @@ impl Ctx<'_> {
     }
 
     /// After a failed gate: mark the version bad for the stack and put the stack back
-    /// on the version it ran (unless CloudFormation already did), finishing rollout
-    /// `id`.
+    /// on the version it ran, with the parameters `before` (unless CloudFormation
+    /// already did, or the change was a rollback: one is not undone by rolling forward),
+    /// finishing rollout `id`.
     async fn recover(
         &mut self,
         id: i64,
         plan: Plan<'_>,
+        before: BTreeMap<String, String>,
         why: &str,
         mut outcome: Outcome,
     ) -> Result<Outcome> {
@@ -278,48 +385,83 @@ impl Ctx<'_> {
         let now = stack::describe(&self.aws, &self.region, plan.stack)
             .await?
             .with_context(|| format!("stack {} disappeared", plan.stack))?;
-        let back_on_old = now.parameters.get("ImageVersion") != Some(&plan.to.version);
-        match plan.from {
-            _ if back_on_old => {
-                // CloudFormation rolled the update back itself.
-                self.reg
-                    .finish_rollout(id, ChangeState::RolledBack, Some(why))?;
-                outcome.state = ChangeState::RolledBack;
-            }
-            Some(from) => {
-                let from_ami = published_ami(self.reg, &from, &self.region)?;
-                let back = Plan {
-                    kind: "auto-rollback",
-                    stack: plan.stack,
-                    template: plan.template,
-                    from: Some(plan.to.clone()),
-                    to: from,
-                    ami: from_ami,
-                    parameters: plan.parameters,
-                    bake: Duration::ZERO,
-                    dry_run: false,
-                };
-                let rollback = Box::pin(self.change(&now, back)).await?;
-                let state = if rollback.ok() {
-                    ChangeState::RolledBack
-                } else {
-                    ChangeState::Failed
-                };
-                self.reg.finish_rollout(id, state, Some(why))?;
-                outcome.state = state;
-                outcome.rollback = Some(Box::new(rollback));
-            }
-            None => {
+        if now.parameters.get("ImageVersion") != Some(&plan.to.version) {
+            // CloudFormation rolled the update back itself.
+            self.reg
+                .finish_rollout(id, ChangeState::RolledBack, Some(why))?;
+            outcome.state = ChangeState::RolledBack;
+            return Ok(outcome);
+        }
+        let back = match self.way_back(&plan) {
+            Ok(back) => back,
+            Err(stays) => {
                 self.reg
                     .finish_rollout(id, ChangeState::Failed, Some(why))?;
                 outcome.state = ChangeState::Failed;
                 outcome.reason = Some(format!(
-                    "{why}; the version it ran before is not in this registry, so it was not rolled back: roll back with `devos-build fleet rollback --stack {} --to VERSION`",
-                    plan.stack
+                    "{why}; {stays}\n  hint: `devos-build fleet rollback --stack {} --to VERSION` puts it on a version that passed there (`devos-build fleet history --stack {}` lists them)",
+                    plan.stack, plan.stack
+                ));
+                return Ok(outcome);
+            }
+        };
+        let back = Plan {
+            kind: "auto-rollback",
+            stack: plan.stack,
+            template: plan.template,
+            from: Some(plan.to.clone()),
+            to: back.0,
+            ami: back.1,
+            parameters: before,
+            bake: Duration::ZERO,
+            dry_run: false,
+        };
+        let rollback = Box::pin(self.change(&now, back)).await?;
+        let state = if rollback.ok() {
+            ChangeState::RolledBack
+        } else {
+            ChangeState::Failed
+        };
+        self.reg.finish_rollout(id, state, Some(why))?;
+        outcome.state = state;
+        outcome.rollback = Some(Box::new(rollback));
+        Ok(outcome)
+    }
+
+    /// The version (and its AMI here) a failed `plan` goes back to, or why the stack
+    /// stays on `plan.to`.
+    fn way_back(&self, plan: &Plan<'_>) -> Result<(VersionInfo, String), String> {
+        let to = format!("{}@{}", plan.to.name, plan.to.version);
+        let Some(from) = plan.from.clone() else {
+            return Err(format!(
+                "the version the stack ran before is not in this registry, so it stays on {to}"
+            ));
+        };
+        let from_ref = format!("{}@{}", from.name, from.version);
+        if plan.kind == "rollback" {
+            return Err(format!(
+                "a rollback is not undone by going forward again: the stack stays on {to}, now marked bad for it, not on {from_ref}"
+            ));
+        }
+        match self.reg.bad_reason(plan.stack, &self.region, &from) {
+            Ok(Some(bad)) => {
+                return Err(format!(
+                    "{from_ref}, which the stack ran before, is marked bad for it ({bad}), so the stack stays on {to}"
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(format!(
+                    "the registry could not be read ({e:#}), so the stack stays on {to}"
                 ));
             }
         }
-        Ok(outcome)
+        match published_ami(self.reg, &from, &self.region) {
+            Ok(ami) => Ok((from, ami)),
+            Err(e) => Err(format!(
+                "it could not go back to {from_ref} ({e:#}), so the stack stays on {to}"
+            )),
+        }
     }
 
     /// Record the stack call of rollout `id` that just returned: a failure finishes the
@@ -382,14 +524,86 @@ fn tags(template: Template, v: &VersionInfo) -> BTreeMap<String, String> {
     ])
 }
 
-/// The context of a command that changes stack `t.stack`: the stack's lock is taken
-/// first (not for a dry run), so what the change is planned from cannot move under it.
-fn changing<'a>(reg: &'a mut Registry, aws: &AwsOptions, t: &Target) -> Result<Ctx<'a>> {
+/// The context of a command that changes stack `t.stack` (and `also`, a canary): the
+/// stacks' locks are taken first (not for a dry run), so what the change is planned
+/// from cannot move under it. A change of theirs a devos-build that ended left in
+/// progress is then recorded as interrupted (the next change to its version judges it).
+fn changing<'a>(
+    reg: &'a mut Registry,
+    aws: &AwsOptions,
+    t: &Target,
+    also: Option<&str>,
+) -> Result<Ctx<'a>> {
     let cx = context(reg, aws, t.region.as_deref())?;
     if !t.dry_run {
-        cx.reg.lock_stack(&t.stack, &cx.region)?;
+        for stack_name in also.into_iter().chain([t.stack.as_str()]) {
+            cx.reg.lock_stack(stack_name, &cx.region)?;
+            cx.reg.interrupt_unfinished(
+                stack_name,
+                &cx.region,
+                "the devos-build that made this change ended before it judged it",
+            )?;
+        }
     }
     Ok(cx)
+}
+
+impl Ctx<'_> {
+    /// What a command changing `stacks` (`t.stack`, and `also`) ends with: `done`; if
+    /// that is an error (a signal's among them), a change of theirs it left in
+    /// progress is recorded as interrupted and the error says how to go on.
+    fn ended<T>(&mut self, t: &Target, also: Option<&str>, done: Result<T>) -> Result<T> {
+        let Err(e) = done else {
+            return done;
+        };
+        if t.dry_run {
+            return Err(e);
+        }
+        let mut left = Vec::new();
+        for stack_name in also.into_iter().chain([t.stack.as_str()]) {
+            if self
+                .reg
+                .interrupt_unfinished(stack_name, &self.region, &format!("{e:#}"))?
+                > 0
+            {
+                left.push(stack_name);
+            }
+        }
+        if left.is_empty() {
+            return Err(e);
+        }
+        Err(anyhow!(
+            "{e:#}\n  hint: the change of {} may have been part-way; once the stack settles (`devos-build fleet status --stack {}`), run the same command again: it gates the version the stack then runs and goes back if that fails; or roll back with `devos-build fleet rollback`",
+            left.join(" and "),
+            left[0]
+        ))
+    }
+}
+
+/// `work` until it ends or the first SIGINT or SIGTERM comes (an error then).
+fn until_interrupted<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
+    devos_aws::block_on(async {
+        tokio::select! {
+            done = work => done,
+            signal = interrupted() => Err(anyhow!("interrupted by {signal}")),
+        }
+    })
+}
+
+/// The first SIGINT or SIGTERM this process gets (Ctrl-C, a cancelled CI job), by
+/// name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
 }
 
 fn context<'a>(reg: &'a mut Registry, aws: &AwsOptions, region: Option<&str>) -> Result<Ctx<'a>> {
@@ -467,12 +681,12 @@ pub(crate) fn deploy(
         req.template,
     )?;
     reg.require_passing(&req.image)?;
-    let mut cx = changing(reg, aws, t)?;
-    let (v, ami) = cx.target(&t.stack, &req.image)?;
+    let mut cx = changing(reg, aws, t, None)?;
+    let (v, ami) = cx.candidate(&req.image)?;
     let yaml = render_for(req.template, &v, &cx.region, &ami)?;
     let declared = template_parameters(&yaml);
     let mut parameters = parse_params(&req.params, &declared, req.template)?;
-    devos_aws::block_on(async {
+    let done = until_interrupted(async {
         let existing = stack::describe(&cx.aws, &cx.region, &t.stack).await?;
         if let Some(s) = existing {
             cx.require_settled(&s)?;
@@ -481,6 +695,17 @@ pub(crate) fn deploy(
             {
                 bail!("stack {} runs image {image}, not {}", t.stack, v.name);
             }
+            if let Some(made) = s.tags.get(TAG_TEMPLATE)
+                && made != req.template.as_str()
+            {
+                bail!(
+                    "stack {} was made from the {made} template, not {}: deploying it would replace what it holds (its instances, and their /var)\n  hint: deploy it with --template {made}; to make it from another template, delete the stack first (`aws cloudformation delete-stack --stack-name {}`) and deploy again",
+                    t.stack,
+                    req.template.as_str(),
+                    t.stack
+                );
+            }
+            cx.refuse_bad(&t.stack, &v)?;
             // A stack devos-build did not deploy runs no version to go back to.
             let from = match running_version(&s) {
                 Ok((image, version)) => cx.known(image, version)?,
@@ -502,9 +727,20 @@ pub(crate) fn deploy(
             };
             return cx.change(&s, plan).await;
         }
+        // The marks of an earlier stack of this name are not this one's.
+        if !t.dry_run {
+            let taken = cx.reg.unmark_bad(&t.stack, &cx.region, None)?;
+            if taken > 0 {
+                eprintln!(
+                    "deploy {}: the stack is new; {taken} version(s) marked bad for an earlier stack of that name are no longer",
+                    t.stack
+                );
+            }
+        }
         fill_default_network(&cx, &declared, &mut parameters).await?;
         create(&mut cx, t, req.template, v, ami, yaml, parameters).await
-    })
+    });
+    cx.ended(t, None, done)
 }
 
 /// When the template needs a network and neither `VpcId` nor its subnets were
@@ -626,52 +862,85 @@ pub(crate) fn rollout(
     canary: Option<&str>,
 ) -> Result<Vec<Outcome>> {
     check_rollout(reg, t, to, canary)?;
-    let mut cx = changing(reg, aws, t)?;
-    devos_aws::block_on(async {
-        let mut outcomes = Vec::new();
-        for stack_name in canary.into_iter().chain([t.stack.as_str()]) {
-            let s = cx.existing(stack_name).await?;
-            let template = Ctx::template_of(&s)?;
-            let current = cx.current(&s)?;
-            let (v, ami) = cx.target(stack_name, &current.resolve(to))?;
-            if v.name != current.image {
-                bail!(
-                    "stack {stack_name} runs image {}, not {}",
-                    current.image,
-                    v.name
-                );
-            }
-            if current.reference == format!("{}@{}", v.name, v.version) {
-                eprintln!("{stack_name} already runs {}", current.reference);
-                continue;
-            }
-            let plan = Plan {
-                kind: "rollout",
-                stack: stack_name,
-                template,
-                from: current.known,
-                to: v.clone(),
-                ami,
-                parameters: BTreeMap::new(),
-                bake: t.bake,
-                dry_run: t.dry_run,
-            };
-            let outcome = cx.change(&s, plan).await?;
-            let ok = outcome.ok();
-            if !ok && Some(stack_name) == canary {
-                let why = format!(
-                    "failed on canary stack {stack_name}: {}",
-                    outcome.reason.as_deref().unwrap_or("?")
-                );
-                cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
-            }
-            outcomes.push(outcome);
-            if !ok {
-                break;
-            }
+    let mut cx = changing(reg, aws, t, canary)?;
+    let done = until_interrupted(roll(&mut cx, t, to, canary));
+    cx.ended(t, canary, done)
+}
+
+async fn roll(
+    cx: &mut Ctx<'_>,
+    t: &Target,
+    to: &str,
+    canary: Option<&str>,
+) -> Result<Vec<Outcome>> {
+    let stacks: Vec<&str> = canary.into_iter().chain([t.stack.as_str()]).collect();
+    // Every stack is checked before the first is changed: a mistake about the main
+    // stack is said before the canary moves.
+    for stack_name in &stacks {
+        cx.planned(stack_name, to).await?;
+    }
+    let mut outcomes = Vec::new();
+    for stack_name in stacks {
+        let (s, plan) = cx.planned(stack_name, to).await?;
+        let plan = Plan {
+            bake: t.bake,
+            dry_run: t.dry_run,
+            ..plan
+        };
+        let reference = format!("{}@{}", plan.to.name, plan.to.version);
+        if s.parameters.get("ImageVersion") == Some(&plan.to.version)
+            && cx.unjudged(&s, &plan)?.is_none()
+        {
+            eprintln!("{stack_name} already runs {reference}");
+            continue;
         }
-        Ok(outcomes)
-    })
+        let v = plan.to.clone();
+        let outcome = cx.change(&s, plan).await?;
+        let ok = outcome.ok();
+        if !ok && Some(stack_name) == canary {
+            let why = format!(
+                "failed on canary stack {stack_name}: {}",
+                outcome.reason.as_deref().unwrap_or("?")
+            );
+            cx.reg.mark_bad(&t.stack, &cx.region, &v, &why)?;
+        }
+        outcomes.push(outcome);
+        if !ok {
+            break;
+        }
+    }
+    Ok(outcomes)
+}
+
+impl Ctx<'_> {
+    /// Stack `stack_name` as it is now, and its rollout to `to` (without bake or dry
+    /// run): the stack exists, is settled and runs the image `to` is of; `to` passed
+    /// its boot test, is published here and is not bad for the stack.
+    async fn planned<'s>(&self, stack_name: &'s str, to: &str) -> Result<(Stack, Plan<'s>)> {
+        let s = self.existing(stack_name).await?;
+        let template = Ctx::template_of(&s)?;
+        let current = self.current(&s)?;
+        let (v, ami) = self.target(stack_name, &current.resolve(to))?;
+        if v.name != current.image {
+            bail!(
+                "stack {stack_name} runs image {}, not {}",
+                current.image,
+                v.name
+            );
+        }
+        let plan = Plan {
+            kind: "rollout",
+            stack: stack_name,
+            template,
+            from: current.known,
+            to: v,
+            ami,
+            parameters: BTreeMap::new(),
+            bake: Duration::ZERO,
+            dry_run: true,
+        };
+        Ok((s, plan))
+    }
 }
 
 /// What `fleet rollout` can refuse before AWS is asked: a canary that is the stack
@@ -697,8 +966,8 @@ pub(crate) fn rollback(
     t: &Target,
     to: Option<&str>,
 ) -> Result<Outcome> {
-    let mut cx = changing(reg, aws, t)?;
-    devos_aws::block_on(async {
+    let mut cx = changing(reg, aws, t, None)?;
+    let done = until_interrupted(async {
         let s = cx.existing(&t.stack).await?;
         let template = Ctx::template_of(&s)?;
         let current = cx.current(&s)?;
@@ -719,16 +988,28 @@ pub(crate) fn rollback(
             dry_run: t.dry_run,
         };
         cx.change(&s, plan).await
-    })
+    });
+    cx.ended(t, None, done)
 }
 
-/// The newest version other than `current` that passed its gate on the stack and is
-/// not marked bad there.
+/// The newest version other than `current` that passed its gate on the stack, is
+/// not marked bad there and was not rolled back from by hand since.
 fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> Result<String> {
+    let mut left = HashSet::new();
     for r in reg.rollouts(Some(stack_name), Some(region))? {
         let reference = format!("{}@{}", r.image, r.to);
+        if r.kind == "rollback"
+            && r.state == ChangeState::Succeeded
+            && let Some(from) = &r.from
+        {
+            left.insert(format!("{}@{from}", r.image));
+        }
         // An in-place rollout leaves the stack's AMI as it was: not one to go back to.
-        if r.state != ChangeState::Succeeded || reference == current || r.kind == "in-place" {
+        if r.state != ChangeState::Succeeded
+            || reference == current
+            || r.kind == "in-place"
+            || left.contains(&reference)
+        {
             continue;
         }
         if let Ok(v) = reg.find(&reference)
@@ -740,6 +1021,93 @@ fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> R
     bail!(
         "no version other than {current} passed its gate on stack {stack_name} in {region}\n  hint: name one with --to VERSION (`devos-build fleet history --stack {stack_name}` lists what ran)"
     )
+}
+
+/// The stacks this registry has changed in `region` that run `v` now, by their image
+/// tag and ImageVersion parameter.
+pub(crate) async fn stacks_running(
+    reg: &Registry,
+    aws: &Aws,
+    region: &str,
+    v: &VersionInfo,
+) -> Result<Vec<String>> {
+    let mut names: Vec<String> = reg
+        .rollouts(None, Some(region))?
+        .into_iter()
+        .map(|r| r.stack)
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut running = Vec::new();
+    for name in names {
+        if let Some(s) = stack::describe(aws, region, &name).await?
+            && running_version(&s)
+                .is_ok_and(|(image, version)| image == v.name && version == v.version)
+        {
+            running.push(name);
+        }
+    }
+    Ok(running)
+}
+
+/// A mark of a version as bad for a stack, taken back.
+#[derive(serde::Serialize)]
+pub(crate) struct Unmarked {
+    stack: String,
+    region: String,
+    image: String,
+    version: String,
+    /// Why it had been marked bad.
+    reason: String,
+    /// `--dry-run`: the mark stays.
+    dry_run: bool,
+}
+
+impl Unmarked {
+    pub(crate) fn human(&self) -> String {
+        format!(
+            "{}@{} {} marked bad for stack {} in {} (it was: {})\n",
+            self.image,
+            self.version,
+            if self.dry_run {
+                "would no longer be"
+            } else {
+                "is no longer"
+            },
+            self.stack,
+            self.region,
+            self.reason
+        )
+    }
+}
+
+/// Take back the mark of `reference` as bad for stack `t.stack`.
+pub(crate) fn unmark(
+    reg: &mut Registry,
+    aws: &AwsOptions,
+    t: &Target,
+    reference: &str,
+) -> Result<Unmarked> {
+    let cx = changing(reg, aws, t, None)?;
+    let v = cx.reg.find(reference)?;
+    let at = format!("stack {} in {}", t.stack, cx.region);
+    let why = cx.reg.bad_reason(&t.stack, &cx.region, &v)?.with_context(|| {
+        format!(
+            "{}@{} is not marked bad for {at}\n  hint: `devos-build fleet history --stack {}` lists its changes; a version is marked bad where a rollout of it failed",
+            v.name, v.version, t.stack
+        )
+    })?;
+    if !t.dry_run {
+        cx.reg.unmark_bad(&t.stack, &cx.region, Some(&v))?;
+    }
+    Ok(Unmarked {
+        stack: t.stack.clone(),
+        region: cx.region.clone(),
+        image: v.name,
+        version: v.version,
+        reason: why,
+        dry_run: t.dry_run,
+    })
 }
 
 pub(crate) fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result<Status> {
@@ -832,6 +1200,46 @@ mod tests {
             judge(&stale, "ami-new")
                 .unwrap_err()
                 .contains("launch template lt-1 version 2 launches ami-old")
+        );
+    }
+
+    #[test]
+    fn a_version_rolled_back_from_by_hand_is_no_default_to_roll_back_to() {
+        use crate::store::registry::tests::manifest;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+        for version in ["1.0.0+a", "2.0.0+b"] {
+            reg.record_build(
+                std::path::Path::new("/o"),
+                std::path::Path::new("s"),
+                &manifest(version, &[]),
+                &[],
+            )
+            .unwrap();
+        }
+        let v1 = reg.find("devos-test@1.0.0+a").unwrap();
+        let v2 = reg.find("devos-test@2.0.0+b").unwrap();
+        let mut change = |kind: &str, from: Option<&VersionInfo>, to: &VersionInfo| {
+            let id = reg.start_rollout("s", "r", kind, from, to).unwrap();
+            reg.finish_rollout(id, ChangeState::Succeeded, None)
+                .unwrap();
+        };
+        change("deploy", None, &v1);
+        change("rollout", Some(&v1), &v2);
+        change("rollback", Some(&v2), &v1);
+        // Back on 1.0.0 by hand, away from 2.0.0: a second rollback does not go forward.
+        let e = last_good(&reg, "s", "r", "devos-test@1.0.0+a").unwrap_err();
+        assert!(e.to_string().contains("no version other than"), "{e}");
+        // Rolled out again and passed: 1.0.0 is where a rollback goes.
+        let mut change = |kind: &str, from: Option<&VersionInfo>, to: &VersionInfo| {
+            let id = reg.start_rollout("s", "r", kind, from, to).unwrap();
+            reg.finish_rollout(id, ChangeState::Succeeded, None)
+                .unwrap();
+        };
+        change("rollout", Some(&v1), &v2);
+        assert_eq!(
+            last_good(&reg, "s", "r", "devos-test@2.0.0+b").unwrap(),
+            "devos-test@1.0.0+a"
         );
     }
 

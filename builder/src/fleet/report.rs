@@ -21,7 +21,7 @@ pub(crate) struct Outcome {
     pub(crate) image: String,
     pub(crate) from: Option<String>,
     pub(crate) to: String,
-    /// succeeded, failed, rolled-back, unchanged or dry-run.
+    /// succeeded, failed, rolled-back, unchanged or dry-run (interrupted in the registry).
     pub(crate) state: ChangeState,
     pub(crate) reason: Option<String>,
     /// Parameters that change: (before, after).
@@ -77,6 +77,7 @@ impl Outcome {
     pub(crate) fn nothing_to_do(&self) -> bool {
         self.state == ChangeState::Unchanged
             || (self.state == ChangeState::DryRun
+                && self.reason.is_none()
                 && self.instances.is_empty()
                 && self.changes.is_empty()
                 && self.parameters.is_empty())

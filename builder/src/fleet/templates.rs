@@ -56,11 +56,14 @@ pub(super) struct Data<'a> {
 
 /// The AMI of `v` in `region`; an error saying how to publish it if there is none.
 pub(super) fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Result<String> {
-    let published = reg
+    // The direct upload's AMI (the image as built) before a Packer one of the version.
+    let mut published: Vec<_> = reg
         .publications(Some(&v.name), Some(&v.version))?
         .into_iter()
-        .find(|p| p.region == region && p.state == PublicationState::Available)
-        .and_then(|p| p.ami_id);
+        .filter(|p| p.region == region && p.state == PublicationState::Available)
+        .collect();
+    published.sort_by_key(|p| p.kind != "ami");
+    let published = published.into_iter().find_map(|p| p.ami_id);
     match published {
         Some(id) => Ok(id),
         None => bail!(

@@ -79,6 +79,9 @@ named_states! {
     /// Where a fleet change (deploy, rollout, rollback) stands or how it ended.
     ChangeState {
         InProgress = "in-progress",
+        /// The command that made the change ended (interrupted, killed, an error) before
+        /// it judged it; the next change of the stack to that version judges it.
+        Interrupted = "interrupted",
         Succeeded = "succeeded",
         Failed = "failed",
         /// The gate failed and the stack went back to the version it ran.

@@ -208,6 +208,7 @@ pub(crate) fn ami(
 ) -> Result<Published> {
     req.check(settings)?;
     let v = gate(reg, &req.reference, req.force)?;
+    reg.lock_publication(&v)?;
     let (raw, sha256) = raw_path(&v)?;
     let copy_to = req.copy_to(settings);
     let image = Image {
@@ -410,6 +411,40 @@ async fn refuse_if_latest(
     Ok(())
 }
 
+/// Refuse (unless forced) to deregister a version that a stack this registry changed
+/// runs now: its launch template could start no instance afterwards.
+async fn refuse_if_running(
+    reg: &Registry,
+    aws: &Aws,
+    v: &VersionInfo,
+    pubs: &[Publication],
+    force: bool,
+) -> Result<()> {
+    if force {
+        return Ok(());
+    }
+    let mut regions: Vec<&str> = pubs.iter().map(|p| p.region.as_str()).collect();
+    regions.sort();
+    regions.dedup();
+    for region in regions {
+        let stacks = crate::fleet::stacks_running(reg, aws, region, v).await?;
+        if let Some(first) = stacks.first() {
+            bail!(
+                "{}@{} is what {} in {region} run{}: without its AMI they could start no new instance\n  hint: roll them to another version first (`devos-build fleet rollout --stack {first} --to VERSION --region {region}`), or pass --force",
+                v.name,
+                v.version,
+                if stacks.len() == 1 {
+                    format!("stack {first}")
+                } else {
+                    format!("stacks {}", stacks.join(", "))
+                },
+                if stacks.len() == 1 { "s" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What `publish deregister --dry-run` says: the AMIs, snapshots and parameters it
 /// would delete (nothing when the version is published nowhere); it refuses as a real
 /// run would when `latest` points at the version.
@@ -430,7 +465,8 @@ pub(crate) fn deregister_dry_run(
     let aws = with_region(aws, &pubs);
     devos_aws::block_on(async {
         let aws = Aws::load(&aws).await?;
-        refuse_if_latest(&aws, &v, &pubs, &latest, force).await
+        refuse_if_latest(&aws, &v, &pubs, &latest, force).await?;
+        refuse_if_running(reg, &aws, &v, &pubs, force).await
     })?;
     for p in &pubs {
         dry.would(format!(
@@ -448,8 +484,9 @@ pub(crate) fn deregister_dry_run(
     Ok(dry)
 }
 
-/// Deregister every AMI of a version, delete their snapshots and SSM parameters.
-/// A version that `latest` points at is kept unless forced.
+/// Deregister every AMI of a version, delete their snapshots and SSM parameters,
+/// recording each region as it is done (a failure in one leaves the others recorded).
+/// A version that `latest` points at, or that a stack runs, is kept unless forced.
 pub(crate) fn deregister(
     reg: &mut Registry,
     settings: &Settings,
@@ -458,13 +495,15 @@ pub(crate) fn deregister(
     force: bool,
 ) -> Result<Vec<Publication>> {
     let v = reg.find(reference)?;
+    reg.lock_publication(&v)?;
     let pubs = live(reg, &v, &[])?;
     let prefix = settings.publish.ssm_prefix.get_ref().clone();
     let latest = ami::latest_parameter(&prefix, &v.name);
     let aws = with_region(aws, &pubs);
-    let removed = devos_aws::block_on(async {
+    devos_aws::block_on(async {
         let aws = Aws::load(&aws).await?;
         refuse_if_latest(&aws, &v, &pubs, &latest, force).await?;
+        refuse_if_running(reg, &aws, &v, &pubs, force).await?;
         let mut removed = Vec::new();
         for p in pubs {
             let ec2 = aws.ec2(&p.region);
@@ -487,18 +526,16 @@ pub(crate) fn deregister(
                 p.region,
                 snapshots.join(", ")
             );
-            removed.push(Publication {
+            let gone = Publication {
                 snapshot_ids: snapshots,
                 state: PublicationState::Deregistered,
                 ..p
-            });
+            };
+            reg.record_publication(&v, &gone)?;
+            removed.push(gone);
         }
         Ok(removed)
-    })?;
-    for p in &removed {
-        reg.record_publication(&v, p)?;
-    }
-    Ok(removed)
+    })
 }
 
 #[derive(Serialize)]
@@ -518,7 +555,18 @@ pub(crate) fn verify(
     region: &str,
 ) -> Result<Verified> {
     let v = reg.find(reference)?;
-    let p = live(reg, &v, &[region.to_owned()])?.remove(0);
+    let Some(p) = live(reg, &v, &[region.to_owned()])?
+        .into_iter()
+        .find(|p| p.kind == "ami")
+    else {
+        bail!(
+            "{}@{} in {region} was published by Packer only: there is no uploaded snapshot to compare with the raw image\n  hint: `devos-build publish ami {}@{} --region {region}` uploads one",
+            v.name,
+            v.version,
+            v.name,
+            v.version
+        );
+    };
     let snapshot_id = p
         .snapshot_ids
         .first()

@@ -73,7 +73,7 @@ fn render_template(v: &VersionInfo, opts: &RenderOptions) -> Result<String> {
         ("devos:image", v.name.clone()),
         ("devos:version", v.version.clone()),
         ("devos:build-id", v.build_id.clone()),
-        ("devos:built-by", "packer".to_owned()),
+        (devos_aws::ami::TAG_BUILT_BY, "packer".to_owned()),
         (
             "devos:provisioned",
             if opts.ssh { "yes" } else { "no-communicator" }.to_owned(),

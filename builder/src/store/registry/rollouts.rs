@@ -24,7 +24,7 @@ pub(crate) struct Rollout {
     pub(crate) image: String,
     pub(crate) from: Option<String>,
     pub(crate) to: String,
-    /// in-progress, succeeded, failed, rolled-back.
+    /// in-progress, interrupted, succeeded, failed, rolled-back, unchanged.
     pub(crate) state: ChangeState,
     pub(crate) reason: Option<String>,
     #[serde(serialize_with = "crate::support::time::serialize_iso")]
@@ -63,6 +63,20 @@ impl Registry {
         self.hold_lock(&format!("feed-{}", &id[..16]), |path| {
             format!(
                 "another devos-build is publishing to the feed {location} (it holds {})\n  hint: wait for it to finish, then publish again",
+                path.display()
+            )
+        })
+    }
+
+    /// Hold the lock of `v`'s AMIs (one publish or deregister of a version at a time: a
+    /// second publish would take the first's snapshot in flight for one an earlier run
+    /// left, and delete it), as [`Registry::lock_stack`] does.
+    pub(crate) fn lock_publication(&self, v: &VersionInfo) -> Result<()> {
+        self.hold_lock(&format!("ami-{}", v.build_id), |path| {
+            format!(
+                "another devos-build is publishing or deregistering {}@{} (it holds {})\n  hint: wait for it to finish, then run this again",
+                v.name,
+                v.version,
                 path.display()
             )
         })
@@ -141,6 +155,40 @@ impl Registry {
         Ok(())
     }
 
+    /// Finish every rollout of the stack still in progress as interrupted, saying `why`.
+    /// Only the holder of the stack's lock calls it: any such rollout is then its own
+    /// (ended by an error or a signal) or one of a process that ended without finishing it.
+    /// How many there were.
+    pub(crate) fn interrupt_unfinished(
+        &mut self,
+        stack: &str,
+        region: &str,
+        why: &str,
+    ) -> Result<usize> {
+        self.lock_stack(stack, region)?;
+        Ok(self.conn.execute(
+            "UPDATE rollouts SET state = ?3, reason = ?4, finished_at = ?5
+             WHERE stack = ?1 AND region = ?2 AND state = ?6",
+            params![
+                stack,
+                region,
+                ChangeState::Interrupted,
+                why,
+                now(),
+                ChangeState::InProgress
+            ],
+        )?)
+    }
+
+    /// Take up interrupted rollout `id` again (its judgement is to be made now).
+    pub(crate) fn resume_rollout(&mut self, id: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE rollouts SET state = ?2, reason = NULL, finished_at = NULL WHERE id = ?1",
+            params![id, ChangeState::InProgress],
+        )?;
+        Ok(())
+    }
+
     /// The rollouts of a stack (every stack if None), newest first.
     pub(crate) fn rollouts(
         &self,
@@ -191,6 +239,19 @@ impl Registry {
             params![stack, region, v.id, reason, now()],
         )?;
         Ok(())
+    }
+
+    /// Take back the marks of `v` (every version if None) for a stack; how many there were.
+    pub(crate) fn unmark_bad(
+        &mut self,
+        stack: &str,
+        region: &str,
+        v: Option<&VersionInfo>,
+    ) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM bad_versions WHERE stack = ?1 AND region = ?2 AND (?3 IS NULL OR version_id = ?3)",
+            params![stack, region, v.map(|v| v.id)],
+        )?)
     }
 
     /// Why `v` is marked bad for the stack, if it is.
