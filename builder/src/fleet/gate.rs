@@ -43,7 +43,14 @@ pub(super) fn judge(r: &Running, ami: &str) -> Result<Option<String>, String> {
                 m.id, m.image_id
             ));
         }
-        if matches!(m.state.as_str(), "shutting-down" | "terminated" | "stopped") {
+        // One the group still counts in service that went down; not one it is taking
+        // out itself (a scale-in: Terminating, Detaching, Standby), which only counts
+        // against the capacity below.
+        let counted = m
+            .lifecycle
+            .as_deref()
+            .is_none_or(|l| l == "InService" || l.starts_with("Pending"));
+        if counted && matches!(m.state.as_str(), "shutting-down" | "terminated" | "stopped") {
             return Err(format!("instance {} is {}", m.id, m.state));
         }
     }

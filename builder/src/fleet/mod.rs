@@ -1194,6 +1194,24 @@ mod tests {
                 .unwrap_err()
                 .contains("i-1 is in service on ami-old")
         );
+        // A healthy instance the group takes out itself (a scale-in) fails nothing; one
+        // it counts in service that stopped does.
+        let mut leaving = member("i-3", "ami-new", "Healthy");
+        leaving.state = "shutting-down".into();
+        leaving.lifecycle = Some("Terminating".into());
+        let mut scaled_in = running(vec![
+            member("i-1", "ami-new", "Healthy"),
+            member("i-2", "ami-new", "Healthy"),
+            leaving.clone(),
+        ]);
+        assert_eq!(judge(&scaled_in, "ami-new"), Ok(None));
+        leaving.lifecycle = Some("InService".into());
+        leaving.state = "stopped".into();
+        scaled_in.instances[2] = leaving;
+        assert_eq!(
+            judge(&scaled_in, "ami-new"),
+            Err("instance i-3 is stopped".into())
+        );
         let mut stale = good;
         stale.launch_template_image = Some("ami-old".into());
         assert!(
