@@ -1753,10 +1753,32 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     ]));
     assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
 
+    steps.at("A rollback stopped during its bake and run again is judged");
+    let child = spawn(&["rollback", "--stack", "devfleet", "--bake", "600"]);
+    assert!(
+        wait_for(Duration::from_secs(45), || !fx
+            .instances_on("devfleet", &amis["1.0.0"])
+            .is_empty()),
+        "the rollback's instances never appeared"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        stderr(&out).contains("interrupted by SIGTERM"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fx.history("devfleet")[0], "rollback 1.0.0 interrupted");
+
+    // Run again (without --to), it judges 1.0.0, which the stack runs: not 2.0.0, the
+    // version it was rolled back from. Its gate fails, and it stays where it went.
     steps.at("A rollback whose gate fails stays where it went");
-    let child = spawn(&[
-        "rollback", "--stack", "devfleet", "--to", "1.0.0", "--bake", "60", "--json",
-    ]);
+    let child = spawn(&["rollback", "--stack", "devfleet", "--bake", "60", "--json"]);
     sicken(&amis["1.0.0"]);
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{}", stderr(&out));
@@ -1771,6 +1793,7 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     );
     assert!(d["rollback"].is_null(), "{d}");
     assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
+    assert_eq!(fx.history("devfleet")[0], "rollback 1.0.0 failed");
     refused(
         &fleet(&["rollout", "--stack", "devfleet", "--to", "1.0.0"]),
         "is marked bad for stack devfleet",

@@ -512,12 +512,26 @@ async fn image_snapshots(
 }
 
 /// Snapshots this account holds tagged with `build_id` by the direct upload (not
-/// Packer's of the same build).
+/// Packer's of the same build: neither one tagged so nor one behind a Packer AMI, as
+/// Packer's snapshots were tagged with the build id alone before).
 pub async fn build_snapshots(
     ec2: &aws_sdk_ec2::Client,
     region: &str,
     build_id: &str,
 ) -> Result<Vec<String>> {
+    let images = ec2
+        .describe_images()
+        .owners("self")
+        .filters(build_filter(build_id))
+        .send()
+        .await
+        .map_err(|e| explain("ec2:DescribeImages", region, e))?;
+    let packers: Vec<String> = images
+        .images()
+        .iter()
+        .filter(|i| made_elsewhere(i.tags()))
+        .flat_map(snapshots_of)
+        .collect();
     let out = ec2
         .describe_snapshots()
         .owner_ids("self")
@@ -530,6 +544,7 @@ pub async fn build_snapshots(
         .iter()
         .filter(|s| !made_elsewhere(s.tags()))
         .filter_map(|s| s.snapshot_id().map(str::to_owned))
+        .filter(|id| !packers.contains(id))
         .collect())
 }
 

@@ -123,13 +123,7 @@ pub(crate) fn rollout(
                 v.name
             );
         }
-        if let Some(why) = cx.reg.bad_reason(&t.stack, &cx.region, &v)? {
-            bail!(
-                "{reference} is marked bad for stack {} in {}: {why}\n  hint: build and test a fixed version, then roll that out",
-                t.stack,
-                cx.region
-            );
-        }
+        cx.refuse_bad(&t.stack, &v)?;
         // A verified build without `[update]` has a bundle too, but no feed its machines
         // read and no key they trust: `publish updates` refuses it, so no agent could
         // ever find it.

@@ -146,6 +146,16 @@ impl Ctx<'_> {
     }
 
     fn require_settled(&self, s: &Stack) -> Result<()> {
+        if s.status == "ROLLBACK_COMPLETE" {
+            bail!(
+                "stack {} in {} failed its creation ({}): CloudFormation can only delete it\n  hint: delete it (`aws cloudformation delete-stack --stack-name {} --region {}`), then deploy it again",
+                s.name,
+                self.region,
+                s.status,
+                s.name,
+                self.region
+            );
+        }
         if s.status.ends_with("_IN_PROGRESS") {
             bail!(
                 "stack {} in {} is {}; wait until it settles (`devos-build fleet status --stack {}`)",
@@ -262,7 +272,15 @@ impl Ctx<'_> {
             outcome.state = ChangeState::Failed;
             return Ok(outcome);
         }
-        self.recover(id, plan, before, &why, outcome).await
+        let recovered = self.recover(id, plan, before, &why, outcome).await;
+        if let Err(e) = &recovered {
+            self.reg.finish_rollout(
+                id,
+                ChangeState::Failed,
+                Some(&format!("{why}; then, going back: {e:#}")),
+            )?;
+        }
+        recovered
     }
 
     /// The stack's newest change, if it was interrupted before it was judged and the
@@ -280,10 +298,8 @@ impl Ctx<'_> {
         else {
             return Ok(None);
         };
-        let unjudged = matches!(
-            last.state,
-            ChangeState::Interrupted | ChangeState::InProgress
-        ) && last.kind != "in-place";
+        // (A dry run takes no lock: a change in progress may be another's, under way.)
+        let unjudged = last.state == ChangeState::Interrupted && last.kind != "in-place";
         let runs = s.tags.get(TAG_IMAGE) == Some(&plan.to.name)
             && s.parameters.get("ImageVersion") == Some(&plan.to.version)
             && s.parameters.get("ImageId") == Some(&plan.ami)
@@ -381,11 +397,17 @@ impl Ctx<'_> {
         why: &str,
         mut outcome: Outcome,
     ) -> Result<Outcome> {
-        self.reg.mark_bad(plan.stack, &self.region, &plan.to, why)?;
+        // A change of parameters alone is not the version's failure.
+        let same_version = plan.from.as_ref().is_some_and(|f| f.id == plan.to.id);
+        if !same_version {
+            self.reg.mark_bad(plan.stack, &self.region, &plan.to, why)?;
+        }
         let now = stack::describe(&self.aws, &self.region, plan.stack)
             .await?
             .with_context(|| format!("stack {} disappeared", plan.stack))?;
-        if now.parameters.get("ImageVersion") != Some(&plan.to.version) {
+        if now.status == "UPDATE_ROLLBACK_COMPLETE"
+            || now.parameters.get("ImageVersion") != Some(&plan.to.version)
+        {
             // CloudFormation rolled the update back itself.
             self.reg
                 .finish_rollout(id, ChangeState::RolledBack, Some(why))?;
@@ -561,20 +583,26 @@ impl Ctx<'_> {
         }
         let mut left = Vec::new();
         for stack_name in also.into_iter().chain([t.stack.as_str()]) {
-            if self
+            match self
                 .reg
-                .interrupt_unfinished(stack_name, &self.region, &format!("{e:#}"))?
-                > 0
+                .interrupt_unfinished(stack_name, &self.region, &format!("{e:#}"))
             {
-                left.push(stack_name);
+                Ok(0) => {}
+                Ok(_) => left.push(stack_name),
+                Err(r) => {
+                    return Err(anyhow!(
+                        "{e:#}\nand then the registry could not record it as interrupted: {r:#}"
+                    ));
+                }
             }
         }
         if left.is_empty() {
             return Err(e);
         }
         Err(anyhow!(
-            "{e:#}\n  hint: the change of {} may have been part-way; once the stack settles (`devos-build fleet status --stack {}`), run the same command again: it gates the version the stack then runs and goes back if that fails; or roll back with `devos-build fleet rollback`",
+            "{e:#}\n  hint: the change of {} may have been part-way (`devos-build fleet history --stack {}` shows it as interrupted); once the stack settles, run the same command again: it gates the version the stack then runs and goes back if that fails; or roll back with `devos-build fleet rollback --stack {} --to VERSION`",
             left.join(" and "),
+            left[0],
             left[0]
         ))
     }
@@ -971,8 +999,22 @@ pub(crate) fn rollback(
         let s = cx.existing(&t.stack).await?;
         let template = Ctx::template_of(&s)?;
         let current = cx.current(&s)?;
+        let newest = cx
+            .reg
+            .rollouts(Some(&t.stack), Some(&cx.region))?
+            .into_iter()
+            .next();
         let reference = match to {
             Some(to) => current.resolve(to),
+            // Run again after it was interrupted: the rollback the stack runs is judged.
+            None if newest.is_some_and(|r| {
+                r.kind == "rollback"
+                    && r.state == ChangeState::Interrupted
+                    && format!("{}@{}", r.image, r.to) == current.reference
+            }) =>
+            {
+                current.reference.clone()
+            }
             None => last_good(cx.reg, &t.stack, &cx.region, &current.reference)?,
         };
         let (v, ami) = cx.target(&t.stack, &reference)?;
@@ -998,8 +1040,10 @@ fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> R
     let mut left = HashSet::new();
     for r in reg.rollouts(Some(stack_name), Some(region))? {
         let reference = format!("{}@{}", r.image, r.to);
+        // Left by hand, however that went (a rollback that failed or was interrupted
+        // left it too).
         if r.kind == "rollback"
-            && r.state == ChangeState::Succeeded
+            && r.state != ChangeState::Unchanged
             && let Some(from) = &r.from
         {
             left.insert(format!("{}@{from}", r.image));

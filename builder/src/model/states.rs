@@ -80,7 +80,8 @@ named_states! {
     ChangeState {
         InProgress = "in-progress",
         /// The command that made the change ended (interrupted, killed, an error) before
-        /// it judged it; the next change of the stack to that version judges it.
+        /// it judged it; a deploy, rollout or rollback of the stack to the version it
+        /// runs then judges it.
         Interrupted = "interrupted",
         Succeeded = "succeeded",
         Failed = "failed",
