@@ -110,6 +110,13 @@ pub fn decide(
     Decision::Ask
 }
 
+/// Who a user's own approval (`Approve`) names: the request's user and uid. Any other
+/// approval was given without asking them (policy, a remembered rule), and is decided
+/// again when it no longer holds.
+pub fn by_user(user: &str, uid: u32) -> String {
+    format!("{user} (uid {uid})")
+}
+
 /// Privileged actions that the executor runs as root (package installs); other
 /// privileged commands run as the user, where they simply fail.
 pub fn privileged_runs_as_root(action: &Action) -> bool {

@@ -15,6 +15,9 @@
 //! cannot write: `verify` compares the log with every anchor, so a consistent rewrite
 //! or a dropped tail is reported. An entry that cannot be written (or anchored) is an
 //! error the caller must act on: the agent runs nothing it could not record.
+//!
+//! A line the agent died writing is cut off when the log is opened again, and the cut
+//! (its size and sha256) is itself an entry, `audit.repaired`; see [`AuditLog::open`].
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -362,15 +365,17 @@ fn read_tail(
     let mut last = None;
     let mut written = HashMap::<u32, u64>::new();
     'files: for (_, p) in files.iter().rev() {
-        let text = std::fs::read_to_string(p).map_err(io(p))?;
-        for line in text.lines().rev() {
+        // Bytes, not text: a damaged line (invalid UTF-8) is skipped like any other
+        // that does not parse, it must not keep the log from opening.
+        let bytes = std::fs::read(p).map_err(io(p))?;
+        for line in bytes.rsplit(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             if last.is_none() {
-                let Ok(entry) = serde_json::from_str::<Entry>(line) else {
+                let Ok(entry) = serde_json::from_slice::<Entry>(line) else {
                     continue;
                 };
                 last = Some((entry.seq, entry.hash));
             }
-            let Ok(stamp) = serde_json::from_str::<Stamp>(line) else {
+            let Ok(stamp) = serde_json::from_slice::<Stamp>(line) else {
                 continue;
             };
             if !stamp.time.starts_with(day) {
@@ -385,6 +390,60 @@ fn read_tail(
     Ok((seq, hash, written))
 }
 
+/// What [`cut_half_written_line`] cut from the end of a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+struct Cut {
+    file: String,
+    bytes: u64,
+    sha256: String,
+}
+
+/// Cut `path` back to just after its last newline when it does not end in one (an
+/// append the daemon died in), and make the cut durable; what was cut, if anything.
+/// Every append writes whole lines, so only the last line of the last file can be
+/// half written: anything after it would be appended to it and never parse again.
+fn cut_half_written_line(path: &Path) -> Result<Option<Cut>, AuditError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let len = file.metadata().map_err(io(path))?.len();
+    // Back from the end, a block at a time, to the last newline (if any).
+    const BLOCK: u64 = 64 << 10;
+    let mut block = Vec::new();
+    let mut end = len;
+    let keep = loop {
+        let start = end.saturating_sub(BLOCK);
+        block.resize((end - start) as usize, 0);
+        file.seek(SeekFrom::Start(start)).map_err(io(path))?;
+        file.read_exact(&mut block).map_err(io(path))?;
+        match block.iter().rposition(|b| *b == b'\n') {
+            Some(i) => break start + i as u64 + 1,
+            None if start == 0 => break 0,
+            None => end = start,
+        }
+    };
+    if keep == len {
+        return Ok(None);
+    }
+    let mut hash = Sha256::new();
+    file.seek(SeekFrom::Start(keep)).map_err(io(path))?;
+    std::io::copy(&mut (&mut file).take(len - keep), &mut hash).map_err(io(path))?;
+    file.set_len(keep).map_err(io(path))?;
+    file.sync_all().map_err(io(path))?;
+    Ok(Some(Cut {
+        file: path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned(),
+        bytes: len - keep,
+        sha256: hex::encode(hash.finalize()),
+    }))
+}
+
 /// Checkpoints by line number; a line that does not parse keeps its error.
 type CheckpointLines = Vec<(u64, Result<Checkpoint, serde_json::Error>)>;
 
@@ -396,15 +455,24 @@ fn read_checkpoints(dir: &Path) -> Result<CheckpointLines, AuditError> {
         Err(e) => return Err(io(&path)(e)),
     };
     let mut out = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
+    // Bytes, not text: a line that is not UTF-8 is a checkpoint that does not parse
+    // (verification reports it), not a log that cannot be opened.
+    for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
         let line = line.map_err(io(&path))?;
-        out.push((n as u64 + 1, serde_json::from_str::<Checkpoint>(&line)));
+        out.push((n as u64 + 1, serde_json::from_slice::<Checkpoint>(&line)));
     }
     Ok(out)
 }
 
 impl AuditLog {
     /// Open (or create) the log in `dir`, continuing the chain from its last entry.
+    ///
+    /// A line the agent died writing — at the end of the last log file or of
+    /// `checkpoints.jsonl` — is cut off first (it was never acknowledged: the entry's
+    /// append had not returned), and the cut goes on the chain as an `audit.repaired`
+    /// entry with the bytes cut and their sha256. Without the cut, every later entry
+    /// would be appended to the half line and the log would never verify again.
+    /// Damage anywhere else is left for verification to report.
     pub fn open(dir: &Path, config: &AuditConfig) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let files = log_files(dir)?;
@@ -412,6 +480,18 @@ impl AuditLog {
             .last()
             .cloned()
             .unwrap_or_else(|| (1, dir.join(log_name(1))));
+        let mut cuts = Vec::new();
+        for damaged in [path.clone(), dir.join("checkpoints.jsonl")] {
+            if let Some(cut) = cut_half_written_line(&damaged)? {
+                tracing::warn!(
+                    "audit log {}: cut a half-written line of {} bytes (sha256 {}) that an earlier run left at its end",
+                    damaged.display(),
+                    cut.bytes,
+                    cut.sha256
+                );
+                cuts.push(cut);
+            }
+        }
         let today = now()[..10].to_owned();
         let (seq, last_hash, written) = read_tail(&files, &today)?;
         let file = OpenOptions::new()
@@ -435,7 +515,7 @@ impl AuditLog {
             .rev()
             .find_map(|(_, c)| c.as_ref().ok().map(|c| c.checkpoint_hash.clone()))
             .unwrap_or_else(|| GENESIS.to_owned());
-        Ok(AuditLog {
+        let mut log = AuditLog {
             anchors: Anchors::open(dir, config)?,
             dir: dir.to_path_buf(),
             config: config.clone(),
@@ -448,7 +528,17 @@ impl AuditLog {
             last_checkpoint,
             checkpoints: checkpoints.len() as u64,
             written: (today, written),
-        })
+        };
+        if !cuts.is_empty() {
+            log.append(
+                "audit.repaired",
+                None,
+                None,
+                None,
+                serde_json::json!({ "cut": cuts }),
+            )?;
+        }
+        Ok(log)
     }
 
     pub fn entries(&self) -> u64 {

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 
 use crate::client::Agent1Proxy;
+use crate::executor::{one_line, printable};
 use crate::request::{ActionState, Decision, Request, Rule, State};
 
 /// Talk to the DevOS agent: run requests, approve what it wants to do, see history.
@@ -236,7 +237,7 @@ async fn update(
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{}", v["message"].as_str().unwrap_or_default());
+        println!("{}", printable(v["message"].as_str().unwrap_or_default()));
     }
     if reboot && v["reboot"] == true {
         let status = std::process::Command::new("systemctl")
@@ -314,10 +315,10 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for r in &list {
                     println!(
                         "{}  {:<17}  {}  {}",
-                        r.id,
+                        one_line(&r.id),
                         r.state.as_str(),
-                        r.created.get(..19).unwrap_or(&r.created),
-                        crate::executor::printable(&r.text)
+                        one_line(r.created.get(..19).unwrap_or(&r.created)),
+                        one_line(&r.text)
                     );
                 }
             }
@@ -336,10 +337,10 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else if let Some(bad) = &v.first_bad {
                 println!(
                     "audit log: TAMPERED — first bad entry: {} line {}{}: {}",
-                    bad.file,
+                    one_line(&bad.file),
                     bad.line,
                     bad.seq.map(|s| format!(" (entry {s})")).unwrap_or_default(),
-                    bad.reason
+                    one_line(&bad.reason)
                 );
             } else if let Some(after) = v.resumed_after {
                 println!(
@@ -370,7 +371,8 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if let Some(map) = v.as_object() {
                 for (k, v) in map {
-                    println!("{k}: {v}");
+                    // (JSON escapes C0 controls in strings, not C1 ones nor DEL.)
+                    println!("{}: {}", one_line(k), one_line(&v.to_string()));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -378,51 +380,95 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A request as `devos show` and `devos run` print it. Every line of text in it that
+/// came from a user, the model or the file system (the request, descriptions, paths
+/// in profiles and reasons, rule descriptions) is shown with [`one_line`]; output and
+/// answers, which are text of many lines, with [`printable`].
 fn print_request(r: &Request, with_output: bool) {
-    let p = crate::executor::printable;
-    println!("request {} ({}): {}", r.id, r.state.as_str(), p(&r.text));
+    println!(
+        "request {} ({}): {}",
+        one_line(&r.id),
+        r.state.as_str(),
+        one_line(&r.text)
+    );
     if !r.summary.is_empty() {
-        println!("plan: {}", p(&r.summary));
+        println!("plan: {}", one_line(&r.summary));
     }
     for a in &r.actions {
         let decision = match &a.decision {
             Decision::Ask => "needs your approval".to_owned(),
-            Decision::Approved { by } => format!("approved ({by})"),
-            Decision::Denied { by, reason } => format!("DENIED ({by}): {reason}"),
+            Decision::Approved { by } => format!("approved ({})", one_line(by)),
+            Decision::Denied { by, reason } => {
+                format!("DENIED ({}): {}", one_line(by), one_line(reason))
+            }
         };
-        println!(
-            "  [{}] {}",
-            a.index,
-            crate::executor::one_line(&a.description)
-        );
+        println!("  [{}] {}", a.index, one_line(&a.description));
         println!(
             "      risk: {} — {}",
             a.risk.class,
             if a.risk.reasons.is_empty() {
                 "nothing risky found".into()
             } else {
-                p(&a.risk.reasons.join("; "))
+                one_line(&a.risk.reasons.join("; "))
             }
         );
         if !a.profile.is_empty() {
-            println!("      sandbox: {}", p(&a.profile));
+            println!("      sandbox: {}", one_line(&a.profile));
         }
         println!("      {decision}; {:?}", a.state);
         if with_output && !a.output.is_empty() {
-            for line in p(&a.output).lines() {
+            for line in printable(&a.output).lines() {
                 println!("      | {line}");
             }
         }
         if let Some(e) = &a.error {
-            println!("      error: {}", p(e));
+            println!("      error: {}", one_line(e));
         }
     }
     if let (true, Some(answer)) = (with_output, &r.answer) {
-        println!("answer:\n{}", p(answer));
+        println!("answer:\n{}", printable(answer));
     }
     if let Some(e) = &r.error {
-        println!("{}", p(e));
+        println!("{}", printable(e));
     }
+}
+
+/// One rule as `devos rules` lists it; its description names argv words and paths
+/// that a user or the model chose.
+fn rule_line(r: &Rule) -> String {
+    format!(
+        "{:>4}  {:<5}  {:<7}  uid {:<6} {}",
+        r.id,
+        if r.allow { "allow" } else { "deny" },
+        format!("{:?}", r.lifetime).to_lowercase(),
+        r.uid,
+        one_line(&crate::approval::describe_rule(r))
+    )
+}
+
+/// The question `devos run` asks on the terminal about action `index` (without the
+/// choices). The description, class and sandbox profile come from the agent, and
+/// name what the user or the model asked for (argv words, paths): each is shown with
+/// [`one_line`], so that nothing in them can move the cursor, clear the screen or lay
+/// out a line that looks like the prompt's own.
+fn approval_question(
+    index: u32,
+    description: &str,
+    from_model: bool,
+    risk: &str,
+    profile: &str,
+) -> String {
+    let proposed = if from_model {
+        " [proposed by the model]"
+    } else {
+        ""
+    };
+    format!(
+        "[{index}] {}{proposed} ({}; sandbox: {})",
+        one_line(description),
+        one_line(risk),
+        one_line(profile)
+    )
 }
 
 fn exit_for(r: &Request) -> ExitCode {
@@ -518,7 +564,7 @@ async fn run_request(
             Some(sig) = model_text.next() => {
                 let args = sig.args()?;
                 if args.id == id && !json {
-                    print!("{}", crate::executor::printable(args.text));
+                    print!("{}", printable(args.text));
                     std::io::stdout().flush().ok();
                     watch.streamed.set(true);
                 }
@@ -526,7 +572,7 @@ async fn run_request(
             Some(sig) = output.next() => {
                 let args = sig.args()?;
                 if args.id == id && !json {
-                    print!("{}", crate::executor::printable(args.data));
+                    print!("{}", printable(args.data));
                     // (Live output only; the request keeps all of it.)
                     std::io::stdout().flush().ok();
                 }
@@ -536,11 +582,13 @@ async fn run_request(
                 if args.id != id {
                     continue;
                 }
-                let (index, risk, mut description) = (args.action, args.risk.to_owned(), crate::executor::one_line(args.description));
-                if args.origin == "model" {
-                    description.push_str(" [proposed by the model]");
-                }
-                if let Some(code) = watch.approval_needed(index, risk, description, interactive).await? {
+                let asked = Asked {
+                    index: args.action,
+                    risk: args.risk.to_owned(),
+                    description: args.description.to_owned(),
+                    from_model: args.origin == "model",
+                };
+                if let Some(code) = watch.approval_needed(asked, interactive).await? {
                     return Ok(code);
                 }
             }
@@ -556,6 +604,15 @@ async fn run_request(
             else => bail!("lost the connection to the agent"),
         }
     }
+}
+
+/// An `ApprovalNeeded` signal's action, as the agent sent it (not yet made safe to
+/// print).
+struct Asked {
+    index: u32,
+    risk: String,
+    description: String,
+    from_model: bool,
 }
 
 /// A submitted request the CLI follows until it ends.
@@ -574,17 +631,32 @@ impl Watch<'_> {
         anyhow::Ok(serde_json::from_str::<Request>(&text)?)
     }
 
-    /// Ask the user about action `index` and pass on their answer. Without a terminal
-    /// to ask on, say how to decide and go on waiting (`--wait`) or stop: the
-    /// returned exit code ends the CLI.
+    /// Ask the user about an action and pass on their answer. Without a terminal to
+    /// ask on, say how to decide and go on waiting (`--wait`) or stop: the returned
+    /// exit code ends the CLI.
     async fn approval_needed(
         &self,
-        index: u32,
-        risk: String,
-        description: String,
+        asked: Asked,
         interactive: bool,
     ) -> anyhow::Result<Option<ExitCode>> {
         let id = self.id;
+        let index = asked.index;
+        if !interactive {
+            eprintln!(
+                "action {index} ({}) waits for approval: {}{}\n  approve: devos approve {id} {index}\n  deny:    devos deny {id} {index}",
+                one_line(&asked.risk),
+                one_line(&asked.description),
+                if asked.from_model {
+                    " [proposed by the model]"
+                } else {
+                    ""
+                },
+            );
+            if self.wait {
+                return Ok(None);
+            }
+            return Ok(Some(ExitCode::from(3)));
+        }
         // (Only the prompt's detail: without it the prompt still asks.)
         let profile = self
             .get()
@@ -592,16 +664,14 @@ impl Watch<'_> {
             .ok()
             .and_then(|r| r.actions.get(index as usize).map(|a| a.profile.clone()))
             .unwrap_or_default();
-        if !interactive {
-            eprintln!(
-                "action {index} ({risk}) waits for approval: {description}\n  approve: devos approve {id} {index}\n  deny:    devos deny {id} {index}"
-            );
-            if self.wait {
-                return Ok(None);
-            }
-            return Ok(Some(ExitCode::from(3)));
-        }
-        let (approve, remember) = ask_approval(index, description, risk, profile).await?;
+        let question = approval_question(
+            index,
+            &asked.description,
+            asked.from_model,
+            &asked.risk,
+            &profile,
+        );
+        let (approve, remember) = ask_approval(question).await?;
         let res = if approve {
             self.agent.approve(id, index, remember, &[], "").await
         } else {
@@ -622,22 +692,23 @@ impl Watch<'_> {
                     "action {} failed: {}",
                     a.index,
                     a.error
-                        .clone()
+                        .as_deref()
+                        .map(one_line)
                         .unwrap_or_else(|| format!("exit status {:?}", a.exit_code))
                 );
             }
             match &r.answer {
                 Some(_) if self.streamed.get() => println!(),
-                Some(answer) => println!("{}", crate::executor::printable(answer)),
+                Some(answer) => println!("{}", printable(answer)),
                 None => {}
             }
             if let Some(e) = &r.error {
-                eprintln!("{e}");
+                eprintln!("{}", printable(e));
             }
             if let Some(u) = &r.usage {
                 eprintln!(
                     "{}",
-                    describe_usage(r.model.as_deref().unwrap_or("model"), u)
+                    describe_usage(&one_line(r.model.as_deref().unwrap_or("model")), u)
                 );
             }
             eprintln!("request {}: {}", self.id, r.state.as_str());
@@ -692,9 +763,9 @@ async fn usage(
     for r in &rows {
         println!(
             "{:<10}  {:<12}  {:<46}  {:>5}  {:>10}  {:>10}  {:>10}",
-            r.day,
-            r.user,
-            r.model,
+            one_line(&r.day),
+            one_line(&r.user),
+            one_line(&r.model),
             r.calls,
             r.input_tokens + r.cache_read_tokens + r.cache_write_tokens,
             r.output_tokens,
@@ -720,7 +791,7 @@ async fn usage(
     };
     println!(
         "since {}: ${:.4}{}\nyou: ${:.4} today (budget {}), ${:.4} this month (budget {}); machine: ${:.4} this month (budget {})",
-        v["since"].as_str().unwrap_or("?"),
+        one_line(v["since"].as_str().unwrap_or("?")),
         v["total-cost-usd"].as_f64().unwrap_or(0.0),
         match v["unpriced-calls"].as_u64().unwrap_or(0) {
             0 => String::new(),
@@ -736,17 +807,11 @@ async fn usage(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prompt on the terminal; returns whether to approve and for how long.
-async fn ask_approval(
-    index: u32,
-    description: String,
-    risk: String,
-    profile: String,
-) -> anyhow::Result<(bool, &'static str)> {
+/// Ask `question` (from [`approval_question`]) on the terminal; returns whether to
+/// approve and for how long.
+async fn ask_approval(question: String) -> anyhow::Result<(bool, &'static str)> {
     let answer = tokio::task::spawn_blocking(move || {
-        eprint!(
-            "approve [{index}] {description} ({risk}; sandbox: {profile})? [y]es once, [s]ession, [a]lways, [N]o: "
-        );
+        eprint!("approve {question}? [y]es once, [s]ession, [a]lways, [N]o: ");
         let mut line = String::new();
         // (A failed read is an empty answer, which is No.)
         std::io::stdin().lock().read_line(&mut line).ok();
@@ -815,14 +880,7 @@ async fn rules(
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for r in &list {
-                    println!(
-                        "{:>4}  {:<5}  {:<7}  uid {:<6} {}",
-                        r.id,
-                        if r.allow { "allow" } else { "deny" },
-                        format!("{:?}", r.lifetime).to_lowercase(),
-                        r.uid,
-                        crate::approval::describe_rule(r)
-                    );
+                    println!("{}", rule_line(r));
                 }
             }
         }
@@ -871,7 +929,8 @@ async fn context(
 ) -> anyhow::Result<ExitCode> {
     use serde_json::Value;
     let ctx = crate::client::ContextProxy::new(conn).await?;
-    let p = crate::executor::printable;
+    // (Names, paths, snippets and reasons: each printed on one line of a listing.)
+    let p = one_line;
     let reply: Value = match command {
         ContextCommand::Add { dir, text } => {
             let dir = absolute(dir)?;
@@ -1017,7 +1076,8 @@ fn stamp(secs: &serde_json::Value) -> String {
 }
 
 fn print_git(r: &serde_json::Value) {
-    let p = crate::executor::printable;
+    // (Branches, paths, subjects and authors: each on one line of a listing.)
+    let p = one_line;
     let s = |v: &serde_json::Value| p(v.as_str().unwrap_or(""));
     println!(
         "{}: {}{}",
@@ -1056,9 +1116,56 @@ fn print_git(r: &serde_json::Value) {
     for c in r["commits"].as_array().into_iter().flatten() {
         println!(
             "  {} {} ({})",
-            c["id"].as_str().unwrap_or("").get(..10).unwrap_or(""),
+            p(c["id"].as_str().unwrap_or("").get(..10).unwrap_or("")),
             s(&c["subject"]),
             s(&c["author"])
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a path or argv word proposed by the model may carry: clear the screen, a
+    /// CSI in its one-byte (C1) form, DEL, a newline and a reordering mark, laying out
+    /// a fake prompt.
+    const HOSTILE: &str = "/home/a/p\u{1b}[2J\u{1b}[H\u{9b}1A\u{7f}\napprove [0] ls (read-only; sandbox: none)\u{202e}";
+
+    fn assert_one_safe_line(shown: &str) {
+        assert!(
+            !shown.chars().any(|c| c.is_control()),
+            "a control character is printed: {shown:?}"
+        );
+        assert!(!shown.contains('\u{202e}'), "{shown:?}");
+    }
+
+    #[test]
+    fn the_approval_prompt_shows_every_piece_on_one_safe_line() {
+        let question = approval_question(0, HOSTILE, true, HOSTILE, HOSTILE);
+        assert_one_safe_line(&question);
+        assert!(question.ends_with(")"), "{question:?}");
+        assert!(question.contains("[proposed by the model]"), "{question:?}");
+    }
+
+    #[test]
+    fn a_rules_listing_shows_each_rule_on_one_safe_line() {
+        let rule = Rule {
+            exact: Some(crate::request::Exact {
+                action: crate::action::Action::Run {
+                    argv: vec!["ls".into(), HOSTILE.into()],
+                },
+                cwd: PathBuf::from(HOSTILE),
+            }),
+            ..Rule::new(
+                1000,
+                true,
+                crate::request::Remember::Always,
+                vec!["ls".into(), HOSTILE.into()],
+                Some(PathBuf::from(HOSTILE)),
+                "now".into(),
+            )
+        };
+        assert_one_safe_line(&rule_line(&rule));
     }
 }

@@ -64,9 +64,11 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct Policy {
-    /// Risk classes that run without asking. `unknown` is not allowed here.
+    /// Risk classes that run without asking. `unknown` and `privileged` are not
+    /// allowed here.
     pub auto_approve: Vec<RiskClass>,
-    /// Classes a user may add to their own `auto-approve`.
+    /// Classes a user may add to their own `auto-approve` (not `unknown` nor
+    /// `privileged` either).
     pub user_may_auto_approve: Vec<RiskClass>,
     /// Actions that never run, whoever approves them. Deny always wins.
     pub deny: Vec<DenyRule>,
@@ -463,6 +465,12 @@ pub enum InvalidConfig {
     Schema(toml::de::Error),
     #[error("{key}: `unknown` can never run without asking; remove it")]
     UnknownAutoApproved { key: &'static str },
+    /// A privileged action (a package install) runs as root with the system
+    /// writable: approving each one is the only boundary besides its class.
+    #[error(
+        "{key}: `privileged` can never run without asking: it runs as root with the system writable, so an administrator approves each one; remove it"
+    )]
+    PrivilegedAutoApproved { key: &'static str },
     #[error("policy.deny[{index}]: {source}")]
     DenyRule {
         index: usize,
@@ -526,7 +534,7 @@ impl AgentConfig {
     }
 
     /// What serde cannot check: rules that must name something, classes that may
-    /// never run unasked.
+    /// never run unasked (`unknown`, and `privileged`, which runs as root).
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         for (key, classes) in [
             ("policy.auto-approve", &self.policy.auto_approve),
@@ -537,6 +545,9 @@ impl AgentConfig {
         ] {
             if classes.contains(&RiskClass::Unknown) {
                 return Err(InvalidConfig::UnknownAutoApproved { key });
+            }
+            if classes.contains(&RiskClass::Privileged) {
+                return Err(InvalidConfig::PrivilegedAutoApproved { key });
             }
         }
         for (i, rule) in self.policy.deny.iter().enumerate() {
@@ -776,6 +787,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("policy.auto-approve"), "{err}");
+        // Privileged actions run as root: never on the strength of their class alone.
+        for key in ["auto-approve", "user-may-auto-approve"] {
+            let err = AgentConfig::from_table(
+                toml::from_str(&format!("[policy]\n{key} = ['read-only', 'privileged']")).unwrap(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(&format!("policy.{key}")) && err.contains("`privileged`"),
+                "{err}"
+            );
+            assert!(err.contains("runs as root"), "{err}");
+        }
         let err = AgentConfig::from_table(toml::from_str("[[policy.deny]]\nreason = 'x'").unwrap())
             .unwrap_err()
             .to_string();

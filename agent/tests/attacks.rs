@@ -2818,3 +2818,180 @@ fn assert_no_capabilities(status: &str) {
         );
     }
 }
+
+/// The number of `event` entries in the audit log of `agent`.
+fn audit_events(agent: &Daemon, event: &str) -> usize {
+    let log = std::fs::read_to_string(agent.state().join("audit/log-000001.jsonl")).unwrap();
+    log.lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"] == event)
+        .count()
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_directory_changes_nothing() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    // What a second agent's start would undo: a request waiting for approval and a
+    // rule for the session.
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "create directory kept"]));
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &[
+            "rules",
+            "add",
+            "deny",
+            "--lifetime",
+            "session",
+            "--command-prefix",
+            "curl",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // An administrator starts another agent on the same configuration.
+    let mut second = std::process::Command::new(AGENT);
+    second
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("serve")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &agent.bus.address)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(std::process::Stdio::null());
+    let out = run_with_timeout(&mut second, Duration::from_secs(20)).unwrap();
+    assert!(!out.status.success(), "a second agent ran");
+    let lock = agent.state().join("agent.lock");
+    assert!(
+        stderr(&out).contains(&lock.display().to_string())
+            && stderr(&out).contains("another devos-agent"),
+        "{}",
+        stderr(&out)
+    );
+
+    // It changed nothing: the request still waits, the rule is still there, the
+    // audit chain has one start and verifies; the first agent goes on.
+    let r = json(&agent.devos(Some(&eve), cwd, &["--json", "show", &id]));
+    assert_eq!(r["state"], "awaiting-approval", "{r}");
+    let rules = json(&agent.devos(Some(&eve), cwd, &["--json", "rules"]));
+    assert_eq!(rules.as_array().unwrap().len(), 1, "{rules}");
+    assert_eq!(audit_events(&agent, "agent.started"), 1);
+    let v = json(&agent.devos(None, cwd, &["--json", "audit", "verify"]));
+    assert_eq!(v["ok"], true, "{v}");
+    agent.approve_and_wait(&eve, cwd, &id, "done");
+    assert!(cwd.join("kept").is_dir());
+}
+
+/// Root appends `table` to the agent's configuration file and reloads it.
+fn reload_with(agent: &Daemon, table: &str) {
+    let mut config = std::fs::read_to_string(&agent.config).unwrap();
+    config.push('\n');
+    config.push_str(table);
+    std::fs::write(&agent.config, config).unwrap();
+    let out = bus_call(agent, None, "org.devos.Agent1.Admin", &["ReloadConfig"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// `user`'s request `id` once `done(request)` holds (20 s at most).
+fn wait_until(
+    agent: &Daemon,
+    user: &User,
+    cwd: &Path,
+    id: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let reached = wait_for(Duration::from_secs(20), || {
+        last = json(&agent.devos(Some(user), cwd, &["--json", "show", id]));
+        done(&last)
+    });
+    assert!(reached, "request {id} did not get there: {last}");
+    last
+}
+
+#[test]
+fn a_deny_rule_reloaded_after_planning_holds_for_requests_already_waiting() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    // Planned and waiting for eve's approval...
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "create directory late"]));
+    // ...when root denies it and reloads the configuration.
+    reload_with(
+        &agent,
+        "[[policy.deny]]\ncommand-prefix = [\"mkdir\"]\nreason = \"no new directories today\"\n",
+    );
+    assert_denied_by_rule(&agent, &eve, cwd, "create directory fresh");
+    // Eve's approval does not outrun it: nothing runs, and the request says why.
+    let out = agent.devos(Some(&eve), cwd, &["approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = agent.wait_state(&eve, cwd, &id, "denied");
+    assert!(!cwd.join("late").exists(), "the denied action ran: {r}");
+    let decision = &r["actions"][0]["decision"];
+    assert_eq!(decision["decision"], "denied", "{r}");
+    assert!(
+        decision["by"].as_str().unwrap().contains("deny rule")
+            && decision["reason"] == "no new directories today",
+        "{r}"
+    );
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("no new directories today"),
+        "{r}"
+    );
+    assert_eq!(audit_events(&agent, "action.started"), 0);
+    let v = json(&agent.devos(None, cwd, &["--json", "audit", "verify"]));
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn an_approval_given_without_asking_is_asked_again_when_it_no_longer_holds() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = repo(&eve);
+    let cwd = project.path();
+    let commits = || {
+        let out = sh(&eve, cwd, "git log --oneline | wc -l");
+        stdout(&out).trim().parse::<u32>().unwrap()
+    };
+    // Eve commits once, and remembers the commit itself.
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "commit with message \"x\""]));
+    agent.approve_and_wait(&eve, cwd, &id, "awaiting-approval");
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &["approve", &id, "1", "--remember", "always"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    agent.wait_state(&eve, cwd, &id, "done");
+    assert_eq!(commits(), 2);
+
+    // The same commit again: its `git add` asks, its commit is approved by the rule.
+    eve.write(&cwd.join("file.txt"), "three\n");
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "commit with message \"x\""]));
+    let r = json(&agent.devos(Some(&eve), cwd, &["--json", "show", &id]));
+    let by = r["actions"][1]["decision"]["by"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(by.starts_with("remembered rule"), "{r}");
+    // While the `git add` waits, eve removes the rule; then approves the `git add`.
+    let rules = json(&agent.devos(Some(&eve), cwd, &["--json", "rules"]));
+    let rule = rules[0]["id"].as_i64().unwrap().to_string();
+    let out = agent.devos(Some(&eve), cwd, &["rules", "remove", &rule]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent.devos(Some(&eve), cwd, &["approve", &id, "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The commit is asked for again instead of running on the rule that is gone.
+    let r = wait_until(&agent, &eve, cwd, &id, |r| {
+        r["actions"][0]["state"] == "succeeded" && r["state"] != "running"
+    });
+    assert_eq!(r["state"], "awaiting-approval", "{r}");
+    assert_eq!(r["actions"][1]["decision"]["decision"], "ask", "{r}");
+    assert_eq!(commits(), 2, "the commit ran on a removed rule");
+    agent.approve_and_wait(&eve, cwd, &id, "done");
+    assert_eq!(commits(), 3);
+}

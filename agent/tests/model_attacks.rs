@@ -1489,25 +1489,36 @@ fn robustness_hostile_model_replies_neither_crash_nor_wedge_the_agent() {
         "NUL went back to the model"
     );
 
-    // Control characters in the model's text and in a proposal never reach the
-    // terminal as such.
+    // Control characters in the model's text never reach the terminal as such, and a
+    // proposal with them in a path or an argument is refused back to the model with
+    // why: it is never shown in a prompt at all.
+    let escapes = "x\u{1b}[1A\u{1b}[2K\rls -la\u{7}";
     standin.push(
-        Reply::tool(
-            "run",
-            json!({ "argv": ["rm", "-f", "x\u{1b}[1A\u{1b}[2K\rls -la\u{7}"] }),
-        )
+        Reply::tools(vec![
+            ToolCall::new("run", json!({ "argv": ["rm", "-f", escapes] })),
+            ToolCall::new("delete", json!({ "path": escapes })),
+            ToolCall::new("run", json!({ "argv": ["rm", "-f", "a\u{9b}2J"] })),
+        ])
         .with_leading_text("a\u{0}b\u{1b}]0;owned\u{7}c\u{202e}d\u{1b}[2J "),
     );
+    standin.push(Reply::text("refused"));
     let out = agent.devos(Some(&user), cwd, &["run", "--model", "small", "escape"]);
-    let id = waiting_id(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
     for (what, text) in [("stdout", stdout(&out)), ("stderr", stderr(&out))] {
         assert!(
-            !text.contains(['\u{1b}', '\u{0}', '\u{7}', '\r', '\u{202e}']),
+            !text.contains(['\u{1b}', '\u{0}', '\u{7}', '\r', '\u{202e}', '\u{9b}']),
             "control characters on the terminal ({what}): {text:?}"
         );
+        assert!(!text.contains("waits for approval"), "{what}: {text}");
     }
-    agent.devos(Some(&user), cwd, &["cancel", &id]);
-    agent.wait_state(&user, cwd, &id, "cancelled");
+    let results = all_tool_results(&standin);
+    let refused: Vec<_> = results.iter().rev().take(3).collect();
+    assert!(
+        refused
+            .iter()
+            .all(|(status, text)| status == "error" && text.contains("control character")),
+        "{refused:?}"
+    );
 
     // A large write is a question like any other.
     standin.push(Reply::tool(

@@ -580,3 +580,150 @@ fn each_users_bytes_today_are_read_back_when_the_log_is_opened_again() {
             .is_some_and(|b| b.seq == Some(1))
     );
 }
+
+/// Entry `seq` as `append` would write it after the last one in `dir` (without its
+/// newline), with text whose characters take several bytes.
+fn next_line(dir: &Path, seq: u64) -> Vec<u8> {
+    let last: Entry = serde_json::from_str(lines(dir).last().unwrap()).unwrap();
+    let mut entry = Entry {
+        seq,
+        time: now(),
+        prev: last.hash,
+        event: "action.finished".into(),
+        uid: Some(1000),
+        request: Some("r1".into()),
+        action: Some(0),
+        detail: serde_json::json!({ "output": "é🙂".repeat(40) }),
+        hash: String::new(),
+    };
+    entry.hash = entry.compute_hash();
+    serde_json::to_vec(&entry).unwrap()
+}
+
+fn append_bytes(path: &Path, bytes: &[u8]) {
+    let mut f = OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+#[test]
+fn a_half_written_last_line_is_cut_and_the_cut_is_on_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 10, 4);
+    let whole = std::fs::read(log_path(dir.path())).unwrap();
+    // The agent died writing entry 11, inside a character: the tail is not UTF-8.
+    let line = next_line(dir.path(), 11);
+    let keep = (line.len() / 2..line.len())
+        .find(|k| std::str::from_utf8(&line[..*k]).is_err())
+        .unwrap();
+    let half = &line[..keep];
+    append_bytes(&log_path(dir.path()), half);
+    assert!(!verify(dir.path()).unwrap().ok);
+
+    // Opening cuts it off and records the cut; the log verifies, and goes on.
+    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    assert_eq!(log.entries(), 11);
+    log.append("e", None, None, None, serde_json::json!({}))
+        .unwrap();
+    drop(log);
+    let text = std::fs::read(log_path(dir.path())).unwrap();
+    assert_eq!(
+        text[..whole.len()],
+        whole[..],
+        "whole lines stay as they were"
+    );
+    let repaired: Entry = serde_json::from_str(&lines(dir.path())[10]).unwrap();
+    assert_eq!(repaired.event, "audit.repaired");
+    assert_eq!(
+        repaired.detail,
+        serde_json::json!({ "cut": [{
+            "file": "log-000001.jsonl",
+            "bytes": keep,
+            "sha256": hex::encode(Sha256::digest(half)),
+        }]})
+    );
+    let v = verify(dir.path()).unwrap();
+    assert!(v.ok, "{:?}", v.first_bad);
+    assert_eq!(v.entries, 12);
+    // A log that ends in a whole line is left as it is.
+    drop(AuditLog::open(dir.path(), &config(4)).unwrap());
+    assert_eq!(lines(dir.path()).len(), 12);
+}
+
+#[test]
+fn a_log_that_is_only_a_half_line_opens_empty_again() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(log_path(dir.path()), b"{\"seq\":1,\"time\":\"20").unwrap();
+    let log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    assert_eq!(log.entries(), 1);
+    drop(log);
+    let l = lines(dir.path());
+    assert_eq!(l.len(), 1);
+    let repaired: Entry = serde_json::from_str(&l[0]).unwrap();
+    assert_eq!(
+        (repaired.event.as_str(), repaired.prev.as_str()),
+        ("audit.repaired", GENESIS)
+    );
+    assert!(verify(dir.path()).unwrap().ok);
+}
+
+#[test]
+fn a_half_written_checkpoint_is_cut_too() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 8, 4);
+    let path = dir.path().join("checkpoints.jsonl");
+    let first = std::fs::read_to_string(&path).unwrap();
+    append_bytes(&path, &first.as_bytes()[..first.len() / 3]);
+    assert!(!verify(dir.path()).unwrap().ok);
+    // The next checkpoint would have gone after the half line.
+    write(dir.path(), 4, 4);
+    assert!(std::fs::read_to_string(&path).unwrap().starts_with(&first));
+    let v = verify(dir.path()).unwrap();
+    assert!(v.ok, "{:?}", v.first_bad);
+    assert_eq!((v.entries, v.checkpoints), (13, 3));
+    let repaired: Entry = serde_json::from_str(&lines(dir.path())[8]).unwrap();
+    assert_eq!(repaired.event, "audit.repaired");
+    assert_eq!(repaired.detail["cut"][0]["file"], "checkpoints.jsonl");
+
+    // A checkpoint that is not even UTF-8 before the end is not repaired: the log still
+    // opens, and verification finds it.
+    let mut text = std::fs::read(&path).unwrap();
+    text[10] = 0xff;
+    std::fs::write(&path, &text).unwrap();
+    write(dir.path(), 1, 4);
+    let bad = first_bad(dir.path());
+    assert_eq!(
+        (bad.file.as_str(), bad.line),
+        ("checkpoints.jsonl", 1),
+        "{bad:?}"
+    );
+    assert!(bad.reason.contains("not a valid checkpoint"), "{bad:?}");
+}
+
+#[test]
+fn a_line_cut_short_before_the_end_is_still_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 10, 4);
+    let mut l = lines(dir.path());
+    let half = l[4].len() / 2;
+    l[4].truncate(half);
+    save(dir.path(), &l);
+    // Opening repairs only a half line at the very end: this one stays, and is found.
+    write(dir.path(), 1, 4);
+    let bad = first_bad(dir.path());
+    assert_eq!(bad.line, 5, "{bad:?}");
+    assert!(bad.reason.contains("not a valid entry"), "{bad:?}");
+    // Nor is a half line at the end of an earlier file repaired.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 3, 4);
+    let mut text = std::fs::read(log_path(dir.path())).unwrap();
+    text.truncate(text.len() - 10);
+    std::fs::write(log_path(dir.path()), &text).unwrap();
+    std::fs::write(dir.path().join(log_name(2)), b"").unwrap();
+    write(dir.path(), 1, 4);
+    let bad = first_bad(dir.path());
+    assert_eq!(
+        (bad.file.as_str(), bad.line),
+        ("log-000001.jsonl", 3),
+        "{bad:?}"
+    );
+}

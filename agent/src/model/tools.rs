@@ -233,7 +233,7 @@ pub fn parse(name: &str, input: &Value, cwd: &Path, home: &Path) -> Result<Call,
                 Some(_) => i.string("in")?,
                 None => "contents".to_owned(),
             };
-            act(search(&i.string("pattern")?, dir, &within).map_err(|why| i.bad(why))?)
+            act(search(&i.word("pattern")?, dir, &within).map_err(|why| i.bad(why))?)
         }
         "git_state" => act(Action::Git {
             args: vec!["status".into(), "--short".into(), "--branch".into()],
@@ -309,11 +309,18 @@ impl<'a> Input<'a> {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, ToolError> {
-        let p = self.string(key)?;
+        let p = self.word(key)?;
         if p.is_empty() {
             return Err(self.bad(format!("`{key}` is empty")));
         }
         Ok(absolute(&p, self.cwd, self.home))
+    }
+
+    /// A string that becomes a path (or a search pattern): no control characters.
+    fn word(&self, key: &str) -> Result<String, ToolError> {
+        let s = self.string(key)?;
+        self.without_controls(key, &s, &[])?;
+        Ok(s)
     }
 
     fn words(&self, key: &str) -> Result<Vec<String>, ToolError> {
@@ -323,10 +330,30 @@ impl<'a> Input<'a> {
         };
         list.iter()
             .map(|w| match w {
-                Value::String(s) if !s.contains('\0') => Ok(s.clone()),
+                // Newlines and tabs are an argument's text (a commit message of
+                // several lines); the prompt shows them as `\n` and `\t`.
+                Value::String(s) if !s.contains('\0') => {
+                    self.without_controls(key, s, &['\n', '\t'])?;
+                    Ok(s.clone())
+                }
                 _ => Err(self.bad(format!("every element of `{key}` must be a string"))),
             })
             .collect()
+    }
+
+    /// Refuse control characters (C0, DEL, C1) but those `allowed` in a path or
+    /// command word. The user is shown these words when asked to approve: a terminal
+    /// takes such characters as commands (move the cursor, clear the screen), and no
+    /// path or argument a developer needs holds one (a command's argument may hold
+    /// newlines and tabs, shown escaped).
+    fn without_controls(&self, key: &str, s: &str, allowed: &[char]) -> Result<(), ToolError> {
+        match s.chars().find(|c| c.is_control() && !allowed.contains(c)) {
+            None => Ok(()),
+            Some(c) => Err(self.bad(format!(
+                "`{key}` holds the control character U+{:04X}: paths and command arguments may hold no control characters (escapes; in paths tabs and newlines too); write text that needs them to a file with write_file and name the file",
+                c as u32
+            ))),
+        }
     }
 }
 
@@ -437,6 +464,52 @@ mod tests {
             call("sudo", json!({})),
             Err(ToolError::Unknown("sudo".into()))
         );
+    }
+
+    #[test]
+    fn control_characters_in_paths_and_command_words_are_refused() {
+        for c in [
+            '\u{1b}', '\n', '\t', '\r', '\u{7}', '\u{7f}', '\u{9b}', '\u{85}',
+        ] {
+            let word = format!("x{c}[2J");
+            let words = [
+                ("run", json!({ "argv": ["ls", word] })),
+                ("git", json!({ "args": ["log", word] })),
+            ];
+            for (name, input) in &words {
+                let refused = matches!(call(name, input.clone()), Err(ToolError::BadInput { .. }));
+                assert_eq!(refused, !matches!(c, '\n' | '\t'), "{name} {input}");
+            }
+            for (name, input) in [
+                ("read_file", json!({ "path": word })),
+                ("write_file", json!({ "path": word, "content": "x" })),
+                ("list_dir", json!({ "path": word })),
+                ("mkdir", json!({ "path": word })),
+                ("delete", json!({ "path": word })),
+                ("move", json!({ "from": "a", "to": word })),
+                ("copy", json!({ "from": word, "to": "b" })),
+                ("search", json!({ "pattern": word })),
+                ("search", json!({ "pattern": "x", "path": word })),
+            ] {
+                let Err(ToolError::BadInput { why, .. }) = call(name, input.clone()) else {
+                    panic!("{name} {input} was not refused");
+                };
+                assert!(
+                    why.contains(&format!("U+{:04X}", c as u32)) && why.contains("control"),
+                    "{why}"
+                );
+            }
+        }
+        // A file's content is text, newlines and tabs included; other text stays as it
+        // was (not a control character: U+00A0, U+2028).
+        assert!(
+            call(
+                "write_file",
+                json!({ "path": "a", "content": "a\n\tb\u{1b}" })
+            )
+            .is_ok()
+        );
+        assert!(call("run", json!({ "argv": ["echo", "\u{a0}\u{2028}é"] })).is_ok());
     }
 
     #[test]

@@ -62,19 +62,23 @@ impl Agent {
         self.shared.may_record(caller.uid)?;
         let mut slot = self.shared.reserve(caller.uid)?;
         let config = self.shared.config();
-        let request = plan_request(&self.shared, &caller, text, cwd, &config, route).await?;
+        let (request, user_policy) =
+            plan_request(&self.shared, &caller, text, cwd, &config, route).await?;
         // A conversation it starts is its own while it runs: a `Continue` of it waits,
         // as for every later request of the conversation. (New: never held yet.)
         if let Some(conversation) = &request.conversation {
             slot.hold_conversation(conversation);
         }
-        self.admit(request, caller, owner, slot)
+        self.admit(request, user_policy, caller, owner, slot)
     }
 
     /// Put a new request on record and start it (if there is anything to run).
+    /// `user_policy` is the caller's policy file as its actions were decided with
+    /// (they are decided again with it before each one starts).
     pub(super) fn admit(
         &self,
         mut request: Request,
+        user_policy: UserPolicy,
         caller: Caller,
         owner: Option<zbus::names::UniqueName<'static>>,
         slot: super::shared::Slot,
@@ -123,6 +127,7 @@ impl Agent {
                 self.shared.clone(),
                 request.id.clone(),
                 caller,
+                user_policy,
                 rx,
                 slot,
             ));
@@ -185,7 +190,9 @@ pub(super) enum Route<'a> {
 
 /// Plan, classify and decide a request as `caller`: with the local rules, or (for
 /// what they cannot plan, or when a model was asked for) as the start of a
-/// conversation with the model, which the request's task carries on.
+/// conversation with the model, which the request's task carries on. Also the
+/// caller's policy file the actions were decided with (the default when there was
+/// none to read, or it was invalid: then nothing runs).
 async fn plan_request(
     shared: &Arc<Shared>,
     caller: &Caller,
@@ -193,7 +200,7 @@ async fn plan_request(
     cwd: PathBuf,
     config: &AgentConfig,
     route: Route<'_>,
-) -> fdo::Result<Request> {
+) -> fdo::Result<(Request, UserPolicy)> {
     let started = Instant::now();
     let mut job = PlanJob::new(caller, Some(text.to_owned()), cwd, &config.sandbox.secrets);
     if let Route::Model(_) = route {
@@ -218,6 +225,7 @@ async fn plan_request(
         Route::Model(m) => Some(m),
         Route::Auto => None,
     };
+    let mut decided_with = UserPolicy::default();
     match (reply.plan, reply.user_policy) {
         (_, Err(e)) => {
             request.state = State::Unplanned;
@@ -259,10 +267,11 @@ async fn plan_request(
                     .actions
                     .push(decider.record(i, action, risk, &cwd, Origin::LocalRules));
             }
+            decided_with = user_policy;
         }
     }
     request.plan_micros = started.elapsed().as_micros() as u64;
-    Ok(request)
+    Ok((request, decided_with))
 }
 
 /// Decides actions for one caller: policy, their remembered rules, and what this
@@ -280,16 +289,48 @@ impl<'a> Decider<'a> {
         caller: &'a Caller,
         user_policy: &'a UserPolicy,
         config: &'a AgentConfig,
-    ) -> fdo::Result<Self> {
-        let rules = lock(&shared.store)
-            .rules(Some(caller.uid))
-            .map_err(failed)?;
+    ) -> Result<Self, super::shared::ServiceError> {
+        let rules = lock(&shared.store).rules(Some(caller.uid))?;
         Ok(Decider {
             caller,
             user_policy,
             config,
             rules,
         })
+    }
+
+    /// How `action` (run in `cwd`) is decided: denied, approved without asking, or
+    /// asked.
+    pub(super) fn decide(
+        &self,
+        action: &Action,
+        risk: &crate::risk::Risk,
+        cwd: &std::path::Path,
+    ) -> Decision {
+        let caller = self.caller;
+        let subject = Subject {
+            uid: caller.uid,
+            home: &caller.home,
+            is_admin: caller.is_admin,
+            user_policy: self.user_policy,
+        };
+        let decision = approval::decide(
+            action,
+            risk,
+            cwd,
+            &self.config.policy,
+            &subject,
+            &self.rules,
+        );
+        if matches!(action, Action::PackageInstall { .. })
+            && let Some(why) = packages_refused()
+        {
+            return Decision::Denied {
+                by: "policy".into(),
+                reason: why,
+            };
+        }
+        decision
     }
 
     /// The record of action `index`, decided (or waiting to be asked).
@@ -302,28 +343,7 @@ impl<'a> Decider<'a> {
         origin: Origin,
     ) -> ActionRecord {
         let caller = self.caller;
-        let subject = Subject {
-            uid: caller.uid,
-            home: &caller.home,
-            is_admin: caller.is_admin,
-            user_policy: self.user_policy,
-        };
-        let mut decision = approval::decide(
-            &action,
-            &risk,
-            cwd,
-            &self.config.policy,
-            &subject,
-            &self.rules,
-        );
-        if matches!(action, Action::PackageInstall { .. })
-            && let Some(why) = packages_refused()
-        {
-            decision = Decision::Denied {
-                by: "policy".into(),
-                reason: why,
-            };
-        }
+        let decision = self.decide(&action, &risk, cwd);
         let as_root = approval::privileged_runs_as_root(&action) && caller.is_admin;
         ActionRecord {
             index,
@@ -435,7 +455,11 @@ impl Agent {
         let config = self.shared.config();
         let request =
             super::converse::follow_up(&self.shared, &caller, &previous, text, &config, &mut slot)?;
-        self.admit(request, caller, header.sender().map(|s| s.to_owned()), slot)
+        // (The model's actions are each decided with the policy file read when they
+        // are proposed.)
+        let user_policy = UserPolicy::default();
+        let owner = header.sender().map(|s| s.to_owned());
+        self.admit(request, user_policy, caller, owner, slot)
     }
 
     /// Model usage since `since` (`YYYY-MM-DD`; empty: the last 30 days) per day,

@@ -20,7 +20,7 @@ use crate::model::bedrock::{self, ModelError, Reply};
 use crate::model::conversation::{Block, Conversation, Role, Turn};
 use crate::model::tools::{self, Call, ContextQuery};
 use crate::model::{self, first_turn, tool_result};
-use crate::request::{ActionState, Origin, Request, RequestUsage, State};
+use crate::request::{ActionState, Decision, Origin, Request, RequestUsage, State};
 use crate::store::ModelCall;
 
 /// Between the texts of two model turns, in the answer and as streamed.
@@ -570,7 +570,7 @@ async fn tool_call(
         }
         Ok(Call::Act(action)) => action,
     };
-    let i = match propose(d, config, action).await? {
+    let i = match propose(d, action).await? {
         ControlFlow::Continue(i) => i,
         ControlFlow::Break(answer) => return Ok(ControlFlow::Continue((false, answer))),
     };
@@ -595,12 +595,15 @@ async fn tool_call(
 }
 
 /// Classify `action` as the caller, decide it, and add it to the request on record:
-/// its index, or (`Break`) what the model is told when it cannot be classified.
+/// its index, or (`Break`) what the model is told when it cannot be classified. The
+/// configuration is read now, not when the conversation began: an administrator's
+/// `ReloadConfig` (a deny rule, fewer classes auto-approved) holds for the next
+/// proposal.
 async fn propose(
     d: &mut Driver<'_>,
-    config: &AgentConfig,
     action: crate::action::Action,
 ) -> fdo::Result<ControlFlow<String, usize>> {
+    let config = d.shared.config();
     let job = PlanJob {
         classify: vec![action.clone()],
         ..PlanJob::new(d.caller, None, d.r.cwd.clone(), &config.sandbox.secrets)
@@ -611,9 +614,10 @@ async fn propose(
         return Ok(ControlFlow::Break(why.into()));
     };
     let i = d.r.actions.len();
-    let decider = Decider::new(d.shared, d.caller, &user_policy, config)?;
+    let decider = Decider::new(d.shared, d.caller, &user_policy, &config)?;
     let record = decider.record(i as u32, action, risk, &d.r.cwd, Origin::Model);
     d.r.actions.push(record);
+    d.user_policy = user_policy;
     Ok(ControlFlow::Continue(i))
 }
 
@@ -639,7 +643,14 @@ async fn carry_out(d: &mut Driver<'_>, i: usize) -> fdo::Result<ControlFlow<Stri
     } else if d.end_if_denied(i).await?.is_break() {
         "denied: the user or policy refused this action"
     } else if d.run_action(i).await?.is_break() {
-        "the request ended while this action ran"
+        // (It may have ended before it started: decided again, it was denied, or
+        // asked for again and the request cancelled.)
+        let a = &d.r.actions[i];
+        match (&a.decision, a.state) {
+            (Decision::Denied { .. }, _) => "denied: the user or policy refused this action",
+            (_, ActionState::Skipped) => "cancelled by the user",
+            _ => "the request ended while this action ran",
+        }
     } else {
         return Ok(ControlFlow::Continue(()));
     };

@@ -84,7 +84,7 @@ pub(super) async fn decide_action(
             &shared.config().policy,
         )?)
     };
-    let by = format!("{} (uid {})", caller.user, caller.uid);
+    let by = approval::by_user(&caller.user, caller.uid);
     let decision = if approve {
         Decision::Approved { by: by.clone() }
     } else {

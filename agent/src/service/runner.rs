@@ -1,6 +1,8 @@
-//! Carrying out a request: wait for each pending decision, record each action before
-//! it runs (an action that cannot be recorded does not run), run it in its sandbox,
-//! record what happened, stop at the first denial or failure.
+//! Carrying out a request: wait for each pending decision, decide each action again
+//! just before it starts (the policy or the rules may have changed since it was
+//! planned), record it before it runs (an action that cannot be recorded does not
+//! run), run it in its sandbox, record what happened, stop at the first denial or
+//! failure.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -9,10 +11,10 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use zbus::fdo;
 
-use super::agent::Agent;
+use super::agent::{Agent, Decider};
 use super::shared::{Control, ServiceError, Shared, Slot, failed, lock, now};
 use crate::caller::Caller;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, UserPolicy};
 use crate::executor;
 use crate::request::{ActionState, Decision, Request, State};
 use crate::sandbox::Spec;
@@ -21,10 +23,11 @@ pub(super) async fn run_request(
     shared: Arc<Shared>,
     id: String,
     caller: Caller,
+    user_policy: UserPolicy,
     mut control: mpsc::UnboundedReceiver<Control>,
     _slot: Slot,
 ) {
-    let outcome = drive(&shared, &id, &caller, &mut control).await;
+    let outcome = drive(&shared, &id, &caller, user_policy, &mut control).await;
     if let Err(e) = outcome {
         tracing::error!(request = %id, "request failed inside the agent: {e}");
         if let Ok(Some(mut r)) = shared.load(&id) {
@@ -99,6 +102,7 @@ async fn drive(
     shared: &Arc<Shared>,
     id: &str,
     caller: &Caller,
+    user_policy: UserPolicy,
     control: &mut mpsc::UnboundedReceiver<Control>,
 ) -> fdo::Result<()> {
     let r = shared.load(id)?.ok_or_else(|| failed("request vanished"))?;
@@ -106,6 +110,7 @@ async fn drive(
         shared,
         id,
         caller,
+        user_policy,
         control,
         r,
     };
@@ -132,8 +137,35 @@ pub(super) struct Driver<'a> {
     pub(super) shared: &'a Arc<Shared>,
     pub(super) id: &'a str,
     pub(super) caller: &'a Caller,
+    /// The caller's policy file as the actions waiting to run were decided with (the
+    /// model's: as the last one proposed was).
+    pub(super) user_policy: UserPolicy,
     pub(super) control: &'a mut mpsc::UnboundedReceiver<Control>,
     pub(super) r: Request,
+}
+
+/// What deciding an action again just before it starts came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Again {
+    /// Its decision stands: it may start.
+    Stands,
+    /// Something now denies it.
+    Denied,
+    /// It was approved without asking, and that approval no longer holds.
+    Ask,
+}
+
+impl Again {
+    /// An action approved `before` and decided `current` now: whatever denies it now
+    /// denies it; an approval that was not the user's own (`by_user`, who approved it
+    /// by `Approve`) must still hold.
+    fn of(current: &Decision, before: &Decision, by_user: &str) -> Again {
+        match (current, before) {
+            (Decision::Denied { .. }, _) => Again::Denied,
+            (Decision::Ask, Decision::Approved { by }) if by != by_user => Again::Ask,
+            _ => Again::Stands,
+        }
+    }
 }
 
 impl Driver<'_> {
@@ -215,10 +247,30 @@ impl Driver<'_> {
         Ok(ControlFlow::Continue(()))
     }
 
-    /// Record action `i` as started (it does not run unless that is on record), give
-    /// it a private directory and a cgroup, run it in its sandbox, clean up, and
-    /// record what happened.
+    /// Decide approved action `i` again (and ask for it again, or end the request,
+    /// when that changes its decision); then record it as started (it does not run
+    /// unless that is on record), give it a private directory and a cgroup, run it in
+    /// its sandbox, clean up, and record what happened.
     pub(super) async fn run_action(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
+        loop {
+            let again = match self.decide_again(i) {
+                Ok(again) => again,
+                Err(e) => return self.refuse(i, format!("{e}; nothing ran")).await,
+            };
+            match again {
+                Again::Stands => break,
+                Again::Denied => return self.end_if_denied(i).await,
+                Again::Ask => {
+                    if self.wait_for_decision(i).await?.is_break()
+                        || self.end_if_denied(i).await?.is_break()
+                    {
+                        return Ok(ControlFlow::Break(()));
+                    }
+                }
+            }
+        }
+        // (Nothing is awaited from here to the record that it started: the decision
+        // just made is the one it runs on.)
         let config = self.shared.config();
         if let Err(e) = self.audit_started(i) {
             return self.refuse(i, format!("{e}; nothing ran")).await;
@@ -255,6 +307,55 @@ impl Driver<'_> {
         .await;
         clean_up(private, cgroup).await;
         self.record_outcome(i, outcome).await
+    }
+
+    /// Decide action `i` again with the configuration and the remembered rules as they
+    /// are now: an administrator's deny rule (after `ReloadConfig`), a class no longer
+    /// auto-approved or a rule removed since the request was planned holds for it as
+    /// for a new request. Something that now denies it denies it, whoever approved
+    /// it; an approval the policy or a rule gave without asking that no longer holds
+    /// is asked for again; the user's own approval stands otherwise. A change is on
+    /// record before it counts (an error: it could not be recorded).
+    fn decide_again(&mut self, i: usize) -> Result<Again, ServiceError> {
+        let config = self.shared.config();
+        let a = &self.r.actions[i];
+        let current = Decider::new(self.shared, self.caller, &self.user_policy, &config)?.decide(
+            &a.action,
+            &a.risk,
+            &self.r.cwd,
+        );
+        let by_user = crate::approval::by_user(&self.r.user, self.r.uid);
+        let again = Again::of(&current, &a.decision, &by_user);
+        if again == Again::Stands {
+            return Ok(again);
+        }
+        self.shared.audit(
+            "action.decided",
+            Some(self.r.uid),
+            Some(self.id),
+            Some(i as u32),
+            serde_json::json!({
+                "action": a.description,
+                "origin": a.origin,
+                "risk": a.risk.class,
+                "profile": a.profile,
+                "decision": current,
+                "was": a.decision,
+                "why": "decided again before it started: the policy or the rules changed since it was planned",
+            }),
+        )?;
+        self.r.actions[i].decision = current.clone();
+        // Straight into the stored request (as `Approve` does): merging would take the
+        // old approval back.
+        let store = lock(&self.shared.store);
+        if let Some(mut stored) = store.request(self.id)?
+            && let Some(record) = stored.actions.get_mut(i)
+        {
+            record.decision = current;
+            stored.updated = now();
+            store.save_request(&stored)?;
+        }
+        Ok(again)
     }
 
     fn audit_started(&self, i: usize) -> Result<(), ServiceError> {
@@ -428,5 +529,40 @@ async fn clean_up(private: PathBuf, cgroup: Option<PathBuf>) {
     .await;
     if let Err(e) = cleaned.map_err(std::io::Error::other).and_then(|r| r) {
         tracing::warn!(dir = %dir.display(), "cannot clean up after an action: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_approval_not_the_users_own_must_still_hold_and_a_denial_always_wins() {
+        let user = crate::approval::by_user("dev", 1000);
+        let approved = |by: &str| Decision::Approved { by: by.into() };
+        let denied = Decision::Denied {
+            by: "policy deny rule".into(),
+            reason: "no".into(),
+        };
+        let by_policy = approved("policy: writes-workdir runs without asking");
+        let by_rule = approved("remembered rule 7 (exactly `mkdir x` in /p)");
+        for before in [&by_policy, &by_rule, &approved(&user)] {
+            assert_eq!(Again::of(&denied, before, &user), Again::Denied);
+            assert_eq!(Again::of(&by_policy, before, &user), Again::Stands);
+        }
+        // No longer auto-approved, or the rule is gone: asked again.
+        assert_eq!(Again::of(&Decision::Ask, &by_policy, &user), Again::Ask);
+        assert_eq!(Again::of(&Decision::Ask, &by_rule, &user), Again::Ask);
+        // The user asked and approved it: that stands.
+        assert_eq!(
+            Again::of(&Decision::Ask, &approved(&user), &user),
+            Again::Stands
+        );
+        // Another user's name is not the user's own approval.
+        let other = crate::approval::by_user("eve", 1001);
+        assert_eq!(
+            Again::of(&Decision::Ask, &approved(&other), &user),
+            Again::Ask
+        );
     }
 }

@@ -38,6 +38,8 @@ pub(super) struct Live {
 }
 
 pub struct Shared {
+    /// This agent's hold on its state directory, for as long as it runs.
+    _state_lock: StateLock,
     pub(super) config_path: PathBuf,
     config: RwLock<Arc<AgentConfig>>,
     pub(super) store: Mutex<Store>,
@@ -157,6 +159,8 @@ pub(super) enum ServiceError {
     )]
     Busy { what: &'static str, limit: u32 },
     #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
     VerifyGate(#[from] tokio::sync::AcquireError),
     #[error(transparent)]
     VerifyTask(#[from] tokio::task::JoinError),
@@ -223,7 +227,59 @@ impl Drop for Slot {
     }
 }
 
+/// The name of the lock file in the state directory.
+pub const STATE_LOCK: &str = "agent.lock";
+
+/// An exclusive `flock` on [`STATE_LOCK`] in the state directory, released when the
+/// agent exits (the kernel drops it with the process; the file is close-on-exec, so
+/// no helper or action keeps it).
+pub struct StateLock {
+    _held: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Why the state directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum StateLockError {
+    #[error(
+        "another devos-agent holds {}: only one agent may run on a state directory (a second would cancel the first one's requests and fork its audit log); stop the other agent first",
+        path.display()
+    )]
+    Held { path: PathBuf },
+    #[error("cannot lock {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StateLock {
+    /// Take the lock of `state_dir` without waiting: an agent already running on it
+    /// is an error, before anything of the directory is opened.
+    pub fn take(state_dir: &Path) -> Result<StateLock, StateLockError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = state_dir.join(STATE_LOCK);
+        let io = |source| StateLockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(held) => Ok(StateLock { _held: held }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(StateLockError::Held { path }),
+            Err((_, e)) => Err(io(e.into())),
+        }
+    }
+}
+
 impl Shared {
+    /// Open the agent's state: lock the state directory first (a second agent on it
+    /// stops here, having changed nothing), then the store and the audit log.
     pub fn open(config_path: &Path, config: AgentConfig) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context;
         std::fs::create_dir_all(&config.state_dir).with_context(|| {
@@ -232,6 +288,7 @@ impl Shared {
                 config.state_dir.display()
             )
         })?;
+        let state_lock = StateLock::take(&config.state_dir)?;
         let mut store = Store::open(&config.state_dir.join("state.db"))?;
         let cancelled = store.recover(&now())?;
         let mut audit = AuditLog::open(&config.state_dir.join("audit"), &config.audit)?;
@@ -260,6 +317,7 @@ impl Shared {
             }),
         )?;
         Ok(Arc::new(Shared {
+            _state_lock: state_lock,
             config_path: config_path.to_path_buf(),
             config: RwLock::new(Arc::new(config)),
             store: Mutex::new(store),
@@ -551,6 +609,27 @@ pub(super) async fn caller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_agent_at_a_time_holds_a_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateLock::take(dir.path()).unwrap();
+        // (A second open of the file is a second holder, as another process would be.)
+        let second = StateLock::take(dir.path()).err().unwrap();
+        assert!(
+            matches!(&second, StateLockError::Held { path } if *path == dir.path().join(STATE_LOCK)),
+            "{second:?}"
+        );
+        let message = second.to_string();
+        assert!(
+            message.contains(&dir.path().join("agent.lock").display().to_string())
+                && message.contains("another devos-agent"),
+            "{message}"
+        );
+        // It is free again once the first lets go.
+        drop(first);
+        StateLock::take(dir.path()).unwrap();
+    }
 
     #[test]
     fn a_user_has_so_many_calls_at_once_and_root_any_number() {
