@@ -70,6 +70,19 @@ impl Action {
         }
     }
 
+    /// sha256 (hex) of the action's canonical serialisation: its serde JSON, as the
+    /// store keeps it inside the request. The JSON is deterministic for these types —
+    /// enum variants and struct fields in declaration order, no maps, no floats — so
+    /// the same action always gives the same digest, and any other (a write whose
+    /// content differs past what [`Action::describe`] shows) a different one. `None`
+    /// only for an action serde cannot write (a path that is not UTF-8; nothing that
+    /// reaches the agent over D-Bus is one).
+    pub fn sha256(&self) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        let json = serde_json::to_vec(self).ok()?;
+        Some(hex::encode(Sha256::digest(json)))
+    }
+
     /// A one-line description for prompts, history and the audit log.
     ///
     /// (A write shows the first [`WRITE_PREVIEW`] bytes of what it writes.)

@@ -61,7 +61,7 @@ pub fn decide(
     }
     if let Some(rule) = rules
         .iter()
-        .find(|r| !r.allow && rule_matches(r, action, risk, cwd))
+        .find(|r| remembered_deny_matches(r, action, risk, cwd, subject.home))
     {
         return Decision::Denied {
             by: format!("remembered rule {}", rule.id),
@@ -397,10 +397,50 @@ pub fn rule_matches(rule: &Rule, action: &Action, risk: &Risk, cwd: &Path) -> bo
             _ => false,
         },
     };
-    let path_ok = rule.path_prefix.as_ref().is_none_or(|prefix| {
-        cwd.starts_with(prefix) && risk.paths.iter().all(|p| p.starts_with(prefix))
-    });
+    let path_ok = rule
+        .path_prefix
+        .as_ref()
+        .is_none_or(|prefix| all_under(prefix, risk, cwd));
     command_ok && path_ok && (!rule.allow || reaches_no_more())
+}
+
+/// Whether `cwd` and every path the action names are at or below `prefix` (a
+/// remembered rule's path scope).
+fn all_under(prefix: &Path, risk: &Risk, cwd: &Path) -> bool {
+    cwd.starts_with(prefix) && risk.paths.iter().all(|p| p.starts_with(prefix))
+}
+
+/// Whether a remembered deny rule covers an action: where [`rule_matches`] says so,
+/// and also where its command prefix matches the way the policy's deny rules compare
+/// commands ([`deny_matches`]: normalised, options in any order and spelling, git's
+/// global options and runners like `env` in front), so that `git --no-pager commit`
+/// does not get past a rule on `git commit`. Only deny rules: an allow rule matched
+/// this loosely would approve more than the user approved.
+fn remembered_deny_matches(
+    rule: &Rule,
+    action: &Action,
+    risk: &Risk,
+    cwd: &Path,
+    home: &Path,
+) -> bool {
+    if rule.allow {
+        return false;
+    }
+    if rule_matches(rule, action, risk, cwd) {
+        return true;
+    }
+    if rule.exact.is_some() || rule.command_prefix.is_empty() {
+        return false;
+    }
+    let command = DenyRule {
+        command_prefix: rule.command_prefix.clone(),
+        path_prefix: None,
+        reason: None,
+    };
+    rule.path_prefix
+        .as_ref()
+        .is_none_or(|prefix| all_under(prefix, risk, cwd))
+        && deny_matches(&command, action, risk, cwd, home, true)
 }
 
 pub fn describe_rule(rule: &Rule) -> String {
@@ -659,6 +699,93 @@ mod tests {
             decide(&action, &risk, &real_home, &policy, &subject, &[]),
             Decision::Denied { .. }
         ));
+    }
+
+    #[test]
+    fn a_remembered_deny_rule_holds_whatever_global_options_come_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = &std::fs::canonicalize(dir.path()).unwrap();
+        let git = std::process::Command::new("git")
+            .args(["init", "--quiet"])
+            .current_dir(cwd)
+            .status()
+            .unwrap();
+        assert!(git.success());
+        // Commits run without asking: they write only the working directory.
+        let user = UserPolicy {
+            auto_approve: vec![RiskClass::WritesWorkdir],
+            deny: Vec::new(),
+        };
+        let commit = ["git", "commit", "-m", "x"];
+        let spelled_otherwise: [&[&str]; 4] = [
+            &["git", "--no-pager", "commit", "-m", "x"],
+            &["git", "-P", "commit", "-m", "x"],
+            &[
+                "git",
+                "--no-optional-locks",
+                "--no-pager",
+                "commit",
+                "-m",
+                "x",
+            ],
+            &["git", "commit", "--message=x"],
+        ];
+        assert!(approved(&decide_argv(&commit, cwd, &[], &user)));
+        for argv in spelled_otherwise {
+            assert!(approved(&decide_argv(argv, cwd, &[], &user)), "{argv:?}");
+        }
+        let deny = [rule(1, false, &["git", "commit"], None, RiskClass::Unknown)];
+        for argv in std::iter::once(&commit[..]).chain(spelled_otherwise) {
+            assert_eq!(
+                decide_argv(argv, cwd, &deny, &user),
+                Decision::Denied {
+                    by: "remembered rule 1".into(),
+                    reason: "you chose to always deny this".into(),
+                },
+                "{argv:?}"
+            );
+        }
+        // Other git commands are not its business.
+        assert!(approved(&decide_argv(
+            &["git", "status"],
+            cwd,
+            &deny,
+            &user
+        )));
+        // A deny rule scoped to a directory still holds only there.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let scoped = [rule(
+            2,
+            false,
+            &["git", "commit"],
+            Some(elsewhere.path()),
+            RiskClass::Unknown,
+        )];
+        assert!(approved(&decide_argv(
+            spelled_otherwise[0],
+            cwd,
+            &scoped,
+            &user
+        )));
+
+        // An allow rule is matched no more loosely than before: what it names, as
+        // spelled, from the start of the argv.
+        let none = UserPolicy::default();
+        let allow = [rule(
+            3,
+            true,
+            &["git", "commit"],
+            None,
+            RiskClass::WritesWorkdir,
+        )];
+        assert!(approved(&decide_argv(&commit, cwd, &allow, &none)));
+        for argv in &spelled_otherwise[..3] {
+            assert_eq!(
+                decide_argv(argv, cwd, &allow, &none),
+                Decision::Ask,
+                "{argv:?}"
+            );
+        }
     }
 
     #[test]

@@ -295,6 +295,7 @@ impl Anchors {
         Ok(())
     }
 
+    /// Make every anchor written so far durable.
     fn sync(&self) -> Result<(), AuditError> {
         self.file.sync_data().map_err(io(&self.path))
     }
@@ -324,6 +325,12 @@ pub struct AuditLog {
     /// Bytes of the entries each user's events took today (UTC), and which day that
     /// is.
     written: (String, HashMap<u32, u64>),
+    /// The last entry known to be on disk (synced with its anchor): up to the last
+    /// checkpoint or durable append.
+    durable: u64,
+    /// Whether the current log file was created since the log directory was last
+    /// synced (its name is not durable until then).
+    new_file: bool,
 }
 
 fn log_name(index: u32) -> String {
@@ -494,6 +501,7 @@ impl AuditLog {
         }
         let today = now()[..10].to_owned();
         let (seq, last_hash, written) = read_tail(&files, &today)?;
+        let new_file = !path.exists();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -528,6 +536,8 @@ impl AuditLog {
             last_checkpoint,
             checkpoints: checkpoints.len() as u64,
             written: (today, written),
+            durable: 0,
+            new_file,
         };
         if !cuts.is_empty() {
             log.append(
@@ -576,7 +586,54 @@ impl AuditLog {
         &self.dir
     }
 
-    /// Append one entry; returns its sequence number.
+    /// Append one entry and make it durable before returning: the log file (with
+    /// every entry before it) and the anchor file are synced to disk, and so is the
+    /// log directory when the file is new. For entries that must survive a power loss
+    /// once the caller acts on them — an action about to start (a `git push` that ran
+    /// cannot be taken back), a decision, a remembered rule: without the sync, such an
+    /// entry and its anchor can both vanish, and the next entries reuse their sequence
+    /// numbers with nothing to tell. Each call costs two or three fsyncs (milliseconds
+    /// on a disk), so other entries use [`AuditLog::append`] and are synced in
+    /// batches, at each checkpoint, or by the next durable append.
+    pub fn append_durable(
+        &mut self,
+        event: &str,
+        uid: Option<u32>,
+        request: Option<&str>,
+        action: Option<u32>,
+        detail: serde_json::Value,
+    ) -> Result<u64, AuditError> {
+        let seq = self.append(event, uid, request, action, detail)?;
+        self.sync()?;
+        Ok(seq)
+    }
+
+    /// Make every entry appended so far durable, with its anchor: the log file first
+    /// (an anchor on disk for an entry that is not would read as entries dropped).
+    fn sync(&mut self) -> Result<(), AuditError> {
+        if self.durable == self.seq && !self.new_file {
+            return Ok(());
+        }
+        let log = self.dir.join(log_name(self.file_index));
+        self.file.sync_data().map_err(io(&log))?;
+        if self.new_file {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir))?;
+            self.new_file = false;
+        }
+        self.anchors.sync()?;
+        self.durable = self.seq;
+        Ok(())
+    }
+
+    /// The last entry known to be on disk with its anchor.
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// Append one entry; returns its sequence number. It is written but not synced
+    /// (see [`AuditLog::append_durable`]).
     pub fn append(
         &mut self,
         event: &str,
@@ -643,9 +700,7 @@ impl AuditLog {
         if self.seq == 0 {
             return Ok(());
         }
-        let log = self.dir.join(log_name(self.file_index));
-        self.file.sync_data().map_err(io(&log))?;
-        self.anchors.sync()?;
+        self.sync()?;
         let mut cp = Checkpoint {
             seq: self.seq,
             hash: self.last_hash.clone(),
@@ -689,6 +744,7 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
+        self.new_file = true;
         self.size = 0;
         Ok(())
     }

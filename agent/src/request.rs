@@ -102,6 +102,31 @@ pub struct ActionRecord {
     pub origin: Origin,
 }
 
+impl ActionRecord {
+    /// The `detail` of an audit entry about this action: `more` (an object), with
+    /// what says which action it is — `action`, its description (for a person to
+    /// read; a write's is only its size and first bytes), `action-sha256`, the digest
+    /// of the action itself ([`Action::sha256`]: two actions a description cannot
+    /// tell apart differ here, and the action kept in the store can be checked
+    /// against it), and `program`, the program it runs as classification resolved
+    /// it (its canonical path), where it runs one.
+    pub fn audit_detail(&self, more: serde_json::Value) -> serde_json::Value {
+        let mut detail = serde_json::Map::new();
+        if let serde_json::Value::Object(more) = more {
+            detail.extend(more);
+        }
+        detail.insert("action".into(), self.description.clone().into());
+        detail.insert("action-sha256".into(), self.action.sha256().into());
+        if let Some(program) = &self.risk.program {
+            detail.insert(
+                "program".into(),
+                program.to_string_lossy().into_owned().into(),
+            );
+        }
+        detail.into()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Request {
@@ -306,4 +331,108 @@ impl Rule {
 pub struct Exact {
     pub action: Action,
     pub cwd: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::risk::{Scope, classify};
+
+    fn record(action: Action, cwd: &Path) -> ActionRecord {
+        let scope = Scope {
+            cwd,
+            home: Path::new("/nonexistent"),
+            uid: 0,
+            secrets: &[],
+        };
+        ActionRecord {
+            index: 0,
+            description: action.describe(),
+            risk: classify(&action, &scope),
+            action,
+            decision: Decision::Ask,
+            state: ActionState::Pending,
+            exit_code: None,
+            output: String::new(),
+            output_truncated: false,
+            error: None,
+            profile: String::new(),
+            sandbox: None,
+            origin: Origin::default(),
+        }
+    }
+
+    #[test]
+    fn an_audit_entry_tells_apart_actions_their_descriptions_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = &std::fs::canonicalize(dir.path()).unwrap();
+        // Two writes of the same size to the same file, alike in what a description
+        // shows of them.
+        let head = "# notes\n".repeat(crate::action::WRITE_PREVIEW);
+        let write = |tail: &str| {
+            let content = format!("{head}{tail}");
+            record(
+                Action::Write {
+                    path: cwd.join("notes.md"),
+                    content,
+                },
+                cwd,
+            )
+        };
+        let (harmless, hostile) = (write("ok. \n"), write("rm /\n"));
+        assert_eq!(harmless.description, hostile.description);
+        let more = serde_json::json!({ "profile": "writes the working directory" });
+        let (a, b) = (
+            harmless.audit_detail(more.clone()),
+            hostile.audit_detail(more),
+        );
+        assert_eq!(a["action"], b["action"]);
+        assert_ne!(a["action-sha256"], b["action-sha256"], "{a} {b}");
+        assert_eq!(a["profile"], "writes the working directory");
+        assert!(a.get("program").is_none(), "{a}");
+
+        // The digest is of the action exactly as the store keeps it.
+        let path = dir.path().join("state.db");
+        let store = crate::store::Store::open(&path).unwrap();
+        let mut r = Request::new(
+            "r1".into(),
+            1000,
+            "dev".into(),
+            "write notes".into(),
+            cwd.clone(),
+            "2026-01-01T00:00:00Z".into(),
+        );
+        r.actions = vec![harmless.clone()];
+        store.save_request(&r).unwrap();
+        let body: String = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT body FROM requests WHERE id = 'r1'", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        let stored = serde_json::to_string(&harmless.action).unwrap();
+        assert!(body.contains(&stored), "{body}");
+        assert_eq!(a["action-sha256"], hex::encode(Sha256::digest(&stored)));
+        let read_back = store.request("r1").unwrap().unwrap();
+        assert_eq!(
+            read_back.actions[0].action.sha256().as_deref(),
+            a["action-sha256"].as_str()
+        );
+
+        // A program it runs is named as classification resolved it.
+        let ls = record(
+            Action::Run {
+                argv: vec!["ls".into(), "-l".into()],
+            },
+            cwd,
+        );
+        let program = ls.risk.program.clone().expect("ls is installed");
+        let detail = ls.audit_detail(serde_json::json!({}));
+        assert_eq!(detail["program"], program.to_string_lossy().as_ref());
+        assert_eq!(detail["action"], "ls -l");
+    }
 }

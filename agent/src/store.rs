@@ -277,6 +277,27 @@ impl Store {
         Ok(out)
     }
 
+    /// Add `rule` only once `record` has put it on record (given the rule with its
+    /// id): it is inserted in a transaction, `record` runs inside it, and the
+    /// transaction is committed when `record` succeeds and rolled back when it fails.
+    /// Until the commit no one sees the rule — not another connection, nor a caller
+    /// of this one, which the agent keeps behind a lock held across the call — so a
+    /// rule never exists before its record; a crash between the two leaves a record
+    /// of a rule that was never added (the safe way round), never the reverse.
+    pub fn add_rule_recorded<E: From<StoreError>>(
+        &self,
+        rule: &Rule,
+        record: impl FnOnce(&Rule) -> Result<(), E>,
+    ) -> Result<Rule, E> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        let rule = self.add_rule(rule)?;
+        // (Dropping `tx` without a commit rolls the insert back.)
+        record(&rule)?;
+        tx.commit().map_err(self.err())?;
+        Ok(rule)
+    }
+
+    /// Add `rule` as it is (see [`Store::add_rule_recorded`] for the agent's way).
     pub fn add_rule(&self, rule: &Rule) -> Result<Rule, StoreError> {
         self.conn
             .execute(
@@ -652,6 +673,60 @@ mod tests {
         // Opening again keeps the index (and does not fail on it).
         drop(store);
         Store::open(&dir.path().join("state.db")).unwrap();
+    }
+
+    #[test]
+    fn a_rule_exists_only_once_its_record_is_written() {
+        /// Why a test's record failed, or the store's error.
+        #[derive(Debug)]
+        enum Recording {
+            NotRecorded,
+            Store(#[allow(dead_code)] StoreError),
+        }
+        impl From<StoreError> for Recording {
+            fn from(e: StoreError) -> Self {
+                Recording::Store(e)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).unwrap();
+        // Another reader of the store (as another agent's `Decider` would read it).
+        let other = Connection::open(&path).unwrap();
+        let seen = || -> i64 {
+            other
+                .query_row("SELECT count(*) FROM rules", [], |r| r.get(0))
+                .unwrap()
+        };
+        let rule = Rule::new(
+            1000,
+            true,
+            Remember::Always,
+            vec!["git".into(), "commit".into()],
+            None,
+            "t".into(),
+        );
+        // A record that cannot be written: no rule, then or after.
+        let failed = store.add_rule_recorded(&rule, |r| {
+            assert!(r.id > 0);
+            assert_eq!(seen(), 0, "the rule exists before its record");
+            Err(Recording::NotRecorded)
+        });
+        assert!(matches!(failed, Err(Recording::NotRecorded)), "{failed:?}");
+        assert_eq!(seen(), 0);
+        assert!(store.rules(None).unwrap().is_empty());
+        // A record written: the rule it names (with its id) exists after it.
+        let mut recorded = None;
+        let added = store
+            .add_rule_recorded(&rule, |r| {
+                assert_eq!(seen(), 0, "the rule exists before its record");
+                recorded = Some(r.clone());
+                Ok::<_, Recording>(())
+            })
+            .unwrap();
+        assert_eq!(recorded.as_ref(), Some(&added));
+        assert_eq!(seen(), 1);
+        assert_eq!(store.rules(None).unwrap(), vec![added]);
     }
 
     #[test]

@@ -519,15 +519,7 @@ fn a_users_own_policy_applies_only_within_what_the_admin_allows() {
     let carol = User::ensure("devos-carol");
     let project = carol.project();
     let cwd = project.path();
-    let config_dir = carol.home.join(".config/devos");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    for d in [carol.home.join(".config"), config_dir.clone()] {
-        std::os::unix::fs::chown(&d, Some(carol.uid), Some(carol.uid)).unwrap();
-    }
-    let policy = config_dir.join("agent.toml");
-    let _ = std::fs::remove_file(&policy);
-    carol.write(
-        &policy,
+    let policy = carol.write_policy(
         "auto-approve = ['writes-workdir', 'destructive']\n[[deny]]\ncommand-prefix = ['git', 'status']\n",
     );
     // Users may auto-approve writes-workdir for themselves; destructive is not theirs to.

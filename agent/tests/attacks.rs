@@ -352,16 +352,8 @@ fn exec_options_and_repository_programs_ask_where_writes_are_auto_approved() {
     let agent = Daemon::start();
     // A user of her own: her policy must not reach the other tests.
     let eve = attacker("devos-trudy");
-    let config_dir = eve.home.join(".config/devos");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    for d in [eve.home.join(".config"), config_dir.clone()] {
-        std::os::unix::fs::chown(&d, Some(eve.uid), Some(eve.uid)).unwrap();
-    }
     // Eve lets writes in her working directory run without asking.
-    eve.write(
-        &config_dir.join("agent.toml"),
-        "auto-approve = ['writes-workdir']\n",
-    );
+    eve.write_policy("auto-approve = ['writes-workdir']\n");
     let marks = Marks::new();
     let m = marks.path();
     let project = repo(&eve);
@@ -2994,4 +2986,61 @@ fn an_approval_given_without_asking_is_asked_again_when_it_no_longer_holds() {
     assert_eq!(commits(), 2, "the commit ran on a removed rule");
     agent.approve_and_wait(&eve, cwd, &id, "done");
     assert_eq!(commits(), 3);
+}
+
+/// A remembered deny rule on `git commit` holds however git is told to commit — with
+/// a global option in front too — where commits otherwise run without asking. Was a
+/// finding: a remembered deny rule matched only an argv that started with its words,
+/// so `git --no-pager commit` got past it and, auto-approved, ran.
+#[test]
+fn a_remembered_deny_rule_holds_whatever_global_options_come_first() {
+    let agent = Daemon::start();
+    // A user of her own: her policy must not reach the other tests.
+    let eve = attacker("devos-dora");
+    // She lets writes in her working directory (commits among them) run unasked...
+    eve.write_policy("auto-approve = ['writes-workdir']\n");
+    let project = repo(&eve);
+    let cwd = project.path();
+    let commits = || {
+        let out = sh(&eve, cwd, "git log --oneline | wc -l");
+        stdout(&out).trim().parse::<u32>().unwrap()
+    };
+    let (asked, r) = submit(&agent, &eve, cwd, "run: git --no-pager commit -a -m one");
+    assert!(!asked && r["state"] == "done", "{r}");
+    assert_eq!(commits(), 2);
+    // ...but never a commit, she says.
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &[
+            "rules",
+            "add",
+            "deny",
+            "--lifetime",
+            "always",
+            "--command-prefix",
+            "git",
+            "commit",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    eve.write(&cwd.join("file.txt"), "three\n");
+    for text in [
+        "run: git commit -a -m two",
+        "run: git --no-pager commit -a -m two",
+        "run: git -P commit -a -m two",
+        "run: git --no-optional-locks --no-pager commit -a -m two",
+    ] {
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(!asked, "{text}: asked instead of refusing: {r}");
+        assert_eq!(r["state"], "denied", "{text}: {r}");
+        let by = r["actions"][0]["decision"]["by"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(by.starts_with("remembered rule"), "{text}: {r}");
+    }
+    assert_eq!(commits(), 2, "a commit ran past the deny rule");
+    // Other git commands still run.
+    let (asked, r) = submit(&agent, &eve, cwd, "run: git --no-pager status");
+    assert!(!asked && r["state"] == "done", "{r}");
 }

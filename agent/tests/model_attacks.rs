@@ -1713,3 +1713,65 @@ fn secrets_a_model_never_reaches_secret_locations_unasked() {
     );
     assert!(!cwd.join("loot").exists());
 }
+
+/// Two writes the model proposes to the same file, of the same size and alike in
+/// their first bytes, read the same in their descriptions; their audit entries must
+/// still tell them apart, by a digest of each action that the action kept in the
+/// store can be checked against. Was a finding: entries held only the description,
+/// and the content lived only in the store, which is pruned.
+#[test]
+fn audit_integrity_writes_alike_in_their_description_differ_in_their_entries() {
+    use sha2::{Digest, Sha256};
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let user = User::ensure("devos-ma-audit");
+    let project = user.project();
+    let cwd = project.path();
+    let head = "# notes\n".repeat(20);
+    standin.push(Reply::tools(vec![
+        ToolCall::new(
+            "write_file",
+            json!({ "path": "notes.md", "content": format!("{head}keep all\n") }),
+        ),
+        ToolCall::new(
+            "write_file",
+            json!({ "path": "notes.md", "content": format!("{head}rm -rf ~\n") }),
+        ),
+    ]));
+    standin.push(Reply::text("written"));
+    let id = submit(&agent, &user, cwd, "write my notes twice");
+    let r = approve_everything(&agent, &user, cwd, &id);
+    assert_eq!(r["state"], "done", "{r}");
+    let actions = r["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 2, "{r}");
+    assert_eq!(actions[0]["description"], actions[1]["description"], "{r}");
+
+    let log = std::fs::read_to_string(agent.state().join("audit/log-000001.jsonl")).unwrap();
+    let entries: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &Value| e["request"] == id.as_str())
+        .collect();
+    let mut digests = Vec::new();
+    for (index, action) in actions.iter().enumerate() {
+        // The action as the store keeps it, serialised as the agent does.
+        let stored: devos_agent::action::Action =
+            serde_json::from_value(action["action"].clone()).unwrap();
+        let digest = hex::encode(Sha256::digest(serde_json::to_vec(&stored).unwrap()));
+        for event in [
+            "action.proposed",
+            "action.decided",
+            "action.started",
+            "action.finished",
+        ] {
+            let entry = entries
+                .iter()
+                .find(|e| e["event"] == event && e["action"] == index)
+                .unwrap_or_else(|| panic!("no {event} for action {index}: {entries:?}"));
+            assert_eq!(entry["detail"]["action-sha256"], digest.as_str(), "{entry}");
+            assert_eq!(entry["detail"]["action"], action["description"]);
+        }
+        digests.push(digest);
+    }
+    assert_ne!(digests[0], digests[1]);
+}

@@ -727,3 +727,40 @@ fn a_line_cut_short_before_the_end_is_still_tampering() {
         "{bad:?}"
     );
 }
+
+#[test]
+fn a_durable_append_is_on_disk_when_it_returns_and_others_wait_for_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    let detail = || serde_json::json!({});
+    log.append("request.submitted", Some(1000), Some("r1"), None, detail())
+        .unwrap();
+    assert_eq!(log.durable(), 0, "an ordinary append is not synced");
+    let started = log
+        .append_durable("action.started", Some(1000), Some("r1"), Some(0), detail())
+        .unwrap();
+    assert_eq!(started, 2);
+    assert_eq!(
+        log.durable(),
+        2,
+        "a durable append is synced, with all before it"
+    );
+    // (As a reader opening the file sees it.)
+    let last: Entry = serde_json::from_str(lines(dir.path()).last().unwrap()).unwrap();
+    assert_eq!((last.seq, last.event.as_str()), (2, "action.started"));
+    log.append("action.finished", Some(1000), Some("r1"), Some(0), detail())
+        .unwrap();
+    assert_eq!(log.durable(), 2);
+    // The checkpoint (every 4 entries) syncs what came before it.
+    log.append("request.finished", Some(1000), Some("r1"), None, detail())
+        .unwrap();
+    assert_eq!(log.durable(), 4);
+    // In a new file after a rotation too.
+    log.rotate().unwrap();
+    log.append_durable("rule.added", Some(1000), None, None, detail())
+        .unwrap();
+    assert_eq!(log.durable(), 5);
+    assert!(!log.new_file, "the new file's name was not synced");
+    drop(log);
+    assert!(verify(dir.path()).unwrap().ok);
+}

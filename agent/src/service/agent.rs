@@ -378,14 +378,13 @@ pub(super) fn audit_decided(
                 Some(r.uid),
                 Some(&r.id),
                 Some(a.index),
-                serde_json::json!({
-                    "action": a.description,
+                a.audit_detail(serde_json::json!({
                     "origin": a.origin,
                     "risk": a.risk.class,
                     "reasons": a.risk.reasons,
                     "profile": a.profile,
                     "decision": a.decision,
-                }),
+                })),
             )
         })
 }

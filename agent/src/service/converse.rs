@@ -629,7 +629,7 @@ async fn carry_out(d: &mut Driver<'_>, i: usize) -> fdo::Result<ControlFlow<Stri
         Some(d.r.uid),
         Some(d.id),
         Some(i as u32),
-        serde_json::json!({ "action": d.r.actions[i].description, "origin": "model" }),
+        d.r.actions[i].audit_detail(serde_json::json!({ "origin": "model" })),
     );
     if let Err(e) = proposed.and_then(|()| audit_decided(d.shared, &d.r, &d.r.actions[i..])) {
         let _ended = d.refuse(i, format!("{e}; nothing ran")).await?;

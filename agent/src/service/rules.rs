@@ -93,14 +93,13 @@ pub(super) async fn decide_action(
             reason: "denied by the user".into(),
         }
     };
-    let audited = serde_json::json!({
-        "action": record.description,
+    let audited = record.audit_detail(serde_json::json!({
         "risk": record.risk.class,
         "profile": record.profile,
         "decision": if approve { "approved" } else { "denied" },
         "by": by,
         "remember": remember,
-    });
+    }));
     if let Some(rule) = &rule {
         shared.may_record(caller.uid)?;
         within_bounds(&lock(&shared.store), rule)?;
@@ -172,7 +171,8 @@ fn record_decision(
             "action {index} of request {id} is no longer waiting for a decision"
         )));
     }
-    shared.audit(
+    // Durable: the action may start as soon as the decision is stored.
+    shared.audit_durable(
         "action.decided",
         Some(caller.uid),
         Some(id),
@@ -185,7 +185,11 @@ fn record_decision(
     Ok(())
 }
 
-/// Record a rule, audited first: a rule that is not on record does not exist.
+/// Record a rule, audited first: a rule that is not on record does not exist. Its
+/// `rule.added` entry (durable: the rule may approve an action as soon as it exists)
+/// is written inside the transaction that adds it, which is committed only after the
+/// entry is on disk and rolled back when it cannot be written; the store stays locked
+/// throughout, so no decision sees the rule before its entry.
 fn store_rule(
     agent: &Agent,
     caller: &Caller,
@@ -194,26 +198,17 @@ fn store_rule(
     action: Option<u32>,
 ) -> fdo::Result<i64> {
     let shared = &agent.shared;
-    let rule = {
-        let store = lock(&shared.store);
-        within_bounds(&store, rule)?;
-        store.add_rule(rule).map_err(failed)?
-    };
-    if let Err(e) = shared.audit(
-        "rule.added",
-        Some(caller.uid),
-        request,
-        action,
-        to_value(&rule),
-    ) {
-        if let Err(undo) = lock(&shared.store).remove_rule(rule.id) {
-            tracing::error!(
-                rule = rule.id,
-                "a rule that is not on record stays in the store: {undo}"
-            );
-        }
-        return Err(e.into());
-    }
+    let store = lock(&shared.store);
+    within_bounds(&store, rule)?;
+    let rule = store.add_rule_recorded(rule, |rule| {
+        shared.audit_durable(
+            "rule.added",
+            Some(caller.uid),
+            request,
+            action,
+            to_value(rule),
+        )
+    })?;
     Ok(rule.id)
 }
 

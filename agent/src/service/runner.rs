@@ -93,7 +93,7 @@ async fn refuse(shared: &Shared, r: &mut Request, i: usize, why: String) -> fdo:
         Some(r.uid),
         Some(&r.id),
         Some(i as u32),
-        serde_json::json!({ "reason": why }),
+        r.actions[i].audit_detail(serde_json::json!({ "reason": why })),
     );
     set_state(shared, r, State::Failed).await
 }
@@ -329,20 +329,19 @@ impl Driver<'_> {
         if again == Again::Stands {
             return Ok(again);
         }
-        self.shared.audit(
+        self.shared.audit_durable(
             "action.decided",
             Some(self.r.uid),
             Some(self.id),
             Some(i as u32),
-            serde_json::json!({
-                "action": a.description,
+            a.audit_detail(serde_json::json!({
                 "origin": a.origin,
                 "risk": a.risk.class,
                 "profile": a.profile,
                 "decision": current,
                 "was": a.decision,
                 "why": "decided again before it started: the policy or the rules changed since it was planned",
-            }),
+            })),
         )?;
         self.r.actions[i].decision = current.clone();
         // Straight into the stored request (as `Approve` does): merging would take the
@@ -358,18 +357,19 @@ impl Driver<'_> {
         Ok(again)
     }
 
+    /// Put action `i` on record as started, durably: what it does (a `git push`)
+    /// cannot be taken back, so its entry must outlast a power loss right after.
     fn audit_started(&self, i: usize) -> Result<(), ServiceError> {
         let a = &self.r.actions[i];
-        self.shared.audit(
+        self.shared.audit_durable(
             "action.started",
             Some(self.r.uid),
             Some(self.id),
             Some(i as u32),
-            serde_json::json!({
-                "action": a.description,
+            a.audit_detail(serde_json::json!({
                 "risk": a.risk.class,
                 "profile": a.profile,
-            }),
+            })),
         )
     }
 
@@ -402,13 +402,12 @@ impl Driver<'_> {
             Some(self.r.uid),
             Some(self.id),
             Some(i as u32),
-            serde_json::json!({
-                "action": a.description,
+            a.audit_detail(serde_json::json!({
                 "exit-code": a.exit_code,
                 "error": a.error,
                 "sandbox": a.sandbox,
                 "output-sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(a.output.as_bytes())),
-            }),
+            })),
         );
         let cancelled = outcome.error.as_deref() == Some("cancelled");
         let model_is_told = self.r.conversation.is_some() && !cancelled;

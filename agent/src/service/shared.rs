@@ -277,6 +277,14 @@ impl StateLock {
     }
 }
 
+/// An append's result as the service reports it (a failure is logged).
+fn recorded(appended: Result<u64, AuditError>) -> Result<(), ServiceError> {
+    appended.map(|_| ()).map_err(|e| {
+        tracing::error!("audit log write failed: {e}");
+        ServiceError::NotRecorded(e)
+    })
+}
+
 impl Shared {
     /// Open the agent's state: lock the state directory first (a second agent on it
     /// stops here, having changed nothing), then the store and the audit log.
@@ -362,13 +370,24 @@ impl Shared {
         action: Option<u32>,
         detail: serde_json::Value,
     ) -> Result<(), ServiceError> {
-        lock(&self.audit)
-            .append(event, uid, request, action, detail)
-            .map(|_| ())
-            .map_err(|e| {
-                tracing::error!("audit log write failed: {e}");
-                ServiceError::NotRecorded(e)
-            })
+        let appended = lock(&self.audit).append(event, uid, request, action, detail);
+        recorded(appended)
+    }
+
+    /// Append an audit entry and make it durable (synced to disk, with its anchor)
+    /// before returning: for what must still be on record after a power loss once it
+    /// counts — an action starting, a decision, a remembered rule. It costs fsyncs;
+    /// other entries use [`Shared::audit`] (see [`AuditLog::append_durable`]).
+    pub(super) fn audit_durable(
+        &self,
+        event: &str,
+        uid: Option<u32>,
+        request: Option<&str>,
+        action: Option<u32>,
+        detail: serde_json::Value,
+    ) -> Result<(), ServiceError> {
+        let appended = lock(&self.audit).append_durable(event, uid, request, action, detail);
+        recorded(appended)
     }
 
     /// Whether what `uid` asks for may add to the audit log: not when the log's disk

@@ -297,6 +297,20 @@ impl User {
         std::fs::write(path, content).unwrap();
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.uid)).unwrap();
     }
+
+    /// Write the user's own policy file (`~/.config/devos/agent.toml`, the user's own
+    /// directories and file, as a user makes them); its path.
+    pub fn write_policy(&self, text: &str) -> PathBuf {
+        let config_dir = self.home.join(".config/devos");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        for d in [self.home.join(".config"), config_dir.clone()] {
+            std::os::unix::fs::chown(&d, Some(self.uid), Some(self.uid)).unwrap();
+        }
+        let policy = config_dir.join("agent.toml");
+        let _ = std::fs::remove_file(&policy);
+        self.write(&policy, text);
+        policy
+    }
 }
 
 pub fn stdout(o: &Output) -> String {
