@@ -831,20 +831,23 @@ async fn decide(
     args: DecideArgs,
     approve: bool,
 ) -> anyhow::Result<ExitCode> {
+    let r: Request = serde_json::from_str(&agent.get(&args.id).await.map_err(agent_error)?)?;
     let index = match args.action {
         Some(i) => i,
-        None => {
-            let r: Request =
-                serde_json::from_str(&agent.get(&args.id).await.map_err(agent_error)?)?;
-            r.actions
-                .iter()
-                .find(|a| a.decision == Decision::Ask)
-                .map(|a| a.index)
-                .with_context(|| {
-                    format!("request {} has no action waiting for a decision", args.id)
-                })?
-        }
+        None => r
+            .actions
+            .iter()
+            .find(|a| a.decision == Decision::Ask)
+            .map(|a| a.index)
+            .with_context(|| format!("request {} has no action waiting for a decision", args.id))?,
     };
+    // What was decided is said, so a decision by id alone is never blind.
+    let what = r
+        .actions
+        .iter()
+        .find(|a| a.index == index)
+        .map(|a| format!(": {} ({})", one_line(&a.description), a.risk.class))
+        .unwrap_or_default();
     let prefix: Vec<&str> = args.command_prefix.iter().map(String::as_str).collect();
     let path = args
         .path_prefix
@@ -861,7 +864,7 @@ async fn decide(
     };
     res.map_err(agent_error)?;
     eprintln!(
-        "{} action {index} of {}",
+        "{} action {index} of {}{what}",
         if approve { "approved" } else { "denied" },
         args.id
     );

@@ -76,6 +76,14 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    // A decision by id alone says what it decided.
+    assert!(
+        stderr(&out).contains("approved action 0 of")
+            && stderr(&out).contains("create directory")
+            && stderr(&out).contains("(writes-workdir)"),
+        "{}",
+        stderr(&out)
+    );
     assert!(wait_for(std::time::Duration::from_secs(20), || cwd
         .join("build")
         .is_dir()));
