@@ -411,11 +411,14 @@ fn all_under(prefix: &Path, risk: &Risk, cwd: &Path) -> bool {
 }
 
 /// Whether a remembered deny rule covers an action: where [`rule_matches`] says so,
-/// and also where its command prefix matches the way the policy's deny rules compare
-/// commands ([`deny_matches`]: normalised, options in any order and spelling, git's
-/// global options and runners like `env` in front), so that `git --no-pager commit`
-/// does not get past a rule on `git commit`. Only deny rules: an allow rule matched
-/// this loosely would approve more than the user approved.
+/// and also wherever the policy's deny rules would ([`deny_matches`]): its command
+/// prefix compared normalised (options in any order and spelling, git's global options
+/// and runners like `env` in front, and what is only known when it runs), so that
+/// `git --no-pager commit` does not get past a rule on `git commit`; its path prefix
+/// matching when the working directory, the program or *any* path the action names is
+/// below it (an allow rule's scope needs them all), so naming one more path elsewhere
+/// does not get past it. Only deny rules: an allow rule matched this loosely would
+/// approve more than the user approved.
 fn remembered_deny_matches(
     rule: &Rule,
     action: &Action,
@@ -429,18 +432,26 @@ fn remembered_deny_matches(
     if rule_matches(rule, action, risk, cwd) {
         return true;
     }
-    if rule.exact.is_some() || rule.command_prefix.is_empty() {
+    if rule.exact.is_some() || (rule.command_prefix.is_empty() && rule.path_prefix.is_none()) {
         return false;
     }
-    let command = DenyRule {
-        command_prefix: rule.command_prefix.clone(),
-        path_prefix: None,
-        reason: None,
+    let as_policy = |command_prefix: Vec<String>, path_prefix: Option<PathBuf>, certain| {
+        let rule = DenyRule {
+            command_prefix,
+            path_prefix,
+            reason: None,
+        };
+        deny_matches(&rule, action, risk, cwd, home, certain)
     };
-    rule.path_prefix
+    let command = rule.command_prefix.is_empty()
+        || [true, false]
+            .into_iter()
+            .any(|certain| as_policy(rule.command_prefix.clone(), None, certain));
+    let path = rule
+        .path_prefix
         .as_ref()
-        .is_none_or(|prefix| all_under(prefix, risk, cwd))
-        && deny_matches(&command, action, risk, cwd, home, true)
+        .is_none_or(|prefix| as_policy(Vec::new(), Some(prefix.clone()), true));
+    command && path
 }
 
 pub fn describe_rule(rule: &Rule) -> String {
@@ -765,6 +776,37 @@ mod tests {
             spelled_otherwise[0],
             cwd,
             &scoped,
+            &user
+        )));
+        // A deny rule on a place holds for an action that names a path there, whatever
+        // else it names and wherever it runs (read-only runs without asking).
+        let private = tempfile::tempdir().unwrap();
+        let private = std::fs::canonicalize(private.path()).unwrap();
+        std::fs::write(private.join("key"), "k").unwrap();
+        std::fs::write(cwd.join("notes"), "n").unwrap();
+        let placed = [Rule {
+            command_prefix: Vec::new(),
+            ..rule(4, false, &["x"], Some(&private), RiskClass::Unknown)
+        }];
+        let key = private.join("key");
+        let key = key.to_str().unwrap();
+        for argv in [
+            &["cat", key][..],
+            &["cat", "notes", key],
+            &["ls", "-l", key],
+        ] {
+            assert!(
+                matches!(
+                    decide_argv(argv, cwd, &placed, &user),
+                    Decision::Denied { .. }
+                ),
+                "{argv:?}"
+            );
+        }
+        assert!(approved(&decide_argv(
+            &["cat", "notes"],
+            cwd,
+            &placed,
             &user
         )));
 

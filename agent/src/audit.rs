@@ -540,7 +540,7 @@ impl AuditLog {
             new_file,
         };
         if !cuts.is_empty() {
-            log.append(
+            log.append_durable(
                 "audit.repaired",
                 None,
                 None,

@@ -2940,6 +2940,43 @@ fn a_deny_rule_reloaded_after_planning_holds_for_requests_already_waiting() {
     assert_eq!(v["ok"], true, "{v}");
 }
 
+/// Who is an administrator is looked up again when an action starts: a package install
+/// planned while eve was in an admin group is refused once she is not, however she
+/// approves it.
+#[test]
+fn an_administrator_no_longer_one_cannot_approve_what_was_planned_before() {
+    let agent = Daemon::start();
+    let eve = attacker("devos-ada");
+    let project = eve.project();
+    let cwd = project.path();
+    let group = "devos-atk-admins";
+    let _ = std::process::Command::new("groupadd").arg(group).status();
+    let member = |how: &str| {
+        let done = std::process::Command::new("gpasswd")
+            .args([how, &eve.name, group])
+            .output()
+            .unwrap();
+        assert!(done.status.success(), "{}", stderr(&done));
+    };
+    member("-a");
+    reload_with(&agent, &format!("[policy]\nadmin-groups = [\"{group}\"]\n"));
+    // As an administrator, her install asks (it would run as root once approved)...
+    let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "install devos-no-such-package"]));
+    // ...and then she is one no longer.
+    member("-d");
+    let out = agent.devos(Some(&eve), cwd, &["approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = agent.wait_state(&eve, cwd, &id, "denied");
+    assert!(
+        r["actions"][0]["decision"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("needs an administrator"),
+        "{r}"
+    );
+    assert_eq!(audit_events(&agent, "action.started"), 0);
+}
+
 #[test]
 fn an_approval_given_without_asking_is_asked_again_when_it_no_longer_holds() {
     let agent = Daemon::start();

@@ -562,7 +562,7 @@ async fn tool_call(
                 None,
                 serde_json::json!({ "query": question }),
             );
-            let (ok, answer) = match super::context::answer(d.shared, d.caller, &question).await {
+            let (ok, answer) = match super::context::answer(d.shared, &d.caller, &question).await {
                 Ok(a) => (true, a),
                 Err(e) => (false, e.to_string()),
             };
@@ -606,7 +606,7 @@ async fn propose(
     let config = d.shared.config();
     let job = PlanJob {
         classify: vec![action.clone()],
-        ..PlanJob::new(d.caller, None, d.r.cwd.clone(), &config.sandbox.secrets)
+        ..PlanJob::new(&d.caller, None, d.r.cwd.clone(), &config.sandbox.secrets)
     };
     let reply = as_caller::plan(&d.shared.exe, &job).await.map_err(failed)?;
     let (Some(risk), Ok(user_policy)) = (reply.risks.into_iter().next(), reply.user_policy) else {
@@ -614,7 +614,7 @@ async fn propose(
         return Ok(ControlFlow::Break(why.into()));
     };
     let i = d.r.actions.len();
-    let decider = Decider::new(d.shared, d.caller, &user_policy, &config)?;
+    let decider = Decider::new(d.shared, &d.caller, &user_policy, &config)?;
     let record = decider.record(i as u32, action, risk, &d.r.cwd, Origin::Model);
     d.r.actions.push(record);
     d.user_policy = user_policy;
@@ -665,7 +665,7 @@ async fn context(
 ) -> fdo::Result<String> {
     let job = PlanJob {
         context: Some(query),
-        ..PlanJob::new(d.caller, None, d.r.cwd.clone(), &config.sandbox.secrets)
+        ..PlanJob::new(&d.caller, None, d.r.cwd.clone(), &config.sandbox.secrets)
     };
     // (`audit` logs a failed append; reading one's own context changes nothing.)
     let _ = d.shared.audit(

@@ -109,7 +109,7 @@ async fn drive(
     let mut driver = Driver {
         shared,
         id,
-        caller,
+        caller: caller.clone(),
         user_policy,
         control,
         r,
@@ -136,7 +136,9 @@ async fn drive(
 pub(super) struct Driver<'a> {
     pub(super) shared: &'a Arc<Shared>,
     pub(super) id: &'a str,
-    pub(super) caller: &'a Caller,
+    /// Who the caller is: as at submission, then as looked up again before each action
+    /// starts (group memberships and `admin-groups` may have changed since).
+    pub(super) caller: Caller,
     /// The caller's policy file as the actions waiting to run were decided with (the
     /// model's: as the last one proposed was).
     pub(super) user_policy: UserPolicy,
@@ -253,6 +255,13 @@ impl Driver<'_> {
     /// its sandbox, clean up, and record what happened.
     pub(super) async fn run_action(&mut self, i: usize) -> fdo::Result<ControlFlow<()>> {
         loop {
+            let admin_groups = self.shared.config().policy.admin_groups.clone();
+            let uid = self.caller.uid;
+            match tokio::task::spawn_blocking(move || Caller::from_uid(uid, &admin_groups)).await {
+                Ok(Ok(now)) => self.caller = now,
+                Ok(Err(e)) => return self.refuse(i, format!("{e}; nothing ran")).await,
+                Err(e) => return self.refuse(i, format!("{e}; nothing ran")).await,
+            }
             let again = match self.decide_again(i) {
                 Ok(again) => again,
                 Err(e) => return self.refuse(i, format!("{e}; nothing ran")).await,
@@ -276,7 +285,7 @@ impl Driver<'_> {
             return self.refuse(i, format!("{e}; nothing ran")).await;
         }
         let label = format!("{}-{i}", self.id);
-        let private = match executor::private_dir(&config.actions_dir, &label, self.caller) {
+        let private = match executor::private_dir(&config.actions_dir, &label, &self.caller) {
             Ok(p) => p,
             Err(e) => return self.refuse(i, format!("{e}; nothing ran")).await,
         };
@@ -285,7 +294,7 @@ impl Driver<'_> {
         set_state(self.shared, &mut self.r, State::Running).await?;
         let spec = executor::spec_for(
             &self.r.actions[i],
-            self.caller,
+            &self.caller,
             &self.r.cwd,
             private.clone(),
             cgroup.clone(),
@@ -319,7 +328,7 @@ impl Driver<'_> {
     fn decide_again(&mut self, i: usize) -> Result<Again, ServiceError> {
         let config = self.shared.config();
         let a = &self.r.actions[i];
-        let current = Decider::new(self.shared, self.caller, &self.user_policy, &config)?.decide(
+        let current = Decider::new(self.shared, &self.caller, &self.user_policy, &config)?.decide(
             &a.action,
             &a.risk,
             &self.r.cwd,
