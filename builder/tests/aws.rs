@@ -1753,6 +1753,55 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     ]));
     assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
 
+    // A deploy that changes a parameter too, stopped and judged again: going back puts
+    // the parameter back as it was before the change (kept in the registry).
+    steps.at("An interrupted deploy with a parameter, judged again, goes back whole");
+    let deploy_v3 = |bake: &'static str| {
+        vec![
+            "deploy",
+            "--stack",
+            "devfleet",
+            "--template",
+            "fleet",
+            "--image",
+            "devos-pub@3.0.0",
+            "--param",
+            "DesiredCapacity=3",
+            "--bake",
+            bake,
+        ]
+    };
+    let child = spawn(&deploy_v3("600"));
+    assert!(
+        wait_for(Duration::from_secs(45), || !fx
+            .instances_on("devfleet", &amis["3.0.0"])
+            .is_empty()),
+        "v3's instances never appeared"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(fx.history("devfleet")[0], "deploy 3.0.0 interrupted");
+    sicken(&amis["3.0.0"]);
+    let mut again = deploy_v3("5");
+    again.push("--json");
+    let out = fleet(&again);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let d = json(&out);
+    assert_eq!(d["state"], "rolled-back", "{d}");
+    assert_eq!(d["rollback"]["to"], "2.0.0", "{d}");
+    let status = json(&fleet(&["status", "--stack", "devfleet", "--json"]));
+    assert_eq!(
+        status["stack"]["parameters"]["DesiredCapacity"], "2",
+        "{status}"
+    );
+    assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
+
     steps.at("A rollback stopped during its bake and run again is judged");
     let child = spawn(&["rollback", "--stack", "devfleet", "--bake", "600"]);
     assert!(

@@ -213,6 +213,12 @@ impl Ctx<'_> {
             outcome.state = ChangeState::DryRun;
             return Ok(outcome);
         }
+        // What a failure puts back besides the version: the parameters given, as they were.
+        let before: BTreeMap<String, String> = plan
+            .parameters
+            .keys()
+            .filter_map(|k| Some((k.clone(), s.parameters.get(k)?.clone())))
+            .collect();
         let id = self.reg.start_rollout(
             plan.stack,
             &self.region,
@@ -220,6 +226,7 @@ impl Ctx<'_> {
             plan.from.as_ref(),
             &plan.to,
         )?;
+        self.reg.rollout_parameters_before(id, &before)?;
         let mut seen = stack::seen_events(&self.aws, &self.region, plan.stack).await?;
         eprintln!(
             "{} {}: {} -> {}@{} ({})",
@@ -237,12 +244,6 @@ impl Ctx<'_> {
             return Ok(outcome);
         };
         outcome.changes = changes;
-        // What a failure puts back besides the version: the parameters given, as they were.
-        let before = plan
-            .parameters
-            .keys()
-            .filter_map(|k| Some((k.clone(), s.parameters.get(k)?.clone())))
-            .collect();
         self.judge(id, plan, before, &mut seen, outcome).await
     }
 
@@ -347,8 +348,8 @@ impl Ctx<'_> {
         eprintln!("{} {}: {what}; gating it now", plan.kind, plan.stack);
         self.reg.resume_rollout(row.id)?;
         let mut seen = stack::seen_events(&self.aws, &self.region, plan.stack).await?;
-        self.judge(row.id, plan, BTreeMap::new(), &mut seen, outcome)
-            .await
+        let before = row.parameters_before.clone();
+        self.judge(row.id, plan, before, &mut seen, outcome).await
     }
 
     /// The stack update `plan` makes of `s`, and the outcome it starts with (the

@@ -98,6 +98,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
         marked_at INTEGER NOT NULL,
         UNIQUE (stack, region, version_id)
     );",
+    // 5: what a change set the parameters it gave to before (a JSON object), so that
+    // judging it again after an interruption can put them back.
+    "ALTER TABLE rollouts ADD COLUMN parameters_before TEXT;",
 ];
 
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -1,5 +1,6 @@
 //! Rollouts of stacks from one version to another, and versions marked bad for a stack.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -33,6 +34,9 @@ pub(crate) struct Rollout {
     pub(crate) finished_at: Option<u64>,
     /// Seconds from the command's start to the stack update being issued.
     pub(crate) issued_after: Option<f64>,
+    /// The values the parameters the change gave had before it.
+    #[serde(skip)]
+    pub(crate) parameters_before: BTreeMap<String, String>,
 }
 
 /// The locks this process holds (stacks', feeds'): one change of a stack at a time,
@@ -134,6 +138,19 @@ impl Registry {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// Keep what the parameters rollout `id` gives were before it.
+    pub(crate) fn rollout_parameters_before(
+        &mut self,
+        id: i64,
+        before: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE rollouts SET parameters_before = ?2 WHERE id = ?1",
+            params![id, serde_json::to_string(before)?],
+        )?;
+        Ok(())
+    }
+
     pub(crate) fn rollout_issued(&mut self, id: i64, seconds: f64) -> Result<()> {
         self.conn.execute(
             "UPDATE rollouts SET issued_after = ?2 WHERE id = ?1",
@@ -197,7 +214,7 @@ impl Registry {
     ) -> Result<Vec<Rollout>> {
         let mut stmt = self.conn.prepare(
             "SELECT r.id, r.stack, r.region, r.kind, i.name, fv.version, tv.version, r.state,
-                    r.reason, r.started_at, r.finished_at, r.issued_after
+                    r.reason, r.started_at, r.finished_at, r.issued_after, r.parameters_before
              FROM rollouts r JOIN versions tv ON tv.id = r.to_version_id
              JOIN images i ON i.id = tv.image_id
              LEFT JOIN versions fv ON fv.id = r.from_version_id
@@ -218,6 +235,10 @@ impl Registry {
                 started_at: r.get(9)?,
                 finished_at: r.get(10)?,
                 issued_after: r.get(11)?,
+                parameters_before: r
+                    .get::<_, Option<String>>(12)?
+                    .and_then(|json| serde_json::from_str(&json).ok())
+                    .unwrap_or_default(),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
