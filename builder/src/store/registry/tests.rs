@@ -258,6 +258,18 @@ const SCHEMAS: &[&[&str]] = &[
         "table test_runs(id, version_id, started_at, passed, accelerator, seconds, report)",
         "table versions(id, image_id, version, build_id, dir, spec, manifest, built_at, state)",
     ],
+    &[
+        "index publications_once",
+        "table artifacts(version_id, file, format, sha256, size)",
+        "table bad_versions(stack, region, version_id, reason, marked_at)",
+        "table files(version_id, path, kind, mode, uid, gid, size, mtime, content)",
+        "table images(id, name, created_at)",
+        "table publications(id, version_id, region, snapshot_id, ami_id, state, created_at, kind, parameter, updated_at)",
+        "table rollouts(id, stack, region, from_version_id, to_version_id, state, reason, started_at, finished_at, kind, issued_after, parameters_before)",
+        "table stage_timings(version_id, seq, stage, seconds)",
+        "table test_runs(id, version_id, started_at, passed, accelerator, seconds, report)",
+        "table versions(id, image_id, version, build_id, dir, spec, manifest, built_at, state)",
+    ],
 ];
 
 /// Each schema version has exactly its tables and columns, and a registry of any
