@@ -111,6 +111,33 @@ fn settled(status: &str) -> bool {
     !status.ends_with("_IN_PROGRESS")
 }
 
+/// The tag naming the image a stack devos-build deployed runs (its version is the
+/// stack's `ImageVersion` parameter).
+pub const TAG_IMAGE: &str = "devos:image";
+
+/// The stacks among `names` in `region` that run `image` at `version`, by their
+/// [`TAG_IMAGE`] tag and `ImageVersion` parameter (a stack gone since is none).
+pub async fn running_version(
+    aws: &Aws,
+    region: &str,
+    names: &[String],
+    image: &str,
+    version: &str,
+) -> Result<Vec<String>> {
+    let mut running = Vec::new();
+    for name in names {
+        if let Some(s) = describe(aws, region, name).await?
+            && s.tags.get(TAG_IMAGE).is_some_and(|i| i == image)
+            && s.parameters
+                .get("ImageVersion")
+                .is_some_and(|v| v == version)
+        {
+            running.push(name.clone());
+        }
+    }
+    Ok(running)
+}
+
 /// The stack, or None if there is none of that name.
 pub async fn describe(aws: &Aws, region: &str, name: &str) -> Result<Option<Stack>> {
     let out = match aws

@@ -31,7 +31,7 @@ use templates::{declared_parameters, published_ami, render_for, template_paramet
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, Rollout, VersionInfo};
 
-const TAG_IMAGE: &str = "devos:image";
+use devos_aws::stack::TAG_IMAGE;
 const TAG_TEMPLATE: &str = "devos:template";
 
 /// How a fleet command reaches its stack.
@@ -1066,33 +1066,6 @@ fn last_good(reg: &Registry, stack_name: &str, region: &str, current: &str) -> R
     bail!(
         "no version other than {current} passed its gate on stack {stack_name} in {region}\n  hint: name one with --to VERSION (`devos-build fleet history --stack {stack_name}` lists what ran)"
     )
-}
-
-/// The stacks this registry has changed in `region` that run `v` now, by their image
-/// tag and ImageVersion parameter.
-pub(crate) async fn stacks_running(
-    reg: &Registry,
-    aws: &Aws,
-    region: &str,
-    v: &VersionInfo,
-) -> Result<Vec<String>> {
-    let mut names: Vec<String> = reg
-        .rollouts(None, Some(region))?
-        .into_iter()
-        .map(|r| r.stack)
-        .collect();
-    names.sort();
-    names.dedup();
-    let mut running = Vec::new();
-    for name in names {
-        if let Some(s) = stack::describe(aws, region, &name).await?
-            && running_version(&s)
-                .is_ok_and(|(image, version)| image == v.name && version == v.version)
-        {
-            running.push(name);
-        }
-    }
-    Ok(running)
 }
 
 /// A mark of a version as bad for a stack, taken back.

@@ -427,7 +427,16 @@ async fn refuse_if_running(
     regions.sort();
     regions.dedup();
     for region in regions {
-        let stacks = crate::fleet::stacks_running(reg, aws, region, v).await?;
+        // The stacks this registry has changed there.
+        let mut names: Vec<String> = reg
+            .rollouts(None, Some(region))?
+            .into_iter()
+            .map(|r| r.stack)
+            .collect();
+        names.sort();
+        names.dedup();
+        let stacks =
+            devos_aws::stack::running_version(aws, region, &names, &v.name, &v.version).await?;
         if let Some(first) = stacks.first() {
             bail!(
                 "{}@{} is what {} in {region} run{}: without its AMI they could start no new instance\n  hint: roll them to another version first (`devos-build fleet rollout --stack {first} --to VERSION --region {region}`), or pass --force",
