@@ -454,13 +454,12 @@ fn made_elsewhere(tags: &[aws_sdk_ec2::types::Tag]) -> bool {
     tags.iter().any(|t| t.key() == Some(TAG_BUILT_BY))
 }
 
-/// The AMI this account holds for `build_id` in this region, if any (one the direct
-/// upload made: not Packer's of the same build).
-async fn find_image(
+/// The AMIs this account holds tagged with `build_id` in this region, whoever made them.
+async fn build_images(
     ec2: &aws_sdk_ec2::Client,
     region: &str,
     build_id: &str,
-) -> Result<Option<Found>> {
+) -> Result<Vec<aws_sdk_ec2::types::Image>> {
     let out = ec2
         .describe_images()
         .owners("self")
@@ -468,7 +467,18 @@ async fn find_image(
         .send()
         .await
         .map_err(|e| explain("ec2:DescribeImages", region, e))?;
-    let usable = out.images().iter().find(|i| {
+    Ok(out.images().to_vec())
+}
+
+/// The AMI this account holds for `build_id` in this region, if any (one the direct
+/// upload made: not Packer's of the same build).
+async fn find_image(
+    ec2: &aws_sdk_ec2::Client,
+    region: &str,
+    build_id: &str,
+) -> Result<Option<Found>> {
+    let images = build_images(ec2, region, build_id).await?;
+    let usable = images.iter().find(|i| {
         !made_elsewhere(i.tags())
             && !matches!(
                 i.state(),
@@ -519,15 +529,8 @@ pub async fn build_snapshots(
     region: &str,
     build_id: &str,
 ) -> Result<Vec<String>> {
-    let images = ec2
-        .describe_images()
-        .owners("self")
-        .filters(build_filter(build_id))
-        .send()
-        .await
-        .map_err(|e| explain("ec2:DescribeImages", region, e))?;
-    let packers: Vec<String> = images
-        .images()
+    let packers: Vec<String> = build_images(ec2, region, build_id)
+        .await?
         .iter()
         .filter(|i| made_elsewhere(i.tags()))
         .flat_map(snapshots_of)
