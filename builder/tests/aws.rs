@@ -1653,6 +1653,24 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
             .spawn()
             .unwrap()
     };
+    // The command `args`, stopped by `signal` once instances on `ami` are up (in its
+    // bake, or about to be): its output.
+    let stopped = |args: &[&str], ami: &str, signal: &str| {
+        let child = spawn(args);
+        assert!(
+            wait_for(Duration::from_secs(45), || !fx
+                .instances_on("devfleet", ami)
+                .is_empty()),
+            "{args:?}: no instance on {ami} appeared"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        child.wait_with_output().unwrap()
+    };
 
     steps.at("Refused before anything moves");
     let out = fleet(&[
@@ -1685,22 +1703,13 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     assert_eq!(fx.history("devfleet"), ["deploy 1.0.0 succeeded"]);
 
     steps.at("A rollout stopped during its bake is recorded as interrupted");
-    let child = spawn(&[
-        "rollout", "--stack", "devfleet", "--to", "2.0.0", "--bake", "600",
-    ]);
-    assert!(
-        wait_for(Duration::from_secs(45), || !fx
-            .instances_on("devfleet", &amis["2.0.0"])
-            .is_empty()),
-        "v2's instances never appeared"
+    let out = stopped(
+        &[
+            "rollout", "--stack", "devfleet", "--to", "2.0.0", "--bake", "600",
+        ],
+        &amis["2.0.0"],
+        "-INT",
     );
-    std::thread::sleep(Duration::from_secs(2));
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("interrupted by SIGINT")
@@ -1771,20 +1780,7 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
             bake,
         ]
     };
-    let child = spawn(&deploy_v3("600"));
-    assert!(
-        wait_for(Duration::from_secs(45), || !fx
-            .instances_on("devfleet", &amis["3.0.0"])
-            .is_empty()),
-        "v3's instances never appeared"
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let out = child.wait_with_output().unwrap();
+    let out = stopped(&deploy_v3("600"), &amis["3.0.0"], "-INT");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(fx.history("devfleet")[0], "deploy 3.0.0 interrupted");
     sicken(&amis["3.0.0"]);
@@ -1803,20 +1799,11 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
 
     steps.at("A rollback stopped during its bake and run again is judged");
-    let child = spawn(&["rollback", "--stack", "devfleet", "--bake", "600"]);
-    assert!(
-        wait_for(Duration::from_secs(45), || !fx
-            .instances_on("devfleet", &amis["1.0.0"])
-            .is_empty()),
-        "the rollback's instances never appeared"
+    let out = stopped(
+        &["rollback", "--stack", "devfleet", "--bake", "600"],
+        &amis["1.0.0"],
+        "-TERM",
     );
-    std::thread::sleep(Duration::from_secs(2));
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let out = child.wait_with_output().unwrap();
     assert!(
         stderr(&out).contains("interrupted by SIGTERM"),
         "{}",
