@@ -853,6 +853,121 @@ fn a_failure_after_the_upload_removes_what_the_run_created() {
     assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
     let list = fx.json(&["publish", "list", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+
+    // A parameter that cannot take a new version (100 kept, the oldest labelled) fails
+    // the last step in the copy's region: the parameter already written in the first
+    // region goes with the AMIs it named; the one that was there stays as it was.
+    let version = "0.8.1+888888888889";
+    let id = build_id(version);
+    fx.version(version, 8, &[0, 2], Some(true));
+    let parameter = format!(
+        "/devos/images/devos-pub/{}/image_id",
+        version.replace('+', "_")
+    );
+    let ssm = fx.sdk("eu-west-1", sdk_ssm::Client::new);
+    fx.block_on(async {
+        for i in 0..100 {
+            ssm.put_parameter()
+                .name(&parameter)
+                .value(format!("kept-{i}"))
+                .r#type(sdk_ssm::types::ParameterType::String)
+                .overwrite(true)
+                .send()
+                .await
+                .unwrap();
+        }
+        ssm.label_parameter_version()
+            .name(&parameter)
+            .parameter_version(1)
+            .labels("keep")
+            .send()
+            .await
+            .unwrap();
+    });
+    let mut c = fx.cmd(&[
+        "publish",
+        "ami",
+        &format!("devos-pub@{version}"),
+        "--region",
+        "us-east-1",
+        "--copy-to",
+        "eu-west-1",
+    ]);
+    c.env("AWS_MAX_ATTEMPTS", "1");
+    let out = run(&mut c, 2);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("ssm:PutParameter in eu-west-1 failed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("everything this run created was removed"),
+        "{err}"
+    );
+    assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
+    assert_eq!(fx.resources("eu-west-1", &id), (vec![], vec![]));
+    assert_eq!(fx.parameter("us-east-1", &parameter), None);
+    assert_eq!(
+        fx.parameter("eu-west-1", &parameter).as_deref(),
+        Some("kept-99")
+    );
+    let list = fx.json(&["publish", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+}
+
+#[test]
+fn publish_ami_stopped_by_a_signal_removes_what_it_made() {
+    let fx = Fixture::new();
+    let version = "0.9.0+999999999999";
+    let id = build_id(version);
+    // Enough blocks that the upload is still going when the signal comes.
+    let blocks: Vec<u64> = (0..1024).collect();
+    fx.version(version, 512, &blocks, Some(true));
+    let reference = format!("devos-pub@{version}");
+    for signal in ["-INT", "-TERM"] {
+        let child = fx
+            .cmd(&["publish", "ami", &reference, "--region", "us-east-1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_for(Duration::from_secs(60), || !fx
+                .resources("us-east-1", &id)
+                .1
+                .is_empty()),
+            "the upload never started"
+        );
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "{signal}: it finished before the signal"
+        );
+        let err = stderr(&out);
+        let name = format!("interrupted by SIG{}", &signal[1..]);
+        assert!(err.contains(&name), "{signal}: {err}");
+        assert!(
+            err.contains("everything this run created was removed"),
+            "{signal}: {err}"
+        );
+        assert_eq!(
+            fx.resources("us-east-1", &id),
+            (vec![], vec![]),
+            "{signal}: {err}"
+        );
+        let list = fx.json(&["publish", "list", "--json"]);
+        assert_eq!(list.as_array().unwrap().len(), 0, "{signal}: {list}");
+    }
+    // And a run left alone finishes.
+    ok(&fx.run(&["publish", "ami", &reference, "--region", "us-east-1"]));
+    let (images, snaps) = fx.resources("us-east-1", &id);
+    assert_eq!((images.len(), snaps.len()), (1, 1));
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use aws_sdk_ec2::client::Waiters;
 use aws_sdk_ec2::types::{
     ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter, ImageState,
@@ -23,7 +23,7 @@ use futures_util::future::try_join_all;
 use serde::Serialize;
 
 use crate::ebs::{self, Upload};
-use crate::{Aws, explain};
+use crate::{Aws, explain, interrupted};
 
 pub const TAG_BUILD_ID: &str = "devos:build-id";
 /// On what another route than the direct upload made (Packer: `packer`).
@@ -171,6 +171,8 @@ struct Created(Mutex<Vec<(String, Resource)>>);
 enum Resource {
     Snapshot(String),
     Image(String),
+    /// An SSM parameter that names an image this run made.
+    Parameter(String),
 }
 
 impl Created {
@@ -189,10 +191,13 @@ impl Created {
             let res = match &r {
                 Resource::Image(id) => deregister(&ec2, &region, id).await.map(|_| ()),
                 Resource::Snapshot(id) => delete_snapshot(&ec2, &region, id).await,
+                Resource::Parameter(name) => {
+                    delete_parameter(&aws.ssm(&region), &region, name).await
+                }
             };
             if let Err(e) = res {
                 let id = match r {
-                    Resource::Image(id) | Resource::Snapshot(id) => id,
+                    Resource::Image(id) | Resource::Snapshot(id) | Resource::Parameter(id) => id,
                 };
                 left.push(format!("{id} in {region} ({e:#})"));
             }
@@ -202,7 +207,9 @@ impl Created {
 }
 
 /// Publish `image`: upload and register in `target.region` (unless a previous run
-/// did), copy to `target.copy_to` in parallel, write the SSM parameters.
+/// did), copy to `target.copy_to` in parallel, write the SSM parameters. A failure,
+/// or a SIGINT or SIGTERM before the end, removes what this run created; a second
+/// signal while that runs stops it (the next run removes the rest: all is tagged).
 pub async fn publish(
     aws: &Aws,
     image: &Image,
@@ -211,20 +218,33 @@ pub async fn publish(
     log: &(dyn Fn(String) + Sync),
 ) -> Result<Outcome> {
     let created = Created::default();
-    match publish_tracked(aws, image, target, progress, log, &created).await {
-        Ok(outcome) => Ok(outcome),
-        Err(e) => {
-            let left = created.undo(aws).await;
-            if left.is_empty() {
-                Err(e.context("publishing failed; everything this run created was removed"))
-            } else {
-                Err(e.context(format!(
-                    "publishing failed, and these could not be removed: {}; they carry the tag {TAG_BUILD_ID}={} and the next run removes them",
-                    left.join(", "),
-                    image.build_id
-                )))
-            }
+    let e = tokio::select! {
+        done = publish_tracked(aws, image, target, progress, log, &created) => match done {
+            Ok(outcome) => return Ok(outcome),
+            Err(e) => e,
+        },
+        signal = interrupted() => {
+            log(format!("interrupted by {signal}: removing what this run created (a second Ctrl-C stops that)"));
+            anyhow!("interrupted by {signal}")
         }
+    };
+    let left = tokio::select! {
+        left = created.undo(aws) => left,
+        signal = interrupted() => {
+            return Err(e.context(format!(
+                "publishing stopped; removing what it created was stopped by {signal}: what is left carries the tag {TAG_BUILD_ID}={}, and the next `publish ami` of this version removes its snapshots or keeps and finishes its AMIs",
+                image.build_id
+            )));
+        }
+    };
+    if left.is_empty() {
+        Err(e.context("publishing failed; everything this run created was removed"))
+    } else {
+        Err(e.context(format!(
+            "publishing failed, and these could not be removed: {}; they carry the tag {TAG_BUILD_ID}={} and the next run removes them",
+            left.join(", "),
+            image.build_id
+        )))
     }
 }
 
@@ -297,7 +317,11 @@ async fn publish_tracked(
     let parameter = version_parameter(&target.ssm_prefix, &image.name, &image.version);
     let mut regions = Vec::new();
     for (r, found) in std::iter::once((region.to_owned(), primary)).chain(copies) {
-        put_parameter(&aws.ssm(&r), &r, &parameter, &found.ami_id, log).await?;
+        let wrote = put_parameter(&aws.ssm(&r), &r, &parameter, &found.ami_id, log).await?;
+        if wrote && found.created {
+            // It names an image a failure takes down again: it goes with it.
+            created.push(&r, Resource::Parameter(parameter.clone()));
+        }
         regions.push(Regional {
             region: r,
             ami_id: found.ami_id,
@@ -659,16 +683,17 @@ pub async fn get_parameter(
     }
 }
 
-/// Point `name` at `ami_id` unless it already does (no new parameter version).
+/// Point `name` at `ami_id` unless it already does (no new parameter version); true
+/// when it wrote.
 pub async fn put_parameter(
     ssm: &aws_sdk_ssm::Client,
     region: &str,
     name: &str,
     ami_id: &str,
     log: &(dyn Fn(String) + Sync),
-) -> Result<()> {
+) -> Result<bool> {
     if get_parameter(ssm, region, name).await?.as_deref() == Some(ami_id) {
-        return Ok(());
+        return Ok(false);
     }
     ssm.put_parameter()
         .name(name)
@@ -680,7 +705,7 @@ pub async fn put_parameter(
         .await
         .map_err(|e| explain("ssm:PutParameter", region, e))?;
     log(format!("{region}: {name} = {ami_id}"));
-    Ok(())
+    Ok(true)
 }
 
 pub async fn delete_parameter(ssm: &aws_sdk_ssm::Client, region: &str, name: &str) -> Result<()> {

@@ -179,6 +179,22 @@ pub fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
         .block_on(fut)
 }
 
+/// The first SIGINT or SIGTERM this process gets (Ctrl-C, a cancelled CI job), by
+/// name.
+pub async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
 /// Turn an SDK error into a message that names the call, the region and what to do.
 /// `permission` is the IAM action the call needs (e.g. `ec2:RegisterImage`).
 pub fn explain<E>(

@@ -21,11 +21,11 @@ use anyhow::{Context, Result, bail};
 use devos_agent::inplace::{
     HEALTHY, TAG_RUNNING, TAG_STATE, TAG_UPDATE_TO, is_failure, is_not_moved, is_updating,
 };
-use devos_aws::AwsOptions;
 use devos_aws::stack::{self, Member};
+use devos_aws::{AwsOptions, interrupted};
 use serde::Serialize;
 
-use super::{Ctx, Outcome, Target, changing, interrupted};
+use super::{Ctx, Outcome, Target, changing};
 use crate::model::manifest::Manifest;
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, VersionInfo};

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use devos_aws::stack::{self, Deployment, ResourceChange, Stack};
-use devos_aws::{Aws, AwsOptions};
+use devos_aws::{Aws, AwsOptions, interrupted};
 
 mod gate;
 mod inplace;
@@ -617,22 +617,6 @@ fn until_interrupted<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
             signal = interrupted() => Err(anyhow!("interrupted by {signal}")),
         }
     })
-}
-
-/// The first SIGINT or SIGTERM this process gets (Ctrl-C, a cancelled CI job), by
-/// name.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        _ => std::future::pending().await,
-    }
 }
 
 fn context<'a>(reg: &'a mut Registry, aws: &AwsOptions, region: Option<&str>) -> Result<Ctx<'a>> {
