@@ -1965,6 +1965,19 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
             .await
             .unwrap()
     });
+    // While a change of a stack it checks is under way, it waits its turn.
+    let busy = std::fs::File::create(
+        fx.registry()
+            .with_file_name("registry.db.fleet-devfleet@us-east-1.lock"),
+    )
+    .unwrap();
+    busy.try_lock().unwrap();
+    refused(
+        &fx.run(&["publish", "deregister", "devos-pub@2.0.0"]),
+        "another devos-build is changing stack devfleet in us-east-1",
+    );
+    assert_eq!(fx.resources("us-east-1", &build_id("2.0.0")).1.len(), 1);
+    drop(busy);
     ok(&fx.run(&["publish", "deregister", "devos-pub@2.0.0"]));
     assert_eq!(
         fx.resources("us-east-1", &build_id("2.0.0")),

@@ -412,7 +412,8 @@ async fn refuse_if_latest(
 }
 
 /// Refuse (unless forced) to deregister a version that a stack this registry changed
-/// runs now: its launch template could start no instance afterwards.
+/// runs now: its launch template could start no instance afterwards. The stacks are
+/// locked first (and stay so until the process ends), so none moves onto it meanwhile.
 async fn refuse_if_running(
     reg: &Registry,
     aws: &Aws,
@@ -435,6 +436,11 @@ async fn refuse_if_running(
             .collect();
         names.sort();
         names.dedup();
+        // Held until the deregister ends: a change of one of them cannot start
+        // meanwhile and move it onto the version (one under way refuses this).
+        for name in &names {
+            reg.lock_stack(name, region)?;
+        }
         let stacks =
             devos_aws::stack::running_version(aws, region, &names, &v.name, &v.version).await?;
         if let Some(first) = stacks.first() {

@@ -53,7 +53,7 @@ impl Registry {
     pub(crate) fn lock_stack(&self, stack: &str, region: &str) -> Result<()> {
         self.hold_lock(&format!("fleet-{stack}@{region}"), |path| {
             format!(
-                "another devos-build is changing stack {stack} in {region} (it holds {})\n  hint: wait for it to finish; `devos-build fleet status --stack {stack} --region {region}` shows where the instances are",
+                "another devos-build is changing stack {stack} in {region}, or deregistering an image while it checks what the stack runs (it holds {})\n  hint: wait for it to finish; `devos-build fleet status --stack {stack} --region {region}` shows where the instances are",
                 path.display()
             )
         })
