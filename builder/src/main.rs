@@ -10,6 +10,11 @@ fn main() -> ExitCode {
         Err(e) if devos_build::support::stdout::is_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if devos_build::store::registry::is_busy(&e) {
+                eprintln!(
+                    "  hint: another devos-build kept the registry locked for the 30 s this one waited; run this again once it is done"
+                );
+            }
             ExitCode::FAILURE
         }
     }

@@ -166,6 +166,7 @@ impl Fixture {
                 passed,
                 accelerator: "tcg".into(),
                 seconds: 1.0,
+                raw_sha256: None,
             };
             reg.record_test("devos-pub", version, &run, &json!({}))
                 .unwrap();
@@ -551,6 +552,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
                 passed: true,
                 accelerator: "tcg".into(),
                 seconds: 1.0,
+                raw_sha256: None,
             },
             &json!({}),
         )

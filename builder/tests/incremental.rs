@@ -100,6 +100,17 @@ fn incremental_builds_registry_kills_and_gc() {
     let dry_run = run(&mut env.build_cmd(&spec, &["--dry-run"]), 5);
     assert_eq!(dry_run.status.code(), Some(3));
 
+    // A version whose output lost a file (by hand, an interrupted removal) is built
+    // again, not taken as up to date because its manifest is there.
+    steps.at("A version missing a file is built again");
+    let qcow2 = out_dir.join(format!("devos-debian-{v1}.qcow2"));
+    std::fs::remove_file(&qcow2).unwrap();
+    let (again, log) = env.build(&spec, &[]);
+    assert_eq!(again["fresh"], true, "{log}");
+    assert!(log.contains("is incomplete"), "{log}");
+    assert_eq!(again["manifest"]["version"], v1.as_str());
+    assert!(qcow2.is_file());
+
     // A test-only change does not change the image.
     steps.at("A test-only change does not change the image");
     let tests_changed = env.spec("devos-a.toml", |t| {
@@ -282,6 +293,7 @@ fn incremental_builds_registry_kills_and_gc() {
         passed: true,
         accelerator: "tcg".into(),
         seconds: 30.0,
+        raw_sha256: None,
     };
     reg.record_test("devos-debian", &v1, &run_record, &Value::Null)
         .unwrap();

@@ -405,6 +405,9 @@ fn planned_agent(
 }
 
 pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
+    if let Some(out) = &opts.out {
+        check_out(out)?;
+    }
     // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds): the
     // image of nixos/image.nix with the spec rendered as a module (build/nixos.rs).
     let spec = load_warning(&opts.spec)?;
@@ -541,6 +544,33 @@ fn already_built(
     let manifest = Manifest::load(final_dir)?;
     if manifest.build_id != build_id {
         return Ok(None);
+    }
+    // Its manifest is no proof the rest is there (a file removed by hand, an
+    // interrupted removal): every artifact, at its size, or it is built again.
+    let files = manifest
+        .artifacts
+        .iter()
+        .map(|a| (final_dir.join(&a.file), a.size))
+        .chain(
+            manifest
+                .update
+                .iter()
+                .map(|f| (final_dir.join("update").join(&f.file), f.size)),
+        );
+    for (path, size) in files {
+        if path.metadata().map(|m| m.len()).ok() != Some(size) {
+            ui.info(&format!(
+                "{version} in {} is incomplete ({} is {}): building it again",
+                final_dir.display(),
+                path.display(),
+                if path.exists() {
+                    "not the size it was built at"
+                } else {
+                    "gone"
+                }
+            ));
+            return Ok(None);
+        }
     }
     ui.info(&format!(
         "{version} is up to date in {}",
@@ -761,6 +791,12 @@ fn metadata_rule_warning(
 /// an error.
 fn scratch_root(disk_size: u64) -> Option<PathBuf> {
     let dir = Path::new("/dev/shm");
+    let root = dir.join("devos-build");
+    // What killed builds left there first: counted as used, it would send this build
+    // to disk, where nothing would ever sweep it.
+    if root.is_dir() {
+        remove_stale_work_dirs(&root);
+    }
     let check = || -> Result<Option<PathBuf>> {
         let out = cmd::stdout(
             Command::new("df")
@@ -781,9 +817,8 @@ fn scratch_root(disk_size: u64) -> Option<PathBuf> {
         if fstype != "tmpfs" || avail < disk_size.saturating_mul(2) {
             return Ok(None);
         }
-        let root = dir.join("devos-build");
         fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-        Ok(Some(root))
+        Ok(Some(root.clone()))
     };
     check().unwrap_or_else(|e| {
         tracing::warn!("building on disk, not in {}: {e:#}", dir.display());
@@ -913,11 +948,53 @@ fn write_outputs(dir: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
+/// `--out DIR` may name a new directory, an empty one, or an earlier output (which
+/// the build replaces once it is complete) — never anything else: the replacement
+/// removes what was there.
+fn check_out(out: &Path) -> Result<()> {
+    let hint = "hint: name a new directory for this build (e.g. --out dist/NAME-VERSION), or leave --out out (target/images/NAME/VERSION)";
+    if out.file_name().is_none() {
+        bail!(
+            "--out {}: the output directory must be named by its own last component, not `.`, `..` or `/` (the build replaces the directory it names)\n  {hint}",
+            out.display()
+        );
+    }
+    let Ok(meta) = out.symlink_metadata() else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        bail!(
+            "--out {}: this is {}, not a directory; the build would replace it\n  {hint}",
+            out.display(),
+            if meta.file_type().is_symlink() {
+                "a symlink"
+            } else {
+                "a file"
+            }
+        );
+    }
+    let empty = fs::read_dir(out)
+        .with_context(|| format!("--out {}: cannot read the directory", out.display()))?
+        .next()
+        .is_none();
+    if !empty && !out.join("manifest.json").is_file() {
+        bail!(
+            "--out {}: the directory is not empty and holds no earlier build (no manifest.json); the build would replace it and everything in it\n  {hint}",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Move a finished output directory to its final name in one rename; an existing
 /// one (a `--force` rebuild) is replaced only after the new one is complete.
 fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
     if final_dir.exists() {
-        let old = final_dir.with_extension("old");
+        // Hidden beside it, by its whole name (an extension would cut a version's).
+        let old = final_dir.with_file_name(format!(
+            ".{}.old",
+            final_dir.file_name().unwrap_or_default().to_string_lossy()
+        ));
         // Left by an earlier replacement that could not remove it.
         remove::dir_if_present(&old)?;
         fs::rename(final_dir, &old).with_context(|| {
@@ -945,6 +1022,37 @@ fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_names_a_new_or_empty_directory_or_an_earlier_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let at = |p: &str| tmp.path().join(p);
+        for refused in [".", "..", "/", "./", "a/..", "/tmp/.."] {
+            let err = check_out(Path::new(refused)).unwrap_err().to_string();
+            assert!(err.contains("not `.`, `..` or `/`"), "{refused}: {err}");
+        }
+        fs::write(at("file"), "x").unwrap();
+        std::os::unix::fs::symlink(tmp.path(), at("link")).unwrap();
+        fs::create_dir(at("project")).unwrap();
+        fs::write(at("project/Cargo.toml"), "x").unwrap();
+        for (p, why) in [
+            ("file", "a file, not a directory"),
+            ("link", "a symlink, not a directory"),
+            ("project", "not empty and holds no earlier build"),
+        ] {
+            let err = check_out(&at(p)).unwrap_err().to_string();
+            assert!(
+                err.contains(why) && err.contains("hint: name a new directory"),
+                "{p}: {err}"
+            );
+        }
+        fs::create_dir(at("empty")).unwrap();
+        fs::create_dir(at("earlier")).unwrap();
+        fs::write(at("earlier/manifest.json"), "{}").unwrap();
+        for fine in ["new", "new/deeper", "empty", "earlier"] {
+            check_out(&at(fine)).unwrap();
+        }
+    }
 
     #[test]
     fn an_image_whose_networkd_cannot_keep_metadata_to_root_is_warned_about() {

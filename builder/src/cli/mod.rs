@@ -803,6 +803,11 @@ fn record_test(
         passed: report.passed,
         accelerator: report.accel.accel.as_str().to_owned(),
         seconds: report.seconds,
+        raw_sha256: m
+            .artifacts
+            .iter()
+            .find(|a| a.format == crate::model::spec::Format::Raw)
+            .map(|a| a.sha256.clone()),
     };
     Registry::open(registry_path)?.record_test(
         &m.name,

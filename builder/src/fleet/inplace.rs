@@ -26,7 +26,6 @@ use devos_aws::{AwsOptions, interrupted};
 use serde::Serialize;
 
 use super::{Ctx, Outcome, Target, changing};
-use crate::model::manifest::Manifest;
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, VersionInfo};
 
@@ -127,7 +126,9 @@ pub(crate) fn rollout(
         // A verified build without `[update]` has a bundle too, but no feed its machines
         // read and no key they trust: `publish updates` refuses it, so no agent could
         // ever find it.
-        let manifest = Manifest::load(&v.dir)?;
+        // From the registry: the version's files may be gone (`image gc`) while its
+        // feed and machines are not.
+        let manifest = cx.reg.manifest(&v)?;
         if manifest.update.is_empty() || manifest.update_feed.is_none() {
             bail!(
                 "{reference} cannot update machines in place: its spec has no `[update]` (the feed its machines read and the key they trust)\n  hint: roll it out by replacement (`devos-build fleet rollout --stack {} --to {}`), or add `[update]` to the spec and build a new version",

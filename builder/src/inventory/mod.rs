@@ -345,6 +345,7 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: b
     };
     let mut kept_keys = BTreeSet::new();
     let mut dropped_keys = BTreeSet::new();
+    let on_stacks = on_stacks(reg)?;
     for versions in by_image.values() {
         let newest_passing = versions
             .iter()
@@ -355,7 +356,10 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: b
                 .manifest(v)
                 .map(|m| [m.cache_keys.base, m.cache_keys.tree])
                 .unwrap_or_default();
-            if i < keep || Some(v.id) == newest_passing {
+            if i < keep
+                || Some(v.id) == newest_passing
+                || on_stacks.contains(&(v.name.clone(), v.version.clone()))
+            {
                 report.kept.push(format!("{}@{}", v.name, v.version));
                 kept_keys.extend(keys);
                 continue;
@@ -364,7 +368,7 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: b
             if Manifest::load(&v.dir).is_ok_and(|m| m.build_id == v.build_id) {
                 report.freed_bytes += cache::dir_size(&v.dir);
                 if !dry_run {
-                    fs::remove_dir_all(&v.dir)?;
+                    remove_output(&v.dir)?;
                 }
             }
             if !dry_run {
@@ -384,13 +388,54 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: b
             if dir.is_dir() {
                 report.freed_bytes += cache::dir_size(&dir);
                 if !dry_run {
-                    fs::remove_dir_all(&dir)?;
+                    fs::remove_dir_all(&dir)
+                        .map_err(|e| not_removed(&dir, "the cache entry", e))?;
                 }
                 report.cache_entries_removed += 1;
             }
         }
     }
     Ok(report)
+}
+
+/// The versions each stack the registry changed runs, or would go back to: the two
+/// ends of its newest change. `image gc` keeps their files.
+fn on_stacks(reg: &Registry) -> Result<BTreeSet<(String, String)>> {
+    let mut seen = BTreeSet::new();
+    let mut versions = BTreeSet::new();
+    // Newest first: the first change of each stack is its newest.
+    for r in reg.rollouts(None, None)? {
+        if seen.insert((r.stack.clone(), r.region.clone())) {
+            versions.insert((r.image.clone(), r.to.clone()));
+            if let Some(from) = r.from {
+                versions.insert((r.image, from));
+            }
+        }
+    }
+    Ok(versions)
+}
+
+/// Remove a version's output directory: first out of its name in one rename (a
+/// removal cut short leaves no half a version under it), then whole.
+fn remove_output(dir: &std::path::Path) -> Result<()> {
+    let gone = dir.with_file_name(format!(
+        ".{}.gone",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    crate::support::remove::dir_if_present(&gone)?;
+    fs::rename(dir, &gone).map_err(|e| not_removed(dir, "the output directory", e))?;
+    fs::remove_dir_all(&gone).map_err(|e| not_removed(&gone, "the output directory", e))
+}
+
+/// The error of a removal that failed, naming what and where (and sudo, when
+/// permissions were the reason: builds under sudo leave root's files).
+fn not_removed(path: &std::path::Path, what: &str, e: std::io::Error) -> anyhow::Error {
+    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+        "\n  hint: images built with sudo are root's: run `sudo devos-build image gc`"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("cannot remove {what} {}: {e}{hint}", path.display())
 }
 
 impl Gc {

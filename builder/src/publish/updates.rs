@@ -44,7 +44,15 @@ pub(crate) struct Prepared {
 pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) -> Result<Prepared> {
     check_to(to)?;
     let v = super::gate(reg, reference, force)?;
-    let manifest = Manifest::load(&v.dir)?;
+    if v.state != crate::model::states::VersionState::Built {
+        bail!(
+            "the files of {}@{} were removed (`image gc`), its update bundle with them\n  hint: build the version again (`devos-build image build {}`): the same inputs make the same bundle",
+            v.name,
+            v.version,
+            v.spec
+        );
+    }
+    let manifest = reg.manifest(&v)?;
     let key = crate::update::feed_key(&manifest)?;
     Ok(Prepared { v, manifest, key })
 }

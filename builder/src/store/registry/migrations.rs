@@ -101,6 +101,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 5: what a change set the parameters it gave to before (a JSON object), so that
     // judging it again after an interruption can put them back.
     "ALTER TABLE rollouts ADD COLUMN parameters_before TEXT;",
+    // 6: which raw image a boot test booted, so that a version rebuilt to other bytes
+    // (`--force`) is not taken as tested. Earlier runs are taken to be of the bytes
+    // the version has now.
+    "ALTER TABLE test_runs ADD COLUMN raw_sha256 TEXT;
+    UPDATE test_runs SET raw_sha256 =
+      (SELECT a.sha256 FROM artifacts a WHERE a.version_id = test_runs.version_id AND a.format = 'raw');",
 ];
 
 pub(crate) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -35,6 +35,20 @@ pub(crate) fn default_path() -> PathBuf {
 }
 
 /// Why the registry at `path` cannot be opened, and what to do.
+/// Whether `e` comes from SQLite waiting in vain for another process's lock.
+pub fn is_busy(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<rusqlite::Error>()
+            .and_then(rusqlite::Error::sqlite_error_code)
+            .is_some_and(|code| {
+                matches!(
+                    code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                )
+            })
+    })
+}
+
 fn open_error(path: &Path, e: rusqlite::Error) -> anyhow::Error {
     if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
         anyhow::anyhow!(
@@ -180,11 +194,20 @@ impl Registry {
     }
 
     fn migrate(&mut self, target: i64) -> Result<()> {
+        // Up to date (the usual case): a plain read, which no writer blocks; only a
+        // migration takes the write lock.
+        let current: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if (target..=SCHEMA_VERSION).contains(&current) {
+            return Ok(());
+        }
         loop {
             // IMMEDIATE: two processes opening an old registry migrate one after the other.
             let tx = self
                 .conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .with_context(|| format!("cannot migrate the registry {}", self.path.display()))?;
             let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
             if current > SCHEMA_VERSION {
                 bail!(

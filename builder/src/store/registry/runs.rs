@@ -1,7 +1,7 @@
 //! Boot-test runs of a version, and the gate that requires the latest to have passed.
 
 use anyhow::{Result, bail};
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 use super::Registry;
 use super::versions::{VersionInfo, version_id};
@@ -13,6 +13,10 @@ pub struct TestRun {
     pub passed: bool,
     pub accelerator: String,
     pub seconds: f64,
+    /// The sha256 of the raw image the test booted. A run counts for its version only
+    /// while the version's raw image is that one: a `--force` rebuild to other bytes
+    /// needs a test of its own. (None: not known — a run recorded before this was.)
+    pub raw_sha256: Option<String>,
 }
 
 impl Registry {
@@ -26,16 +30,31 @@ impl Registry {
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
         if let Some(vid) = version_id(&tx, name, version)? {
+            let now: Option<String> = tx
+                .query_row(
+                    "SELECT sha256 FROM artifacts WHERE version_id = ?1 AND format = 'raw'",
+                    [vid],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let (Some(tested), Some(now)) = (&run.raw_sha256, &now)
+                && tested != now
+            {
+                bail!(
+                    "{name}@{version} was built again while it was tested: the test booted the raw image with sha256 {tested}, the version's is now {now}; the result is not recorded\n  hint: test it again (`devos-build image test {name}@{version}`)"
+                );
+            }
             tx.execute(
-                "INSERT INTO test_runs (version_id, started_at, passed, accelerator, seconds, report)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO test_runs (version_id, started_at, passed, accelerator, seconds, report, raw_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     vid,
                     run.started_at,
                     run.passed,
                     run.accelerator,
                     run.seconds,
-                    report.to_string()
+                    report.to_string(),
+                    run.raw_sha256
                 ],
             )?;
         }
@@ -45,7 +64,7 @@ impl Registry {
 
     pub(crate) fn test_runs(&self, v: &VersionInfo) -> Result<Vec<TestRun>> {
         let mut stmt = self.conn.prepare(
-            "SELECT started_at, passed, accelerator, seconds FROM test_runs
+            "SELECT started_at, passed, accelerator, seconds, raw_sha256 FROM test_runs
              WHERE version_id = ?1 ORDER BY started_at DESC, id DESC",
         )?;
         let rows = stmt.query_map([v.id], |r| {
@@ -54,6 +73,7 @@ impl Registry {
                 passed: r.get(1)?,
                 accelerator: r.get(2)?,
                 seconds: r.get(3)?,
+                raw_sha256: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

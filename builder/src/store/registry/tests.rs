@@ -124,6 +124,7 @@ fn references_and_test_runs() {
         passed: true,
         accelerator: "tcg".into(),
         seconds: 30.0,
+        raw_sha256: None,
     };
     reg.record_test("devos-test", "0.1.0+aaa111", &run, &serde_json::json!({}))
         .unwrap();
@@ -268,6 +269,18 @@ const SCHEMAS: &[&[&str]] = &[
         "table rollouts(id, stack, region, from_version_id, to_version_id, state, reason, started_at, finished_at, kind, issued_after, parameters_before)",
         "table stage_timings(version_id, seq, stage, seconds)",
         "table test_runs(id, version_id, started_at, passed, accelerator, seconds, report)",
+        "table versions(id, image_id, version, build_id, dir, spec, manifest, built_at, state)",
+    ],
+    &[
+        "index publications_once",
+        "table artifacts(version_id, file, format, sha256, size)",
+        "table bad_versions(stack, region, version_id, reason, marked_at)",
+        "table files(version_id, path, kind, mode, uid, gid, size, mtime, content)",
+        "table images(id, name, created_at)",
+        "table publications(id, version_id, region, snapshot_id, ami_id, state, created_at, kind, parameter, updated_at)",
+        "table rollouts(id, stack, region, from_version_id, to_version_id, state, reason, started_at, finished_at, kind, issued_after, parameters_before)",
+        "table stage_timings(version_id, seq, stage, seconds)",
+        "table test_runs(id, version_id, started_at, passed, accelerator, seconds, report, raw_sha256)",
         "table versions(id, image_id, version, build_id, dir, spec, manifest, built_at, state)",
     ],
 ];
@@ -471,4 +484,48 @@ fn a_file_that_is_no_database_is_named() {
             "{e}"
         );
     }
+}
+
+/// A boot test counts for the bytes it booted: a rebuild to other bytes (`--force`)
+/// is untested until tested, one to the same bytes (reproducible) keeps its result,
+/// and a test of bytes a rebuild replaced meanwhile is not recorded.
+#[test]
+fn a_test_counts_for_the_raw_image_it_booted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(&dir.path().join("r.db")).unwrap();
+    let reference = "devos-test@0.1.0+aaa111";
+    let build = |reg: &mut Registry, sha: &str| {
+        let mut m = manifest("0.1.0+aaa111", &[]);
+        m.artifacts[0].sha256 = sha.repeat(32);
+        reg.record_build(dir.path(), Path::new("images/devos-test.toml"), &m, &[])
+            .unwrap();
+    };
+    let test = |reg: &mut Registry, sha: &str| {
+        let run = TestRun {
+            started_at: crate::support::time::now(),
+            passed: true,
+            accelerator: "tcg".into(),
+            seconds: 1.0,
+            raw_sha256: Some(sha.repeat(32)),
+        };
+        reg.record_test("devos-test", "0.1.0+aaa111", &run, &serde_json::json!({}))
+    };
+    build(&mut reg, "ab");
+    test(&mut reg, "ab").unwrap();
+    assert_eq!(reg.find(reference).unwrap().tested, Some(true));
+    build(&mut reg, "ab");
+    assert_eq!(reg.find(reference).unwrap().tested, Some(true));
+    build(&mut reg, "cd");
+    assert_eq!(reg.find(reference).unwrap().tested, None);
+    let err = reg.require_passing(reference).unwrap_err().to_string();
+    assert!(err.contains("has not been boot-tested"), "{err}");
+    let err = test(&mut reg, "ab").unwrap_err().to_string();
+    assert!(
+        err.contains("was built again while it was tested")
+            && err.contains("the result is not recorded"),
+        "{err}"
+    );
+    assert_eq!(reg.find(reference).unwrap().tested, None);
+    test(&mut reg, "cd").unwrap();
+    assert_eq!(reg.find(reference).unwrap().tested, Some(true));
 }

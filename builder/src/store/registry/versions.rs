@@ -133,6 +133,9 @@ impl Registry {
         let mut stmt = self.conn.prepare(
             "SELECT v.id, i.name, v.version, v.build_id, v.dir, v.spec, v.built_at, v.state,
                     (SELECT passed FROM test_runs t WHERE t.version_id = v.id
+                       AND (t.raw_sha256 IS NULL OR t.raw_sha256 IS
+                            (SELECT a.sha256 FROM artifacts a
+                             WHERE a.version_id = v.id AND a.format = 'raw'))
                      ORDER BY t.started_at DESC, t.id DESC LIMIT 1)
              FROM versions v JOIN images i ON i.id = v.image_id
              WHERE ?1 IS NULL OR i.name = ?1
