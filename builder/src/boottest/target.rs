@@ -97,7 +97,23 @@ pub(crate) fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
             );
         }
         let spec = built_from(&v)?;
-        return Target::from_dir(&v.dir, Some(&spec));
+        let target = Target::from_dir(&v.dir, Some(&spec))?;
+        // One `--out` used for several versions holds only the newest.
+        if let Some(m) = &target.manifest
+            && m.build_id != v.build_id
+        {
+            bail!(
+                "{}@{}'s output directory {} now holds {}@{} (a later build with the same --out)\n  hint: test {}@{}, the version there now; give each version its own --out (or leave --out out) to keep them all",
+                v.name,
+                v.version,
+                v.dir.display(),
+                m.name,
+                m.version,
+                m.name,
+                m.version
+            );
+        }
+        return Ok(target);
     }
     bail!(
         "`{}` is neither an image file, an image output directory, a spec nor a registry reference\n  hint: pass e.g. `images/devos-debian.toml`, `target/images/devos-debian/VERSION/` or `devos-debian@VERSION`",
