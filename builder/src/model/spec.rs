@@ -1560,7 +1560,7 @@ pub(crate) fn canonical(spec: &Spec) -> String {
 
 mod files;
 mod lint;
-pub(crate) use files::{ExtraTree, trees_digest};
+pub(crate) use files::{ExtraTree, LINK_OUT_HINT, trees_digest};
 pub(crate) mod nixos;
 
 #[cfg(test)]

@@ -107,11 +107,80 @@ fn extra_tree(src: &Source, raw: &Spanned<String>) -> Result<ExtraTree, SpecErro
             ));
         }
     };
-    Ok(ExtraTree {
+    let tree = ExtraTree {
         source: source.to_owned(),
         target: target.to_owned(),
         path,
-    })
+    };
+    match tree.link_out() {
+        Ok(None) => Ok(tree),
+        Ok(Some((link, to))) => Err(src.error(
+            raw,
+            format!(
+                "extra tree `{source}`: {} is a symlink to {}, which leads outside the image",
+                link.display(),
+                to.display()
+            ),
+            LINK_OUT_HINT,
+        )),
+        Err(e) => Err(src.error(
+            raw,
+            format!(
+                "cannot read extra tree `{source}` ({}): {e}",
+                tree.path.display()
+            ),
+            "check that the tree and everything in it can be read",
+        )),
+    }
+}
+
+/// What to do about a symlink of an extra tree that leads out of the image.
+pub(crate) const LINK_OUT_HINT: &str =
+    "make it relative and inside the image (e.g. `../lib/x`), or put the file itself in the tree";
+
+impl ExtraTree {
+    /// The first symlink in the tree that leads outside the image — an absolute
+    /// target, or `..` climbing above the image's root from where the link sits — with
+    /// its target. The builder reads and writes the tree's files from the host: a link
+    /// inside the image resolves inside it there too, one like `/etc/passwd` would not.
+    pub(crate) fn link_out(&self) -> std::io::Result<Option<(PathBuf, PathBuf)>> {
+        let target_depth = self.target.split('/').filter(|c| !c.is_empty()).count();
+        for entry in walkdir::WalkDir::new(&self.path) {
+            let entry = entry?;
+            if !entry.path_is_symlink() {
+                continue;
+            }
+            let link = std::fs::read_link(entry.path())?;
+            let rel = entry
+                .path()
+                .strip_prefix(&self.path)
+                .unwrap_or(entry.path());
+            if escapes_root(
+                target_depth + rel.components().count().saturating_sub(1),
+                &link,
+            ) {
+                return Ok(Some((entry.path().to_path_buf(), link)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Whether a symlink `depth` directories below the root, pointing at `link`, leads
+/// above the root (or is absolute).
+fn escapes_root(mut depth: usize, link: &Path) -> bool {
+    if link.is_absolute() {
+        return true;
+    }
+    for c in link.components() {
+        match c {
+            std::path::Component::ParentDir if depth == 0 => return true,
+            std::path::Component::ParentDir => depth -= 1,
+            std::path::Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// `[system] enable-units`: unit names, checked for shape (that they exist in the
@@ -155,4 +224,25 @@ pub(crate) fn trees_digest(trees: &[ExtraTree]) -> std::io::Result<String> {
         }
     }
     Ok(crate::support::digest::sha256_hex(text.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_of_extra_trees_must_stay_in_the_image() {
+        for (depth, link, out) in [
+            (1, "/etc/passwd", true),
+            (1, "../../etc/passwd", true),
+            (2, "../../../x", true),
+            (0, "..", true),
+            (1, "../usr/lib/x", false),
+            (2, "../../etc/x", false),
+            (1, "x/../../y", false),
+            (0, "usr/bin", false),
+        ] {
+            assert_eq!(escapes_root(depth, Path::new(link)), out, "{depth} {link}");
+        }
+    }
 }

@@ -701,6 +701,17 @@ fn extra_trees_stay_inside_the_spec_directory() {
     assert_eq!(spec.extra_trees[1].path, files);
     assert_eq!(spec.extra_trees[1].source, "in");
     assert_eq!(spec.extra_trees[2].path, files.join("etc"));
+    // A link in a tree that leads out of the image is refused when the spec is read
+    // (`validate`, `plan`), not only when the build copies the tree.
+    std::os::unix::fs::symlink("/etc/shadow", dir.path().join("specs/files/etc/sh")).unwrap();
+    let e = load(&dir.path().join("specs/spec.toml")).expect_err("a link out");
+    assert!(
+        e.message
+            .contains("files/etc/sh is a symlink to /etc/shadow")
+            && e.message.contains("leads outside the image"),
+        "{e}"
+    );
+    assert_eq!(e.line, FULL.lines().count() + 3, "{e}");
 }
 
 #[test]
