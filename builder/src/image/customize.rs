@@ -511,6 +511,20 @@ fn create_users(spec: &Spec, root: &Path) -> Result<()> {
         // A line without a numeric id (blank, a comment) takes no id.
         .filter_map(|l| l.split(':').nth(2)?.parse().ok())
         .collect();
+    // A package's account (messagebus, systemd-network, …) of the same name: a second
+    // line would make the name mean two accounts.
+    let taken = |file: &str, name: &str| file.lines().any(|l| l.split(':').next() == Some(name));
+    for user in &spec.users {
+        for (file, what) in [(&passwd, "a user"), (&group, "a group")] {
+            if taken(file, &user.name) {
+                bail!(
+                    "[[users]] `{}`: the image already has {what} of that name (made by one of its packages)\n  hint: name the user something else in {}",
+                    user.name,
+                    spec.path.display()
+                );
+            }
+        }
+    }
     let mut next = 1000;
     for user in &spec.users {
         while used.contains(&next) {

@@ -1182,6 +1182,15 @@ fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecErr
     })
 }
 
+/// The users and groups every Debian and Ubuntu base system has (base-passwd's
+/// static lists), besides root.
+const BASE_ACCOUNTS: &[&str] = &[
+    "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy",
+    "www-data", "backup", "list", "irc", "gnats", "nobody", "_apt", "adm", "tty", "disk", "kmem",
+    "dialout", "fax", "voice", "cdrom", "floppy", "tape", "sudo", "audio", "dip", "operator",
+    "src", "shadow", "utmp", "video", "sasl", "plugdev", "staff", "users", "nogroup",
+];
+
 /// The `[[users]]` entries, checked.
 fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
     let mut users = Vec::new();
@@ -1200,6 +1209,16 @@ fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
                 &u.name,
                 "user `root` is a system user and cannot be a [[users]] entry",
                 "root exists in every image: remove this entry, or name a user of your own and give it `groups = [\"sudo\"]`",
+            ));
+        }
+        // Each user gets a group of its own name: neither may be one the base system
+        // has (a second `nobody` or `sudo` line would corrupt /etc/passwd or /etc/group).
+        // Accounts packages add are checked against the image's files when it is built.
+        if BASE_ACCOUNTS.contains(&uname.as_str()) {
+            return Err(src.error(
+                &u.name,
+                format!("`{uname}` is a user or group of Debian's base system, so it cannot be a [[users]] entry"),
+                "name a user of your own (e.g. `dev`) and give it the groups it needs, e.g. `groups = [\"sudo\"]`",
             ));
         }
         if !seen.insert(uname.clone()) {

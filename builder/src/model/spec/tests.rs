@@ -890,6 +890,15 @@ fn root_and_a_repeated_user_get_their_own_messages() {
     let e = error(&format!("{FULL}\n{root}")).to_string();
     assert!(e.contains("user `root` is a system user"), "{e}");
     assert!(!e.contains("twice"), "{e}");
+    for base in ["nobody", "sudo", "users", "_apt", "www-data"] {
+        let e = error(&format!("{FULL}\n[[users]]\nname = \"{base}\"\n")).to_string();
+        assert!(
+            e.contains(&format!(
+                "`{base}` is a user or group of Debian's base system"
+            )),
+            "{e}"
+        );
+    }
     let twice = "[[users]]\nname = \"dev\"\n";
     let e = error(&format!("{FULL}\n{twice}")).to_string();
     assert!(e.contains("user `dev` is defined twice"), "{e}");
