@@ -684,6 +684,30 @@ fn a_junit_path_that_cannot_be_written_fails_before_anything_boots() {
 }
 
 #[test]
+fn a_file_that_is_no_disk_image_is_refused_before_anything_boots() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in [
+        ("key.pgp", b"junk\n".to_vec()),
+        ("disk.raw", vec![0u8; 4096]),
+        ("disk.qcow2", b"QFI".to_vec()),
+        ("disk.vmdk", vec![7u8; 2048]),
+        ("disk.vhd", vec![0u8; 1024]),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        for command in ["test", "boot"] {
+            let (code, _, err) = run(devos_build_command().args(["image", command]).arg(&path));
+            assert_eq!(code, Some(1), "{command} {name}: {err}");
+            assert!(
+                err.contains(&format!("{} is not a disk image", path.display()))
+                    && err.contains("hint: pass an image output directory"),
+                "{command} {name}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn publish_ami_checks_regions_and_the_ami_name_up_front() {
     // Dry runs, with a reference the registry does not have: the flags are checked
     // before the registry (or AWS) is asked.

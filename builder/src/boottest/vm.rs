@@ -378,7 +378,7 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// The format of a disk image file, by extension (raw unless qcow2/vmdk/vhd).
-fn disk_format(path: &Path) -> &'static str {
+pub(super) fn disk_format(path: &Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
         Some("qcow2") => "qcow2",
         Some("vmdk") => "vmdk",
