@@ -2605,7 +2605,8 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
         "cannot update machines in place: its spec has no `[update]`",
     );
     let out = in_place("2.0.0", &["--batch", "0"]);
-    refused(&out, "--batch 0");
+    refused(&out, "invalid value '0' for '--batch <BATCH>'");
+    assert_eq!(out.status.code(), Some(2));
 
     // A dry run lists the instances and asks none of them.
     let out = in_place("2.0.0", &["--dry-run", "--json"]);

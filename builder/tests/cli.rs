@@ -550,7 +550,7 @@ fn stack_and_region_names_are_checked_where_the_command_line_is_read() {
                 "--region",
                 "us-east-1,,eu-west-1",
             ],
-            "`` is not a region name",
+            "an empty region name",
         ),
         (
             &[
@@ -719,28 +719,35 @@ fn publish_ami_checks_regions_and_the_ami_name_up_front() {
     };
     // A region given on the command line is checked where the command line is read
     // (exit 2, as for any flag clap refuses).
-    let (code, _, err) = ami(&["--region", "bad region"]);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains("--region") && err.contains("`bad region` is not a region name"),
-        "{err}"
-    );
     for (extra, want) in [
+        (
+            &["--region", "bad region"][..],
+            "`bad region` is not a region name",
+        ),
         (
             &[
                 "--region",
                 "eu-west-1",
                 "--copy-to",
                 "us-east-1,,eu-central-1",
-            ][..],
-            "--copy-to names an empty region",
+            ],
+            "an empty region name",
         ),
         (
             &["--region", "eu-west-1", "--copy-to", "us-east-1,bad region"],
-            "--copy-to `bad region`",
+            "`bad region` is not a region name",
         ),
+    ] {
+        let (code, _, err) = ami(extra);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains(extra[extra.len() - 2]) && err.contains(want) && err.contains("hint:"),
+            "{extra:?}: {err}"
+        );
+    }
+    for (extra, want) in [
         (
-            &["--region", "eu-west-1", "--name", "bad name+with/plus"],
+            &["--region", "eu-west-1", "--name", "bad name+with/plus"][..],
             "--name `bad name+with/plus` is not a valid AMI name",
         ),
         (&["--region", "eu-west-1", "--name", "ab"], "3 to 128"),
@@ -911,7 +918,13 @@ fn local_checks_come_before_aws_credentials() {
             param,
         ]
     };
-    local(&deploy("Foo"), "--param Foo: expected KEY=VALUE");
+    // Not KEY=VALUE at all: refused where the command line is read.
+    let (code, _, err) = run_args(&deploy("Foo"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("`Foo` is not KEY=VALUE") && err.contains("hint:"),
+        "{err}"
+    );
     local(
         &deploy("ImageId=ami-12345678"),
         "--param ImageId: set by --image, not by --param",

@@ -306,7 +306,7 @@ pub(crate) enum PublishCommand {
         #[arg(long, value_parser = region_name)]
         region: Option<String>,
         /// Copy the AMI to these regions too (comma-separated).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', value_parser = region_name)]
         copy_to: Vec<String>,
         /// The AMI name. Default: NAME-VERSION with `+` as `-`.
         #[arg(long)]
@@ -440,7 +440,7 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         image: String,
         /// A template parameter (InstanceType=t3.large, DesiredCapacity=4, KeyName=...).
-        #[arg(long = "param", value_name = "KEY=VALUE")]
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = key_value)]
         params: Vec<String>,
         #[command(flatten)]
         change: ChangeArgs,
@@ -462,14 +462,15 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         in_place: bool,
         /// In place: instances per batch.
-        #[arg(long, default_value_t = 1, requires = "in_place")]
+        #[arg(long, default_value_t = 1, requires = "in_place", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         batch: usize,
         /// In place: seconds a batch may take to report the version healthy.
         #[arg(
             long,
             default_value_t = 1800,
             value_name = "SECONDS",
-            requires = "in_place"
+            requires = "in_place",
+            value_parser = clap::value_parser!(u64).range(1..)
         )]
         batch_timeout: u64,
         #[command(flatten)]
@@ -606,9 +607,22 @@ fn checked(value: &str, fits: bool, what: &str, hint: &str) -> Result<String, St
     }
 }
 
+/// `--param KEY=VALUE` (whether the template has KEY is checked against it).
+fn key_value(value: &str) -> Result<String, String> {
+    match value.split_once('=') {
+        Some((k, _)) if !k.is_empty() => Ok(value.to_owned()),
+        _ => Err(format!(
+            "`{value}` is not KEY=VALUE\n  hint: write e.g. `--param InstanceType=t3.small`"
+        )),
+    }
+}
+
 /// `--region`, checked before anything asks AWS (which would say only that it cannot
 /// reach an endpoint made of it).
 fn region_name(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("an empty region name (two commas in a row, or one at an end?)\n  hint: separate region names with single commas, e.g. `us-east-1,eu-west-1`".into());
+    }
     checked(
         value,
         devos_aws::is_region_name(value),
