@@ -67,6 +67,20 @@ fn a_registry_named_by_the_user_must_exist_for_commands_that_read() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
+    // So does `image gc`, real run or dry (it has nothing to collect without one).
+    for dry in [&[][..], &["--dry-run"]] {
+        let out = devos_build_command()
+            .env("DEVOS_REGISTRY", &typo)
+            .args(["image", "gc"])
+            .args(dry)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{dry:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+            "{dry:?}"
+        );
+    }
     // Nothing was created for it.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     // An empty DEVOS_REGISTRY means the default (here, one not created yet: empty).
@@ -194,6 +208,14 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
     }
     assert_eq!(keys.metadata().unwrap().mode() & 0o777, 0o700);
     assert_eq!(public.metadata().unwrap().uid(), user.uid);
+    // With a key there, a dry run refuses as the real run does.
+    let dry = user.sudo(&bin, &["keys", "generate", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(1), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("already holds the signing key"),
+        "{}",
+        text(&dry)
+    );
     let shown = user.run(&bin, &["keys", "show", "--json"]);
     assert!(shown.status.success(), "{}", text(&shown));
     let shown = user.sudo(&bin, &["keys", "export", public.to_str().unwrap()]);

@@ -184,7 +184,12 @@ fn image_command(
             dry_run,
             json,
         } => {
-            let mut reg = if dry_run { read()? } else { open()? };
+            // No registry, nothing to collect: one named that is not there is a typo.
+            let mut reg = if dry_run || !registry_path.exists() {
+                read()?
+            } else {
+                open()?
+            };
             let gc = inventory::gc(&mut reg, name.as_deref(), keep, dry_run)?;
             let nothing = dry_run && gc.removed.is_empty() && gc.cache_entries_removed == 0;
             nothing_to_do(output(json, &gc, || gc.human(), true), nothing)
@@ -484,13 +489,15 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             dry_run: true,
             json,
         } => {
+            // Refused as the real run is: there is never nothing to do.
+            if let Some(k) = keys::find(&dir)? {
+                return Err(keys::already_there(&dir, &k));
+            }
             let mut dry = DryRun::new();
-            if keys::find(&dir)?.is_none() {
-                dry.would(format!("make an Ed25519 signing key in {}", dir.display()));
-                if let Some(file) = export {
-                    keys::check_export_destination(&file, None)?;
-                    dry.would(format!("write its public key to {}", file.display()));
-                }
+            dry.would(format!("make an Ed25519 signing key in {}", dir.display()));
+            if let Some(file) = export {
+                keys::check_export_destination(&file, None)?;
+                dry.would(format!("write its public key to {}", file.display()));
             }
             return dry_run_output(json, &dry);
         }

@@ -113,16 +113,21 @@ fn run_gpg(dir: &Path, c: &mut Command, input: Option<&[u8]>, what: &str) -> Res
     })
 }
 
+/// Why `keys generate` (and its dry run) refuses when `dir` holds key `k`.
+pub(crate) fn already_there(dir: &Path, k: &KeyInfo) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} already holds the signing key {}: images built with it trust only it\n  hint: `devos-build keys show` prints it; to start over, move that directory away first",
+        dir.display(),
+        k.fingerprint
+    )
+}
+
 /// Make the signing key; refused when there is one (images trust it: replacing it
 /// must be deliberate). Two at once make one key: the second waits, then refuses.
 pub(crate) fn generate(dir: &Path) -> Result<KeyInfo> {
     let _held = open_key_dir(dir)?;
     if let Some(k) = find(dir)? {
-        bail!(
-            "{} already holds the signing key {}: images built with it trust only it\n  hint: `devos-build keys show` prints it; to start over, move that directory away first",
-            dir.display(),
-            k.fingerprint
-        );
+        return Err(already_there(dir, &k));
     }
     let host = fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host = host.trim();
