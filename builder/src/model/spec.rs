@@ -911,11 +911,7 @@ fn update(src: &Source, raw: &RawUpdate, verity: bool) -> Result<Update, SpecErr
         ));
     }
     let url = raw.url.get_ref().trim();
-    let valid = ["http://", "https://"].iter().any(|s| {
-        url.strip_prefix(s)
-            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
-    }) && !url.contains(char::is_whitespace)
-        && !url.contains(['?', '#']);
+    let valid = is_web_url(url) && !url.contains(['?', '#']);
     if !valid {
         return Err(src.error(
             &raw.url,
@@ -1269,6 +1265,22 @@ fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
     Ok(users)
 }
 
+/// An http:// or https:// URL with a host, without spaces or control characters.
+fn is_web_url(url: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| {
+        url.strip_prefix(scheme)
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+    }) && !url.contains(|c: char| c.is_whitespace() || c.is_control())
+}
+
+/// A package mirror apt can read: a web URL, or `file:///` a directory on the host.
+fn is_mirror_url(url: &str) -> bool {
+    is_web_url(url)
+        || url.strip_prefix("file:///").is_some_and(|rest| {
+            !rest.is_empty() && !url.contains(|c: char| c.is_whitespace() || c.is_control())
+        })
+}
+
 /// `[base]` beyond the distro: suite, mirror, components and keyring, checked.
 struct Base {
     suite: String,
@@ -1290,11 +1302,11 @@ fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> 
         None => distro.default_suite().to_owned(),
     };
     let mirror = match &raw.mirror {
-        Some(m) if !(m.get_ref().contains("://")) => {
+        Some(m) if !is_mirror_url(m.get_ref()) => {
             return Err(src.error(
                 m,
                 format!("invalid mirror `{}`", m.get_ref()),
-                "give a URL such as `http://deb.debian.org/debian`, or remove the key to use the host's apt sources",
+                "give an http://, https:// or file:/// URL such as `http://deb.debian.org/debian`, or remove the key to use the host's apt sources",
             ));
         }
         Some(m) => Some(m.get_ref().trim_end_matches('/').to_owned()),

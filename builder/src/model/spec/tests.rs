@@ -363,6 +363,20 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
             "invalid mirror",
         ),
         (
+            "a mirror with no host",
+            with("http://mirror.example/debian/", "http://"),
+            10,
+            10,
+            "invalid mirror",
+        ),
+        (
+            "a mirror apt cannot read",
+            with("http://mirror.example/debian/", "ftp://x/"),
+            10,
+            10,
+            "invalid mirror",
+        ),
+        (
             "missing table",
             "[image]\nname = \"x\"\nversion = \"1.0.0\"\n".to_owned(),
             1,
