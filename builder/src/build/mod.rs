@@ -134,10 +134,13 @@ impl Plan {
             self.build_id.as_deref().unwrap_or(unknown),
             self.source_date_epoch
         );
-        s.push_str(
+        s.push_str(if self.inputs.is_empty() {
+            "  inputs             (known once the agent package is built)
+"
+        } else {
             "  inputs:
-",
-        );
+"
+        });
         for i in &self.inputs {
             s.push_str(&format!(
                 "    {:<18} {}
@@ -271,10 +274,15 @@ fn identify(
         host_tools: &tools,
         extra_trees: trees.as_deref(),
     });
+    // A plan's placeholder for an agent package still to be built has no hash.
+    let version = match &agent {
+        Some(a) if a.sha256.is_empty() => "(version known once the agent package is built)",
+        _ => id.version.as_str(),
+    };
     ui.info(&format!(
         "    {} {} ({} packages from {} sources)",
         spec.name,
-        id.version,
+        version,
         resolution.packages.len(),
         sources.origin
     ));
