@@ -406,6 +406,22 @@ fn validate_refuses_what_a_build_would_refuse_later() {
         err.contains("spec.toml:16:14: `components = []` names no archive area"),
         "{err}"
     );
+    // With --json, stdout answers too: `valid` false and the error.
+    let out = devos_build_command()
+        .args(["image", "validate", "--json"])
+        .arg(dir.path().join("spec.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["valid"], false, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("names no archive area"),
+        "{answer}"
+    );
 
     let (code, err) = validate(
         "components = [\"main\"]",

@@ -385,9 +385,24 @@ fn built_human(
 /// `image plan`: the build id and every input to it, without building.
 /// `image validate`: the spec loaded and checked, nothing fetched or written.
 fn validate_command(path: &Path, json: bool) -> Result<ExitCode> {
-    let spec = crate::model::spec::load(path)?;
-    spec.check_buildable()?;
-    crate::image::check_spec(&spec)?;
+    let checked = crate::model::spec::load(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|spec| {
+            spec.check_buildable()?;
+            crate::image::check_spec(&spec)?;
+            Ok(spec)
+        });
+    let spec = match checked {
+        Ok(spec) => spec,
+        // A script reading `--json` gets an answer either way (the error also goes
+        // to stderr, and the exit code is 1).
+        Err(e) if json => {
+            let report = serde_json::json!({ "valid": false, "error": format!("{e:#}") });
+            stdout::print(serde_json::to_string_pretty(&report)? + "\n")?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     // Warnings go to stderr in both forms; JSON also carries them.
     for w in &spec.warnings {
         eprintln!("warning: {w}");
