@@ -67,6 +67,13 @@ fn a_registry_named_by_the_user_must_exist_for_commands_that_read() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
+    // A directory is named as one.
+    let (code, _, err) = image_list(Some(dir.path().as_os_str()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is a directory, not a registry file") && err.contains("hint:"),
+        "{err}"
+    );
     // So does `image gc`, real run or dry (it has nothing to collect without one).
     for dry in [&[][..], &["--dry-run"]] {
         let out = devos_build_command()

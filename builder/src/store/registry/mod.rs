@@ -50,7 +50,13 @@ pub fn is_busy(e: &anyhow::Error) -> bool {
 }
 
 fn open_error(path: &Path, e: rusqlite::Error) -> anyhow::Error {
-    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
+    if path.is_dir() {
+        anyhow::anyhow!(
+            "{} is a directory, not a registry file\n  hint: point --registry or DEVOS_REGISTRY at a file, e.g. {}",
+            path.display(),
+            path.join("registry.db").display()
+        )
+    } else if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
         anyhow::anyhow!(
             "{} is not a registry: it is not an SQLite database\n  hint: point --registry or DEVOS_REGISTRY at the registry file (or unset them for the default), or move this file out of the way",
             path.display()
