@@ -729,6 +729,34 @@ fn a_junit_path_that_cannot_be_written_fails_before_anything_boots() {
 }
 
 #[test]
+fn an_agent_package_that_cannot_be_read_is_refused_before_anything_is_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("agent.deb");
+    std::fs::write(&junk, "junk").unwrap();
+    let spec = devos_tests::repo_root().join("images/devos-debian.toml");
+    for (deb, said) in [
+        (dir.path().join("none.deb"), "no such file"),
+        (junk, "not a Debian package dpkg-deb can read"),
+    ] {
+        for command in ["build", "plan"] {
+            let (code, _, err) = run(devos_build_command()
+                .env("DEVOS_REGISTRY", dir.path().join("r.db"))
+                .args(["image", command])
+                .arg(&spec)
+                .arg("--agent-deb")
+                .arg(&deb));
+            assert_eq!(code, Some(1), "{command}: {err}");
+            assert!(
+                err.contains(&format!("--agent-deb {}: {said}", deb.display())),
+                "{command}: {err}"
+            );
+            // Nothing was resolved: no mirror was asked.
+            assert!(!err.contains("packages from"), "{command}: {err}");
+        }
+    }
+}
+
+#[test]
 fn a_file_that_is_no_disk_image_is_refused_before_anything_boots() {
     let dir = tempfile::tempdir().unwrap();
     for (name, bytes) in [

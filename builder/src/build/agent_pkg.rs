@@ -64,8 +64,19 @@ pub struct AgentPackage {
 impl AgentPackage {
     /// Describe an existing .deb (given with `--agent-deb`).
     pub(crate) fn from_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            anyhow::bail!(
+                "--agent-deb {}: no such file\n  hint: name the devos-agent .deb to install, or leave --agent-deb out to build the agent from this source tree",
+                path.display()
+            );
+        }
         let version = cmd::stdout(Command::new("dpkg-deb").arg("-f").arg(path).arg("Version"))
-            .with_context(|| format!("while reading the agent package {}", path.display()))?
+            .with_context(|| {
+                format!(
+                    "--agent-deb {}: not a Debian package dpkg-deb can read",
+                    path.display()
+                )
+            })?
             .trim()
             .to_owned();
         Ok(Self {

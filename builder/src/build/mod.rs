@@ -323,6 +323,9 @@ fn load_warning(path: &Path) -> Result<Spec> {
 
 /// `image plan`: resolve without building.
 pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
+    if let Some(deb) = &opts.agent_deb {
+        AgentPackage::from_file(deb)?;
+    }
     let spec = load_warning(&opts.spec)?;
     if spec.distro == spec::Distro::Nixos {
         bail!(
@@ -415,6 +418,10 @@ fn planned_agent(
 pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     if let Some(out) = &opts.out {
         check_out(out)?;
+    }
+    // Read now, not after the packages are resolved.
+    if let Some(deb) = &opts.agent_deb {
+        AgentPackage::from_file(deb)?;
     }
     // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds): the
     // image of nixos/image.nix with the spec rendered as a module (build/nixos.rs).
