@@ -184,8 +184,8 @@ fn image_command(
             dry_run,
             json,
         } => {
-            // No registry, nothing to collect: one named that is not there is a typo.
-            let mut reg = if dry_run || !registry_path.exists() {
+            // A registry named that is not there is a typo: refused, not made.
+            let mut reg = if dry_run || (named && !registry_path.exists()) {
                 read()?
             } else {
                 open()?

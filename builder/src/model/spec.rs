@@ -176,7 +176,9 @@ fn parse_hint(message: &str, doc: &str) -> Option<String> {
     } else if message.contains("duplicate key") {
         Some("each key may appear once per table: remove one of them".to_owned())
     } else {
-        None
+        // The rest are TOML's own syntax errors (an unclosed table, a key with no
+        // value, a string not closed, …), at the line and column given.
+        Some("this is not valid TOML at the line and column given: `key = value` lines under `[table]` headers, strings in double quotes, lists in `[...]` (https://toml.io)".to_owned())
     }
 }
 
