@@ -834,7 +834,10 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     }
 
     let disk_size = disk_size(&src, raw.disk.size.as_ref())?;
+    // What a NixOS image always is (spec/nixos.rs refuses anything else).
+    let nixos = distro == Distro::Nixos;
     let root_fs = match &raw.disk.root_fs {
+        None if nixos => RootFs::Erofs,
         None => RootFs::Ext4,
         Some(f) => pick(&src, f, "root-fs")?,
     };
@@ -849,7 +852,7 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
             ));
         }
         Some(v) => *v.get_ref(),
-        None => false,
+        None => nixos,
     };
 
     let update = match &raw.update {
@@ -1283,6 +1286,13 @@ fn is_mirror_url(url: &str) -> bool {
         })
 }
 
+/// A NixOS release as `lib.trivial.release` spells it: `YY.MM`.
+fn is_nixos_release(s: &str) -> bool {
+    s.split_once('.').is_some_and(|(y, m)| {
+        y.len() == 2 && m.len() == 2 && (y.to_owned() + m).bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 /// `[base]` beyond the distro: suite, mirror, components and keyring, checked.
 struct Base {
     suite: String,
@@ -1300,6 +1310,13 @@ fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> 
                 "use a release codename such as `bookworm` or `noble`",
             ));
         }
+        Some(s) if distro == Distro::Nixos && !is_nixos_release(s.get_ref()) => {
+            return Err(src.error(
+                s,
+                format!("`{}` is not a NixOS release", s.get_ref()),
+                "a NixOS suite is the release the pinned nixpkgs is, such as `25.11`; remove the key for the default",
+            ));
+        }
         Some(s) => s.get_ref().clone(),
         None => distro.default_suite().to_owned(),
     };
@@ -1315,6 +1332,7 @@ fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> 
         None => None,
     };
     let components = match &raw.components {
+        None if distro == Distro::Nixos => Vec::new(),
         None => vec!["main".to_owned()],
         Some(list) if list.get_ref().is_empty() => {
             return Err(src.error(

@@ -813,7 +813,13 @@ fn nixos_specs_refuse_what_has_no_nixos_meaning_where_it_is_written() {
     let s = load(&path).unwrap();
     assert_eq!(s.packages, ["python3Packages.requests"]);
     assert_eq!(s.suite, "25.11");
+    // What a NixOS image always is, said as such (`validate --json` shows it).
+    assert_eq!(
+        (s.root_fs, s.verity, s.components.len()),
+        (RootFs::Erofs, true, 0)
+    );
     for (extra, key) in [
+        ("suite = \"trixie\"\n", "`trixie` is not a NixOS release"),
         ("components = [\"main\"]\n", "[base] components"),
         ("keyring = \"/k.gpg\"\n", "[base] keyring"),
         (
