@@ -12,7 +12,7 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if devos_build::store::registry::is_busy(&e) {
                 eprintln!(
-                    "  hint: another devos-build kept the registry locked for the 30 s this one waited; run this again once it is done"
+                    "  hint: another devos-build holds the registry's lock (SQLite waits up to 30 s for it); run this again once that one is done"
                 );
             }
             ExitCode::FAILURE

@@ -1498,7 +1498,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
                 "--param",
                 "DesiredCapacity",
             ],
-            "--param DesiredCapacity: expected KEY=VALUE",
+            "`DesiredCapacity` is not KEY=VALUE",
         ),
         (
             vec![
@@ -1979,6 +1979,8 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
         "another devos-build is changing stack devfleet in us-east-1",
     );
     assert_eq!(fx.resources("us-east-1", &build_id("2.0.0")).1.len(), 1);
+    // A dry run takes no lock: it answers meanwhile.
+    ok(&fx.run(&["publish", "deregister", "devos-pub@2.0.0", "--dry-run"]));
     drop(busy);
     ok(&fx.run(&["publish", "deregister", "devos-pub@2.0.0"]));
     assert_eq!(

@@ -105,6 +105,8 @@ fn incremental_builds_registry_kills_and_gc() {
     steps.at("A version missing a file is built again");
     let qcow2 = out_dir.join(format!("devos-debian-{v1}.qcow2"));
     std::fs::remove_file(&qcow2).unwrap();
+    let dry_run = run(&mut env.build_cmd(&spec, &["--dry-run"]), 5);
+    assert_eq!(dry_run.status.code(), Some(0), "the dry run says it builds");
     let (again, log) = env.build(&spec, &[]);
     assert_eq!(again["fresh"], true, "{log}");
     assert!(log.contains("is incomplete"), "{log}");

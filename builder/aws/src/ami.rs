@@ -209,7 +209,7 @@ impl Created {
 /// Publish `image`: upload and register in `target.region` (unless a previous run
 /// did), copy to `target.copy_to` in parallel, write the SSM parameters. A failure,
 /// or a SIGINT or SIGTERM before the end, removes what this run created; a second
-/// signal while that runs stops it (the next run removes the rest: all is tagged).
+/// SIGINT while that runs stops it (the next run removes the rest: all is tagged).
 pub async fn publish(
     aws: &Aws,
     image: &Image,
@@ -228,11 +228,19 @@ pub async fn publish(
             anyhow!("interrupted by {signal}")
         }
     };
+    // Only a second Ctrl-C stops the removal: a CI system's SIGTERM that follows its
+    // SIGINT lets it go on (until its SIGKILL).
+    let second_ctrl_c = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+            Ok(mut int) => int.recv().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
     let left = tokio::select! {
         left = created.undo(aws) => left,
-        signal = interrupted() => {
+        _ = second_ctrl_c => {
             return Err(e.context(format!(
-                "publishing stopped; removing what it created was stopped by {signal}: what is left carries the tag {TAG_BUILD_ID}={}, and the next `publish ami` of this version removes its snapshots or keeps and finishes its AMIs",
+                "publishing stopped; removing what it created was stopped by a second SIGINT: what is left carries the tag {TAG_BUILD_ID}={}, and the next `publish ami` of this version removes its snapshots or keeps and finishes its AMIs",
                 image.build_id
             )));
         }

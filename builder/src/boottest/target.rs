@@ -254,7 +254,10 @@ fn check_disk(path: &Path) -> Result<()> {
                 && f.seek(SeekFrom::Start(len - 512)).is_ok()
                 && f.read_exact(&mut footer).is_ok()
                 && &footer == b"conectix";
-            (at_end || head.starts_with(b"conectix"), "a VHD footer")
+            (
+                at_end || head.starts_with(b"conectix"),
+                "a VHD footer at its end",
+            )
         }
         _ => (
             head.get(512..520) == Some(b"EFI PART".as_slice())
@@ -264,9 +267,9 @@ fn check_disk(path: &Path) -> Result<()> {
     };
     if !ok {
         bail!(
-            "{} is not a disk image: as a .{} file it should start with {expected}, and it does not\n  hint: pass an image output directory, a spec, NAME@VERSION, or a disk image (.raw, .qcow2, .vmdk or .vhd, named by its format)",
+            "{} is not a disk image: read as {}, it should have {expected}, and it does not\n  hint: pass an image output directory, a spec, NAME@VERSION, or a disk image (.raw, .qcow2, .vmdk or .vhd, named by its format; other names are read as raw)",
             path.display(),
-            path.extension().and_then(|e| e.to_str()).unwrap_or("raw")
+            if format == "vpc" { "vhd" } else { format }
         );
     }
     Ok(())

@@ -323,6 +323,9 @@ fn load_warning(path: &Path) -> Result<Spec> {
 
 /// `image plan`: resolve without building.
 pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
+    if let Some(out) = &opts.out {
+        check_out(out)?;
+    }
     if let Some(deb) = &opts.agent_deb {
         AgentPackage::from_file(deb)?;
     }
@@ -355,8 +358,9 @@ pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
         ui,
     )?;
     let out = final_dir(opts, &r.spec, &r.id.version);
-    let up_to_date =
-        !to_be_built && Manifest::load(&out).is_ok_and(|m| m.build_id == r.id.build_id);
+    let up_to_date = !to_be_built
+        && Manifest::load(&out)
+            .is_ok_and(|m| m.build_id == r.id.build_id && incomplete(&out, &m).is_none());
     let cache = cache::Cache::new(cache::dir(), !opts.no_cache);
     let cached = [("base", &r.id.base_key), ("tree", &r.id.tree_key)]
         .into_iter()
@@ -544,6 +548,35 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     })
 }
 
+/// Why the output in `dir`, described by `manifest`, is not whole — a file removed by
+/// hand, an interrupted removal (its manifest is no proof the rest is there): the
+/// first artifact or update file missing or not at its size.
+fn incomplete(dir: &Path, manifest: &Manifest) -> Option<String> {
+    let files = manifest
+        .artifacts
+        .iter()
+        .map(|a| (dir.join(&a.file), a.size))
+        .chain(
+            manifest
+                .update
+                .iter()
+                .map(|f| (dir.join("update").join(&f.file), f.size)),
+        );
+    for (path, size) in files {
+        match path.metadata() {
+            Ok(m) if m.len() == size => {}
+            Ok(_) => {
+                return Some(format!(
+                    "{} is not the size it was built at",
+                    path.display()
+                ));
+            }
+            Err(_) => return Some(format!("{} is gone", path.display())),
+        }
+    }
+    None
+}
+
 /// The version already in `final_dir`, if it has the same build id: nothing to build.
 fn already_built(
     spec: &Spec,
@@ -560,41 +593,28 @@ fn already_built(
     if manifest.build_id != build_id {
         return Ok(None);
     }
-    // Its manifest is no proof the rest is there (a file removed by hand, an
-    // interrupted removal): every artifact, at its size, or it is built again.
-    let files = manifest
-        .artifacts
-        .iter()
-        .map(|a| (final_dir.join(&a.file), a.size))
-        .chain(
-            manifest
-                .update
-                .iter()
-                .map(|f| (final_dir.join("update").join(&f.file), f.size)),
-        );
-    for (path, size) in files {
-        if path.metadata().map(|m| m.len()).ok() != Some(size) {
-            ui.info(&format!(
-                "{version} in {} is incomplete ({} is {}): building it again",
-                final_dir.display(),
-                path.display(),
-                if path.exists() {
-                    "not the size it was built at"
-                } else {
-                    "gone"
-                }
-            ));
-            return Ok(None);
-        }
+    if let Some(why) = incomplete(final_dir, &manifest) {
+        ui.info(&format!(
+            "{version} in {} is incomplete ({why}): building it again",
+            final_dir.display(),
+        ));
+        return Ok(None);
     }
     ui.info(&format!(
         "{version} is up to date in {}",
         final_dir.display()
     ));
-    // A build killed after its output was complete but before it was recorded.
+    // A build killed after its output was complete but before it was recorded: not
+    // in the registry, or recorded with the artifacts of the output it replaced (a
+    // `--force` rebuild; the file index of the same inputs stays).
     let mut reg = registry::Registry::open(registry_path)?;
-    if reg.find(&format!("{}@{version}", spec.name)).is_err() {
-        reg.record_build(final_dir, &spec.path, &manifest, &[])?;
+    match reg.find(&format!("{}@{version}", spec.name)) {
+        Err(_) => reg.record_build(final_dir, &spec.path, &manifest, &[])?,
+        Ok(v) if !same_artifacts(&v, &manifest) => {
+            let files = reg.files(&v)?;
+            reg.record_build(final_dir, &spec.path, &manifest, &files)?;
+        }
+        Ok(_) => {}
     }
     Ok(Some(Built {
         dir: final_dir.to_path_buf(),
@@ -602,6 +622,15 @@ fn already_built(
         fresh: false,
         files: Vec::new(),
     }))
+}
+
+/// Whether the registry's row `v` records exactly the artifacts of `manifest`.
+fn same_artifacts(v: &registry::VersionInfo, manifest: &Manifest) -> bool {
+    manifest.artifacts.iter().all(|a| {
+        v.artifacts
+            .iter()
+            .any(|r| r.file == a.file && r.sha256 == a.sha256)
+    })
 }
 
 /// Where the packages downloaded for a distro's suite are kept between builds.
@@ -992,9 +1021,9 @@ fn check_out(out: &Path) -> Result<()> {
         .with_context(|| format!("--out {}: cannot read the directory", out.display()))?
         .next()
         .is_none();
-    if !empty && !out.join("manifest.json").is_file() {
+    if !empty && Manifest::load(out).is_err() {
         bail!(
-            "--out {}: the directory is not empty and holds no earlier build (no manifest.json); the build would replace it and everything in it\n  {hint}",
+            "--out {}: the directory is not empty and holds no earlier build (no manifest.json of devos-build's); the build would replace it and everything in it\n  {hint}",
             out.display()
         );
     }
@@ -1061,9 +1090,19 @@ mod tests {
                 "{p}: {err}"
             );
         }
+        // A manifest.json that is not devos-build's (a web app's) is no earlier build.
+        fs::create_dir(at("webapp")).unwrap();
+        fs::write(at("webapp/manifest.json"), "{\"name\": \"app\"}").unwrap();
+        let err = check_out(&at("webapp")).unwrap_err().to_string();
+        assert!(err.contains("holds no earlier build"), "{err}");
         fs::create_dir(at("empty")).unwrap();
         fs::create_dir(at("earlier")).unwrap();
-        fs::write(at("earlier/manifest.json"), "{}").unwrap();
+        let m = crate::store::registry::tests::manifest("0.1.0+aaa", &[]);
+        fs::write(
+            at("earlier/manifest.json"),
+            serde_json::to_string(&m).unwrap(),
+        )
+        .unwrap();
         for fine in ["new", "new/deeper", "empty", "earlier"] {
             check_out(&at(fine)).unwrap();
         }

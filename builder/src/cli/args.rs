@@ -462,7 +462,7 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         in_place: bool,
         /// In place: instances per batch.
-        #[arg(long, default_value_t = 1, requires = "in_place", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        #[arg(long, default_value_t = 1, requires = "in_place", value_parser = at_least_one::<usize>)]
         batch: usize,
         /// In place: seconds a batch may take to report the version healthy.
         #[arg(
@@ -470,7 +470,7 @@ pub(crate) enum FleetCommand {
             default_value_t = 1800,
             value_name = "SECONDS",
             requires = "in_place",
-            value_parser = clap::value_parser!(u64).range(1..)
+            value_parser = at_least_one::<u64>
         )]
         batch_timeout: u64,
         #[command(flatten)]
@@ -604,6 +604,16 @@ fn checked(value: &str, fits: bool, what: &str, hint: &str) -> Result<String, St
         Ok(value.to_owned())
     } else {
         Err(format!("`{value}` is not {what}\n  hint: {hint}"))
+    }
+}
+
+/// A count or a number of seconds that must be 1 or more.
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(value: &str) -> Result<T, String> {
+    match value.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err(format!(
+            "`{value}` is not a whole number of 1 or more\n  hint: a batch holds at least one instance and takes at least one second"
+        )),
     }
 }
 

@@ -210,9 +210,10 @@ fn image_command(
                     dir: version.dir,
                 });
             }
-            let report = run_test(&target, &opts, registry_path)?;
+            let (report, recorded) = run_test(&target, &opts, registry_path)?;
             let code = output(json, &report, || report.summary(), report.passed)?;
             write_junit(&vm, &report)?;
+            recorded?;
             Ok(code)
         }
         ImageCommand::Boot {
@@ -296,7 +297,8 @@ fn export_command(
 fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<ExitCode> {
     let opts = BuildOptions {
         spec: args.spec,
-        out: args.out,
+        // `dist/x/.` and `link/` as the directory itself (the output replaces it by name).
+        out: args.out.map(|o| o.components().collect()),
         agent_deb: args.agent_deb,
         force: args.force,
         no_cache: args.no_cache,
@@ -322,10 +324,11 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
     } else {
         (build::build(&opts, ui)?, None)
     };
-    let report = if args.test {
-        Some(test_built(&built, &opts.spec, &args.vm, registry_path, ui)?)
+    let (report, recorded) = if args.test {
+        let (report, recorded) = test_built(&built, &opts.spec, &args.vm, registry_path, ui)?;
+        (Some(report), recorded)
     } else {
-        None
+        (None, Ok(()))
     };
     let value = serde_json::json!({
         "dir": built.dir,
@@ -340,6 +343,7 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
     if let Some(report) = &report {
         write_junit(&args.vm, report)?;
     }
+    recorded?;
     Ok(code)
 }
 
@@ -350,7 +354,7 @@ fn test_built(
     vm: &VmArgs,
     registry_path: &Path,
     ui: &Ui,
-) -> Result<boottest::TestReport> {
+) -> Result<(boottest::TestReport, Result<()>)> {
     let spec = crate::model::spec::load(spec)?;
     let target = boottest::Target::from_dir(&built.dir, Some(&spec))?;
     ui.info("==> boot test");
@@ -786,12 +790,14 @@ fn run_test(
     target: &boottest::Target,
     opts: &boottest::TestOptions,
     registry_path: &std::path::Path,
-) -> Result<boottest::TestReport> {
+) -> Result<(boottest::TestReport, Result<()>)> {
     let report = boottest::test(target, opts)?;
-    if opts.update_to.is_none() {
-        record_test(registry_path, target, &report)?;
-    }
-    Ok(report)
+    // A run that cannot be recorded still has its report printed and written first.
+    let recorded = match opts.update_to {
+        None => record_test(registry_path, target, &report),
+        Some(_) => Ok(()),
+    };
+    Ok((report, recorded))
 }
 
 /// `--junit`: that the file can be written, before minutes of building or booting.

@@ -116,13 +116,26 @@ impl Show {
         if self.test_runs.is_empty() {
             s.push_str("  boot tests:   none yet (`devos-build image test`)\n");
         }
+        let raw = self
+            .version
+            .artifacts
+            .iter()
+            .find(|a| a.format == Format::Raw)
+            .map(|a| a.sha256.as_str());
         for t in &self.test_runs {
+            // A run of other bytes (before a `--force` rebuild) does not count.
+            let other = t.raw_sha256.as_deref().is_some_and(|sha| Some(sha) != raw);
             s.push_str(&format!(
-                "  boot test     {} {} in {:.1}s ({})\n",
+                "  boot test     {} {} in {:.1}s ({}){}\n",
                 utc(t.started_at),
                 if t.passed { "passed" } else { "FAILED" },
                 t.seconds,
-                t.accelerator
+                t.accelerator,
+                if other {
+                    " — of a raw image this version no longer has: does not count"
+                } else {
+                    ""
+                }
             ));
         }
         s
@@ -365,10 +378,18 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: b
                 continue;
             }
             // Only ever delete a directory that really is this version's output.
+            let gone = gone_name(&v.dir);
             if Manifest::load(&v.dir).is_ok_and(|m| m.build_id == v.build_id) {
                 report.freed_bytes += cache::dir_size(&v.dir);
                 if !dry_run {
                     remove_output(&v.dir)?;
+                }
+            } else if gone.is_dir() {
+                // What an earlier gc moved out of the way and could not remove.
+                report.freed_bytes += cache::dir_size(&gone);
+                if !dry_run {
+                    fs::remove_dir_all(&gone)
+                        .map_err(|e| not_removed(&gone, "the output directory", e))?;
                 }
             }
             if !dry_run {
@@ -415,13 +436,19 @@ fn on_stacks(reg: &Registry) -> Result<BTreeSet<(String, String)>> {
     Ok(versions)
 }
 
+/// Where [`remove_output`] moves `dir` before removing it; a later gc removes what a
+/// failed removal left there.
+fn gone_name(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.with_file_name(format!(
+        ".{}.gone",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    ))
+}
+
 /// Remove a version's output directory: first out of its name in one rename (a
 /// removal cut short leaves no half a version under it), then whole.
 fn remove_output(dir: &std::path::Path) -> Result<()> {
-    let gone = dir.with_file_name(format!(
-        ".{}.gone",
-        dir.file_name().unwrap_or_default().to_string_lossy()
-    ));
+    let gone = gone_name(dir);
     crate::support::remove::dir_if_present(&gone)?;
     fs::rename(dir, &gone).map_err(|e| not_removed(dir, "the output directory", e))?;
     fs::remove_dir_all(&gone).map_err(|e| not_removed(&gone, "the output directory", e))

@@ -420,6 +420,7 @@ async fn refuse_if_running(
     v: &VersionInfo,
     pubs: &[Publication],
     force: bool,
+    dry_run: bool,
 ) -> Result<()> {
     if force {
         return Ok(());
@@ -428,18 +429,22 @@ async fn refuse_if_running(
     regions.sort();
     regions.dedup();
     for region in regions {
-        // The stacks this registry has changed there.
+        // The stacks of this image this registry has changed there.
         let mut names: Vec<String> = reg
             .rollouts(None, Some(region))?
             .into_iter()
+            .filter(|r| r.image == v.name)
             .map(|r| r.stack)
             .collect();
         names.sort();
         names.dedup();
         // Held until the deregister ends: a change of one of them cannot start
-        // meanwhile and move it onto the version (one under way refuses this).
-        for name in &names {
-            reg.lock_stack(name, region)?;
+        // meanwhile and move it onto the version (one under way refuses this). A dry
+        // run changes nothing and takes no lock.
+        if !dry_run {
+            for name in &names {
+                reg.lock_stack(name, region)?;
+            }
         }
         let stacks =
             devos_aws::stack::running_version(aws, region, &names, &v.name, &v.version).await?;
@@ -481,7 +486,7 @@ pub(crate) fn deregister_dry_run(
     devos_aws::block_on(async {
         let aws = Aws::load(&aws).await?;
         refuse_if_latest(&aws, &v, &pubs, &latest, force).await?;
-        refuse_if_running(reg, &aws, &v, &pubs, force).await
+        refuse_if_running(reg, &aws, &v, &pubs, force, true).await
     })?;
     for p in &pubs {
         dry.would(format!(
@@ -518,7 +523,7 @@ pub(crate) fn deregister(
     devos_aws::block_on(async {
         let aws = Aws::load(&aws).await?;
         refuse_if_latest(&aws, &v, &pubs, &latest, force).await?;
-        refuse_if_running(reg, &aws, &v, &pubs, force).await?;
+        refuse_if_running(reg, &aws, &v, &pubs, force, false).await?;
         let mut removed = Vec::new();
         for p in pubs {
             let ec2 = aws.ec2(&p.region);

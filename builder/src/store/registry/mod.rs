@@ -34,8 +34,7 @@ pub(crate) fn default_path() -> PathBuf {
     data.join("devos/registry.db")
 }
 
-/// Why the registry at `path` cannot be opened, and what to do.
-/// Whether `e` comes from SQLite waiting in vain for another process's lock.
+/// Whether `e` comes from SQLite finding another process's lock on the registry.
 pub fn is_busy(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<rusqlite::Error>()
@@ -49,6 +48,7 @@ pub fn is_busy(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Why the registry at `path` cannot be opened, and what to do.
 fn open_error(path: &Path, e: rusqlite::Error) -> anyhow::Error {
     if path.is_dir() {
         anyhow::anyhow!(

@@ -41,7 +41,7 @@ impl Registry {
                 && tested != now
             {
                 bail!(
-                    "{name}@{version} was built again while it was tested: the test booted the raw image with sha256 {tested}, the version's is now {now}; the result is not recorded\n  hint: test it again (`devos-build image test {name}@{version}`)"
+                    "the raw image this test booted (sha256 {tested}) is not {name}@{version}'s as the registry records it now ({now}): the version was built again meanwhile, or this is another copy; the result is not recorded\n  hint: test the version where the registry has it (`devos-build image test {name}@{version}`)"
                 );
             }
             tx.execute(

@@ -521,7 +521,7 @@ fn a_test_counts_for_the_raw_image_it_booted() {
     assert!(err.contains("has not been boot-tested"), "{err}");
     let err = test(&mut reg, "ab").unwrap_err().to_string();
     assert!(
-        err.contains("was built again while it was tested")
+        err.contains("the version was built again meanwhile")
             && err.contains("the result is not recorded"),
         "{err}"
     );
