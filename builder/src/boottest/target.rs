@@ -182,6 +182,49 @@ fn newest_build(dir: &Path) -> Option<PathBuf> {
         })
 }
 
+/// Refuse a file that is not a disk image of the format its name says (what QEMU
+/// would be told it is): booting anything else only times out in the firmware.
+fn check_disk(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let format = super::vm::disk_format(path);
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut head = vec![0u8; 1024];
+    let n = f
+        .read(&mut head)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    head.truncate(n);
+    let (ok, expected) = match format {
+        "qcow2" => (head.starts_with(b"QFI\xfb"), "a qcow2 header"),
+        "vmdk" => (head.starts_with(b"KDMV"), "a VMDK header"),
+        "vpc" => {
+            let mut footer = [0u8; 8];
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let at_end = len >= 512
+                && f.seek(SeekFrom::Start(len - 512)).is_ok()
+                && f.read_exact(&mut footer).is_ok()
+                && &footer == b"conectix";
+            (
+                at_end || head.starts_with(b"conectix"),
+                "a VHD footer at its end",
+            )
+        }
+        _ => (
+            head.get(512..520) == Some(b"EFI PART".as_slice())
+                || head.get(510..512) == Some([0x55, 0xaa].as_slice()),
+            "a GPT or MBR partition table",
+        ),
+    };
+    if !ok {
+        bail!(
+            "{} is not a disk image: read as {}, it should have {expected}, and it does not\n  hint: pass an image output directory, a spec, NAME@VERSION, or a disk image (.raw, .qcow2, .vmdk or .vhd, named by its format; other names are read as raw)",
+            path.display(),
+            if format == "vpc" { "vhd" } else { format }
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,47 +273,4 @@ mod tests {
         let spec = built_from(&built_with_spec(&spec.to_string_lossy())).unwrap();
         assert_eq!(spec.name, "devos-debian");
     }
-}
-
-/// Refuse a file that is not a disk image of the format its name says (what QEMU
-/// would be told it is): booting anything else only times out in the firmware.
-fn check_disk(path: &Path) -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let format = super::vm::disk_format(path);
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut head = vec![0u8; 1024];
-    let n = f
-        .read(&mut head)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    head.truncate(n);
-    let (ok, expected) = match format {
-        "qcow2" => (head.starts_with(b"QFI\xfb"), "a qcow2 header"),
-        "vmdk" => (head.starts_with(b"KDMV"), "a VMDK header"),
-        "vpc" => {
-            let mut footer = [0u8; 8];
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let at_end = len >= 512
-                && f.seek(SeekFrom::Start(len - 512)).is_ok()
-                && f.read_exact(&mut footer).is_ok()
-                && &footer == b"conectix";
-            (
-                at_end || head.starts_with(b"conectix"),
-                "a VHD footer at its end",
-            )
-        }
-        _ => (
-            head.get(512..520) == Some(b"EFI PART".as_slice())
-                || head.get(510..512) == Some([0x55, 0xaa].as_slice()),
-            "a GPT or MBR partition table",
-        ),
-    };
-    if !ok {
-        bail!(
-            "{} is not a disk image: read as {}, it should have {expected}, and it does not\n  hint: pass an image output directory, a spec, NAME@VERSION, or a disk image (.raw, .qcow2, .vmdk or .vhd, named by its format; other names are read as raw)",
-            path.display(),
-            if format == "vpc" { "vhd" } else { format }
-        );
-    }
-    Ok(())
 }
