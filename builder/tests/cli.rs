@@ -756,6 +756,45 @@ fn an_agent_package_that_cannot_be_read_is_refused_before_anything_is_resolved()
     }
 }
 
+/// One `--out` used for two versions holds only the newer: testing the older by name
+/// would boot the newer's disk and record it against the older.
+#[test]
+fn a_version_whose_output_now_holds_another_is_not_booted_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("current");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("disk.raw"), vec![0u8; 4096]).unwrap();
+    let registry = dir.path().join("r.db");
+    let spec = devos_tests::repo_root().join("images/devos-debian.toml");
+    let mut reg = devos_build::store::registry::Registry::open(&registry).unwrap();
+    for version in ["0.1.0+aaaaaaaaaaaa", "0.1.1+bbbbbbbbbbbb"] {
+        let manifest = serde_json::json!({
+            "name": "devos-debian", "version": version,
+            "build_id": format!("{:0>64}", version.replace(['.', '+'], "")),
+            "description": "test", "distro": "debian", "suite": "trixie",
+            "builder_version": "test", "source_date_epoch": 0, "kernel_cmdline": "",
+            "inputs": [], "package_sources": "", "packages": [], "partitions": [],
+            "artifacts": [{"file": "disk.raw", "format": "raw", "sha256": "0", "size": 4096, "used_bytes": 0}],
+            "stages": [], "cache_keys": {"base": "", "tree": ""}
+        });
+        std::fs::write(out.join("manifest.json"), manifest.to_string()).unwrap();
+        reg.record_build(&out, &spec, &serde_json::from_value(manifest).unwrap(), &[])
+            .unwrap();
+    }
+    drop(reg);
+    let (code, _, err) = run(devos_build_command()
+        .env("DEVOS_REGISTRY", &registry)
+        .args(["image", "test", "devos-debian@0.1.0"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "devos-debian@0.1.0+aaaaaaaaaaaa's output directory {} now holds devos-debian@0.1.1+bbbbbbbbbbbb",
+            out.display()
+        )) && err.contains("hint: test devos-debian@0.1.1+bbbbbbbbbbbb"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_file_that_is_no_disk_image_is_refused_before_anything_boots() {
     let dir = tempfile::tempdir().unwrap();
