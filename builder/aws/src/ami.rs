@@ -23,7 +23,7 @@ use futures_util::future::try_join_all;
 use serde::Serialize;
 
 use crate::ebs::{self, Upload};
-use crate::{Aws, explain, interrupted};
+use crate::{Aws, explain};
 
 pub const TAG_BUILD_ID: &str = "devos:build-id";
 /// On what another route than the direct upload made (Packer: `packer`).
@@ -208,8 +208,9 @@ impl Created {
 
 /// Publish `image`: upload and register in `target.region` (unless a previous run
 /// did), copy to `target.copy_to` in parallel, write the SSM parameters. A failure,
-/// or a SIGINT or SIGTERM before the end, removes what this run created; a second
-/// SIGINT while that runs stops it (the next run removes the rest: all is tagged).
+/// or a SIGINT or SIGTERM before the end, removes what this run created; a signal
+/// while that runs stops it (the next run removes the rest: all is tagged) — except a
+/// SIGTERM after a SIGINT, which a CI system sends a few seconds after its SIGINT.
 pub async fn publish(
     aws: &Aws,
     image: &Image,
@@ -218,29 +219,23 @@ pub async fn publish(
     log: &(dyn Fn(String) + Sync),
 ) -> Result<Outcome> {
     let created = Created::default();
-    let e = tokio::select! {
+    // Listening from the start, so no signal falls between two listeners.
+    let mut signals = Signals::new();
+    let (e, first) = tokio::select! {
         done = publish_tracked(aws, image, target, progress, log, &created) => match done {
             Ok(outcome) => return Ok(outcome),
-            Err(e) => e,
+            Err(e) => (e, None),
         },
-        signal = interrupted() => {
-            log(format!("interrupted by {signal}: removing what this run created (a second Ctrl-C stops that)"));
-            anyhow!("interrupted by {signal}")
-        }
-    };
-    // Only a second Ctrl-C stops the removal: a CI system's SIGTERM that follows its
-    // SIGINT lets it go on (until its SIGKILL).
-    let second_ctrl_c = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
-            Ok(mut int) => int.recv().await,
-            Err(_) => std::future::pending().await,
+        signal = signals.next(true) => {
+            log(format!("interrupted by {signal}: removing what this run created (Ctrl-C again stops that)"));
+            (anyhow!("interrupted by {signal}"), Some(signal))
         }
     };
     let left = tokio::select! {
         left = created.undo(aws) => left,
-        _ = second_ctrl_c => {
+        signal = signals.next(first != Some("SIGINT")) => {
             return Err(e.context(format!(
-                "publishing stopped; removing what it created was stopped by a second SIGINT: what is left carries the tag {TAG_BUILD_ID}={}, and the next `publish ami` of this version removes its snapshots or keeps and finishes its AMIs",
+                "publishing stopped; removing what it created was stopped by {signal}: what is left carries the tag {TAG_BUILD_ID}={}, and the next `publish ami` of this version removes its snapshots or keeps and finishes its AMIs",
                 image.build_id
             )));
         }
@@ -253,6 +248,39 @@ pub async fn publish(
             left.join(", "),
             image.build_id
         )))
+    }
+}
+
+/// SIGINT and SIGTERM, as they come (never, if they cannot be listened for).
+struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// The next SIGINT, or SIGTERM too when `term`, by name.
+    async fn next(&mut self, term: bool) -> &'static str {
+        async fn recv(s: Option<&mut tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        let term = self.term.as_mut().filter(|_| term);
+        tokio::select! {
+            _ = recv(self.int.as_mut()) => "SIGINT",
+            _ = recv(term) => "SIGTERM",
+        }
     }
 }
 

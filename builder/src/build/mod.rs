@@ -326,10 +326,14 @@ pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     if let Some(out) = &opts.out {
         check_out(out)?;
     }
-    if let Some(deb) = &opts.agent_deb {
+    let spec = load_warning(&opts.spec)?;
+    if let Some(deb) = opts
+        .agent_deb
+        .as_ref()
+        .filter(|_| spec.agent_enabled && spec.distro != spec::Distro::Nixos)
+    {
         AgentPackage::from_file(deb)?;
     }
-    let spec = load_warning(&opts.spec)?;
     if spec.distro == spec::Distro::Nixos {
         bail!(
             "{}: a NixOS spec's packages are nixpkgs attributes, resolved by Nix when the image is built, not by this builder\n  \
@@ -423,15 +427,15 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     if let Some(out) = &opts.out {
         check_out(out)?;
     }
-    // Read now, not after the packages are resolved.
-    if let Some(deb) = &opts.agent_deb {
-        AgentPackage::from_file(deb)?;
-    }
     // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds): the
     // image of nixos/image.nix with the spec rendered as a module (build/nixos.rs).
     let spec = load_warning(&opts.spec)?;
     if spec.distro == spec::Distro::Nixos {
         return nixos::build(opts, &spec, ui);
+    }
+    // Read now, not after the packages are resolved.
+    if let Some(deb) = opts.agent_deb.as_ref().filter(|_| spec.agent_enabled) {
+        AgentPackage::from_file(deb)?;
     }
     if !crate::support::paths::is_root() {
         bail!(
@@ -610,7 +614,7 @@ fn already_built(
     let mut reg = registry::Registry::open(registry_path)?;
     match reg.find(&format!("{}@{version}", spec.name)) {
         Err(_) => reg.record_build(final_dir, &spec.path, &manifest, &[])?,
-        Ok(v) if !same_artifacts(&v, &manifest) => {
+        Ok(v) if !records(&v, final_dir, &manifest) => {
             let files = reg.files(&v)?;
             reg.record_build(final_dir, &spec.path, &manifest, &files)?;
         }
@@ -624,13 +628,19 @@ fn already_built(
     }))
 }
 
-/// Whether the registry's row `v` records exactly the artifacts of `manifest`.
-fn same_artifacts(v: &registry::VersionInfo, manifest: &Manifest) -> bool {
-    manifest.artifacts.iter().all(|a| {
-        v.artifacts
-            .iter()
-            .any(|r| r.file == a.file && r.sha256 == a.sha256)
-    })
+/// Whether the registry's row `v` records the output in `dir` described by `manifest`:
+/// that directory, and each of its artifacts with its hash (exports may add more).
+pub(crate) fn records(v: &registry::VersionInfo, dir: &Path, manifest: &Manifest) -> bool {
+    let same_dir = match (fs::canonicalize(&v.dir), fs::canonicalize(dir)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    same_dir
+        && manifest.artifacts.iter().all(|a| {
+            v.artifacts
+                .iter()
+                .any(|r| r.file == a.file && r.sha256 == a.sha256)
+        })
 }
 
 /// Where the packages downloaded for a distro's suite are kept between builds.

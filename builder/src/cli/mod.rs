@@ -212,8 +212,7 @@ fn image_command(
             }
             let (report, recorded) = run_test(&target, &opts, registry_path)?;
             let code = output(json, &report, || report.summary(), report.passed)?;
-            write_junit(&vm, &report)?;
-            recorded?;
+            both(recorded, write_junit(&vm, &report))?;
             Ok(code)
         }
         ImageCommand::Boot {
@@ -298,7 +297,11 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
     let opts = BuildOptions {
         spec: args.spec,
         // `dist/x/.` and `link/` as the directory itself (the output replaces it by name).
-        out: args.out.map(|o| o.components().collect()),
+        out: args
+            .out
+            .map(|o| std::path::absolute(&o).map(|o| o.components().collect()))
+            .transpose()
+            .context("cannot resolve --out")?,
         agent_deb: args.agent_deb,
         force: args.force,
         no_cache: args.no_cache,
@@ -309,9 +312,13 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
         // Nothing to do only when the real run would change nothing: the version is
         // built and recorded (clap refuses --dry-run with --force, --test,
         // --check-reproducible and --no-cache).
+        // Recorded as it is there (a rebuild killed before it was recorded is not).
         let recorded = plan.version.as_ref().is_some_and(|v| {
-            Registry::open_read(registry_path)
-                .is_ok_and(|r| r.find(&format!("{}@{v}", plan.name)).is_ok())
+            let on_disk = crate::model::manifest::Manifest::load(&plan.out);
+            Registry::open_read(registry_path).is_ok_and(|r| {
+                r.find(&format!("{}@{v}", plan.name))
+                    .is_ok_and(|row| on_disk.is_ok_and(|m| build::records(&row, &plan.out, &m)))
+            })
         });
         let nothing = plan.up_to_date && recorded;
         return nothing_to_do(output(args.json, &plan, || plan.human(), true), nothing);
@@ -340,11 +347,24 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
     let ok = report.as_ref().is_none_or(|r| r.passed) && repro.as_ref().is_none_or(|r| r.identical);
     let human = || built_human(&built, repro.as_ref(), report.as_ref());
     let code = output(args.json, &value, human, ok)?;
-    if let Some(report) = &report {
-        write_junit(&args.vm, report)?;
-    }
-    recorded?;
+    let junit = match &report {
+        Some(report) => write_junit(&args.vm, report),
+        None => Ok(()),
+    };
+    both(recorded, junit)?;
     Ok(code)
+}
+
+/// A test's recording and its JUnit report, each of which may have failed: both
+/// failures are said.
+fn both(recorded: Result<()>, junit: Result<()>) -> Result<()> {
+    match (recorded, junit) {
+        (Err(r), Err(j)) => Err(anyhow::anyhow!(
+            "{r:#}\nerror: and the JUnit report was not written: {j:#}"
+        )),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
+    }
 }
 
 /// Boot-test a fresh build with the tests of its spec, and record the run.
