@@ -46,9 +46,10 @@ pub(crate) fn check(opts: &BuildOptions, ui: &mut Ui) -> Result<(Built, Report)>
     };
     ui.info("==> reproducibility check: first build");
     let a = build::build(&first_opts, ui)?;
-    let scratch = tempfile::Builder::new()
-        .prefix(".repro-")
-        .tempdir_in(a.dir.parent().unwrap_or(Path::new(".")))?;
+    // Locked like a build's work directory: one a killed check left is swept by the
+    // next build beside it.
+    let parent = a.dir.parent().unwrap_or(Path::new("."));
+    let scratch = crate::support::workdir::WorkDir::new(parent)?;
     let second_opts = BuildOptions {
         out: Some(scratch.path().join("out")),
         registry: Some(scratch.path().join("registry.db")),
@@ -65,10 +66,19 @@ pub(crate) fn check(opts: &BuildOptions, ui: &mut Ui) -> Result<(Built, Report)>
         );
     }
     let report = compare(&a, &b)?;
-    let report = Report {
-        kept: (!report.identical).then(|| scratch.keep()),
-        ..report
+    let kept = match report.identical {
+        true => None,
+        false => {
+            let dest = parent.join(format!(
+                "repro-{}-{}",
+                a.manifest.version,
+                crate::support::time::now()
+            ));
+            scratch.persist(&dest)?;
+            Some(dest)
+        }
     };
+    let report = Report { kept, ..report };
     Ok((a, report))
 }
 
