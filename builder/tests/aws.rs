@@ -468,6 +468,24 @@ impl Fixture {
             .collect()
     }
 
+    /// The tags of AMI `ami` in `region`.
+    fn ami_tags(&self, region: &str, ami: &str) -> std::collections::BTreeMap<String, String> {
+        self.block_on(async {
+            let out = self
+                .ec2(region)
+                .describe_images()
+                .image_ids(ami)
+                .send()
+                .await
+                .unwrap();
+            out.images()[0]
+                .tags()
+                .iter()
+                .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+                .collect()
+        })
+    }
+
     fn parameter(&self, region: &str, name: &str) -> Option<String> {
         let ssm = self.sdk(region, sdk_ssm::Client::new);
         self.block_on(async {
@@ -584,20 +602,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
         assert_eq!(r["created"], true);
         let (images, _) = fx.resources(region, &id);
         assert_eq!(images, [ami], "{region}");
-        let tags = fx.block_on(async {
-            let out = fx
-                .ec2(region)
-                .describe_images()
-                .image_ids(ami)
-                .send()
-                .await
-                .unwrap();
-            out.images()[0]
-                .tags()
-                .iter()
-                .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
-                .collect::<std::collections::BTreeMap<_, _>>()
-        });
+        let tags = fx.ami_tags(region, ami);
         assert_eq!(tags["devos:version"], version);
         assert_eq!(tags["devos:image"], "devos-pub");
         assert_eq!(
@@ -1153,6 +1158,13 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
     let ami = built["ami_id"].as_str().unwrap();
     let (images, _) = fx.resources("us-east-1", &build_id(version));
     assert_eq!(images, [ami]);
+    // Tagged like a direct upload: what was tested and from which spec.
+    let tags = fx.ami_tags("us-east-1", ami);
+    assert_eq!(tags["devos:boot-test"], "passed", "{tags:?}");
+    assert!(
+        tags["devos:spec"].ends_with("images/devos-pub.toml"),
+        "{tags:?}"
+    );
     let list = fx.json(&["publish", "list", "--json"]);
     assert!(
         list.as_array()

@@ -603,6 +603,14 @@ fn stack_and_region_names_are_checked_where_the_command_line_is_read() {
             ],
             "`EU` is not a region name",
         ),
+        (
+            &["publish", "packer", "x@1.0.0", "--var", "region=eu-west-1"],
+            "the region is not a --var",
+        ),
+        (
+            &["publish", "packer", "x@1.0.0", "--var", "nokv"],
+            "`nokv` is not NAME=VALUE",
+        ),
     ] {
         let (code, _, err) = run(devos_build_command().args(args));
         assert_eq!(code, Some(2), "{args:?}: {err}");

@@ -364,4 +364,11 @@ fn a_cached_build_and_a_build_from_scratch_are_bit_for_bit_identical() {
     for a in artifacts {
         assert_eq!(a[1], a[2], "{a}");
     }
+    // The second build's scratch is gone with it.
+    let left: Vec<String> = std::fs::read_dir(env.out(&spec))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".build-") || n.starts_with("repro-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -362,7 +362,7 @@ pub(crate) enum PublishCommand {
         #[arg(long)]
         no_communicator: bool,
         /// Passed to `packer build -var` (e.g. base_ami_name=..., instance_type=...).
-        #[arg(long = "var", value_name = "NAME=VALUE")]
+        #[arg(long = "var", value_name = "NAME=VALUE", value_parser = packer_var)]
         vars: Vec<String>,
         /// Publish even without a passing boot test.
         #[arg(long)]
@@ -613,6 +613,20 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(value: &str) -> Re
         Ok(n) if n >= T::from(1) => Ok(n),
         _ => Err(format!(
             "`{value}` is not a whole number of 1 or more\n  hint: a batch holds at least one instance and takes at least one second"
+        )),
+    }
+}
+
+/// `publish packer --var NAME=VALUE`: a Packer variable, but not the region (the
+/// registry and the dry run go by `--region`).
+fn packer_var(value: &str) -> Result<String, String> {
+    match value.split_once('=') {
+        Some(("region", _)) => Err(
+            "the region is not a --var\n  hint: give it with --region, so the build, the registry and the dry run agree".into(),
+        ),
+        Some((k, _)) if !k.is_empty() => Ok(value.to_owned()),
+        _ => Err(format!(
+            "`{value}` is not NAME=VALUE\n  hint: write e.g. `--var instance_type=t3.large`"
         )),
     }
 }

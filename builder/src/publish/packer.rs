@@ -74,6 +74,16 @@ fn render_template(v: &VersionInfo, opts: &RenderOptions) -> Result<String> {
         ("devos:version", v.version.clone()),
         ("devos:build-id", v.build_id.clone()),
         (devos_aws::ami::TAG_BUILT_BY, "packer".to_owned()),
+        ("devos:spec", v.spec.clone()),
+        (
+            "devos:boot-test",
+            if v.tested == Some(true) {
+                "passed"
+            } else {
+                "skipped-with-force"
+            }
+            .to_owned(),
+        ),
         (
             "devos:provisioned",
             if opts.ssh { "yes" } else { "no-communicator" }.to_owned(),
