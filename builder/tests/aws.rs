@@ -1170,8 +1170,21 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
         list.as_array()
             .unwrap()
             .iter()
-            .any(|p| p["kind"] == "packer" && p["ami_id"] == ami),
+            .any(|p| p["kind"] == "packer-bare" && p["ami_id"] == ami),
         "{list}"
+    );
+    // Nothing was provisioned on it: no fleet may run it.
+    refused(
+        &fx.run(&[
+            "fleet",
+            "render",
+            "instance",
+            "--image",
+            &reference,
+            "--region",
+            "us-east-1",
+        ]),
+        "is not published in us-east-1",
     );
     // The direct upload of the same version makes its own AMI: Packer's (an Ubuntu
     // base with the agent) is not taken for it.

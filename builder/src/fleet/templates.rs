@@ -61,6 +61,8 @@ pub(super) fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Re
         .publications(Some(&v.name), Some(&v.version))?
         .into_iter()
         .filter(|p| p.region == region && p.state == PublicationState::Available)
+        // A Packer build without a communicator has nothing of DevOS in it.
+        .filter(|p| p.kind != "packer-bare")
         .collect();
     published.sort_by_key(|p| p.kind != "ami");
     let published = published.into_iter().find_map(|p| p.ami_id);

@@ -187,8 +187,16 @@ fn already_built(
         .publications(Some(&v.name), Some(&v.version))?
         .into_iter()
         .find(|p| {
-            p.kind == "packer" && p.region == opts.region && p.state == PublicationState::Available
+            p.kind == packer_kind(opts)
+                && p.region == opts.region
+                && p.state == PublicationState::Available
         }))
+}
+
+/// The registry's kind of a Packer AMI: `packer-bare` for the variant without a
+/// communicator (nothing provisioned: a plain base image, which no fleet may run).
+fn packer_kind(opts: &RenderOptions) -> &'static str {
+    if opts.ssh { "packer" } else { "packer-bare" }
 }
 
 /// What `publish packer --dry-run` says: the build it would run (the same gate as a
@@ -263,7 +271,7 @@ pub(crate) fn build(
     let (region, ami_id) = read_manifest(&manifest)?;
     reg.record_publication(
         &v,
-        &Publication::available(&v, &region, "packer", &ami_id, Vec::new(), None),
+        &Publication::available(&v, &region, packer_kind(opts), &ami_id, Vec::new(), None),
     )?;
     Ok(Built {
         region,
