@@ -619,6 +619,16 @@ fn stack_and_region_names_are_checked_where_the_command_line_is_read() {
             "{args:?}: {err}"
         );
     }
+    // A region from the environment is checked as the flag is, naming where it came from.
+    let (code, _, err) = run(devos_build_command()
+        .env("AWS_REGION", "eu west 1")
+        .args(["packer", "render", "x@1.0.0"]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("AWS_REGION names `eu west 1`, which is not a region name")
+            && err.contains("hint:"),
+        "{err}"
+    );
     // What CloudFormation takes passes (and fails later, on what is not there).
     let (_, _, err) = run(devos_build_command().args([
         "fleet",

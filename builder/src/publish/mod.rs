@@ -46,10 +46,19 @@ pub(crate) fn aws_options(
 pub(crate) fn region(flag: Option<String>, settings: &Settings) -> Result<String> {
     // `.ok()`: a variable that is unset (or not UTF-8, which no region is) is not
     // given, as the AWS SDK reads it.
-    flag.or_else(|| settings.aws.region.clone())
-        .or_else(|| std::env::var("AWS_REGION").ok())
-        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
-        .context("no AWS region is set\n  hint: pass --region REGION (e.g. --region eu-west-1), set AWS_REGION, or set `region` under `[aws]` in the settings file (docs/publish.md, \"The settings file\")")
+    let env = |name: &'static str| std::env::var(name).ok().map(|r| (r, name));
+    let (region, from) = flag
+        .map(|r| (r, "--region"))
+        .or_else(|| settings.aws.region.clone().map(|r| (r, "`[aws] region` of the settings file")))
+        .or_else(|| env("AWS_REGION"))
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .context("no AWS region is set\n  hint: pass --region REGION (e.g. --region eu-west-1), set AWS_REGION, or set `region` under `[aws]` in the settings file (docs/publish.md, \"The settings file\")")?;
+    if !devos_aws::is_region_name(&region) {
+        bail!(
+            "{from} names `{region}`, which is not a region name\n  hint: a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)"
+        );
+    }
+    Ok(region)
 }
 
 /// The version to publish: it must have passed its boot test, unless forced.
