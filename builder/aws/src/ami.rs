@@ -23,7 +23,7 @@ use futures_util::future::try_join_all;
 use serde::Serialize;
 
 use crate::ebs::{self, Upload};
-use crate::{Aws, explain};
+use crate::{Aws, Signals, explain};
 
 pub const TAG_BUILD_ID: &str = "devos:build-id";
 /// On what another route than the direct upload made (Packer: `packer`).
@@ -220,7 +220,7 @@ pub async fn publish(
 ) -> Result<Outcome> {
     let created = Created::default();
     // Listening from the start, so no signal falls between two listeners.
-    let mut signals = Signals::new();
+    let mut signals = Signals::listen();
     let (e, first) = tokio::select! {
         done = publish_tracked(aws, image, target, progress, log, &created) => match done {
             Ok(outcome) => return Ok(outcome),
@@ -248,39 +248,6 @@ pub async fn publish(
             left.join(", "),
             image.build_id
         )))
-    }
-}
-
-/// SIGINT and SIGTERM, as they come (never, if they cannot be listened for).
-struct Signals {
-    int: Option<tokio::signal::unix::Signal>,
-    term: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn new() -> Self {
-        use tokio::signal::unix::{SignalKind, signal};
-        Self {
-            int: signal(SignalKind::interrupt()).ok(),
-            term: signal(SignalKind::terminate()).ok(),
-        }
-    }
-
-    /// The next SIGINT, or SIGTERM too when `term`, by name.
-    async fn next(&mut self, term: bool) -> &'static str {
-        async fn recv(s: Option<&mut tokio::signal::unix::Signal>) {
-            match s {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        }
-        let term = self.term.as_mut().filter(|_| term);
-        tokio::select! {
-            _ = recv(self.int.as_mut()) => "SIGINT",
-            _ = recv(term) => "SIGTERM",
-        }
     }
 }
 

@@ -182,16 +182,40 @@ pub fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
 /// The first SIGINT or SIGTERM this process gets (Ctrl-C, a cancelled CI job), by
 /// name.
 pub async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        _ => std::future::pending().await,
+    Signals::listen().next(true).await
+}
+
+/// SIGINT and SIGTERM, as they come (never, if they cannot be listened for).
+pub struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Start listening (from now on, neither signal ends the process).
+    pub fn listen() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// The next SIGINT, or SIGTERM too when `term`, by name.
+    pub async fn next(&mut self, term: bool) -> &'static str {
+        async fn recv(s: Option<&mut tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        let term = self.term.as_mut().filter(|_| term);
+        tokio::select! {
+            _ = recv(self.int.as_mut()) => "SIGINT",
+            _ = recv(term) => "SIGTERM",
+        }
     }
 }
 
@@ -257,6 +281,9 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+/// What a region name is, for the hint of an error about one.
+pub const REGION_HINT: &str = "a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)";
 
 /// Whether `name` can be an AWS region name (`eu-west-1`, `us-gov-west-1`): lower-case
 /// letters, digits and dashes, starting with a letter. Whether the region exists is

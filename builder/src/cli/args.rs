@@ -651,7 +651,7 @@ fn region_name(value: &str) -> Result<String, String> {
         value,
         devos_aws::is_region_name(value),
         "a region name",
-        "a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)",
+        devos_aws::REGION_HINT,
     )
 }
 

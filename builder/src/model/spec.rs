@@ -916,7 +916,7 @@ fn update(src: &Source, raw: &RawUpdate, verity: bool) -> Result<Update, SpecErr
         ));
     }
     let url = raw.url.get_ref().trim();
-    let valid = is_web_url(url) && !url.contains(['?', '#']);
+    let valid = devos_aws::is_http_url(url) && !url.contains(['?', '#']);
     if !valid {
         return Err(src.error(
             &raw.url,
@@ -1183,14 +1183,9 @@ fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecErr
     })
 }
 
-/// The users and groups every Debian and Ubuntu base system has (base-passwd's
-/// static lists), besides root.
-const BASE_ACCOUNTS: &[&str] = &[
-    "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy",
-    "www-data", "backup", "list", "irc", "gnats", "nobody", "_apt", "adm", "tty", "disk", "kmem",
-    "dialout", "fax", "voice", "cdrom", "floppy", "tape", "sudo", "audio", "dip", "operator",
-    "src", "shadow", "utmp", "video", "sasl", "plugdev", "staff", "users", "nogroup",
-];
+/// base-passwd's users that have no group of their name in [`lint::BASE_GROUPS`]
+/// (which holds the rest of its users' names).
+const BASE_USERS_WITHOUT_GROUP: &[&str] = &["sync", "gnats", "nobody", "_apt"];
 
 /// The `[[users]]` entries, checked.
 fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
@@ -1215,7 +1210,9 @@ fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
         // Each user gets a group of its own name: neither may be one the base system
         // has (a second `nobody` or `sudo` line would corrupt /etc/passwd or /etc/group).
         // Accounts packages add are checked against the image's files when it is built.
-        if BASE_ACCOUNTS.contains(&uname.as_str()) {
+        if lint::BASE_GROUPS.contains(&uname.as_str())
+            || BASE_USERS_WITHOUT_GROUP.contains(&uname.as_str())
+        {
             return Err(src.error(
                 &u.name,
                 format!("`{uname}` is a user or group of Debian's base system, so it cannot be a [[users]] entry"),
@@ -1270,17 +1267,9 @@ fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
     Ok(users)
 }
 
-/// An http:// or https:// URL with a host, without spaces or control characters.
-fn is_web_url(url: &str) -> bool {
-    ["http://", "https://"].iter().any(|scheme| {
-        url.strip_prefix(scheme)
-            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
-    }) && !url.contains(|c: char| c.is_whitespace() || c.is_control())
-}
-
 /// A package mirror apt can read: a web URL, or `file:///` a directory on the host.
 fn is_mirror_url(url: &str) -> bool {
-    is_web_url(url)
+    devos_aws::is_http_url(url)
         || url.strip_prefix("file:///").is_some_and(|rest| {
             !rest.is_empty() && !url.contains(|c: char| c.is_whitespace() || c.is_control())
         })

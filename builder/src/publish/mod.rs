@@ -55,7 +55,8 @@ pub(crate) fn region(flag: Option<String>, settings: &Settings) -> Result<String
         .context("no AWS region is set\n  hint: pass --region REGION (e.g. --region eu-west-1), set AWS_REGION, or set `region` under `[aws]` in the settings file (docs/publish.md, \"The settings file\")")?;
     if !devos_aws::is_region_name(&region) {
         bail!(
-            "{from} names `{region}`, which is not a region name\n  hint: a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)"
+            "{from} names `{region}`, which is not a region name\n  hint: {}",
+            devos_aws::REGION_HINT
         );
     }
     Ok(region)
@@ -89,7 +90,7 @@ impl AmiRequest {
     /// asked, in dry runs as in real ones: a typo fails here, naming the flag, instead
     /// of after an upload (or as an error from AWS).
     fn check(&self, settings: &Settings) -> Result<()> {
-        let region_hint = "a region name is lower-case letters, digits and dashes, e.g. `eu-west-1` (`aws ec2 describe-regions` lists them)";
+        let region_hint = devos_aws::REGION_HINT;
         if let Some(r) = &self.region
             && !devos_aws::is_region_name(r)
         {

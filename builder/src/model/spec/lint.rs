@@ -28,7 +28,7 @@ const ZONE_AREAS: &[&str] = &[
 
 /// The groups every Debian and Ubuntu system has: base-passwd's static list, and
 /// the system groups systemd's sysusers creates.
-const BASE_GROUPS: &[&str] = &[
+pub(super) const BASE_GROUPS: &[&str] = &[
     "root",
     "daemon",
     "bin",
