@@ -187,36 +187,65 @@ pub fn private_dir(
     Ok(dir)
 }
 
+/// How many times a sandbox that failed before the action started is set up again.
+/// Such a failure is most often a race with the caller's own work (an entry of the
+/// home removed while bubblewrap binds it): nothing ran, and every attempt checks
+/// everything afresh.
+const SETUP_ATTEMPTS: u32 = 3;
+
 /// Run `spec` in the sandbox. `on_output` gets each chunk of output; `cancel`
 /// resolving kills the action.
 pub async fn execute(
     spec: &Spec,
     timeout: Duration,
     max_output: usize,
-    on_output: impl FnMut(&str),
+    mut on_output: impl FnMut(&str),
     cancel: impl std::future::Future<Output = ()>,
 ) -> Outcome {
+    let mut cancel = std::pin::pin!(cancel);
+    let mut attempt = 1;
+    loop {
+        let (outcome, set_up) =
+            execute_once(spec, timeout, max_output, &mut on_output, cancel.as_mut()).await;
+        if set_up || attempt == SETUP_ATTEMPTS {
+            return outcome;
+        }
+        attempt += 1;
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+    }
+}
+
+/// One attempt of [`execute`]; false when the sandbox failed before the action
+/// started for a reason another attempt may not meet.
+async fn execute_once(
+    spec: &Spec,
+    timeout: Duration,
+    max_output: usize,
+    on_output: impl FnMut(&str),
+    cancel: impl std::future::Future<Output = ()>,
+) -> (Outcome, bool) {
     let mut outcome = Outcome::default();
     let mut child = match start_sandbox(spec).await {
         Ok(c) => c,
         Err(why) => {
             outcome.error = Some(why);
-            return outcome;
+            return (outcome, true);
         }
     };
     let rx = read_pipes(&mut child);
     let collect = collect_output(rx, &mut outcome, max_output, on_output);
     let (status, killed) = wait_or_kill(&mut child, collect, timeout, cancel, spec).await;
+    let interrupted = killed.is_some();
     if let Some(why) = killed {
         outcome.error = Some(why);
     }
-    record_exit(&mut outcome, status, spec);
+    let set_up = record_exit(&mut outcome, status, spec) || interrupted;
     if outcome.truncated {
         outcome
             .output
             .push_str(&format!("\n[output truncated at {max_output} bytes]\n"));
     }
-    outcome
+    (outcome, set_up)
 }
 
 /// Start the sandbox (`devos-agent sandbox-exec`) and hand it the spec on stdin.
@@ -368,19 +397,22 @@ async fn wait_or_kill(
 }
 
 /// Put how the child ended into the outcome. A sandbox that never said what it
-/// applied did not run the action: its exit code says why.
+/// applied did not run the action: its exit code says why. False when that was a
+/// failure of bubblewrap or the inner stage, which another attempt may not meet.
 fn record_exit(
     outcome: &mut Outcome,
     status: std::io::Result<std::process::ExitStatus>,
     spec: &Spec,
-) {
+) -> bool {
     match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
             outcome.exit_code = s.code();
             if outcome.sandbox.is_none() && outcome.error.is_none() {
-                outcome.error = Some(sandbox_failure(spec, s, outcome.output.trim()));
+                let (why, transient) = sandbox_failure(spec, s, outcome.output.trim());
+                outcome.error = Some(why);
                 outcome.output.clear();
+                return !transient;
             } else if let Some(sig) = s.signal() {
                 outcome
                     .error
@@ -389,15 +421,24 @@ fn record_exit(
         }
         Err(e) => outcome.error = Some(format!("lost the action's process: {e}")),
     }
+    true
 }
 
-/// Why a sandbox that exited with `s`, having said `said`, ran nothing.
-fn sandbox_failure(spec: &Spec, s: std::process::ExitStatus, said: &str) -> String {
+/// Why a sandbox that exited with `s`, having said `said`, ran nothing, and whether
+/// the failure was bubblewrap's or the inner stage's (a place that changed while they
+/// looked may be back as it was on another attempt).
+fn sandbox_failure(spec: &Spec, s: std::process::ExitStatus, said: &str) -> (String, bool) {
     match s.code() {
-        Some(EXIT_RISK_CHANGED) => "its risk changed since it was approved; nothing ran".into(),
-        Some(EXIT_SANDBOX_FAILED) if said.starts_with(OUTER_REFUSED) => format!(
-            "the sandbox could not be set up, so the action was refused: {}",
-            &said[OUTER_REFUSED.len()..]
+        Some(EXIT_RISK_CHANGED) => (
+            "its risk changed since it was approved; nothing ran".into(),
+            false,
+        ),
+        Some(EXIT_SANDBOX_FAILED) if said.starts_with(OUTER_REFUSED) => (
+            format!(
+                "the sandbox could not be set up, so the action was refused: {}",
+                &said[OUTER_REFUSED.len()..]
+            ),
+            false,
         ),
         // bubblewrap (root) or the inner stage: what they say may name what lies
         // behind a path swapped while they looked; it goes to the journal only.
@@ -409,7 +450,12 @@ fn sandbox_failure(spec: &Spec, s: std::process::ExitStatus, said: &str) -> Stri
                 s,
                 said.replace('\n', " | ")
             );
-            "the sandbox could not be set up, so nothing ran: bubblewrap failed, or a place the action works in changed while the sandbox was being built (the agent's journal has the details)".into()
+            (
+                format!(
+                    "the sandbox could not be set up in {SETUP_ATTEMPTS} attempts, so nothing ran: bubblewrap failed, or a place the action works in changed while the sandbox was being built (the agent's journal has the details)"
+                ),
+                true,
+            )
         }
     }
 }

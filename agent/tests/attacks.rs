@@ -2583,6 +2583,43 @@ fn the_third_round_stays_fixed() {
     assert!(out.stdout.len() < 2 << 20, "{} bytes", out.stdout.len());
 }
 
+/// Entries of the home come and go while their owner works. One removed while an
+/// action that writes the home is being sandboxed (between the listing of the home
+/// and bubblewrap's mounts) fails nothing: the action runs without it.
+#[test]
+fn an_entry_of_the_home_removed_while_an_action_starts_fails_nothing() {
+    let agent = Daemon::start();
+    let eve = eve();
+    for n in 0..16u64 {
+        let going = eve
+            .home
+            .join(format!("devos-going-{}-{n}", std::process::id()));
+        std::fs::create_dir(&going).unwrap();
+        std::os::unix::fs::chown(&going, Some(eve.uid), Some(eve.uid)).unwrap();
+        let out = agent.devos(Some(&eve), &eve.home, &["run", "run: ls -d /proc/self/cwd"]);
+        let id = waiting_id(&out);
+        let r = std::thread::scope(|s| {
+            // Removed at a different moment of the set-up each round.
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(n * 6));
+                std::fs::remove_dir(&going).unwrap();
+            });
+            let out = agent.devos(Some(&eve), &eve.home, &["approve", &id]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            agent.wait_state(&eve, &eve.home, &id, "done")
+        });
+        assert_eq!(r["actions"][0]["output"], "/proc/self/cwd\n", "{r}");
+        assert!(
+            r["actions"][0]["profile"]
+                .as_str()
+                .unwrap()
+                .starts_with("writes"),
+            "{r}"
+        );
+        assert!(!going.exists());
+    }
+}
+
 /// The inner stage alone, as bubblewrap would start it but in a mount namespace of
 /// its own, covering `covers` and then running `script` as `user` in `cwd`.
 fn inner_stage(

@@ -279,7 +279,7 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         .then(|| std::fs::canonicalize("/etc/resolv.conf").ok())
         .flatten()
         .filter(|p| p.starts_with("/run"));
-    let (identities, fds) = open_binds(&cwd, &profile, &read_only, caller)?;
+    let (identities, fds) = open_binds(&cwd, &mut profile, &read_only, caller)?;
     Ok(Prepared {
         cwd,
         identities,
@@ -480,15 +480,18 @@ fn protect_repo(
 }
 
 /// What the sandbox binds is opened here, as the caller, and handed to bubblewrap
-/// open: bubblewrap, as root, never looks a path of the caller's up.
+/// open: bubblewrap, as root, never looks a path of the caller's up. An entry of the
+/// home that is gone since the home was listed is left out of what is writable (the
+/// caller's own work removed it; a new one by that name stays out of reach).
 fn open_binds(
     cwd: &PathBuf,
-    profile: &Profile,
+    profile: &mut Profile,
     read_only: &[PathBuf],
     caller: &Caller,
 ) -> Result<(Vec<super::Identity>, OpenedPaths), Stop> {
     let mut identities = Vec::new();
-    let mut fds = Vec::new();
+    let mut fds: OpenedPaths = Vec::new();
+    let mut gone = Vec::new();
     for p in std::iter::once(cwd)
         .chain(&profile.writable)
         .chain(read_only)
@@ -497,12 +500,22 @@ fn open_binds(
         if fds.iter().any(|(q, _)| q == p) {
             continue;
         }
-        let fd = nix::fcntl::open(
+        let fd = match nix::fcntl::open(
             p.as_path(),
             nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| failed(format!("{}: {e}", p.display())))?;
+        ) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT)
+                if p != cwd
+                    && p.parent() == Some(caller.home.as_path())
+                    && profile.writable.contains(p) =>
+            {
+                gone.push(p.clone());
+                continue;
+            }
+            Err(e) => return Err(failed(format!("{}: {e}", p.display()))),
+        };
         let st = nix::sys::stat::fstat(&fd).map_err(failed)?;
         identities.push(super::Identity {
             path: p.clone(),
@@ -511,6 +524,7 @@ fn open_binds(
         });
         fds.push((p.clone(), fd));
     }
+    profile.writable.retain(|w| !gone.contains(w));
     Ok((identities, fds))
 }
 
