@@ -1099,6 +1099,22 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
     let version = "0.5.0+eeeeeeeeeeee";
     fx.version(version, 8, &[0], Some(true));
     let reference = format!("devos-pub@{version}");
+    // An endpoint Packer would misread is refused, naming where it came from.
+    for (url, says) in [
+        ("http://127.0.0.1:1/{{.Vars}}", "holds `{{` or `}}`"),
+        (
+            "http://h/a\tb",
+            "AWS_ENDPOINT_URL_EC2=`http://h/a\tb` is not an http(s) URL",
+        ),
+    ] {
+        let out = run(
+            fx.cmd(&["packer", "render", &reference, "--region", "us-east-1"])
+                .env("AWS_ENDPOINT_URL_EC2", url),
+            5,
+        );
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
     for variant in [&[][..], &["--no-communicator"][..]] {
         let out_dir = fx.dir.path().join(format!("packer{}", variant.len()));
         let mut args = vec![

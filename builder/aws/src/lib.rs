@@ -147,7 +147,7 @@ pub fn is_http_url(url: &str) -> bool {
 
 /// The endpoint given and the SDK's `AWS_ENDPOINT_URL*` variables, checked before the
 /// SDK is: it reports a bad one only when a request fails, with the request's body.
-fn check_endpoints(opts: &AwsOptions) -> Result<()> {
+pub fn check_endpoints(opts: &AwsOptions) -> Result<()> {
     if let Some(url) = &opts.endpoint_url
         && !is_http_url(url)
     {

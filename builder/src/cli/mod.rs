@@ -788,6 +788,7 @@ fn packer_options(
         aws.profile,
         aws.endpoint_url,
     );
+    devos_aws::check_endpoints(&opts)?;
     // `.ok()`: a variable that is unset (or not UTF-8, which no URL is) is not given,
     // as the AWS SDK reads it.
     let endpoint = opts

@@ -53,14 +53,39 @@ struct TemplateData<'a> {
     manifest: &'a str,
 }
 
-/// Escape a value for an HCL quoted string: backslashes, quotes, and the `${` / `%{`
-/// that would start an interpolation or directive.
+/// Escape a value for an HCL quoted string: backslashes, quotes, control characters
+/// (HCL's `\n`, `\r`, `\t`, `\uNNNN`), and the `${` / `%{` that would start an
+/// interpolation or directive.
 fn hcl_escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-        .replace("${", "$${")
-        .replace("%{", "%%{")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.replace("${", "$${").replace("%{", "%%{")
+}
+
+/// Packer reads `{{ }}` in the values of many fields (tags, names, descriptions) as
+/// its own Go template, after HCL: a value that holds either delimiter is refused,
+/// naming it, rather than handed to that engine.
+fn refuse_packer_delimiters<'a>(
+    values: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<()> {
+    for (what, value) in values {
+        if value.contains("{{") || value.contains("}}") {
+            bail!(
+                "cannot render the Packer template: {what} {value:?} holds `{{{{` or `}}}}`, which Packer would read as its own template\n  hint: rename it without them"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The HCL for `v`, with every value escaped for HCL.
@@ -103,6 +128,20 @@ fn render_template(v: &VersionInfo, opts: &RenderOptions) -> Result<String> {
         provision: "provision.sh",
         manifest: MANIFEST_FILE,
     };
+    refuse_packer_delimiters(
+        [
+            ("the image name", data.name),
+            ("the version", data.version),
+            ("the build id", data.build_id),
+            ("the region", data.region),
+            (
+                "the EC2 endpoint (AWS_ENDPOINT_URL)",
+                data.endpoint.unwrap_or(""),
+            ),
+        ]
+        .into_iter()
+        .chain(data.tags.iter().map(|(k, v)| (*k, v.as_str()))),
+    )?;
     hb.render_template(TEMPLATE, &data)
         .context("cannot render packer/devos-ami.pkr.hcl.hbs")
 }
@@ -307,6 +346,15 @@ mod tests {
     #[test]
     fn values_are_escaped_for_hcl() {
         assert_eq!(hcl_escape(r#"a"b\c ${x} %{y}"#), r#"a\"b\\c $${x} %%{y}"#);
+        assert_eq!(
+            hcl_escape("a\tb\rc\nd\u{1b}[2J\u{7f}\u{85}"),
+            r"a\tb\rc\nd\u001B[2J\u007F\u0085"
+        );
+        assert!(refuse_packer_delimiters([("x", "images/a.toml")]).is_ok());
+        for bad in ["images/{{env `HOME`}}.toml", "a}}b"] {
+            let e = refuse_packer_delimiters([("the tag devos:spec", bad)]).unwrap_err();
+            assert!(e.to_string().contains("devos:spec"), "{e}");
+        }
     }
 
     #[test]
