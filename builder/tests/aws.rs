@@ -1235,6 +1235,16 @@ fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
         if template != "workspaces" {
             assert!(yaml.contains(&format!("Default: {ami}")), "{yaml}");
             assert!(yaml.contains("HttpTokens: required"), "{yaml}");
+        } else {
+            // It names no region, so it needs none.
+            let out = run(
+                fx.cmd(&["fleet", "render", template, "--image", &reference])
+                    .env_remove("AWS_REGION")
+                    .env_remove("AWS_DEFAULT_REGION"),
+                5,
+            );
+            ok(&out);
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), yaml);
         }
         let file = fx.dir.path().join(format!("{template}.yaml"));
         std::fs::write(&file, &yaml).unwrap();

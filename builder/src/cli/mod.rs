@@ -58,7 +58,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             region,
             out,
         }) => {
-            let region = publish::region(region, &settings()?)?;
+            // A WorkSpaces bundle is made in the account's region of its directory:
+            // the template names none.
+            let region = match (template, region) {
+                (crate::fleet::Template::Workspaces, None) => String::new(),
+                (_, region) => publish::region(region, &settings()?)?,
+            };
             let yaml = crate::fleet::render(&read()?, template, &image, &region)?;
             match out {
                 Some(path) => std::fs::write(&path, yaml)
