@@ -1043,14 +1043,15 @@ fn check_out(out: &Path) -> Result<()> {
 /// Move a finished output directory to its final name in one rename; an existing
 /// one (a `--force` rebuild) is replaced only after the new one is complete.
 fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
+    // Hidden beside it, by its whole name (an extension would cut a version's).
+    let old = final_dir.with_file_name(format!(
+        ".{}.old",
+        final_dir.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    // Left by an earlier replacement that could not remove it, or that was killed
+    // between its two renames (then there is no output by the name now).
+    remove::dir_if_present(&old)?;
     if final_dir.exists() {
-        // Hidden beside it, by its whole name (an extension would cut a version's).
-        let old = final_dir.with_file_name(format!(
-            ".{}.old",
-            final_dir.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        // Left by an earlier replacement that could not remove it.
-        remove::dir_if_present(&old)?;
         fs::rename(final_dir, &old).with_context(|| {
             format!(
                 "cannot move the previous output {} out of the way",
@@ -1076,6 +1077,37 @@ fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_output_is_replaced_whole_and_what_a_killed_replacement_left_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let at = |p: &str| tmp.path().join(p);
+        let staged = |content: &str| {
+            fs::create_dir_all(at("staged")).unwrap();
+            fs::write(at("staged/manifest.json"), content).unwrap();
+            at("staged")
+        };
+        // Killed between its two renames: only `.0.2.0+abc.old` is there.
+        fs::create_dir(at(".0.2.0+abc.old")).unwrap();
+        publish_dir(&staged("new"), &at("0.2.0+abc")).unwrap();
+        assert!(!at(".0.2.0+abc.old").exists());
+        assert_eq!(
+            fs::read_to_string(at("0.2.0+abc/manifest.json")).unwrap(),
+            "new"
+        );
+        // A replacement: the new output in place, nothing left beside it.
+        publish_dir(&staged("newer"), &at("0.2.0+abc")).unwrap();
+        assert_eq!(
+            fs::read_to_string(at("0.2.0+abc/manifest.json")).unwrap(),
+            "newer"
+        );
+        let mut names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["0.2.0+abc"]);
+    }
 
     #[test]
     fn out_names_a_new_or_empty_directory_or_an_earlier_output() {
