@@ -64,6 +64,16 @@ pub struct AgentPackage {
 impl AgentPackage {
     /// Describe an existing .deb (given with `--agent-deb`).
     pub(crate) fn from_file(path: &Path) -> Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            version: Self::version_of(path)?,
+            sha256: digest::file_sha256(path)?,
+        })
+    }
+
+    /// The version of the .deb given with `--agent-deb`: an error that names it when
+    /// it is missing or no package.
+    pub(crate) fn version_of(path: &Path) -> Result<String> {
         if !path.is_file() {
             anyhow::bail!(
                 "--agent-deb {}: no such file\n  hint: name the devos-agent .deb to install, or leave --agent-deb out to build the agent from this source tree",
@@ -76,14 +86,8 @@ impl AgentPackage {
                     "--agent-deb {}: not a Debian package dpkg-deb can read",
                     path.display()
                 )
-            })?
-            .trim()
-            .to_owned();
-        Ok(Self {
-            path: path.to_path_buf(),
-            version,
-            sha256: digest::file_sha256(path)?,
-        })
+            })?;
+        Ok(version.trim().to_owned())
     }
 }
 

@@ -327,13 +327,6 @@ pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
         check_out(out)?;
     }
     let spec = load_warning(&opts.spec)?;
-    if let Some(deb) = opts
-        .agent_deb
-        .as_ref()
-        .filter(|_| spec.agent_enabled && spec.distro != spec::Distro::Nixos)
-    {
-        AgentPackage::from_file(deb)?;
-    }
     if spec.distro == spec::Distro::Nixos {
         bail!(
             "{}: a NixOS spec's packages are nixpkgs attributes, resolved by Nix when the image is built, not by this builder\n  \
@@ -344,8 +337,9 @@ pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     }
     spec.check_buildable()?;
     let env_source_date_epoch = identity::source_date_epoch()?;
-    let packages = resolve_packages(&spec, true)?;
+    // Before the packages are resolved: a bad `--agent-deb` fails at once.
     let agent = planned_agent(&spec, opts, env_source_date_epoch)?;
+    let packages = resolve_packages(&spec, true)?;
     let to_be_built = spec.agent_enabled && agent.is_none();
     // With the agent package still to be built the version is not known; the base
     // tree's key does not depend on it.
@@ -433,9 +427,9 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     if spec.distro == spec::Distro::Nixos {
         return nixos::build(opts, &spec, ui);
     }
-    // Read now, not after the packages are resolved.
+    // Checked now, not after the packages are resolved.
     if let Some(deb) = opts.agent_deb.as_ref().filter(|_| spec.agent_enabled) {
-        AgentPackage::from_file(deb)?;
+        AgentPackage::version_of(deb)?;
     }
     if !crate::support::paths::is_root() {
         bail!(
@@ -907,10 +901,11 @@ fn agent_package(
     }
     let pkg = match &opts.agent_deb {
         Some(deb) => {
-            let pkg = AgentPackage::from_file(deb)?;
+            // Described as copied: what the image installs is what the manifest
+            // names, whatever happens to the file given meanwhile.
             let dest = staged.join(deb.file_name().unwrap_or_default());
             fs::copy(deb, &dest).with_context(|| format!("cannot copy {}", deb.display()))?;
-            AgentPackage { path: dest, ..pkg }
+            AgentPackage::from_file(&dest)?
         }
         None => {
             let Some(source) = agent_pkg::agent_source(&spec.path) else {
