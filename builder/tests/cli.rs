@@ -1105,13 +1105,35 @@ fn empty_results_and_odd_arguments_are_said_plainly() {
     let (code, out, err) = run_args(&["fleet", "history", "--json"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out.trim(), "[]");
-    // An empty version after `@` is no prefix of every version.
-    let (code, _, err) = run_args(&["image", "show", "devos-debian@"]);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("`devos-debian@` names no version after the `@`") && err.contains("  hint: "),
-        "{err}"
-    );
+    // An empty version after `@` is no prefix of every version, nor an empty name
+    // any image: refused as the command line is read (exit 2), on every command that
+    // takes a version.
+    for (args, said) in [
+        (
+            &["image", "show", "devos-debian@"][..],
+            "`devos-debian@` names no version after the `@`",
+        ),
+        (
+            &["image", "diff", "devos-debian", "@0.2.0"],
+            "`@0.2.0` names no image before the `@`",
+        ),
+        (&["publish", "ami", "devos-debian@"], "names no version"),
+        (
+            &["fleet", "render", "fleet", "--image", "@1"],
+            "names no image",
+        ),
+        (
+            &["fleet", "rollback", "--stack", "s", "--to", "x@"],
+            "names no version",
+        ),
+    ] {
+        let (code, _, err) = run_args(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(said) && err.contains("  hint: "),
+            "{args:?}: {err}"
+        );
+    }
     // A negative --keep is a count that is wrong, not a flag to escape with `--`.
     for args in [
         &["image", "gc", "--keep", "-1", "--dry-run"][..],

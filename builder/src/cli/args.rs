@@ -126,6 +126,7 @@ pub(crate) enum ImageCommand {
     Show {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
@@ -135,8 +136,10 @@ pub(crate) enum ImageCommand {
     Diff {
         /// The older version: NAME (its newest version), NAME@VERSION, or NAME@ a unique
         /// prefix of a version or build id.
+        #[arg(value_parser = reference)]
         from: String,
         /// The newer version, written as FROM is.
+        #[arg(value_parser = reference)]
         to: String,
         /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
@@ -146,6 +149,7 @@ pub(crate) enum ImageCommand {
     Verify {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
@@ -179,7 +183,7 @@ pub(crate) enum ImageCommand {
         /// host, and test the boot after (the newer version must run, and its counted
         /// boot be blessed); then `devos update --rollback` in it, and the boot after
         /// that (the target's version again). Not recorded as either version's boot test.
-        #[arg(long, value_name = "NAME@VERSION")]
+        #[arg(long, value_name = "NAME@VERSION", value_parser = reference)]
         update_to: Option<String>,
         /// Print the report as JSON on stdout.
         #[arg(long)]
@@ -190,6 +194,7 @@ pub(crate) enum ImageCommand {
     Export {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// The format to convert to.
         #[arg(long, value_parser = ["qcow2", "vmdk", "vhd"])]
@@ -275,6 +280,7 @@ pub(crate) enum PublishCommand {
     Updates {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// The feed: a directory (made if missing) or s3://BUCKET/PREFIX; other
         /// versions in it are kept.
@@ -301,6 +307,7 @@ pub(crate) enum PublishCommand {
     Ami {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// The region to upload to. Default: `[aws] region`, else AWS_REGION / the profile's.
         #[arg(long, value_parser = region_name)]
@@ -327,6 +334,7 @@ pub(crate) enum PublishCommand {
     Promote {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// Only these regions (comma-separated). Default: all it is published in.
         #[arg(long, value_delimiter = ',', value_parser = region_name)]
@@ -353,6 +361,7 @@ pub(crate) enum PublishCommand {
     Packer {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// Default: `[aws] region`, else AWS_REGION.
         #[arg(long, value_parser = region_name)]
@@ -381,6 +390,7 @@ pub(crate) enum PublishCommand {
     Deregister {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// Even if PREFIX/NAME/latest points at it.
         #[arg(long)]
@@ -399,6 +409,7 @@ pub(crate) enum PublishCommand {
     Verify {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// Default: `[aws] region`, else AWS_REGION.
         #[arg(long, value_parser = region_name)]
@@ -419,7 +430,7 @@ pub(crate) enum FleetCommand {
         #[arg(value_enum)]
         template: crate::fleet::Template,
         /// NAME@VERSION (or NAME: its newest version).
-        #[arg(long)]
+        #[arg(long, value_parser = reference)]
         image: String,
         /// Default: `[aws] region`, else AWS_REGION.
         #[arg(long, value_parser = region_name)]
@@ -437,7 +448,7 @@ pub(crate) enum FleetCommand {
         #[arg(long, value_enum)]
         template: crate::fleet::Template,
         /// NAME@VERSION (or NAME: its newest version).
-        #[arg(long)]
+        #[arg(long, value_parser = reference)]
         image: String,
         /// A template parameter (InstanceType=t3.large, DesiredCapacity=4, KeyName=...).
         #[arg(long = "param", value_name = "KEY=VALUE", value_parser = key_value)]
@@ -483,7 +494,7 @@ pub(crate) enum FleetCommand {
         /// The version to go back to: VERSION (of the stack's image; a prefix of one
         /// is enough) or NAME@VERSION. Default: the last version that passed its gate
         /// on the stack and is not marked bad there.
-        #[arg(long)]
+        #[arg(long, value_parser = reference)]
         to: Option<String>,
         #[command(flatten)]
         change: ChangeArgs,
@@ -494,6 +505,7 @@ pub(crate) enum FleetCommand {
         #[command(flatten)]
         stack: StackArgs,
         /// NAME@VERSION (a prefix of one of NAME's versions or build ids is enough).
+        #[arg(value_parser = reference)]
         reference: String,
         /// Say what mark would be taken back, and take back nothing.
         #[arg(long)]
@@ -557,6 +569,7 @@ pub(crate) enum PackerCommand {
     Render {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
+        #[arg(value_parser = reference)]
         reference: String,
         /// Default: `packer/` in the version's output directory.
         #[arg(long)]
@@ -605,6 +618,12 @@ fn checked(value: &str, fits: bool, what: &str, hint: &str) -> Result<String, St
     } else {
         Err(format!("`{value}` is not {what}\n  hint: {hint}"))
     }
+}
+
+/// A version's reference (NAME, NAME@VERSION, NAME@PREFIX): read as written, refused
+/// when the name or the version after an `@` is empty.
+fn reference(value: &str) -> Result<String, String> {
+    crate::store::registry::split_reference(value).map(|_| value.to_owned())
 }
 
 /// A count or a number of seconds that must be 1 or more.

@@ -22,7 +22,7 @@ pub(crate) use migrations::SCHEMA_VERSION;
 pub(crate) use publications::Publication;
 pub(crate) use rollouts::Rollout;
 pub use runs::TestRun;
-pub(crate) use versions::{ArtifactRow, VersionInfo};
+pub(crate) use versions::{ArtifactRow, VersionInfo, split_reference};
 
 /// `$DEVOS_REGISTRY`, else `$XDG_DATA_HOME/devos/registry.db`, else
 /// `~/.local/share/devos/registry.db`. An empty `DEVOS_REGISTRY` counts as unset.

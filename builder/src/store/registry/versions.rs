@@ -182,20 +182,7 @@ impl Registry {
     /// Find `NAME`, `NAME@VERSION` or `NAME@PREFIX` (a unique prefix of a version);
     /// `NAME` alone is its newest version.
     pub(crate) fn find(&self, reference: &str) -> Result<VersionInfo> {
-        let (name, wanted) = match reference.split_once('@') {
-            Some((n, v)) => (n, Some(v)),
-            None => (reference, None),
-        };
-        if name.is_empty() {
-            bail!(
-                "`{reference}` names no image before the `@`\n  hint: give NAME@VERSION, e.g. `devos-debian@0.2.0` (`devos-build image list` shows them)"
-            );
-        }
-        if wanted == Some("") {
-            bail!(
-                "`{reference}` names no version after the `@`\n  hint: give NAME@VERSION (`devos-build image list {name}` shows its versions), or `{name}` alone for its newest"
-            );
-        }
+        let (name, wanted) = split_reference(reference).map_err(anyhow::Error::msg)?;
         let all = self.versions(Some(name))?;
         if all.is_empty() {
             let known: Vec<String> = self.versions(None)?.into_iter().map(|v| v.name).collect();
@@ -295,4 +282,24 @@ pub(super) fn version_id(conn: &Connection, name: &str, version: &str) -> Result
             |r| r.get(0),
         )
         .optional()?)
+}
+
+/// A version's reference, NAME or NAME@VERSION (or a prefix of one), as its name and
+/// what it asks for; an error that says what to write when either part is empty.
+pub(crate) fn split_reference(reference: &str) -> Result<(&str, Option<&str>), String> {
+    let (name, wanted) = match reference.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (reference, None),
+    };
+    if name.is_empty() {
+        return Err(format!(
+            "`{reference}` names no image before the `@`\n  hint: give NAME@VERSION, e.g. `devos-debian@0.2.0` (`devos-build image list` shows them)"
+        ));
+    }
+    if wanted == Some("") {
+        return Err(format!(
+            "`{reference}` names no version after the `@`\n  hint: give NAME@VERSION (`devos-build image list {name}` shows its versions), or `{name}` alone for its newest"
+        ));
+    }
+    Ok((name, wanted))
 }
