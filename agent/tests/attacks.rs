@@ -71,7 +71,8 @@ fn eve() -> User {
 fn attacker(name: &str) -> User {
     let eve = User::ensure(name);
     // Her git identity and secrets, as a developer has them.
-    eve.write(
+    write_once(
+        &eve,
         &eve.home.join(".gitconfig"),
         "[user]\n\tname = Eve\n\temail = eve@example.com\n",
     );
@@ -92,13 +93,22 @@ fn attacker(name: &str) -> User {
         std::fs::create_dir_all(&d).unwrap();
         std::os::unix::fs::chown(&d, Some(eve.uid), Some(eve.uid)).unwrap();
         open_up(&d, 0o700);
-        eve.write(&d.join(file), content);
+        write_once(&eve, &d.join(file), content);
         open_up(&d.join(file), 0o600);
     }
     for startup in [".bashrc", ".profile"] {
-        eve.write(&eve.home.join(startup), "# eve's\n");
+        write_once(&eve, &eve.home.join(startup), "# eve's\n");
     }
     eve
+}
+
+/// Write `content` as [`User::write`] does, only where the file holds something else:
+/// the same files are set up by every test of the binary, while others read them.
+fn write_once(user: &User, path: &Path, content: &str) {
+    if std::fs::read_to_string(path).is_ok_and(|now| now == content) {
+        return;
+    }
+    user.write(path, content);
 }
 
 const SECRET_TEXTS: &[&str] = &["EVEKEY-7f3a", "EVEAWS-91c2"];
@@ -1933,7 +1943,8 @@ fn deny_rules_hold_through_proc_shells_and_wrappers() {
 #[test]
 fn the_red_team_findings_stay_fixed() {
     let agent = Daemon::start();
-    let eve = eve();
+    // (Her own: a Makefile in the home is written and removed here.)
+    let eve = attacker("devos-rt1");
     let project = eve.project();
     let cwd = project.path();
     // An exact rule does not follow a symlink swapped in later.
@@ -2495,7 +2506,8 @@ fn deny_rules_hold_when_part_of_a_command_is_only_known_when_it_runs() {
 #[test]
 fn the_third_round_stays_fixed() {
     let agent = Daemon::start();
-    let eve = eve();
+    // (Her own: a Makefile in the home is written and removed here.)
+    let eve = attacker("devos-rt3");
     // A line break in the working directory.
     let dir = eve.home.join(format!("devos-nl-{}\nx", std::process::id()));
     std::fs::create_dir(&dir).unwrap();

@@ -38,7 +38,9 @@ fn mallorys_team(mallory: &User, then: &str) -> (tempfile::TempDir, PathBuf) {
     (tmp, team)
 }
 
-fn watcher_pids(uid: u32) -> Vec<u32> {
+/// The context watchers `agent` runs for `uid` (its children: other tests' daemons
+/// run watchers for the same users).
+fn watcher_pids(agent: &Daemon, uid: u32) -> Vec<u32> {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -49,6 +51,14 @@ fn watcher_pids(uid: u32) -> Vec<u32> {
             continue;
         };
         if meta.uid() != uid {
+            continue;
+        }
+        let parent = std::fs::read_to_string(e.path().join("status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        if parent != Some(agent.pid()) {
             continue;
         }
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
@@ -90,16 +100,19 @@ fn rt01_a_project_root_made_unlistable_loses_its_entries() {
     assert_eq!(found(&agent, &alice, "layoff").len(), 1);
     // The owner takes alice's access away.
     open_up(team, 0o700);
-    std::thread::sleep(Duration::from_secs(4));
     assert!(
         std::fs::read_dir(team).is_ok(),
         "(root can still list it, alice cannot)"
     );
+    let (mut still, mut still2) = (Vec::new(), Vec::new());
+    let gone = wait_for(Duration::from_secs(20), || {
+        still = found(&agent, &alice, "layoff");
+        still2 = found(&agent, &alice, "acquisition");
+        still.is_empty() && still2.is_empty()
+    });
     let st = context(&agent, &alice, &["status"]);
-    let still = found(&agent, &alice, "layoff");
-    let still2 = found(&agent, &alice, "acquisition");
     assert!(
-        still.is_empty() && still2.is_empty(),
+        gone,
         "alice can no longer list {} yet her index still answers {still:?} {still2:?}; status: {}",
         team.display(),
         st["projects"][0]
@@ -118,9 +131,12 @@ fn rt02_a_project_root_moved_away_is_emptied_and_said() {
     assert_eq!(found(&agent, &alice, "moved-marker").len(), 1);
     let away = p.with_extension("away");
     std::fs::rename(&p, &away).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    let hits = found(&agent, &alice, "moved-marker");
-    let st = context(&agent, &alice, &["status"]);
+    let (mut hits, mut st) = (Vec::new(), serde_json::Value::Null);
+    wait_for(Duration::from_secs(20), || {
+        hits = found(&agent, &alice, "moved-marker");
+        st = context(&agent, &alice, &["status"]);
+        hits.is_empty() || st["projects"][0]["mode"] != "watching"
+    });
     std::fs::rename(&away, &p).unwrap();
     assert!(
         hits.is_empty() || st["projects"][0]["mode"] != "watching",
@@ -195,9 +211,12 @@ fn rt04_a_fifo_in_the_git_dir_does_not_hang_the_watcher() {
     );
     std::thread::sleep(Duration::from_secs(2));
     sh(&alice, &p, "echo x > two-after-fifo.rs");
-    std::thread::sleep(Duration::from_secs(4));
-    let hits = found(&agent, &alice, "two-after-fifo");
-    let st = context(&agent, &alice, &["status"]);
+    let (mut hits, mut st) = (Vec::new(), serde_json::Value::Null);
+    wait_for(Duration::from_secs(20), || {
+        hits = found(&agent, &alice, "two-after-fifo");
+        st = context(&agent, &alice, &["status"]);
+        !hits.is_empty() || st["watcher"] != "running" || st["projects"][0]["mode"] != "watching"
+    });
     // (Unblock the watcher — it is stuck in open() — so the test cleans up.)
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -338,8 +357,11 @@ fn rt07_max_files_holds_across_projects_and_rescans() {
         a.path(),
         "for i in $(seq 1 10); do mkdir d$i; echo > d$i/f; done",
     );
-    std::thread::sleep(Duration::from_secs(3));
-    let st = context(&agent, &alice, &["status"]);
+    let mut st = serde_json::Value::Null;
+    wait_for(Duration::from_secs(20), || {
+        st = context(&agent, &alice, &["status"]);
+        st["full"].is_string()
+    });
     assert!(st["entries"].as_u64().unwrap() <= 50, "{st}");
     assert!(st["full"].is_string(), "status must say FULL: {st}");
 }
@@ -553,7 +575,7 @@ fn rt12_a_project_swapped_for_a_symlink_to_proc_is_not_entered_on_resume() {
     std::fs::rename(&p, &real).unwrap();
     std::os::unix::fs::symlink("/proc/self/..", &p).unwrap();
     std::os::unix::fs::lchown(&p, Some(mallory.uid), Some(mallory.uid)).unwrap();
-    for pid in watcher_pids(mallory.uid) {
+    for pid in watcher_pids(&agent, mallory.uid) {
         let _ = Command::new("setpriv")
             .arg(format!("--reuid={}", mallory.uid))
             .arg(format!("--regid={}", mallory.uid))
@@ -583,16 +605,19 @@ fn rt13_killing_the_watcher_repeatedly_is_reported() {
     context(&agent, &alice, &["add", p.to_str().unwrap()]);
     project_status(&agent, &alice);
     for _ in 0..7 {
-        for pid in watcher_pids(alice.uid) {
+        for pid in watcher_pids(&agent, alice.uid) {
             let _ = nix_kill(pid);
         }
         std::thread::sleep(Duration::from_millis(2500));
     }
     std::thread::sleep(Duration::from_secs(3));
     sh(&alice, p, "echo x > after-kills.txt");
-    std::thread::sleep(Duration::from_secs(2));
-    let st = context(&agent, &alice, &["status"]);
-    let hits = found(&agent, &alice, "after-kills");
+    let (mut hits, mut st) = (Vec::new(), serde_json::Value::Null);
+    wait_for(Duration::from_secs(20), || {
+        st = context(&agent, &alice, &["status"]);
+        hits = found(&agent, &alice, "after-kills");
+        !hits.is_empty() || st["watcher"] != "running"
+    });
     assert!(
         !hits.is_empty() || st["watcher"] != "running",
         "the file is not indexed and status says {st}"
@@ -695,7 +720,7 @@ fn rt16_a_watcher_its_user_stopped_holds_up_no_one() {
     let p = project.path();
     context(&agent, &alice, &["add", p.to_str().unwrap()]);
     project_status(&agent, &alice);
-    let stopped = watcher_pids(alice.uid);
+    let stopped = watcher_pids(&agent, alice.uid);
     assert!(!stopped.is_empty());
     for pid in &stopped {
         assert!(
@@ -735,7 +760,7 @@ fn rt16_a_watcher_its_user_stopped_holds_up_no_one() {
     );
     // The stopped watcher was killed; a new one serves alice.
     std::thread::sleep(Duration::from_secs(1));
-    let running = watcher_pids(alice.uid);
+    let running = watcher_pids(&agent, alice.uid);
     assert!(stopped.iter().all(|p| !running.contains(p)), "{running:?}");
     std::thread::sleep(Duration::from_secs(3));
     sh(&alice, p, "echo x > after-the-stop.txt");

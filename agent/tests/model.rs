@@ -508,8 +508,9 @@ fn a_cancel_during_a_model_call_ends_the_request() {
                 _ => false,
             }
         });
+        // (The request is running from before its model call is sent.)
         assert!(
-            seen && standin.requests().len() == 1,
+            seen && wait_for(Duration::from_secs(10), || standin.requests().len() == 1),
             "the model call never started"
         );
         let out = agent.devos(Some(&heidi), &cwd, &["cancel", &id]);

@@ -215,7 +215,7 @@ fn conversation_integrity_a_follow_up_after_a_cancelled_model_call_is_a_valid_co
     let user = User::ensure("devos-ma-bert");
     let project = user.project();
     let cwd = project.path().to_path_buf();
-    standin.push(Reply::text("too late").after(Duration::from_secs(6)));
+    standin.push(Reply::text("too late").after(Duration::from_secs(30)));
     std::thread::scope(|s| {
         let run = s.spawn(|| {
             agent.devos(
@@ -574,12 +574,17 @@ fn budget_bypass_cancelling_while_the_answer_streams_leaves_no_trace_on_the_ledg
     let project = user.project();
     let cwd = project.path();
     let answer = "THE-WHOLE-ANSWER-42";
-    standin.push(Reply::text(answer).with_usage(Usage {
-        input: 100_000,
-        output: 20_000,
-        cache_read: 0,
-        cache_write: 0,
-    }));
+    // (Held after the text: the test cancels while the answer is shown but not over.)
+    standin.push(
+        Reply::text(answer)
+            .with_usage(Usage {
+                input: 100_000,
+                output: 20_000,
+                cache_read: 0,
+                cache_write: 0,
+            })
+            .holding_after_text(Duration::from_secs(30)),
+    );
     let mut child = as_user(&agent, &user, DEVOS)
         .args(["run", "--model", "small", "tell me"])
         .current_dir(cwd)
@@ -646,7 +651,11 @@ fn budget_bypass_cancelling_a_call_that_does_not_stream_counts_its_worst_case() 
         newest_in_state(&agent, &user, cwd, "running").is_some(),
         "not running"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // Cancelled once the call is on its way (before, nothing is billed).
+    assert!(wait_for(Duration::from_secs(10), || standin
+        .requests()
+        .len()
+        == 1));
     agent.devos(Some(&user), cwd, &["cancel", &id]);
     agent.wait_state(&user, cwd, &id, "cancelled");
     let rows = usage_rows(&agent, &user, cwd);

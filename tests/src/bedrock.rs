@@ -230,6 +230,8 @@ pub struct Reply {
     answer: Answer,
     usage: Usage,
     delay: Duration,
+    /// How long a streamed answer waits after its text, before its end.
+    hold: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -257,6 +259,7 @@ impl Reply {
             answer,
             usage: Usage::default(),
             delay: Duration::ZERO,
+            hold: Duration::ZERO,
         }
     }
 
@@ -368,6 +371,14 @@ impl Reply {
     /// cancel the request. A client that goes away meanwhile is no error.
     pub fn after(mut self, delay: Duration) -> Self {
         self.delay = delay;
+        self
+    }
+
+    /// Stream the text, then wait `hold` before the frames that end the message (and
+    /// carry its usage), e.g. to let a test cancel while the answer is shown but not
+    /// over. A client that goes away meanwhile is no error.
+    pub fn holding_after_text(mut self, hold: Duration) -> Self {
+        self.hold = hold;
         self
     }
 }
@@ -636,6 +647,7 @@ fn answer(shared: &Shared, mut request: tiny_http::Request) -> Result<()> {
                     .collect(),
                 stop_reason: stop_reason_of(stop_reason, tools),
                 usage: reply.usage,
+                hold: reply.hold,
                 started,
             };
             if route.streaming {
@@ -653,6 +665,7 @@ struct Turn<'a> {
     tools: Vec<(String, &'a ToolCall)>,
     stop_reason: String,
     usage: Usage,
+    hold: Duration,
     started: Instant,
 }
 
@@ -683,6 +696,9 @@ fn stream_message(mut stream: EventStream<'_>, turn: &Turn<'_>) -> Result<()> {
     let mut index = 0;
     if !turn.text.is_empty() {
         stream.text_deltas(index, turn.text)?;
+        if !stream.shared.pause(turn.hold) {
+            return stream.finish();
+        }
         stream.event("contentBlockStop", json!({ "contentBlockIndex": index }))?;
         index += 1;
     }

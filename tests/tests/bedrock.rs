@@ -732,9 +732,22 @@ async fn a_delayed_reply_outlives_a_client_that_gave_up() {
         standin.push(Reply::text("on time"));
 
         let first_sent = Instant::now();
-        let gave_up =
-            tokio::time::timeout(Duration::from_millis(300), converse_stream(&client)).await;
-        assert!(gave_up.is_err(), "the delayed reply came early");
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { converse_stream(&client).await }
+        });
+        // The client gives up once its request waits at the stand-in.
+        let arrived = Instant::now() + Duration::from_secs(10);
+        while standin.requests().is_empty() && Instant::now() < arrived {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            standin.requests().len(),
+            1,
+            "the first request never arrived"
+        );
+        assert!(!first.is_finished(), "the delayed reply came early");
+        first.abort();
 
         // The delayed reply holds up no other request.
         assert_eq!(converse_stream(&client).await.text(), "on time");
