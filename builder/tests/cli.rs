@@ -1107,7 +1107,7 @@ fn empty_results_and_odd_arguments_are_said_plainly() {
     assert_eq!(out.trim(), "[]");
     // An empty version after `@` is no prefix of every version, nor an empty name
     // any image: refused as the command line is read (exit 2), on every command that
-    // takes a version.
+    // takes a version; a manual page of no command is wrong usage too.
     for (args, said) in [
         (
             &["image", "show", "devos-debian@"][..],
@@ -1125,6 +1125,10 @@ fn empty_results_and_odd_arguments_are_said_plainly() {
         (
             &["fleet", "rollback", "--stack", "s", "--to", "x@"],
             "names no version",
+        ),
+        (
+            &["man", "image", "nope"],
+            "`devos-build image nope` is not a command",
         ),
     ] {
         let (code, _, err) = run_args(args);

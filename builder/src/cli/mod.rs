@@ -111,10 +111,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             stdout::print(script)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man { command } => {
-            stdout::print(man_page(&command)?)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Man { command } => match man_page(&command)? {
+            Ok(page) => {
+                stdout::print(page)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            // A command that does not exist is wrong usage, as clap's own are.
+            Err(usage) => {
+                eprintln!("error: {usage}");
+                Ok(ExitCode::from(2))
+            }
+        },
         Command::Relay { addr } => {
             boottest::ec2::relay(&addr)?;
             Ok(ExitCode::SUCCESS)
@@ -998,28 +1005,25 @@ fn nothing_to_do(code: Result<ExitCode>, nothing: bool) -> Result<ExitCode> {
 }
 
 /// The manual page of devos-build (`command` empty) or of one of its commands.
-fn man_page(command: &[String]) -> Result<String> {
+fn man_page(command: &[String]) -> Result<Result<String, String>> {
     let mut cmd = <Cli as clap::CommandFactory>::command();
     cmd.build();
     let mut name = vec!["devos-build".to_owned()];
     for word in command {
-        cmd = cmd
-            .find_subcommand(word)
-            .filter(|c| !c.is_hide_set())
-            .with_context(|| {
-                format!(
-                    "`{} {word}` is not a command\n  hint: `{} --help` lists them",
-                    name.join(" "),
-                    name.join(" ")
-                )
-            })?
-            .clone();
+        let Some(sub) = cmd.find_subcommand(word).filter(|c| !c.is_hide_set()) else {
+            return Ok(Err(format!(
+                "`{} {word}` is not a command\n  hint: `{} --help` lists them",
+                name.join(" "),
+                name.join(" ")
+            )));
+        };
+        cmd = sub.clone();
         name.push(word.clone());
     }
     let cmd = cmd.name(name.join("-")).bin_name(name.join(" "));
     let mut page = Vec::new();
     clap_mangen::Man::new(cmd).render(&mut page)?;
-    Ok(String::from_utf8(page)?)
+    Ok(Ok(String::from_utf8(page)?))
 }
 
 /// Results to stdout: JSON with `--json`, else the human text; the exit code says
@@ -1279,18 +1283,20 @@ mod tests {
                 "{shell}: {script}"
             );
         }
-        let top = super::man_page(&[]).unwrap();
+        let top = super::man_page(&[]).unwrap().unwrap();
         assert!(top.contains(".TH devos-build"), "{top}");
         for (name, _) in all() {
             let words: Vec<String> = name.split(' ').map(str::to_owned).collect();
-            let page = super::man_page(&words).unwrap();
+            let page = super::man_page(&words).unwrap().unwrap();
             assert!(
                 page.contains(&format!(".TH devos-build-{}", words.join("-"))),
                 "{name}: {page}"
             );
         }
-        let err = super::man_page(&["image".into(), "bild".into()]).unwrap_err();
-        assert!(format!("{err:#}").contains("`devos-build image bild` is not a command"));
+        let err = super::man_page(&["image".into(), "bild".into()])
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains("`devos-build image bild` is not a command"));
     }
 
     /// The AWS SDK's warnings (no credentials in the environment, no region in a
