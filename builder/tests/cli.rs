@@ -1138,6 +1138,24 @@ fn empty_results_and_odd_arguments_are_said_plainly() {
             "{args:?}: {err}"
         );
     }
+    // `cache prune` names what it freed as `image gc` does; `cache status`'s
+    // `entries` is the list.
+    let cache = dir.path().join("cache");
+    let out = with_empty_registry(dir.path())
+        .env("DEVOS_CACHE_DIR", &cache)
+        .args(["cache", "prune", "--dry-run", "--json"])
+        .output()
+        .unwrap();
+    let pruned: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pruned["entries_removed"], 0, "{pruned}");
+    assert_eq!(pruned["freed_bytes"], 0, "{pruned}");
+    let out = with_empty_registry(dir.path())
+        .env("DEVOS_CACHE_DIR", &cache)
+        .args(["cache", "status", "--json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["entries"].is_array(), "{status}");
     // A negative --keep is a count that is wrong, not a flag to escape with `--`.
     for args in [
         &["image", "gc", "--keep", "-1", "--dry-run"][..],

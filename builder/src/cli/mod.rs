@@ -517,10 +517,10 @@ fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
                     format!(
                         "{list}{} {} stage entries{}, {} {}\n",
                         if dry_run { "would remove" } else { "removed" },
-                        pruned.entries,
+                        pruned.entries_removed,
                         if all { " and the package caches" } else { "" },
                         if dry_run { "freeing" } else { "freed" },
-                        cache::mib(pruned.bytes)
+                        cache::mib(pruned.freed_bytes)
                     )
                 },
                 true,

@@ -257,15 +257,15 @@ impl Cache {
                 if !dry_run {
                     remove::dir_if_present(&gone.path())?;
                 }
-                pruned.bytes += bytes;
+                pruned.freed_bytes += bytes;
                 pruned.removed.push(gone.path().display().to_string());
             }
             for e in status.entries.iter().filter(|e| e.kind == *kind).skip(keep) {
                 if !dry_run {
                     remove_entry(&self.entry_dir(kind, &e.key))?;
                 }
-                pruned.entries += 1;
-                pruned.bytes += e.size;
+                pruned.entries_removed += 1;
+                pruned.freed_bytes += e.size;
                 pruned
                     .removed
                     .push(format!("{} {} ({})", e.kind, e.key, e.about));
@@ -278,7 +278,7 @@ impl Cache {
                 if !dry_run {
                     remove::dir_if_present(&d)?;
                 }
-                pruned.bytes += bytes;
+                pruned.freed_bytes += bytes;
                 pruned.removed.push(d.display().to_string());
             }
         }
@@ -307,8 +307,9 @@ pub(crate) struct StatusEntry {
 
 #[derive(Debug, Default, serde::Serialize)]
 pub(crate) struct Pruned {
-    pub(crate) entries: usize,
-    pub(crate) bytes: u64,
+    /// Named as `image gc` names what it freed.
+    pub(crate) entries_removed: usize,
+    pub(crate) freed_bytes: u64,
     /// What was removed (or, with `dry_run`, would be).
     pub(crate) removed: Vec<String>,
     pub(crate) dry_run: bool,
@@ -483,7 +484,7 @@ mod tests {
             "{said:?}"
         );
         assert!(gone.exists(), "a dry run removes nothing");
-        assert_eq!(said.entries, 2);
+        assert_eq!(said.entries_removed, 2);
         assert!(
             said.removed.iter().any(|r| r.starts_with("base a")),
             "{said:?}"
@@ -493,7 +494,7 @@ mod tests {
             "a dry run removes nothing"
         );
         let pruned = cache.prune(1, false, false).unwrap();
-        assert_eq!(pruned.entries, 2);
+        assert_eq!(pruned.entries_removed, 2);
         assert!(cache.entry_dir("base", "c").exists());
         assert!(!cache.entry_dir("base", "a").exists());
         assert!(!gone.exists());
