@@ -203,15 +203,31 @@ pub async fn execute(
     cancel: impl std::future::Future<Output = ()>,
 ) -> Outcome {
     let mut cancel = std::pin::pin!(cancel);
+    // One timeout for every attempt together.
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut attempt = 1;
     loop {
-        let (outcome, set_up) =
-            execute_once(spec, timeout, max_output, &mut on_output, cancel.as_mut()).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (mut outcome, set_up) = execute_once(
+            spec,
+            left,
+            timeout,
+            max_output,
+            &mut on_output,
+            cancel.as_mut(),
+        )
+        .await;
         if set_up || attempt == SETUP_ATTEMPTS {
             return outcome;
         }
         attempt += 1;
-        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))) => {}
+            () = cancel.as_mut() => {
+                outcome.error = Some("cancelled".to_owned());
+                return outcome;
+            }
+        }
     }
 }
 
@@ -219,6 +235,7 @@ pub async fn execute(
 /// started for a reason another attempt may not meet.
 async fn execute_once(
     spec: &Spec,
+    left: Duration,
     timeout: Duration,
     max_output: usize,
     on_output: impl FnMut(&str),
@@ -234,7 +251,7 @@ async fn execute_once(
     };
     let rx = read_pipes(&mut child);
     let collect = collect_output(rx, &mut outcome, max_output, on_output);
-    let (status, killed) = wait_or_kill(&mut child, collect, timeout, cancel, spec).await;
+    let (status, killed) = wait_or_kill(&mut child, collect, left, timeout, cancel, spec).await;
     let interrupted = killed.is_some();
     if let Some(why) = killed {
         outcome.error = Some(why);
@@ -304,6 +321,9 @@ async fn collect_output(
 ) {
     let mut stderr_head = true;
     let mut pending_err = Vec::new();
+    // Output read before the sandbox's line (the two pipes are read apart): passed on
+    // once that line says the action started, never if it does not.
+    let mut held = String::new();
     while let Some((is_err, mut chunk)) = rx.recv().await {
         if is_err && stderr_head {
             // The sandbox's first stderr line says what it applied (or why it
@@ -314,6 +334,9 @@ async fn collect_output(
             };
             stderr_head = false;
             chunk = read_sandbox_line(&pending_err, nl, outcome);
+            if outcome.sandbox.is_some() && !held.is_empty() {
+                on_output(&std::mem::take(&mut held));
+            }
         }
         let text = printable(&String::from_utf8_lossy(&chunk));
         if text.is_empty() {
@@ -330,7 +353,13 @@ async fn collect_output(
         let taken = head(&text, room);
         outcome.output.push_str(taken);
         outcome.truncated |= taken.len() < text.len();
-        on_output(taken);
+        // Only what the action wrote is passed on: what bubblewrap or the inner stage
+        // say when they fail may name what lies where the caller cannot look.
+        if outcome.sandbox.is_some() {
+            on_output(taken);
+        } else {
+            held.push_str(taken);
+        }
     }
     if stderr_head && !pending_err.is_empty() {
         outcome
@@ -362,6 +391,7 @@ fn read_sandbox_line(pending: &[u8], nl: usize, outcome: &mut Outcome) -> Vec<u8
 async fn wait_or_kill(
     child: &mut tokio::process::Child,
     collect: impl std::future::Future<Output = ()>,
+    left: Duration,
     timeout: Duration,
     cancel: impl std::future::Future<Output = ()>,
     spec: &Spec,
@@ -369,7 +399,7 @@ async fn wait_or_kill(
     let mut killed = None;
     let status = tokio::select! {
         status = async { collect.await; child.wait().await } => Some(status),
-        _ = tokio::time::sleep(timeout) => {
+        _ = tokio::time::sleep(left) => {
             killed = Some(format!("timed out after {}s ([sandbox] timeout-secs) and was killed", timeout.as_secs()));
             None
         }
@@ -463,6 +493,40 @@ fn sandbox_failure(spec: &Spec, s: std::process::ExitStatus, said: &str) -> (Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `collect_output` passes on, and what it keeps, for `chunks` (stderr or not).
+    fn collected(chunks: &[(bool, &str)]) -> (Vec<String>, Outcome) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        for (is_err, text) in chunks {
+            tx.try_send((*is_err, text.as_bytes().to_vec())).unwrap();
+        }
+        drop(tx);
+        let mut outcome = Outcome::default();
+        let mut passed = Vec::new();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(collect_output(rx, &mut outcome, 1 << 20, |t| {
+                passed.push(t.to_owned())
+            }));
+        (passed, outcome)
+    }
+
+    #[test]
+    fn only_what_the_action_wrote_is_passed_on() {
+        // A sandbox that failed: what bubblewrap said stays with the daemon.
+        let (passed, outcome) = collected(&[(true, "bwrap: Can't find /home/x/secret\n")]);
+        assert!(passed.is_empty(), "{passed:?}");
+        assert!(outcome.sandbox.is_none());
+        // Output read before the sandbox's line is passed on after it, in order.
+        let (passed, outcome) = collected(&[
+            (false, "early\n"),
+            (true, &format!("{APPLIED_PREFIX}no network\n")),
+            (false, "late\n"),
+        ]);
+        assert_eq!(passed, ["early\n", "late\n"]);
+        assert_eq!(outcome.sandbox.as_deref(), Some("no network"));
+    }
 
     #[test]
     fn a_description_asked_about_is_one_line_with_nothing_invisible() {

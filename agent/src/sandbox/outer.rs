@@ -56,6 +56,7 @@ pub fn exec_from_stdin() -> i32 {
 
 fn run(spec: &Spec) -> Result<Infallible, Stop> {
     let prepared = as_caller(&spec.caller, || prepare(spec))??;
+    all_opened(&prepared, &spec.caller.home)?;
     let exe =
         std::env::current_exe().map_err(|e| failed(format!("the agent's own binary: {e}")))?;
     let git_dir = spec.private_dir.join("git");
@@ -253,10 +254,11 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
     now.within(&spec.approved)
         .map_err(|grew| Stop::RiskChanged(grew.to_string()))?;
     let mut profile = Profile::of(&spec.approved, &cwd, spec.as_root);
+    let mut listed = Vec::new();
     if !profile.root {
-        profile.writable = writable_in_home(profile.writable, &caller.home);
+        (profile.writable, listed) = writable_in_home(profile.writable, &caller.home);
     }
-    check_reachable(&cwd, &profile, caller)?;
+    check_reachable(&cwd, &mut profile, &listed, caller)?;
     check_not_forbidden(spec, &cwd, &profile, &MountTable::read())?;
     let hidden_secrets = hidden_secrets(spec, &profile);
     let is_git = is_git(&spec.action, spec.approved.program.as_deref());
@@ -279,7 +281,7 @@ fn prepare(spec: &Spec) -> Result<Prepared, Stop> {
         .then(|| std::fs::canonicalize("/etc/resolv.conf").ok())
         .flatten()
         .filter(|p| p.starts_with("/run"));
-    let (identities, fds) = open_binds(&cwd, &mut profile, &read_only, caller)?;
+    let (identities, fds) = open_binds(&cwd, &mut profile, &mut read_only, &listed, caller)?;
     Ok(Prepared {
         cwd,
         identities,
@@ -317,17 +319,36 @@ fn enter_working_directory(spec: &Spec) -> Result<PathBuf, Stop> {
 
 /// Every place the sandbox will show the action must be one the caller can reach
 /// (checked here, as the caller): bubblewrap, as root, could mount anything.
-fn check_reachable(cwd: &PathBuf, profile: &Profile, caller: &Caller) -> Result<(), Stop> {
+/// An entry of the home listed for writing that is gone since is left out ([`gone`]).
+fn check_reachable(
+    cwd: &PathBuf,
+    profile: &mut Profile,
+    listed: &[PathBuf],
+    caller: &Caller,
+) -> Result<(), Stop> {
+    let mut vanished = Vec::new();
     for p in std::iter::once(cwd).chain(&profile.writable) {
-        std::fs::metadata(p).map_err(|e| {
-            failed(format!(
-                "{} is not a place you ({}) can reach: {e}",
-                p.display(),
-                caller.user
-            ))
-        })?;
+        match std::fs::metadata(p) {
+            Ok(_) => {}
+            Err(e) if gone(p, cwd, listed, &e) => vanished.push(p.clone()),
+            Err(e) => {
+                return Err(failed(format!(
+                    "{} is not a place you ({}) can reach: {e}",
+                    p.display(),
+                    caller.user
+                )));
+            }
+        }
     }
+    profile.writable.retain(|w| !vanished.contains(w));
     Ok(())
+}
+
+/// Whether `p`, which could not be reached (`e`), is an entry of the home listed for
+/// writing that the caller's own work removed since: it is then left out of what is
+/// writable (a new one by that name stays out of reach, as anything new in the home).
+fn gone(p: &Path, cwd: &Path, listed: &[PathBuf], e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound && p != cwd && listed.iter().any(|l| l == p)
 }
 
 /// Unless it runs as root, an action neither works in nor writes any of the
@@ -481,23 +502,24 @@ fn protect_repo(
 
 /// What the sandbox binds is opened here, as the caller, and handed to bubblewrap
 /// open: bubblewrap, as root, never looks a path of the caller's up. An entry of the
-/// home that is gone since the home was listed is left out of what is writable (the
-/// caller's own work removed it; a new one by that name stays out of reach).
+/// home listed for writing that is gone since is left out ([`gone`]), with the
+/// read-only places inside it.
 fn open_binds(
     cwd: &PathBuf,
     profile: &mut Profile,
-    read_only: &[PathBuf],
+    read_only: &mut Vec<PathBuf>,
+    listed: &[PathBuf],
     caller: &Caller,
 ) -> Result<(Vec<super::Identity>, OpenedPaths), Stop> {
     let mut identities = Vec::new();
     let mut fds: OpenedPaths = Vec::new();
-    let mut gone = Vec::new();
+    let mut vanished: Vec<PathBuf> = Vec::new();
     for p in std::iter::once(cwd)
         .chain(&profile.writable)
-        .chain(read_only)
+        .chain(read_only.iter())
         .chain(caller.home.is_dir().then_some(&caller.home))
     {
-        if fds.iter().any(|(q, _)| q == p) {
+        if fds.iter().any(|(q, _)| q == p) || vanished.iter().any(|v| p.starts_with(v)) {
             continue;
         }
         let fd = match nix::fcntl::open(
@@ -506,12 +528,8 @@ fn open_binds(
             nix::sys::stat::Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(nix::errno::Errno::ENOENT)
-                if p != cwd
-                    && p.parent() == Some(caller.home.as_path())
-                    && profile.writable.contains(p) =>
-            {
-                gone.push(p.clone());
+            Err(e) if gone(p, cwd, listed, &std::io::Error::from(e)) => {
+                vanished.push(p.clone());
                 continue;
             }
             Err(e) => return Err(failed(format!("{}: {e}", p.display()))),
@@ -524,8 +542,27 @@ fn open_binds(
         });
         fds.push((p.clone(), fd));
     }
-    profile.writable.retain(|w| !gone.contains(w));
+    profile.writable.retain(|w| !vanished.contains(w));
+    read_only.retain(|r| !vanished.iter().any(|v| r.starts_with(v)));
     Ok((identities, fds))
+}
+
+/// Every place bound from the caller's side was opened as the caller: none is handed
+/// to bubblewrap by name (see [`Prepared::bind`]).
+fn all_opened(p: &Prepared, home: &PathBuf) -> Result<(), Stop> {
+    let bound = std::iter::once(&p.cwd)
+        .chain(&p.profile.writable)
+        .chain(&p.read_only)
+        .chain(p.home_visible.then_some(home));
+    for path in bound {
+        if !p.fds.iter().any(|(q, _)| q == path) {
+            return Err(failed(format!(
+                "{} was not opened as you before the sandbox was built; nothing ran",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn is_git(action: &Action, program: Option<&Path>) -> bool {
@@ -729,8 +766,10 @@ fn bwrap_args(spec: &Spec, p: &Prepared, mounts: &MountTable, aliases: &Aliases)
 /// not hidden (names without a leading dot, not symlinks) is: nothing can be added to
 /// the home, so no start-up file, `~/.local`, `~/.config` or `~/.ssh` that does not
 /// exist yet can be created.
-fn writable_in_home(writable: Vec<PathBuf>, home: &Path) -> Vec<PathBuf> {
+/// Also returns the entries listed.
+fn writable_in_home(writable: Vec<PathBuf>, home: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let mut out = Vec::new();
+    let mut listed = Vec::new();
     for w in writable {
         if w != home {
             out.push(w);
@@ -740,10 +779,11 @@ fn writable_in_home(writable: Vec<PathBuf>, home: &Path) -> Vec<PathBuf> {
             let visible = !entry.file_name().to_string_lossy().starts_with('.');
             if visible && entry.file_type().is_ok_and(|t| !t.is_symlink()) {
                 out.push(entry.path());
+                listed.push(entry.path());
             }
         }
     }
-    out
+    (out, listed)
 }
 
 /// What no action sees (before what it works in is put back): `/run` with every
@@ -1119,6 +1159,32 @@ mod tests {
             fds: Vec::new(),
             handed: Default::default(),
         }
+    }
+
+    #[test]
+    fn nothing_is_bound_that_was_not_opened_as_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = |p: &Path| {
+            let fd = nix::fcntl::open(
+                p,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            (p.to_path_buf(), fd)
+        };
+        let cwd = dir.path().to_str().unwrap();
+        let mut p = prepared(cwd, &[cwd]);
+        p.fds.push(opened(dir.path()));
+        let home = PathBuf::from("/nonexistent-home");
+        assert!(all_opened(&p, &home).is_ok());
+        // A read-only place inside (one whose writable entry went, say) that was
+        // never opened stops the action rather than go to bubblewrap by name.
+        p.read_only.push(dir.path().join("bin"));
+        let Err(Stop::Failed(why)) = all_opened(&p, &home) else {
+            panic!("bound by name");
+        };
+        assert!(why.contains("was not opened as you"), "{why}");
     }
 
     /// What is mounted in order, as `kind target` lines: bubblewrap's mounts, then the
