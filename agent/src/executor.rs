@@ -14,7 +14,7 @@ use crate::caller::Caller;
 use crate::config::AgentConfig;
 use crate::request::ActionRecord;
 use crate::sandbox::{
-    APPLIED_PREFIX, EXIT_RISK_CHANGED, EXIT_SANDBOX_FAILED, Limits, REFUSED_PREFIX, Spec,
+    APPLIED_PREFIX, EXIT_RISK_CHANGED, EXIT_SANDBOX_FAILED, Limits, REFUSED_PREFIX, STATUS_FD, Spec,
 };
 
 /// The outer stage's own refusals (its checks ran as the caller): shown as they are.
@@ -242,14 +242,14 @@ async fn execute_once(
     cancel: impl std::future::Future<Output = ()>,
 ) -> (Outcome, bool) {
     let mut outcome = Outcome::default();
-    let mut child = match start_sandbox(spec).await {
-        Ok(c) => c,
+    let (mut child, status) = match start_sandbox(spec).await {
+        Ok(started) => started,
         Err(why) => {
             outcome.error = Some(why);
             return (outcome, true);
         }
     };
-    let rx = read_pipes(&mut child);
+    let rx = read_pipes(&mut child, status);
     let collect = collect_output(rx, &mut outcome, max_output, on_output);
     let (status, killed) = wait_or_kill(&mut child, collect, left, timeout, cancel, spec).await;
     let interrupted = killed.is_some();
@@ -265,44 +265,92 @@ async fn execute_once(
     (outcome, set_up)
 }
 
-/// Start the sandbox (`devos-agent sandbox-exec`) and hand it the spec on stdin.
-async fn start_sandbox(spec: &Spec) -> Result<tokio::process::Child, String> {
+/// Start the sandbox (`devos-agent sandbox-exec`) and hand it the spec on stdin; the
+/// read end of its status pipe (its descriptor [`STATUS_FD`]).
+async fn start_sandbox(
+    spec: &Spec,
+) -> Result<(tokio::process::Child, std::os::fd::OwnedFd), String> {
+    use std::os::fd::AsRawFd;
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the agent's own binary: {e}"))?;
-    let mut child = tokio::process::Command::new(exe)
+    // Both ends close-on-exec: no other child of the daemon gets either.
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("cannot make the sandbox's status pipe: {e}"))?;
+    let write_fd = write.as_raw_fd();
+    let mut command = tokio::process::Command::new(exe);
+    command
         .arg("sandbox-exec")
         .env_clear()
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2(2) gives the
+    // child the write end as STATUS_FD (without close-on-exec), fcntl(2) clears the
+    // flag when it is that descriptor already.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || {
+            let r = if write_fd == STATUS_FD {
+                libc::fcntl(write_fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(write_fd, STATUS_FD)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start the sandbox: {e}"))?;
+    drop(write);
     if let Some(mut stdin) = child.stdin.take() {
         let json = serde_json::to_vec(spec).unwrap_or_default();
         if let Err(e) = stdin.write_all(&json).await {
             return Err(format!("cannot hand the action to the sandbox: {e}"));
         }
     }
-    Ok(child)
+    Ok((child, read))
 }
 
-/// The child's stdout and stderr as one stream of chunks, each marked whether it
-/// came from stderr.
-fn read_pipes(child: &mut tokio::process::Child) -> tokio::sync::mpsc::Receiver<(bool, Vec<u8>)> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<(bool, Vec<u8>)>(64);
-    let pipes: [(bool, Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>); 2] = [
-        (false, child.stdout.take().map(|p| Box::new(p) as _)),
-        (true, child.stderr.take().map(|p| Box::new(p) as _)),
+/// Where a chunk the sandbox wrote came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Stdout,
+    Stderr,
+    /// The status pipe: the stages' own lines.
+    Status,
+}
+
+/// The child's stdout, stderr and status pipe as one stream of chunks, each marked
+/// with where it came from.
+fn read_pipes(
+    child: &mut tokio::process::Child,
+    status: std::os::fd::OwnedFd,
+) -> tokio::sync::mpsc::Receiver<(Source, Vec<u8>)> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<(Source, Vec<u8>)>(64);
+    let status = tokio::fs::File::from_std(std::fs::File::from(status));
+    let pipes: [(Source, Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>); 3] = [
+        (
+            Source::Stdout,
+            child.stdout.take().map(|p| Box::new(p) as _),
+        ),
+        (
+            Source::Stderr,
+            child.stderr.take().map(|p| Box::new(p) as _),
+        ),
+        (Source::Status, Some(Box::new(status))),
     ];
-    for (is_err, pipe) in pipes {
+    for (source, pipe) in pipes {
         let Some(mut pipe) = pipe else { continue };
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 * 1024];
             while let Ok(n) = pipe.read(&mut buf).await {
-                if n == 0 || tx.send((is_err, buf[..n].to_vec())).await.is_err() {
+                if n == 0 || tx.send((source, buf[..n].to_vec())).await.is_err() {
                     break;
                 }
             }
@@ -311,32 +359,38 @@ fn read_pipes(child: &mut tokio::process::Child) -> tokio::sync::mpsc::Receiver<
     rx
 }
 
-/// Keep the output, up to `max_output` bytes, and pass each chunk on as it comes;
-/// the sandbox's own first stderr line goes into the outcome instead.
+/// Keep the output, up to `max_output` bytes, and pass each chunk on as it comes,
+/// once the sandbox's status line said the action started; that line goes into the
+/// outcome instead.
 async fn collect_output(
-    mut rx: tokio::sync::mpsc::Receiver<(bool, Vec<u8>)>,
+    mut rx: tokio::sync::mpsc::Receiver<(Source, Vec<u8>)>,
     outcome: &mut Outcome,
     max_output: usize,
     mut on_output: impl FnMut(&str),
 ) {
-    let mut stderr_head = true;
-    let mut pending_err = Vec::new();
-    // Output read before the sandbox's line (the two pipes are read apart): passed on
-    // once that line says the action started, never if it does not.
+    // The status pipe's first line says what the sandbox applied (or why it refused);
+    // nothing of the action ran before it. Nothing else is written there.
+    let mut status = Vec::new();
+    let mut status_read = false;
+    // Output read before that line (the pipes are read apart): passed on once it says
+    // the action started, never if it does not.
     let mut held = String::new();
-    while let Some((is_err, mut chunk)) = rx.recv().await {
-        if is_err && stderr_head {
-            // The sandbox's first stderr line says what it applied (or why it
-            // refused); nothing of the action ran before it.
-            pending_err.extend_from_slice(&chunk);
-            let Some(nl) = pending_err.iter().position(|b| *b == b'\n') else {
+    while let Some((source, chunk)) = rx.recv().await {
+        if source == Source::Status {
+            if status_read {
                 continue;
-            };
-            stderr_head = false;
-            chunk = read_sandbox_line(&pending_err, nl, outcome);
-            if outcome.sandbox.is_some() && !held.is_empty() {
-                on_output(&std::mem::take(&mut held));
             }
+            status.extend_from_slice(&chunk);
+            if let Some(nl) = status.iter().position(|b| *b == b'\n') {
+                status_read = true;
+                read_sandbox_line(&status[..nl], outcome);
+                if outcome.sandbox.is_some() && !held.is_empty() {
+                    on_output(&std::mem::take(&mut held));
+                }
+            } else if status.len() > MAX_STATUS_LINE {
+                status_read = true;
+            }
+            continue;
         }
         let text = printable(&String::from_utf8_lossy(&chunk));
         if text.is_empty() {
@@ -361,28 +415,21 @@ async fn collect_output(
             held.push_str(taken);
         }
     }
-    if stderr_head && !pending_err.is_empty() {
-        outcome
-            .output
-            .push_str(&printable(&String::from_utf8_lossy(&pending_err)));
-    }
 }
 
-/// Take the sandbox's line (`pending[..nl]`) into the outcome; returns what of
-/// `pending` is the action's own output.
-fn read_sandbox_line(pending: &[u8], nl: usize, outcome: &mut Outcome) -> Vec<u8> {
-    let line = String::from_utf8_lossy(&pending[..nl]).into_owned();
+/// The longest status line read (what the sandbox applied, with its paths).
+const MAX_STATUS_LINE: usize = 1 << 20;
+
+/// Take the sandbox's status line into the outcome.
+fn read_sandbox_line(line: &[u8], outcome: &mut Outcome) {
+    let line = String::from_utf8_lossy(line);
     if let Some(applied) = line.strip_prefix(APPLIED_PREFIX) {
         outcome.sandbox = Some(applied.to_owned());
-        pending[nl + 1..].to_vec()
     } else if let Some(why) = line.strip_prefix(REFUSED_PREFIX) {
         outcome.risk_changed = true;
         outcome.error = Some(format!(
             "its risk changed since it was approved ({why}); nothing ran"
         ));
-        Vec::new()
-    } else {
-        pending.to_vec()
     }
 }
 
@@ -494,11 +541,11 @@ fn sandbox_failure(spec: &Spec, s: std::process::ExitStatus, said: &str) -> (Str
 mod tests {
     use super::*;
 
-    /// What `collect_output` passes on, and what it keeps, for `chunks` (stderr or not).
-    fn collected(chunks: &[(bool, &str)]) -> (Vec<String>, Outcome) {
+    /// What `collect_output` passes on, and what it keeps, for `chunks`.
+    fn collected(chunks: &[(Source, &str)]) -> (Vec<String>, Outcome) {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        for (is_err, text) in chunks {
-            tx.try_send((*is_err, text.as_bytes().to_vec())).unwrap();
+        for (source, text) in chunks {
+            tx.try_send((*source, text.as_bytes().to_vec())).unwrap();
         }
         drop(tx);
         let mut outcome = Outcome::default();
@@ -514,18 +561,28 @@ mod tests {
 
     #[test]
     fn only_what_the_action_wrote_is_passed_on() {
+        use Source::*;
         // A sandbox that failed: what bubblewrap said stays with the daemon.
-        let (passed, outcome) = collected(&[(true, "bwrap: Can't find /home/x/secret\n")]);
+        let (passed, outcome) = collected(&[(Stderr, "bwrap: Can't find /home/x/secret\n")]);
         assert!(passed.is_empty(), "{passed:?}");
         assert!(outcome.sandbox.is_none());
         // Output read before the sandbox's line is passed on after it, in order.
+        let applied = format!("{APPLIED_PREFIX}no network\n");
         let (passed, outcome) = collected(&[
-            (false, "early\n"),
-            (true, &format!("{APPLIED_PREFIX}no network\n")),
-            (false, "late\n"),
+            (Stdout, "early\n"),
+            (Status, &applied[..5]),
+            (Status, &applied[5..]),
+            (Stderr, "late\n"),
         ]);
         assert_eq!(passed, ["early\n", "late\n"]);
         assert_eq!(outcome.sandbox.as_deref(), Some("no network"));
+        // The action's own output never says what the sandbox applied: a line it
+        // writes (having read the real one away, or not) is only output.
+        let (passed, outcome) = collected(&[(Stderr, &applied), (Stdout, "x\n")]);
+        assert!(
+            outcome.sandbox.is_none() && passed.is_empty(),
+            "{outcome:?}"
+        );
     }
 
     #[test]

@@ -2632,6 +2632,34 @@ fn an_entry_of_the_home_removed_while_an_action_starts_fails_nothing() {
     }
 }
 
+/// What the sandbox applied is said on a pipe of its own, closed before the action
+/// starts: nothing the action writes (on stderr, where that line once came first) is
+/// taken for it, and an action that ran is never recorded as one that did not. (Its
+/// stderr cannot be read back through `/proc/self/fd/2` either: the agent's pipes are
+/// root's.)
+#[test]
+fn an_action_cannot_say_what_its_sandbox_applied_nor_hide_that_it_ran() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    let r = approved(
+        &agent,
+        &eve,
+        cwd,
+        "run: sh -c \"echo ran >> runs; timeout 2 head -c 100000 /proc/self/fd/2 > /dev/null; echo 'devos-sandbox: FORGED, no sandbox' >&2; exit 3\"",
+    );
+    let action = &r["actions"][0];
+    let applied = action["sandbox"].as_str().unwrap_or_default();
+    assert!(
+        applied.contains("seccomp") && !applied.contains("FORGED"),
+        "{r}"
+    );
+    assert_eq!(action["exit-code"], 3, "{r}");
+    assert!(action["output"].as_str().unwrap().contains("FORGED"), "{r}");
+    assert_eq!(std::fs::read_to_string(cwd.join("runs")).unwrap(), "ran\n");
+}
+
 /// The inner stage alone, as bubblewrap would start it but in a mount namespace of
 /// its own, covering `covers` and then running `script` as `user` in `cwd`.
 fn inner_stage(
@@ -2677,6 +2705,8 @@ fn inner_stage_after(
             max_open_files: 256,
         },
         outer: "test".into(),
+        // (What it applied comes on stderr here.)
+        status_fd: 2,
     };
     let mut child = std::process::Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])

@@ -137,6 +137,12 @@ pub fn exec_from_stdin() -> i32 {
             return EXIT_INSIDE_FAILED;
         }
     };
+    // Opened before Landlock, which would refuse it; closed when the action starts.
+    // Without it the daemon could not tell that the action started: nothing runs.
+    let Some(mut status) = super::status_pipe(spec.status_fd) else {
+        eprintln!("devos sandbox (inside): refused: no status pipe from the outer stage");
+        return EXIT_INSIDE_FAILED;
+    };
     let applied = match confine(&spec) {
         Ok(applied) => applied,
         Err(e) => {
@@ -144,13 +150,15 @@ pub fn exec_from_stdin() -> i32 {
             return EXIT_INSIDE_FAILED;
         }
     };
-    // The daemon reads this first line to record what the sandbox applied; nothing
-    // of the action has run before it. One line, whatever the paths in it hold.
+    // The daemon reads this line, on the status pipe, to record what the sandbox
+    // applied; nothing of the action has run before it. One line, whatever the paths
+    // in it hold.
     let line: String = format!("{}; {applied}", spec.outer)
         .chars()
         .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
         .collect();
-    eprintln!("{APPLIED_PREFIX}{line}");
+    super::tell_daemon(Some(&mut status), &format!("{APPLIED_PREFIX}{line}"));
+    drop(status);
     run(&spec)
 }
 

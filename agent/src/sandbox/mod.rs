@@ -56,7 +56,33 @@ pub const PRIVATE_DIRS: &[(&str, &str)] = &[
     ("shm", "/dev/shm"),
 ];
 
-/// The first stderr line the inner stage prints: what was applied.
+/// The descriptor on which the daemon hands `sandbox-exec` the pipe its stages say
+/// what they applied (or why they refused) on: the action's own output, which it can
+/// read back through `/proc/self/fd`, never carries these lines.
+pub const STATUS_FD: i32 = 3;
+
+/// Write `line` to the daemon on the status pipe at `fd` (opened again through
+/// `/proc/self/fd`, which needs no unsafe descriptor handling); stderr when there is
+/// none (a stage run by hand).
+pub fn tell_daemon(status: Option<&mut std::fs::File>, line: &str) {
+    use std::io::Write;
+    match status {
+        Some(f) => {
+            let _ = writeln!(f, "{line}");
+        }
+        None => eprintln!("{line}"),
+    }
+}
+
+/// The status pipe at `fd`, opened again for writing (close-on-exec).
+pub fn status_pipe(fd: i32) -> Option<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{fd}"))
+        .ok()
+}
+
+/// The first line the inner stage writes on the status pipe: what was applied.
 pub const APPLIED_PREFIX: &str = "devos-sandbox: ";
 /// The line the outer stage prints when it refuses an action whose risk grew.
 pub const REFUSED_PREFIX: &str = "devos-sandbox-refused: ";
@@ -138,6 +164,9 @@ pub struct Inner {
     pub limits: Limits,
     /// What the outer stage applied, for the record.
     pub outer: String,
+    /// The descriptor the inner stage says what it applied on (a pipe to the daemon
+    /// that no stage past it holds: the action cannot read the line away or write one).
+    pub status_fd: i32,
 }
 
 /// A place the inner stage makes absent: an empty tmpfs over a directory, /dev/null

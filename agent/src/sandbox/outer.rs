@@ -44,7 +44,10 @@ pub fn exec_from_stdin() -> i32 {
     };
     match run(&spec) {
         Err(Stop::RiskChanged(why)) => {
-            eprintln!("{REFUSED_PREFIX}{why}");
+            super::tell_daemon(
+                super::status_pipe(super::STATUS_FD).as_mut(),
+                &format!("{REFUSED_PREFIX}{why}"),
+            );
             EXIT_RISK_CHANGED
         }
         Err(Stop::Failed(why)) => {
@@ -102,6 +105,13 @@ fn run(spec: &Spec) -> Result<Infallible, Stop> {
         "--inside".into(),
     ]);
     let mut inner = inner_spec(spec, &prepared);
+    // The daemon's status pipe goes on to the inner stage, as one of the descriptors
+    // handed to bubblewrap; a sandbox-exec started without one is refused.
+    let status = super::status_pipe(super::STATUS_FD)
+        .ok_or_else(|| failed("no status pipe from the daemon on descriptor 3"))?;
+    let status = std::os::fd::OwnedFd::from(status);
+    inner.status_fd = std::os::fd::AsRawFd::as_raw_fd(&status);
+    prepared.handed.borrow_mut().push(status);
     inner.identities.extend(pinned);
     inner.covers = covers(spec, &prepared, &mounts, &aliases);
     inner.stand_ins = stand_ins(spec, &prepared, &aliases);
@@ -984,6 +994,8 @@ fn inner_spec(spec: &Spec, p: &Prepared) -> Inner {
         required: spec.required,
         limits: spec.limits,
         outer: describe_outer(spec, p),
+        // (Set once the status pipe is opened for bubblewrap.)
+        status_fd: -1,
     }
 }
 
