@@ -1140,6 +1140,12 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
             variant.is_empty(),
             "{hcl}"
         );
+        // Where SSH may come from is the user's to narrow.
+        assert_eq!(
+            hcl.contains("temporary_security_group_source_cidrs = var.ssh_source_cidrs"),
+            variant.is_empty(),
+            "{hcl}"
+        );
         for f in ["devos-agent.deb", "agent.toml", "provision.sh"] {
             assert!(out_dir.join(f).is_file(), "{f}");
         }
