@@ -332,7 +332,9 @@ fn read_pipes(
     status: std::os::fd::OwnedFd,
 ) -> tokio::sync::mpsc::Receiver<(Source, Vec<u8>)> {
     let (tx, rx) = tokio::sync::mpsc::channel::<(Source, Vec<u8>)>(64);
-    let status = tokio::fs::File::from_std(std::fs::File::from(status));
+    // (Read as the other two are, on the runtime's own poller: no thread waits on it
+    // while the action runs. Not a pipe: never, and the action counts as not started.)
+    let status = tokio::net::unix::pipe::Receiver::from_owned_fd(status).ok();
     let pipes: [(Source, Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>); 3] = [
         (
             Source::Stdout,
@@ -342,7 +344,7 @@ fn read_pipes(
             Source::Stderr,
             child.stderr.take().map(|p| Box::new(p) as _),
         ),
-        (Source::Status, Some(Box::new(status))),
+        (Source::Status, status.map(|p| Box::new(p) as _)),
     ];
     for (source, pipe) in pipes {
         let Some(mut pipe) = pipe else { continue };

@@ -1126,6 +1126,12 @@ fn empty_results_and_odd_arguments_are_said_plainly() {
             &["fleet", "rollback", "--stack", "s", "--to", "x@"],
             "names no version",
         ),
+        (&["image", "test", "x@"], "names no version"),
+        (&["image", "boot", "@1"], "names no image"),
+        (
+            &["fleet", "rollout", "--stack", "s", "--to", "x@"],
+            "names no version",
+        ),
         (
             &["man", "image", "nope"],
             "`devos-build image nope` is not a command",

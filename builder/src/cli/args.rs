@@ -1,6 +1,6 @@
 //! The command line, as clap definitions: every command, flag and its help text.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
@@ -174,7 +174,7 @@ pub(crate) enum ImageCommand {
     Test {
         /// An image file, an output directory, a spec (its newest build), or
         /// NAME[@VERSION] from the registry.
-        #[arg(default_value = DEFAULT_SPEC)]
+        #[arg(default_value = DEFAULT_SPEC, value_parser = target)]
         target: PathBuf,
         #[command(flatten)]
         vm: VmArgs,
@@ -213,7 +213,7 @@ pub(crate) enum ImageCommand {
     Boot {
         /// An image file, an output directory, a spec (its newest build), or
         /// NAME[@VERSION] from the registry.
-        #[arg(default_value = DEFAULT_SPEC)]
+        #[arg(default_value = DEFAULT_SPEC, value_parser = target)]
         target: PathBuf,
         /// Forward this host port (on 127.0.0.1) to the guest's SSH port, with your
         /// public key handed in as an EC2 instance's key pair is (instance metadata):
@@ -424,7 +424,8 @@ pub(crate) enum PublishCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum FleetCommand {
-    /// Render a CloudFormation template for a published, tested version.
+    /// Render a CloudFormation template for a tested version (published in the region,
+    /// except for WorkSpaces).
     Render {
         /// The kind of stack: one instance, a fleet (Auto Scaling group) or WorkSpaces.
         #[arg(value_enum)]
@@ -432,7 +433,7 @@ pub(crate) enum FleetCommand {
         /// NAME@VERSION (or NAME: its newest version).
         #[arg(long, value_parser = reference)]
         image: String,
-        /// Default: `[aws] region`, else AWS_REGION.
+        /// Default: `[aws] region`, else AWS_REGION (`workspaces` needs none).
         #[arg(long, value_parser = region_name)]
         region: Option<String>,
         /// Write here instead of to stdout.
@@ -463,7 +464,7 @@ pub(crate) enum FleetCommand {
         #[command(flatten)]
         stack: StackArgs,
         /// VERSION (of the stack's image) or NAME@VERSION.
-        #[arg(long)]
+        #[arg(long, value_parser = reference)]
         to: String,
         /// Roll this stack first; the main stack only if it passes its gate.
         #[arg(long, value_name = "STACK", conflicts_with = "in_place", value_parser = stack_name)]
@@ -624,6 +625,14 @@ fn checked(value: &str, fits: bool, what: &str, hint: &str) -> Result<String, St
 /// when the name or the version after an `@` is empty.
 fn reference(value: &str) -> Result<String, String> {
     crate::store::registry::split_reference(value).map(|_| value.to_owned())
+}
+
+/// What `image test|boot` take: a path that exists, or else a version's reference.
+fn target(value: &str) -> Result<PathBuf, String> {
+    if !Path::new(value).exists() {
+        crate::store::registry::split_reference(value)?;
+    }
+    Ok(PathBuf::from(value))
 }
 
 /// A count or a number of seconds that must be 1 or more.
