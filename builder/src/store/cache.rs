@@ -236,8 +236,6 @@ impl Cache {
         })
     }
 
-    /// Remove stage entries beyond the `keep` most recently used of each kind (all of
-    /// them with `keep = 0`), and with `packages`, the downloaded packages and lists.
     /// Remove all but the `keep` most recently used entries of each stage (and with
     /// `packages` the downloaded packages, package lists and agent packages), or with
     /// `dry_run` only say what that would remove.
@@ -253,12 +251,7 @@ impl Cache {
             let leftovers = fs::read_dir(&stage).into_iter().flatten().flatten();
             for gone in leftovers.filter(|d| d.file_name().to_string_lossy().starts_with(".gone-"))
             {
-                let bytes = dir_size(&gone.path());
-                if !dry_run {
-                    remove::dir_if_present(&gone.path())?;
-                }
-                pruned.freed_bytes += bytes;
-                pruned.removed.push(gone.path().display().to_string());
+                pruned.remove_dir(&gone.path())?;
             }
             for e in status.entries.iter().filter(|e| e.kind == *kind).skip(keep) {
                 if !dry_run {
@@ -273,13 +266,7 @@ impl Cache {
         }
         if packages {
             for sub in ["packages", "apt", "agent"] {
-                let d = self.root.join(sub);
-                let bytes = dir_size(&d);
-                if !dry_run {
-                    remove::dir_if_present(&d)?;
-                }
-                pruned.freed_bytes += bytes;
-                pruned.removed.push(d.display().to_string());
+                pruned.remove_dir(&self.root.join(sub))?;
             }
         }
         Ok(pruned)
@@ -313,6 +300,19 @@ pub(crate) struct Pruned {
     /// What was removed (or, with `dry_run`, would be).
     pub(crate) removed: Vec<String>,
     pub(crate) dry_run: bool,
+}
+
+impl Pruned {
+    /// Remove `dir` whole (unless this is a dry run) and count it.
+    fn remove_dir(&mut self, dir: &Path) -> Result<()> {
+        let bytes = dir_size(dir);
+        if !self.dry_run {
+            remove::dir_if_present(dir)?;
+        }
+        self.freed_bytes += bytes;
+        self.removed.push(dir.display().to_string());
+        Ok(())
+    }
 }
 
 impl Status {
