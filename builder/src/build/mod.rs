@@ -1038,11 +1038,7 @@ fn check_out(out: &Path) -> Result<()> {
 /// Move a finished output directory to its final name in one rename; an existing
 /// one (a `--force` rebuild) is replaced only after the new one is complete.
 fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
-    // Hidden beside it, by its whole name (an extension would cut a version's).
-    let old = final_dir.with_file_name(format!(
-        ".{}.old",
-        final_dir.file_name().unwrap_or_default().to_string_lossy()
-    ));
+    let old = remove::aside(final_dir, "old");
     // Left by an earlier replacement that could not remove it, or that was killed
     // between its two renames (then there is no output by the name now).
     remove::dir_if_present(&old)?;

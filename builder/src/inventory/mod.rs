@@ -439,10 +439,7 @@ fn on_stacks(reg: &Registry) -> Result<BTreeSet<(String, String)>> {
 /// Where [`remove_output`] moves `dir` before removing it; a later gc removes what a
 /// failed removal left there.
 fn gone_name(dir: &std::path::Path) -> std::path::PathBuf {
-    dir.with_file_name(format!(
-        ".{}.gone",
-        dir.file_name().unwrap_or_default().to_string_lossy()
-    ))
+    crate::support::remove::aside(dir, "gone")
 }
 
 /// Remove a version's output directory: first out of its name in one rename (a

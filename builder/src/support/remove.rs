@@ -2,9 +2,19 @@
 //! names the path.
 
 use std::io::ErrorKind;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+
+/// The hidden name beside `path` that a replacement or removal moves it to first
+/// (`.NAME.TAG`): by its whole name, as an extension would cut a version's
+/// (`0.2.0+abc` is not `0.2`).
+pub(crate) fn aside(path: &Path, tag: &str) -> PathBuf {
+    path.with_file_name(format!(
+        ".{}.{tag}",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ))
+}
 
 /// Remove a file, or do nothing if there is none.
 pub(crate) fn file_if_present(path: &Path) -> Result<()> {
