@@ -1278,7 +1278,9 @@ fn is_mirror_url(url: &str) -> bool {
 /// A NixOS release as `lib.trivial.release` spells it: `YY.MM`.
 fn is_nixos_release(s: &str) -> bool {
     s.split_once('.').is_some_and(|(y, m)| {
-        y.len() == 2 && m.len() == 2 && (y.to_owned() + m).bytes().all(|b| b.is_ascii_digit())
+        [y, m]
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit()))
     })
 }
 

@@ -86,9 +86,10 @@ pub(crate) struct AmiRequest {
 }
 
 impl AmiRequest {
-    /// The regions and the AMI name as given, checked before the registry or AWS is
-    /// asked, in dry runs as in real ones: a typo fails here, naming the flag, instead
-    /// of after an upload (or as an error from AWS).
+    /// The regions of the settings file and the AMI name as given, checked before the
+    /// registry or AWS is asked, in dry runs as in real ones: a typo fails here, naming
+    /// where it is, instead of after an upload (or as an error from AWS). (`--region`
+    /// and `--copy-to` are checked where the command line is read.)
     fn check(&self, settings: &Settings) -> Result<()> {
         let region_hint = devos_aws::REGION_HINT;
         if let Some(r) = &self.region
@@ -97,16 +98,6 @@ impl AmiRequest {
             bail!(
                 "`[aws] region` of the settings file names `{r}`, which is not a region name\n  hint: {region_hint}"
             );
-        }
-        for r in &self.copy_to {
-            if r.is_empty() {
-                bail!(
-                    "--copy-to names an empty region (two commas in a row, or one at an end)\n  hint: separate region names with single commas, e.g. `--copy-to us-east-1,eu-west-1`"
-                );
-            }
-            if !devos_aws::is_region_name(r) {
-                bail!("--copy-to `{r}` is not a region name\n  hint: {region_hint}");
-            }
         }
         for r in &settings.publish.copy_to {
             if !devos_aws::is_region_name(r) {
