@@ -648,23 +648,25 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(value: &str) -> Re
 /// `publish packer --var NAME=VALUE`: a Packer variable, but not the region (the
 /// registry and the dry run go by `--region`).
 fn packer_var(value: &str) -> Result<String, String> {
-    match value.split_once('=') {
-        Some(("region", _)) => Err(
+    if value.starts_with("region=") {
+        return Err(
             "the region is not a --var\n  hint: give it with --region, so the build, the registry and the dry run agree".into(),
-        ),
-        Some((k, _)) if !k.is_empty() => Ok(value.to_owned()),
-        _ => Err(format!(
-            "`{value}` is not NAME=VALUE\n  hint: write e.g. `--var instance_type=t3.large`"
-        )),
+        );
     }
+    assignment(value, "NAME=VALUE", "--var instance_type=t3.large")
 }
 
 /// `--param KEY=VALUE` (whether the template has KEY is checked against it).
 fn key_value(value: &str) -> Result<String, String> {
+    assignment(value, "KEY=VALUE", "--param InstanceType=t3.small")
+}
+
+/// `value` as a `form` (`NAME=VALUE`) with a name before its `=`, as in `example`.
+fn assignment(value: &str, form: &str, example: &str) -> Result<String, String> {
     match value.split_once('=') {
         Some((k, _)) if !k.is_empty() => Ok(value.to_owned()),
         _ => Err(format!(
-            "`{value}` is not KEY=VALUE\n  hint: write e.g. `--param InstanceType=t3.small`"
+            "`{value}` is not {form}\n  hint: write e.g. `{example}`"
         )),
     }
 }
