@@ -157,7 +157,11 @@ pub fn exec_from_stdin() -> i32 {
         .chars()
         .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
         .collect();
-    super::tell_daemon(Some(&mut status), &format!("{APPLIED_PREFIX}{line}"));
+    {
+        use std::io::Write;
+        // (A daemon gone meanwhile takes the action down with it: nothing to do here.)
+        let _ = writeln!(status, "{APPLIED_PREFIX}{line}");
+    }
     drop(status);
     run(&spec)
 }

@@ -56,25 +56,13 @@ pub const PRIVATE_DIRS: &[(&str, &str)] = &[
     ("shm", "/dev/shm"),
 ];
 
-/// The descriptor on which the daemon hands `sandbox-exec` the pipe its stages say
-/// what they applied (or why they refused) on: the action's own output, which it can
-/// read back through `/proc/self/fd`, never carries these lines.
+/// The descriptor on which the daemon hands `sandbox-exec` the pipe its stages say on
+/// what the sandbox applied (or that the action's risk grew): never the action's own
+/// output, which the action writes itself.
 pub const STATUS_FD: i32 = 3;
 
-/// Write `line` to the daemon on the status pipe at `fd` (opened again through
-/// `/proc/self/fd`, which needs no unsafe descriptor handling); stderr when there is
-/// none (a stage run by hand).
-pub fn tell_daemon(status: Option<&mut std::fs::File>, line: &str) {
-    use std::io::Write;
-    match status {
-        Some(f) => {
-            let _ = writeln!(f, "{line}");
-        }
-        None => eprintln!("{line}"),
-    }
-}
-
-/// The status pipe at `fd`, opened again for writing (close-on-exec).
+/// The status pipe at `fd`, opened again for writing through `/proc/self/fd` (which
+/// needs no unsafe descriptor handling; close-on-exec).
 pub fn status_pipe(fd: i32) -> Option<std::fs::File> {
     std::fs::OpenOptions::new()
         .write(true)

@@ -44,10 +44,15 @@ pub fn exec_from_stdin() -> i32 {
     };
     match run(&spec) {
         Err(Stop::RiskChanged(why)) => {
-            super::tell_daemon(
-                super::status_pipe(super::STATUS_FD).as_mut(),
-                &format!("{REFUSED_PREFIX}{why}"),
-            );
+            let line = format!("{REFUSED_PREFIX}{why}");
+            match super::status_pipe(super::STATUS_FD) {
+                Some(mut status) => {
+                    use std::io::Write;
+                    let _ = writeln!(status, "{line}");
+                }
+                // Run by hand, without the daemon's pipe.
+                None => eprintln!("{line}"),
+            }
             EXIT_RISK_CHANGED
         }
         Err(Stop::Failed(why)) => {
