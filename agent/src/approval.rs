@@ -831,6 +831,31 @@ mod tests {
     }
 
     #[test]
+    fn shell_scripts_unknown_and_privileged_actions_are_never_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = &std::fs::canonicalize(dir.path()).unwrap();
+        let script = Action::Shell {
+            script: "echo a | cat".into(),
+        };
+        let mut risk = classify_in(&script, cwd);
+        assert_eq!(may_remember(&script, &risk), Err(RuleError::ShellScript));
+        // A script is refused as a script, not only for the class it has today.
+        risk.class = RiskClass::ReadOnly;
+        assert_eq!(may_remember(&script, &risk), Err(RuleError::ShellScript));
+        let python = run(&["python3", "-c", "print(1)"]);
+        let risk = classify_in(&python, cwd);
+        assert_eq!(may_remember(&python, &risk), Err(RuleError::Unknown));
+        let install = Action::PackageInstall {
+            packages: vec!["jq".into()],
+        };
+        let risk = classify_in(&install, cwd);
+        assert_eq!(may_remember(&install, &risk), Err(RuleError::Privileged));
+        let mkdir = run(&["mkdir", "x"]);
+        let risk = classify_in(&mkdir, cwd);
+        assert_eq!(may_remember(&mkdir, &risk), Ok(()));
+    }
+
+    #[test]
     fn rules_cover_only_what_was_approved() {
         let dir = tempfile::tempdir().unwrap();
         let cwd = &std::fs::canonicalize(dir.path()).unwrap();

@@ -748,6 +748,37 @@ fn rules_mean_what_was_approved() {
     );
 }
 
+/// Unknown actions and shell scripts are decided every time: `--remember always`
+/// without a prefix (an exact rule, which no class bound checks when it is used) is
+/// refused, no rule appears, and the same text asks again.
+#[test]
+fn unknown_actions_and_shell_scripts_are_never_remembered_even_exactly() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    let rules = || stdout(&agent.devos(Some(&eve), cwd, &["--json", "rules"]));
+    let before = rules();
+    for text in ["run: python3 -c print(2)", "run: echo a | cat"] {
+        let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", text]));
+        let out = agent.devos(Some(&eve), cwd, &["approve", &id, "--remember", "always"]);
+        assert!(
+            !out.status.success(),
+            "{text}: an exact rule was accepted: {}",
+            stdout(&out)
+        );
+        assert!(
+            stderr(&out).contains("cannot be remembered"),
+            "{text}: {}",
+            stderr(&out)
+        );
+        let _ = agent.devos(Some(&eve), cwd, &["deny", &id]);
+        assert_eq!(rules(), before, "{text}: a rule appeared");
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(asked, "{text} ran unasked after a refused remember: {r}");
+    }
+}
+
 #[test]
 fn deny_rules_hold_in_every_spelling() {
     let agent = Daemon::start();
@@ -3159,4 +3190,73 @@ fn a_remembered_deny_rule_holds_whatever_global_options_come_first() {
     // Other git commands still run.
     let (asked, r) = submit(&agent, &eve, cwd, "run: git --no-pager status");
     assert!(!asked && r["state"] == "done", "{r}");
+}
+
+/// What reaches a secret location never runs on its class alone: with `network`
+/// auto-approved, a network action runs unasked, but `ssh` and network git (which get
+/// `~/.ssh`) ask.
+#[test]
+fn an_action_reaching_a_secret_asks_even_where_its_class_is_auto_approved() {
+    let agent = Daemon::start_with(
+        "IMAGE_VERSION=1.0\n",
+        "[policy]\nauto-approve = ['read-only', 'network']\n",
+    );
+    let eve = eve();
+    let project = repo(&eve);
+    let cwd = project.path();
+    let (asked, r) = submit(&agent, &eve, cwd, "run: curl -s https://example.invalid");
+    assert!(
+        !asked,
+        "a network action asked where network is auto-approved: {r}"
+    );
+    for text in ["run: ssh example.invalid true", "run: git fetch --all"] {
+        let (asked, r) = submit(&agent, &eve, cwd, text);
+        assert!(asked, "{text} ran unasked with her SSH keys: {r}");
+        assert_eq!(r["actions"][0]["output"].as_str().unwrap_or(""), "", "{r}");
+    }
+}
+
+/// A request with any denied action runs nothing: the first action of a two-action
+/// plan (`git add --all`, then `git commit`) is auto-approved, the second denied by a
+/// rule, and the first never runs.
+#[test]
+fn a_request_with_a_denied_action_runs_none_of_its_actions() {
+    let agent = Daemon::start_with(
+        "IMAGE_VERSION=1.0\n",
+        "[policy]\nauto-approve = ['read-only', 'writes-workdir']\n",
+    );
+    let eve = eve();
+    let project = repo(&eve);
+    let cwd = project.path();
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &[
+            "rules",
+            "add",
+            "deny",
+            "--lifetime",
+            "always",
+            "--command-prefix",
+            "git",
+            "commit",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    eve.write(&cwd.join("new.txt"), "new\n");
+    let (asked, r) = submit(&agent, &eve, cwd, "commit with message \"x\"");
+    assert!(!asked, "{r}");
+    assert_eq!(r["state"], "denied", "{r}");
+    assert_eq!(r["actions"].as_array().unwrap().len(), 2, "{r}");
+    // (Its own decision was policy's: only the request's other action stopped it.)
+    let add = &r["actions"][0]["decision"];
+    assert!(
+        add["decision"] == "approved" && add["by"].as_str().unwrap().starts_with("policy"),
+        "the `git add` was not auto-approved, so this proves nothing: {r}"
+    );
+    let status = stdout(&sh(&eve, cwd, "git status --porcelain"));
+    assert!(
+        status.contains("?? new.txt"),
+        "the `git add` of a denied request ran: {status}"
+    );
 }
