@@ -257,6 +257,53 @@ fn secrets_ask_and_are_granted_only_with_approval() {
 }
 
 #[test]
+fn any_write_where_the_working_directory_holds_the_home_is_destructive() {
+    let root = tempfile::tempdir().unwrap();
+    let root = &canonical(root.path());
+    let home = &root.join("home/dev");
+    std::fs::create_dir_all(home.join("proj")).unwrap();
+    let argv = |words: &[&str]| Action::Run {
+        argv: words.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let writes = [
+        argv(&["mkdir", "x"]),
+        Action::Mkdir { path: "x".into() },
+        Action::Write {
+            path: "new.txt".into(),
+            content: String::new(),
+        },
+        // The network profile makes the working directory writable too.
+        argv(&["curl", "-s", "https://example.invalid"]),
+    ];
+    for cwd in [home, &root.join("home"), root] {
+        for action in &writes {
+            let r = risk_in(action, cwd, home, &[]);
+            assert_eq!(
+                r.class,
+                RiskClass::Destructive,
+                "{action:?} in {}: {:?}",
+                cwd.display(),
+                r.reasons
+            );
+            assert!(
+                r.reasons.iter().any(|w| w.contains("holds your home")),
+                "{:?}",
+                r.reasons
+            );
+        }
+        // Reading stays read-only.
+        assert_eq!(
+            risk_in(&argv(&["ls"]), cwd, home, &[]).class,
+            RiskClass::ReadOnly
+        );
+    }
+    // A project inside the home is only the project.
+    let project = &home.join("proj");
+    let r = risk_in(&argv(&["mkdir", "x"]), project, home, &[]);
+    assert_eq!(r.class, RiskClass::WritesWorkdir, "{:?}", r.reasons);
+}
+
+#[test]
 fn symlinks_leading_out_of_the_workdir_are_caught() {
     let outside = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
