@@ -21,7 +21,7 @@ use common::{devos_build_command, gpg_verifies, ok, run};
 use devos_aws::{
     Credentials, sdk_autoscaling, sdk_cloudformation, sdk_ebs, sdk_ec2, sdk_s3, sdk_ssm,
 };
-use devos_build::store::registry::{Registry, TestRun};
+use devos_build::store::registry::{Booted, Registry, TestRun};
 use devos_tests::{Moto, Steps, require, wait_for};
 use serde_json::{Value, json};
 
@@ -168,7 +168,11 @@ impl Fixture {
                 seconds: 1.0,
                 raw_sha256: None,
             };
-            reg.record_test("devos-pub", version, &run, &json!({}))
+            let booted = Booted {
+                file: "disk.raw",
+                sha256: &sha,
+            };
+            reg.record_test("devos-pub", version, &run, &booted, &json!({}))
                 .unwrap();
         }
         raw
@@ -571,6 +575,10 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
                 accelerator: "tcg".into(),
                 seconds: 1.0,
                 raw_sha256: None,
+            },
+            &Booted {
+                file: "disk.raw",
+                sha256: &devos_build::support::digest::file_sha256(&raw).unwrap(),
             },
             &json!({}),
         )

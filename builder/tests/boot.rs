@@ -537,7 +537,16 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         m["name"].as_str().unwrap(),
         m["version"].as_str().unwrap()
     ));
-    let changed = env.dir.path().join("changed.raw");
+    // Changed in a copy of the version's output directory, manifest and all: the
+    // copy is not the version, so its result is not recorded against it.
+    let copy = env.dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(
+        raw.parent().unwrap().join("manifest.json"),
+        copy.join("manifest.json"),
+    )
+    .unwrap();
+    let changed = copy.join(raw.file_name().unwrap());
     ok(&Command::new("cp")
         .args(["--sparse=always"])
         .arg(&raw)
@@ -546,8 +555,11 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         .unwrap());
     let root = parts.iter().find(|p| p["filesystem"] == "erofs").unwrap();
     flip_byte_at(&changed, root["offset"].as_u64().unwrap() + 1024);
+    let reference = format!("{name}@{version}");
+    let runs = || env.json(&["image", "show", &reference, "--json"])["test_runs"].clone();
+    let before = runs();
     let mut c = env.cmd(&["image", "test", "--json", "--timeout", "150"]);
-    c.arg(&changed);
+    c.arg(&copy);
     let out = run(&mut c, 10);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the changed image passed:\n{stderr}");
@@ -557,6 +569,15 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     assert!(
         failure.contains("failed dm-verity verification"),
         "{report:#}"
+    );
+    assert!(
+        stderr.contains("this is another copy") && stderr.contains("the result is not recorded"),
+        "{stderr}"
+    );
+    assert_eq!(
+        runs(),
+        before,
+        "a copy's result was recorded for {reference}"
     );
 }
 

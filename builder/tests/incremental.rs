@@ -297,7 +297,17 @@ fn incremental_builds_registry_kills_and_gc() {
         seconds: 30.0,
         raw_sha256: None,
     };
-    reg.record_test("devos-debian", &v1, &run_record, &Value::Null)
+    let raw = first["manifest"]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["format"] == "raw")
+        .unwrap();
+    let booted = devos_build::store::registry::Booted {
+        file: raw["file"].as_str().unwrap(),
+        sha256: raw["sha256"].as_str().unwrap(),
+    };
+    reg.record_test("devos-debian", &v1, &run_record, &booted, &Value::Null)
         .unwrap();
     drop(reg);
     // A dry run says the same and deletes nothing.

@@ -850,7 +850,8 @@ fn write_junit(vm: &VmArgs, report: &boottest::TestReport) -> Result<()> {
 }
 
 /// Store a boot-test run with its version (images without a manifest are not in the
-/// registry and are not recorded).
+/// registry and are not recorded). The disk is hashed after the run: the registry
+/// takes the run only if those are the bytes it holds for the version.
 fn record_test(
     registry_path: &std::path::Path,
     target: &boottest::Target,
@@ -859,21 +860,28 @@ fn record_test(
     let Some(m) = &target.manifest else {
         return Ok(());
     };
+    let file = target
+        .disk
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sha256 = crate::support::digest::file_sha256(&target.disk)
+        .with_context(|| format!("cannot read {}", target.disk.display()))?;
     let run = TestRun {
         started_at: crate::support::time::now(),
         passed: report.passed,
         accelerator: report.accel.accel.as_str().to_owned(),
         seconds: report.seconds,
-        raw_sha256: m
-            .artifacts
-            .iter()
-            .find(|a| a.format == crate::model::spec::Format::Raw)
-            .map(|a| a.sha256.clone()),
+        raw_sha256: None,
     };
     Registry::open(registry_path)?.record_test(
         &m.name,
         &m.version,
         &run,
+        &crate::store::registry::Booted {
+            file: &file,
+            sha256: &sha256,
+        },
         &serde_json::to_value(report)?,
     )
 }

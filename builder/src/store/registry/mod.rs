@@ -21,7 +21,7 @@ use migrations::MIGRATIONS;
 pub(crate) use migrations::SCHEMA_VERSION;
 pub(crate) use publications::Publication;
 pub(crate) use rollouts::Rollout;
-pub use runs::TestRun;
+pub use runs::{Booted, TestRun};
 pub(crate) use versions::{ArtifactRow, VersionInfo, split_reference};
 
 /// `$DEVOS_REGISTRY`, else `$XDG_DATA_HOME/devos/registry.db`, else

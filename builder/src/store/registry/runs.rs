@@ -19,31 +19,56 @@ pub struct TestRun {
     pub raw_sha256: Option<String>,
 }
 
+/// The disk a boot test booted: its file name and the sha256 of its bytes, read after
+/// the run (the VM wrote only to its overlay).
+pub struct Booted<'a> {
+    pub file: &'a str,
+    pub sha256: &'a str,
+}
+
 impl Registry {
-    /// Record a boot-test run of `name@version` (no-op if the version is unknown).
+    /// Record a boot-test run of `name@version` (no-op if the version is unknown), if
+    /// what it booted is one of the version's artifacts as the registry holds it now,
+    /// byte for byte: a copy whose bytes differ, a file the build did not make, or a
+    /// version built again meanwhile is refused, and nothing is recorded. The run
+    /// counts for the version's raw image as the registry holds it (`run.raw_sha256`
+    /// is not read: a qcow2 that matches was converted from that raw image).
     pub fn record_test(
         &mut self,
         name: &str,
         version: &str,
         run: &TestRun,
+        booted: &Booted,
         report: &serde_json::Value,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
         if let Some(vid) = version_id(&tx, name, version)? {
-            let now: Option<String> = tx
-                .query_row(
-                    "SELECT sha256 FROM artifacts WHERE version_id = ?1 AND format = 'raw'",
-                    [vid],
+            let sha = |column: &str, value: &str| -> rusqlite::Result<Option<String>> {
+                tx.query_row(
+                    &format!(
+                        "SELECT sha256 FROM artifacts WHERE version_id = ?1 AND {column} = ?2"
+                    ),
+                    params![vid, value],
                     |r| r.get(0),
                 )
-                .optional()?;
-            if let (Some(tested), Some(now)) = (&run.raw_sha256, &now)
-                && tested != now
-            {
-                bail!(
-                    "the raw image this test booted (sha256 {tested}) is not {name}@{version}'s as the registry records it now ({now}): the version was built again meanwhile, or this is another copy; the result is not recorded\n  hint: test the version where the registry has it (`devos-build image test {name}@{version}`)"
-                );
+                .optional()
+            };
+            let hint = format!(
+                "the result is not recorded\n  hint: test the version where the registry has it (`devos-build image test {name}@{version}`)"
+            );
+            match sha("file", booted.file)? {
+                None => bail!(
+                    "`{}`, which this test booted, is not one of {name}@{version}'s artifacts as the registry records them; {hint}",
+                    booted.file
+                ),
+                Some(now) if now != booted.sha256 => bail!(
+                    "`{}`, which this test booted (sha256 {}), is not {name}@{version}'s as the registry records it now ({now}): the version was built again meanwhile, or this is another copy; {hint}",
+                    booted.file,
+                    booted.sha256
+                ),
+                Some(_) => {}
             }
+            let raw: Option<String> = sha("format", "raw")?;
             tx.execute(
                 "INSERT INTO test_runs (version_id, started_at, passed, accelerator, seconds, report, raw_sha256)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -54,7 +79,7 @@ impl Registry {
                     run.accelerator,
                     run.seconds,
                     report.to_string(),
-                    run.raw_sha256
+                    raw
                 ],
             )?;
         }

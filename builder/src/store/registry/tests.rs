@@ -126,8 +126,18 @@ fn references_and_test_runs() {
         seconds: 30.0,
         raw_sha256: None,
     };
-    reg.record_test("devos-test", "0.1.0+aaa111", &run, &serde_json::json!({}))
-        .unwrap();
+    let booted = Booted {
+        file: "devos-test-0.1.0+aaa111.raw",
+        sha256: &"ab".repeat(32),
+    };
+    reg.record_test(
+        "devos-test",
+        "0.1.0+aaa111",
+        &run,
+        &booted,
+        &serde_json::json!({}),
+    )
+    .unwrap();
     let v = reg.find("devos-test@0.1.0+aaa111").unwrap();
     assert_eq!(v.tested, Some(true));
     assert_eq!(reg.test_runs(&v).unwrap().len(), 1);
@@ -148,6 +158,7 @@ fn references_and_test_runs() {
         "devos-test",
         "0.1.0+aaa111",
         &failed,
+        &booted,
         &serde_json::json!({}),
     )
     .unwrap();
@@ -506,9 +517,19 @@ fn a_test_counts_for_the_raw_image_it_booted() {
             passed: true,
             accelerator: "tcg".into(),
             seconds: 1.0,
-            raw_sha256: Some(sha.repeat(32)),
+            raw_sha256: None,
         };
-        reg.record_test("devos-test", "0.1.0+aaa111", &run, &serde_json::json!({}))
+        let booted = Booted {
+            file: "devos-test-0.1.0+aaa111.raw",
+            sha256: &sha.repeat(32),
+        };
+        reg.record_test(
+            "devos-test",
+            "0.1.0+aaa111",
+            &run,
+            &booted,
+            &serde_json::json!({}),
+        )
     };
     build(&mut reg, "ab");
     test(&mut reg, "ab").unwrap();
@@ -528,4 +549,65 @@ fn a_test_counts_for_the_raw_image_it_booted() {
     assert_eq!(reg.find(reference).unwrap().tested, None);
     test(&mut reg, "cd").unwrap();
     assert_eq!(reg.find(reference).unwrap().tested, Some(true));
+}
+
+/// A run is recorded only for a disk that is one of the version's artifacts byte for
+/// byte (a copy whose bytes differ, or a file the build did not make, is not the
+/// version), and then counts for the version's raw image, whichever format booted.
+#[test]
+fn a_test_is_recorded_only_for_the_versions_own_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = Registry::open(&dir.path().join("r.db")).unwrap();
+    let reference = "devos-test@0.1.0+aaa111";
+    let mut m = manifest("0.1.0+aaa111", &[]);
+    m.artifacts.push(Artifact {
+        file: "devos-test-0.1.0+aaa111.qcow2".into(),
+        format: Format::Qcow2,
+        sha256: "cd".repeat(32),
+        size: 1 << 28,
+        used_bytes: 1 << 28,
+    });
+    reg.record_build(dir.path(), Path::new("images/devos-test.toml"), &m, &[])
+        .unwrap();
+    let mut test = |file: &str, sha: &str| {
+        let run = TestRun {
+            started_at: crate::support::time::now(),
+            passed: true,
+            accelerator: "tcg".into(),
+            seconds: 1.0,
+            raw_sha256: None,
+        };
+        let booted = Booted {
+            file,
+            sha256: &sha.repeat(32),
+        };
+        reg.record_test(
+            "devos-test",
+            "0.1.0+aaa111",
+            &run,
+            &booted,
+            &serde_json::json!({}),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let err = test("devos-test-0.1.0+aaa111.raw", "ef").unwrap_err();
+    assert!(
+        err.contains("this is another copy") && err.contains("the result is not recorded"),
+        "{err}"
+    );
+    let err = test("other.raw", "ab").unwrap_err();
+    assert!(
+        err.contains(
+            "`other.raw`, which this test booted, is not one of devos-test@0.1.0+aaa111's artifacts"
+        ),
+        "{err}"
+    );
+    let err = test("devos-test-0.1.0+aaa111.qcow2", "ab").unwrap_err();
+    assert!(err.contains("another copy"), "{err}");
+    test("devos-test-0.1.0+aaa111.qcow2", "cd").unwrap();
+    let v = reg.find(reference).unwrap();
+    assert_eq!(v.tested, Some(true));
+    let runs = reg.test_runs(&v).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].raw_sha256, Some("ab".repeat(32)));
 }
