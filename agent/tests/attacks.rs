@@ -840,6 +840,20 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
         std::os::unix::net::UnixListener::bind_addr(&addr).unwrap()
     };
     unix.set_nonblocking(true).unwrap();
+    // And a UDP one, which Landlock does not cover: only the network namespace keeps
+    // a datagram from it.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    let host_namespaces: Vec<String> = ["net", "ipc", "uts"]
+        .iter()
+        .map(|ns| {
+            std::fs::read_link(format!("/proc/self/ns/{ns}"))
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
     let bashrc = eve.home.join(".bashrc");
     let hooks = cwd.join(".git/hooks");
     let scripts = [
@@ -859,6 +873,11 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
         format!(
             "python3 -c 'import socket; s=socket.socket(socket.AF_UNIX); s.connect(\"\\0{abstract_name}\")'"
         ),
+        format!(
+            "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b\"x\", (\"127.0.0.1\", {udp_port}))'"
+        ),
+        // Namespaces of their own, not the host's.
+        "# namespaces\nreadlink /proc/self/ns/net /proc/self/ns/ipc /proc/self/ns/uts".to_owned(),
         // Persistence outside the sandbox: start-up files, git hooks and config.
         format!("echo 'touch {m}/bashrc' >> {}", bashrc.display()),
         format!(
@@ -883,11 +902,27 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
         // What no network namespace covers (vsock, to the hypervisor's host), and x32
         // system calls, which a filter that checks only the architecture would allow.
         "# refused calls\npython3 - <<'PY'\n\
-         import ctypes, socket\n\
+         import ctypes, os, socket\n\
          libc = ctypes.CDLL(None, use_errno=True)\n\
          print('x32', libc.syscall(0x40000000 + 39), ctypes.get_errno())\n\
          try:\n    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); print('vsock opened')\n\
          except OSError as e:\n    print('vsock errno', e.errno)\n\
+         def call(name, nr, *args):\n\
+         \x20   ctypes.set_errno(0)\n\
+         \x20   r = libc.syscall(nr, *args)\n\
+         \x20   if r == 0 and name.startswith('clone'):\n\
+         \x20       os._exit(0)\n\
+         \x20   print(name, r, ctypes.get_errno())\n\
+         call('clone-newuser', 56, ctypes.c_ulong(0x10000000 | 0x200 | 17), 0, 0, 0, 0)\n\
+         call('clone-newns', 56, ctypes.c_ulong(0x20000 | 0x200 | 17), 0, 0, 0, 0)\n\
+         call('clone3', 435, 0, 0)\n\
+         call('openat2', 437, -100, b'x', 0, 0)\n\
+         call('io_uring_setup', 425, 1, 0)\n\
+         call('keyctl', 250, 9999, 0, 0, 0, 0)\n\
+         call('ptrace', 101, 2, 999999, 0, 0)\n\
+         call('bpf', 321, 9999, 0, 0)\n\
+         call('perf_event_open', 298, 0, 0, -1, -1, 0)\n\
+         call('userfaultfd', 323, 0xFFFF)\n\
          PY"
             .to_owned(),
     ];
@@ -911,6 +946,34 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
             // ENOSYS without x32, EAFNOSUPPORT without vsock).
             assert!(out.contains("x32 -1 1\n"), "{out}");
             assert!(out.contains("vsock errno 1\n"), "{out}");
+            // The kernel itself would refuse each of these calls as asked (an invalid
+            // flag pair, size, command or pid: EINVAL, EFAULT, EOPNOTSUPP, ESRCH), so
+            // only the filters answer EPERM (the denied calls and clone with a
+            // namespace flag) or ENOSYS (clone3 and openat2, whose arguments seccomp
+            // cannot read).
+            for call in [
+                "clone-newuser",
+                "clone-newns",
+                "io_uring_setup",
+                "keyctl",
+                "ptrace",
+                "bpf",
+                "perf_event_open",
+                "userfaultfd",
+            ] {
+                assert!(out.contains(&format!("{call} -1 1\n")), "{call}: {out}");
+            }
+            for call in ["clone3", "openat2"] {
+                assert!(out.contains(&format!("{call} -1 38\n")), "{call}: {out}");
+            }
+        }
+        if script.starts_with("# namespaces") {
+            for ns in ["net", "ipc", "uts"] {
+                assert!(out.contains(&format!("{ns}:[")), "{out}");
+            }
+            for host in &host_namespaces {
+                assert!(!out.contains(host), "the action shares {host}: {out}");
+            }
         }
         if script.starts_with("id;") {
             assert_eq!(out.matches(&format!("uid={}", eve.uid)).count(), 1, "{out}");
@@ -936,6 +999,10 @@ fn the_sandbox_holds_when_an_approved_action_misbehaves() {
     assert!(
         unix.accept().is_err(),
         "the action reached an abstract socket"
+    );
+    assert!(
+        udp.recv(&mut [0; 16]).is_err(),
+        "a datagram from the action reached the host's loopback"
     );
     assert_eq!(std::fs::read_to_string(&bashrc).unwrap(), "# eve's\n");
     assert!(!hooks.join("pre-commit").exists());
