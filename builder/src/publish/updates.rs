@@ -65,7 +65,7 @@ pub(crate) fn publish_feed(
     feed: &dyn FeedStore,
 ) -> Result<FeedPublished> {
     let v = &prepared.v;
-    reg.lock_feed(&feed.location())?;
+    reg.lock_feed(&feed.identity()?, &feed.location())?;
     crate::update::add_to_feed(
         feed,
         &v.dir,
@@ -172,5 +172,9 @@ impl FeedStore for S3Feed {
 
     fn location(&self) -> String {
         self.feed.url()
+    }
+
+    fn identity(&self) -> Result<String> {
+        Ok(self.feed.url().trim_end_matches('/').to_owned())
     }
 }

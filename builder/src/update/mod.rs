@@ -130,6 +130,10 @@ pub(crate) trait FeedStore {
     fn put_index(&self, sums: &Path, sig: &Path) -> Result<()>;
     /// The feed's directory or URL, for messages.
     fn location(&self) -> String;
+    /// What names this feed however `--to` spelled it, for its lock: a directory's
+    /// device and inode (made if there is none: two first publishes make one), a
+    /// bucket's URL.
+    fn identity(&self) -> Result<String>;
 }
 
 /// A feed in a directory of this machine. The directory is opened once, at the first
@@ -251,6 +255,15 @@ impl FeedStore for DirFeed {
 
     fn location(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn identity(&self) -> Result<String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self
+            .made()?
+            .metadata()
+            .with_context(|| format!("cannot read {}", self.path.display()))?;
+        Ok(format!("dir {}:{}", meta.dev(), meta.ino()))
     }
 }
 
@@ -455,6 +468,31 @@ fn parse_sums(text: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One directory feed is one feed for its lock however `--to` names it (trailing
+    /// slash, `..`, a link to it); another directory is another feed; the first
+    /// publish's identity makes the directory, so two of them make and lock one.
+    #[test]
+    fn a_directory_feed_is_named_by_the_directory_not_the_spelling() {
+        let tmp = tempfile::tempdir().unwrap();
+        let feed = tmp.path().join("feed");
+        let identity = |p: PathBuf| DirFeed::new(p).identity().unwrap();
+        let first = identity(feed.clone());
+        assert!(
+            feed.is_dir(),
+            "the identity of a new feed made no directory"
+        );
+        std::os::unix::fs::symlink(&feed, tmp.path().join("link")).unwrap();
+        fs::create_dir(tmp.path().join("other")).unwrap();
+        for same in [
+            tmp.path().join("feed/"),
+            tmp.path().join("other/../feed"),
+            tmp.path().join("link"),
+        ] {
+            assert_eq!(identity(same.clone()), first, "{}", same.display());
+        }
+        assert_ne!(identity(tmp.path().join("other")), first);
+    }
 
     /// A directory feed reads and writes through the directory it first found or made:
     /// another directory put in its place later gets nothing and serves nothing; links

@@ -61,9 +61,10 @@ impl Registry {
 
     /// Hold the lock of the update feed at `location` (one publish to a feed at a time:
     /// each writes the index it read plus its version, so the second would drop the
-    /// first's), as [`Registry::lock_stack`] does.
-    pub(crate) fn lock_feed(&self, location: &str) -> Result<()> {
-        let id = crate::support::digest::sha256_hex(location.trim_end_matches('/').as_bytes());
+    /// first's), as [`Registry::lock_stack`] does. `identity` names the feed however
+    /// it was spelled (`FeedStore::identity`).
+    pub(crate) fn lock_feed(&self, identity: &str, location: &str) -> Result<()> {
+        let id = crate::support::digest::sha256_hex(identity.as_bytes());
         self.hold_lock(&format!("feed-{}", &id[..16]), |path| {
             format!(
                 "another devos-build is publishing to the feed {location} (it holds {})\n  hint: wait for it to finish, then publish again",
