@@ -444,12 +444,7 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
         &expected,
         checks.iter().find(|c| c.check == "agent-version"),
     ) {
-        checks.push(Check {
-            check: "version-matches-build".into(),
-            ok: got.ok && &got.detail == want,
-            detail: format!("agent reports {}, build is {want}", got.detail),
-            ms: 0,
-        });
+        checks.push(version_matches(want, got));
     }
     let mut ssh_host_key = None;
     if let Some(ssh) = ssh {
@@ -519,6 +514,17 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
 /// The checks of the boot after a rollback from `to`: `rollback-boot` (the version
 /// `from`, when known, and not `to`; not on trial; its agent answering), then each of
 /// its own checks that failed.
+/// Whether the agent that answered (its `agent-version` check) is the build's `want`:
+/// an image that booted another version's root passes nothing.
+fn version_matches(want: &str, agent_version: &Check) -> Check {
+    Check {
+        check: "version-matches-build".into(),
+        ok: agent_version.ok && agent_version.detail == want,
+        detail: format!("agent reports {}, build is {want}", agent_version.detail),
+        ms: 0,
+    }
+}
+
 fn rollback_checks(back: &Run, from: Option<&str>, to: &str) -> Vec<Check> {
     let detail = |name: &str| {
         back.checks
@@ -756,6 +762,22 @@ pub(crate) fn ssh_public_key(given: Option<&Path>) -> Result<Option<(PathBuf, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The version check passes only when the agent answered with the build's version.
+    #[test]
+    fn the_version_check_fails_on_another_version_or_no_answer() {
+        let answer = |detail: &str, ok: bool| Check {
+            check: "agent-version".into(),
+            ok,
+            detail: detail.into(),
+            ms: 1,
+        };
+        assert!(version_matches("1.0.0+a", &answer("1.0.0+a", true)).ok);
+        let other = version_matches("1.0.0+a", &answer("1.0.0+b", true));
+        assert!(!other.ok);
+        assert_eq!(other.detail, "agent reports 1.0.0+b, build is 1.0.0+a");
+        assert!(!version_matches("1.0.0+a", &answer("1.0.0+a", false)).ok);
+    }
 
     fn run(
         outcome: Result<(), &str>,
