@@ -3327,3 +3327,21 @@ fn a_request_with_a_denied_action_runs_none_of_its_actions() {
         "the `git add` of a denied request ran: {status}"
     );
 }
+
+/// System places are never writable, whatever was approved and whoever approved it:
+/// root's own `create directory x` in a directory under `/var/lib`, approved, makes
+/// nothing (root's actions other than package installs run as uid 0 with no
+/// capability, on a read-only system).
+#[test]
+fn a_system_place_is_not_writable_even_to_roots_approved_actions() {
+    let agent = Daemon::start();
+    let place = tempfile::tempdir_in("/var/lib").unwrap();
+    let cwd = place.path();
+    let r = approved_as(&agent, None, cwd, "create directory x");
+    assert_eq!(r["actions"][0]["risk"]["class"], "privileged", "{r}");
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(
+        !cwd.join("x").exists(),
+        "root's action wrote below /var/lib: {r}"
+    );
+}

@@ -332,3 +332,65 @@ pub fn base_environment(user: &str, home: &Path) -> Vec<(String, String)> {
         ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn risk(class: RiskClass, writes_outside: &[&str]) -> Risk {
+        Risk {
+            class,
+            reasons: Vec::new(),
+            program: None,
+            paths: Vec::new(),
+            normalized: None,
+            writes_outside: writes_outside.iter().map(PathBuf::from).collect(),
+            network: false,
+            secrets: Vec::new(),
+            repo_programs: false,
+            classifier_failed: false,
+        }
+    }
+
+    #[test]
+    fn read_only_actions_write_nothing_and_system_places_are_never_writable() {
+        let project = Path::new("/home/dev/proj");
+        // Read-only writes nothing, whatever else the risk lists.
+        let p = Profile::of(
+            &risk(RiskClass::ReadOnly, &["/home/dev/other"]),
+            project,
+            false,
+        );
+        assert!(p.writable.is_empty(), "{p:?}");
+        assert_eq!(p.describe(), "writes nothing; no network");
+        // Other classes write the working directory and what was approved outside
+        // it, never a system place.
+        for class in [
+            RiskClass::WritesWorkdir,
+            RiskClass::Network,
+            RiskClass::Destructive,
+            RiskClass::Privileged,
+            RiskClass::Unknown,
+        ] {
+            let p = Profile::of(
+                &risk(class, &["/etc/passwd", "/usr/bin", "/home/dev/other", "/"]),
+                project,
+                false,
+            );
+            assert_eq!(
+                p.writable,
+                [project, Path::new("/home/dev/other")],
+                "{class}"
+            );
+            assert!(!p.root);
+        }
+        // A working directory that belongs to the system is not writable either.
+        for cwd in ["/var/lib/devos-x", "/etc", "/usr/local/src", "/"] {
+            let p = Profile::of(&risk(RiskClass::Destructive, &[]), Path::new(cwd), false);
+            assert!(p.writable.is_empty(), "{cwd}: {p:?}");
+        }
+        // Only root's package installs get the system, as root.
+        let p = Profile::of(&risk(RiskClass::Privileged, &[]), project, true);
+        assert!(p.root && p.network && p.writable == [Path::new("/")]);
+    }
+}
