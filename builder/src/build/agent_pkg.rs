@@ -694,4 +694,26 @@ mod tests {
             assert!(root.join(src).is_file(), "{src}");
         }
     }
+    #[test]
+    fn a_cached_package_is_used_only_with_the_sha256_recorded_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cached, recorded, deb) = (
+            dir.path().join("cached.deb"),
+            dir.path().join("cached.deb.sha256"),
+            dir.path().join("out.deb"),
+        );
+        fs::write(&cached, b"a package").unwrap();
+        // Nothing recorded: not used.
+        assert_eq!(reuse_cached(&cached, &recorded, &deb).unwrap(), None);
+        let sha = digest::file_sha256(&cached).unwrap();
+        fs::write(&recorded, format!("{sha}\n")).unwrap();
+        assert_eq!(
+            reuse_cached(&cached, &recorded, &deb).unwrap(),
+            Some(sha.clone())
+        );
+        assert_eq!(fs::read(&deb).unwrap(), b"a package");
+        // One byte changed in the cache since: built again.
+        fs::write(&cached, b"a packagE").unwrap();
+        assert_eq!(reuse_cached(&cached, &recorded, &deb).unwrap(), None);
+    }
 }

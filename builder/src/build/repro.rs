@@ -197,3 +197,58 @@ impl Report {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_differing_byte_is_found_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+        // Three 4 KiB blocks of the range, past the 4 MiB the files are read in.
+        let mut bytes: Vec<u8> = (0..(5 << 20) as u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&a, &bytes).unwrap();
+        let at = (4 << 20) + 5 * BLOCK + 17;
+        bytes[at] ^= 1;
+        fs::write(&b, &bytes).unwrap();
+
+        assert_eq!(compare_range(&a, &a, 0, 5 << 20).unwrap(), None);
+        assert_eq!(
+            compare_range(&a, &b, 0, 5 << 20).unwrap(),
+            Some((1, at as u64 - 17))
+        );
+        // The difference, in a range that starts before it: one block, counted from
+        // the range's start.
+        let offset = 1 << 20;
+        let len = (4 << 20) - BLOCK as u64;
+        assert_eq!(
+            compare_range(&a, &b, offset, len).unwrap(),
+            Some((1, at as u64 - offset - 17))
+        );
+        // A range that ends before it sees none.
+        assert_eq!(compare_range(&a, &b, 0, (4 << 20) as u64).unwrap(), None);
+
+        let report = Report {
+            version: "1.0.0".into(),
+            identical: false,
+            artifacts: vec![("disk.raw".into(), "aa".into(), "bb".into())],
+            partitions: vec![PartitionDiff {
+                label: "root".into(),
+                differing_blocks: 1,
+                first_difference: at as u64 - 17,
+            }],
+            files: vec!["/etc/machine-id: contents".into()],
+            kept: None,
+        };
+        let said = report.human();
+        for needle in [
+            "NOT reproducible: two builds of 1.0.0 differ",
+            "disk.raw: aa vs bb",
+            "partition root: 1 blocks of 4 KiB differ",
+            "/etc/machine-id: contents",
+        ] {
+            assert!(said.contains(needle), "{needle}: {said}");
+        }
+    }
+}

@@ -1264,6 +1264,53 @@ mod tests {
     }
 
     #[test]
+    fn a_rollback_without_to_skips_versions_marked_bad() {
+        use crate::store::registry::tests::manifest;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+        for version in ["1.0.0+a", "2.0.0+b", "3.0.0+c"] {
+            reg.record_build(
+                std::path::Path::new("/o"),
+                std::path::Path::new("s"),
+                &manifest(version, &[]),
+                &[],
+            )
+            .unwrap();
+        }
+        let v1 = reg.find("devos-test@1.0.0+a").unwrap();
+        let v2 = reg.find("devos-test@2.0.0+b").unwrap();
+        let v3 = reg.find("devos-test@3.0.0+c").unwrap();
+        let mut change = |from: Option<&VersionInfo>, to: &VersionInfo| {
+            let id = reg.start_rollout("s", "r", "rollout", from, to).unwrap();
+            reg.finish_rollout(id, ChangeState::Succeeded, None)
+                .unwrap();
+        };
+        change(None, &v1);
+        change(Some(&v1), &v2);
+        change(Some(&v2), &v3);
+        assert_eq!(
+            last_good(&reg, "s", "r", "devos-test@3.0.0+c").unwrap(),
+            "devos-test@2.0.0+b"
+        );
+        // 2.0.0 passed its gate there, but was marked bad since (on a canary, say).
+        reg.mark_bad("s", "r", &v2, "failed on canary stack c")
+            .unwrap();
+        assert_eq!(
+            last_good(&reg, "s", "r", "devos-test@3.0.0+c").unwrap(),
+            "devos-test@1.0.0+a"
+        );
+        // Marked bad for another stack, or in another region: still where s goes back.
+        reg.mark_bad("other", "r", &v1, "x").unwrap();
+        reg.mark_bad("s", "elsewhere", &v1, "x").unwrap();
+        assert_eq!(
+            last_good(&reg, "s", "r", "devos-test@3.0.0+c").unwrap(),
+            "devos-test@1.0.0+a"
+        );
+        reg.mark_bad("s", "r", &v1, "x").unwrap();
+        assert!(last_good(&reg, "s", "r", "devos-test@3.0.0+c").is_err());
+    }
+
+    #[test]
     fn template_parameters_are_the_top_level_parameter_keys() {
         let yaml = "Parameters:\n  ImageId:\n    Type: String\n    Default: x\n  Subnets:\n    Type: String\nResources:\n  Group:\n    Type: X\n";
         assert_eq!(template_parameters(yaml), ["ImageId", "Subnets"]);

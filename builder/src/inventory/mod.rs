@@ -534,3 +534,44 @@ pub(crate) fn raw_artifact(v: &VersionInfo) -> Result<(PathBuf, String)> {
     }
     Ok((path, actual))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::registry::tests::manifest;
+
+    #[test]
+    fn gc_keeps_what_a_stack_runs_and_what_it_would_go_back_to() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+        for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
+            reg.record_build(
+                &tmp.path().join(version),
+                std::path::Path::new("s"),
+                &manifest(version, &[]),
+                &[],
+            )
+            .unwrap();
+        }
+        let find = |v: &str| reg.find(&format!("devos-test@{v}")).unwrap();
+        let (v1, v2, v3) = (find("1.0.0"), find("2.0.0"), find("3.0.0"));
+        let mut change = |stack: &str, from: Option<&VersionInfo>, to: &VersionInfo| {
+            let id = reg.start_rollout(stack, "r", "rollout", from, to).unwrap();
+            reg.finish_rollout(id, crate::model::states::ChangeState::Succeeded, None)
+                .unwrap();
+        };
+        // Stack s went 3.0.0 -> 1.0.0 -> 2.0.0: it runs 2.0.0 and would go back to
+        // 1.0.0; 3.0.0 is no end of its newest change.
+        change("s", None, &v3);
+        change("s", Some(&v3), &v1);
+        change("s", Some(&v1), &v2);
+        let report = gc(&mut reg, None, 1, true).unwrap();
+        let mut kept = report.kept.clone();
+        kept.sort();
+        assert_eq!(
+            kept,
+            ["devos-test@1.0.0", "devos-test@2.0.0", "devos-test@4.0.0"]
+        );
+        assert_eq!(report.removed, ["devos-test@3.0.0"]);
+    }
+}
