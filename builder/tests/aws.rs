@@ -592,6 +592,23 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     assert_eq!(would.len(), 3, "{plan}");
     assert!(would[0].as_str().unwrap().starts_with("upload "), "{plan}");
     assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
+    // While another devos-build publishes or deregisters the version, it waits its turn.
+    let publication_lock = || {
+        let busy = std::fs::File::create(
+            fx.registry()
+                .with_file_name(format!("registry.db.ami-{id}.lock")),
+        )
+        .unwrap();
+        busy.try_lock().unwrap();
+        busy
+    };
+    let busy = publication_lock();
+    refused(
+        &publish(&[]),
+        &format!("another devos-build is publishing or deregistering {reference}"),
+    );
+    assert_eq!(fx.resources("us-east-1", &id), (vec![], vec![]));
+    drop(busy);
     let out = publish(&[]);
     ok(&out);
     let first: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -712,6 +729,15 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     ]);
     assert_eq!(plan["would"].as_array().unwrap().len(), 3, "{plan}");
     assert_eq!(fx.resources("us-east-1", &id).1, primary_snapshots);
+    let busy = publication_lock();
+    refused(
+        &fx.run(&["publish", "deregister", &reference, "--force"]),
+        &format!("another devos-build is publishing or deregistering {reference}"),
+    );
+    for region in REGIONS {
+        assert_eq!(fx.resources(region, &id).0.len(), 1, "{region}");
+    }
+    drop(busy);
     ok(&fx.run(&["publish", "deregister", &reference, "--force"]));
     let none = fx.run(&["publish", "deregister", &reference, "--dry-run"]);
     assert_eq!(none.status.code(), Some(3), "{}", stderr(&none));
@@ -1000,6 +1026,14 @@ fn failed_boot_test_force_and_configuration_errors() {
         stderr(&out).contains("WITHOUT a passing boot test"),
         "{}",
         stderr(&out)
+    );
+    let ami = json(&out)["regions"][0]["ami_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        fx.ami_tags("us-east-1", &ami)["devos:boot-test"],
+        "skipped-with-force"
     );
 
     // No credentials anywhere in the chain.
@@ -1365,6 +1399,22 @@ fn exports_are_checked_with_qemu_img_and_recorded() {
             );
         }
     }
+    // A raw image that changed since its build is not exported.
+    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xff], 5 * BLOCK + 3).unwrap();
+    drop(f);
+    let out_file = dir.path().join("changed.qcow2");
+    let o = fx.run(&[
+        "image",
+        "export",
+        &reference,
+        "--format",
+        "qcow2",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    refused(&o, "changed since it was built");
+    assert!(!out_file.exists());
 }
 
 #[test]
@@ -1756,19 +1806,99 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
             "deploy 1.0.0 succeeded",
         ]
     );
+
+    // v3 fails on the canary: the canary goes back, the stack is not touched, and v3
+    // is marked bad for the stack too.
+    steps.at("A failure on the canary marks the version bad for the stack");
+    ok(&fleet(&[
+        "unmark",
+        "--stack",
+        "devfleet",
+        "devos-pub@3.0.0",
+    ]));
+    let child = fx
+        .cmd(&[
+            "fleet",
+            "rollout",
+            "--stack",
+            "devfleet",
+            "--to",
+            "3.0.0",
+            "--canary-stack",
+            "devfleet-canary",
+            "--bake",
+            "60",
+            "--json",
+            "--region",
+            "us-east-1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sick = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(45), || {
+            sick = fx.instances_on("devfleet-canary", &amis["3.0.0"]);
+            !sick.is_empty()
+        }),
+        "v3's instances never appeared on the canary"
+    );
+    fx.block_on(async {
+        asg.set_instance_health()
+            .instance_id(&sick[0])
+            .health_status("Unhealthy")
+            .send()
+            .await
+            .unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let d = json(&out);
+    assert_eq!(d.as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(d[0]["stack"], "devfleet-canary", "{d}");
+    assert_eq!(d[0]["state"], "rolled-back", "{d}");
+    assert_eq!(fx.fleet("devfleet-canary").0, amis["2.0.0"]);
+    assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
+    assert_eq!(fx.history("devfleet")[0], "rollback 1.0.0 succeeded");
+    let out = fleet(&[
+        "unmark",
+        "--stack",
+        "devfleet",
+        "devos-pub@3.0.0",
+        "--dry-run",
+        "--json",
+    ]);
+    ok(&out);
+    assert!(
+        json(&out)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed on canary stack devfleet-canary"),
+        "{}",
+        json(&out)
+    );
+    refused(
+        &fleet(&["rollout", "--stack", "devfleet", "--to", "3.0.0"]),
+        "is marked bad for stack devfleet",
+    );
 }
 
-/// Replacement rollouts that do not end as planned: stopped during the bake and run
-/// again (the version the stack runs is judged, not taken for done), a manual rollback
-/// whose gate fails (it stays, it does not go forward again), a mark taken back, the
-/// refusals that must come before anything moves, and what `publish deregister` keeps.
+/// Replacement rollouts that do not end as planned: stopped during the bake (by a
+/// signal, or killed outright) and run again (the version the stack runs is judged,
+/// not taken for done), a deploy of new parameters alone whose gate fails (nothing is
+/// marked bad), a manual rollback whose gate fails (it stays, it does not go forward
+/// again), a failed rollout from a version marked bad (it does not go back there), a
+/// mark taken back (not by a dry run), the refusals that must come before anything
+/// moves (a version marked bad, one that failed its boot test on every path), and what
+/// `publish deregister` keeps.
 #[test]
 fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     let steps = Steps::default();
     steps.at("set up");
     let fx = Fixture::new();
     let mut amis = std::collections::HashMap::new();
-    for version in ["1.0.0", "2.0.0", "3.0.0"] {
+    for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
         fx.version(version, 8, &[0], Some(true));
         ok(&fx.run(&[
             "publish",
@@ -1874,6 +2004,81 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
     assert_eq!(fx.history("devfleet"), ["deploy 1.0.0 succeeded"]);
 
+    // A version whose last boot test failed, published with --force, goes onto no
+    // stack and into no template, Packer build or feed, whichever way it is asked for.
+    steps.at("The boot-test gate on every path, not only publish ami");
+    fx.version("9.0.0", 8, &[0], Some(false));
+    ok(&fx.run(&[
+        "publish",
+        "ami",
+        "devos-pub@9.0.0",
+        "--region",
+        "us-east-1",
+        "--force",
+    ]));
+    let feed = fx.dir.path().join("feed");
+    let feed = feed.to_str().unwrap();
+    let paths: [&[&str]; 8] = [
+        &[
+            "fleet",
+            "deploy",
+            "--stack",
+            "devfleet",
+            "--template",
+            "fleet",
+            "--image",
+            "devos-pub@9.0.0",
+            "--bake",
+            "0",
+        ],
+        &[
+            "fleet", "rollout", "--stack", "devfleet", "--to", "9.0.0", "--bake", "0",
+        ],
+        &[
+            "fleet",
+            "rollout",
+            "--stack",
+            "devfleet",
+            "--to",
+            "devos-pub@9.0.0",
+            "--bake",
+            "0",
+        ],
+        &[
+            "fleet", "rollback", "--stack", "devfleet", "--to", "9.0.0", "--bake", "0",
+        ],
+        &[
+            "fleet",
+            "rollout",
+            "--stack",
+            "devfleet",
+            "--to",
+            "9.0.0",
+            "--in-place",
+            "--bake",
+            "0",
+        ],
+        &["fleet", "render", "fleet", "--image", "devos-pub@9.0.0"],
+        &["publish", "packer", "devos-pub@9.0.0", "--dry-run"],
+        &["publish", "updates", "devos-pub@9.0.0", "--to", feed],
+    ];
+    // Every path is tried before any is judged: the message names each that let it by.
+    let let_by: Vec<String> = paths
+        .iter()
+        .filter_map(|args| {
+            let mut all = args.to_vec();
+            all.extend_from_slice(&["--region", "us-east-1"]);
+            let out = fx.run(&all);
+            let err = stderr(&out);
+            (out.status.success() || !err.contains("devos-pub@9.0.0 failed its last boot test"))
+                .then(|| format!("{args:?}: {err}"))
+        })
+        .collect();
+    assert!(let_by.is_empty(), "{let_by:#?}");
+    assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
+    assert_eq!(fx.history("devfleet"), ["deploy 1.0.0 succeeded"]);
+    assert!(!Path::new(feed).exists());
+
     steps.at("A rollout stopped during its bake is recorded as interrupted");
     let out = stopped(
         &[
@@ -1914,6 +2119,35 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
         ]
     );
 
+    // Deployed to the stack by name it is refused as a rollout is.
+    steps.at("A deploy to the stack refuses the version marked bad there");
+    let deploy_v2 = [
+        "deploy",
+        "--stack",
+        "devfleet",
+        "--template",
+        "fleet",
+        "--image",
+        "devos-pub@2.0.0",
+        "--bake",
+        "0",
+    ];
+    refused(&fleet(&deploy_v2), "is marked bad for stack devfleet");
+    assert_eq!(fx.fleet("devfleet").0, amis["1.0.0"]);
+
+    steps.at("A dry run of unmark takes nothing back");
+    let out = fleet(&[
+        "unmark",
+        "--stack",
+        "devfleet",
+        "devos-pub@2.0.0",
+        "--dry-run",
+        "--json",
+    ]);
+    ok(&out);
+    assert_eq!(json(&out)["dry_run"], true, "{}", json(&out));
+    refused(&fleet(&deploy_v2), "is marked bad for stack devfleet");
+
     steps.at("A mark taken back");
     let out = fleet(&["unmark", "--stack", "devfleet", "devos-pub@2.0.0", "--json"]);
     ok(&out);
@@ -1933,6 +2167,78 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
         "rollout", "--stack", "devfleet", "--to", "2.0.0", "--bake", "0",
     ]));
     assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
+
+    // Killed outright (nothing of it could record that it ended): the next run takes
+    // the change it left in progress for interrupted, and judges it.
+    steps.at("A rollout killed with SIGKILL is judged when run again, not taken for done");
+    let out = stopped(
+        &[
+            "rollout", "--stack", "devfleet", "--to", "4.0.0", "--bake", "600",
+        ],
+        &amis["4.0.0"],
+        "-KILL",
+    );
+    assert!(!out.status.success());
+    assert_eq!(fx.history("devfleet")[0], "rollout 4.0.0 in-progress");
+    sicken(&amis["4.0.0"]);
+    let out = fleet(&[
+        "rollout", "--stack", "devfleet", "--to", "4.0.0", "--bake", "5", "--json",
+    ]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let d = json(&out);
+    assert_eq!(d[0]["state"], "rolled-back", "{d}");
+    assert_eq!(d[0]["rollback"]["to"], "2.0.0", "{d}");
+    assert_eq!(fx.fleet("devfleet").0, amis["2.0.0"]);
+    assert_eq!(
+        fx.history("devfleet")[..2],
+        ["auto-rollback 2.0.0 succeeded", "rollout 4.0.0 rolled-back"]
+    );
+
+    // A deploy of the version the stack runs with other parameters, whose gate fails:
+    // the parameters go back, and the version is not blamed.
+    steps.at("A deploy that changes only parameters marks nothing bad");
+    let child = spawn(&[
+        "deploy",
+        "--stack",
+        "devfleet",
+        "--template",
+        "fleet",
+        "--image",
+        "devos-pub@2.0.0",
+        "--param",
+        "DesiredCapacity=3",
+        "--bake",
+        "60",
+        "--json",
+    ]);
+    assert!(
+        wait_for(Duration::from_secs(45), || fx
+            .instances_on("devfleet", &amis["2.0.0"])
+            .len()
+            == 3),
+        "the group never grew to 3"
+    );
+    sicken(&amis["2.0.0"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let d = json(&out);
+    assert_eq!(d["state"], "rolled-back", "{d}");
+    assert_eq!(d["rollback"]["to"], "2.0.0", "{d}");
+    refused(
+        &fleet(&[
+            "unmark",
+            "--stack",
+            "devfleet",
+            "devos-pub@2.0.0",
+            "--dry-run",
+        ]),
+        "devos-pub@2.0.0 is not marked bad for stack devfleet",
+    );
+    let status = json(&fleet(&["status", "--stack", "devfleet", "--json"]));
+    assert_eq!(
+        status["stack"]["parameters"]["DesiredCapacity"], "2",
+        "{status}"
+    );
 
     // A deploy that changes a parameter too, stopped and judged again: going back puts
     // the parameter back as it was before the change (kept in the registry).
@@ -2050,6 +2356,34 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
             .any(|p| p["version"] == "2.0.0" && p["state"] == "deregistered"),
         "{list}"
     );
+
+    // 1.0.0, which the stack runs, is bad for it now: a failed rollout from it stays
+    // where it went rather than go back there.
+    steps.at("An automatic rollback never goes back to a version marked bad");
+    ok(&fleet(&[
+        "unmark",
+        "--stack",
+        "devfleet",
+        "devos-pub@3.0.0",
+    ]));
+    let child = spawn(&[
+        "rollout", "--stack", "devfleet", "--to", "3.0.0", "--bake", "60", "--json",
+    ]);
+    sicken(&amis["3.0.0"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let d = json(&out);
+    assert_eq!(d[0]["state"], "failed", "{d}");
+    assert!(
+        d[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("devos-pub@1.0.0, which the stack ran before, is marked bad for it"),
+        "{d}"
+    );
+    assert!(d[0]["rollback"].is_null(), "{d}");
+    assert_eq!(fx.fleet("devfleet").0, amis["3.0.0"]);
+    assert_eq!(fx.history("devfleet")[0], "rollout 3.0.0 failed");
 }
 
 /// The WorkSpaces bundle script against a stand-in `aws` CLI (moto has no WorkSpaces
@@ -2308,6 +2642,43 @@ fn update_feeds_are_published_to_s3_signed_and_keep_other_versions() {
     assert!(String::from_utf8_lossy(&dry.stdout).contains("would sign"));
     ok(&publish("devos-pub@1.0.0", &[]));
     verified_sums();
+
+    // While another devos-build publishes to the feed, it waits its turn.
+    let feed_id = format!(
+        "{:x}",
+        <sha2::Sha256 as sha2::Digest>::digest(url.trim_end_matches('/').as_bytes())
+    );
+    let busy = std::fs::File::create(
+        fx.registry()
+            .with_file_name(format!("registry.db.feed-{}.lock", &feed_id[..16])),
+    )
+    .unwrap();
+    busy.try_lock().unwrap();
+    refused(
+        &publish("devos-pub@1.1.0", &[]),
+        &format!("another devos-build is publishing to the feed {url}"),
+    );
+    assert_eq!(objects().len(), expected.len());
+    drop(busy);
+
+    // A bundle file that changed since the build goes to no feed (the bundle's first:
+    // none of it goes).
+    let changed = fx
+        .dir
+        .path()
+        .join(format!("images/1.1.0/update/{}", new[0]));
+    let bytes = std::fs::read(&changed).unwrap();
+    let mut flipped = bytes.clone();
+    flipped[100] ^= 1;
+    std::fs::write(&changed, &flipped).unwrap();
+    let index = get("SHA256SUMS").0;
+    refused(
+        &publish("devos-pub@1.1.0", &[]),
+        "changed since it was built",
+    );
+    assert_eq!(objects().len(), expected.len());
+    assert_eq!(get("SHA256SUMS").0, index);
+    std::fs::write(&changed, &bytes).unwrap();
 
     // The next version joins the feed; the first stays offered.
     let second = published("devos-pub@1.1.0");
