@@ -240,6 +240,35 @@ fn users_see_and_approve_only_their_own_requests() {
             .status
             .success()
     );
+    // Nor see them, nor alice's requests in flight (`List`), while she and root do.
+    let rules = |user: &User| json(&agent.devos(Some(user), tmp, &["--json", "rules"]));
+    assert_eq!(rules(&alice).as_array().unwrap().len(), 1);
+    assert_eq!(rules(&bob), serde_json::json!([]), "bob sees alice's rules");
+    let in_flight = |user: Option<&User>| -> Vec<String> {
+        let out = agent.busctl(
+            user,
+            &[
+                "--json=short",
+                "call",
+                "org.devos.Agent1",
+                "/org/devos/Agent1",
+                "org.devos.Agent1",
+                "List",
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let list: serde_json::Value =
+            serde_json::from_str(reply["data"][0].as_str().unwrap()).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(in_flight(Some(&alice)), [id.clone()]);
+    assert_eq!(in_flight(None), [id.clone()]);
+    assert!(in_flight(Some(&bob)).is_empty(), "bob sees alice's request");
 
     // Root sees everything but approves nothing on alice's behalf.
     let r = json(&agent.devos(None, tmp, &["--json", "show", &id]));
