@@ -266,8 +266,8 @@ fn users_see_and_approve_only_their_own_requests() {
             .map(|r| r["id"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(in_flight(Some(&alice)), [id.clone()]);
-    assert_eq!(in_flight(None), [id.clone()]);
+    assert_eq!(in_flight(Some(&alice)), [id.as_str()]);
+    assert_eq!(in_flight(None), [id.as_str()]);
     assert!(in_flight(Some(&bob)).is_empty(), "bob sees alice's request");
 
     // Root sees everything but approves nothing on alice's behalf.
