@@ -170,19 +170,19 @@ fn prefix_may_cover(class: RiskClass) -> bool {
 }
 
 /// Whether users may have standing approvals (prefix rules) for a class: only those
-/// the admin lets them auto-approve (`policy.user-may-auto-approve`), and read-only.
+/// the admin lets them auto-approve (`policy.user-may-auto-approve`, which lists
+/// read-only by default; an admin who removes it means it).
 fn user_may_stand(policy: &Policy, class: RiskClass) -> bool {
-    prefix_may_cover(class)
-        && (class == RiskClass::ReadOnly || policy.user_may_auto_approve.contains(&class))
+    prefix_may_cover(class) && policy.user_may_auto_approve.contains(&class)
 }
 
-/// The highest class a rule added without an action (`AddRule`) may approve.
-pub fn widest_standing_class(policy: &Policy) -> RiskClass {
+/// The highest class a rule added without an action (`AddRule`) may approve; `None`
+/// when the policy lets users approve no class standing.
+pub fn widest_standing_class(policy: &Policy) -> Option<RiskClass> {
     RiskClass::ALL
         .into_iter()
         .filter(|c| user_may_stand(policy, *c))
         .max()
-        .unwrap_or(RiskClass::ReadOnly)
 }
 
 /// Whether a user-chosen prefix rule may be made from an action of this risk.
@@ -853,6 +853,70 @@ mod tests {
         let mkdir = run(&["mkdir", "x"]);
         let risk = classify_in(&mkdir, cwd);
         assert_eq!(may_remember(&mkdir, &risk), Ok(()));
+    }
+
+    #[test]
+    fn prefix_rules_cover_only_the_classes_users_may_auto_approve_when_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = &std::fs::canonicalize(dir.path()).unwrap();
+        let none = UserPolicy::default();
+        let subject = Subject {
+            uid: 1000,
+            home: Path::new("/home/dev"),
+            is_admin: false,
+            user_policy: &none,
+        };
+        let rules = [
+            rule(1, true, &["ls"], None, RiskClass::WritesWorkdir),
+            rule(2, true, &["mkdir"], None, RiskClass::WritesWorkdir),
+        ];
+        let decide_with = |policy: &Policy, argv: &[&str]| {
+            let action = run(argv);
+            let risk = classify_in(&action, cwd);
+            decide(&action, &risk, cwd, policy, &subject, &rules)
+        };
+        // Nothing runs on the policy alone here: only the rules can approve.
+        let standing = |classes: &[RiskClass]| Policy {
+            auto_approve: Vec::new(),
+            user_may_auto_approve: classes.to_vec(),
+            ..Policy::default()
+        };
+        // The default lets users approve read-only and writes-workdir standing.
+        let default = standing(&Policy::default().user_may_auto_approve);
+        assert!(approved(&decide_with(&default, &["ls"])));
+        assert!(approved(&decide_with(&default, &["mkdir", "x"])));
+        assert_eq!(
+            widest_standing_class(&default),
+            Some(RiskClass::WritesWorkdir)
+        );
+        // An admin who narrows the list narrows rules made before.
+        let read_only = standing(&[RiskClass::ReadOnly]);
+        assert!(approved(&decide_with(&read_only, &["ls"])));
+        assert_eq!(decide_with(&read_only, &["mkdir", "x"]), Decision::Ask);
+        // Read-only too, when the admin removes it.
+        let nothing = standing(&[]);
+        assert_eq!(decide_with(&nothing, &["ls"]), Decision::Ask);
+        assert_eq!(decide_with(&nothing, &["mkdir", "x"]), Decision::Ask);
+        assert_eq!(widest_standing_class(&nothing), None);
+        let ls = run(&["ls"]);
+        assert_eq!(
+            may_remember_prefix(&classify_in(&ls, cwd), &nothing),
+            Err(RuleError::NotStanding {
+                class: RiskClass::ReadOnly
+            })
+        );
+        // An exact rule is not a standing approval: it still holds.
+        let exact = [Rule {
+            exact: Some(Exact {
+                action: ls.clone(),
+                cwd: cwd.clone(),
+            }),
+            ..rule(3, true, &[], None, RiskClass::ReadOnly)
+        }];
+        let risk = classify_in(&ls, cwd);
+        assert!(approved(&decide(
+            &ls, &risk, cwd, &nothing, &subject, &exact
+        )));
     }
 
     #[test]

@@ -269,6 +269,10 @@ fn users_see_and_approve_only_their_own_requests() {
     assert_eq!(in_flight(Some(&alice)), [id.as_str()]);
     assert_eq!(in_flight(None), [id.as_str()]);
     assert!(in_flight(Some(&bob)).is_empty(), "bob sees alice's request");
+    // Root may remove anyone's rule.
+    let out = agent.devos(None, tmp, &["rules", "remove", &rule.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(rules(&alice), serde_json::json!([]));
 
     // Root sees everything but approves nothing on alice's behalf.
     let r = json(&agent.devos(None, tmp, &["--json", "show", &id]));

@@ -3345,3 +3345,51 @@ fn a_system_place_is_not_writable_even_to_roots_approved_actions() {
         "root's action wrote below /var/lib: {r}"
     );
 }
+
+/// A prefix rule is a standing approval, checked against `user-may-auto-approve` each
+/// time it is used: when the administrator narrows the list, rules made before
+/// approve no more than it allows, read-only ones included.
+#[test]
+fn a_prefix_rule_holds_only_while_the_administrator_lets_its_class_stand() {
+    let agent = Daemon::start();
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    let reload_policy = |table: &str| {
+        std::fs::write(&agent.config, format!("{config}\n[policy]\n{table}")).unwrap();
+        let out = bus_call(&agent, None, "org.devos.Agent1.Admin", &["ReloadConfig"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    // Nothing runs on the policy alone: only her rules approve.
+    reload_policy("auto-approve = []\n");
+    for prefix in ["mkdir", "ls"] {
+        let out = agent.devos(
+            Some(&eve),
+            cwd,
+            &["rules", "add", "allow", "--command-prefix", prefix],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let (asked, r) = submit(&agent, &eve, cwd, "run: mkdir x");
+    assert!(!asked && r["state"] == "done", "the rule did not hold: {r}");
+    reload_policy("auto-approve = []\nuser-may-auto-approve = ['read-only']\n");
+    let (asked, r) = submit(&agent, &eve, cwd, "run: mkdir y");
+    assert!(
+        asked,
+        "a writes-workdir prefix rule outlived its class: {r}"
+    );
+    assert!(!cwd.join("y").exists());
+    let (asked, r) = submit(&agent, &eve, cwd, "run: ls");
+    assert!(!asked && r["state"] == "done", "{r}");
+    reload_policy("auto-approve = []\nuser-may-auto-approve = []\n");
+    let (asked, r) = submit(&agent, &eve, cwd, "run: ls");
+    assert!(asked, "a read-only prefix rule outlived its class: {r}");
+    // Nor may she add one now.
+    let out = agent.devos(
+        Some(&eve),
+        cwd,
+        &["rules", "add", "allow", "--command-prefix", "cat"],
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+}

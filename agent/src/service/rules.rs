@@ -335,8 +335,20 @@ pub(super) async fn add_rule(
             "a rule needs a command prefix and/or an absolute path prefix".into(),
         ));
     }
+    let max_class = if allow {
+        Some(
+            approval::widest_standing_class(&agent.shared.config().policy).ok_or_else(|| {
+                fdo::Error::InvalidArgs(
+                    "the policy's user-may-auto-approve is empty: users may not add allow rules (approve actions one at a time)"
+                        .into(),
+                )
+            })?,
+        )
+    } else {
+        None
+    };
     let rule = Rule {
-        max_class: allow.then(|| approval::widest_standing_class(&agent.shared.config().policy)),
+        max_class,
         ..Rule::new(
             caller.uid,
             allow,
