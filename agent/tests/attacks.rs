@@ -3393,3 +3393,45 @@ fn a_prefix_rule_holds_only_while_the_administrator_lets_its_class_stand() {
     );
     assert!(!out.status.success(), "{}", stdout(&out));
 }
+
+/// `ReloadConfig` with an invalid file is refused and the configuration in force
+/// stays: the administrator's deny rule still denies.
+#[test]
+fn an_invalid_configuration_is_refused_on_reload_and_the_old_one_kept() {
+    let agent = Daemon::start_with(
+        "IMAGE_VERSION=1.0\n",
+        "[[policy.deny]]\ncommand-prefix = [\"mkdir\"]\nreason = \"no new directories\"\n",
+    );
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    assert_denied_by_rule(&agent, &eve, cwd, "create directory before");
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    for invalid in [
+        // A table the agent does not know, a value of the wrong type, no TOML.
+        "[policy.limits-that-do-not-exist]\n",
+        "[limits]\nrequests-per-user = \"many\"\n",
+        "this is not TOML\n",
+    ] {
+        std::fs::write(&agent.config, format!("{config}\n{invalid}")).unwrap();
+        let out = bus_call(&agent, None, "org.devos.Agent1.Admin", &["ReloadConfig"]);
+        assert!(!out.status.success(), "{invalid}: the reload was accepted");
+        assert_denied_by_rule(&agent, &eve, cwd, "create directory after");
+    }
+    assert!(!cwd.join("before").exists() && !cwd.join("after").exists());
+    // The agent's policy may not list `unknown`, even where it parses.
+    std::fs::write(
+        &agent.config,
+        config.replace(
+            "[[policy.deny]]",
+            "[policy]\nauto-approve = ['read-only', 'unknown']\n\n[[policy.deny]]",
+        ),
+    )
+    .unwrap();
+    let out = bus_call(&agent, None, "org.devos.Agent1.Admin", &["ReloadConfig"]);
+    assert!(!out.status.success(), "a policy auto-approving unknown");
+    assert!(stderr(&out).contains("auto-approve"), "{}", stderr(&out));
+    let (asked, r) = submit(&agent, &eve, cwd, "run: python3 -c print(1)");
+    assert!(asked, "{r}");
+    assert_denied_by_rule(&agent, &eve, cwd, "create directory after");
+}
