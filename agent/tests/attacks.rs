@@ -1473,7 +1473,12 @@ fn one_user_cannot_fill_the_agents_disk_or_its_replies() {
     }
 
     // A user's share of the audit log for the day: past it, their new requests and
-    // rules are refused; others are served.
+    // rules are refused; others are served. (One request waits through it, and
+    // she has room for one more rule.)
+    let removed = listed[0]["id"].as_i64().unwrap().to_string();
+    let out = agent.devos(Some(&eve), cwd, &["rules", "remove", &removed]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let late = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "create", "directory", "late"]));
     let long = format!("count the words in {}", "these ".repeat(2700));
     let mut tries = 0;
     let out = loop {
@@ -1496,6 +1501,30 @@ fn one_user_cannot_fill_the_agents_disk_or_its_replies() {
         ),
         "audit-mib-per-user-per-day",
     );
+    // Nor a follow-up, a project to index, or a decision that leaves a rule...
+    refused(
+        &agent_call(&agent, Some(&eve), &["Continue", "ss", &late, "and more"]),
+        "audit-mib-per-user-per-day",
+    );
+    refused(
+        &agent.devos(Some(&eve), cwd, &["context", "add", &cwd.to_string_lossy()]),
+        "audit-mib-per-user-per-day",
+    );
+    for decide in ["approve", "deny"] {
+        refused(
+            &agent.devos(Some(&eve), cwd, &[decide, &late, "--remember", "always"]),
+            "audit-mib-per-user-per-day",
+        );
+    }
+    assert_eq!(
+        json(&agent.devos(Some(&eve), cwd, &["--json", "rules"]))
+            .as_array()
+            .map(Vec::len),
+        Some(255)
+    );
+    // ...while a decision taken once goes on.
+    agent.approve_and_wait(&eve, cwd, &late, "done");
+    assert!(cwd.join("late").is_dir());
     serving();
 
     // The file system down to its reserve: users are refused, root is served.
