@@ -3464,3 +3464,78 @@ fn an_invalid_configuration_is_refused_on_reload_and_the_old_one_kept() {
     assert!(asked, "{r}");
     assert_denied_by_rule(&agent, &eve, cwd, "create directory after");
 }
+
+/// An install that cannot be recorded before it starts (`update.started`) does not
+/// start: with the audit log's disk full, every systemd-sysupdate run has its
+/// `update.started` entry on disk before it, and an install whose entry could not
+/// be written ran nothing.
+#[test]
+fn an_update_that_cannot_be_audited_does_not_start() {
+    let tools = tempfile::tempdir().unwrap();
+    let log = tools.path().join("calls");
+    let esp = tools.path().join("efi");
+    std::fs::create_dir(&esp).unwrap();
+    let tool = |name: &str, body: String| {
+        let path = tools.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        open_up(&path, 0o755);
+        path.display().to_string()
+    };
+    let sysupdate = tool(
+        "sysupdate",
+        format!(
+            "case $1 in check-new) echo 0.3.0_new;; *) echo \"sysupdate $*\" >> {};; esac",
+            log.display()
+        ),
+    );
+    let bootctl = tool("bootctl", "true".to_owned());
+    let (agent, audit) = with_audit_on_a_small_disk(
+        &format!(
+            "[update]\nsysupdate = \"{sysupdate}\"\nbootctl = \"{bootctl}\"\nkernel-images = \"{}\"\nlauncher = []\n",
+            esp.display()
+        ),
+        "256k",
+    );
+    let installs = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("sysupdate update")
+            .count()
+    };
+    let started = || {
+        std::fs::read_dir(agent.state().join("audit"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("log-"))
+            .map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap()
+                    .matches("\"update.started\"")
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    audit.fill();
+    // The log's last page may still hold an entry or two: install until one could
+    // not be recorded before it started.
+    let mut refused_before_start = false;
+    for _ in 0..60 {
+        let before = installs();
+        let out = agent.devos(None, tools.path(), &["update"]);
+        assert!(
+            installs() <= started(),
+            "systemd-sysupdate ran without its update.started entry: {} runs, {} entries",
+            installs(),
+            started()
+        );
+        if !out.status.success() && installs() == before {
+            assert!(stderr(&out).contains("audit"), "{}", stderr(&out));
+            refused_before_start = true;
+            break;
+        }
+    }
+    assert!(
+        refused_before_start,
+        "no install was refused for want of its update.started entry"
+    );
+}

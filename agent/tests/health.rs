@@ -666,3 +666,73 @@ fn a_machine_moved_in_place_is_checked_against_the_version_it_moved_to() {
         audit_log(&agent)
     );
 }
+
+/// One change of the slots at a time: while an administrator's install runs (a slow
+/// systemd-sysupdate), another install or a rollback is refused with a message
+/// saying another update is running, and nothing more is started; once it is done,
+/// updates are served again.
+#[test]
+fn a_second_update_while_one_runs_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tools = tempfile::tempdir().unwrap();
+    let log = tools.path().join("calls");
+    let gate = tools.path().join("gate");
+    let esp = tools.path().join("efi");
+    std::fs::create_dir(&esp).unwrap();
+    let write_tool = |name: &str, body: String| {
+        let path = tools.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.display().to_string()
+    };
+    // The install waits for the gate (20 s at most).
+    let sysupdate = write_tool(
+        "sysupdate",
+        format!(
+            "case $1 in check-new) echo 0.3.0_new;; *) echo \"sysupdate $*\" >> {log}; \
+             n=0; while [ ! -e {gate} ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done;; esac",
+            log = log.display(),
+            gate = gate.display()
+        ),
+    );
+    let bootctl = recorder(tools.path(), "bootctl", &log);
+    let agent = Daemon::start_with(
+        OS_RELEASE,
+        &format!(
+            "[update]\nsysupdate = \"{sysupdate}\"\nbootctl = \"{bootctl}\"\nkernel-images = \"{}\"\nlauncher = []\n",
+            esp.display()
+        ),
+    );
+    let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+    let cwd = tools.path().to_path_buf();
+    let first = std::thread::scope(|s| {
+        let first = s.spawn(|| agent.devos(None, &cwd, &["update"]));
+        assert!(
+            wait_for(Duration::from_secs(20), || calls().contains("sysupdate")),
+            "the first install did not start"
+        );
+        for args in [&["update"][..], &["update", "--rollback"]] {
+            let out = agent.devos(None, &cwd, args);
+            assert!(!out.status.success(), "{args:?}: {}", stdout(&out));
+            assert!(
+                stderr(&out).contains("another update is running"),
+                "{args:?}: {}",
+                stderr(&out)
+            );
+        }
+        // A check changes nothing: it is served meanwhile.
+        let out = agent.devos(None, &cwd, &["update", "--check"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::fs::write(&gate, "").unwrap();
+        first.join().unwrap()
+    });
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(calls().matches("sysupdate").count(), 1, "{}", calls());
+    assert!(!calls().contains("devos_"), "a rollback ran: {}", calls());
+    let audit = audit_log(&agent);
+    assert_eq!(audit.matches("\"update.started\"").count(), 1, "{audit}");
+    // Done: the next one runs.
+    let out = agent.devos(None, &cwd, &["update"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(calls().matches("sysupdate").count(), 2, "{}", calls());
+}
