@@ -672,6 +672,42 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
     indices.sort_unstable();
     assert_eq!(indices, data.map(|b| b as i32));
 
+    // A snapshot that is not the raw image (the publication pointed at one uploaded from
+    // a copy with one byte of block 7 changed) fails verification at that block.
+    steps.at("A snapshot that differs is found at its first differing block");
+    let other = fx.dir.path().join("other.raw");
+    std::fs::copy(&raw, &other).unwrap();
+    common::flip_byte_at(&other, 7 * BLOCK + 100);
+    let (_, _, other_sha) = devos_aws::ebs::nonzero_blocks(&other).unwrap();
+    let other_snapshot = fx.block_on(async {
+        let id = devos_aws::ebs::start(&ebs, "us-east-1", &other, "not the image", &[])
+            .await
+            .unwrap();
+        devos_aws::ebs::upload(&ebs, "us-east-1", &id, &other, &other_sha, 2, &|_, _| {})
+            .await
+            .unwrap();
+        id
+    });
+    let point_at = |from: &str, to: &str| {
+        rusqlite::Connection::open(fx.registry())
+            .unwrap()
+            .execute(
+                "UPDATE publications SET snapshot_id = ?1 WHERE snapshot_id = ?2",
+                [to, from],
+            )
+            .unwrap()
+    };
+    assert_eq!(point_at(&primary_snapshots[0], &other_snapshot), 1);
+    refused(
+        &fx.run(&["publish", "verify", &reference, "--region", "us-east-1"]),
+        &format!(
+            "snapshot {other_snapshot} differs from {} at block 7 (byte offset {})",
+            raw.display(),
+            7 * BLOCK
+        ),
+    );
+    assert_eq!(point_at(&other_snapshot, &primary_snapshots[0]), 1);
+
     // A re-run creates nothing.
     steps.at("A re-run creates nothing");
     let again: Value = serde_json::from_slice(&publish(&[]).stdout).unwrap();
