@@ -375,35 +375,44 @@ async fn ssh_login(wait: Duration) -> Option<CheckResult> {
 }
 
 /// Instance metadata answers root (the agent, the key hand-over) and refuses every
-/// other user at once: the instance role's credentials are the system's (the image's
-/// routing rule, docs/agent.md "Instance metadata").
+/// other user at once, on EC2's IPv4 address and, where the kernel has IPv6, on its
+/// IPv6 one: the instance role's credentials are the system's (the image's routing
+/// rules, docs/agent.md "Instance metadata"). (No stand-in answers on IPv6, so only
+/// the refusal is checked there: without the rule a user's connect would not say
+/// "Permission denied".)
 async fn metadata_root_only() -> CheckResult {
-    const CONNECT: &str = "exec 3<>/dev/tcp/169.254.169.254/80";
+    const V4: &str = "exec 3<>/dev/tcp/169.254.169.254/80";
+    const V6: &str = "exec 3<>/dev/tcp/fd00:ec2::254/80";
+    const USER: &[&str] = &[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
     let start = Instant::now();
-    let (root_in, root_said) = connect_as(&["env"], CONNECT).await;
-    let (user_in, user_said) = connect_as(
-        &[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-        ],
-        CONNECT,
-    )
-    .await;
-    let refused = !user_in && user_said.contains("Permission denied");
+    let refused = |(user_in, said): (bool, String)| match user_in {
+        true => {
+            Err("it reaches instance metadata: any user could use the instance role".to_owned())
+        }
+        false if said.contains("Permission denied") => Ok(()),
+        false => Err(format!("it is not refused at once: {said}")),
+    };
+    let (root_in, root_said) = connect_as(&["env"], V4).await;
+    let v4 = refused(connect_as(USER, V4).await);
+    let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
+    let v6 = match ipv6 {
+        true => refused(connect_as(USER, V6).await),
+        false => Ok(()),
+    };
     CheckResult {
         check: "metadata-root-only".into(),
-        ok: root_in && refused,
-        detail: match (root_in, refused) {
-            (true, true) => {
-                "root reaches instance metadata; uid 65534 is refused (Permission denied)".into()
-            }
-            (false, _) => format!("root cannot reach instance metadata: {root_said}"),
-            (true, false) if user_in => {
-                "uid 65534 reaches instance metadata: any user could use the instance role".into()
-            }
-            (true, false) => format!("uid 65534 is not refused at once: {user_said}"),
+        ok: root_in && v4.is_ok() && v6.is_ok(),
+        detail: match (root_in, v4, v6) {
+            (false, _, _) => format!("root cannot reach instance metadata: {root_said}"),
+            (true, Err(e), _) => format!("uid 65534 on 169.254.169.254: {e}"),
+            (true, Ok(()), Err(e)) => format!("uid 65534 on fd00:ec2::254: {e}"),
+            (true, Ok(()), Ok(())) if ipv6 => "root reaches instance metadata; uid 65534 is refused on 169.254.169.254 and fd00:ec2::254 (Permission denied)".into(),
+            (true, Ok(()), Ok(())) => "root reaches instance metadata; uid 65534 is refused (Permission denied); this kernel has no IPv6".into(),
         },
         ms: start.elapsed().as_millis(),
     }
