@@ -1048,6 +1048,57 @@ fn processes_with(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// A repository's own configuration cannot turn on git's `ext::` transport (a remote
+/// that is a command line): the sandbox lets git speak file, git, http(s) and ssh only
+/// (docs/agent.md, "The sandbox"), so an approved `git fetch` runs no command the
+/// repository names.
+#[test]
+fn a_repository_cannot_make_git_fetch_run_a_command() {
+    let agent = Daemon::start();
+    let eve = eve();
+    let project = repo(&eve);
+    let cwd = project.path();
+    git(&eve, cwd, &["config", "protocol.ext.allow", "always"]);
+    git(
+        &eve,
+        cwd,
+        &[
+            "remote",
+            "add",
+            "origin",
+            "ext::sh -c touch% ran-by-the-remote",
+        ],
+    );
+    let r = approved(&agent, &eve, cwd, "run: git fetch origin");
+    let output = r["actions"][0]["output"].as_str().unwrap_or_default();
+    assert!(output.contains("transport 'ext' not allowed"), "{r:#}");
+    assert!(!cwd.join("ran-by-the-remote").exists(), "{r:#}");
+}
+
+/// An action runs under the configured resource limits (docs/agent.md, "The
+/// sandbox"): no core dumps, CPU seconds twice the timeout, files no larger than
+/// `max-file-mib` (a larger write is cut there), at most `max-open-files` open.
+#[test]
+fn an_action_runs_under_its_resource_limits() {
+    let agent = Daemon::start_with(
+        "IMAGE_VERSION=1\n",
+        "[sandbox]\ntimeout-secs = 30\nmax-file-mib = 1\nmax-open-files = 64\n",
+    );
+    let eve = eve();
+    let project = eve.project();
+    let cwd = project.path();
+    let script = "echo core=$(ulimit -c) cpu=$(ulimit -t) fsize=$(ulimit -f) nofile=$(ulimit -n); \
+                  head -c 2097152 /dev/zero > big; echo size=$(stat -c %s big)";
+    let r = approved(&agent, &eve, cwd, &format!("run: sh -c '{script}'"));
+    let output = r["actions"][0]["output"].as_str().unwrap_or_default();
+    // (dash's `ulimit -f` counts 512-byte blocks: 2048 is 1 MiB.)
+    assert!(
+        output.contains("core=0 cpu=60 fsize=2048 nofile=64"),
+        "{r:#}"
+    );
+    assert!(output.contains("size=1048576"), "{r:#}");
+}
+
 #[test]
 fn the_end_of_an_action_ends_every_process_it_started() {
     let agent = Daemon::start_with("IMAGE_VERSION=1\n", "[sandbox]\ntimeout-secs = 3\n");

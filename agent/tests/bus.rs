@@ -126,3 +126,22 @@ fn the_shipped_introspection_xml_is_what_the_daemon_serves() {
         "agent/dist/org.devos.Agent1.xml is out of date: regenerate it from `busctl introspect --xml-interface`"
     );
 }
+
+/// An agent nobody can reach is no agent: when its bus goes away it says so in its
+/// audit log and exits with an error, for systemd to start a new one (docs/agent.md).
+#[test]
+fn an_agent_that_loses_its_bus_exits_and_says_why() {
+    let mut agent = Daemon::start();
+    agent.bus.stop();
+    let status = agent
+        .exited_within(Duration::from_secs(20))
+        .expect("the agent kept running without its bus");
+    assert!(!status.success(), "{status}");
+    let log = std::fs::read_to_string(agent.state().join("audit/log-000001.jsonl")).unwrap();
+    assert!(
+        log.lines().any(
+            |l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"] == "agent.lost-bus"
+        ),
+        "{log}"
+    );
+}

@@ -170,6 +170,14 @@ impl SystemBus {
     }
 }
 
+impl SystemBus {
+    /// Stop the bus daemon, as when it crashes: every connection to it ends.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for SystemBus {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -157,6 +157,16 @@ impl Daemon {
         self.wait_owned();
     }
 
+    /// How the agent exited, once it did within `limit` (None: still running).
+    pub fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_for(limit, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+
     pub fn start() -> Daemon {
         Self::start_with("ID=debian\nIMAGE_VERSION=\"0.1.0+abcdef012345\"\n", "")
     }
