@@ -685,12 +685,12 @@ fn a_second_update_while_one_runs_is_refused() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path.display().to_string()
     };
-    // The install waits for the gate (20 s at most).
+    // The install waits for the gate (60 s at most).
     let sysupdate = write_tool(
         "sysupdate",
         format!(
             "case $1 in check-new) echo 0.3.0_new;; *) echo \"sysupdate $*\" >> {log}; \
-             n=0; while [ ! -e {gate} ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done;; esac",
+             n=0; while [ ! -e {gate} ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done;; esac",
             log = log.display(),
             gate = gate.display()
         ),
