@@ -531,13 +531,24 @@ mod tests {
     fn decide_argv(argv: &[&str], cwd: &Path, rules: &[Rule], user: &UserPolicy) -> Decision {
         let action = run(argv);
         let risk = classify_in(&action, cwd);
-        let subject = Subject {
+        decide(
+            &action,
+            &risk,
+            cwd,
+            &Policy::default(),
+            &developer(user),
+            rules,
+        )
+    }
+
+    /// uid 1000 with its home in /home/dev, no administrator.
+    fn developer(user_policy: &UserPolicy) -> Subject<'_> {
+        Subject {
             uid: 1000,
             home: Path::new("/home/dev"),
             is_admin: false,
-            user_policy: user,
-        };
-        decide(&action, &risk, cwd, &Policy::default(), &subject, rules)
+            user_policy,
+        }
     }
 
     fn approved(d: &Decision) -> bool {
@@ -549,12 +560,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cwd = &std::fs::canonicalize(dir.path()).unwrap();
         let none = UserPolicy::default();
-        let subject = Subject {
-            uid: 1000,
-            home: Path::new("/home/dev"),
-            is_admin: false,
-            user_policy: &none,
-        };
+        let subject = developer(&none);
         let decide_script = |script: &str| {
             let action = Action::Shell {
                 script: script.to_owned(),
@@ -643,12 +649,7 @@ mod tests {
             packages: vec!["jq".into()],
         };
         let risk = classify_in(&install, cwd);
-        let subject = Subject {
-            uid: 1000,
-            home: Path::new("/home/dev"),
-            is_admin: false,
-            user_policy: &none,
-        };
+        let subject = developer(&none);
         assert!(matches!(
             decide(&install, &risk, cwd, &Policy::default(), &subject, &[]),
             Decision::Denied { .. }
@@ -860,12 +861,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cwd = &std::fs::canonicalize(dir.path()).unwrap();
         let none = UserPolicy::default();
-        let subject = Subject {
-            uid: 1000,
-            home: Path::new("/home/dev"),
-            is_admin: false,
-            user_policy: &none,
-        };
+        let subject = developer(&none);
         let rules = [
             rule(1, true, &["ls"], None, RiskClass::WritesWorkdir),
             rule(2, true, &["mkdir"], None, RiskClass::WritesWorkdir),

@@ -1142,6 +1142,7 @@ mod tests {
     use super::gate::judge;
     use super::*;
     use devos_aws::stack::{Member, Running};
+    use std::path::Path;
 
     fn member(id: &str, ami: &str, health: &str) -> Member {
         Member {
@@ -1223,40 +1224,46 @@ mod tests {
         );
     }
 
+    /// A registry (in `tmp`) holding builds of `versions` of devos-test.
+    fn registry_with(tmp: &Path, versions: &[&str]) -> (Registry, Vec<VersionInfo>) {
+        use crate::store::registry::tests::manifest;
+        let mut reg = Registry::open(&tmp.join("r.db")).unwrap();
+        let built = versions
+            .iter()
+            .map(|version| {
+                reg.record_build(
+                    Path::new("/o"),
+                    Path::new("s"),
+                    &manifest(version, &[]),
+                    &[],
+                )
+                .unwrap();
+                reg.find(&format!("devos-test@{version}")).unwrap()
+            })
+            .collect();
+        (reg, built)
+    }
+
+    /// A change of stack `s` in region `r` that succeeded.
+    fn succeeded(reg: &mut Registry, kind: &str, from: Option<&VersionInfo>, to: &VersionInfo) {
+        let id = reg.start_rollout("s", "r", kind, from, to).unwrap();
+        reg.finish_rollout(id, ChangeState::Succeeded, None)
+            .unwrap();
+    }
+
     #[test]
     fn a_version_rolled_back_from_by_hand_is_no_default_to_roll_back_to() {
-        use crate::store::registry::tests::manifest;
         let tmp = tempfile::tempdir().unwrap();
-        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
-        for version in ["1.0.0+a", "2.0.0+b"] {
-            reg.record_build(
-                std::path::Path::new("/o"),
-                std::path::Path::new("s"),
-                &manifest(version, &[]),
-                &[],
-            )
-            .unwrap();
-        }
-        let v1 = reg.find("devos-test@1.0.0+a").unwrap();
-        let v2 = reg.find("devos-test@2.0.0+b").unwrap();
-        let mut change = |kind: &str, from: Option<&VersionInfo>, to: &VersionInfo| {
-            let id = reg.start_rollout("s", "r", kind, from, to).unwrap();
-            reg.finish_rollout(id, ChangeState::Succeeded, None)
-                .unwrap();
-        };
-        change("deploy", None, &v1);
-        change("rollout", Some(&v1), &v2);
-        change("rollback", Some(&v2), &v1);
+        let (mut reg, v) = registry_with(tmp.path(), &["1.0.0+a", "2.0.0+b"]);
+        let (v1, v2) = (&v[0], &v[1]);
+        succeeded(&mut reg, "deploy", None, v1);
+        succeeded(&mut reg, "rollout", Some(v1), v2);
+        succeeded(&mut reg, "rollback", Some(v2), v1);
         // Back on 1.0.0 by hand, away from 2.0.0: a second rollback does not go forward.
         let e = last_good(&reg, "s", "r", "devos-test@1.0.0+a").unwrap_err();
         assert!(e.to_string().contains("no version other than"), "{e}");
         // Rolled out again and passed: 1.0.0 is where a rollback goes.
-        let mut change = |kind: &str, from: Option<&VersionInfo>, to: &VersionInfo| {
-            let id = reg.start_rollout("s", "r", kind, from, to).unwrap();
-            reg.finish_rollout(id, ChangeState::Succeeded, None)
-                .unwrap();
-        };
-        change("rollout", Some(&v1), &v2);
+        succeeded(&mut reg, "rollout", Some(v1), v2);
         assert_eq!(
             last_good(&reg, "s", "r", "devos-test@2.0.0+b").unwrap(),
             "devos-test@1.0.0+a"
@@ -1265,48 +1272,31 @@ mod tests {
 
     #[test]
     fn a_rollback_without_to_skips_versions_marked_bad() {
-        use crate::store::registry::tests::manifest;
         let tmp = tempfile::tempdir().unwrap();
-        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
-        for version in ["1.0.0+a", "2.0.0+b", "3.0.0+c"] {
-            reg.record_build(
-                std::path::Path::new("/o"),
-                std::path::Path::new("s"),
-                &manifest(version, &[]),
-                &[],
-            )
-            .unwrap();
-        }
-        let v1 = reg.find("devos-test@1.0.0+a").unwrap();
-        let v2 = reg.find("devos-test@2.0.0+b").unwrap();
-        let v3 = reg.find("devos-test@3.0.0+c").unwrap();
-        let mut change = |from: Option<&VersionInfo>, to: &VersionInfo| {
-            let id = reg.start_rollout("s", "r", "rollout", from, to).unwrap();
-            reg.finish_rollout(id, ChangeState::Succeeded, None)
-                .unwrap();
-        };
-        change(None, &v1);
-        change(Some(&v1), &v2);
-        change(Some(&v2), &v3);
+        let (mut reg, v) = registry_with(tmp.path(), &["1.0.0+a", "2.0.0+b", "3.0.0+c"]);
+        let (v1, v2, v3) = (&v[0], &v[1], &v[2]);
+        succeeded(&mut reg, "rollout", None, v1);
+        succeeded(&mut reg, "rollout", Some(v1), v2);
+        succeeded(&mut reg, "rollout", Some(v2), v3);
         assert_eq!(
             last_good(&reg, "s", "r", "devos-test@3.0.0+c").unwrap(),
             "devos-test@2.0.0+b"
         );
         // 2.0.0 passed its gate there, but was marked bad since (on a canary, say).
-        reg.mark_bad("s", "r", &v2, "failed on canary stack c")
+        reg.mark_bad("s", "r", v2, "failed on canary stack c")
             .unwrap();
         assert_eq!(
             last_good(&reg, "s", "r", "devos-test@3.0.0+c").unwrap(),
             "devos-test@1.0.0+a"
         );
         // Marked bad for another stack, or in another region: still where s goes back.
-        reg.mark_bad("other", "r", &v1, "x").unwrap();
-        reg.mark_bad("s", "elsewhere", &v1, "x").unwrap();
+        reg.mark_bad("other", "r", v1, "x").unwrap();
+        reg.mark_bad("s", "elsewhere", v1, "x").unwrap();
         assert_eq!(
             last_good(&reg, "s", "r", "devos-test@3.0.0+c").unwrap(),
             "devos-test@1.0.0+a"
         );
-        reg.mark_bad("s", "r", &v1, "x").unwrap();
+        reg.mark_bad("s", "r", v1, "x").unwrap();
         assert!(last_good(&reg, "s", "r", "devos-test@3.0.0+c").is_err());
     }
 
