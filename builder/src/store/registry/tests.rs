@@ -497,6 +497,29 @@ fn a_file_that_is_no_database_is_named() {
     }
 }
 
+/// Record a passing boot test of devos-test@0.1.0+aaa111 that booted `file`, whose
+/// sha256 is `sha` repeated to 64 digits.
+fn record_pass(reg: &mut Registry, file: &str, sha: &str) -> anyhow::Result<()> {
+    let run = TestRun {
+        started_at: crate::support::time::now(),
+        passed: true,
+        accelerator: "tcg".into(),
+        seconds: 1.0,
+        raw_sha256: None,
+    };
+    let booted = Booted {
+        file,
+        sha256: &sha.repeat(32),
+    };
+    reg.record_test(
+        "devos-test",
+        "0.1.0+aaa111",
+        &run,
+        &booted,
+        &serde_json::json!({}),
+    )
+}
+
 /// A boot test counts for the bytes it booted: a rebuild to other bytes (`--force`)
 /// is untested until tested, one to the same bytes (reproducible) keeps its result,
 /// and a test of bytes a rebuild replaced meanwhile is not recorded.
@@ -511,26 +534,7 @@ fn a_test_counts_for_the_raw_image_it_booted() {
         reg.record_build(dir.path(), Path::new("images/devos-test.toml"), &m, &[])
             .unwrap();
     };
-    let test = |reg: &mut Registry, sha: &str| {
-        let run = TestRun {
-            started_at: crate::support::time::now(),
-            passed: true,
-            accelerator: "tcg".into(),
-            seconds: 1.0,
-            raw_sha256: None,
-        };
-        let booted = Booted {
-            file: "devos-test-0.1.0+aaa111.raw",
-            sha256: &sha.repeat(32),
-        };
-        reg.record_test(
-            "devos-test",
-            "0.1.0+aaa111",
-            &run,
-            &booted,
-            &serde_json::json!({}),
-        )
-    };
+    let test = |reg: &mut Registry, sha: &str| record_pass(reg, "devos-test-0.1.0+aaa111.raw", sha);
     build(&mut reg, "ab");
     test(&mut reg, "ab").unwrap();
     assert_eq!(reg.find(reference).unwrap().tested, Some(true));
@@ -569,27 +573,8 @@ fn a_test_is_recorded_only_for_the_versions_own_bytes() {
     });
     reg.record_build(dir.path(), Path::new("images/devos-test.toml"), &m, &[])
         .unwrap();
-    let mut test = |file: &str, sha: &str| {
-        let run = TestRun {
-            started_at: crate::support::time::now(),
-            passed: true,
-            accelerator: "tcg".into(),
-            seconds: 1.0,
-            raw_sha256: None,
-        };
-        let booted = Booted {
-            file,
-            sha256: &sha.repeat(32),
-        };
-        reg.record_test(
-            "devos-test",
-            "0.1.0+aaa111",
-            &run,
-            &booted,
-            &serde_json::json!({}),
-        )
-        .map_err(|e| e.to_string())
-    };
+    let mut test =
+        |file: &str, sha: &str| record_pass(&mut reg, file, sha).map_err(|e| e.to_string());
     let err = test("devos-test-0.1.0+aaa111.raw", "ef").unwrap_err();
     assert!(
         err.contains("this is another copy") && err.contains("the result is not recorded"),
