@@ -462,6 +462,29 @@ impl Fixture {
         })
     }
 
+    /// Once an instance of `stack` on `ami` is up (within 45 s), mark it Unhealthy, as
+    /// Auto Scaling does when an instance fails its checks; returns its id.
+    fn sicken(&self, stack: &str, ami: &str) -> String {
+        let mut sick = Vec::new();
+        assert!(
+            wait_for(Duration::from_secs(45), || {
+                sick = self.instances_on(stack, ami);
+                !sick.is_empty()
+            }),
+            "no instance of {stack} on {ami} appeared"
+        );
+        let asg = self.sdk("us-east-1", sdk_autoscaling::Client::new);
+        self.block_on(async {
+            asg.set_instance_health()
+                .instance_id(&sick[0])
+                .health_status("Unhealthy")
+                .send()
+                .await
+                .unwrap();
+        });
+        sick.swap_remove(0)
+    }
+
     /// The group's instances on `ami`.
     fn instances_on(&self, stack: &str, ami: &str) -> Vec<String> {
         let (_, instances) = self.group(stack).unwrap_or_default();
@@ -1768,23 +1791,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut sick = Vec::new();
-    assert!(
-        wait_for(Duration::from_secs(45), || {
-            sick = fx.instances_on("devfleet", &amis["3.0.0"]);
-            !sick.is_empty()
-        }),
-        "v3's instances never appeared"
-    );
-    let asg = fx.sdk("us-east-1", sdk_autoscaling::Client::new);
-    fx.block_on(async {
-        asg.set_instance_health()
-            .instance_id(&sick[0])
-            .health_status("Unhealthy")
-            .send()
-            .await
-            .unwrap();
-    });
+    let sick = fx.sicken("devfleet", &amis["3.0.0"]);
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "a failed gate fails the rollout");
     let d = json(&out);
@@ -1793,7 +1800,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
         d[0]["reason"]
             .as_str()
             .unwrap()
-            .contains(&format!("instance {} is Unhealthy", sick[0])),
+            .contains(&format!("instance {sick} is Unhealthy")),
         "{d}"
     );
     assert_eq!(d[0]["rollback"]["state"], "succeeded", "{d}");
@@ -1872,22 +1879,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut sick = Vec::new();
-    assert!(
-        wait_for(Duration::from_secs(45), || {
-            sick = fx.instances_on("devfleet-canary", &amis["3.0.0"]);
-            !sick.is_empty()
-        }),
-        "v3's instances never appeared on the canary"
-    );
-    fx.block_on(async {
-        asg.set_instance_health()
-            .instance_id(&sick[0])
-            .health_status("Unhealthy")
-            .send()
-            .await
-            .unwrap();
-    });
+    fx.sicken("devfleet-canary", &amis["3.0.0"]);
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "{}", stderr(&out));
     let d = json(&out);
@@ -1963,23 +1955,7 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
         "0",
     ]));
     let sicken = |ami: &str| {
-        let mut sick = Vec::new();
-        assert!(
-            wait_for(Duration::from_secs(45), || {
-                sick = fx.instances_on("devfleet", ami);
-                !sick.is_empty()
-            }),
-            "no instance on {ami} appeared"
-        );
-        let asg = fx.sdk("us-east-1", sdk_autoscaling::Client::new);
-        fx.block_on(async {
-            asg.set_instance_health()
-                .instance_id(&sick[0])
-                .health_status("Unhealthy")
-                .send()
-                .await
-                .unwrap();
-        });
+        fx.sicken("devfleet", ami);
     };
     let spawn = |args: &[&str]| {
         let mut all = vec!["fleet"];
