@@ -3068,6 +3068,21 @@ fn assert_no_capabilities(status: &str) {
     }
 }
 
+/// `user` adds a deny rule for argv starting with `prefix`, for `lifetime`.
+fn deny_rule(agent: &Daemon, user: &User, cwd: &Path, lifetime: &str, prefix: &[&str]) {
+    let mut args = vec![
+        "rules",
+        "add",
+        "deny",
+        "--lifetime",
+        lifetime,
+        "--command-prefix",
+    ];
+    args.extend_from_slice(prefix);
+    let out = agent.devos(Some(user), cwd, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// The number of `event` entries in the audit log of `agent`.
 fn audit_events(agent: &Daemon, event: &str) -> usize {
     let log = std::fs::read_to_string(agent.state().join("audit/log-000001.jsonl")).unwrap();
@@ -3085,20 +3100,7 @@ fn a_second_agent_on_the_same_state_directory_changes_nothing() {
     // What a second agent's start would undo: a request waiting for approval and a
     // rule for the session.
     let id = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "create directory kept"]));
-    let out = agent.devos(
-        Some(&eve),
-        cwd,
-        &[
-            "rules",
-            "add",
-            "deny",
-            "--lifetime",
-            "session",
-            "--command-prefix",
-            "curl",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    deny_rule(&agent, &eve, cwd, "session", &["curl"]);
 
     // An administrator starts another agent on the same configuration.
     let mut second = std::process::Command::new(AGENT);
@@ -3303,21 +3305,7 @@ fn a_remembered_deny_rule_holds_whatever_global_options_come_first() {
     assert!(!asked && r["state"] == "done", "{r}");
     assert_eq!(commits(), 2);
     // ...but never a commit, she says.
-    let out = agent.devos(
-        Some(&eve),
-        cwd,
-        &[
-            "rules",
-            "add",
-            "deny",
-            "--lifetime",
-            "always",
-            "--command-prefix",
-            "git",
-            "commit",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    deny_rule(&agent, &eve, cwd, "always", &["git", "commit"]);
     eve.write(&cwd.join("file.txt"), "three\n");
     for text in [
         "run: git commit -a -m two",
@@ -3375,21 +3363,7 @@ fn a_request_with_a_denied_action_runs_none_of_its_actions() {
     let eve = eve();
     let project = repo(&eve);
     let cwd = project.path();
-    let out = agent.devos(
-        Some(&eve),
-        cwd,
-        &[
-            "rules",
-            "add",
-            "deny",
-            "--lifetime",
-            "always",
-            "--command-prefix",
-            "git",
-            "commit",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    deny_rule(&agent, &eve, cwd, "always", &["git", "commit"]);
     eve.write(&cwd.join("new.txt"), "new\n");
     let (asked, r) = submit(&agent, &eve, cwd, "commit with message \"x\"");
     assert!(!asked, "{r}");
