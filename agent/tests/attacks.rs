@@ -3439,13 +3439,24 @@ fn a_prefix_rule_holds_only_while_the_administrator_lets_its_class_stand() {
     reload_policy("auto-approve = []\nuser-may-auto-approve = []\n");
     let (asked, r) = submit(&agent, &eve, cwd, "run: ls");
     assert!(asked, "a read-only prefix rule outlived its class: {r}");
-    // Nor may she add one now.
-    let out = agent.devos(
-        Some(&eve),
-        cwd,
-        &["rules", "add", "allow", "--command-prefix", "cat"],
-    );
-    assert!(!out.status.success(), "{}", stdout(&out));
+    // Nor may she add one now, nor while the list names only classes no prefix rule
+    // may cover; the refusal says so.
+    for listed in ["[]", "['destructive']"] {
+        reload_policy(&format!(
+            "auto-approve = []\nuser-may-auto-approve = {listed}\n"
+        ));
+        let out = agent.devos(
+            Some(&eve),
+            cwd,
+            &["rules", "add", "allow", "--command-prefix", "cat"],
+        );
+        assert!(!out.status.success(), "{listed}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("names none of read-only, writes-workdir, network"),
+            "{listed}: {}",
+            stderr(&out)
+        );
+    }
 }
 
 /// `ReloadConfig` with an invalid file is refused and the configuration in force

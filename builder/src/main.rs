@@ -15,7 +15,7 @@ fn main() -> ExitCode {
                     "  hint: another devos-build holds the registry's lock (SQLite waits up to 30 s for it); run this again once that one is done"
                 );
             }
-            ExitCode::FAILURE
+            devos_build::cli::exit_code(&e)
         }
     }
 }

@@ -339,7 +339,7 @@ pub(super) async fn add_rule(
         Some(
             approval::widest_standing_class(&agent.shared.config().policy).ok_or_else(|| {
                 fdo::Error::InvalidArgs(
-                    "the policy's user-may-auto-approve is empty: users may not add allow rules (approve actions one at a time)"
+                    "the policy's user-may-auto-approve names none of read-only, writes-workdir, network: users may not add allow rules (approve actions one at a time)"
                         .into(),
                 )
             })?,

@@ -111,17 +111,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             stdout::print(script)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man { command } => match man_page(&command)? {
-            Ok(page) => {
-                stdout::print(page)?;
-                Ok(ExitCode::SUCCESS)
-            }
-            // A command that does not exist is wrong usage, as clap's own are.
-            Err(usage) => {
-                eprintln!("error: {usage}");
-                Ok(ExitCode::from(2))
-            }
-        },
+        Command::Man { command } => {
+            stdout::print(man_page(&command)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Relay { addr } => {
             boottest::ec2::relay(&addr)?;
             Ok(ExitCode::SUCCESS)
@@ -1012,18 +1005,41 @@ fn nothing_to_do(code: Result<ExitCode>, nothing: bool) -> Result<ExitCode> {
     }
 }
 
+/// Wrong usage that clap cannot see (a command named in a value): exits 2, as clap's
+/// own usage errors do.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// The exit code of an error: 2 for wrong usage, 1 for everything else.
+pub fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.downcast_ref::<Usage>().is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// The manual page of devos-build (`command` empty) or of one of its commands.
-fn man_page(command: &[String]) -> Result<Result<String, String>> {
+fn man_page(command: &[String]) -> Result<String> {
     let mut cmd = <Cli as clap::CommandFactory>::command();
     cmd.build();
     let mut name = vec!["devos-build".to_owned()];
     for word in command {
         let Some(sub) = cmd.find_subcommand(word).filter(|c| !c.is_hide_set()) else {
-            return Ok(Err(format!(
+            return Err(Usage(format!(
                 "`{} {word}` is not a command\n  hint: `{} --help` lists them",
                 name.join(" "),
                 name.join(" ")
-            )));
+            ))
+            .into());
         };
         cmd = sub.clone();
         name.push(word.clone());
@@ -1031,7 +1047,7 @@ fn man_page(command: &[String]) -> Result<Result<String, String>> {
     let cmd = cmd.name(name.join("-")).bin_name(name.join(" "));
     let mut page = Vec::new();
     clap_mangen::Man::new(cmd).render(&mut page)?;
-    Ok(Ok(String::from_utf8(page)?))
+    Ok(String::from_utf8(page)?)
 }
 
 /// Results to stdout: JSON with `--json`, else the human text; the exit code says
@@ -1291,20 +1307,22 @@ mod tests {
                 "{shell}: {script}"
             );
         }
-        let top = super::man_page(&[]).unwrap().unwrap();
+        let top = super::man_page(&[]).unwrap();
         assert!(top.contains(".TH devos-build"), "{top}");
         for (name, _) in all() {
             let words: Vec<String> = name.split(' ').map(str::to_owned).collect();
-            let page = super::man_page(&words).unwrap().unwrap();
+            let page = super::man_page(&words).unwrap();
             assert!(
                 page.contains(&format!(".TH devos-build-{}", words.join("-"))),
                 "{name}: {page}"
             );
         }
-        let err = super::man_page(&["image".into(), "bild".into()])
-            .unwrap()
-            .unwrap_err();
-        assert!(err.contains("`devos-build image bild` is not a command"));
+        let err = super::man_page(&["image".into(), "bild".into()]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`devos-build image bild` is not a command")
+        );
+        assert_eq!(super::exit_code(&err), std::process::ExitCode::from(2));
     }
 
     /// The AWS SDK's warnings (no credentials in the environment, no region in a
