@@ -271,7 +271,8 @@ pub fn python_tool(program: &str) -> PathBuf {
 }
 
 /// A moto_server on 127.0.0.1 (an in-memory AWS: EC2, EBS direct, SSM, ...), on a
-/// free port, killed on drop. `kill` and `restart` simulate an outage; a restart keeps
+/// port the kernel chose when it bound (read from its log, so no other server can be
+/// taken for it), killed on drop. `kill` and `restart` simulate an outage; a restart keeps
 /// the port and loses every resource, as a real outage of a test endpoint would.
 pub struct Moto {
     child: Option<Child>,
@@ -289,13 +290,10 @@ impl Moto {
     /// With moto's own settings, e.g. `INITIAL_NO_AUTH_ACTION_COUNT` to make it check
     /// credentials and IAM policies as AWS does.
     pub fn start_with(env: &[(&str, &str)]) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
         let dir = tempfile::tempdir()?;
         let mut moto = Self {
             child: None,
-            port,
+            port: 0,
             log: dir.path().join("moto.log"),
             server_env: env
                 .iter()
@@ -329,14 +327,16 @@ impl Moto {
         }
     }
 
-    /// (Re)start the server on the same port and wait until it accepts connections.
+    /// (Re)start the server on the same port (any free one the first time) and wait
+    /// until it says it listens. A port someone else took meanwhile fails the start.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = python_command("moto_server")
+        let said_before = log.metadata()?.len() as usize;
+        let mut child = python_command("moto_server")
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
             .envs(self.server_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -344,19 +344,37 @@ impl Moto {
             .stderr(log)
             .spawn()
             .context("cannot start moto_server")?;
+        let mut listening = None;
+        let mut exited = None;
+        wait_for(Duration::from_secs(30), || {
+            let said = std::fs::read(&self.log).unwrap_or_default();
+            listening = moto_port(&String::from_utf8_lossy(
+                &said[said_before.min(said.len())..],
+            ));
+            exited = child.try_wait().ok().flatten();
+            listening.is_some() || exited.is_some()
+        });
         self.child = Some(child);
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-        if !wait_for(Duration::from_secs(30), || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        }) {
-            bail!(
-                "moto_server did not listen on port {} within 30s; its log:\n{}",
+        match (listening, exited) {
+            (Some(port), None) if self.port == 0 || port == self.port => {
+                self.port = port;
+                Ok(())
+            }
+            _ => bail!(
+                "moto_server did not listen on 127.0.0.1:{} within 30s ({}); its log:\n{}",
                 self.port,
+                exited.map_or("still running".into(), |s| s.to_string()),
                 std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
+            ),
         }
-        Ok(())
     }
+}
+
+/// The port a moto_server's log says it listens on (werkzeug's `Running on` line).
+fn moto_port(log: &str) -> Option<u16> {
+    log.lines()
+        .find_map(|l| l.trim().strip_prefix("* Running on http://127.0.0.1:"))
+        .and_then(|port| port.trim().parse().ok())
 }
 
 impl Drop for Moto {
@@ -370,6 +388,30 @@ mod tests {
     use std::collections::HashMap;
     use std::ffi::{OsStr, OsString};
     use std::process::Command;
+
+    /// moto listens where its log says; a restart on a port another server took
+    /// meanwhile fails, naming it, instead of talking to that server.
+    #[test]
+    fn moto_listens_where_it_says_and_a_taken_port_fails_its_restart() {
+        assert_eq!(
+            super::moto_port(
+                "WARNING: dev server\n * Running on http://127.0.0.1:46453\nPress CTRL+C"
+            ),
+            Some(46453)
+        );
+        assert_eq!(super::moto_port(" * Running on http://127.0.0.1:x\n"), None);
+        let mut moto = super::Moto::start().unwrap();
+        assert_ne!(moto.port, 0);
+        std::net::TcpStream::connect(("127.0.0.1", moto.port)).unwrap();
+        moto.kill();
+        let taken = std::net::TcpListener::bind(("127.0.0.1", moto.port)).unwrap();
+        let err = moto.restart().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("did not listen on 127.0.0.1:{}", moto.port)),
+            "{err}"
+        );
+        drop(taken);
+    }
 
     #[test]
     fn isolated_children_inherit_no_aws_setting_and_read_no_aws_files() {
