@@ -119,9 +119,11 @@ in
         fsType = "none";
         options = [ "bind" ];
       };
+      # Writable and unverified: no set-ID program or device node on it counts.
       "/var" = {
         device = "/dev/disk/by-partlabel/devos-var";
         fsType = "ext4";
+        options = [ "nosuid" "nodev" ];
         neededForBoot = true;
       };
       "/home" = {

@@ -137,6 +137,13 @@ pub async fn signal(
     else {
         return Ok(Outcome::NotAsked);
     };
+    // (It names the host the signed call goes to.)
+    if !is_region_name(&request.region) {
+        anyhow::bail!(
+            "the user data's devos-health-signal.region `{}` is not an AWS region name (such as eu-west-1): no signal sent",
+            request.region.escape_debug()
+        );
+    }
     let instance = metadata(&imds, "/latest/meta-data/instance-id")
         .await?
         .ok_or_else(|| anyhow::anyhow!("instance metadata has no instance-id"))?
@@ -176,6 +183,22 @@ pub async fn signal(
     })
 }
 
+/// An AWS region's name: lower-case words of letters and digits joined by `-`, the
+/// first of letters (`eu-west-1`, `us-gov-east-1`, `cn-north-1`).
+fn is_region_name(name: &str) -> bool {
+    let mut words = name.split('-');
+    name.len() <= 32
+        && words
+            .next()
+            .is_some_and(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()))
+        && name.contains('-')
+        && words.all(|w| {
+            !w.is_empty()
+                && w.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+}
+
 /// This boot's id: what tells a move made in this boot from one made before a reboot,
 /// and a health signal this boot sent from one an earlier boot sent.
 pub fn boot_id() -> anyhow::Result<String> {
@@ -207,6 +230,28 @@ mod tests {
         );
         assert_eq!(parse_user_data("#!/bin/sh\necho hi\n"), None);
         assert_eq!(parse_user_data("{\"other\": 1}"), None);
+    }
+
+    #[test]
+    fn only_region_names_name_the_signal_s_host() {
+        for good in ["eu-west-1", "us-gov-east-1", "cn-north-1", "ap-southeast-4"] {
+            assert!(is_region_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "eu",
+            "-eu-west-1",
+            "eu-west-1-",
+            "eu--west-1",
+            "EU-west-1",
+            "1-west",
+            "evil.example/x",
+            "eu-west-1.evil.example",
+            "eu-west-1@evil",
+            "eu-west-1 ",
+        ] {
+            assert!(!is_region_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

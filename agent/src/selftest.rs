@@ -100,6 +100,7 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         emit(hash)?;
     }
     emit(var_writable())?;
+    emit(hardening().await)?;
     emit(os_release())?;
     emit(system_state().await)?;
     emit(critical_chain().await)?;
@@ -342,7 +343,7 @@ async fn ssh_login(wait: Duration) -> Option<CheckResult> {
     let start = Instant::now();
     loop {
         if let Ok(text) = std::fs::read_to_string(SSH_LOGIN_MARK)
-            && text.trim() == nonce
+            && text.lines().next() == Some(nonce.as_str())
         {
             use std::os::unix::fs::MetadataExt;
             let uid = std::fs::metadata(SSH_LOGIN_MARK)
@@ -352,10 +353,20 @@ async fn ssh_login(wait: Duration) -> Option<CheckResult> {
                 .ok()
                 .flatten()
                 .map_or(uid.to_string(), |u| u.name);
+            let sudo = text.lines().nth(1) == Some("sudo");
+            let expected = sudo_expected(&user);
+            let mut detail =
+                format!("{user} logged in over SSH with the key from instance metadata");
+            detail.push_str(match (sudo, expected) {
+                (true, true) => "; sudo without a password, as a member of sudo without one",
+                (false, false) => "; no sudo without a password",
+                (true, false) => "; sudo let them in WITHOUT a password, though they are not a member of sudo without one",
+                (false, true) => "; sudo asked a password of a member of sudo who has none",
+            });
             return Some(CheckResult {
                 check: "ssh-login".into(),
-                ok: uid != 0,
-                detail: format!("{user} logged in over SSH with the key from instance metadata"),
+                ok: uid != 0 && sudo == expected,
+                detail,
                 ms: start.elapsed().as_millis(),
             });
         }
@@ -372,6 +383,28 @@ async fn ssh_login(wait: Duration) -> Option<CheckResult> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Whether `user` should use sudo without a password: the image has sudo, the user is
+/// a member of `sudo` and their password is locked (the builder's rule for users who
+/// log in with keys only).
+fn sudo_expected(user: &str) -> bool {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    Path::new("/usr/bin/sudo").exists() && sudo_rule_applies(&groups, &shadow, user)
+}
+
+/// [`sudo_expected`] from group(5) and shadow(5) text.
+fn sudo_rule_applies(groups: &str, shadow: &str, user: &str) -> bool {
+    let member = groups.lines().any(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        f.first() == Some(&"sudo") && f.get(3).is_some_and(|m| m.split(',').any(|u| u == user))
+    });
+    let locked = shadow.lines().any(|l| {
+        let mut f = l.split(':');
+        f.next() == Some(user) && f.next().is_some_and(|h| h == "*" || h.starts_with('!'))
+    });
+    member && locked
 }
 
 /// Instance metadata answers root (the agent, the key hand-over) and refuses every
@@ -1126,6 +1159,126 @@ fn var_writable() -> CheckResult {
     }
 }
 
+/// What the image's build hardens and a later change could quietly lose: owners kept
+/// in the read-only root (`root:shadow` on /etc/shadow, where the group exists), `/var`
+/// (writable, unverified) mounted `nosuid,nodev`, the kernel's protection of files and
+/// FIFOs in sticky directories, no LLMNR responder on the links, and an SSH server that
+/// takes keys only and no root.
+async fn hardening() -> CheckResult {
+    use std::os::unix::fs::MetadataExt;
+    let mut wrong = Vec::new();
+    let mut found = Vec::new();
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    if let Some(shadow) = group_id(&groups, "shadow") {
+        match std::fs::metadata("/etc/shadow").map(|m| m.gid()) {
+            Ok(gid) if gid == shadow => found.push("/etc/shadow in group shadow".to_owned()),
+            Ok(gid) => wrong.push(format!(
+                "/etc/shadow is in group {gid}, not shadow ({shadow}): the root lost its owners"
+            )),
+            Err(e) => wrong.push(format!("/etc/shadow: {e}")),
+        }
+    }
+    match mount_options("/var") {
+        Some(options) => {
+            let has = |o: &str| options.split(',').any(|x| x == o);
+            if has("nosuid") && has("nodev") {
+                found.push("/var nosuid,nodev".to_owned());
+            } else {
+                wrong.push(format!("/var is mounted {options}, without nosuid,nodev"));
+            }
+        }
+        None => wrong.push("/var is not a mount point".to_owned()),
+    }
+    for name in ["protected_regular", "protected_fifos"] {
+        let value = std::fs::read_to_string(format!("/proc/sys/fs/{name}")).unwrap_or_default();
+        match value.trim().parse::<u32>() {
+            Ok(v) if v >= 1 => found.push(format!("fs.{name}={v}")),
+            _ => wrong.push(format!(
+                "fs.{name} is {:?}: no sysctl.d default set it (Debian's linux-sysctl-defaults does)",
+                value.trim()
+            )),
+        }
+    }
+    let sockets: String = ["tcp", "tcp6", "udp", "udp6"]
+        .iter()
+        .map(|t| std::fs::read_to_string(format!("/proc/net/{t}")).unwrap_or_default())
+        .collect();
+    if bound_to_port(&sockets, LLMNR_PORT) {
+        wrong.push(format!("something listens on LLMNR's port {LLMNR_PORT}"));
+    }
+    if Path::new("/usr/sbin/sshd").exists() {
+        match tokio::process::Command::new("/usr/sbin/sshd")
+            .arg("-T")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+        {
+            Ok(o) if o.status.success() => {
+                let problems = sshd_problems(&String::from_utf8_lossy(&o.stdout));
+                if problems.is_empty() {
+                    found.push("sshd: keys only, no root".to_owned());
+                }
+                wrong.extend(problems);
+            }
+            Ok(o) => wrong.push(format!(
+                "sshd -T: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => wrong.push(format!("cannot run sshd -T: {e}")),
+        }
+    }
+    CheckResult {
+        check: "hardening".into(),
+        ok: wrong.is_empty(),
+        detail: if wrong.is_empty() {
+            found.join("; ")
+        } else {
+            wrong.join("; ")
+        },
+        ms: 0,
+    }
+}
+
+/// LLMNR's port (RFC 4795).
+const LLMNR_PORT: u16 = 5355;
+
+/// A group's id in group(5) text.
+fn group_id(groups: &str, name: &str) -> Option<u32> {
+    groups.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&name)).then(|| f.get(2)?.parse().ok())?
+    })
+}
+
+/// Whether a socket in /proc/net/{tcp,udp}[6] text is bound to `port` locally.
+fn bound_to_port(table: &str, port: u16) -> bool {
+    let port = format!("{port:04X}");
+    table.lines().any(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .and_then(|local| local.rsplit(':').next())
+            .is_some_and(|p| p == port)
+    })
+}
+
+/// What `sshd -T` shows that lets more in than keys for users.
+fn sshd_problems(effective: &str) -> Vec<String> {
+    [
+        ("passwordauthentication", "no"),
+        ("kbdinteractiveauthentication", "no"),
+        ("permitrootlogin", "no"),
+    ]
+    .iter()
+    .filter_map(|(key, want)| {
+        let value = effective.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == *key).then_some(v.trim())
+        });
+        (value != Some(want)).then(|| format!("sshd has {key} {}", value.unwrap_or("(unset)")))
+    })
+    .collect()
+}
+
 /// os-release's IMAGE_ID and IMAGE_VERSION (the host compares the version).
 fn os_release() -> CheckResult {
     match crate::os_release::image_identity(Path::new(crate::os_release::DEFAULT_PATH)) {
@@ -1275,6 +1428,40 @@ mod tests {
         );
         assert_eq!(super::efi_string(&[7, 0, 0, 0, 0, 0]), None);
         assert_eq!(super::efi_string(&[7]), None);
+    }
+
+    #[test]
+    fn hardening_reads_groups_sockets_and_sshd_settings() {
+        let groups = "root:x:0:\nshadow:x:42:\nsudo:x:27:dev\n";
+        assert_eq!(super::group_id(groups, "shadow"), Some(42));
+        assert_eq!(super::group_id(groups, "wheel"), None);
+        let udp = "  sl  local_address rem_address   st\n\
+            \x20 12: 00000000:14EB 00000000:0000 07 00000000:00000000\n";
+        assert!(super::bound_to_port(udp, 5355));
+        assert!(!super::bound_to_port(udp, 22));
+        let udp6 = "   0: 00000000000000000000000000000000:14EB 00000000000000000000000000000000:0000 07\n";
+        assert!(super::bound_to_port(udp6, 5355));
+        assert!(!super::bound_to_port("  sl  local_address\n", 5355));
+        let good = "port 22\npasswordauthentication no\nkbdinteractiveauthentication no\npermitrootlogin no\n";
+        assert!(super::sshd_problems(good).is_empty());
+        let debian = "passwordauthentication yes\nkbdinteractiveauthentication no\npermitrootlogin without-password\n";
+        assert_eq!(
+            super::sshd_problems(debian),
+            [
+                "sshd has passwordauthentication yes",
+                "sshd has permitrootlogin without-password"
+            ]
+        );
+    }
+
+    #[test]
+    fn sudo_without_a_password_is_expected_of_locked_members_only() {
+        let groups = "sudo:x:27:ops,dev\ndev:x:1000:\nadm:x:4:guest\n";
+        let shadow = "dev:*::0:99999:7:::\nops:$y$j9T$salt$hash::0:99999:7:::\nguest:!::0:::::\n";
+        assert!(super::sudo_rule_applies(groups, shadow, "dev"));
+        assert!(!super::sudo_rule_applies(groups, shadow, "ops"));
+        assert!(!super::sudo_rule_applies(groups, shadow, "guest"));
+        assert!(!super::sudo_rule_applies(groups, shadow, "de"));
     }
 
     #[test]

@@ -87,6 +87,12 @@ const SSHD_CONFIG: &str = "\
 HostKey /var/lib/devos/ssh/ssh_host_ed25519_key
 HostKey /var/lib/devos/ssh/ssh_host_ecdsa_key
 AuthorizedKeysFile .ssh/authorized_keys /var/lib/devos/ssh/authorized_keys/%u
+# Keys only, and no root: a password hash in a spec is in every copy of the image,
+# for the console; root's is locked and members of sudo reach it from their own login.
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+X11Forwarding no
 ";
 
 const SSH_SERVICE_DROP_IN: &str = "\

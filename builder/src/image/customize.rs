@@ -378,7 +378,7 @@ fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
         format!(
             "# DevOS: the root filesystem is read-only; /var is the writable data partition.\n\
              {root_device}\t/\t{root_type}\tro,noatime\t0\t0\n\
-             PARTUUID={}\t/var\text4\tdefaults,noatime\t0\t2\n\
+             PARTUUID={}\t/var\text4\tdefaults,noatime,nosuid,nodev\t0\t2\n\
              tmpfs\t/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n",
             id.var_partuuid
         ),
@@ -394,6 +394,11 @@ fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
 const NETWORK: &str = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n\n\
     [RoutingPolicyRule]\nTo=169.254.169.254/32\nUser=1-4294967294\nType=prohibit\nPriority=100\n\n\
     [RoutingPolicyRule]\nTo=fd00:ec2::254/128\nUser=1-4294967294\nType=prohibit\nPriority=100\n";
+
+/// Names are resolved through DNS only: every machine of an image has the same host
+/// name, and LLMNR (systemd-resolved's default) would answer and ask for single-label
+/// names on every link, where any neighbour can answer for them.
+const RESOLVED: &str = "# DevOS (written by devos-build, see its image/customize.rs).\n[Resolve]\nLLMNR=no\nMulticastDNS=no\n";
 
 fn write_network(root: &Path) -> Result<()> {
     let dir = root.join("etc/systemd/network");
@@ -417,6 +422,9 @@ fn write_network(root: &Path) -> Result<()> {
             &root.join("etc/resolv.conf"),
             "../run/systemd/resolve/stub-resolv.conf",
         )?;
+        let conf = root.join("etc/systemd/resolved.conf.d");
+        fs::create_dir_all(&conf)?;
+        fs::write(conf.join("devos.conf"), RESOLVED)?;
     }
     reorder_units(root)?;
     Ok(())
@@ -573,6 +581,34 @@ fn create_users(spec: &Spec, root: &Path) -> Result<()> {
     fs::write(etc.join("group"), group)?;
     fs::write(etc.join("shadow"), shadow)?;
     fs::write(etc.join("gshadow"), gshadow)?;
+    sudo_without_password(spec, root)
+}
+
+/// Where the image has sudo: members of `sudo` whose password is locked (no
+/// `password-hash`: they get in with keys) use sudo without one, as the default users
+/// of Debian's and Flatcar's cloud images do; a password they do not have could never
+/// be asked for. Users with a password are asked for it, as sudoers says.
+fn sudo_without_password(spec: &Spec, root: &Path) -> Result<()> {
+    let dir = root.join("etc/sudoers.d");
+    let users: Vec<&str> = spec
+        .users
+        .iter()
+        .filter(|u| u.password_hash.is_none() && u.groups.iter().any(|g| g == "sudo"))
+        .map(|u| u.name.as_str())
+        .collect();
+    if users.is_empty() || !dir.is_dir() {
+        return Ok(());
+    }
+    let mut text =
+        "# DevOS (written by devos-build, see its image/customize.rs): members of sudo\n\
+        # without a password (they log in with keys) are not asked for one.\n"
+            .to_owned();
+    for user in users {
+        text.push_str(&format!("{user} ALL=(ALL:ALL) NOPASSWD: ALL\n"));
+    }
+    let path = dir.join("devos-users");
+    fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o440))?;
     Ok(())
 }
 
@@ -699,6 +735,45 @@ mod tests {
                 .symlink_metadata()
                 .is_ok()
         );
+    }
+
+    /// Members of sudo who log in with keys only use it without a password; members
+    /// with a password, others and images without sudo get no rule.
+    #[test]
+    fn sudo_asks_no_password_of_members_who_have_none() {
+        let mut spec = crate::model::spec::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../images/devos-debian.toml"
+        )))
+        .unwrap();
+        let user = |name: &str, groups: &[&str], hash: Option<&str>| crate::model::spec::User {
+            name: name.into(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            ssh_authorized_keys: Vec::new(),
+            password_hash: hash.map(str::to_owned),
+        };
+        spec.users = vec![
+            user("dev", &["sudo"], None),
+            user("ops", &["adm", "sudo"], Some("$y$j9T$salt$hash")),
+            user("guest", &["users"], None),
+        ];
+        let root = tempfile::tempdir().unwrap();
+        let rule = root.path().join("etc/sudoers.d/devos-users");
+        sudo_without_password(&spec, root.path()).unwrap();
+        assert!(!rule.exists(), "an image without sudo got a rule");
+        fs::create_dir_all(root.path().join("etc/sudoers.d")).unwrap();
+        sudo_without_password(&spec, root.path()).unwrap();
+        let text = fs::read_to_string(&rule).unwrap();
+        let rules: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(rules, ["dev ALL=(ALL:ALL) NOPASSWD: ALL"], "{text}");
+        assert_eq!(
+            fs::metadata(&rule).unwrap().permissions().mode() & 0o7777,
+            0o440
+        );
+        spec.users.truncate(0);
+        fs::remove_file(&rule).unwrap();
+        sudo_without_password(&spec, root.path()).unwrap();
+        assert!(!rule.exists());
     }
 
     #[test]

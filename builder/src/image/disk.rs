@@ -772,10 +772,11 @@ fn make_root(spec: &Spec, id: &Identity, root: &Path, img: &Path) -> Result<u64>
                 // found by its partition UUID. lz4, not lz4hc: the default root is 7%
                 // larger (151 instead of 145 MB) and made in a tenth of the time (lz4hc
                 // was most of the disk stage); both read back with the same decoder.
+                // Owners and groups as the tree has them (`root:shadow` for
+                // /etc/shadow and the setgid helpers that read it, ...).
                 Command::new("mkfs.erofs")
                     .args(["-zlz4", "-U", &id.root_fs_uuid])
                     .arg(format!("-T{}", id.source_date_epoch))
-                    .arg("--all-root")
                     .arg(img)
                     .arg(root),
             )
