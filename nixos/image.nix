@@ -145,6 +145,14 @@ in
     users.allowNoPasswordLogin = lib.mkDefault true;
     # A read-only /usr: no /usr/bin/env to make.
     system.activationScripts.usrbinenv = lib.mkForce "";
+    # SSH, where a spec turns it on, for keys only and no root, as on the Debian images
+    # (a spec's password hash is for the console).
+    services.openssh.settings = {
+      PasswordAuthentication = lib.mkDefault false;
+      KbdInteractiveAuthentication = lib.mkDefault false;
+      PermitRootLogin = lib.mkDefault "no";
+      X11Forwarding = lib.mkDefault false;
+    };
     # An image is never rebuilt in place: no Nix daemon, no channels.
     nix.enable = false;
   };

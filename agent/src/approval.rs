@@ -163,11 +163,15 @@ pub fn may_remember(action: &Action, risk: &Risk) -> Result<(), RuleError> {
 
 /// The classes a prefix (command or directory) may ever cover.
 fn prefix_may_cover(class: RiskClass) -> bool {
-    matches!(
-        class,
-        RiskClass::ReadOnly | RiskClass::WritesWorkdir | RiskClass::Network
-    )
+    PREFIX_CLASSES.contains(&class)
 }
+
+/// The classes a prefix rule may ever cover.
+pub const PREFIX_CLASSES: [RiskClass; 3] = [
+    RiskClass::ReadOnly,
+    RiskClass::WritesWorkdir,
+    RiskClass::Network,
+];
 
 /// Whether users may have standing approvals (prefix rules) for a class: only those
 /// the admin lets them auto-approve (`policy.user-may-auto-approve`, which lists

@@ -358,10 +358,14 @@ async fn ssh_login(wait: Duration) -> Option<CheckResult> {
             let mut detail =
                 format!("{user} logged in over SSH with the key from instance metadata");
             detail.push_str(match (sudo, expected) {
-                (true, true) => "; sudo without a password, as a member of sudo without one",
+                (true, true) => "; sudo without a password, as the spec says",
                 (false, false) => "; no sudo without a password",
-                (true, false) => "; sudo let them in WITHOUT a password, though they are not a member of sudo without one",
-                (false, true) => "; sudo asked a password of a member of sudo who has none",
+                (true, false) => {
+                    "; sudo let them in WITHOUT a password, which the spec does not give them"
+                }
+                (false, true) => {
+                    "; sudo asked for a password, though the spec gives them sudo without one"
+                }
             });
             return Some(CheckResult {
                 check: "ssh-login".into(),
@@ -385,27 +389,30 @@ async fn ssh_login(wait: Duration) -> Option<CheckResult> {
     }
 }
 
-/// Whether `user` should use sudo without a password: the image has sudo, the user is
-/// a member of `sudo` and their password is locked (the builder's rule for users who
-/// log in with keys only).
+/// Whether `user` should use sudo without a password: exactly when the image's sudoers
+/// has the line the builder writes for a spec's `sudo-without-password` user (Debian:
+/// /etc/sudoers.d/devos-users; NixOS: in /etc/sudoers). Any other way in without a
+/// password is one nobody asked for.
 fn sudo_expected(user: &str) -> bool {
-    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
-    Path::new("/usr/bin/sudo").exists() && sudo_rule_applies(&groups, &shadow, user)
+    let mut sudoers = std::fs::read_to_string("/etc/sudoers").unwrap_or_default();
+    for entry in std::fs::read_dir("/etc/sudoers.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        sudoers.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+    }
+    sudo_rule_applies(&sudoers, user)
 }
 
-/// [`sudo_expected`] from group(5) and shadow(5) text.
-fn sudo_rule_applies(groups: &str, shadow: &str, user: &str) -> bool {
-    let member = groups.lines().any(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        f.first() == Some(&"sudo") && f.get(3).is_some_and(|m| m.split(',').any(|u| u == user))
-    });
-    let locked = shadow.lines().any(|l| {
-        let mut f = l.split(':');
-        f.next() == Some(user) && f.next().is_some_and(|h| h == "*" || h.starts_with('!'))
-    });
-    member && locked
+/// [`sudo_expected`] from sudoers text.
+fn sudo_rule_applies(sudoers: &str, user: &str) -> bool {
+    let line = format!("{user} {SUDO_WITHOUT_PASSWORD}");
+    sudoers.lines().any(|l| l.trim() == line)
 }
+
+/// The sudoers line (after the user's name) of a spec's `sudo-without-password` user.
+const SUDO_WITHOUT_PASSWORD: &str = "ALL=(ALL:ALL) NOPASSWD: ALL";
 
 /// Instance metadata answers root (the agent, the key hand-over) and refuses every
 /// other user at once, on EC2's IPv4 address and, where the kernel has IPv6, on its
@@ -1162,8 +1169,8 @@ fn var_writable() -> CheckResult {
 /// What the image's build hardens and a later change could quietly lose: owners kept
 /// in the read-only root (`root:shadow` on /etc/shadow, where the group exists), `/var`
 /// (writable, unverified) mounted `nosuid,nodev`, the kernel's protection of files and
-/// FIFOs in sticky directories, no LLMNR responder on the links, and an SSH server that
-/// takes keys only and no root.
+/// FIFOs in sticky directories, no LLMNR or mDNS responder on the links, and an SSH
+/// server that takes keys only, no root and no X11.
 async fn hardening() -> CheckResult {
     use std::os::unix::fs::MetadataExt;
     let mut wrong = Vec::new();
@@ -1203,11 +1210,16 @@ async fn hardening() -> CheckResult {
         .iter()
         .map(|t| std::fs::read_to_string(format!("/proc/net/{t}")).unwrap_or_default())
         .collect();
-    if bound_to_port(&sockets, LLMNR_PORT) {
-        wrong.push(format!("something listens on LLMNR's port {LLMNR_PORT}"));
+    for (port, what) in [(LLMNR_PORT, "LLMNR"), (MDNS_PORT, "mDNS")] {
+        if bound_to_port(&sockets, port) {
+            wrong.push(format!("something listens on {what}'s port {port}"));
+        }
     }
-    if Path::new("/usr/sbin/sshd").exists() {
-        match tokio::process::Command::new("/usr/sbin/sshd")
+    if let Some(sshd) = ["/usr/sbin/sshd", "/run/current-system/sw/bin/sshd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    {
+        match tokio::process::Command::new(sshd)
             .arg("-T")
             .stdin(std::process::Stdio::null())
             .output()
@@ -1216,7 +1228,7 @@ async fn hardening() -> CheckResult {
             Ok(o) if o.status.success() => {
                 let problems = sshd_problems(&String::from_utf8_lossy(&o.stdout));
                 if problems.is_empty() {
-                    found.push("sshd: keys only, no root".to_owned());
+                    found.push("sshd: keys only, no root, no X11".to_owned());
                 }
                 wrong.extend(problems);
             }
@@ -1241,6 +1253,8 @@ async fn hardening() -> CheckResult {
 
 /// LLMNR's port (RFC 4795).
 const LLMNR_PORT: u16 = 5355;
+/// mDNS's port (RFC 6762).
+const MDNS_PORT: u16 = 5353;
 
 /// A group's id in group(5) text.
 fn group_id(groups: &str, name: &str) -> Option<u32> {
@@ -1267,6 +1281,7 @@ fn sshd_problems(effective: &str) -> Vec<String> {
         ("passwordauthentication", "no"),
         ("kbdinteractiveauthentication", "no"),
         ("permitrootlogin", "no"),
+        ("x11forwarding", "no"),
     ]
     .iter()
     .filter_map(|(key, want)| {
@@ -1442,26 +1457,27 @@ mod tests {
         let udp6 = "   0: 00000000000000000000000000000000:14EB 00000000000000000000000000000000:0000 07\n";
         assert!(super::bound_to_port(udp6, 5355));
         assert!(!super::bound_to_port("  sl  local_address\n", 5355));
-        let good = "port 22\npasswordauthentication no\nkbdinteractiveauthentication no\npermitrootlogin no\n";
+        let good = "port 22\npasswordauthentication no\nkbdinteractiveauthentication no\npermitrootlogin no\nx11forwarding no\n";
         assert!(super::sshd_problems(good).is_empty());
-        let debian = "passwordauthentication yes\nkbdinteractiveauthentication no\npermitrootlogin without-password\n";
+        let debian = "passwordauthentication yes\nkbdinteractiveauthentication no\npermitrootlogin without-password\nx11forwarding yes\n";
         assert_eq!(
             super::sshd_problems(debian),
             [
                 "sshd has passwordauthentication yes",
-                "sshd has permitrootlogin without-password"
+                "sshd has permitrootlogin without-password",
+                "sshd has x11forwarding yes"
             ]
         );
     }
 
     #[test]
-    fn sudo_without_a_password_is_expected_of_locked_members_only() {
-        let groups = "sudo:x:27:ops,dev\ndev:x:1000:\nadm:x:4:guest\n";
-        let shadow = "dev:*::0:99999:7:::\nops:$y$j9T$salt$hash::0:99999:7:::\nguest:!::0:::::\n";
-        assert!(super::sudo_rule_applies(groups, shadow, "dev"));
-        assert!(!super::sudo_rule_applies(groups, shadow, "ops"));
-        assert!(!super::sudo_rule_applies(groups, shadow, "guest"));
-        assert!(!super::sudo_rule_applies(groups, shadow, "de"));
+    fn sudo_without_a_password_is_expected_of_the_users_the_builder_named() {
+        let sudoers = "%sudo\tALL=(ALL:ALL) ALL\n@includedir /etc/sudoers.d\n\
+            # the spec's users\ndev ALL=(ALL:ALL) NOPASSWD: ALL\n";
+        assert!(super::sudo_rule_applies(sudoers, "dev"));
+        assert!(!super::sudo_rule_applies(sudoers, "ops"));
+        assert!(!super::sudo_rule_applies(sudoers, "de"));
+        assert!(!super::sudo_rule_applies(sudoers, "sudo"));
     }
 
     #[test]

@@ -379,6 +379,22 @@ fn an_agent_on_the_wrong_version_signals_failure() {
     );
 }
 
+/// The user data's region names the host the signed call goes to: one that is not a
+/// region's name gets no signal.
+#[test]
+fn user_data_naming_no_region_gets_no_signal() {
+    let stand_in = StandIn::start(
+        "{\"devos-health-signal\": {\"stack\": \"devfleet\", \"resource\": \"Group\", \"region\": \"eu-west-1.attacker.example\", \"version\": \"0.1.0+abcdef012345\"}}\n",
+    );
+    let _agent = start(&stand_in);
+    assert!(
+        wait_for(Duration::from_secs(30), || user_data_reads(&stand_in) > 0),
+        "the user data was never read"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(stand_in.signals().is_empty(), "a signal was sent");
+}
+
 fn user_data_reads(stand_in: &StandIn) -> usize {
     stand_in
         .seen

@@ -198,6 +198,7 @@ fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
         "audit-anchors",
         "root-read-only",
         "var-writable",
+        "hardening",
         "os-release",
         "system-state",
     ] {
@@ -624,9 +625,14 @@ fn the_bookworm_image_builds_and_passes_the_boot_test() {
     std::fs::write(tools.join("README"), "tools\n").unwrap();
     std::os::unix::fs::chown(tools.join("README"), Some(4321), Some(4321)).unwrap();
     let spec = env.spec_from("devos-debian-bookworm.toml", "bookworm.toml", |t| {
+        // `dev` uses sudo without a password here (the default image's does not).
         t.replace(
             "initrd = true",
             "initrd = true\nenable-units = [\"devos-hello.service\"]",
+        )
+        .replace(
+            "groups = [\"sudo\"]",
+            "groups = [\"sudo\"]\nsudo-without-password = true",
         ) + EXTRA_TREES
     });
     let mut c = env.build_cmd(&spec, &["--test", "--timeout", "150"]);
@@ -646,4 +652,13 @@ fn the_bookworm_image_builds_and_passes_the_boot_test() {
     assert_eq!(check(report, "root-read-only")["ok"], true);
     assert_eq!(check(report, "agent-ping")["ok"], true);
     assert_eq!(check(report, "test:extra-trees")["ok"], true, "{report:#}");
+    assert_eq!(check(report, "hardening")["ok"], true, "{report:#}");
+    let login = check(report, "ssh-login");
+    assert!(
+        login["detail"]
+            .as_str()
+            .unwrap()
+            .contains("sudo without a password, as the spec says"),
+        "{login}"
+    );
 }

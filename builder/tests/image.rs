@@ -371,9 +371,19 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
         "ssh-login",
         "ssh-host-keys",
         "metadata-root-only",
+        "hardening",
     ] {
         assert!(checks.contains(&want), "{checks:?}");
     }
+    // The default user logs in with keys and has no password: sudo cannot let them in.
+    let login = common::check(test, "ssh-login");
+    assert!(
+        login["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("; no sudo without a password"),
+        "{login}"
+    );
     // dm-verity checks the root with the x86 SHA-256 code (SHA-NI or AVX2 on EC2's
     // CPUs), loaded in the initrd before the root is opened, not the generic C code.
     let verity_hash = common::check(test, "verity-hash");

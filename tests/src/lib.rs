@@ -361,9 +361,11 @@ impl Moto {
                 Ok(())
             }
             _ => bail!(
-                "moto_server did not listen on 127.0.0.1:{} within 30s ({}); its log:\n{}",
+                "moto_server did not listen on 127.0.0.1:{} ({}); its log:\n{}",
                 self.port,
-                exited.map_or("still running".into(), |s| s.to_string()),
+                exited.map_or("still not listening after 30 s".into(), |s| format!(
+                    "it exited: {s}"
+                )),
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             ),
         }

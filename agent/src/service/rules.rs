@@ -338,10 +338,12 @@ pub(super) async fn add_rule(
     let max_class = if allow {
         Some(
             approval::widest_standing_class(&agent.shared.config().policy).ok_or_else(|| {
-                fdo::Error::InvalidArgs(
-                    "the policy's user-may-auto-approve names none of read-only, writes-workdir, network: users may not add allow rules (approve actions one at a time)"
-                        .into(),
-                )
+                let classes: Vec<&str> =
+                    approval::PREFIX_CLASSES.iter().map(|c| c.as_str()).collect();
+                fdo::Error::InvalidArgs(format!(
+                    "the policy's user-may-auto-approve names none of {}: users may not add allow rules (approve actions one at a time)",
+                    classes.join(", ")
+                ))
             })?,
         )
     } else {

@@ -263,9 +263,9 @@ impl Login {
             .arg(port.to_string())
             .arg(format!("{}@127.0.0.1", self.user))
             // The nonce, and whether sudo lets the user in without a password (the
-            // guest judges that against the user's groups and password), in one write.
+            // guest judges that against its sudoers), put in place whole.
             .arg(format!(
-                "s=$(sudo -n true 2>/dev/null && echo sudo); printf '%s\\n%s\\n' {} \"$s\" > /tmp/devos-ssh-login && id -un",
+                "s=$(sudo -n true 2>/dev/null && echo sudo); printf '%s\\n%s\\n' {} \"$s\" > /tmp/.devos-ssh-login.$$ && mv /tmp/.devos-ssh-login.$$ /tmp/devos-ssh-login && id -un",
                 self.nonce
             ))
             .stdin(Stdio::null())

@@ -147,7 +147,7 @@ fn ssh_server(spec: &Spec, root: &Path) -> Result<()> {
         }
     }
     fs::create_dir_all(etc_ssh.join("sshd_config.d"))?;
-    fs::write(etc_ssh.join("sshd_config.d/50-devos.conf"), SSHD_CONFIG)?;
+    fs::write(etc_ssh.join("sshd_config.d/00-devos.conf"), SSHD_CONFIG)?;
     write_exec(root, "usr/libexec/devos/ssh-host-keys", SSH_HOST_KEYS)?;
     let units = root.join("etc/systemd/system");
     fs::write(
@@ -217,7 +217,7 @@ mod tests {
             .collect();
         assert!(!left.iter().any(|n| n.starts_with("ssh_host_")), "{left:?}");
         assert!(left.contains(&"moduli".to_owned()));
-        let conf = fs::read_to_string(r.join("etc/ssh/sshd_config.d/50-devos.conf")).unwrap();
+        let conf = fs::read_to_string(r.join("etc/ssh/sshd_config.d/00-devos.conf")).unwrap();
         assert!(conf.contains("HostKey /var/lib/devos/ssh/ssh_host_ed25519_key"));
         assert!(
             fs::read_to_string(r.join("etc/devos/ec2-keys.env"))

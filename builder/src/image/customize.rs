@@ -584,33 +584,35 @@ fn create_users(spec: &Spec, root: &Path) -> Result<()> {
     sudo_without_password(spec, root)
 }
 
-/// Where the image has sudo: members of `sudo` whose password is locked (no
-/// `password-hash`: they get in with keys) use sudo without one, as the default users
-/// of Debian's and Flatcar's cloud images do; a password they do not have could never
-/// be asked for. Users with a password are asked for it, as sudoers says.
+/// Where the image has sudo: the users whose spec says `sudo-without-password` (members
+/// of `sudo`) are not asked for a password. Everyone else is, as sudoers says: a
+/// member without a password cannot use sudo, and nothing they run can either.
 fn sudo_without_password(spec: &Spec, root: &Path) -> Result<()> {
     let dir = root.join("etc/sudoers.d");
     let users: Vec<&str> = spec
         .users
         .iter()
-        .filter(|u| u.password_hash.is_none() && u.groups.iter().any(|g| g == "sudo"))
+        .filter(|u| u.sudo_without_password)
         .map(|u| u.name.as_str())
         .collect();
     if users.is_empty() || !dir.is_dir() {
         return Ok(());
     }
-    let mut text =
-        "# DevOS (written by devos-build, see its image/customize.rs): members of sudo\n\
-        # without a password (they log in with keys) are not asked for one.\n"
-            .to_owned();
+    let mut text = "# DevOS (written by devos-build, see its image/customize.rs): the spec's\n\
+        # users with `sudo-without-password = true`.\n"
+        .to_owned();
     for user in users {
-        text.push_str(&format!("{user} ALL=(ALL:ALL) NOPASSWD: ALL\n"));
+        text.push_str(&format!("{user} {SUDO_WITHOUT_PASSWORD}\n"));
     }
     let path = dir.join("devos-users");
     fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o440))?;
     Ok(())
 }
+
+/// What a `sudo-without-password` user's sudoers line grants, after the name (the
+/// NixOS module writes the same line; the boot test looks for it).
+pub(crate) const SUDO_WITHOUT_PASSWORD: &str = "ALL=(ALL:ALL) NOPASSWD: ALL";
 
 /// Add `user` to `name` in a group(5)-style file; `None` if the group is missing.
 fn add_member(file: &str, name: &str, user: &str) -> Option<String> {
@@ -737,25 +739,26 @@ mod tests {
         );
     }
 
-    /// Members of sudo who log in with keys only use it without a password; members
-    /// with a password, others and images without sudo get no rule.
+    /// Only users whose spec says so use sudo without a password; images without sudo
+    /// get no rule.
     #[test]
-    fn sudo_asks_no_password_of_members_who_have_none() {
+    fn sudo_asks_no_password_only_of_users_the_spec_names() {
         let mut spec = crate::model::spec::load(Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../images/devos-debian.toml"
         )))
         .unwrap();
-        let user = |name: &str, groups: &[&str], hash: Option<&str>| crate::model::spec::User {
+        let user = |name: &str, hash: Option<&str>, nopasswd: bool| crate::model::spec::User {
             name: name.into(),
-            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            groups: vec!["sudo".into()],
             ssh_authorized_keys: Vec::new(),
             password_hash: hash.map(str::to_owned),
+            sudo_without_password: nopasswd,
         };
         spec.users = vec![
-            user("dev", &["sudo"], None),
-            user("ops", &["adm", "sudo"], Some("$y$j9T$salt$hash")),
-            user("guest", &["users"], None),
+            user("dev", None, false),
+            user("ops", Some("$y$j9T$salt$hash"), true),
+            user("admin", None, true),
         ];
         let root = tempfile::tempdir().unwrap();
         let rule = root.path().join("etc/sudoers.d/devos-users");
@@ -765,12 +768,19 @@ mod tests {
         sudo_without_password(&spec, root.path()).unwrap();
         let text = fs::read_to_string(&rule).unwrap();
         let rules: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(rules, ["dev ALL=(ALL:ALL) NOPASSWD: ALL"], "{text}");
+        assert_eq!(
+            rules,
+            [
+                "ops ALL=(ALL:ALL) NOPASSWD: ALL",
+                "admin ALL=(ALL:ALL) NOPASSWD: ALL"
+            ],
+            "{text}"
+        );
         assert_eq!(
             fs::metadata(&rule).unwrap().permissions().mode() & 0o7777,
             0o440
         );
-        spec.users.truncate(0);
+        spec.users.truncate(1);
         fs::remove_file(&rule).unwrap();
         sudo_without_password(&spec, root.path()).unwrap();
         assert!(!rule.exists());

@@ -310,9 +310,10 @@ struct RawUser {
     /// OpenSSH public keys written to `~/.ssh/authorized_keys`.
     #[serde(default)]
     ssh_authorized_keys: Vec<Spanned<String>>,
-    /// A crypt(5) password hash for console and SSH password logins; without it the
-    /// password is locked.
+    /// A crypt(5) password hash for the console; without it the password is locked.
     password_hash: Option<Spanned<String>>,
+    /// sudo without a password (the user must be in `sudo`).
+    sudo_without_password: Option<Spanned<bool>>,
 }
 
 /// `[disk]`: the disk image's size and root filesystem.
@@ -570,6 +571,8 @@ pub(crate) struct User {
     pub(crate) ssh_authorized_keys: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) password_hash: Option<String>,
+    /// sudo asks this member of `sudo` for no password.
+    pub(crate) sudo_without_password: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -1253,8 +1256,20 @@ fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
                 "write a hash, never the password: `mkpasswd --method=yescrypt` (package whois) or `openssl passwd -6` prints one",
             ));
         }
+        let sudo_without_password = match &u.sudo_without_password {
+            Some(flag) if *flag.get_ref() && !u.groups.iter().any(|g| g.get_ref() == "sudo") => {
+                return Err(src.error(
+                    flag,
+                    format!("user `{uname}` is not in group `sudo`, so sudo would not let them in at all"),
+                    "add \"sudo\" to the user's `groups`, or remove `sudo-without-password`",
+                ));
+            }
+            Some(flag) => *flag.get_ref(),
+            None => false,
+        };
         users.push(User {
             name: uname.clone(),
+            sudo_without_password,
             password_hash: u.password_hash.as_ref().map(|h| h.get_ref().clone()),
             groups: u.groups.iter().map(|g| g.get_ref().clone()).collect(),
             ssh_authorized_keys: u

@@ -60,6 +60,22 @@ pub(crate) fn render(spec: &Spec, version: &str) -> String {
         }
         let _ = writeln!(w, "  }};");
     }
+    // The same sudoers line the Debian images carry (`sudo-without-password`).
+    let nopasswd: String = spec
+        .users
+        .iter()
+        .filter(|u| u.sudo_without_password)
+        .map(|u| {
+            format!(
+                "{} {}\n",
+                u.name,
+                crate::image::customize::SUDO_WITHOUT_PASSWORD
+            )
+        })
+        .collect();
+    if !nopasswd.is_empty() {
+        let _ = writeln!(w, "  security.sudo.extraConfig = {};", string(&nopasswd));
+    }
     // Keys handed to a user mean logging in over SSH.
     if spec.users.iter().any(|u| !u.ssh_authorized_keys.is_empty()) {
         let _ = writeln!(w, "  services.openssh.enable = true;");
@@ -201,8 +217,9 @@ mod tests {
         ] {
             assert!(text.contains(line), "no `{line}` in:\n{text}");
         }
-        // No keys handed in: no SSH server switched on.
+        // No keys handed in: no SSH server switched on; nobody's sudo without a password.
         assert!(!text.contains("openssh.enable"), "{text}");
+        assert!(!text.contains("NOPASSWD"), "{text}");
     }
 
     #[test]
@@ -226,6 +243,7 @@ name = "ops"
 groups = ["sudo", "docker"]
 ssh-authorized-keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG4 ops@${x}"]
 password-hash = "$y$j9T$ZS.PTvqAQiVaGuDx6YGKX0$9OOGUIhSZTqoDVr5XVsHZ1Sm2IUaxmZOmxYsgSN8mZ4"
+sudo-without-password = true
 [agent.config]
 log-level = "debug"
 [agent.config.model]
@@ -242,6 +260,7 @@ region = "eu-west-1"
             r#""y=\\""#,
             r#"ops@\${x}"#,
             r#"extraGroups = [ "wheel" "docker" ];"#,
+            r#"security.sudo.extraConfig = "ops ALL=(ALL:ALL) NOPASSWD: ALL\n";"#,
             "services.openssh.enable = true;",
             r#"hashedPassword = "$y$j9T$ZS.PTvqAQiVaGuDx6YGKX0$9OOGUIhSZTqoDVr5XVsHZ1Sm2IUaxmZOmxYsgSN8mZ4";"#,
             r#"region = "eu-west-1";"#,

@@ -575,6 +575,27 @@ fn every_key_is_documented_in_docs_spec_md() {
     assert!(checked > 20);
 }
 
+/// sudo without a password is asked for, for a member of `sudo` only.
+#[test]
+fn sudo_without_a_password_is_for_members_of_sudo_who_ask() {
+    let (_dir, path) = fixture(FULL);
+    assert!(!load(&path).unwrap().users[0].sudo_without_password);
+    let (_dir, path) = fixture(&with(
+        "groups = [\"sudo\", \"adm\"]",
+        "groups = [\"sudo\", \"adm\"]\nsudo-without-password = true",
+    ));
+    assert!(load(&path).unwrap().users[0].sudo_without_password);
+    let e = error(&with(
+        "groups = [\"sudo\", \"adm\"]",
+        "groups = [\"adm\"]\nsudo-without-password = true",
+    ));
+    let text = e.to_string();
+    assert!(
+        text.contains("is not in group `sudo`") && text.contains("sudo-without-password"),
+        "{text}"
+    );
+}
+
 #[test]
 fn a_password_hash_is_taken_and_only_a_hash() {
     let hash = "$y$j9T$ZS.PTvqAQiVaGuDx6YGKX0$9OOGUIhSZTqoDVr5XVsHZ1Sm2IUaxmZOmxYsgSN8mZ4";
