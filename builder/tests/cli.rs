@@ -449,7 +449,7 @@ fn validate_refuses_what_a_build_would_refuse_later() {
             "timezone = \"Europe/Berlin\"",
             0,
             &[
-                "spec.toml:49:12: timezone `Europe/Berlin` needs the package `tzdata`",
+                "spec.toml:52:12: timezone `Europe/Berlin` needs the package `tzdata`",
                 "\n  hint: add `tzdata` to `[packages] include`",
             ],
         ),
