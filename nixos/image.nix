@@ -14,6 +14,7 @@
 # (docs/nixos.md); `nix build .#image-raw-efi` builds this file with its defaults.
 {
   config,
+  options,
   lib,
   pkgs,
   modulesPath,
@@ -153,6 +154,11 @@ in
       PermitRootLogin = lib.mkDefault "no";
       X11Forwarding = lib.mkDefault false;
     };
+    # The clock from EC2's time service first (no route out of the VPC needed), then
+    # NixOS's servers, as on the Debian images.
+    networking.timeServers = lib.mkDefault (
+      [ "169.254.169.123" "fd00:ec2::123" ] ++ options.networking.timeServers.default
+    );
     # An image is never rebuilt in place: no Nix daemon, no channels.
     nix.enable = false;
   };

@@ -101,6 +101,9 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     }
     emit(var_writable())?;
     emit(hardening().await)?;
+    if let Some(time) = time_sync().await {
+        emit(time)?;
+    }
     emit(os_release())?;
     emit(system_state().await)?;
     emit(critical_chain().await)?;
@@ -1249,6 +1252,46 @@ async fn hardening() -> CheckResult {
         },
         ms: 0,
     }
+}
+
+/// Where the image has systemd-timesyncd: it runs and asks EC2's time service first
+/// (the builder's drop-in), as `timedatectl` hears from it. (No server answers in the
+/// test VM: only the configuration is checked, not a synchronised clock.)
+async fn time_sync() -> Option<CheckResult> {
+    const DAEMON: &str = "/usr/lib/systemd/systemd-timesyncd";
+    if !Path::new(DAEMON).exists() {
+        return None;
+    }
+    let start = Instant::now();
+    let out = tokio::process::Command::new("timedatectl")
+        .args(["show-timesync", "--property=SystemNTPServers", "--value"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    let (ok, detail) = match out {
+        Ok(o) if o.status.success() => {
+            let servers = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            (
+                servers.starts_with("169.254.169.123 "),
+                format!("systemd-timesyncd asks {servers}"),
+            )
+        }
+        Ok(o) => (
+            false,
+            format!(
+                "timedatectl show-timesync: {}{}",
+                String::from_utf8_lossy(&o.stderr).trim(),
+                journal("systemd-timesyncd.service").await
+            ),
+        ),
+        Err(e) => (false, format!("cannot run timedatectl: {e}")),
+    };
+    Some(CheckResult {
+        check: "time-sync".into(),
+        ok,
+        detail,
+        ms: start.elapsed().as_millis(),
+    })
 }
 
 /// LLMNR's port (RFC 4795).

@@ -653,6 +653,7 @@ fn the_bookworm_image_builds_and_passes_the_boot_test() {
     assert_eq!(check(report, "agent-ping")["ok"], true);
     assert_eq!(check(report, "test:extra-trees")["ok"], true, "{report:#}");
     assert_eq!(check(report, "hardening")["ok"], true, "{report:#}");
+    assert_eq!(check(report, "time-sync")["ok"], true, "{report:#}");
     let login = check(report, "ssh-login");
     assert!(
         login["detail"]

@@ -372,6 +372,7 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
         "ssh-host-keys",
         "metadata-root-only",
         "hardening",
+        "time-sync",
     ] {
         assert!(checks.contains(&want), "{checks:?}");
     }

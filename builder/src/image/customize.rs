@@ -400,6 +400,36 @@ const NETWORK: &str = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n\n\
 /// names on every link, where any neighbour can answer for them.
 const RESOLVED: &str = "# DevOS (written by devos-build, see its image/customize.rs).\n[Resolve]\nLLMNR=no\nMulticastDNS=no\n";
 
+/// EC2's time service: link-local, it answers on every EC2 instance, with no route
+/// out of the VPC needed (IPv4, and the Nitro instances' IPv6 address).
+pub(crate) const EC2_TIME_SERVERS: &str = "169.254.169.123 fd00:ec2::123";
+
+/// systemd-timesyncd asks EC2's time service first, then the distribution's servers
+/// (the package's own `FallbackNTP=`, which a set `NTP=` would otherwise switch off):
+/// it moves on to the next while one does not answer, so the image keeps its clock on
+/// EC2 without a way out and anywhere else with one.
+fn time_servers(root: &Path) -> Result<()> {
+    let shipped = root.join("etc/systemd/timesyncd.conf");
+    let text = fs::read_to_string(&shipped)
+        .with_context(|| format!("cannot read {}", shipped.display()))?;
+    let fallback = text
+        .lines()
+        .find_map(|l| l.trim_start_matches('#').strip_prefix("FallbackNTP="))
+        .unwrap_or_default()
+        .trim();
+    let dir = root.join("etc/systemd/timesyncd.conf.d");
+    fs::create_dir_all(&dir)?;
+    fs::write(
+        dir.join("devos.conf"),
+        format!(
+            "# DevOS (written by devos-build, see its image/customize.rs): EC2's time service\n\
+             # first, then the distribution's servers.\n[Time]\nNTP={EC2_TIME_SERVERS} {fallback}\n"
+        )
+        .replace(" \n", "\n"),
+    )?;
+    Ok(())
+}
+
 fn write_network(root: &Path) -> Result<()> {
     let dir = root.join("etc/systemd/network");
     fs::create_dir_all(&dir)?;
@@ -426,6 +456,9 @@ fn write_network(root: &Path) -> Result<()> {
         fs::create_dir_all(&conf)?;
         fs::write(conf.join("devos.conf"), RESOLVED)?;
     }
+    if root.join("usr/lib/systemd/systemd-timesyncd").exists() {
+        time_servers(root)?;
+    }
     reorder_units(root)?;
     Ok(())
 }
@@ -435,12 +468,16 @@ fn write_network(root: &Path) -> Result<()> {
 /// sysinit.target to multi-user.target).
 /// - systemd-resolved: before sysinit.target (3-4 s under TCG), though nothing in early
 ///   boot resolves names; started with multi-user.target instead.
+/// - systemd-timesyncd: before sysinit.target, though it cannot reach a server before
+///   the network is up; the clock steps when it does, whenever that is.
 ///
 /// (Tried and dropped: taking systemd-journal-flush and systemd-update-utmp off the
 /// path too. Early boot under TCG is bound by CPU, not by ordering: their work then
 /// competed with dbus and the agent and the agent answered later, not sooner.)
-const REORDERED_UNITS: &[(&str, &str, bool)] =
-    &[("systemd-resolved.service", "sysinit.target", true)];
+const REORDERED_UNITS: &[(&str, &str, bool)] = &[
+    ("systemd-resolved.service", "sysinit.target", true),
+    ("systemd-timesyncd.service", "sysinit.target", true),
+];
 
 /// Take [`REORDERED_UNITS`] off the early-boot path. Ordering cannot be removed by a
 /// drop-in: the image carries the package's unit with the entry taken out of
@@ -784,6 +821,34 @@ mod tests {
         fs::remove_file(&rule).unwrap();
         sudo_without_password(&spec, root.path()).unwrap();
         assert!(!rule.exists());
+    }
+
+    #[test]
+    fn the_clock_is_set_from_ec2_s_time_service_then_the_distribution_s() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("etc/systemd")).unwrap();
+        fs::write(
+            r.join("etc/systemd/timesyncd.conf"),
+            "[Time]\n#NTP=\n#FallbackNTP=0.debian.pool.ntp.org 1.debian.pool.ntp.org\n",
+        )
+        .unwrap();
+        time_servers(r).unwrap();
+        let conf = fs::read_to_string(r.join("etc/systemd/timesyncd.conf.d/devos.conf")).unwrap();
+        assert!(
+            conf.ends_with(
+                "[Time]\nNTP=169.254.169.123 fd00:ec2::123 0.debian.pool.ntp.org 1.debian.pool.ntp.org\n"
+            ),
+            "{conf}"
+        );
+        // A package that names no fallback: EC2's alone.
+        fs::write(r.join("etc/systemd/timesyncd.conf"), "[Time]\n").unwrap();
+        time_servers(r).unwrap();
+        let conf = fs::read_to_string(r.join("etc/systemd/timesyncd.conf.d/devos.conf")).unwrap();
+        assert!(
+            conf.ends_with("NTP=169.254.169.123 fd00:ec2::123\n"),
+            "{conf}"
+        );
     }
 
     #[test]
