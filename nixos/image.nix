@@ -156,7 +156,7 @@ in
     };
     # The clock from EC2's time service first (no route out of the VPC needed), then
     # NixOS's servers, as on the Debian images.
-    networking.timeServers = lib.mkDefault (
+    services.timesyncd.servers = lib.mkDefault (
       [ "169.254.169.123" "fd00:ec2::123" ] ++ options.networking.timeServers.default
     );
     # An image is never rebuilt in place: no Nix daemon, no channels.

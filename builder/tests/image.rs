@@ -376,6 +376,15 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     ] {
         assert!(checks.contains(&want), "{checks:?}");
     }
+    // The clock: EC2's time service first.
+    let time = common::check(test, "time-sync");
+    assert!(
+        time["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("systemd-timesyncd asks 169.254.169.123 fd00:ec2::123 "),
+        "{time}"
+    );
     // The default user logs in with keys and has no password: sudo cannot let them in.
     let login = common::check(test, "ssh-login");
     assert!(

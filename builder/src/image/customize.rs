@@ -409,18 +409,23 @@ pub(crate) const EC2_TIME_SERVERS: &str = "169.254.169.123 fd00:ec2::123";
 /// it moves on to the next while one does not answer, so the image keeps its clock on
 /// EC2 without a way out and anywhere else with one.
 fn time_servers(root: &Path) -> Result<()> {
+    // (A package without the file names no fallback: EC2's servers alone.)
     let shipped = root.join("etc/systemd/timesyncd.conf");
-    let text = fs::read_to_string(&shipped)
-        .with_context(|| format!("cannot read {}", shipped.display()))?;
+    let text = match fs::read_to_string(&shipped) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", shipped.display())),
+    };
     let fallback = text
         .lines()
         .find_map(|l| l.trim_start_matches('#').strip_prefix("FallbackNTP="))
         .unwrap_or_default()
         .trim();
+    // First of the drop-ins: a spec's own (`NTP=` to reset, or its servers) come after.
     let dir = root.join("etc/systemd/timesyncd.conf.d");
     fs::create_dir_all(&dir)?;
     fs::write(
-        dir.join("devos.conf"),
+        dir.join("00-devos.conf"),
         format!(
             "# DevOS (written by devos-build, see its image/customize.rs): EC2's time service\n\
              # first, then the distribution's servers.\n[Time]\nNTP={EC2_TIME_SERVERS} {fallback}\n"
@@ -469,7 +474,8 @@ fn write_network(root: &Path) -> Result<()> {
 /// - systemd-resolved: before sysinit.target (3-4 s under TCG), though nothing in early
 ///   boot resolves names; started with multi-user.target instead.
 /// - systemd-timesyncd: before sysinit.target, though it cannot reach a server before
-///   the network is up; the clock steps when it does, whenever that is.
+///   the network is up; it still starts as early (it has no default dependencies), but
+///   sysinit.target no longer waits for it.
 ///
 /// (Tried and dropped: taking systemd-journal-flush and systemd-update-utmp off the
 /// path too. Early boot under TCG is bound by CPU, not by ordering: their work then
@@ -834,17 +840,19 @@ mod tests {
         )
         .unwrap();
         time_servers(r).unwrap();
-        let conf = fs::read_to_string(r.join("etc/systemd/timesyncd.conf.d/devos.conf")).unwrap();
+        let conf =
+            fs::read_to_string(r.join("etc/systemd/timesyncd.conf.d/00-devos.conf")).unwrap();
         assert!(
             conf.ends_with(
                 "[Time]\nNTP=169.254.169.123 fd00:ec2::123 0.debian.pool.ntp.org 1.debian.pool.ntp.org\n"
             ),
             "{conf}"
         );
-        // A package that names no fallback: EC2's alone.
-        fs::write(r.join("etc/systemd/timesyncd.conf"), "[Time]\n").unwrap();
+        // A package that names no fallback, or has no file: EC2's alone.
+        fs::remove_file(r.join("etc/systemd/timesyncd.conf")).unwrap();
         time_servers(r).unwrap();
-        let conf = fs::read_to_string(r.join("etc/systemd/timesyncd.conf.d/devos.conf")).unwrap();
+        let conf =
+            fs::read_to_string(r.join("etc/systemd/timesyncd.conf.d/00-devos.conf")).unwrap();
         assert!(
             conf.ends_with("NTP=169.254.169.123 fd00:ec2::123\n"),
             "{conf}"

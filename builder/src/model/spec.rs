@@ -810,7 +810,7 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
 
     let (hostname, kernel_cmdline, timezone) = system(&src, &raw.system, &name)?;
 
-    let users = users(&src, &raw.users)?;
+    let users = users(&src, &raw.users, distro)?;
 
     // Values that parse but that a build would fail on later (errors), or may (warnings).
     let mut warnings = Vec::new();
@@ -1191,7 +1191,7 @@ fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecErr
 const BASE_USERS_WITHOUT_GROUP: &[&str] = &["sync", "gnats", "nobody", "_apt"];
 
 /// The `[[users]]` entries, checked.
-fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
+fn users(src: &Source, raw: &[RawUser], distro: Distro) -> Result<Vec<User>, SpecError> {
     let mut users = Vec::new();
     let mut seen = BTreeSet::new();
     for u in raw {
@@ -1256,11 +1256,13 @@ fn users(src: &Source, raw: &[RawUser]) -> Result<Vec<User>, SpecError> {
                 "write a hash, never the password: `mkpasswd --method=yescrypt` (package whois) or `openssl passwd -6` prints one",
             ));
         }
+        // (NixOS's administrators are `wheel`; `sudo` becomes `wheel` there.)
+        let admin = |g: &str| g == "sudo" || (distro == Distro::Nixos && g == "wheel");
         let sudo_without_password = match &u.sudo_without_password {
-            Some(flag) if *flag.get_ref() && !u.groups.iter().any(|g| g.get_ref() == "sudo") => {
+            Some(flag) if *flag.get_ref() && !u.groups.iter().any(|g| admin(g.get_ref())) => {
                 return Err(src.error(
                     flag,
-                    format!("user `{uname}` is not in group `sudo`, so sudo would not let them in at all"),
+                    format!("user `{uname}` is not an administrator: sudo without a password is for members of `sudo`"),
                     "add \"sudo\" to the user's `groups`, or remove `sudo-without-password`",
                 ));
             }

@@ -591,9 +591,31 @@ fn sudo_without_a_password_is_for_members_of_sudo_who_ask() {
     ));
     let text = e.to_string();
     assert!(
-        text.contains("is not in group `sudo`") && text.contains("sudo-without-password"),
+        text.contains("is not an administrator") && text.contains("sudo-without-password"),
         "{text}"
     );
+}
+
+/// On NixOS the administrators' group is `wheel`.
+#[test]
+fn sudo_without_a_password_takes_wheel_on_nixos() {
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/devos-nixos.toml"),
+    )
+    .unwrap();
+    assert!(shipped.contains("groups = [\"wheel\"]"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("n.toml");
+    std::fs::write(
+        &path,
+        shipped.replacen(
+            "groups = [\"wheel\"]",
+            "groups = [\"wheel\"]\nsudo-without-password = true",
+            1,
+        ),
+    )
+    .unwrap();
+    assert!(load(&path).unwrap().users[0].sudo_without_password);
 }
 
 #[test]
