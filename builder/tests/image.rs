@@ -376,24 +376,16 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     ] {
         assert!(checks.contains(&want), "{checks:?}");
     }
+    let detail = |name: &str| common::check(test, name)["detail"].as_str().unwrap();
     // The clock: EC2's time service first.
-    let time = common::check(test, "time-sync");
+    let time = detail("time-sync");
     assert!(
-        time["detail"]
-            .as_str()
-            .unwrap()
-            .starts_with("systemd-timesyncd asks 169.254.169.123 fd00:ec2::123 "),
+        time.starts_with("systemd-timesyncd asks 169.254.169.123 fd00:ec2::123 "),
         "{time}"
     );
     // The default user logs in with keys and has no password: sudo cannot let them in.
-    let login = common::check(test, "ssh-login");
-    assert!(
-        login["detail"]
-            .as_str()
-            .unwrap()
-            .ends_with("; no sudo without a password"),
-        "{login}"
-    );
+    let login = detail("ssh-login");
+    assert!(login.ends_with("; no sudo without a password"), "{login}");
     // dm-verity checks the root with the x86 SHA-256 code (SHA-NI or AVX2 on EC2's
     // CPUs), loaded in the initrd before the root is opened, not the generic C code.
     let verity_hash = common::check(test, "verity-hash");
