@@ -414,8 +414,9 @@ fn sudo_rule_applies(sudoers: &str, user: &str) -> bool {
     sudoers.lines().any(|l| l.trim() == line)
 }
 
-/// The sudoers line (after the user's name) of a spec's `sudo-without-password` user.
-const SUDO_WITHOUT_PASSWORD: &str = "ALL=(ALL:ALL) NOPASSWD: ALL";
+/// The sudoers line (after the user's name) of a spec's `sudo-without-password` user:
+/// the builder writes it, the self-test looks for it.
+pub const SUDO_WITHOUT_PASSWORD: &str = "ALL=(ALL:ALL) NOPASSWD: ALL";
 
 /// Instance metadata answers root (the agent, the key hand-over) and refuses every
 /// other user at once, on EC2's IPv4 address and, where the kernel has IPv6, on its

@@ -402,7 +402,7 @@ const RESOLVED: &str = "# DevOS (written by devos-build, see its image/customize
 
 /// EC2's time service: link-local, it answers on every EC2 instance, with no route
 /// out of the VPC needed (IPv4, and the Nitro instances' IPv6 address).
-pub(crate) const EC2_TIME_SERVERS: &str = "169.254.169.123 fd00:ec2::123";
+const EC2_TIME_SERVERS: &str = "169.254.169.123 fd00:ec2::123";
 
 /// systemd-timesyncd asks EC2's time service first, then the distribution's servers
 /// (the package's own `FallbackNTP=`, which a set `NTP=` would otherwise switch off):
@@ -424,13 +424,14 @@ fn time_servers(root: &Path) -> Result<()> {
     // First of the drop-ins: a spec's own (`NTP=` to reset, or its servers) come after.
     let dir = root.join("etc/systemd/timesyncd.conf.d");
     fs::create_dir_all(&dir)?;
+    let servers = format!("{EC2_TIME_SERVERS} {fallback}");
     fs::write(
         dir.join("00-devos.conf"),
         format!(
             "# DevOS (written by devos-build, see its image/customize.rs): EC2's time service\n\
-             # first, then the distribution's servers.\n[Time]\nNTP={EC2_TIME_SERVERS} {fallback}\n"
-        )
-        .replace(" \n", "\n"),
+             # first, then the distribution's servers.\n[Time]\nNTP={}\n",
+            servers.trim_end()
+        ),
     )?;
     Ok(())
 }
@@ -645,17 +646,16 @@ fn sudo_without_password(spec: &Spec, root: &Path) -> Result<()> {
         # users with `sudo-without-password = true`.\n"
         .to_owned();
     for user in users {
-        text.push_str(&format!("{user} {SUDO_WITHOUT_PASSWORD}\n"));
+        text.push_str(&format!(
+            "{user} {}\n",
+            devos_agent::selftest::SUDO_WITHOUT_PASSWORD
+        ));
     }
     let path = dir.join("devos-users");
     fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o440))?;
     Ok(())
 }
-
-/// What a `sudo-without-password` user's sudoers line grants, after the name (the
-/// NixOS module writes the same line; the boot test looks for it).
-pub(crate) const SUDO_WITHOUT_PASSWORD: &str = "ALL=(ALL:ALL) NOPASSWD: ALL";
 
 /// Add `user` to `name` in a group(5)-style file; `None` if the group is missing.
 fn add_member(file: &str, name: &str, user: &str) -> Option<String> {

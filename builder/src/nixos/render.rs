@@ -69,7 +69,7 @@ pub(crate) fn render(spec: &Spec, version: &str) -> String {
             format!(
                 "{} {}\n",
                 u.name,
-                crate::image::customize::SUDO_WITHOUT_PASSWORD
+                devos_agent::selftest::SUDO_WITHOUT_PASSWORD
             )
         })
         .collect();
