@@ -101,6 +101,12 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     }
     emit(var_writable())?;
     emit(hardening().await)?;
+    // The host booted a Secure Boot image: the firmware enforces it, the kernel knows.
+    match credential("devos.secure-boot") {
+        Ok(Some(_)) => emit(secure_boot())?,
+        Ok(None) => {}
+        Err(e) => emit(failed("secure-boot", e.to_string()))?,
+    }
     if let Some(time) = time_sync().await {
         emit(time)?;
     }
@@ -1255,6 +1261,61 @@ async fn hardening() -> CheckResult {
     }
 }
 
+/// The UEFI global variables' vendor GUID (SecureBoot, SetupMode).
+const EFI_GLOBAL: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
+
+/// Secure Boot as the firmware reports it (`SecureBoot` 1, `SetupMode` 0: keys enrolled
+/// and enforced) and the kernel's lockdown, which Debian's kernel turns on under it.
+fn secure_boot() -> CheckResult {
+    let efivar = |name: &str| {
+        std::fs::read(format!("/sys/firmware/efi/efivars/{name}-{EFI_GLOBAL}"))
+            .ok()
+            .and_then(|b| b.get(4).copied())
+    };
+    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").ok();
+    secure_boot_result(
+        efivar("SecureBoot"),
+        efivar("SetupMode"),
+        lockdown.as_deref(),
+    )
+}
+
+/// [`secure_boot`] from the two variables' values and the lockdown file's text.
+fn secure_boot_result(
+    secure: Option<u8>,
+    setup: Option<u8>,
+    lockdown: Option<&str>,
+) -> CheckResult {
+    let lockdown = lockdown
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with('[')))
+        .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_owned());
+    let (ok, detail) = match (secure, setup) {
+        (Some(1), Some(0)) => (
+            true,
+            format!(
+                "Secure Boot enforced by the firmware; kernel lockdown {}",
+                lockdown.as_deref().unwrap_or("unknown")
+            ),
+        ),
+        (Some(_), Some(1)) => (
+            false,
+            "the firmware is still in setup mode: no keys were enrolled".to_owned(),
+        ),
+        (None, _) => (
+            false,
+            "the firmware has no SecureBoot variable (not booted by UEFI with Secure Boot)"
+                .to_owned(),
+        ),
+        _ => (false, "Secure Boot is off".to_owned()),
+    };
+    CheckResult {
+        check: "secure-boot".into(),
+        ok,
+        detail,
+        ms: 0,
+    }
+}
+
 /// Where the image has systemd-timesyncd: it runs and names the servers it asks, as
 /// `timedatectl` hears from it (the default image's test requires EC2's time service
 /// first). Whether a server answers is not checked.
@@ -1493,6 +1554,20 @@ mod tests {
         );
         assert_eq!(super::efi_string(&[7, 0, 0, 0, 0, 0]), None);
         assert_eq!(super::efi_string(&[7]), None);
+    }
+
+    #[test]
+    fn secure_boot_is_enforced_only_with_keys_and_outside_setup_mode() {
+        let on = secure_boot_result(Some(1), Some(0), Some("none [integrity] confidentiality\n"));
+        assert!(on.ok);
+        assert_eq!(
+            on.detail,
+            "Secure Boot enforced by the firmware; kernel lockdown integrity"
+        );
+        assert!(!secure_boot_result(Some(0), Some(1), None).ok);
+        assert!(!secure_boot_result(Some(0), Some(0), None).ok);
+        assert!(!secure_boot_result(None, None, None).ok);
+        assert!(!secure_boot_result(Some(1), None, None).ok);
     }
 
     #[test]

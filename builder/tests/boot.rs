@@ -276,6 +276,9 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     ]);
     let fingerprint = key["fingerprint"].as_str().unwrap();
     assert_eq!(fingerprint.len(), 40, "{key:#}");
+    // And the Secure Boot key beside it, which signs the boot chain of this test's image.
+    let certificate = key["secure_boot"]["sha256"].as_str().unwrap();
+    assert_eq!(certificate.len(), 64, "{key:#}");
     // A second key is refused: images trust the first.
     let again = run(&mut env.cmd(&["keys", "generate"]), 1);
     assert!(!again.status.success());
@@ -285,10 +288,29 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         fingerprint
     );
 
-    let spec = env.fresh_spec("verity.toml", |t| format!("{t}{UPDATE}"));
+    // Secure Boot too: every boot below starts from firmware in setup mode, in which
+    // the image's systemd-boot enrolls the builder's certificate, and then runs only
+    // what that key signed (the updates' kernel images included).
+    let spec = env.fresh_spec("verity.toml", |t| {
+        assert!(t.contains("verity = true\n"));
+        format!(
+            "{}{UPDATE}",
+            t.replace("verity = true\n", "verity = true\nsecure-boot = true\n")
+        )
+    });
     let (built, _) = env.build(&spec, &["--test"]);
     let m = &built["manifest"];
     assert_eq!(m["update_feed"]["key_fingerprint"], fingerprint, "{m:#}");
+    assert_eq!(m["secure_boot"]["certificate_sha256"], certificate, "{m:#}");
+    let secure = check(&built["test"], "secure-boot");
+    assert_eq!(secure["ok"], true, "{secure:#}");
+    assert!(
+        secure["detail"]
+            .as_str()
+            .unwrap()
+            .contains("enforced by the firmware; kernel lockdown integrity"),
+        "{secure:#}"
+    );
     let (name, version) = (m["name"].as_str().unwrap(), m["version"].as_str().unwrap());
     // The verified layout: slot A holds this version (named NAME_VERSION, `+` as `_`;
     // UUIDs the halves of the root hash on the command line), slot B is empty.
@@ -409,7 +431,8 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         text.replace("version = \"0.2.0\"", "version = \"0.2.1\""),
     )
     .unwrap();
-    let (next, _) = env.build(&next_spec, &[]);
+    // Built twice from scratch: signed for Secure Boot, still bit for bit the same.
+    let (next, _) = env.build(&next_spec, &["--check-reproducible"]);
     let next_version = next["manifest"]["version"].as_str().unwrap();
     let mut c = env.cmd(&["image", "test", "--json", "--update-to"]);
     c.arg(format!("{name}@{next_version}")).arg(&reference);
@@ -424,6 +447,7 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     assert_eq!(report["version"], next_version, "{report:#}");
     for name in [
         "update",
+        "secure-boot",
         "boot-blessed",
         "version-matches-build",
         "agent-ping",
@@ -579,6 +603,49 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         runs(),
         before,
         "a copy's result was recorded for {reference}"
+    );
+
+    // One byte of the command line in the signed kernel image changed (the root hash,
+    // as whoever changed the root would have to): Secure Boot refuses to start it.
+    let root_byte = root["offset"].as_u64().unwrap() + 1024;
+    flip_byte_at(&changed, root_byte);
+    let esp = format!(
+        "{}@@{}",
+        changed.display(),
+        parts[0]["offset"].as_u64().unwrap()
+    );
+    let uki_name = format!("{label}.efi");
+    let uki = env.dir.path().join(&uki_name);
+    let mtools = |args: &[&str]| {
+        ok(&Command::new(args[0])
+            .args(&args[1..])
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .unwrap())
+    };
+    let on_esp = format!("::/EFI/Linux/{uki_name}");
+    mtools(&["mcopy", "-i", &esp, &on_esp, uki.to_str().unwrap()]);
+    let bytes = std::fs::read(&uki).unwrap();
+    let at = bytes
+        .windows(root_hash.len())
+        .position(|w| w == root_hash.as_bytes())
+        .expect("the root hash in the kernel image's command line");
+    flip_byte_at(&uki, at as u64);
+    mtools(&["mcopy", "-o", "-i", &esp, uki.to_str().unwrap(), &on_esp]);
+    let mut c = env.cmd(&["image", "test", "--json", "--timeout", "150"]);
+    c.arg(&copy);
+    let out = run(&mut c, 10);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the changed kernel image booted:\n{stderr}"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stderr}"));
+    let failure = report["failure"].as_str().unwrap_or_default();
+    assert!(
+        failure.contains("Secure Boot refused the unified kernel image"),
+        "{report:#}"
     );
 }
 

@@ -181,6 +181,45 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("it is a directory"), "{err}");
+
+    // The Secure Boot key beside it: made with it, private; a directory that lacks it
+    // gets only it (the update signing key stays); half a pair is refused, named.
+    let shown = |keys: &dyn Fn(&[&std::ffi::OsStr]) -> (Option<i32>, String, String)| {
+        let (code, out, err) = keys(&["show".as_ref(), "--json".as_ref()]);
+        assert_eq!(code, Some(0), "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let first = shown(&keys);
+    let boot_key = dir.path().join("keys/secure-boot.key");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&boot_key.metadata().unwrap().permissions())
+            & 0o077,
+        0,
+        "the Secure Boot key is readable by others"
+    );
+    assert_eq!(first["secure_boot"]["sha256"].as_str().unwrap().len(), 64);
+    std::fs::remove_file(&boot_key).unwrap();
+    let (code, _, err) = keys(&["show".as_ref()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("holds secure-boot.crt without secure-boot.key"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("keys/secure-boot.crt")).unwrap();
+    let (code, out, err) = keys(&["generate".as_ref(), "--dry-run".as_ref()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("Secure Boot key") && !out.contains("Ed25519"),
+        "{out}"
+    );
+    let (code, _, err) = keys(&["generate".as_ref()]);
+    assert_eq!(code, Some(0), "{err}");
+    let second = shown(&keys);
+    assert_eq!(second["fingerprint"], first["fingerprint"]);
+    assert_ne!(
+        second["secure_boot"]["sha256"],
+        first["secure_boot"]["sha256"]
+    );
 }
 
 /// Under sudo the signing key stays the invoking user's: gpg runs as them, so all it
@@ -214,6 +253,10 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
         );
     }
     assert_eq!(keys.metadata().unwrap().mode() & 0o777, 0o700);
+    assert_eq!(
+        keys.join("secure-boot.key").metadata().unwrap().mode() & 0o777,
+        0o600
+    );
     assert_eq!(public.metadata().unwrap().uid(), user.uid);
     // With a key there, a dry run refuses as the real run does.
     let dry = user.sudo(&bin, &["keys", "generate", "--dry-run"]);

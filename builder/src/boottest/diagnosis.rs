@@ -29,6 +29,15 @@ pub(super) fn kvm_failure(said: &str) -> Option<String> {
 /// The first match in the console wins, so a cause is named before its consequences
 /// (a corrupt block before the emergency mode it leads to).
 const FATAL_CONSOLE: &[(&[&str], &str)] = &[
+    // systemd-boot, then the firmware itself, under Secure Boot.
+    (
+        &["Error loading", "Access denied"],
+        "Secure Boot refused the unified kernel image: its signature does not verify with the key the machine enrolled (it was changed after it was signed, or signed with another key)",
+    ),
+    (
+        &["BdsDxe: failed to start", "Access Denied"],
+        "Secure Boot refused the boot loader: its signature does not verify with the key the machine enrolled",
+    ),
     (
         &["verity", "is corrupted"],
         "the root filesystem failed dm-verity verification: a block of it is not the one that was built (the disk was modified or damaged)",

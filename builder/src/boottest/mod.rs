@@ -152,6 +152,9 @@ fn run_vm(
     if rollback {
         vm.credentials.push("devos.update-rollback=1".into());
     }
+    if target.secure_boot() {
+        vm.credentials.push("devos.secure-boot=1".into());
+    }
     vm.network = network.as_deref();
     if let Some(login) = &login {
         vm.credentials

@@ -22,6 +22,13 @@ pub(crate) struct Target {
 }
 
 impl Target {
+    /// Whether the image's boot chain is signed for Secure Boot (its manifest says so).
+    pub(crate) fn secure_boot(&self) -> bool {
+        self.manifest
+            .as_ref()
+            .is_some_and(|m| m.secure_boot.is_some())
+    }
+
     /// The built version in `dir`, with the tests of `spec` (if given).
     pub(crate) fn from_dir(dir: &Path, spec: Option<&crate::model::spec::Spec>) -> Result<Self> {
         let manifest = Manifest::load(dir)?;

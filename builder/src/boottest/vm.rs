@@ -166,9 +166,34 @@ pub(crate) fn probe_kvm(work: &Path) -> Result<Duration, String> {
 pub(crate) struct Firmware {
     pub(crate) code: PathBuf,
     pub(crate) vars: PathBuf,
+    /// Secure Boot: OVMF built with it (it needs SMM, and only SMM may write its
+    /// variables), the variable store empty (setup mode), so that the image's
+    /// systemd-boot enrolls the image's own keys on the first boot.
+    pub(crate) secure_boot: bool,
 }
 
-fn firmware() -> Result<Firmware> {
+/// The firmware for an image; with Secure Boot, OVMF's Secure Boot build.
+fn firmware(secure_boot: bool) -> Result<Firmware> {
+    if secure_boot {
+        return [
+            (
+                "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            ),
+            (
+                "/usr/share/OVMF/OVMF_CODE.secboot.fd",
+                "/usr/share/OVMF/OVMF_VARS.fd",
+            ),
+        ]
+        .iter()
+        .map(|(c, v)| Firmware {
+            code: c.into(),
+            vars: v.into(),
+            secure_boot: true,
+        })
+        .find(|f| f.code.is_file() && f.vars.is_file())
+        .context("no UEFI firmware with Secure Boot (OVMF_CODE_4M.secboot.fd) found, and the image's boot chain is signed for it\n  hint: install it with `apt-get install ovmf`");
+    }
     let candidates = [
         (
             "/usr/share/OVMF/OVMF_CODE_4M.fd",
@@ -188,6 +213,7 @@ fn firmware() -> Result<Firmware> {
         .map(|(c, v)| Firmware {
             code: c.into(),
             vars: v.into(),
+            secure_boot: false,
         })
         .find(|f| f.code.is_file() && f.vars.is_file())
         .context("no UEFI firmware (OVMF) found\n  hint: install it with `apt-get install ovmf`")
@@ -246,7 +272,7 @@ impl Vm<'_> {
     /// The QEMU command that runs this VM on the firmware `fw`.
     pub(crate) fn command(&self, fw: &Firmware) -> Command {
         let mut c = Command::new("qemu-system-x86_64");
-        self.machine_args(&mut c);
+        self.machine_args(&mut c, fw);
         self.device_args(&mut c, fw);
         self.console_args(&mut c);
         if let Some(report) = self.selftest_report {
@@ -264,7 +290,7 @@ impl Vm<'_> {
     }
 
     /// The machine: q35, accelerator and CPU, memory, CPUs, no default devices or display.
-    fn machine_args(&self, c: &mut Command) {
+    fn machine_args(&self, c: &mut Command, fw: &Firmware) {
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
             // Under TCG a plain x86-64-v2 CPU with QEMU's AMD identity, not `max`: with
@@ -278,25 +304,27 @@ impl Vm<'_> {
                 "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,-svm",
             ),
         };
-        c.args([
-            "-machine",
-            "q35,smm=off,vmport=off",
-            "-accel",
-            accel,
-            "-cpu",
-            cpu,
-        ])
-        .arg("-m")
-        .arg(self.memory_mib.to_string())
-        .arg("-smp")
-        .arg(self.cpus.to_string())
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ]);
+        let machine = match fw.secure_boot {
+            true => "q35,smm=on,vmport=off",
+            false => "q35,smm=off,vmport=off",
+        };
+        c.args(["-machine", machine, "-accel", accel, "-cpu", cpu]);
+        if fw.secure_boot {
+            // The variable store writable from SMM only: the OS cannot enroll keys past
+            // the firmware's checks.
+            c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+        }
+        c.arg("-m")
+            .arg(self.memory_mib.to_string())
+            .arg("-smp")
+            .arg(self.cpus.to_string())
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ]);
     }
 
     /// The UEFI firmware (code read-only, this VM's variables), the disk, a random source.
@@ -396,6 +424,12 @@ fn require_qemu() -> Result<()> {
     Ok(())
 }
 
+/// What systemd-boot prints once it has enrolled the keys (before it resets).
+const ENROLLED: &str = "Secure Boot keys successfully enrolled";
+
+/// How long the enrolling boot may take (about 10 s under TCG).
+const ENROLL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
 /// The prefixes of boots' scratch directories in the temporary directory: the ones
 /// a boot may remove when a killed boot left them.
 const SCRATCH_PREFIXES: &[&str] = &["devos-boot-", "devos-test-"];
@@ -466,7 +500,57 @@ impl Scratch {
         overlay(&target.disk, disk_format(&target.disk), &self.overlay)?;
         vars_copy(&self.fw, &self.vars)?;
         self.boots = 0;
-        Ok(())
+        self.enroll()
+    }
+
+    /// With Secure Boot, the first boot of a machine: the firmware is in setup mode,
+    /// and the image's systemd-boot enrolls its keys from the ESP and resets (QEMU,
+    /// run with -no-reboot, then exits). From then on the firmware starts only what
+    /// the image's key signed. An image that does not enroll fails here, saying what
+    /// its console said.
+    fn enroll(&self) -> Result<()> {
+        if !self.fw.secure_boot {
+            return Ok(());
+        }
+        let console = self.dir.path().join("enroll.log");
+        let vm = self.vm(1024, 2, DiskBus::Nvme, Some(&console), None);
+        let mut child = cmd::spawn(
+            vm.command(&self.fw)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+            false,
+        )?;
+        let until = std::time::Instant::now() + ENROLL_TIMEOUT;
+        let exited = loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break true;
+            }
+            if std::time::Instant::now() > until {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let said = String::from_utf8_lossy(&fs::read(&console).unwrap_or_default())
+            .replace(|c: char| c.is_control() && c != '\n', "");
+        if exited && said.contains(ENROLLED) {
+            tracing::info!(
+                "Secure Boot: the image's systemd-boot enrolled its keys in the VM's firmware"
+            );
+            return Ok(());
+        }
+        let last: Vec<&str> = said.lines().rev().take(8).collect();
+        let last: Vec<&str> = last.into_iter().rev().collect();
+        bail!(
+            "the image's Secure Boot keys were not enrolled on its first boot ({}); its console said:\n{}",
+            if exited {
+                "the VM stopped without enrolling them"
+            } else {
+                "no reset within 3 minutes"
+            },
+            last.join("\n")
+        )
     }
 
     /// A scratch directory for a boot; `keep`: it stays after the run (no lock: never
@@ -474,7 +558,7 @@ impl Scratch {
     pub(super) fn prepare(target: &Target, prefix: &str, keep: bool) -> Result<Self> {
         debug_assert!(SCRATCH_PREFIXES.contains(&prefix), "{prefix}");
         require_qemu()?;
-        let fw = firmware()?;
+        let fw = firmware(target.secure_boot())?;
         // What boots that were killed (no cleanup ran) left behind.
         for path in workdir::sweep(&std::env::temp_dir(), SCRATCH_PREFIXES) {
             tracing::info!("removed {}, left by a boot that was killed", path.display());
@@ -497,7 +581,7 @@ impl Scratch {
         self::overlay(&target.disk, disk_format(&target.disk), &overlay)?;
         let vars = dir.path().join("vars.fd");
         vars_copy(&fw, &vars)?;
-        Ok(Self {
+        let scratch = Self {
             dir,
             fw,
             accel,
@@ -505,7 +589,9 @@ impl Scratch {
             vars,
             boots: 0,
             lock,
-        })
+        };
+        scratch.enroll()?;
+        Ok(scratch)
     }
 
     pub(super) fn vm<'a>(
@@ -541,6 +627,7 @@ mod tests {
         let fw = Firmware {
             code: "/code.fd".into(),
             vars: "/vars.fd".into(),
+            secure_boot: false,
         };
         for (bus, device) in [
             (DiskBus::Nvme, "nvme,drive=disk,serial=devos"),
@@ -579,6 +666,7 @@ mod tests {
             fw: Firmware {
                 code: "/code.fd".into(),
                 vars: "/vars.fd".into(),
+                secure_boot: false,
             },
             accel: AccelChoice {
                 accel: Accel::Tcg,

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::build::agent_pkg::AgentPackage;
 use crate::image::identity::{self, Identity};
-use crate::image::{apt, convert, customize, disk, rootfs};
+use crate::image::{apt, convert, customize, disk, rootfs, secure_boot};
 use crate::model::manifest::{
     AgentInfo, Artifact, CacheKeys, Manifest, Package, StageTiming, UpdateFile,
 };
@@ -208,14 +208,20 @@ const HOST_TOOLS: &[&str] = &[
     "zstd",
 ];
 
-fn host_tools() -> Result<String> {
+fn host_tools(secure_boot: bool) -> Result<String> {
+    let signing: &[&str] = if secure_boot { SIGNING_TOOLS } else { &[] };
     cmd::stdout(
         Command::new("dpkg-query")
             .args(["--show", "--showformat=${Package}=${Version}\n"])
-            .args(HOST_TOOLS),
+            .args(HOST_TOOLS)
+            .args(signing),
     )
     .context("a host tool the builder needs is not installed\n  hint: run `devos-build doctor`, or `tests/setup-host`")
 }
+
+/// The host tools that sign a Secure Boot image's boot chain (osslsigncode signs, with
+/// a signing time of our choosing; sbverify checks; efitools makes the variables).
+pub(crate) const SIGNING_TOOLS: &[&str] = &["osslsigncode", "sbsigntool", "efitools"];
 
 /// The package set of a spec: its sources, their lists, and what apt resolves.
 struct Packages {
@@ -250,6 +256,7 @@ fn identify(
     packages: Packages,
     agent: Option<AgentPackage>,
     env_source_date_epoch: Option<u64>,
+    secure_boot_cert: Option<&str>,
     ui: &Ui,
 ) -> Result<Resolved> {
     let Packages {
@@ -257,7 +264,7 @@ fn identify(
         index,
         resolution,
     } = packages;
-    let tools = host_tools()?;
+    let tools = host_tools(spec.secure_boot)?;
     let trees = match spec.extra_trees.as_slice() {
         [] => None,
         t => Some(
@@ -273,6 +280,7 @@ fn identify(
         env_source_date_epoch,
         host_tools: &tools,
         extra_trees: trees.as_deref(),
+        secure_boot_cert,
     });
     // A plan's placeholder for an agent package still to be built has no hash.
     let version = match &agent {
@@ -348,11 +356,18 @@ pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
         version: String::new(),
         sha256: String::new(),
     });
+    let boot_cert = match spec.secure_boot {
+        true => Some(crate::update::boot_key::required(
+            &crate::update::keys::dir(),
+        )?),
+        false => None,
+    };
     let r = identify(
         spec,
         packages,
         agent.or(placeholder),
         env_source_date_epoch,
+        boot_cert.as_ref().map(|c| c.sha256.as_str()),
         ui,
     )?;
     let out = final_dir(opts, &r.spec, &r.id.version);
@@ -450,6 +465,11 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         Some(u) => Some(crate::update::signing_key_for(&u.key_path)?),
         None => None,
     };
+    // A Secure Boot image's boot chain is signed with the builder's Secure Boot key.
+    let boot_key = match spec.secure_boot {
+        true => Some(crate::update::boot_key::load(&crate::update::keys::dir())?),
+        false => None,
+    };
 
     let images = images_dir(opts, &spec);
     fs::create_dir_all(&images).with_context(|| format!("cannot create {}", images.display()))?;
@@ -464,7 +484,14 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let agent = t.run("agent", |_| {
         agent_package(&spec, opts, &staged, env_source_date_epoch)
     })?;
-    let r = identify(spec, packages, agent, env_source_date_epoch, t.ui)?;
+    let r = identify(
+        spec,
+        packages,
+        agent,
+        env_source_date_epoch,
+        boot_key.as_ref().map(|k| k.certificate.sha256.as_str()),
+        t.ui,
+    )?;
     let (spec, id) = (&r.spec, &r.id);
     let final_dir = final_dir(opts, spec, &id.version);
 
@@ -501,7 +528,23 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
             true => Some(ukify(&r, scratch.path())?),
             false => None,
         };
-        disk::build(spec, id, &tree, scratch.path(), &raw, ukify.as_deref())
+        let signer = match &boot_key {
+            Some(k) => Some(secure_boot::Signer::new(
+                k,
+                id.source_date_epoch,
+                scratch.path(),
+            )?),
+            None => None,
+        };
+        disk::build(
+            spec,
+            id,
+            &tree,
+            scratch.path(),
+            &raw,
+            ukify.as_deref(),
+            signer.as_ref(),
+        )
     })?;
     // The tree is no longer needed; free the space before converting. Left, it goes
     // with the scratch directory at the end, so a failure here only costs space.
@@ -527,7 +570,15 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         _ => None,
     };
     let update = (update, update_feed);
+    let secure_boot = boot_key.map(|k| crate::model::manifest::SecureBoot {
+        certificate_sha256: k.certificate.sha256,
+        subject: k.certificate.subject,
+    });
     let manifest = manifest_of(&r, disk, update, artifacts, packages, t.timings);
+    let manifest = Manifest {
+        secure_boot,
+        ..manifest
+    };
     if spec.agent_enabled {
         // The agent's configuration, for images made from other bases (Packer).
         fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
@@ -763,6 +814,7 @@ fn manifest_of(
         root_hash: disk.root_hash,
         update,
         update_feed,
+        secure_boot: None,
         inputs: id.inputs.clone(),
         package_sources: r.sources.origin.to_owned(),
         agent: r.agent.as_ref().map(|a| AgentInfo {

@@ -94,6 +94,7 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
         root_hash: None,
         update: Vec::new(),
         update_feed: None,
+        secure_boot: None,
         inputs: vec![
             Input {
                 name: drv.clone(),

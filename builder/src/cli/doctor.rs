@@ -47,6 +47,26 @@ const TOOLS: &[(&str, &str, &str)] = &[
         "signing with the key (gpg signs through its agent)",
     ),
     (
+        "openssl",
+        "openssl",
+        "keys generate: the Secure Boot key and certificate",
+    ),
+    (
+        "osslsigncode",
+        "osslsigncode",
+        "image build with `secure-boot = true`: signs the boot chain",
+    ),
+    (
+        "sbverify",
+        "sbsigntool",
+        "image build with `secure-boot = true`: checks the signatures",
+    ),
+    (
+        "sign-efi-sig-list",
+        "efitools",
+        "image build with `secure-boot = true`: the variables the image enrolls",
+    ),
+    (
         "mkfs.vfat",
         "dosfstools",
         "image build: the EFI system partition",
@@ -77,6 +97,11 @@ const TOOLS: &[(&str, &str, &str)] = &[
         "/usr/share/OVMF/OVMF_CODE_4M.fd",
         "ovmf",
         "image test / image boot: UEFI firmware",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+        "ovmf",
+        "image test / image boot of a `secure-boot = true` image: OVMF with Secure Boot",
     ),
     (
         "ssh",

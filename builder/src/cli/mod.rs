@@ -523,24 +523,33 @@ fn cache_command(cmd: CacheCommand) -> Result<ExitCode> {
     }
 }
 
-/// `keys generate|show|export`: the builder's update signing key.
+/// `keys generate|show|export`: the builder's update signing key and Secure Boot key.
 fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
-    use crate::update::keys;
+    use crate::update::{boot_key, keys};
     let dir = keys::dir();
-    let (key, export, json) = match cmd {
+    let (key, boot, export, json) = match cmd {
         KeysCommand::Generate {
             export,
             dry_run: true,
             json,
         } => {
             // Refused as the real run is: there is never nothing to do.
-            if let Some(k) = keys::find(&dir)? {
-                return Err(keys::already_there(&dir, &k));
+            let (key, boot) = (keys::find(&dir)?, boot_key::find(&dir)?);
+            if let (Some(k), Some(_)) = (&key, &boot) {
+                return Err(keys::already_there(&dir, k));
             }
             let mut dry = DryRun::new();
-            dry.would(format!("make an Ed25519 signing key in {}", dir.display()));
+            if key.is_none() {
+                dry.would(format!("make an Ed25519 signing key in {}", dir.display()));
+            }
+            if boot.is_none() {
+                dry.would(format!(
+                    "make an RSA-2048 Secure Boot key and certificate in {}",
+                    dir.display()
+                ));
+            }
             if let Some(file) = export {
-                keys::check_export_destination(&file, None)?;
+                keys::check_export_destination(&file, key.as_ref())?;
                 dry.would(format!("write its public key to {}", file.display()));
             }
             return dry_run_output(json, &dry);
@@ -548,11 +557,12 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
         KeysCommand::Generate { export, json, .. } => {
             // Checked first: a key made and then not exported could not be made again.
             if let Some(file) = &export {
-                keys::check_export_destination(file, None)?;
+                keys::check_export_destination(file, keys::find(&dir)?.as_ref())?;
             }
-            (keys::generate(&dir)?, export, json)
+            let (key, boot) = keys::generate(&dir)?;
+            (key, Some(boot), export, json)
         }
-        KeysCommand::Show { json } => (keys::current(&dir)?, None, json),
+        KeysCommand::Show { json } => (keys::current(&dir)?, boot_key::find(&dir)?, None, json),
         KeysCommand::Export {
             file,
             dry_run: true,
@@ -579,7 +589,7 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
         KeysCommand::Export { file, json, .. } => {
             let key = keys::current(&dir)?;
             keys::check_export_destination(&file, Some(&key))?;
-            (key, Some(file), json)
+            (key, None, Some(file), json)
         }
     };
     // A file that already holds exactly this public key is left as it is.
@@ -592,17 +602,21 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
     }
     let shown = KeyOutput {
         key: &key,
+        secure_boot: boot.as_ref(),
         exported_to: export.as_deref(),
         unchanged,
     };
     output(json, &shown, || shown.human(), true)
 }
 
-/// `keys show|generate|export`: the key, and where its public key was written.
+/// `keys show|generate|export`: the keys, and where the public key was written.
 #[derive(serde::Serialize)]
 struct KeyOutput<'a> {
     #[serde(flatten)]
     key: &'a crate::update::keys::KeyInfo,
+    /// The Secure Boot certificate (`keys show` and `generate`; none made yet: absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secure_boot: Option<&'a crate::update::boot_key::Certificate>,
     #[serde(skip_serializing_if = "Option::is_none")]
     exported_to: Option<&'a Path>,
     /// `exported_to` already held this public key, byte for byte: it was not rewritten.
@@ -613,6 +627,9 @@ struct KeyOutput<'a> {
 impl KeyOutput<'_> {
     fn human(&self) -> String {
         let mut text = self.key.human();
+        if let Some(boot) = self.secure_boot {
+            text.push_str(&boot.human());
+        }
         if let Some(file) = self.exported_to {
             let what = if self.unchanged {
                 "already in:"

@@ -19,6 +19,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::image::identity::Identity;
+use crate::image::secure_boot::{self, Signer};
 use crate::model::spec::{RootFs, Spec};
 use crate::support::cmd;
 
@@ -94,7 +95,8 @@ pub(crate) struct Bundle {
 /// Build the disk image `raw` from the customized tree `root`. `work` holds the
 /// partition images while they are made. The tree's /var is moved out (it becomes
 /// the data partition) and left empty as the mount point. `ukify`: the tree's
-/// archive's ukify, needed for a verified root.
+/// archive's ukify, needed for a verified root; `signer`: the Secure Boot key that
+/// signs the boot chain (`[disk] secure-boot`).
 pub(crate) fn build(
     spec: &Spec,
     id: &Identity,
@@ -102,6 +104,7 @@ pub(crate) fn build(
     work: &Path,
     raw: &Path,
     ukify: Option<&Path>,
+    signer: Option<&Signer>,
 ) -> Result<Disk> {
     let (kernel, initrd) = kernel_and_initrd(spec, root)?;
     if spec.verity {
@@ -125,6 +128,11 @@ pub(crate) fn build(
             let ukify = ukify.context("internal error: a verified root needs ukify")?;
             let uki = work.join(uki_name(spec, id));
             make_uki(id, root, &kernel, initrd.as_deref(), &cmdline, ukify, &uki)?;
+            // Signed before the update bundle takes it: an update's kernel must start
+            // on machines that enrolled this key.
+            if let Some(signer) = signer {
+                signer.sign_pe(&uki)?;
+            }
             Boot::Uki(uki)
         }
         None => Boot::Entry {
@@ -133,7 +141,7 @@ pub(crate) fn build(
             cmdline: cmdline.clone(),
         },
     };
-    let esp_size = make_esp(spec, id, root, &boot, &esp)?;
+    let esp_size = make_esp(spec, id, root, &boot, signer, &esp)?;
 
     let mut images = vec![Image {
         file: Some(esp),
@@ -644,22 +652,49 @@ fn check_direct_boot(spec: &Spec, root: &Path, kver: &str) -> Result<()> {
 }
 
 /// The ESP image: systemd-boot and the unified kernel image, or the kernel, initrd
-/// and one loader entry; its size.
-fn make_esp(spec: &Spec, id: &Identity, root: &Path, boot: &Boot, esp: &Path) -> Result<u64> {
-    let efi = root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+/// and one loader entry; with `signer`, systemd-boot signed and the variables it
+/// enrolls in setup mode; its size.
+fn make_esp(
+    spec: &Spec,
+    id: &Identity,
+    root: &Path,
+    boot: &Boot,
+    signer: Option<&Signer>,
+    esp: &Path,
+) -> Result<u64> {
     let staging = esp.with_extension("d");
     let loader_conf = staging.join("loader/loader.conf");
     fs::create_dir_all(staging.join("loader/entries"))?;
+    let mut efi = root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
     let mut dirs = vec!["::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"];
-    let mut copies = vec![
-        (efi.clone(), "::/EFI/BOOT/BOOTX64.EFI".to_owned()),
-        (loader_conf.clone(), "::/loader/loader.conf".to_owned()),
-    ];
+    let mut enroll = String::new();
+    let mut copies = Vec::new();
+    if let Some(signer) = signer {
+        let signed = staging.join("BOOTX64.EFI");
+        fs::copy(&efi, &signed).with_context(|| format!("cannot copy {}", efi.display()))?;
+        signer.sign_pe(&signed)?;
+        efi = signed;
+        dirs.extend(["::/loader/keys", "::/loader/keys/auto"]);
+        for auth in signer.enrollment(&staging.join(secure_boot::ESP_KEYS_DIR))? {
+            let name = auth
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            copies.push((auth, format!("::/{}/{name}", secure_boot::ESP_KEYS_DIR)));
+        }
+        enroll.push_str(secure_boot::LOADER_CONF);
+    }
+    copies.push((efi, "::/EFI/BOOT/BOOTX64.EFI".to_owned()));
+    copies.push((loader_conf.clone(), "::/loader/loader.conf".to_owned()));
     match boot {
         Boot::Uki(uki) => {
             // No `default`: systemd-boot starts the newest version it finds in
             // EFI/Linux (and, with boot counting, the newest that has tries left).
-            fs::write(&loader_conf, "timeout 0\neditor no\nconsole-mode keep\n")?;
+            fs::write(
+                &loader_conf,
+                format!("timeout 0\neditor no\nconsole-mode keep\n{enroll}"),
+            )?;
             dirs.push("::/EFI/Linux");
             copies.push((uki.clone(), format!("::/EFI/Linux/{}", uki_name(spec, id))));
         }

@@ -62,6 +62,7 @@ const SHAPING_SOURCES: &[(&str, &str)] = &[
     ("identity.rs", include_str!("identity.rs")),
     ("mod.rs", include_str!("mod.rs")),
     ("rootfs.rs", include_str!("rootfs.rs")),
+    ("secure_boot.rs", include_str!("secure_boot.rs")),
     ("sysupdate.rs", include_str!("sysupdate.rs")),
 ];
 
@@ -101,6 +102,9 @@ pub(crate) struct Inputs<'a> {
     pub(crate) host_tools: &'a str,
     /// [`crate::model::spec::trees_digest`] of the spec's extra trees (None: none).
     pub(crate) extra_trees: Option<&'a str>,
+    /// SHA-256 of the Secure Boot certificate that signs the boot chain (None: the
+    /// spec has no `secure-boot`).
+    pub(crate) secure_boot_cert: Option<&'a str>,
 }
 
 /// Compute the identity of a build from its inputs.
@@ -154,6 +158,13 @@ fn resolve_with(i: &Inputs, sources: &[(&str, &str)]) -> Identity {
         inputs.push(Input {
             name: "extra-trees".into(),
             sha256: digest.to_owned(),
+        });
+    }
+    // The key the boot chain is signed with: another key, other bytes on the ESP.
+    if let Some(cert) = i.secure_boot_cert {
+        inputs.push(Input {
+            name: "secure-boot-certificate".into(),
+            sha256: cert.to_owned(),
         });
     }
     let mut hasher = Sha256::new();
@@ -293,6 +304,7 @@ mod tests {
             env_source_date_epoch: None,
             host_tools: tools,
             extra_trees,
+            secure_boot_cert: None,
         })
     }
 
@@ -409,6 +421,7 @@ mod tests {
                 env_source_date_epoch: Some(1_600_000_000),
                 host_tools: "mmdebstrap=1",
                 extra_trees: None,
+                secure_boot_cert: None,
             })
             .source_date_epoch
         };
@@ -490,6 +503,7 @@ mod tests {
             env_source_date_epoch: None,
             host_tools: "mmdebstrap=1",
             extra_trees: None,
+            secure_boot_cert: None,
         };
         let before = resolve_with(&inputs, SHAPING_SOURCES);
         let uuid_input = "format!(\"{build_id}:{label}\")";

@@ -15,6 +15,7 @@ pub(crate) mod disk;
 pub(crate) mod files;
 pub(crate) mod identity;
 pub(crate) mod rootfs;
+pub(crate) mod secure_boot;
 pub(crate) mod sysupdate;
 
 use anyhow::Result;

@@ -60,6 +60,10 @@ pub struct Manifest {
     /// Where the image looks for updates and whose signature it accepts (`[update]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) update_feed: Option<UpdateFeed>,
+    /// The certificate systemd-boot and the unified kernel image are signed with, and
+    /// that the image enrolls on its first boot (`[disk] secure-boot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) secure_boot: Option<SecureBoot>,
     pub(crate) inputs: Vec<crate::model::manifest::Input>,
     pub(crate) package_sources: String,
     pub(crate) agent: Option<AgentInfo>,
@@ -73,6 +77,13 @@ pub struct Manifest {
     pub(crate) stages: Vec<StageTiming>,
     /// Cache keys of the stage outputs this version was built from.
     pub(crate) cache_keys: CacheKeys,
+}
+
+/// The Secure Boot certificate an image's boot chain is signed with.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub(crate) struct SecureBoot {
+    pub(crate) certificate_sha256: String,
+    pub(crate) subject: String,
 }
 
 /// `[update]` as built into the image.

@@ -328,6 +328,9 @@ struct RawDisk {
     /// Verify every block of the root with dm-verity: a hash partition beside it, the
     /// root hash on the kernel command line inside a unified kernel image.
     verity: Option<Spanned<bool>>,
+    /// Sign systemd-boot and the unified kernel image with the builder's Secure Boot
+    /// key and enroll its certificate on the first boot (needs `verity = true`).
+    secure_boot: Option<Spanned<bool>>,
 }
 
 /// `[output]`: artifact formats.
@@ -615,6 +618,9 @@ pub(crate) struct Spec {
     /// A dm-verity hash partition for the root and a unified kernel image carrying the
     /// root hash.
     pub(crate) verity: bool,
+    /// systemd-boot and the unified kernel image signed with the builder's Secure Boot
+    /// key, whose certificate systemd-boot enrolls on the first boot (in setup mode).
+    pub(crate) secure_boot: bool,
     pub(crate) formats: Vec<Format>,
     pub(crate) agent_enabled: bool,
     /// The full agent configuration written to `/etc/devos/agent.toml`.
@@ -857,6 +863,17 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         Some(v) => *v.get_ref(),
         None => nixos,
     };
+    let secure_boot = match &raw.disk.secure_boot {
+        Some(b) if *b.get_ref() && !verity => {
+            return Err(src.error(
+                b,
+                "`secure-boot = true` needs `verity = true`: the signature covers the unified kernel image, and through the root hash on its command line every block of the root",
+                "set `verity = true` (and `root-fs = \"erofs\"`) in `[disk]`, or remove `secure-boot`",
+            ));
+        }
+        Some(b) => *b.get_ref(),
+        None => false,
+    };
 
     let update = match &raw.update {
         Some(u) => Some(update(&src, u, verity)?),
@@ -891,6 +908,7 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         disk_size,
         root_fs,
         verity,
+        secure_boot,
         formats,
         agent_enabled: raw.agent.enable.unwrap_or(true),
         agent_config,

@@ -51,7 +51,7 @@ impl KeyInfo {
 /// what gpg writes beside it is theirs, and a link they put there reaches only what
 /// they could reach themselves. Only what they may see is given to it: the key, the
 /// builder's own `SHA256SUMS`, a feed's public files.
-fn as_key_user(program: &str) -> Command {
+pub(crate) fn as_key_user(program: &str) -> Command {
     match crate::support::paths::sudo_ids() {
         Some((uid, gid)) => {
             let mut c = Command::new("setpriv");
@@ -113,35 +113,53 @@ fn run_gpg(dir: &Path, c: &mut Command, input: Option<&[u8]>, what: &str) -> Res
     })
 }
 
-/// Why `keys generate` (and its dry run) refuses when `dir` holds key `k`.
+/// Why `keys generate` (and its dry run) refuses when `dir` holds both keys (`k`, the
+/// update signing key, and a Secure Boot key).
 pub(crate) fn already_there(dir: &Path, k: &KeyInfo) -> anyhow::Error {
     anyhow::anyhow!(
-        "{} already holds the signing key {}: images built with it trust only it\n  hint: `devos-build keys show` prints it; to start over, move that directory away first",
+        "{} already holds the signing key {} and a Secure Boot key: images built with them trust only them\n  hint: `devos-build keys show` prints them; to start over, move that directory away first",
         dir.display(),
         k.fingerprint
     )
 }
 
-/// Make the signing key; refused when there is one (images trust it: replacing it
-/// must be deliberate). Two at once make one key: the second waits, then refuses.
-pub(crate) fn generate(dir: &Path) -> Result<KeyInfo> {
-    let _held = open_key_dir(dir)?;
-    if let Some(k) = find(dir)? {
-        return Err(already_there(dir, &k));
-    }
+/// The host's name for the keys' user ids ("builder" without one).
+fn host_name() -> String {
     let host = fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let host = host.trim();
-    let uid = format!(
-        "DevOS update signing key ({})",
-        if host.is_empty() { "builder" } else { host }
-    );
-    run_gpg(
-        dir,
-        gpg(dir).args(["--quick-generate-key", &uid, "ed25519", "sign", "never"]),
-        None,
-        "generate the signing key",
-    )?;
-    current(dir)
+    match host.trim() {
+        "" => "builder".to_owned(),
+        h => h.to_owned(),
+    }
+}
+
+/// Make whichever of the two keys `dir` lacks (the update signing key, the Secure Boot
+/// key); refused when it holds both (images trust them: replacing one must be
+/// deliberate). Two at once make one pair: the second waits, then refuses.
+pub(crate) fn generate(dir: &Path) -> Result<(KeyInfo, super::boot_key::Certificate)> {
+    let _held = open_key_dir(dir)?;
+    let (key, boot) = (find(dir)?, super::boot_key::find(dir)?);
+    if let (Some(k), Some(_)) = (&key, &boot) {
+        return Err(already_there(dir, k));
+    }
+    let host = host_name();
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let uid = format!("DevOS update signing key ({host})");
+            run_gpg(
+                dir,
+                gpg(dir).args(["--quick-generate-key", &uid, "ed25519", "sign", "never"]),
+                None,
+                "generate the signing key",
+            )?;
+            current(dir)?
+        }
+    };
+    let boot = match boot {
+        Some(b) => b,
+        None => super::boot_key::generate(dir, &host)?,
+    };
+    Ok((key, boot))
 }
 
 /// The key directory, made if missing (0700; under sudo, the invoking user's when made
@@ -194,16 +212,21 @@ fn open_key_dir(dir: &Path) -> Result<fs::File> {
     handle
         .lock()
         .with_context(|| format!("cannot lock {}", dir.display()))?;
-    let gnupg_home = ["pubring.kbx", "private-keys-v1.d"]
-        .iter()
-        .any(|f| dir.join(f).exists());
+    let gnupg_home = [
+        "pubring.kbx",
+        "private-keys-v1.d",
+        super::boot_key::KEY_FILE,
+        super::boot_key::CERT_FILE,
+    ]
+    .iter()
+    .any(|f| dir.join(f).exists());
     let empty = fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .next()
         .is_none();
     if !gnupg_home && !empty {
         bail!(
-            "{} holds files and no GnuPG home; the key would be made among them\n  hint: name a new or empty directory with DEVOS_KEYS",
+            "{} holds files and neither a GnuPG home nor a Secure Boot key; the keys would be made among them\n  hint: name a new or empty directory with DEVOS_KEYS",
             dir.display()
         );
     }

@@ -11,6 +11,7 @@
 //! the inactive root slot and its hash partition, and installs the UKI with three
 //! boot tries.
 
+pub(crate) mod boot_key;
 pub(crate) mod keys;
 
 use std::collections::BTreeMap;

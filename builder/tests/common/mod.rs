@@ -58,6 +58,9 @@ impl Env {
             ("sfdisk", "fdisk"),
             ("debugfs", "e2fsprogs"),
             ("zstd", "zstd"),
+            ("osslsigncode", "osslsigncode"),
+            ("sbverify", "sbsigntool"),
+            ("sign-efi-sig-list", "efitools"),
         ] {
             require(tool, package);
         }

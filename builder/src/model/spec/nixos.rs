@@ -64,6 +64,13 @@ pub(super) fn check_keys(src: &Source, raw: &RawSpec) -> Result<(), SpecError> {
             "a NixOS image's store is always verified with dm-verity; remove the key",
         );
     }
+    if let Some(b) = raw.disk.secure_boot.as_ref().filter(|b| *b.get_ref()) {
+        return refuse(
+            b.span().start,
+            "[disk] secure-boot",
+            "Secure Boot signing is built for Debian images only so far; remove the key",
+        );
+    }
     if let Some(t) = raw.files.first_tree() {
         return refuse(
             t.span().start,

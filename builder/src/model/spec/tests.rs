@@ -301,6 +301,16 @@ fn cases() -> Vec<(&'static str, String, usize, usize, &'static str)> {
             "`verity = true` needs an initrd",
         ),
         (
+            "secure boot without verity",
+            with(
+                "root-fs = \"erofs\"",
+                "root-fs = \"erofs\"\nsecure-boot = true",
+            ),
+            31,
+            15,
+            "`secure-boot = true` needs `verity = true`",
+        ),
+        (
             "bad exit",
             with("expect-exit = 3", "expect-exit = 300"),
             48,
@@ -876,6 +886,7 @@ fn nixos_specs_refuse_what_has_no_nixos_meaning_where_it_is_written() {
         ("[system]\ninitrd = false\n", "[system] initrd = false"),
         ("[disk]\nroot-fs = \"ext4\"\n", "[disk] root-fs"),
         ("[disk]\nverity = false\n", "[disk] verity = false"),
+        ("[disk]\nsecure-boot = true\n", "[disk] secure-boot"),
         ("[files]\nextra-trees = [\"t\"]\n", "[files] extra-trees"),
         ("[update]\nurl = \"https://u/\"\nkey = \"k\"\n", "[update]"),
         (

@@ -18,6 +18,7 @@ pub(crate) fn manifest(version: &str, packages: &[(&str, &str)]) -> Manifest {
         root_hash: None,
         update: Vec::new(),
         update_feed: None,
+        secure_boot: None,
         inputs: Vec::new(),
         package_sources: "host".into(),
         agent: None,

@@ -1,0 +1,177 @@
+//! The builder's Secure Boot key: an RSA-2048 key and its self-signed X.509
+//! certificate (what UEFI firmware verifies), made by OpenSSL beside the update signing
+//! key and owned by the same user. Images built with `[disk] secure-boot = true` carry
+//! systemd-boot and their unified kernel image signed with it, and its certificate as
+//! the platform key, key exchange key and signature database that systemd-boot enrolls
+//! on a machine's first boot (image/secure_boot.rs).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::support::cmd;
+
+/// The private key's file in the key directory (PEM, 0600).
+pub(crate) const KEY_FILE: &str = "secure-boot.key";
+/// The certificate's file in the key directory (PEM).
+pub(crate) const CERT_FILE: &str = "secure-boot.crt";
+
+/// The certificate, as `keys show` prints it and a manifest records it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Certificate {
+    pub(crate) subject: String,
+    /// SHA-256 of the certificate (DER), as `openssl x509 -fingerprint -sha256` prints
+    /// it without colons, lower case.
+    pub(crate) sha256: String,
+    /// When it stops being valid (firmware does not check; shown for the record).
+    pub(crate) not_after: String,
+    pub(crate) file: PathBuf,
+}
+
+impl Certificate {
+    pub(crate) fn human(&self) -> String {
+        format!(
+            "secure boot: {} (sha256 {})\n             valid until {}; {}\n",
+            self.subject,
+            self.sha256,
+            self.not_after,
+            self.file.display()
+        )
+    }
+}
+
+/// The key and certificate read for signing (the key's user read them: under sudo,
+/// nothing their directory links to is read as root).
+pub(crate) struct BootKey {
+    pub(crate) certificate: Certificate,
+    pub(crate) cert_pem: Vec<u8>,
+    pub(crate) key_pem: Vec<u8>,
+}
+
+/// `file` of the key directory `dir`, read as the key's user.
+fn read_as_key_user(dir: &Path, file: &str) -> Result<Vec<u8>> {
+    let path = dir.join(file);
+    let out = cmd::run(super::keys::as_key_user("cat").arg("--").arg(&path))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(out.stdout)
+}
+
+/// The certificate in `dir`; `None` when there is neither it nor its key.
+pub(crate) fn find(dir: &Path) -> Result<Option<Certificate>> {
+    Ok(read_certificate(dir)?.map(|(_, c)| c))
+}
+
+/// The certificate in `dir` as read (PEM) and described.
+fn read_certificate(dir: &Path) -> Result<Option<(Vec<u8>, Certificate)>> {
+    let (key, cert) = (dir.join(KEY_FILE), dir.join(CERT_FILE));
+    match (
+        key.symlink_metadata().is_ok(),
+        cert.symlink_metadata().is_ok(),
+    ) {
+        (false, false) => return Ok(None),
+        (true, true) => {}
+        (has_key, _) => bail!(
+            "{} holds {} without {}: the Secure Boot key is half there\n  hint: move {} away and run `devos-build keys generate` to make a new pair (images signed with the old one will not boot anything the new one signs)",
+            dir.display(),
+            if has_key { KEY_FILE } else { CERT_FILE },
+            if has_key { CERT_FILE } else { KEY_FILE },
+            if has_key { KEY_FILE } else { CERT_FILE },
+        ),
+    }
+    let pem = read_as_key_user(dir, CERT_FILE)?;
+    let certificate = describe(&pem, &cert)?;
+    Ok(Some((pem, certificate)))
+}
+
+/// What `openssl x509` says of the certificate `pem` (kept in `file`).
+fn describe(pem: &[u8], file: &Path) -> Result<Certificate> {
+    let out = cmd::run_with_input(
+        std::process::Command::new("openssl").args([
+            "x509",
+            "-noout",
+            "-subject",
+            "-enddate",
+            "-fingerprint",
+            "-sha256",
+            "-nameopt",
+            "oneline",
+        ]),
+        Some(pem),
+    )
+    .with_context(|| format!("{} is not a PEM certificate", file.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.trim().to_owned())
+    };
+    let (Some(subject), Some(not_after), Some(fingerprint)) = (
+        field("subject="),
+        field("notAfter="),
+        field("sha256 Fingerprint=").or_else(|| field("SHA256 Fingerprint=")),
+    ) else {
+        bail!(
+            "cannot read the certificate {}: openssl said {text}",
+            file.display()
+        );
+    };
+    Ok(Certificate {
+        subject,
+        sha256: fingerprint.replace(':', "").to_lowercase(),
+        not_after,
+        file: file.to_path_buf(),
+    })
+}
+
+/// Make the key and certificate in `dir` (the caller holds the key directory's lock
+/// and has checked there is neither). As the key's user, private from the start.
+pub(crate) fn generate(dir: &Path, host: &str) -> Result<Certificate> {
+    let subject = format!("/CN=DevOS Secure Boot key ({host})/");
+    let out = cmd::run(
+        super::keys::as_key_user("sh")
+            .args([
+                "-c",
+                "umask 077 && exec openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 36500 -subj \"$1\" -keyout \"$2\" -out \"$3\"",
+                "sh",
+            ])
+            .arg(&subject)
+            .arg(dir.join(KEY_FILE))
+            .arg(dir.join(CERT_FILE)),
+    );
+    if let Err(e) = out {
+        // Nothing half made stays: a later run would refuse a key without a certificate.
+        let _ = std::fs::remove_file(dir.join(KEY_FILE));
+        let _ = std::fs::remove_file(dir.join(CERT_FILE));
+        return Err(anyhow::anyhow!(
+            "openssl could not make the Secure Boot key in {}: {e}",
+            dir.display()
+        ));
+    }
+    find(dir)?.context("internal error: the Secure Boot key just made is not there")
+}
+
+/// Why a Secure Boot image cannot be built without the key in `dir`.
+fn missing(dir: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no Secure Boot key in {} (`[disk] secure-boot = true` signs the boot chain with it)\n  hint: make one with `devos-build keys generate`",
+        dir.display()
+    )
+}
+
+/// The certificate in `dir`, or an error saying how to make it.
+pub(crate) fn required(dir: &Path) -> Result<Certificate> {
+    find(dir)?.ok_or_else(|| missing(dir))
+}
+
+/// The key and certificate in `dir`, for signing; an error saying how to make them.
+pub(crate) fn load(dir: &Path) -> Result<BootKey> {
+    let Some((cert_pem, certificate)) = read_certificate(dir)? else {
+        return Err(missing(dir));
+    };
+    Ok(BootKey {
+        cert_pem,
+        key_pem: read_as_key_user(dir, KEY_FILE)?,
+        certificate,
+    })
+}
