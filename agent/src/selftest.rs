@@ -1265,7 +1265,9 @@ async fn hardening() -> CheckResult {
 const EFI_GLOBAL: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
 
 /// Secure Boot as the firmware reports it (`SecureBoot` 1, `SetupMode` 0: keys enrolled
-/// and enforced) and the kernel's lockdown, which Debian's kernel turns on under it.
+/// and enforced), the kernel's lockdown, which Debian's kernel turns on under it, and
+/// the entry systemd-boot started: a signed unified kernel image (`EFI/Linux/*.efi`),
+/// not a Type #1 entry from the unsigned ESP that could add an initrd of its own.
 fn secure_boot() -> CheckResult {
     let efivar = |name: &str| {
         std::fs::read(format!("/sys/firmware/efi/efivars/{name}-{EFI_GLOBAL}"))
@@ -1273,38 +1275,65 @@ fn secure_boot() -> CheckResult {
             .and_then(|b| b.get(4).copied())
     };
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").ok();
+    let entry = std::fs::read(ENTRY_SELECTED_VAR)
+        .ok()
+        .and_then(|b| efi_string(&b));
     secure_boot_result(
         efivar("SecureBoot"),
         efivar("SetupMode"),
         lockdown.as_deref(),
+        entry.as_deref(),
     )
 }
 
-/// [`secure_boot`] from the two variables' values and the lockdown file's text.
+/// [`secure_boot`] from the two variables' values, the lockdown file's text and the
+/// started entry's name.
 fn secure_boot_result(
     secure: Option<u8>,
     setup: Option<u8>,
     lockdown: Option<&str>,
+    entry: Option<&str>,
 ) -> CheckResult {
     let lockdown = lockdown
         .and_then(|l| l.split_whitespace().find(|w| w.starts_with('[')))
         .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_owned());
-    let (ok, detail) = match (secure, setup) {
-        (Some(1), Some(0)) => (
-            true,
+    let (ok, detail) = match (secure, setup, lockdown.as_deref(), entry) {
+        (Some(1), Some(0), Some(mode @ ("integrity" | "confidentiality")), Some(e))
+            if e.ends_with(".efi") =>
+        {
+            (
+                true,
+                format!(
+                    "Secure Boot enforced by the firmware; kernel lockdown {mode}; started the signed {e}"
+                ),
+            )
+        }
+        (Some(1), Some(0), Some(mode @ ("integrity" | "confidentiality")), entry) => (
+            false,
             format!(
-                "Secure Boot enforced by the firmware; kernel lockdown {}",
-                lockdown.as_deref().unwrap_or("unknown")
+                "Secure Boot enforced (lockdown {mode}), but systemd-boot started {}, not a unified kernel image from EFI/Linux",
+                entry.unwrap_or("no entry it names")
             ),
         ),
-        (Some(_), Some(1)) => (
+        (Some(1), Some(0), mode, _) => (
+            false,
+            format!(
+                "Secure Boot enforced by the firmware, but the kernel is not locked down ({})",
+                mode.unwrap_or("no /sys/kernel/security/lockdown")
+            ),
+        ),
+        (_, Some(1), _, _) => (
             false,
             "the firmware is still in setup mode: no keys were enrolled".to_owned(),
         ),
-        (None, _) => (
+        (None, _, _, _) => (
             false,
             "the firmware has no SecureBoot variable (not booted by UEFI with Secure Boot)"
                 .to_owned(),
+        ),
+        (Some(1), None, _, _) => (
+            false,
+            "the firmware says Secure Boot is on but has no SetupMode variable".to_owned(),
         ),
         _ => (false, "Secure Boot is off".to_owned()),
     };
@@ -1557,17 +1586,24 @@ mod tests {
     }
 
     #[test]
-    fn secure_boot_is_enforced_only_with_keys_and_outside_setup_mode() {
-        let on = secure_boot_result(Some(1), Some(0), Some("none [integrity] confidentiality\n"));
-        assert!(on.ok);
+    fn secure_boot_is_enforced_only_with_keys_lockdown_and_a_signed_kernel_image() {
+        let lockdown = Some("none [integrity] confidentiality\n");
+        let uki = Some("devos-debian_0.2.0_x.efi");
+        let on = super::secure_boot_result(Some(1), Some(0), lockdown, uki);
+        assert!(on.ok, "{}", on.detail);
         assert_eq!(
             on.detail,
-            "Secure Boot enforced by the firmware; kernel lockdown integrity"
+            "Secure Boot enforced by the firmware; kernel lockdown integrity; started the signed devos-debian_0.2.0_x.efi"
         );
-        assert!(!secure_boot_result(Some(0), Some(1), None).ok);
-        assert!(!secure_boot_result(Some(0), Some(0), None).ok);
-        assert!(!secure_boot_result(None, None, None).ok);
-        assert!(!secure_boot_result(Some(1), None, None).ok);
+        let entry = super::secure_boot_result(Some(1), Some(0), lockdown, Some("devos.conf"));
+        assert!(!entry.ok && entry.detail.contains("started devos.conf"));
+        let open = super::secure_boot_result(Some(1), Some(0), Some("[none] integrity\n"), uki);
+        assert!(!open.ok && open.detail.contains("not locked down (none)"));
+        assert!(!super::secure_boot_result(Some(0), Some(1), lockdown, uki).ok);
+        assert!(!super::secure_boot_result(Some(0), Some(0), lockdown, uki).ok);
+        assert!(!super::secure_boot_result(None, None, None, None).ok);
+        let no_setup = super::secure_boot_result(Some(1), None, lockdown, uki);
+        assert!(!no_setup.ok && no_setup.detail.contains("no SetupMode"));
     }
 
     #[test]

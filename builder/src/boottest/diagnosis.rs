@@ -35,7 +35,7 @@ const FATAL_CONSOLE: &[(&[&str], &str)] = &[
         "Secure Boot refused the unified kernel image: its signature does not verify with the key the machine enrolled (it was changed after it was signed, or signed with another key)",
     ),
     (
-        &["BdsDxe: failed to start", "Access Denied"],
+        &["BdsDxe: failed to load", "Access Denied"],
         "Secure Boot refused the boot loader: its signature does not verify with the key the machine enrolled",
     ),
     (
@@ -136,6 +136,21 @@ mod kvm_tests {
             "{d}"
         );
         assert!(d.contains("data block 0 is corrupted"), "{d}");
+        // Under Secure Boot: the kernel image refused by systemd-boot (named before the
+        // firmware's own line about the boot loader giving up), the boot loader by the
+        // firmware.
+        let uki = "../src/boot/boot.c:2576@image_start: Error loading \\EFI\\Linux\\d_0.2.0_x.efi: Access denied\nBdsDxe: failed to start Boot0001 \"UEFI QEMU NVMe Ctrl\" from PciRoot(0x0): Access Denied\n";
+        assert!(
+            diagnose_console(uki)
+                .unwrap()
+                .starts_with("Secure Boot refused the unified kernel image"),
+        );
+        let loader = "BdsDxe: failed to load Boot0001 \"UEFI QEMU NVMe Ctrl\" from PciRoot(0x0): Access Denied\n";
+        assert!(
+            diagnose_console(loader)
+                .unwrap()
+                .starts_with("Secure Boot refused the boot loader"),
+        );
         // Lines that merely mention verity are not failures.
         assert!(
             diagnose_console("device-mapper: verity: sha256 using shash \"sha256-ni\"\n").is_none()

@@ -143,6 +143,12 @@ pub(crate) fn rollout(
             .unwrap_or_default()
             .to_owned();
         let known = way_back(cx.reg, &t.stack, &cx.region, &v.name, &stack_version)?;
+        // What the stack's machines run must be able to start this version's kernel.
+        for running in cx.reg.versions(Some(&v.name))? {
+            if known.contains(&running.version) {
+                crate::update::boots_after(&cx.reg.manifest(&running)?, &manifest)?;
+            }
+        }
         let serving: Vec<&Member> = running
             .instances
             .iter()

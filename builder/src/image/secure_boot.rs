@@ -24,8 +24,10 @@ const OWNER_GUID: &str = "6b0d3e5a-2f4c-4d7e-9a51-d3e0b05b0c17";
 pub(crate) const ESP_KEYS_DIR: &str = "loader/keys/auto";
 
 /// What loader.conf adds: enroll the keys above when the firmware is in setup mode,
-/// in a virtual machine (EC2's instances are), never on bare metal by itself.
-pub(crate) const LOADER_CONF: &str = "secure-boot-enroll if-safe\n";
+/// in a virtual machine (EC2's instances are), never on bare metal by itself; and no
+/// menu entry for the firmware's setup (from which Secure Boot could be switched off
+/// where the firmware allows it without a password).
+pub(crate) const LOADER_CONF: &str = "secure-boot-enroll if-safe\nauto-firmware no\n";
 
 /// Signs with one key at one time (the build's).
 pub(crate) struct Signer<'a> {
@@ -48,17 +50,32 @@ impl<'a> Signer<'a> {
         })
     }
 
-    /// The private key as a file the signing tools can open and read more than once
-    /// (osslsigncode cannot read it from a pipe): a memory file, never on a disk,
-    /// inherited by the tool, gone when the returned handle is dropped.
-    fn key_file(&self) -> Result<(std::os::fd::OwnedFd, String)> {
+    /// Run `c`, a signing tool, with the private key as a file it can open and read
+    /// more than once (osslsigncode cannot read it from a pipe): `c` gets the file's
+    /// path from `args(path)`. The file is a sealed memory file, never on a disk,
+    /// handed to that one child and closed when it has run.
+    fn with_key(&self, c: &mut Command, args: impl FnOnce(&mut Command, &str)) -> Result<()> {
+        use rustix::fs::{MemfdFlags, SealFlags};
         use std::os::fd::AsRawFd;
-        let fd = rustix::fs::memfd_create("devos-secure-boot-key", rustix::fs::MemfdFlags::empty())
-            .context("cannot make a memory file for the Secure Boot key")?;
+        let fd = rustix::fs::memfd_create(
+            "devos-secure-boot-key",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .context("cannot make a memory file for the Secure Boot key")?;
         let mut file = fs::File::from(fd);
         std::io::Write::write_all(&mut file, &self.key.key_pem)?;
-        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-        Ok((file.into(), path))
+        rustix::fs::fcntl_add_seals(
+            &file,
+            SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+        )
+        .context("cannot seal the Secure Boot key's memory file")?;
+        let raw = file.as_raw_fd();
+        args(c, &format!("/proc/self/fd/{raw}"));
+        cmd::pass_fd(c, raw);
+        let result = cmd::run(c);
+        drop(file);
+        result?;
+        Ok(())
     }
 
     /// Sign the EFI binary `file` in place (Authenticode, SHA-256), then check the
@@ -66,18 +83,17 @@ impl<'a> Signer<'a> {
     /// not at the first boot).
     pub(crate) fn sign_pe(&self, file: &Path) -> Result<()> {
         let signed = file.with_extension("signed");
-        let (_key, key_path) = self.key_file()?;
-        cmd::run(
-            Command::new("osslsigncode")
-                .args(["sign", "-h", "sha256", "-certs"])
+        let mut c = Command::new("osslsigncode");
+        self.with_key(&mut c, |c, key| {
+            c.args(["sign", "-h", "sha256", "-certs"])
                 .arg(&self.cert_file)
-                .args(["-key", &key_path, "-time"])
+                .args(["-key", key, "-time"])
                 .arg(self.time.to_string())
                 .arg("-in")
                 .arg(file)
                 .arg("-out")
-                .arg(&signed),
-        )
+                .arg(&signed);
+        })
         .with_context(|| format!("while signing {} for Secure Boot", file.display()))?;
         cmd::run(
             Command::new("sbverify")
@@ -109,19 +125,18 @@ impl<'a> Signer<'a> {
         )
         .context("while making the Secure Boot signature list")?;
         let timestamp = crate::support::time::utc(self.time);
-        let (_key, key_path) = self.key_file()?;
         let mut files = Vec::new();
         for var in ["PK", "KEK", "db"] {
             let auth = dir.join(format!("{var}.auth"));
-            cmd::run(
-                Command::new("sign-efi-sig-list")
-                    .args(["-t", &timestamp, "-g", OWNER_GUID, "-k", &key_path, "-c"])
+            let mut c = Command::new("sign-efi-sig-list");
+            self.with_key(&mut c, |c, key| {
+                c.args(["-t", &timestamp, "-g", OWNER_GUID, "-k", key, "-c"])
                     .arg(&self.cert_file)
                     .arg(var)
                     .arg(&esl)
                     .arg(&auth)
-                    .env("TZ", "UTC"),
-            )
+                    .env("TZ", "UTC");
+            })
             .with_context(|| format!("while making the Secure Boot variable {var}"))?;
             files.push(auth);
         }

@@ -54,6 +54,25 @@ pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) ->
     }
     let manifest = reg.manifest(&v)?;
     let key = crate::update::feed_key(&manifest)?;
+    // Machines of the same feed that enrolled a Secure Boot certificate must be able to
+    // start this version's kernel (`--force`: no machine runs those versions).
+    if !force {
+        for other in reg.versions(Some(&v.name))? {
+            let Ok(m) = reg.manifest(&other) else {
+                continue;
+            };
+            let same_feed = m.update_feed.as_ref().map(|f| &f.url)
+                == manifest.update_feed.as_ref().map(|f| &f.url);
+            if m.version != manifest.version && same_feed {
+                crate::update::boots_after(&m, &manifest).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e:#}\n  hint: if no machine runs {} (nor an older version signed as it is), publish with --force",
+                        m.version
+                    )
+                })?;
+            }
+        }
+    }
     Ok(Prepared { v, manifest, key })
 }
 

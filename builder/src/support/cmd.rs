@@ -167,6 +167,24 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Hand the open file `fd` (made close-on-exec, as every file this process opens) to
+/// `cmd`'s child alone: the child clears close-on-exec on it, so no other child
+/// inherits it, whatever else this process starts meanwhile.
+pub(crate) fn pass_fd(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls fcntl(2), which is
+    // async-signal-safe, on a descriptor number it copied; it touches no other memory.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The full path of a program on PATH.
 pub(crate) fn which(program: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {

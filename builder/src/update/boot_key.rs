@@ -49,11 +49,23 @@ pub(crate) struct BootKey {
     pub(crate) key_pem: Vec<u8>,
 }
 
-/// `file` of the key directory `dir`, read as the key's user.
+/// `file` of the key directory `dir`, read as the key's user. A failure says what
+/// `cat` said on its stderr, never what it read.
 fn read_as_key_user(dir: &Path, file: &str) -> Result<Vec<u8>> {
     let path = dir.join(file);
-    let out = cmd::run(super::keys::as_key_user("cat").arg("--").arg(&path))
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let out = super::keys::as_key_user("cat")
+        .arg("--")
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run cat to read {}", path.display()))?;
+    if !out.status.success() {
+        bail!(
+            "cannot read {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     Ok(out.stdout)
 }
 
@@ -72,10 +84,16 @@ fn read_certificate(dir: &Path) -> Result<Option<(Vec<u8>, Certificate)>> {
         (false, false) => return Ok(None),
         (true, true) => {}
         (has_key, _) => bail!(
-            "{} holds {} without {}: the Secure Boot key is half there\n  hint: move {} away and run `devos-build keys generate` to make a new pair (images signed with the old one will not boot anything the new one signs)",
+            "{} holds {} without {}: the Secure Boot key is half there\n  hint: restore {} from your backup of the key directory{}; only if the key itself is lost, move the directory's {} away and run `devos-build keys generate` — machines that enrolled the old certificate will refuse everything the new key signs, and must be replaced",
             dir.display(),
             if has_key { KEY_FILE } else { CERT_FILE },
             if has_key { CERT_FILE } else { KEY_FILE },
+            if has_key { CERT_FILE } else { KEY_FILE },
+            if has_key {
+                " (the certificate is also in every image's `loader/keys/auto/db.auth` and every signature it made)"
+            } else {
+                ""
+            },
             if has_key { KEY_FILE } else { CERT_FILE },
         ),
     }
@@ -141,8 +159,13 @@ pub(crate) fn generate(dir: &Path, host: &str) -> Result<Certificate> {
     );
     if let Err(e) = out {
         // Nothing half made stays: a later run would refuse a key without a certificate.
-        let _ = std::fs::remove_file(dir.join(KEY_FILE));
-        let _ = std::fs::remove_file(dir.join(CERT_FILE));
+        // Removed as the key's user, as they were made.
+        let _ = super::keys::as_key_user("rm")
+            .arg("-f")
+            .arg("--")
+            .arg(dir.join(KEY_FILE))
+            .arg(dir.join(CERT_FILE))
+            .output();
         return Err(anyhow::anyhow!(
             "openssl could not make the Secure Boot key in {}: {e}",
             dir.display()
@@ -169,6 +192,21 @@ pub(crate) fn load(dir: &Path) -> Result<BootKey> {
     let Some((cert_pem, certificate)) = read_certificate(dir)? else {
         return Err(missing(dir));
     };
+    // A key restored from a backup with the wrong mode is refused, not used as it is.
+    let key = dir.join(KEY_FILE);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key)
+            .with_context(|| format!("cannot read {}", key.display()))?
+            .permissions(),
+    );
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} can be read by others (mode {:o}): whoever reads it can sign boot chains every machine that enrolled its certificate starts\n  hint: `chmod 600 {}`, and consider the key leaked if others could log in here",
+            key.display(),
+            mode & 0o777,
+            key.display()
+        );
+    }
     Ok(BootKey {
         cert_pem,
         key_pem: read_as_key_user(dir, KEY_FILE)?,

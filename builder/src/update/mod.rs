@@ -268,6 +268,36 @@ impl FeedStore for DirFeed {
     }
 }
 
+/// Refuse `to` for machines that run `from` when their firmware would refuse its kernel:
+/// `from` was signed for Secure Boot, so its machines enrolled that certificate and
+/// start only what it signed, and `to` is not signed with it. Such a machine would stop
+/// in its firmware (systemd-boot cannot start the refused kernel and does not reboot),
+/// not fall back by boot counting.
+pub(crate) fn boots_after(from: &Manifest, to: &Manifest) -> Result<()> {
+    let Some(enrolled) = &from.secure_boot else {
+        return Ok(());
+    };
+    let what = match &to.secure_boot {
+        Some(s) if s.certificate_sha256 == enrolled.certificate_sha256 => return Ok(()),
+        Some(s) => format!(
+            "is signed with another one ({}, sha256 {})",
+            s.subject, s.certificate_sha256
+        ),
+        None => "is not signed for Secure Boot (its spec has no `[disk] secure-boot`)".to_owned(),
+    };
+    bail!(
+        "{}@{} cannot update machines that run {}: they enrolled the Secure Boot certificate {} (sha256 {}) and their firmware starts only kernels it signed, but {} {what}; such a machine would stop in its firmware, not fall back\n  hint: build {} with the key that signed {} (`[disk] secure-boot = true`, the same key directory), or replace the machines instead of updating them",
+        to.name,
+        to.version,
+        from.version,
+        enrolled.subject,
+        enrolled.certificate_sha256,
+        to.version,
+        to.version,
+        from.version
+    )
+}
+
 /// The builder's key, when it is the one `manifest`'s version trusts.
 pub(crate) fn feed_key(manifest: &Manifest) -> Result<keys::KeyInfo> {
     let (name, version) = (&manifest.name, &manifest.version);
@@ -469,6 +499,35 @@ fn parse_sums(text: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Machines that enrolled a certificate take only versions signed with it; machines
+    /// of an unsigned version take anything.
+    #[test]
+    fn an_update_must_be_signed_with_the_certificate_its_machines_enrolled() {
+        use crate::model::manifest::SecureBoot;
+        use crate::store::registry::tests::manifest;
+        let signed = |version: &str, cert: &str| Manifest {
+            secure_boot: Some(SecureBoot {
+                certificate_sha256: cert.into(),
+                subject: format!("CN = {cert}"),
+            }),
+            ..manifest(version, &[])
+        };
+        let plain = manifest("0.1.0", &[]);
+        assert!(boots_after(&plain, &signed("0.2.0", "a")).is_ok());
+        assert!(boots_after(&plain, &manifest("0.2.0", &[])).is_ok());
+        assert!(boots_after(&signed("0.1.0", "a"), &signed("0.2.0", "a")).is_ok());
+        let other = boots_after(&signed("0.1.0", "a"), &signed("0.2.0", "b")).unwrap_err();
+        assert!(
+            format!("{other:#}").contains("is signed with another one (CN = b"),
+            "{other:#}"
+        );
+        let unsigned = boots_after(&signed("0.1.0", "a"), &manifest("0.2.0", &[])).unwrap_err();
+        assert!(
+            format!("{unsigned:#}").contains("would stop in its firmware"),
+            "{unsigned:#}"
+        );
+    }
 
     /// One directory feed is one feed for its lock however `--to` names it (trailing
     /// slash, `..`, a link to it); another directory is another feed; the first
