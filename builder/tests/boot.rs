@@ -420,6 +420,35 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("trusts updates signed by"));
 
+    // A version of the same feed without Secure Boot: machines that enrolled the key
+    // would not start its kernel (and would not fall back), so it is not published.
+    let unsigned_spec = env.dir.path().join("verity-unsigned.toml");
+    std::fs::write(
+        &unsigned_spec,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("secure-boot = true\n", "")
+            .replace("version = \"0.2.0\"", "version = \"0.2.3\""),
+    )
+    .unwrap();
+    let (unsigned, _) = env.build(&unsigned_spec, &[]);
+    assert!(unsigned["manifest"].get("secure_boot").is_none());
+    let unsigned_ref = format!(
+        "{name}@{}",
+        unsigned["manifest"]["version"].as_str().unwrap()
+    );
+    let refused = run(
+        env.cmd(&["publish", "updates", &unsigned_ref, "--to"])
+            .arg(&feed),
+        1,
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("is not signed for Secure Boot") && said.contains("stop in its firmware"),
+        "{said}"
+    );
+
     // The next version (one patch on): the running image updates itself to it from a
     // feed on this host, the same disk boots again, the new version runs and its
     // counted boot is blessed once the agent is healthy.

@@ -184,12 +184,12 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
 
     // The Secure Boot key beside it: made with it, private; a directory that lacks it
     // gets only it (the update signing key stays); half a pair is refused, named.
-    let shown = |keys: &dyn Fn(&[&std::ffi::OsStr]) -> (Option<i32>, String, String)| {
+    let shown = || {
         let (code, out, err) = keys(&["show".as_ref(), "--json".as_ref()]);
         assert_eq!(code, Some(0), "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
-    let first = shown(&keys);
+    let first = shown();
     let boot_key = dir.path().join("keys/secure-boot.key");
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&boot_key.metadata().unwrap().permissions())
@@ -214,7 +214,7 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     );
     let (code, _, err) = keys(&["generate".as_ref()]);
     assert_eq!(code, Some(0), "{err}");
-    let second = shown(&keys);
+    let second = shown();
     assert_eq!(second["fingerprint"], first["fingerprint"]);
     assert_ne!(
         second["secure_boot"]["sha256"],

@@ -43,6 +43,14 @@ pub(crate) struct Prepared {
 
 pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) -> Result<Prepared> {
     check_to(to)?;
+    // Before the test gate: a version the feed's machines could not start is refused,
+    // tested or not (`--force`: no machine runs those versions).
+    if !force {
+        let found = reg.find(reference)?;
+        if let Ok(manifest) = reg.manifest(&found) {
+            startable_by_the_feeds_machines(reg, &manifest)?;
+        }
+    }
     let v = super::gate(reg, reference, force)?;
     if v.state != crate::model::states::VersionState::Built {
         bail!(
@@ -54,26 +62,27 @@ pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) ->
     }
     let manifest = reg.manifest(&v)?;
     let key = crate::update::feed_key(&manifest)?;
-    // Machines of the same feed that enrolled a Secure Boot certificate must be able to
-    // start this version's kernel (`--force`: no machine runs those versions).
-    if !force {
-        for other in reg.versions(Some(&v.name))? {
-            let Ok(m) = reg.manifest(&other) else {
-                continue;
-            };
-            let same_feed = m.update_feed.as_ref().map(|f| &f.url)
-                == manifest.update_feed.as_ref().map(|f| &f.url);
-            if m.version != manifest.version && same_feed {
-                crate::update::boots_after(&m, &manifest).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{e:#}\n  hint: if no machine runs {} (nor an older version signed as it is), publish with --force",
-                        m.version
-                    )
-                })?;
-            }
+    Ok(Prepared { v, manifest, key })
+}
+
+/// Refuse `manifest`'s version when machines of another version of the same image and
+/// feed enrolled a Secure Boot certificate that did not sign it.
+fn startable_by_the_feeds_machines(reg: &Registry, manifest: &Manifest) -> Result<()> {
+    let feed = |m: &Manifest| m.update_feed.as_ref().map(|f| f.url.clone());
+    for other in reg.versions(Some(&manifest.name))? {
+        let Ok(m) = reg.manifest(&other) else {
+            continue;
+        };
+        if m.version != manifest.version && feed(&m) == feed(manifest) {
+            crate::update::boots_after(&m, manifest).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e:#}\n  hint: if no machine runs {} (nor another version signed as it is), publish with --force",
+                    m.version
+                )
+            })?;
         }
     }
-    Ok(Prepared { v, manifest, key })
+    Ok(())
 }
 
 /// `publish updates REF --to FEED`: add a tested version's bundle to the feed and sign
