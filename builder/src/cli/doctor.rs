@@ -136,6 +136,11 @@ const OPTIONAL: &[&str] = &[
     "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
     "packer",
     "dbus-daemon",
+    "openssl",
+    "osslsigncode",
+    "sbverify",
+    "sign-efi-sig-list",
+    "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
 ];
 
 /// Free space the default image's build and test need (cache, output, overlay).
@@ -460,7 +465,7 @@ impl Report {
         }
         if let Some(cmd) = &self.install_optional {
             s.push_str(&format!(
-                "\noptional (Ubuntu images, Packer, the agent's tests):\n  {cmd}\n"
+                "\noptional (Ubuntu images, Packer, Secure Boot, the agent's tests):\n  {cmd}\n"
             ));
         }
         s.push_str(if self.ok {
