@@ -530,7 +530,9 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         };
         let signer = match &boot_key {
             Some(k) => Some(secure_boot::Signer::new(
-                k,
+                &k.key_pem,
+                &k.cert_pem,
+                &k.certificate.file,
                 id.source_date_epoch,
                 scratch.path(),
             )?),

@@ -238,8 +238,10 @@ pub(crate) enum ImageCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCommand {
-    /// Make the builder's signing key (OpenPGP Ed25519, kept by GnuPG in
-    /// ~/.local/share/devos/keys or DEVOS_KEYS). Refused when there is one.
+    /// Make whichever of the builder's two keys is missing: the update signing key
+    /// (OpenPGP Ed25519, kept by GnuPG) and the Secure Boot key (RSA-2048 and its
+    /// self-signed certificate, `[disk] secure-boot`), in ~/.local/share/devos/keys or
+    /// DEVOS_KEYS. Refused when both exist.
     Generate {
         /// Also write the public key here, for a spec's `[update] key`.
         #[arg(long, value_name = "FILE")]
@@ -251,7 +253,8 @@ pub(crate) enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the signing key's fingerprint and where it is kept.
+    /// Print the signing key's fingerprint, the Secure Boot certificate (subject,
+    /// SHA-256, expiry) and where they are kept.
     Show {
         /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
@@ -286,7 +289,8 @@ pub(crate) enum PublishCommand {
         /// versions in it are kept.
         #[arg(long)]
         to: String,
-        /// Publish even without a passing boot test.
+        /// Publish even without a passing boot test, or when machines of a version
+        /// signed for Secure Boot could not start this one.
         #[arg(long)]
         force: bool,
         /// The bucket's region (s3:// only). Default: `[aws] region`, else AWS_REGION /

@@ -1,7 +1,7 @@
 //! Secure Boot (`[disk] secure-boot = true`): systemd-boot and the unified kernel image
-//! signed with the builder's key (update/boot_key.rs), and the authenticated variables
-//! systemd-boot enrolls from the ESP on a machine's first boot, while the firmware is
-//! in setup mode (`secure-boot-enroll if-safe`: in a virtual machine only, where
+//! signed with the builder's key (made and read by update/boot_key.rs), and the
+//! authenticated variables systemd-boot enrolls from the ESP on a machine's first
+//! boot, while the firmware is in setup mode (`secure-boot-enroll if-safe`: in a virtual machine only, where
 //! nothing can be bricked). From then on the firmware starts only what that key
 //! signed: systemd-boot, then a unified kernel image whose command line carries the
 //! root's dm-verity hash, so every block from the boot loader to the root is the one
@@ -15,7 +15,6 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 use crate::support::cmd;
-use crate::update::boot_key::BootKey;
 
 /// The owner of the enrolled signature lists (DevOS's own GUID).
 const OWNER_GUID: &str = "6b0d3e5a-2f4c-4d7e-9a51-d3e0b05b0c17";
@@ -31,20 +30,31 @@ pub(crate) const LOADER_CONF: &str = "secure-boot-enroll if-safe\nauto-firmware 
 
 /// Signs with one key at one time (the build's).
 pub(crate) struct Signer<'a> {
-    key: &'a BootKey,
+    /// The private key (PEM).
+    key_pem: &'a [u8],
+    /// Where the certificate is kept, for messages.
+    kept_in: &'a Path,
     time: u64,
     /// The certificate as a file (public), for the tools that take one.
     cert_file: PathBuf,
 }
 
 impl<'a> Signer<'a> {
-    /// A signer for `key`, its certificate written into `work`.
-    pub(crate) fn new(key: &'a BootKey, time: u64, work: &Path) -> Result<Self> {
+    /// A signer with the private key `key_pem` and its certificate `cert_pem` (kept in
+    /// `kept_in`), the certificate written into `work`.
+    pub(crate) fn new(
+        key_pem: &'a [u8],
+        cert_pem: &[u8],
+        kept_in: &'a Path,
+        time: u64,
+        work: &Path,
+    ) -> Result<Self> {
         let cert_file = work.join("secure-boot.crt");
-        fs::write(&cert_file, &key.cert_pem)
+        fs::write(&cert_file, cert_pem)
             .with_context(|| format!("cannot write {}", cert_file.display()))?;
         Ok(Signer {
-            key,
+            key_pem,
+            kept_in,
             time,
             cert_file,
         })
@@ -63,7 +73,7 @@ impl<'a> Signer<'a> {
         )
         .context("cannot make a memory file for the Secure Boot key")?;
         let mut file = fs::File::from(fd);
-        std::io::Write::write_all(&mut file, &self.key.key_pem)?;
+        std::io::Write::write_all(&mut file, self.key_pem)?;
         rustix::fs::fcntl_add_seals(
             &file,
             SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
@@ -105,7 +115,7 @@ impl<'a> Signer<'a> {
             format!(
                 "{} signed with the Secure Boot key does not verify with its certificate {}: the key and the certificate are not a pair",
                 file.display(),
-                self.key.certificate.file.display()
+                self.kept_in.display()
             )
         })?;
         fs::rename(&signed, file)?;
