@@ -198,6 +198,12 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
         "the Secure Boot key is readable by others"
     );
     assert_eq!(first["secure_boot"]["sha256"].as_str().unwrap().len(), 64);
+    // Times in ISO 8601, as everywhere in --json.
+    let not_after = first["secure_boot"]["not_after"].as_str().unwrap();
+    assert!(
+        not_after.len() == 20 && not_after.as_bytes()[10] == b'T' && not_after.ends_with('Z'),
+        "{not_after}"
+    );
     std::fs::remove_file(&boot_key).unwrap();
     let (code, _, err) = keys(&["show".as_ref()]);
     assert_eq!(code, Some(1), "{err}");

@@ -24,7 +24,8 @@ pub(crate) struct Certificate {
     /// SHA-256 of the certificate (DER), as `openssl x509 -fingerprint -sha256` prints
     /// it without colons, lower case.
     pub(crate) sha256: String,
-    /// When it stops being valid (firmware does not check; shown for the record).
+    /// When it stops being valid, ISO 8601 as every time in `--json` (firmware does not
+    /// check it; shown for the record).
     pub(crate) not_after: String,
     pub(crate) file: PathBuf,
 }
@@ -114,6 +115,8 @@ fn describe(pem: &[u8], file: &Path) -> Result<Certificate> {
             "-sha256",
             "-nameopt",
             "oneline",
+            "-dateopt",
+            "iso_8601",
         ]),
         Some(pem),
     )
@@ -137,7 +140,8 @@ fn describe(pem: &[u8], file: &Path) -> Result<Certificate> {
     Ok(Certificate {
         subject,
         sha256: fingerprint.replace(':', "").to_lowercase(),
-        not_after,
+        // `2126-11-12 02:31:26Z` as OpenSSL writes it.
+        not_after: not_after.replacen(' ', "T", 1),
         file: file.to_path_buf(),
     })
 }
