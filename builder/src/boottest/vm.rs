@@ -174,8 +174,8 @@ pub(crate) struct Firmware {
 
 /// The firmware for an image; with Secure Boot, OVMF's Secure Boot build.
 fn firmware(secure_boot: bool) -> Result<Firmware> {
-    if secure_boot {
-        return [
+    let candidates: &[(&str, &str)] = if secure_boot {
+        &[
             (
                 "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
                 "/usr/share/OVMF/OVMF_VARS_4M.fd",
@@ -185,38 +185,34 @@ fn firmware(secure_boot: bool) -> Result<Firmware> {
                 "/usr/share/OVMF/OVMF_VARS.fd",
             ),
         ]
-        .iter()
-        .map(|(c, v)| Firmware {
-            code: c.into(),
-            vars: v.into(),
-            secure_boot: true,
-        })
-        .find(|f| f.code.is_file() && f.vars.is_file())
-        .context("no UEFI firmware with Secure Boot (OVMF_CODE_4M.secboot.fd) found, and the image's boot chain is signed for it\n  hint: install it with `apt-get install ovmf`");
-    }
-    let candidates = [
-        (
-            "/usr/share/OVMF/OVMF_CODE_4M.fd",
-            "/usr/share/OVMF/OVMF_VARS_4M.fd",
-        ),
-        (
-            "/usr/share/OVMF/OVMF_CODE.fd",
-            "/usr/share/OVMF/OVMF_VARS.fd",
-        ),
-        (
-            "/usr/share/edk2/ovmf/OVMF_CODE.fd",
-            "/usr/share/edk2/ovmf/OVMF_VARS.fd",
-        ),
-    ];
+    } else {
+        &[
+            (
+                "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            ),
+            (
+                "/usr/share/OVMF/OVMF_CODE.fd",
+                "/usr/share/OVMF/OVMF_VARS.fd",
+            ),
+            (
+                "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+                "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+            ),
+        ]
+    };
     candidates
         .iter()
         .map(|(c, v)| Firmware {
             code: c.into(),
             vars: v.into(),
-            secure_boot: false,
+            secure_boot,
         })
         .find(|f| f.code.is_file() && f.vars.is_file())
-        .context("no UEFI firmware (OVMF) found\n  hint: install it with `apt-get install ovmf`")
+        .with_context(|| match secure_boot {
+            true => "no UEFI firmware with Secure Boot (OVMF_CODE_4M.secboot.fd) found, and the image's boot chain is signed for it\n  hint: install it with `apt-get install ovmf`",
+            false => "no UEFI firmware (OVMF) found\n  hint: install it with `apt-get install ovmf`",
+        })
 }
 
 /// A VM to start. Its disk is always a qcow2 overlay (see [`overlay`]).
@@ -428,7 +424,7 @@ fn require_qemu() -> Result<()> {
 const ENROLLED: &str = "Secure Boot keys successfully enrolled";
 
 /// How long the enrolling boot may take (about 10 s under TCG).
-const ENROLL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The prefixes of boots' scratch directories in the temporary directory: the ones
 /// a boot may remove when a killed boot left them.
@@ -516,22 +512,13 @@ impl Scratch {
         let vm = self.vm(1024, 2, DiskBus::Nvme, Some(&console), None);
         let mut child = cmd::spawn(
             vm.command(&self.fw)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null()),
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
             false,
         )?;
-        let until = std::time::Instant::now() + ENROLL_TIMEOUT;
-        let exited = loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                break true;
-            }
-            if std::time::Instant::now() > until {
-                break false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        };
-        let _ = child.kill();
-        let _ = child.wait();
+        super::exits_within(&mut child, ENROLL_TIMEOUT);
+        let exited = matches!(child.try_wait(), Ok(Some(_)));
+        super::stop_qemu(&mut child);
         let said = String::from_utf8_lossy(&fs::read(&console).unwrap_or_default())
             .replace(|c: char| c.is_control() && c != '\n', "");
         if exited && said.contains(ENROLLED) {
@@ -540,8 +527,7 @@ impl Scratch {
             );
             return Ok(());
         }
-        let last: Vec<&str> = said.lines().rev().take(8).collect();
-        let last: Vec<&str> = last.into_iter().rev().collect();
+        let last = super::diagnosis::tail_lines(&console, 8);
         bail!(
             "the image's Secure Boot keys were not enrolled on its first boot ({}); its console said:\n{}",
             if exited {

@@ -221,7 +221,7 @@ fn host_tools(secure_boot: bool) -> Result<String> {
 
 /// The host tools that sign a Secure Boot image's boot chain (osslsigncode signs, with
 /// a signing time of our choosing; sbverify checks; efitools makes the variables).
-pub(crate) const SIGNING_TOOLS: &[&str] = &["osslsigncode", "sbsigntool", "efitools"];
+const SIGNING_TOOLS: &[&str] = &["osslsigncode", "sbsigntool", "efitools"];
 
 /// The package set of a spec: its sources, their lists, and what apt resolves.
 struct Packages {
@@ -576,11 +576,15 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         certificate_sha256: k.certificate.sha256,
         subject: k.certificate.subject,
     });
-    let manifest = manifest_of(&r, disk, update, artifacts, packages, t.timings);
-    let manifest = Manifest {
+    let manifest = manifest_of(
+        &r,
+        disk,
+        update,
         secure_boot,
-        ..manifest
-    };
+        artifacts,
+        packages,
+        t.timings,
+    );
     if spec.agent_enabled {
         // The agent's configuration, for images made from other bases (Packer).
         fs::write(staged.join("agent.toml"), spec.agent_config.to_file())?;
@@ -798,6 +802,7 @@ fn manifest_of(
     r: &Resolved,
     disk: disk::Disk,
     (update, update_feed): (Vec<UpdateFile>, Option<crate::model::manifest::UpdateFeed>),
+    secure_boot: Option<crate::model::manifest::SecureBoot>,
     artifacts: Vec<Artifact>,
     packages: Vec<Package>,
     stages: Vec<StageTiming>,
@@ -816,7 +821,7 @@ fn manifest_of(
         root_hash: disk.root_hash,
         update,
         update_feed,
-        secure_boot: None,
+        secure_boot,
         inputs: id.inputs.clone(),
         package_sources: r.sources.origin.to_owned(),
         agent: r.agent.as_ref().map(|a| AgentInfo {

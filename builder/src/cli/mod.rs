@@ -534,10 +534,7 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             json,
         } => {
             // Refused as the real run is: there is never nothing to do.
-            let (key, boot) = (keys::find(&dir)?, boot_key::find(&dir)?);
-            if let (Some(k), Some(_)) = (&key, &boot) {
-                return Err(keys::already_there(&dir, k));
-            }
+            let (key, boot) = keys::not_both(&dir)?;
             let mut dry = DryRun::new();
             if key.is_none() {
                 dry.would(format!("make an Ed25519 signing key in {}", dir.display()));

@@ -1,8 +1,8 @@
 //! Secure Boot (`[disk] secure-boot = true`): systemd-boot and the unified kernel image
 //! signed with the builder's key (made and read by update/boot_key.rs), and the
 //! authenticated variables systemd-boot enrolls from the ESP on a machine's first
-//! boot, while the firmware is in setup mode (`secure-boot-enroll if-safe`: in a virtual machine only, where
-//! nothing can be bricked). From then on the firmware starts only what that key
+//! boot, while the firmware is in setup mode (`secure-boot-enroll if-safe`: in a
+//! virtual machine only, where nothing can be bricked). From then on the firmware starts only what that key
 //! signed: systemd-boot, then a unified kernel image whose command line carries the
 //! root's dm-verity hash, so every block from the boot loader to the root is the one
 //! built. The signatures are reproducible: their signing time is the build's

@@ -115,12 +115,23 @@ fn run_gpg(dir: &Path, c: &mut Command, input: Option<&[u8]>, what: &str) -> Res
 
 /// Why `keys generate` (and its dry run) refuses when `dir` holds both keys (`k`, the
 /// update signing key, and a Secure Boot key).
-pub(crate) fn already_there(dir: &Path, k: &KeyInfo) -> anyhow::Error {
+fn already_there(dir: &Path, k: &KeyInfo) -> anyhow::Error {
     anyhow::anyhow!(
         "{} already holds the signing key {} and a Secure Boot key: images built with them trust only them\n  hint: `devos-build keys show` prints them; to start over, move that directory away first",
         dir.display(),
         k.fingerprint
     )
+}
+
+/// The keys `dir` holds (the update signing key, the Secure Boot certificate), refused
+/// as `keys generate` refuses when it holds both.
+pub(crate) fn not_both(
+    dir: &Path,
+) -> Result<(Option<KeyInfo>, Option<super::boot_key::Certificate>)> {
+    match (find(dir)?, super::boot_key::find(dir)?) {
+        (Some(k), Some(_)) => Err(already_there(dir, &k)),
+        held => Ok(held),
+    }
 }
 
 /// The host's name for the keys' user ids ("builder" without one).
@@ -137,10 +148,7 @@ fn host_name() -> String {
 /// deliberate). Two at once make one pair: the second waits, then refuses.
 pub(crate) fn generate(dir: &Path) -> Result<(KeyInfo, super::boot_key::Certificate)> {
     let _held = open_key_dir(dir)?;
-    let (key, boot) = (find(dir)?, super::boot_key::find(dir)?);
-    if let (Some(k), Some(_)) = (&key, &boot) {
-        return Err(already_there(dir, k));
-    }
+    let (key, boot) = not_both(dir)?;
     let host = host_name();
     let key = match key {
         Some(k) => k,
