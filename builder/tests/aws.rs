@@ -1140,6 +1140,114 @@ fn failed_boot_test_force_and_configuration_errors() {
     refused(&out, "is not published in eu-west-1");
 }
 
+/// A Secure Boot image's AMI carries its keys (UEFI data made from the certificate the
+/// manifest records, checked against the recorded hash); a version whose manifest
+/// lacks the certificate, or holds another one, is refused before anything is
+/// uploaded. (moto keeps no UEFI data: what RegisterImage is sent is checked in
+/// devos-aws's unit tests, the data itself in image/secure_boot.rs's.)
+#[test]
+fn secure_boot_images_are_published_with_their_keys_or_not_at_all() {
+    let fx = Fixture::new();
+    let keys = tempfile::tempdir().unwrap();
+    let (key, crt, der) = (
+        keys.path().join("k.pem"),
+        keys.path().join("c.pem"),
+        keys.path().join("c.der"),
+    );
+    let made = Command::new("openssl")
+        .args(["req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes"])
+        .args(["-subj", "/CN=DevOS publish test/", "-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .unwrap();
+    ok(&made);
+    ok(&Command::new("openssl")
+        .args(["x509", "-outform", "DER", "-in"])
+        .arg(&crt)
+        .arg("-out")
+        .arg(&der)
+        .output()
+        .unwrap());
+    let pem = std::fs::read_to_string(&crt).unwrap();
+    let sha256 = devos_build::support::digest::file_sha256(&der).unwrap();
+    let signed = |version: &str, certificate: &str, sha256: &str| {
+        fx.version_with(
+            version,
+            8,
+            &[0],
+            Some(true),
+            json!({"secure_boot": {
+                "certificate_sha256": sha256,
+                "subject": "CN = DevOS publish test",
+                "certificate": certificate,
+            }}),
+        );
+        format!("devos-pub@{version}")
+    };
+    let id = |version: &str| format!("{:0>64}", version.replace(['.', '+'], ""));
+
+    // Built before the certificate was recorded: refused, nothing made.
+    let old = "0.7.0+aaaaaaaaaaaa";
+    let out = fx.run(&[
+        "publish",
+        "ami",
+        &signed(old, "", &sha256),
+        "--region",
+        "us-east-1",
+    ]);
+    refused(&out, "does not hold the certificate its AMI must be given");
+    assert!(
+        stderr(&out).contains("build the version again"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fx.resources("us-east-1", &id(old)), (vec![], vec![]));
+
+    // A certificate that is not the one the image was signed with: refused.
+    let other = "0.7.1+aaaaaaaaaaaa";
+    let out = fx.run(&[
+        "publish",
+        "ami",
+        &signed(other, &pem, &"0".repeat(64)),
+        "--region",
+        "us-east-1",
+    ]);
+    refused(&out, "not the 0000");
+    assert_eq!(fx.resources("us-east-1", &id(other)), (vec![], vec![]));
+
+    // The right one: the dry run says the AMI gets the keys, the run publishes it.
+    let good = "0.7.2+aaaaaaaaaaaa";
+    let reference = signed(good, &pem, &sha256);
+    let dry = fx.run(&[
+        "publish",
+        "ami",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--dry-run",
+    ]);
+    ok(&dry);
+    let plan = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        plan.contains(&format!(
+            "Secure Boot certificate CN = DevOS publish test (sha256 {sha256})"
+        )),
+        "{plan}"
+    );
+    let out = fx.run(&[
+        "publish",
+        "ami",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--json",
+    ]);
+    ok(&out);
+    assert_eq!(fx.resources("us-east-1", &id(good)).0.len(), 1);
+}
+
 #[test]
 fn rejected_credentials_and_denied_access_say_what_to_fix() {
     // moto checks credentials and IAM policies once its first 2 requests are done:

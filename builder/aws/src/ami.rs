@@ -45,6 +45,9 @@ pub struct Image {
     pub ami_name: String,
     /// Whether it passed its boot test (false only with `--force`).
     pub tested: bool,
+    /// The UEFI variable store instances start with (base64, EC2's format): a Secure
+    /// Boot image's keys, so that its instances enforce it from their first boot.
+    pub uefi_data: Option<String>,
 }
 
 impl Image {
@@ -407,6 +410,7 @@ pub fn register_request(
         .ena_support(true)
         .sriov_net_support("simple")
         .imds_support(ImdsSupportValues::V20)
+        .set_uefi_data(image.uefi_data.clone())
         .virtualization_type("hvm")
         .root_device_name(root)
         .block_device_mappings(
@@ -733,6 +737,7 @@ mod tests {
             raw: PathBuf::from("disk.raw"),
             ami_name: ami_name("devos-debian", "0.1.0+0123456789ab"),
             tested: true,
+            uefi_data: None,
         }
     }
 
@@ -770,6 +775,8 @@ mod tests {
         assert_eq!(input.get_ena_support(), &Some(true));
         assert_eq!(input.get_imds_support(), &Some(ImdsSupportValues::V20));
         assert_eq!(input.get_architecture(), &Some(ArchitectureValues::X8664));
+        // No keys: instances start in setup mode.
+        assert_eq!(input.get_uefi_data(), &None);
         let bdm = input
             .get_block_device_mappings()
             .as_ref()
@@ -783,6 +790,16 @@ mod tests {
         assert_eq!(ebs.snapshot_id(), Some("snap-1"));
         let tags = input.get_tag_specifications().as_ref().expect("tags")[0].tags();
         assert!(tags.iter().any(|t| t.key() == Some(TAG_BUILD_ID)));
+        // A Secure Boot image's keys go with the AMI.
+        let signed = Image {
+            uefi_data: Some("QU1aTlVFRkk=".into()),
+            ..image()
+        };
+        let req = register_request(&ec2, &signed, "snap-1", 2);
+        assert_eq!(
+            req.as_input().get_uefi_data().as_deref(),
+            Some("QU1aTlVFRkk=")
+        );
     }
 
     /// An EC2 endpoint on 127.0.0.1 that gives every request the same answer, and a

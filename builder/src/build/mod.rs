@@ -575,6 +575,7 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     let secure_boot = boot_key.map(|k| crate::model::manifest::SecureBoot {
         certificate_sha256: k.certificate.sha256,
         subject: k.certificate.subject,
+        certificate: String::from_utf8_lossy(&k.cert_pem).into_owned(),
     });
     let manifest = manifest_of(
         &r,

@@ -60,7 +60,7 @@ pub(crate) enum Command {
     /// Fleets of instances running an image (CloudFormation).
     #[command(subcommand)]
     Fleet(FleetCommand),
-    /// The key that signs update bundles and feeds (images with `[update]` trust it).
+    /// The builder's keys: the one that signs update bundles and feeds (images with `[update]` trust it) and the Secure Boot key (images with `[disk] secure-boot` start only what it signed).
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Check the host tools the builder needs and say how to install missing ones.

@@ -67,6 +67,11 @@ const TOOLS: &[(&str, &str, &str)] = &[
         "image build with `secure-boot = true`: the variables the image enrolls",
     ),
     (
+        "uefivars",
+        "(pip: uefivars)",
+        "publish ami of a `secure-boot = true` image: the AMI's keys (UEFI data)",
+    ),
+    (
         "mkfs.vfat",
         "dosfstools",
         "image build: the EFI system partition",
@@ -140,6 +145,7 @@ const OPTIONAL: &[&str] = &[
     "osslsigncode",
     "sbverify",
     "sign-efi-sig-list",
+    "uefivars",
     "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
 ];
 

@@ -127,13 +127,7 @@ impl<'a> Signer<'a> {
     pub(crate) fn enrollment(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         fs::create_dir_all(dir)?;
         let esl = dir.join("cert.esl");
-        cmd::run(
-            Command::new("cert-to-efi-sig-list")
-                .args(["-g", OWNER_GUID])
-                .arg(&self.cert_file)
-                .arg(&esl),
-        )
-        .context("while making the Secure Boot signature list")?;
+        signature_list(&self.cert_file, &esl)?;
         let timestamp = crate::support::time::utc(self.time);
         let mut files = Vec::new();
         for var in ["PK", "KEK", "db"] {
@@ -152,5 +146,156 @@ impl<'a> Signer<'a> {
         }
         fs::remove_file(&esl)?;
         Ok(files)
+    }
+}
+
+/// The EFI signature list holding the certificate `cert` (PEM), written to `esl`: what
+/// PK, KEK and db hold.
+fn signature_list(cert: &Path, esl: &Path) -> Result<()> {
+    cmd::run(
+        Command::new("cert-to-efi-sig-list")
+            .args(["-g", OWNER_GUID])
+            .arg(cert)
+            .arg(esl),
+    )
+    .context("while making the Secure Boot signature list")?;
+    Ok(())
+}
+
+/// The most EC2 takes as an AMI's UEFI data (RegisterImage's `UefiData`, base64).
+const UEFI_DATA_MAX: usize = 64_000;
+
+/// An AMI's UEFI data (EC2's variable store, base64, as `RegisterImage` takes it) with
+/// the certificate `cert_pem` as PK, KEK and db: an instance of the AMI starts with
+/// Secure Boot enforced from its first boot, with no enrolling boot and on instance
+/// types where systemd-boot would not enroll by itself. The certificate must be the
+/// one the image was signed with (`sha256` of its DER, as the manifest records it):
+/// keys that are not would leave every instance stopped in its firmware. Made with
+/// AWS's own tool, `uefivars` (python-uefivars), from the signature list efitools
+/// makes; `work` holds the files in between.
+pub(crate) fn uefi_data(cert_pem: &str, sha256: &str, work: &Path) -> Result<String> {
+    if cmd::which("uefivars").is_none() {
+        anyhow::bail!(
+            "uefivars is not installed (AWS's python-uefivars: it writes the AMI's UEFI variables)\n  hint: `pip install uefivars` (or run tests/setup-host) so that `uefivars` is on PATH"
+        );
+    }
+    let der = cmd::run_with_input(
+        Command::new("openssl").args(["x509", "-outform", "DER"]),
+        Some(cert_pem.as_bytes()),
+    )
+    .context("the recorded Secure Boot certificate is not a PEM certificate")?
+    .stdout;
+    let actual = crate::support::digest::sha256_hex(&der);
+    if actual != sha256 {
+        anyhow::bail!(
+            "the recorded Secure Boot certificate has sha256 {actual}, not the {sha256} the image was signed with"
+        );
+    }
+    let cert = work.join("secure-boot.crt");
+    let esl = work.join("secure-boot.esl");
+    let blob = work.join("uefi-data.b64");
+    fs::write(&cert, cert_pem).with_context(|| format!("cannot write {}", cert.display()))?;
+    signature_list(&cert, &esl)?;
+    cmd::run(
+        Command::new("uefivars")
+            .args(["-i", "none", "-o", "aws", "-O"])
+            .arg(&blob)
+            .arg("-P")
+            .arg(&esl)
+            .arg("-K")
+            .arg(&esl)
+            .arg("-b")
+            .arg(&esl),
+    )
+    .context("while making the AMI's UEFI variables (uefivars)")?;
+    let data = fs::read_to_string(&blob)
+        .with_context(|| format!("cannot read {}", blob.display()))?
+        .trim()
+        .to_owned();
+    if data.is_empty() || data.len() > UEFI_DATA_MAX {
+        anyhow::bail!(
+            "uefivars made {} bytes of UEFI data; EC2 takes 1 to {UEFI_DATA_MAX}",
+            data.len()
+        );
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The UEFI data holds the certificate as PK, KEK and db, each an X.509 signature
+    /// list owned by DevOS's GUID, as uefivars reads it back.
+    #[test]
+    fn uefi_data_enrolls_the_certificate_as_pk_kek_and_db() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let key = work.path().join("k.pem");
+        let crt = work.path().join("c.pem");
+        cmd::run(
+            Command::new("openssl")
+                .args(["req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes"])
+                .args(["-subj", "/CN=DevOS test/", "-days", "1", "-keyout"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&crt),
+        )
+        .expect("openssl makes a certificate");
+        let pem = fs::read_to_string(&crt).expect("certificate");
+        let der = cmd::run(
+            Command::new("openssl")
+                .args(["x509", "-outform", "DER", "-in"])
+                .arg(&crt),
+        )
+        .expect("DER")
+        .stdout;
+        let sha256 = crate::support::digest::sha256_hex(&der);
+        let data = uefi_data(&pem, &sha256, work.path()).expect("UEFI data");
+        let blob = work.path().join("read-back.b64");
+        fs::write(&blob, &data).expect("write");
+        let json = cmd::run(
+            Command::new("uefivars")
+                .args(["-i", "aws", "-o", "json", "-I"])
+                .arg(&blob),
+        )
+        .expect("uefivars reads its own output")
+        .stdout;
+        let store: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        let vars = store["variables"].as_array().expect("variables");
+        assert_eq!(vars.len(), 3, "{store}");
+        for (name, guid) in [
+            ("PK", "8be4df61-93ca-11d2-aa0d-00e098032b8c"),
+            ("KEK", "8be4df61-93ca-11d2-aa0d-00e098032b8c"),
+            ("db", "d719b2cb-3d3a-4596-a3bc-dad00e67656f"),
+        ] {
+            let var = vars
+                .iter()
+                .find(|v| v["name"] == name)
+                .unwrap_or_else(|| panic!("{name} in {store}"));
+            assert_eq!(var["guid"], guid, "{name}");
+            // Non-volatile, boot and run time, time-based authenticated writes only.
+            assert_eq!(var["attr"], 0x27, "{name}");
+            let hex = var["data"].as_str().expect("data");
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                .collect();
+            assert!(
+                bytes.windows(der.len()).any(|w| w == der.as_slice()),
+                "{name} holds the certificate"
+            );
+            // The signature list's owner: the first GUID after the list's header (28
+            // bytes), in EFI's mixed-endian layout.
+            let owner = &bytes[28..44];
+            assert_eq!(owner[..4], [0x5a, 0x3e, 0x0d, 0x6b], "{name}'s owner");
+        }
+        // Not a certificate, or another one than the image was signed with: refused.
+        let junk = uefi_data("not a certificate", &sha256, work.path()).unwrap_err();
+        assert!(
+            format!("{junk:#}").contains("not a PEM certificate"),
+            "{junk:#}"
+        );
+        let other = uefi_data(&pem, &"0".repeat(64), work.path()).unwrap_err();
+        assert!(format!("{other:#}").contains("not the 0000"), "{other:#}");
     }
 }

@@ -84,6 +84,11 @@ pub struct Manifest {
 pub(crate) struct SecureBoot {
     pub(crate) certificate_sha256: String,
     pub(crate) subject: String,
+    /// The certificate itself (PEM, public), for firmware given its keys instead of
+    /// enrolling them from the ESP (an AMI's UEFI data). Empty in manifests of builds
+    /// made before it was recorded.
+    #[serde(default)]
+    pub(crate) certificate: String,
 }
 
 /// `[update]` as built into the image.

@@ -155,6 +155,12 @@ pub(crate) fn ami_dry_run(reg: &Registry, settings: &Settings, req: &AmiRequest)
             size >> 20,
             req.ami_name(&v)
         ));
+        if let Some(sb) = reg.manifest(&v)?.secure_boot {
+            dry.would(format!(
+                "give the AMI the Secure Boot certificate {} (sha256 {}) as PK, KEK and db: its instances enforce Secure Boot from their first boot",
+                sb.subject, sb.certificate_sha256
+            ));
+        }
     }
     for r in req.copy_to(settings) {
         if r != region && !done.contains(&r) {
@@ -200,6 +206,31 @@ impl Published {
     }
 }
 
+/// The UEFI variables `v`'s AMI is registered with: a Secure Boot image's certificate
+/// as PK, KEK and db (none for other images: their instances start in setup mode).
+/// Made before anything is uploaded, so a missing tool costs nothing.
+fn uefi_data(reg: &Registry, v: &VersionInfo) -> Result<Option<String>> {
+    let Some(sb) = reg.manifest(v)?.secure_boot else {
+        return Ok(None);
+    };
+    if sb.certificate.is_empty() {
+        bail!(
+            "{}@{} is signed for Secure Boot, but its manifest does not hold the certificate its AMI must be given\n  hint: it was built by an older devos-build; build the version again (`devos-build image build --force`) and test it",
+            v.name,
+            v.version
+        );
+    }
+    let work = tempfile::tempdir().context("cannot make a temporary directory")?;
+    crate::image::secure_boot::uefi_data(&sb.certificate, &sb.certificate_sha256, work.path())
+        .map(Some)
+        .with_context(|| {
+            format!(
+                "cannot give the AMI of {}@{} its Secure Boot keys",
+                v.name, v.version
+            )
+        })
+}
+
 pub(crate) fn ami(
     reg: &mut Registry,
     settings: &Settings,
@@ -212,6 +243,7 @@ pub(crate) fn ami(
     reg.lock_publication(&v)?;
     let (raw, sha256) = raw_path(&v)?;
     let copy_to = req.copy_to(settings);
+    let uefi_data = uefi_data(reg, &v)?;
     let image = Image {
         ami_name: req.ami_name(&v),
         name: v.name.clone(),
@@ -221,6 +253,7 @@ pub(crate) fn ami(
         spec: v.spec.clone(),
         raw,
         tested: v.tested == Some(true),
+        uefi_data,
     };
     let bar = ui.transfer("upload");
     let outcome = devos_aws::block_on(async {

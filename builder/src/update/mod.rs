@@ -510,6 +510,7 @@ mod tests {
             secure_boot: Some(SecureBoot {
                 certificate_sha256: cert.into(),
                 subject: format!("CN = {cert}"),
+                certificate: String::new(),
             }),
             ..manifest(version, &[])
         };
