@@ -1268,7 +1268,7 @@ const EFI_GLOBAL: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
 /// and enforced), the kernel's lockdown, which Debian's kernel turns on under it, and
 /// the entry systemd-boot started: a signed unified kernel image (`EFI/Linux/*.efi`),
 /// not a Type #1 entry from the unsigned ESP that could add an initrd of its own.
-fn secure_boot() -> CheckResult {
+pub(crate) fn secure_boot() -> CheckResult {
     let efivar = |name: &str| {
         std::fs::read(format!("/sys/firmware/efi/efivars/{name}-{EFI_GLOBAL}"))
             .ok()

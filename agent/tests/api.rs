@@ -159,6 +159,16 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
     );
     let status = json(&agent.devos(Some(&alice), cwd, &["--json", "status"]));
     assert_eq!(status["image-version"], "0.1.0+abcdef012345");
+    // How the machine booted, as the self-test's `secure-boot` check says it (this host
+    // is not an image: whatever its firmware does, the answer is a yes or no and why).
+    assert!(status["secure-boot"].is_boolean(), "{status}");
+    assert!(
+        !status["secure-boot-detail"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty(),
+        "{status}"
+    );
     // A user's status counts their own requests; what the whole machine does is root's
     // to see.
     let root_dir = tempfile::tempdir_in("/var/lib").unwrap();

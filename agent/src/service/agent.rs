@@ -718,7 +718,8 @@ impl Agent {
     }
 
     /// The agent's status (JSON): version, uptime, requests in flight and stored (the
-    /// caller's; root: everyone's), audit entries (root only), what confines actions.
+    /// caller's; root: everyone's), audit entries (root only), what confines actions,
+    /// whether the machine booted with Secure Boot enforced.
     async fn status(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -756,6 +757,10 @@ impl Agent {
             "model-small": config.model.small,
             "model-large": config.model.large,
         });
+        // How this machine booted: whether its firmware enforces Secure Boot, in words.
+        let boot = crate::selftest::secure_boot();
+        status["secure-boot"] = boot.ok.into();
+        status["secure-boot-detail"] = boot.detail.into();
         if let Some(entries) = entries {
             status["audit-entries"] = entries.into();
         }
