@@ -15,8 +15,10 @@ if [ $# -lt 3 ]; then
   exit 2
 fi
 workspace=$1 name=$2 version=$3 compute=${4:-STANDARD}
-# WorkSpaces names allow letters, digits, spaces and _.-: a version's `+` becomes `-`.
+# WorkSpaces names allow letters, digits and _./()- (descriptions also spaces), not the
+# `+` of a version: it becomes `-` in names and " build " in descriptions.
 label="$name-${version//+/-}"
+described="DevOS $name ${version//+/ build }"
 tags=(Key=devos:image,Value="$name" Key=devos:version,Value="$version")
 
 state=$(aws workspaces describe-workspaces --workspace-ids "$workspace" \
@@ -33,7 +35,7 @@ image=$(aws workspaces describe-workspace-images \
   --query "Images[?Name=='$label'].ImageId | [0]" --output text)
 if [ "$image" = "None" ] || [ -z "$image" ]; then
   image=$(aws workspaces create-workspace-image --workspace-id "$workspace" --name "$label" \
-    --description "DevOS $name $version (agent from packer/provision.sh)" \
+    --description "$described (agent from packer/provision.sh)" \
     --tags "${tags[@]}" --query ImageId --output text)
   echo "workspaces-bundle: creating image $image from $workspace" >&2
 fi
@@ -61,7 +63,7 @@ bundle=$(aws workspaces describe-workspace-bundles --owner SELF \
   --query "Bundles[?Name=='$label'].BundleId | [0]" --output text)
 if [ "$bundle" = "None" ] || [ -z "$bundle" ]; then
   bundle=$(aws workspaces create-workspace-bundle --bundle-name "$label" \
-    --bundle-description "DevOS $name $version" --image-id "$image" \
+    --bundle-description "$described" --image-id "$image" \
     --compute-type Name="$compute" --user-storage Capacity=50 --root-storage Capacity=80 \
     --tags "${tags[@]}" --query WorkspaceBundle.BundleId --output text)
 fi
