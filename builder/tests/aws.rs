@@ -1340,10 +1340,20 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
         let r = fx.json(&args);
         assert_eq!(r["validated"], true);
         let hcl = std::fs::read_to_string(out_dir.join("devos.pkr.hcl")).unwrap();
+        let tag = format!("\"devos:version\" = \"{version}\"");
         assert!(
-            hcl.contains(&format!("\"devos:version\" = \"{version}\"")),
+            hcl.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == tag),
             "{hcl}"
         );
+        // Laid out as `packer fmt` would: a user's `packer fmt -check` passes.
+        let fmt = Command::new("packer")
+            .args(["fmt", "-check", "devos.pkr.hcl"])
+            .current_dir(&out_dir)
+            .env("CHECKPOINT_DISABLE", "1")
+            .output()
+            .unwrap();
+        ok(&fmt);
         assert_eq!(
             hcl.contains("provisioner \"shell\""),
             variant.is_empty(),

@@ -195,9 +195,19 @@ fn require_packer() -> Result<()> {
     Ok(())
 }
 
-/// `packer validate` the rendered template; its complaint is the error.
+/// Lay out the rendered template as `packer fmt` does (aligned `=`: what a user's
+/// `packer fmt -check` in CI wants), then `packer validate` it; its complaint is the
+/// error.
 fn validate(dir: &Path) -> Result<()> {
     require_packer()?;
+    let mut c = packer(dir);
+    c.args(["fmt", TEMPLATE_FILE]);
+    cmd::run(&mut c).with_context(|| {
+        format!(
+            "`packer fmt` could not read {}: the template packer/devos-ami.pkr.hcl.hbs is wrong",
+            dir.join(TEMPLATE_FILE).display()
+        )
+    })?;
     let mut c = packer(dir);
     c.args(["validate", TEMPLATE_FILE]);
     cmd::run(&mut c).with_context(|| {
