@@ -14,7 +14,6 @@
 # (docs/nixos.md); `nix build .#image-raw-efi` builds this file with its defaults.
 {
   config,
-  options,
   lib,
   pkgs,
   modulesPath,
@@ -108,6 +107,9 @@ in
       Format = "ext4";
       Label = "devos-var";
       SizeMinBytes = cfg.varSize;
+      # /var/home, the source of the /home bind mount below, from the first boot on
+      # (tmpfiles would make it only after local-fs.target, too late for the mount).
+      MakeDirectories = "/home";
     };
 
     fileSystems = {
@@ -120,21 +122,28 @@ in
         fsType = "none";
         options = [ "bind" ];
       };
-      # Writable and unverified: no set-ID program or device node on it counts.
+      # Writable and unverified: no set-ID program or device node on it counts (the
+      # Debian images' fstab line: noatime,nosuid,nodev).
       "/var" = {
         device = "/dev/disk/by-partlabel/devos-var";
         fsType = "ext4";
-        options = [ "nosuid" "nodev" ];
+        options = [ "noatime" "nosuid" "nodev" ];
         neededForBoot = true;
       };
+      # (A bind mount keeps its source's nosuid,nodev.) Mounted in the initrd, before
+      # NixOS's activation runs there and makes the users' homes: mounted later, it
+      # would hide the homes made on the tmpfs root.
       "/home" = {
         device = "/var/home";
         fsType = "none";
         options = [ "bind" ];
         depends = [ "/var" ];
+        neededForBoot = true;
       };
     };
     systemd.tmpfiles.rules = [ "d /var/home 0755 root root -" ];
+    # /tmp as on the Debian images: a tmpfs of its own, nosuid,nodev.
+    boot.tmp.useTmpfs = true;
 
     # Users come from the configuration on every boot (the root is rebuilt).
     users.mutableUsers = false;
@@ -154,10 +163,26 @@ in
       PermitRootLogin = lib.mkDefault "no";
       X11Forwarding = lib.mkDefault false;
     };
+    # Host keys made on each machine's first boot and kept in /var, as on the Debian
+    # images (image/access.rs): NixOS's default, /etc/ssh, is on the tmpfs root and
+    # would give the machine new keys at every boot (and an RSA one, slow to make).
+    services.openssh.hostKeys = lib.mkDefault [
+      {
+        type = "ed25519";
+        path = "/var/lib/devos/ssh/ssh_host_ed25519_key";
+      }
+      {
+        type = "ecdsa";
+        path = "/var/lib/devos/ssh/ssh_host_ecdsa_key";
+      }
+    ];
+    # Keys handed in at boot (devos-ec2-keys.service: the EC2 key pair's, for the user
+    # a rendered spec names in /etc/devos/ec2-keys.env), as on the Debian images.
+    services.openssh.authorizedKeysFiles = [ "/var/lib/devos/ssh/authorized_keys/%u" ];
     # The clock from EC2's time service first (no route out of the VPC needed), then
     # NixOS's servers, as on the Debian images.
     services.timesyncd.servers = lib.mkDefault (
-      [ "169.254.169.123" "fd00:ec2::123" ] ++ options.networking.timeServers.default
+      [ "169.254.169.123" "fd00:ec2::123" ] ++ config.networking.timeServers
     );
     # An image is never rebuilt in place: no Nix daemon, no channels.
     nix.enable = false;

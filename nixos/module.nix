@@ -28,6 +28,7 @@ let
       sysupdate = "${systemd}/lib/systemd/systemd-sysupdate";
       bootctl = "${systemd}/bin/bootctl";
       launcher = [ "${systemd}/bin/systemd-run" ] ++ lib.tail shipped.update.launcher;
+      reboot = [ "${systemd}/bin/systemctl" ] ++ lib.tail shipped.update.reboot;
     };
   };
   configFile = toml.generate "agent.toml" (lib.recursiveUpdate defaults cfg.settings);

@@ -77,6 +77,158 @@ fn every_nix_file_parses() {
     );
 }
 
+/// `expr` evaluated by Nix (`nix-instantiate --eval --strict --json`), as JSON. The
+/// repository's modules are called with stand-ins for what nixpkgs gives them, just
+/// enough to read back what they set: this checks their own attributes, not nixpkgs'.
+fn nix_eval(expr: &str) -> serde_json::Value {
+    require("nix-instantiate", "nix-bin");
+    let out = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json", "-E", expr])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{expr}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The nixpkgs `lib` functions nixos/ uses, as far as these tests need them: option
+/// declarations and priorities read as their plain values.
+const LIB_STUB: &str = r#"rec {
+  mkOption = o: o;
+  mkEnableOption = d: { };
+  mkDefault = v: v;
+  mkForce = v: v;
+  mkIf = c: v: v;
+  literalExpression = e: e;
+  types = { strMatching = r: r; str = "str"; package = "package"; };
+  toUpper = s: s;
+  tail = builtins.tail;
+  importTOML = f: builtins.fromTOML (builtins.readFile f);
+  recursiveUpdate = l: r: l // builtins.mapAttrs (n: v:
+    if builtins.isAttrs v && builtins.isAttrs (l.${n} or null) then recursiveUpdate l.${n} v else v) r;
+}"#;
+
+#[test]
+fn the_nixos_image_keeps_homes_host_keys_and_handed_in_keys_on_var_as_debian_does() {
+    let image = nix_eval(&format!(
+        r#"let
+          lib = {LIB_STUB};
+          m = import ./nixos/image.nix {{
+            inherit lib;
+            modulesPath = "/nixpkgs/nixos/modules";
+            pkgs.stdenv.hostPlatform.efiArch = "x64";
+            config = {{
+              devos.image = {{ name = "n"; version = "1"; varSize = "1G"; }};
+              image.repart.verityStore.partitionIds = {{ esp = "00-esp"; store = "20-store"; store-verity = "10-store-verity"; }};
+              systemd.package = "/nix/store/systemd";
+              networking.timeServers = [ "0.nixos.pool.ntp.org" ];
+            }};
+          }};
+        in {{
+          inherit (m.config) fileSystems;
+          var = m.config.systemd.repart.partitions."40-var";
+          tmp = m.config.boot.tmp.useTmpfs;
+          hostKeys = map (k: k.path) m.config.services.openssh.hostKeys;
+          keyFiles = m.config.services.openssh.authorizedKeysFiles;
+          time = m.config.services.timesyncd.servers;
+        }}"#
+    ));
+    let fs = &image["fileSystems"];
+    // /var is writable and unverified: nothing set-ID or a device node on it counts
+    // (the hardening self-test); /home is a bind mount of /var/home, which keeps that.
+    for option in ["nosuid", "nodev"] {
+        assert!(
+            fs["/var"]["options"]
+                .as_array()
+                .unwrap()
+                .contains(&option.into()),
+            "{fs:#}"
+        );
+    }
+    assert_eq!(fs["/home"]["device"], "/var/home", "{fs:#}");
+    // NixOS's activation makes the users' homes in the initrd: /home must be mounted
+    // there by then, and its source must exist on the first boot, when systemd-repart
+    // has only just made /var.
+    assert_eq!(fs["/home"]["neededForBoot"], true, "{fs:#}");
+    assert_eq!(fs["/var"]["neededForBoot"], true, "{fs:#}");
+    assert_eq!(image["var"]["MakeDirectories"], "/home", "{image:#}");
+    assert_eq!(image["tmp"], true);
+    // Host keys made on first boot in /var, not on the tmpfs root (new keys at every
+    // boot); the paths the Debian images and the self-test's ssh-host-keys use.
+    assert_eq!(
+        image["hostKeys"],
+        serde_json::json!([
+            "/var/lib/devos/ssh/ssh_host_ed25519_key",
+            "/var/lib/devos/ssh/ssh_host_ecdsa_key"
+        ])
+    );
+    // sshd reads the keys devos-ec2-keys.service hands in where the agent writes them.
+    assert_eq!(
+        image["keyFiles"],
+        serde_json::json!([format!("{}/%u", devos_agent::ec2::AUTHORIZED_KEYS_DIR)])
+    );
+    // EC2's time service first, then whatever the configuration's time servers are.
+    assert_eq!(
+        image["time"],
+        serde_json::json!(["169.254.169.123", "fd00:ec2::123", "0.nixos.pool.ntp.org"])
+    );
+}
+
+#[test]
+fn the_agent_module_names_no_program_by_a_path_nixos_lacks() {
+    let settings = nix_eval(&format!(
+        r#"let
+          lib = {LIB_STUB};
+          m = import ./nixos/module.nix {{
+            inherit lib;
+            pkgs = {{
+              formats.toml = {{ }}: {{ type = "toml"; generate = name: value: value; }};
+              bubblewrap = "/nix/store/bubblewrap";
+              git = "/nix/store/git";
+              util-linux = "/nix/store/util-linux";
+              iproute2 = "/nix/store/iproute2";
+            }};
+            config = {{
+              services.devos-agent = {{ enable = true; package = "/nix/store/devos-agent"; settings = {{ }}; }};
+              systemd.package = "/nix/store/systemd";
+              systemd.network.enable = false;
+            }};
+          }};
+        in m.config.environment.etc."devos/agent.toml".source"#
+    ));
+    fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::String(s) => out.push(s),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    strings(&settings, &mut all);
+    let usr: Vec<&&str> = all.iter().filter(|s| s.starts_with("/usr/")).collect();
+    assert!(
+        usr.is_empty(),
+        "NixOS has no /usr/bin or /usr/lib, yet agent.toml names {usr:?}"
+    );
+    assert_eq!(
+        settings["update"]["reboot"][0],
+        "/nix/store/systemd/bin/systemctl"
+    );
+    assert_eq!(
+        settings["sandbox"]["bwrap"],
+        "/nix/store/bubblewrap/bin/bwrap"
+    );
+    assert_eq!(
+        settings["policy"]["admin-groups"],
+        serde_json::json!(["wheel"])
+    );
+}
+
 /// Files under `dir` (not .git or target), recursively.
 fn repo_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -178,6 +330,37 @@ fn a_nixos_spec_is_refused_in_words_where_there_is_no_nix() {
         "{stderr}"
     );
     assert!(stderr.contains("devos-build image build"), "{stderr}");
+}
+
+#[test]
+fn a_nixos_image_name_no_gpt_can_hold_is_refused_before_any_work() {
+    // nixos/image.nix names the store's partitions NAME_VERSION; nixpkgs would refuse
+    // the final version's only at `nix build`.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("long.toml");
+    std::fs::write(
+        &spec,
+        "[image]\nname = \"devos-nixos-workstation\"\nversion = \"0.1.0\"\n[base]\ndistro = \"nixos\"\n",
+    )
+    .unwrap();
+    let out = devos_build_command()
+        .args(["image", "build"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is longer than the 36 characters a GPT holds"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("shorten `[image] name` or `version`"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("out").exists());
 }
 
 /// The nixpkgs the gated tests use, or None after saying why they are skipped.

@@ -32,7 +32,10 @@ pub(crate) fn render(spec: &Spec, version: &str) -> String {
     );
     let _ = writeln!(w, "  networking.hostName = {};", string(&spec.hostname));
     let _ = writeln!(w, "  time.timeZone = {};", string(&spec.timezone));
-    let args: Vec<String> = spec.kernel_cmdline.split_whitespace().map(string).collect();
+    let args: Vec<String> = kernel_params(&spec.kernel_cmdline)
+        .iter()
+        .map(|a| string(a))
+        .collect();
     let _ = writeln!(w, "  boot.kernelParams = {};", list(&args));
     let packages: Vec<String> = spec
         .packages
@@ -43,9 +46,12 @@ pub(crate) fn render(spec: &Spec, version: &str) -> String {
         })
         .collect();
     let _ = writeln!(w, "  environment.systemPackages = {};", list(&packages));
-    for user in &spec.users {
+    for (n, user) in spec.users.iter().enumerate() {
         let _ = writeln!(w, "  users.users.{} = {{", attr(&user.name));
         let _ = writeln!(w, "    isNormalUser = true;");
+        // From 1000 in the order written, as on Debian images (NixOS would number
+        // them in its own order).
+        let _ = writeln!(w, "    uid = {};", FIRST_UID + n);
         // Debian's administrators are `sudo`; NixOS's are `wheel`.
         let groups: Vec<String> = user
             .groups
@@ -79,6 +85,20 @@ pub(crate) fn render(spec: &Spec, version: &str) -> String {
     // Keys handed to a user mean logging in over SSH.
     if spec.users.iter().any(|u| !u.ssh_authorized_keys.is_empty()) {
         let _ = writeln!(w, "  services.openssh.enable = true;");
+        // The EC2 key pair's key goes to the default user (the first), through the
+        // agent's devos-ec2-keys.service, which runs only where this file is (as the
+        // Debian images' image/access.rs writes it); nixos/image.nix has sshd read
+        // what it hands in.
+        if let Some(user) = spec.users.first().filter(|_| spec.agent_enabled) {
+            let _ = writeln!(
+                w,
+                "  environment.etc.\"devos/ec2-keys.env\".text = {};",
+                string(&format!(
+                    "# DevOS (written by devos-build): who gets the EC2 key pair's SSH key.\nDEVOS_EC2_USER={}\n",
+                    user.name
+                ))
+            );
+        }
     }
     let _ = writeln!(w, "  services.devos-agent.enable = {};", spec.agent_enabled);
     if spec.agent_enabled && !spec.agent_settings.is_empty() {
@@ -92,12 +112,39 @@ pub(crate) fn render(spec: &Spec, version: &str) -> String {
     out
 }
 
+/// The first user's uid, as on the Debian images.
+const FIRST_UID: usize = 1000;
+
+/// The kernel command line's parameters as the kernel splits them: at spaces, except
+/// inside double quotes (`opt="a b"` is one), each kept as written, quotes included.
+/// (nixpkgs' `boot.kernelParams` takes exactly such words.)
+fn kernel_params(cmdline: &str) -> Vec<String> {
+    let mut params = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in cmdline.chars() {
+        if c == '"' {
+            quoted = !quoted;
+        } else if c.is_whitespace() && !quoted {
+            if !word.is_empty() {
+                params.push(std::mem::take(&mut word));
+            }
+            continue;
+        }
+        word.push(c);
+    }
+    if !word.is_empty() {
+        params.push(word);
+    }
+    params
+}
+
 /// A TOML value as a Nix value, nested tables indented from `indent`.
 fn value(v: &toml::Value, indent: usize) -> String {
     match v {
         toml::Value::String(s) => string(s),
-        toml::Value::Integer(i) => i.to_string(),
-        toml::Value::Float(f) => format!("{f:?}"),
+        toml::Value::Integer(i) => integer(*i),
+        toml::Value::Float(f) => float(*f),
         toml::Value::Boolean(b) => b.to_string(),
         toml::Value::Datetime(d) => string(&d.to_string()),
         toml::Value::Array(items) => {
@@ -113,6 +160,41 @@ fn value(v: &toml::Value, indent: usize) -> String {
             out.push('}');
             out
         }
+    }
+}
+
+/// An integer as a Nix expression. A negative one is in parentheses: Nix reads `-1` as
+/// negation, which a list element cannot be (`[ -1 ]` does not parse); and the
+/// smallest has no literal (9223372036854775808 is too large).
+fn integer(i: i64) -> String {
+    match i {
+        i64::MIN => format!("({} - 1)", i + 1),
+        i if i < 0 => format!("({i})"),
+        i => i.to_string(),
+    }
+}
+
+/// A float as a Nix expression: Nix's float literals need a `.` before an exponent
+/// (`1e-7` reads as `1` applied to the variable `e-7`), negative ones are in
+/// parentheses as for [`integer`], and NaN and the infinities have no literal at all:
+/// the build stops, saying so.
+fn float(f: f64) -> String {
+    if !f.is_finite() {
+        return format!(
+            "(throw {})",
+            string(&format!(
+                "[agent.config] holds {f}, which NixOS cannot write into agent.toml"
+            ))
+        );
+    }
+    let mut text = format!("{:?}", f.abs());
+    if let Some(e) = text.find('e').filter(|_| !text.contains('.')) {
+        text.insert_str(e, ".0");
+    }
+    if f.is_sign_negative() {
+        format!("(-{text})")
+    } else {
+        text
     }
 }
 
@@ -194,6 +276,105 @@ mod tests {
         text
     }
 
+    /// `expr` (Nix, the module's attributes as `m`) evaluated by Nix on the module
+    /// rendered from `spec`, with just enough of `lib` for it (no nixpkgs here): JSON,
+    /// or what Nix said when it failed.
+    fn evaluated(spec: &Spec, expr: &str) -> Result<serde_json::Value, String> {
+        let text = rendered(spec);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("module.nix");
+        std::fs::write(&file, &text).unwrap();
+        let lib = "{ getAttrFromPath = p: s: builtins.foldl' (a: n: a.${n}) s p; trivial.release = \"25.11\"; }";
+        let out = std::process::Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "--json", "-E"])
+            .arg(format!(
+                "let m = import {} {{ lib = {lib}; pkgs = {{ }}; }}; in {expr}",
+                file.display()
+            ))
+            .output()
+            .expect("nix-instantiate (Debian: nix-bin) evaluates the rendered module");
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).unwrap())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// A NixOS spec `n` 1.2.3 with the TOML `rest` after its `[image]` and `[base]`.
+    fn nixos_spec(rest: &str) -> Spec {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        let toml = format!(
+            "[image]\nname = \"n\"\nversion = \"1.2.3\"\n[base]\ndistro = \"nixos\"\n{rest}"
+        );
+        std::fs::write(&path, toml).unwrap();
+        crate::model::spec::load(&path).unwrap()
+    }
+
+    #[test]
+    fn the_kernel_command_line_is_split_as_the_kernel_splits_it_into_what_nixpkgs_takes() {
+        let spec = nixos_spec(
+            r#"
+[system]
+kernel-cmdline = 'console=ttyS0,115200  dyndbg="file x.c +p" quiet'
+"#,
+        );
+        // nixpkgs' `boot.kernelParams` type (nixos/modules/system/boot/kernel.nix):
+        // `listOf (strMatching ''([^"[:space:]]|"[^"]*")+'')`.
+        let params = evaluated(
+            &spec,
+            r#"{ params = m.boot.kernelParams; typed = builtins.all (p: builtins.match ''([^"[:space:]]|"[^"]*")+'' p != null) m.boot.kernelParams; }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            params["params"],
+            serde_json::json!(["console=ttyS0,115200", "dyndbg=\"file x.c +p\"", "quiet"])
+        );
+        assert_eq!(params["typed"], true);
+        assert_eq!(kernel_params("  "), Vec::<String>::new());
+    }
+
+    #[test]
+    fn agent_settings_reach_nix_as_the_spec_wrote_them_whatever_the_numbers() {
+        let spec = nixos_spec(
+            r#"
+[agent.config.model]
+temperature = 0.2
+max-tokens = 4096
+[agent.config.model.prices."us.example.tiny-v1:0"]
+input = 1e-7
+output = 1e20
+cache-read = 0.25
+cache-write = 3.75
+"#,
+        );
+        let settings = evaluated(&spec, "m.services.devos-agent.settings").unwrap();
+        let want = serde_json::to_value(&spec.agent_settings).unwrap();
+        assert_eq!(settings, want, "{settings:#} != {want:#}");
+        assert_eq!(float(1e-7), "1.0e-7");
+        assert_eq!(float(-3.0), "(-3.0)");
+        assert_eq!(integer(-1), "(-1)");
+        // (No key of agent.toml takes a negative integer or a list of numbers yet; a
+        // list element must not be `-1`, which Nix does not parse.)
+        assert_eq!(integer(i64::MIN), "(-9223372036854775807 - 1)");
+    }
+
+    #[test]
+    fn a_float_nix_cannot_hold_stops_the_build_saying_so() {
+        // (The agent's own checks refuse NaN where agent.toml takes a float today.)
+        let out = std::process::Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "-E"])
+            .arg(format!("[ {} ]", float(f64::NAN)))
+            .output()
+            .expect("nix-instantiate (Debian: nix-bin)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("[agent.config] holds NaN, which NixOS cannot write into agent.toml"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn the_shipped_nixos_spec_renders_to_a_module_that_parses_and_says_what_the_spec_says() {
         let path =
@@ -220,6 +401,7 @@ mod tests {
         // No keys handed in: no SSH server switched on; nobody's sudo without a password.
         assert!(!text.contains("openssh.enable"), "{text}");
         assert!(!text.contains("NOPASSWD"), "{text}");
+        assert!(!text.contains("ec2-keys"), "{text}");
     }
 
     #[test]
@@ -267,5 +449,15 @@ region = "eu-west-1"
         ] {
             assert!(text.contains(want), "no `{want}` in:\n{text}");
         }
+        // Numbered from 1000 in the order written, as on Debian; the EC2 key pair's
+        // key is the first user's, as on Debian images with sshd and the agent.
+        let users = evaluated(
+            &spec,
+            r#"{ uid = m.users.users.ops.uid; ec2 = m.environment.etc."devos/ec2-keys.env".text; }"#,
+        )
+        .unwrap();
+        assert_eq!(users["uid"], 1000);
+        let ec2 = users["ec2"].as_str().unwrap();
+        assert!(ec2.lines().any(|l| l == "DEVOS_EC2_USER=ops"), "{ec2}");
     }
 }
