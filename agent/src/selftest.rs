@@ -1097,16 +1097,35 @@ fn mount_options(target: &str) -> Option<String> {
         })
 }
 
+/// The image's immutable tree is mounted read-only and cannot be written: the root (and
+/// /usr on it) on Debian images; the store on NixOS images, whose root is a tmpfs
+/// rebuilt at every boot (nixos/image.nix).
 fn root_read_only() -> CheckResult {
-    let options = mount_options("/").unwrap_or_default();
+    let (tree, probe) = match mount_options(NIX_STORE) {
+        Some(_) => (NIX_STORE, "/nix/store/.devos-selftest"),
+        None => ("/", "/usr/.devos-selftest"),
+    };
+    let options = mount_options(tree).unwrap_or_default();
+    let written = std::fs::write(probe, "x").is_ok();
+    read_only_result(tree, &options, probe, written)
+}
+
+/// Where NixOS images keep everything they run.
+const NIX_STORE: &str = "/nix/store";
+
+/// [`root_read_only`] from what it found: `tree` mounted with `options`, and whether
+/// writing `probe` in it worked.
+fn read_only_result(tree: &str, options: &str, probe: &str, written: bool) -> CheckResult {
     let ro = options.split(',').any(|o| o == "ro");
-    let write = std::fs::write("/usr/.devos-selftest", "x");
+    let dir = Path::new(probe)
+        .parent()
+        .map_or(tree.into(), |d| d.display().to_string());
     CheckResult {
         check: "root-read-only".into(),
-        ok: ro && write.is_err(),
+        ok: ro && !written,
         detail: format!(
-            "/ mounted {options}; writing to /usr {}",
-            if write.is_err() { "fails" } else { "SUCCEEDED" }
+            "{tree} mounted {options}; writing to {dir} {}",
+            if written { "SUCCEEDED" } else { "fails" }
         ),
         ms: 0,
     }
@@ -1583,6 +1602,31 @@ mod tests {
         );
         assert_eq!(super::efi_string(&[7, 0, 0, 0, 0, 0]), None);
         assert_eq!(super::efi_string(&[7]), None);
+    }
+
+    #[test]
+    fn the_immutable_tree_must_be_read_only_and_unwritable() {
+        let debian = super::read_only_result("/", "ro,relatime", "/usr/.devos-selftest", false);
+        assert!(debian.ok, "{}", debian.detail);
+        assert_eq!(
+            debian.detail,
+            "/ mounted ro,relatime; writing to /usr fails"
+        );
+        let nixos = super::read_only_result(
+            "/nix/store",
+            "ro,nosuid,nodev",
+            "/nix/store/.devos-selftest",
+            false,
+        );
+        assert!(nixos.ok, "{}", nixos.detail);
+        assert!(
+            nixos.detail.starts_with("/nix/store mounted ro"),
+            "{}",
+            nixos.detail
+        );
+        assert!(!super::read_only_result("/", "rw,relatime", "/usr/x", false).ok);
+        assert!(!super::read_only_result("/", "ro", "/usr/x", true).ok);
+        assert!(!super::read_only_result("/", "", "/usr/x", false).ok);
     }
 
     #[test]
