@@ -361,6 +361,18 @@ fn a_nixos_image_name_no_gpt_can_hold_is_refused_before_any_work() {
         "{stderr}"
     );
     assert!(!dir.path().join("out").exists());
+    // `image validate` says so as well, offline.
+    let out = devos_build_command()
+        .args(["image", "validate"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is longer than the 36 characters a GPT holds"),
+        "{stderr}"
+    );
 }
 
 /// The nixpkgs the gated tests use, or None after saying why they are skipped.

@@ -31,11 +31,7 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
     // The store and its hash tree are named NAME_VERSION on the disk (nixos/image.nix),
     // which nixpkgs refuses past the 36 characters a GPT name holds, and only once it
     // evaluates the final version: refused here first, as for a Debian image's slot.
-    // Every build id gives a version of the same length.
-    crate::image::disk::slot_label(
-        spec,
-        &crate::image::identity::built_version(spec, &"0".repeat(64)),
-    )?;
+    crate::image::check_slot_label(spec)?;
     let start = Instant::now();
     let source = agent_pkg::agent_source(&spec.path);
     let flake = crate::nixos::check_host(spec, source.as_deref())?;

@@ -24,18 +24,25 @@ use crate::model::spec::{Distro, Spec};
 
 /// What the stages would refuse later that the spec already shows, checked by the
 /// stages' own functions for `image validate`: a `[base] keyring` missing on this host,
-/// and (with verity) a root slot name longer than a GPT holds. The build id is not
-/// known yet; every build id gives a version of the same length.
+/// and (with verity, and always on NixOS, whose store partition is named the same way)
+/// a root slot name longer than a GPT holds.
 pub(crate) fn check_spec(spec: &Spec) -> Result<()> {
     if spec.distro == Distro::Nixos {
-        return Ok(());
+        return check_slot_label(spec);
     }
     if spec.keyring.is_some() {
         rootfs::preflight(spec)?;
     }
     if spec.verity {
-        let any_build_id = "0".repeat(64);
-        disk::slot_label(spec, &identity::built_version(spec, &any_build_id))?;
+        check_slot_label(spec)?;
     }
+    Ok(())
+}
+
+/// `NAME_VERSION` fits a GPT partition name. The build id is not known yet; every
+/// build id gives a version of the same length.
+pub(crate) fn check_slot_label(spec: &Spec) -> Result<()> {
+    let any_build_id = "0".repeat(64);
+    disk::slot_label(spec, &identity::built_version(spec, &any_build_id))?;
     Ok(())
 }
