@@ -226,6 +226,63 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
         second["secure_boot"]["sha256"],
         first["secure_boot"]["sha256"]
     );
+
+    // A dry run of a build refuses what the build's first stage would: a Secure Boot
+    // key others can read, an `[update] key` this builder does not sign with.
+    let default_spec = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/devos-debian.toml"),
+    )
+    .unwrap();
+    let spec = |key: &str| {
+        let path = dir.path().join("signed.toml");
+        let text = default_spec.replace("verity = true\n", "verity = true\nsecure-boot = true\n")
+            + &format!(
+                "\n[update]\nurl = \"https://updates.example.com/devos/\"\nkey = \"{key}\"\n"
+            );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let dry_build = |spec: &Path, keys_dir: &str| {
+        let out = devos_build_command()
+            .env("DEVOS_KEYS", dir.path().join(keys_dir))
+            .args(["image", "build"])
+            .arg(spec)
+            .arg("--dry-run")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let set_mode = |mode| {
+        std::fs::set_permissions(
+            &boot_key,
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap()
+    };
+    set_mode(0o644);
+    let (code, err) = dry_build(&spec("k.pgp"), "keys");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("can be read by others (mode 644)"), "{err}");
+    set_mode(0o600);
+    let other = |args: &[&std::ffi::OsStr]| {
+        devos_build_command()
+            .env("DEVOS_KEYS", dir.path().join("other-keys"))
+            .arg("keys")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        other(&["generate".as_ref(), "--export".as_ref(), &path("other.pgp")])
+            .status
+            .success()
+    );
+    let (code, err) = dry_build(&spec("other.pgp"), "keys");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("but this builder signs with"), "{err}");
 }
 
 /// Under sudo the signing key stays the invoking user's: gpg runs as them, so all it

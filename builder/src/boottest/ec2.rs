@@ -77,13 +77,10 @@ impl StandIn {
     /// a user-mode network with SSH forwarded from the host and instance metadata's
     /// address forwarded to this server (one `devos-build relay` per connection).
     pub(crate) fn qemu_args(&self) -> Result<Vec<String>> {
-        let exe = std::env::current_exe().context("cannot find the devos-build executable")?;
-        let exe = exe.to_string_lossy();
-        if exe.contains([' ', ',']) {
-            bail!(
-                "the devos-build executable's path `{exe}` has a space or a comma, which QEMU's network options cannot carry\n  hint: install devos-build somewhere without one"
-            );
-        }
+        // This very executable, through /proc: still there when the file was replaced
+        // or removed while a test runs (a `cargo build`, an upgrade), and a path
+        // without the spaces or commas QEMU's options cannot carry wherever it lives.
+        let exe = format!("/proc/{}/exe", std::process::id());
         Ok(vec![
             "-smbios".into(),
             "type=1,manufacturer=Amazon EC2,product=devos-build stand-in".into(),
@@ -371,5 +368,19 @@ mod tests {
             .call()
             .unwrap_err();
         assert!(matches!(err, ureq::Error::StatusCode(401)), "{err}");
+    }
+
+    /// The relay QEMU starts per connection is this process's own executable, by a
+    /// path that outlives a rebuild of the file (`current_exe` then says `(deleted)`).
+    #[test]
+    fn the_relay_runs_this_executable_whatever_became_of_its_file() {
+        let standin = StandIn::start(None, None).unwrap();
+        let args = standin.qemu_args().unwrap();
+        let exe = format!("/proc/{}/exe", std::process::id());
+        assert!(
+            args[3].contains(&format!("-cmd:{exe} relay 127.0.0.1:")),
+            "{args:?}"
+        );
+        assert!(std::path::Path::new(&exe).exists());
     }
 }

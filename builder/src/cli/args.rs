@@ -92,8 +92,9 @@ pub(crate) enum Command {
 pub(crate) enum ImageCommand {
     /// Build an image from a spec: rootfs, customize, disk, convert.
     Build(BuildArgs),
-    /// Check a spec offline and at once: keys, types, layers, users, sizes, formats,
-    /// and a package set that can boot. `plan` and `build` check the same first.
+    /// Check a spec offline and at once: its keys and their types, layers, users,
+    /// sizes, formats, and a package set that can boot. `plan` and `build` check the
+    /// same first (not the builder's signing keys: `build --dry-run` checks those).
     Validate {
         /// The image spec.
         #[arg(default_value = DEFAULT_SPEC)]

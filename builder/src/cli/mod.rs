@@ -313,6 +313,8 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
         registry: Some(registry_path.to_path_buf()),
     };
     if args.dry_run {
+        // The keys the real run's first stage would refuse, before resolving anything.
+        build::check_keys(&crate::model::spec::load(&opts.spec)?)?;
         let plan = build::plan(&opts, ui)?;
         // Nothing to do only when the real run would change nothing: the version is
         // built and recorded (clap refuses --dry-run with --force, --test,

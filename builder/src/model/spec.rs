@@ -868,7 +868,7 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
             return Err(src.error(
                 b,
                 "`secure-boot = true` needs `verity = true`: the signature covers the unified kernel image, and through the root hash on its command line every block of the root",
-                "set `verity = true` (and `root-fs = \"erofs\"`) in `[disk]`, or remove `secure-boot`",
+                "set `verity = true` in `[disk]`, or remove `secure-boot`",
             ));
         }
         Some(b) => *b.get_ref(),

@@ -62,20 +62,29 @@ pub(crate) fn region(flag: Option<String>, settings: &Settings) -> Result<String
     Ok(region)
 }
 
-/// The version to publish: it must have passed its boot test, unless forced.
-pub(crate) fn gate(reg: &Registry, reference: &str, force: bool) -> Result<VersionInfo> {
+/// The version to publish: it must have passed its boot test, unless forced; a forced
+/// one is announced with what marks it (`marked`, e.g. the AMIs' tag).
+pub(crate) fn gate(
+    reg: &Registry,
+    reference: &str,
+    force: bool,
+    marked: &str,
+) -> Result<VersionInfo> {
     if !force {
         return reg.require_passing(reference);
     }
     let v = reg.find(reference)?;
     if v.tested != Some(true) {
         eprintln!(
-            "WARNING: publishing {}@{} WITHOUT a passing boot test (--force); AMIs of it are tagged devos:boot-test=skipped-with-force",
+            "WARNING: publishing {}@{} WITHOUT a passing boot test (--force); {marked}",
             v.name, v.version
         );
     }
     Ok(v)
 }
+
+/// What marks an AMI published with `--force`.
+pub(crate) const AMI_FORCED: &str = "AMIs of it are tagged devos:boot-test=skipped-with-force";
 
 pub(crate) struct AmiRequest {
     pub(crate) reference: String,
@@ -136,7 +145,7 @@ impl AmiRequest {
 /// record as done (the same gate as a real run; AWS is not asked).
 pub(crate) fn ami_dry_run(reg: &Registry, settings: &Settings, req: &AmiRequest) -> Result<DryRun> {
     req.check(settings)?;
-    let v = gate(reg, &req.reference, req.force)?;
+    let v = gate(reg, &req.reference, req.force, AMI_FORCED)?;
     let (raw, _) = raw_path(&v)?;
     let region = region(req.region.clone(), settings)?;
     let done: Vec<String> = available(reg, &v)?
@@ -239,7 +248,7 @@ pub(crate) fn ami(
     ui: &Ui,
 ) -> Result<Published> {
     req.check(settings)?;
-    let v = gate(reg, &req.reference, req.force)?;
+    let v = gate(reg, &req.reference, req.force, AMI_FORCED)?;
     reg.lock_publication(&v)?;
     let (raw, sha256) = raw_path(&v)?;
     let copy_to = req.copy_to(settings);

@@ -256,7 +256,7 @@ pub(crate) fn dry_run(
     force: bool,
     opts: &RenderOptions,
 ) -> Result<DryRun> {
-    let v = crate::publish::gate(reg, reference, force)?;
+    let v = crate::publish::gate(reg, reference, force, crate::publish::AMI_FORCED)?;
     let mut dry = DryRun::new();
     if already_built(reg, &v, opts)?.is_none() {
         dry.would(format!(
@@ -276,7 +276,7 @@ pub(crate) fn build(
     opts: &RenderOptions,
     vars: &[String],
 ) -> Result<Built> {
-    let v = crate::publish::gate(reg, reference, force)?;
+    let v = crate::publish::gate(reg, reference, force, crate::publish::AMI_FORCED)?;
     if let Some(p) = already_built(reg, &v, opts)? {
         eprintln!(
             "    {}@{} was already built with Packer in {}: {}",

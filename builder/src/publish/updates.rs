@@ -51,7 +51,12 @@ pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) ->
             startable_by_the_feeds_machines(reg, &manifest)?;
         }
     }
-    let v = super::gate(reg, reference, force)?;
+    let v = super::gate(
+        reg,
+        reference,
+        force,
+        "nothing in the feed marks it: machines reading the feed install it like any other",
+    )?;
     if v.state != crate::model::states::VersionState::Built {
         bail!(
             "the files of {}@{} were removed (`image gc`), its update bundle with them\n  hint: build the version again (`devos-build image build {}`): the same inputs make the same bundle",

@@ -196,7 +196,17 @@ pub(crate) fn load(dir: &Path) -> Result<BootKey> {
     let Some((cert_pem, certificate)) = read_certificate(dir)? else {
         return Err(missing(dir));
     };
-    // A key restored from a backup with the wrong mode is refused, not used as it is.
+    check_private(dir)?;
+    Ok(BootKey {
+        cert_pem,
+        key_pem: read_as_key_user(dir, KEY_FILE)?,
+        certificate,
+    })
+}
+
+/// The Secure Boot key in `dir` is readable by its owner alone: a key restored from a
+/// backup with the wrong mode is refused, not used as it is.
+pub(crate) fn check_private(dir: &Path) -> Result<()> {
     let key = dir.join(KEY_FILE);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&key)
@@ -211,9 +221,5 @@ pub(crate) fn load(dir: &Path) -> Result<BootKey> {
             key.display()
         );
     }
-    Ok(BootKey {
-        cert_pem,
-        key_pem: read_as_key_user(dir, KEY_FILE)?,
-        certificate,
-    })
+    Ok(())
 }

@@ -23,6 +23,10 @@ pub(crate) fn dir() -> PathBuf {
     }
 }
 
+/// What to do when the keys in use are not the ones wanted: the likeliest cause is
+/// another key directory (sudo does not pass `DEVOS_KEYS` on).
+pub(crate) const OTHER_DIR_HINT: &str = "use the key directory that holds the right key: set DEVOS_KEYS to it (sudo drops DEVOS_KEYS: `sudo DEVOS_KEYS=DIR devos-build ...`)";
+
 /// The signing key, as `keys show` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct KeyInfo {

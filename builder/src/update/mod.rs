@@ -75,13 +75,16 @@ fn sums_text<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> Str
 /// The builder's key, which must be the one whose public half `image_key` holds (the
 /// key the image will check signatures with).
 pub(crate) fn signing_key_for(image_key: &Path) -> Result<keys::KeyInfo> {
-    let key = keys::current(&keys::dir())?;
+    let dir = keys::dir();
+    let key = keys::current(&dir)?;
     let wanted = keys::fingerprint_of(image_key)?;
     if key.fingerprint != wanted {
         bail!(
-            "the image trusts the key {wanted} ({}), but this builder signs with {}\n  hint: set `[update] key` to the builder's key (`devos-build keys export FILE`), or sign where that key is",
+            "the image trusts the key {wanted} ({}), but this builder signs with {} (in {})\n  hint: set `[update] key` to the builder's key (`devos-build keys export FILE`), or {}",
             image_key.display(),
-            key.fingerprint
+            key.fingerprint,
+            dir.display(),
+            keys::OTHER_DIR_HINT
         );
     }
     Ok(key)
@@ -110,8 +113,24 @@ impl FeedPublished {
             self.feed,
             self.added.len(),
             self.signed_by,
-            self.versions.join(", ")
+            self.versions
+                .iter()
+                .map(|v| as_written(v))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
+    }
+}
+
+/// A feed version (systemd-sysupdate's spelling, `0.2.0_0123456789ab`) as the builder
+/// writes versions everywhere else (`0.2.0+0123456789ab`): the build id follows the
+/// last `_`.
+fn as_written(feed_version: &str) -> String {
+    match feed_version.rsplit_once('_') {
+        Some((v, id)) if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            format!("{v}+{id}")
+        }
+        _ => feed_version.to_owned(),
     }
 }
 
@@ -306,12 +325,15 @@ pub(crate) fn feed_key(manifest: &Manifest) -> Result<keys::KeyInfo> {
             "{name}@{version} cannot update machines: its spec has no `[update]`\n  hint: add `[update] url` and `key` (with `[disk] verity = true`) and build it again"
         );
     };
-    let key = keys::current(&keys::dir())?;
+    let dir = keys::dir();
+    let key = keys::current(&dir)?;
     if key.fingerprint != update.key_fingerprint {
         bail!(
-            "{name}@{version} trusts updates signed by {}, but this builder's key is {}\n  hint: publish from the builder whose key built it",
+            "{name}@{version} trusts updates signed by {}, but this builder's key is {} (in {})\n  hint: {}",
             update.key_fingerprint,
-            key.fingerprint
+            key.fingerprint,
+            dir.display(),
+            keys::OTHER_DIR_HINT
         );
     }
     Ok(key)
@@ -611,6 +633,13 @@ mod tests {
         fs::set_permissions(&kept, fs::Permissions::from_mode(0o750)).unwrap();
         DirFeed::new(kept.clone()).put("x.efi", &src, &sha).unwrap();
         assert_eq!(kept.metadata().unwrap().permissions().mode() & 0o777, 0o750);
+    }
+
+    #[test]
+    fn feed_versions_are_said_as_the_builder_writes_them() {
+        assert_eq!(as_written("0.2.0_0123456789ab"), "0.2.0+0123456789ab");
+        assert_eq!(as_written("1.0_rc_0123456789ab"), "1.0_rc+0123456789ab");
+        assert_eq!(as_written("odd_name"), "odd_name");
     }
 
     #[test]
