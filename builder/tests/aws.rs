@@ -1246,6 +1246,16 @@ fn secure_boot_images_are_published_with_their_keys_or_not_at_all() {
     ]);
     ok(&out);
     assert_eq!(fx.resources("us-east-1", &id(good)).0.len(), 1);
+    // `image show` says what the version is signed with.
+    let shown = fx.run(&["image", "show", &reference]);
+    ok(&shown);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains(&format!(
+            "secure boot   signed by CN = DevOS publish test (certificate sha256 {sha256})"
+        )),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
 }
 
 #[test]

@@ -283,6 +283,36 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     let (code, err) = dry_build(&spec("other.pgp"), "keys");
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("but this builder signs with"), "{err}");
+
+    // A certificate that is not the key's (two backups mixed): `keys show` and the dry
+    // run refuse it, before anything is signed.
+    let cert = dir.path().join("keys/secure-boot.crt");
+    let ours = std::fs::read(&cert).unwrap();
+    std::fs::copy(dir.path().join("other-keys/secure-boot.crt"), &cert).unwrap();
+    let (code, _, err) = keys(&["show".as_ref()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is not the certificate of secure-boot.key"),
+        "{err}"
+    );
+    let (code, err) = dry_build(&spec("k.pgp"), "keys");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("is not the certificate of secure-boot.key"),
+        "{err}"
+    );
+    std::fs::write(&cert, ours).unwrap();
+    // No Secure Boot key at all: `keys show` says so and how to make one.
+    for f in ["secure-boot.key", "secure-boot.crt"] {
+        std::fs::remove_file(dir.path().join("other-keys").join(f)).unwrap();
+    }
+    let shown = other(&["show".as_ref()]);
+    assert!(shown.status.success());
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("secure boot: no key yet"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
 }
 
 /// Under sudo the signing key stays the invoking user's: gpg runs as them, so all it

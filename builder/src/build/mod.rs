@@ -340,6 +340,7 @@ pub(crate) fn check_keys(spec: &Spec) -> Result<()> {
         let dir = crate::update::keys::dir();
         crate::update::boot_key::required(&dir)?;
         crate::update::boot_key::check_private(&dir)?;
+        crate::update::boot_key::checked(&dir)?;
     }
     Ok(())
 }

@@ -561,7 +561,7 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             let (key, boot) = keys::generate(&dir)?;
             (key, Some(boot), export, json)
         }
-        KeysCommand::Show { json } => (keys::current(&dir)?, boot_key::find(&dir)?, None, json),
+        KeysCommand::Show { json } => (keys::current(&dir)?, boot_key::checked(&dir)?, None, json),
         KeysCommand::Export {
             file,
             dry_run: true,
@@ -626,8 +626,12 @@ struct KeyOutput<'a> {
 impl KeyOutput<'_> {
     fn human(&self) -> String {
         let mut text = self.key.human();
-        if let Some(boot) = self.secure_boot {
-            text.push_str(&boot.human());
+        match (self.secure_boot, self.exported_to) {
+            (Some(boot), _) => text.push_str(&boot.human()),
+            (None, None) => text.push_str(
+                "secure boot: no key yet (`devos-build keys generate` makes it, for `[disk] secure-boot`)\n",
+            ),
+            (None, Some(_)) => {}
         }
         if let Some(file) = self.exported_to {
             let what = if self.unchanged {

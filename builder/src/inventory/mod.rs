@@ -99,6 +99,23 @@ impl Show {
             self.files,
             utc(m.source_date_epoch)
         );
+        if let Some(root_hash) = &m.root_hash {
+            s.push_str(&format!(
+                "  verified root {root_hash} (dm-verity root hash)\n"
+            ));
+        }
+        if let Some(u) = &m.update_feed {
+            s.push_str(&format!(
+                "  updates       from {}, signed by {}\n",
+                u.url, u.key_fingerprint
+            ));
+        }
+        if let Some(sb) = &m.secure_boot {
+            s.push_str(&format!(
+                "  secure boot   signed by {} (certificate sha256 {})\n",
+                sb.subject, sb.certificate_sha256
+            ));
+        }
         s.push_str("  artifacts:\n");
         for a in &v.artifacts {
             s.push_str(&format!(

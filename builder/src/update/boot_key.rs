@@ -197,11 +197,53 @@ pub(crate) fn load(dir: &Path) -> Result<BootKey> {
         return Err(missing(dir));
     };
     check_private(dir)?;
+    let key_pem = read_as_key_user(dir, KEY_FILE)?;
+    check_pair(dir, &key_pem, &cert_pem)?;
     Ok(BootKey {
         cert_pem,
-        key_pem: read_as_key_user(dir, KEY_FILE)?,
+        key_pem,
         certificate,
     })
+}
+
+/// The certificate in `dir`, checked to be the one of the key beside it (`keys show`
+/// and a dry run, which do not sign).
+pub(crate) fn checked(dir: &Path) -> Result<Option<Certificate>> {
+    let Some((cert_pem, certificate)) = read_certificate(dir)? else {
+        return Ok(None);
+    };
+    check_pair(dir, &read_as_key_user(dir, KEY_FILE)?, &cert_pem)?;
+    Ok(Some(certificate))
+}
+
+/// The public key in the certificate `cert_pem` is the one of `key_pem` (both from
+/// `dir`): files restored from two backups, or a certificate copied from another
+/// builder, are refused here rather than after signing.
+fn check_pair(dir: &Path, key_pem: &[u8], cert_pem: &[u8]) -> Result<()> {
+    let public = |args: &[&str], input: &[u8], file: &str, what: &str| -> Result<Vec<u8>> {
+        let out = cmd::run_with_input(
+            std::process::Command::new("openssl").args(args),
+            Some(input),
+        )
+        .with_context(|| format!("{} is not a PEM {what}", dir.join(file).display()))?;
+        Ok(out.stdout)
+    };
+    let of_key = public(&["pkey", "-pubout"], key_pem, KEY_FILE, "private key")?;
+    let of_cert = public(
+        &["x509", "-noout", "-pubkey"],
+        cert_pem,
+        CERT_FILE,
+        "certificate",
+    )?;
+    if of_key != of_cert {
+        bail!(
+            "{} is not the certificate of {} in {}: they come from two different keys\n  hint: restore both files from one backup of the key directory",
+            CERT_FILE,
+            KEY_FILE,
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// The Secure Boot key in `dir` is readable by its owner alone: a key restored from a
