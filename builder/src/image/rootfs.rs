@@ -311,7 +311,8 @@ pub(crate) fn bootstrap(
 }
 
 /// Block and filesystem drivers the initrd needs to find the root on QEMU/KVM (virtio),
-/// AWS (Nitro NVMe, Xen), Azure (Hyper-V) and VMware; dm-verity and the SHA-256 code it
+/// AWS (Nitro NVMe, Xen), Azure (Hyper-V), VMware and VirtualBox (PVSCSI, SATA, and IDE:
+/// the controller a VMDK's `ide` hint asks for); dm-verity and the SHA-256 code it
 /// checks the root with.
 const INITRD_MODULES: &[&str] = &[
     "virtio_pci",
@@ -323,6 +324,7 @@ const INITRD_MODULES: &[&str] = &[
     "hv_storvsc",
     "vmw_pvscsi",
     "ahci",
+    "ata_piix",
     "ext4",
     "erofs",
     "dm_mod",
