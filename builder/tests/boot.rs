@@ -302,6 +302,14 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
     let m = &built["manifest"];
     assert_eq!(m["update_feed"]["key_fingerprint"], fingerprint, "{m:#}");
     assert_eq!(m["secure_boot"]["certificate_sha256"], certificate, "{m:#}");
+    // The certificate itself, for `publish ami` to give the AMI as its UEFI data.
+    assert!(
+        m["secure_boot"]["certificate"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----"),
+        "{m:#}"
+    );
     let secure = check(&built["test"], "secure-boot");
     assert_eq!(secure["ok"], true, "{secure:#}");
     assert!(

@@ -51,7 +51,8 @@ pub(crate) enum Command {
     /// Inspect and prune the build cache (stage outputs, packages, package lists).
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Publish tested versions as AMIs and manage what was published.
+    /// Publish tested versions as AMIs (or through Packer) and update feeds, and manage
+    /// what was published.
     #[command(subcommand)]
     Publish(PublishCommand),
     /// Render Packer templates.
@@ -255,14 +256,16 @@ pub(crate) enum KeysCommand {
         json: bool,
     },
     /// Print the signing key's fingerprint, the Secure Boot certificate (subject,
-    /// SHA-256, expiry) and where they are kept.
+    /// SHA-256, expiry) and where they are kept (~/.local/share/devos/keys, or
+    /// DEVOS_KEYS).
     Show {
         /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
         json: bool,
     },
-    /// Write the public key (binary, as images carry it) to FILE, for a spec's
-    /// `[update] key`.
+    /// Write the update signing key's public key (OpenPGP, binary, as images carry it)
+    /// to FILE, for a spec's `[update] key`. (The Secure Boot certificate is
+    /// secure-boot.crt in the key directory.)
     Export {
         /// Where to write the public key (an existing file is replaced only if it
         /// holds this same key).

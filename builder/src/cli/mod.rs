@@ -404,6 +404,25 @@ fn built_human(
             a.used_bytes >> 20
         ));
     }
+    let m = &built.manifest;
+    if !m.update.is_empty() {
+        s.push_str(&format!(
+            "  update/ ({} files: the bundle `publish updates` puts in a feed)\n",
+            m.update.len()
+        ));
+    }
+    if let Some(u) = &m.update_feed {
+        s.push_str(&format!(
+            "  updates from {}, signed by {}\n",
+            u.url, u.key_fingerprint
+        ));
+    }
+    if let Some(sb) = &m.secure_boot {
+        s.push_str(&format!(
+            "  Secure Boot: signed by {} (certificate sha256 {})\n",
+            sb.subject, sb.certificate_sha256
+        ));
+    }
     if let Some(r) = repro {
         s.push_str(&r.human());
     }
@@ -1359,5 +1378,55 @@ mod tests {
         let filter = EnvFilter::try_new(&quiet).unwrap();
         assert_eq!(filter.max_level_hint(), Some(LevelFilter::INFO));
         assert_eq!(super::log_filter("debug", true), "debug");
+    }
+}
+
+#[cfg(test)]
+mod built_tests {
+    use crate::model::manifest::{SecureBoot, UpdateFeed, UpdateFile};
+
+    /// The build's summary names the update bundle, the feed and key, and the Secure
+    /// Boot certificate when the image has them, and nothing of them when not.
+    #[test]
+    fn the_build_summary_says_how_the_image_updates_and_is_signed() {
+        let plain = crate::store::registry::tests::manifest("0.2.0", &[]);
+        let mut built = crate::build::Built {
+            dir: "/out".into(),
+            manifest: plain,
+            fresh: true,
+            files: Vec::new(),
+        };
+        let said = super::built_human(&built, None, None);
+        assert!(
+            !said.contains("update") && !said.contains("Secure Boot"),
+            "{said}"
+        );
+        built.manifest.update = vec![
+            UpdateFile {
+                file: "x.root".into(),
+                sha256: String::new(),
+                size: 1,
+            };
+            3
+        ];
+        built.manifest.update_feed = Some(UpdateFeed {
+            url: "https://updates.example.com/".into(),
+            key_fingerprint: "F00D".into(),
+        });
+        built.manifest.secure_boot = Some(SecureBoot {
+            certificate_sha256: "ab12".into(),
+            subject: "CN = DevOS".into(),
+            certificate: String::new(),
+        });
+        let said = super::built_human(&built, None, None);
+        assert!(said.contains("  update/ (3 files"), "{said}");
+        assert!(
+            said.contains("updates from https://updates.example.com/, signed by F00D"),
+            "{said}"
+        );
+        assert!(
+            said.contains("Secure Boot: signed by CN = DevOS (certificate sha256 ab12)"),
+            "{said}"
+        );
     }
 }
