@@ -60,13 +60,20 @@ in
     boot.loader.grub.enable = false;
     boot.loader.systemd-boot.enable = false; # the image installs it itself (below)
     boot.initrd.systemd.enable = true;
-    # The storage and network drivers of the machines images run on: QEMU's virtio,
-    # EC2's NVMe and ENA.
+    # The storage and network drivers of the machines images run on, as the Debian
+    # images' initrd has them (image/rootfs.rs): QEMU's virtio, EC2's NVMe (and Xen's
+    # disks) and ENA, Hyper-V's storage, VMware's PVSCSI, SATA and IDE (a VMDK's hint).
     boot.initrd.availableKernelModules = [
       "virtio_pci"
       "virtio_blk"
       "virtio_scsi"
+      "sd_mod"
       "nvme"
+      "xen_blkfront"
+      "hv_storvsc"
+      "vmw_pvscsi"
+      "ahci"
+      "ata_piix"
       "dm_verity"
       "erofs"
     ];

@@ -1190,14 +1190,16 @@ fn secure_boot_images_are_published_with_their_keys_or_not_at_all() {
 
     // Built before the certificate was recorded: refused, nothing made.
     let old = "0.7.0+aaaaaaaaaaaa";
-    let out = fx.run(&[
-        "publish",
-        "ami",
-        &signed(old, "", &sha256),
-        "--region",
-        "us-east-1",
-    ]);
-    refused(&out, "does not hold the certificate its AMI must be given");
+    let old_ref = signed(old, "", &sha256);
+    for dry in [&["--dry-run"][..], &[]] {
+        let mut args = vec!["publish", "ami", old_ref.as_str(), "--region", "us-east-1"];
+        args.extend_from_slice(dry);
+        refused(
+            &fx.run(&args),
+            "does not hold the certificate its AMI must be given",
+        );
+    }
+    let out = fx.run(&["publish", "ami", &old_ref, "--region", "us-east-1"]);
     assert!(
         stderr(&out).contains("build the version again"),
         "{}",
@@ -1246,6 +1248,20 @@ fn secure_boot_images_are_published_with_their_keys_or_not_at_all() {
     ]);
     ok(&out);
     assert_eq!(fx.resources("us-east-1", &id(good)).0.len(), 1);
+    // Copying it to another region needs no UEFI data (the copy takes the AMI's): it
+    // works where uefivars is not installed.
+    let mut c = fx.cmd(&[
+        "publish",
+        "ami",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--copy-to",
+        "eu-west-1",
+    ]);
+    c.env("PATH", "/usr/bin:/bin");
+    ok(&run(&mut c, 5));
+    assert_eq!(fx.resources("eu-west-1", &id(good)).0.len(), 1);
     // `image show` says what the version is signed with.
     let shown = fx.run(&["image", "show", &reference]);
     ok(&shown);

@@ -301,7 +301,41 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
         err.contains("is not the certificate of secure-boot.key"),
         "{err}"
     );
-    std::fs::write(&cert, ours).unwrap();
+    // The key kept in the certificate's file too (a common combined layout): refused,
+    // so that no private key is ever recorded in a manifest.
+    let key_pem = std::fs::read(&boot_key).unwrap();
+    std::fs::write(&cert, [key_pem.as_slice(), ours.as_slice()].concat()).unwrap();
+    let (code, _, err) = keys(&["show".as_ref()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("must hold one PEM certificate and nothing else"),
+        "{err}"
+    );
+    std::fs::write(&cert, &ours).unwrap();
+    // The key as a link (root would say what lies where it points) or a FIFO (which
+    // would hang a reader): refused.
+    let kept = dir.path().join("kept.key");
+    std::fs::rename(&boot_key, &kept).unwrap();
+    std::os::unix::fs::symlink(&kept, &boot_key).unwrap();
+    let (code, err) = dry_build(&spec("k.pgp"), "keys");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is not a plain file"), "{err}");
+    std::fs::remove_file(&boot_key).unwrap();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg("-m600")
+            .arg(&boot_key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, _, err) = keys(&["show".as_ref()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("it is not a file"), "{err}");
+    std::fs::remove_file(&boot_key).unwrap();
+    std::fs::rename(&kept, &boot_key).unwrap();
+    let (code, _, err) = keys(&["show".as_ref()]);
+    assert_eq!(code, Some(0), "{err}");
     // No Secure Boot key at all: `keys show` says so and how to make one.
     for f in ["secure-boot.key", "secure-boot.crt"] {
         std::fs::remove_file(dir.path().join("other-keys").join(f)).unwrap();

@@ -353,7 +353,8 @@ fn a_nixos_image_name_no_gpt_can_hold_is_refused_before_any_work() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("is longer than the 36 characters a GPT holds"),
+        stderr.contains("the Nix store's partition name")
+            && stderr.contains("is longer than the 36 characters a GPT holds"),
         "{stderr}"
     );
     assert!(

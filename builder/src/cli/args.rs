@@ -124,7 +124,8 @@ pub(crate) enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one version: artifacts, stage timings, boot-test runs.
+    /// Show one version: its verified root hash, update feed and key, Secure Boot
+    /// certificate, artifacts, stage timings, boot-test runs.
     Show {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
@@ -256,8 +257,8 @@ pub(crate) enum KeysCommand {
         json: bool,
     },
     /// Print the signing key's fingerprint, the Secure Boot certificate (subject,
-    /// SHA-256, expiry) and where they are kept (~/.local/share/devos/keys, or
-    /// DEVOS_KEYS).
+    /// SHA-256, expiry; checked to be the key's) and where they are kept
+    /// (~/.local/share/devos/keys, or DEVOS_KEYS).
     Show {
         /// Print the result as JSON on stdout (docs/cli.md gives its shape).
         #[arg(long)]
@@ -311,7 +312,8 @@ pub(crate) enum PublishCommand {
         json: bool,
     },
     /// Upload a tested version to an EBS snapshot (EBS direct APIs), register it as an
-    /// AMI, copy it to more regions, and write its SSM parameters. Idempotent.
+    /// AMI (a Secure Boot image's with its keys as UEFI data, made by uefivars), copy it
+    /// to more regions, and write its SSM parameters. Idempotent.
     Ami {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
@@ -574,7 +576,7 @@ pub(crate) struct ChangeArgs {
 #[derive(Subcommand)]
 pub(crate) enum PackerCommand {
     /// Write the HCL2 template and what it installs for a version into a directory,
-    /// and check it with `packer validate`.
+    /// laid out by `packer fmt` and checked with `packer validate`.
     Render {
         /// The version: NAME (its newest version), NAME@VERSION, or NAME@PREFIX (a prefix
         /// of exactly one of its versions or build ids).
@@ -777,8 +779,9 @@ pub(crate) struct BuildArgs {
     /// Boot-test the image after building it; fail if the test fails.
     #[arg(long)]
     pub(super) test: bool,
-    /// Say what would be built (as `image plan` does) and build nothing (exit code 3:
-    /// this version is built already).
+    /// Say what would be built (as `image plan` does) and build nothing, after the
+    /// checks of the builder's keys the build makes first (exit code 3: this version
+    /// is built already).
     #[arg(long, conflicts_with_all = ["test", "check_reproducible", "force", "no_cache"])]
     pub(super) dry_run: bool,
     #[command(flatten)]

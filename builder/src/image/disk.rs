@@ -308,8 +308,12 @@ fn slot_sizes(root: u64, hash: u64) -> (u64, u64) {
 pub(crate) fn slot_label(spec: &Spec, version: &str) -> Result<String> {
     let label = crate::image::sysupdate::stem(&spec.name, version);
     if label.chars().count() > GPT_NAME_MAX {
+        let which = match spec.distro {
+            crate::model::spec::Distro::Nixos => "the Nix store's partition name",
+            _ => "the root slot's partition name",
+        };
         bail!(
-            "the root slot's partition name {label:?} is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {}",
+            "{which} {label:?} is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {}",
             spec.path.display()
         );
     }

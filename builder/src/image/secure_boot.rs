@@ -162,6 +162,44 @@ fn signature_list(cert: &Path, esl: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The one certificate `pem` holds, as openssl writes it (PEM), and its DER. A text
+/// with anything else — a private key beside it, a second certificate, a `TRUSTED
+/// CERTIFICATE` that tools read differently — is refused: what is hashed, recorded and
+/// enrolled must be one and the same certificate, and never a key. `what` names it in
+/// errors (which never quote its text).
+pub(crate) fn single_certificate(pem: &[u8], what: &str) -> Result<(String, Vec<u8>)> {
+    let text = std::str::from_utf8(pem).map_err(|_| anyhow::anyhow!("{what} is not PEM text"))?;
+    let blocks: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("-----BEGIN "))
+        .collect();
+    if blocks != ["-----BEGIN CERTIFICATE-----"] {
+        anyhow::bail!(
+            "{what} must hold one PEM certificate and nothing else; it holds {}\n  hint: keep the certificate alone in its file (`openssl x509 -in FILE -out secure-boot.crt`)",
+            if blocks.is_empty() {
+                "no PEM block".to_owned()
+            } else {
+                blocks.join(", ")
+            }
+        );
+    }
+    let der = cmd::run_with_input(
+        Command::new("openssl").args(["x509", "-outform", "DER"]),
+        Some(pem),
+    )
+    .with_context(|| format!("{what} is not a PEM certificate"))?
+    .stdout;
+    let canonical = cmd::run_with_input(
+        Command::new("openssl").args(["x509", "-inform", "DER", "-outform", "PEM"]),
+        Some(&der),
+    )
+    .with_context(|| format!("{what}: openssl cannot write it back"))?
+    .stdout;
+    let canonical = String::from_utf8(canonical).context("openssl wrote PEM that is not text")?;
+    Ok((canonical, der))
+}
+
 /// The most EC2 takes as an AMI's UEFI data (RegisterImage's `UefiData`, base64).
 const UEFI_DATA_MAX: usize = 64_000;
 
@@ -179,12 +217,8 @@ pub(crate) fn uefi_data(cert_pem: &str, sha256: &str, work: &Path) -> Result<Str
             "uefivars is not installed (AWS's python-uefivars: it writes the AMI's UEFI variables)\n  hint: `pip install uefivars` (or run tests/setup-host) so that `uefivars` is on PATH"
         );
     }
-    let der = cmd::run_with_input(
-        Command::new("openssl").args(["x509", "-outform", "DER"]),
-        Some(cert_pem.as_bytes()),
-    )
-    .context("the recorded Secure Boot certificate is not a PEM certificate")?
-    .stdout;
+    let (cert_pem, der) =
+        single_certificate(cert_pem.as_bytes(), "the recorded Secure Boot certificate")?;
     let actual = crate::support::digest::sha256_hex(&der);
     if actual != sha256 {
         anyhow::bail!(
@@ -194,7 +228,7 @@ pub(crate) fn uefi_data(cert_pem: &str, sha256: &str, work: &Path) -> Result<Str
     let cert = work.join("secure-boot.crt");
     let esl = work.join("secure-boot.esl");
     let blob = work.join("uefi-data.b64");
-    fs::write(&cert, cert_pem).with_context(|| format!("cannot write {}", cert.display()))?;
+    fs::write(&cert, &cert_pem).with_context(|| format!("cannot write {}", cert.display()))?;
     signature_list(&cert, &esl)?;
     cmd::run(
         Command::new("uefivars")
@@ -291,10 +325,43 @@ mod tests {
         }
         // Not a certificate, or another one than the image was signed with: refused.
         let junk = uefi_data("not a certificate", &sha256, work.path()).unwrap_err();
+        assert!(format!("{junk:#}").contains("no PEM block"), "{junk:#}");
+        // Anything beside the certificate: a private key (never recorded or enrolled),
+        // or a second certificate that one tool would read and another skip.
+        let key_pem = fs::read_to_string(&key).expect("key");
+        let with_key = uefi_data(&format!("{key_pem}{pem}"), &sha256, work.path()).unwrap_err();
+        let said = format!("{with_key:#}");
         assert!(
-            format!("{junk:#}").contains("not a PEM certificate"),
-            "{junk:#}"
+            said.contains("must hold one PEM certificate and nothing else"),
+            "{said}"
         );
+        assert!(
+            !said.contains(key_pem.lines().nth(1).expect("key body")),
+            "{said}"
+        );
+        let trusted = cmd::run(
+            Command::new("openssl")
+                .args(["x509", "-trustout", "-in"])
+                .arg(&crt),
+        )
+        .expect("trusted form")
+        .stdout;
+        let two = format!("{}{pem}", String::from_utf8_lossy(&trusted));
+        let two = uefi_data(&two, &sha256, work.path()).unwrap_err();
+        assert!(
+            format!("{two:#}").contains("TRUSTED CERTIFICATE"),
+            "{two:#}"
+        );
+        // A certificate with text around it (as `openssl x509 -text` writes) is
+        // enrolled as the bare certificate.
+        let texted = cmd::run(
+            Command::new("openssl")
+                .args(["x509", "-text", "-in"])
+                .arg(&crt),
+        )
+        .expect("text form")
+        .stdout;
+        assert!(uefi_data(&String::from_utf8_lossy(&texted), &sha256, work.path()).is_ok());
         let other = uefi_data(&pem, &"0".repeat(64), work.path()).unwrap_err();
         assert!(format!("{other:#}").contains("not the 0000"), "{other:#}");
     }

@@ -164,7 +164,10 @@ pub(crate) fn ami_dry_run(reg: &Registry, settings: &Settings, req: &AmiRequest)
             size >> 20,
             req.ami_name(&v)
         ));
-        if let Some(sb) = reg.manifest(&v)?.secure_boot {
+        // Made as the real run makes them (the same refusals), then dropped.
+        if uefi_data(reg, &v)?.is_some()
+            && let Some(sb) = reg.manifest(&v)?.secure_boot
+        {
             dry.would(format!(
                 "give the AMI the Secure Boot certificate {} (sha256 {}) as PK, KEK and db: its instances enforce Secure Boot from their first boot",
                 sb.subject, sb.certificate_sha256
@@ -252,7 +255,19 @@ pub(crate) fn ami(
     reg.lock_publication(&v)?;
     let (raw, sha256) = raw_path(&v)?;
     let copy_to = req.copy_to(settings);
-    let uefi_data = uefi_data(reg, &v)?;
+    // Only for an AMI still to be registered: copies to more regions take the
+    // registered one's, and an AMI published before manifests held the certificate
+    // is still copied.
+    // (The region as the settings name it; else AWS's chain decides later, and the
+    // data is made anyway.)
+    let primary = region(req.region.clone(), settings).ok();
+    let registered = available(reg, &v)?
+        .iter()
+        .any(|p| p.kind == "ami" && Some(&p.region) == primary.as_ref());
+    let uefi_data = match registered {
+        true => None,
+        false => uefi_data(reg, &v)?,
+    };
     let image = Image {
         ami_name: req.ami_name(&v),
         name: v.name.clone(),

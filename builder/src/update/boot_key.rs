@@ -50,21 +50,38 @@ pub(crate) struct BootKey {
     pub(crate) key_pem: Vec<u8>,
 }
 
-/// `file` of the key directory `dir`, read as the key's user. A failure says what
-/// `cat` said on its stderr, never what it read.
+/// The most a key or certificate file may hold (both are a few KiB).
+const MAX_FILE: usize = 64 << 10;
+
+/// `file` of the key directory `dir`, read as the key's user: at most [`MAX_FILE`]
+/// bytes, within 10 s (a FIFO put there must not hang the build, nor a huge file fill
+/// memory). A failure says what the reader said on its stderr, never what it read.
 fn read_as_key_user(dir: &Path, file: &str) -> Result<Vec<u8>> {
     let path = dir.join(file);
-    let out = super::keys::as_key_user("cat")
-        .arg("--")
+    let out = super::keys::as_key_user("timeout")
+        .args(["10", "head", "-c", &(MAX_FILE + 1).to_string(), "--"])
         .arg(&path)
         .stdin(std::process::Stdio::null())
         .output()
-        .with_context(|| format!("cannot run cat to read {}", path.display()))?;
+        .with_context(|| format!("cannot run head to read {}", path.display()))?;
+    if out.status.code() == Some(124) {
+        bail!(
+            "reading {} took more than 10 s: it is not a file\n  hint: keep the key and its certificate in the key directory as plain files",
+            path.display()
+        );
+    }
     if !out.status.success() {
         bail!(
             "cannot read {}: {}",
             path.display(),
             String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if out.stdout.len() > MAX_FILE {
+        bail!(
+            "{} holds more than {} KiB: it is not a key or a certificate",
+            path.display(),
+            MAX_FILE >> 10
         );
     }
     Ok(out.stdout)
@@ -98,9 +115,13 @@ fn read_certificate(dir: &Path) -> Result<Option<(Vec<u8>, Certificate)>> {
             if has_key { KEY_FILE } else { CERT_FILE },
         ),
     }
-    let pem = read_as_key_user(dir, CERT_FILE)?;
-    let certificate = describe(&pem, &cert)?;
-    Ok(Some((pem, certificate)))
+    let read = read_as_key_user(dir, CERT_FILE)?;
+    // The certificate alone, as openssl writes it: what is signed with, recorded in
+    // manifests and enrolled (a private key kept in the same file must never be).
+    let (pem, _) =
+        crate::image::secure_boot::single_certificate(&read, &cert.display().to_string())?;
+    let certificate = describe(pem.as_bytes(), &cert)?;
+    Ok(Some((pem.into_bytes(), certificate)))
 }
 
 /// What `openssl x509` says of the certificate `pem` (kept in `file`).
@@ -250,11 +271,16 @@ fn check_pair(dir: &Path, key_pem: &[u8], cert_pem: &[u8]) -> Result<()> {
 /// backup with the wrong mode is refused, not used as it is.
 pub(crate) fn check_private(dir: &Path) -> Result<()> {
     let key = dir.join(KEY_FILE);
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(&key)
-            .with_context(|| format!("cannot read {}", key.display()))?
-            .permissions(),
-    );
+    // Not followed: a link would have root say what lies where the user cannot look.
+    let meta = std::fs::symlink_metadata(&key)
+        .with_context(|| format!("cannot read {}", key.display()))?;
+    if !meta.file_type().is_file() {
+        bail!(
+            "{} is not a plain file (a link or something else)\n  hint: keep the key itself in the key directory",
+            key.display()
+        );
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
     if mode & 0o077 != 0 {
         bail!(
             "{} can be read by others (mode {:o}): whoever reads it can sign boot chains every machine that enrolled its certificate starts\n  hint: `chmod 600 {}`, and consider the key leaked if others could log in here",
