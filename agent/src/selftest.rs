@@ -1101,25 +1101,22 @@ fn mount_options(target: &str) -> Option<String> {
 /// /usr on it) on Debian images; the store on NixOS images, whose root is a tmpfs
 /// rebuilt at every boot (nixos/image.nix).
 fn root_read_only() -> CheckResult {
-    let (tree, probe) = match mount_options(NIX_STORE) {
-        Some(_) => (NIX_STORE, "/nix/store/.devos-selftest"),
-        None => ("/", "/usr/.devos-selftest"),
+    let (tree, dir) = match mount_options(NIX_STORE) {
+        Some(_) => (NIX_STORE, NIX_STORE),
+        None => ("/", "/usr"),
     };
     let options = mount_options(tree).unwrap_or_default();
-    let written = std::fs::write(probe, "x").is_ok();
-    read_only_result(tree, &options, probe, written)
+    let written = std::fs::write(Path::new(dir).join(".devos-selftest"), "x").is_ok();
+    read_only_result(tree, &options, dir, written)
 }
 
 /// Where NixOS images keep everything they run.
 const NIX_STORE: &str = "/nix/store";
 
 /// [`root_read_only`] from what it found: `tree` mounted with `options`, and whether
-/// writing `probe` in it worked.
-fn read_only_result(tree: &str, options: &str, probe: &str, written: bool) -> CheckResult {
+/// writing a file in `dir` on it worked.
+fn read_only_result(tree: &str, options: &str, dir: &str, written: bool) -> CheckResult {
     let ro = options.split(',').any(|o| o == "ro");
-    let dir = Path::new(probe)
-        .parent()
-        .map_or(tree.into(), |d| d.display().to_string());
     CheckResult {
         check: "root-read-only".into(),
         ok: ro && !written,
@@ -1606,27 +1603,22 @@ mod tests {
 
     #[test]
     fn the_immutable_tree_must_be_read_only_and_unwritable() {
-        let debian = super::read_only_result("/", "ro,relatime", "/usr/.devos-selftest", false);
+        let debian = super::read_only_result("/", "ro,relatime", "/usr", false);
         assert!(debian.ok, "{}", debian.detail);
         assert_eq!(
             debian.detail,
             "/ mounted ro,relatime; writing to /usr fails"
         );
-        let nixos = super::read_only_result(
-            "/nix/store",
-            "ro,nosuid,nodev",
-            "/nix/store/.devos-selftest",
-            false,
-        );
+        let nixos = super::read_only_result("/nix/store", "ro,nosuid,nodev", "/nix/store", false);
         assert!(nixos.ok, "{}", nixos.detail);
         assert!(
             nixos.detail.starts_with("/nix/store mounted ro"),
             "{}",
             nixos.detail
         );
-        assert!(!super::read_only_result("/", "rw,relatime", "/usr/x", false).ok);
-        assert!(!super::read_only_result("/", "ro", "/usr/x", true).ok);
-        assert!(!super::read_only_result("/", "", "/usr/x", false).ok);
+        assert!(!super::read_only_result("/", "rw,relatime", "/usr", false).ok);
+        assert!(!super::read_only_result("/", "ro", "/usr", true).ok);
+        assert!(!super::read_only_result("/", "", "/usr", false).ok);
     }
 
     #[test]

@@ -1187,19 +1187,21 @@ fn secure_boot_images_are_published_with_their_keys_or_not_at_all() {
         format!("devos-pub@{version}")
     };
     let id = |version: &str| format!("{:0>64}", version.replace(['.', '+'], ""));
+    // `publish ami REFERENCE --region us-east-1 EXTRA...`.
+    let publish = |reference: &str, extra: &[&str]| {
+        let mut args = vec!["publish", "ami", reference, "--region", "us-east-1"];
+        args.extend_from_slice(extra);
+        fx.cmd(&args)
+    };
 
-    // Built before the certificate was recorded: refused, nothing made.
+    // Built before the certificate was recorded: refused, by the dry run too, nothing
+    // made.
     let old = "0.7.0+aaaaaaaaaaaa";
     let old_ref = signed(old, "", &sha256);
-    for dry in [&["--dry-run"][..], &[]] {
-        let mut args = vec!["publish", "ami", old_ref.as_str(), "--region", "us-east-1"];
-        args.extend_from_slice(dry);
-        refused(
-            &fx.run(&args),
-            "does not hold the certificate its AMI must be given",
-        );
-    }
-    let out = fx.run(&["publish", "ami", &old_ref, "--region", "us-east-1"]);
+    let why = "does not hold the certificate its AMI must be given";
+    refused(&run(&mut publish(&old_ref, &["--dry-run"]), 5), why);
+    let out = run(&mut publish(&old_ref, &[]), 5);
+    refused(&out, why);
     assert!(
         stderr(&out).contains("build the version again"),
         "{}",
@@ -1209,27 +1211,14 @@ fn secure_boot_images_are_published_with_their_keys_or_not_at_all() {
 
     // A certificate that is not the one the image was signed with: refused.
     let other = "0.7.1+aaaaaaaaaaaa";
-    let out = fx.run(&[
-        "publish",
-        "ami",
-        &signed(other, &pem, &"0".repeat(64)),
-        "--region",
-        "us-east-1",
-    ]);
+    let out = run(&mut publish(&signed(other, &pem, &"0".repeat(64)), &[]), 5);
     refused(&out, "not the 0000");
     assert_eq!(fx.resources("us-east-1", &id(other)), (vec![], vec![]));
 
     // The right one: the dry run says the AMI gets the keys, the run publishes it.
     let good = "0.7.2+aaaaaaaaaaaa";
     let reference = signed(good, &pem, &sha256);
-    let dry = fx.run(&[
-        "publish",
-        "ami",
-        &reference,
-        "--region",
-        "us-east-1",
-        "--dry-run",
-    ]);
+    let dry = run(&mut publish(&reference, &["--dry-run"]), 5);
     ok(&dry);
     let plan = String::from_utf8_lossy(&dry.stdout);
     assert!(
@@ -1238,29 +1227,12 @@ fn secure_boot_images_are_published_with_their_keys_or_not_at_all() {
         )),
         "{plan}"
     );
-    let out = fx.run(&[
-        "publish",
-        "ami",
-        &reference,
-        "--region",
-        "us-east-1",
-        "--json",
-    ]);
-    ok(&out);
+    ok(&run(&mut publish(&reference, &["--json"]), 5));
     assert_eq!(fx.resources("us-east-1", &id(good)).0.len(), 1);
     // Copying it to another region needs no UEFI data (the copy takes the AMI's): it
     // works where uefivars is not installed.
-    let mut c = fx.cmd(&[
-        "publish",
-        "ami",
-        &reference,
-        "--region",
-        "us-east-1",
-        "--copy-to",
-        "eu-west-1",
-    ]);
-    c.env("PATH", "/usr/bin:/bin");
-    ok(&run(&mut c, 5));
+    let mut copy = publish(&reference, &["--copy-to", "eu-west-1"]);
+    ok(&run(copy.env("PATH", "/usr/bin:/bin"), 5));
     assert_eq!(fx.resources("eu-west-1", &id(good)).0.len(), 1);
     // `image show` says what the version is signed with.
     let shown = fx.run(&["image", "show", &reference]);

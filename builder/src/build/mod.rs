@@ -329,18 +329,16 @@ fn load_warning(path: &Path) -> Result<Spec> {
     Ok(spec)
 }
 
-/// What the build's `load` stage checks of the builder's keys, for a dry run that must
-/// refuse what the build would: an image with `[update]` trusts the key this builder
-/// signs with, and a Secure Boot image's key is there, whole and private.
+/// What the build's `load` stage checks of the builder's keys, by the same calls, for a
+/// dry run that must refuse what the build would: an image with `[update]` trusts the
+/// key this builder signs with, and a Secure Boot image's key is there, whole, private
+/// and its certificate's.
 pub(crate) fn check_keys(spec: &Spec) -> Result<()> {
     if let Some(u) = &spec.update {
         crate::update::signing_key_for(&u.key_path)?;
     }
     if spec.secure_boot {
-        let dir = crate::update::keys::dir();
-        crate::update::boot_key::required(&dir)?;
-        crate::update::boot_key::check_private(&dir)?;
-        crate::update::boot_key::checked(&dir)?;
+        crate::update::boot_key::load(&crate::update::keys::dir())?;
     }
     Ok(())
 }

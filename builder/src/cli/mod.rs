@@ -412,16 +412,10 @@ fn built_human(
         ));
     }
     if let Some(u) = &m.update_feed {
-        s.push_str(&format!(
-            "  updates from {}, signed by {}\n",
-            u.url, u.key_fingerprint
-        ));
+        s.push_str(&format!("  updates {}\n", u.describe()));
     }
     if let Some(sb) = &m.secure_boot {
-        s.push_str(&format!(
-            "  Secure Boot: signed by {} (certificate sha256 {})\n",
-            sb.subject, sb.certificate_sha256
-        ));
+        s.push_str(&format!("  Secure Boot: {}\n", sb.describe()));
     }
     if let Some(r) = repro {
         s.push_str(&r.human());

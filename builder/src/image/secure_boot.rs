@@ -2,11 +2,12 @@
 //! signed with the builder's key (made and read by update/boot_key.rs), and the
 //! authenticated variables systemd-boot enrolls from the ESP on a machine's first
 //! boot, while the firmware is in setup mode (`secure-boot-enroll if-safe`: in a
-//! virtual machine only, where nothing can be bricked). From then on the firmware starts only what that key
-//! signed: systemd-boot, then a unified kernel image whose command line carries the
-//! root's dm-verity hash, so every block from the boot loader to the root is the one
-//! built. The signatures are reproducible: their signing time is the build's
-//! SOURCE_DATE_EPOCH.
+//! virtual machine only, where nothing can be bricked). From then on the firmware
+//! starts only what that key signed: systemd-boot, then a unified kernel image whose
+//! command line carries the root's dm-verity hash, so every block from the boot loader
+//! to the root is the one built. The signatures are reproducible: their signing time is
+//! the build's SOURCE_DATE_EPOCH. An AMI gets the certificate as its UEFI data
+//! ([`uefi_data`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -309,11 +310,7 @@ mod tests {
             assert_eq!(var["guid"], guid, "{name}");
             // Non-volatile, boot and run time, time-based authenticated writes only.
             assert_eq!(var["attr"], 0x27, "{name}");
-            let hex = var["data"].as_str().expect("data");
-            let bytes: Vec<u8> = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-                .collect();
+            let bytes = hex::decode(var["data"].as_str().expect("data")).expect("hex");
             assert!(
                 bytes.windows(der.len()).any(|w| w == der.as_slice()),
                 "{name} holds the certificate"

@@ -19,6 +19,13 @@ pub(crate) fn sysupdate_version(version: &str) -> String {
     version.replace('+', "_")
 }
 
+/// A version in systemd-sysupdate's spelling as the builder writes it: the inverse of
+/// [`sysupdate_version`] (a semver version has at most one `+`, and no `_`).
+/// `0.2.0_abc` → `0.2.0+abc`.
+pub(crate) fn builder_version(sysupdate_version: &str) -> String {
+    sysupdate_version.replacen('_', "+", 1)
+}
+
 /// `NAME_VERSION` (systemd-sysupdate's spelling): the root slot's partition name and
 /// the stem of every bundle file.
 pub(crate) fn stem(name: &str, version: &str) -> String {

@@ -105,16 +105,10 @@ impl Show {
             ));
         }
         if let Some(u) = &m.update_feed {
-            s.push_str(&format!(
-                "  updates       from {}, signed by {}\n",
-                u.url, u.key_fingerprint
-            ));
+            s.push_str(&format!("  updates       {}\n", u.describe()));
         }
         if let Some(sb) = &m.secure_boot {
-            s.push_str(&format!(
-                "  secure boot   signed by {} (certificate sha256 {})\n",
-                sb.subject, sb.certificate_sha256
-            ));
+            s.push_str(&format!("  secure boot   {}\n", sb.describe()));
         }
         s.push_str("  artifacts:\n");
         for a in &v.artifacts {

@@ -91,11 +91,29 @@ pub(crate) struct SecureBoot {
     pub(crate) certificate: String,
 }
 
+impl SecureBoot {
+    /// What signed the image, as the builder's summaries say it.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "signed by {} (certificate sha256 {})",
+            self.subject, self.certificate_sha256
+        )
+    }
+}
+
 /// `[update]` as built into the image.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub(crate) struct UpdateFeed {
     pub(crate) url: String,
     pub(crate) key_fingerprint: String,
+}
+
+impl UpdateFeed {
+    /// Where the image updates from and whose signature it takes, as the builder's
+    /// summaries say it.
+    pub(crate) fn describe(&self) -> String {
+        format!("from {}, signed by {}", self.url, self.key_fingerprint)
+    }
 }
 
 /// One file of an update bundle.

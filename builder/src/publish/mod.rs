@@ -13,6 +13,7 @@ use devos_aws::{Aws, AwsOptions, ebs};
 use serde::Serialize;
 
 use crate::inventory::{raw_artifact, raw_path};
+use crate::model::manifest::SecureBoot;
 use crate::model::settings::Settings;
 use crate::model::states::PublicationState;
 use crate::store::registry::{Publication, Registry, VersionInfo};
@@ -165,9 +166,8 @@ pub(crate) fn ami_dry_run(reg: &Registry, settings: &Settings, req: &AmiRequest)
             req.ami_name(&v)
         ));
         // Made as the real run makes them (the same refusals), then dropped.
-        if uefi_data(reg, &v)?.is_some()
-            && let Some(sb) = reg.manifest(&v)?.secure_boot
-        {
+        if let Some(sb) = reg.manifest(&v)?.secure_boot {
+            uefi_data(&v, &sb)?;
             dry.would(format!(
                 "give the AMI the Secure Boot certificate {} (sha256 {}) as PK, KEK and db: its instances enforce Secure Boot from their first boot",
                 sb.subject, sb.certificate_sha256
@@ -218,13 +218,11 @@ impl Published {
     }
 }
 
-/// The UEFI variables `v`'s AMI is registered with: a Secure Boot image's certificate
-/// as PK, KEK and db (none for other images: their instances start in setup mode).
-/// Made before anything is uploaded, so a missing tool costs nothing.
-fn uefi_data(reg: &Registry, v: &VersionInfo) -> Result<Option<String>> {
-    let Some(sb) = reg.manifest(v)?.secure_boot else {
-        return Ok(None);
-    };
+/// The UEFI variables the AMI of `v`, a Secure Boot image signed as `sb` says, is
+/// registered with: the certificate as PK, KEK and db (other images get none: their
+/// instances start in setup mode). Made before anything is uploaded, so a missing
+/// tool costs nothing.
+fn uefi_data(v: &VersionInfo, sb: &SecureBoot) -> Result<String> {
     if sb.certificate.is_empty() {
         bail!(
             "{}@{} is signed for Secure Boot, but its manifest does not hold the certificate its AMI must be given\n  hint: it was built by an older devos-build; build the version again (`devos-build image build --force`) and test it",
@@ -234,7 +232,6 @@ fn uefi_data(reg: &Registry, v: &VersionInfo) -> Result<Option<String>> {
     }
     let work = tempfile::tempdir().context("cannot make a temporary directory")?;
     crate::image::secure_boot::uefi_data(&sb.certificate, &sb.certificate_sha256, work.path())
-        .map(Some)
         .with_context(|| {
             format!(
                 "cannot give the AMI of {}@{} its Secure Boot keys",
@@ -264,9 +261,9 @@ pub(crate) fn ami(
     let registered = available(reg, &v)?
         .iter()
         .any(|p| p.kind == "ami" && Some(&p.region) == primary.as_ref());
-    let uefi_data = match registered {
-        true => None,
-        false => uefi_data(reg, &v)?,
+    let uefi_data = match reg.manifest(&v)?.secure_boot {
+        Some(sb) if !registered => Some(uefi_data(&v, &sb)?),
+        _ => None,
     };
     let image = Image {
         ami_name: req.ami_name(&v),

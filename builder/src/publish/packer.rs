@@ -200,22 +200,14 @@ fn require_packer() -> Result<()> {
 /// error.
 fn validate(dir: &Path) -> Result<()> {
     require_packer()?;
-    let mut c = packer(dir);
-    c.args(["fmt", TEMPLATE_FILE]);
-    cmd::run(&mut c).with_context(|| {
-        format!(
-            "`packer fmt` could not read {}: the template packer/devos-ami.pkr.hcl.hbs is wrong",
-            dir.join(TEMPLATE_FILE).display()
-        )
-    })?;
-    let mut c = packer(dir);
-    c.args(["validate", TEMPLATE_FILE]);
-    cmd::run(&mut c).with_context(|| {
-        format!(
-            "`packer validate` rejected {}: the template packer/devos-ami.pkr.hcl.hbs is wrong",
-            dir.join(TEMPLATE_FILE).display()
-        )
-    })?;
+    for (step, failed) in [("fmt", "could not read"), ("validate", "rejected")] {
+        cmd::run(packer(dir).args([step, TEMPLATE_FILE])).with_context(|| {
+            format!(
+                "`packer {step}` {failed} {}: the template packer/devos-ami.pkr.hcl.hbs is wrong",
+                dir.join(TEMPLATE_FILE).display()
+            )
+        })?;
+    }
     Ok(())
 }
 

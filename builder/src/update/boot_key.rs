@@ -269,7 +269,7 @@ fn check_pair(dir: &Path, key_pem: &[u8], cert_pem: &[u8]) -> Result<()> {
 
 /// The Secure Boot key in `dir` is readable by its owner alone: a key restored from a
 /// backup with the wrong mode is refused, not used as it is.
-pub(crate) fn check_private(dir: &Path) -> Result<()> {
+fn check_private(dir: &Path) -> Result<()> {
     let key = dir.join(KEY_FILE);
     // Not followed: a link would have root say what lies where the user cannot look.
     let meta = std::fs::symlink_metadata(&key)

@@ -115,22 +115,10 @@ impl FeedPublished {
             self.signed_by,
             self.versions
                 .iter()
-                .map(|v| as_written(v))
+                .map(|v| crate::image::sysupdate::builder_version(v))
                 .collect::<Vec<_>>()
                 .join(", ")
         )
-    }
-}
-
-/// A feed version (systemd-sysupdate's spelling, `0.2.0_0123456789ab`) as the builder
-/// writes versions everywhere else (`0.2.0+0123456789ab`): the build id follows the
-/// last `_`.
-fn as_written(feed_version: &str) -> String {
-    match feed_version.rsplit_once('_') {
-        Some((v, id)) if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            format!("{v}+{id}")
-        }
-        _ => feed_version.to_owned(),
     }
 }
 
@@ -410,7 +398,8 @@ pub(crate) fn add_to_feed(
 /// Order feed versions (systemd-sysupdate's spelling, `1.10.0_BUILD`) newest first, as
 /// versions compare (1.10.0 after 1.9.0), those that are not semver last.
 fn newest_first(a: &str, b: &str) -> std::cmp::Ordering {
-    let semver = |v: &str| semver::Version::parse(&v.replacen('_', "+", 1)).ok();
+    let semver =
+        |v: &str| semver::Version::parse(&crate::image::sysupdate::builder_version(v)).ok();
     match (semver(a), semver(b)) {
         (Some(a), Some(b)) => b.cmp(&a),
         (Some(_), None) => std::cmp::Ordering::Less,
@@ -637,9 +626,11 @@ mod tests {
 
     #[test]
     fn feed_versions_are_said_as_the_builder_writes_them() {
-        assert_eq!(as_written("0.2.0_0123456789ab"), "0.2.0+0123456789ab");
-        assert_eq!(as_written("1.0_rc_0123456789ab"), "1.0_rc+0123456789ab");
-        assert_eq!(as_written("odd_name"), "odd_name");
+        use crate::image::sysupdate::{builder_version, sysupdate_version};
+        for v in ["0.2.0+0123456789ab", "1.0.0-rc.1+0123456789ab", "3.0.0"] {
+            assert_eq!(builder_version(&sysupdate_version(v)), v);
+        }
+        assert_eq!(builder_version("0.2.0_0123456789ab"), "0.2.0+0123456789ab");
     }
 
     #[test]
