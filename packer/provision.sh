@@ -29,6 +29,43 @@ if [ -n "$version" ]; then
   mv /etc/os-release.devos /etc/os-release
 fi
 systemctl enable devos-agent.service
+
+# Instance metadata (and with it the instance role's credentials) for root only, as on
+# images devos-build makes (docs/agent.md, "Instance metadata is root's"): a routing
+# policy rule fails every other uid's connection to it with "Permission denied", the
+# agent's sandboxed actions included. Made before the network comes up, at every boot;
+# systemd-networkd (netplan's renderer on Ubuntu's server images) must keep it.
+install -d -m 0755 /usr/local/lib/devos /etc/systemd/networkd.conf.d
+cat > /usr/local/lib/devos/metadata-root-only <<'RULES'
+#!/bin/sh
+set -eu
+rule() {
+  ip "$1" rule del to "$2" uidrange 1-4294967294 prohibit pref 100 2>/dev/null || true
+  ip "$1" rule add to "$2" uidrange 1-4294967294 prohibit pref 100
+}
+rule -4 169.254.169.254/32
+# (A kernel without IPv6 has no such route to close.)
+if [ -e /proc/sys/net/ipv6 ]; then rule -6 fd00:ec2::254/128; fi
+RULES
+chmod 0755 /usr/local/lib/devos/metadata-root-only
+cat > /etc/systemd/system/devos-metadata-root-only.service <<'UNIT'
+[Unit]
+Description=Instance metadata for root only (DevOS)
+DefaultDependencies=no
+Wants=network-pre.target
+Before=network-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/lib/devos/metadata-root-only
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+printf '[Network]\nManageForeignRoutingPolicyRules=no\n' \
+  > /etc/systemd/networkd.conf.d/00-devos-keep-rules.conf
+systemctl enable devos-metadata-root-only.service
 # No machine-id or host keys baked into the AMI: each instance makes its own.
 truncate -s 0 /etc/machine-id
 rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub

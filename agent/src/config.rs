@@ -338,6 +338,16 @@ pub struct ModelConfig {
     pub prices: std::collections::BTreeMap<String, Price>,
 }
 
+/// Whether `id` can name a Bedrock model, inference profile or ARN: what Bedrock's
+/// ids are made of, and nothing an IAM policy or a template would read as syntax.
+pub fn is_model_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 2048
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b))
+}
+
 /// The Claude Haiku 4.5 US cross-region inference profile.
 pub const HAIKU_4_5: &str = "us.anthropic.claude-haiku-4-5-20251001-v1:0";
 /// The Claude Sonnet 4.5 US cross-region inference profile.
@@ -630,6 +640,16 @@ impl AgentConfig {
                     .into(),
             });
         }
+        for (key, id) in [("model.small", &m.small), ("model.large", &m.large)] {
+            if !(id.is_empty() || is_model_id(id)) {
+                return Err(InvalidConfig::Model {
+                    key,
+                    why: format!(
+                        "`{id}` is not a Bedrock model id, inference profile id or ARN (letters, digits and . _ : / - only)"
+                    ),
+                });
+            }
+        }
         if !(0.0..=1.0).contains(&m.temperature) {
             return Err(InvalidConfig::Model {
                 key: "model.temperature",
@@ -810,6 +830,38 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn model_ids_are_what_bedrock_names() {
+        for id in [
+            HAIKU_4_5,
+            "anthropic.claude-3-haiku-20240307-v1:0",
+            "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3",
+        ] {
+            assert!(is_model_id(id), "{id}");
+            let table = toml::from_str(&format!("[model]\nsmall = '{id}'")).unwrap();
+            AgentConfig::from_table(table).unwrap();
+        }
+        // What an IAM policy or a template would read as syntax, or as nothing.
+        for id in [
+            "",
+            "us.*",
+            "a b",
+            "x${AWS::Region}",
+            "m\"",
+            "m'",
+            "m\n",
+            "m*",
+        ] {
+            assert!(!is_model_id(id), "{id:?}");
+        }
+        let table = toml::from_str("[model]\nlarge = 'anthropic.*'").unwrap();
+        let err = AgentConfig::from_table(table).unwrap_err().to_string();
+        assert!(
+            err.contains("model.large") && err.contains("anthropic.*"),
+            "{err}"
+        );
     }
 
     #[test]

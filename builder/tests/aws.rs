@@ -1438,7 +1438,11 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
 fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
     let fx = Fixture::new();
     let version = "0.9.0+999999999999";
-    fx.version(version, 8, &[0], Some(true));
+    // The agent's models as a build records them: its role may invoke those only.
+    let haiku = devos_agent::config::HAIKU_4_5;
+    let agent = json!({"file": "devos-agent_0.1.0_amd64.deb", "version": "0.1.0", "sha256": "0",
+        "models": [haiku]});
+    fx.version_with(version, 8, &[0], Some(true), json!({ "agent": agent }));
     let reference = format!("devos-pub@{version}");
     let render = |template: &str, region: &str| {
         fx.run(&[
@@ -1458,6 +1462,11 @@ fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
         if template != "workspaces" {
             assert!(yaml.contains(&format!("Default: {ami}")), "{yaml}");
             assert!(yaml.contains("HttpTokens: required"), "{yaml}");
+            assert!(
+                yaml.contains(&format!("inference-profile/{haiku}\"")),
+                "{yaml}"
+            );
+            assert!(!yaml.contains("foundation-model/*"), "{yaml}");
         } else {
             // It names no region, so it needs none.
             let out = run(
@@ -3502,4 +3511,96 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
         (group, vec!["AZRebalance".to_owned()], None)
     );
     assert_eq!(fx.history("devfleet")[0], "in-place 5.0.0 failed");
+}
+
+/// A Packer AMI is a stock Ubuntu with the agent: `provision.sh` gives it the rule that
+/// keeps instance metadata (the instance role) for root, as images devos-build makes
+/// have. The rule script as provision.sh installs it, run twice in a network namespace
+/// of its own with both metadata addresses on loopback and a listener on each: root
+/// gets through, uid 65534 is refused with "Permission denied".
+#[test]
+fn packer_amis_keep_instance_metadata_for_root() {
+    devos_tests::require_root();
+    for program in ["unshare", "nsenter", "setpriv"] {
+        require(program, "util-linux");
+    }
+    require("ip", "iproute2");
+    let provision =
+        std::fs::read_to_string(devos_tests::repo_root().join("packer/provision.sh")).unwrap();
+    let start = "cat > /usr/local/lib/devos/metadata-root-only <<'RULES'\n";
+    let rules = provision
+        .split_once(start)
+        .and_then(|(_, rest)| rest.split_once("\nRULES\n"))
+        .map(|(rules, _)| rules)
+        .expect("provision.sh writes the metadata rule script");
+    let unit = "ExecStart=/usr/local/lib/devos/metadata-root-only";
+    assert!(provision.contains(unit), "{provision}");
+    assert!(provision.contains("systemctl enable devos-metadata-root-only.service"));
+    assert!(provision.contains("ManageForeignRoutingPolicyRules=no"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("metadata-root-only");
+    std::fs::write(&script, rules).unwrap();
+    let check = r#"
+set -eu
+# This namespace is the instance; a second one, over a veth pair, is EC2's metadata
+# service (an address on the instance's own loopback would take the local table,
+# before any policy rule).
+unshare --net sleep 600 &
+imds=$!
+pids=$imds
+trap 'kill $pids 2>/dev/null || true' EXIT
+until [ "$(readlink /proc/$imds/ns/net)" != "$(readlink /proc/$$/ns/net)" ]; do sleep 0.05; done
+in_imds() { nsenter --net=/proc/$imds/ns/net "$@"; }
+ip link set lo up
+ip link add veth0 type veth peer name veth1
+ip link set veth1 netns /proc/$imds/ns/net
+ip addr add 10.9.0.1/24 dev veth0
+ip link set veth0 up
+ip route add 169.254.169.254/32 via 10.9.0.2
+in_imds ip link set lo up
+in_imds ip addr add 10.9.0.2/24 dev veth1
+in_imds ip addr add 169.254.169.254/32 dev lo
+in_imds ip link set veth1 up
+addresses=169.254.169.254
+if [ -e /proc/sys/net/ipv6 ]; then
+  ip -6 addr add fd09::1/64 dev veth0 nodad
+  ip -6 route add fd00:ec2::254/128 via fd09::2
+  in_imds ip -6 addr add fd09::2/64 dev veth1 nodad
+  in_imds ip -6 addr add fd00:ec2::254/128 dev lo nodad
+  addresses="$addresses fd00:ec2::254"
+fi
+# Twice, as at every boot of a machine whose rules survived: replaced, not added.
+sh "$1"; sh "$1"
+[ "$(ip -4 rule show pref 100 | wc -l)" = 1 ] || { ip -4 rule show; exit 1; }
+for a in $addresses; do
+  in_imds /usr/bin/python3 -c '
+import socket, sys
+a = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET)
+s.bind((a, 80)); s.listen(8)
+while True: s.accept()[0].close()' "$a" >/dev/null 2>&1 &
+  pids="$pids $!"
+done
+connect() { timeout 5 bash -c "exec 3<>/dev/tcp/$1/80" 2>&1; }
+for a in $addresses; do
+  tries=0
+  until connect "$a" >/dev/null; do
+    tries=$((tries + 1)); [ "$tries" -lt 50 ] || { echo "root cannot reach $a: $(connect "$a")"; exit 1; }
+    sleep 0.1
+  done
+  if out=$(setpriv --reuid=65534 --regid=65534 --clear-groups timeout 5 bash -c "exec 3<>/dev/tcp/$a/80" 2>&1); then
+    echo "uid 65534 reached $a"; exit 1
+  fi
+  case "$out" in *"Permission denied"*) echo "refused: $a" ;; *) echo "$a: $out"; exit 1 ;; esac
+done
+"#;
+    let out = Command::new("unshare")
+        .args(["--net", "sh", "-c", check, "check"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    ok(&out);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("refused: 169.254.169.254"), "{said}");
 }

@@ -847,6 +847,7 @@ fn manifest_of(
                 .unwrap_or_default(),
             version: a.version.clone(),
             sha256: a.sha256.clone(),
+            models: Some(AgentInfo::models_of(&spec.agent_config)),
         }),
         users: spec.users.iter().map(|u| u.name.clone()).collect(),
         packages,

@@ -355,7 +355,7 @@ impl Ctx<'_> {
     /// The stack update `plan` makes of `s`, and the outcome it starts with (the
     /// parameters that change).
     fn deployment(&self, s: &Stack, plan: &Plan<'_>) -> Result<(Deployment, Outcome)> {
-        let yaml = render_for(plan.template, &plan.to, &self.region, &plan.ami)?;
+        let yaml = render_for(self.reg, plan.template, &plan.to, &self.region, &plan.ami)?;
         let declared = template_parameters(&yaml);
         let mut parameters = plan.parameters.clone();
         parameters.insert("ImageId".into(), plan.ami.clone());
@@ -696,7 +696,7 @@ pub(crate) fn deploy(
     reg.require_passing(&req.image)?;
     let mut cx = changing(reg, aws, t, None)?;
     let (v, ami) = cx.candidate(&req.image)?;
-    let yaml = render_for(req.template, &v, &cx.region, &ami)?;
+    let yaml = render_for(cx.reg, req.template, &v, &cx.region, &ami)?;
     let declared = template_parameters(&yaml);
     let mut parameters = parse_params(&req.params, &declared, req.template)?;
     let done = until_interrupted(async {

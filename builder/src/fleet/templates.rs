@@ -52,6 +52,51 @@ pub(super) struct Data<'a> {
     version: &'a str,
     region: &'a str,
     ami_id: &'a str,
+    /// What the agent's role may invoke on Bedrock (`!Sub` ARNs); none: no Bedrock.
+    bedrock: Vec<String>,
+}
+
+/// The Bedrock resources an agent calling `models` needs (`None`: the models are not
+/// known, as in manifests of older builds: every model).
+fn bedrock_resources(models: Option<&[String]>) -> Result<Vec<String>> {
+    const MODEL: &str = "arn:${AWS::Partition}:bedrock:*::foundation-model/";
+    const PROFILE: &str = "arn:${AWS::Partition}:bedrock:*:${AWS::AccountId}:inference-profile/";
+    let Some(models) = models else {
+        // A cross-region inference profile (us.anthropic...) runs the model in any of
+        // its regions: the foundation model is allowed in all of them.
+        return Ok(vec![format!("{MODEL}*"), format!("{PROFILE}*")]);
+    };
+    let mut resources = Vec::new();
+    for id in models {
+        if !devos_agent::config::is_model_id(id) {
+            bail!(
+                "the agent's model `{id}` (model.small or model.large) is not a Bedrock model id\n  hint: fix [agent.config.model] in the spec and build again"
+            );
+        }
+        let mut add = |r: String| {
+            if !resources.contains(&r) {
+                resources.push(r);
+            }
+        };
+        if id.starts_with("arn:") {
+            // An application inference profile or a provisioned model: its ARN, and
+            // the foundation models behind it, which its name does not say.
+            add(id.clone());
+            add(format!("{MODEL}*"));
+            continue;
+        }
+        // A system inference profile id is a geography before a model id
+        // (us.anthropic.claude-…, global.…; a model id's own name has no dot): the
+        // account's profile, and the model it names in every region it routes to.
+        match id.split_once('.') {
+            Some((_, model)) if model.contains('.') => {
+                add(format!("{PROFILE}{id}"));
+                add(format!("{MODEL}{model}"));
+            }
+            _ => add(format!("{MODEL}{id}")),
+        }
+    }
+    Ok(resources)
 }
 
 /// The AMI of `v` in `region`; an error saying how to publish it if there is none.
@@ -92,15 +137,21 @@ pub(crate) fn render(
     } else {
         published_ami(reg, &v, region)?
     };
-    render_for(template, &v, region, &ami_id)
+    render_for(reg, template, &v, region, &ami_id)
 }
 
 pub(super) fn render_for(
+    reg: &Registry,
     template: Template,
     v: &VersionInfo,
     region: &str,
     ami_id: &str,
 ) -> Result<String> {
+    let models = match reg.manifest(v)?.agent {
+        Some(agent) => agent.models,
+        // No agent in the image: nothing calls Bedrock.
+        None => Some(Vec::new()),
+    };
     render_data(
         template,
         &Data {
@@ -108,6 +159,7 @@ pub(super) fn render_for(
             version: &v.version,
             region,
             ami_id,
+            bedrock: bedrock_resources(models.as_deref())?,
         },
     )
 }
@@ -122,6 +174,7 @@ pub(super) fn declared_parameters(template: Template) -> Result<Vec<String>> {
             version: "0.0.0",
             region: "us-east-1",
             ami_id: "ami-00000000000000000",
+            bedrock: bedrock_resources(None)?,
         },
     )?;
     Ok(template_parameters(&yaml))
@@ -130,8 +183,8 @@ pub(super) fn declared_parameters(template: Template) -> Result<Vec<String>> {
 fn render_data(template: Template, data: &Data<'_>) -> Result<String> {
     let mut hb = handlebars::Handlebars::new();
     hb.set_strict_mode(true);
-    // Every value is an image name, a version, a region or an AMI id: no YAML escaping
-    // is needed, and HTML escaping would be wrong.
+    // Every value is an image name, a version, a region, an AMI id or an ARN of
+    // checked characters: no YAML escaping is needed, and HTML escaping would be wrong.
     hb.register_escape_fn(handlebars::no_escape);
     hb.register_partial("common", COMMON)
         .context("cannot load cloudformation/common.hbs")?;
@@ -158,4 +211,84 @@ pub(super) fn template_parameters(yaml: &str) -> Vec<String> {
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::manifest::AgentInfo;
+
+    fn rendered(template: Template, models: Option<&[String]>) -> String {
+        let data = Data {
+            name: "devos-debian",
+            version: "0.2.0",
+            region: "us-east-1",
+            ami_id: "ami-00000000000000000",
+            bedrock: bedrock_resources(models).unwrap(),
+        };
+        render_data(template, &data).unwrap()
+    }
+
+    #[test]
+    fn the_agent_role_may_invoke_the_images_models_only() {
+        let defaults = AgentInfo::models_of(&devos_agent::config::AgentConfig::default());
+        assert_eq!(defaults.len(), 2, "{defaults:?}");
+        for template in [Template::Instance, Template::Fleet] {
+            let yaml = rendered(template, Some(&defaults));
+            let haiku = devos_agent::config::HAIKU_4_5;
+            let model = haiku.split_once('.').unwrap().1;
+            for arn in [
+                format!("bedrock:*:${{AWS::AccountId}}:inference-profile/{haiku}\""),
+                format!("bedrock:*::foundation-model/{model}\""),
+            ] {
+                assert!(yaml.contains(&arn), "{arn}\n{yaml}");
+            }
+            assert!(!yaml.contains("/*\""), "a wildcard is left:\n{yaml}");
+            // A profile id is not a model id, nor the other way round.
+            assert!(!yaml.contains("foundation-model/us."), "{yaml}");
+            assert!(!yaml.contains("inference-profile/anthropic."), "{yaml}");
+
+            // The model route off: no Bedrock at all.
+            let yaml = rendered(template, Some(&[]));
+            assert!(!yaml.contains("bedrock:"), "{yaml}");
+            assert!(yaml.contains("Sid: HealthSignal"), "{yaml}");
+
+            // A manifest from before the models were recorded: every model, as then.
+            let yaml = rendered(template, None);
+            assert!(yaml.contains("foundation-model/*\""), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn model_ids_and_arns_become_their_resources() {
+        let arn = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/x1";
+        let models = [
+            "anthropic.claude-3-haiku-20240307-v1:0".to_owned(),
+            arn.to_owned(),
+        ];
+        let r = bedrock_resources(Some(&models)).unwrap();
+        let model = "arn:${AWS::Partition}:bedrock:*::foundation-model/";
+        assert_eq!(
+            r,
+            [
+                format!("{model}anthropic.claude-3-haiku-20240307-v1:0"),
+                arn.to_owned(),
+                format!("{model}*"),
+            ]
+        );
+        // A manifest edited by hand cannot put template syntax into the policy.
+        let err = bedrock_resources(Some(&["x${AWS::Region}".to_owned()])).unwrap_err();
+        assert!(err.to_string().contains("x${AWS::Region}"), "{err}");
+    }
+
+    #[test]
+    fn workspaces_are_encrypted_unless_told_otherwise() {
+        let yaml = rendered(Template::Workspaces, None);
+        assert!(yaml.contains("Default: alias/aws/workspaces"), "{yaml}");
+        assert!(
+            yaml.contains("RootVolumeEncryptionEnabled: !If [Encrypted, true, false]"),
+            "{yaml}"
+        );
+        assert!(template_parameters(&yaml).contains(&"VolumeEncryptionKey".to_owned()));
+    }
 }

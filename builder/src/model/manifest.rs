@@ -135,6 +135,27 @@ pub(crate) struct AgentInfo {
     pub(crate) file: String,
     pub(crate) version: String,
     pub(crate) sha256: String,
+    /// The Bedrock models (or inference profiles) the agent's configuration calls:
+    /// what its instance role may invoke. Empty with the model route off; `None` in
+    /// manifests of builds made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) models: Option<Vec<String>>,
+}
+
+impl AgentInfo {
+    /// The models `config` calls, each once.
+    pub(crate) fn models_of(config: &devos_agent::config::AgentConfig) -> Vec<String> {
+        let m = &config.model;
+        let mut models = Vec::new();
+        if m.enabled {
+            for id in [&m.small, &m.large] {
+                if !models.contains(id) {
+                    models.push(id.clone());
+                }
+            }
+        }
+        models
+    }
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
