@@ -434,6 +434,33 @@ impl Fixture {
 
     /// The AMI of the launch template version a fleet's group uses, and the AMIs of the
     /// group's instances.
+    /// The root volume `stack`'s launch template asks for: device, encrypted, GiB.
+    fn root_volume(&self, stack: &str) -> (String, bool, i32) {
+        let lt = self.resource_id(stack, "LaunchTemplate");
+        let ec2 = self.ec2("us-east-1");
+        self.block_on(async {
+            let versions = ec2
+                .describe_launch_template_versions()
+                .launch_template_id(lt)
+                .versions("$Latest")
+                .send()
+                .await
+                .unwrap();
+            let data = versions.launch_template_versions()[0]
+                .launch_template_data()
+                .unwrap();
+            let [mapping] = data.block_device_mappings() else {
+                panic!("one block device mapping: {data:?}");
+            };
+            let ebs = mapping.ebs().unwrap();
+            (
+                mapping.device_name().unwrap().to_owned(),
+                ebs.encrypted().unwrap_or(false),
+                ebs.volume_size().unwrap_or(0),
+            )
+        })
+    }
+
     fn fleet(&self, stack: &str) -> (String, Vec<String>) {
         let (lt_image, instances) = self
             .group(stack)
@@ -1674,6 +1701,11 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     let (lt, instances) = fx.fleet("devfleet");
     assert_eq!(lt, amis["1.0.0"]);
     assert_eq!(instances, vec![amis["1.0.0"].clone(); 2]);
+    // The instances' root volumes are encrypted: the AMI's root device, its size.
+    assert_eq!(
+        fx.root_volume("devfleet"),
+        ("/dev/xvda".to_owned(), true, 1)
+    );
     assert_eq!(fx.ssh_access("devfleet"), (None, Vec::new()));
     assert_eq!(
         fx.ssh_access("devfleet-canary"),

@@ -54,6 +54,44 @@ pub(super) struct Data<'a> {
     ami_id: &'a str,
     /// What the agent's role may invoke on Bedrock (`!Sub` ARNs); none: no Bedrock.
     bedrock: Vec<String>,
+    /// The AMI's root volume, which instances get encrypted (not for WorkSpaces).
+    root: Option<RootVolume>,
+}
+
+/// An AMI's root device and its size, as launch templates must name them to change
+/// how the volume is made.
+#[derive(Serialize)]
+struct RootVolume {
+    device: &'static str,
+    gib: u64,
+}
+
+impl RootVolume {
+    /// The root volume of the AMI `ami_id` of `v`, as it was published: the direct
+    /// upload's (`/dev/xvda`, the raw image's size) or Packer's (`/dev/sda1`, 8 GiB:
+    /// packer/devos-ami.pkr.hcl.hbs).
+    fn of(reg: &Registry, v: &VersionInfo, ami_id: &str) -> Result<Self> {
+        let kind = reg
+            .publications(Some(&v.name), Some(&v.version))?
+            .into_iter()
+            .find(|p| p.ami_id.as_deref() == Some(ami_id))
+            .map(|p| p.kind);
+        if kind.is_some_and(|k| k != "ami") {
+            return Ok(RootVolume {
+                device: "/dev/sda1",
+                gib: 8,
+            });
+        }
+        let raw = v
+            .artifacts
+            .iter()
+            .find(|a| a.format == crate::model::spec::Format::Raw)
+            .with_context(|| format!("{}@{} has no raw image", v.name, v.version))?;
+        Ok(RootVolume {
+            device: "/dev/xvda",
+            gib: raw.size.div_ceil(1 << 30).max(1),
+        })
+    }
 }
 
 /// The Bedrock resources an agent calling `models` needs (`None`: the models are not
@@ -152,6 +190,10 @@ pub(super) fn render_for(
         // No agent in the image: nothing calls Bedrock.
         None => Some(Vec::new()),
     };
+    let root = match template {
+        Template::Workspaces => None,
+        _ => Some(RootVolume::of(reg, v, ami_id)?),
+    };
     render_data(
         template,
         &Data {
@@ -160,6 +202,7 @@ pub(super) fn render_for(
             region,
             ami_id,
             bedrock: bedrock_resources(models.as_deref())?,
+            root,
         },
     )
 }
@@ -175,6 +218,10 @@ pub(super) fn declared_parameters(template: Template) -> Result<Vec<String>> {
             region: "us-east-1",
             ami_id: "ami-00000000000000000",
             bedrock: bedrock_resources(None)?,
+            root: (template != Template::Workspaces).then_some(RootVolume {
+                device: "/dev/xvda",
+                gib: 2,
+            }),
         },
     )?;
     Ok(template_parameters(&yaml))
@@ -225,6 +272,10 @@ mod tests {
             region: "us-east-1",
             ami_id: "ami-00000000000000000",
             bedrock: bedrock_resources(models).unwrap(),
+            root: (template != Template::Workspaces).then_some(RootVolume {
+                device: "/dev/xvda",
+                gib: 2,
+            }),
         };
         render_data(template, &data).unwrap()
     }
@@ -279,6 +330,15 @@ mod tests {
         // A manifest edited by hand cannot put template syntax into the policy.
         let err = bedrock_resources(Some(&["x${AWS::Region}".to_owned()])).unwrap_err();
         assert!(err.to_string().contains("x${AWS::Region}"), "{err}");
+    }
+
+    #[test]
+    fn instances_root_volumes_are_encrypted() {
+        for template in [Template::Instance, Template::Fleet] {
+            let yaml = rendered(template, None);
+            let mapping = "BlockDeviceMappings:\n          - DeviceName: /dev/xvda\n            Ebs:\n              Encrypted: true\n              VolumeSize: 2\n              VolumeType: gp3\n";
+            assert!(yaml.contains(mapping), "{yaml}");
+        }
     }
 
     #[test]
