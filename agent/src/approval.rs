@@ -1,5 +1,6 @@
-//! Who decides whether an action runs: deny rules (always first), then the policy's
-//! auto-approved classes, then the user's remembered rules; anything else asks.
+//! Who decides whether an action runs: deny rules (always first), a program that is
+//! not installed (it could not run), then the policy's auto-approved classes, then the
+//! user's remembered rules; anything else asks.
 //!
 //! Rules mean exactly what was approved. A remembered approval is, by default, the
 //! exact action (argv or file operation) in the exact working directory. A prefix —
@@ -58,6 +59,14 @@ pub fn decide(
                 };
             }
         }
+    }
+    if let Some(program) = &risk.not_installed {
+        return Decision::Denied {
+            by: "this machine".into(),
+            reason: format!(
+                "`{program}` is not installed here, so this cannot run; on a DevOS image, add its package to the image's spec ([packages] include, or a layer such as build-tools) and build it again"
+            ),
+        };
     }
     if let Some(rule) = rules
         .iter()
@@ -557,6 +566,51 @@ mod tests {
 
     fn approved(d: &Decision) -> bool {
         matches!(d, Decision::Approved { .. })
+    }
+
+    #[test]
+    fn a_program_that_is_not_installed_is_refused_not_asked_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = &std::fs::canonicalize(dir.path()).unwrap();
+        let none = UserPolicy::default();
+        for argv in [
+            &["devos-no-such-program", "status"][..],
+            &["devos-no-such-program"],
+        ] {
+            match decide_argv(argv, cwd, &[], &none) {
+                Decision::Denied { by, reason } => {
+                    assert_eq!(by, "this machine");
+                    assert!(
+                        reason.contains("`devos-no-such-program` is not installed"),
+                        "{reason}"
+                    );
+                    assert!(reason.contains("[packages] include"), "{reason}");
+                }
+                other => panic!("{argv:?}: {other:?}"),
+            }
+        }
+        // Installed programs, and words of a shell script (a function of its own,
+        // say), are decided as before.
+        assert_eq!(
+            decide_argv(&["ls"], cwd, &[], &none),
+            Decision::Approved {
+                by: "policy: read-only runs without asking".into()
+            }
+        );
+        let action = Action::Shell {
+            script: "f() { echo hi; }; f; devos-no-such-program".into(),
+        };
+        let risk = classify_in(&action, cwd);
+        assert_eq!(risk.not_installed, None);
+        let decided = decide(
+            &action,
+            &risk,
+            cwd,
+            &Policy::default(),
+            &developer(&none),
+            &[],
+        );
+        assert_eq!(decided, Decision::Ask);
     }
 
     #[test]

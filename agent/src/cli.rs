@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use crate::client::Agent1Proxy;
 use crate::executor::{one_line, printable};
 use crate::request::{ActionState, Decision, Request, Rule, State};
+use crate::{out, outln};
 
 /// Talk to the DevOS agent: run requests, approve what it wants to do, see history.
 #[derive(Parser)]
@@ -71,7 +72,8 @@ enum Command {
     Show { id: String },
     /// Your recent requests, newest first.
     History {
-        #[arg(short = 'n', long, default_value_t = 20)]
+        /// How many (1 to 10000).
+        #[arg(short = 'n', long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
     },
     /// Remembered approvals and denials.
@@ -235,9 +237,9 @@ async fn update(
     })?;
     let v: serde_json::Value = serde_json::from_str(&reply)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{}", printable(v["message"].as_str().unwrap_or_default()));
+        outln!("{}", printable(v["message"].as_str().unwrap_or_default()));
     }
     if reboot && v["reboot"] == true {
         let status = std::process::Command::new("systemctl")
@@ -300,9 +302,9 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Show { id } => {
             let r: Request = serde_json::from_str(&agent.get(&id).await.map_err(agent_error)?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                print_request(&r, true);
+                print_request(&r, true)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -310,10 +312,10 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = agent.history(limit).await.map_err(agent_error)?;
             let list: Vec<Request> = serde_json::from_str(&text)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for r in &list {
-                    println!(
+                    outln!(
                         "{}  {:<17}  {}  {}",
                         one_line(&r.id),
                         r.state.as_str(),
@@ -333,24 +335,29 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = agent.verify_audit().await.map_err(agent_error)?;
             let v: crate::audit::Verification = serde_json::from_str(&text)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else if let Some(bad) = &v.first_bad {
-                println!(
+                outln!(
                     "audit log: TAMPERED — first bad entry: {} line {}{}: {}",
                     one_line(&bad.file),
                     bad.line,
                     bad.seq.map(|s| format!(" (entry {s})")).unwrap_or_default(),
                     one_line(&bad.reason)
                 );
+            } else if let Some(after) = v.resumed_after.filter(|after| *after >= v.entries) {
+                outln!(
+                    "audit log: ok — nothing appended since the last verification (up to entry {after}), head {}; `sudo devos audit verify` reads the whole log",
+                    &v.last_hash[..16]
+                );
             } else if let Some(after) = v.resumed_after {
-                println!(
+                outln!(
                     "audit log: ok — entries {}–{} since the last verification (up to entry {after}), head {}; `sudo devos audit verify` reads the whole log",
                     after + 1,
                     v.entries,
                     &v.last_hash[..16]
                 );
             } else {
-                println!(
+                outln!(
                     "audit log: ok — {} entries in {} file(s), {} checkpoints, head {}",
                     v.entries,
                     v.files,
@@ -368,11 +375,11 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
             let text = agent.status().await.map_err(agent_error)?;
             let v: serde_json::Value = serde_json::from_str(&text)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
             } else if let Some(map) = v.as_object() {
                 for (k, v) in map {
                     // (JSON escapes C0 controls in strings, not C1 ones nor DEL.)
-                    println!("{}: {}", one_line(k), one_line(&v.to_string()));
+                    outln!("{}: {}", one_line(k), one_line(&v.to_string()));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -384,15 +391,15 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// came from a user, the model or the file system (the request, descriptions, paths
 /// in profiles and reasons, rule descriptions) is shown with [`one_line`]; output and
 /// answers, which are text of many lines, with [`printable`].
-fn print_request(r: &Request, with_output: bool) {
-    println!(
+fn print_request(r: &Request, with_output: bool) -> anyhow::Result<()> {
+    outln!(
         "request {} ({}): {}",
         one_line(&r.id),
         r.state.as_str(),
         one_line(&r.text)
     );
     if !r.summary.is_empty() {
-        println!("plan: {}", one_line(&r.summary));
+        outln!("plan: {}", one_line(&r.summary));
     }
     for a in &r.actions {
         let decision = match &a.decision {
@@ -402,8 +409,8 @@ fn print_request(r: &Request, with_output: bool) {
                 format!("DENIED ({}): {}", one_line(by), one_line(reason))
             }
         };
-        println!("  [{}] {}", a.index, one_line(&a.description));
-        println!(
+        outln!("  [{}] {}", a.index, one_line(&a.description));
+        outln!(
             "      risk: {} — {}",
             a.risk.class,
             if a.risk.reasons.is_empty() {
@@ -413,24 +420,25 @@ fn print_request(r: &Request, with_output: bool) {
             }
         );
         if !a.profile.is_empty() {
-            println!("      sandbox: {}", one_line(&a.profile));
+            outln!("      sandbox: {}", one_line(&a.profile));
         }
-        println!("      {decision}; {:?}", a.state);
+        outln!("      {decision}; {:?}", a.state);
         if with_output && !a.output.is_empty() {
             for line in printable(&a.output).lines() {
-                println!("      | {line}");
+                outln!("      | {line}");
             }
         }
         if let Some(e) = &a.error {
-            println!("      error: {}", one_line(e));
+            outln!("      error: {}", one_line(e));
         }
     }
     if let (true, Some(answer)) = (with_output, &r.answer) {
-        println!("answer:\n{}", printable(answer));
+        outln!("answer:\n{}", printable(answer));
     }
     if let Some(e) = &r.error {
-        println!("{}", printable(e));
+        outln!("{}", printable(e));
     }
+    Ok(())
 }
 
 /// One rule as `devos rules` lists it; its description names argv words and paths
@@ -543,67 +551,86 @@ async fn run_request(
         json,
         streamed: std::cell::Cell::new(false),
     };
-    let r = watch.get().await?;
-    if !json {
-        // (A request answered at once — a question to the context index — shows
-        // its answer.)
-        print_request(&r, r.state.is_final());
-    }
-    if r.state.is_final() {
-        if json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
+    // Ctrl-C cancels the request (a running action is killed), as it would stop a
+    // command run by hand.
+    let follow = async {
+        let r = watch.get().await?;
+        if !json {
+            // (A request answered at once — a question to the context index — shows
+            // its answer.)
+            print_request(&r, r.state.is_final())?;
         }
-        return Ok(exit_for(&r));
-    }
-    let interactive = std::io::stdin().is_terminal();
-    loop {
-        // Biased: text and output that came before an approval prompt or the end are
-        // shown first.
-        tokio::select! {
-            biased;
-            Some(sig) = model_text.next() => {
-                let args = sig.args()?;
-                if args.id == id && !json {
-                    print!("{}", printable(args.text));
-                    std::io::stdout().flush().ok();
-                    watch.streamed.set(true);
-                }
+        if r.state.is_final() {
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             }
-            Some(sig) = output.next() => {
-                let args = sig.args()?;
-                if args.id == id && !json {
-                    print!("{}", printable(args.data));
-                    // (Live output only; the request keeps all of it.)
-                    std::io::stdout().flush().ok();
-                }
-            }
-            Some(sig) = approvals.next() => {
-                let args = sig.args()?;
-                if args.id != id {
-                    continue;
-                }
-                let asked = Asked {
-                    index: args.action,
-                    risk: args.risk.to_owned(),
-                    description: args.description.to_owned(),
-                    from_model: args.origin == "model",
-                };
-                if let Some(code) = watch.approval_needed(asked, interactive).await? {
-                    return Ok(code);
-                }
-            }
-            Some(sig) = changed.next() => {
-                let args = sig.args()?;
-                if args.id != id {
-                    continue;
-                }
-                if matches!(args.state, "done" | "failed" | "denied" | "cancelled") {
-                    return watch.finished().await;
-                }
-            }
-            else => bail!("lost the connection to the agent"),
+            return Ok(exit_for(&r));
         }
+        let interactive = std::io::stdin().is_terminal();
+        loop {
+            // Biased: text and output that came before an approval prompt or the end are
+            // shown first.
+            tokio::select! {
+                biased;
+                Some(sig) = model_text.next() => {
+                    let args = sig.args()?;
+                    if args.id == id && !json {
+                        out!("{}", printable(args.text));
+                        std::io::stdout().flush().ok();
+                        watch.streamed.set(true);
+                    }
+                }
+                Some(sig) = output.next() => {
+                    let args = sig.args()?;
+                    if args.id == id && !json {
+                        out!("{}", printable(args.data));
+                        // (Live output only; the request keeps all of it.)
+                        std::io::stdout().flush().ok();
+                    }
+                }
+                Some(sig) = approvals.next() => {
+                    let args = sig.args()?;
+                    if args.id != id {
+                        continue;
+                    }
+                    let asked = Asked {
+                        index: args.action,
+                        risk: args.risk.to_owned(),
+                        description: args.description.to_owned(),
+                        from_model: args.origin == "model",
+                    };
+                    if let Some(code) = watch.approval_needed(asked, interactive).await? {
+                        return Ok(code);
+                    }
+                }
+                Some(sig) = changed.next() => {
+                    let args = sig.args()?;
+                    if args.id != id {
+                        continue;
+                    }
+                    if matches!(args.state, "done" | "failed" | "denied" | "cancelled") {
+                        return watch.finished().await;
+                    }
+                }
+                else => bail!("lost the connection to the agent"),
+            }
+        }
+    };
+    tokio::select! {
+        code = follow => code,
+        _ = tokio::signal::ctrl_c() => interrupted(agent, &id).await,
     }
+}
+
+/// Ctrl-C while `devos run` follows request `id`: cancel it, say so, and exit as an
+/// interrupted command does (at once: an approval prompt may still be reading stdin).
+async fn interrupted(agent: &Agent1Proxy<'_>, id: &str) -> ! {
+    eprintln!();
+    match agent.cancel(id).await {
+        Ok(()) => eprintln!("request {id}: cancelled (Ctrl-C)"),
+        Err(e) => eprintln!("request {id}: not cancelled: {}", agent_error(e)),
+    }
+    std::process::exit(130)
 }
 
 /// An `ApprovalNeeded` signal's action, as the agent sent it (not yet made safe to
@@ -655,6 +682,10 @@ impl Watch<'_> {
             if self.wait {
                 return Ok(None);
             }
+            if self.json {
+                // The request as it waits, for a script to decide on.
+                outln!("{}", serde_json::to_string_pretty(&self.get().await?)?);
+            }
             return Ok(Some(ExitCode::from(3)));
         }
         // (Only the prompt's detail: without it the prompt still asks.)
@@ -685,7 +716,7 @@ impl Watch<'_> {
     async fn finished(&self) -> anyhow::Result<ExitCode> {
         let r = self.get().await?;
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
+            outln!("{}", serde_json::to_string_pretty(&r)?);
         } else {
             for a in r.actions.iter().filter(|a| a.state == ActionState::Failed) {
                 eprintln!(
@@ -694,12 +725,15 @@ impl Watch<'_> {
                     a.error
                         .as_deref()
                         .map(one_line)
-                        .unwrap_or_else(|| format!("exit status {:?}", a.exit_code))
+                        .unwrap_or_else(|| match a.exit_code {
+                            Some(code) => format!("exit status {code}"),
+                            None => "ended without an exit status".into(),
+                        })
                 );
             }
             match &r.answer {
-                Some(_) if self.streamed.get() => println!(),
-                Some(answer) => println!("{}", printable(answer)),
+                Some(_) if self.streamed.get() => outln!(),
+                Some(answer) => outln!("{}", printable(answer)),
                 None => {}
             }
             if let Some(e) = &r.error {
@@ -752,16 +786,22 @@ async fn usage(
     let v: serde_json::Value =
         serde_json::from_str(&agent.usage(&since).await.map_err(agent_error)?)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<crate::store::UsageRow> = serde_json::from_value(v["rows"].clone())?;
-    println!(
+    outln!(
         "{:<10}  {:<12}  {:<46}  {:>5}  {:>10}  {:>10}  {:>10}",
-        "day", "user", "model", "calls", "in", "out", "cost"
+        "day",
+        "user",
+        "model",
+        "calls",
+        "in",
+        "out",
+        "cost"
     );
     for r in &rows {
-        println!(
+        outln!(
             "{:<10}  {:<12}  {:<46}  {:>5}  {:>10}  {:>10}  {:>10}",
             one_line(&r.day),
             one_line(&r.user),
@@ -789,7 +829,7 @@ async fn usage(
             "no limit".into()
         }
     };
-    println!(
+    outln!(
         "since {}: ${:.4}{}\nyou: ${:.4} today (budget {}), ${:.4} this month (budget {}); machine: ${:.4} this month (budget {})",
         one_line(v["since"].as_str().unwrap_or("?")),
         v["total-cost-usd"].as_f64().unwrap_or(0.0),
@@ -880,10 +920,10 @@ async fn rules(
         RulesCommand::List => {
             let list: Vec<Rule> = serde_json::from_str(&agent.rules().await.map_err(agent_error)?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for r in &list {
-                    println!("{}", rule_line(r));
+                    outln!("{}", rule_line(r));
                 }
             }
         }
@@ -902,9 +942,9 @@ async fn rules(
                 .await
                 .map_err(agent_error)?;
             if json {
-                println!("{}", serde_json::json!({ "id": id }));
+                outln!("{}", serde_json::json!({ "id": id }));
             } else {
-                println!("rule {id} added");
+                outln!("rule {id} added");
             }
         }
         RulesCommand::Remove { id } => {
@@ -942,9 +982,9 @@ async fn context(
                 .await
                 .map_err(agent_error)?;
             if json {
-                println!("{}", serde_json::json!({ "root": root }));
+                outln!("{}", serde_json::json!({ "root": root }));
             } else {
-                println!(
+                outln!(
                     "indexing {}; `devos context status` shows progress",
                     p(&root)
                 );
@@ -959,9 +999,9 @@ async fn context(
                 .await
                 .map_err(agent_error)?;
             if json {
-                println!("{}", serde_json::json!({ "removed": dir }));
+                outln!("{}", serde_json::json!({ "removed": dir }));
             } else {
-                println!("no longer indexing {}", p(&dir.to_string_lossy()));
+                outln!("no longer indexing {}", p(&dir.to_string_lossy()));
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -989,7 +1029,7 @@ async fn context(
         ContextCommand::Status => serde_json::from_str(&ctx.status().await.map_err(agent_error)?)?,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        outln!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(ExitCode::SUCCESS);
     }
     let s = |v: &Value| p(v.as_str().unwrap_or(""));
@@ -1002,17 +1042,20 @@ async fn context(
                 ""
             };
             match h["snippet"].as_str() {
-                Some(snippet) => println!("{}: {}", s(&h["path"]), p(snippet)),
-                None => println!("{}  {}{ignored}", s(&h["path"]), stamp(&h["mtime"])),
+                Some(snippet) => outln!("{}: {}", s(&h["path"]), p(snippet)),
+                None => outln!("{}  {}{ignored}", s(&h["path"]), stamp(&h["mtime"])),
             }
         }
     } else if let Some(procs) = reply.get("processes") {
-        println!(
+        outln!(
             "{:>7} {:>6} {:>9}  {:<24} COMMAND",
-            "PID", "CPU%", "RSS MiB", "PROJECT"
+            "PID",
+            "CPU%",
+            "RSS MiB",
+            "PROJECT"
         );
         for pr in list(procs) {
-            println!(
+            outln!(
                 "{:>7} {:>6.1} {:>9}  {:<24} {}",
                 pr["pid"],
                 pr["cpu-percent"].as_f64().unwrap_or(0.0),
@@ -1023,10 +1066,10 @@ async fn context(
         }
     } else if let Some(repos) = reply.get("repositories") {
         for r in list(repos) {
-            print_git(&r);
+            print_git(&r)?;
         }
     } else if reply.get("work-tree").is_some() {
-        print_git(&reply);
+        print_git(&reply)?;
     } else if let Some(projects) = reply.get("projects").or(reply.is_array().then_some(&reply)) {
         for pr in list(projects) {
             let how = match pr["mode"].as_str().unwrap_or("") {
@@ -1043,14 +1086,14 @@ async fn context(
                 .as_str()
                 .map(|b| format!(" [{}]", p(b)))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "{}{branch}: {} entries; {how}",
                 s(&pr["root"]),
                 pr["entries"]
             );
         }
         if let Some(watcher) = reply.get("watcher") {
-            println!(
+            outln!(
                 "index: {} entries of at most {}, {} KiB of at most {} MiB; watcher {}",
                 reply["entries"],
                 reply["max-files"],
@@ -1059,10 +1102,10 @@ async fn context(
                 s(watcher)
             );
             if let Some(full) = reply["full"].as_str() {
-                println!("FULL: {}", p(full));
+                outln!("FULL: {}", p(full));
             }
             if let Some(rebuilt) = reply["rebuilt"].as_object() {
-                println!(
+                outln!(
                     "rebuilt: the index was corrupt ({}) and was moved to {}",
                     s(&rebuilt["error"]),
                     s(&rebuilt["moved-to"])
@@ -1078,11 +1121,11 @@ fn stamp(secs: &serde_json::Value) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn print_git(r: &serde_json::Value) {
+fn print_git(r: &serde_json::Value) -> anyhow::Result<()> {
     // (Branches, paths, subjects and authors: each on one line of a listing.)
     let p = one_line;
     let s = |v: &serde_json::Value| p(v.as_str().unwrap_or(""));
-    println!(
+    outln!(
         "{}: {}{}",
         s(&r["work-tree"]),
         r["branch"].as_str().map_or("(detached)".to_owned(), p),
@@ -1092,7 +1135,7 @@ fn print_git(r: &serde_json::Value) {
             .unwrap_or_default()
     );
     if let Some(e) = r["error"].as_str() {
-        println!("  error: {}", p(e));
+        outln!("  error: {}", p(e));
     }
     for (what, key) in [
         ("staged", "staged"),
@@ -1110,20 +1153,21 @@ fn print_git(r: &serde_json::Value) {
                 .map(s)
                 .collect();
             let more = if n > names.len() as u64 { ", ..." } else { "" };
-            println!("  {n} {what}: {}{more}", names.join(", "));
+            outln!("  {n} {what}: {}{more}", names.join(", "));
         }
     }
     if r["stashes"].as_u64().unwrap_or(0) > 0 {
-        println!("  {} stashes", r["stashes"]);
+        outln!("  {} stashes", r["stashes"]);
     }
     for c in r["commits"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {} {} ({})",
             p(c["id"].as_str().unwrap_or("").get(..10).unwrap_or("")),
             s(&c["subject"]),
             s(&c["author"])
         );
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod planner;
 #[cfg(feature = "daemon")]
 pub mod request;
 pub mod risk;
+pub mod stdout;
 #[cfg(feature = "daemon")]
 pub mod store;
 

@@ -729,3 +729,97 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
         stderr(&out)
     );
 }
+
+#[test]
+fn ctrl_c_cancels_a_closed_stdout_ends_quietly_and_missing_programs_are_refused() {
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let cwd = project.path();
+
+    // Ctrl-C while `devos run` follows a request (here: one waiting for approval,
+    // followed with --wait) cancels the request, says so and exits 130.
+    let child = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", alice.uid))
+        .arg(format!("--regid={}", alice.uid))
+        .args([
+            "--init-groups",
+            DEVOS,
+            "run",
+            "--wait",
+            "create directory ctrlc",
+        ])
+        .current_dir(cwd)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &agent.bus.address)
+        .env("HOME", &alice.home)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut waiting = serde_json::Value::Null;
+    assert!(
+        devos_tests::wait_for(std::time::Duration::from_secs(20), || {
+            let list = json(&agent.devos(Some(&alice), cwd, &["--json", "history"]));
+            waiting = list[0].clone();
+            waiting["state"] == "awaiting-approval"
+        }),
+        "no request waits: {waiting}"
+    );
+    let id = waiting["id"].as_str().unwrap().to_owned();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("request {id}: cancelled (Ctrl-C)")),
+        "{}",
+        stderr(&out)
+    );
+    let r = json(&agent.devos(Some(&alice), cwd, &["--json", "show", &id]));
+    assert_eq!(r["state"], "cancelled", "{r}");
+    assert!(!cwd.join("ctrlc").exists());
+
+    // A reader that closes stdout early has all it wanted: no panic, exit 0.
+    for args in [&["--json", "history"][..], &["history"], &["show", &id]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new("setpriv")
+            .arg(format!("--reuid={}", alice.uid))
+            .arg(format!("--regid={}", alice.uid))
+            .arg("--init-groups")
+            .arg(DEVOS)
+            .args(args)
+            .current_dir(cwd)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &agent.bus.address)
+            .env("HOME", &alice.home)
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+
+    // A program that is not installed is refused when planned, not offered for
+    // approval to fail with status 127.
+    let out = agent.devos(
+        Some(&alice),
+        cwd,
+        &["--json", "run", "$ devos-no-such-program --version"],
+    );
+    let r = json(&out);
+    assert_eq!(r["state"], "denied", "{r}");
+    let decision = &r["actions"][0]["decision"];
+    assert_eq!(decision["by"], "this machine", "{r}");
+    assert!(
+        decision["reason"]
+            .as_str()
+            .unwrap()
+            .contains("`devos-no-such-program` is not installed"),
+        "{r}"
+    );
+}

@@ -57,7 +57,7 @@ pub enum ModelError {
     )]
     NoCredentials(String),
     #[error(
-        "no AWS region for Bedrock: set [model] region in /etc/devos/agent.toml (or AWS_REGION for the agent)"
+        "no AWS region for Bedrock: set [model] region in /etc/devos/agent.toml (on a DevOS image: [agent.config.model] region in its spec, then build and update), or AWS_REGION for the agent"
     )]
     NoRegion,
     #[error(

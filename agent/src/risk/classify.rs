@@ -41,6 +41,10 @@ pub struct Risk {
     /// Whether the classifier itself failed (then `class` is `privileged`).
     #[serde(default)]
     pub classifier_failed: bool,
+    /// The program the action names by name alone, when no system directory holds
+    /// it: the action cannot run, so it is refused rather than asked about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_installed: Option<String>,
 }
 
 impl Risk {
@@ -56,6 +60,7 @@ impl Risk {
             secrets: Vec::new(),
             repo_programs: false,
             classifier_failed: false,
+            not_installed: None,
         }
     }
 
@@ -214,6 +219,11 @@ fn classify_inner(action: &Action, scope: &Scope) -> Risk {
                 }
             }
         }
+    }
+    if !matches!(action, Action::Run { .. } | Action::Git { .. }) {
+        // (A word of a shell script may be a function or builtin of its own: only an
+        // argv names the program exactly.)
+        c.risk.not_installed = None;
     }
     if c.risk.class >= RiskClass::WritesWorkdir
         && c.risk.class < RiskClass::Privileged

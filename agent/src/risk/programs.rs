@@ -550,6 +550,9 @@ pub(crate) fn classify_argv(c: &mut Classifier, argv: &[String]) {
         Ok(p) => p,
         Err(e) => {
             let name = running_as(argv0);
+            if matches!(e, ProgramError::NotInstalled { .. }) {
+                c.risk.not_installed = Some(argv0.to_owned());
+            }
             c.risk.normalized = Some(normalized(c, &name, args, known(&name)));
             if PRIVILEGED.contains(&name.as_str()) {
                 c.risk.raise(

@@ -349,6 +349,7 @@ mod tests {
             secrets: Vec::new(),
             repo_programs: false,
             classifier_failed: false,
+            not_installed: None,
         }
     }
 

@@ -33,10 +33,17 @@ pub struct Agent {
 
 /// A request's text must say something, and not too much.
 fn check_text(text: &str) -> fdo::Result<()> {
-    if text.trim().is_empty() || text.len() > 16 * 1024 {
+    if text.trim().is_empty() {
         return Err(fdo::Error::InvalidArgs(
-            "the request text must be 1 to 16384 bytes".into(),
+            "the request is empty: say what you want done, e.g. `devos run \"find rust files\"`"
+                .into(),
         ));
+    }
+    if text.len() > 16 * 1024 {
+        return Err(fdo::Error::InvalidArgs(format!(
+            "the request text is {} bytes: at most 16384; put long input in a file and name it",
+            text.len()
+        )));
     }
     Ok(())
 }
@@ -143,6 +150,11 @@ impl Agent {
         caller: &Caller,
         root_sees_all: bool,
     ) -> fdo::Result<Request> {
+        if id.trim().is_empty() {
+            return Err(fdo::Error::InvalidArgs(
+                "give a request id; `devos history` lists them".into(),
+            ));
+        }
         match self.shared.load(id)? {
             Some(r) if r.uid == caller.uid || (root_sees_all && caller.uid == 0) => Ok(r),
             _ => Err(fdo::Error::InvalidArgs(format!(

@@ -170,7 +170,8 @@ pub(super) fn usage(shared: &Shared, caller: &Caller, since: &str) -> fdo::Resul
     Ok(serde_json::json!({
         "since": since,
         "rows": rows,
-        "total-cost-usd": rows.iter().map(|r| r.cost_usd).sum::<f64>(),
+        // (A fold from +0: an empty float sum is -0, shown as "$-0.0000".)
+        "total-cost-usd": rows.iter().fold(0.0, |total, r| total + r.cost_usd),
         "unpriced-calls": rows.iter().map(|r| r.unpriced_calls).sum::<u64>(),
         "estimated-calls": rows.iter().map(|r| r.estimated_calls).sum::<u64>(),
         "spent": {

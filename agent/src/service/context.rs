@@ -1071,23 +1071,30 @@ fn from_index(user: &UserContext, question: &Question) -> Result<String, Context
             }
             repos
                 .iter()
-                .map(|r| {
-                    format!(
-                        "{}: {} — {} staged, {} unstaged, {} untracked, {} ahead / {} behind",
-                        r["work-tree"].as_str().unwrap_or("?"),
-                        r["branch"].as_str().unwrap_or("(detached)"),
-                        r["counts"]["staged"],
-                        r["counts"]["unstaged"],
-                        r["counts"]["untracked"],
-                        r["ahead"],
-                        r["behind"],
-                    )
-                })
+                .map(describe_git)
                 .collect::<Vec<_>>()
                 .join("\n")
         }
         Question::Processes { .. } => unreachable!("answered from /proc"),
     })
+}
+
+/// One repository's line in the answer to "what changed" questions.
+fn describe_git(r: &Value) -> String {
+    let tree = r["work-tree"].as_str().unwrap_or("?");
+    // (A state that could not be read has no counts to give: zeros would say "clean".)
+    if let Some(error) = r["error"].as_str() {
+        return format!("{tree}: its git state could not be read: {error}");
+    }
+    format!(
+        "{tree}: {} — {} staged, {} unstaged, {} untracked, {} ahead / {} behind",
+        r["branch"].as_str().unwrap_or("(detached)"),
+        r["counts"]["staged"],
+        r["counts"]["unstaged"],
+        r["counts"]["untracked"],
+        r["ahead"],
+        r["behind"],
+    )
 }
 
 fn ago(now: i64, then: i64) -> String {
@@ -1105,6 +1112,30 @@ fn ago(now: i64, then: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_git_state_that_could_not_be_read_is_not_called_clean() {
+        let state = crate::context::git::GitState {
+            work_tree: "/home/dev/proj".into(),
+            error: Some("cannot run git: No such file or directory (os error 2)".into()),
+            ..Default::default()
+        };
+        let line = describe_git(&serde_json::to_value(&state).unwrap());
+        assert_eq!(
+            line,
+            "/home/dev/proj: its git state could not be read: cannot run git: No such file or directory (os error 2)"
+        );
+        let clean = crate::context::git::GitState {
+            work_tree: "/home/dev/proj".into(),
+            branch: Some("main".into()),
+            ..Default::default()
+        };
+        let line = describe_git(&serde_json::to_value(&clean).unwrap());
+        assert_eq!(
+            line,
+            "/home/dev/proj: main — 0 staged, 0 unstaged, 0 untracked, 0 ahead / 0 behind"
+        );
+    }
 
     #[test]
     fn since_takes_words_durations_and_times() {

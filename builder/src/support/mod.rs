@@ -7,7 +7,7 @@ pub mod digest;
 pub(crate) mod dry_run;
 pub(crate) mod paths;
 pub(crate) mod remove;
-pub mod stdout;
+pub use devos_agent::stdout;
 pub mod time;
 pub(crate) mod ui;
 pub(crate) mod workdir;

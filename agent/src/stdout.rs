@@ -1,5 +1,6 @@
-//! Data on stdout. A reader that closes the pipe early (`| head -1`) has read all it
-//! wants, so the command ends quietly instead of panicking the way `print!` does.
+//! Data on stdout, for `devos` and `devos-build`. A reader that closes the pipe early
+//! (`| head -1`) has read all it wants, so the command ends quietly instead of
+//! panicking the way `print!` does.
 //!
 //! The closed pipe is recognised here, where stdout is written, rather than by
 //! restoring the default SIGPIPE: that signal would also kill the builder when a
@@ -20,7 +21,7 @@ pub fn is_closed(e: &anyhow::Error) -> bool {
 }
 
 /// Write `data` to stdout and flush it.
-pub(crate) fn print(data: impl AsRef<[u8]>) -> Result<()> {
+pub fn print(data: impl AsRef<[u8]>) -> Result<()> {
     write_all(&mut std::io::stdout().lock(), data.as_ref())
 }
 
@@ -30,6 +31,27 @@ fn write_all(out: &mut impl Write, data: &[u8]) -> Result<()> {
         Err(e) if e.kind() == ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
         Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
     }
+}
+
+/// `print!` that returns [`StdoutClosed`] from the enclosing function (which returns
+/// an `anyhow::Result`) when the reader closed stdout.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::stdout::print(format!($($arg)*))?
+    };
+}
+
+/// `println!` that returns [`StdoutClosed`] from the enclosing function when the
+/// reader closed stdout.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::stdout::print("\n")?
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout::print(format!("{}\n", format_args!($($arg)*)))?
+    };
 }
 
 #[cfg(test)]
