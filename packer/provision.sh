@@ -43,9 +43,20 @@ rule() {
   ip "$1" rule del to "$2" uidrange 1-4294967294 prohibit pref 100 2>/dev/null || true
   ip "$1" rule add to "$2" uidrange 1-4294967294 prohibit pref 100
 }
+# EC2 Instance Connect's key lookup (Ubuntu's AMIs ship it) runs as its own system
+# user and reads the keys pushed to it from instance metadata: that user may.
+allow() {
+  ip "$1" rule del to "$2" uidrange "$3-$3" lookup main pref 99 2>/dev/null || true
+  ip "$1" rule add to "$2" uidrange "$3-$3" lookup main pref 99
+}
+connect=$(id -u ec2-instance-connect 2>/dev/null || true)
 rule -4 169.254.169.254/32
+if [ -n "$connect" ]; then allow -4 169.254.169.254/32 "$connect"; fi
 # (A kernel without IPv6 has no such route to close.)
-if [ -e /proc/sys/net/ipv6 ]; then rule -6 fd00:ec2::254/128; fi
+if [ -e /proc/sys/net/ipv6 ]; then
+  rule -6 fd00:ec2::254/128
+  if [ -n "$connect" ]; then allow -6 fd00:ec2::254/128 "$connect"; fi
+fi
 RULES
 chmod 0755 /usr/local/lib/devos/metadata-root-only
 cat > /etc/systemd/system/devos-metadata-root-only.service <<'UNIT'

@@ -64,7 +64,7 @@ pub fn decide(
         return Decision::Denied {
             by: "this machine".into(),
             reason: format!(
-                "`{program}` is not installed in the system directories, so this cannot run: give its path to run one from elsewhere (`~/.local/bin/{program}`), or, on a DevOS image, add its package to the image's spec ([packages] include, or a layer such as build-tools) and build it again"
+                "`{program}` is not installed in the system directories, so this cannot run: give its path to run one from elsewhere (`~/.local/bin/{program}`), or, on a DevOS image, add its package to the image's spec ([packages] include, or a layer such as layers/build-tools.toml) and build it again"
             ),
         };
     }

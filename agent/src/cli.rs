@@ -236,11 +236,12 @@ async fn update(
         other => agent_error(other),
     })?;
     let v: serde_json::Value = serde_json::from_str(&reply)?;
-    if json {
-        outln!("{}", serde_json::to_string_pretty(&v)?);
+    // (Said before the reboot, which happens even if no one reads it.)
+    let shown = crate::stdout::print(if json {
+        serde_json::to_string_pretty(&v)? + "\n"
     } else {
-        outln!("{}", printable(v["message"].as_str().unwrap_or_default()));
-    }
+        format!("{}\n", printable(v["message"].as_str().unwrap_or_default()))
+    });
     if reboot && v["reboot"] == true {
         let status = std::process::Command::new("systemctl")
             .arg("reboot")
@@ -250,6 +251,7 @@ async fn update(
             anyhow::bail!("systemctl reboot failed ({status})");
         }
     }
+    shown?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -538,6 +540,9 @@ async fn run_request(
         Some(c) => std::path::absolute(c)?,
         None => std::env::current_dir().context("the current directory")?,
     };
+    // Ctrl-C from here on cancels the request (a running action is killed), as it
+    // would stop a command run by hand: caught before submitting, so none is missed.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // Subscribe before submitting: the agent may start at once.
     let mut changed = agent.receive_request_changed().await?;
     let mut approvals = agent.receive_approval_needed().await?;
@@ -551,8 +556,6 @@ async fn run_request(
         json,
         streamed: std::cell::Cell::new(false),
     };
-    // Ctrl-C cancels the request (a running action is killed), as it would stop a
-    // command run by hand.
     let follow = async {
         let r = watch.get().await?;
         if !json {
@@ -617,18 +620,32 @@ async fn run_request(
         }
     };
     tokio::select! {
-        code = follow => code,
-        _ = tokio::signal::ctrl_c() => interrupted(agent, &id).await,
+        code = follow => match code {
+            // The reader has gone (`devos run ... | head`): no one follows the request
+            // any more, so it does not go on holding a slot or waiting for approval.
+            Err(e) if crate::stdout::is_closed(&e) => {
+                let _ = tokio::time::timeout(CANCEL_WAIT, agent.cancel(&id)).await;
+                Err(e)
+            }
+            code => code,
+        },
+        _ = sigint.recv() => interrupted(agent, &id).await,
     }
 }
+
+/// How long a cancel on the way out may take before `devos` stops waiting for it.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Ctrl-C while `devos run` follows request `id`: cancel it, say so, and exit as an
 /// interrupted command does (at once: an approval prompt may still be reading stdin).
 async fn interrupted(agent: &Agent1Proxy<'_>, id: &str) -> ! {
     eprintln!();
-    match agent.cancel(id).await {
-        Ok(()) => eprintln!("request {id}: cancelled (Ctrl-C)"),
-        Err(e) => eprintln!("request {id}: not cancelled: {}", agent_error(e)),
+    match tokio::time::timeout(CANCEL_WAIT, agent.cancel(id)).await {
+        Ok(Ok(())) => eprintln!("request {id}: cancelled (Ctrl-C)"),
+        Ok(Err(e)) => eprintln!("request {id}: not cancelled: {}", agent_error(e)),
+        Err(_) => eprintln!(
+            "request {id}: the agent did not answer the cancel within 5 s; `devos cancel {id}`"
+        ),
     }
     std::process::exit(130)
 }

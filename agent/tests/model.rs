@@ -270,13 +270,19 @@ fn instructions_inside_files_the_model_reads_change_nothing_about_approvals() {
 #[test]
 fn malformed_tool_calls_get_tool_errors_and_the_step_limit_holds() {
     let standin = StandIn::start().unwrap();
-    let agent = model_agent(&standin, "max-steps = 4", "");
+    let agent = model_agent(&standin, "max-steps = 5", "");
     let dave = User::ensure("devos-dave");
     let project = dave.project();
     let cwd = project.path();
     standin.push(Reply::raw_tool("read_file", "{\"path\": \"a"));
     standin.push(Reply::tool("sudo", json!({ "argv": ["id"] })));
     standin.push(Reply::tool("run", json!({ "argv": [] })));
+    // A program that is not there: the model hears so (nothing is asked, the
+    // conversation goes on), where the local rules' plan would be refused.
+    standin.push(Reply::tool(
+        "run",
+        json!({ "argv": ["devos-no-such-program", "--version"] }),
+    ));
     standin.push(Reply::tool("list_dir", json!({ "path": "." })));
     let r = run_json(&agent, &dave, cwd, &["--model", "small", "look around"]);
     assert_eq!(r["state"], "failed", "{r}");
@@ -284,14 +290,18 @@ fn malformed_tool_calls_get_tool_errors_and_the_step_limit_holds() {
         r["error"]
             .as_str()
             .unwrap()
-            .contains("stopped after 4 model calls"),
+            .contains("stopped after 5 model calls"),
         "{r}"
     );
-    assert_eq!(standin.requests().len(), 4);
+    assert_eq!(standin.requests().len(), 5);
     for (n, says) in [
         (1, "must be a JSON object"),
         (2, "no tool `sudo`"),
         (3, "non-empty array"),
+        (
+            4,
+            "`devos-no-such-program` is not installed on this machine",
+        ),
     ] {
         let results = tool_results(&standin, n);
         assert_eq!(results[0].0, "error", "{results:?}");

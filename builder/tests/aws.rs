@@ -432,8 +432,6 @@ impl Fixture {
         (group, suspended, tag)
     }
 
-    /// The AMI of the launch template version a fleet's group uses, and the AMIs of the
-    /// group's instances.
     /// The root volume `stack`'s launch template asks for: device, encrypted, GiB.
     fn root_volume(&self, stack: &str) -> (String, bool, i32) {
         let lt = self.resource_id(stack, "LaunchTemplate");
@@ -461,6 +459,8 @@ impl Fixture {
         })
     }
 
+    /// The AMI of the launch template version a fleet's group uses, and the AMIs of the
+    /// group's instances.
     fn fleet(&self, stack: &str) -> (String, Vec<String>) {
         let (lt_image, instances) = self
             .group(stack)
@@ -3548,8 +3548,9 @@ fn fleets_update_in_place_batch_by_batch_and_go_back_when_a_version_fails() {
 /// A Packer AMI is a stock Ubuntu with the agent: `provision.sh` gives it the rule that
 /// keeps instance metadata (the instance role) for root, as images devos-build makes
 /// have. The rule script as provision.sh installs it, run twice in a network namespace
-/// of its own with both metadata addresses on loopback and a listener on each: root
-/// gets through, uid 65534 is refused with "Permission denied".
+/// of its own, with a second one behind a veth pair holding both metadata addresses
+/// and a listener on each: root and EC2 Instance Connect's user get through, uid 65534
+/// is refused with "Permission denied".
 #[test]
 fn packer_amis_keep_instance_metadata_for_root() {
     devos_tests::require_root();
@@ -3570,6 +3571,19 @@ fn packer_amis_keep_instance_metadata_for_root() {
     assert!(provision.contains("systemctl enable devos-metadata-root-only.service"));
     assert!(provision.contains("ManageForeignRoutingPolicyRules=no"));
 
+    // EC2 Instance Connect's system user (Ubuntu's AMIs have it) may read its keys.
+    let added = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+        ])
+        .arg("ec2-instance-connect")
+        .status()
+        .unwrap();
+    // (9: it exists already.)
+    assert!(matches!(added.code(), Some(0 | 9)), "useradd: {added}");
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("metadata-root-only");
     std::fs::write(&script, rules).unwrap();
@@ -3624,6 +3638,9 @@ for a in $addresses; do
   if out=$(setpriv --reuid=65534 --regid=65534 --clear-groups timeout 5 bash -c "exec 3<>/dev/tcp/$a/80" 2>&1); then
     echo "uid 65534 reached $a"; exit 1
   fi
+  connect=$(id -u ec2-instance-connect)
+  setpriv --reuid="$connect" --regid=65534 --clear-groups timeout 5 bash -c "exec 3<>/dev/tcp/$a/80" ||
+    { echo "ec2-instance-connect cannot reach $a"; exit 1; }
   case "$out" in *"Permission denied"*) echo "refused: $a" ;; *) echo "$a: $out"; exit 1 ;; esac
 done
 "#;

@@ -550,7 +550,8 @@ pub(crate) fn classify_argv(c: &mut Classifier, argv: &[String]) {
         Ok(p) => p,
         Err(e) => {
             let name = running_as(argv0);
-            if matches!(e, ProgramError::NotInstalled { .. }) {
+            // (`FOO=1` is an assignment, refused as such above, not a program.)
+            if matches!(e, ProgramError::NotInstalled { .. }) && !argv0.contains('=') {
                 c.risk.not_installed = Some(argv0.to_owned());
             }
             c.risk.normalized = Some(normalized(c, &name, args, known(&name)));

@@ -613,6 +613,13 @@ async fn propose(
         let why = "cannot classify the action as you (is your ~/.config/devos/agent.toml valid?)";
         return Ok(ControlFlow::Break(why.into()));
     };
+    // A program that is not there: the model hears so and may try another way (the
+    // local rules' plans are refused instead; nothing to ask the user about either way).
+    if let Some(program) = &risk.not_installed {
+        return Ok(ControlFlow::Break(format!(
+            "not run: `{program}` is not installed on this machine (no system directory holds it); use another program, or tell the user which package provides it"
+        )));
+    }
     let i = d.r.actions.len();
     let decider = Decider::new(d.shared, &d.caller, &user_policy, &config)?;
     let record = decider.record(i as u32, action, risk, &d.r.cwd, Origin::Model);

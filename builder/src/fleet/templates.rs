@@ -75,8 +75,14 @@ impl RootVolume {
             .publications(Some(&v.name), Some(&v.version))?
             .into_iter()
             .find(|p| p.ami_id.as_deref() == Some(ami_id))
-            .map(|p| p.kind);
-        if kind.is_some_and(|k| k != "ami") {
+            .map(|p| p.kind)
+            .with_context(|| {
+                format!(
+                    "{ami_id} is not an AMI of {}@{} in the registry: its root device is not known\n  hint: `devos-build publish list {}` lists the image's AMIs",
+                    v.name, v.version, v.name
+                )
+            })?;
+        if kind != "ami" {
             return Ok(RootVolume {
                 device: "/dev/sda1",
                 gib: 8,
