@@ -292,39 +292,10 @@ impl Fixture {
     /// How a fleet stack's instances are reached over SSH, from the resources: the key
     /// pair of its launch template, and the ranges its security group admits to port 22.
     fn ssh_access(&self, stack: &str) -> (Option<String>, Vec<String>) {
-        let region = "us-east-1";
-        let cf = self.sdk(region, sdk_cloudformation::Client::new);
-        let ec2 = self.ec2(region);
+        let key = self.launch_template(stack).key_name().map(str::to_owned);
+        let sg = self.resource_id(stack, "SecurityGroup");
+        let ec2 = self.ec2("us-east-1");
         self.block_on(async {
-            let physical = |logical: &'static str| {
-                let cf = cf.clone();
-                async move {
-                    cf.describe_stack_resource()
-                        .stack_name(stack)
-                        .logical_resource_id(logical)
-                        .send()
-                        .await
-                        .unwrap()
-                        .stack_resource_detail()
-                        .unwrap()
-                        .physical_resource_id()
-                        .unwrap()
-                        .to_owned()
-                }
-            };
-            let lt = physical("LaunchTemplate").await;
-            let versions = ec2
-                .describe_launch_template_versions()
-                .launch_template_id(lt)
-                .versions("$Latest")
-                .send()
-                .await
-                .unwrap();
-            let key = versions.launch_template_versions()[0]
-                .launch_template_data()
-                .and_then(|d| d.key_name())
-                .map(str::to_owned);
-            let sg = physical("SecurityGroup").await;
             let groups = ec2
                 .describe_security_groups()
                 .group_ids(sg)
@@ -339,6 +310,25 @@ impl Fixture {
                 .filter_map(|r| r.cidr_ip().map(str::to_owned))
                 .collect();
             (key, ranges)
+        })
+    }
+
+    /// What the latest version of `stack`'s launch template asks for.
+    fn launch_template(&self, stack: &str) -> sdk_ec2::types::ResponseLaunchTemplateData {
+        let lt = self.resource_id(stack, "LaunchTemplate");
+        let ec2 = self.ec2("us-east-1");
+        self.block_on(async {
+            let versions = ec2
+                .describe_launch_template_versions()
+                .launch_template_id(lt)
+                .versions("$Latest")
+                .send()
+                .await
+                .unwrap();
+            versions.launch_template_versions()[0]
+                .launch_template_data()
+                .unwrap()
+                .clone()
         })
     }
 
@@ -434,29 +424,16 @@ impl Fixture {
 
     /// The root volume `stack`'s launch template asks for: device, encrypted, GiB.
     fn root_volume(&self, stack: &str) -> (String, bool, i32) {
-        let lt = self.resource_id(stack, "LaunchTemplate");
-        let ec2 = self.ec2("us-east-1");
-        self.block_on(async {
-            let versions = ec2
-                .describe_launch_template_versions()
-                .launch_template_id(lt)
-                .versions("$Latest")
-                .send()
-                .await
-                .unwrap();
-            let data = versions.launch_template_versions()[0]
-                .launch_template_data()
-                .unwrap();
-            let [mapping] = data.block_device_mappings() else {
-                panic!("one block device mapping: {data:?}");
-            };
-            let ebs = mapping.ebs().unwrap();
-            (
-                mapping.device_name().unwrap().to_owned(),
-                ebs.encrypted().unwrap_or(false),
-                ebs.volume_size().unwrap_or(0),
-            )
-        })
+        let data = self.launch_template(stack);
+        let [mapping] = data.block_device_mappings() else {
+            panic!("one block device mapping: {data:?}");
+        };
+        let ebs = mapping.ebs().unwrap();
+        (
+            mapping.device_name().unwrap().to_owned(),
+            ebs.encrypted().unwrap_or(false),
+            ebs.volume_size().unwrap_or(0),
+        )
     }
 
     /// The AMI of the launch template version a fleet's group uses, and the AMIs of the
