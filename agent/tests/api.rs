@@ -36,6 +36,27 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
         sandbox.starts_with("namespaces: mount, pid") && sandbox.contains("landlock V"),
         "{sandbox}"
     );
+    // A text file is shown as it is; a binary one is named, not shown as replacement
+    // characters.
+    let out = agent.devos(Some(&alice), cwd, &["--json", "run", "read", "notes.md"]);
+    assert_eq!(
+        json(&out)["actions"][0]["output"],
+        "hello\n",
+        "{}",
+        stdout(&out)
+    );
+    alice.write(&cwd.join("blob.bin"), "\u{7f}ELF\u{2}\0\0\u{ff}");
+    let out = agent.devos(Some(&alice), cwd, &["--json", "run", "read", "blob.bin"]);
+    let r = json(&out);
+    assert_eq!(r["state"], "done", "{r}");
+    assert_eq!(
+        r["actions"][0]["output"],
+        format!(
+            "{} is a binary file of 9 bytes: not shown (a program that knows its format reads it; `od -c` shows its bytes)\n",
+            cwd.join("blob.bin").display()
+        ),
+        "{r}"
+    );
 
     // A write asks; without a terminal `devos run` says how to approve and exits 3.
     let out = agent.devos(Some(&alice), cwd, &["run", "create", "directory", "build"]);
@@ -154,7 +175,17 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
         .collect();
     assert_eq!(
         states,
-        ["failed", "cancelled", "denied", "done", "done", "done"],
+        [
+            "failed",
+            "cancelled",
+            "denied",
+            "done",
+            "done",
+            "done",
+            // The two reads after `list files`.
+            "done",
+            "done"
+        ],
         "{states:?}"
     );
     let status = json(&agent.devos(Some(&alice), cwd, &["--json", "status"]));

@@ -1259,13 +1259,8 @@ fn an_action_that_cannot_be_audited_does_not_run() {
     let eve = eve();
     let project = eve.project();
     let cwd = project.path();
-    let m = marks.path().display().to_string();
     // Waiting for approval while the disk is fine...
-    let waiting = waiting_id(&agent.devos(
-        Some(&eve),
-        cwd,
-        &["run", &format!("run: touch {m}/late ran-late")],
-    ));
+    let waiting = waiting_id(&agent.devos(Some(&eve), cwd, &["run", "run: touch late ran-late"]));
     // ...then the audit log's disk fills up.
     audit.fill();
     // A user's request is refused at once: the disk is down to its reserve.
@@ -1312,7 +1307,7 @@ fn an_action_that_cannot_be_audited_does_not_run() {
         !out.status.success(),
         "an approval was taken without being recorded"
     );
-    assert!(!cwd.join("ran-late").exists());
+    assert!(!cwd.join("ran-late").exists() && !cwd.join("late").exists());
     assert!(marks.made().is_empty());
     // Once there is room again, the log goes on whole: no half-written entry swallowed
     // the next one.
@@ -1862,19 +1857,44 @@ fn working_above_or_inside_a_hidden_place_does_not_uncover_it() {
     assert_eq!(r["state"], "failed", "{r}");
     assert!(r["actions"][0]["risk"]["class"] == "privileged", "{r}");
     assert!(!Path::new("/devos-attack-9b2").exists());
-    // `/run` (every socket) is never a working directory.
-    let out = agent.devos(
+    // `/run` (every socket), `/tmp` and `/dev/shm` (shared with every user) are never
+    // working directories: an action there is refused when planned, not asked about
+    // and then refused by the sandbox.
+    for (cwd, text) in [
+        ("/run", "list files"),
+        ("/tmp", "create directory devos-attack-9b2"),
+        ("/dev/shm", "create directory devos-attack-9b2"),
+    ] {
+        let out = agent.devos(
+            Some(&eve),
+            Path::new("/"),
+            &["--json", "run", "--cwd", cwd, text],
+        );
+        let r = json(&out);
+        assert_eq!(r["state"], "denied", "{cwd}: {r}");
+        let decision = &r["actions"][0]["decision"];
+        assert_eq!(decision["by"], "the sandbox", "{cwd}: {r}");
+        assert!(
+            decision["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{cwd} is a place no action may see")),
+            "{r}"
+        );
+        assert!(!Path::new(cwd).join("devos-attack-9b2").exists());
+    }
+    // Nor is a path there written from a home.
+    let r = json(&agent.devos(
         Some(&eve),
-        Path::new("/"),
-        &["--json", "run", "--cwd", "/run", "list", "files"],
-    );
-    let r = json(&out);
-    assert_eq!(r["state"], "failed", "{r}");
+        &eve.home,
+        &["--json", "run", "create directory /tmp/devos-attack-9b2"],
+    ));
+    assert_eq!(r["state"], "denied", "{r}");
     assert!(
-        r["actions"][0]["error"]
+        r["actions"][0]["decision"]["reason"]
             .as_str()
             .unwrap()
-            .contains("no action may see"),
+            .contains("/tmp is a place no action may see"),
         "{r}"
     );
 }
@@ -2202,12 +2222,13 @@ fn the_red_team_findings_stay_fixed() {
             bus_dir.display()
         ),
     );
-    assert_eq!(r["state"], "failed", "{r}");
+    // (Refused when planned: no one is asked about an action that could not run.)
+    assert_eq!(r["state"], "denied", "{r}");
     assert!(
-        r["actions"][0]["error"]
+        r["actions"][0]["decision"]["reason"]
             .as_str()
             .unwrap_or("")
-            .contains("no action may see"),
+            .contains("which no action may see"),
         "{r}"
     );
     let requests_after =
@@ -2225,7 +2246,10 @@ fn the_red_team_findings_stay_fixed() {
         Path::new("/"),
         &["--json", "run", "--cwd", "/proc", "list", "files"],
     );
-    assert_eq!(json(&out)["state"], "failed", "{}", stdout(&out));
+    // (Refused when planned: the sandbox would refuse it.)
+    let r = json(&out);
+    assert_eq!(r["state"], "denied", "{r}");
+    assert_eq!(r["actions"][0]["decision"]["by"], "the sandbox", "{r}");
     // A NUL byte in an action's output does not take the agent off the bus.
     let (_, r) = submit(&agent, &eve, cwd, "run: head -c 64 /usr/bin/true");
     assert_eq!(r["state"], "done", "{r}");

@@ -413,6 +413,23 @@ impl Fixture {
         })
     }
 
+    /// The foundation models the agents' role of `stack` may invoke, as deployed
+    /// (sorted; `*` for every one).
+    fn role_models(&self, stack: &str) -> Vec<String> {
+        let cf = self.sdk("us-east-1", sdk_cloudformation::Client::new);
+        let body = self.block_on(async {
+            let t = cf.get_template().stack_name(stack).send().await.unwrap();
+            t.template_body().unwrap().to_owned()
+        });
+        let mut models: Vec<String> = body
+            .lines()
+            .filter_map(|l| l.split_once(":foundation-model/"))
+            .map(|(_, model)| model.trim_end_matches('"').to_owned())
+            .collect();
+        models.sort();
+        models
+    }
+
     /// A fleet's Auto Scaling group: its name, its suspended processes (sorted) and its
     /// `devos:suspended` tag.
     fn processes(&self, stack: &str) -> (String, Vec<String>, Option<String>) {
@@ -1611,8 +1628,16 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     steps.at("set up");
     let fx = Fixture::new();
     let mut amis = std::collections::HashMap::new();
+    let model = |version: &str| format!("anthropic.model-{}-v1:0", &version[..1]);
     for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
-        fx.version(version, 8, &[0], Some(true));
+        // Each version's agent calls a model of its own (v4 is a build from before the
+        // models were recorded).
+        let calls = match version {
+            "4.0.0" => json!({}),
+            v => json!({"agent": {"file": "devos-agent_0.1.0_amd64.deb", "version": "0.1.0",
+                "sha256": "0", "models": [model(v)]}}),
+        };
+        fx.version_with(version, 8, &[0], Some(true), calls);
         if version != "4.0.0" {
             ok(&fx.run(&[
                 "publish",
@@ -1678,6 +1703,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     let (lt, instances) = fx.fleet("devfleet");
     assert_eq!(lt, amis["1.0.0"]);
     assert_eq!(instances, vec![amis["1.0.0"].clone(); 2]);
+    assert_eq!(fx.role_models("devfleet"), [model("1")]);
     // The instances' root volumes are encrypted: the AMI's root device, its size.
     assert_eq!(
         fx.root_volume("devfleet"),
@@ -1901,7 +1927,16 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
             !instances.is_empty() && instances.iter().all(|i| *i == amis["2.0.0"]),
             "{stack}: {instances:?}"
         );
+        // v1's instances called their model until they were replaced; once the gate
+        // passed, the role allows v2's only.
+        assert_eq!(fx.role_models(stack), [model("2")], "{stack}");
     }
+    assert!(
+        stderr(&out)
+            .contains("rollout devfleet: leaving the agents' role only devos-pub@2.0.0's models"),
+        "{}",
+        stderr(&out)
+    );
 
     // v3 goes bad during the bake: one of its new instances turns unhealthy (what Auto
     // Scaling does when an instance fails its checks). The rollout rolls back to v2
@@ -1926,6 +1961,8 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
         .spawn()
         .unwrap();
     let sick = fx.sicken("devfleet", &amis["3.0.0"]);
+    // While v3's instances replace v2's, the role allows both versions' models.
+    assert_eq!(fx.role_models("devfleet"), [model("2"), model("3")]);
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success(), "a failed gate fails the rollout");
     let d = json(&out);
@@ -1944,6 +1981,8 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
         !instances.is_empty() && instances.iter().all(|i| *i == amis["2.0.0"]),
         "{instances:?}"
     );
+    // Back on v2 alone, the role is v2's again.
+    assert_eq!(fx.role_models("devfleet"), [model("2")]);
     let out = fleet(&["rollout", "--stack", "devfleet", "--to", "3.0.0"]);
     refused(&out, "is marked bad for stack devfleet");
 
@@ -2060,8 +2099,16 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     steps.at("set up");
     let fx = Fixture::new();
     let mut amis = std::collections::HashMap::new();
+    let model = |version: &str| format!("anthropic.model-{}-v1:0", &version[..1]);
     for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
-        fx.version(version, 8, &[0], Some(true));
+        // Each version's agent calls a model of its own (v4 is a build from before the
+        // models were recorded).
+        let calls = match version {
+            "4.0.0" => json!({}),
+            v => json!({"agent": {"file": "devos-agent_0.1.0_amd64.deb", "version": "0.1.0",
+                "sha256": "0", "models": [model(v)]}}),
+        };
+        fx.version_with(version, 8, &[0], Some(true), calls);
         ok(&fx.run(&[
             "publish",
             "ami",

@@ -713,6 +713,29 @@ fn run(spec: &Spec) -> i32 {
     }
 }
 
+/// Print the file at `path`, unless its start holds a NUL byte (git's test for a
+/// binary file): then only what it is, since its bytes would reach the user (and a
+/// model) as replacement characters.
+fn read_text(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut file = std::fs::File::open(path)?;
+    let mut start = Vec::with_capacity(8192);
+    (&mut file).take(8192).read_to_end(&mut start)?;
+    let mut out = std::io::stdout().lock();
+    if start.contains(&0) {
+        let size = file.metadata()?.len();
+        writeln!(
+            out,
+            "{} is a binary file of {size} bytes: not shown (a program that knows its format reads it; `od -c` shows its bytes)",
+            path.display()
+        )?;
+        return Ok(());
+    }
+    out.write_all(&start)?;
+    std::io::copy(&mut file, &mut out)?;
+    Ok(())
+}
+
 fn file_operation(action: &Action) -> Result<(), FileOpError> {
     let ctx = |what: &'static str, p: &Path| {
         let path = p.to_path_buf();
@@ -726,10 +749,7 @@ fn file_operation(action: &Action) -> Result<(), FileOpError> {
         }
     };
     match action {
-        Action::Read { path } => {
-            let mut file = std::fs::File::open(path).map_err(ctx("read", path))?;
-            std::io::copy(&mut file, &mut std::io::stdout()).map_err(ctx("read", path))?;
-        }
+        Action::Read { path } => read_text(path).map_err(ctx("read", path))?,
         Action::Write { path, content } => {
             std::fs::write(path, content).map_err(ctx("write", path))?;
             println!("wrote {} bytes to {}", content.len(), path.display());

@@ -404,6 +404,26 @@ fn check_not_forbidden(
     }) else {
         return Ok(());
     };
+    Err(failed(inside_forbidden(path, place)))
+}
+
+/// The places no action sees on any machine: where an action works in one, it is
+/// refused when planned, before anyone is asked (the sandbox checks again, with the
+/// places only it knows: other names of these, the agent's files, deny rules).
+const SHARED_PLACES: [&str; 5] = ["/run", "/tmp", "/var/tmp", "/dev/shm", "/proc"];
+
+/// Why an action that works in `cwd` (canonical) could never run, if it is inside one
+/// of the places no action sees.
+pub fn shared_place(cwd: &Path) -> Option<String> {
+    let place = SHARED_PLACES
+        .iter()
+        .map(Path::new)
+        .find(|p| cwd.starts_with(p))?;
+    Some(inside_forbidden(cwd, place))
+}
+
+/// `path` is inside forbidden `place`: what the refusal says.
+fn inside_forbidden(path: &Path, place: &Path) -> String {
     let why = if place.starts_with("/run") {
         "it holds the sockets of the system and its users"
     } else if ["/tmp", "/var/tmp", "/dev/shm"]
@@ -416,11 +436,14 @@ fn check_not_forbidden(
     } else {
         "it holds the agent's own files, or the policy's deny rules name it"
     };
-    Err(failed(format!(
+    if path == place {
+        return format!("{} is a place no action may see: {why}", path.display());
+    }
+    format!(
         "{} is inside {}, which no action may see: {why}",
         path.display(),
         place.display()
-    )))
+    )
 }
 
 /// The caller's secret locations the approval did not grant, resolved, and whether
@@ -947,7 +970,7 @@ fn stand_ins(spec: &Spec, p: &Prepared, aliases: &Aliases) -> Vec<PathBuf> {
 /// action has its own), and the agent's own files and what deny rules name, as written
 /// and where their links lead (`/home` is `/var/home` in DevOS images).
 fn forbidden_places(spec: &Spec, mounts: &MountTable) -> Vec<PathBuf> {
-    ["/run", "/tmp", "/var/tmp", "/dev/shm", "/proc"]
+    SHARED_PLACES
         .iter()
         .map(PathBuf::from)
         .chain(spec.hide.iter().flat_map(|h| [h.clone(), real(h)]))

@@ -342,6 +342,20 @@ impl<'a> Decider<'a> {
                 reason: why,
             };
         }
+        // The sandbox would refuse it once approved: it is not asked about.
+        let as_root = approval::privileged_runs_as_root(action) && caller.is_admin;
+        let profile = Profile::of(risk, cwd, as_root);
+        if !profile.root
+            && !matches!(decision, Decision::Denied { .. })
+            && let Some(why) = std::iter::once(cwd)
+                .chain(profile.writable.iter().map(PathBuf::as_path))
+                .find_map(crate::sandbox::outer::shared_place)
+        {
+            return Decision::Denied {
+                by: "the sandbox".into(),
+                reason: why,
+            };
+        }
         decision
     }
 

@@ -645,23 +645,27 @@ async fn carry_out(d: &mut Driver<'_>, i: usize) -> fdo::Result<ControlFlow<Stri
         ));
     }
     d.shared.save_merging(&mut d.r)?;
+    let denied = |d: &Driver<'_>| match &d.r.actions[i].decision {
+        Decision::Denied { by, reason } => format!("denied by {by}: {reason}"),
+        _ => "denied".to_owned(),
+    };
     let why = if d.wait_for_decision(i).await?.is_break() {
-        "cancelled by the user"
+        "cancelled by the user".to_owned()
     } else if d.end_if_denied(i).await?.is_break() {
-        "denied: the user or policy refused this action"
+        denied(d)
     } else if d.run_action(i).await?.is_break() {
         // (It may have ended before it started: decided again, it was denied, or
         // asked for again and the request cancelled.)
         let a = &d.r.actions[i];
         match (&a.decision, a.state) {
-            (Decision::Denied { .. }, _) => "denied: the user or policy refused this action",
-            (_, ActionState::Skipped) => "cancelled by the user",
-            _ => "the request ended while this action ran",
+            (Decision::Denied { .. }, _) => denied(d),
+            (_, ActionState::Skipped) => "cancelled by the user".to_owned(),
+            _ => "the request ended while this action ran".to_owned(),
         }
     } else {
         return Ok(ControlFlow::Continue(()));
     };
-    Ok(ControlFlow::Break(why.into()))
+    Ok(ControlFlow::Break(why))
 }
 
 /// Answer a context question as the caller (nothing runs; it is put on record).

@@ -25,6 +25,7 @@ use devos_aws::stack::{self, Member};
 use devos_aws::{AwsOptions, interrupted};
 use serde::Serialize;
 
+use super::templates::agent_models;
 use super::{Ctx, Outcome, Target, changing};
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, VersionInfo};
@@ -136,6 +137,15 @@ pub(crate) fn rollout(
                 v.version
             );
         }
+        match &current.known {
+            Some(stack_v) => refuse_other_models(cx.reg, &t.stack, stack_v, &v)?,
+            None => tracing::warn!(
+                "stack {} runs {}, which this registry does not hold: whether its role allows the models {} calls is not checked",
+                t.stack,
+                current.reference,
+                reference
+            ),
+        }
         let stack_version = current
             .reference
             .rsplit('@')
@@ -238,6 +248,42 @@ pub(crate) fn rollout(
             }
         }
     })
+}
+
+/// The stack's role lets its agents call the models of the version its template was
+/// made for, `stack_v`: moved in place to `v`, an agent calling others would have every
+/// model call refused by Bedrock, while its health (which calls no model) stays good.
+fn refuse_other_models(
+    reg: &Registry,
+    stack_name: &str,
+    stack_v: &VersionInfo,
+    v: &VersionInfo,
+) -> Result<()> {
+    let missing = match (agent_models(reg, stack_v)?, agent_models(reg, v)?) {
+        // Made for an older build: its role allows every model.
+        (None, _) => return Ok(()),
+        (Some(_), None) => {
+            "its build did not record the models its agent calls, so it may call one".to_owned()
+        }
+        (Some(allowed), Some(wanted)) => {
+            let missing: Vec<String> = wanted
+                .into_iter()
+                .filter(|m| !allowed.contains(m))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            format!("its agent calls {}", missing.join(", "))
+        }
+    };
+    bail!(
+        "{}@{} cannot update stack {stack_name}'s machines in place: {missing}, which the stack's role (made for {}@{}) does not allow\n  hint: roll it out by replacement (`devos-build fleet rollout --stack {stack_name} --to {}`), which changes the role too",
+        v.name,
+        v.version,
+        stack_v.name,
+        stack_v.version,
+        v.version
+    )
 }
 
 /// Suspend the Auto Scaling processes that would end or replace instances while they
@@ -729,6 +775,40 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn in_place_a_version_may_call_only_the_models_the_stacks_role_allows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (reg, v) = super::super::templates::tests::registry_calling(
+            tmp.path(),
+            &[
+                ("1.0.0+a", Some(Some(&["m.a", "m.b"]))),
+                ("2.0.0+b", Some(Some(&["m.b"]))),
+                ("3.0.0+c", Some(Some(&["m.c", "m.a"]))),
+                ("4.0.0+d", Some(None)),
+                ("5.0.0+e", None),
+            ],
+        );
+        let refused = |stack: usize, to: usize| {
+            refuse_other_models(&reg, "s", &v[stack], &v[to]).map_err(|e| format!("{e:#}"))
+        };
+        refused(0, 1).unwrap();
+        // No agent: it calls nothing.
+        refused(0, 4).unwrap();
+        // A stack made for a build that did not record its models allows every one.
+        refused(3, 2).unwrap();
+        let e = refused(0, 2).unwrap_err();
+        assert!(
+            e.contains("devos-test@3.0.0+c cannot update stack s's machines in place: its agent calls m.c, which the stack's role (made for devos-test@1.0.0+a) does not allow"),
+            "{e}"
+        );
+        assert!(e.contains("--stack s --to 3.0.0+c"), "{e}");
+        let e = refused(1, 3).unwrap_err();
+        assert!(
+            e.contains("its build did not record the models its agent calls, so it may call one, which the stack's role (made for devos-test@2.0.0+b) does not allow"),
+            "{e}"
+        );
     }
 
     #[test]

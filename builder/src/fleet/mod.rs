@@ -26,7 +26,7 @@ use gate::{gate, print_event};
 pub(crate) use inplace::{Batches, rollout as rollout_in_place};
 pub(crate) use report::{Outcome, Status, history_human};
 pub(crate) use templates::{Template, render};
-use templates::{declared_parameters, published_ami, render_for, template_parameters};
+use templates::{declared_parameters, published_ami, render_for, role_models, template_parameters};
 
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, Rollout, VersionInfo};
@@ -263,6 +263,17 @@ impl Ctx<'_> {
         let Some(why) = failure else {
             self.reg.finish_rollout(id, ChangeState::Succeeded, None)?;
             outcome.state = ChangeState::Succeeded;
+            if let Err(e) = self.narrow_role(&plan, seen).await {
+                eprintln!(
+                    "warning: {} {}: the agents' role still allows the models of the version it came from too: {e:#}\n  hint: `devos-build fleet deploy --stack {} --template {} --image {}@{}` leaves it only this version's",
+                    plan.kind,
+                    plan.stack,
+                    plan.stack,
+                    plan.template.as_str(),
+                    plan.to.name,
+                    plan.to.version
+                );
+            }
             return Ok(outcome);
         };
         eprintln!("{} {} failed: {why}", plan.kind, plan.stack);
@@ -282,6 +293,57 @@ impl Ctx<'_> {
             )?;
         }
         recovered
+    }
+
+    /// Once a change of the stack to `plan.to` passed its gate, no instance runs the
+    /// version it came from: the agents' role, which allowed that version's models too
+    /// while both ran, is left allowing `plan.to`'s only (a second stack update that
+    /// changes the role's policy and nothing else).
+    async fn narrow_role(&mut self, plan: &Plan<'_>, seen: &mut HashSet<String>) -> Result<()> {
+        let from = plan.from.as_ref();
+        if role_models(self.reg, &plan.to, from)? == role_models(self.reg, &plan.to, None)? {
+            return Ok(());
+        }
+        let yaml = render_for(
+            self.reg,
+            plan.template,
+            &plan.to,
+            None,
+            &self.region,
+            &plan.ami,
+        )?;
+        let s = stack::describe(&self.aws, &self.region, plan.stack)
+            .await?
+            .with_context(|| format!("stack {} disappeared", plan.stack))?;
+        let keep = template_parameters(&yaml)
+            .into_iter()
+            .filter(|k| s.parameters.contains_key(k))
+            .collect();
+        let narrow = Deployment {
+            template: yaml,
+            tags: tags(plan.template, &plan.to),
+            keep,
+            parameters: BTreeMap::new(),
+        };
+        eprintln!(
+            "{} {}: leaving the agents' role only {}@{}'s models",
+            plan.kind, plan.stack, plan.to.name, plan.to.version
+        );
+        if stack::update(&self.aws, &self.region, plan.stack, &narrow)
+            .await?
+            .is_none()
+        {
+            return Ok(());
+        }
+        let settled = stack::settle(&self.aws, &self.region, plan.stack, seen, print_event).await?;
+        if !stack::succeeded(&settled.status) {
+            bail!(
+                "its update ended {}{}",
+                settled.status,
+                settled.reason.map(|r| format!(": {r}")).unwrap_or_default()
+            );
+        }
+        Ok(())
     }
 
     /// The stack's newest change, if it was interrupted before it was judged and the
@@ -355,7 +417,14 @@ impl Ctx<'_> {
     /// The stack update `plan` makes of `s`, and the outcome it starts with (the
     /// parameters that change).
     fn deployment(&self, s: &Stack, plan: &Plan<'_>) -> Result<(Deployment, Outcome)> {
-        let yaml = render_for(self.reg, plan.template, &plan.to, &self.region, &plan.ami)?;
+        let yaml = render_for(
+            self.reg,
+            plan.template,
+            &plan.to,
+            plan.from.as_ref(),
+            &self.region,
+            &plan.ami,
+        )?;
         let declared = template_parameters(&yaml);
         let mut parameters = plan.parameters.clone();
         parameters.insert("ImageId".into(), plan.ami.clone());
@@ -696,7 +765,7 @@ pub(crate) fn deploy(
     reg.require_passing(&req.image)?;
     let mut cx = changing(reg, aws, t, None)?;
     let (v, ami) = cx.candidate(&req.image)?;
-    let yaml = render_for(cx.reg, req.template, &v, &cx.region, &ami)?;
+    let yaml = render_for(cx.reg, req.template, &v, None, &cx.region, &ami)?;
     let declared = template_parameters(&yaml);
     let mut parameters = parse_params(&req.params, &declared, req.template)?;
     let done = until_interrupted(async {

@@ -167,6 +167,39 @@ pub(super) fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Re
     }
 }
 
+/// The Bedrock models the agent of `v` calls (`None`: not known, a manifest of an
+/// older build).
+pub(super) fn agent_models(reg: &Registry, v: &VersionInfo) -> Result<Option<Vec<String>>> {
+    Ok(match reg.manifest(v)?.agent {
+        Some(agent) => agent.models,
+        // No agent in the image: nothing calls Bedrock.
+        None => Some(Vec::new()),
+    })
+}
+
+/// The models the role of a stack going from `also` to `v` allows (`None`: every one).
+pub(super) fn role_models(
+    reg: &Registry,
+    v: &VersionInfo,
+    also: Option<&VersionInfo>,
+) -> Result<Option<Vec<String>>> {
+    let models = agent_models(reg, v)?;
+    let Some(also) = also.filter(|a| a.id != v.id) else {
+        return Ok(models);
+    };
+    Ok(match (models, agent_models(reg, also)?) {
+        (Some(mut models), Some(theirs)) => {
+            for m in theirs {
+                if !models.contains(&m) {
+                    models.push(m);
+                }
+            }
+            Some(models)
+        }
+        _ => None,
+    })
+}
+
 /// The template for `reference` in `region`. The version must have passed its boot
 /// test and, except for WorkSpaces (which run from a bundle), be published there.
 pub(crate) fn render(
@@ -181,21 +214,21 @@ pub(crate) fn render(
     } else {
         published_ami(reg, &v, region)?
     };
-    render_for(reg, template, &v, region, &ami_id)
+    render_for(reg, template, &v, None, region, &ami_id)
 }
 
+/// The template for version `v`. While a stack goes from version `also` to `v`, its
+/// agents' role allows the models of both: the instances of `also` call theirs until
+/// they are replaced, and the instances of `v` until a failed change is undone.
 pub(super) fn render_for(
     reg: &Registry,
     template: Template,
     v: &VersionInfo,
+    also: Option<&VersionInfo>,
     region: &str,
     ami_id: &str,
 ) -> Result<String> {
-    let models = match reg.manifest(v)?.agent {
-        Some(agent) => agent.models,
-        // No agent in the image: nothing calls Bedrock.
-        None => Some(Vec::new()),
-    };
+    let models = role_models(reg, v, also)?;
     let root = match template {
         Template::Workspaces => None,
         _ => Some(RootVolume::of(reg, v, ami_id)?),
@@ -267,7 +300,7 @@ pub(super) fn template_parameters(yaml: &str) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::model::manifest::AgentInfo;
 
@@ -314,6 +347,64 @@ mod tests {
             let yaml = rendered(template, None);
             assert!(yaml.contains("foundation-model/*\""), "{yaml}");
         }
+    }
+
+    /// A registry (in `tmp`) holding builds of devos-test whose agents call the models
+    /// given (`Some(None)`: an agent whose build did not record them; `None`: no agent).
+    pub(in crate::fleet) fn registry_calling(
+        tmp: &std::path::Path,
+        builds: &[(&str, Option<Option<&[&str]>>)],
+    ) -> (Registry, Vec<VersionInfo>) {
+        use crate::store::registry::tests::manifest;
+        let mut reg = Registry::open(&tmp.join("r.db")).unwrap();
+        let built = builds
+            .iter()
+            .map(|(version, models)| {
+                let mut m = manifest(version, &[]);
+                m.agent = models.map(|models| AgentInfo {
+                    file: "devos-agent".into(),
+                    version: "0.1.0".into(),
+                    sha256: String::new(),
+                    models: models.map(|ms| ms.iter().map(|m| (*m).to_owned()).collect()),
+                });
+                reg.record_build(
+                    std::path::Path::new("/o"),
+                    std::path::Path::new("s"),
+                    &m,
+                    &[],
+                )
+                .unwrap();
+                reg.find(&format!("devos-test@{version}")).unwrap()
+            })
+            .collect();
+        (reg, built)
+    }
+
+    #[test]
+    fn while_a_stack_changes_version_its_role_allows_both_versions_models() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (reg, v) = registry_calling(
+            tmp.path(),
+            &[
+                ("1.0.0+a", Some(Some(&["m.a", "m.b"]))),
+                ("2.0.0+b", Some(Some(&["m.b", "m.c"]))),
+                ("3.0.0+c", Some(None)),
+                ("4.0.0+d", None),
+            ],
+        );
+        let models = |to: usize, from: Option<usize>| {
+            role_models(&reg, &v[to], from.map(|f| &v[f])).unwrap()
+        };
+        let some = |ms: &[&str]| Some(ms.iter().map(|m| (*m).to_owned()).collect::<Vec<_>>());
+        assert_eq!(models(0, None), some(&["m.a", "m.b"]));
+        assert_eq!(models(1, Some(0)), some(&["m.b", "m.c", "m.a"]));
+        assert_eq!(models(1, Some(1)), some(&["m.b", "m.c"]));
+        // A build that did not record its models: its instances may call any.
+        assert_eq!(models(1, Some(2)), None);
+        assert_eq!(models(2, Some(1)), None);
+        // No agent: nothing of its own to add.
+        assert_eq!(models(3, Some(1)), some(&["m.b", "m.c"]));
+        assert_eq!(models(3, None), some(&[]));
     }
 
     #[test]
