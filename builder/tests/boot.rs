@@ -1,5 +1,5 @@
 //! The boot test's diagnoses, each on a deliberately broken image: an agent that
-//! crashes at start, a unit that fails, a spec test that exits non-zero, a kernel
+//! crashes at start, a unit that fails and a spec test that exits non-zero, a kernel
 //! command line that cannot find root, and a verified root with one byte changed; and
 //! the bookworm image (ext4 root, initramfs-tools) passing. (The default image passing
 //! is tested in `image.rs`, the README's command.)
@@ -122,8 +122,10 @@ fn an_agent_that_crashes_at_start_is_named_with_its_journal() {
     );
 }
 
+/// A failing unit and a failing spec test in one image (one build, one boot): each is
+/// named with its own output, and the report's failure names both.
 #[test]
-fn a_failing_unit_is_named_with_its_journal() {
+fn a_failing_unit_and_a_failing_spec_test_are_named_with_their_output() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new();
     let deb = repack(&env, "unit-fails", |root| {
@@ -141,34 +143,11 @@ fn a_failing_unit_is_named_with_its_journal() {
         )
         .unwrap();
     });
-    let spec = env.fresh_spec("unit-fails.toml", |t| t);
-    let (report, _) = failing_test(&env, &spec, &deb);
-    // The agent itself is fine.
-    assert_eq!(check(&report, "agent-ping")["ok"], true);
-    let state = check(&report, "system-state");
-    assert_eq!(state["ok"], false);
-    let detail = state["detail"].as_str().unwrap();
-    assert!(detail.contains("devos-broken.service"), "{detail}");
-    assert!(
-        detail.contains("cannot reach the license server"),
-        "{detail}"
-    );
-    assert!(
-        report["failure"].as_str().unwrap().contains("system-state"),
-        "{report:#}"
-    );
-}
-
-#[test]
-fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
-    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    let env = Env::new();
-    let spec = env.spec("spec-test.toml", |t| {
+    let spec = env.fresh_spec("unit-and-test-fail.toml", |t| {
         format!(
             "{t}\n[[tests]]\nname = \"disk-space\"\nrun = \"echo 'only 3% free' >&2; exit 4\"\n"
         )
     });
-    let deb = env.agent_deb.clone();
     // Forcing KVM also exercises the fallback: on a host whose KVM dies mid-run (this
     // one does, with "KVM internal error") the run is repeated under TCG.
     let (report, junit) = failing_test_with(&env, &spec, &deb, &[("DEVOS_ACCEL", "kvm")]);
@@ -181,7 +160,18 @@ fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
                 .contains("but the VM then failed under KVM ("),
         "neither ran under KVM nor fell back to TCG with the reason: {accel}"
     );
-    // The spec's passing tests ran too.
+    // The agent itself is fine.
+    assert_eq!(check(&report, "agent-ping")["ok"], true);
+    // The unit, with its journal.
+    let state = check(&report, "system-state");
+    assert_eq!(state["ok"], false);
+    let detail = state["detail"].as_str().unwrap();
+    assert!(detail.contains("devos-broken.service"), "{detail}");
+    assert!(
+        detail.contains("cannot reach the license server"),
+        "{detail}"
+    );
+    // The spec's test, with its output; its passing tests ran too.
     assert_eq!(check(&report, "test:agent-unit-active")["ok"], true);
     assert_eq!(check(&report, "test:root-is-read-only")["ok"], true);
     let t = check(&report, "test:disk-space");
@@ -190,7 +180,16 @@ fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
     assert!(detail.starts_with("exit 4 (expected 0)"), "{detail}");
     assert!(detail.contains("only 3% free"), "{detail}");
     assert!(junit.contains("name=\"test:disk-space\""), "{junit}");
-    // The built-in checks all passed.
+    assert!(
+        junit.contains("<failure") && junit.contains("name=\"system-state\""),
+        "{junit}"
+    );
+    let failure = report["failure"].as_str().unwrap();
+    assert!(
+        failure.contains("system-state") && failure.contains("test:disk-space"),
+        "{report:#}"
+    );
+    // The other built-in checks all passed.
     for name in [
         "bus-policy",
         "agent-request",
@@ -200,7 +199,6 @@ fn a_spec_test_that_exits_non_zero_fails_with_its_output() {
         "var-writable",
         "hardening",
         "os-release",
-        "system-state",
     ] {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
     }
@@ -468,8 +466,8 @@ fn a_verified_image_updates_from_a_signed_feed_and_a_changed_block_fails_its_boo
         text.replace("version = \"0.2.0\"", "version = \"0.2.1\""),
     )
     .unwrap();
-    // Built twice from scratch: signed for Secure Boot, still bit for bit the same.
-    let (next, _) = env.build(&next_spec, &["--check-reproducible"]);
+    // (That a build signed for Secure Boot is reproducible is incremental.rs's test.)
+    let (next, _) = env.build(&next_spec, &[]);
     let next_version = next["manifest"]["version"].as_str().unwrap();
     let mut c = env.cmd(&["image", "test", "--json", "--update-to"]);
     c.arg(format!("{name}@{next_version}")).arg(&reference);

@@ -357,10 +357,20 @@ fn incremental_builds_registry_kills_and_gc() {
 fn a_cached_build_and_a_build_from_scratch_are_bit_for_bit_identical() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new();
-    let spec = env.spec("devos-repro.toml", |t| t);
+    // Signed for Secure Boot too (with this test's own key): the signatures are as
+    // reproducible as the rest.
+    ok(&run(&mut env.cmd(&["keys", "generate"]), 1));
+    let spec = env.spec("devos-repro.toml", |t| {
+        assert!(t.contains("verity = true\n"));
+        t.replace("verity = true\n", "verity = true\nsecure-boot = true\n")
+    });
     // Fill the cache.
     env.build(&spec, &[]);
     let (report, log) = env.build(&spec, &["--check-reproducible"]);
+    assert!(
+        report["manifest"]["secure_boot"]["certificate_sha256"].is_string(),
+        "{report:#}"
+    );
     let repro = &report["reproducible"];
     assert_eq!(repro["identical"], true, "{repro:#}\n{log}");
     // The first build restored its tree from the cache; only the second ran mmdebstrap.

@@ -476,8 +476,20 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
     }
     let mut failure = outcome.err();
     if failure.is_none() {
-        if let Some(bad) = checks.iter().find(|c| !c.ok) {
-            failure = Some(format!("check `{}` failed: {}", bad.check, bad.detail));
+        let bad: Vec<&Check> = checks.iter().filter(|c| !c.ok).collect();
+        if let Some(first) = bad.first() {
+            failure = Some(if bad.len() == 1 {
+                format!("check `{}` failed: {}", first.check, first.detail)
+            } else {
+                // Each is named: the first's detail here, every one's in the checks.
+                let names: Vec<String> = bad.iter().map(|c| format!("`{}`", c.check)).collect();
+                format!(
+                    "checks {} failed; `{}`: {}",
+                    names.join(", "),
+                    first.check,
+                    first.detail
+                )
+            });
         } else if !checks.iter().any(|c| c.check == "agent-ping") {
             failure = Some("the guest reported no agent-ping result".into());
         }
