@@ -124,6 +124,12 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether `action`, approved, runs as root: an administrator's package install
+    /// (the executor's profile, and what the planning checks go by).
+    pub fn runs_as_root(&self, action: &crate::action::Action) -> bool {
+        self.is_admin && crate::approval::privileged_runs_as_root(action)
+    }
+
     pub fn from_uid(uid: u32, admin_groups: &[String]) -> Result<Self, IdentityError> {
         use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
         let user = User::from_uid(Uid::from_raw(uid))

@@ -102,7 +102,7 @@ pub fn spec_for(
     cgroup: Option<PathBuf>,
     config: &AgentConfig,
 ) -> Spec {
-    let as_root = crate::approval::privileged_runs_as_root(&record.action) && caller.is_admin;
+    let as_root = caller.runs_as_root(&record.action);
     let sandbox = &config.sandbox;
     Spec {
         caller: caller.clone(),

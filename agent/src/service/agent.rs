@@ -343,7 +343,7 @@ impl<'a> Decider<'a> {
             };
         }
         // The sandbox would refuse it once approved: it is not asked about.
-        let as_root = approval::privileged_runs_as_root(action) && caller.is_admin;
+        let as_root = caller.runs_as_root(action);
         let profile = Profile::of(risk, cwd, as_root);
         if !profile.root
             && !matches!(decision, Decision::Denied { .. })
@@ -370,7 +370,7 @@ impl<'a> Decider<'a> {
     ) -> ActionRecord {
         let caller = self.caller;
         let decision = self.decide(&action, &risk, cwd);
-        let as_root = approval::privileged_runs_as_root(&action) && caller.is_admin;
+        let as_root = caller.runs_as_root(&action);
         ActionRecord {
             index,
             description: action.describe(),

@@ -304,27 +304,12 @@ impl Ctx<'_> {
         if role_models(self.reg, &plan.to, from)? == role_models(self.reg, &plan.to, None)? {
             return Ok(());
         }
-        let yaml = render_for(
-            self.reg,
-            plan.template,
-            &plan.to,
-            None,
-            &self.region,
-            &plan.ami,
-        )?;
         let s = stack::describe(&self.aws, &self.region, plan.stack)
             .await?
             .with_context(|| format!("stack {} disappeared", plan.stack))?;
-        let keep = template_parameters(&yaml)
-            .into_iter()
-            .filter(|k| s.parameters.contains_key(k))
-            .collect();
-        let narrow = Deployment {
-            template: yaml,
-            tags: tags(plan.template, &plan.to),
-            keep,
-            parameters: BTreeMap::new(),
-        };
+        // The same update as the change's (its parameters the stack now has), with the
+        // role of `plan.to` alone.
+        let narrow = self.stack_update(&s, plan, None)?;
         eprintln!(
             "{} {}: leaving the agents' role only {}@{}'s models",
             plan.kind, plan.stack, plan.to.name, plan.to.version
@@ -417,11 +402,36 @@ impl Ctx<'_> {
     /// The stack update `plan` makes of `s`, and the outcome it starts with (the
     /// parameters that change).
     fn deployment(&self, s: &Stack, plan: &Plan<'_>) -> Result<(Deployment, Outcome)> {
+        let deployment = self.stack_update(s, plan, plan.from.as_ref())?;
+        let outcome = Outcome::planned(
+            plan.stack,
+            &self.region,
+            plan.kind,
+            plan.from.as_ref(),
+            &plan.to,
+            deployment
+                .parameters
+                .iter()
+                .filter(|(k, v)| s.parameters.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), (s.parameters.get(k).cloned(), v.clone())))
+                .collect(),
+        );
+        Ok((deployment, outcome))
+    }
+
+    /// The update that puts `s` on `plan.to` with `plan.parameters` (the others kept),
+    /// its agents' role allowing the models of `also` too.
+    fn stack_update(
+        &self,
+        s: &Stack,
+        plan: &Plan<'_>,
+        also: Option<&VersionInfo>,
+    ) -> Result<Deployment> {
         let yaml = render_for(
             self.reg,
             plan.template,
             &plan.to,
-            plan.from.as_ref(),
+            also,
             &self.region,
             &plan.ami,
         )?;
@@ -434,25 +444,12 @@ impl Ctx<'_> {
             .filter(|k| !parameters.contains_key(*k) && s.parameters.contains_key(*k))
             .cloned()
             .collect();
-        let deployment = Deployment {
+        Ok(Deployment {
             template: yaml,
             tags: tags(plan.template, &plan.to),
             keep,
-            parameters: parameters.clone(),
-        };
-        let outcome = Outcome::planned(
-            plan.stack,
-            &self.region,
-            plan.kind,
-            plan.from.as_ref(),
-            &plan.to,
-            parameters
-                .iter()
-                .filter(|(k, v)| s.parameters.get(*k) != Some(*v))
-                .map(|(k, v)| (k.clone(), (s.parameters.get(k).cloned(), v.clone())))
-                .collect(),
-        );
-        Ok((deployment, outcome))
+            parameters,
+        })
     }
 
     /// After a failed gate: mark the version bad for the stack and put the stack back
@@ -1295,22 +1292,8 @@ mod tests {
 
     /// A registry (in `tmp`) holding builds of `versions` of devos-test.
     fn registry_with(tmp: &Path, versions: &[&str]) -> (Registry, Vec<VersionInfo>) {
-        use crate::store::registry::tests::manifest;
-        let mut reg = Registry::open(&tmp.join("r.db")).unwrap();
-        let built = versions
-            .iter()
-            .map(|version| {
-                reg.record_build(
-                    Path::new("/o"),
-                    Path::new("s"),
-                    &manifest(version, &[]),
-                    &[],
-                )
-                .unwrap();
-                reg.find(&format!("devos-test@{version}")).unwrap()
-            })
-            .collect();
-        (reg, built)
+        let builds: Vec<_> = versions.iter().map(|v| (*v, None)).collect();
+        templates::tests::registry_calling(tmp, &builds)
     }
 
     /// A change of stack `s` in region `r` that succeeded.
