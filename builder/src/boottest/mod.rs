@@ -5,6 +5,7 @@
 mod diagnosis;
 pub(crate) mod ec2;
 pub(crate) mod junit;
+mod monitor;
 mod target;
 pub(crate) mod update;
 pub mod vm;
@@ -195,6 +196,17 @@ fn run_vm(
         });
         (outcome, ssh)
     });
+    // A boot that timed out: where the guest was (QEMU still runs it).
+    let outcome = outcome.map_err(|failure| {
+        let cpus = timed_out(&failure)
+            .then(|| monitor::socket(&console))
+            .flatten()
+            .and_then(|socket| monitor::where_cpus(&socket));
+        match cpus {
+            Some(cpus) => format!("{failure}\n  the guest when it was stopped: {cpus}"),
+            None => failure,
+        }
+    });
     // An updatable image reboots a while after a kernel panic (QEMU, run with
     // -no-reboot, then exits): give it that while, for such a reboot is a try used up.
     // (The diagnosis may name what led to the panic rather than the panic.)
@@ -272,14 +284,16 @@ fn boot_and_report(
         run = run_vm(scratch, target, opts, feeds, rollback)?;
     }
     let tcg = scratch.accel.accel == vm::Accel::Tcg;
-    if let Some(crash) = tcg_fault(tcg, &run.outcome) {
+    if let Some(fault) = tcg_fault(tcg, &run) {
         // This host's QEMU (7.2) runs a multi-threaded TCG guest's kernel into a fault
         // now and then, in code the kernel was patching at the time (seen:
         // `devcgroup_check_permission`, `sched_clock_cpu`), that the same disk does not
-        // repeat. That boot is run again once, from the disk as it was before it, and
-        // the report says so; a kernel that crashes again fails the test.
+        // repeat; once, in this project's CI, a boot of an image that boots in 20 s
+        // showed nothing for 150 s. That boot is run again once, from the disk as it was
+        // before it, and the report says so; a kernel that crashes or hangs again fails
+        // the test.
         tracing::warn!(
-            "the guest kernel crashed under TCG in boot {} ({crash}); booting it again from the disk as it was before, once",
+            "boot {} {fault}; booting it again from the disk as it was before, once",
             scratch.boots + 1
         );
         scratch.rewind(target)?;
@@ -290,7 +304,7 @@ fn boot_and_report(
                 check: "tcg-fault".into(),
                 ok: true,
                 detail: format!(
-                    "boot {}'s kernel crashed under TCG ({crash}); this is that boot again, from the disk as it was before it",
+                    "boot {} {fault}; this is that boot again, from the disk as it was before it",
                     scratch.boots + 1
                 ),
                 ms: 0,
@@ -301,16 +315,28 @@ fn boot_and_report(
     Ok(run)
 }
 
-/// The kernel oops that ended a boot under TCG, if that is how it ended: a fault the
-/// kernel hit (`Fatal exception`), not a panic it chose (no root, init died, `sysrq`
-/// crash, which a second boot would only repeat).
-fn tcg_fault(tcg: bool, outcome: &Result<(), String>) -> Option<String> {
-    let Err(outcome) = outcome else {
+/// How a boot under TCG ended, when the emulator may have spoiled it: in a kernel oops
+/// (`Fatal exception`; not a panic the kernel chose: no root, init died, a `sysrq`
+/// crash, which a second boot would only repeat), or out of time before the guest's
+/// self-test reported anything.
+fn tcg_fault(tcg: bool, run: &Run) -> Option<String> {
+    let Err(outcome) = &run.outcome else {
         return None;
     };
+    let first_line = || outcome.lines().next().unwrap_or(outcome).trim();
     let oops = outcome.starts_with("kernel panic")
         && outcome.contains("Kernel panic - not syncing: Fatal exception");
-    (tcg && oops).then(|| outcome.lines().next().unwrap_or(outcome).trim().to_owned())
+    let silent = timed_out(outcome) && run.checks.is_empty();
+    if tcg && oops {
+        Some(format!("crashed under TCG ({})", first_line()))
+    } else if tcg && silent {
+        Some(format!(
+            "hung under TCG before the guest's self-test started ({})",
+            outcome.replace("\n  ", "; ")
+        ))
+    } else {
+        None
+    }
 }
 
 /// How long after a kernel panic the booted disk reboots by itself (`panic=N` on the
@@ -581,6 +607,13 @@ fn rollback_checks(back: &Run, from: Option<&str>, to: &str) -> Vec<Check> {
     checks
 }
 
+/// How a boot that ran out of time fails.
+const TIMED_OUT: &str = "timed out after";
+
+fn timed_out(failure: &str) -> bool {
+    failure.starts_with(TIMED_OUT)
+}
+
 /// Wait for the guest's final report line, a kernel panic, QEMU exiting, the timeout,
 /// or `progress` (called with the checks so far) asking to stop.
 fn watch(
@@ -618,7 +651,7 @@ fn watch(
         }
         if start.elapsed() > timeout {
             return Err(format!(
-                "timed out after {}s waiting for the guest's self-test (the boot hung or the agent never answered)",
+                "{TIMED_OUT} {}s waiting for the guest's self-test (the boot hung or the agent never answered)",
                 timeout.as_secs()
             ));
         }
@@ -819,10 +852,16 @@ mod tests {
     }
 
     #[test]
-    fn only_a_kernel_fault_under_tcg_is_booted_again() {
-        let oops: Result<(), String> = Err("kernel panic: [   22.6] Kernel panic - not syncing: Fatal exception in interrupt\n  QEMU said: terminating".into());
+    fn only_a_kernel_fault_or_a_silent_hang_under_tcg_is_booted_again() {
+        let oops = run(
+            Err(
+                "kernel panic: [   22.6] Kernel panic - not syncing: Fatal exception in interrupt\n  QEMU said: terminating",
+            ),
+            true,
+            &[],
+        );
         let crash = tcg_fault(true, &oops).unwrap();
-        assert!(crash.ends_with("Fatal exception in interrupt"), "{crash}");
+        assert!(crash.ends_with("Fatal exception in interrupt)"), "{crash}");
         // Not under KVM.
         assert!(tcg_fault(false, &oops).is_none());
         // Panics the kernel chose: a second boot would only repeat them.
@@ -832,9 +871,34 @@ mod tests {
             "kernel panic: [ 30.1] Kernel panic - not syncing: sysrq triggered crash",
             "the root filesystem failed dm-verity verification: ... Fatal exception",
         ] {
-            assert!(tcg_fault(true, &Err(chosen.into())).is_none(), "{chosen}");
+            assert!(
+                tcg_fault(true, &run(Err(chosen), true, &[])).is_none(),
+                "{chosen}"
+            );
         }
-        assert!(tcg_fault(true, &Ok(())).is_none());
+        assert!(tcg_fault(true, &run(Ok(()), true, &[])).is_none());
+        // Out of time with nothing from the guest: where it was is kept.
+        let hung = run(
+            Err(
+                "timed out after 150s waiting for the guest's self-test (the boot hung or the agent never answered)\n  the guest when it was stopped: CPU 0 in the kernel (0xffffffff81c8a1ce), running",
+            ),
+            false,
+            &[],
+        );
+        let fault = tcg_fault(true, &hung).unwrap();
+        assert!(
+            fault.starts_with("hung under TCG before the guest's self-test started (timed out after 150s")
+                && fault.ends_with("; the guest when it was stopped: CPU 0 in the kernel (0xffffffff81c8a1ce), running)"),
+            "{fault}"
+        );
+        assert!(tcg_fault(false, &hung).is_none());
+        // Out of time once the self-test ran: the guest's own doing, said by its checks.
+        let slow = run(
+            Err("timed out after 150s waiting for the guest's self-test"),
+            false,
+            &[("agent-ping", false, "no answer")],
+        );
+        assert!(tcg_fault(true, &slow).is_none());
     }
 
     #[test]

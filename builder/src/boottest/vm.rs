@@ -347,11 +347,19 @@ impl Vm<'_> {
     /// The serial console: into the log, or on this terminal with the QEMU monitor.
     fn console_args(&self, c: &mut Command) {
         match self.console_log {
-            Some(log) => c
-                .arg("-chardev")
-                .arg(format!("file,id=console,path={}", log.display()))
-                .args(["-serial", "chardev:console"]),
-            None => c.args(["-serial", "mon:stdio"]),
+            Some(log) => {
+                c.arg("-chardev")
+                    .arg(format!("file,id=console,path={}", log.display()))
+                    .args(["-serial", "chardev:console"]);
+                // Asked where the guest was when a boot times out.
+                if let Some(socket) = super::monitor::socket(log) {
+                    c.arg("-monitor")
+                        .arg(format!("unix:{},server=on,wait=off", socket.display()));
+                }
+            }
+            None => {
+                c.args(["-serial", "mon:stdio"]);
+            }
         };
     }
 
