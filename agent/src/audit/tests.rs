@@ -1,12 +1,13 @@
 use super::*;
 
-fn config(checkpoint_every: u64) -> AuditConfig {
+/// The audit settings of a test whose log is in `dir`, a temporary directory of its
+/// own: the anchors go there too (the log's own files are `log-N.jsonl`,
+/// `checkpoints.jsonl` and `HEAD`), so no two tests share them and none is left behind.
+fn config(dir: &Path, checkpoint_every: u64) -> AuditConfig {
     AuditConfig {
         checkpoint_every,
         rotate_mib: 1,
-        // Beside each test's log directory (a fresh temporary directory), never in it.
-        anchor_file: std::env::temp_dir()
-            .join(format!("devos-anchors-{}.jsonl", std::process::id())),
+        anchor_file: dir.join("anchors.jsonl"),
         journal: false,
     }
 }
@@ -16,7 +17,7 @@ fn verify(dir: &Path) -> Result<Verification, AuditError> {
 }
 
 fn write(dir: &Path, n: u64, checkpoint_every: u64) {
-    let mut log = AuditLog::open(dir, &config(checkpoint_every)).unwrap();
+    let mut log = AuditLog::open(dir, &config(dir, checkpoint_every)).unwrap();
     for i in 0..n {
         log.append(
             "action.finished",
@@ -150,7 +151,7 @@ fn a_forged_checkpoint_is_detected() {
 #[test]
 fn rotation_keeps_the_chain_across_files() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = AuditLog::open(dir.path(), &config(1000)).unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(dir.path(), 1000)).unwrap();
     let big = "x".repeat(300 * 1024);
     for _ in 0..8 {
         log.append(
@@ -184,7 +185,7 @@ fn rewrite_consistently(dir: &Path) {
     let forged = scratch.path().join("log");
     let cfg = AuditConfig {
         anchor_file: scratch.path().join("forged-anchors.jsonl"),
-        ..config(4)
+        ..config(scratch.path(), 4)
     };
     let mut log = AuditLog::open(&forged, &cfg).unwrap();
     for e in &entries {
@@ -229,10 +230,7 @@ fn a_consistent_rewrite_or_a_dropped_tail_is_caught_by_the_anchors() {
     for forge in ["rewrite", "drop"] {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("audit");
-        let cfg = AuditConfig {
-            anchor_file: root.path().join("anchors.jsonl"),
-            ..config(4)
-        };
+        let cfg = config(root.path(), 4);
         let mut log = AuditLog::open(&dir, &cfg).unwrap();
         for i in 0..10 {
             log.append(
@@ -272,10 +270,7 @@ fn a_consistent_rewrite_or_a_dropped_tail_is_caught_by_the_anchors() {
 #[test]
 fn an_entry_that_cannot_be_anchored_is_an_error() {
     let root = tempfile::tempdir().unwrap();
-    let cfg = AuditConfig {
-        anchor_file: root.path().join("anchors.jsonl"),
-        ..config(4)
-    };
+    let cfg = config(root.path(), 4);
     let mut log = AuditLog::open(&root.path().join("audit"), &cfg).unwrap();
     log.append("a", None, None, None, serde_json::json!({}))
         .unwrap();
@@ -320,10 +315,7 @@ fn only_the_writers_journal_entries_anchor_the_log() {
 /// options that resume from that verification, and the anchor file.
 fn verified(root: &Path, n: u64) -> (PathBuf, AuditConfig, VerifyOptions) {
     let dir = root.join("audit");
-    let cfg = AuditConfig {
-        anchor_file: root.join("anchors.jsonl"),
-        ..config(4)
-    };
+    let cfg = config(root, 4);
     append(&dir, &cfg, n);
     let v = super::verify(&dir, &VerifyOptions::of(&cfg)).unwrap();
     assert!(v.ok && v.resumed_after.is_none(), "{v:?}");
@@ -486,7 +478,7 @@ fn an_edit_before_the_mark_is_left_to_a_full_verification() {
 #[test]
 fn every_value_the_agent_records_verifies_as_written() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = AuditLog::open(dir.path(), &config(1000)).unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(dir.path(), 1000)).unwrap();
     let config = crate::config::ModelConfig::default();
     let mut values = Vec::new();
     for model in config.prices.keys() {
@@ -548,14 +540,14 @@ fn each_users_bytes_today_are_read_back_when_the_log_is_opened_again() {
             .unwrap();
     };
     // Yesterday's entry does not count today.
-    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(dir.path(), 4)).unwrap();
     append(&mut log, Some(1000), 100);
     drop(log);
     let today = now()[..10].to_owned();
     let l = lines(dir.path());
     save(dir.path(), &[l[0].replace(&today, "2000-01-01")]);
 
-    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(dir.path(), 4)).unwrap();
     assert_eq!(log.written_today(1000), 0);
     // Enough to rotate (1 MiB files here): today's entries span two files.
     for _ in 0..6 {
@@ -568,7 +560,7 @@ fn each_users_bytes_today_are_read_back_when_the_log_is_opened_again() {
     assert!(counted.0 > 6 * (300 << 10) && counted.1 > 0, "{counted:?}");
     drop(log);
 
-    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(dir.path(), 4)).unwrap();
     assert_eq!((log.written_today(1000), log.written_today(1001)), counted);
     assert_eq!(log.written_today(0), 0);
     // The chain goes on from where it was.
@@ -620,7 +612,7 @@ fn a_half_written_last_line_is_cut_and_the_cut_is_on_the_chain() {
     assert!(!verify(dir.path()).unwrap().ok);
 
     // Opening cuts it off and records the cut; the log verifies, and goes on.
-    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(dir.path(), 4)).unwrap();
     assert_eq!(log.entries(), 11);
     log.append("e", None, None, None, serde_json::json!({}))
         .unwrap();
@@ -645,7 +637,7 @@ fn a_half_written_last_line_is_cut_and_the_cut_is_on_the_chain() {
     assert!(v.ok, "{:?}", v.first_bad);
     assert_eq!(v.entries, 12);
     // A log that ends in a whole line is left as it is.
-    drop(AuditLog::open(dir.path(), &config(4)).unwrap());
+    drop(AuditLog::open(dir.path(), &config(dir.path(), 4)).unwrap());
     assert_eq!(lines(dir.path()).len(), 12);
 }
 
@@ -653,7 +645,7 @@ fn a_half_written_last_line_is_cut_and_the_cut_is_on_the_chain() {
 fn a_log_that_is_only_a_half_line_opens_empty_again() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(log_path(dir.path()), b"{\"seq\":1,\"time\":\"20").unwrap();
-    let log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    let log = AuditLog::open(dir.path(), &config(dir.path(), 4)).unwrap();
     assert_eq!(log.entries(), 1);
     drop(log);
     let l = lines(dir.path());
@@ -731,7 +723,7 @@ fn a_line_cut_short_before_the_end_is_still_tampering() {
 #[test]
 fn a_durable_append_is_on_disk_when_it_returns_and_others_wait_for_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = AuditLog::open(dir.path(), &config(4)).unwrap();
+    let mut log = AuditLog::open(dir.path(), &config(dir.path(), 4)).unwrap();
     let detail = || serde_json::json!({});
     log.append("request.submitted", Some(1000), Some("r1"), None, detail())
         .unwrap();
