@@ -577,6 +577,33 @@ fn the_text_of_a_project_is_indexed_when_asked_and_read_again_only_when_changed(
         "unchanged files are not read again"
     );
     assert!(text(&agent, "omega").is_empty());
+
+    // The project added with names only, added again with its text: read now, and
+    // still after a restart.
+    context(
+        &agent,
+        &alice,
+        &["add", "--text", names_only.path().to_str().unwrap()],
+    );
+    let other = names_only.path().join("other.rs").to_string_lossy().into_owned();
+    eventually("the re-added project's text is indexed", || {
+        text(&agent, "load_settings").contains(&other)
+    });
+    // Adding it again without `--text` (as a request run in it does) keeps its text.
+    context(&agent, &alice, &["add", names_only.path().to_str().unwrap()]);
+    agent.stop();
+    agent.restart();
+    let listed = context(&agent, &alice, &["list"]);
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["root"] == names_only.path().to_str().unwrap())
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(entry["text"], true, "{listed}");
+    eventually("its text is kept across a restart", || {
+        text(&agent, "load_settings").contains(&other)
+    });
 }
 
 #[test]

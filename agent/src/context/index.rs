@@ -228,12 +228,15 @@ impl Index {
         &self.path
     }
 
-    /// Register a project (again: nothing changes but `auto`, which only goes down).
+    /// Register a project (again: nothing changes but `auto`, which only goes down, and
+    /// `text`, which only goes up: a project once asked for with its text keeps it until
+    /// it is removed).
     pub fn add_project(&self, root: &Path, auto: bool, text: bool) -> Result<(), IndexError> {
         self.conn
             .execute(
                 "INSERT INTO projects (root, auto, added, text) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (root) DO UPDATE SET auto = min(auto, excluded.auto)",
+                 ON CONFLICT (root) DO UPDATE SET auto = min(auto, excluded.auto),
+                     text = max(text, excluded.text)",
                 params![
                     path_text(root),
                     auto,

@@ -238,12 +238,18 @@ impl Engine {
                                 token,
                                 root: root.clone(),
                             });
-                            if !self.projects.iter().any(|p| p.root == root) {
-                                self.add(ProjectJob {
+                            match self.projects.iter().position(|p| p.root == root) {
+                                None => self.add(ProjectJob {
                                     root,
                                     text,
                                     known: Vec::new(),
-                                });
+                                }),
+                                // Added again, now with its text: read it.
+                                Some(i) if text && !self.projects[i].text => {
+                                    self.projects[i].text = true;
+                                    self.bring_up(i);
+                                }
+                                Some(_) => {}
                             }
                         }
                         Err(why) => self.out.send(&Update::Refused { token, why }),

@@ -185,8 +185,10 @@ impl Engine {
     ) -> Result<PathBuf, ContextError> {
         let user = shared.context.user(shared, caller)?;
         let limit = shared.config().context.max_projects;
-        let n = lock(&user.index).roots()?.len();
-        if n >= limit as usize {
+        let roots = lock(&user.index).roots()?;
+        let n = roots.len();
+        // (Adding one of them again, to index its text too, takes no new place.)
+        if n >= limit as usize && !roots.iter().any(|r| r == path) {
             return Err(ContextError::TooManyProjects { n, limit });
         }
         let token = shared.context.tokens.fetch_add(1, Ordering::Relaxed);
