@@ -585,12 +585,20 @@ fn the_text_of_a_project_is_indexed_when_asked_and_read_again_only_when_changed(
         &alice,
         &["add", "--text", names_only.path().to_str().unwrap()],
     );
-    let other = names_only.path().join("other.rs").to_string_lossy().into_owned();
+    let other = names_only
+        .path()
+        .join("other.rs")
+        .to_string_lossy()
+        .into_owned();
     eventually("the re-added project's text is indexed", || {
         text(&agent, "load_settings").contains(&other)
     });
     // Adding it again without `--text` (as a request run in it does) keeps its text.
-    context(&agent, &alice, &["add", names_only.path().to_str().unwrap()]);
+    context(
+        &agent,
+        &alice,
+        &["add", names_only.path().to_str().unwrap()],
+    );
     agent.stop();
     agent.restart();
     let listed = context(&agent, &alice, &["list"]);

@@ -402,6 +402,24 @@ fn bedrock_errors_are_put_in_words_and_retried_where_that_helps() {
     );
     let r = run_json(&bare, &erin, cwd, &["list", "files"]);
     assert_eq!(r["state"], "done", "{r}");
+    // `devos status` says so before anyone asks, and says when the route is ready.
+    let status = |agent: &Daemon| json(&agent.devos(Some(&erin), cwd, &["--json", "status"]));
+    let not_ready = status(&bare);
+    assert_eq!(not_ready["model-route"], true, "{not_ready}");
+    assert_eq!(not_ready["model-ready"], false, "{not_ready}");
+    assert!(
+        not_ready["model-ready-detail"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("no AWS credentials for Bedrock"),
+        "{not_ready}"
+    );
+    let ready = status(&agent);
+    assert_eq!(ready["model-ready"], true, "{ready}");
+    assert_eq!(
+        ready["model-ready-detail"], "a region (us-east-1) and credentials",
+        "{ready}"
+    );
 }
 
 #[test]

@@ -132,6 +132,17 @@ impl ModelError {
 /// standard retries (exponential backoff with jitter) for throttling and brief
 /// unavailability.
 pub async fn client(config: &ModelConfig) -> Result<(Client, String), ModelError> {
+    let (shared, region) = sdk_config(config).await?;
+    let mut builder = aws_sdk_bedrockruntime::config::Builder::from(&shared);
+    if !config.endpoint_url.is_empty() {
+        builder = builder.endpoint_url(&config.endpoint_url);
+    }
+    Ok((Client::from_conf(builder.build()), region))
+}
+
+/// The SDK's configuration for `config` (its region, else the environment's; the
+/// credential chain) and the region.
+async fn sdk_config(config: &ModelConfig) -> Result<(aws_config::SdkConfig, String), ModelError> {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(
         aws_config::retry::RetryConfig::standard().with_max_attempts(config.max_attempts),
     );
@@ -143,11 +154,28 @@ pub async fn client(config: &ModelConfig) -> Result<(Client, String), ModelError
         .region()
         .map(|r| r.to_string())
         .ok_or(ModelError::NoRegion)?;
-    let mut builder = aws_sdk_bedrockruntime::config::Builder::from(&shared);
-    if !config.endpoint_url.is_empty() {
-        builder = builder.endpoint_url(&config.endpoint_url);
+    Ok((shared, region))
+}
+
+/// Whether a model call could be made now: a region, and credentials the SDK's chain
+/// finds within `limit` (resolved, never sent anywhere: Bedrock is not called, so
+/// whether they are allowed to call the models shows only on a request). The region.
+pub async fn ready(config: &ModelConfig, limit: Duration) -> Result<String, ModelError> {
+    use aws_sdk_bedrockruntime::config::ProvideCredentials;
+    let (shared, region) = sdk_config(config).await?;
+    let provider = shared
+        .credentials_provider()
+        .ok_or_else(|| ModelError::NoCredentials("the SDK has no credential chain".into()))?;
+    match tokio::time::timeout(limit, provider.provide_credentials()).await {
+        Ok(Ok(_)) => Ok(region),
+        Ok(Err(e)) => Err(ModelError::NoCredentials(
+            DisplayErrorContext(&e).to_string(),
+        )),
+        Err(_) => Err(ModelError::NoCredentials(format!(
+            "none found within {} s",
+            limit.as_secs()
+        ))),
     }
-    Ok((Client::from_conf(builder.build()), region))
 }
 
 /// One model call's parameters.

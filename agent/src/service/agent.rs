@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use zbus::fdo;
@@ -25,6 +25,10 @@ use crate::config::UserPolicy;
 use crate::model::tools::ContextQuery;
 use crate::request::{ActionRecord, ActionState, Decision, Origin, Request, State};
 use crate::sandbox::Profile;
+
+/// How long `Status` looks for the model route's credentials (instance metadata that
+/// is not there takes about a second to give up on).
+const MODEL_READY_WITHIN: Duration = Duration::from_secs(3);
 
 /// The object served at [`crate::OBJECT_PATH`], interface `org.devos.Agent1`.
 pub struct Agent {
@@ -783,6 +787,16 @@ impl Agent {
             "model-small": config.model.small,
             "model-large": config.model.large,
         });
+        // Whether a request the local rules do not cover could go to the model now.
+        if config.model.enabled {
+            let (ready, detail) =
+                match crate::model::bedrock::ready(&config.model, MODEL_READY_WITHIN).await {
+                    Ok(region) => (true, format!("a region ({region}) and credentials")),
+                    Err(e) => (false, e.to_string()),
+                };
+            status["model-ready"] = ready.into();
+            status["model-ready-detail"] = detail.into();
+        }
         // How this machine booted: whether its firmware enforces Secure Boot, in words.
         let boot = crate::selftest::secure_boot();
         status["secure-boot"] = boot.ok.into();
