@@ -231,7 +231,10 @@ async fn update(
         zbus::Error::MethodError(name, _, _)
             if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied" =>
         {
-            anyhow::anyhow!("only root may update the machine: run `sudo devos update`")
+            anyhow::anyhow!(
+                "only root may update the machine: {}",
+                as_root("devos update", &my_groups())
+            )
         }
         other => agent_error(other),
     })?;
@@ -348,15 +351,17 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else if let Some(after) = v.resumed_after.filter(|after| *after >= v.entries) {
                 outln!(
-                    "audit log: ok — nothing appended since the last verification (up to entry {after}), head {}; `sudo devos audit verify` reads the whole log",
-                    &v.last_hash[..16]
+                    "audit log: ok — nothing appended since the last verification (up to entry {after}), head {}; {} reads the whole log",
+                    &v.last_hash[..16],
+                    root_runs("devos audit verify", &my_groups())
                 );
             } else if let Some(after) = v.resumed_after {
                 outln!(
-                    "audit log: ok — entries {}–{} since the last verification (up to entry {after}), head {}; `sudo devos audit verify` reads the whole log",
+                    "audit log: ok — entries {}–{} since the last verification (up to entry {after}), head {}; {} reads the whole log",
                     after + 1,
                     v.entries,
-                    &v.last_hash[..16]
+                    &v.last_hash[..16],
+                    root_runs("devos audit verify", &my_groups())
                 );
             } else {
                 outln!(
@@ -1187,8 +1192,65 @@ fn print_git(r: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The groups Debian's and other distributions' sudoers let run anything as root.
+const SUDO_GROUPS: &[&str] = &["sudo", "wheel", "admin"];
+
+/// The names of the groups this process is in.
+fn my_groups() -> Vec<String> {
+    use nix::unistd::{Group, getegid, getgroups};
+    let mut gids = getgroups().unwrap_or_default();
+    gids.push(getegid());
+    gids.into_iter()
+        .filter_map(|gid| Group::from_gid(gid).ok().flatten())
+        .map(|g| g.name)
+        .collect()
+}
+
+/// What to tell a user about running `command` as root: with sudo when they are in a
+/// group sudo lets in, else that an administrator has to.
+fn as_root(command: &str, groups: &[String]) -> String {
+    match groups.iter().any(|g| SUDO_GROUPS.contains(&g.as_str())) {
+        true => format!("run `sudo {command}`"),
+        false => format!(
+            "ask an administrator to run `{command}` as root (you are in none of the groups sudo lets in: {})",
+            SUDO_GROUPS.join(", ")
+        ),
+    }
+}
+
+/// `command` as root, as a user who may (`sudo COMMAND`) or may not (root's `COMMAND`).
+fn root_runs(command: &str, groups: &[String]) -> String {
+    match groups.iter().any(|g| SUDO_GROUPS.contains(&g.as_str())) {
+        true => format!("`sudo {command}`"),
+        false => format!("root's `{command}`"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn root_is_suggested_through_sudo_only_to_those_sudo_lets_in() {
+        let sudoer = ["dev".to_owned(), "sudo".to_owned()];
+        let user = ["dev".to_owned()];
+        assert_eq!(
+            super::as_root("devos update", &sudoer),
+            "run `sudo devos update`"
+        );
+        assert!(
+            super::as_root("devos update", &user).starts_with(
+                "ask an administrator to run `devos update` as root (you are in none of"
+            )
+        );
+        assert_eq!(
+            super::root_runs("devos audit verify", &sudoer),
+            "`sudo devos audit verify`"
+        );
+        assert_eq!(
+            super::root_runs("devos audit verify", &user),
+            "root's `devos audit verify`"
+        );
+    }
+
     use super::*;
 
     /// What a path or argv word proposed by the model may carry: clear the screen, a

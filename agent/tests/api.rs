@@ -506,6 +506,10 @@ fn a_tampered_audit_log_is_reported_with_its_first_bad_entry() {
     run();
     let said = verified();
     assert!(said.contains("since the last verification"), "{said}");
+    assert!(
+        said.contains("root's `devos audit verify` reads the whole log"),
+        "{said}"
+    );
     let log = agent.state().join("audit/log-000001.jsonl");
     let text = std::fs::read_to_string(&log).unwrap();
     let edited = text.replacen("\"list files\"", "\"something else\"", 1);
@@ -672,7 +676,12 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
     ] {
         let out = agent.devos(Some(&alice), project.path(), args);
         assert!(!out.status.success(), "{args:?}");
-        assert!(stderr(&out).contains("only root"), "{}", stderr(&out));
+        // (alice is in no group sudo lets in: she is not told to use it.)
+        assert!(
+            stderr(&out).contains("only root may update the machine: ask an administrator"),
+            "{}",
+            stderr(&out)
+        );
     }
     assert!(!log.exists(), "a user's request ran something");
 
