@@ -702,12 +702,37 @@ fn rules_mean_what_was_approved() {
     assert_eq!(rules(), before, "a rule appeared");
     // AddRule has the same bounds: wide rules exist but approve nothing dangerous.
     for args in [
-        &["rules", "add", "allow", "--command-prefix", "rm"][..],
-        &["rules", "add", "allow", "--command-prefix", "python3"],
+        &["rules", "add", "allow", "--command-prefix", "python3"][..],
         &["rules", "add", "allow", "--path-prefix", "/"],
-        &["rules", "add", "allow", "--command-prefix", "sh"],
     ] {
         assert!(agent.devos(Some(&eve), cwd, args).status.success());
+    }
+    // A rule that could never allow anything (every `rm` deletes; `sh` is a program
+    // devos does not know, whose runs are unknown) is refused, saying why.
+    for (program, why) in [
+        ("rm", "`rm` deletes, so every such command is destructive"),
+        (
+            "sh",
+            "`sh` is not a program devos knows, so every such command is unknown",
+        ),
+        (
+            "sudo",
+            "`sudo` acts with system privileges, so every such command is privileged",
+        ),
+    ] {
+        let out = agent.devos(
+            Some(&eve),
+            cwd,
+            &["rules", "add", "allow", "--command-prefix", program, "x"],
+        );
+        assert!(!out.status.success(), "{program}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "an allow rule for commands starting `{program} x` would never allow anything: {why}"
+            )),
+            "{}",
+            stderr(&out)
+        );
     }
     // Nor network actions, which the admin does not let users approve standing.
     assert!(

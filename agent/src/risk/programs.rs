@@ -66,6 +66,35 @@ const PRIVILEGED: &[&str] = &[
     "snap",
 ];
 
+/// The known programs every run of which deletes (their role is [`delete`]): classed
+/// destructive whatever their other words.
+const DELETERS: &[&str] = &["rm", "rmdir", "unlink", "shred", "truncate"];
+
+/// The class of every run of the program `argv0` names, whatever its other words, when
+/// its name alone decides it: a program devos does not know (unknown), one that acts
+/// with system privileges, one that deletes (destructive). With why. None when its
+/// other words matter (or it is known by its path, not its name: a program outside
+/// the system directories is unknown too, which this does not say).
+pub fn class_of_every_run(argv0: &str) -> Option<(RiskClass, String)> {
+    let name = running_as(argv0);
+    if PRIVILEGED.contains(&name.as_str()) {
+        return Some((
+            RiskClass::Privileged,
+            format!("`{name}` acts with system privileges"),
+        ));
+    }
+    if DELETERS.contains(&name.as_str()) {
+        return Some((RiskClass::Destructive, format!("`{name}` deletes")));
+    }
+    let special = ["git", "find", "python3"].contains(&name.as_str());
+    (!special && known(&name).is_none()).then(|| {
+        (
+            RiskClass::Unknown,
+            format!("`{name}` is not a program devos knows"),
+        )
+    })
+}
+
 /// Characters that mean something to a shell; in an argv they are literal, which is
 /// worth saying so nobody believes otherwise.
 const SHELL_SYNTAX: &[char] = &[';', '&', '|', '$', '`', '>', '<', '\n', '*', '?', '(', ')'];
@@ -1423,6 +1452,20 @@ mod tests {
 
     fn words(s: &[&str]) -> Vec<String> {
         s.iter().map(|w| (*w).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_deleters_are_the_programs_whose_role_is_to_delete() {
+        let deleting = |k: &Known| matches!(k.role, Role::Custom(f) if std::ptr::fn_addr_eq(f, delete as fn(&mut Classifier, &str, &Parsed)));
+        let mut names: Vec<&str> = KNOWN
+            .iter()
+            .filter(|k| deleting(k))
+            .flat_map(|k| k.names.iter().copied())
+            .collect();
+        names.sort_unstable();
+        let mut listed = DELETERS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(names, listed);
     }
 
     #[test]

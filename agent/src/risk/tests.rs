@@ -437,3 +437,63 @@ fn file_actions() {
     assert!(r.writes_outside.is_empty(), "{:?}", r.writes_outside);
     assert!(r.class >= RiskClass::Privileged);
 }
+
+#[test]
+fn a_program_whose_name_decides_its_class_has_it_whatever_its_other_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = &canonical(dir.path());
+    std::fs::write(cwd.join("existing.txt"), "x").unwrap();
+    let tails: &[&[&str]] = &[
+        &[],
+        &["existing.txt"],
+        &["-f", "existing.txt"],
+        &["--help"],
+        &["--version"],
+        &["a", "b"],
+        &["-i", "--", "new"],
+    ];
+    for program in [
+        "rm",
+        "rmdir",
+        "unlink",
+        "shred",
+        "truncate",
+        "/usr/bin/rm",
+        "sudo",
+        "systemctl",
+        "apt",
+        "journalctl",
+        "./build.sh",
+        "frobnicate",
+        "env",
+        "bash",
+    ] {
+        let (floor, why) = programs::class_of_every_run(program)
+            .unwrap_or_else(|| panic!("{program}: its name decides nothing?"));
+        assert!(why.contains('`'), "{why}");
+        for tail in tails {
+            let argv: Vec<&str> = std::iter::once(program)
+                .chain(tail.iter().copied())
+                .collect();
+            let class = run(&argv, cwd).class;
+            assert!(class >= floor, "{argv:?}: {class} below {floor}");
+            assert!(
+                !crate::approval::PREFIX_CLASSES.contains(&class),
+                "{argv:?} is {class}: an allow prefix could cover it"
+            );
+        }
+    }
+    // Programs whose other words decide.
+    for program in [
+        "git",
+        "ls",
+        "cargo",
+        "find",
+        "python3",
+        "mv",
+        "cp",
+        "/usr/bin/ls",
+    ] {
+        assert_eq!(programs::class_of_every_run(program), None, "{program}");
+    }
+}

@@ -349,6 +349,18 @@ pub(super) async fn add_rule(
     } else {
         None
     };
+    // (What the rule's first word alone makes every command it starts: a rule that
+    // could never match is refused, not kept to mislead.)
+    if let Some(max) = max_class
+        && let Some(program) = command_prefix.first()
+        && let Some((class, why)) = crate::risk::programs::class_of_every_run(program)
+        && class > max
+    {
+        return Err(fdo::Error::InvalidArgs(format!(
+            "an allow rule for commands starting `{}` would never allow anything: {why}, so every such command is {class}, and allow rules cover up to {max}; approve each one when asked, or add a deny rule",
+            command_prefix.join(" "),
+        )));
+    }
     let rule = Rule {
         max_class,
         ..Rule::new(
