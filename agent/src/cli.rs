@@ -1069,20 +1069,32 @@ async fn context(
             }
         }
     } else if let Some(procs) = reply.get("processes") {
+        // The project column as wide as its longest entry (a process in none: `-`).
+        let procs = list(procs);
+        let project = |pr: &Value| match s(&pr["project"]) {
+            none if none.is_empty() => "-".to_owned(),
+            root => root,
+        };
+        let width = procs
+            .iter()
+            .map(|pr| project(pr).chars().count())
+            .chain(["PROJECT".len()])
+            .max()
+            .unwrap_or_default();
         outln!(
-            "{:>7} {:>6} {:>9}  {:<24} COMMAND",
+            "{:>7} {:>6} {:>8}  {:<width$}  COMMAND",
             "PID",
             "CPU%",
             "RSS MiB",
             "PROJECT"
         );
-        for pr in list(procs) {
+        for pr in &procs {
             outln!(
-                "{:>7} {:>6.1} {:>9}  {:<24} {}",
-                pr["pid"],
+                "{:>7} {:>6.1} {:>8}  {:<width$}  {}",
+                pr["pid"].as_u64().unwrap_or_default(),
                 pr["cpu-percent"].as_f64().unwrap_or(0.0),
                 pr["rss-kib"].as_u64().unwrap_or(0) / 1024,
-                s(&pr["project"]),
+                project(pr),
                 s(&pr["command"])
             );
         }

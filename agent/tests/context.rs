@@ -406,6 +406,24 @@ fn processes_are_the_callers_own() {
         .find(|x| x["pid"] == sleeper.id())
         .unwrap_or_else(|| panic!("alice's sleep is not listed: {list}"));
     assert_eq!(sleep["project"], p.to_str().unwrap());
+    // As a table: each column under its heading, however long the project's path.
+    let out = agent.devos(Some(&alice), p, &["context", "ps"]);
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let pid = sleeper.id().to_string();
+    let row = lines
+        .find(|l| l.split_whitespace().next() == Some(pid.as_str()))
+        .unwrap_or_else(|| panic!("{text}"));
+    for (heading, value) in [("PROJECT", p.to_str().unwrap()), ("COMMAND", "sleep")] {
+        let at = header.find(heading).unwrap();
+        assert_eq!(row.get(at..at + value.len()), Some(value), "{text}");
+    }
+    assert_eq!(
+        row.find(&pid).map(|i| i + pid.len()),
+        header.find("PID").map(|i| i + 3),
+        "{text}"
+    );
     // Root sees everyone's.
     let out = agent.devos(None, Path::new("/"), &["--json", "context", "ps"]);
     let all = json(&out);
