@@ -162,20 +162,26 @@ async fn sdk_config(config: &ModelConfig) -> Result<(aws_config::SdkConfig, Stri
 /// whether they are allowed to call the models shows only on a request). The region.
 pub async fn ready(config: &ModelConfig, limit: Duration) -> Result<String, ModelError> {
     use aws_sdk_bedrockruntime::config::ProvideCredentials;
-    let (shared, region) = sdk_config(config).await?;
-    let provider = shared
-        .credentials_provider()
-        .ok_or_else(|| ModelError::NoCredentials("the SDK has no credential chain".into()))?;
-    match tokio::time::timeout(limit, provider.provide_credentials()).await {
-        Ok(Ok(_)) => Ok(region),
-        Ok(Err(e)) => Err(ModelError::NoCredentials(
-            DisplayErrorContext(&e).to_string(),
-        )),
-        Err(_) => Err(ModelError::NoCredentials(format!(
-            "none found within {} s",
-            limit.as_secs()
-        ))),
-    }
+    let check = async {
+        let (shared, region) = sdk_config(config).await?;
+        let provider = shared
+            .credentials_provider()
+            .ok_or_else(|| ModelError::NoCredentials("the SDK has no credential chain".into()))?;
+        provider
+            .provide_credentials()
+            .await
+            .map_err(|e| ModelError::NoCredentials(DisplayErrorContext(&e).to_string()))?;
+        Ok(region)
+    };
+    // (The region can come from instance metadata too: the whole look is bounded.)
+    tokio::time::timeout(limit, check)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ModelError::NoCredentials(format!(
+                "none found within {} s",
+                limit.as_secs()
+            )))
+        })
 }
 
 /// One model call's parameters.
