@@ -231,9 +231,13 @@ async fn update(
         zbus::Error::MethodError(name, _, _)
             if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied" =>
         {
+            let command = match action {
+                "install" => "devos update".to_owned(),
+                other => format!("devos update --{other}"),
+            };
             anyhow::anyhow!(
                 "only root may update the machine: {}",
-                as_root("devos update", &my_groups())
+                as_root(&command, &my_groups())
             )
         }
         other => agent_error(other),
@@ -998,7 +1002,11 @@ async fn context(
     let p = one_line;
     let reply: Value = match command {
         ContextCommand::Add { dir, text } => {
+            // As the agent will register it (links resolved), so that a project already
+            // added is known by the name given; one that cannot be resolved is said so
+            // by the agent.
             let dir = absolute(dir)?;
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
             let root = ctx
                 .add_project(&dir.to_string_lossy(), text)
                 .await
@@ -1207,24 +1215,32 @@ fn print_git(r: &serde_json::Value) -> anyhow::Result<()> {
 /// The groups Debian's and other distributions' sudoers let run anything as root.
 const SUDO_GROUPS: &[&str] = &["sudo", "wheel", "admin"];
 
-/// The names of the groups this process is in.
+/// The names of the groups the user running this is in, as the group database has
+/// them now (as sudo reads them; not only those of this login).
 fn my_groups() -> Vec<String> {
-    use nix::unistd::{Group, getegid, getgroups};
-    let mut gids = getgroups().unwrap_or_default();
-    gids.push(getegid());
-    gids.into_iter()
+    use nix::unistd::{Group, User, getgrouplist, getuid};
+    let Ok(Some(user)) = User::from_uid(getuid()) else {
+        return Vec::new();
+    };
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return Vec::new();
+    };
+    getgrouplist(&name, user.gid)
+        .unwrap_or_default()
+        .into_iter()
         .filter_map(|gid| Group::from_gid(gid).ok().flatten())
         .map(|g| g.name)
         .collect()
 }
 
 /// What to tell a user about running `command` as root: with sudo when they are in a
-/// group sudo lets in, else that an administrator has to.
+/// group sudo lets in by default; else that sudo may not let them (it may: its rules
+/// can name anyone), and whom to ask.
 fn as_root(command: &str, groups: &[String]) -> String {
     match groups.iter().any(|g| SUDO_GROUPS.contains(&g.as_str())) {
         true => format!("run `sudo {command}`"),
         false => format!(
-            "ask an administrator to run `{command}` as root (you are in none of the groups sudo lets in: {})",
+            "ask an administrator to run `{command}` as root (or `sudo {command}` if sudo lets you: you are in none of the groups it lets in by default, {})",
             SUDO_GROUPS.join(", ")
         ),
     }
@@ -1248,10 +1264,9 @@ mod tests {
             super::as_root("devos update", &sudoer),
             "run `sudo devos update`"
         );
-        assert!(
-            super::as_root("devos update", &user).starts_with(
-                "ask an administrator to run `devos update` as root (you are in none of"
-            )
+        assert_eq!(
+            super::as_root("devos update --rollback", &user),
+            "ask an administrator to run `devos update --rollback` as root (or `sudo devos update --rollback` if sudo lets you: you are in none of the groups it lets in by default, sudo, wheel, admin)"
         );
         assert_eq!(
             super::root_runs("devos audit verify", &sudoer),

@@ -669,3 +669,35 @@ fn the_text_of_secret_locations_is_never_indexed() {
     let names = context(&agent, &user, &["find", "credentials"]);
     assert!(names.to_string().contains(".aws/credentials"), "{names}");
 }
+
+#[test]
+fn a_project_added_again_with_its_text_takes_no_new_place_at_the_limit() {
+    let agent = Daemon::start_with("ID=debian\n", "[context]\nmax-projects = 1\n");
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let p = project.path();
+    sh(&alice, p, "echo 'fn at_the_limit() {}' > lib.rs");
+    context(&agent, &alice, &["add", p.to_str().unwrap()]);
+    // Another project is refused at the limit...
+    let other = alice.project();
+    let out = agent.devos(
+        Some(&alice),
+        p,
+        &["context", "add", other.path().to_str().unwrap()],
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    // ...the same one again, with its text, is not, by whatever name it is given.
+    let alias = other.path().join("alias");
+    std::os::unix::fs::symlink(p, &alias).unwrap();
+    let out = agent.devos(
+        Some(&alice),
+        p,
+        &["context", "add", "--text", alias.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually("its text is indexed", || {
+        context(&agent, &alice, &["find", "--text", "at_the_limit"])["results"]
+            .as_array()
+            .is_some_and(|hits| hits.len() == 1)
+    });
+}

@@ -159,8 +159,9 @@ async fn sdk_config(config: &ModelConfig) -> Result<(aws_config::SdkConfig, Stri
 
 /// Whether a model call could be made now: a region, and credentials the SDK's chain
 /// finds within `limit` (resolved, never sent anywhere: Bedrock is not called, so
-/// whether they are allowed to call the models shows only on a request). The region.
-pub async fn ready(config: &ModelConfig, limit: Duration) -> Result<String, ModelError> {
+/// whether they are allowed to call the models shows only on a request). The region,
+/// or what is missing in words.
+pub async fn ready(config: &ModelConfig, limit: Duration) -> Result<String, String> {
     use aws_sdk_bedrockruntime::config::ProvideCredentials;
     let check = async {
         let (shared, region) = sdk_config(config).await?;
@@ -171,17 +172,16 @@ pub async fn ready(config: &ModelConfig, limit: Duration) -> Result<String, Mode
             .provide_credentials()
             .await
             .map_err(|e| ModelError::NoCredentials(DisplayErrorContext(&e).to_string()))?;
-        Ok(region)
+        Ok::<_, ModelError>(region)
     };
     // (The region can come from instance metadata too: the whole look is bounded.)
-    tokio::time::timeout(limit, check)
-        .await
-        .unwrap_or_else(|_| {
-            Err(ModelError::NoCredentials(format!(
-                "none found within {} s",
-                limit.as_secs()
-            )))
-        })
+    match tokio::time::timeout(limit, check).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "the AWS SDK found no region and credentials within {} s (does instance metadata answer? on EC2 attach an instance role; elsewhere set [model] region and the agent's AWS credentials)",
+            limit.as_secs()
+        )),
+    }
 }
 
 /// One model call's parameters.

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use zbus::fdo;
@@ -25,10 +25,6 @@ use crate::config::UserPolicy;
 use crate::model::tools::ContextQuery;
 use crate::request::{ActionRecord, ActionState, Decision, Origin, Request, State};
 use crate::sandbox::Profile;
-
-/// How long `Status` looks for the model route's credentials (instance metadata that
-/// is not there takes about a second to give up on).
-const MODEL_READY_WITHIN: Duration = Duration::from_secs(3);
 
 /// The object served at [`crate::OBJECT_PATH`], interface `org.devos.Agent1`.
 pub struct Agent {
@@ -789,11 +785,10 @@ impl Agent {
         });
         // Whether a request the local rules do not cover could go to the model now.
         if config.model.enabled {
-            let (ready, detail) =
-                match crate::model::bedrock::ready(&config.model, MODEL_READY_WITHIN).await {
-                    Ok(region) => (true, format!("a region ({region}) and credentials")),
-                    Err(e) => (false, e.to_string()),
-                };
+            let (ready, detail) = match self.shared.model_ready(&config.model).await {
+                Ok(region) => (true, format!("a region ({region}) and credentials")),
+                Err(missing) => (false, missing),
+            };
             status["model-ready"] = ready.into();
             status["model-ready-detail"] = detail.into();
         }

@@ -15,6 +15,7 @@ use super::shared::{
 use crate::approval;
 use crate::caller::{self as as_caller, Caller, PlanJob};
 use crate::request::{ActionRecord, Decision, Exact, Remember, Request, Rule};
+use crate::risk::RiskClass;
 
 /// A user's decision on one action, as `Approve`/`Deny` receive it.
 pub(super) struct Verdict<'a> {
@@ -356,8 +357,15 @@ pub(super) async fn add_rule(
         && let Some((class, why)) = crate::risk::programs::class_of_every_run(program)
         && class > max
     {
+        let instead = match class {
+            RiskClass::Privileged => {
+                "in the sandbox such a command cannot gain privileges anyway: run it yourself"
+            }
+            RiskClass::Destructive => "approve each one when asked, or add a deny rule",
+            _ => "approve each one when asked",
+        };
         return Err(fdo::Error::InvalidArgs(format!(
-            "an allow rule for commands starting `{}` would never allow anything: {why}, so every such command is {class}, and allow rules cover up to {max}; approve each one when asked, or add a deny rule",
+            "an allow rule for commands starting `{}` would never allow anything: {why}, so every such command is {class}, and allow rules cover up to {max}; {instead}",
             command_prefix.join(" "),
         )));
     }

@@ -73,7 +73,22 @@ pub struct Shared {
     pub(super) held: Mutex<super::budget::Held>,
     /// Every user's context index and watcher.
     pub(super) context: super::context::Engine,
+    /// Whether the model route could call Bedrock, when that was last looked up, and
+    /// for which region and endpoint setting (see [`Shared::model_ready`]).
+    model_ready: tokio::sync::Mutex<Option<ModelReady>>,
 }
+
+struct ModelReady {
+    at: Instant,
+    asked: (String, String),
+    answer: Result<String, String>,
+}
+
+/// How long `Status` looks for the model route's region and credentials (instance
+/// metadata that is not there takes about a second to give up on).
+const MODEL_READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long an answer to that stands.
+const MODEL_READY_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves data that is still consistent (every
@@ -346,7 +361,34 @@ impl Shared {
             busy_conversations: Mutex::new(Default::default()),
             held: Mutex::new(Default::default()),
             context: Default::default(),
+            model_ready: tokio::sync::Mutex::new(None),
         }))
+    }
+
+    /// Whether the model route could call Bedrock now (see
+    /// [`crate::model::bedrock::ready`]): the region, or what is missing. Looked up at
+    /// most once a minute for a setting, and by one caller at a time, the others
+    /// waiting for its answer: no user's `Status` calls can make the agent ask instance
+    /// metadata over and over.
+    pub(super) async fn model_ready(
+        &self,
+        model: &crate::config::ModelConfig,
+    ) -> Result<String, String> {
+        let asked = (model.region.clone(), model.endpoint_url.clone());
+        let mut last = self.model_ready.lock().await;
+        if let Some(last) = &*last
+            && last.asked == asked
+            && last.at.elapsed() < MODEL_READY_FOR
+        {
+            return last.answer.clone();
+        }
+        let answer = crate::model::bedrock::ready(model, MODEL_READY_WITHIN).await;
+        *last = Some(ModelReady {
+            at: Instant::now(),
+            asked,
+            answer: answer.clone(),
+        });
+        answer
     }
 
     pub(super) fn config(&self) -> Arc<AgentConfig> {

@@ -107,9 +107,53 @@ pub(super) fn tail_lines(path: &Path, n: usize) -> Vec<String> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
+/// Whether a console shows nothing of the system that was to boot: nothing but escape
+/// sequences and blank lines after the firmware started the boot loader (`BdsDxe:
+/// starting …`), or no such line at all. (An image booted `quiet` prints nothing until
+/// its login prompt either; one that printed anything got further than this says.)
+pub(super) fn silent_after_firmware(console: &str) -> bool {
+    let after = match console.rsplit_once("BdsDxe: starting") {
+        // (The rest of that line is the firmware's.)
+        Some((_, rest)) => rest.split_once('\n').map_or("", |(_, next)| next),
+        None => "",
+    };
+    let mut chars = after.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // A control sequence: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else if !c.is_whitespace() && !c.is_control() {
+            return false;
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod kvm_tests {
-    use super::{diagnose_console, kvm_failure};
+    use super::{diagnose_console, kvm_failure, silent_after_firmware};
+
+    #[test]
+    fn a_console_is_silent_when_nothing_came_after_the_firmware() {
+        // The project's CI run of 2026-12-06, as its console ended.
+        let hung = "\u{1b}[2J\u{1b}[01;01H\u{1b}[=3h\u{1b}[2J\u{1b}[01;01HBdsDxe: loading Boot0001 \"UEFI QEMU NVMe Ctrl devos 1\" from PciRoot(0x0)/Pci(0x2,0x0)/NVMe(0x1,00-00-00-00-00-00-00-00)\r\nBdsDxe: starting Boot0001 \"UEFI QEMU NVMe Ctrl devos 1\" from PciRoot(0x0)/Pci(0x2,0x0)/NVMe(0x1,00-00-00-00-00-00-00-00)\r\n\u{1b}[2J\r\n";
+        assert!(silent_after_firmware(hung));
+        assert!(silent_after_firmware(""));
+        assert!(silent_after_firmware("BdsDxe: loading Boot0001 \"x\"\r\n"));
+        // Anything the booted system printed: it got further.
+        for said in [
+            "EFI stub: Loaded initrd from LINUX_EFI_INITRD_MEDIA_GUID device path\r\n",
+            "[    2.1] systemd[1]: Starting Journal Service...\r\n",
+            "\u{1b}[0;1;31mFAILED\u{1b}[0m to start devos-agent.service\r\n",
+            "devos login: ",
+        ] {
+            assert!(!silent_after_firmware(&format!("{hung}{said}")), "{said}");
+        }
+    }
 
     #[test]
     fn a_root_that_cannot_be_found_is_named_with_or_without_an_initramfs() {

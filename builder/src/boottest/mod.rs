@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::support::remove;
-use diagnosis::{diagnose_console, kvm_failure, read_report, tail_lines};
+use diagnosis::{diagnose_console, kvm_failure, read_report, silent_after_firmware, tail_lines};
 use vm::{AccelChoice, Scratch};
 
 pub(crate) struct TestOptions {
@@ -93,6 +93,8 @@ struct Run {
     /// QEMU exited by itself (the guest powered off or rebooted; QEMU runs with
     /// -no-reboot) rather than being stopped by the host.
     stopped_by_itself: bool,
+    /// The console showed nothing after the firmware started the boot loader.
+    silent: bool,
 }
 
 /// Who the boot test logs in as over SSH: the image's default user, when the image
@@ -203,10 +205,13 @@ fn run_vm(
             .flatten()
             .and_then(|socket| monitor::where_cpus(&socket));
         match cpus {
-            Some(cpus) => format!("{failure}\n  the guest when it was stopped: {cpus}"),
+            Some(cpus) => format!("{failure}\n  the guest when the test gave up: {cpus}"),
             None => failure,
         }
     });
+    let silent = silent_after_firmware(&String::from_utf8_lossy(
+        &fs::read(&console).unwrap_or_default(),
+    ));
     // An updatable image reboots a while after a kernel panic (QEMU, run with
     // -no-reboot, then exits): give it that while, for such a reboot is a try used up.
     // (The diagnosis may name what led to the panic rather than the panic.)
@@ -229,6 +234,7 @@ fn run_vm(
         ssh,
         checks: read_report(&report).0,
         stopped_by_itself,
+        silent,
     })
 }
 
@@ -289,13 +295,21 @@ fn boot_and_report(
         // now and then, in code the kernel was patching at the time (seen:
         // `devcgroup_check_permission`, `sched_clock_cpu`), that the same disk does not
         // repeat; once, in this project's CI, a boot of an image that boots in 20 s
-        // showed nothing for 150 s. That boot is run again once, from the disk as it was
-        // before it, and the report says so; a kernel that crashes or hangs again fails
-        // the test.
+        // showed nothing after the firmware for 150 s. That boot is run again once, from
+        // the disk as it was before it, and the report says so (the spoiled boot's
+        // console is kept beside the next one's, for `--keep-vm`); a kernel that crashes
+        // or hangs again fails the test.
         tracing::warn!(
             "boot {} {fault}; booting it again from the disk as it was before, once",
             scratch.boots + 1
         );
+        let console = scratch.dir.path().join("console.log");
+        let kept = scratch
+            .dir
+            .path()
+            .join(format!("console.boot-{}-spoiled.log", scratch.boots + 1));
+        // (Kept for whoever looks, if it can be: the test goes on either way.)
+        let _ = fs::rename(&console, &kept);
         scratch.rewind(target)?;
         run = run_vm(scratch, target, opts, feeds, rollback)?;
         run.checks.insert(
@@ -317,8 +331,8 @@ fn boot_and_report(
 
 /// How a boot under TCG ended, when the emulator may have spoiled it: in a kernel oops
 /// (`Fatal exception`; not a panic the kernel chose: no root, init died, a `sysrq`
-/// crash, which a second boot would only repeat), or out of time before the guest's
-/// self-test reported anything.
+/// crash, which a second boot would only repeat), or out of time with nothing from the
+/// guest at all.
 fn tcg_fault(tcg: bool, run: &Run) -> Option<String> {
     let Err(outcome) = &run.outcome else {
         return None;
@@ -326,12 +340,15 @@ fn tcg_fault(tcg: bool, run: &Run) -> Option<String> {
     let first_line = || outcome.lines().next().unwrap_or(outcome).trim();
     let oops = outcome.starts_with("kernel panic")
         && outcome.contains("Kernel panic - not syncing: Fatal exception");
-    let silent = timed_out(outcome) && run.checks.is_empty();
+    // Nothing at all from the guest: no check reported, nothing on the console after
+    // the firmware started the boot loader (a boot that printed anything, or whose
+    // self-test began, got far enough for its own faults to show: not run again).
+    let hung = timed_out(outcome) && run.checks.is_empty() && run.silent;
     if tcg && oops {
         Some(format!("crashed under TCG ({})", first_line()))
-    } else if tcg && silent {
+    } else if tcg && hung {
         Some(format!(
-            "hung under TCG before the guest's self-test started ({})",
+            "showed nothing under TCG after the firmware started the boot loader ({})",
             outcome.replace("\n  ", "; ")
         ))
     } else {
@@ -848,6 +865,7 @@ mod tests {
                 })
                 .collect(),
             stopped_by_itself,
+            silent: false,
         }
     }
 
@@ -878,26 +896,39 @@ mod tests {
         }
         assert!(tcg_fault(true, &run(Ok(()), true, &[])).is_none());
         // Out of time with nothing from the guest: where it was is kept.
-        let hung = run(
-            Err(
-                "timed out after 150s waiting for the guest's self-test (the boot hung or the agent never answered)\n  the guest when it was stopped: CPU 0 in the kernel (0xffffffff81c8a1ce), running",
-            ),
-            false,
-            &[],
-        );
+        let hung = Run {
+            silent: true,
+            ..run(
+                Err(
+                    "timed out after 150s waiting for the guest's self-test (the boot hung or the agent never answered)\n  the guest when the test gave up: CPU 0 in the kernel (0xffffffff81c8a1ce), running",
+                ),
+                false,
+                &[],
+            )
+        };
         let fault = tcg_fault(true, &hung).unwrap();
         assert!(
-            fault.starts_with("hung under TCG before the guest's self-test started (timed out after 150s")
-                && fault.ends_with("; the guest when it was stopped: CPU 0 in the kernel (0xffffffff81c8a1ce), running)"),
+            fault.starts_with("showed nothing under TCG after the firmware started the boot loader (timed out after 150s")
+                && fault.ends_with("; the guest when the test gave up: CPU 0 in the kernel (0xffffffff81c8a1ce), running)"),
             "{fault}"
         );
         assert!(tcg_fault(false, &hung).is_none());
-        // Out of time once the self-test ran: the guest's own doing, said by its checks.
-        let slow = run(
+        // Out of time once the system printed something, or its self-test ran: far
+        // enough for its own faults to show.
+        let printed = run(
             Err("timed out after 150s waiting for the guest's self-test"),
             false,
-            &[("agent-ping", false, "no answer")],
+            &[],
         );
+        assert!(tcg_fault(true, &printed).is_none());
+        let slow = Run {
+            silent: true,
+            ..run(
+                Err("timed out after 150s waiting for the guest's self-test"),
+                false,
+                &[("agent-ping", false, "no answer")],
+            )
+        };
         assert!(tcg_fault(true, &slow).is_none());
     }
 

@@ -18,7 +18,8 @@ pub(super) fn socket(console_log: &Path) -> Option<PathBuf> {
 }
 
 /// Where the running VM's CPUs are, asked through its monitor at `socket`; None when
-/// the monitor does not answer within a few seconds.
+/// the monitor does not answer within a few seconds. (The monitor can do anything QEMU
+/// can, on the host too: its socket lives only in the VM's private scratch directory.)
 pub(super) fn where_cpus(socket: &Path) -> Option<String> {
     let mut stream = UnixStream::connect(socket).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -46,14 +47,19 @@ fn count(haystack: &[u8], needle: &[u8]) -> usize {
         .count()
 }
 
-/// "CPU 0 in the kernel (0xffffffff81c8a1ce), halted; ..." from `info registers -a`.
+/// "CPU 0 in the kernel (0xffffffff81c8a1ce), halted; ..." from `info registers -a`
+/// (each CPU's registers follow a `CPU#N` line).
 pub(super) fn describe(registers: &str) -> Option<String> {
-    let cpus: Vec<String> = registers
-        .lines()
-        .filter_map(place)
-        .enumerate()
-        .map(|(n, place)| format!("CPU {n} {place}"))
-        .collect();
+    let mut cpu = None;
+    let mut cpus = Vec::new();
+    for line in registers.lines() {
+        if let Some(n) = line.trim().strip_prefix("CPU#") {
+            cpu = Some(n.trim().to_owned());
+        } else if let (Some(n), Some(place)) = (&cpu, place(line)) {
+            cpus.push(format!("CPU {n} {place}"));
+            cpu = None;
+        }
+    }
     (!cpus.is_empty()).then(|| cpus.join("; "))
 }
 
