@@ -1233,11 +1233,16 @@ fn my_groups() -> Vec<String> {
         .collect()
 }
 
+/// Whether one of `groups` is one sudo lets in by default.
+fn in_sudo_group(groups: &[String]) -> bool {
+    groups.iter().any(|g| SUDO_GROUPS.contains(&g.as_str()))
+}
+
 /// What to tell a user about running `command` as root: with sudo when they are in a
 /// group sudo lets in by default; else that sudo may not let them (it may: its rules
 /// can name anyone), and whom to ask.
 fn as_root(command: &str, groups: &[String]) -> String {
-    match groups.iter().any(|g| SUDO_GROUPS.contains(&g.as_str())) {
+    match in_sudo_group(groups) {
         true => format!("run `sudo {command}`"),
         false => format!(
             "ask an administrator to run `{command}` as root (or `sudo {command}` if sudo lets you: you are in none of the groups it lets in by default, {})",
@@ -1248,7 +1253,7 @@ fn as_root(command: &str, groups: &[String]) -> String {
 
 /// `command` as root, as a user who may (`sudo COMMAND`) or may not (root's `COMMAND`).
 fn root_runs(command: &str, groups: &[String]) -> String {
-    match groups.iter().any(|g| SUDO_GROUPS.contains(&g.as_str())) {
+    match in_sudo_group(groups) {
         true => format!("`sudo {command}`"),
         false => format!("root's `{command}`"),
     }

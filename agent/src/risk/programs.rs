@@ -86,8 +86,7 @@ pub fn class_of_every_run(argv0: &str) -> Option<(RiskClass, String)> {
     if DELETERS.contains(&name.as_str()) {
         return Some((RiskClass::Destructive, format!("`{argv0}` deletes")));
     }
-    let own_rules = OWN_RULES.contains(&name.as_str());
-    (!own_rules && known(&name).is_none()).then(|| {
+    (own_rules(&name).is_none() && known(&name).is_none()).then(|| {
         (
             RiskClass::Unknown,
             format!("`{argv0}` is not a program devos knows"),
@@ -95,9 +94,30 @@ pub fn class_of_every_run(argv0: &str) -> Option<(RiskClass, String)> {
     })
 }
 
-/// The programs [`classify_argv`] classifies by rules of their own, not by the table
-/// (a program added there must be added here, or rules for it are refused as unknown).
-const OWN_RULES: &[&str] = &["git", "find", "python3"];
+/// The classifier of a program with rules of its own, not the table's.
+fn own_rules(name: &str) -> Option<fn(&mut Classifier, &[String])> {
+    match name {
+        "git" => Some(super::git::classify),
+        "find" => Some(find),
+        "python3" => Some(python3),
+        _ => None,
+    }
+}
+
+/// Only `python3 -m pytest` is known; anything else it runs is arbitrary code.
+fn python3(c: &mut Classifier, args: &[String]) {
+    match (
+        args.first().map(String::as_str),
+        args.get(1).map(String::as_str),
+        known("pytest"),
+    ) {
+        (Some("-m"), Some("pytest"), Some(pytest)) => apply(c, "pytest", pytest, &args[2..]),
+        _ => c.risk.raise(
+            RiskClass::Unknown,
+            "`python3` runs arbitrary code; only `python3 -m pytest` is known",
+        ),
+    }
+}
 
 /// Characters that mean something to a shell; in an argv they are literal, which is
 /// worth saying so nobody believes otherwise.
@@ -614,10 +634,6 @@ pub(crate) fn classify_argv(c: &mut Classifier, argv: &[String]) {
             ),
         );
     }
-    // (Programs with rules of their own, before the table: OWN_RULES.)
-    if name == "git" {
-        return super::git::classify(c, args);
-    }
     if PRIVILEGED.contains(&name.as_str()) {
         c.risk.raise(
             RiskClass::Privileged,
@@ -625,22 +641,8 @@ pub(crate) fn classify_argv(c: &mut Classifier, argv: &[String]) {
         );
         return;
     }
-    if name == "find" {
-        return find(c, args);
-    }
-    if name == "python3" {
-        match (
-            args.first().map(String::as_str),
-            args.get(1).map(String::as_str),
-            known("pytest"),
-        ) {
-            (Some("-m"), Some("pytest"), Some(pytest)) => apply(c, "pytest", pytest, &args[2..]),
-            _ => c.risk.raise(
-                RiskClass::Unknown,
-                "`python3` runs arbitrary code; only `python3 -m pytest` is known",
-            ),
-        }
-        return;
+    if let Some(classify) = own_rules(&name) {
+        return classify(c, args);
     }
     let Some(entry) = entry else {
         return unknown_program(c, &name, format!("`{name}` is not a program devos knows"));

@@ -209,14 +209,13 @@ fn run_vm(
             None => failure,
         }
     });
-    let silent = silent_after_firmware(&String::from_utf8_lossy(
-        &fs::read(&console).unwrap_or_default(),
-    ));
+    let said = String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
+    let silent = silent_after_firmware(&said);
     // An updatable image reboots a while after a kernel panic (QEMU, run with
     // -no-reboot, then exits): give it that while, for such a reboot is a try used up.
     // (The diagnosis may name what led to the panic rather than the panic.)
     if let (Err(_), Some(seconds)) = (&outcome, panic_reboot(target, opts))
-        && String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).contains("Kernel panic")
+        && said.contains("Kernel panic")
     {
         exits_within(&mut child, Duration::from_secs(seconds.min(300) + 30));
     }
