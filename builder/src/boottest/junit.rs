@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::TestReport;
+use super::{TCG_FAULT, TestReport};
 
 impl TestReport {
     /// The human summary printed after a test.
@@ -61,7 +61,15 @@ impl TestReport {
                 xml(&c.check),
                 c.ms as f64 / 1000.0
             ));
-            if c.ok {
+            if c.ok && c.check == TCG_FAULT {
+                // Surefire's form for a case that failed once and passed when run
+                // again: Jenkins and other readers count it as flaky, not as a pass.
+                x.push_str(&format!(
+                    "<flakyFailure message=\"{}\" type=\"{TCG_FAULT}\"><system-out>{}</system-out></flakyFailure>",
+                    xml(c.detail.lines().next().unwrap_or_default()),
+                    xml(&c.detail)
+                ));
+            } else if c.ok {
                 x.push_str(&format!("<system-out>{}</system-out>", xml(&c.detail)));
             } else {
                 x.push_str(&format!(
@@ -187,5 +195,85 @@ mod writable_tests {
                 "{e}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod xml_tests {
+    use super::super::vm::{Accel, AccelChoice};
+    use super::super::{Check, TCG_FAULT, TestReport};
+
+    fn report(checks: Vec<Check>, failure: Option<&str>) -> TestReport {
+        TestReport {
+            disk: "disk.raw".into(),
+            version: Some("devos-debian 0.2.0+abc".into()),
+            accel: AccelChoice {
+                accel: Accel::Tcg,
+                reason: "test".into(),
+            },
+            passed: failure.is_none(),
+            checks,
+            seconds: 30.5,
+            agent_answered_seconds: Some(28.0),
+            ssh_host_key: None,
+            failure: failure.map(str::to_owned),
+            console_tail: vec!["[  1.0] <last> & line".into()],
+            kept: None,
+        }
+    }
+
+    fn check(name: &str, ok: bool, detail: &str) -> Check {
+        Check {
+            check: name.into(),
+            ok,
+            detail: detail.into(),
+            ms: 1500,
+        }
+    }
+
+    #[test]
+    fn a_rerun_boot_is_flaky_a_failed_check_fails_and_text_is_escaped() {
+        let flaky = report(
+            vec![
+                check(TCG_FAULT, true, "boot 1 crashed under TCG (\"oops\")"),
+                check("agent", true, "answered <Ping> & more"),
+            ],
+            None,
+        )
+        .junit();
+        assert!(
+            flaky.contains("failures=\"0\"") && flaky.contains("tests=\"3\""),
+            "{flaky}"
+        );
+        assert!(
+            flaky.contains(
+                "name=\"tcg-fault\" time=\"1.500\"><flakyFailure message=\"boot 1 crashed under TCG (&quot;oops&quot;)\" type=\"tcg-fault\">"
+            ),
+            "{flaky}"
+        );
+        assert!(
+            flaky.contains("answered &lt;Ping&gt; &amp; more"),
+            "{flaky}"
+        );
+        assert_eq!(flaky.matches("<failure").count(), 0, "{flaky}");
+
+        let failed = report(
+            vec![check("agent", false, "no answer\nsecond line")],
+            Some("the agent did not answer"),
+        )
+        .junit();
+        assert!(failed.contains("failures=\"1\""), "{failed}");
+        assert!(
+            failed.contains("<failure message=\"no answer\">no answer\nsecond line</failure>"),
+            "{failed}"
+        );
+        assert!(
+            failed.contains("last console lines:\n[  1.0] &lt;last&gt; &amp; line</failure>"),
+            "{failed}"
+        );
+
+        // A failure with every check passing counts once, on the boot case.
+        let boot_only = report(vec![check("agent", true, "ok")], Some("timed out")).junit();
+        assert!(boot_only.contains("failures=\"1\""), "{boot_only}");
     }
 }
