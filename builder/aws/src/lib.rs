@@ -136,13 +136,15 @@ impl Aws {
     }
 }
 
-/// Whether `url` is an `http://` or `https://` URL with a host: what an AWS endpoint
-/// (`[aws] endpoint-url`, `--endpoint-url`, `AWS_ENDPOINT_URL`) must be.
+/// Whether `url` is an `http://` or `https://` URL with a host (and a port, if any,
+/// that is one), as written: what an AWS endpoint (`[aws] endpoint-url`,
+/// `--endpoint-url`, `AWS_ENDPOINT_URL`) and an update feed must be.
 pub fn is_http_url(url: &str) -> bool {
-    ["http://", "https://"].iter().any(|scheme| {
+    let written = ["http://", "https://"].iter().any(|scheme| {
         url.strip_prefix(scheme)
             .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
-    }) && !url.contains(|c: char| c.is_whitespace() || c.is_control())
+    }) && !url.contains(|c: char| c.is_whitespace() || c.is_control());
+    written && url::Url::parse(url).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
 }
 
 /// The endpoint given and the SDK's `AWS_ENDPOINT_URL*` variables, checked before the
@@ -391,6 +393,8 @@ mod tests {
             "http://127.0.0.1:5000",
             "https://ec2.eu-west-1.amazonaws.com",
             "http://localhost:4566/",
+            "http://[::1]:8080/feed/",
+            "https://cdn.example/%7Edevos/",
         ] {
             assert!(super::is_http_url(good), "{good}");
         }
@@ -402,6 +406,9 @@ mod tests {
             "ftp://host",
             "localhost:4566",
             "http://a host",
+            "https://x:99999/",
+            "http://[::1/",
+            "http://:80/",
         ] {
             assert!(!super::is_http_url(bad), "{bad}");
         }

@@ -166,7 +166,7 @@ fn copy_tree(tree: &crate::model::spec::ExtraTree, root: &Path) -> Result<()> {
             tree.target
         )
     };
-    check_tree_links(tree)?;
+    check_tree(tree)?;
     in_image(root, &["mkdir", "-p", "--", &tree.target]).with_context(what)?;
     let mut pack = Command::new("tar")
         .args([
@@ -212,19 +212,15 @@ fn copy_tree(tree: &crate::model::spec::ExtraTree, root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Refuse a symlink in an extra tree that points outside the image (the spec's check,
-/// again when the tree is copied: it may have changed since the spec was read).
-fn check_tree_links(tree: &crate::model::spec::ExtraTree) -> Result<()> {
-    if let Some((link, to)) = tree
-        .link_out()
+/// Refuse an entry of an extra tree the builder does not copy: a symlink that points
+/// outside the image, a device node, FIFO or socket (the spec's check, again when the
+/// tree is copied: it may have changed since the spec was read).
+fn check_tree(tree: &crate::model::spec::ExtraTree) -> Result<()> {
+    if let Some(bad) = tree
+        .bad_entry()
         .with_context(|| format!("cannot read {}", tree.path.display()))?
     {
-        bail!(
-            "{} is a symlink to {}, which leads outside the image from where the builder works on it\n  hint: {}",
-            link.display(),
-            to.display(),
-            crate::model::spec::LINK_OUT_HINT
-        );
+        bail!("{} {}\n  hint: {}", bad.path.display(), bad.what, bad.hint);
     }
     Ok(())
 }
@@ -729,7 +725,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_tree_with_a_link_out_of_the_image_is_refused_naming_it() {
+    fn a_tree_with_a_link_out_of_the_image_or_a_fifo_is_refused_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("etc")).unwrap();
         symlink("../usr/lib/os-release", dir.path().join("etc/os-release")).unwrap();
@@ -738,11 +734,25 @@ mod tests {
             target: "/".into(),
             path: dir.path().to_path_buf(),
         };
-        check_tree_links(&tree).unwrap();
+        check_tree(&tree).unwrap();
         symlink("/etc/passwd", dir.path().join("etc/.updated")).unwrap();
-        let e = format!("{:#}", check_tree_links(&tree).unwrap_err());
+        let e = format!("{:#}", check_tree(&tree).unwrap_err());
         assert!(
             e.contains("etc/.updated") && e.contains("outside the image"),
+            "{e}"
+        );
+        fs::remove_file(dir.path().join("etc/.updated")).unwrap();
+        let fifo = dir.path().join("etc/pipe");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let e = format!("{:#}", check_tree(&tree).unwrap_err());
+        assert!(
+            e.contains("etc/pipe is a FIFO") && e.contains("only files, directories and symlinks"),
             "{e}"
         );
     }

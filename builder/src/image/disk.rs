@@ -529,12 +529,27 @@ fn move_var_out(id: &Identity, root: &Path, work: &Path) -> Result<PathBuf> {
     Ok(var_tree)
 }
 
+/// A new sparse file of `size` bytes: the disk, or one of its partitions. A size the
+/// output directory's filesystem cannot hold in one file is said against `[disk] size`.
+fn sparse_file(path: &Path, size: u64) -> Result<fs::File> {
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    match file.set_len(size) {
+        Ok(()) => Ok(file),
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => bail!(
+            "cannot make {} {size} bytes long: {e}\n  hint: `[disk] size` is more than the output directory's filesystem holds in one file (ext4: under 16 TiB); choose a smaller size, or build onto another filesystem",
+            path.display()
+        ),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot make {} {size} bytes long", path.display()))
+        }
+    }
+}
+
 /// A sparse disk of `total` bytes with a GPT naming `images` one after the other from
 /// 1 MiB, each copied in at its offset (and its file removed); where they went.
 fn write_disk(id: &Identity, raw: &Path, total: u64, images: &[Image]) -> Result<Vec<Partition>> {
-    let file = fs::File::create(raw)?;
-    file.set_len(total)?;
-    drop(file);
+    drop(sparse_file(raw, total)?);
     let mut script = format!(
         "label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\nsector-size: 512\n\n",
         id.disk_guid
@@ -838,7 +853,7 @@ fn mkfs_ext4(
     id: &Identity,
     journal: bool,
 ) -> Result<()> {
-    fs::File::create(img)?.set_len(size)?;
+    drop(sparse_file(img, size)?);
     let inodes = (content.entries * 5 / 4 + 4096).max(size / 16384);
     let mut c = Command::new("mkfs.ext4");
     // The writable /var (the one with a journal) keeps ext4's usual 5% for root: the

@@ -223,7 +223,10 @@ pub(crate) fn source_date_epoch() -> anyhow::Result<Option<u64>> {
         Err(std::env::VarError::NotUnicode(v)) => v.to_string_lossy().into_owned(),
     };
     match value.parse::<u64>() {
-        Ok(secs) if secs <= crate::model::spec::MAX_SOURCE_DATE_EPOCH => Ok(Some(secs)),
+        Ok(secs) if crate::model::spec::SOURCE_DATE_EPOCHS.contains(&secs) => Ok(Some(secs)),
+        Ok(_) => anyhow::bail!(
+            "SOURCE_DATE_EPOCH is {value}, outside 1980 to 2107, the dates the image's EFI system partition (FAT) can hold\n  hint: set it to a Unix time in that range such as 1700000000, or unset it to use the archive's date"
+        ),
         _ => anyhow::bail!(
             "SOURCE_DATE_EPOCH is {value:?}, not a Unix time in seconds\n  hint: set it to a number such as 1700000000, or unset it to use the archive's date"
         ),

@@ -207,8 +207,13 @@ pub(crate) fn preflight(spec: &Spec) -> Result<()> {
             _ => "debian-archive-keyring",
         };
         if spec.keyring.is_some() {
+            let state = if k.exists() {
+                "not a regular file"
+            } else {
+                "missing on this host"
+            };
             bail!(
-                "the archive keyring {} for {:?} is missing on this host (`[base] keyring` in {})\n  hint: fix `[base] keyring` to name a keyring file that signs the mirror, or install `{package}` if it is that package's",
+                "the archive keyring {} for {:?} is {state} (`[base] keyring` in {})\n  hint: fix `[base] keyring` to name a keyring file that signs the mirror, or install `{package}` if it is that package's",
                 k.display(),
                 spec.distro,
                 spec.path.display()

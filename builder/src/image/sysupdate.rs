@@ -38,6 +38,9 @@ pub(crate) fn stem(name: &str, version: &str) -> String {
 /// removed to make room.
 pub(crate) fn transfers(name: &str, version: &str, url: &str) -> Vec<(String, String)> {
     let own = sysupdate_version(version);
+    // systemd-sysupdate expands specifiers in `Path=` (`%H` is the hostname): a `%`
+    // of the URL itself (`%7E`) is written `%%`.
+    let url = url.replace('%', "%%");
     let header = |what: &str| {
         format!(
             "# Written by devos-build: {what} of a newer {name} from its feed.\n\
@@ -98,6 +101,14 @@ mod tests {
                 "20-img-verity.transfer",
                 "30-img-uki.transfer"
             ]
+        );
+        let escaped = transfers("img", "1.0.0+abc", "https://u.example/%7Edev/%H/");
+        assert!(
+            escaped[0]
+                .1
+                .contains("Path=https://u.example/%%7Edev/%%H/\n"),
+            "{}",
+            escaped[0].1
         );
         for (_, text) in &t {
             assert!(text.contains("ProtectVersion=1.0.0_abc\n"), "{text}");

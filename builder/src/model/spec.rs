@@ -654,8 +654,6 @@ pub(crate) struct Update {
 }
 
 impl Spec {
-    /// Every package to install, spec and layers together, with what the agent needs
-    /// when it is enabled, sorted and unique.
     /// What can be known without the network about whether this spec builds a
     /// bootable image: a distribution this builder bootstraps, and a package set
     /// with a kernel, an initramfs tool, systemd as init, D-Bus and systemd-boot.
@@ -694,8 +692,24 @@ impl Spec {
                 "systemd-boot-efi",
             ),
         ];
+        // A verified root is opened by systemd in the initrd (the disk stage checks
+        // the tree for the same, after the packages are in).
+        let verity_needs = [
+            (
+                "no dracut for `[disk] verity = true` (systemd in the initrd opens the verified root; initramfs-tools cannot)",
+                has(&|n| n == "dracut"),
+                "dracut",
+            ),
+            (
+                "no systemd veritysetup for `[disk] verity = true`",
+                has(&|n| n == "systemd-cryptsetup"),
+                "systemd-cryptsetup",
+            ),
+        ];
+        let verity_needs = if self.verity { &verity_needs[..] } else { &[] };
         let missing: Vec<String> = needs
             .iter()
+            .chain(verity_needs)
             .filter(|(_, found, _)| !found)
             .map(|(what, _, package)| format!("  - {what}: add `{package}`"))
             .collect();
@@ -709,6 +723,8 @@ impl Spec {
         Ok(())
     }
 
+    /// Every package to install, spec and layers together, with what the agent needs
+    /// when it is enabled, sorted and unique.
     pub(crate) fn all_packages(&self) -> Vec<String> {
         let agent: Vec<String> = if self.agent_enabled {
             devos_agent::PACKAGE_DEPENDS
@@ -739,15 +755,20 @@ impl Spec {
 pub(crate) const UPDATE_PACKAGES: &[&str] = &["systemd-container", "gpg", "systemd-boot"];
 
 const MIN_DISK: u64 = 512 << 20;
-/// The largest disk an image may have: the largest EBS volume.
-const MAX_DISK: u64 = 64 << 40;
-/// The latest source date a spec or SOURCE_DATE_EPOCH may give: the end of year 9999
-/// (dates are written with four-digit years).
-pub(crate) const MAX_SOURCE_DATE_EPOCH: u64 = 253_402_300_799;
+/// The largest disk an image may have: the largest general-purpose (gp3) EBS volume,
+/// 16 TiB.
+const MAX_DISK: u64 = 16 << 40;
+/// The source dates a spec or SOURCE_DATE_EPOCH may give: what the ESP's FAT can stamp
+/// on its files, 1980-01-01 to the end of 2107 (outside it mtools wraps the year
+/// around, and the image would carry another date than the one asked for).
+pub(crate) const SOURCE_DATE_EPOCHS: std::ops::RangeInclusive<u64> = 315_532_800..=4_354_819_199;
+/// The most a spec, a layer or an update key file may hold: a few KiB each in
+/// practice; a device or a huge file named by mistake must not fill memory.
+const MAX_SPEC_FILE: u64 = 1 << 20;
 
 /// Load and validate a spec file and the layers it includes.
 pub(crate) fn load(path: &Path) -> Result<Spec, SpecError> {
-    let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+    let text = read_text(path).map_err(|e| SpecError {
         file: path.to_path_buf(),
         line: 0,
         col: 0,
@@ -755,6 +776,28 @@ pub(crate) fn load(path: &Path) -> Result<Spec, SpecError> {
         hint: Some(unreadable_hint(path, &e)),
     })?;
     parse(path, &text)
+}
+
+/// A regular file of at most [`MAX_SPEC_FILE`] bytes, read without blocking (a FIFO or
+/// a device given as a spec, layer or key is an error, not a read that waits or fills
+/// memory).
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    devos_agent::context::read_regular(path, MAX_SPEC_FILE)
+}
+
+/// [`read_bounded`], as UTF-8 text.
+fn read_text(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// The spec in images/ that `path` names as an image (`devos-debian`,
+/// `devos-debian@0.2.0`), when there is one.
+fn shipped_spec(path: &Path) -> Option<PathBuf> {
+    let text = path.to_str()?;
+    let name = text.split_once('@').map_or(text, |(n, _)| n);
+    let spec = Path::new("images").join(format!("{name}.toml"));
+    (is_image_name(name) && spec.is_file()).then_some(spec)
 }
 
 /// What to do about a spec file that cannot be read, by cause.
@@ -777,6 +820,11 @@ fn unreadable_hint(path: &Path, e: &std::io::Error) -> String {
         ErrorKind::InvalidData => {
             "the file is not UTF-8 text: save it as UTF-8 (`iconv -t UTF-8`)".to_owned()
         }
+        ErrorKind::NotFound if shipped_spec(path).is_some() => format!(
+            "`{}` is not a file: pass the spec's path, e.g. `{}`",
+            path.display(),
+            shipped_spec(path).unwrap_or_default().display()
+        ),
         ErrorKind::NotFound if path == Path::new(DEFAULT_SPEC) => format!(
             "`{DEFAULT_SPEC}`, the default spec, is relative to the current directory: run from the repository root, or pass the path of a spec"
         ),
@@ -840,6 +888,12 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     }
     for u in &raw.users {
         lint::groups(&src, &u.groups, distro, &mut warnings);
+    }
+    if let Some(c) = &raw.system.kernel_cmdline {
+        lint::kernel_cmdline(&src, c, &mut warnings);
+    }
+    if let (Some(false), Some(config)) = (raw.agent.enable, &raw.agent.config) {
+        lint::agent_config_unused(&src, config, &mut warnings);
     }
 
     let disk_size = disk_size(&src, raw.disk.size.as_ref())?;
@@ -955,7 +1009,8 @@ fn update(src: &Source, raw: &RawUpdate, verity: bool) -> Result<Update, SpecErr
         .parent()
         .unwrap_or(Path::new("."))
         .join(raw.key.get_ref());
-    let key = std::fs::read(&key_path).map_err(|e| {
+    let key_path = inside_spec_dir(src, &raw.key, &key_path, "the update key")?;
+    let key = read_bounded(&key_path).map_err(|e| {
         src.error(
             &raw.key,
             format!("cannot read the update key {}: {e}", key_path.display()),
@@ -1039,7 +1094,7 @@ fn image_name(src: &Source, raw: &Spanned<String>) -> Result<String, SpecError> 
         return Err(src.error(
             raw,
             format!("invalid image name `{name}`"),
-            "use lower-case letters, digits and dashes, starting with a letter (e.g. `devos-debian`)",
+            "use lower-case letters, digits and dashes, starting with a letter and not ending with a dash, at most 63 characters (it is the default hostname), e.g. `devos-debian`",
         ));
     }
     Ok(name)
@@ -1051,11 +1106,11 @@ fn source_date_epoch(src: &Source, raw: Option<&Spanned<i64>>) -> Result<Option<
         return Ok(None);
     };
     match u64::try_from(*t.get_ref()) {
-        Ok(secs) if secs <= MAX_SOURCE_DATE_EPOCH => Ok(Some(secs)),
+        Ok(secs) if SOURCE_DATE_EPOCHS.contains(&secs) => Ok(Some(secs)),
         _ => Err(src.error(
             t,
             format!("invalid source-date-epoch {}", t.get_ref()),
-            "give a Unix time in seconds, e.g. `source-date-epoch = 1700000000`, or remove the key to use the archive's date",
+            "give a Unix time in seconds from 1980 to 2107 (the dates the ESP's FAT holds), e.g. `source-date-epoch = 1700000000`, or remove the key to use the archive's date",
         )),
     }
 }
@@ -1149,11 +1204,21 @@ fn system(
         None => name.to_owned(),
     };
     let kernel_cmdline = match &raw.kernel_cmdline {
-        Some(c) if c.get_ref().contains(['\n', '\r']) => {
+        Some(c) if c.get_ref().contains(char::is_control) => {
             return Err(src.error(
                 c,
-                "the kernel command line must be one line",
-                "join the arguments with spaces",
+                "the kernel command line must be one line of printable characters",
+                "join the arguments with spaces (no newlines, tabs or other control characters)",
+            ));
+        }
+        Some(c) if c.get_ref().trim().len() > MAX_SPEC_CMDLINE => {
+            return Err(src.error(
+                c,
+                format!(
+                    "the kernel command line is {} bytes long, more than {MAX_SPEC_CMDLINE}",
+                    c.get_ref().trim().len()
+                ),
+                "the kernel takes 2048 bytes in all and cuts the rest off silently; the builder's own arguments need the rest: keep only what the image needs",
             ));
         }
         Some(c) => c.get_ref().trim().to_owned(),
@@ -1173,6 +1238,10 @@ fn system(
     Ok((hostname, kernel_cmdline, timezone))
 }
 
+/// The longest `[system] kernel-cmdline` (the kernel takes 2048 bytes in all; the
+/// builder's own arguments come first).
+const MAX_SPEC_CMDLINE: usize = 1024;
+
 /// `[disk] size` in bytes (default 2 GiB, at least 512 MiB).
 fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecError> {
     Ok(match raw {
@@ -1183,7 +1252,7 @@ fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecErr
                 return Err(src.error(
                     s,
                     format!("disk size `{}` is too large", s.get_ref()),
-                    "an image's disk is at most 64T (the largest EBS volume); its `/var` takes what the root leaves",
+                    "an image's disk is at most 16T (the largest gp3 EBS volume); its `/var` takes what the root leaves",
                 ));
             }
             Some(_) => {
@@ -1207,6 +1276,11 @@ fn disk_size(src: &Source, raw: Option<&Spanned<String>>) -> Result<u64, SpecErr
 /// base-passwd's users that have no group of their name in [`lint::BASE_GROUPS`]
 /// (which holds the rest of its users' names).
 const BASE_USERS_WITHOUT_GROUP: &[&str] = &["sync", "gnats", "nobody", "_apt"];
+
+/// Accounts the packages every image has (or commonly adds) create: D-Bus's, OpenSSH's,
+/// polkit's, the TPM's (and systemd's, `systemd-*`). A [[users]] entry of the same
+/// name would fail the build once the packages are in.
+const PACKAGE_ACCOUNTS: &[&str] = &["messagebus", "sshd", "polkitd", "tss", "_chrony"];
 
 /// The `[[users]]` entries, checked.
 fn users(src: &Source, raw: &[RawUser], distro: Distro) -> Result<Vec<User>, SpecError> {
@@ -1237,6 +1311,13 @@ fn users(src: &Source, raw: &[RawUser], distro: Distro) -> Result<Vec<User>, Spe
             return Err(src.error(
                 &u.name,
                 format!("`{uname}` is a user or group of Debian's base system, so it cannot be a [[users]] entry"),
+                "name a user of your own (e.g. `dev`) and give it the groups it needs, e.g. `groups = [\"sudo\"]`",
+            ));
+        }
+        if PACKAGE_ACCOUNTS.contains(&uname.as_str()) || uname.starts_with("systemd-") {
+            return Err(src.error(
+                &u.name,
+                format!("`{uname}` is an account a package of the image creates (D-Bus, systemd, OpenSSH), so it cannot be a [[users]] entry"),
                 "name a user of your own (e.g. `dev`) and give it the groups it needs, e.g. `groups = [\"sudo\"]`",
             ));
         }
@@ -1389,6 +1470,18 @@ fn base(src: &Source, raw: &RawBase, distro: Distro) -> Result<Base, SpecError> 
                 "give the full path of a .gpg keyring file, e.g. `/usr/share/keyrings/ubuntu-archive-keyring.gpg`",
             ));
         }
+        // It becomes apt's `Signed-By:` field: a space separates fingerprints there,
+        // and a newline would start another field (`Trusted: yes`).
+        Some(k)
+            if k.get_ref()
+                .contains(|c: char| c.is_whitespace() || c.is_control()) =>
+        {
+            return Err(src.error(
+                k,
+                "the keyring's path holds a space or a control character",
+                "apt cannot name such a file in its sources: copy the keyring to a path without them, e.g. under /usr/share/keyrings/",
+            ));
+        }
         Some(k) => Some(PathBuf::from(k.get_ref())),
         None => None,
     };
@@ -1446,12 +1539,25 @@ fn tests(src: &Source, raw: &[RawTest]) -> Result<Vec<Test>, SpecError> {
     Ok(tests)
 }
 
+/// The longest version: it names files (`NAME-VERSION+BUILD.raw`, at most 255 bytes)
+/// and, with the name, the root partitions' labels.
+const MAX_VERSION: usize = 64;
+
 fn parse_version(src: &Source, v: &Spanned<String>) -> Result<semver::Version, SpecError> {
     match semver::Version::parse(v.get_ref()) {
         Ok(version) if !version.build.is_empty() => Err(src.error(
             v,
             format!("version `{}` has build metadata", v.get_ref()),
             "drop the `+...` part: the build appends `+<build id>` itself",
+        )),
+        Ok(_) if v.get_ref().len() > MAX_VERSION => Err(src.error(
+            v,
+            format!(
+                "version `{}` is {} characters long, more than {MAX_VERSION}",
+                v.get_ref(),
+                v.get_ref().len()
+            ),
+            "shorten it: the version names the image's files and partitions (with the name and a build id)",
         )),
         Ok(version) => Ok(version),
         Err(e) => Err(src.error(
@@ -1502,8 +1608,8 @@ fn package_names(src: &Source, names: &[Spanned<String>]) -> Result<Vec<String>,
 fn load_layer(src: &Source, layer: &Spanned<String>) -> Result<Layer, SpecError> {
     let rel = layer.get_ref();
     let base = src.file.parent().unwrap_or(Path::new("."));
-    let path = base.join(rel);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let path = inside_spec_dir(src, layer, &base.join(rel), "a layer")?;
+    let text = read_text(&path).map_err(|e| {
         let available = list_layers(&base.join("layers"));
         src.error(
             layer,
@@ -1528,6 +1634,36 @@ fn load_layer(src: &Source, layer: &Spanned<String>) -> Result<Layer, SpecError>
         description: raw.description,
         packages: package_names(&lsrc, &raw.packages.include)?,
     })
+}
+
+/// `path` (named by `raw` in the spec), resolved, when it lies inside the spec's
+/// directory; as given when it cannot be resolved (reading it then says why). The builder runs under sudo and names what it reads in its errors: a
+/// spec must not make it read the host's files (`/etc/shadow`, `../../etc/passwd`).
+fn inside_spec_dir(
+    src: &Source,
+    raw: &Spanned<String>,
+    path: &Path,
+    what: &str,
+) -> Result<PathBuf, SpecError> {
+    let dir = match src.file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match (dir.canonicalize(), path.canonicalize()) {
+        (Ok(dir), Ok(resolved)) if resolved.starts_with(&dir) => Ok(resolved),
+        (Ok(dir), Ok(resolved)) => Err(src.error(
+            raw,
+            format!(
+                "{what} `{}` lies outside the spec's directory {} (at {})",
+                raw.get_ref(),
+                dir.display(),
+                resolved.display()
+            ),
+            "name a file inside the spec's directory, relative to it (copy it there; no `..` climbing out, no absolute path, no symlink leading out)",
+        )),
+        // (What cannot be resolved cannot be read either: reading it says why.)
+        _ => Ok(path.to_path_buf()),
+    }
 }
 
 /// The layers in `dir`, for the hint of an error about a missing one: what cannot be
@@ -1570,7 +1706,8 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 fn is_image_name(s: &str) -> bool {
-    s.len() <= 64
+    s.len() <= 63
+        && !s.ends_with('-')
         && s.starts_with(|c: char| c.is_ascii_lowercase())
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
@@ -1578,6 +1715,7 @@ fn is_image_name(s: &str) -> bool {
 
 fn is_word(s: &str) -> bool {
     !s.is_empty()
+        && !s.starts_with(['-', '.'])
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
@@ -1593,6 +1731,7 @@ fn is_hostname(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && !s.starts_with('-')
+        && !s.ends_with('-')
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
@@ -1610,10 +1749,14 @@ pub(crate) use devos_agent::accounts::is_user_name;
 /// yescrypt (`$y$`, `$gy$`), scrypt (`$7$`), bcrypt (`$2b$`, `$2y$`), sha512crypt
 /// (`$6$`) or sha256crypt (`$5$`). Nothing that would break a shadow(5) line.
 fn is_password_hash(s: &str) -> bool {
+    let fields: Vec<&str> = s.split('$').collect();
+    // `$id$...$hash`: the last field is the hash, and it is never short.
+    let hash_ok =
+        fields.len() >= 4 && fields[0].is_empty() && fields.last().is_some_and(|h| h.len() >= 22);
     ["$y$", "$gy$", "$7$", "$2b$", "$2y$", "$6$", "$5$"]
         .iter()
         .any(|p| s.starts_with(p))
-        && s.len() > 20
+        && hash_ok
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "$./=".contains(c))
 }
@@ -1637,7 +1780,7 @@ pub(crate) fn canonical(spec: &Spec) -> String {
 
 mod files;
 mod lint;
-pub(crate) use files::{ExtraTree, LINK_OUT_HINT, trees_digest};
+pub(crate) use files::{ExtraTree, trees_digest};
 pub(crate) mod nixos;
 
 #[cfg(test)]

@@ -112,16 +112,12 @@ fn extra_tree(src: &Source, raw: &Spanned<String>) -> Result<ExtraTree, SpecErro
         target: target.to_owned(),
         path,
     };
-    match tree.link_out() {
+    match tree.bad_entry() {
         Ok(None) => Ok(tree),
-        Ok(Some((link, to))) => Err(src.error(
+        Ok(Some(bad)) => Err(src.error(
             raw,
-            format!(
-                "extra tree `{source}`: {} is a symlink to {}, which leads outside the image",
-                link.display(),
-                to.display()
-            ),
-            LINK_OUT_HINT,
+            format!("extra tree `{source}`: {} {}", bad.path.display(), bad.what),
+            bad.hint,
         )),
         Err(e) => Err(src.error(
             raw,
@@ -134,21 +130,60 @@ fn extra_tree(src: &Source, raw: &Spanned<String>) -> Result<ExtraTree, SpecErro
     }
 }
 
+/// An entry of an extra tree the builder does not copy, what it is, and what to do.
+pub(crate) struct BadEntry {
+    pub(crate) path: PathBuf,
+    pub(crate) what: String,
+    pub(crate) hint: &'static str,
+}
+
 /// What to do about a symlink of an extra tree that leads out of the image.
-pub(crate) const LINK_OUT_HINT: &str =
+const LINK_OUT_HINT: &str =
     "make it relative and inside the image (e.g. `../lib/x`), or put the file itself in the tree";
 
+/// What to do about a device node, FIFO or socket in an extra tree.
+const SPECIAL_FILE_HINT: &str = "remove it from the tree; device nodes come from the image's udev and devtmpfs, FIFOs and sockets from the units that use them (systemd's tmpfiles.d or a socket unit)";
+
 impl ExtraTree {
-    /// The first symlink in the tree that leads outside the image — an absolute
-    /// target, or `..` climbing above the image's root from where the link sits — with
-    /// its target. The builder reads and writes the tree's files from the host: a link
-    /// inside the image resolves inside it there too, one like `/etc/passwd` would not.
-    pub(crate) fn link_out(&self) -> std::io::Result<Option<(PathBuf, PathBuf)>> {
+    /// The first entry of the tree the builder will not copy: a symlink that leads
+    /// outside the image — an absolute target, or `..` climbing above the image's root
+    /// from where the link sits (the builder reads and writes the tree's files from
+    /// the host: a link inside the image resolves inside it there too, one like
+    /// `/etc/passwd` would not) — or anything but a file, directory or symlink (a
+    /// device node would reach the image's root as root made it: a world-writable
+    /// `/dev/mem` put in a tree by whoever wrote the tree).
+    pub(crate) fn bad_entry(&self) -> std::io::Result<Option<BadEntry>> {
+        use std::os::unix::fs::FileTypeExt;
         let target_depth = self.target.split('/').filter(|c| !c.is_empty()).count();
         for entry in walkdir::WalkDir::new(&self.path) {
             let entry = entry?;
-            if !entry.path_is_symlink() {
+            let ty = entry.file_type();
+            let bad = |what: String, hint| {
+                Ok(Some(BadEntry {
+                    path: entry.path().to_path_buf(),
+                    what,
+                    hint,
+                }))
+            };
+            if ty.is_file() || ty.is_dir() {
                 continue;
+            }
+            if !ty.is_symlink() {
+                let kind = if ty.is_char_device() {
+                    "a character device"
+                } else if ty.is_block_device() {
+                    "a block device"
+                } else if ty.is_fifo() {
+                    "a FIFO"
+                } else if ty.is_socket() {
+                    "a socket"
+                } else {
+                    "not a file, directory or symlink"
+                };
+                return bad(
+                    format!("is {kind}: an extra tree holds only files, directories and symlinks"),
+                    SPECIAL_FILE_HINT,
+                );
             }
             let link = std::fs::read_link(entry.path())?;
             let rel = entry
@@ -159,7 +194,13 @@ impl ExtraTree {
                 target_depth + rel.components().count().saturating_sub(1),
                 &link,
             ) {
-                return Ok(Some((entry.path().to_path_buf(), link)));
+                return bad(
+                    format!(
+                        "is a symlink to {}, which leads outside the image",
+                        link.display()
+                    ),
+                    LINK_OUT_HINT,
+                );
             }
         }
         Ok(None)
@@ -193,7 +234,8 @@ pub(super) fn units(src: &Source, raw: &[Spanned<String>]) -> Result<Vec<String>
         .map(|u| {
             let name = u.get_ref();
             let ok = KINDS.iter().any(|k| name.ends_with(k))
-                && !name.starts_with('-')
+                && !name.starts_with(['-', '.', '@'])
+                && !name.contains("..")
                 && name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || ":_.@-\\".contains(c));

@@ -80,6 +80,48 @@ fn warning<T>(src: &Source, at: &Spanned<T>, message: &str, hint: &str) -> Strin
     src.error(at, message, hint).to_string()
 }
 
+/// `[system] kernel-cmdline` arguments that change how the builder's root is found,
+/// mounted or verified (they come after the builder's own, so they win): a boot test
+/// may want one (a root that is not there), an image almost never.
+pub(super) fn kernel_cmdline(src: &Source, raw: &Spanned<String>, warnings: &mut Vec<String>) {
+    let overrides = |arg: &&str| {
+        let key = arg.split_once('=').map_or(*arg, |(k, _)| k);
+        matches!(
+            key,
+            "root" | "roothash" | "rootfstype" | "rootflags" | "ro" | "rw" | "usrhash"
+        ) || ["systemd.verity", "rd.systemd.verity", "mount.usr"]
+            .iter()
+            .any(|p| key.starts_with(p))
+    };
+    let args: Vec<&str> = raw.get_ref().split_whitespace().filter(overrides).collect();
+    if !args.is_empty() {
+        warnings.push(warning(
+            src,
+            raw,
+            &format!(
+                "`{}` on the kernel command line overrides how the builder finds, mounts or verifies the root",
+                args.join(" ")
+            ),
+            "remove it unless you mean it: the builder sets the root (root=, roothash=, rootfstype=, ro) itself, and a verified root's dm-verity settings are its own",
+        ));
+    }
+}
+
+/// `[agent.config]` with `[agent] enable = false`: written nowhere, as no agent is
+/// installed to read it.
+pub(super) fn agent_config_unused(
+    src: &Source,
+    config: &Spanned<toml::Table>,
+    warnings: &mut Vec<String>,
+) {
+    warnings.push(warning(
+        src,
+        config,
+        "`[agent.config]` is ignored: `[agent] enable = false` installs no agent to read it",
+        "remove `[agent.config]`, or `enable = false` to install the agent",
+    ));
+}
+
 /// `[base] suite` for Debian or Ubuntu: another distribution's codename is an error;
 /// a codename this builder does not know is a warning (it may be newer), with the
 /// known name it is closest to.

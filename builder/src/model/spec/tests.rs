@@ -644,6 +644,10 @@ fn a_password_hash_is_taken_and_only_a_hash() {
         "$6$salt$a:b0123456789abcdefghij",
         "!",
         "*",
+        // No hash after the salt, nothing between the fields, a password after `$6$`.
+        "$6$aaaaaaaaaaaaaaaaaaaaaaaa",
+        "$6$$$$$$$$$$$$$$$$$$$$$$$$$$",
+        "$6$correct.horse.battery.staple",
     ] {
         let e = error(&with(
             "groups = [\"sudo\", \"adm\"]",
@@ -694,6 +698,21 @@ fn extra_trees_and_units_are_checked_where_they_are_written() {
         assert!(e.message.contains(want), "{bad}: {e}");
         assert!(e.line > 0 && e.hint.is_some(), "{bad}: {e}");
     }
+    // A device node, FIFO or socket in a tree would reach the image's root as root
+    // made it: only files, directories and symlinks are copied.
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(dir.path().join("tools/pipe"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let e = load(&path).unwrap_err();
+    assert!(
+        e.message.contains("tools/pipe is a FIFO") && e.hint.is_some(),
+        "{e}"
+    );
+    std::fs::remove_file(dir.path().join("tools/pipe")).unwrap();
     for bad in [
         "\"x\"",
         "\"../x.service\"",
@@ -988,4 +1007,252 @@ fn a_mistyped_suite_is_near_the_known_one() {
     assert_eq!(edit_distance("noble", "noble"), 0);
     assert_eq!(Distro::Debian.nearest_suite("trixy"), Some("trixie"));
     assert_eq!(Distro::Debian.nearest_suite("potato"), None);
+}
+
+/// Values that parse but would fail a build late, break what is built, or reach a
+/// later command's syntax are refused where they are written, each with a hint.
+#[test]
+fn values_that_would_fail_or_harm_later_are_refused_where_written() {
+    let cmdline = "kernel-cmdline = \" console=ttyS0 \"";
+    let long = format!("kernel-cmdline = \"{}\"", "a ".repeat(600));
+    let hash = "password-hash = \"$6$aaaaaaaaaaaaaaaaaaaaaaaa\"";
+    let cases: Vec<(String, &str)> = vec![
+        (with(cmdline, "kernel-cmdline = \"a\\u0000b\""), "printable"),
+        (with(cmdline, "kernel-cmdline = \"a\\tb\""), "printable"),
+        (with(cmdline, &long), "more than 1024"),
+        (
+            with(
+                "keyring = \"/usr/share/keyrings/test.gpg\"",
+                "keyring = \"/k\\nTrusted: yes\"",
+            ),
+            "control character",
+        ),
+        (
+            with(
+                "keyring = \"/usr/share/keyrings/test.gpg\"",
+                "keyring = \"/my keys/k.gpg\"",
+            ),
+            "a space",
+        ),
+        (
+            with("suite = \"bookworm\"", "suite = \"--dry-run\""),
+            "invalid suite",
+        ),
+        (
+            with("suite = \"bookworm\"", "suite = \"..\""),
+            "invalid suite",
+        ),
+        (
+            with(
+                "components = [\"main\", \"contrib\"]",
+                "components = [\"main\", \"-x\"]",
+            ),
+            "invalid component",
+        ),
+        (
+            with("description = \"every field\"", "source-date-epoch = 0"),
+            "1980 to 2107",
+        ),
+        (
+            with(
+                "description = \"every field\"",
+                "source-date-epoch = 4354819200",
+            ),
+            "1980 to 2107",
+        ),
+        (
+            with(
+                "name = \"devos-test\"",
+                &format!("name = \"{}\"", "a".repeat(64)),
+            ),
+            "at most 63",
+        ),
+        (
+            with("name = \"devos-test\"", "name = \"a-\""),
+            "invalid image name",
+        ),
+        (
+            with("hostname = \"box-1\"", "hostname = \"box-\""),
+            "invalid hostname",
+        ),
+        (
+            with(
+                "version = \"1.2.3-rc.1\"",
+                &format!("version = \"1.0.0-{}\"", "a".repeat(60)),
+            ),
+            "more than 64",
+        ),
+        (with("size = \"3G\"", "size = \"17T\""), "at most 16T"),
+        (with("groups = [\"sudo\", \"adm\"]", hash), "crypt(5)"),
+        (
+            with("name = \"dev\"", "name = \"messagebus\""),
+            "a package of the image creates",
+        ),
+        (
+            with("name = \"dev\"", "name = \"systemd-network\""),
+            "a package of the image creates",
+        ),
+    ];
+    for (text, words) in cases {
+        let e = error(&text);
+        let shown = e.to_string();
+        assert!(shown.contains(words), "{words}: {shown}");
+        assert!(e.line > 0 && e.hint.is_some(), "{words}: {shown}");
+    }
+    for unit in ["\".service\"", "\"..service\"", "\"@.service\""] {
+        let e = error(&with(
+            "timezone = \"Europe/Berlin\"",
+            &format!("timezone = \"Europe/Berlin\"\nenable-units = [{unit}]"),
+        ));
+        assert!(e.message.contains("is not a unit name"), "{unit}: {e}");
+    }
+    // Arguments that override the builder's root are taken, with a warning (a boot
+    // test of a missing root needs one).
+    let (_dir, path) = fixture(&with(
+        cmdline,
+        "kernel-cmdline = \"quiet root=/dev/sda2 rw systemd.verity=0\"",
+    ));
+    let spec = load(&path).unwrap();
+    assert!(
+        spec.warnings.iter().any(|w| w
+            .contains("`root=/dev/sda2 rw systemd.verity=0` on the kernel command line overrides")),
+        "{:?}",
+        spec.warnings
+    );
+    // What the builder's own arguments are not: taken as written, no warning.
+    let (_dir, path) = fixture(&with(
+        cmdline,
+        "kernel-cmdline = \"console=ttyS0 panic=5 rootdelay=1 systemd.show_status=error\"",
+    ));
+    let spec = load(&path).unwrap();
+    assert_eq!(
+        spec.kernel_cmdline,
+        "console=ttyS0 panic=5 rootdelay=1 systemd.show_status=error"
+    );
+    assert!(
+        !spec
+            .warnings
+            .iter()
+            .any(|w| w.contains("kernel command line")),
+        "{:?}",
+        spec.warnings
+    );
+}
+
+/// Files a spec names (itself, its layers, the update key) are regular files inside
+/// the spec's directory, read up to a bound: a device, a FIFO or a host file named by
+/// mistake or on purpose is an error, never a read that hangs, fills memory or shows
+/// what it holds.
+#[test]
+fn files_a_spec_names_are_bounded_regular_files_beside_it() {
+    let mkfifo = |path: &Path| {
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(path)
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    // The spec itself.
+    for (spec, words) in [
+        (Path::new("/dev/zero"), "not a regular file"),
+        (Path::new("/dev/null"), "not a regular file"),
+    ] {
+        let e = load(spec).unwrap_err().to_string();
+        assert!(e.contains(words), "{e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("spec.toml");
+    mkfifo(&fifo);
+    let e = load(&fifo).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, "#".repeat(2 << 20)).unwrap();
+    let e = load(&big).unwrap_err().to_string();
+    assert!(e.contains("larger than"), "{e}");
+
+    // Layers: outside the spec's directory (climbing out, absolute, through a link),
+    // or not a file.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("x.toml"), "secret = 1\n").unwrap();
+    for layer in [
+        "/etc/passwd".to_owned(),
+        outside.path().join("x.toml").display().to_string(),
+        "../../../../../../../../etc/hostname".to_owned(),
+        "link.toml".to_owned(),
+        "/dev/zero".to_owned(),
+    ] {
+        let (d, p) = fixture(&with(
+            "layers = [\"layers/one.toml\"]",
+            &format!("layers = [\"{layer}\"]"),
+        ));
+        std::os::unix::fs::symlink(outside.path().join("x.toml"), d.path().join("link.toml"))
+            .unwrap();
+        let e = load(&p).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.contains("lies outside the spec's directory")
+                || shown.contains("not a regular file"),
+            "{layer}: {shown}"
+        );
+        assert!(
+            !shown.contains("secret") && !shown.contains("root:"),
+            "{shown}"
+        );
+        assert!(e.line > 0 && e.hint.is_some(), "{layer}: {shown}");
+    }
+    let (d, p) = fixture(&with(
+        "layers = [\"layers/one.toml\"]",
+        "layers = [\"layers/pipe.toml\"]",
+    ));
+    mkfifo(&d.path().join("layers/pipe.toml"));
+    let e = load(&p).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+
+    // The update key.
+    let verified = with("root-fs = \"erofs\"", "root-fs = \"erofs\"\nverity = true");
+    for key in ["/etc/passwd", "/dev/zero", "pipe.pgp"] {
+        let (d, p) = fixture(&format!(
+            "{verified}\n[update]\nurl = \"https://u.example/\"\nkey = \"{key}\"\n"
+        ));
+        mkfifo(&d.path().join("pipe.pgp"));
+        let e = load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("lies outside the spec's directory") || e.contains("not a regular file"),
+            "{key}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_verified_root_needs_dracut_and_systemds_veritysetup() {
+    let (_dir, path) = fixture(
+        "[image]\nname = \"k\"\nversion = \"0.1.0\"\n[base]\ndistro = \"debian\"\n\
+         [packages]\ninclude = [\"linux-image-cloud-amd64\", \"initramfs-tools\", \"systemd-sysv\", \"dbus\", \"systemd-boot-efi\"]\n\
+         [disk]\nroot-fs = \"erofs\"\nverity = true\n",
+    );
+    let e = format!("{:#}", load(&path).unwrap().check_buildable().unwrap_err());
+    assert!(
+        e.contains("add `dracut`") && e.contains("add `systemd-cryptsetup`"),
+        "{e}"
+    );
+    let without = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("verity = true\n", "");
+    std::fs::write(&path, without).unwrap();
+    load(&path).unwrap().check_buildable().unwrap();
+}
+
+#[test]
+fn agent_settings_without_an_agent_are_a_warning() {
+    let (_dir, path) = fixture(FULL);
+    let spec = load(&path).unwrap();
+    assert!(
+        spec.warnings
+            .iter()
+            .any(|w| w.contains("`[agent.config]` is ignored")),
+        "{:?}",
+        spec.warnings
+    );
 }
