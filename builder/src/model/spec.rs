@@ -1009,7 +1009,6 @@ fn update(src: &Source, raw: &RawUpdate, verity: bool) -> Result<Update, SpecErr
         .parent()
         .unwrap_or(Path::new("."))
         .join(raw.key.get_ref());
-    let key_path = inside_spec_dir(src, &raw.key, &key_path, "the update key")?;
     let key = read_bounded(&key_path).map_err(|e| {
         src.error(
             &raw.key,
@@ -1637,8 +1636,9 @@ fn load_layer(src: &Source, layer: &Spanned<String>) -> Result<Layer, SpecError>
 }
 
 /// `path` (named by `raw` in the spec), resolved, when it lies inside the spec's
-/// directory; as given when it cannot be resolved (reading it then says why). The builder runs under sudo and names what it reads in its errors: a
-/// spec must not make it read the host's files (`/etc/shadow`, `../../etc/passwd`).
+/// directory; as given when it cannot be resolved (reading it then says why). The
+/// builder runs under sudo, and a layer's text shows in its parse errors: a spec must
+/// not make it read and show the host's files (`/etc/shadow`, `../../etc/passwd`).
 fn inside_spec_dir(
     src: &Source,
     raw: &Spanned<String>,
