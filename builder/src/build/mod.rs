@@ -465,7 +465,11 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
             "`image build` needs root (mmdebstrap, chroots and the image's file ownership need it)\n  hint: run it with sudo; the registry and cache stay in your home, where `devos-build image list` finds them"
         );
     }
-    crate::support::paths::create_user_dirs(&crate::store::cache::dir())?;
+    let cache_dir = crate::store::cache::dir();
+    crate::store::cache::tag(
+        &crate::support::paths::create_user_dirs(&cache_dir)?,
+        &cache_dir,
+    )?;
     let mut t = Timer {
         ui,
         timings: Vec::new(),

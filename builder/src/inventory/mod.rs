@@ -350,6 +350,10 @@ pub(crate) struct Gc {
     pub(crate) dry_run: bool,
     pub(crate) kept: Vec<String>,
     pub(crate) removed: Vec<String>,
+    /// Versions gc would have removed whose output directory is not theirs (no
+    /// readable manifest of their build): left alone, with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) left: Vec<String>,
     pub(crate) freed_bytes: u64,
     pub(crate) cache_entries_removed: usize,
 }
@@ -395,6 +399,17 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: b
                 if !dry_run {
                     remove_output(&v.dir)?;
                 }
+            } else if v.dir.exists() {
+                // Something else is there now (a manifest of another build, or none
+                // that can be read): not deleted, and the version stays as it is.
+                report.left.push(format!(
+                    "{}@{}: {} does not hold its build's manifest.json (another build's, or unreadable); remove it yourself if it is not needed",
+                    v.name,
+                    v.version,
+                    v.dir.display()
+                ));
+                kept_keys.extend(keys);
+                continue;
             } else if gone.is_dir() {
                 // What an earlier gc moved out of the way and could not remove.
                 report.freed_bytes += cache::dir_size(&gone);
@@ -411,9 +426,11 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: b
         }
     }
     let stages = cache::dir().join("stages");
+    // Keys come from manifests in the registry: only a plain name (hex, as the build
+    // makes them) can name a cache entry, never `..` or a path.
     for key in dropped_keys
         .difference(&kept_keys)
-        .filter(|k| !k.is_empty())
+        .filter(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_hexdigit()))
     {
         for kind in cache::KINDS {
             let dir = stages.join(kind).join(key);
@@ -486,6 +503,9 @@ impl Gc {
         }
         for k in &self.kept {
             s.push_str(&format!("  kept    {k}\n"));
+        }
+        for l in &self.left {
+            s.push_str(&format!("  left    {l}\n"));
         }
         s.push_str(&format!(
             "{removed} {} versions and {} cache entries, {freed} {}\n",
@@ -584,5 +604,35 @@ mod tests {
             ["devos-test@1.0.0", "devos-test@2.0.0", "devos-test@4.0.0"]
         );
         assert_eq!(report.removed, ["devos-test@3.0.0"]);
+    }
+
+    #[test]
+    fn gc_leaves_a_directory_that_is_not_the_versions_output_and_the_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+        for version in ["1.0.0", "2.0.0"] {
+            reg.record_build(
+                &tmp.path().join(version),
+                std::path::Path::new("s"),
+                &manifest(version, &[]),
+                &[],
+            )
+            .unwrap();
+        }
+        // Something else now lives where 1.0.0's output was.
+        fs::create_dir(tmp.path().join("1.0.0")).unwrap();
+        fs::write(tmp.path().join("1.0.0/precious"), "x").unwrap();
+        let report = gc(&mut reg, None, 1, false).unwrap();
+        assert!(report.removed.is_empty(), "{report:?}");
+        assert!(
+            report.left.len() == 1 && report.left[0].starts_with("devos-test@1.0.0: "),
+            "{report:?}"
+        );
+        assert!(report.human().contains("left    devos-test@1.0.0"));
+        assert!(tmp.path().join("1.0.0/precious").exists());
+        assert_eq!(
+            reg.find("devos-test@1.0.0").unwrap().state,
+            VersionState::Built
+        );
     }
 }

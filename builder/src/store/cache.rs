@@ -21,7 +21,8 @@ use crate::support::{cmd, digest, remove};
 /// Where the cache lives: `$DEVOS_CACHE_DIR`, else `$XDG_CACHE_HOME/devos`, else
 /// `~/.cache/devos`.
 pub(crate) fn dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("DEVOS_CACHE_DIR") {
+    // (Empty is unset, as for DEVOS_REGISTRY: never the current directory.)
+    if let Some(d) = std::env::var_os("DEVOS_CACHE_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
     crate::support::paths::xdg_dir("XDG_CACHE_HOME", ".cache", "/var/cache").join("devos")
@@ -50,6 +51,20 @@ pub(crate) struct Cache {
 }
 
 const ARCHIVE: &str = "tree.tar.zst";
+/// The cache directory's tag (bford.info/cachedir: backup tools skip such a
+/// directory), written when a build first uses it; `prune` works only where it is.
+const TAG: &str = "CACHEDIR.TAG";
+
+/// Tag the cache directory `dir`, opened as `handle` (see [`TAG`]), if it is not yet:
+/// through the handle, never through a link put at the tag's name (the build runs as
+/// root in a user's cache).
+pub(crate) fn tag(handle: &fs::File, dir: &Path) -> Result<()> {
+    if rustix::fs::statat(handle, TAG, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        return Ok(());
+    }
+    let text = "Signature: 8a477f597d28d172789f06886806bc55\n# This directory is devos-build's cache (packages, package lists, stage outputs).\n";
+    crate::support::paths::replace_in(handle, &dir.join(TAG), &mut text.as_bytes(), 0o644)
+}
 const ENTRY: &str = "entry.json";
 /// The cache's own code, hashed into every stage key: a change to how trees are
 /// stored or restored (tar flags, what is kept) never restores an entry written the
@@ -184,6 +199,21 @@ impl Cache {
         Ok(())
     }
 
+    /// Refuse to prune a directory that is not a build cache: one with neither the
+    /// cache's tag nor its `stages` (a `DEVOS_CACHE_DIR` set to a checkout or a home
+    /// would otherwise lose its `agent/`, `packages/` or `apt/`).
+    fn check_is_cache(&self) -> Result<()> {
+        let tagged = self.root.join(TAG).is_file() || self.root.join("stages").is_dir();
+        let empty = fs::read_dir(&self.root).map_or(true, |mut d| d.next().is_none());
+        if !tagged && !empty {
+            anyhow::bail!(
+                "{} is not a devos-build cache (no {TAG}, no stages/): nothing pruned\n  hint: check DEVOS_CACHE_DIR (unset, the cache is ~/.cache/devos)",
+                self.root.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Every stage entry, plus the sizes of the package and package-list caches.
     pub(crate) fn status(&self) -> Result<Status> {
         let mut entries = Vec::new();
@@ -240,6 +270,7 @@ impl Cache {
     /// `packages` the downloaded packages, package lists and agent packages), or with
     /// `dry_run` only say what that would remove.
     pub(crate) fn prune(&self, keep: usize, packages: bool, dry_run: bool) -> Result<Pruned> {
+        self.check_is_cache()?;
         let status = self.status()?;
         let mut pruned = Pruned {
             dry_run,
@@ -329,7 +360,7 @@ impl Status {
             s.push_str(&format!(
                 "  {:<5} {}  {:>8}  {}\n",
                 e.kind,
-                &e.key[..e.key.len().min(16)],
+                e.key.chars().take(16).collect::<String>(),
                 mib(e.size),
                 e.about
             ));
@@ -438,6 +469,51 @@ mod tests {
         assert!(!cache.restore("base", "k1", &again).unwrap());
         assert!(!again.exists());
         assert!(!cache.entry_dir("base", "k1").exists());
+    }
+
+    #[test]
+    fn prune_works_only_in_a_cache_and_status_shows_any_entry_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A checkout or a home given as the cache: its `agent/` stays.
+        let checkout = tmp.path().join("checkout");
+        fs::create_dir_all(checkout.join("agent/src")).unwrap();
+        fs::create_dir_all(checkout.join("packages")).unwrap();
+        let e = format!(
+            "{:#}",
+            Cache::new(checkout.clone(), true)
+                .prune(0, true, false)
+                .unwrap_err()
+        );
+        assert!(e.contains("is not a devos-build cache"), "{e}");
+        assert!(checkout.join("agent/src").is_dir());
+        // A tagged one, or one with stages (made before the tag), is pruned; an empty
+        // or missing one has nothing to prune.
+        let tagged = tmp.path().join("tagged");
+        fs::create_dir_all(tagged.join("packages")).unwrap();
+        tag(&fs::File::open(&tagged).unwrap(), &tagged).unwrap();
+        assert!(
+            fs::read_to_string(tagged.join(TAG))
+                .unwrap()
+                .starts_with("Signature: 8a477f597d28d172789f06886806bc55")
+        );
+        Cache::new(tagged.clone(), true)
+            .prune(0, true, false)
+            .unwrap();
+        assert!(!tagged.join("packages").exists());
+        Cache::new(tmp.path().join("none"), true)
+            .prune(0, true, false)
+            .unwrap();
+        // The tag is never written through a link put at its name.
+        let linked = tmp.path().join("linked");
+        fs::create_dir_all(&linked).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), linked.join(TAG)).unwrap();
+        tag(&fs::File::open(&linked).unwrap(), &linked).unwrap();
+        assert!(!tmp.path().join("elsewhere").exists());
+        // Entry names of any characters are shown, cut to 16 characters.
+        let odd = tagged.join("stages/base/aéééééééééééééééé");
+        fs::create_dir_all(&odd).unwrap();
+        let shown = Cache::new(tagged, true).status().unwrap().human();
+        assert!(shown.contains("aééééééééééééééé "), "{shown}");
     }
 
     #[test]
