@@ -1586,9 +1586,24 @@ fn exports_are_checked_with_qemu_img_and_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no/such/dir/x.vmdk");
     let here = dir.path().to_str().unwrap();
+    // Nor over a device or FIFO (it would become a file holding the image), nor over
+    // the version's own files.
+    let fifo = dir.path().join("pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let own = raw.with_extension("vmdk");
     for (out, said) in [
         (missing.to_str().unwrap(), "there is no directory"),
         (here, "is a directory"),
+        (fifo.to_str().unwrap(), "is not a regular file"),
+        ("/dev/null", "is not a regular file"),
+        (raw.to_str().unwrap(), "the version's own output directory"),
+        (own.to_str().unwrap(), "the version's own output directory"),
     ] {
         for dry in [&[][..], &["--dry-run"]] {
             let mut args = vec![

@@ -45,7 +45,7 @@ fn planned(
         );
     }
     if let Some(p) = out {
-        check_out(p, format)?;
+        check_out(p, format, &v.dir)?;
     }
     let path = match out {
         Some(p) => p.to_path_buf(),
@@ -70,8 +70,10 @@ fn planned(
     })
 }
 
-/// `--out`: a file to make in a directory that exists (said before anything converts).
-fn check_out(out: &Path, format: Format) -> Result<()> {
+/// `--out`: a file to make in a directory that exists (said before anything converts),
+/// in place of nothing or of a regular file, and outside the version's own output
+/// directory `version_dir` (whose files the registry and `image verify` vouch for).
+fn check_out(out: &Path, format: Format, version_dir: &Path) -> Result<()> {
     let dir = out
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -88,6 +90,28 @@ fn check_out(out: &Path, format: Format) -> Result<()> {
             "--out {}: there is no directory {}\n  hint: create it first, or write to a directory that exists",
             out.display(),
             dir.display()
+        );
+    }
+    // The export is renamed over `out`: never over a device (`/dev/null`), a FIFO
+    // or a socket, which would become a regular file holding the image.
+    if let Ok(meta) = out.symlink_metadata()
+        && !meta.is_file()
+    {
+        anyhow::bail!(
+            "--out {} exists and is not a regular file: the export would replace it\n  hint: give the path of a new file, or of a regular file to replace",
+            out.display()
+        );
+    }
+    let inside = dir
+        .canonicalize()
+        .ok()
+        .zip(version_dir.canonicalize().ok())
+        .is_some_and(|(dir, version_dir)| dir.starts_with(version_dir));
+    if inside {
+        anyhow::bail!(
+            "--out {} lies in the version's own output directory {}: the export could replace its raw image or manifest\n  hint: leave out --out (the export goes beside the raw image and is recorded), or write it elsewhere",
+            out.display(),
+            version_dir.display()
         );
     }
     Ok(())
