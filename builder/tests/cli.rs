@@ -181,6 +181,20 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("it is a directory"), "{err}");
+    // Never over a device or a FIFO (written as a file in its place, as root over
+    // /dev/null), nor read to compare: refused at once, dry run or not.
+    for special in ["/dev/null", "/dev/stdout"] {
+        for dry in [&[][..], &["--dry-run".as_ref()]] {
+            let mut args = vec!["export".as_ref(), special.as_ref()];
+            args.extend_from_slice(dry);
+            let (code, _, err) = keys(&args);
+            assert_eq!(code, Some(1), "{special}: {err}");
+            assert!(err.contains("it is not a regular file"), "{special}: {err}");
+        }
+    }
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &Path::new("/dev/null").metadata().unwrap().file_type()
+    ));
 
     // The Secure Boot key beside it: made with it, private; a directory that lacks it
     // gets only it (the update signing key stays); half a pair is refused, named.
@@ -226,6 +240,40 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
         second["secure_boot"]["sha256"],
         first["secure_boot"]["sha256"]
     );
+    // The public keyring lost: the secret key is still there, so no new key is made
+    // in its place (images trust the old one); both commands say what to restore.
+    let ring = dir.path().join("keys/pubring.kbx");
+    std::fs::rename(&ring, dir.path().join("pubring.kbx.bak")).unwrap();
+    for args in [
+        &["show".as_ref()][..],
+        &["generate".as_ref()],
+        &["generate".as_ref(), "--dry-run".as_ref()],
+    ] {
+        let (code, _, err) = keys(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("pubring.kbx is missing or damaged")
+                && err.contains("restore pubring.kbx"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::rename(dir.path().join("pubring.kbx.bak"), &ring).unwrap();
+    assert_eq!(shown()["fingerprint"], first["fingerprint"]);
+    // A key directory that is a file, or holds other files: the dry run refuses it as
+    // the real run does.
+    std::fs::write(dir.path().join("plain"), "x").unwrap();
+    std::fs::create_dir(dir.path().join("busy")).unwrap();
+    std::fs::write(dir.path().join("busy/notes.txt"), "x").unwrap();
+    for (keys_dir, said) in [("plain", "is not a directory"), ("busy", "holds files")] {
+        let out = devos_build_command()
+            .env("DEVOS_KEYS", dir.path().join(keys_dir))
+            .args(["keys", "generate", "--dry-run"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{keys_dir}: {err}");
+        assert!(err.contains(said), "{keys_dir}: {err}");
+    }
 
     // A dry run of a build refuses what the build's first stage would: a Secure Boot
     // key others can read, an `[update] key` this builder does not sign with.

@@ -549,6 +549,7 @@ fn keys_command(cmd: KeysCommand) -> Result<ExitCode> {
             json,
         } => {
             // Refused as the real run is: there is never nothing to do.
+            keys::check_existing_dir(&dir)?;
             let (key, boot) = keys::not_both(&dir)?;
             let mut dry = DryRun::new();
             if key.is_none() {

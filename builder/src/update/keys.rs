@@ -224,6 +224,41 @@ fn open_key_dir(dir: &Path) -> Result<fs::File> {
     handle
         .lock()
         .with_context(|| format!("cannot lock {}", dir.display()))?;
+    check_holds_only_keys(dir)?;
+    handle
+        .set_permissions(fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", dir.display()))?;
+    Ok(handle)
+}
+
+/// What [`open_key_dir`] refuses of a key directory already there, for `keys generate
+/// --dry-run` (which makes nothing): one that is no directory, another user's, or
+/// one holding other files. A missing one is fine: the real run makes it.
+pub(crate) fn check_existing_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(dir) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        bail!(
+            "the key directory {} is not a directory\n  hint: name a new or empty directory with DEVOS_KEYS",
+            dir.display()
+        );
+    }
+    if let Some(owner) = crate::support::paths::acting_uid()
+        && meta.uid() != owner
+    {
+        bail!(
+            "the key directory {} belongs to uid {}, not to uid {owner} who the key is for\n  hint: name a directory of your own with DEVOS_KEYS (under sudo: in a directory that is yours), or move that one away",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    check_holds_only_keys(dir)
+}
+
+/// A key directory holds a GnuPG home, a Secure Boot key, or nothing.
+fn check_holds_only_keys(dir: &Path) -> Result<()> {
     let gnupg_home = [
         "pubring.kbx",
         "private-keys-v1.d",
@@ -242,10 +277,7 @@ fn open_key_dir(dir: &Path) -> Result<fs::File> {
             dir.display()
         );
     }
-    handle
-        .set_permissions(fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot make {} private", dir.display()))?;
-    Ok(handle)
+    Ok(())
 }
 
 /// Check, before any key is made or file written, that the public key may be written
@@ -270,8 +302,17 @@ pub(crate) fn check_export_destination(file: &Path, key: Option<&KeyInfo>) -> Re
             parent.display()
         );
     }
-    if file.symlink_metadata().is_err() {
+    let Ok(link) = file.symlink_metadata() else {
         return Ok(());
+    };
+    // The public key is written as a file in its place (renamed over it): never over
+    // a device, FIFO or socket (`/dev/stdout`, `/dev/null`), nor is one read to compare.
+    let special = |m: fs::Metadata| !m.is_file() && !m.is_dir() && !m.is_symlink();
+    if special(link) || file.metadata().is_ok_and(special) {
+        bail!(
+            "cannot write the public key to {}: it is not a regular file (a device, FIFO or socket)\n  hint: name a file, e.g. update-key.pgp, and read it from there",
+            file.display()
+        );
     }
     match key {
         Some(key) if fingerprint_of(file).is_ok_and(|f| f == key.fingerprint) => Ok(()),
@@ -310,6 +351,22 @@ pub(crate) fn find(dir: &Path) -> Result<Option<KeyInfo>> {
         Vec::new()
     };
     let keys = parse_listing(&String::from_utf8_lossy(&listing));
+    // Secret keys gpg cannot list (their public keys live in pubring.kbx): never taken
+    // as "no key", which `keys generate` would answer with a new one that images
+    // built with the old one reject.
+    let secret_files = fs::read_dir(dir.join("private-keys-v1.d"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".key"))
+                .count()
+        })
+        .unwrap_or(0);
+    if keys.is_empty() && secret_files > 0 {
+        bail!(
+            "{} holds {secret_files} secret key file(s) in private-keys-v1.d, but gpg lists no key: pubring.kbx is missing or damaged\n  hint: restore pubring.kbx from a backup of the key directory (images trust this key); only if the key is lost, move the directory away and make a new one with `devos-build keys generate`",
+            dir.display()
+        );
+    }
     match keys.as_slice() {
         [(fingerprint, user_id, created)] => Ok(Some(KeyInfo {
             fingerprint: fingerprint.clone(),
