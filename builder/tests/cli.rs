@@ -183,6 +183,10 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     assert!(err.contains("it is a directory"), "{err}");
     // Never over a device or a FIFO (written as a file in its place, as root over
     // /dev/null), nor read to compare: refused at once, dry run or not.
+    let (code, _, err) = keys(&["export".as_ref(), &path("newdir/")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("it is a directory"), "{err}");
+    assert!(!dir.path().join("newdir").exists());
     for special in ["/dev/null", "/dev/stdout"] {
         for dry in [&[][..], &["--dry-run".as_ref()]] {
             let mut args = vec!["export".as_ref(), special.as_ref()];

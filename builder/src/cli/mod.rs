@@ -32,7 +32,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let named_registry = cli.registry.clone().filter(|p| !p.as_os_str().is_empty());
     let named = named_registry.is_some();
     let registry_path = named_registry.unwrap_or_else(registry::default_path);
-    let open = || Registry::open(&registry_path);
+    let open = || open_registry(&registry_path, named);
     let read = || read_registry(&registry_path, named);
     // `DEVOS_CONFIG=` (empty) means the default too.
     let config = cli.config.clone().filter(|p| !p.as_os_str().is_empty());
@@ -73,10 +73,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Fleet(cmd) => {
-            let reads = matches!(
-                cmd,
-                FleetCommand::Status { .. } | FleetCommand::History { .. }
-            );
+            let reads = match &cmd {
+                FleetCommand::Status { .. } | FleetCommand::History { .. } => true,
+                FleetCommand::Deploy { change, .. }
+                | FleetCommand::Rollout { change, .. }
+                | FleetCommand::Rollback { change, .. } => change.dry_run,
+                FleetCommand::Unmark { dry_run, .. } => *dry_run,
+                _ => false,
+            };
             let mut reg = if reads { read()? } else { open()? };
             fleet_command(cmd, &mut reg, &settings()?)
         }
@@ -123,6 +127,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Open the registry for a command that writes it. Only `image build` makes a new
+/// one: one the user named (`--registry`, `DEVOS_REGISTRY`) that is not there is a
+/// typo, refused as [`read_registry`] refuses it, never made at that path.
+fn open_registry(path: &Path, named: bool) -> Result<Registry> {
+    if named && !path.exists() {
+        return read_registry(path, named);
+    }
+    Registry::open(path)
+}
+
 /// Open the registry for a command that only reads it: never created. One the user
 /// named (`named`: `--registry` or `DEVOS_REGISTRY`) must exist, as a typo in its path
 /// would otherwise read as a registry with no images.
@@ -143,7 +157,7 @@ fn image_command(
     named: bool,
     ui: &mut Ui,
 ) -> Result<ExitCode> {
-    let open = || Registry::open(registry_path);
+    let open = || open_registry(registry_path, named);
     let read = || read_registry(registry_path, named);
     match cmd {
         ImageCommand::Export {
@@ -153,7 +167,7 @@ fn image_command(
             dry_run,
             json,
         } => export_command(
-            registry_path,
+            if dry_run { read()? } else { open()? },
             &reference,
             &format,
             out.as_deref(),
@@ -263,7 +277,7 @@ fn image_command(
 
 /// `image export`: a registered version's disk written out in another format.
 fn export_command(
-    registry_path: &Path,
+    mut reg: Registry,
     reference: &str,
     format: &str,
     out: Option<&Path>,
@@ -274,11 +288,9 @@ fn export_command(
     let format = <Format as clap::ValueEnum>::from_str(format, false)
         .map_err(|e| anyhow::anyhow!("--format {format}: {e}"))?;
     if dry_run {
-        let reg = Registry::open_read(registry_path)?;
         let dry = crate::inventory::export::dry_run(&reg, reference, format, out)?;
         return dry_run_output(json, &dry);
     }
-    let mut reg = Registry::open(registry_path)?;
     let e = crate::inventory::export::export(&mut reg, reference, format, out)?;
     output(
         json,
@@ -761,6 +773,11 @@ fn publish_command(
             output(json, &b, || format!("{}: {}\n", b.region, b.ami_id), true)
         }
         PublishCommand::List { name, json } => {
+            // A name the registry does not know is said as `image list` says it (with
+            // the names it knows), not as an image that was never published.
+            if let Some(name) = &name {
+                inventory::list(reg, Some(name))?;
+            }
             let pubs = reg.publications(name.as_deref(), None)?;
             output(json, &pubs, || publish::list_human(&pubs), true)
         }

@@ -80,7 +80,7 @@ fn path(explicit: Option<&Path>) -> (PathBuf, bool) {
 
 pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
     let (file, required) = path(explicit);
-    let text = match std::fs::read_to_string(&file) {
+    let text = match crate::model::spec::read_text(&file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
             return Ok(Settings::default());

@@ -785,8 +785,8 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     devos_agent::context::read_regular(path, MAX_SPEC_FILE)
 }
 
-/// [`read_bounded`], as UTF-8 text.
-fn read_text(path: &Path) -> std::io::Result<String> {
+/// [`read_bounded`], as UTF-8 text (also the builder's settings file).
+pub(crate) fn read_text(path: &Path) -> std::io::Result<String> {
     String::from_utf8(read_bounded(path)?)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }

@@ -24,6 +24,17 @@ pub(crate) fn open_feed(to: &str, aws: impl FnOnce() -> AwsOptions) -> Result<Bo
 
 /// `--to`: a directory or `s3://BUCKET/PREFIX`, nothing else.
 fn check_to(to: &str) -> Result<()> {
+    if to.trim().is_empty() {
+        bail!(
+            "`--to` is empty: a feed is published to a directory or to s3://BUCKET/PREFIX\n  hint: name the directory (never the current one by omission), e.g. `--to ./feed`"
+        );
+    }
+    // `s3:/bucket`, `S3://bucket`: meant for S3, and never a local directory by accident.
+    if !to.starts_with("s3://") && to.to_ascii_lowercase().starts_with("s3:") {
+        bail!(
+            "`--to {to}` is not an S3 URL: write s3://BUCKET/PREFIX (lower-case s3, two slashes)\n  hint: a local directory whose name starts with `s3:` can be named `./{to}`"
+        );
+    }
     if to.contains("://") && !to.starts_with("s3://") {
         bail!(
             "`--to {to}`: a feed is published to a directory or to s3://BUCKET/PREFIX\n  hint: publish to a directory your web server serves, or to the S3 prefix behind the feed's URL"
@@ -209,5 +220,32 @@ impl FeedStore for S3Feed {
 
     fn identity(&self) -> Result<String> {
         Ok(self.feed.url().trim_end_matches('/').to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn to_is_a_directory_or_an_s3_url_never_nothing_or_a_near_miss() {
+        for good in [
+            "feed",
+            "./feed",
+            "/srv/feed/",
+            "s3://bucket/prefix",
+            "./s3:x",
+        ] {
+            super::check_to(good).unwrap();
+        }
+        for (bad, said) in [
+            ("", "`--to` is empty"),
+            ("  ", "`--to` is empty"),
+            ("s3:/bucket/x", "is not an S3 URL"),
+            ("S3://bucket/x", "is not an S3 URL"),
+            ("s3:bucket", "is not an S3 URL"),
+            ("https://x/feed", "to a directory or to s3://"),
+        ] {
+            let e = format!("{:#}", super::check_to(bad).unwrap_err());
+            assert!(e.contains(said) && e.contains("hint:"), "{bad}: {e}");
+        }
     }
 }

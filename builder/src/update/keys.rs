@@ -284,7 +284,7 @@ fn check_holds_only_keys(dir: &Path) -> Result<()> {
 /// to `file`: its directory exists, it is no directory, and it holds nothing but this
 /// same public key (`key`; `None` for a key about to be made, which no file holds yet).
 pub(crate) fn check_export_destination(file: &Path, key: Option<&KeyInfo>) -> Result<()> {
-    if file.is_dir() {
+    if file.is_dir() || file.as_os_str().to_string_lossy().ends_with('/') {
         bail!(
             "cannot write the public key to {}: it is a directory\n  hint: name a file in it, e.g. {}",
             file.display(),

@@ -170,10 +170,30 @@ impl Registry {
         let conn = Connection::open(path)
             .and_then(|conn| {
                 conn.busy_timeout(Duration::from_secs(30))?;
-                // The first read of the file: it fails here if it is no database.
-                conn.pragma_update(None, "journal_mode", "WAL")?;
                 Ok(conn)
             })
+            .map_err(|e| open_error(path, e))?;
+        // The first read of the file: it fails here if it is no database. A database
+        // of something else (tables, none of them the registry's) is left as it is:
+        // neither switched to WAL nor given the registry's tables.
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| open_error(path, e))?;
+        if !tables.is_empty() && !tables.iter().any(|t| t == "images") {
+            bail!(
+                "{} is an SQLite database, but not a devos-build registry (its tables: {}); it was left as it is\n  hint: check the path given with --registry or DEVOS_REGISTRY (the default is ~/.local/share/devos/registry.db)",
+                path.display(),
+                tables
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    + if tables.len() > 5 { ", …" } else { "" }
+            );
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| open_error(path, e))?;
         // Under sudo, the registry is the invoking user's (README: where state lives):
         // their `image list` must read it, and WAL needs them to write it.

@@ -344,6 +344,34 @@ fn a_newer_schema_is_refused() {
 }
 
 #[test]
+fn another_programs_database_is_refused_and_left_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("places.db");
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch("CREATE TABLE notes(x); INSERT INTO notes VALUES (1);")
+        .unwrap();
+    drop(conn);
+    let before = std::fs::read(&path).unwrap();
+    for open in [Registry::open, Registry::open_read] {
+        let err = open(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("not a devos-build registry (its tables: notes)"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file was written"
+    );
+    let conn = Connection::open(&path).unwrap();
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete");
+}
+
+#[test]
 fn concurrent_writers_do_not_lose_records() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("r.db");
