@@ -728,7 +728,8 @@ fn publish_command(
         } => {
             let req = publish::AmiRequest {
                 reference,
-                region: region.or_else(|| settings.aws.region.clone()),
+                region: region
+                    .or_else(|| settings.aws.region.as_ref().map(|r| r.get_ref().clone())),
                 copy_to,
                 name,
                 force,
@@ -938,7 +939,9 @@ fn fleet_command(
 ) -> Result<ExitCode> {
     use crate::fleet;
     let target = |s: StackArgs, c: Option<&ChangeArgs>| {
-        let region = s.region.or_else(|| settings.aws.region.clone());
+        let region = s
+            .region
+            .or_else(|| settings.aws.region.as_ref().map(|r| r.get_ref().clone()));
         let opts =
             publish::aws_options(settings, region.clone(), s.aws.profile, s.aws.endpoint_url);
         let t = fleet::Target {

@@ -26,7 +26,7 @@ pub(crate) struct AwsSettings {
     /// A profile of ~/.aws/config (default: AWS_PROFILE, else `default`).
     pub(crate) profile: Option<String>,
     /// The region to publish to when `--region` is not given (default: the chain's).
-    pub(crate) region: Option<String>,
+    pub(crate) region: Option<Spanned<String>>,
     /// One endpoint for every AWS service: another partition, a local test server.
     /// AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_<SERVICE> work without this.
     pub(crate) endpoint_url: Option<Spanned<String>>,
@@ -115,6 +115,17 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
             )
             .into());
     }
+    if let Some(region) = &settings.aws.region
+        && !devos_aws::is_region_name(region.get_ref())
+    {
+        return Err(src
+            .error(
+                region,
+                format!("region `{}` is not a region name", region.get_ref()),
+                devos_aws::REGION_HINT,
+            )
+            .into());
+    }
     if let Some(url) = &settings.aws.endpoint_url
         && !devos_aws::is_http_url(url.get_ref())
     {
@@ -151,6 +162,13 @@ mod tests {
             "http://127.0.0.1:5000"
         );
         assert_eq!(s.publish.copy_to, ["eu-west-1"]);
+        let e = load_text("[aws]\nregion = \"US East 1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":2:10: region `US East 1` is not a region name"),
+            "{e}"
+        );
     }
 
     #[test]
