@@ -1602,8 +1602,14 @@ fn exports_are_checked_with_qemu_img_and_recorded() {
         (here, "is a directory"),
         (fifo.to_str().unwrap(), "is not a regular file"),
         ("/dev/null", "is not a regular file"),
-        (raw.to_str().unwrap(), "the version's own output directory"),
-        (own.to_str().unwrap(), "the version's own output directory"),
+        (
+            raw.to_str().unwrap(),
+            "the output directory of a registered version",
+        ),
+        (
+            own.to_str().unwrap(),
+            "the output directory of a registered version",
+        ),
     ] {
         for dry in [&[][..], &["--dry-run"]] {
             let mut args = vec![

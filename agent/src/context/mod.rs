@@ -85,6 +85,14 @@ pub const MAX_TEXT_BYTES: u64 = 64 * 1024;
 pub fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
+    // Looked at before it is opened: opening a device can act by itself (a watchdog
+    // arms, a tape rewinds). What is opened is looked at again below.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)

@@ -466,10 +466,8 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
         );
     }
     let cache_dir = crate::store::cache::dir();
-    crate::store::cache::tag(
-        &crate::support::paths::create_user_dirs(&cache_dir)?,
-        &cache_dir,
-    )?;
+    let (handle, made) = crate::support::paths::create_user_dirs_made(&cache_dir)?;
+    crate::store::cache::tag(&handle, &cache_dir, made)?;
     let mut t = Timer {
         ui,
         timings: Vec::new(),

@@ -45,7 +45,11 @@ fn planned(
         );
     }
     if let Some(p) = out {
-        check_out(p, format, &v.dir)?;
+        let dirs: Vec<std::path::PathBuf> = crate::inventory::list(reg, None)?
+            .into_iter()
+            .map(|v| v.dir)
+            .collect();
+        check_out(p, format, &dirs)?;
     }
     let path = match out {
         Some(p) => p.to_path_buf(),
@@ -71,9 +75,10 @@ fn planned(
 }
 
 /// `--out`: a file to make in a directory that exists (said before anything converts),
-/// in place of nothing or of a regular file, and outside the version's own output
-/// directory `version_dir` (whose files the registry and `image verify` vouch for).
-fn check_out(out: &Path, format: Format, version_dir: &Path) -> Result<()> {
+/// in place of nothing, a regular file or a symlink (the rename replaces the link),
+/// and outside every registered version's output directory (`version_dirs`, whose
+/// files the registry and `image verify` vouch for).
+fn check_out(out: &Path, format: Format, version_dirs: &[std::path::PathBuf]) -> Result<()> {
     let dir = out
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -96,20 +101,22 @@ fn check_out(out: &Path, format: Format, version_dir: &Path) -> Result<()> {
     // or a socket, which would become a regular file holding the image.
     if let Ok(meta) = out.symlink_metadata()
         && !meta.is_file()
+        && !meta.is_symlink()
     {
         anyhow::bail!(
             "--out {} exists and is not a regular file: the export would replace it\n  hint: give the path of a new file, or of a regular file to replace",
             out.display()
         );
     }
-    let inside = dir
-        .canonicalize()
-        .ok()
-        .zip(version_dir.canonicalize().ok())
-        .is_some_and(|(dir, version_dir)| dir.starts_with(version_dir));
-    if inside {
+    let dir = dir.canonicalize().ok();
+    let inside = version_dirs.iter().find(|version_dir| {
+        dir.as_ref()
+            .zip(version_dir.canonicalize().ok())
+            .is_some_and(|(dir, version_dir)| dir.starts_with(version_dir))
+    });
+    if let Some(version_dir) = inside {
         anyhow::bail!(
-            "--out {} lies in the version's own output directory {}: the export could replace its raw image or manifest\n  hint: leave out --out (the export goes beside the raw image and is recorded), or write it elsewhere",
+            "--out {} lies in the output directory of a registered version, {}: the export could replace its raw image or manifest\n  hint: leave out --out (the export goes beside the raw image and is recorded), or write it elsewhere",
             out.display(),
             version_dir.display()
         );

@@ -350,8 +350,8 @@ pub(crate) struct Gc {
     pub(crate) dry_run: bool,
     pub(crate) kept: Vec<String>,
     pub(crate) removed: Vec<String>,
-    /// Versions gc would have removed whose output directory is not theirs (no
-    /// readable manifest of their build): left alone, with why.
+    /// Versions gc would have removed whose output directory holds something without a
+    /// readable manifest: left alone, with why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) left: Vec<String>,
     pub(crate) freed_bytes: u64,
@@ -394,16 +394,20 @@ pub(crate) fn gc(reg: &mut Registry, name: Option<&str>, keep: usize, dry_run: b
             }
             // Only ever delete a directory that really is this version's output.
             let gone = gone_name(&v.dir);
-            if Manifest::load(&v.dir).is_ok_and(|m| m.build_id == v.build_id) {
+            let there = Manifest::load(&v.dir).ok();
+            if there.as_ref().is_some_and(|m| m.build_id == v.build_id) {
                 report.freed_bytes += cache::dir_size(&v.dir);
                 if !dry_run {
                     remove_output(&v.dir)?;
                 }
+            } else if there.is_some() {
+                // Another build's output replaced it (`image build --out DIR` again):
+                // the version's files are gone already; the other build's stay.
             } else if v.dir.exists() {
-                // Something else is there now (a manifest of another build, or none
-                // that can be read): not deleted, and the version stays as it is.
+                // Something is there without a manifest that can be read: not deleted,
+                // and the version stays as it is.
                 report.left.push(format!(
-                    "{}@{}: {} does not hold its build's manifest.json (another build's, or unreadable); remove it yourself if it is not needed",
+                    "{}@{}: {} holds no manifest.json that can be read; remove it yourself if it is not needed",
                     v.name,
                     v.version,
                     v.dir.display()
@@ -619,7 +623,7 @@ mod tests {
             )
             .unwrap();
         }
-        // Something else now lives where 1.0.0's output was.
+        // Something else now lives where 1.0.0's output was (no manifest).
         fs::create_dir(tmp.path().join("1.0.0")).unwrap();
         fs::write(tmp.path().join("1.0.0/precious"), "x").unwrap();
         let report = gc(&mut reg, None, 1, false).unwrap();
@@ -634,5 +638,17 @@ mod tests {
             reg.find("devos-test@1.0.0").unwrap().state,
             VersionState::Built
         );
+        // Another build's output in its place (`image build --out DIR` again): the
+        // version's files are gone, so it is removed, and the other build's files stay.
+        let other = manifest("9.0.0", &[]);
+        fs::write(
+            tmp.path().join("1.0.0/manifest.json"),
+            serde_json::to_string(&other).unwrap(),
+        )
+        .unwrap();
+        let report = gc(&mut reg, None, 1, false).unwrap();
+        assert_eq!(report.removed, ["devos-test@1.0.0"], "{report:?}");
+        assert!(report.left.is_empty(), "{report:?}");
+        assert!(tmp.path().join("1.0.0/precious").exists());
     }
 }

@@ -1606,9 +1606,22 @@ fn package_names(src: &Source, names: &[Spanned<String>]) -> Result<Vec<String>,
 
 fn load_layer(src: &Source, layer: &Spanned<String>) -> Result<Layer, SpecError> {
     let rel = layer.get_ref();
-    let base = src.file.parent().unwrap_or(Path::new("."));
-    let path = inside_spec_dir(src, layer, &base.join(rel), "a layer")?;
-    let text = read_text(&path).map_err(|e| {
+    let base = match src.file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let path = base.join(rel);
+    let text = read_beneath(base, rel).map_err(|e| {
+        if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) {
+            return src.error(
+                layer,
+                format!(
+                    "a layer `{rel}` lies outside the spec's directory {}",
+                    base.display()
+                ),
+                "name a file inside the spec's directory, relative to it (copy it there; no `..` climbing out, no absolute path, no symlink leading out)",
+            );
+        }
         let available = list_layers(&base.join("layers"));
         src.error(
             layer,
@@ -1635,35 +1648,47 @@ fn load_layer(src: &Source, layer: &Spanned<String>) -> Result<Layer, SpecError>
     })
 }
 
-/// `path` (named by `raw` in the spec), resolved, when it lies inside the spec's
-/// directory; as given when it cannot be resolved (reading it then says why). The
-/// builder runs under sudo, and a layer's text shows in its parse errors: a spec must
-/// not make it read and show the host's files (`/etc/shadow`, `../../etc/passwd`).
-fn inside_spec_dir(
-    src: &Source,
-    raw: &Spanned<String>,
-    path: &Path,
-    what: &str,
-) -> Result<PathBuf, SpecError> {
-    let dir = match src.file.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    match (dir.canonicalize(), path.canonicalize()) {
-        (Ok(dir), Ok(resolved)) if resolved.starts_with(&dir) => Ok(resolved),
-        (Ok(dir), Ok(resolved)) => Err(src.error(
-            raw,
-            format!(
-                "{what} `{}` lies outside the spec's directory {} (at {})",
-                raw.get_ref(),
-                dir.display(),
-                resolved.display()
-            ),
-            "name a file inside the spec's directory, relative to it (copy it there; no `..` climbing out, no absolute path, no symlink leading out)",
-        )),
-        // (What cannot be resolved cannot be read either: reading it says why.)
-        _ => Ok(path.to_path_buf()),
+/// `rel`, read from within the directory `base` and never from outside it: the kernel
+/// resolves it beneath `base` as it opens it (`RESOLVE_BENEATH`: no absolute path, no
+/// `..` or symlink leading out, `EXDEV` otherwise), so nothing swapped in between a
+/// check and the read can make the builder, root under sudo, read and show a host file
+/// (`/etc/shadow`) in a parse error. Opened as a path first and read only when it is
+/// a regular file (opening a device can act by itself), at most [`MAX_SPEC_FILE`].
+fn read_beneath(base: &Path, rel: &str) -> std::io::Result<String> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let dir = rustix::fs::open(
+        base,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let handle = std::fs::File::from(rustix::fs::openat2(
+        &dir,
+        rel,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )?);
+    let meta = handle.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            base.join(rel).display()
+        )));
     }
+    if meta.len() > MAX_SPEC_FILE {
+        return Err(std::io::Error::other(format!(
+            "{} is larger than {MAX_SPEC_FILE} bytes",
+            base.join(rel).display()
+        )));
+    }
+    // The file the handle holds, opened for reading (never the path again).
+    let file = std::fs::File::open(format!("/proc/self/fd/{}", handle.as_raw_fd()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SPEC_FILE).read_to_end(&mut bytes)?;
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// The layers in `dir`, for the hint of an error about a missing one: what cannot be

@@ -55,11 +55,20 @@ const ARCHIVE: &str = "tree.tar.zst";
 /// directory), written when a build first uses it; `prune` works only where it is.
 const TAG: &str = "CACHEDIR.TAG";
 
-/// Tag the cache directory `dir`, opened as `handle` (see [`TAG`]), if it is not yet:
-/// through the handle, never through a link put at the tag's name (the build runs as
-/// root in a user's cache).
-pub(crate) fn tag(handle: &fs::File, dir: &Path) -> Result<()> {
-    if rustix::fs::statat(handle, TAG, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+/// Tag the cache directory `dir`, opened as `handle` (see [`TAG`]), if it is not yet,
+/// and only when it is the builder's: `made` just now, empty, or holding the cache's
+/// `stages/` — never a home or a checkout `DEVOS_CACHE_DIR` names by mistake, which
+/// backup tools would then skip. Written through the handle, never through a link put
+/// at the tag's name (the build runs as root in a user's cache).
+pub(crate) fn tag(handle: &fs::File, dir: &Path, made: bool) -> Result<()> {
+    use rustix::fs::AtFlags;
+    if rustix::fs::statat(handle, TAG, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        return Ok(());
+    }
+    let ours = made
+        || rustix::fs::statat(handle, "stages", AtFlags::SYMLINK_NOFOLLOW).is_ok()
+        || fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    if !ours {
         return Ok(());
     }
     let text = "Signature: 8a477f597d28d172789f06886806bc55\n# This directory is devos-build's cache (packages, package lists, stage outputs).\n";
@@ -490,7 +499,7 @@ mod tests {
         // or missing one has nothing to prune.
         let tagged = tmp.path().join("tagged");
         fs::create_dir_all(tagged.join("packages")).unwrap();
-        tag(&fs::File::open(&tagged).unwrap(), &tagged).unwrap();
+        tag(&fs::File::open(&tagged).unwrap(), &tagged, true).unwrap();
         assert!(
             fs::read_to_string(tagged.join(TAG))
                 .unwrap()
@@ -507,8 +516,11 @@ mod tests {
         let linked = tmp.path().join("linked");
         fs::create_dir_all(&linked).unwrap();
         std::os::unix::fs::symlink(tmp.path().join("elsewhere"), linked.join(TAG)).unwrap();
-        tag(&fs::File::open(&linked).unwrap(), &linked).unwrap();
+        tag(&fs::File::open(&linked).unwrap(), &linked, true).unwrap();
         assert!(!tmp.path().join("elsewhere").exists());
+        // A directory with other things in it (a home, a checkout) is never tagged.
+        tag(&fs::File::open(&checkout).unwrap(), &checkout, false).unwrap();
+        assert!(!checkout.join(TAG).exists());
         // Entry names of any characters are shown, cut to 16 characters.
         let odd = tagged.join("stages/base/aéééééééééééééééé");
         fs::create_dir_all(&odd).unwrap();

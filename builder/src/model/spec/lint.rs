@@ -118,7 +118,7 @@ pub(super) fn agent_config_unused(
         src,
         config,
         "`[agent.config]` is ignored: `[agent] enable = false` installs no agent to read it",
-        "remove `[agent.config]`, or `enable = false` to install the agent",
+        "remove `[agent.config]`, or set `enable = true` to install the agent",
     ));
 }
 

@@ -180,7 +180,9 @@ impl Registry {
             .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
             .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
             .map_err(|e| open_error(path, e))?;
-        if !tables.is_empty() && !tables.iter().any(|t| t == "images") {
+        let has = |name: &str| tables.iter().any(|t| t == name);
+        let ours = tables.is_empty() || (has("images") && has("versions"));
+        if !ours {
             bail!(
                 "{} is an SQLite database, but not a devos-build registry (its tables: {}); it was left as it is\n  hint: check the path given with --registry or DEVOS_REGISTRY (the default is ~/.local/share/devos/registry.db)",
                 path.display(),
