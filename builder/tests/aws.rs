@@ -1589,13 +1589,7 @@ fn exports_are_checked_with_qemu_img_and_recorded() {
     // Nor over a device or FIFO (it would become a file holding the image), nor over
     // the version's own files.
     let fifo = dir.path().join("pipe");
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
+    devos_tests::mkfifo(&fifo);
     let own = raw.with_extension("vmdk");
     for (out, said) in [
         (missing.to_str().unwrap(), "there is no directory"),

@@ -373,14 +373,7 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("is not a plain file"), "{err}");
     std::fs::remove_file(&boot_key).unwrap();
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg("-m600")
-            .arg(&boot_key)
-            .status()
-            .unwrap()
-            .success()
-    );
+    devos_tests::mkfifo(&boot_key);
     let (code, _, err) = keys(&["show".as_ref()]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("it is not a file"), "{err}");

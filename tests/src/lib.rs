@@ -185,6 +185,16 @@ impl Drop for SystemBus {
     }
 }
 
+/// A FIFO at `path` (mode 0600), where a test puts one in place of a file.
+pub fn mkfifo(path: &Path) {
+    let made = Command::new("mkfifo").arg("-m600").arg(path).status();
+    assert!(
+        made.as_ref().is_ok_and(|s| s.success()),
+        "mkfifo {}: {made:?}",
+        path.display()
+    );
+}
+
 /// Wait until `check` passes or `limit` runs out.
 pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

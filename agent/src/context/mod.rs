@@ -83,26 +83,30 @@ pub const MAX_TEXT_BYTES: u64 = 64 * 1024;
 /// directory put where a file was expected (by the user, or by whoever can write
 /// there) is an error, never a read that waits forever.
 pub fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     // Looked at before it is opened: opening a device can act by itself (a watchdog
     // arms, a tape rewinds). What is opened is looked at again below.
     if !std::fs::metadata(path)?.is_file() {
-        return Err(std::io::Error::other(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
+        return Err(not_regular(path));
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
+    read_opened(file, path, max)
+}
+
+/// `file`, opened as `path` (which names it in errors), read when it is a regular file
+/// of at most `max` bytes.
+pub fn read_opened(
+    file: std::fs::File,
+    path: &std::path::Path,
+    max: u64,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
     let meta = file.metadata()?;
     if !meta.is_file() {
-        return Err(std::io::Error::other(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
+        return Err(not_regular(path));
     }
     if meta.len() > max {
         return Err(std::io::Error::other(format!(
@@ -113,6 +117,11 @@ pub fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(max).read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+/// The error of a path that is not a regular file.
+pub fn not_regular(path: &std::path::Path) -> std::io::Error {
+    std::io::Error::other(format!("{} is not a regular file", path.display()))
 }
 
 /// How a project is kept current.

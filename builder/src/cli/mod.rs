@@ -203,12 +203,8 @@ fn image_command(
             dry_run,
             json,
         } => {
-            // A registry named that is not there is a typo: refused, not made.
-            let mut reg = if dry_run || (named && !registry_path.exists()) {
-                read()?
-            } else {
-                open()?
-            };
+            // (A registry named that is not there is a typo: refused by both.)
+            let mut reg = if dry_run { read()? } else { open()? };
             let gc = inventory::gc(&mut reg, name.as_deref(), keep, dry_run)?;
             let nothing = dry_run && gc.removed.is_empty() && gc.cache_entries_removed == 0;
             nothing_to_do(output(json, &gc, || gc.human(), true), nothing)
@@ -728,8 +724,7 @@ fn publish_command(
         } => {
             let req = publish::AmiRequest {
                 reference,
-                region: region
-                    .or_else(|| settings.aws.region.as_ref().map(|r| r.get_ref().clone())),
+                region: region.or_else(|| settings.aws.region()),
                 copy_to,
                 name,
                 force,
@@ -939,9 +934,7 @@ fn fleet_command(
 ) -> Result<ExitCode> {
     use crate::fleet;
     let target = |s: StackArgs, c: Option<&ChangeArgs>| {
-        let region = s
-            .region
-            .or_else(|| settings.aws.region.as_ref().map(|r| r.get_ref().clone()));
+        let region = s.region.or_else(|| settings.aws.region());
         let opts =
             publish::aws_options(settings, region.clone(), s.aws.profile, s.aws.endpoint_url);
         let t = fleet::Target {

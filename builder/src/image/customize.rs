@@ -742,14 +742,7 @@ mod tests {
             "{e}"
         );
         fs::remove_file(dir.path().join("etc/.updated")).unwrap();
-        let fifo = dir.path().join("etc/pipe");
-        assert!(
-            std::process::Command::new("mkfifo")
-                .arg(&fifo)
-                .status()
-                .unwrap()
-                .success()
-        );
+        devos_tests::mkfifo(&dir.path().join("etc/pipe"));
         let e = format!("{:#}", check_tree(&tree).unwrap_err());
         assert!(
             e.contains("etc/pipe is a FIFO") && e.contains("only files, directories and symlinks"),

@@ -30,7 +30,7 @@ const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const TYPE_VAR: &str = "4D21B016-B534-45C2-A9FB-5C16E091FD2D";
 const TYPE_ROOT_VERITY_X86_64: &str = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5";
 /// The GPT holds a partition name of at most 36 UTF-16 code units.
-pub(crate) const GPT_NAME_MAX: usize = 36;
+const GPT_NAME_MAX: usize = 36;
 /// What systemd-sysupdate calls a slot that holds nothing yet.
 const EMPTY_SLOT: &str = "_empty";
 /// GPT attribute bit 60: the partition is read-only.
@@ -307,22 +307,25 @@ fn slot_sizes(root: u64, hash: u64) -> (u64, u64) {
 /// too, before anything is built).
 pub(crate) fn slot_label(spec: &Spec, version: &str) -> Result<String> {
     let label = crate::image::sysupdate::stem(&spec.name, version);
-    if label.chars().count() > GPT_NAME_MAX {
-        bail!(
-            "{} {label:?} is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {}",
-            slot_what(spec),
-            spec.path.display()
-        );
-    }
+    check_label_length(spec, &label, label.chars().count())?;
     Ok(label)
 }
 
-/// What [`slot_label`] names, in words.
-pub(crate) fn slot_what(spec: &Spec) -> &'static str {
-    match spec.distro {
-        crate::model::spec::Distro::Nixos => "the Nix store's partition name",
-        _ => "the root slot's partition name",
+/// Refuse a root slot's partition name (the Nix store's on NixOS) of `chars`
+/// characters, written in the message as `shown`, when a GPT cannot hold it.
+pub(crate) fn check_label_length(spec: &Spec, shown: &str, chars: usize) -> Result<()> {
+    if chars > GPT_NAME_MAX {
+        let which = match spec.distro {
+            crate::model::spec::Distro::Nixos => "the Nix store's partition name",
+            _ => "the root slot's partition name",
+        };
+        bail!(
+            "{which} `{shown}` ({chars} characters) is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {} by {} character(s)",
+            spec.path.display(),
+            chars - GPT_NAME_MAX
+        );
     }
+    Ok(())
 }
 
 /// The UKI's file name on the ESP: `NAME_VERSION.efi`, which systemd-boot sorts by

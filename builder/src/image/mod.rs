@@ -43,19 +43,10 @@ pub(crate) fn check_spec(spec: &Spec) -> Result<()> {
 /// build id gives a version of the same length.
 pub(crate) fn check_slot_label(spec: &Spec) -> Result<()> {
     let any_build_id = "0".repeat(64);
-    let label = sysupdate::stem(&spec.name, &identity::built_version(spec, &any_build_id))
-        .chars()
-        .count();
-    if label > disk::GPT_NAME_MAX {
-        anyhow::bail!(
-            "{} `{}_{}_<12 hex of the build id>` ({label} characters) is longer than the {} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {} by {} character(s)",
-            disk::slot_what(spec),
-            spec.name,
-            spec.version,
-            disk::GPT_NAME_MAX,
-            spec.path.display(),
-            label - disk::GPT_NAME_MAX
-        );
-    }
-    Ok(())
+    let label = sysupdate::stem(&spec.name, &identity::built_version(spec, &any_build_id));
+    disk::check_label_length(
+        spec,
+        &format!("{}_{}_<12 hex of the build id>", spec.name, spec.version),
+        label.chars().count(),
+    )
 }

@@ -575,19 +575,25 @@ mod tests {
     use super::*;
     use crate::store::registry::tests::manifest;
 
-    #[test]
-    fn gc_keeps_what_a_stack_runs_and_what_it_would_go_back_to() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
-        for version in ["1.0.0", "2.0.0", "3.0.0", "4.0.0"] {
+    /// A registry in `dir` with `versions` built, each with its output in `dir/VERSION`.
+    fn built(dir: &std::path::Path, versions: &[&str]) -> Registry {
+        let mut reg = Registry::open(&dir.join("r.db")).unwrap();
+        for version in versions {
             reg.record_build(
-                &tmp.path().join(version),
+                &dir.join(version),
                 std::path::Path::new("s"),
                 &manifest(version, &[]),
                 &[],
             )
             .unwrap();
         }
+        reg
+    }
+
+    #[test]
+    fn gc_keeps_what_a_stack_runs_and_what_it_would_go_back_to() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reg = built(tmp.path(), &["1.0.0", "2.0.0", "3.0.0", "4.0.0"]);
         let find = |v: &str| reg.find(&format!("devos-test@{v}")).unwrap();
         let (v1, v2, v3) = (find("1.0.0"), find("2.0.0"), find("3.0.0"));
         let mut change = |stack: &str, from: Option<&VersionInfo>, to: &VersionInfo| {
@@ -613,16 +619,7 @@ mod tests {
     #[test]
     fn gc_leaves_a_directory_that_is_not_the_versions_output_and_the_version() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
-        for version in ["1.0.0", "2.0.0"] {
-            reg.record_build(
-                &tmp.path().join(version),
-                std::path::Path::new("s"),
-                &manifest(version, &[]),
-                &[],
-            )
-            .unwrap();
-        }
+        let mut reg = built(tmp.path(), &["1.0.0", "2.0.0"]);
         // Something else now lives where 1.0.0's output was (no manifest).
         fs::create_dir(tmp.path().join("1.0.0")).unwrap();
         fs::write(tmp.path().join("1.0.0/precious"), "x").unwrap();

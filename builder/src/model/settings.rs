@@ -32,6 +32,13 @@ pub(crate) struct AwsSettings {
     pub(crate) endpoint_url: Option<Spanned<String>>,
 }
 
+impl AwsSettings {
+    /// `region`, as written.
+    pub(crate) fn region(&self) -> Option<String> {
+        self.region.as_ref().map(|r| r.get_ref().clone())
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub(crate) struct PublishSettings {

@@ -787,7 +787,12 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// [`read_bounded`], as UTF-8 text (also the builder's settings file).
 pub(crate) fn read_text(path: &Path) -> std::io::Result<String> {
-    String::from_utf8(read_bounded(path)?)
+    utf8(read_bounded(path)?)
+}
+
+/// Bytes read from a spec's file as text.
+fn utf8(bytes: Vec<u8>) -> std::io::Result<String> {
+    String::from_utf8(bytes)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
@@ -812,6 +817,15 @@ fn unreadable_hint(path: &Path, e: &std::io::Error) -> String {
             path.display()
         );
     }
+    if e.kind() == ErrorKind::NotFound
+        && let Some(spec) = shipped_spec(path)
+    {
+        return format!(
+            "`{}` is not a file: pass the spec's path, e.g. `{}`",
+            path.display(),
+            spec.display()
+        );
+    }
     match e.kind() {
         ErrorKind::PermissionDenied => format!(
             "check the file's permissions (`ls -l {}`), or run as its owner",
@@ -820,11 +834,6 @@ fn unreadable_hint(path: &Path, e: &std::io::Error) -> String {
         ErrorKind::InvalidData => {
             "the file is not UTF-8 text: save it as UTF-8 (`iconv -t UTF-8`)".to_owned()
         }
-        ErrorKind::NotFound if shipped_spec(path).is_some() => format!(
-            "`{}` is not a file: pass the spec's path, e.g. `{}`",
-            path.display(),
-            shipped_spec(path).unwrap_or_default().display()
-        ),
         ErrorKind::NotFound if path == Path::new(DEFAULT_SPEC) => format!(
             "`{DEFAULT_SPEC}`, the default spec, is relative to the current directory: run from the repository root, or pass the path of a spec"
         ),
@@ -1656,7 +1665,6 @@ fn load_layer(src: &Source, layer: &Spanned<String>) -> Result<Layer, SpecError>
 /// a regular file (opening a device can act by itself), at most [`MAX_SPEC_FILE`].
 fn read_beneath(base: &Path, rel: &str) -> std::io::Result<String> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
-    use std::io::Read;
     use std::os::fd::AsRawFd;
     let dir = rustix::fs::open(
         base,
@@ -1670,25 +1678,17 @@ fn read_beneath(base: &Path, rel: &str) -> std::io::Result<String> {
         Mode::empty(),
         ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
     )?);
-    let meta = handle.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other(format!(
-            "{} is not a regular file",
-            base.join(rel).display()
-        )));
-    }
-    if meta.len() > MAX_SPEC_FILE {
-        return Err(std::io::Error::other(format!(
-            "{} is larger than {MAX_SPEC_FILE} bytes",
-            base.join(rel).display()
-        )));
+    let path = base.join(rel);
+    if !handle.metadata()?.is_file() {
+        return Err(devos_agent::context::not_regular(&path));
     }
     // The file the handle holds, opened for reading (never the path again).
     let file = std::fs::File::open(format!("/proc/self/fd/{}", handle.as_raw_fd()))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_SPEC_FILE).read_to_end(&mut bytes)?;
-    String::from_utf8(bytes)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+    utf8(devos_agent::context::read_opened(
+        file,
+        &path,
+        MAX_SPEC_FILE,
+    )?)
 }
 
 /// The layers in `dir`, for the hint of an error about a missing one: what cannot be

@@ -31,7 +31,7 @@ pub(crate) fn aws_options(
 ) -> AwsOptions {
     AwsOptions {
         profile: profile.or_else(|| settings.aws.profile.clone()),
-        region: region.or_else(|| settings.aws.region.as_ref().map(|r| r.get_ref().clone())),
+        region: region.or_else(|| settings.aws.region()),
         endpoint_url: endpoint.or_else(|| {
             settings
                 .aws
@@ -50,7 +50,7 @@ pub(crate) fn region(flag: Option<String>, settings: &Settings) -> Result<String
     let env = |name: &'static str| std::env::var(name).ok().map(|r| (r, name));
     let (region, from) = flag
         .map(|r| (r, "--region"))
-        .or_else(|| settings.aws.region.as_ref().map(|r| r.get_ref().clone()).map(|r| (r, "`[aws] region` of the settings file")))
+        .or_else(|| settings.aws.region().map(|r| (r, "`[aws] region` of the settings file")))
         .or_else(|| env("AWS_REGION"))
         .or_else(|| env("AWS_DEFAULT_REGION"))
         .context("no AWS region is set\n  hint: pass --region REGION (e.g. --region eu-west-1), set AWS_REGION, or set `region` under `[aws]` in the settings file (docs/publish.md, \"The settings file\")")?;

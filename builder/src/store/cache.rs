@@ -55,6 +55,12 @@ const ARCHIVE: &str = "tree.tar.zst";
 /// directory), written when a build first uses it; `prune` works only where it is.
 const TAG: &str = "CACHEDIR.TAG";
 
+/// Whether `dir` holds the cache's `stages/` (a cache from before the tag), or nothing
+/// (a missing directory holds nothing).
+fn holds_stages_or_nothing(dir: &Path) -> bool {
+    dir.join("stages").is_dir() || fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
 /// Tag the cache directory `dir`, opened as `handle` (see [`TAG`]), if it is not yet,
 /// and only when it is the builder's: `made` just now, empty, or holding the cache's
 /// `stages/` — never a home or a checkout `DEVOS_CACHE_DIR` names by mistake, which
@@ -65,10 +71,7 @@ pub(crate) fn tag(handle: &fs::File, dir: &Path, made: bool) -> Result<()> {
     if rustix::fs::statat(handle, TAG, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
         return Ok(());
     }
-    let ours = made
-        || rustix::fs::statat(handle, "stages", AtFlags::SYMLINK_NOFOLLOW).is_ok()
-        || fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
-    if !ours {
+    if !made && !holds_stages_or_nothing(dir) {
         return Ok(());
     }
     let text = "Signature: 8a477f597d28d172789f06886806bc55\n# This directory is devos-build's cache (packages, package lists, stage outputs).\n";
@@ -212,9 +215,7 @@ impl Cache {
     /// cache's tag nor its `stages` (a `DEVOS_CACHE_DIR` set to a checkout or a home
     /// would otherwise lose its `agent/`, `packages/` or `apt/`).
     fn check_is_cache(&self) -> Result<()> {
-        let tagged = self.root.join(TAG).is_file() || self.root.join("stages").is_dir();
-        let empty = fs::read_dir(&self.root).map_or(true, |mut d| d.next().is_none());
-        if !tagged && !empty {
+        if !self.root.join(TAG).is_file() && !holds_stages_or_nothing(&self.root) {
             anyhow::bail!(
                 "{} is not a devos-build cache (no {TAG}, no stages/): nothing pruned\n  hint: check DEVOS_CACHE_DIR (unset, the cache is ~/.cache/devos)",
                 self.root.display()

@@ -213,13 +213,7 @@ fn open_key_dir(dir: &Path) -> Result<fs::File> {
             dir.display()
         );
     }
-    if meta.uid() != owner {
-        bail!(
-            "the key directory {} belongs to uid {}, not to uid {owner} who the key is for\n  hint: name a directory of your own with DEVOS_KEYS (under sudo: in a directory that is yours), or move that one away",
-            dir.display(),
-            meta.uid()
-        );
-    }
+    check_owner(dir, meta.uid(), owner)?;
     // Locked before it is looked into: another `keys generate` may be making the key.
     handle
         .lock()
@@ -245,16 +239,21 @@ pub(crate) fn check_existing_dir(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    if let Some(owner) = crate::support::paths::acting_uid()
-        && meta.uid() != owner
-    {
-        bail!(
-            "the key directory {} belongs to uid {}, not to uid {owner} who the key is for\n  hint: name a directory of your own with DEVOS_KEYS (under sudo: in a directory that is yours), or move that one away",
-            dir.display(),
-            meta.uid()
-        );
+    if let Some(owner) = crate::support::paths::acting_uid() {
+        check_owner(dir, meta.uid(), owner)?;
     }
     check_holds_only_keys(dir)
+}
+
+/// The key directory `dir` (owned by `uid`) must be the key user's, `owner`.
+fn check_owner(dir: &Path, uid: u32, owner: u32) -> Result<()> {
+    if uid != owner {
+        bail!(
+            "the key directory {} belongs to uid {uid}, not to uid {owner} who the key is for\n  hint: name a directory of your own with DEVOS_KEYS (under sudo: in a directory that is yours), or move that one away",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// A key directory holds a GnuPG home, a Secure Boot key, or nothing.
@@ -354,14 +353,16 @@ pub(crate) fn find(dir: &Path) -> Result<Option<KeyInfo>> {
     // Secret keys gpg cannot list (their public keys live in pubring.kbx): never taken
     // as "no key", which `keys generate` would answer with a new one that images
     // built with the old one reject.
-    let secret_files = fs::read_dir(dir.join("private-keys-v1.d"))
-        .map(|d| {
+    let secret_files = || {
+        fs::read_dir(dir.join("private-keys-v1.d")).map_or(0, |d| {
             d.flatten()
                 .filter(|e| e.file_name().to_string_lossy().ends_with(".key"))
                 .count()
         })
-        .unwrap_or(0);
-    if keys.is_empty() && secret_files > 0 {
+    };
+    if keys.is_empty()
+        && let secret_files @ 1.. = secret_files()
+    {
         bail!(
             "{} holds {secret_files} secret key file(s) in private-keys-v1.d, but gpg lists no key: pubring.kbx is missing or damaged\n  hint: restore pubring.kbx from a backup of the key directory (images trust this key); only if the key is lost, move the directory away and make a new one with `devos-build keys generate`",
             dir.display()

@@ -700,13 +700,7 @@ fn extra_trees_and_units_are_checked_where_they_are_written() {
     }
     // A device node, FIFO or socket in a tree would reach the image's root as root
     // made it: only files, directories and symlinks are copied.
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(dir.path().join("tools/pipe"))
-            .status()
-            .unwrap()
-            .success()
-    );
+    devos_tests::mkfifo(&dir.path().join("tools/pipe"));
     let e = load(&path).unwrap_err();
     assert!(
         e.message.contains("tools/pipe is a FIFO") && e.hint.is_some(),
@@ -1145,15 +1139,7 @@ fn values_that_would_fail_or_harm_later_are_refused_where_written() {
 /// what it holds.
 #[test]
 fn files_a_spec_names_are_bounded_regular_files_beside_it() {
-    let mkfifo = |path: &Path| {
-        assert!(
-            std::process::Command::new("mkfifo")
-                .arg(path)
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
+    use devos_tests::mkfifo;
     // The spec itself.
     for (spec, words) in [
         (Path::new("/dev/zero"), "not a regular file"),
