@@ -540,15 +540,33 @@ fn a_registry_left_roots_in_the_users_home_says_how_to_give_it_back() {
     );
 
     // Their own run: refused before SQLite opens it read-only, naming the same
-    // directory; reading too (SQLite's WAL writes its -shm file to read).
+    // directory. Reading it works and writes nothing beside it (no -wal or -shm file
+    // that only root could remove); so does root's reading under sudo.
     let hint = format!("sudo chown -R \"$(id -un):\" {}", local.display());
-    for args in [["image", "gc"], ["image", "list"]] {
-        let out = user.run(&bin, &args);
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-        for said in ["cannot be written by you", "belongs to root", &hint] {
-            assert!(text(&out).contains(said), "{said}: {}", text(&out));
-        }
+    let out = user.run(&bin, &["image", "gc"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    for said in ["cannot be written by you", "belongs to root", &hint] {
+        assert!(text(&out).contains(said), "{said}: {}", text(&out));
     }
+    let beside = || {
+        let mut names: Vec<_> = std::fs::read_dir(registry.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = (beside(), std::fs::read(&registry).unwrap());
+    let out = user.run(&bin, &["image", "list"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no images in the registry yet"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = user.sudo(&bin, &["image", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!((beside(), std::fs::read(&registry).unwrap()), before);
 
     // Following the hint is enough, and sudo no longer warns.
     let given = std::process::Command::new("chown")

@@ -115,6 +115,104 @@ fn check_writable(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The registry's file and its `-wal` and `-shm` files, none of them a symlink:
+/// SQLite follows links, and as root in a user's directory it must not.
+fn refuse_links(path: &Path) -> Result<[PathBuf; 3]> {
+    let files = [
+        path.to_path_buf(),
+        wal_file(path, "-wal"),
+        wal_file(path, "-shm"),
+    ];
+    for p in &files {
+        if p.symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            bail!(
+                "{} is a symlink; the registry and its -wal and -shm files must be plain files\n  hint: remove it, or point --registry at the file itself",
+                p.display()
+            );
+        }
+    }
+    Ok(files)
+}
+
+/// The first read of the file: it fails here if it is no database, and a database of
+/// something else (tables, none of them the registry's) is refused.
+fn check_ours(conn: &Connection, path: &Path) -> Result<()> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| open_error(path, e))?;
+    let has = |name: &str| tables.iter().any(|t| t == name);
+    if tables.is_empty() || (has("images") && has("versions")) {
+        return Ok(());
+    }
+    bail!(
+        "{} is an SQLite database, but not a devos-build registry (its tables: {}); it was left as it is\n  hint: check the path given with --registry or DEVOS_REGISTRY (the default is ~/.local/share/devos/registry.db)",
+        path.display(),
+        tables
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+            + if tables.len() > 5 { ", …" } else { "" }
+    )
+}
+
+fn newer_schema(path: &Path, version: i64) -> String {
+    format!(
+        "the registry {} has schema version {version}, newer than this devos-build knows ({SCHEMA_VERSION})\n  hint: use a newer devos-build, or point DEVOS_REGISTRY at another file",
+        path.display()
+    )
+}
+
+/// A read-only connection to the registry at `path` that writes nothing beside it.
+/// While another process has it open (a `-wal` file with content), through SQLite's
+/// shared memory like any reader; otherwise the file holds every committed change and
+/// is read as it is (`immutable`: no `-shm` file made, no lock taken, which a reader
+/// without write access to the directory could not make anyway). A writer that
+/// starts meanwhile writes to its own `-wal` file and leaves this file as it is until
+/// it checkpoints.
+fn open_read_only(path: &Path) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let in_use = wal_file(path, "-wal").metadata().is_ok_and(|m| m.len() > 0);
+    let conn = if in_use {
+        Connection::open_with_flags(path, flags)
+    } else {
+        let absolute = std::path::absolute(path)
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        Connection::open_with_flags(
+            format!("file:{}?immutable=1", uri_path(&absolute)),
+            flags | OpenFlags::SQLITE_OPEN_URI,
+        )
+    };
+    let conn = conn
+        .and_then(|conn| {
+            conn.busy_timeout(Duration::from_secs(30))?;
+            Ok(conn)
+        })
+        .map_err(|e| open_error(path, e))?;
+    Ok(conn)
+}
+
+/// `path` as the path of an SQLite URI: every byte but letters, digits and `/-._~`
+/// percent-encoded (SQLite decodes `%HH`; `?` and `#` would end the path).
+fn uri_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|&b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// SQLite's `-wal` and `-shm` files beside the database.
 fn wal_file(db: &Path, suffix: &str) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
@@ -134,67 +232,57 @@ impl Registry {
 
     /// Open for a command that only reads: a registry that does not exist yet, or an
     /// empty file, reads as an empty one, and no file or directory is created or
-    /// written for it.
+    /// written for it. An existing registry is opened read-only, so that reading one
+    /// another user owns (a team's, root's) works and changes nothing: no `-wal` or
+    /// `-shm` file is made, nothing changes hands under sudo. Only a registry of an
+    /// older schema is opened for writing, to migrate it.
     pub fn open_read(path: &Path) -> Result<Self> {
-        if path.metadata().is_ok_and(|m| m.len() > 0) {
-            return Self::open(path);
+        if !path.metadata().is_ok_and(|m| m.len() > 0) {
+            let mut reg = Self {
+                conn: Connection::open_in_memory()?,
+                path: path.to_path_buf(),
+            };
+            reg.migrate(SCHEMA_VERSION)?;
+            return Ok(reg);
         }
-        let mut reg = Self {
-            conn: Connection::open_in_memory()?,
+        refuse_links(path)?;
+        let conn = open_read_only(path)?;
+        check_ours(&conn, path)?;
+        let current: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| open_error(path, e))?;
+        if current > SCHEMA_VERSION {
+            bail!(newer_schema(path, current));
+        }
+        if current < SCHEMA_VERSION {
+            drop(conn);
+            return Self::open(path).with_context(|| {
+                format!(
+                    "the registry {} has schema version {current}, older than this devos-build's ({SCHEMA_VERSION}), and reading it needs it migrated first",
+                    path.display()
+                )
+            });
+        }
+        Ok(Self {
+            conn,
             path: path.to_path_buf(),
-        };
-        reg.migrate(SCHEMA_VERSION)?;
-        Ok(reg)
+        })
     }
 
     /// Open, migrating up to `target` (tests use older targets to check migrations).
     fn open_at(path: &Path, target: i64) -> Result<Self> {
         crate::support::paths::create_user_dirs(path.parent().unwrap_or(Path::new(".")))?;
         check_writable(path)?;
-        let files = [
-            path.to_path_buf(),
-            wal_file(path, "-wal"),
-            wal_file(path, "-shm"),
-        ];
-        // SQLite follows symlinks; as root in a user's directory it must not.
-        for p in &files {
-            if p.symlink_metadata()
-                .is_ok_and(|m| m.file_type().is_symlink())
-            {
-                bail!(
-                    "{} is a symlink; the registry and its -wal and -shm files must be plain files\n  hint: remove it, or point --registry at the file itself",
-                    p.display()
-                );
-            }
-        }
+        let files = refuse_links(path)?;
         let conn = Connection::open(path)
             .and_then(|conn| {
                 conn.busy_timeout(Duration::from_secs(30))?;
                 Ok(conn)
             })
             .map_err(|e| open_error(path, e))?;
-        // The first read of the file: it fails here if it is no database. A database
-        // of something else (tables, none of them the registry's) is left as it is:
-        // neither switched to WAL nor given the registry's tables.
-        let tables: Vec<String> = conn
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
-            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| open_error(path, e))?;
-        let has = |name: &str| tables.iter().any(|t| t == name);
-        let ours = tables.is_empty() || (has("images") && has("versions"));
-        if !ours {
-            bail!(
-                "{} is an SQLite database, but not a devos-build registry (its tables: {}); it was left as it is\n  hint: check the path given with --registry or DEVOS_REGISTRY (the default is ~/.local/share/devos/registry.db)",
-                path.display(),
-                tables
-                    .iter()
-                    .take(5)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-                    + if tables.len() > 5 { ", …" } else { "" }
-            );
-        }
+        // Neither switched to WAL nor given the registry's tables when it is another
+        // program's database.
+        check_ours(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| open_error(path, e))?;
         // Under sudo, the registry is the invoking user's (README: where state lives):
@@ -238,10 +326,7 @@ impl Registry {
                 .with_context(|| format!("cannot migrate the registry {}", self.path.display()))?;
             let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
             if current > SCHEMA_VERSION {
-                bail!(
-                    "the registry {} has schema version {current}, newer than this devos-build knows ({SCHEMA_VERSION})\n  hint: use a newer devos-build, or point DEVOS_REGISTRY at another file",
-                    self.path.display()
-                );
+                bail!(newer_schema(&self.path, current));
             }
             if current >= target {
                 return Ok(());

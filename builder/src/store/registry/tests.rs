@@ -185,7 +185,8 @@ fn migrations_run_forward_and_keep_data() {
     )
     .unwrap();
     drop(old);
-    let reg = Registry::open(&path).unwrap();
+    // Reading it (`image list`) migrates it, the one write a reading command makes.
+    let reg = Registry::open_read(&path).unwrap();
     assert_eq!(reg.schema_version().unwrap(), SCHEMA_VERSION);
     assert_eq!(reg.versions(None).unwrap().len(), 1);
     // The tables of later migrations exist.
@@ -339,8 +340,10 @@ fn a_newer_schema_is_refused() {
     conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
         .unwrap();
     drop(conn);
-    let err = Registry::open(&path).err().unwrap().to_string();
-    assert!(err.contains("newer than this devos-build knows"), "{err}");
+    for open in [Registry::open, Registry::open_read] {
+        let err = open(&path).err().unwrap().to_string();
+        assert!(err.contains("newer than this devos-build knows"), "{err}");
+    }
 }
 
 #[test]
@@ -499,6 +502,79 @@ fn reading_an_empty_file_leaves_it_empty() {
         1,
         "no -wal or -shm"
     );
+}
+
+/// The names in `dir` and the bytes of `file`: what a reader must leave as it was.
+fn snapshot(dir: &Path, file: &Path) -> (Vec<std::ffi::OsString>, Vec<u8>) {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    (names, std::fs::read(file).unwrap())
+}
+
+/// A reading command opens a registry read-only: it reads what was recorded, cannot
+/// write, and leaves no -wal or -shm file beside it, whatever its path is made of.
+#[test]
+fn reading_a_registry_writes_nothing_beside_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a dir ?#%41 of #1");
+    let path = dir.join("registry?.db");
+    let mut reg = Registry::open(&path).unwrap();
+    reg.record_build(
+        Path::new("/o"),
+        Path::new("s"),
+        &manifest("0.1.0+a", &[]),
+        &[],
+    )
+    .unwrap();
+    drop(reg);
+    let before = snapshot(&dir, &path);
+    assert_eq!(before.0, ["registry?.db"]);
+    let mut reg = Registry::open_read(&path).unwrap();
+    assert_eq!(reg.versions(None).unwrap().len(), 1);
+    let write = reg.record_build(
+        Path::new("/o"),
+        Path::new("s"),
+        &manifest("0.2.0+b", &[]),
+        &[],
+    );
+    assert!(
+        format!("{:#}", write.err().unwrap()).contains("readonly"),
+        "a read-only registry was written"
+    );
+    drop(reg);
+    assert_eq!(snapshot(&dir, &path), before);
+}
+
+/// While a writer has the registry open, a reader sees what it committed (from the
+/// -wal file, through SQLite's shared memory), and the writer goes on writing.
+#[test]
+fn a_reader_sees_what_an_open_writer_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("registry.db");
+    let mut writer = Registry::open(&path).unwrap();
+    writer
+        .record_build(
+            Path::new("/o"),
+            Path::new("s"),
+            &manifest("0.1.0+a", &[]),
+            &[],
+        )
+        .unwrap();
+    assert!(wal_file(&path, "-wal").metadata().unwrap().len() > 0);
+    let reader = Registry::open_read(&path).unwrap();
+    assert_eq!(reader.versions(None).unwrap().len(), 1);
+    writer
+        .record_build(
+            Path::new("/o"),
+            Path::new("s"),
+            &manifest("0.2.0+b", &[]),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(reader.versions(None).unwrap().len(), 2);
 }
 
 #[test]
