@@ -1388,6 +1388,29 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
             assert!(out_dir.join(f).is_file(), "{f}");
         }
     }
+    // Rendered again over the earlier render; never over a user's file of a rendered
+    // name, which is left as it was.
+    let render_into = |dir: &Path| {
+        fx.run(&[
+            "packer",
+            "render",
+            reference.as_str(),
+            "--region",
+            "us-east-1",
+            "--out",
+            dir.to_str().unwrap(),
+        ])
+    };
+    ok(&render_into(&fx.dir.path().join("packer0")));
+    let theirs = fx.dir.path().join("their-packer");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("provision.sh"), "#!/bin/sh\necho mine\n").unwrap();
+    refused(&render_into(&theirs), "but no template it rendered");
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("provision.sh")).unwrap(),
+        "#!/bin/sh\necho mine\n"
+    );
+    assert!(!theirs.join("devos.pkr.hcl").exists());
     // A real `packer build` against moto_server, from one of the base AMIs it ships.
     let out = run(
         &mut fx.cmd(&[

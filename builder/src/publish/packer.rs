@@ -165,13 +165,22 @@ pub(crate) fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> R
             );
         }
     }
+    let rendered = render_template(&v, opts)?;
     let dir = opts.out.clone().unwrap_or_else(|| v.dir.join("packer"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::copy(&deb, dir.join("devos-agent.deb"))?;
-    std::fs::copy(&toml, dir.join("agent.toml"))?;
-    std::fs::write(dir.join("provision.sh"), PROVISION)?;
+    let handle = crate::support::paths::create_user_dirs(&dir)?;
+    check_render_dir(&handle, &dir)?;
+    let open =
+        |f: &Path| std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()));
+    let files: [(&str, Box<dyn std::io::Read>); 4] = [
+        ("devos-agent.deb", Box::new(open(&deb)?)),
+        ("agent.toml", Box::new(open(&toml)?)),
+        ("provision.sh", Box::new(PROVISION.as_bytes())),
+        (TEMPLATE_FILE, Box::new(rendered.as_bytes())),
+    ];
+    for (name, mut content) in files {
+        crate::support::paths::replace_in(&handle, &dir.join(name), &mut content, 0o644)?;
+    }
     let template = dir.join(TEMPLATE_FILE);
-    std::fs::write(&template, render_template(&v, opts)?)?;
     validate(&dir)?;
     Ok(Rendered {
         dir,
@@ -179,6 +188,63 @@ pub(crate) fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> R
         validated: true,
     })
 }
+
+/// The files a render writes; with [`TEMPLATE_FILE`] first.
+const RENDERED: [&str; 4] = [
+    TEMPLATE_FILE,
+    "devos-agent.deb",
+    "agent.toml",
+    "provision.sh",
+];
+
+/// A render writes into a new or empty directory, or over an earlier render's files
+/// (its template starts with the header the render writes); never over a file of the
+/// user's of the same name, nor into anything but a regular file. Other files there
+/// (a `.pkrvars.hcl` of the user's) are left as they are. Looked up through the
+/// directory's handle, links not followed.
+fn check_render_dir(handle: &std::fs::File, dir: &Path) -> Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let mut present = false;
+    for name in RENDERED {
+        let Ok(stat) = rustix::fs::statat(handle, name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        present = true;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            bail!(
+                "{} is not a regular file; `packer render` writes its files there\n  hint: move it away, or give another --out",
+                dir.join(name).display()
+            );
+        }
+    }
+    if !present {
+        return Ok(());
+    }
+    let header = rustix::fs::openat(
+        handle,
+        TEMPLATE_FILE,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
+    .and_then(|fd| {
+        let mut start = [0u8; 64];
+        let n = rustix::io::read(&fd, &mut start).ok()?;
+        Some(start[..n].to_vec())
+    });
+    let ours = header.is_some_and(|h| h.starts_with(RENDER_HEADER.as_bytes()));
+    if !ours {
+        bail!(
+            "{} holds files of the names `packer render` writes ({}), but no template it rendered: they are not overwritten\n  hint: give another --out, or move them away",
+            dir.display(),
+            RENDERED.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// How every rendered template starts (the first words of `packer/`'s template).
+const RENDER_HEADER: &str = "# Rendered by `devos-build packer render`";
 
 fn packer(dir: &Path) -> Command {
     let mut c = Command::new("packer");
@@ -344,6 +410,49 @@ fn read_manifest(path: &Path) -> Result<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files of the names a render writes are overwritten only when they are an earlier
+    /// render's: a user's own, or anything but a regular file, is refused untouched.
+    #[test]
+    fn a_render_overwrites_only_an_earlier_renders_files() {
+        assert!(TEMPLATE.starts_with(RENDER_HEADER));
+        let tmp = tempfile::tempdir().unwrap();
+        let check = |dir: &Path| {
+            let handle = std::fs::File::open(dir).unwrap();
+            check_render_dir(&handle, dir).map_err(|e| e.to_string())
+        };
+        // New, or holding only files of other names.
+        std::fs::write(tmp.path().join("prod.pkrvars.hcl"), "x = 1\n").unwrap();
+        assert_eq!(check(tmp.path()), Ok(()));
+        // A user's own file of a rendered name, with or without a template of theirs.
+        std::fs::write(tmp.path().join("provision.sh"), "#!/bin/sh\nmine\n").unwrap();
+        let refused = check(tmp.path()).unwrap_err();
+        assert!(refused.contains("no template it rendered"), "{refused}");
+        std::fs::write(
+            tmp.path().join(TEMPLATE_FILE),
+            "source \"amazon-ebs\" \"x\" {}\n",
+        )
+        .unwrap();
+        assert!(check(tmp.path()).is_err());
+        // An earlier render's.
+        std::fs::write(tmp.path().join(TEMPLATE_FILE), TEMPLATE).unwrap();
+        assert_eq!(check(tmp.path()), Ok(()));
+        // A link or a FIFO where a rendered file goes, even beside a rendered template.
+        std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("agent.toml")).unwrap();
+        let refused = check(tmp.path()).unwrap_err();
+        assert!(
+            refused.contains("agent.toml is not a regular file"),
+            "{refused}"
+        );
+        std::fs::remove_file(tmp.path().join(TEMPLATE_FILE)).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("x"), tmp.path().join(TEMPLATE_FILE)).unwrap();
+        std::fs::remove_file(tmp.path().join("agent.toml")).unwrap();
+        assert!(
+            check(tmp.path())
+                .unwrap_err()
+                .contains("is not a regular file")
+        );
+    }
 
     #[test]
     fn values_are_escaped_for_hcl() {
