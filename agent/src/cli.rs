@@ -163,7 +163,8 @@ struct DecideArgs {
     /// (default: this exact command).
     #[arg(long, num_args = 1.., value_name = "WORD")]
     command_prefix: Vec<String>,
-    /// Scope of a remembered decision: paths under this directory.
+    /// Scope of a remembered decision: paths under this directory (a relative one is
+    /// taken from the current directory).
     #[arg(long)]
     path_prefix: Option<PathBuf>,
 }
@@ -179,8 +180,11 @@ enum RulesCommand {
         /// `session` or `always`.
         #[arg(long, default_value = "always")]
         lifetime: String,
+        /// Commands starting with these words.
         #[arg(long, num_args = 1.., value_name = "WORD")]
         command_prefix: Vec<String>,
+        /// Paths under this directory (a relative one is taken from the current
+        /// directory).
         #[arg(long)]
         path_prefix: Option<PathBuf>,
     },
@@ -301,11 +305,15 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_request(&agent, &text.join(" "), cwd, how, wait, json).await
         }
         Command::Usage { since } => usage(&agent, since.as_deref(), json).await,
-        Command::Approve(args) => decide(&agent, args, true).await,
-        Command::Deny(args) => decide(&agent, args, false).await,
+        Command::Approve(args) => decide(&agent, args, true, json).await,
+        Command::Deny(args) => decide(&agent, args, false, json).await,
         Command::Cancel { id } => {
             agent.cancel(&id).await.map_err(agent_error)?;
-            eprintln!("cancelled {id}");
+            if json {
+                outln!("{}", serde_json::json!({ "id": id, "cancelled": true }));
+            } else {
+                eprintln!("cancelled {id}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Show { id } => {
@@ -896,6 +904,7 @@ async fn decide(
     agent: &Agent1Proxy<'_>,
     args: DecideArgs,
     approve: bool,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
     let r: Request = serde_json::from_str(&agent.get(&args.id).await.map_err(agent_error)?)?;
     let index = match args.action {
@@ -915,10 +924,7 @@ async fn decide(
         .map(|a| format!(": {} ({})", one_line(&a.description), a.risk.class))
         .unwrap_or_default();
     let prefix: Vec<&str> = args.command_prefix.iter().map(String::as_str).collect();
-    let path = args
-        .path_prefix
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let path = path_prefix(args.path_prefix)?;
     let res = if approve {
         agent
             .approve(&args.id, index, &args.remember, &prefix, &path)
@@ -929,12 +935,26 @@ async fn decide(
             .await
     };
     res.map_err(agent_error)?;
-    eprintln!(
-        "{} action {index} of {}{what}",
-        if approve { "approved" } else { "denied" },
-        args.id
-    );
+    let decided = if approve { "approved" } else { "denied" };
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({ "id": args.id, "action": index, "decision": decided })
+        );
+    } else {
+        eprintln!("{decided} action {index} of {}{what}", args.id);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `--path-prefix` as the agent takes it: absolute, a relative one taken from the
+/// current directory (as `--cwd` and `context add` take theirs), as written otherwise
+/// (links are the agent's to compare). Empty when none was given.
+fn path_prefix(given: Option<PathBuf>) -> anyhow::Result<String> {
+    Ok(match given {
+        Some(p) => absolute(Some(p))?.to_string_lossy().into_owned(),
+        None => String::new(),
+    })
 }
 
 async fn rules(
@@ -960,9 +980,7 @@ async fn rules(
             path_prefix,
         } => {
             let prefix: Vec<&str> = command_prefix.iter().map(String::as_str).collect();
-            let path = path_prefix
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let path = self::path_prefix(path_prefix)?;
             let id = agent
                 .add_rule(&decision, &lifetime, &prefix, &path)
                 .await
@@ -975,19 +993,20 @@ async fn rules(
         }
         RulesCommand::Remove { id } => {
             agent.remove_rule(id).await.map_err(agent_error)?;
-            eprintln!("rule {id} removed");
+            if json {
+                outln!("{}", serde_json::json!({ "id": id, "removed": true }));
+            } else {
+                eprintln!("rule {id} removed");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `dir` (default: the current directory) made absolute from the current directory,
+/// `.` components dropped; links and `..` are left for the agent to resolve.
 fn absolute(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let cwd = std::env::current_dir().context("the current directory")?;
-    Ok(match dir {
-        None => cwd,
-        Some(d) if d.is_absolute() => d,
-        Some(d) => cwd.join(d),
-    })
+    std::path::absolute(dir.unwrap_or_else(|| PathBuf::from("."))).context("the current directory")
 }
 
 /// `devos context ...`.

@@ -694,8 +694,8 @@ impl AgentConfig {
     pub fn to_file(&self) -> String {
         let body = toml::to_string(self).unwrap_or_default();
         format!(
-            "# DevOS agent configuration. Every key is optional; see `man devos-agent` or\n\
-             # docs/spec.md ([agent.config]) for what each one does.\n{body}"
+            "# DevOS agent configuration. Every key is optional; DevOS's docs/spec.md\n\
+             # ([agent.config]) says what each one does.\n{body}"
         )
     }
 }

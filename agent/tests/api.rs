@@ -82,19 +82,12 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
     // A remember scope that does not cover the action is refused...
     assert!(!out.status.success());
     assert!(stderr(&out).contains("does not cover"), "{}", stderr(&out));
-    // ...a path scope that does is accepted.
-    let cwd_s = cwd.to_string_lossy();
+    // ...a path scope that does is accepted (a relative one taken from the current
+    // directory, as --cwd is).
     let out = agent.devos(
         Some(&alice),
         cwd,
-        &[
-            "approve",
-            &id,
-            "--remember",
-            "always",
-            "--path-prefix",
-            &cwd_s,
-        ],
+        &["approve", &id, "--remember", "always", "--path-prefix", "."],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     // A decision by id alone says what it decided.
@@ -133,25 +126,35 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
     let rules = json(&agent.devos(Some(&alice), cwd, &["--json", "rules"]));
     let rule_id = rules[0]["id"].as_i64().unwrap();
     assert_eq!(rules.as_array().unwrap().len(), 1);
+    assert_eq!(rules[0]["path-prefix"], *cwd.to_string_lossy(), "{rules}");
+    // Every command answers --json on stdout, these with what they did.
     let out = agent.devos(
         Some(&alice),
         cwd,
-        &["rules", "remove", &rule_id.to_string()],
+        &["--json", "rules", "remove", &rule_id.to_string()],
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        json(&out),
+        serde_json::json!({ "id": rule_id, "removed": true })
+    );
     let id = waiting_id(&agent.devos(Some(&alice), cwd, &["run", "create", "directory", "again"]));
 
     // Deny stops the request; cancel stops another.
-    let out = agent.devos(Some(&alice), cwd, &["deny", &id]);
+    let out = agent.devos(Some(&alice), cwd, &["--json", "deny", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        json(&out),
+        serde_json::json!({ "id": id, "action": 0, "decision": "denied" })
+    );
     agent.wait_state(&alice, cwd, &id, "denied");
     assert!(!cwd.join("again").exists());
     let id = waiting_id(&agent.devos(Some(&alice), cwd, &["run", "create", "directory", "never"]));
-    assert!(
-        agent
-            .devos(Some(&alice), cwd, &["cancel", &id])
-            .status
-            .success()
+    let out = agent.devos(Some(&alice), cwd, &["--json", "cancel", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        json(&out),
+        serde_json::json!({ "id": id, "cancelled": true })
     );
     agent.wait_state(&alice, cwd, &id, "cancelled");
 

@@ -1,5 +1,5 @@
-//! Whose home a command works for. Builds run as root (loop devices, mounts,
-//! chroots); run through sudo, the files a user looks for afterwards (their SSH keys,
+//! Whose home a command works for. Builds run as root (mmdebstrap's root mode,
+//! files owned by the image's users, chroots); run through sudo, the files a user looks for afterwards (their SSH keys,
 //! their registry) are in the home of the user who ran sudo, not in root's.
 
 use std::os::fd::OwnedFd;
