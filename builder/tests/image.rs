@@ -481,17 +481,31 @@ fn default_image_builds_and_boots_until_the_agent_answers() {
     // It boots where users run it, not only from EC2's NVMe: QEMU's and libvirt's
     // default virtio-blk (virtio-scsi is the same initramfs path; `image test
     // --disk-bus virtio-scsi` covers it by hand).
+    // Tested against a registry path that holds nothing: the test's result stands, it
+    // is said not to be recorded, and no registry is made there.
     let bus = "virtio-blk";
+    let elsewhere = images.path().join("no-registry-here.db");
     let out = run_with_timeout(
         devos_build_command()
+            .env("DEVOS_REGISTRY", &elsewhere)
             .args(["image", "test", "--json", "--disk-bus", bus])
             .arg(dir),
         Duration::from_secs(10 * 60),
     )
     .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{bus}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{bus}: {e}: {stderr}"));
     assert_eq!(report["passed"], true, "{bus}: {report:#}");
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "is not in the registry {}: the result is not recorded",
+            elsewhere.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!elsewhere.exists());
     host_keys.push(report["ssh_host_key"].as_str().unwrap().to_owned());
     // Each boot from the image (each with a fresh /var) made host keys of its own: none
     // is baked into the image.

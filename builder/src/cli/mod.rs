@@ -891,7 +891,9 @@ fn write_junit(vm: &VmArgs, report: &boottest::TestReport) -> Result<()> {
 
 /// Store a boot-test run with its version (images without a manifest are not in the
 /// registry and are not recorded). The disk is hashed after the run: the registry
-/// takes the run only if those are the bytes it holds for the version.
+/// takes the run only if those are the bytes it holds for the version. A version the
+/// registry does not hold (or no registry at that path: none is made for it) is said,
+/// and the test's own result stands.
 fn record_test(
     registry_path: &std::path::Path,
     target: &boottest::Target,
@@ -900,6 +902,18 @@ fn record_test(
     let Some(m) = &target.manifest else {
         return Ok(());
     };
+    let unknown = || {
+        eprintln!(
+            "note: {}@{} is not in the registry {}: the result is not recorded (`devos-build image build` records a version, or give --registry)",
+            m.name,
+            m.version,
+            registry_path.display()
+        );
+    };
+    if !registry_path.metadata().is_ok_and(|r| r.len() > 0) {
+        unknown();
+        return Ok(());
+    }
     let file = target
         .disk
         .file_name()
@@ -914,7 +928,7 @@ fn record_test(
         seconds: report.seconds,
         raw_sha256: None,
     };
-    Registry::open(registry_path)?.record_test(
+    let recorded = Registry::open(registry_path)?.record_test(
         &m.name,
         &m.version,
         &run,
@@ -923,7 +937,11 @@ fn record_test(
             sha256: &sha256,
         },
         &serde_json::to_value(report)?,
-    )
+    )?;
+    if !recorded {
+        unknown();
+    }
+    Ok(())
 }
 
 /// `fleet ...` but `render` (no AWS): deploy, roll out, roll back, status, history.

@@ -27,7 +27,7 @@ pub struct Booted<'a> {
 }
 
 impl Registry {
-    /// Record a boot-test run of `name@version` (no-op if the version is unknown), if
+    /// Record a boot-test run of `name@version` (false: the version is unknown), if
     /// what it booted is one of the version's artifacts as the registry holds it now,
     /// byte for byte: a copy whose bytes differ, a file the build did not make, or a
     /// version built again meanwhile is refused, and nothing is recorded. The run
@@ -40,9 +40,10 @@ impl Registry {
         run: &TestRun,
         booted: &Booted,
         report: &serde_json::Value,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let tx = self.conn.transaction()?;
-        if let Some(vid) = version_id(&tx, name, version)? {
+        let known = version_id(&tx, name, version)?;
+        if let Some(vid) = known {
             let sha = |column: &str, value: &str| -> rusqlite::Result<Option<String>> {
                 tx.query_row(
                     &format!(
@@ -84,7 +85,7 @@ impl Registry {
             )?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(known.is_some())
     }
 
     pub(crate) fn test_runs(&self, v: &VersionInfo) -> Result<Vec<TestRun>> {

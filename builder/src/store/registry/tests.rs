@@ -131,14 +131,12 @@ fn references_and_test_runs() {
         file: "devos-test-0.1.0+aaa111.raw",
         sha256: &"ab".repeat(32),
     };
-    reg.record_test(
-        "devos-test",
-        "0.1.0+aaa111",
-        &run,
-        &booted,
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    // A version the registry does not hold: nothing recorded, and said so.
+    for (version, held) in [("0.1.0+aaa111", true), ("9.9.9+ccc333", false)] {
+        let recorded =
+            reg.record_test("devos-test", version, &run, &booted, &serde_json::json!({}));
+        assert_eq!(recorded.unwrap(), held, "{version}");
+    }
     let v = reg.find("devos-test@0.1.0+aaa111").unwrap();
     assert_eq!(v.tested, Some(true));
     assert_eq!(reg.test_runs(&v).unwrap().len(), 1);
@@ -623,6 +621,7 @@ fn record_pass(reg: &mut Registry, file: &str, sha: &str) -> anyhow::Result<()> 
         &booted,
         &serde_json::json!({}),
     )
+    .map(|recorded| assert!(recorded))
 }
 
 /// A boot test counts for the bytes it booted: a rebuild to other bytes (`--force`)
