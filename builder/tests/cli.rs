@@ -540,8 +540,9 @@ fn a_registry_left_roots_in_the_users_home_says_how_to_give_it_back() {
     );
 
     // Their own run: refused before SQLite opens it read-only, naming the same
-    // directory. Reading it works and writes nothing beside it (no -wal or -shm file
-    // that only root could remove); so does root's reading under sudo.
+    // directory. Reading it works and writes nothing, nor anything beside it (no -wal
+    // or -shm file: they cannot make one there); root's reading under sudo leaves the
+    // registry as it was, SQLite's files beside it the registry owner's.
     let hint = format!("sudo chown -R \"$(id -un):\" {}", local.display());
     let out = user.run(&bin, &["image", "gc"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -564,9 +565,17 @@ fn a_registry_left_roots_in_the_users_home_says_how_to_give_it_back() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    assert_eq!((beside(), std::fs::read(&registry).unwrap()), before);
     let out = user.sudo(&bin, &["image", "list", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!((beside(), std::fs::read(&registry).unwrap()), before);
+    assert_eq!(std::fs::read(&registry).unwrap(), before.1);
+    for name in beside() {
+        let meta = registry.with_file_name(&name).metadata().unwrap();
+        assert_eq!(meta.uid(), 0, "{name:?}");
+    }
+    // And the user reads it again beside root's -wal and -shm.
+    let out = user.run(&bin, &["image", "list"]);
+    assert!(out.status.success(), "{}", text(&out));
 
     // Following the hint is enough, and sudo no longer warns.
     let given = std::process::Command::new("chown")

@@ -53,7 +53,7 @@ pub(crate) fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
     if arg.extension().is_some_and(|e| e == "toml") {
         let spec = crate::model::spec::load(arg)?;
         // The newest version built from this spec file, else the newest of its name.
-        let from_registry = crate::store::registry::Registry::open(registry)
+        let from_registry = crate::store::registry::Registry::open_read(registry)
             .and_then(|r| r.versions(Some(&spec.name)))
             .unwrap_or_default()
             .into_iter()
@@ -93,7 +93,7 @@ pub(crate) fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
     }
     let reference = arg.to_string_lossy();
     if !reference.contains('/') {
-        let reg = crate::store::registry::Registry::open(registry)?;
+        let reg = crate::store::registry::Registry::open_read(registry)?;
         let v = reg.find(&reference)?;
         if v.state != VersionState::Built || !v.dir.join("manifest.json").is_file() {
             bail!(

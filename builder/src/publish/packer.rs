@@ -171,11 +171,13 @@ pub(crate) fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> R
     check_render_dir(&handle, &dir)?;
     let open =
         |f: &Path| std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()));
+    // The template first: a render stopped half-way leaves a directory the next one
+    // knows as its own.
     let files: [(&str, Box<dyn std::io::Read>); 4] = [
+        (TEMPLATE_FILE, Box::new(rendered.as_bytes())),
         ("devos-agent.deb", Box::new(open(&deb)?)),
         ("agent.toml", Box::new(open(&toml)?)),
         ("provision.sh", Box::new(PROVISION.as_bytes())),
-        (TEMPLATE_FILE, Box::new(rendered.as_bytes())),
     ];
     for (name, mut content) in files {
         crate::support::paths::replace_in(&handle, &dir.join(name), &mut content, 0o644)?;
@@ -189,7 +191,7 @@ pub(crate) fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> R
     })
 }
 
-/// The files a render writes; with [`TEMPLATE_FILE`] first.
+/// The files a render writes.
 const RENDERED: [&str; 4] = [
     TEMPLATE_FILE,
     "devos-agent.deb",

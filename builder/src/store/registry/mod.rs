@@ -167,26 +167,37 @@ fn newer_schema(path: &Path, version: i64) -> String {
     )
 }
 
-/// A read-only connection to the registry at `path` that writes nothing beside it.
-/// While another process has it open (a `-wal` file with content), through SQLite's
-/// shared memory like any reader; otherwise the file holds every committed change and
-/// is read as it is (`immutable`: no `-shm` file made, no lock taken, which a reader
-/// without write access to the directory could not make anyway). A writer that
-/// starts meanwhile writes to its own `-wal` file and leaves this file as it is until
-/// it checkpoints.
+/// A read-only connection to the registry at `path`. Through SQLite's locks and shared
+/// memory like any reader wherever that can work: while another process has the
+/// registry open (its `-shm` file is there), or where SQLite may make its `-wal` and
+/// `-shm` files (a directory this process can write; as root SQLite gives them to the
+/// registry's owner): a writer that commits or checkpoints meanwhile then never changes
+/// pages under this reader. Only where neither holds (another user's registry in their
+/// directory, nobody using it) is the file read as it is (`immutable`): a writer that
+/// starts while this reads can then make SQLite find pages it did not expect, which it
+/// reports as an error (the read is run again), never as data.
 fn open_read_only(path: &Path) -> Result<Connection> {
+    let dir = crate::support::paths::parent_of(path);
+    let shared = wal_file(path, "-shm").exists()
+        || rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok();
+    let conn = connect_read_only(path, !shared)?;
+    Ok(conn)
+}
+
+/// [`open_read_only`]'s connection, `immutable` or not.
+fn connect_read_only(path: &Path, immutable: bool) -> Result<Connection> {
     use rusqlite::OpenFlags;
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let in_use = wal_file(path, "-wal").metadata().is_ok_and(|m| m.len() > 0);
-    let conn = if in_use {
-        Connection::open_with_flags(path, flags)
-    } else {
+    let conn = if immutable {
         let absolute = std::path::absolute(path)
             .with_context(|| format!("cannot resolve {}", path.display()))?;
+        // `file://` and an empty authority: a path starting `//` stays a path.
         Connection::open_with_flags(
-            format!("file:{}?immutable=1", uri_path(&absolute)),
+            format!("file://{}?immutable=1", uri_path(&absolute)),
             flags | OpenFlags::SQLITE_OPEN_URI,
         )
+    } else {
+        Connection::open_with_flags(path, flags)
     };
     let conn = conn
         .and_then(|conn| {
@@ -232,10 +243,9 @@ impl Registry {
 
     /// Open for a command that only reads: a registry that does not exist yet, or an
     /// empty file, reads as an empty one, and no file or directory is created or
-    /// written for it. An existing registry is opened read-only, so that reading one
-    /// another user owns (a team's, root's) works and changes nothing: no `-wal` or
-    /// `-shm` file is made, nothing changes hands under sudo. Only a registry of an
-    /// older schema is opened for writing, to migrate it.
+    /// written for it. An existing registry is opened read-only ([`open_read_only`]),
+    /// so that reading one another user owns (a team's, root's) works and never writes
+    /// it. Only a registry of an older schema is opened for writing, to migrate it.
     pub fn open_read(path: &Path) -> Result<Self> {
         if !path.metadata().is_ok_and(|m| m.len() > 0) {
             let mut reg = Self {

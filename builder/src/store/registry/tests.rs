@@ -512,10 +512,12 @@ fn snapshot(dir: &Path, file: &Path) -> (Vec<std::ffi::OsString>, Vec<u8>) {
     (names, std::fs::read(file).unwrap())
 }
 
-/// A reading command opens a registry read-only: it reads what was recorded, cannot
-/// write, and leaves no -wal or -shm file beside it, whatever its path is made of.
+/// A reading command opens a registry read-only: it reads what was recorded and cannot
+/// write, through SQLite's locks (here, a directory it may write) and read as the file
+/// it is (`immutable`: another user's directory), whatever the path is made of (a path
+/// starting with `//` too); read as it is, nothing is made beside it.
 #[test]
-fn reading_a_registry_writes_nothing_beside_it() {
+fn reading_a_registry_never_writes_it() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a dir ?#%41 of #1");
     let path = dir.join("registry?.db");
@@ -530,20 +532,50 @@ fn reading_a_registry_writes_nothing_beside_it() {
     drop(reg);
     let before = snapshot(&dir, &path);
     assert_eq!(before.0, ["registry?.db"]);
-    let mut reg = Registry::open_read(&path).unwrap();
-    assert_eq!(reg.versions(None).unwrap().len(), 1);
-    let write = reg.record_build(
+    let slashes = PathBuf::from(format!("/{}", path.display()));
+    for (immutable, path) in [(true, &path), (true, &slashes), (false, &path)] {
+        let mut reg = Registry {
+            conn: connect_read_only(path, immutable).unwrap(),
+            path: path.clone(),
+        };
+        assert_eq!(reg.versions(None).unwrap().len(), 1, "{}", path.display());
+        let write = reg.record_build(
+            Path::new("/o"),
+            Path::new("s"),
+            &manifest("0.2.0+b", &[]),
+            &[],
+        );
+        assert!(
+            format!("{:#}", write.err().unwrap()).contains("readonly"),
+            "a read-only registry was written"
+        );
+        drop(reg);
+        let after = snapshot(&dir, path);
+        assert_eq!(after.1, before.1, "the registry's bytes changed");
+        if immutable {
+            assert_eq!(after.0, before.0, "files were made beside it");
+        }
+    }
+    // What a reading command opens, here a directory it may write.
+    assert_eq!(
+        Registry::open_read(&path)
+            .unwrap()
+            .versions(None)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// Record a build of devos-test@`version` holding `files`.
+fn record(reg: &mut Registry, version: &str, files: &[FileEntry]) {
+    reg.record_build(
         Path::new("/o"),
         Path::new("s"),
-        &manifest("0.2.0+b", &[]),
-        &[],
-    );
-    assert!(
-        format!("{:#}", write.err().unwrap()).contains("readonly"),
-        "a read-only registry was written"
-    );
-    drop(reg);
-    assert_eq!(snapshot(&dir, &path), before);
+        &manifest(version, &[]),
+        files,
+    )
+    .unwrap();
 }
 
 /// While a writer has the registry open, a reader sees what it committed (from the
@@ -553,26 +585,31 @@ fn a_reader_sees_what_an_open_writer_committed() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("registry.db");
     let mut writer = Registry::open(&path).unwrap();
-    writer
-        .record_build(
-            Path::new("/o"),
-            Path::new("s"),
-            &manifest("0.1.0+a", &[]),
-            &[],
-        )
-        .unwrap();
+    record(&mut writer, "0.1.0+a", &[]);
     assert!(wal_file(&path, "-wal").metadata().unwrap().len() > 0);
     let reader = Registry::open_read(&path).unwrap();
     assert_eq!(reader.versions(None).unwrap().len(), 1);
-    writer
-        .record_build(
-            Path::new("/o"),
-            Path::new("s"),
-            &manifest("0.2.0+b", &[]),
-            &[],
-        )
-        .unwrap();
+    record(&mut writer, "0.2.0+b", &[]);
     assert_eq!(reader.versions(None).unwrap().len(), 2);
+}
+
+/// A reader that opened a closed registry is not broken by a writer that starts
+/// afterwards, writes more than SQLite's checkpoint threshold and closes (which copies
+/// its pages into the file under the reader): SQLite's locks keep the reader's pages.
+#[test]
+fn a_reader_outlives_a_writer_that_checkpoints_under_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("registry.db");
+    record(&mut Registry::open(&path).unwrap(), "0.1.0+a", &[]);
+    let reader = Registry::open_read(&path).unwrap();
+    assert_eq!(reader.versions(None).unwrap().len(), 1);
+    let files: Vec<FileEntry> = (0..20_000)
+        .map(|i| file(&format!("/usr/share/doc/package-{i}/copyright"), "text"))
+        .collect();
+    record(&mut Registry::open(&path).unwrap(), "0.2.0+b", &files);
+    assert_eq!(reader.versions(None).unwrap().len(), 2);
+    let v = reader.find("devos-test@0.2.0+b").unwrap();
+    assert_eq!(reader.files(&v).unwrap().len(), 20_000);
 }
 
 #[test]
