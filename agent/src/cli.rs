@@ -924,7 +924,7 @@ async fn decide(
         .map(|a| format!(": {} ({})", one_line(&a.description), a.risk.class))
         .unwrap_or_default();
     let prefix: Vec<&str> = args.command_prefix.iter().map(String::as_str).collect();
-    let path = path_prefix(args.path_prefix)?;
+    let path = absolute_prefix(args.path_prefix)?;
     let res = if approve {
         agent
             .approve(&args.id, index, &args.remember, &prefix, &path)
@@ -950,7 +950,7 @@ async fn decide(
 /// A `--path-prefix` as the agent takes it: absolute, a relative one taken from the
 /// current directory (as `--cwd` and `context add` take theirs), as written otherwise
 /// (links are the agent's to compare). Empty when none was given.
-fn path_prefix(given: Option<PathBuf>) -> anyhow::Result<String> {
+fn absolute_prefix(given: Option<PathBuf>) -> anyhow::Result<String> {
     Ok(match given {
         Some(p) => absolute(Some(p))?.to_string_lossy().into_owned(),
         None => String::new(),
@@ -980,7 +980,7 @@ async fn rules(
             path_prefix,
         } => {
             let prefix: Vec<&str> = command_prefix.iter().map(String::as_str).collect();
-            let path = self::path_prefix(path_prefix)?;
+            let path = absolute_prefix(path_prefix)?;
             let id = agent
                 .add_rule(&decision, &lifetime, &prefix, &path)
                 .await

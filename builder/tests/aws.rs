@@ -1320,6 +1320,19 @@ fn rejected_credentials_and_denied_access_say_what_to_fix() {
     );
 }
 
+/// `packer render REFERENCE` for us-east-1 into `dir`.
+fn packer_render<'a>(reference: &'a str, dir: &'a Path) -> Vec<&'a str> {
+    vec![
+        "packer",
+        "render",
+        reference,
+        "--region",
+        "us-east-1",
+        "--out",
+        dir.to_str().unwrap(),
+    ]
+}
+
 #[test]
 fn packer_templates_validate_and_build_against_the_endpoint() {
     require("packer", "packer");
@@ -1345,16 +1358,8 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
     }
     for variant in [&[][..], &["--no-communicator"][..]] {
         let out_dir = fx.dir.path().join(format!("packer{}", variant.len()));
-        let mut args = vec![
-            "packer",
-            "render",
-            reference.as_str(),
-            "--region",
-            "us-east-1",
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--json",
-        ];
+        let mut args = packer_render(&reference, &out_dir);
+        args.push("--json");
         args.extend_from_slice(variant);
         let r = fx.json(&args);
         assert_eq!(r["validated"], true);
@@ -1390,17 +1395,7 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
     }
     // Rendered again over the earlier render; never over a user's file of a rendered
     // name, which is left as it was.
-    let render_into = |dir: &Path| {
-        fx.run(&[
-            "packer",
-            "render",
-            reference.as_str(),
-            "--region",
-            "us-east-1",
-            "--out",
-            dir.to_str().unwrap(),
-        ])
-    };
+    let render_into = |dir: &Path| fx.run(&packer_render(&reference, dir));
     ok(&render_into(&fx.dir.path().join("packer0")));
     let theirs = fx.dir.path().join("their-packer");
     std::fs::create_dir(&theirs).unwrap();

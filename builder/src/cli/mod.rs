@@ -910,7 +910,7 @@ fn record_test(
             registry_path.display()
         );
     };
-    if !registry_path.metadata().is_ok_and(|r| r.len() > 0) {
+    if crate::store::registry::holds_nothing(registry_path) {
         unknown();
         return Ok(());
     }

@@ -171,15 +171,14 @@ pub(crate) fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> R
     check_render_dir(&handle, &dir)?;
     let open =
         |f: &Path| std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()));
-    // The template first: a render stopped half-way leaves a directory the next one
-    // knows as its own.
-    let files: [(&str, Box<dyn std::io::Read>); 4] = [
-        (TEMPLATE_FILE, Box::new(rendered.as_bytes())),
-        ("devos-agent.deb", Box::new(open(&deb)?)),
-        ("agent.toml", Box::new(open(&toml)?)),
-        ("provision.sh", Box::new(PROVISION.as_bytes())),
+    // What goes under each of RENDERED's names, in its order.
+    let contents: [Box<dyn std::io::Read>; 4] = [
+        Box::new(rendered.as_bytes()),
+        Box::new(open(&deb)?),
+        Box::new(open(&toml)?),
+        Box::new(PROVISION.as_bytes()),
     ];
-    for (name, mut content) in files {
+    for (name, mut content) in RENDERED.into_iter().zip(contents) {
         crate::support::paths::replace_in(&handle, &dir.join(name), &mut content, 0o644)?;
     }
     let template = dir.join(TEMPLATE_FILE);
@@ -191,7 +190,8 @@ pub(crate) fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> R
     })
 }
 
-/// The files a render writes.
+/// The files a render writes, in the order it writes them: the template first, so that
+/// a render stopped half-way leaves a directory the next one knows as its own.
 const RENDERED: [&str; 4] = [
     TEMPLATE_FILE,
     "devos-agent.deb",

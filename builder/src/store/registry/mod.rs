@@ -174,14 +174,28 @@ fn newer_schema(path: &Path, version: i64) -> String {
 /// registry's owner): a writer that commits or checkpoints meanwhile then never changes
 /// pages under this reader. Only where neither holds (another user's registry in their
 /// directory, nobody using it) is the file read as it is (`immutable`): a writer that
-/// starts while this reads can then make SQLite find pages it did not expect, which it
-/// reports as an error (the read is run again), never as data.
+/// starts while this reads can then make the read fail with SQLite's error, or show the
+/// registry as it was before that writer (run the command again).
 fn open_read_only(path: &Path) -> Result<Connection> {
     let dir = crate::support::paths::parent_of(path);
     let shared = wal_file(path, "-shm").exists()
         || rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok();
-    let conn = connect_read_only(path, !shared)?;
-    Ok(conn)
+    connect_read_only(path, !shared)
+}
+
+/// A connection SQLite made for the registry at `path`, waiting for other processes'
+/// locks rather than failing at once.
+fn waiting(conn: rusqlite::Result<Connection>, path: &Path) -> Result<Connection> {
+    conn.and_then(|conn| {
+        conn.busy_timeout(Duration::from_secs(30))?;
+        Ok(conn)
+    })
+    .map_err(|e| open_error(path, e))
+}
+
+/// Whether the registry at `path` holds nothing: no file there, or an empty one.
+pub(crate) fn holds_nothing(path: &Path) -> bool {
+    !path.metadata().is_ok_and(|m| m.len() > 0)
 }
 
 /// [`open_read_only`]'s connection, `immutable` or not.
@@ -199,13 +213,7 @@ fn connect_read_only(path: &Path, immutable: bool) -> Result<Connection> {
     } else {
         Connection::open_with_flags(path, flags)
     };
-    let conn = conn
-        .and_then(|conn| {
-            conn.busy_timeout(Duration::from_secs(30))?;
-            Ok(conn)
-        })
-        .map_err(|e| open_error(path, e))?;
-    Ok(conn)
+    waiting(conn, path)
 }
 
 /// `path` as the path of an SQLite URI: every byte but letters, digits and `/-._~`
@@ -247,7 +255,7 @@ impl Registry {
     /// so that reading one another user owns (a team's, root's) works and never writes
     /// it. Only a registry of an older schema is opened for writing, to migrate it.
     pub fn open_read(path: &Path) -> Result<Self> {
-        if !path.metadata().is_ok_and(|m| m.len() > 0) {
+        if holds_nothing(path) {
             let mut reg = Self {
                 conn: Connection::open_in_memory()?,
                 path: path.to_path_buf(),
@@ -284,12 +292,7 @@ impl Registry {
         crate::support::paths::create_user_dirs(path.parent().unwrap_or(Path::new(".")))?;
         check_writable(path)?;
         let files = refuse_links(path)?;
-        let conn = Connection::open(path)
-            .and_then(|conn| {
-                conn.busy_timeout(Duration::from_secs(30))?;
-                Ok(conn)
-            })
-            .map_err(|e| open_error(path, e))?;
+        let conn = waiting(Connection::open(path), path)?;
         // Neither switched to WAL nor given the registry's tables when it is another
         // program's database.
         check_ours(&conn, path)?;

@@ -59,6 +59,17 @@ fn file(path: &str, content: &str) -> FileEntry {
     }
 }
 
+/// Record a build of devos-test@`version` holding `files`.
+fn record(reg: &mut Registry, version: &str, files: &[FileEntry]) {
+    reg.record_build(
+        Path::new("/o"),
+        Path::new("s"),
+        &manifest(version, &[]),
+        files,
+    )
+    .unwrap();
+}
+
 #[test]
 fn round_trip() {
     let tmp = tempfile::tempdir().unwrap();
@@ -175,13 +186,7 @@ fn migrations_run_forward_and_keep_data() {
     // A registry written by a builder that only knew schema version 1.
     let mut old = Registry::open_at(&path, 1).unwrap();
     assert_eq!(old.schema_version().unwrap(), 1);
-    old.record_build(
-        Path::new("/o"),
-        Path::new("s"),
-        &manifest("0.1.0+a", &[]),
-        &[],
-    )
-    .unwrap();
+    record(&mut old, "0.1.0+a", &[]);
     drop(old);
     // Reading it (`image list`) migrates it, the one write a reading command makes.
     let reg = Registry::open_read(&path).unwrap();
@@ -400,13 +405,7 @@ fn concurrent_writers_do_not_lose_records() {
 fn publications_are_one_row_per_version_region_and_kind() {
     let tmp = tempfile::tempdir().unwrap();
     let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
-    reg.record_build(
-        Path::new("/o"),
-        Path::new("s"),
-        &manifest("0.1.0+a", &[]),
-        &[],
-    )
-    .unwrap();
+    record(&mut reg, "0.1.0+a", &[]);
     let v = reg.find("devos-test@0.1.0+a").unwrap();
     let mut p = Publication {
         name: v.name.clone(),
@@ -436,13 +435,7 @@ fn one_change_of_a_stack_at_a_time() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("r.db");
     let mut reg = Registry::open(&path).unwrap();
-    reg.record_build(
-        Path::new("/o"),
-        Path::new("s"),
-        &manifest("0.1.0+a", &[]),
-        &[],
-    )
-    .unwrap();
+    record(&mut reg, "0.1.0+a", &[]);
     let v = reg.find("devos-test@0.1.0+a").unwrap();
     // The command takes the lock before it plans; its rollout, and the automatic
     // rollback that starts, go on under it.
@@ -522,13 +515,7 @@ fn reading_a_registry_never_writes_it() {
     let dir = tmp.path().join("a dir ?#%41 of #1");
     let path = dir.join("registry?.db");
     let mut reg = Registry::open(&path).unwrap();
-    reg.record_build(
-        Path::new("/o"),
-        Path::new("s"),
-        &manifest("0.1.0+a", &[]),
-        &[],
-    )
-    .unwrap();
+    record(&mut reg, "0.1.0+a", &[]);
     drop(reg);
     let before = snapshot(&dir, &path);
     assert_eq!(before.0, ["registry?.db"]);
@@ -565,17 +552,6 @@ fn reading_a_registry_never_writes_it() {
             .len(),
         1
     );
-}
-
-/// Record a build of devos-test@`version` holding `files`.
-fn record(reg: &mut Registry, version: &str, files: &[FileEntry]) {
-    reg.record_build(
-        Path::new("/o"),
-        Path::new("s"),
-        &manifest(version, &[]),
-        files,
-    )
-    .unwrap();
 }
 
 /// While a writer has the registry open, a reader sees what it committed (from the
