@@ -1424,8 +1424,27 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
     ok(&out);
     let built: Value = serde_json::from_slice(&out.stdout).unwrap();
     let ami = built["ami_id"].as_str().unwrap();
+    assert!(
+        Path::new(built["dir"].as_str().unwrap())
+            .join("devos.pkr.hcl")
+            .is_file(),
+        "{built}"
+    );
     let (images, _) = fx.resources("us-east-1", &build_id(version));
     assert_eq!(images, [ami]);
+    // Published again: the AMI the registry has, nothing rendered or built.
+    let again = fx.json(&[
+        "publish",
+        "packer",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--no-communicator",
+        "--json",
+    ]);
+    assert_eq!(again["ami_id"], ami, "{again}");
+    assert!(again["dir"].is_null(), "{again}");
+    assert_eq!(fx.resources("us-east-1", &build_id(version)).0, [ami]);
     // Tagged like a direct upload: what was tested and from which spec.
     let tags = fx.ami_tags("us-east-1", ami);
     assert_eq!(tags["devos:boot-test"], "passed", "{tags:?}");

@@ -283,7 +283,9 @@ fn validate(dir: &Path) -> Result<()> {
 pub(crate) struct Built {
     pub(crate) region: String,
     pub(crate) ami_id: String,
-    pub(crate) dir: PathBuf,
+    /// The rendered directory Packer built in; `None` when the registry already had
+    /// the AMI and nothing was built.
+    pub(crate) dir: Option<PathBuf>,
 }
 
 /// The AMI Packer already made of `v` in the options' region, if the registry has one.
@@ -348,7 +350,7 @@ pub(crate) fn build(
         return Ok(Built {
             region: p.region,
             ami_id: p.ami_id.unwrap_or_default(),
-            dir: PathBuf::new(),
+            dir: None,
         });
     }
     let rendered = render(reg, &format!("{}@{}", v.name, v.version), opts)?;
@@ -385,7 +387,7 @@ pub(crate) fn build(
     Ok(Built {
         region,
         ami_id,
-        dir: rendered.dir,
+        dir: Some(rendered.dir),
     })
 }
 
