@@ -81,7 +81,29 @@ const MIGRATIONS: &[&str] = &[
         estimated INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX model_calls_by_day ON model_calls (day, uid);",
+    // v5: one user's usage is read without the others' calls.
+    "CREATE INDEX model_calls_by_user ON model_calls (uid, day);",
 ];
+
+/// Days the ledger of model calls keeps (`Usage` reaches back this far; the audit log
+/// keeps every call for good).
+pub const LEDGER_DAYS: u32 = 400;
+
+/// What a user spent on a day (`?2`) and in its month (days `?3` to `?4`), and what
+/// everyone spent in the month: read through the day index.
+const SPENT: &str = "SELECT
+        COALESCE(SUM(CASE WHEN uid = ?1 AND day = ?2 THEN cost_usd END), 0),
+        COALESCE(SUM(CASE WHEN uid = ?1 THEN cost_usd END), 0),
+        COALESCE(SUM(cost_usd), 0)
+    FROM model_calls WHERE day BETWEEN ?3 AND ?4";
+
+/// Usage per day, user and model since `?1` of the users `?2` to `?3`: one user's is
+/// read through their index.
+const USAGE: &str = "SELECT day, uid, MAX(user), model, COUNT(*), SUM(input_tokens),
+        SUM(output_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens),
+        COALESCE(SUM(cost_usd), 0), SUM(cost_usd IS NULL), SUM(estimated)
+    FROM model_calls WHERE uid BETWEEN ?2 AND ?3 AND day >= ?1
+    GROUP BY day, uid, model ORDER BY day DESC, uid, model";
 
 const CONVERSATION_INDEX: &str = "CREATE INDEX IF NOT EXISTS requests_by_conversation
     ON requests (uid, json_extract(body, '$.conversation'))";
@@ -526,6 +548,7 @@ impl Store {
     /// Put a model call on the ledger.
     pub fn record_model_call(&self, call: &ModelCall) -> Result<(), StoreError> {
         let u = &call.usage;
+        let day = call.at.get(..10).unwrap_or(&call.at);
         self.conn
             .execute(
                 "INSERT INTO model_calls (uid, user, request, model, at, day, input_tokens,
@@ -538,7 +561,7 @@ impl Store {
                     call.request,
                     call.model,
                     call.at,
-                    call.at.get(..10).unwrap_or(&call.at),
+                    day,
                     u.input as i64,
                     u.output as i64,
                     u.cache_read as i64,
@@ -549,47 +572,42 @@ impl Store {
                 ],
             )
             .map_err(self.err())?;
+        // What has left the ledger's window goes as the next call comes (an index
+        // range, empty on most calls).
+        self.conn
+            .execute(
+                &format!("DELETE FROM model_calls WHERE day < date(?1, '-{LEDGER_DAYS} days')"),
+                params![day],
+            )
+            .map_err(self.err())?;
         Ok(())
     }
 
     /// What `uid` spent on `day` (`YYYY-MM-DD`) and in its month, and what everyone
     /// spent in that month.
     pub fn spent(&self, uid: u32, day: &str) -> Result<Spent, StoreError> {
-        let month = format!("{}%", day.get(..7).unwrap_or(day));
+        // The month as a range of days, which the day index serves.
+        let month = day.get(..7).unwrap_or(day);
+        let (first, last) = (format!("{month}-01"), format!("{month}-31"));
         self.conn
-            .query_row(
-                "SELECT
-                    COALESCE(SUM(CASE WHEN uid = ?1 AND day = ?2 THEN cost_usd END), 0),
-                    COALESCE(SUM(CASE WHEN uid = ?1 THEN cost_usd END), 0),
-                    COALESCE(SUM(cost_usd), 0)
-                 FROM model_calls WHERE day LIKE ?3",
-                params![uid, day, month],
-                |r| {
-                    Ok(Spent {
-                        user_today: r.get(0)?,
-                        user_month: r.get(1)?,
-                        machine_month: r.get(2)?,
-                    })
-                },
-            )
+            .query_row(SPENT, params![uid, day, first, last], |r| {
+                Ok(Spent {
+                    user_today: r.get(0)?,
+                    user_month: r.get(1)?,
+                    machine_month: r.get(2)?,
+                })
+            })
             .map_err(self.err())
     }
 
     /// Usage per day, user and model since `since` (`YYYY-MM-DD`), newest day
     /// first: one user's, or everyone's (`None`).
     pub fn usage(&self, uid: Option<u32>, since: &str) -> Result<Vec<UsageRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT day, uid, MAX(user), model, COUNT(*), SUM(input_tokens), SUM(output_tokens),
-                    SUM(cache_read_tokens), SUM(cache_write_tokens), COALESCE(SUM(cost_usd), 0),
-                    SUM(cost_usd IS NULL), SUM(estimated)
-                 FROM model_calls WHERE day >= ?1 AND (?2 IS NULL OR uid = ?2)
-                 GROUP BY day, uid, model ORDER BY day DESC, uid, model",
-            )
-            .map_err(self.err())?;
+        let mut stmt = self.conn.prepare_cached(USAGE).map_err(self.err())?;
+        // A range of users, so that one user's usage is read through their index.
+        let (first, last) = uid.map_or((0, u32::MAX), |u| (u, u));
         let rows = stmt
-            .query_map(params![since, uid], |r| {
+            .query_map(params![since, first, last], |r| {
                 let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
                 Ok(UsageRow {
                     day: r.get(0)?,
@@ -622,6 +640,80 @@ fn lifetime_str(l: Remember) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Query plans of `sql` with `params`, as SQLite says them.
+    fn plan(store: &Store, sql: &str, params: impl rusqlite::Params) -> Vec<String> {
+        store
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(params, |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_ledger_keeps_its_window_and_is_read_by_ranges_of_its_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let call = |uid: u32, at: &str, cost: f64| {
+            store
+                .record_model_call(&ModelCall {
+                    uid,
+                    user: format!("u{uid}"),
+                    request: "r".into(),
+                    model: "m".into(),
+                    at: at.into(),
+                    usage: Default::default(),
+                    latency_ms: 1,
+                    cost_usd: Some(cost),
+                    estimated: false,
+                })
+                .unwrap()
+        };
+        call(1000, "2025-12-31T23:59:59Z", 1.0);
+        call(1000, "2026-01-01T00:00:00Z", 2.0);
+        call(1000, "2026-01-31T12:00:00Z", 4.0);
+        call(1001, "2026-01-15T12:00:00Z", 8.0);
+        call(1000, "2026-02-01T00:00:00Z", 16.0);
+        // A month is its own days, the 31st included.
+        let spent = store.spent(1000, "2026-01-31").unwrap();
+        assert_eq!(
+            (spent.user_today, spent.user_month, spent.machine_month),
+            (4.0, 6.0, 14.0)
+        );
+        let mine = store.usage(Some(1000), "2026-01-01").unwrap();
+        assert_eq!(
+            mine.iter().map(|r| r.day.as_str()).collect::<Vec<_>>(),
+            ["2026-02-01", "2026-01-31", "2026-01-01"]
+        );
+        assert_eq!(store.usage(None, "2026-01-01").unwrap().len(), 4);
+        // Neither a budget check nor one user's usage reads the whole ledger.
+        let month = plan(
+            &store,
+            SPENT,
+            params![1000, "2026-01-31", "2026-01-01", "2026-01-31"],
+        );
+        assert!(
+            month
+                .iter()
+                .any(|l| l.contains("INDEX model_calls_by_day (day>? AND day<?)")),
+            "{month:?}"
+        );
+        let user = plan(&store, USAGE, params!["0000-01-01", 1000, 1000]);
+        assert!(
+            user.iter().any(|l| l.contains("INDEX model_calls_by_user")),
+            "{user:?}"
+        );
+        // 400 days after, the calls older than the window are gone with the next call.
+        call(1001, "2027-02-06T00:00:00Z", 0.0);
+        let kept = store.usage(None, "0000-01-01").unwrap();
+        assert_eq!(
+            kept.iter().map(|r| r.day.as_str()).collect::<Vec<_>>(),
+            ["2027-02-06", "2026-02-01", "2026-01-31", "2026-01-15"]
+        );
+    }
 
     #[test]
     fn pruning_drops_the_conversations_left_without_requests_found_by_the_index() {
@@ -657,14 +749,7 @@ mod tests {
 
         // Whether a conversation still has requests is an index lookup, not a read
         // of every request.
-        let plan: Vec<String> = store
-            .conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {DROP_CONVERSATION}"))
-            .unwrap()
-            .query_map(params![1000, "c2"], |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let plan = plan(&store, DROP_CONVERSATION, params![1000, "c2"]);
         assert!(
             plan.iter()
                 .any(|l| l.contains("INDEX requests_by_conversation (uid=? AND")),

@@ -456,6 +456,15 @@ fn budgets_hold_across_requests_and_users_and_the_ledger_adds_up() {
     let r = run_json(&agent, &frank, cwd, &["--model", "other.model", "three"]);
     assert_eq!(r["state"], "unplanned", "{r}");
     assert!(r["error"].as_str().unwrap().contains("has no price"), "{r}");
+    // What cannot be a model id is refused before anything is asked or recorded.
+    let requests = || json(&agent.devos(Some(&frank), cwd, &["--json", "history"]));
+    let before = requests();
+    for model in ["two words", "m\nodel", "arn:aws:bedrock:*"] {
+        let out = agent.devos(Some(&frank), cwd, &["run", "--model", model, "six"]);
+        assert!(!out.status.success(), "{}", stdout(&out));
+        assert!(stderr(&out).contains("is not a model"), "{}", stderr(&out));
+    }
+    assert_eq!(requests(), before);
     assert_eq!(answer(&frank, &["four"])["state"], "done");
     // $0.0027 spent today: past frank's $0.002.
     let r = run_json(&agent, &frank, cwd, &["--model", "small", "five"]);

@@ -143,8 +143,9 @@ impl Agent {
     }
 
     /// A request of this caller (or any, for root when `root_sees_all`), or the same
-    /// "not found" either way so ids of others are not confirmed.
-    pub(super) fn own_request(
+    /// "not found" either way so ids of others are not confirmed. Read as a query
+    /// (a request is up to megabytes of output to parse).
+    pub(super) async fn own_request(
         &self,
         id: &str,
         caller: &Caller,
@@ -155,7 +156,8 @@ impl Agent {
                 "give a request id; `devos history` lists them".into(),
             ));
         }
-        match self.shared.load(id)? {
+        let wanted = id.to_owned();
+        match query(&self.shared, caller.uid, move |s| s.load(&wanted)).await? {
             Some(r) if r.uid == caller.uid || (root_sees_all && caller.uid == 0) => Ok(r),
             _ => Err(fdo::Error::InvalidArgs(format!(
                 "no request {id} of yours; `devos history` lists them"
@@ -164,23 +166,36 @@ impl Agent {
     }
 }
 
+/// `work` on the store away from the bus's threads (however long it holds the store,
+/// the bus goes on answering), counted against the caller's queries: a user cannot
+/// keep more than a few in flight (root's are not counted).
+pub(super) async fn query<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    uid: u32,
+    work: impl FnOnce(&Shared) -> fdo::Result<T> + Send + 'static,
+) -> fdo::Result<T> {
+    let _query = shared.querying.enter(uid)?;
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || work(&shared))
+        .await
+        .map_err(failed)?
+}
+
 /// Requests for `List`/`History` in their short form (`devos show ID` has them
-/// whole), read away from the bus's threads and never more than a reply carries.
+/// whole), never more than a reply carries.
 async fn listing(
     shared: &Arc<Shared>,
     uid: Option<u32>,
     active_only: bool,
     limit: u32,
 ) -> fdo::Result<String> {
-    let _query = uid.map(|uid| shared.querying.enter(uid)).transpose()?;
-    let shared = shared.clone();
-    tokio::task::spawn_blocking(move || {
-        lock(&shared.store).listing(uid, active_only, limit, MAX_REPLY)
+    query(shared, uid.unwrap_or(0), move |s| {
+        lock(&s.store)
+            .listing(uid, active_only, limit, MAX_REPLY)
+            .map_err(failed)?
+            .map_err(|_| too_large(MAX_REPLY + 1, "ask for fewer (`devos history -n`)"))
     })
     .await
-    .map_err(failed)?
-    .map_err(failed)?
-    .map_err(|_| too_large(MAX_REPLY + 1, "ask for fewer (`devos history -n`)"))
 }
 
 /// Whether packages can be installed here at all: not on a read-only root.
@@ -456,6 +471,12 @@ impl Agent {
     ) -> fdo::Result<String> {
         bounded("the working directory", cwd, MAX_PATH)?;
         bounded("the model", model, MAX_WORD)?;
+        let chosen = model.trim();
+        if !(chosen.is_empty() || crate::config::is_model_id(chosen)) {
+            return Err(fdo::Error::InvalidArgs(format!(
+                "`{chosen}` is not a model: say small, large or a Bedrock model id (letters, digits and . _ : / -)"
+            )));
+        }
         let caller = caller(&self.shared, &header, conn).await?;
         self.submit_as(caller, &header, text, cwd, Route::Model(model))
             .await
@@ -474,7 +495,7 @@ impl Agent {
         bounded("the request id", id, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
         check_text(text)?;
-        let previous = self.own_request(id, &caller, false)?;
+        let previous = self.own_request(id, &caller, false).await?;
         self.shared.may_record(caller.uid)?;
         let mut slot = self.shared.reserve(caller.uid)?;
         let config = self.shared.config();
@@ -498,7 +519,14 @@ impl Agent {
     ) -> fdo::Result<String> {
         bounded("since", since, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
-        super::budget::usage(&self.shared, &caller, since)
+        let since = since.to_owned();
+        query(&self.shared, caller.uid, move |s| {
+            fits(
+                super::budget::usage(s, &caller, &since)?,
+                "ask for a later day (`devos usage --since`)",
+            )
+        })
+        .await
     }
 
     /// One request (JSON): plan, actions with risk and decision, results.
@@ -511,7 +539,7 @@ impl Agent {
         bounded("the request id", id, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
         fits(
-            to_json(&self.own_request(id, &caller, true)?),
+            to_json(&self.own_request(id, &caller, true).await?),
             "its actions' output is in `devos history` in short",
         )
     }
@@ -602,7 +630,7 @@ impl Agent {
     ) -> fdo::Result<()> {
         bounded("the request id", id, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
-        let r = self.own_request(id, &caller, true)?;
+        let r = self.own_request(id, &caller, true).await?;
         if r.state.is_final() {
             return Err(fdo::Error::Failed(format!(
                 "request {id} is already {}",

@@ -65,7 +65,7 @@ pub(super) async fn decide_action(
     let remember: Remember = remember.parse().map_err(invalid_args)?;
     let path_prefix = resolve_prefix(agent, caller, path_prefix).await?;
     let shared = &agent.shared;
-    let r = agent.own_request(id, caller, false)?;
+    let r = agent.own_request(id, caller, false).await?;
     let record = waiting_action(&r, id, index)?;
     let rule = if remember == Remember::Once {
         None
