@@ -167,6 +167,7 @@ impl Fixture {
                 accelerator: "tcg".into(),
                 seconds: 1.0,
                 raw_sha256: None,
+                failure: None,
             };
             let booted = Booted {
                 file: "disk.raw",
@@ -619,6 +620,7 @@ fn publish_ami_in_three_regions_idempotent_promote_deregister() {
                 accelerator: "tcg".into(),
                 seconds: 1.0,
                 raw_sha256: None,
+                failure: None,
             },
             &Booted {
                 file: "disk.raw",

@@ -261,6 +261,17 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
             "{args:?}: {err}"
         );
     }
+    // As a `keys generate` cut short leaves it (gpg had not yet written the public
+    // key or the revocation certificate): said as such, with what to do.
+    let revocs = dir.path().join("keys/openpgp-revocs.d");
+    std::fs::rename(&revocs, dir.path().join("revocs.bak")).unwrap();
+    let (code, _, err) = keys(&["generate".as_ref()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("whose making was cut short") && err.contains(".unfinished"),
+        "{err}"
+    );
+    std::fs::rename(dir.path().join("revocs.bak"), &revocs).unwrap();
     std::fs::rename(dir.path().join("pubring.kbx.bak"), &ring).unwrap();
     assert_eq!(shown()["fingerprint"], first["fingerprint"]);
     // A key directory that is a file, or holds other files: the dry run refuses it as
@@ -866,16 +877,34 @@ fn stack_and_region_names_are_checked_where_the_command_line_is_read() {
             "{args:?}: {err}"
         );
     }
-    // A region from the environment is checked as the flag is, naming where it came from.
-    let (code, _, err) = run(devos_build_command()
-        .env("AWS_REGION", "eu west 1")
-        .args(["packer", "render", "x@1.0.0"]));
-    assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("AWS_REGION names `eu west 1`, which is not a region name")
-            && err.contains("hint:"),
-        "{err}"
-    );
+    // A region from the environment is checked as the flag is, naming where it came
+    // from: by the commands that need one without AWS and those that ask AWS alike.
+    for (var, args) in [
+        ("AWS_REGION", &["packer", "render", "x@1.0.0"][..]),
+        ("AWS_REGION", &["fleet", "status", "--stack", "s1"][..]),
+        (
+            "AWS_DEFAULT_REGION",
+            &["fleet", "status", "--stack", "s1"][..],
+        ),
+    ] {
+        // (An empty file reads as an empty registry.)
+        let registry = tempfile::NamedTempFile::new().unwrap();
+        let (code, _, err) = run(devos_build_command()
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_DEFAULT_REGION")
+            .env("DEVOS_REGISTRY", registry.path())
+            .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env(var, "eu west 1")
+            .args(args));
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{var} names `eu west 1`, which is not a region name"
+            )) && err.contains("hint:"),
+            "{args:?}: {err}"
+        );
+    }
     // What CloudFormation takes passes (and fails later, on what is not there).
     let (_, _, err) = run(devos_build_command().args([
         "fleet",

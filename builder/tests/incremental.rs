@@ -23,8 +23,19 @@ mod common;
 use common::{Env, HEAVY, flip_byte, ok, run};
 use devos_tests::Steps;
 
-/// Start a build and SIGKILL it as soon as its log shows `marker`. Returns the log.
-fn kill_at(env: &Env, spec: &Path, marker: &str, extra: &[&str]) -> String {
+/// How a build's log shows mmdebstrap run (in namespaces of its own).
+const MMDEBSTRAP: &str = "$ unshare --pid --kill-child=SIGKILL --mount-proc mmdebstrap ";
+
+/// Start a build and SIGKILL it once its log shows `marker` and `ready` (given the
+/// log so far, called after each line from the marker on) says the stage is under
+/// way. Returns the log.
+fn kill_at(
+    env: &Env,
+    spec: &Path,
+    marker: &str,
+    extra: &[&str],
+    ready: &dyn Fn(&str) -> bool,
+) -> String {
     let mut cmd = env.build_cmd(spec, extra);
     let mut child = cmd
         .stdin(Stdio::null())
@@ -35,11 +46,13 @@ fn kill_at(env: &Env, spec: &Path, marker: &str, extra: &[&str]) -> String {
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let mut log = String::new();
     let mut killed = false;
+    let mut seen = false;
     for line in stderr.lines() {
         let line = line.unwrap();
         log.push_str(&line);
         log.push('\n');
-        if line.contains(marker) {
+        seen |= line.contains(marker);
+        if seen && ready(&log) {
             // A moment into the stage, so it is really running when it dies.
             std::thread::sleep(Duration::from_millis(700));
             child.kill().unwrap();
@@ -54,6 +67,58 @@ fn kill_at(env: &Env, spec: &Path, marker: &str, extra: &[&str]) -> String {
         "the build finished before it was killed:\n{log}"
     );
     log
+}
+
+/// The work directory of the build whose log is `log`, once it ran mmdebstrap.
+fn work_dir(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains(MMDEBSTRAP))?;
+    // The first path holding it (in a hook's quoted words, or the target itself).
+    let at = line.find("/.build-")?;
+    let in_path = |c: char| c.is_ascii_alphanumeric() || "/-_.".contains(c);
+    let start = line[..at].rfind(|c| !in_path(c)).map_or(0, |i| i + 1);
+    let name = at + "/.build-".len();
+    let end = line[name..]
+        .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .map_or(line.len(), |i| name + i);
+    Some(line[start..end].to_owned())
+}
+
+/// The processes whose command line names `text`.
+fn processes_naming(text: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(text))
+        .collect()
+}
+
+/// Whether the mmdebstrap that `log` started has mounted something in its tree (in
+/// its own mount namespace, seen through its processes), waiting up to two minutes.
+fn mmdebstrap_mounted(log: &str) -> bool {
+    let Some(work) = work_dir(log) else {
+        return false;
+    };
+    let mounted = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read_to_string(e.path().join("mountinfo")).is_ok_and(|m| {
+                m.lines()
+                    .any(|l| l.contains(&work) && l.contains(" - proc "))
+            })
+        })
+    };
+    assert!(
+        devos_tests::wait_for(Duration::from_secs(120), mounted),
+        "mmdebstrap never mounted proc in its tree"
+    );
+    true
 }
 
 fn plan_version(env: &Env, spec: &Path) -> String {
@@ -132,7 +197,7 @@ fn incremental_builds_registry_kills_and_gc() {
     let v2 = second["manifest"]["version"].as_str().unwrap().to_owned();
     assert_ne!(v2, v1);
     assert!(log.contains("base tree restored from the cache"), "{log}");
-    assert!(!log.contains("$ mmdebstrap"), "{log}");
+    assert!(!log.contains(MMDEBSTRAP), "{log}");
 
     // The registry: list, show, diff, verify.
     steps.at("The registry");
@@ -196,7 +261,7 @@ fn incremental_builds_registry_kills_and_gc() {
     });
     let (third, log) = env.build(&corrupt, &[]);
     assert!(log.contains("is corrupt"), "{log}");
-    assert!(log.contains("$ mmdebstrap"), "{log}");
+    assert!(log.contains(MMDEBSTRAP), "{log}");
     assert_eq!(third["manifest"]["cache_keys"]["base"], base_key);
     assert!(
         env.cache
@@ -214,14 +279,30 @@ fn incremental_builds_registry_kills_and_gc() {
     });
     let v4 = plan_version(&env, &killed);
     let final_dir = env.out(&killed).join("current");
-    for (marker, extra) in [
-        ("==> [2/7] resolve", &[][..]),
-        ("==> [4/7] rootfs", &["--no-cache"][..]),
-        ("==> [5/7] customize", &[][..]),
-        ("==> [6/7] disk", &[][..]),
-        ("==> [7/7] convert", &[][..]),
+    let at_once = |_: &str| true;
+    for (marker, extra, ready) in [
+        (
+            "==> [2/7] resolve",
+            &[][..],
+            &at_once as &dyn Fn(&str) -> bool,
+        ),
+        ("==> [4/7] rootfs", &["--no-cache"][..], &mmdebstrap_mounted),
+        ("==> [5/7] customize", &[][..], &at_once),
+        ("==> [6/7] disk", &[][..], &at_once),
+        ("==> [7/7] convert", &[][..], &at_once),
     ] {
-        let log = kill_at(&env, &killed, marker, extra);
+        let log = kill_at(&env, &killed, marker, extra, ready);
+        // Nothing of the build lives on, and nothing it mounted stays mounted.
+        if let Some(work) = work_dir(&log) {
+            let ended = || processes_naming(&work).is_empty();
+            assert!(
+                devos_tests::wait_for(Duration::from_secs(30), ended),
+                "killed at {marker}, the build's processes live on: {:?}",
+                processes_naming(&work)
+            );
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert!(!mounts.contains(&work), "killed at {marker}: {mounts}");
+        }
         assert!(
             !final_dir.exists(),
             "killed at {marker}: output under its final name\n{log}"
@@ -296,6 +377,7 @@ fn incremental_builds_registry_kills_and_gc() {
         accelerator: "tcg".into(),
         seconds: 30.0,
         raw_sha256: None,
+        failure: None,
     };
     let raw = first["manifest"]["artifacts"]
         .as_array()
@@ -378,7 +460,7 @@ fn a_cached_build_and_a_build_from_scratch_are_bit_for_bit_identical() {
         log.contains("finished tree restored from the cache"),
         "{log}"
     );
-    assert_eq!(log.matches("$ mmdebstrap").count(), 1, "{log}");
+    assert_eq!(log.matches(MMDEBSTRAP).count(), 1, "{log}");
     let artifacts = repro["artifacts"].as_array().unwrap();
     assert_eq!(artifacts.len(), 2);
     for a in artifacts {

@@ -256,7 +256,8 @@ fn aliases_in(mounts: &[Mount], path: &Path) -> Vec<PathBuf> {
 }
 
 /// A path as mountinfo writes it: space, tab, newline and backslash as `\NNN` (octal).
-fn unescape_mount_path(field: &str) -> PathBuf {
+/// (The builder reads mountinfo with it too.)
+pub fn unescape_mount_path(field: &str) -> PathBuf {
     use std::os::unix::ffi::OsStringExt;
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -318,6 +319,17 @@ pub fn secret_of(paths: &[&Path], secrets: &[PathBuf]) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_paths_are_read_as_mountinfo_escapes_them() {
+        assert_eq!(
+            unescape_mount_path("/a\\040b\\011c\\134d\\012"),
+            Path::new("/a b\tc\\d\n")
+        );
+        // Not three octal digits, or more than a byte: as written.
+        assert_eq!(unescape_mount_path("/x\\04"), Path::new("/x\\04"));
+        assert_eq!(unescape_mount_path("/x\\777"), Path::new("/x\\777"));
+    }
 
     #[test]
     fn a_directory_mounted_in_two_places_has_both_names() {

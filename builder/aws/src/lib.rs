@@ -88,16 +88,22 @@ impl Aws {
         Ok(Self { config })
     }
 
-    /// The region given to [`Aws::load`] or found in the chain.
+    /// The region given to [`Aws::load`] or found in the chain, which must be a
+    /// region's name.
     pub fn default_region(&self) -> Result<String> {
-        self.config
-            .region()
-            .map(|r| r.to_string())
-            .ok_or_else(|| {
-                anyhow!(
-                    "no AWS region is set\n  hint: pass --region, set AWS_REGION, or set `region` in ~/.aws/config"
-                )
-            })
+        let region = self.config.region().map(|r| r.to_string()).ok_or_else(|| {
+            anyhow!(
+                "no AWS region is set\n  hint: pass --region, set AWS_REGION, or set `region` in ~/.aws/config"
+            )
+        })?;
+        if !is_region_name(&region) {
+            let from = ["AWS_REGION", "AWS_DEFAULT_REGION"]
+                .into_iter()
+                .find(|v| std::env::var(v).is_ok_and(|r| r == region))
+                .unwrap_or("the AWS profile (`region` in ~/.aws/config)");
+            bail!("{from} names `{region}`, which is not a region name\n  hint: {REGION_HINT}");
+        }
+        Ok(region)
     }
 
     pub fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {

@@ -540,11 +540,14 @@ pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
             failure = Some("the guest reported no agent-ping result".into());
         }
     }
-    let qemu_err = fs::read_to_string(dir.path().join("qemu.stderr")).unwrap_or_default();
+    let qemu_err = qemu_said(
+        &fs::read_to_string(dir.path().join("qemu.stderr")).unwrap_or_default(),
+        std::process::id(),
+    );
     if let Some(f) = &mut failure
-        && !qemu_err.trim().is_empty()
+        && !qemu_err.is_empty()
     {
-        f.push_str(&format!("\n  QEMU said: {}", qemu_err.trim()));
+        f.push_str(&format!("\n  QEMU said: {qemu_err}"));
     }
     let Scratch {
         dir, accel, lock, ..
@@ -827,11 +830,44 @@ pub(crate) fn ssh_public_key(given: Option<&Path>) -> Result<Option<(PathBuf, St
         .transpose()
 }
 
+/// What QEMU wrote on stderr, less its word on being stopped by this process
+/// (`terminating on signal 15 from pid PID`): that is the test ending it, not a cause.
+fn qemu_said(stderr: &str, this: u32) -> String {
+    let ours = format!("terminating on signal 15 from pid {this}");
+    stderr
+        .lines()
+        .filter(|l| {
+            !l.split_once(&ours)
+                .is_some_and(|(_, rest)| rest.is_empty() || rest.starts_with(' '))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The version check passes only when the agent answered with the build's version.
+    #[test]
+    fn qemu_being_stopped_by_the_test_is_not_what_qemu_said() {
+        let err = "qemu-system-x86_64: warning: host doesn't support requested feature\n\
+                   qemu-system-x86_64: terminating on signal 15 from pid 4242 (devos-build)\n";
+        assert_eq!(
+            qemu_said(err, 4242),
+            "qemu-system-x86_64: warning: host doesn't support requested feature"
+        );
+        // Stopped by someone else: that is said.
+        let other = "qemu-system-x86_64: terminating on signal 15 from pid 42421 (kill)";
+        assert_eq!(qemu_said(other, 4242), other);
+        assert_eq!(
+            qemu_said("qemu: terminating on signal 15 from pid 4242\n", 4242),
+            ""
+        );
+    }
+
     #[test]
     fn the_version_check_fails_on_another_version_or_no_answer() {
         let answer = |detail: &str, ok: bool| Check {

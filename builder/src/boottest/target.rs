@@ -92,41 +92,55 @@ pub(crate) fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
         });
     }
     let reference = arg.to_string_lossy();
-    if !reference.contains('/') {
-        let reg = crate::store::registry::Registry::open_read(registry)?;
-        let v = reg.find(&reference)?;
-        if v.state != VersionState::Built || !v.dir.join("manifest.json").is_file() {
-            bail!(
-                "{}@{} is in the registry but its artifacts are gone ({})\n  hint: rebuild it with `devos-build image build {}`",
-                v.name,
-                v.version,
-                v.dir.display(),
-                v.spec
-            );
-        }
-        let spec = built_from(&v)?;
-        let target = Target::from_dir(&v.dir, Some(&spec))?;
-        // One `--out` used for several versions holds only the newest.
-        if let Some(m) = &target.manifest
-            && m.build_id != v.build_id
-        {
-            bail!(
-                "{}@{}'s output directory {} now holds {}@{} (a later build with the same --out)\n  hint: test {}@{}, the version there now; give each version its own --out (or leave --out out) to keep them all",
-                v.name,
-                v.version,
-                v.dir.display(),
-                m.name,
-                m.version,
-                m.name,
-                m.version
-            );
-        }
-        return Ok(target);
+    let image_file = arg.extension().is_some_and(|e| {
+        ["raw", "img", "qcow2", "vmdk", "vhd"]
+            .iter()
+            .any(|x| e == *x)
+    });
+    if (image_file && !reference.contains('@')) || reference.contains('/') {
+        let what = if arg.symlink_metadata().is_ok() {
+            format!(
+                "`{}` is neither an image file nor a directory",
+                arg.display()
+            )
+        } else if image_file {
+            format!("there is no image file `{}`", arg.display())
+        } else {
+            format!("there is no file or directory `{}`", arg.display())
+        };
+        bail!(
+            "{what}\n  hint: pass an image file, an image output directory (`target/images/devos-debian/VERSION/`), a spec (`images/devos-debian.toml`) or a registry reference (`devos-debian@VERSION`; `devos-build image list` lists them)"
+        );
     }
-    bail!(
-        "`{}` is neither an image file, an image output directory, a spec nor a registry reference\n  hint: pass e.g. `images/devos-debian.toml`, `target/images/devos-debian/VERSION/` or `devos-debian@VERSION`",
-        arg.display()
-    )
+    let reg = crate::store::registry::Registry::open_read(registry)?;
+    let v = reg.find(&reference)?;
+    if v.state != VersionState::Built || !v.dir.join("manifest.json").is_file() {
+        bail!(
+            "{}@{} is in the registry but its artifacts are gone ({})\n  hint: rebuild it with `devos-build image build {}`",
+            v.name,
+            v.version,
+            v.dir.display(),
+            v.spec
+        );
+    }
+    let spec = built_from(&v)?;
+    let target = Target::from_dir(&v.dir, Some(&spec))?;
+    // One `--out` used for several versions holds only the newest.
+    if let Some(m) = &target.manifest
+        && m.build_id != v.build_id
+    {
+        bail!(
+            "{}@{}'s output directory {} now holds {}@{} (a later build with the same --out)\n  hint: test {}@{}, the version there now; give each version its own --out (or leave --out out) to keep them all",
+            v.name,
+            v.version,
+            v.dir.display(),
+            m.name,
+            m.version,
+            m.name,
+            m.version
+        );
+    }
+    Ok(target)
 }
 
 /// The spec `v` was built from, as it reads now: the boot test runs its `[[tests]]`.
@@ -249,6 +263,31 @@ mod tests {
             tested: None,
             artifacts: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_file_that_is_not_there_is_said_as_such_not_looked_up_in_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("registry.db");
+        for (arg, said) in [
+            ("nosuch.raw", "there is no image file `nosuch.raw`"),
+            (
+                "out/nosuch.qcow2",
+                "there is no image file `out/nosuch.qcow2`",
+            ),
+            ("./out/v1", "there is no file or directory `./out/v1`"),
+            (
+                "/dev/null",
+                "`/dev/null` is neither an image file nor a directory",
+            ),
+        ] {
+            let e = format!(
+                "{:#}",
+                resolve_target(Path::new(arg), &registry).err().unwrap()
+            );
+            assert!(e.contains(said) && e.contains("hint: "), "{arg}: {e}");
+        }
+        assert!(!registry.exists(), "a registry was made");
     }
 
     #[test]

@@ -255,7 +255,15 @@ fn cargo_build(source: &Path) -> Result<()> {
         .args(AGENT_BUILD_SELECTION)
         .args(["--bin", "devos-agent", "--bin", "devos"])
         .stdout(std::process::Stdio::null());
+    let under_sudo = std::env::var_os("SUDO_USER").is_some();
     let status = cmd::spawn(&mut cargo, false)
+        .map_err(|e| match e {
+            // sudo's PATH (its secure_path) misses a toolchain installed in a home.
+            cmd::CmdError::NotFound { .. } if under_sudo => anyhow::anyhow!(
+                "{e}\n  hint: under sudo, PATH is sudo's own and misses a cargo installed in your home (rustup): run `sudo env \"PATH=$PATH\" devos-build ...`, or pass an agent package built beforehand with --agent-deb"
+            ),
+            e => anyhow::Error::from(e),
+        })
         .context("while building devos-agent")?
         .wait()?;
     if !status.success() {

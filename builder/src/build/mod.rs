@@ -343,6 +343,28 @@ pub(crate) fn check_keys(spec: &Spec) -> Result<()> {
     Ok(())
 }
 
+/// What a build of a Debian or Ubuntu spec needs first, and its dry run checks too.
+pub(crate) fn check_root() -> Result<()> {
+    if !crate::support::paths::is_root() {
+        bail!(
+            "`image build` needs root (mmdebstrap, chroots and the image's file ownership need it)\n  hint: run it with sudo; the registry and cache stay in your home, where `devos-build image list` finds them (`devos-build image plan` resolves a spec without root)"
+        );
+    }
+    Ok(())
+}
+
+/// What `image build --dry-run` checks before it plans, as the real run does first:
+/// `--out`'s directory and, for a spec this builder builds, root.
+pub(crate) fn check_dry_run(opts: &BuildOptions, spec: &Spec) -> Result<()> {
+    if let Some(out) = &opts.out {
+        check_out_parent(out)?;
+    }
+    if spec.distro != spec::Distro::Nixos {
+        check_root()?;
+    }
+    check_keys(spec)
+}
+
 /// `image plan`: resolve without building.
 pub(crate) fn plan(opts: &BuildOptions, ui: &mut Ui) -> Result<Plan> {
     if let Some(out) = &opts.out {
@@ -449,6 +471,7 @@ fn planned_agent(
 pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     if let Some(out) = &opts.out {
         check_out(out)?;
+        check_out_parent(out)?;
     }
     // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds): the
     // image of nixos/image.nix with the spec rendered as a module (build/nixos.rs).
@@ -460,11 +483,7 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     if let Some(deb) = opts.agent_deb.as_ref().filter(|_| spec.agent_enabled) {
         AgentPackage::version_of(deb)?;
     }
-    if !crate::support::paths::is_root() {
-        bail!(
-            "`image build` needs root (mmdebstrap, chroots and the image's file ownership need it)\n  hint: run it with sudo; the registry and cache stay in your home, where `devos-build image list` finds them"
-        );
-    }
+    check_root()?;
     let cache_dir = crate::store::cache::dir();
     let (handle, made) = crate::support::paths::create_user_dirs_made(&cache_dir)?;
     crate::store::cache::tag(&handle, &cache_dir, made)?;
@@ -1112,6 +1131,39 @@ fn check_out(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The directory a build's `--out` is made in (through a work directory beside it):
+/// the nearest one that exists must be a directory this process can write, on a file
+/// system that holds files. Checked before anything is built, and by `--dry-run`.
+fn check_out_parent(out: &Path) -> Result<()> {
+    let hint = "hint: name a directory you can write for --out (e.g. --out dist/NAME-VERSION), or leave --out out (target/images/NAME/VERSION)";
+    let Some(existing) = out
+        .ancestors()
+        .skip(1)
+        .find(|a| a.symlink_metadata().is_ok())
+    else {
+        return Ok(());
+    };
+    let is_dir = existing.metadata().is_ok_and(|m| m.is_dir());
+    let special = rustix::fs::statfs(existing).is_ok_and(|f| {
+        [libc::PROC_SUPER_MAGIC, libc::SYSFS_MAGIC].contains(&(f.f_type as libc::c_long))
+    });
+    let writable = rustix::fs::access(existing, rustix::fs::Access::WRITE_OK);
+    let why = if !is_dir {
+        "is not a directory".to_owned()
+    } else if special {
+        "is on a kernel file system (proc or sysfs), which holds no files".to_owned()
+    } else if let Err(e) = writable {
+        format!("cannot be written ({})", std::io::Error::from(e))
+    } else {
+        return Ok(());
+    };
+    bail!(
+        "--out {}: {}, where the build's directory would be made, {why}\n  {hint}",
+        out.display(),
+        existing.display()
+    )
+}
+
 /// Move a finished output directory to its final name in one rename; an existing
 /// one (a `--force` rebuild) is replaced only after the new one is complete.
 fn publish_dir(staged: &Path, final_dir: &Path) -> Result<()> {
@@ -1175,6 +1227,31 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["0.2.0+abc"]);
+    }
+
+    #[test]
+    fn outs_directory_must_be_one_that_holds_files_and_can_be_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let at = |p: &str| tmp.path().join(p);
+        fs::write(at("file"), "x").unwrap();
+        for (out, why) in [
+            (Path::new("/proc/devos-out"), "kernel file system"),
+            (Path::new("/sys/a/b/out"), "kernel file system"),
+            (&at("file/out"), "is not a directory"),
+        ] {
+            let err = check_out_parent(out).unwrap_err().to_string();
+            assert!(
+                err.contains(why) && err.starts_with(&format!("--out {}", out.display())),
+                "{}: {err}",
+                out.display()
+            );
+            assert!(
+                err.contains("hint: name a directory you can write"),
+                "{err}"
+            );
+        }
+        // Directories not made yet are made under the nearest one there.
+        check_out_parent(&at("new/dist/out")).unwrap();
     }
 
     #[test]

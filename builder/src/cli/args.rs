@@ -14,7 +14,9 @@ use crate::model::spec::DEFAULT_SPEC;
 #[derive(Parser)]
 #[command(name = "devos-build", version, about)]
 pub struct Cli {
-    /// Log every external command and more (also: DEVOS_LOG=debug).
+    /// Debug logging (also: DEVOS_LOG=debug). Without it, a terminal shows warnings
+    /// only (a spinner says what runs); stderr that is no terminal (CI, a pipe, a
+    /// file) or NO_COLOR also gets every external command line.
     #[arg(short, long, global = true)]
     pub(crate) verbose: bool,
     /// The image registry (SQLite). Default: ~/.local/share/devos/registry.db (also

@@ -321,8 +321,9 @@ fn build_command(args: BuildArgs, registry_path: &Path, ui: &mut Ui) -> Result<E
         registry: Some(registry_path.to_path_buf()),
     };
     if args.dry_run {
-        // The keys the real run's first stage would refuse, before resolving anything.
-        build::check_keys(&crate::model::spec::load(&opts.spec)?)?;
+        // What the real run would refuse at once (root, --out's directory, the keys),
+        // before resolving anything.
+        build::check_dry_run(&opts, &crate::model::spec::load(&opts.spec)?)?;
         let plan = build::plan(&opts, ui)?;
         // Nothing to do only when the real run would change nothing: the version is
         // built and recorded (clap refuses --dry-run with --force, --test,
@@ -927,6 +928,7 @@ fn record_test(
         accelerator: report.accel.accel.as_str().to_owned(),
         seconds: report.seconds,
         raw_sha256: None,
+        failure: None,
     };
     let recorded = Registry::open(registry_path)?.record_test(
         &m.name,

@@ -1183,7 +1183,12 @@ pub(crate) fn status(reg: &mut Registry, aws: &AwsOptions, t: &Target) -> Result
     devos_aws::block_on(async {
         let stack = stack::describe(&cx.aws, &cx.region, &t.stack)
             .await?
-            .with_context(|| format!("there is no stack {} in {}", t.stack, cx.region))?;
+            .with_context(|| {
+                format!(
+                    "there is no stack {} in {}\n  hint: `devos-build fleet history` lists the stacks devos-build changed, and where; create one with `devos-build fleet deploy --stack {} --template fleet --image NAME@VERSION`",
+                    t.stack, cx.region, t.stack
+                )
+            })?;
         // None for a stack devos-build did not deploy: the report shows no version.
         let version = running_version(&stack)
             .ok()

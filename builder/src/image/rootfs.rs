@@ -250,7 +250,16 @@ pub(crate) fn bootstrap(
     let dracut_conf = target.with_extension("dracut.conf");
     std::fs::write(&dracut_conf, dracut_config())?;
     let cache = package_cache.display().to_string();
-    let mut mm = Command::new("mmdebstrap");
+    // In a mount and PID namespace of its own: however the build ends (Ctrl-C, a
+    // kill), every process mmdebstrap started ends with it, and the mounts it makes in
+    // the tree (proc, sys, devpts) go with the namespace, so the tree can be removed.
+    let mut mm = Command::new("unshare");
+    mm.args([
+        "--pid",
+        "--kill-child=SIGKILL",
+        "--mount-proc",
+        "mmdebstrap",
+    ]);
     mm.env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
         .arg("--variant=minbase")
         .arg(format!("--include={}", spec.all_packages().join(",")))

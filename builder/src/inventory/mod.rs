@@ -148,6 +148,12 @@ impl Show {
                     ""
                 }
             ));
+            // Why it failed, as the test said it (its first lines).
+            if let Some(f) = &t.failure {
+                for line in f.lines().take(4) {
+                    s.push_str(&format!("                {line}\n"));
+                }
+            }
         }
         s
     }
@@ -340,6 +346,12 @@ impl Verify {
                 "FAILED verification: the artifacts above are not what was built"
             }
         ));
+        if !self.ok {
+            s.push_str(&format!(
+                "  hint: a MISSING image format is made again from the raw image with `devos-build image export {} --format FORMAT` (once the raw image verifies); a changed or missing raw image cannot be repaired: build the version again (`image build --force`)\n",
+                self.version
+            ));
+        }
         s
     }
 }

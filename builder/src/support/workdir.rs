@@ -189,13 +189,43 @@ pub(crate) fn sweep(parent: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
         let (State::Stale, Some(_lock)) = state(&path, prefixes, uid) else {
             continue;
         };
-        // remove_dir_all does not follow symlinks inside the directory.
+        // remove_dir_all does not follow symlinks inside the directory. What a killed
+        // run left mounted in it (a build by an older devos-build) is taken away first.
+        let detached = detach_mounts_under(&path);
         match super::remove::dir_if_present(&path) {
             Ok(()) => removed.push(path),
-            Err(e) => tracing::warn!("{e:#}; a killed run left it"),
+            Err(e) => tracing::warn!(
+                "{e:#}; a killed run left it{}",
+                match detached {
+                    Err(d) => format!(
+                        " ({d:#})\n  hint: `umount -R {}` as root, then run again",
+                        path.display()
+                    ),
+                    Ok(_) => String::new(),
+                }
+            ),
         }
     }
     removed
+}
+
+/// Detach every mount at or below `dir` (deepest first), as a stale directory's
+/// leftovers; how many there were.
+fn detach_mounts_under(dir: &Path) -> Result<usize> {
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(devos_agent::risk::paths::unescape_mount_path)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in &points {
+        rustix::mount::unmount(point, rustix::mount::UnmountFlags::DETACH)
+            .with_context(|| format!("cannot unmount {}", point.display()))?;
+    }
+    Ok(points.len())
 }
 
 /// Remove the work directories in `parent` that builds which were killed left (their
@@ -284,6 +314,42 @@ mod tests {
         assert!(
             !version.join(LOCK).exists(),
             "a finished version has no lock"
+        );
+    }
+
+    /// What a build killed mid-way by an older devos-build left mounted in its tree
+    /// (mmdebstrap's proc, sys, devpts) is unmounted, and then the directory goes.
+    #[test]
+    fn a_killed_builds_mounts_are_taken_away_with_its_directory() {
+        let images = tempfile::tempdir().unwrap();
+        let killed = WorkDir::new(images.path()).unwrap();
+        let WorkDir { dir, _lock } = killed;
+        let killed_path = dir.keep();
+        drop(_lock);
+        let tree = killed_path.join("tree with space");
+        for inner in ["proc", "dev/pts"] {
+            fs::create_dir_all(tree.join(inner)).unwrap();
+        }
+        let mount = |point: &Path| {
+            rustix::mount::mount(
+                "devos-test",
+                point,
+                "tmpfs",
+                rustix::mount::MountFlags::empty(),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("mounting a tmpfs needs root: {e}"))
+        };
+        mount(&tree.join("proc"));
+        fs::create_dir(tree.join("proc/sys")).unwrap();
+        mount(&tree.join("proc/sys"));
+        mount(&tree.join("dev/pts"));
+        remove_stale_work_dirs(images.path());
+        assert!(!killed_path.exists(), "a killed build's directory must go");
+        let left = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !left.contains(&images.path().display().to_string()),
+            "{left}"
         );
     }
 }

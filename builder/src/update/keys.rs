@@ -363,6 +363,21 @@ pub(crate) fn find(dir: &Path) -> Result<Option<KeyInfo>> {
     if keys.is_empty()
         && let secret_files @ 1.. = secret_files()
     {
+        // gpg writes a new key's revocation certificate last: without one, the key's
+        // making was cut short (a `keys generate` interrupted) and nothing was ever
+        // signed with it.
+        let finished = fs::read_dir(dir.join("openpgp-revocs.d")).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".rev"))
+        });
+        if !finished {
+            bail!(
+                "{} holds a signing key whose making was cut short (a `devos-build keys generate` interrupted): gpg never finished it, so no image trusts it\n  hint: move the directory away (`mv {} {}.unfinished`) and run `devos-build keys generate` again",
+                dir.display(),
+                dir.display(),
+                dir.display()
+            );
+        }
         bail!(
             "{} holds {secret_files} secret key file(s) in private-keys-v1.d, but gpg lists no key: pubring.kbx is missing or damaged\n  hint: restore pubring.kbx from a backup of the key directory (images trust this key); only if the key is lost, move the directory away and make a new one with `devos-build keys generate`",
             dir.display()

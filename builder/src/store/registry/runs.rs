@@ -17,6 +17,9 @@ pub struct TestRun {
     /// while the version's raw image is that one: a `--force` rebuild to other bytes
     /// needs a test of its own. (None: not known — a run recorded before this was.)
     pub raw_sha256: Option<String>,
+    /// Why a failed run failed, as its report says (read back; not written from here:
+    /// the report holds it).
+    pub failure: Option<String>,
 }
 
 /// The disk a boot test booted: its file name and the sha256 of its bytes, read after
@@ -90,8 +93,9 @@ impl Registry {
 
     pub(crate) fn test_runs(&self, v: &VersionInfo) -> Result<Vec<TestRun>> {
         let mut stmt = self.conn.prepare(
-            "SELECT started_at, passed, accelerator, seconds, raw_sha256 FROM test_runs
-             WHERE version_id = ?1 ORDER BY started_at DESC, id DESC",
+            "SELECT started_at, passed, accelerator, seconds, raw_sha256,
+                CASE WHEN json_valid(report) THEN json_extract(report, '$.failure') END
+             FROM test_runs WHERE version_id = ?1 ORDER BY started_at DESC, id DESC",
         )?;
         let rows = stmt.query_map([v.id], |r| {
             Ok(TestRun {
@@ -100,6 +104,7 @@ impl Registry {
                 accelerator: r.get(2)?,
                 seconds: r.get(3)?,
                 raw_sha256: r.get(4)?,
+                failure: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

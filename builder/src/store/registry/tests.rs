@@ -137,6 +137,7 @@ fn references_and_test_runs() {
         accelerator: "tcg".into(),
         seconds: 30.0,
         raw_sha256: None,
+        failure: None,
     };
     let booted = Booted {
         file: "devos-test-0.1.0+aaa111.raw",
@@ -169,9 +170,19 @@ fn references_and_test_runs() {
         "0.1.0+aaa111",
         &failed,
         &booted,
-        &serde_json::json!({}),
+        &serde_json::json!({"passed": false, "failure": "check `test:x` failed: exit 3"}),
     )
     .unwrap();
+    // Why it failed is kept with the run (`image show` says it); a passed run has none.
+    let runs = reg
+        .test_runs(&reg.find("devos-test@0.1.0+aaa111").unwrap())
+        .unwrap();
+    assert_eq!(
+        runs.iter()
+            .map(|r| r.failure.as_deref())
+            .collect::<Vec<_>>(),
+        [Some("check `test:x` failed: exit 3"), None]
+    );
     let err = reg
         .require_passing("devos-test@0.1.0+aaa111")
         .unwrap_err()
@@ -622,6 +633,7 @@ fn record_pass(reg: &mut Registry, file: &str, sha: &str) -> anyhow::Result<()> 
         accelerator: "tcg".into(),
         seconds: 1.0,
         raw_sha256: None,
+        failure: None,
     };
     let booted = Booted {
         file,
