@@ -97,13 +97,26 @@ const SPENT: &str = "SELECT
         COALESCE(SUM(cost_usd), 0)
     FROM model_calls WHERE day BETWEEN ?3 AND ?4";
 
-/// Usage per day, user and model since `?1` of the users `?2` to `?3`: one user's is
-/// read through their index.
-const USAGE: &str = "SELECT day, uid, MAX(user), model, COUNT(*), SUM(input_tokens),
-        SUM(output_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens),
-        COALESCE(SUM(cost_usd), 0), SUM(cost_usd IS NULL), SUM(estimated)
-    FROM model_calls WHERE uid BETWEEN ?2 AND ?3 AND day >= ?1
-    GROUP BY day, uid, model ORDER BY day DESC, uid, model";
+/// Usage per day, user and model since `?1`, of the calls `filter` (given `?2`, a
+/// uid or NULL) lets through.
+macro_rules! usage_query {
+    ($filter:literal) => {
+        concat!(
+            "SELECT day, uid, MAX(user), model, COUNT(*), SUM(input_tokens),
+                SUM(output_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens),
+                COALESCE(SUM(cost_usd), 0), SUM(cost_usd IS NULL), SUM(estimated)
+            FROM model_calls WHERE ",
+            $filter,
+            " GROUP BY day, uid, model ORDER BY day DESC, uid, model"
+        )
+    };
+}
+
+/// One user's usage, read through their (uid, day) index.
+const USAGE_OF_ONE: &str = usage_query!("uid = ?2 AND day >= ?1");
+
+/// Everyone's usage (`?2` NULL), read through the day index.
+const USAGE_OF_ALL: &str = usage_query!("day >= ?1 AND ?2 IS NULL");
 
 const CONVERSATION_INDEX: &str = "CREATE INDEX IF NOT EXISTS requests_by_conversation
     ON requests (uid, json_extract(body, '$.conversation'))";
@@ -572,14 +585,17 @@ impl Store {
                 ],
             )
             .map_err(self.err())?;
-        // What has left the ledger's window goes as the next call comes (an index
-        // range, empty on most calls).
-        self.conn
-            .execute(
-                &format!("DELETE FROM model_calls WHERE day < date(?1, '-{LEDGER_DAYS} days')"),
-                params![day],
-            )
-            .map_err(self.err())?;
+        // What has left the ledger's window (counted back from this call, i.e. the
+        // clock) goes as the next call comes (an index range, empty on most calls). The
+        // call is recorded either way: a failure here only keeps old calls longer.
+        if let Err(e) = self.conn.execute(
+            &format!("DELETE FROM model_calls WHERE day < date(?1, '-{LEDGER_DAYS} days')"),
+            params![day],
+        ) {
+            tracing::warn!(
+                "cannot drop model calls older than {LEDGER_DAYS} days from the ledger: {e}"
+            );
+        }
         Ok(())
     }
 
@@ -603,11 +619,14 @@ impl Store {
     /// Usage per day, user and model since `since` (`YYYY-MM-DD`), newest day
     /// first: one user's, or everyone's (`None`).
     pub fn usage(&self, uid: Option<u32>, since: &str) -> Result<Vec<UsageRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(USAGE).map_err(self.err())?;
-        // A range of users, so that one user's usage is read through their index.
-        let (first, last) = uid.map_or((0, u32::MAX), |u| (u, u));
+        let sql = if uid.is_some() {
+            USAGE_OF_ONE
+        } else {
+            USAGE_OF_ALL
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
         let rows = stmt
-            .query_map(params![since, first, last], |r| {
+            .query_map(params![since, uid], |r| {
                 let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
                 Ok(UsageRow {
                     day: r.get(0)?,
@@ -701,10 +720,17 @@ mod tests {
                 .any(|l| l.contains("INDEX model_calls_by_day (day>? AND day<?)")),
             "{month:?}"
         );
-        let user = plan(&store, USAGE, params!["0000-01-01", 1000, 1000]);
+        let user = plan(&store, USAGE_OF_ONE, params!["0000-01-01", 1000]);
         assert!(
-            user.iter().any(|l| l.contains("INDEX model_calls_by_user")),
+            user.iter()
+                .any(|l| l.contains("INDEX model_calls_by_user (uid=? AND day>?)")),
             "{user:?}"
+        );
+        let all = plan(&store, USAGE_OF_ALL, params!["2026-01-01", None::<u32>]);
+        assert!(
+            all.iter()
+                .any(|l| l.contains("INDEX model_calls_by_day (day>?)")),
+            "{all:?}"
         );
         // 400 days after, the calls older than the window are gone with the next call.
         call(1001, "2027-02-06T00:00:00Z", 0.0);

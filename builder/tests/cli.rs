@@ -268,7 +268,9 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
     let (code, _, err) = keys(&["generate".as_ref()]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("whose making was cut short") && err.contains(".unfinished"),
+        err.contains("its making was cut short")
+            && err.contains("restore both from a backup")
+            && err.contains(".unfinished"),
         "{err}"
     );
     std::fs::rename(dir.path().join("revocs.bak"), &revocs).unwrap();

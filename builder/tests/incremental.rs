@@ -24,7 +24,7 @@ use common::{Env, HEAVY, flip_byte, ok, run};
 use devos_tests::Steps;
 
 /// How a build's log shows mmdebstrap run (in namespaces of its own).
-const MMDEBSTRAP: &str = "$ unshare --pid --kill-child=SIGKILL --mount-proc mmdebstrap ";
+const MMDEBSTRAP: &str = "$ unshare --pid --kill-child=SIGKILL --mount-proc -- mmdebstrap ";
 
 /// Start a build and SIGKILL it once its log shows `marker` and `ready` (given the
 /// log so far, called after each line from the marker on) says the stage is under

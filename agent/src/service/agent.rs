@@ -151,13 +151,39 @@ impl Agent {
         caller: &Caller,
         root_sees_all: bool,
     ) -> fdo::Result<Request> {
+        self.owned(id, caller, root_sees_all, true).await
+    }
+
+    /// [`Self::own_request`] for `Cancel`: read away from the bus's threads too, but
+    /// not counted against the caller's queries, so that stopping a request always
+    /// works.
+    async fn own_request_to_cancel(&self, id: &str, caller: &Caller) -> fdo::Result<Request> {
+        self.owned(id, caller, true, false).await
+    }
+
+    async fn owned(
+        &self,
+        id: &str,
+        caller: &Caller,
+        root_sees_all: bool,
+        counted: bool,
+    ) -> fdo::Result<Request> {
         if id.trim().is_empty() {
             return Err(fdo::Error::InvalidArgs(
                 "give a request id; `devos history` lists them".into(),
             ));
         }
         let wanted = id.to_owned();
-        match query(&self.shared, caller.uid, move |s| s.load(&wanted)).await? {
+        let load = move |s: &Shared| s.load(&wanted);
+        let found = if counted {
+            query(&self.shared, caller.uid, load).await?
+        } else {
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || load(&shared))
+                .await
+                .map_err(failed)??
+        };
+        match found {
             Some(r) if r.uid == caller.uid || (root_sees_all && caller.uid == 0) => Ok(r),
             _ => Err(fdo::Error::InvalidArgs(format!(
                 "no request {id} of yours; `devos history` lists them"
@@ -630,7 +656,7 @@ impl Agent {
     ) -> fdo::Result<()> {
         bounded("the request id", id, MAX_WORD)?;
         let caller = caller(&self.shared, &header, conn).await?;
-        let r = self.own_request(id, &caller, true).await?;
+        let r = self.own_request_to_cancel(id, &caller).await?;
         if r.state.is_final() {
             return Err(fdo::Error::Failed(format!(
                 "request {id} is already {}",

@@ -100,7 +100,7 @@ impl Aws {
             let from = ["AWS_REGION", "AWS_DEFAULT_REGION"]
                 .into_iter()
                 .find(|v| std::env::var(v).is_ok_and(|r| r == region))
-                .unwrap_or("the AWS profile (`region` in ~/.aws/config)");
+                .unwrap_or("the AWS configuration (a profile's `region`, in ~/.aws/config or AWS_CONFIG_FILE)");
             bail!("{from} names `{region}`, which is not a region name\n  hint: {REGION_HINT}");
         }
         Ok(region)

@@ -98,7 +98,7 @@ pub(crate) fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
             .any(|x| e == *x)
     });
     if (image_file && !reference.contains('@')) || reference.contains('/') {
-        let what = if arg.symlink_metadata().is_ok() {
+        let what = if arg.exists() {
             format!(
                 "`{}` is neither an image file nor a directory",
                 arg.display()

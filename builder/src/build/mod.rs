@@ -354,13 +354,13 @@ pub(crate) fn check_root() -> Result<()> {
 }
 
 /// What `image build --dry-run` checks before it plans, as the real run does first:
-/// `--out`'s directory and, for a spec this builder builds, root.
+/// root (for a spec this builder builds), then `--out`'s directory.
 pub(crate) fn check_dry_run(opts: &BuildOptions, spec: &Spec) -> Result<()> {
-    if let Some(out) = &opts.out {
-        check_out_parent(out)?;
-    }
     if spec.distro != spec::Distro::Nixos {
         check_root()?;
+    }
+    if let Some(out) = &opts.out {
+        check_out_parent(out)?;
     }
     check_keys(spec)
 }
@@ -471,11 +471,17 @@ fn planned_agent(
 pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     if let Some(out) = &opts.out {
         check_out(out)?;
+    }
+    let spec = load_warning(&opts.spec)?;
+    // Root first: a user's build would be refused any --out of root's.
+    if spec.distro != spec::Distro::Nixos {
+        check_root()?;
+    }
+    if let Some(out) = &opts.out {
         check_out_parent(out)?;
     }
     // A NixOS spec is Nix's to build (no root needed: the Nix daemon builds): the
     // image of nixos/image.nix with the spec rendered as a module (build/nixos.rs).
-    let spec = load_warning(&opts.spec)?;
     if spec.distro == spec::Distro::Nixos {
         return nixos::build(opts, &spec, ui);
     }
@@ -483,7 +489,6 @@ pub(crate) fn build(opts: &BuildOptions, ui: &mut Ui) -> Result<Built> {
     if let Some(deb) = opts.agent_deb.as_ref().filter(|_| spec.agent_enabled) {
         AgentPackage::version_of(deb)?;
     }
-    check_root()?;
     let cache_dir = crate::store::cache::dir();
     let (handle, made) = crate::support::paths::create_user_dirs_made(&cache_dir)?;
     crate::store::cache::tag(&handle, &cache_dir, made)?;

@@ -250,16 +250,7 @@ pub(crate) fn bootstrap(
     let dracut_conf = target.with_extension("dracut.conf");
     std::fs::write(&dracut_conf, dracut_config())?;
     let cache = package_cache.display().to_string();
-    // In a mount and PID namespace of its own: however the build ends (Ctrl-C, a
-    // kill), every process mmdebstrap started ends with it, and the mounts it makes in
-    // the tree (proc, sys, devpts) go with the namespace, so the tree can be removed.
-    let mut mm = Command::new("unshare");
-    mm.args([
-        "--pid",
-        "--kill-child=SIGKILL",
-        "--mount-proc",
-        "mmdebstrap",
-    ]);
+    let mut mm = mmdebstrap_command();
     mm.env("SOURCE_DATE_EPOCH", source_date_epoch.to_string())
         .arg("--variant=minbase")
         .arg(format!("--include={}", spec.all_packages().join(",")))
@@ -322,6 +313,37 @@ pub(crate) fn bootstrap(
     let _ = std::fs::remove_file(&dracut_conf);
     result?;
     Ok(())
+}
+
+/// mmdebstrap in a mount and PID namespace of its own: however the build ends (Ctrl-C,
+/// a kill), every process mmdebstrap started ends with it, and the mounts it makes in
+/// the tree (proc, sys, devpts) go with the namespace, so the tree can be removed.
+/// Where this host cannot make them (a container without the right to mount proc, a
+/// chroot whose `/` is no mount point) mmdebstrap runs as it is, and a killed build
+/// may leave both behind: said in a warning.
+fn mmdebstrap_command() -> Command {
+    const IN_NAMESPACES: [&str; 4] = ["--pid", "--kill-child=SIGKILL", "--mount-proc", "--"];
+    let probe = Command::new("unshare")
+        .args(IN_NAMESPACES)
+        .arg("true")
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {
+            let mut mm = Command::new("unshare");
+            mm.args(IN_NAMESPACES).arg("mmdebstrap");
+            mm
+        }
+        other => {
+            let why = match other {
+                Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(
+                "mmdebstrap runs without a mount and PID namespace of its own (`unshare --pid --mount-proc` failed here: {why}): a build killed while it runs may leave its processes running and its mounts in the work directory, which the next build then leaves alone\n  hint: build on a host (or a container allowed to mount proc) where `unshare --pid --fork --mount-proc true` works"
+            );
+            Command::new("mmdebstrap")
+        }
+    }
 }
 
 /// Block and filesystem drivers the initrd needs to find the root on QEMU/KVM (virtio),

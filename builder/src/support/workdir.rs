@@ -13,7 +13,7 @@ use std::fs::{self, File};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
 /// The lock file in a scratch directory.
@@ -189,43 +189,64 @@ pub(crate) fn sweep(parent: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
         let (State::Stale, Some(_lock)) = state(&path, prefixes, uid) else {
             continue;
         };
-        // remove_dir_all does not follow symlinks inside the directory. What a killed
-        // run left mounted in it (a build by an older devos-build) is taken away first.
-        let detached = detach_mounts_under(&path);
+        // remove_dir_all does not follow symlinks inside the directory, but it would go
+        // into what is mounted there (a bind mount of the host's /dev/shm in a killed
+        // build's tree): what an older devos-build's killed build left mounted is taken
+        // away first, and a directory with anything still mounted in it is left alone.
+        if let Err(e) = detach_mounts_under(&path) {
+            tracing::warn!(
+                "{e:#}; a killed run left {} with this mounted in it, so it stays\n  hint: `umount -R {}` as root, then run again",
+                path.display(),
+                path.display()
+            );
+            continue;
+        }
         match super::remove::dir_if_present(&path) {
             Ok(()) => removed.push(path),
-            Err(e) => tracing::warn!(
-                "{e:#}; a killed run left it{}",
-                match detached {
-                    Err(d) => format!(
-                        " ({d:#})\n  hint: `umount -R {}` as root, then run again",
-                        path.display()
-                    ),
-                    Ok(_) => String::new(),
-                }
-            ),
+            Err(e) => tracing::warn!("{e:#}; a killed run left it"),
         }
     }
     removed
 }
 
-/// Detach every mount at or below `dir` (deepest first), as a stale directory's
-/// leftovers; how many there were.
-fn detach_mounts_under(dir: &Path) -> Result<usize> {
+/// The mount points at or below `dir` (as the kernel names them: `dir` resolved),
+/// outermost first.
+fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let dir = fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
     let info =
         fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
     let mut points: Vec<PathBuf> = info
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(devos_agent::risk::paths::unescape_mount_path)
-        .filter(|p| p.starts_with(dir))
+        .filter(|p| p.starts_with(&dir))
         .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for point in &points {
-        rustix::mount::unmount(point, rustix::mount::UnmountFlags::DETACH)
-            .with_context(|| format!("cannot unmount {}", point.display()))?;
+    points.sort_by_key(|p| p.components().count());
+    Ok(points)
+}
+
+/// Take away everything mounted at or below `dir`: each outermost mount made private
+/// with what is below it first (an unmount of a shared mount would be passed on to its
+/// peers: a bind of the host's /sys would unmount the host's own), then detached with
+/// its submounts. An error unless nothing is mounted there afterwards.
+fn detach_mounts_under(dir: &Path) -> Result<()> {
+    use rustix::mount::{MountPropagationFlags, UnmountFlags};
+    let points = mounts_under(dir)?;
+    let outermost = points
+        .iter()
+        .filter(|p| !points.iter().any(|q| q != *p && p.starts_with(q)));
+    for point in outermost {
+        // Each is tried; what is left is said below.
+        let _ = rustix::mount::mount_change(
+            point,
+            MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+        )
+        .and_then(|()| rustix::mount::unmount(point, UnmountFlags::DETACH));
     }
-    Ok(points.len())
+    match mounts_under(dir)?.first() {
+        Some(left) => bail!("cannot unmount {}", left.display()),
+        None => Ok(()),
+    }
 }
 
 /// Remove the work directories in `parent` that builds which were killed left (their

@@ -364,15 +364,15 @@ pub(crate) fn find(dir: &Path) -> Result<Option<KeyInfo>> {
         && let secret_files @ 1.. = secret_files()
     {
         // gpg writes a new key's revocation certificate last: without one, the key's
-        // making was cut short (a `keys generate` interrupted) and nothing was ever
-        // signed with it.
+        // making may have been cut short (a `keys generate` interrupted), or the
+        // directory was restored without it.
         let finished = fs::read_dir(dir.join("openpgp-revocs.d")).is_ok_and(|d| {
             d.flatten()
                 .any(|e| e.file_name().to_string_lossy().ends_with(".rev"))
         });
         if !finished {
             bail!(
-                "{} holds a signing key whose making was cut short (a `devos-build keys generate` interrupted): gpg never finished it, so no image trusts it\n  hint: move the directory away (`mv {} {}.unfinished`) and run `devos-build keys generate` again",
+                "{} holds a secret key that gpg does not list, and no revocation certificate: its making was cut short (a `devos-build keys generate` interrupted), or pubring.kbx and openpgp-revocs.d are missing from a restored copy\n  hint: if images were built with this key, restore both from a backup of the key directory (they trust it); if its `keys generate` was interrupted, nothing trusts it: move the directory away (`mv {} {}.unfinished`) and run `devos-build keys generate` again",
                 dir.display(),
                 dir.display(),
                 dir.display()
