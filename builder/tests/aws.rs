@@ -1409,20 +1409,21 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
     );
     assert!(!theirs.join("devos.pkr.hcl").exists());
     // A real `packer build` against moto_server, from one of the base AMIs it ships.
-    let out = run(
-        &mut fx.cmd(&[
-            "publish",
-            "packer",
-            &reference,
-            "--region",
-            "us-east-1",
-            "--no-communicator",
-            "--var",
-            "base_ami_name=ubuntu/images/hvm-ssd/ubuntu-xenial-16.04-amd64-server-*",
-            "--json",
-        ]),
-        10,
-    );
+    let publish = [
+        "publish",
+        "packer",
+        &reference,
+        "--region",
+        "us-east-1",
+        "--no-communicator",
+        "--json",
+    ];
+    let mut first = publish.to_vec();
+    first.extend([
+        "--var",
+        "base_ami_name=ubuntu/images/hvm-ssd/ubuntu-xenial-16.04-amd64-server-*",
+    ]);
+    let out = run(&mut fx.cmd(&first), 10);
     ok(&out);
     let built: Value = serde_json::from_slice(&out.stdout).unwrap();
     let ami = built["ami_id"].as_str().unwrap();
@@ -1435,15 +1436,7 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
     let (images, _) = fx.resources("us-east-1", &build_id(version));
     assert_eq!(images, [ami]);
     // Published again: the AMI the registry has, nothing rendered or built.
-    let again = fx.json(&[
-        "publish",
-        "packer",
-        &reference,
-        "--region",
-        "us-east-1",
-        "--no-communicator",
-        "--json",
-    ]);
+    let again = fx.json(&publish);
     assert_eq!(again["ami_id"], ami, "{again}");
     assert!(again["dir"].is_null(), "{again}");
     assert_eq!(fx.resources("us-east-1", &build_id(version)).0, [ami]);

@@ -850,7 +850,6 @@ fn qemu_said(stderr: &str, this: u32) -> String {
 mod tests {
     use super::*;
 
-    /// The version check passes only when the agent answered with the build's version.
     #[test]
     fn qemu_being_stopped_by_the_test_is_not_what_qemu_said() {
         let err = "qemu-system-x86_64: warning: host doesn't support requested feature\n\
@@ -868,6 +867,7 @@ mod tests {
         );
     }
 
+    /// The version check passes only when the agent answered with the build's version.
     #[test]
     fn the_version_check_fails_on_another_version_or_no_answer() {
         let answer = |detail: &str, ok: bool| Check {

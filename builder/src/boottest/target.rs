@@ -92,10 +92,9 @@ pub(crate) fn resolve_target(arg: &Path, registry: &Path) -> Result<Target> {
         });
     }
     let reference = arg.to_string_lossy();
-    let image_file = arg.extension().is_some_and(|e| {
-        ["raw", "img", "qcow2", "vmdk", "vhd"]
-            .iter()
-            .any(|x| e == *x)
+    // Named as the builder names its images (or `.img`).
+    let image_file = arg.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+        e == "img" || <crate::model::spec::Format as clap::ValueEnum>::from_str(e, false).is_ok()
     });
     if (image_file && !reference.contains('@')) || reference.contains('/') {
         let what = if arg.exists() {

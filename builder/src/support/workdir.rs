@@ -232,6 +232,9 @@ fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
 fn detach_mounts_under(dir: &Path) -> Result<()> {
     use rustix::mount::{MountPropagationFlags, UnmountFlags};
     let points = mounts_under(dir)?;
+    if points.is_empty() {
+        return Ok(());
+    }
     let outermost = points
         .iter()
         .filter(|p| !points.iter().any(|q| q != *p && p.starts_with(q)));
