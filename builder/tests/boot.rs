@@ -1,13 +1,15 @@
 //! The boot test's diagnoses, each on a deliberately broken image: an agent that
 //! crashes at start, a unit that fails and a spec test that exits non-zero, a kernel
-//! command line that cannot find root, and a verified root with one byte changed; and
-//! the bookworm image (ext4 root, initramfs-tools) passing. (The default image passing
-//! is tested in `image.rs`, the README's command.)
+//! command line that cannot find root; the verified boot chain (a signed, Secure Boot
+//! image that updates itself from a feed and rolls back, falls back from a version that
+//! crashes, and stops on a changed block or command line); and the bookworm image (ext4
+//! root, initramfs-tools) passing. (The default image passing is tested in `image.rs`,
+//! the README's command.)
 //!
 //! The tests run side by side (cargo's default of one thread per CPU): a VM under TCG
 //! keeps a core busy only part of the time, and the builds between boots fill the rest.
-//! Tests start in the order of their names, so the longest (the verified boot chain,
-//! about half of this file's time) is named to start first.
+//! Tests start in the order of their names, so the longest (the verified chain's three,
+//! each several boots) are named to start first.
 
 // Test helpers fail the test by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -262,9 +264,10 @@ grep -F "$version.efi" /tmp/entries
 """
 "#;
 
-#[test]
-fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_fails_on_a_changed_block() {
-    let env = Env::new();
+/// The verified image's spec in this test's directory (Secure Boot, updates from a
+/// feed signed by the builder's key, exported beside it as the spec's `update.pgp`),
+/// after `keys generate`: (spec, exported key, what `keys generate --json` said).
+fn verified_spec(env: &Env) -> (PathBuf, PathBuf, Value) {
     let key_file = env.dir.path().join("update.pgp");
     let key = env.json(&[
         "keys",
@@ -273,6 +276,198 @@ fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_fails_on_a_ch
         "--export",
         key_file.to_str().unwrap(),
     ]);
+    // Secure Boot too: every boot starts from firmware in setup mode, in which the
+    // image's systemd-boot enrolls the builder's certificate, and then runs only what
+    // that key signed (the updates' kernel images included).
+    let spec = env.fresh_spec("verity.toml", |t| {
+        assert!(t.contains("verity = true\n"));
+        format!(
+            "{}{UPDATE}",
+            t.replace("verity = true\n", "verity = true\nsecure-boot = true\n")
+        )
+    });
+    (spec, key_file, key)
+}
+
+/// The verified spec as `version` with `extra` appended, written as `file` beside it.
+fn another_version(env: &Env, spec: &Path, file: &str, version: &str, extra: &str) -> PathBuf {
+    let text = std::fs::read_to_string(spec).unwrap();
+    assert_eq!(text.matches("version = \"0.2.0\"").count(), 1);
+    let path = env.dir.path().join(file);
+    let version = format!("version = \"{version}\"");
+    std::fs::write(
+        &path,
+        format!("{}{extra}", text.replace("version = \"0.2.0\"", &version)),
+    )
+    .unwrap();
+    path
+}
+
+/// Build `spec`; `NAME@VERSION` of the build and its manifest.
+fn build_version(env: &Env, spec: &Path) -> (String, Value) {
+    let (built, _) = env.build(spec, &[]);
+    let m = built["manifest"].clone();
+    (
+        format!(
+            "{}@{}",
+            m["name"].as_str().unwrap(),
+            m["version"].as_str().unwrap()
+        ),
+        m,
+    )
+}
+
+/// `image test --update-to TO FROM`: FROM's image boots, updates itself to TO from a
+/// feed the test serves on the host, and boots again. (report, passed)
+fn update_test(env: &Env, to: &str, from: &str, minutes: u64) -> (Value, bool) {
+    let mut c = env.cmd(&["image", "test", "--json", "--update-to"]);
+    c.arg(to).arg(from);
+    let out = run(&mut c, minutes);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (report, out.status.success())
+}
+
+/// The slot label of a version: `NAME_VERSION`, `+` as `_`.
+fn slot_label(manifest: &Value) -> String {
+    format!(
+        "{}_{}",
+        manifest["name"].as_str().unwrap(),
+        manifest["version"].as_str().unwrap().replace('+', "_")
+    )
+}
+
+// The verified boot chain is three tests that run side by side: the update and the
+// rollback (the longest, named to start first), the fall-back from a crashing version,
+// and the verified image itself (its layout, bundle and feed, and the changed-block and
+// changed-UKI boots). Each builds the versions it needs from the shared cache.
+
+#[test]
+fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_rolls_back() {
+    let env = Env::new();
+    let (spec, _, _) = verified_spec(&env);
+    let (reference, m) = build_version(&env, &spec);
+    // The next version (one patch on): the running image updates itself to it from a
+    // feed on this host, the same disk boots again, the new version runs and its
+    // counted boot is blessed once the agent is healthy.
+    let next_spec = another_version(&env, &spec, "verity-next.toml", "0.2.1", "");
+    let (next, next_m) = build_version(&env, &next_spec);
+    let (report, passed) = update_test(&env, &next, &reference, 15);
+    assert!(passed, "{report:#}");
+    assert_eq!(report["version"], next_m["version"], "{report:#}");
+    for name in [
+        "update",
+        "secure-boot",
+        "boot-blessed",
+        "version-matches-build",
+        "agent-ping",
+        "rollback",
+        "rollback-boot",
+    ] {
+        assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
+    }
+    // Then `devos update --rollback` in 0.2.1, recorded in the audit log beside the
+    // update, and the boot after it: 0.2.0 again, from its own (uncounted) entry.
+    assert!(
+        check(&report, "rollback")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("in the audit log"),
+        "{report:#}"
+    );
+    let back = check(&report, "rollback-boot")["detail"].as_str().unwrap();
+    let version = m["version"].as_str().unwrap();
+    assert!(
+        back.contains(&format!("started {}", slot_label(&m)))
+            && back.contains(&format!("agent {version}")),
+        "{report:#}"
+    );
+    // Before it: a feed with a forged signature and one with a changed root image were
+    // refused, and nothing was installed from them.
+    let refused: Vec<&Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == "update-refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{report:#}");
+    assert!(refused.iter().all(|c| c["ok"] == true), "{report:#}");
+    eprintln!(
+        "update download + apply: {} ms; boot after the update to the agent: {} s",
+        check(&report, "update")["ms"],
+        report["agent_answered_seconds"]
+    );
+}
+
+#[test]
+fn a_broken_update_is_tried_three_times_then_the_machine_falls_back_by_itself() {
+    // A version whose first boot panics the kernel and whose agent crashes on start
+    // after that: the machine that updates to it tries it three times (the panic
+    // reboots by itself; each boot is a counted boot never blessed), then starts the
+    // version it came from by itself, healthy.
+    let env = Env::new();
+    let (spec, _, _) = verified_spec(&env);
+    let (from, m) = build_version(&env, &spec);
+    let broken_tree = env
+        .dir
+        .path()
+        .join("broken-agent/etc/systemd/system/devos-agent.service.d");
+    std::fs::create_dir_all(&broken_tree).unwrap();
+    std::fs::write(
+        broken_tree.join("crash.conf"),
+        "[Service]\n\
+         ExecStartPre=+/bin/sh -c 'test -e /var/lib/devos-panicked || \
+         { touch /var/lib/devos-panicked; sync; echo c > /proc/sysrq-trigger; }'\n\
+         ExecStart=\nExecStart=/bin/false\n",
+    )
+    .unwrap();
+    let broken_spec = another_version(
+        &env,
+        &spec,
+        "verity-broken.toml",
+        "0.2.2",
+        "\n[files]\nextra-trees = [\"broken-agent\"]\n",
+    );
+    let (broken, broken_m) = build_version(&env, &broken_spec);
+    let started = std::time::Instant::now();
+    let (report, passed) = update_test(&env, &broken, &from, 25);
+    eprintln!(
+        "update to a crashing version, its three tries and the fall-back boot: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(!passed, "a crashing agent passed: {report:#}");
+    assert_eq!(check(&report, "update")["ok"], true, "{report:#}");
+    let trial = check(&report, "update-trial")["detail"].as_str().unwrap();
+    assert!(trial.contains("in 3 counted boot(s)"), "{report:#}");
+    assert!(trial.contains("kernel panic"), "{trial}");
+    assert!(
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["check"] != "rollback-boot"),
+        "{report:#}"
+    );
+    // (A try that reboots before its self-test says which entry it is still counts.)
+    assert!(trial.contains(&slot_label(&broken_m)), "{trial}");
+    // The boot after: the previous version, not counted, its agent answering.
+    let entry = check(&report, "boot-entry")["detail"].as_str().unwrap();
+    assert!(
+        entry.starts_with(&slot_label(&m)) && !entry.contains("counted"),
+        "{report:#}"
+    );
+    assert_eq!(check(&report, "agent-version")["detail"], m["version"]);
+    assert_eq!(check(&report, "agent-ping")["ok"], true, "{report:#}");
+}
+
+#[test]
+fn a_changed_block_or_kernel_command_line_stops_a_verified_image_signed_and_published() {
+    let env = Env::new();
+    let (spec, key_file, key) = verified_spec(&env);
     let fingerprint = key["fingerprint"].as_str().unwrap();
     assert_eq!(fingerprint.len(), 40, "{key:#}");
     // And the Secure Boot key beside it, which signs the boot chain of this test's image.
@@ -287,16 +482,6 @@ fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_fails_on_a_ch
         fingerprint
     );
 
-    // Secure Boot too: every boot below starts from firmware in setup mode, in which
-    // the image's systemd-boot enrolls the builder's certificate, and then runs only
-    // what that key signed (the updates' kernel images included).
-    let spec = env.fresh_spec("verity.toml", |t| {
-        assert!(t.contains("verity = true\n"));
-        format!(
-            "{}{UPDATE}",
-            t.replace("verity = true\n", "verity = true\nsecure-boot = true\n")
-        )
-    });
     let (built, _) = env.build(&spec, &["--test"]);
     let m = &built["manifest"];
     assert_eq!(m["update_feed"]["key_fingerprint"], fingerprint, "{m:#}");
@@ -327,7 +512,7 @@ fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_fails_on_a_ch
         cmdline.contains(&format!("roothash={root_hash}")),
         "{cmdline}"
     );
-    let label = format!("{name}_{}", version.replace('+', "_"));
+    let label = slot_label(m);
     let parts = m["partitions"].as_array().unwrap();
     let labels: Vec<&str> = parts.iter().map(|p| p["label"].as_str().unwrap()).collect();
     assert_eq!(
@@ -456,142 +641,6 @@ fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_fails_on_a_ch
         "{said}"
     );
 
-    // The next version (one patch on): the running image updates itself to it from a
-    // feed on this host, the same disk boots again, the new version runs and its
-    // counted boot is blessed once the agent is healthy.
-    let next_spec = env.dir.path().join("verity-next.toml");
-    let text = std::fs::read_to_string(&spec).unwrap();
-    assert_eq!(text.matches("version = \"0.2.0\"").count(), 1);
-    std::fs::write(
-        &next_spec,
-        text.replace("version = \"0.2.0\"", "version = \"0.2.1\""),
-    )
-    .unwrap();
-    // (That a build signed for Secure Boot is reproducible is incremental.rs's test.)
-    let (next, _) = env.build(&next_spec, &[]);
-    let next_version = next["manifest"]["version"].as_str().unwrap();
-    let mut c = env.cmd(&["image", "test", "--json", "--update-to"]);
-    c.arg(format!("{name}@{next_version}")).arg(&reference);
-    let out = run(&mut c, 15);
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(out.status.success(), "{report:#}");
-    assert_eq!(report["version"], next_version, "{report:#}");
-    for name in [
-        "update",
-        "secure-boot",
-        "boot-blessed",
-        "version-matches-build",
-        "agent-ping",
-        "rollback",
-        "rollback-boot",
-    ] {
-        assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
-    }
-    // Then `devos update --rollback` in 0.2.1, recorded in the audit log beside the
-    // update, and the boot after it: 0.2.0 again, from its own (uncounted) entry.
-    assert!(
-        check(&report, "rollback")["detail"]
-            .as_str()
-            .unwrap()
-            .contains("in the audit log"),
-        "{report:#}"
-    );
-    let back = check(&report, "rollback-boot")["detail"].as_str().unwrap();
-    let label = format!("{name}_{}", version.replace('+', "_"));
-    assert!(
-        back.contains(&format!("started {label}")) && back.contains(&format!("agent {version}")),
-        "{report:#}"
-    );
-    // Before it: a feed with a forged signature and one with a changed root image were
-    // refused, and nothing was installed from them.
-    let refused: Vec<&Value> = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["check"] == "update-refused")
-        .collect();
-    assert_eq!(refused.len(), 2, "{report:#}");
-    assert!(refused.iter().all(|c| c["ok"] == true), "{report:#}");
-    eprintln!(
-        "update download + apply: {} ms; boot after the update to the agent: {} s",
-        check(&report, "update")["ms"],
-        report["agent_answered_seconds"]
-    );
-
-    // A version whose first boot panics the kernel and whose agent crashes on start
-    // after that: the machine that updates to it tries it three times (the panic
-    // reboots by itself; each boot is a counted boot never blessed), then starts the
-    // version it came from by itself, healthy.
-    let broken_tree = env
-        .dir
-        .path()
-        .join("broken-agent/etc/systemd/system/devos-agent.service.d");
-    std::fs::create_dir_all(&broken_tree).unwrap();
-    std::fs::write(
-        broken_tree.join("crash.conf"),
-        "[Service]\n\
-         ExecStartPre=+/bin/sh -c 'test -e /var/lib/devos-panicked || \
-         { touch /var/lib/devos-panicked; sync; echo c > /proc/sysrq-trigger; }'\n\
-         ExecStart=\nExecStart=/bin/false\n",
-    )
-    .unwrap();
-    let broken_spec = env.dir.path().join("verity-broken.toml");
-    std::fs::write(
-        &broken_spec,
-        format!(
-            "{}\n[files]\nextra-trees = [\"broken-agent\"]\n",
-            text.replace("version = \"0.2.0\"", "version = \"0.2.2\"")
-        ),
-    )
-    .unwrap();
-    let (broken, _) = env.build(&broken_spec, &[]);
-    let broken_version = broken["manifest"]["version"].as_str().unwrap();
-    let mut c = env.cmd(&["image", "test", "--json", "--update-to"]);
-    c.arg(format!("{name}@{broken_version}"))
-        .arg(format!("{name}@{next_version}"));
-    let started = std::time::Instant::now();
-    let out = run(&mut c, 25);
-    eprintln!(
-        "update to a crashing version, its three tries and the fall-back boot: {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(!out.status.success(), "a crashing agent passed: {report:#}");
-    assert_eq!(check(&report, "update")["ok"], true, "{report:#}");
-    let trial = check(&report, "update-trial")["detail"].as_str().unwrap();
-    let broken_label = format!("{name}_{}", broken_version.replace('+', "_"));
-    let next_label = format!("{name}_{}", next_version.replace('+', "_"));
-    assert!(trial.contains("in 3 counted boot(s)"), "{report:#}");
-    assert!(trial.contains("kernel panic"), "{trial}");
-    assert!(
-        report["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|c| c["check"] != "rollback-boot"),
-        "{report:#}"
-    );
-    // (A try that reboots before its self-test says which entry it is still counts.)
-    assert!(trial.contains(&broken_label), "{trial}");
-    // The boot after: the previous version, not counted, its agent answering.
-    let entry = check(&report, "boot-entry")["detail"].as_str().unwrap();
-    assert!(
-        entry.starts_with(&next_label) && !entry.contains("counted"),
-        "{report:#}"
-    );
-    assert_eq!(check(&report, "agent-version")["detail"], next_version);
-    assert_eq!(check(&report, "agent-ping")["ok"], true, "{report:#}");
-
     // One byte of the root's superblock (which the initrd reads to mount it) changed.
     let raw = env.out(&spec).join("current").join(format!(
         "{}-{}.raw",
@@ -616,7 +665,6 @@ fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_fails_on_a_ch
         .unwrap());
     let root = parts.iter().find(|p| p["filesystem"] == "erofs").unwrap();
     flip_byte_at(&changed, root["offset"].as_u64().unwrap() + 1024);
-    let reference = format!("{name}@{version}");
     let runs = || env.json(&["image", "show", &reference, "--json"])["test_runs"].clone();
     let before = runs();
     let mut c = env.cmd(&["image", "test", "--json", "--timeout", "150"]);

@@ -329,8 +329,15 @@ fn incremental_builds_registry_kills_and_gc() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
     // Two builds of the same version at once, and a third of another spec: all
-    // succeed, one of the first two waits for the other and finds it built.
+    // succeed, one of the first two waits for the other and finds it built. The
+    // package lists they share are gone first, so all three find them out of date and
+    // update them at the same time (one does, the others wait and read what it got).
     steps.at("Two builds of the same version at once, and a third of another spec");
+    let lists = env.cache.join("apt").read_dir().unwrap();
+    for index in lists.map(|i| i.unwrap().path()) {
+        let _ = std::fs::remove_dir_all(index.join("lists"));
+        let _ = std::fs::remove_file(index.join("in-release.sha256"));
+    }
     let concurrent = env.fresh_spec("devos-e.toml", |t| t);
     let other = env.fresh_spec("devos-f.toml", |t| t);
     let children: Vec<std::process::Child> = [&concurrent, &concurrent, &other]

@@ -19,6 +19,11 @@ use crate::support::cmd;
 use crate::support::digest::sha256_hex;
 
 /// The apt state (configuration and package lists) for one set of sources.
+///
+/// Builds that share a cache share its indices, and apt's own locks are off (the state
+/// is the builder's, not the system's): an index is locked by [`LOCK`] instead, shared
+/// for as long as a build reads its lists (resolving, then mmdebstrap installing from
+/// them), exclusive while `apt-get update` rewrites them.
 pub(crate) struct Index {
     dir: PathBuf,
     /// Whether what is worked out is kept in `dir` (false for `image plan`, which
@@ -26,7 +31,13 @@ pub(crate) struct Index {
     keep: bool,
     /// The temporary directory `dir` is in, for a plan made without current lists.
     _scratch: Option<tempfile::TempDir>,
+    /// [`LOCK`], held shared while this value lives (none for a scratch index, and for a
+    /// plan reading a cache made before the lock existed).
+    lock: Option<fs::File>,
 }
+
+/// The lock file of an index.
+const LOCK: &str = "lock";
 
 /// What was resolved: the package set and the archive state it came from.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -55,18 +66,23 @@ impl Index {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
-        fs::write(
-            dir.join("etc/sources.list.d/devos.sources"),
+        let lock = fs::File::create(dir.join(LOCK))
+            .with_context(|| format!("cannot create {}", dir.join(LOCK).display()))?;
+        wait_for(&lock, &dir, false)?;
+        // Another build may be reading these as they are written: each is replaced
+        // whole, and only when it changed (the same sources give the same files).
+        write_if_changed(
+            &dir.join("etc/sources.list.d/devos.sources"),
             &sources.deb822,
         )?;
         if !dir.join("status").exists() {
-            fs::write(dir.join("status"), "")?;
+            write_if_changed(&dir.join("status"), "")?;
         }
         let d = dir.display();
         // apt reads only this file: nothing from the host's apt configuration leaks in.
-        fs::write(
-            dir.join("apt.conf"),
-            format!(
+        write_if_changed(
+            &dir.join("apt.conf"),
+            &format!(
                 "Dir::Etc::SourceList \"/dev/null\";\n\
                  Dir::Etc::SourceParts \"{d}/etc/sources.list.d\";\n\
                  Dir::Etc::Parts \"{d}/etc/apt.conf.d\";\n\
@@ -88,6 +104,7 @@ impl Index {
             dir,
             keep: true,
             _scratch: None,
+            lock: Some(lock),
         })
     }
 
@@ -96,10 +113,20 @@ impl Index {
     /// temporary directory that goes with the index.
     pub(crate) fn for_plan(cache: &Path, spec: &Spec, sources: &Sources) -> Result<Self> {
         let current = mirror_state(spec, sources)?;
+        let dir = index_dir(cache, sources);
+        // Read under the cache's lock when it has one (a plan creates nothing there).
+        let lock = match fs::File::open(dir.join(LOCK)) {
+            Ok(lock) => {
+                wait_for(&lock, &dir, false)?;
+                Some(lock)
+            }
+            Err(_) => None,
+        };
         let cached = Self {
-            dir: index_dir(cache, sources),
+            dir,
             keep: false,
             _scratch: None,
+            lock,
         };
         if cached.is_current(&current) && cached.dir.join("apt.conf").is_file() {
             return Ok(cached);
@@ -110,6 +137,7 @@ impl Index {
         Ok(Self {
             keep: false,
             _scratch: Some(scratch),
+            lock: None,
             ..index
         })
     }
@@ -236,9 +264,22 @@ impl Index {
         if self.is_current(&current) {
             return Ok(());
         }
-        self.update(spec)?;
-        fs::write(self.dir.join("in-release.sha256"), current)?;
-        Ok(())
+        let Some(lock) = &self.lock else {
+            // A scratch index: nobody else reads it.
+            self.update(spec)?;
+            return fs::write(self.dir.join("in-release.sha256"), current).map_err(Into::into);
+        };
+        // Exclusive while apt rewrites the lists (a build reading them finishes first;
+        // another that updated them meanwhile leaves nothing to do), shared again after.
+        wait_for(lock, &self.dir, true)?;
+        let updated = if self.is_current(&current) {
+            Ok(())
+        } else {
+            self.update(spec)
+                .and_then(|()| write_if_changed(&self.dir.join("in-release.sha256"), &current))
+        };
+        wait_for(lock, &self.dir, false)?;
+        updated
     }
 
     /// `apt-get update` into this index's lists.
@@ -359,6 +400,45 @@ fn mirror_state(spec: &Spec, sources: &Sources) -> Result<String> {
     // Reachable: now the keyring that must verify it.
     crate::image::rootfs::preflight(spec)?;
     Ok(sha256_hex(fetched.as_bytes()))
+}
+
+/// Take `lock` on the index in `dir`, exclusive or shared, saying on stderr what is
+/// waited for when another build holds it.
+fn wait_for(lock: &fs::File, dir: &Path, exclusive: bool) -> Result<()> {
+    let taken = if exclusive {
+        lock.try_lock()
+    } else {
+        lock.try_lock_shared()
+    };
+    if taken.is_err() {
+        if exclusive {
+            eprintln!(
+                "    waiting for other builds to finish with the package lists in {} (they are out of date)",
+                dir.display()
+            );
+        } else {
+            eprintln!(
+                "    waiting for another build to finish updating the package lists in {}",
+                dir.display()
+            );
+        }
+        if exclusive {
+            lock.lock()
+        } else {
+            lock.lock_shared()
+        }
+        .with_context(|| format!("cannot lock {}", dir.join(LOCK).display()))?;
+    }
+    Ok(())
+}
+
+/// Replace `path` with `content` whole (a reader sees the old file or the new one),
+/// unless it holds that already.
+fn write_if_changed(path: &Path, content: &str) -> Result<()> {
+    if fs::read(path).is_ok_and(|old| old == content.as_bytes()) {
+        return Ok(());
+    }
+    crate::support::paths::replace_file(path, &mut content.as_bytes(), 0o644)
 }
 
 /// Where the cache keeps the index of `sources`.
