@@ -66,9 +66,8 @@ impl Index {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
-        let lock = fs::File::create(dir.join(LOCK))
-            .with_context(|| format!("cannot create {}", dir.join(LOCK).display()))?;
-        wait_for(&lock, &dir, false)?;
+        let lock = create_lock(&dir.join(LOCK))?;
+        lock_shared(&lock, &dir)?;
         // Another build may be reading these as they are written: each is replaced
         // whole, and only when it changed (the same sources give the same files).
         write_if_changed(
@@ -117,10 +116,13 @@ impl Index {
         // Read under the cache's lock when it has one (a plan creates nothing there).
         let lock = match fs::File::open(dir.join(LOCK)) {
             Ok(lock) => {
-                wait_for(&lock, &dir, false)?;
+                lock_shared(&lock, &dir)?;
                 Some(lock)
             }
-            Err(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open {}", dir.join(LOCK).display()));
+            }
         };
         let cached = Self {
             dir,
@@ -131,6 +133,8 @@ impl Index {
         if cached.is_current(&current) && cached.dir.join("apt.conf").is_file() {
             return Ok(cached);
         }
+        // Not the cache's lists: its lock is not held while others are downloaded.
+        drop(cached);
         let scratch = tempfile::tempdir().context("cannot make a temporary directory")?;
         let index = Self::open(scratch.path(), sources)?;
         index.update(spec)?;
@@ -178,13 +182,25 @@ impl Index {
         let deb = match find() {
             Some(deb) => deb,
             None => {
+                // apt-get download writes under the final name as it goes: into a
+                // directory of this build's own, then renamed beside the others whole
+                // (another build finding it meanwhile never reads half a file).
+                let partial = tempfile::tempdir_in(debs)
+                    .with_context(|| format!("cannot make a directory in {}", debs.display()))?;
                 cmd::run(
                     self.apt("apt-get")
-                        .current_dir(debs)
+                        .current_dir(partial.path())
                         .args(["-q", "download"])
                         .arg(format!("{package}={version}")),
                 )
                 .with_context(|| format!("cannot download {package} {version}"))?;
+                for entry in fs::read_dir(partial.path())? {
+                    let from = entry?.path();
+                    let to = debs.join(from.file_name().unwrap_or_default());
+                    fs::rename(&from, &to).with_context(|| {
+                        format!("cannot move {} to {}", from.display(), to.display())
+                    })?;
+                }
                 find().with_context(|| format!("apt downloaded no {package} {version}"))?
             }
         };
@@ -198,15 +214,6 @@ impl Index {
     /// without recommends.
     fn simulate(&self, spec: &Spec, request: &[String]) -> Result<Vec<Package>> {
         let mut c = self.apt("apt-get");
-        if !self.keep {
-            // apt keeps binary caches of the lists in Dir::Cache: not for a plan.
-            c.args([
-                "-o",
-                "Dir::Cache::pkgcache=",
-                "-o",
-                "Dir::Cache::srcpkgcache=",
-            ]);
-        }
         c.args([
             "-q",
             "--simulate",
@@ -252,6 +259,15 @@ impl Index {
         let mut c = Command::new(program);
         c.env("APT_CONFIG", self.dir.join("apt.conf"))
             .env("LC_ALL", "C.UTF-8");
+        if !self.keep {
+            // apt keeps binary caches of the lists in Dir::Cache: not for a plan.
+            c.args([
+                "-o",
+                "Dir::Cache::pkgcache=",
+                "-o",
+                "Dir::Cache::srcpkgcache=",
+            ]);
+        }
         c
     }
 
@@ -267,19 +283,17 @@ impl Index {
         let Some(lock) = &self.lock else {
             // A scratch index: nobody else reads it.
             self.update(spec)?;
-            return fs::write(self.dir.join("in-release.sha256"), current).map_err(Into::into);
+            return write_if_changed(&self.dir.join("in-release.sha256"), &current);
         };
-        // Exclusive while apt rewrites the lists (a build reading them finishes first;
-        // another that updated them meanwhile leaves nothing to do), shared again after.
-        wait_for(lock, &self.dir, true)?;
-        let updated = if self.is_current(&current) {
-            Ok(())
-        } else {
-            self.update(spec)
-                .and_then(|()| write_if_changed(&self.dir.join("in-release.sha256"), &current))
-        };
-        wait_for(lock, &self.dir, false)?;
-        updated
+        update_exclusive(
+            lock,
+            &self.dir,
+            || self.is_current(&current),
+            || {
+                self.update(spec)?;
+                write_if_changed(&self.dir.join("in-release.sha256"), &current)
+            },
+        )
     }
 
     /// `apt-get update` into this index's lists.
@@ -385,9 +399,13 @@ impl Index {
             packages,
         };
         if self.keep {
-            let tmp = cached.with_extension("tmp");
-            fs::write(&tmp, serde_json::to_vec(&r)?)?;
-            fs::rename(&tmp, &cached)?;
+            // Whole or not at all, through a temporary file of its own: builds
+            // resolving the same request at once each write it.
+            crate::support::paths::replace_file(
+                &cached,
+                &mut serde_json::to_vec(&r)?.as_slice(),
+                0o644,
+            )?;
         }
         Ok(r)
     }
@@ -402,34 +420,72 @@ fn mirror_state(spec: &Spec, sources: &Sources) -> Result<String> {
     Ok(sha256_hex(fetched.as_bytes()))
 }
 
-/// Take `lock` on the index in `dir`, exclusive or shared, saying on stderr what is
-/// waited for when another build holds it.
-fn wait_for(lock: &fs::File, dir: &Path, exclusive: bool) -> Result<()> {
-    let taken = if exclusive {
-        lock.try_lock()
-    } else {
-        lock.try_lock_shared()
-    };
-    if taken.is_err() {
-        if exclusive {
-            eprintln!(
-                "    waiting for other builds to finish with the package lists in {} (they are out of date)",
-                dir.display()
-            );
-        } else {
+/// The lock file of an index, 0644 whatever the umask (`image plan` run by a user
+/// reads under it).
+fn create_lock(path: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::PermissionsExt;
+    let lock =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    lock.set_permissions(fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(lock)
+}
+
+/// Take `lock` on the index in `dir` shared, saying on stderr what is waited for when
+/// another build is updating the lists.
+fn lock_shared(lock: &fs::File, dir: &Path) -> Result<()> {
+    match lock.try_lock_shared() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => {
             eprintln!(
                 "    waiting for another build to finish updating the package lists in {}",
                 dir.display()
             );
+            lock.lock_shared().map_err(|e| lock_error(e, dir))
         }
-        if exclusive {
-            lock.lock()
-        } else {
-            lock.lock_shared()
-        }
-        .with_context(|| format!("cannot lock {}", dir.join(LOCK).display()))?;
+        Err(fs::TryLockError::Error(e)) => Err(lock_error(e, dir)),
     }
-    Ok(())
+}
+
+/// Run `update` holding `lock` on the index in `dir` exclusive, unless the lists are
+/// `current` by then; return holding it shared. Builds reading the lists finish first;
+/// while waiting for them, the lists are looked at again now and then (shared, which
+/// waits only for an updater): when another build brought them up to date meanwhile,
+/// there is nothing to do and nothing more to wait for.
+fn update_exclusive(
+    lock: &fs::File,
+    dir: &Path,
+    current: impl Fn() -> bool,
+    update: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let mut said = false;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(e)) => return Err(lock_error(e, dir)),
+        }
+        lock_shared(lock, dir)?;
+        if current() {
+            return Ok(());
+        }
+        if !said {
+            eprintln!(
+                "    waiting for other builds to finish with the package lists in {} (they are out of date)",
+                dir.display()
+            );
+            said = true;
+        }
+        lock.unlock().map_err(|e| lock_error(e, dir))?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let updated = if current() { Ok(()) } else { update() };
+    lock_shared(lock, dir)?;
+    updated
+}
+
+fn lock_error(e: std::io::Error, dir: &Path) -> anyhow::Error {
+    anyhow::Error::from(e).context(format!("cannot lock {}", dir.join(LOCK).display()))
 }
 
 /// Replace `path` with `content` whole (a reader sees the old file or the new one),
@@ -653,6 +709,89 @@ fn suite_hint(spec: &Spec, suite: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    /// Another build's hold on an index's lock: its own open file, as another process's.
+    fn other(dir: &Path) -> fs::File {
+        fs::File::open(dir.join(LOCK)).unwrap()
+    }
+
+    #[test]
+    fn an_update_holds_the_index_alone_and_leaves_it_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = create_lock(&dir.path().join(LOCK)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(lock.metadata().unwrap().permissions().mode() & 0o777, 0o644);
+        lock_shared(&lock, dir.path()).unwrap();
+        let runs = AtomicUsize::new(0);
+        update_exclusive(
+            &lock,
+            dir.path(),
+            || false,
+            || {
+                // Nobody reads the lists while they are rewritten.
+                assert!(matches!(
+                    other(dir.path()).try_lock_shared(),
+                    Err(fs::TryLockError::WouldBlock)
+                ));
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        // Then read by this build and others, updated by none until it is done.
+        other(dir.path()).try_lock_shared().unwrap();
+        assert!(other(dir.path()).try_lock().is_err());
+    }
+
+    #[test]
+    fn an_update_waits_for_readers_and_not_once_another_build_updated() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = create_lock(&dir.path().join(LOCK)).unwrap();
+        // A build reading the lists for the next minute.
+        let reader = other(dir.path());
+        reader.try_lock_shared().unwrap();
+        // Another build brings the lists up to date two seconds from now: this one
+        // stops waiting then, without the update and long before the reader is done.
+        let current = AtomicBool::new(false);
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_secs(2));
+                current.store(true, Ordering::SeqCst);
+            });
+            update_exclusive(
+                &lock,
+                dir.path(),
+                || current.load(Ordering::SeqCst),
+                || panic!("updated lists another build had updated"),
+            )
+            .unwrap();
+        });
+        assert!(started.elapsed() < Duration::from_secs(30));
+        // Out of date and nobody updating: the update runs once the reader is done.
+        let runs = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_secs(2));
+                drop(reader);
+            });
+            lock.unlock().unwrap();
+            update_exclusive(
+                &lock,
+                dir.path(),
+                || false,
+                || {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                },
+            )
+            .unwrap();
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn a_mistyped_suite_gets_the_nearest_known_one() {
