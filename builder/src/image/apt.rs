@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::image::rootfs::Sources;
 use crate::model::manifest::Package;
 use crate::model::spec::Spec;
+use crate::store::cache::INDEX_LOCK as LOCK;
 use crate::support::cmd;
 use crate::support::digest::sha256_hex;
 
@@ -35,9 +36,6 @@ pub(crate) struct Index {
     /// plan reading a cache made before the lock existed).
     lock: Option<fs::File>,
 }
-
-/// The lock file of an index.
-const LOCK: &str = "lock";
 
 /// What was resolved: the package set and the archive state it came from.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

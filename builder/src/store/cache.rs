@@ -281,6 +281,12 @@ impl Cache {
     /// `dry_run` only say what that would remove.
     pub(crate) fn prune(&self, keep: usize, packages: bool, dry_run: bool) -> Result<Pruned> {
         self.check_is_cache()?;
+        // Held until the package lists are removed: no build reads them meanwhile.
+        let _lists = if packages {
+            self.hold_package_lists()?
+        } else {
+            Vec::new()
+        };
         let status = self.status()?;
         let mut pruned = Pruned {
             dry_run,
@@ -313,6 +319,41 @@ impl Cache {
         Ok(pruned)
     }
 }
+
+impl Cache {
+    /// Every package index's lock (`apt/KEY/`[`INDEX_LOCK`]), exclusive; refused
+    /// before anything is removed while a build reads or updates one.
+    fn hold_package_lists(&self) -> Result<Vec<fs::File>> {
+        let mut held = Vec::new();
+        for index in fs::read_dir(self.root.join("apt"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = index.path().join(INDEX_LOCK);
+            let lock = match fs::File::open(&path) {
+                Ok(lock) => lock,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+            };
+            match lock.try_lock() {
+                Ok(()) => held.push(lock),
+                Err(fs::TryLockError::WouldBlock) => anyhow::bail!(
+                    "a build is using the package lists in {}; nothing was removed\n  hint: run `devos-build cache prune --all` again once it has finished",
+                    index.path().display()
+                ),
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+                }
+            }
+        }
+        Ok(held)
+    }
+}
+
+/// The lock file of a package index (`apt/KEY/`): shared while a build reads its lists,
+/// exclusive while they are updated or removed.
+pub(crate) const INDEX_LOCK: &str = "lock";
 
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct Status {
@@ -479,6 +520,37 @@ mod tests {
         assert!(!cache.restore("base", "k1", &again).unwrap());
         assert!(!again.exists());
         assert!(!cache.entry_dir("base", "k1").exists());
+    }
+
+    #[test]
+    fn package_lists_a_build_uses_are_not_pruned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("cache");
+        let index = root.join("apt/0123456789abcdef");
+        fs::create_dir_all(index.join("lists")).unwrap();
+        fs::create_dir_all(root.join("packages")).unwrap();
+        tag(&fs::File::open(&root).unwrap(), &root, true).unwrap();
+        // A build reading the lists (its own open file, as another process's).
+        let build = fs::File::create(index.join(INDEX_LOCK)).unwrap();
+        build.lock_shared().unwrap();
+        let cache = Cache::new(root.clone(), true);
+        for dry_run in [true, false] {
+            let e = format!("{:#}", cache.prune(0, true, dry_run).unwrap_err());
+            assert!(
+                e.contains("a build is using the package lists in")
+                    && e.contains(&index.display().to_string())
+                    && e.contains("nothing was removed")
+                    && e.contains("cache prune --all"),
+                "{e}"
+            );
+        }
+        assert!(index.join("lists").is_dir() && root.join("packages").is_dir());
+        // Stage entries alone are pruned as before.
+        cache.prune(0, false, false).unwrap();
+        // Once the build is done, the lists go with the rest.
+        drop(build);
+        cache.prune(0, true, false).unwrap();
+        assert!(!root.join("apt").exists() && !root.join("packages").exists());
     }
 
     #[test]
