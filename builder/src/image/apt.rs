@@ -278,11 +278,12 @@ impl Index {
         if self.is_current(&current) {
             return Ok(());
         }
-        let Some(lock) = &self.lock else {
-            // A scratch index: nobody else reads it.
-            self.update(spec)?;
-            return write_if_changed(&self.dir.join("in-release.sha256"), &current);
-        };
+        // Only a build's index is refreshed (a plan's scratch lists are fetched anew),
+        // and [`Index::open`] always locks it.
+        let lock = self
+            .lock
+            .as_ref()
+            .context("only an index opened for a build is refreshed")?;
         update_exclusive(
             lock,
             &self.dir,

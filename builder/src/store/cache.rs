@@ -318,9 +318,7 @@ impl Cache {
         }
         Ok(pruned)
     }
-}
 
-impl Cache {
     /// Every package index's lock (`apt/KEY/`[`INDEX_LOCK`]), exclusive; refused
     /// before anything is removed while a build reads or updates one.
     fn hold_package_lists(&self) -> Result<Vec<fs::File>> {
