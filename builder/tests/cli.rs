@@ -657,8 +657,8 @@ fn validate_refuses_what_a_build_would_refuse_later() {
     let (code, err) = validate(name, "name = \"devos-debian-12345\"");
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("is longer than the 36 characters a GPT holds")
-            && err.contains("shorten `[image] name` or `version`"),
+        err.contains("spec.toml:7:8: the root slot's partition name `devos-debian-12345_0.2.0_<12 hex of the build id>` (37 characters) is longer than the 36 characters a GPT holds")
+            && err.contains("shorten `[image] name` or `version` by 1 character(s)"),
         "{err}"
     );
 

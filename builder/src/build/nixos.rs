@@ -30,8 +30,7 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
     };
     // The store and its hash tree are named NAME_VERSION on the disk (nixos/image.nix),
     // which nixpkgs refuses past the 36 characters a GPT name holds, and only once it
-    // evaluates the final version: refused here first, as for a Debian image's slot.
-    crate::image::check_slot_label(spec)?;
+    // evaluates the final version: the spec's check refused a longer one already.
     let start = Instant::now();
     let source = agent_pkg::agent_source(&spec.path);
     let flake = crate::nixos::check_host(spec, source.as_deref())?;

@@ -29,8 +29,6 @@ const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const TYPE_VAR: &str = "4D21B016-B534-45C2-A9FB-5C16E091FD2D";
 const TYPE_ROOT_VERITY_X86_64: &str = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5";
-/// The GPT holds a partition name of at most 36 UTF-16 code units.
-const GPT_NAME_MAX: usize = 36;
 /// What systemd-sysupdate calls a slot that holds nothing yet.
 const EMPTY_SLOT: &str = "_empty";
 /// GPT attribute bit 60: the partition is read-only.
@@ -241,7 +239,7 @@ fn root_slots(
             keep: false,
         }]);
     };
-    let label = slot_label(spec, &id.version)?;
+    let label = slot_label(spec, &id.version);
     let (root_slot, hash_slot) = slot_sizes(root_size, *hash_size);
     let (data_uuid, hash_uuid) = root_hash_uuids(root_hash);
     let slot = |file: Option<PathBuf>, size, label: &str, fs: &str, ty, uuid: String| Image {
@@ -303,29 +301,10 @@ fn slot_sizes(root: u64, hash: u64) -> (u64, u64) {
 }
 
 /// `NAME_VERSION`, the partition name systemd-sysupdate matches a slot's version by,
-/// for the built `version`; refused when a GPT cannot hold it (`image validate` asks
-/// too, before anything is built).
-pub(crate) fn slot_label(spec: &Spec, version: &str) -> Result<String> {
-    let label = crate::image::sysupdate::stem(&spec.name, version);
-    check_label_length(spec, &label, label.chars().count())?;
-    Ok(label)
-}
-
-/// Refuse a root slot's partition name (the Nix store's on NixOS) of `chars`
-/// characters, written in the message as `shown`, when a GPT cannot hold it.
-pub(crate) fn check_label_length(spec: &Spec, shown: &str, chars: usize) -> Result<()> {
-    if chars > GPT_NAME_MAX {
-        let which = match spec.distro {
-            crate::model::spec::Distro::Nixos => "the Nix store's partition name",
-            _ => "the root slot's partition name",
-        };
-        bail!(
-            "{which} `{shown}` ({chars} characters) is longer than the {GPT_NAME_MAX} characters a GPT holds\n  hint: shorten `[image] name` or `version` in {} by {} character(s)",
-            spec.path.display(),
-            chars - GPT_NAME_MAX
-        );
-    }
-    Ok(())
+/// for the built `version`. The spec's check (`spec::check_slot_name`) made sure a GPT
+/// holds it.
+pub(crate) fn slot_label(spec: &Spec, version: &str) -> String {
+    crate::image::sysupdate::stem(&spec.name, version)
 }
 
 /// The UKI's file name on the ESP: `NAME_VERSION.efi`, which systemd-boot sorts by

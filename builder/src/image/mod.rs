@@ -23,30 +23,10 @@ use anyhow::Result;
 use crate::model::spec::{Distro, Spec};
 
 /// What the stages would refuse later that the spec already shows, checked by the
-/// stages' own functions for `image validate`: a `[base] keyring` missing on this host,
-/// and (with verity, and always on NixOS, whose store partition is named the same way)
-/// a root slot name longer than a GPT holds.
+/// stages' own functions for `image validate`: a `[base] keyring` missing on this host.
 pub(crate) fn check_spec(spec: &Spec) -> Result<()> {
-    if spec.distro == Distro::Nixos {
-        return check_slot_label(spec);
-    }
-    if spec.keyring.is_some() {
+    if spec.distro != Distro::Nixos && spec.keyring.is_some() {
         rootfs::preflight(spec)?;
     }
-    if spec.verity {
-        check_slot_label(spec)?;
-    }
     Ok(())
-}
-
-/// `NAME_VERSION` fits a GPT partition name. The build id is not known yet; every
-/// build id gives a version of the same length.
-pub(crate) fn check_slot_label(spec: &Spec) -> Result<()> {
-    let any_build_id = "0".repeat(64);
-    let label = sysupdate::stem(&spec.name, &identity::built_version(spec, &any_build_id));
-    disk::check_label_length(
-        spec,
-        &format!("{}_{}_<12 hex of the build id>", spec.name, spec.version),
-        label.chars().count(),
-    )
 }

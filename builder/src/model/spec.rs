@@ -938,6 +938,9 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
         None => false,
     };
 
+    if verity || nixos {
+        check_slot_name(&src, &raw.image.name, &version, nixos)?;
+    }
     let update = match &raw.update {
         Some(u) => Some(update(&src, u, verity)?),
         None => None,
@@ -1545,6 +1548,38 @@ fn tests(src: &Source, raw: &[RawTest]) -> Result<Vec<Test>, SpecError> {
         });
     }
     Ok(tests)
+}
+
+/// The characters (UTF-16 code units) a GPT partition name holds.
+const GPT_NAME_MAX: usize = 36;
+
+/// A verified root's slot is named `NAME_VERSION_<12 hex of the build id>` (and a NixOS
+/// image's store partition `NAME_VERSION+<12 hex>`): refused here, at the name, when a
+/// GPT cannot hold it, rather than by the disk stage after the tree is built.
+fn check_slot_name(
+    src: &Source,
+    name: &Spanned<String>,
+    version: &semver::Version,
+    nixos: bool,
+) -> Result<(), SpecError> {
+    let shown = format!("{}_{version}_<12 hex of the build id>", name.get_ref());
+    // Names and versions are ASCII (both are checked before).
+    let chars = name.get_ref().len() + 1 + version.to_string().len() + 1 + 12;
+    if chars <= GPT_NAME_MAX {
+        return Ok(());
+    }
+    let which = match nixos {
+        true => "the Nix store's partition name",
+        false => "the root slot's partition name",
+    };
+    Err(src.error(
+        name,
+        format!("{which} `{shown}` ({chars} characters) is longer than the {GPT_NAME_MAX} characters a GPT holds"),
+        &format!(
+            "shorten `[image] name` or `version` by {} character(s)",
+            chars - GPT_NAME_MAX
+        ),
+    ))
 }
 
 /// The longest version: it names files (`NAME-VERSION+BUILD.raw`, at most 255 bytes)
