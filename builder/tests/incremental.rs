@@ -454,8 +454,30 @@ fn a_cached_build_and_a_build_from_scratch_are_bit_for_bit_identical() {
         t.replace("verity = true\n", "verity = true\nsecure-boot = true\n")
     });
     // Fill the cache.
-    env.build(&spec, &[]);
+    let (first, _) = env.build(&spec, &[]);
+    // A package the cache holds cut short (a build killed while copying it there) is
+    // fetched again by the next build that installs it, and replaced whole.
+    let less = first["manifest"]["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "less")
+        .unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let debs = env.cache.join("packages/debian-trixie");
+    let deb = debs.join(format!("less_{}_amd64.deb", less.replace(':', "%3a")));
+    let whole = std::fs::read(&deb).unwrap();
+    std::fs::write(&deb, &whole[..whole.len() / 2]).unwrap();
     let (report, log) = env.build(&spec, &["--check-reproducible"]);
+    assert!(std::fs::read(&deb).unwrap() == whole, "{log}");
+    let parts: Vec<String> = std::fs::read_dir(&debs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".part-"))
+        .collect();
+    assert!(parts.is_empty(), "{parts:?}");
     assert!(
         report["manifest"]["secure_boot"]["certificate_sha256"].is_string(),
         "{report:#}"

@@ -273,6 +273,11 @@ pub(crate) fn bootstrap(
         ))
         // Keep every downloaded .deb: copy the cache in before apt runs, and the
         // (possibly larger) cache back out before mmdebstrap cleans it.
+        //
+        // Out, each package the cache lacks or holds differently (cut short by a
+        // killed build, which apt then fetched again) goes through a file of this
+        // build's own and is renamed into place: another build copying the cache in
+        // never takes half a package, and a broken one does not stay.
         .arg("--skip=essential/unlink")
         .arg("--skip=update")
         .arg(format!(
@@ -284,7 +289,7 @@ pub(crate) fn bootstrap(
             "--setup-hook=find '{cache}' -maxdepth 1 -name '*.deb' -exec cp -t \"$1\"/var/cache/apt/archives/ {{}} +"
         ))
         .arg(format!(
-            "--customize-hook=find \"$1\"/var/cache/apt/archives -maxdepth 1 -name '*.deb' -exec cp -nt '{cache}' {{}} +"
+            "--customize-hook=for f in \"$1\"/var/cache/apt/archives/*.deb; do [ -f \"$f\" ] || continue; n=\"${{f##*/}}\"; cmp -s \"$f\" '{cache}'/\"$n\" && continue; cp \"$f\" '{cache}'/.\"$n\".part-$$ && mv -f '{cache}'/.\"$n\".part-$$ '{cache}'/\"$n\" || exit 1; done"
         ));
     if let Some(k) = keyring(spec) {
         mm.arg(format!("--keyring={}", k.display()));
