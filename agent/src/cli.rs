@@ -247,13 +247,20 @@ async fn update(
         other => agent_error(other),
     })?;
     let v: serde_json::Value = serde_json::from_str(&reply)?;
+    let rebooting = reboot && v["reboot"] == true;
+    let message = v["message"].as_str().unwrap_or_default();
+    // What the machine does next is this command's to say when it reboots itself.
+    let message = match message.rsplit_once(": reboot to ") {
+        Some((done, _)) if rebooting => format!("{done}: rebooting now"),
+        _ => message.to_owned(),
+    };
     // (Said before the reboot, which happens even if no one reads it.)
     let shown = crate::stdout::print(if json {
         serde_json::to_string_pretty(&v)? + "\n"
     } else {
-        format!("{}\n", printable(v["message"].as_str().unwrap_or_default()))
+        format!("{}\n", printable(&message))
     });
-    if reboot && v["reboot"] == true {
+    if rebooting {
         let status = std::process::Command::new("systemctl")
             .arg("reboot")
             .status()

@@ -785,6 +785,12 @@ enum SelfTestError {
     },
     #[error("cannot run devos: {0}")]
     RunDevos(std::io::Error),
+    #[error("`devos {args}` failed ({status}): {stderr}")]
+    DevosFailed {
+        args: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error("`devos {args}` gave no JSON ({source}): {stderr}")]
     NoJson {
         args: String,
@@ -1031,6 +1037,14 @@ async fn devos_json(args: &[&str]) -> Result<serde_json::Value, SelfTestError> {
         .output()
         .await
         .map_err(SelfTestError::RunDevos)?;
+    // (A refused request still answers in JSON, with a status that is not success.)
+    if !out.status.success() && out.stdout.trim_ascii().is_empty() {
+        return Err(SelfTestError::DevosFailed {
+            args: args.join(" "),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
     serde_json::from_slice(&out.stdout).map_err(|source| SelfTestError::NoJson {
         args: args.join(" "),
         source,

@@ -125,22 +125,25 @@ pub enum UpdateError {
 /// really runs takes far longer.
 const BUSY_TRIES: u32 = 5;
 
-/// Run `program args` through `launcher`, its stdout and stderr together (the last
-/// 4 KiB) and status. The launcher's unit has one name, taken while another update
-/// runs: then [`UpdateError::Busy`].
-fn run(
-    launcher: &[String],
-    program: &Path,
-    args: &[&str],
-) -> Result<(std::process::ExitStatus, String), UpdateError> {
+/// What a program run through the launcher did.
+struct Ran {
+    status: std::process::ExitStatus,
+    stdout: String,
+    /// Its stdout and stderr together, the last 4 KiB: what it said, for errors.
+    output: String,
+}
+
+/// Run `program args` through `launcher`. The launcher's unit has one name, taken
+/// while another update runs: then [`UpdateError::Busy`].
+fn run(launcher: &[String], program: &Path, args: &[&str]) -> Result<Ran, UpdateError> {
     let mut tries = 1;
     loop {
-        let (status, output) = run_once(launcher, program, args)?;
-        if status.success() || !busy(launcher, &output) {
-            return Ok((status, output));
+        let ran = run_once(launcher, program, args)?;
+        if ran.status.success() || !busy(launcher, &ran.output) {
+            return Ok(ran);
         }
         if tries == BUSY_TRIES {
-            return Err(UpdateError::Busy(output));
+            return Err(UpdateError::Busy(ran.output));
         }
         tries += 1;
         std::thread::sleep(std::time::Duration::from_secs(1));
@@ -152,11 +155,7 @@ fn busy(launcher: &[String], output: &str) -> bool {
     !launcher.is_empty() && output.contains("already loaded")
 }
 
-fn run_once(
-    launcher: &[String],
-    program: &Path,
-    args: &[&str],
-) -> Result<(std::process::ExitStatus, String), UpdateError> {
+fn run_once(launcher: &[String], program: &Path, args: &[&str]) -> Result<Ran, UpdateError> {
     let mut command = match launcher.split_first() {
         Some((first, rest)) => {
             let mut c = Command::new(first);
@@ -174,24 +173,54 @@ fn run_once(
             program: program.to_owned(),
             source,
         })?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut text = stdout.clone();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     let text = text.trim();
     let tail = match text.char_indices().rev().nth(4095) {
         Some((i, _)) => &text[i..],
         None => text,
     };
-    Ok((out.status, tail.to_owned()))
+    Ok(Ran {
+        status: out.status,
+        stdout,
+        output: tail.to_owned(),
+    })
 }
 
-/// Run `program args` through `launcher`; its output if it succeeded.
-fn run_ok(launcher: &[String], program: &Path, args: &[&str]) -> Result<String, UpdateError> {
-    match run(launcher, program, args)? {
-        (status, output) if status.success() => Ok(output),
-        (status, output) => Err(UpdateError::Failed {
+/// Run `program args` through `launcher`; what it said if it succeeded.
+fn run_ok(launcher: &[String], program: &Path, args: &[&str]) -> Result<Ran, UpdateError> {
+    let ran = run(launcher, program, args)?;
+    if !ran.status.success() {
+        return Err(UpdateError::Failed {
             program: program.to_owned(),
-            status,
-            output,
+            status: ran.status,
+            output: ran.output,
+        });
+    }
+    Ok(ran)
+}
+
+/// The newer version the feed offers, in systemd-sysupdate's spelling, or None when it
+/// offers nothing newer than what is installed. Only systemd-sysupdate's JSON answer
+/// (`{"available": null}`) says "nothing newer": a feed it cannot reach, one whose
+/// signature or sums are wrong, fails the check with what went wrong.
+fn check_new(config: &UpdateConfig) -> Result<Option<String>, UpdateError> {
+    #[derive(Deserialize)]
+    struct CheckNew {
+        available: Option<String>,
+    }
+    let ran = run_ok(
+        &config.launcher,
+        &config.sysupdate,
+        &["check-new", "--json=short"],
+    )?;
+    match serde_json::from_str::<CheckNew>(ran.stdout.trim()) {
+        Ok(answer) => Ok(answer.available.filter(|v| !v.is_empty())),
+        Err(e) => Err(UpdateError::Failed {
+            program: config.sysupdate.clone(),
+            status: ran.status,
+            output: format!("its answer is not the JSON asked for ({e}): {}", ran.output),
         }),
     }
 }
@@ -199,6 +228,12 @@ fn run_ok(launcher: &[String], program: &Path, args: &[&str]) -> Result<String, 
 /// The version as systemd-sysupdate and the boot loader name it (`+` as `_`).
 fn sysupdate_version(version: &str) -> String {
     version.replace('+', "_")
+}
+
+/// A version in systemd-sysupdate's spelling as everything else writes it: the inverse
+/// of [`sysupdate_version`] (a DevOS version has at most one `+`, and no `_`).
+fn builder_version(sysupdate_version: &str) -> String {
+    sysupdate_version.replacen('_', "+", 1)
 }
 
 /// Do `action`. `running` is this machine's `IMAGE_VERSION`, `image` its `IMAGE_ID`.
@@ -219,50 +254,28 @@ pub fn apply(
         message,
     };
     match action {
-        UpdateAction::Check => {
-            match run(&config.launcher, &config.sysupdate, &["check-new"])? {
-                (status, output) if status.success() => {
-                    let version = output.lines().next().unwrap_or_default().trim().to_owned();
-                    Ok(outcome(
-                        Some(version.clone()),
-                        false,
-                        format!("{version} is available: `devos update` installs it"),
-                    ))
-                }
-                // No newer version: systemd-sysupdate says so by failing, with no version.
-                (_, output) if !output.lines().any(|l| l.starts_with(char::is_numeric)) => {
-                    Ok(outcome(None, false, up_to_date(config, image, running)))
-                }
-                (status, output) => Err(UpdateError::Failed {
-                    program: config.sysupdate.clone(),
-                    status,
-                    output,
-                }),
+        UpdateAction::Check => match check_new(config)? {
+            Some(version) => {
+                let version = builder_version(&version);
+                Ok(outcome(
+                    Some(version.clone()),
+                    false,
+                    format!("{version} is available: `devos update` installs it"),
+                ))
             }
-        }
+            None => Ok(outcome(None, false, up_to_date(config, image, running))),
+        },
         UpdateAction::Install => {
-            let before = run(&config.launcher, &config.sysupdate, &["check-new"])?;
-            let version = before
-                .1
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            // The version just offered, by name: what a fleet's `move_to` asks for too.
-            let args: &[&str] = if before.0.success() && !version.is_empty() {
-                &["update", &version]
-            } else {
-                &["update"]
-            };
-            let output = run_ok(&config.launcher, &config.sysupdate, args)?;
-            if !before.0.success() || output.contains("No update needed") {
+            let Some(version) = check_new(config)? else {
                 return Ok(outcome(None, false, up_to_date(config, image, running)));
-            }
+            };
+            // The version just offered, by name: what a fleet's `move_to` asks for too.
+            run_ok(&config.launcher, &config.sysupdate, &["update", &version])?;
             // A rollback chose a default entry; the new version must be the one that boots.
             if config.bootctl.exists() {
                 run_ok(&config.launcher, &config.bootctl, &["set-default", ""])?;
             }
+            let version = builder_version(&version);
             Ok(outcome(
                 Some(version.clone()),
                 true,
@@ -272,6 +285,7 @@ pub fn apply(
             ))
         }
         UpdateAction::Rollback => rollback(config, image, running).map(|(entry, version)| {
+            let version = builder_version(&version);
             outcome(
                 Some(version.clone()),
                 true,
@@ -359,11 +373,11 @@ fn up_to_date(config: &UpdateConfig, image: Option<&str>, running: Option<&str>)
     match newer {
         Some(o) if o.untried => format!(
             "{} is installed and boots next (its first try): reboot to start it",
-            o.version
+            builder_version(&o.version)
         ),
         Some(o) => format!(
             "the feed has nothing newer than what is installed, but this machine went back from {}, which is still installed: `devos update --rollback` boots it again",
-            o.version
+            builder_version(&o.version)
         ),
         None => "this machine runs the newest version".into(),
     }
@@ -610,7 +624,7 @@ mod tests {
             Some("2.0.0+ddd"),
         )
         .unwrap();
-        assert_eq!(out.next.as_deref(), Some("1.1.0_bbb"));
+        assert_eq!(out.next.as_deref(), Some("1.1.0+bbb"));
         assert!(out.reboot);
         assert_eq!(
             std::fs::read_to_string(&log).unwrap(),
@@ -704,7 +718,7 @@ mod tests {
             sysupdate: script(
                 dir.path(),
                 "sysupdate",
-                "case $1 in check-new) exit 1;; update) echo 'No update needed.' >&2;; esac",
+                r#"case $1 in check-new) echo '{"available":null}';; update) echo 'No update needed.' >&2;; esac"#,
             ),
             bootctl: dir.path().join("bootctl"),
             kernel_images: dir.path().into(),
@@ -717,7 +731,7 @@ mod tests {
             let out = apply(&config, action, Some("img"), Some("0.2.9+a")).unwrap();
             assert!(!out.reboot, "{out:?}");
             assert!(
-                out.message.contains("went back from 0.2.10_b")
+                out.message.contains("went back from 0.2.10+b")
                     && out.message.contains("devos update --rollback"),
                 "{}",
                 out.message
@@ -730,7 +744,7 @@ mod tests {
             std::fs::write(dir.path().join(untried), "").unwrap();
             let out = apply(&config, UpdateAction::Check, Some("img"), Some("0.2.10+b")).unwrap();
             assert!(
-                out.message.contains("0.2.11_c is installed and boots next"),
+                out.message.contains("0.2.11+c is installed and boots next"),
                 "{}",
                 out.message
             );
@@ -745,7 +759,7 @@ mod tests {
         let sysupdate = |body: &str| script(dir.path(), "sysupdate", body);
         let mut config = UpdateConfig {
             sysupdate: sysupdate(
-                "case $1 in check-new) echo 2.0.0_b;; update) echo done >&2;; esac",
+                r#"case $1 in check-new) echo '{"available":"2.0.0_b"}';; update) echo done >&2;; esac"#,
             ),
             bootctl: script(
                 dir.path(),
@@ -757,20 +771,42 @@ mod tests {
             ..UpdateConfig::default()
         };
         let out = apply(&config, UpdateAction::Install, Some("img"), Some("1.0.0+a")).unwrap();
-        assert_eq!(out.next.as_deref(), Some("2.0.0_b"));
+        assert_eq!(out.next.as_deref(), Some("2.0.0+b"));
         assert!(out.reboot);
         // A rollback's default entry is cleared: the new version boots.
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "set-default \n");
 
-        config.sysupdate =
-            sysupdate("case $1 in check-new) exit 1;; update) echo 'No update needed.' >&2;; esac");
+        // Nothing newer: systemd-sysupdate's JSON answer says so, and nothing runs.
+        config.sysupdate = sysupdate(
+            r#"case $1 in check-new) echo '{"available":null}';; *) echo 'the update ran' >&2; exit 1;; esac"#,
+        );
         let out = apply(&config, UpdateAction::Install, None, None).unwrap();
         assert!(!out.reboot && out.next.is_none(), "{out:?}");
         let out = apply(&config, UpdateAction::Check, None, None).unwrap();
         assert!(out.next.is_none());
+        assert_eq!(out.message, "this machine runs the newest version");
+
+        // A feed that cannot be reached, or whose manifest's signature is wrong, fails
+        // the check (exit 1, as when nothing is newer without JSON): never "newest".
+        for failing in [
+            "echo 'Transfer failed: Could not connect to server' >&2; exit 1",
+            "echo 'DOWNLOAD INVALID: Signature verification failed.' >&2; exit 1",
+            "exit 1",
+            // An answer without the JSON asked for (a systemd-sysupdate without it).
+            "echo 2.0.0_b",
+        ] {
+            config.sysupdate = sysupdate(&format!(
+                "case $1 in check-new) {failing};; *) echo 'the update ran' >&2; exit 1;; esac"
+            ));
+            for action in [UpdateAction::Check, UpdateAction::Install] {
+                let e = apply(&config, action, None, None).unwrap_err();
+                assert!(matches!(e, UpdateError::Failed { .. }), "{failing}: {e}");
+                assert!(!e.to_string().contains("the update ran"), "{failing}: {e}");
+            }
+        }
 
         config.sysupdate = sysupdate(
-            "case $1 in check-new) echo 2.0.0_b;; update) echo 'Signature verification failed.' >&2; exit 1;; esac",
+            r#"case $1 in check-new) echo '{"available":"2.0.0_b"}';; update) echo 'Signature verification failed.' >&2; exit 1;; esac"#,
         );
         let e = apply(&config, UpdateAction::Install, None, None).unwrap_err();
         assert!(
@@ -798,12 +834,12 @@ mod tests {
             ),
         );
         let config = UpdateConfig {
-            sysupdate: script(dir.path(), "sysupdate", "echo 2.0.0_b"),
+            sysupdate: script(dir.path(), "sysupdate", r#"echo '{"available":"2.0.0_b"}'"#),
             launcher: vec![launcher.display().to_string()],
             ..UpdateConfig::default()
         };
         let out = apply(&config, UpdateAction::Check, None, None).unwrap();
-        assert_eq!(out.next.as_deref(), Some("2.0.0_b"));
+        assert_eq!(out.next.as_deref(), Some("2.0.0+b"));
         // Taken all along (an install runs): refused, saying so.
         let busy = script(dir.path(), "busy", taken);
         let config = UpdateConfig {

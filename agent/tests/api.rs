@@ -645,11 +645,20 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
         open_up(&path, 0o755);
         path
     };
+    // Its answer to `check-new` as systemd-sysupdate 257 gives it: a newer version; with
+    // `none`, nothing newer; with `broken`, a feed it cannot reach.
+    let (none, broken) = (fakes.path().join("none"), fakes.path().join("broken"));
     let sysupdate = fake(
         "sysupdate",
         &format!(
-            "case $1 in check-new) echo 0.3.0_new;; *) echo \"sysupdate $@\" >> {}; echo written >&2;; esac",
-            log.display()
+            "case $1 in check-new) \
+             if [ -e {broken} ]; then echo 'Transfer failed: Could not connect to server' >&2; exit 1; \
+             elif [ -e {none} ]; then echo '{{\"available\":null}}'; \
+             else echo '{{\"available\":\"0.3.0_new\"}}'; fi;; \
+             *) echo \"sysupdate $@\" >> {log}; echo written >&2;; esac",
+            broken = broken.display(),
+            none = none.display(),
+            log = log.display()
         ),
     );
     let bootctl = fake(
@@ -690,23 +699,25 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
 
     let out = agent.devos(None, fakes.path(), &["--json", "update", "--check"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(json(&out)["next"], "0.3.0_new");
+    assert_eq!(json(&out)["next"], "0.3.0+new");
     assert!(!log.exists(), "a check changed something");
 
     let out = agent.devos(None, fakes.path(), &["update"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("0.3.0_new is installed"),
+        stdout(&out).contains("0.3.0+new is installed"),
         "{}",
         stdout(&out)
     );
     let out = agent.devos(None, fakes.path(), &["update", "--rollback"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("0.1.0_prev"), "{}", stdout(&out));
-    assert_eq!(
-        std::fs::read_to_string(&log).unwrap(),
-        "sysupdate update 0.3.0_new\nbootctl set-default \nbootctl set-default devos_0.1.0_prev.efi\n"
+    assert!(
+        stdout(&out).contains("the next boot starts 0.1.0+prev (devos_0.1.0_prev.efi)"),
+        "{}",
+        stdout(&out)
     );
+    let calls = "sysupdate update 0.3.0_new\nbootctl set-default \nbootctl set-default devos_0.1.0_prev.efi\n";
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), calls);
     let audit = std::fs::read_to_string(agent.state().join("audit/log-000001.jsonl")).unwrap();
     // Each recorded before it started, and its outcome after.
     let events: Vec<String> = audit
@@ -727,6 +738,32 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
     );
     let out = agent.devos(None, fakes.path(), &["audit", "verify"]);
     assert!(out.status.success(), "{}", stdout(&out));
+
+    // Only systemd-sysupdate's own answer says there is nothing newer: a feed it cannot
+    // reach (or whose signature or sums are wrong) fails the check and the install,
+    // saying why, and nothing is installed.
+    std::fs::write(&broken, "").unwrap();
+    for args in [&["update", "--check"][..], &["update"]] {
+        let out = agent.devos(None, fakes.path(), args);
+        assert!(!out.status.success(), "{args:?}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("Could not connect to server"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    std::fs::remove_file(&broken).unwrap();
+    std::fs::write(&none, "").unwrap();
+    for args in [&["update", "--check"][..], &["update"]] {
+        let out = agent.devos(None, fakes.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert!(
+            stdout(&out).contains("this machine runs the newest version"),
+            "{args:?}: {}",
+            stdout(&out)
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), calls);
 
     // What gates a version on trial: the agent serves and its audit log verifies.
     let boot_check = |bus: &str| {

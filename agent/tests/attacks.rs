@@ -3569,7 +3569,7 @@ fn an_update_that_cannot_be_audited_does_not_start() {
     let sysupdate = tool(
         "sysupdate",
         format!(
-            "case $1 in check-new) echo 0.3.0_new;; *) echo \"sysupdate $*\" >> {};; esac",
+            "case $1 in check-new) echo '{{\"available\":\"0.3.0_new\"}}';; *) echo \"sysupdate $*\" >> {};; esac",
             log.display()
         ),
     );

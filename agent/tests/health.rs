@@ -705,7 +705,7 @@ fn a_second_update_while_one_runs_is_refused() {
     let sysupdate = write_tool(
         "sysupdate",
         format!(
-            "case $1 in check-new) echo 0.3.0_new;; *) echo \"sysupdate $*\" >> {log}; \
+            "case $1 in check-new) echo '{{\"available\":\"0.3.0_new\"}}';; *) echo \"sysupdate $*\" >> {log}; \
              n=0; while [ ! -e {gate} ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done;; esac",
             log = log.display(),
             gate = gate.display()
