@@ -734,8 +734,10 @@ async fn rollback() -> CheckResult {
 fn update_then_rollback_audited(dir: &Path) -> Result<(), String> {
     let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
     let running = crate::os_release::field(&os_release, "IMAGE_VERSION")
-        .ok_or("os-release has no IMAGE_VERSION")?
-        .replace('+', "_");
+        .ok_or("os-release has no IMAGE_VERSION")?;
+    // As the agent that installed it wrote it: the builder's spelling, or (agents of
+    // before 2026-12-07) systemd-sysupdate's.
+    let spellings = [running.clone(), running.replace('+', "_")];
     let mut entries: Vec<crate::audit::Entry> = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot list it: {e}"))?
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
@@ -750,7 +752,9 @@ fn update_then_rollback_audited(dir: &Path) -> Result<(), String> {
         |e: &crate::audit::Entry, event: &str| e.event == event && e.detail["reboot"] == true;
     let install = entries
         .iter()
-        .position(|e| done(e, "update.install") && e.detail["next"] == running.as_str())
+        .position(|e| {
+            done(e, "update.install") && spellings.iter().any(|v| e.detail["next"] == v.as_str())
+        })
         .ok_or(format!("no update.install entry that installed {running}"))?;
     entries[install..]
         .iter()

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use super::{Check, Scratch, Target, TestOptions, boot_and_report};
 use crate::model::manifest::Manifest;
@@ -25,6 +25,44 @@ use crate::model::manifest::Manifest;
 pub(crate) struct UpdateTo {
     pub(crate) dir: PathBuf,
     pub(crate) manifest: Manifest,
+}
+
+impl UpdateTo {
+    /// Refuse, before anything boots, an update a machine of `target` would not make:
+    /// to another image, or to a version that is not newer than the one it runs
+    /// (systemd-sysupdate installs only newer versions).
+    pub(crate) fn check_from(&self, target: &Target) -> Result<()> {
+        let Some(from) = &target.manifest else {
+            return Ok(());
+        };
+        let to = &self.manifest;
+        if from.name != to.name {
+            bail!(
+                "--update-to {}@{} is another image than {}@{}: a machine updates only to versions of its own image
+  hint: name a version of {}",
+                to.name,
+                to.version,
+                from.name,
+                from.version,
+                from.name
+            );
+        }
+        let parse = |v: &str| semver::Version::parse(v).ok();
+        if let (Some(old), Some(new)) = (parse(&from.version), parse(&to.version))
+            && new.cmp_precedence(&old).is_le()
+        {
+            bail!(
+                "--update-to {}@{} is not newer than {} (the version tested): a machine updates only to a newer version
+  hint: raise `[image] version` in the spec and build again, then test {}@{} --update-to the new one",
+                to.name,
+                to.version,
+                from.version,
+                from.name,
+                from.version
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The host as the guest of the boot test's user network sees it (QEMU's user
@@ -219,4 +257,58 @@ fn forged_feeds(dir: &Path, manifest: &Manifest) -> Result<()> {
         std::fs::write(feed.join(changed), bytes)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::registry::tests::manifest;
+
+    /// An update test a machine would never make is refused before anything boots:
+    /// to the same or an older version, or to another image.
+    #[test]
+    fn an_update_test_goes_only_to_a_newer_version_of_the_same_image() {
+        let target = |version: &str| Target {
+            disk: PathBuf::from("x.raw"),
+            manifest: Some(manifest(version, &[])),
+            tests: Vec::new(),
+        };
+        let to = |version: &str| UpdateTo {
+            dir: PathBuf::from("out"),
+            manifest: manifest(version, &[]),
+        };
+        to("0.2.1+bbb").check_from(&target("0.2.0+aaa")).unwrap();
+        to("0.10.0+bbb").check_from(&target("0.9.0+aaa")).unwrap();
+        to("1.0.0+bbb")
+            .check_from(&target("1.0.0-rc.1+aaa"))
+            .unwrap();
+        for (from, new) in [
+            ("0.2.1+aaa", "0.2.0+bbb"),
+            ("0.2.0+aaa", "0.2.0+aaa"),
+            ("0.2.0+aaa", "0.2.0+bbb"),
+            ("1.0.0+aaa", "1.0.0-rc.1+bbb"),
+        ] {
+            let e = to(new).check_from(&target(from)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("is not newer than {from}")) && e.contains("hint: raise"),
+                "{from} → {new}: {e}"
+            );
+        }
+        let mut other = to("0.3.0+ccc");
+        other.manifest.name = "other".into();
+        let e = other
+            .check_from(&target("0.2.0+aaa"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("is another image than devos-test@0.2.0+aaa"),
+            "{e}"
+        );
+        // A disk without a manifest: nothing to compare, the boot says.
+        let bare = Target {
+            manifest: None,
+            ..target("0.2.0+aaa")
+        };
+        to("0.1.0+aaa").check_from(&bare).unwrap();
+    }
 }

@@ -314,13 +314,13 @@ impl Vm<'_> {
             .arg(self.memory_mib.to_string())
             .arg("-smp")
             .arg(self.cpus.to_string())
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ]);
+            .args(["-nodefaults", "-no-user-config", "-display", "none"]);
+        // A test's boot ends when the guest reboots (the harness decides what comes
+        // next, as the machine would); an interactive one reboots in place, on the same
+        // disk, as a machine does (`devos update --reboot` included).
+        if self.console_log.is_some() {
+            c.arg("-no-reboot");
+        }
     }
 
     /// The UEFI firmware (code read-only, this VM's variables), the disk, a random source.

@@ -220,10 +220,12 @@ fn image_command(
             let mut opts = vm.options();
             if let Some(to) = update_to {
                 let version = Registry::open_read(registry_path)?.find(&to)?;
-                opts.update_to = Some(boottest::update::UpdateTo {
+                let to = boottest::update::UpdateTo {
                     manifest: crate::model::manifest::Manifest::load(&version.dir)?,
                     dir: version.dir,
-                });
+                };
+                to.check_from(&target)?;
+                opts.update_to = Some(to);
             }
             let (report, recorded) = run_test(&target, &opts, registry_path)?;
             let code = output(json, &report, || report.summary(), report.passed)?;
@@ -415,10 +417,11 @@ fn built_human(
     }
     let m = &built.manifest;
     if !m.update.is_empty() {
-        s.push_str(&format!(
-            "  update/ ({} files: the bundle `publish updates` puts in a feed)\n",
-            m.update.len()
-        ));
+        let what = match m.update_feed {
+            Some(_) => "the bundle `publish updates` puts in a feed",
+            None => "the version's slot images; no feed takes them: the spec has no `[update]`",
+        };
+        s.push_str(&format!("  update/ ({} files: {what})\n", m.update.len()));
     }
     if let Some(u) = &m.update_feed {
         s.push_str(&format!("  updates {}\n", u.describe()));

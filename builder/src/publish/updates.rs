@@ -54,11 +54,12 @@ pub(crate) struct Prepared {
 
 pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) -> Result<Prepared> {
     check_to(to)?;
-    // Before the test gate: a version the feed's machines could not start is refused,
-    // tested or not (`--force`: no machine runs those versions).
-    if !force {
-        let found = reg.find(reference)?;
-        if let Ok(manifest) = reg.manifest(&found) {
+    // Before the test gate, tested or not: a version no machine takes from a feed (no
+    // `[update]`, another key than this builder's), and one the feed's machines could
+    // not start (`--force`: no machine runs those versions).
+    if let Ok(manifest) = reg.manifest(&reg.find(reference)?) {
+        crate::update::feed_key(&manifest)?;
+        if !force {
             startable_by_the_feeds_machines(reg, &manifest)?;
         }
     }
@@ -225,6 +226,30 @@ impl FeedStore for S3Feed {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A version no machine could take from a feed (its spec has no `[update]`) is
+    /// refused for that, before the boot-test gate sends its user off to test it.
+    #[test]
+    fn a_version_without_update_is_refused_for_that_tested_or_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reg = Registry::open(&tmp.path().join("r.db")).unwrap();
+        let plain = crate::store::registry::tests::manifest("0.1.0+aaa111", &[]);
+        reg.record_build(Path::new("/o"), Path::new("s"), &plain, &[])
+            .unwrap();
+        for force in [false, true] {
+            let e = super::prepare(&reg, "devos-test@0.1.0", "./feed", force)
+                .err()
+                .unwrap();
+            let e = format!("{e:#}");
+            assert!(
+                e.contains("cannot update machines: its spec has no `[update]`")
+                    && !e.contains("boot-tested"),
+                "{e}"
+            );
+        }
+    }
+
     #[test]
     fn to_is_a_directory_or_an_s3_url_never_nothing_or_a_near_miss() {
         for good in [

@@ -346,6 +346,10 @@ pub(crate) fn replace_in(
     let tmp = tmp.file_name().unwrap_or_default().to_owned();
     let mut write = || -> std::io::Result<()> {
         std::io::copy(content, &mut out)?;
+        // On disk before its name is: a crash leaves the old file or the whole new one.
+        out.sync_all()?;
+        // Its mode (and owner) only now: a write cut short leaves a file only its
+        // writer reads, never half a file a web server would serve.
         rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
         if let Some((uid, gid)) = owner_is_sudo_user(dir)? {
             rustix::fs::fchown(
@@ -354,8 +358,6 @@ pub(crate) fn replace_in(
                 Some(rustix::fs::Gid::from_raw(gid)),
             )?;
         }
-        // On disk before its name is: a crash leaves the old file or the whole new one.
-        out.sync_all()?;
         Ok(rustix::fs::renameat(dir, &tmp, dir, name)?)
     };
     write().map_err(|e| {

@@ -121,7 +121,7 @@ fn run_gpg(dir: &Path, c: &mut Command, input: Option<&[u8]>, what: &str) -> Res
 /// update signing key, and a Secure Boot key).
 fn already_there(dir: &Path, k: &KeyInfo) -> anyhow::Error {
     anyhow::anyhow!(
-        "{} already holds the signing key {} and a Secure Boot key: images built with them trust only them\n  hint: `devos-build keys show` prints them; to start over, move that directory away first",
+        "{} already holds the signing key {} and a Secure Boot key: images built with them trust only them\n  hint: `devos-build keys show` prints them, `devos-build keys export FILE` writes the public key a spec's `[update] key` names; to start over, move that directory away first",
         dir.display(),
         k.fingerprint
     )

@@ -142,6 +142,31 @@ pub(crate) trait FeedStore {
     /// device and inode (made if there is none: two first publishes make one), a
     /// bucket's URL.
     fn identity(&self) -> Result<String>;
+    /// Remove what earlier publishes that were cut short left (none in S3, where an
+    /// object is there whole or not at all); the names removed.
+    fn sweep(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+/// How long a temporary file of a publish stays untouched before another publish takes
+/// it for a leftover: one being written is touched all along (and a publish of the same
+/// registry to the same feed waits for the feed's lock anyway).
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `name` is a temporary file a publish writes into a feed (`replace_in`'s
+/// `.FILE.XXXXXX.tmp`) for a file a feed holds: `SHA256SUMS`, its signature, or a
+/// bundle file (`NAME_VERSION…`).
+fn is_publish_leftover(name: &str) -> bool {
+    let Some(middle) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    let Some((file, random)) = middle.rsplit_once('.') else {
+        return false;
+    };
+    random.len() == 6
+        && random.chars().all(|c| c.is_ascii_alphanumeric())
+        && (file == "SHA256SUMS" || file == "SHA256SUMS.gpg" || file.contains('_'))
 }
 
 /// A feed in a directory of this machine. The directory is opened once, at the first
@@ -169,9 +194,14 @@ impl DirFeed {
         match crate::support::paths::open_dir(&self.path) {
             Ok(fd) => Ok(Some(self.dir.get_or_init(|| fd.into()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => {
-                Err(e).with_context(|| format!("cannot open the feed {}", self.path.display()))
-            }
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot open the feed {}: {e}\n  hint: `--to` names a directory (made if missing) or s3://BUCKET/PREFIX; {}",
+                self.path.display(),
+                match e.raw_os_error() {
+                    Some(libc::ENOTDIR) => "a file is in its place",
+                    _ => "check that it is a directory this user may read",
+                }
+            )),
         }
     }
 
@@ -181,7 +211,12 @@ impl DirFeed {
         if let Some(dir) = self.opened()? {
             return Ok(dir);
         }
-        let (made, new) = crate::support::paths::create_user_dirs_made(&self.path)?;
+        let (made, new) =
+            crate::support::paths::create_user_dirs_made(&self.path).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e:#}\n  hint: `--to` names a directory to make (with its parents) on a file system this user may write, e.g. `--to ./feed`, or s3://BUCKET/PREFIX"
+                )
+            })?;
         // A directory this call makes is served by a web server, whatever this
         // process's umask (set through its handle; one that was there keeps its mode).
         if new {
@@ -273,6 +308,40 @@ impl FeedStore for DirFeed {
             .with_context(|| format!("cannot read {}", self.path.display()))?;
         Ok(format!("dir {}:{}", meta.dev(), meta.ino()))
     }
+
+    fn sweep(&self) -> Result<Vec<String>> {
+        use rustix::fs::{AtFlags, FileType};
+        let Some(dir) = self.opened()? else {
+            return Ok(Vec::new());
+        };
+        let cannot = |e: rustix::io::Errno| {
+            anyhow::Error::from(std::io::Error::from(e))
+                .context(format!("cannot list the feed {}", self.path.display()))
+        };
+        let now = std::time::SystemTime::now();
+        let mut removed = Vec::new();
+        for entry in rustix::fs::Dir::read_from(dir).map_err(cannot)? {
+            let entry = entry.map_err(cannot)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !is_publish_leftover(&name) {
+                continue;
+            }
+            let Ok(stat) = rustix::fs::statat(dir, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW)
+            else {
+                continue;
+            };
+            let modified = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(stat.st_mtime).unwrap_or(0));
+            let untouched = now.duration_since(modified).unwrap_or_default();
+            if FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile
+                && untouched >= LEFTOVER_AGE
+                && rustix::fs::unlinkat(dir, entry.file_name(), AtFlags::empty()).is_ok()
+            {
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
 }
 
 /// Refuse `to` for machines that run `from` when their firmware would refuse its kernel:
@@ -341,6 +410,12 @@ pub(crate) fn add_to_feed(
 ) -> Result<FeedPublished> {
     let (name, version) = (&manifest.name, &manifest.version);
     let key = feed_key(manifest)?;
+    for leftover in feed.sweep()? {
+        eprintln!(
+            "removed {leftover} from {}, left by a publish that was cut short",
+            feed.location()
+        );
+    }
     let bundle = dir.join("update");
     let mut added = Vec::new();
     for f in &manifest.update {
@@ -622,6 +697,65 @@ mod tests {
         fs::set_permissions(&kept, fs::Permissions::from_mode(0o750)).unwrap();
         DirFeed::new(kept.clone()).put("x.efi", &src, &sha).unwrap();
         assert_eq!(kept.metadata().unwrap().permissions().mode() & 0o777, 0o750);
+    }
+
+    /// A publish cut short leaves a temporary file only its writer reads; the next
+    /// publish to the feed removes it once nothing has touched it for a while, and
+    /// leaves everything else (a file being written now, the feed's own files, other
+    /// hidden files) alone.
+    #[test]
+    fn a_directory_feed_sweeps_what_a_publish_cut_short_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let feed = DirFeed::new(tmp.path().join("feed"));
+        let src = tmp.path().join("src");
+        fs::write(&src, b"bytes").unwrap();
+        feed.put("img_1.0.0_abc.root", &src, "").unwrap();
+        let old = std::time::SystemTime::now() - 2 * LEFTOVER_AGE;
+        let leftover = |name: &str, modified: std::time::SystemTime| {
+            let f = fs::File::create(feed.path.join(name)).unwrap();
+            f.set_modified(modified).unwrap();
+        };
+        let stale = [
+            ".img_1.0.1_def.root.AbC12x.tmp",
+            ".SHA256SUMS.q1W2e3.tmp",
+            ".SHA256SUMS.gpg.Zz9Yy8.tmp",
+        ];
+        for name in stale {
+            leftover(name, old);
+        }
+        let kept = [
+            ".img_1.0.2_fed.root.Fresh1.tmp",
+            ".htaccess",
+            ".notes.AbC12x.tmp",
+            "img_1.0.0_abc.root",
+        ];
+        leftover(kept[0], std::time::SystemTime::now());
+        leftover(kept[1], old);
+        leftover(kept[2], old);
+        let mut removed = feed.sweep().unwrap();
+        removed.sort();
+        let mut expected = stale.map(String::from).to_vec();
+        expected.sort();
+        assert_eq!(removed, expected);
+        for name in kept {
+            assert!(feed.path.join(name).exists(), "{name}");
+        }
+        // What a publish writes is its writer's alone until it is renamed into place.
+        assert_eq!(
+            feed.path
+                .join("img_1.0.0_abc.root")
+                .metadata()
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o644
+        );
+        // A feed not made yet has nothing to sweep, and is not made by the sweep.
+        let none = DirFeed::new(tmp.path().join("none"));
+        assert!(none.sweep().unwrap().is_empty());
+        assert!(!tmp.path().join("none").exists());
     }
 
     #[test]
