@@ -217,6 +217,15 @@ async fn connect() -> anyhow::Result<(zbus::Connection, Agent1Proxy<'static>)> {
     Ok((conn, proxy))
 }
 
+/// What `devos update` prints of the agent's `message`: when it reboots the machine
+/// itself (`--reboot`), that instead of the message's "reboot to …".
+fn update_message(message: &str, rebooting: bool) -> String {
+    match message.rsplit_once(": reboot to ") {
+        Some((done, _)) if rebooting => format!("{done}: rebooting now"),
+        _ => message.to_owned(),
+    }
+}
+
 /// `devos update`: the admin interface's `Update`, then a reboot if asked for.
 async fn update(
     conn: &zbus::Connection,
@@ -248,12 +257,7 @@ async fn update(
     })?;
     let v: serde_json::Value = serde_json::from_str(&reply)?;
     let rebooting = reboot && v["reboot"] == true;
-    let message = v["message"].as_str().unwrap_or_default();
-    // What the machine does next is this command's to say when it reboots itself.
-    let message = match message.rsplit_once(": reboot to ") {
-        Some((done, _)) if rebooting => format!("{done}: rebooting now"),
-        _ => message.to_owned(),
-    };
+    let message = update_message(v["message"].as_str().unwrap_or_default(), rebooting);
     // (Said before the reboot, which happens even if no one reads it.)
     let shown = crate::stdout::print(if json {
         serde_json::to_string_pretty(&v)? + "\n"
@@ -1287,6 +1291,18 @@ fn root_runs(command: &str, groups: &[String]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn update_reboot_says_it_reboots_instead_of_asking_for_a_reboot() {
+        let installed = "2.0.0+b is installed in the other slot and boots next (three tries; if it does not come up healthy the machine goes back to this version by itself): reboot to start it";
+        assert_eq!(super::update_message(installed, false), installed);
+        assert_eq!(
+            super::update_message(installed, true),
+            "2.0.0+b is installed in the other slot and boots next (three tries; if it does not come up healthy the machine goes back to this version by itself): rebooting now"
+        );
+        let newest = "this machine runs the newest version";
+        assert_eq!(super::update_message(newest, true), newest);
+    }
+
     #[test]
     fn root_is_suggested_through_sudo_only_to_those_sudo_lets_in() {
         let sudoer = ["dev".to_owned(), "sudo".to_owned()];

@@ -711,7 +711,11 @@ async fn rollback() -> CheckResult {
         .unwrap_or_default()
         .state_dir
         .join("audit");
-    if let Err(missing) = update_then_rollback_audited(&audit_dir) {
+    let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let Some(running) = crate::os_release::field(&os_release, "IMAGE_VERSION") else {
+        return failed("rollback", "os-release has no IMAGE_VERSION".into());
+    };
+    if let Err(missing) = update_then_rollback_audited(&audit_dir, &running) {
         return failed(
             "rollback",
             format!("the audit log in {}: {missing}", audit_dir.display()),
@@ -731,13 +735,10 @@ async fn rollback() -> CheckResult {
 /// The audit log holds the install of the running version (from the boot before,
 /// which asked for a reboot to start it) and, after it, a rollback that did the same.
 /// Refused installs (the forged feeds) are in the log too and do not count.
-fn update_then_rollback_audited(dir: &Path) -> Result<(), String> {
-    let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
-    let running = crate::os_release::field(&os_release, "IMAGE_VERSION")
-        .ok_or("os-release has no IMAGE_VERSION")?;
+fn update_then_rollback_audited(dir: &Path, running: &str) -> Result<(), String> {
     // As the agent that installed it wrote it: the builder's spelling, or (agents of
     // before 2026-12-07) systemd-sysupdate's.
-    let spellings = [running.clone(), running.replace('+', "_")];
+    let spellings = [running.to_owned(), running.replace('+', "_")];
     let mut entries: Vec<crate::audit::Entry> = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot list it: {e}"))?
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
@@ -1584,6 +1585,44 @@ async fn critical_chain() -> CheckResult {
 
 #[cfg(test)]
 mod tests {
+    /// The install of the running version counts however its agent spelled the
+    /// version; a refused install, another version's, or one without a rollback after
+    /// it does not.
+    #[test]
+    fn the_update_and_the_rollback_are_found_in_the_audit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |seq: u64, event: &str, next: &str, reboot: bool| {
+            serde_json::json!({
+                "seq": seq, "time": "t", "prev": "p", "event": event, "hash": "h",
+                "detail": {"next": next, "reboot": reboot},
+            })
+            .to_string()
+        };
+        let check = |lines: &[String]| {
+            std::fs::write(dir.path().join("log-000001.jsonl"), lines.join("\n")).unwrap();
+            super::update_then_rollback_audited(dir.path(), "0.2.1+abc")
+        };
+        for spelling in ["0.2.1+abc", "0.2.1_abc"] {
+            let lines = [
+                entry(1, "update.install", "0.2.1+zzz", false),
+                entry(2, "update.install", spelling, true),
+                entry(3, "update.rollback", "0.2.0+old", true),
+            ];
+            check(&lines).unwrap();
+            let e = check(&lines[..2]).unwrap_err();
+            assert!(e.contains("no update.rollback entry"), "{e}");
+        }
+        let refused = [
+            entry(1, "update.install", "0.2.1+abc", false),
+            entry(2, "update.rollback", "0.2.0+old", true),
+        ];
+        let e = check(&refused).unwrap_err();
+        assert!(
+            e.contains("no update.install entry that installed 0.2.1+abc"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn the_root_s_hash_code_is_read_from_the_kernel_s_words() {
         let cpu = "processor\t: 0\nflags\t\t: fpu sse2 ssse3 sse4_1\n";

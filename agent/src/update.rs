@@ -203,26 +203,43 @@ fn run_ok(launcher: &[String], program: &Path, args: &[&str]) -> Result<Ran, Upd
 
 /// The newer version the feed offers, in systemd-sysupdate's spelling, or None when it
 /// offers nothing newer than what is installed. Only systemd-sysupdate's JSON answer
-/// (`{"available": null}`) says "nothing newer": a feed it cannot reach, one whose
-/// signature or sums are wrong, fails the check with what went wrong.
+/// `{"available": null}` says "nothing newer": a feed it cannot reach, one whose
+/// signature or sums are wrong, fails the check with what went wrong. (A
+/// systemd-sysupdate before 257 ignores `--json` here and prints the newer version
+/// alone: taken as such. When nothing is newer it fails silently, as it does for a
+/// broken feed: an error then too, never "newest".)
 fn check_new(config: &UpdateConfig) -> Result<Option<String>, UpdateError> {
-    #[derive(Deserialize)]
-    struct CheckNew {
-        available: Option<String>,
-    }
     let ran = run_ok(
         &config.launcher,
         &config.sysupdate,
         &["check-new", "--json=short"],
     )?;
-    match serde_json::from_str::<CheckNew>(ran.stdout.trim()) {
-        Ok(answer) => Ok(answer.available.filter(|v| !v.is_empty())),
-        Err(e) => Err(UpdateError::Failed {
-            program: config.sysupdate.clone(),
-            status: ran.status,
-            output: format!("its answer is not the JSON asked for ({e}): {}", ran.output),
-        }),
+    let answer = ran.stdout.trim();
+    let unexpected = || UpdateError::Failed {
+        program: config.sysupdate.clone(),
+        status: ran.status,
+        output: format!(
+            "its answer is neither `{{\"available\": VERSION|null}}` nor a version: {}",
+            ran.output
+        ),
+    };
+    match serde_json::from_str::<serde_json::Value>(answer) {
+        Ok(serde_json::Value::Object(o)) => match o.get("available") {
+            Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(v)) if is_version(v) => Ok(Some(v.clone())),
+            _ => Err(unexpected()),
+        },
+        _ if is_version(answer) => Ok(Some(answer.to_owned())),
+        _ => Err(unexpected()),
     }
+}
+
+/// Whether `v` can be a version systemd-sysupdate offers: one word, starting with a
+/// digit (DevOS versions are semantic versions).
+fn is_version(v: &str) -> bool {
+    v.starts_with(|c: char| c.is_ascii_digit())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-+~^".contains(c))
 }
 
 /// The version as systemd-sysupdate and the boot loader name it (`+` as `_`).
@@ -792,8 +809,13 @@ mod tests {
             "echo 'Transfer failed: Could not connect to server' >&2; exit 1",
             "echo 'DOWNLOAD INVALID: Signature verification failed.' >&2; exit 1",
             "exit 1",
-            // An answer without the JSON asked for (a systemd-sysupdate without it).
-            "echo 2.0.0_b",
+            // Answers that are not what was asked for.
+            "echo '{}'",
+            r#"echo '{"available":""}'"#,
+            r#"echo '{"available":5}'"#,
+            "echo '[null]'",
+            "echo 'No candidate found.'",
+            "true",
         ] {
             config.sysupdate = sysupdate(&format!(
                 "case $1 in check-new) {failing};; *) echo 'the update ran' >&2; exit 1;; esac"
@@ -804,6 +826,11 @@ mod tests {
                 assert!(!e.to_string().contains("the update ran"), "{failing}: {e}");
             }
         }
+
+        // A systemd-sysupdate before 257 answers with the version alone.
+        config.sysupdate = sysupdate("case $1 in check-new) echo 2.0.0_b;; esac");
+        let out = apply(&config, UpdateAction::Check, None, None).unwrap();
+        assert_eq!(out.next.as_deref(), Some("2.0.0+b"));
 
         config.sysupdate = sysupdate(
             r#"case $1 in check-new) echo '{"available":"2.0.0_b"}';; update) echo 'Signature verification failed.' >&2; exit 1;; esac"#,

@@ -475,7 +475,8 @@ fn a_cached_build_and_a_build_from_scratch_are_bit_for_bit_identical() {
     let parts: Vec<String> = std::fs::read_dir(&debs)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".part-"))
+        // (Temporary files are hidden: `.NAME.XXXXXX`.)
+        .filter(|n| n.starts_with('.'))
         .collect();
     assert!(parts.is_empty(), "{parts:?}");
     assert!(

@@ -38,8 +38,7 @@ impl UpdateTo {
         let to = &self.manifest;
         if from.name != to.name {
             bail!(
-                "--update-to {}@{} is another image than {}@{}: a machine updates only to versions of its own image
-  hint: name a version of {}",
+                "--update-to {}@{} is another image than {}@{}: a machine updates only to versions of its own image\n  hint: name a version of {}",
                 to.name,
                 to.version,
                 from.name,
@@ -52,8 +51,7 @@ impl UpdateTo {
             && new.cmp_precedence(&old).is_le()
         {
             bail!(
-                "--update-to {}@{} is not newer than {} (the version tested): a machine updates only to a newer version
-  hint: raise `[image] version` in the spec and build again, then test {}@{} --update-to the new one",
+                "--update-to {}@{} is not a newer version than {} (the version tested): an update goes to a higher `[image] version` (systemd-sysupdate takes only a newer one, and orders two builds of one version by their build ids alone, not by age)\n  hint: raise `[image] version` in the spec and build again, then test {}@{} --update-to the new one",
                 to.name,
                 to.version,
                 from.version,
@@ -290,7 +288,8 @@ mod tests {
         ] {
             let e = to(new).check_from(&target(from)).unwrap_err().to_string();
             assert!(
-                e.contains(&format!("is not newer than {from}")) && e.contains("hint: raise"),
+                e.contains(&format!("is not a newer version than {from}"))
+                    && e.contains("hint: raise"),
                 "{from} → {new}: {e}"
             );
         }

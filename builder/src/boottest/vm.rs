@@ -649,6 +649,20 @@ mod tests {
             assert!(args.iter().any(|a| a == device), "{bus:?}: {args:?}");
             let drives = args.iter().filter(|a| a.contains("drive=disk")).count();
             assert_eq!(drives, 1, "{bus:?}: {args:?}");
+            // An interactive boot (console on the terminal) reboots in place; a test's
+            // boot, whose console goes to a log, ends when the guest reboots.
+            assert!(!args.iter().any(|a| a == "-no-reboot"), "{args:?}");
+            let log = Path::new("/console.log");
+            let logged = Vm {
+                console_log: Some(log),
+                ..vm
+            };
+            let args: Vec<String> = logged
+                .command(&fw)
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            assert!(args.iter().any(|a| a == "-no-reboot"), "{args:?}");
         }
     }
 

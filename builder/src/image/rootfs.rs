@@ -244,6 +244,15 @@ pub(crate) fn bootstrap(
     merged_usr: bool,
 ) -> Result<()> {
     spec.check_buildable()?;
+    // The hooks below name these paths inside single quotes.
+    for path in [package_cache, lists, target] {
+        if path.to_string_lossy().contains('\'') {
+            bail!(
+                "{} has a `'` in its path, which mmdebstrap's hooks cannot be given\n  hint: build with a cache (`DEVOS_CACHE_DIR`) and `--out` whose paths have none",
+                path.display()
+            );
+        }
+    }
     std::fs::create_dir_all(package_cache)?;
     let work = target.with_extension("sources");
     std::fs::write(&work, &sources.deb822)?;
@@ -276,8 +285,9 @@ pub(crate) fn bootstrap(
         //
         // Out, each package the cache lacks or holds differently (cut short by a
         // killed build, which apt then fetched again) goes through a file of this
-        // build's own and is renamed into place: another build copying the cache in
-        // never takes half a package, and a broken one does not stay.
+        // build's own (mktemp: builds in PID namespaces of their own share PIDs) and
+        // is renamed into place: another build copying the cache in never takes half
+        // a package, and a broken one does not stay.
         .arg("--skip=essential/unlink")
         .arg("--skip=update")
         .arg(format!(
@@ -289,7 +299,7 @@ pub(crate) fn bootstrap(
             "--setup-hook=find '{cache}' -maxdepth 1 -name '*.deb' -exec cp -t \"$1\"/var/cache/apt/archives/ {{}} +"
         ))
         .arg(format!(
-            "--customize-hook=for f in \"$1\"/var/cache/apt/archives/*.deb; do [ -f \"$f\" ] || continue; n=\"${{f##*/}}\"; cmp -s \"$f\" '{cache}'/\"$n\" && continue; cp \"$f\" '{cache}'/.\"$n\".part-$$ && mv -f '{cache}'/.\"$n\".part-$$ '{cache}'/\"$n\" || exit 1; done"
+            "--customize-hook=for f in \"$1\"/var/cache/apt/archives/*.deb; do [ -f \"$f\" ] || continue; n=\"${{f##*/}}\"; cmp -s \"$f\" '{cache}'/\"$n\" && continue; t=$(mktemp '{cache}'/.\"$n\".XXXXXX) && cp \"$f\" \"$t\" && chmod 644 \"$t\" && mv -f \"$t\" '{cache}'/\"$n\" || {{ rm -f \"$t\"; exit 1; }}; done"
         ));
     if let Some(k) = keyring(spec) {
         mm.arg(format!("--keyring={}", k.display()));

@@ -150,9 +150,10 @@ pub(crate) trait FeedStore {
 }
 
 /// How long a temporary file of a publish stays untouched before another publish takes
-/// it for a leftover: one being written is touched all along (and a publish of the same
-/// registry to the same feed waits for the feed's lock anyway).
-const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+/// it for a leftover: one being written is touched all along, but a publish from
+/// another registry (whose lock this publish does not see) may sync a large file for a
+/// while. Until then a leftover is its writer's alone (0600), never served.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Whether `name` is a temporary file a publish writes into a feed (`replace_in`'s
 /// `.FILE.XXXXXX.tmp`) for a file a feed holds: `SHA256SUMS`, its signature, or a
