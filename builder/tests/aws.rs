@@ -182,6 +182,16 @@ impl Fixture {
     /// A passing version of a verified image whose update bundle (root, hash tree,
     /// UKI: synthetic bytes) trusts the key `fingerprint`; the bundle's file names.
     fn updatable_version(&self, version: &str, fingerprint: &str) -> Vec<String> {
+        self.updatable_version_tested(version, fingerprint, Some(true))
+    }
+
+    /// [`Fixture::updatable_version`] with its boot test's outcome (`None`: untested).
+    fn updatable_version_tested(
+        &self,
+        version: &str,
+        fingerprint: &str,
+        tested: Option<bool>,
+    ) -> Vec<String> {
         let dir = self.dir.path().join(format!("images/{version}"));
         let bundle = dir.join("update");
         std::fs::create_dir_all(&bundle).unwrap();
@@ -208,7 +218,7 @@ impl Fixture {
             version,
             1,
             &[0],
-            Some(true),
+            tested,
             json!({
                 "update": update,
                 "update_feed": {"url": "https://updates.example.com/devos-pub/", "key_fingerprint": fingerprint},
@@ -2258,60 +2268,92 @@ fn interrupted_rollouts_are_judged_when_run_again_and_failed_rollbacks_stay() {
     ]));
     let feed = fx.dir.path().join("feed");
     let feed = feed.to_str().unwrap();
-    let paths: [&[&str]; 8] = [
-        &[
-            "fleet",
-            "deploy",
-            "--stack",
-            "devfleet",
-            "--template",
-            "fleet",
-            "--image",
+    // The feed's path also needs a version machines could take from a feed (with
+    // `[update]`, trusting this builder's key): one without is refused for that first.
+    ok(&fx.run(&["keys", "generate"]));
+    let fingerprint = fx.json(&["keys", "show", "--json"])["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    fx.updatable_version_tested("9.0.1", &fingerprint, Some(false));
+    let paths: [(&[&str], &str); 8] = [
+        (
+            &[
+                "fleet",
+                "deploy",
+                "--stack",
+                "devfleet",
+                "--template",
+                "fleet",
+                "--image",
+                "devos-pub@9.0.0",
+                "--bake",
+                "0",
+            ],
             "devos-pub@9.0.0",
-            "--bake",
-            "0",
-        ],
-        &[
-            "fleet", "rollout", "--stack", "devfleet", "--to", "9.0.0", "--bake", "0",
-        ],
-        &[
-            "fleet",
-            "rollout",
-            "--stack",
-            "devfleet",
-            "--to",
+        ),
+        (
+            &[
+                "fleet", "rollout", "--stack", "devfleet", "--to", "9.0.0", "--bake", "0",
+            ],
             "devos-pub@9.0.0",
-            "--bake",
-            "0",
-        ],
-        &[
-            "fleet", "rollback", "--stack", "devfleet", "--to", "9.0.0", "--bake", "0",
-        ],
-        &[
-            "fleet",
-            "rollout",
-            "--stack",
-            "devfleet",
-            "--to",
-            "9.0.0",
-            "--in-place",
-            "--bake",
-            "0",
-        ],
-        &["fleet", "render", "fleet", "--image", "devos-pub@9.0.0"],
-        &["publish", "packer", "devos-pub@9.0.0", "--dry-run"],
-        &["publish", "updates", "devos-pub@9.0.0", "--to", feed],
+        ),
+        (
+            &[
+                "fleet",
+                "rollout",
+                "--stack",
+                "devfleet",
+                "--to",
+                "devos-pub@9.0.0",
+                "--bake",
+                "0",
+            ],
+            "devos-pub@9.0.0",
+        ),
+        (
+            &[
+                "fleet", "rollback", "--stack", "devfleet", "--to", "9.0.0", "--bake", "0",
+            ],
+            "devos-pub@9.0.0",
+        ),
+        (
+            &[
+                "fleet",
+                "rollout",
+                "--stack",
+                "devfleet",
+                "--to",
+                "9.0.0",
+                "--in-place",
+                "--bake",
+                "0",
+            ],
+            "devos-pub@9.0.0",
+        ),
+        (
+            &["fleet", "render", "fleet", "--image", "devos-pub@9.0.0"],
+            "devos-pub@9.0.0",
+        ),
+        (
+            &["publish", "packer", "devos-pub@9.0.0", "--dry-run"],
+            "devos-pub@9.0.0",
+        ),
+        (
+            &["publish", "updates", "devos-pub@9.0.1", "--to", feed],
+            "devos-pub@9.0.1",
+        ),
     ];
     // Every path is tried before any is judged: the message names each that let it by.
     let let_by: Vec<String> = paths
         .iter()
-        .filter_map(|args| {
+        .filter_map(|(args, reference)| {
             let mut all = args.to_vec();
             all.extend_from_slice(&["--region", "us-east-1"]);
             let out = fx.run(&all);
             let err = stderr(&out);
-            (out.status.success() || !err.contains("devos-pub@9.0.0 failed its last boot test"))
-                .then(|| format!("{args:?}: {err}"))
+            let gated = format!("{reference} failed its last boot test");
+            (out.status.success() || !err.contains(&gated)).then(|| format!("{args:?}: {err}"))
         })
         .collect();
     assert!(let_by.is_empty(), "{let_by:#?}");
