@@ -623,6 +623,12 @@ mod tests {
             vars: "/vars.fd".into(),
             secure_boot: false,
         };
+        let args_of = |vm: &Vm| -> Vec<String> {
+            vm.command(&fw)
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
         for (bus, device) in [
             (DiskBus::Nvme, "nvme,drive=disk,serial=devos"),
             (DiskBus::VirtioBlk, "virtio-blk-pci,drive=disk"),
@@ -641,11 +647,7 @@ mod tests {
                 network: None,
                 credentials: Vec::new(),
             };
-            let args: Vec<String> = vm
-                .command(&fw)
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
+            let args = args_of(&vm);
             assert!(args.iter().any(|a| a == device), "{bus:?}: {args:?}");
             let drives = args.iter().filter(|a| a.contains("drive=disk")).count();
             assert_eq!(drives, 1, "{bus:?}: {args:?}");
@@ -657,11 +659,7 @@ mod tests {
                 console_log: Some(log),
                 ..vm
             };
-            let args: Vec<String> = logged
-                .command(&fw)
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
+            let args = args_of(&logged);
             assert!(args.iter().any(|a| a == "-no-reboot"), "{args:?}");
         }
     }

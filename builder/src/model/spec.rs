@@ -1562,9 +1562,10 @@ fn check_slot_name(
     version: &semver::Version,
     nixos: bool,
 ) -> Result<(), SpecError> {
-    let shown = format!("{}_{version}_<12 hex of the build id>", name.get_ref());
+    let slot = format!("{}_{version}", name.get_ref());
     // Names and versions are ASCII (both are checked before).
-    let chars = name.get_ref().len() + 1 + version.to_string().len() + 1 + 12;
+    let chars = slot.len() + "_".len() + 12;
+    let shown = format!("{slot}_<12 hex of the build id>");
     if chars <= GPT_NAME_MAX {
         return Ok(());
     }

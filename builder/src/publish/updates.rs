@@ -57,12 +57,16 @@ pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) ->
     // Before the test gate, tested or not: a version no machine takes from a feed (no
     // `[update]`, another key than this builder's), and one the feed's machines could
     // not start (`--force`: no machine runs those versions).
-    if let Ok(manifest) = reg.manifest(&reg.find(reference)?) {
-        crate::update::feed_key(&manifest)?;
-        if !force {
-            startable_by_the_feeds_machines(reg, &manifest)?;
+    let checked_key = match reg.manifest(&reg.find(reference)?) {
+        Ok(manifest) => {
+            let key = crate::update::feed_key(&manifest)?;
+            if !force {
+                startable_by_the_feeds_machines(reg, &manifest)?;
+            }
+            Some(key)
         }
-    }
+        Err(_) => None,
+    };
     let v = super::gate(
         reg,
         reference,
@@ -78,7 +82,11 @@ pub(crate) fn prepare(reg: &Registry, reference: &str, to: &str, force: bool) ->
         );
     }
     let manifest = reg.manifest(&v)?;
-    let key = crate::update::feed_key(&manifest)?;
+    // (The gate found the same version: its key is the one checked above.)
+    let key = match checked_key {
+        Some(key) => key,
+        None => crate::update::feed_key(&manifest)?,
+    };
     Ok(Prepared { v, manifest, key })
 }
 

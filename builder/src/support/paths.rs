@@ -314,6 +314,18 @@ pub(crate) fn replace_file(
     replace_in(&dir, dest, content, mode)
 }
 
+/// The random part of [`replace_in`]'s temporary names (`.FILE.XXXXXX.tmp`).
+const REPLACING_RANDOM: usize = 6;
+
+/// The file a temporary file of [`replace_in`] named `name` was to replace, if `name`
+/// is one (what a write cut short leaves beside that file).
+pub(crate) fn replacing(name: &str) -> Option<&str> {
+    let middle = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (file, random) = middle.rsplit_once('.')?;
+    (random.len() == REPLACING_RANDOM && random.chars().all(|c| c.is_ascii_alphanumeric()))
+        .then_some(file)
+}
+
 /// [`replace_file`] for file `dest`'s name in the directory `dir` already opened
 /// (`dest` names it in messages; nothing is resolved through it).
 pub(crate) fn replace_in(
@@ -331,6 +343,7 @@ pub(crate) fn replace_in(
     // removed.
     let (mut out, tmp) = tempfile::Builder::new()
         .prefix(&format!(".{}.", name.to_string_lossy()))
+        .rand_bytes(REPLACING_RANDOM)
         .suffix(".tmp")
         .make_in(parent_of(dest), |path| {
             let fd = rustix::fs::openat(

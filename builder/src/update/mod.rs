@@ -155,19 +155,12 @@ pub(crate) trait FeedStore {
 /// while. Until then a leftover is its writer's alone (0600), never served.
 const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Whether `name` is a temporary file a publish writes into a feed (`replace_in`'s
-/// `.FILE.XXXXXX.tmp`) for a file a feed holds: `SHA256SUMS`, its signature, or a
-/// bundle file (`NAME_VERSION…`).
+/// Whether `name` is a temporary file a publish writes into a feed
+/// ([`crate::support::paths::replacing`]) for a file a feed holds: `SHA256SUMS`, its
+/// signature, or a bundle file (`NAME_VERSION…`).
 fn is_publish_leftover(name: &str) -> bool {
-    let Some(middle) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
-        return false;
-    };
-    let Some((file, random)) = middle.rsplit_once('.') else {
-        return false;
-    };
-    random.len() == 6
-        && random.chars().all(|c| c.is_ascii_alphanumeric())
-        && (file == "SHA256SUMS" || file == "SHA256SUMS.gpg" || file.contains('_'))
+    crate::support::paths::replacing(name)
+        .is_some_and(|file| file == "SHA256SUMS" || file == "SHA256SUMS.gpg" || file.contains('_'))
 }
 
 /// A feed in a directory of this machine. The directory is opened once, at the first
@@ -742,7 +735,7 @@ mod tests {
         for name in kept {
             assert!(feed.path.join(name).exists(), "{name}");
         }
-        // What a publish writes is its writer's alone until it is renamed into place.
+        // Renamed into place, what a publish wrote is the web server's to read.
         assert_eq!(
             feed.path
                 .join("img_1.0.0_abc.root")
