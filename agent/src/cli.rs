@@ -408,8 +408,9 @@ async fn async_run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outln!("{}", serde_json::to_string_pretty(&v)?);
             } else if let Some(map) = v.as_object() {
                 for (k, v) in map {
-                    // (JSON escapes C0 controls in strings, not C1 ones nor DEL.)
-                    outln!("{}: {}", one_line(k), one_line(&v.to_string()));
+                    // Text as it is, everything else as JSON; one line each either way.
+                    let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                    outln!("{}: {}", one_line(k), one_line(&text));
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -10,6 +10,7 @@ pub mod action;
 pub mod approval;
 #[cfg(feature = "daemon")]
 pub mod audit;
+pub mod bootloader;
 #[cfg(feature = "daemon")]
 pub mod caller;
 #[cfg(feature = "daemon")]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::bootloader::LoaderState;
 use crate::client::Agent1Proxy;
 
 /// One result line. The host parses these; keep the field names stable.
@@ -130,6 +131,9 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
     // A version on trial (a counted boot) must be blessed once the agent is healthy.
     if let Some(blessed) = boot_blessed().await {
         emit(blessed)?;
+    }
+    if let Some(status) = update_status().await {
+        emit(status)?;
     }
     // The host serves feeds that must be refused (a forged signature, a changed
     // file): each is, and nothing is installed.
@@ -519,24 +523,15 @@ fn ssh_host_keys() -> CheckResult {
     }
 }
 
-/// The EFI variable systemd-boot sets when it counts this boot's tries.
-const BOOT_COUNT_VAR: &str =
-    "/sys/firmware/efi/efivars/LoaderBootCountPath-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
-
-/// The EFI variable in which systemd-boot names the entry it started.
-const ENTRY_SELECTED_VAR: &str =
-    "/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
-
 /// The boot loader entry (the kernel image) this boot started from, and whether the
 /// boot is counted (a version on trial). None when systemd-boot did not start it.
 fn boot_entry() -> Option<CheckResult> {
-    let bytes = std::fs::read(ENTRY_SELECTED_VAR).ok()?;
-    let entry = efi_string(&bytes)?;
-    let counted = Path::new(BOOT_COUNT_VAR).exists();
+    let loader = LoaderState::read();
+    let entry = loader.selected?;
     Some(CheckResult {
         check: "boot-entry".into(),
         ok: true,
-        detail: if counted {
+        detail: if loader.counted {
             format!("{entry} (counted: a version on trial)")
         } else {
             entry
@@ -545,22 +540,10 @@ fn boot_entry() -> Option<CheckResult> {
     })
 }
 
-/// An EFI string variable as efivarfs shows it: 4 bytes of attributes, then UTF-16LE
-/// up to a NUL.
-fn efi_string(bytes: &[u8]) -> Option<String> {
-    let units: Vec<u16> = bytes
-        .get(4..)?
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16(&units).ok().filter(|s| !s.is_empty())
-}
-
 /// On a counted boot: wait for systemd-bless-boot to mark this version good (after
 /// devos-boot-complete.service found the agent healthy). None on other boots.
 async fn boot_blessed() -> Option<CheckResult> {
-    if !Path::new(BOOT_COUNT_VAR).exists() {
+    if !LoaderState::read().counted {
         return None;
     }
     let start = Instant::now();
@@ -685,12 +668,20 @@ async fn update_from(feed: &str) -> CheckResult {
     let result = devos_json(&["update"]).await;
     let _ = tokio::process::Command::new("sync").status().await;
     match result {
-        Ok(v) if v["reboot"] == true => CheckResult {
-            check: "update".into(),
-            ok: true,
-            detail: v["message"].as_str().unwrap_or_default().to_owned(),
-            ms: start.elapsed().as_millis(),
-        },
+        Ok(v) if v["reboot"] == true => {
+            match next_boot_said(&v["next"], "(installed, not booted yet").await {
+                Ok(next) => CheckResult {
+                    check: "update".into(),
+                    ok: true,
+                    detail: format!(
+                        "{}; devos status: next boot {next}",
+                        v["message"].as_str().unwrap_or_default()
+                    ),
+                    ms: start.elapsed().as_millis(),
+                },
+                Err(e) => failed("update", e),
+            }
+        }
         Ok(v) => failed("update", format!("nothing was installed from {feed}: {v}")),
         Err(e) => failed("update", format!("{e}")),
     }
@@ -721,15 +712,60 @@ async fn rollback() -> CheckResult {
             format!("the audit log in {}: {missing}", audit_dir.display()),
         );
     }
+    let next = match next_boot_said(&v["next"], "(good): the boot loader's default").await {
+        Ok(next) => next,
+        Err(e) => return failed("rollback", e),
+    };
     CheckResult {
         check: "rollback".into(),
         ok: true,
         detail: format!(
-            "{} (the update and the rollback are in the audit log)",
+            "{} (the update and the rollback are in the audit log); devos status: next boot {next}",
             v["message"].as_str().unwrap_or_default()
         ),
         ms: start.elapsed().as_millis(),
     }
+}
+
+/// What `devos status` says the next boot starts, when it is `version` followed by
+/// `then`; an error saying what it said otherwise.
+async fn next_boot_said(version: &serde_json::Value, then: &str) -> Result<String, String> {
+    let version = version.as_str().unwrap_or_default();
+    let status = devos_json(&["status"]).await.map_err(|e| e.to_string())?;
+    let next = status["next-boot"].as_str().unwrap_or_default();
+    if next.starts_with(&format!("{version} {then}")) {
+        Ok(next.to_owned())
+    } else {
+        Err(format!(
+            "devos status does not say that {version} boots next {then}…: next-boot is {}",
+            status["next-boot"]
+        ))
+    }
+}
+
+/// What `devos status` says about updates, where systemd-boot started one of the
+/// image's kernel images: the version it started (which must be the running one) and
+/// how it stands, what the next boot starts, the other versions installed.
+async fn update_status() -> Option<CheckResult> {
+    let start = Instant::now();
+    let status = match devos_json(&["status"]).await {
+        Ok(status) => status,
+        Err(e) => return Some(failed("update-status", e.to_string())),
+    };
+    let booted = status["booted"].as_str()?;
+    let running = status["image-version"].as_str().unwrap_or_default();
+    let word = |key: &str| status[key].as_str().unwrap_or("(none)").to_owned();
+    Some(CheckResult {
+        check: "update-status".into(),
+        ok: booted.starts_with(&format!("{running}: ")),
+        detail: format!(
+            "booted {booted}; next boot {}; other versions {}; feed {}",
+            word("next-boot"),
+            word("other-versions"),
+            word("update-feed"),
+        ),
+        ms: start.elapsed().as_millis(),
+    })
 }
 
 /// The audit log holds the install of the running version (from the boot before,
@@ -1310,9 +1346,7 @@ pub(crate) fn secure_boot() -> CheckResult {
             .and_then(|b| b.get(4).copied())
     };
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").ok();
-    let entry = std::fs::read(ENTRY_SELECTED_VAR)
-        .ok()
-        .and_then(|b| efi_string(&b));
+    let entry = crate::bootloader::loader_var("LoaderEntrySelected");
     secure_boot_result(
         efivar("SecureBoot"),
         efivar("SetupMode"),
@@ -1642,20 +1676,6 @@ mod tests {
         let r = super::verity_hash_result(generic, old_cpu).unwrap();
         assert_eq!(r.detail, "dm-verity checks the root with sha256-generic");
         assert!(super::verity_hash_result("no verity here\n", cpu).is_none());
-    }
-
-    #[test]
-    fn efi_strings_are_read_as_efivarfs_shows_them() {
-        let mut var = vec![7, 0, 0, 0];
-        for u in "devos_0.2.2+2-1.efi".encode_utf16().chain([0]) {
-            var.extend_from_slice(&u.to_le_bytes());
-        }
-        assert_eq!(
-            super::efi_string(&var).as_deref(),
-            Some("devos_0.2.2+2-1.efi")
-        );
-        assert_eq!(super::efi_string(&[7, 0, 0, 0, 0, 0]), None);
-        assert_eq!(super::efi_string(&[7]), None);
     }
 
     #[test]

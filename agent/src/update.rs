@@ -9,6 +9,8 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bootloader::{self, Entry, version_cmp};
+
 /// `[update]` of agent.toml: the programs `devos update` runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -332,11 +334,11 @@ pub fn move_to(
         run_ok(
             &config.launcher,
             &config.bootctl,
-            &["set-default", &other.entry],
+            &["set-default", &other.file],
         )?;
         return Ok(format!(
             "{target} is installed in the other slot ({}) and boots next",
-            other.entry
+            other.file
         ));
     }
     if !config.sysupdate.exists() {
@@ -373,6 +375,116 @@ pub fn reboot(config: &UpdateConfig) -> Result<(), UpdateError> {
     run_ok(&config.launcher, Path::new(program), &args).map(|_| ())
 }
 
+/// Where systemd-sysupdate reads transfer files, the first place first (a file there
+/// takes the place of one of the same name further down).
+pub const TRANSFER_DIRS: [&str; 4] = [
+    "/etc/sysupdate.d",
+    "/run/sysupdate.d",
+    "/usr/local/lib/sysupdate.d",
+    "/usr/lib/sysupdate.d",
+];
+
+/// The feed this machine updates from: the `Path=` URL of the first transfer (by
+/// name) whose source is a URL. None when it has no such transfers.
+pub fn feed(dirs: &[&Path]) -> Option<String> {
+    let mut transfers: Vec<(std::ffi::OsString, PathBuf)> = Vec::new();
+    for dir in dirs {
+        let Ok(list) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in list.flatten() {
+            let name = entry.file_name();
+            if Path::new(&name).extension() == Some("transfer".as_ref())
+                && !transfers.iter().any(|(n, _)| *n == name)
+            {
+                transfers.push((name, entry.path()));
+            }
+        }
+    }
+    transfers.sort();
+    transfers.iter().find_map(|(_, path)| {
+        let text = std::fs::read_to_string(path).ok()?;
+        let source = text.split("[Source]").nth(1)?.split("\n[").next()?;
+        let key = |k: &str| {
+            source
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(k)?.trim().strip_prefix('='))
+                .map(str::trim)
+        };
+        // (The builder writes a `%` of the URL as `%%`, systemd's specifier escape.)
+        key("Type")?
+            .starts_with("url-")
+            .then(|| key("Path").map(|p| p.replace("%%", "%")))?
+    })
+}
+
+/// What `devos status` says about updates: the feed, the version this boot started
+/// and whether it is marked good, what the next boot starts and why, the other
+/// installed versions. Only the feed when systemd-boot did not start this machine
+/// from one of `image`'s kernel images.
+pub fn status(
+    config: &UpdateConfig,
+    image: Option<&str>,
+    running: Option<&str>,
+    loader: &bootloader::LoaderState,
+    feed: Option<String>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    out.insert("update-feed".into(), feed.into());
+    let (Some(image), Some(running)) = (image, running) else {
+        return out;
+    };
+    let entries = bootloader::entries(&config.kernel_images, image).unwrap_or_default();
+    let this = sysupdate_version(running);
+    let Some(current) = entries.iter().find(|e| e.version == this) else {
+        return out;
+    };
+    let booted = match current.tries {
+        None => format!("{running}: good"),
+        Some((0, done)) => format!(
+            "{running}: on its last try ({done} of {done}) and not marked good: if its health checks fail, the next boot starts another version"
+        ),
+        Some((left, done)) => format!(
+            "{running}: on trial, try {done} of {}: marked good once the agent's health checks pass",
+            left + done
+        ),
+    };
+    out.insert("booted".into(), booted.into());
+    if let Some((next, why)) = bootloader::next_boot(&entries, loader) {
+        let what = if next.version == this {
+            format!("{running} again")
+        } else {
+            format!("{} ({})", builder_version(&next.version), entry_state(next))
+        };
+        out.insert("next-boot".into(), format!("{what}: {why}").into());
+    }
+    let others: Vec<String> = entries
+        .iter()
+        .filter(|e| e.version != this)
+        .map(|e| format!("{} ({})", builder_version(&e.version), entry_state(e)))
+        .collect();
+    out.insert(
+        "other-versions".into(),
+        if others.is_empty() {
+            "none: the other slot is empty".to_owned()
+        } else {
+            others.join("; ")
+        }
+        .into(),
+    );
+    out
+}
+
+/// A version's state in words, from its kernel image's tries.
+fn entry_state(e: &Entry) -> String {
+    match e.tries {
+        None => "good".into(),
+        Some((0, done)) => format!("failed: its {done} tries are used up"),
+        Some((left, 0)) => format!("installed, not booted yet: {left} tries"),
+        Some((left, done)) => format!("on trial: {done} tries done, {left} left"),
+    }
+}
+
 /// What `check` and `install` say when the feed has nothing newer than what is
 /// installed. After a rollback the newest installed version is not the running one, and
 /// systemd-sysupdate does not install it again: say so, and how to boot it.
@@ -388,7 +500,7 @@ fn up_to_date(config: &UpdateConfig, image: Option<&str>, running: Option<&str>)
         _ => None,
     };
     match newer {
-        Some(o) if o.untried => format!(
+        Some(o) if o.untried() => format!(
             "{} is installed and boots next (its first try): reboot to start it",
             builder_version(&o.version)
         ),
@@ -400,82 +512,24 @@ fn up_to_date(config: &UpdateConfig, image: Option<&str>, running: Option<&str>)
     }
 }
 
-/// Versions compared as systemd does, near enough: runs of digits as numbers, the rest
-/// as text (`0.2.10` is newer than `0.2.9`).
-fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    fn parts(s: &str) -> Vec<(bool, &str)> {
-        let mut out = Vec::new();
-        let mut rest = s;
-        while let Some(c) = rest.chars().next() {
-            let digit = c.is_ascii_digit();
-            let end = rest
-                .find(|ch: char| ch.is_ascii_digit() != digit)
-                .unwrap_or(rest.len());
-            out.push((digit, &rest[..end]));
-            rest = &rest[end..];
-        }
-        out
-    }
-    fn key((digit, part): (bool, &str)) -> (bool, usize, &str) {
-        let trimmed = part.trim_start_matches('0');
-        if digit {
-            (true, trimmed.len(), trimmed)
-        } else {
-            (false, 0, part)
-        }
-    }
-    parts(a)
-        .into_iter()
-        .map(key)
-        .cmp(parts(b).into_iter().map(key))
-}
-
-/// An installed kernel image of another version than the running one.
-struct OtherVersion {
-    entry: String,
-    version: String,
-    /// Installed by an update and not booted yet (`+LEFT` or `+LEFT-0`).
-    untried: bool,
-}
-
 /// The other installed kernel images of `image` that can still boot, newest first.
 fn other_versions(
     config: &UpdateConfig,
     image: &str,
     running: &str,
-) -> Result<Vec<OtherVersion>, UpdateError> {
-    let prefix = format!("{image}_");
+) -> Result<Vec<Entry>, UpdateError> {
     let running = sysupdate_version(running);
-    let entries = std::fs::read_dir(&config.kernel_images).map_err(|e| {
+    let entries = bootloader::entries(&config.kernel_images, image).map_err(|e| {
         UpdateError::NoRollback(format!(
             "cannot list {}: {e}",
             config.kernel_images.display()
         ))
     })?;
-    let mut others: Vec<OtherVersion> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|name| {
-            let stem = name.strip_suffix(".efi")?;
-            let rest = stem.strip_prefix(&prefix)?;
-            // `VERSION`, `VERSION+LEFT` or `VERSION+LEFT-DONE`; one with no tries left
-            // failed to boot and is no place to go back to.
-            let (version, tries) = match rest.split_once('+') {
-                Some((v, t)) => (v, Some(t)),
-                None => (rest, None),
-            };
-            let (left, done) = match tries.map(|t| t.split_once('-').unwrap_or((t, "0"))) {
-                Some((left, done)) => (Some(left), Some(done)),
-                None => (None, None),
-            };
-            (version != running && left != Some("0")).then(|| OtherVersion {
-                entry: name.clone(),
-                version: version.to_owned(),
-                untried: done == Some("0"),
-            })
-        })
-        .collect();
-    others.sort_by(|a, b| version_cmp(&b.version, &a.version));
-    Ok(others)
+    // One whose tries are used up failed to boot and is no place to go back to.
+    Ok(entries
+        .into_iter()
+        .filter(|e| e.version != running && !e.failed())
+        .collect())
 }
 
 /// Make the newest other installed kernel image of this image the boot loader's
@@ -490,8 +544,11 @@ fn rollback(
             "os-release has no IMAGE_ID and IMAGE_VERSION: this is not a DevOS image".into(),
         ));
     };
-    let Some(OtherVersion { entry, version, .. }) =
-        other_versions(config, image, running)?.into_iter().next()
+    let Some(Entry {
+        file: entry,
+        version,
+        ..
+    }) = other_versions(config, image, running)?.into_iter().next()
     else {
         return Err(UpdateError::NoRollback(format!(
             "no other version of {image} is installed in {}: nothing to go back to",
@@ -582,12 +639,21 @@ fn unit_broken(show: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
+    /// An executable script. `install` writes it, not this process: a file this
+    /// process held open for writing could be inherited by a child another test
+    /// thread forks meanwhile, and running the script would then fail with "text file
+    /// busy".
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
         let path = dir.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let text = dir.join(format!(".{name}.text"));
+        std::fs::write(&text, format!("#!/bin/sh\n{body}\n")).unwrap();
+        let installed = Command::new("install")
+            .arg("-m755")
+            .args([&text, &path])
+            .status()
+            .unwrap();
+        assert!(installed.success());
         path
     }
 
@@ -767,6 +833,121 @@ mod tests {
             );
             std::fs::remove_file(dir.path().join(untried)).unwrap();
         }
+    }
+
+    #[test]
+    fn status_says_what_runs_what_boots_next_and_what_else_is_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = UpdateConfig {
+            kernel_images: dir.path().into(),
+            ..UpdateConfig::default()
+        };
+        let put = |files: &[&str]| {
+            for e in std::fs::read_dir(dir.path()).unwrap() {
+                std::fs::remove_file(e.unwrap().path()).unwrap();
+            }
+            for f in files {
+                std::fs::write(dir.path().join(f), "").unwrap();
+            }
+        };
+        let words = |running: &str, loader: &bootloader::LoaderState| {
+            let s = status(&config, Some("img"), Some(running), loader, None);
+            let word = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+            (word("booted"), word("next-boot"), word("other-versions"))
+        };
+        let none = bootloader::LoaderState::default();
+        // A fresh image: one version, good, the other slot empty.
+        put(&["img_0.2.0_a.efi", "other_9.9.9.efi"]);
+        assert_eq!(
+            words("0.2.0+a", &none),
+            (
+                "0.2.0+a: good".into(),
+                "0.2.0+a again: the newest version with tries left".into(),
+                "none: the other slot is empty".into()
+            )
+        );
+        // Just updated: the new version boots next, with its tries.
+        put(&["img_0.2.0_a.efi", "img_0.2.1_b+3.efi"]);
+        let (_, next, others) = words("0.2.0+a", &none);
+        assert_eq!(
+            next,
+            "0.2.1+b (installed, not booted yet: 3 tries): the newest version with tries left"
+        );
+        assert_eq!(others, "0.2.1+b (installed, not booted yet: 3 tries)");
+        // Its first counted boot, not yet healthy; then rolled back on purpose.
+        put(&["img_0.2.0_a.efi", "img_0.2.1_b+2-1.efi"]);
+        let (booted, next, _) = words("0.2.1+b", &none);
+        assert!(
+            booted.starts_with("0.2.1+b: on trial, try 1 of 3"),
+            "{booted}"
+        );
+        assert!(next.starts_with("0.2.1+b again"), "{next}");
+        let rolled_back = bootloader::LoaderState {
+            default: Some("img_0.2.0_a.efi".into()),
+            ..Default::default()
+        };
+        let (_, next, _) = words("0.2.1+b", &rolled_back);
+        assert!(
+            next.starts_with("0.2.0+a (good): the boot loader's default"),
+            "{next}"
+        );
+        // A version that failed its tries: the machine came back by itself.
+        put(&["img_0.2.0_a.efi", "img_0.2.2_c+0-3.efi"]);
+        let (booted, next, others) = words("0.2.0+a", &none);
+        assert_eq!(booted, "0.2.0+a: good");
+        assert!(next.starts_with("0.2.0+a again"), "{next}");
+        assert_eq!(others, "0.2.2+c (failed: its 3 tries are used up)");
+        // Not started from one of the image's kernel images: the feed alone.
+        put(&["img_0.2.0_a.efi"]);
+        let s = status(&config, Some("img"), Some("0.3.0+z"), &none, None);
+        assert_eq!(s.keys().collect::<Vec<_>>(), ["update-feed"]);
+        let s = status(&config, None, None, &none, Some("https://u/".into()));
+        assert_eq!(
+            serde_json::Value::Object(s),
+            serde_json::json!({"update-feed": "https://u/"})
+        );
+    }
+
+    #[test]
+    fn the_feed_is_read_from_the_transfers_systemd_sysupdate_reads() {
+        let root = tempfile::tempdir().unwrap();
+        let (etc, usr) = (root.path().join("etc"), root.path().join("usr"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&usr).unwrap();
+        let missing = root.path().join("missing");
+        let dirs = [etc.as_path(), missing.as_path(), usr.as_path()];
+        assert_eq!(feed(&dirs), None);
+        let transfer = |url: &str| {
+            format!(
+                "[Transfer]\nVerify=yes\n\n[Source]\nType=url-file\nPath={url}\nMatchPattern=x_@v\n\n[Target]\nType=partition\nPath=auto\n"
+            )
+        };
+        std::fs::write(
+            usr.join("10-img-root.transfer"),
+            transfer("https://u.example/%%7Ea/"),
+        )
+        .unwrap();
+        std::fs::write(usr.join("20-img-uki.transfer"), transfer("https://other/")).unwrap();
+        std::fs::write(
+            usr.join("10-img-root.conf"),
+            transfer("https://not-a-transfer/"),
+        )
+        .unwrap();
+        assert_eq!(feed(&dirs).as_deref(), Some("https://u.example/%7Ea/"));
+        // One of the same name further up takes its place.
+        std::fs::write(
+            etc.join("10-img-root.transfer"),
+            transfer("http://10.0.2.2:8080/"),
+        )
+        .unwrap();
+        assert_eq!(feed(&dirs).as_deref(), Some("http://10.0.2.2:8080/"));
+        // A source that is not a URL names no feed.
+        std::fs::write(
+            etc.join("10-img-root.transfer"),
+            "[Source]\nType=regular-file\nPath=/var/updates\n\n[Target]\nPath=https://x/\nType=url-file\n",
+        )
+        .unwrap();
+        assert_eq!(feed(&dirs).as_deref(), Some("https://other/"));
     }
 
     #[test]

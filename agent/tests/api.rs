@@ -203,6 +203,11 @@ fn requests_plans_approvals_rules_and_history_work_end_to_end() {
             .is_empty(),
         "{status}"
     );
+    // Updates: the feed is named (null: this host has no transfers of an image's);
+    // what booted and boots next only where systemd-boot started one of the image's
+    // kernel images, which this host did not.
+    assert!(status.get("update-feed").is_some(), "{status}");
+    assert!(status.get("booted").is_none(), "{status}");
     // A user's status counts their own requests; what the whole machine does is root's
     // to see.
     let root_dir = tempfile::tempdir_in("/var/lib").unwrap();

@@ -370,17 +370,37 @@ fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_rolls_back() 
     ] {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
     }
-    // Then `devos update --rollback` in 0.2.1, recorded in the audit log beside the
-    // update, and the boot after it: 0.2.0 again, from its own (uncounted) entry.
+    // `devos status` said what each step left for the next boot: the new version,
+    // not booted yet, with its tries; once it was blessed, that it is good and the
+    // version before it is still there.
+    let version = m["version"].as_str().unwrap();
+    let next_version = next_m["version"].as_str().unwrap();
+    let said = |name: &str| check(&report, name)["detail"].as_str().unwrap().to_owned();
     assert!(
-        check(&report, "rollback")["detail"]
-            .as_str()
-            .unwrap()
-            .contains("in the audit log"),
+        said("update").contains(&format!(
+            "devos status: next boot {next_version} (installed, not booted yet: 3 tries)"
+        )),
         "{report:#}"
     );
+    let status = said("update-status");
+    assert!(
+        status.starts_with(&format!("booted {next_version}: good; "))
+            && status.contains(&format!("other versions {version} (good)"))
+            && status.contains("feed http://"),
+        "{status}"
+    );
+    // Then `devos update --rollback` in 0.2.1, recorded in the audit log beside the
+    // update (and `devos status` names 0.2.0 as the boot loader's choice), and the boot
+    // after it: 0.2.0 again, from its own (uncounted) entry.
+    let rollback = said("rollback");
+    assert!(rollback.contains("in the audit log"), "{report:#}");
+    assert!(
+        rollback.contains(&format!(
+            "next boot {version} (good): the boot loader's default"
+        )),
+        "{rollback}"
+    );
     let back = check(&report, "rollback-boot")["detail"].as_str().unwrap();
-    let version = m["version"].as_str().unwrap();
     assert!(
         back.contains(&format!("started {}", slot_label(&m)))
             && back.contains(&format!("agent {version}")),
@@ -462,6 +482,18 @@ fn a_broken_update_is_tried_three_times_then_the_machine_falls_back_by_itself() 
     );
     assert_eq!(check(&report, "agent-version")["detail"], m["version"]);
     assert_eq!(check(&report, "agent-ping")["ok"], true, "{report:#}");
+    // And `devos status` there says so: this version good, the other one failed.
+    let status = check(&report, "update-status")["detail"].as_str().unwrap();
+    assert!(
+        status.starts_with(&format!(
+            "booted {}: good; ",
+            m["version"].as_str().unwrap()
+        )) && status.contains(&format!(
+            "other versions {} (failed: its 3 tries are used up)",
+            broken_m["version"].as_str().unwrap()
+        )),
+        "{status}"
+    );
 }
 
 #[test]

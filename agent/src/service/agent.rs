@@ -799,7 +799,8 @@ impl Agent {
 
     /// The agent's status (JSON): version, uptime, requests in flight and stored (the
     /// caller's; root: everyone's), audit entries (root only), what confines actions,
-    /// whether the machine booted with Secure Boot enforced.
+    /// whether the machine booted with Secure Boot enforced, the update feed, what this
+    /// boot started and what the next one starts.
     async fn status(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -850,6 +851,16 @@ impl Agent {
         let boot = crate::selftest::secure_boot();
         status["secure-boot"] = boot.ok.into();
         status["secure-boot-detail"] = boot.detail.into();
+        // Updates: where from, what runs, what boots next (the boot loader's choice).
+        let (image, running) = crate::os_release::image_identity(&config.os_release);
+        let updates = crate::update::status(
+            &config.update,
+            image.as_deref(),
+            running.as_deref(),
+            &crate::bootloader::LoaderState::read(),
+            crate::update::feed(&crate::update::TRANSFER_DIRS.map(std::path::Path::new)),
+        );
+        status.as_object_mut().expect("an object").extend(updates);
         if let Some(entries) = entries {
             status["audit-entries"] = entries.into();
         }
