@@ -489,6 +489,57 @@ fn the_sandbox_confines_approved_actions() {
     );
 }
 
+/// Bind mounts root made elsewhere, removed (with everything below them) when dropped.
+struct Mounts(Vec<std::path::PathBuf>);
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for point in self.0.iter().rev() {
+            let _ = std::process::Command::new("umount")
+                .args(["-R", "-l"])
+                .arg(point)
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_build_chroot_with_the_kernels_file_systems_below_tmp_leaves_actions_working() {
+    // As a build chroot (schroot, sbuild, a hand-made one) has them: the host's
+    // `/proc`, `/sys` and `/dev` mounted below a place every sandbox hides. They are
+    // not other names of `/tmp` to hide in turn: hiding `/dev` or `/proc` would leave
+    // every action without them.
+    let agent = Daemon::start();
+    let alice = User::ensure("devos-alice");
+    let project = alice.project();
+    let cwd = project.path();
+    let chroot = tempfile::tempdir_in("/tmp").unwrap();
+    let mut mounts = Mounts(Vec::new());
+    for (name, how) in [
+        ("proc", &["-t", "proc", "proc"][..]),
+        ("sys", &["--rbind", "/sys"]),
+        ("dev", &["--rbind", "/dev"]),
+    ] {
+        let point = chroot.path().join(name);
+        std::fs::create_dir(&point).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(how)
+            .arg(&point)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount {how:?} {}", point.display());
+        mounts.0.push(point);
+    }
+    let id = waiting_id(&agent.devos(
+        Some(&alice),
+        cwd,
+        &["run", "run: head -c 4 /dev/zero | wc -c; grep -c ^Name /proc/self/status; ls /sys/kernel > /dev/null && echo sys"],
+    ));
+    let r = agent.approve_and_wait(&alice, cwd, &id, "done");
+    assert_eq!(r["actions"][0]["output"], "4\n1\nsys\n", "{r}");
+    drop(mounts);
+}
+
 #[test]
 fn a_tampered_audit_log_is_reported_with_its_first_bad_entry() {
     let agent = Daemon::start();

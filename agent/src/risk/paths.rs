@@ -181,6 +181,35 @@ struct Mount {
     fs_type: String,
 }
 
+impl Mount {
+    /// A file system through which the kernel shows itself (processes, devices, sysfs,
+    /// cgroups, …), not one that holds anyone's files.
+    fn kernel_interface(&self) -> bool {
+        matches!(
+            self.fs_type.as_str(),
+            "proc"
+                | "sysfs"
+                | "devtmpfs"
+                | "devpts"
+                | "cgroup"
+                | "cgroup2"
+                | "securityfs"
+                | "debugfs"
+                | "tracefs"
+                | "bpf"
+                | "pstore"
+                | "efivarfs"
+                | "configfs"
+                | "fusectl"
+                | "binfmt_misc"
+                | "autofs"
+                | "nsfs"
+                | "mqueue"
+                | "hugetlbfs"
+        )
+    }
+}
+
 /// The lines of `mountinfo` (proc(5)'s format).
 fn parse_mounts(mountinfo: &str) -> Vec<Mount> {
     mountinfo
@@ -245,10 +274,12 @@ fn aliases_in(mounts: &[Mount], path: &Path) -> Vec<PathBuf> {
     };
     add(&mount.dev, &mount.root.join(below), path);
     // What is mounted below `path` (each home its own mount on `/home`) has its own
-    // other names.
+    // other names. Not the kernel's own file systems mounted there (a chroot's `proc`,
+    // `sys` and `dev` below `/tmp` or `/run/schroot`): they hold nothing of the place,
+    // and their other names are the system's `/proc`, `/sys` and `/dev`.
     for m in mounts
         .iter()
-        .filter(|m| m.point != path && m.point.starts_with(path))
+        .filter(|m| m.point != path && m.point.starts_with(path) && !m.kernel_interface())
     {
         add(&m.dev, &m.root, &m.point);
     }
@@ -418,6 +449,32 @@ mod tests {
             [PathBuf::from("/run/host/home/alice/proj")]
         );
         assert!(aliases("/run").is_empty(), "{:?}", aliases("/run"));
+    }
+
+    #[test]
+    fn a_chroots_kernel_file_systems_below_a_place_are_no_other_names_of_it() {
+        // A build chroot below `/tmp` with the host's `/proc`, `/sys` and `/dev`
+        // mounted in it (as schroot does below `/run/schroot`), and a scratch tmpfs of
+        // its that is also bound elsewhere.
+        let info = "\
+22 1 253:0 / / rw - ext4 /dev/vda1 rw
+23 22 0:5 / /dev rw,nosuid - devtmpfs udev rw
+24 23 0:24 / /dev/pts rw - devpts devpts rw
+25 22 0:22 / /proc rw - proc proc rw
+26 22 0:21 / /sys rw - sysfs sysfs rw
+27 26 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+80 22 0:22 / /tmp/chroot/proc rw - proc proc rw
+81 22 0:5 / /tmp/chroot/dev rw - devtmpfs udev rw
+82 81 0:24 / /tmp/chroot/dev/pts rw - devpts devpts rw
+83 22 0:21 / /tmp/chroot/sys rw - sysfs sysfs rw
+84 83 0:26 / /tmp/chroot/sys/fs/cgroup rw - cgroup2 cgroup2 rw
+85 22 0:60 / /tmp/chroot/scratch rw - tmpfs tmpfs rw
+86 22 0:60 / /srv/scratch rw - tmpfs tmpfs rw
+";
+        let aliases = |p: &str| MountTable::of(info).aliases(Path::new(p));
+        assert_eq!(aliases("/tmp"), [PathBuf::from("/srv/scratch")]);
+        // A place on one of them still has its other names there.
+        assert_eq!(aliases("/proc/1"), [PathBuf::from("/tmp/chroot/proc/1")]);
     }
 
     #[test]
