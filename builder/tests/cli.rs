@@ -864,6 +864,10 @@ fn stack_and_region_names_are_checked_where_the_command_line_is_read() {
             "`EU` is not a region name",
         ),
         (
+            &["publish", "updates", "x@1.0.0", "--to", ""],
+            "`` is not a feed",
+        ),
+        (
             &["publish", "packer", "x@1.0.0", "--var", "region=eu-west-1"],
             "the region is not a --var",
         ),

@@ -294,7 +294,7 @@ pub(crate) enum PublishCommand {
         reference: String,
         /// The feed: a directory (made if missing) or s3://BUCKET/PREFIX; other
         /// versions in it are kept.
-        #[arg(long)]
+        #[arg(long, value_parser = feed)]
         to: String,
         /// Publish even without a passing boot test, or when machines of a version
         /// signed for Secure Boot could not start this one.
@@ -637,6 +637,16 @@ fn checked(value: &str, fits: bool, what: &str, hint: &str) -> Result<String, St
 /// when the name or the version after an `@` is empty.
 fn reference(value: &str) -> Result<String, String> {
     crate::store::registry::split_reference(value).map(|_| value.to_owned())
+}
+
+/// `publish updates --to`: anything but empty (what it names is checked when opened).
+fn feed(value: &str) -> Result<String, String> {
+    checked(
+        value,
+        !value.is_empty(),
+        "a feed",
+        "`--to` names a directory (made if missing), e.g. `--to ./feed`, or s3://BUCKET/PREFIX",
+    )
 }
 
 /// What `image test|boot` take: a path that exists, or else a version's reference.
