@@ -254,6 +254,7 @@ pub(crate) fn bootstrap(
         }
     }
     std::fs::create_dir_all(package_cache)?;
+    sweep_package_leftovers(package_cache);
     let work = target.with_extension("sources");
     std::fs::write(&work, &sources.deb822)?;
     let dracut_conf = target.with_extension("dracut.conf");
@@ -285,9 +286,11 @@ pub(crate) fn bootstrap(
         //
         // Out, each package the cache lacks or holds differently (cut short by a
         // killed build, which apt then fetched again) goes through a file of this
-        // build's own (mktemp: builds in PID namespaces of their own share PIDs) and
-        // is renamed into place: another build copying the cache in never takes half
-        // a package, and a broken one does not stay.
+        // build's own (mktemp: builds in PID namespaces of their own share PIDs),
+        // named as `replace_file` names its own (`.NAME.XXXXXX.tmp`, what a killed
+        // build leaves is swept by the next), and is renamed into place: another
+        // build copying the cache in never takes half a package, and a broken one
+        // does not stay.
         .arg("--skip=essential/unlink")
         .arg("--skip=update")
         .arg(format!(
@@ -299,7 +302,7 @@ pub(crate) fn bootstrap(
             "--setup-hook=find '{cache}' -maxdepth 1 -name '*.deb' -exec cp -t \"$1\"/var/cache/apt/archives/ {{}} +"
         ))
         .arg(format!(
-            "--customize-hook=for f in \"$1\"/var/cache/apt/archives/*.deb; do [ -f \"$f\" ] || continue; n=\"${{f##*/}}\"; cmp -s \"$f\" '{cache}'/\"$n\" && continue; t=$(mktemp '{cache}'/.\"$n\".XXXXXX) && cp \"$f\" \"$t\" && chmod 644 \"$t\" && mv -f \"$t\" '{cache}'/\"$n\" || {{ rm -f \"$t\"; exit 1; }}; done"
+            "--customize-hook=for f in \"$1\"/var/cache/apt/archives/*.deb; do [ -f \"$f\" ] || continue; n=\"${{f##*/}}\"; cmp -s \"$f\" '{cache}'/\"$n\" && continue; t=$(mktemp --suffix=.tmp '{cache}'/.\"$n\".XXXXXX) && cp \"$f\" \"$t\" && chmod 644 \"$t\" && mv -f \"$t\" '{cache}'/\"$n\" || {{ rm -f \"$t\"; exit 1; }}; done"
         ));
     if let Some(k) = keyring(spec) {
         mm.arg(format!("--keyring={}", k.display()));
@@ -335,6 +338,26 @@ pub(crate) fn bootstrap(
 /// the tree (proc, sys, devpts) go with the namespace, so the tree can be removed.
 /// Where this host cannot make them (a container without the right to mount proc, a
 /// chroot whose `/` is no mount point) mmdebstrap runs as it is, and a killed build
+/// Remove the temporary packages killed builds left in the package cache (see the
+/// customize hook above); a failure only costs space, so it is a warning.
+fn sweep_package_leftovers(cache: &Path) {
+    let leftover = |name: &str| {
+        crate::support::paths::replacing(name).is_some_and(|file| file.ends_with(".deb"))
+    };
+    let swept = crate::support::paths::open_dir(cache)
+        .with_context(|| format!("cannot open {}", cache.display()))
+        .and_then(|dir| crate::support::paths::sweep_leftovers(&dir, cache, leftover));
+    match swept {
+        Ok(removed) if !removed.is_empty() => tracing::info!(
+            "removed {} package(s) a killed build left half-copied in {}",
+            removed.len(),
+            cache.display()
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e:#}; what killed builds left in it stays"),
+    }
+}
+
 /// may leave both behind: said in a warning.
 fn mmdebstrap_command() -> Command {
     const IN_NAMESPACES: [&str; 4] = ["--pid", "--kill-child=SIGKILL", "--mount-proc", "--"];
@@ -441,6 +464,35 @@ pub(crate) fn installed_packages(root: &Path) -> Result<Vec<(String, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn half_copied_packages_killed_builds_left_are_swept() {
+        let cache = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - 2 * crate::support::paths::LEFTOVER_AGE;
+        let put = |name: &str, modified: std::time::SystemTime| {
+            let f = std::fs::File::create(cache.path().join(name)).unwrap();
+            f.set_modified(modified).unwrap();
+        };
+        put(".less_590-2_amd64.deb.AbC123.tmp", old);
+        // Being copied by a build now; a package; not a package's temporary file.
+        let kept = [
+            ".less_590-2_amd64.deb.Fresh1.tmp",
+            "less_590-2_amd64.deb",
+            ".notes.AbC123.tmp",
+        ];
+        put(kept[0], std::time::SystemTime::now());
+        put(kept[1], old);
+        put(kept[2], old);
+        sweep_package_leftovers(cache.path());
+        let mut left: Vec<String> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut kept = kept.map(String::from).to_vec();
+        kept.sort();
+        assert_eq!(left, kept);
+    }
 
     #[test]
     fn deb822_stanzas() {

@@ -326,6 +326,50 @@ pub(crate) fn replacing(name: &str) -> Option<&str> {
         .then_some(file)
 }
 
+/// How long a temporary file of [`replace_in`] (or of a hook that names its files
+/// the same way) stays untouched before it is taken for what a write cut short left:
+/// one being written is touched all along, but a writer this process does not see (a
+/// publish from another registry, a build with another cache lock) may sync a large
+/// file for a while. Until then a leftover is its writer's alone (0600), never used.
+pub(crate) const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Remove from the directory `dir` the regular files whose names `leftover` accepts
+/// and that were untouched for [`LEFTOVER_AGE`]; the names removed. `what` names the
+/// directory in errors.
+pub(crate) fn sweep_leftovers(
+    dir: &impl std::os::fd::AsFd,
+    what: &Path,
+    leftover: impl Fn(&str) -> bool,
+) -> anyhow::Result<Vec<String>> {
+    use rustix::fs::{AtFlags, FileType};
+    let cannot = |e: rustix::io::Errno| {
+        anyhow::Error::from(std::io::Error::from(e))
+            .context(format!("cannot list {}", what.display()))
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir).map_err(cannot)? {
+        let entry = entry.map_err(cannot)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !leftover(&name) {
+            continue;
+        }
+        let Ok(stat) = rustix::fs::statat(dir, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let modified = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(u64::try_from(stat.st_mtime).unwrap_or(0));
+        let untouched = now.duration_since(modified).unwrap_or_default();
+        if FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile
+            && untouched >= LEFTOVER_AGE
+            && rustix::fs::unlinkat(dir, entry.file_name(), AtFlags::empty()).is_ok()
+        {
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
 /// [`replace_file`] for file `dest`'s name in the directory `dir` already opened
 /// (`dest` names it in messages; nothing is resolved through it).
 pub(crate) fn replace_in(

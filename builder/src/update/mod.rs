@@ -149,12 +149,6 @@ pub(crate) trait FeedStore {
     }
 }
 
-/// How long a temporary file of a publish stays untouched before another publish takes
-/// it for a leftover: one being written is touched all along, but a publish from
-/// another registry (whose lock this publish does not see) may sync a large file for a
-/// while. Until then a leftover is its writer's alone (0600), never served.
-const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
-
 /// Whether `name` is a temporary file a publish writes into a feed
 /// ([`crate::support::paths::replacing`]) for a file a feed holds: `SHA256SUMS`, its
 /// signature, or a bundle file (`NAME_VERSION…`).
@@ -304,37 +298,10 @@ impl FeedStore for DirFeed {
     }
 
     fn sweep(&self) -> Result<Vec<String>> {
-        use rustix::fs::{AtFlags, FileType};
         let Some(dir) = self.opened()? else {
             return Ok(Vec::new());
         };
-        let cannot = |e: rustix::io::Errno| {
-            anyhow::Error::from(std::io::Error::from(e))
-                .context(format!("cannot list the feed {}", self.path.display()))
-        };
-        let now = std::time::SystemTime::now();
-        let mut removed = Vec::new();
-        for entry in rustix::fs::Dir::read_from(dir).map_err(cannot)? {
-            let entry = entry.map_err(cannot)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !is_publish_leftover(&name) {
-                continue;
-            }
-            let Ok(stat) = rustix::fs::statat(dir, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW)
-            else {
-                continue;
-            };
-            let modified = std::time::UNIX_EPOCH
-                + std::time::Duration::from_secs(u64::try_from(stat.st_mtime).unwrap_or(0));
-            let untouched = now.duration_since(modified).unwrap_or_default();
-            if FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile
-                && untouched >= LEFTOVER_AGE
-                && rustix::fs::unlinkat(dir, entry.file_name(), AtFlags::empty()).is_ok()
-            {
-                removed.push(name);
-            }
-        }
-        Ok(removed)
+        crate::support::paths::sweep_leftovers(dir, &self.path, is_publish_leftover)
     }
 }
 
@@ -705,7 +672,7 @@ mod tests {
         let src = tmp.path().join("src");
         fs::write(&src, b"bytes").unwrap();
         feed.put("img_1.0.0_abc.root", &src, "").unwrap();
-        let old = std::time::SystemTime::now() - 2 * LEFTOVER_AGE;
+        let old = std::time::SystemTime::now() - 2 * crate::support::paths::LEFTOVER_AGE;
         let leftover = |name: &str, modified: std::time::SystemTime| {
             let f = fs::File::create(feed.path.join(name)).unwrap();
             f.set_modified(modified).unwrap();
