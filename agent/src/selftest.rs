@@ -13,7 +13,7 @@ use crate::bootloader::LoaderState;
 use crate::client::Agent1Proxy;
 
 /// One result line. The host parses these; keep the field names stable.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct CheckResult {
     pub check: String,
     pub ok: bool,
@@ -527,11 +527,11 @@ fn ssh_host_keys() -> CheckResult {
 /// boot is counted (a version on trial). None when systemd-boot did not start it.
 fn boot_entry() -> Option<CheckResult> {
     let loader = LoaderState::read();
-    let entry = loader.selected?;
+    let entry = loader.selected.clone()?;
     Some(CheckResult {
         check: "boot-entry".into(),
         ok: true,
-        detail: if loader.counted {
+        detail: if loader.counted() {
             format!("{entry} (counted: a version on trial)")
         } else {
             entry
@@ -543,7 +543,7 @@ fn boot_entry() -> Option<CheckResult> {
 /// On a counted boot: wait for systemd-bless-boot to mark this version good (after
 /// devos-boot-complete.service found the agent healthy). None on other boots.
 async fn boot_blessed() -> Option<CheckResult> {
-    if !LoaderState::read().counted {
+    if !LoaderState::read().counted() {
         return None;
     }
     let start = Instant::now();
@@ -744,22 +744,35 @@ async fn next_boot_said(version: &serde_json::Value, then: &str) -> Result<Strin
 }
 
 /// What `devos status` says about updates, where systemd-boot started one of the
-/// image's kernel images: the version it started (which must be the running one) and
-/// how it stands, what the next boot starts, the other versions installed.
+/// image's kernel images: the version it started, which must be the one the boot loader
+/// names (`LoaderEntrySelected`) and the one running, and how it stands; what the next
+/// boot starts; the other versions installed.
 async fn update_status() -> Option<CheckResult> {
     let start = Instant::now();
+    let selected = LoaderState::read().selected?;
+    let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let image = crate::os_release::field(&os_release, "IMAGE_ID")?;
+    // (systemd-boot lowercases the ids it names.)
+    let started = crate::bootloader::Entry::parse(
+        &image.to_ascii_lowercase(),
+        &selected.to_ascii_lowercase(),
+    )?;
+    let running = crate::os_release::field(&os_release, "IMAGE_VERSION").unwrap_or_default();
     let status = match devos_json(&["status"]).await {
         Ok(status) => status,
         Err(e) => return Some(failed("update-status", e.to_string())),
     };
-    let booted = status["booted"].as_str()?;
-    let running = status["image-version"].as_str().unwrap_or_default();
     let word = |key: &str| status[key].as_str().unwrap_or("(none)").to_owned();
+    let booted = word("booted");
+    let ok = started.version == running.replace('+', "_").to_ascii_lowercase()
+        && booted.starts_with(&format!("{running}: "))
+        && status["next-boot"].is_string()
+        && status["other-versions"].is_string();
     Some(CheckResult {
         check: "update-status".into(),
-        ok: booted.starts_with(&format!("{running}: ")),
+        ok,
         detail: format!(
-            "booted {booted}; next boot {}; other versions {}; feed {}",
+            "booted {booted}; next boot {}; other versions {}; feed {} (the boot loader started {selected}, os-release says {running})",
             word("next-boot"),
             word("other-versions"),
             word("update-feed"),

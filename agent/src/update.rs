@@ -385,43 +385,83 @@ pub const TRANSFER_DIRS: [&str; 4] = [
 ];
 
 /// The feed this machine updates from: the `Path=` URL of the first transfer (by
-/// name) whose source is a URL. None when it has no such transfers.
+/// name) whose source is a URL, read as systemd-sysupdate reads it (the file of that
+/// name in the first of `dirs` that has one, then its drop-ins `NAME.transfer.d/*.conf`
+/// in name order; the last value of a key wins), without any user name or password
+/// in it (anyone may ask `Status`). None when it has no such transfers.
 pub fn feed(dirs: &[&Path]) -> Option<String> {
-    let mut transfers: Vec<(std::ffi::OsString, PathBuf)> = Vec::new();
-    for dir in dirs {
-        let Ok(list) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        for entry in list.flatten() {
-            let name = entry.file_name();
-            if Path::new(&name).extension() == Some("transfer".as_ref())
-                && !transfers.iter().any(|(n, _)| *n == name)
-            {
-                transfers.push((name, entry.path()));
+    let files = |suffix: &str, sub: Option<&std::ffi::OsStr>| {
+        let mut found: Vec<(std::ffi::OsString, PathBuf)> = Vec::new();
+        for dir in dirs {
+            let dir = match sub {
+                Some(sub) => dir.join(sub),
+                None => dir.to_path_buf(),
+            };
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().ends_with(suffix)
+                    && !found.iter().any(|(n, _)| *n == name)
+                {
+                    found.push((name, entry.path()));
+                }
             }
         }
+        found.sort();
+        found
+    };
+    files(".transfer", None)
+        .into_iter()
+        .find_map(|(name, path)| {
+            let mut drop_in = name.clone();
+            drop_in.push(".d");
+            let texts = std::iter::once(path)
+                .chain(files(".conf", Some(&drop_in)).into_iter().map(|(_, p)| p))
+                .filter_map(|p| std::fs::read(p).ok())
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+            let (mut kind, mut url) = (None, None);
+            for text in texts {
+                let mut section = String::new();
+                for line in text.lines().map(str::trim) {
+                    if line.is_empty() || line.starts_with(['#', ';']) {
+                        continue;
+                    }
+                    if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                        section = name.to_owned();
+                    } else if let (Some((key, value)), "Source") =
+                        (line.split_once('='), section.as_str())
+                    {
+                        match key.trim() {
+                            "Type" => kind = Some(value.trim().to_owned()),
+                            "Path" => url = Some(value.trim().to_owned()),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            // (The builder writes a `%` of the URL as `%%`, systemd's specifier escape.)
+            let url = url?;
+            kind?
+                .starts_with("url-")
+                .then(|| without_user(&url.replace("%%", "%")))
+        })
+}
+
+/// `url` without the `user:password@` part of its authority.
+fn without_user(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://{host}{}", &rest[end..]),
+        None => url.to_owned(),
     }
-    transfers.sort();
-    transfers.iter().find_map(|(_, path)| {
-        let text = std::fs::read_to_string(path).ok()?;
-        let source = text.split("[Source]").nth(1)?.split("\n[").next()?;
-        let key = |k: &str| {
-            source
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(k)?.trim().strip_prefix('='))
-                .map(str::trim)
-        };
-        // (The builder writes a `%` of the URL as `%%`, systemd's specifier escape.)
-        key("Type")?
-            .starts_with("url-")
-            .then(|| key("Path").map(|p| p.replace("%%", "%")))?
-    })
 }
 
 /// What `devos status` says about updates: the feed, the version this boot started
-/// and whether it is marked good, what the next boot starts and why, the other
-/// installed versions. Only the feed when systemd-boot did not start this machine
-/// from one of `image`'s kernel images.
+/// and how it stands, what the next boot starts and why, the other installed
+/// versions. Only the feed when systemd-boot did not start this machine from one of
+/// `image`'s kernel images.
 pub fn status(
     config: &UpdateConfig,
     image: Option<&str>,
@@ -439,24 +479,53 @@ pub fn status(
     let Some(current) = entries.iter().find(|e| e.version == this) else {
         return out;
     };
+    let others_can_boot = entries.iter().any(|e| e.version != this && !e.failed());
     let booted = match current.tries {
         None => format!("{running}: good"),
-        Some((0, done)) => format!(
-            "{running}: on its last try ({done} of {done}) and not marked good: if its health checks fail, the next boot starts another version"
+        Some((0, done)) if loader.counted_name() == Some(current.file.as_str()) => format!(
+            "{running}: on its last try ({}), not marked good yet: if its health checks fail, {}",
+            ordinal(done),
+            if others_can_boot {
+                "the next boot starts another version"
+            } else {
+                "no other version is left to go back to"
+            }
+        ),
+        Some((0, _)) => format!(
+            "{running}: marked bad (it did not come up healthy){}",
+            if others_can_boot {
+                ": the next boot starts another version"
+            } else {
+                ", but no other version is left to go back to"
+            }
+        ),
+        Some((left, 0)) => format!(
+            "{running}: on trial, not counted this boot, not marked good ({} left)",
+            tries(left)
         ),
         Some((left, done)) => format!(
-            "{running}: on trial, try {done} of {}: marked good once the agent's health checks pass",
-            left + done
+            "{running}: on trial, try {} of {}: marked good once the agent's health checks pass",
+            done,
+            u64::from(left) + u64::from(done)
         ),
     };
     out.insert("booted".into(), booted.into());
-    if let Some((next, why)) = bootloader::next_boot(&entries, loader) {
-        let what = if next.version == this {
-            format!("{running} again")
-        } else {
-            format!("{} ({})", builder_version(&next.version), entry_state(next))
-        };
-        out.insert("next-boot".into(), format!("{what}: {why}").into());
+    let next = match bootloader::next_boot(&entries, loader) {
+        Some(bootloader::NextBoot::Entry(next, why)) if next.version == this => {
+            Some(format!("{running} again: {why}"))
+        }
+        Some(bootloader::NextBoot::Entry(next, why)) => Some(format!(
+            "{} ({}): {why}",
+            builder_version(&next.version),
+            entry_state(next)
+        )),
+        Some(bootloader::NextBoot::Other(id, why)) => Some(format!(
+            "`{id}`, which names none of this image's kernel images: {why}"
+        )),
+        None => None,
+    };
+    if let Some(next) = next {
+        out.insert("next-boot".into(), next.into());
     }
     let others: Vec<String> = entries
         .iter()
@@ -479,10 +548,29 @@ pub fn status(
 fn entry_state(e: &Entry) -> String {
     match e.tries {
         None => "good".into(),
-        Some((0, done)) => format!("failed: its {done} tries are used up"),
-        Some((left, 0)) => format!("installed, not booted yet: {left} tries"),
-        Some((left, done)) => format!("on trial: {done} tries done, {left} left"),
+        Some((0, done)) => format!("failed: {} used up", tries(done)),
+        Some((left, 0)) => format!("installed, not booted yet: {}", tries(left)),
+        Some((left, done)) => format!("on trial: {} done, {left} left", tries(done)),
     }
+}
+
+/// `n tries`, or `1 try`.
+fn tries(n: u32) -> String {
+    match n {
+        1 => "1 try".into(),
+        n => format!("{n} tries"),
+    }
+}
+
+/// `1st`, `2nd`, `3rd`, `4th` … try.
+fn ordinal(n: u32) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (1, x) if x != 11 => "st",
+        (2, x) if x != 12 => "nd",
+        (3, x) if x != 13 => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// What `check` and `install` say when the feed has nothing newer than what is
@@ -855,7 +943,14 @@ mod tests {
             let word = |k: &str| s.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
             (word("booted"), word("next-boot"), word("other-versions"))
         };
-        let none = bootloader::LoaderState::default();
+        let none = bootloader::LoaderState {
+            loader_version: Some(257),
+            ..Default::default()
+        };
+        let counted = |file: &str| bootloader::LoaderState {
+            count_path: Some(format!("\\EFI\\Linux\\{file}")),
+            ..none.clone()
+        };
         // A fresh image: one version, good, the other slot empty.
         put(&["img_0.2.0_a.efi", "other_9.9.9.efi"]);
         assert_eq!(
@@ -867,7 +962,7 @@ mod tests {
             )
         );
         // Just updated: the new version boots next, with its tries.
-        put(&["img_0.2.0_a.efi", "img_0.2.1_b+3.efi"]);
+        put(&["img_0.2.0_a.efi", "img_0.2.1_b+3-0.efi"]);
         let (_, next, others) = words("0.2.0+a", &none);
         assert_eq!(
             next,
@@ -876,27 +971,65 @@ mod tests {
         assert_eq!(others, "0.2.1+b (installed, not booted yet: 3 tries)");
         // Its first counted boot, not yet healthy; then rolled back on purpose.
         put(&["img_0.2.0_a.efi", "img_0.2.1_b+2-1.efi"]);
-        let (booted, next, _) = words("0.2.1+b", &none);
-        assert!(
-            booted.starts_with("0.2.1+b: on trial, try 1 of 3"),
-            "{booted}"
+        let (booted, next, others) = words("0.2.1+b", &counted("img_0.2.1_b+2-1.efi"));
+        assert_eq!(
+            booted,
+            "0.2.1+b: on trial, try 1 of 3: marked good once the agent's health checks pass"
         );
         assert!(next.starts_with("0.2.1+b again"), "{next}");
+        assert_eq!(others, "0.2.0+a (good)");
         let rolled_back = bootloader::LoaderState {
             default: Some("img_0.2.0_a.efi".into()),
-            ..Default::default()
+            ..none.clone()
         };
         let (_, next, _) = words("0.2.1+b", &rolled_back);
         assert!(
             next.starts_with("0.2.0+a (good): the boot loader's default"),
             "{next}"
         );
+        // Its last try, before and after systemd-bless-boot marked it bad; and with
+        // nothing to go back to.
+        put(&["img_0.2.0_a.efi", "img_0.2.1_b+0-3.efi"]);
+        let (booted, _, _) = words("0.2.1+b", &counted("img_0.2.1_b+0-3.efi"));
+        assert!(
+            booted.starts_with("0.2.1+b: on its last try (3rd), not marked good yet")
+                && booted.ends_with("the next boot starts another version"),
+            "{booted}"
+        );
+        put(&["img_0.2.0_a.efi", "img_0.2.1_b+0-1.efi"]);
+        let (booted, next, _) = words("0.2.1+b", &counted("img_0.2.1_b+2-1.efi"));
+        assert_eq!(
+            booted,
+            "0.2.1+b: marked bad (it did not come up healthy): the next boot starts another version"
+        );
+        assert!(
+            next.starts_with("0.2.0+a (good): the newest version with tries left"),
+            "{next}"
+        );
+        put(&["img_0.2.1_b+0-1.efi"]);
+        let (booted, _, _) = words("0.2.1+b", &counted("img_0.2.1_b+2-1.efi"));
+        assert!(
+            booted.ends_with("but no other version is left to go back to"),
+            "{booted}"
+        );
         // A version that failed its tries: the machine came back by itself.
         put(&["img_0.2.0_a.efi", "img_0.2.2_c+0-3.efi"]);
         let (booted, next, others) = words("0.2.0+a", &none);
         assert_eq!(booted, "0.2.0+a: good");
         assert!(next.starts_with("0.2.0+a again"), "{next}");
-        assert_eq!(others, "0.2.2+c (failed: its 3 tries are used up)");
+        assert_eq!(others, "0.2.2+c (failed: 3 tries used up)");
+        // A default set by hand that names none of the image's kernel images.
+        let by_hand = bootloader::LoaderState {
+            default: Some("windows.efi".into()),
+            ..none.clone()
+        };
+        let (_, next, _) = words("0.2.0+a", &by_hand);
+        assert!(
+            next.starts_with(
+                "`windows.efi`, which names none of this image's kernel images: the boot loader's default"
+            ),
+            "{next}"
+        );
         // Not started from one of the image's kernel images: the feed alone.
         put(&["img_0.2.0_a.efi"]);
         let s = status(&config, Some("img"), Some("0.3.0+z"), &none, None);
@@ -919,35 +1052,45 @@ mod tests {
         assert_eq!(feed(&dirs), None);
         let transfer = |url: &str| {
             format!(
-                "[Transfer]\nVerify=yes\n\n[Source]\nType=url-file\nPath={url}\nMatchPattern=x_@v\n\n[Target]\nType=partition\nPath=auto\n"
+                "# [Source] in a comment\n[Transfer]\nVerify=yes\n\n[Source]\nType=url-file\nPath={url}\nMatchPattern=x_@v\n\n[Target]\nType=partition\nPath=auto\n"
             )
         };
-        std::fs::write(
+        let write = |path: PathBuf, text: String| std::fs::write(path, text).unwrap();
+        write(
             usr.join("10-img-root.transfer"),
             transfer("https://u.example/%%7Ea/"),
-        )
-        .unwrap();
-        std::fs::write(usr.join("20-img-uki.transfer"), transfer("https://other/")).unwrap();
-        std::fs::write(
+        );
+        write(usr.join("20-img-uki.transfer"), transfer("https://other/"));
+        write(
             usr.join("10-img-root.conf"),
             transfer("https://not-a-transfer/"),
-        )
-        .unwrap();
+        );
         assert_eq!(feed(&dirs).as_deref(), Some("https://u.example/%7Ea/"));
-        // One of the same name further up takes its place.
-        std::fs::write(
+        // One of the same name further up takes its place; a drop-in changes it.
+        write(
             etc.join("10-img-root.transfer"),
             transfer("http://10.0.2.2:8080/"),
-        )
-        .unwrap();
+        );
         assert_eq!(feed(&dirs).as_deref(), Some("http://10.0.2.2:8080/"));
-        // A source that is not a URL names no feed.
-        std::fs::write(
+        std::fs::create_dir(usr.join("10-img-root.transfer.d")).unwrap();
+        write(
+            usr.join("10-img-root.transfer.d/mirror.conf"),
+            "[Source]\nPath = https://me:s3cret@mirror.example/feed/?t=1\n".into(),
+        );
+        // (Without who it logs in as: anyone may ask.)
+        assert_eq!(
+            feed(&dirs).as_deref(),
+            Some("https://mirror.example/feed/?t=1")
+        );
+        std::fs::remove_dir_all(usr.join("10-img-root.transfer.d")).unwrap();
+        // A source that is not a URL names no feed; a masked transfer (empty) neither.
+        write(
             etc.join("10-img-root.transfer"),
-            "[Source]\nType=regular-file\nPath=/var/updates\n\n[Target]\nPath=https://x/\nType=url-file\n",
-        )
-        .unwrap();
+            "[Source]\nType=regular-file\nPath=/var/updates\n\n[Target]\nPath=https://x/\nType=url-file\n".into(),
+        );
         assert_eq!(feed(&dirs).as_deref(), Some("https://other/"));
+        write(etc.join("20-img-uki.transfer"), String::new());
+        assert_eq!(feed(&dirs), None);
     }
 
     #[test]

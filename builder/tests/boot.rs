@@ -489,7 +489,7 @@ fn a_broken_update_is_tried_three_times_then_the_machine_falls_back_by_itself() 
             "booted {}: good; ",
             m["version"].as_str().unwrap()
         )) && status.contains(&format!(
-            "other versions {} (failed: its 3 tries are used up)",
+            "other versions {} (failed: 3 tries used up)",
             broken_m["version"].as_str().unwrap()
         )),
         "{status}"

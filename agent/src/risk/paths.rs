@@ -182,8 +182,9 @@ struct Mount {
 }
 
 impl Mount {
-    /// A file system through which the kernel shows itself (processes, devices, sysfs,
-    /// cgroups, …), not one that holds anyone's files.
+    /// A file system through which the kernel shows its own state (processes,
+    /// devices, sysfs, …), where no one keeps files of their own. (Not cgroup, bpf,
+    /// configfs, mqueue or hugetlbfs: what is made there can be anyone's.)
     fn kernel_interface(&self) -> bool {
         matches!(
             self.fs_type.as_str(),
@@ -191,21 +192,14 @@ impl Mount {
                 | "sysfs"
                 | "devtmpfs"
                 | "devpts"
-                | "cgroup"
-                | "cgroup2"
                 | "securityfs"
                 | "debugfs"
                 | "tracefs"
-                | "bpf"
-                | "pstore"
                 | "efivarfs"
-                | "configfs"
+                | "pstore"
+                | "nsfs"
                 | "fusectl"
                 | "binfmt_misc"
-                | "autofs"
-                | "nsfs"
-                | "mqueue"
-                | "hugetlbfs"
         )
     }
 }
@@ -472,7 +466,11 @@ mod tests {
 86 22 0:60 / /srv/scratch rw - tmpfs tmpfs rw
 ";
         let aliases = |p: &str| MountTable::of(info).aliases(Path::new(p));
-        assert_eq!(aliases("/tmp"), [PathBuf::from("/srv/scratch")]);
+        // (cgroup2 is one: a delegated cgroup below it can be anyone's.)
+        assert_eq!(
+            aliases("/tmp"),
+            [PathBuf::from("/sys/fs/cgroup"), PathBuf::from("/srv/scratch")]
+        );
         // A place on one of them still has its other names there.
         assert_eq!(aliases("/proc/1"), [PathBuf::from("/tmp/chroot/proc/1")]);
     }

@@ -847,19 +847,32 @@ impl Agent {
             status["model-ready"] = ready.into();
             status["model-ready-detail"] = detail.into();
         }
-        // How this machine booted: whether its firmware enforces Secure Boot, in words.
-        let boot = crate::selftest::secure_boot();
+        // How this machine booted: whether its firmware enforces Secure Boot, in words;
+        // updates: where from, what runs, what boots next (the boot loader's choice).
+        // (Files and EFI variables: read on a blocking thread, never the bus's.)
+        let (boot, updates) = tokio::task::spawn_blocking(move || {
+            let (image, running) = crate::os_release::image_identity(&config.os_release);
+            let updates = crate::update::status(
+                &config.update,
+                image.as_deref(),
+                running.as_deref(),
+                &crate::bootloader::LoaderState::read(),
+                crate::update::feed(&crate::update::TRANSFER_DIRS.map(std::path::Path::new)),
+            );
+            // (What the firmware enforces does not change while the machine runs.)
+            static SECURE_BOOT: std::sync::OnceLock<crate::selftest::CheckResult> =
+                std::sync::OnceLock::new();
+            (
+                SECURE_BOOT
+                    .get_or_init(crate::selftest::secure_boot)
+                    .clone(),
+                updates,
+            )
+        })
+        .await
+        .map_err(failed)?;
         status["secure-boot"] = boot.ok.into();
         status["secure-boot-detail"] = boot.detail.into();
-        // Updates: where from, what runs, what boots next (the boot loader's choice).
-        let (image, running) = crate::os_release::image_identity(&config.os_release);
-        let updates = crate::update::status(
-            &config.update,
-            image.as_deref(),
-            running.as_deref(),
-            &crate::bootloader::LoaderState::read(),
-            crate::update::feed(&crate::update::TRANSFER_DIRS.map(std::path::Path::new)),
-        );
         status.as_object_mut().expect("an object").extend(updates);
         if let Some(entries) = entries {
             status["audit-entries"] = entries.into();
