@@ -469,7 +469,10 @@ mod tests {
         // (cgroup2 is one: a delegated cgroup below it can be anyone's.)
         assert_eq!(
             aliases("/tmp"),
-            [PathBuf::from("/sys/fs/cgroup"), PathBuf::from("/srv/scratch")]
+            [
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/srv/scratch")
+            ]
         );
         // A place on one of them still has its other names there.
         assert_eq!(aliases("/proc/1"), [PathBuf::from("/tmp/chroot/proc/1")]);
