@@ -166,6 +166,7 @@ fn glob_match(pattern: &str, text: &str) -> bool {
     // (pattern index, text index) to resume from at the last `*`.
     let (mut pi, mut ti, mut star) = (0, 0, None);
     while ti < t.len() {
+        // How much of the pattern the text's next character takes, if it matches.
         let step = match p.get(pi) {
             Some('*') => {
                 star = Some((pi + 1, ti));
@@ -177,16 +178,12 @@ fn glob_match(pattern: &str, text: &str) -> bool {
             Some(&c) => (c == t[ti]).then_some(1),
             None => None,
         };
-        match (step, p.get(pi)) {
-            (Some(len), Some('[')) => {
+        match step {
+            Some(len) => {
                 pi += len;
                 ti += 1;
             }
-            (Some(_), _) => {
-                pi += 1;
-                ti += 1;
-            }
-            (None, _) => match star {
+            None => match star {
                 Some((after, from)) => {
                     pi = after;
                     ti = from + 1;

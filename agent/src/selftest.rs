@@ -750,21 +750,20 @@ async fn next_boot_said(version: &serde_json::Value, then: &str) -> Result<Strin
 async fn update_status() -> Option<CheckResult> {
     let start = Instant::now();
     let selected = LoaderState::read().selected?;
-    let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
-    let image = crate::os_release::field(&os_release, "IMAGE_ID")?;
+    let (image, running) = crate::os_release::image_identity(Path::new("/etc/os-release"));
     // (systemd-boot lowercases the ids it names.)
     let started = crate::bootloader::Entry::parse(
-        &image.to_ascii_lowercase(),
+        &image?.to_ascii_lowercase(),
         &selected.to_ascii_lowercase(),
     )?;
-    let running = crate::os_release::field(&os_release, "IMAGE_VERSION").unwrap_or_default();
+    let running = running.unwrap_or_default();
     let status = match devos_json(&["status"]).await {
         Ok(status) => status,
         Err(e) => return Some(failed("update-status", e.to_string())),
     };
     let word = |key: &str| status[key].as_str().unwrap_or("(none)").to_owned();
     let booted = word("booted");
-    let ok = started.version == running.replace('+', "_").to_ascii_lowercase()
+    let ok = started.version == crate::update::sysupdate_version(&running).to_ascii_lowercase()
         && booted.starts_with(&format!("{running}: "))
         && status["next-boot"].is_string()
         && status["other-versions"].is_string();
@@ -787,7 +786,10 @@ async fn update_status() -> Option<CheckResult> {
 fn update_then_rollback_audited(dir: &Path, running: &str) -> Result<(), String> {
     // As the agent that installed it wrote it: the builder's spelling, or (agents of
     // before 2026-12-07) systemd-sysupdate's.
-    let spellings = [running.to_owned(), running.replace('+', "_")];
+    let spellings = [
+        running.to_owned(),
+        crate::update::sysupdate_version(running),
+    ];
     let mut entries: Vec<crate::audit::Entry> = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot list it: {e}"))?
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())

@@ -245,7 +245,7 @@ fn is_version(v: &str) -> bool {
 }
 
 /// The version as systemd-sysupdate and the boot loader name it (`+` as `_`).
-fn sysupdate_version(version: &str) -> String {
+pub(crate) fn sysupdate_version(version: &str) -> String {
     version.replace('+', "_")
 }
 
