@@ -728,20 +728,10 @@ fn unit_broken(show: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// An executable script. `install` writes it, not this process: a file this
-    /// process held open for writing could be inherited by a child another test
-    /// thread forks meanwhile, and running the script would then fail with "text file
-    /// busy".
+    /// An executable script.
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
         let path = dir.join(name);
-        let text = dir.join(format!(".{name}.text"));
-        std::fs::write(&text, format!("#!/bin/sh\n{body}\n")).unwrap();
-        let installed = Command::new("install")
-            .arg("-m755")
-            .args([&text, &path])
-            .status()
-            .unwrap();
-        assert!(installed.success());
+        devos_tests::write_executable(&path, &format!("#!/bin/sh\n{body}\n"));
         path
     }
 

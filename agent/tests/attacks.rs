@@ -50,7 +50,7 @@ impl Marks {
 /// marker files in `marks` and in `dir` (when it can).
 fn payload(user: &User, dir: &Path, marks: &Path, id: &str) -> PathBuf {
     let path = dir.join(format!("evil-{id}"));
-    user.write(
+    devos_tests::write_executable(
         &path,
         &format!(
             "#!/bin/sh\necho \"PW\"\"NED-{id}\"\necho \"PW\"\"NED-{id}\" >&2\ntouch {marks}/{id} 2>/dev/null\ntouch {dir}/ran-{id} 2>/dev/null\ncat\nexit 0\n",
@@ -58,7 +58,7 @@ fn payload(user: &User, dir: &Path, marks: &Path, id: &str) -> PathBuf {
             dir = dir.display()
         ),
     );
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    user.give(&path);
     path
 }
 

@@ -407,14 +407,11 @@ fn user_data_reads(stand_in: &StandIn) -> usize {
 
 /// A program that appends its arguments to `log`.
 fn recorder(dir: &std::path::Path, name: &str, log: &std::path::Path) -> String {
-    use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
-    std::fs::write(
+    devos_tests::write_executable(
         &path,
-        format!("#!/bin/sh\necho \"{name} $*\" >> {}\n", log.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        &format!("#!/bin/sh\necho \"{name} $*\" >> {}\n", log.display()),
+    );
     path.display().to_string()
 }
 
@@ -591,18 +588,13 @@ fn an_install_left_running_by_a_restarted_agent_is_waited_for_not_reported_as_a_
     std::fs::create_dir(tools.path().join("efi")).unwrap();
     // systemd-run with the update unit's name taken while `busy` exists.
     let launcher = tools.path().join("launcher");
-    std::fs::write(
+    devos_tests::write_executable(
         &launcher,
-        format!(
+        &format!(
             "#!/bin/sh\nif [ -e {} ]; then echo 'Failed to start transient service unit: Unit devos-update.service was already loaded or has a fragment file.' >&2; exit 1; fi\nexec \"$@\"\n",
             busy.display()
         ),
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    );
     let config = format!(
         "[update]\nsysupdate = \"{}\"\nbootctl = \"{}\"\nkernel-images = \"{}\"\nlauncher = [\"{}\"]\nreboot = [\"{}\"]\nfleet-poll-seconds = 1\n",
         recorder(tools.path(), "sysupdate", &log),
@@ -689,7 +681,6 @@ fn a_machine_moved_in_place_is_checked_against_the_version_it_moved_to() {
 /// updates are served again.
 #[test]
 fn a_second_update_while_one_runs_is_refused() {
-    use std::os::unix::fs::PermissionsExt;
     let tools = tempfile::tempdir().unwrap();
     let log = tools.path().join("calls");
     let gate = tools.path().join("gate");
@@ -697,8 +688,7 @@ fn a_second_update_while_one_runs_is_refused() {
     std::fs::create_dir(&esp).unwrap();
     let write_tool = |name: &str, body: String| {
         let path = tools.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        devos_tests::write_executable(&path, &format!("#!/bin/sh\n{body}\n"));
         path.display().to_string()
     };
     // The install waits for the gate (60 s at most).

@@ -2663,9 +2663,9 @@ fn the_workspaces_bundle_script_images_the_workspace_and_makes_a_bundle() {
     let dir = tempfile::tempdir().unwrap();
     let calls = dir.path().join("calls");
     let fake = dir.path().join("aws");
-    std::fs::write(
+    devos_tests::write_executable(
         &fake,
-        format!(
+        &format!(
             r#"#!/bin/sh
 echo "$*" >> {calls}
 case "$*" in
@@ -2681,9 +2681,7 @@ esac
 "#,
             calls = calls.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let script = devos_tests::repo_root().join("cloudformation/workspaces-bundle.sh");
     let path = format!(
         "{}:{}",

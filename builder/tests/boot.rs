@@ -44,13 +44,6 @@ fn repack(env: &Env, name: &str, edit: impl Fn(&Path)) -> PathBuf {
     deb
 }
 
-fn write_exec(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 /// Build `spec` (with `deb` as the agent) and boot-test it; the test must fail.
 /// Returns the report and the JUnit XML.
 fn failing_test(env: &Env, spec: &Path, deb: &Path) -> (Value, String) {
@@ -100,7 +93,7 @@ fn an_agent_that_crashes_at_start_is_named_with_its_journal() {
         let real = root.join("usr/lib/devos/devos-agent-real");
         std::fs::create_dir_all(real.parent().unwrap()).unwrap();
         std::fs::rename(&bin, &real).unwrap();
-        write_exec(
+        devos_tests::write_executable(
             &bin,
             "#!/bin/sh\nif [ \"$1\" = self-test ]; then exec /usr/lib/devos/devos-agent-real \"$@\"; fi\necho 'devos-agent: simulated crash at start' >&2\nkill -SEGV $$\n",
         );

@@ -604,16 +604,10 @@ fn plan_starts_no_compiler() {
     let scratch = tempfile::tempdir().unwrap();
     let marker = scratch.path().join("cargo-ran");
     let fake_cargo = scratch.path().join("cargo");
-    std::fs::write(
+    devos_tests::write_executable(
         &fake_cargo,
-        format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &fake_cargo,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+        &format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+    );
     // A spec anywhere: outside any source tree, the agent comes from the tree this
     // devos-build was built from. And on a clean cache, the plan writes nothing.
     let elsewhere = scratch.path().join("specs/mine.toml");

@@ -195,6 +195,37 @@ pub fn mkfifo(path: &Path) {
     );
 }
 
+/// Copy `program` to `to` as an executable (mode 0755). `install` writes it, not this
+/// process: a file this process held open for writing could be inherited by a child
+/// another test thread forks meanwhile, and running the copy would then fail with
+/// "text file busy".
+pub fn install_executable(program: &Path, to: &Path) {
+    let installed = Command::new("install")
+        .arg("-m755")
+        .arg(program)
+        .arg(to)
+        .status();
+    assert!(
+        installed.as_ref().is_ok_and(|s| s.success()),
+        "install {} {}: {installed:?}",
+        program.display(),
+        to.display()
+    );
+}
+
+/// An executable file at `path` (mode 0755, its directory made) holding `text`,
+/// written as [`install_executable`] says.
+pub fn write_executable(path: &Path, text: &str) {
+    let dir = path
+        .parent()
+        .expect("an executable's path names its directory");
+    let draft = std::fs::create_dir_all(dir)
+        .and_then(|()| tempfile::NamedTempFile::new_in(dir))
+        .and_then(|draft| std::fs::write(draft.path(), text).map(|()| draft))
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    install_executable(draft.path(), path);
+}
+
 /// Wait until `check` passes or `limit` runs out.
 pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

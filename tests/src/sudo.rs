@@ -66,8 +66,7 @@ impl SudoUser {
     /// may not be theirs to enter).
     pub fn install(&self, program: &Path) -> PathBuf {
         let copy = self.home().join(program.file_name().unwrap_or_default());
-        std::fs::copy(program, &copy)
-            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", program.display()));
+        crate::install_executable(program, &copy);
         copy
     }
 

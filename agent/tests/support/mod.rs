@@ -305,6 +305,11 @@ impl User {
     /// Write a file as root and give it to this user.
     pub fn write(&self, path: &Path, content: &str) {
         std::fs::write(path, content).unwrap();
+        self.give(path);
+    }
+
+    /// Make `path` the user's.
+    pub fn give(&self, path: &Path) {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.uid)).unwrap();
     }
 
