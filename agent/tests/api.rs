@@ -697,8 +697,7 @@ fn updates_and_rollbacks_are_roots_alone_and_audited() {
     let log = fakes.path().join("log");
     let fake = |name: &str, body: &str| {
         let path = fakes.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        open_up(&path, 0o755);
+        devos_tests::write_executable(&path, &format!("#!/bin/sh\n{body}\n"));
         path
     };
     // Its answer to `check-new` as systemd-sysupdate 257 gives it: a newer version; with

@@ -1149,7 +1149,7 @@ fn the_end_of_an_action_ends_every_process_it_started() {
             "{r}"
         );
         assert!(
-            wait_for(Duration::from_secs(10), || processes_with(&format!(
+            wait_for(Duration::from_secs(30), || processes_with(&format!(
                 "sleep 700{}",
                 2 * n + 1
             ))
@@ -1159,7 +1159,9 @@ fn the_end_of_an_action_ends_every_process_it_started() {
             processes_with("sleep 700")
         );
     }
-    // ...nor Cancel.
+    // ...nor Cancel (with a timeout that cannot end the action first on a busy host).
+    drop(agent);
+    let agent = Daemon::start_with("IMAGE_VERSION=1\n", "[sandbox]\ntimeout-secs = 120\n");
     let out = agent.devos(
         Some(&eve),
         cwd,
@@ -1175,21 +1177,25 @@ fn the_end_of_an_action_ends_every_process_it_started() {
             .status
             .success()
     );
-    assert!(wait_for(Duration::from_secs(10), || !processes_with(
-        "sleep 7102"
-    )
-    .is_empty()));
-    let pid_ns = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .find_map(|e| {
+    // The PID namespace of `sleep 7102` itself (not of the shell that starts it).
+    let sleeper_ns = || {
+        std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
             let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            if !String::from_utf8_lossy(&cmd).contains("sleep\u{0}7102") {
+            if cmd != b"sleep\x007102\x00" {
                 return None;
             }
             std::fs::read_link(e.path().join("ns/pid")).ok()
         })
-        .unwrap();
+    };
+    let mut pid_ns = None;
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            pid_ns = sleeper_ns();
+            pid_ns.is_some()
+        }),
+        "the action's sleep never started"
+    );
+    let pid_ns = pid_ns.unwrap();
     let own_ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
     assert_ne!(pid_ns, own_ns, "the action ran in the host's PID namespace");
     assert!(
@@ -1200,7 +1206,7 @@ fn the_end_of_an_action_ends_every_process_it_started() {
     );
     agent.wait_state(&eve, cwd, &id, "cancelled");
     assert!(
-        wait_for(Duration::from_secs(10), || processes_with("sleep 710")
+        wait_for(Duration::from_secs(30), || processes_with("sleep 710")
             .is_empty()),
         "processes outlived Cancel"
     );
@@ -1213,7 +1219,7 @@ fn the_end_of_an_action_ends_every_process_it_started() {
             .count()
     };
     assert!(
-        wait_for(Duration::from_secs(10), || in_ns() == 0),
+        wait_for(Duration::from_secs(30), || in_ns() == 0),
         "the action's PID namespace {} still has {} processes",
         pid_ns.display(),
         in_ns()
@@ -1447,7 +1453,7 @@ fn one_user_cannot_starve_the_others() {
             .success()
     );
     agent.wait_state(&eve, cwd, &ids[0], "cancelled");
-    assert!(wait_for(Duration::from_secs(5), || agent
+    assert!(wait_for(Duration::from_secs(30), || agent
         .devos(Some(&eve), cwd, &["run", "list", "files"])
         .status
         .success()));
@@ -2600,12 +2606,10 @@ fn the_sandbox_never_tells_the_caller_what_it_found_where_they_cannot_look() {
     let fake = tempfile::tempdir().unwrap();
     open_up(fake.path(), 0o755);
     let bwrap = fake.path().join("bwrap");
-    std::fs::write(
+    devos_tests::write_executable(
         &bwrap,
         "#!/bin/sh\necho \"bwrap: Can't find source path /srv/other/private/NAME-5e2a: No such file or directory\" >&2\nexit 1\n",
-    )
-    .unwrap();
-    open_up(&bwrap, 0o755);
+    );
     let agent = Daemon::start_with(
         "IMAGE_VERSION=1\n",
         &format!("[sandbox]\nbwrap = \"{}\"\n", bwrap.display()),
@@ -3562,8 +3566,7 @@ fn an_update_that_cannot_be_audited_does_not_start() {
     std::fs::create_dir(&esp).unwrap();
     let tool = |name: &str, body: String| {
         let path = tools.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        open_up(&path, 0o755);
+        devos_tests::write_executable(&path, &format!("#!/bin/sh\n{body}\n"));
         path.display().to_string()
     };
     let sysupdate = tool(

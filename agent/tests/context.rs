@@ -398,6 +398,11 @@ fn processes_are_the_callers_own() {
         .current_dir(p)
         .spawn()
         .unwrap();
+    // (setpriv has changed user and become `sleep` before it is listed.)
+    let comm = format!("/proc/{}/comm", sleeper.id());
+    assert!(wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&comm).is_ok_and(|c| c == "sleep\n")
+    }));
     let list = context(&agent, &alice, &["ps"]);
     let procs = list["processes"].as_array().unwrap();
     assert!(procs.iter().all(|x| x["uid"] == alice.uid), "{list}");

@@ -689,7 +689,7 @@ fn rt15_recent_with_a_huge_duration_is_answered() {
         .arg("busctl")
         .arg(format!("--address={}", agent.bus.address))
         .args([
-            "--timeout=8",
+            "--timeout=30",
             "call",
             "org.devos.Agent1",
             "/org/devos/Agent1",
@@ -764,13 +764,14 @@ fn rt16_a_watcher_its_user_stopped_holds_up_no_one() {
     assert!(stopped.iter().all(|p| !running.contains(p)), "{running:?}");
     std::thread::sleep(Duration::from_secs(3));
     sh(&alice, p, "echo x > after-the-stop.txt");
-    let mut hits = Vec::new();
-    for _ in 0..20 {
-        hits = found(&agent, &alice, "after-the-stop");
-        if !hits.is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert!(!hits.is_empty(), "{}", context(&agent, &alice, &["status"]));
+    assert!(
+        wait_for(Duration::from_secs(30), || !found(
+            &agent,
+            &alice,
+            "after-the-stop"
+        )
+        .is_empty()),
+        "{}",
+        context(&agent, &alice, &["status"])
+    );
 }

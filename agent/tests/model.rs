@@ -524,7 +524,7 @@ fn a_cancel_during_a_model_call_ends_the_request() {
     let project = heidi.project();
     let cwd = project.path().to_path_buf();
     standin.push(
-        Reply::tool("run", json!({ "argv": ["touch", "late"] })).after(Duration::from_secs(8)),
+        Reply::tool("run", json!({ "argv": ["touch", "late"] })).after(Duration::from_secs(60)),
     );
     let running = std::thread::scope(|s| {
         let run = s.spawn(|| {

@@ -1032,8 +1032,8 @@ fn approval_bypass_wrappers_interpreters_and_exec_options_in_run_always_ask() {
     let project = user.project();
     let cwd = project.path();
     user.write(&cwd.join("README"), "hello\n");
-    user.write(&cwd.join("tool"), "#!/bin/sh\nid\n");
-    open_up(&cwd.join("tool"), 0o755);
+    devos_tests::write_executable(&cwd.join("tool"), "#!/bin/sh\nid\n");
+    user.give(&cwd.join("tool"));
     let run = |argv: &[&str]| ("run", json!({ "argv": argv }));
     let attempts = [
         run(&["env", "sh", "-c", "id"]),
@@ -1620,19 +1620,21 @@ fn robustness_one_oversized_model_reply_takes_the_agent_off_the_bus() {
         .requests()
         .len()
         == 1));
-    std::thread::sleep(Duration::from_secs(3));
+    let mut state = String::new();
+    let ended = wait_for(Duration::from_secs(60), || {
+        state = show(&agent, &user, cwd, &id)["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        is_final(&state)
+    });
     let out = agent_call(&agent, Some(&user), &["Ping"]);
     assert!(
         stdout(&out).contains("pong"),
         "after one large model reply the agent no longer answers on the bus: {}",
         stderr(&out)
     );
-    let r = show(&agent, &user, cwd, &id);
-    assert!(
-        is_final(r["state"].as_str().unwrap_or_default()),
-        "{}",
-        r["state"]
-    );
+    assert!(ended, "the request did not end: {state}");
 }
 
 /// Regression: the model never reaches the caller's secret locations (`~/.ssh`, ...)

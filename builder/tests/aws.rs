@@ -3726,7 +3726,7 @@ connect() { timeout 5 bash -c "exec 3<>/dev/tcp/$1/80" 2>&1; }
 for a in $addresses; do
   tries=0
   until connect "$a" >/dev/null; do
-    tries=$((tries + 1)); [ "$tries" -lt 50 ] || { echo "root cannot reach $a: $(connect "$a")"; exit 1; }
+    tries=$((tries + 1)); [ "$tries" -lt 600 ] || { echo "root cannot reach $a: $(connect "$a")"; exit 1; }
     sleep 0.1
   done
   if out=$(setpriv --reuid=65534 --regid=65534 --clear-groups timeout 5 bash -c "exec 3<>/dev/tcp/$a/80" 2>&1); then

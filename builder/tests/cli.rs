@@ -501,7 +501,8 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
 
     // Two at once, in a new directory of their own: one key, one refusal.
     std::fs::remove_file(&keys).unwrap();
-    let both: Vec<_> = (0..2)
+    // (Both started before either is waited for.)
+    let started: Vec<_> = (0..2)
         .map(|_| {
             let mut c = std::process::Command::new(&bin);
             c.args(["keys", "generate", "--json"])
@@ -510,6 +511,9 @@ fn the_signing_key_made_under_sudo_is_the_invoking_users() {
                 .stderr(std::process::Stdio::piped());
             c.spawn().unwrap()
         })
+        .collect();
+    let both: Vec<_> = started
+        .into_iter()
         .map(|c| c.wait_with_output().unwrap())
         .collect();
     let made: Vec<_> = both.iter().filter(|o| o.status.success()).collect();

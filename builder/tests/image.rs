@@ -19,7 +19,7 @@ use common::devos_build_command;
 fn agent_package_has_the_files_and_metadata() {
     require("dpkg-deb", "dpkg");
     let dir = tempfile::tempdir().unwrap();
-    let pkg = agent_pkg::build(&repo_root(), dir.path(), 0).unwrap();
+    let pkg = agent_pkg::build(&repo_root(), dir.path(), 0, &common::test_cache()).unwrap();
     let listing = String::from_utf8(
         Command::new("dpkg-deb")
             .arg("-c")
@@ -75,7 +75,7 @@ fn agent_package_has_the_files_and_metadata() {
     // The package is reproducible: the same sources give the same bytes.
     let again = tempfile::tempdir().unwrap();
     assert_eq!(
-        agent_pkg::build(&repo_root(), again.path(), 0)
+        agent_pkg::build(&repo_root(), again.path(), 0, &common::test_cache())
             .unwrap()
             .sha256,
         pkg.sha256

@@ -351,10 +351,15 @@ fn incremental_builds_registry_kills_and_gc() {
                 .unwrap()
         })
         .collect();
-    let outputs: Vec<Output> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
+    // Each read to its end at once: a build waiting on another's lock must not keep
+    // that one blocked on a full pipe.
+    let outputs: Vec<Output> = std::thread::scope(|s| {
+        let readers: Vec<_> = children
+            .into_iter()
+            .map(|c| s.spawn(|| c.wait_with_output().unwrap()))
+            .collect();
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
     for o in &outputs {
         ok(o);
     }

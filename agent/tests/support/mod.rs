@@ -136,12 +136,12 @@ impl Daemon {
     }
 
     fn wait_owned(&self) {
-        let owned = wait_for(Duration::from_secs(10), || {
+        let owned = wait_for(Duration::from_secs(60), || {
             self.busctl(None, &["status", "org.devos.Agent1"])
                 .status
                 .success()
         });
-        assert!(owned, "the agent did not take org.devos.Agent1 within 10s");
+        assert!(owned, "the agent did not take org.devos.Agent1 within 60s");
     }
 
     /// Stop the agent (its state stays).

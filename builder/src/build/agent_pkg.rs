@@ -136,15 +136,21 @@ fn trusted(dir: &Path) -> bool {
     })
 }
 
-/// Build `devos-agent` in release mode and package it into `out_dir`.
-pub fn build(source: &Path, out_dir: &Path, source_date_epoch: u64) -> Result<AgentPackage> {
+/// Build `devos-agent` in release mode and package it into `out_dir`, reusing the
+/// package kept in the cache directory `cache` when its files are the same.
+pub fn build(
+    source: &Path,
+    out_dir: &Path,
+    source_date_epoch: u64,
+    cache: &Path,
+) -> Result<AgentPackage> {
     cargo_build(source)?;
     let target = target_dir(source);
     let version = env!("CARGO_PKG_VERSION");
     let deb = out_dir.join(format!("devos-agent_{version}_amd64.deb"));
 
     // Packing takes seconds: reuse the package made from the same files.
-    let cached = cache_entry(source, &target, version, source_date_epoch)?;
+    let cached = cache_entry(cache, source, &target, version, source_date_epoch)?;
     let recorded = cached.with_extension("deb.sha256");
     if let Some(sha256) = reuse_cached(&cached, &recorded, &deb)? {
         return Ok(AgentPackage {
@@ -177,8 +183,12 @@ fn target_dir(source: &Path) -> PathBuf {
 /// The agent package a build would use, found without compiling or writing anything:
 /// the cached package of the binaries in target/, when those are newer than every
 /// file they are built from (cargo's own test of a local package's freshness). None
-/// when the build has to build it.
-pub(crate) fn planned(source: &Path, source_date_epoch: u64) -> Result<Option<AgentPackage>> {
+/// when the build has to build it. `cache` is the cache directory.
+pub(crate) fn planned(
+    source: &Path,
+    source_date_epoch: u64,
+    cache: &Path,
+) -> Result<Option<AgentPackage>> {
     let target = target_dir(source);
     let mut built = None;
     for bin in ["devos-agent", "devos"] {
@@ -207,7 +217,7 @@ pub(crate) fn planned(source: &Path, source_date_epoch: u64) -> Result<Option<Ag
         }
     }
     let version = env!("CARGO_PKG_VERSION");
-    let cached = cache_entry(source, &target, version, source_date_epoch)?;
+    let cached = cache_entry(cache, source, &target, version, source_date_epoch)?;
     let recorded = cached.with_extension("deb.sha256");
     match fs::read_to_string(&recorded) {
         Ok(sha256) if cached.is_file() => Ok(Some(AgentPackage {
@@ -277,6 +287,7 @@ fn cargo_build(source: &Path) -> Result<()> {
 
 /// Where the cache keeps the package: named by the hash of its files, version and epoch.
 fn cache_entry(
+    cache: &Path,
     source: &Path,
     target: &Path,
     version: &str,
@@ -292,7 +303,7 @@ fn cache_entry(
         key.update(format!("{dest} {mode:o} {sha}\n"));
     }
     key.update(devos_man_page()?);
-    Ok(crate::store::cache::dir()
+    Ok(cache
         .join("agent")
         .join(format!("{}.deb", hex::encode(key.finalize()))))
 }
@@ -404,19 +415,17 @@ fn reuse_cached(cached: &Path, recorded: &Path, deb: &Path) -> Result<Option<Str
     Ok(None)
 }
 
-/// Store `deb` as `cached` (under a temporary name, then renamed), then its sha256
-/// in `recorded`: a reader finds the hash only beside a complete package.
+/// Store `deb` as `cached` (whole or not at all, under a temporary name of its own:
+/// builds at once each write theirs), then its sha256 in `recorded`: a reader finds
+/// the hash only beside a complete package.
 fn keep_in_cache(deb: &Path, cached: &Path, recorded: &Path, sha256: &str) -> Result<()> {
     if let Some(dir) = cached.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
-    if let Err(e) = fs::copy(deb, &tmp).and_then(|_| fs::rename(&tmp, cached)) {
-        // Our own half-written copy, if any: the error to report is the one above.
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", cached.display()));
-    }
-    fs::write(recorded, sha256).with_context(|| format!("cannot write {}", recorded.display()))
+    let mut package =
+        fs::File::open(deb).with_context(|| format!("cannot read {}", deb.display()))?;
+    crate::support::paths::replace_file(cached, &mut package, 0o644)?;
+    crate::support::paths::replace_file(recorded, &mut sha256.as_bytes(), 0o644)
 }
 
 /// Where a [`FILES`] source is: `target/...` under the cargo target directory, the

@@ -463,7 +463,9 @@ fn planned_agent(
         return AgentPackage::from_file(deb).map(Some);
     }
     match agent_pkg::agent_source(&spec.path) {
-        Some(source) => agent_pkg::planned(&source, env_source_date_epoch.unwrap_or(0)),
+        Some(source) => {
+            agent_pkg::planned(&source, env_source_date_epoch.unwrap_or(0), &cache::dir())
+        }
         None => Ok(None),
     }
 }
@@ -1021,7 +1023,12 @@ fn agent_package(
             };
             // Unset, the package's files carry epoch 0, so the same sources give
             // the same .deb and so the same build id.
-            agent_pkg::build(&source, staged, env_source_date_epoch.unwrap_or(0))?
+            agent_pkg::build(
+                &source,
+                staged,
+                env_source_date_epoch.unwrap_or(0),
+                &cache::dir(),
+            )?
         }
     };
     Ok(Some(pkg))

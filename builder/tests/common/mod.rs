@@ -66,7 +66,7 @@ impl Env {
         }
         let dir = tempfile::tempdir().unwrap();
         let cache = test_cache();
-        let agent_deb = devos_build::build::agent_pkg::build(&repo_root(), dir.path(), 0)
+        let agent_deb = devos_build::build::agent_pkg::build(&repo_root(), dir.path(), 0, &cache)
             .unwrap()
             .path;
         Self {
