@@ -291,6 +291,18 @@ fn a_key_export_destination_is_checked_before_anything_is_made_or_overwritten() 
         assert_eq!(out.status.code(), Some(1), "{keys_dir}: {err}");
         assert!(err.contains(said), "{keys_dir}: {err}");
     }
+    // `keys show` does not send the user to a `keys generate` that would refuse.
+    let out = devos_build_command()
+        .env("DEVOS_KEYS", dir.path().join("busy"))
+        .args(["keys", "show"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("would refuse it") && err.contains("name a new or empty directory"),
+        "{err}"
+    );
 
     // A dry run of a build refuses what the build's first stage would: a Secure Boot
     // key others can read, an `[update] key` this builder does not sign with.
@@ -1002,6 +1014,16 @@ fn image_builds_boot_test_flags_need_test() {
             err.contains("required arguments were not provided") && err.contains("--test"),
             "{flag:?}: {err}"
         );
+        // A dry run boots nothing: they are refused there too, not ignored.
+        let (code, _, err) = run(devos_build_command()
+            .args(["image", "build", "--dry-run"])
+            .args(flag)
+            .arg("/nonexistent/spec.toml"));
+        assert_eq!(code, Some(2), "--dry-run {flag:?}: {err}");
+        assert!(
+            err.contains("cannot be used with") && err.contains("--dry-run"),
+            "--dry-run {flag:?}: {err}"
+        );
     }
 }
 
@@ -1051,7 +1073,8 @@ fn an_agent_package_that_cannot_be_read_is_refused_before_anything_is_resolved()
                 .arg(&deb));
             assert_eq!(code, Some(1), "{command}: {err}");
             assert!(
-                err.contains(&format!("--agent-deb {}: {said}", deb.display())),
+                err.contains(&format!("--agent-deb {}: {said}", deb.display()))
+                    && err.contains("hint: "),
                 "{command}: {err}"
             );
             // Nothing was resolved: no mirror was asked.

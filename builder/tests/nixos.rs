@@ -330,6 +330,21 @@ fn a_nixos_spec_is_refused_in_words_where_there_is_no_nix() {
         "{stderr}"
     );
     assert!(stderr.contains("devos-build image build"), "{stderr}");
+    // Nor has `image build --dry-run` anything to say what it would build: it says so,
+    // not to run itself again.
+    let out = devos_build_command()
+        .args(["image", "build", "--dry-run"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("a NixOS spec has no dry run")
+            && stderr.contains("image validate")
+            && stderr.contains("(without --dry-run)"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -48,6 +48,7 @@ enum Command {
     /// fleet health signal's checks); fail after WAIT seconds. A version on trial is
     /// good only after this (devos-boot-complete.service, before boot-complete.target).
     BootCheck {
+        /// Seconds to wait for the agent to serve and its log to verify.
         #[arg(long, default_value_t = 120)]
         wait: u64,
     },

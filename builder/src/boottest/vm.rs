@@ -65,6 +65,11 @@ pub fn choose_accel(work: &Path) -> AccelChoice {
                 reason: "DEVOS_ACCEL=kvm".into(),
             };
         }
+        Ok(other) if !other.is_empty() => {
+            tracing::warn!(
+                "DEVOS_ACCEL={other} is neither `kvm` nor `tcg`: ignored, KVM is probed"
+            );
+        }
         _ => {}
     }
     if let Err(e) = fs::OpenOptions::new()

@@ -81,9 +81,9 @@ impl AgentPackage {
             );
         }
         let version = cmd::stdout(Command::new("dpkg-deb").arg("-f").arg(path).arg("Version"))
-            .with_context(|| {
-                format!(
-                    "--agent-deb {}: not a Debian package dpkg-deb can read",
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--agent-deb {}: not a Debian package dpkg-deb can read: {e}\n  hint: name the devos-agent .deb a build left in its output directory, or leave --agent-deb out to build the agent from this source tree",
                     path.display()
                 )
             })?;

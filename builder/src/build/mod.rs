@@ -356,9 +356,16 @@ pub(crate) fn check_root() -> Result<()> {
 /// What `image build --dry-run` checks before it plans, as the real run does first:
 /// root (for a spec this builder builds), then `--out`'s directory.
 pub(crate) fn check_dry_run(opts: &BuildOptions, spec: &Spec) -> Result<()> {
-    if spec.distro != spec::Distro::Nixos {
-        check_root()?;
+    if spec.distro == spec::Distro::Nixos {
+        bail!(
+            "{}: a NixOS spec has no dry run: its packages are nixpkgs attributes, resolved by Nix only when the image is built\n  \
+             hint: `devos-build image validate {}` checks the spec without Nix; `devos-build image build {}` (without --dry-run) builds it",
+            spec.path.display(),
+            spec.path.display(),
+            spec.path.display()
+        );
     }
+    check_root()?;
     if let Some(out) = &opts.out {
         check_out_parent(out)?;
     }

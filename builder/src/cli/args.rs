@@ -161,7 +161,8 @@ pub(crate) enum ImageCommand {
         json: bool,
     },
     /// Delete old versions' artifacts and the cache entries only they used. The
-    /// newest version that passed a boot test is always kept.
+    /// newest version that passed a boot test is always kept, and so is what a stack
+    /// runs or would go back to.
     Gc {
         /// Versions to keep per image, newest first.
         #[arg(long, default_value_t = 3, allow_hyphen_values = true, value_parser = count)]
@@ -457,7 +458,9 @@ pub(crate) enum FleetCommand {
     Deploy {
         #[command(flatten)]
         stack: StackArgs,
-        /// The kind of stack: one instance, a fleet (Auto Scaling group) or WorkSpaces.
+        /// The kind of stack: one instance or a fleet (Auto Scaling group). A WorkSpaces
+        /// stack needs a bundle made by hand first: `fleet render workspaces`, then
+        /// `aws cloudformation deploy` (docs/fleet.md).
         #[arg(long, value_enum)]
         template: crate::fleet::Template,
         /// NAME@VERSION (or NAME: its newest version).
@@ -759,7 +762,8 @@ pub(crate) enum CacheCommand {
 }
 
 // No doc comment: the variant's (`image build`) is the help text. The boot test's
-// options mean something only with --test: clap refuses them without it, rather than
+// options mean something only with --test: clap refuses them without it (and with
+// --dry-run, which waives --test's requirement by conflicting with it), rather than
 // ignoring them.
 #[derive(Args)]
 #[command(group(
@@ -767,6 +771,7 @@ pub(crate) enum CacheCommand {
         .args(["memory", "cpus", "timeout", "keep_vm", "junit", "disk_bus"])
         .multiple(true)
         .requires("test")
+        .conflicts_with("dry_run")
 ))]
 pub(crate) struct BuildArgs {
     /// The image spec.

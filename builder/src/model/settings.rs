@@ -81,8 +81,12 @@ fn path(explicit: Option<&Path>) -> (PathBuf, bool) {
     if let Some(p) = std::env::var_os("DEVOS_CONFIG").filter(|p| !p.is_empty()) {
         return (PathBuf::from(p), true);
     }
-    let base = crate::support::paths::xdg_dir("XDG_CONFIG_HOME", ".config", "/etc");
-    (base.join("devos/config.toml"), false)
+    (default_path(), false)
+}
+
+/// The settings file when neither --config nor DEVOS_CONFIG names one.
+fn default_path() -> PathBuf {
+    crate::support::paths::xdg_dir("XDG_CONFIG_HOME", ".config", "/etc").join("devos/config.toml")
 }
 
 pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
@@ -94,8 +98,9 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
         }
         Err(e) => {
             return Err(anyhow::anyhow!(
-                "cannot read the settings file {}: {e}\n  hint: fix the path given with --config or DEVOS_CONFIG, or leave both unset (or empty) for the default, $XDG_CONFIG_HOME/devos/config.toml",
-                file.display()
+                "cannot read the settings file {}: {e}\n  hint: fix the path given with --config or DEVOS_CONFIG, or leave both unset (or empty) for the default, {}",
+                file.display(),
+                default_path().display()
             ));
         }
     };

@@ -844,7 +844,20 @@ fn unreadable_hint(path: &Path, e: &std::io::Error) -> String {
 /// Validate spec text; `path` locates errors and anchors relative layer paths.
 pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     let src = Source { file: path, text };
-    let raw: RawSpec = src.parse()?;
+    let raw: RawSpec = src.parse().map_err(|e| {
+        // A layer file given where a spec goes: say what it is, not which keys it lacks.
+        if toml::from_str::<RawLayer>(text).is_ok() {
+            src.error_at(
+                0,
+                "this is a layer file (a set of packages), not an image spec",
+                Some(
+                    "name it in a spec's `[packages] layers` and give that spec instead (docs/spec.md, \"Layer files\")",
+                ),
+            )
+        } else {
+            e
+        }
+    })?;
 
     let name = image_name(&src, &raw.image.name)?;
     let version = parse_version(&src, &raw.image.version)?;

@@ -327,13 +327,18 @@ pub(crate) fn check_export_destination(file: &Path, key: Option<&KeyInfo>) -> Re
     }
 }
 
-/// The key in `dir`, or an error saying how to make one.
+/// The key in `dir`, or an error saying how to make one (in another directory when
+/// `keys generate` would refuse this one).
 pub(crate) fn current(dir: &Path) -> Result<KeyInfo> {
     find(dir)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "no update signing key in {}\n  hint: make one with `devos-build keys generate`",
-            dir.display()
-        )
+        let hint = match check_existing_dir(dir) {
+            Ok(()) => "make one with `devos-build keys generate`".to_owned(),
+            Err(e) => format!(
+                "`devos-build keys generate` would refuse it ({}): name a new or empty directory with DEVOS_KEYS and make the key there",
+                e.to_string().lines().next().unwrap_or_default()
+            ),
+        };
+        anyhow::anyhow!("no update signing key in {}\n  hint: {hint}", dir.display())
     })
 }
 

@@ -1240,3 +1240,24 @@ fn agent_settings_without_an_agent_are_a_warning() {
         spec.warnings
     );
 }
+
+#[test]
+fn a_layer_file_given_as_a_spec_is_named_as_one() {
+    for layer in [
+        "description = \"Python\"\n[packages]\ninclude = [\"python3\"]\n",
+        "[packages]\ninclude = []\n",
+    ] {
+        let e = error(layer);
+        assert!(e.message.contains("this is a layer file"), "{e}");
+        assert!(
+            e.hint
+                .as_deref()
+                .unwrap_or_default()
+                .contains("`[packages] layers`"),
+            "{e}"
+        );
+    }
+    // A spec with a wrong key is still told about the key.
+    let e = error(&with("description = \"every field\"", "descripton = \"x\""));
+    assert!(e.message.contains("unknown field `descripton`"), "{e}");
+}
