@@ -81,11 +81,13 @@ impl AgentPackage {
             );
         }
         let version = cmd::stdout(Command::new("dpkg-deb").arg("-f").arg(path).arg("Version"))
-            .map_err(|e| {
-                anyhow::anyhow!(
+            .map_err(|e| match e {
+                // No dpkg-deb: the error says what to install, not another package to name.
+                cmd::CmdError::NotFound { .. } => anyhow::Error::from(e),
+                _ => anyhow::anyhow!(
                     "--agent-deb {}: not a Debian package dpkg-deb can read: {e}\n  hint: name the devos-agent .deb a build left in its output directory, or leave --agent-deb out to build the agent from this source tree",
                     path.display()
-                )
+                ),
             })?;
         Ok(version.trim().to_owned())
     }

@@ -96,11 +96,17 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
             return Ok(Settings::default());
         }
-        Err(e) => {
+        Err(e) if required => {
             return Err(anyhow::anyhow!(
                 "cannot read the settings file {}: {e}\n  hint: fix the path given with --config or DEVOS_CONFIG, or leave both unset (or empty) for the default, {}",
                 file.display(),
                 default_path().display()
+            ));
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "cannot read the settings file {}: {e}\n  hint: fix or remove it (it is optional), or name another with --config or DEVOS_CONFIG",
+                file.display()
             ));
         }
     };
