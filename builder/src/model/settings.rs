@@ -96,16 +96,18 @@ pub(crate) fn load(explicit: Option<&Path>) -> Result<Settings> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
             return Ok(Settings::default());
         }
-        Err(e) if required => {
-            return Err(anyhow::anyhow!(
-                "cannot read the settings file {}: {e}\n  hint: fix the path given with --config or DEVOS_CONFIG, or leave both unset (or empty) for the default, {}",
-                file.display(),
-                default_path().display()
-            ));
-        }
         Err(e) => {
+            let hint = if required {
+                format!(
+                    "fix the path given with --config or DEVOS_CONFIG, or leave both unset (or empty) for the default, {}",
+                    default_path().display()
+                )
+            } else {
+                "fix or remove it (it is optional), or name another with --config or DEVOS_CONFIG"
+                    .to_owned()
+            };
             return Err(anyhow::anyhow!(
-                "cannot read the settings file {}: {e}\n  hint: fix or remove it (it is optional), or name another with --config or DEVOS_CONFIG",
+                "cannot read the settings file {}: {e}\n  hint: {hint}",
                 file.display()
             ));
         }
