@@ -1176,25 +1176,16 @@ fn publish_ami_checks_regions_and_the_ami_name_up_front() {
             &["--region", "eu-west-1", "--copy-to", "us-east-1,bad region"],
             "`bad region` is not a region name",
         ),
+        (
+            &["--region", "eu-west-1", "--name", "bad name+with/plus"],
+            "`bad name+with/plus` is not a valid AMI name",
+        ),
+        (&["--region", "eu-west-1", "--name", "ab"], "3 to 128"),
     ] {
         let (code, _, err) = ami(extra);
         assert_eq!(code, Some(2), "{extra:?}: {err}");
         assert!(
             err.contains(extra[extra.len() - 2]) && err.contains(want) && err.contains("hint:"),
-            "{extra:?}: {err}"
-        );
-    }
-    for (extra, want) in [
-        (
-            &["--region", "eu-west-1", "--name", "bad name+with/plus"][..],
-            "--name `bad name+with/plus` is not a valid AMI name",
-        ),
-        (&["--region", "eu-west-1", "--name", "ab"], "3 to 128"),
-    ] {
-        let (code, _, err) = ami(extra);
-        assert_eq!(code, Some(1), "{extra:?}: {err}");
-        assert!(
-            err.contains(want) && err.contains("hint:"),
             "{extra:?}: {err}"
         );
     }
@@ -1362,6 +1353,17 @@ fn local_checks_come_before_aws_credentials() {
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("`Foo` is not KEY=VALUE") && err.contains("hint:"),
+        "{err}"
+    );
+    // The workspaces template cannot be deployed by this command: wrong usage.
+    let mut workspaces = deploy("InstanceType=t3.small");
+    workspaces[5] = "workspaces";
+    let (code, _, err) = run_args(&workspaces);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("the workspaces template needs a WorkSpaces bundle")
+            && err.contains("hint: follow docs/fleet.md")
+            && !err.contains("credentials"),
         "{err}"
     );
     local(

@@ -329,7 +329,7 @@ pub(crate) enum PublishCommand {
         #[arg(long, value_delimiter = ',', value_parser = region_name)]
         copy_to: Vec<String>,
         /// The AMI name. Default: NAME-VERSION with `+` as `-`.
-        #[arg(long)]
+        #[arg(long, value_parser = ami_name)]
         name: Option<String>,
         /// Publish even without a passing boot test (loudly; the AMI is tagged so).
         #[arg(long)]
@@ -708,6 +708,16 @@ fn region_name(value: &str) -> Result<String, String> {
         "a region name",
         devos_aws::REGION_HINT,
     )
+}
+
+/// `publish ami --name`: what EC2 takes as an AMI name.
+fn ami_name(value: &str) -> Result<String, String> {
+    match devos_aws::ami::ami_name_problem(value) {
+        None => Ok(value.to_owned()),
+        Some(problem) => Err(format!(
+            "`{value}` is not a valid AMI name: {problem}\n  hint: leave --name out for the default NAME-VERSION, or use only letters, digits, spaces and ()[]./-'@_"
+        )),
+    }
 }
 
 /// A CloudFormation stack's name, as CloudFormation takes it: a letter, then letters,

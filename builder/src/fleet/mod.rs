@@ -748,9 +748,10 @@ pub(crate) fn deploy(
     req: &DeployRequest,
 ) -> Result<Outcome> {
     if req.template == Template::Workspaces {
-        bail!(
-            "fleet deploy: the workspaces template needs a WorkSpaces bundle made from a provisioned WorkSpace\n  hint: follow docs/fleet.md (WorkSpaces), then `devos-build fleet render workspaces` and deploy it with `aws cloudformation deploy`"
-        );
+        return Err(crate::cli::Usage(
+            "fleet deploy: the workspaces template needs a WorkSpaces bundle made from a provisioned WorkSpace\n  hint: follow docs/fleet.md (WorkSpaces), then `devos-build fleet render workspaces` and deploy it with `aws cloudformation deploy`".into(),
+        )
+        .into());
     }
     // What needs neither AWS nor credentials is checked first: the parameters given,
     // and the version (boot-tested) in the registry.

@@ -96,10 +96,10 @@ pub(crate) struct AmiRequest {
 }
 
 impl AmiRequest {
-    /// The regions of the settings file and the AMI name as given, checked before the
-    /// registry or AWS is asked, in dry runs as in real ones: a typo fails here, naming
-    /// where it is, instead of after an upload (or as an error from AWS). (`--region`
-    /// and `--copy-to` are checked where the command line is read.)
+    /// The regions of the settings file, checked before the registry or AWS is asked,
+    /// in dry runs as in real ones: a typo fails here, naming where it is, instead of
+    /// after an upload (or as an error from AWS). (`--region`, `--copy-to` and `--name`
+    /// are checked where the command line is read.)
     fn check(&self, settings: &Settings) -> Result<()> {
         let region_hint = devos_aws::REGION_HINT;
         if let Some(r) = &self.region
@@ -115,13 +115,6 @@ impl AmiRequest {
                     "`[publish] copy-to` of the settings file names `{r}`, which is not a region name\n  hint: {region_hint}"
                 );
             }
-        }
-        if let Some(name) = &self.name
-            && let Some(problem) = ami::ami_name_problem(name)
-        {
-            bail!(
-                "--name `{name}` is not a valid AMI name: {problem}\n  hint: leave --name out for the default NAME-VERSION, or use only letters, digits, spaces and ()[]./-'@_"
-            );
         }
         Ok(())
     }
