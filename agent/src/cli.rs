@@ -573,10 +573,10 @@ async fn run_request(
     // would stop a command run by hand: caught before submitting, so none is missed.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // Subscribe before submitting: the agent may start at once.
-    let mut changed = agent.receive_request_changed().await?;
-    let mut approvals = agent.receive_approval_needed().await?;
-    let mut output = agent.receive_action_output().await?;
-    let mut model_text = agent.receive_model_output().await?;
+    let mut changed = drained(agent.receive_request_changed().await?);
+    let mut approvals = drained(agent.receive_approval_needed().await?);
+    let mut output = drained(agent.receive_action_output().await?);
+    let mut model_text = drained(agent.receive_model_output().await?);
     let id = submit(agent, text, &cwd.to_string_lossy(), how).await?;
     let watch = Watch {
         agent,
@@ -604,7 +604,7 @@ async fn run_request(
             // shown first.
             tokio::select! {
                 biased;
-                Some(sig) = model_text.next() => {
+                Some(sig) = model_text.recv() => {
                     let args = sig.args()?;
                     if args.id == id && !json {
                         out!("{}", printable(args.text));
@@ -612,7 +612,7 @@ async fn run_request(
                         watch.streamed.set(true);
                     }
                 }
-                Some(sig) = output.next() => {
+                Some(sig) = output.recv() => {
                     let args = sig.args()?;
                     if args.id == id && !json {
                         out!("{}", printable(args.data));
@@ -620,7 +620,7 @@ async fn run_request(
                         std::io::stdout().flush().ok();
                     }
                 }
-                Some(sig) = approvals.next() => {
+                Some(sig) = approvals.recv() => {
                     let args = sig.args()?;
                     if args.id != id {
                         continue;
@@ -635,7 +635,7 @@ async fn run_request(
                         return Ok(code);
                     }
                 }
-                Some(sig) = changed.next() => {
+                Some(sig) = changed.recv() => {
                     let args = sig.args()?;
                     if args.id != id {
                         continue;
@@ -660,6 +660,24 @@ async fn run_request(
         },
         _ = sigint.recv() => interrupted(agent, &id).await,
     }
+}
+
+/// The signals of `stream` as they come, read by a task of their own: a stream left
+/// unread while `devos` waits for a method's reply (or an approval) fills the
+/// connection's queue (64 messages) — a fast answer streams more — and the reply
+/// waits behind it for ever.
+fn drained<T: Send + 'static>(
+    mut stream: impl futures_util::Stream<Item = T> + Send + Unpin + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<T> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(signal) = stream.next().await {
+            if tx.send(signal).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// How long a cancel on the way out may take before `devos` stops waiting for it.
@@ -859,7 +877,8 @@ async fn usage(
                 "unknown".to_owned()
             } else {
                 format!(
-                    "${:.4}{}",
+                    "{}${:.4}{}",
+                    if r.estimated_calls > 0 { "~" } else { "" },
                     r.cost_usd,
                     if r.unpriced_calls > 0 { "+" } else { "" }
                 )
@@ -876,12 +895,18 @@ async fn usage(
         }
     };
     outln!(
-        "since {}: ${:.4}{}\nyou: ${:.4} today (budget {}), ${:.4} this month (budget {}); machine: ${:.4} this month (budget {})",
+        "since {}: ${:.4}{}{}\nyou: ${:.4} today (budget {}), ${:.4} this month (budget {}); machine: ${:.4} this month (budget {})",
         one_line(v["since"].as_str().unwrap_or("?")),
         v["total-cost-usd"].as_f64().unwrap_or(0.0),
         match v["unpriced-calls"].as_u64().unwrap_or(0) {
             0 => String::new(),
             n => format!(" and {n} call(s) of unknown cost"),
+        },
+        match v["estimated-calls"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            n => format!(
+                " ({n} call(s) that ended without Bedrock's count at an estimate, marked ~)"
+            ),
         },
         f("user-today-usd"),
         limit(b("user-daily-usd")),

@@ -3187,16 +3187,6 @@ fn a_second_agent_on_the_same_state_directory_changes_nothing() {
     assert!(cwd.join("kept").is_dir());
 }
 
-/// Root appends `table` to the agent's configuration file and reloads it.
-fn reload_with(agent: &Daemon, table: &str) {
-    let mut config = std::fs::read_to_string(&agent.config).unwrap();
-    config.push('\n');
-    config.push_str(table);
-    std::fs::write(&agent.config, config).unwrap();
-    let out = bus_call(agent, None, "org.devos.Agent1.Admin", &["ReloadConfig"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-}
-
 /// `user`'s request `id` once `done(request)` holds (20 s at most).
 fn wait_until(
     agent: &Daemon,

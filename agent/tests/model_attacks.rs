@@ -476,15 +476,15 @@ fn robustness_an_answer_of_too_many_parts_is_refused_and_still_counted() {
         );
         assert_eq!(standin.requests().len(), before + 1, "stream = {stream}");
         assert!(!cwd.join("d0").exists());
+        // An answer that could not be taken may be anything up to `max-tokens` long,
+        // however much of it streamed.
         let rows = usage_rows(&agent, &user, cwd);
         assert!(total_calls(&rows) >= 1, "stream = {stream}: {rows:?}");
-        if !stream {
-            let output: u64 = rows
-                .iter()
-                .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
-                .sum();
-            assert!(output >= 1000, "stream = {stream}: {rows:?}");
-        }
+        let output: u64 = rows
+            .iter()
+            .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
+            .sum();
+        assert!(output >= 1000, "stream = {stream}: {rows:?}");
     }
 }
 
@@ -520,6 +520,34 @@ fn budget_a_whole_answer_that_cannot_be_read_counts_its_worst_case() {
         .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(output, 1000, "{rows:?}");
+}
+
+/// Was a finding. `devos run` subscribed to the agent's signals before submitting, but
+/// did not read them while it waited for the replies to its own calls (the submit, the
+/// first look at the request): an answer streamed faster than that — more than 64
+/// pieces — filled the connection's queue, the reply waited behind them, and `devos
+/// run` hung for ever though the request was done. Now the signals are read as they
+/// come, by tasks of their own.
+#[test]
+fn robustness_an_answer_streamed_at_once_does_not_stall_devos_run() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let user = User::ensure("devos-ma-pia");
+    let project = user.project();
+    let cwd = project.path();
+    for json in [true, false, true, false] {
+        // 2000 pieces of 4 bytes, sent as fast as the stand-in can.
+        let answer = "w".repeat(8000);
+        standin.push(Reply::text(&answer));
+        let mut args = vec!["run", "--model", "small", "answer"];
+        if json {
+            args.insert(0, "--json");
+        }
+        // (`devos` calls panic after 60 s.)
+        let out = agent.devos(Some(&user), cwd, &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains(&answer), "json = {json}");
+    }
 }
 
 /// Was a finding. A conversation was bounded by its steps and tool calls but not by its
@@ -664,6 +692,67 @@ fn budget_bypass_cancelling_a_call_that_does_not_stream_counts_its_worst_case() 
         .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(output, 1000, "{rows:?}");
+}
+
+/// Was a finding. A streamed answer that ended without its `metadata` event (the usage)
+/// went on the ledger as an exact $0 call. Now it is an estimate, marked so: its input,
+/// and a token for each byte it wrote (a token is at least a byte), at most
+/// `max-tokens`; `devos usage` marks estimated costs with `~`.
+#[test]
+fn budget_an_answer_without_its_usage_is_charged_an_estimate() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "max-tokens = 1000\n", "");
+    let user = User::ensure("devos-ma-ned");
+    let project = user.project();
+    let cwd = project.path();
+    for text in ["y".repeat(600), "z".repeat(3000)] {
+        standin.push(Reply::text(&text).without_metadata());
+        let r = run_json(&agent, &user, cwd, &["--model", "small", "answer"]);
+        assert_eq!(r["state"], "done", "{r}");
+    }
+    let rows = usage_rows(&agent, &user, cwd);
+    let sum = |key: &str| -> u64 { rows.iter().map(|r| r[key].as_u64().unwrap_or(0)).sum() };
+    assert_eq!(sum("calls"), 2, "{rows:?}");
+    assert_eq!(sum("estimated-calls"), 2, "{rows:?}");
+    assert_eq!(sum("output-tokens"), 600 + 1000, "{rows:?}");
+    assert!(sum("input-tokens") > 0, "{rows:?}");
+    let shown = stdout(&agent.devos(Some(&user), cwd, &["usage"]));
+    assert!(
+        shown.contains("~$") && shown.contains("2 call(s)") && shown.contains("estimate"),
+        "{shown}"
+    );
+}
+
+/// Was a finding. A conversation read the configuration once, when it started: budgets
+/// an administrator set or lowered (`ReloadConfig`) to stop a user's spending did not
+/// reach the requests already going, each of which could still make its remaining
+/// model calls. Now every call is held against the budgets in force when it is made.
+#[test]
+fn budget_a_budget_set_by_reload_stops_a_conversation_already_going() {
+    let standin = StandIn::start().unwrap();
+    let agent = model_agent(&standin, "", "");
+    let user = User::ensure("devos-ma-olga");
+    let project = user.project();
+    let cwd = project.path();
+    // The first call (a read-only tool call, which runs unasked) answers slowly; the
+    // budget comes while it is on its way. It costs $0.00135, past the $0.001 set.
+    standin.push(Reply::tool("project_info", json!({})).after(Duration::from_secs(5)));
+    standin.push(Reply::text("the second call"));
+    let id = submit_to_model(&agent, &user, cwd, "look around");
+    assert!(wait_for(Duration::from_secs(30), || standin
+        .requests()
+        .len()
+        == 1));
+    reload_with(&agent, "[budgets]\nuser-daily-usd = 0.001\n");
+    let r = agent.wait_state(&user, cwd, &id, "failed");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("daily model budget"),
+        "{r}"
+    );
+    assert_eq!(standin.requests().len(), 1, "the second call was made");
 }
 
 /// Was a finding (low). Budgets were checked before each call but nothing is reserved for

@@ -232,6 +232,8 @@ pub struct Reply {
     delay: Duration,
     /// How long a streamed answer waits after its text, before its end.
     hold: Duration,
+    /// Whether a streamed answer ends with its `metadata` event (usage and latency).
+    metadata: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -260,6 +262,7 @@ impl Reply {
             usage: Usage::default(),
             delay: Duration::ZERO,
             hold: Duration::ZERO,
+            metadata: true,
         }
     }
 
@@ -379,6 +382,13 @@ impl Reply {
     /// over. A client that goes away meanwhile is no error.
     pub fn holding_after_text(mut self, hold: Duration) -> Self {
         self.hold = hold;
+        self
+    }
+
+    /// A streamed answer that ends after `messageStop`, without the `metadata` event
+    /// that carries its usage (Bedrock always sends it; a broken proxy might not).
+    pub fn without_metadata(mut self) -> Self {
+        self.metadata = false;
         self
     }
 }
@@ -648,6 +658,7 @@ fn answer(shared: &Shared, mut request: tiny_http::Request) -> Result<()> {
                 stop_reason: stop_reason_of(stop_reason, tools),
                 usage: reply.usage,
                 hold: reply.hold,
+                metadata: reply.metadata,
                 started,
             };
             if route.streaming {
@@ -666,6 +677,7 @@ struct Turn<'a> {
     stop_reason: String,
     usage: Usage,
     hold: Duration,
+    metadata: bool,
     started: Instant,
 }
 
@@ -707,13 +719,15 @@ fn stream_message(mut stream: EventStream<'_>, turn: &Turn<'_>) -> Result<()> {
         index += 1;
     }
     stream.event("messageStop", json!({ "stopReason": turn.stop_reason }))?;
-    stream.event(
-        "metadata",
-        json!({
-            "usage": turn.usage.to_json(),
-            "metrics": { "latencyMs": latency_ms(turn.started) },
-        }),
-    )?;
+    if turn.metadata {
+        stream.event(
+            "metadata",
+            json!({
+                "usage": turn.usage.to_json(),
+                "metrics": { "latencyMs": latency_ms(turn.started) },
+            }),
+        )?;
+    }
     stream.finish()
 }
 

@@ -36,7 +36,9 @@ pub struct Reply {
     pub turn: Turn,
     /// `end_turn`, `tool_use`, `max_tokens`, ...
     pub stop_reason: String,
-    pub usage: Usage,
+    /// What Bedrock counted, `None` when the reply did not say (the ledger then takes
+    /// an estimate).
+    pub usage: Option<Usage>,
     pub latency: Duration,
 }
 
@@ -307,7 +309,7 @@ pub async fn converse(
         Reply {
             turn,
             stop_reason: out.stop_reason.as_str().to_owned(),
-            usage: out.usage.as_ref().map(usage_of).unwrap_or_default(),
+            usage: out.usage.as_ref().map(usage_of),
             latency: Duration::ZERO,
         }
     };
@@ -413,7 +415,7 @@ struct StreamReader {
     /// Blocks by index: text so far, or a tool call and its input JSON so far.
     blocks: std::collections::BTreeMap<i32, Partial>,
     stop_reason: Option<String>,
-    usage: Usage,
+    usage: Option<Usage>,
     /// Bytes of text and tool input so far.
     bytes: usize,
 }
@@ -526,7 +528,7 @@ impl StreamReader {
             }
             bt::ConverseStreamOutput::Metadata(e) => {
                 if let Some(u) = &e.usage {
-                    self.usage = usage_of(u);
+                    self.usage = Some(usage_of(u));
                 }
             }
             _ => {}

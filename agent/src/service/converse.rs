@@ -150,7 +150,10 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
     let mut trimmed = false;
     let mut steps = 0;
     loop {
-        if steps == config.model.max_steps {
+        // Each call under the configuration of its time: budgets, prices and limits an
+        // administrator changed (`ReloadConfig`) reach conversations already going.
+        let config = d.shared.config();
+        if steps >= config.model.max_steps {
             let why = format!(
                 "stopped after {steps} model calls ([model] max-steps = {}); `devos run --continue` goes on",
                 config.model.max_steps
@@ -180,17 +183,13 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
         };
         let (outcome, streamed) = call_streaming(&mut d, &client, &call).await;
         // What the model wrote of a call that ended without an answer is billed: the
-        // text and tool input streamed so far, or, for a call that streams nothing until
-        // it is done, its worst case.
-        let unstreamed = config.model.max_tokens as usize * budget::BYTES_PER_TOKEN;
+        // text and tool input streamed so far, or its worst case where what it wrote is
+        // not known (a call that streams nothing until it is done; one given up on as
+        // silent, or whose answer could not be read).
         let reply = match outcome {
             None => {
-                let spent = if config.model.stream {
-                    streamed
-                } else {
-                    unstreamed
-                };
-                record_estimate(&mut d, &config, &model_id, &conversation, spent)?;
+                let written = config.model.stream.then_some(streamed);
+                record_estimate(&mut d, &config, &model_id, &conversation, written)?;
                 return d.end(d.r.actions.len(), State::Cancelled).await.map(|_| ());
             }
             Some(Err(e)) if e.is_too_long() && !trimmed && conversation.trim() => {
@@ -199,19 +198,18 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
                 continue;
             }
             Some(Err(e)) => {
-                let spent = match config.model.stream {
-                    true => streamed,
-                    false if e.may_have_answered() => unstreamed,
-                    false => 0,
-                };
-                if spent > 0 {
-                    record_estimate(&mut d, &config, &model_id, &conversation, spent)?;
+                if e.may_have_answered() {
+                    record_estimate(&mut d, &config, &model_id, &conversation, None)?;
+                } else if config.model.stream && streamed > 0 {
+                    let written = Some(streamed);
+                    record_estimate(&mut d, &config, &model_id, &conversation, written)?;
                 }
                 return fail(&mut d, e.to_string()).await;
             }
             Some(Ok(reply)) => reply,
         };
-        take_reply(&mut d, &config, &model_id, &reply, &mut conversation)?;
+        let answered = (&reply, streamed);
+        take_reply(&mut d, &config, &model_id, answered, &mut conversation)?;
         drop(hold);
         if !reply.wants_tools() {
             return set_state(d.shared, &mut d.r, State::Done).await;
@@ -235,15 +233,22 @@ fn open(d: &Driver<'_>) -> fdo::Result<(String, Conversation)> {
     Ok((d.r.model.clone().unwrap_or(model_id), conversation))
 }
 
-/// Keep a model reply: on the ledger, in the conversation, its text in the answer.
+/// Keep a model reply (and the bytes of text and tool input it wrote): on the ledger,
+/// in the conversation, its text in the answer.
 fn take_reply(
     d: &mut Driver<'_>,
     config: &AgentConfig,
     model_id: &str,
-    reply: &Reply,
+    (reply, written): (&Reply, usize),
     conversation: &mut Conversation,
 ) -> fdo::Result<()> {
-    record_call(d, config, model_id, reply)?;
+    // (Bedrock always says; a reply of an endpoint that did not is charged what it wrote.)
+    let (usage, estimated) = match reply.usage {
+        Some(usage) => (usage, false),
+        None => (estimate(config, conversation, Some(written)), true),
+    };
+    let (latency, stop) = (reply.latency, &reply.stop_reason);
+    record(d, config, model_id, usage, latency, stop, estimated)?;
     conversation.turns.push(reply.turn.clone());
     save(d, model_id, conversation)?;
     let text = reply.turn.text();
@@ -430,21 +435,15 @@ fn pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Put a call that did not finish on the ledger at an estimate: the prompt, tools
-/// and conversation it sent as input, the text it streamed back as output.
+/// Put a call that ended without its usage on the ledger, at [`estimate`].
 fn record_estimate(
     d: &mut Driver<'_>,
     config: &AgentConfig,
     model_id: &str,
     conversation: &Conversation,
-    streamed: usize,
+    written: Option<usize>,
 ) -> fdo::Result<()> {
-    let usage = bedrock::Usage {
-        input: budget::estimated_tokens(conversation.size() + model::prompt_bytes()),
-        output: budget::estimated_tokens(streamed),
-        cache_read: 0,
-        cache_write: 0,
-    };
+    let usage = estimate(config, conversation, written);
     record(
         d,
         config,
@@ -456,23 +455,22 @@ fn record_estimate(
     )
 }
 
-/// Put a model call on the ledger and in the request's usage.
-fn record_call(
-    d: &mut Driver<'_>,
+/// What a call with `conversation` is charged when its usage did not come back: its
+/// input (prompt, tools and conversation) at the usual bytes a token, and as output at
+/// most a token for each of the `written` bytes of text and tool input (a token is at
+/// least a byte), never more than `max-tokens` — `max-tokens` when what it wrote is not known.
+fn estimate(
     config: &AgentConfig,
-    model_id: &str,
-    reply: &Reply,
-) -> fdo::Result<()> {
-    let (usage, latency) = (reply.usage, reply.latency);
-    record(
-        d,
-        config,
-        model_id,
-        usage,
-        latency,
-        &reply.stop_reason,
-        false,
-    )
+    conversation: &Conversation,
+    written: Option<usize>,
+) -> bedrock::Usage {
+    let most = u64::from(config.model.max_tokens);
+    bedrock::Usage {
+        input: budget::estimated_tokens(conversation.size() + model::prompt_bytes()),
+        output: written.map_or(most, |bytes| (bytes as u64).min(most)),
+        cache_read: 0,
+        cache_write: 0,
+    }
 }
 
 fn record(

@@ -386,6 +386,16 @@ pub fn model_agent(
     )
 }
 
+/// Root appends `table` to the agent's configuration file and reloads it.
+pub fn reload_with(agent: &Daemon, table: &str) {
+    let mut config = std::fs::read_to_string(&agent.config).unwrap();
+    config.push('\n');
+    config.push_str(table);
+    std::fs::write(&agent.config, config).unwrap();
+    let out = bus_call(agent, None, "org.devos.Agent1.Admin", &["ReloadConfig"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// `devos --json run ARGS...` as `user` in `cwd`: the request it printed.
 pub fn run_json(agent: &Daemon, user: &User, cwd: &Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--json", "run"];
