@@ -348,6 +348,21 @@ pub fn is_model_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b))
 }
 
+/// Why Bedrock in `region` would refuse `id`, when `id` is a cross-region inference
+/// profile of a geography `region` is plainly outside of (`us.…` called in `eu-west-1`):
+/// those profiles are served only from the regions of their geography.
+pub fn profile_outside_region(id: &str, region: &str) -> Option<String> {
+    let (geography, region_prefix) = match id.split_once('.')? {
+        ("us", _) => ("a US", "us-"),
+        ("eu", _) => ("an EU", "eu-"),
+        ("apac", _) => ("an Asia Pacific", "ap-"),
+        _ => return None,
+    };
+    (!region.is_empty() && !region.starts_with(region_prefix)).then(|| {
+        format!("`{id}` is {geography} cross-region inference profile, which Bedrock serves only from {region_prefix}* regions, not from {region}")
+    })
+}
+
 /// The Claude Haiku 4.5 US cross-region inference profile.
 pub const HAIKU_4_5: &str = "us.anthropic.claude-haiku-4-5-20251001-v1:0";
 /// The Claude Sonnet 4.5 US cross-region inference profile.
@@ -742,6 +757,28 @@ impl DenyRule {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_profile_of_another_geography_is_named_with_the_region() {
+        let why = profile_outside_region(HAIKU_4_5, "eu-west-1").unwrap();
+        assert!(
+            why.contains("a US cross-region") && why.contains("eu-west-1"),
+            "{why}"
+        );
+        assert!(profile_outside_region("eu.anthropic.x-v1:0", "us-east-1").is_some());
+        assert!(profile_outside_region("apac.anthropic.x-v1:0", "eu-west-1").is_some());
+        for (id, region) in [
+            (HAIKU_4_5, "us-west-2"),
+            ("eu.anthropic.x-v1:0", "eu-central-1"),
+            ("apac.anthropic.x-v1:0", "ap-northeast-1"),
+            ("global.anthropic.x-v1:0", "eu-west-1"),
+            ("anthropic.claude-v2", "eu-west-1"),
+            (HAIKU_4_5, ""),
+        ] {
+            assert_eq!(profile_outside_region(id, region), None, "{id} {region}");
+        }
+    }
+
     use super::*;
 
     #[test]

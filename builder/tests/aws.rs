@@ -1379,6 +1379,33 @@ fn packer_templates_validate_and_build_against_the_endpoint() {
         assert!(!out.status.success());
         assert!(stderr(&out).contains(says), "{}", stderr(&out));
     }
+    // A NixOS build has its agent inside the image, no package for Packer to install:
+    // said so, with the command that publishes it.
+    let nixos = "0.5.1+ffffffffffff";
+    fx.version_with(
+        nixos,
+        8,
+        &[0],
+        Some(true),
+        json!({"distro": "nixos", "agent": {"file": "", "version": "0.1.0", "sha256": "", "models": ["m"]}}),
+    );
+    let out = run(
+        &mut fx.cmd(&[
+            "packer",
+            "render",
+            &format!("devos-pub@{nixos}"),
+            "--region",
+            "us-east-1",
+        ]),
+        5,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is a NixOS build")
+            && stderr(&out).contains("hint: publish this version with `devos-build publish ami`"),
+        "{}",
+        stderr(&out)
+    );
     for variant in [&[][..], &["--no-communicator"][..]] {
         let out_dir = fx.dir.path().join(format!("packer{}", variant.len()));
         let mut args = packer_render(&reference, &out_dir);
@@ -1532,6 +1559,7 @@ fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
     for template in ["instance", "fleet", "workspaces"] {
         let out = render(template, "us-east-1");
         ok(&out);
+        assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
         let yaml = String::from_utf8(out.stdout).unwrap();
         if template != "workspaces" {
             assert!(yaml.contains(&format!("Default: {ami}")), "{yaml}");
@@ -1575,6 +1603,17 @@ fn cloudformation_templates_render_for_published_versions_and_pass_cfn_lint() {
     ] {
         assert!(fleet.contains(needle), "{needle}");
     }
+    // Its agent calls a US inference profile in the instance's region: in eu-west-1
+    // every model call would be refused, and rendering says so.
+    ok(&fx.run(&["publish", "ami", &reference, "--region", "eu-west-1"]));
+    let out = render("instance", "eu-west-1");
+    ok(&out);
+    assert!(
+        stderr(&out).contains(&format!("warning: {reference}'s agent calls Bedrock in the instance's region: `{haiku}` is a US cross-region inference profile"))
+            && stderr(&out).contains("hint: name the model's profile for eu-west-1's geography"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -883,6 +883,7 @@ fn manifest_of(
             version: a.version.clone(),
             sha256: a.sha256.clone(),
             models: Some(AgentInfo::models_of(&spec.agent_config)),
+            model_region: spec.agent_config.model.region.clone(),
         }),
         users: spec.users.iter().map(|u| u.name.clone()).collect(),
         packages,
@@ -1101,7 +1102,7 @@ fn write_outputs(dir: &Path, manifest: &Manifest) -> Result<()> {
     for a in &manifest.artifacts {
         sums.push_str(&format!("{}  {}\n", a.sha256, a.file));
     }
-    if let Some(agent) = &manifest.agent {
+    if let Some(agent) = manifest.agent.as_ref().filter(|a| !a.file.is_empty()) {
         sums.push_str(&format!("{}  {}\n", agent.sha256, agent.file));
     }
     fs::write(dir.join("SHA256SUMS"), sums)?;

@@ -13,7 +13,7 @@ use super::{
     BuildOptions, Built, agent_pkg, already_built, convert_all, final_dir, images_dir,
     lock_version, publish_dir, write_outputs,
 };
-use crate::model::manifest::{CacheKeys, Input, Manifest, StageTiming};
+use crate::model::manifest::{AgentInfo, CacheKeys, Input, Manifest, StageTiming};
 use crate::model::spec::Spec;
 use crate::store::registry;
 use crate::support::digest::sha256_hex;
@@ -109,7 +109,7 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
             },
         ],
         package_sources: crate::nixos::substituter(spec),
-        agent: None,
+        agent: agent_info(spec),
         users: spec.users.iter().map(|u| u.name.clone()).collect(),
         packages: Vec::new(),
         partitions,
@@ -131,4 +131,38 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
         fresh: true,
         files: Vec::new(),
     })
+}
+
+/// The agent of a NixOS image, built into it by Nix (no package beside it): its version
+/// and the models it calls, which its instance role may invoke.
+fn agent_info(spec: &Spec) -> Option<AgentInfo> {
+    spec.agent_enabled.then(|| AgentInfo {
+        file: String::new(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        sha256: String::new(),
+        models: Some(AgentInfo::models_of(&spec.agent_config)),
+        model_region: spec.agent_config.model.region.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nixos_image_records_its_agent_and_the_models_it_calls() {
+        let spec = |extra: &str| {
+            let text = format!(
+                "[image]\nname = \"n\"\nversion = \"0.1.0\"\n[base]\ndistro = \"nixos\"\n{extra}"
+            );
+            crate::model::spec::parse(std::path::Path::new("n.toml"), &text).unwrap()
+        };
+        let agent = agent_info(&spec("")).expect("the agent is on by default");
+        assert!(agent.file.is_empty() && agent.sha256.is_empty());
+        let models = agent.models.unwrap();
+        assert!(!models.is_empty() && models.iter().all(|m| m.contains("anthropic")));
+        let off = spec("[agent.config.model]\nenabled = false\n");
+        assert_eq!(agent_info(&off).unwrap().models, Some(Vec::new()));
+        assert!(agent_info(&spec("[agent]\nenable = false\n")).is_none());
+    }
 }

@@ -177,6 +177,27 @@ pub(super) fn agent_models(reg: &Registry, v: &VersionInfo) -> Result<Option<Vec
     })
 }
 
+/// Say so when the agent of `v`, calling Bedrock in the instance's own region, names a
+/// cross-region inference profile Bedrock does not serve in `region`: the stack would
+/// run, but every model call of its agents would be refused.
+fn warn_of_profiles_outside(reg: &Registry, v: &VersionInfo, region: &str) -> Result<()> {
+    let Some(agent) = reg.manifest(v)?.agent else {
+        return Ok(());
+    };
+    if !agent.model_region.is_empty() {
+        return Ok(());
+    }
+    for id in agent.models.unwrap_or_default() {
+        if let Some(why) = devos_agent::config::profile_outside_region(&id, region) {
+            eprintln!(
+                "warning: {}@{}'s agent calls Bedrock in the instance's region: {why}, so its model calls there would be refused\n  hint: name the model's profile for {region}'s geography in the spec's [agent.config.model] (or set its `region`) and build again",
+                v.name, v.version
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The models the role of a stack going from `also` to `v` allows (`None`: every one).
 pub(super) fn role_models(
     reg: &Registry,
@@ -229,6 +250,7 @@ pub(super) fn render_for(
     ami_id: &str,
 ) -> Result<String> {
     let models = role_models(reg, v, also)?;
+    warn_of_profiles_outside(reg, v, region)?;
     let root = match template {
         Template::Workspaces => None,
         _ => Some(RootVolume::of(reg, v, ami_id)?),
@@ -366,6 +388,7 @@ pub(super) mod tests {
                     version: "0.1.0".into(),
                     sha256: String::new(),
                     models: models.map(|ms| ms.iter().map(|m| (*m).to_owned()).collect()),
+                    model_region: String::new(),
                 });
                 reg.record_build(
                     std::path::Path::new("/o"),

@@ -132,6 +132,8 @@ pub(crate) struct CacheKeys {
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub(crate) struct AgentInfo {
+    /// The agent's package beside the image (`devos-agent_VERSION_amd64.deb`) and its
+    /// sha256; both empty where Nix built the agent into the image (NixOS).
     pub(crate) file: String,
     pub(crate) version: String,
     pub(crate) sha256: String,
@@ -140,6 +142,9 @@ pub(crate) struct AgentInfo {
     /// manifests of builds made before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) models: Option<Vec<String>>,
+    /// The region the agent calls Bedrock in (`[model] region`); empty: the instance's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) model_region: String,
 }
 
 impl AgentInfo {

@@ -961,6 +961,9 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     let formats = formats(&src, raw.output.formats.as_deref())?;
 
     let agent_config = agent_config(&src, raw.agent.config.as_ref())?;
+    if let Some(config) = &raw.agent.config {
+        lint::model_profiles(&src, config, &agent_config.model, &mut warnings);
+    }
 
     let tests = tests(&src, &raw.tests)?;
     let extra_trees = files::extra_trees(&src, &raw.files)?;

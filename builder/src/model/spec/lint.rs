@@ -122,6 +122,29 @@ pub(super) fn agent_config_unused(
     ));
 }
 
+/// `[agent.config.model]` naming a region and a cross-region inference profile that
+/// Bedrock does not serve there: every call of the agent would be refused.
+pub(super) fn model_profiles(
+    src: &Source,
+    config: &Spanned<toml::Table>,
+    model: &devos_agent::config::ModelConfig,
+    warnings: &mut Vec<String>,
+) {
+    if !model.enabled {
+        return;
+    }
+    for (key, id) in [("small", &model.small), ("large", &model.large)] {
+        if let Some(why) = devos_agent::config::profile_outside_region(id, &model.region) {
+            warnings.push(warning(
+                src,
+                config,
+                &format!("`[agent.config.model] {key}`: {why} (`model.region`)"),
+                "name the model's profile for that region's geography (`eu.…`, `apac.…`, or `global.…` where Bedrock offers it), or a region of the profile's geography",
+            ));
+        }
+    }
+}
+
 /// `[base] suite` for Debian or Ubuntu: another distribution's codename is an error;
 /// a codename this builder does not know is a warning (it may be newer), with the
 /// known name it is closest to.
