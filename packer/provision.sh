@@ -17,6 +17,12 @@ if command -v cloud-init >/dev/null; then
   cloud-init status --wait >/dev/null || true
 fi
 apt-get update -q
+# apt takes a file for a package only when its name has a slash (else it looks up a
+# package of that name): `devos-agent.deb` as given becomes `./devos-agent.deb`.
+case $deb in
+  */*) ;;
+  *) deb=./$deb ;;
+esac
 # apt resolves the package's dependencies (dbus) from the distribution.
 apt-get install -y -q --no-install-recommends "$deb"
 install -D -m 0644 "$config" /etc/devos/agent.toml

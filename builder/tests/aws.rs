@@ -2119,6 +2119,15 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
 
     let status = json(&fleet(&["status", "--stack", "devfleet", "--json"]));
     assert_eq!(status["version"], "devos-pub@1.0.0", "{status}");
+    // Each instance with where to reach it (moto gives private addresses at least).
+    let instances = status["running"]["instances"].as_array().unwrap();
+    assert!(
+        !instances.is_empty()
+            && instances
+                .iter()
+                .all(|i| i["address"].as_str().is_some_and(|a| !a.is_empty())),
+        "{status}"
+    );
     assert_eq!(
         fx.history("devfleet"),
         [

@@ -891,6 +891,16 @@ fn stack_and_region_names_are_checked_where_the_command_line_is_read() {
             &["publish", "packer", "x@1.0.0", "--var", "nokv"],
             "`nokv` is not NAME=VALUE",
         ),
+        (
+            &[
+                "publish",
+                "packer",
+                "x@1.0.0",
+                "--var",
+                "instance_typo=t3.large",
+            ],
+            "the Packer template has no variable `instance_typo`",
+        ),
     ] {
         let (code, _, err) = run(devos_build_command().args(args));
         assert_eq!(code, Some(2), "{args:?}: {err}");

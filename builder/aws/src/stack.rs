@@ -476,6 +476,9 @@ pub struct Member {
     pub health: Option<String>,
     /// The instance's tags (what its agent reports in an in-place rollout among them).
     pub tags: BTreeMap<String, String>,
+    /// Where to reach it (`ssh dev@ADDRESS`): its public DNS name, else its public IP,
+    /// else its private IP; None before it has one.
+    pub address: Option<String>,
 }
 
 /// The real resources of a fleet or instance stack.
@@ -596,6 +599,15 @@ pub async fn running(aws: &Aws, region: &str, name: &str) -> Result<Running> {
                     .iter()
                     .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
                     .collect(),
+                address: [
+                    i.public_dns_name(),
+                    i.public_ip_address(),
+                    i.private_ip_address(),
+                ]
+                .into_iter()
+                .flatten()
+                .find(|a| !a.is_empty())
+                .map(str::to_owned),
                 id,
             });
         }

@@ -678,7 +678,18 @@ fn packer_var(value: &str) -> Result<String, String> {
             "the region is not a --var\n  hint: give it with --region, so the build, the registry and the dry run agree".into(),
         );
     }
-    assignment(value, "NAME=VALUE", "--var instance_type=t3.large")
+    let assigned = assignment(value, "NAME=VALUE", "--var instance_type=t3.large")?;
+    let name = assigned.split_once('=').map_or("", |(n, _)| n);
+    let declared: Vec<_> = crate::publish::packer::variables()
+        .filter(|v| *v != "region")
+        .collect();
+    if declared.contains(&name) {
+        return Ok(assigned);
+    }
+    Err(format!(
+        "the Packer template has no variable `{name}`\n  hint: --var takes {}",
+        declared.join(", ")
+    ))
 }
 
 /// `--param KEY=VALUE` (whether the template has KEY is checked against it).

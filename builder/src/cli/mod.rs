@@ -1075,18 +1075,7 @@ fn nothing_to_do(code: Result<ExitCode>, nothing: bool) -> Result<ExitCode> {
     }
 }
 
-/// Wrong usage that clap cannot see (a command named in a value): exits 2, as clap's
-/// own usage errors do.
-#[derive(Debug)]
-pub struct Usage(pub String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
+pub use crate::support::Usage;
 
 /// The exit code of an error: 2 for wrong usage, 1 for everything else.
 pub fn exit_code(e: &anyhow::Error) -> ExitCode {

@@ -116,12 +116,7 @@ pub(crate) fn rollout(
         let reference = current.resolve(to);
         let v = cx.reg.require_passing(&reference)?;
         if v.name != current.image {
-            bail!(
-                "stack {} runs image {}, not {}",
-                t.stack,
-                current.image,
-                v.name
-            );
+            bail!(super::other_image(&t.stack, &current.image, &v.name));
         }
         cx.refuse_bad(&t.stack, &v)?;
         // A verified build without `[update]` has a bundle too, but no feed its machines
@@ -774,6 +769,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            address: None,
         }
     }
 

@@ -73,6 +73,14 @@ impl Current {
     }
 }
 
+/// Why a stack of `image` does not take a version of `other`: one stack runs one
+/// image, its versions rolled forward and back.
+fn other_image(stack: &str, image: &str, other: &str) -> String {
+    format!(
+        "stack {stack} runs image {image}, not {other}\n  hint: the stack takes versions of {image}; {other} goes in a stack of its own (`devos-build fleet deploy --stack NEW-STACK --template fleet --image {other}@VERSION`)"
+    )
+}
+
 /// The image and version a stack runs, by its image tag and ImageVersion parameter;
 /// an error for a stack devos-build did not deploy.
 fn running_version(s: &Stack) -> Result<(&str, &str)> {
@@ -748,7 +756,7 @@ pub(crate) fn deploy(
     req: &DeployRequest,
 ) -> Result<Outcome> {
     if req.template == Template::Workspaces {
-        return Err(crate::cli::Usage(
+        return Err(crate::support::Usage(
             "fleet deploy: the workspaces template needs a WorkSpaces bundle made from a provisioned WorkSpace\n  hint: follow docs/fleet.md (WorkSpaces), then `devos-build fleet render workspaces` and deploy it with `aws cloudformation deploy`".into(),
         )
         .into());
@@ -773,7 +781,7 @@ pub(crate) fn deploy(
             if let Some(image) = s.tags.get(TAG_IMAGE)
                 && image != &v.name
             {
-                bail!("stack {} runs image {image}, not {}", t.stack, v.name);
+                bail!(other_image(&t.stack, image, &v.name));
             }
             if let Some(made) = s.tags.get(TAG_TEMPLATE)
                 && made != req.template.as_str()
@@ -1002,11 +1010,7 @@ impl Ctx<'_> {
         let current = self.current(&s)?;
         let (v, ami) = self.target(stack_name, &current.resolve(to))?;
         if v.name != current.image {
-            bail!(
-                "stack {stack_name} runs image {}, not {}",
-                current.image,
-                v.name
-            );
+            bail!(other_image(stack_name, &current.image, &v.name));
         }
         let plan = Plan {
             kind: "rollout",
@@ -1224,6 +1228,7 @@ mod tests {
             lifecycle: Some("InService".into()),
             health: Some(health.into()),
             tags: BTreeMap::new(),
+            address: None,
         }
     }
 

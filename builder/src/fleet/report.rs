@@ -84,10 +84,13 @@ impl Outcome {
     }
 
     pub(crate) fn human(&self) -> String {
-        let from = self.from.as_deref().unwrap_or("(nothing)");
+        let from = match &self.from {
+            Some(from) => format!("{}@{from}", self.image),
+            None => format!("new stack of {}", self.image),
+        };
         let mut s = format!(
-            "{} {} in {}: {}@{} -> {}: {}\n",
-            self.kind, self.stack, self.region, self.image, from, self.to, self.state
+            "{} {} in {}: {from} -> {}: {}\n",
+            self.kind, self.stack, self.region, self.to, self.state
         );
         if let Some(r) = &self.reason {
             s.push_str(&format!("  why: {r}\n"));
@@ -95,7 +98,7 @@ impl Outcome {
         for (k, (before, after)) in &self.parameters {
             s.push_str(&format!(
                 "  parameter {k}: {} -> {after}\n",
-                before.as_deref().unwrap_or("(default)")
+                before.as_deref().unwrap_or("(the template's default)")
             ));
         }
         if self.state == ChangeState::DryRun && self.changes.is_empty() {
@@ -178,12 +181,13 @@ impl Status {
         }
         for m in &self.running.instances {
             s.push_str(&format!(
-                "  {:<20} {:<22} {:<10} {:<10} {}",
+                "  {:<20} {:<22} {:<10} {:<10} {:<9} {}",
                 m.id,
                 m.image_id,
                 m.state,
                 m.lifecycle.as_deref().unwrap_or("-"),
-                m.health.as_deref().unwrap_or("-")
+                m.health.as_deref().unwrap_or("-"),
+                m.address.as_deref().unwrap_or("-")
             ));
             // What its agent reported in an in-place rollout.
             if let Some(running) = m.tags.get(TAG_RUNNING) {

@@ -158,7 +158,7 @@ pub(super) fn published_ami(reg: &Registry, v: &VersionInfo, region: &str) -> Re
     match published {
         Some(id) => Ok(id),
         None => bail!(
-            "{}@{} is not published in {region}\n  hint: run `devos-build publish ami {}@{} --region {region}` first",
+            "{}@{} is not published in {region}\n  hint: run `devos-build publish ami {}@{} --region {region}` (or `publish packer`) first",
             v.name,
             v.version,
             v.name,

@@ -726,7 +726,9 @@ impl Spec {
     /// Every package to install, spec and layers together, with what the agent needs
     /// when it is enabled, sorted and unique.
     pub(crate) fn all_packages(&self) -> Vec<String> {
-        let agent: Vec<String> = if self.agent_enabled {
+        // (A NixOS image's agent and updates bring what they need through Nix.)
+        let debian = self.distro != Distro::Nixos;
+        let agent: Vec<String> = if self.agent_enabled && debian {
             devos_agent::PACKAGE_DEPENDS
                 .iter()
                 .map(|p| (*p).to_owned())
@@ -735,8 +737,8 @@ impl Spec {
             Vec::new()
         };
         let update: Vec<String> = match &self.update {
-            Some(_) => UPDATE_PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
-            None => Vec::new(),
+            Some(_) if debian => UPDATE_PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+            _ => Vec::new(),
         };
         let set: BTreeSet<&String> = self
             .packages
@@ -960,7 +962,18 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Spec, SpecError> {
     };
     let formats = formats(&src, raw.output.formats.as_deref())?;
 
-    let agent_config = agent_config(&src, raw.agent.config.as_ref())?;
+    let mut agent_config = agent_config(&src, raw.agent.config.as_ref())?;
+    // NixOS's administrators are `wheel`: its module's default (nixos/module.nix).
+    let admin_groups_set = raw
+        .agent
+        .config
+        .as_ref()
+        .and_then(|c| c.get_ref().get("policy"))
+        .and_then(|p| p.get("admin-groups"))
+        .is_some();
+    if distro == Distro::Nixos && !admin_groups_set {
+        agent_config.policy.admin_groups = vec!["wheel".into()];
+    }
     if let Some(config) = &raw.agent.config {
         lint::model_profiles(&src, config, &agent_config.model, &mut warnings);
     }

@@ -18,6 +18,15 @@ use crate::support::dry_run::DryRun;
 const TEMPLATE: &str = include_str!("../../../packer/devos-ami.pkr.hcl.hbs");
 const PROVISION: &str = include_str!("../../../packer/provision.sh");
 const TEMPLATE_FILE: &str = "devos.pkr.hcl";
+
+/// The variables the template declares (`variable "NAME" {`), as `--var` may set them.
+pub(crate) fn variables() -> impl Iterator<Item = &'static str> {
+    TEMPLATE.lines().filter_map(|l| {
+        l.strip_prefix("variable \"")
+            .and_then(|rest| rest.split_once('"'))
+            .map(|(name, _)| name)
+    })
+}
 const MANIFEST_FILE: &str = "packer-manifest.json";
 
 pub(crate) struct RenderOptions {

@@ -11,3 +11,16 @@ pub use devos_agent::stdout;
 pub mod time;
 pub(crate) mod ui;
 pub(crate) mod workdir;
+
+/// Wrong usage that clap cannot see (a command named in a value, a template a command
+/// does not take): exits 2, as clap's own usage errors do (`cli::exit_code`).
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}

@@ -15,6 +15,13 @@ pub(super) fn check_keys(src: &Source, raw: &RawSpec) -> Result<(), SpecError> {
             Some(hint),
         ))
     };
+    if let Some(t) = &raw.image.source_date_epoch {
+        return refuse(
+            t.span().start,
+            "[image] source-date-epoch",
+            "a NixOS image's timestamps come from nixpkgs' locked revision (flake.lock); move it with `nix flake update` and remove the key",
+        );
+    }
     if let Some(c) = &raw.base.components {
         return refuse(
             c.span().start,

@@ -878,6 +878,10 @@ fn nixos_specs_refuse_what_has_no_nixos_meaning_where_it_is_written() {
     ));
     let s = load(&path).unwrap();
     assert_eq!(s.packages, ["python3Packages.requests"]);
+    // Only what the spec asks for (Nix brings the agent's own), and the agent's
+    // administrators as NixOS names them.
+    assert_eq!(s.all_packages(), ["python3Packages.requests"]);
+    assert_eq!(s.agent_config.policy.admin_groups, ["wheel"]);
     assert_eq!(s.suite, "25.11");
     // What a NixOS image always is, said as such (`validate --json` shows it).
     assert_eq!(
@@ -912,6 +916,14 @@ fn nixos_specs_refuse_what_has_no_nixos_meaning_where_it_is_written() {
         assert!(e.line >= 6, "{key}: not located: {e}");
         assert!(e.hint.is_some(), "{key}: no hint");
     }
+    // Nix dates what it builds from nixpkgs' locked revision: a date of the spec's
+    // would be silently ignored.
+    let e = error(
+        "[image]\nname = \"n\"\nversion = \"0.1.0\"\nsource-date-epoch = 1700000000\n[base]\ndistro = \"nixos\"\n",
+    );
+    assert!(e.message.contains("[image] source-date-epoch"), "{e}");
+    assert_eq!(e.line, 4, "{e}");
+    assert!(e.hint.unwrap().contains("flake.lock"));
 }
 
 #[test]
