@@ -573,10 +573,7 @@ async fn run_request(
     // would stop a command run by hand: caught before submitting, so none is missed.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // Subscribe before submitting: the agent may start at once.
-    let mut changed = drained(agent.receive_request_changed().await?);
-    let mut approvals = drained(agent.receive_approval_needed().await?);
-    let mut output = drained(agent.receive_action_output().await?);
-    let mut model_text = drained(agent.receive_model_output().await?);
+    let mut signals = drained(agent).await?;
     let id = submit(agent, text, &cwd.to_string_lossy(), how).await?;
     let watch = Watch {
         agent,
@@ -600,11 +597,11 @@ async fn run_request(
         }
         let interactive = std::io::stdin().is_terminal();
         loop {
-            // Biased: text and output that came before an approval prompt or the end are
-            // shown first.
-            tokio::select! {
-                biased;
-                Some(sig) = model_text.recv() => {
+            let Some(signal) = signals.recv().await else {
+                bail!("lost the connection to the agent");
+            };
+            match signal {
+                Signal::Text(sig) => {
                     let args = sig.args()?;
                     if args.id == id && !json {
                         out!("{}", printable(args.text));
@@ -612,7 +609,7 @@ async fn run_request(
                         watch.streamed.set(true);
                     }
                 }
-                Some(sig) = output.recv() => {
+                Signal::Output(sig) => {
                     let args = sig.args()?;
                     if args.id == id && !json {
                         out!("{}", printable(args.data));
@@ -620,7 +617,7 @@ async fn run_request(
                         std::io::stdout().flush().ok();
                     }
                 }
-                Some(sig) = approvals.recv() => {
+                Signal::Approval(sig) => {
                     let args = sig.args()?;
                     if args.id != id {
                         continue;
@@ -635,7 +632,7 @@ async fn run_request(
                         return Ok(code);
                     }
                 }
-                Some(sig) = changed.recv() => {
+                Signal::Changed(sig) => {
                     let args = sig.args()?;
                     if args.id != id {
                         continue;
@@ -644,7 +641,6 @@ async fn run_request(
                         return watch.finished().await;
                     }
                 }
-                else => bail!("lost the connection to the agent"),
             }
         }
     };
@@ -662,22 +658,43 @@ async fn run_request(
     }
 }
 
-/// The signals of `stream` as they come, read by a task of their own: a stream left
-/// unread while `devos` waits for a method's reply (or an approval) fills the
-/// connection's queue (64 messages) — a fast answer streams more — and the reply
-/// waits behind it for ever.
-fn drained<T: Send + 'static>(
-    mut stream: impl futures_util::Stream<Item = T> + Send + Unpin + 'static,
-) -> tokio::sync::mpsc::UnboundedReceiver<T> {
+/// A signal about a request, as `devos run` follows one.
+enum Signal {
+    Text(crate::client::ModelOutput),
+    Output(crate::client::ActionOutput),
+    Approval(crate::client::ApprovalNeeded),
+    Changed(crate::client::RequestChanged),
+}
+
+/// The agent's signals about requests as they come, read by a task of their own: a
+/// stream left unread while `devos` waits for a method's reply (or an approval) fills
+/// the connection's queue (64 messages) — a fast answer streams more — and the reply
+/// waits behind it for ever. One task, biased: text and output that came before an
+/// approval prompt or the end are passed on first.
+async fn drained(
+    agent: &Agent1Proxy<'_>,
+) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<Signal>> {
+    let mut text = agent.receive_model_output().await?;
+    let mut output = agent.receive_action_output().await?;
+    let mut approvals = agent.receive_approval_needed().await?;
+    let mut changed = agent.receive_request_changed().await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Some(signal) = stream.next().await {
+        loop {
+            let signal = tokio::select! {
+                biased;
+                Some(s) = text.next() => Signal::Text(s),
+                Some(s) = output.next() => Signal::Output(s),
+                Some(s) = approvals.next() => Signal::Approval(s),
+                Some(s) = changed.next() => Signal::Changed(s),
+                else => break,
+            };
             if tx.send(signal).is_err() {
                 break;
             }
         }
     });
-    rx
+    Ok(rx)
 }
 
 /// How long a cancel on the way out may take before `devos` stops waiting for it.

@@ -358,7 +358,9 @@ pub fn profile_outside_region(id: &str, region: &str) -> Option<String> {
         ("apac", _) => ("an Asia Pacific", "ap-"),
         _ => return None,
     };
-    (!region.is_empty() && !region.starts_with(region_prefix)).then(|| {
+    // (GovCloud's regions, `us-gov-…`, have profiles of their own.)
+    let inside = region.starts_with(region_prefix) && !region.starts_with("us-gov-");
+    (!region.is_empty() && !inside).then(|| {
         format!("`{id}` is {geography} cross-region inference profile, which Bedrock serves only from {region_prefix}* regions, not from {region}")
     })
 }
@@ -767,6 +769,7 @@ mod tests {
         );
         assert!(profile_outside_region("eu.anthropic.x-v1:0", "us-east-1").is_some());
         assert!(profile_outside_region("apac.anthropic.x-v1:0", "eu-west-1").is_some());
+        assert!(profile_outside_region(HAIKU_4_5, "us-gov-west-1").is_some());
         for (id, region) in [
             (HAIKU_4_5, "us-west-2"),
             ("eu.anthropic.x-v1:0", "eu-central-1"),

@@ -139,20 +139,20 @@ pub(super) fn follow_up(
 /// Carry out a request of the model route: call the model, carry out the tool calls
 /// it makes and answer them, until it ends its turn or something ends the request.
 pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
-    let config = d.shared.config();
     let (model_id, mut conversation) = open(&d)?;
     set_state(d.shared, &mut d.r, State::Running).await?;
-    let (client, region) = match client(d.shared, &config).await {
-        Ok(c) => c,
-        Err(e) => return fail(&mut d, e.to_string()).await,
-    };
     let tools = tools::definitions();
     let mut trimmed = false;
     let mut steps = 0;
     loop {
-        // Each call under the configuration of its time: budgets, prices and limits an
-        // administrator changed (`ReloadConfig`) reach conversations already going.
+        // Each call under the configuration of its time: budgets, prices, limits and
+        // the endpoint an administrator changed (`ReloadConfig`) reach conversations
+        // already going.
         let config = d.shared.config();
+        let (client, region) = match client(d.shared, &config).await {
+            Ok(c) => c,
+            Err(e) => return fail(&mut d, e.to_string()).await,
+        };
         if steps >= config.model.max_steps {
             let why = format!(
                 "stopped after {steps} model calls ([model] max-steps = {}); `devos run --continue` goes on",

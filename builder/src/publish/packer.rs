@@ -159,16 +159,16 @@ fn render_template(v: &VersionInfo, opts: &RenderOptions) -> Result<String> {
 pub(crate) fn render(reg: &Registry, reference: &str, opts: &RenderOptions) -> Result<Rendered> {
     let v = reg.find(reference)?;
     let manifest = reg.manifest(&v)?;
-    let agent = manifest.agent.as_ref().with_context(|| {
-        format!("{}@{} was built without the agent ([agent] enable = false): there is nothing for Packer to install", v.name, v.version)
-    })?;
-    if agent.file.is_empty() {
+    if manifest.distro == "nixos" {
         bail!(
             "{}@{} is a NixOS build: Nix built its agent into the image, and there is no package Packer could install on an Ubuntu AMI\n  hint: publish this version with `devos-build publish ami`; Packer takes a version built from a Debian or Ubuntu spec",
             v.name,
             v.version
         );
     }
+    let agent = manifest.agent.as_ref().with_context(|| {
+        format!("{}@{} was built without the agent ([agent] enable = false): there is nothing for Packer to install", v.name, v.version)
+    })?;
     let deb = v.dir.join(&agent.file);
     let toml = v.dir.join("agent.toml");
     for f in [&deb, &toml] {
