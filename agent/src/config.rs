@@ -759,6 +759,7 @@ impl DenyRule {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_profile_of_another_geography_is_named_with_the_region() {
@@ -781,8 +782,6 @@ mod tests {
             assert_eq!(profile_outside_region(id, region), None, "{id} {region}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn shipped_default_file_matches_defaults() {

@@ -150,8 +150,9 @@ fn usage_rows(agent: &Daemon, user: &User, cwd: &Path) -> Vec<Value> {
     usage["rows"].as_array().cloned().unwrap_or_default()
 }
 
-fn total_calls(rows: &[Value]) -> u64 {
-    rows.iter().map(|r| r["calls"].as_u64().unwrap_or(0)).sum()
+/// The sum of `key` (`calls`, `output-tokens`, ...) over usage rows.
+fn usage_sum(rows: &[Value], key: &str) -> u64 {
+    rows.iter().map(|r| r[key].as_u64().unwrap_or(0)).sum()
 }
 
 // ---------------------------------------------------------------------------------
@@ -479,11 +480,11 @@ fn robustness_an_answer_of_too_many_parts_is_refused_and_still_counted() {
         // An answer that could not be taken may be anything up to `max-tokens` long,
         // however much of it streamed.
         let rows = usage_rows(&agent, &user, cwd);
-        assert!(total_calls(&rows) >= 1, "stream = {stream}: {rows:?}");
-        let output: u64 = rows
-            .iter()
-            .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
-            .sum();
+        assert!(
+            usage_sum(&rows, "calls") >= 1,
+            "stream = {stream}: {rows:?}"
+        );
+        let output = usage_sum(&rows, "output-tokens");
         assert!(output >= 1000, "stream = {stream}: {rows:?}");
     }
 }
@@ -515,10 +516,7 @@ fn budget_a_whole_answer_that_cannot_be_read_counts_its_worst_case() {
         "{r}"
     );
     let rows = usage_rows(&agent, &user, cwd);
-    let output: u64 = rows
-        .iter()
-        .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
-        .sum();
+    let output = usage_sum(&rows, "output-tokens");
     assert_eq!(output, 1000, "{rows:?}");
 }
 
@@ -653,7 +651,7 @@ fn budget_bypass_cancelling_while_the_answer_streams_leaves_no_trace_on_the_ledg
 
     let rows = usage_rows(&agent, &user, cwd);
     assert!(
-        total_calls(&rows) >= 1,
+        usage_sum(&rows, "calls") >= 1,
         "a model call whose answer the user read is not on the ledger: {rows:?}"
     );
     // And the budget ($0.001; the call was $1.00) stops the next request.
@@ -687,10 +685,7 @@ fn budget_bypass_cancelling_a_call_that_does_not_stream_counts_its_worst_case() 
     agent.devos(Some(&user), cwd, &["cancel", &id]);
     agent.wait_state(&user, cwd, &id, "cancelled");
     let rows = usage_rows(&agent, &user, cwd);
-    let output: u64 = rows
-        .iter()
-        .map(|r| r["output-tokens"].as_u64().unwrap_or(0))
-        .sum();
+    let output = usage_sum(&rows, "output-tokens");
     assert_eq!(output, 1000, "{rows:?}");
 }
 
@@ -711,7 +706,7 @@ fn budget_an_answer_without_its_usage_is_charged_an_estimate() {
         assert_eq!(r["state"], "done", "{r}");
     }
     let rows = usage_rows(&agent, &user, cwd);
-    let sum = |key: &str| -> u64 { rows.iter().map(|r| r[key].as_u64().unwrap_or(0)).sum() };
+    let sum = |key: &str| usage_sum(&rows, key);
     assert_eq!(sum("calls"), 2, "{rows:?}");
     assert_eq!(sum("estimated-calls"), 2, "{rows:?}");
     assert_eq!(sum("output-tokens"), 600 + 1000, "{rows:?}");

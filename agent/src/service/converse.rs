@@ -208,8 +208,14 @@ pub(super) async fn drive(mut d: Driver<'_>) -> fdo::Result<()> {
             }
             Some(Ok(reply)) => reply,
         };
-        let answered = (&reply, streamed);
-        take_reply(&mut d, &config, &model_id, answered, &mut conversation)?;
+        take_reply(
+            &mut d,
+            &config,
+            &model_id,
+            &reply,
+            streamed,
+            &mut conversation,
+        )?;
         drop(hold);
         if !reply.wants_tools() {
             return set_state(d.shared, &mut d.r, State::Done).await;
@@ -239,7 +245,8 @@ fn take_reply(
     d: &mut Driver<'_>,
     config: &AgentConfig,
     model_id: &str,
-    (reply, written): (&Reply, usize),
+    reply: &Reply,
+    written: usize,
     conversation: &mut Conversation,
 ) -> fdo::Result<()> {
     // (Bedrock always says; a reply of an endpoint that did not is charged what it wrote.)

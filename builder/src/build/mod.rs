@@ -874,16 +874,15 @@ fn manifest_of(
         secure_boot,
         inputs: id.inputs.clone(),
         package_sources: r.sources.origin.to_owned(),
-        agent: r.agent.as_ref().map(|a| AgentInfo {
-            file: a
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            version: a.version.clone(),
-            sha256: a.sha256.clone(),
-            models: Some(AgentInfo::models_of(&spec.agent_config)),
-            model_region: spec.agent_config.model.region.clone(),
+        agent: r.agent.as_ref().map(|a| {
+            let file = a.path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let (version, sha256) = (a.version.clone(), a.sha256.clone());
+            AgentInfo::new(
+                file.unwrap_or_default(),
+                version,
+                sha256,
+                &spec.agent_config,
+            )
         }),
         users: spec.users.iter().map(|u| u.name.clone()).collect(),
         packages,

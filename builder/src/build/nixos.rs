@@ -136,13 +136,9 @@ pub(super) fn build(opts: &BuildOptions, spec: &Spec, ui: &mut Ui) -> Result<Bui
 /// The agent of a NixOS image, built into it by Nix (no package beside it): its version
 /// and the models it calls, which its instance role may invoke.
 fn agent_info(spec: &Spec) -> Option<AgentInfo> {
-    spec.agent_enabled.then(|| AgentInfo {
-        file: String::new(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        sha256: String::new(),
-        models: Some(AgentInfo::models_of(&spec.agent_config)),
-        model_region: spec.agent_config.model.region.clone(),
-    })
+    let version = env!("CARGO_PKG_VERSION").to_owned();
+    (spec.agent_enabled)
+        .then(|| AgentInfo::new(String::new(), version, String::new(), &spec.agent_config))
 }
 
 #[cfg(test)]

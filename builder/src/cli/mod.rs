@@ -20,6 +20,7 @@ use crate::build::{self, BuildOptions, repro};
 use crate::model::spec::Format;
 use crate::store::cache::{self, Cache};
 use crate::store::registry::{self, Registry, TestRun};
+use crate::support::Usage;
 use crate::support::dry_run::DryRun;
 use crate::support::stdout;
 use crate::support::ui::Ui;
@@ -1074,8 +1075,6 @@ fn nothing_to_do(code: Result<ExitCode>, nothing: bool) -> Result<ExitCode> {
         code
     }
 }
-
-pub use crate::support::Usage;
 
 /// The exit code of an error: 2 for wrong usage, 1 for everything else.
 pub fn exit_code(e: &anyhow::Error) -> ExitCode {

@@ -148,6 +148,23 @@ pub(crate) struct AgentInfo {
 }
 
 impl AgentInfo {
+    /// The agent of an image: its package (`file`, `sha256`; both empty where Nix built
+    /// it into the image), its version, and the models and region of its `config`.
+    pub(crate) fn new(
+        file: String,
+        version: String,
+        sha256: String,
+        config: &devos_agent::config::AgentConfig,
+    ) -> Self {
+        Self {
+            file,
+            version,
+            sha256,
+            models: Some(Self::models_of(config)),
+            model_region: config.model.region.clone(),
+        }
+    }
+
     /// The models `config` calls, each once.
     pub(crate) fn models_of(config: &devos_agent::config::AgentConfig) -> Vec<String> {
         let m = &config.model;

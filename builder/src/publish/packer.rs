@@ -18,6 +18,7 @@ use crate::support::dry_run::DryRun;
 const TEMPLATE: &str = include_str!("../../../packer/devos-ami.pkr.hcl.hbs");
 const PROVISION: &str = include_str!("../../../packer/provision.sh");
 const TEMPLATE_FILE: &str = "devos.pkr.hcl";
+const MANIFEST_FILE: &str = "packer-manifest.json";
 
 /// The variables the template declares (`variable "NAME" {`), as `--var` may set them.
 pub(crate) fn variables() -> impl Iterator<Item = &'static str> {
@@ -27,7 +28,6 @@ pub(crate) fn variables() -> impl Iterator<Item = &'static str> {
             .map(|(name, _)| name)
     })
 }
-const MANIFEST_FILE: &str = "packer-manifest.json";
 
 pub(crate) struct RenderOptions {
     pub(crate) region: String,
