@@ -101,6 +101,7 @@ pub async fn run(report: &Path) -> anyhow::Result<bool> {
         emit(hash)?;
     }
     emit(var_writable())?;
+    emit(var_fills_disk().await)?;
     emit(hardening().await)?;
     // The host booted a Secure Boot image: the firmware enforces it, the kernel knows.
     match credential("devos.secure-boot") {
@@ -1262,6 +1263,131 @@ fn var_writable() -> CheckResult {
     }
 }
 
+/// Where a Debian image's /var partition is defined for systemd-repart (the builder
+/// writes it).
+const REPART_VAR: &str = "/usr/lib/repart.d/50-devos-var.conf";
+/// How long growing /var into a larger disk may take after the agent answers.
+const VAR_GROW_WAIT: Duration = Duration::from_secs(30);
+
+/// On a disk larger than the image (the host boots its tests so, as EC2 launches
+/// larger volumes), /var took the free space: its partition reaches the disk's end and
+/// its filesystem fills the partition. Images without the builder's definition (NixOS
+/// makes /var on its first boot) or without systemd-repart say so and pass.
+async fn var_fills_disk() -> CheckResult {
+    let check = "var-fills-disk".to_owned();
+    if !Path::new(REPART_VAR).exists() {
+        return CheckResult {
+            check,
+            ok: true,
+            detail: format!("not checked: the image has no {REPART_VAR}"),
+            ms: 0,
+        };
+    }
+    if !["/usr/bin/systemd-repart", "/bin/systemd-repart"]
+        .iter()
+        .any(|f| Path::new(f).exists())
+    {
+        return CheckResult {
+            check,
+            ok: true,
+            detail: "not checked: the image has no systemd-repart (/var keeps the image's size; add `systemd-repart` to the spec)".into(),
+            ms: 0,
+        };
+    }
+    let start = Instant::now();
+    loop {
+        let layout = var_layout();
+        let done = layout.as_ref().is_ok_and(VarLayout::fills_disk);
+        if done || start.elapsed() >= VAR_GROW_WAIT {
+            return CheckResult {
+                check,
+                ok: done,
+                detail: match layout {
+                    Ok(l) if done => l.to_string(),
+                    Ok(l) => format!(
+                        "/var did not take the disk's free space within {} s: {l}{}{}",
+                        VAR_GROW_WAIT.as_secs(),
+                        journal("systemd-repart.service").await,
+                        journal("systemd-growfs@var.service").await
+                    ),
+                    Err(e) => format!("cannot tell /var's partition: {e}"),
+                },
+                ms: start.elapsed().as_millis(),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// /var's partition on its disk and its filesystem, in bytes.
+#[derive(Debug, PartialEq)]
+struct VarLayout {
+    disk: u64,
+    start: u64,
+    partition: u64,
+    filesystem: u64,
+}
+
+impl VarLayout {
+    /// What systemd-repart and the image's layout may leave unused after /var: a
+    /// partition alignment's grain and the backup GPT.
+    const SLACK: u64 = 2 << 20;
+
+    /// The partition reaches the disk's end, and the filesystem (less what ext4 keeps
+    /// for itself) fills it.
+    fn fills_disk(&self) -> bool {
+        self.start + self.partition + Self::SLACK >= self.disk
+            && self.filesystem >= self.partition / 10 * 9
+    }
+}
+
+impl std::fmt::Display for VarLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MIB: u64 = 1 << 20;
+        write!(
+            f,
+            "disk {} MiB; /var's partition {} MiB from {} MiB ({} MiB after it); its filesystem {} MiB",
+            self.disk / MIB,
+            self.partition / MIB,
+            self.start / MIB,
+            self.disk.saturating_sub(self.start + self.partition) / MIB,
+            self.filesystem / MIB
+        )
+    }
+}
+
+/// [`VarLayout`] from sysfs (the mounted device's partition and its disk) and statvfs.
+fn var_layout() -> Result<VarLayout, String> {
+    let device = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(4) == Some(&"/var")).then(|| f.get(2).map(|d| (*d).to_owned()))?
+        })
+        .ok_or("/var is not a mount point")?;
+    let part = std::fs::canonicalize(format!("/sys/dev/block/{device}"))
+        .map_err(|e| format!("/sys/dev/block/{device}: {e}"))?;
+    let sectors = |file: &Path| -> Result<u64, String> {
+        std::fs::read_to_string(file)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .trim()
+            .parse::<u64>()
+            .map(|n| n * 512)
+            .map_err(|e| format!("{}: {e}", file.display()))
+    };
+    let disk = part.parent().ok_or("a partition without a disk")?;
+    let filesystem =
+        nix::sys::statvfs::statvfs("/var").map_err(|e| format!("statvfs /var: {e}"))?;
+    Ok(VarLayout {
+        disk: sectors(&disk.join("size"))?,
+        start: sectors(&part.join("start"))?,
+        partition: sectors(&part.join("size"))?,
+        filesystem: filesystem.blocks() as u64 * filesystem.fragment_size() as u64,
+    })
+}
+
 /// What the image's build hardens and a later change could quietly lose: owners kept
 /// in the read-only root (`root:shadow` on /etc/shadow, where the group exists), `/var`
 /// (writable, unverified) mounted `nosuid,nodev`, the kernel's protection of files and
@@ -1634,6 +1760,39 @@ async fn critical_chain() -> CheckResult {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn var_fills_the_disk_only_when_partition_and_filesystem_reach_its_end() {
+        use super::VarLayout;
+        const MIB: u64 = 1 << 20;
+        // The default image (2 GiB) booted on a disk 1 GiB larger, grown.
+        let grown = VarLayout {
+            disk: 3072 * MIB,
+            start: 600 * MIB,
+            partition: 2471 * MIB,
+            filesystem: 2420 * MIB,
+        };
+        assert!(grown.fills_disk(), "{grown}");
+        // The partition left as built: the free GiB after it.
+        let not_repartitioned = VarLayout {
+            partition: 1447 * MIB,
+            filesystem: 1420 * MIB,
+            ..grown
+        };
+        assert!(!not_repartitioned.fills_disk());
+        assert!(
+            not_repartitioned
+                .to_string()
+                .contains("(1025 MiB after it)"),
+            "{not_repartitioned}"
+        );
+        // The partition grown, its filesystem not.
+        let not_resized = VarLayout {
+            filesystem: 1420 * MIB,
+            ..grown
+        };
+        assert!(!not_resized.fills_disk());
+    }
+
     /// The install of the running version counts however its agent spelled the
     /// version; a refused install, another version's, or one without a rollback after
     /// it does not.

@@ -1761,7 +1761,6 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
 
     // Deploy v1 to the fleet and to its canary: the default VPC's subnets are used.
     steps.at("Deploy v1 to the fleet and to its canary");
-    // The canary's instances get a key pair (their default user's SSH key).
     fx.block_on(
         fx.ec2("us-east-1")
             .create_key_pair()
@@ -1769,12 +1768,36 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
             .send(),
     )
     .unwrap();
+    // A root volume smaller than the image's disk (1 GiB) is refused before anything
+    // is made: EC2 would refuse every launch.
+    for (size, why) in [
+        ("0", "EC2 launches no smaller volume"),
+        ("lots", "expected a whole number of GiB from 1"),
+    ] {
+        let size = format!("VolumeSize={size}");
+        refused(
+            &fleet(&[
+                "deploy",
+                "--stack",
+                "devfleet",
+                "--template",
+                "fleet",
+                "--image",
+                "devos-pub@1.0.0",
+                "--param",
+                &size,
+            ]),
+            why,
+        );
+    }
+    // The canary's instances get a key pair (their default user's SSH key) and a root
+    // volume larger than the image (its /var takes the rest at boot).
     for (stack, capacity, ssh) in [
         ("devfleet", "2", &[][..]),
         (
             "devfleet-canary",
             "1",
-            &["--param", "KeyName=devos-canary"][..],
+            &["--param", "KeyName=devos-canary", "--param", "VolumeSize=3"][..],
         ),
     ] {
         let capacity = format!("DesiredCapacity={capacity}");
@@ -1813,6 +1836,10 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     assert_eq!(
         fx.root_volume("devfleet"),
         ("/dev/xvda".to_owned(), true, 1)
+    );
+    assert_eq!(
+        fx.root_volume("devfleet-canary"),
+        ("/dev/xvda".to_owned(), true, 3)
     );
     assert_eq!(fx.ssh_access("devfleet"), (None, Vec::new()));
     assert_eq!(

@@ -406,9 +406,14 @@ fn failed_try(run: &Run) -> Option<String> {
     Some(format!("{entry} — {why}"))
 }
 
+/// How much larger than the image the boot test's disk is: instances are often
+/// launched with volumes larger than their image, and /var must take the difference
+/// (the guest's `var-fills-disk` check).
+const TEST_DISK_GROWTH: u64 = 1 << 30;
+
 /// Boot the target with the self-test switched on and collect its report.
 pub(crate) fn test(target: &Target, opts: &TestOptions) -> Result<TestReport> {
-    let mut scratch = Scratch::prepare(target, "devos-test-", opts.keep)?;
+    let mut scratch = Scratch::prepare(target, "devos-test-", opts.keep, TEST_DISK_GROWTH)?;
     // An update test: the boot that installs the newer version comes first.
     let before = match &opts.update_to {
         Some(to) => update::install(&mut scratch, target, opts, to)?,
@@ -699,7 +704,7 @@ pub(crate) struct BootOptions {
 
 /// An interactive boot: the serial console on this terminal (Ctrl-A X quits).
 pub(crate) fn boot(target: &Target, opts: &BootOptions) -> Result<()> {
-    let scratch = Scratch::prepare(target, "devos-boot-", false)?;
+    let scratch = Scratch::prepare(target, "devos-boot-", false, 0)?;
     eprintln!(
         "booting {} under {} ({}); quit with Ctrl-A X",
         target.disk.display(),

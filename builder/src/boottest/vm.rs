@@ -391,8 +391,9 @@ impl Vm<'_> {
     }
 }
 
-/// A copy-on-write overlay over `base`, so the artifact's bytes never change.
-fn overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<()> {
+/// A copy-on-write overlay over `base`, so the artifact's bytes never change, `grow`
+/// bytes larger than it (a disk larger than the image, as EC2 launches volumes).
+fn overlay(base: &Path, base_format: &str, overlay: &Path, grow: u64) -> Result<()> {
     let base = fs::canonicalize(base).with_context(|| format!("cannot open {}", base.display()))?;
     cmd::run(
         Command::new("qemu-img")
@@ -400,6 +401,14 @@ fn overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<()> {
             .arg(&base)
             .arg(overlay),
     )?;
+    if grow > 0 {
+        cmd::run(
+            Command::new("qemu-img")
+                .args(["resize", "-q", "-f", "qcow2"])
+                .arg(overlay)
+                .arg(format!("+{grow}")),
+        )?;
+    }
     Ok(())
 }
 
@@ -451,6 +460,8 @@ pub(super) struct Scratch {
     pub(super) accel: AccelChoice,
     pub(super) overlay: PathBuf,
     pub(super) vars: PathBuf,
+    /// Bytes the VM's disk has beyond the image's.
+    grow: u64,
     /// Boots of the overlay so far: after the first, the disk holds what they wrote.
     pub(super) boots: u32,
     /// Held (by this process and by QEMU) while the directory is in use: a later boot
@@ -506,7 +517,12 @@ impl Scratch {
     /// A fresh overlay and variable store: the disk as the image has it, never booted.
     pub(super) fn start_over(&mut self, target: &Target) -> Result<()> {
         remove::file_if_present(&self.overlay)?;
-        overlay(&target.disk, disk_format(&target.disk), &self.overlay)?;
+        overlay(
+            &target.disk,
+            disk_format(&target.disk),
+            &self.overlay,
+            self.grow,
+        )?;
         vars_copy(&self.fw, &self.vars)?;
         self.boots = 0;
         self.enroll()
@@ -552,9 +568,9 @@ impl Scratch {
         )
     }
 
-    /// A scratch directory for a boot; `keep`: it stays after the run (no lock: never
-    /// taken for what a killed boot left).
-    pub(super) fn prepare(target: &Target, prefix: &str, keep: bool) -> Result<Self> {
+    /// A scratch directory for a boot, its disk `grow` bytes larger than the image;
+    /// `keep`: it stays after the run (no lock: never taken for what a killed boot left).
+    pub(super) fn prepare(target: &Target, prefix: &str, keep: bool, grow: u64) -> Result<Self> {
         debug_assert!(SCRATCH_PREFIXES.contains(&prefix), "{prefix}");
         require_qemu()?;
         let fw = firmware(target.secure_boot())?;
@@ -577,7 +593,7 @@ impl Scratch {
         let accel = choose_accel(dir.path());
         tracing::info!("accelerator: {} ({})", accel.accel.describe(), accel.reason);
         let overlay = dir.path().join("overlay.qcow2");
-        self::overlay(&target.disk, disk_format(&target.disk), &overlay)?;
+        self::overlay(&target.disk, disk_format(&target.disk), &overlay, grow)?;
         let vars = dir.path().join("vars.fd");
         vars_copy(&fw, &vars)?;
         let scratch = Self {
@@ -586,6 +602,7 @@ impl Scratch {
             accel,
             overlay,
             vars,
+            grow,
             boots: 0,
             lock,
         };
@@ -685,6 +702,7 @@ mod tests {
             },
             overlay: overlay.clone(),
             vars: vars.clone(),
+            grow: 0,
             boots: 1,
             lock: Some(workdir::DirLock::take_for_children(dir.path()).unwrap()),
             dir,

@@ -923,6 +923,14 @@ fn check_package_set(tree: &Path, resolved: &[Package], ui: &Ui) -> Result<()> {
     if let Some(warning) = metadata_rule_warning(&installed) {
         ui.info(&warning);
     }
+    if !["usr/bin/systemd-repart", "bin/systemd-repart"]
+        .iter()
+        .any(|f| tree.join(f).exists())
+    {
+        ui.info(
+            "warning: the image has no systemd-repart: /var will not grow into a disk larger than the image (an EBS volume launched larger)\n  hint: add `systemd-repart` to `[packages] include` (Debian trixie and later; bookworm's systemd has it)",
+        );
+    }
     Ok(())
 }
 

@@ -26,7 +26,10 @@ use gate::{gate, print_event};
 pub(crate) use inplace::{Batches, rollout as rollout_in_place};
 pub(crate) use report::{Outcome, Status, history_human};
 pub(crate) use templates::{Template, render};
-use templates::{declared_parameters, published_ami, render_for, role_models, template_parameters};
+use templates::{
+    check_volume_size, declared_parameters, published_ami, render_for, role_models,
+    template_parameters,
+};
 
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, Rollout, VersionInfo};
@@ -410,6 +413,15 @@ impl Ctx<'_> {
     /// The stack update `plan` makes of `s`, and the outcome it starts with (the
     /// parameters that change).
     fn deployment(&self, s: &Stack, plan: &Plan<'_>) -> Result<(Deployment, Outcome)> {
+        check_volume_size(
+            self.reg,
+            &plan.to,
+            &plan.ami,
+            plan.stack,
+            plan.parameters
+                .get(VOLUME_SIZE)
+                .or(s.parameters.get(VOLUME_SIZE)),
+        )?;
         let deployment = self.stack_update(s, plan, plan.from.as_ref())?;
         let outcome = Outcome::planned(
             plan.stack,
@@ -741,6 +753,10 @@ fn parse_params(
     Ok(out)
 }
 
+/// The parameter of the instance and fleet templates that sizes instances' root
+/// volumes (GiB; empty: the image's size).
+const VOLUME_SIZE: &str = "VolumeSize";
+
 pub(crate) struct DeployRequest {
     pub(crate) template: Template,
     pub(crate) image: String,
@@ -877,6 +893,7 @@ async fn create(
     yaml: String,
     mut parameters: BTreeMap<String, String>,
 ) -> Result<Outcome> {
+    check_volume_size(cx.reg, &v, &ami, &t.stack, parameters.get(VOLUME_SIZE))?;
     parameters.insert("ImageId".into(), ami.clone());
     parameters.insert("ImageVersion".into(), v.version.clone());
     let mut outcome = Outcome::planned(

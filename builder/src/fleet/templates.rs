@@ -100,6 +100,39 @@ impl RootVolume {
     }
 }
 
+/// The largest root volume a stack may ask for, in GiB: gp3's 16 TiB.
+const MAX_VOLUME_GIB: u64 = 16 << 10;
+
+/// A stack's `VolumeSize` (GiB; empty or unset: the image's size) for the AMI `ami_id`
+/// of `v`: a whole number no smaller than the image's disk (EC2 refuses every launch
+/// of a smaller volume than its snapshot) and no larger than gp3 takes.
+pub(super) fn check_volume_size(
+    reg: &Registry,
+    v: &VersionInfo,
+    ami_id: &str,
+    stack: &str,
+    value: Option<&String>,
+) -> Result<()> {
+    let Some(value) = value.filter(|s| !s.is_empty()) else {
+        return Ok(());
+    };
+    let root = RootVolume::of(reg, v, ami_id)?;
+    match value.parse::<u64>() {
+        Ok(gib) if (root.gib..=MAX_VOLUME_GIB).contains(&gib) => Ok(()),
+        Ok(gib) if gib < root.gib => bail!(
+            "VolumeSize={value} for stack {stack}: {}@{}'s AMI {ami_id} holds a {} GiB disk, and EC2 launches no smaller volume from it\n  hint: pass `--param VolumeSize={}` or more (GiB), or `--param VolumeSize=` for the image's size",
+            v.name,
+            v.version,
+            root.gib,
+            root.gib
+        ),
+        _ => bail!(
+            "VolumeSize={value} for stack {stack}: expected a whole number of GiB from {} (the image's disk) to {MAX_VOLUME_GIB} (gp3's largest)\n  hint: pass e.g. `--param VolumeSize=32`, or `--param VolumeSize=` for the image's size",
+            root.gib
+        ),
+    }
+}
+
 /// The Bedrock resources an agent calling `models` needs (`None`: the models are not
 /// known, as in manifests of older builds: every model).
 fn bedrock_resources(models: Option<&[String]>) -> Result<Vec<String>> {
@@ -456,7 +489,7 @@ pub(super) mod tests {
     fn instances_root_volumes_are_encrypted() {
         for template in [Template::Instance, Template::Fleet] {
             let yaml = rendered(template, None);
-            let mapping = "BlockDeviceMappings:\n          - DeviceName: /dev/xvda\n            Ebs:\n              Encrypted: true\n              VolumeSize: 2\n              VolumeType: gp3\n";
+            let mapping = "BlockDeviceMappings:\n          - DeviceName: /dev/xvda\n            Ebs:\n              Encrypted: true\n              VolumeSize: !If [HasVolumeSize, !Ref VolumeSize, 2]\n              VolumeType: gp3\n";
             assert!(yaml.contains(mapping), "{yaml}");
         }
     }

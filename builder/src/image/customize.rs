@@ -357,7 +357,22 @@ fn write_identity(spec: &Spec, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where systemd-repart finds the image's partition definitions.
+const REPART_VAR: &str = "usr/lib/repart.d/50-devos-var.conf";
+
+/// /var grows into a disk larger than the image (an EBS volume launched larger, a
+/// resized qcow2): systemd-repart, at every boot, gives the var partition (the disk's
+/// last) the free space after it, and `x-systemd.growfs` in fstab grows the filesystem
+/// once mounted. Only the var partition is defined: the ESP and the root slots are
+/// left as they are.
 fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
+    let repart = root.join(REPART_VAR);
+    fs::create_dir_all(repart.parent().expect("a file in a directory"))?;
+    fs::write(
+        &repart,
+        "# DevOS: /var takes the free space of a disk larger than the image.\n\
+         [Partition]\nType=var\n",
+    )?;
     let root_type = match spec.root_fs {
         RootFs::Ext4 => "ext4",
         RootFs::Erofs => "erofs",
@@ -374,7 +389,7 @@ fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
         format!(
             "# DevOS: the root filesystem is read-only; /var is the writable data partition.\n\
              {root_device}\t/\t{root_type}\tro,noatime\t0\t0\n\
-             PARTUUID={}\t/var\text4\tdefaults,noatime,nosuid,nodev\t0\t2\n\
+             PARTUUID={}\t/var\text4\tdefaults,noatime,nosuid,nodev,x-systemd.growfs\t0\t2\n\
              tmpfs\t/tmp\ttmpfs\tmode=1777,nosuid,nodev\t0\t0\n",
             id.var_partuuid
         ),
