@@ -136,6 +136,9 @@ in
         fsType = "ext4";
         options = [ "noatime" "nosuid" "nodev" ];
         neededForBoot = true;
+        # systemd-repart above grows the partition into a larger disk at every boot
+        # (no SizeMaxBytes); the filesystem follows it (x-systemd.growfs).
+        autoResize = true;
       };
       # (A bind mount keeps its source's nosuid,nodev.) Mounted in the initrd, before
       # NixOS's activation runs there and makes the users' homes: mounted later, it

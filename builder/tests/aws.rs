@@ -1773,6 +1773,7 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     for (size, why) in [
         ("0", "EC2 launches no smaller volume"),
         ("lots", "expected a whole number of GiB from 1"),
+        ("08", "expected a whole number of GiB from 1"),
     ] {
         let size = format!("VolumeSize={size}");
         refused(

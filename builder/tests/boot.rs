@@ -339,6 +339,18 @@ fn slot_label(manifest: &Value) -> String {
 // and the verified image itself (its layout, bundle and feed, and the changed-block and
 // changed-UKI boots). Each builds the versions it needs from the shared cache.
 
+/// The boot test's disk is larger than the image: /var took the difference (its
+/// partition and its filesystem), as on an instance launched with a larger volume.
+#[track_caller]
+fn var_grew(report: &Value) {
+    let var = check(report, "var-fills-disk");
+    let detail = var["detail"].as_str().unwrap();
+    assert!(
+        var["ok"] == true && detail.starts_with("disk ") && detail.contains(" MiB after it)"),
+        "{report:#}"
+    );
+}
+
 #[test]
 fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_rolls_back() {
     let env = Env::new();
@@ -363,6 +375,7 @@ fn a_boot_chain_verified_end_to_end_updates_from_a_signed_feed_and_rolls_back() 
     ] {
         assert_eq!(check(&report, name)["ok"], true, "{name}: {report:#}");
     }
+    var_grew(&report);
     // `devos status` said what each step left for the next boot: the new version,
     // not booted yet, with its tries; once it was blessed, that it is good and the
     // version before it is still there.
@@ -828,6 +841,7 @@ fn the_bookworm_image_builds_and_passes_the_boot_test() {
     assert_eq!(check(report, "agent-ping")["ok"], true);
     assert_eq!(check(report, "test:extra-trees")["ok"], true, "{report:#}");
     assert_eq!(check(report, "hardening")["ok"], true, "{report:#}");
+    var_grew(report);
     assert_eq!(check(report, "time-sync")["ok"], true, "{report:#}");
     let login = check(report, "ssh-login");
     assert!(

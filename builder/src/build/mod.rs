@@ -789,6 +789,10 @@ fn make_tree(t: &mut Timer<'_>, r: &Resolved, cache: &cache::Cache, tree: &Path)
             customize::customize(spec, id, tree, deb.unwrap_or(Path::new("")))
         })?;
     }
+    // Said at every build, from the cache or not.
+    if let Some(warning) = repart_warning(tree) {
+        t.ui.info(warning);
+    }
     Ok(from_cache)
 }
 
@@ -923,15 +927,18 @@ fn check_package_set(tree: &Path, resolved: &[Package], ui: &Ui) -> Result<()> {
     if let Some(warning) = metadata_rule_warning(&installed) {
         ui.info(&warning);
     }
-    if !["usr/bin/systemd-repart", "bin/systemd-repart"]
-        .iter()
-        .any(|f| tree.join(f).exists())
-    {
-        ui.info(
-            "warning: the image has no systemd-repart: /var will not grow into a disk larger than the image (an EBS volume launched larger)\n  hint: add `systemd-repart` to `[packages] include` (Debian trixie and later; bookworm's systemd has it)",
-        );
-    }
     Ok(())
+}
+
+/// /var grows into a larger disk through systemd-repart (the image's repart.d
+/// definition): a tree without it is said to keep /var at the image's size.
+fn repart_warning(tree: &Path) -> Option<&'static str> {
+    let has = ["usr/bin/systemd-repart", "bin/systemd-repart"]
+        .iter()
+        .any(|f| tree.join(f).exists());
+    (!has).then_some(
+        "warning: the image has no systemd-repart: /var will not grow into a disk larger than the image (an EBS volume launched larger)\n  hint: add `systemd-repart` to `[packages] include` (Debian trixie and later; bookworm's systemd has it)",
+    )
 }
 
 /// The routing rule that keeps instance metadata to root is systemd-networkd's
@@ -1320,6 +1327,18 @@ mod tests {
         for fine in ["new", "new/deeper", "empty", "earlier"] {
             check_out(&at(fine)).unwrap();
         }
+    }
+
+    #[test]
+    fn a_tree_without_systemd_repart_is_said_to_keep_var_at_the_image_s_size() {
+        let tree = tempfile::tempdir().unwrap();
+        let warning = repart_warning(tree.path()).unwrap();
+        assert!(warning.contains("add `systemd-repart`"), "{warning}");
+        // Merged /usr (trixie) and bookworm's systemd, through the /bin link.
+        std::fs::create_dir_all(tree.path().join("usr/bin")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", tree.path().join("bin")).unwrap();
+        std::fs::write(tree.path().join("usr/bin/systemd-repart"), "").unwrap();
+        assert_eq!(repart_warning(tree.path()), None);
     }
 
     #[test]

@@ -224,11 +224,20 @@ impl Ctx<'_> {
             outcome.state = ChangeState::DryRun;
             return Ok(outcome);
         }
-        // What a failure puts back besides the version: the parameters given, as they were.
+        // What a failure puts back besides the version: the parameters given, as they
+        // were (a stack made before a template had one: its default).
         let before: BTreeMap<String, String> = plan
             .parameters
             .keys()
-            .filter_map(|k| Some((k.clone(), s.parameters.get(k)?.clone())))
+            .filter_map(|k| {
+                let was = s.parameters.get(k).cloned().or_else(|| {
+                    NEW_PARAMETER_DEFAULTS
+                        .iter()
+                        .find(|(name, _)| name == k)
+                        .map(|(_, default)| (*default).to_owned())
+                })?;
+                Some((k.clone(), was))
+            })
             .collect();
         let id = self.reg.start_rollout(
             plan.stack,
@@ -418,6 +427,7 @@ impl Ctx<'_> {
             &plan.to,
             &plan.ami,
             plan.stack,
+            plan.template,
             plan.parameters
                 .get(VOLUME_SIZE)
                 .or(s.parameters.get(VOLUME_SIZE)),
@@ -756,6 +766,9 @@ fn parse_params(
 /// The parameter of the instance and fleet templates that sizes instances' root
 /// volumes (GiB; empty: the image's size).
 const VOLUME_SIZE: &str = "VolumeSize";
+/// Parameters the templates gained after stacks were made from them, with the default
+/// that stands for what those stacks had (what a failed change given one puts back).
+const NEW_PARAMETER_DEFAULTS: &[(&str, &str)] = &[(VOLUME_SIZE, "")];
 
 pub(crate) struct DeployRequest {
     pub(crate) template: Template,
@@ -893,7 +906,14 @@ async fn create(
     yaml: String,
     mut parameters: BTreeMap<String, String>,
 ) -> Result<Outcome> {
-    check_volume_size(cx.reg, &v, &ami, &t.stack, parameters.get(VOLUME_SIZE))?;
+    check_volume_size(
+        cx.reg,
+        &v,
+        &ami,
+        &t.stack,
+        template,
+        parameters.get(VOLUME_SIZE),
+    )?;
     parameters.insert("ImageId".into(), ami.clone());
     parameters.insert("ImageVersion".into(), v.version.clone());
     let mut outcome = Outcome::planned(
@@ -1029,6 +1049,15 @@ impl Ctx<'_> {
         if v.name != current.image {
             bail!(other_image(stack_name, &current.image, &v.name));
         }
+        // Every stack is checked before the first (a canary) changes.
+        check_volume_size(
+            self.reg,
+            &v,
+            &ami,
+            stack_name,
+            template,
+            s.parameters.get(VOLUME_SIZE),
+        )?;
         let plan = Plan {
             kind: "rollout",
             stack: stack_name,

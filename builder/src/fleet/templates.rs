@@ -106,28 +106,38 @@ const MAX_VOLUME_GIB: u64 = 16 << 10;
 /// A stack's `VolumeSize` (GiB; empty or unset: the image's size) for the AMI `ami_id`
 /// of `v`: a whole number no smaller than the image's disk (EC2 refuses every launch
 /// of a smaller volume than its snapshot) and no larger than gp3 takes.
+/// What the templates' `AllowedPattern` takes too: digits, no leading zero.
 pub(super) fn check_volume_size(
     reg: &Registry,
     v: &VersionInfo,
     ami_id: &str,
     stack: &str,
+    template: Template,
     value: Option<&String>,
 ) -> Result<()> {
     let Some(value) = value.filter(|s| !s.is_empty()) else {
         return Ok(());
     };
     let root = RootVolume::of(reg, v, ami_id)?;
+    let hint = format!(
+        "hint: `devos-build fleet deploy --stack {stack} --template {} --image {}@{} --param VolumeSize=N` with N from {} to {MAX_VOLUME_GIB} (GiB), or `--param VolumeSize=` for the image's size",
+        template.as_str(),
+        v.name,
+        v.version,
+        root.gib
+    );
+    let digits =
+        value.bytes().all(|b| b.is_ascii_digit()) && (value == "0" || !value.starts_with('0'));
     match value.parse::<u64>() {
-        Ok(gib) if (root.gib..=MAX_VOLUME_GIB).contains(&gib) => Ok(()),
-        Ok(gib) if gib < root.gib => bail!(
-            "VolumeSize={value} for stack {stack}: {}@{}'s AMI {ami_id} holds a {} GiB disk, and EC2 launches no smaller volume from it\n  hint: pass `--param VolumeSize={}` or more (GiB), or `--param VolumeSize=` for the image's size",
+        Ok(gib) if digits && (root.gib..=MAX_VOLUME_GIB).contains(&gib) => Ok(()),
+        Ok(gib) if digits && gib < root.gib => bail!(
+            "VolumeSize={value} for stack {stack}: {}@{}'s AMI {ami_id} holds a {} GiB disk, and EC2 launches no smaller volume from it\n  {hint}",
             v.name,
             v.version,
-            root.gib,
             root.gib
         ),
         _ => bail!(
-            "VolumeSize={value} for stack {stack}: expected a whole number of GiB from {} (the image's disk) to {MAX_VOLUME_GIB} (gp3's largest)\n  hint: pass e.g. `--param VolumeSize=32`, or `--param VolumeSize=` for the image's size",
+            "VolumeSize={value} for stack {stack}: expected a whole number of GiB from {} (the image's disk) to {MAX_VOLUME_GIB} (gp3's largest)\n  {hint}",
             root.gib
         ),
     }
