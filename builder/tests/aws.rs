@@ -1771,7 +1771,10 @@ fn fleets_deploy_roll_out_through_a_canary_roll_back_on_a_failed_gate_and_by_han
     // A root volume smaller than the image's disk (1 GiB) is refused before anything
     // is made: EC2 would refuse every launch.
     for (size, why) in [
-        ("0", "EC2 launches no smaller volume"),
+        (
+            "0",
+            "EC2 launches no smaller volume from it\n  hint: pass `--param VolumeSize=N` with N from 1",
+        ),
         ("lots", "expected a whole number of GiB from 1"),
         ("08", "expected a whole number of GiB from 1"),
     ] {

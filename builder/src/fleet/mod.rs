@@ -25,11 +25,11 @@ mod templates;
 use gate::{gate, print_event};
 pub(crate) use inplace::{Batches, rollout as rollout_in_place};
 pub(crate) use report::{Outcome, Status, history_human};
-pub(crate) use templates::{Template, render};
 use templates::{
-    check_volume_size, declared_parameters, published_ami, render_for, role_models,
+    MAX_VOLUME_GIB, check_volume_size, declared_parameters, published_ami, render_for, role_models,
     template_parameters,
 };
+pub(crate) use templates::{Template, render};
 
 use crate::model::states::ChangeState;
 use crate::store::registry::{Registry, Rollout, VersionInfo};
@@ -422,16 +422,7 @@ impl Ctx<'_> {
     /// The stack update `plan` makes of `s`, and the outcome it starts with (the
     /// parameters that change).
     fn deployment(&self, s: &Stack, plan: &Plan<'_>) -> Result<(Deployment, Outcome)> {
-        check_volume_size(
-            self.reg,
-            &plan.to,
-            &plan.ami,
-            plan.stack,
-            plan.template,
-            plan.parameters
-                .get(VOLUME_SIZE)
-                .or(s.parameters.get(VOLUME_SIZE)),
-        )?;
+        self.check_volume_size(s, plan)?;
         let deployment = self.stack_update(s, plan, plan.from.as_ref())?;
         let outcome = Outcome::planned(
             plan.stack,
@@ -447,6 +438,31 @@ impl Ctx<'_> {
                 .collect(),
         );
         Ok((deployment, outcome))
+    }
+
+    /// The root volume `plan` gives `s`'s instances (`VolumeSize` given, else the
+    /// stack's) fits `plan.to`'s disk. A deploy takes a new value with the change; a
+    /// rollout or rollback needs it changed first, on the version the stack runs.
+    fn check_volume_size(&self, s: &Stack, plan: &Plan<'_>) -> Result<()> {
+        let value = plan
+            .parameters
+            .get(VOLUME_SIZE)
+            .or(s.parameters.get(VOLUME_SIZE));
+        check_volume_size(self.reg, &plan.to, &plan.ami, plan.stack, value, |gib| {
+            if plan.kind == "deploy" {
+                return deploy_volume_hint(gib);
+            }
+            let running = plan.from.as_ref().map_or_else(
+                || format!("{}@VERSION", plan.to.name),
+                |v| format!("{}@{}", v.name, v.version),
+            );
+            format!(
+                "hint: give the stack the room first, on the version it runs: `devos-build fleet deploy --stack {} --template {} --image {running} --param VolumeSize=N` with N from {gib} to {MAX_VOLUME_GIB} (GiB; `VolumeSize=` for each image's own size), then run the {} again",
+                plan.stack,
+                plan.template.as_str(),
+                plan.kind
+            )
+        })
     }
 
     /// The update that puts `s` on `plan.to` with `plan.parameters` (the others kept),
@@ -766,6 +782,13 @@ fn parse_params(
 /// The parameter of the instance and fleet templates that sizes instances' root
 /// volumes (GiB; empty: the image's size).
 const VOLUME_SIZE: &str = "VolumeSize";
+/// How a `fleet deploy` gives its stack a root volume of at least `gib` GiB.
+fn deploy_volume_hint(gib: u64) -> String {
+    format!(
+        "hint: pass `--param VolumeSize=N` with N from {gib} to {MAX_VOLUME_GIB} (GiB), or `--param VolumeSize=` for the image's size"
+    )
+}
+
 /// Parameters the templates gained after stacks were made from them, with the default
 /// that stands for what those stacks had (what a failed change given one puts back).
 const NEW_PARAMETER_DEFAULTS: &[(&str, &str)] = &[(VOLUME_SIZE, "")];
@@ -844,6 +867,14 @@ pub(crate) fn deploy(
             };
             return cx.change(&s, plan).await;
         }
+        check_volume_size(
+            cx.reg,
+            &v,
+            &ami,
+            &t.stack,
+            parameters.get(VOLUME_SIZE),
+            deploy_volume_hint,
+        )?;
         // The marks of an earlier stack of this name are not this one's.
         if !t.dry_run {
             let taken = cx.reg.unmark_bad(&t.stack, &cx.region, None)?;
@@ -906,14 +937,6 @@ async fn create(
     yaml: String,
     mut parameters: BTreeMap<String, String>,
 ) -> Result<Outcome> {
-    check_volume_size(
-        cx.reg,
-        &v,
-        &ami,
-        &t.stack,
-        template,
-        parameters.get(VOLUME_SIZE),
-    )?;
     parameters.insert("ImageId".into(), ami.clone());
     parameters.insert("ImageVersion".into(), v.version.clone());
     let mut outcome = Outcome::planned(
@@ -1049,15 +1072,6 @@ impl Ctx<'_> {
         if v.name != current.image {
             bail!(other_image(stack_name, &current.image, &v.name));
         }
-        // Every stack is checked before the first (a canary) changes.
-        check_volume_size(
-            self.reg,
-            &v,
-            &ami,
-            stack_name,
-            template,
-            s.parameters.get(VOLUME_SIZE),
-        )?;
         let plan = Plan {
             kind: "rollout",
             stack: stack_name,
@@ -1069,6 +1083,8 @@ impl Ctx<'_> {
             bake: Duration::ZERO,
             dry_run: true,
         };
+        // Every stack is checked before the first (a canary) changes.
+        self.check_volume_size(&s, &plan)?;
         Ok((s, plan))
     }
 }

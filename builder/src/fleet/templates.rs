@@ -101,44 +101,40 @@ impl RootVolume {
 }
 
 /// The largest root volume a stack may ask for, in GiB: gp3's 16 TiB.
-const MAX_VOLUME_GIB: u64 = 16 << 10;
+pub(super) const MAX_VOLUME_GIB: u64 = 16 << 10;
 
 /// A stack's `VolumeSize` (GiB; empty or unset: the image's size) for the AMI `ami_id`
-/// of `v`: a whole number no smaller than the image's disk (EC2 refuses every launch
-/// of a smaller volume than its snapshot) and no larger than gp3 takes.
-/// What the templates' `AllowedPattern` takes too: digits, no leading zero.
+/// of `v`: a whole number as the templates' `AllowedPattern` takes it (digits, no
+/// leading zero), no smaller than the image's disk (EC2 refuses every launch of a
+/// smaller volume than its snapshot) and no larger than gp3 takes. `hint` says how to
+/// give the stack one from the smallest that fits.
 pub(super) fn check_volume_size(
     reg: &Registry,
     v: &VersionInfo,
     ami_id: &str,
     stack: &str,
-    template: Template,
     value: Option<&String>,
+    hint: impl FnOnce(u64) -> String,
 ) -> Result<()> {
     let Some(value) = value.filter(|s| !s.is_empty()) else {
         return Ok(());
     };
     let root = RootVolume::of(reg, v, ami_id)?;
-    let hint = format!(
-        "hint: `devos-build fleet deploy --stack {stack} --template {} --image {}@{} --param VolumeSize=N` with N from {} to {MAX_VOLUME_GIB} (GiB), or `--param VolumeSize=` for the image's size",
-        template.as_str(),
-        v.name,
-        v.version,
-        root.gib
-    );
     let digits =
         value.bytes().all(|b| b.is_ascii_digit()) && (value == "0" || !value.starts_with('0'));
     match value.parse::<u64>() {
         Ok(gib) if digits && (root.gib..=MAX_VOLUME_GIB).contains(&gib) => Ok(()),
         Ok(gib) if digits && gib < root.gib => bail!(
-            "VolumeSize={value} for stack {stack}: {}@{}'s AMI {ami_id} holds a {} GiB disk, and EC2 launches no smaller volume from it\n  {hint}",
+            "VolumeSize={value} for stack {stack}: {}@{}'s AMI {ami_id} holds a {} GiB disk, and EC2 launches no smaller volume from it\n  {}",
             v.name,
             v.version,
-            root.gib
+            root.gib,
+            hint(root.gib)
         ),
         _ => bail!(
-            "VolumeSize={value} for stack {stack}: expected a whole number of GiB from {} (the image's disk) to {MAX_VOLUME_GIB} (gp3's largest)\n  {hint}",
-            root.gib
+            "VolumeSize={value} for stack {stack}: expected a whole number of GiB from {} (the image's disk) to {MAX_VOLUME_GIB} (gp3's largest)\n  {}",
+            root.gib,
+            hint(root.gib)
         ),
     }
 }

@@ -34,7 +34,8 @@ pub(crate) struct Rollout {
     pub(crate) finished_at: Option<u64>,
     /// Seconds from the command's start to the stack update being issued.
     pub(crate) issued_after: Option<f64>,
-    /// The values the parameters the change gave had before it.
+    /// The values the parameters the change gave had before it (a parameter the stack
+    /// did not have yet: the template's default for it).
     #[serde(skip)]
     pub(crate) parameters_before: BTreeMap<String, String>,
 }
