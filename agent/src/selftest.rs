@@ -1158,14 +1158,19 @@ async fn audit_anchors() -> CheckResult {
 /// The mount options of the filesystem mounted at `target`, from mountinfo.
 fn mount_options(target: &str) -> Option<String> {
     // (Unreadable, it shows no options: the root check then fails.)
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()?
+    mount_field(target, 5).ok().flatten()
+}
+
+/// Field `field` of mountinfo's line for what is mounted at `target` (the last one
+/// mounted there): 2 is the device's `major:minor`, 5 the mount options.
+fn mount_field(target: &str, field: usize) -> std::io::Result<Option<String>> {
+    Ok(std::fs::read_to_string("/proc/self/mountinfo")?
         .lines()
         .rev()
         .find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(4) == Some(&target)).then(|| f.get(5).map(|o| (*o).to_owned()))?
-        })
+            (f.get(4) == Some(&target)).then(|| f.get(field).map(|o| (*o).to_owned()))?
+        }))
 }
 
 /// The image's immutable tree is mounted read-only and cannot be written: the root (and
@@ -1263,9 +1268,12 @@ fn var_writable() -> CheckResult {
     }
 }
 
-/// Where a Debian image's /var partition is defined for systemd-repart (the builder
-/// writes it).
-const REPART_VAR: &str = "/usr/lib/repart.d/50-devos-var.conf";
+/// The systemd-repart definition of a Debian image's var partition, relative to the
+/// root: the builder writes it, the self-test looks for it.
+pub const REPART_VAR: &str = "usr/lib/repart.d/50-devos-var.conf";
+/// Where an image's systemd-repart is, relative to the root (merged /usr, or
+/// bookworm's /bin): the builder warns without it, the self-test does not check then.
+pub const SYSTEMD_REPART: [&str; 2] = ["usr/bin/systemd-repart", "bin/systemd-repart"];
 /// How long growing /var into a larger disk may take after the agent answers.
 const VAR_GROW_WAIT: Duration = Duration::from_secs(30);
 
@@ -1275,18 +1283,16 @@ const VAR_GROW_WAIT: Duration = Duration::from_secs(30);
 /// makes /var on its first boot) or without systemd-repart say so and pass.
 async fn var_fills_disk() -> CheckResult {
     let check = "var-fills-disk".to_owned();
-    if !Path::new(REPART_VAR).exists() {
+    let root = Path::new("/");
+    if !root.join(REPART_VAR).exists() {
         return CheckResult {
             check,
             ok: true,
-            detail: format!("not checked: the image has no {REPART_VAR}"),
+            detail: format!("not checked: the image has no /{REPART_VAR}"),
             ms: 0,
         };
     }
-    if !["/usr/bin/systemd-repart", "/bin/systemd-repart"]
-        .iter()
-        .any(|f| Path::new(f).exists())
-    {
+    if !SYSTEMD_REPART.iter().any(|f| root.join(f).exists()) {
         return CheckResult {
             check,
             ok: true,
@@ -1358,14 +1364,8 @@ impl std::fmt::Display for VarLayout {
 
 /// [`VarLayout`] from sysfs (the mounted device's partition and its disk) and statvfs.
 fn var_layout() -> Result<VarLayout, String> {
-    let device = std::fs::read_to_string("/proc/self/mountinfo")
+    let device = mount_field("/var", 2)
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))?
-        .lines()
-        .rev()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(4) == Some(&"/var")).then(|| f.get(2).map(|d| (*d).to_owned()))?
-        })
         .ok_or("/var is not a mount point")?;
     let part = std::fs::canonicalize(format!("/sys/dev/block/{device}"))
         .map_err(|e| format!("/sys/dev/block/{device}: {e}"))?;

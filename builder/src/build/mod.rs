@@ -933,7 +933,7 @@ fn check_package_set(tree: &Path, resolved: &[Package], ui: &Ui) -> Result<()> {
 /// /var grows into a larger disk through systemd-repart (the image's repart.d
 /// definition): a tree without it is said to keep /var at the image's size.
 fn repart_warning(tree: &Path) -> Option<&'static str> {
-    let has = ["usr/bin/systemd-repart", "bin/systemd-repart"]
+    let has = devos_agent::selftest::SYSTEMD_REPART
         .iter()
         .any(|f| tree.join(f).exists());
     (!has).then_some(

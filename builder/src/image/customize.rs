@@ -357,16 +357,13 @@ fn write_identity(spec: &Spec, root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Where systemd-repart finds the image's partition definitions.
-const REPART_VAR: &str = "usr/lib/repart.d/50-devos-var.conf";
-
 /// /var grows into a disk larger than the image (an EBS volume launched larger, a
 /// resized qcow2): systemd-repart, at every boot, gives the var partition (the disk's
 /// last) the free space after it, and `x-systemd.growfs` in fstab grows the filesystem
 /// once mounted. Only the var partition is defined: the ESP and the root slots are
 /// left as they are.
 fn write_fstab(spec: &Spec, id: &Identity, root: &Path) -> Result<()> {
-    let repart = root.join(REPART_VAR);
+    let repart = root.join(devos_agent::selftest::REPART_VAR);
     fs::create_dir_all(repart.parent().expect("a file in a directory"))?;
     fs::write(
         &repart,
